@@ -1,0 +1,3 @@
+fn main() {
+    println!("{}", hb::EBPF_OBJECT.len());
+}

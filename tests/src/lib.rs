@@ -1,0 +1,1 @@
+//! Support for hb's integration tests.
