@@ -180,9 +180,7 @@ pub fn tag(key: &NodeKey, b: &[u8; LEN]) -> u64 {
 /// The tag as carried on the wire (bytes 40..48, read little-endian).
 #[inline(always)]
 pub fn wire_tag(b: &[u8; LEN]) -> u64 {
-    u64::from_le_bytes([
-        b[40], b[41], b[42], b[43], b[44], b[45], b[46], b[47],
-    ])
+    u64::from_le_bytes([b[40], b[41], b[42], b[43], b[44], b[45], b[46], b[47]])
 }
 
 /// Whether the datagram's tag verifies under `key`. Not constant-time: the
@@ -323,8 +321,14 @@ mod tests {
     fn stateless_gate_results_in_order() {
         let key = NodeKey::from_bytes(&KEY_42_1);
         let good = vector().seal(&key);
-        assert_eq!(parse(&good[..47], Kind::Heartbeat), Err(GateResult::Malformed));
-        assert_eq!(parse(&[0u8; 49], Kind::Heartbeat), Err(GateResult::Malformed));
+        assert_eq!(
+            parse(&good[..47], Kind::Heartbeat),
+            Err(GateResult::Malformed)
+        );
+        assert_eq!(
+            parse(&[0u8; 49], Kind::Heartbeat),
+            Err(GateResult::Malformed)
+        );
         let mut b = good;
         b[0] = 0;
         b[2] = 9; // bad version too: magic is checked first

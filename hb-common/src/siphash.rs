@@ -196,17 +196,15 @@ mod tests {
     #[test]
     fn words_variant_matches_bytes_variant() {
         let msg: [u8; 40] = core::array::from_fn(|i| (i * 7 + 3) as u8);
-        let words: [u64; 5] = core::array::from_fn(|i| {
-            u64::from_le_bytes(msg[i * 8..i * 8 + 8].try_into().unwrap())
-        });
+        let words: [u64; 5] =
+            core::array::from_fn(|i| u64::from_le_bytes(msg[i * 8..i * 8 + 8].try_into().unwrap()));
         for (k0, k1) in [(K0, K1), (0, 0), (u64::MAX, 1)] {
             assert_eq!(siphash24_words(k0, k1, &words), siphash24(k0, k1, &msg));
         }
         // The 40-byte reference vector too.
         let msg: [u8; 40] = core::array::from_fn(|i| i as u8);
-        let words: [u64; 5] = core::array::from_fn(|i| {
-            u64::from_le_bytes(msg[i * 8..i * 8 + 8].try_into().unwrap())
-        });
+        let words: [u64; 5] =
+            core::array::from_fn(|i| u64::from_le_bytes(msg[i * 8..i * 8 + 8].try_into().unwrap()));
         assert_eq!(siphash24_words(K0, K1, &words).to_le_bytes(), VECTORS[40]);
     }
 }

@@ -1,5 +1,16 @@
-//! The `hb` binary's library: everything but argument parsing lives here so
-//! the integration tests and benchmarks can call it.
+//! The `hb` binary's library: everything but argument dispatch lives here
+//! so integration tests and benchmarks call the same code.
 
-/// The eBPF object built by `build.rs`, embedded in the binary.
+pub mod controller;
+pub mod dataplane;
+pub mod eval;
+pub mod keys;
+pub mod logging;
+pub mod monitor;
+pub mod nodes;
+pub mod send;
+pub mod simulate;
+
+/// The eBPF object built by `build.rs` from `hb-ebpf`, embedded in the
+/// binary.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hb"));

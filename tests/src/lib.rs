@@ -1,1 +1,4 @@
-//! Support for hb's integration tests.
+//! Support for hb's integration tests: namespaces and veth pairs as RAII
+//! guards. Tests need root, BPF and namespaces; CI runs them all.
+
+pub mod netns;

@@ -1,0 +1,425 @@
+//! The gate over an in-memory table: `PROTOCOL.md`'s gate steps 2 to 11
+//! exactly as the XDP program runs them (both call `hb-common`), without
+//! the frame parsing (the socket already stripped the headers).
+//!
+//! Used by `--mode userspace` (see `monitor`), by tests and by `hb
+//! simulate`. All state sits behind one mutex: a userspace gate handles one
+//! datagram at a time anyway, and the tick takes the lock once per scan.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    ops::Range,
+    sync::{Mutex, MutexGuard},
+};
+
+use hb_common::{
+    GateResult,
+    maps::{Config, MAX_NODES, NodeKeys, NodeState, REPORT_RESTART, REPORT_UNKNOWN_NODE, Report},
+    proto::{self, Kind},
+};
+use tokio::sync::mpsc;
+
+use super::{Counters, Dataplane};
+
+struct Inner {
+    keys: HashMap<u32, NodeKeys>,
+    states: Vec<NodeState>,
+    counters: Counters,
+    config: Config,
+    /// Token bucket of the report rate limit (millitokens, last refill).
+    tokens_milli: u64,
+    last_refill_ns: u64,
+}
+
+/// What the gate did with one datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub result: GateResult,
+    /// For an accepted heartbeat that the ACK policy answers: the ACK
+    /// payload to send back to the datagram's source.
+    pub ack: Option<[u8; proto::LEN]>,
+}
+
+/// The in-memory gate.
+pub struct MemDataplane {
+    inner: Mutex<Inner>,
+    reports_tx: mpsc::Sender<Report>,
+    reports_rx: Option<mpsc::Receiver<Report>>,
+}
+
+impl Default for MemDataplane {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemDataplane {
+    pub fn new() -> Self {
+        let (reports_tx, reports_rx) = mpsc::channel(1024);
+        MemDataplane {
+            inner: Mutex::new(Inner {
+                keys: HashMap::new(),
+                states: Vec::new(),
+                counters: [0; hb_common::maps::counter::LEN as usize],
+                config: Config::default(),
+                tokens_milli: 0,
+                last_refill_ns: 0,
+            }),
+            reports_tx,
+            reports_rx: Some(reports_rx),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the table half
+        // updated in a way that matters more than losing the process.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gates one UDP payload that arrived at `now_ns` (CLOCK_MONOTONIC)
+    /// from `src`. Counts the result.
+    pub fn gate(&self, payload: &[u8], src: SocketAddr, now_ns: u64) -> Verdict {
+        let mut g = self.lock();
+        let v = g.gate(payload, src, now_ns, &self.reports_tx);
+        g.counters[v.result.index() as usize] += 1;
+        if v.ack.is_some() {
+            g.counters[hb_common::maps::counter::ACK_SENT as usize] += 1;
+        }
+        v
+    }
+}
+
+impl Inner {
+    fn gate(
+        &mut self,
+        payload: &[u8],
+        src: SocketAddr,
+        now_ns: u64,
+        reports: &mpsc::Sender<Report>,
+    ) -> Verdict {
+        let reject = |result| Verdict { result, ack: None };
+        let Ok(buf) = <&[u8; proto::LEN]>::try_from(payload) else {
+            return reject(GateResult::Malformed);
+        };
+        let d = match proto::parse_fixed(buf, Kind::Heartbeat) {
+            Ok(d) => d,
+            Err(r) => return reject(r),
+        };
+        let Some(keys) = self.keys.get(&d.node_id).copied() else {
+            self.report(REPORT_UNKNOWN_NODE, &d, 0, src, now_ns, reports);
+            return reject(GateResult::UnknownNode);
+        };
+        let Some(key) = keys.find(d.key_epoch) else {
+            return reject(GateResult::BadEpoch);
+        };
+        let Some(state) = self.states.get_mut(keys.slot as usize) else {
+            // A slot outside the table is a provisioning bug, not the
+            // network's fault; treat the node as not provisioned.
+            return reject(GateResult::UnknownNode);
+        };
+        if !proto::verify(key, buf) {
+            state.bad_tag = state.bad_tag.wrapping_add(1);
+            return reject(GateResult::BadTag);
+        }
+        let admit = match state.admit(&d) {
+            Ok(a) => a,
+            Err(r) => {
+                match r {
+                    GateResult::Stale => state.stale = state.stale.wrapping_add(1),
+                    _ => state.replay = state.replay.wrapping_add(1),
+                }
+                return reject(r);
+            }
+        };
+        let rec = state.record(&d, admit, now_ns);
+        let ack = self.ack_for(keys.slot, buf, key);
+        if rec.restarted {
+            self.report(
+                REPORT_RESTART,
+                &d,
+                rec.prev_generation,
+                src,
+                now_ns,
+                reports,
+            );
+        }
+        Verdict {
+            result: GateResult::Accepted,
+            ack,
+        }
+    }
+
+    fn ack_for(
+        &mut self,
+        slot: u32,
+        buf: &[u8; proto::LEN],
+        key: &hb_common::NodeKey,
+    ) -> Option<[u8; proto::LEN]> {
+        let cfg = self.config;
+        if cfg.pass_accepted != 0 {
+            return None;
+        }
+        let state = &mut self.states[slot as usize];
+        let requested = state.requested_interval_ms;
+        let changed = cfg.ack_on_change != 0 && requested != 0 && requested != state.interval_ms;
+        let periodic = cfg.ack_every != 0 && state.accepted % cfg.ack_every as u64 == 0;
+        if !(changed || periodic) {
+            return None;
+        }
+        let interval = if requested != 0 {
+            requested
+        } else {
+            state.interval_ms
+        };
+        let mut ack = *buf;
+        proto::make_ack(&mut ack, key, interval);
+        state.acks_sent = state.acks_sent.wrapping_add(1);
+        Some(ack)
+    }
+
+    fn report(
+        &mut self,
+        kind: u32,
+        d: &proto::Datagram,
+        prev_generation: u32,
+        src: SocketAddr,
+        now_ns: u64,
+        reports: &mpsc::Sender<Report>,
+    ) {
+        // The same token bucket as the kernel's (one bucket here: one CPU).
+        let cfg = self.config;
+        let cap = cfg.report_burst as u64 * 1000;
+        let refill =
+            now_ns.saturating_sub(self.last_refill_ns) / 1000 * cfg.report_rate as u64 / 1000;
+        self.tokens_milli = (self.tokens_milli + refill).min(cap);
+        self.last_refill_ns = now_ns;
+        if self.tokens_milli < 1000 {
+            self.counters[hb_common::maps::counter::REPORT_LIMITED as usize] += 1;
+            return;
+        }
+        self.tokens_milli -= 1000;
+        let (family, src_addr) = match src {
+            SocketAddr::V4(a) => {
+                let mut b = [0u8; 16];
+                b[..4].copy_from_slice(&a.ip().octets());
+                (4, b)
+            }
+            SocketAddr::V6(a) => (6, a.ip().octets()),
+        };
+        let r = Report {
+            ts_ns: now_ns,
+            kind,
+            node_id: d.node_id,
+            generation: d.generation,
+            prev_generation,
+            src_port: src.port(),
+            family,
+            key_epoch: d.key_epoch,
+            src_addr,
+            _pad: 0,
+        };
+        if reports.try_send(r).is_err() {
+            self.counters[hb_common::maps::counter::REPORT_DROPPED as usize] += 1;
+        }
+    }
+}
+
+impl Dataplane for MemDataplane {
+    fn upsert_node(&self, node_id: u32, keys: &NodeKeys) -> anyhow::Result<()> {
+        anyhow::ensure!(node_id != 0, "node id 0 is reserved");
+        anyhow::ensure!(
+            keys.slot < MAX_NODES,
+            "slot {} is beyond the capacity of {MAX_NODES} nodes",
+            keys.slot
+        );
+        let mut g = self.lock();
+        let slot = keys.slot as usize;
+        if g.states.len() <= slot {
+            g.states.resize(slot + 1, NodeState::default());
+        }
+        if let Some(old) = g.keys.insert(node_id, *keys)
+            && old.slot != keys.slot
+        {
+            let state = g.states[old.slot as usize];
+            g.states[old.slot as usize] = NodeState::default();
+            g.states[slot] = state;
+        }
+        Ok(())
+    }
+
+    fn remove_node(&self, node_id: u32) -> anyhow::Result<()> {
+        let mut g = self.lock();
+        if let Some(old) = g.keys.remove(&node_id)
+            && let Some(s) = g.states.get_mut(old.slot as usize)
+        {
+            *s = NodeState::default();
+        }
+        Ok(())
+    }
+
+    fn provisioned(&self) -> anyhow::Result<Vec<(u32, NodeKeys)>> {
+        Ok(self.lock().keys.iter().map(|(id, k)| (*id, *k)).collect())
+    }
+
+    fn read_states(&self, slots: Range<u32>, f: &mut dyn FnMut(u32, &NodeState)) {
+        let g = self.lock();
+        let end = (slots.end as usize).min(g.states.len()) as u32;
+        for slot in slots.start..end {
+            f(slot, &g.states[slot as usize]);
+        }
+    }
+
+    fn set_requested_interval(&self, slot: u32, interval_ms: u32) {
+        if let Some(s) = self.lock().states.get_mut(slot as usize) {
+            s.requested_interval_ms = interval_ms;
+        }
+    }
+
+    fn counters(&self) -> anyhow::Result<Counters> {
+        Ok(self.lock().counters)
+    }
+
+    fn set_config(&self, cfg: &Config) -> anyhow::Result<()> {
+        let mut g = self.lock();
+        if g.config.report_burst != cfg.report_burst {
+            g.tokens_milli = cfg.report_burst as u64 * 1000;
+        }
+        g.config = *cfg;
+        Ok(())
+    }
+
+    fn take_reports(&mut self) -> Option<mpsc::Receiver<Report>> {
+        self.reports_rx.take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hb_common::{Datagram, NodeKey};
+
+    use super::*;
+
+    const SRC: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::new(198, 18, 0, 2),
+        40000,
+    ));
+
+    fn key() -> NodeKey {
+        NodeKey { k0: 11, k1: 22 }
+    }
+
+    fn dp() -> MemDataplane {
+        let dp = MemDataplane::new();
+        let keys = NodeKeys {
+            slot: 0,
+            epoch: [1, 0],
+            valid: 1,
+            _pad: 0,
+            key: [key(), NodeKey::default()],
+        };
+        dp.upsert_node(42, &keys).unwrap();
+        dp
+    }
+
+    fn hb(seq: u64) -> Datagram {
+        Datagram {
+            kind: Kind::Heartbeat,
+            node_id: 42,
+            generation: 5,
+            key_epoch: 1,
+            flags: 0,
+            load: 0,
+            seq,
+            sent_ns: 99,
+            interval_ms: 1000,
+            rtt_us: 0,
+        }
+    }
+
+    #[test]
+    fn every_gate_result_in_order() {
+        let dp = dp();
+        let good = hb(1).seal(&key());
+        let r = |p: &[u8]| dp.gate(p, SRC, 1_000).result;
+        assert_eq!(r(&good[..40]), GateResult::Malformed);
+        let mut b = good;
+        b[0] = 0;
+        assert_eq!(r(&b), GateResult::BadMagic);
+        let mut b = good;
+        b[2] = 2;
+        assert_eq!(r(&b), GateResult::BadVersion);
+        let mut b = good;
+        b[3] = 2;
+        assert_eq!(r(&b), GateResult::BadKind);
+        let mut d = hb(1);
+        d.node_id = 7;
+        assert_eq!(r(&d.seal(&key())), GateResult::UnknownNode);
+        let mut d = hb(1);
+        d.key_epoch = 2;
+        assert_eq!(r(&d.seal(&key())), GateResult::BadEpoch);
+        assert_eq!(
+            r(&hb(1).seal(&NodeKey { k0: 1, k1: 2 })),
+            GateResult::BadTag
+        );
+        assert_eq!(r(&good), GateResult::Accepted);
+        assert_eq!(r(&good), GateResult::Replay);
+        let mut d = hb(2);
+        d.generation = 4;
+        assert_eq!(r(&d.seal(&key())), GateResult::Stale);
+        let c = dp.counters().unwrap();
+        for res in GateResult::ALL.iter().skip(1) {
+            assert_eq!(c[res.index() as usize], 1, "{res}");
+        }
+        let mut seen = 0;
+        dp.read_states(0..1, &mut |_, s| {
+            seen += 1;
+            assert_eq!((s.accepted, s.bad_tag, s.replay, s.stale), (1, 1, 1, 1));
+        });
+        assert_eq!(seen, 1);
+    }
+
+    #[test]
+    fn acks_follow_the_policy_and_verify() {
+        let dp = dp();
+        dp.set_config(&Config {
+            ack_on_change: 1,
+            ack_every: 0,
+            ..Config::default()
+        })
+        .unwrap();
+        let v = dp.gate(&hb(1).seal(&key()), SRC, 1);
+        assert_eq!((v.result, v.ack), (GateResult::Accepted, None));
+        dp.set_requested_interval(0, 500);
+        let v = dp.gate(&hb(2).seal(&key()), SRC, 2);
+        let ack = v.ack.expect("interval differs: ACK");
+        assert!(proto::verify(&key(), &ack));
+        let a = proto::parse(&ack, Kind::Ack).unwrap();
+        assert_eq!((a.interval_ms, a.seq, a.sent_ns), (500, 2, 99));
+    }
+
+    #[tokio::test]
+    async fn unknown_nodes_are_reported_at_a_bounded_rate() {
+        let mut dp = dp();
+        dp.set_config(&Config {
+            report_rate: 10,
+            report_burst: 5,
+            ..Config::default()
+        })
+        .unwrap();
+        let mut rx = dp.take_reports().unwrap();
+        for i in 0..100u32 {
+            let mut d = hb(1);
+            d.node_id = 1000 + i;
+            dp.gate(&d.seal(&key()), SRC, 1_000 + i as u64);
+        }
+        let mut n = 0;
+        while let Ok(r) = rx.try_recv() {
+            assert_eq!(r.kind, REPORT_UNKNOWN_NODE);
+            n += 1;
+        }
+        assert_eq!(n, 5, "burst only");
+        let c = dp.counters().unwrap();
+        assert_eq!(c[hb_common::maps::counter::REPORT_LIMITED as usize], 95);
+    }
+}

@@ -1,0 +1,52 @@
+//! Where heartbeats are gated. Two implementations of one interface:
+//!
+//! - [`xdp`]: the XDP program (native or skb mode), state in kernel maps.
+//! - [`mem`]: the same gate (`hb-common`) over an in-memory table, fed by
+//!   a UDP socket in `--mode userspace` (hosts without XDP, and the honest
+//!   baseline of the benchmarks), and by tests and simulations directly.
+//!
+//! The monitor owns slot assignment: it gives every provisioned node a
+//! slot (`NodeKeys::slot`) and keeps its own per-slot tables parallel to
+//! the dataplane's, so a tick is a linear scan.
+
+pub mod mem;
+
+use std::ops::Range;
+
+use hb_common::maps::{Config, NodeKeys, NodeState, Report, counter};
+
+/// Per-result and extra counters, indexed like `maps::COUNTERS`
+/// (`GateResult::index`, `maps::counter::*`), summed over CPUs.
+pub type Counters = [u64; counter::LEN as usize];
+
+/// A gate the monitor can drive.
+pub trait Dataplane: Send + Sync {
+    /// Provisions `node_id` (or replaces its keys) at slot `keys.slot`.
+    /// Replacing keys keeps the node's state: that is how keys rotate.
+    fn upsert_node(&self, node_id: u32, keys: &NodeKeys) -> anyhow::Result<()>;
+
+    /// Unprovisions `node_id` and clears the state at its slot.
+    fn remove_node(&self, node_id: u32) -> anyhow::Result<()>;
+
+    /// Every provisioned node with its keys and slot. Used once at start to
+    /// adopt state that survived a monitor restart (pinned maps).
+    fn provisioned(&self) -> anyhow::Result<Vec<(u32, NodeKeys)>>;
+
+    /// Calls `f(slot, state)` with a consistent copy of each slot's state
+    /// in `slots`, in order. Never one syscall per node.
+    fn read_states(&self, slots: Range<u32>, f: &mut dyn FnMut(u32, &NodeState));
+
+    /// Sets the interval the monitor asks the node at `slot` to use (0 = no
+    /// opinion); the gate puts it into ACKs.
+    fn set_requested_interval(&self, slot: u32, interval_ms: u32);
+
+    /// Counters summed over CPUs.
+    fn counters(&self) -> anyhow::Result<Counters>;
+
+    /// Replaces the gate's configuration (port, ACK policy, report limit).
+    fn set_config(&self, cfg: &Config) -> anyhow::Result<()>;
+
+    /// Takes the receiver of the gate's reports (unknown node, restart).
+    /// Returns `None` after the first call.
+    fn take_reports(&mut self) -> Option<tokio::sync::mpsc::Receiver<Report>>;
+}
