@@ -3,6 +3,7 @@
 
 pub mod controller;
 pub mod dataplane;
+pub mod detector;
 pub mod eval;
 pub mod keys;
 pub mod logging;

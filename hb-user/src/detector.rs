@@ -1,0 +1,168 @@
+//! Phi accrual suspicion (Hayashibara et al., 2004) from the gate's
+//! per-node statistics.
+//!
+//! The kernel keeps, per node, the arrival time of the last accepted
+//! heartbeat and exponentially weighted inter-arrival moments (mean and
+//! mean absolute deviation, `hb_common::maps::NodeState`). Phi is
+//! `-log10(P(a heartbeat arrives later than now))` under a normal model of
+//! the inter-arrival time with that mean and a standard deviation derived
+//! from the deviation, evaluated with Akka's logistic approximation of the
+//! normal CDF (`akka.remote.PhiAccrualFailureDetector`), which is smooth and
+//! cheap (one `exp`) and does not underflow to infinity as quickly as
+//! `1 - erf`.
+//!
+//! Like Akka, the standard deviation has a floor (`min_std_dev_ms`) so a
+//! node on a perfectly regular schedule is not suspected on the first tiny
+//! delay, and an `acceptable_pause_ms` is added to the mean to tolerate
+//! known pauses (GC, migrations). Unlike Akka's fixed floor, hb's floor
+//! also scales with the mean (`min_std_dev_ratio`), because hb's intervals
+//! range over two orders of magnitude (100 ms to 10 s).
+//!
+//! The sender announces its interval in every heartbeat and the kernel
+//! re-seeds the moments when it changes, so a node told to slow down is
+//! judged by its new interval at once (see `NodeState::record`).
+
+use hb_common::maps::NodeState;
+
+/// `mean absolute deviation * sqrt(pi/2)` = sigma, for a normal variable.
+const MAD_TO_SIGMA: f64 = 1.253_314_137_315_500_3;
+
+/// Tunables of the phi computation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PhiParams {
+    /// Lower bound of the standard deviation, ms.
+    pub min_std_dev_ms: f64,
+    /// Lower bound of the standard deviation as a fraction of the mean.
+    pub min_std_dev_ratio: f64,
+    /// Added to the expected inter-arrival time, ms.
+    pub acceptable_pause_ms: f64,
+}
+
+impl Default for PhiParams {
+    fn default() -> Self {
+        PhiParams {
+            min_std_dev_ms: 20.0,
+            min_std_dev_ratio: 0.1,
+            acceptable_pause_ms: 0.0,
+        }
+    }
+}
+
+/// Phi of a node whose last heartbeat arrived `elapsed_ms` ago, with
+/// inter-arrival mean `mean_ms` and standard deviation `std_ms` (already
+/// floored by the caller).
+#[inline]
+pub fn phi_normal(elapsed_ms: f64, mean_ms: f64, std_ms: f64) -> f64 {
+    let y = (elapsed_ms - mean_ms) / std_ms;
+    let e = (-y * (1.5976 + 0.070566 * y * y)).exp();
+    if elapsed_ms > mean_ms {
+        // P(later) = e / (1 + e); e underflows to 0 far in the tail.
+        let p = e / (1.0 + e);
+        if p <= f64::MIN_POSITIVE {
+            // The logistic tail: -log10(e) = y * (1.5976 + 0.070566 y^2) / ln 10.
+            y * (1.5976 + 0.070566 * y * y) / std::f64::consts::LN_10
+        } else {
+            -p.log10()
+        }
+    } else {
+        -(1.0 - 1.0 / (1.0 + e)).log10()
+    }
+}
+
+/// The expected inter-arrival mean and floored standard deviation of a
+/// node, in ms, from its kernel statistics.
+#[inline]
+pub fn moments_ms(state: &NodeState, p: &PhiParams) -> (f64, f64) {
+    let mut mean = state.ia_mean_ns as f64 / 1e6;
+    if mean <= 0.0 {
+        mean = state.interval_ms as f64;
+    }
+    let std = (state.ia_dev_ns as f64 / 1e6 * MAD_TO_SIGMA)
+        .max(p.min_std_dev_ms)
+        .max(p.min_std_dev_ratio * mean);
+    (mean + p.acceptable_pause_ms, std)
+}
+
+/// Phi of `state` at `now_ns` (CLOCK_MONOTONIC). 0 for a node never heard
+/// from, or with no usable statistics yet.
+#[inline]
+pub fn phi(state: &NodeState, now_ns: u64, p: &PhiParams) -> f64 {
+    if state.accepted == 0 || state.last_arrival_ns == 0 {
+        return 0.0;
+    }
+    let (mean, std) = moments_ms(state, p);
+    if mean <= 0.0 || std <= 0.0 {
+        return 0.0;
+    }
+    let elapsed = now_ns.saturating_sub(state.last_arrival_ns) as f64 / 1e6;
+    phi_normal(elapsed, mean, std)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(mean_ms: u64, dev_ms: u64) -> NodeState {
+        NodeState {
+            accepted: 10,
+            last_arrival_ns: 1_000_000_000_000,
+            ia_mean_ns: mean_ms * 1_000_000,
+            ia_dev_ns: dev_ms * 1_000_000,
+            interval_ms: mean_ms as u32,
+            ..NodeState::default()
+        }
+    }
+
+    #[test]
+    fn phi_is_about_0_3_at_the_mean_and_grows_monotonically() {
+        // At elapsed = mean, P(later) = 1/2: phi = log10(2).
+        assert!((phi_normal(1000.0, 1000.0, 100.0) - 2f64.log10()).abs() < 1e-9);
+        let mut last = 0.0;
+        for ms in (0..5000).step_by(50) {
+            let v = phi_normal(ms as f64, 1000.0, 100.0);
+            assert!(v >= last, "phi decreased at {ms} ms");
+            assert!(v.is_finite());
+            last = v;
+        }
+        assert!(last > 100.0);
+    }
+
+    #[test]
+    fn phi_matches_the_normal_tail_within_the_approximation() {
+        // One sigma late: P(later) = 0.1587, phi = 0.7995; the logistic
+        // approximation is within 1e-3 there.
+        let v = phi_normal(1100.0, 1000.0, 100.0);
+        assert!((v - 0.7995).abs() < 2e-3, "{v}");
+        // Three sigma: P = 0.00135, phi = 2.87.
+        let v = phi_normal(1300.0, 1000.0, 100.0);
+        assert!((v - 2.87).abs() < 0.05, "{v}");
+    }
+
+    #[test]
+    fn state_phi_uses_floors_and_pause() {
+        let s = state(1000, 0);
+        let p = PhiParams::default();
+        // Zero deviation: floored at 10% of the mean = 100 ms.
+        assert_eq!(moments_ms(&s, &p), (1000.0, 100.0));
+        let now = s.last_arrival_ns + 1_300_000_000;
+        let v = phi(&s, now, &p);
+        assert!((v - 2.87).abs() < 0.05, "{v}");
+        let paused = PhiParams {
+            acceptable_pause_ms: 300.0,
+            ..p
+        };
+        assert!((phi(&s, now, &paused) - 2f64.log10()).abs() < 1e-9);
+    }
+
+    #[test]
+    fn never_heard_from_is_zero_and_far_tail_is_finite() {
+        assert_eq!(phi(&NodeState::default(), 5, &PhiParams::default()), 0.0);
+        let s = state(100, 1);
+        let v = phi(
+            &s,
+            s.last_arrival_ns + 3_600_000_000_000,
+            &PhiParams::default(),
+        );
+        assert!(v.is_finite() && v > 1000.0, "{v}");
+    }
+}
