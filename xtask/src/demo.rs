@@ -132,6 +132,17 @@ impl Proc {
             .env("HB_LOG", "info")
             // Our own group: the terminal's Ctrl-C is ours to handle.
             .process_group(0);
+        // SAFETY: prctl(2) only, between fork and exec. If xtask itself is
+        // killed (SIGKILL), the kernel stops the child rather than leaving
+        // it running in a namespace nobody will clean up.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {name}: {}", util::show(&cmd)))?;
