@@ -34,6 +34,11 @@ pub struct Args {
     /// Heartbeat interval of the demo's senders, ms.
     #[arg(long, default_value_t = 200)]
     pub interval_ms: u32,
+    /// The monitor's dataplane: `native` XDP (the default, falls back to
+    /// skb mode by itself), `skb`, or `userspace` (a UDP socket and the
+    /// same gate, for hosts without XDP).
+    #[arg(long, default_value = "native", value_parser = ["native", "skb", "userspace"])]
+    pub mode: String,
     /// How long to wait for each expected state, seconds.
     #[arg(long, default_value_t = 20)]
     pub step_timeout: u64,
@@ -208,10 +213,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let result = story(&args, &hb, pid, &dir);
     match &result {
         Ok(()) => {
+            let _ = std::fs::remove_dir_all(&dir);
             println!(
-                "\ndemo: done in {:.0}s; namespaces removed. Logs: {}",
-                start.elapsed().as_secs_f64(),
-                dir.display()
+                "\ndemo: done in {:.0}s; namespaces and files removed",
+                start.elapsed().as_secs_f64()
             );
         }
         Err(_) => {
@@ -276,6 +281,8 @@ fn story(args: &Args, hb: &Path, pid: u32, dir: &Path) -> anyhow::Result<()> {
         LISTEN,
         "--events",
         "-",
+        "--mode",
+        &args.mode,
     ]
     .iter()
     .map(|s| s.to_string())
