@@ -494,3 +494,38 @@ fn show_table(title: &str, nodes_cmd: &dyn Fn(bool) -> Command) -> anyhow::Resul
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The demo's network (needs root, like every namespace test): every
+    /// node reaches the monitor across the bridge, and dropping the guard
+    /// removes every namespace.
+    #[test]
+    fn network_connects_nodes_to_the_monitor_and_cleans_up() {
+        let pid = std::process::id();
+        let net = Net::build(pid).unwrap();
+        for i in [1, NODES] {
+            let ns = net.ns(&format!("n{i}"));
+            output(Command::new("nsenter").args([
+                &format!("--net=/var/run/netns/{ns}"),
+                "--",
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "5",
+                MONITOR_IP,
+            ]))
+            .unwrap_or_else(|e| panic!("node {i} cannot reach the monitor: {e:#}"));
+        }
+        let names = net.names.clone();
+        assert_eq!(names.len(), 2 + NODES as usize);
+        drop(net);
+        let list = output(Command::new("ip").args(["netns", "list"])).unwrap();
+        for n in names {
+            assert!(!list.contains(&n), "{n} left behind");
+        }
+    }
+}
