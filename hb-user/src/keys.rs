@@ -52,11 +52,10 @@ impl fmt::Debug for Secret {
 /// carries secret material.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyringError {
-    #[error("cannot read keyring {path}: {source}")]
-    Unreadable {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// The I/O error is part of the message, not a `source`: printed
+    /// with its causes (`{:#}`), it would otherwise appear twice.
+    #[error("cannot read keyring {path}: {io}")]
+    Unreadable { path: PathBuf, io: std::io::Error },
     #[error("keyring {path} is not valid TOML{at}: {message}")]
     Toml {
         path: PathBuf,
@@ -181,9 +180,9 @@ impl Keyring {
     /// Reads and checks a keyring file.
     pub fn load(path: impl AsRef<Path>) -> Result<Keyring, KeyringError> {
         let path = path.as_ref().to_path_buf();
-        let text = std::fs::read_to_string(&path).map_err(|source| KeyringError::Unreadable {
+        let text = std::fs::read_to_string(&path).map_err(|io| KeyringError::Unreadable {
             path: path.clone(),
-            source,
+            io,
         })?;
         Keyring::parse(&path, &text)
     }

@@ -146,6 +146,10 @@ fn bad_keyrings_fail_with_one_line() {
         "1",
     ]);
     assert_fails(&o, "cannot read keyring /nonexistent/keyring.toml");
+    assert_eq!(
+        stderr(&o),
+        "hb: cannot read keyring /nonexistent/keyring.toml: No such file or directory (os error 2)\n"
+    );
     let (_d, ring) = keyring(&format!("[[epoch]]\nid = 1\nsecret = \"{secret}\"\n"));
     let o = hb(&[
         "keys",

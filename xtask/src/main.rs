@@ -67,7 +67,11 @@ pub fn build(release: bool) -> anyhow::Result<PathBuf> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = util::install_signal_handler().and_then(|()| match cli.cmd {
+    if let Err(e) = util::install_signal_handler() {
+        eprintln!("xtask: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    let result = match cli.cmd {
         Cmd::Setup => setup::run(),
         Cmd::Build { release } => build(release).map(|bin| println!("{}", bin.display())),
         Cmd::Run { release, args } => {
@@ -75,12 +79,20 @@ fn main() -> ExitCode {
                 Some("--") => args[1..].to_vec(),
                 _ => args,
             };
-            build(release).and_then(|bin| util::run(std::process::Command::new(bin).args(args)))
+            // hb's own exit code is the answer; hb already said what went
+            // wrong.
+            match build(release).and_then(|bin| {
+                let mut child = util::spawn_fg(std::process::Command::new(bin).args(args))?;
+                util::wait_fg(&mut child)
+            }) {
+                Ok(st) => return ExitCode::from(st.code().map_or(1, |c| c as u8)),
+                Err(e) => Err(e),
+            }
         }
         Cmd::Test(a) => test::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Demo(a) => demo::run(a),
-    });
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
