@@ -94,9 +94,30 @@ pub fn spawn_fg(cmd: &mut Command) -> anyhow::Result<Child> {
     Ok(child)
 }
 
-/// Waits for a child started with [`spawn_fg`].
+/// Waits for a child started with [`spawn_fg`], and for the rest of its
+/// process group: after an interrupt, cargo exits before the test binary
+/// it ran, and a sweep must not run while that binary (whose pid names its
+/// namespaces) still lives. A group that outlives its leader by 5 s is
+/// killed.
 pub fn wait_fg(child: &mut Child) -> anyhow::Result<ExitStatus> {
     let st = child.wait().context("waiting for a child process")?;
+    let pgid = child.id() as i32;
+    let group_alive = || {
+        // SAFETY: signal 0 only checks for existence.
+        unsafe { libc::kill(-pgid, 0) == 0 }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while group_alive() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if group_alive() {
+        // SAFETY: kill(2) on the group we started.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while group_alive() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     FOREGROUND_PGID.store(0, Ordering::SeqCst);
     Ok(st)
 }
