@@ -27,6 +27,12 @@ use crate::{
 /// the kernel's object-name limit). Userspace looks everything up by these.
 pub mod names {
     pub const PROGRAM: &str = "hb_xdp";
+    /// Returns XDP_PASS at once: attached to a peer veth so that frames
+    /// the gate sends with XDP_TX arrive (veth needs an XDP program on the
+    /// receiving end), in tests and the demo.
+    pub const PASS: &str = "hb_pass";
+    /// Returns XDP_DROP at once: the benchmark's floor.
+    pub const FLOOR: &str = "hb_floor";
     pub const NODE_KEYS: &str = "HB_NODE_KEYS";
     pub const NODE_STATE: &str = "HB_NODE_STATE";
     pub const COUNTERS: &str = "HB_COUNTERS";
