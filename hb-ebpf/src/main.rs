@@ -133,6 +133,12 @@ fn gate(ctx: &XdpContext) -> (u32, GateResult) {
         }
     };
     let now_ns = now();
+    // `record` re-derives which `Fresh` case applies; without a barrier
+    // LLVM merges that with `admit`'s comparisons and the verifier, which
+    // does not track relations between two unknown registers, walks the
+    // impossible combination and rejects it. Through memory, the verifier
+    // sees one discriminant.
+    let admit = core::hint::black_box(admit);
     let rec = s.record(&d, admit, now_ns);
     let ack_interval = if cfg.pass_accepted != 0 {
         None
