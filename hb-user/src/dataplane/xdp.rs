@@ -45,7 +45,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray, RingBuf},
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -234,6 +234,9 @@ pub struct XdpDataplane {
     config: Mutex<Array<MapData, Config>>,
     state_ro: StateMap,
     state_rw: StateMap,
+    /// The same array as a map (for `memlock` and the per-node lookup
+    /// used to measure the read design).
+    state_map: Array<MapData, NodeState>,
     events: Option<RingBuf<MapData>>,
     reports_task: Option<tokio::task::JoinHandle<()>>,
     attached: Vec<Attached>,
@@ -371,6 +374,7 @@ impl XdpDataplane {
         let len = state_data.info()?.max_entries();
         let state_ro = StateMap::new(state_data, len, false)?;
         let state_rw = StateMap::new(state_data, len, true)?;
+        let state_map = Array::try_from(state_map)?;
         let events = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)?;
 
         let mut dp = XdpDataplane {
@@ -380,6 +384,7 @@ impl XdpDataplane {
             config: Mutex::new(config),
             state_ro,
             state_rw,
+            state_map,
             events: Some(events),
             reports_task: None,
             attached: Vec::new(),
@@ -496,6 +501,42 @@ impl XdpDataplane {
     /// A consistent copy of the state at `slot`.
     pub fn state(&self, slot: u32) -> Option<NodeState> {
         self.state_ro.entry(slot).map(StateMap::read)
+    }
+
+    /// The state at `slot` through one `BPF_MAP_LOOKUP_ELEM` syscall: the
+    /// alternative design [`READ_DESIGN`] measures against. Not consistent
+    /// with respect to the seqcount (the kernel copies without it).
+    pub fn state_by_syscall(&self, slot: u32) -> anyhow::Result<NodeState> {
+        Ok(self.state_map.get(&slot, 0)?)
+    }
+
+    /// Kernel memory of each map (`memlock` in /proc/self/fdinfo), by name.
+    pub fn memlock(&self) -> anyhow::Result<Vec<(&'static str, u64)>> {
+        let keys = self.keys();
+        let ebpf = self.ebpf();
+        let limits = match ebpf.map(names::LIMITS) {
+            Some(Map::PerCpuArray(m)) => m.fd().as_fd().as_raw_fd(),
+            _ => bail!("no map {}", names::LIMITS),
+        };
+        let fds = [
+            (names::NODE_KEYS, keys.map().fd().as_fd().as_raw_fd()),
+            (names::NODE_STATE, self.state_map.map().fd().as_fd().as_raw_fd()),
+            (names::COUNTERS, self.counters.map().fd().as_fd().as_raw_fd()),
+            (names::CONFIG, self.config.lock().unwrap_or_else(|e| e.into_inner()).map().fd().as_fd().as_raw_fd()),
+            (names::LIMITS, limits),
+        ];
+        fds.iter()
+            .map(|(name, fd)| {
+                let path = format!("/proc/self/fdinfo/{fd}");
+                let text = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+                let v = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("memlock:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .ok_or_else(|| anyhow!("no memlock in {path}"))?;
+                Ok((*name, v))
+            })
+            .collect()
     }
 
     /// Capacity of the node maps.
