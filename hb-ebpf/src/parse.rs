@@ -163,9 +163,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize, port: u16) -> Parsed {
 #[inline(always)]
 fn udp_ours(ctx: &XdpContext, f: Frame) -> Parsed {
     match be16(ctx, f.udp + 4) {
-        Some(UDP_DGRAM_LEN) if at::<{ proto::LEN }>(ctx, f.payload()).is_some() => {
-            Parsed::Ours(f)
-        }
+        Some(UDP_DGRAM_LEN) if at::<{ proto::LEN }>(ctx, f.payload()).is_some() => Parsed::Ours(f),
         _ => Parsed::Malformed,
     }
 }

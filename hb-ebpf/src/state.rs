@@ -73,7 +73,9 @@ impl Locked {
     #[inline(always)]
     pub fn requested_interval(&self) -> u32 {
         // SAFETY: aligned field of a live map value.
-        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*self.state).requested_interval_ms)) }
+        unsafe {
+            core::ptr::read_volatile(core::ptr::addr_of!((*self.state).requested_interval_ms))
+        }
     }
 
     /// Publishes the writes and releases the entry.

@@ -63,7 +63,11 @@ impl Gate {
     /// Runs `frame` once: (action, output frame).
     fn run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>), ProgramError> {
         let mut ebpf = self.dp.ebpf();
-        let prog: &mut Xdp = ebpf.program_mut(names::PROGRAM).unwrap().try_into().unwrap();
+        let prog: &mut Xdp = ebpf
+            .program_mut(names::PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap();
         let mut out = vec![0u8; frame.len() + 256];
         let r = prog.test_run(TestRunOptions {
             data_in: Some(frame),
@@ -135,7 +139,9 @@ fn run_table(g: &Gate, rows: Vec<Row>) {
     for r in rows {
         let before = g.dp.counters().unwrap();
         let s0 = g.state();
-        let (action, _) = g.run(&r.frame).unwrap_or_else(|e| panic!("{}: {e}", r.what));
+        let (action, _) = g
+            .run(&r.frame)
+            .unwrap_or_else(|e| panic!("{}: {e}", r.what));
         let after = g.dp.counters().unwrap();
         let s1 = g.state();
         assert_eq!(action, r.action, "{}: action", r.what);
@@ -227,12 +233,32 @@ fn one_row_per_gate_result_and_header_variant() {
     run_table(
         &g,
         vec![
-            row("other UDP port", Udp::v4(53, &good).build(), R::Pass, E::None),
+            row(
+                "other UDP port",
+                Udp::v4(53, &good).build(),
+                R::Pass,
+                E::None,
+            ),
             row("ARP", arp(), R::Pass, E::None),
-            row("payload of 47 bytes", v4(&good[..47]), R::Malformed, E::None),
-            row("payload of 49 bytes", v4(&[good.clone(), vec![0]].concat()), R::Malformed, E::None),
+            row(
+                "payload of 47 bytes",
+                v4(&good[..47]),
+                R::Malformed,
+                E::None,
+            ),
+            row(
+                "payload of 49 bytes",
+                v4(&[good.clone(), vec![0]].concat()),
+                R::Malformed,
+                E::None,
+            ),
             row("frame cut in the payload", short_udp, R::Malformed, E::None),
-            row("IPv4 first fragment", frag_first.build(), R::Malformed, E::None),
+            row(
+                "IPv4 first fragment",
+                frag_first.build(),
+                R::Malformed,
+                E::None,
+            ),
             row("IPv4 later fragment", frag_later.build(), R::Pass, E::None),
             row("bad magic", v4(&bad_magic), R::BadMagic, E::None),
             row("bad version", v4(&bad_version), R::BadVersion, E::None),
@@ -245,9 +271,24 @@ fn one_row_per_gate_result_and_header_variant() {
             row("replay", v4(&good), R::Replay, E::Replay),
             row("stale generation", v4(&stale), R::Stale, E::Stale),
             row("accepted with VLAN", vlan.build(), R::Accepted, E::Accepted),
-            row("accepted with IPv4 options", opts.build(), R::Accepted, E::Accepted),
-            row("accepted IPv6", Udp::v6(PORT, &sealed(hb(5))).build(), R::Accepted, E::Accepted),
-            row("accepted IPv6 + VLAN", vlan6.build(), R::Accepted, E::Accepted),
+            row(
+                "accepted with IPv4 options",
+                opts.build(),
+                R::Accepted,
+                E::Accepted,
+            ),
+            row(
+                "accepted IPv6",
+                Udp::v6(PORT, &sealed(hb(5))).build(),
+                R::Accepted,
+                E::Accepted,
+            ),
+            row(
+                "accepted IPv6 + VLAN",
+                vlan6.build(),
+                R::Accepted,
+                E::Accepted,
+            ),
             row("IPv6 extension header", ext6.build(), R::Pass, E::None),
         ],
     );
@@ -305,7 +346,12 @@ fn unconfigured_gate_passes_everything() {
     });
     run_table(
         &g,
-        vec![row("port 0", v4(&sealed(hb(1))), GateResult::Pass, Effect::None)],
+        vec![row(
+            "port 0",
+            v4(&sealed(hb(1))),
+            GateResult::Pass,
+            Effect::None,
+        )],
     );
 }
 
@@ -394,13 +440,20 @@ async fn reports_unknown_nodes_at_a_bounded_rate_and_restarts() {
     }
     let c = g.dp.counters().unwrap();
     assert_eq!(c[GateResult::UnknownNode.index() as usize], 10);
-    assert_eq!(c[counter::REPORT_LIMITED as usize], 7, "burst of 3, then limited");
+    assert_eq!(
+        c[counter::REPORT_LIMITED as usize],
+        7,
+        "burst of 3, then limited"
+    );
     for want in 100..103u32 {
         let r = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
             .await
             .expect("report in time")
             .expect("report");
-        assert_eq!((r.kind, r.node_id, r.family), (REPORT_UNKNOWN_NODE, want, 4));
+        assert_eq!(
+            (r.kind, r.node_id, r.family),
+            (REPORT_UNKNOWN_NODE, want, 4)
+        );
         assert_eq!(r.src_addr[..4], [198, 18, 0, 2]);
         assert_eq!(r.src_port, 40000);
     }
@@ -423,7 +476,10 @@ async fn reports_unknown_nodes_at_a_bounded_rate_and_restarts() {
         .expect("restart report in time")
         .expect("report");
     assert_eq!(r.kind, REPORT_RESTART);
-    assert_eq!((r.generation, r.prev_generation, r.family), (GEN + 5, GEN, 6));
+    assert_eq!(
+        (r.generation, r.prev_generation, r.family),
+        (GEN + 5, GEN, 6)
+    );
     let src: IpAddr = r.src_addr.into();
     assert_eq!(src, "fd00:4842::2".parse::<IpAddr>().unwrap());
 }
@@ -455,7 +511,10 @@ fn node_state_after_a_sequence() {
     assert_eq!((s.generation, s.max_seq, s.accepted), (GEN, 5, 4));
     assert_eq!(s.lost, 1, "3 lost, 4 arrived late");
     assert_eq!(s.ia_mean_ns != 0, true, "moments seeded from interval_ms");
-    assert_eq!(s.ia_samples, 2, "2 and 5 gave samples; the first and the late one not");
+    assert_eq!(
+        s.ia_samples, 2,
+        "2 and 5 gave samples; the first and the late one not"
+    );
     assert_eq!((s.load, s.rtt_us, s.interval_ms), (250, 850, 1000));
     assert!(!s.leaving());
     assert!(s.last_arrival_ns > 0 && s.gen_start_ns > 0 && s.gen_start_ns <= s.last_arrival_ns);
@@ -489,7 +548,21 @@ fn node_state_after_a_sequence() {
     mem.read_states(SLOT..SLOT + 1, &mut |_, s| m = *s);
     let k = g.state();
     assert_eq!(
-        (m.generation, m.max_seq, m.replay_bitmap, m.lost, m.accepted, m.flags),
-        (k.generation, k.max_seq, k.replay_bitmap, k.lost, k.accepted, k.flags)
+        (
+            m.generation,
+            m.max_seq,
+            m.replay_bitmap,
+            m.lost,
+            m.accepted,
+            m.flags
+        ),
+        (
+            k.generation,
+            k.max_seq,
+            k.replay_bitmap,
+            k.lost,
+            k.accepted,
+            k.flags
+        )
     );
 }

@@ -120,14 +120,22 @@ fn heartbeats_acks_and_other_traffic_over_veth() {
             assert_eq!(from, SocketAddr::new(dst, PORT), "{family}: ACK source");
             let ack = proto::parse(&buf[..n], Kind::Ack).expect("ACK parses");
             assert!(proto::verify(&KEY, buf[..n].try_into().unwrap()), "ACK tag");
-            assert_eq!((ack.seq, ack.interval_ms, ack.sent_ns), (seq, 1000, seq * 1000));
+            assert_eq!(
+                (ack.seq, ack.interval_ms, ack.sent_ns),
+                (seq, 1000, seq * 1000)
+            );
         }
-        log(format!("{family}: 3 heartbeats accepted, 3 ACKs received and verified"));
+        log(format!(
+            "{family}: 3 heartbeats accepted, 3 ACKs received and verified"
+        ));
     }
     let c = dp.counters().unwrap();
     assert_eq!(c[GateResult::Accepted.index() as usize], 6);
     let s = dp.state(0).unwrap();
-    assert_eq!((s.accepted, s.max_seq, s.generation, s.acks_sent), (6, 6, 7, 6));
+    assert_eq!(
+        (s.accepted, s.max_seq, s.generation, s.acks_sent),
+        (6, 6, 7, 6)
+    );
 
     // Other traffic still flows with the program attached.
     sh(pair
@@ -140,13 +148,17 @@ fn heartbeats_acks_and_other_traffic_over_veth() {
         .run(|| UdpSocket::bind((pair.addrs.v4[0], 9000)))
         .unwrap()
         .unwrap();
-    server.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
     let client = pair
         .b
         .run(|| UdpSocket::bind((pair.addrs.v4[1], 0)))
         .unwrap()
         .unwrap();
-    client.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
     client.send_to(b"ping", (pair.addrs.v4[0], 9000)).unwrap();
     let mut buf = [0u8; 16];
     let (n, from) = server.recv_from(&mut buf).expect("UDP on port 9000 passes");
@@ -178,7 +190,11 @@ fn a_million_nodes_load_and_work() {
     let frame = hb_tests::frames::Udp::v4(PORT, &hb(n, 1)).build();
     {
         let mut ebpf = dp.ebpf();
-        let p: &mut Xdp = ebpf.program_mut(names::PROGRAM).unwrap().try_into().unwrap();
+        let p: &mut Xdp = ebpf
+            .program_mut(names::PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap();
         let mut out = vec![0u8; 256];
         let r = aya::programs::TestRun::test_run(
             &*p,
@@ -192,7 +208,10 @@ fn a_million_nodes_load_and_work() {
         assert_eq!(r.return_value, 1, "consumed (XDP_DROP)");
     }
     assert_eq!(dp.state(n - 1).unwrap().accepted, 1, "last node accepted");
-    assert_eq!(dp.counters().unwrap()[GateResult::Accepted.index() as usize], 1);
+    assert_eq!(
+        dp.counters().unwrap()[GateResult::Accepted.index() as usize],
+        1
+    );
     let mem = dp.memlock().unwrap();
     let total: u64 = mem.iter().map(|(_, b)| b).sum();
     for (name, b) in &mem {

@@ -245,13 +245,17 @@ pub struct XdpDataplane {
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
     ebpf.take_map(name).ok_or_else(|| {
-        anyhow!("the embedded eBPF object has no map {name}: hb was built from a mismatched hb-ebpf")
+        anyhow!(
+            "the embedded eBPF object has no map {name}: hb was built from a mismatched hb-ebpf"
+        )
     })
 }
 
 fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Xdp> {
     let p = ebpf.program_mut(name).ok_or_else(|| {
-        anyhow!("the embedded eBPF object has no program {name}: hb was built from a mismatched hb-ebpf")
+        anyhow!(
+            "the embedded eBPF object has no program {name}: hb was built from a mismatched hb-ebpf"
+        )
     })?;
     p.try_into()
         .map_err(|e| anyhow!("program {name} is not an XDP program: {e}"))
@@ -268,11 +272,13 @@ fn ensure_pin_dir(dir: &Path) -> anyhow::Result<()> {
         libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
     };
     if dir.starts_with(root) && !mounted {
-        std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
+        std::fs::create_dir_all(root)
+            .with_context(|| format!("cannot create {}", root.display()))?;
         let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
         let (src, tgt, fs) = (c("bpf"), c("/sys/fs/bpf"), c("bpf"));
         // SAFETY: valid NUL-terminated strings.
-        let rc = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
+        let rc =
+            unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
         if rc != 0 {
             return Err(std::io::Error::last_os_error())
                 .context("bpffs is not mounted on /sys/fs/bpf and mounting it failed (run as root, or `mount -t bpf bpf /sys/fs/bpf`)");
@@ -411,9 +417,9 @@ impl XdpDataplane {
                 .with_context(|| format!("cannot open pinned XDP link {}", path.display()))?;
             let link = XdpLink::try_from(FdLink::from(pinned))
                 .with_context(|| format!("{} is not a pinned XDP link", path.display()))?;
-            let id = prog
-                .attach_to_link(link)
-                .with_context(|| format!("cannot re-adopt the XDP link pinned at {}", path.display()))?;
+            let id = prog.attach_to_link(link).with_context(|| {
+                format!("cannot re-adopt the XDP link pinned at {}", path.display())
+            })?;
             tracing::info!(interface = ifname, pin = %path.display(), "re-adopted pinned XDP link");
             self.attached.push(Attached {
                 ifname: ifname.to_owned(),
@@ -520,15 +526,31 @@ impl XdpDataplane {
         };
         let fds = [
             (names::NODE_KEYS, keys.map().fd().as_fd().as_raw_fd()),
-            (names::NODE_STATE, self.state_map.map().fd().as_fd().as_raw_fd()),
-            (names::COUNTERS, self.counters.map().fd().as_fd().as_raw_fd()),
-            (names::CONFIG, self.config.lock().unwrap_or_else(|e| e.into_inner()).map().fd().as_fd().as_raw_fd()),
+            (
+                names::NODE_STATE,
+                self.state_map.map().fd().as_fd().as_raw_fd(),
+            ),
+            (
+                names::COUNTERS,
+                self.counters.map().fd().as_fd().as_raw_fd(),
+            ),
+            (
+                names::CONFIG,
+                self.config
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .map()
+                    .fd()
+                    .as_fd()
+                    .as_raw_fd(),
+            ),
             (names::LIMITS, limits),
         ];
         fds.iter()
             .map(|(name, fd)| {
                 let path = format!("/proc/self/fdinfo/{fd}");
-                let text = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+                let text =
+                    std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
                 let v = text
                     .lines()
                     .find_map(|l| l.strip_prefix("memlock:"))
@@ -660,9 +682,10 @@ impl Dataplane for XdpDataplane {
             Some(old) if old.slot == keys.slot => {}
             Some(old) => {
                 // Moved: carry the state over, free the old slot.
-                if let (Some(from), Some(to)) =
-                    (self.state_ro.entry(old.slot), self.state_rw.entry(keys.slot))
-                {
+                if let (Some(from), Some(to)) = (
+                    self.state_ro.entry(old.slot),
+                    self.state_rw.entry(keys.slot),
+                ) {
                     let s = StateMap::read(from);
                     StateMap::write(to, |t| *t = s);
                 }
@@ -705,7 +728,8 @@ impl Dataplane for XdpDataplane {
             // Only the kernel reads this field and only userspace writes
             // it: a plain atomic store, outside the seqcount protocol.
             // SAFETY: aligned u32 in the live writable mapping.
-            let a = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*e).requested_interval_ms)) };
+            let a =
+                unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*e).requested_interval_ms)) };
             a.store(interval_ms, Ordering::Relaxed);
         }
     }
@@ -738,17 +762,20 @@ impl Dataplane for XdpDataplane {
             Err(_) => {
                 // No runtime here (a synchronous caller): a small one of
                 // our own, on its own thread, ends when the receiver drops.
-                let spawned = std::thread::Builder::new()
-                    .name("hb-reports".into())
-                    .spawn(move || {
-                        match tokio::runtime::Builder::new_current_thread()
-                            .enable_io()
-                            .build()
-                        {
-                            Ok(rt) => rt.block_on(pump_reports(ring, tx)),
-                            Err(e) => tracing::error!(error = %e, "cannot start the report poller"),
-                        }
-                    });
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("hb-reports".into())
+                        .spawn(move || {
+                            match tokio::runtime::Builder::new_current_thread()
+                                .enable_io()
+                                .build()
+                            {
+                                Ok(rt) => rt.block_on(pump_reports(ring, tx)),
+                                Err(e) => {
+                                    tracing::error!(error = %e, "cannot start the report poller")
+                                }
+                            }
+                        });
                 if let Err(e) = spawned {
                     tracing::error!(error = %e, "cannot start the report poller thread");
                     return None;
