@@ -1,11 +1,501 @@
-//! Placeholder: being built (see the open issues).
+//! Keys: the cluster's master secrets (a keyring of epochs) and the node
+//! keys derived from them (`PROTOCOL.md`, "Keys").
+//!
+//! The master secret lives only on monitors. Every node holds just its own
+//! 16-byte node key, `HKDF-SHA256(salt = "hb-v1 node key", ikm = secret,
+//! info = node_id BE32 || epoch)`, so one compromised sender can forge no
+//! other node's heartbeats. The keyring holds one secret per epoch; the
+//! monitor loads the node keys of the newest two epochs into the kernel,
+//! which is what lets an operator rotate keys without losing a heartbeat
+//! (add epoch N+1, move senders over, remove epoch N).
+//!
+//! The keyring file is TOML:
+//!
+//! ```toml
+//! [[epoch]]
+//! id = 1
+//! secret = "<64 hex digits>"
+//! ```
+//!
+//! Secrets never appear in errors or logs: [`Secret`]'s `Debug` is
+//! redacted, and TOML errors are reported by position, not by the offending
+//! line's text.
 
-#[derive(clap::Subcommand, Debug)]
-pub enum Cmd {
-    /// Placeholder.
-    Show,
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use hb_common::{NodeKey, maps::NodeKeys};
+use ring::{hkdf, rand::SecureRandom as _};
+use serde::Deserialize;
+
+/// HKDF salt of node-key derivation (`PROTOCOL.md`).
+pub const NODE_KEY_SALT: &[u8] = b"hb-v1 node key";
+/// Length of a master secret in bytes (64 hex digits).
+pub const SECRET_LEN: usize = 32;
+/// Length of a node key in bytes (32 hex digits).
+pub const NODE_KEY_LEN: usize = 16;
+
+/// A master secret. `Debug` never shows the bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub [u8; SECRET_LEN]);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
-pub fn run(_cmd: Cmd) -> anyhow::Result<()> {
-    anyhow::bail!("`hb keys` is not built yet")
+/// Why a keyring could not be loaded. Every variant names the file; none
+/// carries secret material.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyringError {
+    #[error("cannot read keyring {path}: {source}")]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("keyring {path} is not valid TOML{at}: {message}")]
+    Toml {
+        path: PathBuf,
+        /// ` at line L, column C`, or empty.
+        at: String,
+        message: String,
+    },
+    #[error("keyring {path}: epoch {epoch}: secret {problem}")]
+    BadSecret {
+        path: PathBuf,
+        epoch: u8,
+        problem: HexError,
+    },
+    #[error("keyring {path}: epoch {epoch} appears more than once")]
+    DuplicateEpoch { path: PathBuf, epoch: u8 },
+    #[error("keyring {path} has no [[epoch]] table")]
+    NoEpochs { path: PathBuf },
+    #[error("keyring {path} has no epoch {epoch} (it has {have})")]
+    NoSuchEpoch {
+        path: PathBuf,
+        epoch: u8,
+        have: String,
+    },
+}
+
+/// What is wrong with a hex string (never the string itself: it may be a
+/// secret).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HexError {
+    #[error("must be {want} hex digits ({} bytes), got {got} characters", want / 2)]
+    Length { want: usize, got: usize },
+    #[error("must be hex digits only: character {at} is not one")]
+    NotHex { at: usize },
+}
+
+/// Parses exactly `2 * N` hex digits (either case) into `N` bytes.
+pub fn parse_hex<const N: usize>(s: &str) -> Result<[u8; N], HexError> {
+    let b = s.as_bytes();
+    if b.len() != 2 * N {
+        return Err(HexError::Length {
+            want: 2 * N,
+            got: s.chars().count(),
+        });
+    }
+    let digit = |i: usize| -> Result<u8, HexError> {
+        match b[i] {
+            c @ b'0'..=b'9' => Ok(c - b'0'),
+            c @ b'a'..=b'f' => Ok(c - b'a' + 10),
+            c @ b'A'..=b'F' => Ok(c - b'A' + 10),
+            _ => Err(HexError::NotHex { at: i + 1 }),
+        }
+    };
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = digit(2 * i)? << 4 | digit(2 * i + 1)?;
+    }
+    Ok(out)
+}
+
+/// Lower-case hex of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    use fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+struct Len(usize);
+
+impl hkdf::KeyType for Len {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+/// The node key of `(node_id, epoch)` under `secret` (`PROTOCOL.md`).
+pub fn derive_node_key(secret: &[u8; SECRET_LEN], node_id: u32, epoch: u8) -> [u8; NODE_KEY_LEN] {
+    let [a, b, c, d] = node_id.to_be_bytes();
+    let info = [a, b, c, d, epoch];
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, NODE_KEY_SALT).extract(secret);
+    let mut out = [0u8; NODE_KEY_LEN];
+    // 16 bytes is far below HKDF-SHA256's limit of 255 * 32: cannot fail.
+    prk.expand(&[&info], Len(NODE_KEY_LEN))
+        .and_then(|okm| okm.fill(&mut out))
+        .expect("HKDF-SHA256 expands 16 bytes");
+    out
+}
+
+/// A fresh master secret from the operating system's CSPRNG.
+pub fn new_secret() -> anyhow::Result<Secret> {
+    let mut s = [0u8; SECRET_LEN];
+    ring::rand::SystemRandom::new()
+        .fill(&mut s)
+        .map_err(|_| anyhow::anyhow!("the system random number generator failed"))?;
+    Ok(Secret(s))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyringFile {
+    #[serde(default)]
+    epoch: Vec<EpochEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EpochEntry {
+    id: u8,
+    secret: String,
+}
+
+/// The master secrets of every epoch, from a keyring file.
+#[derive(Clone, Debug)]
+pub struct Keyring {
+    path: PathBuf,
+    /// Sorted by epoch, ascending; epochs are unique.
+    epochs: Vec<(u8, Secret)>,
+}
+
+impl Keyring {
+    /// Reads and checks a keyring file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Keyring, KeyringError> {
+        let path = path.as_ref().to_path_buf();
+        let text = std::fs::read_to_string(&path).map_err(|source| KeyringError::Unreadable {
+            path: path.clone(),
+            source,
+        })?;
+        Keyring::parse(&path, &text)
+    }
+
+    /// Parses keyring text; `path` is for messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Keyring, KeyringError> {
+        let file: KeyringFile = toml::from_str(text).map_err(|e| {
+            // Not `e.to_string()`: it quotes the offending line, which may
+            // be a secret.
+            let at = e
+                .span()
+                .map(|s| {
+                    let before = &text[..s.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                    format!(" at line {line}, column {col}")
+                })
+                .unwrap_or_default();
+            KeyringError::Toml {
+                path: path.to_path_buf(),
+                at,
+                message: e.message().trim().to_owned(),
+            }
+        })?;
+        let mut epochs: Vec<(u8, Secret)> = Vec::with_capacity(file.epoch.len());
+        for entry in file.epoch {
+            let secret = parse_hex::<SECRET_LEN>(entry.secret.trim()).map_err(|problem| {
+                KeyringError::BadSecret {
+                    path: path.to_path_buf(),
+                    epoch: entry.id,
+                    problem,
+                }
+            })?;
+            if epochs.iter().any(|(id, _)| *id == entry.id) {
+                return Err(KeyringError::DuplicateEpoch {
+                    path: path.to_path_buf(),
+                    epoch: entry.id,
+                });
+            }
+            epochs.push((entry.id, Secret(secret)));
+        }
+        if epochs.is_empty() {
+            return Err(KeyringError::NoEpochs {
+                path: path.to_path_buf(),
+            });
+        }
+        epochs.sort_by_key(|(id, _)| *id);
+        Ok(Keyring {
+            path: path.to_path_buf(),
+            epochs,
+        })
+    }
+
+    /// The file this keyring came from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Epoch ids, ascending. Never empty.
+    pub fn epochs(&self) -> Vec<u8> {
+        self.epochs.iter().map(|(id, _)| *id).collect()
+    }
+
+    /// The newest (largest) epoch: what a sender uses by default.
+    pub fn newest(&self) -> u8 {
+        self.epochs.last().expect("a keyring has epochs").0
+    }
+
+    fn secret(&self, epoch: u8) -> Result<&Secret, KeyringError> {
+        self.epochs
+            .iter()
+            .find(|(id, _)| *id == epoch)
+            .map(|(_, s)| s)
+            .ok_or_else(|| KeyringError::NoSuchEpoch {
+                path: self.path.clone(),
+                epoch,
+                have: self
+                    .epochs()
+                    .iter()
+                    .map(u8::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// The node key of `node_id` at `epoch`.
+    pub fn node_key(&self, node_id: u32, epoch: u8) -> Result<NodeKey, KeyringError> {
+        let s = self.secret(epoch)?;
+        Ok(NodeKey::from_bytes(&derive_node_key(&s.0, node_id, epoch)))
+    }
+
+    /// The kernel's key entry for `node_id`: keys of the newest two epochs
+    /// (`key[0]` the newest). `slot` is 0: the caller assigns slots.
+    pub fn node_keys(&self, node_id: u32) -> NodeKeys {
+        let mut k = NodeKeys::default();
+        for (i, (epoch, secret)) in self.epochs.iter().rev().take(2).enumerate() {
+            k.epoch[i] = *epoch;
+            k.key[i] = NodeKey::from_bytes(&derive_node_key(&secret.0, node_id, *epoch));
+            k.valid |= 1 << i;
+        }
+        k
+    }
+}
+
+/// `hb keys`.
+#[derive(clap::Subcommand, Debug)]
+pub enum Cmd {
+    /// Print a fresh master secret (64 hex digits) for a keyring's
+    /// `[[epoch]]` table. Keep it on monitors only.
+    New,
+    /// Print a node's key (32 hex digits), for `hb send --key`.
+    Derive {
+        /// Keyring file (TOML, `[[epoch]]` tables with `id` and `secret`).
+        #[arg(long, value_name = "FILE")]
+        keyring: PathBuf,
+        /// The node's id (1 to 4294967295).
+        #[arg(long, value_name = "N", value_parser = parse_node_id)]
+        node_id: u32,
+        /// Key epoch; default: the keyring's newest.
+        #[arg(long, value_name = "E")]
+        epoch: Option<u8>,
+    },
+}
+
+/// Clap parser for a node id: a `u32` other than 0.
+pub fn parse_node_id(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(0) => Err("node id 0 is reserved; use 1 to 4294967295".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{s}` is not a node id (1 to 4294967295)")),
+    }
+}
+
+pub fn run(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::New => {
+            println!("{}", to_hex(&new_secret()?.0));
+        }
+        Cmd::Derive {
+            keyring,
+            node_id,
+            epoch,
+        } => {
+            let ring = Keyring::load(&keyring)?;
+            let epoch = epoch.unwrap_or_else(|| ring.newest());
+            let key = ring
+                .node_key(node_id, epoch)
+                .with_context(|| format!("cannot derive the key of node {node_id}"))?;
+            println!("{}", to_hex(&key.to_bytes()));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vector_secret() -> [u8; 32] {
+        std::array::from_fn(|i| i as u8)
+    }
+
+    const VECTOR_RING: &str = "[[epoch]]\nid = 1\nsecret = \"000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\"\n\n[[epoch]]\nid = 0\nsecret = \"000102030405060708090A0B0C0D0E0F101112131415161718191A1B1C1D1E1F\"\n";
+
+    #[test]
+    fn protocol_vectors() {
+        let s = vector_secret();
+        assert_eq!(
+            to_hex(&derive_node_key(&s, 42, 1)),
+            "6df25b19dd0205345e893133518757d6"
+        );
+        assert_eq!(
+            to_hex(&derive_node_key(&s, 1, 0)),
+            "fd637554fc564d73044384760801da17"
+        );
+    }
+
+    #[test]
+    fn keyring_derives_the_vectors_and_the_newest_two_epochs() {
+        let ring = Keyring::parse(Path::new("k.toml"), VECTOR_RING).unwrap();
+        assert_eq!(ring.epochs(), vec![0, 1]);
+        assert_eq!(ring.newest(), 1);
+        let k = ring.node_key(42, 1).unwrap();
+        assert_eq!(to_hex(&k.to_bytes()), "6df25b19dd0205345e893133518757d6");
+        let k = ring.node_key(1, 0).unwrap();
+        assert_eq!(to_hex(&k.to_bytes()), "fd637554fc564d73044384760801da17");
+        let nk = ring.node_keys(42);
+        assert_eq!((nk.slot, nk.epoch, nk.valid), (0, [1, 0], 0b11));
+        assert_eq!(nk.find(1), Some(&ring.node_key(42, 1).unwrap()));
+        assert_eq!(nk.find(0), Some(&ring.node_key(42, 0).unwrap()));
+        assert_eq!(nk.find(2), None);
+        let err = ring.node_key(42, 7).unwrap_err().to_string();
+        assert_eq!(err, "keyring k.toml has no epoch 7 (it has 0, 1)");
+    }
+
+    #[test]
+    fn three_epochs_keep_the_newest_two_and_one_keeps_one() {
+        let text = "[[epoch]]\nid = 3\nsecret = \"".to_owned()
+            + &"11".repeat(32)
+            + "\"\n[[epoch]]\nid = 5\nsecret = \""
+            + &"22".repeat(32)
+            + "\"\n[[epoch]]\nid = 4\nsecret = \""
+            + &"33".repeat(32)
+            + "\"\n";
+        let ring = Keyring::parse(Path::new("k"), &text).unwrap();
+        assert_eq!(ring.node_keys(9).epoch, [5, 4]);
+        let one = "[[epoch]]\nid = 2\nsecret = \"".to_owned() + &"44".repeat(32) + "\"\n";
+        let nk = Keyring::parse(Path::new("k"), &one).unwrap().node_keys(9);
+        assert_eq!((nk.epoch, nk.valid), ([2, 0], 0b01));
+    }
+
+    /// One row per way a keyring can be wrong: the message names the file
+    /// and the problem and never contains the secret.
+    #[test]
+    fn bad_keyrings_are_named_and_secrets_never_shown() {
+        let secret = "ab".repeat(32);
+        let cases: &[(&str, String, &str)] = &[
+            ("empty file", String::new(), "has no [[epoch]] table"),
+            (
+                "bad TOML",
+                format!("[[epoch]\nid = 1\nsecret = \"{secret}\"\n"),
+                "is not valid TOML at line 1",
+            ),
+            (
+                "bad TOML on the secret's line",
+                format!("[[epoch]]\nid = 1\nsecret = \"{secret}\n"),
+                "is not valid TOML at line 3",
+            ),
+            (
+                "short secret",
+                format!("[[epoch]]\nid = 1\nsecret = \"{}\"\n", &secret[..62]),
+                "epoch 1: secret must be 64 hex digits (32 bytes), got 62 characters",
+            ),
+            (
+                "not hex",
+                format!("[[epoch]]\nid = 1\nsecret = \"{}zz\"\n", &secret[..62]),
+                "epoch 1: secret must be hex digits only: character 63 is not one",
+            ),
+            (
+                "duplicate epoch",
+                format!(
+                    "[[epoch]]\nid = 1\nsecret = \"{secret}\"\n[[epoch]]\nid = 1\nsecret = \"{secret}\"\n"
+                ),
+                "epoch 1 appears more than once",
+            ),
+            (
+                "epoch out of range",
+                format!("[[epoch]]\nid = 256\nsecret = \"{secret}\"\n"),
+                "is not valid TOML at line 2",
+            ),
+            (
+                "unknown field",
+                format!("[[epoch]]\nid = 1\nsecret = \"{secret}\"\nsecrt = 1\n"),
+                "unknown field `secrt`",
+            ),
+            (
+                "missing secret",
+                "[[epoch]]\nid = 1\n".into(),
+                "missing field `secret`",
+            ),
+        ];
+        for (what, text, want) in cases {
+            let err = Keyring::parse(Path::new("/etc/hb/keyring.toml"), text)
+                .map(|_| ())
+                .expect_err(what)
+                .to_string();
+            assert!(
+                err.starts_with("keyring /etc/hb/keyring.toml"),
+                "{what}: {err}"
+            );
+            assert!(err.contains(want), "{what}: `{err}` lacks `{want}`");
+            assert!(!err.contains("abab"), "{what}: secret leaked: {err}");
+            assert!(!err.contains('\n'), "{what}: not one line: {err}");
+        }
+    }
+
+    #[test]
+    fn unreadable_keyring_names_the_file() {
+        let err = Keyring::load("/nonexistent/hb/keyring.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("cannot read keyring /nonexistent/hb/keyring.toml:"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn hex_round_trip_and_errors() {
+        let k: [u8; 16] = parse_hex("6DF25b19dd0205345e893133518757d6").unwrap();
+        assert_eq!(to_hex(&k), "6df25b19dd0205345e893133518757d6");
+        assert_eq!(
+            parse_hex::<16>("abc"),
+            Err(HexError::Length { want: 32, got: 3 })
+        );
+        assert_eq!(parse_hex::<2>("0g00"), Err(HexError::NotHex { at: 2 }));
+        // Multi-byte characters: a length error, never a panic.
+        assert!(parse_hex::<2>("ééé").is_err());
+        assert!(parse_hex::<3>("ééé").is_err());
+    }
+
+    #[test]
+    fn new_secrets_differ() {
+        assert_ne!(new_secret().unwrap(), new_secret().unwrap());
+        assert_eq!(format!("{:?}", new_secret().unwrap()), "Secret(<redacted>)");
+    }
+
+    #[test]
+    fn node_id_zero_is_refused() {
+        assert!(parse_node_id("0").unwrap_err().contains("reserved"));
+        assert_eq!(parse_node_id("42"), Ok(42));
+        assert!(parse_node_id("-1").is_err());
+        assert!(parse_node_id("4294967296").is_err());
+    }
 }

@@ -1,1 +1,91 @@
-fn main() {}
+//! `cargo xtask`: the project's own commands (the cargo-xtask pattern), so
+//! that building, testing, benchmarking and demonstrating hb is one
+//! command each on a fresh machine. See README.md.
+
+mod bench;
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "hb's build, test, benchmark and demo commands"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the build and the tests need (idempotent).
+    Setup,
+    /// Build the `hb` binary with the eBPF object embedded.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run `hb ARGS` (as root for the monitor).
+    Run {
+        #[arg(long)]
+        release: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Setup, then run every test; fails if any test was skipped.
+    Test(test::Args),
+    /// Run benchmarks; with no names, all of them into BENCHMARKS.md.
+    Bench(bench::Args),
+    /// A monitor and five nodes in namespaces: join, crash, leave, restart.
+    Demo(demo::Args),
+}
+
+/// Builds `hb` and returns the binary's path.
+pub fn build(release: bool) -> anyhow::Result<PathBuf> {
+    let mut cmd = util::cargo();
+    cmd.args(["build", "-p", "hb-user", "--bin", "hb"]);
+    if release {
+        cmd.arg("--release");
+    }
+    util::run(&mut cmd)?;
+    let bin = util::target_dir()
+        .join(if release { "release" } else { "debug" })
+        .join("hb");
+    anyhow::ensure!(
+        bin.exists(),
+        "cargo built hb but {} is missing",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = util::install_signal_handler().and_then(|()| match cli.cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Build { release } => build(release).map(|bin| println!("{}", bin.display())),
+        Cmd::Run { release, args } => {
+            let args: Vec<String> = match args.first().map(String::as_str) {
+                Some("--") => args[1..].to_vec(),
+                _ => args,
+            };
+            build(release).and_then(|bin| util::run(std::process::Command::new(bin).args(args)))
+        }
+        Cmd::Test(a) => test::run(a),
+        Cmd::Bench(a) => bench::run(a),
+        Cmd::Demo(a) => demo::run(a),
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,689 @@
+//! The sender's logic without I/O: building heartbeats, deciding whether an
+//! ACK is genuine, smoothing RTT, adopting the monitor's interval.
+//!
+//! The I/O loop in `send/mod.rs` feeds it clock readings and datagrams; so
+//! every rule here is unit-tested with made-up times.
+//!
+//! ACK acceptance (`PROTOCOL.md`, "ACK") is strict because an ACK changes
+//! what the sender does: it must parse as an ACK, carry our node id,
+//! generation and key epoch, verify under our key, come from one of our
+//! monitors, and answer a `(generation, seq)` we sent recently with the
+//! `sent_ns` we sent it with. Each monitor's ACK of a given seq counts
+//! once: a replayed ACK is rejected, so it can neither feed the RTT
+//! estimator a bogus (late) sample nor apply its interval twice. An ACK
+//! older than the last one whose interval we adopted from that monitor
+//! still feeds the RTT but does not roll the interval back.
+//!
+//! With several monitors, each monitor's latest request stands until it
+//! sends another, and the sender uses the smallest (the most demanding
+//! monitor decides; a slower rate would starve its detector), clamped to
+//! the sender's own bounds.
+
+use std::net::SocketAddr;
+
+use hb_common::{
+    GateResult,
+    proto::{self, Datagram, FLAG_LEAVING, Kind, NodeKey},
+};
+
+/// Heartbeats remembered for matching ACKs. An ACK for an older seq is
+/// rejected: at the slowest interval (10 s) that is over 10 minutes.
+pub const RECENT: usize = 64;
+/// At most this many monitors (one acknowledgement bit each per seq).
+pub const MAX_MONITORS: usize = 64;
+
+/// What the sender is configured with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node_id: u32,
+    pub key: NodeKey,
+    pub key_epoch: u8,
+    pub generation: u32,
+    /// Interval to use until a monitor asks for another, ms.
+    pub interval_ms: u32,
+    pub min_interval_ms: u32,
+    pub max_interval_ms: u32,
+    pub monitors: Vec<SocketAddr>,
+}
+
+/// RFC 6298's smoothed round-trip time (alpha 1/8, beta 1/4), in ns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rtt {
+    /// Smoothed RTT, ns; 0 until the first sample.
+    pub srtt_ns: u64,
+    /// RTT variation, ns.
+    pub rttvar_ns: u64,
+    pub samples: u64,
+}
+
+impl Rtt {
+    /// Folds in one measurement (RFC 6298, section 2).
+    pub fn sample(&mut self, r_ns: u64) {
+        if self.samples == 0 {
+            self.srtt_ns = r_ns;
+            self.rttvar_ns = r_ns / 2;
+        } else {
+            let err = self.srtt_ns.abs_diff(r_ns);
+            self.rttvar_ns = self.rttvar_ns - self.rttvar_ns / 4 + err / 4;
+            self.srtt_ns = self.srtt_ns - self.srtt_ns / 8 + r_ns / 8;
+        }
+        self.samples += 1;
+    }
+
+    /// The smoothed RTT as a heartbeat's `rtt_us`: 0 = unknown, else at
+    /// least 1.
+    pub fn rtt_us(&self) -> u32 {
+        if self.samples == 0 {
+            0
+        } else {
+            (self.srtt_ns / 1000).clamp(1, u32::MAX as u64) as u32
+        }
+    }
+}
+
+/// What the sender knows of one monitor.
+#[derive(Clone, Debug)]
+pub struct Monitor {
+    pub addr: SocketAddr,
+    pub rtt: Rtt,
+    pub acks: u64,
+    /// The interval this monitor last asked for (ms, clamped) and the seq
+    /// of the ACK that asked.
+    pub requested: Option<(u32, u64)>,
+    /// Send errors (unreachable, buffer full): counted, never waited on.
+    pub send_errors: u64,
+}
+
+/// One remembered heartbeat.
+#[derive(Clone, Copy, Debug, Default)]
+struct Sent {
+    seq: u64,
+    sent_ns: u64,
+    /// Bit `i`: monitor `i` acknowledged it already.
+    acked: u64,
+}
+
+/// Why an ACK was not accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AckReject {
+    #[error("not an ACK ({0})")]
+    Malformed(GateResult),
+    #[error("from an address that is not one of our monitors")]
+    UnknownSource,
+    #[error("for another node")]
+    WrongNode,
+    #[error("signed for another key epoch")]
+    WrongEpoch,
+    #[error("tag does not verify")]
+    BadTag,
+    #[error("for another generation")]
+    WrongGeneration,
+    #[error("for a seq we did not send recently")]
+    UnknownSeq,
+    #[error("already accepted from this monitor (replay)")]
+    Duplicate,
+}
+
+impl AckReject {
+    pub const ALL: [AckReject; 8] = [
+        AckReject::Malformed(GateResult::Malformed),
+        AckReject::UnknownSource,
+        AckReject::WrongNode,
+        AckReject::WrongEpoch,
+        AckReject::BadTag,
+        AckReject::WrongGeneration,
+        AckReject::UnknownSeq,
+        AckReject::Duplicate,
+    ];
+
+    /// Short name for logs and counters.
+    pub const fn name(self) -> &'static str {
+        match self {
+            AckReject::Malformed(_) => "malformed",
+            AckReject::UnknownSource => "unknown_source",
+            AckReject::WrongNode => "wrong_node",
+            AckReject::WrongEpoch => "wrong_epoch",
+            AckReject::BadTag => "bad_tag",
+            AckReject::WrongGeneration => "wrong_generation",
+            AckReject::UnknownSeq => "unknown_seq",
+            AckReject::Duplicate => "duplicate",
+        }
+    }
+
+    const fn index(self) -> usize {
+        match self {
+            AckReject::Malformed(_) => 0,
+            AckReject::UnknownSource => 1,
+            AckReject::WrongNode => 2,
+            AckReject::WrongEpoch => 3,
+            AckReject::BadTag => 4,
+            AckReject::WrongGeneration => 5,
+            AckReject::UnknownSeq => 6,
+            AckReject::Duplicate => 7,
+        }
+    }
+}
+
+/// An accepted ACK's effect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    /// Index of the monitor in [`Config::monitors`].
+    pub monitor: usize,
+    pub rtt_sample_ns: u64,
+    /// `Some((old, new))` when the interval in use changed.
+    pub interval_change: Option<(u32, u32)>,
+}
+
+/// The heartbeat sender's state.
+#[derive(Debug)]
+pub struct Sender {
+    cfg: Config,
+    monitors: Vec<Monitor>,
+    /// Last seq sent (0: none yet; the first heartbeat is 1).
+    seq: u64,
+    interval_ms: u32,
+    recent: [Sent; RECENT],
+    pub sent: u64,
+    rejected: [u64; AckReject::ALL.len()],
+}
+
+impl Sender {
+    /// A sender for `cfg`. The caller checked the bounds and the monitor
+    /// count (see `send::Args`); they are clamped here anyway.
+    pub fn new(cfg: Config) -> Sender {
+        let monitors = cfg
+            .monitors
+            .iter()
+            .take(MAX_MONITORS)
+            .map(|&addr| Monitor {
+                addr,
+                rtt: Rtt::default(),
+                acks: 0,
+                requested: None,
+                send_errors: 0,
+            })
+            .collect();
+        let interval_ms = cfg
+            .interval_ms
+            .clamp(cfg.min_interval_ms, cfg.max_interval_ms);
+        Sender {
+            cfg,
+            monitors,
+            seq: 0,
+            interval_ms,
+            recent: [Sent::default(); RECENT],
+            sent: 0,
+            rejected: [0; AckReject::ALL.len()],
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn monitors(&self) -> &[Monitor] {
+        &self.monitors
+    }
+
+    /// Counts a failed send to monitor `i`.
+    pub fn send_failed(&mut self, i: usize) {
+        if let Some(m) = self.monitors.get_mut(i) {
+            m.send_errors += 1;
+        }
+    }
+
+    /// The interval in use, ms.
+    pub fn interval_ms(&self) -> u32 {
+        self.interval_ms
+    }
+
+    /// The last seq sent.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// ACKs rejected, by reason.
+    pub fn rejected(&self) -> impl Iterator<Item = (AckReject, u64)> + '_ {
+        AckReject::ALL
+            .iter()
+            .map(|r| (*r, self.rejected[r.index()]))
+    }
+
+    /// The next heartbeat, one datagram per monitor (each carries that
+    /// monitor's RTT, so each has its own tag). `now_ns` is
+    /// CLOCK_MONOTONIC; `load` is in permille.
+    pub fn heartbeat(
+        &mut self,
+        now_ns: u64,
+        load: u16,
+        leaving: bool,
+    ) -> Vec<(SocketAddr, [u8; proto::LEN])> {
+        self.seq += 1;
+        self.sent += 1;
+        self.recent[(self.seq % RECENT as u64) as usize] = Sent {
+            seq: self.seq,
+            sent_ns: now_ns,
+            acked: 0,
+        };
+        let mut d = Datagram {
+            kind: Kind::Heartbeat,
+            node_id: self.cfg.node_id,
+            generation: self.cfg.generation,
+            key_epoch: self.cfg.key_epoch,
+            flags: if leaving { FLAG_LEAVING } else { 0 },
+            load: load.min(proto::LOAD_MAX),
+            seq: self.seq,
+            sent_ns: now_ns,
+            interval_ms: self.interval_ms,
+            rtt_us: 0,
+        };
+        self.monitors
+            .iter()
+            .map(|m| {
+                d.rtt_us = m.rtt.rtt_us();
+                (m.addr, d.seal(&self.cfg.key))
+            })
+            .collect()
+    }
+
+    /// Judges a datagram that arrived from `from` at `now_ns` and, if it is
+    /// a genuine ACK, applies it.
+    pub fn on_ack(
+        &mut self,
+        payload: &[u8],
+        from: SocketAddr,
+        now_ns: u64,
+    ) -> Result<Accepted, AckReject> {
+        let r = self.judge(payload, from, now_ns);
+        if let Err(e) = r {
+            self.rejected[e.index()] += 1;
+        }
+        r
+    }
+
+    fn judge(
+        &mut self,
+        payload: &[u8],
+        from: SocketAddr,
+        now_ns: u64,
+    ) -> Result<Accepted, AckReject> {
+        let buf: &[u8; proto::LEN] = payload
+            .try_into()
+            .map_err(|_| AckReject::Malformed(GateResult::Malformed))?;
+        let ack = proto::parse_fixed(buf, Kind::Ack).map_err(AckReject::Malformed)?;
+        let mi = self
+            .monitors
+            .iter()
+            .position(|m| same_endpoint(m.addr, from))
+            .ok_or(AckReject::UnknownSource)?;
+        if ack.node_id != self.cfg.node_id {
+            return Err(AckReject::WrongNode);
+        }
+        if ack.key_epoch != self.cfg.key_epoch {
+            return Err(AckReject::WrongEpoch);
+        }
+        if !proto::verify(&self.cfg.key, buf) {
+            return Err(AckReject::BadTag);
+        }
+        if ack.generation != self.cfg.generation {
+            return Err(AckReject::WrongGeneration);
+        }
+        let slot = &mut self.recent[(ack.seq % RECENT as u64) as usize];
+        if ack.seq == 0 || slot.seq != ack.seq || slot.sent_ns != ack.sent_ns {
+            return Err(AckReject::UnknownSeq);
+        }
+        let bit = 1u64 << mi;
+        if slot.acked & bit != 0 {
+            return Err(AckReject::Duplicate);
+        }
+        // CLOCK_MONOTONIC never goes back; a sample "before" the send can
+        // only be a caller bug, and must not poison the estimate.
+        let Some(rtt) = now_ns.checked_sub(slot.sent_ns) else {
+            return Err(AckReject::UnknownSeq);
+        };
+        slot.acked |= bit;
+        let m = &mut self.monitors[mi];
+        m.acks += 1;
+        m.rtt.sample(rtt);
+        // `interval_ms` 0 is no request; a request from an ACK older than
+        // the one we last adopted from this monitor is out of date.
+        if ack.interval_ms != 0 && m.requested.is_none_or(|(_, s)| ack.seq > s) {
+            let clamped = ack
+                .interval_ms
+                .clamp(self.cfg.min_interval_ms, self.cfg.max_interval_ms);
+            m.requested = Some((clamped, ack.seq));
+        }
+        let old = self.interval_ms;
+        self.interval_ms = self
+            .monitors
+            .iter()
+            .filter_map(|m| m.requested.map(|(iv, _)| iv))
+            .min()
+            .unwrap_or(old);
+        Ok(Accepted {
+            monitor: mi,
+            rtt_sample_ns: rtt,
+            interval_change: (old != self.interval_ms).then_some((old, self.interval_ms)),
+        })
+    }
+}
+
+/// Whether `from` is the monitor at `addr` (an IPv4 monitor may answer a
+/// dual-stack socket as an IPv4-mapped IPv6 address).
+fn same_endpoint(addr: SocketAddr, from: SocketAddr) -> bool {
+    if addr == from {
+        return true;
+    }
+    match (addr, from) {
+        (SocketAddr::V4(a), SocketAddr::V6(f)) => {
+            f.ip().to_ipv4_mapped() == Some(*a.ip()) && f.port() == a.port()
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: NodeKey = NodeKey { k0: 7, k1: 9 };
+    const GEN: u32 = 1_700_000_000;
+    const MS: u64 = 1_000_000;
+
+    fn mon(i: u8) -> SocketAddr {
+        SocketAddr::from(([198, 18, 0, i], 7420))
+    }
+
+    fn sender(monitors: usize) -> Sender {
+        Sender::new(Config {
+            node_id: 42,
+            key: KEY,
+            key_epoch: 1,
+            generation: GEN,
+            interval_ms: 1000,
+            min_interval_ms: 100,
+            max_interval_ms: 10_000,
+            monitors: (1..=monitors as u8).map(mon).collect(),
+        })
+    }
+
+    /// What the monitor's gate sends back for `hb` (the same helper the
+    /// XDP program uses).
+    fn ack_of(hb: &[u8; proto::LEN], key: &NodeKey, interval_ms: u32) -> [u8; proto::LEN] {
+        let mut a = *hb;
+        proto::make_ack(&mut a, key, interval_ms);
+        a
+    }
+
+    #[test]
+    fn heartbeats_follow_the_protocol() {
+        let mut s = sender(2);
+        let out = s.heartbeat(5 * MS, 1234, false);
+        assert_eq!(out.len(), 2);
+        assert_eq!((out[0].0, out[1].0), (mon(1), mon(2)));
+        let (_, b) = out[0];
+        assert!(proto::verify(&KEY, &b));
+        let d = proto::parse(&b, Kind::Heartbeat).unwrap();
+        assert_eq!(
+            (d.node_id, d.generation, d.key_epoch, d.flags, d.seq),
+            (42, GEN, 1, 0, 1)
+        );
+        assert_eq!(
+            (d.load, d.sent_ns, d.interval_ms, d.rtt_us),
+            (1000, 5 * MS, 1000, 0)
+        );
+        let (_, b) = s.heartbeat(6 * MS, 10, true)[1];
+        let d = proto::parse(&b, Kind::Heartbeat).unwrap();
+        assert_eq!((d.seq, d.flags, d.load), (2, FLAG_LEAVING, 10));
+        assert!(d.leaving());
+    }
+
+    #[test]
+    fn a_genuine_ack_sets_rtt_and_interval() {
+        let mut s = sender(1);
+        let (from, hb) = s.heartbeat(10 * MS, 0, false)[0];
+        let a = s.on_ack(&ack_of(&hb, &KEY, 500), from, 13 * MS).unwrap();
+        assert_eq!(
+            a,
+            Accepted {
+                monitor: 0,
+                rtt_sample_ns: 3 * MS,
+                interval_change: Some((1000, 500)),
+            }
+        );
+        assert_eq!(s.interval_ms(), 500);
+        assert_eq!(s.monitors()[0].rtt.rtt_us(), 3000);
+        // The next heartbeat reports both.
+        let (_, hb) = s.heartbeat(20 * MS, 0, false)[0];
+        let d = proto::parse(&hb, Kind::Heartbeat).unwrap();
+        assert_eq!((d.interval_ms, d.rtt_us), (500, 3000));
+        // Asking for the same interval again changes nothing.
+        let a = s.on_ack(&ack_of(&hb, &KEY, 500), from, 21 * MS).unwrap();
+        assert_eq!(a.interval_change, None);
+    }
+
+    /// One row per way an ACK can be wrong; none may touch RTT, interval
+    /// or the acknowledgement bits.
+    #[test]
+    fn forged_foreign_and_unknown_acks_are_rejected() {
+        let mut s = sender(1);
+        let (from, hb) = s.heartbeat(10 * MS, 0, false)[0];
+        let good = ack_of(&hb, &KEY, 500);
+        let resign = |mutate: &dyn Fn(&mut Datagram)| {
+            let mut d = proto::parse(&good, Kind::Ack).unwrap();
+            mutate(&mut d);
+            d.seal(&KEY)
+        };
+        let mut flipped = good;
+        flipped[33] ^= 0x10; // interval changed after signing
+        let cases: Vec<(&str, Vec<u8>, SocketAddr, AckReject)> = vec![
+            (
+                "short",
+                good[..47].to_vec(),
+                from,
+                AckReject::Malformed(GateResult::Malformed),
+            ),
+            (
+                "heartbeat, not ACK",
+                hb.to_vec(),
+                from,
+                AckReject::Malformed(GateResult::BadKind),
+            ),
+            (
+                "other source",
+                good.to_vec(),
+                mon(9),
+                AckReject::UnknownSource,
+            ),
+            (
+                "other port",
+                good.to_vec(),
+                SocketAddr::from(([198, 18, 0, 1], 7421)),
+                AckReject::UnknownSource,
+            ),
+            (
+                "forged: wrong key",
+                ack_of(&hb, &NodeKey { k0: 1, k1: 2 }, 500).to_vec(),
+                from,
+                AckReject::BadTag,
+            ),
+            ("forged: altered", flipped.to_vec(), from, AckReject::BadTag),
+            (
+                "other node",
+                resign(&|d| d.node_id = 43).to_vec(),
+                from,
+                AckReject::WrongNode,
+            ),
+            (
+                "other epoch",
+                resign(&|d| d.key_epoch = 2).to_vec(),
+                from,
+                AckReject::WrongEpoch,
+            ),
+            (
+                "old generation",
+                resign(&|d| d.generation = GEN - 1).to_vec(),
+                from,
+                AckReject::WrongGeneration,
+            ),
+            (
+                "never sent seq",
+                resign(&|d| d.seq = 2).to_vec(),
+                from,
+                AckReject::UnknownSeq,
+            ),
+            (
+                "seq 0",
+                resign(&|d| d.seq = 0).to_vec(),
+                from,
+                AckReject::UnknownSeq,
+            ),
+            (
+                "wrong sent_ns echo",
+                resign(&|d| d.sent_ns += 1).to_vec(),
+                from,
+                AckReject::UnknownSeq,
+            ),
+        ];
+        for (what, payload, src, want) in cases {
+            assert_eq!(s.on_ack(&payload, src, 12 * MS), Err(want), "{what}");
+        }
+        assert_eq!(s.interval_ms(), 1000);
+        assert_eq!(s.monitors()[0].rtt, Rtt::default());
+        // The genuine one still works afterwards.
+        assert!(s.on_ack(&good, from, 12 * MS).is_ok());
+        assert_eq!(s.interval_ms(), 500);
+    }
+
+    #[test]
+    fn replayed_ack_changes_nothing() {
+        let mut s = sender(1);
+        let (from, hb1) = s.heartbeat(10 * MS, 0, false)[0];
+        let ack1 = ack_of(&hb1, &KEY, 500);
+        s.on_ack(&ack1, from, 12 * MS).unwrap();
+        let rtt = s.monitors()[0].rtt;
+        // The monitor now asks for 2000 on a later heartbeat.
+        let (_, hb2) = s.heartbeat(20 * MS, 0, false)[0];
+        let ack2 = ack_of(&hb2, &KEY, 2000);
+        let a = s.on_ack(&ack2, from, 21 * MS).unwrap();
+        assert_eq!(a.interval_change, Some((500, 2000)));
+        let rtt2 = s.monitors()[0].rtt;
+        assert_ne!(rtt, rtt2);
+        // An attacker replays both: neither the interval nor the RTT move.
+        assert_eq!(s.on_ack(&ack1, from, 900 * MS), Err(AckReject::Duplicate));
+        assert_eq!(s.on_ack(&ack2, from, 900 * MS), Err(AckReject::Duplicate));
+        assert_eq!(s.interval_ms(), 2000);
+        assert_eq!(s.monitors()[0].rtt, rtt2);
+    }
+
+    #[test]
+    fn reordered_older_ack_does_not_roll_the_interval_back() {
+        let mut s = sender(1);
+        let (from, hb1) = s.heartbeat(10 * MS, 0, false)[0];
+        let (_, hb2) = s.heartbeat(20 * MS, 0, false)[0];
+        s.on_ack(&ack_of(&hb2, &KEY, 2000), from, 22 * MS).unwrap();
+        let a = s.on_ack(&ack_of(&hb1, &KEY, 500), from, 23 * MS).unwrap();
+        assert_eq!(a.interval_change, None);
+        assert_eq!(s.interval_ms(), 2000);
+        assert_eq!(s.monitors()[0].rtt.samples, 2, "still a valid RTT sample");
+    }
+
+    #[test]
+    fn acks_older_than_the_recent_ring_are_rejected() {
+        let mut s = sender(1);
+        let (from, old) = s.heartbeat(MS, 0, false)[0];
+        for i in 0..RECENT as u64 {
+            s.heartbeat((2 + i) * MS, 0, false);
+        }
+        assert_eq!(
+            s.on_ack(&ack_of(&old, &KEY, 500), from, 100 * MS),
+            Err(AckReject::UnknownSeq)
+        );
+    }
+
+    #[test]
+    fn requested_interval_is_clamped_to_our_bounds() {
+        for (asked, got) in [
+            (1, 100),
+            (99, 100),
+            (100, 100),
+            (5000, 5000),
+            (10_000, 10_000),
+            (10_001, 10_000),
+            (u32::MAX, 10_000),
+        ] {
+            let mut s = sender(1);
+            let (from, hb) = s.heartbeat(MS, 0, false)[0];
+            s.on_ack(&ack_of(&hb, &KEY, asked), from, 2 * MS).unwrap();
+            assert_eq!(s.interval_ms(), got, "asked {asked}");
+        }
+        // 0 is no opinion.
+        let mut s = sender(1);
+        let (from, hb) = s.heartbeat(MS, 0, false)[0];
+        s.on_ack(&ack_of(&hb, &KEY, 0), from, 2 * MS).unwrap();
+        assert_eq!(s.interval_ms(), 1000);
+    }
+
+    #[test]
+    fn several_monitors_each_ack_once_and_the_fastest_request_wins() {
+        let mut s = sender(2);
+        let hbs = s.heartbeat(10 * MS, 0, false);
+        let a0 = ack_of(&hbs[0].1, &KEY, 2000);
+        let a1 = ack_of(&hbs[1].1, &KEY, 400);
+        assert_eq!(
+            s.on_ack(&a0, mon(1), 11 * MS).unwrap().interval_change,
+            Some((1000, 2000))
+        );
+        // Monitor 2's ACK of the same seq is its own, not a replay.
+        assert_eq!(
+            s.on_ack(&a1, mon(2), 15 * MS).unwrap().interval_change,
+            Some((2000, 400))
+        );
+        // Monitor 1's ACK replayed "from" monitor 2: its tag is valid, but
+        // monitor 2 already acknowledged that seq.
+        assert_eq!(s.on_ack(&a0, mon(2), 16 * MS), Err(AckReject::Duplicate));
+        assert_eq!(s.interval_ms(), 400);
+        assert_eq!(s.monitors()[0].rtt.rtt_us(), 1000);
+        assert_eq!(s.monitors()[1].rtt.rtt_us(), 5000);
+        // Each monitor's heartbeat carries its own RTT.
+        let hbs = s.heartbeat(20 * MS, 0, false);
+        let rtts: Vec<u32> = hbs
+            .iter()
+            .map(|(_, b)| proto::parse(b, Kind::Heartbeat).unwrap().rtt_us)
+            .collect();
+        assert_eq!(rtts, vec![1000, 5000]);
+        let counts: Vec<(AckReject, u64)> = s.rejected().filter(|(_, n)| *n > 0).collect();
+        assert_eq!(counts, vec![(AckReject::Duplicate, 1)]);
+    }
+
+    #[test]
+    fn ipv4_monitor_may_answer_as_mapped_ipv6() {
+        let mut s = sender(1);
+        let (_, hb) = s.heartbeat(MS, 0, false)[0];
+        let mapped: SocketAddr = "[::ffff:198.18.0.1]:7420".parse().unwrap();
+        assert!(s.on_ack(&ack_of(&hb, &KEY, 500), mapped, 2 * MS).is_ok());
+    }
+
+    #[test]
+    fn rtt_smoothing_follows_rfc_6298() {
+        let mut r = Rtt::default();
+        assert_eq!(r.rtt_us(), 0, "unknown until the first sample");
+        r.sample(800_000);
+        assert_eq!((r.srtt_ns, r.rttvar_ns), (800_000, 400_000));
+        r.sample(1_600_000);
+        // rttvar = 3/4 * 400 + 1/4 * |800 - 1600| = 500 us
+        // srtt = 7/8 * 800 + 1/8 * 1600 = 900 us
+        assert_eq!((r.srtt_ns, r.rttvar_ns), (900_000, 500_000));
+        assert_eq!(r.rtt_us(), 900);
+        // A steady RTT converges to itself, with shrinking variation.
+        for _ in 0..100 {
+            r.sample(2_000_000);
+        }
+        assert!(r.srtt_ns.abs_diff(2_000_000) < 1_000, "{r:?}");
+        assert!(r.rttvar_ns < 10_000, "{r:?}");
+        // Sub-microsecond RTT is still "known".
+        let mut r = Rtt::default();
+        r.sample(300);
+        assert_eq!(r.rtt_us(), 1);
+    }
+}

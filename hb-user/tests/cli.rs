@@ -1,0 +1,274 @@
+//! `hb keys` and `hb send` as a user runs them: the real binary, its exit
+//! code and what it prints. Bad input must give one clear line naming the
+//! problem and a non-zero exit, never a panic, and never echo a secret.
+
+use std::process::{Command, Output};
+
+const HB: &str = env!("CARGO_BIN_EXE_hb");
+
+/// PROTOCOL.md's master secret, bytes 00..1f.
+const VECTOR_SECRET: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+fn hb(args: &[&str]) -> Output {
+    Command::new(HB)
+        .args(args)
+        .env_remove("HB_NODE_KEY")
+        .env("HB_LOG", "warn")
+        .output()
+        .expect("run hb")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a failure whose first stderr line contains `want`, with no
+/// panic, no backtrace and (for our own errors) exactly one line.
+fn assert_fails(o: &Output, want: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "succeeded; stderr: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("stack backtrace"),
+        "{err}"
+    );
+    let first = err.lines().next().unwrap_or("");
+    assert!(
+        first.contains(want),
+        "first line `{first}` lacks `{want}`; all: {err}"
+    );
+    if first.starts_with("hb: ") {
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "more than one line: {err}"
+        );
+    }
+    assert!(!err.contains("abab"), "a secret leaked: {err}");
+}
+
+fn keyring(text: &str) -> (tempfile::TempDir, String) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("keyring.toml");
+    std::fs::write(&p, text).unwrap();
+    let s = p.display().to_string();
+    (d, s)
+}
+
+#[test]
+fn keys_new_prints_a_fresh_secret() {
+    let a = hb(&["keys", "new"]);
+    let b = hb(&["keys", "new"]);
+    assert!(a.status.success(), "{}", stderr(&a));
+    let (a, b) = (stdout(&a), stdout(&b));
+    let a = a.trim();
+    assert_eq!(a.len(), 64, "{a}");
+    assert!(
+        a.chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    );
+    assert_ne!(a, b.trim());
+}
+
+#[test]
+fn keys_derive_gives_the_protocol_vectors() {
+    let (_d, ring) = keyring(&format!(
+        "[[epoch]]\nid = 0\nsecret = \"{VECTOR_SECRET}\"\n[[epoch]]\nid = 1\nsecret = \"{VECTOR_SECRET}\"\n"
+    ));
+    // Default epoch: the newest (1).
+    let o = hb(&["keys", "derive", "--keyring", &ring, "--node-id", "42"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "6df25b19dd0205345e893133518757d6\n");
+    let o = hb(&[
+        "keys",
+        "derive",
+        "--keyring",
+        &ring,
+        "--node-id",
+        "1",
+        "--epoch",
+        "0",
+    ]);
+    assert_eq!(stdout(&o), "fd637554fc564d73044384760801da17\n");
+}
+
+#[test]
+fn bad_keyrings_fail_with_one_line() {
+    let secret = "ab".repeat(32);
+    let cases = [
+        (
+            "[[epoch]\nid = 1\n".to_owned(),
+            "is not valid TOML at line 1",
+        ),
+        (
+            format!("[[epoch]]\nid = 1\nsecret = \"{}\"\n", &secret[..60]),
+            "epoch 1: secret must be 64 hex digits (32 bytes), got 60 characters",
+        ),
+        (
+            format!("[[epoch]]\nid = 1\nsecret = \"{}\"\n", "ab".repeat(33)),
+            "got 66 characters",
+        ),
+        (
+            format!(
+                "[[epoch]]\nid = 1\nsecret = \"{}\"\n[[epoch]]\nid = 1\nsecret = \"{secret}\"\n",
+                secret.replace('b', "c")
+            ),
+            "epoch 1 appears more than once",
+        ),
+        ("# nothing\n".to_owned(), "has no [[epoch]] table"),
+    ];
+    for (text, want) in cases {
+        let (_d, ring) = keyring(&text);
+        let o = hb(&["keys", "derive", "--keyring", &ring, "--node-id", "1"]);
+        assert_fails(&o, want);
+        assert!(stderr(&o).contains(&ring), "names the file: {}", stderr(&o));
+        // The sender reports the same problem the same way.
+        let o = hb(&[
+            "send",
+            "--monitor",
+            "198.18.0.1:7420",
+            "--node-id",
+            "1",
+            "--keyring",
+            &ring,
+        ]);
+        assert_fails(&o, want);
+    }
+    let o = hb(&[
+        "keys",
+        "derive",
+        "--keyring",
+        "/nonexistent/keyring.toml",
+        "--node-id",
+        "1",
+    ]);
+    assert_fails(&o, "cannot read keyring /nonexistent/keyring.toml");
+    let (_d, ring) = keyring(&format!("[[epoch]]\nid = 1\nsecret = \"{secret}\"\n"));
+    let o = hb(&[
+        "keys",
+        "derive",
+        "--keyring",
+        &ring,
+        "--node-id",
+        "1",
+        "--epoch",
+        "2",
+    ]);
+    assert_fails(&o, "has no epoch 2 (it has 1)");
+}
+
+#[test]
+fn bad_sender_options_fail_with_one_line() {
+    let key = "6df25b19dd0205345e893133518757d6";
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let under_file = file.join("state").display().to_string();
+    let key_file = d.path().join("node.key");
+    std::fs::write(&key_file, "not a key\n").unwrap();
+    let key_file = key_file.display().to_string();
+    let m = "198.18.0.1:7420";
+    let bad_hex = "zz".repeat(16);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--monitor", m, "--node-id", "1", "--key", "abc"],
+            "bad --key: a node key: must be 32 hex digits (16 bytes), got 3 characters",
+        ),
+        (
+            vec!["--monitor", m, "--node-id", "1", "--key", &bad_hex],
+            "bad --key: a node key: must be hex digits only",
+        ),
+        (
+            vec!["--monitor", m, "--node-id", "1", "--key-file", &key_file],
+            "bad key in",
+        ),
+        (
+            vec![
+                "--monitor",
+                m,
+                "--node-id",
+                "1",
+                "--key-file",
+                "/nonexistent/node.key",
+            ],
+            "cannot read key file /nonexistent/node.key",
+        ),
+        (
+            vec!["--monitor", m, "--node-id", "0", "--key", key],
+            "node id 0 is reserved",
+        ),
+        (
+            vec!["--monitor", m, "--node-id", "x", "--key", key],
+            "is not a node id",
+        ),
+        (
+            vec![
+                "--monitor",
+                "no-such-host.invalid:7420",
+                "--node-id",
+                "1",
+                "--key",
+                key,
+            ],
+            "cannot resolve monitor address `no-such-host.invalid:7420`",
+        ),
+        (
+            vec!["--monitor", "198.18.0.1", "--node-id", "1", "--key", key],
+            "monitor `198.18.0.1` needs a port",
+        ),
+        (
+            vec!["--monitor", m, "--node-id", "1"],
+            "the following required arguments were not provided",
+        ),
+        (
+            vec![
+                "--monitor",
+                m,
+                "--node-id",
+                "1",
+                "--key",
+                key,
+                "--interval-ms",
+                "50",
+            ],
+            "--interval-ms 50 must lie within --min-interval-ms 100",
+        ),
+        (
+            vec![
+                "--monitor",
+                m,
+                "--node-id",
+                "1",
+                "--key",
+                key,
+                "--min-interval-ms",
+                "1",
+                "--interval-ms",
+                "5",
+            ],
+            "intervals must lie within 10 to 3600000 ms",
+        ),
+        (
+            vec![
+                "--monitor",
+                m,
+                "--node-id",
+                "1",
+                "--key",
+                key,
+                "--state-dir",
+                &under_file,
+            ],
+            "cannot create state directory",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut full = vec!["send"];
+        full.extend(args);
+        let o = hb(&full);
+        assert_fails(&o, want);
+    }
+}

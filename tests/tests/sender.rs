@@ -1,0 +1,372 @@
+//! `hb send` as a real process in a namespace, talking to monitors played
+//! by UDP sockets in the peer namespace that run the userspace gate
+//! (`MemDataplane::gate`, the same steps as the XDP program, which also
+//! produces the ACKs).
+//!
+//! Checked end to end: heartbeats over IPv4 and IPv6 are accepted with
+//! consecutive seqs while a third, dead monitor is ignored; a forged ACK
+//! and an ACK for a seq never sent change nothing; a genuine ACK changes
+//! the interval the sender reports and uses (its arrival rate follows) and
+//! gives it an RTT; a replayed older ACK does not roll the interval back;
+//! SIGTERM produces exactly one LEAVING heartbeat and exit code 0.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    path::PathBuf,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use hb::dataplane::{
+    Dataplane as _,
+    mem::{MemDataplane, Verdict},
+};
+use hb_common::{
+    GateResult,
+    maps::{Config, NodeKeys},
+    proto::{self, Datagram, Kind, NodeKey},
+};
+use hb_tests::netns::VethPair;
+
+const NODE: u32 = 7;
+const EPOCH: u8 = 1;
+const PORT: u16 = 7420;
+
+/// The `hb` binary next to this test's directory (`target/<profile>/hb`),
+/// which `cargo test --workspace` builds (hb-user has integration tests);
+/// `HB_BIN` overrides.
+fn hb_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("HB_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/sender-<hash>
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("test binary in target/<profile>/deps");
+    let bin = dir.join("hb");
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it first (`cargo build -p hb-user --bin hb`; `cargo xtask test` does) or set HB_BIN",
+        bin.display()
+    );
+    bin
+}
+
+fn monotonic_ns() -> u64 {
+    hb::send::monotonic_ns()
+}
+
+/// A monitor played by a socket and the userspace gate.
+struct FakeMonitor {
+    sock: UdpSocket,
+    dp: MemDataplane,
+    /// Heartbeats accepted, with arrival time.
+    seen: Vec<(Instant, Datagram)>,
+    /// Genuine ACKs the gate produced and we sent back.
+    acks: Vec<[u8; proto::LEN]>,
+    /// The sender's address, once known.
+    peer: Option<SocketAddr>,
+}
+
+impl FakeMonitor {
+    fn new(sock: UdpSocket, key: NodeKey) -> FakeMonitor {
+        let dp = MemDataplane::new();
+        dp.upsert_node(
+            NODE,
+            &NodeKeys {
+                slot: 0,
+                epoch: [EPOCH, 0],
+                valid: 1,
+                _pad: 0,
+                key: [key, NodeKey::default()],
+            },
+        )
+        .unwrap();
+        dp.set_config(&Config {
+            port: PORT,
+            ack_on_change: 1,
+            ack_every: 0,
+            ..Config::default()
+        })
+        .unwrap();
+        FakeMonitor {
+            sock,
+            dp,
+            seen: Vec::new(),
+            acks: Vec::new(),
+            peer: None,
+        }
+    }
+
+    /// Receives until one heartbeat is accepted or `timeout` passes; sends
+    /// back the ACK the gate asks for. Anything not accepted fails the
+    /// test.
+    fn next(&mut self, timeout: Duration) -> Option<Datagram> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 128];
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            self.sock
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            let (n, src) = match self.sock.recv_from(&mut buf) {
+                Ok(x) => x,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return None;
+                }
+                Err(e) => panic!("recv: {e}"),
+            };
+            let at = Instant::now();
+            let Verdict { result, ack } = self.dp.gate(&buf[..n], src, monotonic_ns());
+            assert_eq!(result, GateResult::Accepted, "datagram from {src}");
+            self.peer = Some(src);
+            if let Some(a) = ack {
+                self.sock.send_to(&a, src).unwrap();
+                self.acks.push(a);
+            }
+            let d = proto::parse(&buf[..n], Kind::Heartbeat).unwrap();
+            self.seen.push((at, d));
+            return Some(d);
+        }
+    }
+
+    /// The next `n` heartbeats (each within 2 s).
+    fn take(&mut self, n: usize) -> Vec<Datagram> {
+        (0..n)
+            .map(|i| {
+                self.next(Duration::from_secs(2))
+                    .unwrap_or_else(|| panic!("heartbeat {i} of {n} did not arrive"))
+            })
+            .collect()
+    }
+
+    /// Receives until a heartbeat satisfies `f` (within `timeout`).
+    fn until(&mut self, timeout: Duration, f: impl Fn(&Datagram) -> bool) -> Datagram {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or_else(|| panic!("condition not met within {timeout:?}"));
+            if let Some(d) = self.next(left)
+                && f(&d)
+            {
+                return d;
+            }
+        }
+    }
+
+    /// Sends raw bytes to the sender.
+    fn inject(&self, b: &[u8]) {
+        self.sock
+            .send_to(b, self.peer.expect("sender known"))
+            .unwrap();
+    }
+}
+
+/// Kills the sender if a test fails half-way.
+struct Reaper(Option<Child>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn sender_heartbeats_acks_and_leaving() {
+    let pair = VethPair::new("isnd").unwrap();
+    let secret = [0x5au8; 32];
+    let key = NodeKey::from_bytes(&hb::keys::derive_node_key(&secret, NODE, EPOCH));
+    let (v4, v6) = (pair.addrs.v4[0], pair.addrs.v6[0]);
+    let (s4, s6) = pair
+        .a
+        .run(move || {
+            (
+                UdpSocket::bind(SocketAddr::from((v4, PORT))),
+                UdpSocket::bind(SocketAddr::from((v6, PORT))),
+            )
+        })
+        .unwrap();
+    let mut m4 = FakeMonitor::new(s4.unwrap(), key);
+    let mut m6 = FakeMonitor::new(s6.unwrap(), key);
+
+    let state = tempfile::tempdir().unwrap();
+    let log = state.path().join("sender.log");
+    let mut cmd = pair.b.command(hb_bin().to_str().unwrap());
+    cmd.args([
+        "send",
+        "--monitor",
+        &format!("{v4}:{PORT}"),
+        "--monitor",
+        &format!("[{v6}]:{PORT}"),
+        // A dead monitor: nobody answers ARP for it.
+        "--monitor",
+        &format!("198.18.0.99:{PORT}"),
+        "--node-id",
+        &NODE.to_string(),
+        "--key",
+        &hb::keys::to_hex(&key.to_bytes()),
+        "--key-epoch",
+        &EPOCH.to_string(),
+        "--interval-ms",
+        "100",
+        "--min-interval-ms",
+        "20",
+        "--max-interval-ms",
+        "1000",
+        "--state-dir",
+        state.path().to_str().unwrap(),
+    ])
+    .env("HB_LOG", "debug")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&log).unwrap());
+    let mut sender = Reaper(Some(cmd.spawn().unwrap()));
+    let dump_log = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    // 1. Heartbeats arrive at both live monitors, accepted, seq from 1.
+    let first = m4.take(5);
+    let generation: u32 = std::fs::read_to_string(state.path().join("generation"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    for (i, d) in first.iter().enumerate() {
+        assert_eq!(
+            (d.node_id, d.generation, d.key_epoch, d.seq),
+            (NODE, generation, EPOCH, i as u64 + 1),
+            "{}",
+            dump_log()
+        );
+        assert_eq!((d.interval_ms, d.rtt_us, d.flags), (100, 0, 0));
+        assert!(d.load <= 1000);
+    }
+    let v6_first = m6.take(3);
+    assert!(v6_first.windows(2).all(|w| w[1].seq == w[0].seq + 1));
+
+    // 2. A forged ACK (wrong key) and a genuine-looking ACK for a seq
+    //    never sent, both asking for 40 ms: ignored.
+    let last = *first.last().unwrap();
+    let mut forged = Datagram {
+        kind: Kind::Ack,
+        interval_ms: 40,
+        rtt_us: 0,
+        ..last
+    };
+    m4.inject(&forged.seal(&NodeKey { k0: 1, k1: 2 }));
+    forged.seq = last.seq + 1000;
+    m4.inject(&forged.seal(&key));
+    for d in m4.take(4) {
+        assert_eq!((d.interval_ms, d.rtt_us), (100, 0), "{}", dump_log());
+    }
+
+    // 3. The monitor asks for 300 ms: the gate ACKs, the sender adopts it
+    //    and learns its RTT.
+    m4.dp.set_requested_interval(0, 300);
+    let changed = m4.until(Duration::from_secs(3), |d| d.interval_ms == 300);
+    assert!(changed.rtt_us > 0, "RTT known after an ACK: {changed:?}");
+    let ack_300 = *m4.acks.first().expect("the gate sent an ACK");
+    let slow: Vec<Instant> = (0..3)
+        .map(|_| {
+            m4.next(Duration::from_secs(2)).unwrap();
+            m4.seen.last().unwrap().0
+        })
+        .collect();
+    let gaps: Vec<Duration> = slow.windows(2).map(|w| w[1] - w[0]).collect();
+    // 100 ms before, 300 ms now: the rate follows (loose bound; timing
+    // goals belong to benchmarks).
+    assert!(
+        gaps.iter().all(|g| *g > Duration::from_millis(200)),
+        "gaps {gaps:?}"
+    );
+
+    // 4. Then 150 ms; afterwards the older ACK (300) is replayed: no
+    //    effect.
+    m4.dp.set_requested_interval(0, 150);
+    m4.until(Duration::from_secs(3), |d| d.interval_ms == 150);
+    m4.inject(&ack_300);
+    for d in m4.take(4) {
+        assert_eq!(
+            d.interval_ms,
+            150,
+            "replayed ACK took effect: {}",
+            dump_log()
+        );
+    }
+
+    // 5. SIGTERM: one LEAVING heartbeat to every monitor, exit 0.
+    let pid = sender.0.as_ref().unwrap().id() as i32;
+    // SAFETY: kill(2) on our child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let leaving = m4.until(Duration::from_secs(3), |d| d.leaving());
+    m6.until(Duration::from_secs(3), |d| {
+        d.leaving() && d.seq == leaving.seq
+    });
+    let status = sender.0.take().unwrap().wait().unwrap();
+    assert!(status.success(), "exit {status}: {}", dump_log());
+    assert!(
+        m4.next(Duration::from_millis(300)).is_none(),
+        "datagrams after LEAVING"
+    );
+    let all = &m4.seen;
+    assert_eq!(all.iter().filter(|(_, d)| d.leaving()).count(), 1);
+    // Consecutive seqs throughout: the dead monitor never held anything
+    // up.
+    assert!(
+        all.windows(2).all(|w| w[1].1.seq == w[0].1.seq + 1),
+        "seqs: {:?}",
+        all.iter().map(|(_, d)| d.seq).collect::<Vec<_>>()
+    );
+    let log = dump_log();
+    assert!(
+        log.contains("monitor asked for a new heartbeat interval"),
+        "{log}"
+    );
+    assert!(log.contains("sent LEAVING heartbeat, exiting"), "{log}");
+
+    // 6. A restart with the same state directory: a strictly larger
+    //    generation, seq from 1 again.
+    let mut again = pair.b.command(hb_bin().to_str().unwrap());
+    again
+        .args([
+            "send",
+            "--monitor",
+            &format!("{v4}:{PORT}"),
+            "--node-id",
+            &NODE.to_string(),
+            "--key",
+            &hb::keys::to_hex(&key.to_bytes()),
+            "--key-epoch",
+            &EPOCH.to_string(),
+            "--interval-ms",
+            "100",
+            "--state-dir",
+            state.path().to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut sender = Reaper(Some(again.spawn().unwrap()));
+    let d = m4.take(1)[0];
+    assert!(
+        d.generation > generation,
+        "{} after {generation}",
+        d.generation
+    );
+    assert_eq!(d.seq, 1);
+    let pid = sender.0.as_ref().unwrap().id() as i32;
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    m4.until(Duration::from_secs(3), |d| d.leaving());
+    assert!(sender.0.take().unwrap().wait().unwrap().success());
+}

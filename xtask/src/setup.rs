@@ -1,0 +1,330 @@
+//! `cargo xtask setup`: everything the build and the tests need on a fresh
+//! machine of this kind, idempotently (a second run only checks).
+//!
+//! The eBPF crate builds with the nightly toolchain (`-Z build-std=core`
+//! needs its `rust-src`) and links with `bpf-linker`. bpf-linker must use
+//! the very LLVM that the nightly rustc emitted bitcode with, so it is built
+//! against the nightly's own `libLLVM.so.<ver>-rust-<ver>-nightly` (found in
+//! the nightly sysroot) through a prefix directory whose `lib/` links to
+//! it, and checked afterwards with `ldd`: the check, not the install step,
+//! decides whether anything needs doing.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::util::{self, on_path, output};
+
+/// The bpf-linker release the build is known to work with.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Commands the tests and the demo run, and the Debian package of each.
+const APT: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("ping", "iputils-ping"),
+    ("ethtool", "ethtool"),
+    ("nsenter", "util-linux"),
+    ("ldd", "libc-bin"),
+    ("cc", "build-essential"),
+];
+
+/// One setup step: checks, and installs only if the check fails.
+type Step = fn() -> anyhow::Result<Outcome>;
+
+/// What one step did.
+enum Outcome {
+    Skipped(String),
+    Done(String),
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let start = Instant::now();
+    let steps: [(&str, Step); 4] = [
+        ("system packages", apt_packages),
+        ("nightly toolchain", nightly),
+        ("rust-src for nightly", rust_src),
+        ("bpf-linker", bpf_linker),
+    ];
+    for (name, step) in steps {
+        let t = Instant::now();
+        let outcome = step().with_context(|| format!("setup step `{name}` failed"))?;
+        let secs = t.elapsed().as_secs_f64();
+        match outcome {
+            Outcome::Skipped(why) => eprintln!("xtask setup: {name}: skipped ({why}) [{secs:.1}s]"),
+            Outcome::Done(what) => eprintln!("xtask setup: {name}: {what} [{secs:.1}s]"),
+        }
+    }
+    eprintln!("xtask setup: done in {:.1}s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn apt_packages() -> anyhow::Result<Outcome> {
+    let mut missing: Vec<&str> = APT
+        .iter()
+        .filter(|(cmd, _)| on_path(cmd).is_none())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(Outcome::Skipped(format!(
+            "{} present",
+            APT.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    if on_path("apt-get").is_none() {
+        bail!(
+            "missing packages {} and no apt-get to install them",
+            missing.join(" ")
+        );
+    }
+    util::run(Command::new("apt-get").args(["update", "-q"]))?;
+    util::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    Ok(Outcome::Done(format!("installed {}", missing.join(" "))))
+}
+
+fn rustup() -> Command {
+    let mut c = Command::new("rustup");
+    // A rustup that auto-installs toolchains would hide what we do here.
+    c.env("RUSTUP_AUTO_INSTALL", "0");
+    c
+}
+
+fn nightly() -> anyhow::Result<Outcome> {
+    let list = output(rustup().args(["toolchain", "list"]))?;
+    if list.lines().any(|l| l.starts_with("nightly")) {
+        return Ok(Outcome::Skipped("installed".into()));
+    }
+    util::run(rustup().args([
+        "toolchain",
+        "install",
+        "nightly",
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]))?;
+    Ok(Outcome::Done(
+        "installed nightly (minimal) with rust-src".into(),
+    ))
+}
+
+fn rust_src() -> anyhow::Result<Outcome> {
+    let installed =
+        output(rustup().args(["component", "list", "--installed", "--toolchain", "nightly"]))?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(Outcome::Skipped("installed".into()));
+    }
+    util::run(rustup().args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    Ok(Outcome::Done("added rust-src".into()))
+}
+
+/// The nightly's libLLVM: its file name (the soname bpf-linker must need)
+/// and full path.
+fn nightly_llvm() -> anyhow::Result<(String, PathBuf)> {
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(&lib).with_context(|| format!("cannot list {}", lib.display()))? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if name.starts_with("libLLVM.so.") && name.contains("-rust-") {
+            found.push(name);
+        }
+    }
+    match found.as_slice() {
+        [one] => Ok((one.clone(), lib.join(one))),
+        [] => bail!(
+            "no libLLVM.so.*-rust-* in {}: is the nightly toolchain complete?",
+            lib.display()
+        ),
+        many => bail!(
+            "several libLLVM candidates in {}: {}",
+            lib.display(),
+            many.join(" ")
+        ),
+    }
+}
+
+/// `libLLVM.so.22.1-rust-1.97.0-nightly` -> 22.
+fn llvm_major(soname: &str) -> anyhow::Result<u32> {
+    soname
+        .strip_prefix("libLLVM.so.")
+        .and_then(|v| v.split(['.', '-']).next())
+        .and_then(|m| m.parse().ok())
+        .with_context(|| format!("cannot read the LLVM major version from {soname}"))
+}
+
+/// Where `cargo install` puts binaries.
+fn install_bin_dir() -> Option<PathBuf> {
+    if let Some(r) = std::env::var_os("CARGO_INSTALL_ROOT") {
+        return Some(PathBuf::from(r).join("bin"));
+    }
+    if let Some(h) = std::env::var_os("CARGO_HOME") {
+        return Some(PathBuf::from(h).join("bin"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin"))
+}
+
+/// Why `bin` is not a usable bpf-linker for `soname`/`llvm`, or `None` if
+/// it is.
+fn bpf_linker_problem(bin: &Path, soname: &str, llvm: &Path) -> Option<String> {
+    let version = match output(Command::new(bin).arg("--version")) {
+        Ok(v) => v,
+        Err(e) => return Some(format!("{} does not run: {e:#}", bin.display())),
+    };
+    let want = format!(
+        "bpf-linker {}",
+        BPF_LINKER_VERSION.rsplit_once('.').unwrap().0
+    );
+    if !version.trim().starts_with(&want) {
+        return Some(format!(
+            "{} is `{}`, want {want}",
+            bin.display(),
+            version.trim()
+        ));
+    }
+    let ldd = match output(Command::new("ldd").arg(bin)) {
+        Ok(l) => l,
+        Err(e) => return Some(format!("ldd {}: {e:#}", bin.display())),
+    };
+    // `libLLVM.so.22.1-rust-1.97.0-nightly => /path/to/it (0x...)`
+    let Some(line) = ldd.lines().find(|l| l.trim_start().starts_with("libLLVM")) else {
+        return Some(format!(
+            "{} is not linked against a shared libLLVM",
+            bin.display()
+        ));
+    };
+    let mut parts = line.split_whitespace();
+    let needed = parts.next().unwrap_or("");
+    let resolved = parts.nth(1).unwrap_or("not");
+    if needed != soname {
+        return Some(format!(
+            "{} needs {needed}, the nightly has {soname}",
+            bin.display()
+        ));
+    }
+    if resolved == "not" {
+        return Some(format!("{} cannot find {needed}", bin.display()));
+    }
+    let same = std::fs::canonicalize(resolved)
+        .ok()
+        .zip(std::fs::canonicalize(llvm).ok())
+        .is_some_and(|(a, b)| a == b);
+    if !same {
+        return Some(format!(
+            "{} loads {resolved}, not the nightly's {}",
+            bin.display(),
+            llvm.display()
+        ));
+    }
+    None
+}
+
+fn bpf_linker() -> anyhow::Result<Outcome> {
+    let (soname, llvm) = nightly_llvm()?;
+    let major = llvm_major(&soname)?;
+    // The binary the build will run is the one on PATH; the one in the
+    // install directory is what `cargo install` would replace.
+    let installed = install_bin_dir().map(|d| d.join("bpf-linker"));
+    let candidate = installed
+        .clone()
+        .filter(|p| p.exists())
+        .or_else(|| on_path("bpf-linker"));
+    let problem = match &candidate {
+        Some(bin) => bpf_linker_problem(bin, &soname, &llvm),
+        None => Some("not installed".into()),
+    };
+    let Some(problem) = problem else {
+        let bin = candidate.expect("checked above");
+        warn_if_shadowed(&bin);
+        return Ok(Outcome::Skipped(format!(
+            "{} is {BPF_LINKER_VERSION} linked against {soname}",
+            bin.display()
+        )));
+    };
+    eprintln!("xtask setup: bpf-linker: {problem}; building it (about 2 minutes)");
+
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let prefix = PathBuf::from(home).join(".cache/hb/llvm-prefix");
+    let lib = prefix.join("lib");
+    std::fs::create_dir_all(&lib).with_context(|| format!("cannot create {}", lib.display()))?;
+    for name in ["libLLVM.so", soname.as_str()] {
+        let link = lib.join(name);
+        // Replace whatever was there (a link to an older nightly's LLVM).
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&llvm, &link)
+            .with_context(|| format!("cannot link {} -> {}", link.display(), llvm.display()))?;
+    }
+    util::run(
+        util::cargo()
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--force",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major}"),
+            ])
+            .env("LLVM_PREFIX", &prefix),
+    )?;
+    let bin = installed
+        .filter(|p| p.exists())
+        .or_else(|| on_path("bpf-linker"))
+        .context("cargo install finished but no bpf-linker binary was found")?;
+    if let Some(problem) = bpf_linker_problem(&bin, &soname, &llvm) {
+        bail!("bpf-linker was built but is not usable: {problem}");
+    }
+    warn_if_shadowed(&bin);
+    Ok(Outcome::Done(format!(
+        "installed {} {BPF_LINKER_VERSION} against {} (prefix {})",
+        bin.display(),
+        llvm.display(),
+        prefix.display()
+    )))
+}
+
+/// The build runs the first `bpf-linker` on PATH: say so if that is not the
+/// one we checked.
+fn warn_if_shadowed(bin: &Path) {
+    match on_path("bpf-linker") {
+        Some(p) if std::fs::canonicalize(&p).ok() == std::fs::canonicalize(bin).ok() => {}
+        Some(p) => eprintln!(
+            "xtask setup: warning: PATH runs {} first, not {}",
+            p.display(),
+            bin.display()
+        ),
+        None => eprintln!(
+            "xtask setup: warning: {} is not on PATH; add {} to PATH",
+            bin.display(),
+            bin.parent()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llvm_major_from_soname() {
+        assert_eq!(
+            llvm_major("libLLVM.so.22.1-rust-1.97.0-nightly").unwrap(),
+            22
+        );
+        assert_eq!(llvm_major("libLLVM.so.21-rust-1.90.0-nightly").unwrap(), 21);
+        assert!(llvm_major("libfoo.so").is_err());
+    }
+}

@@ -1,0 +1,172 @@
+//! `cargo xtask test`: setup, then every test of the workspace, and a
+//! verdict that cannot be fooled by a skipped test.
+//!
+//! Namespace and BPF tests need root and leave kernel objects behind when a
+//! run is killed; this command deletes leftover `hbt-*` namespaces and
+//! `/sys/fs/bpf/hb-test-*` pins before and after the run, also when tests
+//! fail or the run is interrupted. It parses every `test result:` line:
+//! any ignored test fails the run (CI must never pass with kernel tests
+//! silently skipped), and the last line sums all test binaries.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    process::Stdio,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::util;
+
+/// Test threads per test binary: the namespace tests mostly wait on
+/// timers and sockets, but BPF loads and builds compete for the 2 cores of
+/// a CI machine. Override with `HB_TEST_THREADS`.
+const DEFAULT_TEST_THREADS: &str = "2";
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Skip `cargo xtask setup` (for quick reruns on a prepared machine).
+    #[arg(long)]
+    pub no_setup: bool,
+    /// Extra arguments for `cargo test` (e.g. `-p hb-tests --test sender`);
+    /// after `--`, arguments for the test binaries.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}
+
+/// Totals over all `test result:` lines.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub binaries: u32,
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+}
+
+impl Totals {
+    /// Folds one line of `cargo test` output in, if it is a result line:
+    /// `test result: ok. 5 passed; 0 failed; 1 ignored; 0 measured; 0
+    /// filtered out; finished in 0.01s`.
+    pub fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim_start().strip_prefix("test result: ") else {
+            return;
+        };
+        self.binaries += 1;
+        let rest = rest.split_once(". ").map_or(rest, |(_, r)| r);
+        for part in rest.split(';') {
+            let mut it = part.split_whitespace();
+            let (Some(n), Some(what)) = (it.next(), it.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if !args.no_setup {
+        crate::setup::run()?;
+    }
+    util::sweep_test_leftovers("before the tests");
+    let result = run_tests(&args.args);
+    util::sweep_test_leftovers("after the tests");
+    if util::interrupted() {
+        bail!("interrupted");
+    }
+    let totals = result?;
+    println!(
+        "xtask: {} passed, {} failed{}",
+        totals.passed,
+        totals.failed,
+        if totals.ignored > 0 {
+            format!(", {} ignored", totals.ignored)
+        } else {
+            String::new()
+        }
+    );
+    if totals.failed > 0 {
+        bail!("{} test(s) failed", totals.failed);
+    }
+    if totals.ignored > 0 {
+        bail!(
+            "{} test(s) were ignored: every test must run (no #[ignore], no skips)",
+            totals.ignored
+        );
+    }
+    if totals.binaries == 0 || totals.passed == 0 {
+        bail!("no tests ran");
+    }
+    Ok(())
+}
+
+fn run_tests(extra: &[String]) -> anyhow::Result<Totals> {
+    let (cargo_args, test_args) = match extra.iter().position(|a| a == "--") {
+        Some(i) => (&extra[..i], &extra[i + 1..]),
+        None => (extra, &[][..]),
+    };
+    let mut cmd = util::cargo();
+    cmd.args(["test", "--no-fail-fast"]);
+    if !cargo_args
+        .iter()
+        .any(|a| a == "-p" || a.starts_with("--package"))
+    {
+        cmd.arg("--workspace");
+    }
+    cmd.args(cargo_args).arg("--").args(test_args);
+    if !test_args.iter().any(|a| a.starts_with("--test-threads")) {
+        let n = std::env::var("HB_TEST_THREADS").unwrap_or_else(|_| DEFAULT_TEST_THREADS.into());
+        cmd.arg(format!("--test-threads={n}"));
+    }
+    eprintln!("xtask: {}", util::show(&cmd));
+    cmd.stdout(Stdio::piped()).stdin(Stdio::null());
+    let mut child = util::spawn_fg(&mut cmd)?;
+    let stdout = child.stdout.take().context("no stdout pipe")?;
+    let mut totals = Totals::default();
+    let mut out = std::io::stdout().lock();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        totals.add_line(&line);
+        let _ = writeln!(out, "{line}");
+    }
+    drop(out);
+    let status = util::wait_fg(&mut child)?;
+    if !status.success() && totals.failed == 0 {
+        // A build failure or a crashed test binary: no result line says so.
+        bail!("`cargo test` failed ({status}) before reporting failed tests");
+    }
+    Ok(totals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_lines_are_summed() {
+        let mut t = Totals::default();
+        for l in [
+            "running 3 tests",
+            "test a ... ok",
+            "test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s",
+            "test result: FAILED. 4 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; finished in 1.20s",
+            "   Doc-tests hb",
+            "test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s",
+        ] {
+            t.add_line(l);
+        }
+        assert_eq!(
+            t,
+            Totals {
+                binaries: 3,
+                passed: 7,
+                failed: 2,
+                ignored: 1
+            }
+        );
+    }
+}

@@ -1,0 +1,275 @@
+//! Shared plumbing: where the workspace is, running commands, signals, and
+//! sweeping what killed test runs leave behind.
+//!
+//! Signals: `xtask` installs one handler for SIGINT/SIGTERM/SIGHUP. Every
+//! long-running child is started in its own process group and registered
+//! here, so the handler can forward the signal to that whole group (cargo
+//! *and* the test binary it runs), after which the caller waits for the
+//! child and cleans up. The handler itself only sets a flag and calls
+//! `kill(2)`, which is async-signal-safe territory.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::atomic::{AtomicBool, AtomicI32, Ordering},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, bail};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// Process group of the child that should receive a forwarded signal (0:
+/// none).
+static FOREGROUND_PGID: AtomicI32 = AtomicI32::new(0);
+
+/// Installs the signal handler. Call once, first thing.
+pub fn install_signal_handler() -> anyhow::Result<()> {
+    ctrlc::set_handler(|| {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        let pgid = FOREGROUND_PGID.load(Ordering::SeqCst);
+        if pgid > 0 {
+            // SAFETY: kill(2) with a process group we started.
+            unsafe { libc::kill(-pgid, libc::SIGINT) };
+        }
+    })
+    .context("cannot install the SIGINT handler")
+}
+
+/// Whether SIGINT/SIGTERM/SIGHUP arrived.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// The workspace root (the directory holding the top `Cargo.toml`).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Cargo's target directory (`CARGO_TARGET_DIR` or `<root>/target`).
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => {
+            let d = PathBuf::from(d);
+            if d.is_absolute() { d } else { root().join(d) }
+        }
+        None => root().join("target"),
+    }
+}
+
+/// The `cargo` that runs us (so `cargo +toolchain xtask` stays consistent).
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Renders a command for the log.
+pub fn show(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Starts `cmd` in its own process group and makes it the target of
+/// forwarded signals until it is waited for with [`wait_fg`].
+pub fn spawn_fg(cmd: &mut Command) -> anyhow::Result<Child> {
+    use std::os::unix::process::CommandExt as _;
+    cmd.process_group(0);
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start `{}`", show(cmd)))?;
+    FOREGROUND_PGID.store(child.id() as i32, Ordering::SeqCst);
+    // A signal that arrived between spawn and registration is forwarded
+    // now.
+    if interrupted() {
+        // SAFETY: kill(2) on the group we just started.
+        unsafe { libc::kill(-(child.id() as i32), libc::SIGINT) };
+    }
+    Ok(child)
+}
+
+/// Waits for a child started with [`spawn_fg`].
+pub fn wait_fg(child: &mut Child) -> anyhow::Result<ExitStatus> {
+    let st = child.wait().context("waiting for a child process")?;
+    FOREGROUND_PGID.store(0, Ordering::SeqCst);
+    Ok(st)
+}
+
+/// Runs `cmd` in the foreground (signals forwarded) and fails if it fails.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let mut child = spawn_fg(cmd)?;
+    let st = wait_fg(&mut child)?;
+    if !st.success() {
+        bail!("`{}` failed ({st})", show(cmd));
+    }
+    Ok(())
+}
+
+/// Runs `cmd` to completion and returns its stdout, failing with its stderr.
+pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run `{}`", show(cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed ({}): {}",
+            show(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether `prog` is an executable on PATH.
+pub fn on_path(prog: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(prog))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    p.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// Objects younger than this whose name carries no process id are
+/// considered in use by someone else's run on a shared machine.
+const PIDLESS_GRACE: Duration = Duration::from_secs(5 * 60);
+
+/// Whether the leftover named `name` (a namespace or a pin), last changed at
+/// `mtime`, may be deleted now.
+///
+/// Test objects carry the pid of the process that made them (`hbt-<tag>-
+/// <pid>-<n>`, `hbd-<pid>-...`); while that process lives, the object is
+/// in use (this is a shared machine: other people's test runs are not
+/// leftovers). Numbers below 300 are counters, not test processes. An
+/// object without a pid is deleted in CI (a machine of its own) or once it
+/// is older than [`PIDLESS_GRACE`].
+fn is_leftover(name: &str, mtime: Option<SystemTime>) -> bool {
+    let pids: Vec<u32> = name
+        .split('-')
+        .filter_map(|c| c.parse::<u32>().ok())
+        .filter(|&p| p >= 300)
+        .collect();
+    if !pids.is_empty() {
+        return !pids
+            .iter()
+            .any(|p| Path::new(&format!("/proc/{p}")).exists());
+    }
+    if std::env::var_os("CI").is_some() {
+        return true;
+    }
+    match mtime.and_then(|t| t.elapsed().ok()) {
+        Some(age) => age > PIDLESS_GRACE,
+        None => false,
+    }
+}
+
+/// Deletes leftover network namespaces whose names start with one of
+/// `prefixes`. Returns their names.
+pub fn sweep_netns(prefixes: &[&str]) -> anyhow::Result<Vec<String>> {
+    let list = output(Command::new("ip").args(["netns", "list"]))?;
+    let mut deleted = Vec::new();
+    for line in list.lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        if name.is_empty() || !prefixes.iter().any(|p| name.starts_with(p)) {
+            continue;
+        }
+        let mtime = std::fs::metadata(format!("/var/run/netns/{name}"))
+            .and_then(|m| m.modified())
+            .ok();
+        if !is_leftover(name, mtime) {
+            continue;
+        }
+        output(Command::new("ip").args(["netns", "delete", name]))?;
+        deleted.push(name.to_owned());
+    }
+    Ok(deleted)
+}
+
+/// Deletes leftover bpffs pins (files or directories) under /sys/fs/bpf
+/// whose names start with `prefix`. Returns their names.
+pub fn sweep_pins(prefix: &str) -> anyhow::Result<Vec<String>> {
+    let dir = Path::new("/sys/fs/bpf");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(Vec::new()); // bpffs not mounted: nothing pinned
+    };
+    let mut deleted = Vec::new();
+    for e in entries {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(prefix) {
+            continue;
+        }
+        let meta = e.metadata()?;
+        if !is_leftover(&name, meta.modified().ok()) {
+            continue;
+        }
+        let path = e.path();
+        if meta.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        }
+        .with_context(|| format!("cannot remove {}", path.display()))?;
+        deleted.push(name);
+    }
+    Ok(deleted)
+}
+
+/// Sweeps everything test runs create: `hbt-*` namespaces and
+/// `/sys/fs/bpf/hb-test-*` pins. `when` goes into the log line.
+pub fn sweep_test_leftovers(when: &str) {
+    match sweep_netns(&["hbt-"]) {
+        Ok(v) if !v.is_empty() => {
+            eprintln!(
+                "xtask: {when}: deleted {} leftover namespace(s): {}",
+                v.len(),
+                v.join(" ")
+            )
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!("xtask: {when}: cannot sweep namespaces: {e:#}"),
+    }
+    match sweep_pins("hb-test-") {
+        Ok(v) if !v.is_empty() => {
+            eprintln!(
+                "xtask: {when}: removed {} leftover pin(s) under /sys/fs/bpf: {}",
+                v.len(),
+                v.join(" ")
+            )
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!("xtask: {when}: cannot sweep bpffs pins: {e:#}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leftovers_are_recognised_by_their_pid() {
+        let me = std::process::id();
+        assert!(!is_leftover(&format!("hbt-xa-{me}-0"), None));
+        // pid_max is at most 2^22: this pid cannot exist.
+        assert!(is_leftover("hbt-xa-99999999-3", None));
+        assert!(is_leftover(&format!("hbd-99999999-n{me}"), None));
+        let old = SystemTime::now() - Duration::from_secs(3600);
+        assert!(is_leftover("hb-test-x-old", Some(old)));
+        if std::env::var_os("CI").is_none() {
+            assert!(!is_leftover("hb-test-x-new", Some(SystemTime::now())));
+        }
+    }
+}
