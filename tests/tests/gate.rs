@@ -510,7 +510,7 @@ fn node_state_after_a_sequence() {
     let s = g.state();
     assert_eq!((s.generation, s.max_seq, s.accepted), (GEN, 5, 4));
     assert_eq!(s.lost, 1, "3 lost, 4 arrived late");
-    assert_eq!(s.ia_mean_ns != 0, true, "moments seeded from interval_ms");
+    assert!(s.ia_mean_ns != 0, "moments seeded from interval_ms");
     assert_eq!(
         s.ia_samples, 2,
         "2 and 5 gave samples; the first and the late one not"

@@ -245,3 +245,203 @@ fn read_design() {
         syscall.as_secs_f64() / mmap.as_secs_f64()
     ));
 }
+
+/// A pin directory under /sys/fs/bpf, removed on drop.
+struct PinDir(std::path::PathBuf);
+
+impl PinDir {
+    fn new(tag: &str) -> PinDir {
+        PinDir(format!("/sys/fs/bpf/hb-test-gate-{tag}-{}", std::process::id()).into())
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn xdp_attached(pair: &VethPair) -> bool {
+    let out = pair.a.ip(&["link", "show", IF_A]).unwrap().stdout;
+    String::from_utf8_lossy(&out).contains("xdp")
+}
+
+#[test]
+fn a_restarted_monitor_readopts_pinned_maps_and_link() {
+    let pair = VethPair::new("gpin").unwrap();
+    let pins = PinDir::new("restart");
+    let opts = XdpOptions {
+        interfaces: vec![IF_A.into()],
+        pin_dir: Some(pins.0.clone()),
+        keep_attached: true,
+        max_nodes: Some(1024),
+        ..XdpOptions::default()
+    };
+    let open = || pair.a.run(|| XdpDataplane::open(&opts)).unwrap().unwrap();
+    let send = |seq: u64| {
+        let sock = pair
+            .b
+            .run(|| UdpSocket::bind((pair.addrs.v4[1], 0)))
+            .unwrap()
+            .unwrap();
+        sock.send_to(&hb(9, seq), (pair.addrs.v4[0], PORT)).unwrap();
+    };
+    let wait_accepted = |dp: &XdpDataplane, n: u64| {
+        let t = Instant::now();
+        while dp.state(4).unwrap().accepted < n {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "heartbeat {n} not accepted"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+
+    let dp = open();
+    dp.upsert_node(9, &keys(4)).unwrap();
+    dp.set_config(&Config {
+        port: PORT,
+        ..Config::default()
+    })
+    .unwrap();
+    send(1);
+    wait_accepted(&dp, 1);
+    drop(dp);
+    assert!(
+        xdp_attached(&pair),
+        "kept attached while the monitor is down"
+    );
+    // The program still gates with nobody watching.
+    send(2);
+
+    let mut dp = open();
+    assert_eq!(
+        dp.provisioned().unwrap(),
+        vec![(9, keys(4))],
+        "keys re-adopted"
+    );
+    wait_accepted(&dp, 2);
+    send(3);
+    wait_accepted(&dp, 3);
+    let s = dp.state(4).unwrap();
+    assert_eq!(
+        (s.max_seq, s.generation),
+        (3, 7),
+        "state survived the restart"
+    );
+    log("restart: keys, state and the attached link re-adopted from pins".into());
+
+    dp.detach().unwrap();
+    assert!(!xdp_attached(&pair), "detach removes the kept link");
+    assert!(
+        !pins.0.join(format!("link_{IF_A}")).exists(),
+        "link unpinned"
+    );
+}
+
+#[test]
+fn errors_name_the_problem() {
+    let e = XdpDataplane::open(&XdpOptions {
+        interfaces: vec!["hb-no-such-if0".into()],
+        max_nodes: Some(16),
+        ..XdpOptions::default()
+    })
+    .err()
+    .expect("unknown interface refused");
+    assert!(
+        format!("{e:#}").contains("unknown interface hb-no-such-if0"),
+        "{e:#}"
+    );
+
+    // Another XDP program already on the interface: refused, not replaced.
+    let pair = VethPair::new("gbusy").unwrap();
+    let first = pair
+        .a
+        .run(|| {
+            XdpDataplane::open(&XdpOptions {
+                interfaces: vec![IF_A.into()],
+                max_nodes: Some(16),
+                ..XdpOptions::default()
+            })
+        })
+        .unwrap()
+        .unwrap();
+    let e = pair
+        .a
+        .run(|| {
+            XdpDataplane::open(&XdpOptions {
+                interfaces: vec![IF_A.into()],
+                max_nodes: Some(16),
+                ..XdpOptions::default()
+            })
+        })
+        .unwrap()
+        .err()
+        .expect("second attach refused");
+    assert!(
+        format!("{e:#}").contains("already has another XDP program"),
+        "{e:#}"
+    );
+    drop(first);
+}
+
+/// Userspace reads under the seqcount while the kernel writes: every copy
+/// must be consistent. With in-order sequence numbers from 1, each
+/// accepted datagram keeps `accepted + lost == max_seq`; a torn copy (some
+/// fields from before a write, some from after) breaks it.
+#[test]
+fn reads_are_never_torn_while_the_kernel_writes() {
+    let pair = VethPair::new("gtorn").unwrap();
+    let dp = pair
+        .a
+        .run(|| {
+            XdpDataplane::open(&XdpOptions {
+                interfaces: vec![IF_A.into()],
+                max_nodes: Some(16),
+                ..XdpOptions::default()
+            })
+        })
+        .unwrap()
+        .unwrap();
+    dp.upsert_node(3, &keys(1)).unwrap();
+    dp.set_config(&Config {
+        port: PORT,
+        ..Config::default()
+    })
+    .unwrap();
+    let total = 20_000u64;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (reads, max) = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let (mut reads, mut max) = (0u64, 0u64);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                dp.read_states(1..2, &mut |_, st| {
+                    assert_eq!(st.accepted + st.lost, st.max_seq, "torn read: {st:?}");
+                    max = max.max(st.max_seq);
+                });
+                reads += 1;
+            }
+            (reads, max)
+        });
+        let sock = pair
+            .b
+            .run(|| UdpSocket::bind((pair.addrs.v4[1], 0)))
+            .unwrap()
+            .unwrap();
+        let t = Instant::now();
+        for seq in 1..=total {
+            sock.send_to(&hb(3, seq), (pair.addrs.v4[0], PORT)).unwrap();
+            assert!(t.elapsed() < Duration::from_secs(30), "send loop bounded");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        reader.join().unwrap()
+    });
+    let s = dp.state(1).unwrap();
+    log(format!(
+        "{reads} consistent reads while {} of {total} heartbeats were accepted",
+        s.accepted
+    ));
+    assert!(s.accepted > total / 2, "most heartbeats arrive on veth");
+    assert!(max > 0 && reads > 100);
+}

@@ -2,6 +2,10 @@
 //! BPF_PROG_TEST_RUN, as a ratio to `hb_floor` (XDP_DROP at once) measured
 //! in the same run and the same way. Needs root.
 //!
+//! The machine is shared (five engineers building at once), so every
+//! figure is the best of `ROUNDS` measurements: interference only ever
+//! adds time.
+//!
 //! Two methods, because the gate is stateful:
 //! - repeat: one `test_run` with `repeat` = 1,000,000 over the same frame;
 //!   the kernel reports the mean ns per run. Honest for results that do
@@ -28,7 +32,8 @@ use hb_tests::frames::Udp;
 
 const PORT: u16 = 7420;
 const REPEAT: u32 = 1_000_000;
-const DISTINCT: u64 = 200_000;
+const DISTINCT: u64 = 100_000;
+const ROUNDS: usize = 5;
 const KEY: NodeKey = NodeKey { k0: 11, k1: 22 };
 
 fn hb(seq: u64) -> Vec<u8> {
@@ -61,6 +66,15 @@ fn run(dp: &XdpDataplane, prog: &str, frame: &[u8], repeat: u32) -> anyhow::Resu
         ..TestRunOptions::default()
     })?;
     Ok(r.duration.as_nanos() as f64)
+}
+
+/// Best of `ROUNDS` runs with `repeat`.
+fn best(dp: &XdpDataplane, prog: &str, frame: &[u8]) -> anyhow::Result<f64> {
+    let mut b = f64::MAX;
+    for _ in 0..ROUNDS {
+        b = b.min(run(dp, prog, frame, REPEAT)?);
+    }
+    Ok(b)
 }
 
 /// Mean kernel ns per run over distinct heartbeats `seqs`.
@@ -116,36 +130,83 @@ fn main() -> anyhow::Result<()> {
         Udp::v4(PORT, &d.seal(&KEY)).build()
     };
 
-    let floor_r = run(&dp, names::FLOOR, &hb(1), REPEAT)?;
+    let floor_r = best(&dp, names::FLOOR, &hb(1))?;
     let mut rows: Vec<(&str, &str, f64, f64)> = Vec::new();
-    let pass = run(&dp, names::PROGRAM, &other, REPEAT)?;
+    let pass = best(&dp, names::PROGRAM, &other)?;
     rows.push(("non-heartbeat pass-through", "repeat", pass, floor_r));
 
     // Accepted: distinct frames, floor measured over the same frames.
-    let floor_d = distinct(&dp, names::FLOOR, 1..DISTINCT + 1)?;
-    let acc = distinct(&dp, names::PROGRAM, 1..DISTINCT + 1)?;
+    // Each round uses fresh sequence numbers; the replay row goes over
+    // the round's accepted frames again.
+    let (mut floor_d, mut acc, mut ack, mut rd) = (f64::MAX, f64::MAX, f64::MAX, f64::MAX);
+    for round in 0..ROUNDS as u64 {
+        let base = 1 + round * 2 * DISTINCT;
+        let first = base..base + DISTINCT;
+        let second = base + DISTINCT..base + 2 * DISTINCT;
+        floor_d = floor_d.min(distinct(&dp, names::FLOOR, first.clone())?);
+        acc = acc.min(distinct(&dp, names::PROGRAM, first.clone())?);
+        rd = rd.min(distinct(&dp, names::PROGRAM, first)?);
+        dp.set_config(&Config {
+            ack_every: 1,
+            ..cfg
+        })?;
+        ack = ack.min(distinct(&dp, names::PROGRAM, second)?);
+        dp.set_config(&cfg)?;
+    }
     rows.push(("accepted heartbeat", "distinct", acc, floor_d));
-    dp.set_config(&Config {
-        ack_every: 1,
-        ..cfg
-    })?;
-    let ack = distinct(&dp, names::PROGRAM, DISTINCT + 1..2 * DISTINCT + 1)?;
     rows.push(("accepted + ACK (XDP_TX)", "distinct", ack, floor_d));
-    dp.set_config(&cfg)?;
 
-    let bt = run(&dp, names::PROGRAM, &bad_tag, REPEAT)?;
+    let bt = best(&dp, names::PROGRAM, &bad_tag)?;
     rows.push(("bad_tag", "repeat", bt, floor_r));
-    let rp = run(&dp, names::PROGRAM, &hb(5), REPEAT)?;
+    let rp = best(&dp, names::PROGRAM, &hb(5))?;
     rows.push(("replay", "repeat", rp, floor_r));
-    let un = run(&dp, names::PROGRAM, &unknown, REPEAT)?;
+    let un = best(&dp, names::PROGRAM, &unknown)?;
     rows.push(("unknown_node", "repeat", un, floor_r));
 
+    // Where the time goes (each row adds one step of the gate):
+    // bad_magic = headers + payload copy; bad_epoch = + key lookup;
+    // bad_tag = + SipHash + per-node lock; replay = + admit.
+    let mut magic = hb(1);
+    let n = magic.len();
+    magic[n - 48] = 0;
+    let bm = best(&dp, names::PROGRAM, &magic)?;
+    rows.push((
+        "(breakdown) bad_magic: headers + payload",
+        "repeat",
+        bm,
+        floor_r,
+    ));
+    let epoch = {
+        let d = Datagram {
+            kind: Kind::Heartbeat,
+            node_id: 42,
+            generation: 1,
+            key_epoch: 9,
+            flags: 0,
+            load: 0,
+            seq: 1,
+            sent_ns: 1,
+            interval_ms: 1000,
+            rtt_us: 0,
+        };
+        Udp::v4(PORT, &d.seal(&KEY)).build()
+    };
+    let be = best(&dp, names::PROGRAM, &epoch)?;
+    rows.push(("(breakdown) bad_epoch: + key lookup", "repeat", be, floor_r));
+    // The accepted frames again, now all replays: the same method as the
+    // accepted rows, so (accepted - replay) in this method is what
+    // recording the arrival adds.
+    rows.push(("replay (same frames as accepted)", "distinct", rd, floor_d));
+
     let c = dp.counters()?;
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load.trim();
     let mut out = std::io::stdout().lock();
     writeln!(out, "## hb dataplane: BPF_PROG_TEST_RUN, CPU 0\n")?;
     writeln!(
         out,
-        "floor (`hb_floor`, XDP_DROP at once): {floor_r:.1} ns with repeat={REPEAT}, {floor_d:.1} ns over {DISTINCT} distinct frames (repeat=1 each)\n"
+        "floor (`hb_floor`, XDP_DROP at once): {floor_r:.1} ns with repeat={REPEAT}, {floor_d:.1} ns over {DISTINCT} distinct frames (repeat=1 each)\n\
+         load average (1, 5, 15 min, ...): {load}\n"
     )?;
     writeln!(out, "| case | method | ns/packet | ratio to floor |")?;
     writeln!(out, "|---|---|---:|---:|")?;
@@ -154,9 +215,18 @@ fn main() -> anyhow::Result<()> {
     }
     writeln!(
         out,
-        "\nrepeat: one test_run, repeat={REPEAT}, same frame (stateless results).\n\
-         distinct: {DISTINCT} test_runs over heartbeats seq 1..N (a repeated heartbeat would be a replay); \
-         the floor row of the same method is measured over the same frames."
+        "\nrepeat: one test_run, repeat={REPEAT}, same frame (stateless results); best of {ROUNDS}.\n\
+         distinct: {DISTINCT} test_runs (repeat=1) over heartbeats with fresh seqs (a repeated heartbeat would be a replay), \
+         mean of the kernel's per-run times; best of {ROUNDS} rounds; the floor of this method is measured over the same frames."
+    )?;
+    writeln!(
+        out,
+        "\nsteady-state estimate of an accepted heartbeat: replay (repeat) + \
+         [accepted - replay] (distinct) = {rp:.1} + {:.1} = {:.1} ns; \
+         accepted + ACK: {:.1} ns",
+        acc - rd,
+        rp + acc - rd,
+        rp + ack - rd
     )?;
     writeln!(
         out,
