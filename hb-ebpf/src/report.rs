@@ -14,12 +14,8 @@ use crate::{
     parse::{Frame, at},
 };
 
-/// Takes one token from bucket `idx` at `now_ns`, if there is one.
-///
-/// Tokens are kept in thousandths. The refill is computed from the time
-/// since the last refill that produced something: when datagrams arrive
-/// faster than one per millitoken, the clock is not reset to `now` on
-/// every call, so a flood cannot stop the refill by rounding it to zero.
+/// Takes one token from bucket `idx` at `now_ns`, if there is one (the
+/// token bucket is `hb_common`'s, shared with the userspace gate).
 #[inline(always)]
 fn allow(idx: u32, cfg: &Config, now_ns: u64) -> bool {
     let Some(b) = HB_LIMITS.get_ptr_mut(idx) else {
@@ -27,24 +23,7 @@ fn allow(idx: u32, cfg: &Config, now_ns: u64) -> bool {
     };
     // SAFETY: per-CPU value; XDP runs with preemption disabled.
     let b = unsafe { &mut *b };
-    let cap = cfg.report_burst as u64 * 1000;
-    // Bounded so the product below fits in 64 bits (2^31 us = 35 min is
-    // longer than any sane bucket takes to fill).
-    let mut elapsed_us = now_ns.saturating_sub(b.last_ns) / 1000;
-    if elapsed_us > 1 << 31 {
-        elapsed_us = 1 << 31;
-    }
-    let refill = elapsed_us * cfg.report_rate as u64 / 1000;
-    if refill != 0 || b.last_ns == 0 {
-        let t = b.tokens_milli + refill;
-        b.tokens_milli = if t > cap { cap } else { t };
-        b.last_ns = now_ns;
-    }
-    if b.tokens_milli < 1000 {
-        return false;
-    }
-    b.tokens_milli -= 1000;
-    true
+    b.take(cfg.report_rate, cfg.report_burst, now_ns)
 }
 
 /// Sends `r` (filled but for the source address, port and family, which
