@@ -27,6 +27,12 @@ use crate::{
 /// the kernel's object-name limit). Userspace looks everything up by these.
 pub mod names {
     pub const PROGRAM: &str = "hb_xdp";
+    /// Returns XDP_PASS at once: attached to a peer veth so that frames
+    /// the gate sends with XDP_TX arrive (veth needs an XDP program on the
+    /// receiving end), in tests and the demo.
+    pub const PASS: &str = "hb_pass";
+    /// Returns XDP_DROP at once: the benchmark's floor.
+    pub const FLOOR: &str = "hb_floor";
     pub const NODE_KEYS: &str = "HB_NODE_KEYS";
     pub const NODE_STATE: &str = "HB_NODE_STATE";
     pub const COUNTERS: &str = "HB_COUNTERS";
@@ -335,6 +341,40 @@ pub struct RateLimit {
     pub last_ns: u64,
 }
 
+impl RateLimit {
+    /// Takes one token at `now_ns` if there is one, refilling at `rate`
+    /// tokens per second up to `burst`. A fresh bucket starts full.
+    ///
+    /// The refill is computed from the time since the last refill that
+    /// produced something: when calls come faster than one per millitoken,
+    /// the clock is not reset to `now` on every call, so a flood cannot
+    /// stop the refill by rounding it to zero.
+    #[inline(always)]
+    pub fn take(&mut self, rate: u32, burst: u32, now_ns: u64) -> bool {
+        let cap = burst as u64 * 1000;
+        // Bounded so the product below fits in 64 bits (2^31 us = 35 min is
+        // longer than any sane bucket takes to fill).
+        let mut elapsed_us = now_ns.saturating_sub(self.last_ns) / 1000;
+        if elapsed_us > 1 << 31 {
+            elapsed_us = 1 << 31;
+        }
+        let refill = elapsed_us * rate as u64 / 1000;
+        if self.last_ns == 0 {
+            self.tokens_milli = cap;
+            self.last_ns = now_ns;
+        } else if refill != 0 {
+            let t = self.tokens_milli + refill;
+            self.tokens_milli = if t > cap { cap } else { t };
+            self.last_ns = now_ns;
+        }
+        if self.tokens_milli < 1000 {
+            return false;
+        }
+        self.tokens_milli -= 1000;
+        true
+    }
+}
+
 /// `Report::kind`: a datagram named a node id that is not provisioned.
 pub const REPORT_UNKNOWN_NODE: u32 = 1;
 /// `Report::kind`: an authenticated datagram raised a node's generation.
@@ -452,6 +492,26 @@ mod tests {
         assert_eq!(s.ia_mean_ns, 5_000_000_000);
         assert_eq!(s.ia_samples, 0);
         assert!(s.leaving());
+    }
+
+    #[test]
+    fn rate_limit_bursts_then_refills_even_under_a_flood() {
+        let mut b = RateLimit::default();
+        let ms = 1_000_000u64;
+        let mut t = 1_000 * ms;
+        let mut ok = 0;
+        for _ in 0..100 {
+            ok += b.take(10, 5, t) as u32;
+        }
+        assert_eq!(ok, 5, "the burst");
+        // A flood of one call per microsecond for one second refills at
+        // 10/s: the clock must not be reset by calls that refill nothing.
+        ok = 0;
+        for _ in 0..1_000_000 {
+            t += 1_000;
+            ok += b.take(10, 5, t) as u32;
+        }
+        assert_eq!(ok, 10);
     }
 
     #[test]

@@ -1,11 +1,206 @@
+//! hb's XDP gate: PROTOCOL.md's gate, in order, on every frame.
+//!
+//! This file is the decision path only. The pieces live in modules named
+//! after them: `parse` (headers, gate steps 1-2), `payload` (the 48 bytes
+//! on the stack), `maps`, `state` (the per-node seqlock), `report` (ring
+//! buffer behind a rate limit) and `ack` (the in-place rewrite). The
+//! payload's meaning (steps 3-11) is `hb-common`'s, the same code the
+//! userspace gate runs.
+//!
+//! Every frame gets exactly one `GateResult` counter (`pass` included).
+//! Besides `hb_xdp`, the object carries two trivial programs: `hb_pass`
+//! (for the peer veth, so XDP_TX frames arrive) and `hb_floor` (XDP_DROP
+//! at once: the benchmark's floor).
 #![no_std]
 #![no_main]
+// Atomics for the per-node seqlock (see `state`).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+mod ack;
+mod maps;
+mod parse;
+mod payload;
+mod report;
+mod state;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    helpers::bpf_ktime_get_ns,
+    macros::xdp,
+    programs::XdpContext,
+};
+use hb_common::{
+    GateResult,
+    maps::{Config, REPORT_RESTART, REPORT_UNKNOWN_NODE, counter},
+    proto::{self, Kind},
+};
+
+use crate::{
+    maps::{HB_CONFIG, HB_NODE_KEYS, HB_NODE_STATE, LIMIT_RESTART, LIMIT_UNKNOWN, count},
+    parse::{Frame, Parsed},
+    payload::Payload,
+    state::Locked,
+};
 
 #[xdp]
-pub fn hb_xdp(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
+pub fn hb_xdp(ctx: XdpContext) -> u32 {
+    let (action, result) = gate(&ctx);
+    count(result.index());
+    action
+}
+
+#[xdp]
+pub fn hb_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+#[xdp]
+pub fn hb_floor(_ctx: XdpContext) -> u32 {
+    XDP_DROP
+}
+
+/// The gate: the action for the frame and the result to count.
+#[inline(always)]
+fn gate(ctx: &XdpContext) -> (u32, GateResult) {
+    let drop = |r| (XDP_DROP, r);
+    // No config, or port 0: not configured yet, pass everything.
+    let cfg = match HB_CONFIG.get(0) {
+        Some(c) if c.port != 0 => c,
+        _ => return (XDP_PASS, GateResult::Pass),
+    };
+    // Steps 1-2: headers.
+    let f = match parse::parse(ctx, cfg.port) {
+        Parsed::Pass => return (XDP_PASS, GateResult::Pass),
+        Parsed::Malformed => return drop(GateResult::Malformed),
+        Parsed::Ours(f) => f,
+    };
+    let Some(mut buf) = Payload::load(ctx, f.payload()) else {
+        return drop(GateResult::Malformed);
+    };
+    // Steps 3-5: magic, version, kind and flags.
+    let d = match proto::parse_fixed(&buf.0, Kind::Heartbeat) {
+        Ok(d) => d,
+        Err(r) => return drop(r),
+    };
+    // Step 6: provisioned?
+    // SAFETY: only the slot and the one key we need are copied out, at
+    // once: userspace may replace the value at any time.
+    let Some(keys) = (unsafe { HB_NODE_KEYS.get(&d.node_id) }) else {
+        let mut r = report::about(REPORT_UNKNOWN_NODE, &d, 0, now());
+        report::send(ctx, &f, cfg, LIMIT_UNKNOWN, &mut r);
+        return drop(GateResult::UnknownNode);
+    };
+    // A slot beyond the array is a provisioning bug in userspace (it checks
+    // against MAX_NODES); the node is as good as unknown, without a report.
+    let Some(state) = HB_NODE_STATE.get_ptr_mut(keys.slot) else {
+        return drop(GateResult::UnknownNode);
+    };
+    // Step 7: a key for the epoch.
+    let Some(key) = keys.find(d.key_epoch).copied() else {
+        return drop(GateResult::BadEpoch);
+    };
+    // Step 8: the tag.
+    if !payload::verify(&key, &buf) {
+        // The per-node count is best effort: under contention only the
+        // global counter (and `contended`) records it.
+        match Locked::take(state) {
+            Some(mut l) => {
+                let s = l.get();
+                s.bad_tag = s.bad_tag.wrapping_add(1);
+                l.release();
+            }
+            None => count(counter::CONTENDED),
+        }
+        return drop(GateResult::BadTag);
+    }
+    // Steps 9-11 under the node's seqlock.
+    let Some(mut l) = Locked::take(state) else {
+        count(counter::CONTENDED);
+        return drop(GateResult::Replay);
+    };
+    let s = l.get();
+    let admit = match s.admit(&d) {
+        Ok(a) => a,
+        Err(r) => {
+            if r == GateResult::Stale {
+                s.stale = s.stale.wrapping_add(1);
+            } else {
+                s.replay = s.replay.wrapping_add(1);
+            }
+            l.release();
+            return drop(r);
+        }
+    };
+    let now_ns = now();
+    // `record` re-derives which `Fresh` case applies; without a barrier
+    // LLVM merges that with `admit`'s comparisons and the verifier, which
+    // does not track relations between two unknown registers, walks the
+    // impossible combination and rejects it. Through memory, the verifier
+    // sees one discriminant.
+    let admit = core::hint::black_box(admit);
+    let rec = s.record(&d, admit, now_ns);
+    let ack_interval = if cfg.pass_accepted != 0 {
+        None
+    } else {
+        let requested = l.requested_interval();
+        let s = l.get();
+        ack_policy(cfg, requested, s.interval_ms, s.accepted).inspect(|_| {
+            s.acks_sent = s.acks_sent.wrapping_add(1);
+        })
+    };
+    l.release();
+
+    if rec.restarted {
+        let mut r = report::about(REPORT_RESTART, &d, rec.prev_generation, now_ns);
+        report::send(ctx, &f, cfg, LIMIT_RESTART, &mut r);
+    }
+    if cfg.pass_accepted != 0 {
+        return (XDP_PASS, GateResult::Accepted);
+    }
+    match ack_interval {
+        Some(iv) => send_ack(ctx, &f, &mut buf, &key, iv),
+        None => drop(GateResult::Accepted),
+    }
+}
+
+/// Whether to answer an accepted heartbeat, and the interval to put in the
+/// ACK: `requested` (userspace's opinion) or the node's own when 0.
+/// `accepted` counts the node's accepted heartbeats including this one.
+#[inline(always)]
+fn ack_policy(cfg: &Config, requested: u32, reported: u32, accepted: u64) -> Option<u32> {
+    let changed = cfg.ack_on_change != 0 && requested != 0 && requested != reported;
+    let periodic = cfg.ack_every != 0 && accepted % cfg.ack_every as u64 == 0;
+    if !(changed || periodic) {
+        return None;
+    }
+    Some(if requested != 0 { requested } else { reported })
+}
+
+#[inline(always)]
+fn send_ack(
+    ctx: &XdpContext,
+    f: &Frame,
+    buf: &mut Payload,
+    key: &hb_common::NodeKey,
+    interval_ms: u32,
+) -> (u32, GateResult) {
+    payload::make_ack(buf, key, interval_ms);
+    match ack::rewrite(ctx, f, buf) {
+        Some(()) => {
+            count(counter::ACK_SENT);
+            (XDP_TX, GateResult::Accepted)
+        }
+        // Cannot happen after parsing; the heartbeat is still accepted.
+        None => (XDP_DROP, GateResult::Accepted),
+    }
+}
+
+/// Arrival time: CLOCK_MONOTONIC ns, the clock of `NodeState`.
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
 }
 
 #[cfg(not(test))]

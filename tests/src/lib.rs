@@ -1,4 +1,5 @@
 //! Support for hb's integration tests: namespaces and veth pairs as RAII
 //! guards. Tests need root, BPF and namespaces; CI runs them all.
 
+pub mod frames;
 pub mod netns;

@@ -15,7 +15,10 @@ use std::{
 
 use hb_common::{
     GateResult,
-    maps::{Config, MAX_NODES, NodeKeys, NodeState, REPORT_RESTART, REPORT_UNKNOWN_NODE, Report},
+    maps::{
+        Config, MAX_NODES, NodeKeys, NodeState, REPORT_RESTART, REPORT_UNKNOWN_NODE, RateLimit,
+        Report,
+    },
     proto::{self, Kind},
 };
 use tokio::sync::mpsc;
@@ -27,9 +30,9 @@ struct Inner {
     states: Vec<NodeState>,
     counters: Counters,
     config: Config,
-    /// Token bucket of the report rate limit (millitokens, last refill).
-    tokens_milli: u64,
-    last_refill_ns: u64,
+    /// Token buckets of the report rate limit: unknown nodes, restarts
+    /// (as the kernel's `HB_LIMITS`).
+    limits: [RateLimit; 2],
 }
 
 /// What the gate did with one datagram.
@@ -63,8 +66,7 @@ impl MemDataplane {
                 states: Vec::new(),
                 counters: [0; hb_common::maps::counter::LEN as usize],
                 config: Config::default(),
-                tokens_milli: 0,
-                last_refill_ns: 0,
+                limits: [RateLimit::default(); 2],
             }),
             reports_tx,
             reports_rx: Some(reports_rx),
@@ -163,7 +165,7 @@ impl Inner {
         let state = &mut self.states[slot as usize];
         let requested = state.requested_interval_ms;
         let changed = cfg.ack_on_change != 0 && requested != 0 && requested != state.interval_ms;
-        let periodic = cfg.ack_every != 0 && state.accepted % cfg.ack_every as u64 == 0;
+        let periodic = cfg.ack_every != 0 && state.accepted.is_multiple_of(cfg.ack_every as u64);
         if !(changed || periodic) {
             return None;
         }
@@ -189,16 +191,11 @@ impl Inner {
     ) {
         // The same token bucket as the kernel's (one bucket here: one CPU).
         let cfg = self.config;
-        let cap = cfg.report_burst as u64 * 1000;
-        let refill =
-            now_ns.saturating_sub(self.last_refill_ns) / 1000 * cfg.report_rate as u64 / 1000;
-        self.tokens_milli = (self.tokens_milli + refill).min(cap);
-        self.last_refill_ns = now_ns;
-        if self.tokens_milli < 1000 {
+        let bucket = if kind == REPORT_UNKNOWN_NODE { 0 } else { 1 };
+        if !self.limits[bucket].take(cfg.report_rate, cfg.report_burst, now_ns) {
             self.counters[hb_common::maps::counter::REPORT_LIMITED as usize] += 1;
             return;
         }
-        self.tokens_milli -= 1000;
         let (family, src_addr) = match src {
             SocketAddr::V4(a) => {
                 let mut b = [0u8; 16];
@@ -282,9 +279,6 @@ impl Dataplane for MemDataplane {
 
     fn set_config(&self, cfg: &Config) -> anyhow::Result<()> {
         let mut g = self.lock();
-        if g.config.report_burst != cfg.report_burst {
-            g.tokens_milli = cfg.report_burst as u64 * 1000;
-        }
         g.config = *cfg;
         Ok(())
     }

@@ -10,6 +10,7 @@
 //! the dataplane's, so a tick is a linear scan.
 
 pub mod mem;
+pub mod xdp;
 
 use std::ops::Range;
 

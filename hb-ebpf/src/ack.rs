@@ -1,0 +1,87 @@
+//! Turning an accepted heartbeat into its ACK, in place (PROTOCOL.md,
+//! "ACK"): the payload becomes `proto::make_ack`'s bytes, Ethernet
+//! addresses, IP addresses and UDP ports are swapped (a VLAN tag stays
+//! where it is), and the UDP checksum is computed from scratch over the
+//! pseudo-header, the UDP header and the new payload. The incoming
+//! checksum is never reused: on veth it is often CHECKSUM_PARTIAL (only
+//! the pseudo-header sum), so incremental updates would propagate garbage.
+//! The IPv4 header checksum does not change: swapping two 16-bit-aligned
+//! fields leaves a ones' complement sum unchanged.
+
+use aya_ebpf::programs::XdpContext;
+
+use crate::parse::{Frame, UDP_DGRAM_LEN, at};
+use crate::payload::Payload;
+
+/// Swaps `N` bytes at `a` with `N` bytes at `b` in the packet.
+#[inline(always)]
+fn swap<const N: usize>(ctx: &XdpContext, a: usize, b: usize) -> Option<()> {
+    let pa = at::<N>(ctx, a)?;
+    let pb = at::<N>(ctx, b)?;
+    // SAFETY: both ranges are inside the packet (checked) and disjoint
+    // (callers pass non-overlapping fields).
+    unsafe { core::ptr::swap_nonoverlapping(pa, pb, 1) };
+    Some(())
+}
+
+/// Ones' complement sum of `N` bytes (N even) read as native-endian 16-bit
+/// words; RFC 1071 shows the sum is byte-order independent if the result
+/// is stored the same way.
+#[inline(always)]
+fn sum<const N: usize>(b: &[u8; N]) -> u64 {
+    let mut s = 0u64;
+    let mut i = 0;
+    while i < N {
+        s += u16::from_ne_bytes([b[i], b[i + 1]]) as u64;
+        i += 2;
+    }
+    s
+}
+
+#[inline(always)]
+fn fold(mut s: u64) -> u16 {
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s as u16
+}
+
+/// Rewrites the frame into the ACK whose payload is `ack`. `None` if a
+/// bounds check fails (it cannot after parsing; the caller then drops).
+#[inline(always)]
+pub fn rewrite(ctx: &XdpContext, f: &Frame, ack: &Payload) -> Option<()> {
+    swap::<6>(ctx, 0, 6)?;
+    let addrs = if f.v6 {
+        swap::<16>(ctx, f.l3 + 8, f.l3 + 24)?;
+        // SAFETY: in bounds (checked by `at`).
+        sum(unsafe { &*at::<32>(ctx, f.l3 + 8)? })
+    } else {
+        swap::<4>(ctx, f.l3 + 12, f.l3 + 16)?;
+        // SAFETY: in bounds (checked by `at`).
+        sum(unsafe { &*at::<8>(ctx, f.l3 + 12)? })
+    };
+    swap::<2>(ctx, f.udp, f.udp + 2)?;
+    let udp = at::<8>(ctx, f.udp)?;
+    let payload = at::<{ hb_common::proto::LEN }>(ctx, f.payload())?;
+    // SAFETY: in bounds (checked by `at`); `udp` and `payload` are disjoint.
+    unsafe {
+        *payload = ack.0;
+        let udp = &mut *udp;
+        // Pseudo-header: addresses, zero + protocol 17, UDP length; then
+        // the UDP header (ports, length, checksum 0) and the payload.
+        let len = UDP_DGRAM_LEN.to_be_bytes();
+        let mut s = addrs
+            + u16::from_ne_bytes([0, 17]) as u64
+            + 2 * u16::from_ne_bytes(len) as u64
+            + u16::from_ne_bytes([udp[0], udp[1]]) as u64
+            + u16::from_ne_bytes([udp[2], udp[3]]) as u64
+            + sum(&ack.0);
+        s = !fold(s) as u64;
+        // 0 means "no checksum" (IPv4) or is forbidden (IPv6): send ~0.
+        let c = if s == 0 { 0xffff } else { s as u16 };
+        let c = c.to_ne_bytes();
+        udp[6] = c[0];
+        udp[7] = c[1];
+    }
+    Some(())
+}

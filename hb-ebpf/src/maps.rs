@@ -1,0 +1,78 @@
+//! The gate's maps. Names, sizes and value layouts are defined once, in
+//! `hb_common::maps`; the statics below are named exactly like
+//! `hb_common::maps::names` (checked at compile time) because the symbol
+//! name is the map's name in the object.
+
+use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+};
+use hb_common::maps::{
+    Config, EVENTS_BYTES, MAX_NODES, NodeKeys, NodeState, RateLimit, counter, names,
+};
+
+/// Provisioned nodes: node id -> slot and keys. Written by userspace only.
+#[map]
+pub static HB_NODE_KEYS: HashMap<u32, NodeKeys> = HashMap::with_max_entries(MAX_NODES, 0);
+
+/// Per-node state, indexed by `NodeKeys::slot`. Mmap-able so userspace
+/// reads every node under its seqcount without a syscall per node.
+#[map]
+pub static HB_NODE_STATE: Array<NodeState> = Array::with_max_entries(MAX_NODES, BPF_F_MMAPABLE);
+
+/// Per-CPU counters: `GateResult::index()` and `counter::*`.
+#[map]
+pub static HB_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
+
+/// One `Config`; missing or port 0 means "pass everything".
+#[map]
+pub static HB_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Reports to userspace (unknown node, restart).
+#[map]
+pub static HB_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Per-CPU token buckets of the report rate limit.
+#[map]
+pub static HB_LIMITS: PerCpuArray<RateLimit> = PerCpuArray::with_max_entries(2, 0);
+
+/// `HB_LIMITS` index of the unknown-node bucket.
+pub const LIMIT_UNKNOWN: u32 = 0;
+/// `HB_LIMITS` index of the restart bucket.
+pub const LIMIT_RESTART: u32 = 1;
+
+const fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+// The statics above must carry the names userspace looks up.
+const _: () = assert!(same(names::NODE_KEYS, "HB_NODE_KEYS"));
+const _: () = assert!(same(names::NODE_STATE, "HB_NODE_STATE"));
+const _: () = assert!(same(names::COUNTERS, "HB_COUNTERS"));
+const _: () = assert!(same(names::CONFIG, "HB_CONFIG"));
+const _: () = assert!(same(names::EVENTS, "HB_EVENTS"));
+const _: () = assert!(same(names::LIMITS, "HB_LIMITS"));
+const _: () = assert!(same(names::PROGRAM, "hb_xdp"));
+const _: () = assert!(same(names::PASS, "hb_pass"));
+const _: () = assert!(same(names::FLOOR, "hb_floor"));
+
+/// Adds one to the per-CPU counter `idx`.
+#[inline(always)]
+pub fn count(idx: u32) {
+    if let Some(c) = HB_COUNTERS.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, XDP runs with preemption disabled.
+        unsafe { *c += 1 };
+    }
+}
