@@ -191,6 +191,20 @@ impl Drop for Proc {
     }
 }
 
+/// Removes the monitor's pin directory when the demo ends (after the
+/// monitor: declared before it, dropped after it).
+struct PinGuard(std::path::PathBuf);
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if self.0.exists()
+            && let Err(e) = std::fs::remove_dir_all(&self.0)
+        {
+            eprintln!("demo: cannot remove {}: {e}", self.0.display());
+        }
+    }
+}
+
 /// One event line of the monitor, as printed and as parsed.
 #[derive(Clone, Debug)]
 struct Event {
@@ -207,6 +221,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         && !v.is_empty()
     {
         eprintln!("demo: deleted leftover namespaces {}", v.join(" "));
+    }
+    if let Ok(v) = util::sweep_pins("hbd-")
+        && !v.is_empty()
+    {
+        eprintln!("demo: removed leftover pins /sys/fs/bpf/{}", v.join(" "));
     }
     let dir = std::env::temp_dir().join(format!("hb-demo-{pid}"));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -267,6 +286,8 @@ fn story(args: &Args, hb: &Path, pid: u32, dir: &Path) -> anyhow::Result<()> {
     }
 
     let mon_ns = net.ns("mon");
+    let pin_dir = Path::new("/sys/fs/bpf").join(format!("hbd-{pid}"));
+    let _pins = PinGuard(pin_dir.clone());
     let monitor_args: Vec<String> = [
         "monitor",
         "--iface",
@@ -283,6 +304,9 @@ fn story(args: &Args, hb: &Path, pid: u32, dir: &Path) -> anyhow::Result<()> {
         "-",
         "--mode",
         &args.mode,
+        // Pins of its own, so the demo never touches a real monitor's.
+        "--pin-dir",
+        &pin_dir.display().to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
