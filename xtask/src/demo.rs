@@ -84,6 +84,16 @@ impl Net {
         )?;
         self.ip(&br, &["link", "set", port, "master", "br0", "up"])?;
         self.ip(ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        // No duplicate address detection: the IPv6 link-local address is
+        // usable at once (a monitor binding every address of the interface
+        // would otherwise fail on a tentative one).
+        output(Command::new("nsenter").args([
+            &format!("--net=/var/run/netns/{ns}"),
+            "--",
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.eth0.accept_dad=0",
+        ]))?;
         self.ip(ns, &["link", "set", "eth0", "up"])
     }
 
@@ -374,6 +384,14 @@ fn story(args: &Args, hb: &Path, pid: u32, dir: &Path) -> anyhow::Result<()> {
     let all: Vec<u64> = (1..=NODES as u64).collect();
     expect_states(&mut monitor, &nodes_cmd, &all, "alive", step_timeout)?;
     show_table("all nodes joined", &nodes_cmd)?;
+    // Let the monitor learn each node's rhythm before anything fails, so
+    // the detection below is a steady-state one.
+    println!("demo: letting the fleet run for 3 s");
+    let settle = Instant::now() + Duration::from_secs(3);
+    wait_for("the fleet to settle", Duration::from_secs(5), || {
+        check_monitor(&mut monitor)?;
+        Ok(Instant::now() >= settle)
+    })?;
 
     println!("\ndemo: node 3 crashes (SIGKILL): the monitor should declare it dead");
     let t = Instant::now();
