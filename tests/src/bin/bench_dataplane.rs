@@ -2,24 +2,66 @@
 //! BPF_PROG_TEST_RUN, as a ratio to `hb_floor` (XDP_DROP at once) measured
 //! in the same run and the same way. Needs root.
 //!
-//! The machine is shared (five engineers building at once), so every
-//! figure is the best of `ROUNDS` measurements: interference only ever
-//! adds time.
+//! Two clocks:
+//! - test_run: the kernel's own per-run time of BPF_PROG_TEST_RUN (what
+//!   issue 2's goals are stated in), measured with `bpf_stats` off. With
+//!   `repeat` it includes the test loop's per-iteration overhead (the
+//!   floor shows how much); with `repeat` = 1 it also includes the timer's
+//!   per-call overhead.
+//! - program: `bpf_stats` (BPF_ENABLE_STATS, held only for these runs):
+//!   the kernel's `run_time_ns / run_cnt` of the program, timed around the
+//!   program call alone, the way a production program is accounted. Turning
+//!   stats on adds two clock reads to every run (on this VM about 40 ns,
+//!   see the floor), the same for every program, so only differences
+//!   between programs in this column mean something.
 //!
-//! Two methods, because the gate is stateful:
-//! - repeat: one `test_run` with `repeat` = 1,000,000 over the same frame;
-//!   the kernel reports the mean ns per run. Honest for results that do
-//!   not change with repetition (pass-through, bad_tag, replay, unknown
-//!   node).
+//! Two ways of feeding frames, because the gate is stateful:
+//! - repeat: one `test_run` with `repeat` = 1,000,000 over the same frame.
+//!   Honest for results that do not change with repetition (pass-through,
+//!   bad_magic, bad_epoch, bad_tag, replay, unknown node).
 //! - distinct: a repeated heartbeat is a replay after its first run, so
-//!   accepted heartbeats are measured over N distinct frames (seq 1..N),
-//!   one `test_run` (repeat 1) each, mean of the kernel's per-run times;
-//!   the floor is measured the same way over the same frames.
+//!   accepted heartbeats run over `DISTINCT` frames with fresh sequence
+//!   numbers, one `test_run` (repeat = 1) each. Between two runs the
+//!   syscall path evicts part of the caches, so "distinct" costs are those
+//!   of a colder program; the same frames run again (all replays now) and
+//!   the floor over the same frames show that penalty.
+//!
+//! Accepted heartbeats in the units of the repeat method (the goal's):
+//! - upper bound (cold): floor (repeat, test_run) + the program-time
+//!   difference (accepted - floor) over distinct frames.
+//! - steady state: replay (repeat, test_run) + the program-time difference
+//!   (accepted - replay) over the same distinct frames: both runs see the
+//!   same frames in the same cache state and the accepted path is the
+//!   replay path plus recording (steps 9-11 share the lock and the admit).
+//!   Applying the cold formula to replay, where a repeat measurement
+//!   exists, shows the cold penalty.
+//!
+//! On a veth (the production path, warm): `hb_floor`, then `hb_xdp`
+//! attached natively on `veth-a` of a namespace pair, veth-a's NAPI in a
+//! thread pinned to the bench CPU (it polls up to 64 frames back to back,
+//! as a NIC driver does), `DISTINCT` distinct heartbeats pushed from
+//! `veth-b` through AF_PACKET `sendmmsg` on the other CPU, then the same
+//! frames again (replays). bpf_stats gives the program's ns per frame; the
+//! warm accepted cost in repeat units is floor (repeat, test_run) +
+//! [veth program(accepted) - veth program(floor)], checked the same way
+//! on replay against replay's repeat measurement.
+//!
+//! The machine is shared (five engineers building at once on 2 cores): the
+//! thread is pinned to one CPU (`HB_BENCH_CPU`, default 0), every row is
+//! measured `ROUNDS` times, rounds interleave all rows, and each figure is
+//! the median over the rounds with the min-max spread.
 
-use std::io::Write as _;
+use std::{
+    io::Write as _,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
-use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya::{
+    programs::{TestRun, TestRunOptions, Xdp, XdpMode},
+    sys::{Stats, enable_stats},
+};
 use hb::dataplane::{
     Dataplane,
     xdp::{XdpDataplane, XdpOptions},
@@ -28,20 +70,23 @@ use hb_common::{
     Datagram, Kind, NodeKey,
     maps::{Config, MAX_NODES, NodeKeys, names},
 };
-use hb_tests::frames::Udp;
+use hb_tests::{
+    frames::Udp,
+    netns::{IF_A, IF_B, VethPair, sh},
+};
 
 const PORT: u16 = 7420;
 const REPEAT: u32 = 1_000_000;
 const DISTINCT: u64 = 100_000;
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 7;
 const KEY: NodeKey = NodeKey { k0: 11, k1: 22 };
 
-fn hb(seq: u64) -> Vec<u8> {
+fn dgram(node_id: u32, key_epoch: u8, seq: u64) -> Vec<u8> {
     let d = Datagram {
         kind: Kind::Heartbeat,
-        node_id: 42,
+        node_id,
         generation: 1,
-        key_epoch: 0,
+        key_epoch,
         flags: 0,
         load: 0,
         seq,
@@ -52,49 +97,312 @@ fn hb(seq: u64) -> Vec<u8> {
     Udp::v4(PORT, &d.seal(&KEY)).build()
 }
 
-fn run(dp: &XdpDataplane, prog: &str, frame: &[u8], repeat: u32) -> anyhow::Result<f64> {
+fn hb(seq: u64) -> Vec<u8> {
+    dgram(42, 0, seq)
+}
+
+/// One measurement: ns per packet by the test_run clock and by bpf_stats.
+#[derive(Clone, Copy, Default)]
+struct Sample {
+    test_run: f64,
+    program: f64,
+}
+
+/// The program's cumulative (run_time_ns, run_cnt) from bpf_stats.
+fn stats(p: &Xdp) -> anyhow::Result<(u64, u64)> {
+    let i = p.info()?;
+    Ok((i.run_time().as_nanos() as u64, i.run_count()))
+}
+
+/// Runs `prog` over each of `frames` with `repeat`; mean per packet.
+fn measure(
+    dp: &XdpDataplane,
+    prog: &str,
+    frames: &[Vec<u8>],
+    repeat: u32,
+    stats_on: bool,
+) -> anyhow::Result<Sample> {
     let mut ebpf = dp.ebpf();
     let p: &mut Xdp = ebpf
         .program_mut(prog)
         .with_context(|| format!("no program {prog}"))?
         .try_into()?;
-    let mut out = vec![0u8; frame.len() + 256];
-    let r = p.test_run(TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        repeat,
-        ..TestRunOptions::default()
-    })?;
-    Ok(r.duration.as_nanos() as f64)
+    let mut out = vec![0u8; 512];
+    let (t0, n0) = stats(p)?;
+    let mut total = 0u128;
+    for f in frames {
+        let r = p.test_run(TestRunOptions {
+            data_in: Some(f),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::default()
+        })?;
+        total += r.duration.as_nanos();
+    }
+    let (t1, n1) = stats(p)?;
+    let runs = frames.len() as u64 * repeat as u64;
+    anyhow::ensure!(
+        !stats_on || n1 - n0 == runs,
+        "bpf_stats counted {} runs of {prog}, expected {runs} (stats not enabled?)",
+        n1 - n0
+    );
+    Ok(Sample {
+        test_run: total as f64 / frames.len() as f64,
+        program: (t1 - t0) as f64 / runs as f64,
+    })
 }
 
-/// Best of `ROUNDS` runs with `repeat`.
-fn best(dp: &XdpDataplane, prog: &str, frame: &[u8]) -> anyhow::Result<f64> {
-    let mut b = f64::MAX;
-    for _ in 0..ROUNDS {
-        b = b.min(run(dp, prog, frame, REPEAT)?);
-    }
-    Ok(b)
+/// Median, min and max of one column.
+fn summary(xs: &[f64]) -> (f64, f64, f64) {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let med = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (med, v[0], v[n - 1])
 }
 
-/// Mean kernel ns per run over distinct heartbeats `seqs`.
-fn distinct(dp: &XdpDataplane, prog: &str, seqs: std::ops::Range<u64>) -> anyhow::Result<f64> {
-    let n = (seqs.end - seqs.start) as f64;
-    let mut total = 0.0;
-    for s in seqs {
-        total += run(dp, prog, &hb(s), 1)?;
+/// A row: every round's sample.
+struct Row {
+    case: &'static str,
+    method: &'static str,
+    /// The test_run column: measured with stats off.
+    test_run: Vec<f64>,
+    /// The program column: measured with stats on.
+    program: Vec<f64>,
+}
+
+impl Row {
+    fn new(case: &'static str, method: &'static str) -> Row {
+        Row {
+            case,
+            method,
+            test_run: Vec::new(),
+            program: Vec::new(),
+        }
     }
-    Ok(total / n)
+    fn test_run(&self) -> (f64, f64, f64) {
+        summary(&self.test_run)
+    }
+    fn program(&self) -> (f64, f64, f64) {
+        summary(&self.program)
+    }
+}
+
+/// Frames per `sendmmsg` on the veth.
+const VETH_BATCH: usize = 64;
+
+/// An AF_PACKET socket on `veth-b` (created in namespace `b`): frames
+/// sent on it arrive at `veth-a`, whose XDP program sees them.
+fn packet_socket(pair: &VethPair) -> anyhow::Result<OwnedFd> {
+    let ifindex = pair.b.ifindex(IF_B)?;
+    pair.b.run(move || -> anyhow::Result<OwnedFd> {
+        // SAFETY: plain socket(2); the fd is owned at once.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        anyhow::ensure!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: fd was just returned by socket(2).
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: zeroed sockaddr_ll is valid; fields set below.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = ifindex as i32;
+        // SAFETY: sll is a valid sockaddr_ll of the given length.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&raw const sll).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        anyhow::ensure!(
+            rc == 0,
+            "bind to {IF_B}: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(fd)
+    })?
+}
+
+/// Sends every frame once, `VETH_BATCH` per sendmmsg, retrying a batch
+/// the device queue refused (veth applies back-pressure when the peer's
+/// ring is full). Bounded: gives up after 10 s.
+fn send_all(fd: &OwnedFd, frames: &[Vec<u8>]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for chunk in frames.chunks(VETH_BATCH) {
+        let mut iov: Vec<libc::iovec> = chunk
+            .iter()
+            .map(|f| libc::iovec {
+                iov_base: f.as_ptr() as *mut _,
+                iov_len: f.len(),
+            })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = iov
+            .iter_mut()
+            .map(|v| {
+                // SAFETY: a zeroed mmsghdr is valid; iov set below.
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_iov = v;
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        let mut done = 0;
+        while done < msgs.len() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "veth send did not finish in 10 s"
+            );
+            // SAFETY: msgs[done..] are valid mmsghdrs pointing at live frames.
+            let n = unsafe {
+                libc::sendmmsg(
+                    fd.as_raw_fd(),
+                    msgs[done..].as_mut_ptr(),
+                    (msgs.len() - done) as u32,
+                    0,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EAGAIN)) {
+                    std::thread::yield_now();
+                    continue;
+                }
+                return Err(e).context("sendmmsg on veth-b");
+            }
+            done += n as usize;
+        }
+    }
+    Ok(())
+}
+
+/// Mean program ns per frame (bpf_stats) of `prog` attached natively on
+/// `veth-a` while `frames` arrive from `veth-b`; also the run count.
+fn veth_cost(
+    dp: &XdpDataplane,
+    pair: &VethPair,
+    sock: &OwnedFd,
+    prog: &str,
+    frames: &[Vec<u8>],
+    napi_cpu: usize,
+    sender_cpu: usize,
+) -> anyhow::Result<(f64, u64)> {
+    let mut ebpf = dp.ebpf();
+    let p: &mut Xdp = ebpf
+        .program_mut(prog)
+        .with_context(|| format!("no program {prog}"))?
+        .try_into()?;
+    // Other engineers' tests name their veths alike: our NAPI thread is
+    // the one that appears when we attach.
+    let prefix = format!("napi/{IF_A}-");
+    let before = kthreads(&prefix);
+    let link = pair
+        .a
+        .run(|| p.attach(IF_A, XdpMode::Driver))?
+        .with_context(|| format!("attach {prog} to {IF_A} (native)"))?;
+    threaded_napi(pair)?;
+    let ours: Vec<i32> = kthreads(&prefix)
+        .into_iter()
+        .filter(|t| !before.contains(t))
+        .collect();
+    pin_pids(&ours, napi_cpu);
+    // Frames still in flight from an earlier run would be counted here.
+    std::thread::sleep(Duration::from_millis(50));
+    let (t0, n0) = stats(p)?;
+    let sent = std::thread::scope(|s| {
+        s.spawn(|| {
+            pin(sender_cpu);
+            send_all(sock, frames)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender thread panicked"))?
+    });
+    // Let the NAPI thread drain the ring.
+    std::thread::sleep(Duration::from_millis(50));
+    let (t1, n1) = stats(p)?;
+    p.detach(link)?;
+    sent?;
+    let runs = n1 - n0;
+    anyhow::ensure!(runs > 0, "{prog} saw no frame on {IF_A}");
+    Ok(((t1 - t0) as f64 / runs as f64, runs))
+}
+
+/// Kernel threads whose name starts with `prefix`.
+fn kthreads(prefix: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        comm.starts_with(prefix).then_some(pid)
+    })
+    .collect()
+}
+
+/// Runs veth-a's NAPI in a kernel thread, so frames queued by the sender
+/// are polled in batches of up to 64, as a NIC driver polls its ring, and
+/// the program runs back to back. veth has NAPI only while XDP is
+/// attached: call after attaching.
+fn threaded_napi(pair: &VethPair) -> anyhow::Result<()> {
+    // /sys/class/net shows the namespace that mounted it: `ip netns exec`
+    // remounts /sys for this one process.
+    sh(std::process::Command::new("ip").args([
+        "netns",
+        "exec",
+        pair.a.name(),
+        "sh",
+        "-c",
+        &format!("echo 1 > /sys/class/net/{IF_A}/threaded"),
+    ]))
+    .context("threaded NAPI on veth-a")?;
+    Ok(())
+}
+
+/// Pins the threads in `pids` to `cpu`.
+fn pin_pids(pids: &[i32], cpu: usize) {
+    for &pid in pids {
+        // SAFETY: a zeroed cpu_set_t with one CPU set.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(pid, size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+}
+
+fn pin(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one CPU set, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     // One CPU: per-CPU counters and buckets, and steadier numbers.
-    // SAFETY: a zeroed cpu_set_t with CPU 0 set, for this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-    }
+    let cpu: usize = std::env::var("HB_BENCH_CPU")
+        .ok()
+        .map(|s| s.parse())
+        .transpose()
+        .context("HB_BENCH_CPU: a CPU number")?
+        .unwrap_or(0);
+    pin(cpu);
+    // Fewer rounds for quick experiments (HB_BENCH_ROUNDS=1).
+    let rounds: usize = std::env::var("HB_BENCH_ROUNDS")
+        .ok()
+        .map(|s| s.parse())
+        .transpose()
+        .context("HB_BENCH_ROUNDS: a number")?
+        .unwrap_or(ROUNDS);
     let dp = XdpDataplane::open(&XdpOptions::default()).context("load (run as root)")?;
     let keys = NodeKeys {
         slot: 0,
@@ -110,123 +418,187 @@ fn main() -> anyhow::Result<()> {
     };
     dp.set_config(&cfg)?;
 
-    let other = Udp::v4(53, &[0u8; 48]).build();
-    let mut bad_tag = hb(1);
-    let n = bad_tag.len();
-    bad_tag[n - 1] ^= 1;
-    let unknown = {
-        let d = Datagram {
-            kind: Kind::Heartbeat,
-            node_id: 7,
-            generation: 1,
-            key_epoch: 0,
-            flags: 0,
-            load: 0,
-            seq: 1,
-            sent_ns: 1,
-            interval_ms: 1000,
-            rtt_us: 0,
-        };
-        Udp::v4(PORT, &d.seal(&KEY)).build()
+    let other = vec![Udp::v4(53, &[0u8; 48]).build()];
+    let bad_tag = {
+        let mut f = hb(1);
+        let n = f.len();
+        f[n - 1] ^= 1;
+        vec![f]
     };
+    let bad_magic = {
+        let mut f = hb(1);
+        let n = f.len();
+        f[n - 48] = 0;
+        vec![f]
+    };
+    let bad_epoch = vec![dgram(42, 9, 1)];
+    let unknown = vec![dgram(7, 0, 1)];
+    let replay = vec![hb(5)];
+    let floor_frame = vec![hb(1)];
 
-    let floor_r = best(&dp, names::FLOOR, &hb(1))?;
-    let mut rows: Vec<(&str, &str, f64, f64)> = Vec::new();
-    let pass = best(&dp, names::PROGRAM, &other)?;
-    rows.push(("non-heartbeat pass-through", "repeat", pass, floor_r));
+    let mut floor_r = Row::new("floor (`hb_floor`, XDP_DROP at once)", "repeat");
+    let mut pass = Row::new("non-heartbeat pass-through", "repeat");
+    let mut bt = Row::new("bad_tag", "repeat");
+    let mut rp = Row::new("replay", "repeat");
+    let mut un = Row::new("unknown_node", "repeat");
+    let mut bm = Row::new("(breakdown) bad_magic: headers + payload", "repeat");
+    let mut be = Row::new("(breakdown) bad_epoch: + key lookup", "repeat");
+    let mut floor_d = Row::new("floor (`hb_floor`, XDP_DROP at once)", "distinct");
+    let mut acc = Row::new("accepted heartbeat", "distinct");
+    let mut ack = Row::new("accepted + ACK (XDP_TX)", "distinct");
+    let mut rd = Row::new("replay (the accepted frames again)", "distinct");
 
-    // Accepted: distinct frames, floor measured over the same frames.
-    // Each round uses fresh sequence numbers; the replay row goes over
-    // the round's accepted frames again.
-    let (mut floor_d, mut acc, mut ack, mut rd) = (f64::MAX, f64::MAX, f64::MAX, f64::MAX);
-    for round in 0..ROUNDS as u64 {
-        let base = 1 + round * 2 * DISTINCT;
-        let first = base..base + DISTINCT;
-        let second = base + DISTINCT..base + 2 * DISTINCT;
-        floor_d = floor_d.min(distinct(&dp, names::FLOOR, first.clone())?);
-        acc = acc.min(distinct(&dp, names::PROGRAM, first.clone())?);
-        rd = rd.min(distinct(&dp, names::PROGRAM, first)?);
-        dp.set_config(&Config {
-            ack_every: 1,
-            ..cfg
-        })?;
-        ack = ack.min(distinct(&dp, names::PROGRAM, second)?);
-        dp.set_config(&cfg)?;
+    // Rounds interleave every row, so a burst of load from another
+    // engineer's build hits one round of everything, not every round of
+    // one row. Each round runs everything twice: stats off (test_run
+    // column), then on (program column), with fresh sequence numbers.
+    let mut next_seq = 1;
+    for _ in 0..rounds {
+        for stats_on in [false, true] {
+            // bpf_stats are global: on only while this fd is open.
+            let _stats = if stats_on {
+                Some(enable_stats(Stats::RunTime).context("BPF_ENABLE_STATS")?)
+            } else {
+                None
+            };
+            let push = |row: &mut Row, prog: &str, frames: &[Vec<u8>], repeat: u32| {
+                measure(&dp, prog, frames, repeat, stats_on).map(|s| {
+                    if stats_on {
+                        row.program.push(s.program);
+                    } else {
+                        row.test_run.push(s.test_run);
+                    }
+                })
+            };
+            let first: Vec<Vec<u8>> = (next_seq..next_seq + DISTINCT).map(hb).collect();
+            next_seq += DISTINCT;
+            let second: Vec<Vec<u8>> = (next_seq..next_seq + DISTINCT).map(hb).collect();
+            next_seq += DISTINCT;
+
+            push(&mut floor_r, names::FLOOR, &floor_frame, REPEAT)?;
+            push(&mut pass, names::PROGRAM, &other, REPEAT)?;
+            push(&mut floor_d, names::FLOOR, &first, 1)?;
+            push(&mut acc, names::PROGRAM, &first, 1)?;
+            push(&mut rd, names::PROGRAM, &first, 1)?;
+            dp.set_config(&Config {
+                ack_every: 1,
+                ..cfg
+            })?;
+            push(&mut ack, names::PROGRAM, &second, 1)?;
+            dp.set_config(&cfg)?;
+            push(&mut bt, names::PROGRAM, &bad_tag, REPEAT)?;
+            push(&mut rp, names::PROGRAM, &replay, REPEAT)?;
+            push(&mut un, names::PROGRAM, &unknown, REPEAT)?;
+            push(&mut bm, names::PROGRAM, &bad_magic, REPEAT)?;
+            push(&mut be, names::PROGRAM, &bad_epoch, REPEAT)?;
+        }
     }
-    rows.push(("accepted heartbeat", "distinct", acc, floor_d));
-    rows.push(("accepted + ACK (XDP_TX)", "distinct", ack, floor_d));
 
-    let bt = best(&dp, names::PROGRAM, &bad_tag)?;
-    rows.push(("bad_tag", "repeat", bt, floor_r));
-    let rp = best(&dp, names::PROGRAM, &hb(5))?;
-    rows.push(("replay", "repeat", rp, floor_r));
-    let un = best(&dp, names::PROGRAM, &unknown)?;
-    rows.push(("unknown_node", "repeat", un, floor_r));
-
-    // Where the time goes (each row adds one step of the gate):
-    // bad_magic = headers + payload copy; bad_epoch = + key lookup;
-    // bad_tag = + SipHash + per-node lock; replay = + admit.
-    let mut magic = hb(1);
-    let n = magic.len();
-    magic[n - 48] = 0;
-    let bm = best(&dp, names::PROGRAM, &magic)?;
-    rows.push((
-        "(breakdown) bad_magic: headers + payload",
-        "repeat",
-        bm,
-        floor_r,
-    ));
-    let epoch = {
-        let d = Datagram {
-            kind: Kind::Heartbeat,
-            node_id: 42,
-            generation: 1,
-            key_epoch: 9,
-            flags: 0,
-            load: 0,
-            seq: 1,
-            sent_ns: 1,
-            interval_ms: 1000,
-            rtt_us: 0,
-        };
-        Udp::v4(PORT, &d.seal(&KEY)).build()
-    };
-    let be = best(&dp, names::PROGRAM, &epoch)?;
-    rows.push(("(breakdown) bad_epoch: + key lookup", "repeat", be, floor_r));
-    // The accepted frames again, now all replays: the same method as the
-    // accepted rows, so (accepted - replay) in this method is what
-    // recording the arrival adds.
-    rows.push(("replay (same frames as accepted)", "distinct", rd, floor_d));
+    // The veth measurement: warm, production path (see the module doc).
+    let pair = VethPair::new("perf").context("veth pair for the bench")?;
+    let sock = packet_socket(&pair)?;
+    // Online CPUs (available_parallelism would say 1: this thread is pinned).
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+    let sender_cpu = (cpu + 1) % cpus;
+    let (mut v_floor, mut v_acc, mut v_rp) = (Vec::new(), Vec::new(), Vec::new());
+    let mut v_runs = 0u64;
+    let accepted_before = dp.counters()?[10];
+    {
+        let _stats = enable_stats(Stats::RunTime).context("BPF_ENABLE_STATS")?;
+        for _ in 0..rounds {
+            let frames: Vec<Vec<u8>> = (next_seq..next_seq + DISTINCT).map(hb).collect();
+            next_seq += DISTINCT;
+            let cost = |prog| veth_cost(&dp, &pair, &sock, prog, &frames, cpu, sender_cpu);
+            v_floor.push(cost(names::FLOOR)?.0);
+            let (a, n) = cost(names::PROGRAM)?;
+            v_acc.push(a);
+            v_runs += n;
+            v_rp.push(cost(names::PROGRAM)?.0);
+        }
+    }
+    let v_accepted = dp.counters()?[10] - accepted_before;
+    drop(sock);
+    drop(pair);
 
     let c = dp.counters()?;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load = load.trim();
     let mut out = std::io::stdout().lock();
-    writeln!(out, "## hb dataplane: BPF_PROG_TEST_RUN, CPU 0\n")?;
+    writeln!(out, "## hb dataplane: BPF_PROG_TEST_RUN, CPU {cpu}\n")?;
+    writeln!(out, "load average (1, 5, 15 min, ...): {load}\n")?;
     writeln!(
         out,
-        "floor (`hb_floor`, XDP_DROP at once): {floor_r:.1} ns with repeat={REPEAT}, {floor_d:.1} ns over {DISTINCT} distinct frames (repeat=1 each)\n\
-         load average (1, 5, 15 min, ...): {load}\n"
+        "| case | method | test_run ns/packet: median (min-max) | ratio to floor | program ns/packet (bpf_stats): median (min-max) |"
     )?;
-    writeln!(out, "| case | method | ns/packet | ratio to floor |")?;
-    writeln!(out, "|---|---|---:|---:|")?;
-    for (case, method, ns, floor) in &rows {
-        writeln!(out, "| {case} | {method} | {ns:.1} | {:.2}x |", ns / floor)?;
+    writeln!(out, "|---|---|---:|---:|---:|")?;
+    let fr = floor_r.test_run().0;
+    let fd = floor_d.test_run().0;
+    let rows = [
+        &floor_r, &pass, &bt, &rp, &un, &bm, &be, &floor_d, &acc, &ack, &rd,
+    ];
+    for r in rows {
+        let (t, tmin, tmax) = r.test_run();
+        let (p, pmin, pmax) = r.program();
+        let floor = if r.method == "repeat" { fr } else { fd };
+        writeln!(
+            out,
+            "| {} | {} | {t:.1} ({tmin:.1}-{tmax:.1}) | {:.2}x | {p:.1} ({pmin:.1}-{pmax:.1}) |",
+            r.case,
+            r.method,
+            t / floor
+        )?;
     }
+    // Accepted heartbeats in repeat units (see the module doc).
+    let p = |r: &Row| r.program().0;
+    let rpt = rp.test_run().0;
+    let steady = |r: &Row| rpt + p(r) - p(&rd);
+    let cold = |r: &Row| fr + p(r) - p(&floor_d);
     writeln!(
         out,
-        "\nrepeat: one test_run, repeat={REPEAT}, same frame (stateless results); best of {ROUNDS}.\n\
-         distinct: {DISTINCT} test_runs (repeat=1) over heartbeats with fresh seqs (a repeated heartbeat would be a replay), \
-         mean of the kernel's per-run times; best of {ROUNDS} rounds; the floor of this method is measured over the same frames."
+        "\n**accepted heartbeat, steady state: {:.1} ns/packet ({:.2}x floor)**; accepted + ACK: {:.1} ns \
+         = replay (repeat) + [program(accepted) - program(replay)] over the same distinct frames \
+         = {rpt:.1} + {:.1} - {:.1}.\n\
+         Upper bound (cold caches): floor (repeat) + [program(accepted) - program(floor)] over the distinct frames \
+         = {fr:.1} + {:.1} - {:.1} = {:.1} ns (+ ACK: {:.1} ns); the same formula on replay gives {:.1} ns \
+         where replay's repeat measurement is {rpt:.1} ns: the cold penalty.",
+        steady(&acc),
+        steady(&acc) / fr,
+        steady(&ack),
+        p(&acc),
+        p(&rd),
+        p(&acc),
+        p(&floor_d),
+        cold(&acc),
+        cold(&ack),
+        cold(&rd),
+    )?;
+    let (vf, vfmin, vfmax) = summary(&v_floor);
+    let (va, vamin, vamax) = summary(&v_acc);
+    let (vr, vrmin, vrmax) = summary(&v_rp);
+    writeln!(
+        out,
+        "\n### On a veth: native XDP, threaded NAPI on CPU {cpu}, AF_PACKET sender on CPU {sender_cpu}\n\n\
+         | program | frames | program ns/packet (bpf_stats): median (min-max) |\n|---|---|---:|\n\
+         | `hb_floor` | distinct heartbeats | {vf:.1} ({vfmin:.1}-{vfmax:.1}) |\n\
+         | `hb_xdp` | the same, first time: accepted | {va:.1} ({vamin:.1}-{vamax:.1}) |\n\
+         | `hb_xdp` | the same again: replay | {vr:.1} ({vrmin:.1}-{vrmax:.1}) |\n\n\
+         {v_accepted} of {v_runs} frames the gate saw in the accepted runs were accepted.\n\n\
+         **accepted heartbeat, warm (repeat units): {:.1} ns/packet ({:.2}x floor)** \
+         = floor (repeat, test_run) + [veth program(accepted) - veth program(floor)] = {fr:.1} + {va:.1} - {vf:.1}. \
+         Check on replay: the same formula gives {:.1} ns, replay's repeat measurement is {rpt:.1} ns.",
+        fr + va - vf,
+        (fr + va - vf) / fr,
+        fr + vr - vf,
     )?;
     writeln!(
         out,
-        "\nsteady-state estimate of an accepted heartbeat: replay (repeat) + \
-         [accepted - replay] (distinct) = {rp:.1} + {:.1} = {:.1} ns; \
-         accepted + ACK: {:.1} ns",
-        acc - rd,
-        rp + acc - rd,
-        rp + ack - rd
+        "\nrepeat: one test_run with repeat={REPEAT} over one frame (stateless results). \
+         distinct: {DISTINCT} test_runs (repeat=1) over heartbeats with fresh seqs (a repeated heartbeat is a replay); \
+         \"replay (the accepted frames again)\" reruns them. \
+         test_run = the kernel's BPF_PROG_TEST_RUN duration per run, bpf_stats off; program = bpf_stats run_time_ns/run_cnt (timed around the program alone, incl. the stats' own clock reads), measured in a second pass with stats on. \
+         {rounds} interleaved rounds, pinned to CPU {cpu}; median with (min-max) over the rounds. \
+         Command: `cargo xtask bench dataplane` (= `cargo run --release -p hb-tests --bin bench_dataplane`, as root)."
     )?;
     writeln!(
         out,
