@@ -163,7 +163,7 @@ impl Inner {
         let state = &mut self.states[slot as usize];
         let requested = state.requested_interval_ms;
         let changed = cfg.ack_on_change != 0 && requested != 0 && requested != state.interval_ms;
-        let periodic = cfg.ack_every != 0 && state.accepted % cfg.ack_every as u64 == 0;
+        let periodic = cfg.ack_every != 0 && state.accepted.is_multiple_of(cfg.ack_every as u64);
         if !(changed || periodic) {
             return None;
         }
