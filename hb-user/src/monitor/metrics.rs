@@ -151,6 +151,12 @@ impl Metrics {
         for e in EventKind::ALL {
             let _ = m.events.get_or_create(&vec![("event", e.name())]);
         }
+        for r in ["ok", "error"] {
+            let _ = m.reloads.get_or_create(&vec![("result", r)]);
+        }
+        for o in ["provisioned", "accepted", "expired", "refused", "duplicate"] {
+            let _ = m.enrolled.get_or_create(&vec![("outcome", o)]);
+        }
         for r in ["exit", "timeout", "spawn", "wait", "dropped"] {
             let _ = m.hook_failures.get_or_create(&vec![("reason", r)]);
         }

@@ -6,7 +6,7 @@
 //! socket the heartbeat came in on, so they carry the right source address.
 //!
 //! Sockets are bound to every address of the given interfaces (IPv4 and
-//! IPv6; link-local IPv6 with its scope), or to the wildcard address when
+//! IPv6, except link-local IPv6), or to the wildcard address when
 //! no interface is given. Binding fails loudly: an unknown interface, an
 //! interface without addresses, or a port already in use is one clear error
 //! before the monitor starts.
@@ -37,7 +37,7 @@ pub fn bind_addrs(ifaces: &[String], port: u16) -> anyhow::Result<Vec<SocketAddr
         .collect();
     let mut out = Vec::new();
     for iface in ifaces {
-        let index = nix::net::if_::if_nametoindex(iface.as_str())
+        nix::net::if_::if_nametoindex(iface.as_str())
             .map_err(|_| anyhow::anyhow!("unknown interface {iface}"))?;
         let before = out.len();
         for ifa in all.iter().filter(|a| &a.interface_name == iface) {
@@ -48,12 +48,21 @@ pub fn bind_addrs(ifaces: &[String], port: u16) -> anyhow::Result<Vec<SocketAddr
                 out.push(SocketAddr::new(IpAddr::V4(v4.ip()), port));
             } else if let Some(v6) = addr.as_sockaddr_in6() {
                 let ip = v6.ip();
-                let scope = if ip.is_unicast_link_local() { index } else { 0 };
-                out.push(SocketAddr::V6(SocketAddrV6::new(ip, port, 0, scope)));
+                if ip.is_unicast_link_local() {
+                    // Senders address monitors by routable addresses; a
+                    // link-local one is also still tentative (DAD) for a
+                    // moment after the link comes up, so binding it would
+                    // make start-up racy for no benefit.
+                    tracing::debug!(%iface, %ip, "not binding link-local address");
+                    continue;
+                }
+                out.push(SocketAddr::V6(SocketAddrV6::new(ip, port, 0, 0)));
             }
         }
         if out.len() == before {
-            bail!("interface {iface} has no IPv4 or IPv6 address to bind in userspace mode");
+            bail!(
+                "interface {iface} has no IPv4 or (non-link-local) IPv6 address to bind in userspace mode"
+            );
         }
     }
     Ok(out)

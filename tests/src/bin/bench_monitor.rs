@@ -1,0 +1,207 @@
+//! Monitor tick benchmark: time of one decision tick (a scan of every
+//! node through phi and the state machine) and resident memory at 10k,
+//! 100k and 1M nodes.
+//!
+//! The fleet sits in a `MemDataplane`, filled through the real gate (every
+//! node has heartbeats accepted, so its statistics are learned); then the
+//! monitor's real `Core::tick` runs over it at steady state (every node
+//! healthy: the common case). The baseline, measured in the same run, is
+//! the straightforward scan that evaluates phi (`exp` and `log10`) for
+//! every node and classifies it, which the tick avoids by comparing
+//! precomputed thresholds of the standardized lateness.
+//!
+//! `cargo run --release -p hb-tests --bin bench_monitor [-- --sizes 10000,100000,1000000 --ticks 50]`
+//! prints a markdown table on stdout.
+
+use std::{net::SocketAddr, time::Instant};
+
+use hb::{
+    dataplane::{Dataplane, mem::MemDataplane},
+    detector::{self, PhiParams},
+    monitor::{
+        policy::FixedPolicy,
+        state::{Level, Thresholds},
+        table::Origin,
+        tick::{Core, Detector},
+    },
+};
+use hb_common::{
+    Datagram, GateResult, Kind, NodeKey,
+    maps::{NodeKeys, NodeState},
+};
+
+const MS: u64 = 1_000_000;
+const SRC: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::new(198, 18, 0, 2),
+    40000,
+));
+
+fn rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = s
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+struct Row {
+    nodes: u32,
+    median_ms: f64,
+    p99_ms: f64,
+    base_median_ms: f64,
+    rss_mib: f64,
+    bytes_per_node: f64,
+    setup_s: f64,
+}
+
+fn bench(n: u32, ticks: usize) -> Row {
+    let rss0 = rss_bytes();
+    let t_setup = Instant::now();
+    let dp = MemDataplane::new();
+    let mut core = Core::new(
+        Detector::new(Thresholds::default(), PhiParams::default()),
+        Box::new(FixedPolicy::none()),
+        1000,
+    );
+    let key = NodeKey { k0: 1, k1: 2 };
+    for id in 1..=n {
+        let slot = core
+            .table
+            .insert(id, Origin::Configured, 0)
+            .expect("capacity");
+        let keys = NodeKeys {
+            slot,
+            epoch: [1, 0],
+            valid: 1,
+            _pad: 0,
+            key: [key, NodeKey::default()],
+        };
+        dp.upsert_node(id, &keys).expect("provision");
+    }
+    // Three heartbeats per node, 1 s apart (with a little per-node jitter),
+    // through the real gate.
+    for round in 1..=3u64 {
+        for id in 1..=n {
+            let d = Datagram {
+                kind: Kind::Heartbeat,
+                node_id: id,
+                generation: 1,
+                key_epoch: 1,
+                flags: 0,
+                load: 100,
+                seq: round,
+                sent_ns: 0,
+                interval_ms: 1000,
+                rtt_us: 0,
+            };
+            let at = round * 1000 * MS + (id as u64 % 97) * MS;
+            let v = dp.gate(&d.seal(&key), SRC, at);
+            assert_eq!(v.result, GateResult::Accepted);
+        }
+    }
+    // The first tick announces every join (not what we time).
+    let mut events = Vec::new();
+    let mut now = 3100 * MS;
+    core.tick(&dp, now, &mut || "ts".into(), &mut events);
+    assert_eq!(events.len(), n as usize, "every node joined");
+    let setup_s = t_setup.elapsed().as_secs_f64();
+
+    let mut times = Vec::with_capacity(ticks);
+    for _ in 0..ticks {
+        events.clear();
+        now += 10 * MS; // stays within the healthy range of every node
+        let t0 = Instant::now();
+        let st = core.tick(&dp, now, &mut || "ts".into(), &mut events);
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(st.scanned, n);
+        assert!(events.is_empty());
+    }
+    times.sort_by(f64::total_cmp);
+
+    // Baseline: phi for every node, then the reference classification.
+    let th = Thresholds::default();
+    let p = PhiParams::default();
+    let mut base = Vec::with_capacity(ticks);
+    let mut sink = 0u64;
+    for _ in 0..ticks {
+        now += 10 * MS;
+        let t0 = Instant::now();
+        dp.read_states(0..core.table.len(), &mut |_, st: &NodeState| {
+            let phi = detector::phi(st, now, &p);
+            let (mean, _) = detector::moments_ms(st, &p);
+            let silence = now.saturating_sub(st.last_arrival_ns) as f64 / 1e6;
+            sink += Level::classify(phi, silence, mean, &th) as u64;
+        });
+        base.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    std::hint::black_box(sink);
+    base.sort_by(f64::total_cmp);
+
+    let rss = rss_bytes();
+    Row {
+        nodes: n,
+        median_ms: percentile(&times, 0.5),
+        p99_ms: percentile(&times, 0.99),
+        base_median_ms: percentile(&base, 0.5),
+        rss_mib: rss as f64 / (1 << 20) as f64,
+        bytes_per_node: rss.saturating_sub(rss0) as f64 / n as f64,
+        setup_s,
+    }
+}
+
+fn main() {
+    let mut sizes = vec![10_000u32, 100_000, 1_000_000];
+    let mut ticks = 50usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--sizes" => {
+                sizes = args
+                    .next()
+                    .expect("--sizes N,N,...")
+                    .split(',')
+                    .map(|s| s.trim().parse().expect("a number of nodes"))
+                    .collect()
+            }
+            "--ticks" => ticks = args.next().expect("--ticks N").parse().expect("a number"),
+            other => {
+                eprintln!(
+                    "unknown argument {other}; usage: bench_monitor [--sizes N,N,...] [--ticks N]"
+                );
+                std::process::exit(2);
+            }
+        }
+    }
+    println!("## Monitor tick (`cargo run --release -p hb-tests --bin bench_monitor`)");
+    println!();
+    println!(
+        "Steady state (every node healthy), `MemDataplane`, one core, {ticks} ticks per size. \
+         Baseline: the same scan evaluating phi (exp + log10) for every node."
+    );
+    println!();
+    println!(
+        "| nodes | tick median (ms) | tick p99 (ms) | baseline median (ms) | speed-up | RSS after (MiB) | RSS per node (B) |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for n in sizes {
+        let r = bench(n, ticks);
+        eprintln!("{} nodes: setup {:.1} s", r.nodes, r.setup_s);
+        println!(
+            "| {} | {:.3} | {:.3} | {:.3} | {:.1}x | {:.0} | {:.0} |",
+            r.nodes,
+            r.median_ms,
+            r.p99_ms,
+            r.base_median_ms,
+            r.base_median_ms / r.median_ms,
+            r.rss_mib,
+            r.bytes_per_node
+        );
+    }
+}
