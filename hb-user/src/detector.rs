@@ -25,7 +25,7 @@
 use hb_common::maps::NodeState;
 
 /// `mean absolute deviation * sqrt(pi/2)` = sigma, for a normal variable.
-const MAD_TO_SIGMA: f64 = 1.253_314_137_315_500_3;
+pub const MAD_TO_SIGMA: f64 = 1.253_314_137_315_500_3;
 
 /// Tunables of the phi computation.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -760,6 +760,59 @@ fn http_api(mode: &str) {
     m.stop();
 }
 
+/// A monitor restart. With XDP the maps are pinned and the program stays
+/// attached (`--keep-attached`) while no monitor runs: the new monitor
+/// adopts every node silently (no false `joined`), keeps counting from the
+/// kernel's state, and declares nobody dead for the gap. In userspace mode
+/// there is no state to keep: the new monitor learns the fleet anew
+/// (`joined` again), and still declares nobody dead.
+fn monitor_restart(mode: &str) {
+    let (pair, dir) = setup("mrst", &[1]);
+    let pins = format!(
+        "/sys/fs/bpf/hb-test-monitor-{}-{}",
+        std::process::id(),
+        dir.0
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .rsplit('-')
+            .next()
+            .unwrap()
+    );
+    let args = ["--nodes", "31-32", "--keep-attached", "--pin-dir", &pins];
+    let m = Monitor::start(&pair, &dir, mode, &args);
+    let beat = Beat::start(vec![Node::new(&pair, 31, 1), Node::new(&pair, 32, 1)]);
+    m.wait_event(31, "joined", Duration::from_secs(5));
+    m.wait_event(32, "joined", Duration::from_secs(5));
+    let before = node_json(&pair, 31)["accepted"].as_u64().unwrap();
+    m.stop();
+    // Longer than the dead threshold (about 4 intervals) without a monitor.
+    std::thread::sleep(Duration::from_millis(10 * INTERVAL_MS));
+    let last = ["--nodes", "31-32", "--pin-dir", &pins];
+    let m = Monitor::start(&pair, &dir, mode, &last);
+    std::thread::sleep(Duration::from_millis(10 * INTERVAL_MS));
+    let n = node_json(&pair, 31);
+    assert_eq!(n["state"], "alive", "{n}");
+    let evs = m.node_events(31);
+    assert!(
+        !evs.iter().any(|e| e == "dead" || e == "suspect"),
+        "{evs:?}"
+    );
+    if mode == "userspace" {
+        assert_eq!(evs, ["joined", "joined"], "userspace mode keeps no state");
+    } else {
+        assert_eq!(evs, ["joined"], "no false joined");
+        assert!(
+            n["accepted"].as_u64().unwrap() > before,
+            "kernel kept counting: {n}"
+        );
+        assert_eq!(n["origin"], "configured");
+    }
+    drop(beat);
+    m.stop();
+    let _ = std::fs::remove_dir_all(&pins);
+}
+
 /// Each case: extra flags and files; the monitor must exit non-zero at
 /// once with one line naming the problem, never a panic.
 fn bad_input(mode: &str) {
@@ -907,6 +960,7 @@ modes! {
         replayed_and_forged_never_refresh,
         sighup_rotates_keys_without_loss,
         http_api,
+        monitor_restart,
         bad_input,
     ],
 }

@@ -128,6 +128,11 @@ fn open_dataplane(s: &Settings) -> anyhow::Result<Opened> {
             })
         }
         Mode::Userspace => {
+            if s.keep_attached || s.pin_dir != std::path::Path::new(config::DEFAULT_PIN_DIR) {
+                tracing::info!(
+                    "--keep-attached and --pin-dir apply to XDP modes only; userspace mode keeps no state across restarts"
+                );
+            }
             let addrs = userspace::bind_addrs(&s.ifaces, s.port)?;
             let sockets = userspace::bind(&addrs)?;
             let mut mem = MemDataplane::new();

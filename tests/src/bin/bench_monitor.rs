@@ -46,6 +46,18 @@ fn rss_bytes() -> u64 {
     pages * 4096
 }
 
+/// CPU time of this thread, ms: what the tick costs the core it runs on,
+/// whatever else the machine is doing.
+fn thread_cpu_ms() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -55,7 +67,10 @@ struct Row {
     nodes: u32,
     median_ms: f64,
     p99_ms: f64,
+    cpu_median_ms: f64,
     base_median_ms: f64,
+    base_cpu_median_ms: f64,
+    floor_cpu_median_ms: f64,
     rss_mib: f64,
     bytes_per_node: f64,
     setup_s: f64,
@@ -114,25 +129,29 @@ fn bench(n: u32, ticks: usize) -> Row {
     let setup_s = t_setup.elapsed().as_secs_f64();
 
     let mut times = Vec::with_capacity(ticks);
+    let mut cpu = Vec::with_capacity(ticks);
     for _ in 0..ticks {
         events.clear();
         now += 10 * MS; // stays within the healthy range of every node
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), thread_cpu_ms());
         let st = core.tick(&dp, now, &mut || "ts".into(), &mut events);
         times.push(t0.elapsed().as_secs_f64() * 1e3);
+        cpu.push(thread_cpu_ms() - c0);
         assert_eq!(st.scanned, n);
         assert!(events.is_empty());
     }
     times.sort_by(f64::total_cmp);
+    cpu.sort_by(f64::total_cmp);
 
     // Baseline: phi for every node, then the reference classification.
     let th = Thresholds::default();
     let p = PhiParams::default();
     let mut base = Vec::with_capacity(ticks);
+    let mut base_cpu = Vec::with_capacity(ticks);
     let mut sink = 0u64;
     for _ in 0..ticks {
         now += 10 * MS;
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), thread_cpu_ms());
         dp.read_states(0..core.table.len(), &mut |_, st: &NodeState| {
             let phi = detector::phi(st, now, &p);
             let (mean, _) = detector::moments_ms(st, &p);
@@ -140,16 +159,31 @@ fn bench(n: u32, ticks: usize) -> Row {
             sink += Level::classify(phi, silence, mean, &th) as u64;
         });
         base.push(t0.elapsed().as_secs_f64() * 1e3);
+        base_cpu.push(thread_cpu_ms() - c0);
     }
+    // Floor: the same scan doing nothing but touch each state's first line.
+    let mut floor_cpu = Vec::with_capacity(ticks);
+    for _ in 0..ticks {
+        let c0 = thread_cpu_ms();
+        dp.read_states(0..core.table.len(), &mut |_, st: &NodeState| {
+            sink = sink.wrapping_add(st.accepted ^ st.last_arrival_ns);
+        });
+        floor_cpu.push(thread_cpu_ms() - c0);
+    }
+    floor_cpu.sort_by(f64::total_cmp);
     std::hint::black_box(sink);
     base.sort_by(f64::total_cmp);
+    base_cpu.sort_by(f64::total_cmp);
 
     let rss = rss_bytes();
     Row {
         nodes: n,
         median_ms: percentile(&times, 0.5),
         p99_ms: percentile(&times, 0.99),
+        cpu_median_ms: percentile(&cpu, 0.5),
         base_median_ms: percentile(&base, 0.5),
+        base_cpu_median_ms: percentile(&base_cpu, 0.5),
+        floor_cpu_median_ms: percentile(&floor_cpu, 0.5),
         rss_mib: rss as f64 / (1 << 20) as f64,
         bytes_per_node: rss.saturating_sub(rss0) as f64 / n as f64,
         setup_s,
@@ -183,23 +217,41 @@ fn main() {
     println!();
     println!(
         "Steady state (every node healthy), `MemDataplane`, one core, {ticks} ticks per size. \
-         Baseline: the same scan evaluating phi (exp + log10) for every node."
+         Baseline: the same scan evaluating phi (exp + log10) for every node. \
+         Scan floor: the dataplane's `read_states` over every node doing nothing but read it. \
+         Wall times depend on the machine's load; CPU times are the tick thread's own."
     );
     println!();
     println!(
-        "| nodes | tick median (ms) | tick p99 (ms) | baseline median (ms) | speed-up | RSS after (MiB) | RSS per node (B) |"
+        "Machine: {} cores, load average at start {}.",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!();
+    println!(
+        "| nodes | tick median (ms) | tick p99 (ms) | tick CPU median (ms) | baseline median (ms) | baseline CPU median (ms) | CPU speed-up | scan floor CPU (ms) | RSS after (MiB) | RSS per node (B) |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for n in sizes {
         let r = bench(n, ticks);
         eprintln!("{} nodes: setup {:.1} s", r.nodes, r.setup_s);
         println!(
-            "| {} | {:.3} | {:.3} | {:.3} | {:.1}x | {:.0} | {:.0} |",
+            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1}x | {:.3} | {:.0} | {:.0} |",
             r.nodes,
             r.median_ms,
             r.p99_ms,
+            r.cpu_median_ms,
             r.base_median_ms,
-            r.base_median_ms / r.median_ms,
+            r.base_cpu_median_ms,
+            r.base_cpu_median_ms / r.cpu_median_ms,
+            r.floor_cpu_median_ms,
             r.rss_mib,
             r.bytes_per_node
         );
