@@ -30,6 +30,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    if let Some(s) = &args.state
+        && crate::monitor::state::Status::from_name(s).is_none()
+    {
+        bail!("unknown state {s:?}: one of unknown, alive, suspect, dead, left");
+    }
     let path = match (args.node_id, &args.state) {
         (Some(id), _) => format!("/nodes/{id}"),
         (None, Some(s)) => format!("/nodes?state={s}"),

@@ -120,7 +120,7 @@ impl Fleet {
             enroll,
             pending: HashMap::new(),
         };
-        let mut summary = fleet.apply(core, dp, now)?;
+        let mut summary = fleet.apply(core, dp, now, true)?;
         summary.adopted = adopted;
         Ok((fleet, summary))
     }
@@ -133,9 +133,10 @@ impl Fleet {
         keyring: Keyring,
         spec: NodeSpec,
     ) -> anyhow::Result<Summary> {
+        let rekey = keyring != self.keyring;
         self.keyring = keyring;
         self.spec = spec;
-        self.apply(core, dp, monotonic_ns())
+        self.apply(core, dp, monotonic_ns(), rekey)
     }
 
     pub fn keyring(&self) -> &Keyring {
@@ -143,8 +144,17 @@ impl Fleet {
     }
 
     /// Makes the table and the dataplane hold exactly the listed nodes
-    /// (plus enrolled ones), with keys from the current keyring.
-    fn apply(&mut self, core: &mut Core, dp: &dyn Dataplane, now: u64) -> anyhow::Result<Summary> {
+    /// (plus enrolled ones), with keys from the current keyring. `rekey`:
+    /// the keyring changed, so nodes already held get new keys too (one
+    /// HKDF expand per node and held epoch; a million nodes take about a
+    /// second, during which ticks wait).
+    fn apply(
+        &mut self,
+        core: &mut Core,
+        dp: &dyn Dataplane,
+        now: u64,
+        rekey: bool,
+    ) -> anyhow::Result<Summary> {
         let mut s = Summary::default();
         let present: Vec<(u32, u32)> = core.table.ids().collect();
         let mut have = HashSet::with_capacity(present.len());
@@ -164,7 +174,9 @@ impl Fleet {
             } else if origin == Origin::Adopted {
                 core.table.set_origin(slot, Origin::Enrolled);
             }
-            dp.upsert_node(id, &keys_at(&self.keyring, id, slot))?;
+            if rekey {
+                dp.upsert_node(id, &keys_at(&self.keyring, id, slot))?;
+            }
             have.insert(id);
             s.kept += 1;
         }
@@ -388,15 +400,15 @@ mod tests {
     ));
 
     fn keyring(epochs: &[u8]) -> Keyring {
-        Keyring {
-            epochs: epochs
+        Keyring::new(
+            epochs
                 .iter()
                 .map(|id| Epoch {
                     id: *id,
                     secret: [*id; 32],
                 })
                 .collect(),
-        }
+        )
     }
 
     fn core() -> Core {

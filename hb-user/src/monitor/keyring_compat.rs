@@ -56,9 +56,28 @@ impl std::fmt::Debug for Epoch {
 }
 
 /// A loaded keyring: epochs sorted by id, newest last.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Keyring {
-    pub epochs: Vec<Epoch>,
+    epochs: Vec<Epoch>,
+    /// HKDF's extract step of each held epoch (newest first): it depends
+    /// on the secret only, so deriving a node key costs one expand.
+    held: Vec<(u8, hkdf::Prk)>,
+}
+
+impl PartialEq for Keyring {
+    fn eq(&self, other: &Keyring) -> bool {
+        self.epochs == other.epochs
+    }
+}
+
+impl Eq for Keyring {}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyring")
+            .field("epochs", &self.epochs)
+            .finish()
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -111,8 +130,7 @@ pub fn parse_keyring(text: &str) -> Result<Keyring, String> {
         }
         epochs.push(Epoch { id, secret });
     }
-    epochs.sort_by_key(|e| e.id);
-    Ok(Keyring { epochs })
+    Ok(Keyring::new(epochs))
 }
 
 struct Len16;
@@ -126,7 +144,14 @@ impl hkdf::KeyType for Len16 {
 /// `HKDF-SHA256(salt = "hb-v1 node key", ikm = secret, info = node_id BE ||
 /// epoch, L = 16)`.
 pub fn derive_node_key(secret: &[u8; 32], node_id: u32, epoch: u8) -> [u8; 16] {
-    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, SALT).extract(secret);
+    expand(&extract(secret), node_id, epoch)
+}
+
+fn extract(secret: &[u8; 32]) -> hkdf::Prk {
+    hkdf::Salt::new(hkdf::HKDF_SHA256, SALT).extract(secret)
+}
+
+fn expand(prk: &hkdf::Prk, node_id: u32, epoch: u8) -> [u8; 16] {
     let id = node_id.to_be_bytes();
     let info = [id[0], id[1], id[2], id[3], epoch];
     let info_refs = [&info[..]];
@@ -139,13 +164,29 @@ pub fn derive_node_key(secret: &[u8; 32], node_id: u32, epoch: u8) -> [u8; 16] {
 }
 
 impl Keyring {
+    /// A keyring of `epochs` (any order; ids must be distinct).
+    pub fn new(mut epochs: Vec<Epoch>) -> Keyring {
+        epochs.sort_by_key(|e| e.id);
+        let held = epochs
+            .iter()
+            .rev()
+            .take(2)
+            .map(|e| (e.id, extract(&e.secret)))
+            .collect();
+        Keyring { epochs, held }
+    }
+
+    pub fn epochs(&self) -> &[Epoch] {
+        &self.epochs
+    }
+
     /// The node's keys for the newest two epochs, at slot 0 (the caller
     /// sets the slot). `key[0]` is the newest.
     pub fn node_keys(&self, node_id: u32) -> NodeKeys {
         let mut k = NodeKeys::default();
-        for (i, e) in self.epochs.iter().rev().take(2).enumerate() {
-            k.epoch[i] = e.id;
-            k.key[i] = NodeKey::from_bytes(&derive_node_key(&e.secret, node_id, e.id));
+        for (i, (id, prk)) in self.held.iter().enumerate() {
+            k.epoch[i] = *id;
+            k.key[i] = NodeKey::from_bytes(&expand(prk, node_id, *id));
             k.valid |= 1 << i;
         }
         k
@@ -153,7 +194,7 @@ impl Keyring {
 
     /// Epoch ids held for nodes (the newest two), newest first.
     pub fn held_epochs(&self) -> Vec<u8> {
-        self.epochs.iter().rev().take(2).map(|e| e.id).collect()
+        self.held.iter().map(|(id, _)| *id).collect()
     }
 }
 

@@ -19,7 +19,7 @@ use hb_common::maps::NodeState;
 use super::{
     events::Event,
     policy::{IntervalPolicy, NodeView},
-    state::{self, Level, Observation, Status, Thresholds, Track, Transition},
+    state::{self, Level, Observation, Thresholds, Track, Transition},
     table::NodeTable,
 };
 use crate::{
@@ -312,11 +312,6 @@ fn event(
     }
 }
 
-/// Whether a status counts as "up" for summaries.
-pub fn is_up(s: Status) -> bool {
-    matches!(s, Status::Alive | Status::Suspect)
-}
-
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
@@ -329,7 +324,11 @@ mod tests {
     use super::*;
     use crate::{
         dataplane::mem::MemDataplane,
-        monitor::{policy::FixedPolicy, state::EventKind, table::Origin},
+        monitor::{
+            policy::FixedPolicy,
+            state::{EventKind, Status},
+            table::Origin,
+        },
     };
 
     const MS: u64 = 1_000_000;

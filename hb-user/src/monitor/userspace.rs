@@ -138,8 +138,13 @@ pub async fn serve(
             r = sock.recv_from(&mut buf) => match r {
                 Ok(v) => v,
                 Err(e) => {
-                    // ICMP errors of earlier ACKs surface here; not fatal.
+                    // ICMP errors of earlier ACKs surface here: not fatal.
+                    // Anything else gets a pause, so a persistent error
+                    // cannot spin a core.
                     tracing::debug!(error = %e, "recv");
+                    if e.kind() != std::io::ErrorKind::ConnectionRefused {
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    }
                     continue;
                 }
             },
