@@ -479,7 +479,11 @@ fn crash_is_dead(mode: &str) {
     assert!(dead["phi"].as_f64().unwrap() >= 12.0, "{dead}");
     // Two consecutive heartbeats may be lost before dead (3 intervals).
     assert!(monitor_ms >= 3 * INTERVAL_MS, "{dead}");
-    assert_eq!(m.node_events(7), ["joined", "suspect", "dead"]);
+    // (A loaded host may delay a heartbeat before the crash: an earlier
+    // suspect/alive pair is allowed, what ends the story is not.)
+    let evs = m.node_events(7);
+    assert!(evs.ends_with(&["suspect".into(), "dead".into()]), "{evs:?}");
+    assert_eq!(evs.iter().filter(|e| *e == "dead").count(), 1, "{evs:?}");
     assert_eq!(node_json(&pair, 7)["state"], "dead");
     m.stop();
 }
@@ -495,7 +499,9 @@ fn clean_leave(mode: &str) {
     assert_eq!(e["previous"], "alive");
     // Far past the dead threshold: still left, never dead or suspect.
     std::thread::sleep(Duration::from_millis(20 * INTERVAL_MS));
-    assert_eq!(m.node_events(5), ["joined", "left"]);
+    let evs = m.node_events(5);
+    assert_eq!(evs.last().map(String::as_str), Some("left"), "{evs:?}");
+    assert!(!evs.iter().any(|e| e == "dead"), "{evs:?}");
     let n = node_json(&pair, 5);
     assert_eq!(
         (n["state"].as_str(), n["leaving"].as_bool()),
@@ -578,7 +584,8 @@ fn replayed_and_forged_never_refresh(mode: &str) {
         "replays kept node 11 alive: {:?}",
         m.node_events(11)
     );
-    assert_eq!(m.node_events(11), ["joined", "suspect", "dead"]);
+    let evs = m.node_events(11);
+    assert!(evs.ends_with(&["suspect".into(), "dead".into()]), "{evs:?}");
     let n = node_json(&pair, 11);
     assert_eq!(
         n["accepted"].as_u64(),
@@ -813,6 +820,46 @@ fn monitor_restart(mode: &str) {
     let _ = std::fs::remove_dir_all(&pins);
 }
 
+/// `--enroll`: an unlisted node whose heartbeats verify under its derived
+/// key joins; one that cannot sign stays out.
+fn enroll(mode: &str) {
+    let (pair, dir) = setup("menroll", &[1]);
+    let m = Monitor::start(&pair, &dir, mode, &["--nodes", "1", "--enroll"]);
+    let beat = Beat::start(vec![Node::new(&pair, 500, 3)]);
+    let (e, _) = m.wait_event(500, "joined", Duration::from_secs(5));
+    assert_eq!(e["generation"], 3);
+    let n = node_json(&pair, 500);
+    assert_eq!(
+        (n["origin"].as_str(), n["state"].as_str()),
+        (Some("enrolled"), Some("alive"))
+    );
+    // A forger of node 600 gets a probationary slot at most, never a join.
+    let mut forger = Node::new(&pair, 600, 1);
+    for _ in 0..10 {
+        let mut d = forger.datagram(0);
+        d[41] ^= 0x55;
+        forger.raw(&d);
+        std::thread::sleep(Duration::from_millis(INTERVAL_MS / 2));
+    }
+    assert!(m.node_events(600).is_empty());
+    let (_, text) = http(&pair.a, "/metrics");
+    assert!(metric(&text, "hb_packets_total{result=\"bad_tag\"}") > 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, text) = http(&pair.a, "/metrics");
+        if metric(&text, "hb_enrollments_total{outcome=\"accepted\"}") == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "enrollment not confirmed:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(beat);
+    m.stop();
+}
+
 /// Each case: extra flags and files; the monitor must exit non-zero at
 /// once with one line naming the problem, never a panic.
 fn bad_input(mode: &str) {
@@ -961,6 +1008,7 @@ modes! {
         sighup_rotates_keys_without_loss,
         http_api,
         monitor_restart,
+        enroll,
         bad_input,
     ],
 }
