@@ -5,7 +5,9 @@
 //!
 //! Every behaviour test is a function of the monitor's `--mode`; the
 //! `modes!` table at the bottom instantiates it per mode (userspace now;
-//! native joins when the XDP dataplane is merged).
+//! native joins when the XDP dataplane is merged). For native mode, the
+//! ACK check in `http_api` needs a pass-through XDP program on `veth-b`
+//! (XDP_TX on a veth reaches the peer only then).
 //!
 //! The `hb` binary is found next to this test's executable (`target/<profile>/hb`;
 //! `HB_BIN` overrides). `cargo xtask test` builds it first; by hand:

@@ -5,7 +5,10 @@
 //! not silently leave a default in force).
 //!
 //! On SIGHUP the file is read again and merged with the same flags; only
-//! the keyring and the node list take effect without a restart.
+//! the keyring (always re-read) and the node list take effect without a
+//! restart. A flag keeps winning over the file on reload, so a node list
+//! meant to change at runtime belongs in the file (`nodes = "1-1000"`),
+//! not in `--nodes`.
 
 use std::{
     net::SocketAddr,
@@ -85,7 +88,8 @@ pub struct Opts {
     /// ACK every N-th accepted heartbeat of a node (implies --ack) [default: 1].
     #[arg(long, value_name = "N")]
     pub ack_every: Option<u32>,
-    /// Events as JSON lines: a file (appended) or `-` for stdout.
+    /// Events as JSON lines: a file (appended; reopened on SIGHUP) or `-`
+    /// for stdout [default: only the log].
     #[arg(long, value_name = "FILE|-")]
     pub events: Option<String>,
     /// Command run (by /bin/sh -c) for every event; the event is in its

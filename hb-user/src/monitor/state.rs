@@ -116,6 +116,10 @@ impl std::fmt::Display for EventKind {
 }
 
 /// The configurable thresholds of the state machine.
+///
+/// The defaults follow Akka and Cassandra (suspicion at phi 8) and are
+/// provisional: the detector evaluation (`hb eval`, issue 5) is where they
+/// get chosen on traces, and this is the one place to change them.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Thresholds {
     /// alive → suspect at phi >= this.
