@@ -251,6 +251,25 @@ mod tests {
     }
 
     #[test]
+    fn no_interval_and_no_samples_is_zero_not_nan() {
+        // A sender announcing interval 0 before any inter-arrival sample.
+        let s = NodeState {
+            accepted: 1,
+            last_arrival_ns: 1_000,
+            ..NodeState::default()
+        };
+        let p = PhiParams {
+            min_std_dev_ms: 0.0,
+            ..PhiParams::default()
+        };
+        assert_eq!(phi(&s, 10_000_000_000, &p), 0.0);
+        assert_eq!(lateness(&s, 10_000_000_000, &p), None);
+        // With the default floor the std is positive but the mean is 0:
+        // still no statistics to judge by.
+        assert_eq!(phi(&s, 10_000_000_000, &PhiParams::default()), 0.0);
+    }
+
+    #[test]
     fn never_heard_from_is_zero_and_far_tail_is_finite() {
         assert_eq!(phi(&NodeState::default(), 5, &PhiParams::default()), 0.0);
         let s = state(100, 1);

@@ -475,6 +475,26 @@ mod tests {
     }
 
     #[test]
+    fn backstop_applies_to_nodes_without_statistics() {
+        let det = Detector::new(Thresholds::default(), PhiParams::default());
+        let st = NodeState {
+            accepted: 1,
+            last_arrival_ns: 1_000 * MS,
+            ..NodeState::default()
+        };
+        assert_eq!(det.observe(&st, 2_000 * MS).level, Level::Healthy);
+        assert_eq!(det.observe(&st, 61_000 * MS).level, Level::Dead);
+        let off = Detector::new(
+            Thresholds {
+                max_silence_ms: 0,
+                ..Thresholds::default()
+            },
+            PhiParams::default(),
+        );
+        assert_eq!(off.observe(&st, 1_000_000 * MS).level, Level::Healthy);
+    }
+
+    #[test]
     fn join_suspect_dead_alive_on_a_real_gate() {
         let mut r = Rig::new(&[5, 6], Box::new(FixedPolicy::none()));
         assert_eq!(r.tick(0), vec![]);
