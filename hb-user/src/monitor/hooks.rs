@@ -66,8 +66,6 @@ impl Hooks {
 }
 
 async fn run_one(opts: &HookOptions, ev: &Event, m: &Metrics) {
-    #[allow(unused_imports)]
-    use std::os::unix::process::CommandExt as _;
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
         .arg(&opts.command)
