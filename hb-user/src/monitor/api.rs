@@ -133,22 +133,39 @@ fn row(core: &Core, slot: u32, st: &NodeState, now_ns: u64) -> NodeRow {
     }
 }
 
+/// Slots per lock hold when listing nodes: a listing of a million nodes
+/// must not hold the tick off for its whole duration.
+const ROWS_CHUNK: u32 = 16 * 1024;
+
 /// Rows of every node (optionally only those in `state`), by node id.
+/// Each chunk of slots is consistent; a reload running concurrently may
+/// show a node in both its old and new state, never a wrong one.
 pub fn rows(shared: &Shared, state: Option<Status>) -> Vec<NodeRow> {
-    let core = shared.core();
-    let now = monotonic_ns();
-    let mut out = Vec::with_capacity(core.table.nodes());
-    shared.dp.read_states(0..core.table.len(), &mut |slot, st| {
-        let i = slot as usize;
-        if core.table.node_id[i] == 0 {
-            return;
+    let mut out = Vec::new();
+    let mut start = 0;
+    loop {
+        let core = shared.core();
+        let len = core.table.len();
+        if start >= len {
+            break;
         }
-        if state.is_some_and(|s| core.table.track[i].status != s) {
-            return;
-        }
-        out.push(row(&core, slot, st, now));
-    });
+        let end = start.saturating_add(ROWS_CHUNK).min(len);
+        let now = monotonic_ns();
+        shared.dp.read_states(start..end, &mut |slot, st| {
+            let i = slot as usize;
+            if core.table.node_id[i] == 0 {
+                return;
+            }
+            if state.is_some_and(|s| core.table.track[i].status != s) {
+                return;
+            }
+            out.push(row(&core, slot, st, now));
+        });
+        drop(core);
+        start = end;
+    }
     out.sort_unstable_by_key(|r| r.node_id);
+    out.dedup_by_key(|r| r.node_id);
     out
 }
 
@@ -248,4 +265,56 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/nodes/{id}", get(node))
         .route("/healthz", get(healthz))
         .with_state(shared)
+}
+
+#[cfg(test)]
+mod tests {
+    use hb_common::{NodeKey, maps::NodeKeys};
+
+    use super::*;
+    use crate::{
+        dataplane::mem::MemDataplane,
+        detector::PhiParams,
+        monitor::{policy::FixedPolicy, state::Thresholds, tick::Detector},
+    };
+
+    #[test]
+    fn listing_spans_chunks_and_filters() {
+        let dp = Arc::new(MemDataplane::new());
+        let mut core = Core::new(
+            Detector::new(Thresholds::default(), PhiParams::default()),
+            Box::new(FixedPolicy::none()),
+            1000,
+        );
+        let n = 2 * ROWS_CHUNK + 5;
+        // Ids in reverse slot order: the listing sorts by id.
+        for id in (1..=n).rev() {
+            let slot = core.table.insert(id, Origin::Configured, 0).unwrap();
+            let keys = NodeKeys {
+                slot,
+                epoch: [1, 0],
+                valid: 1,
+                _pad: 0,
+                key: [NodeKey::default(); 2],
+            };
+            dp.upsert_node(id, &keys).unwrap();
+        }
+        core.table.remove(7);
+        let shared = Shared {
+            core: Mutex::new(core),
+            dp,
+            metrics: Arc::new(Metrics::new()),
+            last_tick_ns: AtomicU64::new(0),
+            dataplane_ok: AtomicBool::new(false),
+            tick: Duration::from_millis(100),
+        };
+        let all = rows(&shared, None);
+        assert_eq!(all.len() as u32, n - 1);
+        assert!(all.windows(2).all(|w| w[0].node_id < w[1].node_id));
+        assert!(all.iter().all(|r| r.node_id != 7 && r.state == "unknown"));
+        assert!(rows(&shared, Some(Status::Alive)).is_empty());
+        assert!(node_row(&shared, 7).is_none());
+        assert_eq!(node_row(&shared, 8).unwrap().node_id, 8);
+        assert_eq!(unhealthy(&shared).as_deref(), Some("no tick completed yet"));
+    }
 }
