@@ -120,7 +120,8 @@ impl Fleet {
             enroll,
             pending: HashMap::new(),
         };
-        let mut summary = fleet.apply(core, dp, now, true)?;
+        let (mut summary, todo) = fleet.plan(core, dp, now, true)?;
+        fleet.provide_keys(dp, &todo)?;
         summary.adopted = adopted;
         Ok((fleet, summary))
     }
@@ -133,29 +134,48 @@ impl Fleet {
         keyring: Keyring,
         spec: NodeSpec,
     ) -> anyhow::Result<Summary> {
+        let (s, todo) = self.begin_reload(core, dp, keyring, spec)?;
+        self.provide_keys(dp, &todo)?;
+        Ok(s)
+    }
+
+    /// The first half of a reload, which needs the core: membership (nodes
+    /// removed, slots given to new ones). Returns the nodes that need keys
+    /// from [`Fleet::provide_keys`], which does not need the core: the
+    /// monitor runs it without the core's lock, so re-keying a large fleet
+    /// (about 2 µs per node) does not hold the tick off. Slots cannot
+    /// change in between: only the fleet (under its own lock) changes
+    /// membership. A new node is `unknown` until its keys are in.
+    pub fn begin_reload(
+        &mut self,
+        core: &mut Core,
+        dp: &dyn Dataplane,
+        keyring: Keyring,
+        spec: NodeSpec,
+    ) -> anyhow::Result<(Summary, Vec<(u32, u32)>)> {
         let rekey = keyring != self.keyring;
         self.keyring = keyring;
         self.spec = spec;
-        self.apply(core, dp, monotonic_ns(), rekey)
+        self.plan(core, dp, monotonic_ns(), rekey)
     }
 
     pub fn keyring(&self) -> &Keyring {
         &self.keyring
     }
 
-    /// Makes the table and the dataplane hold exactly the listed nodes
-    /// (plus enrolled ones), with keys from the current keyring. `rekey`:
-    /// the keyring changed, so nodes already held get new keys too (one
-    /// HKDF expand per node and held epoch; a million nodes take about a
-    /// second, during which ticks wait).
-    fn apply(
+    /// Makes the table hold exactly the listed nodes (plus enrolled ones)
+    /// and returns `(node id, slot)` of those that need keys from the
+    /// current keyring: new nodes, and every node when `rekey` (the keyring
+    /// changed).
+    fn plan(
         &mut self,
         core: &mut Core,
         dp: &dyn Dataplane,
         now: u64,
         rekey: bool,
-    ) -> anyhow::Result<Summary> {
+    ) -> anyhow::Result<(Summary, Vec<(u32, u32)>)> {
         let mut s = Summary::default();
+        let mut todo = Vec::new();
         let present: Vec<(u32, u32)> = core.table.ids().collect();
         let mut have = HashSet::with_capacity(present.len());
         for (id, slot) in present {
@@ -175,7 +195,7 @@ impl Fleet {
                 core.table.set_origin(slot, Origin::Enrolled);
             }
             if rekey {
-                dp.upsert_node(id, &keys_at(&self.keyring, id, slot))?;
+                todo.push((id, slot));
             }
             have.insert(id);
             s.kept += 1;
@@ -185,13 +205,20 @@ impl Fleet {
                 continue;
             }
             let slot = core.table.insert(id, Origin::Configured, now)?;
-            if let Err(e) = dp.upsert_node(id, &keys_at(&self.keyring, id, slot)) {
-                core.table.remove(id);
-                return Err(e.context(format!("cannot provision node {id}")));
-            }
+            todo.push((id, slot));
             s.added += 1;
         }
-        Ok(s)
+        Ok((s, todo))
+    }
+
+    /// Derives and installs the keys of `todo` (from [`Fleet::begin_reload`]).
+    /// Replacing a node's keys keeps its state: that is how keys rotate.
+    pub fn provide_keys(&self, dp: &dyn Dataplane, todo: &[(u32, u32)]) -> anyhow::Result<()> {
+        for &(id, slot) in todo {
+            dp.upsert_node(id, &keys_at(&self.keyring, id, slot))
+                .map_err(|e| e.context(format!("cannot install the keys of node {id}")))?;
+        }
+        Ok(())
     }
 
     /// Provisions `node_id` on probation (see the module docs). Returns

@@ -375,8 +375,12 @@ async fn reload(args: &Args, shared: &Arc<Shared>, fleet: &Arc<Mutex<Fleet>>, si
     let epochs = keyring.held_epochs();
     let r = tokio::task::spawn_blocking(move || {
         let mut f = fleet2.lock().unwrap_or_else(|e| e.into_inner());
-        let mut core = shared2.core();
-        f.reload(&mut core, &*shared2.dp, keyring, settings.nodes)
+        let (summary, todo) =
+            f.begin_reload(&mut shared2.core(), &*shared2.dp, keyring, settings.nodes)?;
+        // Keys are derived and installed without the core's lock (see
+        // `Fleet::begin_reload`): ticks go on meanwhile.
+        f.provide_keys(&*shared2.dp, &todo)?;
+        anyhow::Ok(summary)
     })
     .await;
     match r {
