@@ -297,7 +297,7 @@ fn main() {
         println!(
             "Provisioning {largest} nodes from `--nodes` (HKDF-SHA256 per node): {start_s:.2} s; \
              SIGHUP reload adding a key epoch (every node re-keyed, two epochs): {reload_s:.2} s \
-             (ticks wait meanwhile)."
+             (the monitor derives and installs keys without the tick's lock)."
         );
     }
 }
