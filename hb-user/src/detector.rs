@@ -25,7 +25,7 @@
 use hb_common::maps::NodeState;
 
 /// `mean absolute deviation * sqrt(pi/2)` = sigma, for a normal variable.
-const MAD_TO_SIGMA: f64 = 1.253_314_137_315_500_3;
+pub const MAD_TO_SIGMA: f64 = 1.253_314_137_315_500_3;
 
 /// Tunables of the phi computation.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -53,9 +53,18 @@ impl Default for PhiParams {
 /// floored by the caller).
 #[inline]
 pub fn phi_normal(elapsed_ms: f64, mean_ms: f64, std_ms: f64) -> f64 {
-    let y = (elapsed_ms - mean_ms) / std_ms;
+    phi_of_y((elapsed_ms - mean_ms) / std_ms)
+}
+
+/// Phi as a function of the standardized lateness `y = (elapsed - mean) /
+/// std` alone. It is strictly increasing in `y`, which is what lets the
+/// monitor's tick compare `y` against precomputed [`y_for_phi`] thresholds
+/// (one division per node) instead of evaluating `exp` and `log10` for a
+/// million healthy nodes every 100 ms.
+#[inline]
+pub fn phi_of_y(y: f64) -> f64 {
     let e = (-y * (1.5976 + 0.070566 * y * y)).exp();
-    if elapsed_ms > mean_ms {
+    if y > 0.0 {
         // P(later) = e / (1 + e); e underflows to 0 far in the tail.
         let p = e / (1.0 + e);
         if p <= f64::MIN_POSITIVE {
@@ -87,15 +96,69 @@ pub fn moments_ms(state: &NodeState, p: &PhiParams) -> (f64, f64) {
 /// from, or with no usable statistics yet.
 #[inline]
 pub fn phi(state: &NodeState, now_ns: u64, p: &PhiParams) -> f64 {
+    match lateness(state, now_ns, p) {
+        Some(l) => phi_of_y(l.y),
+        None => 0.0,
+    }
+}
+
+/// How late a node's next heartbeat is, in the terms phi is computed from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Lateness {
+    /// Standardized lateness `(elapsed - mean) / std`; phi is
+    /// [`phi_of_y`] of it.
+    pub y: f64,
+    /// Time since the last accepted heartbeat, ms.
+    pub elapsed_ms: f64,
+    /// Expected inter-arrival time (mean plus acceptable pause), ms.
+    pub mean_ms: f64,
+}
+
+/// The lateness of `state` at `now_ns`; `None` for a node never heard from
+/// or without usable statistics (phi 0).
+#[inline]
+pub fn lateness(state: &NodeState, now_ns: u64, p: &PhiParams) -> Option<Lateness> {
     if state.accepted == 0 || state.last_arrival_ns == 0 {
-        return 0.0;
+        return None;
     }
     let (mean, std) = moments_ms(state, p);
     if mean <= 0.0 || std <= 0.0 {
-        return 0.0;
+        return None;
     }
     let elapsed = now_ns.saturating_sub(state.last_arrival_ns) as f64 / 1e6;
-    phi_normal(elapsed, mean, std)
+    Some(Lateness {
+        y: (elapsed - mean) / std,
+        elapsed_ms: elapsed,
+        mean_ms: mean,
+    })
+}
+
+/// The smallest `y` whose phi reaches `phi` (the inverse of [`phi_of_y`],
+/// by bisection; phi is continuous and strictly increasing). Computed once
+/// per threshold, never per node.
+pub fn y_for_phi(phi: f64) -> f64 {
+    if phi.is_nan() || phi <= 0.0 {
+        return f64::NEG_INFINITY;
+    }
+    if phi.is_infinite() {
+        return f64::INFINITY;
+    }
+    let (mut lo, mut hi) = (-40.0f64, 1.0f64);
+    while phi_of_y(hi) < phi {
+        hi *= 2.0;
+        if hi > 1e12 {
+            return f64::INFINITY;
+        }
+    }
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if phi_of_y(mid) >= phi {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    hi
 }
 
 #[cfg(test)]
@@ -152,6 +215,58 @@ mod tests {
             ..p
         };
         assert!((phi(&s, now, &paused) - 2f64.log10()).abs() < 1e-9);
+    }
+
+    #[test]
+    fn y_thresholds_invert_phi_exactly_at_the_boundary() {
+        for target in [0.5, 1.0, 2.0, 3.0, 8.0, 12.0, 16.0, 50.0, 300.0] {
+            let y = y_for_phi(target);
+            assert!(phi_of_y(y) >= target, "{target}: phi({y}) below");
+            assert!(phi_of_y(y - 1e-9) < target, "{target}: not the smallest y");
+        }
+        assert_eq!(y_for_phi(0.0), f64::NEG_INFINITY);
+        assert_eq!(y_for_phi(-1.0), f64::NEG_INFINITY);
+        assert_eq!(y_for_phi(f64::INFINITY), f64::INFINITY);
+    }
+
+    #[test]
+    fn phi_and_lateness_agree() {
+        let s = state(1000, 50);
+        let p = PhiParams::default();
+        for ms in [0u64, 500, 1000, 1100, 1500, 3000, 60_000] {
+            let now = s.last_arrival_ns + ms * 1_000_000;
+            let l = lateness(&s, now, &p).unwrap();
+            assert_eq!(phi(&s, now, &p), phi_of_y(l.y));
+            assert_eq!(l.elapsed_ms, ms as f64);
+        }
+        assert_eq!(lateness(&NodeState::default(), 1, &p), None);
+    }
+
+    #[test]
+    fn clock_before_the_last_arrival_is_not_late() {
+        // The tick's clock read may precede a concurrent kernel update.
+        let s = state(1000, 50);
+        let v = phi(&s, s.last_arrival_ns - 5_000_000, &PhiParams::default());
+        assert!((0.0..0.01).contains(&v), "{v}");
+    }
+
+    #[test]
+    fn no_interval_and_no_samples_is_zero_not_nan() {
+        // A sender announcing interval 0 before any inter-arrival sample.
+        let s = NodeState {
+            accepted: 1,
+            last_arrival_ns: 1_000,
+            ..NodeState::default()
+        };
+        let p = PhiParams {
+            min_std_dev_ms: 0.0,
+            ..PhiParams::default()
+        };
+        assert_eq!(phi(&s, 10_000_000_000, &p), 0.0);
+        assert_eq!(lateness(&s, 10_000_000_000, &p), None);
+        // With the default floor the std is positive but the mean is 0:
+        // still no statistics to judge by.
+        assert_eq!(phi(&s, 10_000_000_000, &PhiParams::default()), 0.0);
     }
 
     #[test]

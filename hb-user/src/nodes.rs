@@ -1,8 +1,155 @@
-//! Placeholder: being built (see the open issues).
+//! `hb nodes`: the running monitor's node table, from its HTTP API
+//! (`GET /nodes`, or `GET /nodes/{id}`), as a table or as JSON.
+
+use std::net::SocketAddr;
+
+use anyhow::{Context as _, bail};
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+
+use crate::monitor::api::NodeRow;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// The monitor's --listen address.
+    #[arg(long, default_value = crate::monitor::config::DEFAULT_LISTEN)]
+    pub monitor: SocketAddr,
+    /// Print the JSON as the monitor returns it.
+    #[arg(long)]
+    pub json: bool,
+    /// Only nodes in this state (unknown, alive, suspect, dead, left).
+    #[arg(long)]
+    pub state: Option<String>,
+    /// One node only.
+    pub node_id: Option<u32>,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`hb nodes` is not built yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    if let Some(s) = &args.state
+        && crate::monitor::state::Status::from_name(s).is_none()
+    {
+        bail!("unknown state {s:?}: one of unknown, alive, suspect, dead, left");
+    }
+    let path = match (args.node_id, &args.state) {
+        (Some(id), _) => format!("/nodes/{id}"),
+        (None, Some(s)) => format!("/nodes?state={s}"),
+        (None, None) => "/nodes".to_owned(),
+    };
+    let body = rt.block_on(get(args.monitor, &path))?;
+    if args.json {
+        println!("{}", String::from_utf8_lossy(&body).trim_end());
+        return Ok(());
+    }
+    let rows: Vec<NodeRow> = if args.node_id.is_some() {
+        vec![serde_json::from_slice(&body).context("unexpected answer from the monitor")?]
+    } else {
+        serde_json::from_slice(&body).context("unexpected answer from the monitor")?
+    };
+    print!("{}", table(&rows));
+    Ok(())
+}
+
+/// `GET path` from the monitor at `addr`; the body of a 200 answer.
+pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Bytes> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| {
+            format!("cannot reach the monitor at {addr} (is it running? see --monitor)")
+        })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .with_context(|| format!("HTTP handshake with {addr}"))?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .context("building the request")?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .with_context(|| format!("GET {path} from {addr}"))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .with_context(|| format!("reading the answer to GET {path}"))?
+        .to_bytes();
+    if !status.is_success() {
+        bail!(
+            "monitor answered {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        );
+    }
+    Ok(body)
+}
+
+/// The rows as an aligned text table.
+pub fn table(rows: &[NodeRow]) -> String {
+    let header = [
+        "NODE",
+        "STATE",
+        "PHI",
+        "GEN",
+        "ACCEPTED",
+        "LAST_SEEN",
+        "INTERVAL",
+        "REQUESTED",
+        "LOST",
+        "RESTARTS",
+        "RTT_US",
+        "LOAD",
+    ];
+    let mut cells: Vec<[String; 12]> = Vec::with_capacity(rows.len());
+    for r in rows {
+        cells.push([
+            r.node_id.to_string(),
+            r.state.clone(),
+            if r.phi >= 1e6 {
+                "inf".into()
+            } else {
+                format!("{:.2}", r.phi)
+            },
+            r.generation.to_string(),
+            r.accepted.to_string(),
+            r.last_seen_ms
+                .map(|ms| format!("{ms}ms"))
+                .unwrap_or_else(|| "never".into()),
+            format!("{}ms", r.interval_ms),
+            if r.requested_interval_ms == 0 {
+                "-".into()
+            } else {
+                format!("{}ms", r.requested_interval_ms)
+            },
+            r.lost.to_string(),
+            r.restarts.to_string(),
+            r.rtt_us.to_string(),
+            format!("{:.1}%", r.load as f64 / 10.0),
+        ]);
+    }
+    let mut width = header.map(str::len);
+    for c in &cells {
+        for (w, s) in width.iter_mut().zip(c.iter()) {
+            *w = (*w).max(s.len());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |fields: &mut dyn Iterator<Item = &str>| {
+        let l: Vec<String> = fields
+            .zip(width.iter())
+            .map(|(f, w)| format!("{f:<w$}"))
+            .collect();
+        out.push_str(l.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for c in &cells {
+        line(&mut c.iter().map(String::as_str));
+    }
+    out
 }

@@ -1,0 +1,553 @@
+//! `hb monitor`'s options: command-line flags, an optional TOML file with
+//! the same keys (`--tick-ms` is `tick_ms = ...`), and the validated
+//! [`Settings`] the monitor runs with. Flags override the file; the file
+//! overrides the defaults. Unknown keys in the file are errors (a typo must
+//! not silently leave a default in force).
+//!
+//! On SIGHUP the file is read again and merged with the same flags; only
+//! the keyring (always re-read) and the node list take effect without a
+//! restart. A flag keeps winning over the file on reload, so a node list
+//! meant to change at runtime belongs in the file (`nodes = "1-1000"`),
+//! not in `--nodes`.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use hb_common::maps::MAX_NODES;
+use serde::Deserialize;
+
+use super::{hooks::HookOptions, state::Thresholds};
+use crate::detector::PhiParams;
+
+/// Where heartbeats are gated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// XDP in the driver (falls back to skb when the driver cannot).
+    Native,
+    /// Generic XDP (skb mode).
+    Skb,
+    /// A UDP socket and the same gate in userspace.
+    Userspace,
+}
+
+/// `hb monitor` flags (boxed: they are many, and `main`'s command enum
+/// should not grow by their size).
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct Args {
+    #[command(flatten)]
+    pub opts: Box<Opts>,
+}
+
+impl std::ops::Deref for Args {
+    type Target = Opts;
+    fn deref(&self) -> &Opts {
+        &self.opts
+    }
+}
+
+impl From<Opts> for Args {
+    fn from(o: Opts) -> Args {
+        Args { opts: Box::new(o) }
+    }
+}
+
+/// `hb monitor` options. Every one can also come from `--config`.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct Opts {
+    /// TOML file with any of the options below (keys with underscores).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Interface to attach to (repeatable). userspace mode binds its
+    /// addresses (all addresses when none is given).
+    #[arg(long = "iface", value_name = "IF")]
+    pub iface: Vec<String>,
+    /// Heartbeat UDP port [default: 7420].
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Keyring file (TOML `[[epoch]]` tables with `id` and `secret`).
+    #[arg(long, value_name = "FILE")]
+    pub keyring: Option<PathBuf>,
+    /// Node ids and inclusive ranges, e.g. `1-1000,4242`.
+    #[arg(long, value_name = "SPEC")]
+    pub nodes: Option<String>,
+    /// HTTP address of /metrics, /nodes, /healthz [default: 127.0.0.1:9420].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Where to gate heartbeats [default: native].
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// Answer accepted heartbeats with ACKs (every `--ack-every`-th, and
+    /// whenever the requested interval differs from the node's).
+    #[arg(long)]
+    pub ack: bool,
+    /// ACK every N-th accepted heartbeat of a node (implies --ack) [default: 1].
+    #[arg(long, value_name = "N")]
+    pub ack_every: Option<u32>,
+    /// Events as JSON lines: a file (appended; reopened on SIGHUP) or `-`
+    /// for stdout [default: only the log].
+    #[arg(long, value_name = "FILE|-")]
+    pub events: Option<String>,
+    /// Command run (by /bin/sh -c) for every event; the event is in its
+    /// environment (HB_EVENT, HB_NODE_ID, ...) and on its stdin.
+    #[arg(long, value_name = "CMD")]
+    pub on_event: Option<String>,
+    /// Hooks running at once [default: 4].
+    #[arg(long, value_name = "N")]
+    pub hook_concurrency: Option<usize>,
+    /// A hook still running after this is killed [default: 10000].
+    #[arg(long, value_name = "MS")]
+    pub hook_timeout_ms: Option<u64>,
+    /// Events waiting for a hook slot beyond this are dropped [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub hook_queue: Option<usize>,
+    /// Decision tick period [default: 100].
+    #[arg(long, value_name = "MS")]
+    pub tick_ms: Option<u64>,
+    /// alive -> suspect at this phi [default: 8].
+    #[arg(long)]
+    pub suspect_phi: Option<f64>,
+    /// -> dead at this phi (with --dead-min-intervals of silence) [default: 12].
+    #[arg(long)]
+    pub dead_phi: Option<f64>,
+    /// suspect/dead -> alive after a fresh heartbeat below this phi [default: 1].
+    #[arg(long)]
+    pub alive_phi: Option<f64>,
+    /// Minimum silence for dead, in expected intervals [default: 3].
+    #[arg(long, value_name = "N")]
+    pub dead_min_intervals: Option<f64>,
+    /// Dead after this silence whatever phi says; 0 = off [default: 60000].
+    #[arg(long, value_name = "MS")]
+    pub max_silence_ms: Option<u64>,
+    /// Floor of the inter-arrival standard deviation [default: 20].
+    #[arg(long, value_name = "MS")]
+    pub min_std_dev_ms: Option<f64>,
+    /// Floor of the standard deviation as a fraction of the mean [default: 0.1].
+    #[arg(long, value_name = "RATIO")]
+    pub min_std_dev_ratio: Option<f64>,
+    /// Pause tolerated on top of the expected interval [default: 0].
+    #[arg(long, value_name = "MS")]
+    pub acceptable_pause_ms: Option<f64>,
+    /// Ask every node to use this interval (no controller) [default: none].
+    #[arg(long, value_name = "MS")]
+    pub fixed_interval_ms: Option<u32>,
+    /// How often the interval policy decides [default: 1000].
+    #[arg(long, value_name = "MS")]
+    pub decision_ms: Option<u64>,
+    /// Leave the XDP program attached on exit (state keeps being gathered).
+    #[arg(long)]
+    pub keep_attached: bool,
+    /// Provision unknown nodes whose heartbeats verify under their derived
+    /// key (see `monitor::enroll` for the trade-off).
+    #[arg(long)]
+    pub enroll: bool,
+    /// bpffs directory of the pinned maps and link [default: /sys/fs/bpf/hb].
+    #[arg(long, value_name = "DIR")]
+    pub pin_dir: Option<PathBuf>,
+}
+
+/// The config file: the same options, all optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    iface: Option<Vec<String>>,
+    port: Option<u16>,
+    keyring: Option<PathBuf>,
+    nodes: Option<String>,
+    listen: Option<SocketAddr>,
+    mode: Option<Mode>,
+    ack: Option<bool>,
+    ack_every: Option<u32>,
+    events: Option<String>,
+    on_event: Option<String>,
+    hook_concurrency: Option<usize>,
+    hook_timeout_ms: Option<u64>,
+    hook_queue: Option<usize>,
+    tick_ms: Option<u64>,
+    suspect_phi: Option<f64>,
+    dead_phi: Option<f64>,
+    alive_phi: Option<f64>,
+    dead_min_intervals: Option<f64>,
+    max_silence_ms: Option<u64>,
+    min_std_dev_ms: Option<f64>,
+    min_std_dev_ratio: Option<f64>,
+    acceptable_pause_ms: Option<f64>,
+    fixed_interval_ms: Option<u32>,
+    decision_ms: Option<u64>,
+    keep_attached: Option<bool>,
+    enroll: Option<bool>,
+    pin_dir: Option<PathBuf>,
+}
+
+/// Everything the monitor runs with, validated.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub ifaces: Vec<String>,
+    pub port: u16,
+    pub keyring: PathBuf,
+    pub nodes: NodeSpec,
+    pub listen: SocketAddr,
+    pub mode: Mode,
+    /// 0 = no periodic ACKs.
+    pub ack_every: u32,
+    pub ack_on_change: bool,
+    pub events: String,
+    pub hook: Option<HookOptions>,
+    pub tick: Duration,
+    pub thresholds: Thresholds,
+    pub phi: PhiParams,
+    pub fixed_interval_ms: Option<u32>,
+    pub decision_ms: u64,
+    pub keep_attached: bool,
+    pub enroll: bool,
+    pub pin_dir: PathBuf,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9420";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/hb";
+
+impl Settings {
+    /// Reads `--config` (if any) and merges it under the flags.
+    pub fn load(args: &Args) -> anyhow::Result<Settings> {
+        let file = match &args.config {
+            Some(p) => read_file(p)?,
+            None => FileConfig::default(),
+        };
+        Settings::merge(args, file)
+    }
+
+    fn merge(a: &Args, f: FileConfig) -> anyhow::Result<Settings> {
+        let ifaces = if a.iface.is_empty() {
+            f.iface.unwrap_or_default()
+        } else {
+            a.iface.clone()
+        };
+        let keyring = a
+            .keyring
+            .clone()
+            .or(f.keyring)
+            .context("no keyring: give --keyring FILE (or `keyring` in the config file)")?;
+        let spec = a
+            .nodes
+            .clone()
+            .or(f.nodes)
+            .context("no nodes: give --nodes SPEC, e.g. --nodes 1-1000,4242")?;
+        let nodes = NodeSpec::parse(&spec)?;
+        let ack_every_opt = a.ack_every.or(f.ack_every);
+        let ack = a.ack || f.ack.unwrap_or(false) || ack_every_opt.is_some();
+        let ack_every = if ack { ack_every_opt.unwrap_or(1) } else { 0 };
+        let tick_ms = a.tick_ms.or(f.tick_ms).unwrap_or(100);
+        if !(1..=60_000).contains(&tick_ms) {
+            bail!("tick_ms must be between 1 and 60000, got {tick_ms}");
+        }
+        let d = Thresholds::default();
+        let thresholds = Thresholds {
+            suspect_phi: a.suspect_phi.or(f.suspect_phi).unwrap_or(d.suspect_phi),
+            dead_phi: a.dead_phi.or(f.dead_phi).unwrap_or(d.dead_phi),
+            alive_phi: a.alive_phi.or(f.alive_phi).unwrap_or(d.alive_phi),
+            dead_min_intervals: a
+                .dead_min_intervals
+                .or(f.dead_min_intervals)
+                .unwrap_or(d.dead_min_intervals),
+            max_silence_ms: a
+                .max_silence_ms
+                .or(f.max_silence_ms)
+                .unwrap_or(d.max_silence_ms),
+        };
+        thresholds.validate().map_err(anyhow::Error::msg)?;
+        let p = PhiParams::default();
+        let phi = PhiParams {
+            min_std_dev_ms: a
+                .min_std_dev_ms
+                .or(f.min_std_dev_ms)
+                .unwrap_or(p.min_std_dev_ms),
+            min_std_dev_ratio: a
+                .min_std_dev_ratio
+                .or(f.min_std_dev_ratio)
+                .unwrap_or(p.min_std_dev_ratio),
+            acceptable_pause_ms: a
+                .acceptable_pause_ms
+                .or(f.acceptable_pause_ms)
+                .unwrap_or(p.acceptable_pause_ms),
+        };
+        let nonneg = |v: f64| v.is_finite() && v >= 0.0;
+        if !(nonneg(phi.min_std_dev_ms)
+            && nonneg(phi.min_std_dev_ratio)
+            && nonneg(phi.acceptable_pause_ms))
+            || phi.min_std_dev_ms.max(phi.min_std_dev_ratio) <= 0.0
+        {
+            bail!(
+                "min_std_dev_ms, min_std_dev_ratio and acceptable_pause_ms must be non-negative numbers, and one floor positive"
+            );
+        }
+        let on_event = a.on_event.clone().or(f.on_event).filter(|s| !s.is_empty());
+        let hook = on_event.map(|command| HookOptions {
+            command,
+            concurrency: a
+                .hook_concurrency
+                .or(f.hook_concurrency)
+                .unwrap_or(4)
+                .max(1),
+            timeout: Duration::from_millis(
+                a.hook_timeout_ms
+                    .or(f.hook_timeout_ms)
+                    .unwrap_or(10_000)
+                    .max(1),
+            ),
+            queue: a.hook_queue.or(f.hook_queue).unwrap_or(1024).max(1),
+        });
+        let fixed_interval_ms = a.fixed_interval_ms.or(f.fixed_interval_ms);
+        if let Some(ms) = fixed_interval_ms
+            && !(hb_common_bounds::MIN..=hb_common_bounds::MAX).contains(&ms)
+        {
+            bail!(
+                "fixed_interval_ms must be between {} and {} ms, got {ms}",
+                hb_common_bounds::MIN,
+                hb_common_bounds::MAX
+            );
+        }
+        Ok(Settings {
+            ifaces,
+            port: a.port.or(f.port).unwrap_or(hb_common::proto::DEFAULT_PORT),
+            keyring,
+            nodes,
+            listen: a
+                .listen
+                .or(f.listen)
+                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("literal")),
+            mode: a.mode.or(f.mode).unwrap_or(Mode::Native),
+            ack_every,
+            ack_on_change: ack,
+            events: a.events.clone().or(f.events).unwrap_or_default(),
+            hook,
+            tick: Duration::from_millis(tick_ms),
+            thresholds,
+            phi,
+            fixed_interval_ms,
+            decision_ms: a.decision_ms.or(f.decision_ms).unwrap_or(1000).max(1),
+            keep_attached: a.keep_attached || f.keep_attached.unwrap_or(false),
+            enroll: a.enroll || f.enroll.unwrap_or(false),
+            pin_dir: a
+                .pin_dir
+                .clone()
+                .or(f.pin_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
+        })
+    }
+}
+
+/// Heartbeat interval bounds of the protocol's design (0.1 to 10 Hz).
+mod hb_common_bounds {
+    pub const MIN: u32 = 100;
+    pub const MAX: u32 = 10_000;
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config {}", path.display()))?;
+    toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("config {}: {}", path.display(), toml_error(&text, &e)))
+}
+
+/// A TOML error as one line: `line L: message`.
+pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {msg}")
+        }
+        None => msg,
+    }
+}
+
+/// A set of node ids: ids and inclusive ranges, e.g. `1-1000,4242`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeSpec {
+    /// Sorted, disjoint, non-adjacent inclusive ranges.
+    ranges: Vec<(u32, u32)>,
+}
+
+/// A bad part of a node spec, named.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("bad node spec part `{part}`: {why}")]
+pub struct NodeSpecError {
+    pub part: String,
+    pub why: &'static str,
+}
+
+impl NodeSpec {
+    pub fn parse(spec: &str) -> Result<NodeSpec, NodeSpecError> {
+        let bad = |part: &str, why| NodeSpecError {
+            part: part.to_owned(),
+            why,
+        };
+        let mut ranges = Vec::new();
+        for part in spec.split(',') {
+            let p = part.trim();
+            if p.is_empty() {
+                if spec.trim().is_empty() {
+                    return Err(bad(spec, "no node ids"));
+                }
+                return Err(bad(part, "empty part (stray comma?)"));
+            }
+            let num = |s: &str| -> Result<u32, NodeSpecError> {
+                let v: u32 = s
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad(p, "not a node id (a number 1..=4294967295)"))?;
+                if v == 0 {
+                    return Err(bad(p, "node id 0 is reserved"));
+                }
+                Ok(v)
+            };
+            let (lo, hi) = match p.split_once('-') {
+                Some((a, b)) => (num(a)?, num(b)?),
+                None => {
+                    let v = num(p)?;
+                    (v, v)
+                }
+            };
+            if lo > hi {
+                return Err(bad(p, "range start is above its end"));
+            }
+            ranges.push((lo, hi));
+        }
+        ranges.sort_unstable();
+        let mut merged: Vec<(u32, u32)> = Vec::with_capacity(ranges.len());
+        for (lo, hi) in ranges {
+            match merged.last_mut() {
+                Some(last) if lo <= last.1.saturating_add(1) => last.1 = last.1.max(hi),
+                _ => merged.push((lo, hi)),
+            }
+        }
+        let s = NodeSpec { ranges: merged };
+        if s.len() > MAX_NODES as u64 {
+            return Err(bad(
+                spec,
+                "more nodes than the monitor's capacity (1048576)",
+            ));
+        }
+        Ok(s)
+    }
+
+    /// Number of ids.
+    pub fn len(&self) -> u64 {
+        self.ranges
+            .iter()
+            .map(|(lo, hi)| (*hi - *lo) as u64 + 1)
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    pub fn contains(&self, id: u32) -> bool {
+        let i = self.ranges.partition_point(|(_, hi)| *hi < id);
+        self.ranges.get(i).is_some_and(|(lo, _)| *lo <= id)
+    }
+
+    /// Every id, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ranges.iter().flat_map(|(lo, hi)| *lo..=*hi)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_specs() {
+        let s = NodeSpec::parse("1-1000,4242").unwrap();
+        assert_eq!(s.len(), 1001);
+        assert!(s.contains(1) && s.contains(1000) && s.contains(4242));
+        assert!(!s.contains(1001) && !s.contains(0) && !s.contains(5000));
+        let s = NodeSpec::parse(" 5, 3-4 ,4,10-12,13").unwrap();
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![3, 4, 5, 10, 11, 12, 13]);
+        assert_eq!(s.ranges, vec![(3, 5), (10, 13)]);
+        let s = NodeSpec::parse("4294967295").unwrap();
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn bad_node_specs_name_the_part() {
+        let cases = [
+            ("1-10,x", "`x`", "not a node id"),
+            ("5-3", "`5-3`", "start is above"),
+            ("0-4", "`0-4`", "0 is reserved"),
+            ("1,,2", "``", "stray comma"),
+            ("", "``", "no node ids"),
+            ("1-2-3", "`1-2-3`", "not a node id"),
+            ("99999999999", "`99999999999`", "not a node id"),
+            ("1-4294967295", "`1-4294967295`", "capacity"),
+        ];
+        for (spec, part, why) in cases {
+            let e = NodeSpec::parse(spec).unwrap_err().to_string();
+            assert!(e.contains(part) && e.contains(why), "{spec:?}: {e}");
+        }
+    }
+
+    fn args() -> Opts {
+        Opts {
+            keyring: Some("k.toml".into()),
+            nodes: Some("1-3".into()),
+            ..Opts::default()
+        }
+    }
+
+    #[test]
+    fn flags_override_the_file_and_the_file_the_defaults() {
+        let file: FileConfig = toml::from_str(
+            "tick_ms = 50\nport = 9000\nnodes = \"7\"\nmode = \"userspace\"\nack_every = 5\niface = [\"eth9\"]\n",
+        )
+        .unwrap();
+        let a = Opts {
+            port: Some(9001),
+            ..args()
+        };
+        let s = Settings::merge(&a.into(), file).unwrap();
+        assert_eq!(s.port, 9001, "flag wins");
+        assert_eq!(s.tick, Duration::from_millis(50), "file wins over default");
+        assert_eq!(s.nodes.len(), 3, "flag wins");
+        assert_eq!(s.mode, Mode::Userspace);
+        assert_eq!((s.ack_every, s.ack_on_change), (5, true));
+        assert_eq!(s.ifaces, vec!["eth9".to_string()]);
+        let s = Settings::merge(&args().into(), FileConfig::default()).unwrap();
+        assert_eq!(s.mode, Mode::Native);
+        assert_eq!((s.ack_every, s.ack_on_change), (0, false));
+        assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(s.thresholds, Thresholds::default());
+    }
+
+    #[test]
+    fn bad_settings_are_one_clear_line() {
+        let e = toml::from_str::<FileConfig>("tick_ms = 50\ntickms = 3\n").unwrap_err();
+        let text = "tick_ms = 50\ntickms = 3\n";
+        let msg = toml_error(text, &e);
+        assert!(msg.starts_with("line 2: unknown field `tickms`"), "{msg}");
+        assert!(!msg.contains('\n'));
+        let a = Opts {
+            nodes: None,
+            ..args()
+        };
+        let e = Settings::merge(&a.into(), FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("--nodes"), "{e}");
+        let a = Opts {
+            suspect_phi: Some(20.0),
+            ..args()
+        };
+        let e = Settings::merge(&a.into(), FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("suspect_phi <= dead_phi"), "{e}");
+        let a = Opts {
+            tick_ms: Some(0),
+            ..args()
+        };
+        assert!(Settings::merge(&a.into(), FileConfig::default()).is_err());
+    }
+}

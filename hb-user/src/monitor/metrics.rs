@@ -1,0 +1,285 @@
+//! Prometheus metrics (`GET /metrics`), through `prometheus-client`.
+//!
+//! Labels are bounded sets (gate results, states, events, failure
+//! reasons): no per-node label, so a million nodes cost the scrape
+//! nothing. Per-node detail lives in `GET /nodes`.
+//!
+//! The gate's counters live in the dataplane (per-CPU kernel maps, or the
+//! in-memory gate) and are copied into the registry on every tick, so a
+//! scrape never touches the dataplane.
+
+use hb_common::{GateResult, maps::counter};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use super::state::{EventKind, Status};
+use crate::dataplane::Counters;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+/// Every metric of the monitor.
+pub struct Metrics {
+    registry: Registry,
+    packets: Family<Labels, Counter>,
+    dataplane: Family<Labels, Counter>,
+    nodes: Family<Labels, Gauge>,
+    events: Family<Labels, Counter>,
+    hook_runs: Counter,
+    hook_failures: Family<Labels, Counter>,
+    event_write_failures: Counter,
+    tick_seconds: Histogram,
+    ticks_overrun: Counter,
+    decisions: Counter,
+    unknown_reports: Counter,
+    enrolled: Family<Labels, Counter>,
+    reloads: Family<Labels, Counter>,
+    ack_send_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("hb");
+        let packets = Family::<Labels, Counter>::default();
+        registry.register(
+            "packets",
+            "Datagrams to the heartbeat port by gate result (PROTOCOL.md, \"The gate\")",
+            packets.clone(),
+        );
+        let dataplane = Family::<Labels, Counter>::default();
+        registry.register(
+            "dataplane",
+            "Other dataplane counters: ACKs sent, reports dropped or rate-limited, contention",
+            dataplane.clone(),
+        );
+        let nodes = Family::<Labels, Gauge>::default();
+        registry.register("nodes", "Provisioned nodes by state", nodes.clone());
+        let events = Family::<Labels, Counter>::default();
+        registry.register("events", "Node events announced", events.clone());
+        let hook_runs = Counter::default();
+        registry.register(
+            "hook_runs",
+            "--on-event hooks that exited 0",
+            hook_runs.clone(),
+        );
+        let hook_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "hook_failures",
+            "--on-event hooks that failed (exit, timeout, spawn, wait) or were dropped (queue full)",
+            hook_failures.clone(),
+        );
+        let event_write_failures = Counter::default();
+        registry.register(
+            "event_write_failures",
+            "Failed writes to the events file",
+            event_write_failures.clone(),
+        );
+        let tick_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 14));
+        registry.register(
+            "tick_duration_seconds",
+            "Time of one decision tick (scan of every node)",
+            tick_seconds.clone(),
+        );
+        let ticks_overrun = Counter::default();
+        registry.register(
+            "ticks_overrun",
+            "Ticks that took longer than the tick period",
+            ticks_overrun.clone(),
+        );
+        let decisions = Counter::default();
+        registry.register(
+            "interval_decisions",
+            "Requested-interval changes written to the dataplane",
+            decisions.clone(),
+        );
+        let unknown_reports = Counter::default();
+        registry.register(
+            "unknown_node_reports",
+            "Reports of datagrams from unprovisioned node ids (rate-limited by the gate)",
+            unknown_reports.clone(),
+        );
+        let enrolled = Family::<Labels, Counter>::default();
+        registry.register(
+            "enrollments",
+            "--enroll outcomes: provisioned, accepted (verified heartbeat), expired, refused",
+            enrolled.clone(),
+        );
+        let reloads = Family::<Labels, Counter>::default();
+        registry.register("reloads", "SIGHUP reloads by result", reloads.clone());
+        let ack_send_errors = Counter::default();
+        registry.register(
+            "ack_send_errors",
+            "ACKs the userspace gate could not send",
+            ack_send_errors.clone(),
+        );
+        let m = Metrics {
+            registry,
+            packets,
+            dataplane,
+            nodes,
+            events,
+            hook_runs,
+            hook_failures,
+            event_write_failures,
+            tick_seconds,
+            ticks_overrun,
+            decisions,
+            unknown_reports,
+            enrolled,
+            reloads,
+            ack_send_errors,
+        };
+        // Every label value present from the start, so dashboards and
+        // alerts see zeros rather than absent series.
+        m.set_counters(&[0; counter::LEN as usize]);
+        for s in Status::ALL {
+            let _ = m.nodes.get_or_create(&vec![("state", s.name())]);
+        }
+        for e in EventKind::ALL {
+            let _ = m.events.get_or_create(&vec![("event", e.name())]);
+        }
+        for r in ["ok", "error"] {
+            let _ = m.reloads.get_or_create(&vec![("result", r)]);
+        }
+        for o in ["provisioned", "accepted", "expired", "refused", "duplicate"] {
+            let _ = m.enrolled.get_or_create(&vec![("outcome", o)]);
+        }
+        for r in ["exit", "timeout", "spawn", "wait", "dropped"] {
+            let _ = m.hook_failures.get_or_create(&vec![("reason", r)]);
+        }
+        m
+    }
+
+    /// Copies the dataplane's counters.
+    pub fn set_counters(&self, c: &Counters) {
+        for r in GateResult::ALL {
+            if r == GateResult::Pass {
+                continue; // not a heartbeat: the gate does not count it here
+            }
+            self.packets
+                .get_or_create(&vec![("result", r.name())])
+                .inner()
+                .store(c[r.index() as usize], std::sync::atomic::Ordering::Relaxed);
+        }
+        for (i, name) in counter::EXTRA {
+            self.dataplane
+                .get_or_create(&vec![("counter", name)])
+                .inner()
+                .store(c[i as usize], std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    pub fn set_nodes(&self, counts: &[u64; 5]) {
+        for s in Status::ALL {
+            self.nodes
+                .get_or_create(&vec![("state", s.name())])
+                .set(counts[s as usize] as i64);
+        }
+    }
+
+    pub fn tick(&self, seconds: f64, overrun: bool, decisions: u32) {
+        self.tick_seconds.observe(seconds);
+        if overrun {
+            self.ticks_overrun.inc();
+        }
+        self.decisions.inc_by(decisions as u64);
+    }
+
+    pub fn event(&self, e: EventKind) {
+        self.events.get_or_create(&vec![("event", e.name())]).inc();
+    }
+
+    pub fn event_write_failed(&self) {
+        self.event_write_failures.inc();
+    }
+
+    pub fn hook_ok(&self) {
+        self.hook_runs.inc();
+    }
+
+    pub fn hook_failed(&self, reason: &'static str) {
+        self.hook_failures
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
+    }
+
+    pub fn unknown_report(&self) {
+        self.unknown_reports.inc();
+    }
+
+    pub fn enrollment(&self, outcome: &'static str) {
+        self.enrolled
+            .get_or_create(&vec![("outcome", outcome)])
+            .inc();
+    }
+
+    pub fn reload(&self, ok: bool) {
+        let r = if ok { "ok" } else { "error" };
+        self.reloads.get_or_create(&vec![("result", r)]).inc();
+    }
+
+    pub fn ack_send_error(&self) {
+        self.ack_send_errors.inc();
+    }
+
+    /// Successful hook runs (tests).
+    pub fn hooks_ok(&self) -> u64 {
+        self.hook_runs.get()
+    }
+
+    /// Hook failures for `reason` (tests).
+    pub fn hook_failures(&self, reason: &'static str) -> u64 {
+        self.hook_failures
+            .get_or_create(&vec![("reason", reason)])
+            .get()
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut s = String::with_capacity(8192);
+        // Writing to a String cannot fail.
+        let _ = encode(&mut s, &self.registry);
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_every_gate_result_and_state() {
+        let m = Metrics::new();
+        let mut c = [0u64; counter::LEN as usize];
+        c[GateResult::Accepted.index() as usize] = 17;
+        c[counter::ACK_SENT as usize] = 4;
+        m.set_counters(&c);
+        m.set_nodes(&[1, 2, 3, 4, 5]);
+        m.tick(0.001, false, 0);
+        let text = m.render();
+        assert!(
+            text.contains("hb_packets_total{result=\"accepted\"} 17"),
+            "{text}"
+        );
+        for r in GateResult::ALL.iter().skip(1) {
+            assert!(text.contains(&format!("result=\"{}\"", r.name())), "{r}");
+        }
+        assert!(text.contains("hb_dataplane_total{counter=\"ack_sent\"} 4"));
+        assert!(text.contains("hb_nodes{state=\"dead\"} 4"));
+        assert!(text.contains("hb_tick_duration_seconds_count 1"));
+        assert!(text.contains("hb_hook_failures_total{reason=\"timeout\"} 0"));
+    }
+}

@@ -1,0 +1,406 @@
+//! `hb monitor`: gate heartbeats, decide which nodes are alive, tell
+//! operators.
+//!
+//! The story of a monitor's life, as [`run`] tells it:
+//!
+//! 1. Options: flags over an optional TOML file ([`config`]), the keyring
+//!    ([`keyring_compat`]). Anything wrong is one clear line and exit 1.
+//! 2. The dataplane: the XDP program on the interfaces (native, or skb), or
+//!    a UDP socket and the same gate in userspace ([`userspace`]).
+//! 3. The fleet ([`fleet`]): adopt state that survived a previous monitor
+//!    (pinned maps) without false `joined`, then provision the node list.
+//! 4. The tick ([`tick`]), on its own thread: every `--tick-ms`, one scan of
+//!    every node's state through phi and the state machine ([`state`]),
+//!    events to the sink ([`events`], [`hooks`]), interval decisions from
+//!    the policy ([`policy`]) to the dataplane.
+//! 5. The HTTP API ([`api`], [`metrics`]), the gate's reports
+//!    (unknown nodes, `--enroll`).
+//! 6. Signals: SIGHUP reloads the keyring and node list (and reopens the
+//!    events file); SIGTERM/SIGINT stop everything, flush the events, and
+//!    detach the XDP program unless `--keep-attached`.
+
+pub mod api;
+pub mod config;
+pub mod events;
+pub mod fleet;
+pub mod hooks;
+pub mod keyring_compat;
+pub mod metrics;
+pub mod policy;
+pub mod state;
+pub mod table;
+pub mod tick;
+pub mod userspace;
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use hb_common::maps::Config;
+
+pub use config::Args;
+use config::{Mode, Settings};
+use tokio::signal::unix::{SignalKind, signal};
+
+use self::{
+    api::Shared,
+    events::{Destination, EventSink},
+    fleet::Fleet,
+    hooks::Hooks,
+    keyring_compat::load_keyring,
+    metrics::Metrics,
+    policy::{FixedPolicy, IntervalPolicy},
+    tick::{Core, Detector},
+    userspace::monotonic_ns,
+};
+use crate::dataplane::{Dataplane, mem::MemDataplane};
+
+/// Entry point of `hb monitor`.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let settings = Settings::load(&args)?;
+    let keyring = load_keyring(&settings.keyring)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("hb-monitor")
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(serve(args, settings, keyring))
+}
+
+/// The dataplane as the monitor drives it, its reports, plus what only
+/// userspace mode has (the sockets to serve).
+struct Opened {
+    dp: Arc<dyn Dataplane>,
+    reports: Option<tokio::sync::mpsc::Receiver<hb_common::maps::Report>>,
+    mem: Option<(Arc<MemDataplane>, Vec<std::net::UdpSocket>)>,
+}
+
+/// MERGE POINT (XDP): the one place that builds the XDP dataplane.
+///
+/// The gate engineer's `crate::dataplane::xdp::XdpDataplane` loads and
+/// attaches the program (native with skb fallback, or skb), pins the maps
+/// (and optionally the link) under `pin_dir` so a restart re-adopts node
+/// state, and delivers reports through `take_reports`. At merge this body
+/// becomes:
+///
+/// ```text
+/// use crate::dataplane::xdp::{XdpDataplane, XdpOptions, XdpMode};
+/// let dp = XdpDataplane::open(XdpOptions {
+///     ifaces: s.ifaces.clone(),
+///     mode: if s.mode == Mode::Skb { XdpMode::Skb } else { XdpMode::Native },
+///     pin_dir: Some(s.pin_dir.clone()),
+///     keep_attached: s.keep_attached,
+/// })?;
+/// Ok(Box::new(dp))
+/// ```
+///
+/// Its errors must stay one line each: unknown interface, missing
+/// privileges (CAP_BPF/CAP_NET_ADMIN), another XDP program on the
+/// interface, bpffs not mountable.
+fn open_xdp(s: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
+    if s.ifaces.is_empty() {
+        bail!("--mode native|skb needs at least one --iface");
+    }
+    bail!(
+        "XDP dataplane not available in this build (--mode {}); use --mode userspace",
+        match s.mode {
+            Mode::Skb => "skb",
+            _ => "native",
+        }
+    )
+}
+
+fn open_dataplane(s: &Settings) -> anyhow::Result<Opened> {
+    match s.mode {
+        Mode::Native | Mode::Skb => {
+            let mut dp = open_xdp(s)?;
+            let reports = dp.take_reports();
+            Ok(Opened {
+                dp: Arc::from(dp),
+                reports,
+                mem: None,
+            })
+        }
+        Mode::Userspace => {
+            if s.keep_attached || s.pin_dir != std::path::Path::new(config::DEFAULT_PIN_DIR) {
+                tracing::info!(
+                    "--keep-attached and --pin-dir apply to XDP modes only; userspace mode keeps no state across restarts"
+                );
+            }
+            let addrs = userspace::bind_addrs(&s.ifaces, s.port)?;
+            let sockets = userspace::bind(&addrs)?;
+            let mut mem = MemDataplane::new();
+            let reports = mem.take_reports();
+            let mem = Arc::new(mem);
+            Ok(Opened {
+                dp: mem.clone(),
+                reports,
+                mem: Some((mem, sockets)),
+            })
+        }
+    }
+}
+
+/// MERGE POINT (controller): the interval policy. The Q-learning
+/// controller (`--controller qlearn`, issue 4) is built here when it lands.
+fn make_policy(s: &Settings) -> Box<dyn IntervalPolicy> {
+    match s.fixed_interval_ms {
+        Some(ms) => Box::new(FixedPolicy::fixed(ms)),
+        None => Box::new(FixedPolicy::none()),
+    }
+}
+
+async fn serve(
+    args: Args,
+    settings: Settings,
+    keyring: keyring_compat::Keyring,
+) -> anyhow::Result<()> {
+    // Signals first, so none is lost while starting.
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+
+    let Opened { dp, reports, mem } = open_dataplane(&settings)?;
+    let (mem, sockets) = match mem {
+        Some((m, s)) => (Some(m), s),
+        None => (None, Vec::new()),
+    };
+    dp.set_config(&Config {
+        port: settings.port,
+        pass_accepted: 0,
+        ack_on_change: settings.ack_on_change as u8,
+        ack_every: settings.ack_every,
+        ..Config::default()
+    })
+    .context("cannot configure the dataplane")?;
+
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AddrInUse => anyhow::anyhow!(
+                "cannot listen on {}: address already in use (another monitor running? see --listen)",
+                settings.listen
+            ),
+            _ => anyhow::anyhow!("cannot listen on {}: {e}", settings.listen),
+        })?;
+
+    let metrics = Arc::new(Metrics::new());
+    let hooks = settings
+        .hook
+        .clone()
+        .map(|h| Hooks::start(h, metrics.clone()));
+    let sink =
+        EventSink::start(Destination::parse(&settings.events), hooks, metrics.clone()).await?;
+
+    let mut core = Core::new(
+        Detector::new(settings.thresholds, settings.phi),
+        make_policy(&settings),
+        settings.decision_ms,
+    );
+    let (fleet, summary) = Fleet::start(
+        &mut core,
+        &*dp,
+        keyring,
+        settings.nodes.clone(),
+        settings.enroll,
+    )?;
+    tracing::info!(
+        mode = ?settings.mode,
+        port = settings.port,
+        nodes = core.table.nodes(),
+        added = summary.added,
+        adopted = summary.adopted,
+        removed = summary.removed,
+        epochs = ?fleet.keyring().held_epochs(),
+        listen = %settings.listen,
+        "monitor started"
+    );
+    let fleet = Arc::new(Mutex::new(fleet));
+    let shared = Arc::new(Shared {
+        core: Mutex::new(core),
+        dp: dp.clone(),
+        metrics: metrics.clone(),
+        last_tick_ns: AtomicU64::new(0),
+        dataplane_ok: AtomicBool::new(false),
+        tick: settings.tick,
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(mem) = &mem {
+        for s in sockets {
+            tasks.spawn(userspace::serve(
+                s,
+                mem.clone(),
+                metrics.clone(),
+                stop_rx.clone(),
+            ));
+        }
+    }
+    if let Some(rx) = reports {
+        tasks.spawn(fleet::reports(
+            rx,
+            shared.clone(),
+            fleet.clone(),
+            settings.enroll,
+            stop_rx.clone(),
+        ));
+    }
+    {
+        let mut stop = stop_rx.clone();
+        let app = api::router(shared.clone());
+        tasks.spawn(async move {
+            let r = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.changed().await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+    }
+    let ticking = Arc::new(AtomicBool::new(true));
+    let tick_thread = {
+        let (shared, sink, ticking) = (shared.clone(), sink.clone(), ticking.clone());
+        std::thread::Builder::new()
+            .name("hb-tick".into())
+            .spawn(move || tick_loop(&shared, &sink, &ticking))
+            .context("cannot start the tick thread")?
+    };
+
+    // Signals.
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = sighup.recv() => reload(&args, &shared, &fleet, &sink).await,
+        }
+    }
+
+    let _ = stop_tx.send(true);
+    ticking.store(false, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || tick_thread.join()).await;
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("some tasks did not stop within 5 s");
+    }
+    sink.flush().await;
+    // Last reference to the dataplane: dropping it detaches the XDP
+    // program unless --keep-attached (the XDP dataplane's Drop).
+    drop(shared);
+    drop(dp);
+    drop(mem);
+    tracing::info!(keep_attached = settings.keep_attached, "monitor stopped");
+    Ok(())
+}
+
+/// The tick thread: a fixed-rate loop that skips (and counts) ticks it
+/// cannot keep up with rather than bunching them.
+fn tick_loop(shared: &Shared, sink: &EventSink, running: &AtomicBool) {
+    let period = shared.tick;
+    let mut next = Instant::now();
+    let mut events = Vec::new();
+    while running.load(Ordering::Relaxed) {
+        let t0 = Instant::now();
+        let now = monotonic_ns();
+        let (stats, counts) = {
+            let mut core = shared.core();
+            let stats = core.tick(&*shared.dp, now, &mut events::now_rfc3339, &mut events);
+            (stats, core.table.counts)
+        };
+        match shared.dp.counters() {
+            Ok(c) => {
+                shared.metrics.set_counters(&c);
+                shared.dataplane_ok.store(true, Ordering::Relaxed);
+            }
+            Err(e) => {
+                if shared.dataplane_ok.swap(false, Ordering::Relaxed) {
+                    tracing::error!(error = %format!("{e:#}"), "cannot read the dataplane's counters");
+                }
+            }
+        }
+        shared.metrics.set_nodes(&counts);
+        let took = t0.elapsed();
+        shared
+            .metrics
+            .tick(took.as_secs_f64(), took > period, stats.decisions);
+        shared.last_tick_ns.store(now, Ordering::Relaxed);
+        sink.publish(std::mem::take(&mut events));
+
+        next += period;
+        let now = Instant::now();
+        if next <= now {
+            // Overran: start the next tick now, on a fresh schedule.
+            next = now;
+        } else {
+            // Sleep in slices so shutdown is prompt even with long ticks.
+            while running.load(Ordering::Relaxed) {
+                let left = next.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                std::thread::sleep(left.min(Duration::from_millis(50)));
+            }
+        }
+    }
+}
+
+/// SIGHUP: reload the keyring and node list; on any error keep running
+/// with the old ones and say why in one line.
+async fn reload(args: &Args, shared: &Arc<Shared>, fleet: &Arc<Mutex<Fleet>>, sink: &EventSink) {
+    sink.reopen();
+    let loaded = Settings::load(args).and_then(|s| {
+        let k = load_keyring(&s.keyring)?;
+        Ok((s, k))
+    });
+    let (settings, keyring) = match loaded {
+        Ok(v) => v,
+        Err(e) => {
+            shared.metrics.reload(false);
+            tracing::error!("reload failed, keeping the running keyring and node list: {e:#}");
+            return;
+        }
+    };
+    let (shared2, fleet2) = (shared.clone(), fleet.clone());
+    let epochs = keyring.held_epochs();
+    let r = tokio::task::spawn_blocking(move || {
+        let mut f = fleet2.lock().unwrap_or_else(|e| e.into_inner());
+        let (summary, todo) =
+            f.begin_reload(&mut shared2.core(), &*shared2.dp, keyring, settings.nodes)?;
+        // Keys are derived and installed without the core's lock (see
+        // `Fleet::begin_reload`): ticks go on meanwhile.
+        f.provide_keys(&*shared2.dp, &todo)?;
+        anyhow::Ok(summary)
+    })
+    .await;
+    match r {
+        Ok(Ok(s)) => {
+            shared.metrics.reload(true);
+            tracing::info!(
+                added = s.added,
+                removed = s.removed,
+                kept = s.kept,
+                epochs = ?epochs,
+                "reloaded keyring and node list"
+            );
+        }
+        Ok(Err(e)) => {
+            shared.metrics.reload(false);
+            tracing::error!("reload failed part-way (the table holds what was applied): {e:#}");
+        }
+        Err(e) => {
+            shared.metrics.reload(false);
+            tracing::error!(error = %e, "reload task failed");
+        }
+    }
+}

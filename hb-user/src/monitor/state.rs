@@ -1,0 +1,517 @@
+//! The node state machine: what the monitor believes about one node, and
+//! the events it announces when that belief changes.
+//!
+//! ```text
+//! unknown --first accepted heartbeat (joined)--> alive
+//! alive   --phi >= suspect_phi (suspect)-------> suspect
+//! alive, suspect --dead criteria (dead)---------> dead
+//! suspect, dead --fresh heartbeat and phi < alive_phi (alive)--> alive
+//! any seen state --LEAVING heartbeat (left)-----> left   (never dead)
+//! left    --fresh heartbeat without LEAVING (alive)--> alive
+//! any seen state --larger generation (restarted)--> alive
+//! ```
+//!
+//! Hysteresis: a node enters `suspect` at `suspect_phi` but returns to
+//! `alive` only after a heartbeat accepted *since* it became suspect has
+//! pulled phi below the lower `alive_phi`. Phi only grows between
+//! heartbeats, so a node whose phi jitters around `suspect_phi` because its
+//! heartbeats are late (but not late enough to bring phi below `alive_phi`)
+//! stays suspect instead of flapping.
+//!
+//! `dead` needs both a high phi and a minimum silence measured in expected
+//! intervals (`dead_min_intervals`): phi's tail is steep when the jitter is
+//! small (the standard deviation floor is 10% of the mean), so phi alone
+//! would declare a node dead after a single lost heartbeat. With the default
+//! of 3 intervals, two consecutive losses are tolerated. `max_silence_ms`
+//! is a backstop that does not depend on learned statistics.
+//!
+//! This module is pure (no clock, no I/O): the tick feeds it observations,
+//! the unit tests below feed it tables of them.
+
+use serde::Serialize;
+
+/// What the monitor believes about a node.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Provisioned, never heard from.
+    #[default]
+    Unknown = 0,
+    Alive = 1,
+    Suspect = 2,
+    Dead = 3,
+    /// Said goodbye with a LEAVING heartbeat.
+    Left = 4,
+}
+
+impl Status {
+    pub const ALL: [Status; 5] = [
+        Status::Unknown,
+        Status::Alive,
+        Status::Suspect,
+        Status::Dead,
+        Status::Left,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Status::Unknown => "unknown",
+            Status::Alive => "alive",
+            Status::Suspect => "suspect",
+            Status::Dead => "dead",
+            Status::Left => "left",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|st| st.name() == s)
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What the monitor announces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    Joined,
+    Suspect,
+    Alive,
+    Dead,
+    Left,
+    Restarted,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 6] = [
+        EventKind::Joined,
+        EventKind::Suspect,
+        EventKind::Alive,
+        EventKind::Dead,
+        EventKind::Left,
+        EventKind::Restarted,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            EventKind::Joined => "joined",
+            EventKind::Suspect => "suspect",
+            EventKind::Alive => "alive",
+            EventKind::Dead => "dead",
+            EventKind::Left => "left",
+            EventKind::Restarted => "restarted",
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The configurable thresholds of the state machine.
+///
+/// The defaults follow Akka and Cassandra (suspicion at phi 8) and are
+/// provisional: the detector evaluation (`hb eval`, issue 5) is where they
+/// get chosen on traces, and this is the one place to change them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Thresholds {
+    /// alive → suspect at phi >= this.
+    pub suspect_phi: f64,
+    /// → dead at phi >= this (and `dead_min_intervals` of silence).
+    pub dead_phi: f64,
+    /// suspect/dead → alive only with phi below this after a fresh heartbeat.
+    pub alive_phi: f64,
+    /// Minimum silence for `dead`, in expected inter-arrival times.
+    pub dead_min_intervals: f64,
+    /// Dead after this much silence whatever phi says; 0 = off.
+    pub max_silence_ms: u64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            suspect_phi: 8.0,
+            dead_phi: 12.0,
+            alive_phi: 1.0,
+            dead_min_intervals: 3.0,
+            max_silence_ms: 60_000,
+        }
+    }
+}
+
+impl Thresholds {
+    /// Checks the ordering the state machine relies on.
+    pub fn validate(&self) -> Result<(), String> {
+        let finite = |v: f64| v.is_finite() && v > 0.0;
+        if !(finite(self.alive_phi) && finite(self.suspect_phi) && finite(self.dead_phi)) {
+            return Err("phi thresholds must be positive numbers".into());
+        }
+        if !(self.alive_phi < self.suspect_phi && self.suspect_phi <= self.dead_phi) {
+            return Err(format!(
+                "phi thresholds must satisfy alive_phi < suspect_phi <= dead_phi, got {} < {} <= {}",
+                self.alive_phi, self.suspect_phi, self.dead_phi
+            ));
+        }
+        if !(self.dead_min_intervals.is_finite() && self.dead_min_intervals >= 0.0) {
+            return Err("dead_min_intervals must be a non-negative number".into());
+        }
+        Ok(())
+    }
+}
+
+/// How suspicious a node looks right now, from phi and silence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// phi < alive_phi.
+    Healthy,
+    /// alive_phi <= phi < suspect_phi.
+    Normal,
+    /// phi >= suspect_phi, not (yet) dead.
+    Suspect,
+    /// Dead criteria met.
+    Dead,
+}
+
+impl Level {
+    /// The level for a given phi and silence (the reference definition;
+    /// the tick computes the same from precomputed `y` thresholds).
+    pub fn classify(phi: f64, silence_ms: f64, mean_ms: f64, th: &Thresholds) -> Level {
+        let silent_long = silence_ms >= th.dead_min_intervals * mean_ms;
+        let backstop = th.max_silence_ms != 0 && silence_ms >= th.max_silence_ms as f64;
+        if backstop || (phi >= th.dead_phi && silent_long) {
+            Level::Dead
+        } else if phi >= th.suspect_phi {
+            Level::Suspect
+        } else if phi >= th.alive_phi {
+            Level::Normal
+        } else {
+            Level::Healthy
+        }
+    }
+}
+
+/// One tick's observation of a node, from its dataplane state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Observation {
+    /// Accepted datagrams, all generations (0: never heard from).
+    pub accepted: u64,
+    pub generation: u32,
+    /// The last accepted datagram had LEAVING set.
+    pub leaving: bool,
+    pub level: Level,
+}
+
+/// The monitor's memory of a node between ticks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Track {
+    pub status: Status,
+    /// Generation the monitor last saw.
+    pub generation: u32,
+    /// `accepted` when the node entered its current status: heartbeats
+    /// accepted since are "fresh".
+    pub mark: u64,
+}
+
+/// A change of belief, with what it was before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub event: EventKind,
+    pub previous: Status,
+    /// For `restarted`: the generation before.
+    pub prev_generation: u32,
+}
+
+/// Advances `t` by one observation; returns the event to announce, if any.
+/// At most one event per node per tick: a node whose first heartbeat is
+/// already LEAVING is announced `joined`, then `left` on the next tick.
+pub fn step(t: &mut Track, o: &Observation) -> Option<Transition> {
+    let previous = t.status;
+    let go = |t: &mut Track, status: Status, event: EventKind| {
+        t.status = status;
+        t.mark = o.accepted;
+        Some(Transition {
+            event,
+            previous,
+            prev_generation: 0,
+        })
+    };
+    if o.accepted == 0 {
+        // Never heard from (or state cleared): nothing to believe.
+        return None;
+    }
+    if t.status == Status::Unknown {
+        t.generation = o.generation;
+        return go(t, Status::Alive, EventKind::Joined);
+    }
+    if o.generation > t.generation {
+        let prev_generation = t.generation;
+        t.generation = o.generation;
+        t.status = Status::Alive;
+        t.mark = o.accepted;
+        return Some(Transition {
+            event: EventKind::Restarted,
+            previous,
+            prev_generation,
+        });
+    }
+    let fresh = o.accepted > t.mark;
+    match t.status {
+        Status::Unknown => None, // handled above
+        _ if o.leaving => {
+            if t.status == Status::Left {
+                None
+            } else {
+                go(t, Status::Left, EventKind::Left)
+            }
+        }
+        // Not leaving any more (a new heartbeat of the same generation
+        // without the flag): the node changed its mind.
+        Status::Left if fresh => go(t, Status::Alive, EventKind::Alive),
+        Status::Left => None,
+        Status::Alive => match o.level {
+            Level::Dead => go(t, Status::Dead, EventKind::Dead),
+            Level::Suspect => go(t, Status::Suspect, EventKind::Suspect),
+            _ => None,
+        },
+        Status::Suspect => match o.level {
+            Level::Dead => go(t, Status::Dead, EventKind::Dead),
+            Level::Healthy if fresh => go(t, Status::Alive, EventKind::Alive),
+            _ => None,
+        },
+        Status::Dead => match o.level {
+            Level::Healthy if fresh => go(t, Status::Alive, EventKind::Alive),
+            _ => None,
+        },
+    }
+}
+
+/// The status a node is adopted in when the monitor starts over state that
+/// survived it (pinned maps): no event is announced. A node heard from is
+/// `alive` (or `left` if its last word was LEAVING) and is judged from
+/// there by the kernel's `last_arrival`, which kept updating while no
+/// monitor ran: a node that died meanwhile is announced dead on the next
+/// ticks, once (the monitor cannot know whether its predecessor already
+/// announced it: at-least-once for `dead`, never a false `joined`).
+pub fn adopt(o: &Observation) -> Track {
+    let status = match (o.accepted, o.leaving) {
+        (0, _) => Status::Unknown,
+        (_, true) => Status::Left,
+        (_, false) => Status::Alive,
+    };
+    Track {
+        status,
+        generation: o.generation,
+        mark: o.accepted,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs(accepted: u64, generation: u32, level: Level) -> Observation {
+        Observation {
+            accepted,
+            generation,
+            leaving: false,
+            level,
+        }
+    }
+
+    fn leaving(accepted: u64, generation: u32) -> Observation {
+        Observation {
+            leaving: true,
+            ..obs(accepted, generation, Level::Healthy)
+        }
+    }
+
+    /// Runs a table of (observation, expected event, expected status).
+    fn run(rows: &[(Observation, Option<EventKind>, Status)]) -> Track {
+        let mut t = Track::default();
+        for (i, (o, ev, st)) in rows.iter().enumerate() {
+            let got = step(&mut t, o).map(|tr| tr.event);
+            assert_eq!(got, *ev, "row {i}: event for {o:?}");
+            assert_eq!(t.status, *st, "row {i}: status after {o:?}");
+        }
+        t
+    }
+
+    use EventKind as E;
+    use Level as L;
+    use Status as S;
+
+    #[test]
+    fn every_transition() {
+        run(&[
+            (obs(0, 0, L::Healthy), None, S::Unknown),
+            (obs(1, 7, L::Healthy), Some(E::Joined), S::Alive),
+            (obs(2, 7, L::Normal), None, S::Alive),
+            (obs(2, 7, L::Suspect), Some(E::Suspect), S::Suspect),
+            (obs(3, 7, L::Healthy), Some(E::Alive), S::Alive),
+            (obs(3, 7, L::Suspect), Some(E::Suspect), S::Suspect),
+            (obs(3, 7, L::Dead), Some(E::Dead), S::Dead),
+            (obs(4, 7, L::Healthy), Some(E::Alive), S::Alive),
+            (obs(4, 7, L::Dead), Some(E::Dead), S::Dead),
+            (leaving(5, 7), Some(E::Left), S::Left),
+            (obs(6, 7, L::Healthy), Some(E::Alive), S::Alive),
+        ]);
+    }
+
+    #[test]
+    fn alive_straight_to_dead_by_backstop() {
+        let th = Thresholds::default();
+        // phi low (huge learned mean) but silence past the backstop.
+        assert_eq!(Level::classify(0.5, 60_000.0, 50_000.0, &th), Level::Dead);
+        run(&[
+            (obs(1, 1, L::Healthy), Some(E::Joined), S::Alive),
+            (obs(1, 1, L::Dead), Some(E::Dead), S::Dead),
+        ]);
+    }
+
+    #[test]
+    fn recovery_needs_a_fresh_heartbeat_not_just_low_phi() {
+        // A dead node whose phi reads low again (e.g. statistics reseeded)
+        // without any new heartbeat stays dead.
+        run(&[
+            (obs(1, 1, L::Healthy), Some(E::Joined), S::Alive),
+            (obs(1, 1, L::Dead), Some(E::Dead), S::Dead),
+            (obs(1, 1, L::Healthy), None, S::Dead),
+            (obs(2, 1, L::Healthy), Some(E::Alive), S::Alive),
+        ]);
+    }
+
+    #[test]
+    fn no_flapping_on_jitter_around_the_suspect_threshold() {
+        let th = Thresholds::default();
+        // phi readings hovering around suspect_phi (8): late heartbeats keep
+        // arriving, but none brings phi below alive_phi (1).
+        let phis = [7.9, 8.1, 7.8, 8.2, 7.95, 8.05, 7.9, 8.3, 7.7, 8.1];
+        let mut t = Track::default();
+        step(&mut t, &obs(1, 1, L::Healthy));
+        let mut events = Vec::new();
+        for (i, phi) in phis.iter().enumerate() {
+            let level = Level::classify(*phi, 1500.0, 1000.0, &th);
+            if let Some(tr) = step(&mut t, &obs(2 + i as u64, 1, level)) {
+                events.push(tr.event);
+            }
+        }
+        assert_eq!(events, vec![E::Suspect], "one suspicion, no flapping");
+        assert_eq!(t.status, S::Suspect);
+        // A timely heartbeat ends it.
+        let level = Level::classify(0.2, 100.0, 1000.0, &th);
+        assert_eq!(
+            step(&mut t, &obs(50, 1, level)).map(|t| t.event),
+            Some(E::Alive)
+        );
+    }
+
+    #[test]
+    fn high_phi_alone_is_not_dead_until_enough_silence() {
+        let th = Thresholds::default();
+        // phi 20 after 1.8 intervals: one heartbeat lost, suspect only.
+        assert_eq!(Level::classify(20.0, 1800.0, 1000.0, &th), Level::Suspect);
+        assert_eq!(Level::classify(20.0, 3000.0, 1000.0, &th), Level::Dead);
+        assert_eq!(Level::classify(11.9, 5000.0, 1000.0, &th), Level::Suspect);
+        assert_eq!(Level::classify(0.99, 0.0, 1000.0, &th), Level::Healthy);
+        assert_eq!(Level::classify(1.0, 0.0, 1000.0, &th), Level::Normal);
+    }
+
+    #[test]
+    fn left_is_never_dead() {
+        run(&[
+            (obs(1, 1, L::Healthy), Some(E::Joined), S::Alive),
+            (leaving(2, 1), Some(E::Left), S::Left),
+            (
+                Observation {
+                    level: L::Dead,
+                    ..leaving(2, 1)
+                },
+                None,
+                S::Left,
+            ),
+            (
+                Observation {
+                    level: L::Suspect,
+                    ..leaving(2, 1)
+                },
+                None,
+                S::Left,
+            ),
+        ]);
+    }
+
+    #[test]
+    fn suspect_or_dead_node_that_leaves_is_left() {
+        run(&[
+            (obs(1, 1, L::Healthy), Some(E::Joined), S::Alive),
+            (obs(1, 1, L::Suspect), Some(E::Suspect), S::Suspect),
+            (leaving(2, 1), Some(E::Left), S::Left),
+        ]);
+    }
+
+    #[test]
+    fn restart_is_not_a_new_node() {
+        let mut t = run(&[
+            (obs(1, 100, L::Healthy), Some(E::Joined), S::Alive),
+            (obs(5, 100, L::Dead), Some(E::Dead), S::Dead),
+        ]);
+        let tr = step(&mut t, &obs(6, 101, L::Healthy)).unwrap();
+        assert_eq!(tr.event, E::Restarted);
+        assert_eq!((tr.previous, tr.prev_generation), (S::Dead, 100));
+        assert_eq!((t.status, t.generation), (S::Alive, 101));
+        // And from left: a node that left and comes back restarted.
+        let mut t = run(&[
+            (obs(1, 100, L::Healthy), Some(E::Joined), S::Alive),
+            (leaving(2, 100), Some(E::Left), S::Left),
+        ]);
+        let tr = step(&mut t, &obs(3, 200, L::Healthy)).unwrap();
+        assert_eq!((tr.event, tr.previous), (E::Restarted, S::Left));
+    }
+
+    #[test]
+    fn first_heartbeat_leaving_is_joined_then_left() {
+        run(&[
+            (leaving(1, 1), Some(E::Joined), S::Alive),
+            (leaving(1, 1), Some(E::Left), S::Left),
+        ]);
+    }
+
+    #[test]
+    fn adoption_announces_nothing() {
+        assert_eq!(adopt(&obs(0, 0, L::Healthy)).status, S::Unknown);
+        let mut t = adopt(&obs(9, 3, L::Healthy));
+        assert_eq!((t.status, t.generation, t.mark), (S::Alive, 3, 9));
+        assert_eq!(step(&mut t, &obs(10, 3, L::Healthy)), None);
+        assert_eq!(adopt(&leaving(9, 3)).status, S::Left);
+        // A node that died while no monitor ran is announced once.
+        let mut t = adopt(&obs(9, 3, L::Dead));
+        assert_eq!(step(&mut t, &obs(9, 3, L::Dead)).unwrap().event, E::Dead);
+        assert_eq!(step(&mut t, &obs(9, 3, L::Dead)), None);
+    }
+
+    #[test]
+    fn threshold_validation() {
+        assert!(Thresholds::default().validate().is_ok());
+        let bad = Thresholds {
+            alive_phi: 9.0,
+            ..Thresholds::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .contains("alive_phi < suspect_phi")
+        );
+        let bad = Thresholds {
+            dead_phi: f64::NAN,
+            ..Thresholds::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+}

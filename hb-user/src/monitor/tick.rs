@@ -1,0 +1,602 @@
+//! The decision loop's body: one linear scan over every node's dataplane
+//! state, every tick.
+//!
+//! For each occupied slot the tick turns the gate's statistics into an
+//! [`Observation`] (is the node late, and how late) and steps the state
+//! machine; transitions become [`Event`]s. Every decision period it also
+//! asks the [`IntervalPolicy`] for each seen node's interval.
+//!
+//! The scan is the monitor's only per-node work, so it is built to stay
+//! far under the tick at a million nodes: the dataplane hands out states
+//! in slot order without a syscall per node, the table is a struct of
+//! arrays, nothing is allocated per node, and phi itself (an `exp` and a
+//! `log10`) is evaluated only for nodes that change state: the thresholds
+//! are compared in terms of the standardized lateness `y`, which phi
+//! increases with strictly (`detector::y_for_phi`).
+
+use hb_common::maps::NodeState;
+
+use super::{
+    events::Event,
+    policy::{IntervalPolicy, NodeView},
+    state::{self, Level, Observation, Thresholds, Track, Transition},
+    table::NodeTable,
+};
+use crate::{
+    dataplane::Dataplane,
+    detector::{self, Lateness, PhiParams},
+};
+
+/// Phi parameters and state thresholds, with the thresholds precomputed
+/// as standardized lateness and everything in nanoseconds, so the common
+/// case (a healthy node) costs one multiply and one compare.
+#[derive(Clone, Copy, Debug)]
+pub struct Detector {
+    pub thresholds: Thresholds,
+    pub phi: PhiParams,
+    y_alive: f64,
+    y_suspect: f64,
+    y_dead: f64,
+    min_std_ns: f64,
+    pause_ns: f64,
+    /// `f64::INFINITY` when the backstop is off.
+    max_silence_ns: f64,
+}
+
+impl Detector {
+    pub fn new(thresholds: Thresholds, phi: PhiParams) -> Detector {
+        Detector {
+            thresholds,
+            phi,
+            y_alive: detector::y_for_phi(thresholds.alive_phi),
+            y_suspect: detector::y_for_phi(thresholds.suspect_phi),
+            y_dead: detector::y_for_phi(thresholds.dead_phi),
+            min_std_ns: phi.min_std_dev_ms * 1e6,
+            pause_ns: phi.acceptable_pause_ms * 1e6,
+            max_silence_ns: match thresholds.max_silence_ms {
+                0 => f64::INFINITY,
+                ms => ms as f64 * 1e6,
+            },
+        }
+    }
+
+    /// Phi of `state` now (for events, the API, the policy).
+    pub fn phi(&self, state: &NodeState, now_ns: u64) -> f64 {
+        detector::phi(state, now_ns, &self.phi)
+    }
+
+    /// `Level::classify` of a node's phi, from its lateness, without
+    /// computing phi (the reference form of [`Detector::observe`]'s
+    /// arithmetic).
+    pub fn level(&self, l: &Lateness) -> Level {
+        let th = &self.thresholds;
+        let backstop = th.max_silence_ms != 0 && l.elapsed_ms >= th.max_silence_ms as f64;
+        if backstop || (l.y >= self.y_dead && l.elapsed_ms >= th.dead_min_intervals * l.mean_ms) {
+            Level::Dead
+        } else if l.y >= self.y_suspect {
+            Level::Suspect
+        } else if l.y >= self.y_alive {
+            Level::Normal
+        } else {
+            Level::Healthy
+        }
+    }
+
+    /// This tick's observation of a node: `detector::moments_ms` and
+    /// [`Detector::level`] fused, in ns, comparing `elapsed - mean`
+    /// against `y * std` instead of dividing.
+    #[inline]
+    pub fn observe(&self, st: &NodeState, now_ns: u64) -> Observation {
+        Observation {
+            accepted: st.accepted,
+            generation: st.generation,
+            leaving: st.leaving(),
+            level: self.level_of(st, now_ns),
+        }
+    }
+
+    #[inline(always)]
+    fn level_of(&self, st: &NodeState, now_ns: u64) -> Level {
+        if st.accepted == 0 || st.last_arrival_ns == 0 {
+            return Level::Healthy;
+        }
+        let elapsed = now_ns.saturating_sub(st.last_arrival_ns) as f64;
+        if elapsed >= self.max_silence_ns {
+            return Level::Dead;
+        }
+        let mut mean = st.ia_mean_ns as f64;
+        if mean <= 0.0 {
+            mean = st.interval_ms as f64 * 1e6;
+        }
+        let std = (st.ia_dev_ns as f64 * detector::MAD_TO_SIGMA)
+            .max(self.min_std_ns)
+            .max(self.phi.min_std_dev_ratio * mean);
+        let mean = mean + self.pause_ns;
+        if !(mean > 0.0 && std > 0.0) {
+            // No usable statistics: phi is 0.
+            return Level::Healthy;
+        }
+        let late = elapsed - mean;
+        if late < self.y_alive * std {
+            Level::Healthy
+        } else if late < self.y_suspect * std {
+            Level::Normal
+        } else if late >= self.y_dead * std && elapsed >= self.thresholds.dead_min_intervals * mean
+        {
+            Level::Dead
+        } else {
+            Level::Suspect
+        }
+    }
+}
+
+/// What one tick did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TickStats {
+    /// Occupied slots scanned.
+    pub scanned: u32,
+    /// Events produced.
+    pub events: u32,
+    /// Interval requests written.
+    pub decisions: u32,
+}
+
+/// Everything the tick needs between ticks: the table, the detector and
+/// the policy. One lock around it serves the tick and the HTTP API.
+pub struct Core {
+    pub table: NodeTable,
+    pub detector: Detector,
+    pub policy: Box<dyn IntervalPolicy>,
+    decision_period_ns: u64,
+    next_decision_ns: u64,
+    next_seq: u64,
+    /// Decisions of the current scan, applied after it (the dataplane is
+    /// being read while they are made). Kept to reuse its allocation.
+    pending: Vec<(u32, u32)>,
+}
+
+impl Core {
+    pub fn new(
+        detector: Detector,
+        policy: Box<dyn IntervalPolicy>,
+        decision_period_ms: u64,
+    ) -> Core {
+        Core {
+            table: NodeTable::new(),
+            detector,
+            policy,
+            decision_period_ns: decision_period_ms.max(1) * 1_000_000,
+            next_decision_ns: 0,
+            next_seq: 1,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Adopts the dataplane's current state of every occupied slot without
+    /// announcing anything (`state::adopt`): used once at start over pinned
+    /// state.
+    pub fn adopt(&mut self, dp: &dyn Dataplane, now_ns: u64) {
+        let det = self.detector;
+        let table = &mut self.table;
+        let len = table.len();
+        let mut adopted = Vec::new();
+        dp.read_states(0..len, &mut |slot, st| {
+            if table.node_id[slot as usize] != 0 {
+                adopted.push((slot, state::adopt(&det.observe(st, now_ns))));
+            }
+        });
+        for (slot, track) in adopted {
+            let i = slot as usize;
+            let old = table.track[i].status;
+            table.counts[old as usize] = table.counts[old as usize].saturating_sub(1);
+            table.counts[track.status as usize] += 1;
+            table.track[i] = track;
+            table.since_ns[i] = now_ns;
+        }
+    }
+
+    /// One tick at `now_ns` (CLOCK_MONOTONIC): scans every node, appends
+    /// the transitions to `events` (stamped `wall_ts`, computed only when
+    /// needed), and on decision ticks applies the policy.
+    pub fn tick(
+        &mut self,
+        dp: &dyn Dataplane,
+        now_ns: u64,
+        wall_ts: &mut dyn FnMut() -> String,
+        events: &mut Vec<Event>,
+    ) -> TickStats {
+        let decide = self.policy.active() && now_ns >= self.next_decision_ns;
+        if decide {
+            self.next_decision_ns = now_ns + self.decision_period_ns;
+        }
+        let det = self.detector;
+        let policy = &mut *self.policy;
+        let pending = &mut self.pending;
+        pending.clear();
+        let NodeTable {
+            node_id,
+            track,
+            since_ns,
+            requested_ms,
+            counts,
+            ..
+        } = &mut self.table;
+        let mut stats = TickStats::default();
+        let mut next_counts = [0u64; 5];
+        let mut seq = self.next_seq;
+        let mut ts: Option<String> = None;
+        let len = node_id.len() as u32;
+
+        dp.read_states(0..len, &mut |slot, st| {
+            let i = slot as usize;
+            // A free slot's dataplane state is cleared (accepted == 0), so
+            // the owner check is needed only for nodes never heard from:
+            // the hot path reads the state and the track, nothing else.
+            if st.accepted == 0 && node_id[i] == 0 {
+                return;
+            }
+            stats.scanned += 1;
+            let t = &mut track[i];
+            let obs = det.observe(st, now_ns);
+            if let Some(tr) = state::step(t, &obs) {
+                let id = node_id[i];
+                if id == 0 {
+                    // A freed slot whose state the dataplane did not clear
+                    // (it must: `Dataplane::remove_node`): never announce it.
+                    *t = Track::default();
+                    return;
+                }
+                since_ns[i] = now_ns;
+                let ts = ts.get_or_insert_with(&mut *wall_ts).clone();
+                events.push(event(seq, ts, id, &tr, t, st, det.phi(st, now_ns), now_ns));
+                seq += 1;
+                stats.events += 1;
+            }
+            next_counts[t.status as usize] += 1;
+            if decide && st.accepted != 0 {
+                let view = NodeView {
+                    node_id: node_id[i],
+                    status: t.status,
+                    phi: det.phi(st, now_ns),
+                    requested_interval_ms: requested_ms[i],
+                    now_ns,
+                };
+                if let Some(ms) = policy.decide(slot, &view, st)
+                    && ms != requested_ms[i]
+                {
+                    pending.push((slot, ms));
+                }
+            }
+        });
+
+        *counts = next_counts;
+        self.next_seq = seq;
+        for &(slot, ms) in self.pending.iter() {
+            dp.set_requested_interval(slot, ms);
+            self.table.requested_ms[slot as usize] = ms;
+            self.table.decided_ns[slot as usize] = now_ns;
+            stats.decisions += 1;
+        }
+        stats
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn event(
+    seq: u64,
+    ts: String,
+    node_id: u32,
+    tr: &Transition,
+    t: &Track,
+    st: &NodeState,
+    phi: f64,
+    now_ns: u64,
+) -> Event {
+    Event {
+        seq,
+        ts,
+        node_id,
+        event: tr.event,
+        previous: tr.previous,
+        state: t.status,
+        phi: if phi.is_finite() { phi } else { f64::MAX },
+        generation: st.generation,
+        prev_generation: (tr.event == super::state::EventKind::Restarted)
+            .then_some(tr.prev_generation),
+        last_seen_ms: (st.last_arrival_ns != 0)
+            .then(|| now_ns.saturating_sub(st.last_arrival_ns) / 1_000_000),
+        interval_ms: st.interval_ms,
+        accepted: st.accepted,
+        lost: st.lost,
+        restarts: st.restarts,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use hb_common::{
+        Datagram, Kind, NodeKey,
+        maps::{NodeKeys, REPORT_RESTART},
+    };
+
+    use super::*;
+    use crate::{
+        dataplane::mem::MemDataplane,
+        monitor::{
+            policy::FixedPolicy,
+            state::{EventKind, Status},
+            table::Origin,
+        },
+    };
+
+    const MS: u64 = 1_000_000;
+    const SRC: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::new(198, 18, 0, 2),
+        40000,
+    ));
+
+    fn key(id: u32) -> NodeKey {
+        NodeKey {
+            k0: id as u64,
+            k1: 7,
+        }
+    }
+
+    fn keys(id: u32, slot: u32) -> NodeKeys {
+        NodeKeys {
+            slot,
+            epoch: [1, 0],
+            valid: 1,
+            _pad: 0,
+            key: [key(id), NodeKey::default()],
+        }
+    }
+
+    struct Rig {
+        dp: MemDataplane,
+        core: Core,
+        seq: u64,
+        events: Vec<Event>,
+    }
+
+    impl Rig {
+        fn new(ids: &[u32], policy: Box<dyn IntervalPolicy>) -> Rig {
+            let dp = MemDataplane::new();
+            let mut core = Core::new(
+                Detector::new(Thresholds::default(), PhiParams::default()),
+                policy,
+                1000,
+            );
+            for id in ids {
+                let slot = core.table.insert(*id, Origin::Configured, 0).unwrap();
+                dp.upsert_node(*id, &keys(*id, slot)).unwrap();
+            }
+            Rig {
+                dp,
+                core,
+                seq: 0,
+                events: Vec::new(),
+            }
+        }
+
+        fn send(&mut self, id: u32, generation: u32, flags: u8, at_ms: u64) {
+            self.seq += 1;
+            let d = Datagram {
+                kind: Kind::Heartbeat,
+                node_id: id,
+                generation,
+                key_epoch: 1,
+                flags,
+                load: 0,
+                seq: self.seq,
+                sent_ns: 0,
+                interval_ms: 100,
+                rtt_us: 0,
+            };
+            let v = self.dp.gate(&d.seal(&key(id)), SRC, at_ms * MS);
+            assert_eq!(v.result, hb_common::GateResult::Accepted);
+        }
+
+        fn tick(&mut self, at_ms: u64) -> Vec<(u32, EventKind)> {
+            let mut out = Vec::new();
+            self.core
+                .tick(&self.dp, at_ms * MS, &mut || "ts".into(), &mut out);
+            let r = out.iter().map(|e| (e.node_id, e.event)).collect();
+            self.events.extend(out);
+            r
+        }
+    }
+
+    #[test]
+    fn level_from_y_matches_the_reference_classification() {
+        let det = Detector::new(Thresholds::default(), PhiParams::default());
+        let th = Thresholds::default();
+        for mean in [100.0, 1000.0, 10_000.0] {
+            for k in 0..4000 {
+                let elapsed = k as f64 * mean / 1000.0;
+                let std = 0.1 * mean;
+                let y = (elapsed - mean) / std;
+                let l = Lateness {
+                    y,
+                    elapsed_ms: elapsed,
+                    mean_ms: mean,
+                };
+                let phi = detector::phi_of_y(y);
+                assert_eq!(
+                    det.level(&l),
+                    Level::classify(phi, elapsed, mean, &th),
+                    "mean {mean} elapsed {elapsed} phi {phi}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fused_observation_matches_phi_and_the_reference_classification() {
+        let th = Thresholds::default();
+        let p = PhiParams {
+            acceptable_pause_ms: 30.0,
+            ..PhiParams::default()
+        };
+        let det = Detector::new(th, p);
+        // A deterministic spread of states and clocks (xorshift).
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut levels = [0usize; 4];
+        for _ in 0..200_000 {
+            let mean_ms = 50 + next() % 10_000;
+            let st = NodeState {
+                accepted: 1 + next() % 5,
+                last_arrival_ns: 1_000_000 * MS,
+                ia_mean_ns: if next() % 10 == 0 { 0 } else { mean_ms * MS },
+                ia_dev_ns: (next() % (mean_ms / 2 + 1)) * MS,
+                interval_ms: mean_ms as u32,
+                ..NodeState::default()
+            };
+            let now = st.last_arrival_ns + (next() % (8 * mean_ms + 100)) * MS;
+            let (mean, _) = detector::moments_ms(&st, &p);
+            let silence = (now - st.last_arrival_ns) as f64 / 1e6;
+            let want = Level::classify(det.phi(&st, now), silence, mean, &th);
+            let got = det.observe(&st, now).level;
+            assert_eq!(got, want, "{st:?} at +{silence} ms");
+            levels[got as usize] += 1;
+        }
+        assert!(
+            levels.iter().all(|n| *n > 1000),
+            "every level exercised: {levels:?}"
+        );
+    }
+
+    #[test]
+    fn backstop_applies_to_nodes_without_statistics() {
+        let det = Detector::new(Thresholds::default(), PhiParams::default());
+        let st = NodeState {
+            accepted: 1,
+            last_arrival_ns: 1_000 * MS,
+            ..NodeState::default()
+        };
+        assert_eq!(det.observe(&st, 2_000 * MS).level, Level::Healthy);
+        assert_eq!(det.observe(&st, 61_000 * MS).level, Level::Dead);
+        let off = Detector::new(
+            Thresholds {
+                max_silence_ms: 0,
+                ..Thresholds::default()
+            },
+            PhiParams::default(),
+        );
+        assert_eq!(off.observe(&st, 1_000_000 * MS).level, Level::Healthy);
+    }
+
+    #[test]
+    fn join_suspect_dead_alive_on_a_real_gate() {
+        let mut r = Rig::new(&[5, 6], Box::new(FixedPolicy::none()));
+        assert_eq!(r.tick(0), vec![]);
+        let mut t = 0;
+        for _ in 0..20 {
+            t += 100;
+            r.send(5, 1, 0, t);
+            r.send(6, 1, 0, t);
+        }
+        assert_eq!(
+            r.tick(t),
+            vec![(5, EventKind::Joined), (6, EventKind::Joined)]
+        );
+        assert_eq!(r.core.table.count(Status::Alive), 2);
+        // Node 6 goes silent; node 5 keeps going.
+        let mut seen = Vec::new();
+        for _ in 0..10 {
+            t += 50;
+            if t % 100 == 0 {
+                r.send(5, 1, 0, t);
+            }
+            seen.extend(r.tick(t));
+        }
+        assert_eq!(seen, vec![(6, EventKind::Suspect), (6, EventKind::Dead)]);
+        let dead = r
+            .events
+            .iter()
+            .find(|e| e.event == EventKind::Dead)
+            .unwrap();
+        assert!(
+            dead.phi >= 12.0 && dead.last_seen_ms.unwrap() >= 300,
+            "{dead:?}"
+        );
+        assert_eq!(dead.previous, Status::Suspect);
+        // It comes back.
+        t += 100;
+        r.send(6, 1, 0, t);
+        assert_eq!(r.tick(t), vec![(6, EventKind::Alive)]);
+    }
+
+    #[test]
+    fn leave_and_restart_through_the_gate() {
+        let mut r = Rig::new(&[9], Box::new(FixedPolicy::none()));
+        r.send(9, 10, 0, 100);
+        assert_eq!(r.tick(100), vec![(9, EventKind::Joined)]);
+        r.send(9, 10, hb_common::proto::FLAG_LEAVING, 200);
+        assert_eq!(r.tick(200), vec![(9, EventKind::Left)]);
+        assert_eq!(r.tick(60_000), vec![], "left is never dead");
+        let mut rx = r.dp.take_reports().unwrap();
+        r.seq = 0;
+        r.send(9, 11, 0, 61_000);
+        let ev = r.tick(61_000);
+        assert_eq!(ev, vec![(9, EventKind::Restarted)]);
+        let e = r.events.last().unwrap();
+        assert_eq!((e.prev_generation, e.generation), (Some(10), 11));
+        assert_eq!(rx.try_recv().unwrap().kind, REPORT_RESTART);
+    }
+
+    #[test]
+    fn policy_decisions_are_written_once_per_change() {
+        let mut r = Rig::new(&[1, 2], Box::new(FixedPolicy::fixed(500)));
+        r.send(1, 1, 0, 100);
+        let st = r
+            .core
+            .tick(&r.dp, 100 * MS, &mut || "ts".into(), &mut Vec::new());
+        assert_eq!(st.decisions, 1, "only the node heard from");
+        let mut got = 0;
+        r.dp.read_states(0..2, &mut |slot, s| {
+            if slot == 0 {
+                got = s.requested_interval_ms;
+            }
+        });
+        assert_eq!(got, 500);
+        assert_eq!(r.core.table.decision(0), (500, 100 * MS));
+        // Next decision period: nothing changed, nothing written.
+        let st = r
+            .core
+            .tick(&r.dp, 1200 * MS, &mut || "ts".into(), &mut Vec::new());
+        assert_eq!(st.decisions, 0);
+    }
+
+    #[test]
+    fn adoption_over_existing_state_is_silent() {
+        let mut r = Rig::new(&[3, 4, 8], Box::new(FixedPolicy::none()));
+        r.send(3, 1, 0, 1000);
+        r.send(4, 1, hb_common::proto::FLAG_LEAVING, 1000);
+        // A fresh monitor over the same dataplane (as after a restart).
+        r.core = Core::new(
+            Detector::new(Thresholds::default(), PhiParams::default()),
+            Box::new(FixedPolicy::none()),
+            1000,
+        );
+        for (slot, id) in [3u32, 4, 8].into_iter().enumerate() {
+            r.core
+                .table
+                .insert_at(id, slot as u32, Origin::Adopted, Track::default(), 0)
+                .unwrap();
+        }
+        r.core.adopt(&r.dp, 1050 * MS);
+        assert_eq!(r.tick(1050), vec![], "no false joined");
+        assert_eq!(r.core.table.track(0).status, Status::Alive);
+        assert_eq!(r.core.table.track(1).status, Status::Left);
+        assert_eq!(r.core.table.track(2).status, Status::Unknown);
+    }
+}

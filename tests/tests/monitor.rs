@@ -1,0 +1,1016 @@
+//! `hb monitor` end to end, in network namespaces: a real monitor process
+//! on `veth-a` (namespace `a`), senders as UDP sockets in namespace `b`
+//! building heartbeats with `hb-common`, events read from the JSON-lines
+//! file, the HTTP API queried from inside `a`.
+//!
+//! Every behaviour test is a function of the monitor's `--mode`; the
+//! `modes!` table at the bottom instantiates it per mode (userspace now;
+//! native joins when the XDP dataplane is merged). For native mode, the
+//! ACK check in `http_api` needs a pass-through XDP program on `veth-b`
+//! (XDP_TX on a veth reaches the peer only then).
+//!
+//! The `hb` binary is found next to this test's executable (`target/<profile>/hb`;
+//! `HB_BIN` overrides). `cargo xtask test` builds it first; by hand:
+//! `cargo build -p hb-user && cargo test -p hb-tests --test monitor`.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use hb::monitor::keyring_compat::derive_node_key;
+use hb_common::{Datagram, Kind, NodeKey, proto::FLAG_LEAVING};
+use hb_tests::netns::{IF_A, NetNs, VethPair};
+use serde_json::Value;
+
+const PORT: u16 = 7420;
+const LISTEN: &str = "127.0.0.1:9420";
+/// Heartbeat interval of the simulated senders.
+const INTERVAL_MS: u64 = 50;
+
+fn hb_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("HB_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/monitor-<hash> -> target/<profile>/hb
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable in target/<profile>/deps");
+    let bin = dir.join("hb");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p hb-user`), or set HB_BIN",
+        bin.display()
+    );
+    bin
+}
+
+fn secret(epoch: u8) -> [u8; 32] {
+    std::array::from_fn(|i| (i as u8).wrapping_mul(7).wrapping_add(epoch))
+}
+
+fn keyring_text(epochs: &[u8]) -> String {
+    epochs
+        .iter()
+        .map(|e| {
+            format!(
+                "[[epoch]]\nid = {e}\nsecret = \"{}\"\n",
+                secret(*e)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            )
+        })
+        .collect()
+}
+
+fn node_key(id: u32, epoch: u8) -> NodeKey {
+    NodeKey::from_bytes(&derive_node_key(&secret(epoch), id, epoch))
+}
+
+/// A scratch directory, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "hb-test-monitor-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).expect("scratch dir");
+        Scratch(p)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `hb monitor` in namespace `a`; killed on drop.
+struct Monitor {
+    child: Child,
+    events: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Monitor {
+    fn start(pair: &VethPair, dir: &Scratch, mode: &str, extra: &[&str]) -> Monitor {
+        let events = dir.path("events.jsonl");
+        let stderr = dir.path("monitor.stderr");
+        let mut cmd = pair.a.command(hb_bin().to_str().expect("utf-8 path"));
+        cmd.args(["monitor", "--mode", mode, "--iface", IF_A])
+            .args(["--port", &PORT.to_string(), "--listen", LISTEN])
+            .arg("--keyring")
+            .arg(dir.path("keyring.toml"))
+            .arg("--events")
+            .arg(&events)
+            .args(["--tick-ms", "20"])
+            .args(extra)
+            .env("HB_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"));
+        let child = cmd.spawn().expect("start hb monitor");
+        let mut m = Monitor {
+            child,
+            events,
+            stderr,
+        };
+        m.wait_healthy(pair);
+        m
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) of our own child.
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn wait_healthy(&mut self, pair: &VethPair) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok((200, _)) = try_http(&pair.a, "/healthz") {
+                return;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("monitor exited {st} at start; stderr:\n{}", self.stderr());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "monitor not healthy after 10 s; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn events(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.events)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("event line is JSON"))
+            .collect()
+    }
+
+    /// Waits for an event of `kind` for `node`; returns it and when it was
+    /// seen.
+    fn wait_event(&self, node: u32, kind: &str, timeout: Duration) -> (Value, Instant) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self
+                .events()
+                .into_iter()
+                .find(|e| e["node_id"] == node && e["event"] == kind)
+            {
+                return (e, Instant::now());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no `{kind}` event for node {node} within {timeout:?}; events: {:?}\nstderr:\n{}",
+                self.events(),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn node_events(&self, node: u32) -> Vec<String> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["node_id"] == node)
+            .map(|e| e["event"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    /// SIGTERM and wait: a clean exit, 0.
+    fn stop(mut self) {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                assert!(st.success(), "monitor exited {st}: {}", self.stderr());
+                assert!(self.stderr().contains("monitor stopped"));
+                return;
+            }
+            assert!(Instant::now() < deadline, "monitor ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `GET path` from the monitor's API (connecting from inside `ns`).
+fn try_http(ns: &NetNs, path: &str) -> std::io::Result<(u16, String)> {
+    let addr: SocketAddr = LISTEN.parse().expect("literal");
+    let mut s = ns
+        .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
+        .map_err(std::io::Error::other)??;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {LISTEN}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+fn http(ns: &NetNs, path: &str) -> (u16, String) {
+    try_http(ns, path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+fn node_json(pair: &VethPair, id: u32) -> Value {
+    let (code, body) = http(&pair.a, &format!("/nodes/{id}"));
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).expect("JSON")
+}
+
+/// The value of a metric line `name{labels} value` in `text`.
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no {series} in metrics:\n{text}")) as u64
+}
+
+/// A simulated node: a UDP socket in namespace `b` and its protocol state.
+struct Node {
+    sock: UdpSocket,
+    dst: SocketAddr,
+    id: u32,
+    generation: u32,
+    seq: u64,
+    epoch: u8,
+    sent: Vec<[u8; 48]>,
+    last_sent: Option<Instant>,
+}
+
+impl Node {
+    fn new(pair: &VethPair, id: u32, generation: u32) -> Node {
+        let local = SocketAddr::new(pair.addrs.v4[1].into(), 0);
+        let sock = pair
+            .b
+            .run(move || UdpSocket::bind(local))
+            .expect("enter b")
+            .expect("bind sender");
+        Node {
+            sock,
+            dst: SocketAddr::new(pair.addrs.v4[0].into(), PORT),
+            id,
+            generation,
+            seq: 0,
+            epoch: 1,
+            sent: Vec::new(),
+            last_sent: None,
+        }
+    }
+
+    fn datagram(&mut self, flags: u8) -> [u8; 48] {
+        self.seq += 1;
+        Datagram {
+            kind: Kind::Heartbeat,
+            node_id: self.id,
+            generation: self.generation,
+            key_epoch: self.epoch,
+            flags,
+            load: 100,
+            seq: self.seq,
+            sent_ns: 0,
+            interval_ms: INTERVAL_MS as u32,
+            rtt_us: 0,
+        }
+        .seal(&node_key(self.id, self.epoch))
+    }
+
+    fn send(&mut self, flags: u8) {
+        let d = self.datagram(flags);
+        self.sock.send_to(&d, self.dst).expect("send heartbeat");
+        self.last_sent = Some(Instant::now());
+        self.sent.push(d);
+    }
+
+    fn raw(&self, payload: &[u8]) {
+        self.sock.send_to(payload, self.dst).expect("send raw");
+    }
+}
+
+/// Nodes beating every `INTERVAL_MS` on a thread until stopped.
+struct Beat {
+    stop: Arc<AtomicBool>,
+    /// Key epoch the nodes sign with from the next heartbeat on.
+    epoch: Arc<AtomicU8>,
+    handle: Option<std::thread::JoinHandle<Vec<Node>>>,
+}
+
+impl Beat {
+    fn start(mut nodes: Vec<Node>) -> Beat {
+        let stop = Arc::new(AtomicBool::new(false));
+        let epoch = Arc::new(AtomicU8::new(1));
+        let (s, e) = (stop.clone(), epoch.clone());
+        let handle = std::thread::spawn(move || {
+            // Bounded: at most 60 s of heartbeats whatever happens.
+            let end = Instant::now() + Duration::from_secs(60);
+            while !s.load(Ordering::Relaxed) && Instant::now() < end {
+                for n in nodes.iter_mut() {
+                    n.epoch = e.load(Ordering::Relaxed);
+                    n.send(0);
+                }
+                std::thread::sleep(Duration::from_millis(INTERVAL_MS));
+            }
+            nodes
+        });
+        Beat {
+            stop,
+            epoch,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops beating (a crash, as far as the monitor can tell).
+    fn stop(mut self) -> Vec<Node> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle
+            .take()
+            .expect("once")
+            .join()
+            .expect("beat thread")
+    }
+}
+
+impl Drop for Beat {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn setup(tag: &str, epochs: &[u8]) -> (VethPair, Scratch) {
+    let pair = VethPair::new(tag).expect("veth pair");
+    let dir = Scratch::new(tag);
+    std::fs::write(dir.path("keyring.toml"), keyring_text(epochs)).expect("keyring");
+    (pair, dir)
+}
+
+// ---- behaviours, each a function of the mode ----
+
+fn join(mode: &str) {
+    let (pair, dir) = setup("mjoin", &[1]);
+    let hook_out = dir.path("hook.out");
+    let hook = format!(
+        "echo \"$HB_EVENT $HB_NODE_ID $HB_PREVIOUS\" >> {}",
+        hook_out.display()
+    );
+    let m = Monitor::start(
+        &pair,
+        &dir,
+        mode,
+        &["--nodes", "1-3,42", "--on-event", &hook],
+    );
+    let beat = Beat::start(vec![
+        Node::new(&pair, 1, 100),
+        Node::new(&pair, 2, 100),
+        Node::new(&pair, 42, 100),
+    ]);
+    for id in [1, 2, 42] {
+        let (e, _) = m.wait_event(id, "joined", Duration::from_secs(5));
+        assert_eq!(e["previous"], "unknown");
+        assert_eq!(e["generation"], 100);
+        assert!(e["ts"].as_str().unwrap().ends_with('Z'));
+    }
+    let n = node_json(&pair, 42);
+    assert_eq!(n["state"], "alive");
+    assert!(n["accepted"].as_u64().unwrap() >= 1);
+    assert_eq!(n["interval_ms"], INTERVAL_MS);
+    assert_eq!(node_json(&pair, 3)["state"], "unknown", "never heard from");
+    // The hook ran for every join, with the event in its environment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&hook_out).unwrap_or_default();
+        if [1, 2, 42]
+            .iter()
+            .all(|id| text.contains(&format!("joined {id} unknown")))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "hook output: {text:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // `hb nodes` prints the table.
+    let out = pair
+        .a
+        .command(hb_bin().to_str().unwrap())
+        .args(["nodes", "--monitor", LISTEN])
+        .output()
+        .expect("hb nodes");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("NODE"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("42 ") && l.contains("alive")),
+        "{table}"
+    );
+    drop(beat);
+    m.stop();
+}
+
+fn crash_is_dead(mode: &str) {
+    let (pair, dir) = setup("mcrash", &[1]);
+    let m = Monitor::start(&pair, &dir, mode, &["--nodes", "7"]);
+    let beat = Beat::start(vec![Node::new(&pair, 7, 1)]);
+    m.wait_event(7, "joined", Duration::from_secs(5));
+    // Let the statistics settle on the real rhythm.
+    std::thread::sleep(Duration::from_millis(20 * INTERVAL_MS));
+    let last_sent = beat.stop()[0].last_sent.expect("sent");
+    let (dead, seen) = m.wait_event(7, "dead", Duration::from_secs(10));
+    let monitor_ms = dead["last_seen_ms"].as_u64().unwrap();
+    println!(
+        "crash detection ({mode}, {INTERVAL_MS} ms heartbeats, 20 ms tick): \
+         dead {monitor_ms} ms after the last heartbeat (monitor's clock), \
+         {} ms after it on the test's clock (incl. event-file polling)",
+        seen.duration_since(last_sent).as_millis()
+    );
+    assert_eq!(dead["previous"], "suspect");
+    assert!(dead["phi"].as_f64().unwrap() >= 12.0, "{dead}");
+    // Two consecutive heartbeats may be lost before dead (3 intervals).
+    assert!(monitor_ms >= 3 * INTERVAL_MS, "{dead}");
+    // (A loaded host may delay a heartbeat before the crash: an earlier
+    // suspect/alive pair is allowed, what ends the story is not.)
+    let evs = m.node_events(7);
+    assert!(evs.ends_with(&["suspect".into(), "dead".into()]), "{evs:?}");
+    assert_eq!(evs.iter().filter(|e| *e == "dead").count(), 1, "{evs:?}");
+    assert_eq!(node_json(&pair, 7)["state"], "dead");
+    m.stop();
+}
+
+fn clean_leave(mode: &str) {
+    let (pair, dir) = setup("mleave", &[1]);
+    let m = Monitor::start(&pair, &dir, mode, &["--nodes", "5"]);
+    let beat = Beat::start(vec![Node::new(&pair, 5, 1)]);
+    m.wait_event(5, "joined", Duration::from_secs(5));
+    let mut node = beat.stop();
+    node[0].send(FLAG_LEAVING);
+    let (e, _) = m.wait_event(5, "left", Duration::from_secs(5));
+    assert_eq!(e["previous"], "alive");
+    // Far past the dead threshold: still left, never dead or suspect.
+    std::thread::sleep(Duration::from_millis(20 * INTERVAL_MS));
+    let evs = m.node_events(5);
+    assert_eq!(evs.last().map(String::as_str), Some("left"), "{evs:?}");
+    assert!(!evs.iter().any(|e| e == "dead"), "{evs:?}");
+    let n = node_json(&pair, 5);
+    assert_eq!(
+        (n["state"].as_str(), n["leaving"].as_bool()),
+        (Some("left"), Some(true))
+    );
+    m.stop();
+}
+
+fn restart_is_not_a_join(mode: &str) {
+    let (pair, dir) = setup("mrestart", &[1]);
+    let m = Monitor::start(&pair, &dir, mode, &["--nodes", "9"]);
+    let beat = Beat::start(vec![Node::new(&pair, 9, 1000)]);
+    m.wait_event(9, "joined", Duration::from_secs(5));
+    let _ = beat.stop();
+    // The node restarts: a larger generation, seq from 1 again.
+    let beat = Beat::start(vec![Node::new(&pair, 9, 1001)]);
+    let (e, _) = m.wait_event(9, "restarted", Duration::from_secs(5));
+    assert_eq!(
+        (e["prev_generation"].as_u64(), e["generation"].as_u64()),
+        (Some(1000), Some(1001))
+    );
+    assert_eq!(e["state"], "alive");
+    let evs = m.node_events(9);
+    assert_eq!(evs.iter().filter(|e| *e == "joined").count(), 1, "{evs:?}");
+    let n = node_json(&pair, 9);
+    assert_eq!(
+        (n["generation"].as_u64(), n["restarts"].as_u64()),
+        (Some(1001), Some(1))
+    );
+    drop(beat);
+    m.stop();
+}
+
+fn replayed_and_forged_never_refresh(mode: &str) {
+    let (pair, dir) = setup("mreplay", &[1]);
+    let m = Monitor::start(&pair, &dir, mode, &["--nodes", "11"]);
+    let beat = Beat::start(vec![Node::new(&pair, 11, 1)]);
+    m.wait_event(11, "joined", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(5 * INTERVAL_MS));
+    let mut node = beat.stop().pop().unwrap();
+    let accepted = node_json(&pair, 11)["accepted"].as_u64().unwrap();
+    // The attacker replays everything it captured, and forges the next
+    // heartbeats (right layout, next seq, newer generation) without the key.
+    let captured = node.sent.clone();
+    let next = node.datagram(0);
+    let mut forged_next = next;
+    forged_next[40] ^= 0xff;
+    let mut forged_gen = node.datagram(0);
+    forged_gen[8..12].copy_from_slice(&2u32.to_be_bytes());
+    let wrong_key = Datagram {
+        kind: Kind::Heartbeat,
+        node_id: 11,
+        generation: 1,
+        key_epoch: 1,
+        flags: 0,
+        load: 0,
+        seq: 1_000,
+        sent_ns: 0,
+        interval_ms: 50,
+        rtt_us: 0,
+    }
+    .seal(&NodeKey { k0: 1, k1: 2 });
+    let t0 = Instant::now();
+    let mut saw_dead = false;
+    while t0.elapsed() < Duration::from_secs(5) {
+        for d in &captured {
+            node.raw(d);
+        }
+        node.raw(&forged_next);
+        node.raw(&forged_gen);
+        node.raw(&wrong_key);
+        if m.node_events(11).iter().any(|e| e == "dead") {
+            saw_dead = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(INTERVAL_MS / 2));
+    }
+    assert!(
+        saw_dead,
+        "replays kept node 11 alive: {:?}",
+        m.node_events(11)
+    );
+    let evs = m.node_events(11);
+    assert!(evs.ends_with(&["suspect".into(), "dead".into()]), "{evs:?}");
+    let n = node_json(&pair, 11);
+    assert_eq!(
+        n["accepted"].as_u64(),
+        Some(accepted),
+        "nothing refreshed it"
+    );
+    assert!(
+        n["replay"].as_u64().unwrap() > 0 && n["bad_tag"].as_u64().unwrap() > 0,
+        "{n}"
+    );
+    let (_, text) = http(&pair.a, "/metrics");
+    assert!(metric(&text, "hb_packets_total{result=\"replay\"}") > 0);
+    assert!(metric(&text, "hb_packets_total{result=\"bad_tag\"}") > 0);
+    m.stop();
+}
+
+fn sighup_rotates_keys_without_loss(mode: &str) {
+    let (pair, dir) = setup("mrotate", &[1]);
+    // A generous pause: this test is about keys, not timing on a busy CI host.
+    let m = Monitor::start(
+        &pair,
+        &dir,
+        mode,
+        &["--nodes", "21-22", "--acceptable-pause-ms", "2000"],
+    );
+    let beat = Beat::start(vec![Node::new(&pair, 21, 1), Node::new(&pair, 22, 1)]);
+    m.wait_event(21, "joined", Duration::from_secs(5));
+    let reloads = |ok: bool| {
+        let (_, text) = http(&pair.a, "/metrics");
+        let r = if ok { "ok" } else { "error" };
+        metric(&text, &format!("hb_reloads_total{{result=\"{r}\"}}"))
+    };
+    let wait_reloads = |ok: bool, n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while reloads(ok) < n {
+            assert!(Instant::now() < deadline, "reload not done: {}", m.stderr());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // Add epoch 2; the senders move to it; remove epoch 1.
+    std::fs::write(dir.path("keyring.toml"), keyring_text(&[1, 2])).unwrap();
+    m.signal(libc::SIGHUP);
+    wait_reloads(true, 1);
+    std::thread::sleep(Duration::from_millis(3 * INTERVAL_MS));
+    beat.epoch.store(2, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(3 * INTERVAL_MS));
+    // A broken keyring is refused and the running keys stay in force.
+    std::fs::write(
+        dir.path("keyring.toml"),
+        "[[epoch]]\nid = 2\nsecret = \"abc\"\n",
+    )
+    .unwrap();
+    m.signal(libc::SIGHUP);
+    wait_reloads(false, 1);
+    assert!(m.stderr().contains("reload failed"), "{}", m.stderr());
+    std::fs::write(dir.path("keyring.toml"), keyring_text(&[2])).unwrap();
+    m.signal(libc::SIGHUP);
+    wait_reloads(true, 2);
+    std::thread::sleep(Duration::from_millis(3 * INTERVAL_MS));
+    let nodes = beat.stop();
+    std::thread::sleep(Duration::from_millis(100));
+    for n in &nodes {
+        let j = node_json(&pair, n.id);
+        assert_eq!(
+            j["accepted"].as_u64(),
+            Some(n.sent.len() as u64),
+            "node {}: every heartbeat accepted across the rotation: {j}",
+            n.id
+        );
+        assert!(n.sent.iter().any(|d| d[12] == 1) && n.sent.iter().any(|d| d[12] == 2));
+    }
+    let (_, text) = http(&pair.a, "/metrics");
+    assert_eq!(metric(&text, "hb_packets_total{result=\"bad_epoch\"}"), 0);
+    assert_eq!(metric(&text, "hb_packets_total{result=\"bad_tag\"}"), 0);
+    // Epoch 1 is gone now.
+    let mut late = Node::new(&pair, 21, 1);
+    late.seq = 10_000;
+    late.send(0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, text) = http(&pair.a, "/metrics");
+        if metric(&text, "hb_packets_total{result=\"bad_epoch\"}") == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "epoch 1 still accepted");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    m.stop();
+}
+
+fn http_api(mode: &str) {
+    let (pair, dir) = setup("mhttp", &[1]);
+    let m = Monitor::start(&pair, &dir, mode, &["--nodes", "1-4", "--ack"]);
+    let beat = Beat::start(vec![Node::new(&pair, 2, 5)]);
+    m.wait_event(2, "joined", Duration::from_secs(5));
+    // An unknown node and a malformed datagram, counted by result.
+    let stranger = Node::new(&pair, 77, 1);
+    stranger.raw(&[0u8; 10]);
+    let mut s2 = Node::new(&pair, 77, 1);
+    s2.send(0);
+    std::thread::sleep(Duration::from_millis(3 * INTERVAL_MS));
+
+    let (code, body) = http(&pair.a, "/healthz");
+    assert_eq!((code, body.trim()), (200, "ok"));
+    let (code, body) = http(&pair.a, "/nodes");
+    assert_eq!(code, 200);
+    let rows: Vec<Value> = serde_json::from_str(&body).unwrap();
+    let ids: Vec<u64> = rows
+        .iter()
+        .map(|r| r["node_id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [1, 2, 3, 4]);
+    for key in [
+        "node_id",
+        "state",
+        "phi",
+        "generation",
+        "accepted",
+        "last_seen_ms",
+        "interval_ms",
+        "lost",
+        "restarts",
+        "rtt_us",
+        "load",
+        "requested_interval_ms",
+        "last_decision",
+    ] {
+        assert!(
+            rows[1].get(key).is_some(),
+            "/nodes row lacks {key}: {}",
+            rows[1]
+        );
+    }
+    assert!(rows[1]["last_seen_ms"].as_u64().unwrap() < 1000);
+    let (code, body) = http(&pair.a, "/nodes?state=alive");
+    assert_eq!(code, 200);
+    let alive: Vec<Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(alive.len(), 1);
+    assert_eq!(http(&pair.a, "/nodes/999").0, 404);
+    assert_eq!(
+        http(&pair.a, "/nodes/77").0,
+        404,
+        "unknown nodes are not enrolled by default"
+    );
+    assert_eq!(http(&pair.a, "/nodes/abc").0, 400);
+    assert_eq!(http(&pair.a, "/nodes?state=zombie").0, 400);
+
+    let (code, text) = http(&pair.a, "/metrics");
+    assert_eq!(code, 200);
+    assert!(metric(&text, "hb_packets_total{result=\"accepted\"}") >= 2);
+    assert_eq!(metric(&text, "hb_packets_total{result=\"malformed\"}"), 1);
+    assert_eq!(
+        metric(&text, "hb_packets_total{result=\"unknown_node\"}"),
+        1
+    );
+    assert!(
+        metric(&text, "hb_dataplane_total{counter=\"ack_sent\"}") >= 2,
+        "--ack"
+    );
+    assert_eq!(metric(&text, "hb_nodes{state=\"alive\"}"), 1);
+    assert_eq!(metric(&text, "hb_nodes{state=\"unknown\"}"), 3);
+    assert!(metric(&text, "hb_events_total{event=\"joined\"}") >= 1);
+    assert!(metric(&text, "hb_tick_duration_seconds_count") > 0);
+    assert_eq!(metric(&text, "hb_unknown_node_reports_total"), 1);
+    // ACKs came back to the sender, verifiable with its key.
+    let mut buf = [0u8; 64];
+    let nodes = beat.stop();
+    nodes[0]
+        .sock
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let (n, _) = nodes[0].sock.recv_from(&mut buf).expect("an ACK");
+    let ack = hb_common::proto::parse(&buf[..n], Kind::Ack).expect("ACK parses");
+    assert_eq!(ack.node_id, 2);
+    assert!(hb_common::proto::verify(
+        &node_key(2, 1),
+        buf[..48].try_into().unwrap()
+    ));
+    m.stop();
+}
+
+/// A monitor restart. With XDP the maps are pinned and the program stays
+/// attached (`--keep-attached`) while no monitor runs: the new monitor
+/// adopts every node silently (no false `joined`), keeps counting from the
+/// kernel's state, and declares nobody dead for the gap. In userspace mode
+/// there is no state to keep: the new monitor learns the fleet anew
+/// (`joined` again), and still declares nobody dead.
+fn monitor_restart(mode: &str) {
+    let (pair, dir) = setup("mrst", &[1]);
+    let pins = format!(
+        "/sys/fs/bpf/hb-test-monitor-{}-{}",
+        std::process::id(),
+        dir.0
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .rsplit('-')
+            .next()
+            .unwrap()
+    );
+    let args = ["--nodes", "31-32", "--keep-attached", "--pin-dir", &pins];
+    let m = Monitor::start(&pair, &dir, mode, &args);
+    let beat = Beat::start(vec![Node::new(&pair, 31, 1), Node::new(&pair, 32, 1)]);
+    m.wait_event(31, "joined", Duration::from_secs(5));
+    m.wait_event(32, "joined", Duration::from_secs(5));
+    let before = node_json(&pair, 31)["accepted"].as_u64().unwrap();
+    m.stop();
+    // Longer than the dead threshold (about 4 intervals) without a monitor.
+    std::thread::sleep(Duration::from_millis(10 * INTERVAL_MS));
+    let last = ["--nodes", "31-32", "--pin-dir", &pins];
+    let m = Monitor::start(&pair, &dir, mode, &last);
+    std::thread::sleep(Duration::from_millis(10 * INTERVAL_MS));
+    let n = node_json(&pair, 31);
+    assert_eq!(n["state"], "alive", "{n}");
+    let evs = m.node_events(31);
+    assert!(
+        !evs.iter().any(|e| e == "dead" || e == "suspect"),
+        "{evs:?}"
+    );
+    if mode == "userspace" {
+        assert_eq!(evs, ["joined", "joined"], "userspace mode keeps no state");
+    } else {
+        assert_eq!(evs, ["joined"], "no false joined");
+        assert!(
+            n["accepted"].as_u64().unwrap() > before,
+            "kernel kept counting: {n}"
+        );
+        assert_eq!(n["origin"], "configured");
+    }
+    drop(beat);
+    m.stop();
+    let _ = std::fs::remove_dir_all(&pins);
+}
+
+/// `--enroll`: an unlisted node whose heartbeats verify under its derived
+/// key joins; one that cannot sign stays out.
+fn enroll(mode: &str) {
+    let (pair, dir) = setup("menroll", &[1]);
+    let m = Monitor::start(&pair, &dir, mode, &["--nodes", "1", "--enroll"]);
+    let beat = Beat::start(vec![Node::new(&pair, 500, 3)]);
+    let (e, _) = m.wait_event(500, "joined", Duration::from_secs(5));
+    assert_eq!(e["generation"], 3);
+    let n = node_json(&pair, 500);
+    assert_eq!(
+        (n["origin"].as_str(), n["state"].as_str()),
+        (Some("enrolled"), Some("alive"))
+    );
+    // A forger of node 600 gets a probationary slot at most, never a join.
+    let mut forger = Node::new(&pair, 600, 1);
+    for _ in 0..10 {
+        let mut d = forger.datagram(0);
+        d[41] ^= 0x55;
+        forger.raw(&d);
+        std::thread::sleep(Duration::from_millis(INTERVAL_MS / 2));
+    }
+    assert!(m.node_events(600).is_empty());
+    let (_, text) = http(&pair.a, "/metrics");
+    assert!(metric(&text, "hb_packets_total{result=\"bad_tag\"}") > 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, text) = http(&pair.a, "/metrics");
+        if metric(&text, "hb_enrollments_total{outcome=\"accepted\"}") == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "enrollment not confirmed:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(beat);
+    m.stop();
+}
+
+/// Each case: extra flags and files; the monitor must exit non-zero at
+/// once with one line naming the problem, never a panic.
+fn bad_input(mode: &str) {
+    let (pair, dir) = setup("mbad", &[1]);
+    let good_keyring = dir.path("keyring.toml");
+    let write = |name: &str, text: &str| {
+        let p = dir.path(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let bad_toml = write("bad.toml", "[[epoch]\nid = 1\n");
+    let short = write("short.toml", "[[epoch]]\nid = 1\nsecret = \"0011\"\n");
+    let config_typo = write("config.toml", "tickms = 20\n");
+    let missing = dir.path("nope.toml").to_str().unwrap().to_owned();
+    let keyring = good_keyring.to_str().unwrap().to_owned();
+    // Hold the heartbeat port and the API port in namespace a.
+    let held_udp = pair
+        .a
+        .run({
+            let a = SocketAddr::new(pair.addrs.v4[0].into(), PORT + 1);
+            move || UdpSocket::bind(a)
+        })
+        .unwrap()
+        .unwrap();
+    let held_tcp = pair
+        .a
+        .run(|| std::net::TcpListener::bind("127.0.0.1:9421"))
+        .unwrap()
+        .unwrap();
+    let port2 = (PORT + 1).to_string();
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        (
+            "malformed keyring",
+            vec!["--keyring", &bad_toml, "--nodes", "1"],
+            "line 1",
+        ),
+        (
+            "secret of the wrong length",
+            vec!["--keyring", &short, "--nodes", "1"],
+            "64 hex digits",
+        ),
+        (
+            "missing keyring",
+            vec!["--keyring", &missing, "--nodes", "1"],
+            "cannot read keyring",
+        ),
+        (
+            "config typo",
+            vec![
+                "--config",
+                &config_typo,
+                "--keyring",
+                &keyring,
+                "--nodes",
+                "1",
+            ],
+            "unknown field `tickms`",
+        ),
+        (
+            "bad node spec",
+            vec!["--keyring", &keyring, "--nodes", "1-10,5-3"],
+            "bad node spec part `5-3`",
+        ),
+        (
+            "unknown interface",
+            vec!["--keyring", &keyring, "--nodes", "1", "--iface", "nope0"],
+            "unknown interface nope0",
+        ),
+        (
+            "busy port",
+            vec![
+                "--keyring",
+                &keyring,
+                "--nodes",
+                "1",
+                "--iface",
+                IF_A,
+                "--port",
+                &port2,
+            ],
+            "already in use",
+        ),
+        (
+            "busy API address",
+            vec![
+                "--keyring",
+                &keyring,
+                "--nodes",
+                "1",
+                "--iface",
+                IF_A,
+                "--listen",
+                "127.0.0.1:9421",
+            ],
+            "cannot listen on 127.0.0.1:9421",
+        ),
+        (
+            "bad thresholds",
+            vec!["--keyring", &keyring, "--nodes", "1", "--alive-phi", "9"],
+            "alive_phi < suspect_phi",
+        ),
+    ];
+    for (what, args, want) in cases {
+        let t0 = Instant::now();
+        let out = pair
+            .a
+            .command(hb_bin().to_str().unwrap())
+            .args(["monitor", "--mode", mode])
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run hb monitor");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: exited 0");
+        assert!(err.contains(want), "{what}: stderr {err:?} lacks {want:?}");
+        assert!(!err.contains("panicked"), "{what}: {err}");
+        let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("hb: ")).collect();
+        assert_eq!(lines.len(), 1, "{what}: one error line: {err:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{what}: slow to fail"
+        );
+    }
+    drop((held_udp, held_tcp));
+}
+
+/// Instantiates each behaviour for each mode the build supports.
+macro_rules! modes {
+    ($($mode:ident => [$($test:ident),* $(,)?]),* $(,)?) => {
+        $(mod $mode {
+            $(#[test]
+            fn $test() {
+                super::$test(stringify!($mode));
+            })*
+        })*
+    };
+}
+
+modes! {
+    userspace => [
+        join,
+        crash_is_dead,
+        clean_leave,
+        restart_is_not_a_join,
+        replayed_and_forged_never_refresh,
+        sighup_rotates_keys_without_loss,
+        http_api,
+        monitor_restart,
+        enroll,
+        bad_input,
+    ],
+}
