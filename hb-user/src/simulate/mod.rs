@@ -1,4 +1,4 @@
-//! Placeholder: being built (see the open issues).
+//! Placeholder while the controller lands.
 
 #[derive(clap::Args, Debug)]
 pub struct Args {}
