@@ -34,13 +34,19 @@ pub fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Show(a) => {
             let t = table::read(&a.file)?;
-            if a.json {
-                let s = serde_json::to_string_pretty(&t).context("encoding the table")?;
-                println!("{s}");
+            let text = if a.json {
+                serde_json::to_string_pretty(&t).context("encoding the table")? + "\n"
             } else {
-                print!("{}", render(&t, a.limit));
+                render(&t, a.limit)
+            };
+            // A closed pipe (`| head`) is not worth a panic.
+            use std::io::Write as _;
+            match std::io::stdout().write_all(text.as_bytes()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    Err(e).context("writing the table")
+                }
+                _ => Ok(()),
             }
-            Ok(())
         }
     }
 }
