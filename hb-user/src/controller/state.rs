@@ -321,6 +321,14 @@ mod tests {
         assert_eq!(g.ms(g.level_of(1000)), 1139);
         assert_eq!(g.level_at_most(2000), g.level_of(1709));
         assert_eq!(g.level_at_most(5), 0, "bounds win over a cap below min");
+        // The default: six steps per decade, the decades are levels.
+        let d = crate::controller::Config::default().grid();
+        assert_eq!(
+            d.levels_ms,
+            vec![
+                100, 147, 215, 316, 464, 681, 1000, 1468, 2154, 3162, 4642, 6813, 10_000
+            ]
+        );
         // Degenerate configurations still give a usable grid.
         assert_eq!(Grid::new(500, 500, 1.5).levels_ms, vec![500]);
         assert!(Grid::new(100, 10_000, 1.000001).len() <= 64);

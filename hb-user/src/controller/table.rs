@@ -55,13 +55,13 @@ pub struct TableFile {
 /// Why a table could not be saved or loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
-    #[error("controller table {path}: {source}")]
+    #[error("controller table {path}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("controller table {path} is not valid JSON of a table: {source}")]
+    #[error("controller table {path} is not valid JSON of a table")]
     Parse {
         path: PathBuf,
         #[source]

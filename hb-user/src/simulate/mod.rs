@@ -79,7 +79,7 @@ pub struct Args {
     #[arg(long, default_value_t = controller::Config::default().step)]
     pub step: f64,
     /// qlearn: reward weights `late,miss,cost,load,false_suspicion`
-    /// (see `hb::controller`); default `2,0.5,3,1,4`.
+    /// (see `hb::controller`); default `4,1,1,1,4`.
     #[arg(long, value_parser = parse_weights)]
     pub weights: Option<controller::Weights>,
     /// Print the report (with the full interval trajectory) as JSON.

@@ -5,10 +5,11 @@
 //!
 //! How each comparison is made, so it is fair to the fixed interval:
 //! 1. The fixed interval runs on a *training* seed; its p99 detection
-//!    time there becomes the detection target of a fresh controller. That
+//!    time there (+5%, the tolerance of "matching" below) becomes the
+//!    detection target of a fresh controller. That
 //!    is the operator's question: "I get this detection time from a fixed
 //!    interval today; can the controller deliver it for fewer heartbeats?"
-//! 2. The controller trains on the training seed (2 simulated hours,
+//! 2. The controller trains on the training seed (1 simulated hour,
 //!    exploring), then both run on the *evaluation* seed (1 hour, the same
 //!    paths, crashes, stalls and spikes for both), the controller greedy
 //!    (epsilon 0). Nothing of the evaluation run is seen before it.
@@ -22,7 +23,7 @@
 //! `hb monitor --controller qlearn` ships with.
 //!
 //! Options: `--nodes N` (100), `--seed N` (1), `--hours H` (1), `--train-hours H`
-//! (2), `--scenario NAME` (repeatable; default all), `--threads N` (2).
+//! (1), `--scenario NAME` (repeatable; default all), `--threads N` (2).
 
 use std::{
     sync::{
@@ -56,7 +57,7 @@ fn opts() -> anyhow::Result<Opts> {
         nodes: 100,
         seed: 1,
         hours: 1.0,
-        train_hours: 2.0,
+        train_hours: 1.0,
         scenarios: Vec::new(),
         threads: 2,
     };
@@ -108,8 +109,8 @@ fn bench_scenario(s: &Scenario, o: &Opts) -> anyhow::Result<ScenarioResult> {
     for ms in BASELINES {
         let reference = run_policy(&on_train_seed, &mut Policy::Fixed(ms))?;
         // The target: what this fixed interval delivered on the training
-        // seed, rounded up to a tick.
-        let target_ms = (reference.detection_ms.p99 / 100.0).ceil() * 100.0;
+        // seed, with the 5% the verdict allows for "matching".
+        let target_ms = (reference.detection_ms.p99 * 1.05).round();
         let fixed = run_policy(&eval, &mut Policy::Fixed(ms))?;
         let mut c = controller(target_ms, o.seed)?;
         let (_, qlearn) = run_qlearn(&eval, &mut c, train_s, false)?;
