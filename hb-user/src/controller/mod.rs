@@ -476,8 +476,12 @@ impl QController {
         let w = &self.cfg.weights;
         let d = self.detection_ms(obs);
         let over = (d / self.cfg.target_detection_ms - 1.0).max(0.0);
+        // No plateau: were the overshoot capped, a node that cannot meet
+        // its target (a far WAN path under a LAN target) would find every
+        // interval equally late and slow down for the cheaper heartbeats.
+        // The bound only keeps the value finite.
         let late = if over > 0.0 {
-            w.late * over.min(10.0) + w.miss
+            w.late * over.min(1e6) + w.miss
         } else {
             0.0
         };

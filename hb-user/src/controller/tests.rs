@@ -326,3 +326,21 @@ fn sigmas_to_threshold_matches_phi() {
     assert!((phi_normal(k, 0.0, 1.0) - 8.0).abs() < 1e-6);
     assert!(k > 5.0 && k < 5.5, "{k}");
 }
+
+#[test]
+fn an_unreachable_target_still_prefers_faster() {
+    let c = QController::new(Config {
+        target_detection_ms: 50.0,
+        ..Config::default()
+    })
+    .unwrap();
+    let mut last = f64::INFINITY;
+    for &ms in &c.grid().levels_ms {
+        let mut n = SynthNode::new(ms, 0.05, 0.0, 1000);
+        n.period(60_000);
+        let o = Observation::from_states(None, &n.state, 0, &c.config().phi);
+        let (r, _) = c.reward(&o);
+        assert!(r < last, "{ms} ms: reward {r} not below {last}");
+        last = r;
+    }
+}
