@@ -55,7 +55,7 @@
 //! slot, and per node counts the suspicions its own heartbeats refuted
 //! (suspect -> alive within one generation) since the last decision:
 //!
-//! ```ignore
+//! ```text
 //! impl IntervalPolicy for QController {
 //!     fn decide(&mut self, slot: u32, node: &NodeView, state: &NodeState) -> Option<u32> {
 //!         let d = self.observe(slot, state, node.take_refuted_suspicions());
