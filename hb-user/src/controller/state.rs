@@ -1,0 +1,408 @@
+//! What the controller sees of a node: an [`Observation`] built from two
+//! snapshots of the gate's per-node state, and the bucketing of it into a
+//! row of the Q table ([`StateKey`]).
+//!
+//! Every input is clamped into a bucket, so any observation (NaN, infinite,
+//! a forged load of 65535 permille, a zero interval) maps to a valid row:
+//! there is no out-of-range index anywhere in the table. NaN ratios fall
+//! into the *worst* bucket, so a broken measurement never looks like a calm
+//! network that invites slowing down.
+
+use hb_common::maps::NodeState;
+use serde::{Deserialize, Serialize};
+
+use crate::detector::{self, PhiParams};
+
+/// Upper edges of the RTT buckets, ms. Bucket 0 is "unknown" (the sender
+/// has no ACK-based estimate yet); bucket `i + 1` is `< RTT_EDGES_MS[i]`;
+/// the last bucket is everything above.
+pub const RTT_EDGES_MS: [f64; 3] = [2.0, 20.0, 100.0];
+/// Upper edges of the loss-rate buckets (fraction of heartbeats lost).
+/// Bucket 0 is exactly no loss.
+pub const LOSS_EDGES: [f64; 3] = [0.005, 0.02, 0.10];
+/// Upper edges of the jitter buckets: the inter-arrival mean absolute
+/// deviation over the mean (a coefficient of variation).
+pub const JITTER_EDGES: [f64; 4] = [0.05, 0.15, 0.30, 0.60];
+/// Upper edges of the load buckets, permille.
+pub const LOAD_EDGES: [u16; 3] = [250, 500, 800];
+
+/// Number of RTT buckets (unknown + edges + overflow).
+pub const RTT_BUCKETS: usize = RTT_EDGES_MS.len() + 2;
+/// Number of loss buckets (zero + edges + overflow).
+pub const LOSS_BUCKETS: usize = LOSS_EDGES.len() + 2;
+/// Number of jitter buckets.
+pub const JITTER_BUCKETS: usize = JITTER_EDGES.len() + 1;
+/// Number of load buckets.
+pub const LOAD_BUCKETS: usize = LOAD_EDGES.len() + 1;
+
+/// The interval levels the controller moves between: `min * step^k`,
+/// the last one clamped to `max`. One action moves one level, so the
+/// interval bucket of a state *is* its level.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Grid {
+    pub levels_ms: Vec<u32>,
+}
+
+impl Grid {
+    /// Levels from `min_ms` up to `max_ms` in multiplicative steps of
+    /// `step` (> 1). `min_ms <= max_ms` and both > 0 are the caller's
+    /// contract (checked by `Config::validate`).
+    pub fn new(min_ms: u32, max_ms: u32, step: f64) -> Grid {
+        let mut levels_ms = vec![min_ms];
+        let mut x = min_ms as f64;
+        // At most 64 levels whatever the inputs: a step barely above 1
+        // must not make the table explode.
+        while *levels_ms.last().unwrap_or(&max_ms) < max_ms && levels_ms.len() < 64 {
+            x *= step;
+            let v = (x.round() as u32).clamp(min_ms, max_ms);
+            if v > *levels_ms.last().unwrap_or(&0) {
+                levels_ms.push(v);
+            }
+        }
+        if let Some(last) = levels_ms.last_mut() {
+            *last = max_ms.max(min_ms);
+        }
+        Grid { levels_ms }
+    }
+
+    pub fn len(&self) -> usize {
+        self.levels_ms.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.levels_ms.is_empty()
+    }
+
+    /// Interval of level `k` (clamped to the last level).
+    pub fn ms(&self, k: usize) -> u32 {
+        self.levels_ms[k.min(self.levels_ms.len() - 1)]
+    }
+
+    /// The level nearest to `ms` on a log scale (clamped to the grid).
+    pub fn level_of(&self, ms: u32) -> usize {
+        let x = (ms.max(1) as f64).ln();
+        let mut best = 0;
+        let mut best_d = f64::INFINITY;
+        for (k, &l) in self.levels_ms.iter().enumerate() {
+            let d = (x - (l as f64).ln()).abs();
+            if d < best_d {
+                best = k;
+                best_d = d;
+            }
+        }
+        best
+    }
+
+    /// The highest level whose interval is at most `cap_ms` (level 0 if
+    /// even the minimum is above the cap: the bounds win over the cap).
+    pub fn level_at_most(&self, cap_ms: u32) -> usize {
+        self.levels_ms
+            .iter()
+            .rposition(|&l| l <= cap_ms)
+            .unwrap_or(0)
+    }
+}
+
+/// What the controller knows of one node at a decision: measured over the
+/// period since its previous decision.
+///
+/// Built only from the gate's per-node state ([`NodeState`]), which only
+/// gate-accepted datagrams (tag verified, fresh in the anti-replay window)
+/// ever update: unauthenticated traffic cannot reach the controller.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Observation {
+    /// Generation of the node's current incarnation.
+    pub generation: u32,
+    /// Interval the node reports using, ms.
+    pub interval_ms: u32,
+    /// Smoothed RTT the node reports, ms; `None` when unknown.
+    pub rtt_ms: Option<f64>,
+    /// Fraction of heartbeats lost over the period, 0..=1.
+    pub loss_rate: f64,
+    /// Inter-arrival mean absolute deviation over the mean.
+    pub jitter: f64,
+    /// The detector's expected inter-arrival time, ms (with pause).
+    pub mean_ms: f64,
+    /// The detector's floored standard deviation, ms.
+    pub sigma_ms: f64,
+    /// Load the node reports, permille, clamped to 0..=1000.
+    pub load_permille: u16,
+    /// Heartbeats accepted over the period.
+    pub new_samples: u64,
+    /// Suspicions of this node that its own later heartbeats refuted
+    /// (suspect -> alive without a restart) over the period: the false
+    /// suspicions the monitor can see.
+    pub refuted_suspicions: u32,
+}
+
+impl Observation {
+    /// The observation of the period from `prev` (the node's state at its
+    /// previous decision, `None` for the first) to `now`.
+    ///
+    /// A changed generation (a restart) makes the period start afresh at
+    /// `now`'s incarnation: counters of the old one are not mixed in.
+    pub fn from_states(
+        prev: Option<&NodeState>,
+        now: &NodeState,
+        refuted_suspicions: u32,
+        phi: &PhiParams,
+    ) -> Observation {
+        let prev = prev.filter(|p| p.generation == now.generation && p.accepted <= now.accepted);
+        let (accepted, lost) = match prev {
+            Some(p) => (
+                now.accepted.saturating_sub(p.accepted),
+                now.lost.saturating_sub(p.lost),
+            ),
+            None => (now.accepted, now.lost),
+        };
+        let loss_rate = if accepted + lost == 0 {
+            0.0
+        } else {
+            lost as f64 / (accepted + lost) as f64
+        };
+        let (mean_ms, sigma_ms) = detector::moments_ms(now, phi);
+        let jitter = if now.ia_mean_ns == 0 {
+            0.0
+        } else {
+            now.ia_dev_ns as f64 / now.ia_mean_ns as f64
+        };
+        Observation {
+            generation: now.generation,
+            interval_ms: now.interval_ms,
+            rtt_ms: (now.rtt_us != 0).then(|| now.rtt_us as f64 / 1000.0),
+            loss_rate,
+            jitter,
+            mean_ms,
+            sigma_ms,
+            load_permille: now.load.min(hb_common::proto::LOAD_MAX),
+            new_samples: accepted,
+            refuted_suspicions,
+        }
+    }
+}
+
+/// A row of the Q table: one bucket per dimension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct StateKey {
+    pub rtt: u8,
+    pub loss: u8,
+    pub jitter: u8,
+    pub load: u8,
+    /// The interval level (see [`Grid`]).
+    pub interval: u8,
+}
+
+/// Index of the first edge `x` is below, or `edges.len()`.
+fn bucket(x: f64, edges: &[f64]) -> usize {
+    if x.is_nan() {
+        // Unknown is treated as the worst: never an invitation to slow down.
+        return edges.len();
+    }
+    edges.iter().position(|&e| x < e).unwrap_or(edges.len())
+}
+
+impl StateKey {
+    /// Buckets `obs` with the node at interval level `level` of a grid of
+    /// `levels` levels. Total: every input gives a valid key.
+    pub fn new(obs: &Observation, level: usize, levels: usize) -> StateKey {
+        let rtt = match obs.rtt_ms {
+            Some(r) if r.is_finite() && r >= 0.0 => 1 + bucket(r, &RTT_EDGES_MS),
+            Some(_) => RTT_BUCKETS - 1,
+            None => 0,
+        };
+        let loss = if obs.loss_rate == 0.0 {
+            0
+        } else {
+            1 + bucket(obs.loss_rate, &LOSS_EDGES)
+        };
+        let jitter = bucket(obs.jitter, &JITTER_EDGES);
+        let load = LOAD_EDGES
+            .iter()
+            .position(|&e| obs.load_permille < e)
+            .unwrap_or(LOAD_EDGES.len());
+        StateKey {
+            rtt: rtt.min(RTT_BUCKETS - 1) as u8,
+            loss: loss.min(LOSS_BUCKETS - 1) as u8,
+            jitter: jitter.min(JITTER_BUCKETS - 1) as u8,
+            load: load.min(LOAD_BUCKETS - 1) as u8,
+            interval: level.min(levels.saturating_sub(1)).min(u8::MAX as usize) as u8,
+        }
+    }
+
+    /// Row index in a table with `levels` interval levels.
+    pub fn index(&self, levels: usize) -> usize {
+        let mut i = self.rtt as usize;
+        i = i * LOSS_BUCKETS + self.loss as usize;
+        i = i * JITTER_BUCKETS + self.jitter as usize;
+        i = i * LOAD_BUCKETS + self.load as usize;
+        i * levels + self.interval as usize
+    }
+
+    /// The key of row `index` (inverse of [`StateKey::index`]).
+    pub fn from_index(mut index: usize, levels: usize) -> StateKey {
+        let interval = index % levels;
+        index /= levels;
+        let load = index % LOAD_BUCKETS;
+        index /= LOAD_BUCKETS;
+        let jitter = index % JITTER_BUCKETS;
+        index /= JITTER_BUCKETS;
+        let loss = index % LOSS_BUCKETS;
+        index /= LOSS_BUCKETS;
+        StateKey {
+            rtt: index as u8,
+            loss: loss as u8,
+            jitter: jitter as u8,
+            load: load as u8,
+            interval: interval as u8,
+        }
+    }
+
+    /// Number of rows of a table with `levels` interval levels.
+    pub fn rows(levels: usize) -> usize {
+        RTT_BUCKETS * LOSS_BUCKETS * JITTER_BUCKETS * LOAD_BUCKETS * levels
+    }
+
+    /// Human-readable bucket ranges, for `hb controller show` and the API.
+    pub fn describe(&self, grid: &Grid) -> StateDescription {
+        fn range(edges: &[f64], i: usize, unit: &str, scale: f64) -> String {
+            let fmt = |v: f64| format!("{}{unit}", v * scale);
+            match i {
+                0 => format!("<{}", fmt(edges[0])),
+                i if i >= edges.len() => format!(">={}", fmt(edges[edges.len() - 1])),
+                i => format!("{}-{}", fmt(edges[i - 1]), fmt(edges[i])),
+            }
+        }
+        let rtt = match self.rtt {
+            0 => "unknown".to_string(),
+            r => range(&RTT_EDGES_MS, r as usize - 1, "ms", 1.0),
+        };
+        let loss = match self.loss {
+            0 => "0%".to_string(),
+            l => range(&LOSS_EDGES, l as usize - 1, "%", 100.0),
+        };
+        let load_edges: Vec<f64> = LOAD_EDGES.iter().map(|&e| e as f64).collect();
+        StateDescription {
+            rtt,
+            loss,
+            jitter: range(&JITTER_EDGES, self.jitter as usize, "", 1.0),
+            load: range(&load_edges, self.load as usize, "", 1.0),
+            interval_ms: grid.ms(self.interval as usize),
+        }
+    }
+}
+
+/// A [`StateKey`] spelled out for people.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateDescription {
+    pub rtt: String,
+    pub loss: String,
+    pub jitter: String,
+    /// Permille.
+    pub load: String,
+    pub interval_ms: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_spans_the_bounds_in_steps() {
+        let g = Grid::new(100, 10_000, 1.5);
+        assert_eq!(g.ms(0), 100);
+        assert_eq!(*g.levels_ms.last().unwrap(), 10_000);
+        assert_eq!(g.len(), 13);
+        for w in g.levels_ms.windows(2) {
+            assert!(w[1] > w[0]);
+            assert!(w[1] as f64 <= w[0] as f64 * 1.5 + 1.0, "{w:?}");
+        }
+        assert_eq!(g.level_of(1), 0);
+        assert_eq!(g.level_of(u32::MAX), g.len() - 1);
+        assert_eq!(g.ms(g.level_of(1000)), 1139);
+        assert_eq!(g.level_at_most(2000), g.level_of(1709));
+        assert_eq!(g.level_at_most(5), 0, "bounds win over a cap below min");
+        // The default: six steps per decade, the decades are levels.
+        let d = crate::controller::Config::default().grid();
+        assert_eq!(
+            d.levels_ms,
+            vec![
+                100, 147, 215, 316, 464, 681, 1000, 1468, 2154, 3162, 4642, 6813, 10_000
+            ]
+        );
+        // Degenerate configurations still give a usable grid.
+        assert_eq!(Grid::new(500, 500, 1.5).levels_ms, vec![500]);
+        assert!(Grid::new(100, 10_000, 1.000001).len() <= 64);
+    }
+
+    #[test]
+    fn every_observation_maps_to_a_row() {
+        let levels = 13;
+        let rows = StateKey::rows(levels);
+        let weird = [
+            0.0,
+            -1.0,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            1e300,
+            0.5,
+        ];
+        for &x in &weird {
+            for rtt in [None, Some(x)] {
+                for load in [0u16, 999, 1000, u16::MAX] {
+                    for level in [0usize, 5, 12, 13, 1000] {
+                        let obs = Observation {
+                            rtt_ms: rtt,
+                            loss_rate: x,
+                            jitter: x,
+                            load_permille: load,
+                            ..Observation::default()
+                        };
+                        let k = StateKey::new(&obs, level, levels);
+                        let i = k.index(levels);
+                        assert!(i < rows, "{k:?}");
+                        assert_eq!(StateKey::from_index(i, levels), k);
+                    }
+                }
+            }
+        }
+        let nan = Observation {
+            loss_rate: f64::NAN,
+            jitter: f64::NAN,
+            ..Observation::default()
+        };
+        let k = StateKey::new(&nan, 0, levels);
+        assert_eq!(k.loss as usize, LOSS_BUCKETS - 1, "NaN is the worst");
+        assert_eq!(k.jitter as usize, JITTER_BUCKETS - 1);
+    }
+
+    #[test]
+    fn observation_over_a_period() {
+        let mut prev = NodeState {
+            generation: 3,
+            accepted: 100,
+            lost: 5,
+            interval_ms: 1000,
+            ia_mean_ns: 1_000_000_000,
+            ia_dev_ns: 100_000_000,
+            rtt_us: 1500,
+            load: 4000,
+            last_arrival_ns: 1,
+            ..NodeState::default()
+        };
+        let mut now = prev;
+        now.accepted = 190;
+        now.lost = 15;
+        let o = Observation::from_states(Some(&prev), &now, 2, &PhiParams::default());
+        assert_eq!(o.new_samples, 90);
+        assert!((o.loss_rate - 0.1).abs() < 1e-12);
+        assert!((o.jitter - 0.1).abs() < 1e-12);
+        assert_eq!(o.rtt_ms, Some(1.5));
+        assert_eq!(o.load_permille, 1000, "clamped");
+        assert_eq!(o.refuted_suspicions, 2);
+        // A restart: the old incarnation's counters are not subtracted.
+        prev.generation = 2;
+        let o = Observation::from_states(Some(&prev), &now, 0, &PhiParams::default());
+        assert_eq!(o.new_samples, 190);
+    }
+}

@@ -1,0 +1,212 @@
+//! The learned table on disk: a JSON document, written atomically (temp
+//! file in the same directory, fsync, rename, fsync of the directory) so a
+//! crash mid-save leaves either the old table or the new one, never half of
+//! one.
+//!
+//! Only visited rows are stored, each with its state spelled out for
+//! people (`hb controller show` prints the file without a running monitor)
+//! and its index for the program. Loading checks that the file was learned
+//! with the same interval levels and bucket edges as the running
+//! controller: a table whose rows mean something else is refused with a
+//! clear error, never silently misread.
+
+use std::{
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Action, QController, RewardStats, StateDescription, StateKey};
+
+/// `format` field of a table file.
+pub const FORMAT: &str = "hb-controller-table";
+/// `version` field of the table files this build writes and reads.
+pub const VERSION: u32 = 1;
+
+/// One visited row of the table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    /// Row index (see `StateKey::index`).
+    pub index: u32,
+    pub state: StateDescription,
+    pub visits: u64,
+    /// Q values of slower, hold, faster.
+    pub q: [f64; 3],
+    /// The greedy action in this state (informative; recomputed on load).
+    pub greedy: Action,
+}
+
+/// The table file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TableFile {
+    pub format: String,
+    pub version: u32,
+    /// Interval levels the rows refer to, ms.
+    pub levels_ms: Vec<u32>,
+    pub target_detection_ms: f64,
+    pub decisions: u64,
+    pub explorations: u64,
+    pub rewards: RewardStats,
+    pub rows: Vec<Row>,
+}
+
+/// Why a table could not be saved or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("controller table {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("controller table {path} is not valid JSON of a table")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("controller table {path}: {what}")]
+    Invalid { path: PathBuf, what: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TableError + '_ {
+    move |source| TableError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Reads and checks the file's own consistency (format, version, indices,
+/// finite values), without a controller to match it against.
+pub fn read(path: &Path) -> Result<TableFile, TableError> {
+    let bytes = fs::read(path).map_err(io(path))?;
+    let t: TableFile = serde_json::from_slice(&bytes).map_err(|source| TableError::Parse {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let invalid = |what: String| TableError::Invalid {
+        path: path.to_path_buf(),
+        what,
+    };
+    if t.format != FORMAT {
+        return Err(invalid(format!(
+            "format is {:?}, expected {FORMAT:?}",
+            t.format
+        )));
+    }
+    if t.version != VERSION {
+        return Err(invalid(format!(
+            "version {} is not supported (this build reads version {VERSION})",
+            t.version
+        )));
+    }
+    if t.levels_ms.is_empty() || t.levels_ms.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(invalid(
+            "interval levels are empty or not increasing".into(),
+        ));
+    }
+    let levels = t.levels_ms.len();
+    let grid = super::Grid {
+        levels_ms: t.levels_ms.clone(),
+    };
+    for r in &t.rows {
+        if r.index as usize >= StateKey::rows(levels) {
+            return Err(invalid(format!("row index {} is out of range", r.index)));
+        }
+        if r.q.iter().any(|v| !v.is_finite()) {
+            return Err(invalid(format!("row {} has a non-finite Q value", r.index)));
+        }
+        let expect = StateKey::from_index(r.index as usize, levels).describe(&grid);
+        if expect != r.state {
+            return Err(invalid(format!(
+                "row {} describes {:?} but this build's buckets give {:?}: the table \
+                 was learned with other bucket edges",
+                r.index, r.state, expect
+            )));
+        }
+    }
+    Ok(t)
+}
+
+/// Writes `bytes` to `path` atomically.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TableError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "table".into());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(bytes).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        fs::rename(&tmp, path).map_err(io(path))?;
+        // Make the rename itself durable.
+        fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&dir))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+impl QController {
+    /// The table as a file document.
+    pub fn table_file(&self) -> TableFile {
+        TableFile {
+            format: FORMAT.into(),
+            version: VERSION,
+            levels_ms: self.grid.levels_ms.clone(),
+            target_detection_ms: self.cfg.target_detection_ms,
+            decisions: self.decisions,
+            explorations: self.explorations,
+            rewards: self.rewards,
+            rows: self.rows(),
+        }
+    }
+
+    /// Saves the table to `path` atomically.
+    pub fn save(&self, path: &Path) -> Result<(), TableError> {
+        let json =
+            serde_json::to_vec_pretty(&self.table_file()).map_err(|source| TableError::Parse {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        write_atomic(path, &json)
+    }
+
+    /// Replaces the table with the one saved at `path`. Refuses a table
+    /// learned over other interval levels. The decision count (and so
+    /// epsilon's decay) continues from the file's.
+    pub fn load(&mut self, path: &Path) -> Result<(), TableError> {
+        let t = read(path)?;
+        if t.levels_ms != self.grid.levels_ms {
+            return Err(TableError::Invalid {
+                path: path.to_path_buf(),
+                what: format!(
+                    "learned for interval levels {:?} ms, this controller uses {:?} ms \
+                     (other min/max interval or step): remove the file or match the bounds",
+                    t.levels_ms, self.grid.levels_ms
+                ),
+            });
+        }
+        self.q.iter_mut().for_each(|v| *v = 0.0);
+        self.visits.iter_mut().for_each(|v| *v = 0);
+        for r in &t.rows {
+            let s = r.index as usize;
+            self.q[s * 3..s * 3 + 3].copy_from_slice(&r.q);
+            self.visits[s] = r.visits;
+        }
+        self.decisions = t.decisions;
+        self.explorations = t.explorations;
+        self.rewards = t.rewards;
+        Ok(())
+    }
+}

@@ -1,0 +1,346 @@
+//! Unit tests of the controller against a synthetic node: its gate state
+//! is what `NodeState::record` would hold after a period at the requested
+//! interval with a given jitter, loss and load. The end-to-end behaviour
+//! over a simulated network is tested in `simulate`.
+
+use std::path::PathBuf;
+
+use hb_common::maps::NodeState;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::*;
+
+/// A node whose heartbeats arrive at its interval with a mean absolute
+/// deviation of `jitter` times the interval, losing `loss` of them.
+struct SynthNode {
+    state: NodeState,
+    jitter: f64,
+    loss: f64,
+}
+
+impl SynthNode {
+    fn new(interval_ms: u32, jitter: f64, loss: f64, load: u16) -> SynthNode {
+        SynthNode {
+            state: NodeState {
+                generation: 1,
+                interval_ms,
+                load,
+                last_arrival_ns: 1,
+                ..NodeState::default()
+            },
+            jitter,
+            loss,
+        }
+    }
+
+    /// One decision period of `period_ms` at the node's interval.
+    fn period(&mut self, period_ms: u64) {
+        let iv = self.state.interval_ms.max(1) as u64;
+        let sent = (period_ms / iv).max(3);
+        let lost = (sent as f64 * self.loss).round() as u64;
+        self.state.accepted += sent - lost;
+        self.state.lost += lost;
+        // The detector's EWMA mean includes the gaps losses leave.
+        self.state.ia_mean_ns = (iv as f64 * (1.0 + self.loss) * 1e6) as u64;
+        self.state.ia_dev_ns = (iv as f64 * (self.jitter + 2.0 * self.loss) * 1e6) as u64;
+        self.state.last_arrival_ns += period_ms * 1_000_000;
+    }
+
+    fn adopt(&mut self, d: &Decision) {
+        self.state.interval_ms = d.interval_ms;
+    }
+}
+
+fn controller(seed: u64) -> QController {
+    QController::new(Config {
+        seed,
+        ..Config::default()
+    })
+    .unwrap()
+}
+
+/// Runs `nodes` synthetic nodes for `decisions` rounds; returns the
+/// interval of node 0 after each round.
+fn train(c: &mut QController, nodes: &mut [SynthNode], rounds: usize) -> Vec<u32> {
+    let mut trace = Vec::new();
+    for _ in 0..rounds {
+        for (i, n) in nodes.iter_mut().enumerate() {
+            n.period(10_000);
+            let d = c.observe(i as u32 + 1, &n.state, 0);
+            n.adopt(&d);
+        }
+        trace.push(nodes[0].state.interval_ms);
+    }
+    trace
+}
+
+#[test]
+fn decisions_stay_in_bounds_and_move_one_step() {
+    let mut c = controller(7);
+    c.set_epsilon(Some(1.0)); // all exploration: the worst case for steps
+    c.set_cap(3, Some(2000));
+    let grid = c.grid().clone();
+    let mut rng = ChaCha8Rng::seed_from_u64(99);
+    let mut last: HashMap<u32, usize> = HashMap::new();
+    for _ in 0..20_000 {
+        let node = rng.random_range(1..6u32);
+        let obs = Observation {
+            generation: 1,
+            interval_ms: rng.random_range(0..=u32::MAX),
+            rtt_ms: Some(rng.random::<f64>() * 1e6),
+            loss_rate: rng.random(),
+            jitter: if rng.random::<bool>() {
+                f64::NAN
+            } else {
+                rng.random::<f64>() * 100.0
+            },
+            mean_ms: rng.random::<f64>() * 1e7,
+            sigma_ms: rng.random::<f64>() * 1e7,
+            load_permille: rng.random(),
+            new_samples: rng.random_range(0..10),
+            refuted_suspicions: rng.random(),
+        };
+        let d = c.decide(node, &obs);
+        assert!((100..=10_000).contains(&d.interval_ms), "{d:?}");
+        if node == 3 {
+            assert!(d.interval_ms <= 2000, "cap: {d:?}");
+        }
+        let level = grid.level_of(d.interval_ms);
+        assert_eq!(grid.ms(level), d.interval_ms, "decisions are on the grid");
+        if let Some(&prev) = last.get(&node) {
+            assert!(level.abs_diff(prev) <= 1, "{prev} -> {level}");
+        }
+        last.insert(node, level);
+        if let Some(r) = d.reward {
+            assert!(r.is_finite());
+        }
+    }
+}
+
+#[test]
+fn forged_extreme_load_cannot_push_past_bounds_or_steps() {
+    let mut c = controller(1);
+    let mut node = SynthNode::new(100, 0.02, 0.0, u16::MAX);
+    let mut prev = c.grid().level_of(100);
+    for _ in 0..5000 {
+        node.period(10_000);
+        let d = c.observe(9, &node.state, 0);
+        let level = c.grid().level_of(d.interval_ms);
+        assert!(level.abs_diff(prev) <= 1);
+        assert!((100..=10_000).contains(&d.interval_ms));
+        prev = level;
+        node.adopt(&d);
+    }
+    // A forged load weighs exactly like the largest legitimate load.
+    let obs = |load| Observation {
+        interval_ms: 1000,
+        mean_ms: 1000.0,
+        sigma_ms: 100.0,
+        load_permille: load,
+        ..Observation::default()
+    };
+    assert_eq!(c.reward(&obs(u16::MAX)), c.reward(&obs(1000)));
+    // Observations through `from_states` clamp it as well.
+    let o = Observation::from_states(None, &node.state, 0, &PhiParams::default());
+    assert_eq!(o.load_permille, 1000);
+}
+
+#[test]
+fn cap_applies_at_once_and_holds() {
+    let mut c = controller(3);
+    let mut node = SynthNode::new(10_000, 0.0, 0.0, 0);
+    node.period(60_000);
+    let d = c.observe(1, &node.state, 0);
+    assert!(d.interval_ms >= 5000);
+    c.set_cap(1, Some(1000));
+    node.period(60_000);
+    let d = c.observe(1, &node.state, 0);
+    assert_eq!((d.reason, d.interval_ms), (Reason::Cap, 1000));
+    for _ in 0..200 {
+        node.adopt(&d);
+        node.period(60_000);
+        let d = c.observe(1, &node.state, 0);
+        assert!(d.interval_ms <= 1000, "{d:?}");
+    }
+}
+
+#[test]
+fn too_few_heartbeats_means_hold_without_learning() {
+    let mut c = controller(1);
+    let mut s = NodeState {
+        generation: 1,
+        interval_ms: 1000,
+        accepted: 10,
+        ia_mean_ns: 1_000_000_000,
+        last_arrival_ns: 1,
+        ..NodeState::default()
+    };
+    let first = c.observe(1, &s, 0);
+    assert_ne!(first.reason, Reason::NoData);
+    s.accepted += 2; // fewer than min_samples
+    let d = c.observe(1, &s, 0);
+    assert_eq!((d.reason, d.action), (Reason::NoData, Action::Hold));
+    assert_eq!(d.interval_ms, first.interval_ms);
+    assert_eq!(c.decisions(), 1);
+    assert_eq!(c.last_decision(1), Some(&first), "holds are not decisions");
+    assert_eq!(c.last_decision(2), None);
+    // The samples accumulate: one more makes a period.
+    s.accepted += 1;
+    assert_ne!(c.observe(1, &s, 0).reason, Reason::NoData);
+}
+
+#[test]
+fn same_seed_same_decisions_other_seed_differs() {
+    let run = |seed| {
+        let mut c = controller(seed);
+        let mut nodes: Vec<SynthNode> = (0..5)
+            .map(|i| SynthNode::new(1000, 0.05 * i as f64, 0.01 * i as f64, 100 * i))
+            .collect();
+        let mut out = Vec::new();
+        for _ in 0..300 {
+            for (i, n) in nodes.iter_mut().enumerate() {
+                n.period(10_000);
+                let d = c.observe(i as u32, &n.state, 0);
+                out.push((d.interval_ms, d.action, d.reason));
+                n.adopt(&d);
+            }
+        }
+        (out, serde_json::to_string(&c.snapshot()).unwrap())
+    };
+    assert_eq!(run(42), run(42));
+    assert_ne!(run(42).0, run(43).0);
+}
+
+fn temp_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hb-ctrl-test-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("table.json")
+}
+
+#[test]
+fn table_round_trips_and_bad_files_are_refused_clearly() {
+    let mut c = controller(5);
+    let mut nodes: Vec<SynthNode> = (0..4).map(|_| SynthNode::new(100, 0.02, 0.0, 50)).collect();
+    train(&mut c, &mut nodes, 200);
+    let path = temp_path("roundtrip");
+    c.save(&path).unwrap();
+
+    let mut d = controller(6);
+    d.load(&path).unwrap();
+    assert_eq!(d.rows(), c.rows());
+    assert_eq!(d.decisions(), c.decisions());
+    assert_eq!(d.epsilon(), c.epsilon());
+    // The printed form names every visited state.
+    let text = cli::render(&table::read(&path).unwrap(), 0);
+    assert!(text.contains("greedy"));
+    assert_eq!(text.lines().count(), 5 + c.rows().len());
+
+    // A truncated file.
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let e = d.load(&path).unwrap_err().to_string();
+    assert!(e.contains("not valid JSON"), "{e}");
+    // Another controller's grid.
+    c.save(&path).unwrap();
+    let mut other = QController::new(Config {
+        max_interval_ms: 5000,
+        ..Config::default()
+    })
+    .unwrap();
+    let e = other.load(&path).unwrap_err().to_string();
+    assert!(e.contains("interval levels"), "{e}");
+    // An index out of range.
+    let mut t = table::read(&path).unwrap();
+    t.rows[0].index = u32::MAX;
+    std::fs::write(&path, serde_json::to_vec(&t).unwrap()).unwrap();
+    let e = d.load(&path).unwrap_err().to_string();
+    assert!(e.contains("out of range"), "{e}");
+    // A missing file names the path.
+    let missing = path.with_file_name("missing.json");
+    let e = d.load(&missing).unwrap_err().to_string();
+    assert!(e.contains("missing.json"), "{e}");
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+/// The level the reward's model says is the slowest within the target.
+fn best_level(c: &QController, jitter: f64, loss: f64) -> usize {
+    let mut best = 0;
+    for k in 0..c.grid().len() {
+        let mut n = SynthNode::new(c.grid().ms(k), jitter, loss, 0);
+        n.period(10_000);
+        let o = Observation::from_states(None, &n.state, 0, &c.config().phi);
+        if c.detection_ms(&o) <= c.config().target_detection_ms {
+            best = k;
+        }
+    }
+    best
+}
+
+#[test]
+fn learns_to_slow_down_on_a_calm_lan() {
+    let mut c = controller(11);
+    let mut nodes: Vec<SynthNode> = (0..20)
+        .map(|_| SynthNode::new(100, 0.02, 0.0, 50))
+        .collect();
+    train(&mut c, &mut nodes, 400);
+    // Evaluate the greedy policy from 100 ms.
+    c.set_epsilon(Some(0.0));
+    c.reset_nodes();
+    let mut eval = vec![SynthNode::new(100, 0.02, 0.0, 50)];
+    let trace = train(&mut c, &mut eval, 40);
+    let end = *trace.last().unwrap();
+    let target = c.grid().ms(best_level(&c, 0.02, 0.0));
+    assert!(end > 1000, "slowed down from 100 ms: {trace:?}");
+    assert!(
+        end <= target,
+        "within the detection target ({target}): {trace:?}"
+    );
+}
+
+#[test]
+fn under_loss_and_jitter_it_stays_within_the_target() {
+    let mut c = controller(12);
+    let mut nodes: Vec<SynthNode> = (0..20)
+        .map(|_| SynthNode::new(5000, 0.25, 0.05, 50))
+        .collect();
+    train(&mut c, &mut nodes, 400);
+    c.set_epsilon(Some(0.0));
+    c.reset_nodes();
+    let mut eval = vec![SynthNode::new(5000, 0.25, 0.05, 50)];
+    let trace = train(&mut c, &mut eval, 40);
+    let end = *trace.last().unwrap();
+    let best = c.grid().ms(best_level(&c, 0.25, 0.05));
+    assert!(best < 1000, "the scenario is a hard one: {best}");
+    assert!(
+        end <= best,
+        "sped up to meet the target ({best}): {trace:?}"
+    );
+    assert!(end >= c.grid().ms(best_level(&c, 0.25, 0.05).saturating_sub(2)));
+}
+
+#[test]
+fn sigmas_to_threshold_matches_phi() {
+    let c = Config::default();
+    let k = c.sigmas_to_threshold();
+    assert!((phi_normal(k, 0.0, 1.0) - 8.0).abs() < 1e-6);
+    assert!(k > 5.0 && k < 5.5, "{k}");
+}
+
+#[test]
+fn an_unreachable_target_still_prefers_faster() {
+    let c = QController::new(Config {
+        target_detection_ms: 50.0,
+        ..Config::default()
+    })
+    .unwrap();
+    let mut last = f64::INFINITY;
+    for &ms in &c.grid().levels_ms {
+        let mut n = SynthNode::new(ms, 0.05, 0.0, 1000);
+        n.period(60_000);
+        let o = Observation::from_states(None, &n.state, 0, &c.config().phi);
+        let (r, _) = c.reward(&o);
+        assert!(r < last, "{ms} ms: reward {r} not below {last}");
+        last = r;
+    }
+}

@@ -1,0 +1,113 @@
+//! End-to-end tests of the simulation: determinism, the fixed-interval
+//! baseline against what the detector's parameters imply, and the
+//! controller learning through real ACKs. Small fleets and short runs keep
+//! them fast in debug builds.
+
+use super::*;
+use crate::controller::Config;
+
+fn cfg(scenario: &str, nodes: u32, minutes: f64, seed: u64) -> SimConfig {
+    SimConfig::new(
+        Scenario::named(scenario).unwrap(),
+        nodes,
+        minutes * 60.0,
+        seed,
+    )
+}
+
+#[test]
+fn same_seed_same_run_other_seed_other_run() {
+    let run = |seed| {
+        let c = cfg("mixed", 12, 20.0, seed);
+        let mut ctrl = QController::new(Config {
+            seed,
+            ..Config::default()
+        })
+        .unwrap();
+        let (train, eval) = run_qlearn(&c, &mut ctrl, 600.0, false).unwrap();
+        let fixed = run_policy(&c, &mut Policy::Fixed(500)).unwrap();
+        serde_json::to_string(&(train, eval, fixed, ctrl.snapshot())).unwrap()
+    };
+    let a = run(5);
+    assert_eq!(a, run(5));
+    assert_ne!(a, run(6));
+}
+
+#[test]
+fn fixed_interval_behaves_as_the_detector_implies() {
+    let r = run_policy(&cfg("lan", 10, 30.0, 3), &mut Policy::Fixed(1000)).unwrap();
+    // A tenth of the fleet is down at times (crashes with 60 s downtime).
+    assert!(
+        (0.85..=1.0).contains(&r.heartbeats_per_node_s),
+        "{}",
+        r.heartbeats_per_node_s
+    );
+    assert!(r.crashes > 0);
+    assert_eq!(r.detection_ms.count as u64, r.crashes - r.missed);
+    assert_eq!(r.missed, 0);
+    // Suspicion comes `k` floored sigmas (10% of 1 s) after the last
+    // heartbeat, noticed at the next 100 ms tick.
+    let k = Config::default().sigmas_to_threshold();
+    let worst = 1000.0 + k * 100.0 + 100.0 + 2.0;
+    assert!(
+        r.detection_ms.max <= worst,
+        "{:?} > {worst}",
+        r.detection_ms
+    );
+    assert!(r.detection_ms.p50 >= 1000.0 + k * 100.0 - 1000.0);
+    assert_eq!(r.false_suspicions, 0, "a calm LAN causes no mistakes");
+    assert!(r.trajectory.iter().all(|p| p.max_ms == 1000));
+}
+
+#[test]
+fn qlearn_slows_down_from_100ms_on_a_calm_lan_within_its_target() {
+    let mut c = cfg("lan", 20, 60.0, 8);
+    c.initial_interval_ms = 100;
+    let mut ctrl = QController::new(Config::default()).unwrap();
+    let (_, r) = run_qlearn(&c, &mut ctrl, 3600.0, false).unwrap();
+    let end = r.trajectory.last().unwrap();
+    assert!(end.p50_ms > 1000, "{:?}", r.trajectory);
+    assert!(r.heartbeats_per_node_s < 1.0, "{}", r.heartbeats_per_node_s);
+    let target = ctrl.config().target_detection_ms;
+    assert!(r.detection_ms.p99 <= target, "{:?}", r.detection_ms);
+    assert_eq!(r.false_suspicions, 0);
+}
+
+#[test]
+fn qlearn_under_bursty_loss_keeps_to_its_target() {
+    let mut c = cfg("bursty-loss", 20, 60.0, 9);
+    c.initial_interval_ms = 5000;
+    let mut ctrl = QController::new(Config::default()).unwrap();
+    let (_, r) = run_qlearn(&c, &mut ctrl, 3600.0, false).unwrap();
+    let target = ctrl.config().target_detection_ms;
+    // Loss bursts inflate the detector's moments; the controller must
+    // not slow down into them. (A crash right after a burst can still take
+    // long to detect at any interval: the tail is the detector's, so the
+    // typical case is what the controller answers for.)
+    assert!(r.mean_interval_ms < 2000.0, "{:?}", r.trajectory);
+    assert!(r.detection_ms.p50 <= target, "{:?}", r.detection_ms);
+    assert!(r.detection_ms.mean <= target, "{:?}", r.detection_ms);
+    let modelled = ctrl.snapshot().rewards.mean_detection_ms;
+    assert!(modelled <= target, "{modelled}");
+}
+
+#[test]
+fn bad_arguments_are_refused() {
+    assert!("fixed:0".parse::<ControllerChoice>().is_err());
+    assert!("fixed:abc".parse::<ControllerChoice>().is_err());
+    assert!("pid".parse::<ControllerChoice>().is_err());
+    assert_eq!(
+        "fixed:250".parse::<ControllerChoice>().unwrap(),
+        ControllerChoice::Fixed(250)
+    );
+    assert!(parse_weights("1,2,3").is_err());
+    assert!(parse_weights("1,2,3,4,NaN").is_err());
+    let mut c = cfg("lan", 0, 1.0, 1);
+    assert!(run_policy(&c, &mut Policy::Fixed(100)).is_err());
+    c.nodes = 1;
+    c.duration_s = -1.0;
+    assert!(run_policy(&c, &mut Policy::Fixed(100)).is_err());
+    for n in scenario::NAMES {
+        assert!(Scenario::named(n).is_some(), "{n}");
+    }
+}
