@@ -142,14 +142,19 @@ impl Kind {
         }
     }
 
-    /// A fine sweep, for choosing the threshold that meets a mistake-rate
-    /// budget (the benchmark).
-    pub fn sweep_thresholds(self) -> Vec<f64> {
+    /// The range a threshold sweep covers (`qos::sweep`): from "suspects
+    /// almost at once" to "waits about a minute" on a 1 s heartbeat.
+    pub fn sweep_range(self) -> (f64, f64) {
         match self {
-            Kind::Fixed => geometric(100.0, 60_000.0, 120),
-            Kind::Chen => geometric(5.0, 60_000.0, 120),
-            Kind::PhiNormal => geometric(0.5, 100_000.0, 120),
-            _ => geometric(0.25, 2_000.0, 120),
+            Kind::Fixed => (100.0, 120_000.0),
+            Kind::Chen => (1.0, 120_000.0),
+            // The normal model with a window's tiny LAN variance needs
+            // enormous phi to survive one lost heartbeat.
+            Kind::PhiNormal => (0.1, 1e6),
+            // Akka's acceptable pause already waits 3 s at phi ~0.3.
+            Kind::Akka => (0.001, 2_000.0),
+            Kind::Hb => (0.1, 5_000.0),
+            Kind::Cassandra => (0.05, 100.0),
         }
     }
 
@@ -176,13 +181,13 @@ impl Kind {
 
 /// `n` points from `lo` to `hi`, evenly spaced on a log scale, rounded to
 /// 3 significant digits so tables stay readable.
-fn geometric(lo: f64, hi: f64, n: usize) -> Vec<f64> {
-    let r = (hi / lo).powf(1.0 / (n - 1) as f64);
+pub fn geometric(lo: f64, hi: f64, n: usize) -> Vec<f64> {
+    let r = (hi / lo).powf(1.0 / (n.max(2) - 1) as f64);
     let mut v: Vec<f64> = (0..n)
         .map(|i| {
             let x = lo * r.powi(i as i32);
-            let mag = 10f64.powf(x.log10().floor() - 2.0);
-            (x / mag).round() * mag
+            // Through decimal text: the nearest f64 to a 3-digit decimal.
+            format!("{x:.2e}").parse().unwrap_or(x)
         })
         .collect();
     v.dedup();

@@ -284,3 +284,6 @@ pub fn table(rows: &[Qos]) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests;

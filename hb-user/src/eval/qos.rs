@@ -22,7 +22,7 @@
 use serde::Serialize;
 
 use super::{
-    detectors::Spec,
+    detectors::{HbConfig, Kind, Spec, geometric},
     trace::{Crashes, Trace},
 };
 
@@ -161,4 +161,58 @@ pub fn evaluate(trace: &Trace, crashes: &Crashes, spec: &Spec) -> Vec<Qos> {
             }
         })
         .collect()
+}
+
+/// The row with the shortest mean detection time (ties: p99) among those
+/// that detect every crash with at most `budget` mistakes per node-hour:
+/// a detector's operating point under a mistake budget. `None` when no
+/// threshold qualifies.
+pub fn best_under_budget(rows: &[Qos], budget: f64) -> Option<&Qos> {
+    rows.iter()
+        .filter(|q| q.detected == q.crashes && q.crashes > 0 && q.mistake_rate <= budget)
+        .min_by(|a, b| {
+            let key = |q: &Qos| {
+                (
+                    q.td_mean_ms.unwrap_or(f64::INFINITY),
+                    q.td_p99_ms.unwrap_or(f64::INFINITY),
+                )
+            };
+            key(a)
+                .partial_cmp(&key(b))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        })
+}
+
+/// A detector's operating point under a mistake budget (mistakes per
+/// node-hour), found by sweeping its threshold: a coarse log-spaced grid
+/// over [`Kind::sweep_range`], then a fine grid between the last coarse
+/// threshold that misses the budget and the first that meets it (the
+/// mistake rate falls and the detection time grows with the threshold).
+/// Returns the chosen row and how many thresholds were replayed.
+pub fn sweep(
+    trace: &Trace,
+    crashes: &Crashes,
+    kind: Kind,
+    hb: HbConfig,
+    budget: f64,
+) -> (Option<Qos>, usize) {
+    let (lo, hi) = kind.sweep_range();
+    let coarse = geometric(lo, hi, 40);
+    let spec = Spec::new(kind, &coarse, hb).expect("sweep thresholds are valid");
+    let rows = evaluate(trace, crashes, &spec);
+    let ok = |q: &Qos| q.detected == q.crashes && q.crashes > 0 && q.mistake_rate <= budget;
+    let Some(i) = rows.iter().position(ok) else {
+        return (None, coarse.len());
+    };
+    if i == 0 {
+        return (best_under_budget(&rows, budget).cloned(), coarse.len());
+    }
+    let fine = geometric(coarse[i - 1], coarse[i], 24);
+    let spec = Spec::new(kind, &fine, hb).expect("sweep thresholds are valid");
+    let mut all = evaluate(trace, crashes, &spec);
+    all.extend(rows);
+    (
+        best_under_budget(&all, budget).cloned(),
+        coarse.len() + fine.len(),
+    )
 }
