@@ -197,7 +197,7 @@ pub fn sweep(
     budget: f64,
 ) -> (Option<Qos>, usize) {
     let (lo, hi) = kind.sweep_range();
-    let coarse = geometric(lo, hi, 40);
+    let coarse = geometric(lo, hi, 28);
     let spec = Spec::new(kind, &coarse, hb).expect("sweep thresholds are valid");
     let rows = evaluate(trace, crashes, &spec);
     let ok = |q: &Qos| q.detected == q.crashes && q.crashes > 0 && q.mistake_rate <= budget;
@@ -207,7 +207,7 @@ pub fn sweep(
     if i == 0 {
         return (best_under_budget(&rows, budget).cloned(), coarse.len());
     }
-    let fine = geometric(coarse[i - 1], coarse[i], 24);
+    let fine = geometric(coarse[i - 1], coarse[i], 16);
     let spec = Spec::new(kind, &fine, hb).expect("sweep thresholds are valid");
     let mut all = evaluate(trace, crashes, &spec);
     all.extend(rows);

@@ -27,7 +27,9 @@ use hb::{
 };
 
 const SEED: u64 = 1;
-const NODES: u32 = 200;
+/// Fleet size; `HB_BENCH_EVAL_NODES` overrides it (more nodes: a finer
+/// mistake-rate resolution, proportionally longer run).
+const NODES: u32 = 100;
 const DURATION_NS: u64 = 2 * 3600 * 1_000_000_000;
 /// One mistake per node per day, in mistakes per node-hour.
 const BUDGET: f64 = 1.0 / 24.0;
@@ -74,11 +76,16 @@ fn fmt_ms(v: Option<f64>) -> String {
 fn main() {
     let explore = std::env::args().any(|a| a == "--explore");
     let t0 = Instant::now();
+    let nodes: u32 = std::env::var("HB_BENCH_EVAL_NODES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(NODES);
     let cases: Vec<Case> = par_map(&Scenario::ALL, |&scenario| {
         let (trace, crashes) = generate(&GenOpts {
             scenario,
             seed: SEED,
-            nodes: NODES,
+            nodes,
             duration_ns: DURATION_NS,
         });
         Case {
@@ -97,7 +104,7 @@ fn main() {
     println!("## Detector quality (`hb eval`)\n");
     println!(
         "Command: `cargo run --release -p hb-tests --bin bench_eval` (part of `cargo xtask bench eval`). \
-         Each scenario is `hb eval gen --scenario NAME --seed {SEED} --nodes {NODES} --duration 2h` \
+         Each scenario is `hb eval gen --scenario NAME --seed {SEED} --nodes {nodes} --duration 2h` \
          (every fifth node crashes), replayed exactly (event-driven) through every detector over a \
          fine threshold sweep. Operating point: the threshold with the shortest mean detection time \
          T_D among those that detect every crash with at most one mistake per node per day \
