@@ -1,0 +1,764 @@
+//! The failure detectors `hb eval` compares, each reduced to what the QoS
+//! metrics need: after every heartbeat, the time at which the detector's
+//! output would turn to "suspect" if no further heartbeat arrived.
+//!
+//! Every detector here is monotone between heartbeats: its suspicion level
+//! only depends on the time elapsed since the last heartbeat and on state
+//! that changes only when a heartbeat arrives, and it grows with elapsed
+//! time. Its binary output for a threshold is therefore a step function
+//! that can flip to "suspect" at most once between two heartbeats, at a
+//! time we solve for exactly (closed form for the linear detectors; for the
+//! normal-model phi detectors, the standardized crossing point `y*` of the
+//! threshold is solved once by bisection and the crossing time is
+//! `last + mean + sigma * y*`). The replay in `qos` is then event-driven
+//! and exact; no sampling grid can miss a short suspicion.
+//!
+//! - `hb`: hb's own detector, the code the monitor runs:
+//!   `hb_common::maps::NodeState::{admit, record}` (what the XDP program
+//!   computes per heartbeat) and `hb::detector::phi`. The crossing time is
+//!   computed from `hb::detector::moments_ms` and then checked and adjusted
+//!   against `hb::detector::phi` itself to 1 us.
+//! - `fixed`: a fixed timeout since the last heartbeat (threshold: ms).
+//! - `chen`: Chen, Toueg and Aguilera, "On the Quality of Service of
+//!   Failure Detectors", IEEE Trans. Computers 51(5), 2002, Sec. 6, NFD-E:
+//!   the expected arrival `EA` of the next heartbeat from the last n
+//!   arrivals plus a safety margin `alpha` (threshold: alpha, ms).
+//! - `phi-normal`: Hayashibara, Defago, Yared and Katayama, "The phi
+//!   accrual failure detector", SRDS 2004, Sec. 3-4: a window of the last
+//!   n inter-arrival times, a normal distribution with their mean and
+//!   variance, `phi = -log10(1 - F(elapsed))` (threshold: phi).
+//! - `akka`: Akka's `akka.remote.PhiAccrualFailureDetector`
+//!   (akka-remote/src/main/scala/akka/remote/PhiAccrualFailureDetector.scala)
+//!   with akka-cluster's reference.conf defaults: logistic approximation of
+//!   the normal CDF, `min-std-deviation = 100 ms`,
+//!   `acceptable-heartbeat-pause = 3 s`, `max-sample-size = 1000`, a
+//!   history seeded from `heartbeat-interval = 1 s` (threshold: phi).
+//! - `cassandra`: Cassandra's `org.apache.cassandra.gms.FailureDetector`
+//!   (`ArrivalWindow`, `FailureDetector.java`): exponential model,
+//!   `phi = elapsed / mean` convicted when `PHI_FACTOR * phi >= threshold`
+//!   with `PHI_FACTOR = 1 / ln 10`; window 1000; intervals longer than
+//!   `fd_max_interval_ms` (2 s) ignored; the window seeded with
+//!   `fd_initial_value_ms` (2 s) at the first heartbeat (threshold: phi).
+//!
+//! chitchat (quickwit-oss/chitchat 0.13.0) also ships a phi-style
+//! detector, but it cannot be driven by a trace through its public crate:
+//! `FailureDetector` lives in a private module (`mod failure_detector;`,
+//! only `FailureDetectorConfig` is re-exported), and it is fed by the
+//! gossip server, reading `tokio::time::Instant::now()` itself. It is not
+//! evaluated rather than imitated; `hb eval` says so in its output.
+
+use std::{collections::VecDeque, sync::Arc};
+
+use hb_common::{
+    maps::{IA_DEV_SHIFT, IA_MEAN_SHIFT, NodeState},
+    proto::{Datagram, Kind as WireKind},
+};
+use serde::Serialize;
+
+use crate::detector::{PhiParams, moments_ms, phi, phi_normal};
+
+/// Sample window of `chen`, `phi-normal`, `akka` and `cassandra` (Akka's
+/// `max-sample-size` and Cassandra's `SAMPLE_SIZE` are both 1000; we use the
+/// same n for Hayashibara and Chen so no baseline is handicapped by a
+/// shorter memory).
+pub const WINDOW: usize = 1000;
+
+/// Why a detector could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectorError {
+    #[error("unknown detector {0:?} (known: hb, fixed, chen, phi-normal, akka, cassandra)")]
+    Unknown(String),
+    #[error(
+        "chitchat's failure detector cannot be replayed: chitchat 0.13.0 keeps `FailureDetector` in a private module and feeds it from its gossip loop with `tokio::time::Instant::now()`"
+    )]
+    Chitchat,
+    #[error("threshold {value} is not valid for {detector}: {why}")]
+    BadThreshold {
+        detector: &'static str,
+        value: f64,
+        why: &'static str,
+    },
+}
+
+/// The detectors `hb eval` knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    Hb,
+    Fixed,
+    Chen,
+    PhiNormal,
+    Akka,
+    Cassandra,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 6] = [
+        Kind::Hb,
+        Kind::Fixed,
+        Kind::Chen,
+        Kind::PhiNormal,
+        Kind::Akka,
+        Kind::Cassandra,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Hb => "hb",
+            Kind::Fixed => "fixed",
+            Kind::Chen => "chen",
+            Kind::PhiNormal => "phi-normal",
+            Kind::Akka => "akka",
+            Kind::Cassandra => "cassandra",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Kind, DetectorError> {
+        if s.eq_ignore_ascii_case("chitchat") {
+            return Err(DetectorError::Chitchat);
+        }
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| DetectorError::Unknown(s.to_string()))
+    }
+
+    /// What the threshold means for this detector.
+    pub fn threshold_unit(self) -> &'static str {
+        match self {
+            Kind::Fixed => "timeout ms",
+            Kind::Chen => "alpha ms",
+            _ => "phi",
+        }
+    }
+
+    /// Thresholds shown by `hb eval` when none are given: each detector's
+    /// usual operating points.
+    pub fn default_thresholds(self) -> Vec<f64> {
+        match self {
+            Kind::Fixed => vec![1500.0, 2000.0, 3000.0, 5000.0, 10000.0],
+            Kind::Chen => vec![100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0],
+            _ => vec![1.0, 2.0, 4.0, 8.0, 12.0, 16.0],
+        }
+    }
+
+    /// The range a threshold sweep covers (`qos::sweep`): from "suspects
+    /// almost at once" to "waits about a minute" on a 1 s heartbeat.
+    pub fn sweep_range(self) -> (f64, f64) {
+        match self {
+            Kind::Fixed => (100.0, 120_000.0),
+            Kind::Chen => (1.0, 120_000.0),
+            // The normal model with a window's tiny LAN variance needs
+            // enormous phi to survive one lost heartbeat.
+            Kind::PhiNormal => (0.1, 1e6),
+            // Akka's acceptable pause already waits 3 s at phi ~0.3.
+            Kind::Akka => (0.001, 2_000.0),
+            // hb's floor is 10% of the mean: tolerating a 10 s loss burst
+            // on a 1 s heartbeat takes y ~ 90 sigma, phi ~ 3e4.
+            Kind::Hb => (0.1, 1e6),
+            Kind::Cassandra => (0.05, 100.0),
+        }
+    }
+
+    fn check(self, t: f64) -> Result<(), DetectorError> {
+        let bad = |why| {
+            Err(DetectorError::BadThreshold {
+                detector: self.name(),
+                value: t,
+                why,
+            })
+        };
+        if !t.is_finite() {
+            return bad("not a finite number");
+        }
+        match self {
+            Kind::Fixed if t < 0.0 => bad("a timeout is at least 0 ms"),
+            Kind::Chen => Ok(()),
+            Kind::Fixed => Ok(()),
+            _ if t <= 0.0 => bad("phi thresholds are positive"),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `n` points from `lo` to `hi`, evenly spaced on a log scale, rounded to
+/// 3 significant digits so tables stay readable.
+pub fn geometric(lo: f64, hi: f64, n: usize) -> Vec<f64> {
+    let r = (hi / lo).powf(1.0 / (n.max(2) - 1) as f64);
+    let mut v: Vec<f64> = (0..n)
+        .map(|i| {
+            let x = lo * r.powi(i as i32);
+            // Through decimal text: the nearest f64 to a 3-digit decimal.
+            format!("{x:.2e}").parse().unwrap_or(x)
+        })
+        .collect();
+    v.dedup();
+    v
+}
+
+/// hb's detector configuration: the monitor's `PhiParams` and the kernel's
+/// EWMA gains (as shifts: gain `1/2^shift`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct HbConfig {
+    #[serde(skip)]
+    pub phi: PhiParams,
+    pub mean_shift: u32,
+    pub dev_shift: u32,
+}
+
+impl Default for HbConfig {
+    /// Exactly what the monitor and the XDP program run.
+    fn default() -> Self {
+        HbConfig {
+            phi: PhiParams::default(),
+            mean_shift: IA_MEAN_SHIFT,
+            dev_shift: IA_DEV_SHIFT,
+        }
+    }
+}
+
+/// One detector with a list of thresholds: builds a fresh per-node
+/// instance for each node of a trace.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub kind: Kind,
+    pub thresholds: Arc<[f64]>,
+    /// Standardized crossing points of the normal-model detectors, per
+    /// threshold.
+    ystar: Arc<[f64]>,
+    pub hb: HbConfig,
+}
+
+impl Spec {
+    pub fn new(kind: Kind, thresholds: &[f64], hb: HbConfig) -> Result<Spec, DetectorError> {
+        for &t in thresholds {
+            kind.check(t)?;
+        }
+        let ystar: Vec<f64> = match kind {
+            Kind::Hb => thresholds
+                .iter()
+                .map(|&t| solve_increasing(|y| phi_normal(y, 0.0, 1.0), t))
+                .collect(),
+            Kind::Akka => thresholds
+                .iter()
+                .map(|&t| solve_increasing(|y| akka_phi(y, 0.0, 1.0), t))
+                .collect(),
+            Kind::PhiNormal => thresholds
+                .iter()
+                .map(|&t| solve_increasing(|y| hayashibara_phi(y, 0.0, 1.0), t))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(Spec {
+            kind,
+            thresholds: thresholds.into(),
+            ystar: ystar.into(),
+            hb,
+        })
+    }
+
+    /// A fresh detector for one node.
+    pub fn instance(&self) -> Box<dyn Detector> {
+        match self.kind {
+            Kind::Hb => Box::new(Hb {
+                cfg: self.hb,
+                st: NodeState::default(),
+                seq: 0,
+                thresholds: self.thresholds.clone(),
+                ystar: self.ystar.clone(),
+            }),
+            Kind::Fixed => Box::new(Fixed {
+                last: None,
+                thresholds: self.thresholds.clone(),
+            }),
+            Kind::Chen => Box::new(Chen {
+                window: VecDeque::with_capacity(WINDOW),
+                sum: 0,
+                thresholds: self.thresholds.clone(),
+            }),
+            Kind::PhiNormal => Box::new(PhiNormal {
+                last: None,
+                stats: Window::default(),
+                ystar: self.ystar.clone(),
+            }),
+            Kind::Akka => Box::new(Akka {
+                last: None,
+                per_threshold: vec![Window::default(); self.thresholds.len()],
+                ystar: self.ystar.clone(),
+            }),
+            Kind::Cassandra => Box::new(Cassandra {
+                last: None,
+                stats: Window::default(),
+                thresholds: self.thresholds.clone(),
+            }),
+        }
+    }
+}
+
+/// A per-node failure detector as the replay sees it.
+pub trait Detector {
+    /// A heartbeat arrived at `t_ns` (non-decreasing). `interval_ms` is the
+    /// interval the sender announced in it, if the trace has it; only hb's
+    /// detector reads it, because only hb's wire format carries it.
+    fn arrival(&mut self, t_ns: u64, interval_ms: Option<u32>);
+    /// For each threshold: the time from which the output is "suspect"
+    /// unless another heartbeat arrives first (at least the last arrival);
+    /// `None`: never.
+    fn deadlines(&self, out: &mut [Option<u64>]);
+}
+
+/// `ms` after `last_ns` as a time in ns, clamped to `[last_ns, never)`.
+#[inline]
+fn after(last_ns: u64, ms: f64) -> Option<u64> {
+    if ms.is_nan() {
+        return None;
+    }
+    if ms <= 0.0 {
+        return Some(last_ns);
+    }
+    let ns = (ms * 1e6).ceil();
+    if ns >= (u64::MAX - last_ns) as f64 {
+        None
+    } else {
+        Some(last_ns + ns as u64)
+    }
+}
+
+/// The least `y` with `f(y) >= target`, for increasing `f`, to ~1e-12.
+fn solve_increasing(f: impl Fn(f64) -> f64, target: f64) -> f64 {
+    let (mut lo, mut hi) = (-64.0, 1.0);
+    while f(hi) < target {
+        lo = hi;
+        hi *= 2.0;
+        if hi > 1e12 {
+            return f64::INFINITY;
+        }
+    }
+    if f(lo) >= target {
+        return lo;
+    }
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if mid <= lo || mid >= hi {
+            break;
+        }
+        if f(mid) >= target {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    hi
+}
+
+// ---------------------------------------------------------------- hb
+
+/// hb's own detector: the gate's per-node state machine and the monitor's
+/// phi, unchanged.
+struct Hb {
+    cfg: HbConfig,
+    st: NodeState,
+    seq: u64,
+    thresholds: Arc<[f64]>,
+    ystar: Arc<[f64]>,
+}
+
+/// `NodeState` treats `last_arrival_ns == 0` as "never heard from"; trace
+/// clocks may start at 0, so hb's state runs on a clock shifted by this.
+const HB_CLOCK_OFFSET: u64 = 1_000_000_000;
+
+impl Detector for Hb {
+    fn arrival(&mut self, t_ns: u64, interval_ms: Option<u32>) {
+        // Each arrival is the next sequence number of one generation: the
+        // trace only has what arrived, so a lost heartbeat shows as a long
+        // inter-arrival time, as it does to the kernel's EWMA. Without an
+        // announced interval in the trace, `interval_ms` is 0 ("none"):
+        // `record` then never re-seeds and the moments are learned from the
+        // arrivals alone (the first inter-arrival time seeds them).
+        self.seq += 1;
+        let d = Datagram {
+            kind: WireKind::Heartbeat,
+            node_id: 1,
+            generation: 1,
+            key_epoch: 0,
+            flags: 0,
+            load: 0,
+            seq: self.seq,
+            sent_ns: 0,
+            interval_ms: interval_ms.unwrap_or(0),
+            rtt_us: 0,
+        };
+        let now = t_ns + HB_CLOCK_OFFSET;
+        let Ok(admit) = self.st.admit(&d) else {
+            return;
+        };
+        let before = self.st;
+        self.st.record(&d, admit, now);
+        if (self.cfg.mean_shift, self.cfg.dev_shift) != (IA_MEAN_SHIFT, IA_DEV_SHIFT)
+            && self.st.ia_samples == before.ia_samples.saturating_add(1)
+            && self.st.ia_samples != 0
+        {
+            // What-if gains for tuning: `record` took a sample with the
+            // kernel's gains; redo that one update with ours.
+            let x = now - before.last_arrival_ns;
+            let (m, d) = if before.ia_samples == 0 && before.ia_mean_ns == 0 {
+                (x, x >> 1)
+            } else {
+                let mean = before.ia_mean_ns as i64;
+                let err = x as i64 - mean;
+                let dev = before.ia_dev_ns as i64;
+                (
+                    (mean + (err >> self.cfg.mean_shift)) as u64,
+                    (dev + ((err.abs() - dev) >> self.cfg.dev_shift)) as u64,
+                )
+            };
+            self.st.ia_mean_ns = m;
+            self.st.ia_dev_ns = d;
+        }
+    }
+
+    fn deadlines(&self, out: &mut [Option<u64>]) {
+        let st = &self.st;
+        let p = &self.cfg.phi;
+        if st.accepted == 0 || st.last_arrival_ns == 0 {
+            out.fill(None);
+            return;
+        }
+        let (mean, std) = moments_ms(st, p);
+        if mean <= 0.0 || std <= 0.0 || !mean.is_finite() || !std.is_finite() {
+            // `phi` is 0 forever for such a node: it is never suspected.
+            out.fill(None);
+            return;
+        }
+        let last = st.last_arrival_ns;
+        for ((o, &y), &thr) in out
+            .iter_mut()
+            .zip(self.ystar.iter())
+            .zip(self.thresholds.iter())
+        {
+            *o = after(last, mean + std * y).map(|guess| {
+                // Pin the crossing down against the monitor's own `phi` to
+                // 1 us: rounding in the closed form must not decide a
+                // borderline mistake.
+                const STEP: u64 = 1_000;
+                let mut t = guess;
+                let mut tries = 0;
+                while phi(st, t, p) < thr {
+                    t += STEP;
+                    tries += 1;
+                    if tries > 1_000 {
+                        t = bisect_phi(st, p, thr, t);
+                        break;
+                    }
+                }
+                while t >= last + STEP && phi(st, t - STEP, p) >= thr {
+                    t -= STEP;
+                }
+                t - HB_CLOCK_OFFSET
+            });
+        }
+    }
+}
+
+/// The least time (to 1 us) at which `phi` reaches `thr`, searching up
+/// from `from` (fallback of the closed form; never hit in practice).
+fn bisect_phi(st: &NodeState, p: &PhiParams, thr: f64, from: u64) -> u64 {
+    let mut lo = from;
+    let mut hi = from.saturating_add(1_000_000);
+    while phi(st, hi, p) < thr {
+        lo = hi;
+        hi = hi.saturating_add((hi - st.last_arrival_ns).max(1_000_000));
+    }
+    while hi - lo > 1_000 {
+        let mid = lo + (hi - lo) / 2;
+        if phi(st, mid, p) >= thr {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    hi
+}
+
+// ---------------------------------------------------------------- fixed
+
+struct Fixed {
+    last: Option<u64>,
+    thresholds: Arc<[f64]>,
+}
+
+impl Detector for Fixed {
+    fn arrival(&mut self, t_ns: u64, _: Option<u32>) {
+        self.last = Some(t_ns);
+    }
+    fn deadlines(&self, out: &mut [Option<u64>]) {
+        for (o, &ms) in out.iter_mut().zip(self.thresholds.iter()) {
+            *o = self.last.and_then(|l| after(l, ms));
+        }
+    }
+}
+
+// ---------------------------------------------------------------- chen
+
+/// Chen-Toueg-Aguilera NFD-E (Sec. 6 of the paper). The paper's estimate of
+/// the next arrival `l+1` from the n most recent heartbeats with sequence
+/// numbers `s_i` and arrivals `A_i` is
+/// `EA_{l+1} = (1/n) * sum(A_i - eta * s_i) + (l + 1) * eta`,
+/// with `eta` the sending interval. A trace has arrivals only, so the
+/// sequence number is the arrival's index (a lost heartbeat is a long
+/// inter-arrival time) and `eta` is estimated as the window's mean
+/// inter-arrival time `(A_l - A_first) / (n - 1)`; the sum then reduces to
+/// `EA = mean(A) + (n + 1) / 2 * eta` ([`chen_expected_arrival`]). The
+/// process is suspected from the freshness point `EA + alpha` on.
+struct Chen {
+    window: VecDeque<u64>,
+    sum: u128,
+    thresholds: Arc<[f64]>,
+}
+
+/// `EA` of Chen's NFD-E for a window of arrival times (ns, ascending, at
+/// least two). Returned in ns as `f64`.
+pub fn chen_expected_arrival(n: usize, sum_ns: u128, first_ns: u64, last_ns: u64) -> f64 {
+    let eta = (last_ns - first_ns) as f64 / (n - 1) as f64;
+    sum_ns as f64 / n as f64 + (n + 1) as f64 / 2.0 * eta
+}
+
+impl Detector for Chen {
+    fn arrival(&mut self, t_ns: u64, _: Option<u32>) {
+        if self.window.len() == WINDOW {
+            let old = self.window.pop_front().unwrap_or_default();
+            self.sum -= old as u128;
+        }
+        self.window.push_back(t_ns);
+        self.sum += t_ns as u128;
+    }
+    fn deadlines(&self, out: &mut [Option<u64>]) {
+        let n = self.window.len();
+        if n < 2 {
+            out.fill(None);
+            return;
+        }
+        let (first, last) = (self.window[0], self.window[n - 1]);
+        let ea = chen_expected_arrival(n, self.sum, first, last);
+        for (o, &alpha_ms) in out.iter_mut().zip(self.thresholds.iter()) {
+            *o = after(last, (ea - last as f64) / 1e6 + alpha_ms);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- windows
+
+/// The last [`WINDOW`] inter-arrival samples (ms) with running sums, as
+/// Akka's `HeartbeatHistory` and Cassandra's `ArrayBackedBoundedStats`.
+#[derive(Clone, Debug, Default)]
+struct Window {
+    samples: VecDeque<f64>,
+    sum: f64,
+    sq: f64,
+}
+
+impl Window {
+    fn push(&mut self, x: f64) {
+        if self.samples.len() == WINDOW {
+            let old = self.samples.pop_front().unwrap_or_default();
+            self.sum -= old;
+            self.sq -= old * old;
+        }
+        self.samples.push_back(x);
+        self.sum += x;
+        self.sq += x * x;
+    }
+    fn len(&self) -> usize {
+        self.samples.len()
+    }
+    fn mean(&self) -> f64 {
+        self.sum / self.samples.len() as f64
+    }
+    /// Population standard deviation (Akka's `HeartbeatHistory.stdDeviation`).
+    fn std(&self) -> f64 {
+        let m = self.mean();
+        (self.sq / self.samples.len() as f64 - m * m)
+            .max(0.0)
+            .sqrt()
+    }
+}
+
+// ---------------------------------------------------------------- phi-normal
+
+/// `log10` of the upper tail of the standard normal, `P(Z > y)`, without
+/// underflow: `erfc` up to y = 30, the asymptotic series of Mills' ratio
+/// (Abramowitz & Stegun 26.2.12) beyond, where it is exact to ~1e-9.
+fn log10_normal_tail(y: f64) -> f64 {
+    if y < 30.0 {
+        (0.5 * libm::erfc(y / std::f64::consts::SQRT_2)).log10()
+    } else {
+        let y2 = y * y;
+        let series = 1.0 - 1.0 / y2 + 3.0 / (y2 * y2) - 15.0 / (y2 * y2 * y2);
+        let ln = -0.5 * y2 - (y * (2.0 * std::f64::consts::PI).sqrt()).ln() + series.ln();
+        ln / std::f64::consts::LN_10
+    }
+}
+
+/// Hayashibara et al. (2004), Sec. 4.1: `phi(t) = -log10(P_later(t))`,
+/// `P_later(t) = 1 - F(t)` with `F` the normal CDF of mean `mean_ms` and
+/// standard deviation `std_ms`.
+pub fn hayashibara_phi(elapsed_ms: f64, mean_ms: f64, std_ms: f64) -> f64 {
+    -log10_normal_tail((elapsed_ms - mean_ms) / std_ms)
+}
+
+/// The paper needs `sigma > 0`; a window of identical samples (a perfectly
+/// regular sender in a simulation) would divide by zero. 1 us is a
+/// numerical guard, not a tuning (Akka's 100 ms floor is a tuning).
+const PHI_NORMAL_MIN_STD_MS: f64 = 0.001;
+
+struct PhiNormal {
+    last: Option<u64>,
+    stats: Window,
+    ystar: Arc<[f64]>,
+}
+
+impl Detector for PhiNormal {
+    fn arrival(&mut self, t_ns: u64, _: Option<u32>) {
+        if let Some(l) = self.last {
+            self.stats.push((t_ns - l) as f64 / 1e6);
+        }
+        self.last = Some(t_ns);
+    }
+    fn deadlines(&self, out: &mut [Option<u64>]) {
+        // Two samples at least, for a variance.
+        let (Some(last), true) = (self.last, self.stats.len() >= 2) else {
+            out.fill(None);
+            return;
+        };
+        let (m, s) = (
+            self.stats.mean(),
+            self.stats.std().max(PHI_NORMAL_MIN_STD_MS),
+        );
+        for (o, &y) in out.iter_mut().zip(self.ystar.iter()) {
+            *o = after(last, m + s * y);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- akka
+
+/// Akka's `PhiAccrualFailureDetector.phi`: the logistic approximation of
+/// the normal CDF (Bowling et al. 2009, "A logistic approximation to the
+/// cumulative normal distribution"), as written in Akka:
+/// `y = (t - mean) / sd; e = exp(-y * (1.5976 + 0.070566 * y * y))`,
+/// `phi = -log10(e / (1 + e))` when late, `-log10(1 - 1 / (1 + e))` when not.
+pub fn akka_phi(time_diff_ms: f64, mean_ms: f64, std_ms: f64) -> f64 {
+    let y = (time_diff_ms - mean_ms) / std_ms;
+    let e = (-y * (1.5976 + 0.070566 * y * y)).exp();
+    if time_diff_ms > mean_ms {
+        -(e / (1.0 + e)).log10()
+    } else {
+        -(1.0 - 1.0 / (1.0 + e)).log10()
+    }
+}
+
+/// akka-cluster reference.conf, `akka.cluster.failure-detector`.
+pub const AKKA_MIN_STD_MS: f64 = 100.0;
+pub const AKKA_ACCEPTABLE_PAUSE_MS: f64 = 3000.0;
+pub const AKKA_FIRST_HEARTBEAT_ESTIMATE_MS: f64 = 1000.0;
+
+/// Akka's detector keeps one history per threshold: it leaves an
+/// inter-arrival time out of the history when the node was already
+/// unavailable at that heartbeat (`if (isAvailable(timestamp)) history :+
+/// interval`), so the state depends on the threshold.
+struct Akka {
+    last: Option<u64>,
+    per_threshold: Vec<Window>,
+    ystar: Arc<[f64]>,
+}
+
+impl Akka {
+    fn deadline(&self, w: &Window, y: f64) -> Option<u64> {
+        let mean = w.mean() + AKKA_ACCEPTABLE_PAUSE_MS;
+        let std = w.std().max(AKKA_MIN_STD_MS);
+        self.last.and_then(|l| after(l, mean + std * y))
+    }
+}
+
+impl Detector for Akka {
+    fn arrival(&mut self, t_ns: u64, _: Option<u32>) {
+        match self.last {
+            None => {
+                // `firstHeartbeat`: history = [mean, mean + mean / 4].
+                for w in &mut self.per_threshold {
+                    w.push(AKKA_FIRST_HEARTBEAT_ESTIMATE_MS);
+                    w.push(AKKA_FIRST_HEARTBEAT_ESTIMATE_MS * 1.25);
+                }
+            }
+            Some(l) => {
+                let interval = (t_ns - l) as f64 / 1e6;
+                for k in 0..self.per_threshold.len() {
+                    let available = self
+                        .deadline(&self.per_threshold[k], self.ystar[k])
+                        .is_none_or(|d| t_ns < d);
+                    if available {
+                        self.per_threshold[k].push(interval);
+                    }
+                }
+            }
+        }
+        self.last = Some(t_ns);
+    }
+    fn deadlines(&self, out: &mut [Option<u64>]) {
+        for ((o, w), &y) in out
+            .iter_mut()
+            .zip(self.per_threshold.iter())
+            .zip(self.ystar.iter())
+        {
+            *o = self.deadline(w, y);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- cassandra
+
+/// `FailureDetector.PHI_FACTOR = 1.0 / Math.log(10.0)`.
+pub const CASSANDRA_PHI_FACTOR: f64 = 1.0 / std::f64::consts::LN_10;
+/// `fd_max_interval_ms` default (`2 * Gossiper.intervalInMillis`).
+pub const CASSANDRA_MAX_INTERVAL_MS: f64 = 2000.0;
+/// `fd_initial_value_ms` default (`2 * Gossiper.intervalInMillis`).
+pub const CASSANDRA_INITIAL_VALUE_MS: f64 = 2000.0;
+
+/// Cassandra's conviction level: `PHI_FACTOR * elapsed / mean`.
+pub fn cassandra_phi(elapsed_ms: f64, mean_ms: f64) -> f64 {
+    CASSANDRA_PHI_FACTOR * elapsed_ms / mean_ms
+}
+
+struct Cassandra {
+    last: Option<u64>,
+    stats: Window,
+    thresholds: Arc<[f64]>,
+}
+
+impl Detector for Cassandra {
+    fn arrival(&mut self, t_ns: u64, _: Option<u32>) {
+        match self.last {
+            // `ArrivalWindow.add`: the first heartbeat seeds the window with
+            // the (deliberately large) initial value.
+            None => self.stats.push(CASSANDRA_INITIAL_VALUE_MS),
+            Some(l) => {
+                let ia = (t_ns - l) as f64 / 1e6;
+                if ia <= CASSANDRA_MAX_INTERVAL_MS {
+                    self.stats.push(ia);
+                }
+            }
+        }
+        self.last = Some(t_ns);
+    }
+    fn deadlines(&self, out: &mut [Option<u64>]) {
+        let Some(last) = self.last else {
+            out.fill(None);
+            return;
+        };
+        let mean = self.stats.mean();
+        for (o, &thr) in out.iter_mut().zip(self.thresholds.iter()) {
+            // PHI_FACTOR * t / mean >= thr  <=>  t >= thr * mean * ln 10.
+            *o = after(last, thr * mean / CASSANDRA_PHI_FACTOR);
+        }
+    }
+}

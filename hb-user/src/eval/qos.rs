@@ -1,0 +1,218 @@
+//! Chen-Toueg-Aguilera QoS metrics of a detector replayed over a trace.
+//!
+//! Definitions (Chen, Toueg, Aguilera 2002, Sec. 2), per node, with the
+//! detector's output a step function of time (see `detectors`):
+//! - detection time T_D: from the crash to the start of the suspicion that
+//!   lasts until the end of the trace (0 if that suspicion began before
+//!   the crash); a crash with no final suspicion before the trace ends is
+//!   "undetected" and counted apart;
+//! - a mistake: a transition to "suspect" while the node is alive (between
+//!   its first heartbeat and its crash, or the end of the trace);
+//! - mistake rate lambda_M: mistakes per node-hour of alive time;
+//! - mistake duration T_M: mean length of the mistakes, each cut at the
+//!   crash if the node crashed while wrongly suspected;
+//! - query accuracy probability P_A: the fraction of alive time during
+//!   which the detector's output is correct ("trust").
+//!
+//! The replay is exact: suspicion starts at the detector's deadline after
+//! each heartbeat and ends at the next heartbeat; a suspicion that ends at
+//! a heartbeat whose own deadline is that same instant continues (one
+//! mistake, not two).
+
+use serde::Serialize;
+
+use super::{
+    detectors::{HbConfig, Kind, Spec, geometric},
+    trace::{Crashes, Trace},
+};
+
+/// The QoS of one detector at one threshold over one trace.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Qos {
+    pub detector: &'static str,
+    pub threshold: f64,
+    /// Crashes of nodes that appear in the trace.
+    pub crashes: usize,
+    pub detected: usize,
+    pub td_mean_ms: Option<f64>,
+    pub td_p99_ms: Option<f64>,
+    pub td_max_ms: Option<f64>,
+    pub mistakes: u64,
+    pub node_hours: f64,
+    /// Mistakes per node-hour.
+    pub mistake_rate: f64,
+    pub tm_mean_ms: Option<f64>,
+    pub query_accuracy: f64,
+}
+
+#[derive(Clone, Default)]
+struct Acc {
+    mistakes: u64,
+    mistake_ns: u128,
+    detections_ns: Vec<u64>,
+    undetected: usize,
+}
+
+/// Nearest-rank percentile of sorted values.
+pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// Replays every node of `trace` through a fresh instance of `spec`'s
+/// detector and scores each threshold. Crashes of nodes absent from the
+/// trace are ignored (nothing could detect them).
+pub fn evaluate(trace: &Trace, crashes: &Crashes, spec: &Spec) -> Vec<Qos> {
+    let nt = spec.thresholds.len();
+    let mut acc = vec![Acc::default(); nt];
+    let mut alive_ns: u128 = 0;
+    let mut crash_count = 0;
+    let end = trace.end_ns;
+    let mut dl = vec![None; nt];
+    // Per threshold: start of the current suspicion run and its end (the
+    // heartbeat that ended it), to merge runs that touch.
+    let mut run: Vec<Option<(u64, u64)>> = vec![None; nt];
+
+    for (id, arrivals) in &trace.nodes {
+        let Some(first) = arrivals.first() else {
+            continue;
+        };
+        let crash = crashes.get(id).copied();
+        if crash.is_some() {
+            crash_count += 1;
+        }
+        let start = first.recv_ns;
+        let alive_end = crash.unwrap_or(end).min(end).max(start);
+        alive_ns += (alive_end - start) as u128;
+        run.fill(None);
+        let mut det = spec.instance();
+        for (i, a) in arrivals.iter().enumerate() {
+            det.arrival(a.recv_ns, a.interval_ms);
+            det.deadlines(&mut dl);
+            let next = arrivals.get(i + 1).map_or(end, |n| n.recv_ns);
+            let is_last = i + 1 == arrivals.len();
+            for k in 0..nt {
+                let suspected_from = dl[k].filter(|&s| s < next);
+                // The run still open at this heartbeat continues only if the
+                // detector suspects again at this very instant.
+                let continuing = match (run[k], suspected_from) {
+                    (Some((_, e)), Some(s)) => s <= e,
+                    _ => false,
+                };
+                if let Some(s) = suspected_from {
+                    if !continuing {
+                        run[k] = Some((s, next));
+                        if s < alive_end {
+                            acc[k].mistakes += 1;
+                        }
+                    } else if let Some(r) = run[k].as_mut() {
+                        r.1 = next;
+                    }
+                    // Alive time spent suspected (the part before a crash).
+                    if s < alive_end {
+                        acc[k].mistake_ns += (next.min(alive_end) - s) as u128;
+                    }
+                } else {
+                    run[k] = None;
+                }
+                if is_last && let Some(c) = crash {
+                    match run[k] {
+                        Some((s, e)) if e >= end => {
+                            acc[k].detections_ns.push(s.saturating_sub(c));
+                        }
+                        _ => acc[k].undetected += 1,
+                    }
+                }
+            }
+        }
+    }
+
+    let node_hours = alive_ns as f64 / 3.6e12;
+    spec.thresholds
+        .iter()
+        .zip(acc)
+        .map(|(&threshold, mut a)| {
+            a.detections_ns.sort_unstable();
+            let td: Vec<f64> = a.detections_ns.iter().map(|&n| n as f64 / 1e6).collect();
+            Qos {
+                detector: spec.kind.name(),
+                threshold,
+                crashes: crash_count,
+                detected: td.len(),
+                td_mean_ms: (!td.is_empty()).then(|| td.iter().sum::<f64>() / td.len() as f64),
+                td_p99_ms: percentile(&td, 99.0),
+                td_max_ms: td.last().copied(),
+                mistakes: a.mistakes,
+                node_hours,
+                mistake_rate: if node_hours > 0.0 {
+                    a.mistakes as f64 / node_hours
+                } else {
+                    0.0
+                },
+                tm_mean_ms: (a.mistakes > 0).then(|| a.mistake_ns as f64 / 1e6 / a.mistakes as f64),
+                query_accuracy: if alive_ns > 0 {
+                    1.0 - a.mistake_ns as f64 / alive_ns as f64
+                } else {
+                    1.0
+                },
+            }
+        })
+        .collect()
+}
+
+/// The row with the shortest mean detection time (ties: p99) among those
+/// that detect every crash with at most `budget` mistakes per node-hour:
+/// a detector's operating point under a mistake budget. `None` when no
+/// threshold qualifies.
+pub fn best_under_budget(rows: &[Qos], budget: f64) -> Option<&Qos> {
+    rows.iter()
+        .filter(|q| q.detected == q.crashes && q.crashes > 0 && q.mistake_rate <= budget)
+        .min_by(|a, b| {
+            let key = |q: &Qos| {
+                (
+                    q.td_mean_ms.unwrap_or(f64::INFINITY),
+                    q.td_p99_ms.unwrap_or(f64::INFINITY),
+                )
+            };
+            key(a)
+                .partial_cmp(&key(b))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        })
+}
+
+/// A detector's operating point under a mistake budget (mistakes per
+/// node-hour), found by sweeping its threshold: a coarse log-spaced grid
+/// over [`Kind::sweep_range`], then a fine grid between the last coarse
+/// threshold that misses the budget and the first that meets it (the
+/// mistake rate falls and the detection time grows with the threshold).
+/// Returns the chosen row and how many thresholds were replayed.
+pub fn sweep(
+    trace: &Trace,
+    crashes: &Crashes,
+    kind: Kind,
+    hb: HbConfig,
+    budget: f64,
+) -> (Option<Qos>, usize) {
+    let (lo, hi) = kind.sweep_range();
+    let coarse = geometric(lo, hi, 28);
+    let spec = Spec::new(kind, &coarse, hb).expect("sweep thresholds are valid");
+    let rows = evaluate(trace, crashes, &spec);
+    let ok = |q: &Qos| q.detected == q.crashes && q.crashes > 0 && q.mistake_rate <= budget;
+    let Some(i) = rows.iter().position(ok) else {
+        return (None, coarse.len());
+    };
+    if i == 0 {
+        return (best_under_budget(&rows, budget).cloned(), coarse.len());
+    }
+    let fine = geometric(coarse[i - 1], coarse[i], 16);
+    let spec = Spec::new(kind, &fine, hb).expect("sweep thresholds are valid");
+    let mut all = evaluate(trace, crashes, &spec);
+    all.extend(rows);
+    (
+        best_under_budget(&all, budget).cloned(),
+        coarse.len() + fine.len(),
+    )
+}

@@ -1,0 +1,391 @@
+//! Heartbeat arrival traces and crash files: the CSV formats `hb eval`
+//! reads and `hb eval gen` writes.
+//!
+//! An arrival trace has the header `node_id,recv_ns` and one row per
+//! heartbeat received, sorted by `recv_ns` (ns on any monotonic clock).
+//! An optional third column `interval_ms` is the interval the sender
+//! announced in that heartbeat (the wire's `interval_ms` field): only
+//! detectors that read the wire may use it (hb's own does; the published
+//! detectors never see it, as in their original systems). An empty cell
+//! means "not known".
+//!
+//! A crash file has the header `node_id,crash_ns`: the node stopped
+//! sending at `crash_ns` and never came back. At most one crash per node.
+//!
+//! Errors name the file's line so a broken trace can be fixed by hand.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    path::Path,
+};
+
+use thiserror::Error;
+
+/// Why a trace or crash file was rejected. `line` is 1-based, the header
+/// being line 1.
+#[derive(Debug, Error)]
+pub enum TraceError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("line 1: bad header {found:?}, expected {expected:?}")]
+    BadHeader { found: String, expected: String },
+    #[error("line {line}: {msg}")]
+    BadRow { line: u64, msg: String },
+    #[error(
+        "line {line}: recv_ns {recv_ns} is earlier than {prev} on the line before: the trace must be sorted by recv_ns"
+    )]
+    Unsorted { line: u64, recv_ns: u64, prev: u64 },
+    #[error(
+        "line {line}: node {node_id} crashes twice (a crash file gives at most one crash per node)"
+    )]
+    DuplicateCrash { line: u64, node_id: u32 },
+    #[error("the trace has no arrivals")]
+    Empty,
+}
+
+/// One received heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arrival {
+    pub recv_ns: u64,
+    /// The interval the sender announced, ms (`None`: not in the trace).
+    pub interval_ms: Option<u32>,
+}
+
+/// An arrival trace grouped by node. Each node's arrivals are in the
+/// file's order (sorted by `recv_ns`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Trace {
+    pub nodes: BTreeMap<u32, Vec<Arrival>>,
+    /// First and last `recv_ns` of the whole trace: the observation window.
+    pub start_ns: u64,
+    pub end_ns: u64,
+}
+
+/// Crash time per node, ns on the trace's clock.
+pub type Crashes = BTreeMap<u32, u64>;
+
+impl Trace {
+    pub fn arrivals(&self) -> usize {
+        self.nodes.values().map(Vec::len).sum()
+    }
+
+    /// Builds a trace from per-node arrivals (each sorted by time), e.g.
+    /// from the generator; the window is the span of all arrivals.
+    pub fn from_nodes(nodes: BTreeMap<u32, Vec<Arrival>>) -> Trace {
+        let start_ns = nodes
+            .values()
+            .filter_map(|a| a.first())
+            .map(|a| a.recv_ns)
+            .min()
+            .unwrap_or(0);
+        let end_ns = nodes
+            .values()
+            .filter_map(|a| a.last())
+            .map(|a| a.recv_ns)
+            .max()
+            .unwrap_or(0);
+        Trace {
+            nodes,
+            start_ns,
+            end_ns,
+        }
+    }
+
+    pub fn read_path(path: &Path) -> Result<Trace, TraceError> {
+        let f = std::fs::File::open(path).map_err(|source| TraceError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Trace::read(std::io::BufReader::new(f))
+    }
+
+    /// Parses an arrival trace (see the module doc).
+    pub fn read(r: impl Read) -> Result<Trace, TraceError> {
+        let mut rdr = csv_reader(r);
+        let headers = header(&mut rdr)?;
+        let with_interval = match headers.as_slice() {
+            [a, b] if a == "node_id" && b == "recv_ns" => false,
+            [a, b, c] if a == "node_id" && b == "recv_ns" && c == "interval_ms" => true,
+            _ => {
+                return Err(TraceError::BadHeader {
+                    found: headers.join(","),
+                    expected: "node_id,recv_ns[,interval_ms]".into(),
+                });
+            }
+        };
+        let width = if with_interval { 3 } else { 2 };
+        let mut nodes: BTreeMap<u32, Vec<Arrival>> = BTreeMap::new();
+        let mut prev = 0u64;
+        let mut start = None;
+        let mut rec = csv::ByteRecord::new();
+        loop {
+            let line = rdr.position().line();
+            match rdr.read_byte_record(&mut rec) {
+                Ok(false) => break,
+                Ok(true) => {}
+                Err(e) => return Err(csv_error(e, line)),
+            }
+            let line = rec.position().map_or(line, |p| p.line());
+            if rec.len() != width {
+                return Err(TraceError::BadRow {
+                    line,
+                    msg: format!("expected {width} fields, found {}", rec.len()),
+                });
+            }
+            let node_id = node_field(&rec, line)?;
+            let recv_ns: u64 = number(&rec[1], "recv_ns", line)?;
+            let interval_ms = if with_interval && !rec[2].trim_ascii().is_empty() {
+                Some(number::<u32>(&rec[2], "interval_ms", line)?)
+            } else {
+                None
+            };
+            if recv_ns < prev {
+                return Err(TraceError::Unsorted {
+                    line,
+                    recv_ns,
+                    prev,
+                });
+            }
+            prev = recv_ns;
+            start.get_or_insert(recv_ns);
+            nodes.entry(node_id).or_default().push(Arrival {
+                recv_ns,
+                interval_ms,
+            });
+        }
+        let Some(start_ns) = start else {
+            return Err(TraceError::Empty);
+        };
+        Ok(Trace {
+            nodes,
+            start_ns,
+            end_ns: prev,
+        })
+    }
+
+    /// Writes the trace as CSV, merged across nodes in time order (ties by
+    /// node id), with the `interval_ms` column when any arrival has one.
+    pub fn write(&self, w: impl Write) -> std::io::Result<()> {
+        let with_interval = self
+            .nodes
+            .values()
+            .flatten()
+            .any(|a| a.interval_ms.is_some());
+        let mut rows: Vec<(u64, u32, Option<u32>)> = Vec::with_capacity(self.arrivals());
+        for (&id, arr) in &self.nodes {
+            rows.extend(arr.iter().map(|a| (a.recv_ns, id, a.interval_ms)));
+        }
+        rows.sort_unstable_by_key(|r| (r.0, r.1));
+        let mut w = std::io::BufWriter::new(w);
+        if with_interval {
+            writeln!(w, "node_id,recv_ns,interval_ms")?;
+        } else {
+            writeln!(w, "node_id,recv_ns")?;
+        }
+        for (t, id, iv) in rows {
+            match (with_interval, iv) {
+                (false, _) => writeln!(w, "{id},{t}")?,
+                (true, Some(iv)) => writeln!(w, "{id},{t},{iv}")?,
+                (true, None) => writeln!(w, "{id},{t},")?,
+            }
+        }
+        w.flush()
+    }
+}
+
+pub fn read_crashes_path(path: &Path) -> Result<Crashes, TraceError> {
+    let f = std::fs::File::open(path).map_err(|source| TraceError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    read_crashes(std::io::BufReader::new(f))
+}
+
+/// Parses a crash file (`node_id,crash_ns`, any order).
+pub fn read_crashes(r: impl Read) -> Result<Crashes, TraceError> {
+    let mut rdr = csv_reader(r);
+    let headers = header(&mut rdr)?;
+    if headers != ["node_id", "crash_ns"] {
+        return Err(TraceError::BadHeader {
+            found: headers.join(","),
+            expected: "node_id,crash_ns".into(),
+        });
+    }
+    let mut out = Crashes::new();
+    let mut rec = csv::ByteRecord::new();
+    loop {
+        let line = rdr.position().line();
+        match rdr.read_byte_record(&mut rec) {
+            Ok(false) => break,
+            Ok(true) => {}
+            Err(e) => return Err(csv_error(e, line)),
+        }
+        let line = rec.position().map_or(line, |p| p.line());
+        if rec.len() != 2 {
+            return Err(TraceError::BadRow {
+                line,
+                msg: format!("expected 2 fields, found {}", rec.len()),
+            });
+        }
+        let node_id = node_field(&rec, line)?;
+        let crash_ns = number(&rec[1], "crash_ns", line)?;
+        if out.insert(node_id, crash_ns).is_some() {
+            return Err(TraceError::DuplicateCrash { line, node_id });
+        }
+    }
+    Ok(out)
+}
+
+pub fn write_crashes(c: &Crashes, w: impl Write) -> std::io::Result<()> {
+    let mut w = std::io::BufWriter::new(w);
+    writeln!(w, "node_id,crash_ns")?;
+    for (id, t) in c {
+        writeln!(w, "{id},{t}")?;
+    }
+    w.flush()
+}
+
+fn csv_reader(r: impl Read) -> csv::Reader<impl Read> {
+    csv::ReaderBuilder::new()
+        .has_headers(false)
+        // Rows of the wrong width are reported by us, with the line.
+        .flexible(true)
+        .comment(None)
+        .from_reader(r)
+}
+
+fn header(rdr: &mut csv::Reader<impl Read>) -> Result<Vec<String>, TraceError> {
+    let mut rec = csv::StringRecord::new();
+    match rdr.read_record(&mut rec) {
+        Ok(true) => Ok(rec.iter().map(|f| f.trim().to_string()).collect()),
+        Ok(false) => Err(TraceError::BadHeader {
+            found: String::new(),
+            expected: "a header line".into(),
+        }),
+        Err(e) => Err(csv_error(e, 1)),
+    }
+}
+
+fn csv_error(e: csv::Error, line: u64) -> TraceError {
+    match e.kind() {
+        csv::ErrorKind::Io(_) => TraceError::Io {
+            path: "input".into(),
+            source: std::io::Error::other(e.to_string()),
+        },
+        _ => TraceError::BadRow {
+            line: e.position().map_or(line, |p| p.line()),
+            msg: e.to_string(),
+        },
+    }
+}
+
+fn node_field(rec: &csv::ByteRecord, line: u64) -> Result<u32, TraceError> {
+    let id: u32 = number(&rec[0], "node_id", line)?;
+    if id == 0 {
+        return Err(TraceError::BadRow {
+            line,
+            msg: "node_id 0 is reserved (node ids start at 1)".into(),
+        });
+    }
+    Ok(id)
+}
+
+fn number<T: std::str::FromStr>(field: &[u8], name: &str, line: u64) -> Result<T, TraceError> {
+    std::str::from_utf8(field)
+        .ok()
+        .map(str::trim)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| TraceError::BadRow {
+            line,
+            msg: format!(
+                "{name} {:?} is not a non-negative integer",
+                String::from_utf8_lossy(field)
+            ),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Trace::read(text.as_bytes()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_with_and_without_the_interval_column() {
+        let t = Trace::read("node_id,recv_ns\n1,10\n2,15\n1,20\n".as_bytes()).unwrap();
+        assert_eq!(t.nodes[&1].len(), 2);
+        assert_eq!(t.nodes[&2][0].recv_ns, 15);
+        assert_eq!((t.start_ns, t.end_ns), (10, 20));
+        let t = Trace::read("node_id,recv_ns,interval_ms\n1,10,1000\n1,20,\n".as_bytes()).unwrap();
+        assert_eq!(t.nodes[&1][0].interval_ms, Some(1000));
+        assert_eq!(t.nodes[&1][1].interval_ms, None);
+    }
+
+    #[test]
+    fn round_trips_through_write() {
+        let t =
+            Trace::read("node_id,recv_ns,interval_ms\n2,5,100\n1,10,1000\n1,20,500\n".as_bytes())
+                .unwrap();
+        let mut out = Vec::new();
+        t.write(&mut out).unwrap();
+        assert_eq!(Trace::read(&out[..]).unwrap(), t);
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        // Table of (input, expected error text).
+        let cases = [
+            ("node,recv_ns\n1,2\n", "line 1: bad header \"node,recv_ns\""),
+            ("", "line 1: bad header \"\""),
+            (
+                "node_id,recv_ns\n1,20\n2,10\n",
+                "line 3: recv_ns 10 is earlier than 20",
+            ),
+            (
+                "node_id,recv_ns\n1,20\n1,2x\n",
+                "line 3: recv_ns \"2x\" is not a non-negative integer",
+            ),
+            ("node_id,recv_ns\n1,-5\n", "line 2: recv_ns \"-5\""),
+            ("node_id,recv_ns\nabc,5\n", "line 2: node_id \"abc\""),
+            ("node_id,recv_ns\n0,5\n", "line 2: node_id 0 is reserved"),
+            (
+                "node_id,recv_ns\n1,5,7\n",
+                "line 2: expected 2 fields, found 3",
+            ),
+            (
+                "node_id,recv_ns,interval_ms\n1,5,fast\n",
+                "line 2: interval_ms \"fast\"",
+            ),
+            ("node_id,recv_ns\n", "the trace has no arrivals"),
+        ];
+        for (input, want) in cases {
+            let got = err(input);
+            assert!(
+                got.starts_with(want),
+                "{input:?}: got {got:?}, want {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn crash_files() {
+        let c = read_crashes("node_id,crash_ns\n3,100\n1,50\n".as_bytes()).unwrap();
+        assert_eq!(c.into_iter().collect::<Vec<_>>(), vec![(1, 50), (3, 100)]);
+        let e = read_crashes("node_id,crash_ns\n3,100\n3,200\n".as_bytes()).unwrap_err();
+        assert!(
+            e.to_string().starts_with("line 3: node 3 crashes twice"),
+            "{e}"
+        );
+        let e = read_crashes("node_id,recv_ns\n3,100\n".as_bytes()).unwrap_err();
+        assert!(
+            e.to_string().contains("expected \"node_id,crash_ns\""),
+            "{e}"
+        );
+    }
+}
