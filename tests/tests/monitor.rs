@@ -97,9 +97,21 @@ impl Scratch {
     }
 }
 
+impl Scratch {
+    /// A bpffs pin directory private to this test (native mode): tests run
+    /// in parallel and must not share the monitor's default pins.
+    fn pins(&self) -> String {
+        format!(
+            "/sys/fs/bpf/hb-test-monitor-{}",
+            self.0.file_name().unwrap().to_string_lossy()
+        )
+    }
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(self.pins());
     }
 }
 
@@ -116,8 +128,11 @@ impl Monitor {
         let stderr = dir.path("monitor.stderr");
         let mut cmd = pair.a.command(hb_bin().to_str().expect("utf-8 path"));
         cmd.args(["monitor", "--mode", mode, "--iface", IF_A])
-            .args(["--port", &PORT.to_string(), "--listen", LISTEN])
-            .arg("--keyring")
+            .args(["--port", &PORT.to_string(), "--listen", LISTEN]);
+        if mode != "userspace" && !extra.contains(&"--pin-dir") {
+            cmd.args(["--pin-dir", &dir.pins()]);
+        }
+        cmd.arg("--keyring")
             .arg(dir.path("keyring.toml"))
             .arg("--events")
             .arg(&events)
@@ -777,17 +792,7 @@ fn http_api(mode: &str) {
 /// (`joined` again), and still declares nobody dead.
 fn monitor_restart(mode: &str) {
     let (pair, dir) = setup("mrst", &[1]);
-    let pins = format!(
-        "/sys/fs/bpf/hb-test-monitor-{}-{}",
-        std::process::id(),
-        dir.0
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .rsplit('-')
-            .next()
-            .unwrap()
-    );
+    let pins = dir.pins();
     let args = ["--nodes", "31-32", "--keep-attached", "--pin-dir", &pins];
     let m = Monitor::start(&pair, &dir, mode, &args);
     let beat = Beat::start(vec![Node::new(&pair, 31, 1), Node::new(&pair, 32, 1)]);
@@ -1012,5 +1017,15 @@ modes! {
         monitor_restart,
         enroll,
         bad_input,
+    ],
+    native => [
+        join,
+        crash_is_dead,
+        clean_leave,
+        restart_is_not_a_join,
+        replayed_and_forged_never_refresh,
+        sighup_rotates_keys_without_loss,
+        monitor_restart,
+        enroll,
     ],
 }

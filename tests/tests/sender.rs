@@ -106,35 +106,33 @@ impl FakeMonitor {
     fn next(&mut self, timeout: Duration) -> Option<Datagram> {
         let deadline = Instant::now() + timeout;
         let mut buf = [0u8; 128];
-        loop {
-            let left = deadline.checked_duration_since(Instant::now())?;
-            self.sock
-                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
-                .unwrap();
-            let (n, src) = match self.sock.recv_from(&mut buf) {
-                Ok(x) => x,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return None;
-                }
-                Err(e) => panic!("recv: {e}"),
-            };
-            let at = Instant::now();
-            let Verdict { result, ack } = self.dp.gate(&buf[..n], src, monotonic_ns());
-            assert_eq!(result, GateResult::Accepted, "datagram from {src}");
-            self.peer = Some(src);
-            if let Some(a) = ack {
-                self.sock.send_to(&a, src).unwrap();
-                self.acks.push(a);
+        let left = deadline.checked_duration_since(Instant::now())?;
+        self.sock
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        let (n, src) = match self.sock.recv_from(&mut buf) {
+            Ok(x) => x,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return None;
             }
-            let d = proto::parse(&buf[..n], Kind::Heartbeat).unwrap();
-            self.seen.push((at, d));
-            return Some(d);
+            Err(e) => panic!("recv: {e}"),
+        };
+        let at = Instant::now();
+        let Verdict { result, ack } = self.dp.gate(&buf[..n], src, monotonic_ns());
+        assert_eq!(result, GateResult::Accepted, "datagram from {src}");
+        self.peer = Some(src);
+        if let Some(a) = ack {
+            self.sock.send_to(&a, src).unwrap();
+            self.acks.push(a);
         }
+        let d = proto::parse(&buf[..n], Kind::Heartbeat).unwrap();
+        self.seen.push((at, d));
+        Some(d)
     }
 
     /// The next `n` heartbeats (each within 2 s).

@@ -406,16 +406,18 @@ impl XdpDataplane {
     }
 
     fn attach(&mut self, ifname: &str, ifindex: u32, opts: &XdpOptions) -> anyhow::Result<()> {
-        let pin = opts
+        // Where this interface's link is pinned when kept attached.
+        let link_path = opts
             .pin_dir
             .as_ref()
-            .filter(|_| opts.keep_attached)
             .map(|d| d.join(format!("link_{ifname}")));
         let ebpf = self.ebpf.get_mut().unwrap_or_else(|e| e.into_inner());
         let prog = xdp_program(ebpf, names::PROGRAM)?;
 
-        // A link pinned by an earlier run: swap our program into it.
-        if let Some(path) = pin.as_ref().filter(|p| p.exists()) {
+        // A link pinned by an earlier run (`--keep-attached`): swap our
+        // program into it, whether or not this run keeps it attached in
+        // turn (if not, `detach` unpins and detaches it).
+        if let Some(path) = link_path.as_ref().filter(|p| p.exists()) {
             let pinned = PinnedLink::from_pin(path)
                 .with_context(|| format!("cannot open pinned XDP link {}", path.display()))?;
             let link = XdpLink::try_from(FdLink::from(pinned))
@@ -432,6 +434,7 @@ impl XdpDataplane {
             return Ok(());
         }
 
+        let pin = link_path.filter(|_| opts.keep_attached);
         let id = match opts.mode {
             AttachMode::Skb => attach_mode(prog, ifname, ifindex, XdpMode::Skb)?,
             AttachMode::Native => match prog.attach_to_if_index(ifindex, XdpMode::Driver) {

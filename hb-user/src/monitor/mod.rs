@@ -81,39 +81,28 @@ struct Opened {
     mem: Option<(Arc<MemDataplane>, Vec<std::net::UdpSocket>)>,
 }
 
-/// MERGE POINT (XDP): the one place that builds the XDP dataplane.
-///
-/// The gate engineer's `crate::dataplane::xdp::XdpDataplane` loads and
-/// attaches the program (native with skb fallback, or skb), pins the maps
-/// (and optionally the link) under `pin_dir` so a restart re-adopts node
-/// state, and delivers reports through `take_reports`. At merge this body
-/// becomes:
-///
-/// ```text
-/// use crate::dataplane::xdp::{XdpDataplane, XdpOptions, XdpMode};
-/// let dp = XdpDataplane::open(XdpOptions {
-///     ifaces: s.ifaces.clone(),
-///     mode: if s.mode == Mode::Skb { XdpMode::Skb } else { XdpMode::Native },
-///     pin_dir: Some(s.pin_dir.clone()),
-///     keep_attached: s.keep_attached,
-/// })?;
-/// Ok(Box::new(dp))
-/// ```
-///
-/// Its errors must stay one line each: unknown interface, missing
-/// privileges (CAP_BPF/CAP_NET_ADMIN), another XDP program on the
-/// interface, bpffs not mountable.
+/// The XDP dataplane: loads and attaches the program (native with skb
+/// fallback, or skb), pins the maps (and with `--keep-attached` the link)
+/// under `--pin-dir` so a restart re-adopts node state, and delivers the
+/// gate's reports. Its errors are one line each: unknown interface,
+/// missing privileges, another XDP program on the interface, bpffs.
 fn open_xdp(s: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
+    use crate::dataplane::xdp::{AttachMode, XdpDataplane, XdpOptions};
     if s.ifaces.is_empty() {
         bail!("--mode native|skb needs at least one --iface");
     }
-    bail!(
-        "XDP dataplane not available in this build (--mode {}); use --mode userspace",
-        match s.mode {
-            Mode::Skb => "skb",
-            _ => "native",
-        }
-    )
+    let dp = XdpDataplane::open(&XdpOptions {
+        interfaces: s.ifaces.clone(),
+        mode: if s.mode == Mode::Skb {
+            AttachMode::Skb
+        } else {
+            AttachMode::Native
+        },
+        pin_dir: Some(s.pin_dir.clone()),
+        keep_attached: s.keep_attached,
+        max_nodes: None,
+    })?;
+    Ok(Box::new(dp))
 }
 
 fn open_dataplane(s: &Settings) -> anyhow::Result<Opened> {
