@@ -74,7 +74,8 @@ pub fn phi_of_y(y: f64) -> f64 {
             -p.log10()
         }
     } else {
-        -(1.0 - 1.0 / (1.0 + e)).log10()
+        // Non-negative by construction; `abs` also turns -0.0 into 0.0.
+        (1.0 - 1.0 / (1.0 + e)).log10().abs()
     }
 }
 

@@ -32,10 +32,12 @@ pub const SALT: &[u8] = b"hb-v1 node key";
 /// Errors of loading a keyring: each names the file and the problem.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyringError {
-    #[error("cannot read keyring {path}: {source}")]
+    // The cause is part of the message, so it is not also a `source`
+    // (anyhow's `{:#}` would print it twice).
+    #[error("cannot read keyring {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("keyring {path}: {msg}")]
     Invalid { path: PathBuf, msg: String },
@@ -96,9 +98,9 @@ struct FileEpoch {
 
 /// Loads and validates a keyring file.
 pub fn load_keyring(path: &Path) -> Result<Keyring, KeyringError> {
-    let text = std::fs::read_to_string(path).map_err(|source| KeyringError::Read {
+    let text = std::fs::read_to_string(path).map_err(|cause| KeyringError::Read {
         path: path.to_owned(),
-        source,
+        cause,
     })?;
     parse_keyring(&text).map_err(|msg| KeyringError::Invalid {
         path: path.to_owned(),
