@@ -132,17 +132,34 @@ impl hkdf::KeyType for Len {
     }
 }
 
+/// Derives node keys under one master secret (`PROTOCOL.md`, "Keys"):
+/// the HKDF extract step runs once, so deriving a whole fleet's keys costs
+/// one expand per node.
+#[derive(Clone)]
+pub struct NodeKeyDeriver(hkdf::Prk);
+
+impl NodeKeyDeriver {
+    pub fn new(secret: &[u8; SECRET_LEN]) -> NodeKeyDeriver {
+        NodeKeyDeriver(hkdf::Salt::new(hkdf::HKDF_SHA256, NODE_KEY_SALT).extract(secret))
+    }
+
+    /// The node key of `(node_id, epoch)`.
+    pub fn derive(&self, node_id: u32, epoch: u8) -> [u8; NODE_KEY_LEN] {
+        let [a, b, c, d] = node_id.to_be_bytes();
+        let info = [a, b, c, d, epoch];
+        let mut out = [0u8; NODE_KEY_LEN];
+        // 16 bytes is far below HKDF-SHA256's limit of 255 * 32: cannot fail.
+        self.0
+            .expand(&[&info], Len(NODE_KEY_LEN))
+            .and_then(|okm| okm.fill(&mut out))
+            .expect("HKDF-SHA256 expands 16 bytes");
+        out
+    }
+}
+
 /// The node key of `(node_id, epoch)` under `secret` (`PROTOCOL.md`).
 pub fn derive_node_key(secret: &[u8; SECRET_LEN], node_id: u32, epoch: u8) -> [u8; NODE_KEY_LEN] {
-    let [a, b, c, d] = node_id.to_be_bytes();
-    let info = [a, b, c, d, epoch];
-    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, NODE_KEY_SALT).extract(secret);
-    let mut out = [0u8; NODE_KEY_LEN];
-    // 16 bytes is far below HKDF-SHA256's limit of 255 * 32: cannot fail.
-    prk.expand(&[&info], Len(NODE_KEY_LEN))
-        .and_then(|okm| okm.fill(&mut out))
-        .expect("HKDF-SHA256 expands 16 bytes");
-    out
+    NodeKeyDeriver::new(secret).derive(node_id, epoch)
 }
 
 /// A fresh master secret from the operating system's CSPRNG.

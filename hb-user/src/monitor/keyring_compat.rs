@@ -23,11 +23,11 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::keys::NodeKeyDeriver;
 use hb_common::{NodeKey, maps::NodeKeys};
-use ring::hkdf;
 
 /// HKDF salt of node keys.
-pub const SALT: &[u8] = b"hb-v1 node key";
+pub const SALT: &[u8] = crate::keys::NODE_KEY_SALT;
 
 /// Errors of loading a keyring: each names the file and the problem.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +63,7 @@ pub struct Keyring {
     epochs: Vec<Epoch>,
     /// HKDF's extract step of each held epoch (newest first): it depends
     /// on the secret only, so deriving a node key costs one expand.
-    held: Vec<(u8, hkdf::Prk)>,
+    held: Vec<(u8, NodeKeyDeriver)>,
 }
 
 impl PartialEq for Keyring {
@@ -135,34 +135,10 @@ pub fn parse_keyring(text: &str) -> Result<Keyring, String> {
     Ok(Keyring::new(epochs))
 }
 
-struct Len16;
-
-impl hkdf::KeyType for Len16 {
-    fn len(&self) -> usize {
-        16
-    }
-}
-
 /// `HKDF-SHA256(salt = "hb-v1 node key", ikm = secret, info = node_id BE ||
-/// epoch, L = 16)`.
+/// epoch, L = 16)`: `hb::keys`' derivation, the one implementation.
 pub fn derive_node_key(secret: &[u8; 32], node_id: u32, epoch: u8) -> [u8; 16] {
-    expand(&extract(secret), node_id, epoch)
-}
-
-fn extract(secret: &[u8; 32]) -> hkdf::Prk {
-    hkdf::Salt::new(hkdf::HKDF_SHA256, SALT).extract(secret)
-}
-
-fn expand(prk: &hkdf::Prk, node_id: u32, epoch: u8) -> [u8; 16] {
-    let id = node_id.to_be_bytes();
-    let info = [id[0], id[1], id[2], id[3], epoch];
-    let info_refs = [&info[..]];
-    let mut out = [0u8; 16];
-    // Lengths are fixed and far below HKDF's limit: cannot fail.
-    prk.expand(&info_refs, Len16)
-        .and_then(|okm| okm.fill(&mut out))
-        .expect("HKDF-SHA256 expand of 16 bytes");
-    out
+    crate::keys::derive_node_key(secret, node_id, epoch)
 }
 
 impl Keyring {
@@ -173,7 +149,7 @@ impl Keyring {
             .iter()
             .rev()
             .take(2)
-            .map(|e| (e.id, extract(&e.secret)))
+            .map(|e| (e.id, NodeKeyDeriver::new(&e.secret)))
             .collect();
         Keyring { epochs, held }
     }
@@ -188,7 +164,7 @@ impl Keyring {
         let mut k = NodeKeys::default();
         for (i, (id, prk)) in self.held.iter().enumerate() {
             k.epoch[i] = *id;
-            k.key[i] = NodeKey::from_bytes(&expand(prk, node_id, *id));
+            k.key[i] = NodeKey::from_bytes(&prk.derive(node_id, *id));
             k.valid |= 1 << i;
         }
         k
