@@ -185,12 +185,37 @@ struct EpochEntry {
     secret: String,
 }
 
-/// The master secrets of every epoch, from a keyring file.
-#[derive(Clone, Debug)]
+/// The master secrets of every epoch, from a keyring file: what `hb keys
+/// derive` reads and what the monitor holds (and re-reads on SIGHUP).
+#[derive(Clone)]
 pub struct Keyring {
     path: PathBuf,
     /// Sorted by epoch, ascending; epochs are unique.
     epochs: Vec<(u8, Secret)>,
+    /// HKDF's extract step of the newest two epochs (newest first), the
+    /// ones the dataplane holds per node: deriving a node's keys for the
+    /// kernel then costs one expand per epoch, which matters for a fleet.
+    held: Vec<(u8, NodeKeyDeriver)>,
+}
+
+/// Two keyrings are equal when they hold the same secrets under the same
+/// epochs, wherever they were read from (a reload that changes no secret
+/// re-keys nothing).
+impl PartialEq for Keyring {
+    fn eq(&self, other: &Keyring) -> bool {
+        self.epochs == other.epochs
+    }
+}
+
+impl Eq for Keyring {}
+
+impl fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keyring")
+            .field("path", &self.path)
+            .field("epochs", &self.epochs())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Keyring {
@@ -221,7 +246,7 @@ impl Keyring {
             KeyringError::Toml {
                 path: path.to_path_buf(),
                 at,
-                message: e.message().trim().to_owned(),
+                message: e.message().trim().replace('\n', " "),
             }
         })?;
         let mut epochs: Vec<(u8, Secret)> = Vec::with_capacity(file.epoch.len());
@@ -233,23 +258,39 @@ impl Keyring {
                     problem,
                 }
             })?;
-            if epochs.iter().any(|(id, _)| *id == entry.id) {
-                return Err(KeyringError::DuplicateEpoch {
-                    path: path.to_path_buf(),
-                    epoch: entry.id,
-                });
-            }
             epochs.push((entry.id, Secret(secret)));
         }
-        if epochs.is_empty() {
-            return Err(KeyringError::NoEpochs {
-                path: path.to_path_buf(),
-            });
+        Keyring::from_secrets(path, epochs)
+    }
+
+    /// A keyring of `epochs` (any order); `path` is for messages. Errors
+    /// when an epoch appears twice or there is none.
+    pub fn from_secrets(
+        path: impl Into<PathBuf>,
+        epochs: impl IntoIterator<Item = (u8, Secret)>,
+    ) -> Result<Keyring, KeyringError> {
+        let path = path.into();
+        let mut sorted: Vec<(u8, Secret)> = Vec::new();
+        for (id, secret) in epochs {
+            if sorted.iter().any(|(e, _)| *e == id) {
+                return Err(KeyringError::DuplicateEpoch { path, epoch: id });
+            }
+            sorted.push((id, secret));
         }
-        epochs.sort_by_key(|(id, _)| *id);
+        if sorted.is_empty() {
+            return Err(KeyringError::NoEpochs { path });
+        }
+        sorted.sort_by_key(|(id, _)| *id);
+        let held = sorted
+            .iter()
+            .rev()
+            .take(2)
+            .map(|(id, s)| (*id, NodeKeyDeriver::new(&s.0)))
+            .collect();
         Ok(Keyring {
-            path: path.to_path_buf(),
-            epochs,
+            path,
+            epochs: sorted,
+            held,
         })
     }
 
@@ -295,12 +336,18 @@ impl Keyring {
     /// (`key[0]` the newest). `slot` is 0: the caller assigns slots.
     pub fn node_keys(&self, node_id: u32) -> NodeKeys {
         let mut k = NodeKeys::default();
-        for (i, (epoch, secret)) in self.epochs.iter().rev().take(2).enumerate() {
+        for (i, (epoch, deriver)) in self.held.iter().enumerate() {
             k.epoch[i] = *epoch;
-            k.key[i] = NodeKey::from_bytes(&derive_node_key(&secret.0, node_id, *epoch));
+            k.key[i] = NodeKey::from_bytes(&deriver.derive(node_id, *epoch));
             k.valid |= 1 << i;
         }
         k
+    }
+
+    /// The epochs whose keys the dataplane holds per node (the newest
+    /// two), newest first.
+    pub fn held_epochs(&self) -> Vec<u8> {
+        self.held.iter().map(|(id, _)| *id).collect()
     }
 }
 
@@ -474,6 +521,32 @@ mod tests {
             assert!(!err.contains("abab"), "{what}: secret leaked: {err}");
             assert!(!err.contains('\n'), "{what}: not one line: {err}");
         }
+    }
+
+    #[test]
+    fn held_epochs_equality_and_construction() {
+        let s = |b: u8| Secret([b; SECRET_LEN]);
+        let ring = Keyring::from_secrets("a.toml", [(2, s(2)), (7, s(7)), (5, s(5))]).unwrap();
+        assert_eq!(ring.epochs(), vec![2, 5, 7]);
+        assert_eq!(ring.held_epochs(), vec![7, 5]);
+        // The cached derivers give the one derivation's keys.
+        let nk = ring.node_keys(42);
+        assert_eq!(nk.key[0], ring.node_key(42, 7).unwrap());
+        assert_eq!(nk.key[1], ring.node_key(42, 5).unwrap());
+        // Equal: same secrets under the same epochs, wherever from.
+        let same = Keyring::from_secrets("b.toml", [(5, s(5)), (2, s(2)), (7, s(7))]).unwrap();
+        assert_eq!(ring, same);
+        let other = Keyring::from_secrets("a.toml", [(2, s(2)), (5, s(5)), (7, s(8))]).unwrap();
+        assert_ne!(ring, other);
+        let dbg = format!("{ring:?}");
+        assert!(dbg.contains("[2, 5, 7]") && !dbg.contains("0707"), "{dbg}");
+        let err = Keyring::from_secrets("c.toml", [(1, s(1)), (1, s(2))]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "keyring c.toml: epoch 1 appears more than once"
+        );
+        let err = Keyring::from_secrets("c.toml", []).unwrap_err();
+        assert_eq!(err.to_string(), "keyring c.toml has no [[epoch]] table");
     }
 
     #[test]

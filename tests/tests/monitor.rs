@@ -25,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hb::monitor::keyring_compat::derive_node_key;
+use hb::keys::derive_node_key;
 use hb_common::{Datagram, Kind, NodeKey, proto::FLAG_LEAVING};
 use hb_tests::netns::{IF_A, NetNs, VethPair};
 use serde_json::Value;

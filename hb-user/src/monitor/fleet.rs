@@ -55,10 +55,9 @@ use std::{
 use hb_common::maps::{NodeKeys, REPORT_RESTART, REPORT_UNKNOWN_NODE, Report};
 
 use super::{
-    api::Shared, config::NodeSpec, keyring_compat::Keyring, state::Track, table::Origin,
-    tick::Core, userspace::monotonic_ns,
+    api::Shared, config::NodeSpec, state::Track, table::Origin, tick::Core, userspace::monotonic_ns,
 };
-use crate::dataplane::Dataplane;
+use crate::{dataplane::Dataplane, keys::Keyring};
 
 /// How long an enrolling node has to send an authenticated heartbeat.
 pub const PROBATION: Duration = Duration::from_secs(30);
@@ -413,12 +412,8 @@ mod tests {
     use crate::{
         dataplane::mem::MemDataplane,
         detector::PhiParams,
-        monitor::{
-            keyring_compat::{Epoch, derive_node_key},
-            policy::FixedPolicy,
-            state::Thresholds,
-            tick::Detector,
-        },
+        keys::{Secret, derive_node_key},
+        monitor::{policy::FixedPolicy, state::Thresholds, tick::Detector},
     };
 
     const SRC: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
@@ -427,15 +422,8 @@ mod tests {
     ));
 
     fn keyring(epochs: &[u8]) -> Keyring {
-        Keyring::new(
-            epochs
-                .iter()
-                .map(|id| Epoch {
-                    id: *id,
-                    secret: [*id; 32],
-                })
-                .collect(),
-        )
+        Keyring::from_secrets("test", epochs.iter().map(|id| (*id, Secret([*id; 32]))))
+            .expect("distinct epochs")
     }
 
     fn core() -> Core {

@@ -4,7 +4,7 @@
 //! The story of a monitor's life, as [`run`] tells it:
 //!
 //! 1. Options: flags over an optional TOML file ([`config`]), the keyring
-//!    ([`keyring_compat`]). Anything wrong is one clear line and exit 1.
+//!    ([`crate::keys::Keyring`]). Anything wrong is one clear line and exit 1.
 //! 2. The dataplane: the XDP program on the interfaces (native, or skb), or
 //!    a UDP socket and the same gate in userspace ([`userspace`]).
 //! 3. The fleet ([`fleet`]): adopt state that survived a previous monitor
@@ -24,7 +24,6 @@ pub mod config;
 pub mod events;
 pub mod fleet;
 pub mod hooks;
-pub mod keyring_compat;
 pub mod metrics;
 pub mod policy;
 pub mod state;
@@ -52,18 +51,20 @@ use self::{
     events::{Destination, EventSink},
     fleet::Fleet,
     hooks::Hooks,
-    keyring_compat::load_keyring,
     metrics::Metrics,
     policy::{FixedPolicy, IntervalPolicy},
     tick::{Core, Detector},
     userspace::monotonic_ns,
 };
-use crate::dataplane::{Dataplane, mem::MemDataplane};
+use crate::{
+    dataplane::{Dataplane, mem::MemDataplane},
+    keys::Keyring,
+};
 
 /// Entry point of `hb monitor`.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let settings = Settings::load(&args)?;
-    let keyring = load_keyring(&settings.keyring)?;
+    let keyring = Keyring::load(&settings.keyring)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -145,11 +146,7 @@ fn make_policy(s: &Settings) -> Box<dyn IntervalPolicy> {
     }
 }
 
-async fn serve(
-    args: Args,
-    settings: Settings,
-    keyring: keyring_compat::Keyring,
-) -> anyhow::Result<()> {
+async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Result<()> {
     // Signals first, so none is lost while starting.
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
@@ -349,7 +346,7 @@ fn tick_loop(shared: &Shared, sink: &EventSink, running: &AtomicBool) {
 async fn reload(args: &Args, shared: &Arc<Shared>, fleet: &Arc<Mutex<Fleet>>, sink: &EventSink) {
     sink.reopen();
     let loaded = Settings::load(args).and_then(|s| {
-        let k = load_keyring(&s.keyring)?;
+        let k = Keyring::load(&s.keyring)?;
         Ok((s, k))
     });
     let (settings, keyring) = match loaded {

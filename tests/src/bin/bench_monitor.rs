@@ -18,10 +18,10 @@ use std::{net::SocketAddr, time::Instant};
 use hb::{
     dataplane::{Dataplane, mem::MemDataplane},
     detector::{self, PhiParams},
+    keys::{Keyring, Secret},
     monitor::{
         config::NodeSpec,
         fleet::Fleet,
-        keyring_compat::{Epoch, Keyring},
         policy::FixedPolicy,
         state::{Level, Thresholds},
         table::Origin,
@@ -203,14 +203,8 @@ fn provisioning(n: u32) -> (f64, f64) {
         1000,
     );
     let keyring = |ids: &[u8]| {
-        Keyring::new(
-            ids.iter()
-                .map(|id| Epoch {
-                    id: *id,
-                    secret: [*id; 32],
-                })
-                .collect(),
-        )
+        Keyring::from_secrets("bench", ids.iter().map(|id| (*id, Secret([*id; 32]))))
+            .expect("distinct epochs")
     };
     let spec = NodeSpec::parse(&format!("1-{n}")).expect("spec");
     let t0 = Instant::now();
