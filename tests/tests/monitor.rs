@@ -4,10 +4,10 @@
 //! file, the HTTP API queried from inside `a`.
 //!
 //! Every behaviour test is a function of the monitor's `--mode`; the
-//! `modes!` table at the bottom instantiates it per mode (userspace now;
-//! native joins when the XDP dataplane is merged). For native mode, the
-//! ACK check in `http_api` needs a pass-through XDP program on `veth-b`
-//! (XDP_TX on a veth reaches the peer only then).
+//! `modes!` table at the bottom instantiates it per mode (userspace and
+//! native XDP). `same_traffic_same_states_native_and_userspace` runs one
+//! monitor of each mode side by side on the same datagrams and compares
+//! their tables and events.
 //!
 //! The `hb` binary is found next to this test's executable (`target/<profile>/hb`;
 //! `HB_BIN` overrides). `cargo xtask test` builds it first; by hand:
@@ -120,15 +120,31 @@ struct Monitor {
     child: Child,
     events: PathBuf,
     stderr: PathBuf,
+    /// Its API address (in namespace `a`).
+    listen: &'static str,
 }
 
 impl Monitor {
+    /// A monitor on the test's heartbeat port and API address.
     fn start(pair: &VethPair, dir: &Scratch, mode: &str, extra: &[&str]) -> Monitor {
+        Monitor::start_on(pair, dir, mode, PORT, LISTEN, extra)
+    }
+
+    /// A monitor on heartbeat port `port` with its API on `listen`; its
+    /// events and stderr go to files in `dir`.
+    fn start_on(
+        pair: &VethPair,
+        dir: &Scratch,
+        mode: &str,
+        port: u16,
+        listen: &'static str,
+        extra: &[&str],
+    ) -> Monitor {
         let events = dir.path("events.jsonl");
         let stderr = dir.path("monitor.stderr");
         let mut cmd = pair.a.command(hb_bin().to_str().expect("utf-8 path"));
         cmd.args(["monitor", "--mode", mode, "--iface", IF_A])
-            .args(["--port", &PORT.to_string(), "--listen", LISTEN]);
+            .args(["--port", &port.to_string(), "--listen", listen]);
         if mode != "userspace" && !extra.contains(&"--pin-dir") {
             cmd.args(["--pin-dir", &dir.pins()]);
         }
@@ -147,6 +163,7 @@ impl Monitor {
             child,
             events,
             stderr,
+            listen,
         };
         m.wait_healthy(pair);
         m
@@ -168,7 +185,7 @@ impl Monitor {
     fn wait_healthy(&mut self, pair: &VethPair) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok((200, _)) = try_http(&pair.a, "/healthz") {
+            if let Ok((200, _)) = try_http_at(&pair.a, self.listen, "/healthz") {
                 return;
             }
             if let Ok(Some(st)) = self.child.try_wait() {
@@ -248,14 +265,19 @@ impl Drop for Monitor {
 
 /// `GET path` from the monitor's API (connecting from inside `ns`).
 fn try_http(ns: &NetNs, path: &str) -> std::io::Result<(u16, String)> {
-    let addr: SocketAddr = LISTEN.parse().expect("literal");
+    try_http_at(ns, LISTEN, path)
+}
+
+/// `GET path` from the API at `listen` (connecting from inside `ns`).
+fn try_http_at(ns: &NetNs, listen: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let addr: SocketAddr = listen.parse().expect("literal");
     let mut s = ns
         .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
         .map_err(std::io::Error::other)??;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {LISTEN}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {listen}\r\nConnection: close\r\n\r\n"
     )?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
@@ -292,6 +314,9 @@ fn metric(text: &str, series: &str) -> u64 {
 struct Node {
     sock: UdpSocket,
     dst: SocketAddr,
+    /// Where every datagram also goes, right after `dst` (see
+    /// `same_traffic_same_states_native_and_userspace`).
+    mirror: Option<SocketAddr>,
     id: u32,
     generation: u32,
     seq: u64,
@@ -311,6 +336,7 @@ impl Node {
         Node {
             sock,
             dst: SocketAddr::new(pair.addrs.v4[0].into(), PORT),
+            mirror: None,
             id,
             generation,
             seq: 0,
@@ -337,15 +363,24 @@ impl Node {
         .seal(&node_key(self.id, self.epoch))
     }
 
+    /// Also sends everything to the monitor's address at `port`.
+    fn mirrored(mut self, port: u16) -> Node {
+        self.mirror = Some(SocketAddr::new(self.dst.ip(), port));
+        self
+    }
+
     fn send(&mut self, flags: u8) {
         let d = self.datagram(flags);
-        self.sock.send_to(&d, self.dst).expect("send heartbeat");
+        self.raw(&d);
         self.last_sent = Some(Instant::now());
         self.sent.push(d);
     }
 
     fn raw(&self, payload: &[u8]) {
-        self.sock.send_to(payload, self.dst).expect("send raw");
+        self.sock.send_to(payload, self.dst).expect("send");
+        if let Some(m) = self.mirror {
+            self.sock.send_to(payload, m).expect("send mirrored");
+        }
     }
 }
 
@@ -991,6 +1026,312 @@ fn bad_input(mode: &str) {
         );
     }
     drop((held_udp, held_tcp));
+}
+
+// ---- userspace mode against native mode, on the same datagrams ----
+
+/// The fields of a `/nodes` row that cannot depend on where the gate runs:
+/// all but the clock-dependent ones (phi, last_seen_ms, state_for_ms,
+/// mean_interarrival_ms) and the slot.
+const MODE_FREE_FIELDS: [&str; 15] = [
+    "node_id",
+    "state",
+    "generation",
+    "accepted",
+    "interval_ms",
+    "requested_interval_ms",
+    "lost",
+    "restarts",
+    "load",
+    "bad_tag",
+    "replay",
+    "stale",
+    "acks_sent",
+    "leaving",
+    "origin",
+];
+
+/// The monitor's table, reduced to [`MODE_FREE_FIELDS`].
+fn mode_free_table(pair: &VethPair, m: &Monitor) -> Vec<Value> {
+    let (code, body) = try_http_at(&pair.a, m.listen, "/nodes").expect("GET /nodes");
+    assert_eq!(code, 200, "{body}");
+    let rows: Vec<Value> = serde_json::from_str(&body).expect("JSON");
+    rows.iter()
+        .map(|r| {
+            Value::Object(
+                MODE_FREE_FIELDS
+                    .iter()
+                    .map(|k| ((*k).to_owned(), r[*k].clone()))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// Each node's events, in order, without their clock-dependent fields
+/// (ts, seq, phi, last_seen_ms); `accepted` and `lost` are kept for the
+/// events after which no heartbeat arrives (dead, left), where they
+/// cannot depend on a tick's phase.
+fn mode_free_events(m: &Monitor) -> std::collections::BTreeMap<u64, Vec<Value>> {
+    let mut out = std::collections::BTreeMap::<u64, Vec<Value>>::new();
+    for e in m.events() {
+        let mut v = serde_json::Map::new();
+        for k in [
+            "event",
+            "previous",
+            "state",
+            "generation",
+            "prev_generation",
+        ] {
+            v.insert(k.into(), e[k].clone());
+        }
+        if e["event"] == "dead" || e["event"] == "left" {
+            v.insert("accepted".into(), e["accepted"].clone());
+            v.insert("lost".into(), e["lost"].clone());
+        }
+        out.entry(e["node_id"].as_u64().expect("node_id"))
+            .or_default()
+            .push(Value::Object(v));
+    }
+    out
+}
+
+/// The gate's results by name, from `/metrics`.
+fn packet_results(pair: &VethPair, m: &Monitor) -> Vec<(String, u64)> {
+    let (_, text) = try_http_at(&pair.a, m.listen, "/metrics").expect("GET /metrics");
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("hb_packets_total{result=\"")?;
+            let (name, value) = rest.split_once("\"} ")?;
+            Some((name.to_owned(), value.trim().parse::<f64>().ok()? as u64))
+        })
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into_iter()
+        .collect()
+}
+
+/// Forgeries an attacker without the key can make of `n`'s heartbeats:
+/// the next seq with a broken tag, a newer generation, another key.
+fn forgeries(n: &mut Node) -> [[u8; 48]; 3] {
+    let mut next = n.datagram(0);
+    n.seq -= 1;
+    next[40] ^= 0xff;
+    let mut newer = n.datagram(0);
+    n.seq -= 1;
+    newer[8..12].copy_from_slice(&(n.generation + 1).to_be_bytes());
+    let wrong_key = Datagram {
+        kind: Kind::Heartbeat,
+        node_id: n.id,
+        generation: n.generation,
+        key_epoch: n.epoch,
+        flags: 0,
+        load: 100,
+        seq: n.seq + 1_000,
+        sent_ns: 0,
+        interval_ms: INTERVAL_MS as u32,
+        rtt_us: 0,
+    }
+    .seal(&NodeKey { k0: 1, k1: 2 });
+    [next, newer, wrong_key]
+}
+
+/// Userspace mode and native XDP mode give the same node states on the
+/// same traffic -- literally the same datagrams: a native-mode monitor
+/// gates port `PORT` on `veth-a` and a userspace-mode monitor on the same
+/// interface serves port `PORT + 1` (the XDP gate passes other ports to
+/// the stack untouched); every datagram of the script goes to both ports
+/// back to back, so both gates judge the same bytes in the same order at
+/// the same moment, rejected ones included.
+///
+/// The script: nodes 1-5 join; then 2 crashes, 3 leaves cleanly, 4
+/// restarts (its old generation is replayed too), 5 keeps beating under
+/// replays of its captured heartbeats and forgeries, then goes silent
+/// while the replays and forgeries go on; 6 is never heard from; an
+/// unknown node and a malformed datagram on the side. Both monitors'
+/// tables (every field that does not depend on a clock), their per-node
+/// event sequences and their per-result packet counts must be equal --
+/// and equal to what the script implies.
+#[test]
+fn same_traffic_same_states_native_and_userspace() {
+    const US_PORT: u16 = PORT + 1;
+    const US_LISTEN: &str = "127.0.0.1:9421";
+    let (pair, dir) = setup("msame", &[1]);
+    let dir_us = Scratch::new("msameu");
+    std::fs::write(dir_us.path("keyring.toml"), keyring_text(&[1])).expect("keyring");
+    // A pause on top of the 50 ms rhythm, so that a scheduling hiccup of
+    // the loaded test host does not make one monitor alone see a
+    // suspect/alive pair (the two ticks run at different phases).
+    let args = ["--nodes", "1-6", "--acceptable-pause-ms", "300"];
+    let native = Monitor::start_on(&pair, &dir, "native", PORT, LISTEN, &args);
+    let user = Monitor::start_on(&pair, &dir_us, "userspace", US_PORT, US_LISTEN, &args);
+    let both = [&native, &user];
+    let node = |id: u32, generation: u32| Node::new(&pair, id, generation).mirrored(US_PORT);
+    let mut nodes: Vec<Node> = (1..=5).map(|id| node(id, 100)).collect();
+
+    // Fixed-rate rounds of INTERVAL_MS.
+    let mut next = Instant::now();
+    let mut round = || {
+        next += Duration::from_millis(INTERVAL_MS);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    };
+    let all_saw = |node: u32, kind: &str| {
+        both.iter()
+            .all(|m| m.node_events(node).iter().any(|e| e == kind))
+    };
+
+    // Everybody joins.
+    for r in 0..20 {
+        for n in nodes.iter_mut() {
+            n.send(0);
+        }
+        if r == 5 {
+            let mut stranger = node(77, 1);
+            stranger.send(0);
+            stranger.raw(&[0u8; 10]);
+        }
+        round();
+    }
+    for id in 1..=5 {
+        for m in both {
+            m.wait_event(id, "joined", Duration::from_secs(5));
+        }
+    }
+
+    // 2 crashes, 3 leaves, 4 restarts; 5 beats under attack.
+    nodes[2].send(FLAG_LEAVING);
+    let old4 = std::mem::replace(&mut nodes[3], node(4, 101));
+    let old4_last = *old4.sent.last().expect("sent");
+    let attack = |n5: &mut Node| {
+        let captured: Vec<[u8; 48]> = n5.sent[..3]
+            .iter()
+            .chain(n5.sent.iter().rev().take(5))
+            .copied()
+            .collect();
+        for d in captured.iter().chain(forgeries(n5).iter()) {
+            n5.raw(d);
+        }
+    };
+    let t0 = Instant::now();
+    for r in 0.. {
+        for i in [0, 3, 4] {
+            nodes[i].send(0);
+        }
+        attack(&mut nodes[4]);
+        nodes[3].raw(&old4_last);
+        round();
+        if r >= 10 && all_saw(2, "dead") && all_saw(3, "left") && all_saw(4, "restarted") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "node 2 dead, 3 left, 4 restarted in both: native {:?}, userspace {:?}",
+            mode_free_events(&native),
+            mode_free_events(&user)
+        );
+    }
+
+    // 5 goes silent; the replays and forgeries of it go on.
+    let t0 = Instant::now();
+    while !all_saw(5, "dead") {
+        for i in [0, 3] {
+            nodes[i].send(0);
+        }
+        attack(&mut nodes[4]);
+        round();
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "replays kept node 5 alive: native {:?}, userspace {:?}",
+            native.node_events(5),
+            user.node_events(5)
+        );
+    }
+    // Let the last datagrams land, well within the 300 ms pause.
+    std::thread::sleep(Duration::from_millis(2 * INTERVAL_MS));
+
+    let tables = [
+        mode_free_table(&pair, &native),
+        mode_free_table(&pair, &user),
+    ];
+    let events = [mode_free_events(&native), mode_free_events(&user)];
+    let packets = [packet_results(&pair, &native), packet_results(&pair, &user)];
+    println!(
+        "same traffic, both modes: {} datagrams per monitor; final table: {}",
+        packets[0].iter().map(|(_, v)| v).sum::<u64>(),
+        serde_json::to_string(&tables[0]).unwrap()
+    );
+    assert_eq!(tables[0], tables[1], "tables: native, then userspace");
+    assert_eq!(events[0], events[1], "events: native, then userspace");
+    assert_eq!(
+        packets[0], packets[1],
+        "packet results: native, then userspace"
+    );
+
+    // And they are what the script implies.
+    let t = &tables[0];
+    let row = |id: u32| &t[id as usize - 1];
+    let sent = |i: usize| nodes[i].sent.len() as u64;
+    let want = [
+        (1, "alive", 100, sent(0), 0),
+        (2, "dead", 100, sent(1), 0),
+        (3, "left", 100, sent(2), 0),
+        (4, "alive", 101, old4.sent.len() as u64 + sent(3), 1),
+        (5, "dead", 100, sent(4), 0),
+        (6, "unknown", 0, 0, 0),
+    ];
+    for (id, state, generation, accepted, restarts) in want {
+        let r = row(id);
+        assert_eq!(
+            (
+                r["node_id"].as_u64(),
+                r["state"].as_str(),
+                r["generation"].as_u64(),
+                r["accepted"].as_u64(),
+                r["restarts"].as_u64()
+            ),
+            (
+                Some(id as u64),
+                Some(state),
+                Some(generation),
+                Some(accepted),
+                Some(restarts)
+            ),
+            "node {id}: {r}"
+        );
+    }
+    assert_eq!(row(3)["leaving"], true);
+    assert!(row(4)["stale"].as_u64().unwrap() > 0, "{}", row(4));
+    assert!(
+        row(5)["replay"].as_u64().unwrap() > 0 && row(5)["bad_tag"].as_u64().unwrap() > 0,
+        "{}",
+        row(5)
+    );
+    let kinds = |id: u64| -> Vec<&str> {
+        events[0]
+            .get(&id)
+            .map(|v| v.iter().map(|e| e["event"].as_str().unwrap()).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(kinds(1), ["joined"]);
+    assert_eq!(kinds(2), ["joined", "suspect", "dead"]);
+    assert_eq!(kinds(3), ["joined", "left"]);
+    assert_eq!(kinds(4), ["joined", "restarted"]);
+    assert_eq!(kinds(5), ["joined", "suspect", "dead"]);
+    assert!(kinds(6).is_empty() && kinds(77).is_empty());
+    let count = |name: &str| {
+        packets[0]
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, v)| *v)
+    };
+    assert_eq!((count("unknown_node"), count("malformed")), (1, 1));
+    assert_eq!(
+        count("accepted"),
+        (1..=5)
+            .map(|i| row(i)["accepted"].as_u64().unwrap())
+            .sum::<u64>()
+    );
+    native.stop();
+    user.stop();
 }
 
 /// Instantiates each behaviour for each mode the build supports.
