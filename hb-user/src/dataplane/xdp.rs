@@ -292,6 +292,47 @@ fn ensure_pin_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create pin directory {}", dir.display()))
 }
 
+/// The capabilities XDP cannot do without that an effective capability
+/// set (`CapEff` of `/proc/<pid>/status`, in `status`) lacks: CAP_BPF
+/// (or CAP_SYS_ADMIN, which covers it) to load, CAP_NET_ADMIN to attach.
+/// Empty when the set is complete or cannot be read (the kernel has the
+/// last word then).
+pub fn missing_capabilities(status: &str) -> Vec<&'static str> {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_BPF: u32 = 39;
+    let Some(eff) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+    else {
+        return Vec::new();
+    };
+    let has = |cap: u32| eff & (1 << cap) != 0;
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    missing
+}
+
+/// Refuses at once, in one line, when this process cannot load and attach
+/// XDP programs: before any bpffs mount, pin or load is tried.
+fn check_privileges() -> anyhow::Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let missing = missing_capabilities(&status);
+    if !missing.is_empty() {
+        bail!(
+            "XDP needs root or the capabilities CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, and this process lacks {}: run it as root or grant them (see the README's systemd unit)",
+            missing.join(" and ")
+        );
+    }
+    Ok(())
+}
+
 /// Turns a load error into an operator-facing one.
 fn load_error(e: aya::EbpfError) -> anyhow::Error {
     let text = format!("{e:#}");
@@ -311,6 +352,7 @@ impl XdpDataplane {
         if opts.keep_attached && opts.pin_dir.is_none() {
             bail!("keep_attached needs a pin directory (the link is pinned there)");
         }
+        check_privileges()?;
         if let Some(dir) = &opts.pin_dir {
             ensure_pin_dir(dir)?;
         }
@@ -789,5 +831,34 @@ impl Dataplane for XdpDataplane {
             }
         }
         Some(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::missing_capabilities;
+
+    #[test]
+    fn capabilities_xdp_needs() {
+        let status = |eff: &str| format!("Name:\thb\nCapInh:\t0\nCapEff:\t{eff}\nCapBnd:\t0\n");
+        // Root: everything.
+        assert!(missing_capabilities(&status("000001ffffffffff")).is_empty());
+        // Nothing at all.
+        assert_eq!(
+            missing_capabilities(&status("0000000000000000")),
+            ["CAP_BPF", "CAP_NET_ADMIN"]
+        );
+        // CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON (the README's unit).
+        let unit = (1u64 << 39) | (1 << 12) | (1 << 38);
+        assert!(missing_capabilities(&status(&format!("{unit:016x}"))).is_empty());
+        // CAP_SYS_ADMIN covers CAP_BPF (kernels before 5.8).
+        let old = (1u64 << 21) | (1 << 12);
+        assert!(missing_capabilities(&status(&format!("{old:016x}"))).is_empty());
+        assert_eq!(
+            missing_capabilities(&status(&format!("{:016x}", 1u64 << 39))),
+            ["CAP_NET_ADMIN"]
+        );
+        // Unreadable: no verdict, the kernel decides.
+        assert!(missing_capabilities("").is_empty());
     }
 }
