@@ -841,6 +841,12 @@ fn monitor_restart(mode: &str) {
     m.wait_event(32, "joined", Duration::from_secs(5));
     let before = node_json(&pair, 31)["accepted"].as_u64().unwrap();
     m.stop();
+    if mode != "userspace" {
+        assert!(
+            xdp_prog_id(&pair.a, IF_A).is_some(),
+            "--keep-attached: the gate stays attached without a monitor"
+        );
+    }
     // Longer than the dead threshold (about 4 intervals) without a monitor.
     std::thread::sleep(Duration::from_millis(10 * INTERVAL_MS));
     let last = ["--nodes", "31-32", "--pin-dir", &pins];
@@ -865,6 +871,11 @@ fn monitor_restart(mode: &str) {
     }
     drop(beat);
     m.stop();
+    assert_eq!(
+        xdp_prog_id(&pair.a, IF_A),
+        None,
+        "without --keep-attached, SIGTERM detaches"
+    );
     let _ = std::fs::remove_dir_all(&pins);
 }
 
@@ -921,6 +932,7 @@ fn bad_input(mode: &str) {
     let bad_toml = write("bad.toml", "[[epoch]\nid = 1\n");
     let short = write("short.toml", "[[epoch]]\nid = 1\nsecret = \"0011\"\n");
     let config_typo = write("config.toml", "tickms = 20\n");
+    let config_broken = write("broken.toml", "tick_ms = = 20\n");
     let missing = dir.path("nope.toml").to_str().unwrap().to_owned();
     let keyring = good_keyring.to_str().unwrap().to_owned();
     // Hold the heartbeat port and the API port in namespace a.
@@ -965,6 +977,18 @@ fn bad_input(mode: &str) {
                 "1",
             ],
             "unknown field `tickms`",
+        ),
+        (
+            "malformed config",
+            vec![
+                "--config",
+                &config_broken,
+                "--keyring",
+                &keyring,
+                "--nodes",
+                "1",
+            ],
+            "broken.toml: line 1",
         ),
         (
             "bad node spec",
@@ -1026,6 +1050,18 @@ fn bad_input(mode: &str) {
     }
     drop((held_udp, held_tcp));
     if mode == "userspace" {
+        // Missing privileges: a port below 1024 as an unprivileged user.
+        let mut cmd = pair.a.command("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(["--inh-caps=-all", "--bounding-set=-all", "--"])
+            .arg(hb_bin())
+            .args(["monitor", "--mode", mode, "--iface", IF_A, "--port", "700"])
+            .args(["--keyring", &keyring, "--nodes", "1"]);
+        fails_with_one_line(
+            "missing privileges: a privileged port",
+            &mut cmd,
+            "not allowed to bind UDP port 700",
+        );
         return;
     }
 
