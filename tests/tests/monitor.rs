@@ -1184,6 +1184,40 @@ fn xdp_prog_id(ns: &NetNs, ifname: &str) -> Option<u64> {
     links[0]["xdp"]["prog"]["id"].as_u64()
 }
 
+/// `--iface` twice, one interface whose driver has no native XDP (a
+/// bridge): native mode attaches natively on the veth, says it falls back
+/// to skb mode on the bridge and does, gates heartbeats, and detaches from
+/// both on SIGTERM.
+#[test]
+fn native_falls_back_to_skb_where_the_driver_cannot() {
+    const BRIDGE: &str = "hbbr0";
+    let (pair, dir) = setup("mfallback", &[1]);
+    pair.a
+        .ip(&["link", "add", BRIDGE, "type", "bridge"])
+        .expect("bridge interface");
+    pair.a.ip(&["link", "set", BRIDGE, "up"]).expect("up");
+    let m = Monitor::start(&pair, &dir, "native", &["--nodes", "1", "--iface", BRIDGE]);
+    let mode_of = |ifname: &str| {
+        let out = pair.a.ip(&["-j", "link", "show", ifname]).expect("ip link");
+        let links: Value = serde_json::from_slice(&out.stdout).expect("ip -j JSON");
+        links[0]["xdp"]["mode"].as_u64()
+    };
+    // XDP_ATTACHED_DRV = 1, XDP_ATTACHED_SKB = 2.
+    assert_eq!(mode_of(IF_A), Some(1), "native on the veth");
+    assert_eq!(mode_of(BRIDGE), Some(2), "skb on the bridge");
+    assert!(
+        m.stderr()
+            .contains("driver has no native XDP support; falling back to skb"),
+        "{}",
+        m.stderr()
+    );
+    let beat = Beat::start(vec![Node::new(&pair, 1, 1)]);
+    m.wait_event(1, "joined", Duration::from_secs(5));
+    drop(beat);
+    m.stop();
+    assert_eq!((mode_of(IF_A), mode_of(BRIDGE)), (None, None), "detached");
+}
+
 // ---- userspace mode against native mode, on the same datagrams ----
 
 /// The fields of a `/nodes` row that cannot depend on where the gate runs:
