@@ -243,8 +243,13 @@ impl Monitor {
     }
 
     /// SIGTERM and wait: a clean exit, 0.
-    fn stop(mut self) {
-        self.signal(libc::SIGTERM);
+    fn stop(self) {
+        self.stop_with(libc::SIGTERM);
+    }
+
+    /// `sig` (SIGTERM or SIGINT) and wait: a clean exit, 0.
+    fn stop_with(mut self, sig: i32) {
+        self.signal(sig);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(st) = self.child.try_wait().expect("wait") {
@@ -252,7 +257,7 @@ impl Monitor {
                 assert!(self.stderr().contains("monitor stopped"));
                 return;
             }
-            assert!(Instant::now() < deadline, "monitor ignored SIGTERM");
+            assert!(Instant::now() < deadline, "monitor ignored signal {sig}");
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -505,6 +510,21 @@ fn join(mode: &str) {
     );
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.starts_with("NODE"), "{table}");
+    let out = pair
+        .a
+        .command(hb_bin().to_str().unwrap())
+        .args(["nodes", "--json", "--monitor", LISTEN])
+        .output()
+        .expect("hb nodes --json");
+    assert!(out.status.success());
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).expect("hb nodes --json is JSON");
+    let states: Vec<(u64, &str)> = rows
+        .iter()
+        .map(|r| (r["node_id"].as_u64().unwrap(), r["state"].as_str().unwrap()))
+        .collect();
+    let ids: Vec<u64> = states.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, [1, 2, 3, 42]);
+    assert_eq!((states[2].1, states[3].1), ("unknown", "alive"));
     assert!(
         table
             .lines()
@@ -1187,7 +1207,7 @@ fn xdp_prog_id(ns: &NetNs, ifname: &str) -> Option<u64> {
 /// `--iface` twice, one interface whose driver has no native XDP (a
 /// bridge): native mode attaches natively on the veth, says it falls back
 /// to skb mode on the bridge and does, gates heartbeats, and detaches from
-/// both on SIGTERM.
+/// both on SIGINT.
 #[test]
 fn native_falls_back_to_skb_where_the_driver_cannot() {
     const BRIDGE: &str = "hbbr0";
@@ -1214,7 +1234,7 @@ fn native_falls_back_to_skb_where_the_driver_cannot() {
     let beat = Beat::start(vec![Node::new(&pair, 1, 1)]);
     m.wait_event(1, "joined", Duration::from_secs(5));
     drop(beat);
-    m.stop();
+    m.stop_with(libc::SIGINT);
     assert_eq!((mode_of(IF_A), mode_of(BRIDGE)), (None, None), "detached");
 }
 
