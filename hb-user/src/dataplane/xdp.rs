@@ -326,7 +326,7 @@ fn check_privileges() -> anyhow::Result<()> {
     let missing = missing_capabilities(&status);
     if !missing.is_empty() {
         bail!(
-            "XDP needs root or the capabilities CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, and this process lacks {}: run it as root or grant them (see the README's systemd unit)",
+            "XDP needs root or the capabilities CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_SYS_RESOURCE, and this process lacks {}: run it as root or grant them (see the README's systemd unit)",
             missing.join(" and ")
         );
     }
