@@ -1465,9 +1465,14 @@ fn same_traffic_same_states_native_and_userspace() {
     let events = [mode_free_events(&native), mode_free_events(&user)];
     let packets = [packet_results(&pair, &native), packet_results(&pair, &user)];
     println!(
-        "same traffic, both modes: {} datagrams per monitor; final table: {}",
+        "same traffic, both modes: {} heartbeat datagrams each ({:?}); nodes: {}",
         packets[0].iter().map(|(_, v)| v).sum::<u64>(),
-        serde_json::to_string(&tables[0]).unwrap()
+        packets[0],
+        tables[0]
+            .iter()
+            .map(|r| format!("{} {}", r["node_id"], r["state"].as_str().unwrap_or("?")))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     assert_eq!(tables[0], tables[1], "tables: native, then userspace");
     assert_eq!(events[0], events[1], "events: native, then userspace");
