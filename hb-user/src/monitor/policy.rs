@@ -18,7 +18,7 @@ use hb_common::maps::NodeState;
 use serde::Serialize;
 
 use super::{config::NodeSpec, state::Status};
-use crate::controller::{QController, table::TableFile};
+use crate::controller::{QController, Reason, table::TableFile};
 
 /// What the monitor knows of a node at decision time, beyond the
 /// dataplane's state.
@@ -333,7 +333,11 @@ impl IntervalPolicy for QLearnPolicy {
         self.ctrl.set_cap(node.node_id, cap);
         let refuted = std::mem::take(&mut self.slot(slot).refuted);
         let d = self.ctrl.observe(node.node_id, state, refuted);
-        self.slot(slot).decided_ns = node.now_ns;
+        if d.reason != Reason::NoData {
+            // `no_data` holds are not decisions (`last_decision` keeps
+            // the previous one): its time stays that one's.
+            self.slot(slot).decided_ns = node.now_ns;
+        }
         // Belt and braces: the controller honours the cap itself.
         let ms = cap.map_or(d.interval_ms, |c| d.interval_ms.min(c));
         (ms != node.requested_interval_ms).then_some(ms)
