@@ -50,26 +50,21 @@
 //!   previous decision for that node and always inside the bounds and the
 //!   node's cap. Load is clamped to 1000 permille before it is used.
 //!
-//! # Wiring into the monitor
-//! The monitor owns one `QController` (behind its tick's lock), keyed by
-//! slot, and per node counts the suspicions its own heartbeats refuted
-//! (suspect -> alive within one generation) since the last decision:
-//!
-//! ```text
-//! impl IntervalPolicy for QController {
-//!     fn decide(&mut self, slot: u32, node: &NodeView, state: &NodeState) -> Option<u32> {
-//!         let d = self.observe(slot, state, node.take_refuted_suspicions());
-//!         (d.interval_ms != state.requested_interval_ms).then_some(d.interval_ms)
-//!     }
-//! }
-//! ```
-//!
-//! plus, at start, `QController::new(cfg)` and `ctrl.load(&path)` when the
-//! table file exists, `ctrl.set_cap(slot, Some(ms))` for critical nodes;
-//! `ctrl.save(&path)` periodically and at shutdown; `GET /controller`
-//! serves `ctrl.snapshot()` and `/nodes` adds `ctrl.last_decision(slot)`.
-//! Call `decide` once per decision period per node (5 s in the
-//! simulation), staggered over the ticks.
+//! # In the monitor
+//! `hb monitor --controller qlearn` wraps one `QController` in
+//! [`crate::monitor::policy::QLearnPolicy`] (behind the tick's lock), keyed
+//! by node id. The tick gives every node one decision per decision period
+//! (`--decision-ms`, 5 s by default for qlearn, the period the simulation
+//! trains with), staggered over the ticks, and reports each suspicion a
+//! node's own heartbeats refuted (suspect or dead -> alive within one
+//! generation) so the next decision pays for it. At start the table is
+//! loaded from `--controller-table` when the file exists (a table that
+//! does not fit the configuration stops the monitor with one line);
+//! it is saved atomically every minute and at shutdown. Nodes marked with
+//! `--critical` get `set_cap(--controller-max-interval-ms)`. `GET
+//! /controller` serves [`QController::snapshot`] and `/nodes` shows each
+//! node's last decision with its action, reason, reward and modelled
+//! detection time.
 //!
 //! # Transparency
 //! Every decision carries its action, reason, reward and state; decisions

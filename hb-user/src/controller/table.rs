@@ -130,6 +130,21 @@ pub fn read(path: &Path) -> Result<TableFile, TableError> {
     Ok(t)
 }
 
+impl TableFile {
+    /// Writes the document to `path` atomically (creating its directory
+    /// if needed): a crash leaves the old table or the new one.
+    pub fn save(&self, path: &Path) -> Result<(), TableError> {
+        let json = serde_json::to_vec_pretty(self).map_err(|source| TableError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).map_err(io(dir))?;
+        }
+        write_atomic(path, &json)
+    }
+}
+
 /// Writes `bytes` to `path` atomically.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TableError> {
     let dir = match path.parent() {
@@ -174,12 +189,7 @@ impl QController {
 
     /// Saves the table to `path` atomically.
     pub fn save(&self, path: &Path) -> Result<(), TableError> {
-        let json =
-            serde_json::to_vec_pretty(&self.table_file()).map_err(|source| TableError::Parse {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        write_atomic(path, &json)
+        self.table_file().save(path)
     }
 
     /// Replaces the table with the one saved at `path`. Refuses a table

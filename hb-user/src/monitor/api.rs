@@ -2,7 +2,9 @@
 //! (Prometheus text), `GET /nodes` (JSON array, `?state=dead` filters),
 //! `GET /nodes/{id}` (404 if the node is not provisioned), `GET /healthz`
 //! (200 when the dataplane is attached and readable and the tick runs,
-//! 503 with the reason otherwise).
+//! 503 with the reason otherwise), `GET /controller` (the interval
+//! policy: with `--controller qlearn` its configuration, epsilon, reward
+//! statistics and every visited row of the Q table with its visits).
 //!
 //! Everything is read live: a request takes the core's lock once and reads
 //! the dataplane's state of the nodes it returns, like a tick does.
@@ -56,6 +58,15 @@ pub struct Decision {
     pub policy: String,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reason: Option<String>,
+    /// The controller's action (`slower`, `hold`, `faster`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub action: Option<String>,
+    /// Reward of the period the decision ended (qlearn).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reward: Option<f64>,
+    /// Modelled worst-case detection time of that period, ms (qlearn).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub detection_ms: Option<f64>,
 }
 
 /// One row of `GET /nodes`.
@@ -124,12 +135,26 @@ fn row(core: &Core, slot: u32, st: &NodeState, now_ns: u64) -> NodeRow {
         state_for_ms: now_ns.saturating_sub(t.since_ns(slot)) / 1_000_000,
         origin: origin.to_owned(),
         slot,
-        last_decision: (decided != 0).then(|| Decision {
-            interval_ms: req,
-            ago_ms: now_ns.saturating_sub(decided) / 1_000_000,
-            policy: core.policy.name().to_owned(),
-            reason: core.policy.reason(slot),
-        }),
+        last_decision: match core.policy.decision(slot) {
+            Some(d) => Some(Decision {
+                interval_ms: d.interval_ms,
+                ago_ms: now_ns.saturating_sub(d.at_ns) / 1_000_000,
+                policy: core.policy.name().to_owned(),
+                reason: Some(d.reason),
+                action: d.action,
+                reward: d.reward.filter(|r| r.is_finite()),
+                detection_ms: d.detection_ms.filter(|r| r.is_finite()),
+            }),
+            None => (decided != 0).then(|| Decision {
+                interval_ms: req,
+                ago_ms: now_ns.saturating_sub(decided) / 1_000_000,
+                policy: core.policy.name().to_owned(),
+                reason: core.policy.reason(slot),
+                action: None,
+                reward: None,
+                detection_ms: None,
+            }),
+        },
     }
 }
 
@@ -233,6 +258,14 @@ async fn node(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response 
     }
 }
 
+async fn controller(State(s): State<Arc<Shared>>) -> Response {
+    let s2 = s.clone();
+    match tokio::task::spawn_blocking(move || s2.core().policy.snapshot()).await {
+        Ok(v) => Json(v).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
 /// Why the monitor is not healthy, if it is not.
 pub fn unhealthy(s: &Shared) -> Option<String> {
     let last = s.last_tick_ns.load(Ordering::Relaxed);
@@ -264,6 +297,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/nodes", get(nodes))
         .route("/nodes/{id}", get(node))
         .route("/healthz", get(healthz))
+        .route("/controller", get(controller))
         .with_state(shared)
 }
 

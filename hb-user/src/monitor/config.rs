@@ -35,6 +35,29 @@ pub enum Mode {
     Userspace,
 }
 
+/// Who picks each node's heartbeat interval (`--controller`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControllerKind {
+    /// No opinion: every sender keeps its own `--interval-ms`.
+    Off,
+    /// Ask every node for `--fixed-interval-ms`.
+    Fixed,
+    /// The Q-learning controller (`hb::controller`), opt-in: see
+    /// `--controller` for why it is not the default.
+    Qlearn,
+}
+
+impl ControllerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ControllerKind::Off => "off",
+            ControllerKind::Fixed => "fixed",
+            ControllerKind::Qlearn => "qlearn",
+        }
+    }
+}
+
 /// `hb monitor` flags (boxed: they are many, and `main`'s command enum
 /// should not grow by their size).
 #[derive(clap::Args, Debug, Default, Clone)]
@@ -132,12 +155,45 @@ pub struct Opts {
     /// Pause tolerated on top of the expected interval [default: 0].
     #[arg(long, value_name = "MS")]
     pub acceptable_pause_ms: Option<f64>,
-    /// Ask every node to use this interval (no controller) [default: none].
+    /// Who picks each node's heartbeat interval: `off` (senders keep
+    /// their own), `fixed` (`--fixed-interval-ms` for every node) or
+    /// `qlearn` (the Q-learning controller; decisions reach senders in
+    /// ACKs, so it turns ACKs on). [default: `fixed` when
+    /// `--fixed-interval-ms` is given, else `off`]. `qlearn` is opt-in:
+    /// in `cargo xtask bench controller` it does not deliver a fixed
+    /// interval's p99 detection time for fewer heartbeats on every
+    /// scenario (see the README), so it is not trusted by default.
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub controller: Option<ControllerKind>,
+    /// Ask every node to use this interval (`--controller fixed`) [default: none].
     #[arg(long, value_name = "MS")]
     pub fixed_interval_ms: Option<u32>,
-    /// How often the interval policy decides [default: 1000].
+    /// How often the interval policy decides for each node (qlearn spreads
+    /// the nodes over the period) [default: 1000; qlearn 5000].
     #[arg(long, value_name = "MS")]
     pub decision_ms: Option<u64>,
+    /// qlearn: the interval bounds, ms [default: 100-10000].
+    #[arg(long, value_name = "MIN-MAX")]
+    pub controller_bounds_ms: Option<String>,
+    /// qlearn: worst-case crash-to-suspicion time the controller aims
+    /// for, ms [default: 3000].
+    #[arg(long, value_name = "MS")]
+    pub controller_target_ms: Option<f64>,
+    /// qlearn: seed of the exploration (runs are reproducible) [default: 1].
+    #[arg(long, value_name = "N")]
+    pub controller_seed: Option<u64>,
+    /// qlearn: the learned table, loaded at start if it exists, saved
+    /// (atomically) every minute and at exit [default: /var/lib/hb/controller.json].
+    #[arg(long, value_name = "FILE")]
+    pub controller_table: Option<PathBuf>,
+    /// Nodes the operator marks critical (ids and ranges, like `--nodes`):
+    /// whatever the controller (or a sender) would choose, their interval
+    /// never exceeds `--controller-max-interval-ms`.
+    #[arg(long, value_name = "SPEC")]
+    pub critical: Option<String>,
+    /// The interval cap of `--critical` nodes, ms.
+    #[arg(long, value_name = "MS")]
+    pub controller_max_interval_ms: Option<u32>,
     /// Leave the XDP program attached on exit (state keeps being gathered).
     #[arg(long)]
     pub keep_attached: bool,
@@ -176,8 +232,15 @@ struct FileConfig {
     min_std_dev_ms: Option<f64>,
     min_std_dev_ratio: Option<f64>,
     acceptable_pause_ms: Option<f64>,
+    controller: Option<ControllerKind>,
     fixed_interval_ms: Option<u32>,
     decision_ms: Option<u64>,
+    controller_bounds_ms: Option<String>,
+    controller_target_ms: Option<f64>,
+    controller_seed: Option<u64>,
+    controller_table: Option<PathBuf>,
+    critical: Option<String>,
+    controller_max_interval_ms: Option<u32>,
     keep_attached: Option<bool>,
     enroll: Option<bool>,
     pin_dir: Option<PathBuf>,
@@ -202,9 +265,45 @@ pub struct Settings {
     pub phi: PhiParams,
     pub fixed_interval_ms: Option<u32>,
     pub decision_ms: u64,
+    pub controller: ControllerSettings,
     pub keep_attached: bool,
     pub enroll: bool,
     pub pin_dir: PathBuf,
+}
+
+/// How the monitor picks intervals (`--controller` and its options).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ControllerSettings {
+    pub kind: ControllerKind,
+    /// qlearn: interval bounds, ms.
+    pub min_interval_ms: u32,
+    pub max_interval_ms: u32,
+    pub target_ms: f64,
+    pub seed: u64,
+    pub table: PathBuf,
+    /// Critical nodes and their interval cap, ms.
+    pub critical: Option<(NodeSpec, u32)>,
+}
+
+impl ControllerSettings {
+    /// The Q-learning controller's configuration.
+    pub fn qlearn_config(
+        &self,
+        thresholds: &Thresholds,
+        phi: PhiParams,
+        tick: Duration,
+    ) -> crate::controller::Config {
+        crate::controller::Config {
+            min_interval_ms: self.min_interval_ms,
+            max_interval_ms: self.max_interval_ms,
+            target_detection_ms: self.target_ms,
+            threshold: thresholds.suspect_phi,
+            phi,
+            tick_ms: tick.as_secs_f64() * 1000.0,
+            seed: self.seed,
+            ..crate::controller::Config::default()
+        }
+    }
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9420";
@@ -221,6 +320,7 @@ impl Settings {
     }
 
     fn merge(a: &Args, f: FileConfig) -> anyhow::Result<Settings> {
+        let controller = controller_settings(a, &f, a.fixed_interval_ms.or(f.fixed_interval_ms))?;
         let ifaces = if a.iface.is_empty() {
             f.iface.unwrap_or_default()
         } else {
@@ -310,6 +410,20 @@ impl Settings {
                 hb_common_bounds::MAX
             );
         }
+        let (ack_every, ack_on_change) = match controller.kind {
+            // The controller's decisions reach senders only in ACKs; qlearn
+            // also wants RTT samples (its state has an RTT dimension), as
+            // in `hb simulate` (every 10th heartbeat).
+            ControllerKind::Qlearn if !ack => (10, true),
+            ControllerKind::Fixed => (ack_every, true),
+            // A cap on critical nodes, too.
+            ControllerKind::Off if controller.critical.is_some() => (ack_every, true),
+            _ => (ack_every, ack),
+        };
+        let decision_default = match controller.kind {
+            ControllerKind::Qlearn => 5000,
+            _ => 1000,
+        };
         Ok(Settings {
             ifaces,
             port: a.port.or(f.port).unwrap_or(hb_common::proto::DEFAULT_PORT),
@@ -321,14 +435,19 @@ impl Settings {
                 .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("literal")),
             mode: a.mode.or(f.mode).unwrap_or(Mode::Native),
             ack_every,
-            ack_on_change: ack,
+            ack_on_change,
             events: a.events.clone().or(f.events).unwrap_or_default(),
             hook,
             tick: Duration::from_millis(tick_ms),
             thresholds,
             phi,
             fixed_interval_ms,
-            decision_ms: a.decision_ms.or(f.decision_ms).unwrap_or(1000).max(1),
+            decision_ms: a
+                .decision_ms
+                .or(f.decision_ms)
+                .unwrap_or(decision_default)
+                .max(1),
+            controller,
             keep_attached: a.keep_attached || f.keep_attached.unwrap_or(false),
             enroll: a.enroll || f.enroll.unwrap_or(false),
             pin_dir: a
@@ -338,6 +457,100 @@ impl Settings {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
         })
     }
+}
+
+/// `--controller` and the options that go with it, checked together.
+fn controller_settings(
+    a: &Args,
+    f: &FileConfig,
+    fixed_interval_ms: Option<u32>,
+) -> anyhow::Result<ControllerSettings> {
+    let kind = a
+        .controller
+        .or(f.controller)
+        .unwrap_or(match fixed_interval_ms {
+            Some(_) => ControllerKind::Fixed,
+            None => ControllerKind::Off,
+        });
+    match (kind, fixed_interval_ms) {
+        (ControllerKind::Fixed, None) => {
+            bail!("--controller fixed needs --fixed-interval-ms MS (the interval to ask for)")
+        }
+        (ControllerKind::Off | ControllerKind::Qlearn, Some(_)) => bail!(
+            "--fixed-interval-ms applies to --controller fixed only, not {}",
+            kind.name()
+        ),
+        _ => {}
+    }
+    let (min_interval_ms, max_interval_ms) = match a
+        .controller_bounds_ms
+        .clone()
+        .or(f.controller_bounds_ms.clone())
+    {
+        None => (hb_common_bounds::MIN, hb_common_bounds::MAX),
+        Some(s) => parse_bounds(&s)?,
+    };
+    let target_ms = a
+        .controller_target_ms
+        .or(f.controller_target_ms)
+        .unwrap_or(crate::controller::Config::default().target_detection_ms);
+    if !(target_ms.is_finite() && target_ms > 0.0) {
+        bail!("controller_target_ms must be a positive number of ms, got {target_ms}");
+    }
+    let critical_spec = a.critical.clone().or(f.critical.clone());
+    let cap = a
+        .controller_max_interval_ms
+        .or(f.controller_max_interval_ms);
+    let critical = match (critical_spec, cap) {
+        (None, None) => None,
+        (Some(_), None) => bail!(
+            "--critical needs --controller-max-interval-ms MS (the interval cap of critical nodes)"
+        ),
+        (None, Some(_)) => bail!(
+            "--controller-max-interval-ms caps the nodes marked with --critical SPEC; give both"
+        ),
+        (Some(spec), Some(cap)) => {
+            let spec = NodeSpec::parse(&spec).context("--critical")?;
+            if cap < hb_common_bounds::MIN {
+                bail!(
+                    "controller_max_interval_ms must be at least {} ms, got {cap}",
+                    hb_common_bounds::MIN
+                );
+            }
+            Some((spec, cap))
+        }
+    };
+    Ok(ControllerSettings {
+        kind,
+        min_interval_ms,
+        max_interval_ms,
+        target_ms,
+        seed: a.controller_seed.or(f.controller_seed).unwrap_or(1),
+        table: a
+            .controller_table
+            .clone()
+            .or(f.controller_table.clone())
+            .unwrap_or_else(|| PathBuf::from(crate::controller::cli::DEFAULT_TABLE)),
+        critical,
+    })
+}
+
+/// `MIN-MAX` interval bounds, ms, within the protocol's.
+fn parse_bounds(s: &str) -> anyhow::Result<(u32, u32)> {
+    let bad = || {
+        anyhow::anyhow!(
+            "controller_bounds_ms {s:?}: expected MIN-MAX in ms within {}-{}, e.g. 100-10000",
+            hb_common_bounds::MIN,
+            hb_common_bounds::MAX
+        )
+    };
+    let (lo, hi) = s.split_once('-').ok_or_else(bad)?;
+    let lo: u32 = lo.trim().parse().map_err(|_| bad())?;
+    let hi: u32 = hi.trim().parse().map_err(|_| bad())?;
+    if lo > hi || lo < hb_common_bounds::MIN || hi > hb_common_bounds::MAX {
+        return Err(bad());
+    }
+    Ok((lo, hi))
 }
 
 /// Heartbeat interval bounds of the protocol's design (0.1 to 10 Hz).

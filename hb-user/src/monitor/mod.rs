@@ -43,7 +43,7 @@ use anyhow::{Context as _, bail};
 use hb_common::maps::Config;
 
 pub use config::Args;
-use config::{Mode, Settings};
+use config::{ControllerKind, Mode, Settings};
 use tokio::signal::unix::{SignalKind, signal};
 
 use self::{
@@ -52,7 +52,7 @@ use self::{
     fleet::Fleet,
     hooks::Hooks,
     metrics::Metrics,
-    policy::{FixedPolicy, IntervalPolicy},
+    policy::{Critical, CriticalNodes, FixedPolicy, IntervalPolicy, QLearnPolicy},
     tick::{Core, Detector},
     userspace::monotonic_ns,
 };
@@ -137,12 +137,60 @@ fn open_dataplane(s: &Settings) -> anyhow::Result<Opened> {
     }
 }
 
-/// MERGE POINT (controller): the interval policy. The Q-learning
-/// controller (`--controller qlearn`, issue 4) is built here when it lands.
-fn make_policy(s: &Settings) -> Box<dyn IntervalPolicy> {
-    match s.fixed_interval_ms {
-        Some(ms) => Box::new(FixedPolicy::fixed(ms)),
-        None => Box::new(FixedPolicy::none()),
+/// The interval policy of `--controller`: off, one fixed interval, or the
+/// Q-learning controller with its saved table loaded; critical nodes
+/// capped under any of them.
+pub fn make_policy(s: &Settings) -> anyhow::Result<Box<dyn IntervalPolicy>> {
+    let c = &s.controller;
+    let critical = c.critical.as_ref().map(|(nodes, cap_ms)| CriticalNodes {
+        nodes: nodes.clone(),
+        cap_ms: *cap_ms,
+    });
+    let fixed = match (c.kind, s.fixed_interval_ms) {
+        (ControllerKind::Qlearn, _) => {
+            let ctrl =
+                crate::controller::QController::new(c.qlearn_config(&s.thresholds, s.phi, s.tick))
+                    .map_err(|e| anyhow::anyhow!("controller configuration: {e}"))?;
+            let p = QLearnPolicy::new(ctrl, Some(c.table.clone()), critical).with_context(
+                || "cannot use the saved controller table (move it away to start learning afresh)",
+            )?;
+            return Ok(Box::new(p));
+        }
+        (ControllerKind::Fixed, Some(ms)) => FixedPolicy::fixed(ms),
+        _ => FixedPolicy::none(),
+    };
+    Ok(match critical {
+        Some(cn) => Box::new(Critical::new(fixed, cn)),
+        None => Box::new(fixed),
+    })
+}
+
+/// How often a learning controller's table is saved while running.
+const SAVE_EVERY: Duration = Duration::from_secs(60);
+
+/// Saves the policy's learned table, if it has one: taken under the
+/// core's lock, written (atomically) without it.
+fn save_table(shared: &Shared, last: bool) {
+    let Some((path, table)) = shared.core().policy.table() else {
+        return;
+    };
+    match table.save(&path) {
+        Ok(()) if last => tracing::info!(
+            path = %path.display(),
+            states = table.rows.len(),
+            decisions = table.decisions,
+            "controller table saved"
+        ),
+        Ok(()) => tracing::debug!(
+            path = %path.display(),
+            states = table.rows.len(),
+            decisions = table.decisions,
+            "controller table saved"
+        ),
+        Err(e) => tracing::error!(
+            "cannot save the controller table: {:#}",
+            anyhow::Error::new(e)
+        ),
     }
 }
 
@@ -186,7 +234,7 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
 
     let mut core = Core::new(
         Detector::new(settings.thresholds, settings.phi),
-        make_policy(&settings),
+        make_policy(&settings)?,
         settings.decision_ms,
     );
     let (fleet, summary) = Fleet::start(
@@ -205,6 +253,7 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
         removed = summary.removed,
         epochs = ?fleet.keyring().held_epochs(),
         listen = %settings.listen,
+        controller = core.policy.name(),
         "monitor started"
     );
     let fleet = Arc::new(Mutex::new(fleet));
@@ -252,6 +301,21 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
             }
         });
     }
+    if shared.core().policy.table().is_some() {
+        let (shared, mut stop) = (shared.clone(), stop_rx.clone());
+        tasks.spawn(async move {
+            let mut every = tokio::time::interval(SAVE_EVERY);
+            every.tick().await;
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    _ = stop.changed() => break,
+                }
+                let s = shared.clone();
+                let _ = tokio::task::spawn_blocking(move || save_table(&s, false)).await;
+            }
+        });
+    }
     let ticking = Arc::new(AtomicBool::new(true));
     let tick_thread = {
         let (shared, sink, ticking) = (shared.clone(), sink.clone(), ticking.clone());
@@ -281,6 +345,11 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
         tracing::warn!("some tasks did not stop within 5 s");
     }
     sink.flush().await;
+    // The tick has stopped: the table is final.
+    {
+        let s = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || save_table(&s, true)).await;
+    }
     // Last reference to the dataplane: dropping it detaches the XDP
     // program unless --keep-attached (the XDP dataplane's Drop).
     drop(shared);

@@ -7,12 +7,18 @@
 //! per-node statistics): forged datagrams never reach it.
 //!
 //! [`FixedPolicy`] is the whole policy when no controller runs: no opinion
-//! (senders keep their own interval) or one interval for everyone. The
-//! Q-learning controller (`crate::controller`) implements the same trait.
+//! (senders keep their own interval) or one interval for everyone.
+//! [`QLearnPolicy`] puts the Q-learning controller (`crate::controller`)
+//! behind the same trait, and [`Critical`] caps the nodes an operator marks
+//! critical under either.
+
+use std::path::{Path, PathBuf};
 
 use hb_common::maps::NodeState;
+use serde::Serialize;
 
-use super::state::Status;
+use super::{config::NodeSpec, state::Status};
+use crate::controller::{QController, Reason, table::TableFile};
 
 /// What the monitor knows of a node at decision time, beyond the
 /// dataplane's state.
@@ -51,6 +57,52 @@ pub trait IntervalPolicy: Send {
 
     /// Short name for logs and `/nodes`.
     fn name(&self) -> &'static str;
+
+    /// Whether the tick should spread the nodes' decisions over the
+    /// decision period (each node once per period, a slice of the fleet
+    /// per tick) instead of deciding for every node on one tick.
+    fn staggered(&self) -> bool {
+        false
+    }
+
+    /// The node at `slot` was suspected (or declared dead) and a later
+    /// heartbeat of the same incarnation brought it back: a suspicion it
+    /// refuted, i.e. a false one.
+    fn suspicion_refuted(&mut self, _slot: u32) {}
+
+    /// The last decision for `slot` in full, for `/nodes` (`None`: the
+    /// monitor shows the last interval it wrote and [`Self::reason`]).
+    fn decision(&self, _slot: u32) -> Option<DecisionInfo> {
+        None
+    }
+
+    /// The `GET /controller` document.
+    fn snapshot(&self) -> serde_json::Value {
+        serde_json::json!({ "controller": self.name() })
+    }
+
+    /// What to persist, and where: the learned table (taken under the
+    /// core's lock, written without it).
+    fn table(&self) -> Option<(PathBuf, TableFile)> {
+        None
+    }
+}
+
+/// A decision as `/nodes` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DecisionInfo {
+    /// The interval the node should use, ms.
+    pub interval_ms: u32,
+    /// CLOCK_MONOTONIC ns of the decision.
+    pub at_ns: u64,
+    /// `slower`, `hold`, `faster`.
+    pub action: Option<String>,
+    /// Why: `greedy`, `explore`, `no_data`, `cap`, ...
+    pub reason: String,
+    /// Reward of the period the decision ended.
+    pub reward: Option<f64>,
+    /// Modelled worst-case detection time of that period, ms.
+    pub detection_ms: Option<f64>,
 }
 
 /// No controller: no opinion, or one fixed interval for every node.
@@ -93,5 +145,707 @@ impl IntervalPolicy for FixedPolicy {
         } else {
             "off"
         }
+    }
+
+    fn snapshot(&self) -> serde_json::Value {
+        serde_json::json!({ "controller": self.name(), "interval_ms": self.interval_ms })
+    }
+}
+
+/// Nodes the operator marks critical, and the interval they must never
+/// exceed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CriticalNodes {
+    pub nodes: NodeSpec,
+    pub cap_ms: u32,
+}
+
+impl CriticalNodes {
+    /// The cap of `node_id`, if it is critical.
+    pub fn cap(&self, node_id: u32) -> Option<u32> {
+        self.nodes.contains(node_id).then_some(self.cap_ms)
+    }
+}
+
+/// Caps critical nodes under any policy: what the inner policy asks for
+/// (or, with no opinion, what the node uses) is lowered to the cap.
+pub struct Critical<P> {
+    inner: P,
+    critical: CriticalNodes,
+}
+
+impl<P: IntervalPolicy> Critical<P> {
+    pub fn new(inner: P, critical: CriticalNodes) -> Critical<P> {
+        Critical { inner, critical }
+    }
+}
+
+impl<P: IntervalPolicy> IntervalPolicy for Critical<P> {
+    fn decide(&mut self, slot: u32, node: &NodeView, state: &NodeState) -> Option<u32> {
+        let want = if self.inner.active() {
+            self.inner.decide(slot, node, state)
+        } else {
+            None
+        };
+        let Some(cap) = self.critical.cap(node.node_id) else {
+            return want;
+        };
+        // What the node will use without a new request.
+        let current = match want.unwrap_or(node.requested_interval_ms) {
+            0 => state.interval_ms,
+            ms => ms,
+        };
+        if current == 0 {
+            return want;
+        }
+        let capped = current.min(cap);
+        (capped != node.requested_interval_ms).then_some(capped)
+    }
+
+    fn active(&self) -> bool {
+        true
+    }
+
+    fn reason(&self, slot: u32) -> Option<String> {
+        self.inner.reason(slot)
+    }
+
+    fn forget(&mut self, slot: u32) {
+        self.inner.forget(slot)
+    }
+
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn staggered(&self) -> bool {
+        self.inner.staggered()
+    }
+
+    fn suspicion_refuted(&mut self, slot: u32) {
+        self.inner.suspicion_refuted(slot)
+    }
+
+    fn decision(&self, slot: u32) -> Option<DecisionInfo> {
+        self.inner.decision(slot)
+    }
+
+    fn snapshot(&self) -> serde_json::Value {
+        let mut v = self.inner.snapshot();
+        if let Some(o) = v.as_object_mut() {
+            o.insert(
+                "critical_cap_ms".into(),
+                serde_json::json!(self.critical.cap_ms),
+            );
+        }
+        v
+    }
+
+    fn table(&self) -> Option<(PathBuf, TableFile)> {
+        self.inner.table()
+    }
+}
+
+/// What the Q-learning policy keeps per slot.
+#[derive(Clone, Copy, Debug, Default)]
+struct SlotMemory {
+    /// The node at this slot when last decided (0: none).
+    node_id: u32,
+    /// Refuted suspicions since its last decision.
+    refuted: u32,
+    /// When its last decision was taken, ns (0: never).
+    decided_ns: u64,
+}
+
+/// The Q-learning controller as the monitor's interval policy.
+///
+/// The controller is keyed by node id (its decision logs name the node);
+/// this wrapper maps slots to ids, counts each slot's refuted suspicions
+/// between decisions, and hands the controller each node's cap.
+pub struct QLearnPolicy {
+    ctrl: QController,
+    table_path: Option<PathBuf>,
+    critical: Option<CriticalNodes>,
+    slots: Vec<SlotMemory>,
+}
+
+impl QLearnPolicy {
+    /// Wraps `ctrl`; with `table_path`, loads the table saved there if
+    /// the file exists (a table that does not fit the controller is an
+    /// error, never silently replaced).
+    pub fn new(
+        mut ctrl: QController,
+        table_path: Option<PathBuf>,
+        critical: Option<CriticalNodes>,
+    ) -> anyhow::Result<QLearnPolicy> {
+        if let Some(p) = &table_path
+            && p.exists()
+        {
+            ctrl.load(p)?;
+            tracing::info!(
+                path = %p.display(),
+                decisions = ctrl.decisions(),
+                states = ctrl.rows().len(),
+                "controller table loaded"
+            );
+        }
+        Ok(QLearnPolicy {
+            ctrl,
+            table_path,
+            critical,
+            slots: Vec::new(),
+        })
+    }
+
+    pub fn controller(&self) -> &QController {
+        &self.ctrl
+    }
+
+    pub fn table_path(&self) -> Option<&Path> {
+        self.table_path.as_deref()
+    }
+
+    fn slot(&mut self, slot: u32) -> &mut SlotMemory {
+        let i = slot as usize;
+        if i >= self.slots.len() {
+            self.slots.resize(i + 1, SlotMemory::default());
+        }
+        &mut self.slots[i]
+    }
+}
+
+impl IntervalPolicy for QLearnPolicy {
+    fn decide(&mut self, slot: u32, node: &NodeView, state: &NodeState) -> Option<u32> {
+        let cap = self.critical.as_ref().and_then(|c| c.cap(node.node_id));
+        let m = *self.slot(slot);
+        if m.node_id != node.node_id {
+            // A slot that changed hands without `forget` (not expected):
+            // the old node's memory must not carry over.
+            if m.node_id != 0 {
+                self.ctrl.forget(m.node_id);
+            }
+            *self.slot(slot) = SlotMemory {
+                node_id: node.node_id,
+                refuted: m.refuted,
+                decided_ns: 0,
+            };
+        }
+        self.ctrl.set_cap(node.node_id, cap);
+        let refuted = std::mem::take(&mut self.slot(slot).refuted);
+        let d = self.ctrl.observe(node.node_id, state, refuted);
+        if d.reason != Reason::NoData {
+            // `no_data` holds are not decisions (`last_decision` keeps
+            // the previous one): its time stays that one's.
+            self.slot(slot).decided_ns = node.now_ns;
+        }
+        // Belt and braces: the controller honours the cap itself.
+        let ms = cap.map_or(d.interval_ms, |c| d.interval_ms.min(c));
+        (ms != node.requested_interval_ms).then_some(ms)
+    }
+
+    fn reason(&self, slot: u32) -> Option<String> {
+        self.decision(slot).map(|d| d.reason)
+    }
+
+    fn forget(&mut self, slot: u32) {
+        if let Some(m) = self.slots.get_mut(slot as usize) {
+            if m.node_id != 0 {
+                self.ctrl.forget(m.node_id);
+            }
+            *m = SlotMemory::default();
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "qlearn"
+    }
+
+    fn staggered(&self) -> bool {
+        true
+    }
+
+    fn suspicion_refuted(&mut self, slot: u32) {
+        let m = self.slot(slot);
+        m.refuted = m.refuted.saturating_add(1);
+    }
+
+    fn decision(&self, slot: u32) -> Option<DecisionInfo> {
+        let m = self.slots.get(slot as usize)?;
+        if m.node_id == 0 || m.decided_ns == 0 {
+            return None;
+        }
+        let d = self.ctrl.last_decision(m.node_id)?;
+        Some(DecisionInfo {
+            interval_ms: d.interval_ms,
+            at_ns: m.decided_ns,
+            action: Some(d.action.name().to_owned()),
+            reason: d.reason.to_string(),
+            reward: d.reward,
+            detection_ms: d.detection_ms,
+        })
+    }
+
+    fn snapshot(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self.ctrl.snapshot())
+            .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }));
+        if let Some(o) = v.as_object_mut() {
+            o.insert("controller".into(), serde_json::json!("qlearn"));
+            o.insert(
+                "table_path".into(),
+                serde_json::json!(self.table_path.as_ref().map(|p| p.display().to_string())),
+            );
+            if let Some(c) = &self.critical {
+                o.insert("critical_cap_ms".into(), serde_json::json!(c.cap_ms));
+            }
+        }
+        v
+    }
+
+    fn table(&self) -> Option<(PathBuf, TableFile)> {
+        Some((self.table_path.clone()?, self.ctrl.table_file()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The policies as the monitor runs them: built from `Settings` by
+    //! `make_policy`, driven by `Core::tick` over the in-memory gate, with
+    //! senders that adopt the interval their ACKs carry (as `hb send`).
+
+    use std::{
+        net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+        sync::{
+            Arc, Mutex,
+            atomic::{AtomicBool, AtomicU64},
+        },
+    };
+
+    use hb_common::{
+        Datagram, GateResult, Kind, NodeKey,
+        maps::{Config as GateConfig, NodeKeys},
+        proto,
+    };
+
+    use super::*;
+    use crate::{
+        dataplane::{Dataplane, mem::MemDataplane},
+        monitor::{
+            api::{Shared, node_row},
+            config::{ControllerKind, Opts, Settings},
+            make_policy,
+            metrics::Metrics,
+            save_table,
+            table::Origin,
+            tick::{Core, Detector},
+        },
+    };
+
+    const MS: u64 = 1_000_000;
+
+    fn settings(f: impl FnOnce(&mut Opts)) -> Settings {
+        let mut o = Opts {
+            keyring: Some("k.toml".into()),
+            nodes: Some("1-4".into()),
+            ..Opts::default()
+        };
+        f(&mut o);
+        Settings::load(&o.into()).unwrap()
+    }
+
+    fn key(id: u32) -> NodeKey {
+        NodeKey {
+            k0: id as u64 * 31,
+            k1: 5,
+        }
+    }
+
+    /// A sender as `hb send` behaves: heartbeats at its interval, adopting
+    /// the interval of the ACKs it gets (within 100..=10000 ms).
+    struct Sender {
+        id: u32,
+        seq: u64,
+        interval_ms: u32,
+        next_ns: u64,
+    }
+
+    /// The monitor's core over the in-memory gate, behind `Shared` as the
+    /// running monitor has it, and its senders.
+    struct Rig {
+        shared: Shared,
+        mem: Arc<MemDataplane>,
+        senders: Vec<Sender>,
+        now: u64,
+    }
+
+    impl Rig {
+        fn new(s: &Settings, ids: &[u32], interval_ms: u32) -> Rig {
+            let dp = Arc::new(MemDataplane::new());
+            dp.set_config(&GateConfig {
+                ack_on_change: s.ack_on_change as u8,
+                ack_every: s.ack_every,
+                ..GateConfig::default()
+            })
+            .unwrap();
+            let mut core = Core::new(
+                Detector::new(s.thresholds, s.phi),
+                make_policy(s).unwrap(),
+                s.decision_ms,
+            );
+            for &id in ids {
+                let slot = core.table.insert(id, Origin::Configured, 0).unwrap();
+                let keys = NodeKeys {
+                    slot,
+                    epoch: [1, 0],
+                    valid: 1,
+                    _pad: 0,
+                    key: [key(id), NodeKey::default()],
+                };
+                dp.upsert_node(id, &keys).unwrap();
+            }
+            let start = 1_000_000 * MS;
+            Rig {
+                mem: dp.clone(),
+                shared: Shared {
+                    core: Mutex::new(core),
+                    dp,
+                    metrics: Arc::new(Metrics::new()),
+                    last_tick_ns: AtomicU64::new(0),
+                    dataplane_ok: AtomicBool::new(true),
+                    tick: s.tick,
+                },
+                senders: ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &id)| Sender {
+                        id,
+                        seq: 0,
+                        interval_ms,
+                        next_ns: start + (i as u64 * 7 % 100) * MS,
+                    })
+                    .collect(),
+                now: start,
+            }
+        }
+
+        /// Runs `ms` of simulated time: heartbeats (each node `silent`
+        /// says nothing), 100 ms ticks. Calls `check` after every tick.
+        fn run(&mut self, ms: u64, silent: &[u32], mut check: impl FnMut(&Rig)) {
+            let end = self.now + ms * MS;
+            while self.now < end {
+                self.now += 100 * MS;
+                for s in self.senders.iter_mut() {
+                    while s.next_ns <= self.now {
+                        let at = s.next_ns;
+                        s.next_ns += s.interval_ms as u64 * MS;
+                        if silent.contains(&s.id) {
+                            continue;
+                        }
+                        s.seq += 1;
+                        let d = Datagram {
+                            kind: Kind::Heartbeat,
+                            node_id: s.id,
+                            generation: 1,
+                            key_epoch: 1,
+                            flags: 0,
+                            load: 100,
+                            seq: s.seq,
+                            sent_ns: at,
+                            interval_ms: s.interval_ms,
+                            rtt_us: 200,
+                        };
+                        let src = SocketAddr::V4(SocketAddrV4::new(
+                            Ipv4Addr::new(198, 18, 0, s.id as u8),
+                            40000,
+                        ));
+                        let v = self.mem.gate(&d.seal(&key(s.id)), src, at);
+                        assert_eq!(v.result, GateResult::Accepted);
+                        if let Some(ack) = v.ack {
+                            assert!(proto::verify(&key(s.id), &ack));
+                            let a = proto::parse(&ack, Kind::Ack).unwrap();
+                            if a.interval_ms != 0 {
+                                s.interval_ms = a.interval_ms.clamp(100, 10_000);
+                            }
+                        }
+                    }
+                }
+                let now = self.now;
+                self.shared.core().tick(
+                    &*self.shared.dp,
+                    now,
+                    &mut || "ts".into(),
+                    &mut Vec::new(),
+                );
+                check(self);
+            }
+        }
+
+        fn requested(&self, id: u32) -> u32 {
+            let slot = self.shared.core().table.slot_of(id).unwrap();
+            let mut r = 0;
+            self.shared
+                .dp
+                .read_states(slot..slot + 1, &mut |_, st| r = st.requested_interval_ms);
+            r
+        }
+
+        fn interval(&self, id: u32) -> u32 {
+            self.senders
+                .iter()
+                .find(|s| s.id == id)
+                .unwrap()
+                .interval_ms
+        }
+    }
+
+    #[test]
+    fn controller_settings_and_their_errors() {
+        let s = settings(|_| {});
+        assert_eq!(s.controller.kind, ControllerKind::Off, "off by default");
+        assert_eq!(
+            (s.ack_every, s.ack_on_change, s.decision_ms),
+            (0, false, 1000)
+        );
+        let s = settings(|o| o.fixed_interval_ms = Some(500));
+        assert_eq!(s.controller.kind, ControllerKind::Fixed);
+        assert!(s.ack_on_change, "a fixed interval reaches senders in ACKs");
+        let s = settings(|o| o.controller = Some(ControllerKind::Qlearn));
+        assert_eq!(
+            (s.ack_every, s.ack_on_change, s.decision_ms),
+            (10, true, 5000)
+        );
+        assert_eq!(
+            (s.controller.min_interval_ms, s.controller.max_interval_ms),
+            (100, 10_000)
+        );
+        assert_eq!(
+            s.controller.table,
+            PathBuf::from(crate::controller::cli::DEFAULT_TABLE)
+        );
+        let s = settings(|o| {
+            o.controller = Some(ControllerKind::Qlearn);
+            o.controller_bounds_ms = Some("200-5000".into());
+            o.critical = Some("3-4".into());
+            o.controller_max_interval_ms = Some(700);
+            o.ack_every = Some(3);
+        });
+        assert_eq!(
+            (s.controller.min_interval_ms, s.controller.max_interval_ms),
+            (200, 5000)
+        );
+        assert_eq!(s.ack_every, 3, "an explicit ACK setting wins");
+        let (spec, cap) = s.controller.critical.clone().unwrap();
+        assert!(spec.contains(3) && spec.contains(4) && !spec.contains(2));
+        assert_eq!(cap, 700);
+
+        let err = |f: fn(&mut Opts)| {
+            let mut o = Opts {
+                keyring: Some("k.toml".into()),
+                nodes: Some("1-4".into()),
+                ..Opts::default()
+            };
+            f(&mut o);
+            let e = Settings::load(&o.into()).unwrap_err().to_string();
+            assert!(!e.contains('\n'), "{e}");
+            e
+        };
+        assert!(
+            err(|o| o.controller = Some(ControllerKind::Fixed)).contains("--fixed-interval-ms")
+        );
+        assert!(
+            err(|o| {
+                o.controller = Some(ControllerKind::Qlearn);
+                o.fixed_interval_ms = Some(100);
+            })
+            .contains("--controller fixed only")
+        );
+        assert!(err(|o| o.critical = Some("1".into())).contains("--controller-max-interval-ms"));
+        assert!(err(|o| o.controller_max_interval_ms = Some(500)).contains("--critical"));
+        assert!(
+            err(|o| {
+                o.critical = Some("1".into());
+                o.controller_max_interval_ms = Some(5);
+            })
+            .contains("at least 100")
+        );
+        for bad in ["50-1000", "100", "900-200", "100-20000", "a-b"] {
+            let mut o = Opts {
+                keyring: Some("k.toml".into()),
+                nodes: Some("1".into()),
+                controller_bounds_ms: Some(bad.into()),
+                ..Opts::default()
+            };
+            o.controller = Some(ControllerKind::Qlearn);
+            let e = Settings::load(&o.into()).unwrap_err().to_string();
+            assert!(e.contains("MIN-MAX"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn qlearn_steers_senders_and_its_table_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = dir.path().join("state/controller.json");
+        let s = settings(|o| {
+            o.controller = Some(ControllerKind::Qlearn);
+            o.controller_table = Some(table.clone());
+            o.decision_ms = Some(2000);
+        });
+        let mut r = Rig::new(&s, &[1, 2, 3], 1000);
+        let mut seen = std::collections::HashSet::new();
+        r.run(30 * 60 * 1000, &[], |r| {
+            seen.insert(r.interval(1));
+        });
+        // The controller moved the senders (the default 3 s target on a
+        // calm network lets them slow down), only through ACKs.
+        assert!(seen.len() > 1, "node 1 never changed interval: {seen:?}");
+        for id in 1..=3 {
+            let req = r.requested(id);
+            assert!((100..=10_000).contains(&req), "{req}");
+        }
+        let row = node_row(&r.shared, 1).unwrap();
+        let d = row.last_decision.expect("a decision for node 1");
+        assert_eq!(d.policy, "qlearn");
+        assert!(d.action.is_some() && d.reason.is_some(), "{d:?}");
+        assert_eq!(d.interval_ms, r.requested(1));
+        let snap = r.shared.core().policy.snapshot();
+        assert_eq!(snap["controller"], "qlearn");
+        let decisions = snap["decisions"].as_u64().unwrap();
+        assert!(decisions > 3 * 100, "{decisions}");
+        assert!(!snap["table"].as_array().unwrap().is_empty());
+
+        // Shutdown saves (into a directory that did not exist); a new
+        // monitor loads the same table.
+        save_table(&r.shared, true);
+        let before = r.shared.core().policy.table().unwrap().1;
+        let again = make_policy(&s).unwrap();
+        let after = again.table().unwrap().1;
+        assert_eq!(after.decisions, decisions);
+        assert_eq!(after.rows, before.rows);
+        assert_eq!(again.snapshot()["decisions"], snap["decisions"]);
+
+        // A table that does not fit is refused in one clear line.
+        let other = settings(|o| {
+            o.controller = Some(ControllerKind::Qlearn);
+            o.controller_table = Some(table.clone());
+            o.controller_bounds_ms = Some("100-5000".into());
+        });
+        let e = format!("{:#}", make_policy(&other).err().unwrap());
+        assert!(e.contains("interval levels") && !e.contains('\n'), "{e}");
+        std::fs::write(&table, "{").unwrap();
+        let e = format!("{:#}", make_policy(&s).err().unwrap());
+        assert!(e.contains("not valid JSON"), "{e}");
+    }
+
+    #[test]
+    fn critical_nodes_never_exceed_their_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        // qlearn exploring all the time: random actions everywhere, the
+        // cap must hold anyway.
+        let s = settings(|o| {
+            o.controller = Some(ControllerKind::Qlearn);
+            o.controller_table = Some(dir.path().join("t.json"));
+            o.critical = Some("1".into());
+            o.controller_max_interval_ms = Some(300);
+            o.decision_ms = Some(1000);
+        });
+        let mut r = Rig::new(&s, &[1, 2], 1000);
+        let mut max2 = 0;
+        let mut capped_at = None;
+        r.run(20 * 60 * 1000, &[], |r| {
+            let req = r.requested(1);
+            if req != 0 {
+                assert!(req <= 300, "critical node asked for {req} ms");
+                capped_at.get_or_insert(r.now);
+            }
+            max2 = max2.max(r.requested(2));
+        });
+        assert!(capped_at.is_some());
+        assert!(r.interval(1) <= 300, "sender at {}", r.interval(1));
+        assert!(max2 > 300, "the other node is not capped ({max2})");
+
+        // Under a fixed interval, and with no controller at all.
+        for (kind, fixed) in [
+            (ControllerKind::Fixed, Some(1000)),
+            (ControllerKind::Off, None),
+        ] {
+            let s = settings(|o| {
+                o.controller = Some(kind);
+                o.fixed_interval_ms = fixed;
+                o.critical = Some("1".into());
+                o.controller_max_interval_ms = Some(300);
+            });
+            let mut r = Rig::new(&s, &[1, 2], 1000);
+            r.run(10_000, &[], |_| {});
+            assert_eq!(r.requested(1), 300, "{kind:?}");
+            assert_eq!(r.interval(1), 300, "{kind:?}");
+            assert_eq!(r.requested(2), fixed.unwrap_or(0), "{kind:?}");
+            assert_eq!(r.interval(2), 1000, "{kind:?}");
+        }
+    }
+
+    /// Records what the tick tells a policy.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Recorded>>);
+
+    /// (decision time, slot) of every decision; slots of every refuted
+    /// suspicion.
+    type Recorded = (Vec<(u64, u32)>, Vec<u32>);
+
+    impl IntervalPolicy for Recorder {
+        fn decide(&mut self, slot: u32, node: &NodeView, _: &NodeState) -> Option<u32> {
+            self.0.lock().unwrap().0.push((node.now_ns, slot));
+            None
+        }
+        fn name(&self) -> &'static str {
+            "recorder"
+        }
+        fn staggered(&self) -> bool {
+            true
+        }
+        fn suspicion_refuted(&mut self, slot: u32) {
+            self.0.lock().unwrap().1.push(slot);
+        }
+    }
+
+    #[test]
+    fn staggered_decisions_take_each_node_once_per_period() {
+        let s = settings(|o| o.decision_ms = Some(1000));
+        let rec = Recorder::default();
+        let ids: Vec<u32> = (1..=300).collect();
+        let mut r = Rig::new(&s, &ids, 100);
+        r.shared.core().policy = Box::new(rec.clone());
+        r.run(10_000, &[], |_| {});
+        let (decided, _) = rec.0.lock().unwrap().clone();
+        // The first tick decides for everyone; from then on every node
+        // once per period, and no tick for more than a fair share.
+        let first = decided[0].0;
+        let later: Vec<&(u64, u32)> = decided.iter().filter(|d| d.0 > first).collect();
+        let mut per_slot = vec![0u32; 300];
+        let mut per_tick = std::collections::HashMap::<u64, u32>::new();
+        for (t, slot) in &later {
+            per_slot[*slot as usize] += 1;
+            *per_tick.entry(*t).or_default() += 1;
+        }
+        // 9.9 s after the first tick: 9 or 10 periods.
+        assert!(
+            per_slot.iter().all(|n| (9..=10).contains(n)),
+            "{per_slot:?}"
+        );
+        assert!(per_tick.values().all(|n| *n <= 60), "{per_tick:?}");
+    }
+
+    #[test]
+    fn refuted_suspicions_reach_the_policy() {
+        let s = settings(|o| o.decision_ms = Some(1000));
+        let rec = Recorder::default();
+        let mut r = Rig::new(&s, &[1, 2], 100);
+        r.shared.core().policy = Box::new(rec.clone());
+        r.run(3000, &[], |_| {});
+        // Node 2 goes quiet for 1 s (suspected, even dead), then beats
+        // again in the same incarnation: one refuted suspicion.
+        r.run(1000, &[2], |_| {});
+        r.run(2000, &[], |_| {});
+        let (_, refuted) = rec.0.lock().unwrap().clone();
+        let slot2 = r.shared.core().table.slot_of(2).unwrap();
+        assert_eq!(refuted, vec![slot2]);
     }
 }

@@ -19,7 +19,7 @@ use hb_common::maps::NodeState;
 use super::{
     events::Event,
     policy::{IntervalPolicy, NodeView},
-    state::{self, Level, Observation, Thresholds, Track, Transition},
+    state::{self, EventKind, Level, Observation, Status, Thresholds, Track, Transition},
     table::NodeTable,
 };
 use crate::{
@@ -149,6 +149,8 @@ pub struct Core {
     pub policy: Box<dyn IntervalPolicy>,
     decision_period_ns: u64,
     next_decision_ns: u64,
+    /// The previous tick's time, for staggered decisions (0: none yet).
+    last_tick_ns: u64,
     next_seq: u64,
     /// Decisions of the current scan, applied after it (the dataplane is
     /// being read while they are made). Kept to reuse its allocation.
@@ -167,6 +169,7 @@ impl Core {
             policy,
             decision_period_ns: decision_period_ms.max(1) * 1_000_000,
             next_decision_ns: 0,
+            last_tick_ns: 0,
             next_seq: 1,
             pending: Vec::new(),
         }
@@ -205,10 +208,7 @@ impl Core {
         wall_ts: &mut dyn FnMut() -> String,
         events: &mut Vec<Event>,
     ) -> TickStats {
-        let decide = self.policy.active() && now_ns >= self.next_decision_ns;
-        if decide {
-            self.next_decision_ns = now_ns + self.decision_period_ns;
-        }
+        let due = self.due(now_ns);
         let det = self.detector;
         let policy = &mut *self.policy;
         let pending = &mut self.pending;
@@ -247,13 +247,19 @@ impl Core {
                     return;
                 }
                 since_ns[i] = now_ns;
+                if tr.event == EventKind::Alive
+                    && matches!(tr.previous, Status::Suspect | Status::Dead)
+                {
+                    // Back without a restart: the suspicion was false.
+                    policy.suspicion_refuted(slot);
+                }
                 let ts = ts.get_or_insert_with(&mut *wall_ts).clone();
                 events.push(event(seq, ts, id, &tr, t, st, det.phi(st, now_ns), now_ns));
                 seq += 1;
                 stats.events += 1;
             }
             next_counts[t.status as usize] += 1;
-            if decide && st.accepted != 0 {
+            if st.accepted != 0 && due.includes(slot) {
                 let view = NodeView {
                     node_id: node_id[i],
                     status: t.status,
@@ -278,6 +284,67 @@ impl Core {
             stats.decisions += 1;
         }
         stats
+    }
+}
+
+impl Core {
+    /// Which nodes the policy decides for on a tick at `now_ns`.
+    fn due(&mut self, now_ns: u64) -> Due {
+        if !self.policy.active() {
+            return Due::None;
+        }
+        let p = self.decision_period_ns;
+        if self.policy.staggered() {
+            let prev = std::mem::replace(&mut self.last_tick_ns, now_ns);
+            if prev == 0 || now_ns.saturating_sub(prev) >= p {
+                Due::All
+            } else {
+                Due::Window {
+                    from: prev % p,
+                    to: now_ns % p,
+                    period: p,
+                }
+            }
+        } else if now_ns >= self.next_decision_ns {
+            self.next_decision_ns = now_ns + p;
+            Due::All
+        } else {
+            Due::None
+        }
+    }
+}
+
+/// The nodes due for a decision on one tick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Due {
+    None,
+    All,
+    /// Staggered: the nodes whose phase in the decision period lies in
+    /// `(from, to]` (cyclically): the time since the previous tick. Every
+    /// node is due exactly once per period, a slice of the fleet per tick.
+    Window {
+        from: u64,
+        to: u64,
+        period: u64,
+    },
+}
+
+impl Due {
+    #[inline]
+    fn includes(self, slot: u32) -> bool {
+        match self {
+            Due::None => false,
+            Due::All => true,
+            Due::Window { from, to, period } => {
+                // A multiplicative hash spreads consecutive slots evenly.
+                let phase = ((slot as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) % period;
+                if from <= to {
+                    phase > from && phase <= to
+                } else {
+                    phase > from || phase <= to
+                }
+            }
+        }
     }
 }
 

@@ -116,7 +116,7 @@ impl std::str::FromStr for ControllerChoice {
     }
 }
 
-fn parse_weights(s: &str) -> anyhow::Result<controller::Weights> {
+pub fn parse_weights(s: &str) -> anyhow::Result<controller::Weights> {
     let v: Vec<f64> = s
         .split(',')
         .map(|x| x.trim().parse::<f64>())

@@ -22,8 +22,16 @@
 //! A second table shows the controller at its default target, the setting
 //! `hb monitor --controller qlearn` ships with.
 //!
+//! A third table (`--frontier`) shows every fixed interval level of the
+//! controller's grid on the evaluation seed: the heartbeat rate, p99
+//! detection time and false suspicions any policy would have to beat. On a
+//! scenario where a node's detection time depends only on its interval,
+//! no mix of levels gets below that curve (see the closing note).
+//!
 //! Options: `--nodes N` (100), `--seed N` (1), `--hours H` (1), `--train-hours H`
-//! (1), `--scenario NAME` (repeatable; default all), `--threads N` (2).
+//! (1), `--scenario NAME` (repeatable; default all), `--threads N` (2),
+//! `--weights late,miss,cost,load,fs` (the controller's reward weights;
+//! default the shipped ones), `--frontier`.
 
 use std::{
     sync::{
@@ -50,6 +58,8 @@ struct Opts {
     train_hours: f64,
     scenarios: Vec<String>,
     threads: usize,
+    weights: Option<hb::controller::Weights>,
+    frontier: bool,
 }
 
 fn opts() -> anyhow::Result<Opts> {
@@ -60,6 +70,8 @@ fn opts() -> anyhow::Result<Opts> {
         train_hours: 1.0,
         scenarios: Vec::new(),
         threads: 2,
+        weights: None,
+        frontier: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -71,6 +83,8 @@ fn opts() -> anyhow::Result<Opts> {
             "--train-hours" => o.train_hours = val()?.parse().context("--train-hours")?,
             "--scenario" => o.scenarios.push(val()?),
             "--threads" => o.threads = val()?.parse().context("--threads")?,
+            "--weights" => o.weights = Some(hb::simulate::parse_weights(&val()?)?),
+            "--frontier" => o.frontier = true,
             _ => bail!("unknown option {a}; see the module documentation"),
         }
     }
@@ -89,12 +103,15 @@ struct ScenarioResult {
     pairs: Vec<Pair>,
     default_q: SimReport,
     default_target: f64,
+    /// Every grid level as a fixed interval, on the evaluation seed.
+    frontier: Vec<SimReport>,
 }
 
-fn controller(target_ms: f64, seed: u64) -> anyhow::Result<QController> {
+fn controller(target_ms: f64, o: &Opts) -> anyhow::Result<QController> {
     QController::new(Config {
         target_detection_ms: target_ms,
-        seed,
+        seed: o.seed,
+        weights: o.weights.unwrap_or_default(),
         ..Config::default()
     })
     .map_err(anyhow::Error::msg)
@@ -112,7 +129,7 @@ fn bench_scenario(s: &Scenario, o: &Opts) -> anyhow::Result<ScenarioResult> {
         // seed, with the 5% the verdict allows for "matching".
         let target_ms = (reference.detection_ms.p99 * 1.05).round();
         let fixed = run_policy(&eval, &mut Policy::Fixed(ms))?;
-        let mut c = controller(target_ms, o.seed)?;
+        let mut c = controller(target_ms, o)?;
         let (_, qlearn) = run_qlearn(&eval, &mut c, train_s, false)?;
         pairs.push(Pair {
             fixed,
@@ -121,13 +138,20 @@ fn bench_scenario(s: &Scenario, o: &Opts) -> anyhow::Result<ScenarioResult> {
         });
     }
     let default_target = Config::default().target_detection_ms;
-    let mut c = controller(default_target, o.seed)?;
+    let mut c = controller(default_target, o)?;
     let (_, default_q) = run_qlearn(&eval, &mut c, train_s, false)?;
+    let mut frontier = Vec::new();
+    if o.frontier {
+        for ms in Config::default().grid().levels_ms {
+            frontier.push(run_policy(&eval, &mut Policy::Fixed(ms))?);
+        }
+    }
     Ok(ScenarioResult {
         scenario: s.clone(),
         pairs,
         default_q,
         default_target,
+        frontier,
     })
 }
 
@@ -258,6 +282,31 @@ fn main() -> anyhow::Result<()> {
             q.false_suspicions_per_node_hour,
             q.mean_interval_ms
         );
+    }
+    if o.frontier {
+        println!("\n### Every fixed level of the grid (evaluation seed)\n");
+        println!("hb/node/s, det p99 ms, FS/node-h per fixed interval.\n");
+        let levels = Config::default().grid().levels_ms;
+        print!("| scenario |");
+        for l in &levels {
+            print!(" {l} |");
+        }
+        println!();
+        print!("|---|");
+        for _ in &levels {
+            print!("---:|");
+        }
+        println!();
+        for r in &results {
+            print!("| {} |", r.scenario.name);
+            for f in &r.frontier {
+                print!(
+                    " {:.3} / {:.0} / {:.1} |",
+                    f.heartbeats_per_node_s, f.detection_ms.p99, f.false_suspicions_per_node_hour
+                );
+            }
+            println!();
+        }
     }
     println!("\nScenarios:\n");
     for r in &results {
