@@ -23,16 +23,18 @@
 //! starts a fresh monitor (fresh pins), so every run replays the same
 //! frames and every mode sees the same traffic.
 //!
-//! Three modes per rate, interleaved over `--rounds` rounds:
-//! - floor: `hb_floor` (XDP_DROP at once) on the monitor end, no monitor:
-//!   the cost of receiving a frame on this link at all;
+//! Four modes per rate, interleaved over `--rounds` rounds:
+//! - XDP floor: `hb_floor` (XDP_DROP at once) on the monitor end, no
+//!   monitor: the cost of receiving a frame on this link at all;
 //! - native: `hb monitor` (XDP in driver mode);
+//! - skb floor: a tc ingress program (`TC_ACT_SHOT`) on the monitor end,
+//!   no monitor: receiving a frame on the skb path (skb, GRO) at all;
 //! - userspace: `hb monitor --mode userspace`.
 //!
 //! Monitor-host CPU of a run = NAPI thread + monitor process (all its
 //! threads), over the window from just before the traffic to when the
 //! gate's `accepted` counter (from `/metrics`) stops moving. Per accepted
-//! heartbeat, raw, and minus the floor's NAPI CPU per frame received.
+//! heartbeat, raw, and minus its path's floor NAPI CPU per frame received.
 //! `bpf_stats` are on for the whole run (about 40 ns per XDP run, charged
 //! to floor and native alike, not to userspace: against native in the raw
 //! figures).
@@ -74,15 +76,19 @@ fn secret() -> [u8; 32] {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
+    /// `hb_floor` on the monitor end: the XDP path's floor.
     Floor,
     Native,
+    /// A tc ingress program dropping every skb: the skb path's floor.
+    SkbFloor,
     Userspace,
 }
 
 impl Mode {
     fn name(self) -> &'static str {
         match self {
-            Mode::Floor => "floor (`hb_floor`, no monitor)",
+            Mode::Floor => "XDP floor (`hb_floor`, no monitor)",
+            Mode::SkbFloor => "skb floor (tc drop, no monitor)",
             Mode::Native => "native XDP",
             Mode::Userspace => "userspace",
         }
@@ -188,6 +194,14 @@ struct Link {
     napi: Vec<i32>,
     /// NAPI threads of the redirecting end (load generator side).
     napi_r: Vec<i32>,
+    /// The pinned tc drop program (removed on drop).
+    tc_drop: PathBuf,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.tc_drop);
+    }
 }
 
 impl Link {
@@ -269,6 +283,7 @@ impl Link {
             if_s,
             napi: Vec::new(),
             napi_r,
+            tc_drop: tc_drop_program()?,
         };
         l.find_napi()?;
         Ok(l)
@@ -344,49 +359,45 @@ impl Link {
     }
 }
 
-/// Loads `bpf_redirect(ifindex, 0)` as an XDP program (four instructions,
-/// through the bpf syscall: no object file needed) and pins it; returns
-/// the pin's path.
-fn redirect_program(ifindex: u32) -> anyhow::Result<PathBuf> {
-    // struct bpf_insn: code, dst_reg | src_reg << 4, off (i16), imm (i32).
-    let insn = |code: u8, dst: u8, imm: i32| -> [u8; 8] {
-        let mut b = [0u8; 8];
-        b[0] = code;
-        b[1] = dst;
-        b[4..8].copy_from_slice(&imm.to_le_bytes());
-        b
-    };
-    const MOV64_IMM: u8 = 0xb7;
-    const CALL: u8 = 0x85;
-    const EXIT: u8 = 0x95;
-    const BPF_FUNC_REDIRECT: i32 = 23;
-    let prog: Vec<u8> = [
-        insn(MOV64_IMM, 1, ifindex as i32),
-        insn(MOV64_IMM, 2, 0),
-        insn(CALL, 0, BPF_FUNC_REDIRECT),
-        insn(EXIT, 0, 0),
-    ]
-    .concat();
+/// A `struct bpf_insn`: code, dst_reg (src_reg 0), off 0, imm.
+fn insn(code: u8, dst: u8, imm: i32) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    b[0] = code;
+    b[1] = dst;
+    b[4..8].copy_from_slice(&imm.to_le_bytes());
+    b
+}
+
+const MOV64_IMM: u8 = 0xb7;
+const CALL: u8 = 0x85;
+const EXIT: u8 = 0x95;
+
+/// Loads a program of `prog_type` from raw instructions through the bpf
+/// syscall (no object file needed) and pins it under `/sys/fs/bpf` as
+/// `hb-test-e2e-<pid>-<name>`; returns the pin's path.
+fn load_pinned(prog_type: u32, insns: &[[u8; 8]], name: &str) -> anyhow::Result<PathBuf> {
+    let prog: Vec<u8> = insns.concat();
     let license = c"GPL";
     // union bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt, insns,
-    // license, then zeros (no log, no name).
+    // license, no log, prog_name.
     let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&6u32.to_le_bytes()); // BPF_PROG_TYPE_XDP
-    attr[4..8].copy_from_slice(&4u32.to_le_bytes());
+    attr[0..4].copy_from_slice(&prog_type.to_le_bytes());
+    attr[4..8].copy_from_slice(&(insns.len() as u32).to_le_bytes());
     attr[8..16].copy_from_slice(&(prog.as_ptr() as u64).to_le_bytes());
     attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_le_bytes());
-    attr[48..57].copy_from_slice(b"e2e_redir");
+    let n = name.len().min(15);
+    attr[48..48 + n].copy_from_slice(&name.as_bytes()[..n]);
     // SAFETY: BPF_PROG_LOAD (5) with a valid attr whose pointers outlive the call.
     let fd = unsafe { libc::syscall(libc::SYS_bpf, 5, attr.as_ptr(), attr.len()) };
     ensure!(
         fd >= 0,
-        "load the redirect program: {}",
+        "load the {name} program: {}",
         std::io::Error::last_os_error()
     );
     // SAFETY: the syscall returned a new fd.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     let path = PathBuf::from(format!(
-        "/sys/fs/bpf/hb-test-e2e-{}-redirect",
+        "/sys/fs/bpf/hb-test-e2e-{}-{name}",
         std::process::id()
     ));
     let cpath = std::ffi::CString::new(path.to_str().expect("utf-8"))?;
@@ -397,11 +408,38 @@ fn redirect_program(ifindex: u32) -> anyhow::Result<PathBuf> {
     let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, attr.as_ptr(), attr.len()) };
     ensure!(
         rc == 0,
-        "pin the redirect program at {}: {}",
+        "pin the {name} program at {}: {}",
         path.display(),
         std::io::Error::last_os_error()
     );
     Ok(path)
+}
+
+/// XDP: `return bpf_redirect(ifindex, 0)`.
+fn redirect_program(ifindex: u32) -> anyhow::Result<PathBuf> {
+    const BPF_PROG_TYPE_XDP: u32 = 6;
+    const BPF_FUNC_REDIRECT: i32 = 23;
+    load_pinned(
+        BPF_PROG_TYPE_XDP,
+        &[
+            insn(MOV64_IMM, 1, ifindex as i32),
+            insn(MOV64_IMM, 2, 0),
+            insn(CALL, 0, BPF_FUNC_REDIRECT),
+            insn(EXIT, 0, 0),
+        ],
+        "redirect",
+    )
+}
+
+/// tc (direct action): `return TC_ACT_SHOT`: the skb path's floor.
+fn tc_drop_program() -> anyhow::Result<PathBuf> {
+    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+    const TC_ACT_SHOT: i32 = 2;
+    load_pinned(
+        BPF_PROG_TYPE_SCHED_CLS,
+        &[insn(MOV64_IMM, 0, TC_ACT_SHOT), insn(EXIT, 0, 0)],
+        "tcdrop",
+    )
 }
 
 /// Kernel threads whose name starts with `prefix`.
@@ -482,15 +520,23 @@ fn jiffies_ms(j: u64) -> f64 {
     j as f64 * 1e3 / hz
 }
 
-/// Priority of every thread of the experiment (the NAPI threads, the
-/// monitor, the load generator): the machine is shared, and on a real host
-/// the receive path runs in softirq, ahead of every task.
+/// Priority of the monitor and the load generator: the machine is shared.
+/// (The NAPI threads are SCHED_FIFO: on a real host the receive path runs
+/// in softirq, ahead of every task, the monitor included.)
 const NICE: i32 = -20;
 
 /// Sets the nice value of thread `tid` (0: the calling thread).
 fn renice(tid: i32, nice: i32) {
     // SAFETY: setpriority(2) on one thread id.
     unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+}
+
+/// Makes thread `tid` SCHED_FIFO: a NAPI thread then preempts tasks the
+/// way softirq does on a host without threaded NAPI.
+fn realtime(tid: i32) {
+    let p = libc::sched_param { sched_priority: 50 };
+    // SAFETY: sched_setscheduler(2) on one thread id with a valid param.
+    unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &p) };
 }
 
 fn pin_pid(pid: i32, cpu: usize) {
@@ -842,7 +888,26 @@ impl Bench<'_> {
                 );
                 None
             }
-            _ => {
+            Mode::SkbFloor => {
+                let if_a = self.link.if_a.as_str();
+                sh(self
+                    .link
+                    .a
+                    .command("tc")
+                    .args(["qdisc", "add", "dev", if_a, "clsact"]))
+                .context("tc clsact")?;
+                sh(self
+                    .link
+                    .a
+                    .command("tc")
+                    .args([
+                        "filter", "add", "dev", if_a, "ingress", "bpf", "da", "pinned",
+                    ])
+                    .arg(&self.link.tc_drop))
+                .context("tc drop program")?;
+                None
+            }
+            Mode::Native | Mode::Userspace => {
                 let m = Monitor::start(self.link, mode, o, self.dir, self.runs)?;
                 // Every node joins first (seq 1), so the window measures the
                 // steady state, not the joins. A warm-up frame lost on the
@@ -884,11 +949,11 @@ impl Bench<'_> {
         }
         for &p in &self.link.napi {
             pin_pid(p, o.monitor_cpu);
-            renice(p, NICE);
+            realtime(p);
         }
         for &p in &self.link.napi_r {
             pin_pid(p, o.sender_cpu);
-            renice(p, NICE);
+            realtime(p);
         }
         let prog_id = match mode {
             Mode::Floor => {
@@ -903,6 +968,7 @@ impl Bench<'_> {
                     .xdp_prog_id()
                     .context("no XDP program on the monitor end in native mode")?,
             ),
+            Mode::SkbFloor => Some(aya::programs::ProgramInfo::from_pin(&self.link.tc_drop)?.id()),
             Mode::Userspace => None,
         };
         let cpus = [o.monitor_cpu, o.sender_cpu];
@@ -958,6 +1024,14 @@ impl Bench<'_> {
                 .context("no floor program")?
                 .try_into()?;
             p.detach(l)?;
+        }
+        if mode == Mode::SkbFloor {
+            sh(self
+                .link
+                .a
+                .command("tc")
+                .args(["qdisc", "del", "dev", &self.link.if_a, "clsact"]))
+            .context("remove tc clsact")?;
         }
         Ok(Sample {
             sent,
@@ -1059,7 +1133,7 @@ fn main() -> anyhow::Result<()> {
         dir: &dir,
         runs: 0,
     };
-    let modes = [Mode::Floor, Mode::Native, Mode::Userspace];
+    let modes = [Mode::Floor, Mode::Native, Mode::SkbFloor, Mode::Userspace];
     // samples[rate][mode] = one per round.
     let mut samples = vec![vec![Vec::<Sample>::new(); modes.len()]; o.rates.len()];
     for round in 0..o.rounds {
@@ -1171,29 +1245,37 @@ fn report(
     );
     println!(
         "Monitor-host CPU = the monitor end's NAPI kernel thread (threaded NAPI, GRO on, {} µs interrupt \
-         coalescing: the XDP program, or GRO + IP + UDP + the socket queue) + the `hb monitor` process (all \
-         threads), both on CPU {}; exact times from `/proc/<tid>/schedstat`, nothing left in softirq \
-         (see the details). Floor: `hb_floor` (XDP_DROP at once) on the monitor end and no monitor: what \
-         the host pays to receive these frames at all; \"above floor\" subtracts the floor's NAPI CPU per \
-         frame at the same rate from each mode. All per accepted heartbeat.\n",
+         coalescing, SCHED_FIFO as softirq would preempt tasks: the XDP program, or GRO + IP + UDP + the \
+         socket queue) + the `hb monitor` process (all threads, nice -20), both on CPU {}; exact times from `/proc/<tid>/schedstat`, nothing left in softirq \
+         (see the details). Floors, with no monitor: XDP floor = `hb_floor` (XDP_DROP at once) on the \
+         monitor end, what the host pays to receive these frames at all on the XDP path; skb floor = \
+         a tc ingress program dropping every packet, the same on the skb path (skb built, GRO). \
+         \"above floor\" subtracts from native the XDP floor's, from userspace the skb floor's NAPI CPU \
+         per frame at the same rate: the marginal cost of hb's gate on each path. All per accepted \
+         heartbeat.\n",
         o.coalesce_us, o.monitor_cpu
     );
     println!(
         "| offered | mode | sent/s | accepted/s | loss | NAPI thread ns/hb | monitor process ns/hb | \
-         **monitor-host CPU s per 1M hb** | above floor, s per 1M hb | XDP program ns/frame (bpf_stats) |"
+         **monitor-host CPU s per 1M hb** | above floor, s per 1M hb | program ns/frame (bpf_stats) |"
     );
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut ratios = Vec::new();
     for (ri, rate) in o.rates.iter().enumerate() {
-        // The floor's NAPI ns per frame received, per round.
-        let floor_per_frame: Vec<f64> = samples[ri][0]
-            .iter()
-            .map(|s| s.napi_ns as f64 / s.prog_runs.max(1) as f64)
-            .collect();
-        let floor_med = summary(&floor_per_frame).0;
+        // Each floor's NAPI ns per frame received, per round.
+        let per_frame = |mi: usize| -> Vec<f64> {
+            samples[ri][mi]
+                .iter()
+                .map(|s| s.napi_ns as f64 / s.prog_runs.max(1) as f64)
+                .collect()
+        };
         let mut per_mode = Vec::new();
         for (mi, mode) in modes.iter().enumerate() {
             let ss = &samples[ri][mi];
+            // Native is measured against the XDP floor, userspace against
+            // the skb floor (the run just before it in `modes`).
+            let floor_per_frame = per_frame(mi.saturating_sub(1));
+            let floor_med = summary(&floor_per_frame).0;
             let col = |f: &dyn Fn(&Sample) -> f64| ss.iter().map(f).collect::<Vec<f64>>();
             let per_hb = |s: &Sample, ns: f64| ns / s.accepted.max(1) as f64;
             let sent_s = col(&|s| s.sent.frames as f64 / s.sent.secs);
@@ -1217,7 +1299,7 @@ fn report(
                     s.prog_ns as f64 / s.prog_runs as f64
                 }
             });
-            let floor = *mode == Mode::Floor;
+            let floor = matches!(mode, Mode::Floor | Mode::SkbFloor);
             let dash = || "-".to_string();
             println!(
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -1231,7 +1313,7 @@ fn report(
                     format!("{}%", fmt_spread(&loss, 2))
                 },
                 if floor {
-                    format!("{} per frame", fmt_spread(&floor_per_frame, 0))
+                    format!("{} per frame", fmt_spread(&per_frame(mi), 0))
                 } else {
                     fmt_spread(&napi, 0)
                 },
@@ -1252,8 +1334,8 @@ fn report(
         }
         ratios.push((
             *rate,
-            per_mode[1].0 / per_mode[2].0,
-            per_mode[1].1 / per_mode[2].1,
+            per_mode[1].0 / per_mode[3].0,
+            per_mode[1].1 / per_mode[3].1,
         ));
     }
     println!();
