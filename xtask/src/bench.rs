@@ -43,7 +43,12 @@ impl Bench {
     }
 
     fn command(self) -> String {
-        format!("cargo run --release -p hb-tests --bin {}", self.bin())
+        let run = format!("cargo run --release -p hb-tests --bin {}", self.bin());
+        match self {
+            // It runs the `hb` binary itself.
+            Bench::E2e => format!("cargo build --release -p hb-user && {run}"),
+            _ => run,
+        }
     }
 
     /// Whether the `hb-tests` crate has this benchmark binary (the
@@ -72,6 +77,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         args.names
     };
+    // A fresh clone: the toolchain pieces first (idempotent, fast when
+    // present).
+    crate::setup::run()?;
+    // Everything is compiled before anything is timed: `hb` (the e2e bench
+    // runs it) and every benchmark binary, in one cargo invocation.
+    let started = Instant::now();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut build = util::cargo();
+    build.args([
+        "build",
+        "--release",
+        "-p",
+        "hb-user",
+        "-p",
+        "hb-tests",
+        "--bins",
+    ]);
+    eprintln!("xtask bench: {}", util::show(&build));
+    util::run(&mut build)?;
+    let built_s = started.elapsed().as_secs_f64();
     util::sweep_test_leftovers("before the benchmarks");
     let result = run_all(&names);
     util::sweep_test_leftovers("after the benchmarks");
@@ -79,18 +104,37 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if sections.is_empty() {
         bail!("no benchmark binary exists yet");
     }
+    let total_s = started.elapsed().as_secs_f64();
+    eprintln!("xtask bench: build {built_s:.0} s, total {total_s:.0} s");
     if write_file {
         let path = util::root().join("BENCHMARKS.md");
-        std::fs::write(&path, report(&sections)?)
+        let run = Run {
+            load: load
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" "),
+            built_s,
+            total_s,
+        };
+        std::fs::write(&path, report(&sections, &run)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("xtask bench: wrote {}", path.display());
     }
     Ok(())
 }
 
-/// Runs each benchmark; returns `(bench, its markdown)` for those that
-/// exist.
-fn run_all(names: &[Bench]) -> anyhow::Result<Vec<(Bench, String)>> {
+/// Facts of this run of `cargo xtask bench` for the report.
+struct Run {
+    /// Load average (1, 5, 15 min) before the build.
+    load: String,
+    built_s: f64,
+    total_s: f64,
+}
+
+/// Runs each benchmark; returns `(bench, its markdown, seconds)` for
+/// those that exist.
+fn run_all(names: &[Bench]) -> anyhow::Result<Vec<(Bench, String, f64)>> {
     let mut sections = Vec::new();
     for &b in names {
         if !b.exists() {
@@ -123,17 +167,22 @@ fn run_all(names: &[Bench]) -> anyhow::Result<Vec<(Bench, String)>> {
             );
         }
         print!("{md}");
-        eprintln!(
-            "xtask bench: {}: done in {:.0}s",
-            b.name(),
-            t.elapsed().as_secs_f64()
-        );
-        sections.push((b, md));
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!("xtask bench: {}: done in {secs:.0}s", b.name());
+        sections.push((b, md, secs));
     }
     Ok(sections)
 }
 
-fn report(sections: &[(Bench, String)]) -> anyhow::Result<String> {
+/// The first line of `cmd`'s output, or why there is none.
+fn version(cmd: &mut std::process::Command) -> String {
+    output(cmd).map_or_else(
+        |e| format!("unknown ({e})"),
+        |o| o.lines().next().unwrap_or("").trim().to_owned(),
+    )
+}
+
+fn report(sections: &[(Bench, String, f64)], run: &Run) -> anyhow::Result<String> {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -144,29 +193,56 @@ fn report(sections: &[(Bench, String)]) -> anyhow::Result<String> {
         })
         .unwrap_or_else(|| "unknown".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = output(std::process::Command::new("uname").arg("-r"))?;
-    let rustc = output(std::process::Command::new("rustc").arg("--version"))?;
-    let commit = output(
-        std::process::Command::new("git")
-            .args(["rev-parse", "--short", "HEAD"])
-            .current_dir(util::root()),
-    )
-    .unwrap_or_else(|_| "unknown".into());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map_or_else(
+            || "unknown".into(),
+            |kib| format!("{:.1} GiB", kib / (1 << 20) as f64),
+        );
+    let kernel = version(std::process::Command::new("uname").arg("-r"));
+    let rustc = version(std::process::Command::new("rustc").arg("--version"));
+    let nightly = version(std::process::Command::new("rustc").args(["+nightly", "--version"]));
+    let linker = version(std::process::Command::new("bpf-linker").arg("--version"));
+    let date = version(std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));
+    let git = |args: &[&str]| {
+        output(
+            std::process::Command::new("git")
+                .args(args)
+                .current_dir(util::root()),
+        )
+    };
+    let commit = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|_| "unknown".into());
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_ok_and(|s| !s.trim().is_empty());
     let mut s = String::new();
     s.push_str("# hb benchmarks\n\n");
     s.push_str("Generated by `cargo xtask bench` (as root). Every number below was measured\n");
     s.push_str("in this run on this machine; ratios compare against a baseline measured in\n");
     s.push_str("the same run.\n\n");
     s.push_str("## Machine\n\n");
-    s.push_str(&format!("- CPU: {cpu}\n- cores: {cores}\n"));
     s.push_str(&format!(
-        "- kernel: {}\n- rustc: {}\n",
-        kernel.trim(),
-        rustc.trim()
+        "- date: {date}\n- CPU: {cpu}\n- cores: {cores}\n- memory: {mem_gib}\n"
     ));
-    s.push_str(&format!("- commit: {}\n\n", commit.trim()));
+    s.push_str(&format!(
+        "- kernel: {kernel}\n- rustc: {rustc} (userspace); {nightly} (eBPF)\n- bpf-linker: {linker}\n"
+    ));
+    s.push_str(&format!(
+        "- commit: {}{}\n- load average before the run: {}\n\n",
+        commit.trim(),
+        if dirty {
+            " (with uncommitted changes)"
+        } else {
+            ""
+        },
+        run.load
+    ));
     s.push_str("## Commands\n\n```sh\n");
-    for (b, _) in sections {
+    for (b, _, _) in sections {
         s.push_str(&format!(
             "{}   # cargo xtask bench {}\n",
             b.command(),
@@ -174,7 +250,16 @@ fn report(sections: &[(Bench, String)]) -> anyhow::Result<String> {
         ));
     }
     s.push_str("```\n\n");
-    for (_, md) in sections {
+    s.push_str(&format!(
+        "Wall time of `cargo xtask bench`: {:.1} min (build {:.0} s",
+        run.total_s / 60.0,
+        run.built_s
+    ));
+    for (b, _, secs) in sections {
+        s.push_str(&format!(", {} {secs:.0} s", b.name()));
+    }
+    s.push_str(").\n\n");
+    for (_, md, _) in sections {
         s.push_str(md.trim_end());
         s.push_str("\n\n");
     }
