@@ -160,7 +160,32 @@ impl Kind {
         }
     }
 
-    fn check(self, t: f64) -> Result<(), DetectorError> {
+    /// The threshold as the parameter `u` of the detector's affine deadline
+    /// ([`Detector::affine`]): the standardized crossing point for the
+    /// normal-model phi detectors, the threshold itself for fixed, chen and
+    /// cassandra. `None` for akka (its history depends on the threshold,
+    /// so its deadline is not affine in one parameter).
+    pub fn u_of_threshold(self, t: f64) -> Option<f64> {
+        match self {
+            Kind::Hb => Some(solve_increasing(|y| phi_normal(y, 0.0, 1.0), t)),
+            Kind::PhiNormal => Some(solve_increasing(|y| hayashibara_phi(y, 0.0, 1.0), t)),
+            Kind::Fixed | Kind::Chen | Kind::Cassandra => Some(t),
+            Kind::Akka => None,
+        }
+    }
+
+    /// The threshold whose `u` is `u` (inverse of [`Kind::u_of_threshold`]).
+    pub fn threshold_of_u(self, u: f64) -> Option<f64> {
+        match self {
+            Kind::Hb => Some(phi_normal(u, 0.0, 1.0)),
+            Kind::PhiNormal => Some(hayashibara_phi(u, 0.0, 1.0)),
+            Kind::Fixed | Kind::Chen | Kind::Cassandra => Some(u),
+            Kind::Akka => None,
+        }
+    }
+
+    /// Whether `t` is a valid threshold for this detector.
+    pub fn check(self, t: f64) -> Result<(), DetectorError> {
         let bad = |why| {
             Err(DetectorError::BadThreshold {
                 detector: self.name(),
@@ -305,6 +330,15 @@ pub trait Detector {
     /// unless another heartbeat arrives first (at least the last arrival);
     /// `None`: never.
     fn deadlines(&self, out: &mut [Option<u64>]);
+    /// When the deadline after the last heartbeat is `last + a + b * u`
+    /// ms for every threshold, with `u = kind.u_of_threshold(threshold)`
+    /// and `b > 0`: `(last_ns, a_ms, b_ms)`; `None` when the detector has
+    /// no deadline now (never suspects) or no such form (akka). This is
+    /// what lets `qos::optimum` solve for a detector's operating point
+    /// exactly instead of on a grid.
+    fn affine(&self) -> Option<(u64, f64, f64)> {
+        None
+    }
 }
 
 /// `ms` after `last_ns` as a time in ns, clamped to `[last_ns, never)`.
@@ -458,6 +492,19 @@ impl Detector for Hb {
             });
         }
     }
+
+    fn affine(&self) -> Option<(u64, f64, f64)> {
+        let st = &self.st;
+        if st.accepted == 0 || st.last_arrival_ns == 0 {
+            return None;
+        }
+        let (mean, std) = moments_ms(st, &self.cfg.phi);
+        (mean > 0.0 && std > 0.0 && mean.is_finite() && std.is_finite()).then_some((
+            st.last_arrival_ns - HB_CLOCK_OFFSET,
+            mean,
+            std,
+        ))
+    }
 }
 
 /// The least time (to 1 us) at which `phi` reaches `thr`, searching up
@@ -495,6 +542,9 @@ impl Detector for Fixed {
         for (o, &ms) in out.iter_mut().zip(self.thresholds.iter()) {
             *o = self.last.and_then(|l| after(l, ms));
         }
+    }
+    fn affine(&self) -> Option<(u64, f64, f64)> {
+        self.last.map(|l| (l, 0.0, 1.0))
     }
 }
 
@@ -543,6 +593,15 @@ impl Detector for Chen {
         for (o, &alpha_ms) in out.iter_mut().zip(self.thresholds.iter()) {
             *o = after(last, (ea - last as f64) / 1e6 + alpha_ms);
         }
+    }
+    fn affine(&self) -> Option<(u64, f64, f64)> {
+        let n = self.window.len();
+        if n < 2 {
+            return None;
+        }
+        let (first, last) = (self.window[0], self.window[n - 1]);
+        let ea = chen_expected_arrival(n, self.sum, first, last);
+        Some((last, (ea - last as f64) / 1e6, 1.0))
     }
 }
 
@@ -637,6 +696,16 @@ impl Detector for PhiNormal {
         for (o, &y) in out.iter_mut().zip(self.ystar.iter()) {
             *o = after(last, m + s * y);
         }
+    }
+    fn affine(&self) -> Option<(u64, f64, f64)> {
+        let (Some(last), true) = (self.last, self.stats.len() >= 2) else {
+            return None;
+        };
+        Some((
+            last,
+            self.stats.mean(),
+            self.stats.std().max(PHI_NORMAL_MIN_STD_MS),
+        ))
     }
 }
 
@@ -760,5 +829,9 @@ impl Detector for Cassandra {
             // PHI_FACTOR * t / mean >= thr  <=>  t >= thr * mean * ln 10.
             *o = after(last, thr * mean / CASSANDRA_PHI_FACTOR);
         }
+    }
+    fn affine(&self) -> Option<(u64, f64, f64)> {
+        self.last
+            .map(|l| (l, 0.0, self.stats.mean() / CASSANDRA_PHI_FACTOR))
     }
 }

@@ -8,7 +8,7 @@ use super::{
     detectors::{
         HbConfig, Kind, Spec, akka_phi, cassandra_phi, chen_expected_arrival, hayashibara_phi,
     },
-    qos::{Qos, best_under_budget, evaluate, percentile},
+    qos::{Qos, best_under_budget, evaluate, optimum, percentile, sweep},
     synth::{GenOpts, Scenario, generate},
     trace::{Arrival, Crashes, Trace},
 };
@@ -334,6 +334,77 @@ fn thresholds_and_names_are_checked() {
     let e = Kind::parse("chitchat").unwrap_err().to_string();
     assert!(e.contains("private module"), "{e}");
     assert!(Kind::parse("swim").is_err());
+}
+
+/// The exact operating point on a hand-computed case.
+///
+/// node 1: arrivals 0, 1000, 2000, 4000, 5000 ms, crashes at 5300 ms.
+/// node 2: arrivals 0, 1000, 3500, 4500, ..., 9500, 10000 ms (the end).
+/// Alive time 5300 + 10000 = 15300 ms. For a fixed timeout the critical
+/// values are the gaps up to the next arrival, the crash or the end:
+/// node 1: 1000, 1000, 2000, 1000, 300 (5000 to the crash); node 2: 1000,
+/// 2500, 1000 x5, 500 (its last arrival is the end: nothing after it).
+/// - 0 mistakes allowed: timeout 2500 (the largest; the 2500 gap is not a
+///   mistake since suspicion starts exactly at the next arrival); T_D =
+///   5000 + 2500 - 5300 = 2200 ms.
+/// - 1 allowed: timeout 2000 (node 2's 2500 gap is the one mistake);
+///   T_D 1700 ms.
+/// - 2 allowed: timeout 1000 (the 1000 gaps are not mistakes); T_D 700.
+#[test]
+fn optimum_is_the_order_statistic_of_the_critical_thresholds() {
+    let trace = trace_ms(&[
+        (1, &[0, 1000, 2000, 4000, 5000]),
+        (
+            2,
+            &[0, 1000, 3500, 4500, 5500, 6500, 7500, 8500, 9500, 10000],
+        ),
+    ]);
+    let crashes: Crashes = [(1, 5300 * MS)].into();
+    let hours = 15300.0 / 3.6e6;
+    let hb = HbConfig::default();
+    for (allowed, timeout, td, mistakes) in [
+        (0.5, 2500.0, 2200.0, 0),
+        (1.5, 2000.0, 1700.0, 1),
+        (2.5, 1000.0, 700.0, 2),
+    ] {
+        let q = optimum(&trace, &crashes, Kind::Fixed, hb, allowed / hours).unwrap();
+        assert_eq!(q.threshold, timeout, "{allowed}");
+        assert_eq!(q.td_mean_ms, Some(td), "{allowed}");
+        assert_eq!(q.mistakes, mistakes, "{allowed}");
+    }
+    // A crash no threshold can detect before the end: no operating point.
+    let late: Crashes = [(2, 9900 * MS)].into();
+    assert!(optimum(&trace, &late, Kind::Fixed, hb, 1e9).is_none());
+    // akka has no affine form: the exact solver declines.
+    assert!(optimum(&trace, &crashes, Kind::Akka, hb, 1e9).is_none());
+}
+
+/// On a generated trace, for every detector with an affine deadline: the
+/// exact point meets the budget, a slightly lower threshold does not (it
+/// is the least), and the grid sweep can only do as well or worse.
+#[test]
+fn optimum_is_least_and_never_worse_than_the_grid() {
+    let (trace, crashes) = make(Scenario::Wan, 2, 20, 1800);
+    let budget = 1.0 / 24.0;
+    let hb = HbConfig::default();
+    for kind in [Kind::Hb, Kind::Fixed, Kind::Chen, Kind::Cassandra] {
+        let q = optimum(&trace, &crashes, kind, hb, budget).unwrap();
+        assert!(
+            q.mistake_rate <= budget && q.detected == q.crashes,
+            "{kind:?}"
+        );
+        let u = kind.u_of_threshold(q.threshold).unwrap();
+        let below = kind.threshold_of_u(u - 1e-3 * u.abs().max(1.0)).unwrap();
+        let spec = Spec::new(kind, &[below], hb).unwrap();
+        let r = &evaluate(&trace, &crashes, &spec)[0];
+        assert!(r.mistake_rate > budget, "{kind:?}: {below} also meets it");
+        let (grid, _) = sweep(&trace, &crashes, kind, hb, budget);
+        let grid = grid.unwrap();
+        assert!(
+            grid.td_mean_ms.unwrap() >= q.td_mean_ms.unwrap() - 1e-6,
+            "{kind:?}: grid {grid:?} beats the optimum {q:?}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------- generator
