@@ -87,7 +87,7 @@ fn gate(ctx: &XdpContext) -> (u32, GateResult) {
     // SAFETY: only the slot and the one key we need are copied out, at
     // once: userspace may replace the value at any time.
     let Some(keys) = (unsafe { HB_NODE_KEYS.get(&d.node_id) }) else {
-        let mut r = report::about(REPORT_UNKNOWN_NODE, &d, 0, now());
+        let mut r = report::about(REPORT_UNKNOWN_NODE, &d, 0, 0);
         report::send(ctx, &f, cfg, LIMIT_UNKNOWN, &mut r);
         return drop(GateResult::UnknownNode);
     };
