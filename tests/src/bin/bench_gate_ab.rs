@@ -1,0 +1,368 @@
+//! A/B comparison of XDP gate objects through BPF_PROG_TEST_RUN, for
+//! optimising the gate: `bench_dataplane`'s rows and formulas, but for
+//! several eBPF objects loaded side by side and measured interleaved (round
+//! by round, object by object), so that the load of a shared machine hits
+//! every object alike. Needs root.
+//!
+//! ```text
+//! cargo run --release -p hb-tests --bin bench_gate_ab -- [LABEL=OBJECT.o ...]
+//! ```
+//!
+//! Without arguments it compares the object embedded in `hb` with itself
+//! (an A/A run shows the noise). `cur` always names the embedded object.
+//! `HB_BENCH_ROUNDS` (default 7), `HB_BENCH_CPU` (default 0) as in
+//! `bench_dataplane`; `HB_AB_PIN=DIR` pins each object's `hb_xdp` as
+//! `DIR/<label>` (for `bpftool prog dump jited pinned ...`).
+//!
+//! Every object must use the map layouts of this build's `hb-common`.
+
+use std::{collections::HashMap as StdHashMap, io::Write as _};
+
+use anyhow::Context as _;
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap},
+    programs::{TestRun, TestRunOptions, Xdp},
+    sys::{Stats, enable_stats},
+};
+use hb_common::{
+    Datagram, Kind, NodeKey,
+    maps::{Config, NodeKeys, names},
+};
+use hb_tests::frames::Udp;
+
+const PORT: u16 = 7420;
+const REPEAT: u32 = 1_000_000;
+const DISTINCT: u64 = 50_000;
+const KEY: NodeKey = NodeKey { k0: 11, k1: 22 };
+/// Node map capacity (smaller than `MAX_NODES` so several objects fit;
+/// the rows below touch one node).
+const NODES: u32 = 65_536;
+
+fn dgram(node_id: u32, key_epoch: u8, seq: u64) -> Vec<u8> {
+    let d = Datagram {
+        kind: Kind::Heartbeat,
+        node_id,
+        generation: 1,
+        key_epoch,
+        flags: 0,
+        load: 0,
+        seq,
+        sent_ns: seq,
+        interval_ms: 1000,
+        rtt_us: 0,
+    };
+    Udp::v4(PORT, &d.seal(&KEY)).build()
+}
+
+fn hb(seq: u64) -> Vec<u8> {
+    dgram(42, 0, seq)
+}
+
+struct Obj {
+    label: String,
+    ebpf: Ebpf,
+}
+
+impl Obj {
+    fn load(label: &str, bytes: &[u8]) -> anyhow::Result<Obj> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::NODE_KEYS, NODES)
+            .map_max_entries(names::NODE_STATE, NODES)
+            .load(bytes)
+            .with_context(|| format!("load {label}"))?;
+        for p in [names::PROGRAM, names::FLOOR] {
+            let x: &mut Xdp = ebpf.program_mut(p).context("program")?.try_into()?;
+            x.load()
+                .with_context(|| format!("verifier rejected {label}:{p}"))?;
+        }
+        let mut keys: HashMap<_, u32, NodeKeys> =
+            HashMap::try_from(ebpf.map_mut(names::NODE_KEYS).context("keys map")?)?;
+        keys.insert(
+            42,
+            NodeKeys {
+                slot: 0,
+                epoch: [0, 0],
+                valid: 1,
+                _pad: 0,
+                key: [KEY, NodeKey::default()],
+            },
+            0,
+        )?;
+        let mut o = Obj {
+            label: label.to_string(),
+            ebpf,
+        };
+        o.config(&Config {
+            port: PORT,
+            ..Config::default()
+        })?;
+        Ok(o)
+    }
+
+    fn config(&mut self, cfg: &Config) -> anyhow::Result<()> {
+        let mut c: Array<_, Config> =
+            Array::try_from(self.ebpf.map_mut(names::CONFIG).context("config map")?)?;
+        c.set(0, cfg, 0)?;
+        Ok(())
+    }
+
+    fn prog(&mut self, name: &str) -> anyhow::Result<&mut Xdp> {
+        Ok(self.ebpf.program_mut(name).context("program")?.try_into()?)
+    }
+
+    fn verified(&mut self) -> anyhow::Result<u32> {
+        self.prog(names::PROGRAM)?
+            .info()?
+            .verified_instruction_count()
+            .context("no verified instruction count")
+    }
+
+    /// Mean ns per run: by test_run's clock (stats off) or by bpf_stats.
+    fn measure(
+        &mut self,
+        prog: &str,
+        frames: &[Vec<u8>],
+        repeat: u32,
+        stats_on: bool,
+    ) -> anyhow::Result<f64> {
+        let p = self.prog(prog)?;
+        let mut out = vec![0u8; 512];
+        let i0 = p.info()?;
+        let mut total = 0u128;
+        for f in frames {
+            let r = p.test_run(TestRunOptions {
+                data_in: Some(f),
+                data_out: Some(&mut out),
+                repeat,
+                ..TestRunOptions::default()
+            })?;
+            total += r.duration.as_nanos();
+        }
+        let i1 = p.info()?;
+        let runs = frames.len() as u64 * repeat as u64;
+        if stats_on {
+            let n = i1.run_count() - i0.run_count();
+            anyhow::ensure!(n == runs, "bpf_stats counted {n} runs, expected {runs}");
+            Ok((i1.run_time() - i0.run_time()).as_nanos() as f64 / runs as f64)
+        } else {
+            Ok(total as f64 / frames.len() as f64)
+        }
+    }
+}
+
+fn median(xs: &[f64]) -> (f64, f64, f64) {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let m = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (m, v[0], v[n - 1])
+}
+
+fn pin(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one CPU set, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn env<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T> {
+    match std::env::var(name) {
+        Ok(s) => s
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{name}: bad value {s:?}")),
+        Err(_) => Ok(default),
+    }
+}
+
+/// Rows measured with `repeat` over one frame (stats off): test_run ns.
+const REPEAT_ROWS: [&str; 6] = [
+    "floor",
+    "pass-through",
+    "bad_tag",
+    "replay",
+    "unknown_node",
+    "bad_epoch",
+];
+
+fn main() -> anyhow::Result<()> {
+    let cpu: usize = env("HB_BENCH_CPU", 0)?;
+    let rounds: usize = env("HB_BENCH_ROUNDS", 7)?;
+    pin(cpu);
+    let mut objs = Vec::new();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let specs: Vec<(String, Option<String>)> = if args.is_empty() {
+        vec![("cur".into(), None), ("cur2".into(), None)]
+    } else {
+        args.iter()
+            .map(|a| match a.split_once('=') {
+                Some((l, p)) if p != "cur" => (l.to_string(), Some(p.to_string())),
+                Some((l, _)) => (l.to_string(), None),
+                None => (a.clone(), Some(a.clone())),
+            })
+            .collect()
+    };
+    for (label, path) in &specs {
+        let bytes = match path {
+            Some(p) => std::fs::read(p).with_context(|| format!("read {p}"))?,
+            None => hb::EBPF_OBJECT.to_vec(),
+        };
+        objs.push(Obj::load(label, &bytes)?);
+    }
+    if let Ok(dir) = std::env::var("HB_AB_PIN") {
+        for o in &mut objs {
+            let path = format!("{dir}/{}", o.label);
+            let _ = std::fs::remove_file(&path);
+            o.prog(names::PROGRAM)?.pin(&path)?;
+        }
+    }
+
+    let other = vec![Udp::v4(53, &[0u8; 48]).build()];
+    let bad_tag = {
+        let mut f = hb(1);
+        let n = f.len();
+        f[n - 1] ^= 1;
+        vec![f]
+    };
+    let frames: StdHashMap<&str, Vec<Vec<u8>>> = [
+        ("floor", vec![hb(1)]),
+        ("pass-through", other),
+        ("bad_tag", bad_tag),
+        ("replay", vec![hb(5)]),
+        ("unknown_node", vec![dgram(7, 0, 1)]),
+        ("bad_epoch", vec![dgram(42, 9, 1)]),
+    ]
+    .into_iter()
+    .collect();
+
+    // Per object: row name -> samples.
+    let mut res: Vec<StdHashMap<&str, Vec<f64>>> = objs.iter().map(|_| StdHashMap::new()).collect();
+    // `HB_AB_ROWS=replay,bad_tag`: only these repeat rows (for profiling).
+    let only = std::env::var("HB_AB_ROWS").ok();
+    let mut next_seq = 1u64;
+    // Make "replay" (seq 5) a replay for every object.
+    for o in &mut objs {
+        o.measure(names::PROGRAM, &[hb(5)], 1, false)?;
+    }
+    next_seq += 5;
+    for _ in 0..rounds {
+        for (i, o) in objs.iter_mut().enumerate() {
+            let r = &mut res[i];
+            for row in REPEAT_ROWS {
+                if let Some(only) = &only {
+                    if !only.split(',').any(|o| o == row) {
+                        r.entry(row).or_default().push(f64::NAN);
+                        continue;
+                    }
+                }
+                let prog = if row == "floor" {
+                    names::FLOOR
+                } else {
+                    names::PROGRAM
+                };
+                let t = o.measure(prog, &frames[row], REPEAT, false)?;
+                r.entry(row).or_default().push(t);
+            }
+            // Distinct frames, program time by bpf_stats.
+            let _stats = enable_stats(Stats::RunTime).context("BPF_ENABLE_STATS")?;
+            let first: Vec<Vec<u8>> = (next_seq..next_seq + DISTINCT).map(hb).collect();
+            let second: Vec<Vec<u8>> = (next_seq + DISTINCT..next_seq + 2 * DISTINCT)
+                .map(hb)
+                .collect();
+            let acc = o.measure(names::PROGRAM, &first, 1, true)?;
+            let rd = o.measure(names::PROGRAM, &first, 1, true)?;
+            o.config(&Config {
+                port: PORT,
+                ack_every: 1,
+                ..Config::default()
+            })?;
+            let ack = o.measure(names::PROGRAM, &second, 1, true)?;
+            o.config(&Config {
+                port: PORT,
+                ..Config::default()
+            })?;
+            r.entry("p(accepted)").or_default().push(acc);
+            r.entry("p(replay)").or_default().push(rd);
+            r.entry("p(ack)").or_default().push(ack);
+        }
+        next_seq += 2 * DISTINCT;
+    }
+
+    let mut out = std::io::stdout().lock();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    writeln!(
+        out,
+        "## gate A/B, CPU {cpu}, {rounds} rounds; load {}\n",
+        load.trim()
+    )?;
+    write!(out, "| row |")?;
+    for o in &objs {
+        write!(out, " {} ns (min-max) | x floor |", o.label)?;
+    }
+    writeln!(out)?;
+    write!(out, "|---|")?;
+    for _ in &objs {
+        write!(out, "---:|---:|")?;
+    }
+    writeln!(out)?;
+    let med = |r: &StdHashMap<&str, Vec<f64>>, k: &str| median(&r[k]).0;
+    let mut lines: Vec<(String, Vec<(f64, f64, f64)>)> = Vec::new();
+    for row in REPEAT_ROWS {
+        lines.push((row.into(), res.iter().map(|r| median(&r[row])).collect()));
+    }
+    // Steady-state accepted, per round: replay (repeat) + p(acc) - p(replay).
+    for (name, key) in [("accepted", "p(accepted)"), ("accepted+ACK", "p(ack)")] {
+        let v = res
+            .iter()
+            .map(|r| {
+                let per: Vec<f64> = (0..r["replay"].len())
+                    .map(|k| r["replay"][k] + r[key][k] - r["p(replay)"][k])
+                    .collect();
+                median(&per)
+            })
+            .collect();
+        lines.push((name.into(), v));
+    }
+    for key in ["p(accepted)", "p(replay)", "p(ack)"] {
+        lines.push((
+            format!("{key} bpf_stats"),
+            res.iter().map(|r| median(&r[key])).collect(),
+        ));
+    }
+    for (name, v) in &lines {
+        write!(out, "| {name} |")?;
+        for (i, (m, lo, hi)) in v.iter().enumerate() {
+            let fl = med(&res[i], "floor");
+            write!(out, " {m:.1} ({lo:.1}-{hi:.1}) | {:.2} |", m / fl)?;
+        }
+        writeln!(out)?;
+    }
+    // Per round ratio B/A of accepted, to see the spread of the difference.
+    if objs.len() >= 2 {
+        let acc = |r: &StdHashMap<&str, Vec<f64>>, k: usize| {
+            r["replay"][k] + r["p(accepted)"][k] - r["p(replay)"][k]
+        };
+        for i in 1..objs.len() {
+            let diffs: Vec<f64> = (0..rounds)
+                .map(|k| acc(&res[i], k) - acc(&res[0], k))
+                .collect();
+            let (m, lo, hi) = median(&diffs);
+            writeln!(
+                out,
+                "\naccepted {} - {}: median {m:.1} ns per round ({lo:.1} to {hi:.1})",
+                objs[i].label, objs[0].label
+            )?;
+        }
+    }
+    for o in &mut objs {
+        let n = o.verified()?;
+        writeln!(out, "verifier {}: {n} instructions", o.label)?;
+    }
+    Ok(())
+}
