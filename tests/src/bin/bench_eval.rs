@@ -227,10 +227,13 @@ type Summary = (Scenario, Option<Qos>, Option<(Kind, Qos)>);
 /// `inf`: no threshold meets the budget).
 fn explore_hb(cases: &[Case], summary: &[Summary]) {
     let mut candidates = Vec::new();
-    for &ratio in &[0.05, 0.1, 0.2, 0.3] {
-        for &min_ms in &[20.0, 50.0, 100.0] {
-            for &pause in &[0.0, 250.0, 500.0] {
-                for &(ms, ds) in &[(3, 2), (4, 3), (5, 4), (4, 2)] {
+    // The grid behind the defaults (see `hb::detector`, "Defaults"); each
+    // point is one exact replay per scenario (`qos::optimum`), ~5 min in all.
+    let gains: Vec<(u32, u32)> = (3..=5).flat_map(|m| (2..=5).map(move |d| (m, d))).collect();
+    for &ratio in &[0.1, 0.2, 0.3, 0.5] {
+        for &min_ms in &[20.0, 100.0] {
+            for &pause in &[0.0] {
+                for &(ms, ds) in &gains {
                     candidates.push(HbConfig {
                         phi: PhiParams {
                             min_std_dev_ms: min_ms,
