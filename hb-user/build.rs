@@ -18,12 +18,22 @@ fn main() -> anyhow::Result<()> {
         manifest_path,
         ..
     } = ebpf_package;
+    let root_dir = manifest_path
+        .parent()
+        .ok_or_else(|| anyhow!("no parent for {manifest_path}"))?;
+    // Link (= generate code, bpf-linker runs LLVM) for BPF ISA v3, not the
+    // `generic` CPU rustc asks for: see hb-ebpf/bpf-linker-v3. The child
+    // cargo that aya-build spawns inherits this environment.
+    // SAFETY: a build script is single-threaded here.
+    unsafe {
+        std::env::set_var(
+            "CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER",
+            root_dir.join("bpf-linker-v3"),
+        )
+    };
     let ebpf_package = aya_build::Package {
         name: name.as_str(),
-        root_dir: manifest_path
-            .parent()
-            .ok_or_else(|| anyhow!("no parent for {manifest_path}"))?
-            .as_str(),
+        root_dir: root_dir.as_str(),
         ..Default::default()
     };
     aya_build::build_ebpf([ebpf_package], Toolchain::default())

@@ -11,7 +11,8 @@
 //! Without arguments it compares the object embedded in `hb` with itself
 //! (an A/A run shows the noise). `cur` always names the embedded object.
 //! `HB_BENCH_ROUNDS` (default 7), `HB_BENCH_CPU` (default 0) as in
-//! `bench_dataplane`; `HB_AB_PIN=DIR` pins each object's `hb_xdp` as
+//! `bench_dataplane`; `HB_AB_ROWS=replay,bad_tag` measures only those
+//! repeat rows (for profiling); `HB_AB_PIN=DIR` pins each object's `hb_xdp` as
 //! `DIR/<label>` (for `bpftool prog dump jited pinned ...`).
 //!
 //! Every object must use the map layouts of this build's `hb-common`.
@@ -255,11 +256,11 @@ fn main() -> anyhow::Result<()> {
         for (i, o) in objs.iter_mut().enumerate() {
             let r = &mut res[i];
             for row in REPEAT_ROWS {
-                if let Some(only) = &only {
-                    if !only.split(',').any(|o| o == row) {
-                        r.entry(row).or_default().push(f64::NAN);
-                        continue;
-                    }
+                if let Some(only) = &only
+                    && !only.split(',').any(|o| o == row)
+                {
+                    r.entry(row).or_default().push(f64::NAN);
+                    continue;
                 }
                 let prog = if row == "floor" {
                     names::FLOOR
@@ -312,7 +313,9 @@ fn main() -> anyhow::Result<()> {
     }
     writeln!(out)?;
     let med = |r: &StdHashMap<&str, Vec<f64>>, k: &str| median(&r[k]).0;
-    let mut lines: Vec<(String, Vec<(f64, f64, f64)>)> = Vec::new();
+    // (row, per object: median, min, max)
+    type Line = (String, Vec<(f64, f64, f64)>);
+    let mut lines: Vec<Line> = Vec::new();
     for row in REPEAT_ROWS {
         lines.push((row.into(), res.iter().map(|r| median(&r[row])).collect()));
     }
