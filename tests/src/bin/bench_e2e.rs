@@ -1385,7 +1385,7 @@ fn report(
     println!(
         "\nloss = (sent - accepted) / sent: frames the monitor end's ring or the monitor's socket had no room for \
          (or that the load generator's own redirecting veth dropped). \
-         The XDP program column is bpf_stats `run_time_ns / run_cnt` (stats on for the whole run: about \
+         The program column is bpf_stats `run_time_ns / run_cnt` (hb_xdp, hb_floor or the tc drop; stats on for the whole run: about \
          40 ns per run added to floor and native, nothing to userspace). The softirq column is what \
          /proc/stat (tick-sampled) still charged as softirq on either CPU in the window: the receive path \
          runs in the NAPI thread. Machine busy time includes other users of this shared machine; only \
