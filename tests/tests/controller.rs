@@ -14,9 +14,7 @@
 //! ACK) are tested against the same sender code in `tests/sender.rs`.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Stdio},
     time::{Duration, Instant},
 };
@@ -24,7 +22,10 @@ use std::{
 use aya::programs::{Xdp, XdpMode};
 use hb::dataplane::xdp::{XdpDataplane, XdpOptions};
 use hb_common::{NodeKey, maps::names};
-use hb_tests::netns::{IF_A, IF_B, NetNs, VethPair};
+use hb_tests::{
+    drive::{hb_bin, http_get},
+    netns::{IF_A, IF_B, NetNs, VethPair},
+};
 use serde_json::Value;
 
 const PORT: u16 = 7420;
@@ -32,24 +33,6 @@ const LISTEN: &str = "127.0.0.1:9420";
 const NODE: u32 = 3;
 const EPOCH: u8 = 1;
 const SECRET: [u8; 32] = [0x42; 32];
-
-fn hb_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("HB_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable in target/<profile>/deps");
-    let bin = dir.join("hb");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first (`cargo build -p hb-user`), or set HB_BIN",
-        bin.display()
-    );
-    bin
-}
 
 /// Kills a child process if the test fails half-way.
 struct Reaper(Child);
@@ -72,32 +55,8 @@ impl Drop for Pins {
     }
 }
 
-fn try_http(ns: &NetNs, path: &str) -> std::io::Result<(u16, String)> {
-    let addr: SocketAddr = LISTEN.parse().expect("literal");
-    let mut s = ns
-        .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
-        .map_err(std::io::Error::other)??;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {LISTEN}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
 fn json(ns: &NetNs, path: &str) -> Value {
-    let (code, body) = try_http(ns, path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let (code, body) = http_get(ns, LISTEN, path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
     assert_eq!(code, 200, "GET {path}: {body}");
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
 }
@@ -158,7 +117,7 @@ fn qlearn_changes_a_live_senders_interval_through_acks() {
     );
     let mon_log = || std::fs::read_to_string(&mon_err).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !matches!(try_http(&pair.a, "/healthz"), Ok((200, _))) {
+    while !matches!(http_get(&pair.a, LISTEN, "/healthz"), Ok((200, _))) {
         if let Ok(Some(st)) = monitor.0.try_wait() {
             panic!("monitor exited {st}: {}", mon_log());
         }

@@ -14,9 +14,8 @@
 //! `cargo build -p hb-user && cargo test -p hb-tests --test monitor`.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream, UdpSocket},
-    path::{Path, PathBuf},
+    net::{SocketAddr, UdpSocket},
+    path::PathBuf,
     process::{Child, Stdio},
     sync::{
         Arc,
@@ -31,32 +30,16 @@ use hb::{
     keys::derive_node_key,
 };
 use hb_common::{Datagram, Kind, NodeKey, maps::names, proto::FLAG_LEAVING};
-use hb_tests::netns::{IF_A, IF_B, NetNs, VethPair};
+use hb_tests::{
+    drive::{hb_bin, http_get},
+    netns::{IF_A, IF_B, NetNs, VethPair},
+};
 use serde_json::Value;
 
 const PORT: u16 = 7420;
 const LISTEN: &str = "127.0.0.1:9420";
 /// Heartbeat interval of the simulated senders.
 const INTERVAL_MS: u64 = 50;
-
-fn hb_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("HB_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/monitor-<hash> -> target/<profile>/hb
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable in target/<profile>/deps");
-    let bin = dir.join("hb");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first (`cargo build -p hb-user`), or set HB_BIN",
-        bin.display()
-    );
-    bin
-}
 
 fn secret(epoch: u8) -> [u8; 32] {
     std::array::from_fn(|i| (i as u8).wrapping_mul(7).wrapping_add(epoch))
@@ -279,27 +262,7 @@ fn try_http(ns: &NetNs, path: &str) -> std::io::Result<(u16, String)> {
 
 /// `GET path` from the API at `listen` (connecting from inside `ns`).
 fn try_http_at(ns: &NetNs, listen: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let addr: SocketAddr = listen.parse().expect("literal");
-    let mut s = ns
-        .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
-        .map_err(std::io::Error::other)??;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {listen}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    http_get(ns, listen, path)
 }
 
 fn http(ns: &NetNs, path: &str) -> (u16, String) {

@@ -12,7 +12,6 @@
 
 use std::{
     net::{SocketAddr, UdpSocket},
-    path::PathBuf,
     process::{Child, Stdio},
     time::{Duration, Instant},
 };
@@ -26,33 +25,11 @@ use hb_common::{
     maps::{Config, NodeKeys},
     proto::{self, Datagram, Kind, NodeKey},
 };
-use hb_tests::netns::VethPair;
+use hb_tests::{drive::hb_bin, netns::VethPair};
 
 const NODE: u32 = 7;
 const EPOCH: u8 = 1;
 const PORT: u16 = 7420;
-
-/// The `hb` binary next to this test's directory (`target/<profile>/hb`),
-/// which `cargo test --workspace` builds (hb-user has integration tests);
-/// `HB_BIN` overrides.
-fn hb_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("HB_BIN") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/sender-<hash>
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("test binary in target/<profile>/deps");
-    let bin = dir.join("hb");
-    assert!(
-        bin.exists(),
-        "{} does not exist: build it first (`cargo build -p hb-user --bin hb`; `cargo xtask test` does) or set HB_BIN",
-        bin.display()
-    );
-    bin
-}
 
 fn monotonic_ns() -> u64 {
     hb::send::monotonic_ns()

@@ -40,8 +40,6 @@
 //! figures).
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     process::{Child, Stdio},
@@ -59,6 +57,7 @@ use hb::{
 };
 use hb_common::{Datagram, Kind, NodeKey, maps::names};
 use hb_tests::{
+    drive::{http_get, try_hb_bin},
     frames::{MAC_MONITOR, MAC_NODE, Udp},
     netns::{NetNs, sh},
 };
@@ -150,21 +149,6 @@ fn opts() -> anyhow::Result<Opts> {
     }
     ensure!(o.nodes > 0 && o.rounds > 0 && o.secs > 0.0, "{usage}");
     Ok(o)
-}
-
-/// The `hb` binary: `HB_BIN`, or next to this executable (`target/<profile>/hb`).
-fn hb_bin() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("HB_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe()?;
-    let bin = exe.with_file_name("hb");
-    ensure!(
-        bin.exists(),
-        "{} not found: build it first (`cargo build --release -p hb-user`), or set HB_BIN",
-        bin.display()
-    );
-    Ok(bin)
 }
 
 fn mac(m: [u8; 6]) -> String {
@@ -704,26 +688,8 @@ fn send(
 }
 
 /// `GET path` from the monitor's API, connecting from inside `ns`.
-fn http(ns: &NetNs, path: &str) -> anyhow::Result<(u16, String)> {
-    let addr: SocketAddr = LISTEN.parse().expect("literal");
-    let mut s = ns.run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))??;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {LISTEN}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+fn http(ns: &NetNs, path: &str) -> std::io::Result<(u16, String)> {
+    http_get(ns, LISTEN, path)
 }
 
 /// The gate's `accepted` counter from `/metrics`.
@@ -755,7 +721,7 @@ impl Monitor {
         let mut cmd = link.a.command("taskset");
         cmd.args(["-c", &o.monitor_cpu.to_string()])
             .args(["nice", "-n", &NICE.to_string()])
-            .arg(hb_bin()?)
+            .arg(try_hb_bin()?)
             .args(["monitor", "--iface", &link.if_a])
             .args(["--port", &PORT.to_string(), "--listen", LISTEN])
             .arg("--keyring")
@@ -1085,7 +1051,7 @@ fn rate_name(r: Option<u64>) -> String {
 fn main() -> anyhow::Result<()> {
     let o = opts()?;
     let started = Instant::now();
-    hb_bin()?;
+    try_hb_bin()?;
     pin_pid(0, o.sender_cpu);
     renice(0, NICE);
     let per_run = o
