@@ -169,6 +169,20 @@ impl Monitor {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// Waits for `needle` in the monitor's log: a counter can move before
+    /// the line that goes with it is written.
+    fn wait_stderr(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.stderr().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the monitor's log within {timeout:?}:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn wait_healthy(&mut self, pair: &VethPair) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -679,7 +693,7 @@ fn sighup_rotates_keys_without_loss(mode: &str) {
     .unwrap();
     m.signal(libc::SIGHUP);
     wait_reloads(false, 1);
-    assert!(m.stderr().contains("reload failed"), "{}", m.stderr());
+    m.wait_stderr("reload failed", Duration::from_secs(5));
     std::fs::write(dir.path("keyring.toml"), keyring_text(&[2])).unwrap();
     m.signal(libc::SIGHUP);
     wait_reloads(true, 2);
