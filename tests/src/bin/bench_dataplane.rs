@@ -53,7 +53,7 @@
 
 use std::{
     io::Write as _,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
     time::{Duration, Instant},
 };
 
@@ -71,6 +71,7 @@ use hb_common::{
     maps::{Config, MAX_NODES, NodeKeys, names},
 };
 use hb_tests::{
+    bench::{packet_socket, pin, summary},
     frames::Udp,
     netns::{IF_A, IF_B, VethPair, sh},
 };
@@ -152,19 +153,6 @@ fn measure(
     })
 }
 
-/// Median, min and max of one column.
-fn summary(xs: &[f64]) -> (f64, f64, f64) {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let med = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    (med, v[0], v[n - 1])
-}
-
 /// A row: every round's sample.
 struct Row {
     case: &'static str,
@@ -194,41 +182,6 @@ impl Row {
 
 /// Frames per `sendmmsg` on the veth.
 const VETH_BATCH: usize = 64;
-
-/// An AF_PACKET socket on `veth-b` (created in namespace `b`): frames
-/// sent on it arrive at `veth-a`, whose XDP program sees them.
-fn packet_socket(pair: &VethPair) -> anyhow::Result<OwnedFd> {
-    let ifindex = pair.b.ifindex(IF_B)?;
-    pair.b.run(move || -> anyhow::Result<OwnedFd> {
-        // SAFETY: plain socket(2); the fd is owned at once.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-        anyhow::ensure!(
-            fd >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: fd was just returned by socket(2).
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: zeroed sockaddr_ll is valid; fields set below.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = ifindex as i32;
-        // SAFETY: sll is a valid sockaddr_ll of the given length.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&raw const sll).cast(),
-                size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        anyhow::ensure!(
-            rc == 0,
-            "bind to {IF_B}: {}",
-            std::io::Error::last_os_error()
-        );
-        Ok(fd)
-    })?
-}
 
 /// Sends every frame once, `VETH_BATCH` per sendmmsg, retrying a batch
 /// the device queue refused (veth applies back-pressure when the peer's
@@ -317,7 +270,7 @@ fn veth_cost(
     let (t0, n0) = stats(p)?;
     let sent = std::thread::scope(|s| {
         s.spawn(|| {
-            pin(sender_cpu);
+            pin(0, sender_cpu);
             send_all(sock, frames)
         })
         .join()
@@ -369,21 +322,7 @@ fn threaded_napi(pair: &VethPair) -> anyhow::Result<()> {
 /// Pins the threads in `pids` to `cpu`.
 fn pin_pids(pids: &[i32], cpu: usize) {
     for &pid in pids {
-        // SAFETY: a zeroed cpu_set_t with one CPU set.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu, &mut set);
-            libc::sched_setaffinity(pid, size_of::<libc::cpu_set_t>(), &set);
-        }
-    }
-}
-
-fn pin(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t with one CPU set, for this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        pin(pid, cpu);
     }
 }
 
@@ -395,7 +334,7 @@ fn main() -> anyhow::Result<()> {
         .transpose()
         .context("HB_BENCH_CPU: a CPU number")?
         .unwrap_or(0);
-    pin(cpu);
+    pin(0, cpu);
     // Fewer rounds for quick experiments (HB_BENCH_ROUNDS=1).
     let rounds: usize = std::env::var("HB_BENCH_ROUNDS")
         .ok()
@@ -496,7 +435,7 @@ fn main() -> anyhow::Result<()> {
 
     // The veth measurement: warm, production path (see the module doc).
     let pair = VethPair::new("perf").context("veth pair for the bench")?;
-    let sock = packet_socket(&pair)?;
+    let sock = packet_socket(&pair.b, IF_B)?;
     // Online CPUs (available_parallelism would say 1: this thread is pinned).
     // SAFETY: sysconf has no preconditions.
     let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;

@@ -57,6 +57,7 @@ use hb::{
 };
 use hb_common::{Datagram, Kind, NodeKey, maps::names};
 use hb_tests::{
+    bench::{packet_socket, pin, summary},
     drive::{http_get, try_hb_bin},
     frames::{MAC_MONITOR, MAC_NODE, Udp},
     netns::{NetNs, sh},
@@ -523,15 +524,6 @@ fn realtime(tid: i32) {
     unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &p) };
 }
 
-fn pin_pid(pid: i32, cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t with one CPU set.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(pid, size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
 /// The pre-built traffic: `warm` (seq 1 of every node) and `load` (seq 2,
 /// 3, ... of every node in round-robin), FRAME_LEN bytes per frame.
 struct Pool {
@@ -575,40 +567,6 @@ fn build_pool(nodes: u32, frames: usize) -> Pool {
     Pool { warm, load }
 }
 
-/// An AF_PACKET socket bound to `ifname` in `ns`.
-fn packet_socket(ns: &NetNs, ifname: &str) -> anyhow::Result<OwnedFd> {
-    let ifindex = ns.ifindex(ifname)?;
-    ns.run(move || -> anyhow::Result<OwnedFd> {
-        // SAFETY: plain socket(2); the fd is owned at once.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-        ensure!(
-            fd >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: fd was just returned by socket(2).
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: zeroed sockaddr_ll is valid; fields set below.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = ifindex as i32;
-        // SAFETY: sll is a valid sockaddr_ll of the given length.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&raw const sll).cast(),
-                size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        ensure!(
-            rc == 0,
-            "bind AF_PACKET: {}",
-            std::io::Error::last_os_error()
-        );
-        Ok(fd)
-    })?
-}
-
 /// What the load generator did.
 #[derive(Clone, Copy, Default)]
 struct Sent {
@@ -628,7 +586,7 @@ fn send(
     secs: f64,
     cpu: usize,
 ) -> anyhow::Result<Sent> {
-    pin_pid(0, cpu);
+    pin(0, cpu);
     renice(0, NICE);
     let cpu0 = schedstat_ns("/proc/thread-self/schedstat");
     let total = pool.len() / FRAME_LEN;
@@ -914,11 +872,11 @@ impl Bench<'_> {
             bail!("the NAPI thread of {} went away", self.link.if_a);
         }
         for &p in &self.link.napi {
-            pin_pid(p, o.monitor_cpu);
+            pin(p, o.monitor_cpu);
             realtime(p);
         }
         for &p in &self.link.napi_r {
-            pin_pid(p, o.sender_cpu);
+            pin(p, o.sender_cpu);
             realtime(p);
         }
         let prog_id = match mode {
@@ -1016,22 +974,6 @@ impl Bench<'_> {
     }
 }
 
-/// Median, min and max.
-fn summary(xs: &[f64]) -> (f64, f64, f64) {
-    let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return (f64::NAN, f64::NAN, f64::NAN);
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let med = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    (med, v[0], v[n - 1])
-}
-
 fn fmt_spread(xs: &[f64], prec: usize) -> String {
     let (m, lo, hi) = summary(xs);
     if xs.len() <= 1 {
@@ -1052,7 +994,7 @@ fn main() -> anyhow::Result<()> {
     let o = opts()?;
     let started = Instant::now();
     try_hb_bin()?;
-    pin_pid(0, o.sender_cpu);
+    pin(0, o.sender_cpu);
     renice(0, NICE);
     let per_run = o
         .rates

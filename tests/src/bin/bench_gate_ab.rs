@@ -30,7 +30,10 @@ use hb_common::{
     Datagram, Kind, NodeKey,
     maps::{Config, NodeKeys, names},
 };
-use hb_tests::frames::Udp;
+use hb_tests::{
+    bench::{pin, summary},
+    frames::Udp,
+};
 
 const PORT: u16 = 7420;
 const REPEAT: u32 = 1_000_000;
@@ -152,27 +155,6 @@ impl Obj {
     }
 }
 
-fn median(xs: &[f64]) -> (f64, f64, f64) {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let m = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    (m, v[0], v[n - 1])
-}
-
-fn pin(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t with one CPU set, for this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
 fn env<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T> {
     match std::env::var(name) {
         Ok(s) => s
@@ -195,7 +177,7 @@ const REPEAT_ROWS: [&str; 6] = [
 fn main() -> anyhow::Result<()> {
     let cpu: usize = env("HB_BENCH_CPU", 0)?;
     let rounds: usize = env("HB_BENCH_ROUNDS", 7)?;
-    pin(cpu);
+    pin(0, cpu);
     let mut objs = Vec::new();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let specs: Vec<(String, Option<String>)> = if args.is_empty() {
@@ -312,12 +294,12 @@ fn main() -> anyhow::Result<()> {
         write!(out, "---:|---:|")?;
     }
     writeln!(out)?;
-    let med = |r: &StdHashMap<&str, Vec<f64>>, k: &str| median(&r[k]).0;
+    let med = |r: &StdHashMap<&str, Vec<f64>>, k: &str| summary(&r[k]).0;
     // (row, per object: median, min, max)
     type Line = (String, Vec<(f64, f64, f64)>);
     let mut lines: Vec<Line> = Vec::new();
     for row in REPEAT_ROWS {
-        lines.push((row.into(), res.iter().map(|r| median(&r[row])).collect()));
+        lines.push((row.into(), res.iter().map(|r| summary(&r[row])).collect()));
     }
     // Steady-state accepted, per round: replay (repeat) + p(acc) - p(replay).
     for (name, key) in [("accepted", "p(accepted)"), ("accepted+ACK", "p(ack)")] {
@@ -327,7 +309,7 @@ fn main() -> anyhow::Result<()> {
                 let per: Vec<f64> = (0..r["replay"].len())
                     .map(|k| r["replay"][k] + r[key][k] - r["p(replay)"][k])
                     .collect();
-                median(&per)
+                summary(&per)
             })
             .collect();
         lines.push((name.into(), v));
@@ -335,7 +317,7 @@ fn main() -> anyhow::Result<()> {
     for key in ["p(accepted)", "p(replay)", "p(ack)"] {
         lines.push((
             format!("{key} bpf_stats"),
-            res.iter().map(|r| median(&r[key])).collect(),
+            res.iter().map(|r| summary(&r[key])).collect(),
         ));
     }
     for (name, v) in &lines {
@@ -355,7 +337,7 @@ fn main() -> anyhow::Result<()> {
             let diffs: Vec<f64> = (0..rounds)
                 .map(|k| acc(&res[i], k) - acc(&res[0], k))
                 .collect();
-            let (m, lo, hi) = median(&diffs);
+            let (m, lo, hi) = summary(&diffs);
             writeln!(
                 out,
                 "\naccepted {} - {}: median {m:.1} ns per round ({lo:.1} to {hi:.1})",

@@ -45,6 +45,7 @@ use hb_common::{
     Datagram, GateResult, Kind, NodeKey,
     maps::{NodeKeys, NodeState},
 };
+use hb_tests::bench::pin;
 
 const MS: u64 = 1_000_000;
 const SRC: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
@@ -271,14 +272,10 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    // SAFETY: a zeroed cpu_set_t with one CPU set, for this thread; then
-    // setpriority(2) on this thread (fails harmlessly without privileges).
-    let niced = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-        libc::setpriority(libc::PRIO_PROCESS, 0, -20) == 0
-    };
+    pin(0, cpu);
+    // SAFETY: setpriority(2) on this thread (fails harmlessly without
+    // privileges).
+    let niced = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -20) == 0 };
     println!("## Monitor tick (`cargo run --release -p hb-tests --bin bench_monitor`)");
     println!();
     println!(
