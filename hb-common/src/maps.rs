@@ -84,6 +84,17 @@ pub struct NodeKeys {
 }
 
 impl NodeKeys {
+    /// A node at `slot` holding one key, `key` for `epoch`.
+    pub const fn single(slot: u32, epoch: u8, key: NodeKey) -> NodeKeys {
+        NodeKeys {
+            slot,
+            epoch: [epoch, 0],
+            valid: 1,
+            _pad: 0,
+            key: [key, NodeKey { k0: 0, k1: 0 }],
+        }
+    }
+
     /// The key held for `epoch`, if any (gate step 7).
     #[inline(always)]
     pub fn find(&self, epoch: u8) -> Option<&NodeKey> {

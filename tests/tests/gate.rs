@@ -45,17 +45,8 @@ impl Gate {
             ..XdpOptions::default()
         })
         .expect("load the gate (tests run as root)");
-        dp.upsert_node(
-            NODE,
-            &NodeKeys {
-                slot: SLOT,
-                epoch: [1, 0],
-                valid: 1,
-                _pad: 0,
-                key: [key(), NodeKey::default()],
-            },
-        )
-        .unwrap();
+        dp.upsert_node(NODE, &NodeKeys::single(SLOT, 1, key()))
+            .unwrap();
         dp.set_config(&cfg).unwrap();
         Gate { dp }
     }
@@ -528,17 +519,8 @@ fn node_state_after_a_sequence() {
     // The same datagrams through the userspace gate give the same state
     // (but for the clock): one implementation in hb-common.
     let mem = hb::dataplane::mem::MemDataplane::new();
-    mem.upsert_node(
-        NODE,
-        &NodeKeys {
-            slot: SLOT,
-            epoch: [1, 0],
-            valid: 1,
-            _pad: 0,
-            key: [key(), NodeKey::default()],
-        },
-    )
-    .unwrap();
+    mem.upsert_node(NODE, &NodeKeys::single(SLOT, 1, key()))
+        .unwrap();
     let src = "198.18.0.2:40000".parse().unwrap();
     for (i, seq) in [1u64, 2, 5, 4].into_iter().enumerate() {
         mem.gate(&hb(seq).seal(&key()), src, 1 + i as u64);

@@ -50,17 +50,8 @@ struct FakeMonitor {
 impl FakeMonitor {
     fn new(sock: UdpSocket, key: NodeKey) -> FakeMonitor {
         let dp = MemDataplane::new();
-        dp.upsert_node(
-            NODE,
-            &NodeKeys {
-                slot: 0,
-                epoch: [EPOCH, 0],
-                valid: 1,
-                _pad: 0,
-                key: [key, NodeKey::default()],
-            },
-        )
-        .unwrap();
+        dp.upsert_node(NODE, &NodeKeys::single(0, EPOCH, key))
+            .unwrap();
         dp.set_config(&Config {
             port: PORT,
             ack_on_change: 1,

@@ -34,13 +34,7 @@ fn log(s: String) {
 }
 
 fn keys(slot: u32) -> NodeKeys {
-    NodeKeys {
-        slot,
-        epoch: [0, 0],
-        valid: 1,
-        _pad: 0,
-        key: [KEY, NodeKey::default()],
-    }
+    NodeKeys::single(slot, 0, KEY)
 }
 
 fn hb(node_id: u32, seq: u64) -> [u8; proto::LEN] {

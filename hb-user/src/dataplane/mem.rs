@@ -305,13 +305,7 @@ mod tests {
 
     fn dp() -> MemDataplane {
         let dp = MemDataplane::new();
-        let keys = NodeKeys {
-            slot: 0,
-            epoch: [1, 0],
-            valid: 1,
-            _pad: 0,
-            key: [key(), NodeKey::default()],
-        };
+        let keys = NodeKeys::single(0, 1, key());
         dp.upsert_node(42, &keys).unwrap();
         dp
     }

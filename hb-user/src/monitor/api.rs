@@ -324,13 +324,7 @@ mod tests {
         // Ids in reverse slot order: the listing sorts by id.
         for id in (1..=n).rev() {
             let slot = core.table.insert(id, Origin::Configured, 0).unwrap();
-            let keys = NodeKeys {
-                slot,
-                epoch: [1, 0],
-                valid: 1,
-                _pad: 0,
-                key: [NodeKey::default(); 2],
-            };
+            let keys = NodeKeys::single(slot, 1, NodeKey::default());
             dp.upsert_node(id, &keys).unwrap();
         }
         core.table.remove(7);

@@ -493,13 +493,7 @@ mod tests {
             );
             for &id in ids {
                 let slot = core.table.insert(id, Origin::Configured, 0).unwrap();
-                let keys = NodeKeys {
-                    slot,
-                    epoch: [1, 0],
-                    valid: 1,
-                    _pad: 0,
-                    key: [key(id), NodeKey::default()],
-                };
+                let keys = NodeKeys::single(slot, 1, key(id));
                 dp.upsert_node(id, &keys).unwrap();
             }
             let start = 1_000_000 * MS;

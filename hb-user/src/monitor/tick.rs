@@ -412,13 +412,7 @@ mod tests {
     }
 
     fn keys(id: u32, slot: u32) -> NodeKeys {
-        NodeKeys {
-            slot,
-            epoch: [1, 0],
-            valid: 1,
-            _pad: 0,
-            key: [key(id), NodeKey::default()],
-        }
+        NodeKeys::single(slot, 1, key(id))
     }
 
     struct Rig {

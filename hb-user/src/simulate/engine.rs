@@ -400,16 +400,7 @@ pub fn run(cfg: &SimConfig, policy: &mut Policy<'_>) -> anyhow::Result<SimReport
             k0: sub_seed(cfg.seed, 1, id),
             k1: sub_seed(cfg.seed, 2, id),
         };
-        sim.dp.upsert_node(
-            id,
-            &NodeKeys {
-                slot: i,
-                epoch: [0, 0],
-                valid: 1,
-                _pad: 0,
-                key: [key, NodeKey::default()],
-            },
-        )?;
+        sim.dp.upsert_node(id, &NodeKeys::single(i, 0, key))?;
         if let Policy::Fixed(ms) = sim.policy {
             sim.dp.set_requested_interval(i, *ms);
         }

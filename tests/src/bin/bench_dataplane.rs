@@ -343,13 +343,7 @@ fn main() -> anyhow::Result<()> {
         .context("HB_BENCH_ROUNDS: a number")?
         .unwrap_or(ROUNDS);
     let dp = XdpDataplane::open(&XdpOptions::default()).context("load (run as root)")?;
-    let keys = NodeKeys {
-        slot: 0,
-        epoch: [0, 0],
-        valid: 1,
-        _pad: 0,
-        key: [KEY, NodeKey::default()],
-    };
+    let keys = NodeKeys::single(0, 0, KEY);
     dp.upsert_node(42, &keys)?;
     let cfg = Config {
         port: PORT,

@@ -82,17 +82,7 @@ impl Obj {
         }
         let mut keys: HashMap<_, u32, NodeKeys> =
             HashMap::try_from(ebpf.map_mut(names::NODE_KEYS).context("keys map")?)?;
-        keys.insert(
-            42,
-            NodeKeys {
-                slot: 0,
-                epoch: [0, 0],
-                valid: 1,
-                _pad: 0,
-                key: [KEY, NodeKey::default()],
-            },
-            0,
-        )?;
+        keys.insert(42, NodeKeys::single(0, 0, KEY), 0)?;
         let mut o = Obj {
             label: label.to_string(),
             ebpf,

@@ -121,13 +121,7 @@ fn bench(n: u32, ticks: usize) -> Row {
             .table
             .insert(id, Origin::Configured, 0)
             .expect("capacity");
-        let keys = NodeKeys {
-            slot,
-            epoch: [1, 0],
-            valid: 1,
-            _pad: 0,
-            key: [key, NodeKey::default()],
-        };
+        let keys = NodeKeys::single(slot, 1, key);
         dp.upsert_node(id, &keys).expect("provision");
     }
     // Three heartbeats per node, 1 s apart (with a little per-node jitter),
