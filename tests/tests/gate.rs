@@ -138,7 +138,9 @@ fn run_table(g: &Gate, rows: Vec<Row>) {
         assert_eq!(action, r.action, "{}: action", r.what);
         for res in GateResult::ALL {
             let d = after[res.index() as usize] - before[res.index() as usize];
-            let want = u64::from(res == r.result);
+            // Every datagram to the port moves its result's counter once;
+            // foreign traffic (pass) moves none.
+            let want = u64::from(res == r.result && res != GateResult::Pass);
             assert_eq!(d, want, "{}: counter {res} moved by {d}", r.what);
         }
         let eff = (
@@ -220,6 +222,20 @@ fn one_row_per_gate_result_and_header_variant() {
     frag_later.frag = 0x0010;
     let mut short_udp = v4(&sealed(hb(8)));
     short_udp.truncate(short_udp.len() - 1);
+    // Foreign traffic in every shape the gate's fast pass path decides
+    // (untagged IPv4 without options, IPv6) and every shape it leaves to
+    // the full parse (VLAN, IPv4 options): both must pass it.
+    let mut other_vlan = Udp::v4(53, &good);
+    other_vlan.vlan = Some(100);
+    let mut other_opts = Udp::v4(53, &good);
+    other_opts.ip_options = vec![1, 1, 1, 0];
+    let mut frag_later_other = Udp::v4(53, &good);
+    frag_later_other.frag = 0x0010;
+    // TCP (protocol 6) whose destination port bytes say 7420.
+    let mut tcp4 = v4(&good);
+    tcp4[23] = 6;
+    let mut tcp6 = Udp::v6(PORT, &good).build();
+    tcp6[20] = 6;
 
     run_table(
         &g,
@@ -231,6 +247,27 @@ fn one_row_per_gate_result_and_header_variant() {
                 E::None,
             ),
             row("ARP", arp(), R::Pass, E::None),
+            row(
+                "other UDP port, IPv6",
+                Udp::v6(53, &good).build(),
+                R::Pass,
+                E::None,
+            ),
+            row("other UDP port, VLAN", other_vlan.build(), R::Pass, E::None),
+            row(
+                "other UDP port, IPv4 options",
+                other_opts.build(),
+                R::Pass,
+                E::None,
+            ),
+            row(
+                "IPv4 later fragment, other port",
+                frag_later_other.build(),
+                R::Pass,
+                E::None,
+            ),
+            row("TCP to the heartbeat port", tcp4, R::Pass, E::None),
+            row("TCP to the heartbeat port, IPv6", tcp6, R::Pass, E::None),
             row(
                 "payload of 47 bytes",
                 v4(&good[..47]),

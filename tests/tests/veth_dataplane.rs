@@ -159,7 +159,8 @@ fn heartbeats_acks_and_other_traffic_over_veth() {
     server.send_to(&buf[..n], from).unwrap();
     let (n, _) = client.recv_from(&mut buf).expect("UDP reply");
     assert_eq!(&buf[..n], b"ping");
-    assert!(dp.counters().unwrap()[GateResult::Pass.index() as usize] >= 2);
+    // Foreign traffic is handed to the stack uncounted (gate step 1).
+    assert_eq!(dp.counters().unwrap()[GateResult::Pass.index() as usize], 0);
 
     drop(dp);
     let link = String::from_utf8(pair.a.ip(&["link", "show", IF_A]).unwrap().stdout).unwrap();
