@@ -55,10 +55,17 @@ pub enum Kind {
 /// `k1 = le(key[8..16])`. Derivation from the master secret (HKDF) lives in
 /// userspace (`hb-user`), since it needs `ring`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
 pub struct NodeKey {
     pub k0: u64,
     pub k1: u64,
+}
+
+/// Key material stays out of logs and panic messages.
+impl core::fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("NodeKey(..)")
+    }
 }
 
 impl NodeKey {

@@ -36,15 +36,15 @@ use aya_ebpf::{
 };
 use hb_common::{
     GateResult,
-    maps::{Config, REPORT_RESTART, REPORT_UNKNOWN_NODE, counter},
+    maps::{Config, REPORT_RESTART, REPORT_UNKNOWN_NODE, counter, index::Lookup},
     proto::{self, Kind},
 };
 
 use crate::{
-    maps::{HB_CONFIG, HB_NODE_KEYS, HB_NODE_STATE, LIMIT_RESTART, LIMIT_UNKNOWN, count},
+    maps::{HB_CONFIG, HB_NODE_STATE, LIMIT_RESTART, LIMIT_UNKNOWN, count, slot_of},
     parse::{Frame, Parsed},
     payload::Payload,
-    state::Locked,
+    state::{KeyRead, Locked},
 };
 
 #[xdp]
@@ -93,34 +93,42 @@ fn gate(ctx: &XdpContext) -> (u32, GateResult) {
         Err(r) => return drop(r),
     };
     // Step 6: provisioned?
-    // SAFETY: only the slot and the one key we need are copied out, at
-    // once: userspace may replace the value at any time.
-    let Some(keys) = (unsafe { HB_NODE_KEYS.get(&d.node_id) }) else {
-        let mut r = report::about(REPORT_UNKNOWN_NODE, &d, 0, 0);
-        report::send(ctx, &f, cfg, LIMIT_UNKNOWN, &mut r);
-        return drop(GateResult::UnknownNode);
+    let slot = match slot_of(d.node_id) {
+        Lookup::Found(slot) => slot,
+        Lookup::Absent => {
+            let mut r = report::about(REPORT_UNKNOWN_NODE, &d, 0, 0);
+            report::send(ctx, &f, cfg, LIMIT_UNKNOWN, &mut r);
+            return drop(GateResult::UnknownNode);
+        }
+        // Userspace kept moving index entries during the search (it
+        // inserts into two full buckets): not known to be unknown, so no
+        // report; counted as contended.
+        Lookup::Busy => {
+            count(counter::CONTENDED);
+            return drop(GateResult::UnknownNode);
+        }
     };
     // A slot beyond the array is a provisioning bug in userspace (it checks
-    // against MAX_NODES); the node is as good as unknown, without a report.
-    let Some(state) = HB_NODE_STATE.get_ptr_mut(keys.slot) else {
+    // against the capacity); the node is as good as unknown, without a
+    // report.
+    let Some(state) = HB_NODE_STATE.get_ptr_mut(slot) else {
         return drop(GateResult::UnknownNode);
     };
-    // Step 7: a key for the epoch.
-    let Some(key) = keys.find(d.key_epoch).copied() else {
-        return drop(GateResult::BadEpoch);
-    };
-    // Step 8: the tag.
-    if !payload::verify(&key, &buf) {
-        // The per-node count is best effort: under contention only the
-        // global counter (and `contended`) records it.
-        match Locked::take(state) {
-            Some(mut l) => {
-                let s = l.get();
-                s.bad_tag = s.bad_tag.wrapping_add(1);
-                l.release();
-            }
-            None => count(counter::CONTENDED),
+    // Step 7: a key for the epoch, read at the node without the lock. A
+    // slot freed or reused since the index was read holds another id: the
+    // node is gone, as good as unknown (no report: userspace removed it).
+    let key = match state::read_key(state, d.node_id, d.key_epoch) {
+        KeyRead::Key(k) => k,
+        KeyRead::NotHere => return drop(GateResult::UnknownNode),
+        KeyRead::NoEpoch => return drop(GateResult::BadEpoch),
+        KeyRead::Busy => {
+            count(counter::CONTENDED);
+            return drop(GateResult::BadEpoch);
         }
+    };
+    // Step 8: the tag. Counted at the node without the lock.
+    if !payload::verify(&key, &buf) {
+        state::count_bad_tag(state);
         return drop(GateResult::BadTag);
     }
     // Steps 9-11 under the node's seqlock.
@@ -128,6 +136,12 @@ fn gate(ctx: &XdpContext) -> (u32, GateResult) {
         count(counter::CONTENDED);
         return drop(GateResult::Replay);
     };
+    // Userspace may have freed or reused the slot since the key was read
+    // (it does so under this lock): then the datagram is not this slot's.
+    if l.get().node_id != d.node_id {
+        l.release();
+        return drop(GateResult::UnknownNode);
+    }
     let s = l.get();
     let admit = match s.admit(&d) {
         Ok(a) => a,

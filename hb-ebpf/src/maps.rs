@@ -6,18 +6,21 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
 };
 use hb_common::maps::{
-    Config, EVENTS_BYTES, MAX_NODES, NodeKeys, NodeState, RateLimit, counter, names,
+    Config, EVENTS_BYTES, MAX_NODES, NodeState, RateLimit, counter, index, names,
 };
 
-/// Provisioned nodes: node id -> slot and keys. Written by userspace only.
+/// The node index: node id -> slot (`hb_common::maps::index`). Written by
+/// userspace only, through its mapping.
 #[map]
-pub static HB_NODE_KEYS: HashMap<u32, NodeKeys> = HashMap::with_max_entries(MAX_NODES, 0);
+pub static HB_NODE_INDEX: Array<index::Bucket> =
+    Array::with_max_entries(1 + index::buckets_for(MAX_NODES), BPF_F_MMAPABLE);
 
-/// Per-node state, indexed by `NodeKeys::slot`. Mmap-able so userspace
-/// reads every node under its seqcount without a syscall per node.
+/// Per-node id, keys and state, at the slot the index gives. Mmap-able so
+/// userspace reads every node under its seqcount without a syscall per
+/// node.
 #[map]
 pub static HB_NODE_STATE: Array<NodeState> = Array::with_max_entries(MAX_NODES, BPF_F_MMAPABLE);
 
@@ -58,7 +61,7 @@ const fn same(a: &str, b: &str) -> bool {
 }
 
 // The statics above must carry the names userspace looks up.
-const _: () = assert!(same(names::NODE_KEYS, "HB_NODE_KEYS"));
+const _: () = assert!(same(names::NODE_INDEX, "HB_NODE_INDEX"));
 const _: () = assert!(same(names::NODE_STATE, "HB_NODE_STATE"));
 const _: () = assert!(same(names::COUNTERS, "HB_COUNTERS"));
 const _: () = assert!(same(names::CONFIG, "HB_CONFIG"));
@@ -67,6 +70,12 @@ const _: () = assert!(same(names::LIMITS, "HB_LIMITS"));
 const _: () = assert!(same(names::PROGRAM, "hb_xdp"));
 const _: () = assert!(same(names::PASS, "hb_pass"));
 const _: () = assert!(same(names::FLOOR, "hb_floor"));
+
+/// Where `node_id` is (gate step 6).
+#[inline(always)]
+pub fn slot_of(node_id: u32) -> index::Lookup {
+    index::lookup(node_id, |i| HB_NODE_INDEX.get(i))
+}
 
 /// Adds one to the per-CPU counter `idx`.
 #[inline(always)]

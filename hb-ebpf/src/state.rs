@@ -1,4 +1,14 @@
-//! The per-node write protocol of `HB_NODE_STATE`.
+//! The per-node protocols of `HB_NODE_STATE`: the lock-free read of a
+//! node's key ([`read_key`]) and the write lock ([`Locked`]).
+//!
+//! Userspace writes a node's id and keys (provisioning, rotation,
+//! removal) while holding the entry's `seqcount` and with `keys_seq` odd;
+//! the kernel never writes them. So the kernel reads a key without taking
+//! the lock: between two equal, even reads of `keys_seq` (loads are not
+//! reordered with loads on x86-64, the architecture hb supports). Gate
+//! steps 6 to 8 thus never take the lock, and a flood of forged datagrams
+//! for a node (which fail step 8) never contends with its real heartbeats:
+//! their `bad_tag` count is an atomic add.
 //!
 //! `NodeState::seqcount` is a seqlock for the userspace readers of the
 //! mmap'ed array (they copy an entry and retry while the count is odd or
@@ -21,10 +31,83 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
-use hb_common::maps::NodeState;
+use hb_common::{NodeKey, maps::NodeState};
 
-/// Attempts to take an entry before giving up.
+/// Attempts to take an entry, or to read a key, before giving up.
 const TRIES: u32 = 16;
+
+/// What [`read_key`] found at a slot.
+pub enum KeyRead {
+    /// The node's key for the epoch.
+    Key(NodeKey),
+    /// The slot holds another node, or none: freed or reused since the
+    /// index was read.
+    NotHere,
+    /// The node holds no key for the epoch (gate step 7).
+    NoEpoch,
+    /// Userspace kept rewriting the keys for `TRIES` reads.
+    Busy,
+}
+
+/// The key of `node_id` for `epoch` at `state`, read without the lock (see
+/// the module docs).
+#[inline(always)]
+pub fn read_key(state: *const NodeState, node_id: u32, epoch: u8) -> KeyRead {
+    // SAFETY (all reads): `state` points into a map value, aligned and
+    // alive as long as the program; fields written concurrently are read
+    // volatile and validated by `keys_seq`.
+    let ks = unsafe { core::ptr::addr_of!((*state).keys_seq) };
+    let mut i = 0;
+    while i < TRIES {
+        let s0 = unsafe { core::ptr::read_volatile(ks) };
+        if s0 & 1 == 0 {
+            let id = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*state).node_id)) };
+            let valid =
+                unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*state).key_valid)) };
+            let ep = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*state).key_epoch)) };
+            let k = if valid & 1 != 0 && ep[0] == epoch {
+                Some(0)
+            } else if valid & 2 != 0 && ep[1] == epoch {
+                Some(1)
+            } else {
+                None
+            };
+            let key = match k {
+                Some(0) => unsafe {
+                    core::ptr::read_volatile(core::ptr::addr_of!((*state).key[0]))
+                },
+                Some(_) => unsafe {
+                    core::ptr::read_volatile(core::ptr::addr_of!((*state).key[1]))
+                },
+                None => NodeKey::default(),
+            };
+            if unsafe { core::ptr::read_volatile(ks) } == s0 {
+                return if id != node_id {
+                    KeyRead::NotHere
+                } else if k.is_none() {
+                    KeyRead::NoEpoch
+                } else {
+                    KeyRead::Key(key)
+                };
+            }
+        }
+        i += 1;
+    }
+    KeyRead::Busy
+}
+
+/// Counts a datagram whose tag did not verify on the node's state, without
+/// the lock (an atomic add: readers may see it a copy late).
+#[inline(always)]
+pub fn count_bad_tag(state: *mut NodeState) {
+    // SAFETY: an aligned u32 of a live map value.
+    unsafe {
+        atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(
+            core::ptr::addr_of_mut!((*state).bad_tag),
+            1,
+        )
+    };
+}
 
 /// An entry of `HB_NODE_STATE` held for writing.
 pub struct Locked {
@@ -63,9 +146,11 @@ impl Locked {
     /// The entry (the only writer while held).
     #[inline(always)]
     pub fn get(&mut self) -> &mut NodeState {
-        // SAFETY: we hold the entry's seqlock; userspace writes only
-        // `requested_interval_ms`, which `NodeState::record` never touches
-        // and which we read with `requested_interval`.
+        // SAFETY: we hold the entry's seqlock, which userspace also takes
+        // to write the id and keys; outside it userspace writes only
+        // `requested_interval_ms` (which `NodeState::record` never touches
+        // and which we read with `requested_interval`) and we add to
+        // `bad_tag` atomically (which `record` does not touch either).
         unsafe { &mut *self.state }
     }
 

@@ -9,6 +9,7 @@
 //! slot (`NodeKeys::slot`) and keeps its own per-slot tables parallel to
 //! the dataplane's, so a tick is a linear scan.
 
+pub mod index;
 pub mod mem;
 pub mod xdp;
 

@@ -9,7 +9,10 @@
 //!   down, and a restarted monitor swaps its fresh program into the pinned
 //!   link atomically.
 //! - Node state is read straight from the mmap'ed `HB_NODE_STATE` array
-//!   under each entry's seqcount (see [`XdpDataplane::read_states`]).
+//!   under each entry's seqcount (see [`XdpDataplane::read_states`]); node
+//!   ids and keys are written into it under the same protocol, and the
+//!   node index (`HB_NODE_INDEX`, see [`super::index`]) is written through
+//!   its own mapping.
 //! - Reports come from the `HB_EVENTS` ring buffer, polled with tokio's
 //!   `AsyncFd`.
 //!
@@ -41,24 +44,27 @@ use std::{
     ptr::NonNull,
     sync::{
         Mutex, MutexGuard,
-        atomic::{AtomicU32, Ordering, fence},
+        atomic::{AtomicU32, AtomicU64, Ordering, fence},
     },
 };
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray, RingBuf},
+    maps::{Array, IterableMap as _, Map, MapData, PerCpuArray, RingBuf},
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
     },
 };
-use hb_common::maps::{Config, NodeKeys, NodeState, Report, counter, names};
+use hb_common::maps::{Config, MAX_NODES, NodeKeys, NodeState, Report, counter, index, names};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
-use super::{Counters, Dataplane};
+use super::{
+    Counters, Dataplane,
+    index::{NodeIndex, Words},
+};
 
 /// Measured by `tests/tests/veth_dataplane.rs::read_design`; see the module
 /// documentation. (mmap + seqcount, one lookup syscall per node), for
@@ -92,45 +98,46 @@ pub struct XdpOptions {
     /// Pin the XDP links so the program stays attached when the monitor
     /// exits; re-adopted on start. Needs `pin_dir`.
     pub keep_attached: bool,
-    /// Capacity override of the node maps (tests); default `MAX_NODES`.
+    /// Capacity of the node maps (node state slots); default
+    /// `MAX_NODES`. Pinned maps keep the capacity they were created with.
     pub max_nodes: Option<u32>,
+    /// An eBPF object to load instead of the one embedded in `hb` (A/B
+    /// benchmarks of gate variants); it must use this build's map layouts.
+    pub object: Option<&'static [u8]>,
 }
 
 /// Expected value sizes, to refuse pinned maps of another layout.
 const VALUE_SIZES: [(&str, u32); 4] = [
-    (names::NODE_KEYS, size_of::<NodeKeys>() as u32),
+    (names::NODE_INDEX, size_of::<index::Bucket>() as u32),
     (names::NODE_STATE, size_of::<NodeState>() as u32),
     (names::COUNTERS, 8),
     (names::CONFIG, size_of::<Config>() as u32),
 ];
 
-/// A shared mapping of `HB_NODE_STATE`.
-struct StateMap {
-    ptr: NonNull<NodeState>,
+/// A shared, writable mapping of a `BPF_F_MMAPABLE` array map of `len`
+/// values of `T`.
+struct Mapping<T> {
+    ptr: NonNull<T>,
     len: u32,
     bytes: usize,
 }
 
 // SAFETY: the mapping is plain shared memory; every access goes through
 // the seqcount protocol or atomics.
-unsafe impl Send for StateMap {}
-unsafe impl Sync for StateMap {}
+unsafe impl<T> Send for Mapping<T> {}
+unsafe impl<T> Sync for Mapping<T> {}
 
-impl StateMap {
-    fn new(map: &MapData, len: u32, writable: bool) -> anyhow::Result<StateMap> {
+impl<T> Mapping<T> {
+    fn new(map: &MapData, name: &str) -> anyhow::Result<Mapping<T>> {
+        let len = map.info()?.max_entries();
         let page = page_size();
-        let bytes = (len as usize * size_of::<NodeState>()).div_ceil(page) * page;
-        let prot = if writable {
-            libc::PROT_READ | libc::PROT_WRITE
-        } else {
-            libc::PROT_READ
-        };
+        let bytes = (len as usize * size_of::<T>()).div_ceil(page) * page;
         // SAFETY: a fresh shared mapping of the map's fd; checked below.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 bytes,
-                prot,
+                libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 map.fd().as_fd().as_raw_fd(),
                 0,
@@ -138,17 +145,29 @@ impl StateMap {
         };
         if p == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error()).context(format!(
-                "mmap of {} failed (the map must be created with BPF_F_MMAPABLE)",
-                names::NODE_STATE
+                "mmap of {name} failed (the map must be created with BPF_F_MMAPABLE)"
             ));
         }
-        Ok(StateMap {
+        Ok(Mapping {
             ptr: NonNull::new(p.cast()).expect("mmap never returns NULL on success"),
             len,
             bytes,
         })
     }
+}
 
+impl<T> Drop for Mapping<T> {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
+}
+
+/// The mapping of `HB_NODE_STATE` and the per-node protocols on it (see
+/// `hb_common::maps` and the XDP program's `state` module).
+type StateMap = Mapping<NodeState>;
+
+impl StateMap {
     fn entry(&self, slot: u32) -> Option<*mut NodeState> {
         // SAFETY: in bounds of the mapping.
         (slot < self.len).then(|| unsafe { self.ptr.as_ptr().add(slot as usize) })
@@ -158,6 +177,11 @@ impl StateMap {
         // SAFETY: `seqcount` is an aligned u32 in a live shared mapping
         // that outlives every caller (dropped with the dataplane).
         unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*e).seqcount)) }
+    }
+
+    fn keys_seq(e: *mut NodeState) -> &'static AtomicU32 {
+        // SAFETY: as `seqcount`.
+        unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*e).keys_seq)) }
     }
 
     /// A consistent copy of entry `e`: retried while a writer holds it
@@ -181,10 +205,59 @@ impl StateMap {
         }
     }
 
-    /// Runs `f` on entry `e` under the same write protocol as the kernel
-    /// (compare-and-exchange even to odd, write, add one). The kernel holds
-    /// an entry for well under a microsecond, so spinning is fine.
-    fn write(e: *mut NodeState, f: impl FnOnce(&mut NodeState)) {
+    /// Replaces entry `e` by `f(copy)` under the kernel's write protocol
+    /// (compare-and-exchange even to odd, write, add one), with `keys_seq`
+    /// odd around the write because the id and keys may change. For whole
+    /// changes of the slot (a node installed, moved or removed): a
+    /// concurrent atomic `bad_tag` increment of the kernel may be lost,
+    /// which is what a reset means anyway. The kernel holds an entry for
+    /// well under a microsecond, so spinning is fine.
+    fn replace(e: *mut NodeState, f: impl FnOnce(NodeState) -> NodeState) {
+        let sc = Self::seqcount(e);
+        let seq = loop {
+            let s = sc.load(Ordering::Relaxed);
+            if s & 1 == 0
+                && sc
+                    .compare_exchange(s, s + 1, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                break s + 1;
+            }
+            std::hint::spin_loop();
+        };
+        let ks = Self::keys_seq(e);
+        let kseq = ks.fetch_add(1, Ordering::AcqRel) + 1;
+        // SAFETY: we hold the entry; the two sequence numbers are written
+        // with the values they have now (odd), so no reader and no kernel
+        // key read ever sees an even count on a half-written entry.
+        unsafe {
+            let mut v = f(std::ptr::read_volatile(e));
+            v.seqcount = seq;
+            v.keys_seq = kseq;
+            std::ptr::write_volatile(e, v);
+        }
+        ks.fetch_add(1, Ordering::Release);
+        sc.fetch_add(1, Ordering::Release);
+    }
+
+    /// Installs `node_id` with `keys` at `e` with a fresh state.
+    fn install(e: *mut NodeState, node_id: u32, keys: &NodeKeys) {
+        Self::replace(e, |_| {
+            let mut s = NodeState::default();
+            s.set_keys(node_id, keys);
+            s
+        });
+    }
+
+    /// Frees entry `e`.
+    fn clear(e: *mut NodeState) {
+        Self::replace(e, |_| NodeState::default());
+    }
+
+    /// Replaces the id and keys of entry `e` (key rotation), keeping the
+    /// state: writes only those fields, so nothing the kernel counts
+    /// meanwhile is lost.
+    fn rekey(e: *mut NodeState, node_id: u32, keys: &NodeKeys) {
         let sc = Self::seqcount(e);
         loop {
             let s = sc.load(Ordering::Relaxed);
@@ -197,23 +270,18 @@ impl StateMap {
             }
             std::hint::spin_loop();
         }
-        // SAFETY: we hold the entry; `seqcount` is not touched by `f`
-        // (restored below).
+        let ks = Self::keys_seq(e);
+        ks.fetch_add(1, Ordering::AcqRel);
+        // SAFETY: we hold the entry (and `keys_seq` is odd); aligned
+        // fields of a live mapping.
         unsafe {
-            let mut v = std::ptr::read_volatile(e);
-            let seq = v.seqcount;
-            f(&mut v);
-            v.seqcount = seq;
-            std::ptr::write_volatile(e, v);
+            std::ptr::write_volatile(std::ptr::addr_of_mut!((*e).node_id), node_id);
+            std::ptr::write_volatile(std::ptr::addr_of_mut!((*e).key_epoch), keys.epoch);
+            std::ptr::write_volatile(std::ptr::addr_of_mut!((*e).key_valid), keys.valid);
+            std::ptr::write_volatile(std::ptr::addr_of_mut!((*e).key), keys.key);
         }
+        ks.fetch_add(1, Ordering::Release);
         sc.fetch_add(1, Ordering::Release);
-    }
-}
-
-impl Drop for StateMap {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
     }
 }
 
@@ -232,11 +300,15 @@ struct Attached {
 /// The XDP gate.
 pub struct XdpDataplane {
     ebpf: Mutex<Ebpf>,
-    keys: Mutex<HashMap<MapData, u32, NodeKeys>>,
+    /// The node index, written through `index_map`'s mapping. Declared
+    /// before it: dropped first, as it borrows the mapping.
+    index: Mutex<NodeIndex<'static>>,
+    index_map: Mapping<index::Bucket>,
+    /// The index as a map (for `memlock`).
+    index_fd: MapData,
     counters: PerCpuArray<MapData, u64>,
     config: Mutex<Array<MapData, Config>>,
-    state_ro: StateMap,
-    state_rw: StateMap,
+    state: StateMap,
     /// The same array as a map (for `memlock` and the per-node lookup
     /// used to measure the read design).
     state_map: Array<MapData, NodeState>,
@@ -372,7 +444,7 @@ impl XdpDataplane {
         let mut loader = EbpfLoader::new();
         let pin_paths: Vec<(&str, PathBuf)> = match &opts.pin_dir {
             Some(dir) => [
-                names::NODE_KEYS,
+                names::NODE_INDEX,
                 names::NODE_STATE,
                 names::COUNTERS,
                 names::CONFIG,
@@ -387,10 +459,15 @@ impl XdpDataplane {
             loader.map_pin_path(name, path.as_path());
         }
         if let Some(n) = opts.max_nodes {
-            loader.map_max_entries(names::NODE_KEYS, n);
+            if n == 0 || n > MAX_NODES {
+                bail!("a capacity of {n} nodes is out of range (1 to {MAX_NODES})");
+            }
+            loader.map_max_entries(names::NODE_INDEX, 1 + index::buckets_for(n));
             loader.map_max_entries(names::NODE_STATE, n);
         }
-        let mut ebpf = loader.load(crate::EBPF_OBJECT).map_err(load_error)?;
+        let mut ebpf = loader
+            .load(opts.object.unwrap_or(crate::EBPF_OBJECT))
+            .map_err(load_error)?;
 
         for (name, size) in VALUE_SIZES {
             let map = ebpf
@@ -415,26 +492,44 @@ impl XdpDataplane {
                 .with_context(|| format!("the kernel verifier rejected {name}"))?;
         }
 
-        let keys = HashMap::try_from(take_map(&mut ebpf, names::NODE_KEYS)?)?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::COUNTERS)?)?;
         let config = Array::try_from(take_map(&mut ebpf, names::CONFIG)?)?;
         let state_map = take_map(&mut ebpf, names::NODE_STATE)?;
         let Map::Array(state_data) = &state_map else {
             bail!("map {} is not an array", names::NODE_STATE);
         };
-        let len = state_data.info()?.max_entries();
-        let state_ro = StateMap::new(state_data, len, false)?;
-        let state_rw = StateMap::new(state_data, len, true)?;
+        let state = StateMap::new(state_data, names::NODE_STATE)?;
         let state_map = Array::try_from(state_map)?;
+        let Map::Array(index_fd) = take_map(&mut ebpf, names::NODE_INDEX)? else {
+            bail!("map {} is not an array", names::NODE_INDEX);
+        };
+        let index_map: Mapping<index::Bucket> = Mapping::new(&index_fd, names::NODE_INDEX)?;
+        // SAFETY: the mapping holds `index_map.len` buckets of eight
+        // 64-bit words, page-aligned; it lives in the dataplane next to the
+        // index, which is dropped first (field order), so the slice never
+        // outlives it. Every access to it is atomic.
+        let words: &'static [AtomicU64] = unsafe {
+            std::slice::from_raw_parts(
+                index_map.ptr.as_ptr().cast::<AtomicU64>(),
+                index_map.len as usize * index::ENTRIES,
+            )
+        };
+        let index = NodeIndex::new(Words::Mapped(words)).map_err(|e| {
+            anyhow!(e).context(format!(
+                "remove {} (losing node state) or run the matching hb version",
+                opts.pin_dir.as_deref().unwrap_or(Path::new("?")).display()
+            ))
+        })?;
         let events = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)?;
 
         let mut dp = XdpDataplane {
             ebpf: Mutex::new(ebpf),
-            keys: Mutex::new(keys),
+            index: Mutex::new(index),
+            index_map,
+            index_fd,
             counters,
             config: Mutex::new(config),
-            state_ro,
-            state_rw,
+            state,
             state_map,
             events: Some(events),
             reports_task: None,
@@ -554,7 +649,7 @@ impl XdpDataplane {
 
     /// A consistent copy of the state at `slot`.
     pub fn state(&self, slot: u32) -> Option<NodeState> {
-        self.state_ro.entry(slot).map(StateMap::read)
+        self.state.entry(slot).map(StateMap::read)
     }
 
     /// The state at `slot` through one `BPF_MAP_LOOKUP_ELEM` syscall: the
@@ -566,14 +661,13 @@ impl XdpDataplane {
 
     /// Kernel memory of each map (`memlock` in /proc/self/fdinfo), by name.
     pub fn memlock(&self) -> anyhow::Result<Vec<(&'static str, u64)>> {
-        let keys = self.keys();
         let ebpf = self.ebpf();
         let limits = match ebpf.map(names::LIMITS) {
             Some(Map::PerCpuArray(m)) => m.fd().as_fd().as_raw_fd(),
             _ => bail!("no map {}", names::LIMITS),
         };
         let fds = [
-            (names::NODE_KEYS, keys.map().fd().as_fd().as_raw_fd()),
+            (names::NODE_INDEX, self.index_fd.fd().as_fd().as_raw_fd()),
             (
                 names::NODE_STATE,
                 self.state_map.map().fd().as_fd().as_raw_fd(),
@@ -611,17 +705,16 @@ impl XdpDataplane {
 
     /// Capacity of the node maps.
     pub fn capacity(&self) -> u32 {
-        self.state_ro.len
+        self.state.len
     }
 
-    fn clear_slot(&self, slot: u32) {
-        if let Some(e) = self.state_rw.entry(slot) {
-            StateMap::write(e, |s| *s = NodeState::default());
-        }
+    /// Buckets of the node index (besides its header).
+    pub fn index_buckets(&self) -> u32 {
+        self.index_map.len - 1
     }
 
-    fn keys(&self) -> MutexGuard<'_, HashMap<MapData, u32, NodeKeys>> {
-        self.keys.lock().unwrap_or_else(|e| e.into_inner())
+    fn index(&self) -> MutexGuard<'_, NodeIndex<'static>> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -716,63 +809,100 @@ async fn pump_reports(ring: RingBuf<MapData>, tx: mpsc::Sender<Report>) {
 impl Dataplane for XdpDataplane {
     fn upsert_node(&self, node_id: u32, keys: &NodeKeys) -> anyhow::Result<()> {
         anyhow::ensure!(node_id != 0, "node id 0 is reserved");
-        anyhow::ensure!(
-            keys.slot < self.capacity(),
-            "slot {} is beyond the capacity of {} nodes",
-            keys.slot,
-            self.capacity()
-        );
-        let mut map = self.keys();
-        let old = map.get(&node_id, 0).ok();
-        map.insert(node_id, *keys, 0)
-            .with_context(|| format!("cannot provision node {node_id} in {}", names::NODE_KEYS))?;
-        match old {
-            Some(old) if old.slot == keys.slot => {}
+        let Some(to) = self.state.entry(keys.slot) else {
+            bail!(
+                "slot {} is beyond the capacity of {} nodes",
+                keys.slot,
+                self.capacity()
+            );
+        };
+        let mut ix = self.index();
+        match ix.get(node_id) {
+            // Key rotation: the state stays.
+            Some(slot) if slot == keys.slot => StateMap::rekey(to, node_id, keys),
             Some(old) => {
-                // Moved: carry the state over, free the old slot.
-                if let (Some(from), Some(to)) = (
-                    self.state_ro.entry(old.slot),
-                    self.state_rw.entry(keys.slot),
-                ) {
-                    let s = StateMap::read(from);
-                    StateMap::write(to, |t| *t = s);
+                // Moved: the state goes along, the index follows, the old
+                // slot is freed.
+                match self.state.entry(old) {
+                    Some(from) => {
+                        let s = StateMap::read(from);
+                        StateMap::replace(to, |_| {
+                            let mut t = s;
+                            t.set_keys(node_id, keys);
+                            t
+                        });
+                    }
+                    None => StateMap::install(to, node_id, keys),
                 }
-                self.clear_slot(old.slot);
+                ix.set(node_id, keys.slot)
+                    .expect("an indexed node is updated in place");
+                if let Some(from) = self.state.entry(old) {
+                    StateMap::clear(from);
+                }
             }
-            None => self.clear_slot(keys.slot),
+            None => {
+                // The state first: the kernel never finds the node before
+                // its keys are there.
+                StateMap::install(to, node_id, keys);
+                if let Err(e) = ix.set(node_id, keys.slot) {
+                    StateMap::clear(to);
+                    return Err(anyhow!(e).context(format!(
+                        "cannot provision node {node_id} in {}",
+                        names::NODE_INDEX
+                    )));
+                }
+            }
         }
         Ok(())
     }
 
     fn remove_node(&self, node_id: u32) -> anyhow::Result<()> {
-        let mut map = self.keys();
-        let Ok(old) = map.get(&node_id, 0) else {
-            return Ok(());
-        };
-        map.remove(&node_id)
-            .with_context(|| format!("cannot remove node {node_id} from {}", names::NODE_KEYS))?;
-        self.clear_slot(old.slot);
+        let mut ix = self.index();
+        // The index first: from then on no new datagram reaches the slot;
+        // one that already did finds another id (or none) there once it is
+        // cleared.
+        if let Some(slot) = ix.remove(node_id)
+            && let Some(e) = self.state.entry(slot)
+        {
+            StateMap::clear(e);
+        }
         Ok(())
     }
 
     fn provisioned(&self) -> anyhow::Result<Vec<(u32, NodeKeys)>> {
-        let map = self.keys();
-        map.iter()
-            .map(|r| r.with_context(|| format!("cannot read {}", names::NODE_KEYS)))
-            .collect()
+        let ix = self.index();
+        let mut out = Vec::new();
+        for (id, slot) in ix.entries() {
+            let Some(e) = self.state.entry(slot) else {
+                tracing::warn!(node_id = id, slot, "indexed beyond the node state; ignored");
+                continue;
+            };
+            let s = StateMap::read(e);
+            if s.node_id != id {
+                tracing::warn!(
+                    node_id = id,
+                    slot,
+                    holder = s.node_id,
+                    "indexed at a slot that holds another node; ignored"
+                );
+                continue;
+            }
+            out.push((id, s.keys(slot)));
+        }
+        Ok(out)
     }
 
     fn read_states(&self, slots: Range<u32>, f: &mut dyn FnMut(u32, &NodeState)) {
-        let end = slots.end.min(self.state_ro.len);
+        let end = slots.end.min(self.state.len);
         for slot in slots.start..end {
-            if let Some(e) = self.state_ro.entry(slot) {
+            if let Some(e) = self.state.entry(slot) {
                 f(slot, &StateMap::read(e));
             }
         }
     }
 
     fn set_requested_interval(&self, slot: u32, interval_ms: u32) {
-        if let Some(e) = self.state_rw.entry(slot) {
+        if let Some(e) = self.state.entry(slot) {
             // Only the kernel reads this field and only userspace writes
             // it: a plain atomic store, outside the seqcount protocol.
             // SAFETY: aligned u32 in the live writable mapping.

@@ -102,6 +102,7 @@ fn open_xdp(s: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
         pin_dir: Some(s.pin_dir.clone()),
         keep_attached: s.keep_attached,
         max_nodes: None,
+        object: None,
     })?;
     Ok(Box::new(dp))
 }

@@ -21,10 +21,12 @@ use std::{collections::HashMap as StdHashMap, io::Write as _};
 
 use anyhow::Context as _;
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{Array, HashMap},
     programs::{TestRun, TestRunOptions, Xdp},
     sys::{Stats, enable_stats},
+};
+use hb::dataplane::{
+    Dataplane as _,
+    xdp::{XdpDataplane, XdpOptions},
 };
 use hb_common::{
     Datagram, Kind, NodeKey,
@@ -65,27 +67,21 @@ fn hb(seq: u64) -> Vec<u8> {
 
 struct Obj {
     label: String,
-    ebpf: Ebpf,
+    dp: XdpDataplane,
 }
 
 impl Obj {
-    fn load(label: &str, bytes: &[u8]) -> anyhow::Result<Obj> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::NODE_KEYS, NODES)
-            .map_max_entries(names::NODE_STATE, NODES)
-            .load(bytes)
-            .with_context(|| format!("load {label}"))?;
-        for p in [names::PROGRAM, names::FLOOR] {
-            let x: &mut Xdp = ebpf.program_mut(p).context("program")?.try_into()?;
-            x.load()
-                .with_context(|| format!("verifier rejected {label}:{p}"))?;
-        }
-        let mut keys: HashMap<_, u32, NodeKeys> =
-            HashMap::try_from(ebpf.map_mut(names::NODE_KEYS).context("keys map")?)?;
-        keys.insert(42, NodeKeys::single(0, 0, KEY), 0)?;
+    fn load(label: &str, bytes: &'static [u8]) -> anyhow::Result<Obj> {
+        let dp = XdpDataplane::open(&XdpOptions {
+            max_nodes: Some(NODES),
+            object: Some(bytes),
+            ..XdpOptions::default()
+        })
+        .with_context(|| format!("load {label}"))?;
+        dp.upsert_node(42, &NodeKeys::single(0, 0, KEY))?;
         let mut o = Obj {
             label: label.to_string(),
-            ebpf,
+            dp,
         };
         o.config(&Config {
             port: PORT,
@@ -95,21 +91,20 @@ impl Obj {
     }
 
     fn config(&mut self, cfg: &Config) -> anyhow::Result<()> {
-        let mut c: Array<_, Config> =
-            Array::try_from(self.ebpf.map_mut(names::CONFIG).context("config map")?)?;
-        c.set(0, cfg, 0)?;
-        Ok(())
+        self.dp.set_config(cfg)
     }
 
-    fn prog(&mut self, name: &str) -> anyhow::Result<&mut Xdp> {
-        Ok(self.ebpf.program_mut(name).context("program")?.try_into()?)
+    fn with_prog<R>(
+        &mut self,
+        name: &str,
+        f: impl FnOnce(&mut Xdp) -> anyhow::Result<R>,
+    ) -> anyhow::Result<R> {
+        let mut ebpf = self.dp.ebpf();
+        f(ebpf.program_mut(name).context("program")?.try_into()?)
     }
 
     fn verified(&mut self) -> anyhow::Result<u32> {
-        self.prog(names::PROGRAM)?
-            .info()?
-            .verified_instruction_count()
-            .context("no verified instruction count")
+        self.dp.verified_instructions()
     }
 
     /// Mean ns per run: by test_run's clock (stats off) or by bpf_stats.
@@ -120,20 +115,21 @@ impl Obj {
         repeat: u32,
         stats_on: bool,
     ) -> anyhow::Result<f64> {
-        let p = self.prog(prog)?;
-        let mut out = vec![0u8; 512];
-        let i0 = p.info()?;
-        let mut total = 0u128;
-        for f in frames {
-            let r = p.test_run(TestRunOptions {
-                data_in: Some(f),
-                data_out: Some(&mut out),
-                repeat,
-                ..TestRunOptions::default()
-            })?;
-            total += r.duration.as_nanos();
-        }
-        let i1 = p.info()?;
+        let (i0, i1, total) = self.with_prog(prog, |p| {
+            let mut out = vec![0u8; 512];
+            let i0 = p.info()?;
+            let mut total = 0u128;
+            for f in frames {
+                let r = p.test_run(TestRunOptions {
+                    data_in: Some(f),
+                    data_out: Some(&mut out),
+                    repeat,
+                    ..TestRunOptions::default()
+                })?;
+                total += r.duration.as_nanos();
+            }
+            Ok((i0, p.info()?, total))
+        })?;
         let runs = frames.len() as u64 * repeat as u64;
         if stats_on {
             let n = i1.run_count() - i0.run_count();
@@ -186,13 +182,14 @@ fn main() -> anyhow::Result<()> {
             Some(p) => std::fs::read(p).with_context(|| format!("read {p}"))?,
             None => hb::EBPF_OBJECT.to_vec(),
         };
-        objs.push(Obj::load(label, &bytes)?);
+        // Leaked: each object lives as long as the benchmark.
+        objs.push(Obj::load(label, Vec::leak(bytes))?);
     }
     if let Ok(dir) = std::env::var("HB_AB_PIN") {
         for o in &mut objs {
             let path = format!("{dir}/{}", o.label);
             let _ = std::fs::remove_file(&path);
-            o.prog(names::PROGRAM)?.pin(&path)?;
+            o.with_prog(names::PROGRAM, |p| Ok(p.pin(&path)?))?;
         }
     }
 
