@@ -831,7 +831,15 @@ fn http_api(mode: &str) {
 fn monitor_restart(mode: &str) {
     let (pair, dir) = setup("mrst", &[1]);
     let pins = dir.pins();
-    let args = ["--nodes", "31-32", "--keep-attached", "--pin-dir", &pins];
+    let args = [
+        "--nodes",
+        "31-32",
+        "--keep-attached",
+        "--pin-dir",
+        &pins,
+        "--capacity",
+        "64",
+    ];
     let m = Monitor::start(&pair, &dir, mode, &args);
     let beat = Beat::start(vec![Node::new(&pair, 31, 1), Node::new(&pair, 32, 1)]);
     m.wait_event(31, "joined", Duration::from_secs(5));
@@ -846,9 +854,27 @@ fn monitor_restart(mode: &str) {
     }
     // Longer than the dead threshold (about 4 intervals) without a monitor.
     std::thread::sleep(Duration::from_millis(10 * INTERVAL_MS));
-    let last = ["--nodes", "31-32", "--pin-dir", &pins];
+    // Another capacity: the pinned maps keep theirs, and say so.
+    let last = ["--nodes", "31-32", "--pin-dir", &pins, "--capacity", "128"];
     let m = Monitor::start(&pair, &dir, mode, &last);
     std::thread::sleep(Duration::from_millis(10 * INTERVAL_MS));
+    if mode != "userspace" {
+        // Without the terminal colours tracing may add.
+        let mut log = String::new();
+        let mut esc = false;
+        for c in m.stderr().chars() {
+            match (esc, c) {
+                (false, '\x1b') => esc = true,
+                (true, 'm') => esc = false,
+                (false, c) => log.push(c),
+                _ => {}
+            }
+        }
+        assert!(
+            log.contains("the pinned maps keep their capacity") && log.contains("capacity=64"),
+            "{log}"
+        );
+    }
     let n = node_json(&pair, 31);
     assert_eq!(n["state"], "alive", "{n}");
     let evs = m.node_events(31);
@@ -1029,6 +1055,16 @@ fn bad_input(mode: &str) {
             "bad thresholds",
             vec!["--keyring", &keyring, "--nodes", "1", "--alive-phi", "9"],
             "alive_phi < suspect_phi",
+        ),
+        (
+            "more nodes than the capacity",
+            vec!["--keyring", &keyring, "--nodes", "1-3", "--capacity", "2"],
+            "more than the capacity of 2 (raise --capacity)",
+        ),
+        (
+            "capacity out of range",
+            vec!["--keyring", &keyring, "--nodes", "1", "--capacity", "0"],
+            "capacity must be between 1 and 1048576",
         ),
     ];
     let pins = dir.pins();

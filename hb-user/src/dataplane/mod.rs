@@ -15,7 +15,7 @@ pub mod xdp;
 
 use std::ops::Range;
 
-use hb_common::maps::{Config, NodeKeys, NodeState, Report, counter};
+use hb_common::maps::{Config, MAX_NODES, NodeKeys, NodeState, Report, counter};
 
 /// Per-result and extra counters, indexed like `maps::COUNTERS`
 /// (`GateResult::index`, `maps::counter::*`), summed over CPUs.
@@ -51,4 +51,9 @@ pub trait Dataplane: Send + Sync {
     /// Takes the receiver of the gate's reports (unknown node, restart).
     /// Returns `None` after the first call.
     fn take_reports(&mut self) -> Option<tokio::sync::mpsc::Receiver<Report>>;
+
+    /// Node slots: slots run from 0 to this, exclusive.
+    fn capacity(&self) -> u32 {
+        MAX_NODES
+    }
 }

@@ -932,6 +932,10 @@ impl Dataplane for XdpDataplane {
             .with_context(|| format!("cannot write {}", names::CONFIG))
     }
 
+    fn capacity(&self) -> u32 {
+        XdpDataplane::capacity(self)
+    }
+
     fn take_reports(&mut self) -> Option<mpsc::Receiver<Report>> {
         let ring = self.events.take()?;
         let (tx, rx) = mpsc::channel(1024);

@@ -204,6 +204,12 @@ pub struct Opts {
     /// bpffs directory of the pinned maps and link [default: /sys/fs/bpf/hb].
     #[arg(long, value_name = "DIR")]
     pub pin_dir: Option<PathBuf>,
+    /// Node slots of the XDP maps, at most 1048576 [default: 1048576].
+    /// Each slot holds 208 bytes of locked kernel memory, used or not (218
+    /// MB at the default): size it to the fleet and its growth. Maps
+    /// pinned by an earlier run keep the capacity they were created with.
+    #[arg(long, value_name = "N")]
+    pub capacity: Option<u32>,
 }
 
 /// The config file: the same options, all optional.
@@ -244,6 +250,7 @@ struct FileConfig {
     keep_attached: Option<bool>,
     enroll: Option<bool>,
     pin_dir: Option<PathBuf>,
+    capacity: Option<u32>,
 }
 
 /// Everything the monitor runs with, validated.
@@ -269,6 +276,8 @@ pub struct Settings {
     pub keep_attached: bool,
     pub enroll: bool,
     pub pin_dir: PathBuf,
+    /// Node slots of fresh XDP maps.
+    pub capacity: u32,
 }
 
 /// How the monitor picks intervals (`--controller` and its options).
@@ -424,6 +433,16 @@ impl Settings {
             ControllerKind::Qlearn => 5000,
             _ => 1000,
         };
+        let capacity = a.capacity.or(f.capacity).unwrap_or(MAX_NODES);
+        if !(1..=MAX_NODES).contains(&capacity) {
+            bail!("capacity must be between 1 and {MAX_NODES} nodes, got {capacity}");
+        }
+        if nodes.len() > capacity as u64 {
+            bail!(
+                "nodes lists {} ids, more than the capacity of {capacity} (raise --capacity)",
+                nodes.len()
+            );
+        }
         Ok(Settings {
             ifaces,
             port: a.port.or(f.port).unwrap_or(hb_common::proto::DEFAULT_PORT),
@@ -455,6 +474,7 @@ impl Settings {
                 .clone()
                 .or(f.pin_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
+            capacity,
         })
     }
 }

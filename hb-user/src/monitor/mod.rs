@@ -101,7 +101,7 @@ fn open_xdp(s: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
         },
         pin_dir: Some(s.pin_dir.clone()),
         keep_attached: s.keep_attached,
-        max_nodes: None,
+        max_nodes: Some(s.capacity),
         object: None,
     })?;
     Ok(Box::new(dp))
@@ -238,6 +238,28 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
         make_policy(&settings)?,
         settings.decision_ms,
     );
+    // The slots there are: pinned XDP maps keep the capacity they were
+    // created with.
+    let capacity = match settings.mode {
+        Mode::Userspace => settings.capacity,
+        Mode::Native | Mode::Skb => dp.capacity(),
+    };
+    if capacity != settings.capacity {
+        tracing::warn!(
+            capacity,
+            asked = settings.capacity,
+            pin_dir = %settings.pin_dir.display(),
+            "the pinned maps keep their capacity; to change it, stop hb, remove the pin directory (node state starts afresh) and start again"
+        );
+    }
+    if settings.nodes.len() > capacity as u64 {
+        bail!(
+            "nodes lists {} ids, more than the {capacity} slots of the pinned maps in {} (remove them to resize; node state starts afresh)",
+            settings.nodes.len(),
+            settings.pin_dir.display()
+        );
+    }
+    core.table.set_capacity(capacity);
     let (fleet, summary) = Fleet::start(
         &mut core,
         &*dp,

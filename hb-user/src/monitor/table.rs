@@ -38,8 +38,10 @@ pub enum Origin {
 pub enum TableError {
     #[error("node id 0 is reserved")]
     ZeroId,
-    #[error("the node table is full ({MAX_NODES} nodes)")]
-    Full,
+    #[error(
+        "the node table is full ({0} nodes: `hb monitor --capacity`, at most {MAX_NODES}; a restart keeps pinned maps at their capacity)"
+    )]
+    Full(u32),
     #[error("node {0} is already at slot {1}")]
     Exists(u32, u32),
     #[error("slot {slot} wanted by node {node_id} is taken by node {holder}")]
@@ -67,11 +69,27 @@ pub struct NodeTable {
     free: Vec<u32>,
     /// Nodes per status, indexed by `Status as usize`; kept by the tick.
     pub(crate) counts: [u64; 5],
+    /// Slots the dataplane has (0 = `MAX_NODES`).
+    capacity: u32,
 }
 
 impl NodeTable {
     pub fn new() -> NodeTable {
         NodeTable::default()
+    }
+
+    /// Limits slots to `0..capacity` (the dataplane's node maps).
+    pub fn set_capacity(&mut self, capacity: u32) {
+        self.capacity = capacity.min(MAX_NODES);
+    }
+
+    /// Slots available.
+    pub fn capacity(&self) -> u32 {
+        if self.capacity == 0 {
+            MAX_NODES
+        } else {
+            self.capacity
+        }
     }
 
     /// One past the highest slot ever used: the tick scans `0..len()`.
@@ -141,8 +159,8 @@ impl NodeTable {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
-                if self.len() >= MAX_NODES {
-                    return Err(TableError::Full);
+                if self.len() >= self.capacity() {
+                    return Err(TableError::Full(self.capacity()));
                 }
                 self.grow(self.len() + 1);
                 self.len() - 1
@@ -165,8 +183,8 @@ impl NodeTable {
         if node_id == 0 {
             return Err(TableError::ZeroId);
         }
-        if slot >= MAX_NODES {
-            return Err(TableError::Full);
+        if slot >= self.capacity() {
+            return Err(TableError::Full(self.capacity()));
         }
         if let Some(s) = self.slot_of(node_id) {
             return Err(TableError::Exists(node_id, s));
@@ -257,6 +275,24 @@ mod tests {
             Err(TableError::ZeroId)
         ));
         assert_eq!(t.count(Status::Unknown), 3);
+    }
+
+    #[test]
+    fn slots_stay_within_the_capacity() {
+        let mut t = NodeTable::new();
+        t.set_capacity(2);
+        t.insert(1, Origin::Configured, 1).unwrap();
+        t.insert(2, Origin::Configured, 1).unwrap();
+        assert!(matches!(
+            t.insert(3, Origin::Configured, 1),
+            Err(TableError::Full(2))
+        ));
+        assert!(matches!(
+            t.insert_at(4, 2, Origin::Adopted, Track::default(), 1),
+            Err(TableError::Full(2))
+        ));
+        t.remove(1);
+        assert_eq!(t.insert(3, Origin::Configured, 1).unwrap(), 0);
     }
 
     #[test]
