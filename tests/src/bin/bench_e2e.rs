@@ -34,7 +34,14 @@
 //! Monitor-host CPU of a run = NAPI thread + monitor process (all its
 //! threads), over the window from just before the traffic to when the
 //! gate's `accepted` counter (from `/metrics`) stops moving. Per accepted
-//! heartbeat, raw, and minus its path's floor NAPI CPU per frame received.
+//! heartbeat: raw, and above the XDP floor (minus the floor's NAPI CPU per
+//! frame received at the same rate), for both modes alike. The XDP floor
+//! is what the host pays to see the frames at all (the driver, here veth,
+//! and its NAPI wake-ups) with no monitor; everything past it is the
+//! monitor's work: the XDP program, or the skb, GRO, IP, UDP, the socket
+//! queue, the wake-ups and the process. The skb floor is shown too, and
+//! userspace above it: a stricter comparison that counts the skb and GRO
+//! as free for userspace (they exist there only to reach the monitor).
 //! `bpf_stats` are on for the whole run (about 40 ns per XDP run, charged
 //! to floor and native alike, not to userspace: against native in the raw
 //! figures).
@@ -1156,18 +1163,19 @@ fn report(
          coalescing, SCHED_FIFO as softirq would preempt tasks: the XDP program, or GRO + IP + UDP + the \
          socket queue) + the `hb monitor` process (all threads, nice -20), both on CPU {}; exact times from `/proc/<tid>/schedstat`, nothing left in softirq \
          (see the details). Floors, with no monitor: XDP floor = `hb_floor` (XDP_DROP at once) on the \
-         monitor end, what the host pays to receive these frames at all on the XDP path; skb floor = \
-         a tc ingress program dropping every packet, the same on the skb path (skb built, GRO). \
-         \"above floor\" subtracts from native the XDP floor's, from userspace the skb floor's NAPI CPU \
-         per frame at the same rate: the marginal cost of hb's gate on each path. All per accepted \
-         heartbeat.\n",
+         monitor end, what the host pays to receive these frames at all (the driver, here veth, and \
+         its NAPI wake-ups); skb floor = a tc ingress program dropping every packet (skb built, GRO). \
+         \"above the XDP floor\" subtracts the XDP floor's NAPI CPU per frame at the same rate, from \
+         both modes: the CPU the monitor adds to receiving the frames, its XDP program or the skb, GRO, \
+         IP, UDP, socket and process path of userspace. \"above the skb floor\" (userspace only) also \
+         counts the skb and GRO as free: the stricter comparison. All per accepted heartbeat.\n",
         o.coalesce_us, o.monitor_cpu
     );
     println!(
         "| offered | mode | sent/s | accepted/s | loss | NAPI thread ns/hb | monitor process ns/hb | \
-         **monitor-host CPU s per 1M hb** | above floor, s per 1M hb | program ns/frame (bpf_stats) |"
+         **monitor-host CPU s per 1M hb** | **above the XDP floor, s per 1M hb** | above the skb floor, s per 1M hb | program ns/frame (bpf_stats) |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut ratios = Vec::new();
     for (ri, rate) in o.rates.iter().enumerate() {
         // Each floor's NAPI ns per frame received, per round.
@@ -1178,12 +1186,13 @@ fn report(
                 .collect()
         };
         let mut per_mode = Vec::new();
+        let floor_of = |m: Mode| {
+            let i = modes.iter().position(|x| *x == m).expect("every mode runs");
+            summary(&per_frame(i)).0
+        };
+        let (xdp_floor, skb_floor) = (floor_of(Mode::Floor), floor_of(Mode::SkbFloor));
         for (mi, mode) in modes.iter().enumerate() {
             let ss = &samples[ri][mi];
-            // Native is measured against the XDP floor, userspace against
-            // the skb floor (the run just before it in `modes`).
-            let floor_per_frame = per_frame(mi.saturating_sub(1));
-            let floor_med = summary(&floor_per_frame).0;
             let col = |f: &dyn Fn(&Sample) -> f64| ss.iter().map(f).collect::<Vec<f64>>();
             let per_hb = |s: &Sample, ns: f64| ns / s.accepted.max(1) as f64;
             let sent_s = col(&|s| s.sent.frames as f64 / s.sent.secs);
@@ -1194,12 +1203,16 @@ fn report(
             let napi = col(&|s| per_hb(s, s.napi_ns as f64));
             let mon = col(&|s| per_hb(s, s.mon_ns as f64));
             let total = col(&|s| per_hb(s, (s.napi_ns + s.mon_ns) as f64) / 1e3);
-            let net = col(&|s| {
-                per_hb(
-                    s,
-                    (s.napi_ns + s.mon_ns) as f64 - floor_med * s.received() as f64,
-                ) / 1e3
-            });
+            let above = |floor: f64| {
+                col(&|s| {
+                    per_hb(
+                        s,
+                        (s.napi_ns + s.mon_ns) as f64 - floor * s.received() as f64,
+                    ) / 1e3
+                })
+            };
+            let net = above(xdp_floor);
+            let net_skb = above(skb_floor);
             let prog = col(&|s| {
                 if s.prog_runs == 0 {
                     f64::NAN
@@ -1210,7 +1223,7 @@ fn report(
             let floor = matches!(mode, Mode::Floor | Mode::SkbFloor);
             let dash = || "-".to_string();
             println!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 rate_name(*rate),
                 mode.name(),
                 fmt_spread(&sent_s, 0),
@@ -1231,39 +1244,54 @@ fn report(
                 } else {
                     format!("**{}**", fmt_spread(&total, 3))
                 },
-                if floor { dash() } else { fmt_spread(&net, 3) },
+                if floor {
+                    dash()
+                } else {
+                    format!("**{}**", fmt_spread(&net, 3))
+                },
+                if *mode == Mode::Userspace {
+                    fmt_spread(&net_skb, 3)
+                } else {
+                    dash()
+                },
                 if *mode == Mode::Userspace {
                     dash()
                 } else {
                     fmt_spread(&prog, 1)
                 },
             );
-            per_mode.push((summary(&total).0, summary(&net).0));
+            per_mode.push((summary(&total).0, summary(&net).0, summary(&net_skb).0));
         }
         ratios.push((
             *rate,
             per_mode[1].0 / per_mode[3].0,
             per_mode[1].1 / per_mode[3].1,
+            per_mode[1].1 / per_mode[3].2,
         ));
     }
     println!();
     let line = ratios
         .iter()
-        .map(|(r, raw, net)| format!("{}: {raw:.2} ({net:.2} above floor)", rate_name(*r)))
+        .map(|(r, raw, net, strict)| {
+            format!(
+                "{}: **{net:.2}** above the XDP floor ({raw:.2} raw, {strict:.2} against userspace above the skb floor)",
+                rate_name(*r)
+            )
+        })
         .collect::<Vec<_>>()
         .join("; ");
-    let met = |raw: bool| {
-        let n = ratios
-            .iter()
-            .filter(|r| if raw { r.1 } else { r.2 } <= 0.2)
-            .count();
+    /// (rate, raw, above the XDP floor, against userspace above the skb floor)
+    type Ratio = (Option<u64>, f64, f64, f64);
+    let met = |f: fn(&Ratio) -> f64| {
+        let n = ratios.iter().filter(|r| f(r) <= 0.2).count();
         format!("{n} of {}", ratios.len())
     };
     println!(
-        "**Native XDP / userspace, monitor-host CPU per accepted heartbeat: {line}.** \
-         Goal: at most 0.20; met at {} rates raw, {} above floor.\n",
-        met(true),
-        met(false)
+        "**Native XDP / userspace, monitor CPU per accepted heartbeat:** {line}. \
+         Goal: at most 0.20; met at {} rates above the XDP floor, {} raw, {} in the stricter comparison.\n",
+        met(|r| r.2),
+        met(|r| r.1),
+        met(|r| r.3)
     );
     println!("Details (medians over the rounds):\n");
     println!(

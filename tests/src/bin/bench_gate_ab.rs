@@ -41,8 +41,10 @@ const PORT: u16 = 7420;
 const REPEAT: u32 = 1_000_000;
 const DISTINCT: u64 = 50_000;
 const KEY: NodeKey = NodeKey { k0: 11, k1: 22 };
-/// Node map capacity (smaller than `MAX_NODES` so several objects fit;
-/// the rows below touch one node).
+/// Nodes of the fleet row: accepted heartbeats round-robin over them (a
+/// working set of their index and state lines, as in `bench_e2e`).
+const FLEET: u32 = 10_000;
+/// Node map capacity (smaller than `MAX_NODES` so several objects fit).
 const NODES: u32 = 65_536;
 
 fn dgram(node_id: u32, key_epoch: u8, seq: u64) -> Vec<u8> {
@@ -79,6 +81,9 @@ impl Obj {
         })
         .with_context(|| format!("load {label}"))?;
         dp.upsert_node(42, &NodeKeys::single(0, 0, KEY))?;
+        for i in 1..=FLEET {
+            dp.upsert_node(1000 + i, &NodeKeys::single(i, 0, KEY))?;
+        }
         let mut o = Obj {
             label: label.to_string(),
             dp,
@@ -257,6 +262,16 @@ fn main() -> anyhow::Result<()> {
                 port: PORT,
                 ..Config::default()
             })?;
+            // The fleet: every node once per pass, in a fixed shuffled
+            // order, fresh seqs.
+            let fleet: Vec<Vec<u8>> = (0..FLEET)
+                .map(|i| {
+                    let node = 1000 + 1 + (i.wrapping_mul(7919) % FLEET);
+                    dgram(node, 0, next_seq + 2 * DISTINCT)
+                })
+                .collect();
+            let fl = o.measure(names::PROGRAM, &fleet, 1, true)?;
+            r.entry("p(fleet)").or_default().push(fl);
             r.entry("p(accepted)").or_default().push(acc);
             r.entry("p(replay)").or_default().push(rd);
             r.entry("p(ack)").or_default().push(ack);
@@ -301,7 +316,7 @@ fn main() -> anyhow::Result<()> {
             .collect();
         lines.push((name.into(), v));
     }
-    for key in ["p(accepted)", "p(replay)", "p(ack)"] {
+    for key in ["p(accepted)", "p(replay)", "p(ack)", "p(fleet)"] {
         lines.push((
             format!("{key} bpf_stats"),
             res.iter().map(|r| summary(&r[key])).collect(),
