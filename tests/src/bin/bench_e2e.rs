@@ -122,7 +122,7 @@ fn opts() -> anyhow::Result<Opts> {
         nodes: 10_000,
         rates: vec![Some(50_000), Some(200_000), None],
         secs: 2.0,
-        rounds: 3,
+        rounds: 5,
         pool: 2_000_000,
         monitor_cpu: 0,
         sender_cpu: 1 % cpus,
