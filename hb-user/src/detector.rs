@@ -115,18 +115,57 @@ pub fn phi_of_y(y: f64) -> f64 {
     }
 }
 
+/// [`PhiParams`] prepared for the per-node arithmetic, in ns: the one
+/// definition of a node's expected inter-arrival time and standard
+/// deviation, shared by the monitor's tick (a million nodes every tick, so
+/// nothing here divides or allocates), [`phi`] and `hb eval`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Model {
+    min_std_ns: f64,
+    std_ratio: f64,
+    pause_ns: f64,
+}
+
+impl Model {
+    pub fn new(p: &PhiParams) -> Model {
+        Model {
+            min_std_ns: p.min_std_dev_ms * 1e6,
+            std_ratio: p.min_std_dev_ratio,
+            pause_ns: p.acceptable_pause_ms * 1e6,
+        }
+    }
+
+    /// The expected inter-arrival time (mean plus acceptable pause) and
+    /// the floored standard deviation of a node, in ns, from its kernel
+    /// statistics. Phi is only defined when both are positive (the caller
+    /// checks; a node without them has phi 0).
+    #[inline(always)]
+    pub fn moments_ns(&self, state: &NodeState) -> (f64, f64) {
+        let mut mean = state.ia_mean_ns as f64;
+        if mean <= 0.0 {
+            mean = state.interval_ms as f64 * 1e6;
+        }
+        let std = (state.ia_dev_ns as f64 * MAD_TO_SIGMA)
+            .max(self.min_std_ns)
+            .max(self.std_ratio * mean);
+        (mean + self.pause_ns, std)
+    }
+}
+
+/// Whether a node whose last heartbeat arrived `elapsed_ns` ago is at
+/// least `y` standard deviations late: `phi >= phi_of_y(y)`, in the form
+/// the monitor's tick evaluates (no division).
+#[inline(always)]
+pub fn late_by(elapsed_ns: f64, mean_ns: f64, std_ns: f64, y: f64) -> bool {
+    elapsed_ns - mean_ns >= y * std_ns
+}
+
 /// The expected inter-arrival mean and floored standard deviation of a
-/// node, in ms, from its kernel statistics.
+/// node, in ms, from its kernel statistics ([`Model::moments_ns`]).
 #[inline]
 pub fn moments_ms(state: &NodeState, p: &PhiParams) -> (f64, f64) {
-    let mut mean = state.ia_mean_ns as f64 / 1e6;
-    if mean <= 0.0 {
-        mean = state.interval_ms as f64;
-    }
-    let std = (state.ia_dev_ns as f64 / 1e6 * MAD_TO_SIGMA)
-        .max(p.min_std_dev_ms)
-        .max(p.min_std_dev_ratio * mean);
-    (mean + p.acceptable_pause_ms, std)
+    let (mean, std) = Model::new(p).moments_ns(state);
+    (mean / 1e6, std / 1e6)
 }
 
 /// Phi of `state` at `now_ns` (CLOCK_MONOTONIC). 0 for a node never heard

@@ -16,8 +16,9 @@
 //! - `hb`: hb's own detector, the code the monitor runs:
 //!   `hb_common::maps::NodeState::{admit, record}` (what the XDP program
 //!   computes per heartbeat) and `hb::detector::phi`. The crossing time is
-//!   computed from `hb::detector::moments_ms` and then checked and adjusted
-//!   against `hb::detector::phi` itself to 1 us.
+//!   computed from `hb::detector::Model::moments_ns` and then checked and
+//!   adjusted to 1 us against `hb::detector::late_by`, the comparison the
+//!   monitor's tick makes (lateness against the threshold's `y`).
 //! - `fixed`: a fixed timeout since the last heartbeat (threshold: ms).
 //! - `chen`: Chen, Toueg and Aguilera, "On the Quality of Service of
 //!   Failure Detectors", IEEE Trans. Computers 51(5), 2002, Sec. 6, NFD-E:
@@ -55,7 +56,7 @@ use hb_common::{
 };
 use serde::Serialize;
 
-use crate::detector::{PhiParams, moments_ms, phi, phi_normal};
+use crate::detector::{Model, PhiParams, late_by, phi_normal};
 
 /// Sample window of `chen`, `phi-normal`, `akka` and `cassandra` (Akka's
 /// `max-sample-size` and Cassandra's `SAMPLE_SIZE` are both 1000; we use the
@@ -287,9 +288,9 @@ impl Spec {
         match self.kind {
             Kind::Hb => Box::new(Hb {
                 cfg: self.hb,
+                model: Model::new(&self.hb.phi),
                 st: NodeState::default(),
                 seq: 0,
-                thresholds: self.thresholds.clone(),
                 ystar: self.ystar.clone(),
             }),
             Kind::Fixed => Box::new(Fixed {
@@ -350,12 +351,14 @@ fn after(last_ns: u64, ms: f64) -> Option<u64> {
     if ms <= 0.0 {
         return Some(last_ns);
     }
-    let ns = (ms * 1e6).ceil();
-    if ns >= (u64::MAX - last_ns) as f64 {
-        None
-    } else {
-        Some(last_ns + ns as u64)
+    let x = ms * 1e6;
+    if x >= (u64::MAX - last_ns) as f64 {
+        return None;
     }
+    // `x.ceil()` for 0 < x < 2^64 without libm's call (this is the
+    // replay's innermost arithmetic).
+    let t = x as u64;
+    Some(last_ns + if (t as f64) < x { t + 1 } else { t })
 }
 
 /// The least `y` with `f(y) >= target`, for increasing `f`, to ~1e-12.
@@ -391,9 +394,9 @@ fn solve_increasing(f: impl Fn(f64) -> f64, target: f64) -> f64 {
 /// phi, unchanged.
 struct Hb {
     cfg: HbConfig,
+    model: Model,
     st: NodeState,
     seq: u64,
-    thresholds: Arc<[f64]>,
     ystar: Arc<[f64]>,
 }
 
@@ -453,39 +456,36 @@ impl Detector for Hb {
 
     fn deadlines(&self, out: &mut [Option<u64>]) {
         let st = &self.st;
-        let p = &self.cfg.phi;
         if st.accepted == 0 || st.last_arrival_ns == 0 {
             out.fill(None);
             return;
         }
-        let (mean, std) = moments_ms(st, p);
-        if mean <= 0.0 || std <= 0.0 || !mean.is_finite() || !std.is_finite() {
+        let (mean, std) = self.model.moments_ns(st);
+        if !(mean > 0.0 && std > 0.0 && mean.is_finite() && std.is_finite()) {
             // `phi` is 0 forever for such a node: it is never suspected.
             out.fill(None);
             return;
         }
         let last = st.last_arrival_ns;
-        for ((o, &y), &thr) in out
-            .iter_mut()
-            .zip(self.ystar.iter())
-            .zip(self.thresholds.iter())
-        {
-            *o = after(last, mean + std * y).map(|guess| {
-                // Pin the crossing down against the monitor's own `phi` to
+        // The monitor's own test, at the node's elapsed time `t - last`.
+        let late = |t: u64, y: f64| late_by((t - last) as f64, mean, std, y);
+        for (o, &y) in out.iter_mut().zip(self.ystar.iter()) {
+            *o = after(last, (mean + std * y) / 1e6).map(|guess| {
+                // Pin the crossing down against the monitor's comparison to
                 // 1 us: rounding in the closed form must not decide a
                 // borderline mistake.
                 const STEP: u64 = 1_000;
                 let mut t = guess;
                 let mut tries = 0;
-                while phi(st, t, p) < thr {
+                while !late(t, y) {
                     t += STEP;
                     tries += 1;
                     if tries > 1_000 {
-                        t = bisect_phi(st, p, thr, t);
+                        t = bisect_late(&late, y, t);
                         break;
                     }
                 }
-                while t >= last + STEP && phi(st, t - STEP, p) >= thr {
+                while t >= last + STEP && late(t - STEP, y) {
                     t -= STEP;
                 }
                 t - HB_CLOCK_OFFSET
@@ -498,27 +498,29 @@ impl Detector for Hb {
         if st.accepted == 0 || st.last_arrival_ns == 0 {
             return None;
         }
-        let (mean, std) = moments_ms(st, &self.cfg.phi);
+        let (mean, std) = self.model.moments_ns(st);
         (mean > 0.0 && std > 0.0 && mean.is_finite() && std.is_finite()).then_some((
             st.last_arrival_ns - HB_CLOCK_OFFSET,
-            mean,
-            std,
+            mean / 1e6,
+            std / 1e6,
         ))
     }
 }
 
-/// The least time (to 1 us) at which `phi` reaches `thr`, searching up
-/// from `from` (fallback of the closed form; never hit in practice).
-fn bisect_phi(st: &NodeState, p: &PhiParams, thr: f64, from: u64) -> u64 {
+/// The least time (to 1 us) from `from` on at which `late(t, y)` holds
+/// (fallback of the closed form; never hit in practice).
+fn bisect_late(late: &impl Fn(u64, f64) -> bool, y: f64, from: u64) -> u64 {
     let mut lo = from;
     let mut hi = from.saturating_add(1_000_000);
-    while phi(st, hi, p) < thr {
+    let mut step = 1_000_000u64;
+    while !late(hi, y) {
         lo = hi;
-        hi = hi.saturating_add((hi - st.last_arrival_ns).max(1_000_000));
+        step = step.saturating_mul(2);
+        hi = hi.saturating_add(step);
     }
     while hi - lo > 1_000 {
         let mid = lo + (hi - lo) / 2;
-        if phi(st, mid, p) >= thr {
+        if late(mid, y) {
             hi = mid;
         } else {
             lo = mid;

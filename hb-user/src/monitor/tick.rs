@@ -37,8 +37,7 @@ pub struct Detector {
     y_alive: f64,
     y_suspect: f64,
     y_dead: f64,
-    min_std_ns: f64,
-    pause_ns: f64,
+    model: detector::Model,
     /// `f64::INFINITY` when the backstop is off.
     max_silence_ns: f64,
 }
@@ -51,8 +50,7 @@ impl Detector {
             y_alive: detector::y_for_phi(thresholds.alive_phi),
             y_suspect: detector::y_for_phi(thresholds.suspect_phi),
             y_dead: detector::y_for_phi(thresholds.dead_phi),
-            min_std_ns: phi.min_std_dev_ms * 1e6,
-            pause_ns: phi.acceptable_pause_ms * 1e6,
+            model: detector::Model::new(&phi),
             max_silence_ns: match thresholds.max_silence_ms {
                 0 => f64::INFINITY,
                 ms => ms as f64 * 1e6,
@@ -82,9 +80,9 @@ impl Detector {
         }
     }
 
-    /// This tick's observation of a node: `detector::moments_ms` and
-    /// [`Detector::level`] fused, in ns, comparing `elapsed - mean`
-    /// against `y * std` instead of dividing.
+    /// This tick's observation of a node: `detector::Model::moments_ns`
+    /// and [`Detector::level`] fused, comparing `elapsed - mean` against
+    /// `y * std` instead of dividing (`detector::late_by`).
     #[inline]
     pub fn observe(&self, st: &NodeState, now_ns: u64) -> Observation {
         Observation {
@@ -104,14 +102,7 @@ impl Detector {
         if elapsed >= self.max_silence_ns {
             return Level::Dead;
         }
-        let mut mean = st.ia_mean_ns as f64;
-        if mean <= 0.0 {
-            mean = st.interval_ms as f64 * 1e6;
-        }
-        let std = (st.ia_dev_ns as f64 * detector::MAD_TO_SIGMA)
-            .max(self.min_std_ns)
-            .max(self.phi.min_std_dev_ratio * mean);
-        let mean = mean + self.pause_ns;
+        let (mean, std) = self.model.moments_ns(st);
         if !(mean > 0.0 && std > 0.0) {
             // No usable statistics: phi is 0.
             return Level::Healthy;
