@@ -307,11 +307,7 @@ impl Spec {
                 stats: Window::default(),
                 ystar: self.ystar.clone(),
             }),
-            Kind::Akka => Box::new(Akka {
-                last: None,
-                per_threshold: vec![Window::default(); self.thresholds.len()],
-                ystar: self.ystar.clone(),
-            }),
+            Kind::Akka => Box::new(Akka::new(self.ystar.clone())),
             Kind::Cassandra => Box::new(Cassandra {
                 last: None,
                 stats: Window::default(),
@@ -736,18 +732,35 @@ pub const AKKA_FIRST_HEARTBEAT_ESTIMATE_MS: f64 = 1000.0;
 /// Akka's detector keeps one history per threshold: it leaves an
 /// inter-arrival time out of the history when the node was already
 /// unavailable at that heartbeat (`if (isAvailable(timestamp)) history :+
-/// interval`), so the state depends on the threshold.
+/// interval`), so the state depends on the threshold. Thresholds whose
+/// histories are still equal share one window (a group, its thresholds in
+/// increasing order); a heartbeat that finds the node unavailable under
+/// the lower thresholds of a group and available under the higher ones
+/// splits it. Most heartbeats split nothing, so a sweep over many
+/// thresholds costs about one window, not one per threshold.
 struct Akka {
     last: Option<u64>,
-    per_threshold: Vec<Window>,
+    groups: Vec<(Window, Vec<usize>)>,
     ystar: Arc<[f64]>,
 }
 
 impl Akka {
-    fn deadline(&self, w: &Window, y: f64) -> Option<u64> {
+    fn new(ystar: Arc<[f64]>) -> Akka {
+        let mut order: Vec<usize> = (0..ystar.len()).collect();
+        order.sort_by(|&a, &b| ystar[a].total_cmp(&ystar[b]));
+        Akka {
+            last: None,
+            groups: vec![(Window::default(), order)],
+            ystar,
+        }
+    }
+
+    /// The deadline after `last` under history `w` at standardized
+    /// threshold `y` (increasing in `y`).
+    fn deadline(last: u64, w: &Window, y: f64) -> Option<u64> {
         let mean = w.mean() + AKKA_ACCEPTABLE_PAUSE_MS;
         let std = w.std().max(AKKA_MIN_STD_MS);
-        self.last.and_then(|l| after(l, mean + std * y))
+        after(last, mean + std * y)
     }
 }
 
@@ -756,32 +769,46 @@ impl Detector for Akka {
         match self.last {
             None => {
                 // `firstHeartbeat`: history = [mean, mean + mean / 4].
-                for w in &mut self.per_threshold {
+                for (w, _) in &mut self.groups {
                     w.push(AKKA_FIRST_HEARTBEAT_ESTIMATE_MS);
                     w.push(AKKA_FIRST_HEARTBEAT_ESTIMATE_MS * 1.25);
                 }
             }
             Some(l) => {
                 let interval = (t_ns - l) as f64 / 1e6;
-                for k in 0..self.per_threshold.len() {
-                    let available = self
-                        .deadline(&self.per_threshold[k], self.ystar[k])
-                        .is_none_or(|d| t_ns < d);
-                    if available {
-                        self.per_threshold[k].push(interval);
+                let mut split = Vec::new();
+                for (w, ks) in &mut self.groups {
+                    // The first threshold (in increasing order) under which
+                    // the node is still available; all above it are too.
+                    let first = ks.partition_point(|&k| {
+                        Akka::deadline(l, w, self.ystar[k]).is_some_and(|d| t_ns >= d)
+                    });
+                    if first > 0 {
+                        // Unavailable under ks[..first]: their history
+                        // stays as it is, in a group of its own.
+                        let rest = ks.split_off(first);
+                        let unavailable = std::mem::replace(ks, rest);
+                        split.push((w.clone(), unavailable));
+                    }
+                    if !ks.is_empty() {
+                        w.push(interval);
                     }
                 }
+                self.groups.retain(|(_, ks)| !ks.is_empty());
+                self.groups.append(&mut split);
             }
         }
         self.last = Some(t_ns);
     }
     fn deadlines(&self, out: &mut [Option<u64>]) {
-        for ((o, w), &y) in out
-            .iter_mut()
-            .zip(self.per_threshold.iter())
-            .zip(self.ystar.iter())
-        {
-            *o = self.deadline(w, y);
+        let Some(last) = self.last else {
+            out.fill(None);
+            return;
+        };
+        for (w, ks) in &self.groups {
+            for &k in ks {
+                out[k] = Akka::deadline(last, w, self.ystar[k]);
+            }
         }
     }
 }
