@@ -340,7 +340,7 @@ pub trait Detector {
 
 /// `ms` after `last_ns` as a time in ns, clamped to `[last_ns, never)`.
 #[inline]
-fn after(last_ns: u64, ms: f64) -> Option<u64> {
+pub fn after(last_ns: u64, ms: f64) -> Option<u64> {
     if ms.is_nan() {
         return None;
     }

@@ -10,6 +10,7 @@
 //! and is reported as such (see `detectors`).
 
 pub mod detectors;
+pub mod profile;
 pub mod qos;
 pub mod synth;
 pub mod trace;

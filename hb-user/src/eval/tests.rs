@@ -510,3 +510,81 @@ fn shipped_traces_regenerate_byte_for_byte() {
         assert_eq!(evaluate(&read, &c, &spec)[0].detected, 1, "{}", s.name());
     }
 }
+
+// ---------------------------------------------------------------- profiles
+
+/// A profile's operating point of the whole fleet is `qos::optimum`'s (the
+/// affine detectors) and `qos::sweep`'s (akka), and one case's nodes in a
+/// two-case profile give that case's own point.
+#[test]
+fn profile_points_match_the_replayed_operating_points() {
+    use super::profile::Profile;
+    let hb = HbConfig::default();
+    let (t1, c1) = make(Scenario::Wan, 2, 20, 1800);
+    let (t2, c2) = make(Scenario::Wan, 3, 20, 1800);
+    // No mistake allowed, and ten (one per node-hour).
+    for (kind, budget) in Kind::ALL
+        .into_iter()
+        .flat_map(|k| [(k, 1.0 / 24.0), (k, 1.0)])
+    {
+        let one = Profile::build(&[(&t1, &c1)], kind, hb, budget);
+        let all: Vec<usize> = (0..one.nodes.len()).collect();
+        let p = one.point(&all, budget).unwrap();
+        assert!(!p.clipped);
+        let want = if kind == Kind::Akka {
+            sweep(&t1, &c1, kind, hb, budget).0.unwrap()
+        } else {
+            optimum(&t1, &c1, kind, hb, budget).unwrap()
+        };
+        assert_eq!(p.crashes, want.crashes, "{kind:?}");
+        assert_eq!(p.mistakes, want.mistakes, "{kind:?} {budget}");
+        assert!(
+            close(p.mean_ms(), want.td_mean_ms.unwrap(), 1e-2),
+            "{kind:?}: {} vs {:?}",
+            p.mean_ms(),
+            want.td_mean_ms
+        );
+        assert!(close(p.p99_ms(), want.td_p99_ms.unwrap(), 1e-2), "{kind:?}");
+        assert!(
+            close(
+                p.threshold,
+                want.threshold,
+                1e-6 * want.threshold.abs().max(1.0)
+            ),
+            "{kind:?}: {} vs {}",
+            p.threshold,
+            want.threshold
+        );
+
+        let two = Profile::build(&[(&t1, &c1), (&t2, &c2)], kind, hb, budget);
+        assert_eq!(two.cases.len(), 2);
+        let second: Vec<usize> = two.cases[1].clone().collect();
+        let alone = Profile::build(&[(&t2, &c2)], kind, hb, budget);
+        let all2: Vec<usize> = (0..alone.nodes.len()).collect();
+        let (a, b) = (two.point(&second, budget), alone.point(&all2, budget));
+        if kind == Kind::Akka {
+            // The two grids are refined around different fleets' points:
+            // the pooled grid can only be coarser for one case.
+            assert!(a.unwrap().mean_ms() >= b.unwrap().mean_ms() - 1e-9);
+        } else {
+            assert_eq!(a, b, "{kind:?}");
+        }
+    }
+}
+
+#[test]
+fn resamples_are_stratified_and_deterministic() {
+    use super::profile::resamples;
+    let crashed = [true, false, false, true, false, false, false];
+    let r = resamples(&crashed, 50, 7);
+    assert_eq!(r, resamples(&crashed, 50, 7));
+    assert_ne!(r, resamples(&crashed, 50, 8));
+    for s in &r {
+        assert_eq!(s.len(), crashed.len());
+        assert_eq!(s.iter().filter(|&&i| crashed[i]).count(), 2);
+    }
+    // Every node gets drawn somewhere.
+    let mut seen = [false; 7];
+    r.iter().flatten().for_each(|&i| seen[i] = true);
+    assert!(seen.iter().all(|&s| s));
+}
