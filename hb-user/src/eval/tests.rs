@@ -465,15 +465,17 @@ fn scenarios_have_their_shape() {
             .values()
             .any(|a| a.iter().any(|x| x.interval_ms != a[0].interval_ms))
     );
-    // gc-pause: some inter-arrival gap is well over one interval.
-    let (t, _) = make(Scenario::GcPause, 3, 10, 3600);
-    let max_gap = t
-        .nodes
-        .values()
-        .flat_map(|a| a.windows(2).map(|w| w[1].recv_ns - w[0].recv_ns))
-        .max()
-        .unwrap();
-    assert!(max_gap > 1_500 * MS, "{max_gap}");
+    // gc-pause (both): some inter-arrival gap is well over one interval.
+    for s in [Scenario::GcPause, Scenario::GcPauseHomogeneous] {
+        let (t, _) = make(s, 3, 10, 3600);
+        let max_gap = t
+            .nodes
+            .values()
+            .flat_map(|a| a.windows(2).map(|w| w[1].recv_ns - w[0].recv_ns))
+            .max()
+            .unwrap();
+        assert!(max_gap > 1_500 * MS, "{}: {max_gap}", s.name());
+    }
     // Crashed nodes send nothing after their crash.
     for s in Scenario::ALL {
         let (t, c) = make(s, 3, 10, 600);
