@@ -56,6 +56,8 @@ use hb_common::{
 };
 use serde::Serialize;
 
+use super::trace::Arrival;
+
 use crate::detector::{Model, PhiParams, late_by, phi_normal};
 
 /// Sample window of `chen`, `phi-normal`, `akka` and `cassandra` (Akka's
@@ -299,7 +301,9 @@ impl Spec {
             }),
             Kind::Chen => Box::new(Chen {
                 window: VecDeque::with_capacity(WINDOW),
-                sum: 0,
+                sum_t: 0,
+                sum_s: 0,
+                next: 0,
                 thresholds: self.thresholds.clone(),
             }),
             Kind::PhiNormal => Box::new(PhiNormal {
@@ -319,10 +323,11 @@ impl Spec {
 
 /// A per-node failure detector as the replay sees it.
 pub trait Detector {
-    /// A heartbeat arrived at `t_ns` (non-decreasing). `interval_ms` is the
-    /// interval the sender announced in it, if the trace has it; only hb's
-    /// detector reads it, because only hb's wire format carries it.
-    fn arrival(&mut self, t_ns: u64, interval_ms: Option<u32>);
+    /// A heartbeat arrived (at `a.recv_ns`, non-decreasing). Its announced
+    /// interval and sequence number, when the trace has them, are read
+    /// only by the detectors whose published algorithm uses them (see
+    /// `trace`).
+    fn arrival(&mut self, a: &Arrival);
     /// For each threshold: the time from which the output is "suspect"
     /// unless another heartbeat arrives first (at least the last arrival);
     /// `None`: never.
@@ -401,14 +406,16 @@ struct Hb {
 const HB_CLOCK_OFFSET: u64 = 1_000_000_000;
 
 impl Detector for Hb {
-    fn arrival(&mut self, t_ns: u64, interval_ms: Option<u32>) {
-        // Each arrival is the next sequence number of one generation: the
-        // trace only has what arrived, so a lost heartbeat shows as a long
-        // inter-arrival time, as it does to the kernel's EWMA. Without an
-        // announced interval in the trace, `interval_ms` is 0 ("none"):
-        // `record` then never re-seeds and the moments are learned from the
-        // arrivals alone (the first inter-arrival time seeds them).
-        self.seq += 1;
+    fn arrival(&mut self, a: &Arrival) {
+        // One generation; the datagram carries the trace's sequence number,
+        // so the gate sees lost heartbeats as the kernel does. A trace
+        // without one numbers the arrivals 1, 2, ...: a lost heartbeat then
+        // looks like a long inter-arrival time. Without an announced
+        // interval in the trace, `interval_ms` is 0 ("none"): `record` then
+        // never re-seeds and the moments are learned from the arrivals
+        // alone (the first inter-arrival time seeds them).
+        let (t_ns, interval_ms) = (a.recv_ns, a.interval_ms);
+        self.seq = a.seq.unwrap_or(self.seq + 1);
         let d = Datagram {
             kind: WireKind::Heartbeat,
             node_id: 1,
@@ -533,7 +540,8 @@ struct Fixed {
 }
 
 impl Detector for Fixed {
-    fn arrival(&mut self, t_ns: u64, _: Option<u32>) {
+    fn arrival(&mut self, a: &Arrival) {
+        let t_ns = a.recv_ns;
         self.last = Some(t_ns);
     }
     fn deadlines(&self, out: &mut [Option<u64>]) {
@@ -549,56 +557,76 @@ impl Detector for Fixed {
 // ---------------------------------------------------------------- chen
 
 /// Chen-Toueg-Aguilera NFD-E (Sec. 6 of the paper). The paper's estimate of
-/// the next arrival `l+1` from the n most recent heartbeats with sequence
-/// numbers `s_i` and arrivals `A_i` is
-/// `EA_{l+1} = (1/n) * sum(A_i - eta * s_i) + (l + 1) * eta`,
-/// with `eta` the sending interval. A trace has arrivals only, so the
-/// sequence number is the arrival's index (a lost heartbeat is a long
-/// inter-arrival time) and `eta` is estimated as the window's mean
-/// inter-arrival time `(A_l - A_first) / (n - 1)`; the sum then reduces to
-/// `EA = mean(A) + (n + 1) / 2 * eta` ([`chen_expected_arrival`]). The
-/// process is suspected from the freshness point `EA + alpha` on.
+/// the next arrival from the n most recent heartbeats with sequence
+/// numbers `s_i` and arrivals `A_i`, the last being `s_l`, is
+/// `EA = (1/n) * sum(A_i - eta * s_i) + (s_l + 1) * eta`, with `eta` the
+/// sending interval. The sequence numbers are the trace's (the wire's);
+/// a trace without them numbers the arrivals 0, 1, ... (a lost heartbeat
+/// is then a long inter-arrival time). `eta` is estimated from the window
+/// as `(A_l - A_first) / (s_l - s_first)`, so a sender's interval need not
+/// be configured ([`chen_expected_arrival`]). The process is suspected
+/// from the freshness point `EA + alpha` on.
 struct Chen {
-    window: VecDeque<u64>,
-    sum: u128,
+    /// (arrival ns, sequence number).
+    window: VecDeque<(u64, u64)>,
+    sum_t: u128,
+    sum_s: u128,
+    /// The next sequence number to give an arrival without one.
+    next: u64,
     thresholds: Arc<[f64]>,
 }
 
-/// `EA` of Chen's NFD-E for a window of arrival times (ns, ascending, at
-/// least two). Returned in ns as `f64`.
-pub fn chen_expected_arrival(n: usize, sum_ns: u128, first_ns: u64, last_ns: u64) -> f64 {
-    let eta = (last_ns - first_ns) as f64 / (n - 1) as f64;
-    sum_ns as f64 / n as f64 + (n + 1) as f64 / 2.0 * eta
+/// `EA` of Chen's NFD-E for a window of `n` arrivals (at least two) with
+/// arrival times summing to `sum_t` ns and sequence numbers summing to
+/// `sum_s`, the first `(t, s)` and the last. Returned in ns as `f64`.
+pub fn chen_expected_arrival(
+    n: usize,
+    sum_t: u128,
+    sum_s: u128,
+    first: (u64, u64),
+    last: (u64, u64),
+) -> f64 {
+    let eta = (last.0 - first.0) as f64 / last.1.saturating_sub(first.1).max(1) as f64;
+    let n = n as f64;
+    sum_t as f64 / n + eta * ((last.1 + 1) as f64 - sum_s as f64 / n)
 }
 
-impl Detector for Chen {
-    fn arrival(&mut self, t_ns: u64, _: Option<u32>) {
-        if self.window.len() == WINDOW {
-            let old = self.window.pop_front().unwrap_or_default();
-            self.sum -= old as u128;
-        }
-        self.window.push_back(t_ns);
-        self.sum += t_ns as u128;
-    }
-    fn deadlines(&self, out: &mut [Option<u64>]) {
-        let n = self.window.len();
-        if n < 2 {
-            out.fill(None);
-            return;
-        }
-        let (first, last) = (self.window[0], self.window[n - 1]);
-        let ea = chen_expected_arrival(n, self.sum, first, last);
-        for (o, &alpha_ms) in out.iter_mut().zip(self.thresholds.iter()) {
-            *o = after(last, (ea - last as f64) / 1e6 + alpha_ms);
-        }
-    }
-    fn affine(&self) -> Option<(u64, f64, f64)> {
+impl Chen {
+    fn expected_arrival(&self) -> Option<(u64, f64)> {
         let n = self.window.len();
         if n < 2 {
             return None;
         }
         let (first, last) = (self.window[0], self.window[n - 1]);
-        let ea = chen_expected_arrival(n, self.sum, first, last);
+        let ea = chen_expected_arrival(n, self.sum_t, self.sum_s, first, last);
+        Some((last.0, ea))
+    }
+}
+
+impl Detector for Chen {
+    fn arrival(&mut self, a: &Arrival) {
+        let s = a.seq.unwrap_or(self.next);
+        self.next = s + 1;
+        if self.window.len() == WINDOW {
+            let (t, s) = self.window.pop_front().unwrap_or_default();
+            self.sum_t -= t as u128;
+            self.sum_s -= s as u128;
+        }
+        self.window.push_back((a.recv_ns, s));
+        self.sum_t += a.recv_ns as u128;
+        self.sum_s += s as u128;
+    }
+    fn deadlines(&self, out: &mut [Option<u64>]) {
+        let Some((last, ea)) = self.expected_arrival() else {
+            out.fill(None);
+            return;
+        };
+        for (o, &alpha_ms) in out.iter_mut().zip(self.thresholds.iter()) {
+            *o = after(last, (ea - last as f64) / 1e6 + alpha_ms);
+        }
+    }
+    fn affine(&self) -> Option<(u64, f64, f64)> {
+        let (last, ea) = self.expected_arrival()?;
         Some((last, (ea - last as f64) / 1e6, 1.0))
     }
 }
@@ -675,7 +703,8 @@ struct PhiNormal {
 }
 
 impl Detector for PhiNormal {
-    fn arrival(&mut self, t_ns: u64, _: Option<u32>) {
+    fn arrival(&mut self, a: &Arrival) {
+        let t_ns = a.recv_ns;
         if let Some(l) = self.last {
             self.stats.push((t_ns - l) as f64 / 1e6);
         }
@@ -765,7 +794,8 @@ impl Akka {
 }
 
 impl Detector for Akka {
-    fn arrival(&mut self, t_ns: u64, _: Option<u32>) {
+    fn arrival(&mut self, a: &Arrival) {
+        let t_ns = a.recv_ns;
         match self.last {
             None => {
                 // `firstHeartbeat`: history = [mean, mean + mean / 4].
@@ -834,7 +864,8 @@ struct Cassandra {
 }
 
 impl Detector for Cassandra {
-    fn arrival(&mut self, t_ns: u64, _: Option<u32>) {
+    fn arrival(&mut self, a: &Arrival) {
+        let t_ns = a.recv_ns;
         match self.last {
             // `ArrivalWindow.add`: the first heartbeat seeds the window with
             // the (deliberately large) initial value.

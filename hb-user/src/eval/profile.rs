@@ -149,7 +149,7 @@ impl Profile {
                     let mut det = spec.instance();
                     let mut last = None;
                     for (i, a) in arr.iter().enumerate() {
-                        det.arrival(a.recv_ns, a.interval_ms);
+                        det.arrival(a);
                         let aff = det.affine();
                         let next = arr.get(i + 1).map_or(end, |n| n.recv_ns);
                         let until = next.min(alive_end);

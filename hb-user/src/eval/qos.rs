@@ -101,7 +101,7 @@ pub fn replay_node(
     let mut run: Vec<Option<(u64, u64)>> = vec![None; nt];
     let mut det = spec.instance();
     for (i, a) in arrivals.iter().enumerate() {
-        det.arrival(a.recv_ns, a.interval_ms);
+        det.arrival(a);
         det.deadlines(&mut dl);
         let next = arrivals.get(i + 1).map_or(end, |n| n.recv_ns);
         let is_last = i + 1 == arrivals.len();
@@ -331,7 +331,7 @@ pub fn optimum(
         alive_ns += (alive_end - start) as u128;
         let mut det = spec.instance();
         for (i, a) in arrivals.iter().enumerate() {
-            det.arrival(a.recv_ns, a.interval_ms);
+            det.arrival(a);
             let aff = det.affine();
             let next = arrivals.get(i + 1).map_or(end, |n| n.recv_ns);
             let until = next.min(alive_end);

@@ -213,6 +213,8 @@ fn node(o: &GenOpts, id: u32) -> (Vec<Arrival>, Option<u64>) {
     let mut next_change = s + change_gap.sample(&mut rng) as u64;
 
     let mut net = Net { bad: false };
+    // The sender's sequence number: one per heartbeat sent, lost or not.
+    let mut seq = 0u64;
     let mut out = Vec::with_capacity((o.duration_ns / (iv_ms as u64 * 1_000_000)) as usize + 2);
     loop {
         if o.scenario == Scenario::GcPauseHomogeneous {
@@ -239,12 +241,14 @@ fn node(o: &GenOpts, id: u32) -> (Vec<Arrival>, Option<u64>) {
             };
             next_change = s + change_gap.sample(&mut rng) as u64;
         }
+        seq += 1;
         if let Some(delay) = transit(o, &mut rng, &mut net, s) {
             let recv = s + delay;
             if recv < end {
                 out.push(Arrival {
                     recv_ns: recv,
                     interval_ms: Some(iv_ms),
+                    seq: Some(seq),
                 });
             }
         }

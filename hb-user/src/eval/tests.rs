@@ -26,6 +26,7 @@ fn trace_ms(nodes: &[(u32, &[u64])]) -> Trace {
                 .map(|&t| Arrival {
                     recv_ns: t * MS,
                     interval_ms: None,
+                    seq: None,
                 })
                 .collect(),
         );
@@ -182,10 +183,19 @@ fn akka_phi_at_hand_checked_points() {
 fn cassandra_and_chen_at_hand_checked_points() {
     // 2 s elapsed over a 1 s mean: 2 / ln 10.
     assert!(close(cassandra_phi(2000.0, 1000.0), 0.868_589, 1e-6));
-    // Chen's EA for arrivals 0, 1100, 1900 ms (n = 3): eta = 950 ms and
-    // (1/3) * ((0 - 0) + (1100 - 950) + (1900 - 1900)) + 3 * 950 = 2900 ms.
-    let ea = chen_expected_arrival(3, 3000 * MS as u128, 0, 1900 * MS);
+    // Chen's EA for arrivals 0, 1100, 1900 ms numbered 0, 1, 2: eta = 950
+    // ms and (1/3) * ((0 - 0) + (1100 - 950) + (1900 - 1900)) + 3 * 950 =
+    // 2900 ms.
+    let ea = chen_expected_arrival(3, 3000 * MS as u128, 3, (0, 0), (1900 * MS, 2));
     assert!(close(ea, 2900.0 * MS as f64, 1e-3));
+    // The same arrivals numbered 0, 2, 3 (heartbeat 1 lost): eta = 1900 / 3
+    // and (1/3) * (0 + (1100 - 2 eta) + (1900 - 3 eta)) + 4 eta = 1000 +
+    // (4 - 5/3) eta = 2477.78 ms.
+    let ea = chen_expected_arrival(3, 3000 * MS as u128, 5, (0, 0), (1900 * MS, 3));
+    assert!(
+        close(ea, (1000.0 + 7.0 / 3.0 * 1900.0 / 3.0) * MS as f64, 1e-3),
+        "{ea}"
+    );
 }
 
 /// Deadlines of one node after `arrivals` (ms), per threshold, in ms.
@@ -198,7 +208,11 @@ fn deadlines_ms(
     let spec = Spec::new(kind, thr, hb).unwrap();
     let mut d = spec.instance();
     for &(t, iv) in arrivals {
-        d.arrival(t * MS, iv);
+        d.arrival(&Arrival {
+            recv_ns: t * MS,
+            interval_ms: iv,
+            seq: None,
+        });
     }
     let mut out = vec![None; thr.len()];
     d.deadlines(&mut out);
@@ -287,7 +301,11 @@ fn hb_deadline_is_where_the_monitors_phi_crosses() {
     let mut st = hb_common::maps::NodeState::default();
     let offset = 1_000_000_000; // the detector's internal clock offset
     for (i, t) in [0u64, 990, 2010, 2995, 4001, 5020].iter().enumerate() {
-        det.arrival(t * MS, Some(1000));
+        det.arrival(&Arrival {
+            recv_ns: t * MS,
+            interval_ms: Some(1000),
+            seq: Some(i as u64 + 1),
+        });
         let d = hb_common::proto::Datagram {
             kind: hb_common::proto::Kind::Heartbeat,
             node_id: 1,
