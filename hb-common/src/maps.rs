@@ -116,10 +116,23 @@ pub const NODE_LEAVING: u8 = 1;
 /// 12.5%. Chosen by `hb eval` (see `hb::detector`, "Defaults").
 pub const IA_MEAN_SHIFT: u32 = 5;
 /// EWMA gain of the inter-arrival mean deviation: 1/2^4. Slower than RFC
-/// 6298's 1/4 so one lost heartbeat does not inflate sigma past the
-/// detector's floor for the next few beats (WAN: detection time 1.12x ->
-/// 1.01x the best published detector). Chosen by `hb eval`.
+/// 6298's 1/4 so one late heartbeat does not inflate sigma past the
+/// detector's floor for the next few beats. Chosen by `hb eval`.
 pub const IA_DEV_SHIFT: u32 = 4;
+/// An inter-arrival sample's error enters the EWMAs clipped to `+-mean /
+/// 2^IA_CLIP_SHIFT` (a quarter of the interval): jitter moves the moments,
+/// a stall of the sender does not drag the mean up or blow sigma up (it
+/// goes to [`NodeState::stall`] instead). Chosen by `hb eval`.
+pub const IA_CLIP_SHIFT: u32 = 2;
+/// [`NodeState::stall`] is in units of `2^STALL_UNIT_SHIFT` ns (~1 us), so
+/// a u32 holds 73 minutes without a division in the kernel.
+pub const STALL_UNIT_SHIFT: u32 = 10;
+/// Each inter-arrival sample decays the stall memory by `1/2^16`: a stall
+/// is remembered for a long time (halved after ~45,000 samples, 12.6 hours
+/// of 1 s heartbeats), because a node's pauses come from its heap, its
+/// workload and its host, which do not change from hour to hour. Chosen
+/// by `hb eval` (the `gc-pause` scenario; see `hb::detector`).
+pub const STALL_DECAY_SHIFT: u32 = 16;
 
 /// Value of [`names::NODE_STATE`]: what the gate knows of one node.
 /// 128 bytes, two cache lines; the first holds what the detector reads on
@@ -170,7 +183,15 @@ pub struct NodeState {
     pub acks_sent: u32,
     /// Arrival of the first datagram of the current generation, ns.
     pub gen_start_ns: u64,
-    pub _reserved: [u64; 2],
+    /// The node's two most recent stalls, newest first: inter-arrival
+    /// samples (consecutive sequence numbers, so no heartbeat was lost)
+    /// longer than the mean by over a quarter of it, as their excess over
+    /// the mean, in units of `2^STALL_UNIT_SHIFT` ns. Both decay by
+    /// `1/2^STALL_DECAY_SHIFT` per sample. What the detector tolerates of
+    /// a node's own pauses (GC, VM migration, CPU starvation): see
+    /// `hb::detector`.
+    pub stall: [u32; 2],
+    pub _reserved: u64,
 }
 
 /// How [`NodeState::admit`] accepted a datagram.
@@ -251,7 +272,11 @@ impl NodeState {
                 match f {
                     Fresh::Advance { gap } => {
                         self.lost = self.lost.wrapping_add(gap);
-                        sample = self.accepted != 0 && self.gen_start_ns != 0;
+                        // Only the gap between consecutive sequence numbers
+                        // is an inter-arrival time: one that lost heartbeats
+                        // spans several intervals and says nothing of the
+                        // node's rhythm or its pauses.
+                        sample = self.accepted != 0 && self.gen_start_ns != 0 && gap == 0;
                     }
                     Fresh::Late => self.lost = self.lost.saturating_sub(1),
                 }
@@ -290,21 +315,58 @@ impl NodeState {
         out
     }
 
-    /// Jacobson/Karels EWMA update with one inter-arrival sample `x` ns.
+    /// Jacobson/Karels EWMA update with one inter-arrival sample `x` ns,
+    /// its error clipped to a quarter of the mean ([`IA_CLIP_SHIFT`]); the
+    /// excess of a longer sample is remembered as a stall ([`Self::stall`]).
     #[inline(always)]
     pub fn observe_interarrival(&mut self, x: u64) {
+        self.observe_interarrival_with(x, IA_MEAN_SHIFT, IA_DEV_SHIFT);
+    }
+
+    /// [`Self::observe_interarrival`] with other EWMA gains (`1/2^mean_shift`,
+    /// `1/2^dev_shift`): what `hb eval` uses to try gains the kernel was not
+    /// built with.
+    #[inline(always)]
+    pub fn observe_interarrival_with(&mut self, x: u64, mean_shift: u32, dev_shift: u32) {
         if self.ia_samples == 0 && self.ia_mean_ns == 0 {
             self.ia_mean_ns = x;
             self.ia_dev_ns = x >> 1;
         } else {
             let mean = self.ia_mean_ns as i64;
-            let err = x as i64 - mean;
-            self.ia_mean_ns = (mean + (err >> IA_MEAN_SHIFT)) as u64;
+            let lim = mean >> IA_CLIP_SHIFT;
+            let mut err = x as i64 - mean;
+            self.stall[0] -= self.stall[0] >> STALL_DECAY_SHIFT;
+            self.stall[1] -= self.stall[1] >> STALL_DECAY_SHIFT;
+            if err > lim {
+                let units = (err as u64) >> STALL_UNIT_SHIFT;
+                self.stall[1] = self.stall[0];
+                self.stall[0] = if units > u32::MAX as u64 {
+                    u32::MAX
+                } else {
+                    units as u32
+                };
+                err = lim;
+            } else if err < -lim {
+                err = -lim;
+            }
+            self.ia_mean_ns = (mean + (err >> mean_shift)) as u64;
             let dev = self.ia_dev_ns as i64;
             let abs = if err < 0 { -err } else { err };
-            self.ia_dev_ns = (dev + ((abs - dev) >> IA_DEV_SHIFT)) as u64;
+            self.ia_dev_ns = (dev + ((abs - dev) >> dev_shift)) as u64;
         }
         self.ia_samples = self.ia_samples.saturating_add(1);
+    }
+
+    /// The smaller of the node's two most recent stalls, ns: a pause it
+    /// has shown at least twice (0 until it has).
+    #[inline(always)]
+    pub fn recurring_stall_ns(&self) -> u64 {
+        let s = if self.stall[0] < self.stall[1] {
+            self.stall[0]
+        } else {
+            self.stall[1]
+        };
+        (s as u64) << STALL_UNIT_SHIFT
     }
 
     /// Whether the last accepted datagram had LEAVING set.
@@ -438,6 +500,9 @@ mod tests {
         assert_eq!(size_of::<NodeState>(), 128);
         assert_eq!(align_of::<NodeState>(), 64);
         assert_eq!(core::mem::offset_of!(NodeState, max_seq), 64);
+        assert_eq!(core::mem::offset_of!(NodeState, gen_start_ns), 104);
+        assert_eq!(core::mem::offset_of!(NodeState, stall), 112);
+        assert_eq!(core::mem::offset_of!(NodeState, _reserved), 120);
         assert_eq!(size_of::<Config>(), 16);
         assert_eq!(size_of::<Report>(), 48);
         assert_eq!(size_of::<RateLimit>(), 16);
@@ -485,16 +550,69 @@ mod tests {
         feed(&mut s, &hb(1, 1), 1000 * ms).unwrap();
         // The first datagram announces interval 1000 ms: moments seeded.
         assert_eq!(s.ia_mean_ns, 1000 * ms);
-        feed(&mut s, &hb(1, 2), 2000 * ms).unwrap();
-        feed(&mut s, &hb(1, 5), 3100 * ms).unwrap();
-        assert_eq!(s.lost, 2);
-        assert_eq!(s.ia_samples, 2);
+        feed(&mut s, &hb(1, 2), 2100 * ms).unwrap();
+        assert_eq!(s.ia_samples, 1);
         // mean = 1000 + (1100 - 1000) / 2^IA_MEAN_SHIFT ms
-        assert_eq!(s.ia_mean_ns, 1_000_000_000 + (100_000_000 >> IA_MEAN_SHIFT));
-        feed(&mut s, &hb(1, 4), 3200 * ms).unwrap();
+        let mean = 1_000_000_000 + (100_000_000 >> IA_MEAN_SHIFT);
+        assert_eq!(s.ia_mean_ns, mean);
+        // Two heartbeats lost: the 3 s gap is no sample.
+        feed(&mut s, &hb(1, 5), 5100 * ms).unwrap();
+        assert_eq!(s.lost, 2);
+        assert_eq!((s.ia_samples, s.ia_mean_ns), (1, mean));
+        assert_eq!(s.stall, [0, 0], "a loss is no stall");
+        feed(&mut s, &hb(1, 4), 5200 * ms).unwrap();
         assert_eq!(s.lost, 1, "a late arrival fills a hole");
-        assert_eq!(s.ia_samples, 2, "late arrivals are no samples");
-        assert_eq!(s.last_arrival_ns, 3200 * ms);
+        assert_eq!(s.ia_samples, 1, "late arrivals are no samples");
+        assert_eq!(s.last_arrival_ns, 5200 * ms);
+    }
+
+    #[test]
+    fn stalls_are_clipped_out_of_the_moments_and_remembered() {
+        let mut s = NodeState::default();
+        let ms = 1_000_000u64;
+        let mut t = 1000 * ms;
+        let mut seq = 1;
+        let mut beat = |s: &mut NodeState, gap_ms: u64| {
+            t += gap_ms * ms;
+            feed(s, &hb(1, seq), t).unwrap();
+            seq += 1;
+        };
+        beat(&mut s, 0);
+        for _ in 0..10 {
+            beat(&mut s, 1000);
+        }
+        let (mean, dev) = (s.ia_mean_ns, s.ia_dev_ns);
+        assert_eq!(mean, 1000 * ms);
+        // A 6 s pause: the moments move as for a quarter-interval error
+        // only; the 5 s excess is the newest stall.
+        beat(&mut s, 6000);
+        let lim = (mean >> IA_CLIP_SHIFT) as i64;
+        assert_eq!(s.ia_mean_ns, (mean as i64 + (lim >> IA_MEAN_SHIFT)) as u64);
+        assert_eq!(
+            s.ia_dev_ns,
+            (dev as i64 + ((lim - dev as i64) >> IA_DEV_SHIFT)) as u64
+        );
+        assert_eq!(s.stall, [((5000 * ms) >> STALL_UNIT_SHIFT) as u32, 0]);
+        assert_eq!(s.recurring_stall_ns(), 0, "seen once");
+        // A 1.2 s sample is jitter, not a stall (within a quarter); a
+        // 3 s one is the next stall; the smaller of the two is recurring.
+        beat(&mut s, 1200);
+        assert_eq!(s.stall[1], 0);
+        let m = s.ia_mean_ns;
+        beat(&mut s, 3000);
+        let second = ((3000 * ms - m) >> STALL_UNIT_SHIFT) as u32;
+        assert_eq!(s.stall[0], second);
+        assert!(s.stall[1] < ((5000 * ms) >> STALL_UNIT_SHIFT) as u32);
+        assert_eq!(s.recurring_stall_ns(), (second as u64) << STALL_UNIT_SHIFT);
+        // Both decay with every sample: 1/2^16 each.
+        let before = s.stall;
+        beat(&mut s, 1000);
+        assert_eq!(s.stall[0], before[0] - (before[0] >> STALL_DECAY_SHIFT));
+        assert_eq!(s.stall[1], before[1] - (before[1] >> STALL_DECAY_SHIFT));
+        // A stall too long for the units saturates.
+        let mut long = s;
+        long.observe_interarrival(u64::MAX / 2);
+        assert_eq!(long.stall[0], u32::MAX);
     }
 
     #[test]
