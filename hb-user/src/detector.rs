@@ -72,6 +72,11 @@ pub struct PhiParams {
     pub min_std_dev_ratio: f64,
     /// Added to the expected inter-arrival time, ms.
     pub acceptable_pause_ms: f64,
+    /// A node is never late before it has been silent for its expected
+    /// inter-arrival time plus this many times its recurring stall
+    /// (`NodeState::recurring_stall_ns`, the smaller of its two most recent
+    /// pauses); 0 turns this off.
+    pub stall_factor: f64,
 }
 
 impl Default for PhiParams {
@@ -80,6 +85,7 @@ impl Default for PhiParams {
             min_std_dev_ms: 20.0,
             min_std_dev_ratio: 0.1,
             acceptable_pause_ms: 0.0,
+            stall_factor: 2.0,
         }
     }
 }
@@ -124,6 +130,7 @@ pub struct Model {
     min_std_ns: f64,
     std_ratio: f64,
     pause_ns: f64,
+    stall_factor: f64,
 }
 
 impl Model {
@@ -132,6 +139,21 @@ impl Model {
             min_std_ns: p.min_std_dev_ms * 1e6,
             std_ratio: p.min_std_dev_ratio,
             pause_ns: p.acceptable_pause_ms * 1e6,
+            stall_factor: p.stall_factor,
+        }
+    }
+
+    /// The silence, ns, before which a node is not late at all (phi 0):
+    /// `mean_ns` (its expected inter-arrival time, from
+    /// [`Model::moments_ns`]) plus `stall_factor` times its recurring
+    /// stall; 0 for a node without one, or with `stall_factor` 0.
+    #[inline(always)]
+    pub fn stall_floor_ns(&self, state: &NodeState, mean_ns: f64) -> f64 {
+        let stall = state.recurring_stall_ns();
+        if stall == 0 || self.stall_factor <= 0.0 {
+            0.0
+        } else {
+            mean_ns + self.stall_factor * stall as f64
         }
     }
 
@@ -169,12 +191,13 @@ pub fn moments_ms(state: &NodeState, p: &PhiParams) -> (f64, f64) {
 }
 
 /// Phi of `state` at `now_ns` (CLOCK_MONOTONIC). 0 for a node never heard
-/// from, or with no usable statistics yet.
+/// from, with no usable statistics yet, or silent for less than its stall
+/// allowance ([`Model::stall_floor_ns`]).
 #[inline]
 pub fn phi(state: &NodeState, now_ns: u64, p: &PhiParams) -> f64 {
     match lateness(state, now_ns, p) {
-        Some(l) => phi_of_y(l.y),
-        None => 0.0,
+        Some(l) if !l.within_stall => phi_of_y(l.y),
+        _ => 0.0,
     }
 }
 
@@ -188,6 +211,9 @@ pub struct Lateness {
     pub elapsed_ms: f64,
     /// Expected inter-arrival time (mean plus acceptable pause), ms.
     pub mean_ms: f64,
+    /// The silence is still within the node's stall allowance
+    /// ([`Model::stall_floor_ns`]): phi is 0 whatever `y` says.
+    pub within_stall: bool,
 }
 
 /// The lateness of `state` at `now_ns`; `None` for a node never heard from
@@ -197,15 +223,17 @@ pub fn lateness(state: &NodeState, now_ns: u64, p: &PhiParams) -> Option<Latenes
     if state.accepted == 0 || state.last_arrival_ns == 0 {
         return None;
     }
-    let (mean, std) = moments_ms(state, p);
+    let model = Model::new(p);
+    let (mean, std) = model.moments_ns(state);
     if mean <= 0.0 || std <= 0.0 {
         return None;
     }
-    let elapsed = now_ns.saturating_sub(state.last_arrival_ns) as f64 / 1e6;
+    let elapsed = now_ns.saturating_sub(state.last_arrival_ns) as f64;
     Some(Lateness {
         y: (elapsed - mean) / std,
-        elapsed_ms: elapsed,
-        mean_ms: mean,
+        elapsed_ms: elapsed / 1e6,
+        mean_ms: mean / 1e6,
+        within_stall: elapsed < model.stall_floor_ns(state, mean),
     })
 }
 
@@ -291,6 +319,38 @@ mod tests {
             ..p
         };
         assert!((phi(&s, now, &paused) - 2f64.log10()).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_recurring_stall_holds_phi_at_zero_until_its_allowance() {
+        use hb_common::maps::STALL_UNIT_SHIFT;
+        let p = PhiParams::default();
+        let mut s = state(1000, 0);
+        let ms = 1_000_000u64;
+        // One stall seen: nothing recurs yet, phi as before.
+        s.stall = [((3000 * ms) >> STALL_UNIT_SHIFT) as u32, 0];
+        let at = |s: &NodeState, silent_ms: u64| phi(s, s.last_arrival_ns + silent_ms * ms, &p);
+        assert!(at(&s, 2000) > 10.0);
+        // Two: the smaller (2 s) recurs; allowance 1000 + 2 * 2000 ms.
+        s.stall[1] = ((2000 * ms) >> STALL_UNIT_SHIFT) as u32;
+        assert_eq!(s.recurring_stall_ns(), 2000 * ms);
+        let floor = Model::new(&p).stall_floor_ns(&s, 1000.0 * ms as f64);
+        assert_eq!(floor, 5000.0 * ms as f64);
+        assert_eq!(at(&s, 2000), 0.0);
+        assert_eq!(at(&s, 4999), 0.0);
+        let l = lateness(&s, s.last_arrival_ns + 4999 * ms, &p).unwrap();
+        assert!(l.within_stall && l.y > 30.0, "{l:?}");
+        // From the allowance on, the normal-model phi of that silence.
+        let y = (5000.0 - 1000.0) / 100.0;
+        assert!((at(&s, 5000) - phi_of_y(y)).abs() < 1e-9);
+        // Factor 0 turns it off.
+        let off = PhiParams {
+            stall_factor: 0.0,
+            ..p
+        };
+        assert_eq!(Model::new(&off).stall_floor_ns(&s, 1e9), 0.0);
+        let l = lateness(&s, s.last_arrival_ns + 2000 * ms, &off).unwrap();
+        assert!(!l.within_stall);
     }
 
     #[test]

@@ -15,7 +15,8 @@
 //!
 //! - `hb`: hb's own detector, the code the monitor runs:
 //!   `hb_common::maps::NodeState::{admit, record}` (what the XDP program
-//!   computes per heartbeat) and `hb::detector::phi`. The crossing time is
+//!   computes per heartbeat) and `hb::detector::phi` (a normal-model
+//!   deadline above the node's stall allowance). The crossing time is
 //!   computed from `hb::detector::Model::moments_ns` and then checked and
 //!   adjusted to 1 us against `hb::detector::late_by`, the comparison the
 //!   monitor's tick makes (lateness against the threshold's `y`).
@@ -332,14 +333,50 @@ pub trait Detector {
     /// unless another heartbeat arrives first (at least the last arrival);
     /// `None`: never.
     fn deadlines(&self, out: &mut [Option<u64>]);
-    /// When the deadline after the last heartbeat is `last + a + b * u`
-    /// ms for every threshold, with `u = kind.u_of_threshold(threshold)`
-    /// and `b > 0`: `(last_ns, a_ms, b_ms)`; `None` when the detector has
-    /// no deadline now (never suspects) or no such form (akka). This is
-    /// what lets `qos::optimum` solve for a detector's operating point
-    /// exactly instead of on a grid.
-    fn affine(&self) -> Option<(u64, f64, f64)> {
+    /// When the deadline after the last heartbeat is `last + max(a + b *
+    /// u, floor)` ms for every threshold, with `u =
+    /// kind.u_of_threshold(threshold)` and `b > 0`: that form; `None` when
+    /// the detector has no deadline now (never suspects) or no such form
+    /// (akka). This is what lets `qos::optimum` solve for a detector's
+    /// operating point exactly instead of on a grid.
+    fn affine(&self) -> Option<Affine> {
         None
+    }
+}
+
+/// A deadline affine in the threshold's parameter `u`, above a floor that
+/// does not depend on it: `last + max(a + b * u, floor)` ms (see
+/// [`Detector::affine`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Affine {
+    pub last_ns: u64,
+    pub a_ms: f64,
+    pub b_ms: f64,
+    /// `f64::NEG_INFINITY` for the detectors without one.
+    pub floor_ms: f64,
+}
+
+impl Affine {
+    /// `last + a + b * u` ms, no floor.
+    pub fn plain(last_ns: u64, a_ms: f64, b_ms: f64) -> Affine {
+        Affine {
+            last_ns,
+            a_ms,
+            b_ms,
+            floor_ms: f64::NEG_INFINITY,
+        }
+    }
+
+    /// The deadline at `u`, ms after `last_ns`.
+    pub fn at(&self, u: f64) -> f64 {
+        (self.a_ms + self.b_ms * u).max(self.floor_ms)
+    }
+
+    /// The critical value of a silence of `gap_ms` after the last
+    /// heartbeat: the detector suspects within it exactly when `u` is
+    /// below the value. `None` when no `u` does (the floor covers it).
+    pub fn critical(&self, gap_ms: f64) -> Option<f64> {
+        (self.floor_ms < gap_ms).then(|| (gap_ms - self.a_ms) / self.b_ms)
     }
 }
 
@@ -440,20 +477,15 @@ impl Detector for Hb {
         {
             // What-if gains for tuning: `record` took a sample with the
             // kernel's gains; redo that one update with ours.
-            let x = now - before.last_arrival_ns;
-            let (m, d) = if before.ia_samples == 0 && before.ia_mean_ns == 0 {
-                (x, x >> 1)
-            } else {
-                let mean = before.ia_mean_ns as i64;
-                let err = x as i64 - mean;
-                let dev = before.ia_dev_ns as i64;
-                (
-                    (mean + (err >> self.cfg.mean_shift)) as u64,
-                    (dev + ((err.abs() - dev) >> self.cfg.dev_shift)) as u64,
-                )
-            };
-            self.st.ia_mean_ns = m;
-            self.st.ia_dev_ns = d;
+            self.st.ia_mean_ns = before.ia_mean_ns;
+            self.st.ia_dev_ns = before.ia_dev_ns;
+            self.st.stall = before.stall;
+            self.st.ia_samples = before.ia_samples;
+            self.st.observe_interarrival_with(
+                now - before.last_arrival_ns,
+                self.cfg.mean_shift,
+                self.cfg.dev_shift,
+            );
         }
     }
 
@@ -469,6 +501,10 @@ impl Detector for Hb {
             out.fill(None);
             return;
         }
+        // Not late at all before the stall allowance: the tick's `elapsed <
+        // floor` (elapsed in whole ns).
+        let floor = self.model.stall_floor_ns(st, mean);
+        let not_before = st.last_arrival_ns.saturating_add(floor.ceil() as u64);
         let last = st.last_arrival_ns;
         // The monitor's own test, at the node's elapsed time `t - last`.
         let late = |t: u64, y: f64| late_by((t - last) as f64, mean, std, y);
@@ -491,22 +527,28 @@ impl Detector for Hb {
                 while t >= last + STEP && late(t - STEP, y) {
                     t -= STEP;
                 }
-                t - HB_CLOCK_OFFSET
+                t.max(not_before) - HB_CLOCK_OFFSET
             });
         }
     }
 
-    fn affine(&self) -> Option<(u64, f64, f64)> {
+    fn affine(&self) -> Option<Affine> {
         let st = &self.st;
         if st.accepted == 0 || st.last_arrival_ns == 0 {
             return None;
         }
         let (mean, std) = self.model.moments_ns(st);
-        (mean > 0.0 && std > 0.0 && mean.is_finite() && std.is_finite()).then_some((
-            st.last_arrival_ns - HB_CLOCK_OFFSET,
-            mean / 1e6,
-            std / 1e6,
-        ))
+        let floor = self.model.stall_floor_ns(st, mean);
+        (mean > 0.0 && std > 0.0 && mean.is_finite() && std.is_finite()).then_some(Affine {
+            last_ns: st.last_arrival_ns - HB_CLOCK_OFFSET,
+            a_ms: mean / 1e6,
+            b_ms: std / 1e6,
+            floor_ms: if floor > 0.0 {
+                floor / 1e6
+            } else {
+                f64::NEG_INFINITY
+            },
+        })
     }
 }
 
@@ -549,8 +591,8 @@ impl Detector for Fixed {
             *o = self.last.and_then(|l| after(l, ms));
         }
     }
-    fn affine(&self) -> Option<(u64, f64, f64)> {
-        self.last.map(|l| (l, 0.0, 1.0))
+    fn affine(&self) -> Option<Affine> {
+        self.last.map(|l| Affine::plain(l, 0.0, 1.0))
     }
 }
 
@@ -625,9 +667,9 @@ impl Detector for Chen {
             *o = after(last, (ea - last as f64) / 1e6 + alpha_ms);
         }
     }
-    fn affine(&self) -> Option<(u64, f64, f64)> {
+    fn affine(&self) -> Option<Affine> {
         let (last, ea) = self.expected_arrival()?;
-        Some((last, (ea - last as f64) / 1e6, 1.0))
+        Some(Affine::plain(last, (ea - last as f64) / 1e6, 1.0))
     }
 }
 
@@ -724,11 +766,11 @@ impl Detector for PhiNormal {
             *o = after(last, m + s * y);
         }
     }
-    fn affine(&self) -> Option<(u64, f64, f64)> {
+    fn affine(&self) -> Option<Affine> {
         let (Some(last), true) = (self.last, self.stats.len() >= 2) else {
             return None;
         };
-        Some((
+        Some(Affine::plain(
             last,
             self.stats.mean(),
             self.stats.std().max(PHI_NORMAL_MIN_STD_MS),
@@ -890,8 +932,8 @@ impl Detector for Cassandra {
             *o = after(last, thr * mean / CASSANDRA_PHI_FACTOR);
         }
     }
-    fn affine(&self) -> Option<(u64, f64, f64)> {
+    fn affine(&self) -> Option<Affine> {
         self.last
-            .map(|l| (l, 0.0, self.stats.mean() / CASSANDRA_PHI_FACTOR))
+            .map(|l| Affine::plain(l, 0.0, self.stats.mean() / CASSANDRA_PHI_FACTOR))
     }
 }

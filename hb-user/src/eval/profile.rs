@@ -27,18 +27,15 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{
-    detectors::{HbConfig, Kind, Spec, after, geometric},
+    detectors::{Affine, HbConfig, Kind, Spec, after, geometric},
     qos::{NodeScore, alive_window, percentile, replay_node},
     trace::{Crashes, Trace},
 };
 
-/// Where a crashed node's final suspicion starts, for an affine detector:
-/// `last + a + b * u` ms.
+/// Where a crashed node's final suspicion starts, for an affine detector.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Final {
-    last_ns: u64,
-    a_ms: f64,
-    b_ms: f64,
+    deadline: Affine,
     crash_ns: u64,
     /// End of the node's trace: a suspicion starting at or after it is no
     /// detection.
@@ -153,10 +150,11 @@ impl Profile {
                         let aff = det.affine();
                         let next = arr.get(i + 1).map_or(end, |n| n.recv_ns);
                         let until = next.min(alive_end);
-                        if let Some((l, am, bm)) = aff
-                            && l < until
+                        if let Some(f) = aff
+                            && f.last_ns < until
+                            && let Some(c) = f.critical((until - f.last_ns) as f64 / 1e6)
                         {
-                            scratch.push(((until - l) as f64 / 1e6 - am) / bm);
+                            scratch.push(c);
                         }
                         if i + 1 == arr.len() {
                             last = aff;
@@ -173,10 +171,8 @@ impl Profile {
                         outcome: Outcome::Affine {
                             critical: scratch.clone(),
                             last: crash.and_then(|c| {
-                                last.map(|(l, a_ms, b_ms)| Final {
-                                    last_ns: l,
-                                    a_ms,
-                                    b_ms,
+                                last.map(|deadline| Final {
+                                    deadline,
                                     crash_ns: c,
                                     end_ns: end,
                                 })
@@ -323,7 +319,7 @@ impl Profile {
                 return None;
             };
             let f = (*last)?;
-            let deadline = after(f.last_ns, f.a_ms + f.b_ms * u)?;
+            let deadline = after(f.deadline.last_ns, f.deadline.at(u))?;
             if deadline >= f.end_ns {
                 return None;
             }

@@ -22,7 +22,7 @@
 use serde::Serialize;
 
 use super::{
-    detectors::{HbConfig, Kind, Spec, geometric},
+    detectors::{Affine, HbConfig, Kind, Spec, geometric},
     trace::{Arrival, Crashes, Trace},
 };
 
@@ -297,8 +297,9 @@ pub fn sweep(
 ///
 /// After heartbeat `i` of a node, with the next arrival (or the end of the
 /// trace, or the crash, whichever is first) at `until_i`, the detector
-/// makes a mistake exactly when `last_i + a_i + b_i * u < until_i`, i.e.
-/// when `u < c_i = (until_i - last_i - a_i) / b_i`. With `K` the mistakes
+/// makes a mistake exactly when `last_i + max(a_i + b_i * u, floor_i) <
+/// until_i`, i.e. when the floor is below `until_i - last_i` and `u < c_i
+/// = (until_i - last_i - a_i) / b_i`. With `K` the mistakes
 /// the budget allows over the trace's node-hours, the least `u` that meets
 /// it is the `(K+1)`-th largest `c_i`; detection times only grow with `u`,
 /// so that `u` is the operating point for the mean and every percentile
@@ -318,8 +319,8 @@ pub fn optimum(
     let spec = Spec::new(kind, &[], hb).ok()?;
     let end = trace.end_ns;
     let mut critical: Vec<f64> = Vec::new();
-    // Per crash: the deadline after the node's last arrival, (last, a, b).
-    let mut finals: Vec<(u64, f64, f64)> = Vec::new();
+    // Per crash: the deadline after the node's last arrival.
+    let mut finals: Vec<Affine> = Vec::new();
     let mut alive_ns: u128 = 0;
     for (id, arrivals) in &trace.nodes {
         let Some(first) = arrivals.first() else {
@@ -335,10 +336,11 @@ pub fn optimum(
             let aff = det.affine();
             let next = arrivals.get(i + 1).map_or(end, |n| n.recv_ns);
             let until = next.min(alive_end);
-            if let Some((last, am, bm)) = aff
-                && last < until
+            if let Some(f) = aff
+                && f.last_ns < until
+                && let Some(c) = f.critical((until - f.last_ns) as f64 / 1e6)
             {
-                critical.push(((until - last) as f64 / 1e6 - am) / bm);
+                critical.push(c);
             }
             if i + 1 == arrivals.len() && crash.is_some() {
                 // No deadline after the last arrival: never detected.
@@ -361,7 +363,7 @@ pub fn optimum(
     if !u.is_finite()
         || finals
             .iter()
-            .any(|&(last, a, b)| last as f64 + (a + b * u) * 1e6 >= end as f64)
+            .any(|f| f.last_ns as f64 + f.at(u) * 1e6 >= end as f64)
     {
         return None;
     }

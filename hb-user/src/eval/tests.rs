@@ -608,3 +608,75 @@ fn resamples_are_stratified_and_deterministic() {
     r.iter().flatten().for_each(|&i| seen[i] = true);
     assert!(seen.iter().all(|&s| s));
 }
+
+/// A node that stalled twice (4 s, then 3 s, consecutive sequence numbers)
+/// is not suspected before its allowance, the mean plus twice the smaller
+/// stall, whatever the threshold; a node that lost heartbeats instead (a
+/// jump in the sequence numbers) gets no allowance. Deadlines agree with
+/// the monitor's `phi` to the microsecond.
+#[test]
+fn hb_deadline_waits_out_a_recurring_stall() {
+    let hb = HbConfig::default();
+    let thresholds = [1.0, 8.0, 1e4];
+    let run = |gaps: &[(u64, u64)]| {
+        // (gap ms, seq step) after a first heartbeat at 1 s.
+        let spec = Spec::new(Kind::Hb, &thresholds, hb).unwrap();
+        let mut det = spec.instance();
+        let mut st = hb_common::maps::NodeState::default();
+        let (mut t, mut seq) = (1000u64, 1u64);
+        let offset = 1_000_000_000;
+        let mut feed = |t: u64, seq: u64| {
+            det.arrival(&Arrival {
+                recv_ns: t * MS,
+                interval_ms: Some(1000),
+                seq: Some(seq),
+            });
+            let d = hb_common::proto::Datagram {
+                kind: hb_common::proto::Kind::Heartbeat,
+                node_id: 1,
+                generation: 1,
+                key_epoch: 0,
+                flags: 0,
+                load: 0,
+                seq,
+                sent_ns: 0,
+                interval_ms: 1000,
+                rtt_us: 0,
+            };
+            let a = st.admit(&d).unwrap();
+            st.record(&d, a, t * MS + offset);
+        };
+        feed(t, seq);
+        for &(gap, step) in gaps {
+            t += gap;
+            seq += step;
+            feed(t, seq);
+        }
+        let mut out = vec![None; thresholds.len()];
+        det.deadlines(&mut out);
+        let p = PhiParams::default();
+        for (dl, thr) in out.iter().zip(thresholds) {
+            let at = dl.unwrap() + offset;
+            assert!(phi(&st, at, &p) >= thr, "thr {thr}");
+            assert!(phi(&st, at - 1_000, &p) < thr, "thr {thr}");
+        }
+        let last = t as f64;
+        out.iter()
+            .map(|d| d.unwrap() as f64 / 1e6 - last)
+            .collect::<Vec<f64>>()
+    };
+    let mut stalls = vec![(1000, 1); 20];
+    stalls.push((4000, 1));
+    stalls.extend([(1000, 1); 20]);
+    stalls.push((3000, 1));
+    stalls.extend([(1000, 1); 3]);
+    let d = run(&stalls);
+    // The smaller stall's excess is ~2 s over a ~1 s mean: allowance ~5 s.
+    assert!(d[0] > 4900.0 && d[0] < 5100.0, "{d:?}");
+    assert_eq!(d[0], d[1], "below the allowance every threshold waits");
+    assert!(d[2] > d[1], "a high threshold's own deadline is later");
+    // The same gaps as lost heartbeats: no allowance.
+    let losses: Vec<(u64, u64)> = stalls.iter().map(|&(g, _)| (g, g / 1000)).collect();
+    let d = run(&losses);
+    assert!(d[0] < 1500.0, "{d:?}");
+}

@@ -69,7 +69,11 @@ impl Detector {
     pub fn level(&self, l: &Lateness) -> Level {
         let th = &self.thresholds;
         let backstop = th.max_silence_ms != 0 && l.elapsed_ms >= th.max_silence_ms as f64;
-        if backstop || (l.y >= self.y_dead && l.elapsed_ms >= th.dead_min_intervals * l.mean_ms) {
+        if backstop {
+            Level::Dead
+        } else if l.within_stall {
+            Level::Healthy
+        } else if l.y >= self.y_dead && l.elapsed_ms >= th.dead_min_intervals * l.mean_ms {
             Level::Dead
         } else if l.y >= self.y_suspect {
             Level::Suspect
@@ -108,7 +112,9 @@ impl Detector {
             return Level::Healthy;
         }
         let late = elapsed - mean;
-        if late < self.y_alive * std {
+        // Healthy nodes (the common case) take the first branch only; the
+        // stall allowance is looked at for late ones.
+        if late < self.y_alive * std || elapsed < self.model.stall_floor_ns(st, mean) {
             Level::Healthy
         } else if late < self.y_suspect * std {
             Level::Normal
@@ -474,6 +480,7 @@ mod tests {
                     y,
                     elapsed_ms: elapsed,
                     mean_ms: mean,
+                    within_stall: false,
                 };
                 let phi = detector::phi_of_y(y);
                 assert_eq!(
@@ -502,14 +509,24 @@ mod tests {
             x
         };
         let mut levels = [0usize; 4];
+        let mut stalled = 0;
         for _ in 0..200_000 {
             let mean_ms = 50 + next() % 10_000;
+            // A third of the nodes with recurring stalls of up to 3 means
+            // (units of 2^10 ns).
+            let span = (3 * mean_ms * MS) >> 10;
+            let stall = if next() % 3 == 0 {
+                [(next() % span) as u32, (next() % span) as u32]
+            } else {
+                [0, 0]
+            };
             let st = NodeState {
                 accepted: 1 + next() % 5,
                 last_arrival_ns: 1_000_000 * MS,
                 ia_mean_ns: if next() % 10 == 0 { 0 } else { mean_ms * MS },
                 ia_dev_ns: (next() % (mean_ms / 2 + 1)) * MS,
                 interval_ms: mean_ms as u32,
+                stall,
                 ..NodeState::default()
             };
             let now = st.last_arrival_ns + (next() % (8 * mean_ms + 100)) * MS;
@@ -519,11 +536,21 @@ mod tests {
             let got = det.observe(&st, now).level;
             assert_eq!(got, want, "{st:?} at +{silence} ms");
             levels[got as usize] += 1;
+            let l = detector::lateness(&st, now, &p);
+            if l.is_some_and(|l| l.within_stall && l.y >= det_y(&det)) {
+                stalled += 1;
+            }
         }
         assert!(
             levels.iter().all(|n| *n > 1000),
             "every level exercised: {levels:?}"
         );
+        assert!(stalled > 1000, "the stall allowance exercised: {stalled}");
+    }
+
+    /// The suspect threshold as standardized lateness.
+    fn det_y(d: &Detector) -> f64 {
+        d.y_suspect
     }
 
     #[test]

@@ -32,9 +32,10 @@
 //! at or below 1.01, `worse` when it lies above 1.01, `undecided` when it
 //! straddles 1.01.
 //!
-//! `bench_eval --explore` also grid-searches hb's tunables (PhiParams and
-//! the EWMA gains) and prints, per candidate, its mean T_D against the best
-//! published detector on every scenario.
+//! `bench_eval --explore` also grid-searches hb's tunables (the stall
+//! factor and the std floor of PhiParams, the EWMA gains) and prints, per
+//! candidate, its mean T_D against the best published detector on every
+//! scenario.
 
 use std::time::Instant;
 
@@ -62,6 +63,7 @@ const REPLICATES: usize = 1000;
 const TOLERANCE: f64 = 0.01;
 
 struct Opts {
+    first_seed: u64,
     seeds: u64,
     nodes: u32,
     replicates: usize,
@@ -71,6 +73,7 @@ struct Opts {
 
 fn opts() -> Opts {
     let mut o = Opts {
+        first_seed: 1,
         seeds: SEEDS,
         nodes: NODES,
         replicates: REPLICATES,
@@ -79,13 +82,14 @@ fn opts() -> Opts {
     };
     let mut picked = Vec::new();
     let mut args = std::env::args().skip(1);
-    let usage = "usage: bench_eval [--seeds N] [--nodes N] [--replicates N] [--scenario NAME]... [--explore]";
+    let usage = "usage: bench_eval [--first-seed S] [--seeds N] [--nodes N] [--replicates N] [--scenario NAME]... [--explore]";
     while let Some(a) = args.next() {
         let mut value = |name: &str| -> String {
             args.next()
                 .unwrap_or_else(|| panic!("{name} needs a value; {usage}"))
         };
         match a.as_str() {
+            "--first-seed" => o.first_seed = value("--first-seed").parse().expect("--first-seed S"),
             "--seeds" => o.seeds = value("--seeds").parse().expect("--seeds N"),
             "--nodes" => o.nodes = value("--nodes").parse().expect("--nodes N"),
             "--replicates" => o.replicates = value("--replicates").parse().expect("--replicates N"),
@@ -210,7 +214,7 @@ struct Summary {
 fn main() {
     let o = opts();
     let t0 = Instant::now();
-    let seeds: Vec<u64> = (1..=o.seeds).collect();
+    let seeds: Vec<u64> = (o.first_seed..o.first_seed + o.seeds).collect();
     let fleets: Vec<Fleet> = o
         .scenarios
         .iter()
@@ -230,8 +234,8 @@ fn main() {
     println!("## Detector quality (`hb eval`)\n");
     println!(
         "Command: `cargo run --release -p hb-tests --bin bench_eval` (part of `cargo xtask bench eval`; \
-         `-- --seeds {} --nodes {} --replicates {}`, the defaults). Each scenario is `hb eval gen --scenario NAME \
-         --seed S --nodes {} --duration 2h` for S = 1..={}, every fifth node crashing; the seeds' {} nodes are one \
+         `-- --first-seed {} --seeds {} --nodes {} --replicates {}`, the defaults). Each scenario is `hb eval gen \
+         --scenario NAME --seed S --nodes {} --duration 2h` for S = {}..={}, every fifth node crashing; the seeds' {} nodes are one \
          fleet, replayed exactly (event-driven) through every detector. Operating point: the threshold with the \
          shortest mean detection time T_D among those that detect every crash with at most one mistake per node \
          per day ({BUDGET:.4} per node-hour) over the fleet, solved exactly (the least threshold meeting the \
@@ -239,11 +243,13 @@ fn main() {
          history depends on the threshold (a three-level log grid); each row is then replayed at its threshold. \
          `-`: no threshold qualifies. hb runs the monitor's detector with its current defaults ({:?}, EWMA gains \
          1/2^{} and 1/2^{}).\n",
+        o.first_seed,
         o.seeds,
         o.nodes,
         o.replicates,
         o.nodes,
-        o.seeds,
+        o.first_seed,
+        o.first_seed + o.seeds - 1,
         o.seeds * o.nodes as u64,
         PhiParams::default(),
         hb_common::maps::IA_MEAN_SHIFT,
@@ -323,7 +329,13 @@ fn main() {
                 })
                 .collect();
             let crashed: Vec<bool> = h.nodes.iter().map(|n| n.crashed).collect();
-            let draws = resamples(&crashed, o.replicates, 0x5eed ^ fleet.scenario as u64);
+            // Seeded by the scenario's name: the same resamples every run.
+            let seed = fleet
+                .scenario
+                .name()
+                .bytes()
+                .fold(0x5eed_u64, |h, b| h.rotate_left(8) ^ b as u64);
+            let draws = resamples(&crashed, o.replicates, seed);
             let ratios: Vec<Option<(f64, f64, bool)>> = par_map(&draws, |nodes| {
                 let (ph, pb) = (h.point(nodes, BUDGET)?, b.point(nodes, BUDGET)?);
                 Some((
@@ -430,30 +442,35 @@ fn main() {
 /// scenario as a ratio to the best published detector (lower is better,
 /// `inf`: no threshold meets the budget).
 fn explore_hb(fleets: &[Fleet], summaries: &[Summary]) {
+    // The stall allowance's factor (0: none) against the std floor ratio,
+    // at the kernel's gains; and the gains at the default factor.
     let mut candidates = Vec::new();
-    let gains: Vec<(u32, u32)> = (3..=5).flat_map(|m| (2..=5).map(move |d| (m, d))).collect();
     for &ratio in &[0.1, 0.2] {
-        for &min_ms in &[20.0, 100.0] {
-            for &(ms, ds) in &gains {
-                candidates.push(HbConfig {
-                    phi: PhiParams {
-                        min_std_dev_ms: min_ms,
-                        min_std_dev_ratio: ratio,
-                        ..PhiParams::default()
-                    },
-                    mean_shift: ms,
-                    dev_shift: ds,
-                });
-            }
+        for &factor in &[0.0, 1.0, 1.5, 2.0, 2.5, 3.0] {
+            candidates.push(HbConfig {
+                phi: PhiParams {
+                    min_std_dev_ratio: ratio,
+                    stall_factor: factor,
+                    ..PhiParams::default()
+                },
+                ..HbConfig::default()
+            });
         }
     }
+    for (ms, ds) in [(3, 2), (4, 3), (5, 5), (6, 4)] {
+        candidates.push(HbConfig {
+            mean_shift: ms,
+            dev_shift: ds,
+            ..HbConfig::default()
+        });
+    }
     println!("### hb tunables: mean T_D as a ratio to the best published detector\n");
-    print!("| ratio | min ms | gains |");
+    print!("| ratio | min ms | stall factor | gains |");
     for f in fleets {
         print!(" {} |", f.scenario.name());
     }
     println!(" worst |");
-    println!("|{}", "---|".repeat(4 + fleets.len()));
+    println!("|{}", "---|".repeat(5 + fleets.len()));
     let jobs: Vec<(HbConfig, usize)> = candidates
         .iter()
         .flat_map(|&c| (0..fleets.len()).map(move |i| (c, i)))
@@ -476,9 +493,10 @@ fn explore_hb(fleets: &[Fleet], summaries: &[Summary]) {
             cells.push(format!("{r:.3}"));
         }
         println!(
-            "| {} | {} | 1/2^{},1/2^{} | {} | {worst:.3} |",
+            "| {} | {} | {} | 1/2^{},1/2^{} | {} | {worst:.3} |",
             cfg.phi.min_std_dev_ratio,
             cfg.phi.min_std_dev_ms,
+            cfg.phi.stall_factor,
             cfg.mean_shift,
             cfg.dev_shift,
             cells.join(" | "),
