@@ -115,10 +115,11 @@ pub const NODE_LEAVING: u8 = 1;
 /// 1/8 so one lost heartbeat (a doubled gap) moves the mean by 3%, not
 /// 12.5%. Chosen by `hb eval` (see `hb::detector`, "Defaults").
 pub const IA_MEAN_SHIFT: u32 = 5;
-/// EWMA gain of the inter-arrival mean deviation: 1/2^4. Slower than RFC
-/// 6298's 1/4 so one late heartbeat does not inflate sigma past the
-/// detector's floor for the next few beats. Chosen by `hb eval`.
-pub const IA_DEV_SHIFT: u32 = 4;
+/// EWMA gain of the inter-arrival mean deviation: 1/2^5. Much slower than
+/// RFC 6298's 1/4 so one late heartbeat or stall does not inflate sigma
+/// past the detector's floor for the next beats. Chosen by `hb eval` (see
+/// `hb::detector`, "Defaults").
+pub const IA_DEV_SHIFT: u32 = 5;
 /// An inter-arrival sample's error enters the EWMAs clipped to `+-mean /
 /// 2^IA_CLIP_SHIFT` (a quarter of the interval): jitter moves the moments,
 /// a stall of the sender does not drag the mean up or blow sigma up (it

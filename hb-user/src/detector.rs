@@ -85,7 +85,7 @@ impl Default for PhiParams {
             min_std_dev_ms: 20.0,
             min_std_dev_ratio: 0.1,
             acceptable_pause_ms: 0.0,
-            stall_factor: 2.0,
+            stall_factor: 1.5,
         }
     }
 }
@@ -331,18 +331,18 @@ mod tests {
         s.stall = [((3000 * ms) >> STALL_UNIT_SHIFT) as u32, 0];
         let at = |s: &NodeState, silent_ms: u64| phi(s, s.last_arrival_ns + silent_ms * ms, &p);
         assert!(at(&s, 2000) > 10.0);
-        // Two: the smaller (2 s) recurs; allowance 1000 + 2 * 2000 ms.
+        // Two: the smaller (2 s) recurs; allowance 1000 + 1.5 * 2000 ms.
         s.stall[1] = ((2000 * ms) >> STALL_UNIT_SHIFT) as u32;
         assert_eq!(s.recurring_stall_ns(), 2000 * ms);
         let floor = Model::new(&p).stall_floor_ns(&s, 1000.0 * ms as f64);
-        assert_eq!(floor, 5000.0 * ms as f64);
+        assert_eq!(floor, 4000.0 * ms as f64);
         assert_eq!(at(&s, 2000), 0.0);
-        assert_eq!(at(&s, 4999), 0.0);
-        let l = lateness(&s, s.last_arrival_ns + 4999 * ms, &p).unwrap();
-        assert!(l.within_stall && l.y > 30.0, "{l:?}");
+        assert_eq!(at(&s, 3999), 0.0);
+        let l = lateness(&s, s.last_arrival_ns + 3999 * ms, &p).unwrap();
+        assert!(l.within_stall && l.y > 29.0, "{l:?}");
         // From the allowance on, the normal-model phi of that silence.
-        let y = (5000.0 - 1000.0) / 100.0;
-        assert!((at(&s, 5000) - phi_of_y(y)).abs() < 1e-9);
+        let y = (4000.0 - 1000.0) / 100.0;
+        assert!((at(&s, 4000) - phi_of_y(y)).abs() < 1e-9);
         // Factor 0 turns it off.
         let off = PhiParams {
             stall_factor: 0.0,

@@ -610,8 +610,8 @@ fn resamples_are_stratified_and_deterministic() {
 }
 
 /// A node that stalled twice (4 s, then 3 s, consecutive sequence numbers)
-/// is not suspected before its allowance, the mean plus twice the smaller
-/// stall, whatever the threshold; a node that lost heartbeats instead (a
+/// is not suspected before its allowance, the mean plus 1.5 times the
+/// smaller stall, whatever the threshold; a node that lost heartbeats instead (a
 /// jump in the sequence numbers) gets no allowance. Deadlines agree with
 /// the monitor's `phi` to the microsecond.
 #[test]
@@ -671,8 +671,8 @@ fn hb_deadline_waits_out_a_recurring_stall() {
     stalls.push((3000, 1));
     stalls.extend([(1000, 1); 3]);
     let d = run(&stalls);
-    // The smaller stall's excess is ~2 s over a ~1 s mean: allowance ~5 s.
-    assert!(d[0] > 4900.0 && d[0] < 5100.0, "{d:?}");
+    // The smaller stall's excess is ~2 s over a ~1 s mean: allowance ~4 s.
+    assert!(d[0] > 3900.0 && d[0] < 4100.0, "{d:?}");
     assert_eq!(d[0], d[1], "below the allowance every threshold waits");
     assert!(d[2] > d[1], "a high threshold's own deadline is later");
     // The same gaps as lost heartbeats: no allowance.

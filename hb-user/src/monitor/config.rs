@@ -157,7 +157,7 @@ pub struct Opts {
     pub acceptable_pause_ms: Option<f64>,
     /// A node is not late before its expected interval plus this many
     /// times its recurring stall (the smaller of its two most recent
-    /// pauses); 0 = off [default: 2].
+    /// pauses); 0 = off [default: 1.5].
     #[arg(long, value_name = "FACTOR")]
     pub stall_factor: Option<f64>,
     /// Who picks each node's heartbeat interval: `off` (senders keep

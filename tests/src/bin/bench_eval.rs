@@ -442,29 +442,30 @@ fn main() {
 /// scenario as a ratio to the best published detector (lower is better,
 /// `inf`: no threshold meets the budget).
 fn explore_hb(fleets: &[Fleet], summaries: &[Summary]) {
-    // The stall allowance's factor (0: none) against the std floor ratio,
-    // at the kernel's gains; and the gains at the default factor.
+    // The stall allowance's factor (0: none) and the EWMA gains.
     let mut candidates = Vec::new();
-    for &ratio in &[0.1, 0.2] {
+    for (ms, ds) in [(5, 4), (5, 5), (6, 5)] {
         for &factor in &[0.0, 1.0, 1.5, 2.0, 2.5, 3.0] {
             candidates.push(HbConfig {
                 phi: PhiParams {
-                    min_std_dev_ratio: ratio,
                     stall_factor: factor,
                     ..PhiParams::default()
                 },
-                ..HbConfig::default()
+                mean_shift: ms,
+                dev_shift: ds,
             });
         }
     }
-    for (ms, ds) in [(3, 2), (4, 3), (5, 5), (6, 4)] {
+    for &ratio in &[0.05, 0.2] {
         candidates.push(HbConfig {
-            mean_shift: ms,
-            dev_shift: ds,
+            phi: PhiParams {
+                min_std_dev_ratio: ratio,
+                ..PhiParams::default()
+            },
             ..HbConfig::default()
         });
     }
-    println!("### hb tunables: mean T_D as a ratio to the best published detector\n");
+    println!("### hb tunables: mean (p99) T_D as a ratio to the best published detector's\n");
     print!("| ratio | min ms | stall factor | gains |");
     for f in fleets {
         print!(" {} |", f.scenario.name());
@@ -478,19 +479,19 @@ fn explore_hb(fleets: &[Fleet], summaries: &[Summary]) {
     let points = par_map(&jobs, |&(cfg, i)| {
         let p = Profile::build(&fleets[i].refs(), Kind::Hb, cfg, BUDGET);
         let all: Vec<usize> = (0..p.nodes.len()).collect();
-        p.point(&all, BUDGET).map(|p| p.mean_ms())
+        p.point(&all, BUDGET).map(|p| (p.mean_ms(), p.p99_ms()))
     });
     for (n, cfg) in candidates.iter().enumerate() {
         let mut worst: f64 = 0.0;
         let mut cells = Vec::new();
         for (i, s) in summaries.iter().enumerate() {
-            let r = match (points[n * fleets.len() + i], &s.best) {
-                (Some(h), Some((_, b))) => h / b.mean_ms(),
-                (Some(_), None) => 0.0,
-                (None, _) => f64::INFINITY,
+            let (r, r99) = match (points[n * fleets.len() + i], &s.best) {
+                (Some((h, h99)), Some((_, b))) => (h / b.mean_ms(), h99 / b.p99_ms()),
+                (Some(_), None) => (0.0, 0.0),
+                (None, _) => (f64::INFINITY, f64::INFINITY),
             };
             worst = worst.max(r);
-            cells.push(format!("{r:.3}"));
+            cells.push(format!("{r:.3} ({r99:.2})"));
         }
         println!(
             "| {} | {} | {} | 1/2^{},1/2^{} | {} | {worst:.3} |",
