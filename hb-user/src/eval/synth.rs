@@ -26,44 +26,44 @@
 //!   because a node's heap, workload and collector do not change from one
 //!   collection to the next:
 //!   - a heap of H GB, log-uniform in [1, 16] (HotSpot's default maximum
-//!     heap is a quarter of physical memory [1]; 24-48 GB hosts in [4]);
+//!     heap is a quarter of physical memory \[1\]; 24-48 GB hosts in \[4\]);
 //!   - young (minor) collections whenever eden fills: periodic at the
-//!     node's allocation rate [1], the period log-uniform in [2 s, 60 s]
+//!     node's allocation rate \[1\], the period log-uniform in [2 s, 60 s]
 //!     per node and each one within +-20% of it; the pause depends on the
-//!     surviving objects, not the heap [1][3]: a per-node median
-//!     log-uniform in [10 ms, 150 ms] ("a few milliseconds" [2] up to
-//!     G1's default 200 ms pause goal [5]), each pause log-normal around
+//!     surviving objects, not the heap \[1\]\[3\]: a per-node median
+//!     log-uniform in [10 ms, 150 ms] ("a few milliseconds" \[2\] up to
+//!     G1's default 200 ms pause goal \[5\]), each pause log-normal around
 //!     it (sigma 0.3);
 //!   - full (old-generation, compacting) collections when the old
 //!     generation fills by promotion or a concurrent collector falls
-//!     behind or fragments [4][6]: every T per node on average, T
+//!     behind or fragments \[4\]\[6\]: every T per node on average, T
 //!     log-uniform in [15 min, 4 h], each interval uniform in [0.5 T,
 //!     1.5 T] (promotion rates vary), the first at a uniform phase; the
-//!     pause grows with the heap [2][4]: H times a per-node cost
+//!     pause grows with the heap \[2\]\[4\]: H times a per-node cost
 //!     log-uniform in [0.1, 1] s per GB (single-threaded fallbacks took
-//!     2.7 s/GB in [6]'s log and ~10 s/GB on 2011 hardware [4]; parallel
-//!     compaction divides that by the collector's threads [7]), each pause
+//!     2.7 s/GB in \[6\]'s log and ~10 s/GB on 2011 hardware \[4\]; parallel
+//!     compaction divides that by the collector's threads \[7\]), each pause
 //!     log-normal around it (sigma 0.2), at most 30 s.
 //!
-//!   Nodes pause independently of each other [8]. A heartbeat due during a
+//!   Nodes pause independently of each other \[8\]. A heartbeat due during a
 //!   pause leaves when it ends, and the timer restarts from there.
-//!   Sources: [1] Oracle, HotSpot VM Garbage Collection Tuning Guide (Java
-//!   SE 8 "Generations"; Java SE 21 "Ergonomics"). [2] Oracle, Sun Java
+//!   Sources: \[1\] Oracle, HotSpot VM Garbage Collection Tuning Guide (Java
+//!   SE 8 "Generations"; Java SE 21 "Ergonomics"). \[2\] Oracle, Sun Java
 //!   System Web Server 7.0u2 Performance Tuning Guide, "Tuning the Java
 //!   Heap" (docs.oracle.com/cd/E19146-01/820-2208): young collections "a
 //!   few milliseconds", full collections "tens
-//!   of milliseconds to a few seconds, depending upon the heap size". [3]
+//!   of milliseconds to a few seconds, depending upon the heap size". \[3\]
 //!   IBM documentation, "Oracle generational collectors"
 //!   (ibm.com/docs/SSYLSL_10.0.0/performance): a scavenge's cost depends on
-//!   the referenced objects it moves, not on the eden's size. [4] T.
+//!   the referenced objects it moves, not on the eden's size. \[4\] T.
 //!   Lipcon, "Avoiding Full GCs with MemStore-Local Allocation Buffers",
 //!   HBase user group, Feb. 2011: "around 10 seconds/GB", multi-minute
-//!   pauses. [5] OpenJDK `G1Arguments::
-//!   initialize`: `MaxGCPauseMillis` defaults to 200. [6] T. Lipcon,
+//!   pauses. \[5\] OpenJDK `G1Arguments::
+//!   initialize`: `MaxGCPauseMillis` defaults to 200. \[6\] T. Lipcon,
 //!   hotspot-gc-use mailing list, 7 July 2010: a 17.45 s concurrent-mode
 //!   failure on an 8 GB heap (6.4 GB old generation), and a 218 s pause
-//!   that got the server expelled for missed heartbeats. [7] JEP 307,
-//!   "Parallel Full GC for G1" (JDK 10). [8] M. Maas et al., "Trash Day:
+//!   that got the server expelled for missed heartbeats. \[7\] JEP 307,
+//!   "Parallel Full GC for G1" (JDK 10). \[8\] M. Maas et al., "Trash Day:
 //!   Coordinating Garbage Collection in Distributed Systems", HotOS 2015:
 //!   each node's runtime collects independently.
 //! - `gc-pause-homogeneous`: the earlier GC scenario, kept so its result

@@ -234,15 +234,16 @@ fn main() {
     println!("## Detector quality (`hb eval`)\n");
     println!(
         "Command: `cargo run --release -p hb-tests --bin bench_eval` (part of `cargo xtask bench eval`; \
-         `-- --first-seed {} --seeds {} --nodes {} --replicates {}`, the defaults). Each scenario is `hb eval gen \
+         here with `-- --first-seed {} --seeds {} --nodes {} --replicates {}`; the defaults are 1, {SEEDS}, {NODES} and {REPLICATES}). Each scenario is `hb eval gen \
          --scenario NAME --seed S --nodes {} --duration 2h` for S = {}..={}, every fifth node crashing; the seeds' {} nodes are one \
          fleet, replayed exactly (event-driven) through every detector. Operating point: the threshold with the \
          shortest mean detection time T_D among those that detect every crash with at most one mistake per node \
          per day ({BUDGET:.4} per node-hour) over the fleet, solved exactly (the least threshold meeting the \
          budget: an order statistic of the per-heartbeat critical thresholds) for every detector but akka, whose \
          history depends on the threshold (a three-level log grid); each row is then replayed at its threshold. \
-         `-`: no threshold qualifies. hb runs the monitor's detector with its current defaults ({:?}, EWMA gains \
-         1/2^{} and 1/2^{}).\n",
+         `-`: no threshold qualifies. hb runs the monitor's detector with its current defaults ({:?}; kernel: EWMA \
+         gains 1/2^{} and 1/2^{}, errors clipped to 1/2^{} of the mean, stalls decaying by 1/2^{} per sample) and \
+         reads the traces' sequence numbers, as Chen's NFD-E does; the other detectors see arrival times only.\n",
         o.first_seed,
         o.seeds,
         o.nodes,
@@ -254,6 +255,8 @@ fn main() {
         PhiParams::default(),
         hb_common::maps::IA_MEAN_SHIFT,
         hb_common::maps::IA_DEV_SHIFT,
+        hb_common::maps::IA_CLIP_SHIFT,
+        hb_common::maps::STALL_DECAY_SHIFT,
     );
     println!("{}\n", hb::eval::CHITCHAT_STATUS);
     println!(
