@@ -112,8 +112,9 @@ impl NodeKeys {
 pub const NODE_LEAVING: u8 = 1;
 
 /// EWMA gain of the inter-arrival mean: 1/2^5. Slower than RFC 6298's
-/// 1/8 so one lost heartbeat (a doubled gap) moves the mean by 3%, not
-/// 12.5%. Chosen by `hb eval` (see `hb::detector`, "Defaults").
+/// 1/8, so one late heartbeat moves the mean by under 1% (its error is
+/// also clipped, [`IA_CLIP_SHIFT`]). Chosen by `hb eval` (see
+/// `hb::detector`, "Defaults").
 pub const IA_MEAN_SHIFT: u32 = 5;
 /// EWMA gain of the inter-arrival mean deviation: 1/2^5. Much slower than
 /// RFC 6298's 1/4 so one late heartbeat or stall does not inflate sigma
@@ -137,7 +138,8 @@ pub const STALL_DECAY_SHIFT: u32 = 16;
 
 /// Value of [`names::NODE_STATE`]: what the gate knows of one node.
 /// 128 bytes, two cache lines; the first holds what the detector reads on
-/// every tick.
+/// every tick for every node, the second `stall`, which it reads for the
+/// nodes that are late.
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeState {
