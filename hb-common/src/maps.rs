@@ -261,29 +261,46 @@ pub mod index {
 pub const NODE_LEAVING: u8 = 1;
 
 /// EWMA gain of the inter-arrival mean: 1/2^5. Slower than RFC 6298's
-/// 1/8 so one lost heartbeat (a doubled gap) moves the mean by 3%, not
-/// 12.5%. Chosen by `hb eval` (see `hb::detector`, "Defaults").
+/// 1/8, so one late heartbeat moves the mean by under 1% (its error is
+/// also clipped, [`IA_CLIP_SHIFT`]). Chosen by `hb eval` (see
+/// `hb::detector`, "Defaults").
 pub const IA_MEAN_SHIFT: u32 = 5;
-/// EWMA gain of the inter-arrival mean deviation: 1/2^4. Slower than RFC
-/// 6298's 1/4 so one lost heartbeat does not inflate sigma past the
-/// detector's floor for the next few beats (WAN: detection time 1.12x ->
-/// 1.01x the best published detector). Chosen by `hb eval`.
-pub const IA_DEV_SHIFT: u32 = 4;
+/// EWMA gain of the inter-arrival mean deviation: 1/2^5. Much slower than
+/// RFC 6298's 1/4 so one late heartbeat or stall does not inflate sigma
+/// past the detector's floor for the next beats. Chosen by `hb eval` (see
+/// `hb::detector`, "Defaults").
+pub const IA_DEV_SHIFT: u32 = 5;
+/// An inter-arrival sample's error enters the EWMAs clipped to `+-mean /
+/// 2^IA_CLIP_SHIFT` (a quarter of the interval): jitter moves the moments,
+/// a stall of the sender does not drag the mean up or blow sigma up (it
+/// goes to [`NodeState::stall`] instead). Chosen by `hb eval`.
+pub const IA_CLIP_SHIFT: u32 = 2;
+/// [`NodeState::stall`] is in units of `2^STALL_UNIT_SHIFT` ns (~1 us), so
+/// a u32 holds 73 minutes without a division in the kernel.
+pub const STALL_UNIT_SHIFT: u32 = 10;
+/// Each inter-arrival sample decays the stall memory by `1/2^16`: a stall
+/// is remembered for a long time (halved after ~45,000 samples, 12.6 hours
+/// of 1 s heartbeats), because a node's pauses come from its heap, its
+/// workload and its host, which do not change from hour to hour. Chosen
+/// by `hb eval` (the `gc-pause` scenario; see `hb::detector`).
+pub const STALL_DECAY_SHIFT: u32 = 16;
 
 /// Value of [`names::NODE_STATE`]: one node. 192 bytes, three cache
-/// lines: the first holds what every datagram of the node needs (its id,
-/// keys and anti-replay window), the second what an accepted heartbeat
-/// updates and the detector reads on every tick, the third the counters of
-/// rejected datagrams and what changes rarely.
+/// lines:
+/// - line 0, the gate: the node's id and keys and its anti-replay window,
+///   what every datagram of the node needs;
+/// - line 1, the detector's view: `seqcount` and everything an accepted
+///   heartbeat updates and the monitor's tick reads for every node on
+///   every tick, so the tick reads one line per node ([`NodeLive`]);
+/// - line 2: losses, rejections, the requested interval and what changes
+///   rarely.
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
 pub struct NodeState {
     // ---- line 0: the gate ----
-    /// Even: stable. Odd: someone (kernel or userspace) is writing this
-    /// entry.
-    pub seqcount: u32,
-    /// Odd while userspace rewrites `key_epoch`/`key_valid`/`key`; the
-    /// kernel reads a key without the lock, between two equal even values.
+    /// Odd while userspace rewrites `node_id`, `key_epoch`, `key_valid`
+    /// or `key`; the kernel reads a key without the lock, between two
+    /// equal even values.
     pub keys_seq: u32,
     /// The node at this slot; 0 = free.
     pub node_id: u32,
@@ -291,16 +308,16 @@ pub struct NodeState {
     pub key_epoch: [u8; 2],
     /// Bit `i` set: `key[i]` is held.
     pub key_valid: u8,
-    pub _pad0: u8,
+    pub _pad0: [u8; 5],
     pub key: [NodeKey; 2],
     pub max_seq: u64,
     pub replay_bitmap: u64,
-    // ---- line 1: accepted heartbeats, the detector's view ----
+    // ---- line 1: the detector's view (the layout of `NodeLive`) ----
+    /// Even: stable. Odd: someone (kernel or userspace) is writing this
+    /// entry, any of its lines.
+    pub seqcount: u32,
     /// Current generation (incarnation) of the node.
     pub generation: u32,
-    /// Inter-arrival samples since the generation or interval changed
-    /// (saturating).
-    pub ia_samples: u32,
     /// Arrival of the last accepted datagram, CLOCK_MONOTONIC ns.
     pub last_arrival_ns: u64,
     /// Accepted datagrams, all generations.
@@ -311,23 +328,35 @@ pub struct NodeState {
     /// (Jacobson/Karels, as TCP's RTTVAR; about 0.8 sigma for normal
     /// jitter).
     pub ia_dev_ns: u64,
-    /// Arrival of the first datagram of the current generation, ns.
-    pub gen_start_ns: u64,
+    /// The node's two most recent stalls, newest first: inter-arrival
+    /// samples (consecutive sequence numbers, so no heartbeat was lost)
+    /// longer than the mean by over a quarter of it, as their excess over
+    /// the mean, in units of `2^STALL_UNIT_SHIFT` ns. Both decay by
+    /// `1/2^STALL_DECAY_SHIFT` per sample. What the detector tolerates of
+    /// a node's own pauses (GC, VM migration, CPU starvation): see
+    /// `hb::detector`.
+    pub stall: [u32; 2],
     /// Heartbeat interval the node reports using, ms.
     pub interval_ms: u32,
     /// Smoothed RTT the node reports, us (0 = unknown).
     pub rtt_us: u32,
-    /// Interval the monitor asks the node to use, ms (0 = no opinion).
-    /// Written by userspace only.
-    pub requested_interval_ms: u32,
     /// Load the node reports, permille.
     pub load: u16,
+    /// Inter-arrival samples since the generation or interval changed
+    /// (saturating).
+    pub ia_samples: u16,
     /// `NODE_LEAVING`.
     pub flags: u8,
-    pub _pad1: u8,
-    // ---- line 2: rejections, losses, rare events ----
+    pub _pad1: [u8; 3],
+    // ---- line 2: losses, rejections, rare events ----
     /// Sequence numbers skipped (heartbeats lost), net of late arrivals.
     pub lost: u64,
+    /// Arrival of the first datagram of the current generation, ns.
+    pub gen_start_ns: u64,
+    /// Interval the monitor asks the node to use, ms (0 = no opinion).
+    /// Written by userspace only; the kernel reads it when it considers
+    /// an ACK.
+    pub requested_interval_ms: u32,
     /// Datagrams whose tag did not verify (added to atomically).
     pub bad_tag: u32,
     pub replay: u32,
@@ -335,33 +364,125 @@ pub struct NodeState {
     /// Generation increases seen after the first.
     pub restarts: u32,
     pub acks_sent: u32,
-    pub _reserved: [u32; 9],
+    pub _reserved: [u32; 6],
+}
+
+/// Line 1 of a [`NodeState`], byte for byte: what the monitor's tick reads
+/// of every node on every tick ([`NodeState::live`]; the native dataplane
+/// copies just this line from the kernel's map).
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeLive {
+    pub seqcount: u32,
+    pub generation: u32,
+    pub last_arrival_ns: u64,
+    pub accepted: u64,
+    pub ia_mean_ns: u64,
+    pub ia_dev_ns: u64,
+    pub stall: [u32; 2],
+    pub interval_ms: u32,
+    pub rtt_us: u32,
+    pub load: u16,
+    pub ia_samples: u16,
+    pub flags: u8,
+    pub _pad1: [u8; 3],
+}
+
+/// Byte offset of line 1 ([`NodeLive`]) in a [`NodeState`].
+pub const NODE_LIVE_OFFSET: usize = 64;
+
+// Line 1 of a `NodeState` is a `NodeLive`, field for field: what makes
+// `NodeState::live` sound.
+macro_rules! same_offset {
+    ($($f:ident),*) => {$(
+        const _: () = assert!(
+            core::mem::offset_of!(NodeState, $f)
+                == NODE_LIVE_OFFSET + core::mem::offset_of!(NodeLive, $f)
+        );
+    )*};
+}
+same_offset!(
+    seqcount,
+    generation,
+    last_arrival_ns,
+    accepted,
+    ia_mean_ns,
+    ia_dev_ns,
+    stall,
+    interval_ms,
+    rtt_us,
+    load,
+    ia_samples,
+    flags,
+    _pad1
+);
+const _: () = assert!(size_of::<NodeLive>() == 64 && align_of::<NodeLive>() == 64);
+const _: () = assert!(NODE_LIVE_OFFSET + size_of::<NodeLive>() <= size_of::<NodeState>());
+
+/// The detector reads line 1 of either (`hb::detector`).
+impl AsRef<NodeLive> for NodeState {
+    #[inline(always)]
+    fn as_ref(&self) -> &NodeLive {
+        self.live()
+    }
+}
+
+impl AsRef<NodeLive> for NodeLive {
+    #[inline(always)]
+    fn as_ref(&self) -> &NodeLive {
+        self
+    }
+}
+
+impl NodeLive {
+    /// The smaller of the node's two most recent stalls, ns: a pause it
+    /// has shown at least twice (0 until it has).
+    #[inline(always)]
+    pub fn recurring_stall_ns(&self) -> u64 {
+        recurring_stall_ns(&self.stall)
+    }
+
+    /// Whether the last accepted datagram had LEAVING set.
+    pub const fn leaving(&self) -> bool {
+        self.flags & NODE_LEAVING != 0
+    }
+}
+
+#[inline(always)]
+fn recurring_stall_ns(stall: &[u32; 2]) -> u64 {
+    let s = if stall[0] < stall[1] {
+        stall[0]
+    } else {
+        stall[1]
+    };
+    (s as u64) << STALL_UNIT_SHIFT
 }
 
 /// Key material stays out of logs and panic messages.
 impl core::fmt::Debug for NodeState {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("NodeState")
-            .field("seqcount", &self.seqcount)
             .field("keys_seq", &self.keys_seq)
             .field("node_id", &self.node_id)
             .field("key_epoch", &self.key_epoch)
             .field("key_valid", &self.key_valid)
             .field("max_seq", &self.max_seq)
             .field("replay_bitmap", &self.replay_bitmap)
+            .field("seqcount", &self.seqcount)
             .field("generation", &self.generation)
-            .field("ia_samples", &self.ia_samples)
             .field("last_arrival_ns", &self.last_arrival_ns)
             .field("accepted", &self.accepted)
             .field("ia_mean_ns", &self.ia_mean_ns)
             .field("ia_dev_ns", &self.ia_dev_ns)
-            .field("gen_start_ns", &self.gen_start_ns)
+            .field("stall", &self.stall)
             .field("interval_ms", &self.interval_ms)
             .field("rtt_us", &self.rtt_us)
-            .field("requested_interval_ms", &self.requested_interval_ms)
             .field("load", &self.load)
+            .field("ia_samples", &self.ia_samples)
             .field("flags", &self.flags)
             .field("lost", &self.lost)
+            .field("gen_start_ns", &self.gen_start_ns)
+            .field("requested_interval_ms", &self.requested_interval_ms)
             .field("bad_tag", &self.bad_tag)
             .field("replay", &self.replay)
             .field("stale", &self.stale)
@@ -453,11 +574,18 @@ impl NodeState {
                         if gap != 0 {
                             self.lost = self.lost.wrapping_add(gap);
                         }
-                        sample = self.accepted != 0 && self.gen_start_ns != 0;
+                        // Only the gap between consecutive sequence numbers
+                        // is an inter-arrival time: one that lost heartbeats
+                        // spans several intervals and says nothing of the
+                        // node's rhythm or its pauses. (`accepted != 0`:
+                        // the generation's start is known, line 2.)
+                        sample = self.accepted != 0 && gap == 0;
                     }
                     Fresh::Late => self.lost = self.lost.saturating_sub(1),
                 }
-                if self.gen_start_ns == 0 {
+                // The node's first datagram in the generation it started
+                // with (no generation increase to mark the start).
+                if self.accepted == 0 {
                     self.gen_start_ns = now_ns;
                 }
             }
@@ -492,26 +620,84 @@ impl NodeState {
         out
     }
 
-    /// Jacobson/Karels EWMA update with one inter-arrival sample `x` ns.
+    /// Jacobson/Karels EWMA update with one inter-arrival sample `x` ns,
+    /// its error clipped to a quarter of the mean ([`IA_CLIP_SHIFT`]); the
+    /// excess of a longer sample is remembered as a stall ([`Self::stall`]).
     #[inline(always)]
     pub fn observe_interarrival(&mut self, x: u64) {
+        self.observe_interarrival_with(x, IA_MEAN_SHIFT, IA_DEV_SHIFT);
+    }
+
+    /// [`Self::observe_interarrival`] with other EWMA gains (`1/2^mean_shift`,
+    /// `1/2^dev_shift`): what `hb eval` uses to try gains the kernel was not
+    /// built with.
+    #[inline(always)]
+    pub fn observe_interarrival_with(&mut self, x: u64, mean_shift: u32, dev_shift: u32) {
         if self.ia_samples == 0 && self.ia_mean_ns == 0 {
             self.ia_mean_ns = x;
             self.ia_dev_ns = x >> 1;
         } else {
             let mean = self.ia_mean_ns as i64;
-            let err = x as i64 - mean;
-            self.ia_mean_ns = (mean + (err >> IA_MEAN_SHIFT)) as u64;
+            let lim = mean >> IA_CLIP_SHIFT;
+            let mut err = x as i64 - mean;
+            self.stall[0] -= self.stall[0] >> STALL_DECAY_SHIFT;
+            self.stall[1] -= self.stall[1] >> STALL_DECAY_SHIFT;
+            if err > lim {
+                let units = (err as u64) >> STALL_UNIT_SHIFT;
+                self.stall[1] = self.stall[0];
+                self.stall[0] = if units > u32::MAX as u64 {
+                    u32::MAX
+                } else {
+                    units as u32
+                };
+                err = lim;
+            } else if err < -lim {
+                err = -lim;
+            }
+            self.ia_mean_ns = (mean + (err >> mean_shift)) as u64;
             let dev = self.ia_dev_ns as i64;
             let abs = if err < 0 { -err } else { err };
-            self.ia_dev_ns = (dev + ((abs - dev) >> IA_DEV_SHIFT)) as u64;
+            self.ia_dev_ns = (dev + ((abs - dev) >> dev_shift)) as u64;
         }
         self.ia_samples = self.ia_samples.saturating_add(1);
+    }
+
+    /// The smaller of the node's two most recent stalls, ns: a pause it
+    /// has shown at least twice (0 until it has).
+    #[inline(always)]
+    pub fn recurring_stall_ns(&self) -> u64 {
+        recurring_stall_ns(&self.stall)
     }
 
     /// Whether the last accepted datagram had LEAVING set.
     pub const fn leaving(&self) -> bool {
         self.flags & NODE_LEAVING != 0
+    }
+
+    /// Line 1, the detector's view, in place.
+    #[inline(always)]
+    pub const fn live(&self) -> &NodeLive {
+        // SAFETY: line 1 of a `NodeState` is a `NodeLive` field for field
+        // (checked at compile time below): same offsets, plain integers,
+        // and `NODE_LIVE_OFFSET` keeps its 64-byte alignment.
+        unsafe {
+            &*(self as *const NodeState)
+                .cast::<u8>()
+                .add(NODE_LIVE_OFFSET)
+                .cast::<NodeLive>()
+        }
+    }
+
+    /// Line 1 of `self`, to write.
+    #[inline(always)]
+    pub const fn live_mut(&mut self) -> &mut NodeLive {
+        // SAFETY: as `live`; the borrow of `self` covers the line.
+        unsafe {
+            &mut *(self as *mut NodeState)
+                .cast::<u8>()
+                .add(NODE_LIVE_OFFSET)
+                .cast::<NodeLive>()
+        }
     }
 
     /// The key held for `epoch`, if any (gate step 7).
@@ -657,6 +843,7 @@ mod pod {
     // matter to the kernel (explicit `_pad` fields), valid for any bits.
     unsafe impl aya::Pod for super::NodeKeys {}
     unsafe impl aya::Pod for super::NodeState {}
+    unsafe impl aya::Pod for super::NodeLive {}
     unsafe impl aya::Pod for super::index::Bucket {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::RateLimit {}
@@ -674,13 +861,22 @@ mod tests {
         assert_eq!(size_of::<NodeState>(), 192);
         assert_eq!(align_of::<NodeState>(), 64);
         // What the gate reads first is in line 0, what an accepted
-        // heartbeat writes in line 1, rejections in line 2.
+        // heartbeat writes and the tick reads in line 1, rejections in
+        // line 2.
         assert_eq!(core::mem::offset_of!(NodeState, key), 16);
         assert_eq!(core::mem::offset_of!(NodeState, replay_bitmap), 56);
-        assert_eq!(core::mem::offset_of!(NodeState, generation), 64);
-        assert_eq!(core::mem::offset_of!(NodeState, flags), 126);
         assert_eq!(core::mem::offset_of!(NodeState, lost), 128);
         assert_eq!(size_of::<index::Bucket>(), 64);
+        // Line 1 is a `NodeLive` (checked at compile time too).
+        let mut st = NodeState::default();
+        st.accepted = 7;
+        st.stall = [3, 4];
+        st.flags = NODE_LEAVING;
+        assert_eq!(st.live().accepted, 7);
+        assert_eq!(st.live().recurring_stall_ns(), 3 << STALL_UNIT_SHIFT);
+        assert!(st.live().leaving());
+        st.live_mut().generation = 9;
+        assert_eq!(st.generation, 9);
         assert_eq!(size_of::<Config>(), 16);
         assert_eq!(size_of::<Report>(), 48);
         assert_eq!(size_of::<RateLimit>(), 16);
@@ -728,16 +924,69 @@ mod tests {
         feed(&mut s, &hb(1, 1), 1000 * ms).unwrap();
         // The first datagram announces interval 1000 ms: moments seeded.
         assert_eq!(s.ia_mean_ns, 1000 * ms);
-        feed(&mut s, &hb(1, 2), 2000 * ms).unwrap();
-        feed(&mut s, &hb(1, 5), 3100 * ms).unwrap();
-        assert_eq!(s.lost, 2);
-        assert_eq!(s.ia_samples, 2);
+        feed(&mut s, &hb(1, 2), 2100 * ms).unwrap();
+        assert_eq!(s.ia_samples, 1);
         // mean = 1000 + (1100 - 1000) / 2^IA_MEAN_SHIFT ms
-        assert_eq!(s.ia_mean_ns, 1_000_000_000 + (100_000_000 >> IA_MEAN_SHIFT));
-        feed(&mut s, &hb(1, 4), 3200 * ms).unwrap();
+        let mean = 1_000_000_000 + (100_000_000 >> IA_MEAN_SHIFT);
+        assert_eq!(s.ia_mean_ns, mean);
+        // Two heartbeats lost: the 3 s gap is no sample.
+        feed(&mut s, &hb(1, 5), 5100 * ms).unwrap();
+        assert_eq!(s.lost, 2);
+        assert_eq!((s.ia_samples, s.ia_mean_ns), (1, mean));
+        assert_eq!(s.stall, [0, 0], "a loss is no stall");
+        feed(&mut s, &hb(1, 4), 5200 * ms).unwrap();
         assert_eq!(s.lost, 1, "a late arrival fills a hole");
-        assert_eq!(s.ia_samples, 2, "late arrivals are no samples");
-        assert_eq!(s.last_arrival_ns, 3200 * ms);
+        assert_eq!(s.ia_samples, 1, "late arrivals are no samples");
+        assert_eq!(s.last_arrival_ns, 5200 * ms);
+    }
+
+    #[test]
+    fn stalls_are_clipped_out_of_the_moments_and_remembered() {
+        let mut s = NodeState::default();
+        let ms = 1_000_000u64;
+        let mut t = 1000 * ms;
+        let mut seq = 1;
+        let mut beat = |s: &mut NodeState, gap_ms: u64| {
+            t += gap_ms * ms;
+            feed(s, &hb(1, seq), t).unwrap();
+            seq += 1;
+        };
+        beat(&mut s, 0);
+        for _ in 0..10 {
+            beat(&mut s, 1000);
+        }
+        let (mean, dev) = (s.ia_mean_ns, s.ia_dev_ns);
+        assert_eq!(mean, 1000 * ms);
+        // A 6 s pause: the moments move as for a quarter-interval error
+        // only; the 5 s excess is the newest stall.
+        beat(&mut s, 6000);
+        let lim = (mean >> IA_CLIP_SHIFT) as i64;
+        assert_eq!(s.ia_mean_ns, (mean as i64 + (lim >> IA_MEAN_SHIFT)) as u64);
+        assert_eq!(
+            s.ia_dev_ns,
+            (dev as i64 + ((lim - dev as i64) >> IA_DEV_SHIFT)) as u64
+        );
+        assert_eq!(s.stall, [((5000 * ms) >> STALL_UNIT_SHIFT) as u32, 0]);
+        assert_eq!(s.recurring_stall_ns(), 0, "seen once");
+        // A 1.2 s sample is jitter, not a stall (within a quarter); a
+        // 3 s one is the next stall; the smaller of the two is recurring.
+        beat(&mut s, 1200);
+        assert_eq!(s.stall[1], 0);
+        let m = s.ia_mean_ns;
+        beat(&mut s, 3000);
+        let second = ((3000 * ms - m) >> STALL_UNIT_SHIFT) as u32;
+        assert_eq!(s.stall[0], second);
+        assert!(s.stall[1] < ((5000 * ms) >> STALL_UNIT_SHIFT) as u32);
+        assert_eq!(s.recurring_stall_ns(), (second as u64) << STALL_UNIT_SHIFT);
+        // Both decay with every sample: 1/2^16 each.
+        let before = s.stall;
+        beat(&mut s, 1000);
+        assert_eq!(s.stall[0], before[0] - (before[0] >> STALL_DECAY_SHIFT));
+        assert_eq!(s.stall[1], before[1] - (before[1] >> STALL_DECAY_SHIFT));
+        // A stall too long for the units saturates.
+        let mut long = s;
+        long.observe_interarrival(u64::MAX / 2);
+        assert_eq!(long.stall[0], u32::MAX);
     }
 
     #[test]

@@ -166,11 +166,16 @@ fn gate(ctx: &XdpContext) -> (u32, GateResult) {
     let ack_interval = if cfg.pass_accepted != 0 {
         None
     } else {
-        let requested = l.requested_interval();
-        let s = l.get();
-        ack_policy(cfg, requested, s.interval_ms, s.accepted).inspect(|_| {
+        let (reported, accepted) = {
+            let s = l.get();
+            (s.interval_ms, s.accepted)
+        };
+        let iv = ack_policy(cfg, || l.requested_interval(), reported, accepted);
+        if iv.is_some() {
+            let s = l.get();
             s.acks_sent = s.acks_sent.wrapping_add(1);
-        })
+        }
+        iv
     };
     l.release();
 
@@ -188,14 +193,25 @@ fn gate(ctx: &XdpContext) -> (u32, GateResult) {
 }
 
 /// Whether to answer an accepted heartbeat, and the interval to put in the
-/// ACK: `requested` (userspace's opinion) or the node's own when 0.
+/// ACK: `requested()` (userspace's opinion) or the node's own when 0.
 /// `accepted` counts the node's accepted heartbeats including this one.
+/// The requested interval lives in the node's third cache line: it is read
+/// only when the configuration can ACK at all.
 #[inline(always)]
-fn ack_policy(cfg: &Config, requested: u32, reported: u32, accepted: u64) -> Option<u32> {
-    let changed = cfg.ack_on_change != 0 && requested != 0 && requested != reported;
+fn ack_policy(
+    cfg: &Config,
+    requested: impl FnOnce() -> u32,
+    reported: u32,
+    accepted: u64,
+) -> Option<u32> {
     // 1 (every heartbeat) skips the 64-bit division (tens of cycles).
     let periodic =
         cfg.ack_every == 1 || (cfg.ack_every != 0 && accepted % cfg.ack_every as u64 == 0);
+    if !periodic && cfg.ack_on_change == 0 {
+        return None;
+    }
+    let requested = requested();
+    let changed = cfg.ack_on_change != 0 && requested != 0 && requested != reported;
     if !(changed || periodic) {
         return None;
     }

@@ -16,8 +16,8 @@ use std::{
 use hb_common::{
     GateResult,
     maps::{
-        Config, MAX_NODES, NodeKeys, NodeState, REPORT_RESTART, REPORT_UNKNOWN_NODE, RateLimit,
-        Report,
+        Config, MAX_NODES, NodeKeys, NodeLive, NodeState, REPORT_RESTART, REPORT_UNKNOWN_NODE,
+        RateLimit, Report,
     },
     proto::{self, Kind},
 };
@@ -264,6 +264,19 @@ impl Dataplane for MemDataplane {
         let end = (slots.end as usize).min(g.states.len()) as u32;
         for slot in slots.start..end {
             f(slot, &g.states[slot as usize]);
+        }
+    }
+
+    fn read_live(
+        &self,
+        slots: Range<u32>,
+        f: &mut dyn FnMut(u32, &NodeLive, &dyn Fn() -> NodeState),
+    ) {
+        let g = self.lock();
+        let end = (slots.end as usize).min(g.states.len()) as u32;
+        for slot in slots.start..end {
+            let st = &g.states[slot as usize];
+            f(slot, st.live(), &|| *st);
         }
     }
 

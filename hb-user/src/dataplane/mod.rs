@@ -15,7 +15,7 @@ pub mod xdp;
 
 use std::ops::Range;
 
-use hb_common::maps::{Config, MAX_NODES, NodeKeys, NodeState, Report, counter};
+use hb_common::maps::{Config, MAX_NODES, NodeKeys, NodeLive, NodeState, Report, counter};
 
 /// Per-result and extra counters, indexed like `maps::COUNTERS`
 /// (`GateResult::index`, `maps::counter::*`), summed over CPUs.
@@ -37,6 +37,17 @@ pub trait Dataplane: Send + Sync {
     /// Calls `f(slot, state)` with a consistent copy of each slot's state
     /// in `slots`, in order. Never one syscall per node.
     fn read_states(&self, slots: Range<u32>, f: &mut dyn FnMut(u32, &NodeState));
+
+    /// The tick's scan: calls `f(slot, live, full)` with a consistent copy
+    /// of line 1 of each slot's state (`NodeLive`: all the detector reads)
+    /// in `slots`, in order; `full()` reads that slot's whole state, for
+    /// the few nodes that need it. One cache line per node instead of
+    /// three: at a million nodes the scan is bound by memory.
+    fn read_live(
+        &self,
+        slots: Range<u32>,
+        f: &mut dyn FnMut(u32, &NodeLive, &dyn Fn() -> NodeState),
+    );
 
     /// Sets the interval the monitor asks the node at `slot` to use (0 = no
     /// opinion); the gate puts it into ACKs.

@@ -58,7 +58,10 @@ use aya::{
         xdp::{XdpLink, XdpLinkId},
     },
 };
-use hb_common::maps::{Config, MAX_NODES, NodeKeys, NodeState, Report, counter, index, names};
+use hb_common::maps::{
+    Config, MAX_NODES, NODE_LIVE_OFFSET, NodeKeys, NodeLive, NodeState, Report, counter, index,
+    names,
+};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use super::{
@@ -186,6 +189,35 @@ impl StateMap {
 
     /// A consistent copy of entry `e`: retried while a writer holds it
     /// (odd count) or wrote during the copy (count changed).
+    /// A consistent copy of line 1 of entry `e` ([`NodeLive`], which
+    /// holds the seqcount): one cache line, word by word with relaxed
+    /// atomic loads (a racing writer may change them under us; the
+    /// seqcount check around the copy detects it).
+    fn read_live(e: *mut NodeState) -> NodeLive {
+        const WORDS: usize = size_of::<NodeLive>() / 8;
+        let sc = Self::seqcount(e);
+        // SAFETY: line 1 of a live entry, 64-byte aligned.
+        let src = unsafe { e.cast::<u8>().add(NODE_LIVE_OFFSET).cast::<AtomicU64>() };
+        loop {
+            let s1 = sc.load(Ordering::Acquire);
+            if s1 & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let mut out = std::mem::MaybeUninit::<NodeLive>::uninit();
+            let dst = out.as_mut_ptr().cast::<u64>();
+            for i in 0..WORDS {
+                // SAFETY: word `i` of the line (aligned) and of `out`.
+                unsafe { *dst.add(i) = (*src.add(i)).load(Ordering::Relaxed) };
+            }
+            fence(Ordering::Acquire);
+            if sc.load(Ordering::Relaxed) == s1 {
+                // SAFETY: every byte written; plain integers.
+                return unsafe { out.assume_init() };
+            }
+        }
+    }
+
     fn read(e: *mut NodeState) -> NodeState {
         let sc = Self::seqcount(e);
         loop {
@@ -897,6 +929,19 @@ impl Dataplane for XdpDataplane {
         for slot in slots.start..end {
             if let Some(e) = self.state.entry(slot) {
                 f(slot, &StateMap::read(e));
+            }
+        }
+    }
+
+    fn read_live(
+        &self,
+        slots: Range<u32>,
+        f: &mut dyn FnMut(u32, &NodeLive, &dyn Fn() -> NodeState),
+    ) {
+        let end = slots.end.min(self.state.len);
+        for slot in slots.start..end {
+            if let Some(e) = self.state.entry(slot) {
+                f(slot, &StateMap::read_live(e), &|| StateMap::read(e));
             }
         }
     }

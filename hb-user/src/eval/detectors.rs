@@ -15,9 +15,11 @@
 //!
 //! - `hb`: hb's own detector, the code the monitor runs:
 //!   `hb_common::maps::NodeState::{admit, record}` (what the XDP program
-//!   computes per heartbeat) and `hb::detector::phi`. The crossing time is
-//!   computed from `hb::detector::moments_ms` and then checked and adjusted
-//!   against `hb::detector::phi` itself to 1 us.
+//!   computes per heartbeat) and `hb::detector::phi` (a normal-model
+//!   deadline above the node's stall allowance). The crossing time is
+//!   computed from `hb::detector::Model::moments_ns` and then checked and
+//!   adjusted to 1 us against `hb::detector::late_by`, the comparison the
+//!   monitor's tick makes (lateness against the threshold's `y`).
 //! - `fixed`: a fixed timeout since the last heartbeat (threshold: ms).
 //! - `chen`: Chen, Toueg and Aguilera, "On the Quality of Service of
 //!   Failure Detectors", IEEE Trans. Computers 51(5), 2002, Sec. 6, NFD-E:
@@ -55,7 +57,9 @@ use hb_common::{
 };
 use serde::Serialize;
 
-use crate::detector::{PhiParams, moments_ms, phi, phi_normal};
+use super::trace::Arrival;
+
+use crate::detector::{Model, PhiParams, late_by, phi_normal};
 
 /// Sample window of `chen`, `phi-normal`, `akka` and `cassandra` (Akka's
 /// `max-sample-size` and Cassandra's `SAMPLE_SIZE` are both 1000; we use the
@@ -287,9 +291,9 @@ impl Spec {
         match self.kind {
             Kind::Hb => Box::new(Hb {
                 cfg: self.hb,
+                model: Model::new(&self.hb.phi),
                 st: NodeState::default(),
                 seq: 0,
-                thresholds: self.thresholds.clone(),
                 ystar: self.ystar.clone(),
             }),
             Kind::Fixed => Box::new(Fixed {
@@ -298,7 +302,9 @@ impl Spec {
             }),
             Kind::Chen => Box::new(Chen {
                 window: VecDeque::with_capacity(WINDOW),
-                sum: 0,
+                sum_t: 0,
+                sum_s: 0,
+                next: 0,
                 thresholds: self.thresholds.clone(),
             }),
             Kind::PhiNormal => Box::new(PhiNormal {
@@ -306,11 +312,7 @@ impl Spec {
                 stats: Window::default(),
                 ystar: self.ystar.clone(),
             }),
-            Kind::Akka => Box::new(Akka {
-                last: None,
-                per_threshold: vec![Window::default(); self.thresholds.len()],
-                ystar: self.ystar.clone(),
-            }),
+            Kind::Akka => Box::new(Akka::new(self.ystar.clone())),
             Kind::Cassandra => Box::new(Cassandra {
                 last: None,
                 stats: Window::default(),
@@ -322,40 +324,79 @@ impl Spec {
 
 /// A per-node failure detector as the replay sees it.
 pub trait Detector {
-    /// A heartbeat arrived at `t_ns` (non-decreasing). `interval_ms` is the
-    /// interval the sender announced in it, if the trace has it; only hb's
-    /// detector reads it, because only hb's wire format carries it.
-    fn arrival(&mut self, t_ns: u64, interval_ms: Option<u32>);
+    /// A heartbeat arrived (at `a.recv_ns`, non-decreasing). Its announced
+    /// interval and sequence number, when the trace has them, are read
+    /// only by the detectors whose published algorithm uses them (see
+    /// `trace`).
+    fn arrival(&mut self, a: &Arrival);
     /// For each threshold: the time from which the output is "suspect"
     /// unless another heartbeat arrives first (at least the last arrival);
     /// `None`: never.
     fn deadlines(&self, out: &mut [Option<u64>]);
-    /// When the deadline after the last heartbeat is `last + a + b * u`
-    /// ms for every threshold, with `u = kind.u_of_threshold(threshold)`
-    /// and `b > 0`: `(last_ns, a_ms, b_ms)`; `None` when the detector has
-    /// no deadline now (never suspects) or no such form (akka). This is
-    /// what lets `qos::optimum` solve for a detector's operating point
-    /// exactly instead of on a grid.
-    fn affine(&self) -> Option<(u64, f64, f64)> {
+    /// When the deadline after the last heartbeat is `last + max(a + b *
+    /// u, floor)` ms for every threshold, with `u =
+    /// kind.u_of_threshold(threshold)` and `b > 0`: that form; `None` when
+    /// the detector has no deadline now (never suspects) or no such form
+    /// (akka). This is what lets `qos::optimum` solve for a detector's
+    /// operating point exactly instead of on a grid.
+    fn affine(&self) -> Option<Affine> {
         None
+    }
+}
+
+/// A deadline affine in the threshold's parameter `u`, above a floor that
+/// does not depend on it: `last + max(a + b * u, floor)` ms (see
+/// [`Detector::affine`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Affine {
+    pub last_ns: u64,
+    pub a_ms: f64,
+    pub b_ms: f64,
+    /// `f64::NEG_INFINITY` for the detectors without one.
+    pub floor_ms: f64,
+}
+
+impl Affine {
+    /// `last + a + b * u` ms, no floor.
+    pub fn plain(last_ns: u64, a_ms: f64, b_ms: f64) -> Affine {
+        Affine {
+            last_ns,
+            a_ms,
+            b_ms,
+            floor_ms: f64::NEG_INFINITY,
+        }
+    }
+
+    /// The deadline at `u`, ms after `last_ns`.
+    pub fn at(&self, u: f64) -> f64 {
+        (self.a_ms + self.b_ms * u).max(self.floor_ms)
+    }
+
+    /// The critical value of a silence of `gap_ms` after the last
+    /// heartbeat: the detector suspects within it exactly when `u` is
+    /// below the value. `None` when no `u` does (the floor covers it).
+    pub fn critical(&self, gap_ms: f64) -> Option<f64> {
+        (self.floor_ms < gap_ms).then(|| (gap_ms - self.a_ms) / self.b_ms)
     }
 }
 
 /// `ms` after `last_ns` as a time in ns, clamped to `[last_ns, never)`.
 #[inline]
-fn after(last_ns: u64, ms: f64) -> Option<u64> {
+pub fn after(last_ns: u64, ms: f64) -> Option<u64> {
     if ms.is_nan() {
         return None;
     }
     if ms <= 0.0 {
         return Some(last_ns);
     }
-    let ns = (ms * 1e6).ceil();
-    if ns >= (u64::MAX - last_ns) as f64 {
-        None
-    } else {
-        Some(last_ns + ns as u64)
+    let x = ms * 1e6;
+    if x >= (u64::MAX - last_ns) as f64 {
+        return None;
     }
+    // `x.ceil()` for 0 < x < 2^64 without libm's call (this is the
+    // replay's innermost arithmetic).
+    let t = x as u64;
+    Some(last_ns + if (t as f64) < x { t + 1 } else { t })
 }
 
 /// The least `y` with `f(y) >= target`, for increasing `f`, to ~1e-12.
@@ -391,9 +432,9 @@ fn solve_increasing(f: impl Fn(f64) -> f64, target: f64) -> f64 {
 /// phi, unchanged.
 struct Hb {
     cfg: HbConfig,
+    model: Model,
     st: NodeState,
     seq: u64,
-    thresholds: Arc<[f64]>,
     ystar: Arc<[f64]>,
 }
 
@@ -402,14 +443,16 @@ struct Hb {
 const HB_CLOCK_OFFSET: u64 = 1_000_000_000;
 
 impl Detector for Hb {
-    fn arrival(&mut self, t_ns: u64, interval_ms: Option<u32>) {
-        // Each arrival is the next sequence number of one generation: the
-        // trace only has what arrived, so a lost heartbeat shows as a long
-        // inter-arrival time, as it does to the kernel's EWMA. Without an
-        // announced interval in the trace, `interval_ms` is 0 ("none"):
-        // `record` then never re-seeds and the moments are learned from the
-        // arrivals alone (the first inter-arrival time seeds them).
-        self.seq += 1;
+    fn arrival(&mut self, a: &Arrival) {
+        // One generation; the datagram carries the trace's sequence number,
+        // so the gate sees lost heartbeats as the kernel does. A trace
+        // without one numbers the arrivals 1, 2, ...: a lost heartbeat then
+        // looks like a long inter-arrival time. Without an announced
+        // interval in the trace, `interval_ms` is 0 ("none"): `record` then
+        // never re-seeds and the moments are learned from the arrivals
+        // alone (the first inter-arrival time seeds them).
+        let (t_ns, interval_ms) = (a.recv_ns, a.interval_ms);
+        self.seq = a.seq.unwrap_or(self.seq + 1);
         let d = Datagram {
             kind: WireKind::Heartbeat,
             node_id: 1,
@@ -434,91 +477,95 @@ impl Detector for Hb {
         {
             // What-if gains for tuning: `record` took a sample with the
             // kernel's gains; redo that one update with ours.
-            let x = now - before.last_arrival_ns;
-            let (m, d) = if before.ia_samples == 0 && before.ia_mean_ns == 0 {
-                (x, x >> 1)
-            } else {
-                let mean = before.ia_mean_ns as i64;
-                let err = x as i64 - mean;
-                let dev = before.ia_dev_ns as i64;
-                (
-                    (mean + (err >> self.cfg.mean_shift)) as u64,
-                    (dev + ((err.abs() - dev) >> self.cfg.dev_shift)) as u64,
-                )
-            };
-            self.st.ia_mean_ns = m;
-            self.st.ia_dev_ns = d;
+            self.st.ia_mean_ns = before.ia_mean_ns;
+            self.st.ia_dev_ns = before.ia_dev_ns;
+            self.st.stall = before.stall;
+            self.st.ia_samples = before.ia_samples;
+            self.st.observe_interarrival_with(
+                now - before.last_arrival_ns,
+                self.cfg.mean_shift,
+                self.cfg.dev_shift,
+            );
         }
     }
 
     fn deadlines(&self, out: &mut [Option<u64>]) {
         let st = &self.st;
-        let p = &self.cfg.phi;
         if st.accepted == 0 || st.last_arrival_ns == 0 {
             out.fill(None);
             return;
         }
-        let (mean, std) = moments_ms(st, p);
-        if mean <= 0.0 || std <= 0.0 || !mean.is_finite() || !std.is_finite() {
+        let (mean, std) = self.model.moments_ns(st);
+        if !(mean > 0.0 && std > 0.0 && mean.is_finite() && std.is_finite()) {
             // `phi` is 0 forever for such a node: it is never suspected.
             out.fill(None);
             return;
         }
+        // Not late at all before the stall allowance: the tick's `elapsed <
+        // floor` (elapsed in whole ns).
+        let floor = self.model.stall_floor_ns(st, mean);
+        let not_before = st.last_arrival_ns.saturating_add(floor.ceil() as u64);
         let last = st.last_arrival_ns;
-        for ((o, &y), &thr) in out
-            .iter_mut()
-            .zip(self.ystar.iter())
-            .zip(self.thresholds.iter())
-        {
-            *o = after(last, mean + std * y).map(|guess| {
-                // Pin the crossing down against the monitor's own `phi` to
+        // The monitor's own test, at the node's elapsed time `t - last`.
+        let late = |t: u64, y: f64| late_by((t - last) as f64, mean, std, y);
+        for (o, &y) in out.iter_mut().zip(self.ystar.iter()) {
+            *o = after(last, (mean + std * y) / 1e6).map(|guess| {
+                // Pin the crossing down against the monitor's comparison to
                 // 1 us: rounding in the closed form must not decide a
                 // borderline mistake.
                 const STEP: u64 = 1_000;
                 let mut t = guess;
                 let mut tries = 0;
-                while phi(st, t, p) < thr {
+                while !late(t, y) {
                     t += STEP;
                     tries += 1;
                     if tries > 1_000 {
-                        t = bisect_phi(st, p, thr, t);
+                        t = bisect_late(&late, y, t);
                         break;
                     }
                 }
-                while t >= last + STEP && phi(st, t - STEP, p) >= thr {
+                while t >= last + STEP && late(t - STEP, y) {
                     t -= STEP;
                 }
-                t - HB_CLOCK_OFFSET
+                t.max(not_before) - HB_CLOCK_OFFSET
             });
         }
     }
 
-    fn affine(&self) -> Option<(u64, f64, f64)> {
+    fn affine(&self) -> Option<Affine> {
         let st = &self.st;
         if st.accepted == 0 || st.last_arrival_ns == 0 {
             return None;
         }
-        let (mean, std) = moments_ms(st, &self.cfg.phi);
-        (mean > 0.0 && std > 0.0 && mean.is_finite() && std.is_finite()).then_some((
-            st.last_arrival_ns - HB_CLOCK_OFFSET,
-            mean,
-            std,
-        ))
+        let (mean, std) = self.model.moments_ns(st);
+        let floor = self.model.stall_floor_ns(st, mean);
+        (mean > 0.0 && std > 0.0 && mean.is_finite() && std.is_finite()).then_some(Affine {
+            last_ns: st.last_arrival_ns - HB_CLOCK_OFFSET,
+            a_ms: mean / 1e6,
+            b_ms: std / 1e6,
+            floor_ms: if floor > 0.0 {
+                floor / 1e6
+            } else {
+                f64::NEG_INFINITY
+            },
+        })
     }
 }
 
-/// The least time (to 1 us) at which `phi` reaches `thr`, searching up
-/// from `from` (fallback of the closed form; never hit in practice).
-fn bisect_phi(st: &NodeState, p: &PhiParams, thr: f64, from: u64) -> u64 {
+/// The least time (to 1 us) from `from` on at which `late(t, y)` holds
+/// (fallback of the closed form; never hit in practice).
+fn bisect_late(late: &impl Fn(u64, f64) -> bool, y: f64, from: u64) -> u64 {
     let mut lo = from;
     let mut hi = from.saturating_add(1_000_000);
-    while phi(st, hi, p) < thr {
+    let mut step = 1_000_000u64;
+    while !late(hi, y) {
         lo = hi;
-        hi = hi.saturating_add((hi - st.last_arrival_ns).max(1_000_000));
+        step = step.saturating_mul(2);
+        hi = hi.saturating_add(step);
     }
     while hi - lo > 1_000 {
         let mid = lo + (hi - lo) / 2;
-        if phi(st, mid, p) >= thr {
+        if late(mid, y) {
             hi = mid;
         } else {
             lo = mid;
@@ -535,7 +582,8 @@ struct Fixed {
 }
 
 impl Detector for Fixed {
-    fn arrival(&mut self, t_ns: u64, _: Option<u32>) {
+    fn arrival(&mut self, a: &Arrival) {
+        let t_ns = a.recv_ns;
         self.last = Some(t_ns);
     }
     fn deadlines(&self, out: &mut [Option<u64>]) {
@@ -543,65 +591,85 @@ impl Detector for Fixed {
             *o = self.last.and_then(|l| after(l, ms));
         }
     }
-    fn affine(&self) -> Option<(u64, f64, f64)> {
-        self.last.map(|l| (l, 0.0, 1.0))
+    fn affine(&self) -> Option<Affine> {
+        self.last.map(|l| Affine::plain(l, 0.0, 1.0))
     }
 }
 
 // ---------------------------------------------------------------- chen
 
 /// Chen-Toueg-Aguilera NFD-E (Sec. 6 of the paper). The paper's estimate of
-/// the next arrival `l+1` from the n most recent heartbeats with sequence
-/// numbers `s_i` and arrivals `A_i` is
-/// `EA_{l+1} = (1/n) * sum(A_i - eta * s_i) + (l + 1) * eta`,
-/// with `eta` the sending interval. A trace has arrivals only, so the
-/// sequence number is the arrival's index (a lost heartbeat is a long
-/// inter-arrival time) and `eta` is estimated as the window's mean
-/// inter-arrival time `(A_l - A_first) / (n - 1)`; the sum then reduces to
-/// `EA = mean(A) + (n + 1) / 2 * eta` ([`chen_expected_arrival`]). The
-/// process is suspected from the freshness point `EA + alpha` on.
+/// the next arrival from the n most recent heartbeats with sequence
+/// numbers `s_i` and arrivals `A_i`, the last being `s_l`, is
+/// `EA = (1/n) * sum(A_i - eta * s_i) + (s_l + 1) * eta`, with `eta` the
+/// sending interval. The sequence numbers are the trace's (the wire's);
+/// a trace without them numbers the arrivals 0, 1, ... (a lost heartbeat
+/// is then a long inter-arrival time). `eta` is estimated from the window
+/// as `(A_l - A_first) / (s_l - s_first)`, so a sender's interval need not
+/// be configured ([`chen_expected_arrival`]). The process is suspected
+/// from the freshness point `EA + alpha` on.
 struct Chen {
-    window: VecDeque<u64>,
-    sum: u128,
+    /// (arrival ns, sequence number).
+    window: VecDeque<(u64, u64)>,
+    sum_t: u128,
+    sum_s: u128,
+    /// The next sequence number to give an arrival without one.
+    next: u64,
     thresholds: Arc<[f64]>,
 }
 
-/// `EA` of Chen's NFD-E for a window of arrival times (ns, ascending, at
-/// least two). Returned in ns as `f64`.
-pub fn chen_expected_arrival(n: usize, sum_ns: u128, first_ns: u64, last_ns: u64) -> f64 {
-    let eta = (last_ns - first_ns) as f64 / (n - 1) as f64;
-    sum_ns as f64 / n as f64 + (n + 1) as f64 / 2.0 * eta
+/// `EA` of Chen's NFD-E for a window of `n` arrivals (at least two) with
+/// arrival times summing to `sum_t` ns and sequence numbers summing to
+/// `sum_s`, the first `(t, s)` and the last. Returned in ns as `f64`.
+pub fn chen_expected_arrival(
+    n: usize,
+    sum_t: u128,
+    sum_s: u128,
+    first: (u64, u64),
+    last: (u64, u64),
+) -> f64 {
+    let eta = (last.0 - first.0) as f64 / last.1.saturating_sub(first.1).max(1) as f64;
+    let n = n as f64;
+    sum_t as f64 / n + eta * ((last.1 + 1) as f64 - sum_s as f64 / n)
 }
 
-impl Detector for Chen {
-    fn arrival(&mut self, t_ns: u64, _: Option<u32>) {
-        if self.window.len() == WINDOW {
-            let old = self.window.pop_front().unwrap_or_default();
-            self.sum -= old as u128;
-        }
-        self.window.push_back(t_ns);
-        self.sum += t_ns as u128;
-    }
-    fn deadlines(&self, out: &mut [Option<u64>]) {
-        let n = self.window.len();
-        if n < 2 {
-            out.fill(None);
-            return;
-        }
-        let (first, last) = (self.window[0], self.window[n - 1]);
-        let ea = chen_expected_arrival(n, self.sum, first, last);
-        for (o, &alpha_ms) in out.iter_mut().zip(self.thresholds.iter()) {
-            *o = after(last, (ea - last as f64) / 1e6 + alpha_ms);
-        }
-    }
-    fn affine(&self) -> Option<(u64, f64, f64)> {
+impl Chen {
+    fn expected_arrival(&self) -> Option<(u64, f64)> {
         let n = self.window.len();
         if n < 2 {
             return None;
         }
         let (first, last) = (self.window[0], self.window[n - 1]);
-        let ea = chen_expected_arrival(n, self.sum, first, last);
-        Some((last, (ea - last as f64) / 1e6, 1.0))
+        let ea = chen_expected_arrival(n, self.sum_t, self.sum_s, first, last);
+        Some((last.0, ea))
+    }
+}
+
+impl Detector for Chen {
+    fn arrival(&mut self, a: &Arrival) {
+        let s = a.seq.unwrap_or(self.next);
+        self.next = s + 1;
+        if self.window.len() == WINDOW {
+            let (t, s) = self.window.pop_front().unwrap_or_default();
+            self.sum_t -= t as u128;
+            self.sum_s -= s as u128;
+        }
+        self.window.push_back((a.recv_ns, s));
+        self.sum_t += a.recv_ns as u128;
+        self.sum_s += s as u128;
+    }
+    fn deadlines(&self, out: &mut [Option<u64>]) {
+        let Some((last, ea)) = self.expected_arrival() else {
+            out.fill(None);
+            return;
+        };
+        for (o, &alpha_ms) in out.iter_mut().zip(self.thresholds.iter()) {
+            *o = after(last, (ea - last as f64) / 1e6 + alpha_ms);
+        }
+    }
+    fn affine(&self) -> Option<Affine> {
+        let (last, ea) = self.expected_arrival()?;
+        Some(Affine::plain(last, (ea - last as f64) / 1e6, 1.0))
     }
 }
 
@@ -677,7 +745,8 @@ struct PhiNormal {
 }
 
 impl Detector for PhiNormal {
-    fn arrival(&mut self, t_ns: u64, _: Option<u32>) {
+    fn arrival(&mut self, a: &Arrival) {
+        let t_ns = a.recv_ns;
         if let Some(l) = self.last {
             self.stats.push((t_ns - l) as f64 / 1e6);
         }
@@ -697,11 +766,11 @@ impl Detector for PhiNormal {
             *o = after(last, m + s * y);
         }
     }
-    fn affine(&self) -> Option<(u64, f64, f64)> {
+    fn affine(&self) -> Option<Affine> {
         let (Some(last), true) = (self.last, self.stats.len() >= 2) else {
             return None;
         };
-        Some((
+        Some(Affine::plain(
             last,
             self.stats.mean(),
             self.stats.std().max(PHI_NORMAL_MIN_STD_MS),
@@ -734,52 +803,84 @@ pub const AKKA_FIRST_HEARTBEAT_ESTIMATE_MS: f64 = 1000.0;
 /// Akka's detector keeps one history per threshold: it leaves an
 /// inter-arrival time out of the history when the node was already
 /// unavailable at that heartbeat (`if (isAvailable(timestamp)) history :+
-/// interval`), so the state depends on the threshold.
+/// interval`), so the state depends on the threshold. Thresholds whose
+/// histories are still equal share one window (a group, its thresholds in
+/// increasing order); a heartbeat that finds the node unavailable under
+/// the lower thresholds of a group and available under the higher ones
+/// splits it. Most heartbeats split nothing, so a sweep over many
+/// thresholds costs about one window, not one per threshold.
 struct Akka {
     last: Option<u64>,
-    per_threshold: Vec<Window>,
+    groups: Vec<(Window, Vec<usize>)>,
     ystar: Arc<[f64]>,
 }
 
 impl Akka {
-    fn deadline(&self, w: &Window, y: f64) -> Option<u64> {
+    fn new(ystar: Arc<[f64]>) -> Akka {
+        let mut order: Vec<usize> = (0..ystar.len()).collect();
+        order.sort_by(|&a, &b| ystar[a].total_cmp(&ystar[b]));
+        Akka {
+            last: None,
+            groups: vec![(Window::default(), order)],
+            ystar,
+        }
+    }
+
+    /// The deadline after `last` under history `w` at standardized
+    /// threshold `y` (increasing in `y`).
+    fn deadline(last: u64, w: &Window, y: f64) -> Option<u64> {
         let mean = w.mean() + AKKA_ACCEPTABLE_PAUSE_MS;
         let std = w.std().max(AKKA_MIN_STD_MS);
-        self.last.and_then(|l| after(l, mean + std * y))
+        after(last, mean + std * y)
     }
 }
 
 impl Detector for Akka {
-    fn arrival(&mut self, t_ns: u64, _: Option<u32>) {
+    fn arrival(&mut self, a: &Arrival) {
+        let t_ns = a.recv_ns;
         match self.last {
             None => {
                 // `firstHeartbeat`: history = [mean, mean + mean / 4].
-                for w in &mut self.per_threshold {
+                for (w, _) in &mut self.groups {
                     w.push(AKKA_FIRST_HEARTBEAT_ESTIMATE_MS);
                     w.push(AKKA_FIRST_HEARTBEAT_ESTIMATE_MS * 1.25);
                 }
             }
             Some(l) => {
                 let interval = (t_ns - l) as f64 / 1e6;
-                for k in 0..self.per_threshold.len() {
-                    let available = self
-                        .deadline(&self.per_threshold[k], self.ystar[k])
-                        .is_none_or(|d| t_ns < d);
-                    if available {
-                        self.per_threshold[k].push(interval);
+                let mut split = Vec::new();
+                for (w, ks) in &mut self.groups {
+                    // The first threshold (in increasing order) under which
+                    // the node is still available; all above it are too.
+                    let first = ks.partition_point(|&k| {
+                        Akka::deadline(l, w, self.ystar[k]).is_some_and(|d| t_ns >= d)
+                    });
+                    if first > 0 {
+                        // Unavailable under ks[..first]: their history
+                        // stays as it is, in a group of its own.
+                        let rest = ks.split_off(first);
+                        let unavailable = std::mem::replace(ks, rest);
+                        split.push((w.clone(), unavailable));
+                    }
+                    if !ks.is_empty() {
+                        w.push(interval);
                     }
                 }
+                self.groups.retain(|(_, ks)| !ks.is_empty());
+                self.groups.append(&mut split);
             }
         }
         self.last = Some(t_ns);
     }
     fn deadlines(&self, out: &mut [Option<u64>]) {
-        for ((o, w), &y) in out
-            .iter_mut()
-            .zip(self.per_threshold.iter())
-            .zip(self.ystar.iter())
-        {
-            *o = self.deadline(w, y);
+        let Some(last) = self.last else {
+            out.fill(None);
+            return;
+        };
+        for (w, ks) in &self.groups {
+            for &k in ks {
+                out[k] = Akka::deadline(last, w, self.ystar[k]);
+            }
         }
     }
 }
@@ -805,7 +906,8 @@ struct Cassandra {
 }
 
 impl Detector for Cassandra {
-    fn arrival(&mut self, t_ns: u64, _: Option<u32>) {
+    fn arrival(&mut self, a: &Arrival) {
+        let t_ns = a.recv_ns;
         match self.last {
             // `ArrivalWindow.add`: the first heartbeat seeds the window with
             // the (deliberately large) initial value.
@@ -830,8 +932,8 @@ impl Detector for Cassandra {
             *o = after(last, thr * mean / CASSANDRA_PHI_FACTOR);
         }
     }
-    fn affine(&self) -> Option<(u64, f64, f64)> {
+    fn affine(&self) -> Option<Affine> {
         self.last
-            .map(|l| (l, 0.0, self.stats.mean() / CASSANDRA_PHI_FACTOR))
+            .map(|l| Affine::plain(l, 0.0, self.stats.mean() / CASSANDRA_PHI_FACTOR))
     }
 }

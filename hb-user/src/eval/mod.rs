@@ -10,6 +10,7 @@
 //! and is reported as such (see `detectors`).
 
 pub mod detectors;
+pub mod profile;
 pub mod qos;
 pub mod synth;
 pub mod trace;
@@ -75,6 +76,10 @@ pub struct ReplayArgs {
     /// hb: acceptable pause added to the mean, ms.
     #[arg(long, value_name = "MS")]
     pub hb_pause_ms: Option<f64>,
+    /// hb: multiple of a node's recurring stall it may be silent for
+    /// before it can be late (PhiParams::stall_factor; 0 = off).
+    #[arg(long, value_name = "FACTOR")]
+    pub hb_stall_factor: Option<f64>,
     /// hb: EWMA gain of the mean as a shift (gain 1/2^N); a what-if, the
     /// kernel's is fixed at build time.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=16))]
@@ -147,6 +152,9 @@ fn hb_config(a: &ReplayArgs) -> HbConfig {
     }
     if let Some(v) = a.hb_pause_ms {
         c.phi.acceptable_pause_ms = v;
+    }
+    if let Some(v) = a.hb_stall_factor {
+        c.phi.stall_factor = v;
     }
     if let Some(v) = a.hb_mean_shift {
         c.mean_shift = v;

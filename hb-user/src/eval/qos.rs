@@ -22,8 +22,8 @@
 use serde::Serialize;
 
 use super::{
-    detectors::{HbConfig, Kind, Spec, geometric},
-    trace::{Crashes, Trace},
+    detectors::{Affine, HbConfig, Kind, Spec, geometric},
+    trace::{Arrival, Crashes, Trace},
 };
 
 /// The QoS of one detector at one threshold over one trace.
@@ -53,6 +53,18 @@ struct Acc {
     undetected: usize,
 }
 
+/// What one detector did on one node at one threshold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeScore {
+    pub mistakes: u32,
+    /// Alive time spent wrongly suspected, ns.
+    pub mistake_ns: u64,
+    /// For a crashed node: `Some(T_D)` in ns if the crash was detected
+    /// (its final suspicion began before the end of the trace), `None`
+    /// if not. `None` for a node that did not crash.
+    pub detection_ns: Option<u64>,
+}
+
 /// Nearest-rank percentile of sorted values.
 pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     if sorted.is_empty() {
@@ -62,68 +74,108 @@ pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     Some(sorted[rank.clamp(1, sorted.len()) - 1])
 }
 
-/// Replays every node of `trace` through a fresh instance of `spec`'s
-/// detector and scores each threshold. Crashes of nodes absent from the
-/// trace are ignored (nothing could detect them).
-pub fn evaluate(trace: &Trace, crashes: &Crashes, spec: &Spec) -> Vec<Qos> {
+/// The alive window of a node: from its first arrival to its crash or the
+/// end of the trace.
+pub fn alive_window(arrivals: &[Arrival], crash: Option<u64>, end: u64) -> (u64, u64) {
+    let start = arrivals.first().map_or(end, |a| a.recv_ns);
+    (start, crash.unwrap_or(end).min(end).max(start))
+}
+
+/// Replays one node's `arrivals` (non-empty) through `det` and scores
+/// every threshold of `spec` into `out` (one entry per threshold). `end`
+/// is the end of the trace, `crash` the node's crash time if it crashed.
+pub fn replay_node(
+    spec: &Spec,
+    arrivals: &[Arrival],
+    crash: Option<u64>,
+    end: u64,
+    out: &mut [NodeScore],
+) {
     let nt = spec.thresholds.len();
-    let mut acc = vec![Acc::default(); nt];
-    let mut alive_ns: u128 = 0;
-    let mut crash_count = 0;
-    let end = trace.end_ns;
+    debug_assert_eq!(out.len(), nt);
+    out.fill(NodeScore::default());
+    let (_, alive_end) = alive_window(arrivals, crash, end);
     let mut dl = vec![None; nt];
     // Per threshold: start of the current suspicion run and its end (the
     // heartbeat that ended it), to merge runs that touch.
     let mut run: Vec<Option<(u64, u64)>> = vec![None; nt];
-
-    for (id, arrivals) in &trace.nodes {
-        let Some(first) = arrivals.first() else {
-            continue;
-        };
-        let crash = crashes.get(id).copied();
-        if crash.is_some() {
-            crash_count += 1;
-        }
-        let start = first.recv_ns;
-        let alive_end = crash.unwrap_or(end).min(end).max(start);
-        alive_ns += (alive_end - start) as u128;
-        run.fill(None);
-        let mut det = spec.instance();
-        for (i, a) in arrivals.iter().enumerate() {
-            det.arrival(a.recv_ns, a.interval_ms);
-            det.deadlines(&mut dl);
-            let next = arrivals.get(i + 1).map_or(end, |n| n.recv_ns);
-            let is_last = i + 1 == arrivals.len();
-            for k in 0..nt {
-                let suspected_from = dl[k].filter(|&s| s < next);
-                // The run still open at this heartbeat continues only if the
-                // detector suspects again at this very instant.
-                let continuing = match (run[k], suspected_from) {
-                    (Some((_, e)), Some(s)) => s <= e,
-                    _ => false,
-                };
-                if let Some(s) = suspected_from {
-                    if !continuing {
-                        run[k] = Some((s, next));
-                        if s < alive_end {
-                            acc[k].mistakes += 1;
-                        }
-                    } else if let Some(r) = run[k].as_mut() {
-                        r.1 = next;
-                    }
-                    // Alive time spent suspected (the part before a crash).
+    let mut det = spec.instance();
+    for (i, a) in arrivals.iter().enumerate() {
+        det.arrival(a);
+        det.deadlines(&mut dl);
+        let next = arrivals.get(i + 1).map_or(end, |n| n.recv_ns);
+        let is_last = i + 1 == arrivals.len();
+        for k in 0..nt {
+            let suspected_from = dl[k].filter(|&s| s < next);
+            // The run still open at this heartbeat continues only if the
+            // detector suspects again at this very instant.
+            let continuing = match (run[k], suspected_from) {
+                (Some((_, e)), Some(s)) => s <= e,
+                _ => false,
+            };
+            if let Some(s) = suspected_from {
+                if !continuing {
+                    run[k] = Some((s, next));
                     if s < alive_end {
-                        acc[k].mistake_ns += (next.min(alive_end) - s) as u128;
+                        out[k].mistakes += 1;
                     }
-                } else {
-                    run[k] = None;
+                } else if let Some(r) = run[k].as_mut() {
+                    r.1 = next;
                 }
-                if is_last && let Some(c) = crash {
-                    match run[k] {
-                        Some((s, e)) if e >= end => {
-                            acc[k].detections_ns.push(s.saturating_sub(c));
-                        }
-                        _ => acc[k].undetected += 1,
+                // Alive time spent suspected (the part before a crash).
+                if s < alive_end {
+                    out[k].mistake_ns += next.min(alive_end) - s;
+                }
+            } else {
+                run[k] = None;
+            }
+            if is_last && let Some(c) = crash {
+                out[k].detection_ns = match run[k] {
+                    Some((s, e)) if e >= end => Some(s.saturating_sub(c)),
+                    _ => None,
+                };
+            }
+        }
+    }
+}
+
+/// Replays every node of `trace` through a fresh instance of `spec`'s
+/// detector and scores each threshold. Crashes of nodes absent from the
+/// trace are ignored (nothing could detect them).
+pub fn evaluate(trace: &Trace, crashes: &Crashes, spec: &Spec) -> Vec<Qos> {
+    evaluate_fleet(&[(trace, crashes)], spec)
+}
+
+/// [`evaluate`] over the nodes of several traces taken as one fleet (e.g.
+/// the same scenario under several seeds): mistakes and alive time add up,
+/// detection times are pooled.
+pub fn evaluate_fleet(cases: &[(&Trace, &Crashes)], spec: &Spec) -> Vec<Qos> {
+    let nt = spec.thresholds.len();
+    let mut acc = vec![Acc::default(); nt];
+    let mut alive_ns: u128 = 0;
+    let mut crash_count = 0;
+    let mut scores = vec![NodeScore::default(); nt];
+
+    for (trace, crashes) in cases {
+        let end = trace.end_ns;
+        for (id, arrivals) in &trace.nodes {
+            if arrivals.is_empty() {
+                continue;
+            }
+            let crash = crashes.get(id).copied();
+            if crash.is_some() {
+                crash_count += 1;
+            }
+            let (start, alive_end) = alive_window(arrivals, crash, end);
+            alive_ns += (alive_end - start) as u128;
+            replay_node(spec, arrivals, crash, end, &mut scores);
+            for (a, sc) in acc.iter_mut().zip(&scores) {
+                a.mistakes += sc.mistakes as u64;
+                a.mistake_ns += sc.mistake_ns as u128;
+                if crash.is_some() {
+                    match sc.detection_ns {
+                        Some(td) => a.detections_ns.push(td),
+                        None => a.undetected += 1,
                     }
                 }
             }
@@ -134,33 +186,43 @@ pub fn evaluate(trace: &Trace, crashes: &Crashes, spec: &Spec) -> Vec<Qos> {
     spec.thresholds
         .iter()
         .zip(acc)
-        .map(|(&threshold, mut a)| {
-            a.detections_ns.sort_unstable();
-            let td: Vec<f64> = a.detections_ns.iter().map(|&n| n as f64 / 1e6).collect();
-            Qos {
-                detector: spec.kind.name(),
-                threshold,
-                crashes: crash_count,
-                detected: td.len(),
-                td_mean_ms: (!td.is_empty()).then(|| td.iter().sum::<f64>() / td.len() as f64),
-                td_p99_ms: percentile(&td, 99.0),
-                td_max_ms: td.last().copied(),
-                mistakes: a.mistakes,
-                node_hours,
-                mistake_rate: if node_hours > 0.0 {
-                    a.mistakes as f64 / node_hours
-                } else {
-                    0.0
-                },
-                tm_mean_ms: (a.mistakes > 0).then(|| a.mistake_ns as f64 / 1e6 / a.mistakes as f64),
-                query_accuracy: if alive_ns > 0 {
-                    1.0 - a.mistake_ns as f64 / alive_ns as f64
-                } else {
-                    1.0
-                },
-            }
-        })
+        .map(|(&threshold, a)| qos_row(spec.kind, threshold, crash_count, a, node_hours, alive_ns))
         .collect()
+}
+
+/// A QoS row from the accumulated outcomes of one threshold.
+fn qos_row(
+    kind: Kind,
+    threshold: f64,
+    crashes: usize,
+    mut a: Acc,
+    node_hours: f64,
+    alive_ns: u128,
+) -> Qos {
+    a.detections_ns.sort_unstable();
+    let td: Vec<f64> = a.detections_ns.iter().map(|&n| n as f64 / 1e6).collect();
+    Qos {
+        detector: kind.name(),
+        threshold,
+        crashes,
+        detected: td.len(),
+        td_mean_ms: (!td.is_empty()).then(|| td.iter().sum::<f64>() / td.len() as f64),
+        td_p99_ms: percentile(&td, 99.0),
+        td_max_ms: td.last().copied(),
+        mistakes: a.mistakes,
+        node_hours,
+        mistake_rate: if node_hours > 0.0 {
+            a.mistakes as f64 / node_hours
+        } else {
+            0.0
+        },
+        tm_mean_ms: (a.mistakes > 0).then(|| a.mistake_ns as f64 / 1e6 / a.mistakes as f64),
+        query_accuracy: if alive_ns > 0 {
+            1.0 - a.mistake_ns as f64 / alive_ns as f64
+        } else {
+            1.0
+        },
+    }
 }
 
 /// The row with the shortest mean detection time (ties: p99) among those
@@ -235,8 +297,9 @@ pub fn sweep(
 ///
 /// After heartbeat `i` of a node, with the next arrival (or the end of the
 /// trace, or the crash, whichever is first) at `until_i`, the detector
-/// makes a mistake exactly when `last_i + a_i + b_i * u < until_i`, i.e.
-/// when `u < c_i = (until_i - last_i - a_i) / b_i`. With `K` the mistakes
+/// makes a mistake exactly when `last_i + max(a_i + b_i * u, floor_i) <
+/// until_i`, i.e. when the floor is below `until_i - last_i` and `u < c_i
+/// = (until_i - last_i - a_i) / b_i`. With `K` the mistakes
 /// the budget allows over the trace's node-hours, the least `u` that meets
 /// it is the `(K+1)`-th largest `c_i`; detection times only grow with `u`,
 /// so that `u` is the operating point for the mean and every percentile
@@ -256,8 +319,8 @@ pub fn optimum(
     let spec = Spec::new(kind, &[], hb).ok()?;
     let end = trace.end_ns;
     let mut critical: Vec<f64> = Vec::new();
-    // Per crash: the deadline after the node's last arrival, (last, a, b).
-    let mut finals: Vec<(u64, f64, f64)> = Vec::new();
+    // Per crash: the deadline after the node's last arrival.
+    let mut finals: Vec<Affine> = Vec::new();
     let mut alive_ns: u128 = 0;
     for (id, arrivals) in &trace.nodes {
         let Some(first) = arrivals.first() else {
@@ -269,14 +332,15 @@ pub fn optimum(
         alive_ns += (alive_end - start) as u128;
         let mut det = spec.instance();
         for (i, a) in arrivals.iter().enumerate() {
-            det.arrival(a.recv_ns, a.interval_ms);
+            det.arrival(a);
             let aff = det.affine();
             let next = arrivals.get(i + 1).map_or(end, |n| n.recv_ns);
             let until = next.min(alive_end);
-            if let Some((last, am, bm)) = aff
-                && last < until
+            if let Some(f) = aff
+                && f.last_ns < until
+                && let Some(c) = f.critical((until - f.last_ns) as f64 / 1e6)
             {
-                critical.push(((until - last) as f64 / 1e6 - am) / bm);
+                critical.push(c);
             }
             if i + 1 == arrivals.len() && crash.is_some() {
                 // No deadline after the last arrival: never detected.
@@ -299,7 +363,7 @@ pub fn optimum(
     if !u.is_finite()
         || finals
             .iter()
-            .any(|&(last, a, b)| last as f64 + (a + b * u) * 1e6 >= end as f64)
+            .any(|f| f.last_ns as f64 + f.at(u) * 1e6 >= end as f64)
     {
         return None;
     }

@@ -26,6 +26,7 @@ fn trace_ms(nodes: &[(u32, &[u64])]) -> Trace {
                 .map(|&t| Arrival {
                     recv_ns: t * MS,
                     interval_ms: None,
+                    seq: None,
                 })
                 .collect(),
         );
@@ -182,10 +183,19 @@ fn akka_phi_at_hand_checked_points() {
 fn cassandra_and_chen_at_hand_checked_points() {
     // 2 s elapsed over a 1 s mean: 2 / ln 10.
     assert!(close(cassandra_phi(2000.0, 1000.0), 0.868_589, 1e-6));
-    // Chen's EA for arrivals 0, 1100, 1900 ms (n = 3): eta = 950 ms and
-    // (1/3) * ((0 - 0) + (1100 - 950) + (1900 - 1900)) + 3 * 950 = 2900 ms.
-    let ea = chen_expected_arrival(3, 3000 * MS as u128, 0, 1900 * MS);
+    // Chen's EA for arrivals 0, 1100, 1900 ms numbered 0, 1, 2: eta = 950
+    // ms and (1/3) * ((0 - 0) + (1100 - 950) + (1900 - 1900)) + 3 * 950 =
+    // 2900 ms.
+    let ea = chen_expected_arrival(3, 3000 * MS as u128, 3, (0, 0), (1900 * MS, 2));
     assert!(close(ea, 2900.0 * MS as f64, 1e-3));
+    // The same arrivals numbered 0, 2, 3 (heartbeat 1 lost): eta = 1900 / 3
+    // and (1/3) * (0 + (1100 - 2 eta) + (1900 - 3 eta)) + 4 eta = 1000 +
+    // (4 - 5/3) eta = 2477.78 ms.
+    let ea = chen_expected_arrival(3, 3000 * MS as u128, 5, (0, 0), (1900 * MS, 3));
+    assert!(
+        close(ea, (1000.0 + 7.0 / 3.0 * 1900.0 / 3.0) * MS as f64, 1e-3),
+        "{ea}"
+    );
 }
 
 /// Deadlines of one node after `arrivals` (ms), per threshold, in ms.
@@ -198,7 +208,11 @@ fn deadlines_ms(
     let spec = Spec::new(kind, thr, hb).unwrap();
     let mut d = spec.instance();
     for &(t, iv) in arrivals {
-        d.arrival(t * MS, iv);
+        d.arrival(&Arrival {
+            recv_ns: t * MS,
+            interval_ms: iv,
+            seq: None,
+        });
     }
     let mut out = vec![None; thr.len()];
     d.deadlines(&mut out);
@@ -287,7 +301,11 @@ fn hb_deadline_is_where_the_monitors_phi_crosses() {
     let mut st = hb_common::maps::NodeState::default();
     let offset = 1_000_000_000; // the detector's internal clock offset
     for (i, t) in [0u64, 990, 2010, 2995, 4001, 5020].iter().enumerate() {
-        det.arrival(t * MS, Some(1000));
+        det.arrival(&Arrival {
+            recv_ns: t * MS,
+            interval_ms: Some(1000),
+            seq: Some(i as u64 + 1),
+        });
         let d = hb_common::proto::Datagram {
             kind: hb_common::proto::Kind::Heartbeat,
             node_id: 1,
@@ -465,15 +483,17 @@ fn scenarios_have_their_shape() {
             .values()
             .any(|a| a.iter().any(|x| x.interval_ms != a[0].interval_ms))
     );
-    // gc-pause: some inter-arrival gap is well over one interval.
-    let (t, _) = make(Scenario::GcPause, 3, 10, 3600);
-    let max_gap = t
-        .nodes
-        .values()
-        .flat_map(|a| a.windows(2).map(|w| w[1].recv_ns - w[0].recv_ns))
-        .max()
-        .unwrap();
-    assert!(max_gap > 1_500 * MS, "{max_gap}");
+    // gc-pause (both): some inter-arrival gap is well over one interval.
+    for s in [Scenario::GcPause, Scenario::GcPauseHomogeneous] {
+        let (t, _) = make(s, 3, 10, 3600);
+        let max_gap = t
+            .nodes
+            .values()
+            .flat_map(|a| a.windows(2).map(|w| w[1].recv_ns - w[0].recv_ns))
+            .max()
+            .unwrap();
+        assert!(max_gap > 1_500 * MS, "{}: {max_gap}", s.name());
+    }
     // Crashed nodes send nothing after their crash.
     for s in Scenario::ALL {
         let (t, c) = make(s, 3, 10, 600);
@@ -509,4 +529,154 @@ fn shipped_traces_regenerate_byte_for_byte() {
         let spec = Spec::new(Kind::Fixed, &[10_000.0], HbConfig::default()).unwrap();
         assert_eq!(evaluate(&read, &c, &spec)[0].detected, 1, "{}", s.name());
     }
+}
+
+// ---------------------------------------------------------------- profiles
+
+/// A profile's operating point of the whole fleet is `qos::optimum`'s (the
+/// affine detectors) and `qos::sweep`'s (akka), and one case's nodes in a
+/// two-case profile give that case's own point.
+#[test]
+fn profile_points_match_the_replayed_operating_points() {
+    use super::profile::Profile;
+    let hb = HbConfig::default();
+    let (t1, c1) = make(Scenario::Wan, 2, 20, 1800);
+    let (t2, c2) = make(Scenario::Wan, 3, 20, 1800);
+    // No mistake allowed, and ten (one per node-hour).
+    for (kind, budget) in Kind::ALL
+        .into_iter()
+        .flat_map(|k| [(k, 1.0 / 24.0), (k, 1.0)])
+    {
+        let one = Profile::build(&[(&t1, &c1)], kind, hb, budget);
+        let all: Vec<usize> = (0..one.nodes.len()).collect();
+        let p = one.point(&all, budget).unwrap();
+        assert!(!p.clipped);
+        let want = if kind == Kind::Akka {
+            sweep(&t1, &c1, kind, hb, budget).0.unwrap()
+        } else {
+            optimum(&t1, &c1, kind, hb, budget).unwrap()
+        };
+        assert_eq!(p.crashes, want.crashes, "{kind:?}");
+        assert_eq!(p.mistakes, want.mistakes, "{kind:?} {budget}");
+        assert!(
+            close(p.mean_ms(), want.td_mean_ms.unwrap(), 1e-2),
+            "{kind:?}: {} vs {:?}",
+            p.mean_ms(),
+            want.td_mean_ms
+        );
+        assert!(close(p.p99_ms(), want.td_p99_ms.unwrap(), 1e-2), "{kind:?}");
+        assert!(
+            close(
+                p.threshold,
+                want.threshold,
+                1e-6 * want.threshold.abs().max(1.0)
+            ),
+            "{kind:?}: {} vs {}",
+            p.threshold,
+            want.threshold
+        );
+
+        let two = Profile::build(&[(&t1, &c1), (&t2, &c2)], kind, hb, budget);
+        assert_eq!(two.cases.len(), 2);
+        let second: Vec<usize> = two.cases[1].clone().collect();
+        let alone = Profile::build(&[(&t2, &c2)], kind, hb, budget);
+        let all2: Vec<usize> = (0..alone.nodes.len()).collect();
+        let (a, b) = (two.point(&second, budget), alone.point(&all2, budget));
+        if kind == Kind::Akka {
+            // The two grids are refined around different fleets' points:
+            // the pooled grid can only be coarser for one case.
+            assert!(a.unwrap().mean_ms() >= b.unwrap().mean_ms() - 1e-9);
+        } else {
+            assert_eq!(a, b, "{kind:?}");
+        }
+    }
+}
+
+#[test]
+fn resamples_are_stratified_and_deterministic() {
+    use super::profile::resamples;
+    let crashed = [true, false, false, true, false, false, false];
+    let r = resamples(&crashed, 50, 7);
+    assert_eq!(r, resamples(&crashed, 50, 7));
+    assert_ne!(r, resamples(&crashed, 50, 8));
+    for s in &r {
+        assert_eq!(s.len(), crashed.len());
+        assert_eq!(s.iter().filter(|&&i| crashed[i]).count(), 2);
+    }
+    // Every node gets drawn somewhere.
+    let mut seen = [false; 7];
+    r.iter().flatten().for_each(|&i| seen[i] = true);
+    assert!(seen.iter().all(|&s| s));
+}
+
+/// A node that stalled twice (4 s, then 3 s, consecutive sequence numbers)
+/// is not suspected before its allowance, the mean plus 1.5 times the
+/// smaller stall, whatever the threshold; a node that lost heartbeats instead (a
+/// jump in the sequence numbers) gets no allowance. Deadlines agree with
+/// the monitor's `phi` to the microsecond.
+#[test]
+fn hb_deadline_waits_out_a_recurring_stall() {
+    let hb = HbConfig::default();
+    let thresholds = [1.0, 8.0, 1e4];
+    let run = |gaps: &[(u64, u64)]| {
+        // (gap ms, seq step) after a first heartbeat at 1 s.
+        let spec = Spec::new(Kind::Hb, &thresholds, hb).unwrap();
+        let mut det = spec.instance();
+        let mut st = hb_common::maps::NodeState::default();
+        let (mut t, mut seq) = (1000u64, 1u64);
+        let offset = 1_000_000_000;
+        let mut feed = |t: u64, seq: u64| {
+            det.arrival(&Arrival {
+                recv_ns: t * MS,
+                interval_ms: Some(1000),
+                seq: Some(seq),
+            });
+            let d = hb_common::proto::Datagram {
+                kind: hb_common::proto::Kind::Heartbeat,
+                node_id: 1,
+                generation: 1,
+                key_epoch: 0,
+                flags: 0,
+                load: 0,
+                seq,
+                sent_ns: 0,
+                interval_ms: 1000,
+                rtt_us: 0,
+            };
+            let a = st.admit(&d).unwrap();
+            st.record(&d, a, t * MS + offset);
+        };
+        feed(t, seq);
+        for &(gap, step) in gaps {
+            t += gap;
+            seq += step;
+            feed(t, seq);
+        }
+        let mut out = vec![None; thresholds.len()];
+        det.deadlines(&mut out);
+        let p = PhiParams::default();
+        for (dl, thr) in out.iter().zip(thresholds) {
+            let at = dl.unwrap() + offset;
+            assert!(phi(&st, at, &p) >= thr, "thr {thr}");
+            assert!(phi(&st, at - 1_000, &p) < thr, "thr {thr}");
+        }
+        let last = t as f64;
+        out.iter()
+            .map(|d| d.unwrap() as f64 / 1e6 - last)
+            .collect::<Vec<f64>>()
+    };
+    let mut stalls = vec![(1000, 1); 20];
+    stalls.push((4000, 1));
+    stalls.extend([(1000, 1); 20]);
+    stalls.push((3000, 1));
+    stalls.extend([(1000, 1); 3]);
+    let d = run(&stalls);
+    // The smaller stall's excess is ~2 s over a ~1 s mean: allowance ~4 s.
+    assert!(d[0] > 3900.0 && d[0] < 4100.0, "{d:?}");
+    assert_eq!(d[0], d[1], "below the allowance every threshold waits");
+    assert!(d[2] > d[1], "a high threshold's own deadline is later");
+    // The same gaps as lost heartbeats: no allowance.
+    let losses: Vec<(u64, u64)> = stalls.iter().map(|&(g, _)| (g, g / 1000)).collect();
+    let d = run(&losses);
+    assert!(d[0] < 1500.0, "{d:?}");
 }

@@ -3,11 +3,14 @@
 //!
 //! An arrival trace has the header `node_id,recv_ns` and one row per
 //! heartbeat received, sorted by `recv_ns` (ns on any monotonic clock).
-//! An optional third column `interval_ms` is the interval the sender
-//! announced in that heartbeat (the wire's `interval_ms` field): only
-//! detectors that read the wire may use it (hb's own does; the published
-//! detectors never see it, as in their original systems). An empty cell
-//! means "not known".
+//! Two optional columns carry what the heartbeat said on the wire:
+//! `interval_ms`, the interval the sender announced (the wire's
+//! `interval_ms` field), and after it `seq`, the heartbeat's sequence
+//! number (the wire's `seq`; a jump means heartbeats were lost). Only
+//! detectors whose published algorithm reads them may use them: hb's own
+//! reads both, Chen's NFD-E reads `seq` (its estimate is written in
+//! sequence numbers); the others never see either, as in their original
+//! systems. An empty cell means "not known".
 //!
 //! A crash file has the header `node_id,crash_ns`: the node stopped
 //! sending at `crash_ns` and never came back. At most one crash per node.
@@ -53,6 +56,8 @@ pub struct Arrival {
     pub recv_ns: u64,
     /// The interval the sender announced, ms (`None`: not in the trace).
     pub interval_ms: Option<u32>,
+    /// The heartbeat's sequence number (`None`: not in the trace).
+    pub seq: Option<u64>,
 }
 
 /// An arrival trace grouped by node. Each node's arrivals are in the
@@ -107,17 +112,21 @@ impl Trace {
     pub fn read(r: impl Read) -> Result<Trace, TraceError> {
         let mut rdr = csv_reader(r);
         let headers = header(&mut rdr)?;
-        let with_interval = match headers.as_slice() {
-            [a, b] if a == "node_id" && b == "recv_ns" => false,
-            [a, b, c] if a == "node_id" && b == "recv_ns" && c == "interval_ms" => true,
+        let width = match headers.as_slice() {
+            [a, b] if a == "node_id" && b == "recv_ns" => 2,
+            [a, b, c] if a == "node_id" && b == "recv_ns" && c == "interval_ms" => 3,
+            [a, b, c, d]
+                if a == "node_id" && b == "recv_ns" && c == "interval_ms" && d == "seq" =>
+            {
+                4
+            }
             _ => {
                 return Err(TraceError::BadHeader {
                     found: headers.join(","),
-                    expected: "node_id,recv_ns[,interval_ms]".into(),
+                    expected: "node_id,recv_ns[,interval_ms[,seq]]".into(),
                 });
             }
         };
-        let width = if with_interval { 3 } else { 2 };
         let mut nodes: BTreeMap<u32, Vec<Arrival>> = BTreeMap::new();
         let mut prev = 0u64;
         let mut start = None;
@@ -138,11 +147,21 @@ impl Trace {
             }
             let node_id = node_field(&rec, line)?;
             let recv_ns: u64 = number(&rec[1], "recv_ns", line)?;
-            let interval_ms = if with_interval && !rec[2].trim_ascii().is_empty() {
-                Some(number::<u32>(&rec[2], "interval_ms", line)?)
-            } else {
-                None
+            let optional = |i: usize, name: &str| -> Result<Option<u64>, TraceError> {
+                if width > i && !rec[i].trim_ascii().is_empty() {
+                    number::<u64>(&rec[i], name, line).map(Some)
+                } else {
+                    Ok(None)
+                }
             };
+            let interval_ms = match optional(2, "interval_ms")? {
+                Some(v) => Some(u32::try_from(v).map_err(|_| TraceError::BadRow {
+                    line,
+                    msg: format!("interval_ms {v} is too large"),
+                })?),
+                None => None,
+            };
+            let seq = optional(3, "seq")?;
             if recv_ns < prev {
                 return Err(TraceError::Unsorted {
                     line,
@@ -155,6 +174,7 @@ impl Trace {
             nodes.entry(node_id).or_default().push(Arrival {
                 recv_ns,
                 interval_ms,
+                seq,
             });
         }
         let Some(start_ns) = start else {
@@ -168,29 +188,35 @@ impl Trace {
     }
 
     /// Writes the trace as CSV, merged across nodes in time order (ties by
-    /// node id), with the `interval_ms` column when any arrival has one.
+    /// node id), with the `interval_ms` column when any arrival has an
+    /// interval or a sequence number, and the `seq` column when any has
+    /// a sequence number.
     pub fn write(&self, w: impl Write) -> std::io::Result<()> {
-        let with_interval = self
-            .nodes
-            .values()
-            .flatten()
-            .any(|a| a.interval_ms.is_some());
-        let mut rows: Vec<(u64, u32, Option<u32>)> = Vec::with_capacity(self.arrivals());
+        let all = || self.nodes.values().flatten();
+        let with_seq = all().any(|a| a.seq.is_some());
+        let with_interval = with_seq || all().any(|a| a.interval_ms.is_some());
+        let mut rows: Vec<(u64, u32, &Arrival)> = Vec::with_capacity(self.arrivals());
         for (&id, arr) in &self.nodes {
-            rows.extend(arr.iter().map(|a| (a.recv_ns, id, a.interval_ms)));
+            rows.extend(arr.iter().map(|a| (a.recv_ns, id, a)));
         }
         rows.sort_unstable_by_key(|r| (r.0, r.1));
         let mut w = std::io::BufWriter::new(w);
-        if with_interval {
-            writeln!(w, "node_id,recv_ns,interval_ms")?;
-        } else {
-            writeln!(w, "node_id,recv_ns")?;
+        let cell = |v: Option<u64>| v.map_or(String::new(), |v| v.to_string());
+        match (with_interval, with_seq) {
+            (false, _) => writeln!(w, "node_id,recv_ns")?,
+            (true, false) => writeln!(w, "node_id,recv_ns,interval_ms")?,
+            (true, true) => writeln!(w, "node_id,recv_ns,interval_ms,seq")?,
         }
-        for (t, id, iv) in rows {
-            match (with_interval, iv) {
+        for (t, id, a) in rows {
+            match (with_interval, with_seq) {
                 (false, _) => writeln!(w, "{id},{t}")?,
-                (true, Some(iv)) => writeln!(w, "{id},{t},{iv}")?,
-                (true, None) => writeln!(w, "{id},{t},")?,
+                (true, false) => writeln!(w, "{id},{t},{}", cell(a.interval_ms.map(u64::from)))?,
+                (true, true) => writeln!(
+                    w,
+                    "{id},{t},{},{}",
+                    cell(a.interval_ms.map(u64::from)),
+                    cell(a.seq)
+                )?,
             }
         }
         w.flush()
@@ -325,16 +351,29 @@ mod tests {
         let t = Trace::read("node_id,recv_ns,interval_ms\n1,10,1000\n1,20,\n".as_bytes()).unwrap();
         assert_eq!(t.nodes[&1][0].interval_ms, Some(1000));
         assert_eq!(t.nodes[&1][1].interval_ms, None);
+        let t = Trace::read(
+            "node_id,recv_ns,interval_ms,seq\n1,10,1000,7\n1,20,,9\n1,30,5,\n".as_bytes(),
+        )
+        .unwrap();
+        let got: Vec<_> = t.nodes[&1].iter().map(|a| (a.interval_ms, a.seq)).collect();
+        assert_eq!(
+            got,
+            [(Some(1000), Some(7)), (None, Some(9)), (Some(5), None)]
+        );
     }
 
     #[test]
     fn round_trips_through_write() {
-        let t =
-            Trace::read("node_id,recv_ns,interval_ms\n2,5,100\n1,10,1000\n1,20,500\n".as_bytes())
-                .unwrap();
-        let mut out = Vec::new();
-        t.write(&mut out).unwrap();
-        assert_eq!(Trace::read(&out[..]).unwrap(), t);
+        for text in [
+            "node_id,recv_ns\n2,5\n1,10\n",
+            "node_id,recv_ns,interval_ms\n2,5,100\n1,10,1000\n1,20,500\n",
+            "node_id,recv_ns,interval_ms,seq\n2,5,100,1\n1,10,,3\n1,20,500,\n",
+        ] {
+            let t = Trace::read(text.as_bytes()).unwrap();
+            let mut out = Vec::new();
+            t.write(&mut out).unwrap();
+            assert_eq!(String::from_utf8(out).unwrap(), text);
+        }
     }
 
     #[test]
@@ -361,6 +400,18 @@ mod tests {
             (
                 "node_id,recv_ns,interval_ms\n1,5,fast\n",
                 "line 2: interval_ms \"fast\"",
+            ),
+            (
+                "node_id,recv_ns,interval_ms\n1,5,4294967296\n",
+                "line 2: interval_ms 4294967296 is too large",
+            ),
+            (
+                "node_id,recv_ns,interval_ms,seq\n1,5,100,-1\n",
+                "line 2: seq \"-1\"",
+            ),
+            (
+                "node_id,recv_ns,seq\n1,5,1\n",
+                "line 1: bad header \"node_id,recv_ns,seq\"",
             ),
             ("node_id,recv_ns\n", "the trace has no arrivals"),
         ];

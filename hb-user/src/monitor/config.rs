@@ -155,6 +155,11 @@ pub struct Opts {
     /// Pause tolerated on top of the expected interval [default: 0].
     #[arg(long, value_name = "MS")]
     pub acceptable_pause_ms: Option<f64>,
+    /// A node is not late before its expected interval plus this many
+    /// times its recurring stall (the smaller of its two most recent
+    /// pauses); 0 = off [default: 1.5].
+    #[arg(long, value_name = "FACTOR")]
+    pub stall_factor: Option<f64>,
     /// Who picks each node's heartbeat interval: `off` (senders keep
     /// their own), `fixed` (`--fixed-interval-ms` for every node) or
     /// `qlearn` (the Q-learning controller; decisions reach senders in
@@ -238,6 +243,7 @@ struct FileConfig {
     min_std_dev_ms: Option<f64>,
     min_std_dev_ratio: Option<f64>,
     acceptable_pause_ms: Option<f64>,
+    stall_factor: Option<f64>,
     controller: Option<ControllerKind>,
     fixed_interval_ms: Option<u32>,
     decision_ms: Option<u64>,
@@ -382,15 +388,17 @@ impl Settings {
                 .acceptable_pause_ms
                 .or(f.acceptable_pause_ms)
                 .unwrap_or(p.acceptable_pause_ms),
+            stall_factor: a.stall_factor.or(f.stall_factor).unwrap_or(p.stall_factor),
         };
         let nonneg = |v: f64| v.is_finite() && v >= 0.0;
         if !(nonneg(phi.min_std_dev_ms)
             && nonneg(phi.min_std_dev_ratio)
-            && nonneg(phi.acceptable_pause_ms))
+            && nonneg(phi.acceptable_pause_ms)
+            && nonneg(phi.stall_factor))
             || phi.min_std_dev_ms.max(phi.min_std_dev_ratio) <= 0.0
         {
             bail!(
-                "min_std_dev_ms, min_std_dev_ratio and acceptable_pause_ms must be non-negative numbers, and one floor positive"
+                "min_std_dev_ms, min_std_dev_ratio, acceptable_pause_ms and stall_factor must be non-negative numbers, and one floor positive"
             );
         }
         let on_event = a.on_event.clone().or(f.on_event).filter(|s| !s.is_empty());

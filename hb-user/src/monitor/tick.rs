@@ -14,7 +14,7 @@
 //! are compared in terms of the standardized lateness `y`, which phi
 //! increases with strictly (`detector::y_for_phi`).
 
-use hb_common::maps::NodeState;
+use hb_common::maps::{NodeLive, NodeState};
 
 use super::{
     events::Event,
@@ -37,8 +37,7 @@ pub struct Detector {
     y_alive: f64,
     y_suspect: f64,
     y_dead: f64,
-    min_std_ns: f64,
-    pause_ns: f64,
+    model: detector::Model,
     /// `f64::INFINITY` when the backstop is off.
     max_silence_ns: f64,
 }
@@ -51,8 +50,7 @@ impl Detector {
             y_alive: detector::y_for_phi(thresholds.alive_phi),
             y_suspect: detector::y_for_phi(thresholds.suspect_phi),
             y_dead: detector::y_for_phi(thresholds.dead_phi),
-            min_std_ns: phi.min_std_dev_ms * 1e6,
-            pause_ns: phi.acceptable_pause_ms * 1e6,
+            model: detector::Model::new(&phi),
             max_silence_ns: match thresholds.max_silence_ms {
                 0 => f64::INFINITY,
                 ms => ms as f64 * 1e6,
@@ -61,7 +59,7 @@ impl Detector {
     }
 
     /// Phi of `state` now (for events, the API, the policy).
-    pub fn phi(&self, state: &NodeState, now_ns: u64) -> f64 {
+    pub fn phi(&self, state: &impl AsRef<NodeLive>, now_ns: u64) -> f64 {
         detector::phi(state, now_ns, &self.phi)
     }
 
@@ -71,7 +69,11 @@ impl Detector {
     pub fn level(&self, l: &Lateness) -> Level {
         let th = &self.thresholds;
         let backstop = th.max_silence_ms != 0 && l.elapsed_ms >= th.max_silence_ms as f64;
-        if backstop || (l.y >= self.y_dead && l.elapsed_ms >= th.dead_min_intervals * l.mean_ms) {
+        if backstop {
+            Level::Dead
+        } else if l.within_stall {
+            Level::Healthy
+        } else if l.y >= self.y_dead && l.elapsed_ms >= th.dead_min_intervals * l.mean_ms {
             Level::Dead
         } else if l.y >= self.y_suspect {
             Level::Suspect
@@ -82,11 +84,12 @@ impl Detector {
         }
     }
 
-    /// This tick's observation of a node: `detector::moments_ms` and
-    /// [`Detector::level`] fused, in ns, comparing `elapsed - mean`
-    /// against `y * std` instead of dividing.
+    /// This tick's observation of a node: `detector::Model::moments_ns`
+    /// and [`Detector::level`] fused, comparing `elapsed - mean` against
+    /// `y * std` instead of dividing (`detector::late_by`).
     #[inline]
-    pub fn observe(&self, st: &NodeState, now_ns: u64) -> Observation {
+    pub fn observe(&self, st: &impl AsRef<NodeLive>, now_ns: u64) -> Observation {
+        let st = st.as_ref();
         Observation {
             accepted: st.accepted,
             generation: st.generation,
@@ -96,7 +99,7 @@ impl Detector {
     }
 
     #[inline(always)]
-    fn level_of(&self, st: &NodeState, now_ns: u64) -> Level {
+    fn level_of(&self, st: &NodeLive, now_ns: u64) -> Level {
         if st.accepted == 0 || st.last_arrival_ns == 0 {
             return Level::Healthy;
         }
@@ -104,20 +107,15 @@ impl Detector {
         if elapsed >= self.max_silence_ns {
             return Level::Dead;
         }
-        let mut mean = st.ia_mean_ns as f64;
-        if mean <= 0.0 {
-            mean = st.interval_ms as f64 * 1e6;
-        }
-        let std = (st.ia_dev_ns as f64 * detector::MAD_TO_SIGMA)
-            .max(self.min_std_ns)
-            .max(self.phi.min_std_dev_ratio * mean);
-        let mean = mean + self.pause_ns;
+        let (mean, std) = self.model.moments_ns(st);
         if !(mean > 0.0 && std > 0.0) {
             // No usable statistics: phi is 0.
             return Level::Healthy;
         }
         let late = elapsed - mean;
-        if late < self.y_alive * std {
+        // Healthy nodes (the common case) take the first branch only; the
+        // stall allowance is looked at for late ones.
+        if late < self.y_alive * std || elapsed < self.model.stall_floor_ns(st, mean) {
             Level::Healthy
         } else if late < self.y_suspect * std {
             Level::Normal
@@ -227,7 +225,9 @@ impl Core {
         let mut ts: Option<String> = None;
         let len = node_id.len() as u32;
 
-        dp.read_states(0..len, &mut |slot, st| {
+        // One line per node (`NodeLive`); the whole state only for the
+        // few that change state or are due for a decision (`full`).
+        dp.read_live(0..len, &mut |slot, st, full| {
             let i = slot as usize;
             // A free slot's dataplane state is cleared (accepted == 0), so
             // the owner check is needed only for nodes never heard from:
@@ -254,7 +254,17 @@ impl Core {
                     policy.suspicion_refuted(slot);
                 }
                 let ts = ts.get_or_insert_with(&mut *wall_ts).clone();
-                events.push(event(seq, ts, id, &tr, t, st, det.phi(st, now_ns), now_ns));
+                let st = full();
+                events.push(event(
+                    seq,
+                    ts,
+                    id,
+                    &tr,
+                    t,
+                    &st,
+                    det.phi(&st, now_ns),
+                    now_ns,
+                ));
                 seq += 1;
                 stats.events += 1;
             }
@@ -267,7 +277,7 @@ impl Core {
                     requested_interval_ms: requested_ms[i],
                     now_ns,
                 };
-                if let Some(ms) = policy.decide(slot, &view, st)
+                if let Some(ms) = policy.decide(slot, &view, &full())
                     && ms != requested_ms[i]
                 {
                     pending.push((slot, ms));
@@ -483,6 +493,7 @@ mod tests {
                     y,
                     elapsed_ms: elapsed,
                     mean_ms: mean,
+                    within_stall: false,
                 };
                 let phi = detector::phi_of_y(y);
                 assert_eq!(
@@ -511,14 +522,24 @@ mod tests {
             x
         };
         let mut levels = [0usize; 4];
+        let mut stalled = 0;
         for _ in 0..200_000 {
             let mean_ms = 50 + next() % 10_000;
+            // A third of the nodes with recurring stalls of up to 3 means
+            // (units of 2^10 ns).
+            let span = (3 * mean_ms * MS) >> 10;
+            let stall = if next() % 3 == 0 {
+                [(next() % span) as u32, (next() % span) as u32]
+            } else {
+                [0, 0]
+            };
             let st = NodeState {
                 accepted: 1 + next() % 5,
                 last_arrival_ns: 1_000_000 * MS,
                 ia_mean_ns: if next() % 10 == 0 { 0 } else { mean_ms * MS },
                 ia_dev_ns: (next() % (mean_ms / 2 + 1)) * MS,
                 interval_ms: mean_ms as u32,
+                stall,
                 ..NodeState::default()
             };
             let now = st.last_arrival_ns + (next() % (8 * mean_ms + 100)) * MS;
@@ -528,11 +549,21 @@ mod tests {
             let got = det.observe(&st, now).level;
             assert_eq!(got, want, "{st:?} at +{silence} ms");
             levels[got as usize] += 1;
+            let l = detector::lateness(&st, now, &p);
+            if l.is_some_and(|l| l.within_stall && l.y >= det_y(&det)) {
+                stalled += 1;
+            }
         }
         assert!(
             levels.iter().all(|n| *n > 1000),
             "every level exercised: {levels:?}"
         );
+        assert!(stalled > 1000, "the stall allowance exercised: {stalled}");
+    }
+
+    /// The suspect threshold as standardized lateness.
+    fn det_y(d: &Detector) -> f64 {
+        d.y_suspect
     }
 
     #[test]

@@ -2,48 +2,114 @@
 //! `cargo run --release -p hb-tests --bin bench_eval`): prints a markdown
 //! section for BENCHMARKS.md.
 //!
-//! For every scenario of `hb eval gen`, a trace of `NODES` nodes over
-//! `DURATION` is generated in memory (seed `SEED`, the same code as the
-//! CLI). Each detector's operating point is its threshold with the
-//! shortest detection time among those that detect every crash with at
-//! most one mistake per node per day (`BUDGET`): solved exactly for the
-//! detectors whose deadline is affine in one parameter (hb, fixed, chen,
-//! phi-normal, cassandra: `qos::optimum`), found on a three-level grid for
-//! akka (`qos::sweep`). The table shows T_D (mean, p99) and the mistake
-//! rate there. The winner is the shortest mean T_D.
+//! For every scenario of `hb eval gen`, traces of `--nodes` nodes over two
+//! hours are generated in memory under each of `--seeds` seeds (the same
+//! code as the CLI; every fifth node crashes). The seeds' nodes together
+//! are one fleet. Each detector's operating point is its threshold with
+//! the shortest mean detection time among those that detect every crash
+//! with at most one mistake per node per day (`BUDGET`) over the whole
+//! fleet: solved exactly for the detectors whose deadline is affine in one
+//! parameter (hb, fixed, chen, phi-normal, cassandra: the least threshold
+//! meeting the budget, an order statistic of the per-heartbeat critical
+//! thresholds), on a three-level grid for akka. The table's rows are then
+//! replayed event by event at those thresholds.
 //!
-//! `bench_eval --explore` also grid-searches hb's tunables (PhiParams and
-//! the EWMA gains) and prints, per candidate, its T_D against the best
-//! published detector on every scenario: the evidence for hb's defaults.
+//! hb is compared with the best published detector of each scenario (the
+//! shortest mean T_D over the fleet). The uncertainty of that comparison
+//! comes from a stratified bootstrap over nodes (`--replicates`
+//! resamples of the fleet's crashed and live nodes, with replacement;
+//! each resample's operating points are solved anew for both detectors, so
+//! the interval covers the noise of the mistake-budget threshold, which
+//! dominates, and that of the crash sample): the 95% percentile interval
+//! of hb's mean (and p99) T_D over the best's. Each seed's fleet alone is
+//! also a replicate (per-seed ratios, at each seed's own operating
+//! points).
+//!
+//! Verdicts, with a tolerance of 1% for "no worse" (1% of the shipped
+//! scenarios' detection times, 15 ms to 100 ms, is at most one tick of the
+//! monitor's default 100 ms tick, the resolution at which it acts):
+//! `better` when the interval lies below 1.00, `no worse` when it lies
+//! at or below 1.01, `worse` when it lies above 1.01, `undecided` when it
+//! straddles 1.01.
+//!
+//! `bench_eval --explore` also grid-searches hb's tunables (the stall
+//! factor and the std floor of PhiParams, the EWMA gains) and prints, per
+//! candidate, its mean T_D against the best published detector on every
+//! scenario.
 
 use std::time::Instant;
 
 use hb::{
     detector::PhiParams,
     eval::{
-        detectors::{HbConfig, Kind},
-        qos::{Qos, operating_point as exact_or_sweep},
+        detectors::{HbConfig, Kind, Spec},
+        profile::{Point, Profile, resamples},
+        qos::{Qos, best_under_budget, evaluate_fleet},
         synth::{GenOpts, Scenario, generate},
         trace::{Crashes, Trace},
     },
 };
 
-const SEED: u64 = 1;
-/// Fleet size; `HB_BENCH_EVAL_NODES` overrides it (more nodes: a finer
-/// mistake-rate resolution, proportionally longer run).
-const NODES: u32 = 100;
+/// Seeds 1..=SEEDS.
+const SEEDS: u64 = 5;
+/// Nodes per seed.
+const NODES: u32 = 200;
 const DURATION_NS: u64 = 2 * 3600 * 1_000_000_000;
 /// One mistake per node per day, in mistakes per node-hour.
 const BUDGET: f64 = 1.0 / 24.0;
+/// Bootstrap resamples.
+const REPLICATES: usize = 1000;
+/// "No worse" means a ratio of at most 1 + TOLERANCE.
+const TOLERANCE: f64 = 0.01;
 
-struct Case {
-    scenario: Scenario,
-    trace: Trace,
-    crashes: Crashes,
+struct Opts {
+    first_seed: u64,
+    seeds: u64,
+    nodes: u32,
+    replicates: usize,
+    scenarios: Vec<Scenario>,
+    explore: bool,
 }
 
-fn operating_point(case: &Case, kind: Kind, hb: HbConfig) -> Option<Qos> {
-    exact_or_sweep(&case.trace, &case.crashes, kind, hb, BUDGET)
+fn opts() -> Opts {
+    let mut o = Opts {
+        first_seed: 1,
+        seeds: SEEDS,
+        nodes: NODES,
+        replicates: REPLICATES,
+        scenarios: Scenario::ALL.to_vec(),
+        explore: false,
+    };
+    let mut picked = Vec::new();
+    let mut args = std::env::args().skip(1);
+    let usage = "usage: bench_eval [--first-seed S] [--seeds N] [--nodes N] [--replicates N] [--scenario NAME]... [--explore]";
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| -> String {
+            args.next()
+                .unwrap_or_else(|| panic!("{name} needs a value; {usage}"))
+        };
+        match a.as_str() {
+            "--first-seed" => o.first_seed = value("--first-seed").parse().expect("--first-seed S"),
+            "--seeds" => o.seeds = value("--seeds").parse().expect("--seeds N"),
+            "--nodes" => o.nodes = value("--nodes").parse().expect("--nodes N"),
+            "--replicates" => o.replicates = value("--replicates").parse().expect("--replicates N"),
+            "--scenario" => {
+                let v = value("--scenario");
+                let s = Scenario::ALL
+                    .into_iter()
+                    .find(|s| s.name() == v)
+                    .unwrap_or_else(|| panic!("unknown scenario {v}"));
+                picked.push(s);
+            }
+            "--explore" => o.explore = true,
+            _ => panic!("unknown argument {a}; {usage}"),
+        }
+    }
+    if !picked.is_empty() {
+        o.scenarios = picked;
+    }
+    assert!(o.seeds > 0 && o.nodes >= 5, "{usage}");
+    o
 }
 
 /// Runs `f` over `items` on two threads (the machine has two cores),
@@ -75,66 +141,150 @@ fn fmt_ms(v: Option<f64>) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.0}"))
 }
 
-fn main() {
-    let explore = std::env::args().any(|a| a == "--explore");
-    let t0 = Instant::now();
-    let nodes: u32 = std::env::var("HB_BENCH_EVAL_NODES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(NODES);
-    let cases: Vec<Case> = par_map(&Scenario::ALL, |&scenario| {
-        let (trace, crashes) = generate(&GenOpts {
-            scenario,
-            seed: SEED,
-            nodes,
-            duration_ns: DURATION_NS,
-        });
-        Case {
-            scenario,
-            trace,
-            crashes,
+/// One scenario's fleet: the traces of every seed.
+struct Fleet {
+    scenario: Scenario,
+    cases: Vec<(Trace, Crashes)>,
+}
+
+impl Fleet {
+    fn refs(&self) -> Vec<(&Trace, &Crashes)> {
+        self.cases.iter().map(|(t, c)| (t, c)).collect()
+    }
+    fn arrivals(&self) -> usize {
+        self.cases.iter().map(|(t, _)| t.arrivals()).sum()
+    }
+}
+
+/// A detector's replayed row at the fleet's operating point `p`: the
+/// exact scoring (T_M, P_A included). For the affine detectors the
+/// threshold is nudged upward as `qos::optimum` does, so rounding in its
+/// conversion cannot tip a borderline heartbeat.
+fn replayed(fleet: &Fleet, kind: Kind, hb: HbConfig, p: &Point) -> Option<Qos> {
+    let thresholds: Vec<f64> = match kind.u_of_threshold(p.threshold) {
+        Some(u) => {
+            let scale = u.abs().max(1.0);
+            let mut t: Vec<f64> = [0.0, 1e-9, 1e-6, 1e-4]
+                .iter()
+                .filter_map(|d| kind.threshold_of_u(u + d * scale))
+                .filter(|&t| kind.check(t).is_ok())
+                .collect();
+            t.dedup();
+            t
         }
-    });
-    let jobs: Vec<(usize, Kind)> = (0..cases.len())
-        .flat_map(|c| Kind::ALL.into_iter().map(move |k| (c, k)))
+        None => vec![p.threshold],
+    };
+    let spec = Spec::new(kind, &thresholds, hb).ok()?;
+    best_under_budget(&evaluate_fleet(&fleet.refs(), &spec), BUDGET).cloned()
+}
+
+/// The 2.5% and 97.5% points of `v` (sorted in place).
+fn interval(v: &mut [f64]) -> (f64, f64) {
+    v.sort_unstable_by(f64::total_cmp);
+    let at = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+    (at(0.025), at(0.975))
+}
+
+fn verdict(lo: f64, hi: f64) -> &'static str {
+    if hi < 1.0 {
+        "better"
+    } else if hi <= 1.0 + TOLERANCE {
+        "no worse"
+    } else if lo > 1.0 + TOLERANCE {
+        "worse"
+    } else {
+        "undecided"
+    }
+}
+
+/// What the summary says about one scenario.
+struct Summary {
+    scenario: Scenario,
+    crashes: usize,
+    hb: Option<Point>,
+    best: Option<(Kind, Point)>,
+    /// Bootstrap intervals of hb / best: mean, p99; resamples where a
+    /// point was clipped at a profile's cutoff.
+    mean_ci: Option<(f64, f64)>,
+    p99_ci: Option<(f64, f64)>,
+    clipped: usize,
+    per_seed: Vec<Option<f64>>,
+}
+
+fn main() {
+    let o = opts();
+    let t0 = Instant::now();
+    let seeds: Vec<u64> = (o.first_seed..o.first_seed + o.seeds).collect();
+    let fleets: Vec<Fleet> = o
+        .scenarios
+        .iter()
+        .map(|&scenario| Fleet {
+            scenario,
+            cases: par_map(&seeds, |&seed| {
+                generate(&GenOpts {
+                    scenario,
+                    seed,
+                    nodes: o.nodes,
+                    duration_ns: DURATION_NS,
+                })
+            }),
+        })
         .collect();
-    let points = par_map(&jobs, |&(c, k)| {
-        operating_point(&cases[c], k, HbConfig::default())
-    });
 
     println!("## Detector quality (`hb eval`)\n");
     println!(
-        "Command: `cargo run --release -p hb-tests --bin bench_eval` (part of `cargo xtask bench eval`). \
-         Each scenario is `hb eval gen --scenario NAME --seed {SEED} --nodes {nodes} --duration 2h` \
-         (every fifth node crashes), replayed exactly (event-driven) through every detector. Operating point: the threshold \
-         with the shortest detection time T_D among those that detect every crash with at most one \
-         mistake per node per day ({BUDGET:.4} per node-hour), solved exactly (the least threshold \
-         meeting the budget: an order statistic of the per-heartbeat critical thresholds, then \
-         replayed) for every detector but akka, whose history depends on the threshold (a \
-         three-level log grid). `-`: no threshold qualifies. hb runs the \
-         monitor's detector with its current defaults ({:?}, EWMA gains 1/2^{} and 1/2^{}).\n",
+        "Command: `cargo run --release -p hb-tests --bin bench_eval` (part of `cargo xtask bench eval`; \
+         here with `-- --first-seed {} --seeds {} --nodes {} --replicates {}`; the defaults are 1, {SEEDS}, {NODES} and {REPLICATES}). Each scenario is `hb eval gen \
+         --scenario NAME --seed S --nodes {} --duration 2h` for S = {}..={}, every fifth node crashing; the seeds' {} nodes are one \
+         fleet, replayed exactly (event-driven) through every detector. Operating point: the threshold with the \
+         shortest mean detection time T_D among those that detect every crash with at most one mistake per node \
+         per day ({BUDGET:.4} per node-hour) over the fleet, solved exactly (the least threshold meeting the \
+         budget: an order statistic of the per-heartbeat critical thresholds) for every detector but akka, whose \
+         history depends on the threshold (a three-level log grid); each row is then replayed at its threshold. \
+         `-`: no threshold qualifies. hb runs the monitor's detector with its current defaults ({:?}; kernel: EWMA \
+         gains 1/2^{} and 1/2^{}, errors clipped to 1/2^{} of the mean, stalls decaying by 1/2^{} per sample) and \
+         reads the traces' sequence numbers, as Chen's NFD-E does; the other detectors see arrival times only.\n",
+        o.first_seed,
+        o.seeds,
+        o.nodes,
+        o.replicates,
+        o.nodes,
+        o.first_seed,
+        o.first_seed + o.seeds - 1,
+        o.seeds * o.nodes as u64,
         PhiParams::default(),
         hb_common::maps::IA_MEAN_SHIFT,
         hb_common::maps::IA_DEV_SHIFT,
+        hb_common::maps::IA_CLIP_SHIFT,
+        hb_common::maps::STALL_DECAY_SHIFT,
     );
     println!("{}\n", hb::eval::CHITCHAT_STATUS);
-
     println!(
         "| scenario | arrivals | crashes | detector | threshold | T_D mean ms | T_D p99 ms | mistakes/node-day | T_M ms | P_A |"
     );
     println!("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|");
-    let mut summary = Vec::new();
-    for (ci, case) in cases.iter().enumerate() {
-        let mut best_published: Option<(Kind, Qos)> = None;
-        let mut hb_point = None;
-        for (ki, kind) in Kind::ALL.into_iter().enumerate() {
-            let q = points[ci * Kind::ALL.len() + ki].clone();
-            match &q {
+
+    let hb = HbConfig::default();
+    let mut summaries = Vec::new();
+    for fleet in &fleets {
+        let refs = fleet.refs();
+        let profiles: Vec<Profile> = par_map(&Kind::ALL, |&k| Profile::build(&refs, k, hb, BUDGET));
+        let everyone: Vec<usize> = (0..profiles[0].nodes.len()).collect();
+        let points: Vec<Option<Point>> = profiles
+            .iter()
+            .map(|p| p.point(&everyone, BUDGET))
+            .collect();
+        let rows: Vec<Option<Qos>> = par_map(&Kind::ALL, |&k| {
+            let i = Kind::ALL.iter().position(|&x| x == k).expect("a kind");
+            points[i].as_ref().and_then(|p| replayed(fleet, k, hb, p))
+        });
+        let crashes = profiles[0].nodes.iter().filter(|n| n.crashed).count();
+        for (kind, row) in Kind::ALL.iter().zip(&rows) {
+            match row {
                 Some(q) => println!(
                     "| {} | {} | {} | {} | {} {} | {} | {} | {:.3} | {} | {:.7} |",
-                    case.scenario.name(),
-                    case.trace.arrivals(),
+                    fleet.scenario.name(),
+                    fleet.arrivals(),
                     q.crashes,
                     kind.name(),
                     fmt_thr(q.threshold),
@@ -147,137 +297,210 @@ fn main() {
                 ),
                 None => println!(
                     "| {} | {} | {} | {} | - | - | - | - | - | - |",
-                    case.scenario.name(),
-                    case.trace.arrivals(),
-                    case.crashes.len(),
+                    fleet.scenario.name(),
+                    fleet.arrivals(),
+                    crashes,
                     kind.name(),
                 ),
             }
-            if kind == Kind::Hb {
-                hb_point = q;
-            } else if let Some(q) = q {
-                let better = best_published
-                    .as_ref()
-                    .is_none_or(|(_, b)| q.td_mean_ms < b.td_mean_ms);
-                if better {
-                    best_published = Some((kind, q));
+        }
+
+        let hb_i = 0;
+        debug_assert_eq!(Kind::ALL[hb_i], Kind::Hb);
+        let best = (1..Kind::ALL.len())
+            .filter_map(|i| points[i].as_ref().map(|p| (i, p)))
+            .min_by(|a, b| a.1.mean_ms().total_cmp(&b.1.mean_ms()));
+        let mut s = Summary {
+            scenario: fleet.scenario,
+            crashes,
+            hb: points[hb_i].clone(),
+            best: best.map(|(i, p)| (Kind::ALL[i], p.clone())),
+            mean_ci: None,
+            p99_ci: None,
+            clipped: 0,
+            per_seed: Vec::new(),
+        };
+        if let (Some(_), Some((bi, _))) = (&points[hb_i], best) {
+            let (h, b) = (&profiles[hb_i], &profiles[bi]);
+            s.per_seed = h
+                .cases
+                .iter()
+                .map(|r| {
+                    let nodes: Vec<usize> = r.clone().collect();
+                    let (ph, pb) = (h.point(&nodes, BUDGET)?, b.point(&nodes, BUDGET)?);
+                    Some(ph.mean_ms() / pb.mean_ms())
+                })
+                .collect();
+            let crashed: Vec<bool> = h.nodes.iter().map(|n| n.crashed).collect();
+            // Seeded by the scenario's name: the same resamples every run.
+            let seed = fleet
+                .scenario
+                .name()
+                .bytes()
+                .fold(0x5eed_u64, |h, b| h.rotate_left(8) ^ b as u64);
+            let draws = resamples(&crashed, o.replicates, seed);
+            let ratios: Vec<Option<(f64, f64, bool)>> = par_map(&draws, |nodes| {
+                let (ph, pb) = (h.point(nodes, BUDGET)?, b.point(nodes, BUDGET)?);
+                Some((
+                    ph.mean_ms() / pb.mean_ms(),
+                    ph.p99_ms() / pb.p99_ms(),
+                    ph.clipped || pb.clipped,
+                ))
+            });
+            // A resample where a detector has no operating point counts as
+            // a loss for that detector: infinite or zero ratio.
+            let mut means = Vec::new();
+            let mut p99s = Vec::new();
+            for r in &ratios {
+                match r {
+                    Some((m, p, c)) => {
+                        means.push(*m);
+                        p99s.push(*p);
+                        s.clipped += *c as usize;
+                    }
+                    None => {
+                        means.push(f64::INFINITY);
+                        p99s.push(f64::INFINITY);
+                    }
                 }
             }
+            s.mean_ci = Some(interval(&mut means));
+            s.p99_ci = Some(interval(&mut p99s));
         }
-        summary.push((case.scenario, hb_point, best_published));
+        summaries.push(s);
     }
 
     println!(
-        "\n| scenario | winner | hb T_D mean / p99 ms | best published | its T_D mean / p99 ms | hb vs best (mean) |"
+        "\nhb against the best published detector of each scenario (the shortest mean T_D over the fleet). \
+         Intervals: 95% stratified bootstrap over nodes, {} resamples, every operating point solved anew in \
+         each; per seed: each seed's {} nodes alone, at their own operating points. Verdict on the mean, \
+         tolerance {:.0}%: `better` (interval below 1.00), `no worse` (at or below {:.2}), `worse` (above \
+         {:.2}), `undecided` (straddles {:.2}).\n",
+        o.replicates,
+        o.nodes,
+        TOLERANCE * 100.0,
+        1.0 + TOLERANCE,
+        1.0 + TOLERANCE,
+        1.0 + TOLERANCE,
     );
-    println!("|---|---|---:|---|---:|---:|");
-    for (scenario, hb_q, best) in &summary {
-        let hb_mean = hb_q.as_ref().and_then(|q| q.td_mean_ms);
-        let (winner, best_txt, best_td, ratio) = match best {
-            Some((k, q)) => {
-                let w = match hb_mean {
-                    Some(h) if h <= q.td_mean_ms.unwrap_or(f64::INFINITY) => "hb",
-                    _ => k.name(),
-                };
-                (
-                    w,
-                    k.name(),
-                    format!("{} / {}", fmt_ms(q.td_mean_ms), fmt_ms(q.td_p99_ms)),
-                    hb_mean
-                        .zip(q.td_mean_ms)
-                        .map_or("-".into(), |(h, b)| format!("{:.2}x", h / b)),
-                )
+    println!(
+        "| scenario | crashes | hb T_D mean / p99 ms | best published | its T_D mean / p99 ms | hb / best, mean [95% CI] | per seed | hb / best, p99 [95% CI] | verdict |"
+    );
+    println!("|---|---:|---:|---|---:|---:|---|---:|---|");
+    for s in &summaries {
+        let hb_txt = s.hb.as_ref().map_or("-".into(), |p| {
+            format!("{:.0} / {:.0}", p.mean_ms(), p.p99_ms())
+        });
+        let (best_name, best_txt) = match &s.best {
+            Some((k, p)) => (k.name(), format!("{:.0} / {:.0}", p.mean_ms(), p.p99_ms())),
+            None => ("none qualifies", "-".into()),
+        };
+        let ratio = |p: fn(&Point) -> f64, ci: Option<(f64, f64)>| match (&s.hb, &s.best, ci) {
+            (Some(h), Some((_, b)), Some((lo, hi))) => {
+                format!("{:.3} [{lo:.3}, {hi:.3}]", p(h) / p(b))
             }
-            None => (
-                if hb_mean.is_some() { "hb" } else { "none" },
-                "none qualifies",
-                "-".into(),
-                "-".into(),
-            ),
+            _ => "-".into(),
+        };
+        let per_seed = s
+            .per_seed
+            .iter()
+            .map(|r| r.map_or("-".into(), |r| format!("{r:.3}")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let v = match (&s.hb, s.mean_ci) {
+            (Some(_), Some((lo, hi))) => verdict(lo, hi),
+            (Some(_), None) => "better (no published detector qualifies)",
+            (None, _) => "worse (hb does not qualify)",
         };
         println!(
-            "| {} | {} | {} | {} | {} | {} |",
-            scenario.name(),
-            winner,
-            hb_q.as_ref().map_or("-".into(), |q| format!(
-                "{} / {}",
-                fmt_ms(q.td_mean_ms),
-                fmt_ms(q.td_p99_ms)
-            )),
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {}{} |",
+            s.scenario.name(),
+            s.crashes,
+            hb_txt,
+            best_name,
             best_txt,
-            best_td,
-            ratio,
+            ratio(Point::mean_ms, s.mean_ci),
+            per_seed,
+            ratio(Point::p99_ms, s.p99_ci),
+            v,
+            if s.clipped > 0 {
+                format!(" ({} resamples clipped)", s.clipped)
+            } else {
+                String::new()
+            },
         );
     }
     println!(
-        "\nGoal (issue 5): hb no worse than the best published detector on every scenario, better on gc-pause and interval-change. \
-         Ratio < 1.00x: hb detects faster at the same mistake budget.\n"
+        "\nGoal (issue 5): hb no worse than the best published detector on every scenario, better on gc-pause and \
+         interval-change. Ratio < 1: hb detects faster at the same mistake budget.\n"
     );
 
-    if explore {
-        explore_hb(&cases, &summary);
+    if o.explore {
+        explore_hb(&fleets, &summaries);
     }
     eprintln!("bench_eval: {:.1} s", t0.elapsed().as_secs_f64());
 }
 
-type Summary = (Scenario, Option<Qos>, Option<(Kind, Qos)>);
-
 /// Grid search over hb's tunables; prints every candidate's mean T_D per
 /// scenario as a ratio to the best published detector (lower is better,
 /// `inf`: no threshold meets the budget).
-fn explore_hb(cases: &[Case], summary: &[Summary]) {
+fn explore_hb(fleets: &[Fleet], summaries: &[Summary]) {
+    // The stall allowance's factor (0: none) and the EWMA gains.
     let mut candidates = Vec::new();
-    // The grid behind the defaults (see `hb::detector`, "Defaults"); each
-    // point is one exact replay per scenario (`qos::optimum`), ~5 min in all.
-    let gains: Vec<(u32, u32)> = (3..=5).flat_map(|m| (2..=5).map(move |d| (m, d))).collect();
-    for &ratio in &[0.1, 0.2, 0.3, 0.5] {
-        for &min_ms in &[20.0, 100.0] {
-            for &pause in &[0.0] {
-                for &(ms, ds) in &gains {
-                    candidates.push(HbConfig {
-                        phi: PhiParams {
-                            min_std_dev_ms: min_ms,
-                            min_std_dev_ratio: ratio,
-                            acceptable_pause_ms: pause,
-                        },
-                        mean_shift: ms,
-                        dev_shift: ds,
-                    });
-                }
-            }
+    for (ms, ds) in [(5, 4), (5, 5), (6, 5)] {
+        for &factor in &[0.0, 1.0, 1.5, 2.0, 2.5, 3.0] {
+            candidates.push(HbConfig {
+                phi: PhiParams {
+                    stall_factor: factor,
+                    ..PhiParams::default()
+                },
+                mean_shift: ms,
+                dev_shift: ds,
+            });
         }
     }
-    println!("### hb tunables: mean T_D as a ratio to the best published detector\n");
-    print!("| ratio | min ms | pause ms | gains |");
-    for c in cases {
-        print!(" {} |", c.scenario.name());
+    for &ratio in &[0.05, 0.2] {
+        candidates.push(HbConfig {
+            phi: PhiParams {
+                min_std_dev_ratio: ratio,
+                ..PhiParams::default()
+            },
+            ..HbConfig::default()
+        });
+    }
+    println!("### hb tunables: mean (p99) T_D as a ratio to the best published detector's\n");
+    print!("| ratio | min ms | stall factor | gains |");
+    for f in fleets {
+        print!(" {} |", f.scenario.name());
     }
     println!(" worst |");
-    println!("|{}", "---|".repeat(5 + cases.len()));
+    println!("|{}", "---|".repeat(5 + fleets.len()));
     let jobs: Vec<(HbConfig, usize)> = candidates
         .iter()
-        .flat_map(|&c| (0..cases.len()).map(move |i| (c, i)))
+        .flat_map(|&c| (0..fleets.len()).map(move |i| (c, i)))
         .collect();
-    let points = par_map(&jobs, |&(cfg, i)| operating_point(&cases[i], Kind::Hb, cfg));
+    let points = par_map(&jobs, |&(cfg, i)| {
+        let p = Profile::build(&fleets[i].refs(), Kind::Hb, cfg, BUDGET);
+        let all: Vec<usize> = (0..p.nodes.len()).collect();
+        p.point(&all, BUDGET).map(|p| (p.mean_ms(), p.p99_ms()))
+    });
     for (n, cfg) in candidates.iter().enumerate() {
         let mut worst: f64 = 0.0;
         let mut cells = Vec::new();
-        for (i, (_, _, best)) in summary.iter().enumerate() {
-            let r = match (points[n * cases.len() + i].clone(), best) {
-                (Some(q), Some((_, b))) => {
-                    q.td_mean_ms.unwrap_or(f64::INFINITY) / b.td_mean_ms.unwrap_or(f64::INFINITY)
-                }
-                (Some(_), None) => 0.0,
-                (None, _) => f64::INFINITY,
+        for (i, s) in summaries.iter().enumerate() {
+            let (r, r99) = match (points[n * fleets.len() + i], &s.best) {
+                (Some((h, h99)), Some((_, b))) => (h / b.mean_ms(), h99 / b.p99_ms()),
+                (Some(_), None) => (0.0, 0.0),
+                (None, _) => (f64::INFINITY, f64::INFINITY),
             };
             worst = worst.max(r);
-            cells.push(format!("{r:.2}"));
+            cells.push(format!("{r:.3} ({r99:.2})"));
         }
         println!(
-            "| {} | {} | {} | 1/2^{},1/2^{} | {} | {worst:.2} |",
+            "| {} | {} | {} | 1/2^{},1/2^{} | {} | {worst:.3} |",
             cfg.phi.min_std_dev_ratio,
             cfg.phi.min_std_dev_ms,
-            cfg.phi.acceptable_pause_ms,
+            cfg.phi.stall_factor,
             cfg.mean_shift,
             cfg.dev_shift,
             cells.join(" | "),

@@ -32,6 +32,7 @@
 
 use std::{net::SocketAddr, time::Instant};
 
+use aya::programs::{TestRun, TestRunOptions, Xdp};
 use hb::{
     dataplane::{
         Dataplane,
@@ -49,12 +50,11 @@ use hb::{
         tick::{Core, Detector},
     },
 };
+use hb_common::maps::names;
 use hb_common::{
     Datagram, GateResult, Kind, NodeKey,
     maps::{NodeKeys, NodeState},
 };
-use aya::programs::{TestRun, TestRunOptions, Xdp};
-use hb_common::maps::names;
 use hb_tests::{bench::pin, frames::Udp};
 
 const MS: u64 = 1_000_000;
@@ -142,7 +142,11 @@ fn native(n: u32, ticks: usize) -> Option<(f64, (f64, f64, f64))> {
         }
     }
     let accepted = dp.counters().ok()?[GateResult::Accepted.index() as usize];
-    assert_eq!(accepted, 3 * n as u64, "the kernel gate accepted every heartbeat");
+    assert_eq!(
+        accepted,
+        3 * n as u64,
+        "the kernel gate accepted every heartbeat"
+    );
     let mut events = Vec::new();
     core.tick(&dp, monotonic_ns(), &mut || "ts".into(), &mut events);
     assert_eq!(events.len(), n as usize, "every node joined");
