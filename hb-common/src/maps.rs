@@ -868,10 +868,12 @@ mod tests {
         assert_eq!(core::mem::offset_of!(NodeState, lost), 128);
         assert_eq!(size_of::<index::Bucket>(), 64);
         // Line 1 is a `NodeLive` (checked at compile time too).
-        let mut st = NodeState::default();
-        st.accepted = 7;
-        st.stall = [3, 4];
-        st.flags = NODE_LEAVING;
+        let mut st = NodeState {
+            accepted: 7,
+            stall: [3, 4],
+            flags: NODE_LEAVING,
+            ..NodeState::default()
+        };
         assert_eq!(st.live().accepted, 7);
         assert_eq!(st.live().recurring_stall_ns(), 3 << STALL_UNIT_SHIFT);
         assert!(st.live().leaving());

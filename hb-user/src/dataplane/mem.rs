@@ -16,14 +16,14 @@ use std::{
 use hb_common::{
     GateResult,
     maps::{
-        Config, MAX_NODES, NodeKeys, NodeLive, NodeState, REPORT_RESTART, REPORT_UNKNOWN_NODE,
-        RateLimit, Report,
+        Config, MAX_NODES, NodeKeys, NodeState, REPORT_RESTART, REPORT_UNKNOWN_NODE, RateLimit,
+        Report,
     },
     proto::{self, Kind},
 };
 use tokio::sync::mpsc;
 
-use super::{Counters, Dataplane};
+use super::{Counters, Dataplane, LiveFn};
 
 struct Inner {
     keys: HashMap<u32, NodeKeys>,
@@ -267,11 +267,7 @@ impl Dataplane for MemDataplane {
         }
     }
 
-    fn read_live(
-        &self,
-        slots: Range<u32>,
-        f: &mut dyn FnMut(u32, &NodeLive, &dyn Fn() -> NodeState),
-    ) {
+    fn read_live(&self, slots: Range<u32>, f: &mut LiveFn) {
         let g = self.lock();
         let end = (slots.end as usize).min(g.states.len()) as u32;
         for slot in slots.start..end {

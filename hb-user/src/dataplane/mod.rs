@@ -21,6 +21,10 @@ use hb_common::maps::{Config, MAX_NODES, NodeKeys, NodeLive, NodeState, Report, 
 /// (`GateResult::index`, `maps::counter::*`), summed over CPUs.
 pub type Counters = [u64; counter::LEN as usize];
 
+/// What [`Dataplane::read_live`] calls per slot: the slot, line 1 of its
+/// state, and a way to read the whole state.
+pub type LiveFn<'a> = dyn FnMut(u32, &NodeLive, &dyn Fn() -> NodeState) + 'a;
+
 /// A gate the monitor can drive.
 pub trait Dataplane: Send + Sync {
     /// Provisions `node_id` (or replaces its keys) at slot `keys.slot`.
@@ -43,11 +47,7 @@ pub trait Dataplane: Send + Sync {
     /// in `slots`, in order; `full()` reads that slot's whole state, for
     /// the few nodes that need it. One cache line per node instead of
     /// three: at a million nodes the scan is bound by memory.
-    fn read_live(
-        &self,
-        slots: Range<u32>,
-        f: &mut dyn FnMut(u32, &NodeLive, &dyn Fn() -> NodeState),
-    );
+    fn read_live(&self, slots: Range<u32>, f: &mut LiveFn);
 
     /// Sets the interval the monitor asks the node at `slot` to use (0 = no
     /// opinion); the gate puts it into ACKs.

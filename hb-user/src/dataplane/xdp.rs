@@ -65,7 +65,7 @@ use hb_common::maps::{
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use super::{
-    Counters, Dataplane,
+    Counters, Dataplane, LiveFn,
     index::{NodeIndex, Words},
 };
 
@@ -933,11 +933,7 @@ impl Dataplane for XdpDataplane {
         }
     }
 
-    fn read_live(
-        &self,
-        slots: Range<u32>,
-        f: &mut dyn FnMut(u32, &NodeLive, &dyn Fn() -> NodeState),
-    ) {
+    fn read_live(&self, slots: Range<u32>, f: &mut LiveFn) {
         let end = slots.end.min(self.state.len);
         for slot in slots.start..end {
             if let Some(e) = self.state.entry(slot) {
