@@ -1,33 +1,37 @@
 //! The XDP program's maps: names, sizes and value layouts, shared by the
 //! kernel and userspace (one definition, `#[repr(C)]`).
 //!
-//! Per node the kernel keeps one record, [`NodeState`], at a slot of the
-//! mmap-able array [`names::NODE_STATE`]: the node's id and keys (for up to
-//! two epochs) in its first cache line, next to the anti-replay window,
-//! and everything the gate learns from accepted datagrams after them. The
-//! node id leads to the slot through [`index`], a bucketed cuckoo hash
-//! table in the mmap-able array [`names::NODE_INDEX`] that userspace
-//! maintains and the kernel only reads: one cache line per lookup.
+//! Per node the kernel keeps a [`NodeState`] of three cache lines, in two
+//! mmap-able arrays at the node's slot: its line 0 ([`NodeLive`], in
+//! [`names::NODE_LIVE`]) holds the seqcount and what the detector reads,
+//! its lines 1 and 2 ([`NodeRest`], in [`names::NODE_REST`]) the node's id
+//! and keys (for up to two epochs), its anti-replay window and its
+//! counters. The node id leads to the slot through [`index`], a bucketed
+//! cuckoo hash table in the mmap-able array [`names::NODE_INDEX`] that
+//! userspace maintains and the kernel only reads: one cache line per
+//! lookup. A heartbeat thus touches three cache lines (index, live, and
+//! the rest's first line); the monitor's tick streams through the live
+//! array alone.
 //!
 //! Why not a BPF hash map from node id to slot and keys (the first
 //! design): with a million slots, its buckets and elements are spread over
-//! 130 MB, and a heartbeat touched five cache lines in three places (bucket,
-//! element, state). On a veth with 10,000 nodes that cost 327 ns per
-//! heartbeat against 128 ns for 100 nodes (`bench_e2e`, bpf_stats). With
-//! the index, a heartbeat touches one index line and the node's first two
-//! state lines, which sit next to each other.
+//! 130 MB, and a heartbeat touched five cache lines in three places
+//! (bucket, element, state). On a veth with 10,000 nodes that cost 327 ns
+//! per heartbeat against 128 ns for 100 nodes (`bench_e2e`, bpf_stats);
+//! with the index (grown with the fleet, not sized by the capacity) and
+//! the keys in the state, 164 ns.
 //!
-//! The kernel writes a [`NodeState`] under its `seqcount` (odd while a
-//! write is in progress), so userspace reads a consistent copy straight
-//! from the mapping without a syscall per node. Userspace writes the id
-//! and keys (provisioning, rotation) under the same protocol and also
-//! moves `keys_seq`, which the kernel checks around its lock-free read of
-//! a key; it writes `requested_interval_ms` with a plain atomic store.
-//! The kernel adds to `bad_tag` atomically without the lock, so a flood of
-//! forged datagrams never contends with a node's real heartbeats.
+//! The kernel writes a node under its `seqcount` (odd while a write is in
+//! progress), so userspace reads a consistent copy straight from the
+//! mappings without a syscall per node. Userspace writes the id and keys
+//! (provisioning, rotation) under the same protocol and also moves
+//! `keys_seq`, which the kernel checks around its lock-free read of a key;
+//! it writes `requested_interval_ms` with a plain atomic store. The kernel
+//! adds to `bad_tag` atomically without the lock, so a flood of forged
+//! datagrams never contends with a node's real heartbeats.
 //!
-//! [`NodeState::admit`] and [`NodeState::record`] are gate steps 9 to 11:
-//! the kernel and the userspace gate run this same code.
+//! [`admit`] and [`record`] are gate steps 9 to 11: the kernel and the
+//! userspace gate run this same code.
 
 use crate::{
     gate::GateResult,
@@ -46,7 +50,11 @@ pub mod names {
     /// Returns XDP_DROP at once: the benchmark's floor.
     pub const FLOOR: &str = "hb_floor";
     pub const NODE_INDEX: &str = "HB_NODE_INDEX";
-    pub const NODE_STATE: &str = "HB_NODE_STATE";
+    /// Line 0 of every node's state ([`super::NodeLive`]), dense: what
+    /// the monitor's tick streams through.
+    pub const NODE_LIVE: &str = "HB_NODE_LIVE";
+    /// Lines 1 and 2 of every node's state ([`super::NodeRest`]).
+    pub const NODE_REST: &str = "HB_NODE_REST";
     pub const COUNTERS: &str = "HB_COUNTERS";
     pub const CONFIG: &str = "HB_CONFIG";
     pub const EVENTS: &str = "HB_EVENTS";
@@ -285,36 +293,26 @@ pub const STALL_UNIT_SHIFT: u32 = 10;
 /// by `hb eval` (the `gc-pause` scenario; see `hb::detector`).
 pub const STALL_DECAY_SHIFT: u32 = 16;
 
-/// Value of [`names::NODE_STATE`]: one node. 192 bytes, three cache
-/// lines:
-/// - line 0, the gate: the node's id and keys and its anti-replay window,
-///   what every datagram of the node needs;
-/// - line 1, the detector's view: `seqcount` and everything an accepted
-///   heartbeat updates and the monitor's tick reads for every node on
-///   every tick, so the tick reads one line per node ([`NodeLive`]);
-/// - line 2: losses, rejections, the requested interval and what changes
-///   rarely.
+/// What the gate knows of one node: 192 bytes, three cache lines. The
+/// kernel keeps them in two arrays indexed by the node's slot, so that the
+/// monitor's tick, which reads line 0 of every node on every tick, streams
+/// through one dense array:
+/// - line 0 ([`NodeLive`], [`names::NODE_LIVE`]): `seqcount` and
+///   everything an accepted heartbeat updates and the detector reads;
+/// - lines 1 and 2 ([`NodeRest`], [`names::NODE_REST`]): the node's id and
+///   keys and its anti-replay window (what every datagram of the node
+///   needs), then losses, rejections, the requested interval and what
+///   changes rarely.
+///
+/// `NodeState` is the two side by side, field for field ([`Self::live`],
+/// [`Self::rest`]): what userspace reads of a node as a whole, and what
+/// the userspace gate and the simulations keep.
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
 pub struct NodeState {
-    // ---- line 0: the gate ----
-    /// Odd while userspace rewrites `node_id`, `key_epoch`, `key_valid`
-    /// or `key`; the kernel reads a key without the lock, between two
-    /// equal even values.
-    pub keys_seq: u32,
-    /// The node at this slot; 0 = free.
-    pub node_id: u32,
-    /// Epoch of `key[i]`.
-    pub key_epoch: [u8; 2],
-    /// Bit `i` set: `key[i]` is held.
-    pub key_valid: u8,
-    pub _pad0: [u8; 5],
-    pub key: [NodeKey; 2],
-    pub max_seq: u64,
-    pub replay_bitmap: u64,
-    // ---- line 1: the detector's view (the layout of `NodeLive`) ----
+    // ---- line 0: the detector's view (`NodeLive`) ----
     /// Even: stable. Odd: someone (kernel or userspace) is writing this
-    /// entry, any of its lines.
+    /// node, any of its lines.
     pub seqcount: u32,
     /// Current generation (incarnation) of the node.
     pub generation: u32,
@@ -348,6 +346,21 @@ pub struct NodeState {
     /// `NODE_LEAVING`.
     pub flags: u8,
     pub _pad1: [u8; 3],
+    // ---- line 1: the gate (`NodeRest`) ----
+    /// Odd while userspace rewrites `node_id`, `key_epoch`, `key_valid`
+    /// or `key`; the kernel reads a key without the lock, between two
+    /// equal even values.
+    pub keys_seq: u32,
+    /// The node at this slot; 0 = free.
+    pub node_id: u32,
+    /// Epoch of `key[i]`.
+    pub key_epoch: [u8; 2],
+    /// Bit `i` set: `key[i]` is held.
+    pub key_valid: u8,
+    pub _pad0: [u8; 5],
+    pub key: [NodeKey; 2],
+    pub max_seq: u64,
+    pub replay_bitmap: u64,
     // ---- line 2: losses, rejections, rare events ----
     /// Sequence numbers skipped (heartbeats lost), net of late arrivals.
     pub lost: u64,
@@ -367,9 +380,9 @@ pub struct NodeState {
     pub _reserved: [u32; 6],
 }
 
-/// Line 1 of a [`NodeState`], byte for byte: what the monitor's tick reads
-/// of every node on every tick ([`NodeState::live`]; the native dataplane
-/// copies just this line from the kernel's map).
+/// Line 0 of a [`NodeState`], byte for byte: a value of
+/// [`names::NODE_LIVE`], what the monitor's tick reads of every node on
+/// every tick. The gate's detector-side logic lives here.
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeLive {
@@ -388,20 +401,45 @@ pub struct NodeLive {
     pub _pad1: [u8; 3],
 }
 
-/// Byte offset of line 1 ([`NodeLive`]) in a [`NodeState`].
-pub const NODE_LIVE_OFFSET: usize = 64;
+/// Lines 1 and 2 of a [`NodeState`], byte for byte: a value of
+/// [`names::NODE_REST`].
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeRest {
+    pub keys_seq: u32,
+    pub node_id: u32,
+    pub key_epoch: [u8; 2],
+    pub key_valid: u8,
+    pub _pad0: [u8; 5],
+    pub key: [NodeKey; 2],
+    pub max_seq: u64,
+    pub replay_bitmap: u64,
+    pub lost: u64,
+    pub gen_start_ns: u64,
+    pub requested_interval_ms: u32,
+    pub bad_tag: u32,
+    pub replay: u32,
+    pub stale: u32,
+    pub restarts: u32,
+    pub acks_sent: u32,
+    pub _reserved: [u32; 6],
+}
 
-// Line 1 of a `NodeState` is a `NodeLive`, field for field: what makes
-// `NodeState::live` sound.
+/// Byte offset of [`NodeRest`] in a [`NodeState`] ([`NodeLive`] is at 0).
+pub const NODE_REST_OFFSET: usize = 64;
+
+// `NodeState` is a `NodeLive` and a `NodeRest`, field for field: what makes
+// `NodeState::live`, `rest` and `split_mut` sound.
 macro_rules! same_offset {
-    ($($f:ident),*) => {$(
+    ($part:ty, $at:expr, $($f:ident),*) => {$(
         const _: () = assert!(
-            core::mem::offset_of!(NodeState, $f)
-                == NODE_LIVE_OFFSET + core::mem::offset_of!(NodeLive, $f)
+            core::mem::offset_of!(NodeState, $f) == $at + core::mem::offset_of!($part, $f)
         );
     )*};
 }
 same_offset!(
+    NodeLive,
+    0,
     seqcount,
     generation,
     last_arrival_ns,
@@ -416,10 +454,32 @@ same_offset!(
     flags,
     _pad1
 );
+same_offset!(
+    NodeRest,
+    NODE_REST_OFFSET,
+    keys_seq,
+    node_id,
+    key_epoch,
+    key_valid,
+    _pad0,
+    key,
+    max_seq,
+    replay_bitmap,
+    lost,
+    gen_start_ns,
+    requested_interval_ms,
+    bad_tag,
+    replay,
+    stale,
+    restarts,
+    acks_sent,
+    _reserved
+);
 const _: () = assert!(size_of::<NodeLive>() == 64 && align_of::<NodeLive>() == 64);
-const _: () = assert!(NODE_LIVE_OFFSET + size_of::<NodeLive>() <= size_of::<NodeState>());
+const _: () = assert!(size_of::<NodeRest>() == 128 && align_of::<NodeRest>() == 64);
+const _: () = assert!(size_of::<NodeState>() == NODE_REST_OFFSET + size_of::<NodeRest>());
 
-/// The detector reads line 1 of either (`hb::detector`).
+/// The detector reads line 0 of either (`hb::detector`).
 impl AsRef<NodeLive> for NodeState {
     #[inline(always)]
     fn as_ref(&self) -> &NodeLive {
@@ -432,6 +492,16 @@ impl AsRef<NodeLive> for NodeLive {
     fn as_ref(&self) -> &NodeLive {
         self
     }
+}
+
+#[inline(always)]
+fn recurring_stall_ns(stall: &[u32; 2]) -> u64 {
+    let s = if stall[0] < stall[1] {
+        stall[0]
+    } else {
+        stall[1]
+    };
+    (s as u64) << STALL_UNIT_SHIFT
 }
 
 impl NodeLive {
@@ -448,14 +518,20 @@ impl NodeLive {
     }
 }
 
-#[inline(always)]
-fn recurring_stall_ns(stall: &[u32; 2]) -> u64 {
-    let s = if stall[0] < stall[1] {
-        stall[0]
-    } else {
-        stall[1]
-    };
-    (s as u64) << STALL_UNIT_SHIFT
+/// Key material stays out of logs and panic messages.
+impl core::fmt::Debug for NodeRest {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("NodeRest")
+            .field("keys_seq", &self.keys_seq)
+            .field("node_id", &self.node_id)
+            .field("key_epoch", &self.key_epoch)
+            .field("key_valid", &self.key_valid)
+            .field("max_seq", &self.max_seq)
+            .field("replay_bitmap", &self.replay_bitmap)
+            .field("lost", &self.lost)
+            .field("bad_tag", &self.bad_tag)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Key material stays out of logs and panic messages.
@@ -511,118 +587,124 @@ pub struct Recorded {
     pub prev_generation: u32,
 }
 
-impl NodeState {
-    /// Gate steps 9 and 10 for an authenticated datagram: `stale` if its
-    /// generation is older, `replay` if seen or outside the window.
-    #[inline(always)]
-    pub fn admit(&self, d: &Datagram) -> Result<Admit, GateResult> {
-        if d.generation < self.generation {
-            return Err(GateResult::Stale);
-        }
-        if d.generation > self.generation {
-            return if d.seq == 0 {
-                Err(GateResult::Replay)
-            } else {
-                Ok(Admit::NewGeneration)
-            };
-        }
-        let w = Window {
-            max_seq: self.max_seq,
-            bitmap: self.replay_bitmap,
-        };
-        match w.check(d.seq) {
-            Some(f) => Ok(Admit::Fresh(f)),
-            None => Err(GateResult::Replay),
-        }
+/// Gate steps 9 and 10 for an authenticated datagram: `stale` if its
+/// generation is older, `replay` if seen or outside the window.
+#[inline(always)]
+pub fn admit(live: &NodeLive, rest: &NodeRest, d: &Datagram) -> Result<Admit, GateResult> {
+    if d.generation < live.generation {
+        return Err(GateResult::Stale);
     }
-
-    /// Gate step 11: folds an admitted datagram that arrived at `now_ns`
-    /// into the state. Does not touch `seqcount` (the caller owns the write
-    /// protocol) nor `requested_interval_ms`.
-    #[inline(always)]
-    pub fn record(&mut self, d: &Datagram, admit: Admit, now_ns: u64) -> Recorded {
-        let mut out = Recorded::default();
-        let mut sample = false;
-        match admit {
-            Admit::NewGeneration => {
-                if self.accepted != 0 {
-                    out.restarted = true;
-                    out.prev_generation = self.generation;
-                    self.restarts = self.restarts.wrapping_add(1);
-                }
-                self.generation = d.generation;
-                let w = Window::starting_at(d.seq);
-                self.max_seq = w.max_seq;
-                self.replay_bitmap = w.bitmap;
-                self.gen_start_ns = now_ns;
-                // The gap across a restart is downtime, not an inter-arrival
-                // time: keep the learned moments but take no sample.
-                self.ia_samples = 0;
-            }
-            Admit::Fresh(f) => {
-                let mut w = Window {
-                    max_seq: self.max_seq,
-                    bitmap: self.replay_bitmap,
-                };
-                w.apply(d.seq, f);
-                self.max_seq = w.max_seq;
-                self.replay_bitmap = w.bitmap;
-                match f {
-                    Fresh::Advance { gap } => {
-                        // Only on a gap: a steady heartbeat leaves line 2
-                        // (losses, rejections) alone.
-                        if gap != 0 {
-                            self.lost = self.lost.wrapping_add(gap);
-                        }
-                        // Only the gap between consecutive sequence numbers
-                        // is an inter-arrival time: one that lost heartbeats
-                        // spans several intervals and says nothing of the
-                        // node's rhythm or its pauses. (`accepted != 0`:
-                        // the generation's start is known, line 2.)
-                        sample = self.accepted != 0 && gap == 0;
-                    }
-                    Fresh::Late => self.lost = self.lost.saturating_sub(1),
-                }
-                // The node's first datagram in the generation it started
-                // with (no generation increase to mark the start).
-                if self.accepted == 0 {
-                    self.gen_start_ns = now_ns;
-                }
-            }
-        }
-
-        // The sender announced a new interval: re-seed the moments at it so
-        // a node that slows down on request is not suspected, and one that
-        // speeds up is judged by its new rhythm at once.
-        if d.interval_ms != 0 && d.interval_ms != self.interval_ms {
-            let iv = d.interval_ms as u64 * 1_000_000;
-            self.ia_mean_ns = iv;
-            self.ia_dev_ns = iv >> 3;
-            self.ia_samples = 0;
-            sample = false;
-        }
-        if sample && now_ns > self.last_arrival_ns {
-            self.observe_interarrival(now_ns - self.last_arrival_ns);
-        }
-
-        self.interval_ms = d.interval_ms;
-        self.rtt_us = d.rtt_us;
-        self.load = d.load;
-        self.flags = if d.flags & FLAG_LEAVING != 0 {
-            NODE_LEAVING
+    if d.generation > live.generation {
+        return if d.seq == 0 {
+            Err(GateResult::Replay)
         } else {
-            0
+            Ok(Admit::NewGeneration)
         };
-        if now_ns > self.last_arrival_ns {
-            self.last_arrival_ns = now_ns;
+    }
+    let w = Window {
+        max_seq: rest.max_seq,
+        bitmap: rest.replay_bitmap,
+    };
+    match w.check(d.seq) {
+        Some(f) => Ok(Admit::Fresh(f)),
+        None => Err(GateResult::Replay),
+    }
+}
+
+/// Gate step 11: folds an admitted datagram that arrived at `now_ns` into
+/// the node's state. Does not touch `seqcount` (the caller owns the write
+/// protocol) nor `requested_interval_ms`. A steady heartbeat writes line 0
+/// and the window in line 1; line 2 only on a loss, a late arrival, a new
+/// generation or the node's first datagram.
+#[inline(always)]
+pub fn record(
+    live: &mut NodeLive,
+    rest: &mut NodeRest,
+    d: &Datagram,
+    admit: Admit,
+    now_ns: u64,
+) -> Recorded {
+    let mut out = Recorded::default();
+    let mut sample = false;
+    match admit {
+        Admit::NewGeneration => {
+            if live.accepted != 0 {
+                out.restarted = true;
+                out.prev_generation = live.generation;
+                rest.restarts = rest.restarts.wrapping_add(1);
+            }
+            live.generation = d.generation;
+            let w = Window::starting_at(d.seq);
+            rest.max_seq = w.max_seq;
+            rest.replay_bitmap = w.bitmap;
+            rest.gen_start_ns = now_ns;
+            // The gap across a restart is downtime, not an inter-arrival
+            // time: keep the learned moments but take no sample.
+            live.ia_samples = 0;
         }
-        self.accepted = self.accepted.wrapping_add(1);
-        out
+        Admit::Fresh(f) => {
+            let mut w = Window {
+                max_seq: rest.max_seq,
+                bitmap: rest.replay_bitmap,
+            };
+            w.apply(d.seq, f);
+            rest.max_seq = w.max_seq;
+            rest.replay_bitmap = w.bitmap;
+            match f {
+                Fresh::Advance { gap } => {
+                    if gap != 0 {
+                        rest.lost = rest.lost.wrapping_add(gap);
+                    }
+                    // Only the gap between consecutive sequence numbers is
+                    // an inter-arrival time: one that lost heartbeats spans
+                    // several intervals and says nothing of the node's
+                    // rhythm or its pauses.
+                    sample = live.accepted != 0 && gap == 0;
+                }
+                Fresh::Late => rest.lost = rest.lost.saturating_sub(1),
+            }
+            // The node's first datagram in the generation it started with
+            // (no generation increase to mark the start).
+            if live.accepted == 0 {
+                rest.gen_start_ns = now_ns;
+            }
+        }
     }
 
+    // The sender announced a new interval: re-seed the moments at it so a
+    // node that slows down on request is not suspected, and one that speeds
+    // up is judged by its new rhythm at once.
+    if d.interval_ms != 0 && d.interval_ms != live.interval_ms {
+        let iv = d.interval_ms as u64 * 1_000_000;
+        live.ia_mean_ns = iv;
+        live.ia_dev_ns = iv >> 3;
+        live.ia_samples = 0;
+        sample = false;
+    }
+    if sample && now_ns > live.last_arrival_ns {
+        live.observe_interarrival(now_ns - live.last_arrival_ns);
+    }
+
+    live.interval_ms = d.interval_ms;
+    live.rtt_us = d.rtt_us;
+    live.load = d.load;
+    live.flags = if d.flags & FLAG_LEAVING != 0 {
+        NODE_LEAVING
+    } else {
+        0
+    };
+    if now_ns > live.last_arrival_ns {
+        live.last_arrival_ns = now_ns;
+    }
+    live.accepted = live.accepted.wrapping_add(1);
+    out
+}
+
+impl NodeLive {
     /// Jacobson/Karels EWMA update with one inter-arrival sample `x` ns,
     /// its error clipped to a quarter of the mean ([`IA_CLIP_SHIFT`]); the
-    /// excess of a longer sample is remembered as a stall ([`Self::stall`]).
+    /// excess of a longer sample is remembered as a stall
+    /// ([`NodeState::stall`]).
     #[inline(always)]
     pub fn observe_interarrival(&mut self, x: u64) {
         self.observe_interarrival_with(x, IA_MEAN_SHIFT, IA_DEV_SHIFT);
@@ -661,6 +743,65 @@ impl NodeState {
         }
         self.ia_samples = self.ia_samples.saturating_add(1);
     }
+}
+
+impl NodeRest {
+    /// The key held for `epoch`, if any (gate step 7).
+    #[inline(always)]
+    pub fn find_key(&self, epoch: u8) -> Option<NodeKey> {
+        if self.key_valid & 1 != 0 && self.key_epoch[0] == epoch {
+            Some(self.key[0])
+        } else if self.key_valid & 2 != 0 && self.key_epoch[1] == epoch {
+            Some(self.key[1])
+        } else {
+            None
+        }
+    }
+
+    /// Installs `node_id` and its keys (provisioning, rotation); the rest
+    /// of the state is kept. The caller owns the write protocol.
+    pub const fn set_keys(&mut self, node_id: u32, keys: &NodeKeys) {
+        self.node_id = node_id;
+        self.key_epoch = keys.epoch;
+        self.key_valid = keys.valid;
+        self.key = keys.key;
+    }
+}
+
+impl NodeState {
+    /// A node from its two parts.
+    pub fn from_parts(live: &NodeLive, rest: &NodeRest) -> NodeState {
+        let mut s = NodeState::default();
+        *s.live_mut() = *live;
+        *s.rest_mut() = *rest;
+        s
+    }
+
+    /// Gate steps 9 and 10 ([`admit`]).
+    #[inline(always)]
+    pub fn admit(&self, d: &Datagram) -> Result<Admit, GateResult> {
+        admit(self.live(), self.rest(), d)
+    }
+
+    /// Gate step 11 ([`record`]).
+    #[inline(always)]
+    pub fn record(&mut self, d: &Datagram, admit: Admit, now_ns: u64) -> Recorded {
+        let (live, rest) = self.split_mut();
+        record(live, rest, d, admit, now_ns)
+    }
+
+    /// [`NodeLive::observe_interarrival`].
+    #[inline(always)]
+    pub fn observe_interarrival(&mut self, x: u64) {
+        self.live_mut().observe_interarrival(x);
+    }
+
+    /// [`NodeLive::observe_interarrival_with`].
+    #[inline(always)]
+    pub fn observe_interarrival_with(&mut self, x: u64, mean_shift: u32, dev_shift: u32) {
+        self.live_mut()
+            .observe_interarrival_with(x, mean_shift, dev_shift);
+    }
 
     /// The smaller of the node's two most recent stalls, ns: a pause it
     /// has shown at least twice (0 until it has).
@@ -674,42 +815,65 @@ impl NodeState {
         self.flags & NODE_LEAVING != 0
     }
 
-    /// Line 1, the detector's view, in place.
+    /// Line 0, the detector's view, in place.
     #[inline(always)]
     pub const fn live(&self) -> &NodeLive {
-        // SAFETY: line 1 of a `NodeState` is a `NodeLive` field for field
-        // (checked at compile time below): same offsets, plain integers,
-        // and `NODE_LIVE_OFFSET` keeps its 64-byte alignment.
-        unsafe {
-            &*(self as *const NodeState)
-                .cast::<u8>()
-                .add(NODE_LIVE_OFFSET)
-                .cast::<NodeLive>()
-        }
+        // SAFETY: a `NodeState` begins with a `NodeLive`, field for field
+        // (checked at compile time above): same offsets, plain integers,
+        // same alignment.
+        unsafe { &*(self as *const NodeState).cast::<NodeLive>() }
     }
 
-    /// Line 1 of `self`, to write.
+    /// Line 0, to write.
     #[inline(always)]
     pub const fn live_mut(&mut self) -> &mut NodeLive {
         // SAFETY: as `live`; the borrow of `self` covers the line.
+        unsafe { &mut *(self as *mut NodeState).cast::<NodeLive>() }
+    }
+
+    /// Lines 1 and 2 in place.
+    #[inline(always)]
+    pub const fn rest(&self) -> &NodeRest {
+        // SAFETY: a `NodeRest` at `NODE_REST_OFFSET`, field for field
+        // (checked at compile time above), 64-byte aligned.
+        unsafe {
+            &*(self as *const NodeState)
+                .cast::<u8>()
+                .add(NODE_REST_OFFSET)
+                .cast::<NodeRest>()
+        }
+    }
+
+    /// Lines 1 and 2, to write.
+    #[inline(always)]
+    pub const fn rest_mut(&mut self) -> &mut NodeRest {
+        // SAFETY: as `rest`; the borrow of `self` covers the lines.
         unsafe {
             &mut *(self as *mut NodeState)
                 .cast::<u8>()
-                .add(NODE_LIVE_OFFSET)
-                .cast::<NodeLive>()
+                .add(NODE_REST_OFFSET)
+                .cast::<NodeRest>()
+        }
+    }
+
+    /// Both parts, to write: disjoint bytes of `self`.
+    #[inline(always)]
+    pub const fn split_mut(&mut self) -> (&mut NodeLive, &mut NodeRest) {
+        let p = self as *mut NodeState;
+        // SAFETY: as `live` and `rest`; bytes 0..64 and 64..192 do not
+        // overlap, and the borrow of `self` covers both.
+        unsafe {
+            (
+                &mut *p.cast::<NodeLive>(),
+                &mut *p.cast::<u8>().add(NODE_REST_OFFSET).cast::<NodeRest>(),
+            )
         }
     }
 
     /// The key held for `epoch`, if any (gate step 7).
     #[inline(always)]
     pub fn find_key(&self, epoch: u8) -> Option<NodeKey> {
-        if self.key_valid & 1 != 0 && self.key_epoch[0] == epoch {
-            Some(self.key[0])
-        } else if self.key_valid & 2 != 0 && self.key_epoch[1] == epoch {
-            Some(self.key[1])
-        } else {
-            None
-        }
+        self.rest().find_key(epoch)
     }
 
     /// The node's keys as userspace provisions them (`keys.slot` is not
@@ -727,10 +891,7 @@ impl NodeState {
     /// Installs `node_id` and its keys (provisioning, rotation); the rest
     /// of the state is kept. The caller owns the write protocol.
     pub const fn set_keys(&mut self, node_id: u32, keys: &NodeKeys) {
-        self.node_id = node_id;
-        self.key_epoch = keys.epoch;
-        self.key_valid = keys.valid;
-        self.key = keys.key;
+        self.rest_mut().set_keys(node_id, keys);
     }
 }
 
@@ -844,6 +1005,7 @@ mod pod {
     unsafe impl aya::Pod for super::NodeKeys {}
     unsafe impl aya::Pod for super::NodeState {}
     unsafe impl aya::Pod for super::NodeLive {}
+    unsafe impl aya::Pod for super::NodeRest {}
     unsafe impl aya::Pod for super::index::Bucket {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::RateLimit {}
@@ -860,14 +1022,14 @@ mod tests {
         assert_eq!(size_of::<NodeKeys>(), 40);
         assert_eq!(size_of::<NodeState>(), 192);
         assert_eq!(align_of::<NodeState>(), 64);
-        // What the gate reads first is in line 0, what an accepted
-        // heartbeat writes and the tick reads in line 1, rejections in
-        // line 2.
-        assert_eq!(core::mem::offset_of!(NodeState, key), 16);
-        assert_eq!(core::mem::offset_of!(NodeState, replay_bitmap), 56);
+        // What the tick reads is line 0, what the gate reads first line
+        // 1, rejections line 2.
+        assert_eq!(core::mem::offset_of!(NodeState, flags), 60);
+        assert_eq!(core::mem::offset_of!(NodeState, key), 80);
+        assert_eq!(core::mem::offset_of!(NodeState, replay_bitmap), 120);
         assert_eq!(core::mem::offset_of!(NodeState, lost), 128);
         assert_eq!(size_of::<index::Bucket>(), 64);
-        // Line 1 is a `NodeLive` (checked at compile time too).
+        // The parts are views of the whole (checked at compile time too).
         let mut st = NodeState {
             accepted: 7,
             stall: [3, 4],
@@ -879,6 +1041,11 @@ mod tests {
         assert!(st.live().leaving());
         st.live_mut().generation = 9;
         assert_eq!(st.generation, 9);
+        let (live, rest) = st.split_mut();
+        live.accepted = 8;
+        rest.node_id = 5;
+        assert_eq!((st.accepted, st.node_id), (8, 5));
+        assert_eq!(NodeState::from_parts(st.live(), st.rest()), st);
         assert_eq!(size_of::<Config>(), 16);
         assert_eq!(size_of::<Report>(), 48);
         assert_eq!(size_of::<RateLimit>(), 16);

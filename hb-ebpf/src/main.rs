@@ -41,7 +41,7 @@ use hb_common::{
 };
 
 use crate::{
-    maps::{HB_CONFIG, HB_NODE_STATE, LIMIT_RESTART, LIMIT_UNKNOWN, count, slot_of},
+    maps::{HB_CONFIG, HB_NODE_LIVE, HB_NODE_REST, LIMIT_RESTART, LIMIT_UNKNOWN, count, slot_of},
     parse::{Frame, Parsed},
     payload::Payload,
     state::{KeyRead, Locked},
@@ -111,13 +111,16 @@ fn gate(ctx: &XdpContext) -> (u32, GateResult) {
     // A slot beyond the array is a provisioning bug in userspace (it checks
     // against the capacity); the node is as good as unknown, without a
     // report.
-    let Some(state) = HB_NODE_STATE.get_ptr_mut(slot) else {
+    let (Some(live), Some(rest)) = (
+        HB_NODE_LIVE.get_ptr_mut(slot),
+        HB_NODE_REST.get_ptr_mut(slot),
+    ) else {
         return drop(GateResult::UnknownNode);
     };
     // Step 7: a key for the epoch, read at the node without the lock. A
     // slot freed or reused since the index was read holds another id: the
     // node is gone, as good as unknown (no report: userspace removed it).
-    let key = match state::read_key(state, d.node_id, d.key_epoch) {
+    let key = match state::read_key(rest, d.node_id, d.key_epoch) {
         KeyRead::Key(k) => k,
         KeyRead::NotHere => return drop(GateResult::UnknownNode),
         KeyRead::NoEpoch => return drop(GateResult::BadEpoch),
@@ -128,28 +131,28 @@ fn gate(ctx: &XdpContext) -> (u32, GateResult) {
     };
     // Step 8: the tag. Counted at the node without the lock.
     if !payload::verify(&key, &buf) {
-        state::count_bad_tag(state);
+        state::count_bad_tag(rest);
         return drop(GateResult::BadTag);
     }
     // Steps 9-11 under the node's seqlock.
-    let Some(mut l) = Locked::take(state) else {
+    let Some(mut l) = Locked::take(live, rest) else {
         count(counter::CONTENDED);
         return drop(GateResult::Replay);
     };
     // Userspace may have freed or reused the slot since the key was read
     // (it does so under this lock): then the datagram is not this slot's.
-    if l.get().node_id != d.node_id {
+    if l.get().1.node_id != d.node_id {
         l.release();
         return drop(GateResult::UnknownNode);
     }
-    let s = l.get();
-    let admit = match s.admit(&d) {
+    let (live, rest) = l.get();
+    let admit = match hb_common::maps::admit(live, rest, &d) {
         Ok(a) => a,
         Err(r) => {
             if r == GateResult::Stale {
-                s.stale = s.stale.wrapping_add(1);
+                rest.stale = rest.stale.wrapping_add(1);
             } else {
-                s.replay = s.replay.wrapping_add(1);
+                rest.replay = rest.replay.wrapping_add(1);
             }
             l.release();
             return drop(r);
@@ -162,18 +165,18 @@ fn gate(ctx: &XdpContext) -> (u32, GateResult) {
     // impossible combination and rejects it. Through memory, the verifier
     // sees one discriminant.
     let admit = core::hint::black_box(admit);
-    let rec = s.record(&d, admit, now_ns);
+    let rec = hb_common::maps::record(live, rest, &d, admit, now_ns);
     let ack_interval = if cfg.pass_accepted != 0 {
         None
     } else {
         let (reported, accepted) = {
-            let s = l.get();
-            (s.interval_ms, s.accepted)
+            let (live, _) = l.get();
+            (live.interval_ms, live.accepted)
         };
         let iv = ack_policy(cfg, || l.requested_interval(), reported, accepted);
         if iv.is_some() {
-            let s = l.get();
-            s.acks_sent = s.acks_sent.wrapping_add(1);
+            let (_, rest) = l.get();
+            rest.acks_sent = rest.acks_sent.wrapping_add(1);
         }
         iv
     };

@@ -9,7 +9,7 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray, RingBuf},
 };
 use hb_common::maps::{
-    Config, EVENTS_BYTES, MAX_NODES, NodeState, RateLimit, counter, index, names,
+    Config, EVENTS_BYTES, MAX_NODES, NodeLive, NodeRest, RateLimit, counter, index, names,
 };
 
 /// The node index: node id -> slot (`hb_common::maps::index`). Written by
@@ -18,11 +18,17 @@ use hb_common::maps::{
 pub static HB_NODE_INDEX: Array<index::Bucket> =
     Array::with_max_entries(1 + index::buckets_for(MAX_NODES), BPF_F_MMAPABLE);
 
-/// Per-node id, keys and state, at the slot the index gives. Mmap-able so
+/// Line 0 of each node's state (`hb_common::maps::NodeState`), at the slot
+/// the index gives: the seqcount and what the detector reads. Mmap-able so
 /// userspace reads every node under its seqcount without a syscall per
-/// node.
+/// node, streaming through this dense array.
 #[map]
-pub static HB_NODE_STATE: Array<NodeState> = Array::with_max_entries(MAX_NODES, BPF_F_MMAPABLE);
+pub static HB_NODE_LIVE: Array<NodeLive> = Array::with_max_entries(MAX_NODES, BPF_F_MMAPABLE);
+
+/// Lines 1 and 2 of each node's state: id, keys, anti-replay window,
+/// counters. Mmap-able, at the same slot.
+#[map]
+pub static HB_NODE_REST: Array<NodeRest> = Array::with_max_entries(MAX_NODES, BPF_F_MMAPABLE);
 
 /// Per-CPU counters: `GateResult::index()` and `counter::*`.
 #[map]
@@ -62,7 +68,8 @@ const fn same(a: &str, b: &str) -> bool {
 
 // The statics above must carry the names userspace looks up.
 const _: () = assert!(same(names::NODE_INDEX, "HB_NODE_INDEX"));
-const _: () = assert!(same(names::NODE_STATE, "HB_NODE_STATE"));
+const _: () = assert!(same(names::NODE_LIVE, "HB_NODE_LIVE"));
+const _: () = assert!(same(names::NODE_REST, "HB_NODE_REST"));
 const _: () = assert!(same(names::COUNTERS, "HB_COUNTERS"));
 const _: () = assert!(same(names::CONFIG, "HB_CONFIG"));
 const _: () = assert!(same(names::EVENTS, "HB_EVENTS"));

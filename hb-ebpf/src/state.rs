@@ -1,5 +1,6 @@
-//! The per-node protocols of `HB_NODE_STATE`: the lock-free read of a
-//! node's key ([`read_key`]) and the write lock ([`Locked`]).
+//! The per-node protocols of `HB_NODE_LIVE` and `HB_NODE_REST`: the
+//! lock-free read of a node's key ([`read_key`]) and the write lock
+//! ([`Locked`], the seqcount in the node's live line).
 //!
 //! Userspace writes a node's id and keys (provisioning, rotation,
 //! removal) while holding the entry's `seqcount` and with `keys_seq` odd;
@@ -31,7 +32,10 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
-use hb_common::{NodeKey, maps::NodeState};
+use hb_common::{
+    NodeKey,
+    maps::{NodeLive, NodeRest},
+};
 
 /// Attempts to take an entry, or to read a key, before giving up.
 const TRIES: u32 = 16;
@@ -52,7 +56,7 @@ pub enum KeyRead {
 /// The key of `node_id` for `epoch` at `state`, read without the lock (see
 /// the module docs).
 #[inline(always)]
-pub fn read_key(state: *const NodeState, node_id: u32, epoch: u8) -> KeyRead {
+pub fn read_key(state: *const NodeRest, node_id: u32, epoch: u8) -> KeyRead {
     // SAFETY (all reads): `state` points into a map value, aligned and
     // alive as long as the program; fields written concurrently are read
     // volatile and validated by `keys_seq`.
@@ -99,7 +103,7 @@ pub fn read_key(state: *const NodeState, node_id: u32, epoch: u8) -> KeyRead {
 /// Counts a datagram whose tag did not verify on the node's state, without
 /// the lock (an atomic add: readers may see it a copy late).
 #[inline(always)]
-pub fn count_bad_tag(state: *mut NodeState) {
+pub fn count_bad_tag(state: *mut NodeRest) {
     // SAFETY: an aligned u32 of a live map value.
     unsafe {
         atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(
@@ -109,18 +113,20 @@ pub fn count_bad_tag(state: *mut NodeState) {
     };
 }
 
-/// An entry of `HB_NODE_STATE` held for writing.
+/// A node held for writing: its line 0 (`HB_NODE_LIVE`, which holds the
+/// seqcount) and lines 1-2 (`HB_NODE_REST`) at one slot.
 pub struct Locked {
-    state: *mut NodeState,
+    live: *mut NodeLive,
+    rest: *mut NodeRest,
 }
 
 impl Locked {
-    /// Takes `state` for writing, or `None` after `TRIES` failed attempts.
+    /// Takes the node for writing, or `None` after `TRIES` failed attempts.
     #[inline(always)]
-    pub fn take(state: *mut NodeState) -> Option<Locked> {
-        // SAFETY: `state` points into a map value (aligned, alive as long
-        // as the program); `seqcount` is an aligned u32 in it.
-        let sc = unsafe { core::ptr::addr_of_mut!((*state).seqcount) };
+    pub fn take(live: *mut NodeLive, rest: *mut NodeRest) -> Option<Locked> {
+        // SAFETY: `live` points into a map value (aligned, alive as long as
+        // the program); `seqcount` is an aligned u32 in it.
+        let sc = unsafe { core::ptr::addr_of_mut!((*live).seqcount) };
         let mut i = 0;
         while i < TRIES {
             // SAFETY: see above.
@@ -135,7 +141,7 @@ impl Locked {
                     )
                 };
                 if ok {
-                    return Some(Locked { state });
+                    return Some(Locked { live, rest });
                 }
             }
             i += 1;
@@ -143,27 +149,26 @@ impl Locked {
         None
     }
 
-    /// The entry (the only writer while held).
+    /// The node's two parts (the only writer while held).
     #[inline(always)]
-    pub fn get(&mut self) -> &mut NodeState {
-        // SAFETY: we hold the entry's seqlock, which userspace also takes
+    pub fn get(&mut self) -> (&mut NodeLive, &mut NodeRest) {
+        // SAFETY: we hold the node's seqlock, which userspace also takes
         // to write the id and keys; outside it userspace writes only
-        // `requested_interval_ms` (which `NodeState::record` never touches
-        // and which we read with `requested_interval`) and we add to
-        // `bad_tag` atomically (which `record` does not touch either).
-        unsafe { &mut *self.state }
+        // `requested_interval_ms` (which `record` never touches and which
+        // we read with `requested_interval`) and we add to `bad_tag`
+        // atomically (which `record` does not touch either). Two distinct
+        // map values.
+        unsafe { (&mut *self.live, &mut *self.rest) }
     }
 
     /// `requested_interval_ms`, written by userspace at any time.
     #[inline(always)]
     pub fn requested_interval(&self) -> u32 {
         // SAFETY: aligned field of a live map value.
-        unsafe {
-            core::ptr::read_volatile(core::ptr::addr_of!((*self.state).requested_interval_ms))
-        }
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*self.rest).requested_interval_ms)) }
     }
 
-    /// Publishes the writes and releases the entry.
+    /// Publishes the writes and releases the node.
     #[inline(always)]
     pub fn release(self) {
         // Odd + 1: even again. An atomic add, not a store-release: BPF ISA
@@ -173,7 +178,7 @@ impl Locked {
         // SAFETY: as in `take`.
         unsafe {
             atomic_xadd::<u32, u32, { AtomicOrdering::Release }>(
-                core::ptr::addr_of_mut!((*self.state).seqcount),
+                core::ptr::addr_of_mut!((*self.live).seqcount),
                 1,
             )
         };

@@ -8,8 +8,8 @@
 //!   (`keep_attached`): the program then keeps gating while the monitor is
 //!   down, and a restarted monitor swaps its fresh program into the pinned
 //!   link atomically.
-//! - Node state is read straight from the mmap'ed `HB_NODE_STATE` array
-//!   under each entry's seqcount (see [`XdpDataplane::read_states`]); node
+//! - Node state is read straight from the mmap'ed `HB_NODE_LIVE` and
+//!   `HB_NODE_REST` arrays under each node's seqcount (see [`XdpDataplane::read_states`]); node
 //!   ids and keys are written into it under the same protocol, and the
 //!   node index (`HB_NODE_INDEX`, see [`super::index`]) is written through
 //!   its own mapping.
@@ -20,22 +20,33 @@
 //!
 //! Measured on the team machine (2 cores, kernel 6.18) by the
 //! `read_design` test in `tests/tests/veth_dataplane.rs`
-//! (`cargo test -p hb-tests --test veth_dataplane read_design -- --nocapture`),
-//! reading every entry of a 1,000,000-node `HB_NODE_STATE`:
+//! (`cargo test --release -p hb-tests --test veth_dataplane read_design --
+//! --nocapture`), reading the live line (what the tick reads) of every
+//! node of a 1,000,000-node map:
 //!
 //! | method                                    | time for 1M nodes |
 //! |-------------------------------------------|------------------:|
-//! | mmap + seqcount (this module)             |     110 - 300 ms  |
-//! | one `BPF_MAP_LOOKUP_ELEM` per node        | 8.1 - 10.7 s (36-74x) |
+//! | mmap + seqcount (this module)             |            9.5 ms |
+//! | one `BPF_MAP_LOOKUP_ELEM` per node        |   320 ms (34x)    |
 //!
-//! (Two runs; each pair measured in the same run, while the 1M-node test provisioned
-//! nodes on the same 2 cores, so the syscall figure is pessimistic; even
-//! uncontended a lookup syscall costs ~1 us, i.e. ~1 s per tick at 1M.)
-//! The numbers are in [`READ_DESIGN`]. A syscall per node costs about a
-//! microsecond each (a second per tick at 1M nodes); a batch lookup saves
-//! the per-call overhead but still copies every value through the kernel
-//! and needs a key buffer; the mapping reads memory at memory speed, with
-//! no syscall at all, and the seqcount makes each copy consistent.
+//! (Scaled from 100,000 lookups, in the same run. An earlier design read
+//! 128-byte entries: 110-300 ms against 8.1-10.7 s in debug builds on a
+//! loaded machine.) The numbers are in [`READ_DESIGN`]. A syscall per node
+//! costs a third of a microsecond at best (a third of a second per tick at
+//! 1M nodes); a batch lookup saves the per-call overhead but still copies
+//! every value through the kernel and needs a key buffer; the mapping reads
+//! memory at memory speed, with no syscall at all, and the seqcount makes
+//! each copy consistent.
+//!
+//! # Why two arrays
+//!
+//! A node's 192 bytes are split in two arrays at the same slot:
+//! `HB_NODE_LIVE` (64 bytes: the seqcount and what the detector reads) and
+//! `HB_NODE_REST` (128 bytes: id, keys, anti-replay window, counters). The
+//! tick reads every node's live line on every tick; in one array of
+//! 192-byte entries that read strode over the other two lines, and the
+//! hardware fetched lines it did not need (tick at 1M nodes 35.5 ms CPU,
+//! `bench_monitor`, loaded machine); over a dense array it streams.
 
 use std::{
     ops::Range,
@@ -59,8 +70,7 @@ use aya::{
     },
 };
 use hb_common::maps::{
-    Config, MAX_NODES, NODE_LIVE_OFFSET, NodeKeys, NodeLive, NodeState, Report, counter, index,
-    names,
+    Config, MAX_NODES, NodeKeys, NodeLive, NodeRest, NodeState, Report, counter, index, names,
 };
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
@@ -72,8 +82,8 @@ use super::{
 /// Measured by `tests/tests/veth_dataplane.rs::read_design`; see the module
 /// documentation. (mmap + seqcount, one lookup syscall per node), for
 /// 1,000,000 nodes, on the team machine.
-pub const READ_DESIGN: &str = "mmap+seqcount: 110-300 ms per 1M nodes; \
-     BPF_MAP_LOOKUP_ELEM per node: 8.1-10.7 s per 1M nodes (36-74x slower)";
+pub const READ_DESIGN: &str = "mmap+seqcount: 9.5 ms per 1M live lines; \
+     BPF_MAP_LOOKUP_ELEM per node: 320 ms per 1M (34x slower)";
 
 /// Default pin directory of the monitor.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/hb";
@@ -110,9 +120,10 @@ pub struct XdpOptions {
 }
 
 /// Expected value sizes, to refuse pinned maps of another layout.
-const VALUE_SIZES: [(&str, u32); 4] = [
+const VALUE_SIZES: [(&str, u32); 5] = [
     (names::NODE_INDEX, size_of::<index::Bucket>() as u32),
-    (names::NODE_STATE, size_of::<NodeState>() as u32),
+    (names::NODE_LIVE, size_of::<NodeLive>() as u32),
+    (names::NODE_REST, size_of::<NodeRest>() as u32),
     (names::COUNTERS, 8),
     (names::CONFIG, size_of::<Config>() as u32),
 ];
@@ -166,154 +177,220 @@ impl<T> Drop for Mapping<T> {
     }
 }
 
-/// The mapping of `HB_NODE_STATE` and the per-node protocols on it (see
-/// `hb_common::maps` and the XDP program's `state` module).
-type StateMap = Mapping<NodeState>;
+/// Relaxed atomic loads of `N` words from `src` into a `T`: a copy a racing
+/// writer may change under us (the seqcount around it detects that), which
+/// plain reads must not race with. Plain moves once compiled.
+///
+/// # Safety
+/// `src` points to a live, 8-byte aligned `T` of `N` 8-byte words whose
+/// every bit pattern is valid.
+unsafe fn copy_words<T>(src: *const T) -> T {
+    let words = size_of::<T>() / 8;
+    let mut out = std::mem::MaybeUninit::<T>::uninit();
+    let (src, dst) = (src.cast::<AtomicU64>(), out.as_mut_ptr().cast::<u64>());
+    for i in 0..words {
+        // SAFETY: word `i` of the live `T` (aligned) and of `out`.
+        unsafe { *dst.add(i) = (*src.add(i)).load(Ordering::Relaxed) };
+    }
+    // SAFETY: every byte written; any bit pattern is valid (the caller).
+    unsafe { out.assume_init() }
+}
 
-impl StateMap {
-    fn entry(&self, slot: u32) -> Option<*mut NodeState> {
-        // SAFETY: in bounds of the mapping.
-        (slot < self.len).then(|| unsafe { self.ptr.as_ptr().add(slot as usize) })
+/// Plain stores of a `T` to `dst`, word by word as relaxed atomics (the
+/// kernel reads concurrently; the seqcount tells it the bytes are in
+/// flux).
+///
+/// # Safety
+/// As [`copy_words`], for writing, and the caller holds the node.
+unsafe fn store_words<T>(dst: *mut T, v: &T) {
+    let words = size_of::<T>() / 8;
+    let (src, dst) = ((v as *const T).cast::<u64>(), dst.cast::<AtomicU64>());
+    for i in 0..words {
+        // SAFETY: word `i` of `v` and of the live `T` (aligned).
+        unsafe { (*dst.add(i)).store(*src.add(i), Ordering::Relaxed) };
+    }
+}
+
+/// The mappings of `HB_NODE_LIVE` and `HB_NODE_REST` and the per-node
+/// protocols on them (see `hb_common::maps` and the XDP program's `state`
+/// module): a node's seqcount is in its live line, its `keys_seq` in its
+/// rest.
+struct NodeMaps {
+    live: Mapping<NodeLive>,
+    rest: Mapping<NodeRest>,
+}
+
+/// One node's parts in the mappings.
+#[derive(Clone, Copy)]
+struct Entry {
+    live: *mut NodeLive,
+    rest: *mut NodeRest,
+}
+
+/// How many nodes ahead the tick's scan prefetches live lines.
+const PREFETCH_AHEAD: u32 = 8;
+
+impl NodeMaps {
+    /// Asks the CPU for the live line of `slot` (if below `end`) ahead of
+    /// time: the scan's work per node between two loads is too long for
+    /// the out-of-order core to start the next node's load itself, so
+    /// without this every node waited for its line (tick at 1M nodes: 26
+    /// ms CPU, of which 19 ms in that one load; `bench_monitor`).
+    #[inline(always)]
+    fn prefetch_live(&self, slot: u32, end: u32) {
+        #[cfg(target_arch = "x86_64")]
+        if slot < end {
+            // SAFETY: a prefetch is only a hint; the address is in bounds.
+            unsafe {
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                    self.live.ptr.as_ptr().add(slot as usize).cast::<i8>(),
+                )
+            };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (slot, end);
     }
 
-    fn seqcount(e: *mut NodeState) -> &'static AtomicU32 {
+    fn len(&self) -> u32 {
+        self.live.len.min(self.rest.len)
+    }
+
+    fn entry(&self, slot: u32) -> Option<Entry> {
+        // SAFETY: in bounds of both mappings.
+        (slot < self.len()).then(|| unsafe {
+            Entry {
+                live: self.live.ptr.as_ptr().add(slot as usize),
+                rest: self.rest.ptr.as_ptr().add(slot as usize),
+            }
+        })
+    }
+}
+
+impl Entry {
+    fn seqcount(self) -> &'static AtomicU32 {
         // SAFETY: `seqcount` is an aligned u32 in a live shared mapping
         // that outlives every caller (dropped with the dataplane).
-        unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*e).seqcount)) }
+        unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*self.live).seqcount)) }
     }
 
-    fn keys_seq(e: *mut NodeState) -> &'static AtomicU32 {
+    fn keys_seq(self) -> &'static AtomicU32 {
         // SAFETY: as `seqcount`.
-        unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*e).keys_seq)) }
+        unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*self.rest).keys_seq)) }
     }
 
-    /// A consistent copy of entry `e`: retried while a writer holds it
-    /// (odd count) or wrote during the copy (count changed).
-    /// A consistent copy of line 1 of entry `e` ([`NodeLive`], which
-    /// holds the seqcount): one cache line, word by word with relaxed
-    /// atomic loads (a racing writer may change them under us; the
-    /// seqcount check around the copy detects it).
-    fn read_live(e: *mut NodeState) -> NodeLive {
-        const WORDS: usize = size_of::<NodeLive>() / 8;
-        let sc = Self::seqcount(e);
-        // SAFETY: line 1 of a live entry, 64-byte aligned.
-        let src = unsafe { e.cast::<u8>().add(NODE_LIVE_OFFSET).cast::<AtomicU64>() };
+    /// Runs `copy` until it saw the node stable: retried while a writer
+    /// holds it (odd count) or wrote during the copy (count changed).
+    fn consistent<T>(self, copy: impl Fn() -> T) -> T {
+        let sc = self.seqcount();
         loop {
             let s1 = sc.load(Ordering::Acquire);
             if s1 & 1 == 1 {
                 std::hint::spin_loop();
                 continue;
             }
-            let mut out = std::mem::MaybeUninit::<NodeLive>::uninit();
-            let dst = out.as_mut_ptr().cast::<u64>();
-            for i in 0..WORDS {
-                // SAFETY: word `i` of the line (aligned) and of `out`.
-                unsafe { *dst.add(i) = (*src.add(i)).load(Ordering::Relaxed) };
-            }
+            let v = copy();
             fence(Ordering::Acquire);
             if sc.load(Ordering::Relaxed) == s1 {
-                // SAFETY: every byte written; plain integers.
-                return unsafe { out.assume_init() };
+                return v;
             }
         }
     }
 
-    fn read(e: *mut NodeState) -> NodeState {
-        let sc = Self::seqcount(e);
+    /// A consistent copy of the node's live line: one cache line of a
+    /// dense array.
+    fn read_live(self) -> NodeLive {
+        // SAFETY: a live, aligned map value of plain integers.
+        self.consistent(|| unsafe { copy_words(self.live) })
+    }
+
+    /// A consistent copy of the whole node.
+    fn read(self) -> NodeState {
+        self.consistent(|| {
+            // SAFETY: as `read_live`, for both parts.
+            let (live, rest) = unsafe { (copy_words(self.live), copy_words(self.rest)) };
+            NodeState::from_parts(&live, &rest)
+        })
+    }
+
+    /// Takes the node with the kernel's write protocol (compare-and-
+    /// exchange even to odd); returns the odd count. The kernel holds a
+    /// node for well under a microsecond, so spinning is fine.
+    fn lock(self) -> u32 {
+        let sc = self.seqcount();
         loop {
-            let s1 = sc.load(Ordering::Acquire);
-            if s1 & 1 == 1 {
-                std::hint::spin_loop();
-                continue;
-            }
-            // SAFETY: in bounds; a racing writer may change bytes under
-            // us, which the seqcount check detects (volatile: the compiler
-            // must really copy).
-            let copy = unsafe { std::ptr::read_volatile(e) };
-            fence(Ordering::Acquire);
-            if sc.load(Ordering::Relaxed) == s1 {
-                return copy;
-            }
-        }
-    }
-
-    /// Replaces entry `e` by `f(copy)` under the kernel's write protocol
-    /// (compare-and-exchange even to odd, write, add one), with `keys_seq`
-    /// odd around the write because the id and keys may change. For whole
-    /// changes of the slot (a node installed, moved or removed): a
-    /// concurrent atomic `bad_tag` increment of the kernel may be lost,
-    /// which is what a reset means anyway. The kernel holds an entry for
-    /// well under a microsecond, so spinning is fine.
-    fn replace(e: *mut NodeState, f: impl FnOnce(NodeState) -> NodeState) {
-        let sc = Self::seqcount(e);
-        let seq = loop {
             let s = sc.load(Ordering::Relaxed);
             if s & 1 == 0
                 && sc
                     .compare_exchange(s, s + 1, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
             {
-                break s + 1;
+                return s + 1;
             }
             std::hint::spin_loop();
-        };
-        let ks = Self::keys_seq(e);
-        let kseq = ks.fetch_add(1, Ordering::AcqRel) + 1;
-        // SAFETY: we hold the entry; the two sequence numbers are written
-        // with the values they have now (odd), so no reader and no kernel
-        // key read ever sees an even count on a half-written entry.
-        unsafe {
-            let mut v = f(std::ptr::read_volatile(e));
-            v.seqcount = seq;
-            v.keys_seq = kseq;
-            std::ptr::write_volatile(e, v);
         }
-        ks.fetch_add(1, Ordering::Release);
-        sc.fetch_add(1, Ordering::Release);
     }
 
-    /// Installs `node_id` with `keys` at `e` with a fresh state.
-    fn install(e: *mut NodeState, node_id: u32, keys: &NodeKeys) {
-        Self::replace(e, |_| {
+    fn unlock(self) {
+        self.seqcount().fetch_add(1, Ordering::Release);
+    }
+
+    /// Replaces the node by `f(copy)` under the lock, with `keys_seq` odd
+    /// around the write because the id and keys may change. For whole
+    /// changes of the slot (a node installed, moved or removed): a
+    /// concurrent atomic `bad_tag` increment of the kernel may be lost,
+    /// which is what a reset means anyway.
+    fn replace(self, f: impl FnOnce(NodeState) -> NodeState) {
+        let seq = self.lock();
+        let ks = self.keys_seq();
+        let kseq = ks.fetch_add(1, Ordering::AcqRel) + 1;
+        // SAFETY: we hold the node (and `keys_seq` is odd); both sequence
+        // numbers are written with the values they have now (odd), so no
+        // reader and no kernel key read ever sees an even count on a
+        // half-written node.
+        unsafe {
+            let now = NodeState::from_parts(&copy_words(self.live), &copy_words(self.rest));
+            let mut v = f(now);
+            v.seqcount = seq;
+            v.keys_seq = kseq;
+            store_words(self.rest, v.rest());
+            store_words(self.live, v.live());
+        }
+        ks.fetch_add(1, Ordering::Release);
+        self.unlock();
+    }
+
+    /// Installs `node_id` with `keys` with a fresh state.
+    fn install(self, node_id: u32, keys: &NodeKeys) {
+        self.replace(|_| {
             let mut s = NodeState::default();
             s.set_keys(node_id, keys);
             s
         });
     }
 
-    /// Frees entry `e`.
-    fn clear(e: *mut NodeState) {
-        Self::replace(e, |_| NodeState::default());
+    /// Frees the slot.
+    fn clear(self) {
+        self.replace(|_| NodeState::default());
     }
 
-    /// Replaces the id and keys of entry `e` (key rotation), keeping the
-    /// state: writes only those fields, so nothing the kernel counts
-    /// meanwhile is lost.
-    fn rekey(e: *mut NodeState, node_id: u32, keys: &NodeKeys) {
-        let sc = Self::seqcount(e);
-        loop {
-            let s = sc.load(Ordering::Relaxed);
-            if s & 1 == 0
-                && sc
-                    .compare_exchange(s, s + 1, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-            {
-                break;
-            }
-            std::hint::spin_loop();
-        }
-        let ks = Self::keys_seq(e);
+    /// Replaces the node's id and keys (key rotation), keeping the state:
+    /// writes only those fields, so nothing the kernel counts meanwhile is
+    /// lost.
+    fn rekey(self, node_id: u32, keys: &NodeKeys) {
+        self.lock();
+        let ks = self.keys_seq();
         ks.fetch_add(1, Ordering::AcqRel);
-        // SAFETY: we hold the entry (and `keys_seq` is odd); aligned
-        // fields of a live mapping.
+        let r = self.rest;
+        // SAFETY: we hold the node (and `keys_seq` is odd); aligned fields
+        // of a live mapping.
         unsafe {
-            std::ptr::write_volatile(std::ptr::addr_of_mut!((*e).node_id), node_id);
-            std::ptr::write_volatile(std::ptr::addr_of_mut!((*e).key_epoch), keys.epoch);
-            std::ptr::write_volatile(std::ptr::addr_of_mut!((*e).key_valid), keys.valid);
-            std::ptr::write_volatile(std::ptr::addr_of_mut!((*e).key), keys.key);
+            std::ptr::write_volatile(std::ptr::addr_of_mut!((*r).node_id), node_id);
+            std::ptr::write_volatile(std::ptr::addr_of_mut!((*r).key_epoch), keys.epoch);
+            std::ptr::write_volatile(std::ptr::addr_of_mut!((*r).key_valid), keys.valid);
+            std::ptr::write_volatile(std::ptr::addr_of_mut!((*r).key), keys.key);
         }
         ks.fetch_add(1, Ordering::Release);
-        sc.fetch_add(1, Ordering::Release);
+        self.unlock();
     }
 }
 
@@ -340,10 +417,12 @@ pub struct XdpDataplane {
     index_fd: MapData,
     counters: PerCpuArray<MapData, u64>,
     config: Mutex<Array<MapData, Config>>,
-    state: StateMap,
-    /// The same array as a map (for `memlock` and the per-node lookup
+    nodes: NodeMaps,
+    /// The live array as a map (for `memlock` and the per-node lookup
     /// used to measure the read design).
-    state_map: Array<MapData, NodeState>,
+    live_map: Array<MapData, NodeLive>,
+    /// The rest array as a map (for `memlock`).
+    rest_fd: MapData,
     events: Option<RingBuf<MapData>>,
     reports_task: Option<tokio::task::JoinHandle<()>>,
     attached: Vec<Attached>,
@@ -477,7 +556,8 @@ impl XdpDataplane {
         let pin_paths: Vec<(&str, PathBuf)> = match &opts.pin_dir {
             Some(dir) => [
                 names::NODE_INDEX,
-                names::NODE_STATE,
+                names::NODE_LIVE,
+                names::NODE_REST,
                 names::COUNTERS,
                 names::CONFIG,
                 names::LIMITS,
@@ -495,7 +575,8 @@ impl XdpDataplane {
                 bail!("a capacity of {n} nodes is out of range (1 to {MAX_NODES})");
             }
             loader.map_max_entries(names::NODE_INDEX, 1 + index::buckets_for(n));
-            loader.map_max_entries(names::NODE_STATE, n);
+            loader.map_max_entries(names::NODE_LIVE, n);
+            loader.map_max_entries(names::NODE_REST, n);
         }
         let mut ebpf = loader
             .load(opts.object.unwrap_or(crate::EBPF_OBJECT))
@@ -526,12 +607,27 @@ impl XdpDataplane {
 
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::COUNTERS)?)?;
         let config = Array::try_from(take_map(&mut ebpf, names::CONFIG)?)?;
-        let state_map = take_map(&mut ebpf, names::NODE_STATE)?;
-        let Map::Array(state_data) = &state_map else {
-            bail!("map {} is not an array", names::NODE_STATE);
+        let live_map = take_map(&mut ebpf, names::NODE_LIVE)?;
+        let Map::Array(live_data) = &live_map else {
+            bail!("map {} is not an array", names::NODE_LIVE);
         };
-        let state = StateMap::new(state_data, names::NODE_STATE)?;
-        let state_map = Array::try_from(state_map)?;
+        let live = Mapping::new(live_data, names::NODE_LIVE)?;
+        let live_map = Array::try_from(live_map)?;
+        let Map::Array(rest_fd) = take_map(&mut ebpf, names::NODE_REST)? else {
+            bail!("map {} is not an array", names::NODE_REST);
+        };
+        let rest = Mapping::new(&rest_fd, names::NODE_REST)?;
+        if live.len != rest.len {
+            bail!(
+                "pinned maps {} and {} hold {} and {} nodes: remove {} (losing node state)",
+                names::NODE_LIVE,
+                names::NODE_REST,
+                live.len,
+                rest.len,
+                opts.pin_dir.as_deref().unwrap_or(Path::new("?")).display()
+            );
+        }
+        let nodes = NodeMaps { live, rest };
         let Map::Array(index_fd) = take_map(&mut ebpf, names::NODE_INDEX)? else {
             bail!("map {} is not an array", names::NODE_INDEX);
         };
@@ -561,8 +657,9 @@ impl XdpDataplane {
             index_fd,
             counters,
             config: Mutex::new(config),
-            state,
-            state_map,
+            nodes,
+            live_map,
+            rest_fd,
             events: Some(events),
             reports_task: None,
             attached: Vec::new(),
@@ -681,14 +778,15 @@ impl XdpDataplane {
 
     /// A consistent copy of the state at `slot`.
     pub fn state(&self, slot: u32) -> Option<NodeState> {
-        self.state.entry(slot).map(StateMap::read)
+        self.nodes.entry(slot).map(Entry::read)
     }
 
-    /// The state at `slot` through one `BPF_MAP_LOOKUP_ELEM` syscall: the
-    /// alternative design [`READ_DESIGN`] measures against. Not consistent
-    /// with respect to the seqcount (the kernel copies without it).
-    pub fn state_by_syscall(&self, slot: u32) -> anyhow::Result<NodeState> {
-        Ok(self.state_map.get(&slot, 0)?)
+    /// The live line at `slot` through one `BPF_MAP_LOOKUP_ELEM` syscall:
+    /// the alternative design [`READ_DESIGN`] measures against. Not
+    /// consistent with respect to the seqcount (the kernel copies without
+    /// it).
+    pub fn live_by_syscall(&self, slot: u32) -> anyhow::Result<NodeLive> {
+        Ok(self.live_map.get(&slot, 0)?)
     }
 
     /// Kernel memory of each map (`memlock` in /proc/self/fdinfo), by name.
@@ -701,9 +799,10 @@ impl XdpDataplane {
         let fds = [
             (names::NODE_INDEX, self.index_fd.fd().as_fd().as_raw_fd()),
             (
-                names::NODE_STATE,
-                self.state_map.map().fd().as_fd().as_raw_fd(),
+                names::NODE_LIVE,
+                self.live_map.map().fd().as_fd().as_raw_fd(),
             ),
+            (names::NODE_REST, self.rest_fd.fd().as_fd().as_raw_fd()),
             (
                 names::COUNTERS,
                 self.counters.map().fd().as_fd().as_raw_fd(),
@@ -737,7 +836,7 @@ impl XdpDataplane {
 
     /// Capacity of the node maps.
     pub fn capacity(&self) -> u32 {
-        self.state.len
+        self.nodes.len()
     }
 
     /// Buckets of the node index (besides its header).
@@ -841,7 +940,7 @@ async fn pump_reports(ring: RingBuf<MapData>, tx: mpsc::Sender<Report>) {
 impl Dataplane for XdpDataplane {
     fn upsert_node(&self, node_id: u32, keys: &NodeKeys) -> anyhow::Result<()> {
         anyhow::ensure!(node_id != 0, "node id 0 is reserved");
-        let Some(to) = self.state.entry(keys.slot) else {
+        let Some(to) = self.nodes.entry(keys.slot) else {
             bail!(
                 "slot {} is beyond the capacity of {} nodes",
                 keys.slot,
@@ -851,33 +950,33 @@ impl Dataplane for XdpDataplane {
         let mut ix = self.index();
         match ix.get(node_id) {
             // Key rotation: the state stays.
-            Some(slot) if slot == keys.slot => StateMap::rekey(to, node_id, keys),
+            Some(slot) if slot == keys.slot => to.rekey(node_id, keys),
             Some(old) => {
                 // Moved: the state goes along, the index follows, the old
                 // slot is freed.
-                match self.state.entry(old) {
+                match self.nodes.entry(old) {
                     Some(from) => {
-                        let s = StateMap::read(from);
-                        StateMap::replace(to, |_| {
+                        let s = from.read();
+                        to.replace(|_| {
                             let mut t = s;
                             t.set_keys(node_id, keys);
                             t
                         });
                     }
-                    None => StateMap::install(to, node_id, keys),
+                    None => to.install(node_id, keys),
                 }
                 ix.set(node_id, keys.slot)
                     .expect("an indexed node is updated in place");
-                if let Some(from) = self.state.entry(old) {
-                    StateMap::clear(from);
+                if let Some(from) = self.nodes.entry(old) {
+                    from.clear();
                 }
             }
             None => {
                 // The state first: the kernel never finds the node before
                 // its keys are there.
-                StateMap::install(to, node_id, keys);
+                to.install(node_id, keys);
                 if let Err(e) = ix.set(node_id, keys.slot) {
-                    StateMap::clear(to);
+                    to.clear();
                     return Err(anyhow!(e).context(format!(
                         "cannot provision node {node_id} in {}",
                         names::NODE_INDEX
@@ -894,9 +993,9 @@ impl Dataplane for XdpDataplane {
         // one that already did finds another id (or none) there once it is
         // cleared.
         if let Some(slot) = ix.remove(node_id)
-            && let Some(e) = self.state.entry(slot)
+            && let Some(e) = self.nodes.entry(slot)
         {
-            StateMap::clear(e);
+            e.clear();
         }
         Ok(())
     }
@@ -905,11 +1004,11 @@ impl Dataplane for XdpDataplane {
         let ix = self.index();
         let mut out = Vec::new();
         for (id, slot) in ix.entries() {
-            let Some(e) = self.state.entry(slot) else {
+            let Some(e) = self.nodes.entry(slot) else {
                 tracing::warn!(node_id = id, slot, "indexed beyond the node state; ignored");
                 continue;
             };
-            let s = StateMap::read(e);
+            let s = e.read();
             if s.node_id != id {
                 tracing::warn!(
                     node_id = id,
@@ -925,30 +1024,32 @@ impl Dataplane for XdpDataplane {
     }
 
     fn read_states(&self, slots: Range<u32>, f: &mut dyn FnMut(u32, &NodeState)) {
-        let end = slots.end.min(self.state.len);
+        let end = slots.end.min(self.nodes.len());
         for slot in slots.start..end {
-            if let Some(e) = self.state.entry(slot) {
-                f(slot, &StateMap::read(e));
+            if let Some(e) = self.nodes.entry(slot) {
+                f(slot, &e.read());
             }
         }
     }
 
     fn read_live(&self, slots: Range<u32>, f: &mut LiveFn) {
-        let end = slots.end.min(self.state.len);
+        let end = slots.end.min(self.nodes.len());
         for slot in slots.start..end {
-            if let Some(e) = self.state.entry(slot) {
-                f(slot, &StateMap::read_live(e), &|| StateMap::read(e));
+            if let Some(e) = self.nodes.entry(slot) {
+                self.nodes.prefetch_live(slot + PREFETCH_AHEAD, end);
+                f(slot, &e.read_live(), &|| e.read());
             }
         }
     }
 
     fn set_requested_interval(&self, slot: u32, interval_ms: u32) {
-        if let Some(e) = self.state.entry(slot) {
+        if let Some(e) = self.nodes.entry(slot) {
             // Only the kernel reads this field and only userspace writes
             // it: a plain atomic store, outside the seqcount protocol.
             // SAFETY: aligned u32 in the live writable mapping.
-            let a =
-                unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*e).requested_interval_ms)) };
+            let a = unsafe {
+                AtomicU32::from_ptr(std::ptr::addr_of_mut!((*e.rest).requested_interval_ms))
+            };
             a.store(interval_ms, Ordering::Relaxed);
         }
     }

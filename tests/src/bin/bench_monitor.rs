@@ -53,7 +53,7 @@ use hb::{
 use hb_common::maps::names;
 use hb_common::{
     Datagram, GateResult, Kind, NodeKey,
-    maps::{NodeKeys, NodeState},
+    maps::{NodeKeys, NodeLive},
 };
 use hb_tests::{bench::pin, frames::Udp};
 
@@ -270,7 +270,7 @@ fn bench(n: u32, ticks: usize) -> Row {
     for _ in 0..ticks {
         now += 10 * MS;
         let (t0, c0) = (Instant::now(), thread_cpu_ms());
-        dp.read_states(0..core.table.len(), &mut |_, st: &NodeState| {
+        dp.read_live(0..core.table.len(), &mut |_, st: &NodeLive, _| {
             let phi = detector::phi(st, now, &p);
             let (mean, _) = detector::moments_ms(st, &p);
             let silence = now.saturating_sub(st.last_arrival_ns) as f64 / 1e6;
@@ -283,7 +283,7 @@ fn bench(n: u32, ticks: usize) -> Row {
     let mut floor_cpu = Vec::with_capacity(ticks);
     for _ in 0..ticks {
         let c0 = thread_cpu_ms();
-        dp.read_states(0..core.table.len(), &mut |_, st: &NodeState| {
+        dp.read_live(0..core.table.len(), &mut |_, st: &NodeLive, _| {
             sink = sink.wrapping_add(st.accepted ^ st.last_arrival_ns);
         });
         floor_cpu.push(thread_cpu_ms() - c0);
@@ -369,7 +369,7 @@ fn main() {
     println!(
         "Steady state (every node healthy), `MemDataplane`, one core (pinned to CPU {cpu}{}), {ticks} ticks per size. \
          Baseline: the same scan evaluating phi (exp + log10) for every node. \
-         Scan floor: the dataplane's `read_states` over every node doing nothing but read it. \
+         Scan floor: the dataplane's `read_live` (what the tick reads) over every node doing nothing but read it. \
          Wall times depend on the machine's load; CPU times are the tick thread's own. \
          RSS: the process' resident memory after the size's run, and its growth per node. \
          Native: the same tick over the kernel maps of the XDP dataplane (the production path), \
