@@ -1260,36 +1260,50 @@ fn report(
                     fmt_spread(&prog, 1)
                 },
             );
-            per_mode.push((summary(&total).0, summary(&net).0, summary(&net_skb).0));
+            per_mode.push((
+                summary(&total).0,
+                summary(&net).0,
+                summary(&net_skb).0,
+                summary(&prog).0,
+                summary(&mon).0,
+            ));
         }
+        // Native's cost from its program's own time instead of the NAPI
+        // thread's: hb_xdp's minus hb_floor's (bpf_stats, same overhead in
+        // both), plus the monitor process; free of the wake-up noise that
+        // makes the NAPI thread's figure spread at low rates.
+        let by_program = (per_mode[1].3 - per_mode[0].3 + per_mode[1].4) / 1e3;
         ratios.push((
             *rate,
             per_mode[1].0 / per_mode[3].0,
             per_mode[1].1 / per_mode[3].1,
             per_mode[1].1 / per_mode[3].2,
+            by_program / per_mode[3].1,
         ));
     }
     println!();
     let line = ratios
         .iter()
-        .map(|(r, raw, net, strict)| {
+        .map(|(r, raw, net, strict, prog)| {
             format!(
-                "{}: **{net:.2}** above the XDP floor ({raw:.2} raw, {strict:.2} against userspace above the skb floor)",
+                "{}: **{net:.2}** above the XDP floor ({prog:.2} with native's cost from its program's time; {raw:.2} raw; {strict:.2} against userspace above the skb floor)",
                 rate_name(*r)
             )
         })
         .collect::<Vec<_>>()
         .join("; ");
-    /// (rate, raw, above the XDP floor, against userspace above the skb floor)
-    type Ratio = (Option<u64>, f64, f64, f64);
+    /// (rate, raw, above the XDP floor, against userspace above the skb
+    /// floor, native by its program's time)
+    type Ratio = (Option<u64>, f64, f64, f64, f64);
     let met = |f: fn(&Ratio) -> f64| {
         let n = ratios.iter().filter(|r| f(r) <= 0.2).count();
         format!("{n} of {}", ratios.len())
     };
     println!(
         "**Native XDP / userspace, monitor CPU per accepted heartbeat:** {line}. \
-         Goal: at most 0.20; met at {} rates above the XDP floor, {} raw, {} in the stricter comparison.\n",
+         Goal: at most 0.20; met at {} rates above the XDP floor, {} with native's cost from its program's time, {} raw, {} in the stricter comparison.\n",
         met(|r| r.2),
+        met(|r| r.4),
         met(|r| r.1),
         met(|r| r.3)
     );
