@@ -369,7 +369,10 @@ struct NodeMemory {
     decision: Option<Decision>,
 }
 
-/// The Q-learning controller.
+/// The Q-learning controller. `Clone` copies the table, the RNG and the
+/// per-node memory: the benchmark evaluates one trained controller on
+/// several seeds, each from the same starting point.
+#[derive(Clone)]
 pub struct QController {
     cfg: Config,
     grid: Grid,
