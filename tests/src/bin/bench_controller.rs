@@ -5,41 +5,54 @@
 //!
 //! # How each comparison is made, so it is fair to the fixed interval
 //! 1. The *training seed* (`--seed` mixed with a salt) is seen before the
-//!    evaluation, nothing else is. The fixed interval runs on it; its p99
-//!    detection time there (+5%, the tolerance of "matching" below)
-//!    becomes the detection target of a fresh controller: the operator's
-//!    question "I get this detection time from a fixed interval today;
-//!    can the controller deliver it for fewer heartbeats?". The controller
-//!    then trains on the same training seed (`--train-hours`, exploring).
+//!    evaluation, nothing else is. The fixed interval runs on it for
+//!    `--train-hours` (3 h of `--nodes` nodes: as many crashes as the
+//!    evaluation pools); its p99 detection time there becomes the
+//!    detection target of a fresh controller: the operator's question "I
+//!    get this detection time from a fixed interval today; can the
+//!    controller deliver it for fewer heartbeats?". The controller then
+//!    trains on the same training seed for as long (exploring).
 //! 2. Evaluation on `--seeds K` unseen seeds (`--seed`, `--seed + 1`, ...),
 //!    `--nodes` nodes for `--hours` each. On each seed the fixed interval
 //!    and a copy of the trained controller (greedy, epsilon 0; it keeps
 //!    learning from what it sees, as in the monitor) face the same paths,
 //!    crashes, stalls and spikes. Every copy starts from the same trained
 //!    table, so the seeds are independent repetitions.
-//! 3. The issue's goal per comparison, unchanged: the controller's p99
-//!    detection is within 5% of the fixed interval's while sending at
-//!    least 40% fewer heartbeats, or its p99 is lower at a heartbeat rate
-//!    at most 5% higher; and it has no more false suspicions. The verdict
-//!    is taken on the *pooled* evaluation (every crash of every seed; the
+//! 3. The issue's goal per comparison: the controller's p99 detection is
+//!    at most 5% above the fixed interval's while sending at least 40%
+//!    fewer heartbeats, or more than 5% below it at a heartbeat rate at
+//!    most 5% higher; and it has no more false suspicions. The verdict is
+//!    taken on the *pooled* evaluation (every crash of every seed; the
 //!    heartbeats and false suspicions summed); the `seeds` column says on
 //!    how many of the K seeds alone the same verdict (PASS or FAIL) comes
 //!    out, so a verdict that flips between seeds shows as one.
 //!
 //! ## What this replaced, and why
-//! Until stop 7 the benchmark ran 100 nodes for 1 hour on one evaluation
-//! seed (`--nodes 100 --seeds 1` reproduces that shape): about 280
-//! crashes per policy, so the p99 was the third-largest detection time.
-//! It moved more between seeds than the 5% the goal allows: fixed 1 s on
-//! `mixed` gave a p99 of 2521, 1596, 3746, 2646 and 1928 ms on seeds 1 to
-//! 5, on `bursty-loss` 3073 to 3907 ms; even at 300 nodes one seed's p99
-//! still spans 1643 to 2280 ms (`mixed`). The controller also trained on
-//! a seed derived from the evaluation seed; now it trains on the seed its
-//! targets come from: the same separation, with one training run per
-//! comparison. The defaults (300 nodes, 3 seeds: ~2,500 crashes per
-//! policy, the p99 is about the 25th-largest) keep the whole benchmark
-//! within a few minutes on two cores; where a verdict still flips between
-//! seeds, the `seeds` column shows it.
+//! - **Sample size.** Until stop 7 the benchmark ran 100 nodes for 1 hour
+//!   on one evaluation seed (`--nodes 100 --seeds 1 --train-hours 1`
+//!   reproduces that shape): about 280 crashes per policy, so the p99 was
+//!   the third-largest detection time. It moved more between seeds than
+//!   the 5% the goal allows: fixed 1 s on `mixed` gave a p99 of 2521,
+//!   1596, 3746, 2646 and 1928 ms on seeds 1 to 5, on `bursty-loss` 3073
+//!   to 3907 ms; even at 300 nodes one seed's p99 still spans 1643 to
+//!   2280 ms (`mixed`). The defaults (300 nodes, 3 seeds: ~2,500 crashes
+//!   per policy, the p99 is about the 25th-largest) keep the whole
+//!   benchmark within a few minutes on two cores; where a verdict still
+//!   flips between seeds, the `seeds` column shows it.
+//! - **Training.** The controller trained 1 h on a seed derived from the
+//!   evaluation seed; now it trains on the seed its targets come from:
+//!   the same separation, one training run per comparison.
+//! - **The target** was the training seed's p99 +5%. The 5% is the
+//!   verdict's allowance for the difference between seeds, not a budget:
+//!   a controller told to aim at the edge of the allowance lands on it,
+//!   and any seed difference then fails (or passes) it. The target is now
+//!   the fixed interval's p99 itself.
+//! - **"Detects faster"** counted any p99 below the fixed interval's, by
+//!   however little; a tie then passed or failed by the toss of a coin
+//!   (`load-spikes` and `pauses` at 100 ms "passed" with p99 -0%, on one
+//!   or two of three seeds). It now needs the p99 more than 5% below: the
+//!   same 5% that makes "matches" (and "equal rate"). The `old rule`
+//!   column keeps the previous verdict visible.
 //!
 //! # What no policy can do: the mixture bound
 //! A policy that steers a node between interval levels spends a fraction
@@ -73,7 +86,7 @@
 //! of the grid (`--no-frontier` skips it and the mixture bound).
 //!
 //! Options: `--nodes N` (300), `--seed N` (1), `--seeds K` (3),
-//! `--hours H` (1), `--train-hours H` (1), `--scenario NAME` (repeatable;
+//! `--hours H` (1), `--train-hours H` (3), `--scenario NAME` (repeatable;
 //! default all), `--threads N` (2), `--weights ...` (the controller's
 //! reward weights, as `hb simulate --weights`), `--no-frontier`,
 //! `--frontier-seeds F` (1). `HB_BENCH_TRACE=1` prints each job's wall
@@ -118,7 +131,7 @@ fn opts() -> anyhow::Result<Opts> {
         seed: 1,
         seeds: 3,
         hours: 1.0,
-        train_hours: 1.0,
+        train_hours: 3.0,
         scenarios: Vec::new(),
         threads: 2,
         weights: None,
@@ -211,6 +224,28 @@ impl Pooled {
 
     fn mean_interval_ms(&self) -> f64 {
         self.runs.iter().map(|r| r.mean_interval_ms).sum::<f64>() / self.runs.len() as f64
+    }
+
+    /// Heartbeats/node/s, p99 detection and false suspicions per
+    /// node-hour of the nodes of profile `k`.
+    fn profile(&self, k: usize) -> Option<(String, f64, f64, f64)> {
+        let name = self.runs.first()?.profiles.get(k)?.profile.clone();
+        let (mut hb, mut node_s, mut fs) = (0.0, 0.0, 0.0);
+        let mut det = Vec::new();
+        for r in &self.runs {
+            let p = r.profiles.get(k)?;
+            let ns = p.nodes as f64 * r.duration_s;
+            hb += p.heartbeats_per_node_s * ns;
+            node_s += ns;
+            fs += p.false_suspicions as f64;
+            det.extend_from_slice(&p.detections_ms);
+        }
+        Some((
+            name,
+            hb / node_s,
+            Summary::of(det).p99,
+            fs / (node_s / 3600.0),
+        ))
     }
 
     fn outcome(&self) -> Outcome {
@@ -348,10 +383,13 @@ fn run_job(job: Job, scenarios: &[Scenario], o: &Opts) -> anyhow::Result<Done> {
             fixed_on_eval_seeds(s, ms, o.frontier_seeds.min(o.seeds), o)?,
         ),
         Job::Pair(_, ms) => {
-            let reference = run_policy(&o.sim(s, o.train_seed(), o.hours), &mut Policy::Fixed(ms))?;
+            let reference = run_policy(
+                &o.sim(s, o.train_seed(), o.train_hours),
+                &mut Policy::Fixed(ms),
+            )?;
             // The target: what this fixed interval delivered on the
-            // training seed, with the 5% the verdict allows for "matching".
-            let target_ms = (reference.detection_ms.p99 * 1.05).round();
+            // training seed (see the module docs for why not +5%).
+            let target_ms = reference.detection_ms.p99.round();
             Done::Pair(Pair {
                 fixed_ms: ms,
                 target_ms,
@@ -366,17 +404,21 @@ fn run_job(job: Job, scenarios: &[Scenario], o: &Opts) -> anyhow::Result<Done> {
     })
 }
 
-/// The issue's goal for one comparison (unchanged since stop 6).
+/// The issue's goal for one comparison, with one tolerance for "the same
+/// p99": within 5% either way. "Matches the p99" is at most 5% above it;
+/// "detects faster" is more than 5% below it (at most 5% more heartbeats).
 fn verdict(f: Outcome, q: Outcome) -> String {
     let (fp, qp) = (f.p99, q.p99);
     let (fr, qr) = (f.rate, q.rate);
     let fs_ok = q.fs <= f.fs;
     let matched = qp <= fp * 1.05 && qr <= fr * 0.6;
-    let faster = qp < fp && qr <= fr * 1.05;
+    let faster = qp < fp * 0.95 && qr <= fr * 1.05;
     let mut why = Vec::new();
     if !(matched || faster) {
         if qp > fp * 1.05 {
             why.push(format!("p99 {:+.0}%", (qp / fp - 1.0) * 100.0));
+        } else if qp >= fp * 0.95 && qr <= fr * 1.05 {
+            why.push(format!("same p99 ({:+.0}%)", (qp / fp - 1.0) * 100.0));
         }
         if qr > fr * 0.6 {
             why.push(format!("rate {:+.0}%", (qr / fr - 1.0) * 100.0));
@@ -394,6 +436,17 @@ fn verdict(f: Outcome, q: Outcome) -> String {
     } else {
         format!("FAIL ({})", why.join(", "))
     }
+}
+
+/// The verdict as stops 6 and 7 computed it: any p99 below the fixed
+/// interval's, by however little, counted as "detects faster". Between
+/// seeds the p99 moves by several percent, so a controller that merely
+/// ties passed or failed by the toss of a coin (`load-spikes` and
+/// `pauses` at 100 ms: p99 -0%, PASS on one or two of three seeds).
+fn passes_before_stop_8(f: Outcome, q: Outcome) -> bool {
+    let matched = q.p99 <= f.p99 * 1.05 && q.rate <= f.rate * 0.6;
+    let faster = q.p99 < f.p99 && q.rate <= f.rate * 1.05;
+    (matched || faster) && q.fs <= f.fs
 }
 
 /// Share of the sorted sample `d` above `t`.
@@ -566,17 +619,17 @@ fn main() -> anyhow::Result<()> {
         wall
     );
     println!(
-        "Each fixed interval's p99 detection time on the training seed (+5%) is the matched controller's \
-         target. Goal per row: qlearn's p99 within 5% of the fixed interval's with >=40% fewer heartbeats, \
-         or a lower p99 at <=5% more heartbeats; and no more false suspicions (FS). Figures pool every \
-         evaluation seed; `seeds` counts the seeds on which that seed's runs alone give the same verdict.\n"
+        "Each fixed interval's p99 detection time on the training seed is the matched controller's \
+         target. Goal per row: qlearn's p99 at most 5% above the fixed interval's with >=40% fewer \
+         heartbeats, or more than 5% below it at <=5% more heartbeats; and no more false suspicions (FS). \
+         Figures pool every evaluation seed; `seeds` counts the seeds on which that seed's runs alone \
+         give the same verdict.\n"
     );
     println!(
-        "| scenario | fixed | hb/node/s | det mean ms | det p99 ms | FS/node-h | qlearn target ms | hb/node/s | det mean ms | det p99 ms | FS/node-h | heartbeats | p99 | verdict | seeds |"
+        "| scenario | fixed | hb/node/s | det mean ms | det p99 ms | FS/node-h | qlearn target ms | hb/node/s | det mean ms | det p99 ms | FS/node-h | heartbeats | p99 | verdict | seeds | old rule |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|");
-    let mut pass = 0;
-    let mut total = 0;
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|");
+    let (mut pass, mut robust, mut old_pass, mut total) = (0, 0, 0, 0);
     for r in &results {
         for p in &r.pairs {
             let Some(f) = r.fixed(p.fixed_ms) else {
@@ -593,11 +646,14 @@ fn main() -> anyhow::Result<()> {
                         == v.starts_with("PASS")
                 })
                 .count();
+            let old = passes_before_stop_8(f.outcome(), q.outcome());
             total += 1;
             pass += v.starts_with("PASS") as usize;
+            robust += (v.starts_with("PASS") && agree == q.runs.len()) as usize;
+            old_pass += old as usize;
             let (fd, qd) = (f.detection(), q.detection());
             println!(
-                "| {} | fixed:{} | {:.3} | {:.0} | {:.0} | {:.2} | {:.0} | {:.3} | {:.0} | {:.0} | {:.2} | {:+.0}% | {:+.0}% | {} | {}/{} |",
+                "| {} | fixed:{} | {:.3} | {:.0} | {:.0} | {:.2} | {:.0} | {:.3} | {:.0} | {:.0} | {:.2} | {:+.0}% | {:+.0}% | {} | {}/{} | {} |",
                 r.scenario.name,
                 p.fixed_ms,
                 f.rate(),
@@ -613,11 +669,48 @@ fn main() -> anyhow::Result<()> {
                 (qd.p99 / fd.p99 - 1.0) * 100.0,
                 v,
                 agree,
-                q.runs.len()
+                q.runs.len(),
+                if old { "PASS" } else { "FAIL" }
             );
         }
     }
-    println!("\nGoal met in {pass} of {total} comparisons.\n");
+    println!(
+        "\nGoal met in {pass} of {total} comparisons ({robust} of them on every seed alone); \
+         by the rule before stop 8 (`old rule`: any lower p99 counts as faster) in {old_pass}.\n"
+    );
+
+    for r in results.iter().filter(|r| r.scenario.profiles.len() > 1) {
+        println!(
+            "### `{}` by node profile: where each policy spends its heartbeats\n",
+            r.scenario.name
+        );
+        println!("hb/node/s, det p99 ms, FS/node-h of each profile's nodes (pooled seeds).\n");
+        println!("| profile | fixed | fixed: hb / p99 / FS | qlearn: hb / p99 / FS | heartbeats |");
+        println!("|---|---|---:|---:|---:|");
+        for p in &r.pairs {
+            let Some(f) = r.fixed(p.fixed_ms) else {
+                continue;
+            };
+            for k in 0..r.scenario.profiles.len() {
+                let (Some(fp), Some(qp)) = (f.profile(k), p.qlearn.profile(k)) else {
+                    continue;
+                };
+                println!(
+                    "| {} | fixed:{} | {:.3} / {:.0} / {:.2} | {:.3} / {:.0} / {:.2} | {:+.0}% |",
+                    fp.0,
+                    p.fixed_ms,
+                    fp.1,
+                    fp.2,
+                    fp.3,
+                    qp.1,
+                    qp.2,
+                    qp.3,
+                    (qp.1 / fp.1 - 1.0) * 100.0
+                );
+            }
+        }
+        println!();
+    }
 
     if o.frontier {
         println!("### The mixture bound: what any mix of fixed levels reaches\n");
