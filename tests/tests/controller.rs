@@ -162,9 +162,12 @@ fn qlearn_changes_a_live_senders_interval_through_acks() {
     };
 
     // 1. The controller asks for a slower interval; the ACK carries it and
-    //    the sender reports using it.
+    //    the sender reports using it. A fresh table holds where the node
+    //    is until exploration (epsilon 0.2, one decision a second) has
+    //    tried a step slower and found it cheaper: usually within 20 s,
+    //    and not within 120 s with a chance of about 1e-4.
     let path = format!("/nodes/{NODE}");
-    let deadline = Instant::now() + Duration::from_secs(40);
+    let deadline = Instant::now() + Duration::from_secs(120);
     let node = loop {
         let n = json(&pair.a, &path);
         let iv = n["interval_ms"].as_u64().unwrap_or(0);
@@ -179,7 +182,7 @@ fn qlearn_changes_a_live_senders_interval_through_acks() {
         std::thread::sleep(Duration::from_millis(100));
     };
     let adopted = node["interval_ms"].as_u64().unwrap();
-    let levels = [147u64, 215, 316, 464, 681, 1000, 1468, 2154, 3162, 4642];
+    let levels = [150u64, 200, 300, 500, 700, 1000, 1500, 2000, 3000, 5000];
     assert!(
         levels.contains(&adopted),
         "{}",
@@ -188,7 +191,8 @@ fn qlearn_changes_a_live_senders_interval_through_acks() {
     let d = &node["last_decision"];
     assert_eq!(d["policy"], "qlearn", "{node}");
     assert!(
-        ["greedy", "explore", "no_data", "cap"].contains(&d["reason"].as_str().unwrap_or("")),
+        ["greedy", "explore", "settling", "no_data", "cap"]
+            .contains(&d["reason"].as_str().unwrap_or("")),
         "{node}"
     );
     assert!(

@@ -66,13 +66,23 @@ pub fn render(t: &TableFile, limit: usize) -> String {
     let r = &t.rewards;
     let _ = writeln!(
         out,
-        "rewards: n={} mean={:.4} min={:.4} max={:.4}; modelled detection mean {:.0} ms, {} periods over target",
-        r.count, r.mean, r.min, r.max, r.mean_detection_ms, r.over_target
+        "rewards: n={} mean={:.4} min={:.4} max={:.4}; modelled detection mean {:.0} ms, {} periods over target, \
+         modelled late share {:.4} (the p99 goal: <= 0.01)",
+        r.count, r.mean, r.min, r.max, r.mean_detection_ms, r.over_target, r.mean_late_share
     );
     let _ = writeln!(
         out,
-        "\n{:>9} {:>9} {:>10} {:>9} {:>11} {:>8} {:>9} {:>9} {:>9}  greedy",
-        "rtt", "loss", "jitter", "load", "interval_ms", "visits", "q_slower", "q_hold", "q_faster"
+        "\n{:>9} {:>9} {:>10} {:>9} {:>10} {:>11} {:>8} {:>9} {:>9} {:>9}  greedy",
+        "rtt",
+        "loss",
+        "jitter",
+        "load",
+        "headroom",
+        "interval_ms",
+        "visits",
+        "q_slower",
+        "q_hold",
+        "q_faster"
     );
     let n = if limit == 0 { t.rows.len() } else { limit };
     let mut rows: Vec<_> = t.rows.iter().collect();
@@ -81,11 +91,12 @@ pub fn render(t: &TableFile, limit: usize) -> String {
         let s = &row.state;
         let _ = writeln!(
             out,
-            "{:>9} {:>9} {:>10} {:>9} {:>11} {:>8} {:>9.4} {:>9.4} {:>9.4}  {}",
+            "{:>9} {:>9} {:>10} {:>9} {:>10} {:>11} {:>8} {:>9.4} {:>9.4} {:>9.4}  {}",
             s.rtt,
             s.loss,
             s.jitter,
             s.load,
+            s.headroom,
             s.interval_ms,
             row.visits,
             row.q[0],

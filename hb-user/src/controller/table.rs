@@ -6,9 +6,14 @@
 //! Only visited rows are stored, each with its state spelled out for
 //! people (`hb controller show` prints the file without a running monitor)
 //! and its index for the program. Loading checks that the file was learned
-//! with the same interval levels and bucket edges as the running
-//! controller: a table whose rows mean something else is refused with a
-//! clear error, never silently misread.
+//! with the same layout (version), interval levels, bucket edges and
+//! detection target as the running controller: a table whose rows mean
+//! something else is refused with a clear error, never silently misread.
+//!
+//! Version 2 (stop 8) added the headroom to the state, moved the levels
+//! onto round intervals and changed the reward; a version 1 table is
+//! refused with a message that says so (its rows cannot be mapped: the
+//! headroom it never measured is part of every row).
 
 use std::{
     fs,
@@ -23,7 +28,7 @@ use super::{Action, QController, RewardStats, StateDescription, StateKey};
 /// `format` field of a table file.
 pub const FORMAT: &str = "hb-controller-table";
 /// `version` field of the table files this build writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// One visited row of the table.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -32,6 +37,8 @@ pub struct Row {
     pub index: u32,
     pub state: StateDescription,
     pub visits: u64,
+    /// How often each of slower, hold, faster has been learned from.
+    pub updates: [u64; 3],
     /// Q values of slower, hold, faster.
     pub q: [f64; 3],
     /// The greedy action in this state (informative; recomputed on load).
@@ -82,14 +89,30 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TableError + '_ {
 /// finite values), without a controller to match it against.
 pub fn read(path: &Path) -> Result<TableFile, TableError> {
     let bytes = fs::read(path).map_err(io(path))?;
-    let t: TableFile = serde_json::from_slice(&bytes).map_err(|source| TableError::Parse {
+    let parse = |source| TableError::Parse {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
     let invalid = |what: String| TableError::Invalid {
         path: path.to_path_buf(),
         what,
     };
+    // The format and version first: an older layout must be named as
+    // such, not reported as a JSON shape error.
+    #[derive(Deserialize)]
+    struct Header {
+        format: String,
+        version: u32,
+    }
+    let h: Header = serde_json::from_slice(&bytes).map_err(parse)?;
+    if h.format == FORMAT && h.version == 1 {
+        return Err(invalid(format!(
+            "version 1 was learned with another state layout and reward (before the headroom \
+             and the p99 goal); this build reads version {VERSION} only: remove the file, the \
+             controller learns afresh"
+        )));
+    }
+    let t: TableFile = serde_json::from_slice(&bytes).map_err(parse)?;
     if t.format != FORMAT {
         return Err(invalid(format!(
             "format is {:?}, expected {FORMAT:?}",
@@ -100,6 +123,12 @@ pub fn read(path: &Path) -> Result<TableFile, TableError> {
         return Err(invalid(format!(
             "version {} is not supported (this build reads version {VERSION})",
             t.version
+        )));
+    }
+    if !(t.target_detection_ms.is_finite() && t.target_detection_ms > 0.0) {
+        return Err(invalid(format!(
+            "target detection time {} ms is not a positive number",
+            t.target_detection_ms
         )));
     }
     if t.levels_ms.is_empty() || t.levels_ms.windows(2).any(|w| w[0] >= w[1]) {
@@ -207,12 +236,25 @@ impl QController {
                 ),
             });
         }
+        if t.target_detection_ms != self.cfg.target_detection_ms {
+            // The headroom buckets and every reward are relative to it.
+            return Err(TableError::Invalid {
+                path: path.to_path_buf(),
+                what: format!(
+                    "learned for a {} ms detection target, this controller aims at {} ms: \
+                     remove the file or set the target back",
+                    t.target_detection_ms, self.cfg.target_detection_ms
+                ),
+            });
+        }
         self.q.iter_mut().for_each(|v| *v = 0.0);
         self.visits.iter_mut().for_each(|v| *v = 0);
+        self.updates.iter_mut().for_each(|v| *v = 0);
         for r in &t.rows {
             let s = r.index as usize;
             self.q[s * 3..s * 3 + 3].copy_from_slice(&r.q);
             self.visits[s] = r.visits;
+            self.updates[s * 3..s * 3 + 3].copy_from_slice(&r.updates);
         }
         self.decisions = t.decisions;
         self.explorations = t.explorations;

@@ -67,6 +67,10 @@ pub struct Decision {
     /// Modelled worst-case detection time of that period, ms (qlearn).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub detection_ms: Option<f64>,
+    /// Modelled share of crashes detected later than the target in that
+    /// period (qlearn; its p99 goal keeps the average at or below 0.01).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub late_share: Option<f64>,
 }
 
 /// One row of `GET /nodes`.
@@ -144,6 +148,7 @@ fn row(core: &Core, slot: u32, st: &NodeState, now_ns: u64) -> NodeRow {
                 action: d.action,
                 reward: d.reward.filter(|r| r.is_finite()),
                 detection_ms: d.detection_ms.filter(|r| r.is_finite()),
+                late_share: d.late_share.filter(|r| r.is_finite()),
             }),
             None => (decided != 0).then(|| Decision {
                 interval_ms: req,
@@ -153,6 +158,7 @@ fn row(core: &Core, slot: u32, st: &NodeState, now_ns: u64) -> NodeRow {
                 action: None,
                 reward: None,
                 detection_ms: None,
+                late_share: None,
             }),
         },
     }

@@ -180,8 +180,8 @@ pub struct Opts {
     /// qlearn: the interval bounds, ms [default: 100-10000].
     #[arg(long, value_name = "MIN-MAX")]
     pub controller_bounds_ms: Option<String>,
-    /// qlearn: worst-case crash-to-suspicion time the controller aims
-    /// for, ms [default: 3000].
+    /// qlearn: the 99th-percentile crash-to-suspicion time the controller
+    /// aims for, ms [default: 3000].
     #[arg(long, value_name = "MS")]
     pub controller_target_ms: Option<f64>,
     /// qlearn: seed of the exploration (runs are reproducible) [default: 1].
@@ -307,6 +307,7 @@ impl ControllerSettings {
         thresholds: &Thresholds,
         phi: PhiParams,
         tick: Duration,
+        decision_ms: u64,
     ) -> crate::controller::Config {
         crate::controller::Config {
             min_interval_ms: self.min_interval_ms,
@@ -315,6 +316,7 @@ impl ControllerSettings {
             threshold: thresholds.suspect_phi,
             phi,
             tick_ms: tick.as_secs_f64() * 1000.0,
+            decision_period_ms: decision_ms as f64,
             seed: self.seed,
             ..crate::controller::Config::default()
         }

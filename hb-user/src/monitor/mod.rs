@@ -149,9 +149,9 @@ pub fn make_policy(s: &Settings) -> anyhow::Result<Box<dyn IntervalPolicy>> {
     });
     let fixed = match (c.kind, s.fixed_interval_ms) {
         (ControllerKind::Qlearn, _) => {
-            let ctrl =
-                crate::controller::QController::new(c.qlearn_config(&s.thresholds, s.phi, s.tick))
-                    .map_err(|e| anyhow::anyhow!("controller configuration: {e}"))?;
+            let cfg = c.qlearn_config(&s.thresholds, s.phi, s.tick, s.decision_ms);
+            let ctrl = crate::controller::QController::new(cfg)
+                .map_err(|e| anyhow::anyhow!("controller configuration: {e}"))?;
             let p = QLearnPolicy::new(ctrl, Some(c.table.clone()), critical).with_context(
                 || "cannot use the saved controller table (move it away to start learning afresh)",
             )?;

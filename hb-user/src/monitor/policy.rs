@@ -97,12 +97,15 @@ pub struct DecisionInfo {
     pub at_ns: u64,
     /// `slower`, `hold`, `faster`.
     pub action: Option<String>,
-    /// Why: `greedy`, `explore`, `no_data`, `cap`, ...
+    /// Why: `greedy`, `explore`, `settling`, `cap`, ...
     pub reason: String,
     /// Reward of the period the decision ended.
     pub reward: Option<f64>,
     /// Modelled worst-case detection time of that period, ms.
     pub detection_ms: Option<f64>,
+    /// Modelled share of crashes detected later than the target in that
+    /// period (the controller's p99 goal keeps its average at or below 1%).
+    pub late_share: Option<f64>,
 }
 
 /// No controller: no opinion, or one fixed interval for every node.
@@ -382,6 +385,7 @@ impl IntervalPolicy for QLearnPolicy {
             reason: d.reason.to_string(),
             reward: d.reward,
             detection_ms: d.detection_ms,
+            late_share: d.late_share,
         })
     }
 

@@ -104,11 +104,13 @@ fn create_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create state directory {}", dir.display()))
 }
 
-fn write_atomically(path: &Path, generation: u32) -> anyhow::Result<()> {
+/// Writes `value` as one decimal line to `path`: temporary file, fsync,
+/// rename, fsync of the directory.
+pub(super) fn write_atomically(path: &Path, value: u32) -> anyhow::Result<()> {
     let tmp: PathBuf = path.with_extension("tmp");
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
-        writeln!(f, "{generation}")?;
+        writeln!(f, "{value}")?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         if let Some(dir) = path.parent() {

@@ -12,11 +12,12 @@
 //! every monitor, so the monitor records the node as `left`, not `dead`.
 
 pub mod generation;
+pub mod resume;
 pub mod sender;
 
 use std::{
     net::{SocketAddr, ToSocketAddrs as _},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -72,8 +73,9 @@ pub struct Args {
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     pub max_interval_ms: u32,
     /// Directory that keeps the generation across restarts (created if
-    /// missing). Without it the generation is Unix seconds: two starts
-    /// within one second would collide.
+    /// missing), and the interval a monitor last asked for, which a
+    /// restart resumes at. Without it the generation is Unix seconds: two
+    /// starts within one second would collide.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 }
@@ -228,11 +230,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         None => generation::ephemeral()?,
     };
+    if let Some(dir) = &args.state_dir {
+        let stored = resume::load(dir).unwrap_or_else(|why| {
+            tracing::warn!(problem = %why, "ignoring the stored interval");
+            None
+        });
+        let iv = resume::start_interval(
+            cfg.interval_ms,
+            stored,
+            cfg.min_interval_ms,
+            cfg.max_interval_ms,
+        );
+        if iv != cfg.interval_ms {
+            tracing::info!(
+                interval_ms = iv,
+                configured_ms = cfg.interval_ms,
+                "resuming at the interval a monitor last asked for"
+            );
+            cfg.interval_ms = iv;
+        }
+    }
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(send_loop(Sender::new(cfg)))
+        .block_on(send_loop(Sender::new(cfg), args.state_dir.as_deref()))
 }
 
 /// The sockets: one per address family in use.
@@ -297,7 +319,7 @@ fn send_all(sender: &mut Sender, sockets: &Sockets, leaving: bool) {
     }
 }
 
-async fn send_loop(mut sender: Sender) -> anyhow::Result<()> {
+async fn send_loop(mut sender: Sender, state_dir: Option<&Path>) -> anyhow::Result<()> {
     let cfg = sender.config().clone();
     let sockets = Sockets::bind(&cfg.monitors).await?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
@@ -324,8 +346,8 @@ async fn send_loop(mut sender: Sender) -> anyhow::Result<()> {
                 // fresh rhythm rather than sending a burst to catch up.
                 next = (next + iv).max(Instant::now());
             }
-            r = recv(&sockets.v4, &mut buf4) => on_datagram(&mut sender, r, &buf4, &mut recv_errors, &mut next),
-            r = recv(&sockets.v6, &mut buf6) => on_datagram(&mut sender, r, &buf6, &mut recv_errors, &mut next),
+            r = recv(&sockets.v4, &mut buf4) => on_datagram(&mut sender, r, &buf4, &mut recv_errors, &mut next, state_dir),
+            r = recv(&sockets.v6, &mut buf6) => on_datagram(&mut sender, r, &buf6, &mut recv_errors, &mut next, state_dir),
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
         }
@@ -355,6 +377,7 @@ fn on_datagram(
     buf: &[u8],
     recv_errors: &mut u64,
     next: &mut Instant,
+    state_dir: Option<&Path>,
 ) {
     let (n, from) = match r {
         Ok(x) => x,
@@ -372,6 +395,12 @@ fn on_datagram(
                 // Apply it from now, not after the old (maybe 10 s) wait.
                 let now = Instant::now();
                 *next = (*next).min(now + Duration::from_millis(new as u64));
+                // A restart resumes at it (see `resume`).
+                if let Some(dir) = state_dir
+                    && let Err(e) = resume::save(dir, new)
+                {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot store the interval");
+                }
             }
         }
         Err(reason) => {

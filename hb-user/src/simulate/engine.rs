@@ -82,6 +82,8 @@ pub struct SimConfig {
     pub sender_min_ms: u32,
     pub sender_max_ms: u32,
     /// Interval a sender starts with under `qlearn` (`hb send`'s default).
+    /// A restarted sender resumes at the interval it last adopted, as
+    /// `hb send --state-dir` does.
     pub initial_interval_ms: u32,
     /// The trajectory is sampled this often, s.
     pub sample_every_s: f64,
@@ -158,6 +160,21 @@ pub struct ControllerSummary {
     pub target_detection_ms: f64,
 }
 
+/// What a run measured on the nodes of one profile (a mixed fleet has
+/// several).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProfileReport {
+    pub profile: String,
+    pub nodes: u32,
+    pub heartbeats_per_node_s: f64,
+    pub detection_ms: Summary,
+    /// Every detection time, ms (not in the JSON report).
+    #[serde(skip)]
+    pub detections_ms: Vec<f64>,
+    pub false_suspicions: u64,
+    pub false_suspicions_per_node_hour: f64,
+}
+
 /// What a run measured.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SimReport {
@@ -175,12 +192,21 @@ pub struct SimReport {
     pub missed: u64,
     /// Crash to first suspicion, ms.
     pub detection_ms: Summary,
+    /// Every detection time, ms, in the order of detection (for pooling
+    /// runs and for percentiles of mixtures; not in the JSON report).
+    #[serde(skip)]
+    pub detections_ms: Vec<f64>,
     pub false_suspicions: u64,
     pub false_suspicions_per_node_hour: f64,
     /// Time-averaged mean interval of the fleet, ms.
     pub mean_interval_ms: f64,
     pub trajectory: Vec<TrajectoryPoint>,
     pub controller_state: Option<ControllerSummary>,
+    /// The same figures per node profile, in the scenario's order.
+    pub profiles: Vec<ProfileReport>,
+    /// Share of the senders' up-time spent at each interval (ms, share),
+    /// sampled once a second.
+    pub interval_share: Vec<(u32, f64)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -190,15 +216,16 @@ enum Event {
         node: u32,
         epoch: u32,
     },
-    /// A heartbeat reaches the monitor.
+    /// A heartbeat reaches the monitor (its datagram is in
+    /// [`Payloads`] under `payload`).
     Arrive {
         node: u32,
-        payload: [u8; proto::LEN],
+        payload: u32,
     },
     /// An ACK reaches the sender.
     Ack {
         node: u32,
-        payload: [u8; proto::LEN],
+        payload: u32,
     },
     Crash {
         node: u32,
@@ -206,6 +233,35 @@ enum Event {
     Restart {
         node: u32,
     },
+}
+
+/// The datagrams in flight, out of the event heap: a heap entry stays
+/// 24 bytes instead of carrying 48 bytes of payload through every sift,
+/// which made the heap the largest cost of a fast-interval run.
+#[derive(Default)]
+struct Payloads {
+    slots: Vec<[u8; proto::LEN]>,
+    free: Vec<u32>,
+}
+
+impl Payloads {
+    fn put(&mut self, p: [u8; proto::LEN]) -> u32 {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = p;
+                i
+            }
+            None => {
+                self.slots.push(p);
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    fn take(&mut self, i: u32) -> [u8; proto::LEN] {
+        self.free.push(i);
+        self.slots[i as usize]
+    }
 }
 
 /// Sorted, disjoint `[start, end)` spans of simulated time.
@@ -261,6 +317,8 @@ struct Path {
 struct Node {
     id: u32,
     profile: Profile,
+    /// Index of `profile` in the scenario.
+    kind: usize,
     key: NodeKey,
     rng: ChaCha8Rng,
     up: Path,
@@ -338,6 +396,7 @@ struct Sim<'a, 'p> {
     dp: MemDataplane,
     nodes: Vec<Node>,
     heap: BinaryHeap<Reverse<(u64, u64, Event)>>,
+    payloads: Payloads,
     order: u64,
     end: u64,
     sent: u64,
@@ -347,6 +406,8 @@ struct Sim<'a, 'p> {
     detections: Vec<f64>,
     false_suspicions: u64,
     trajectory: Vec<TrajectoryPoint>,
+    /// Per profile: heartbeats sent, detections, false suspicions.
+    by_kind: Vec<(u64, Vec<f64>, u64)>,
 }
 
 /// Runs one simulation.
@@ -383,6 +444,7 @@ pub fn run(cfg: &SimConfig, policy: &mut Policy<'_>) -> anyhow::Result<SimReport
         dp,
         nodes: Vec::with_capacity(cfg.nodes as usize),
         heap: BinaryHeap::new(),
+        payloads: Payloads::default(),
         order: 0,
         end,
         sent: 0,
@@ -392,10 +454,12 @@ pub fn run(cfg: &SimConfig, policy: &mut Policy<'_>) -> anyhow::Result<SimReport
         detections: Vec::new(),
         false_suspicions: 0,
         trajectory: Vec::new(),
+        by_kind: vec![(0, Vec::new(), 0); cfg.scenario.profiles.len()],
     };
     for i in 0..cfg.nodes {
         let id = i + 1;
-        let profile = cfg.scenario.profiles[i as usize % cfg.scenario.profiles.len()].clone();
+        let kind = i as usize % cfg.scenario.profiles.len();
+        let profile = cfg.scenario.profiles[kind].clone();
         let key = NodeKey {
             k0: sub_seed(cfg.seed, 1, id),
             k1: sub_seed(cfg.seed, 2, id),
@@ -451,6 +515,7 @@ pub fn run(cfg: &SimConfig, policy: &mut Policy<'_>) -> anyhow::Result<SimReport
         let start = T0 + (srng.random::<f64>() * initial as f64 * MS as f64) as u64;
         sim.nodes.push(Node {
             id,
+            kind,
             key,
             rng: ChaCha8Rng::seed_from_u64(sub_seed(cfg.seed, 4, id)),
             up: Path {
@@ -484,7 +549,7 @@ pub fn run(cfg: &SimConfig, policy: &mut Policy<'_>) -> anyhow::Result<SimReport
     if let Policy::QLearn(c) = sim.policy {
         c.reset_nodes();
     }
-    sim.run(initial)
+    sim.run()
 }
 
 impl Sim<'_, '_> {
@@ -493,7 +558,7 @@ impl Sim<'_, '_> {
         self.heap.push(Reverse((t, self.order, e)));
     }
 
-    fn run(mut self, initial: u32) -> anyhow::Result<SimReport> {
+    fn run(mut self) -> anyhow::Result<SimReport> {
         let tick = self.cfg.tick_ms * MS;
         let period_ticks = (self.cfg.decision_period_ms / self.cfg.tick_ms).max(1);
         let sample_every = ((self.cfg.sample_every_s * S as f64) as u64).max(tick);
@@ -502,6 +567,10 @@ impl Sim<'_, '_> {
         let mut samples = 0u64;
         let mut t = T0;
         let mut tick_no = 0u64;
+        // Once a second: how long the senders that are up spend at each
+        // interval.
+        let second_ticks = (1000 / self.cfg.tick_ms).max(1);
+        let mut at_interval: std::collections::BTreeMap<u32, u64> = Default::default();
         while t <= self.end {
             while let Some(Reverse((et, _, _))) = self.heap.peek() {
                 if *et > t {
@@ -510,9 +579,14 @@ impl Sim<'_, '_> {
                 let Some(Reverse((et, _, e))) = self.heap.pop() else {
                     break;
                 };
-                self.handle(et, e, initial);
+                self.handle(et, e);
             }
             self.tick(t, tick_no % period_ticks, period_ticks);
+            if tick_no.is_multiple_of(second_ticks) {
+                for n in self.nodes.iter().filter(|n| n.alive) {
+                    *at_interval.entry(n.interval_ms).or_default() += 1;
+                }
+            }
             if t >= next_sample {
                 let p = self.sample(t);
                 interval_area += p.mean_ms;
@@ -538,7 +612,35 @@ impl Sim<'_, '_> {
             }),
             Policy::Fixed(_) => None,
         };
+        let profiles = self
+            .cfg
+            .scenario
+            .profiles
+            .iter()
+            .zip(std::mem::take(&mut self.by_kind))
+            .enumerate()
+            .map(|(k, (p, (sent, det, fs)))| {
+                let n = self.nodes.iter().filter(|n| n.kind == k).count() as u32;
+                let node_s = (n.max(1) as f64) * duration_s;
+                ProfileReport {
+                    profile: p.name.to_string(),
+                    nodes: n,
+                    heartbeats_per_node_s: sent as f64 / node_s,
+                    detection_ms: Summary::of(det.clone()),
+                    detections_ms: det,
+                    false_suspicions: fs,
+                    false_suspicions_per_node_hour: fs as f64 / (node_s / 3600.0),
+                }
+            })
+            .collect();
+        let node_seconds: u64 = at_interval.values().sum();
+        let interval_share = at_interval
+            .into_iter()
+            .map(|(ms, n)| (ms, n as f64 / node_seconds.max(1) as f64))
+            .collect();
         Ok(SimReport {
+            interval_share,
+            profiles,
             scenario: self.cfg.scenario.name.to_string(),
             controller: self.policy.label(),
             seed: self.cfg.seed,
@@ -550,7 +652,8 @@ impl Sim<'_, '_> {
             heartbeats_per_node_s: self.sent as f64 / (nodes as f64 * duration_s),
             crashes: self.crashes,
             missed: self.missed,
-            detection_ms: Summary::of(self.detections),
+            detection_ms: Summary::of(self.detections.clone()),
+            detections_ms: self.detections,
             false_suspicions: self.false_suspicions,
             false_suspicions_per_node_hour: self.false_suspicions as f64
                 / (nodes as f64 * duration_s / 3600.0),
@@ -564,10 +667,11 @@ impl Sim<'_, '_> {
         })
     }
 
-    fn handle(&mut self, t: u64, e: Event, initial: u32) {
+    fn handle(&mut self, t: u64, e: Event) {
         match e {
             Event::Send { node, epoch } => self.send(t, node, epoch),
             Event::Arrive { node, payload } => {
+                let payload = self.payloads.take(payload);
                 let src = SocketAddr::V4(SocketAddrV4::new(
                     Ipv4Addr::new(198, 18, (node >> 8) as u8, node as u8),
                     40000,
@@ -576,10 +680,14 @@ impl Sim<'_, '_> {
                 if let (GateResult::Accepted, Some(ack)) = (v.result, v.ack)
                     && let Some(d) = self.nodes[node as usize].transit(false, t)
                 {
-                    self.push(t + d, Event::Ack { node, payload: ack });
+                    let payload = self.payloads.put(ack);
+                    self.push(t + d, Event::Ack { node, payload });
                 }
             }
-            Event::Ack { node, payload } => self.ack(t, node, &payload),
+            Event::Ack { node, payload } => {
+                let payload = self.payloads.take(payload);
+                self.ack(t, node, &payload)
+            }
             Event::Crash { node } => {
                 let n = &mut self.nodes[node as usize];
                 n.alive = false;
@@ -597,8 +705,10 @@ impl Sim<'_, '_> {
                 n.crashed_at = None;
                 n.generation += 1;
                 n.seq = 0;
-                n.interval_ms = initial;
-                n.pending_ms = None;
+                // `hb send --state-dir` resumes at the interval a monitor
+                // last asked for (`send::resume`); under a fixed interval
+                // that is the fixed interval.
+                n.interval_ms = n.pending_ms.take().unwrap_or(n.interval_ms);
                 n.srtt_us = None;
                 let epoch = n.epoch;
                 self.push(t, Event::Send { node, epoch });
@@ -639,8 +749,12 @@ impl Sim<'_, '_> {
         let next = t + n.interval_ms as u64 * MS + n.rng.random_range(0..MS / 2);
         let transit = n.transit(true, t);
         self.sent += 1;
+        self.by_kind[n.kind].0 += 1;
         match transit {
-            Some(delay) => self.push(t + delay, Event::Arrive { node, payload }),
+            Some(delay) => {
+                let payload = self.payloads.put(payload);
+                self.push(t + delay, Event::Arrive { node, payload })
+            }
             None => self.lost += 1,
         }
         self.push(next, Event::Send { node, epoch });
@@ -674,20 +788,25 @@ impl Sim<'_, '_> {
     /// The monitor's tick: phi for every node, the suspicion bookkeeping,
     /// and the decisions of the nodes whose turn it is.
     fn tick(&mut self, t: u64, phase: u64, period_ticks: u64) {
-        let (thr, params) = (self.cfg.threshold, self.cfg.phi);
+        // phi >= threshold, compared as standardized lateness as the
+        // monitor's tick does (phi increases strictly with it): no exp or
+        // log per node per tick.
+        let (y_thr, params) = (detector::y_for_phi(self.cfg.threshold), self.cfg.phi);
         let mut decide: Vec<(u32, NodeState, u32)> = Vec::new();
         let qlearn = matches!(self.policy, Policy::QLearn(_));
         let nodes = &mut self.nodes;
+        let by_kind = &mut self.by_kind;
         let (mut fs, mut detections) = (0u64, Vec::new());
         self.dp
             .read_states(0..self.cfg.nodes, &mut |slot, st: &NodeState| {
                 let n = &mut nodes[slot as usize];
-                let suspect = detector::phi(st, t, &params) >= thr;
+                let suspect = detector::lateness(st, t, &params).is_some_and(|l| l.y >= y_thr);
                 if suspect && !n.suspected {
                     n.suspected = true;
                     n.suspect_generation = st.generation;
                     if n.alive {
                         fs += 1;
+                        by_kind[n.kind].2 += 1;
                     }
                 } else if !suspect && n.suspected {
                     n.suspected = false;
@@ -700,7 +819,9 @@ impl Sim<'_, '_> {
                     && let Some(c) = n.crashed_at
                 {
                     n.detected = true;
-                    detections.push((t - c) as f64 / MS as f64);
+                    let ms = (t - c) as f64 / MS as f64;
+                    detections.push(ms);
+                    by_kind[n.kind].1.push(ms);
                 }
                 if qlearn && slot as u64 % period_ticks == phase {
                     decide.push((n.id, *st, std::mem::take(&mut n.refuted)));

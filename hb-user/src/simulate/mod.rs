@@ -54,7 +54,8 @@ pub struct Args {
     /// qlearn: keep exploring (decaying epsilon) in the reported run.
     #[arg(long)]
     pub explore: bool,
-    /// qlearn: worst-case crash-to-suspicion time the reward aims for, ms.
+    /// qlearn: the 99th-percentile crash-to-suspicion time the controller
+    /// aims for, ms.
     #[arg(long, default_value_t = controller::Config::default().target_detection_ms)]
     pub target_ms: f64,
     /// qlearn: load this table before training if the file exists, save
@@ -78,8 +79,8 @@ pub struct Args {
     /// qlearn: multiplicative step of one action.
     #[arg(long, default_value_t = controller::Config::default().step)]
     pub step: f64,
-    /// qlearn: reward weights `late,miss,cost,load,false_suspicion`
-    /// (see `hb::controller`); default `4,1,1,1,4`.
+    /// qlearn: reward weights `late,over,cost,load,false_suspicion`
+    /// (see `hb::controller`); default `50,1,1,1,5`.
     #[arg(long, value_parser = parse_weights)]
     pub weights: Option<controller::Weights>,
     /// Print the report (with the full interval trajectory) as JSON.
@@ -122,15 +123,15 @@ pub fn parse_weights(s: &str) -> anyhow::Result<controller::Weights> {
         .map(|x| x.trim().parse::<f64>())
         .collect::<Result<_, _>>()
         .with_context(|| format!("--weights {s}: expected five numbers"))?;
-    let [late, miss, cost, load, false_suspicion] = v[..] else {
-        bail!("--weights {s}: expected five numbers: late,miss,cost,load,false_suspicion");
+    let [late, over, cost, load, false_suspicion] = v[..] else {
+        bail!("--weights {s}: expected five numbers: late,over,cost,load,false_suspicion");
     };
     if v.iter().any(|x| !x.is_finite() || *x < 0.0) {
         bail!("--weights {s}: weights must be finite and non-negative");
     }
     Ok(controller::Weights {
         late,
-        miss,
+        over,
         cost,
         load,
         false_suspicion,
@@ -197,6 +198,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 target_detection_ms: a.target_ms,
                 threshold: a.threshold,
                 tick_ms: a.tick_ms as f64,
+                decision_period_ms: a.decision_period.as_secs_f64() * 1000.0,
                 seed: a.seed,
                 weights: a.weights.unwrap_or_default(),
                 ..controller::Config::default()
@@ -274,6 +276,27 @@ pub fn render(r: &SimReport, trajectory: bool) -> String {
         r.false_suspicions, r.false_suspicions_per_node_hour
     );
     let _ = writeln!(o, "mean interval {:.0} ms", r.mean_interval_ms);
+    let shares: Vec<String> = r
+        .interval_share
+        .iter()
+        .filter(|(_, share)| *share >= 0.005)
+        .map(|(ms, share)| format!("{ms} ms {:.0}%", share * 100.0))
+        .collect();
+    let _ = writeln!(o, "time at each interval: {}", shares.join(", "));
+    if r.profiles.len() > 1 {
+        for p in &r.profiles {
+            let _ = writeln!(
+                o,
+                "  {:<10} {:>4} nodes | heartbeats/node/s {:.3} | detection ms mean {:.0} p99 {:.0} | false suspicions {:.3} per node-hour",
+                p.profile,
+                p.nodes,
+                p.heartbeats_per_node_s,
+                p.detection_ms.mean,
+                p.detection_ms.p99,
+                p.false_suspicions_per_node_hour
+            );
+        }
+    }
     if let Some(c) = &r.controller_state {
         let _ = writeln!(
             o,

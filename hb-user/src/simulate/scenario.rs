@@ -36,6 +36,9 @@ pub struct Congestion {
 /// One kind of path and sender; a scenario gives every node one profile.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Profile {
+    /// Which kind of node this is (`lan`, `wan`, ...), for per-profile
+    /// figures of a mixed fleet.
+    pub name: &'static str,
     /// One-way base delay, drawn per node uniformly in this range, ms.
     pub base_delay_ms: (f64, f64),
     /// Mean of the exponential per-packet queueing jitter, ms.
@@ -66,6 +69,7 @@ impl Profile {
     /// A calm rack: 0.1-0.3 ms, 50 us of jitter, no loss, light load.
     pub fn lan() -> Profile {
         Profile {
+            name: "lan",
             base_delay_ms: (0.1, 0.3),
             jitter_ms: 0.05,
             tail_prob: 0.0,
@@ -86,6 +90,7 @@ impl Profile {
     /// with a Pareto(20 ms, 1.5) tail, 0.2 % random loss.
     pub fn wan() -> Profile {
         Profile {
+            name: "wan",
             base_delay_ms: (10.0, 80.0),
             jitter_ms: 3.0,
             tail_prob: 0.01,
@@ -104,6 +109,7 @@ impl Profile {
     /// packets, left after ~4, losing 90 % while Bad (about 2 % overall).
     pub fn bursty() -> Profile {
         Profile {
+            name: "bursty",
             loss: GilbertElliott {
                 p_good_bad: 0.005,
                 p_bad_good: 0.25,
@@ -118,6 +124,7 @@ impl Profile {
     /// queueing, +25 ms mean jitter, 3 % loss while it lasts.
     pub fn congested() -> Profile {
         Profile {
+            name: "congested",
             base_delay_ms: (2.0, 5.0),
             jitter_ms: 0.5,
             congestion: Congestion {
@@ -134,6 +141,7 @@ impl Profile {
     /// A LAN node whose load spikes to 95 % four times an hour for ~2 min.
     pub fn spiky() -> Profile {
         Profile {
+            name: "spiky",
             load: (50, 300),
             spikes_per_hour: 4.0,
             spike_mean_s: 120.0,
@@ -145,6 +153,7 @@ impl Profile {
     /// A LAN node that stalls 6 times an hour for 0.5 to 4 s.
     pub fn pausing() -> Profile {
         Profile {
+            name: "pausing",
             pauses_per_hour: 6.0,
             pause_s: (0.5, 4.0),
             ..Profile::lan()

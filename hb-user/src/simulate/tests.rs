@@ -111,3 +111,35 @@ fn bad_arguments_are_refused() {
         assert!(Scenario::named(n).is_some(), "{n}");
     }
 }
+
+#[test]
+fn qlearn_sits_at_the_fixed_interval_whose_p99_it_is_asked_for() {
+    // A calm LAN and the p99 of a fixed 5 s (about 7.6 s) as the target:
+    // no policy beats the fixed interval there (see bench_controller's
+    // mixture bound), so the controller should tie it, not hedge at a
+    // faster level. Restarted senders resume at their interval (`hb send
+    // --state-dir`), so restarts do not knock nodes back.
+    let c = cfg("lan", 20, 60.0, 4);
+    let mut ctrl = QController::new(Config {
+        target_detection_ms: 7600.0,
+        ..Config::default()
+    })
+    .unwrap();
+    let (_, r) = run_qlearn(&c, &mut ctrl, 3.0 * 3600.0, false).unwrap();
+    let at = |ms| {
+        r.interval_share
+            .iter()
+            .find(|(l, _)| *l == ms)
+            .map_or(0.0, |(_, s)| *s)
+    };
+    assert!(at(5000) > 0.8, "{:?}", r.interval_share);
+    let fixed = run_policy(&c, &mut Policy::Fixed(5000)).unwrap();
+    assert_eq!(fixed.interval_share, vec![(5000, 1.0)]);
+    assert!(
+        r.heartbeats_per_node_s < fixed.heartbeats_per_node_s * 1.1,
+        "{} against {}",
+        r.heartbeats_per_node_s,
+        fixed.heartbeats_per_node_s
+    );
+    assert_eq!(r.false_suspicions, 0);
+}
