@@ -240,7 +240,7 @@ impl Observation {
             load_permille: now.load.min(hb_common::proto::LOAD_MAX),
             new_samples: accepted,
             new_lost: lost,
-            settled_samples: now.ia_samples,
+            settled_samples: now.ia_samples as u32,
             refuted_suspicions,
         }
     }

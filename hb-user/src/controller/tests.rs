@@ -44,7 +44,7 @@ impl SynthNode {
         // The detector's EWMA mean includes the gaps losses leave.
         self.state.ia_mean_ns = (iv as f64 * (1.0 + self.loss) * 1e6) as u64;
         self.state.ia_dev_ns = (iv as f64 * (self.jitter + 2.0 * self.loss) * 1e6) as u64;
-        self.state.ia_samples = self.state.ia_samples.saturating_add((sent - lost) as u32);
+        self.state.ia_samples = self.state.ia_samples.saturating_add((sent - lost) as u16);
         self.state.last_arrival_ns += period_ms * 1_000_000;
     }
 
@@ -483,7 +483,7 @@ fn a_step_slower_is_judged_once_the_detector_has_settled() {
         n.period(step.interval_ms as u64); // one heartbeat per period
         let d = c.observe(1, &n.state, 0);
         if d.reason != Reason::Settling {
-            assert!(n.state.ia_samples >= SETTLE_SAMPLES, "{d:?}");
+            assert!(n.state.ia_samples as u32 >= SETTLE_SAMPLES, "{d:?}");
             break;
         }
         assert_eq!((d.action, d.interval_ms), (Action::Hold, step.interval_ms));

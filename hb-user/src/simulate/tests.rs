@@ -120,8 +120,10 @@ fn qlearn_sits_at_the_fixed_interval_whose_p99_it_is_asked_for() {
     // faster level. Restarted senders resume at their interval (`hb send
     // --state-dir`), so restarts do not knock nodes back.
     let c = cfg("lan", 20, 60.0, 4);
+    let fixed = run_policy(&c, &mut Policy::Fixed(5000)).unwrap();
+    eprintln!("fixed 5 s: p99 {} ms", fixed.detection_ms.p99);
     let mut ctrl = QController::new(Config {
-        target_detection_ms: 7600.0,
+        target_detection_ms: fixed.detection_ms.p99,
         ..Config::default()
     })
     .unwrap();
@@ -133,7 +135,6 @@ fn qlearn_sits_at_the_fixed_interval_whose_p99_it_is_asked_for() {
             .map_or(0.0, |(_, s)| *s)
     };
     assert!(at(5000) > 0.8, "{:?}", r.interval_share);
-    let fixed = run_policy(&c, &mut Policy::Fixed(5000)).unwrap();
     assert_eq!(fixed.interval_share, vec![(5000, 1.0)]);
     assert!(
         r.heartbeats_per_node_s < fixed.heartbeats_per_node_s * 1.1,
