@@ -671,13 +671,24 @@ pub fn record(
         }
     }
 
-    // The sender announced a new interval: re-seed the moments at it so a
-    // node that slows down on request is not suspected, and one that speeds
-    // up is judged by its new rhythm at once.
+    // The sender announced a new interval: re-seed the mean at it so a node
+    // that slows down on request is not suspected, and one that speeds up
+    // is judged by its new rhythm at once. The deviation keeps the jitter
+    // the node has shown (network and timer jitter do not scale with the
+    // interval), at most an eighth of the new interval; a node's first
+    // interval starts at an eighth. (Re-seeding it at an eighth on every
+    // change inflated sigma past the 10% floor for dozens of beats at the
+    // deviation's 1/32 gain: the interval controller paid ~20% slower
+    // detection after every step.)
     if d.interval_ms != 0 && d.interval_ms != live.interval_ms {
         let iv = d.interval_ms as u64 * 1_000_000;
+        let cap = iv >> 3;
+        live.ia_dev_ns = if live.interval_ms == 0 || live.ia_dev_ns > cap {
+            cap
+        } else {
+            live.ia_dev_ns
+        };
         live.ia_mean_ns = iv;
-        live.ia_dev_ns = iv >> 3;
         live.ia_samples = 0;
         sample = false;
     }
