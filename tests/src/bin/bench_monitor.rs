@@ -119,18 +119,7 @@ fn native(n: u32, ticks: usize) -> Option<(f64, (f64, f64, f64))> {
         let mut out = [0u8; 256];
         for round in 1..=3u64 {
             for id in 1..=n {
-                let d = Datagram {
-                    kind: Kind::Heartbeat,
-                    node_id: id,
-                    generation: 1,
-                    key_epoch: 1,
-                    flags: 0,
-                    load: 100,
-                    seq: round,
-                    sent_ns: 0,
-                    interval_ms: 10_000,
-                    rtt_us: 0,
-                };
+                let d = heartbeat(id, round, 10_000);
                 let frame = Udp::v4(hb_common::proto::DEFAULT_PORT, &d.seal(&key)).build();
                 prog.test_run(TestRunOptions {
                     data_in: Some(&frame),
@@ -170,6 +159,23 @@ fn native(n: u32, ticks: usize) -> Option<(f64, (f64, f64, f64))> {
             percentile(&cpu, 0.5),
         ),
     ))
+}
+
+/// Node `id`'s heartbeat number `seq` (generation 1, key epoch 1) at
+/// `interval_ms`.
+fn heartbeat(id: u32, seq: u64, interval_ms: u32) -> Datagram {
+    Datagram {
+        kind: Kind::Heartbeat,
+        node_id: id,
+        generation: 1,
+        key_epoch: 1,
+        flags: 0,
+        load: 100,
+        seq,
+        sent_ns: 0,
+        interval_ms,
+        rtt_us: 0,
+    }
 }
 
 fn monotonic_ns() -> u64 {
@@ -222,18 +228,7 @@ fn bench(n: u32, ticks: usize) -> Row {
     // through the real gate.
     for round in 1..=3u64 {
         for id in 1..=n {
-            let d = Datagram {
-                kind: Kind::Heartbeat,
-                node_id: id,
-                generation: 1,
-                key_epoch: 1,
-                flags: 0,
-                load: 100,
-                seq: round,
-                sent_ns: 0,
-                interval_ms: 1000,
-                rtt_us: 0,
-            };
+            let d = heartbeat(id, round, 1000);
             let at = round * 1000 * MS + (id as u64 % 97) * MS;
             let v = dp.gate(&d.seal(&key), SRC, at);
             assert_eq!(v.result, GateResult::Accepted);
