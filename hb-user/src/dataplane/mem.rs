@@ -23,7 +23,7 @@ use hb_common::{
 };
 use tokio::sync::mpsc;
 
-use super::{Counters, Dataplane, LiveFn};
+use super::{Counters, Dataplane, LiveFn, PREFETCH_AHEAD, prefetch};
 
 struct Inner {
     keys: HashMap<u32, NodeKeys>,
@@ -287,15 +287,8 @@ impl Dataplane for MemDataplane {
         let end = (slots.end as usize).min(g.live.len()) as u32;
         for slot in slots.start..end {
             let i = slot as usize;
-            // As the native dataplane: the next lines are asked for ahead.
-            #[cfg(target_arch = "x86_64")]
-            if let Some(ahead) = g.live.get(i + 8) {
-                // SAFETY: a prefetch is only a hint; the address is valid.
-                unsafe {
-                    core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-                        (ahead as *const NodeLive).cast::<i8>(),
-                    )
-                };
+            if let Some(ahead) = g.live.get(i + PREFETCH_AHEAD) {
+                prefetch(ahead);
             }
             let (live, rest) = (&g.live[i], &g.rest[i]);
             f(slot, live, &|| NodeState::from_parts(live, rest));

@@ -75,8 +75,9 @@ use hb_common::maps::{
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 use super::{
-    Counters, Dataplane, LiveFn,
+    Counters, Dataplane, LiveFn, PREFETCH_AHEAD,
     index::{NodeIndex, Words},
+    prefetch,
 };
 
 /// Measured by `tests/tests/veth_dataplane.rs::read_design`; see the module
@@ -227,28 +228,14 @@ struct Entry {
     rest: *mut NodeRest,
 }
 
-/// How many nodes ahead the tick's scan prefetches live lines.
-const PREFETCH_AHEAD: u32 = 8;
-
 impl NodeMaps {
-    /// Asks the CPU for the live line of `slot` (if below `end`) ahead of
-    /// time: the scan's work per node between two loads is too long for
-    /// the out-of-order core to start the next node's load itself, so
-    /// without this every node waited for its line (tick at 1M nodes: 26
-    /// ms CPU, of which 19 ms in that one load; `bench_monitor`).
+    /// Asks for the live line of `slot`, if below `end`.
     #[inline(always)]
-    fn prefetch_live(&self, slot: u32, end: u32) {
-        #[cfg(target_arch = "x86_64")]
-        if slot < end {
-            // SAFETY: a prefetch is only a hint; the address is in bounds.
-            unsafe {
-                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-                    self.live.ptr.as_ptr().add(slot as usize).cast::<i8>(),
-                )
-            };
+    fn prefetch_live(&self, slot: usize, end: u32) {
+        if slot < end as usize {
+            // In bounds of the mapping (a hint needs no more).
+            prefetch(self.live.ptr.as_ptr().wrapping_add(slot));
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = (slot, end);
     }
 
     fn len(&self) -> u32 {
@@ -1036,7 +1023,8 @@ impl Dataplane for XdpDataplane {
         let end = slots.end.min(self.nodes.len());
         for slot in slots.start..end {
             if let Some(e) = self.nodes.entry(slot) {
-                self.nodes.prefetch_live(slot + PREFETCH_AHEAD, end);
+                self.nodes
+                    .prefetch_live(slot as usize + PREFETCH_AHEAD, end);
                 f(slot, &e.read_live(), &|| e.read());
             }
         }
