@@ -33,7 +33,9 @@
 //!
 //! Monitor-host CPU of a run = NAPI thread + monitor process (all its
 //! threads), over the window from just before the traffic to when the
-//! gate's `accepted` counter (from `/metrics`) stops moving. Per accepted
+//! host has done everything it caused (the NAPI thread idle for 100 ms
+//! and, in userspace mode, the monitor's socket drained); the gate's
+//! `accepted` counter is read from `/metrics` after the window. Per accepted
 //! heartbeat: raw, and above the XDP floor (minus the floor's NAPI CPU per
 //! frame received at the same rate), for both modes alike. The XDP floor
 //! is what the host pays to see the frames at all (the driver, here veth,
@@ -458,6 +460,32 @@ fn schedstat_ns(path: &str) -> u64 {
 
 /// A process' threads' time on CPU (ns), and its utime + stime (ms, the
 /// whole thread group, from `/proc/<pid>/stat`).
+/// Bytes waiting in the receive queues of the UDP sockets bound to
+/// `port` in `pid`'s network namespace (`/proc/<pid>/net/udp{,6}`).
+fn udp_rx_queue(pid: i32, port: u16) -> u64 {
+    let mut total = 0;
+    for f in ["udp", "udp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx_queue:rx_queue ...
+            let (Some(local), Some(queues)) = (cols.get(1), cols.get(4)) else {
+                continue;
+            };
+            let local_port = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) {
+                total += queues
+                    .split_once(':')
+                    .and_then(|(_, rx)| u64::from_str_radix(rx, 16).ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
 fn process_cpu(pid: i32) -> (u64, f64) {
     let ns = std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|d| {
@@ -921,17 +949,21 @@ impl Bench<'_> {
 
         let sent = self.send(&self.pool.load, rate, o.secs)?;
 
-        // Until the counter stops moving (the monitor copies it every tick).
-        let mut acc1 = read_accepted(prog_id.map_or((0, 0), prog_stats))?;
+        // The window closes when the host has done all the work these
+        // frames cause: the NAPI thread idle for 100 ms and, in userspace
+        // mode, the monitor's socket drained. Reading the result over HTTP
+        // comes after, outside the window (the bench's polling is not the
+        // monitor's work).
         let deadline = Instant::now() + Duration::from_secs(3);
+        let mut napi_prev = self.link.napi_ns();
         loop {
-            std::thread::sleep(Duration::from_millis(250));
-            let a = read_accepted(prog_id.map_or((0, 0), prog_stats))?;
-            if a == acc1 || Instant::now() > deadline {
-                acc1 = a;
+            std::thread::sleep(Duration::from_millis(100));
+            let napi = self.link.napi_ns();
+            let queued = monitor.as_ref().map_or(0, |m| udp_rx_queue(m.pid(), PORT));
+            if (napi == napi_prev && queued == 0) || Instant::now() > deadline {
                 break;
             }
-            acc1 = a;
+            napi_prev = napi;
         }
         let (busy1, soft1) = proc_stat(&cpus);
         let napi1 = self.link.napi_ns();
@@ -940,6 +972,17 @@ impl Bench<'_> {
         let prog1 = prog_id.map_or((0, 0), prog_stats);
         let drops1 = self.link.ring_drops();
         let udp1 = self.link.udp_rcvbuf_errors();
+        // Until the counter stops moving (the monitor copies it every tick).
+        let mut acc1 = read_accepted(prog1)?;
+        loop {
+            std::thread::sleep(Duration::from_millis(250));
+            let a = read_accepted(prog1)?;
+            if a == acc1 || Instant::now() > deadline + Duration::from_secs(3) {
+                acc1 = a;
+                break;
+            }
+            acc1 = a;
+        }
         if let Some(m) = &monitor {
             let err = m.stderr_text();
             let bad: Vec<&str> = err
