@@ -76,8 +76,13 @@ pub mod counter {
     pub const REPORT_DROPPED: u32 = 12;
     /// Reports suppressed by the in-kernel rate limit.
     pub const REPORT_LIMITED: u32 = 13;
-    /// Datagrams that found their node's state locked by another CPU for
-    /// too long; they are also counted as `replay` (see the XDP program).
+    /// Datagrams the gate gave up on because someone else kept the data it
+    /// needed busy, each also counted under a gate result (see the XDP
+    /// program): the node's state locked by another CPU for too long
+    /// (`replay`), its keys being rewritten by userspace (`bad_epoch`), or
+    /// the node index's entries being moved by userspace during the search
+    /// (`unknown_node`, without a report). Rare in all three cases; a
+    /// steady count means duplicated traffic or a provisioning storm.
     pub const CONTENDED: u32 = 14;
     /// Length of the per-CPU counter array.
     pub const LEN: u32 = 16;
