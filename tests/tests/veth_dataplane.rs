@@ -441,3 +441,43 @@ fn reads_are_never_torn_while_the_kernel_writes() {
     assert!(s.accepted > total / 2, "most heartbeats arrive on veth");
     assert!(max > 0 && reads > 100);
 }
+
+/// Node maps pinned by an hb before the node index (`HB_NODE_KEYS`,
+/// `HB_NODE_STATE`) are removed, not left to hold kernel memory, and the
+/// dataplane opens with fresh node maps.
+#[test]
+fn node_maps_of_an_earlier_layout_are_retired() {
+    let pins = PinDir::new("old");
+    std::fs::create_dir_all(&pins.0).unwrap();
+    // Any BPF map will do as the stand-in: pin one of a loaded object's
+    // under the old names.
+    {
+        let dp = XdpDataplane::open(&XdpOptions {
+            max_nodes: Some(16),
+            ..XdpOptions::default()
+        })
+        .unwrap();
+        let mut ebpf = dp.ebpf();
+        let map = ebpf.map_mut(names::LIMITS).unwrap();
+        let aya::maps::Map::PerCpuArray(data) = map else {
+            panic!("{} is a per-CPU array", names::LIMITS);
+        };
+        for old in ["HB_NODE_KEYS", "HB_NODE_STATE"] {
+            data.pin(pins.0.join(old)).unwrap();
+        }
+    }
+    let dp = XdpDataplane::open(&XdpOptions {
+        pin_dir: Some(pins.0.clone()),
+        max_nodes: Some(16),
+        ..XdpOptions::default()
+    })
+    .unwrap();
+    for old in ["HB_NODE_KEYS", "HB_NODE_STATE"] {
+        assert!(!pins.0.join(old).exists(), "{old} retired");
+    }
+    for new in [names::NODE_INDEX, names::NODE_LIVE, names::NODE_REST] {
+        assert!(pins.0.join(new).exists(), "{new} pinned");
+    }
+    dp.upsert_node(3, &keys(1)).unwrap();
+    assert_eq!(dp.provisioned().unwrap(), vec![(3, keys(1))]);
+}

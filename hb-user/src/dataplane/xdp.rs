@@ -462,6 +462,28 @@ fn ensure_pin_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create pin directory {}", dir.display()))
 }
 
+/// Node maps pinned by hb versions before the node index (a hash map of
+/// keys, one array of 128-byte states): this version cannot read them.
+const OLD_PINS: [&str; 2] = ["HB_NODE_KEYS", "HB_NODE_STATE"];
+
+/// Removes the node maps an earlier hb version pinned in `dir`, saying so:
+/// their nodes start afresh here (each rejoins on its next heartbeat), and
+/// left in place they would only hold kernel memory.
+fn retire_old_pins(dir: &Path) -> anyhow::Result<()> {
+    for name in OLD_PINS {
+        let path = dir.join(name);
+        if path.exists() {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+            tracing::warn!(
+                pin = %path.display(),
+                "removed a node map pinned by an earlier hb version (another layout): node state starts afresh, every node rejoins on its next heartbeat"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The capabilities XDP cannot do without that an effective capability
 /// set (`CapEff` of `/proc/<pid>/status`, in `status`) lacks: CAP_BPF
 /// (or CAP_SYS_ADMIN, which covers it) to load, CAP_NET_ADMIN to attach.
@@ -525,6 +547,7 @@ impl XdpDataplane {
         check_privileges()?;
         if let Some(dir) = &opts.pin_dir {
             ensure_pin_dir(dir)?;
+            retire_old_pins(dir)?;
         }
         // Resolve interfaces first: a typo should not cost a load.
         let mut ifindex = Vec::new();
