@@ -359,6 +359,7 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
 
     let _ = stop_tx.send(true);
     ticking.store(false, Ordering::Relaxed);
+    tick_thread.thread().unpark();
     let _ = tokio::task::spawn_blocking(move || tick_thread.join()).await;
     let drain = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(Duration::from_secs(5), drain)
@@ -421,13 +422,14 @@ fn tick_loop(shared: &Shared, sink: &EventSink, running: &AtomicBool) {
             // Overran: start the next tick now, on a fresh schedule.
             next = now;
         } else {
-            // Sleep in slices so shutdown is prompt even with long ticks.
+            // One wake-up per tick; shutdown unparks the thread. Parking
+            // may also return early (spuriously): sleep again for the rest.
             while running.load(Ordering::Relaxed) {
                 let left = next.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     break;
                 }
-                std::thread::sleep(left.min(Duration::from_millis(50)));
+                std::thread::park_timeout(left);
             }
         }
     }
