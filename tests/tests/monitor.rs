@@ -595,7 +595,19 @@ fn replayed_and_forged_never_refresh(mode: &str) {
     m.wait_event(11, "joined", Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(5 * INTERVAL_MS));
     let mut node = beat.stop().pop().unwrap();
-    let accepted = node_json(&pair, 11)["accepted"].as_u64().unwrap();
+    // Every genuine heartbeat is accepted, the last one maybe a moment
+    // after `send` returned (the receiving end's NAPI runs when it runs):
+    // wait for it, so a late genuine one is not taken for a refresh below.
+    let sent = node.sent.len() as u64;
+    let t0 = Instant::now();
+    let accepted = loop {
+        let a = node_json(&pair, 11)["accepted"].as_u64().unwrap();
+        if a >= sent || t0.elapsed() > Duration::from_secs(5) {
+            break a;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(accepted, sent, "every genuine heartbeat accepted");
     // The attacker replays everything it captured, and forges the next
     // heartbeats (right layout, next seq, newer generation) without the key.
     let captured = node.sent.clone();
