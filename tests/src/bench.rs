@@ -1,9 +1,11 @@
 //! Pieces every benchmark binary needs: the median of its rounds, CPU
-//! pinning, and an AF_PACKET socket to inject pre-built frames.
+//! pinning, an AF_PACKET socket to inject pre-built frames, and frames run
+//! through an XDP program with BPF_PROG_TEST_RUN.
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
 use anyhow::ensure;
+use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 
 use crate::netns::NetNs;
 
@@ -69,4 +71,41 @@ pub fn packet_socket(ns: &NetNs, ifname: &str) -> anyhow::Result<OwnedFd> {
         );
         Ok(fd)
     })?
+}
+
+/// What one pass of [`test_run_frames`] measured.
+pub struct TestRunTotals {
+    /// Sum over the frames of BPF_PROG_TEST_RUN's mean ns per run.
+    pub test_run_ns: u128,
+    /// bpf_stats' run time and run count added during the pass (0 with
+    /// stats off).
+    pub stats_ns: u64,
+    pub stats_runs: u64,
+}
+
+/// Runs `p` over each of `frames`, `repeat` times each, with
+/// BPF_PROG_TEST_RUN.
+pub fn test_run_frames(
+    p: &mut Xdp,
+    frames: &[Vec<u8>],
+    repeat: u32,
+) -> anyhow::Result<TestRunTotals> {
+    let mut out = vec![0u8; 512];
+    let i0 = p.info()?;
+    let mut test_run_ns = 0u128;
+    for f in frames {
+        let r = p.test_run(TestRunOptions {
+            data_in: Some(f),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::default()
+        })?;
+        test_run_ns += r.duration.as_nanos();
+    }
+    let i1 = p.info()?;
+    Ok(TestRunTotals {
+        test_run_ns,
+        stats_ns: (i1.run_time() - i0.run_time()).as_nanos() as u64,
+        stats_runs: i1.run_count() - i0.run_count(),
+    })
 }

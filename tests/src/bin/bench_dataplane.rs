@@ -62,7 +62,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::{
-    programs::{TestRun, TestRunOptions, Xdp, XdpMode},
+    programs::{Xdp, XdpMode},
     sys::{Stats, enable_stats},
 };
 use hb::dataplane::{
@@ -74,7 +74,7 @@ use hb_common::{
     maps::{Config, MAX_NODES, NodeKeys, names},
 };
 use hb_tests::{
-    bench::{packet_socket, pin, summary},
+    bench::{packet_socket, pin, summary, test_run_frames},
     frames::Udp,
     netns::{IF_A, IF_B, VethPair, sh},
 };
@@ -131,28 +131,16 @@ fn measure(
         .program_mut(prog)
         .with_context(|| format!("no program {prog}"))?
         .try_into()?;
-    let mut out = vec![0u8; 512];
-    let (t0, n0) = stats(p)?;
-    let mut total = 0u128;
-    for f in frames {
-        let r = p.test_run(TestRunOptions {
-            data_in: Some(f),
-            data_out: Some(&mut out),
-            repeat,
-            ..TestRunOptions::default()
-        })?;
-        total += r.duration.as_nanos();
-    }
-    let (t1, n1) = stats(p)?;
+    let t = test_run_frames(p, frames, repeat)?;
     let runs = frames.len() as u64 * repeat as u64;
     anyhow::ensure!(
-        !stats_on || n1 - n0 == runs,
+        !stats_on || t.stats_runs == runs,
         "bpf_stats counted {} runs of {prog}, expected {runs} (stats not enabled?)",
-        n1 - n0
+        t.stats_runs
     );
     Ok(Sample {
-        test_run: total as f64 / frames.len() as f64,
-        program: (t1 - t0) as f64 / runs as f64,
+        test_run: t.test_run_ns as f64 / frames.len() as f64,
+        program: t.stats_ns as f64 / runs as f64,
     })
 }
 

@@ -21,7 +21,7 @@ use std::{collections::HashMap as StdHashMap, io::Write as _};
 
 use anyhow::Context as _;
 use aya::{
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::Xdp,
     sys::{Stats, enable_stats},
 };
 use hb::dataplane::{
@@ -33,7 +33,7 @@ use hb_common::{
     maps::{Config, NodeKeys, names},
 };
 use hb_tests::{
-    bench::{pin, summary},
+    bench::{pin, summary, test_run_frames},
     frames::Udp,
 };
 
@@ -120,28 +120,14 @@ impl Obj {
         repeat: u32,
         stats_on: bool,
     ) -> anyhow::Result<f64> {
-        let (i0, i1, total) = self.with_prog(prog, |p| {
-            let mut out = vec![0u8; 512];
-            let i0 = p.info()?;
-            let mut total = 0u128;
-            for f in frames {
-                let r = p.test_run(TestRunOptions {
-                    data_in: Some(f),
-                    data_out: Some(&mut out),
-                    repeat,
-                    ..TestRunOptions::default()
-                })?;
-                total += r.duration.as_nanos();
-            }
-            Ok((i0, p.info()?, total))
-        })?;
+        let t = self.with_prog(prog, |p| test_run_frames(p, frames, repeat))?;
         let runs = frames.len() as u64 * repeat as u64;
         if stats_on {
-            let n = i1.run_count() - i0.run_count();
+            let n = t.stats_runs;
             anyhow::ensure!(n == runs, "bpf_stats counted {n} runs, expected {runs}");
-            Ok((i1.run_time() - i0.run_time()).as_nanos() as f64 / runs as f64)
+            Ok(t.stats_ns as f64 / runs as f64)
         } else {
-            Ok(total as f64 / frames.len() as f64)
+            Ok(t.test_run_ns as f64 / frames.len() as f64)
         }
     }
 }
