@@ -97,21 +97,7 @@ fn native(n: u32, ticks: usize) -> Option<(f64, (f64, f64, f64))> {
     .ok()?;
     let mem = dp.memlock().ok()?;
     let bytes = mem.iter().map(|(_, b)| *b).sum::<u64>() as f64 / n as f64;
-    let mut core = Core::new(
-        Detector::new(Thresholds::default(), PhiParams::default()),
-        Box::new(FixedPolicy::none()),
-        1000,
-    );
-    core.table.set_capacity(dp.capacity());
-    let key = NodeKey { k0: 1, k1: 2 };
-    for id in 1..=n {
-        let slot = core
-            .table
-            .insert(id, Origin::Configured, 0)
-            .expect("capacity");
-        dp.upsert_node(id, &NodeKeys::single(slot, 1, key))
-            .expect("provision");
-    }
+    let mut core = provisioned(&dp, n);
     dp.set_config(&hb_common::maps::Config::default()).ok()?;
     {
         let mut ebpf = dp.ebpf();
@@ -120,7 +106,7 @@ fn native(n: u32, ticks: usize) -> Option<(f64, (f64, f64, f64))> {
         for round in 1..=3u64 {
             for id in 1..=n {
                 let d = heartbeat(id, round, 10_000);
-                let frame = Udp::v4(hb_common::proto::DEFAULT_PORT, &d.seal(&key)).build();
+                let frame = Udp::v4(hb_common::proto::DEFAULT_PORT, &d.seal(&KEY)).build();
                 prog.test_run(TestRunOptions {
                     data_in: Some(&frame),
                     data_out: Some(&mut out),
@@ -206,31 +192,41 @@ struct Row {
     setup_s: f64,
 }
 
-fn bench(n: u32, ticks: usize) -> Row {
-    let rss0 = rss_bytes();
-    let t_setup = Instant::now();
-    let dp = MemDataplane::new();
+/// Every node's key.
+const KEY: NodeKey = NodeKey { k0: 1, k1: 2 };
+
+/// A monitor core with nodes `1..=n` in its table and in `dp` (one key
+/// each), as the monitor provisions a node list.
+fn provisioned(dp: &dyn Dataplane, n: u32) -> Core {
     let mut core = Core::new(
         Detector::new(Thresholds::default(), PhiParams::default()),
         Box::new(FixedPolicy::none()),
         1000,
     );
-    let key = NodeKey { k0: 1, k1: 2 };
+    core.table.set_capacity(dp.capacity());
     for id in 1..=n {
         let slot = core
             .table
             .insert(id, Origin::Configured, 0)
             .expect("capacity");
-        let keys = NodeKeys::single(slot, 1, key);
-        dp.upsert_node(id, &keys).expect("provision");
+        dp.upsert_node(id, &NodeKeys::single(slot, 1, KEY))
+            .expect("provision");
     }
+    core
+}
+
+fn bench(n: u32, ticks: usize) -> Row {
+    let rss0 = rss_bytes();
+    let t_setup = Instant::now();
+    let dp = MemDataplane::new();
+    let mut core = provisioned(&dp, n);
     // Three heartbeats per node, 1 s apart (with a little per-node jitter),
     // through the real gate.
     for round in 1..=3u64 {
         for id in 1..=n {
             let d = heartbeat(id, round, 1000);
             let at = round * 1000 * MS + (id as u64 % 97) * MS;
-            let v = dp.gate(&d.seal(&key), SRC, at);
+            let v = dp.gate(&d.seal(&KEY), SRC, at);
             assert_eq!(v.result, GateResult::Accepted);
         }
     }
