@@ -595,15 +595,19 @@ fn realtime(tid: i32) {
 /// idle. Every other task preempts it at once, and its time is counted
 /// nowhere (it is taken out of the machine-busy column).
 ///
-/// Why: when a CPU is about to go idle, the scheduler first tries to pull
-/// work from the other CPU (the newidle load balance, several µs), and that
-/// time is charged to the thread that was last on the CPU: the NAPI thread,
-/// or the monitor. How often it runs depends on the scheduler's running
-/// average of idle time, which the modes change (a monitor's own wake-ups
-/// shorten the idle periods). Measured at 50k/s without the keeper
-/// (`--no-keeper`): the XDP floor's NAPI thread took about 2.26 µs per
-/// frame against 1.52 µs with it, more than native's NAPI thread running
-/// its 180 ns heavier program, and rounds spread over ±250 ns per frame.
+/// Why: without it the monitor CPU goes idle after nearly every NAPI run,
+/// and the scheduler's work around idle (switching to and from the idle
+/// task; before that, trying to pull work from the other CPU: the newidle
+/// load balance, which the scheduler skips when idle periods have been
+/// short) runs in the context of the thread that was last on the CPU: the
+/// NAPI thread, or the monitor. It depends on the pattern of idle periods,
+/// which the modes change (a monitor's own wake-ups shorten them).
+/// Measured at 50k/s with `--no-keeper`: the XDP floor's NAPI thread took
+/// 2.26 µs per frame against 1.52 µs with the keeper, more than native's
+/// NAPI thread running its 180 ns heavier program (2.13-2.19), and rounds
+/// spread over ±250 ns per frame (±20 with the keeper). A sleeper waking
+/// every ms on that CPU took the floor to 1.55 µs; keeping the CPU out of
+/// its halt state alone (cpuidle state disabled) changed nothing.
 struct IdleKeeper {
     stop: Arc<AtomicBool>,
     tid: i32,
