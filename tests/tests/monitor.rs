@@ -169,6 +169,38 @@ impl Monitor {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// The log without the terminal colours tracing may add.
+    fn plain_stderr(&self) -> String {
+        let mut log = String::new();
+        let mut esc = false;
+        for c in self.stderr().chars() {
+            match (esc, c) {
+                (false, '\x1b') => esc = true,
+                (true, 'm') => esc = false,
+                (false, c) => log.push(c),
+                _ => {}
+            }
+        }
+        log
+    }
+
+    /// Waits until the monitor has counted `n` reloads with result `ok`.
+    fn wait_reloads(&self, pair: &VethPair, ok: bool, n: u64) {
+        let series = format!(
+            "hb_reloads_total{{result=\"{}\"}}",
+            if ok { "ok" } else { "error" }
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metric(&http(&pair.a, "/metrics").1, &series) < n {
+            assert!(
+                Instant::now() < deadline,
+                "reload not done: {}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits for `needle` in the monitor's log: a counter can move before
     /// the line that goes with it is written.
     fn wait_stderr(&self, needle: &str, timeout: Duration) {
@@ -678,18 +710,7 @@ fn sighup_rotates_keys_without_loss(mode: &str) {
     );
     let beat = Beat::start(vec![Node::new(&pair, 21, 1), Node::new(&pair, 22, 1)]);
     m.wait_event(21, "joined", Duration::from_secs(5));
-    let reloads = |ok: bool| {
-        let (_, text) = http(&pair.a, "/metrics");
-        let r = if ok { "ok" } else { "error" };
-        metric(&text, &format!("hb_reloads_total{{result=\"{r}\"}}"))
-    };
-    let wait_reloads = |ok: bool, n: u64| {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while reloads(ok) < n {
-            assert!(Instant::now() < deadline, "reload not done: {}", m.stderr());
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    };
+    let wait_reloads = |ok: bool, n: u64| m.wait_reloads(&pair, ok, n);
     // Add epoch 2; the senders move to it; remove epoch 1.
     std::fs::write(dir.path("keyring.toml"), keyring_text(&[1, 2])).unwrap();
     m.signal(libc::SIGHUP);
@@ -738,6 +759,81 @@ fn sighup_rotates_keys_without_loss(mode: &str) {
         assert!(Instant::now() < deadline, "epoch 1 still accepted");
         std::thread::sleep(Duration::from_millis(10));
     }
+    m.stop();
+}
+
+/// SIGHUP applies the controller's options from the config file: the
+/// requests of the old policy are withdrawn and the new one's made; a bad
+/// option fails the reload and changes nothing; an option that needs a
+/// restart is named. A restart over pinned state withdraws the requests a
+/// previous policy left in the maps.
+fn sighup_reloads_the_controller(mode: &str) {
+    let (pair, dir) = setup("mctl", &[1]);
+    let conf = dir.path("monitor.toml");
+    let conf_arg = conf.to_str().expect("utf-8 path").to_owned();
+    let write = |text: &str| std::fs::write(&conf, text).expect("write the config file");
+    let wait_requested = |m: &Monitor, want: u64| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let n = node_json(&pair, 31);
+            if n["requested_interval_ms"].as_u64() == Some(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "requested interval not {want}: {n}\n{}",
+                m.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let args = ["--nodes", "31", "--config", &conf_arg];
+    write("controller = \"fixed\"\nfixed_interval_ms = 500\n");
+    let m = Monitor::start(&pair, &dir, mode, &args);
+    let beat = Beat::start(vec![Node::new(&pair, 31, 1)]);
+    m.wait_event(31, "joined", Duration::from_secs(5));
+    wait_requested(&m, 500);
+
+    // Restarted with the controller off, over the same pins: the 500 left
+    // in the maps is withdrawn (native; userspace starts with nothing).
+    m.stop();
+    write("controller = \"off\"\n");
+    let m = Monitor::start(&pair, &dir, mode, &args);
+    std::thread::sleep(Duration::from_millis(3 * INTERVAL_MS));
+    assert_eq!(node_json(&pair, 31)["requested_interval_ms"], 0);
+
+    // Fixed at 2000 ms; the capacity needs a restart and is named.
+    write("controller = \"fixed\"\nfixed_interval_ms = 2000\ncapacity = 4096\n");
+    m.signal(libc::SIGHUP);
+    m.wait_reloads(&pair, true, 1);
+    wait_requested(&m, 2000);
+    m.wait_stderr("take effect only at a restart", Duration::from_secs(5));
+    assert!(
+        m.plain_stderr().contains("options=capacity"),
+        "{}",
+        m.stderr()
+    );
+    let (_, c) = http(&pair.a, "/controller");
+    assert!(c.contains("\"fixed\""), "{c}");
+
+    // `fixed` without an interval is refused: the running policy stays.
+    write("controller = \"fixed\"\n");
+    m.signal(libc::SIGHUP);
+    m.wait_reloads(&pair, false, 1);
+    m.wait_stderr("reload failed", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(3 * INTERVAL_MS));
+    assert_eq!(node_json(&pair, 31)["requested_interval_ms"], 2000);
+
+    // Off again: no request is left for the gate to put in ACKs.
+    write("controller = \"off\"\n");
+    m.signal(libc::SIGHUP);
+    m.wait_reloads(&pair, true, 2);
+    wait_requested(&m, 0);
+    let (_, c) = http(&pair.a, "/controller");
+    assert!(c.contains("\"off\""), "{c}");
+    let n = node_json(&pair, 31);
+    assert_eq!(n["state"], "alive", "{n}");
+    drop(beat);
     m.stop();
 }
 
@@ -871,17 +967,7 @@ fn monitor_restart(mode: &str) {
     let m = Monitor::start(&pair, &dir, mode, &last);
     std::thread::sleep(Duration::from_millis(10 * INTERVAL_MS));
     if mode != "userspace" {
-        // Without the terminal colours tracing may add.
-        let mut log = String::new();
-        let mut esc = false;
-        for c in m.stderr().chars() {
-            match (esc, c) {
-                (false, '\x1b') => esc = true,
-                (true, 'm') => esc = false,
-                (false, c) => log.push(c),
-                _ => {}
-            }
-        }
+        let log = m.plain_stderr();
         assert!(
             log.contains("the pinned maps keep their capacity") && log.contains("capacity=64"),
             "{log}"
@@ -1594,6 +1680,7 @@ modes! {
         restart_is_not_a_join,
         replayed_and_forged_never_refresh,
         sighup_rotates_keys_without_loss,
+        sighup_reloads_the_controller,
         http_api,
         monitor_restart,
         enroll,
@@ -1606,6 +1693,7 @@ modes! {
         restart_is_not_a_join,
         replayed_and_forged_never_refresh,
         sighup_rotates_keys_without_loss,
+        sighup_reloads_the_controller,
         http_api,
         monitor_restart,
         enroll,

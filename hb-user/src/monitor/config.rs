@@ -4,11 +4,14 @@
 //! overrides the defaults. Unknown keys in the file are errors (a typo must
 //! not silently leave a default in force).
 //!
-//! On SIGHUP the file is read again and merged with the same flags; only
-//! the keyring (always re-read) and the node list take effect without a
-//! restart. A flag keeps winning over the file on reload, so a node list
-//! meant to change at runtime belongs in the file (`nodes = "1-1000"`),
-//! not in `--nodes`.
+//! On SIGHUP the file is read again and merged with the same flags. The
+//! keyring (always re-read), the node list, phi's parameters and the state
+//! thresholds, the ACK settings and the controller's options
+//! ([`Settings::adopt_reloadable`]) take effect without a restart; the
+//! others are reported as needing one ([`Settings::restart_only_changes`]).
+//! A flag keeps winning over the file on reload, so an option meant to
+//! change at runtime belongs in the file (`nodes = "1-1000"`), not on the
+//! command line.
 
 use std::{
     net::SocketAddr,
@@ -486,6 +489,66 @@ impl Settings {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
             capacity,
         })
+    }
+}
+
+/// How a reload (SIGHUP) compares the settings it read with the running
+/// ones.
+impl Settings {
+    /// Whether the interval policy must be rebuilt: its own options, or
+    /// (qlearn, which models the detector) the detector's.
+    pub fn policy_differs(&self, new: &Settings) -> bool {
+        self.controller != new.controller
+            || self.fixed_interval_ms != new.fixed_interval_ms
+            || self.decision_ms != new.decision_ms
+            || (new.controller.kind == ControllerKind::Qlearn && self.detector_differs(new))
+    }
+
+    /// Whether phi's parameters or the state thresholds changed.
+    pub fn detector_differs(&self, new: &Settings) -> bool {
+        self.thresholds != new.thresholds || self.phi != new.phi
+    }
+
+    /// Whether the gate's ACK settings changed.
+    pub fn acks_differ(&self, new: &Settings) -> bool {
+        (self.ack_every, self.ack_on_change) != (new.ack_every, new.ack_on_change)
+    }
+
+    /// The options that differ in `new` but take effect only at a restart
+    /// (sockets, the XDP attachment, maps, threads and tasks made at start).
+    pub fn restart_only_changes(&self, new: &Settings) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        let mut check = |differs: bool, name| {
+            if differs {
+                v.push(name)
+            }
+        };
+        check(self.ifaces != new.ifaces, "iface");
+        check(self.port != new.port, "port");
+        check(self.listen != new.listen, "listen");
+        check(self.mode != new.mode, "mode");
+        check(self.events != new.events, "events");
+        check(self.hook != new.hook, "hook");
+        check(self.tick != new.tick, "tick_ms");
+        check(self.keep_attached != new.keep_attached, "keep_attached");
+        check(self.enroll != new.enroll, "enroll");
+        check(self.pin_dir != new.pin_dir, "pin_dir");
+        check(self.capacity != new.capacity, "capacity");
+        v
+    }
+
+    /// Takes from `new` what a reload applies: the keyring, the node list,
+    /// the detector, the ACK settings and the controller.
+    pub fn adopt_reloadable(&mut self, new: &Settings) {
+        self.keyring = new.keyring.clone();
+        self.nodes = new.nodes.clone();
+        self.ack_every = new.ack_every;
+        self.ack_on_change = new.ack_on_change;
+        self.thresholds = new.thresholds;
+        self.phi = new.phi;
+        self.fixed_interval_ms = new.fixed_interval_ms;
+        self.decision_ms = new.decision_ms;
+        self.controller = new.controller.clone();
     }
 }
 

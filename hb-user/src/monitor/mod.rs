@@ -15,9 +15,10 @@
 //!    the policy ([`policy`]) to the dataplane.
 //! 5. The HTTP API ([`api`], [`metrics`]), the gate's reports
 //!    (unknown nodes, `--enroll`).
-//! 6. Signals: SIGHUP reloads the keyring and node list (and reopens the
-//!    events file); SIGTERM/SIGINT stop everything, flush the events, and
-//!    detach the XDP program unless `--keep-attached`.
+//! 6. Signals: SIGHUP reloads the keyring, the node list, the detector's
+//!    and the controller's options (and reopens the events file);
+//!    SIGTERM/SIGINT stop everything, flush the events, and detach the XDP
+//!    program unless `--keep-attached`.
 
 pub mod api;
 pub mod config;
@@ -166,6 +167,17 @@ pub fn make_policy(s: &Settings) -> anyhow::Result<Box<dyn IntervalPolicy>> {
     })
 }
 
+/// The gate's configuration from the monitor's settings.
+fn gate_config(s: &Settings) -> Config {
+    Config {
+        port: s.port,
+        pass_accepted: 0,
+        ack_on_change: s.ack_on_change as u8,
+        ack_every: s.ack_every,
+        ..Config::default()
+    }
+}
+
 /// How often a learning controller's table is saved while running.
 const SAVE_EVERY: Duration = Duration::from_secs(60);
 
@@ -206,14 +218,8 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
         Some((m, s)) => (Some(m), s),
         None => (None, Vec::new()),
     };
-    dp.set_config(&Config {
-        port: settings.port,
-        pass_accepted: 0,
-        ack_on_change: settings.ack_on_change as u8,
-        ack_every: settings.ack_every,
-        ..Config::default()
-    })
-    .context("cannot configure the dataplane")?;
+    dp.set_config(&gate_config(&settings))
+        .context("cannot configure the dataplane")?;
 
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
@@ -267,6 +273,9 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
         settings.nodes.clone(),
         settings.enroll,
     )?;
+    // Requests left in pinned state by an earlier run are void: the policy
+    // decides afresh on the first tick.
+    core.withdraw_requests(&*dp);
     tracing::info!(
         mode = ?settings.mode,
         port = settings.port,
@@ -324,7 +333,9 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
             }
         });
     }
-    if shared.core().policy.table().is_some() {
+    // Saves the learned table every minute, if the policy has one (a
+    // reload may switch the controller to one that has).
+    {
         let (shared, mut stop) = (shared.clone(), stop_rx.clone());
         tasks.spawn(async move {
             let mut every = tokio::time::interval(SAVE_EVERY);
@@ -348,12 +359,13 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
             .context("cannot start the tick thread")?
     };
 
-    // Signals.
+    // Signals. `running`: the settings in force, which reloads change.
+    let mut running = settings.clone();
     loop {
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
-            _ = sighup.recv() => reload(&args, &shared, &fleet, &sink).await,
+            _ = sighup.recv() => reload(&args, &shared, &fleet, &sink, &mut running).await,
         }
     }
 
@@ -381,6 +393,57 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
     drop(mem);
     tracing::info!(keep_attached = settings.keep_attached, "monitor stopped");
     Ok(())
+}
+
+/// The policy `new` asks for, after saving the running policy's table (if
+/// it has one): a learning controller rebuilt with other options loads it
+/// and goes on from what was learned.
+fn rebuild_policy(shared: &Shared, new: &Settings) -> anyhow::Result<Box<dyn IntervalPolicy>> {
+    save_table(shared, false);
+    make_policy(new)
+}
+
+/// Applies what a reload changes besides the fleet: the policy (built by
+/// the caller), the detector, the gate's ACK settings; `running` then holds
+/// them. Returns the names of what changed.
+fn apply_options(
+    shared: &Shared,
+    running: &mut Settings,
+    new: &Settings,
+    policy: Option<Box<dyn IntervalPolicy>>,
+) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    {
+        let mut core = shared.core();
+        if running.detector_differs(new) {
+            core.detector = Detector::new(new.thresholds, new.phi);
+            changed.push("detector");
+        }
+        if let Some(p) = policy {
+            tracing::info!(
+                from = core.policy.name(),
+                to = p.name(),
+                "interval policy replaced: requests withdrawn, every node decided afresh on the next tick"
+            );
+            core.set_policy(p, new.decision_ms, &*shared.dp);
+            changed.push("controller");
+        }
+    }
+    if running.acks_differ(new) {
+        let mut cfg = new.clone();
+        // The port is bound at start (sockets, the gate's filter alike).
+        cfg.port = running.port;
+        match shared.dp.set_config(&gate_config(&cfg)) {
+            Ok(()) => changed.push("acks"),
+            Err(e) => tracing::error!("cannot apply the new ACK settings, keeping the old: {e:#}"),
+        }
+    }
+    let keep_acks = (running.ack_every, running.ack_on_change);
+    running.adopt_reloadable(new);
+    if !changed.contains(&"acks") {
+        (running.ack_every, running.ack_on_change) = keep_acks;
+    }
+    changed
 }
 
 /// The tick thread: a fixed-rate loop that skips (and counts) ticks it
@@ -435,9 +498,16 @@ fn tick_loop(shared: &Shared, sink: &EventSink, running: &AtomicBool) {
     }
 }
 
-/// SIGHUP: reload the keyring and node list; on any error keep running
-/// with the old ones and say why in one line.
-async fn reload(args: &Args, shared: &Arc<Shared>, fleet: &Arc<Mutex<Fleet>>, sink: &EventSink) {
+/// SIGHUP: reload the keyring, the node list, the detector's and the
+/// controller's options; on any error keep running with the old ones and
+/// say why in one line. Options that need a restart are named in a warning.
+async fn reload(
+    args: &Args,
+    shared: &Arc<Shared>,
+    fleet: &Arc<Mutex<Fleet>>,
+    sink: &EventSink,
+    running: &mut Settings,
+) {
     sink.reopen();
     let loaded = Settings::load(args).and_then(|s| {
         let k = Keyring::load(&s.keyring)?;
@@ -447,16 +517,39 @@ async fn reload(args: &Args, shared: &Arc<Shared>, fleet: &Arc<Mutex<Fleet>>, si
         Ok(v) => v,
         Err(e) => {
             shared.metrics.reload(false);
-            tracing::error!("reload failed, keeping the running keyring and node list: {e:#}");
+            tracing::error!("reload failed, keeping the running settings: {e:#}");
             return;
         }
     };
+    // The new policy is built before anything is applied, so a controller
+    // option it cannot use (a saved table that does not fit) fails the
+    // whole reload. The running policy's table is saved first: a qlearn
+    // whose options changed goes on from what was learned.
+    let policy = if running.policy_differs(&settings) {
+        let (shared2, s2) = (shared.clone(), settings.clone());
+        let built = tokio::task::spawn_blocking(move || rebuild_policy(&shared2, &s2)).await;
+        match built {
+            Ok(Ok(p)) => Some(p),
+            Ok(Err(e)) => {
+                shared.metrics.reload(false);
+                tracing::error!("reload failed, keeping the running settings: {e:#}");
+                return;
+            }
+            Err(e) => {
+                shared.metrics.reload(false);
+                tracing::error!(error = %e, "reload task failed");
+                return;
+            }
+        }
+    } else {
+        None
+    };
     let (shared2, fleet2) = (shared.clone(), fleet.clone());
+    let nodes = settings.nodes.clone();
     let epochs = keyring.held_epochs();
     let r = tokio::task::spawn_blocking(move || {
         let mut f = fleet2.lock().unwrap_or_else(|e| e.into_inner());
-        let (summary, todo) =
-            f.begin_reload(&mut shared2.core(), &*shared2.dp, keyring, settings.nodes)?;
+        let (summary, todo) = f.begin_reload(&mut shared2.core(), &*shared2.dp, keyring, nodes)?;
         // Keys are derived and installed without the core's lock (see
         // `Fleet::begin_reload`): ticks go on meanwhile.
         f.provide_keys(&*shared2.dp, &todo)?;
@@ -465,14 +558,24 @@ async fn reload(args: &Args, shared: &Arc<Shared>, fleet: &Arc<Mutex<Fleet>>, si
     .await;
     match r {
         Ok(Ok(s)) => {
+            let changed = apply_options(shared, running, &settings, policy);
             shared.metrics.reload(true);
             tracing::info!(
                 added = s.added,
                 removed = s.removed,
                 kept = s.kept,
                 epochs = ?epochs,
+                changed = %changed.join(","),
+                controller = running.controller.kind.name(),
                 "reloaded keyring and node list"
             );
+            let restart = running.restart_only_changes(&settings);
+            if !restart.is_empty() {
+                tracing::warn!(
+                    options = %restart.join(","),
+                    "these options changed but take effect only at a restart"
+                );
+            }
         }
         Ok(Err(e)) => {
             shared.metrics.reload(false);

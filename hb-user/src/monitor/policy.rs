@@ -720,6 +720,34 @@ mod tests {
         assert_eq!(after.rows, before.rows);
         assert_eq!(again.snapshot()["decisions"], snap["decisions"]);
 
+        // A reload that marks node 3 critical saves the running table
+        // first, and the rebuilt controller goes on from everything learned
+        // so far. One with another target cannot use that table: refused.
+        r.run(60_000, &[], |_| {});
+        let now = r.shared.core().policy.snapshot()["decisions"].clone();
+        assert!(now.as_u64().unwrap() > decisions, "{now}");
+        let with = |f: fn(&mut Opts)| {
+            settings(|o| {
+                o.controller = Some(ControllerKind::Qlearn);
+                o.controller_table = Some(table.clone());
+                o.decision_ms = Some(2000);
+                f(o)
+            })
+        };
+        let critical = with(|o| {
+            o.critical = Some("3".into());
+            o.controller_max_interval_ms = Some(700);
+        });
+        assert!(s.policy_differs(&critical));
+        let p = crate::monitor::rebuild_policy(&r.shared, &critical).unwrap();
+        assert_eq!(p.snapshot()["decisions"], now);
+        assert_eq!(p.snapshot()["critical_cap_ms"], 700);
+        let retarget = with(|o| o.controller_target_ms = Some(2000.0));
+        let e = crate::monitor::rebuild_policy(&r.shared, &retarget)
+            .err()
+            .unwrap();
+        assert!(format!("{e:#}").contains("detection target"), "{e:#}");
+
         // A table that does not fit is refused in one clear line.
         let other = settings(|o| {
             o.controller = Some(ControllerKind::Qlearn);
@@ -845,5 +873,76 @@ mod tests {
         let (_, refuted) = rec.0.lock().unwrap().clone();
         let slot2 = r.shared.core().table.slot_of(2).unwrap();
         assert_eq!(refuted, vec![slot2]);
+    }
+
+    #[test]
+    fn a_reload_replaces_the_policy_and_withdraws_its_requests() {
+        use crate::monitor::apply_options;
+        let fixed = |ms| settings(|o| o.fixed_interval_ms = Some(ms));
+        let s500 = fixed(500);
+        let mut rig = Rig::new(&s500, &[1, 2], 1000);
+        rig.run(3000, &[], |_| {});
+        assert_eq!((rig.requested(1), rig.interval(1)), (500, 500));
+
+        // Nothing changed: nothing is rebuilt or touched.
+        let mut running = s500.clone();
+        assert!(!running.policy_differs(&fixed(500)));
+        assert!(apply_options(&rig.shared, &mut running, &fixed(500), None).is_empty());
+        assert_eq!(rig.requested(1), 500);
+
+        // Another interval: the request is withdrawn at once and the new
+        // policy asks on the next tick; the senders follow.
+        let s2000 = fixed(2000);
+        assert!(running.policy_differs(&s2000) && running.restart_only_changes(&s2000).is_empty());
+        let p = make_policy(&s2000).unwrap();
+        assert_eq!(
+            apply_options(&rig.shared, &mut running, &s2000, Some(p)),
+            ["controller"]
+        );
+        assert_eq!((rig.requested(1), rig.requested(2)), (0, 0));
+        assert_eq!(running.fixed_interval_ms, Some(2000));
+        rig.run(100, &[], |_| {});
+        assert_eq!((rig.requested(1), rig.requested(2)), (2000, 2000));
+        rig.run(5000, &[], |_| {});
+        assert_eq!((rig.interval(1), rig.interval(2)), (2000, 2000));
+
+        // Off: no request is left in the gate, none is made again, and no
+        // one is suspected for slowing down (the detector is untouched).
+        let off = settings(|_| {});
+        let p = make_policy(&off).unwrap();
+        assert_eq!(
+            apply_options(&rig.shared, &mut running, &off, Some(p)),
+            ["controller", "acks"]
+        );
+        rig.run(5000, &[], |r| {
+            assert_eq!((r.requested(1), r.requested(2)), (0, 0));
+        });
+        assert_eq!(running.controller.kind, ControllerKind::Off);
+        let core = rig.shared.core();
+        assert_eq!(core.policy.name(), "off");
+        assert_eq!(core.table.counts[Status::Alive as usize], 2);
+    }
+
+    #[test]
+    fn a_reload_applies_new_thresholds_and_names_what_needs_a_restart() {
+        use crate::monitor::apply_options;
+        let s = settings(|_| {});
+        let rig = Rig::new(&s, &[1], 1000);
+        let mut running = s.clone();
+        let new = settings(|o| {
+            o.suspect_phi = Some(9.5);
+            o.tick_ms = Some(50);
+            o.port = Some(7999);
+        });
+        assert!(running.detector_differs(&new) && !running.policy_differs(&new));
+        assert_eq!(
+            apply_options(&rig.shared, &mut running, &new, None),
+            ["detector"]
+        );
+        assert_eq!(rig.shared.core().detector.thresholds.suspect_phi, 9.5);
+        assert_eq!(running.thresholds.suspect_phi, 9.5);
+        // Options bound at start stay as they are, and are named.
+        assert_eq!(running.restart_only_changes(&new), ["port", "tick_ms"]);
+        assert_eq!((running.port, running.tick), (s.port, s.tick));
     }
 }

@@ -196,6 +196,39 @@ impl Core {
         }
     }
 
+    /// Replaces the interval policy and its decision period (a reload):
+    /// the old policy's requests are withdrawn and the new one decides for
+    /// every node on the next tick, as after a restart.
+    pub fn set_policy(
+        &mut self,
+        policy: Box<dyn IntervalPolicy>,
+        decision_period_ms: u64,
+        dp: &dyn Dataplane,
+    ) {
+        self.policy = policy;
+        self.decision_period_ns = decision_period_ms.max(1) * 1_000_000;
+        self.next_decision_ns = 0;
+        self.last_tick_ns = 0;
+        self.withdraw_requests(dp);
+    }
+
+    /// Withdraws every node's requested interval, in the table and the
+    /// dataplane (0: no request; ACKs then echo the sender's own interval).
+    /// A policy starts from no request: at start, requests left in pinned
+    /// state by an earlier run (perhaps of another policy) are void, or
+    /// `--controller off` would keep pushing them onto senders.
+    pub fn withdraw_requests(&mut self, dp: &dyn Dataplane) {
+        let t = &mut self.table;
+        for slot in 0..t.len() {
+            let i = slot as usize;
+            if t.node_id[i] != 0 {
+                dp.set_requested_interval(slot, 0);
+                t.requested_ms[i] = 0;
+                t.decided_ns[i] = 0;
+            }
+        }
+    }
+
     /// One tick at `now_ns` (CLOCK_MONOTONIC): scans every node, appends
     /// the transitions to `events` (stamped `wall_ts`, computed only when
     /// needed), and on decision ticks applies the policy.
