@@ -591,6 +591,23 @@ fn realtime(tid: i32) {
     unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &p) };
 }
 
+/// How often a disturbed run is repeated at most.
+///
+/// Disturbed: at a fixed rate, the monitor end dropped frames from its
+/// ring. At 50k/s and 200k/s the NAPI thread (SCHED_FIFO, so no task on
+/// the CPU can hold it off, the monitor included) has ten times the CPU it
+/// needs; a drop means it was kept from its ring for the ring's 256 frames
+/// or more (5 ms at 50k/s), by something outside the measurement. On this
+/// shared VM such runs show 50-100 ms more NAPI time in 2 s with fewer
+/// NAPI runs, and they come in every mode, the floors included: time the
+/// thread spent waiting while charged as running (a guess at the cause: a
+/// lock whose holder's vCPU the host preempted; a halted wait counts as
+/// the waiter's run time, while the host's steal is accounted apart). Such
+/// a run measures the host, not the monitor: it is
+/// repeated, and the report lists it. Socket drops in userspace mode are
+/// the monitor falling behind: never a reason to repeat.
+const MAX_REPEATS: usize = 2;
+
 /// A SCHED_IDLE thread spinning on the monitor CPU, so that CPU never goes
 /// idle. Every other task preempts it at once, and its time is counted
 /// nowhere (it is taken out of the machine-busy column).
@@ -1222,14 +1239,40 @@ fn main() -> anyhow::Result<()> {
     let modes = [Mode::Floor, Mode::Native, Mode::SkbFloor, Mode::Userspace];
     // samples[rate][mode] = one per round.
     let mut samples = vec![vec![Vec::<Sample>::new(); modes.len()]; o.rates.len()];
+    let mut disturbed = Vec::new();
     for round in 0..o.rounds {
         for (ri, &rate) in o.rates.iter().enumerate() {
             // Rotate the order of the modes from round to round.
             for k in 0..modes.len() {
                 let mi = (k + round) % modes.len();
-                let s = b
-                    .run(modes[mi], rate)
-                    .with_context(|| format!("{} at {}", modes[mi].name(), rate_name(rate)))?;
+                let run = |b: &mut Bench| {
+                    b.run(modes[mi], rate)
+                        .with_context(|| format!("{} at {}", modes[mi].name(), rate_name(rate)))
+                };
+                let mut s = run(&mut b)?;
+                // A disturbed run is repeated (see `disturbed`).
+                for _ in 0..MAX_REPEATS {
+                    if rate.is_none() || s.ring_drops == 0 {
+                        break;
+                    }
+                    eprintln!(
+                        "bench_e2e: round {} {} {}: {} frames dropped at the monitor end's ring, NAPI {:.0} ms: disturbed, repeated",
+                        round + 1,
+                        rate_name(rate),
+                        modes[mi].name(),
+                        s.ring_drops,
+                        s.napi_ns as f64 / 1e6
+                    );
+                    disturbed.push(format!(
+                        "{} {} round {}: {} ring drops, NAPI thread {:.0} ns/frame",
+                        rate_name(rate),
+                        modes[mi].name(),
+                        round + 1,
+                        s.ring_drops,
+                        s.napi_ns as f64 / s.received().max(1) as f64
+                    ));
+                    s = run(&mut b)?;
+                }
                 eprintln!(
                     "bench_e2e: round {} {} {}: sent {} in {:.2} s, accepted {}, NAPI {:.0} ms in {} runs, monitor {:.0} ms",
                     round + 1,
@@ -1269,6 +1312,7 @@ fn main() -> anyhow::Result<()> {
         &o,
         &samples,
         &modes,
+        &disturbed,
         &load0,
         &load1,
         started.elapsed().as_secs_f64(),
@@ -1300,6 +1344,7 @@ fn report(
     o: &Opts,
     samples: &[Vec<Vec<Sample>>],
     modes: &[Mode],
+    disturbed: &[String],
     load0: &str,
     load1: &str,
     wall: f64,
@@ -1503,6 +1548,17 @@ fn report(
         met(|r| r.1),
         met(|r| r.3)
     );
+    if disturbed.is_empty() {
+        println!(
+            "Disturbed runs (frames dropped at the monitor end's ring at a fixed rate): none.\n"
+        );
+    } else {
+        println!(
+            "Disturbed runs, repeated and left out (frames dropped at the monitor end's ring at a fixed rate; \
+             at most {MAX_REPEATS} repeats per run): {}.\n",
+            disturbed.join("; ")
+        );
+    }
     println!("Details (medians over the rounds):\n");
     println!(
         "| offered | mode | frames sent | NAPI runs | frames per NAPI run | generator CPU ns/frame | monitor-end ring drops | UDP socket drops | monitor utime+stime (ms) | softirq, both CPUs (ms) | machine busy, both CPUs, everyone but the idle keeper (ms) |"
