@@ -499,7 +499,7 @@ fn udp_rx_queue(pid: i32, port: u16) -> u64 {
     total
 }
 
-/// Each thread of `pid`: (tid, name, CPU ns), for `HB_E2E_DEBUG`.
+/// Each thread of `pid`: (tid, name, CPU ns from its schedstat).
 fn threads_cpu(pid: i32) -> Vec<(String, String, u64)> {
     let Ok(d) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
@@ -518,14 +518,10 @@ fn threads_cpu(pid: i32) -> Vec<(String, String, u64)> {
         .collect()
 }
 
+/// The process' CPU: (ns summed over its threads' schedstat, utime +
+/// stime in ms).
 fn process_cpu(pid: i32) -> (u64, f64) {
-    let ns = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| schedstat_ns(&format!("{}/schedstat", e.path().display())))
-                .sum()
-        })
-        .unwrap_or(0);
+    let ns = threads_cpu(pid).iter().map(|t| t.2).sum();
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command (which may contain spaces): state is field 3;
     // utime and stime are fields 14 and 15.
@@ -1255,22 +1251,16 @@ fn main() -> anyhow::Result<()> {
                     if rate.is_none() || s.ring_drops == 0 {
                         break;
                     }
-                    eprintln!(
-                        "bench_e2e: round {} {} {}: {} frames dropped at the monitor end's ring, NAPI {:.0} ms: disturbed, repeated",
-                        round + 1,
-                        rate_name(rate),
-                        modes[mi].name(),
-                        s.ring_drops,
-                        s.napi_ns as f64 / 1e6
-                    );
-                    disturbed.push(format!(
+                    let what = format!(
                         "{} {} round {}: {} ring drops, NAPI thread {:.0} ns/frame",
                         rate_name(rate),
                         modes[mi].name(),
                         round + 1,
                         s.ring_drops,
                         s.napi_ns as f64 / s.received().max(1) as f64
-                    ));
+                    );
+                    eprintln!("bench_e2e: {what}: disturbed, repeated");
+                    disturbed.push(what);
                     s = run(&mut b)?;
                 }
                 eprintln!(
