@@ -787,6 +787,12 @@ fn sighup_reloads_the_controller(mode: &str) {
             std::thread::sleep(Duration::from_millis(10));
         }
     };
+    // Writes the file, SIGHUP, waits for the `n`th reload of that result.
+    let reload = |m: &Monitor, text: &str, ok: bool, n: u64| {
+        write(text);
+        m.signal(libc::SIGHUP);
+        m.wait_reloads(&pair, ok, n);
+    };
     let args = ["--nodes", "31", "--config", &conf_arg];
     write("controller = \"fixed\"\nfixed_interval_ms = 500\n");
     let m = Monitor::start(&pair, &dir, mode, &args);
@@ -803,9 +809,12 @@ fn sighup_reloads_the_controller(mode: &str) {
     assert_eq!(node_json(&pair, 31)["requested_interval_ms"], 0);
 
     // Fixed at 2000 ms; the capacity needs a restart and is named.
-    write("controller = \"fixed\"\nfixed_interval_ms = 2000\ncapacity = 4096\n");
-    m.signal(libc::SIGHUP);
-    m.wait_reloads(&pair, true, 1);
+    reload(
+        &m,
+        "controller = \"fixed\"\nfixed_interval_ms = 2000\ncapacity = 4096\n",
+        true,
+        1,
+    );
     wait_requested(&m, 2000);
     m.wait_stderr("take effect only at a restart", Duration::from_secs(5));
     assert!(
@@ -817,17 +826,13 @@ fn sighup_reloads_the_controller(mode: &str) {
     assert!(c.contains("\"fixed\""), "{c}");
 
     // `fixed` without an interval is refused: the running policy stays.
-    write("controller = \"fixed\"\n");
-    m.signal(libc::SIGHUP);
-    m.wait_reloads(&pair, false, 1);
+    reload(&m, "controller = \"fixed\"\n", false, 1);
     m.wait_stderr("reload failed", Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(3 * INTERVAL_MS));
     assert_eq!(node_json(&pair, 31)["requested_interval_ms"], 2000);
 
     // Off again: no request is left for the gate to put in ACKs.
-    write("controller = \"off\"\n");
-    m.signal(libc::SIGHUP);
-    m.wait_reloads(&pair, true, 2);
+    reload(&m, "controller = \"off\"\n", true, 2);
     wait_requested(&m, 0);
     let (_, c) = http(&pair.a, "/controller");
     assert!(c.contains("\"off\""), "{c}");
