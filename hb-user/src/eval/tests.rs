@@ -301,25 +301,7 @@ fn hb_deadline_is_where_the_monitors_phi_crosses() {
     let mut st = hb_common::maps::NodeState::default();
     let offset = 1_000_000_000; // the detector's internal clock offset
     for (i, t) in [0u64, 990, 2010, 2995, 4001, 5020].iter().enumerate() {
-        det.arrival(&Arrival {
-            recv_ns: t * MS,
-            interval_ms: Some(1000),
-            seq: Some(i as u64 + 1),
-        });
-        let d = hb_common::proto::Datagram {
-            kind: hb_common::proto::Kind::Heartbeat,
-            node_id: 1,
-            generation: 1,
-            key_epoch: 0,
-            flags: 0,
-            load: 0,
-            seq: i as u64 + 1,
-            sent_ns: 0,
-            interval_ms: 1000,
-            rtt_us: 0,
-        };
-        let a = st.admit(&d).unwrap();
-        st.record(&d, a, t * MS + offset);
+        feed_both(&mut *det, &mut st, *t, i as u64 + 1, offset);
     }
     let mut out = vec![None; 5];
     det.deadlines(&mut out);
@@ -329,6 +311,37 @@ fn hb_deadline_is_where_the_monitors_phi_crosses() {
         assert!(phi(&st, at, &p) >= *thr, "thr {thr}");
         assert!(phi(&st, at - 1_000, &p) < *thr, "thr {thr}");
     }
+}
+
+/// A 1 s heartbeat (`seq`, received at `t_ms`) fed to an eval detector and,
+/// as the gate records it, to a node's state `offset` ns later on the
+/// monitor's clock: the two views `phi` is compared across.
+fn feed_both(
+    det: &mut dyn super::detectors::Detector,
+    st: &mut hb_common::maps::NodeState,
+    t_ms: u64,
+    seq: u64,
+    offset: u64,
+) {
+    det.arrival(&Arrival {
+        recv_ns: t_ms * MS,
+        interval_ms: Some(1000),
+        seq: Some(seq),
+    });
+    let d = hb_common::proto::Datagram {
+        kind: hb_common::proto::Kind::Heartbeat,
+        node_id: 1,
+        generation: 1,
+        key_epoch: 0,
+        flags: 0,
+        load: 0,
+        seq,
+        sent_ns: 0,
+        interval_ms: 1000,
+        rtt_us: 0,
+    };
+    let a = st.admit(&d).unwrap();
+    st.record(&d, a, t_ms * MS + offset);
 }
 
 #[test]
@@ -625,27 +638,7 @@ fn hb_deadline_waits_out_a_recurring_stall() {
         let mut st = hb_common::maps::NodeState::default();
         let (mut t, mut seq) = (1000u64, 1u64);
         let offset = 1_000_000_000;
-        let mut feed = |t: u64, seq: u64| {
-            det.arrival(&Arrival {
-                recv_ns: t * MS,
-                interval_ms: Some(1000),
-                seq: Some(seq),
-            });
-            let d = hb_common::proto::Datagram {
-                kind: hb_common::proto::Kind::Heartbeat,
-                node_id: 1,
-                generation: 1,
-                key_epoch: 0,
-                flags: 0,
-                load: 0,
-                seq,
-                sent_ns: 0,
-                interval_ms: 1000,
-                rtt_us: 0,
-            };
-            let a = st.admit(&d).unwrap();
-            st.record(&d, a, t * MS + offset);
-        };
+        let mut feed = |t: u64, seq: u64| feed_both(&mut *det, &mut st, t, seq, offset);
         feed(t, seq);
         for &(gap, step) in gaps {
             t += gap;
