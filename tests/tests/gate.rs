@@ -1,7 +1,8 @@
 //! The XDP gate through BPF_PROG_TEST_RUN: a table of frames (katran
 //! style), one row per gate result and per header variant, each with the
 //! expected XDP action, counter and per-node state effect; then the ACK
-//! byte for byte, the report rate limit, restarts and a state sequence.
+//! byte for byte, the report rate limit, restarts and a state sequence;
+//! and the kernel gate against the userspace one on random traffic.
 //! Needs root (CI runs it as root; nothing is skipped).
 
 use std::{io::Write as _, net::IpAddr};
@@ -584,4 +585,475 @@ fn node_state_after_a_sequence() {
             k.flags
         )
     );
+}
+
+// The kernel gate against the userspace gate (`--mode userspace`) on
+// random traffic: every frame through both, the same result, action, ACK
+// bytes, counters and per-node state (but for the clock) after each one.
+
+/// Frames per seed, and the seeds run by default. `HB_GATE_DIFF_SEEDS`
+/// (comma-separated) runs others, to explore or to reproduce a failure.
+const DIFF_FRAMES: usize = 20_000;
+const DIFF_SEEDS: [u64; 3] = [1, 2, 3];
+
+/// A key for node `id` at `epoch` (node 42 at epoch 1 is the test vector).
+fn diff_key(id: u32, epoch: u8) -> NodeKey {
+    if (id, epoch) == (NODE, 1) {
+        return key();
+    }
+    NodeKey {
+        k0: u64::from(id).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(epoch),
+        k1: u64::from(epoch).wrapping_mul(0xc2b2_ae3d_27d4_eb4f) ^ u64::from(id),
+    }
+}
+
+/// One node's honest sender, and what both dataplanes hold for it.
+struct DiffNode {
+    id: u32,
+    slot: u32,
+    /// Provisioned in both dataplanes (`keys` valid).
+    provisioned: bool,
+    keys: NodeKeys,
+    /// The epoch the sender seals with.
+    epoch: u8,
+    generation: u32,
+    seq: u64,
+    interval_ms: u32,
+    /// Everything it sent, for replays.
+    sent: Vec<[u8; hb_common::proto::LEN]>,
+}
+
+impl DiffNode {
+    fn datagram(&self, rng: &mut impl rand::RngExt) -> Datagram {
+        Datagram {
+            kind: Kind::Heartbeat,
+            node_id: self.id,
+            generation: self.generation,
+            key_epoch: self.epoch,
+            flags: if rng.random_bool(0.03) {
+                FLAG_LEAVING
+            } else {
+                0
+            },
+            load: rng.random_range(0..1200),
+            seq: self.seq,
+            sent_ns: rng.random(),
+            interval_ms: self.interval_ms,
+            rtt_us: rng.random_range(0..5000),
+        }
+    }
+
+    fn seal(&mut self, d: Datagram) -> Vec<u8> {
+        let b = d.seal(&diff_key(self.id, d.key_epoch));
+        self.sent.push(b);
+        b.to_vec()
+    }
+}
+
+/// The parts of a node's state that do not depend on when datagrams
+/// arrived (the kernel's clock is not ours to set).
+#[derive(Debug, PartialEq)]
+struct Untimed {
+    node_id: u32,
+    key_epoch: [u8; 2],
+    key_valid: u8,
+    generation: u32,
+    accepted: u64,
+    max_seq: u64,
+    replay_bitmap: u64,
+    lost: u64,
+    interval_ms: u32,
+    rtt_us: u32,
+    load: u16,
+    flags: u8,
+    ia_samples: u16,
+    requested_interval_ms: u32,
+    bad_tag: u32,
+    replay: u32,
+    stale: u32,
+    restarts: u32,
+    acks_sent: u32,
+}
+
+fn untimed(s: &NodeState) -> Untimed {
+    Untimed {
+        node_id: s.node_id,
+        key_epoch: s.key_epoch,
+        key_valid: s.key_valid,
+        generation: s.generation,
+        accepted: s.accepted,
+        max_seq: s.max_seq,
+        replay_bitmap: s.replay_bitmap,
+        lost: s.lost,
+        interval_ms: s.interval_ms,
+        rtt_us: s.rtt_us,
+        load: s.load,
+        flags: s.flags,
+        ia_samples: s.ia_samples,
+        requested_interval_ms: s.requested_interval_ms,
+        bad_tag: s.bad_tag,
+        replay: s.replay,
+        stale: s.stale,
+        restarts: s.restarts,
+        acks_sent: s.acks_sent,
+    }
+}
+
+/// What one step of the run does.
+enum Step {
+    /// A UDP payload to the heartbeat port.
+    Payload(Vec<u8>),
+    /// Provisioning or configuration, applied to both dataplanes.
+    Control,
+}
+
+/// One random step for `nodes[i]`; `what` says what it was.
+fn diff_step(
+    rng: &mut rand_chacha::ChaCha8Rng,
+    nodes: &mut [DiffNode],
+    g: &Gate,
+    mem: &hb::dataplane::mem::MemDataplane,
+    cfg: &mut Config,
+    what: &mut String,
+) -> Step {
+    use rand::RngExt as _;
+    let i = rng.random_range(0..nodes.len());
+    let n = &mut nodes[i];
+    let roll = rng.random_range(0..100u32);
+    what.clear();
+    let both = |f: &dyn Fn(&dyn Dataplane)| {
+        f(&g.dp);
+        f(mem);
+    };
+    let step = match roll {
+        // The sender's next heartbeat, sometimes after losses, sometimes
+        // at a new interval.
+        0..=39 => {
+            n.seq += if rng.random_bool(0.1) {
+                rng.random_range(2..80)
+            } else {
+                1
+            };
+            if rng.random_bool(0.08) {
+                n.interval_ms = [0, 100, 250, 1000, 5000][rng.random_range(0..5)];
+            }
+            let d = n.datagram(rng);
+            *what = format!("heartbeat seq {} interval {}", d.seq, d.interval_ms);
+            Step::Payload(n.seal(d))
+        }
+        // A copy of something it sent before.
+        40..=47 if !n.sent.is_empty() => {
+            let k = rng.random_range(0..n.sent.len());
+            *what = format!("replay of datagram {k}");
+            Step::Payload(n.sent[k].to_vec())
+        }
+        // Late, inside the window or past it.
+        48..=55 => {
+            let back = rng.random_range(1..80).min(n.seq);
+            let d = Datagram {
+                seq: n.seq - back,
+                ..n.datagram(rng)
+            };
+            *what = format!("late seq {}", d.seq);
+            Step::Payload(n.seal(d))
+        }
+        // A restart: a later generation, from sequence 1 (or 0, which
+        // never starts one).
+        56..=59 => {
+            n.generation = n.generation.wrapping_add(rng.random_range(1..4));
+            n.seq = u64::from(!rng.random_bool(0.1));
+            let d = n.datagram(rng);
+            *what = format!("restart to generation {} seq {}", d.generation, d.seq);
+            Step::Payload(n.seal(d))
+        }
+        // An earlier generation.
+        60..=62 => {
+            let d = Datagram {
+                generation: n.generation.wrapping_sub(rng.random_range(1..4)),
+                seq: n.seq + 1,
+                ..n.datagram(rng)
+            };
+            *what = format!("generation {} (stale)", d.generation);
+            Step::Payload(n.seal(d))
+        }
+        // One bit flipped anywhere in a sealed datagram.
+        63..=70 => {
+            n.seq += 1;
+            let d = n.datagram(rng);
+            let mut b = d.seal(&diff_key(n.id, n.epoch));
+            let bit = rng.random_range(0..hb_common::proto::LEN * 8);
+            b[bit / 8] ^= 1 << (bit % 8);
+            *what = format!("seq {} with bit {bit} flipped", d.seq);
+            Step::Payload(b.to_vec())
+        }
+        // Forged fields: an unknown node, an epoch it holds no key for,
+        // reserved flags, an ACK, a tag made with another node's key.
+        71..=77 => {
+            n.seq += 1;
+            let mut d = n.datagram(rng);
+            let mut key_of = n.id;
+            match rng.random_range(0..5) {
+                0 => {
+                    d.node_id = rng.random_range(1..1000) * 1000 + 1;
+                    key_of = d.node_id;
+                    *what = format!("unknown node {}", d.node_id);
+                }
+                1 => {
+                    d.key_epoch = n.epoch.wrapping_add(rng.random_range(1..255));
+                    *what = format!("epoch {}", d.key_epoch);
+                }
+                2 => {
+                    d.flags = rng.random_range(2..=255);
+                    *what = format!("flags {:#x}", d.flags);
+                }
+                3 => {
+                    d.kind = Kind::Ack;
+                    *what = "an ACK".into();
+                }
+                _ => {
+                    key_of = n.id ^ 1;
+                    *what = "sealed with another key".into();
+                }
+            }
+            Step::Payload(d.seal(&diff_key(key_of, d.key_epoch)).to_vec())
+        }
+        // Not 48 bytes, or 48 random ones.
+        78..=81 => {
+            let len = if rng.random_bool(0.25) {
+                hb_common::proto::LEN
+            } else {
+                let l = rng.random_range(0..64);
+                if l == hb_common::proto::LEN { 0 } else { l }
+            };
+            let mut b = if n.sent.is_empty() {
+                Vec::new()
+            } else {
+                n.sent[n.sent.len() - 1].to_vec()
+            };
+            b.resize(len, 0);
+            if len == hb_common::proto::LEN || b.is_empty() {
+                b = (0..len).map(|_| rng.random()).collect();
+            }
+            *what = format!("{len} bytes");
+            Step::Payload(b)
+        }
+        // Key rotation: the next epoch added; later the old one dropped
+        // and the sender moved on.
+        82..=85 if n.provisioned => {
+            if n.keys.valid == 3 {
+                // The old key dropped; a sender that has not moved on
+                // yet mostly does now.
+                let newer = n.keys.epoch[1];
+                n.keys = NodeKeys::single(n.slot, newer, diff_key(n.id, newer));
+                if rng.random_bool(0.8) {
+                    n.epoch = newer;
+                }
+            } else {
+                let next = n.keys.epoch[0].wrapping_add(1);
+                n.keys.epoch[1] = next;
+                n.keys.key[1] = diff_key(n.id, next);
+                n.keys.valid = 3;
+                if rng.random_bool(0.5) {
+                    n.epoch = next;
+                }
+            }
+            let (id, keys) = (n.id, n.keys);
+            both(&|dp| dp.upsert_node(id, &keys).unwrap());
+            *what = format!(
+                "keys now {:?} valid {}, sender at {}",
+                keys.epoch, keys.valid, n.epoch
+            );
+            Step::Control
+        }
+        // Removed, provisioned again (a fresh state), or moved to another
+        // slot (the state goes along).
+        86..=88 => {
+            if n.provisioned && rng.random_bool(0.3) {
+                let id = n.id;
+                both(&|dp| dp.remove_node(id).unwrap());
+                n.provisioned = false;
+                *what = "removed".into();
+            } else {
+                if n.provisioned {
+                    // Each node moves among four slots of its own (16 +
+                    // 4i ..): the run's nodes start below them.
+                    n.slot = 16 + 4 * i as u32 + (n.slot + 1) % 4;
+                    n.keys.slot = n.slot;
+                }
+                let (id, keys) = (n.id, n.keys);
+                both(&|dp| dp.upsert_node(id, &keys).unwrap());
+                n.provisioned = true;
+                *what = format!("provisioned at slot {}", n.slot);
+            }
+            Step::Control
+        }
+        // The monitor asks for an interval, or changes the ACK policy.
+        89..=93 => {
+            if rng.random_bool(0.7) {
+                let slot = n.slot;
+                let ms = [0, 100, 250, 1000, 5000][rng.random_range(0..5)];
+                both(&|dp| dp.set_requested_interval(slot, ms));
+                *what = format!("requested interval {ms} at slot {slot}");
+            } else {
+                cfg.ack_every = [0, 1, 3][rng.random_range(0..3)];
+                cfg.ack_on_change = rng.random_range(0..2);
+                cfg.pass_accepted = u8::from(rng.random_bool(0.15));
+                let c = *cfg;
+                both(&|dp| dp.set_config(&c).unwrap());
+                *what = format!(
+                    "ack every {} on change {} pass accepted {}",
+                    c.ack_every, c.ack_on_change, c.pass_accepted
+                );
+            }
+            Step::Control
+        }
+        _ => {
+            n.seq += 1;
+            let d = n.datagram(rng);
+            *what = format!("heartbeat seq {}", d.seq);
+            Step::Payload(n.seal(d))
+        }
+    };
+    *what = format!("node {}: {what}", nodes[i].id);
+    step
+}
+
+fn kernel_and_userspace_gates_agree(seed: u64) {
+    use rand::{RngExt as _, SeedableRng as _};
+    let mut cfg = Config {
+        port: PORT,
+        ack_every: 3,
+        ack_on_change: 1,
+        ..Config::default()
+    };
+    let g = Gate::new(cfg);
+    let mem = hb::dataplane::mem::MemDataplane::new();
+    mem.set_config(&cfg).unwrap();
+    let mut nodes: Vec<DiffNode> = [(NODE, SLOT), (7, 0), (0x00ab_cdef, 9)]
+        .into_iter()
+        .map(|(id, slot)| DiffNode {
+            id,
+            slot,
+            provisioned: true,
+            keys: NodeKeys::single(slot, 1, diff_key(id, 1)),
+            epoch: 1,
+            generation: GEN,
+            seq: 0,
+            interval_ms: 1000,
+            sent: Vec::new(),
+        })
+        .collect();
+    for n in &nodes {
+        g.dp.upsert_node(n.id, &n.keys).unwrap();
+        mem.upsert_node(n.id, &n.keys).unwrap();
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let src = "198.18.0.2:40000".parse().unwrap();
+    let mut seen = [0u64; GateResult::ALL.len()];
+    let mut acks = 0u64;
+    let mut log: Vec<String> = Vec::new();
+    let mut what = String::new();
+    let mut counted = g.dp.counters().unwrap();
+    for step in 0..DIFF_FRAMES {
+        let s = diff_step(&mut rng, &mut nodes, &g, &mem, &mut cfg, &mut what);
+        log.push(what.clone());
+        let ctx = || {
+            let from = log.len().saturating_sub(8);
+            format!(
+                "seed {seed} step {step}; last steps:\n  {}",
+                log[from..].join("\n  ")
+            )
+        };
+        if let Step::Payload(p) = s {
+            let mut u = match rng.random_range(0..3) {
+                0 => Udp::v4(PORT, &p),
+                1 => Udp::v6(PORT, &p),
+                _ => {
+                    let mut u = Udp::v4(PORT, &p);
+                    u.vlan = Some(7);
+                    u
+                }
+            };
+            u.sport = rng.random_range(1024..65535);
+            let frame = u.build();
+            let (action, out) = g.run(&frame).unwrap_or_else(|e| panic!("{e}: {}", ctx()));
+            let v = mem.gate(&p, src, 1 + step as u64 * 1_000_000);
+            seen[v.result.index() as usize] += 1;
+            let now = g.dp.counters().unwrap();
+            let kernel: Vec<_> = GateResult::ALL
+                .iter()
+                .filter(|r| now[r.index() as usize] != counted[r.index() as usize])
+                .collect();
+            assert_eq!(
+                kernel,
+                [&v.result],
+                "result (kernel, userspace): {}\nprovisioned: kernel {:?}, userspace {:?}",
+                ctx(),
+                g.dp.provisioned()
+                    .map(|v| v.iter().map(|(id, k)| (*id, k.slot)).collect::<Vec<_>>()),
+                mem.provisioned()
+                    .map(|v| v.iter().map(|(id, k)| (*id, k.slot)).collect::<Vec<_>>()),
+            );
+            counted = now;
+            let want = match (v.result, v.ack) {
+                (_, Some(_)) => XDP_TX,
+                (GateResult::Accepted, None) if cfg.pass_accepted != 0 => XDP_PASS,
+                _ => XDP_DROP,
+            };
+            assert_eq!(action, want, "action for {:?}: {}", v.result, ctx());
+            if let Some(ack) = v.ack {
+                acks += 1;
+                let (_, udp, _) = frames::offsets(&frame);
+                assert_eq!(out[udp + 8..], ack[..], "ACK payload: {}", ctx());
+            }
+        }
+        let m = mem.counters().unwrap();
+        for i in (1..GateResult::ALL.len()).chain([counter::ACK_SENT as usize]) {
+            assert_eq!(counted[i], m[i], "counter {i}: {}", ctx());
+        }
+        for n in nodes.iter().filter(|n| n.provisioned) {
+            let mut ms = NodeState::default();
+            mem.read_states(n.slot..n.slot + 1, &mut |_, s| ms = *s);
+            let ks = g.dp.state(n.slot).unwrap();
+            assert_eq!(untimed(&ks), untimed(&ms), "node {} state: {}", n.id, ctx());
+        }
+    }
+    // The run reached every result a payload can have (pass is for frames
+    // not to the port) and took every node through restarts and rotations.
+    let missing: Vec<_> = GateResult::ALL
+        .iter()
+        .skip(1)
+        .filter(|r| seen[r.index() as usize] == 0)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "seed {seed}: no {missing:?} in {DIFF_FRAMES} steps"
+    );
+    assert!(acks > 0, "seed {seed}: no ACK in {DIFF_FRAMES} steps");
+    eprintln!(
+        "seed {seed}: {DIFF_FRAMES} steps agree; {acks} ACKs; results {:?}",
+        GateResult::ALL
+            .iter()
+            .skip(1)
+            .map(|r| (r.to_string(), seen[r.index() as usize]))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn kernel_and_userspace_gates_agree_on_random_traffic() {
+    let seeds: Vec<u64> = match std::env::var("HB_GATE_DIFF_SEEDS") {
+        Ok(v) => v
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .expect("HB_GATE_DIFF_SEEDS: comma-separated integers")
+            })
+            .collect(),
+        Err(_) => DIFF_SEEDS.to_vec(),
+    };
+    for seed in seeds {
+        kernel_and_userspace_gates_agree(seed);
+    }
 }

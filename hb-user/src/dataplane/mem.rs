@@ -243,15 +243,25 @@ impl Dataplane for MemDataplane {
             g.live.resize(slot + 1, NodeLive::default());
             g.rest.resize(slot + 1, NodeRest::default());
         }
-        if let Some(old) = g.keys.insert(node_id, *keys)
-            && old.slot != keys.slot
-        {
-            let o = old.slot as usize;
-            let (live, rest) = (g.live[o], g.rest[o]);
-            g.live[o] = NodeLive::default();
-            g.rest[o] = NodeRest::default();
-            g.live[slot] = live;
-            g.rest[slot] = rest;
+        match g.keys.insert(node_id, *keys) {
+            // Moved: the state goes along, the old slot is freed.
+            Some(old) if old.slot != keys.slot => {
+                let o = old.slot as usize;
+                let (live, rest) = (g.live[o], g.rest[o]);
+                g.live[o] = NodeLive::default();
+                g.rest[o] = NodeRest::default();
+                g.live[slot] = live;
+                g.rest[slot] = rest;
+            }
+            // Key rotation: the state stays.
+            Some(_) => {}
+            // A new node starts from a clean slot, as in the kernel:
+            // nothing written there before (say a requested interval)
+            // carries over.
+            None => {
+                g.live[slot] = NodeLive::default();
+                g.rest[slot] = NodeRest::default();
+            }
         }
         // The id and keys at the slot, as the kernel keeps them.
         g.rest[slot].set_keys(node_id, keys);
@@ -393,6 +403,33 @@ mod tests {
             assert_eq!((s.accepted, s.bad_tag, s.replay, s.stale), (1, 1, 1, 1));
         });
         assert_eq!(seen, 1);
+    }
+
+    #[test]
+    fn provisioning_keeps_state_on_rotation_and_moves_and_starts_new_nodes_clean() {
+        let dp = dp();
+        let state = |slot: u32| {
+            let mut out = NodeState::default();
+            dp.read_states(slot..slot + 1, &mut |_, s| out = *s);
+            out
+        };
+        dp.gate(&hb(1).seal(&key()), SRC, 1);
+        // Rotation: a second key, the state stays.
+        let mut keys = NodeKeys::single(0, 1, key());
+        keys.epoch[1] = 2;
+        keys.valid = 3;
+        dp.upsert_node(42, &keys).unwrap();
+        assert_eq!((state(0).accepted, state(0).key_valid), (1, 3));
+        // Moved: the state goes along, the old slot is freed.
+        keys.slot = 5;
+        dp.upsert_node(42, &keys).unwrap();
+        assert_eq!((state(5).accepted, state(5).node_id), (1, 42));
+        assert_eq!(state(0), NodeState::default());
+        // A new node on a slot something was written to starts clean.
+        dp.set_requested_interval(0, 250);
+        dp.upsert_node(7, &NodeKeys::single(0, 1, key())).unwrap();
+        let s = state(0);
+        assert_eq!((s.node_id, s.requested_interval_ms, s.accepted), (7, 0, 0));
     }
 
     #[test]
