@@ -656,6 +656,82 @@ mod tests {
         assert_eq!(counts, vec![(AckReject::Duplicate, 1)]);
     }
 
+    /// Random traffic at the sender's socket: genuine ACKs (some lost,
+    /// some late, some asking for absurd intervals), some with one bit
+    /// flipped, replayed or from the other monitor's address, and random
+    /// bytes. Only a genuine first ACK of a recent heartbeat is accepted;
+    /// nothing else moves the interval or the RTT; the interval stays
+    /// inside the sender's bounds.
+    #[test]
+    fn random_traffic_moves_nothing_but_genuine_acks() {
+        use rand::{RngExt as _, SeedableRng as _};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4303);
+        let mut s = sender(2);
+        let mut now = MS;
+        let mut pending: Vec<(SocketAddr, [u8; proto::LEN])> = Vec::new();
+        let mut genuine = Vec::new();
+        let (mut accepted, mut rejected) = (0, 0);
+        for step in 0..20_000 {
+            now += rng.random_range(1..50 * MS);
+            if pending.is_empty() || rng.random_bool(0.3) {
+                pending.extend(s.heartbeat(now, rng.random_range(0..1000), false));
+            }
+            let before = (s.interval_ms(), s.monitors()[0].rtt, s.monitors()[1].rtt);
+            let (from, hb) = pending.swap_remove(rng.random_range(0..pending.len()));
+            let ask = match rng.random_range(0..4) {
+                0 => 0,
+                1 => u32::MAX,
+                _ => rng.random_range(1..20_000),
+            };
+            let ack = ack_of(&hb, &KEY, ask);
+            let (payload, src, honest) = match rng.random_range(0..10) {
+                0 => {
+                    let mut b = ack;
+                    let bit = rng.random_range(0..proto::LEN * 8);
+                    b[bit / 8] ^= 1 << (bit % 8);
+                    (b.to_vec(), from, false)
+                }
+                // The other monitor's address: every monitor holds the
+                // node key, so the protocol cannot tell them apart; the
+                // sender takes it as that monitor's first ACK of the seq.
+                1 => {
+                    let other = if from == mon(1) { mon(2) } else { mon(1) };
+                    (ack.to_vec(), other, true)
+                }
+                2 => {
+                    let len = rng.random_range(0..64);
+                    ((0..len).map(|_| rng.random()).collect(), from, false)
+                }
+                3 if !genuine.is_empty() => {
+                    let (src, b): (SocketAddr, [u8; proto::LEN]) =
+                        genuine[rng.random_range(0..genuine.len())];
+                    (b.to_vec(), src, false)
+                }
+                _ => (ack.to_vec(), from, true),
+            };
+            match s.on_ack(&payload, src, now) {
+                Ok(_) => {
+                    accepted += 1;
+                    // Only a genuine ACK of a heartbeat still in the ring
+                    // may be accepted.
+                    assert!(honest, "step {step}: accepted a forged ACK");
+                    genuine.push((src, ack));
+                }
+                Err(_) => {
+                    rejected += 1;
+                    let after = (s.interval_ms(), s.monitors()[0].rtt, s.monitors()[1].rtt);
+                    assert_eq!(after, before, "step {step}: a rejected ACK moved state");
+                }
+            }
+            let iv = s.interval_ms();
+            assert!((100..=10_000).contains(&iv), "step {step}: interval {iv}");
+        }
+        assert!(
+            accepted > 1000 && rejected > 1000,
+            "{accepted} / {rejected}"
+        );
+    }
+
     #[test]
     fn ipv4_monitor_may_answer_as_mapped_ipv6() {
         let mut s = sender(1);
