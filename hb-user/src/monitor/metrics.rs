@@ -28,9 +28,6 @@ type Labels = Vec<(&'static str, &'static str)>;
 /// Every metric of the monitor.
 pub struct Metrics {
     registry: Registry,
-    packets: Family<Labels, Counter>,
-    dataplane: Family<Labels, Counter>,
-    nodes: Family<Labels, Gauge>,
     events: Family<Labels, Counter>,
     hook_runs: Counter,
     hook_failures: Family<Labels, Counter>,
@@ -42,6 +39,12 @@ pub struct Metrics {
     enrolled: Family<Labels, Counter>,
     reloads: Family<Labels, Counter>,
     ack_send_errors: Counter,
+    /// Handles into `packets`, `dataplane` and `nodes` for what every
+    /// tick sets: (counter index, series), so a tick neither hashes
+    /// labels nor allocates them.
+    packets_by_result: Vec<(usize, Counter)>,
+    dataplane_by_counter: Vec<(usize, Counter)>,
+    nodes_by_state: Vec<(usize, Gauge)>,
 }
 
 impl Default for Metrics {
@@ -125,11 +128,31 @@ impl Metrics {
             "ACKs the userspace gate could not send",
             ack_send_errors.clone(),
         );
+        let packets_by_result = GateResult::ALL
+            .into_iter()
+            // Pass is not a heartbeat: the gate does not count it here.
+            .filter(|r| *r != GateResult::Pass)
+            .map(|r| {
+                let c = packets.get_or_create(&vec![("result", r.name())]).clone();
+                (r.index() as usize, c)
+            })
+            .collect();
+        let dataplane_by_counter = counter::EXTRA
+            .into_iter()
+            .map(|(i, name)| {
+                let c = dataplane.get_or_create(&vec![("counter", name)]).clone();
+                (i as usize, c)
+            })
+            .collect();
+        let nodes_by_state = Status::ALL
+            .into_iter()
+            .map(|s| {
+                let g = nodes.get_or_create(&vec![("state", s.name())]).clone();
+                (s as usize, g)
+            })
+            .collect();
         let m = Metrics {
             registry,
-            packets,
-            dataplane,
-            nodes,
             events,
             hook_runs,
             hook_failures,
@@ -141,13 +164,12 @@ impl Metrics {
             enrolled,
             reloads,
             ack_send_errors,
+            packets_by_result,
+            dataplane_by_counter,
+            nodes_by_state,
         };
         // Every label value present from the start, so dashboards and
         // alerts see zeros rather than absent series.
-        m.set_counters(&[0; counter::LEN as usize]);
-        for s in Status::ALL {
-            let _ = m.nodes.get_or_create(&vec![("state", s.name())]);
-        }
         for e in EventKind::ALL {
             let _ = m.events.get_or_create(&vec![("event", e.name())]);
         }
@@ -165,28 +187,20 @@ impl Metrics {
 
     /// Copies the dataplane's counters.
     pub fn set_counters(&self, c: &Counters) {
-        for r in GateResult::ALL {
-            if r == GateResult::Pass {
-                continue; // not a heartbeat: the gate does not count it here
-            }
-            self.packets
-                .get_or_create(&vec![("result", r.name())])
+        for (i, series) in self
+            .packets_by_result
+            .iter()
+            .chain(&self.dataplane_by_counter)
+        {
+            series
                 .inner()
-                .store(c[r.index() as usize], std::sync::atomic::Ordering::Relaxed);
-        }
-        for (i, name) in counter::EXTRA {
-            self.dataplane
-                .get_or_create(&vec![("counter", name)])
-                .inner()
-                .store(c[i as usize], std::sync::atomic::Ordering::Relaxed);
+                .store(c[*i], std::sync::atomic::Ordering::Relaxed);
         }
     }
 
     pub fn set_nodes(&self, counts: &[u64; 5]) {
-        for s in Status::ALL {
-            self.nodes
-                .get_or_create(&vec![("state", s.name())])
-                .set(counts[s as usize] as i64);
+        for (i, g) in &self.nodes_by_state {
+            g.set(counts[*i] as i64);
         }
     }
 
@@ -263,6 +277,15 @@ mod tests {
     #[test]
     fn exposition_has_every_gate_result_and_state() {
         let m = Metrics::new();
+        // Every series is there, at zero, before the first tick.
+        let text = m.render();
+        for series in [
+            "hb_packets_total{result=\"replay\"} 0",
+            "hb_dataplane_total{counter=\"contended\"} 0",
+            "hb_nodes{state=\"alive\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} in {text}");
+        }
         let mut c = [0u64; counter::LEN as usize];
         c[GateResult::Accepted.index() as usize] = 17;
         c[counter::ACK_SENT as usize] = 4;
