@@ -596,10 +596,29 @@ pub struct Recorded {
 /// generation is older, `replay` if seen or outside the window.
 #[inline(always)]
 pub fn admit(live: &NodeLive, rest: &NodeRest, d: &Datagram) -> Result<Admit, GateResult> {
-    if d.generation < live.generation {
+    admit_at(live.generation, rest.max_seq, rest.replay_bitmap, d)
+}
+
+/// [`admit`] on the three fields it reads: the node's generation and its
+/// anti-replay window.
+///
+/// A rejection stays true as the node's state moves on: the generation
+/// only grows, and within one the window only advances and marks more
+/// sequence numbers seen. So the kernel may reject on a consistent
+/// snapshot taken without the node's lock (a replay then never takes the
+/// lock from the node's fresh heartbeats); only an admission must be
+/// decided under it.
+#[inline(always)]
+pub fn admit_at(
+    generation: u32,
+    max_seq: u64,
+    replay_bitmap: u64,
+    d: &Datagram,
+) -> Result<Admit, GateResult> {
+    if d.generation < generation {
         return Err(GateResult::Stale);
     }
-    if d.generation > live.generation {
+    if d.generation > generation {
         return if d.seq == 0 {
             Err(GateResult::Replay)
         } else {
@@ -607,8 +626,8 @@ pub fn admit(live: &NodeLive, rest: &NodeRest, d: &Datagram) -> Result<Admit, Ga
         };
     }
     let w = Window {
-        max_seq: rest.max_seq,
-        bitmap: rest.replay_bitmap,
+        max_seq,
+        bitmap: replay_bitmap,
     };
     match w.check(d.seq) {
         Some(f) => Ok(Admit::Fresh(f)),

@@ -134,6 +134,12 @@ fn gate(ctx: &XdpContext) -> (u32, GateResult) {
         state::count_bad_tag(rest);
         return drop(GateResult::BadTag);
     }
+    // Steps 9-10 first without the lock, for what they reject: a replay
+    // flood never holds the lock the node's fresh heartbeats need.
+    if let Some(r) = state::ruled_out(live, rest, &d) {
+        state::count_rejected(rest, r);
+        return drop(r);
+    }
     // Steps 9-11 under the node's seqlock.
     let Some(mut l) = Locked::take(live, rest) else {
         count(counter::CONTENDED);
@@ -149,11 +155,8 @@ fn gate(ctx: &XdpContext) -> (u32, GateResult) {
     let admit = match hb_common::maps::admit(live, rest, &d) {
         Ok(a) => a,
         Err(r) => {
-            if r == GateResult::Stale {
-                rest.stale = rest.stale.wrapping_add(1);
-            } else {
-                rest.replay = rest.replay.wrapping_add(1);
-            }
+            // Atomic: `ruled_out` counts on other CPUs without the lock.
+            state::count_rejected(rest, r);
             l.release();
             return drop(r);
         }

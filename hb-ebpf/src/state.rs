@@ -9,7 +9,10 @@
 //! reordered with loads on x86-64, the architecture hb supports). Gate
 //! steps 6 to 8 thus never take the lock, and a flood of forged datagrams
 //! for a node (which fail step 8) never contends with its real heartbeats:
-//! their `bad_tag` count is an atomic add.
+//! their `bad_tag` count is an atomic add. Nor does a flood of replayed
+//! genuine ones: steps 9-10 first judge a consistent snapshot of the
+//! node's window ([`ruled_out`]), and what that rejects is counted with an
+//! atomic add too; only a datagram it would admit takes the lock.
 //!
 //! `NodeState::seqcount` is a seqlock for the userspace readers of the
 //! mmap'ed array (they copy an entry and retry while the count is odd or
@@ -25,15 +28,16 @@
 //! The retries are bounded (the verifier requires it, and spinning in XDP
 //! stalls a whole receive queue). A writer that cannot take the entry
 //! gives up: the datagram is counted `replay` (and `contended`). Two CPUs
-//! hold the same node at the same instant only when the same node's
-//! datagrams arrive on two queues within ~100 ns of each other, which a
-//! sender at <= 10 Hz never does: it means duplicated or replayed traffic,
-//! and dropping the loser is the conservative answer.
+//! hold the same node at the same instant only when two fresh datagrams of
+//! the node arrive on two queues within ~100 ns of each other, which a
+//! sender at <= 10 Hz never does: it means duplicated traffic (both copies
+//! fresh until one is recorded), and dropping the loser is the
+//! conservative answer.
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
 use hb_common::{
-    NodeKey,
+    Datagram, GateResult, NodeKey,
     maps::{NodeLive, NodeRest},
 };
 
@@ -104,13 +108,73 @@ pub fn read_key(state: *const NodeRest, node_id: u32, epoch: u8) -> KeyRead {
 /// the lock (an atomic add: readers may see it a copy late).
 #[inline(always)]
 pub fn count_bad_tag(state: *mut NodeRest) {
-    // SAFETY: an aligned u32 of a live map value.
-    unsafe {
-        atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(
-            core::ptr::addr_of_mut!((*state).bad_tag),
-            1,
-        )
+    // SAFETY: an aligned u32 field of a live map value.
+    add_one(unsafe { core::ptr::addr_of_mut!((*state).bad_tag) });
+}
+
+/// Counts a rejected authenticated datagram (`stale` or `replay`) on the
+/// node's state: an atomic add, with or without the lock, since
+/// [`ruled_out`] counts without it.
+#[inline(always)]
+pub fn count_rejected(state: *mut NodeRest, r: GateResult) {
+    // SAFETY: aligned u32 fields of a live map value.
+    let field = unsafe {
+        if r == GateResult::Stale {
+            core::ptr::addr_of_mut!((*state).stale)
+        } else {
+            core::ptr::addr_of_mut!((*state).replay)
+        }
     };
+    add_one(field);
+}
+
+#[inline(always)]
+fn add_one(field: *mut u32) {
+    // SAFETY: the callers pass an aligned u32 of a live map value.
+    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(field, 1) };
+}
+
+/// Gate steps 9 and 10 decided without the lock, when they reject: the
+/// result (`stale` or `replay`) if a consistent snapshot of the node's
+/// generation and window rules `d` out, `None` if it does not (or the
+/// snapshot could not be taken, or the slot holds another node): then the
+/// caller decides under the lock.
+///
+/// A rejection on a snapshot stays right ([`hb_common::maps::admit_at`]):
+/// the window only moves forward. So a flood of replayed genuine
+/// heartbeats (anyone who saw one on the wire can send it) is turned away
+/// here and never holds the lock that the node's fresh heartbeats need, as
+/// a forged flood never does (step 8). The one exception is userspace
+/// resetting the node (removal, re-provisioning) between the snapshot and
+/// now: then a datagram the fresh state would have taken is dropped, which
+/// the next heartbeat makes good.
+#[inline(always)]
+pub fn ruled_out(live: *const NodeLive, rest: *const NodeRest, d: &Datagram) -> Option<GateResult> {
+    // SAFETY (all reads): pointers into map values, aligned and alive as
+    // long as the program; fields written concurrently are read volatile
+    // and validated by `seqcount` (writers hold it odd), loads not being
+    // reordered with loads on x86-64 (see the module docs).
+    let sc = unsafe { core::ptr::addr_of!((*live).seqcount) };
+    let mut i = 0;
+    while i < TRIES {
+        let s0 = unsafe { core::ptr::read_volatile(sc) };
+        if s0 & 1 == 0 {
+            let generation =
+                unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*live).generation)) };
+            let id = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*rest).node_id)) };
+            let max_seq = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*rest).max_seq)) };
+            let bitmap =
+                unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*rest).replay_bitmap)) };
+            if unsafe { core::ptr::read_volatile(sc) } == s0 {
+                if id != d.node_id {
+                    return None;
+                }
+                return hb_common::maps::admit_at(generation, max_seq, bitmap, d).err();
+            }
+        }
+        i += 1;
+    }
+    None
 }
 
 /// A node held for writing: its line 0 (`HB_NODE_LIVE`, which holds the

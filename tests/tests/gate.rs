@@ -514,16 +514,192 @@ async fn reports_unknown_nodes_at_a_bounded_rate_and_restarts() {
 }
 
 fn pin_to_cpu0() {
-    // SAFETY: a zeroed cpu_set_t with CPU 0 set, for this thread.
+    pin_to_cpu(0);
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with `cpu` set, for this thread.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
+        libc::CPU_SET(cpu, &mut set);
         assert_eq!(
             libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
             0,
-            "pin to CPU 0"
+            "pin to CPU {cpu}"
         );
     }
+}
+
+/// Runs `frames` through the gate on CPUs 0 and 1 at once, each CPU the
+/// whole list; with `lockstep`, both spin until the other is there too
+/// before every frame (a spin, not a futex: both leave it within a few
+/// hundred ns, so the copies of a frame overlap in the gate). Returns how
+/// many each CPU saw dropped.
+fn race_on_two_cpus(g: &Gate, frames: &[Vec<u8>], lockstep: bool) -> Vec<u64> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let ebpf = g.dp.ebpf();
+    let prog: &Xdp = ebpf.program(names::PROGRAM).unwrap().try_into().unwrap();
+    let arrived = AtomicU64::new(0);
+    let t = std::time::Instant::now();
+    let meet = |round: u64| {
+        arrived.fetch_add(1, Ordering::AcqRel);
+        while arrived.load(Ordering::Acquire) < 2 * round {
+            std::hint::spin_loop();
+            assert!(t.elapsed().as_secs() < 60, "bounded in time");
+        }
+    };
+    std::thread::scope(|s| {
+        let workers: Vec<_> = [0, 1]
+            .into_iter()
+            .map(|cpu| {
+                let meet = &meet;
+                s.spawn(move || {
+                    pin_to_cpu(cpu);
+                    meet(1);
+                    let mut dropped = 0u64;
+                    for (i, f) in frames.iter().enumerate() {
+                        if lockstep {
+                            meet(2 + i as u64);
+                        }
+                        let r = prog
+                            .test_run(TestRunOptions {
+                                data_in: Some(f),
+                                ..TestRunOptions::default()
+                            })
+                            .expect("test run");
+                        dropped += u64::from(r.return_value == XDP_DROP);
+                        assert!(t.elapsed().as_secs() < 60, "bounded in time");
+                    }
+                    dropped
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    })
+}
+
+/// Every copy of a heartbeat delivered on two CPUs at once (a duplicating
+/// path, say a broadcast-mode bond, with RSS spreading the copies):
+/// - copies of one heartbeat racing each other, later heartbeats after
+///   it (as a sender's are, >= 100 ms apart): each accepted exactly once,
+///   the other copy dropped as a replay;
+/// - every copy back to back on both CPUs (no sender does this; a stress
+///   of the per-node lock): never accepted twice, and the state stays
+///   consistent: a heartbeat both of whose copies gave up on the lock is
+///   counted lost, as it is to the detector.
+#[test]
+fn a_heartbeat_raced_on_two_cpus_is_accepted_at_most_once() {
+    let n = 10_000u64;
+    for lockstep in [true, false] {
+        let g = Gate::new(Config {
+            port: PORT,
+            ..Config::default()
+        });
+        let frames: Vec<Vec<u8>> = (1..=n).map(|s| v4(&sealed(hb(s)))).collect();
+        let dropped = race_on_two_cpus(&g, &frames, lockstep);
+        assert_eq!(dropped, [n, n], "every copy consumed (no ACKs configured)");
+        let st = g.state();
+        let c = g.dp.counters().unwrap();
+        let (accepted, replay) = (
+            c[GateResult::Accepted.index() as usize],
+            c[GateResult::Replay.index() as usize],
+        );
+        let contended = c[counter::CONTENDED as usize];
+        eprintln!(
+            "lockstep {lockstep}: {n} heartbeats x 2 CPUs: {accepted} accepted, \
+             {replay} replays ({contended} gave up on the lock), {} lost",
+            st.lost
+        );
+        assert_eq!(accepted + replay, 2 * n, "each copy counted once");
+        assert_eq!(st.accepted, accepted);
+        assert_eq!(
+            u64::from(st.replay) + contended,
+            replay,
+            "node's replays + contended"
+        );
+        assert_eq!(st.max_seq, n);
+        assert_eq!(
+            st.accepted + st.lost,
+            n,
+            "each heartbeat accepted once or lost"
+        );
+        if lockstep {
+            assert_eq!(st.accepted, n, "racing copies: one of each accepted");
+        }
+    }
+}
+
+/// Anyone who has seen one of a node's heartbeats on the wire can send it
+/// again, as often as they like. A flood of such replays on one CPU must
+/// not cost the node the fresh heartbeats it sends meanwhile (on another
+/// CPU): a replay is recognised without taking the node's lock, as a
+/// forged datagram is.
+#[test]
+fn a_replay_flood_does_not_crowd_out_fresh_heartbeats() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let g = Gate::new(Config {
+        port: PORT,
+        ..Config::default()
+    });
+    let old = v4(&sealed(hb(1)));
+    assert_eq!(g.run(&old).unwrap().0, XDP_DROP);
+    let n = 10_000u64;
+    let fresh: Vec<Vec<u8>> = (2..=n).map(|s| v4(&sealed(hb(s)))).collect();
+    let ebpf = g.dp.ebpf();
+    let prog: &Xdp = ebpf.program(names::PROGRAM).unwrap().try_into().unwrap();
+    let done = AtomicBool::new(false);
+    let t = std::time::Instant::now();
+    let (flood, dropped) = std::thread::scope(|s| {
+        let flooder = s.spawn(|| {
+            pin_to_cpu(1);
+            let mut sent = 0u64;
+            while !done.load(Ordering::Relaxed) && t.elapsed().as_secs() < 60 {
+                prog.test_run(TestRunOptions {
+                    data_in: Some(&old),
+                    ..TestRunOptions::default()
+                })
+                .expect("test run");
+                sent += 1;
+            }
+            sent
+        });
+        pin_to_cpu(0);
+        // Let the flood start.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut dropped = 0u64;
+        for f in &fresh {
+            let r = prog
+                .test_run(TestRunOptions {
+                    data_in: Some(f),
+                    ..TestRunOptions::default()
+                })
+                .expect("test run");
+            dropped += u64::from(r.return_value == XDP_DROP);
+        }
+        done.store(true, Ordering::Relaxed);
+        (flooder.join().unwrap(), dropped)
+    });
+    drop(ebpf);
+    assert_eq!(dropped, n - 1, "consumed (no ACKs configured)");
+    let st = g.state();
+    let c = g.dp.counters().unwrap();
+    eprintln!(
+        "{} fresh heartbeats during a flood of {flood} replays: {} accepted; {} replays gave up on the lock",
+        n - 1,
+        st.accepted - 1,
+        c[counter::CONTENDED as usize]
+    );
+    assert!(flood > n, "the flood outnumbered the heartbeats ({flood})");
+    assert_eq!(st.accepted, n, "every fresh heartbeat accepted");
+    assert_eq!(st.lost, 0);
+    // Replays that met a fresh heartbeat holding the lock gave up on it:
+    // dropped, as they are anyway.
+    let replays = c[GateResult::Replay.index() as usize];
+    assert_eq!(replays, flood);
+    assert_eq!(
+        u64::from(st.replay) + c[counter::CONTENDED as usize],
+        replays
+    );
 }
 
 #[test]
