@@ -57,6 +57,29 @@ pub enum KeyRead {
     Busy,
 }
 
+/// `read()` between two equal, even values of the sequence counter at
+/// `seq` (a seqlock read: writers hold it odd), tried up to [`TRIES`]
+/// times; `None` if writers kept it busy. `read` must read the fields
+/// writers change volatile; loads are not reordered with loads on x86-64
+/// (see the module docs).
+#[inline(always)]
+fn read_consistent<T>(seq: *const u32, read: impl Fn() -> T) -> Option<T> {
+    let mut i = 0;
+    while i < TRIES {
+        // SAFETY: the callers pass an aligned u32 of a live map value.
+        let s0 = unsafe { core::ptr::read_volatile(seq) };
+        if s0 & 1 == 0 {
+            let v = read();
+            // SAFETY: as above.
+            if unsafe { core::ptr::read_volatile(seq) } == s0 {
+                return Some(v);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
 /// The key of `node_id` for `epoch` at `state`, read without the lock (see
 /// the module docs).
 #[inline(always)]
@@ -65,43 +88,30 @@ pub fn read_key(state: *const NodeRest, node_id: u32, epoch: u8) -> KeyRead {
     // alive as long as the program; fields written concurrently are read
     // volatile and validated by `keys_seq`.
     let ks = unsafe { core::ptr::addr_of!((*state).keys_seq) };
-    let mut i = 0;
-    while i < TRIES {
-        let s0 = unsafe { core::ptr::read_volatile(ks) };
-        if s0 & 1 == 0 {
-            let id = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*state).node_id)) };
-            let valid =
-                unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*state).key_valid)) };
-            let ep = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*state).key_epoch)) };
-            let k = if valid & 1 != 0 && ep[0] == epoch {
-                Some(0)
-            } else if valid & 2 != 0 && ep[1] == epoch {
-                Some(1)
-            } else {
-                None
-            };
-            let key = match k {
-                Some(0) => unsafe {
-                    core::ptr::read_volatile(core::ptr::addr_of!((*state).key[0]))
-                },
-                Some(_) => unsafe {
-                    core::ptr::read_volatile(core::ptr::addr_of!((*state).key[1]))
-                },
-                None => NodeKey::default(),
-            };
-            if unsafe { core::ptr::read_volatile(ks) } == s0 {
-                return if id != node_id {
-                    KeyRead::NotHere
-                } else if k.is_none() {
-                    KeyRead::NoEpoch
-                } else {
-                    KeyRead::Key(key)
-                };
-            }
-        }
-        i += 1;
+    let read = || {
+        let id = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*state).node_id)) };
+        let valid = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*state).key_valid)) };
+        let ep = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*state).key_epoch)) };
+        let k = if valid & 1 != 0 && ep[0] == epoch {
+            Some(0)
+        } else if valid & 2 != 0 && ep[1] == epoch {
+            Some(1)
+        } else {
+            None
+        };
+        let key = match k {
+            Some(0) => unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*state).key[0])) },
+            Some(_) => unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*state).key[1])) },
+            None => NodeKey::default(),
+        };
+        (id, k.is_some(), key)
+    };
+    match read_consistent(ks, read) {
+        None => KeyRead::Busy,
+        Some((id, _, _)) if id != node_id => KeyRead::NotHere,
+        Some((_, false, _)) => KeyRead::NoEpoch,
+        Some((_, true, key)) => KeyRead::Key(key),
     }
-    KeyRead::Busy
 }
 
 /// Counts a datagram whose tag did not verify on the node's state, without
@@ -152,29 +162,20 @@ fn add_one(field: *mut u32) {
 pub fn ruled_out(live: *const NodeLive, rest: *const NodeRest, d: &Datagram) -> Option<GateResult> {
     // SAFETY (all reads): pointers into map values, aligned and alive as
     // long as the program; fields written concurrently are read volatile
-    // and validated by `seqcount` (writers hold it odd), loads not being
-    // reordered with loads on x86-64 (see the module docs).
+    // and validated by `seqcount`.
     let sc = unsafe { core::ptr::addr_of!((*live).seqcount) };
-    let mut i = 0;
-    while i < TRIES {
-        let s0 = unsafe { core::ptr::read_volatile(sc) };
-        if s0 & 1 == 0 {
-            let generation =
-                unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*live).generation)) };
-            let id = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*rest).node_id)) };
-            let max_seq = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*rest).max_seq)) };
-            let bitmap =
-                unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*rest).replay_bitmap)) };
-            if unsafe { core::ptr::read_volatile(sc) } == s0 {
-                if id != d.node_id {
-                    return None;
-                }
-                return hb_common::maps::admit_at(generation, max_seq, bitmap, d).err();
-            }
-        }
-        i += 1;
+    let (id, generation, max_seq, bitmap) = read_consistent(sc, || unsafe {
+        (
+            core::ptr::read_volatile(core::ptr::addr_of!((*rest).node_id)),
+            core::ptr::read_volatile(core::ptr::addr_of!((*live).generation)),
+            core::ptr::read_volatile(core::ptr::addr_of!((*rest).max_seq)),
+            core::ptr::read_volatile(core::ptr::addr_of!((*rest).replay_bitmap)),
+        )
+    })?;
+    if id != d.node_id {
+        return None;
     }
-    None
+    hb_common::maps::admit_at(generation, max_seq, bitmap, d).err()
 }
 
 /// A node held for writing: its line 0 (`HB_NODE_LIVE`, which holds the
