@@ -530,6 +530,17 @@ fn pin_to_cpu(cpu: usize) {
     }
 }
 
+/// Runs `frame` once through `prog` on this thread's CPU: the action. For
+/// threads that share the program (`Gate::run` holds the object's lock).
+fn run_on(prog: &Xdp, frame: &[u8]) -> u32 {
+    prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        ..TestRunOptions::default()
+    })
+    .expect("test run")
+    .return_value
+}
+
 /// Runs `frames` through the gate on CPUs 0 and 1 at once, each CPU the
 /// whole list; with `lockstep`, both spin until the other is there too
 /// before every frame (a spin, not a futex: both leave it within a few
@@ -561,13 +572,7 @@ fn race_on_two_cpus(g: &Gate, frames: &[Vec<u8>], lockstep: bool) -> Vec<u64> {
                         if lockstep {
                             meet(2 + i as u64);
                         }
-                        let r = prog
-                            .test_run(TestRunOptions {
-                                data_in: Some(f),
-                                ..TestRunOptions::default()
-                            })
-                            .expect("test run");
-                        dropped += u64::from(r.return_value == XDP_DROP);
+                        dropped += u64::from(run_on(prog, f) == XDP_DROP);
                         assert!(t.elapsed().as_secs() < 60, "bounded in time");
                     }
                     dropped
@@ -654,11 +659,7 @@ fn a_replay_flood_does_not_crowd_out_fresh_heartbeats() {
             pin_to_cpu(1);
             let mut sent = 0u64;
             while !done.load(Ordering::Relaxed) && t.elapsed().as_secs() < 60 {
-                prog.test_run(TestRunOptions {
-                    data_in: Some(&old),
-                    ..TestRunOptions::default()
-                })
-                .expect("test run");
+                run_on(prog, &old);
                 sent += 1;
             }
             sent
@@ -668,13 +669,7 @@ fn a_replay_flood_does_not_crowd_out_fresh_heartbeats() {
         std::thread::sleep(std::time::Duration::from_millis(20));
         let mut dropped = 0u64;
         for f in &fresh {
-            let r = prog
-                .test_run(TestRunOptions {
-                    data_in: Some(f),
-                    ..TestRunOptions::default()
-                })
-                .expect("test run");
-            dropped += u64::from(r.return_value == XDP_DROP);
+            dropped += u64::from(run_on(prog, f) == XDP_DROP);
         }
         done.store(true, Ordering::Relaxed);
         (flooder.join().unwrap(), dropped)
