@@ -260,14 +260,17 @@ fn table_round_trips_and_bad_files_are_refused_clearly() {
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     let e = d.load(&path).unwrap_err().to_string();
     assert!(e.contains("not valid JSON"), "{e}");
+    // A good table, refused by a controller configured otherwise.
+    let refused_by = |cfg: Config| {
+        c.save(&path).unwrap();
+        let mut other = QController::new(cfg).unwrap();
+        other.load(&path).unwrap_err().to_string()
+    };
     // Another controller's grid.
-    c.save(&path).unwrap();
-    let mut other = QController::new(Config {
+    let e = refused_by(Config {
         max_interval_ms: 5000,
         ..Config::default()
-    })
-    .unwrap();
-    let e = other.load(&path).unwrap_err().to_string();
+    });
     assert!(e.contains("interval levels"), "{e}");
     // An index out of range.
     let mut t = table::read(&path).unwrap();
@@ -277,13 +280,10 @@ fn table_round_trips_and_bad_files_are_refused_clearly() {
     assert!(e.contains("out of range"), "{e}");
     // Another detection target: the headroom buckets and every reward
     // are relative to it.
-    c.save(&path).unwrap();
-    let mut other = QController::new(Config {
+    let e = refused_by(Config {
         target_detection_ms: 1000.0,
         ..Config::default()
-    })
-    .unwrap();
-    let e = other.load(&path).unwrap_err().to_string();
+    });
     assert!(e.contains("3000 ms detection target"), "{e}");
     // A table of stop 7's layout (version 1: no headroom, no update
     // counts) is named as such, not misread and not a JSON error.
