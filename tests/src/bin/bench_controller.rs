@@ -77,9 +77,9 @@
 //! policy that reacts to a disruption can do better than the mixture, so
 //! there the bound is a reference, not a limit.
 //!
-//! The fixed 5 s baseline is not a level of the controller's grid (4642
-//! and 6813 ms are): on a stationary scenario the best any policy on the
-//! grid can do there is a mix of those two, which the bound shows.
+//! 100 ms, 1 s and 5 s are all levels of the controller's grid (six per
+//! decade on round intervals), so the controller can sit exactly where
+//! each fixed interval does.
 //!
 //! A second table shows the controller at its default target, the setting
 //! `hb monitor --controller qlearn` ships with; a third every fixed level
