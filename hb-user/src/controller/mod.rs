@@ -82,6 +82,19 @@
 //! shares was tried and dropped: exploration during training inflated it,
 //! so the evaluated greedy policy met states the table had barely seen.)
 //!
+//! # Where a node starts
+//! A node nobody has asked for an interval yet (its gate state has no
+//! request: a new node, or every node of a monitor that starts without its
+//! pinned maps) starts at [`QController::start_ms`], reason `start`: the
+//! slowest level at which a node on a calm path would meet the target,
+//! computed from the configuration alone (nothing a node reports moves
+//! it). It then settles there like after a step slower. A node whose
+//! request outlived the controller's memory of it (a monitor restarted
+//! over pinned maps) goes on from the interval it runs at. Before stop 12
+//! every node started at its sender's own interval (1 s by default) and
+//! climbed one settled step at a time: about 90 s from 1 s to 5 s, 5% of
+//! the heartbeats of a one-hour run at a 7.6 s target.
+//!
 //! # Settling
 //! A step slower re-seeds the detector's deviation at 1/8 of the new
 //! interval, above its 10% floor: for ~8 heartbeats detection is ~20%
@@ -217,6 +230,9 @@ pub enum Reason {
     Settling,
     /// The node's cap is below its current level: moved down to the cap.
     Cap,
+    /// A node nobody has asked an interval of yet: started at the
+    /// controller's start level ([`QController::start_ms`]).
+    Start,
 }
 
 impl std::fmt::Display for Reason {
@@ -227,6 +243,7 @@ impl std::fmt::Display for Reason {
             Reason::NoData => "no_data",
             Reason::Settling => "settling",
             Reason::Cap => "cap",
+            Reason::Start => "start",
         })
     }
 }
@@ -555,6 +572,10 @@ pub const MAX_SETTLE_PERIODS: u32 = 12;
 /// that a burst is forgotten once the detector has recovered from it.
 const LOSS_MEMORY: f64 = 1.0 - 1.0 / 8.0;
 
+/// The p99 goal: the share of crashes that may be detected later than the
+/// target.
+const LATE_BUDGET: f64 = 0.01;
+
 /// The Q-learning controller. `Clone` copies the table, the RNG and the
 /// per-node memory: the benchmark evaluates one trained controller on
 /// several seeds, each from the same starting point.
@@ -563,6 +584,9 @@ pub struct QController {
     cfg: Config,
     grid: Grid,
     k_sigma: f64,
+    /// Where a node nobody has asked an interval of starts (see
+    /// [`QController::start_ms`]).
+    start_level: usize,
     /// `rows * 3` Q values, row-major by [`StateKey::index`].
     q: Vec<f64>,
     visits: Vec<u64>,
@@ -583,8 +607,9 @@ impl QController {
         cfg.validate()?;
         let grid = cfg.grid();
         let rows = StateKey::rows(grid.len());
-        Ok(QController {
+        let mut c = QController {
             k_sigma: cfg.sigmas_to_threshold(),
+            start_level: 0,
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
             q: vec![0.0; rows * 3],
             visits: vec![0; rows],
@@ -596,7 +621,47 @@ impl QController {
             rewards: RewardStats::default(),
             nodes: HashMap::new(),
             epsilon_override: None,
-        })
+        };
+        c.start_level = c.calm_level();
+        Ok(c)
+    }
+
+    /// The slowest level at which a node on a calm path (heartbeats
+    /// arriving exactly on time, no loss, no RTT) would meet the target:
+    /// its detector's settled moments at that interval give a late share
+    /// within the p99 budget. The fastest level if none does. It depends
+    /// on the configuration alone, never on what a node reports.
+    fn calm_level(&self) -> usize {
+        (0..self.grid.len())
+            .rev()
+            .find(|&level| {
+                let ms = self.grid.ms(level);
+                let calm = NodeState {
+                    interval_ms: ms,
+                    ia_mean_ns: u64::from(ms) * 1_000_000,
+                    ..NodeState::default()
+                };
+                let (mean_ms, sigma_ms) = crate::detector::moments_ms(&calm, &self.cfg.phi);
+                let obs = Observation {
+                    interval_ms: ms,
+                    mean_ms,
+                    sigma_ms,
+                    ..Observation::default()
+                };
+                self.late_share(&obs, self.detection_ms(&obs)) <= LATE_BUDGET
+            })
+            .unwrap_or(0)
+    }
+
+    /// The interval a node starts at when nobody has asked one of it yet
+    /// (a new node, or every node of a monitor that starts without pinned
+    /// state), ms: the slowest level that meets the target on a calm path
+    /// ([`QController::calm_level`]), or the node's cap if lower. From
+    /// there the table moves it one step per decision. Starting from the
+    /// sender's own interval instead cost a new fleet minutes of climbing:
+    /// 1 s to 5 s is four steps slower, each settling for eight heartbeats.
+    pub fn start_ms(&self) -> u32 {
+        self.grid.ms(self.start_level)
     }
 
     pub fn config(&self) -> &Config {
@@ -798,6 +863,35 @@ impl QController {
             .cap_ms
             .map(|c| self.grid.level_at_most(c))
             .unwrap_or(levels - 1);
+        if m.level.is_none() && obs.requested_interval_ms == 0 {
+            // Nobody has asked this node for an interval: start it where
+            // a calm path meets the target (nothing the node reports
+            // moves this), and let the detector settle there before the
+            // table judges anything.
+            let from = self.grid.level_of(obs.interval_ms);
+            let level = self.start_level.min(cap_level);
+            m.level = Some(level);
+            m.last = None;
+            m.settling = (level != from).then(|| Settling::new(None));
+            let interval_ms = self.grid.ms(level);
+            let action = match level.cmp(&from) {
+                std::cmp::Ordering::Greater => Action::Slower,
+                std::cmp::Ordering::Equal => Action::Hold,
+                std::cmp::Ordering::Less => Action::Faster,
+            };
+            tracing::debug!(node, interval_ms, action = %action, reason = %Reason::Start, "controller decision");
+            let d = Decision {
+                interval_ms,
+                action,
+                reason: Reason::Start,
+                reward: None,
+                detection_ms: None,
+                late_share: None,
+                state: None,
+            };
+            m.decision = Some(d.clone());
+            return d;
+        }
         let current = m
             .level
             .unwrap_or_else(|| self.grid.level_of(obs.interval_ms));
@@ -991,6 +1085,7 @@ impl QController {
         Snapshot {
             config: self.cfg.clone(),
             levels_ms: self.grid.levels_ms.clone(),
+            start_interval_ms: self.start_ms(),
             sigmas_to_threshold: self.k_sigma,
             epsilon: self.epsilon(),
             decisions: self.decisions,
@@ -1032,6 +1127,8 @@ impl QController {
 pub struct Snapshot {
     pub config: Config,
     pub levels_ms: Vec<u32>,
+    /// Where a node nobody has asked an interval of starts.
+    pub start_interval_ms: u32,
     pub sigmas_to_threshold: f64,
     pub epsilon: f64,
     pub decisions: u64,

@@ -173,6 +173,11 @@ pub struct Observation {
     pub generation: u32,
     /// Interval the node reports using, ms.
     pub interval_ms: u32,
+    /// Interval the monitor already asks of the node, ms (0: none yet).
+    /// A request that outlived the controller's memory of the node (a
+    /// monitor restart over pinned maps) is where the controller goes on
+    /// from; without one it starts the node at [`super::QController::start_ms`].
+    pub requested_interval_ms: u32,
     /// Smoothed RTT the node reports, ms; `None` when unknown.
     pub rtt_ms: Option<f64>,
     /// Fraction of heartbeats lost over the period, 0..=1.
@@ -232,6 +237,7 @@ impl Observation {
         Observation {
             generation: now.generation,
             interval_ms: now.interval_ms,
+            requested_interval_ms: now.requested_interval_ms,
             rtt_ms: (now.rtt_us != 0).then(|| now.rtt_us as f64 / 1000.0),
             loss_rate,
             jitter,

@@ -25,6 +25,10 @@ impl SynthNode {
             state: NodeState {
                 generation: 1,
                 interval_ms,
+                // As if an earlier monitor had asked for it: the controller
+                // goes on from the node's interval (a fresh node starts at
+                // `start_ms`, tested on its own).
+                requested_interval_ms: interval_ms,
                 load,
                 last_arrival_ns: 1,
                 ..NodeState::default()
@@ -55,6 +59,7 @@ impl SynthNode {
             self.state.ia_samples = 0;
         }
         self.state.interval_ms = d.interval_ms;
+        self.state.requested_interval_ms = d.interval_ms;
     }
 }
 
@@ -94,6 +99,11 @@ fn decisions_stay_in_bounds_and_move_one_step() {
         let obs = Observation {
             generation: 1,
             interval_ms: rng.random_range(0..=u32::MAX),
+            requested_interval_ms: if rng.random::<bool>() {
+                0
+            } else {
+                rng.random()
+            },
             rtt_ms: Some(rng.random::<f64>() * 1e6),
             loss_rate: rng.random(),
             jitter: if rng.random::<bool>() {
@@ -174,6 +184,91 @@ fn cap_applies_at_once_and_holds() {
 }
 
 #[test]
+fn a_node_nobody_steered_starts_where_a_calm_path_meets_the_target() {
+    // The late share a perfectly regular node at `ms` would show.
+    let calm_late = |c: &QController, ms: u32| {
+        let st = NodeState {
+            interval_ms: ms,
+            ia_mean_ns: u64::from(ms) * 1_000_000,
+            ..NodeState::default()
+        };
+        let (mean_ms, sigma_ms) = crate::detector::moments_ms(&st, &c.config().phi);
+        let obs = Observation {
+            interval_ms: ms,
+            mean_ms,
+            sigma_ms,
+            ..Observation::default()
+        };
+        c.late_share(&obs, c.detection_ms(&obs))
+    };
+    let mut last = 0;
+    for target in [150.0, 300.0, 1000.0, 1583.0, 3000.0, 7607.0, 20_000.0, 1e9] {
+        let c = QController::new(Config {
+            target_detection_ms: target,
+            ..Config::default()
+        })
+        .unwrap();
+        let (grid, start) = (c.grid().clone(), c.start_ms());
+        let level = grid.level_of(start);
+        assert_eq!(grid.ms(level), start, "{target}: on the grid");
+        // The slowest level within the budget (the fastest if none is).
+        if level > 0 {
+            assert!(calm_late(&c, start) <= 0.01, "{target}: {start} ms");
+        }
+        if level + 1 < grid.len() {
+            assert!(calm_late(&c, grid.ms(level + 1)) > 0.01, "{target}");
+        }
+        assert!(start >= last, "a looser target never starts faster");
+        last = start;
+    }
+    assert_eq!(last, 10_000, "a target nothing misses starts at the bound");
+
+    // A fresh node (no request yet, at the sender's own 1 s) starts at
+    // `start_ms` whatever it reports, and settles there first.
+    let mut c = controller(1);
+    let start = c.start_ms();
+    assert_ne!(start, 1000, "the target's start level is not the sender's");
+    for (node, rtt_us, load) in [(1, 0, 0), (2, u32::MAX, u16::MAX)] {
+        let mut n = SynthNode::new(1000, 0.3, 0.2, load);
+        n.state.requested_interval_ms = 0;
+        n.state.rtt_us = rtt_us;
+        n.period(10_000);
+        let d = c.observe(node, &n.state, 0);
+        assert_eq!((d.reason, d.interval_ms), (Reason::Start, start), "{d:?}");
+        let expected = if start > 1000 {
+            Action::Slower
+        } else {
+            Action::Faster
+        };
+        assert_eq!(d.action, expected);
+        n.period(10_000); // not adopted yet: settling
+        assert_eq!(c.observe(node, &n.state, 0).reason, Reason::Settling);
+    }
+    assert_eq!(c.decisions(), 0, "nothing was learned from a start");
+
+    // A request that outlived the controller's memory (a monitor
+    // restarted over pinned maps) is where the node goes on from.
+    let mut n = SynthNode::new(200, 0.02, 0.0, 0);
+    n.period(10_000);
+    let d = c.observe(3, &n.state, 0);
+    assert_ne!(d.reason, Reason::Start);
+    assert!(
+        c.grid()
+            .level_of(d.interval_ms)
+            .abs_diff(c.grid().level_of(200))
+            <= 1
+    );
+
+    // A critical node starts at its cap when that is faster.
+    c.set_cap(4, Some(300));
+    let mut n = SynthNode::new(1000, 0.02, 0.0, 0);
+    n.state.requested_interval_ms = 0;
+    n.period(10_000);
+    let d = c.observe(4, &n.state, 0);
+    assert_eq!((d.reason, d.interval_ms), (Reason::Start, 300));
+}
+
+#[test]
 fn too_few_heartbeats_means_hold_without_learning() {
     let mut c = QController::new(Config {
         min_samples: 3,
@@ -183,6 +278,7 @@ fn too_few_heartbeats_means_hold_without_learning() {
     let mut s = NodeState {
         generation: 1,
         interval_ms: 1000,
+        requested_interval_ms: 1000,
         accepted: 10,
         ia_mean_ns: 1_000_000_000,
         last_arrival_ns: 1,
