@@ -80,7 +80,7 @@ pub struct Args {
     #[arg(long, default_value_t = controller::Config::default().step)]
     pub step: f64,
     /// qlearn: reward weights `late,over,cost,load,false_suspicion`
-    /// (see `hb::controller`); default `50,1,1,1,50`.
+    /// (see `hb::controller`); default `50,1,1,1,5`.
     #[arg(long, value_parser = parse_weights)]
     pub weights: Option<controller::Weights>,
     /// Print the report (with the full interval trajectory) as JSON.
