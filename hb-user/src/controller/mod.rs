@@ -198,6 +198,15 @@ impl Action {
         }
     }
 
+    /// The direction of a move from level `from` to level `to`.
+    fn toward(from: usize, to: usize) -> Action {
+        match to.cmp(&from) {
+            std::cmp::Ordering::Greater => Action::Slower,
+            std::cmp::Ordering::Equal => Action::Hold,
+            std::cmp::Ordering::Less => Action::Faster,
+        }
+    }
+
     /// The interval level after this action from `level`, unclamped.
     fn apply(self, level: usize) -> isize {
         match self {
@@ -265,6 +274,22 @@ pub struct Decision {
     pub late_share: Option<f64>,
     /// The state the decision was taken in.
     pub state: Option<StateKey>,
+}
+
+impl Decision {
+    /// A decision the table had no part in (`start`, `cap`, `no_data`):
+    /// no reward, model or state to show.
+    fn untabled(interval_ms: u32, action: Action, reason: Reason) -> Decision {
+        Decision {
+            interval_ms,
+            action,
+            reason,
+            reward: None,
+            detection_ms: None,
+            late_share: None,
+            state: None,
+        }
+    }
 }
 
 /// Weights of the reward terms (see the module documentation).
@@ -650,23 +675,26 @@ impl QController {
     fn calm_level(&self) -> usize {
         (0..self.grid.len())
             .rev()
-            .find(|&level| {
-                let ms = self.grid.ms(level);
-                let calm = NodeState {
-                    interval_ms: ms,
-                    ia_mean_ns: u64::from(ms) * 1_000_000,
-                    ..NodeState::default()
-                };
-                let (mean_ms, sigma_ms) = crate::detector::moments_ms(&calm, &self.cfg.phi);
-                let obs = Observation {
-                    interval_ms: ms,
-                    mean_ms,
-                    sigma_ms,
-                    ..Observation::default()
-                };
-                self.late_share(&obs, self.detection_ms(&obs)) <= LATE_BUDGET
-            })
+            .find(|&level| self.calm_late_share(self.grid.ms(level)) <= LATE_BUDGET)
             .unwrap_or(0)
+    }
+
+    /// The late share of a node whose heartbeats arrive exactly every
+    /// `ms`, with no loss and no RTT, once its detector has settled.
+    fn calm_late_share(&self, ms: u32) -> f64 {
+        let calm = NodeState {
+            interval_ms: ms,
+            ia_mean_ns: u64::from(ms) * 1_000_000,
+            ..NodeState::default()
+        };
+        let (mean_ms, sigma_ms) = crate::detector::moments_ms(&calm, &self.cfg.phi);
+        let obs = Observation {
+            interval_ms: ms,
+            mean_ms,
+            sigma_ms,
+            ..Observation::default()
+        };
+        self.late_share(&obs, self.detection_ms(&obs))
     }
 
     /// The interval a node starts at when nobody has asked one of it yet
@@ -889,22 +917,12 @@ impl QController {
             m.level = Some(level);
             m.last = None;
             m.settling = (level != from).then(|| Settling::new(None));
-            let interval_ms = self.grid.ms(level);
-            let action = match level.cmp(&from) {
-                std::cmp::Ordering::Greater => Action::Slower,
-                std::cmp::Ordering::Equal => Action::Hold,
-                std::cmp::Ordering::Less => Action::Faster,
-            };
-            tracing::debug!(node, interval_ms, action = %action, reason = %Reason::Start, "controller decision");
-            let d = Decision {
-                interval_ms,
-                action,
-                reason: Reason::Start,
-                reward: None,
-                detection_ms: None,
-                late_share: None,
-                state: None,
-            };
+            let d = Decision::untabled(
+                self.grid.ms(level),
+                Action::toward(from, level),
+                Reason::Start,
+            );
+            tracing::debug!(node, interval_ms = d.interval_ms, action = %d.action, reason = %d.reason, "controller decision");
             m.decision = Some(d.clone());
             return d;
         }
@@ -916,30 +934,13 @@ impl QController {
             m.level = Some(cap_level);
             m.last = None;
             m.settling = None;
-            let interval_ms = self.grid.ms(cap_level);
-            tracing::debug!(node, interval_ms, reason = %Reason::Cap, "controller decision");
-            let d = Decision {
-                interval_ms,
-                action: Action::Faster,
-                reason: Reason::Cap,
-                reward: None,
-                detection_ms: None,
-                late_share: None,
-                state: None,
-            };
+            let d = Decision::untabled(self.grid.ms(cap_level), Action::Faster, Reason::Cap);
+            tracing::debug!(node, interval_ms = d.interval_ms, reason = %d.reason, "controller decision");
             m.decision = Some(d.clone());
             return d;
         }
         if obs.new_samples < self.cfg.min_samples {
-            return Decision {
-                interval_ms: self.grid.ms(current),
-                action: Action::Hold,
-                reason: Reason::NoData,
-                reward: None,
-                detection_ms: None,
-                late_share: None,
-                state: None,
-            };
+            return Decision::untabled(self.grid.ms(current), Action::Hold, Reason::NoData);
         }
 
         let a = self.assess(obs);

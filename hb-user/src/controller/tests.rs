@@ -185,22 +185,6 @@ fn cap_applies_at_once_and_holds() {
 
 #[test]
 fn a_node_nobody_steered_starts_where_a_calm_path_meets_the_target() {
-    // The late share a perfectly regular node at `ms` would show.
-    let calm_late = |c: &QController, ms: u32| {
-        let st = NodeState {
-            interval_ms: ms,
-            ia_mean_ns: u64::from(ms) * 1_000_000,
-            ..NodeState::default()
-        };
-        let (mean_ms, sigma_ms) = crate::detector::moments_ms(&st, &c.config().phi);
-        let obs = Observation {
-            interval_ms: ms,
-            mean_ms,
-            sigma_ms,
-            ..Observation::default()
-        };
-        c.late_share(&obs, c.detection_ms(&obs))
-    };
     let mut last = 0;
     for target in [150.0, 300.0, 1000.0, 1583.0, 3000.0, 7607.0, 20_000.0, 1e9] {
         let c = QController::new(Config {
@@ -213,10 +197,10 @@ fn a_node_nobody_steered_starts_where_a_calm_path_meets_the_target() {
         assert_eq!(grid.ms(level), start, "{target}: on the grid");
         // The slowest level within the budget (the fastest if none is).
         if level > 0 {
-            assert!(calm_late(&c, start) <= 0.01, "{target}: {start} ms");
+            assert!(c.calm_late_share(start) <= 0.01, "{target}: {start} ms");
         }
         if level + 1 < grid.len() {
-            assert!(calm_late(&c, grid.ms(level + 1)) > 0.01, "{target}");
+            assert!(c.calm_late_share(grid.ms(level + 1)) > 0.01, "{target}");
         }
         assert!(start >= last, "a looser target never starts faster");
         last = start;
