@@ -161,6 +161,19 @@ fn qlearn_changes_a_live_senders_interval_through_acks() {
         )
     };
 
+    // GET `path` until `done` holds; fails with `what` after `secs`.
+    let poll = |path: &str, secs: u64, what: &str, done: &dyn Fn(&Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let v = json(&pair.a, path);
+            if done(&v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{}", context(what, &v));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
     // 1. The controller asks for a slower interval; the ACK carries it and
     //    the sender reports using it. Nobody has asked this node for an
     //    interval yet, so its first decision starts it at the level that
@@ -174,20 +187,15 @@ fn qlearn_changes_a_live_senders_interval_through_acks() {
         "the default target starts nodes slower than 100 ms"
     );
     let path = format!("/nodes/{NODE}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let node = loop {
-        let n = json(&pair.a, &path);
-        let iv = n["interval_ms"].as_u64().unwrap_or(0);
-        if iv > 100 && n["requested_interval_ms"] == n["interval_ms"] {
-            break n;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            context("the sender never adopted a controller decision", &n)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let node = poll(
+        &path,
+        30,
+        "the sender never adopted a controller decision",
+        &|n| {
+            n["interval_ms"].as_u64().unwrap_or(0) > 100
+                && n["requested_interval_ms"] == n["interval_ms"]
+        },
+    );
     assert_eq!(
         node["interval_ms"].as_u64(),
         Some(u64::from(start)),
@@ -217,38 +225,17 @@ fn qlearn_changes_a_live_senders_interval_through_acks() {
     // 2. The heartbeats really come slower: the kernel's inter-arrival
     //    mean (re-seeded at each announced change) leaves 100 ms behind.
     //    Loose bound; timing goals belong to benchmarks.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let n = json(&pair.a, &path);
-        let mean = n["mean_interarrival_ms"].as_f64().unwrap_or(0.0);
-        if mean > 140.0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            context("heartbeats still arrive every 100 ms", &n)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    poll(&path, 30, "heartbeats still arrive every 100 ms", &|n| {
+        n["mean_interarrival_ms"].as_f64().unwrap_or(0.0) > 140.0
+    });
     assert_eq!(json(&pair.a, &path)["state"], "alive");
 
     // 3. GET /controller: the table the decisions came from, once the
     //    node has settled at its start level (8 heartbeats at 1.5 s, at
     //    most 12 decisions) and the table has decided for it.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let c = loop {
-        let c = json(&pair.a, "/controller");
-        if c["decisions"].as_u64().unwrap_or(0) >= 1 {
-            break c;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            context("the table never decided", &c)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let c = poll("/controller", 60, "the table never decided", &|c| {
+        c["decisions"].as_u64().unwrap_or(0) >= 1
+    });
     assert_eq!(c["controller"], "qlearn", "{c}");
     assert_eq!(
         c["start_interval_ms"].as_u64(),
