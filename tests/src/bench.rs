@@ -1,13 +1,35 @@
 //! Pieces every benchmark binary needs: the median of its rounds, CPU
-//! pinning, an AF_PACKET socket to inject pre-built frames, and frames run
-//! through an XDP program with BPF_PROG_TEST_RUN.
+//! pinning, the heartbeat frame the gate benchmarks measure, an AF_PACKET
+//! socket to inject pre-built frames, and frames run through an XDP
+//! program with BPF_PROG_TEST_RUN.
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
 use anyhow::ensure;
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use hb_common::{Datagram, Kind, NodeKey};
 
-use crate::netns::NetNs;
+use crate::{frames::Udp, netns::NetNs};
+
+/// The IPv4 frame of heartbeat `seq` from `node_id` to UDP port `port`,
+/// sealed with `key` (of `key_epoch`): generation 1, a 1 s interval, no
+/// load or RTT, `sent_ns` = `seq`. The heartbeat every gate benchmark
+/// measures.
+pub fn heartbeat_frame(port: u16, node_id: u32, key_epoch: u8, seq: u64, key: &NodeKey) -> Vec<u8> {
+    let d = Datagram {
+        kind: Kind::Heartbeat,
+        node_id,
+        generation: 1,
+        key_epoch,
+        flags: 0,
+        load: 0,
+        seq,
+        sent_ns: seq,
+        interval_ms: 1000,
+        rtt_us: 0,
+    };
+    Udp::v4(port, &d.seal(key)).build()
+}
 
 /// Median, min and max of the finite values of `xs` (NaN for all three
 /// when there are none).

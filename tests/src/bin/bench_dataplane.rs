@@ -70,11 +70,11 @@ use hb::dataplane::{
     xdp::{XdpDataplane, XdpOptions},
 };
 use hb_common::{
-    Datagram, Kind, NodeKey,
+    NodeKey,
     maps::{Config, MAX_NODES, NodeKeys, names},
 };
 use hb_tests::{
-    bench::{packet_socket, pin, summary, test_run_frames},
+    bench::{heartbeat_frame, packet_socket, pin, summary, test_run_frames},
     frames::Udp,
     netns::{IF_A, IF_B, VethPair, sh},
 };
@@ -86,19 +86,7 @@ const ROUNDS: usize = 7;
 const KEY: NodeKey = NodeKey { k0: 11, k1: 22 };
 
 fn dgram(node_id: u32, key_epoch: u8, seq: u64) -> Vec<u8> {
-    let d = Datagram {
-        kind: Kind::Heartbeat,
-        node_id,
-        generation: 1,
-        key_epoch,
-        flags: 0,
-        load: 0,
-        seq,
-        sent_ns: seq,
-        interval_ms: 1000,
-        rtt_us: 0,
-    };
-    Udp::v4(PORT, &d.seal(&KEY)).build()
+    heartbeat_frame(PORT, node_id, key_epoch, seq, &KEY)
 }
 
 fn hb(seq: u64) -> Vec<u8> {

@@ -72,11 +72,11 @@ use hb::{
     dataplane::xdp::{XdpDataplane, XdpOptions},
     keys::NodeKeyDeriver,
 };
-use hb_common::{Datagram, Kind, NodeKey, maps::names};
+use hb_common::{NodeKey, maps::names};
 use hb_tests::{
-    bench::{packet_socket, pin, summary},
+    bench::{heartbeat_frame, packet_socket, pin, summary},
     drive::{http_get, try_hb_bin},
-    frames::{MAC_MONITOR, MAC_NODE, Udp},
+    frames::{MAC_MONITOR, MAC_NODE},
     netns::{NetNs, sh},
 };
 
@@ -691,19 +691,7 @@ fn build_pool(nodes: u32, frames: usize) -> Pool {
     let frame = |j: usize| {
         let node = (j % nodes as usize) as u32 + 1;
         let seq = (j / nodes as usize) as u64 + 1;
-        let d = Datagram {
-            kind: Kind::Heartbeat,
-            node_id: node,
-            generation: 1,
-            key_epoch: EPOCH,
-            flags: 0,
-            load: 0,
-            seq,
-            sent_ns: seq,
-            interval_ms: 1000,
-            rtt_us: 0,
-        };
-        let f = Udp::v4(PORT, &d.seal(&keys[node as usize - 1])).build();
+        let f = heartbeat_frame(PORT, node, EPOCH, seq, &keys[node as usize - 1]);
         debug_assert_eq!(f.len(), FRAME_LEN);
         f
     };

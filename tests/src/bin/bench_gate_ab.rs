@@ -29,11 +29,11 @@ use hb::dataplane::{
     xdp::{XdpDataplane, XdpOptions},
 };
 use hb_common::{
-    Datagram, Kind, NodeKey,
+    NodeKey,
     maps::{Config, NodeKeys, names},
 };
 use hb_tests::{
-    bench::{pin, summary, test_run_frames},
+    bench::{heartbeat_frame, pin, summary, test_run_frames},
     frames::Udp,
 };
 
@@ -48,19 +48,7 @@ const FLEET: u32 = 10_000;
 const NODES: u32 = 65_536;
 
 fn dgram(node_id: u32, key_epoch: u8, seq: u64) -> Vec<u8> {
-    let d = Datagram {
-        kind: Kind::Heartbeat,
-        node_id,
-        generation: 1,
-        key_epoch,
-        flags: 0,
-        load: 0,
-        seq,
-        sent_ns: seq,
-        interval_ms: 1000,
-        rtt_us: 0,
-    };
-    Udp::v4(PORT, &d.seal(&KEY)).build()
+    heartbeat_frame(PORT, node_id, key_epoch, seq, &KEY)
 }
 
 fn hb(seq: u64) -> Vec<u8> {
