@@ -48,6 +48,21 @@ pub fn summary(xs: &[f64]) -> (f64, f64, f64) {
     (med, v[0], v[n - 1])
 }
 
+/// Kernel threads whose name starts with `prefix` (e.g. `napi/` for
+/// threaded NAPI).
+pub fn kthreads(prefix: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        comm.starts_with(prefix).then_some(pid)
+    })
+    .collect()
+}
+
 /// Pins thread `tid` (0: the calling thread) to `cpu`. Best effort: a
 /// benchmark still runs, only noisier, where pinning is refused.
 pub fn pin(tid: i32, cpu: usize) {

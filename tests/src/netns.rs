@@ -17,6 +17,7 @@
 
 use std::{
     fs::File,
+    net::IpAddr,
     os::fd::AsRawFd,
     process::{Command, Output},
     sync::atomic::{AtomicU32, Ordering},
@@ -230,28 +231,19 @@ impl VethPair {
                 "nodad",
             ])?;
             ns.ip(&["link", "set", ifname, "up"])?;
-            ns.ip(&[
-                "neigh",
-                "replace",
-                &addrs.v4[peer].to_string(),
-                "lladdr",
-                &fmt_mac(mac[peer]),
-                "dev",
-                ifname,
-                "nud",
-                "permanent",
-            ])?;
-            ns.ip(&[
-                "neigh",
-                "replace",
-                &addrs.v6[peer].to_string(),
-                "lladdr",
-                &fmt_mac(mac[peer]),
-                "dev",
-                ifname,
-                "nud",
-                "permanent",
-            ])?;
+            for addr in [IpAddr::from(addrs.v4[peer]), IpAddr::from(addrs.v6[peer])] {
+                ns.ip(&[
+                    "neigh",
+                    "replace",
+                    &addr.to_string(),
+                    "lladdr",
+                    &fmt_mac(mac[peer]),
+                    "dev",
+                    ifname,
+                    "nud",
+                    "permanent",
+                ])?;
+            }
         }
         Ok(VethPair { addrs, mac, b, a })
     }

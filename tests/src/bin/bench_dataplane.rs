@@ -74,7 +74,7 @@ use hb_common::{
     maps::{Config, MAX_NODES, NodeKeys, names},
 };
 use hb_tests::{
-    bench::{heartbeat_frame, packet_socket, pin, summary, test_run_frames},
+    bench::{heartbeat_frame, kthreads, packet_socket, pin, summary, test_run_frames},
     frames::Udp,
     netns::{IF_A, IF_B, VethPair, sh},
 };
@@ -263,20 +263,6 @@ fn veth_cost(
     let runs = n1 - n0;
     anyhow::ensure!(runs > 0, "{prog} saw no frame on {IF_A}");
     Ok(((t1 - t0) as f64 / runs as f64, runs))
-}
-
-/// Kernel threads whose name starts with `prefix`.
-fn kthreads(prefix: &str) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| {
-        let e = e.ok()?;
-        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-        comm.starts_with(prefix).then_some(pid)
-    })
-    .collect()
 }
 
 /// Runs veth-a's NAPI in a kernel thread, so frames queued by the sender

@@ -74,7 +74,7 @@ use hb::{
 };
 use hb_common::{NodeKey, maps::names};
 use hb_tests::{
-    bench::{heartbeat_frame, packet_socket, pin, summary},
+    bench::{heartbeat_frame, kthreads, packet_socket, pin, summary},
     drive::{http_get, try_hb_bin},
     frames::{MAC_MONITOR, MAC_NODE},
     netns::{NetNs, sh},
@@ -447,20 +447,6 @@ fn tc_drop_program() -> anyhow::Result<PathBuf> {
         &[insn(MOV64_IMM, 0, TC_ACT_SHOT), insn(EXIT, 0, 0)],
         "tcdrop",
     )
-}
-
-/// Kernel threads whose name starts with `prefix`.
-fn kthreads(prefix: &str) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| {
-        let e = e.ok()?;
-        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-        comm.starts_with(prefix).then_some(pid)
-    })
-    .collect()
 }
 
 /// Time on CPU (ns) from a `schedstat` file; 0 if it is gone.
