@@ -762,11 +762,11 @@ fn sighup_rotates_keys_without_loss(mode: &str) {
     m.stop();
 }
 
-/// SIGHUP applies the controller's options from the config file: the
-/// requests of the old policy are withdrawn and the new one's made; a bad
+/// SIGHUP applies the controller's options from the config file: the new
+/// policy's requests replace the old one's (`off` withdraws them); a bad
 /// option fails the reload and changes nothing; an option that needs a
-/// restart is named. A restart over pinned state withdraws the requests a
-/// previous policy left in the maps.
+/// restart is named. A restart with `off` over pinned state withdraws the
+/// requests a previous policy left in the maps.
 fn sighup_reloads_the_controller(mode: &str) {
     let (pair, dir) = setup("mctl", &[1]);
     let conf = dir.path("monitor.toml");

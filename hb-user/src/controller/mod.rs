@@ -700,8 +700,8 @@ impl QController {
     /// The interval a node starts at when nobody has asked one of it yet
     /// (a new node, or every node of a monitor that starts without pinned
     /// state), ms: the slowest level that meets the target on a calm path
-    /// ([`QController::calm_level`]), or the node's cap if lower. From
-    /// there the table moves it one step per decision. Starting from the
+    /// ([`QController::calm_level`]); a capped node starts at its cap if
+    /// that is lower. From there the table moves it one step per decision. Starting from the
     /// sender's own interval instead cost a new fleet minutes of climbing:
     /// 1 s to 5 s is four steps slower, each settling for eight heartbeats.
     pub fn start_ms(&self) -> u32 {

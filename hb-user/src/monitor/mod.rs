@@ -273,9 +273,9 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
         settings.nodes.clone(),
         settings.enroll,
     )?;
-    // Requests left in pinned state by an earlier run are void: the policy
-    // decides afresh on the first tick.
-    core.withdraw_requests(&*dp);
+    // Requests left in pinned state by an earlier run: the policy takes
+    // them over, or withdraws them if it makes none.
+    core.reconcile_requests(&*dp);
     tracing::info!(
         mode = ?settings.mode,
         port = settings.port,
@@ -423,7 +423,7 @@ fn apply_options(
             tracing::info!(
                 from = core.policy.name(),
                 to = p.name(),
-                "interval policy replaced: requests withdrawn, every node decided afresh on the next tick"
+                "interval policy replaced: it takes over the requests in force (withdrawn if it makes none) and decides for every node on the next tick"
             );
             core.set_policy(p, new.decision_ms, &*shared.dp);
             changed.push("controller");

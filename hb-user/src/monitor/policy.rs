@@ -876,7 +876,7 @@ mod tests {
     }
 
     #[test]
-    fn a_reload_replaces_the_policy_and_withdraws_its_requests() {
+    fn a_reload_replaces_the_policy_which_takes_over_or_withdraws_the_requests() {
         use crate::monitor::apply_options;
         let fixed = |ms| settings(|o| o.fixed_interval_ms = Some(ms));
         let s500 = fixed(500);
@@ -890,8 +890,9 @@ mod tests {
         assert!(apply_options(&rig.shared, &mut running, &fixed(500), None).is_empty());
         assert_eq!(rig.requested(1), 500);
 
-        // Another interval: the request is withdrawn at once and the new
-        // policy asks on the next tick; the senders follow.
+        // Another interval: the new policy takes the requests over (the
+        // table knows them) and asks for its own on the next tick; the
+        // senders follow.
         let s2000 = fixed(2000);
         assert!(running.policy_differs(&s2000) && running.restart_only_changes(&s2000).is_empty());
         let p = make_policy(&s2000).unwrap();
@@ -899,7 +900,9 @@ mod tests {
             apply_options(&rig.shared, &mut running, &s2000, Some(p)),
             ["controller"]
         );
-        assert_eq!((rig.requested(1), rig.requested(2)), (0, 0));
+        assert_eq!((rig.requested(1), rig.requested(2)), (500, 500));
+        let slot1 = rig.shared.core().table.slot_of(1).unwrap() as usize;
+        assert_eq!(rig.shared.core().table.requested_ms[slot1], 500);
         assert_eq!(running.fixed_interval_ms, Some(2000));
         rig.run(100, &[], |_| {});
         assert_eq!((rig.requested(1), rig.requested(2)), (2000, 2000));
@@ -921,6 +924,64 @@ mod tests {
         let core = rig.shared.core();
         assert_eq!(core.policy.name(), "off");
         assert_eq!(core.table.counts[Status::Alive as usize], 2);
+    }
+
+    #[test]
+    fn qlearn_goes_on_from_the_requests_it_finds_at_start_and_at_a_reload() {
+        use crate::monitor::apply_options;
+        let dir = tempfile::tempdir().unwrap();
+        let q = |decision_ms| {
+            settings(|o| {
+                o.controller = Some(ControllerKind::Qlearn);
+                o.controller_table = Some(dir.path().join("controller.json"));
+                o.decision_ms = Some(decision_ms);
+            })
+        };
+        let s = q(2000);
+        // Senders at 700 ms, as asked by an earlier run whose requests
+        // the pinned maps kept.
+        let mut rig = Rig::new(&s, &[1, 2], 700);
+        for id in [1, 2] {
+            let slot = rig.shared.core().table.slot_of(id).unwrap();
+            rig.shared.dp.set_requested_interval(slot, 700);
+        }
+        rig.shared.core().reconcile_requests(&*rig.shared.dp);
+        assert_eq!((rig.requested(1), rig.requested(2)), (700, 700));
+        let start = rig.shared.core().policy.snapshot()["start_interval_ms"].clone();
+        assert_eq!(start, 1500, "the default target's start level");
+
+        // Each node's decision went on from the request it had (`was`),
+        // one level at most, not to the start level of a node nobody has
+        // asked anything.
+        let went_on_from = |r: &Rig, was: [u32; 2]| {
+            let levels = [300, 500, 700, 1000, 1500];
+            for (id, was) in [1, 2].into_iter().zip(was) {
+                let d = node_row(&r.shared, id).unwrap().last_decision.unwrap();
+                assert_ne!(d.reason.as_deref(), Some("start"), "node {id}: {d:?}");
+                let at = levels.iter().position(|&l| l == was).unwrap();
+                assert!(
+                    levels[at - 1..=at + 1].contains(&r.requested(id)),
+                    "node {id} from {was}: {d:?}"
+                );
+            }
+        };
+        rig.run(2100, &[], |_| {});
+        went_on_from(&rig, [700, 700]);
+
+        // A reload with another decision period rebuilds the controller
+        // (no memory of the nodes): it too goes on from where they run.
+        let now = [1, 2].map(|id| rig.requested(id));
+        let mut running = s.clone();
+        let s3000 = q(3000);
+        assert!(running.policy_differs(&s3000));
+        let p = crate::monitor::rebuild_policy(&rig.shared, &s3000).unwrap();
+        assert_eq!(
+            apply_options(&rig.shared, &mut running, &s3000, Some(p)),
+            ["controller"]
+        );
+        assert_eq!([1, 2].map(|id| rig.requested(id)), now);
+        rig.run(3100, &[], |_| {});
+        went_on_from(&rig, now);
     }
 
     #[test]

@@ -197,8 +197,9 @@ impl Core {
     }
 
     /// Replaces the interval policy and its decision period (a reload):
-    /// the old policy's requests are withdrawn and the new one decides for
-    /// every node on the next tick, as after a restart.
+    /// the new policy takes over the requests in force
+    /// ([`Core::reconcile_requests`]) and decides for every node on the
+    /// next tick.
     pub fn set_policy(
         &mut self,
         policy: Box<dyn IntervalPolicy>,
@@ -209,16 +210,31 @@ impl Core {
         self.decision_period_ns = decision_period_ms.max(1) * 1_000_000;
         self.next_decision_ns = 0;
         self.last_tick_ns = 0;
-        self.withdraw_requests(dp);
+        self.reconcile_requests(dp);
     }
 
-    /// Withdraws every node's requested interval, in the table and the
-    /// dataplane (0: no request; ACKs then echo the sender's own interval).
-    /// A policy starts from no request: at start, requests left in pinned
-    /// state by an earlier run (perhaps of another policy) are void, or
-    /// `--controller off` would keep pushing them onto senders.
-    pub fn withdraw_requests(&mut self, dp: &dyn Dataplane) {
+    /// Squares the requests the dataplane holds with the policy in force:
+    /// at start (requests pinned by an earlier run, perhaps of another
+    /// policy) and when a reload replaces the policy.
+    /// - A policy that makes requests takes them over: the table learns
+    ///   them, and the policy replaces them by its own decisions. A
+    ///   learning controller goes on from the interval each node runs at,
+    ///   as after any restart of the monitor, instead of moving every
+    ///   node to its start level at once.
+    /// - One that makes none (`off`) withdraws them (0: ACKs then echo the
+    ///   sender's own interval), or the gate would keep putting an earlier
+    ///   policy's request in its ACKs.
+    pub fn reconcile_requests(&mut self, dp: &dyn Dataplane) {
         let t = &mut self.table;
+        if self.policy.active() {
+            dp.read_states(0..t.len(), &mut |slot, st| {
+                let i = slot as usize;
+                if t.node_id[i] != 0 {
+                    t.requested_ms[i] = st.requested_interval_ms;
+                }
+            });
+            return;
+        }
         for slot in 0..t.len() {
             let i = slot as usize;
             if t.node_id[i] != 0 {
