@@ -245,6 +245,11 @@ pub mod index {
     #[inline(always)]
     pub fn lookup<'a>(node_id: u32, bucket: impl Fn(u32) -> Option<&'a Bucket>) -> Lookup {
         const TRIES: u32 = 3;
+        // Id 0 is never provisioned (PROTOCOL.md: "never 0") and marks an
+        // empty entry: searched for, it would match the first free entry.
+        if node_id == 0 {
+            return Lookup::Absent;
+        }
         let Some(header) = bucket(0) else {
             return Lookup::Absent;
         };

@@ -249,6 +249,10 @@ impl<'a> NodeIndex<'a> {
 
     /// Where `node_id`'s entry is: (bucket, position).
     fn position(&self, node_id: u32) -> Option<(u32, usize)> {
+        if node_id == 0 {
+            // Every free entry holds id 0: id 0 has no entry.
+            return None;
+        }
         let (b1, b2) = index::buckets(node_id, self.mask);
         [b1, b2].into_iter().find_map(|b| {
             (0..ENTRIES)
@@ -516,6 +520,11 @@ mod tests {
         assert_eq!(ix.get(7), None);
         ix.set(7, 3).unwrap();
         assert_eq!(ix.get(7), Some(3));
+        // Id 0 is what a free entry holds: never found, never removed
+        // (it once matched the first free entry: slot 0).
+        assert_eq!(ix.lookup(0), index::Lookup::Absent);
+        assert_eq!(ix.remove(0), None);
+        assert_eq!(ix.entries(), vec![(7, 3)]);
     }
 
     #[test]
