@@ -200,6 +200,11 @@ fn one_row_per_gate_result_and_header_variant() {
         node_id: 7,
         ..hb(2)
     });
+    // Id 0 is never provisioned; an empty index entry holds id 0.
+    let id_zero = sealed(Datagram {
+        node_id: 0,
+        ..hb(2)
+    });
     let bad_epoch = sealed(Datagram {
         key_epoch: 9,
         ..hb(2)
@@ -294,6 +299,7 @@ fn one_row_per_gate_result_and_header_variant() {
             row("kind ACK", v4(&bad_kind), R::BadKind, E::None),
             row("reserved flag", v4(&sealed(bad_flags)), R::BadKind, E::None),
             row("unknown node", v4(&unknown), R::UnknownNode, E::None),
+            row("node id 0", v4(&id_zero), R::UnknownNode, E::None),
             row("no key for epoch", v4(&bad_epoch), R::BadEpoch, E::None),
             row("bad tag", v4(&bad_tag), R::BadTag, E::BadTag),
             row("accepted IPv4", v4(&good), R::Accepted, E::Accepted),
@@ -641,7 +647,7 @@ fn a_heartbeat_raced_on_two_cpus_is_accepted_at_most_once() {
 /// forged datagram is.
 #[test]
 fn a_replay_flood_does_not_crowd_out_fresh_heartbeats() {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let g = Gate::new(Config {
         port: PORT,
         ..Config::default()
@@ -653,22 +659,26 @@ fn a_replay_flood_does_not_crowd_out_fresh_heartbeats() {
     let ebpf = g.dp.ebpf();
     let prog: &Xdp = ebpf.program(names::PROGRAM).unwrap().try_into().unwrap();
     let done = AtomicBool::new(false);
+    let flooded = AtomicU64::new(0);
     let t = std::time::Instant::now();
     let (flood, dropped) = std::thread::scope(|s| {
         let flooder = s.spawn(|| {
             pin_to_cpu(1);
-            let mut sent = 0u64;
             while !done.load(Ordering::Relaxed) && t.elapsed().as_secs() < 60 {
                 run_on(prog, &old);
-                sent += 1;
+                flooded.fetch_add(1, Ordering::Release);
             }
-            sent
+            flooded.load(Ordering::Acquire)
         });
         pin_to_cpu(0);
-        // Let the flood start.
-        std::thread::sleep(std::time::Duration::from_millis(20));
         let mut dropped = 0u64;
-        for f in &fresh {
+        for (i, f) in fresh.iter().enumerate() {
+            // The flood stays ahead of the heartbeats however busy CPU 1
+            // is with other work (on a loaded machine it once ran fewer
+            // replays than there were heartbeats).
+            while flooded.load(Ordering::Acquire) <= i as u64 && t.elapsed().as_secs() < 60 {
+                std::hint::spin_loop();
+            }
             dropped += u64::from(run_on(prog, f) == XDP_DROP);
         }
         done.store(true, Ordering::Relaxed);
@@ -684,7 +694,10 @@ fn a_replay_flood_does_not_crowd_out_fresh_heartbeats() {
         st.accepted - 1,
         c[counter::CONTENDED as usize]
     );
-    assert!(flood > n, "the flood outnumbered the heartbeats ({flood})");
+    assert!(
+        flood >= n - 1,
+        "the flood kept ahead of the heartbeats ({flood})"
+    );
     assert_eq!(st.accepted, n, "every fresh heartbeat accepted");
     assert_eq!(st.lost, 0);
     // Replays that met a fresh heartbeat holding the lock gave up on it:
@@ -965,7 +978,9 @@ fn diff_step(
             let mut key_of = n.id;
             match rng.random_range(0..5) {
                 0 => {
-                    d.node_id = rng.random_range(1..1000) * 1000 + 1;
+                    // Id 0 (never provisioned, and what an empty index
+                    // entry holds) one time in ten.
+                    d.node_id = rng.random_range(0..1000) * 1000 + u32::from(rng.random_bool(0.9));
                     key_of = d.node_id;
                     *what = format!("unknown node {}", d.node_id);
                 }
