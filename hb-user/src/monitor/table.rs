@@ -66,6 +66,8 @@ pub struct NodeTable {
     pub(crate) requested_ms: Vec<u32>,
     /// When it was decided, ns (0 = never).
     pub(crate) decided_ns: Vec<u64>,
+    /// Freed slots, the most recent last. May hold slots taken since by
+    /// `insert_at` (and a slot more than once): `pop_free` skips them.
     free: Vec<u32>,
     /// Nodes per status, indexed by `Status as usize`; kept by the tick.
     pub(crate) counts: [u64; 5],
@@ -156,7 +158,7 @@ impl NodeTable {
         if let Some(slot) = self.slot_of(node_id) {
             return Err(TableError::Exists(node_id, slot));
         }
-        let slot = match self.free.pop() {
+        let slot = match self.pop_free() {
             Some(s) => s,
             None => {
                 if self.len() >= self.capacity() {
@@ -201,9 +203,11 @@ impl NodeTable {
             self.grow(slot + 1);
             // Slots skipped over are free.
             self.free.extend((old..slot).rev());
-        } else {
-            self.free.retain(|s| *s != slot);
         }
+        // A free slot taken here stays on the free list (`pop_free` skips
+        // it): removing it there cost a scan of the list per adopted node,
+        // quadratic in the fleet when a restart adopts pinned nodes in
+        // their index's (random) order.
         self.occupy(node_id, slot, origin, track, now_ns);
         Ok(())
     }
@@ -222,6 +226,17 @@ impl NodeTable {
         self.decided_ns[i] = 0;
         self.free.push(slot);
         Some(slot)
+    }
+
+    /// The most recently freed slot that is still free: entries for slots
+    /// `insert_at` has taken since are dropped on the way.
+    fn pop_free(&mut self) -> Option<u32> {
+        while let Some(s) = self.free.pop() {
+            if self.node_id[s as usize] == 0 {
+                return Some(s);
+            }
+        }
+        None
     }
 
     fn grow(&mut self, len: u32) {
@@ -317,5 +332,36 @@ mod tests {
         t.insert_at(300, hole, Origin::Adopted, Track::default(), 1)
             .unwrap();
         assert_eq!(t.insert(301, Origin::Configured, 1).unwrap(), 5);
+    }
+
+    #[test]
+    fn nodes_adopted_in_any_order_leave_exactly_the_holes_free() {
+        // A restart adopts pinned nodes in their index's order, which is
+        // random; every third slot stays free.
+        let n = 30_000u32;
+        let mut slots: Vec<u32> = (0..n).filter(|s| s % 3 != 0).collect();
+        let mut x = 0x9e37_79b9u32;
+        for i in (1..slots.len()).rev() {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            slots.swap(i, x as usize % (i + 1));
+        }
+        let mut t = NodeTable::new();
+        for &s in &slots {
+            t.insert_at(1_000_000 + s, s, Origin::Adopted, Track::default(), 1)
+                .unwrap();
+        }
+        // Free, then taken again by a later adoption: not handed out.
+        t.remove(1_000_000 + slots[0]);
+        t.insert_at(500_000, slots[0], Origin::Adopted, Track::default(), 1)
+            .unwrap();
+        let mut got: Vec<u32> = (0..n / 3)
+            .map(|i| t.insert(1 + i, Origin::Configured, 1).unwrap())
+            .collect();
+        got.sort();
+        assert_eq!(got, (0..n).step_by(3).collect::<Vec<_>>());
+        assert_eq!(t.insert(2_000_000, Origin::Configured, 1).unwrap(), n);
+        assert_eq!(t.nodes() as u32, n + 1);
     }
 }
