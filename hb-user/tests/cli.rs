@@ -225,7 +225,7 @@ fn bad_sender_options_fail_with_one_line() {
         ),
         (
             vec!["--monitor", m, "--node-id", "1"],
-            "the following required arguments were not provided",
+            "one of --key, --key-file or --keyring (or HB_NODE_KEY) is required",
         ),
         (
             vec![
@@ -275,4 +275,43 @@ fn bad_sender_options_fail_with_one_line() {
         let o = hb(&full);
         assert_fails(&o, want);
     }
+}
+
+/// HB_NODE_KEY is the key when no option names one, and only then: a
+/// stray one in the environment once made `--key-file` and `--keyring`
+/// fail as conflicting with `--key`.
+#[test]
+fn the_key_from_the_environment_yields_to_the_options() {
+    let send = |env: &str, args: &[&str]| {
+        let mut full = vec!["send", "--monitor", "198.18.0.1:7420", "--node-id", "1"];
+        full.extend(args);
+        // An invalid interval stops the sender after its key is read,
+        // before it sends anything.
+        full.extend(["--interval-ms", "50"]);
+        Command::new(HB)
+            .args(&full)
+            .env("HB_NODE_KEY", env)
+            .env("HB_LOG", "warn")
+            .output()
+            .expect("run hb")
+    };
+    let good = "6df25b19dd0205345e893133518757d6";
+    let d = tempfile::tempdir().unwrap();
+    let key_file = d.path().join("node.key");
+    std::fs::write(&key_file, format!("{good}\n")).unwrap();
+    let key_file = key_file.display().to_string();
+    let interval = "--interval-ms 50 must lie within --min-interval-ms 100";
+    // Used: a bad one is named, a good one gets the sender to its next check.
+    assert_fails(
+        &send("abc", &[]),
+        "bad HB_NODE_KEY: a node key: must be 32 hex digits",
+    );
+    assert_fails(&send(good, &[]), interval);
+    // Ignored (even a bad one) when an option names the key.
+    assert_fails(&send("abc", &["--key-file", &key_file]), interval);
+    assert_fails(&send("abc", &["--key", good]), interval);
+    let (_d, ring) = keyring(&format!(
+        "[[epoch]]\nid = 1\nsecret = \"{VECTOR_SECRET}\"\n"
+    ));
+    assert_fails(&send("abc", &["--keyring", &ring]), interval);
 }

@@ -30,7 +30,7 @@ use sender::{Config, Sender};
 
 /// `hb send`.
 #[derive(clap::Args, Debug)]
-#[command(group(clap::ArgGroup::new("key_source").required(true).args(["key", "key_file", "keyring"])))]
+#[command(group(clap::ArgGroup::new("key_source").args(["key", "key_file", "keyring"])))]
 pub struct Args {
     /// A monitor to send to, `ADDR:PORT` (`[v6addr]:port` for IPv6; a host
     /// name is resolved once at start). Repeat for several monitors.
@@ -40,9 +40,13 @@ pub struct Args {
     #[arg(long, value_name = "N", value_parser = keys::parse_node_id)]
     pub node_id: u32,
     /// This node's key, 32 hex digits (`hb keys derive`). Prefer
-    /// `--key-file` or the environment: command lines are visible to every
-    /// user of the host.
-    #[arg(long, value_name = "HEX", env = "HB_NODE_KEY", hide_env_values = true)]
+    /// `--key-file` or the environment variable HB_NODE_KEY (used when none
+    /// of --key, --key-file and --keyring is given): command lines are
+    /// visible to every user of the host.
+    // Not clap's `env`: clap counts an environment value as `--key` given,
+    // so a stray HB_NODE_KEY (a unit's Environment=, a shell profile) made
+    // `--key-file` and `--keyring` fail as conflicting with it.
+    #[arg(long, value_name = "HEX")]
     pub key: Option<String>,
     /// File holding this node's key (32 hex digits).
     #[arg(long, value_name = "FILE")]
@@ -79,6 +83,9 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 }
+
+/// The environment variable a node key may come from instead of `--key`.
+pub const KEY_ENV: &str = "HB_NODE_KEY";
 
 /// The smallest interval accepted at all: bounds the load one sender can
 /// put on a monitor even when misconfigured.
@@ -118,9 +125,19 @@ impl Args {
     /// Checks the options and turns them into the sender's configuration
     /// (everything but the generation, which needs the state directory).
     fn config(&self) -> anyhow::Result<(Config, Option<u8>)> {
+        // The environment only when no option names a key.
+        let env = match (&self.key, &self.key_file, &self.keyring) {
+            (None, None, None) => std::env::var(KEY_ENV).ok(),
+            _ => None,
+        };
         let (key, key_epoch, newest) = match (&self.key, &self.key_file, &self.keyring) {
             (Some(hex), _, _) => (
                 parse_key(hex.trim()).context("bad --key")?,
+                self.key_epoch,
+                None,
+            ),
+            (None, None, None) if let Some(hex) = &env => (
+                parse_key(hex.trim()).with_context(|| format!("bad {KEY_ENV}"))?,
                 self.key_epoch,
                 None,
             ),
@@ -136,7 +153,9 @@ impl Args {
                 let epoch = self.epoch.unwrap_or_else(|| ring.newest());
                 (ring.node_key(self.node_id, epoch)?, epoch, Some(epoch))
             }
-            (None, None, None) => bail!("one of --key, --key-file or --keyring is required"),
+            (None, None, None) => {
+                bail!("one of --key, --key-file or --keyring (or {KEY_ENV}) is required")
+            }
         };
         let (min, iv, max) = (self.min_interval_ms, self.interval_ms, self.max_interval_ms);
         if min < FLOOR_INTERVAL_MS || max > CEILING_INTERVAL_MS {
