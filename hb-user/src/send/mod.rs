@@ -361,9 +361,7 @@ async fn send_loop(mut sender: Sender, state_dir: Option<&Path>) -> anyhow::Resu
             _ = tokio::time::sleep_until(next) => {
                 send_all(&mut sender, &sockets, false);
                 let iv = Duration::from_millis(sender.interval_ms() as u64);
-                // After a stall (suspended VM, overloaded host) start a
-                // fresh rhythm rather than sending a burst to catch up.
-                next = (next + iv).max(Instant::now());
+                next = next_due(next, iv, Instant::now());
             }
             r = recv(&sockets.v4, &mut buf4) => on_datagram(&mut sender, r, &buf4, &mut recv_errors, &mut next, state_dir),
             r = recv(&sockets.v6, &mut buf6) => on_datagram(&mut sender, r, &buf6, &mut recv_errors, &mut next, state_dir),
@@ -428,9 +426,34 @@ fn on_datagram(
     }
 }
 
+/// When the heartbeat after one due at `due` (and sent at `now`) is due:
+/// one interval later, keeping the rhythm; after a stall of the sender
+/// (a suspended VM, an overloaded host) past that, one interval after
+/// `now`, a fresh rhythm. Never sooner: a heartbeat right after the late
+/// one (as `max(due + iv, now)` sent) tells the monitor nothing and
+/// enters its statistics as a near-zero inter-arrival time.
+fn next_due(due: Instant, iv: Duration, now: Instant) -> Instant {
+    let next = due + iv;
+    if next > now { next } else { now + iv }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rhythm_survives_a_late_wakeup_and_restarts_after_a_stall() {
+        let t = Instant::now();
+        let iv = Duration::from_millis(300);
+        let ms = Duration::from_millis;
+        // On time, or woken a little late: the rhythm holds.
+        assert_eq!(next_due(t, iv, t), t + iv);
+        assert_eq!(next_due(t, iv, t + ms(2)), t + iv);
+        // Stalled past the next heartbeat (1.5 s): the late heartbeat
+        // just went out, the next follows a whole interval later.
+        assert_eq!(next_due(t, iv, t + ms(1500)), t + ms(1800));
+        assert_eq!(next_due(t, iv, t + iv), t + ms(600));
+    }
 
     #[test]
     fn monitor_addresses() {
