@@ -655,6 +655,12 @@ pub fn record(
 ) -> Recorded {
     let mut out = Recorded::default();
     let mut sample = false;
+    // A datagram that arrives after a later one of its generation (late,
+    // inside the window) is counted, but what it says of the node is older
+    // than what the node's state already holds: it must not undo a later
+    // LEAVING, nor bring back the interval the node used before its last
+    // change (the detector would judge the node by the old rhythm).
+    let newest = !matches!(admit, Admit::Fresh(Fresh::Late));
     match admit {
         Admit::NewGeneration => {
             if live.accepted != 0 {
@@ -709,7 +715,7 @@ pub fn record(
     // change inflated sigma past the 10% floor for dozens of beats at the
     // deviation's 1/32 gain: the interval controller paid ~20% slower
     // detection after every step.)
-    if d.interval_ms != 0 && d.interval_ms != live.interval_ms {
+    if newest && d.interval_ms != 0 && d.interval_ms != live.interval_ms {
         let iv = d.interval_ms as u64 * 1_000_000;
         let cap = iv >> 3;
         live.ia_dev_ns = if live.interval_ms == 0 || live.ia_dev_ns > cap {
@@ -725,14 +731,16 @@ pub fn record(
         live.observe_interarrival(now_ns - live.last_arrival_ns);
     }
 
-    live.interval_ms = d.interval_ms;
-    live.rtt_us = d.rtt_us;
-    live.load = d.load;
-    live.flags = if d.flags & FLAG_LEAVING != 0 {
-        NODE_LEAVING
-    } else {
-        0
-    };
+    if newest {
+        live.interval_ms = d.interval_ms;
+        live.rtt_us = d.rtt_us;
+        live.load = d.load;
+        live.flags = if d.flags & FLAG_LEAVING != 0 {
+            NODE_LEAVING
+        } else {
+            0
+        };
+    }
     if now_ns > live.last_arrival_ns {
         live.last_arrival_ns = now_ns;
     }
@@ -1147,6 +1155,34 @@ mod tests {
         assert_eq!(s.lost, 1, "a late arrival fills a hole");
         assert_eq!(s.ia_samples, 1, "late arrivals are no samples");
         assert_eq!(s.last_arrival_ns, 5200 * ms);
+    }
+
+    #[test]
+    fn a_late_datagram_does_not_undo_what_a_later_one_said() {
+        let mut s = NodeState::default();
+        let ms = 1_000_000u64;
+        for seq in 1..=10 {
+            feed(&mut s, &hb(1, seq), seq * 500 * ms).unwrap();
+        }
+        // 11 is delayed; 12 announces a new interval and a clean stop.
+        let last = Datagram {
+            flags: FLAG_LEAVING,
+            interval_ms: 2000,
+            load: 900,
+            rtt_us: 700,
+            ..hb(1, 12)
+        };
+        feed(&mut s, &last, 6000 * ms).unwrap();
+        let (mean, dev) = (s.ia_mean_ns, s.ia_dev_ns);
+        assert_eq!(mean, 2000 * ms);
+        feed(&mut s, &hb(1, 11), 6050 * ms).unwrap();
+        assert!(s.live().leaving(), "still leaving");
+        assert_eq!(
+            (s.interval_ms, s.load, s.rtt_us, s.ia_mean_ns, s.ia_dev_ns),
+            (2000, 900, 700, mean, dev),
+            "the late datagram's older interval, load and RTT are not taken"
+        );
+        assert_eq!((s.accepted, s.lost, s.max_seq), (12, 0, 12));
     }
 
     #[test]
