@@ -1354,6 +1354,42 @@ fn native_falls_back_to_skb_where_the_driver_cannot() {
     assert_eq!((mode_of(IF_A), mode_of(BRIDGE)), (None, None), "detached");
 }
 
+/// The kernel detaches the gate from an interface that goes away, and an
+/// interface created again under the same name has none: `/healthz`
+/// says so (it said "ok" while nothing was gated there), and the monitor
+/// still stops cleanly.
+#[test]
+fn health_fails_when_an_interface_goes_away() {
+    const BRIDGE: &str = "hbbr1";
+    let (pair, dir) = setup("mgone", &[1]);
+    let bridge = || {
+        pair.a
+            .ip(&["link", "add", BRIDGE, "type", "bridge"])
+            .expect("bridge interface");
+        pair.a.ip(&["link", "set", BRIDGE, "up"]).expect("up");
+    };
+    bridge();
+    let m = Monitor::start(&pair, &dir, "native", &["--nodes", "1", "--iface", BRIDGE]);
+    assert_eq!(http(&pair.a, "/healthz"), (200, "ok\n".into()));
+    pair.a
+        .ip(&["link", "del", BRIDGE])
+        .expect("delete the bridge");
+    let (code, body) = http(&pair.a, "/healthz");
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(
+        body.trim(),
+        format!("interface {BRIDGE} is gone, and the gate with it")
+    );
+    bridge();
+    let (code, body) = http(&pair.a, "/healthz");
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains(&format!("interface {BRIDGE} was created again")),
+        "{body}"
+    );
+    m.stop_with(libc::SIGINT);
+}
+
 // ---- userspace mode against native mode, on the same datagrams ----
 
 /// The fields of a `/nodes` row that cannot depend on where the gate runs:

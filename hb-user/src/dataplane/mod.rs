@@ -86,4 +86,11 @@ pub trait Dataplane: Send + Sync {
     fn capacity(&self) -> u32 {
         MAX_NODES
     }
+
+    /// Whether the gate still sits where it was attached; why not if it
+    /// does not (an interface deleted, or deleted and created again: the
+    /// kernel detaches a program from an interface that goes away).
+    fn check_attached(&self) -> Result<(), String> {
+        Ok(())
+    }
 }

@@ -389,6 +389,10 @@ fn page_size() -> usize {
 /// An interface the program is attached to.
 struct Attached {
     ifname: String,
+    /// The interface's index when attached: another index under the same
+    /// name is another interface (deleted and created again), without the
+    /// program.
+    ifindex: u32,
     link: XdpLinkId,
     pin: Option<PathBuf>,
 }
@@ -704,6 +708,7 @@ impl XdpDataplane {
             tracing::info!(interface = ifname, pin = %path.display(), "re-adopted pinned XDP link");
             self.attached.push(Attached {
                 ifname: ifname.to_owned(),
+                ifindex,
                 link: id,
                 pin: Some(path.clone()),
             });
@@ -739,6 +744,7 @@ impl XdpDataplane {
                 let id = prog.attach_to_link(XdpLink::try_from(FdLink::from(pinned))?)?;
                 self.attached.push(Attached {
                     ifname: ifname.to_owned(),
+                    ifindex,
                     link: id,
                     pin: Some(path),
                 });
@@ -749,6 +755,7 @@ impl XdpDataplane {
         tracing::info!(interface = ifname, "XDP gate attached");
         self.attached.push(Attached {
             ifname: ifname.to_owned(),
+            ifindex,
             link: id,
             pin,
         });
@@ -1087,6 +1094,28 @@ impl Dataplane for XdpDataplane {
 
     fn capacity(&self) -> u32 {
         XdpDataplane::capacity(self)
+    }
+
+    fn check_attached(&self) -> Result<(), String> {
+        for a in &self.attached {
+            let now = std::ffi::CString::new(a.ifname.as_str())
+                // SAFETY: a valid NUL-terminated string.
+                .map(|c| unsafe { libc::if_nametoindex(c.as_ptr()) })
+                .unwrap_or(0);
+            if now == 0 {
+                return Err(format!(
+                    "interface {} is gone, and the gate with it",
+                    a.ifname
+                ));
+            }
+            if now != a.ifindex {
+                return Err(format!(
+                    "interface {} was created again (index {} -> {}) without the gate: restart the monitor",
+                    a.ifname, a.ifindex, now
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn take_reports(&mut self) -> Option<mpsc::Receiver<Report>> {

@@ -281,6 +281,9 @@ pub fn unhealthy(s: &Shared) -> Option<String> {
     if !s.dataplane_ok.load(Ordering::Relaxed) {
         return Some("dataplane not readable".into());
     }
+    if let Err(why) = s.dp.check_attached() {
+        return Some(why);
+    }
     let age = Duration::from_nanos(monotonic_ns().saturating_sub(last));
     let limit = (s.tick * 5).max(Duration::from_secs(2));
     if age > limit {
