@@ -2,28 +2,52 @@
 //! changes, as JSON lines to a file or stdout, and to `--on-event` hooks.
 //!
 //! The tick hands its events to [`EventSink::publish`], which only queues
-//! them: writing and running hooks happen on their own task, so a slow
-//! disk or a hung hook never delays failure detection. The queue to the
-//! writer is unbounded on purpose: its size is bounded by the fleet (a
-//! partition of the whole fleet is one event per node) and losing a `dead`
-//! event is worse than holding it in memory. Hooks are different (each is
-//! a process): they have their own bounded queue and concurrency, and what
-//! does not fit is counted and logged, never waited for (see `hooks`).
+//! them: writing and running hooks happen on their own task and thread,
+//! so a slow disk or a hung hook never delays failure detection. Losing a
+//! `dead` event is worse than holding it in memory, so lines that cannot
+//! be written (disk full, EIO, a `-` reader that stopped reading) are
+//! kept and written again, from the byte where the write stopped, on a
+//! backoff: no event is lost to a failed write, and no line is left torn
+//! with the next one appended to it. What that holds is bounded
+//! ([`BACKLOG_BYTES`], a line per node of the largest fleet: what a
+//! partition of the whole fleet announces at once). Past it the newest
+//! events are dropped whole, as the hooks' queue drops them, counted in
+//! `hb_event_write_failures_total` and logged: the file stays in order
+//! with a gap that `seq` shows. Hooks are different (each is a process):
+//! they have their own bounded queue and concurrency, and what does not
+//! fit is counted and logged, never waited for (see `hooks`).
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    collections::VecDeque,
+    io::Write,
+    os::fd::AsFd as _,
+    path::PathBuf,
+    sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError},
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
+use hb_common::maps::MAX_NODES;
 use serde::Serialize;
-use tokio::{
-    io::{AsyncWrite, AsyncWriteExt},
-    sync::mpsc,
-};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     hooks::Hooks,
     metrics::Metrics,
     state::{EventKind, Status},
 };
+
+/// Bytes of event lines held while they cannot be written: 256 MiB, 256
+/// bytes (about a line) per node of the largest fleet.
+const BACKLOG_BYTES: usize = MAX_NODES as usize * 256;
+/// At most this much (whole lines, at least one) per write(2).
+const CHUNK: usize = 64 << 10;
+/// After a failed write, the next attempt waits this long, doubling up to
+/// `RETRY_LAST` while the writes keep failing.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_LAST: Duration = Duration::from_secs(5);
+/// How long the shutdown flush keeps trying to write what is held.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
 
 /// One announcement. Serialized as one JSON line.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -77,28 +101,61 @@ impl Destination {
 enum Msg {
     Events(Vec<Event>),
     Reopen,
-    /// Flush and acknowledge (shutdown).
-    Flush(tokio::sync::oneshot::Sender<()>),
+    /// Try again now and answer how many lines were queued so far
+    /// (`flush`).
+    Flush(oneshot::Sender<u64>),
 }
 
 /// The tick's handle to the event writer.
 #[derive(Clone)]
 pub struct EventSink {
     tx: mpsc::UnboundedSender<Msg>,
+    shared: Arc<Shared>,
 }
 
 impl EventSink {
     /// Opens the destination (failing early and clearly if it cannot be
-    /// written) and starts the writer task.
+    /// written) and starts the writer task and thread.
     pub async fn start(
         dest: Destination,
         hooks: Option<Hooks>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<EventSink> {
-        let out = open(&dest).await?;
+        let out = open(&dest)?;
+        EventSink::start_with(dest, out, BACKLOG_BYTES, hooks, metrics)
+    }
+
+    /// `start` with what is opened already, and a backlog budget (tests).
+    fn start_with(
+        dest: Destination,
+        out: Option<Out>,
+        budget: usize,
+        hooks: Option<Hooks>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<EventSink> {
+        let shared = Arc::new(Shared {
+            backlog: Mutex::new(Backlog::default()),
+            wake: Condvar::new(),
+            written: watch::Sender::new(0),
+        });
+        let has_out = out.is_some();
+        if let Some(out) = out {
+            let (s, m) = (shared.clone(), metrics.clone());
+            std::thread::Builder::new()
+                .name("hb-events".into())
+                .spawn(move || write_lines(&s, &dest, out, &m))
+                .context("cannot start the events writer")?;
+        }
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer(rx, dest, out, hooks, metrics));
-        Ok(EventSink { tx })
+        tokio::spawn(queue_lines(
+            rx,
+            shared.clone(),
+            has_out,
+            budget,
+            hooks,
+            metrics,
+        ));
+        Ok(EventSink { tx, shared })
     }
 
     /// Queues a batch of events; never blocks.
@@ -113,46 +170,128 @@ impl EventSink {
         let _ = self.tx.send(Msg::Reopen);
     }
 
-    /// Waits until everything queued so far is written.
+    /// Waits until everything queued so far is written, trying again
+    /// meanwhile, for at most [`FLUSH_WAIT`]: at shutdown a hung or full
+    /// filesystem must not hold exit. Then says in one line how many
+    /// events were not written.
     pub async fn flush(&self) {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.tx.send(Msg::Flush(tx)).is_ok() {
-            let _ = rx.await;
+        self.flush_for(FLUSH_WAIT).await;
+    }
+
+    /// `flush` waiting at most `wait`; the number of events not written.
+    async fn flush_for(&self, wait: Duration) -> usize {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Flush(tx)).is_err() {
+            return 0;
         }
+        let Ok(queued) = rx.await else { return 0 };
+        let mut written = self.shared.written.subscribe();
+        if tokio::time::timeout(wait, written.wait_for(|n| *n >= queued))
+            .await
+            .is_ok()
+        {
+            return 0;
+        }
+        let left = self.shared.lock().lines.len();
+        tracing::error!(
+            events = left,
+            "giving up on writing events after {wait:?}: {left} events not written"
+        );
+        left
     }
 }
 
-type Out = Option<Box<dyn AsyncWrite + Send + Unpin>>;
+/// What the writer task and thread share.
+struct Shared {
+    backlog: Mutex<Backlog>,
+    /// Wakes the thread: lines queued, reopen, try again now, closed.
+    wake: Condvar,
+    /// Lines written so far (whole), for `flush` to wait on.
+    written: watch::Sender<u64>,
+}
 
-async fn open(dest: &Destination) -> anyhow::Result<Out> {
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Backlog> {
+        // Nothing in it is left half-changed by a panic.
+        self.backlog.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Event lines queued and not yet (entirely) written.
+#[derive(Default)]
+struct Backlog {
+    /// The lines, oldest first, whole: the first one's `head` bytes are
+    /// written already. Kept whole so that a line half written to a file
+    /// that is then rotated goes to the new file whole.
+    bytes: VecDeque<u8>,
+    /// Their lengths.
+    lines: VecDeque<usize>,
+    head: usize,
+    /// Lines queued so far, for `flush`.
+    queued: u64,
+    reopen: bool,
+    /// Try again now rather than at the end of the backoff (`flush`).
+    retry_now: bool,
+    /// The task stopped (every sink dropped): the thread stops once the
+    /// backlog is written.
+    closed: bool,
+}
+
+// Why a thread and std's `File`, and not tokio's: tokio's `File` (and
+// `Stdout`) say a write is done once they have buffered it, write it on
+// the blocking pool, and drop the buffer when that fails, without saying
+// how much went out; so a failed write loses events and leaves a line
+// torn. A write(2) on std's `File` says exactly how many bytes went out.
+// The thread is never joined, so a write hung on a dead filesystem cannot
+// hold exit either (dropping the runtime waits for its blocking pool).
+
+/// Where lines are written: the events file or stdout, as a `File`
+/// (unbuffered: a write's count is what reached the file or pipe).
+type Out = Box<dyn Write + Send>;
+
+fn open(dest: &Destination) -> anyhow::Result<Option<Out>> {
     Ok(match dest {
         Destination::None => None,
-        Destination::Stdout => Some(Box::new(tokio::io::stdout())),
+        Destination::Stdout => Some(Box::new(std::fs::File::from(
+            std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("cannot use stdout for events")?,
+        ))),
+        // Append: after copytruncate the next line goes to the new start.
         Destination::File(p) => Some(Box::new(
-            tokio::fs::OpenOptions::new()
+            std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(p)
-                .await
                 .with_context(|| format!("cannot open events file {}", p.display()))?,
         )),
     })
 }
 
-async fn writer(
+/// The task: logs events, counts them, serializes them into the backlog
+/// for the writer thread, and passes them to the hooks.
+async fn queue_lines(
     mut rx: mpsc::UnboundedReceiver<Msg>,
-    dest: Destination,
-    mut out: Out,
+    shared: Arc<Shared>,
+    has_out: bool,
+    budget: usize,
     hooks: Option<Hooks>,
     metrics: Arc<Metrics>,
 ) {
-    let mut line = Vec::with_capacity(512);
+    // Lines serialized and not yet queued, with their lengths and seqs:
+    // queued every `CHUNK` bytes, not one by one, so a fleet's worth of
+    // events takes few locks and wake-ups.
+    let mut lines = Vec::with_capacity(CHUNK);
+    let mut lens: Vec<(usize, u64)> = Vec::new();
+    // Events dropped since the last one queued (the backlog was full).
+    let mut dropped = Dropped::default();
     while let Some(msg) = rx.recv().await {
         match msg {
             Msg::Events(batch) => {
                 for ev in &batch {
                     metrics.event(ev.event);
-                    if out.is_none() || tracing::enabled!(tracing::Level::DEBUG) {
+                    if !has_out || tracing::enabled!(tracing::Level::DEBUG) {
                         tracing::info!(
                             node_id = ev.node_id,
                             event = %ev.event,
@@ -163,45 +302,257 @@ async fn writer(
                             "node event"
                         );
                     }
-                    if let Some(w) = out.as_mut() {
-                        line.clear();
+                    if has_out {
+                        let at = lines.len();
                         // Serializing plain fields cannot fail.
-                        let _ = serde_json::to_writer(&mut line, ev);
-                        line.push(b'\n');
-                        if let Err(e) = w.write_all(&line).await {
-                            metrics.event_write_failed();
-                            tracing::error!(error = %e, "cannot write event");
+                        let _ = serde_json::to_writer(&mut lines, ev);
+                        lines.push(b'\n');
+                        lens.push((lines.len() - at, ev.seq));
+                        if lines.len() >= CHUNK {
+                            queue(
+                                &shared,
+                                budget,
+                                &mut lines,
+                                &mut lens,
+                                &mut dropped,
+                                &metrics,
+                            );
                         }
                     }
                     if let Some(h) = hooks.as_ref() {
                         h.submit(ev);
                     }
                 }
-                if let Some(w) = out.as_mut()
-                    && let Err(e) = w.flush().await
-                {
-                    metrics.event_write_failed();
-                    tracing::error!(error = %e, "cannot flush events");
-                }
+                queue(
+                    &shared,
+                    budget,
+                    &mut lines,
+                    &mut lens,
+                    &mut dropped,
+                    &metrics,
+                );
             }
             Msg::Reopen => {
-                if let Destination::File(p) = &dest {
-                    match open(&dest).await {
-                        Ok(o) => {
-                            out = o;
-                            tracing::info!(path = %p.display(), "events file reopened");
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %format!("{e:#}"), "keeping the old events file")
-                        }
+                shared.lock().reopen = true;
+                shared.wake.notify_one();
+            }
+            Msg::Flush(ack) => {
+                dropped.report();
+                let queued = {
+                    let mut b = shared.lock();
+                    b.retry_now = true;
+                    b.queued
+                };
+                shared.wake.notify_one();
+                let _ = ack.send(queued);
+            }
+        }
+    }
+    shared.lock().closed = true;
+    shared.wake.notify_one();
+}
+
+/// Moves `lines` into the backlog, dropping those that do not fit in
+/// `budget`: the newest, as the hooks' queue does, and whole.
+fn queue(
+    shared: &Shared,
+    budget: usize,
+    lines: &mut Vec<u8>,
+    lens: &mut Vec<(usize, u64)>,
+    dropped: &mut Dropped,
+    metrics: &Metrics,
+) {
+    if lens.is_empty() {
+        return;
+    }
+    let mut b = shared.lock();
+    let mut at = 0;
+    for &(len, seq) in lens.iter() {
+        if b.bytes.len() + len <= budget {
+            b.bytes.extend(&lines[at..at + len]);
+            b.lines.push_back(len);
+            b.queued += 1;
+            dropped.report();
+        } else {
+            // No counter of its own: an event that never reaches the file
+            // is a failed write of it.
+            metrics.event_write_failed();
+            dropped.add(seq, budget);
+        }
+        at += len;
+    }
+    drop(b);
+    shared.wake.notify_one();
+    lines.clear();
+    lens.clear();
+}
+
+/// A run of events dropped because the backlog was full: logged when it
+/// starts and, with how many, when it ends.
+#[derive(Default)]
+struct Dropped {
+    first_seq: u64,
+    last_seq: u64,
+    count: u64,
+}
+
+impl Dropped {
+    fn add(&mut self, seq: u64, budget: usize) {
+        if self.count == 0 {
+            self.first_seq = seq;
+            tracing::error!(
+                seq,
+                budget_bytes = budget,
+                "events cannot be written fast enough and the backlog is full: \
+                 dropping events until it has room"
+            );
+        }
+        self.last_seq = seq;
+        self.count += 1;
+    }
+
+    fn report(&mut self) {
+        if self.count > 0 {
+            tracing::warn!(
+                dropped = self.count,
+                first_seq = self.first_seq,
+                last_seq = self.last_seq,
+                "events dropped (backlog full)"
+            );
+            self.count = 0;
+        }
+    }
+}
+
+/// The thread: writes the backlog to `out`, whole lines at a time; on a
+/// failure keeps what was not written and tries again, from where the
+/// write stopped, on a backoff. Logs the first failure and the recovery
+/// (the backlog written), once each; counts every failed write.
+fn write_lines(shared: &Shared, dest: &Destination, mut out: Out, metrics: &Metrics) {
+    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut written = 0u64;
+    let mut delay = RETRY_FIRST;
+    let mut retry_at: Option<Instant> = None;
+    // Since when, and how many times, writes have failed.
+    let mut failing: Option<(Instant, u64)> = None;
+    let to = match dest {
+        Destination::File(p) => p.display().to_string(),
+        _ => "stdout".to_string(),
+    };
+    let to = to.as_str();
+    loop {
+        let mut b = shared.lock();
+        loop {
+            if b.reopen {
+                break;
+            }
+            if std::mem::take(&mut b.retry_now) {
+                (retry_at, delay) = (None, RETRY_FIRST);
+            }
+            if b.lines.is_empty() {
+                if b.closed {
+                    return;
+                }
+                b = shared.wake.wait(b).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            let now = Instant::now();
+            match retry_at {
+                Some(t) if t > now => {
+                    b = shared
+                        .wake
+                        .wait_timeout(b, t - now)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+                _ => break,
+            }
+        }
+        if std::mem::take(&mut b.reopen) {
+            drop(b);
+            if let Destination::File(p) = dest {
+                match open(dest) {
+                    Ok(Some(o)) => {
+                        out = o;
+                        // A line the old file got part of goes whole to
+                        // the new one.
+                        shared.lock().head = 0;
+                        (retry_at, delay) = (None, RETRY_FIRST);
+                        tracing::info!(path = %p.display(), "events file reopened");
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "keeping the old events file")
                     }
                 }
             }
-            Msg::Flush(ack) => {
-                if let Some(w) = out.as_mut() {
-                    let _ = w.flush().await;
+            continue;
+        }
+        let mut end = 0;
+        for &len in &b.lines {
+            if end > 0 && end + len > CHUNK {
+                break;
+            }
+            end += len;
+        }
+        chunk.clear();
+        chunk.extend(b.bytes.range(b.head..end));
+        drop(b);
+
+        let res = match out.write(&chunk) {
+            Ok(0) => Err(std::io::ErrorKind::WriteZero.into()),
+            r => r,
+        };
+        match res {
+            Ok(n) => {
+                let mut b = shared.lock();
+                b.head += n;
+                let mut done = 0;
+                while let Some(&len) = b.lines.front()
+                    && b.head >= len
+                {
+                    b.lines.pop_front();
+                    b.head -= len;
+                    done += len;
+                    written += 1;
                 }
-                let _ = ack.send(());
+                b.bytes.drain(..done);
+                let empty = b.lines.is_empty();
+                if empty && b.bytes.capacity() > CHUNK {
+                    // An outage's backlog is not kept for the next one.
+                    b.bytes.shrink_to(CHUNK);
+                    b.lines.shrink_to(CHUNK / 256);
+                }
+                drop(b);
+                shared.written.send_replace(written);
+                // Write on at once: what follows a short write then fails
+                // (and backs off) or goes out.
+                retry_at = None;
+                if empty && let Some((since, failures)) = failing.take() {
+                    delay = RETRY_FIRST;
+                    tracing::warn!(
+                        failures,
+                        after = ?since.elapsed(),
+                        "events written again"
+                    );
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                metrics.event_write_failed();
+                match failing.as_mut() {
+                    Some((_, n)) => *n += 1,
+                    None => {
+                        failing = Some((Instant::now(), 1));
+                        tracing::error!(
+                            error = %e,
+                            to,
+                            "cannot write events: holding them and trying again"
+                        );
+                    }
+                }
+                retry_at = Some(Instant::now() + delay);
+                delay = (delay * 2).min(RETRY_LAST);
             }
         }
     }
@@ -220,7 +571,209 @@ pub fn now_rfc3339() -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        path::Path,
+        sync::atomic::{AtomicUsize, Ordering},
+    };
+
     use super::*;
+
+    fn ev(seq: u64) -> Event {
+        Event {
+            seq,
+            ts: now_rfc3339(),
+            node_id: seq as u32,
+            event: EventKind::Dead,
+            previous: Status::Suspect,
+            state: Status::Dead,
+            phi: 13.0,
+            generation: 1,
+            prev_generation: None,
+            last_seen_ms: Some(3000),
+            interval_ms: 1000,
+            accepted: 10,
+            lost: 0,
+            restarts: 0,
+        }
+    }
+
+    fn line_len(e: &Event) -> usize {
+        serde_json::to_vec(e).unwrap().len() + 1
+    }
+
+    /// The file on a disk that fills up: it takes `room` more bytes (the
+    /// write that reaches that is short), then fails with ENOSPC.
+    struct FullDisk {
+        file: std::fs::File,
+        room: Arc<AtomicUsize>,
+    }
+
+    impl Write for FullDisk {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let room = self.room.load(Ordering::SeqCst);
+            if room == 0 {
+                return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            let n = self.file.write(&buf[..buf.len().min(room)])?;
+            let _ = self
+                .room
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| {
+                    Some(r.saturating_sub(n))
+                });
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A sink writing to `p` on a disk with `room` bytes left (set it to
+    /// free space), with a backlog of `budget` bytes.
+    fn sink_on(
+        p: &Path,
+        room: usize,
+        budget: usize,
+    ) -> (EventSink, Arc<AtomicUsize>, Arc<Metrics>) {
+        let room = Arc::new(AtomicUsize::new(room));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .unwrap();
+        let disk = FullDisk {
+            file,
+            room: room.clone(),
+        };
+        let m = Arc::new(Metrics::new());
+        let dest = Destination::File(p.to_path_buf());
+        let sink =
+            EventSink::start_with(dest, Some(Box::new(disk)), budget, None, m.clone()).unwrap();
+        (sink, room, m)
+    }
+
+    /// The `seq` of each line of `p`; every line must be whole JSON.
+    fn seqs(p: &Path) -> Vec<u64> {
+        let text = std::fs::read_to_string(p).unwrap();
+        assert!(
+            text.is_empty() || text.ends_with('\n'),
+            "torn last line: {text:?}"
+        );
+        text.lines()
+            .map(|l| {
+                let v: serde_json::Value =
+                    serde_json::from_str(l).unwrap_or_else(|e| panic!("torn line {l:?}: {e}"));
+                v["seq"].as_u64().unwrap()
+            })
+            .collect()
+    }
+
+    fn write_failures(m: &Metrics) -> u64 {
+        let text = m.render();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("hb_event_write_failures_total "))
+            .unwrap();
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
+    const A_WHILE: Duration = Duration::from_millis(300);
+    const LONG: Duration = Duration::from_secs(10);
+
+    /// The disk fills up in the middle of a line and is freed later:
+    /// every event is in the file once, in order, each on its own line.
+    /// (Through tokio's `File` the events whose writes failed were lost,
+    /// and the first line after the space was freed was appended to the
+    /// torn one.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn write_errors_lose_no_event_and_tear_no_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("events.jsonl");
+        // Room for two lines and the start of the third.
+        let (sink, room, m) = sink_on(&p, 2 * line_len(&ev(1)) + 10, BACKLOG_BYTES);
+        // One event per tick, as the tick publishes them.
+        for s in 1..=6 {
+            sink.publish(vec![ev(s)]);
+        }
+        assert_eq!(sink.flush_for(A_WHILE).await, 4, "3 to 6 wait for room");
+        assert!(write_failures(&m) >= 1);
+        room.store(usize::MAX, Ordering::SeqCst);
+        sink.publish(vec![ev(7), ev(8)]);
+        assert_eq!(sink.flush_for(LONG).await, 0);
+        assert_eq!(seqs(&p), (1..=8).collect::<Vec<_>>());
+    }
+
+    /// While nothing can be written the backlog holds at most its budget:
+    /// the newest events are dropped, whole, and counted; the rest are
+    /// written in order once there is room, and events queue again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_backlog_drops_the_newest_events_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("events.jsonl");
+        let line = line_len(&ev(10));
+        let budget = 3 * line + line / 2;
+        let (sink, room, m) = sink_on(&p, 0, budget);
+        sink.publish((1..=10).map(ev).collect());
+        assert_eq!(sink.flush_for(A_WHILE).await, 3, "1 to 3 held");
+        assert!(sink.shared.lock().bytes.len() <= budget);
+        // 7 dropped, and at least one failed write.
+        assert!(write_failures(&m) >= 8, "{}", write_failures(&m));
+        room.store(usize::MAX, Ordering::SeqCst);
+        assert_eq!(sink.flush_for(LONG).await, 0);
+        assert_eq!(seqs(&p), [1, 2, 3]);
+        sink.publish(vec![ev(11)]);
+        assert_eq!(sink.flush_for(LONG).await, 0);
+        assert_eq!(seqs(&p), [1, 2, 3, 11]);
+    }
+
+    /// Rename rotation, then reopen (SIGHUP): the events after it go to
+    /// the new file, and a line the old file got only part of (its disk
+    /// was full) goes whole to the new one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reopen_after_rotation_writes_whole_lines_to_the_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("events.jsonl");
+        let (sink, _room, _m) = sink_on(&p, 2 * line_len(&ev(1)) + 10, BACKLOG_BYTES);
+        sink.publish(vec![ev(1), ev(2), ev(3)]);
+        assert_eq!(sink.flush_for(A_WHILE).await, 1, "3 waits for room");
+        let old = dir.path().join("events.jsonl.1");
+        std::fs::rename(&p, &old).unwrap();
+        // The new file is a plain one, with room.
+        sink.reopen();
+        sink.publish(vec![ev(4)]);
+        assert_eq!(sink.flush_for(LONG).await, 0);
+        assert_eq!(seqs(&p), [3, 4]);
+        let text = std::fs::read_to_string(&old).unwrap();
+        let (whole, part) = text.split_at(text.rfind('\n').unwrap() + 1);
+        std::fs::write(&old, whole).unwrap();
+        assert_eq!(seqs(&old), [1, 2]);
+        assert_eq!(part.len(), 10, "{part:?}");
+    }
+
+    /// copytruncate: the file is opened to append, so after it is
+    /// truncated the next line starts at its start (not after a hole of
+    /// zeros where the old end was).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn copytruncate_writes_from_the_start_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("events.jsonl");
+        let m = Arc::new(Metrics::new());
+        let sink = EventSink::start(Destination::File(p.clone()), None, m)
+            .await
+            .unwrap();
+        sink.publish(vec![ev(1), ev(2)]);
+        assert_eq!(sink.flush_for(LONG).await, 0);
+        assert_eq!(seqs(&p), [1, 2]);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        sink.publish(vec![ev(3)]);
+        assert_eq!(sink.flush_for(LONG).await, 0);
+        assert_eq!(seqs(&p), [3]);
+    }
 
     #[test]
     fn event_json_line_has_the_contract_fields() {
