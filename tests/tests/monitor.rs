@@ -620,6 +620,43 @@ fn restart_is_not_a_join(mode: &str) {
     m.stop();
 }
 
+/// IPv4 fragments are never valid heartbeats (PROTOCOL.md). At IPv4's
+/// minimum MTU (68) on the sender's link, its kernel splits every 76-byte
+/// heartbeat packet in two. Native mode counts the first fragment
+/// `malformed` (the second goes to the stack, which never completes it);
+/// in userspace mode the kernel reassembles the datagram before the socket
+/// sees it, and the monitor counts the reassembled one `malformed` (it
+/// once accepted it). One `malformed` per heartbeat either way, none
+/// accepted; at a normal MTU the same node joins.
+fn fragments_are_malformed(mode: &str) {
+    let (pair, dir) = setup("mfrag", &[1]);
+    let m = Monitor::start(&pair, &dir, mode, &["--nodes", "21"]);
+    let malformed = || {
+        let (_, text) = http(&pair.a, "/metrics");
+        metric(&text, "hb_packets_total{result=\"malformed\"}")
+    };
+    pair.b
+        .ip(&["link", "set", IF_B, "mtu", "68"])
+        .expect("MTU 68");
+    let mut node = Node::new(&pair, 21, 1);
+    for _ in 0..5 {
+        node.send(0);
+    }
+    let t0 = Instant::now();
+    while malformed() < 5 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(malformed(), 5, "one per fragmented heartbeat");
+    assert_eq!(node_json(&pair, 21)["accepted"].as_u64(), Some(0));
+    pair.b
+        .ip(&["link", "set", IF_B, "mtu", "1500"])
+        .expect("MTU 1500");
+    node.send(0);
+    m.wait_event(21, "joined", Duration::from_secs(5));
+    assert_eq!(malformed(), 5);
+    m.stop();
+}
+
 fn replayed_and_forged_never_refresh(mode: &str) {
     let (pair, dir) = setup("mreplay", &[1]);
     let m = Monitor::start(&pair, &dir, mode, &["--nodes", "11"]);
@@ -1720,6 +1757,7 @@ modes! {
         clean_leave,
         restart_is_not_a_join,
         replayed_and_forged_never_refresh,
+        fragments_are_malformed,
         sighup_rotates_keys_without_loss,
         sighup_reloads_the_controller,
         http_api,
@@ -1733,6 +1771,7 @@ modes! {
         clean_leave,
         restart_is_not_a_join,
         replayed_and_forged_never_refresh,
+        fragments_are_malformed,
         sighup_rotates_keys_without_loss,
         sighup_reloads_the_controller,
         http_api,

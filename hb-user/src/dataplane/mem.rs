@@ -94,6 +94,12 @@ impl MemDataplane {
         }
         v
     }
+
+    /// Counts a result decided before the gate: a datagram the kernel
+    /// reassembled from fragments (`malformed`, see `monitor::userspace`).
+    pub fn count(&self, result: GateResult) {
+        self.lock().counters[result.index() as usize] += 1;
+    }
 }
 
 impl Inner {

@@ -10,14 +10,27 @@
 //! no interface is given. Binding fails loudly: an unknown interface, an
 //! interface without addresses, or a port already in use is one clear error
 //! before the monitor starts.
+//!
+//! The kernel reassembles IPv4 and IPv6 fragments before a socket sees
+//! them, but PROTOCOL.md says an IPv4 fragment is never a valid heartbeat
+//! (XDP counts the first fragment `malformed`): each socket asks for
+//! `IP_RECVFRAGSIZE` (and `IPV6_RECVFRAGSIZE`), a control message the
+//! kernel adds only to a reassembled datagram, and such a datagram is
+//! counted `malformed`. (XDP passes IPv6 fragments to the stack, a
+//! fragment header being an extension header; reassembled, they are not
+//! heartbeats here either.)
 
 use std::{
+    io::IoSliceMut,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6},
+    os::fd::{AsFd as _, AsRawFd as _, RawFd},
     sync::Arc,
 };
 
 use anyhow::{Context as _, bail};
-use tokio::net::UdpSocket;
+use hb_common::GateResult;
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
+use tokio::{io::Interest, net::UdpSocket};
 
 use super::metrics::Metrics;
 use crate::dataplane::mem::MemDataplane;
@@ -86,6 +99,9 @@ pub fn bind(addrs: &[SocketAddr]) -> anyhow::Result<Vec<std::net::UdpSocket>> {
             Err(e) => return Err(bind_error(a, e)),
         };
         s.set_nonblocking(true)?;
+        report_reassembly(&s, a).with_context(|| {
+            format!("cannot ask the kernel to mark reassembled datagrams on {a}")
+        })?;
         out.push(s);
     }
     Ok(out)
@@ -105,6 +121,65 @@ fn bind_error(a: &SocketAddr, e: std::io::Error) -> anyhow::Error {
         ),
         _ => anyhow::anyhow!("cannot bind UDP {a}: {e}"),
     }
+}
+
+/// Asks the kernel for `IP_RECVFRAGSIZE` (and, on an IPv6 socket, which
+/// may also receive IPv4 as mapped addresses, `IPV6_RECVFRAGSIZE` too).
+fn report_reassembly(s: &std::net::UdpSocket, a: &SocketAddr) -> std::io::Result<()> {
+    let on = |level, name| {
+        let one: libc::c_int = 1;
+        // SAFETY: a valid socket and a c_int option of its size.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_fd().as_raw_fd(),
+                level,
+                name,
+                (&one as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    on(libc::IPPROTO_IP, libc::IP_RECVFRAGSIZE)?;
+    if a.is_ipv6() {
+        on(libc::IPPROTO_IPV6, libc::IPV6_RECVFRAGSIZE)?;
+    }
+    Ok(())
+}
+
+/// One datagram read from `fd` into `buf`: its length, its source, and
+/// whether the kernel reassembled it from fragments.
+fn recv_datagram(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, bool)> {
+    // Room for a few control messages (one int each); only the fragment
+    // size is asked for.
+    let mut cmsg = [0u8; 64];
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())?;
+    let src = msg
+        .address
+        .and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| SocketAddr::from(*v4))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6)))
+        })
+        .ok_or_else(|| std::io::Error::other("a datagram from no IP address"))?;
+    // A truncated control buffer (ENOBUFS) is as good as a mark.
+    let reassembled = match msg.cmsgs() {
+        Ok(mut c) => c.any(|m| match m {
+            ControlMessageOwned::Unknown(u) => {
+                let h = u.cmsg_header;
+                (h.cmsg_level, h.cmsg_type) == (libc::IPPROTO_IP, libc::IP_RECVFRAGSIZE)
+                    || (h.cmsg_level, h.cmsg_type) == (libc::IPPROTO_IPV6, libc::IPV6_RECVFRAGSIZE)
+            }
+            _ => false,
+        }),
+        Err(_) => true,
+    };
+    Ok((msg.bytes, src, reassembled))
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of `NodeState::last_arrival_ns` in
@@ -133,9 +208,11 @@ pub async fn serve(
     // Larger than a v1 datagram, so an oversized one is seen as such
     // (malformed) rather than truncated into 48 plausible bytes.
     let mut buf = [0u8; 2048];
+    let fd = sock.as_raw_fd();
     loop {
-        let (n, src) = tokio::select! {
-            r = sock.recv_from(&mut buf) => match r {
+        let recv = sock.async_io(Interest::READABLE, || recv_datagram(fd, &mut buf));
+        let (n, src, reassembled) = tokio::select! {
+            r = recv => match r {
                 Ok(v) => v,
                 Err(e) => {
                     // ICMP errors of earlier ACKs surface here: not fatal.
@@ -150,6 +227,10 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
+        if reassembled {
+            dp.count(GateResult::Malformed);
+            continue;
+        }
         let now = monotonic_ns();
         let src = SocketAddr::new(src.ip().to_canonical(), src.port());
         let v = dp.gate(&buf[..n], src, now);
