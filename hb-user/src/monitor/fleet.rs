@@ -15,6 +15,15 @@
 //! held), move the senders, remove epoch N, SIGHUP. No heartbeat signed
 //! with either held epoch is refused in between.
 //!
+//! A reload is applied whole or not at all ([`Reload`]). It is worked out
+//! and checked against the table first (a node list the dataplane's slots
+//! cannot hold is refused before anything changes); if the dataplane then
+//! fails part-way, what was applied is undone, and the fleet keeps the
+//! keyring and node list it had, so the next SIGHUP retries the reload
+//! whole. A half-applied reload left as the fleet's would never be
+//! repaired: the next one, finding the same keyring and the new nodes in
+//! the table, would install no keys.
+//!
 //! # Enrollment (`--enroll`)
 //!
 //! A datagram from an unprovisioned node id makes the gate send a report
@@ -52,10 +61,16 @@ use std::{
     time::Duration,
 };
 
+use anyhow::bail;
 use hb_common::maps::{NodeKeys, REPORT_RESTART, REPORT_UNKNOWN_NODE, Report};
 
 use super::{
-    api::Shared, config::NodeSpec, state::Track, table::Origin, tick::Core, userspace::monotonic_ns,
+    api::Shared,
+    config::NodeSpec,
+    state::Track,
+    table::{NodeTable, Origin},
+    tick::Core,
+    userspace::monotonic_ns,
 };
 use crate::{dataplane::Dataplane, keys::Keyring};
 
@@ -80,12 +95,96 @@ pub struct Fleet {
     enroll: bool,
     /// Probationary enrollments: node id → deadline (monotonic ns).
     pending: HashMap<u32, u64>,
+    /// The dataplane may hold keys not derived from `keyring`: pinned
+    /// nodes at start, or an undone reload that could not put every key
+    /// back. The next reload then re-keys every node, even if the keyring
+    /// compares equal.
+    rekey_all: bool,
 }
 
 fn keys_at(keyring: &Keyring, node_id: u32, slot: u32) -> NodeKeys {
     let mut k = keyring.node_keys(node_id);
     k.slot = slot;
     k
+}
+
+/// A reload under way: worked out whole against the table before anything
+/// changes ([`Fleet::begin_reload`]), then applied step by step; what is
+/// done is recorded so that a failure part-way can be undone
+/// ([`Fleet::end_reload`]). The fleet keeps its keyring and node list
+/// until the reload is complete, so a failed one is retried whole by the
+/// next.
+pub struct Reload {
+    keyring: Keyring,
+    spec: NodeSpec,
+    /// Whether the nodes that stay need keys from `keyring`.
+    rekey: bool,
+    /// Nodes that leave: (id, slot, origin), as they were.
+    leave: Vec<(u32, u32, Origin)>,
+    /// Nodes that stay: (id, slot, the origin they take).
+    stay: Vec<(u32, u32, Origin)>,
+    /// Listed nodes not in the table.
+    join: Vec<u32>,
+    /// How many of `leave` are removed.
+    removed: usize,
+    /// The nodes of `join` given a slot so far, with it.
+    joined: Vec<(u32, u32)>,
+    /// How many keys [`Reload::install_keys`] tried, in its order (one that
+    /// failed may be half in, so it counts).
+    keyed: usize,
+}
+
+impl Reload {
+    fn summary(&self) -> Summary {
+        Summary {
+            added: self.join.len(),
+            removed: self.leave.len(),
+            kept: self.stay.len(),
+            adopted: 0,
+        }
+    }
+
+    /// The table's side, which needs the core: nodes that leave are
+    /// removed, then nodes that join take slots (maybe the freed ones).
+    fn apply_membership(&mut self, core: &mut Core, dp: &dyn Dataplane) -> anyhow::Result<()> {
+        for &(id, ..) in &self.leave {
+            remove(core, dp, id)?;
+            self.removed += 1;
+        }
+        let now = monotonic_ns();
+        for &id in &self.join {
+            let slot = core.table.insert(id, Origin::Configured, now)?;
+            self.joined.push((id, slot));
+        }
+        Ok(())
+    }
+
+    /// Derives and installs the keys of the new nodes, then of the nodes
+    /// that stay if the keyring changed. Replacing a node's keys keeps its
+    /// state: that is how keys rotate. Needs no core: the monitor runs it
+    /// without the core's lock (see [`Fleet::begin_reload`]).
+    pub fn install_keys(&mut self, dp: &dyn Dataplane) -> anyhow::Result<()> {
+        let stay = if self.rekey { &self.stay[..] } else { &[] };
+        let todo = self
+            .joined
+            .iter()
+            .copied()
+            .chain(stay.iter().map(|&(id, slot, _)| (id, slot)));
+        for (id, slot) in todo {
+            self.keyed += 1;
+            dp.upsert_node(id, &keys_at(&self.keyring, id, slot))
+                .map_err(|e| e.context(format!("cannot install the keys of node {id}")))?;
+        }
+        Ok(())
+    }
+
+    /// The nodes that stay whose keys `install_keys` tried to replace.
+    fn rekeyed(&self) -> &[(u32, u32, Origin)] {
+        if !self.rekey {
+            return &[];
+        }
+        &self.stay[..self.keyed.saturating_sub(self.joined.len())]
+    }
 }
 
 impl Fleet {
@@ -114,18 +213,21 @@ impl Fleet {
         }
         core.adopt(dp, now);
         let mut fleet = Fleet {
-            keyring,
-            spec,
+            keyring: keyring.clone(),
+            spec: spec.clone(),
             enroll,
             pending: HashMap::new(),
+            // Pinned nodes hold the keys of whatever keyring their monitor
+            // had.
+            rekey_all: true,
         };
-        let (mut summary, todo) = fleet.plan(core, dp, now, true)?;
-        fleet.provide_keys(dp, &todo)?;
+        let mut summary = fleet.reload(core, dp, keyring, spec)?;
         summary.adopted = adopted;
         Ok((fleet, summary))
     }
 
-    /// Replaces the keyring and node list (SIGHUP).
+    /// Replaces the keyring and node list (SIGHUP), whole or not at all
+    /// (see [`Fleet::begin_reload`]).
     pub fn reload(
         &mut self,
         core: &mut Core,
@@ -133,91 +235,217 @@ impl Fleet {
         keyring: Keyring,
         spec: NodeSpec,
     ) -> anyhow::Result<Summary> {
-        let (s, todo) = self.begin_reload(core, dp, keyring, spec)?;
-        self.provide_keys(dp, &todo)?;
-        Ok(s)
+        let mut r = self.begin_reload(core, dp, keyring, spec)?;
+        let keyed = r.install_keys(dp);
+        self.end_reload(core, dp, r, keyed)
     }
 
-    /// The first half of a reload, which needs the core: membership (nodes
-    /// removed, slots given to new ones). Returns the nodes that need keys
-    /// from [`Fleet::provide_keys`], which does not need the core: the
-    /// monitor runs it without the core's lock, so re-keying a large fleet
-    /// (about 2 µs per node) does not hold the tick off. Slots cannot
-    /// change in between: only the fleet (under its own lock) changes
-    /// membership. A new node is `unknown` until its keys are in.
+    /// The first part of a reload, which needs the core. The reload is
+    /// worked out whole and checked against the table as it is: its real
+    /// capacity (pinned maps keep theirs, whatever `capacity` says now) and
+    /// the enrolled nodes that stay. One that cannot fit is refused before
+    /// anything changes. Then membership: nodes removed, slots given to new
+    /// ones.
+    ///
+    /// Keys come next, from [`Reload::install_keys`], which does not need
+    /// the core: the monitor runs it without the core's lock, so re-keying
+    /// a large fleet (about 2 µs per node) does not hold the tick off.
+    /// Slots cannot change in between: only the fleet (under its own lock)
+    /// changes membership. A new node is `unknown` until its keys are in.
+    /// [`Fleet::end_reload`] then makes the reload the fleet's, or undoes
+    /// it if the dataplane failed.
     pub fn begin_reload(
         &mut self,
         core: &mut Core,
         dp: &dyn Dataplane,
         keyring: Keyring,
         spec: NodeSpec,
-    ) -> anyhow::Result<(Summary, Vec<(u32, u32)>)> {
-        let rekey = keyring != self.keyring;
-        self.keyring = keyring;
-        self.spec = spec;
-        self.plan(core, dp, monotonic_ns(), rekey)
+    ) -> anyhow::Result<Reload> {
+        let mut r = self.plan(&core.table, keyring, spec)?;
+        match r.apply_membership(core, dp) {
+            Ok(()) => Ok(r),
+            Err(e) => Err(self.undo(core, dp, r, e)),
+        }
+    }
+
+    /// Completes a reload once its keys are in (`keyed` is what
+    /// [`Reload::install_keys`] returned): the fleet takes its keyring and
+    /// node list. If they are not, undoes it and returns why it failed.
+    pub fn end_reload(
+        &mut self,
+        core: &mut Core,
+        dp: &dyn Dataplane,
+        r: Reload,
+        keyed: anyhow::Result<()>,
+    ) -> anyhow::Result<Summary> {
+        match keyed {
+            Ok(()) => Ok(self.commit(core, r)),
+            Err(e) => Err(self.undo(core, dp, r, e)),
+        }
     }
 
     pub fn keyring(&self) -> &Keyring {
         &self.keyring
     }
 
-    /// Makes the table hold exactly the listed nodes (plus enrolled ones)
-    /// and returns `(node id, slot)` of those that need keys from the
-    /// current keyring: new nodes, and every node when `rekey` (the keyring
-    /// changed).
-    fn plan(
+    /// Works out a reload against the table without changing anything:
+    /// the table is to hold exactly the listed nodes (plus enrolled ones,
+    /// with `--enroll`). Refuses one the table's slots cannot hold.
+    fn plan(&self, table: &NodeTable, keyring: Keyring, spec: NodeSpec) -> anyhow::Result<Reload> {
+        let mut r = Reload {
+            rekey: self.rekey_all || keyring != self.keyring,
+            keyring,
+            leave: Vec::new(),
+            stay: Vec::with_capacity(table.nodes()),
+            join: Vec::new(),
+            removed: 0,
+            joined: Vec::new(),
+            keyed: 0,
+            spec,
+        };
+        for (id, slot) in table.ids() {
+            let origin = table.origin(slot);
+            if r.spec.contains(id) {
+                r.stay.push((id, slot, Origin::Configured));
+            } else if self.enroll && origin != Origin::Configured {
+                let origin = match origin {
+                    Origin::Adopted => Origin::Enrolled,
+                    o => o,
+                };
+                r.stay.push((id, slot, origin));
+            } else {
+                r.leave.push((id, slot, origin));
+            }
+        }
+        r.join = r.spec.iter().filter(|id| !table.contains(*id)).collect();
+        let (needed, capacity) = (r.stay.len() + r.join.len(), table.capacity());
+        if needed > capacity as usize {
+            let nodes = match needed - r.spec.len() as usize {
+                0 => format!("{needed} listed nodes"),
+                n => format!("{needed} nodes ({} listed, {n} enrolled)", r.spec.len()),
+            };
+            bail!(
+                "{nodes} do not fit the {capacity} slots of the dataplane (capacity changes only at a restart, and pinned maps keep theirs)"
+            );
+        }
+        Ok(r)
+    }
+
+    /// Makes a reload whose keys are all in the fleet's: the origins of the
+    /// nodes that stay, probations ended by listing or removal, the keyring
+    /// and the node list.
+    fn commit(&mut self, core: &mut Core, r: Reload) -> Summary {
+        let summary = r.summary();
+        for &(id, slot, origin) in &r.stay {
+            core.table.set_origin(slot, origin);
+            if origin == Origin::Configured {
+                self.pending.remove(&id);
+            }
+        }
+        for &(id, ..) in &r.leave {
+            self.pending.remove(&id);
+        }
+        self.keyring = r.keyring;
+        self.spec = r.spec;
+        self.rekey_all = false;
+        summary
+    }
+
+    /// Undoes what of `r` was applied when `error` stopped it, and returns
+    /// `error`, with what could not be put back as it was. Keys of nodes
+    /// that stay get the current keyring's again (their state is kept); new
+    /// nodes are removed; removed nodes get their slots and the current
+    /// keyring's keys again, but not their state, which removal cleared.
+    /// Whatever cannot be put back, the next reload repairs: it works
+    /// membership out against the table, which holds what the dataplane
+    /// holds, and keys in doubt make it re-key every node.
+    fn undo(
         &mut self,
         core: &mut Core,
         dp: &dyn Dataplane,
-        now: u64,
-        rekey: bool,
-    ) -> anyhow::Result<(Summary, Vec<(u32, u32)>)> {
-        let mut s = Summary::default();
-        let mut todo = Vec::new();
-        let present: Vec<(u32, u32)> = core.table.ids().collect();
-        let mut have = HashSet::with_capacity(present.len());
-        for (id, slot) in present {
-            let listed = self.spec.contains(id);
-            let origin = core.table.origin(slot);
-            let keep = listed || (self.enroll && origin != Origin::Configured);
-            if !keep {
-                self.pending.remove(&id);
-                remove(core, dp, id)?;
-                s.removed += 1;
-                continue;
-            }
-            if listed {
-                core.table.set_origin(slot, Origin::Configured);
-                self.pending.remove(&id);
-            } else if origin == Origin::Adopted {
-                core.table.set_origin(slot, Origin::Enrolled);
-            }
-            if rekey {
-                todo.push((id, slot));
-            }
-            have.insert(id);
-            s.kept += 1;
+        r: Reload,
+        error: anyhow::Error,
+    ) -> anyhow::Error {
+        let mut doubt = Vec::new();
+        let stuck_keys = self.restore_keys(dp, r.rekeyed());
+        if stuck_keys > 0 {
+            doubt.push(format!("{stuck_keys} nodes may keep the new keys"));
         }
-        for id in self.spec.iter() {
-            if have.contains(&id) {
-                continue;
-            }
-            let slot = core.table.insert(id, Origin::Configured, now)?;
-            todo.push((id, slot));
-            s.added += 1;
+        // New nodes go first: removed nodes may want their slots back.
+        let stuck_new = r
+            .joined
+            .iter()
+            .map(|&(id, _)| remove(core, dp, id))
+            .filter(Result::is_err)
+            .count();
+        if stuck_new > 0 {
+            doubt.push(format!("{stuck_new} new nodes stay provisioned"));
         }
-        Ok((s, todo))
+        let (back, gone) = self.put_back(core, dp, &r.leave[..r.removed]);
+        if gone > 0 {
+            doubt.push(format!("{gone} removed nodes could not be put back"));
+        }
+        let mut lost = Vec::new();
+        if back > 0 {
+            lost.push(format!(
+                "{back} removed nodes are back with their state reset (unknown until their next heartbeat)"
+            ));
+        }
+        if !doubt.is_empty() {
+            self.rekey_all = true;
+            lost.push(format!(
+                "{}; the next reload repairs this",
+                doubt.join(", ")
+            ));
+        }
+        if lost.is_empty() {
+            return error;
+        }
+        anyhow::anyhow!("{error:#} (undone, but {})", lost.join("; "))
     }
 
-    /// Derives and installs the keys of `todo` (from [`Fleet::begin_reload`]).
-    /// Replacing a node's keys keeps its state: that is how keys rotate.
-    pub fn provide_keys(&self, dp: &dyn Dataplane, todo: &[(u32, u32)]) -> anyhow::Result<()> {
-        for &(id, slot) in todo {
+    /// Installs the current keyring's keys of `nodes` again. Returns how
+    /// many the dataplane refused.
+    fn restore_keys(&self, dp: &dyn Dataplane, nodes: &[(u32, u32, Origin)]) -> usize {
+        let restore = |&(id, slot, _): &(u32, u32, Origin)| {
             dp.upsert_node(id, &keys_at(&self.keyring, id, slot))
-                .map_err(|e| e.context(format!("cannot install the keys of node {id}")))?;
+        };
+        nodes.iter().map(restore).filter(Result::is_err).count()
+    }
+
+    /// Provisions nodes a failed reload removed again with the current
+    /// keyring's keys, as `unknown`: at their old slots, or at free ones if
+    /// a new node that could not be removed holds it (removal cleared
+    /// their state, so the slot makes no difference). Returns how many are
+    /// back and how many are not (then in neither the table nor the
+    /// dataplane).
+    fn put_back(
+        &self,
+        core: &mut Core,
+        dp: &dyn Dataplane,
+        nodes: &[(u32, u32, Origin)],
+    ) -> (usize, usize) {
+        let now = monotonic_ns();
+        let mut back = 0;
+        for &(id, old, origin) in nodes {
+            let t = &mut core.table;
+            let slot = match t.insert_at(id, old, origin, Track::default(), now) {
+                Ok(()) => old,
+                Err(_) => match t.insert(id, origin, now) {
+                    Ok(slot) => slot,
+                    Err(_) => continue,
+                },
+            };
+            if dp
+                .upsert_node(id, &keys_at(&self.keyring, id, slot))
+                .is_err()
+            {
+                t.remove(id);
+                continue;
+            }
+            back += 1;
         }
-        Ok(())
+        (back, nodes.len() - back)
     }
 
     /// Provisions `node_id` on probation (see the module docs). Returns
@@ -404,13 +632,23 @@ pub async fn reports(
 
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddr;
+    use std::{
+        net::SocketAddr,
+        ops::Range,
+        sync::{
+            Mutex,
+            atomic::{AtomicU32, Ordering},
+        },
+    };
 
-    use hb_common::{Datagram, GateResult, Kind, NodeKey};
+    use hb_common::{
+        Datagram, GateResult, Kind, NodeKey,
+        maps::{Config, NodeState},
+    };
 
     use super::*;
     use crate::{
-        dataplane::mem::MemDataplane,
+        dataplane::{Counters, LiveFn, mem::MemDataplane},
         detector::PhiParams,
         keys::{Secret, derive_node_key},
         monitor::{policy::FixedPolicy, state::Thresholds, tick::Detector},
@@ -452,6 +690,239 @@ mod tests {
             id,
             epoch,
         )))
+    }
+
+    fn spec(s: &str) -> NodeSpec {
+        NodeSpec::parse(s).unwrap()
+    }
+
+    fn accepted(dp: &dyn Dataplane, c: &Core, id: u32) -> u64 {
+        let slot = c.table.slot_of(id).unwrap();
+        let mut acc = 0;
+        dp.read_states(slot..slot + 1, &mut |_, st| acc = st.accepted);
+        acc
+    }
+
+    /// The in-memory gate, made to fail: one `upsert_node` after a number
+    /// of them, and `remove_node` of one node.
+    #[derive(Default)]
+    struct Flaky {
+        mem: MemDataplane,
+        /// Upserts let through before one fails (`None`: all are).
+        fail_after: Mutex<Option<usize>>,
+        /// The node `remove_node` fails for (0: none).
+        stuck: AtomicU32,
+    }
+
+    impl Flaky {
+        fn fail_upsert_after(&self, n: usize) {
+            *self.fail_after.lock().unwrap() = Some(n);
+        }
+    }
+
+    impl Dataplane for Flaky {
+        fn upsert_node(&self, node_id: u32, keys: &NodeKeys) -> anyhow::Result<()> {
+            let mut f = self.fail_after.lock().unwrap();
+            match *f {
+                Some(0) => {
+                    *f = None;
+                    bail!("injected failure");
+                }
+                Some(n) => *f = Some(n - 1),
+                None => {}
+            }
+            self.mem.upsert_node(node_id, keys)
+        }
+        fn remove_node(&self, node_id: u32) -> anyhow::Result<()> {
+            if node_id == self.stuck.load(Ordering::Relaxed) {
+                bail!("injected failure");
+            }
+            self.mem.remove_node(node_id)
+        }
+        fn provisioned(&self) -> anyhow::Result<Vec<(u32, NodeKeys)>> {
+            self.mem.provisioned()
+        }
+        fn read_states(&self, slots: Range<u32>, f: &mut dyn FnMut(u32, &NodeState)) {
+            self.mem.read_states(slots, f)
+        }
+        fn read_live(&self, slots: Range<u32>, f: &mut LiveFn) {
+            self.mem.read_live(slots, f)
+        }
+        fn set_requested_interval(&self, slot: u32, interval_ms: u32) {
+            self.mem.set_requested_interval(slot, interval_ms)
+        }
+        fn counters(&self) -> anyhow::Result<Counters> {
+            self.mem.counters()
+        }
+        fn set_config(&self, cfg: &Config) -> anyhow::Result<()> {
+            self.mem.set_config(cfg)
+        }
+        fn take_reports(&mut self) -> Option<tokio::sync::mpsc::Receiver<Report>> {
+            self.mem.take_reports()
+        }
+    }
+
+    #[test]
+    fn a_reload_that_does_not_fit_changes_nothing_and_a_retry_applies_it() {
+        let dp = MemDataplane::new();
+        let mut c = core();
+        // Pinned maps of 3 slots, whatever `capacity` says now.
+        c.table.set_capacity(3);
+        let (mut f, _) = Fleet::start(&mut c, &dp, keyring(&[1]), spec("1-3"), false).unwrap();
+        let seq = std::cell::Cell::new(0);
+        let gate = |id, epoch| {
+            seq.set(seq.get() + 1);
+            dp.gate(&hb(id, epoch, seq.get()), SRC, seq.get()).result
+        };
+        for id in 1..=3 {
+            assert_eq!(gate(id, 1), GateResult::Accepted);
+        }
+        let slots: Vec<_> = (1..=3).map(|id| c.table.slot_of(id)).collect();
+
+        // Node 3 out, nodes 4 and 5 in: one slot short. A new epoch too.
+        let e = f
+            .reload(&mut c, &dp, keyring(&[1, 2]), spec("1-2,4-5"))
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("4 listed nodes do not fit the 3 slots"),
+            "{e:#}"
+        );
+        let now: Vec<_> = (1..=3).map(|id| c.table.slot_of(id)).collect();
+        assert_eq!(now, slots, "same nodes at the same slots");
+        assert!(!c.table.contains(4) && !c.table.contains(5));
+        assert_eq!(dp.provisioned().unwrap().len(), 3);
+        for id in 1..=3 {
+            assert_eq!(
+                gate(id, 1),
+                GateResult::Accepted,
+                "node {id} keeps its keys"
+            );
+            assert_eq!(gate(id, 2), GateResult::BadEpoch, "node {id}: no new epoch");
+            assert_eq!(accepted(&dp, &c, id), 2, "node {id} keeps its state");
+        }
+        assert_eq!(gate(4, 1), GateResult::UnknownNode);
+        assert_eq!(f.keyring(), &keyring(&[1]));
+
+        // The list fixed, the same keyring as the refused reload's.
+        let s = f
+            .reload(&mut c, &dp, keyring(&[1, 2]), spec("1-2,4"))
+            .unwrap();
+        assert_eq!((s.added, s.removed, s.kept), (1, 1, 2));
+        for id in [1, 2, 4] {
+            assert_eq!(gate(id, 2), GateResult::Accepted, "node {id}");
+        }
+        assert_eq!(gate(3, 1), GateResult::UnknownNode);
+        assert_eq!(accepted(&dp, &c, 1), 3, "state kept");
+    }
+
+    #[test]
+    fn enrolled_nodes_count_against_the_slots() {
+        let dp = MemDataplane::new();
+        let mut c = core();
+        c.table.set_capacity(3);
+        let (mut f, _) = Fleet::start(&mut c, &dp, keyring(&[1]), spec("1-2"), true).unwrap();
+        assert_eq!(f.enroll(&mut c, &dp, 50), "provisioned");
+        let e = f
+            .reload(&mut c, &dp, keyring(&[1]), spec("1-3"))
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("4 nodes (3 listed, 1 enrolled) do not fit"),
+            "{e:#}"
+        );
+        assert!(!c.table.contains(3));
+        assert!(c.table.contains(50) && f.pending.contains_key(&50));
+    }
+
+    #[test]
+    fn a_dataplane_failure_mid_reload_is_undone_and_a_retry_applies_it() {
+        let dp = Flaky::default();
+        let mut c = core();
+        let (mut f, _) = Fleet::start(&mut c, &dp, keyring(&[1]), spec("1-3"), false).unwrap();
+        let seq = std::cell::Cell::new(0);
+        let gate = |id, epoch| {
+            seq.set(seq.get() + 1);
+            dp.mem
+                .gate(&hb(id, epoch, seq.get()), SRC, seq.get())
+                .result
+        };
+        for id in [1, 1, 2, 3] {
+            assert_eq!(gate(id, 1), GateResult::Accepted);
+        }
+        let slots: Vec<_> = (1..=3).map(|id| c.table.slot_of(id)).collect();
+
+        // Keys go to new nodes (4, 5), then to the nodes that stay (1, 2):
+        // the last of those fails, after the other got the new keys.
+        dp.fail_upsert_after(3);
+        let e = f
+            .reload(&mut c, &dp, keyring(&[1, 2]), spec("1-2,4-5"))
+            .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("cannot install the keys of node"), "{e}");
+        assert!(e.contains("1 removed nodes are back"), "{e}");
+        assert!(!e.contains("next reload"), "{e}");
+        let now: Vec<_> = (1..=3).map(|id| c.table.slot_of(id)).collect();
+        assert_eq!(now, slots, "same nodes at the same slots");
+        assert!(!c.table.contains(4) && !c.table.contains(5));
+        assert_eq!(dp.provisioned().unwrap().len(), 3);
+        for id in 1..=3 {
+            assert_eq!(
+                gate(id, 1),
+                GateResult::Accepted,
+                "node {id} keeps its keys"
+            );
+            assert_eq!(gate(id, 2), GateResult::BadEpoch, "node {id}: no new epoch");
+        }
+        assert_eq!(accepted(&dp, &c, 1), 3, "a node that stays keeps its state");
+        for id in [4, 5] {
+            assert_eq!(gate(id, 2), GateResult::UnknownNode, "node {id}");
+        }
+
+        let s = f
+            .reload(&mut c, &dp, keyring(&[1, 2]), spec("1-2,4-5"))
+            .unwrap();
+        assert_eq!((s.added, s.removed, s.kept), (2, 1, 2));
+        for id in [1, 2, 4, 5] {
+            assert_eq!(gate(id, 2), GateResult::Accepted, "node {id}");
+        }
+        assert_eq!(gate(3, 1), GateResult::UnknownNode);
+    }
+
+    #[test]
+    fn what_an_undo_cannot_put_back_the_next_reload_repairs() {
+        let dp = Flaky::default();
+        let mut c = core();
+        let (mut f, _) = Fleet::start(&mut c, &dp, keyring(&[1]), spec("1-3"), false).unwrap();
+        // Node 4's keys fail, and so does its removal when undoing: it
+        // stays in the table, without keys. The keyring does not change.
+        dp.fail_upsert_after(0);
+        dp.stuck.store(4, Ordering::Relaxed);
+        let e = f
+            .reload(&mut c, &dp, keyring(&[1]), spec("1-2,4"))
+            .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("1 removed nodes are back"), "{e}");
+        assert!(e.contains("1 new nodes stay provisioned"), "{e}");
+        assert!(e.contains("the next reload repairs this"), "{e}");
+        assert!(c.table.contains(3) && c.table.contains(4));
+        assert_eq!(
+            dp.mem.gate(&hb(4, 1, 1), SRC, 1).result,
+            GateResult::UnknownNode,
+            "node 4 has no keys"
+        );
+        dp.stuck.store(0, Ordering::Relaxed);
+
+        // The same reload again: node 4 is in the table already and the
+        // keyring compares equal, yet node 4 gets its keys.
+        let s = f.reload(&mut c, &dp, keyring(&[1]), spec("1-2,4")).unwrap();
+        assert_eq!((s.added, s.removed, s.kept), (0, 1, 3));
+        for (seq, id) in [1, 2, 4].into_iter().enumerate() {
+            let r = dp.mem.gate(&hb(id, 1, 2), SRC, seq as u64 + 2).result;
+            assert_eq!(r, GateResult::Accepted, "node {id}");
+        }
+        assert_eq!(
+            dp.mem.gate(&hb(3, 1, 1), SRC, 9).result,
+            GateResult::UnknownNode
+        );
     }
 
     #[test]

@@ -549,11 +549,15 @@ async fn reload(
     let epochs = keyring.held_epochs();
     let r = tokio::task::spawn_blocking(move || {
         let mut f = fleet2.lock().unwrap_or_else(|e| e.into_inner());
-        let (summary, todo) = f.begin_reload(&mut shared2.core(), &*shared2.dp, keyring, nodes)?;
+        let dp = &*shared2.dp;
+        // Refused here, before anything changes, if it cannot be applied
+        // whole.
+        let mut r = f.begin_reload(&mut shared2.core(), dp, keyring, nodes)?;
         // Keys are derived and installed without the core's lock (see
         // `Fleet::begin_reload`): ticks go on meanwhile.
-        f.provide_keys(&*shared2.dp, &todo)?;
-        anyhow::Ok(summary)
+        let keyed = r.install_keys(dp);
+        // Undone if the dataplane refused a key.
+        f.end_reload(&mut shared2.core(), dp, r, keyed)
     })
     .await;
     match r {
@@ -578,8 +582,10 @@ async fn reload(
             }
         }
         Ok(Err(e)) => {
+            // The fleet undid what it had applied; the error says what, if
+            // anything, it could not put back as it was.
             shared.metrics.reload(false);
-            tracing::error!("reload failed part-way (the table holds what was applied): {e:#}");
+            tracing::error!("reload failed, keeping the running settings: {e:#}");
         }
         Err(e) => {
             shared.metrics.reload(false);
