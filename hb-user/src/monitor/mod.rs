@@ -289,12 +289,20 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
         "monitor started"
     );
     let fleet = Arc::new(Mutex::new(fleet));
+    // The gate's counters before the API serves them: over pinned maps
+    // they go on from the last run's, and a scrape that saw them at 0
+    // until the first tick would read as a counter reset (and a rate spike
+    // of the whole history) to Prometheus.
+    let counters = dp.counters();
+    if let Ok(c) = &counters {
+        metrics.set_counters(c);
+    }
     let shared = Arc::new(Shared {
         core: Mutex::new(core),
         dp: dp.clone(),
         metrics: metrics.clone(),
         last_tick_ns: AtomicU64::new(0),
-        dataplane_ok: AtomicBool::new(false),
+        dataplane_ok: AtomicBool::new(counters.is_ok()),
         tick: settings.tick,
     });
 
