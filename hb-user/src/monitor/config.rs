@@ -26,6 +26,12 @@ use serde::Deserialize;
 use super::{hooks::HookOptions, state::Thresholds};
 use crate::detector::PhiParams;
 
+/// Most hooks that may run at once: each is a process.
+pub const MAX_HOOK_CONCURRENCY: usize = 1024;
+/// Most events that may wait for a hook: a million, a partition of the
+/// largest fleet.
+pub const MAX_HOOK_QUEUE: usize = 1 << 20;
+
 /// Where heartbeats are gated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -422,6 +428,16 @@ impl Settings {
             ),
             queue: a.hook_queue.or(f.hook_queue).unwrap_or(1024).max(1),
         });
+        if let Some(h) = &hook
+            && (h.concurrency > MAX_HOOK_CONCURRENCY || h.queue > MAX_HOOK_QUEUE)
+        {
+            // Past tokio's own limits these panicked at start.
+            bail!(
+                "hook_concurrency must be at most {MAX_HOOK_CONCURRENCY} and hook_queue at most {MAX_HOOK_QUEUE}, got {} and {}",
+                h.concurrency,
+                h.queue
+            );
+        }
         let fixed_interval_ms = a.fixed_interval_ms.or(f.fixed_interval_ms);
         if let Some(ms) = fixed_interval_ms
             && !(hb_common_bounds::MIN..=hb_common_bounds::MAX).contains(&ms)
@@ -855,5 +871,21 @@ mod tests {
             ..args()
         };
         assert!(Settings::merge(&a.into(), FileConfig::default()).is_err());
+        // Past tokio's limits (they panicked at start).
+        let text = "on_event = \"true\"\nhook_queue = 4611686018427387904\n";
+        let f: FileConfig = toml::from_str(text).unwrap();
+        let e = Settings::merge(&args().into(), f).unwrap_err();
+        assert!(e.to_string().contains("hook_queue at most 1048576"), "{e}");
+        let a = Opts {
+            on_event: Some("true".into()),
+            hook_concurrency: Some(usize::MAX),
+            ..args()
+        };
+        let e = Settings::merge(&a.into(), FileConfig::default()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("hook_concurrency must be at most 1024"),
+            "{e}"
+        );
     }
 }
