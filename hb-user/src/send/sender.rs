@@ -17,7 +17,13 @@
 //! With several monitors, each monitor's latest request stands until it
 //! sends another, and the sender uses the smallest (the most demanding
 //! monitor decides; a slower rate would starve its detector), clamped to
-//! the sender's own bounds.
+//! the sender's own bounds. An ACK that asks for the very interval its
+//! heartbeat carried is an echo and leaves the monitor's standing request
+//! as it is: a gate whose monitor has no opinion sends exactly that
+//! (PROTOCOL.md), so taking it for a request let a monitor without a
+//! controller pin the sender at whatever another monitor had asked for
+//! last (it could speed a node up, never slow it down again). A monitor
+//! that wants the interval the sender already uses loses nothing by it.
 
 use std::net::SocketAddr;
 
@@ -99,6 +105,8 @@ pub struct Monitor {
 struct Sent {
     seq: u64,
     sent_ns: u64,
+    /// The interval the heartbeat announced, ms.
+    interval_ms: u32,
     /// Bit `i`: monitor `i` acknowledged it already.
     acked: u64,
 }
@@ -263,6 +271,7 @@ impl Sender {
         self.recent[(self.seq % RECENT as u64) as usize] = Sent {
             seq: self.seq,
             sent_ns: now_ns,
+            interval_ms: self.interval_ms,
             acked: 0,
         };
         let mut d = Datagram {
@@ -342,12 +351,14 @@ impl Sender {
             return Err(AckReject::UnknownSeq);
         };
         slot.acked |= bit;
+        let echo = ack.interval_ms == slot.interval_ms;
         let m = &mut self.monitors[mi];
         m.acks += 1;
         m.rtt.sample(rtt);
-        // `interval_ms` 0 is no request; a request from an ACK older than
-        // the one we last adopted from this monitor is out of date.
-        if ack.interval_ms != 0 && m.requested.is_none_or(|(_, s)| ack.seq > s) {
+        // `interval_ms` 0 is no request, nor is an echo (see the module
+        // docs); a request from an ACK older than the one we last adopted
+        // from this monitor is out of date.
+        if ack.interval_ms != 0 && !echo && m.requested.is_none_or(|(_, s)| ack.seq > s) {
             let clamped = ack
                 .interval_ms
                 .clamp(self.cfg.min_interval_ms, self.cfg.max_interval_ms);
@@ -622,6 +633,38 @@ mod tests {
         let (from, hb) = s.heartbeat(MS, 0, false)[0];
         s.on_ack(&ack_of(&hb, &KEY, 0), from, 2 * MS).unwrap();
         assert_eq!(s.interval_ms(), 1000);
+    }
+
+    #[test]
+    fn a_monitor_without_an_opinion_pins_no_interval() {
+        // Monitor 1 runs a controller; monitor 2 has none, so its gate
+        // echoes whatever interval each heartbeat carries.
+        let mut s = sender(2);
+        let round = |s: &mut Sender, t: u64, asked: u32| {
+            let hbs = s.heartbeat(t * MS, 0, false);
+            let echo = proto::parse(&hbs[1].1, Kind::Heartbeat)
+                .unwrap()
+                .interval_ms;
+            s.on_ack(&ack_of(&hbs[0].1, &KEY, asked), mon(1), (t + 1) * MS)
+                .unwrap();
+            s.on_ack(&ack_of(&hbs[1].1, &KEY, echo), mon(2), (t + 1) * MS)
+                .unwrap();
+            s.interval_ms()
+        };
+        assert_eq!(round(&mut s, 10, 500), 500);
+        assert_eq!(round(&mut s, 20, 500), 500);
+        // Slower again: the echo of 500 was no request (it once was, and
+        // held the node at 500 for good).
+        assert_eq!(round(&mut s, 30, 2000), 2000);
+        assert_eq!(round(&mut s, 40, 2000), 2000);
+        assert_eq!(s.monitors()[1].requested, None);
+        // A request that differs from the heartbeat's interval stands.
+        let hbs = s.heartbeat(50 * MS, 0, false);
+        s.on_ack(&ack_of(&hbs[1].1, &KEY, 700), mon(2), 51 * MS)
+            .unwrap();
+        assert_eq!(s.interval_ms(), 700);
+        // ... and monitor 2 echoing it afterwards keeps it standing.
+        assert_eq!(round(&mut s, 60, 2000), 700);
     }
 
     #[test]
