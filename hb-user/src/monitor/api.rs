@@ -254,13 +254,16 @@ async fn node(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response 
     let Ok(id) = id.parse::<u32>() else {
         return (StatusCode::BAD_REQUEST, format!("not a node id: {id:?}\n")).into_response();
     };
-    match node_row(&s, id) {
-        Some(r) => Json(r).into_response(),
-        None => (
+    // The core's lock waits for a tick (~10 ms at a million nodes): not on
+    // a runtime worker, which the userspace gate's sockets share.
+    match tokio::task::spawn_blocking(move || node_row(&s, id)).await {
+        Ok(Some(r)) => Json(r).into_response(),
+        Ok(None) => (
             StatusCode::NOT_FOUND,
             format!("node {id} is not provisioned\n"),
         )
             .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
 
