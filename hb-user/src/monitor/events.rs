@@ -569,6 +569,28 @@ pub fn now_rfc3339() -> String {
         .unwrap_or_else(|_| now.unix_timestamp().to_string())
 }
 
+/// A `dead` event of node `seq`, numbered `seq` (tests here and in
+/// `hooks`).
+#[cfg(test)]
+pub(crate) fn test_event(seq: u64) -> Event {
+    Event {
+        seq,
+        ts: now_rfc3339(),
+        node_id: seq as u32,
+        event: EventKind::Dead,
+        previous: Status::Suspect,
+        state: Status::Dead,
+        phi: 13.0,
+        generation: 1,
+        prev_generation: None,
+        last_seen_ms: Some(3000),
+        interval_ms: 1000,
+        accepted: 10,
+        lost: 0,
+        restarts: 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::{
@@ -579,22 +601,7 @@ mod tests {
     use super::*;
 
     fn ev(seq: u64) -> Event {
-        Event {
-            seq,
-            ts: now_rfc3339(),
-            node_id: seq as u32,
-            event: EventKind::Dead,
-            previous: Status::Suspect,
-            state: Status::Dead,
-            phi: 13.0,
-            generation: 1,
-            prev_generation: None,
-            last_seen_ms: Some(3000),
-            interval_ms: 1000,
-            accepted: 10,
-            lost: 0,
-            restarts: 0,
-        }
+        test_event(seq)
     }
 
     fn line_len(e: &Event) -> usize {

@@ -762,6 +762,29 @@ mod tests {
         }
     }
 
+    /// After a failed reload of nodes 1-3 (epoch 1) to 1-2,4-5 (epochs 1
+    /// and 2): nodes 1-3 at their `slots`, with epoch 1's keys only, and
+    /// nodes 4 and 5 nowhere. `gate(id, epoch)` sends a fresh heartbeat.
+    fn assert_as_before(
+        c: &Core,
+        dp: &dyn Dataplane,
+        slots: &[Option<u32>],
+        gate: impl Fn(u32, u8) -> GateResult,
+    ) {
+        let now: Vec<_> = (1..=3).map(|id| c.table.slot_of(id)).collect();
+        assert_eq!(now, slots, "same nodes at the same slots");
+        assert!(!c.table.contains(4) && !c.table.contains(5));
+        assert_eq!(dp.provisioned().unwrap().len(), 3);
+        for id in 1..=3 {
+            assert_eq!(
+                gate(id, 1),
+                GateResult::Accepted,
+                "node {id} keeps its keys"
+            );
+            assert_eq!(gate(id, 2), GateResult::BadEpoch, "node {id}: no new epoch");
+        }
+    }
+
     #[test]
     fn a_reload_that_does_not_fit_changes_nothing_and_a_retry_applies_it() {
         let dp = MemDataplane::new();
@@ -787,17 +810,8 @@ mod tests {
             format!("{e:#}").contains("4 listed nodes do not fit the 3 slots"),
             "{e:#}"
         );
-        let now: Vec<_> = (1..=3).map(|id| c.table.slot_of(id)).collect();
-        assert_eq!(now, slots, "same nodes at the same slots");
-        assert!(!c.table.contains(4) && !c.table.contains(5));
-        assert_eq!(dp.provisioned().unwrap().len(), 3);
+        assert_as_before(&c, &dp, &slots, gate);
         for id in 1..=3 {
-            assert_eq!(
-                gate(id, 1),
-                GateResult::Accepted,
-                "node {id} keeps its keys"
-            );
-            assert_eq!(gate(id, 2), GateResult::BadEpoch, "node {id}: no new epoch");
             assert_eq!(accepted(&dp, &c, id), 2, "node {id} keeps its state");
         }
         assert_eq!(gate(4, 1), GateResult::UnknownNode);
@@ -860,18 +874,7 @@ mod tests {
         assert!(e.contains("cannot install the keys of node"), "{e}");
         assert!(e.contains("1 removed nodes are back"), "{e}");
         assert!(!e.contains("next reload"), "{e}");
-        let now: Vec<_> = (1..=3).map(|id| c.table.slot_of(id)).collect();
-        assert_eq!(now, slots, "same nodes at the same slots");
-        assert!(!c.table.contains(4) && !c.table.contains(5));
-        assert_eq!(dp.provisioned().unwrap().len(), 3);
-        for id in 1..=3 {
-            assert_eq!(
-                gate(id, 1),
-                GateResult::Accepted,
-                "node {id} keeps its keys"
-            );
-            assert_eq!(gate(id, 2), GateResult::BadEpoch, "node {id}: no new epoch");
-        }
+        assert_as_before(&c, &dp, &slots, gate);
         assert_eq!(accepted(&dp, &c, 1), 3, "a node that stays keeps its state");
         for id in [4, 5] {
             assert_eq!(gate(id, 2), GateResult::UnknownNode, "node {id}");

@@ -133,25 +133,9 @@ async fn run_one(opts: &HookOptions, ev: &Event, m: &Metrics) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::monitor::state::{EventKind, Status};
 
     fn ev(node_id: u32) -> Event {
-        Event {
-            seq: node_id as u64,
-            ts: "2026-01-01T00:00:00Z".into(),
-            node_id,
-            event: EventKind::Dead,
-            previous: Status::Suspect,
-            state: Status::Dead,
-            phi: 13.0,
-            generation: 1,
-            prev_generation: None,
-            last_seen_ms: Some(3000),
-            interval_ms: 1000,
-            accepted: 10,
-            lost: 0,
-            restarts: 0,
-        }
+        crate::monitor::events::test_event(node_id.into())
     }
 
     async fn wait_for(m: &Metrics, f: impl Fn(&Metrics) -> bool) {
