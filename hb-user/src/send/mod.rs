@@ -93,8 +93,15 @@ pub const FLOOR_INTERVAL_MS: u32 = 10;
 /// The largest interval accepted: one hour.
 pub const CEILING_INTERVAL_MS: u32 = 3_600_000;
 
-/// Resolves `ADDR:PORT` (IPv4, `[IPv6]`, or a host name) to one address.
+/// Resolves `ADDR:PORT` (IPv4, `[IPv6]`, or a host name) to one address;
+/// an IPv4-mapped IPv6 address is the IPv4 address it maps (so that one
+/// monitor written both ways is one monitor, not two that each get every
+/// heartbeat).
 pub fn resolve_monitor(s: &str) -> anyhow::Result<SocketAddr> {
+    resolve(s).map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+}
+
+fn resolve(s: &str) -> anyhow::Result<SocketAddr> {
     if let Ok(a) = s.parse::<SocketAddr>() {
         return Ok(a);
     }
@@ -464,6 +471,10 @@ mod tests {
         assert_eq!(
             resolve_monitor("[fd00::1]:9").unwrap(),
             "[fd00::1]:9".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(
+            resolve_monitor("[::ffff:198.18.0.1]:7420").unwrap(),
+            "198.18.0.1:7420".parse::<SocketAddr>().unwrap()
         );
         assert_eq!(resolve_monitor("localhost:7420").unwrap().port(), 7420);
         for bad in [
