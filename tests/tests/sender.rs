@@ -301,7 +301,8 @@ fn sender_heartbeats_acks_and_leaving() {
     assert!(log.contains("sent LEAVING heartbeat, exiting"), "{log}");
 
     // 6. A restart with the same state directory: a strictly larger
-    //    generation, seq from 1 again.
+    //    generation, seq from 1 again, at the interval last asked for
+    //    (stored off the event loop, by its own thread).
     let mut again = pair.b.command(hb_bin().to_str().unwrap());
     again
         .args([
@@ -330,6 +331,7 @@ fn sender_heartbeats_acks_and_leaving() {
         d.generation
     );
     assert_eq!(d.seq, 1);
+    assert_eq!(d.interval_ms, 150, "resumed at the last request");
     let pid = sender.0.as_ref().unwrap().id() as i32;
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGINT) };

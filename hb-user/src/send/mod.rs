@@ -17,7 +17,7 @@ pub mod sender;
 
 use std::{
     net::{SocketAddr, ToSocketAddrs as _},
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::Duration,
 };
 
@@ -276,11 +276,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             cfg.interval_ms = iv;
         }
     }
+    let saver = args
+        .state_dir
+        .clone()
+        .map(resume::Saver::start)
+        .transpose()?;
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(send_loop(Sender::new(cfg), args.state_dir.as_deref()))
+        .block_on(send_loop(Sender::new(cfg), saver.as_ref()))
 }
 
 /// The sockets: one per address family in use.
@@ -345,7 +350,7 @@ fn send_all(sender: &mut Sender, sockets: &Sockets, leaving: bool) {
     }
 }
 
-async fn send_loop(mut sender: Sender, state_dir: Option<&Path>) -> anyhow::Result<()> {
+async fn send_loop(mut sender: Sender, saver: Option<&resume::Saver>) -> anyhow::Result<()> {
     let cfg = sender.config().clone();
     let sockets = Sockets::bind(&cfg.monitors).await?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
@@ -370,8 +375,8 @@ async fn send_loop(mut sender: Sender, state_dir: Option<&Path>) -> anyhow::Resu
                 let iv = Duration::from_millis(sender.interval_ms() as u64);
                 next = next_due(next, iv, Instant::now());
             }
-            r = recv(&sockets.v4, &mut buf4) => on_datagram(&mut sender, r, &buf4, &mut recv_errors, &mut next, state_dir),
-            r = recv(&sockets.v6, &mut buf6) => on_datagram(&mut sender, r, &buf6, &mut recv_errors, &mut next, state_dir),
+            r = recv(&sockets.v4, &mut buf4) => on_datagram(&mut sender, r, &buf4, &mut recv_errors, &mut next, saver),
+            r = recv(&sockets.v6, &mut buf6) => on_datagram(&mut sender, r, &buf6, &mut recv_errors, &mut next, saver),
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
         }
@@ -401,7 +406,7 @@ fn on_datagram(
     buf: &[u8],
     recv_errors: &mut u64,
     next: &mut Instant,
-    state_dir: Option<&Path>,
+    saver: Option<&resume::Saver>,
 ) {
     let (n, from) = match r {
         Ok(x) => x,
@@ -420,10 +425,8 @@ fn on_datagram(
                 let now = Instant::now();
                 *next = (*next).min(now + Duration::from_millis(new as u64));
                 // A restart resumes at it (see `resume`).
-                if let Some(dir) = state_dir
-                    && let Err(e) = resume::save(dir, new)
-                {
-                    tracing::warn!(error = %format!("{e:#}"), "cannot store the interval");
+                if let Some(s) = saver {
+                    s.save(new);
                 }
             }
         }

@@ -21,7 +21,12 @@
 //! stored interval outside the sender's bounds (changed since) is clamped
 //! into them.
 
-use std::path::Path;
+use std::{
+    path::{Path, PathBuf},
+    sync::mpsc,
+};
+
+use anyhow::Context as _;
 
 use super::generation;
 
@@ -50,6 +55,42 @@ pub fn save(dir: &Path, ms: u32) -> anyhow::Result<()> {
     generation::write_atomically(&dir.join(FILE), ms)
 }
 
+/// Stores the intervals monitors ask for from a thread of its own: a save
+/// fsyncs the file and its directory, and on a slow disk that held up the
+/// sender's event loop, and with it the next heartbeat. One thread, so
+/// saves never overtake each other; of values queued meanwhile only the
+/// newest is written. Dropping it lets the thread finish what is queued;
+/// the process does not wait for it (a write is atomic: a restart finds
+/// the old value or the new one).
+pub struct Saver {
+    tx: mpsc::Sender<u32>,
+}
+
+impl Saver {
+    pub fn start(dir: PathBuf) -> anyhow::Result<Saver> {
+        let (tx, rx) = mpsc::channel::<u32>();
+        std::thread::Builder::new()
+            .name("hb-resume".into())
+            .spawn(move || {
+                while let Ok(mut ms) = rx.recv() {
+                    while let Ok(newer) = rx.try_recv() {
+                        ms = newer;
+                    }
+                    if let Err(e) = save(&dir, ms) {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot store the interval");
+                    }
+                }
+            })
+            .context("cannot start the thread that stores the interval")?;
+        Ok(Saver { tx })
+    }
+
+    /// Queues `ms` to be stored; never blocks.
+    pub fn save(&self, ms: u32) {
+        let _ = self.tx.send(ms);
+    }
+}
+
 /// The interval to start with: the stored one, clamped into the sender's
 /// bounds, or the configured one without a stored value.
 pub fn start_interval(configured: u32, stored: Option<u32>, min: u32, max: u32) -> u32 {
@@ -59,6 +100,21 @@ pub fn start_interval(configured: u32, stored: Option<u32>, min: u32, max: u32) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_saver_stores_the_newest_interval() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Saver::start(d.path().to_path_buf()).unwrap();
+        for ms in 1..=100 {
+            s.save(ms);
+        }
+        drop(s);
+        let t = std::time::Instant::now();
+        while load(d.path()) != Ok(Some(100)) {
+            assert!(t.elapsed().as_secs() < 10, "{:?}", load(d.path()));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
 
     #[test]
     fn round_trip_and_start() {
