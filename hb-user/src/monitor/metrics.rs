@@ -32,6 +32,7 @@ pub struct Metrics {
     hook_runs: Counter,
     hook_failures: Family<Labels, Counter>,
     event_write_failures: Counter,
+    events_dropped: Counter,
     tick_seconds: Histogram,
     ticks_overrun: Counter,
     decisions: Counter,
@@ -87,8 +88,14 @@ impl Metrics {
         let event_write_failures = Counter::default();
         registry.register(
             "event_write_failures",
-            "Failed writes to the events file",
+            "Failed writes to the events file (retried: an event is lost only when the backlog is full)",
             event_write_failures.clone(),
+        );
+        let events_dropped = Counter::default();
+        registry.register(
+            "events_dropped",
+            "Events never written to the events file: the backlog of unwritten ones was full",
+            events_dropped.clone(),
         );
         let tick_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 14));
         registry.register(
@@ -157,6 +164,7 @@ impl Metrics {
             hook_runs,
             hook_failures,
             event_write_failures,
+            events_dropped,
             tick_seconds,
             ticks_overrun,
             decisions,
@@ -218,6 +226,10 @@ impl Metrics {
 
     pub fn event_write_failed(&self) {
         self.event_write_failures.inc();
+    }
+
+    pub fn event_dropped(&self) {
+        self.events_dropped.inc();
     }
 
     pub fn hook_ok(&self) {
