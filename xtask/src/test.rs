@@ -73,7 +73,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         crate::setup::run()?;
     }
     util::sweep_test_leftovers("before the tests");
-    let result = run_tests(&args.args);
+    // clap drops a `--` that comes first (`cargo xtask test --
+    // --nocapture` gave `--nocapture` to cargo, which refused it): split
+    // the command line as typed.
+    let typed: Vec<String> = std::env::args().collect();
+    let (cargo_args, test_args) = split_args(&typed).unwrap_or((args.args, Vec::new()));
+    let result = run_tests(&cargo_args, &test_args);
     util::sweep_test_leftovers("after the tests");
     if util::interrupted() {
         bail!("interrupted");
@@ -104,11 +109,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_tests(extra: &[String]) -> anyhow::Result<Totals> {
-    let (cargo_args, test_args) = match extra.iter().position(|a| a == "--") {
-        Some(i) => (&extra[..i], &extra[i + 1..]),
-        None => (extra, &[][..]),
-    };
+/// The arguments after `test` in `argv` (the xtask's own command line),
+/// without `--no-setup`, split at the first `--` into those for cargo and
+/// those for the test binaries. `None` without a `test` argument.
+fn split_args(argv: &[String]) -> Option<(Vec<String>, Vec<String>)> {
+    let at = argv.iter().skip(1).position(|a| a == "test")? + 2;
+    let mut rest = &argv[at..];
+    if rest.first().is_some_and(|a| a == "--no-setup") {
+        rest = &rest[1..];
+    }
+    Some(match rest.iter().position(|a| a == "--") {
+        Some(i) => (rest[..i].to_vec(), rest[i + 1..].to_vec()),
+        None => (rest.to_vec(), Vec::new()),
+    })
+}
+
+fn run_tests(cargo_args: &[String], test_args: &[String]) -> anyhow::Result<Totals> {
     let mut cmd = util::cargo();
     cmd.args(["test", "--no-fail-fast"]);
     if !cargo_args
@@ -147,6 +163,23 @@ fn run_tests(extra: &[String]) -> anyhow::Result<Totals> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cargo_and_test_binary_arguments_split_at_the_double_dash() {
+        let split = |s: &str| {
+            let argv: Vec<String> = s.split(' ').map(String::from).collect();
+            let (c, t) = split_args(&argv).unwrap();
+            (c.join(" "), t.join(" "))
+        };
+        let s = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(split("xtask test -- --nocapture"), s("", "--nocapture"));
+        assert_eq!(
+            split("xtask test --no-setup -p hb-tests --test gate -- --nocapture race"),
+            s("-p hb-tests --test gate", "--nocapture race")
+        );
+        assert_eq!(split("xtask test --release"), s("--release", ""));
+        assert_eq!(split("xtask test"), s("", ""));
+    }
 
     #[test]
     fn result_lines_are_summed() {
