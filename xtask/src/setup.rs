@@ -99,8 +99,15 @@ fn rustup() -> Command {
 }
 
 fn nightly() -> anyhow::Result<Outcome> {
-    let list = output(rustup().args(["toolchain", "list"]))?;
-    if list.lines().any(|l| l.starts_with("nightly")) {
+    // Whether `nightly` itself resolves (a dated `nightly-YYYY-MM-DD` in
+    // `rustup toolchain list` is not it, and the build asks for `nightly`).
+    if rustup()
+        .args(["run", "nightly", "rustc", "--version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+    {
         return Ok(Outcome::Skipped("installed".into()));
     }
     util::run(rustup().args([
