@@ -226,26 +226,29 @@ impl QController {
     /// epsilon's decay) continues from the file's.
     pub fn load(&mut self, path: &Path) -> Result<(), TableError> {
         let t = read(path)?;
+        self.load_table(&t).map_err(|what| TableError::Invalid {
+            path: path.to_path_buf(),
+            what: format!("{what}: remove the file or set them back"),
+        })
+    }
+
+    /// Replaces the table with `t` (read and checked by [`read`], or taken
+    /// from a running controller); refuses one learned over other levels
+    /// or for another target, saying which.
+    pub fn load_table(&mut self, t: &TableFile) -> Result<(), String> {
         if t.levels_ms != self.grid.levels_ms {
-            return Err(TableError::Invalid {
-                path: path.to_path_buf(),
-                what: format!(
-                    "learned for interval levels {:?} ms, this controller uses {:?} ms \
-                     (other min/max interval or step): remove the file or match the bounds",
-                    t.levels_ms, self.grid.levels_ms
-                ),
-            });
+            return Err(format!(
+                "learned for interval levels {:?} ms, this controller uses {:?} ms \
+                 (other min/max interval or step)",
+                t.levels_ms, self.grid.levels_ms
+            ));
         }
         if t.target_detection_ms != self.cfg.target_detection_ms {
             // The headroom buckets and every reward are relative to it.
-            return Err(TableError::Invalid {
-                path: path.to_path_buf(),
-                what: format!(
-                    "learned for a {} ms detection target, this controller aims at {} ms: \
-                     remove the file or set the target back",
-                    t.target_detection_ms, self.cfg.target_detection_ms
-                ),
-            });
+            return Err(format!(
+                "learned for a {} ms detection target, this controller aims at {} ms",
+                t.target_detection_ms, self.cfg.target_detection_ms
+            ));
         }
         self.q.iter_mut().for_each(|v| *v = 0.0);
         self.visits.iter_mut().for_each(|v| *v = 0);

@@ -58,6 +58,7 @@ use self::{
     userspace::monotonic_ns,
 };
 use crate::{
+    controller::table::TableFile,
     dataplane::{Dataplane, mem::MemDataplane},
     keys::Keyring,
 };
@@ -143,6 +144,15 @@ fn open_dataplane(s: &Settings) -> anyhow::Result<Opened> {
 /// Q-learning controller with its saved table loaded; critical nodes
 /// capped under any of them.
 pub fn make_policy(s: &Settings) -> anyhow::Result<Box<dyn IntervalPolicy>> {
+    make_policy_carrying(s, None)
+}
+
+/// [`make_policy`]; a learning controller takes `running` (the table the
+/// running controller learned, at a reload) instead of reading its file.
+fn make_policy_carrying(
+    s: &Settings,
+    running: Option<&TableFile>,
+) -> anyhow::Result<Box<dyn IntervalPolicy>> {
     let c = &s.controller;
     let critical = c.critical.as_ref().map(|(nodes, cap_ms)| CriticalNodes {
         nodes: nodes.clone(),
@@ -153,9 +163,12 @@ pub fn make_policy(s: &Settings) -> anyhow::Result<Box<dyn IntervalPolicy>> {
             let cfg = c.qlearn_config(&s.thresholds, s.phi, s.tick, s.decision_ms);
             let ctrl = crate::controller::QController::new(cfg)
                 .map_err(|e| anyhow::anyhow!("controller configuration: {e}"))?;
-            let p = QLearnPolicy::new(ctrl, Some(c.table.clone()), critical).with_context(
-                || "cannot use the saved controller table (move it away to start learning afresh)",
-            )?;
+            let p = match running {
+                Some(t) => carry(ctrl, t, &c.table, critical)?,
+                None => QLearnPolicy::new(ctrl, Some(c.table.clone()), critical).with_context(
+                    || "cannot use the saved controller table (move it away to start learning afresh)",
+                )?,
+            };
             return Ok(Box::new(p));
         }
         (ControllerKind::Fixed, Some(ms)) => FixedPolicy::fixed(ms),
@@ -403,12 +416,48 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
     Ok(())
 }
 
-/// The policy `new` asks for, after saving the running policy's table (if
-/// it has one): a learning controller rebuilt with other options loads it
-/// and goes on from what was learned.
+/// A learning controller rebuilt at a reload from the table the running
+/// one learned, handed over in memory: through the file, a save that
+/// failed lost everything learned since the last one, and a new target
+/// could never be taken (the save rewrote the file the operator had
+/// removed to learn afresh). A table that does not fit the new options
+/// (another target, other bounds) is refused while its file exists, so
+/// that nothing learned is dropped by a typo; with the file removed, the
+/// controller learns afresh.
+fn carry(
+    ctrl: crate::controller::QController,
+    running: &TableFile,
+    path: &std::path::Path,
+    critical: Option<CriticalNodes>,
+) -> anyhow::Result<QLearnPolicy> {
+    let fresh = ctrl.clone();
+    match QLearnPolicy::carrying(ctrl, running, Some(path.to_path_buf()), critical.clone()) {
+        Ok(p) => Ok(p),
+        Err(why) if path.exists() => anyhow::bail!(
+            "the learned controller table {why}: remove {} (after saving it elsewhere if it \
+             is worth keeping) to learn afresh, or set the options back",
+            path.display()
+        ),
+        Err(why) => {
+            tracing::warn!(
+                path = %path.display(),
+                "the learned controller table {why}, and its file is gone: learning afresh"
+            );
+            // No file to load: a fresh table, saved there from now on.
+            QLearnPolicy::new(fresh, Some(path.to_path_buf()), critical)
+        }
+    }
+}
+
+/// The policy `new` asks for. A learning controller goes on from the
+/// running one's table (see [`carry`]); a policy without a table replaces
+/// one that had: that table is saved first, for a later switch back.
 fn rebuild_policy(shared: &Shared, new: &Settings) -> anyhow::Result<Box<dyn IntervalPolicy>> {
-    save_table(shared, false);
-    make_policy(new)
+    let running = shared.core().policy.table().map(|(_, t)| t);
+    if running.is_some() && new.controller.kind != ControllerKind::Qlearn {
+        save_table(shared, false);
+    }
+    make_policy_carrying(new, running.as_ref())
 }
 
 /// Applies what a reload changes besides the fleet: the policy (built by

@@ -300,6 +300,23 @@ impl QLearnPolicy {
         })
     }
 
+    /// Wraps `ctrl` with the table `t` a running controller learned (a
+    /// reload that rebuilds the controller): no file is read.
+    pub fn carrying(
+        mut ctrl: QController,
+        t: &TableFile,
+        table_path: Option<PathBuf>,
+        critical: Option<CriticalNodes>,
+    ) -> Result<QLearnPolicy, String> {
+        ctrl.load_table(t)?;
+        Ok(QLearnPolicy {
+            ctrl,
+            table_path,
+            critical,
+            slots: Vec::new(),
+        })
+    }
+
     pub fn controller(&self) -> &QController {
         &self.ctrl
     }
@@ -747,6 +764,28 @@ mod tests {
             .err()
             .unwrap();
         assert!(format!("{e:#}").contains("detection target"), "{e:#}");
+        // With the file removed (the way the message names), the new
+        // target is taken with a fresh table: the reload no longer saves
+        // the running table first, which put the file back every time.
+        std::fs::remove_file(&table).unwrap();
+        let p = crate::monitor::rebuild_policy(&r.shared, &retarget).unwrap();
+        assert_eq!(p.snapshot()["decisions"], 0);
+        assert!(!table.exists());
+        // The running table is handed over in memory: a reload keeps what
+        // was learned even where the table cannot be written (it used to
+        // go through the file, and start empty when the save failed).
+        let blocker = dir.path().join("a-file");
+        std::fs::write(&blocker, "").unwrap();
+        let unwritable = settings(|o| {
+            o.controller = Some(ControllerKind::Qlearn);
+            o.controller_table = Some(blocker.join("controller.json"));
+            o.decision_ms = Some(2000);
+            o.critical = Some("3".into());
+            o.controller_max_interval_ms = Some(700);
+        });
+        let p = crate::monitor::rebuild_policy(&r.shared, &unwritable).unwrap();
+        assert_eq!(p.snapshot()["decisions"], now);
+        save_table(&r.shared, true);
 
         // A table that does not fit is refused in one clear line.
         let other = settings(|o| {
