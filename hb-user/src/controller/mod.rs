@@ -542,7 +542,9 @@ impl RewardStats {
             self.min = r;
             self.max = r;
         }
-        self.count += 1;
+        // Saturating: a hand-edited table's huge count must not wrap to 0
+        // (a division by zero, then a NaN that no table file can hold).
+        self.count = self.count.saturating_add(1);
         let n = self.count as f64;
         self.mean += (r - self.mean) / n;
         self.mean_detection_ms += (detection_ms - self.mean_detection_ms) / n;
@@ -550,7 +552,7 @@ impl RewardStats {
         self.min = self.min.min(r);
         self.max = self.max.max(r);
         self.last = r;
-        self.over_target += over as u64;
+        self.over_target = self.over_target.saturating_add(over as u64);
     }
 }
 
@@ -1028,7 +1030,7 @@ impl QController {
         let (action, reason) = if epsilon > 0.0 && self.rng.random::<f64>() < epsilon {
             let choices: Vec<Action> = Self::allowed(current, cap_level).collect();
             let a = choices[self.rng.random_range(0..choices.len())];
-            self.explorations += 1;
+            self.explorations = self.explorations.saturating_add(1);
             (a, Reason::Explore)
         } else {
             (self.greedy(s, current, cap_level).0, Reason::Greedy)
@@ -1036,7 +1038,7 @@ impl QController {
         // `allowed` guarantees the range; clamp anyway (bounds are the
         // invariant that must never break).
         let level = (action.apply(current).max(0) as usize).min(cap_level);
-        self.decisions += 1;
+        self.decisions = self.decisions.saturating_add(1);
         self.visits[s] = self.visits[s].saturating_add(1);
         let interval_ms = self.grid.ms(level);
         let credited = credit.map(|c| c.1);

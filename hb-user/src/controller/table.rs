@@ -112,6 +112,14 @@ pub fn read(path: &Path) -> Result<TableFile, TableError> {
              controller learns afresh"
         )));
     }
+    // Before the whole parse: another version's layout is named as such,
+    // not reported as a missing field.
+    if h.format == FORMAT && h.version != VERSION {
+        return Err(invalid(format!(
+            "version {} is not supported (this build reads version {VERSION})",
+            h.version
+        )));
+    }
     let t: TableFile = serde_json::from_slice(&bytes).map_err(parse)?;
     if t.format != FORMAT {
         return Err(invalid(format!(
@@ -140,9 +148,14 @@ pub fn read(path: &Path) -> Result<TableFile, TableError> {
     let grid = super::Grid {
         levels_ms: t.levels_ms.clone(),
     };
+    let mut seen = std::collections::HashSet::with_capacity(t.rows.len());
     for r in &t.rows {
         if r.index as usize >= StateKey::rows(levels) {
             return Err(invalid(format!("row index {} is out of range", r.index)));
+        }
+        if !seen.insert(r.index) {
+            // Loading would keep one of them silently.
+            return Err(invalid(format!("row {} appears twice", r.index)));
         }
         if r.q.iter().any(|v| !v.is_finite()) {
             return Err(invalid(format!("row {} has a non-finite Q value", r.index)));
@@ -184,7 +197,13 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TableError> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "table".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    // One temporary file per save, not per process: the monitor's minute
+    // save and a reload's may run at once, and with one name each
+    // truncated the other's file (a corrupt table 12 times in 5000 racing
+    // pairs). Whichever rename comes last wins, whole.
+    static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
     let result = (|| {
         let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(bytes).map_err(io(&tmp))?;

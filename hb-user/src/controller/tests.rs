@@ -318,6 +318,29 @@ fn temp_path(name: &str) -> PathBuf {
 }
 
 #[test]
+fn saves_at_the_same_time_leave_a_whole_table() {
+    // The monitor's minute save and a reload's can overlap.
+    let mut c = controller(5);
+    let mut nodes: Vec<SynthNode> = (0..4).map(|_| SynthNode::new(100, 0.02, 0.0, 50)).collect();
+    train(&mut c, &mut nodes, 50);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("controller.json");
+    let t = c.table_file();
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                for _ in 0..300 {
+                    t.save(&path).unwrap();
+                }
+            });
+        }
+    });
+    assert_eq!(table::read(&path).unwrap(), t);
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(left.len(), 1, "no temporary file left behind");
+}
+
+#[test]
 fn table_round_trips_and_bad_files_are_refused_clearly() {
     let mut c = controller(5);
     let mut nodes: Vec<SynthNode> = (0..4).map(|_| SynthNode::new(100, 0.02, 0.0, 50)).collect();
@@ -358,6 +381,33 @@ fn table_round_trips_and_bad_files_are_refused_clearly() {
     std::fs::write(&path, serde_json::to_vec(&t).unwrap()).unwrap();
     let e = d.load(&path).unwrap_err().to_string();
     assert!(e.contains("out of range"), "{e}");
+    // A row twice (hand-edited): loading would keep one silently.
+    let mut t = c.table_file();
+    t.rows.push(t.rows[0].clone());
+    std::fs::write(&path, serde_json::to_vec(&t).unwrap()).unwrap();
+    let e = d.load(&path).unwrap_err().to_string();
+    assert!(e.contains("appears twice"), "{e}");
+    // A later version, whatever its layout: named, not a JSON error.
+    std::fs::write(
+        &path,
+        r#"{"format":"hb-controller-table","version":3,"tables":[]}"#,
+    )
+    .unwrap();
+    let e = d.load(&path).unwrap_err().to_string();
+    assert!(e.contains("version 3 is not supported"), "{e}");
+    // Counters at their limit (hand-edited) saturate instead of wrapping
+    // to 0, which reset exploration and made the reward mean NaN, a value
+    // no table file can hold.
+    let mut t = c.table_file();
+    (t.decisions, t.explorations, t.rewards.count) = (u64::MAX, u64::MAX, u64::MAX);
+    std::fs::write(&path, serde_json::to_vec(&t).unwrap()).unwrap();
+    let mut e = controller(7);
+    e.load(&path).unwrap();
+    let mut more: Vec<SynthNode> = (0..4).map(|_| SynthNode::new(100, 0.02, 0.0, 50)).collect();
+    train(&mut e, &mut more, 20);
+    assert_eq!(e.decisions(), u64::MAX);
+    e.save(&path).unwrap();
+    assert!(table::read(&path).unwrap().rewards.mean.is_finite());
     // Another detection target: the headroom buckets and every reward
     // are relative to it.
     let e = refused_by(Config {
