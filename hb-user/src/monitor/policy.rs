@@ -185,11 +185,21 @@ impl<P: IntervalPolicy> Critical<P> {
 
 impl<P: IntervalPolicy> IntervalPolicy for Critical<P> {
     fn decide(&mut self, slot: u32, node: &NodeView, state: &NodeState) -> Option<u32> {
-        let want = if self.inner.active() {
-            self.inner.decide(slot, node, state)
-        } else {
-            None
-        };
+        if !self.inner.active() {
+            // No policy besides the cap (`off`): a node that runs at or
+            // over its cap is asked for the cap, any other for nothing
+            // (it keeps its own interval; the requests of an earlier
+            // policy are withdrawn, as under plain `off`). Judged from
+            // the interval the node reports: judged from our own request,
+            // a node stayed at whatever it ran at when first seen, even
+            // after it restarted slower than its cap or left the list.
+            let want = match self.critical.cap(node.node_id) {
+                Some(cap) if state.interval_ms >= cap => cap,
+                _ => 0,
+            };
+            return (want != node.requested_interval_ms).then_some(want);
+        }
+        let want = self.inner.decide(slot, node, state);
         let Some(cap) = self.critical.cap(node.node_id) else {
             return want;
         };
@@ -845,6 +855,40 @@ mod tests {
             assert_eq!(r.requested(2), fixed.unwrap_or(0), "{kind:?}");
             assert_eq!(r.interval(2), 1000, "{kind:?}");
         }
+    }
+
+    #[test]
+    fn under_off_a_cap_follows_the_interval_the_node_reports() {
+        // Node 1 is critical (cap 1000) but runs faster of its own accord;
+        // node 2 carries a request of an earlier policy.
+        let s = settings(|o| {
+            o.controller = Some(ControllerKind::Off);
+            o.critical = Some("1".into());
+            o.controller_max_interval_ms = Some(1000);
+        });
+        let mut p = make_policy(&s).unwrap();
+        let view = |node_id, requested_interval_ms| NodeView {
+            node_id,
+            status: crate::monitor::state::Status::Alive,
+            phi: 0.0,
+            requested_interval_ms,
+            now_ns: 1,
+        };
+        let at = |ms| NodeState {
+            interval_ms: ms,
+            ..NodeState::default()
+        };
+        // Below its cap: nothing to ask (it was pinned at its first
+        // interval, 200 here, for good).
+        assert_eq!(p.decide(0, &view(1, 0), &at(200)), None);
+        // Restarted slower than the cap: capped.
+        assert_eq!(p.decide(0, &view(1, 0), &at(5000)), Some(1000));
+        assert_eq!(p.decide(0, &view(1, 1000), &at(1000)), None);
+        // Restarted faster again: the cap is withdrawn.
+        assert_eq!(p.decide(0, &view(1, 1000), &at(500)), Some(0));
+        // Not critical: an earlier policy's request is withdrawn.
+        assert_eq!(p.decide(1, &view(2, 3000), &at(3000)), Some(0));
+        assert_eq!(p.decide(1, &view(2, 0), &at(3000)), None);
     }
 
     /// Records what the tick tells a policy.
