@@ -874,10 +874,14 @@ impl QController {
         m.refuted = m.refuted.saturating_add(refuted_suspicions);
         let obs = Observation::from_states(m.prev.as_ref(), now, m.refuted, &self.cfg.phi);
         let d = self.decide(node, &obs);
+        let m = self.nodes.entry(node).or_default();
         if d.reason != Reason::NoData {
-            let m = self.nodes.entry(node).or_default();
             m.prev = Some(*now);
             m.refuted = 0;
+        } else if m.prev.is_none() {
+            // The first look at a node is where its periods are counted
+            // from (see `Observation::from_states`), decision or not.
+            m.prev = Some(*now);
         }
         d
     }

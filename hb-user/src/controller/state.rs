@@ -207,21 +207,23 @@ impl Observation {
     /// The observation of the period from `prev` (the node's state at its
     /// previous decision, `None` for the first) to `now`.
     ///
-    /// A changed generation (a restart) makes the period start afresh at
-    /// `now`'s incarnation: counters of the old one are not mixed in.
+    /// The gate's counters run over every generation, so a period that
+    /// spans a restart is still what changed since `prev`. Without `prev`
+    /// (the node's first decision, or the first after a monitor restart)
+    /// the counters' start is unknown: the period counts one heartbeat
+    /// (if any was accepted) and no loss. The lifetime totals stood in for
+    /// it before: a node that lost 1.5% long ago sat in a lossy state for
+    /// minutes, and the decision counted as the most periods there are.
     pub fn from_states(
         prev: Option<&NodeState>,
         now: &NodeState,
         refuted_suspicions: u32,
         phi: &PhiParams,
     ) -> Observation {
-        let prev = prev.filter(|p| p.generation == now.generation && p.accepted <= now.accepted);
+        let prev = prev.filter(|p| p.accepted <= now.accepted);
         let (accepted, lost) = match prev {
-            Some(p) => (
-                now.accepted.saturating_sub(p.accepted),
-                now.lost.saturating_sub(p.lost),
-            ),
-            None => (now.accepted, now.lost),
+            Some(p) => (now.accepted - p.accepted, now.lost.saturating_sub(p.lost)),
+            None => (now.accepted.min(1), 0),
         };
         let loss_rate = if accepted + lost == 0 {
             0.0
@@ -545,9 +547,13 @@ mod tests {
         assert_eq!(o.rtt_ms, Some(1.5));
         assert_eq!(o.load_permille, 1000, "clamped");
         assert_eq!(o.refuted_suspicions, 2);
-        // A restart: the old incarnation's counters are not subtracted.
+        // Across a restart: the counters run over every generation.
         prev.generation = 2;
         let o = Observation::from_states(Some(&prev), &now, 0, &PhiParams::default());
-        assert_eq!(o.new_samples, 190);
+        assert_eq!((o.new_samples, o.new_lost), (90, 10));
+        // No previous state (a monitor restarted over pinned maps): the
+        // lifetime totals are no period; one heartbeat, no loss.
+        let o = Observation::from_states(None, &now, 0, &PhiParams::default());
+        assert_eq!((o.new_samples, o.new_lost, o.loss_rate), (1, 0, 0.0));
     }
 }
