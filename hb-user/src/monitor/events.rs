@@ -279,13 +279,7 @@ async fn queue_lines(
     hooks: Option<Hooks>,
     metrics: Arc<Metrics>,
 ) {
-    // Lines serialized and not yet queued, with their lengths and seqs:
-    // queued every `CHUNK` bytes, not one by one, so a fleet's worth of
-    // events takes few locks and wake-ups.
-    let mut lines = Vec::with_capacity(CHUNK);
-    let mut lens: Vec<(usize, u64)> = Vec::new();
-    // Events dropped since the last one queued (the backlog was full).
-    let mut dropped = Dropped::default();
+    let mut staged = Staged::default();
     while let Some(msg) = rx.recv().await {
         match msg {
             Msg::Events(batch) => {
@@ -302,42 +296,21 @@ async fn queue_lines(
                             "node event"
                         );
                     }
-                    if has_out {
-                        let at = lines.len();
-                        // Serializing plain fields cannot fail.
-                        let _ = serde_json::to_writer(&mut lines, ev);
-                        lines.push(b'\n');
-                        lens.push((lines.len() - at, ev.seq));
-                        if lines.len() >= CHUNK {
-                            queue(
-                                &shared,
-                                budget,
-                                &mut lines,
-                                &mut lens,
-                                &mut dropped,
-                                &metrics,
-                            );
-                        }
+                    if has_out && staged.add(ev) >= CHUNK {
+                        staged.queue(&shared, budget, &metrics);
                     }
                     if let Some(h) = hooks.as_ref() {
                         h.submit(ev);
                     }
                 }
-                queue(
-                    &shared,
-                    budget,
-                    &mut lines,
-                    &mut lens,
-                    &mut dropped,
-                    &metrics,
-                );
+                staged.queue(&shared, budget, &metrics);
             }
             Msg::Reopen => {
                 shared.lock().reopen = true;
                 shared.wake.notify_one();
             }
             Msg::Flush(ack) => {
-                dropped.report();
+                staged.dropped.report();
                 let queued = {
                     let mut b = shared.lock();
                     b.retry_now = true;
@@ -352,37 +325,53 @@ async fn queue_lines(
     shared.wake.notify_one();
 }
 
-/// Moves `lines` into the backlog, dropping those that do not fit in
-/// `budget`: the newest, as the hooks' queue does, and whole.
-fn queue(
-    shared: &Shared,
-    budget: usize,
-    lines: &mut Vec<u8>,
-    lens: &mut Vec<(usize, u64)>,
-    dropped: &mut Dropped,
-    metrics: &Metrics,
-) {
-    if lens.is_empty() {
-        return;
+/// Lines serialized and not yet queued, with their lengths and seqs:
+/// queued every `CHUNK` bytes, not one by one, so a fleet's worth of
+/// events takes few locks and wake-ups.
+#[derive(Default)]
+struct Staged {
+    lines: Vec<u8>,
+    lens: Vec<(usize, u64)>,
+    /// Events dropped since the last one queued (the backlog was full).
+    dropped: Dropped,
+}
+
+impl Staged {
+    /// Serializes `ev` as one line; returns the bytes staged.
+    fn add(&mut self, ev: &Event) -> usize {
+        let at = self.lines.len();
+        // Serializing plain fields cannot fail.
+        let _ = serde_json::to_writer(&mut self.lines, ev);
+        self.lines.push(b'\n');
+        self.lens.push((self.lines.len() - at, ev.seq));
+        self.lines.len()
     }
-    let mut b = shared.lock();
-    let mut at = 0;
-    for &(len, seq) in lens.iter() {
-        if b.bytes.len() + len <= budget {
-            b.bytes.extend(&lines[at..at + len]);
-            b.lines.push_back(len);
-            b.queued += 1;
-            dropped.report();
-        } else {
-            metrics.event_dropped();
-            dropped.add(seq, budget);
+
+    /// Moves the lines into the backlog, dropping those that do not fit
+    /// in `budget`: the newest, as the hooks' queue does, and whole.
+    fn queue(&mut self, shared: &Shared, budget: usize, metrics: &Metrics) {
+        if self.lens.is_empty() {
+            return;
         }
-        at += len;
+        let mut b = shared.lock();
+        let mut at = 0;
+        for &(len, seq) in &self.lens {
+            if b.bytes.len() + len <= budget {
+                b.bytes.extend(&self.lines[at..at + len]);
+                b.lines.push_back(len);
+                b.queued += 1;
+                self.dropped.report();
+            } else {
+                metrics.event_dropped();
+                self.dropped.add(seq, budget);
+            }
+            at += len;
+        }
+        drop(b);
+        shared.wake.notify_one();
+        self.lines.clear();
+        self.lens.clear();
     }
-    drop(b);
-    shared.wake.notify_one();
-    lines.clear();
-    lens.clear();
 }
 
 /// A run of events dropped because the backlog was full: logged when it
