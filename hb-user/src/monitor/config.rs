@@ -626,6 +626,14 @@ fn controller_settings(
                     hb_common_bounds::MIN
                 );
             }
+            if kind == ControllerKind::Qlearn && cap < min_interval_ms {
+                // The controller's levels start at the bound: it would
+                // think a capped node sits at a level it never runs at.
+                bail!(
+                    "controller_max_interval_ms {cap} is below the controller's fastest interval \
+                     ({min_interval_ms} ms, controller_bounds_ms): lower that bound or raise the cap"
+                );
+            }
             Some((spec, cap))
         }
     };
@@ -871,6 +879,20 @@ mod tests {
             ..args()
         };
         assert!(Settings::merge(&a.into(), FileConfig::default()).is_err());
+        // A cap under qlearn's fastest level.
+        let a = Opts {
+            controller: Some(ControllerKind::Qlearn),
+            controller_bounds_ms: Some("500-10000".into()),
+            critical: Some("1".into()),
+            controller_max_interval_ms: Some(200),
+            ..args()
+        };
+        let e = Settings::merge(&a.into(), FileConfig::default()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("below the controller's fastest interval (500 ms"),
+            "{e}"
+        );
         // Past tokio's limits (they panicked at start).
         let text = "on_event = \"true\"\nhook_queue = 4611686018427387904\n";
         let f: FileConfig = toml::from_str(text).unwrap();
