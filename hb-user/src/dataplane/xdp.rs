@@ -556,10 +556,7 @@ impl XdpDataplane {
         // Resolve interfaces first: a typo should not cost a load.
         let mut ifindex = Vec::new();
         for ifname in &opts.interfaces {
-            let c = std::ffi::CString::new(ifname.as_str())
-                .map_err(|_| anyhow!("interface name {ifname:?} contains NUL"))?;
-            // SAFETY: valid NUL-terminated string.
-            let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+            let idx = if_index(ifname).context("unknown interface")?;
             if idx == 0 {
                 bail!("unknown interface {ifname} (see `ip link`)");
             }
@@ -866,6 +863,15 @@ impl XdpDataplane {
     }
 }
 
+/// The index of interface `name`, 0 if there is none by that name; an
+/// error only for a name no interface can have (a NUL in it).
+fn if_index(name: &str) -> anyhow::Result<u32> {
+    let c = std::ffi::CString::new(name)
+        .map_err(|_| anyhow!("interface name {name:?} contains NUL"))?;
+    // SAFETY: a valid NUL-terminated string.
+    Ok(unsafe { libc::if_nametoindex(c.as_ptr()) })
+}
+
 fn attach_mode(
     prog: &mut Xdp,
     ifname: &str,
@@ -1098,10 +1104,7 @@ impl Dataplane for XdpDataplane {
 
     fn check_attached(&self) -> Result<(), String> {
         for a in &self.attached {
-            let now = std::ffi::CString::new(a.ifname.as_str())
-                // SAFETY: a valid NUL-terminated string.
-                .map(|c| unsafe { libc::if_nametoindex(c.as_ptr()) })
-                .unwrap_or(0);
+            let now = if_index(&a.ifname).unwrap_or(0);
             if now == 0 {
                 return Err(format!(
                     "interface {} is gone, and the gate with it",
