@@ -430,9 +430,12 @@ fn carry(
     path: &std::path::Path,
     critical: Option<CriticalNodes>,
 ) -> anyhow::Result<QLearnPolicy> {
-    let fresh = ctrl.clone();
-    match QLearnPolicy::carrying(ctrl, running, Some(path.to_path_buf()), critical.clone()) {
-        Ok(p) => Ok(p),
+    let mut ctrl = ctrl;
+    let wrap = |ctrl| QLearnPolicy::wrap(ctrl, Some(path.to_path_buf()), critical);
+    // A table that does not fit is refused before anything is loaded: on
+    // an error `ctrl` still has its fresh table.
+    match ctrl.load_table(running) {
+        Ok(()) => Ok(wrap(ctrl)),
         Err(why) if path.exists() => anyhow::bail!(
             "the learned controller table {why}: remove {} (after saving it elsewhere if it \
              is worth keeping) to learn afresh, or set the options back",
@@ -443,8 +446,8 @@ fn carry(
                 path = %path.display(),
                 "the learned controller table {why}, and its file is gone: learning afresh"
             );
-            // No file to load: a fresh table, saved there from now on.
-            QLearnPolicy::new(fresh, Some(path.to_path_buf()), critical)
+            // A fresh table, saved there from now on.
+            Ok(wrap(ctrl))
         }
     }
 }

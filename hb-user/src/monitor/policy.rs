@@ -302,29 +302,22 @@ impl QLearnPolicy {
                 "controller table loaded"
             );
         }
-        Ok(QLearnPolicy {
-            ctrl,
-            table_path,
-            critical,
-            slots: Vec::new(),
-        })
+        Ok(QLearnPolicy::wrap(ctrl, table_path, critical))
     }
 
-    /// Wraps `ctrl` with the table `t` a running controller learned (a
-    /// reload that rebuilds the controller): no file is read.
-    pub fn carrying(
-        mut ctrl: QController,
-        t: &TableFile,
+    /// Wraps `ctrl` as it is (a reload hands it the running controller's
+    /// table itself): no file is read; the table is saved to `table_path`.
+    pub fn wrap(
+        ctrl: QController,
         table_path: Option<PathBuf>,
         critical: Option<CriticalNodes>,
-    ) -> Result<QLearnPolicy, String> {
-        ctrl.load_table(t)?;
-        Ok(QLearnPolicy {
+    ) -> QLearnPolicy {
+        QLearnPolicy {
             ctrl,
             table_path,
             critical,
             slots: Vec::new(),
-        })
+        }
     }
 
     pub fn controller(&self) -> &QController {
