@@ -22,6 +22,10 @@ use crate::util::{self, on_path, output};
 /// The bpf-linker release the build is known to work with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// The LLVM majors that release has a feature for (`llvm-21` ... `llvm-23`
+/// in its Cargo.toml): a nightly on any other LLVM cannot be linked.
+const BPF_LINKER_LLVM: std::ops::RangeInclusive<u32> = 21..=23;
+
 /// Commands the tests and the demo run, and the Debian package of each.
 const APT: &[(&str, &str)] = &[
     ("ip", "iproute2"),
@@ -169,6 +173,21 @@ fn llvm_major(soname: &str) -> anyhow::Result<u32> {
         .with_context(|| format!("cannot read the LLVM major version from {soname}"))
 }
 
+/// Refuses, before a two-minute build that would fail inside llvm-sys, a
+/// nightly whose LLVM bpf-linker has no feature for.
+fn supported_llvm(major: u32, soname: &str) -> anyhow::Result<()> {
+    if BPF_LINKER_LLVM.contains(&major) {
+        return Ok(());
+    }
+    bail!(
+        "the nightly toolchain uses LLVM {major} ({soname}), and bpf-linker \
+         {BPF_LINKER_VERSION} links LLVM {}-{} only: the build needs a `nightly` \
+         toolchain on one of those (it is tested with rustc 1.97.0-nightly, LLVM 22)",
+        BPF_LINKER_LLVM.start(),
+        BPF_LINKER_LLVM.end()
+    )
+}
+
 /// Where `cargo install` puts binaries.
 fn install_bin_dir() -> Option<PathBuf> {
     if let Some(r) = std::env::var_os("CARGO_INSTALL_ROOT") {
@@ -238,6 +257,7 @@ fn bpf_linker_problem(bin: &Path, soname: &str, llvm: &Path) -> Option<String> {
 fn bpf_linker() -> anyhow::Result<Outcome> {
     let (soname, llvm) = nightly_llvm()?;
     let major = llvm_major(&soname)?;
+    supported_llvm(major, &soname)?;
     // The binary the build will run is the one on PATH; the one in the
     // install directory is what `cargo install` would replace.
     let installed = install_bin_dir().map(|d| d.join("bpf-linker"));
@@ -333,5 +353,14 @@ mod tests {
         );
         assert_eq!(llvm_major("libLLVM.so.21-rust-1.90.0-nightly").unwrap(), 21);
         assert!(llvm_major("libfoo.so").is_err());
+    }
+
+    #[test]
+    fn only_the_llvm_bpf_linker_links_is_accepted() {
+        assert!(supported_llvm(22, "libLLVM.so.22.1-rust-1.97.0-nightly").is_ok());
+        let err = supported_llvm(24, "libLLVM.so.24.1-rust-1.99.0-nightly")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("LLVM 24") && err.contains("21-23"), "{err}");
     }
 }
