@@ -77,6 +77,11 @@ impl MemDataplane {
         }
     }
 
+    /// The gate's configuration in force.
+    pub fn config(&self) -> Config {
+        self.lock().config
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the table half
         // updated in a way that matters more than losing the process.

@@ -463,14 +463,16 @@ fn rebuild_policy(shared: &Shared, new: &Settings) -> anyhow::Result<Box<dyn Int
     make_policy_carrying(new, running.as_ref())
 }
 
-/// Applies what a reload changes besides the fleet: the policy (built by
-/// the caller), the detector, the gate's ACK settings; `running` then holds
-/// them. Returns the names of what changed.
+/// Applies what a reload changes besides the fleet and the gate's ACK
+/// settings (applied before the fleet, see `reload`): the policy (built by
+/// the caller) and the detector; `running` then holds them and `acks`.
+/// Returns the names of what changed.
 fn apply_options(
     shared: &Shared,
     running: &mut Settings,
     new: &Settings,
     policy: Option<Box<dyn IntervalPolicy>>,
+    acks_changed: bool,
 ) -> Vec<&'static str> {
     let mut changed = Vec::new();
     {
@@ -489,21 +491,28 @@ fn apply_options(
             changed.push("controller");
         }
     }
-    if running.acks_differ(new) {
-        let mut cfg = new.clone();
-        // The port is bound at start (sockets, the gate's filter alike).
-        cfg.port = running.port;
-        match shared.dp.set_config(&gate_config(&cfg)) {
-            Ok(()) => changed.push("acks"),
-            Err(e) => tracing::error!("cannot apply the new ACK settings, keeping the old: {e:#}"),
-        }
+    if acks_changed {
+        changed.push("acks");
     }
-    let keep_acks = (running.ack_every, running.ack_on_change);
     running.adopt_reloadable(new);
-    if !changed.contains(&"acks") {
-        (running.ack_every, running.ack_on_change) = keep_acks;
-    }
     changed
+}
+
+/// A reload's first step: the gate's ACK settings of `new`, if they
+/// differ (one map write, made before the fleet's part so a refusal fails
+/// the whole reload before anything changed). Returns whether they did.
+fn apply_acks(shared: &Shared, running: &Settings, new: &Settings) -> anyhow::Result<bool> {
+    if !running.acks_differ(new) {
+        return Ok(false);
+    }
+    let mut cfg = new.clone();
+    // The port is bound at start (sockets, the gate's filter alike).
+    cfg.port = running.port;
+    shared
+        .dp
+        .set_config(&gate_config(&cfg))
+        .context("cannot apply the new ACK settings")?;
+    Ok(true)
 }
 
 /// The tick thread: a fixed-rate loop that skips (and counts) ticks it
@@ -604,6 +613,14 @@ async fn reload(
     } else {
         None
     };
+    let acks_changed = match apply_acks(shared, running, &settings) {
+        Ok(changed) => changed,
+        Err(e) => {
+            shared.metrics.reload(false);
+            tracing::error!("reload failed, keeping the running settings: {e:#}");
+            return;
+        }
+    };
     let (shared2, fleet2) = (shared.clone(), fleet.clone());
     let nodes = settings.nodes.clone();
     let epochs = keyring.held_epochs();
@@ -620,9 +637,17 @@ async fn reload(
         f.end_reload(&mut shared2.core(), dp, r, keyed)
     })
     .await;
+    if acks_changed && !matches!(r, Ok(Ok(_))) {
+        // The fleet undid its part: so are the ACK settings.
+        if let Err(e) = shared.dp.set_config(&gate_config(running)) {
+            tracing::error!(
+                "cannot put the running ACK settings back after the failed reload; the gate keeps the new ones until the next reload: {e:#}"
+            );
+        }
+    }
     match r {
         Ok(Ok(s)) => {
-            let changed = apply_options(shared, running, &settings, policy);
+            let changed = apply_options(shared, running, &settings, policy, acks_changed);
             shared.metrics.reload(true);
             tracing::info!(
                 added = s.added,

@@ -953,7 +953,7 @@ mod tests {
 
     #[test]
     fn a_reload_replaces_the_policy_which_takes_over_or_withdraws_the_requests() {
-        use crate::monitor::apply_options;
+        use crate::monitor::{apply_acks, apply_options};
         let fixed = |ms| settings(|o| o.fixed_interval_ms = Some(ms));
         let s500 = fixed(500);
         let mut rig = Rig::new(&s500, &[1, 2], 1000);
@@ -963,7 +963,8 @@ mod tests {
         // Nothing changed: nothing is rebuilt or touched.
         let mut running = s500.clone();
         assert!(!running.policy_differs(&fixed(500)));
-        assert!(apply_options(&rig.shared, &mut running, &fixed(500), None).is_empty());
+        assert!(!apply_acks(&rig.shared, &running, &fixed(500)).unwrap());
+        assert!(apply_options(&rig.shared, &mut running, &fixed(500), None, false).is_empty());
         assert_eq!(rig.requested(1), 500);
 
         // Another interval: the new policy takes the requests over (the
@@ -973,7 +974,7 @@ mod tests {
         assert!(running.policy_differs(&s2000) && running.restart_only_changes(&s2000).is_empty());
         let p = make_policy(&s2000).unwrap();
         assert_eq!(
-            apply_options(&rig.shared, &mut running, &s2000, Some(p)),
+            apply_options(&rig.shared, &mut running, &s2000, Some(p), false),
             ["controller"]
         );
         assert_eq!((rig.requested(1), rig.requested(2)), (500, 500));
@@ -987,12 +988,22 @@ mod tests {
 
         // Off: no request is left in the gate, none is made again, and no
         // one is suspected for slowing down (the detector is untouched).
+        // Off also turns the ACKs off (none was asked for): the gate's
+        // configuration is written first, the rest after the fleet's part.
         let off = settings(|_| {});
+        assert_eq!(rig.mem.config().ack_on_change, 1);
+        assert!(apply_acks(&rig.shared, &running, &off).unwrap());
+        let cfg = rig.mem.config();
+        assert_eq!(
+            (cfg.ack_every, cfg.ack_on_change, cfg.port),
+            (0, 0, s500.port)
+        );
         let p = make_policy(&off).unwrap();
         assert_eq!(
-            apply_options(&rig.shared, &mut running, &off, Some(p)),
+            apply_options(&rig.shared, &mut running, &off, Some(p), true),
             ["controller", "acks"]
         );
+        assert_eq!((running.ack_every, running.ack_on_change), (0, false));
         rig.run(5000, &[], |r| {
             assert_eq!((r.requested(1), r.requested(2)), (0, 0));
         });
@@ -1052,7 +1063,7 @@ mod tests {
         assert!(running.policy_differs(&s3000));
         let p = crate::monitor::rebuild_policy(&rig.shared, &s3000).unwrap();
         assert_eq!(
-            apply_options(&rig.shared, &mut running, &s3000, Some(p)),
+            apply_options(&rig.shared, &mut running, &s3000, Some(p), false),
             ["controller"]
         );
         assert_eq!([1, 2].map(|id| rig.requested(id)), now);
@@ -1073,7 +1084,7 @@ mod tests {
         });
         assert!(running.detector_differs(&new) && !running.policy_differs(&new));
         assert_eq!(
-            apply_options(&rig.shared, &mut running, &new, None),
+            apply_options(&rig.shared, &mut running, &new, None, false),
             ["detector"]
         );
         assert_eq!(rig.shared.core().detector.thresholds.suspect_phi, 9.5);
