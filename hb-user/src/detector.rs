@@ -133,6 +133,11 @@ pub struct PhiParams {
     /// (`NodeState::recurring_stall_ns`, the smaller of its two most recent
     /// pauses); 0 turns this off.
     pub stall_factor: f64,
+    /// A recurring stall longer than this, ms, earns no allowance: a node
+    /// that froze that long (twice) is not pausing the way a collector or
+    /// a busy host does, and forgiving it would keep it from being
+    /// suspected for days (stalls are remembered that long). 0: no limit.
+    pub max_stall_ms: f64,
 }
 
 impl Default for PhiParams {
@@ -142,6 +147,7 @@ impl Default for PhiParams {
             min_std_dev_ratio: 0.1,
             acceptable_pause_ms: 0.0,
             stall_factor: 1.5,
+            max_stall_ms: 30_000.0,
         }
     }
 }
@@ -187,6 +193,8 @@ pub struct Model {
     std_ratio: f64,
     pause_ns: f64,
     stall_factor: f64,
+    /// `f64::INFINITY` when there is no limit.
+    max_stall_ns: f64,
 }
 
 impl Model {
@@ -196,18 +204,30 @@ impl Model {
             std_ratio: p.min_std_dev_ratio,
             pause_ns: p.acceptable_pause_ms * 1e6,
             stall_factor: p.stall_factor,
+            max_stall_ns: if p.max_stall_ms > 0.0 {
+                p.max_stall_ms * 1e6
+            } else {
+                f64::INFINITY
+            },
         }
+    }
+
+    /// The acceptable pause added to every mean, ns.
+    #[inline(always)]
+    pub fn pause_ns(&self) -> f64 {
+        self.pause_ns
     }
 
     /// The silence, ns, before which a node is not late at all (phi 0):
     /// `mean_ns` (its expected inter-arrival time, from
     /// [`Model::moments_ns`]) plus `stall_factor` times its recurring
-    /// stall; 0 for a node without one, or with `stall_factor` 0.
+    /// stall; 0 for a node without one, with one longer than
+    /// `max_stall_ms`, or with `stall_factor` 0.
     #[inline(always)]
     pub fn stall_floor_ns(&self, state: &impl AsRef<NodeLive>, mean_ns: f64) -> f64 {
         let state = state.as_ref();
         let stall = state.recurring_stall_ns();
-        if stall == 0 || self.stall_factor <= 0.0 {
+        if stall == 0 || self.stall_factor <= 0.0 || stall as f64 > self.max_stall_ns {
             0.0
         } else {
             mean_ns + self.stall_factor * stall as f64
@@ -269,6 +289,8 @@ pub struct Lateness {
     pub elapsed_ms: f64,
     /// Expected inter-arrival time (mean plus acceptable pause), ms.
     pub mean_ms: f64,
+    /// The floored standard deviation, ms.
+    pub std_ms: f64,
     /// The silence is still within the node's stall allowance
     /// ([`Model::stall_floor_ns`]): phi is 0 whatever `y` says.
     pub within_stall: bool,
@@ -292,6 +314,7 @@ pub fn lateness(state: &impl AsRef<NodeLive>, now_ns: u64, p: &PhiParams) -> Opt
         y: (elapsed - mean) / std,
         elapsed_ms: elapsed / 1e6,
         mean_ms: mean / 1e6,
+        std_ms: std / 1e6,
         within_stall: elapsed < model.stall_floor_ns(state, mean),
     })
 }

@@ -169,6 +169,11 @@ pub struct Opts {
     /// pauses); 0 = off [default: 1.5].
     #[arg(long, value_name = "FACTOR")]
     pub stall_factor: Option<f64>,
+    /// A recurring stall longer than this earns no allowance (a node that
+    /// froze that long is judged by its rhythm alone); 0 = no limit
+    /// [default: 30000].
+    #[arg(long, value_name = "MS")]
+    pub max_stall_ms: Option<f64>,
     /// Who picks each node's heartbeat interval: `off` (senders keep
     /// their own), `fixed` (`--fixed-interval-ms` for every node) or
     /// `qlearn` (the Q-learning controller; decisions reach senders in
@@ -253,6 +258,7 @@ struct FileConfig {
     min_std_dev_ratio: Option<f64>,
     acceptable_pause_ms: Option<f64>,
     stall_factor: Option<f64>,
+    max_stall_ms: Option<f64>,
     controller: Option<ControllerKind>,
     fixed_interval_ms: Option<u32>,
     decision_ms: Option<u64>,
@@ -400,16 +406,18 @@ impl Settings {
                 .or(f.acceptable_pause_ms)
                 .unwrap_or(p.acceptable_pause_ms),
             stall_factor: a.stall_factor.or(f.stall_factor).unwrap_or(p.stall_factor),
+            max_stall_ms: a.max_stall_ms.or(f.max_stall_ms).unwrap_or(p.max_stall_ms),
         };
         let nonneg = |v: f64| v.is_finite() && v >= 0.0;
         if !(nonneg(phi.min_std_dev_ms)
             && nonneg(phi.min_std_dev_ratio)
             && nonneg(phi.acceptable_pause_ms)
-            && nonneg(phi.stall_factor))
+            && nonneg(phi.stall_factor)
+            && nonneg(phi.max_stall_ms))
             || phi.min_std_dev_ms.max(phi.min_std_dev_ratio) <= 0.0
         {
             bail!(
-                "min_std_dev_ms, min_std_dev_ratio, acceptable_pause_ms and stall_factor must be non-negative numbers, and one floor positive"
+                "min_std_dev_ms, min_std_dev_ratio, acceptable_pause_ms, stall_factor and max_stall_ms must be non-negative numbers, and one floor positive"
             );
         }
         let on_event = a.on_event.clone().or(f.on_event).filter(|s| !s.is_empty());

@@ -257,6 +257,7 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
         make_policy(&settings)?,
         settings.decision_ms,
     );
+    core.set_tick(settings.tick);
     // The slots there are: pinned XDP maps keep the capacity they were
     // created with.
     let capacity = match settings.mode {

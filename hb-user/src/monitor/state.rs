@@ -22,8 +22,13 @@
 //! intervals (`dead_min_intervals`): phi's tail is steep when the jitter is
 //! small (the standard deviation floor is 10% of the mean), so phi alone
 //! would declare a node dead after a single lost heartbeat. With the default
-//! of 3 intervals, two consecutive losses are tolerated. `max_silence_ms`
-//! is a backstop that does not depend on learned statistics.
+//! of 3 intervals, two consecutive losses are tolerated: the silence also
+//! covers the jitter phi forgives a heartbeat on time (`alive_phi`'s), so
+//! the third heartbeat is not taken for lost while it is a little late, an
+//! acceptable pause counts once (not once per interval), and a node just
+//! asked to slow down is given the new interval after its next heartbeat
+//! (`tick::Detector::dead_silence_ns`). `max_silence_ms` is a backstop that
+//! does not depend on learned statistics.
 //!
 //! This module is pure (no clock, no I/O): the tick feeds it observations,
 //! the unit tests below feed it tables of them.
@@ -180,10 +185,12 @@ pub enum Level {
 }
 
 impl Level {
-    /// The level for a given phi and silence (the reference definition;
-    /// the tick computes the same from precomputed `y` thresholds).
-    pub fn classify(phi: f64, silence_ms: f64, mean_ms: f64, th: &Thresholds) -> Level {
-        let silent_long = silence_ms >= th.dead_min_intervals * mean_ms;
+    /// The level for a given phi and silence, where `dead` needs a
+    /// silence of at least `dead_silence_ms` besides phi (the reference
+    /// definition; the tick computes the same from precomputed `y`
+    /// thresholds, and the silence from `Detector::dead_silence_ns`).
+    pub fn classify(phi: f64, silence_ms: f64, dead_silence_ms: f64, th: &Thresholds) -> Level {
+        let silent_long = silence_ms >= dead_silence_ms;
         let backstop = th.max_silence_ms != 0 && silence_ms >= th.max_silence_ms as f64;
         if backstop || (phi >= th.dead_phi && silent_long) {
             Level::Dead
@@ -368,7 +375,7 @@ mod tests {
     fn alive_straight_to_dead_by_backstop() {
         let th = Thresholds::default();
         // phi low (huge learned mean) but silence past the backstop.
-        assert_eq!(Level::classify(0.5, 60_000.0, 50_000.0, &th), Level::Dead);
+        assert_eq!(Level::classify(0.5, 60_000.0, 150_000.0, &th), Level::Dead);
         run(&[
             (obs(1, 1, L::Healthy), Some(E::Joined), S::Alive),
             (obs(1, 1, L::Dead), Some(E::Dead), S::Dead),
@@ -397,7 +404,7 @@ mod tests {
         step(&mut t, &obs(1, 1, L::Healthy));
         let mut events = Vec::new();
         for (i, phi) in phis.iter().enumerate() {
-            let level = Level::classify(*phi, 1500.0, 1000.0, &th);
+            let level = Level::classify(*phi, 1500.0, 3000.0, &th);
             if let Some(tr) = step(&mut t, &obs(2 + i as u64, 1, level)) {
                 events.push(tr.event);
             }
@@ -405,7 +412,7 @@ mod tests {
         assert_eq!(events, vec![E::Suspect], "one suspicion, no flapping");
         assert_eq!(t.status, S::Suspect);
         // A timely heartbeat ends it.
-        let level = Level::classify(0.2, 100.0, 1000.0, &th);
+        let level = Level::classify(0.2, 100.0, 3000.0, &th);
         assert_eq!(
             step(&mut t, &obs(50, 1, level)).map(|t| t.event),
             Some(E::Alive)
@@ -415,12 +422,13 @@ mod tests {
     #[test]
     fn high_phi_alone_is_not_dead_until_enough_silence() {
         let th = Thresholds::default();
-        // phi 20 after 1.8 intervals: one heartbeat lost, suspect only.
-        assert_eq!(Level::classify(20.0, 1800.0, 1000.0, &th), Level::Suspect);
-        assert_eq!(Level::classify(20.0, 3000.0, 1000.0, &th), Level::Dead);
-        assert_eq!(Level::classify(11.9, 5000.0, 1000.0, &th), Level::Suspect);
-        assert_eq!(Level::classify(0.99, 0.0, 1000.0, &th), Level::Healthy);
-        assert_eq!(Level::classify(1.0, 0.0, 1000.0, &th), Level::Normal);
+        // phi 20 after 1.8 intervals of a 1 s node (dead needs 3 s of
+        // silence): one heartbeat lost, suspect only.
+        assert_eq!(Level::classify(20.0, 1800.0, 3000.0, &th), Level::Suspect);
+        assert_eq!(Level::classify(20.0, 3000.0, 3000.0, &th), Level::Dead);
+        assert_eq!(Level::classify(11.9, 5000.0, 3000.0, &th), Level::Suspect);
+        assert_eq!(Level::classify(0.99, 0.0, 3000.0, &th), Level::Healthy);
+        assert_eq!(Level::classify(1.0, 0.0, 3000.0, &th), Level::Normal);
     }
 
     #[test]

@@ -63,6 +63,34 @@ impl Detector {
         detector::phi(state, now_ns, &self.phi)
     }
 
+    /// The silence, ns, `dead` needs besides phi (`Level::classify`'s
+    /// `dead_silence_ms`), for a node of expected inter-arrival time
+    /// `mean_ns` (with the acceptable pause) and standard deviation
+    /// `std_ns`: `dead_min_intervals` of its intervals, the pause once (it
+    /// is a pause, not a part of each interval), and the jitter phi
+    /// forgives a heartbeat that is on time (`alive_phi`'s `y` standard
+    /// deviations), so that the last heartbeat of the tolerated run is not
+    /// declared lost while it is merely a little late.
+    ///
+    /// `slowing_to_ms`: the node was just asked to slow down to this
+    /// interval (0: it was not). Its next heartbeat still comes at its
+    /// current rhythm, announcing the new interval, and the ones after at
+    /// the new one; if that first one is lost the silence spans one old
+    /// and one new interval, so the intervals after the first count at the
+    /// new rhythm.
+    #[inline]
+    pub fn dead_silence_ns(&self, mean_ns: f64, std_ns: f64, slowing_to_ms: u32) -> f64 {
+        let k = self.thresholds.dead_min_intervals;
+        if k <= 0.0 {
+            return 0.0;
+        }
+        let pause = self.model.pause_ns();
+        let interval = mean_ns - pause;
+        let next = interval.max(slowing_to_ms as f64 * 1e6);
+        let intervals = (interval + (k - 1.0) * next).max(k * interval);
+        intervals + pause + self.y_alive.max(0.0) * std_ns
+    }
+
     /// `Level::classify` of a node's phi, from its lateness, without
     /// computing phi (the reference form of [`Detector::observe`]'s
     /// arithmetic).
@@ -73,7 +101,9 @@ impl Detector {
             Level::Dead
         } else if l.within_stall {
             Level::Healthy
-        } else if l.y >= self.y_dead && l.elapsed_ms >= th.dead_min_intervals * l.mean_ms {
+        } else if l.y >= self.y_dead
+            && l.elapsed_ms * 1e6 >= self.dead_silence_ns(l.mean_ms * 1e6, l.std_ms * 1e6, 0)
+        {
             Level::Dead
         } else if l.y >= self.y_suspect {
             Level::Suspect
@@ -89,21 +119,31 @@ impl Detector {
     /// `y * std` instead of dividing (`detector::late_by`).
     #[inline]
     pub fn observe(&self, st: &impl AsRef<NodeLive>, now_ns: u64) -> Observation {
+        self.observe_in(st, now_ns, &Context::default())
+    }
+
+    /// [`Detector::observe`] with what the monitor knows of the node
+    /// besides its dataplane state.
+    #[inline]
+    pub fn observe_in(&self, st: &impl AsRef<NodeLive>, now_ns: u64, cx: &Context) -> Observation {
         let st = st.as_ref();
         Observation {
             accepted: st.accepted,
             generation: st.generation,
             leaving: st.leaving(),
-            level: self.level_of(st, now_ns),
+            level: self.level_of(st, now_ns, cx),
         }
     }
 
     #[inline(always)]
-    fn level_of(&self, st: &NodeLive, now_ns: u64) -> Level {
+    fn level_of(&self, st: &NodeLive, now_ns: u64, cx: &Context) -> Level {
         if st.accepted == 0 || st.last_arrival_ns == 0 {
             return Level::Healthy;
         }
-        let elapsed = now_ns.saturating_sub(st.last_arrival_ns) as f64;
+        // Silence is counted from when the gate last heard the node, or
+        // began to listen, whichever is later.
+        let heard = st.last_arrival_ns.max(cx.listening_since_ns);
+        let elapsed = now_ns.saturating_sub(heard) as f64;
         if elapsed >= self.max_silence_ns {
             return Level::Dead;
         }
@@ -119,13 +159,27 @@ impl Detector {
             Level::Healthy
         } else if late < self.y_suspect * std {
             Level::Normal
-        } else if late >= self.y_dead * std && elapsed >= self.thresholds.dead_min_intervals * mean
+        } else if late >= self.y_dead * std
+            && elapsed >= self.dead_silence_ns(mean, std, cx.slowing_to_ms)
         {
             Level::Dead
         } else {
             Level::Suspect
         }
     }
+}
+
+/// What the monitor knows of a node besides its dataplane state, for
+/// [`Detector::observe_in`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Context {
+    /// Silence before this time (CLOCK_MONOTONIC ns) is not held against
+    /// the node: the gate was not listening, or the monitor not looking
+    /// ([`Core::listening_since`]). 0: none.
+    pub listening_since_ns: u64,
+    /// The node was asked to slow down to this interval, ms, and may not
+    /// have announced it yet ([`Detector::dead_silence_ns`]). 0: it was not.
+    pub slowing_to_ms: u32,
 }
 
 /// What one tick did.
@@ -153,7 +207,20 @@ pub struct Core {
     /// Decisions of the current scan, applied after it (the dataplane is
     /// being read while they are made). Kept to reuse its allocation.
     pending: Vec<(u32, u32)>,
+    /// Silence before this is not held against any node
+    /// ([`Core::listening_since`]).
+    listening_since_ns: u64,
+    /// The previous scan's time (0: none yet), and the gap between two
+    /// scans past which the monitor itself was not running.
+    last_scan_ns: u64,
+    local_pause_ns: u64,
 }
+
+/// The least gap between two ticks that is a pause of the monitor's own
+/// host or process rather than a slow tick; also at least
+/// [`LOCAL_PAUSE_TICKS`] ticks.
+const LOCAL_PAUSE_MIN_NS: u64 = 1_000_000_000;
+const LOCAL_PAUSE_TICKS: u64 = 5;
 
 impl Core {
     pub fn new(
@@ -170,13 +237,39 @@ impl Core {
             last_tick_ns: 0,
             next_seq: 1,
             pending: Vec::new(),
+            listening_since_ns: 0,
+            last_scan_ns: 0,
+            local_pause_ns: LOCAL_PAUSE_MIN_NS.max(LOCAL_PAUSE_TICKS * 100_000_000),
         }
+    }
+
+    /// The tick period, which sets the gap between two ticks the monitor
+    /// takes for a pause of its own (see [`Core::tick`]).
+    pub fn set_tick(&mut self, tick: std::time::Duration) {
+        let tick_ns = u64::try_from(tick.as_nanos()).unwrap_or(u64::MAX);
+        self.local_pause_ns = LOCAL_PAUSE_MIN_NS.max(tick_ns.saturating_mul(LOCAL_PAUSE_TICKS));
+    }
+
+    /// Silence before `now_ns` is not held against any node: the gate was
+    /// not listening (a monitor that starts attaches it afresh, unless an
+    /// earlier one kept it attached), or the monitor was not looking. Each
+    /// node is then judged from its next heartbeat, or from `now_ns` if
+    /// none comes: one that died meanwhile is declared dead as long after
+    /// `now_ns` as after its last heartbeat, never at once for a silence
+    /// nobody saw.
+    pub fn listening_since(&mut self, now_ns: u64) {
+        self.listening_since_ns = self.listening_since_ns.max(now_ns);
     }
 
     /// Adopts the dataplane's current state of every occupied slot without
     /// announcing anything (`state::adopt`): used once at start over pinned
-    /// state.
+    /// state. Silence before `now_ns` is not held against the nodes
+    /// ([`Core::listening_since`]): without `--keep-attached` no gate ran
+    /// between the monitors, and with it the silence the kernel saw
+    /// meanwhile is judged only from now (a node that died while no
+    /// monitor ran is announced a few of its intervals after the start).
     pub fn adopt(&mut self, dp: &dyn Dataplane, now_ns: u64) {
+        self.listening_since(now_ns);
         let det = self.detector;
         let table = &mut self.table;
         let len = table.len();
@@ -255,8 +348,21 @@ impl Core {
         wall_ts: &mut dyn FnMut() -> String,
         events: &mut Vec<Event>,
     ) -> TickStats {
+        if self.last_scan_ns != 0 && now_ns.saturating_sub(self.last_scan_ns) > self.local_pause_ns
+        {
+            // The monitor did not run (a paused VM, a stopped process): the
+            // silence meanwhile is nobody's fault, and CLOCK_MONOTONIC
+            // may have counted it.
+            tracing::warn!(
+                gap_ms = (now_ns - self.last_scan_ns) / 1_000_000,
+                "the monitor did not run for a while (host or process paused?): silence until now is not held against any node"
+            );
+            self.listening_since(now_ns);
+        }
+        self.last_scan_ns = now_ns;
         let due = self.due(now_ns);
         let det = self.detector;
+        let listening_since_ns = self.listening_since_ns;
         let policy = &mut *self.policy;
         let pending = &mut self.pending;
         pending.clear();
@@ -265,6 +371,7 @@ impl Core {
             track,
             since_ns,
             requested_ms,
+            decided_ns,
             counts,
             ..
         } = &mut self.table;
@@ -286,7 +393,15 @@ impl Core {
             }
             stats.scanned += 1;
             let t = &mut track[i];
-            let obs = det.observe(st, now_ns);
+            let mut cx = Context {
+                listening_since_ns,
+                slowing_to_ms: 0,
+            };
+            let mut obs = det.observe_in(st, now_ns, &cx);
+            if obs.level == Level::Dead && slowing(st, requested_ms[i], decided_ns[i]) {
+                cx.slowing_to_ms = requested_ms[i];
+                obs = det.observe_in(st, now_ns, &cx);
+            }
             if let Some(tr) = state::step(t, &obs) {
                 let id = node_id[i];
                 if id == 0 {
@@ -371,6 +486,21 @@ impl Core {
             Due::None
         }
     }
+}
+
+/// Whether a node may have been told to slow down to `requested_ms` (a
+/// request written at `decided_ns`) without having announced it yet: its
+/// last heartbeat came after the request, so the gate answered it with an
+/// ACK carrying it, and within the first few of its intervals after (a
+/// node that goes on at its old interval past them does not follow the
+/// request, e.g. its own bounds keep it, and is judged by its rhythm).
+#[inline]
+fn slowing(st: &NodeLive, requested_ms: u32, decided_ns: u64) -> bool {
+    const HEARTBEATS: u64 = 3;
+    requested_ms > st.interval_ms
+        && decided_ns != 0
+        && st.last_arrival_ns >= decided_ns
+        && st.last_arrival_ns - decided_ns <= HEARTBEATS * st.interval_ms as u64 * 1_000_000
 }
 
 /// The nodes due for a decision on one tick.
@@ -519,6 +649,40 @@ mod tests {
             assert_eq!(v.result, hb_common::GateResult::Accepted);
         }
 
+        /// One heartbeat of generation 1 with its own `seq` and interval.
+        fn beat(&mut self, id: u32, seq: u64, interval_ms: u32, at_ms: u64) {
+            let d = Datagram {
+                kind: Kind::Heartbeat,
+                node_id: id,
+                generation: 1,
+                key_epoch: 1,
+                flags: 0,
+                load: 0,
+                seq,
+                sent_ns: 0,
+                interval_ms,
+                rtt_us: 0,
+            };
+            let v = self.dp.gate(&d.seal(&key(id)), SRC, at_ms * MS);
+            assert_eq!(v.result, hb_common::GateResult::Accepted);
+        }
+
+        /// A node beating every `interval_ms` from `from_ms` to `to_ms`
+        /// (inclusive), ticked every 100 ms; its next seq.
+        fn steady(&mut self, id: u32, interval_ms: u32, from_ms: u64, to_ms: u64) -> u64 {
+            let mut seq = 1;
+            let mut t = from_ms;
+            while t <= to_ms {
+                if (t - from_ms) % interval_ms as u64 == 0 {
+                    self.beat(id, seq, interval_ms, t);
+                    seq += 1;
+                }
+                self.tick(t);
+                t += 100;
+            }
+            seq
+        }
+
         fn tick(&mut self, at_ms: u64) -> Vec<(u32, EventKind)> {
             let mut out = Vec::new();
             self.core
@@ -542,12 +706,14 @@ mod tests {
                     y,
                     elapsed_ms: elapsed,
                     mean_ms: mean,
+                    std_ms: std,
                     within_stall: false,
                 };
                 let phi = detector::phi_of_y(y);
+                let dead_silence = det.dead_silence_ns(mean * 1e6, std * 1e6, 0) / 1e6;
                 assert_eq!(
                     det.level(&l),
-                    Level::classify(phi, elapsed, mean, &th),
+                    Level::classify(phi, elapsed, dead_silence, &th),
                     "mean {mean} elapsed {elapsed} phi {phi}"
                 );
             }
@@ -592,9 +758,10 @@ mod tests {
                 ..NodeState::default()
             };
             let now = st.last_arrival_ns + (next() % (8 * mean_ms + 100)) * MS;
-            let (mean, _) = detector::moments_ms(&st, &p);
+            let (mean, std) = detector::moments_ms(&st, &p);
             let silence = (now - st.last_arrival_ns) as f64 / 1e6;
-            let want = Level::classify(det.phi(&st, now), silence, mean, &th);
+            let dead_silence = det.dead_silence_ns(mean * 1e6, std * 1e6, 0) / 1e6;
+            let want = Level::classify(det.phi(&st, now), silence, dead_silence, &th);
             let got = det.observe(&st, now).level;
             assert_eq!(got, want, "{st:?} at +{silence} ms");
             levels[got as usize] += 1;
@@ -683,6 +850,8 @@ mod tests {
         assert_eq!(r.tick(100), vec![(9, EventKind::Joined)]);
         r.send(9, 10, hb_common::proto::FLAG_LEAVING, 200);
         assert_eq!(r.tick(200), vec![(9, EventKind::Left)]);
+        // Ticks a minute apart are not a pause of the monitor.
+        r.core.set_tick(std::time::Duration::from_secs(60));
         assert_eq!(r.tick(60_000), vec![], "left is never dead");
         let mut rx = r.dp.take_reports().unwrap();
         r.seq = 0;
@@ -739,5 +908,166 @@ mod tests {
         assert_eq!(r.core.table.track(0).status, Status::Alive);
         assert_eq!(r.core.table.track(1).status, Status::Left);
         assert_eq!(r.core.table.track(2).status, Status::Unknown);
+    }
+
+    #[test]
+    fn a_restart_holds_no_silence_against_the_nodes() {
+        // A 100 ms node; the monitor stops at 2000 ms, its gate detached
+        // (no --keep-attached), and a new one starts at 2800 ms over the
+        // pinned state. Without listening_since the first tick saw 800 ms
+        // of silence: dead, then alive on the next heartbeat.
+        let mut r = Rig::new(&[3], Box::new(FixedPolicy::none()));
+        let seq = r.steady(3, 100, 100, 2000);
+        r.core = Core::new(
+            Detector::new(Thresholds::default(), PhiParams::default()),
+            Box::new(FixedPolicy::none()),
+            1000,
+        );
+        r.core
+            .table
+            .insert_at(3, 0, Origin::Adopted, Track::default(), 0)
+            .unwrap();
+        r.core.adopt(&r.dp, 2800 * MS);
+        assert_eq!(r.tick(2800), vec![]);
+        r.beat(3, seq + 8, 100, 2850);
+        assert_eq!(r.tick(2900), vec![]);
+        assert_eq!(r.core.table.track(0).status, Status::Alive);
+        // A node that died meanwhile is still found, from its silence
+        // since the start.
+        let mut seen = Vec::new();
+        for t in (3000..=4000).step_by(100) {
+            seen.extend(r.tick(t).into_iter().map(|e| (t, e.1)));
+        }
+        let dead = seen.iter().find(|e| e.1 == EventKind::Dead);
+        assert!(dead.is_some_and(|e| e.0 >= 2850 + 300), "{seen:?}");
+    }
+
+    #[test]
+    fn a_pause_of_the_monitor_itself_holds_no_silence_against_the_nodes() {
+        let mut r = Rig::new(&[3], Box::new(FixedPolicy::none()));
+        let s3 = r.steady(3, 100, 100, 2000);
+        // The monitor's host is paused for 3 s (no tick, no gate); the
+        // clock counted it.
+        assert_eq!(r.tick(5000), vec![], "no node blamed for the pause");
+        r.beat(3, s3, 100, 5050);
+        assert_eq!(r.tick(5100), vec![]);
+        assert_eq!(r.core.table.track(0).status, Status::Alive);
+        // Ticks 1 s apart with a 1 s tick are not a pause.
+        r.core.set_tick(std::time::Duration::from_secs(1));
+        assert_eq!(r.tick(6100), vec![(3, EventKind::Dead)]);
+    }
+
+    #[test]
+    fn one_lost_heartbeat_while_slowing_down_is_not_dead() {
+        // A 1 s node asked for 10 s: the heartbeat announcing it (sent 1 s
+        // after the ACK, at the old rhythm) is lost; the next comes 10 s
+        // after that.
+        let mut r = Rig::new(&[1], Box::new(FixedPolicy::none()));
+        let seq = r.steady(1, 1000, 1000, 5000);
+        r.core
+            .set_policy(Box::new(FixedPolicy::fixed(10_000)), 1000, &r.dp);
+        assert_eq!(r.tick(5100), vec![]);
+        assert_eq!(r.core.table.decision(0), (10_000, 5100 * MS), "requested");
+        let mut seen = Vec::new();
+        let mut t = 5200;
+        while t <= 17_000 {
+            if t == 6000 {
+                // Answered with an ACK carrying the request.
+                r.beat(1, seq, 1000, t);
+            }
+            // At 7000 the heartbeat announcing 10 s is lost.
+            if t == 17_000 {
+                r.beat(1, seq + 2, 10_000, t);
+            }
+            seen.extend(r.tick(t).into_iter().map(|e| e.1));
+            t += 100;
+        }
+        assert!(!seen.contains(&EventKind::Dead), "{seen:?}");
+        // After it slowed down, it is judged by the new rhythm: dead after
+        // three of them, not before.
+        let mut dead_at = None;
+        while t < 60_000 && dead_at.is_none() {
+            t += 100;
+            if r.tick(t).contains(&(1, EventKind::Dead)) {
+                dead_at = Some(t);
+            }
+        }
+        let dead_at = dead_at.expect("dead");
+        assert!((47_000..50_000).contains(&dead_at), "{dead_at}");
+
+        // A node that does not follow the request (its own bounds keep it
+        // at 1 s) is judged by its rhythm again after a few heartbeats.
+        let mut r = Rig::new(&[1], Box::new(FixedPolicy::fixed(10_000)));
+        let seq = r.steady(1, 1000, 1000, 10_000);
+        let mut dead_at = None;
+        let mut t = 10_100;
+        while t < 30_000 && dead_at.is_none() {
+            if r.tick(t).contains(&(1, EventKind::Dead)) {
+                dead_at = Some(t);
+            }
+            t += 100;
+        }
+        let _ = seq;
+        let dead_at = dead_at.expect("dead");
+        assert!((13_000..14_000).contains(&dead_at), "{dead_at}");
+    }
+
+    #[test]
+    fn the_third_heartbeat_a_little_late_is_not_lost() {
+        // Two consecutive losses, and the third heartbeat 2 ms late: the
+        // tick between its due time and its arrival must not call the node
+        // dead.
+        let mut r = Rig::new(&[8], Box::new(FixedPolicy::none()));
+        let seq = r.steady(8, 1000, 0, 10_000);
+        let mut seen = Vec::new();
+        for t in [10_500, 11_500, 12_500, 13_001] {
+            seen.extend(r.tick(t).into_iter().map(|e| e.1));
+        }
+        r.beat(8, seq + 2, 1000, 13_002);
+        seen.extend(r.tick(13_100).into_iter().map(|e| e.1));
+        assert_eq!(seen, vec![EventKind::Suspect, EventKind::Alive]);
+    }
+
+    #[test]
+    fn an_acceptable_pause_counts_once_in_the_silence_dead_needs() {
+        let p = PhiParams {
+            acceptable_pause_ms: 10_000.0,
+            ..PhiParams::default()
+        };
+        let det = Detector::new(Thresholds::default(), p);
+        let st = NodeState {
+            accepted: 100,
+            last_arrival_ns: 1_000_000 * MS,
+            ia_mean_ns: 1000 * MS,
+            interval_ms: 1000,
+            ..NodeState::default()
+        };
+        let at = |ms: u64| det.observe(&st, st.last_arrival_ns + ms * MS).level;
+        // Three intervals and the pause once (13 s), plus the jitter
+        // margin; not three times the interval with the pause (33 s).
+        assert_eq!(at(12_900), Level::Suspect);
+        assert_eq!(at(14_000), Level::Dead);
+    }
+
+    #[test]
+    fn a_freeze_too_long_to_be_a_pause_earns_no_stall_allowance() {
+        let det = Detector::new(Thresholds::default(), PhiParams::default());
+        let stalls = |ms: u64| NodeState {
+            accepted: 100,
+            last_arrival_ns: 1_000_000 * MS,
+            ia_mean_ns: 1000 * MS,
+            interval_ms: 1000,
+            stall: [((ms * MS) >> hb_common::maps::STALL_UNIT_SHIFT) as u32; 2],
+            ..NodeState::default()
+        };
+        let at = |st: &NodeState, ms: u64| det.observe(st, st.last_arrival_ns + ms * MS).level;
+        // Recurring 2 s pauses (a collector): not late before 1 + 1.5 * 2 s.
+        let gc = stalls(2000);
+        assert_eq!(at(&gc, 3500), Level::Healthy);
+        assert_eq!(at(&gc, 4100), Level::Dead, "late, and silent long enough");
+        // Two 120 s freezes (each one declared dead): judged by its rhythm.
+        let frozen = stalls(120_000);
+        assert_eq!(at(&frozen, 2000), Level::Suspect);
+        assert_eq!(at(&frozen, 3500), Level::Dead);
     }
 }
