@@ -9,6 +9,11 @@
 //! which is what lets an operator rotate keys without losing a heartbeat
 //! (add epoch N+1, move senders over, remove epoch N).
 //!
+//! Epoch ids are one byte and wrap: after 255 comes 0. "Newest" is
+//! therefore serial-number order (RFC 1982, [`is_newer`]), not numeric
+//! order, and a keyring whose epochs do not lie within 128 consecutive ids
+//! is refused: their order would be ambiguous.
+//!
 //! The keyring file is TOML:
 //!
 //! ```toml
@@ -19,10 +24,15 @@
 //!
 //! Secrets never appear in errors or logs: [`Secret`]'s `Debug` is
 //! redacted, and TOML errors are reported by position, not by the offending
-//! line's text.
+//! line's text, with every value the parser quotes hidden ([`redact`]).
+//! The file itself must be private to its owner (mode 0600 or 0400, as ssh
+//! asks of a private key): one that its group or others may read is
+//! refused.
 
 use std::{
     fmt,
+    io::Read as _,
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
 };
 
@@ -56,6 +66,10 @@ pub enum KeyringError {
     /// with its causes (`{:#}`), it would otherwise appear twice.
     #[error("cannot read keyring {path}: {io}")]
     Unreadable { path: PathBuf, io: std::io::Error },
+    #[error(
+        "keyring {path} has mode {mode:04o}: users other than its owner may get at the master secrets; run `chmod 600 {path}`"
+    )]
+    NotPrivate { path: PathBuf, mode: u32 },
     #[error("keyring {path} is not valid TOML{at}: {message}")]
     Toml {
         path: PathBuf,
@@ -73,6 +87,10 @@ pub enum KeyringError {
     DuplicateEpoch { path: PathBuf, epoch: u8 },
     #[error("keyring {path} has no [[epoch]] table")]
     NoEpochs { path: PathBuf },
+    #[error(
+        "keyring {path}: epochs {have} do not lie within 128 consecutive ids (after 255 comes 0), so which is newest is ambiguous; remove the old ones"
+    )]
+    EpochsTooFarApart { path: PathBuf, have: String },
     #[error("keyring {path} has no epoch {epoch} (it has {have})")]
     NoSuchEpoch {
         path: PathBuf,
@@ -171,6 +189,84 @@ pub fn new_secret() -> anyhow::Result<Secret> {
     Ok(Secret(s))
 }
 
+/// Whether epoch `a` is newer than epoch `b`. Epoch ids count modulo 256
+/// (after 255 comes 0) and compare as serial numbers (RFC 1982): `a` is
+/// newer when it lies 1 to 127 ids after `b`. Two ids 128 apart are
+/// unordered, which is why a keyring's epochs must lie within 128
+/// consecutive ids.
+pub fn is_newer(a: u8, b: u8) -> bool {
+    matches!(a.wrapping_sub(b), 1..=127)
+}
+
+/// What stands in for a value the parser quoted.
+const HIDDEN: &str = "(not shown)";
+
+/// Said instead of a parser message that still looks as if it could carry
+/// secret material after [`redact`].
+const WITHHELD: &str = "the file does not match the keyring format (the parser's message is withheld: it could contain a secret)";
+
+/// The longest run of hex digits a quoted span may hold and be shown: too
+/// short to be any useful part of a 64-digit secret, long enough for an
+/// epoch id (`256`) or a field name (`secret`).
+const SHOWN_HEX_RUN: usize = 3;
+
+/// The parser's message without anything that could be secret material.
+/// serde and toml quote values: strings as `"…"` (every one is hidden),
+/// other values, field names and TOML tokens in backquotes (shown only
+/// when at most 24 characters with no more than three hex digits in a row:
+/// `secrt`, `id`, `256`, `=`; not `abab…`, not `1234567890`). A message
+/// that still holds a long token afterwards is replaced whole by a fixed
+/// text.
+fn redact(message: &str) -> String {
+    let hex_run = |s: &str| {
+        s.split(|c: char| !c.is_ascii_hexdigit())
+            .map(str::len)
+            .max()
+            .unwrap_or(0)
+    };
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(i) = rest.find(['"', '`']) {
+        out.push_str(&rest[..i]);
+        let quote = rest.as_bytes()[i] as char;
+        let body = &rest[i + 1..];
+        // A string is quoted by `Debug`: `\"` does not close it.
+        let mut end = None;
+        let mut escaped = false;
+        for (j, c) in body.char_indices() {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' && quote == '"' {
+                escaped = true;
+            } else if c == quote {
+                end = Some(j);
+                break;
+            }
+        }
+        let Some(end) = end else {
+            // Unterminated: everything after the quote is hidden.
+            out.push_str(HIDDEN);
+            rest = "";
+            break;
+        };
+        let content = &body[..end];
+        if quote == '`' && content.chars().count() <= 24 && hex_run(content) <= SHOWN_HEX_RUN {
+            out.push('`');
+            out.push_str(content);
+            out.push('`');
+        } else {
+            out.push_str(HIDDEN);
+        }
+        rest = &body[end + 1..];
+    }
+    out.push_str(rest);
+    let out = out.trim().replace(['\n', '\r'], " ");
+    let long_token = out
+        .split(|c: char| !c.is_alphanumeric())
+        .any(|w| w.chars().count() >= 16 || hex_run(w) >= 8);
+    if long_token { WITHHELD.to_owned() } else { out }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KeyringFile {
@@ -190,7 +286,8 @@ struct EpochEntry {
 #[derive(Clone)]
 pub struct Keyring {
     path: PathBuf,
-    /// Sorted by epoch, ascending; epochs are unique.
+    /// Oldest first ([`is_newer`]); epochs are unique and lie within 128
+    /// consecutive ids.
     epochs: Vec<(u8, Secret)>,
     /// HKDF's extract step of the newest two epochs (newest first), the
     /// ones the dataplane holds per node: deriving a node's keys for the
@@ -219,13 +316,25 @@ impl fmt::Debug for Keyring {
 }
 
 impl Keyring {
-    /// Reads and checks a keyring file.
+    /// Reads and checks a keyring file. A regular file whose mode grants
+    /// its group or others any access is refused before it is read.
     pub fn load(path: impl AsRef<Path>) -> Result<Keyring, KeyringError> {
         let path = path.as_ref().to_path_buf();
-        let text = std::fs::read_to_string(&path).map_err(|io| KeyringError::Unreadable {
+        let unreadable = |io| KeyringError::Unreadable {
             path: path.clone(),
             io,
-        })?;
+        };
+        let mut file = std::fs::File::open(&path).map_err(unreadable)?;
+        // The mode of what was opened, not of whatever the path names by
+        // now. Pipes and devices (`--keyring /dev/stdin`) are not files at
+        // rest: their modes say nothing about who can read the secrets.
+        let meta = file.metadata().map_err(unreadable)?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if meta.is_file() && mode & 0o077 != 0 {
+            return Err(KeyringError::NotPrivate { path, mode });
+        }
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(unreadable)?;
         Keyring::parse(&path, &text)
     }
 
@@ -246,7 +355,9 @@ impl Keyring {
             KeyringError::Toml {
                 path: path.to_path_buf(),
                 at,
-                message: e.message().trim().replace('\n', " "),
+                // Nor the message as it is: serde's quotes the offending
+                // value (`invalid type: string "…", expected u8`).
+                message: redact(e.message()),
             }
         })?;
         let mut epochs: Vec<(u8, Secret)> = Vec::with_capacity(file.epoch.len());
@@ -264,7 +375,9 @@ impl Keyring {
     }
 
     /// A keyring of `epochs` (any order); `path` is for messages. Errors
-    /// when an epoch appears twice or there is none.
+    /// when an epoch appears twice, there is none, or they do not lie
+    /// within 128 consecutive ids (modulo 256), so that which is newest
+    /// would be ambiguous.
     pub fn from_secrets(
         path: impl Into<PathBuf>,
         epochs: impl IntoIterator<Item = (u8, Secret)>,
@@ -280,7 +393,20 @@ impl Keyring {
         if sorted.is_empty() {
             return Err(KeyringError::NoEpochs { path });
         }
-        sorted.sort_by_key(|(id, _)| *id);
+        // The oldest epoch is the one every other is newer than; there is
+        // at most one (two such would each be newer than the other).
+        let oldest = sorted
+            .iter()
+            .map(|(id, _)| *id)
+            .find(|&o| sorted.iter().all(|(id, _)| *id == o || is_newer(*id, o)));
+        let Some(oldest) = oldest else {
+            sorted.sort_by_key(|(id, _)| *id);
+            return Err(KeyringError::EpochsTooFarApart {
+                path,
+                have: list(sorted.iter().map(|(id, _)| *id)),
+            });
+        };
+        sorted.sort_by_key(|(id, _)| id.wrapping_sub(oldest));
         let held = sorted
             .iter()
             .rev()
@@ -299,12 +425,14 @@ impl Keyring {
         &self.path
     }
 
-    /// Epoch ids, ascending. Never empty.
+    /// Epoch ids, oldest first ([`is_newer`]: `[255, 0]` across the wrap).
+    /// Never empty.
     pub fn epochs(&self) -> Vec<u8> {
         self.epochs.iter().map(|(id, _)| *id).collect()
     }
 
-    /// The newest (largest) epoch: what a sender uses by default.
+    /// The newest epoch ([`is_newer`]; 0 in a keyring of 255 and 0): what
+    /// a sender uses by default.
     pub fn newest(&self) -> u8 {
         self.epochs.last().expect("a keyring has epochs").0
     }
@@ -317,12 +445,7 @@ impl Keyring {
             .ok_or_else(|| KeyringError::NoSuchEpoch {
                 path: self.path.clone(),
                 epoch,
-                have: self
-                    .epochs()
-                    .iter()
-                    .map(u8::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                have: list(self.epochs.iter().map(|(id, _)| *id)),
             })
     }
 
@@ -349,6 +472,11 @@ impl Keyring {
     pub fn held_epochs(&self) -> Vec<u8> {
         self.held.iter().map(|(id, _)| *id).collect()
     }
+}
+
+/// `a, b, c`: epoch ids for a message.
+fn list(ids: impl Iterator<Item = u8>) -> String {
+    ids.map(|id| id.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 /// `hb keys`.
@@ -459,10 +587,14 @@ mod tests {
     }
 
     /// One row per way a keyring can be wrong: the message names the file
-    /// and the problem and never contains the secret.
+    /// and the problem and never contains the secret, wherever it was put
+    /// (the rows from "secret as the epoch array" on are misplaced
+    /// secrets: the parser's own message quoted several of them).
     #[test]
     fn bad_keyrings_are_named_and_secrets_never_shown() {
         let secret = "ab".repeat(32);
+        let digits = "1234567890123";
+        let (half1, half2) = secret.split_at(32);
         let cases: &[(&str, String, &str)] = &[
             ("empty file", String::new(), "has no [[epoch]] table"),
             (
@@ -507,6 +639,101 @@ mod tests {
                 "[[epoch]]\nid = 1\n".into(),
                 "missing field `secret`",
             ),
+            (
+                "secret as the epoch array",
+                format!("epoch = \"{secret}\"\n"),
+                "at line 1, column 9: invalid type: string (not shown), expected a sequence",
+            ),
+            (
+                "secret as an epoch entry",
+                format!("epoch = [\"{secret}\"]\n"),
+                "invalid type: string (not shown), expected struct EpochEntry",
+            ),
+            (
+                "secret as the epoch id",
+                format!("[[epoch]]\nid = \"{secret}\"\nsecret = \"{secret}\"\n"),
+                "at line 2, column 6: invalid type: string (not shown), expected u8",
+            ),
+            (
+                "secret as an integer",
+                format!("[[epoch]]\nid = 1\nsecret = {digits}\n"),
+                "at line 3, column 10: invalid type: integer (not shown), expected a string",
+            ),
+            (
+                "secret as an integer too large",
+                format!("[[epoch]]\nid = 1\nsecret = {}\n", "12".repeat(32)),
+                "at line 3",
+            ),
+            (
+                "secret as a key in an epoch",
+                format!("[[epoch]]\nid = 1\n{secret} = 1\nsecret = \"{secret}\"\n"),
+                "at line 3, column 1: unknown field (not shown), expected `id` or `secret`",
+            ),
+            (
+                "secret as a quoted key",
+                format!("[[epoch]]\nid = 1\n\"{secret}\" = 1\nsecret = \"{secret}\"\n"),
+                "unknown field (not shown), expected `id` or `secret`",
+            ),
+            (
+                "secret as a key at top level",
+                format!("{secret} = \"{secret}\"\n"),
+                "at line 1, column 1: unknown field (not shown), expected `epoch`",
+            ),
+            (
+                "secret as a table name",
+                format!("[{secret}]\n"),
+                "unknown field (not shown), expected `epoch`",
+            ),
+            (
+                "secret as an array-of-tables name",
+                format!("[[{secret}]]\n"),
+                "unknown field (not shown), expected `epoch`",
+            ),
+            (
+                "bare secret at top level",
+                format!("{secret}\n"),
+                "at line 1",
+            ),
+            (
+                "unquoted secret",
+                format!("[[epoch]]\nid = 1\nsecret = {secret}\n"),
+                "at line 3",
+            ),
+            (
+                "invalid escape in the secret",
+                format!("[[epoch]]\nid = 1\nsecret = \"\\q{secret}\"\n"),
+                "at line 3",
+            ),
+            (
+                "invalid unicode escape in the secret",
+                format!("[[epoch]]\nid = 1\nsecret = \"{secret}\\u{{zz}}\"\n"),
+                "at line 3",
+            ),
+            (
+                "secret split across lines",
+                format!("[[epoch]]\nid = 1\nsecret = \"{half1}\n{half2}\"\n"),
+                "at line",
+            ),
+            (
+                "secret split across a multi-line string",
+                format!("[[epoch]]\nid = 1\nsecret = \"\"\"{half1}\n{half2}\"\"\"\n"),
+                "epoch 1: secret must be 64 hex digits (32 bytes), got 65 characters",
+            ),
+            (
+                "secret in a table",
+                format!("[[epoch]]\nid = 1\n[epoch.secret]\n{secret} = 1\n"),
+                "invalid type: map, expected a string",
+            ),
+            (
+                "secret in an array",
+                format!("[[epoch]]\nid = 1\nsecret = [\"{secret}\"]\n"),
+                "invalid type: sequence, expected a string",
+            ),
+            (
+                "text after the secret",
+                format!("[[epoch]]\nid = 1\nsecret = \"{secret}\" {secret}\n"),
+                "at line 3",
+            ),
         ];
         for (what, text, want) in cases {
             let err = Keyring::parse(Path::new("/etc/hb/keyring.toml"), text)
@@ -518,7 +745,10 @@ mod tests {
                 "{what}: {err}"
             );
             assert!(err.contains(want), "{what}: `{err}` lacks `{want}`");
-            assert!(!err.contains("abab"), "{what}: secret leaked: {err}");
+            assert!(
+                !err.contains("abab") && !err.contains("1212") && !err.contains("12345"),
+                "{what}: secret leaked: {err}"
+            );
             assert!(!err.contains('\n'), "{what}: not one line: {err}");
         }
     }
@@ -547,6 +777,162 @@ mod tests {
         );
         let err = Keyring::from_secrets("c.toml", []).unwrap_err();
         assert_eq!(err.to_string(), "keyring c.toml has no [[epoch]] table");
+    }
+
+    /// Whatever a parser message quotes, only what cannot be secret
+    /// material stays; a message that still holds a long token is
+    /// withheld whole.
+    #[test]
+    fn redact_hides_what_could_be_a_secret() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "invalid type: string \"abab\", expected u8",
+                "invalid type: string (not shown), expected u8",
+            ),
+            // An escaped quote does not end the string.
+            (
+                r#"invalid type: string "a\"b`c` d", expected u8"#,
+                "invalid type: string (not shown), expected u8",
+            ),
+            (
+                "invalid value: integer `256`, expected u8",
+                "invalid value: integer `256`, expected u8",
+            ),
+            (
+                "invalid type: integer `1234`, expected a string",
+                "invalid type: integer (not shown), expected a string",
+            ),
+            (
+                "unknown field `secrt`, expected `id` or `secret`",
+                "unknown field `secrt`, expected `id` or `secret`",
+            ),
+            (
+                "unknown field `this-is-far-too-long-to-show`, expected `epoch`",
+                "unknown field (not shown), expected `epoch`",
+            ),
+            (
+                "missing escaped value, expected `b`, `\\`, `\"`",
+                "missing escaped value, expected `b`, `\\`, `\"`",
+            ),
+            ("unterminated `abab", "unterminated (not shown)"),
+            ("unterminated \"ab\\\"", "unterminated (not shown)"),
+            ("two\nlines ", "two lines"),
+            ("a bare 0123456789abcdef", WITHHELD),
+            ("a bare deadbeef", WITHHELD),
+            ("a bare xyzxyzxyzxyzxyzxyz", WITHHELD),
+        ];
+        for (message, want) in cases {
+            assert_eq!(redact(message), *want, "{message}");
+        }
+    }
+
+    /// Epoch ids wrap after 255: newest and the held two follow serial
+    /// order (RFC 1982), and a keyring that spans 128 ids or more is
+    /// refused, its order being ambiguous.
+    #[test]
+    fn epochs_wrap_after_255() {
+        assert!(is_newer(0, 255) && !is_newer(255, 0));
+        assert!(is_newer(127, 0) && is_newer(0, 129));
+        assert!(!is_newer(128, 0) && !is_newer(0, 128) && !is_newer(7, 7));
+        let s = |b: u8| Secret([b; SECRET_LEN]);
+        // (epochs in, oldest to newest, held newest first)
+        let cases: &[(&[u8], &[u8], &[u8])] = &[
+            (&[255, 0], &[255, 0], &[0, 255]),
+            (&[0, 254, 255], &[254, 255, 0], &[0, 255]),
+            (&[1, 0, 255], &[255, 0, 1], &[1, 0]),
+            (&[0, 127], &[0, 127], &[127, 0]),
+            (&[200, 71, 255, 0], &[200, 255, 0, 71], &[71, 0]),
+            (&[129, 0], &[129, 0], &[0, 129]),
+            (&[9], &[9], &[9]),
+        ];
+        for (ids, order, held) in cases {
+            let ring = Keyring::from_secrets("k", ids.iter().map(|id| (*id, s(*id))))
+                .unwrap_or_else(|e| panic!("{ids:?}: {e}"));
+            assert_eq!(ring.epochs(), *order, "{ids:?}");
+            assert_eq!(ring.held_epochs(), *held, "{ids:?}");
+            assert_eq!(ring.newest(), held[0], "{ids:?}");
+            let nk = ring.node_keys(42);
+            assert_eq!(nk.epoch[0], held[0], "{ids:?}");
+            assert_eq!(nk.key[0], ring.node_key(42, held[0]).unwrap(), "{ids:?}");
+        }
+        for ids in [
+            &[0u8, 128][..],
+            &[0, 64, 128],
+            &[0, 100, 200],
+            &[10, 138, 139],
+        ] {
+            let err = Keyring::from_secrets("k.toml", ids.iter().map(|id| (*id, s(*id))))
+                .expect_err("ambiguous order");
+            assert!(
+                matches!(err, KeyringError::EpochsTooFarApart { .. }),
+                "{ids:?}: {err}"
+            );
+        }
+        let err = Keyring::from_secrets("k.toml", [(128, s(1)), (0, s(2))]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "keyring k.toml: epochs 0, 128 do not lie within 128 consecutive ids (after 255 comes 0), so which is newest is ambiguous; remove the old ones"
+        );
+        // The file form too: a rotation past 255 moves the sender's default.
+        let text = format!(
+            "[[epoch]]\nid = 255\nsecret = \"{}\"\n[[epoch]]\nid = 0\nsecret = \"{}\"\n",
+            "11".repeat(32),
+            "22".repeat(32)
+        );
+        let ring = Keyring::parse(Path::new("k"), &text).unwrap();
+        assert_eq!((ring.newest(), ring.held_epochs()), (0, vec![0, 255]));
+    }
+
+    /// A keyring its group or others may read is refused before it is
+    /// read, with the fix; 0600 and 0400 load. Pipes are not checked.
+    #[test]
+    fn keyrings_open_to_others_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring.toml");
+        let text = format!("[[epoch]]\nid = 1\nsecret = \"{}\"\n", "ab".repeat(32));
+        std::fs::write(&path, text).unwrap();
+        let chmod = |mode: u32| {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        for mode in [0o644, 0o640, 0o604, 0o620, 0o610, 0o660, 0o601] {
+            chmod(mode);
+            let err = Keyring::load(&path).unwrap_err();
+            let want_mode = mode & 0o7777;
+            assert!(
+                matches!(err, KeyringError::NotPrivate { mode: m, .. } if m == want_mode),
+                "{mode:o}: {err}"
+            );
+            if mode == 0o644 {
+                let p = path.display();
+                assert_eq!(
+                    err.to_string(),
+                    format!(
+                        "keyring {p} has mode 0644: users other than its owner may get at the master secrets; run `chmod 600 {p}`"
+                    )
+                );
+            }
+        }
+        for mode in [0o600, 0o400] {
+            chmod(mode);
+            let ring = Keyring::load(&path).unwrap_or_else(|e| panic!("{mode:o}: {e}"));
+            assert_eq!(ring.epochs(), vec![1]);
+        }
+        // Not a file at rest: a pipe's mode says nothing about the secret.
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || {
+                std::fs::write(
+                    fifo,
+                    "[[epoch]]\nid = 3\nsecret = \"".to_owned() + &"cd".repeat(32) + "\"\n",
+                )
+            })
+        };
+        assert_eq!(Keyring::load(&fifo).unwrap().epochs(), vec![3]);
+        writer.join().unwrap().unwrap();
     }
 
     #[test]

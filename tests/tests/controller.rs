@@ -76,6 +76,12 @@ fn qlearn_changes_a_live_senders_interval_through_acks() {
         format!("[[epoch]]\nid = {EPOCH}\nsecret = \"{}\"\n", hex(&SECRET)),
     )
     .unwrap();
+    // A keyring must be private to its owner.
+    std::fs::set_permissions(
+        &keyring,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let table = dir.path().join("state/controller.json");
 
     // hb_pass on the node's side, so the ACKs the gate sends back with

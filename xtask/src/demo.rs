@@ -281,6 +281,12 @@ fn story(args: &Args, hb: &Path, pid: u32, dir: &Path) -> anyhow::Result<()> {
         format!("[[epoch]]\nid = 1\nsecret = \"{}\"\n", secret.trim()),
     )
     .context("cannot write the demo keyring")?;
+    // A keyring must be private to its owner.
+    std::fs::set_permissions(
+        &keyring,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .context("cannot make the demo keyring private")?;
     let keyring_s = keyring.display().to_string();
     let mut node_keys = Vec::new();
     for i in 1..=NODES {

@@ -1180,6 +1180,11 @@ fn main() -> anyhow::Result<()> {
             hb::keys::to_hex(&secret())
         ),
     )?;
+    // A keyring must be private to its owner.
+    std::fs::set_permissions(
+        dir.join("keyring.toml"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     let link = Link::new(o.coalesce_us)?;
     let sock = packet_socket(&link.b, &link.if_s)?;
     let floor = XdpDataplane::open(&XdpOptions {
