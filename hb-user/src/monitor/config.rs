@@ -31,6 +31,9 @@ pub const MAX_HOOK_CONCURRENCY: usize = 1024;
 /// Most events that may wait for a hook: a million, a partition of the
 /// largest fleet.
 pub const MAX_HOOK_QUEUE: usize = 1 << 20;
+/// The longest decision period, ms: an hour (one decision per node per
+/// hour is already no control at all).
+pub const MAX_DECISION_MS: u64 = 3_600_000;
 
 /// Where heartbeats are gated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -480,9 +483,18 @@ impl Settings {
                 nodes.len()
             );
         }
+        let port = a.port.or(f.port).unwrap_or(hb_common::proto::DEFAULT_PORT);
+        if port == 0 {
+            // The gate would filter nothing (XDP), or a random port be bound.
+            bail!("port must be between 1 and 65535, got 0");
+        }
+        let decision_ms = a.decision_ms.or(f.decision_ms).unwrap_or(decision_default);
+        if !(1..=MAX_DECISION_MS).contains(&decision_ms) {
+            bail!("decision_ms must be between 1 and {MAX_DECISION_MS}, got {decision_ms}");
+        }
         Ok(Settings {
             ifaces,
-            port: a.port.or(f.port).unwrap_or(hb_common::proto::DEFAULT_PORT),
+            port,
             keyring,
             nodes,
             listen: a
@@ -498,11 +510,7 @@ impl Settings {
             thresholds,
             phi,
             fixed_interval_ms,
-            decision_ms: a
-                .decision_ms
-                .or(f.decision_ms)
-                .unwrap_or(decision_default)
-                .max(1),
+            decision_ms,
             controller,
             keep_attached: a.keep_attached || f.keep_attached.unwrap_or(false),
             enroll: a.enroll || f.enroll.unwrap_or(false),
@@ -917,5 +925,22 @@ mod tests {
                 .contains("hook_concurrency must be at most 1024"),
             "{e}"
         );
+        // Accepted before: port 0 gates nothing (XDP) or binds a random
+        // port; a huge decision period overflowed into ns at start.
+        let f: FileConfig = toml::from_str("port = 0\n").unwrap();
+        let e = Settings::merge(&args().into(), f).unwrap_err();
+        assert!(e.to_string().contains("port must be between 1"), "{e}");
+        for ms in [0, 1 << 58] {
+            let a = Opts {
+                decision_ms: Some(ms),
+                ..args()
+            };
+            let e = Settings::merge(&a.into(), FileConfig::default()).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("decision_ms must be between 1 and 3600000"),
+                "{e}"
+            );
+        }
     }
 }

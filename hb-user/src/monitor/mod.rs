@@ -65,6 +65,12 @@ use crate::{
 
 /// Entry point of `hb monitor`.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // A SIGHUP before its handler is installed would end the process (and
+    // `Restart=on-failure` takes death by SIGHUP for a clean exit): blocked
+    // until then (`main` blocks it first thing). The runtime's threads
+    // inherit the mask; `serve` unblocks it on this thread once handled,
+    // and one that came meanwhile is delivered then, as a reload.
+    set_sighup_blocked(true);
     let settings = Settings::load(&args)?;
     let keyring = Keyring::load(&settings.keyring)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -74,6 +80,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(serve(args, settings, keyring))
+}
+
+/// Blocks or unblocks SIGHUP for the calling thread: `main` blocks it
+/// before anything else and unblocks it for every command but `monitor`,
+/// which handles it.
+pub fn set_sighup_blocked(blocked: bool) {
+    // SAFETY: plain libc calls on a sigset_t on the stack.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        let how = if blocked {
+            libc::SIG_BLOCK
+        } else {
+            libc::SIG_UNBLOCK
+        };
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
 }
 
 /// The dataplane as the monitor drives it, its reports, plus what only
@@ -225,6 +249,8 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    // Handled now (`run` blocked it until here; this is its thread).
+    set_sighup_blocked(false);
 
     let Opened { dp, reports, mem } = open_dataplane(&settings)?;
     let (mem, sockets) = match mem {
@@ -596,7 +622,10 @@ async fn reload(
     // whole reload. The running policy's table is saved first: a qlearn
     // whose options changed goes on from what was learned.
     let policy = if running.policy_differs(&settings) {
-        let (shared2, s2) = (shared.clone(), settings.clone());
+        let (shared2, mut s2) = (shared.clone(), settings.clone());
+        // The tick runs at the period it started with (a new one waits for
+        // a restart): the controller models that one.
+        s2.tick = running.tick;
         let built = tokio::task::spawn_blocking(move || rebuild_policy(&shared2, &s2)).await;
         match built {
             Ok(Ok(p)) => Some(p),

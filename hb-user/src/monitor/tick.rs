@@ -673,7 +673,7 @@ mod tests {
             let mut seq = 1;
             let mut t = from_ms;
             while t <= to_ms {
-                if (t - from_ms) % interval_ms as u64 == 0 {
+                if (t - from_ms).is_multiple_of(interval_ms as u64) {
                     self.beat(id, seq, interval_ms, t);
                     seq += 1;
                 }
