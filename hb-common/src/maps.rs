@@ -141,10 +141,12 @@ impl NodeKeys {
 ///
 /// An array of [`Bucket`]s, one cache line each. Bucket 0 is the header:
 /// its first word holds the bucket mask (low 32 bits) and a sequence
-/// number (high 32 bits). Buckets `1 ..= mask + 1` hold entries: a node id
-/// may sit in either of its two buckets ([`buckets`]), in any of the eight
-/// entries. An entry is `node_id | slot << 32`; 0 is empty (node id 0 is
-/// never valid).
+/// number (high 32 bits), its second the index's seed ([`SEED`]), drawn
+/// at random when the index is created and never changed after. Buckets
+/// `1 ..= mask + 1` hold entries: a node id may sit in either of its two
+/// buckets ([`buckets`], keyed by the seed), in any of the eight entries.
+/// An entry is `node_id | slot << 32`; 0 is empty (node id 0 is never
+/// valid).
 ///
 /// Userspace is the only writer and keeps the load at or below one half
 /// (`hb_user::dataplane::index`). It puts a node in its first bucket
@@ -174,10 +176,18 @@ pub mod index {
         b as u32
     }
 
-    /// The header word: `mask | seq << 32`.
+    /// The header word (word 0 of bucket 0): `mask | seq << 32`.
     pub const fn header(mask: u32, seq: u32) -> u64 {
         mask as u64 | (seq as u64) << 32
     }
+
+    /// The word of bucket 0 that holds the seed of [`buckets`]. Userspace
+    /// draws it from the OS's random number generator when it creates the
+    /// index, before it writes the header word, and keeps it when it
+    /// adopts a pinned index and when the table doubles. An index created
+    /// before there was a seed has 0 here, which is the unkeyed hash those
+    /// versions used: it keeps working (unkeyed).
+    pub const SEED: usize = 1;
 
     /// An entry.
     pub const fn entry(node_id: u32, slot: u32) -> u64 {
@@ -195,16 +205,25 @@ pub mod index {
     }
 
     /// The two buckets (map indices, header excluded) of `node_id` under
-    /// `mask`: the low and high halves of SplitMix64's finalizer of the
-    /// id, which mixes every input bit into every output bit, so ids in
-    /// any pattern (sequential, strided, random) spread like random ones.
-    /// (A plain multiplicative hash left three quarters of the buckets
-    /// empty for sequential ids: bits 32 and up of `id * C` for a 32-bit
-    /// id repeat with the id's low bits.) They may coincide.
+    /// `mask` and `seed`: the low and high halves of SplitMix64's
+    /// finalizer of the id, which mixes every input bit into every output
+    /// bit, so ids in any pattern (sequential, strided, random) spread like
+    /// random ones. (A plain multiplicative hash left three quarters of the
+    /// buckets empty for sequential ids: bits 32 and up of `id * C` for a
+    /// 32-bit id repeat with the id's low bits.) They may coincide.
+    ///
+    /// The seed keys it: it goes into the input and again after the first
+    /// multiplication, so which ids share buckets depends on a secret. An
+    /// unkeyed hash let anyone who can get ids provisioned (enrollment)
+    /// pick sixteen ids whose two buckets are both a target's two buckets,
+    /// fill them with entries no move can place elsewhere and so keep the
+    /// target out of the index. Not a cryptographic hash: what it resists
+    /// is an attacker who never sees where ids land. Seed 0 is the unkeyed
+    /// hash of older versions, so their indexes stay readable.
     #[inline(always)]
-    pub const fn buckets(node_id: u32, mask: u32) -> (u32, u32) {
-        let mut z = (node_id as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    pub const fn buckets(node_id: u32, mask: u32, seed: u64) -> (u32, u32) {
+        let mut z = (node_id as u64 ^ seed).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ seed.rotate_left(32);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^= z >> 31;
         (1 + (z as u32 & mask), 1 + ((z >> 32) as u32 & mask))
@@ -257,7 +276,10 @@ pub mod index {
         while t < TRIES {
             // SAFETY: in bounds; volatile, userspace writes it.
             let h0 = unsafe { core::ptr::read_volatile(&header.0[0]) };
-            let (b1, b2) = buckets(node_id, h0 as u32);
+            // SAFETY: as above. Written before the header word and never
+            // changed after: one more load of the line just read.
+            let seed = unsafe { core::ptr::read_volatile(&header.0[SEED]) };
+            let (b1, b2) = buckets(node_id, h0 as u32, seed);
             if let Some(slot) = bucket(b1).and_then(|b| find_in(b, node_id)) {
                 return Lookup::Found(slot);
             }
@@ -1333,45 +1355,129 @@ mod tests {
         }
     }
 
-    fn table(mask: u32) -> [index::Bucket; 5] {
+    /// A seed as the userspace writer draws them (any nonzero value).
+    const SEED: u64 = 0x5eed_1dea_c0ff_ee42;
+
+    fn table(mask: u32, seed: u64) -> [index::Bucket; 5] {
         let mut t = [index::Bucket::default(); 5];
         t[0].0[0] = index::header(mask, 0);
+        t[0].0[index::SEED] = seed;
         t
     }
 
     #[test]
     fn index_lookup_finds_either_bucket_and_misses_cleanly() {
-        let mut t = table(3);
-        // A node whose two buckets differ under this mask.
+        for seed in [0, SEED] {
+            let mut t = table(3, seed);
+            // A node whose two buckets differ under this mask.
+            let id = (1..)
+                .find(|&id| {
+                    let (b1, b2) = index::buckets(id, 3, seed);
+                    b1 != b2
+                })
+                .unwrap();
+            let (b1, b2) = index::buckets(id, 3, seed);
+            assert!((1..=4).contains(&b1) && (1..=4).contains(&b2));
+            t[b1 as usize].0[7] = index::entry(id, 55);
+            let found = |id, t: &[index::Bucket]| index::lookup(id, |i| t.get(i as usize));
+            assert_eq!(found(id, &t), index::Lookup::Found(55));
+            t[b1 as usize].0[7] = 0;
+            t[b2 as usize].0[0] = index::entry(id, 56);
+            assert_eq!(found(id, &t), index::Lookup::Found(56));
+            assert_eq!(found(id + 1, &t), index::Lookup::Absent);
+            // A bucket beyond the map (a corrupt mask) is a miss, not a
+            // fault.
+            assert_eq!(found(id, &t[..1]), index::Lookup::Absent);
+        }
+    }
+
+    #[test]
+    fn index_lookup_hashes_with_the_headers_seed() {
+        // The kernel's lookup reads the seed from the header, so it finds
+        // what the writer put where its seed says, and only there.
+        let mask = 3;
         let id = (1..)
             .find(|&id| {
-                let (b1, b2) = index::buckets(id, 3);
-                b1 != b2
+                let (s1, s2) = index::buckets(id, mask, SEED);
+                let (u1, u2) = index::buckets(id, mask, 0);
+                s1 == s2 && u1 != s1 && u2 != s1
             })
             .unwrap();
-        let (b1, b2) = index::buckets(id, 3);
-        assert!((1..=4).contains(&b1) && (1..=4).contains(&b2));
-        t[b1 as usize].0[7] = index::entry(id, 55);
-        let found = |id, t: &[index::Bucket]| index::lookup(id, |i| t.get(i as usize));
-        assert_eq!(found(id, &t), index::Lookup::Found(55));
-        t[b1 as usize].0[7] = 0;
-        t[b2 as usize].0[0] = index::entry(id, 56);
-        assert_eq!(found(id, &t), index::Lookup::Found(56));
-        assert_eq!(found(id + 1, &t), index::Lookup::Absent);
-        // A bucket beyond the map (a corrupt mask) is a miss, not a fault.
-        assert_eq!(found(id, &t[..1]), index::Lookup::Absent);
+        let (b, _) = index::buckets(id, mask, SEED);
+        let mut t = table(mask, SEED);
+        t[b as usize].0[2] = index::entry(id, 9);
+        let found = |t: &[index::Bucket]| index::lookup(id, |i| t.get(i as usize));
+        assert_eq!(found(&t), index::Lookup::Found(9));
+        t[0].0[index::SEED] = 0;
+        assert_eq!(found(&t), index::Lookup::Absent, "the unkeyed buckets");
+    }
+
+    #[test]
+    fn index_seed_zero_is_the_unkeyed_hash_of_older_versions() {
+        // An index pinned by a version without a seed has 0 in the seed's
+        // word: its entries sit where that version's hash (SplitMix64's
+        // finalizer, unkeyed) put them, and must still be found there.
+        for (id, z) in [
+            (1u32, 0x910a_2dec_8902_5cc1u64),
+            (2, 0x9758_35de_1c97_56ce),
+            (901, 0x6687_df85_7f84_9550),
+            (u32::MAX, 0x73b1_3ba2_aff1_81c0),
+        ] {
+            assert_eq!(
+                index::buckets(id, u32::MAX, 0),
+                (
+                    1u32.wrapping_add(z as u32),
+                    1u32.wrapping_add((z >> 32) as u32)
+                ),
+                "id {id}"
+            );
+        }
+    }
+
+    #[test]
+    fn index_buckets_depend_on_the_seed() {
+        // Ids that share both buckets with a target under one seed (what
+        // an attacker who assumes that seed would enroll) are scattered
+        // under another: about as many still collide as among any ids
+        // (none). 256 buckets: the index of 900 nodes.
+        let mask = (1 << 8) - 1;
+        let target = 901;
+        let (p, q) = index::buckets(target, mask, 0);
+        let hostile: [u32; 16] = {
+            let mut h = [0; 16];
+            let mut n = 0;
+            let mut id = 1_000_000u32;
+            while n < 16 {
+                let (a, b) = index::buckets(id, mask, 0);
+                if (a == p || a == q) && (b == p || b == q) {
+                    h[n] = id;
+                    n += 1;
+                }
+                id += 1;
+            }
+            h
+        };
+        let (p, q) = index::buckets(target, mask, SEED);
+        let still = hostile
+            .iter()
+            .filter(|&&id| {
+                let (a, b) = index::buckets(id, mask, SEED);
+                (a == p || a == q) && (b == p || b == q)
+            })
+            .count();
+        assert_eq!(still, 0, "{still} of 16 still fill the target's buckets");
     }
 
     #[test]
     fn index_lookup_reports_a_miss_during_moves_as_busy() {
-        let mut t = table(3);
+        let mut t = table(3, SEED);
         t[0].0[0] = index::header(3, 1); // odd: a move in progress
         let found = |id, t: &[index::Bucket]| index::lookup(id, |i| t.get(i as usize));
         assert_eq!(found(99, &t), index::Lookup::Busy);
         t[0].0[0] = index::header(3, 2); // even, stable: a real miss
         assert_eq!(found(99, &t), index::Lookup::Absent);
         // Found is found, moves or not.
-        let (b1, _) = index::buckets(99, 3);
+        let (b1, _) = index::buckets(99, 3, SEED);
         t[b1 as usize].0[3] = index::entry(99, 4);
         t[0].0[0] = index::header(3, 5);
         assert_eq!(found(99, &t), index::Lookup::Found(4));
@@ -1384,23 +1490,26 @@ mod tests {
         assert_eq!(index::buckets_for(5), 2);
         assert_eq!(index::buckets_for(1 << 20), 1 << 18);
         assert_eq!(index::buckets_for(1_000_000), 1 << 18);
-        // Sequential and strided ids spread like random ones: 4 per bucket
-        // on average, so about e^-4 = 1.8% of the buckets empty (a
-        // Poisson(4) law) and none far above the mean, in both choices.
+        // Sequential and strided ids spread like random ones, keyed or
+        // not: 4 per bucket on average, so about e^-4 = 1.8% of the
+        // buckets empty (a Poisson(4) law) and none far above the mean, in
+        // both choices.
         let mask = (1 << 10) - 1;
-        for stride in [1u32, 1024, 65536 + 1] {
-            for choice in 0..2 {
-                let mut n = [0u32; 1 << 10];
-                for i in 1..=4096u32 {
-                    let (b1, b2) = index::buckets(i.wrapping_mul(stride), mask);
-                    n[([b1, b2][choice] - 1) as usize] += 1;
+        for seed in [0, SEED, 1, u64::MAX] {
+            for stride in [1u32, 1024, 65536 + 1] {
+                for choice in 0..2 {
+                    let mut n = [0u32; 1 << 10];
+                    for i in 1..=4096u32 {
+                        let (b1, b2) = index::buckets(i.wrapping_mul(stride), mask, seed);
+                        n[([b1, b2][choice] - 1) as usize] += 1;
+                    }
+                    let empty = n.iter().filter(|c| **c == 0).count();
+                    let max = *n.iter().max().unwrap();
+                    assert!(
+                        empty <= 40 && max <= 16,
+                        "seed {seed:#x}, stride {stride}: {empty} empty, max {max}"
+                    );
                 }
-                let empty = n.iter().filter(|c| **c == 0).count();
-                let max = *n.iter().max().unwrap();
-                assert!(
-                    empty <= 40 && max <= 16,
-                    "stride {stride}: {empty} empty, max {max}"
-                );
             }
         }
     }

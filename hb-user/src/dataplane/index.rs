@@ -40,6 +40,18 @@
 //! first bucket and one insert in four thousand needs a chain (see the
 //! tests).
 //!
+//! # Seed
+//! Which ids share buckets depends on the index's seed
+//! (`index::buckets`), drawn from the OS's random number generator when
+//! the index is created and kept in the header for the kernel. Without
+//! it anyone could compute sixteen ids whose two buckets are both a
+//! target's two buckets; enrolled (`--enroll` provisions ids from
+//! unauthenticated datagrams), they would fill those buckets with entries
+//! no move can place elsewhere, and the target could never be indexed.
+//! The seed stays with the index for its life: an adopted index keeps
+//! its own, a doubling rehashes under the same one. An index pinned by a
+//! version without a seed has 0, the unkeyed hash, and keeps it.
+//!
 //! One writer at a time: the mutating methods take `&mut self`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -113,11 +125,29 @@ pub fn lookup_in(w: &[AtomicU64], node_id: u32) -> index::Lookup {
     })
 }
 
+/// A fresh seed for `index::buckets`, from the OS's random number
+/// generator (as the master secret, `keys::new_secret`); never 0, which
+/// marks an index of a version without a seed.
+fn fresh_seed() -> u64 {
+    use ring::rand::SecureRandom as _;
+    let rng = ring::rand::SystemRandom::new();
+    let mut seed = [0u8; 8];
+    while u64::from_ne_bytes(seed) == 0 {
+        rng.fill(&mut seed)
+            // getrandom(2) blocks until the kernel's pool is ready, then
+            // does not fail: nothing to recover from here.
+            .expect("the system random number generator failed");
+    }
+    u64::from_ne_bytes(seed)
+}
+
 /// The node index. See the module docs.
 pub struct NodeIndex<'a> {
     words: Words<'a>,
     /// Buckets in use, minus one.
     mask: u32,
+    /// The seed of `index::buckets`, as in the header.
+    seed: u64,
     /// Buckets the map holds (besides the header).
     room: u32,
     /// Entries in use.
@@ -127,7 +157,8 @@ pub struct NodeIndex<'a> {
 impl<'a> NodeIndex<'a> {
     /// The index in `words` (bucket 0, the header, first; then `room`
     /// buckets, a power of two). An all-zero index (a fresh map) gets its
-    /// header; one with a header (pinned, adopted) must fit.
+    /// header and a fresh seed; one with a header (pinned, adopted) must
+    /// fit, and keeps its seed.
     pub fn new(words: Words<'a>) -> Result<NodeIndex<'a>, IndexMismatch> {
         let w = words.get();
         let room = (w.len() / ENTRIES).saturating_sub(1) as u64;
@@ -141,11 +172,22 @@ impl<'a> NodeIndex<'a> {
             "index words not aligned like buckets"
         );
         let h = w[0].load(Ordering::Acquire);
+        let seed;
         let mask = if h == 0 && w.iter().all(|e| e.load(Ordering::Relaxed) == 0) {
             let mask = (MIN_BUCKETS as u64).min(room) as u32 - 1;
+            seed = fresh_seed();
+            // The seed before the header word: a reader that sees the mask
+            // sees the seed.
+            w[index::SEED].store(seed, Ordering::Release);
             w[0].store(index::header(mask, 0), Ordering::Release);
             mask
         } else {
+            seed = w[index::SEED].load(Ordering::Acquire);
+            if seed == 0 {
+                tracing::warn!(
+                    "the adopted node index has no seed (pinned by an older hb version): which ids share its buckets is predictable, so with --enroll ids can be chosen to keep a node out of it; remove the pinned maps (losing node state) to start a seeded one"
+                );
+            }
             let mask = h as u32;
             let buckets = mask as u64 + 1;
             if !buckets.is_power_of_two() || buckets > room {
@@ -159,6 +201,7 @@ impl<'a> NodeIndex<'a> {
         let mut ix = NodeIndex {
             words,
             mask,
+            seed,
             room: room as u32,
             len: 0,
         };
@@ -181,7 +224,7 @@ impl<'a> NodeIndex<'a> {
                 if e == 0 {
                     continue;
                 }
-                let (b1, b2) = index::buckets(id, self.mask);
+                let (b1, b2) = index::buckets(id, self.mask, self.seed);
                 if b > self.mask + 1 || (b != b1 && b != b2) || !seen.insert(id) {
                     self.word(b, p).store(0, Ordering::Release);
                     cleared += 1;
@@ -253,7 +296,7 @@ impl<'a> NodeIndex<'a> {
             // Every free entry holds id 0: id 0 has no entry.
             return None;
         }
-        let (b1, b2) = index::buckets(node_id, self.mask);
+        let (b1, b2) = index::buckets(node_id, self.mask, self.seed);
         [b1, b2].into_iter().find_map(|b| {
             (0..ENTRIES)
                 .find(|&p| index::entry_id(self.word(b, p).load(Ordering::Relaxed)) == node_id)
@@ -286,7 +329,7 @@ impl<'a> NodeIndex<'a> {
     fn insert(&mut self, node_id: u32, slot: u32) -> Result<(), IndexFull> {
         // The first bucket unless it is full: lookups search it first, so
         // a node there costs the kernel one cache line.
-        let (b1, b2) = index::buckets(node_id, self.mask);
+        let (b1, b2) = index::buckets(node_id, self.mask, self.seed);
         for b in [b1, b2] {
             if let Some(p) = self.free_pos(b) {
                 self.word(b, p)
@@ -317,7 +360,7 @@ impl<'a> NodeIndex<'a> {
             let at = queue[i];
             for p in 0..ENTRIES {
                 let id = index::entry_id(self.word(at.bucket, p).load(Ordering::Relaxed));
-                let (x1, x2) = index::buckets(id, self.mask);
+                let (x1, x2) = index::buckets(id, self.mask, self.seed);
                 let alt = if x1 == at.bucket { x2 } else { x1 };
                 if alt == at.bucket {
                     continue;
@@ -381,8 +424,8 @@ impl<'a> NodeIndex<'a> {
                 if id == 0 {
                     continue;
                 }
-                let (o1, _) = index::buckets(id, self.mask);
-                let (n1, n2) = index::buckets(id, mask);
+                let (o1, _) = index::buckets(id, self.mask, self.seed);
+                let (n1, n2) = index::buckets(id, mask, self.seed);
                 let to = if o1 == b { n1 } else { n2 };
                 if to != b {
                     let q = self.free_pos(to).expect("a split bucket has room");
@@ -473,7 +516,7 @@ mod tests {
         // kernel lookup.
         let first = (1..=n)
             .filter(|&id| {
-                let (b1, _) = index::buckets(id, ix.mask);
+                let (b1, _) = index::buckets(id, ix.mask, ix.seed);
                 (0..ENTRIES).any(|p| index::entry_id(ix.word(b1, p).load(Ordering::Relaxed)) == id)
             })
             .count();
@@ -539,17 +582,137 @@ mod tests {
         }
     }
 
-    fn words(buckets: usize, header: u64) -> Box<[OwnedBucket]> {
+    /// An index as a monitor left it: its header and seed.
+    fn words(buckets: usize, header: u64, seed: u64) -> Box<[OwnedBucket]> {
         let w: Box<[OwnedBucket]> = (0..1 + buckets).map(|_| OwnedBucket::empty()).collect();
         w[0].0[0].store(header, Ordering::Relaxed);
+        w[0].0[index::SEED].store(seed, Ordering::Relaxed);
         w
+    }
+
+    /// Memory that outlives the test, as the map's mapping outlives the
+    /// index: to drop an index and adopt the same words again.
+    fn leaked_words(buckets: usize) -> &'static [AtomicU64] {
+        let owned: &'static [OwnedBucket] = Box::leak(
+            (0..1 + buckets)
+                .map(|_| OwnedBucket::empty())
+                .collect::<Box<[OwnedBucket]>>(),
+        );
+        // SAFETY: `OwnedBucket` is `ENTRIES` atomics, no padding.
+        unsafe {
+            std::slice::from_raw_parts(owned.as_ptr().cast::<AtomicU64>(), owned.len() * ENTRIES)
+        }
+    }
+
+    /// The attack on an unkeyed index: with 900 nodes in (256 buckets,
+    /// 44% full), enroll 16 ids whose two buckets are both among node
+    /// 901's two, computed with the seed the attacker `guess`es; then
+    /// index 901.
+    fn choose_ids_against_901(ix: &mut NodeIndex, guess: u64) -> Result<(), IndexFull> {
+        for id in 1..=900 {
+            ix.set(id, id).unwrap();
+        }
+        let mask = ix.buckets() - 1;
+        let (p, q) = index::buckets(901, mask, guess);
+        let hostile: Vec<u32> = (1_000_000u32..)
+            .filter(|&id| {
+                let (a, b) = index::buckets(id, mask, guess);
+                (a == p || a == q) && (b == p || b == q)
+            })
+            .take(16)
+            .collect();
+        for (i, id) in hostile.iter().enumerate() {
+            ix.set(*id, 2000 + i as u32).unwrap();
+        }
+        ix.set(901, 5000)?;
+        assert_eq!(ix.get(901), Some(5000));
+        Ok(())
+    }
+
+    #[test]
+    fn ids_chosen_without_the_seed_cannot_keep_a_node_out() {
+        // The attacker guesses the unkeyed hash (the seed of older
+        // versions) or another seed: the index has its own.
+        for guess in [0, 1, 0x9e37_79b9_7f4a_7c15] {
+            let mut ix = NodeIndex::owned(1 << 17);
+            assert_ne!(ix.seed, guess);
+            assert_eq!(
+                choose_ids_against_901(&mut ix, guess),
+                Ok(()),
+                "guess {guess:#x}"
+            );
+        }
+        // The attack is real: an index whose seed the attacker knows (here
+        // one pinned by a version without a seed, 0) refuses node 901.
+        let mut ix = NodeIndex::new(Words::Owned(words(1 << 17, index::header(7, 0), 0))).unwrap();
+        assert_eq!(ix.seed, 0);
+        assert_eq!(choose_ids_against_901(&mut ix, 0), Err(IndexFull(901)));
+    }
+
+    #[test]
+    fn the_seed_stays_with_the_index_through_doubling_and_adoption() {
+        let words = leaked_words(1 << 10);
+        let mut ix = NodeIndex::new(Words::Mapped(words)).unwrap();
+        let seed = ix.seed;
+        assert_ne!(seed, 0, "a fresh index is seeded");
+        assert_eq!(
+            words[index::SEED].load(Ordering::Relaxed),
+            seed,
+            "in the header"
+        );
+        for id in 1..=2000 {
+            ix.set(id, id).unwrap();
+        }
+        assert_eq!(ix.buckets(), 512, "doubled six times");
+        assert_eq!(words[index::SEED].load(Ordering::Relaxed), seed);
+        drop(ix);
+        // A restart adopts the pinned map: same seed, every node where the
+        // kernel's lookup (which reads the seed from the header) finds it.
+        let mut ix = NodeIndex::new(Words::Mapped(words)).unwrap();
+        assert_eq!(ix.seed, seed);
+        assert_eq!(ix.len(), 2000, "repair found every entry in its buckets");
+        for id in 1..=2000 {
+            assert_eq!(ix.lookup(id), index::Lookup::Found(id));
+        }
+        ix.set(2001, 2001).unwrap();
+        assert_eq!(ix.get(2001), Some(2001));
+        // Each index draws its own.
+        assert_ne!(NodeIndex::owned(8).seed, seed);
+    }
+
+    #[test]
+    fn an_index_without_a_seed_keeps_the_unkeyed_hash() {
+        // Pinned by an older version: seed word 0, entries where the
+        // unkeyed hash put them. Adopted as is, found as before.
+        let mask = 3;
+        let w = words(32, index::header(mask, 2), 0);
+        for id in [5u32, 6, 7] {
+            let (b, _) = index::buckets(id, mask, 0);
+            let p = (0..ENTRIES)
+                .find(|&p| w[b as usize].0[p].load(Ordering::Relaxed) == 0)
+                .unwrap();
+            w[b as usize].0[p].store(index::entry(id, id * 10), Ordering::Relaxed);
+        }
+        let mut ix = NodeIndex::new(Words::Owned(w)).unwrap();
+        assert_eq!((ix.seed, ix.len()), (0, 3));
+        for id in [5u32, 6, 7] {
+            assert_eq!(ix.get(id), Some(id * 10));
+        }
+        for id in 8..=100 {
+            ix.set(id, id * 10).unwrap();
+        }
+        assert_eq!(ix.buckets(), 32, "doubled three times");
+        assert_eq!(ix.seed, 0, "kept through doubling");
+        for id in 5..=100 {
+            assert_eq!(ix.get(id), Some(id * 10));
+        }
     }
 
     #[test]
     fn an_adopted_index_must_fit_its_map() {
-        assert!(NodeIndex::new(Words::Owned(words(4, index::header(3, 6)))).is_ok());
-        assert!(NodeIndex::new(Words::Owned(words(8, index::header(3, 6)))).is_ok());
-        let bad = NodeIndex::new(Words::Owned(words(4, index::header(7, 0))));
+        assert!(NodeIndex::new(Words::Owned(words(4, index::header(3, 6), 1))).is_ok());
+        assert!(NodeIndex::new(Words::Owned(words(8, index::header(3, 6), 1))).is_ok());
+        let bad = NodeIndex::new(Words::Owned(words(4, index::header(7, 0), 1)));
         assert_eq!(bad.err(), Some(IndexMismatch { found: 8, room: 4 }));
     }
 
@@ -558,13 +721,13 @@ mod tests {
         // Node a twice (a move's copy not yet cleared), node b outside its
         // buckets, node c past the buckets in use (a doubling's copy),
         // the sequence number odd.
-        let mask = 3;
-        let w = words(8, index::header(mask, 5));
+        let (mask, seed) = (3, 0x5eed);
+        let w = words(8, index::header(mask, 5), seed);
         let (a, b, c) = (11u32, 12u32, 13u32);
-        let (a1, a2) = index::buckets(a, mask);
+        let (a1, a2) = index::buckets(a, mask, seed);
         w[a1 as usize].0[0].store(index::entry(a, 1), Ordering::Relaxed);
         w[a2 as usize].0[1].store(index::entry(a, 1), Ordering::Relaxed);
-        let (b1, b2) = index::buckets(b, mask);
+        let (b1, b2) = index::buckets(b, mask, seed);
         let elsewhere = (1..=4).find(|x| *x != b1 && *x != b2).unwrap();
         w[elsewhere as usize].0[2].store(index::entry(b, 2), Ordering::Relaxed);
         w[7].0[3].store(index::entry(c, 3), Ordering::Relaxed);
@@ -610,14 +773,7 @@ mod tests {
         let total = buckets as usize * ENTRIES * 95 / 100;
         let all = ids(total, 12345);
         let (watched, rest) = all.split_at(64);
-        let owned: Box<[OwnedBucket]> = (0..1 + buckets as usize)
-            .map(|_| OwnedBucket::empty())
-            .collect();
-        let owned: &'static [OwnedBucket] = Box::leak(owned);
-        // SAFETY: `OwnedBucket` is `ENTRIES` atomics, no padding.
-        let words: &'static [AtomicU64] = unsafe {
-            std::slice::from_raw_parts(owned.as_ptr().cast::<AtomicU64>(), owned.len() * ENTRIES)
-        };
+        let words = leaked_words(buckets as usize);
         let mut ix = NodeIndex::new(Words::Mapped(words)).unwrap();
         for (i, id) in watched.iter().enumerate() {
             ix.set(*id, i as u32).unwrap();
