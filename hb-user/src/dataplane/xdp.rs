@@ -47,6 +47,24 @@
 //! 192-byte entries that read strode over the other two lines, and the
 //! hardware fetched lines it did not need (tick at 1M nodes 35.5 ms CPU,
 //! `bench_monitor`, loaded machine); over a dense array it streams.
+//!
+//! # Writers that die holding a node
+//!
+//! A monitor killed (SIGKILL, OOM) while it writes a node leaves that
+//! node's `seqcount` odd in the pinned maps, and perhaps its `keys_seq`
+//! too: the kernel then refuses every heartbeat of the node (`contended`),
+//! and a reader that waited for the counter to turn even would wait
+//! forever. So:
+//! - one monitor per pin directory (an `flock` on it, which the kernel
+//!   drops however the holder dies): a counter held at start can then only
+//!   be a dead writer's or the kernel's, which holds a node for well under
+//!   a microsecond;
+//! - at start, `NodeMaps::release_dead_writers` releases every counter
+//!   that stays held for `SETTLE` (and resets the node if its keys may be
+//!   half-written);
+//! - every wait on a counter is bounded (`PATIENCE`): a node that stays
+//!   held makes its writes fail with an error that says so, and its reads
+//!   skipped, counted and logged, never a hang.
 
 use std::{
     ops::Range,
@@ -57,6 +75,7 @@ use std::{
         Mutex, MutexGuard,
         atomic::{AtomicU32, AtomicU64, Ordering, fence},
     },
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow, bail};
@@ -129,6 +148,69 @@ const VALUE_SIZES: [(&str, u32); 5] = [
     (names::CONFIG, size_of::<Config>() as u32),
 ];
 
+/// How long a wait on a node's sequence counter lasts before it gives up
+/// ([`Stuck`]). The kernel holds a node for well under a microsecond, and
+/// this monitor's own writers (serialized by the index lock) for about as
+/// long unless the scheduler takes their CPU mid-write: 50 ms covers a
+/// descheduled writer on a loaded machine and costs a tick little if a
+/// node ever does stay held.
+const PATIENCE: Duration = Duration::from_millis(50);
+
+/// Failed attempts spent spinning before a waiter starts to yield its CPU
+/// and watch the clock: a few microseconds, longer than any kernel hold.
+const SPINS: u32 = 1 << 10;
+
+/// How long a counter found held at start must stay unchanged to be taken
+/// for a dead writer's (see [`NodeMaps::release_dead_writers`]): ten
+/// thousand times the kernel's longest hold, waited once per start and
+/// only if some counter is held.
+const SETTLE: Duration = Duration::from_millis(10);
+
+/// A node whose sequence counter stayed held for writing (odd) for longer
+/// than [`PATIENCE`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "its sequence counter stayed held for writing (at {seq}) for over {} ms: a monitor killed mid-write leaves this, and the next start of the monitor releases it",
+    PATIENCE.as_millis()
+)]
+struct Stuck {
+    /// The counter's last value seen.
+    seq: u32,
+}
+
+/// A bounded wait on a node's sequence counter: spins ([`SPINS`]) for a
+/// writer that is about to release, then yields the CPU (a writer of ours
+/// may be waiting for it) until [`PATIENCE`] has passed.
+#[derive(Default)]
+struct Patience {
+    tries: u32,
+    since: Option<Instant>,
+    /// The previous call already found the time up: one more attempt was
+    /// made after that, so a waiter descheduled past the deadline between
+    /// its attempt and its look at the clock still tries once more.
+    expired: bool,
+}
+
+impl Patience {
+    /// Called after each failed attempt: whether to try again.
+    #[inline]
+    fn again(&mut self) -> bool {
+        if self.tries < SPINS {
+            self.tries += 1;
+            std::hint::spin_loop();
+            return true;
+        }
+        let since = *self.since.get_or_insert_with(Instant::now);
+        let expired = since.elapsed() >= PATIENCE;
+        if expired && self.expired {
+            return false;
+        }
+        self.expired = expired;
+        std::thread::yield_now();
+        true
+    }
+}
+
 /// A shared, writable mapping of a `BPF_F_MMAPABLE` array map of `len`
 /// values of `T`.
 struct Mapping<T> {
@@ -168,6 +250,31 @@ impl<T> Mapping<T> {
             len,
             bytes,
         })
+    }
+
+    /// A zeroed shared anonymous mapping of `len` values: the node maps
+    /// without a kernel, for tests.
+    #[cfg(test)]
+    fn anonymous(len: u32) -> Mapping<T> {
+        let page = page_size();
+        let bytes = (len as usize * size_of::<T>()).div_ceil(page) * page;
+        // SAFETY: a fresh anonymous mapping; checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "anonymous mmap");
+        Mapping {
+            ptr: NonNull::new(p.cast()).expect("mmap never returns NULL on success"),
+            len,
+            bytes,
+        }
     }
 }
 
@@ -251,6 +358,41 @@ impl NodeMaps {
             }
         })
     }
+
+    /// Releases the nodes that writers which died holding them left held
+    /// (see [`Entry::release_dead_writer`]): every slot whose `seqcount`
+    /// or `keys_seq` is odd now and unchanged `settle` later. Run at start
+    /// over adopted maps, before anything reads them, with no other
+    /// userspace writer (the pin directory's lock): the kernel holds a node
+    /// for well under a microsecond, so a count held that long is a dead
+    /// writer's. Returns how many nodes were released, and how many of
+    /// them were reset.
+    fn release_dead_writers(&self, settle: Duration) -> (u32, u32) {
+        let held: Vec<(Entry, (u32, u32))> = (0..self.len())
+            .filter_map(|slot| {
+                let e = self.entry(slot)?;
+                let seen = e.seqs();
+                ((seen.0 | seen.1) & 1 == 1).then_some((e, seen))
+            })
+            .collect();
+        if held.is_empty() {
+            return (0, 0);
+        }
+        std::thread::sleep(settle);
+        let (mut released, mut reset) = (0, 0);
+        for (e, seen) in held {
+            match e.release_dead_writer(seen) {
+                Some(Released::Unlocked) => released += 1,
+                Some(Released::Reset) => {
+                    released += 1;
+                    reset += 1;
+                }
+                // Moved meanwhile: a live writer (the kernel), not a dead one.
+                None => {}
+            }
+        }
+        (released, reset)
+    }
 }
 
 impl Entry {
@@ -265,33 +407,48 @@ impl Entry {
         unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*self.rest).keys_seq)) }
     }
 
+    /// The node's `seqcount` and `keys_seq`, as they are now.
+    fn seqs(self) -> (u32, u32) {
+        (
+            self.seqcount().load(Ordering::Acquire),
+            self.keys_seq().load(Ordering::Acquire),
+        )
+    }
+
     /// Runs `copy` until it saw the node stable: retried while a writer
-    /// holds it (odd count) or wrote during the copy (count changed).
-    fn consistent<T>(self, copy: impl Fn() -> T) -> T {
+    /// holds it (odd count) or wrote during the copy (count changed), for
+    /// at most [`PATIENCE`].
+    #[inline]
+    fn consistent<T>(self, copy: impl Fn() -> T) -> Result<T, Stuck> {
         let sc = self.seqcount();
+        let mut wait = Patience::default();
         loop {
             let s1 = sc.load(Ordering::Acquire);
-            if s1 & 1 == 1 {
-                std::hint::spin_loop();
-                continue;
+            if s1 & 1 == 0 {
+                let v = copy();
+                fence(Ordering::Acquire);
+                if sc.load(Ordering::Relaxed) == s1 {
+                    return Ok(v);
+                }
             }
-            let v = copy();
-            fence(Ordering::Acquire);
-            if sc.load(Ordering::Relaxed) == s1 {
-                return v;
+            if !wait.again() {
+                return Err(Stuck {
+                    seq: sc.load(Ordering::Relaxed),
+                });
             }
         }
     }
 
     /// A consistent copy of the node's live line: one cache line of a
     /// dense array.
-    fn read_live(self) -> NodeLive {
+    #[inline]
+    fn read_live(self) -> Result<NodeLive, Stuck> {
         // SAFETY: a live, aligned map value of plain integers.
         self.consistent(|| unsafe { copy_words(self.live) })
     }
 
     /// A consistent copy of the whole node.
-    fn read(self) -> NodeState {
+    fn read(self) -> Result<NodeState, Stuck> {
         self.consistent(|| {
             // SAFETY: as `read_live`, for both parts.
             let (live, rest) = unsafe { (copy_words(self.live), copy_words(self.rest)) };
@@ -300,10 +457,12 @@ impl Entry {
     }
 
     /// Takes the node with the kernel's write protocol (compare-and-
-    /// exchange even to odd); returns the odd count. The kernel holds a
-    /// node for well under a microsecond, so spinning is fine.
-    fn lock(self) -> u32 {
+    /// exchange even to odd), waiting at most [`PATIENCE`] for whoever
+    /// holds it. The kernel holds a node for well under a microsecond, so
+    /// spinning is fine.
+    fn lock(self) -> Result<Held, Stuck> {
         let sc = self.seqcount();
+        let mut wait = Patience::default();
         loop {
             let s = sc.load(Ordering::Relaxed);
             if s & 1 == 0
@@ -311,9 +470,16 @@ impl Entry {
                     .compare_exchange(s, s + 1, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
             {
-                return s + 1;
+                return Ok(Held {
+                    entry: self,
+                    seq: s + 1,
+                });
             }
-            std::hint::spin_loop();
+            if !wait.again() {
+                return Err(Stuck {
+                    seq: sc.load(Ordering::Relaxed),
+                });
+            }
         }
     }
 
@@ -321,29 +487,130 @@ impl Entry {
         self.seqcount().fetch_add(1, Ordering::Release);
     }
 
-    /// Replaces the node by `f(copy)` under the lock, with `keys_seq` odd
-    /// around the write because the id and keys may change. For whole
-    /// changes of the slot (a node installed, moved or removed): a
-    /// concurrent atomic `bad_tag` increment of the kernel may be lost,
-    /// which is what a reset means anyway.
+    /// Releases the node if a writer that died holding it left it so:
+    /// `seen` (its `seqcount` and `keys_seq`, one of them odd) was read
+    /// [`SETTLE`] ago and neither has moved since. Only right when no
+    /// other process writes these maps (the pin directory's lock).
+    ///
+    /// Every write of a node's data by this module (`replace`, `rekey`)
+    /// happens with `keys_seq` odd, inside the `seqcount` hold:
+    /// - `seqcount` odd, `keys_seq` even: the writer died before it wrote
+    ///   anything or after it wrote everything, so the node is whole (the
+    ///   old one or the new one); releasing the count is the whole repair.
+    /// - `keys_seq` odd: the writer died mid-write. Its id, keys, replay
+    ///   window and counters may mix two versions, e.g. a rotation that
+    ///   wrote an epoch and its valid bit but not the key yet pairs the
+    ///   new epoch with the retired key (which whoever forced the rotation
+    ///   may hold), and a half-copied window can let replays through. None
+    ///   of that is trusted: the node is reset to a fresh state without
+    ///   keys, as a newly provisioned one. Only `node_id` is kept: it
+    ///   shares an 8-byte word with `keys_seq`, written whole, so it is
+    ///   either the old id or the new one, never torn, and it keeps the
+    ///   slot matching the node index ([`XdpDataplane::provisioned`]
+    ///   adopts the node). The node is then refused (`bad_epoch`) until
+    ///   the monitor installs its keys again, which it does on start for
+    ///   every adopted node.
+    ///
+    /// Both counters end on the next even value, so a reader that saw the
+    /// old one retries.
+    fn release_dead_writer(self, seen: (u32, u32)) -> Option<Released> {
+        let (sc, ks) = (self.seqcount(), self.keys_seq());
+        if self.seqs() != seen {
+            return None;
+        }
+        let seq = if seen.0 & 1 == 1 {
+            // The dead writer's hold, taken over: nobody else can take an
+            // odd count.
+            seen.0
+        } else {
+            // `keys_seq` odd under an even `seqcount`: no writer of ours
+            // leaves that, but the repair is the same; take the node first.
+            sc.compare_exchange(seen.0, seen.0 + 1, Ordering::Acquire, Ordering::Relaxed)
+                .ok()?;
+            seen.0 + 1
+        };
+        let done = if seen.1 & 1 == 1 {
+            // SAFETY: we hold the node (and `keys_seq` is odd); aligned
+            // values of a live mapping.
+            unsafe {
+                let node_id = std::ptr::read_volatile(std::ptr::addr_of!((*self.rest).node_id));
+                let rest = NodeRest {
+                    keys_seq: seen.1,
+                    node_id,
+                    ..NodeRest::default()
+                };
+                let live = NodeLive {
+                    seqcount: seq,
+                    ..NodeLive::default()
+                };
+                store_words(self.rest, &rest);
+                store_words(self.live, &live);
+            }
+            ks.fetch_add(1, Ordering::Release);
+            Released::Reset
+        } else {
+            Released::Unlocked
+        };
+        sc.fetch_add(1, Ordering::Release);
+        Some(done)
+    }
+}
+
+/// What [`Entry::release_dead_writer`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Released {
+    /// Released the count; the node was whole.
+    Unlocked,
+    /// Reset the node (its id kept): its keys may have been half-written.
+    Reset,
+}
+
+/// A node held for writing ([`Entry::lock`]), released when dropped: a
+/// panic in `replace`'s closure never leaves it held.
+struct Held {
+    entry: Entry,
+    /// The odd count we hold it at.
+    seq: u32,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.entry.unlock();
+    }
+}
+
+impl Held {
+    /// The node as it is (we hold it: only the kernel's atomic counter
+    /// adds change it meanwhile).
+    fn state(&self) -> NodeState {
+        let e = self.entry;
+        // SAFETY: live, aligned map values of plain integers.
+        unsafe { NodeState::from_parts(&copy_words(e.live), &copy_words(e.rest)) }
+    }
+
+    /// Replaces the node by `f(copy)`, with `keys_seq` odd around the
+    /// write because the id and keys may change. For whole changes of the
+    /// slot (a node installed, moved or removed): a concurrent atomic
+    /// `bad_tag` increment of the kernel may be lost, which is what a reset
+    /// means anyway.
     fn replace(self, f: impl FnOnce(NodeState) -> NodeState) {
-        let seq = self.lock();
-        let ks = self.keys_seq();
+        // Before `keys_seq` turns odd: if `f` panics, dropping `self`
+        // releases a node nobody wrote.
+        let mut v = f(self.state());
+        let e = self.entry;
+        let ks = e.keys_seq();
         let kseq = ks.fetch_add(1, Ordering::AcqRel) + 1;
+        v.seqcount = self.seq;
+        v.keys_seq = kseq;
         // SAFETY: we hold the node (and `keys_seq` is odd); both sequence
         // numbers are written with the values they have now (odd), so no
         // reader and no kernel key read ever sees an even count on a
         // half-written node.
         unsafe {
-            let now = NodeState::from_parts(&copy_words(self.live), &copy_words(self.rest));
-            let mut v = f(now);
-            v.seqcount = seq;
-            v.keys_seq = kseq;
-            store_words(self.rest, v.rest());
-            store_words(self.live, v.live());
+            store_words(e.rest, v.rest());
+            store_words(e.live, v.live());
         }
         ks.fetch_add(1, Ordering::Release);
-        self.unlock();
     }
 
     /// Installs `node_id` with `keys` with a fresh state.
@@ -364,10 +631,9 @@ impl Entry {
     /// writes only those fields, so nothing the kernel counts meanwhile is
     /// lost.
     fn rekey(self, node_id: u32, keys: &NodeKeys) {
-        self.lock();
-        let ks = self.keys_seq();
+        let ks = self.entry.keys_seq();
         ks.fetch_add(1, Ordering::AcqRel);
-        let r = self.rest;
+        let r = self.entry.rest;
         // SAFETY: we hold the node (and `keys_seq` is odd); aligned fields
         // of a live mapping.
         unsafe {
@@ -377,7 +643,6 @@ impl Entry {
             std::ptr::write_volatile(std::ptr::addr_of_mut!((*r).key), keys.key);
         }
         ks.fetch_add(1, Ordering::Release);
-        self.unlock();
     }
 }
 
@@ -418,6 +683,10 @@ pub struct XdpDataplane {
     reports_task: Option<tokio::task::JoinHandle<()>>,
     attached: Vec<Attached>,
     keep_attached: bool,
+    /// Reads skipped because a node stayed held ([`Stuck`]).
+    stuck_reads: AtomicU64,
+    /// The pin directory, locked for this process ([`lock_pin_dir`]).
+    _pin_lock: Option<std::fs::File>,
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<Map> {
@@ -464,6 +733,30 @@ fn ensure_pin_dir(dir: &Path) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create pin directory {}", dir.display()))
+}
+
+/// Takes the pin directory for this process (an `flock` on it): one
+/// monitor per pin directory. What a start repairs in adopted maps (node
+/// counters left held, [`NodeMaps::release_dead_writers`]; an index left
+/// mid-move, [`NodeIndex`]) it takes for a dead writer's, which is only
+/// right if no other monitor is writing the same maps. The kernel drops
+/// the lock however its holder ends, SIGKILL included, so it never needs
+/// cleaning up; the file is opened close-on-exec, so hooks never hold it.
+fn lock_pin_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    let f = std::fs::File::open(dir)
+        .with_context(|| format!("cannot open pin directory {}", dir.display()))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!(
+                "another hb monitor is using the pin directory {}: stop it first, or give this one its own --pin-dir",
+                dir.display()
+            );
+        }
+        return Err(e).with_context(|| format!("cannot lock pin directory {}", dir.display()));
+    }
+    Ok(f)
 }
 
 /// Node maps pinned by hb versions before the node index (a hash map of
@@ -549,10 +842,15 @@ impl XdpDataplane {
             bail!("keep_attached needs a pin directory (the link is pinned there)");
         }
         check_privileges()?;
-        if let Some(dir) = &opts.pin_dir {
-            ensure_pin_dir(dir)?;
-            retire_old_pins(dir)?;
-        }
+        let pin_lock = match &opts.pin_dir {
+            Some(dir) => {
+                ensure_pin_dir(dir)?;
+                let lock = lock_pin_dir(dir)?;
+                retire_old_pins(dir)?;
+                Some(lock)
+            }
+            None => None,
+        };
         // Resolve interfaces first: a typo should not cost a load.
         let mut ifindex = Vec::new();
         for ifname in &opts.interfaces {
@@ -639,6 +937,17 @@ impl XdpDataplane {
             );
         }
         let nodes = NodeMaps { live, rest };
+        if opts.pin_dir.is_some() {
+            // Adopted maps may hold nodes a killed monitor was writing.
+            let (released, reset) = nodes.release_dead_writers(SETTLE);
+            if released != 0 {
+                tracing::warn!(
+                    released,
+                    reset,
+                    "released node slots a monitor that died mid-write left held (their heartbeats were refused as contended); reset the ones whose keys may have been half-written, until their keys are installed again"
+                );
+            }
+        }
         let Map::Array(index_fd) = take_map(&mut ebpf, names::NODE_INDEX)? else {
             bail!("map {} is not an array", names::NODE_INDEX);
         };
@@ -675,6 +984,8 @@ impl XdpDataplane {
             reports_task: None,
             attached: Vec::new(),
             keep_attached: opts.keep_attached,
+            stuck_reads: AtomicU64::new(0),
+            _pin_lock: pin_lock,
         };
         for (ifname, idx) in opts.interfaces.iter().zip(ifindex) {
             dp.attach(ifname, idx, opts)?;
@@ -790,9 +1101,38 @@ impl XdpDataplane {
             .ok_or_else(|| anyhow!("the kernel does not report verified instruction counts"))
     }
 
-    /// A consistent copy of the state at `slot`.
+    /// A consistent copy of the state at `slot`; `None` beyond the
+    /// capacity, or if the node stayed held for writing (logged).
     pub fn state(&self, slot: u32) -> Option<NodeState> {
-        self.nodes.entry(slot).map(Entry::read)
+        let e = self.nodes.entry(slot)?;
+        e.read().map_err(|s| self.skipped(slot, s)).ok()
+    }
+
+    /// Reads skipped so far because a node stayed held for writing for
+    /// over 50 ms (each also logged, sparingly).
+    pub fn stuck_reads(&self) -> u64 {
+        self.stuck_reads.load(Ordering::Relaxed)
+    }
+
+    /// Counts a read of `slot` given up on, and logs it on the 1st, 2nd,
+    /// 4th, 8th... time: a node that stays held is skipped on every tick.
+    #[cold]
+    fn skipped(&self, slot: u32, s: Stuck) {
+        let n = self.stuck_reads.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::error!(
+                slot,
+                seqcount = s.seq,
+                skipped = n,
+                "cannot read a node's state: {s}; the read is skipped (the node's status is not updated) and its heartbeats are refused meanwhile"
+            );
+        }
+    }
+
+    /// The error of a write to `slot` that found the node held.
+    #[cold]
+    fn stuck_error(&self, slot: u32, s: Stuck) -> anyhow::Error {
+        anyhow!(s).context(format!("node slot {slot}"))
     }
 
     /// The live line at `slot` through one `BPF_MAP_LOOKUP_ELEM` syscall:
@@ -971,39 +1311,57 @@ impl Dataplane for XdpDataplane {
             );
         };
         let mut ix = self.index();
+        let take = |e: Entry, slot: u32| {
+            e.lock().map_err(|s| {
+                self.stuck_error(slot, s)
+                    .context(format!("cannot provision node {node_id}"))
+            })
+        };
         match ix.get(node_id) {
             // Key rotation: the state stays.
-            Some(slot) if slot == keys.slot => to.rekey(node_id, keys),
+            Some(slot) if slot == keys.slot => take(to, slot)?.rekey(node_id, keys),
             Some(old) => {
                 // Moved: the state goes along, the index follows, the old
-                // slot is freed.
+                // slot is freed. Both slots are held before either is
+                // written (all or nothing), and the old one throughout, so
+                // the state that moves is the last one.
                 match self.nodes.entry(old) {
                     Some(from) => {
-                        let s = from.read();
-                        to.replace(|_| {
+                        let from = take(from, old)?;
+                        let s = from.state();
+                        take(to, keys.slot)?.replace(|_| {
                             let mut t = s;
                             t.set_keys(node_id, keys);
                             t
                         });
+                        ix.set(node_id, keys.slot)
+                            .expect("an indexed node is updated in place");
+                        from.clear();
                     }
-                    None => to.install(node_id, keys),
-                }
-                ix.set(node_id, keys.slot)
-                    .expect("an indexed node is updated in place");
-                if let Some(from) = self.nodes.entry(old) {
-                    from.clear();
+                    None => {
+                        take(to, keys.slot)?.install(node_id, keys);
+                        ix.set(node_id, keys.slot)
+                            .expect("an indexed node is updated in place");
+                    }
                 }
             }
             None => {
                 // The state first: the kernel never finds the node before
                 // its keys are there.
-                to.install(node_id, keys);
+                take(to, keys.slot)?.install(node_id, keys);
                 if let Err(e) = ix.set(node_id, keys.slot) {
-                    to.clear();
-                    return Err(anyhow!(e).context(format!(
+                    let e = anyhow!(e).context(format!(
                         "cannot provision node {node_id} in {}",
                         names::NODE_INDEX
-                    )));
+                    ));
+                    // Unindexed, so only the kernel's brief holds compete.
+                    return Err(match to.lock() {
+                        Ok(h) => {
+                            h.clear();
+                            e
+                        }
+                        Err(s) => e.context(format!("and slot {} keeps its keys: {s}", keys.slot)),
+                    });
                 }
             }
         }
@@ -1012,13 +1370,23 @@ impl Dataplane for XdpDataplane {
 
     fn remove_node(&self, node_id: u32) -> anyhow::Result<()> {
         let mut ix = self.index();
-        // The index first: from then on no new datagram reaches the slot;
-        // one that already did finds another id (or none) there once it is
-        // cleared.
-        if let Some(slot) = ix.remove(node_id)
-            && let Some(e) = self.nodes.entry(slot)
-        {
-            e.clear();
+        let Some(slot) = ix.get(node_id) else {
+            return Ok(());
+        };
+        // The node held first, so a slot that stays held fails the removal
+        // before anything changed. Then the index: from then on no new
+        // datagram reaches the slot; one that already did finds another id
+        // (or none) there once it is cleared.
+        let held = match self.nodes.entry(slot) {
+            Some(e) => Some(e.lock().map_err(|s| {
+                self.stuck_error(slot, s)
+                    .context(format!("cannot remove node {node_id}"))
+            })?),
+            None => None,
+        };
+        ix.remove(node_id);
+        if let Some(h) = held {
+            h.clear();
         }
         Ok(())
     }
@@ -1031,7 +1399,10 @@ impl Dataplane for XdpDataplane {
                 tracing::warn!(node_id = id, slot, "indexed beyond the node state; ignored");
                 continue;
             };
-            let s = e.read();
+            let s = e.read().map_err(|stuck| {
+                self.stuck_error(slot, stuck)
+                    .context(format!("cannot adopt pinned node {id}"))
+            })?;
             if s.node_id != id {
                 tracing::warn!(
                     node_id = id,
@@ -1050,7 +1421,10 @@ impl Dataplane for XdpDataplane {
         let end = slots.end.min(self.nodes.len());
         for slot in slots.start..end {
             if let Some(e) = self.nodes.entry(slot) {
-                f(slot, &e.read());
+                match e.read() {
+                    Ok(s) => f(slot, &s),
+                    Err(s) => self.skipped(slot, s),
+                }
             }
         }
     }
@@ -1061,7 +1435,26 @@ impl Dataplane for XdpDataplane {
             if let Some(e) = self.nodes.entry(slot) {
                 self.nodes
                     .prefetch_live(slot as usize + PREFETCH_AHEAD, end);
-                f(slot, &e.read_live(), &|| e.read());
+                let live = match e.read_live() {
+                    Ok(l) => l,
+                    Err(s) => {
+                        self.skipped(slot, s);
+                        continue;
+                    }
+                };
+                // `full`: the whole node, right after its live line read
+                // fine. For the node to stay held for [`PATIENCE`] in
+                // between is as unlikely as it gets; if it does, the
+                // consistent line with the rest as it stands (logged),
+                // rather than no state for a node that is changing state.
+                f(slot, &live, &|| {
+                    e.read().unwrap_or_else(|s| {
+                        self.skipped(slot, s);
+                        // SAFETY: a live, aligned map value of plain
+                        // integers.
+                        NodeState::from_parts(&live, &unsafe { copy_words(e.rest) })
+                    })
+                });
             }
         }
     }
@@ -1155,7 +1548,199 @@ impl Dataplane for XdpDataplane {
 
 #[cfg(test)]
 mod tests {
-    use super::missing_capabilities;
+    use std::{
+        sync::{Arc, atomic::Ordering, mpsc},
+        time::{Duration, Instant},
+    };
+
+    use hb_common::{
+        NodeKey,
+        maps::{NodeKeys, NodeState},
+    };
+
+    use super::{Entry, Mapping, NodeMaps, PATIENCE, Stuck, lock_pin_dir, missing_capabilities};
+
+    /// The node maps of `n` slots, in memory: what the kernel maps hold,
+    /// without a kernel.
+    fn maps(n: u32) -> NodeMaps {
+        NodeMaps {
+            live: Mapping::anonymous(n),
+            rest: Mapping::anonymous(n),
+        }
+    }
+
+    fn keys(slot: u32, epoch: u8) -> NodeKeys {
+        NodeKeys::single(
+            slot,
+            epoch,
+            NodeKey {
+                k0: 0x1111,
+                k1: 0x2222,
+            },
+        )
+    }
+
+    /// Node 7 at slot 1, with some state.
+    fn provisioned(m: &NodeMaps) -> Entry {
+        let e = m.entry(1).unwrap();
+        e.lock().unwrap().replace(|_| {
+            let mut s = NodeState {
+                accepted: 5,
+                max_seq: 5,
+                ..NodeState::default()
+            };
+            s.set_keys(7, &keys(1, 1));
+            s
+        });
+        e
+    }
+
+    /// What a monitor killed (SIGKILL, OOM) between `lock` and its
+    /// release leaves: a node held for good.
+    fn killed_holding(e: Entry) {
+        std::mem::forget(e.lock().unwrap());
+    }
+
+    /// `f` on another thread, which must return within 2 s.
+    fn within_2s<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(2))
+            .unwrap_or_else(|_| panic!("{what} still waiting after 2 s"))
+    }
+
+    #[test]
+    fn a_node_left_held_fails_reads_and_writes_in_bounded_time() {
+        let m = Arc::new(maps(4));
+        killed_holding(provisioned(&m));
+        let seq = m.entry(1).unwrap().seqs().0;
+        assert_eq!(seq & 1, 1);
+        for what in ["read", "read_live", "lock"] {
+            let m = m.clone();
+            let (r, took) = within_2s(what, move || {
+                let e = m.entry(1).unwrap();
+                let t = Instant::now();
+                let r = match what {
+                    "read" => e.read().map(drop),
+                    "read_live" => e.read_live().map(drop),
+                    _ => e.lock().map(drop),
+                };
+                (r, t.elapsed())
+            });
+            assert_eq!(r, Err(Stuck { seq }), "{what}");
+            assert!(took >= PATIENCE, "{what} gave up after {took:?}");
+        }
+        // The other nodes are not held up.
+        assert_eq!(m.entry(2).unwrap().read().unwrap(), NodeState::default());
+    }
+
+    #[test]
+    fn a_dead_writer_that_wrote_nothing_or_everything_is_released_and_the_node_kept() {
+        let m = maps(4);
+        let e = provisioned(&m);
+        let whole = e.read().unwrap();
+        killed_holding(e);
+        let (sc, ks) = e.seqs();
+        assert_eq!((sc & 1, ks & 1), (1, 0));
+        assert_eq!(m.release_dead_writers(Duration::from_millis(1)), (1, 0));
+        assert_eq!(e.seqs(), (sc + 1, ks), "the next even count");
+        let s = e.read().unwrap();
+        assert_eq!(
+            s,
+            NodeState {
+                seqcount: sc + 1,
+                ..whole
+            },
+            "the node as it was"
+        );
+        // Writable again.
+        e.lock().unwrap().rekey(7, &keys(1, 2));
+        assert_eq!(e.read().unwrap().keys(1), keys(1, 2));
+    }
+
+    #[test]
+    fn a_dead_writer_that_left_keys_half_written_leaves_a_reset_node_without_keys() {
+        let m = maps(4);
+        let e = provisioned(&m);
+        // A rotation killed mid-write: the new epoch's valid bit is in,
+        // its key is not (the slot pairs epoch 2 with epoch 1's key).
+        killed_holding(e);
+        e.keys_seq().fetch_add(1, Ordering::AcqRel);
+        // SAFETY: we "hold" the node (the dead writer's count).
+        unsafe { (*e.rest).key_epoch = [2, 0] };
+        let (sc, ks) = e.seqs();
+        assert_eq!((sc & 1, ks & 1), (1, 1));
+
+        assert_eq!(m.release_dead_writers(Duration::from_millis(1)), (1, 1));
+        assert_eq!(e.seqs(), (sc + 1, ks + 1), "both on the next even count");
+        let s = e.read().unwrap();
+        assert_eq!(
+            s.node_id, 7,
+            "the id stays: the node index still leads here"
+        );
+        assert_eq!(s.key_valid, 0, "no key trusted");
+        assert_eq!(s.find_key(2), None);
+        assert_eq!((s.accepted, s.max_seq), (0, 0), "a fresh state");
+        // The monitor installs the keys again (a rotation in place).
+        e.lock().unwrap().rekey(7, &keys(1, 2));
+        assert_eq!(e.read().unwrap().keys(1), keys(1, 2));
+    }
+
+    #[test]
+    fn a_counter_that_moves_is_a_live_writers_and_left_alone() {
+        let m = maps(4);
+        let e = provisioned(&m);
+        let held = e.lock().unwrap();
+        let seen = e.seqs();
+        // Released and taken again (the kernel's next write) meanwhile.
+        drop(held);
+        let again = e.lock().unwrap();
+        assert_eq!(e.release_dead_writer(seen), None);
+        assert_eq!(e.seqs().0, seen.0 + 2, "untouched");
+        drop(again);
+        assert_eq!(e.seqs().0 & 1, 0);
+        // An intact map: nothing to do, and no wait.
+        let t = Instant::now();
+        assert_eq!(m.release_dead_writers(Duration::from_secs(5)), (0, 0));
+        assert!(t.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn one_process_per_pin_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = lock_pin_dir(dir.path()).unwrap();
+        let e = lock_pin_dir(dir.path()).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("another hb monitor is using the pin directory"),
+            "{e:#}"
+        );
+        drop(first);
+        lock_pin_dir(dir.path()).expect("free again once its holder is gone");
+    }
+
+    #[test]
+    fn a_panic_while_holding_a_node_releases_it_unwritten() {
+        let m = maps(4);
+        let e = provisioned(&m);
+        let before = e.read().unwrap();
+        let r = std::panic::catch_unwind(|| {
+            e.lock()
+                .unwrap()
+                .replace(|_| panic!("a bug in the closure"));
+        });
+        assert!(r.is_err());
+        let after = e.read().unwrap();
+        assert_eq!(
+            after,
+            NodeState {
+                seqcount: before.seqcount + 2,
+                ..before
+            }
+        );
+        assert_eq!(after.keys_seq & 1, 0);
+    }
 
     #[test]
     fn capabilities_xdp_needs() {
