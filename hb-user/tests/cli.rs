@@ -1,21 +1,110 @@
 //! `hb keys` and `hb send` as a user runs them: the real binary, its exit
 //! code and what it prints. Bad input must give one clear line naming the
 //! problem and a non-zero exit, never a panic, and never echo a secret.
+//!
+//! Every `hb send` here runs in a fresh network namespace of its own, with
+//! nothing but a loopback that is down: whatever a regression makes it do,
+//! a heartbeat or a name lookup cannot leave the machine (sending fails
+//! with ENETUNREACH, and no resolver is reachable). That needs root, as
+//! CI has; without it those tests fail and say so. Every run is bounded in
+//! time: one that does not end on its own fails instead of hanging.
 
-use std::process::{Command, Output};
+use std::{
+    io::Read,
+    os::unix::process::CommandExt as _,
+    process::{Command, Output, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
 
 const HB: &str = env!("CARGO_BIN_EXE_hb");
 
 /// PROTOCOL.md's master secret, bytes 00..1f.
 const VECTOR_SECRET: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
-fn hb(args: &[&str]) -> Output {
-    Command::new(HB)
-        .args(args)
+/// Far longer than any of these runs takes, far shorter than CI's budget.
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `hb args`, with no key in the environment; `send` in a network
+/// namespace of its own (see the module doc).
+fn command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(HB);
+    cmd.args(args)
         .env_remove("HB_NODE_KEY")
-        .env("HB_LOG", "warn")
-        .output()
-        .expect("run hb")
+        .env("HB_LOG", "warn");
+    if args.first() == Some(&"send") {
+        isolate(&mut cmd);
+    }
+    cmd
+}
+
+/// Makes `cmd` start in a new, empty network namespace.
+fn isolate(cmd: &mut Command) {
+    // SAFETY: unshare(2) is async-signal-safe, and the closure touches
+    // nothing else between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+fn hb(args: &[&str]) -> Output {
+    output(&mut command(args))
+}
+
+/// Runs `cmd` like [`Command::output`], but kills it and fails the test if
+/// it is still running after [`TIMEOUT`].
+fn output(cmd: &mut Command) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {cmd:?}: {e} (`hb send` runs in a network namespace \
+                 of its own: that needs root)"
+            )
+        });
+    fn drain(pipe: Option<impl Read + Send + 'static>) -> mpsc::Receiver<Vec<u8>> {
+        let (tx, rx) = mpsc::channel();
+        if let Some(mut pipe) = pipe {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let _ = pipe.read_to_end(&mut buf);
+                let _ = tx.send(buf);
+            });
+        }
+        rx
+    }
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    let collect =
+        |rx: mpsc::Receiver<Vec<u8>>| rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for hb") {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} still running after {TIMEOUT:?}, killed; stderr: {}",
+                String::from_utf8_lossy(&collect(err))
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: collect(out),
+        stderr: collect(err),
+    }
 }
 
 fn stdout(o: &Output) -> String {
@@ -50,10 +139,13 @@ fn assert_fails(o: &Output, want: &str) {
     assert!(!err.contains("abab"), "a secret leaked: {err}");
 }
 
+/// A keyring file holding `text`, private to its owner as hb requires.
 fn keyring(text: &str) -> (tempfile::TempDir, String) {
+    use std::os::unix::fs::PermissionsExt as _;
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("keyring.toml");
     std::fs::write(&p, text).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     let s = p.display().to_string();
     (d, s)
 }
@@ -288,12 +380,7 @@ fn the_key_from_the_environment_yields_to_the_options() {
         // An invalid interval stops the sender after its key is read,
         // before it sends anything.
         full.extend(["--interval-ms", "50"]);
-        Command::new(HB)
-            .args(&full)
-            .env("HB_NODE_KEY", env)
-            .env("HB_LOG", "warn")
-            .output()
-            .expect("run hb")
+        output(command(&full).env("HB_NODE_KEY", env))
     };
     let good = "6df25b19dd0205345e893133518757d6";
     let d = tempfile::tempdir().unwrap();

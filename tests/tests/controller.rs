@@ -23,7 +23,7 @@ use aya::programs::{Xdp, XdpMode};
 use hb::dataplane::xdp::{XdpDataplane, XdpOptions};
 use hb_common::{NodeKey, maps::names};
 use hb_tests::{
-    drive::{hb_bin, http_get},
+    drive::{EXIT_TIMEOUT, hb_bin, http_get, output_within},
     netns::{IF_A, IF_B, NetNs, VethPair},
 };
 use serde_json::Value;
@@ -279,11 +279,12 @@ fn qlearn_changes_a_live_senders_interval_through_acks() {
         "{}",
         mon_log()
     );
-    let out = std::process::Command::new(hb_bin())
-        .args(["controller", "show", "--file"])
-        .arg(&table)
-        .output()
-        .unwrap();
+    let out = output_within(
+        std::process::Command::new(hb_bin())
+            .args(["controller", "show", "--file"])
+            .arg(&table),
+        EXIT_TIMEOUT,
+    );
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("visited states"), "{text}");

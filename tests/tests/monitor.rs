@@ -10,8 +10,10 @@
 //! their tables and events.
 //!
 //! The `hb` binary is found next to this test's executable (`target/<profile>/hb`;
-//! `HB_BIN` overrides). `cargo xtask test` builds it first; by hand:
-//! `cargo build -p hb-user && cargo test -p hb-tests --test monitor`.
+//! `HB_BIN` overrides). `cargo test -p hb-tests` does not build it (it
+//! uses whatever is there); `cargo xtask test` builds it first, with the
+//! tests' profile; by hand: `cargo build -p hb-user --bin hb && cargo test
+//! -p hb-tests --test monitor`.
 
 use std::{
     net::{SocketAddr, UdpSocket},
@@ -31,7 +33,7 @@ use hb::{
 };
 use hb_common::{Datagram, Kind, NodeKey, maps::names, proto::FLAG_LEAVING};
 use hb_tests::{
-    drive::{hb_bin, http_get},
+    drive::{EXIT_TIMEOUT, hb_bin, http_get, output_within},
     netns::{IF_A, IF_B, NetNs, VethPair},
 };
 use serde_json::Value;
@@ -58,6 +60,14 @@ fn keyring_text(epochs: &[u8]) -> String {
             )
         })
         .collect()
+}
+
+/// Writes `text` to `path`, private to its owner: hb refuses a keyring
+/// others may read.
+fn write_private(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, text).expect("write");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
 }
 
 fn node_key(id: u32, epoch: u8) -> NodeKey {
@@ -323,9 +333,52 @@ fn node_json(pair: &VethPair, id: u32) -> Value {
 
 /// The value of a metric line `name{labels} value` in `text`.
 fn metric(text: &str, series: &str) -> u64 {
+    try_metric(text, series).unwrap_or_else(|| panic!("no {series} in metrics:\n{text}"))
+}
+
+/// [`metric`], `None` when the series is missing.
+fn try_metric(text: &str, series: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("no {series} in metrics:\n{text}")) as u64
+        .map(|v| v as u64)
+}
+
+/// How long a test waits for the monitor to catch up with what it was sent
+/// (a datagram in flight, a tick, a report): far longer than it needs.
+const CATCH_UP: Duration = Duration::from_secs(5);
+
+/// Polls `/metrics` until `ready` holds for it (failing after
+/// [`CATCH_UP`]); returns that text, for exact checks.
+fn wait_metrics(ns: &NetNs, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + CATCH_UP;
+    loop {
+        let (_, text) = http(ns, "/metrics");
+        if ready(&text) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics not there within {CATCH_UP:?}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Polls `/nodes/<id>` until `ready` holds for it (failing after
+/// [`CATCH_UP`]); returns that row.
+fn wait_node(pair: &VethPair, id: u32, ready: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + CATCH_UP;
+    loop {
+        let n = node_json(pair, id);
+        if ready(&n) {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {id} not there within {CATCH_UP:?}: {n}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// A simulated node: a UDP socket in namespace `b` and its protocol state.
@@ -457,7 +510,7 @@ impl Drop for Beat {
 fn setup(tag: &str, epochs: &[u8]) -> (VethPair, Scratch) {
     let pair = VethPair::new(tag).expect("veth pair");
     let dir = Scratch::new(tag);
-    std::fs::write(dir.path("keyring.toml"), keyring_text(epochs)).expect("keyring");
+    write_private(&dir.path("keyring.toml"), &keyring_text(epochs));
     (pair, dir)
 }
 
@@ -506,12 +559,12 @@ fn join(mode: &str) {
         std::thread::sleep(Duration::from_millis(10));
     }
     // `hb nodes` prints the table.
-    let out = pair
-        .a
-        .command(hb_bin().to_str().unwrap())
-        .args(["nodes", "--monitor", LISTEN])
-        .output()
-        .expect("hb nodes");
+    let out = output_within(
+        pair.a
+            .command(hb_bin().to_str().unwrap())
+            .args(["nodes", "--monitor", LISTEN]),
+        EXIT_TIMEOUT,
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -519,12 +572,12 @@ fn join(mode: &str) {
     );
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.starts_with("NODE"), "{table}");
-    let out = pair
-        .a
-        .command(hb_bin().to_str().unwrap())
-        .args(["nodes", "--json", "--monitor", LISTEN])
-        .output()
-        .expect("hb nodes --json");
+    let out = output_within(
+        pair.a
+            .command(hb_bin().to_str().unwrap())
+            .args(["nodes", "--json", "--monitor", LISTEN]),
+        EXIT_TIMEOUT,
+    );
     assert!(out.status.success());
     let rows: Vec<Value> = serde_json::from_slice(&out.stdout).expect("hb nodes --json is JSON");
     let states: Vec<(u64, &str)> = rows
@@ -769,12 +822,13 @@ fn sighup_rotates_keys_without_loss(mode: &str) {
     wait_reloads(true, 2);
     std::thread::sleep(Duration::from_millis(3 * INTERVAL_MS));
     let nodes = beat.stop();
-    std::thread::sleep(Duration::from_millis(100));
     for n in &nodes {
-        let j = node_json(&pair, n.id);
+        // The last heartbeats may land a moment after `send` returned.
+        let sent = n.sent.len() as u64;
+        let j = wait_node(&pair, n.id, |j| j["accepted"].as_u64() >= Some(sent));
         assert_eq!(
             j["accepted"].as_u64(),
-            Some(n.sent.len() as u64),
+            Some(sent),
             "node {}: every heartbeat accepted across the rotation: {j}",
             n.id
         );
@@ -842,8 +896,7 @@ fn sighup_reloads_the_controller(mode: &str) {
     m.stop();
     write("controller = \"off\"\n");
     let m = Monitor::start(&pair, &dir, mode, &args);
-    std::thread::sleep(Duration::from_millis(3 * INTERVAL_MS));
-    assert_eq!(node_json(&pair, 31)["requested_interval_ms"], 0);
+    wait_requested(&m, 0);
 
     // Fixed at 2000 ms; the capacity needs a restart and is named.
     reload(
@@ -891,7 +944,13 @@ fn http_api(mode: &str) {
     stranger.raw(&[0u8; 10]);
     let mut s2 = Node::new(&pair, 77, 1);
     s2.send(0);
-    std::thread::sleep(Duration::from_millis(3 * INTERVAL_MS));
+    // Until both are counted (and the unknown node reported), ACKs sent.
+    let text = wait_metrics(&pair.a, |t| {
+        try_metric(t, "hb_packets_total{result=\"malformed\"}") >= Some(1)
+            && try_metric(t, "hb_packets_total{result=\"unknown_node\"}") >= Some(1)
+            && try_metric(t, "hb_unknown_node_reports_total") >= Some(1)
+            && try_metric(t, "hb_dataplane_total{counter=\"ack_sent\"}") >= Some(2)
+    });
 
     let (code, body) = http(&pair.a, "/healthz");
     assert_eq!((code, body.trim()), (200, "ok"));
@@ -938,8 +997,6 @@ fn http_api(mode: &str) {
     assert_eq!(http(&pair.a, "/nodes/abc").0, 400);
     assert_eq!(http(&pair.a, "/nodes?state=zombie").0, 400);
 
-    let (code, text) = http(&pair.a, "/metrics");
-    assert_eq!(code, 200);
     assert!(metric(&text, "hb_packets_total{result=\"accepted\"}") >= 2);
     assert_eq!(metric(&text, "hb_packets_total{result=\"malformed\"}"), 1);
     assert_eq!(
@@ -1089,7 +1146,7 @@ fn bad_input(mode: &str) {
     let good_keyring = dir.path("keyring.toml");
     let write = |name: &str, text: &str| {
         let p = dir.path(name);
-        std::fs::write(&p, text).unwrap();
+        write_private(&p, text);
         p.to_str().unwrap().to_owned()
     };
     let bad_toml = write("bad.toml", "[[epoch]\nid = 1\n");
@@ -1098,6 +1155,13 @@ fn bad_input(mode: &str) {
     let config_broken = write("broken.toml", "tick_ms = = 20\n");
     let missing = dir.path("nope.toml").to_str().unwrap().to_owned();
     let keyring = good_keyring.to_str().unwrap().to_owned();
+    // The unprivileged user's own copy (a keyring must be private to its
+    // owner), so the runs below fail on privileges, not on reading it.
+    let nobody_keyring = write(
+        "keyring-nobody.toml",
+        &std::fs::read_to_string(&good_keyring).unwrap(),
+    );
+    std::os::unix::fs::chown(&nobody_keyring, Some(65534), Some(65534)).expect("chown");
     // Hold the heartbeat port and the API port in namespace a.
     let held_udp = pair
         .a
@@ -1229,7 +1293,7 @@ fn bad_input(mode: &str) {
             .args(["--inh-caps=-all", "--bounding-set=-all", "--"])
             .arg(hb_bin())
             .args(["monitor", "--mode", mode, "--iface", IF_A, "--port", "700"])
-            .args(["--keyring", &keyring, "--nodes", "1"]);
+            .args(["--keyring", &nobody_keyring, "--nodes", "1"]);
         fails_with_one_line(
             "missing privileges: a privileged port",
             &mut cmd,
@@ -1261,12 +1325,13 @@ fn bad_input(mode: &str) {
 
     // Missing privileges: an unprivileged user, and root without
     // capabilities (as in a too-strict systemd unit).
-    for (who, ids) in [
+    for (who, ids, keyring) in [
         (
             "an unprivileged user",
             &["--reuid=65534", "--regid=65534", "--clear-groups"][..],
+            &nobody_keyring,
         ),
-        ("root without capabilities", &[][..]),
+        ("root without capabilities", &[][..], &keyring),
     ] {
         let mut cmd = pair.a.command("setpriv");
         cmd.args(ids)
@@ -1281,7 +1346,7 @@ fn bad_input(mode: &str) {
                 "--pin-dir",
                 &pins,
             ])
-            .args(["--keyring", &keyring, "--nodes", "1"]);
+            .args(["--keyring", keyring.as_str(), "--nodes", "1"]);
         fails_with_one_line(
             &format!("missing privileges: {who}"),
             &mut cmd,
@@ -1291,15 +1356,11 @@ fn bad_input(mode: &str) {
     assert_eq!(xdp_prog_id(&pair.a, IF_A), None, "nothing left attached");
 }
 
-/// Runs `cmd` (an `hb` invocation that must fail): a non-zero exit within
-/// 5 s, one `hb: ` line on stderr containing `want`, no panic.
+/// Runs `cmd` (an `hb` invocation that must fail): a non-zero exit (within
+/// [`EXIT_TIMEOUT`], else it is killed and the test fails), one `hb: `
+/// line on stderr containing `want`, no panic.
 fn fails_with_one_line(what: &str, cmd: &mut std::process::Command, want: &str) {
-    let t0 = Instant::now();
-    let out = cmd
-        .stdin(Stdio::null())
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("run hb");
+    let out = output_within(cmd.env_remove("RUST_BACKTRACE"), EXIT_TIMEOUT);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{what}: exited 0");
     assert!(err.contains(want), "{what}: stderr {err:?} lacks {want:?}");
@@ -1309,10 +1370,6 @@ fn fails_with_one_line(what: &str, cmd: &mut std::process::Command, want: &str) 
     );
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("hb: ")).collect();
     assert_eq!(lines.len(), 1, "{what}: one error line: {err:?}");
-    assert!(
-        t0.elapsed() < Duration::from_secs(5),
-        "{what}: slow to fail"
-    );
     println!("{what}: {}", lines[0]);
 }
 
@@ -1556,7 +1613,7 @@ fn same_traffic_same_states_native_and_userspace() {
     const US_LISTEN: &str = "127.0.0.1:9421";
     let (pair, dir) = setup("msame", &[1]);
     let dir_us = Scratch::new("msameu");
-    std::fs::write(dir_us.path("keyring.toml"), keyring_text(&[1])).expect("keyring");
+    write_private(&dir_us.path("keyring.toml"), &keyring_text(&[1]));
     // A pause on top of the 50 ms rhythm, so that a scheduling hiccup of
     // the loaded test host does not make one monitor alone see a
     // suspect/alive pair (the two ticks run at different phases).

@@ -7,6 +7,12 @@
 //! fail or the run is interrupted. It parses every `test result:` line:
 //! any ignored test fails the run (CI must never pass with kernel tests
 //! silently skipped), and the last line sums all test binaries.
+//!
+//! The namespace tests run the `hb` binary they find next to themselves
+//! (`hb_tests::drive::hb_bin`), and cargo builds it only for hb-user's own
+//! tests: `-p hb-tests` alone would test whatever stale `hb` an earlier
+//! build left. So the binary is built first, with the profile and target
+//! options given for the tests.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -124,7 +130,48 @@ fn split_args(argv: &[String]) -> Option<(Vec<String>, Vec<String>)> {
     })
 }
 
+/// Options of `cargo test` that decide where and how the binaries are
+/// built, so that `cargo build` puts `hb` where the test binaries look for
+/// it, built the same way; those of the first set take a value.
+const BUILD_OPTIONS_WITH_VALUE: &[&str] = &["--profile", "--target", "--target-dir", "--config"];
+const BUILD_FLAGS: &[&str] = &["--release", "-r", "--locked", "--frozen", "--offline"];
+
+/// The options in `cargo_args` (for `cargo test`) that `cargo build` of
+/// `hb` needs too, in order, values included.
+fn build_options(cargo_args: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut it = cargo_args.iter();
+    while let Some(a) = it.next() {
+        if BUILD_FLAGS.contains(&a.as_str()) {
+            out.push(a.clone());
+        } else if BUILD_OPTIONS_WITH_VALUE.contains(&a.as_str()) {
+            out.push(a.clone());
+            out.extend(it.next().cloned());
+        } else if BUILD_OPTIONS_WITH_VALUE
+            .iter()
+            .any(|o| a.strip_prefix(o).is_some_and(|v| v.starts_with('=')))
+            || a.starts_with("-Z")
+        {
+            out.push(a.clone());
+            if a == "-Z" {
+                out.extend(it.next().cloned());
+            }
+        }
+    }
+    out
+}
+
+/// `cargo build -p hb-user --bin hb` with the tests' build options.
+fn build_hb(cargo_args: &[String]) -> anyhow::Result<()> {
+    let mut cmd = util::cargo();
+    cmd.args(["build", "-p", "hb-user", "--bin", "hb"])
+        .args(build_options(cargo_args));
+    eprintln!("xtask: {}", util::show(&cmd));
+    util::run(&mut cmd).context("cannot build the hb binary the tests run")
+}
+
 fn run_tests(cargo_args: &[String], test_args: &[String]) -> anyhow::Result<Totals> {
+    build_hb(cargo_args)?;
     let mut cmd = util::cargo();
     cmd.args(["test", "--no-fail-fast"]);
     if !cargo_args
@@ -179,6 +226,31 @@ mod tests {
         );
         assert_eq!(split("xtask test --release"), s("--release", ""));
         assert_eq!(split("xtask test"), s("", ""));
+    }
+
+    #[test]
+    fn hb_is_built_with_the_tests_profile_and_target() {
+        let opts = |s: &str| {
+            let args: Vec<String> = s.split_whitespace().map(String::from).collect();
+            build_options(&args).join(" ")
+        };
+        assert_eq!(opts("-p hb-tests --test sender"), "");
+        assert_eq!(opts("-p hb-tests --release --test sender"), "--release");
+        assert_eq!(opts("-r"), "-r");
+        assert_eq!(
+            opts("--profile bench -p hb-tests --target-dir /tmp/t --features x"),
+            "--profile bench --target-dir /tmp/t"
+        );
+        assert_eq!(
+            opts("--profile=release --target=x86_64-unknown-linux-gnu --locked"),
+            "--profile=release --target=x86_64-unknown-linux-gnu --locked"
+        );
+        assert_eq!(
+            opts("-Z unstable-options -Zbuild-std --config a=1"),
+            "-Z unstable-options -Zbuild-std --config a=1"
+        );
+        // `--test x` is not `--target`, `--profiles` is not `--profile`.
+        assert_eq!(opts("--test target --profiles"), "");
     }
 
     #[test]

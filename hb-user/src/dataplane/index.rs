@@ -800,7 +800,14 @@ mod tests {
                 (reads, misses)
             })
         };
+        // Bounded: a reader that panics before its first pass is done
+        // never sets `ready`, and the test must fail, not hang.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while !ready.load(Ordering::Relaxed) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the reader never finished its first pass"
+            );
             std::thread::yield_now();
         }
         // Fill to 95% and empty again, a few times: the first fill doubles
