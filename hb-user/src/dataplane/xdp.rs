@@ -1010,17 +1010,38 @@ impl XdpDataplane {
                 .with_context(|| format!("cannot open pinned XDP link {}", path.display()))?;
             let link = XdpLink::try_from(FdLink::from(pinned))
                 .with_context(|| format!("{} is not a pinned XDP link", path.display()))?;
-            let id = prog.attach_to_link(link).with_context(|| {
-                format!("cannot re-adopt the XDP link pinned at {}", path.display())
-            })?;
-            tracing::info!(interface = ifname, pin = %path.display(), "re-adopted pinned XDP link");
-            self.attached.push(Attached {
-                ifname: ifname.to_owned(),
-                ifindex,
-                link: id,
-                pin: Some(path.clone()),
-            });
-            return Ok(());
+            match prog.attach_to_link(link) {
+                Ok(id) => {
+                    tracing::info!(interface = ifname, pin = %path.display(), "re-adopted pinned XDP link");
+                    self.attached.push(Attached {
+                        ifname: ifname.to_owned(),
+                        ifindex,
+                        link: id,
+                        pin: Some(path.clone()),
+                    });
+                    return Ok(());
+                }
+                // The kernel released the link when its interface went
+                // away (deleted, or created again since: a driver reload,
+                // a bond rebuilt): the pin outlives it and can never be
+                // updated again. Attach afresh below.
+                Err(e) if has_errno(&e, &[libc::ENOLINK]) => {
+                    tracing::warn!(
+                        interface = ifname,
+                        pin = %path.display(),
+                        "the XDP link pinned by an earlier run was released by the kernel (its interface went away since): removing the pin and attaching afresh"
+                    );
+                    std::fs::remove_file(path).with_context(|| {
+                        format!("cannot remove the stale XDP link pin {}", path.display())
+                    })?;
+                }
+                Err(e) => {
+                    return Err(anyhow!(e).context(format!(
+                        "cannot re-adopt the XDP link pinned at {}",
+                        path.display()
+                    )));
+                }
+            }
         }
 
         let pin = link_path.filter(|_| opts.keep_attached);
@@ -1227,15 +1248,23 @@ fn attach_mode(
     })
 }
 
-fn is_busy(e: &ProgramError) -> bool {
+/// Whether `e` or one of its causes is an OS error with one of `errnos`.
+fn has_errno(e: &ProgramError, errnos: &[i32]) -> bool {
     let mut src: Option<&dyn std::error::Error> = Some(e);
     while let Some(err) = src {
         if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && matches!(io.raw_os_error(), Some(libc::EBUSY) | Some(libc::EEXIST))
+            && io.raw_os_error().is_some_and(|n| errnos.contains(&n))
         {
             return true;
         }
         src = err.source();
+    }
+    false
+}
+
+fn is_busy(e: &ProgramError) -> bool {
+    if has_errno(e, &[libc::EBUSY, libc::EEXIST]) {
+        return true;
     }
     let t = format!("{e:?}");
     t.contains("EBUSY") || t.contains("Device or resource busy") || t.contains("File exists")
