@@ -3,13 +3,22 @@
 //! For hosts without XDP, and as the honest baseline of the benchmarks:
 //! the same gate code (`hb-common`, through `MemDataplane`) judges every
 //! datagram that reaches the heartbeat port, and ACKs leave through the
-//! socket the heartbeat came in on, so they carry the right source address.
+//! socket the heartbeat came in on.
 //!
 //! Sockets are bound to every address of the given interfaces (IPv4 and
 //! IPv6, except link-local IPv6), or to the wildcard address when
 //! no interface is given. Binding fails loudly: an unknown interface, an
 //! interface without addresses, or a port already in use is one clear error
 //! before the monitor starts.
+//!
+//! A sender accepts an ACK only from the exact address it sent the
+//! heartbeat to. A bound socket's ACKs carry that address by construction;
+//! a wildcard socket's would carry whatever address the kernel's routing
+//! picks (on a multi-homed host, or a monitor reached through a VIP or a
+//! secondary address, not the one the sender knows). So a wildcard socket
+//! asks for `IP_PKTINFO` (and `IPV6_RECVPKTINFO`, the dual-stack socket
+//! receiving IPv4 too) and sends each ACK from the address its heartbeat
+//! was sent to, with `sendmsg` and the same control message.
 //!
 //! The kernel reassembles IPv4 and IPv6 fragments before a socket sees
 //! them, but PROTOCOL.md says an IPv4 fragment is never a valid heartbeat
@@ -21,7 +30,7 @@
 //! heartbeats here either.)
 
 use std::{
-    io::IoSliceMut,
+    io::{IoSlice, IoSliceMut},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6},
     os::fd::{AsFd as _, AsRawFd as _, RawFd},
     sync::Arc,
@@ -29,7 +38,9 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use hb_common::GateResult;
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
+use nix::sys::socket::{
+    ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, sendmsg,
+};
 use tokio::{io::Interest, net::UdpSocket};
 
 use super::metrics::Metrics;
@@ -99,8 +110,8 @@ pub fn bind(addrs: &[SocketAddr]) -> anyhow::Result<Vec<std::net::UdpSocket>> {
             Err(e) => return Err(bind_error(a, e)),
         };
         s.set_nonblocking(true)?;
-        report_reassembly(&s, a).with_context(|| {
-            format!("cannot ask the kernel to mark reassembled datagrams on {a}")
+        ask_control_messages(&s).with_context(|| {
+            format!("cannot ask the kernel for the control messages the gate needs on {a}")
         })?;
         out.push(s);
     }
@@ -124,8 +135,13 @@ fn bind_error(a: &SocketAddr, e: std::io::Error) -> anyhow::Error {
 }
 
 /// Asks the kernel for `IP_RECVFRAGSIZE` (and, on an IPv6 socket, which
-/// may also receive IPv4 as mapped addresses, `IPV6_RECVFRAGSIZE` too).
-fn report_reassembly(s: &std::net::UdpSocket, a: &SocketAddr) -> std::io::Result<()> {
+/// may also receive IPv4 as mapped addresses, `IPV6_RECVFRAGSIZE` too);
+/// on a wildcard socket, for the address each datagram was sent to as
+/// well (`IP_PKTINFO`, and `IPV6_RECVPKTINFO` on an IPv6 socket).
+///
+/// The family is the socket's own, not the one asked for: `bind` falls
+/// back to the IPv4 wildcard where there is no IPv6.
+fn ask_control_messages(s: &std::net::UdpSocket) -> std::io::Result<()> {
     let on = |level, name| {
         let one: libc::c_int = 1;
         // SAFETY: a valid socket and a c_int option of its size.
@@ -144,21 +160,56 @@ fn report_reassembly(s: &std::net::UdpSocket, a: &SocketAddr) -> std::io::Result
             Err(std::io::Error::last_os_error())
         }
     };
+    let local = s.local_addr()?;
     on(libc::IPPROTO_IP, libc::IP_RECVFRAGSIZE)?;
-    if a.is_ipv6() {
+    if local.is_ipv6() {
         on(libc::IPPROTO_IPV6, libc::IPV6_RECVFRAGSIZE)?;
+    }
+    if local.ip().is_unspecified() {
+        on(libc::IPPROTO_IP, libc::IP_PKTINFO)?;
+        if local.is_ipv6() {
+            on(libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)?;
+        }
     }
     Ok(())
 }
 
-/// One datagram read from `fd` into `buf`: its length, its source, and
-/// whether the kernel reassembled it from fragments.
-fn recv_datagram(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, bool)> {
-    // Room for a few control messages (one int each); only the fragment
-    // size is asked for.
-    let mut cmsg = [0u8; 64];
+/// Room for every control message a socket asks for at once: an IPv4
+/// datagram reassembled on a dual-stack wildcard socket carries both
+/// packet infos and a fragment size. A smaller buffer would be truncated,
+/// and a truncated one reads as "reassembled" (see `recv_datagram`).
+const CMSG_ROOM: usize = cmsg_space(size_of::<libc::in6_pktinfo>())
+    + cmsg_space(size_of::<libc::in_pktinfo>())
+    + 2 * cmsg_space(size_of::<libc::c_int>());
+
+const fn cmsg_space(len: usize) -> usize {
+    // SAFETY: CMSG_SPACE is arithmetic on its argument.
+    unsafe { libc::CMSG_SPACE(len as libc::c_uint) as usize }
+}
+
+/// A control buffer aligned for the `cmsghdr`s the kernel writes into it.
+#[repr(C, align(8))]
+struct CmsgBuf([u8; CMSG_ROOM]);
+
+/// One datagram read by `recv_datagram`.
+#[derive(Debug)]
+struct Received {
+    len: usize,
+    /// Its source as the socket sees it (a mapped address for IPv4 on a
+    /// dual-stack socket): the ACK's destination.
+    src: SocketAddr,
+    /// On a wildcard socket, the local address it was sent to: the ACK's
+    /// source. `None` on a bound socket (whose address is that already).
+    dst: Option<IpAddr>,
+    /// The kernel reassembled it from fragments.
+    reassembled: bool,
+}
+
+/// One datagram read from `fd` into `buf`.
+fn recv_datagram(fd: RawFd, buf: &mut [u8]) -> std::io::Result<Received> {
+    let mut cmsg = CmsgBuf([0; CMSG_ROOM]);
     let mut iov = [IoSliceMut::new(buf)];
-    let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())?;
+    let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg.0), MsgFlags::empty())?;
     let src = msg
         .address
         .and_then(|a| {
@@ -167,19 +218,85 @@ fn recv_datagram(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, SocketAdd
                 .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6)))
         })
         .ok_or_else(|| std::io::Error::other("a datagram from no IP address"))?;
-    // A truncated control buffer (ENOBUFS) is as good as a mark.
-    let reassembled = match msg.cmsgs() {
-        Ok(mut c) => c.any(|m| match m {
-            ControlMessageOwned::Unknown(u) => {
-                let h = u.cmsg_header;
-                (h.cmsg_level, h.cmsg_type) == (libc::IPPROTO_IP, libc::IP_RECVFRAGSIZE)
-                    || (h.cmsg_level, h.cmsg_type) == (libc::IPPROTO_IPV6, libc::IPV6_RECVFRAGSIZE)
-            }
-            _ => false,
-        }),
-        Err(_) => true,
+    let mut got = Received {
+        len: msg.bytes,
+        src,
+        dst: None,
+        reassembled: false,
     };
-    Ok((msg.bytes, src, reassembled))
+    let (mut dst_v4, mut dst_v6) = (None, None);
+    match msg.cmsgs() {
+        Ok(cmsgs) => {
+            for m in cmsgs {
+                match m {
+                    // The local address to answer from, even when the
+                    // datagram was sent to a broadcast address.
+                    ControlMessageOwned::Ipv4PacketInfo(i) => {
+                        dst_v4 = Some(Ipv4Addr::from(u32::from_be(i.ipi_spec_dst.s_addr)));
+                    }
+                    // A multicast destination is no address to answer
+                    // from: the kernel then picks one, as it always did.
+                    ControlMessageOwned::Ipv6PacketInfo(i) => {
+                        dst_v6 =
+                            Some(Ipv6Addr::from(i.ipi6_addr.s6_addr)).filter(|a| !a.is_multicast());
+                    }
+                    ControlMessageOwned::Unknown(u) => {
+                        let h = u.cmsg_header;
+                        got.reassembled |= (h.cmsg_level, h.cmsg_type)
+                            == (libc::IPPROTO_IP, libc::IP_RECVFRAGSIZE)
+                            || (h.cmsg_level, h.cmsg_type)
+                                == (libc::IPPROTO_IPV6, libc::IPV6_RECVFRAGSIZE);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // A truncated control buffer (ENOBUFS) is as good as a mark; it
+        // cannot happen with `CMSG_ROOM`.
+        Err(_) => got.reassembled = true,
+    }
+    // IPv4 on a dual-stack socket brings both: the IPv4 one is the better
+    // (`ipi_spec_dst`, where the IPv6 one has the header's destination).
+    got.dst = dst_v4.map(IpAddr::V4).or(dst_v6.map(IpAddr::V6));
+    Ok(got)
+}
+
+/// Sends `payload` back to the source of `to`, from the address `to` was
+/// sent to when the socket told it (a wildcard socket); the route to the
+/// destination picks the interface. Non-blocking, as the socket is.
+fn send_reply(fd: RawFd, payload: &[u8], to: &Received) -> std::io::Result<()> {
+    let v4;
+    let v6;
+    let cmsg = match to.dst {
+        Some(IpAddr::V4(a)) => {
+            v4 = libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from(a).to_be(),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            Some(ControlMessage::Ipv4PacketInfo(&v4))
+        }
+        Some(IpAddr::V6(a)) => {
+            v6 = libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: a.octets(),
+                },
+                ipi6_ifindex: 0,
+            };
+            Some(ControlMessage::Ipv6PacketInfo(&v6))
+        }
+        None => None,
+    };
+    sendmsg(
+        fd,
+        &[IoSlice::new(payload)],
+        cmsg.as_slice(),
+        MsgFlags::empty(),
+        Some(&SockaddrStorage::from(to.src)),
+    )?;
+    Ok(())
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of `NodeState::last_arrival_ns` in
@@ -197,7 +314,6 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let local = sock.local_addr().ok();
     let sock = match UdpSocket::from_std(sock) {
         Ok(s) => s,
         Err(e) => {
@@ -211,7 +327,7 @@ pub async fn serve(
     let fd = sock.as_raw_fd();
     loop {
         let recv = sock.async_io(Interest::READABLE, || recv_datagram(fd, &mut buf));
-        let (n, src, reassembled) = tokio::select! {
+        let got = tokio::select! {
             r = recv => match r {
                 Ok(v) => v,
                 Err(e) => {
@@ -227,15 +343,15 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
-        if reassembled {
+        if got.reassembled {
             dp.count(GateResult::Malformed);
             continue;
         }
         let now = monotonic_ns();
-        let src = SocketAddr::new(src.ip().to_canonical(), src.port());
-        let v = dp.gate(&buf[..n], src, now);
+        let src = SocketAddr::new(got.src.ip().to_canonical(), got.src.port());
+        let v = dp.gate(&buf[..got.len], src, now);
         if let Some(ack) = v.ack
-            && let Err(e) = sock.try_send_to(&ack, reply_to(src, local))
+            && let Err(e) = sock.try_io(Interest::WRITABLE, || send_reply(fd, &ack, &got))
         {
             metrics.ack_send_error();
             tracing::debug!(error = %e, %src, "cannot send ACK");
@@ -243,19 +359,16 @@ pub async fn serve(
     }
 }
 
-/// A v4 source on a dual-stack socket is answered at its mapped address.
-fn reply_to(src: SocketAddr, local: Option<SocketAddr>) -> SocketAddr {
-    match (src, local) {
-        (SocketAddr::V4(v4), Some(SocketAddr::V6(_))) => {
-            SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
-        }
-        _ => src,
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use hb_common::{
+        Datagram, Kind, NodeKey,
+        maps::{Config, NodeKeys},
+        proto,
+    };
+
     use super::*;
+    use crate::dataplane::Dataplane as _;
 
     #[test]
     fn unknown_interface_is_named() {
@@ -275,5 +388,145 @@ mod tests {
         let busy = held.local_addr().unwrap();
         let e = bind(&[busy]).unwrap_err();
         assert!(e.to_string().contains("already in use"), "{e}");
+    }
+
+    const NODE: u32 = 7;
+    const KEY: NodeKey = NodeKey { k0: 7, k1: 11 };
+
+    /// Serves `sock` with a gate that ACKs every heartbeat of `NODE`,
+    /// sends one heartbeat from a client bound to `from` to `to_ip` at the
+    /// socket's port, and returns where the ACK came from.
+    async fn ack_source(sock: std::net::UdpSocket, from: IpAddr, to_ip: IpAddr) -> SocketAddr {
+        let port = sock.local_addr().unwrap().port();
+        let dp = Arc::new(MemDataplane::new());
+        dp.set_config(&Config {
+            ack_every: 1,
+            ..Config::default()
+        })
+        .unwrap();
+        dp.upsert_node(NODE, &NodeKeys::single(0, 1, KEY)).unwrap();
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(serve(sock, dp, Arc::new(Metrics::new()), shutdown));
+
+        let client = tokio::net::UdpSocket::bind(SocketAddr::new(from, 0))
+            .await
+            .unwrap();
+        let hb = Datagram {
+            kind: Kind::Heartbeat,
+            node_id: NODE,
+            generation: 1,
+            key_epoch: 1,
+            flags: 0,
+            load: 0,
+            seq: 1,
+            sent_ns: 0,
+            interval_ms: 100,
+            rtt_us: 0,
+        };
+        let to = SocketAddr::new(to_ip, port);
+        client.send_to(&hb.seal(&KEY), to).await.unwrap();
+        let mut buf = [0u8; 64];
+        let (n, src) = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            client.recv_from(&mut buf),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("no ACK to a heartbeat sent to {to}"))
+        .unwrap();
+        let ack = proto::parse(&buf[..n], Kind::Ack).expect("an ACK");
+        assert_eq!(ack.node_id, NODE);
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        SocketAddr::new(src.ip().to_canonical(), src.port())
+    }
+
+    /// A local address that is not the loopback one (127.0.0.0/8 is all
+    /// local on `lo`): the ACK must not leave from 127.0.0.1, where the
+    /// kernel's routing would put it.
+    const SECOND_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+    #[tokio::test]
+    async fn dual_stack_wildcard_acks_from_the_v4_address_heartbeats_reach() {
+        let sock = bind(&bind_addrs(&[], 0).unwrap()).unwrap().remove(0);
+        let port = sock.local_addr().unwrap().port();
+        let src = ack_source(sock, IpAddr::V4(Ipv4Addr::LOCALHOST), SECOND_V4).await;
+        assert_eq!(src, SocketAddr::new(SECOND_V4, port));
+    }
+
+    #[tokio::test]
+    async fn v4_wildcard_acks_from_the_address_heartbeats_reach() {
+        let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+        let sock = bind(&[any]).unwrap().remove(0);
+        let port = sock.local_addr().unwrap().port();
+        let src = ack_source(sock, IpAddr::V4(Ipv4Addr::LOCALHOST), SECOND_V4).await;
+        assert_eq!(src, SocketAddr::new(SECOND_V4, port));
+    }
+
+    /// With a second IPv6 address on the host (one not on `lo`), the same
+    /// over IPv6: a heartbeat from `::1` to it is answered from it, not
+    /// from `::1`. Without one, only `::1` is there to check: the reply
+    /// path works, and its source is `::1` either way.
+    #[tokio::test]
+    async fn dual_stack_wildcard_acks_from_the_v6_address_heartbeats_reach() {
+        let sock = bind(&bind_addrs(&[], 0).unwrap()).unwrap().remove(0);
+        let local = sock.local_addr().unwrap();
+        if local.is_ipv4() {
+            eprintln!("no IPv6 here: nothing to test");
+            return;
+        }
+        let second = nix::ifaddrs::getifaddrs()
+            .unwrap()
+            .filter_map(|a| a.address?.as_sockaddr_in6().map(|v6| v6.ip()))
+            .find(|ip| !ip.is_loopback() && !ip.is_unicast_link_local() && !ip.is_multicast());
+        let to = IpAddr::V6(second.unwrap_or(Ipv6Addr::LOCALHOST));
+        eprintln!("heartbeat from ::1 to {to}");
+        let src = ack_source(sock, IpAddr::V6(Ipv6Addr::LOCALHOST), to).await;
+        assert_eq!(src, SocketAddr::new(to, local.port()));
+    }
+
+    /// Bound sockets send as before, with no control message.
+    #[tokio::test]
+    async fn bound_socket_acks_from_its_address() {
+        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let sock = bind(&[SocketAddr::new(lo, 0)]).unwrap().remove(0);
+        let port = sock.local_addr().unwrap().port();
+        assert_eq!(ack_source(sock, lo, lo).await, SocketAddr::new(lo, port));
+    }
+
+    /// What the dual-stack wildcard socket reads with each datagram: the
+    /// address it was sent to (IPv4 and IPv6), and no "reassembled" mark
+    /// from a control buffer too small for both packet infos.
+    #[test]
+    fn wildcard_reads_where_each_datagram_was_sent() {
+        let sock = bind(&bind_addrs(&[], 0).unwrap()).unwrap().remove(0);
+        sock.set_nonblocking(false).unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let local = sock.local_addr().unwrap();
+        let mut to = vec![SECOND_V4];
+        if local.is_ipv6() {
+            to.push(IpAddr::V6(Ipv6Addr::LOCALHOST));
+        }
+        for ip in to {
+            let from = if ip.is_ipv4() {
+                IpAddr::V4(Ipv4Addr::LOCALHOST)
+            } else {
+                ip
+            };
+            let client = std::net::UdpSocket::bind(SocketAddr::new(from, 0)).unwrap();
+            client
+                .send_to(b"hello", SocketAddr::new(ip, local.port()))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            let got = recv_datagram(sock.as_raw_fd(), &mut buf).unwrap();
+            assert_eq!(got.len, 5);
+            assert_eq!(got.dst, Some(ip), "{got:?}");
+            assert!(!got.reassembled, "{got:?}");
+            let client_addr = client.local_addr().unwrap();
+            assert_eq!(
+                SocketAddr::new(got.src.ip().to_canonical(), got.src.port()),
+                client_addr
+            );
+        }
     }
 }
