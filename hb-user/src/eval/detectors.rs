@@ -840,10 +840,16 @@ impl Detector for Akka {
         let t_ns = a.recv_ns;
         match self.last {
             None => {
-                // `firstHeartbeat`: history = [mean, mean + mean / 4].
+                // `firstHeartbeat`: history = [mean - std, mean + std]
+                // with `std = mean / 4` (Akka's `toMillis / 4`, an integer
+                // division; exact for the 1000 ms estimate).
+                let (mean, std) = (
+                    AKKA_FIRST_HEARTBEAT_ESTIMATE_MS,
+                    AKKA_FIRST_HEARTBEAT_ESTIMATE_MS / 4.0,
+                );
                 for (w, _) in &mut self.groups {
-                    w.push(AKKA_FIRST_HEARTBEAT_ESTIMATE_MS);
-                    w.push(AKKA_FIRST_HEARTBEAT_ESTIMATE_MS * 1.25);
+                    w.push(mean - std);
+                    w.push(mean + std);
                 }
             }
             Some(l) => {

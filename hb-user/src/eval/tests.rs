@@ -257,16 +257,18 @@ fn detector_deadlines_at_hand_checked_points() {
     )[0]
     .unwrap();
     assert!(close(d, 4163.299, 1e-3), "{d}");
-    // akka: history seeded [1000, 1250] plus the 1000 ms interval: mean
-    // 1083.33 + 3000 pause, sigma 117.85 (> 100 floor); y = 1.
+    // akka: history seeded [750, 1250] (`firstHeartbeat`: mean 1000 minus
+    // and plus mean / 4) plus the 1000 ms interval: mean 1000 + 3000
+    // pause, population sigma sqrt(125000 / 3) = 204.124 (> 100 floor);
+    // y = 1.
     let thr = akka_phi(1.0, 0.0, 1.0);
     let d = deadlines_ms(Kind::Akka, hb, &plain(&[0, 1000]), &[thr])[0].unwrap();
-    assert!(close(d, 5201.184, 1e-3), "{d}");
+    assert!(close(d, 5204.124, 1e-3), "{d}");
 }
 
 #[test]
 fn akka_leaves_late_intervals_out_of_its_history() {
-    // Threshold phi 1 crosses at 1000 + 4083 + 117.9 * y(1) ~ 5.3 s after
+    // Threshold phi 1 crosses at 1000 + 4000 + 204.1 * y(1) ~ 5.3 s after
     // the second heartbeat; a 20 s gap is past that, so the 20 s interval
     // is not learned and the next deadline is as before, shifted.
     let hb = HbConfig::default();

@@ -7,15 +7,25 @@
 //! heartbeats are real sealed datagrams gated by
 //! [`MemDataplane::gate`](crate::dataplane::mem::MemDataplane) (SipHash,
 //! anti-replay, `NodeState::admit/record`, the ACK policy), suspicion is
-//! [`detector::phi`] at every monitor tick, decisions are
+//! the monitor's tick at every monitor tick (its [`Detector`], with phi's
+//! thresholds, the stall allowance and the max-silence backstop, and its
+//! state machine, [`state::step`]), decisions are
 //! [`QController::observe`] once per decision period per node, and the
 //! requested interval reaches the sender in a real ACK that it verifies.
 //!
-//! The monitor side is deliberately minimal: a node is suspected while
-//! `phi >= threshold` (the monitor's full state machine, with its
-//! hysteresis, only removes suspicions from that). A suspicion that starts
-//! while the node is up is a false one; the first tick at or after a crash
-//! with `phi >= threshold` is its detection.
+//! The monitor side is the tick without its events, table and API
+//! (`monitor_step`): a node is suspected while the monitor's state
+//! machine holds it `suspect` or `dead`. A suspicion that starts while the
+//! node is up is a false one (the `suspect` or `dead` event the monitor
+//! would announce about a live node); one that the node's own heartbeats
+//! end within its generation is refuted, and is reported to the controller
+//! as the tick reports it; the first tick at or after a crash with the
+//! node suspected is its detection.
+//!
+//! Every crash is accounted for, detected or missed: a crash whose node
+//! would restart after the end of the run is followed past the end
+//! (`Sim::follow_past_end`), so the slow detections near the end are
+//! not cut off the distribution.
 
 use std::{
     cmp::Reverse,
@@ -36,13 +46,22 @@ use super::scenario::{Profile, Scenario};
 use crate::{
     controller::QController,
     dataplane::{Dataplane, mem::MemDataplane},
-    detector::{self, PhiParams},
+    detector::PhiParams,
+    monitor::{
+        state::{self, EventKind, Status, Thresholds, Track, Transition},
+        tick::Detector,
+    },
 };
 
 const MS: u64 = 1_000_000;
 const S: u64 = 1_000_000_000;
 /// Simulated time starts here (a monotonic clock is never 0).
 const T0: u64 = 1_000 * S;
+/// How long past the end of a run a crash still undetected is followed at
+/// most (unless its node would have restarted sooner): one not detected by
+/// then counts as missed. The monitor's max-silence backstop (60 s by
+/// default) ends the wait long before, when it is on.
+const FOLLOW_CAP: u64 = 3600 * S;
 
 /// Who picks the intervals.
 pub enum Policy<'a> {
@@ -68,8 +87,11 @@ pub struct SimConfig {
     pub nodes: u32,
     pub duration_s: f64,
     pub seed: u64,
-    /// Phi at which the monitor suspects a node.
-    pub threshold: f64,
+    /// The monitor's state thresholds: `suspect_phi` is the phi at which
+    /// it suspects a node; the dead rules and the max-silence backstop
+    /// apply too (the simulation judges with the monitor's [`Detector`]).
+    #[serde(skip)]
+    pub thresholds: Thresholds,
     #[serde(skip)]
     pub phi: PhiParams,
     /// The monitor's tick, ms.
@@ -96,7 +118,7 @@ impl SimConfig {
             nodes,
             duration_s,
             seed,
-            threshold: 8.0,
+            thresholds: Thresholds::default(),
             phi: PhiParams::default(),
             tick_ms: 100,
             decision_period_ms: 5000,
@@ -106,6 +128,11 @@ impl SimConfig {
             initial_interval_ms: 1000,
             sample_every_s: 60.0,
         }
+    }
+
+    /// The monitor's detector under this configuration.
+    pub fn detector(&self) -> Detector {
+        Detector::new(self.thresholds, self.phi)
     }
 }
 
@@ -172,7 +199,10 @@ pub struct ProfileReport {
     #[serde(skip)]
     pub detections_ms: Vec<f64>,
     pub false_suspicions: u64,
+    /// Per hour of these nodes' up-time (`alive_node_hours`).
     pub false_suspicions_per_node_hour: f64,
+    /// Time these nodes were up (not crashed) during the run, node-hours.
+    pub alive_node_hours: f64,
 }
 
 /// What a run measured.
@@ -187,17 +217,30 @@ pub struct SimReport {
     pub heartbeats_lost: u64,
     pub acks_sent: u64,
     pub heartbeats_per_node_s: f64,
+    /// Crashes during the run; each is either detected (counted in
+    /// `detection_ms`) or `missed`.
     pub crashes: u64,
-    /// Crashes not suspected before the node restarted.
+    /// Crashes not suspected before the node restarted. A crash whose node
+    /// would restart after the end of the run is followed past the end
+    /// until it is detected or its node would have restarted (at most
+    /// an hour past the end).
     pub missed: u64,
-    /// Crash to first suspicion, ms.
+    /// Crash to first suspicion, ms (detections past the end of the run
+    /// included).
     pub detection_ms: Summary,
     /// Every detection time, ms, in the order of detection (for pooling
     /// runs and for percentiles of mixtures; not in the JSON report).
     #[serde(skip)]
     pub detections_ms: Vec<f64>,
+    /// Suspicions that started while the node was up (each suspicion
+    /// once, as the monitor announces it).
     pub false_suspicions: u64,
+    /// False suspicions per hour of up-time (`alive_node_hours`: the time
+    /// nodes were not crashed, the mistake rate's denominator in Chen,
+    /// Toueg and Aguilera, as `hb eval` uses it).
     pub false_suspicions_per_node_hour: f64,
+    /// Time the nodes were up (not crashed) during the run, node-hours.
+    pub alive_node_hours: f64,
     /// Time-averaged mean interval of the fleet, ms.
     pub mean_interval_ms: f64,
     pub trajectory: Vec<TrajectoryPoint>,
@@ -337,10 +380,22 @@ struct Node {
     srtt_us: Option<f64>,
     // Ground truth and the monitor's view.
     crashed_at: Option<u64>,
+    /// Time spent crashed within the run, ns (up to the last restart).
+    down_ns: u64,
     detected: bool,
-    suspected: bool,
-    suspect_generation: u32,
+    /// The monitor's state machine's memory of the node.
+    track: Track,
+    /// Refuted suspicions since the node's last decision.
     refuted: u32,
+}
+
+/// What one tick of the monitor made of a node.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Judged {
+    /// A suspicion of a node that is up started.
+    false_suspicion: bool,
+    /// The crash's detection, ms after it.
+    detection_ms: Option<f64>,
 }
 
 impl Node {
@@ -379,6 +434,78 @@ impl Node {
             self.base_load
         }
     }
+
+    /// One monitor tick's judgement of the node from its dataplane state
+    /// `st` at `t` ([`monitor_step`]), held against the ground truth.
+    fn judge(&mut self, det: &Detector, st: &NodeState, t: u64) -> Judged {
+        let was = suspected(self.track.status);
+        let (tr, now) = monitor_step(det, &mut self.track, st, t);
+        if tr.as_ref().is_some_and(refutes) {
+            self.refuted += 1;
+        }
+        let mut j = Judged {
+            false_suspicion: now && !was && self.alive,
+            detection_ms: None,
+        };
+        if now
+            && !self.detected
+            && let Some(c) = self.crashed_at
+        {
+            self.detected = true;
+            j.detection_ms = Some((t - c) as f64 / MS as f64);
+        }
+        j
+    }
+
+    /// Time spent crashed within the run, ns, counting a crash still
+    /// running at `end` up to `end`.
+    fn down_until(&self, end: u64) -> u64 {
+        self.down_ns + self.crashed_at.map_or(0, |c| end.saturating_sub(c))
+    }
+}
+
+/// The monitor's tick for one node, without its events: the detector's
+/// observation ([`Detector::observe`]: phi's thresholds, the stall
+/// allowance, the max-silence backstop) stepped through the state machine
+/// ([`state::step`]). Returns the transition, if any, and whether the node
+/// is suspected after it.
+pub(super) fn monitor_step(
+    det: &Detector,
+    track: &mut Track,
+    st: &NodeState,
+    t: u64,
+) -> (Option<Transition>, bool) {
+    let tr = state::step(track, &det.observe(st, t));
+    (tr, suspected(track.status))
+}
+
+/// Whether the monitor suspects a node in `status`.
+fn suspected(status: Status) -> bool {
+    matches!(status, Status::Suspect | Status::Dead)
+}
+
+/// Whether a transition is a suspicion the node's own heartbeats refuted
+/// (back to alive without a restart): what the monitor's tick reports to
+/// the interval policy (`IntervalPolicy::suspicion_refuted`).
+fn refutes(tr: &Transition) -> bool {
+    tr.event == EventKind::Alive && suspected(tr.previous)
+}
+
+/// The address a node's heartbeats come from.
+fn source(node: u32) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::new(198, 18, (node >> 8) as u8, node as u8),
+        40000,
+    ))
+}
+
+/// `count` per hour of `hours`; 0 over no time.
+fn per_hour(count: u64, hours: f64) -> f64 {
+    if hours > 0.0 {
+        count as f64 / hours
+    } else {
+        0.0
+    }
 }
 
 /// Seed of a sub-stream: the run's seed mixed with a purpose and a node.
@@ -392,6 +519,8 @@ fn sub_seed(seed: u64, purpose: u64, node: u32) -> u64 {
 
 struct Sim<'a, 'p> {
     cfg: &'a SimConfig,
+    /// The monitor's detector (`cfg.detector()`).
+    det: Detector,
     policy: &'a mut Policy<'p>,
     dp: MemDataplane,
     nodes: Vec<Node>,
@@ -425,6 +554,9 @@ pub fn run(cfg: &SimConfig, policy: &mut Policy<'_>) -> anyhow::Result<SimReport
         cfg.tick_ms > 0 && cfg.decision_period_ms >= cfg.tick_ms,
         "the decision period must be at least one tick"
     );
+    cfg.thresholds
+        .validate()
+        .map_err(|e| anyhow::anyhow!("the monitor's thresholds: {e}"))?;
     let end = T0 + (cfg.duration_s * S as f64) as u64;
     let dp = MemDataplane::new();
     dp.set_config(&GateConfig {
@@ -440,6 +572,7 @@ pub fn run(cfg: &SimConfig, policy: &mut Policy<'_>) -> anyhow::Result<SimReport
 
     let mut sim = Sim {
         cfg,
+        det: cfg.detector(),
         policy,
         dp,
         nodes: Vec::with_capacity(cfg.nodes as usize),
@@ -539,9 +672,9 @@ pub fn run(cfg: &SimConfig, policy: &mut Policy<'_>) -> anyhow::Result<SimReport
             pending_ms: None,
             srtt_us: None,
             crashed_at: None,
+            down_ns: 0,
             detected: false,
-            suspected: false,
-            suspect_generation: 0,
+            track: Track::default(),
             refuted: 0,
         });
         sim.push(start, Event::Send { node: i, epoch: 0 });
@@ -572,13 +705,7 @@ impl Sim<'_, '_> {
         let second_ticks = (1000 / self.cfg.tick_ms).max(1);
         let mut at_interval: std::collections::BTreeMap<u32, u64> = Default::default();
         while t <= self.end {
-            while let Some(Reverse((et, _, _))) = self.heap.peek() {
-                if *et > t {
-                    break;
-                }
-                let Some(Reverse((et, _, e))) = self.heap.pop() else {
-                    break;
-                };
+            while let Some((et, e)) = self.pop_until(t) {
                 self.handle(et, e);
             }
             self.tick(t, tick_no % period_ticks, period_ticks);
@@ -597,11 +724,24 @@ impl Sim<'_, '_> {
             t += tick;
             tick_no += 1;
         }
-        // Crashes still undetected at the end are missed only if they had
-        // the whole downtime to be detected in; otherwise not counted.
+        // What happens between the last tick and the end is the run's too
+        // (its first tick is the next one, past the end).
+        while let Some((et, e)) = self.pop_until(self.end) {
+            self.handle(et, e);
+        }
         let duration_s = self.cfg.duration_s;
         let nodes = self.cfg.nodes;
         let acks = self.dp.counters()?[hb_common::maps::counter::ACK_SENT as usize];
+        // Up-time, per profile and in all, before crashes are followed
+        // past the end.
+        let run_ns = self.end - T0;
+        let mut alive_ns = vec![0u64; self.cfg.scenario.profiles.len()];
+        for n in &self.nodes {
+            alive_ns[n.kind] += run_ns.saturating_sub(n.down_until(self.end));
+        }
+        let node_hours = |ns: u64| ns as f64 / (3600.0 * S as f64);
+        let alive_node_hours = node_hours(alive_ns.iter().sum());
+        self.follow_past_end(t, tick);
         let controller_state = match self.policy {
             Policy::QLearn(c) => Some(ControllerSummary {
                 decisions: c.decisions(),
@@ -622,6 +762,7 @@ impl Sim<'_, '_> {
             .map(|(k, (p, (sent, det, fs)))| {
                 let n = self.nodes.iter().filter(|n| n.kind == k).count() as u32;
                 let node_s = (n.max(1) as f64) * duration_s;
+                let alive_node_hours = node_hours(alive_ns[k]);
                 ProfileReport {
                     profile: p.name.to_string(),
                     nodes: n,
@@ -629,7 +770,8 @@ impl Sim<'_, '_> {
                     detection_ms: Summary::of(det.clone()),
                     detections_ms: det,
                     false_suspicions: fs,
-                    false_suspicions_per_node_hour: fs as f64 / (node_s / 3600.0),
+                    false_suspicions_per_node_hour: per_hour(fs, alive_node_hours),
+                    alive_node_hours,
                 }
             })
             .collect();
@@ -655,8 +797,8 @@ impl Sim<'_, '_> {
             detection_ms: Summary::of(self.detections.clone()),
             detections_ms: self.detections,
             false_suspicions: self.false_suspicions,
-            false_suspicions_per_node_hour: self.false_suspicions as f64
-                / (nodes as f64 * duration_s / 3600.0),
+            false_suspicions_per_node_hour: per_hour(self.false_suspicions, alive_node_hours),
+            alive_node_hours,
             mean_interval_ms: if samples == 0 {
                 0.0
             } else {
@@ -667,16 +809,82 @@ impl Sim<'_, '_> {
         })
     }
 
+    /// The next event due at or before `t`, taken off the heap.
+    fn pop_until(&mut self, t: u64) -> Option<(u64, Event)> {
+        match self.heap.peek() {
+            Some(Reverse((et, _, _))) if *et <= t => {
+                self.heap.pop().map(|Reverse((et, _, e))| (et, e))
+            }
+            _ => None,
+        }
+    }
+
+    /// After the end (`t` is the first tick past it): the crashes still
+    /// undetected are followed until each is detected or its node would
+    /// have restarted, the window a longer run would have given it, and
+    /// at most [`FOLLOW_CAP`] past the end; one not detected by then is
+    /// missed. Censoring them instead would drop the slowest detections
+    /// (a crash near the end is detected only if it is detected fast) and
+    /// bias the percentiles low. Only the crashed nodes are simulated: the
+    /// heartbeats they sent before crashing still arrive and the tick
+    /// still judges them; nothing else happens or is counted (no sends,
+    /// no controller, no false suspicions).
+    fn follow_past_end(&mut self, mut t: u64, tick: u64) {
+        let down = (self.cfg.scenario.downtime_s * S as f64) as u64;
+        let cap = self.end.saturating_add(FOLLOW_CAP);
+        let det = self.det;
+        let mut pending: Vec<u32> = (0..self.cfg.nodes)
+            .filter(|&i| self.nodes[i as usize].crashed_at.is_some())
+            .filter(|&i| !self.nodes[i as usize].detected)
+            .collect();
+        while !pending.is_empty() {
+            while let Some((et, e)) = self.pop_until(t) {
+                if let Event::Arrive { node, payload } = e {
+                    let payload = self.payloads.take(payload);
+                    if pending.contains(&node) {
+                        self.dp.gate(&payload, source(node), et);
+                    }
+                }
+            }
+            let mut judged = Vec::with_capacity(pending.len());
+            for &node in &pending {
+                let n = &self.nodes[node as usize];
+                let c = n.crashed_at.unwrap_or(t);
+                if c.saturating_add(down) <= t || t > cap {
+                    // The node would have restarted undetected.
+                    judged.push((node, None));
+                    continue;
+                }
+                let mut st = NodeState::default();
+                self.dp
+                    .read_states(node..node + 1, &mut |_, s: &NodeState| st = *s);
+                judged.push((node, Some(st)));
+            }
+            pending.clear();
+            for (node, st) in judged {
+                let n = &mut self.nodes[node as usize];
+                let Some(st) = st else {
+                    self.missed += 1;
+                    continue;
+                };
+                match n.judge(&det, &st, t).detection_ms {
+                    Some(ms) => {
+                        self.detections.push(ms);
+                        self.by_kind[n.kind].1.push(ms);
+                    }
+                    None => pending.push(node),
+                }
+            }
+            t += tick;
+        }
+    }
+
     fn handle(&mut self, t: u64, e: Event) {
         match e {
             Event::Send { node, epoch } => self.send(t, node, epoch),
             Event::Arrive { node, payload } => {
                 let payload = self.payloads.take(payload);
-                let src = SocketAddr::V4(SocketAddrV4::new(
-                    Ipv4Addr::new(198, 18, (node >> 8) as u8, node as u8),
-                    40000,
-                ));
-                let v = self.dp.gate(&payload, src, t);
+                let v = self.dp.gate(&payload, source(node), t);
                 if let (GateResult::Accepted, Some(ack)) = (v.result, v.ack)
                     && let Some(d) = self.nodes[node as usize].transit(false, t)
                 {
@@ -702,6 +910,7 @@ impl Sim<'_, '_> {
                     self.missed += 1;
                 }
                 n.alive = true;
+                n.down_ns += n.crashed_at.map_or(0, |c| t - c);
                 n.crashed_at = None;
                 n.generation += 1;
                 n.seq = 0;
@@ -785,13 +994,11 @@ impl Sim<'_, '_> {
         }
     }
 
-    /// The monitor's tick: phi for every node, the suspicion bookkeeping,
-    /// and the decisions of the nodes whose turn it is.
+    /// The monitor's tick: its detector and state machine for every node
+    /// ([`Node::judge`]), the suspicion bookkeeping, and the decisions of
+    /// the nodes whose turn it is.
     fn tick(&mut self, t: u64, phase: u64, period_ticks: u64) {
-        // phi >= threshold, compared as standardized lateness as the
-        // monitor's tick does (phi increases strictly with it): no exp or
-        // log per node per tick.
-        let (y_thr, params) = (detector::y_for_phi(self.cfg.threshold), self.cfg.phi);
+        let det = self.det;
         let mut decide: Vec<(u32, NodeState, u32)> = Vec::new();
         let qlearn = matches!(self.policy, Policy::QLearn(_));
         let nodes = &mut self.nodes;
@@ -800,26 +1007,12 @@ impl Sim<'_, '_> {
         self.dp
             .read_states(0..self.cfg.nodes, &mut |slot, st: &NodeState| {
                 let n = &mut nodes[slot as usize];
-                let suspect = detector::lateness(st, t, &params).is_some_and(|l| l.y >= y_thr);
-                if suspect && !n.suspected {
-                    n.suspected = true;
-                    n.suspect_generation = st.generation;
-                    if n.alive {
-                        fs += 1;
-                        by_kind[n.kind].2 += 1;
-                    }
-                } else if !suspect && n.suspected {
-                    n.suspected = false;
-                    if st.generation == n.suspect_generation {
-                        n.refuted += 1;
-                    }
+                let j = n.judge(&det, st, t);
+                if j.false_suspicion {
+                    fs += 1;
+                    by_kind[n.kind].2 += 1;
                 }
-                if suspect
-                    && !n.detected
-                    && let Some(c) = n.crashed_at
-                {
-                    n.detected = true;
-                    let ms = (t - c) as f64 / MS as f64;
+                if let Some(ms) = j.detection_ms {
                     detections.push(ms);
                     by_kind[n.kind].1.push(ms);
                 }

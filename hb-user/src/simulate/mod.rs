@@ -5,7 +5,7 @@
 //! The same seed gives the same run, byte for byte; every policy compared
 //! on a seed faces the same paths, crash times, stalls and load spikes.
 //! The code under test is the production code (see [`engine`]): the gate,
-//! the detector and the controller are the monitor's.
+//! the detector, the state machine and the controller are the monitor's.
 //!
 //! `qlearn` runs first train (by default for two simulated hours, on a
 //! different seed of the same scenario, exploring), then the reported run
@@ -26,7 +26,10 @@ use anyhow::{Context, bail};
 pub use engine::{Policy, SimConfig, SimReport, Summary, TrajectoryPoint};
 pub use scenario::Scenario;
 
-use crate::controller::{self, QController};
+use crate::{
+    controller::{self, QController},
+    monitor::state::Thresholds,
+};
 
 /// Salt of the training run's seed: training never sees the evaluated run.
 const TRAIN_SALT: u64 = 0x7261_696e_696e_6721;
@@ -62,7 +65,9 @@ pub struct Args {
     /// the learned table to it at the end.
     #[arg(long)]
     pub table: Option<PathBuf>,
-    /// Phi at which the monitor suspects a node.
+    /// Phi at which the monitor suspects a node (its `suspect_phi`; its
+    /// `dead_phi` is raised to it when below). The monitor's other
+    /// thresholds keep their defaults, the max-silence backstop among them.
     #[arg(long, default_value_t = 8.0)]
     pub threshold: f64,
     /// The monitor's tick, ms.
@@ -138,6 +143,20 @@ pub fn parse_weights(s: &str) -> anyhow::Result<controller::Weights> {
     })
 }
 
+/// The monitor's thresholds with `suspect_phi` at `threshold` (`dead_phi`
+/// raised to it when below, so that the monitor would accept them).
+pub fn thresholds(threshold: f64) -> anyhow::Result<Thresholds> {
+    let d = Thresholds::default();
+    let t = Thresholds {
+        suspect_phi: threshold,
+        dead_phi: d.dead_phi.max(threshold),
+        ..d
+    };
+    t.validate()
+        .map_err(|e| anyhow::anyhow!("--threshold {threshold}: {e}"))?;
+    Ok(t)
+}
+
 /// A run under a fixed interval.
 pub fn run_policy(cfg: &SimConfig, policy: &mut Policy<'_>) -> anyhow::Result<SimReport> {
     engine::run(cfg, policy)
@@ -184,7 +203,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     })?;
     let choice: ControllerChoice = a.controller.parse()?;
     let mut cfg = SimConfig::new(scenario, a.nodes, a.duration.as_secs_f64(), a.seed);
-    cfg.threshold = a.threshold;
+    cfg.thresholds = thresholds(a.threshold)?;
     cfg.tick_ms = a.tick_ms;
     cfg.decision_period_ms = a.decision_period.as_millis() as u64;
     let started = std::time::Instant::now();
@@ -272,7 +291,7 @@ pub fn render(r: &SimReport, trajectory: bool) -> String {
     );
     let _ = writeln!(
         o,
-        "false suspicions {} ({:.3} per node-hour)",
+        "false suspicions {} ({:.3} per node-hour up)",
         r.false_suspicions, r.false_suspicions_per_node_hour
     );
     let _ = writeln!(o, "mean interval {:.0} ms", r.mean_interval_ms);
@@ -287,7 +306,7 @@ pub fn render(r: &SimReport, trajectory: bool) -> String {
         for p in &r.profiles {
             let _ = writeln!(
                 o,
-                "  {:<10} {:>4} nodes | heartbeats/node/s {:.3} | detection ms mean {:.0} p99 {:.0} | false suspicions {:.3} per node-hour",
+                "  {:<10} {:>4} nodes | heartbeats/node/s {:.3} | detection ms mean {:.0} p99 {:.0} | false suspicions {:.3} per node-hour up",
                 p.profile,
                 p.nodes,
                 p.heartbeats_per_node_s,

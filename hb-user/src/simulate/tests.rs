@@ -3,7 +3,7 @@
 //! controller learning through real ACKs. Small fleets and short runs keep
 //! them fast in debug builds.
 
-use super::*;
+use super::{engine::monitor_step, *};
 use crate::controller::Config;
 
 fn cfg(scenario: &str, nodes: u32, minutes: f64, seed: u64) -> SimConfig {
@@ -110,6 +110,14 @@ fn bad_arguments_are_refused() {
     for n in scenario::NAMES {
         assert!(Scenario::named(n).is_some(), "{n}");
     }
+    // --threshold is the monitor's suspect_phi, within what it accepts.
+    assert!(thresholds(1.0).is_err(), "not above alive_phi");
+    assert!(thresholds(f64::NAN).is_err());
+    let t = thresholds(16.0).unwrap();
+    assert_eq!((t.suspect_phi, t.dead_phi), (16.0, 16.0));
+    c.duration_s = 60.0;
+    c.thresholds.alive_phi = 20.0;
+    assert!(run_policy(&c, &mut Policy::Fixed(100)).is_err());
 }
 
 #[test]
@@ -149,4 +157,119 @@ fn qlearn_sits_at_the_fixed_interval_whose_p99_it_is_asked_for() {
         fixed.heartbeats_per_node_s
     );
     assert_eq!(r.false_suspicions, 0);
+}
+
+#[test]
+fn pausing_nodes_are_suspected_only_past_their_stall_allowance() {
+    // The monitor's tick holds a node that has stalled twice healthy until
+    // its silence passes its expected gap plus 1.5 times the smaller
+    // stall (0.5-4 s here): a crash of such a node is detected that late,
+    // not a few sigmas after 100 ms.
+    let r = run_policy(&cfg("pauses", 30, 60.0, 2), &mut Policy::Fixed(100)).unwrap();
+    assert!(r.crashes > 50, "{}", r.crashes);
+    let floor = 100.0 + 1.5 * 500.0;
+    assert!(r.detection_ms.p99 > floor, "{:?}", r.detection_ms);
+}
+
+#[test]
+fn a_node_the_monitor_holds_healthy_within_its_stall_allowance_is_not_suspected() {
+    use crate::{
+        detector,
+        monitor::state::{Level, Status, Track},
+    };
+    use hb_common::maps::NodeState;
+    let c = cfg("pauses", 1, 1.0, 1);
+    let det = c.detector();
+    let ms = 1_000_000u64;
+    // A 1 s sender, heard from at `last`, that stalled twice (about 3 and
+    // 2.5 s late).
+    let mut st = NodeState {
+        accepted: 100,
+        generation: 7,
+        interval_ms: 1000,
+        last_arrival_ns: 5_000_000 * ms,
+        ..NodeState::default()
+    };
+    let gaps = [
+        [1000; 30].as_slice(),
+        &[4000],
+        &[1000; 5],
+        &[3500],
+        &[1000; 5],
+    ];
+    for gap in gaps.concat() {
+        st.observe_interarrival(gap * ms);
+    }
+    assert!(st.recurring_stall_ns() > 0, "{st:?}");
+    let alive = Track {
+        status: Status::Alive,
+        generation: st.generation,
+        mark: st.accepted,
+    };
+    let y_suspect = detector::y_for_phi(c.thresholds.suspect_phi);
+    let (mut within, mut past) = (0, 0);
+    let mut track = alive;
+    for silent_ms in (0..8000).step_by(50) {
+        let t = st.last_arrival_ns + silent_ms * ms;
+        let level = det.observe(&st, t).level;
+        // From alive, the simulator suspects exactly where the tick's
+        // level reaches suspect.
+        let (_, suspected) = monitor_step(&det, &mut alive.clone(), &st, t);
+        assert_eq!(suspected, level >= Level::Suspect, "{silent_ms} ms");
+        let late = detector::lateness(&st, t, &c.phi).unwrap().y >= y_suspect;
+        if late && level == Level::Healthy {
+            // Phi alone (the old rule) would have suspected it here.
+            within += 1;
+            assert!(!suspected, "{silent_ms} ms");
+        }
+        // Tick by tick, the suspicion starts at the allowance's end.
+        let (_, now) = monitor_step(&det, &mut track, &st, t);
+        if now {
+            past += 1;
+            assert!(level >= Level::Suspect, "{silent_ms} ms");
+        }
+    }
+    assert!(within > 20, "the state exercises the allowance: {within}");
+    assert!(past > 0, "and is suspected after it");
+}
+
+#[test]
+fn every_crash_is_detected_or_missed_also_near_the_end() {
+    // A slow interval (detection about 7 s) and many crashes: some come
+    // in the last seconds of the run, and are followed past its end.
+    for (crashes_per_node_hour, minutes) in [(3.0, 60.0), (30.0, 10.0)] {
+        let mut c = cfg("bursty-loss", 100, minutes, 1);
+        c.scenario.crashes_per_node_hour = crashes_per_node_hour;
+        let r = run_policy(&c, &mut Policy::Fixed(5000)).unwrap();
+        assert!(r.crashes > 100, "{}", r.crashes);
+        let (detected, missed) = (r.detection_ms.count, r.missed);
+        assert_eq!(
+            r.crashes,
+            detected as u64 + missed,
+            "{crashes_per_node_hour}/node-hour: {detected} detected, {missed} missed"
+        );
+        let per_profile: usize = r.profiles.iter().map(|p| p.detection_ms.count).sum();
+        assert_eq!(per_profile, detected);
+    }
+}
+
+#[test]
+fn false_suspicions_are_counted_per_hour_of_up_time() {
+    let c = cfg("pauses", 30, 30.0, 3);
+    let r = run_policy(&c, &mut Policy::Fixed(200)).unwrap();
+    assert!(r.false_suspicions > 0 && r.crashes > 0);
+    // Each crash keeps its node down for the downtime (60 s), or until
+    // the end of the run.
+    let all = c.nodes as f64 * c.duration_s / 3600.0;
+    let down = r.crashes as f64 * c.scenario.downtime_s / 3600.0;
+    assert!(r.alive_node_hours < all && r.alive_node_hours >= all - down - 1e-9);
+    let rate = r.false_suspicions as f64 / r.alive_node_hours;
+    assert!((r.false_suspicions_per_node_hour - rate).abs() < 1e-9);
+    assert!(r.false_suspicions_per_node_hour > r.false_suspicions as f64 / all);
+    let p = &r.profiles[0];
+    assert_eq!(p.alive_node_hours, r.alive_node_hours);
+    assert_eq!(
+        p.false_suspicions_per_node_hour,
+        r.false_suspicions_per_node_hour
+    );
 }

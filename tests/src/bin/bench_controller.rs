@@ -214,8 +214,10 @@ impl Pooled {
         self.runs.iter().map(|r| r.false_suspicions).sum()
     }
 
+    /// Per hour of the nodes' up-time, as `hb simulate` reports it.
     fn fs_per_node_hour(&self) -> f64 {
-        self.false_suspicions() as f64 / (self.node_s() / 3600.0)
+        let up: f64 = self.runs.iter().map(|r| r.alive_node_hours).sum();
+        self.false_suspicions() as f64 / up
     }
 
     fn missed(&self) -> u64 {
@@ -230,22 +232,18 @@ impl Pooled {
     /// node-hour of the nodes of profile `k`.
     fn profile(&self, k: usize) -> Option<(String, f64, f64, f64)> {
         let name = self.runs.first()?.profiles.get(k)?.profile.clone();
-        let (mut hb, mut node_s, mut fs) = (0.0, 0.0, 0.0);
+        let (mut hb, mut node_s, mut up_h, mut fs) = (0.0, 0.0, 0.0, 0.0);
         let mut det = Vec::new();
         for r in &self.runs {
             let p = r.profiles.get(k)?;
             let ns = p.nodes as f64 * r.duration_s;
             hb += p.heartbeats_per_node_s * ns;
             node_s += ns;
+            up_h += p.alive_node_hours;
             fs += p.false_suspicions as f64;
             det.extend_from_slice(&p.detections_ms);
         }
-        Some((
-            name,
-            hb / node_s,
-            Summary::of(det).p99,
-            fs / (node_s / 3600.0),
-        ))
+        Some((name, hb / node_s, Summary::of(det).p99, fs / up_h))
     }
 
     fn outcome(&self) -> Outcome {
