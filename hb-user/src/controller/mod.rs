@@ -763,10 +763,19 @@ impl QController {
     }
 
     /// The modelled worst-case crash-to-suspicion time of a period, ms:
-    /// a crash right after the last heartbeat was sent.
+    /// a crash right after the last heartbeat was sent. Phi's deadline,
+    /// or the node's stall allowance if that is later: the monitor does
+    /// not suspect a node that pauses before it has been silent that long,
+    /// so beating faster does not detect it sooner.
     pub fn detection_ms(&self, obs: &Observation) -> f64 {
         let rtt_half = obs.rtt_ms.filter(|r| r.is_finite()).unwrap_or(0.0).max(0.0) / 2.0;
-        let d = obs.mean_ms + self.k_sigma * obs.sigma_ms + self.cfg.tick_ms + rtt_half;
+        let phi_deadline = obs.mean_ms + self.k_sigma * obs.sigma_ms;
+        let silence = if obs.stall_floor_ms > phi_deadline {
+            obs.stall_floor_ms
+        } else {
+            phi_deadline
+        };
+        let d = silence + self.cfg.tick_ms + rtt_half;
         if d.is_finite() { d } else { f64::MAX }
     }
 

@@ -188,6 +188,11 @@ pub struct Observation {
     pub mean_ms: f64,
     /// The detector's floored standard deviation, ms.
     pub sigma_ms: f64,
+    /// The node's stall allowance: the silence before which the monitor
+    /// does not suspect it at all, ms (`detector::Model::stall_floor_ns`;
+    /// 0 for a node that has not paused twice). A node that pauses cannot
+    /// be detected sooner than this, however fast it beats.
+    pub stall_floor_ms: f64,
     /// Load the node reports, permille, clamped to 0..=1000.
     pub load_permille: u16,
     /// Heartbeats accepted over the period.
@@ -231,6 +236,7 @@ impl Observation {
             lost as f64 / (accepted + lost) as f64
         };
         let (mean_ms, sigma_ms) = detector::moments_ms(now, phi);
+        let stall_floor_ms = detector::Model::new(phi).stall_floor_ns(now, mean_ms * 1e6) / 1e6;
         let jitter = if now.ia_mean_ns == 0 {
             0.0
         } else {
@@ -245,6 +251,7 @@ impl Observation {
             jitter,
             mean_ms,
             sigma_ms,
+            stall_floor_ms,
             load_permille: now.load.min(hb_common::proto::LOAD_MAX),
             new_samples: accepted,
             new_lost: lost,

@@ -113,6 +113,11 @@ fn decisions_stay_in_bounds_and_move_one_step() {
             },
             mean_ms: rng.random::<f64>() * 1e7,
             sigma_ms: rng.random::<f64>() * 1e7,
+            stall_floor_ms: if rng.random::<bool>() {
+                f64::NAN
+            } else {
+                rng.random::<f64>() * 1e7
+            },
             load_permille: rng.random(),
             new_samples: rng.random_range(0..10),
             new_lost: rng.random_range(0..10),
