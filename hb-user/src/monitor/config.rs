@@ -137,7 +137,8 @@ pub struct Opts {
     /// A hook still running after this is killed [default: 10000].
     #[arg(long, value_name = "MS")]
     pub hook_timeout_ms: Option<u64>,
-    /// Events waiting for a hook slot beyond this are dropped [default: 1024].
+    /// Most events waiting for a free hook slot; an event that finds this
+    /// many waiting is dropped [default: 1024].
     #[arg(long, value_name = "N")]
     pub hook_queue: Option<usize>,
     /// Decision tick period [default: 100].

@@ -82,7 +82,7 @@ impl Metrics {
         let hook_failures = Family::<Labels, Counter>::default();
         registry.register(
             "hook_failures",
-            "--on-event hooks that failed (exit, timeout, spawn, wait) or were dropped (queue full)",
+            "--on-event hooks that failed (exit, timeout, spawn, wait), were dropped (queue full), or were cut short by shutdown (killed, or never run)",
             hook_failures.clone(),
         );
         let event_write_failures = Counter::default();
@@ -187,7 +187,7 @@ impl Metrics {
         for o in ["provisioned", "accepted", "expired", "refused", "duplicate"] {
             let _ = m.enrolled.get_or_create(&vec![("outcome", o)]);
         }
-        for r in ["exit", "timeout", "spawn", "wait", "dropped"] {
+        for r in ["exit", "timeout", "spawn", "wait", "dropped", "shutdown"] {
             let _ = m.hook_failures.get_or_create(&vec![("reason", r)]);
         }
         m

@@ -218,6 +218,9 @@ fn gate_config(s: &Settings) -> Config {
 /// How often a learning controller's table is saved while running.
 const SAVE_EVERY: Duration = Duration::from_secs(60);
 
+/// The longest a shutdown waits for hooks (at most their timeout).
+const HOOK_GRACE: Duration = Duration::from_secs(5);
+
 /// Saves the policy's learned table, if it has one: taken under the
 /// core's lock, written (atomically) without it.
 fn save_table(shared: &Shared, last: bool) {
@@ -275,8 +278,12 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
         .hook
         .clone()
         .map(|h| Hooks::start(h, metrics.clone()));
-    let sink =
-        EventSink::start(Destination::parse(&settings.events), hooks, metrics.clone()).await?;
+    let sink = EventSink::start(
+        Destination::parse(&settings.events),
+        hooks.clone(),
+        metrics.clone(),
+    )
+    .await?;
 
     let mut core = Core::new(
         Detector::new(settings.thresholds, settings.phi),
@@ -429,6 +436,12 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
         tracing::warn!("some tasks did not stop within 5 s");
     }
     sink.flush().await;
+    // Every event is with the hooks now: those running and queued get a
+    // grace to finish; then those still running are killed with their
+    // process groups and the rest dropped (counted, logged).
+    if let (Some(hooks), Some(opts)) = (hooks, &settings.hook) {
+        hooks.shutdown(opts.timeout.min(HOOK_GRACE)).await;
+    }
     // The tick has stopped: the table is final.
     {
         let s = shared.clone();
