@@ -48,10 +48,10 @@ fn main() -> ExitCode {
     // The monitor reloads on SIGHUP: one sent right after the start (a
     // `systemctl reload` racing it) must not end the process before its
     // handler is installed. Other commands keep the default.
-    hb::monitor::set_sighup_blocked(true);
+    let inherited = hb::monitor::set_sighup_blocked(true);
     let cli = Cli::parse();
     if !matches!(cli.cmd, Cmd::Monitor(_)) {
-        hb::monitor::set_sighup_blocked(false);
+        hb::monitor::set_sighup_blocked(inherited);
     }
     hb::logging::init(&cli.log);
     let result = match cli.cmd {

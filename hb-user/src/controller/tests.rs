@@ -579,6 +579,27 @@ fn late_share_is_the_share_of_crashes_past_the_target() {
     assert_eq!(c.late_share(&obs, f64::NAN), 1.0);
 }
 
+/// The monitor does not suspect a node that pauses before its stall
+/// allowance: the modelled detection time is the later of phi's deadline
+/// and the allowance, so beating faster does not seem to help such a node.
+#[test]
+fn a_pausing_nodes_detection_is_no_sooner_than_its_stall_allowance() {
+    let c = controller(1);
+    let obs = |floor: f64| Observation {
+        interval_ms: 100,
+        mean_ms: 100.0,
+        sigma_ms: 20.0,
+        stall_floor_ms: floor,
+        ..Observation::default()
+    };
+    let steady = c.detection_ms(&obs(0.0));
+    assert_eq!(c.detection_ms(&obs(50.0)), steady, "below phi's deadline");
+    assert_eq!(c.detection_ms(&obs(f64::NAN)), steady);
+    let (d3, d4) = (c.detection_ms(&obs(3100.0)), c.detection_ms(&obs(4100.0)));
+    assert!(d3 > steady + 2500.0, "{d3} vs {steady}");
+    assert_eq!(d4 - d3, 1000.0, "the allowance sets it");
+}
+
 #[test]
 fn a_decision_covers_the_time_it_took() {
     let c = controller(1);

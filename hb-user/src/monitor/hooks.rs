@@ -302,6 +302,20 @@ async fn run_one(opts: &HookOptions, ev: &Event, m: &Metrics, killed: &AtomicUsi
         // started (`Group`).
         .process_group(0)
         .kill_on_drop(true);
+    // The monitor's threads block SIGHUP (`set_sighup_blocked`), and a
+    // child inherits its spawning thread's mask: a hook gets none blocked.
+    // SAFETY: sigemptyset and sigprocmask are async-signal-safe, and the
+    // closure touches nothing else.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -470,6 +484,46 @@ mod tests {
         assert_eq!(lines.next().unwrap(), "dead 42 suspect 3000");
         let v: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
         assert_eq!(v["node_id"], 42);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The monitor's threads block SIGHUP until its handler runs; a hook
+    /// must not inherit that (a `timeout -s HUP` in it would never fire).
+    #[test]
+    fn hooks_start_with_no_signal_blocked() {
+        let dir = test_dir("sigmask");
+        let out = dir.join("out");
+        // A thread of its own: the mask is per thread, and the runtime's
+        // threads inherit it, as the monitor's do.
+        std::thread::spawn(move || {
+            crate::monitor::set_sighup_blocked(true);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let m = Arc::new(Metrics::new());
+                let h = Hooks::start(
+                    hook(
+                        format!(
+                            "grep SigBlk /proc/self/status > {0}.tmp; mv {0}.tmp {0}",
+                            out.display()
+                        ),
+                        1,
+                        Duration::from_secs(5),
+                        1,
+                    ),
+                    m.clone(),
+                );
+                h.submit(&ev(1));
+                wait_for(&m, |m| m.hooks_ok() == 1).await;
+            });
+            let text = std::fs::read_to_string(&out).unwrap();
+            let mask = text.split_whitespace().nth(1).unwrap();
+            assert!(mask.chars().all(|c| c == '0'), "{text}");
+        })
+        .join()
+        .unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

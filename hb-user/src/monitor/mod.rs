@@ -82,21 +82,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     rt.block_on(serve(args, settings, keyring))
 }
 
-/// Blocks or unblocks SIGHUP for the calling thread: `main` blocks it
-/// before anything else and unblocks it for every command but `monitor`,
-/// which handles it.
-pub fn set_sighup_blocked(blocked: bool) {
-    // SAFETY: plain libc calls on a sigset_t on the stack.
+/// Blocks or unblocks SIGHUP for the calling thread, and says whether it
+/// was blocked before: `main` blocks it before anything else and, for
+/// every command but `monitor` (which handles it), puts back what it
+/// inherited. Children the monitor starts (hooks) get an empty mask.
+pub fn set_sighup_blocked(blocked: bool) -> bool {
+    // SAFETY: plain libc calls on sigset_t values on the stack.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
+        libc::sigemptyset(&mut old);
         libc::sigaddset(&mut set, libc::SIGHUP);
         let how = if blocked {
             libc::SIG_BLOCK
         } else {
             libc::SIG_UNBLOCK
         };
-        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+        libc::pthread_sigmask(how, &set, &mut old);
+        libc::sigismember(&old, libc::SIGHUP) == 1
     }
 }
 
@@ -563,11 +567,13 @@ fn tick_loop(shared: &Shared, sink: &EventSink, running: &AtomicBool) {
     let mut events = Vec::new();
     while running.load(Ordering::Relaxed) {
         let t0 = Instant::now();
-        let now = monotonic_ns();
-        let (stats, counts) = {
+        let (stats, counts, now) = {
             let mut core = shared.core();
+            // After the lock: a tick that waited for it (a reload) is not
+            // a tick that ran late.
+            let now = monotonic_ns();
             let stats = core.tick(&*shared.dp, now, &mut events::now_rfc3339, &mut events);
-            (stats, core.table.counts)
+            (stats, core.table.counts, now)
         };
         match shared.dp.counters() {
             Ok(c) => {

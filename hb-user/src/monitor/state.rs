@@ -301,11 +301,12 @@ pub fn step(t: &mut Track, o: &Observation) -> Option<Transition> {
 
 /// The status a node is adopted in when the monitor starts over state that
 /// survived it (pinned maps): no event is announced. A node heard from is
-/// `alive` (or `left` if its last word was LEAVING) and is judged from
-/// there by the kernel's `last_arrival`, which kept updating while no
-/// monitor ran: a node that died meanwhile is announced dead on the next
-/// ticks, once (the monitor cannot know whether its predecessor already
-/// announced it: at-least-once for `dead`, never a false `joined`).
+/// `alive` (or `left` if its last word was LEAVING), and its silence is
+/// judged from the start at the earliest (`tick::Core::listening_since`:
+/// without `--keep-attached` no gate ran in between): a node that died
+/// meanwhile is announced dead a few of its intervals after the start,
+/// once (the monitor cannot know whether its predecessor already announced
+/// it: at-least-once for `dead`, never a false `joined`).
 pub fn adopt(o: &Observation) -> Track {
     let status = match (o.accepted, o.leaving) {
         (0, _) => Status::Unknown,
