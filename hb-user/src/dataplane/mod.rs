@@ -93,4 +93,11 @@ pub trait Dataplane: Send + Sync {
     fn check_attached(&self) -> Result<(), String> {
         Ok(())
     }
+
+    /// Reads of a node's state given up on so far because the node stayed
+    /// held for writing (a writer that died holding it: released at the
+    /// next start); such a node keeps its status meanwhile.
+    fn stuck_reads(&self) -> u64 {
+        0
+    }
 }

@@ -1129,12 +1129,6 @@ impl XdpDataplane {
         e.read().map_err(|s| self.skipped(slot, s)).ok()
     }
 
-    /// Reads skipped so far because a node stayed held for writing for
-    /// over 50 ms (each also logged, sparingly).
-    pub fn stuck_reads(&self) -> u64 {
-        self.stuck_reads.load(Ordering::Relaxed)
-    }
-
     /// Counts a read of `slot` given up on, and logs it on the 1st, 2nd,
     /// 4th, 8th... time: a node that stays held is skipped on every tick.
     #[cold]
@@ -1522,6 +1516,12 @@ impl Dataplane for XdpDataplane {
 
     fn capacity(&self) -> u32 {
         XdpDataplane::capacity(self)
+    }
+
+    /// Reads skipped so far because a node stayed held for writing for
+    /// over 50 ms (each also logged, sparingly).
+    fn stuck_reads(&self) -> u64 {
+        self.stuck_reads.load(Ordering::Relaxed)
     }
 
     fn check_attached(&self) -> Result<(), String> {

@@ -35,6 +35,7 @@ pub struct Metrics {
     events_dropped: Counter,
     tick_seconds: Histogram,
     ticks_overrun: Counter,
+    stuck_reads: Counter,
     decisions: Counter,
     unknown_reports: Counter,
     enrolled: Family<Labels, Counter>,
@@ -103,6 +104,12 @@ impl Metrics {
             "Time of one decision tick (scan of every node)",
             tick_seconds.clone(),
         );
+        let stuck_reads = Counter::default();
+        registry.register(
+            "dataplane_stuck_reads",
+            "Reads of a node's state skipped because the node stayed held for writing over 50 ms (a writer died holding it; the node keeps its status until the next start releases it)",
+            stuck_reads.clone(),
+        );
         let ticks_overrun = Counter::default();
         registry.register(
             "ticks_overrun",
@@ -167,6 +174,7 @@ impl Metrics {
             events_dropped,
             tick_seconds,
             ticks_overrun,
+            stuck_reads,
             decisions,
             unknown_reports,
             enrolled,
@@ -204,6 +212,13 @@ impl Metrics {
                 .inner()
                 .store(c[*i], std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// Copies the dataplane's count of skipped reads.
+    pub fn set_stuck_reads(&self, n: u64) {
+        self.stuck_reads
+            .inner()
+            .store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn set_nodes(&self, counts: &[u64; 5]) {
@@ -316,5 +331,9 @@ mod tests {
         assert!(text.contains("hb_nodes{state=\"dead\"} 4"));
         assert!(text.contains("hb_tick_duration_seconds_count 1"));
         assert!(text.contains("hb_hook_failures_total{reason=\"timeout\"} 0"));
+        assert!(text.contains("hb_hook_failures_total{reason=\"shutdown\"} 0"));
+        assert!(text.contains("hb_dataplane_stuck_reads_total 0"), "{text}");
+        m.set_stuck_reads(3);
+        assert!(m.render().contains("hb_dataplane_stuck_reads_total 3"));
     }
 }

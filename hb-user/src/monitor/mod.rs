@@ -587,6 +587,7 @@ fn tick_loop(shared: &Shared, sink: &EventSink, running: &AtomicBool) {
             }
         }
         shared.metrics.set_nodes(&counts);
+        shared.metrics.set_stuck_reads(shared.dp.stuck_reads());
         let took = t0.elapsed();
         shared
             .metrics
