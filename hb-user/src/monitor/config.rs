@@ -221,7 +221,7 @@ pub struct Opts {
     #[arg(long)]
     pub keep_attached: bool,
     /// Provision unknown nodes whose heartbeats verify under their derived
-    /// key (see `monitor::enroll` for the trade-off).
+    /// key (README, "Enrolling nodes": the trade-off).
     #[arg(long)]
     pub enroll: bool,
     /// bpffs directory of the pinned maps and link [default: /sys/fs/bpf/hb].

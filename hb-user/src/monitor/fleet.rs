@@ -49,10 +49,20 @@
 //!   two key derivations each, bounded by the gate's report rate limit and
 //!   by [`MAX_PENDING`] probationary nodes at once; forged datagrams then
 //!   fail the tag check (`bad_tag`) and the slot is freed at the end of its
-//!   probation. They cannot make a node look alive.
+//!   probation. A probation gives way to a listed node that needs its slot
+//!   at a reload, and one pinned when the monitor restarts stays a
+//!   probation (from the start). Made-up ids cannot make a node look alive,
+//!   but they can use up the gate's report budget (shared by every unknown
+//!   id): while such a flood lasts, a real new node may wait long to enroll.
+//! - A captured heartbeat is enough to re-enroll its node once it is no
+//!   longer held (delisted, or its probation expired) while its key epoch
+//!   is held: its fresh slot has an empty replay window. Rotate keys to
+//!   revoke; delisting alone does not.
+//! - A node enrolls only if its second heartbeat comes within [`PROBATION`]
+//!   of its first: senders slower than every 30 s cannot enroll.
 //! - Enrolled nodes survive reloads (they are not in the node list) until
 //!   the monitor restarts without `--enroll` or the ids are listed and then
-//!   removed. Rotate keys to revoke.
+//!   removed.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -212,11 +222,27 @@ impl Fleet {
             }
         }
         core.adopt(dp, now);
+        // Pinned nodes that are not listed and were never heard from were
+        // on probation under the previous monitor (probations live in its
+        // memory only): they stay on probation, from now, rather than
+        // count as enrolled for good.
+        let mut on_probation = HashMap::new();
+        if enroll {
+            for (id, slot) in core.table.ids() {
+                if !spec.contains(id) {
+                    dp.read_states(slot..slot + 1, &mut |_, st| {
+                        if st.accepted == 0 {
+                            on_probation.insert(id, now + PROBATION.as_nanos() as u64);
+                        }
+                    });
+                }
+            }
+        }
         let mut fleet = Fleet {
             keyring: keyring.clone(),
             spec: spec.clone(),
             enroll,
-            pending: HashMap::new(),
+            pending: on_probation,
             // Pinned nodes hold the keys of whatever keyring their monitor
             // had.
             rekey_all: true,
@@ -318,6 +344,21 @@ impl Fleet {
             }
         }
         r.join = r.spec.iter().filter(|id| !table.contains(*id)).collect();
+        // Listed nodes come before probations (anyone can start one by
+        // sending a made-up id): as many end as the listed ones need.
+        let mut over = (r.stay.len() + r.join.len()).saturating_sub(table.capacity() as usize);
+        if over > 0 {
+            let mut i = 0;
+            while over > 0 && i < r.stay.len() {
+                let (id, _, origin) = r.stay[i];
+                if origin != Origin::Configured && self.pending.contains_key(&id) {
+                    r.leave.push(r.stay.swap_remove(i));
+                    over -= 1;
+                } else {
+                    i += 1;
+                }
+            }
+        }
         let (needed, capacity) = (r.stay.len() + r.join.len(), table.capacity());
         if needed > capacity as usize {
             let nodes = match needed - r.spec.len() as usize {
@@ -454,16 +495,15 @@ impl Fleet {
         if core.table.contains(node_id) {
             return "duplicate";
         }
-        if self.pending.len() >= MAX_PENDING {
+        if node_id == 0 || self.pending.len() >= MAX_PENDING {
             return "refused";
         }
         let now = monotonic_ns();
-        let slot = match core.table.insert(node_id, Origin::Enrolled, now) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(node_id, error = %e, "cannot enroll");
-                return "refused";
-            }
+        // A full table refuses every report alike (counted, not logged one
+        // by one: reports come at the gate's rate, and anyone can send
+        // them).
+        let Ok(slot) = core.table.insert(node_id, Origin::Enrolled, now) else {
+            return "refused";
         };
         if let Err(e) = dp.upsert_node(node_id, &keys_at(&self.keyring, node_id, slot)) {
             core.table.remove(node_id);
@@ -495,8 +535,10 @@ impl Fleet {
                 self.pending.remove(&id);
                 ok.push(id);
             } else if now >= deadline {
-                self.pending.remove(&id);
+                // Kept on probation if it cannot be removed now: retried
+                // on the next check, never left enrolled.
                 if remove(core, dp, id).is_ok() {
+                    self.pending.remove(&id);
                     expired.push(id);
                 }
             }
@@ -596,7 +638,10 @@ pub async fn reports(
                             let outcome = f.enroll(&mut shared.core(), &*shared.dp, r.node_id);
                             shared.metrics.enrollment(outcome);
                             if outcome == "provisioned" {
-                                tracing::info!(node_id = r.node_id, source = %report_addr(&r), "enrolling node on probation");
+                                // Debug: anyone can cause these (at the
+                                // gate's report rate); the unknown-node
+                                // summary and the metrics count them.
+                                tracing::debug!(node_id = r.node_id, source = %report_addr(&r), "enrolling node on probation");
                             }
                         }
                     }
@@ -620,7 +665,7 @@ pub async fn reports(
                     }
                     for id in expired {
                         shared.metrics.enrollment("expired");
-                        tracing::info!(node_id = id, "enrollment expired: no authenticated heartbeat");
+                        tracing::debug!(node_id = id, "enrollment expired: no authenticated heartbeat");
                     }
                 }
             }
@@ -830,12 +875,27 @@ mod tests {
     }
 
     #[test]
-    fn enrolled_nodes_count_against_the_slots() {
+    fn enrolled_nodes_count_against_the_slots_and_probations_give_way() {
+        // A probation (anyone can start one with a made-up id) ends to
+        // make room for a listed node; it used to refuse the reload.
         let dp = MemDataplane::new();
         let mut c = core();
         c.table.set_capacity(3);
         let (mut f, _) = Fleet::start(&mut c, &dp, keyring(&[1]), spec("1-2"), true).unwrap();
         assert_eq!(f.enroll(&mut c, &dp, 50), "provisioned");
+        let s = f.reload(&mut c, &dp, keyring(&[1]), spec("1-3")).unwrap();
+        assert_eq!((s.added, s.removed), (1, 1));
+        assert!(c.table.contains(3) && !c.table.contains(50));
+        assert!(f.pending.is_empty());
+
+        // A node enrolled for good (heard from) counts.
+        let dp = MemDataplane::new();
+        let mut c = core();
+        c.table.set_capacity(3);
+        let (mut f, _) = Fleet::start(&mut c, &dp, keyring(&[1]), spec("1-2"), true).unwrap();
+        assert_eq!(f.enroll(&mut c, &dp, 50), "provisioned");
+        assert_eq!(dp.gate(&hb(50, 1, 1), SRC, 1).result, GateResult::Accepted);
+        assert_eq!(f.check_pending(&mut c, &dp), (vec![50], vec![]));
         let e = f
             .reload(&mut c, &dp, keyring(&[1]), spec("1-3"))
             .unwrap_err();
@@ -844,7 +904,34 @@ mod tests {
             "{e:#}"
         );
         assert!(!c.table.contains(3));
-        assert!(c.table.contains(50) && f.pending.contains_key(&50));
+        assert!(c.table.contains(50));
+    }
+
+    #[test]
+    fn a_probation_outlives_a_restart_as_a_probation() {
+        // Probations live in the monitor's memory; their slots are pinned.
+        // A restart adopted them as enrolled for good: forged ids stayed
+        // forever, and could keep the next start from fitting its list.
+        let dp = MemDataplane::new();
+        let mut c = core();
+        let (mut f, _) = Fleet::start(&mut c, &dp, keyring(&[1]), spec("1"), true).unwrap();
+        for id in [50, 51] {
+            assert_eq!(f.enroll(&mut c, &dp, id), "provisioned");
+        }
+        assert_eq!(dp.gate(&hb(51, 1, 1), SRC, 1).result, GateResult::Accepted);
+        let mut c2 = core();
+        let (mut f2, _) = Fleet::start(&mut c2, &dp, keyring(&[1]), spec("1"), true).unwrap();
+        assert!(
+            f2.pending.contains_key(&50),
+            "never heard: still on probation"
+        );
+        assert!(!f2.pending.contains_key(&51), "heard: enrolled");
+        // Its probation runs from the start; at its end it goes.
+        f2.pending.insert(50, 0);
+        assert_eq!(f2.check_pending(&mut c2, &dp), (vec![], vec![50]));
+        assert!(!c2.table.contains(50) && c2.table.contains(51));
+        // Node id 0 is never enrolled (nor logged): the index cannot hold it.
+        assert_eq!(f2.enroll(&mut c2, &dp, 0), "refused");
     }
 
     #[test]

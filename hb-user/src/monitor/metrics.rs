@@ -131,7 +131,7 @@ impl Metrics {
         let enrolled = Family::<Labels, Counter>::default();
         registry.register(
             "enrollments",
-            "--enroll outcomes: provisioned, accepted (verified heartbeat), expired, refused",
+            "--enroll outcomes: provisioned (on probation), accepted (verified heartbeat), expired, refused (no slot, too many on probation, node id 0), duplicate (already held)",
             enrolled.clone(),
         );
         let reloads = Family::<Labels, Counter>::default();
