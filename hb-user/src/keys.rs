@@ -511,7 +511,7 @@ pub fn parse_node_id(s: &str) -> Result<u32, String> {
 pub fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::New => {
-            println!("{}", to_hex(&new_secret()?.0));
+            crate::output::stdout(&format!("{}\n", to_hex(&new_secret()?.0)))?;
         }
         Cmd::Derive {
             keyring,
@@ -523,7 +523,7 @@ pub fn run(cmd: Cmd) -> anyhow::Result<()> {
             let key = ring
                 .node_key(node_id, epoch)
                 .with_context(|| format!("cannot derive the key of node {node_id}"))?;
-            println!("{}", to_hex(&key.to_bytes()));
+            crate::output::stdout(&format!("{}\n", to_hex(&key.to_bytes())))?;
         }
     }
     Ok(())

@@ -9,6 +9,7 @@ pub mod keys;
 pub mod logging;
 pub mod monitor;
 pub mod nodes;
+pub mod output;
 pub mod send;
 pub mod simulate;
 

@@ -1,7 +1,7 @@
 //! `hb nodes`: the running monitor's node table, from its HTTP API
 //! (`GET /nodes`, or `GET /nodes/{id}`), as a table or as JSON.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, bail};
 use http_body_util::{BodyExt as _, Empty};
@@ -19,8 +19,11 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// Only nodes in this state (unknown, alive, suspect, dead, left).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "node_id")]
     pub state: Option<String>,
+    /// Give up on a monitor that has not answered within this.
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    pub timeout_ms: u64,
     /// One node only.
     pub node_id: Option<u32>,
 }
@@ -40,18 +43,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(s)) => format!("/nodes?state={s}"),
         (None, None) => "/nodes".to_owned(),
     };
-    let body = rt.block_on(get(args.monitor, &path))?;
-    if args.json {
-        println!("{}", String::from_utf8_lossy(&body).trim_end());
-        return Ok(());
-    }
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let body = rt
+        .block_on(async { tokio::time::timeout(timeout, get(args.monitor, &path)).await })
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the monitor at {} did not answer within {} ms (see --timeout-ms)",
+                args.monitor,
+                args.timeout_ms
+            )
+        })??;
+    // Checked even for --json: a script must not take another service's
+    // answer (or a truncated one) for the node table.
     let rows: Vec<NodeRow> = if args.node_id.is_some() {
         vec![serde_json::from_slice(&body).context("unexpected answer from the monitor")?]
     } else {
         serde_json::from_slice(&body).context("unexpected answer from the monitor")?
     };
-    print!("{}", table(&rows));
-    Ok(())
+    if args.json {
+        return crate::output::stdout(&format!("{}\n", String::from_utf8_lossy(&body).trim_end()));
+    }
+    crate::output::stdout(&table(&rows))
 }
 
 /// `GET path` from the monitor at `addr`; the body of a 200 answer.

@@ -402,3 +402,63 @@ fn the_key_from_the_environment_yields_to_the_options() {
     ));
     assert_fails(&send("abc", &["--keyring", &ring]), interval);
 }
+
+/// Output to a reader that went away (`hb ... | head`) ends quietly: exit
+/// 0, no panic (Rust ignores SIGPIPE, so a write gets EPIPE).
+#[test]
+fn a_closed_pipe_on_stdout_is_not_a_panic() {
+    for args in [&["keys", "new"][..], &["simulate", "--list"][..]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let mut child = command(args)
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + TIMEOUT;
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("hb {args:?} still running");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(status.success(), "hb {args:?}: {status}: {err}");
+        assert!(!err.contains("panicked"), "hb {args:?}: {err}");
+    }
+}
+
+/// `hb nodes` against a monitor that accepts the connection and never
+/// answers (stopped, wedged): one clear line within its timeout, not a
+/// hang. The listener is on this host's loopback and never accepts.
+#[test]
+fn hb_nodes_gives_up_on_a_monitor_that_does_not_answer() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let out = hb(&["nodes", "--monitor", &addr, "--timeout-ms", "300"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("did not answer within 300 ms"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(out.stdout.is_empty());
+    drop(listener);
+    // --state with a node id is refused rather than ignored.
+    let out = hb(&["nodes", "--state", "dead", "5"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot be used with"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -39,14 +39,7 @@ pub fn run(cmd: Cmd) -> anyhow::Result<()> {
             } else {
                 render(&t, a.limit)
             };
-            // A closed pipe (`| head`) is not worth a panic.
-            use std::io::Write as _;
-            match std::io::stdout().write_all(text.as_bytes()) {
-                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-                    Err(e).context("writing the table")
-                }
-                _ => Ok(()),
-            }
+            crate::output::stdout(&text)
         }
     }
 }

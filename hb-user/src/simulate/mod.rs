@@ -189,10 +189,11 @@ pub fn run_qlearn(
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     if a.list {
-        for s in Scenario::all() {
-            println!("{:<12} {}", s.name, s.about);
-        }
-        return Ok(());
+        let list: String = Scenario::all()
+            .iter()
+            .map(|s| format!("{:<12} {}\n", s.name, s.about))
+            .collect();
+        return crate::output::stdout(&list);
     }
     let scenario = Scenario::named(&a.scenario).with_context(|| {
         format!(
@@ -259,15 +260,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             started.elapsed().as_secs_f64()
         );
     }
-    // A closed pipe (`| head`) is not worth a panic.
-    use std::io::Write as _;
-    match std::io::stdout().write_all(text.as_bytes()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            return Err(e).context("writing the report");
-        }
-        _ => {}
-    }
-    Ok(())
+    crate::output::stdout(&text)
 }
 
 /// The report as text; the trajectory summarised.
