@@ -140,6 +140,21 @@ pub struct PhiParams {
     pub max_stall_ms: f64,
 }
 
+impl PhiParams {
+    /// Whether these are usable: every value a non-negative number, and
+    /// one standard deviation floor positive (phi is undefined without
+    /// one). The monitor and `hb eval` refuse the same settings.
+    pub fn is_valid(&self) -> bool {
+        let nonneg = |v: f64| v.is_finite() && v >= 0.0;
+        nonneg(self.min_std_dev_ms)
+            && nonneg(self.min_std_dev_ratio)
+            && nonneg(self.acceptable_pause_ms)
+            && nonneg(self.stall_factor)
+            && nonneg(self.max_stall_ms)
+            && self.min_std_dev_ms.max(self.min_std_dev_ratio) > 0.0
+    }
+}
+
 impl Default for PhiParams {
     fn default() -> Self {
         PhiParams {

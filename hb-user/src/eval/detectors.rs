@@ -54,6 +54,7 @@ use std::{collections::VecDeque, sync::Arc};
 use hb_common::{
     maps::{IA_DEV_SHIFT, IA_MEAN_SHIFT, NodeState},
     proto::{Datagram, Kind as WireKind},
+    replay,
 };
 use serde::Serialize;
 
@@ -294,6 +295,7 @@ impl Spec {
                 model: Model::new(&self.hb.phi),
                 st: NodeState::default(),
                 seq: 0,
+                generation: 1,
                 ystar: self.ystar.clone(),
             }),
             Kind::Fixed => Box::new(Fixed {
@@ -305,6 +307,7 @@ impl Spec {
                 sum_t: 0,
                 sum_s: 0,
                 next: 0,
+                seen: replay::Window::default(),
                 thresholds: self.thresholds.clone(),
             }),
             Kind::PhiNormal => Box::new(PhiNormal {
@@ -435,7 +438,29 @@ struct Hb {
     model: Model,
     st: NodeState,
     seq: u64,
+    /// The sender's generation as the replay infers it ([`restarted`]).
+    generation: u32,
     ystar: Arc<[f64]>,
+}
+
+/// Whether `seq`, which the anti-replay window of a sender whose highest
+/// sequence number so far is `max_seq` refuses (seen already, or older
+/// than the window), starts the sender's next incarnation. A trace has no
+/// generation column (`trace`), and a restarted sender numbers its
+/// heartbeats from 1 again: where the monitor sees a larger generation, the
+/// replay sees a sequence number going back. So any refused `seq` below
+/// `max_seq` is taken as the first heartbeat of a restart; only a repeat
+/// of `max_seq` itself (a duplicate) and 0 (never valid) are dropped as the
+/// gate drops them. Taken by hb and chen alike, the two detectors that read
+/// sequence numbers.
+///
+/// What a trace cannot tell apart: a delayed duplicate of an older
+/// heartbeat is taken as a restart too, and a restarted sender's first
+/// sequence numbers that the window has not seen yet (the old
+/// incarnation lost them) are taken as late heartbeats of the old one,
+/// until one is refused.
+fn restarted(max_seq: u64, seq: u64) -> bool {
+    seq != 0 && seq < max_seq
 }
 
 /// `NodeState` treats `last_arrival_ns == 0` as "never heard from"; trace
@@ -444,19 +469,21 @@ const HB_CLOCK_OFFSET: u64 = 1_000_000_000;
 
 impl Detector for Hb {
     fn arrival(&mut self, a: &Arrival) {
-        // One generation; the datagram carries the trace's sequence number,
-        // so the gate sees lost heartbeats as the kernel does. A trace
-        // without one numbers the arrivals 1, 2, ...: a lost heartbeat then
-        // looks like a long inter-arrival time. Without an announced
-        // interval in the trace, `interval_ms` is 0 ("none"): `record` then
-        // never re-seeds and the moments are learned from the arrivals
-        // alone (the first inter-arrival time seeds them).
+        // The datagram carries the trace's sequence number, so the gate
+        // sees lost heartbeats as the kernel does. A trace without one
+        // numbers the arrivals 1, 2, ...: a lost heartbeat then looks like
+        // a long inter-arrival time. Without an announced interval in the
+        // trace, `interval_ms` is 0 ("none"): `record` then never re-seeds
+        // and the moments are learned from the arrivals alone (the first
+        // inter-arrival time seeds them). The generation starts at 1 and
+        // grows at every restart the sequence numbers show (see
+        // `restarted`).
         let (t_ns, interval_ms) = (a.recv_ns, a.interval_ms);
-        self.seq = a.seq.unwrap_or(self.seq + 1);
-        let d = Datagram {
+        self.seq = a.seq.unwrap_or_else(|| self.seq.saturating_add(1));
+        let mut d = Datagram {
             kind: WireKind::Heartbeat,
             node_id: 1,
-            generation: 1,
+            generation: self.generation,
             key_epoch: 0,
             flags: 0,
             load: 0,
@@ -465,9 +492,21 @@ impl Detector for Hb {
             interval_ms: interval_ms.unwrap_or(0),
             rtt_us: 0,
         };
-        let now = t_ns + HB_CLOCK_OFFSET;
-        let Ok(admit) = self.st.admit(&d) else {
-            return;
+        let now = t_ns.saturating_add(HB_CLOCK_OFFSET);
+        let admit = match self.st.admit(&d) {
+            Ok(admit) => admit,
+            Err(_) if restarted(self.st.rest().max_seq, d.seq) => {
+                // What the monitor sees as the sender's next generation.
+                self.generation = self.generation.saturating_add(1);
+                d.generation = self.generation;
+                let Ok(admit) = self.st.admit(&d) else {
+                    return;
+                };
+                admit
+            }
+            // A duplicate of the newest heartbeat (or seq 0): dropped, as
+            // the gate drops it.
+            Err(_) => return,
         };
         let before = self.st;
         self.st.record(&d, admit, now);
@@ -607,7 +646,9 @@ impl Detector for Fixed {
 /// is then a long inter-arrival time). `eta` is estimated from the window
 /// as `(A_l - A_first) / (s_l - s_first)`, so a sender's interval need not
 /// be configured ([`chen_expected_arrival`]). The process is suspected
-/// from the freshness point `EA + alpha` on.
+/// from the freshness point `EA + alpha` on. The paper's process never
+/// restarts; a restart the sequence numbers show ([`restarted`], as hb
+/// infers it) is a new process, whose window starts empty.
 struct Chen {
     /// (arrival ns, sequence number).
     window: VecDeque<(u64, u64)>,
@@ -615,6 +656,9 @@ struct Chen {
     sum_s: u128,
     /// The next sequence number to give an arrival without one.
     next: u64,
+    /// The sequence numbers of the current incarnation, as hb's gate
+    /// tracks them, to tell a restart.
+    seen: replay::Window,
     thresholds: Arc<[f64]>,
 }
 
@@ -630,7 +674,7 @@ pub fn chen_expected_arrival(
 ) -> f64 {
     let eta = (last.0 - first.0) as f64 / last.1.saturating_sub(first.1).max(1) as f64;
     let n = n as f64;
-    sum_t as f64 / n + eta * ((last.1 + 1) as f64 - sum_s as f64 / n)
+    sum_t as f64 / n + eta * (last.1 as f64 + 1.0 - sum_s as f64 / n)
 }
 
 impl Chen {
@@ -648,7 +692,18 @@ impl Chen {
 impl Detector for Chen {
     fn arrival(&mut self, a: &Arrival) {
         let s = a.seq.unwrap_or(self.next);
-        self.next = s + 1;
+        self.next = s.saturating_add(1);
+        match self.seen.check(s) {
+            Some(f) => self.seen.apply(s, f),
+            None if restarted(self.seen.max_seq, s) => {
+                self.seen = replay::Window::starting_at(s);
+                self.window.clear();
+                (self.sum_t, self.sum_s) = (0, 0);
+            }
+            // A duplicate (or seq 0): in the window as the paper's
+            // estimate would take it.
+            None => {}
+        }
         if self.window.len() == WINDOW {
             let (t, s) = self.window.pop_front().unwrap_or_default();
             self.sum_t -= t as u128;

@@ -49,7 +49,8 @@ pub enum Cmd {
 
 #[derive(clap::Args, Debug)]
 pub struct ReplayArgs {
-    /// Arrival trace: CSV `node_id,recv_ns[,interval_ms]`, sorted by recv_ns.
+    /// Arrival trace: CSV `node_id,recv_ns[,interval_ms[,seq]]`, sorted by
+    /// recv_ns.
     #[arg(long, required = true, value_name = "FILE.csv")]
     pub trace: Option<PathBuf>,
     /// Crash times: CSV `node_id,crash_ns`.
@@ -141,8 +142,11 @@ fn run_gen(g: GenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The hb configuration the flags ask for (defaults: the monitor's).
-fn hb_config(a: &ReplayArgs) -> HbConfig {
+/// The hb configuration the flags ask for (defaults: the monitor's), with
+/// the checks the monitor makes of the same settings (`monitor::config`):
+/// a setting it would refuse is refused here, rather than replayed as a
+/// detector no monitor runs.
+fn hb_config(a: &ReplayArgs) -> anyhow::Result<HbConfig> {
     let mut c = HbConfig::default();
     if let Some(v) = a.hb_min_std_ms {
         c.phi.min_std_dev_ms = v;
@@ -162,7 +166,12 @@ fn hb_config(a: &ReplayArgs) -> HbConfig {
     if let Some(v) = a.hb_dev_shift {
         c.dev_shift = v;
     }
-    c
+    if !c.phi.is_valid() {
+        bail!(
+            "--hb-min-std-ms, --hb-min-std-ratio, --hb-pause-ms and --hb-stall-factor must be non-negative numbers, and --hb-min-std-ms or --hb-min-std-ratio positive (as the monitor requires)"
+        );
+    }
+    Ok(c)
 }
 
 fn parse_list(s: &str) -> anyhow::Result<Vec<f64>> {
@@ -203,7 +212,7 @@ pub fn specs(a: &ReplayArgs) -> anyhow::Result<Vec<Spec>> {
             ),
         }
     }
-    let hb = hb_config(a);
+    let hb = hb_config(a)?;
     kinds
         .into_iter()
         .map(|k| {
@@ -221,7 +230,17 @@ fn run_replay(a: ReplayArgs) -> anyhow::Result<()> {
     let trace = Trace::read_path(path).with_context(|| format!("trace {}", path.display()))?;
     let crashes = match &a.crashes {
         Some(p) => {
-            trace::read_crashes_path(p).with_context(|| format!("crash file {}", p.display()))?
+            let c = trace::read_crashes_path(p)
+                .with_context(|| format!("crash file {}", p.display()))?;
+            let late = trace::sending_after_crash(&trace, &c);
+            if late > 0 {
+                tracing::warn!(
+                    file = %p.display(),
+                    nodes = late,
+                    "nodes keep sending more than a minute after their crash_ns (crash times on another clock?); their crashes are scored as detected late, or missed"
+                );
+            }
+            c
         }
         None => Default::default(),
     };
@@ -247,22 +266,18 @@ fn run_replay(a: ReplayArgs) -> anyhow::Result<()> {
             "chitchat": CHITCHAT_STATUS,
             "results": results,
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(());
+        return crate::output::stdout(&format!("{}\n", serde_json::to_string_pretty(&out)?));
     }
     let hours = results.first().map_or(0.0, |q| q.node_hours);
-    println!(
-        "trace {}: {} nodes, {} arrivals, {:.1} node-hours alive, {} crashes",
+    crate::output::stdout(&format!(
+        "trace {}: {} nodes, {} arrivals, {:.1} node-hours alive, {} crashes\n{CHITCHAT_STATUS}\n\n{}",
         path.display(),
         trace.nodes.len(),
         trace.arrivals(),
         hours,
         results.first().map_or(0, |q| q.crashes),
-    );
-    println!("{CHITCHAT_STATUS}");
-    println!();
-    print!("{}", table(&results));
-    Ok(())
+        table(&results),
+    ))
 }
 
 fn opt(v: Option<f64>, prec: usize) -> String {

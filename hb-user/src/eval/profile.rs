@@ -28,7 +28,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::{
     detectors::{Affine, HbConfig, Kind, Spec, after, geometric},
-    qos::{NodeScore, alive_window, percentile, replay_node},
+    qos::{NodeScore, alive_window, critical_values, percentile, replay_node},
     trace::{Crashes, Trace},
 };
 
@@ -143,23 +143,7 @@ impl Profile {
                     let end = trace.end_ns;
                     let (start, alive_end) = alive_window(arr, crash, end);
                     scratch.clear();
-                    let mut det = spec.instance();
-                    let mut last = None;
-                    for (i, a) in arr.iter().enumerate() {
-                        det.arrival(a);
-                        let aff = det.affine();
-                        let next = arr.get(i + 1).map_or(end, |n| n.recv_ns);
-                        let until = next.min(alive_end);
-                        if let Some(f) = aff
-                            && f.last_ns < until
-                            && let Some(c) = f.critical((until - f.last_ns) as f64 / 1e6)
-                        {
-                            scratch.push(c);
-                        }
-                        if i + 1 == arr.len() {
-                            last = aff;
-                        }
-                    }
+                    let last = critical_values(&spec, arr, alive_end, end, |c| scratch.push(c));
                     if scratch.len() > keep {
                         scratch.select_nth_unstable_by(keep, |a, b| b.total_cmp(a));
                         scratch.truncate(keep);

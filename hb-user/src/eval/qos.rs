@@ -17,7 +17,10 @@
 //! The replay is exact: suspicion starts at the detector's deadline after
 //! each heartbeat and ends at the next heartbeat; a suspicion that ends at
 //! a heartbeat whose own deadline is that same instant continues (one
-//! mistake, not two).
+//! mistake, not two). A heartbeat the detector does not take (hb's gate
+//! refuses a duplicate) leaves its deadline where it was, before that
+//! heartbeat: the suspicion then continues through it, one mistake whose
+//! time is counted once, from the deadline to the next heartbeat taken.
 
 use serde::Serialize;
 
@@ -106,7 +109,12 @@ pub fn replay_node(
         let next = arrivals.get(i + 1).map_or(end, |n| n.recv_ns);
         let is_last = i + 1 == arrivals.len();
         for k in 0..nt {
-            let suspected_from = dl[k].filter(|&s| s < next);
+            // Suspected over [max(deadline, this heartbeat), next). A
+            // deadline before this heartbeat is one the detector kept
+            // because it did not take the heartbeat (hb's gate refused
+            // it): the suspicion runs on from the span before, whose time
+            // is counted already.
+            let suspected_from = dl[k].map(|s| s.max(a.recv_ns)).filter(|&s| s < next);
             // The run still open at this heartbeat continues only if the
             // detector suspects again at this very instant.
             let continuing = match (run[k], suspected_from) {
@@ -290,6 +298,54 @@ pub fn sweep(
     (best_under_budget(&all, budget).cloned(), replayed)
 }
 
+/// Replays one node's `arrivals` (non-empty) through a fresh instance of
+/// `spec`'s detector, whose deadline is affine in its parameter `u`
+/// ([`Detector::affine`](super::detectors::Detector::affine)), and passes
+/// `out` the node's critical values: it makes one mistake for each value
+/// above `u` (see [`optimum`]). `alive_end` is the node's crash or the end
+/// of the trace, `end` the end of the trace. Returns the deadline after the
+/// last arrival.
+///
+/// One value per suspicion: heartbeats the detector does not take (hb's
+/// gate refuses a duplicate) leave its deadline as it was, so the spans up
+/// to the next heartbeat it takes are one suspicion if the deadline falls
+/// in any of them, the last one (the longest silence) deciding.
+pub fn critical_values(
+    spec: &Spec,
+    arrivals: &[Arrival],
+    alive_end: u64,
+    end: u64,
+    mut out: impl FnMut(f64),
+) -> Option<Affine> {
+    let mut det = spec.instance();
+    // The deadline of the current run of spans and its critical value so
+    // far.
+    let mut run: Option<(Affine, Option<f64>)> = None;
+    for (i, a) in arrivals.iter().enumerate() {
+        det.arrival(a);
+        let aff = det.affine();
+        let next = arrivals.get(i + 1).map_or(end, |n| n.recv_ns);
+        let until = next.min(alive_end);
+        let c = aff
+            .filter(|f| f.last_ns < until)
+            .and_then(|f| f.critical((until - f.last_ns) as f64 / 1e6));
+        match (run.as_mut(), aff) {
+            // The silence only grew: the later value is the larger.
+            (Some((f, rc)), Some(g)) if *f == g => *rc = c.or(*rc),
+            _ => {
+                if let Some((_, Some(rc))) = run {
+                    out(rc);
+                }
+                run = aff.map(|f| (f, c));
+            }
+        }
+    }
+    if let Some((_, Some(rc))) = run {
+        out(rc);
+    }
+    run.map(|(f, _)| f)
+}
+
 /// A detector's exact operating point under a mistake budget (mistakes
 /// per node-hour), for the detectors whose deadline is affine in one
 /// parameter ([`Detector::affine`](super::detectors::Detector::affine));
@@ -299,7 +355,8 @@ pub fn sweep(
 /// trace, or the crash, whichever is first) at `until_i`, the detector
 /// makes a mistake exactly when `last_i + max(a_i + b_i * u, floor_i) <
 /// until_i`, i.e. when the floor is below `until_i - last_i` and `u < c_i
-/// = (until_i - last_i - a_i) / b_i`. With `K` the mistakes
+/// = (until_i - last_i - a_i) / b_i` ([`critical_values`], which merges
+/// the spans a refused heartbeat splits). With `K` the mistakes
 /// the budget allows over the trace's node-hours, the least `u` that meets
 /// it is the `(K+1)`-th largest `c_i`; detection times only grow with `u`,
 /// so that `u` is the operating point for the mean and every percentile
@@ -330,22 +387,10 @@ pub fn optimum(
         let start = first.recv_ns;
         let alive_end = crash.unwrap_or(end).min(end).max(start);
         alive_ns += (alive_end - start) as u128;
-        let mut det = spec.instance();
-        for (i, a) in arrivals.iter().enumerate() {
-            det.arrival(a);
-            let aff = det.affine();
-            let next = arrivals.get(i + 1).map_or(end, |n| n.recv_ns);
-            let until = next.min(alive_end);
-            if let Some(f) = aff
-                && f.last_ns < until
-                && let Some(c) = f.critical((until - f.last_ns) as f64 / 1e6)
-            {
-                critical.push(c);
-            }
-            if i + 1 == arrivals.len() && crash.is_some() {
-                // No deadline after the last arrival: never detected.
-                finals.push(aff?);
-            }
+        let last = critical_values(&spec, arrivals, alive_end, end, |c| critical.push(c));
+        if crash.is_some() {
+            // No deadline after the last arrival: never detected.
+            finals.push(last?);
         }
     }
     let node_hours = alive_ns as f64 / 3.6e12;

@@ -675,3 +675,254 @@ fn hb_deadline_waits_out_a_recurring_stall() {
     let d = run(&losses);
     assert!(d[0] < 1500.0, "{d:?}");
 }
+
+// ---------------------------------------------------------------- refused heartbeats, restarts
+
+/// A trace from `(arrival ms, seq)` rows of node 1, announcing 1000 ms.
+fn seq_trace(rows: impl IntoIterator<Item = (u64, u64)>) -> Trace {
+    let mut text = String::from("node_id,recv_ns,interval_ms,seq\n");
+    for (t, s) in rows {
+        text += &format!("1,{},1000,{s}\n", t * MS);
+    }
+    Trace::read(text.as_bytes()).unwrap()
+}
+
+fn hb8(trace: &Trace, crashes: &Crashes) -> Qos {
+    let spec = Spec::new(Kind::Hb, &[8.0], HbConfig::default()).unwrap();
+    evaluate(trace, crashes, &spec).remove(0)
+}
+
+/// The reviewer's case: a sender restarts (seq starts again at 1) and no
+/// metric may leave its range.
+#[test]
+fn rev_a_seq_reset_does_not_count_the_same_suspicion_many_times() {
+    let mut text = String::from("node_id,recv_ns,interval_ms,seq\n");
+    for i in 0..200u64 {
+        text += &format!("1,{},1000,{}\n", i * 1000 * MS, i % 100 + 1);
+    }
+    let t = Trace::read(text.as_bytes()).unwrap();
+    let q = evaluate(
+        &t,
+        &Crashes::new(),
+        &Spec::new(Kind::Hb, &[8.0], HbConfig::default()).unwrap(),
+    );
+    let q = &q[0];
+    let trace_ms = (t.end_ns - t.start_ns) as f64 / 1e6;
+    assert!(
+        (0.0..=1.0).contains(&q.query_accuracy) && q.tm_mean_ms.unwrap_or(0.0) <= trace_ms,
+        "P_A {} and T_M {:?} ms over a {trace_ms} ms trace",
+        q.query_accuracy,
+        q.tm_mean_ms
+    );
+}
+
+/// hb's gate drops repeats of the newest sequence number, so its deadline
+/// stays where the last fresh heartbeat put it, before the repeats: one
+/// suspicion from that deadline to the end of the trace, counted once.
+#[test]
+fn a_suspicion_across_refused_heartbeats_is_counted_once() {
+    // seq 1..=20 every second, then seq 20 again every second to 59 s.
+    let t = seq_trace((0..60).map(|i| (i * 1000, (i + 1).min(20))));
+    let spec = Spec::new(Kind::Hb, &[8.0], HbConfig::default()).unwrap();
+    let mut det = spec.instance();
+    for a in &t.nodes[&1][..20] {
+        det.arrival(a);
+    }
+    let mut dl = [None];
+    det.deadlines(&mut dl);
+    let d = dl[0].unwrap();
+    assert!(d > 19_000 * MS && d < 21_000 * MS, "{d}");
+    let q = hb8(&t, &Crashes::new());
+    let wrong = (t.end_ns - d) as f64;
+    assert_eq!(q.mistakes, 1);
+    assert!(close(q.tm_mean_ms.unwrap(), wrong / 1e6, 1e-9), "{q:?}");
+    assert!(
+        close(q.query_accuracy, 1.0 - wrong / t.end_ns as f64, 1e-12),
+        "{q:?}"
+    );
+}
+
+/// The exact operating point counts that suspicion once too: with one
+/// mistake allowed, it is the one across the refused heartbeats, and the
+/// threshold is the least that allows no other.
+#[test]
+fn optimum_counts_a_suspicion_across_refused_heartbeats_once() {
+    // Node 1 as above; node 2 a steady sender that crashes at 30.5 s.
+    let mut text = String::from("node_id,recv_ns,interval_ms,seq\n");
+    for i in 0..60u64 {
+        if i <= 30 {
+            text += &format!("2,{},1000,{}\n", i * 1000 * MS, i + 1);
+        }
+        text += &format!("1,{},1000,{}\n", i * 1000 * MS + 1, (i + 1).min(20));
+    }
+    let t = Trace::read(text.as_bytes()).unwrap();
+    let crashes: Crashes = [(2, 30_500 * MS)].into();
+    let hours = ((t.end_ns - 1) + 30_500 * MS) as f64 / 3.6e12;
+    let budget = 1.5 / hours;
+    let hb = HbConfig::default();
+    let q = optimum(&t, &crashes, Kind::Hb, hb, budget).unwrap();
+    assert_eq!((q.mistakes, q.detected), (1, 1), "{q:?}");
+    // The least: a slightly lower threshold errs on node 2's steady beats.
+    let u = Kind::Hb.u_of_threshold(q.threshold).unwrap();
+    let below = Kind::Hb.threshold_of_u(u - 1e-3).unwrap();
+    let r = hb8_at(&t, &crashes, below);
+    assert!(r.mistake_rate > budget, "{below} also meets it: {r:?}");
+    // The profile agrees.
+    let p = super::profile::Profile::build(&[(&t, &crashes)], Kind::Hb, hb, budget);
+    let all: Vec<usize> = (0..t.nodes.len()).collect();
+    let pt = p.point(&all, budget).unwrap();
+    assert_eq!(pt.mistakes, 1, "{pt:?}");
+    assert!(
+        close(pt.mean_ms(), q.td_mean_ms.unwrap(), 1e-2),
+        "{pt:?} {q:?}"
+    );
+}
+
+fn hb8_at(trace: &Trace, crashes: &Crashes, threshold: f64) -> Qos {
+    let spec = Spec::new(Kind::Hb, &[threshold], HbConfig::default()).unwrap();
+    evaluate(trace, crashes, &spec).remove(0)
+}
+
+/// Traces carry no generation: a sequence number below the newest that
+/// hb's window refuses (seen already, or older than the window) is the
+/// sender's next incarnation, as the monitor would see it by its larger
+/// generation. Whether it restarted after many heartbeats or a few, a
+/// steady sender is then never suspected, by hb nor by chen (which reads
+/// sequence numbers too).
+#[test]
+fn a_sequence_number_going_back_is_a_restart() {
+    let old = seq_trace((0..200).map(|i| (i * 1000, i % 100 + 1)));
+    let young = seq_trace((0..90).map(|i| (i * 1000, if i < 30 { i + 1 } else { i - 29 })));
+    for (name, t) in [("old", &old), ("young", &young)] {
+        let q = hb8(t, &Crashes::new());
+        assert_eq!((q.mistakes, q.query_accuracy), (0, 1.0), "hb {name}: {q:?}");
+        let spec = Spec::new(Kind::Chen, &[100.0], HbConfig::default()).unwrap();
+        let q = &evaluate(t, &Crashes::new(), &spec)[0];
+        assert_eq!(
+            (q.mistakes, q.query_accuracy),
+            (0, 1.0),
+            "chen {name}: {q:?}"
+        );
+    }
+}
+
+/// A repeat of the newest sequence number is a duplicate, dropped as the
+/// gate drops it: the deadline is the one before it.
+#[test]
+fn a_repeat_of_the_newest_seq_is_a_duplicate() {
+    let spec = Spec::new(Kind::Hb, &[8.0], HbConfig::default()).unwrap();
+    let dl = |rows: &[(u64, u64)]| {
+        let mut det = spec.instance();
+        for a in &seq_trace(rows.iter().copied()).nodes[&1] {
+            det.arrival(a);
+        }
+        let mut out = [None];
+        det.deadlines(&mut out);
+        out[0]
+    };
+    let plain: Vec<(u64, u64)> = (0..10).map(|i| (i * 1000, i + 1)).collect();
+    let mut dup = plain.clone();
+    dup.push((9500, 10));
+    assert_eq!(dl(&dup), dl(&plain));
+}
+
+/// Sequence numbers at the top of the range, and a row without one after
+/// them: no overflow (a panic in debug builds).
+#[test]
+fn sequence_numbers_at_u64_max_do_not_overflow() {
+    let text = format!(
+        "node_id,recv_ns,interval_ms,seq\n1,0,1000,{}\n1,{},1000,{}\n1,{},1000,\n",
+        u64::MAX - 1,
+        1000 * MS,
+        u64::MAX,
+        2000 * MS
+    );
+    let t = Trace::read(text.as_bytes()).unwrap();
+    for kind in Kind::ALL {
+        let spec = Spec::new(kind, &[1.0], HbConfig::default()).unwrap();
+        evaluate(&t, &Crashes::new(), &spec);
+    }
+}
+
+// ---------------------------------------------------------------- files and flags
+
+#[test]
+fn io_errors_name_the_file_and_their_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nonexist.csv");
+    for (path, cause) in [
+        (missing.as_path(), "os error 2"),
+        (dir.path(), "os error 21"),
+    ] {
+        for e in [
+            Trace::read_path(path).unwrap_err(),
+            super::trace::read_crashes_path(path).unwrap_err(),
+        ] {
+            let msg = format!("{:#}", anyhow::Error::new(e));
+            assert!(
+                msg.starts_with(&format!("cannot read {}", path.display())),
+                "{msg}"
+            );
+            assert_eq!(msg.matches(cause).count(), 1, "{msg}");
+        }
+    }
+}
+
+/// `hb eval` refuses the hb settings the monitor refuses, in one line.
+#[test]
+fn hb_settings_the_monitor_refuses_are_refused() {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: super::ReplayArgs,
+    }
+    let specs = |flags: &[&str]| {
+        use clap::Parser;
+        let mut argv = vec!["hb", "--trace", "t.csv", "--detector", "hb"];
+        argv.extend(flags);
+        super::specs(&Cli::try_parse_from(argv).unwrap().a)
+    };
+    for bad in [
+        &["--hb-pause-ms", "nan"][..],
+        &["--hb-pause-ms=-5000"],
+        &["--hb-min-std-ms", "0", "--hb-min-std-ratio", "0"],
+        &["--hb-min-std-ms", "inf"],
+        &["--hb-min-std-ratio=-0.1"],
+        &["--hb-stall-factor=-1"],
+    ] {
+        let e = format!("{:#}", specs(bad).unwrap_err());
+        assert!(
+            e.contains("non-negative") && !e.contains('\n'),
+            "{bad:?}: {e}"
+        );
+    }
+    for good in [
+        &[][..],
+        &["--hb-min-std-ms", "0"],
+        &["--hb-min-std-ratio", "0"],
+        &["--hb-pause-ms", "0", "--hb-stall-factor", "0"],
+    ] {
+        assert!(specs(good).is_ok(), "{good:?}");
+    }
+}
+
+/// Heartbeats in flight at a crash may arrive after it; a node that keeps
+/// sending a minute after its crash is counted (`hb eval` warns). No
+/// generated scenario has one.
+#[test]
+fn nodes_sending_after_their_crash_are_counted() {
+    use super::trace::sending_after_crash;
+    let t = trace_ms(&[
+        (1, &[0, 1000, 2000, 3000]),
+        (2, &[0, 1000, 2000, 3000, 100_000]),
+        (3, &[0, 1000, 2000, 3000, 100_000]),
+    ]);
+    // 1: a heartbeat in flight; 2: sending long after; 3: never crashed;
+    // 9: not in the trace.
+    let crashes: Crashes = [(1, 2500 * MS), (2, 2500 * MS), (9, 0)].into();
+    assert_eq!(sending_after_crash(&t, &crashes), 1);
+    for s in Scenario::ALL {
+        let (t, c) = make(s, 3, 10, 600);
+        assert_eq!(sending_after_crash(&t, &c), 0, "{}", s.name());
+    }
+}

@@ -14,6 +14,18 @@
 //!
 //! A crash file has the header `node_id,crash_ns`: the node stopped
 //! sending at `crash_ns` and never came back. At most one crash per node.
+//! Heartbeats sent before the crash may still arrive after it; a node
+//! whose heartbeats arrive more than [`IN_FLIGHT_NS`] (a minute) after its
+//! crash kept sending, and its crash time is likely on another clock:
+//! `hb eval` says how many such nodes a crash file has, in one warning,
+//! and scores them as written (the crash detected late, or missed if the
+//! node sends to the end of the trace).
+//!
+//! There is no generation column: a trace is one sender's life per node.
+//! A sender that restarts numbers its heartbeats from 1 again, and the
+//! detectors that read `seq` take a sequence number going back as its
+//! restart (`detectors`, `restarted`), as the monitor would from the
+//! restarted sender's larger generation.
 //!
 //! Errors name the file's line so a broken trace can be fixed by hand.
 
@@ -29,10 +41,13 @@ use thiserror::Error;
 /// being line 1.
 #[derive(Debug, Error)]
 pub enum TraceError {
-    #[error("cannot read {path}: {source}")]
+    /// The cause is the error's `source()`, not part of its message, so a
+    /// chain printed with `{:#}` names it once.
+    #[error("cannot read {path}")]
     Io {
         path: String,
-        source: std::io::Error,
+        #[source]
+        cause: std::io::Error,
     },
     #[error("line 1: bad header {found:?}, expected {expected:?}")]
     BadHeader { found: String, expected: String },
@@ -101,11 +116,8 @@ impl Trace {
     }
 
     pub fn read_path(path: &Path) -> Result<Trace, TraceError> {
-        let f = std::fs::File::open(path).map_err(|source| TraceError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Trace::read(std::io::BufReader::new(f))
+        let f = open(path)?;
+        Trace::read(std::io::BufReader::new(f)).map_err(|e| e.in_file(path))
     }
 
     /// Parses an arrival trace (see the module doc).
@@ -223,12 +235,49 @@ impl Trace {
     }
 }
 
+/// How long after a node's crash its heartbeats may still arrive, sent
+/// before the crash and in flight: a minute, far beyond any path's delay.
+pub const IN_FLIGHT_NS: u64 = 60_000_000_000;
+
+/// How many nodes of `crashes` have heartbeats in `trace` more than
+/// [`IN_FLIGHT_NS`] after their crash (see the module doc).
+pub fn sending_after_crash(trace: &Trace, crashes: &Crashes) -> usize {
+    crashes
+        .iter()
+        .filter(|&(id, &c)| {
+            trace
+                .nodes
+                .get(id)
+                .and_then(|a| a.last())
+                .is_some_and(|a| a.recv_ns > c.saturating_add(IN_FLIGHT_NS))
+        })
+        .count()
+}
+
 pub fn read_crashes_path(path: &Path) -> Result<Crashes, TraceError> {
-    let f = std::fs::File::open(path).map_err(|source| TraceError::Io {
+    let f = open(path)?;
+    read_crashes(std::io::BufReader::new(f)).map_err(|e| e.in_file(path))
+}
+
+fn open(path: &Path) -> Result<std::fs::File, TraceError> {
+    std::fs::File::open(path).map_err(|cause| TraceError::Io {
         path: path.display().to_string(),
-        source,
-    })?;
-    read_crashes(std::io::BufReader::new(f))
+        cause,
+    })
+}
+
+impl TraceError {
+    /// A read error of a reader (named `input`) as one of the file at
+    /// `path` (opening a directory succeeds; reading it fails).
+    fn in_file(self, path: &Path) -> TraceError {
+        match self {
+            TraceError::Io { cause, .. } => TraceError::Io {
+                path: path.display().to_string(),
+                cause,
+            },
+            e => e,
+        }
+    }
 }
 
 /// Parses a crash file (`node_id,crash_ns`, any order).
@@ -297,15 +346,15 @@ fn header(rdr: &mut csv::Reader<impl Read>) -> Result<Vec<String>, TraceError> {
 }
 
 fn csv_error(e: csv::Error, line: u64) -> TraceError {
-    match e.kind() {
-        csv::ErrorKind::Io(_) => TraceError::Io {
+    let line = e.position().map_or(line, |p| p.line());
+    let msg = e.to_string();
+    match e.into_kind() {
+        // Named by the caller that knows the file (`in_file`).
+        csv::ErrorKind::Io(cause) => TraceError::Io {
             path: "input".into(),
-            source: std::io::Error::other(e.to_string()),
+            cause,
         },
-        _ => TraceError::BadRow {
-            line: e.position().map_or(line, |p| p.line()),
-            msg: e.to_string(),
-        },
+        _ => TraceError::BadRow { line, msg },
     }
 }
 

@@ -412,14 +412,7 @@ impl Settings {
             stall_factor: a.stall_factor.or(f.stall_factor).unwrap_or(p.stall_factor),
             max_stall_ms: a.max_stall_ms.or(f.max_stall_ms).unwrap_or(p.max_stall_ms),
         };
-        let nonneg = |v: f64| v.is_finite() && v >= 0.0;
-        if !(nonneg(phi.min_std_dev_ms)
-            && nonneg(phi.min_std_dev_ratio)
-            && nonneg(phi.acceptable_pause_ms)
-            && nonneg(phi.stall_factor)
-            && nonneg(phi.max_stall_ms))
-            || phi.min_std_dev_ms.max(phi.min_std_dev_ratio) <= 0.0
-        {
+        if !phi.is_valid() {
             bail!(
                 "min_std_dev_ms, min_std_dev_ratio, acceptable_pause_ms, stall_factor and max_stall_ms must be non-negative numbers, and one floor positive"
             );
