@@ -227,28 +227,8 @@ unsafe impl<T> Sync for Mapping<T> {}
 impl<T> Mapping<T> {
     fn new(map: &MapData, name: &str) -> anyhow::Result<Mapping<T>> {
         let len = map.info()?.max_entries();
-        let page = page_size();
-        let bytes = (len as usize * size_of::<T>()).div_ceil(page) * page;
-        // SAFETY: a fresh shared mapping of the map's fd; checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).context(format!(
-                "mmap of {name} failed (the map must be created with BPF_F_MMAPABLE)"
-            ));
-        }
-        Ok(Mapping {
-            ptr: NonNull::new(p.cast()).expect("mmap never returns NULL on success"),
-            len,
-            bytes,
+        Mapping::shared(len, libc::MAP_SHARED, map.fd().as_fd().as_raw_fd()).with_context(|| {
+            format!("mmap of {name} failed (the map must be created with BPF_F_MMAPABLE)")
         })
     }
 
@@ -256,25 +236,32 @@ impl<T> Mapping<T> {
     /// without a kernel, for tests.
     #[cfg(test)]
     fn anonymous(len: u32) -> Mapping<T> {
+        Mapping::shared(len, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1).expect("anonymous mmap")
+    }
+
+    /// A read-write mapping of `len` values of `fd` (-1: anonymous).
+    fn shared(len: u32, flags: i32, fd: i32) -> std::io::Result<Mapping<T>> {
         let page = page_size();
         let bytes = (len as usize * size_of::<T>()).div_ceil(page) * page;
-        // SAFETY: a fresh anonymous mapping; checked below.
+        // SAFETY: a fresh mapping, checked below; nothing else refers to it.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 bytes,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
+                flags,
+                fd,
                 0,
             )
         };
-        assert_ne!(p, libc::MAP_FAILED, "anonymous mmap");
-        Mapping {
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Mapping {
             ptr: NonNull::new(p.cast()).expect("mmap never returns NULL on success"),
             len,
             bytes,
-        }
+        })
     }
 }
 
