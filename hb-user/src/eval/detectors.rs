@@ -447,21 +447,25 @@ struct Hb {
 /// sequence number so far is `max_seq` refuses (seen already, or older
 /// than the window), starts the sender's next incarnation. A trace has no
 /// generation column (`trace`), and a restarted sender numbers its
-/// heartbeats from 1 again: where the monitor sees a larger generation, the
-/// replay sees a sequence number going back. So any refused `seq` below
-/// `max_seq` is taken as the first heartbeat of a restart; only a repeat
-/// of `max_seq` itself (a duplicate) and 0 (never valid) are dropped as the
-/// gate drops them. Taken by hb and chen alike, the two detectors that read
-/// sequence numbers.
+/// heartbeats from 1 again (PROTOCOL.md): where the monitor sees a larger
+/// generation, the replay sees a sequence number going back to the start.
+/// So a refused `seq` below `max_seq` that is one of a generation's first
+/// [`REPLAY_WINDOW`] numbers is taken as the first heartbeat of a restart; any
+/// other refused one (a duplicate, a datagram delayed past the window, 0)
+/// is dropped as the gate drops it. Taken by hb and chen alike, the two
+/// detectors that read sequence numbers.
 ///
-/// What a trace cannot tell apart: a delayed duplicate of an older
-/// heartbeat is taken as a restart too, and a restarted sender's first
-/// sequence numbers that the window has not seen yet (the old
-/// incarnation lost them) are taken as late heartbeats of the old one,
-/// until one is refused.
+/// What a trace cannot tell apart: a delayed duplicate of one of a
+/// generation's first heartbeats is taken as a restart too, and a
+/// restarted sender's first sequence numbers that the window has not seen
+/// yet (the old incarnation lost them) are taken as late heartbeats of the
+/// old one, until one is refused.
 fn restarted(max_seq: u64, seq: u64) -> bool {
-    seq != 0 && seq < max_seq
+    seq != 0 && seq < max_seq && seq <= REPLAY_WINDOW
 }
+
+/// The gate's anti-replay window, in sequence numbers.
+const REPLAY_WINDOW: u64 = hb_common::replay::WINDOW;
 
 /// `NodeState` treats `last_arrival_ns == 0` as "never heard from"; trace
 /// clocks may start at 0, so hb's state runs on a clock shifted by this.

@@ -826,6 +826,36 @@ fn a_repeat_of_the_newest_seq_is_a_duplicate() {
     assert_eq!(dl(&dup), dl(&plain));
 }
 
+/// A datagram delayed past the window, or a duplicate of an old one, that
+/// cannot be a new generation's first (its seq is past the first 64) is no
+/// restart: hb drops it as the gate does (its deadline does not move), and
+/// chen keeps its window (taking it for a restart emptied it: no deadline,
+/// so a crash right after went undetected); chen then takes the arrival
+/// into its estimate, as the paper's does.
+#[test]
+fn a_stray_old_sequence_number_is_dropped_not_a_restart() {
+    for kind in [Kind::Hb, Kind::Chen] {
+        let thr = if kind == Kind::Hb { 8.0 } else { 100.0 };
+        let spec = Spec::new(kind, &[thr], HbConfig::default()).unwrap();
+        let dl = |rows: &[(u64, u64)]| {
+            let mut det = spec.instance();
+            for a in &seq_trace(rows.iter().copied()).nodes[&1] {
+                det.arrival(a);
+            }
+            let mut out = [None];
+            det.deadlines(&mut out);
+            out[0]
+        };
+        let plain: Vec<(u64, u64)> = (0..200).map(|i| (i * 1000, i + 1)).collect();
+        let mut stray = plain.clone();
+        stray.push((199_500, 99));
+        assert!(dl(&plain).is_some() && dl(&stray).is_some(), "{kind:?}");
+        if kind == Kind::Hb {
+            assert_eq!(dl(&stray), dl(&plain));
+        }
+    }
+}
+
 /// Sequence numbers at the top of the range, and a row without one after
 /// them: no overflow (a panic in debug builds).
 #[test]

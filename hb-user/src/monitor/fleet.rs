@@ -287,7 +287,19 @@ impl Fleet {
         keyring: Keyring,
         spec: NodeSpec,
     ) -> anyhow::Result<Reload> {
-        let mut r = self.plan(&core.table, keyring, spec)?;
+        // Probations already passed (a heartbeat accepted since the last
+        // check_pending, which runs once a second) count as enrolled.
+        let mut heard = HashSet::new();
+        for &id in self.pending.keys() {
+            if let Some(slot) = core.table.slot_of(id) {
+                dp.read_states(slot..slot + 1, &mut |_, st| {
+                    if st.accepted != 0 {
+                        heard.insert(id);
+                    }
+                });
+            }
+        }
+        let mut r = self.plan(&core.table, keyring, spec, &heard)?;
         match r.apply_membership(core, dp) {
             Ok(()) => Ok(r),
             Err(e) => Err(self.undo(core, dp, r, e)),
@@ -317,7 +329,13 @@ impl Fleet {
     /// Works out a reload against the table without changing anything:
     /// the table is to hold exactly the listed nodes (plus enrolled ones,
     /// with `--enroll`). Refuses one the table's slots cannot hold.
-    fn plan(&self, table: &NodeTable, keyring: Keyring, spec: NodeSpec) -> anyhow::Result<Reload> {
+    fn plan(
+        &self,
+        table: &NodeTable,
+        keyring: Keyring,
+        spec: NodeSpec,
+        heard: &HashSet<u32>,
+    ) -> anyhow::Result<Reload> {
         let mut r = Reload {
             rekey: self.rekey_all || keyring != self.keyring,
             keyring,
@@ -351,7 +369,10 @@ impl Fleet {
             let mut i = 0;
             while over > 0 && i < r.stay.len() {
                 let (id, _, origin) = r.stay[i];
-                if origin != Origin::Configured && self.pending.contains_key(&id) {
+                if origin != Origin::Configured
+                    && self.pending.contains_key(&id)
+                    && !heard.contains(&id)
+                {
                     r.leave.push(r.stay.swap_remove(i));
                     over -= 1;
                 } else {
@@ -895,6 +916,12 @@ mod tests {
         let (mut f, _) = Fleet::start(&mut c, &dp, keyring(&[1]), spec("1-2"), true).unwrap();
         assert_eq!(f.enroll(&mut c, &dp, 50), "provisioned");
         assert_eq!(dp.gate(&hb(50, 1, 1), SRC, 1).result, GateResult::Accepted);
+        // Heard, but not checked yet (check_pending runs once a second):
+        // enrolled all the same.
+        let e = f
+            .reload(&mut c, &dp, keyring(&[1]), spec("1-3"))
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("do not fit"), "{e:#}");
         assert_eq!(f.check_pending(&mut c, &dp), (vec![50], vec![]));
         let e = f
             .reload(&mut c, &dp, keyring(&[1]), spec("1-3"))
