@@ -21,8 +21,9 @@ pub struct Args {
     /// Only nodes in this state (unknown, alive, suspect, dead, left).
     #[arg(long, conflicts_with = "node_id")]
     pub state: Option<String>,
-    /// Give up on a monitor that has not answered within this.
-    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    /// Give up on a monitor whose whole answer has not come within this
+    /// (a table of a million nodes takes seconds to build and send).
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
     pub timeout_ms: u64,
     /// One node only.
     pub node_id: Option<u32>,
