@@ -115,7 +115,9 @@ fn row(core: &Core, slot: u32, st: &NodeState, now_ns: u64) -> NodeRow {
         Origin::Enrolled => "enrolled",
         Origin::Adopted => "adopted",
     };
-    let phi = core.detector.phi(st, now_ns);
+    let phi = core
+        .detector
+        .phi_since(st, now_ns, core.listening_since_ns());
     NodeRow {
         node_id: t.node_id[slot as usize],
         state: track.status.name().to_owned(),

@@ -63,6 +63,19 @@ impl Detector {
         detector::phi(state, now_ns, &self.phi)
     }
 
+    /// [`Detector::phi`] with silence counted from `listening_since_ns` at
+    /// the earliest, as the tick judges it ([`Context`]): after a restart
+    /// a node is not shown at a high phi for a silence nobody saw.
+    pub fn phi_since(
+        &self,
+        state: &impl AsRef<NodeLive>,
+        now_ns: u64,
+        listening_since_ns: u64,
+    ) -> f64 {
+        let unseen = listening_since_ns.saturating_sub(state.as_ref().last_arrival_ns);
+        detector::phi(state, now_ns.saturating_sub(unseen), &self.phi)
+    }
+
     /// The silence, ns, `dead` needs besides phi (`Level::classify`'s
     /// `dead_silence_ms`), for a node of expected inter-arrival time
     /// `mean_ns` (with the acceptable pause) and standard deviation
@@ -258,6 +271,11 @@ impl Core {
         self.local_pause_ns = LOCAL_PAUSE_MIN_NS.max(tick_ns.saturating_mul(LOCAL_PAUSE_TICKS));
     }
 
+    /// Since when silence is held against the nodes (0: always).
+    pub fn listening_since_ns(&self) -> u64 {
+        self.listening_since_ns
+    }
+
     /// Silence before `now_ns` is not held against any node: the gate was
     /// not listening (a monitor that starts attaches it afresh, unless an
     /// earlier one kept it attached), or the monitor was not looking. Each
@@ -440,7 +458,7 @@ impl Core {
                     &tr,
                     t,
                     &st,
-                    det.phi(&st, now_ns),
+                    det.phi_since(&st, now_ns, listening_since_ns),
                     now_ns,
                 ));
                 seq += 1;
@@ -451,7 +469,7 @@ impl Core {
                 let view = NodeView {
                     node_id: node_id[i],
                     status: t.status,
-                    phi: det.phi(st, now_ns),
+                    phi: det.phi_since(st, now_ns, listening_since_ns),
                     requested_interval_ms: requested_ms[i],
                     now_ns,
                 };
@@ -958,6 +976,13 @@ mod tests {
             .insert_at(3, 0, Origin::Adopted, Track::default(), 0)
             .unwrap();
         r.core.adopt(&r.dp, 2800 * MS);
+        // Phi as the API and events show it: from the start, not from
+        // the last arrival 800 ms before it.
+        let mut st = NodeState::default();
+        r.dp.read_states(0..1, &mut |_, s| st = *s);
+        let since = r.core.listening_since_ns();
+        assert!(r.core.detector.phi_since(&st, 2850 * MS, since) < 1.0);
+        assert!(r.core.detector.phi(&st, 2850 * MS) > 8.0);
         assert_eq!(r.tick(2800), vec![]);
         r.beat(3, seq + 8, 100, 2850);
         assert_eq!(r.tick(2900), vec![]);
