@@ -81,6 +81,11 @@ pub struct ReplayArgs {
     /// before it can be late (PhiParams::stall_factor; 0 = off).
     #[arg(long, value_name = "FACTOR")]
     pub hb_stall_factor: Option<f64>,
+    /// hb: a recurring stall longer than this earns no allowance
+    /// (PhiParams::max_stall_ms; 0 = no limit), as `hb monitor
+    /// --max-stall-ms`.
+    #[arg(long, value_name = "MS")]
+    pub hb_max_stall_ms: Option<f64>,
     /// hb: EWMA gain of the mean as a shift (gain 1/2^N); a what-if, the
     /// kernel's is fixed at build time.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=16))]
@@ -160,6 +165,9 @@ fn hb_config(a: &ReplayArgs) -> anyhow::Result<HbConfig> {
     if let Some(v) = a.hb_stall_factor {
         c.phi.stall_factor = v;
     }
+    if let Some(v) = a.hb_max_stall_ms {
+        c.phi.max_stall_ms = v;
+    }
     if let Some(v) = a.hb_mean_shift {
         c.mean_shift = v;
     }
@@ -168,7 +176,7 @@ fn hb_config(a: &ReplayArgs) -> anyhow::Result<HbConfig> {
     }
     if !c.phi.is_valid() {
         bail!(
-            "--hb-min-std-ms, --hb-min-std-ratio, --hb-pause-ms and --hb-stall-factor must be non-negative numbers, and --hb-min-std-ms or --hb-min-std-ratio positive (as the monitor requires)"
+            "--hb-min-std-ms, --hb-min-std-ratio, --hb-pause-ms, --hb-stall-factor and --hb-max-stall-ms must be non-negative numbers, and --hb-min-std-ms or --hb-min-std-ratio positive (as the monitor requires)"
         );
     }
     Ok(c)

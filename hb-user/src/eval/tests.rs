@@ -919,6 +919,7 @@ fn hb_settings_the_monitor_refuses_are_refused() {
         &["--hb-min-std-ms", "inf"],
         &["--hb-min-std-ratio=-0.1"],
         &["--hb-stall-factor=-1"],
+        &["--hb-max-stall-ms", "nan"],
     ] {
         let e = format!("{:#}", specs(bad).unwrap_err());
         assert!(
@@ -931,9 +932,16 @@ fn hb_settings_the_monitor_refuses_are_refused() {
         &["--hb-min-std-ms", "0"],
         &["--hb-min-std-ratio", "0"],
         &["--hb-pause-ms", "0", "--hb-stall-factor", "0"],
+        &["--hb-max-stall-ms", "0"],
     ] {
         assert!(specs(good).is_ok(), "{good:?}");
     }
+    let spec = specs(&["--hb-max-stall-ms", "5000"]).unwrap();
+    assert_eq!(
+        format!("{spec:?}").matches("max_stall_ms: 5000.0").count(),
+        1,
+        "{spec:?}"
+    );
 }
 
 /// Heartbeats in flight at a crash may arrive after it; a node that keeps
