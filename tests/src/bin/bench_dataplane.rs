@@ -483,7 +483,9 @@ fn main() -> anyhow::Result<()> {
     let cold = |r: &Row| fr + p(r) - p(&floor_d);
     writeln!(
         out,
-        "\n**accepted heartbeat, steady state: {:.1} ns/packet ({:.2}x floor)**; accepted + ACK: {:.1} ns \
+        "\n**accepted heartbeat, steady state: {:.1} ns/packet ({:.2}x floor)**, one node, its state in cache \
+         (test_run's whole nanoseconds put the floor anywhere in [5, 6) ns, and the ratio with it; a fleet's \
+         state misses the cache: see the e2e section's program times); accepted + ACK: {:.1} ns \
          = replay (repeat) + [program(accepted) - program(replay)] over the same distinct frames \
          = {rpt:.1} + {:.1} - {:.1}.\n\
          Upper bound (cold caches): floor (repeat) + [program(accepted) - program(floor)] over the distinct frames \
