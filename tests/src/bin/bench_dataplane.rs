@@ -126,6 +126,15 @@ fn measure(
         "bpf_stats counted {} runs of {prog}, expected {runs} (stats not enabled?)",
         t.stats_runs
     );
+    // BPF_ENABLE_STATS is global: another process holding it (a bench_e2e
+    // run) would add its ~12 ns per run to this pass's test_run figures
+    // without a word.
+    anyhow::ensure!(
+        stats_on || t.stats_runs == 0,
+        "bpf_stats counted {} runs of {prog} in the pass without stats: another process has bpf_stats \
+         enabled (a benchmark running alongside?); its overhead would be in these test_run figures",
+        t.stats_runs
+    );
     Ok(Sample {
         test_run: t.test_run_ns as f64 / frames.len() as f64,
         program: t.stats_ns as f64 / runs as f64,

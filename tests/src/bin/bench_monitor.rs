@@ -383,8 +383,10 @@ fn main() {
             .join(" ")
     );
     println!();
+    // Under 100 ticks the 99th percentile is the slowest tick: say so.
+    let tail = if ticks >= 100 { "p99" } else { "max" };
     println!(
-        "| nodes | tick median (ms) | tick p99 (ms) | tick CPU median (ms) | baseline median (ms) | baseline CPU median (ms) | CPU speed-up | scan floor CPU (ms) | RSS after (MiB) | RSS per node (B) | **native: tick median / p99 / CPU median (ms)** | kernel memory per node (B) |"
+        "| nodes | tick median (ms) | tick {tail} (ms) | tick CPU median (ms) | baseline median (ms) | baseline CPU median (ms) | CPU speed-up | scan floor CPU (ms) | RSS after (MiB) | RSS per node (B) | **native: tick median / {tail} / CPU median (ms)** | kernel memory per node (B) |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let largest = sizes.iter().copied().max().unwrap_or(0);
