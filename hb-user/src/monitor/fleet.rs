@@ -229,12 +229,8 @@ impl Fleet {
         let mut on_probation = HashMap::new();
         if enroll {
             for (id, slot) in core.table.ids() {
-                if !spec.contains(id) {
-                    dp.read_states(slot..slot + 1, &mut |_, st| {
-                        if st.accepted == 0 {
-                            on_probation.insert(id, now + PROBATION.as_nanos() as u64);
-                        }
-                    });
+                if !spec.contains(id) && !heard(dp, slot) {
+                    on_probation.insert(id, now + PROBATION.as_nanos() as u64);
                 }
             }
         }
@@ -289,16 +285,12 @@ impl Fleet {
     ) -> anyhow::Result<Reload> {
         // Probations already passed (a heartbeat accepted since the last
         // check_pending, which runs once a second) count as enrolled.
-        let mut heard = HashSet::new();
-        for &id in self.pending.keys() {
-            if let Some(slot) = core.table.slot_of(id) {
-                dp.read_states(slot..slot + 1, &mut |_, st| {
-                    if st.accepted != 0 {
-                        heard.insert(id);
-                    }
-                });
-            }
-        }
+        let heard: HashSet<u32> = self
+            .pending
+            .keys()
+            .copied()
+            .filter(|&id| core.table.slot_of(id).is_some_and(|slot| heard(dp, slot)))
+            .collect();
         let mut r = self.plan(&core.table, keyring, spec, &heard)?;
         match r.apply_membership(core, dp) {
             Ok(()) => Ok(r),
@@ -550,9 +542,7 @@ impl Fleet {
                 self.pending.remove(&id);
                 continue;
             };
-            let mut heard = false;
-            dp.read_states(slot..slot + 1, &mut |_, st| heard = st.accepted != 0);
-            if heard {
+            if heard(dp, slot) {
                 self.pending.remove(&id);
                 ok.push(id);
             } else if now >= deadline {
@@ -566,6 +556,14 @@ impl Fleet {
         }
         (ok, expired)
     }
+}
+
+/// Whether the gate accepted a datagram of the node at `slot` (what ends
+/// a probation).
+fn heard(dp: &dyn Dataplane, slot: u32) -> bool {
+    let mut heard = false;
+    dp.read_states(slot..slot + 1, &mut |_, st| heard = st.accepted != 0);
+    heard
 }
 
 fn remove(core: &mut Core, dp: &dyn Dataplane, id: u32) -> anyhow::Result<()> {
