@@ -806,20 +806,24 @@ fn a_sequence_number_going_back_is_a_restart() {
     }
 }
 
+/// The deadline of `spec`'s first threshold after one node's arrivals
+/// `rows` (`(ms, seq)`).
+fn deadline_after(spec: &Spec, rows: &[(u64, u64)]) -> Option<u64> {
+    let mut det = spec.instance();
+    for a in &seq_trace(rows.iter().copied()).nodes[&1] {
+        det.arrival(a);
+    }
+    let mut out = [None];
+    det.deadlines(&mut out);
+    out[0]
+}
+
 /// A repeat of the newest sequence number is a duplicate, dropped as the
 /// gate drops it: the deadline is the one before it.
 #[test]
 fn a_repeat_of_the_newest_seq_is_a_duplicate() {
     let spec = Spec::new(Kind::Hb, &[8.0], HbConfig::default()).unwrap();
-    let dl = |rows: &[(u64, u64)]| {
-        let mut det = spec.instance();
-        for a in &seq_trace(rows.iter().copied()).nodes[&1] {
-            det.arrival(a);
-        }
-        let mut out = [None];
-        det.deadlines(&mut out);
-        out[0]
-    };
+    let dl = |rows: &[(u64, u64)]| deadline_after(&spec, rows);
     let plain: Vec<(u64, u64)> = (0..10).map(|i| (i * 1000, i + 1)).collect();
     let mut dup = plain.clone();
     dup.push((9500, 10));
@@ -837,15 +841,7 @@ fn a_stray_old_sequence_number_is_dropped_not_a_restart() {
     for kind in [Kind::Hb, Kind::Chen] {
         let thr = if kind == Kind::Hb { 8.0 } else { 100.0 };
         let spec = Spec::new(kind, &[thr], HbConfig::default()).unwrap();
-        let dl = |rows: &[(u64, u64)]| {
-            let mut det = spec.instance();
-            for a in &seq_trace(rows.iter().copied()).nodes[&1] {
-                det.arrival(a);
-            }
-            let mut out = [None];
-            det.deadlines(&mut out);
-            out[0]
-        };
+        let dl = |rows: &[(u64, u64)]| deadline_after(&spec, rows);
         let plain: Vec<(u64, u64)> = (0..200).map(|i| (i * 1000, i + 1)).collect();
         let mut stray = plain.clone();
         stray.push((199_500, 99));
