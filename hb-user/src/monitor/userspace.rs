@@ -462,24 +462,46 @@ mod tests {
         assert_eq!(src, SocketAddr::new(SECOND_V4, port));
     }
 
-    /// With a second IPv6 address on the host (one not on `lo`), the same
-    /// over IPv6: a heartbeat from `::1` to it is answered from it, not
-    /// from `::1`. Without one, only `::1` is there to check: the reply
-    /// path works, and its source is `::1` either way.
+    /// The same over IPv6, on a host with a second IPv6 address: a
+    /// heartbeat from `::1` to it is answered from it, not from `::1`. The
+    /// address is made, so the test does not depend on the host's: this
+    /// test's thread moves to a network namespace of its own (root, as CI
+    /// runs; it fails without) whose loopback gets `fd00:4842:beef::2`.
     #[tokio::test]
     async fn dual_stack_wildcard_acks_from_the_v6_address_heartbeats_reach() {
+        let second: Ipv6Addr = "fd00:4842:beef::2".parse().unwrap();
+        // SAFETY: unshare(2) moves only this thread (the current-thread
+        // runtime's, which opens the sockets below).
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "unshare: {} (needs root)",
+            std::io::Error::last_os_error()
+        );
+        // Children inherit the thread's namespace.
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &[
+                "-6",
+                "addr",
+                "add",
+                "fd00:4842:beef::2/128",
+                "dev",
+                "lo",
+                "nodad",
+            ],
+        ] {
+            let st = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(st.success(), "ip {args:?}: {st}");
+        }
         let sock = bind(&bind_addrs(&[], 0).unwrap()).unwrap().remove(0);
         let local = sock.local_addr().unwrap();
-        if local.is_ipv4() {
-            eprintln!("no IPv6 here: nothing to test");
-            return;
-        }
-        let second = nix::ifaddrs::getifaddrs()
-            .unwrap()
-            .filter_map(|a| a.address?.as_sockaddr_in6().map(|v6| v6.ip()))
-            .find(|ip| !ip.is_loopback() && !ip.is_unicast_link_local() && !ip.is_multicast());
-        let to = IpAddr::V6(second.unwrap_or(Ipv6Addr::LOCALHOST));
-        eprintln!("heartbeat from ::1 to {to}");
+        assert!(local.is_ipv6(), "the wildcard socket is dual-stack");
+        let to = IpAddr::V6(second);
         let src = ack_source(sock, IpAddr::V6(Ipv6Addr::LOCALHOST), to).await;
         assert_eq!(src, SocketAddr::new(to, local.port()));
     }
