@@ -51,6 +51,11 @@ pub enum Status {
 }
 
 impl Status {
+    /// Whether the monitor suspects a node in this status.
+    pub const fn suspected(self) -> bool {
+        matches!(self, Status::Suspect | Status::Dead)
+    }
+
     pub const ALL: [Status; 5] = [
         Status::Unknown,
         Status::Alive,
@@ -233,6 +238,15 @@ pub struct Transition {
     pub previous: Status,
     /// For `restarted`: the generation before.
     pub prev_generation: u32,
+}
+
+impl Transition {
+    /// A suspicion the node's own heartbeats refuted: back to alive from
+    /// suspect or dead without a restart (what the tick reports to the
+    /// interval policy as `suspicion_refuted`).
+    pub fn refutes_suspicion(&self) -> bool {
+        self.event == EventKind::Alive && self.previous.suspected()
+    }
 }
 
 /// Advances `t` by one observation; returns the event to announce, if any.

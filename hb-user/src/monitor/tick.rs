@@ -19,7 +19,7 @@ use hb_common::maps::{NodeLive, NodeState};
 use super::{
     events::Event,
     policy::{IntervalPolicy, NodeView},
-    state::{self, EventKind, Level, Observation, Status, Thresholds, Track, Transition},
+    state::{self, Level, Observation, Status, Thresholds, Track, Transition},
     table::NodeTable,
 };
 use crate::{
@@ -72,7 +72,8 @@ impl Detector {
         now_ns: u64,
         listening_since_ns: u64,
     ) -> f64 {
-        let unseen = listening_since_ns.saturating_sub(state.as_ref().last_arrival_ns);
+        let last = state.as_ref().last_arrival_ns;
+        let unseen = heard_ns(last, listening_since_ns) - last;
         detector::phi(state, now_ns.saturating_sub(unseen), &self.phi)
     }
 
@@ -155,7 +156,7 @@ impl Detector {
         }
         // Silence is counted from when the gate last heard the node, or
         // began to listen, whichever is later.
-        let heard = st.last_arrival_ns.max(cx.listening_since_ns);
+        let heard = heard_ns(st.last_arrival_ns, cx.listening_since_ns);
         let elapsed = now_ns.saturating_sub(heard) as f64;
         if elapsed >= self.max_silence_ns {
             return Level::Dead;
@@ -180,6 +181,13 @@ impl Detector {
             Level::Suspect
         }
     }
+}
+
+/// Whence a node's silence counts: its last arrival, or when the gate
+/// began to listen (or the monitor to look) if that is later.
+#[inline(always)]
+fn heard_ns(last_arrival_ns: u64, listening_since_ns: u64) -> u64 {
+    last_arrival_ns.max(listening_since_ns)
 }
 
 /// What the monitor knows of a node besides its dataplane state, for
@@ -430,7 +438,13 @@ impl Core {
                 slowing_to_ms: 0,
             };
             let mut obs = det.observe_in(st, now_ns, &cx);
-            if obs.level == Level::Dead && slowing(st, requested_ms[i], decided_ns[i]) {
+            // Only a node not dead already can be spared (the slowing
+            // allowance turns Dead into Suspect, the same to a dead node):
+            // a partitioned fleet costs no extra reads per tick.
+            if obs.level == Level::Dead
+                && matches!(t.status, Status::Alive | Status::Suspect)
+                && slowing(st, requested_ms[i], decided_ns[i])
+            {
                 cx.slowing_to_ms = requested_ms[i];
                 obs = det.observe_in(st, now_ns, &cx);
             }
@@ -443,9 +457,7 @@ impl Core {
                     return;
                 }
                 since_ns[i] = now_ns;
-                if tr.event == EventKind::Alive
-                    && matches!(tr.previous, Status::Suspect | Status::Dead)
-                {
+                if tr.refutes_suspicion() {
                     // Back without a restart: the suspicion was false.
                     policy.suspicion_refuted(slot);
                 }

@@ -48,7 +48,7 @@ use crate::{
     dataplane::{Dataplane, mem::MemDataplane},
     detector::PhiParams,
     monitor::{
-        state::{self, EventKind, Status, Thresholds, Track, Transition},
+        state::{self, Thresholds, Track, Transition},
         tick::Detector,
     },
 };
@@ -438,9 +438,9 @@ impl Node {
     /// One monitor tick's judgement of the node from its dataplane state
     /// `st` at `t` ([`monitor_step`]), held against the ground truth.
     fn judge(&mut self, det: &Detector, st: &NodeState, t: u64) -> Judged {
-        let was = suspected(self.track.status);
+        let was = self.track.status.suspected();
         let (tr, now) = monitor_step(det, &mut self.track, st, t);
-        if tr.as_ref().is_some_and(refutes) {
+        if tr.as_ref().is_some_and(Transition::refutes_suspicion) {
             self.refuted += 1;
         }
         let mut j = Judged {
@@ -476,19 +476,7 @@ pub(super) fn monitor_step(
     t: u64,
 ) -> (Option<Transition>, bool) {
     let tr = state::step(track, &det.observe(st, t));
-    (tr, suspected(track.status))
-}
-
-/// Whether the monitor suspects a node in `status`.
-fn suspected(status: Status) -> bool {
-    matches!(status, Status::Suspect | Status::Dead)
-}
-
-/// Whether a transition is a suspicion the node's own heartbeats refuted
-/// (back to alive without a restart): what the monitor's tick reports to
-/// the interval policy (`IntervalPolicy::suspicion_refuted`).
-fn refutes(tr: &Transition) -> bool {
-    tr.event == EventKind::Alive && suspected(tr.previous)
+    (tr, track.status.suspected())
 }
 
 /// The address a node's heartbeats come from.
