@@ -235,8 +235,10 @@ impl Observation {
         } else {
             lost as f64 / (accepted + lost) as f64
         };
-        let (mean_ms, sigma_ms) = detector::moments_ms(now, phi);
-        let stall_floor_ms = detector::Model::new(phi).stall_floor_ns(now, mean_ms * 1e6) / 1e6;
+        let model = detector::Model::new(phi);
+        let (mean_ns, sigma_ns) = model.moments_ns(now);
+        let (mean_ms, sigma_ms) = (mean_ns / 1e6, sigma_ns / 1e6);
+        let stall_floor_ms = model.stall_floor_ns(now, mean_ns) / 1e6;
         let jitter = if now.ia_mean_ns == 0 {
             0.0
         } else {
