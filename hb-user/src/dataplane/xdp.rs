@@ -436,11 +436,15 @@ impl Entry {
 
     /// A consistent copy of the whole node.
     fn read(self) -> Result<NodeState, Stuck> {
-        self.consistent(|| {
-            // SAFETY: as `read_live`, for both parts.
-            let (live, rest) = unsafe { (copy_words(self.live), copy_words(self.rest)) };
-            NodeState::from_parts(&live, &rest)
-        })
+        self.consistent(|| self.copy())
+    }
+
+    /// A copy of the whole node as it stands (consistent only if the
+    /// caller holds it, or checks the seqcount around it: `read`).
+    fn copy(self) -> NodeState {
+        // SAFETY: live, aligned map values of plain integers.
+        let (live, rest) = unsafe { (copy_words(self.live), copy_words(self.rest)) };
+        NodeState::from_parts(&live, &rest)
     }
 
     /// Takes the node with the kernel's write protocol (compare-and-
@@ -570,9 +574,7 @@ impl Held {
     /// The node as it is (we hold it: only the kernel's atomic counter
     /// adds change it meanwhile).
     fn state(&self) -> NodeState {
-        let e = self.entry;
-        // SAFETY: live, aligned map values of plain integers.
-        unsafe { NodeState::from_parts(&copy_words(e.live), &copy_words(e.rest)) }
+        self.entry.copy()
     }
 
     /// Replaces the node by `f(copy)`, with `keys_seq` odd around the
@@ -1208,10 +1210,10 @@ impl XdpDataplane {
 /// The index of interface `name`, 0 if there is none by that name; an
 /// error only for a name no interface can have (a NUL in it).
 fn if_index(name: &str) -> anyhow::Result<u32> {
-    let c = std::ffi::CString::new(name)
-        .map_err(|_| anyhow!("interface name {name:?} contains NUL"))?;
-    // SAFETY: a valid NUL-terminated string.
-    Ok(unsafe { libc::if_nametoindex(c.as_ptr()) })
+    if name.contains('\0') {
+        bail!("interface name {name:?} contains NUL");
+    }
+    Ok(nix::net::if_::if_nametoindex(name).unwrap_or(0))
 }
 
 fn attach_mode(
