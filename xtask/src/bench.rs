@@ -88,7 +88,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // binaries built now (not `cargo run`, which would rebuild a tree
     // edited meanwhile), and the report says if the tree moved anyway.
     let tree = tree_state();
-    let dirty = tree.1 != tree_state_clean_digest();
+    let dirty = tree.1 != 0;
     let mut build = util::cargo();
     build.args([
         "build",
@@ -191,15 +191,8 @@ fn run_all(names: &[Bench]) -> anyhow::Result<Vec<(Bench, String, f64)>> {
     Ok(sections)
 }
 
-/// The digest [`tree_state`] gives a tree without uncommitted changes.
-fn tree_state_clean_digest() -> u64 {
-    use std::hash::{Hash as _, Hasher as _};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    String::new().hash(&mut h);
-    h.finish()
-}
-
-/// HEAD and a digest of the uncommitted changes to tracked files.
+/// HEAD and a digest of the uncommitted changes to tracked files (0:
+/// none).
 fn tree_state() -> (String, u64) {
     use std::hash::{Hash as _, Hasher as _};
     let git = |args: &[&str]| {
@@ -210,9 +203,15 @@ fn tree_state() -> (String, u64) {
         )
         .unwrap_or_default()
     };
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    git(&["diff", "HEAD"]).hash(&mut h);
-    (git(&["rev-parse", "HEAD"]).trim().to_owned(), h.finish())
+    let diff = git(&["diff", "HEAD"]);
+    let digest = if diff.is_empty() {
+        0
+    } else {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        diff.hash(&mut h);
+        h.finish() | 1
+    };
+    (git(&["rev-parse", "HEAD"]).trim().to_owned(), digest)
 }
 
 /// The first line of `cmd`'s output, or why there is none.
