@@ -409,7 +409,15 @@ pub struct NodeState {
     /// Generation increases seen after the first.
     pub restarts: u32,
     pub acks_sent: u32,
-    pub _reserved: [u32; 6],
+    /// The request and the reported interval the node's current run of
+    /// change ACKs answers (`change_requested_ms` 0: none), and how many
+    /// of its heartbeats that run has seen: written by the kernel under
+    /// the seqcount, in [`ack_interval`] (zero in a state pinned by an
+    /// older version: a fresh run).
+    pub change_requested_ms: u32,
+    pub change_reported_ms: u32,
+    pub change_heartbeats: u32,
+    pub _reserved: [u32; 3],
 }
 
 /// Line 0 of a [`NodeState`], byte for byte: a value of
@@ -454,7 +462,10 @@ pub struct NodeRest {
     pub stale: u32,
     pub restarts: u32,
     pub acks_sent: u32,
-    pub _reserved: [u32; 6],
+    pub change_requested_ms: u32,
+    pub change_reported_ms: u32,
+    pub change_heartbeats: u32,
+    pub _reserved: [u32; 3],
 }
 
 /// Byte offset of [`NodeRest`] in a [`NodeState`] ([`NodeLive`] is at 0).
@@ -505,6 +516,9 @@ same_offset!(
     stale,
     restarts,
     acks_sent,
+    change_requested_ms,
+    change_reported_ms,
+    change_heartbeats,
     _reserved
 );
 const _: () = assert!(size_of::<NodeLive>() == 64 && align_of::<NodeLive>() == 64);
@@ -768,6 +782,66 @@ pub fn record(
     }
     live.accepted = live.accepted.wrapping_add(1);
     out
+}
+
+/// Heartbeats of one run of change ACKs (below) that are all answered.
+pub const CHANGE_ACKS_FIRST: u32 = 4;
+/// After [`CHANGE_ACKS_FIRST`], a run's heartbeats answered at powers of
+/// two up to this, then every this-many-th: 1 in 64 for good.
+pub const CHANGE_ACKS_EVERY: u32 = 64;
+
+/// Whether to answer the heartbeat just recorded for a node with an ACK,
+/// and the interval it carries: the node's requested interval, or the one
+/// the node reports where userspace has no opinion (PROTOCOL.md, "ACK").
+/// `live` is the node after [`record`]; the kernel and the userspace gate
+/// both decide here, under the node's seqcount.
+///
+/// Periodic ACKs (`Config::ack_every`) are sent as configured. A change
+/// ACK answers a heartbeat whose interval is not the requested one
+/// (`Config::ack_on_change`), but not every one for as long as that
+/// lasts: a sender clamps a request to its own bounds, and with several
+/// monitors it uses the most demanding one's, so a node can report
+/// another interval than ours for good; answering each of its heartbeats
+/// doubled its traffic and the gate's work. Each (request, reported
+/// interval) pair starts a run: its first [`CHANGE_ACKS_FIRST`]
+/// heartbeats are answered (a sender adopts the first ACK it gets, and
+/// the heartbeats already on their way report the old interval), then
+/// heartbeat 8, 16, 32, then every [`CHANGE_ACKS_EVERY`]-th, so that a
+/// request whose ACKs were all lost still arrives. A change of either
+/// the request or the node's interval starts a new run.
+///
+/// Counts `acks_sent` when it answers.
+#[inline(always)]
+pub fn ack_interval(cfg: &Config, live: &NodeLive, rest: &mut NodeRest) -> Option<u32> {
+    // 1 (every heartbeat) skips the 64-bit division (tens of cycles).
+    let periodic = cfg.ack_every == 1
+        || (cfg.ack_every != 0 && live.accepted.is_multiple_of(cfg.ack_every as u64));
+    if !periodic && cfg.ack_on_change == 0 {
+        return None;
+    }
+    // SAFETY: an aligned field of a value we hold; userspace stores it
+    // at any time (the one field it writes outside the seqcount), so it
+    // is read once, as a volatile load. Only read when an ACK is possible
+    // at all: it is in the node's third cache line.
+    let requested = unsafe { core::ptr::read_volatile(&rest.requested_interval_ms) };
+    let reported = live.interval_ms;
+    let changed = cfg.ack_on_change != 0 && requested != 0 && requested != reported && {
+        if rest.change_requested_ms != requested || rest.change_reported_ms != reported {
+            rest.change_requested_ms = requested;
+            rest.change_reported_ms = reported;
+            rest.change_heartbeats = 0;
+        }
+        let n = rest.change_heartbeats;
+        rest.change_heartbeats = n.wrapping_add(1);
+        n < CHANGE_ACKS_FIRST
+            || (n < CHANGE_ACKS_EVERY && n & (n - 1) == 0)
+            || n.is_multiple_of(CHANGE_ACKS_EVERY)
+    };
+    if !(changed || periodic) {
+        return None;
+    }
+    rest.acks_sent = rest.acks_sent.wrapping_add(1);
+    Some(if requested != 0 { requested } else { reported })
 }
 
 impl NodeLive {
@@ -1526,5 +1600,78 @@ mod tests {
         };
         assert_eq!(keys.find(1), None, "slot 0 not valid");
         assert_eq!(keys.find(2), Some(&k(2)));
+    }
+
+    /// Which of a node's heartbeats `ack_interval` answers: `beats` of a
+    /// node that reports `reported` while `requested` is asked, from
+    /// `st`, as the heartbeats' 0-based indexes.
+    fn answered(
+        st: &mut NodeState,
+        cfg: &Config,
+        requested: u32,
+        reported: u32,
+        beats: u64,
+    ) -> ([u64; 16], usize, u32) {
+        st.requested_interval_ms = requested;
+        st.interval_ms = reported;
+        let (mut out, mut n, mut last) = ([0u64; 16], 0, 0);
+        for i in 0..beats {
+            st.accepted += 1;
+            let (live, rest) = st.split_mut();
+            if let Some(iv) = ack_interval(cfg, live, rest) {
+                if n < out.len() {
+                    out[n] = i;
+                }
+                n += 1;
+                last = iv;
+            }
+        }
+        (out, n, last)
+    }
+
+    #[test]
+    fn change_acks_back_off_when_the_node_does_not_follow() {
+        let on_change = Config {
+            ack_on_change: 1,
+            ..Config::default()
+        };
+        let mut st = NodeState::default();
+        // A sender that cannot go to 500 ms (its bounds, or another
+        // monitor wanting it faster): the first four heartbeats, then
+        // 8, 16, 32, then 1 in 64.
+        let (at, n, iv) = answered(&mut st, &on_change, 500, 1000, 64 * 5 + 1);
+        assert_eq!(
+            &at[..n.min(16)],
+            &[0, 1, 2, 3, 4, 8, 16, 32, 64, 128, 192, 256, 320]
+        );
+        assert_eq!((n, iv, st.acks_sent), (13, 500, 13));
+        // The run goes on where it was: nothing changed.
+        let (at, n, _) = answered(&mut st, &on_change, 500, 1000, 64);
+        assert_eq!(&at[..n], &[63]);
+        // A new request starts a new run, and so does a new interval of
+        // the node's (another monitor let it go, or it restarted).
+        let (at, n, iv) = answered(&mut st, &on_change, 700, 1000, 5);
+        assert_eq!((&at[..n], iv), (&[0, 1, 2, 3, 4][..], 700));
+        let (at, n, _) = answered(&mut st, &on_change, 700, 2000, 5);
+        assert_eq!(&at[..n], &[0, 1, 2, 3, 4]);
+        // A node that follows gets none, nor does one with no request.
+        assert_eq!(answered(&mut st, &on_change, 2000, 2000, 100).1, 0);
+        assert_eq!(answered(&mut st, &on_change, 0, 2000, 100).1, 0);
+        // Periodic ACKs go on as configured, with the request (which
+        // re-delivers it at the configured rate).
+        let every_10 = Config {
+            ack_every: 10,
+            ..Config::default()
+        };
+        st.accepted = 0;
+        let (at, n, iv) = answered(&mut st, &every_10, 500, 1000, 30);
+        assert_eq!((&at[..n], iv), (&[9, 19, 29][..], 500));
+        st.accepted = 0;
+        let (_, n, iv) = answered(&mut st, &every_10, 0, 1000, 30);
+        assert_eq!((n, iv), (3, 1000), "no opinion: the node's own interval");
+        // A state pinned by an older version (the fields were reserved,
+        // zero) starts a run.
+        let mut old = NodeState::default();
+        assert_eq!(answered(&mut old, &on_change, 500, 1000, 4).1, 4);
     }
 }

@@ -36,7 +36,7 @@ use aya_ebpf::{
 };
 use hb_common::{
     GateResult,
-    maps::{Config, REPORT_RESTART, REPORT_UNKNOWN_NODE, counter, index::Lookup},
+    maps::{REPORT_RESTART, REPORT_UNKNOWN_NODE, counter, index::Lookup},
     proto::{self, Kind},
 };
 
@@ -172,16 +172,8 @@ fn gate(ctx: &XdpContext) -> (u32, GateResult) {
     let ack_interval = if cfg.pass_accepted != 0 {
         None
     } else {
-        let (reported, accepted) = {
-            let (live, _) = l.get();
-            (live.interval_ms, live.accepted)
-        };
-        let iv = ack_policy(cfg, || l.requested_interval(), reported, accepted);
-        if iv.is_some() {
-            let (_, rest) = l.get();
-            rest.acks_sent = rest.acks_sent.wrapping_add(1);
-        }
-        iv
+        let (live, rest) = l.get();
+        hb_common::maps::ack_interval(cfg, live, rest)
     };
     l.release();
 
@@ -196,32 +188,6 @@ fn gate(ctx: &XdpContext) -> (u32, GateResult) {
         Some(iv) => send_ack(ctx, &f, &mut buf, &key, iv),
         None => drop(GateResult::Accepted),
     }
-}
-
-/// Whether to answer an accepted heartbeat, and the interval to put in the
-/// ACK: `requested()` (userspace's opinion) or the node's own when 0.
-/// `accepted` counts the node's accepted heartbeats including this one.
-/// The requested interval lives in the node's third cache line: it is read
-/// only when the configuration can ACK at all.
-#[inline(always)]
-fn ack_policy(
-    cfg: &Config,
-    requested: impl FnOnce() -> u32,
-    reported: u32,
-    accepted: u64,
-) -> Option<u32> {
-    // 1 (every heartbeat) skips the 64-bit division (tens of cycles).
-    let periodic =
-        cfg.ack_every == 1 || (cfg.ack_every != 0 && accepted % cfg.ack_every as u64 == 0);
-    if !periodic && cfg.ack_on_change == 0 {
-        return None;
-    }
-    let requested = requested();
-    let changed = cfg.ack_on_change != 0 && requested != 0 && requested != reported;
-    if !(changed || periodic) {
-        return None;
-    }
-    Some(if requested != 0 { requested } else { reported })
 }
 
 #[inline(always)]

@@ -220,17 +220,10 @@ impl Locked {
         // SAFETY: we hold the node's seqlock, which userspace also takes
         // to write the id and keys; outside it userspace writes only
         // `requested_interval_ms` (which `record` never touches and which
-        // we read with `requested_interval`) and we add to `bad_tag`
+        // `ack_interval` reads once, volatile) and we add to `bad_tag`
         // atomically (which `record` does not touch either). Two distinct
         // map values.
         unsafe { (&mut *self.live, &mut *self.rest) }
-    }
-
-    /// `requested_interval_ms`, written by userspace at any time.
-    #[inline(always)]
-    pub fn requested_interval(&self) -> u32 {
-        // SAFETY: aligned field of a live map value.
-        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*self.rest).requested_interval_ms)) }
     }
 
     /// Publishes the writes and releases the node.

@@ -454,6 +454,42 @@ fn ack_policy_every_nth_on_change_and_pass_accepted() {
     assert_eq!(g.state().accepted, 8);
 }
 
+/// A node that keeps reporting another interval than the one asked for
+/// (its own bounds, or another monitor wanting it faster) is not answered
+/// on every heartbeat (`maps::ack_interval`): the kernel runs the same
+/// back-off as the unit test, and a new request starts over.
+#[test]
+fn change_acks_back_off_for_a_node_that_does_not_follow() {
+    let g = Gate::new(Config {
+        port: PORT,
+        ack_on_change: 1,
+        ..Config::default()
+    });
+    g.dp.set_requested_interval(SLOT, 500);
+    let acked = |seqs: std::ops::RangeInclusive<u64>| -> Vec<u64> {
+        seqs.filter(|&s| {
+            let f = v4(&sealed(hb(s)));
+            let (a, out) = g.run(&f).unwrap();
+            if a == XDP_TX {
+                frames::check_ack(&f, &out, &key(), 500);
+            }
+            a == XDP_TX
+        })
+        .collect()
+    };
+    // `hb(seq)` reports 1000 ms: seq s is the run's heartbeat s - 1.
+    assert_eq!(acked(1..=70), [1, 2, 3, 4, 5, 9, 17, 33, 65]);
+    assert_eq!(g.state().acks_sent, 9);
+    g.dp.set_requested_interval(SLOT, 700);
+    let f = v4(&sealed(hb(71)));
+    let (a, out) = g.run(&f).unwrap();
+    assert_eq!(a, XDP_TX, "a new request starts a new run");
+    frames::check_ack(&f, &out, &key(), 700);
+    let c = g.dp.counters().unwrap();
+    assert_eq!(c[counter::ACK_SENT as usize], 10);
+    assert_eq!(c[GateResult::Accepted.index() as usize], 71);
+}
+
 #[tokio::test]
 async fn reports_unknown_nodes_at_a_bounded_rate_and_restarts() {
     let mut g = Gate::new(Config {

@@ -181,20 +181,9 @@ impl Inner {
             return None;
         }
         let (live, rest) = (&self.live[slot as usize], &mut self.rest[slot as usize]);
-        let requested = rest.requested_interval_ms;
-        let changed = cfg.ack_on_change != 0 && requested != 0 && requested != live.interval_ms;
-        let periodic = cfg.ack_every != 0 && live.accepted.is_multiple_of(cfg.ack_every as u64);
-        if !(changed || periodic) {
-            return None;
-        }
-        let interval = if requested != 0 {
-            requested
-        } else {
-            live.interval_ms
-        };
+        let interval = maps::ack_interval(&cfg, live, rest)?;
         let mut ack = *buf;
         proto::make_ack(&mut ack, key, interval);
-        rest.acks_sent = rest.acks_sent.wrapping_add(1);
         Some(ack)
     }
 
