@@ -89,12 +89,25 @@ impl MemDataplane {
     }
 
     /// Gates one UDP payload that arrived at `now_ns` (CLOCK_MONOTONIC)
-    /// from `src`. Counts the result.
+    /// from `src`. Counts the result, and the ACK as sent if there is one.
     pub fn gate(&self, payload: &[u8], src: SocketAddr, now_ns: u64) -> Verdict {
+        self.gate_and_reply(payload, src, now_ns, |_| true)
+    }
+
+    /// [`Self::gate`] for a gate that sends its ACKs: `send` sends one and
+    /// says whether it went out, and only then is it counted as sent (as
+    /// the kernel counts an ACK once its frame is rewritten).
+    pub fn gate_and_reply(
+        &self,
+        payload: &[u8],
+        src: SocketAddr,
+        now_ns: u64,
+        send: impl FnOnce(&[u8; proto::LEN]) -> bool,
+    ) -> Verdict {
         let mut g = self.lock();
         let v = g.gate(payload, src, now_ns, &self.reports_tx);
         g.counters[v.result.index() as usize] += 1;
-        if v.ack.is_some() {
+        if v.ack.as_ref().is_some_and(send) {
             g.counters[hb_common::maps::counter::ACK_SENT as usize] += 1;
         }
         v
@@ -403,6 +416,27 @@ mod tests {
             assert_eq!((s.accepted, s.bad_tag, s.replay, s.stale), (1, 1, 1, 1));
         });
         assert_eq!(seen, 1);
+    }
+
+    #[test]
+    fn an_ack_is_counted_as_sent_only_once_it_went_out() {
+        let dp = dp();
+        dp.set_config(&Config {
+            ack_every: 1,
+            ..Config::default()
+        })
+        .unwrap();
+        let sent = |seq, ok| {
+            let v = dp.gate_and_reply(&hb(seq).seal(&key()), SRC, seq, |_| ok);
+            assert!(v.ack.is_some());
+            dp.counters().unwrap()[hb_common::maps::counter::ACK_SENT as usize]
+        };
+        assert_eq!(sent(1, false), 0, "the send failed");
+        assert_eq!(sent(2, true), 1);
+        assert_eq!(
+            dp.counters().unwrap()[GateResult::Accepted.index() as usize],
+            2
+        );
     }
 
     #[test]

@@ -349,13 +349,16 @@ pub async fn serve(
         }
         let now = monotonic_ns();
         let src = SocketAddr::new(got.src.ip().to_canonical(), got.src.port());
-        let v = dp.gate(&buf[..got.len], src, now);
-        if let Some(ack) = v.ack
-            && let Err(e) = sock.try_io(Interest::WRITABLE, || send_reply(fd, &ack, &got))
-        {
-            metrics.ack_send_error();
-            tracing::debug!(error = %e, %src, "cannot send ACK");
-        }
+        dp.gate_and_reply(&buf[..got.len], src, now, |ack| {
+            match sock.try_io(Interest::WRITABLE, || send_reply(fd, ack, &got)) {
+                Ok(()) => true,
+                Err(e) => {
+                    metrics.ack_send_error();
+                    tracing::debug!(error = %e, %src, "cannot send ACK");
+                    false
+                }
+            }
+        });
     }
 }
 
