@@ -703,7 +703,16 @@ pub fn record(
                 out.restarted = true;
                 out.prev_generation = live.generation;
                 rest.restarts = rest.restarts.wrapping_add(1);
+                // A generation's sequence starts at 1: the ones before this
+                // datagram's were sent and not seen (late ones take
+                // themselves off, as within a generation). Before the first
+                // datagram ever, the node was not ours to lose.
+                rest.lost = rest.lost.wrapping_add(d.seq - 1);
             }
+            // A restarted sender starts at its own interval: whatever
+            // run of change ACKs was under way, start another
+            // (`ack_interval`).
+            rest.change_requested_ms = 0;
             live.generation = d.generation;
             let w = Window::starting_at(d.seq);
             rest.max_seq = w.max_seq;
@@ -777,7 +786,10 @@ pub fn record(
             0
         };
     }
-    if now_ns > live.last_arrival_ns {
+    // A late datagram was sent before the newest one: it says nothing of
+    // whether the node is alive now, and the next inter-arrival sample
+    // is measured from the newest.
+    if newest && now_ns > live.last_arrival_ns {
         live.last_arrival_ns = now_ns;
     }
     live.accepted = live.accepted.wrapping_add(1);
@@ -1250,7 +1262,30 @@ mod tests {
         feed(&mut s, &hb(1, 4), 5200 * ms).unwrap();
         assert_eq!(s.lost, 1, "a late arrival fills a hole");
         assert_eq!(s.ia_samples, 1, "late arrivals are no samples");
-        assert_eq!(s.last_arrival_ns, 5200 * ms);
+        assert_eq!(s.last_arrival_ns, 5100 * ms, "nor news of the node");
+        // The next sample is measured from the newest datagram (5 at
+        // 5.1 s), not from the late one.
+        let mut one_second = *s.live();
+        one_second.observe_interarrival(1000 * ms);
+        feed(&mut s, &hb(1, 6), 6100 * ms).unwrap();
+        assert_eq!(s.ia_samples, 2);
+        assert_eq!(s.ia_mean_ns, one_second.ia_mean_ns, "a 1000 ms sample");
+    }
+
+    #[test]
+    fn a_restarts_first_datagrams_lost_are_counted() {
+        let mut s = NodeState::default();
+        // Joining a node mid-stream: what it sent before is not lost.
+        feed(&mut s, &hb(1, 50), 1_000).unwrap();
+        feed(&mut s, &hb(1, 51), 2_000).unwrap();
+        assert_eq!(s.lost, 0);
+        // Restarted; its seqs 1 and 2 are lost, 3 arrives first.
+        feed(&mut s, &hb(2, 3), 3_000).unwrap();
+        assert_eq!(s.lost, 2);
+        feed(&mut s, &hb(2, 2), 3_100).unwrap();
+        assert_eq!(s.lost, 1, "one of them was only late");
+        feed(&mut s, &hb(3, 1), 4_000).unwrap();
+        assert_eq!(s.lost, 1, "a restart seen from its first datagram");
     }
 
     #[test]
@@ -1673,5 +1708,13 @@ mod tests {
         // zero) starts a run.
         let mut old = NodeState::default();
         assert_eq!(answered(&mut old, &on_change, 500, 1000, 4).1, 4);
+        // So does a restart of the node at the same interval (its bounds
+        // may have been widened meanwhile): `record` ends the run.
+        let mut st = NodeState::default();
+        feed(&mut st, &hb(1, 1), 1).unwrap();
+        assert_eq!(answered(&mut st, &on_change, 500, 1000, 100).1, 9);
+        feed(&mut st, &hb(2, 1), 2).unwrap();
+        let (at, n, _) = answered(&mut st, &on_change, 500, 1000, 4);
+        assert_eq!(&at[..n], &[0, 1, 2, 3]);
     }
 }
