@@ -59,6 +59,8 @@ pub mod names {
     pub const CONFIG: &str = "HB_CONFIG";
     pub const EVENTS: &str = "HB_EVENTS";
     pub const LIMITS: &str = "HB_LIMITS";
+    /// The host's addresses ([`super::LocalAddrs`], one value).
+    pub const LOCAL_ADDRS: &str = "HB_LOCAL_ADDRS";
 }
 
 /// Largest capacity of the node maps (provisioned nodes, state slots),
@@ -1051,6 +1053,112 @@ impl NodeState {
     }
 }
 
+/// Addresses of each family [`LocalAddrs`] holds. A host with more (a
+/// Kubernetes node whose service addresses are local, say) is not
+/// checked at all: the gate then takes heartbeats to any address.
+pub const LOCAL_ADDRS_MAX: usize = 16;
+
+/// The addresses the gate takes heartbeats at: the monitor host's own, in
+/// its network namespace (every interface's, as the stack accepts a
+/// datagram to any local address on any interface). Datagrams to the
+/// heartbeat port of another address are gate step 1, "not UDP to the
+/// heartbeat port": passed, uncounted. Without it a host that forwards
+/// (a router, a Kubernetes node routing to pods, a hypervisor's bridge)
+/// gated heartbeats meant for a monitor behind it: dropped as
+/// `unknown_node`, or, for a node both monitors know, accepted and
+/// answered with an ACK from the other monitor's address.
+///
+/// Written by userspace (`set_local_addrs`) as a whole, rarely (when the
+/// host's addresses change); the kernel reads it without a lock. A read
+/// torn by a concurrent write can misjudge one datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalAddrs {
+    /// 0: take heartbeats to any address (nothing written yet, or more
+    /// addresses than fit).
+    pub known: u32,
+    pub v4_len: u32,
+    pub v6_len: u32,
+    pub _pad: u32,
+    pub v4: [[u8; 4]; LOCAL_ADDRS_MAX],
+    pub v6: [[u8; 16]; LOCAL_ADDRS_MAX],
+}
+
+impl Default for LocalAddrs {
+    fn default() -> Self {
+        LocalAddrs::ANY
+    }
+}
+
+impl LocalAddrs {
+    /// Any address: no check.
+    pub const ANY: LocalAddrs = LocalAddrs {
+        known: 0,
+        v4_len: 0,
+        v6_len: 0,
+        _pad: 0,
+        v4: [[0; 4]; LOCAL_ADDRS_MAX],
+        v6: [[0; 16]; LOCAL_ADDRS_MAX],
+    };
+
+    /// Exactly these addresses, or [`Self::ANY`] if they do not fit.
+    pub fn of(v4: &[[u8; 4]], v6: &[[u8; 16]]) -> LocalAddrs {
+        if v4.len() > LOCAL_ADDRS_MAX || v6.len() > LOCAL_ADDRS_MAX {
+            return LocalAddrs::ANY;
+        }
+        let mut a = LocalAddrs {
+            known: 1,
+            v4_len: v4.len() as u32,
+            v6_len: v6.len() as u32,
+            ..LocalAddrs::ANY
+        };
+        a.v4[..v4.len()].copy_from_slice(v4);
+        a.v6[..v6.len()].copy_from_slice(v6);
+        a
+    }
+
+    /// Whether the gate takes a heartbeat to the IPv4 address `dst`.
+    #[inline(always)]
+    pub fn takes_v4(&self, dst: [u8; 4]) -> bool {
+        if self.known == 0 {
+            return true;
+        }
+        let dst = u32::from_ne_bytes(dst);
+        let mut i = 0;
+        while i < LOCAL_ADDRS_MAX && i < self.v4_len as usize {
+            if u32::from_ne_bytes(self.v4[i]) == dst {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
+    /// Whether the gate takes a heartbeat to the IPv6 address `dst`.
+    #[inline(always)]
+    pub fn takes_v6(&self, dst: &[u8; 16]) -> bool {
+        if self.known == 0 {
+            return true;
+        }
+        let halves = |a: &[u8; 16]| {
+            let mut h = [0u8; 8];
+            let mut l = [0u8; 8];
+            h.copy_from_slice(&a[..8]);
+            l.copy_from_slice(&a[8..]);
+            (u64::from_ne_bytes(h), u64::from_ne_bytes(l))
+        };
+        let d = halves(dst);
+        let mut i = 0;
+        while i < LOCAL_ADDRS_MAX && i < self.v6_len as usize {
+            if halves(&self.v6[i]) == d {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
 /// How the XDP program answers accepted heartbeats.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1166,6 +1274,7 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::RateLimit {}
     unsafe impl aya::Pod for super::Report {}
+    unsafe impl aya::Pod for super::LocalAddrs {}
 }
 
 #[cfg(test)]
@@ -1716,5 +1825,29 @@ mod tests {
         feed(&mut st, &hb(2, 1), 2).unwrap();
         let (at, n, _) = answered(&mut st, &on_change, 500, 1000, 4);
         assert_eq!(&at[..n], &[0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn local_addresses() {
+        let any = LocalAddrs::default();
+        assert!(any.takes_v4([1, 2, 3, 4]) && any.takes_v6(&[9; 16]));
+        let a = LocalAddrs::of(&[[198, 18, 0, 1], [10, 0, 0, 1]], &[[0xfd; 16]]);
+        assert!(a.takes_v4([10, 0, 0, 1]) && a.takes_v4([198, 18, 0, 1]));
+        assert!(!a.takes_v4([198, 18, 0, 2]) && !a.takes_v4([0; 4]));
+        assert!(a.takes_v6(&[0xfd; 16]));
+        let mut other = [0xfd; 16];
+        other[15] = 1;
+        assert!(!a.takes_v6(&other));
+        assert!(
+            !LocalAddrs::of(&[[10, 0, 0, 1]], &[]).takes_v6(&[0xfd; 16]),
+            "none of a family"
+        );
+        let many = [[10, 0, 0, 1]; LOCAL_ADDRS_MAX + 1];
+        assert_eq!(
+            LocalAddrs::of(&many, &[]),
+            LocalAddrs::ANY,
+            "too many: no check"
+        );
+        assert_eq!(size_of::<LocalAddrs>(), 16 + 4 * 16 + 16 * 16);
     }
 }

@@ -36,12 +36,15 @@ use aya_ebpf::{
 };
 use hb_common::{
     GateResult,
-    maps::{REPORT_RESTART, REPORT_UNKNOWN_NODE, counter, index::Lookup},
+    maps::{LocalAddrs, REPORT_RESTART, REPORT_UNKNOWN_NODE, counter, index::Lookup},
     proto::{self, Kind},
 };
 
 use crate::{
-    maps::{HB_CONFIG, HB_NODE_LIVE, HB_NODE_REST, LIMIT_RESTART, LIMIT_UNKNOWN, count, slot_of},
+    maps::{
+        HB_CONFIG, HB_LOCAL_ADDRS, HB_NODE_LIVE, HB_NODE_REST, LIMIT_RESTART, LIMIT_UNKNOWN, count,
+        slot_of,
+    },
     parse::{Frame, Parsed},
     payload::Payload,
     state::{KeyRead, Locked},
@@ -79,7 +82,8 @@ fn gate(ctx: &XdpContext) -> (u32, GateResult) {
     if parse::fast_pass(ctx, cfg.port) {
         return (XDP_PASS, GateResult::Pass);
     }
-    let f = match parse::parse(ctx, cfg.port) {
+    let local = HB_LOCAL_ADDRS.get(0).unwrap_or(&LocalAddrs::ANY);
+    let f = match parse::parse(ctx, cfg.port, local) {
         Parsed::Pass => return (XDP_PASS, GateResult::Pass),
         Parsed::Malformed => return drop(GateResult::Malformed),
         Parsed::Ours(f) => f,

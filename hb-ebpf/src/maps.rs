@@ -9,7 +9,8 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray, RingBuf},
 };
 use hb_common::maps::{
-    Config, EVENTS_BYTES, MAX_NODES, NodeLive, NodeRest, RateLimit, counter, index, names,
+    Config, EVENTS_BYTES, LocalAddrs, MAX_NODES, NodeLive, NodeRest, RateLimit, counter, index,
+    names,
 };
 
 /// The node index: node id -> slot (`hb_common::maps::index`). Written by
@@ -37,6 +38,11 @@ pub static HB_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter
 /// One `Config`; missing or port 0 means "pass everything".
 #[map]
 pub static HB_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// The host's addresses: heartbeats to others are not ours (one value;
+/// all zero, as created, takes any address).
+#[map]
+pub static HB_LOCAL_ADDRS: Array<LocalAddrs> = Array::with_max_entries(1, 0);
 
 /// Reports to userspace (unknown node, restart).
 #[map]
@@ -74,6 +80,7 @@ const _: () = assert!(same(names::COUNTERS, "HB_COUNTERS"));
 const _: () = assert!(same(names::CONFIG, "HB_CONFIG"));
 const _: () = assert!(same(names::EVENTS, "HB_EVENTS"));
 const _: () = assert!(same(names::LIMITS, "HB_LIMITS"));
+const _: () = assert!(same(names::LOCAL_ADDRS, "HB_LOCAL_ADDRS"));
 const _: () = assert!(same(names::PROGRAM, "hb_xdp"));
 const _: () = assert!(same(names::PASS, "hb_pass"));
 const _: () = assert!(same(names::FLOOR, "hb_floor"));

@@ -17,12 +17,15 @@
 //!   passed (other UDP traffic fragments legitimately).
 //! - IPv6 with any extension header is passed, never parsed: the stack
 //!   handles it correctly, and a heartbeat sender never adds one.
+//! - UDP to our port but to an address that is not the host's
+//!   (`hb_common::maps::LocalAddrs`) is passed: a heartbeat the host
+//!   forwards to a monitor behind it is that monitor's.
 //! - The incoming UDP checksum is not verified: the SipHash tag
 //!   authenticates the payload, and on veth the checksum is often left to
 //!   be computed (CHECKSUM_PARTIAL).
 
 use aya_ebpf::programs::XdpContext;
-use hb_common::proto;
+use hb_common::{maps::LocalAddrs, proto};
 
 pub const ETH_LEN: usize = 14;
 pub const VLAN_LEN: usize = 4;
@@ -120,9 +123,10 @@ pub fn fast_pass(ctx: &XdpContext, port: u16) -> bool {
     ethertype != ETH_P_8021Q
 }
 
-/// Gate steps 1 and 2 on the headers. `port` is in host byte order.
+/// Gate steps 1 and 2 on the headers. `port` is in host byte order;
+/// `local` the addresses heartbeats are ours at.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext, port: u16) -> Parsed {
+pub fn parse(ctx: &XdpContext, port: u16, local: &LocalAddrs) -> Parsed {
     let Some(mut ethertype) = be16(ctx, 12) else {
         return Parsed::Pass;
     };
@@ -135,16 +139,16 @@ pub fn parse(ctx: &XdpContext, port: u16) -> Parsed {
         l3 = ETH_LEN + VLAN_LEN;
     }
     if ethertype == ETH_P_IP {
-        parse_v4(ctx, l3, port)
+        parse_v4(ctx, l3, port, local)
     } else if ethertype == ETH_P_IPV6 {
-        parse_v6(ctx, l3, port)
+        parse_v6(ctx, l3, port, local)
     } else {
         Parsed::Pass
     }
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &XdpContext, l3: usize, port: u16) -> Parsed {
+fn parse_v4(ctx: &XdpContext, l3: usize, port: u16, local: &LocalAddrs) -> Parsed {
     let Some(h) = at::<IPV4_LEN>(ctx, l3) else {
         return Parsed::Pass;
     };
@@ -162,7 +166,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize, port: u16) -> Parsed {
     let Some(dport) = be16(ctx, udp + 2) else {
         return Parsed::Pass;
     };
-    if dport != port {
+    if dport != port || !local.takes_v4([h[16], h[17], h[18], h[19]]) {
         return Parsed::Pass;
     }
     let total = u16::from_be_bytes([h[2], h[3]]) as usize;
@@ -173,7 +177,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize, port: u16) -> Parsed {
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &XdpContext, l3: usize, port: u16) -> Parsed {
+fn parse_v6(ctx: &XdpContext, l3: usize, port: u16, local: &LocalAddrs) -> Parsed {
     let Some(h) = at::<8>(ctx, l3) else {
         return Parsed::Pass;
     };
@@ -188,6 +192,14 @@ fn parse_v6(ctx: &XdpContext, l3: usize, port: u16) -> Parsed {
         return Parsed::Pass;
     };
     if dport != port {
+        return Parsed::Pass;
+    }
+    // The destination address: 16 bytes at offset 24 of the header.
+    let Some(dst) = at::<16>(ctx, l3 + 24) else {
+        return Parsed::Pass;
+    };
+    // SAFETY: `at` checked the bounds.
+    if !local.takes_v6(unsafe { &*dst }) {
         return Parsed::Pass;
     }
     if u16::from_be_bytes([h[4], h[5]]) != UDP_DGRAM_LEN {

@@ -14,7 +14,10 @@ use hb::dataplane::{
 };
 use hb_common::{
     Datagram, GateResult, Kind, NodeKey,
-    maps::{Config, NodeKeys, NodeState, REPORT_RESTART, REPORT_UNKNOWN_NODE, counter, names},
+    maps::{
+        Config, LocalAddrs, NodeKeys, NodeState, REPORT_RESTART, REPORT_UNKNOWN_NODE, counter,
+        names,
+    },
     proto::FLAG_LEAVING,
 };
 use hb_tests::frames::{self, Udp};
@@ -452,6 +455,87 @@ fn ack_policy_every_nth_on_change_and_pass_accepted() {
     .unwrap();
     assert_eq!(g.run(&v4(&sealed(hb(8)))).unwrap().0, XDP_PASS);
     assert_eq!(g.state().accepted, 8);
+}
+
+/// Heartbeats to an address that is not the host's (one it forwards to a
+/// monitor behind it) are not ours: passed, uncounted, untouched, even a
+/// malformed one; to the host's own, gated as ever. Until userspace has
+/// written the host's addresses the gate takes any.
+#[test]
+fn heartbeats_to_another_hosts_address_pass() {
+    let g = Gate::new(Config {
+        port: PORT,
+        ack_every: 1,
+        ..Config::default()
+    });
+    let to = |dst: &str, seq: u64, v6: bool| {
+        let p = sealed(hb(seq));
+        let mut u = if v6 {
+            Udp::v6(PORT, &p)
+        } else {
+            Udp::v4(PORT, &p)
+        };
+        u.dst = dst.parse().unwrap();
+        u.build()
+    };
+    let mut short = Udp::v4(PORT, &sealed(hb(9))[..40]);
+    short.dst = "198.18.7.7".parse().unwrap();
+    use Effect as E;
+    use GateResult as R;
+    // Accepted heartbeats are answered (`ack_every` 1).
+    let answered = |mut rows: Vec<Row>| {
+        for r in &mut rows {
+            if r.result == R::Accepted {
+                r.action = XDP_TX;
+            }
+        }
+        rows
+    };
+    let before = row(
+        "any address before the table",
+        to("198.18.7.7", 1, false),
+        R::Accepted,
+        E::Accepted,
+    );
+    run_table(&g, answered(vec![before]));
+    g.dp.set_local_addrs(&LocalAddrs::of(
+        &[[127, 0, 0, 1], [198, 18, 0, 1]],
+        &["fd00:4842::1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets()],
+    ))
+    .unwrap();
+    run_table(
+        &g,
+        answered(vec![
+            row(
+                "v4 to another host",
+                to("198.18.7.7", 2, false),
+                R::Pass,
+                E::None,
+            ),
+            row(
+                "v6 to another host",
+                to("fd00:4842::7", 3, true),
+                R::Pass,
+                E::None,
+            ),
+            row("malformed to another host", short.build(), R::Pass, E::None),
+            row(
+                "v4 to this host",
+                to("198.18.0.1", 4, false),
+                R::Accepted,
+                E::Accepted,
+            ),
+            row(
+                "v6 to this host",
+                to("fd00:4842::1", 5, true),
+                R::Accepted,
+                E::Accepted,
+            ),
+        ]),
+    );
 }
 
 /// A node that keeps reporting another interval than the one asked for

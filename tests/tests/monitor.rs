@@ -31,7 +31,7 @@ use hb::{
     dataplane::xdp::{AttachMode, XdpDataplane, XdpOptions},
     keys::derive_node_key,
 };
-use hb_common::{Datagram, Kind, NodeKey, maps::names, proto::FLAG_LEAVING};
+use hb_common::{Datagram, GateResult, Kind, NodeKey, maps::names, proto::FLAG_LEAVING};
 use hb_tests::{
     drive::{EXIT_TIMEOUT, hb_bin, http_get, output_within},
     netns::{IF_A, IF_B, NetNs, VethPair},
@@ -623,6 +623,66 @@ fn crash_is_dead(mode: &str) {
     assert!(evs.ends_with(&["suspect".into(), "dead".into()]), "{evs:?}");
     assert_eq!(evs.iter().filter(|e| *e == "dead").count(), 1, "{evs:?}");
     assert_eq!(node_json(&pair, 7)["state"], "dead");
+    m.stop();
+}
+
+/// Heartbeats this host only forwards (to a monitor behind it, at another
+/// address) are not this monitor's: the XDP gate passes them to the stack
+/// uncounted (the userspace socket never sees them), and answers none.
+fn forwarded_heartbeats_are_not_ours(mode: &str) {
+    let (pair, dir) = setup("mfwd", &[1]);
+    let m = Monitor::start(&pair, &dir, mode, &["--nodes", "5"]);
+    let (_, text) = http(&pair.a, "/metrics");
+    let held = metric(&text, "hb_gate_local_addresses");
+    if mode == "userspace" {
+        assert_eq!(held, 0, "a socket sees only local addresses");
+    } else {
+        // lo's two, veth-a's IPv4, IPv6 and link-local ones.
+        assert!(held >= 4, "{text}");
+    }
+    // The node side routes 198.18.99.0/24 through the monitor host.
+    pair.b
+        .ip(&[
+            "route",
+            "add",
+            "198.18.99.0/24",
+            "via",
+            &pair.addrs.v4[0].to_string(),
+        ])
+        .unwrap();
+    let rx = |ns: &NetNs| -> u64 {
+        let out = ns.ip(&["-s", "-j", "link", "show", IF_A]).unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v[0]["stats64"]["rx"]["packets"].as_u64().unwrap()
+    };
+    let rx0 = rx(&pair.a);
+    let mut node = Node::new(&pair, 5, 1);
+    let real = node.dst;
+    node.dst = SocketAddr::new("198.18.99.7".parse().unwrap(), PORT);
+    for _ in 0..5 {
+        node.send(0);
+    }
+    node.dst = real;
+    node.send(0);
+    m.wait_event(5, "joined", Duration::from_secs(5));
+    let (_, text) = http(&pair.a, "/metrics");
+    assert_eq!(
+        metric(&text, "hb_packets_total{result=\"accepted\"}"),
+        1,
+        "only the heartbeat to this host's address: {text}"
+    );
+    for r in GateResult::ALL
+        .into_iter()
+        .filter(|r| !matches!(r, GateResult::Pass | GateResult::Accepted))
+    {
+        let series = format!("hb_packets_total{{result=\"{}\"}}", r.name());
+        assert_eq!(metric(&text, &series), 0, "{series}");
+    }
+    assert!(
+        rx(&pair.a) >= rx0 + 5,
+        "the forwarded ones reached the monitor's interface"
+    );
+    assert_eq!(node_json(&pair, 5)["accepted"], 1);
     m.stop();
 }
 
@@ -1821,6 +1881,7 @@ modes! {
         monitor_restart,
         enroll,
         bad_input,
+        forwarded_heartbeats_are_not_ours,
     ],
     native => [
         join,
@@ -1835,5 +1896,6 @@ modes! {
         monitor_restart,
         enroll,
         bad_input,
+        forwarded_heartbeats_are_not_ours,
     ],
 }

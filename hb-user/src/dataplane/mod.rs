@@ -78,6 +78,13 @@ pub trait Dataplane: Send + Sync {
     /// Replaces the gate's configuration (port, ACK policy, report limit).
     fn set_config(&self, cfg: &Config) -> anyhow::Result<()>;
 
+    /// Replaces the addresses the gate takes heartbeats at
+    /// ([`hb_common::maps::LocalAddrs`]). A gate that only sees datagrams
+    /// to local addresses anyway (a socket's) has nothing to do.
+    fn set_local_addrs(&self, _addrs: &hb_common::maps::LocalAddrs) -> anyhow::Result<()> {
+        Ok(())
+    }
+
     /// Takes the receiver of the gate's reports (unknown node, restart).
     /// Returns `None` after the first call.
     fn take_reports(&mut self) -> Option<tokio::sync::mpsc::Receiver<Report>>;

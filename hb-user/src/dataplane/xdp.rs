@@ -89,7 +89,8 @@ use aya::{
     },
 };
 use hb_common::maps::{
-    Config, MAX_NODES, NodeKeys, NodeLive, NodeRest, NodeState, Report, counter, index, names,
+    Config, LocalAddrs, MAX_NODES, NodeKeys, NodeLive, NodeRest, NodeState, Report, counter, index,
+    names,
 };
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
@@ -662,6 +663,7 @@ pub struct XdpDataplane {
     index_fd: MapData,
     counters: PerCpuArray<MapData, u64>,
     config: Mutex<Array<MapData, Config>>,
+    local_addrs: Mutex<Array<MapData, LocalAddrs>>,
     nodes: NodeMaps,
     /// The live array as a map (for `memlock` and the per-node lookup
     /// used to measure the read design).
@@ -905,6 +907,9 @@ impl XdpDataplane {
 
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::COUNTERS)?)?;
         let config = Array::try_from(take_map(&mut ebpf, names::CONFIG)?)?;
+        // Not pinned: the host's addresses are read afresh at every start;
+        // until then (as created) the gate takes any address.
+        let local_addrs = Array::try_from(take_map(&mut ebpf, names::LOCAL_ADDRS)?)?;
         let live_map = take_map(&mut ebpf, names::NODE_LIVE)?;
         let Map::Array(live_data) = &live_map else {
             bail!("map {} is not an array", names::NODE_LIVE);
@@ -966,6 +971,7 @@ impl XdpDataplane {
             index_fd,
             counters,
             config: Mutex::new(config),
+            local_addrs: Mutex::new(local_addrs),
             nodes,
             live_map,
             rest_fd,
@@ -1501,6 +1507,14 @@ impl Dataplane for XdpDataplane {
             .unwrap_or_else(|e| e.into_inner())
             .set(0, cfg, 0)
             .with_context(|| format!("cannot write {}", names::CONFIG))
+    }
+
+    fn set_local_addrs(&self, addrs: &LocalAddrs) -> anyhow::Result<()> {
+        self.local_addrs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set(0, addrs, 0)
+            .with_context(|| format!("cannot write {}", names::LOCAL_ADDRS))
     }
 
     fn capacity(&self) -> u32 {

@@ -41,6 +41,7 @@ pub struct Metrics {
     enrolled: Family<Labels, Counter>,
     reloads: Family<Labels, Counter>,
     ack_send_errors: Counter,
+    local_addresses: Gauge,
     /// Handles into `packets`, `dataplane` and `nodes` for what every
     /// tick sets: (counter index, series), so a tick neither hashes
     /// labels nor allocates them.
@@ -142,6 +143,12 @@ impl Metrics {
             "ACKs the userspace gate could not send",
             ack_send_errors.clone(),
         );
+        let local_addresses = Gauge::default();
+        registry.register(
+            "gate_local_addresses",
+            "Addresses the XDP gate takes heartbeats at (the host's own); 0: any address (not read yet, more than the gate holds, or userspace mode, whose socket sees only local ones)",
+            local_addresses.clone(),
+        );
         let packets_by_result = GateResult::ALL
             .into_iter()
             // Pass is not a heartbeat: the gate does not count it here.
@@ -180,6 +187,7 @@ impl Metrics {
             enrolled,
             reloads,
             ack_send_errors,
+            local_addresses,
             packets_by_result,
             dataplane_by_counter,
             nodes_by_state,
@@ -219,6 +227,10 @@ impl Metrics {
         self.stuck_reads
             .inner()
             .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn set_local_addresses(&self, n: usize) {
+        self.local_addresses.set(n as i64);
     }
 
     pub fn set_nodes(&self, counts: &[u64; 5]) {

@@ -20,6 +20,7 @@
 //!    SIGTERM/SIGINT stop everything, flush the events, and detach the XDP
 //!    program unless `--keep-attached`.
 
+pub mod addrs;
 pub mod api;
 pub mod config;
 pub mod events;
@@ -264,6 +265,12 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
         Some((m, s)) => (Some(m), s),
         None => (None, Vec::new()),
     };
+    // The host's addresses before the port: from the first heartbeat on,
+    // the gate takes only those to this host.
+    let mut local = addrs::Tracker::new();
+    if matches!(settings.mode, Mode::Native | Mode::Skb) {
+        local.update(&*dp, addrs::host()?)?;
+    }
     dp.set_config(&gate_config(&settings))
         .context("cannot configure the dataplane")?;
 
@@ -368,6 +375,15 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
                 stop_rx.clone(),
             ));
         }
+    }
+    metrics.set_local_addresses(local.held());
+    if mem.is_none() {
+        tasks.spawn(addrs::watch(
+            dp.clone(),
+            metrics.clone(),
+            local,
+            stop_rx.clone(),
+        ));
     }
     if let Some(rx) = reports {
         tasks.spawn(fleet::reports(
