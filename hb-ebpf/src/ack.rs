@@ -7,11 +7,21 @@
 //! the pseudo-header sum), so incremental updates would propagate garbage.
 //! The IPv4 header checksum does not change: swapping two 16-bit-aligned
 //! fields leaves a ones' complement sum unchanged.
+//!
+//! The ACK leaves with a fresh TTL (IPv4) or hop limit (IPv6) of
+//! [`ACK_TTL`], as any reply the host sends: keeping the heartbeat's
+//! remaining one, it reached the sender with the initial TTL less twice
+//! the path's hops, and died unseen on paths of 32 hops or more (Linux
+//! starts at 64). The IPv4 header checksum takes the change incrementally
+//! (RFC 1624).
 
 use aya_ebpf::programs::XdpContext;
 
 use crate::parse::{Frame, UDP_DGRAM_LEN, at};
 use crate::payload::Payload;
+
+/// TTL / hop limit of an ACK: Linux's default (`net.ipv4.ip_default_ttl`).
+pub const ACK_TTL: u8 = 64;
 
 /// Swaps `N` bytes at `a` with `N` bytes at `b` in the packet.
 #[inline(always)]
@@ -60,6 +70,23 @@ pub fn rewrite(ctx: &XdpContext, f: &Frame, ack: &Payload) -> Option<()> {
         // SAFETY: in bounds (checked by `at`).
         sum(unsafe { &*at::<8>(ctx, f.l3 + 12)? })
     };
+    if f.v6 {
+        // SAFETY: in bounds (checked by `at`).
+        unsafe { (*at::<1>(ctx, f.l3 + 7)?)[0] = ACK_TTL };
+    } else {
+        let ttl = at::<2>(ctx, f.l3 + 8)?;
+        let check = at::<2>(ctx, f.l3 + 10)?;
+        // SAFETY: in bounds (checked by `at`), disjoint. RFC 1624, eqn. 3:
+        // HC' = ~(~HC + ~m + m') over the 16-bit word of TTL and protocol.
+        unsafe {
+            let old = u16::from_ne_bytes(*ttl);
+            let new = u16::from_ne_bytes([ACK_TTL, (*ttl)[1]]);
+            let hc = u16::from_ne_bytes(*check);
+            let s = (!hc) as u64 + (!old) as u64 + new as u64;
+            *ttl = new.to_ne_bytes();
+            *check = (!fold(s)).to_ne_bytes();
+        }
+    }
     swap::<2>(ctx, f.udp, f.udp + 2)?;
     let udp = at::<8>(ctx, f.udp)?;
     let payload = at::<{ hb_common::proto::LEN }>(ctx, f.payload())?;

@@ -89,7 +89,8 @@ impl Udp {
                 h[0] = 0x40 | (ihl / 4) as u8;
                 h[2..4].copy_from_slice(&((ihl + udp.len()) as u16).to_be_bytes());
                 h[6..8].copy_from_slice(&self.frag.to_be_bytes());
-                h[8] = 64;
+                // Three hops from its sender: an ACK must not reuse it.
+                h[8] = 61;
                 h[9] = 17;
                 h[12..16].copy_from_slice(&s.octets());
                 h[16..20].copy_from_slice(&d.octets());
@@ -104,7 +105,7 @@ impl Udp {
                 f.extend_from_slice(&[0x60, 0, 0, 0]);
                 f.extend_from_slice(&((ext + udp.len()) as u16).to_be_bytes());
                 f.push(if self.v6_ext_header { 0 } else { 17 });
-                f.push(64);
+                f.push(61);
                 f.extend_from_slice(&s.octets());
                 f.extend_from_slice(&d.octets());
                 if self.v6_ext_header {
@@ -193,14 +194,17 @@ pub fn check_ack(hb: &[u8], ack: &[u8], key: &NodeKey, interval_ms: u32) {
         let b: [u8; 16] = ack[l3 + 24..l3 + 40].try_into().expect("16");
         assert_eq!(ack[l3 + 8..l3 + 24], hb[l3 + 24..l3 + 40], "IPv6 src");
         assert_eq!(ack[l3 + 24..l3 + 40], hb[l3 + 8..l3 + 24], "IPv6 dst");
-        assert_eq!(ack[l3..l3 + 8], hb[l3..l3 + 8], "IPv6 header rest");
+        assert_eq!(ack[l3..l3 + 7], hb[l3..l3 + 7], "IPv6 header rest");
+        assert_eq!(ack[l3 + 7], 64, "IPv6 hop limit: a fresh one");
         (a.into(), b.into())
     } else {
         let a: [u8; 4] = ack[l3 + 12..l3 + 16].try_into().expect("4");
         let b: [u8; 4] = ack[l3 + 16..l3 + 20].try_into().expect("4");
         assert_eq!(ack[l3 + 12..l3 + 16], hb[l3 + 16..l3 + 20], "IPv4 src");
         assert_eq!(ack[l3 + 16..l3 + 20], hb[l3 + 12..l3 + 16], "IPv4 dst");
-        assert_eq!(ack[l3..l3 + 12], hb[l3..l3 + 12], "IPv4 header rest");
+        assert_eq!(ack[l3..l3 + 8], hb[l3..l3 + 8], "IPv4 header rest");
+        assert_eq!(ack[l3 + 8], 64, "IPv4 TTL: a fresh one");
+        assert_eq!(ack[l3 + 9], hb[l3 + 9], "IPv4 protocol");
         assert_eq!(ack[l3 + 20..udp], hb[l3 + 20..udp], "IPv4 options");
         assert_eq!(fold(sum16(&ack[l3..udp])), 0xffff, "IPv4 header checksum");
         (a.into(), b.into())
