@@ -8,24 +8,40 @@
 //!
 //! Everything is read live: a request takes the core's lock once and reads
 //! the dataplane's state of the nodes it returns, like a tick does.
+//!
+//! `GET /nodes` is the one answer that grows with the fleet (~390 bytes a
+//! node): it is streamed, one chunk of nodes at a time, so a listing holds
+//! about one chunk in memory however large the fleet, and at most
+//! [`LISTINGS`] run at once (another is told to retry). A listing stops as
+//! soon as its client goes away or stops reading for [`STALL`]; one that
+//! fails midway aborts the connection, so no client can take the part it
+//! got for the whole table.
 
 use std::{
+    pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    task::{Context, Poll, ready},
     time::Duration,
 };
 
 use axum::{
     Json, Router,
-    extract::{Path, Query, State},
+    body::{Body, Bytes},
+    extract::{FromRef, Path, Query, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
 };
 use hb_common::maps::NodeState;
+use hyper::body::Frame;
 use serde::{Deserialize, Serialize};
+use tokio::{
+    runtime::Handle,
+    sync::{Semaphore, mpsc},
+};
 
 use super::{metrics::Metrics, state::Status, table::Origin, tick::Core, userspace::monotonic_ns};
 use crate::dataplane::Dataplane;
@@ -166,40 +182,144 @@ fn row(core: &Core, slot: u32, st: &NodeState, now_ns: u64) -> NodeRow {
     }
 }
 
-/// Slots per lock hold when listing nodes: a listing of a million nodes
-/// must not hold the tick off for its whole duration.
-const ROWS_CHUNK: u32 = 16 * 1024;
+/// Nodes per lock hold when listing nodes: a listing of a million nodes
+/// must not hold the tick off for its whole duration. It is also about
+/// what a listing holds in memory: the rows of one chunk.
+const ROWS_CHUNK: usize = 16 * 1024;
 
-/// Rows of every node (optionally only those in `state`), by node id.
-/// Each chunk of slots is consistent; a reload running concurrently may
-/// show a node in both its old and new state, never a wrong one.
-pub fn rows(shared: &Shared, state: Option<Status>) -> Vec<NodeRow> {
-    let mut out = Vec::new();
+/// Bytes of JSON per body frame of a listing (a frame ends with the row
+/// that reaches this).
+const FRAME_BYTES: usize = 64 * 1024;
+
+/// Frames a listing may have ready before its client takes them.
+const FRAMES_AHEAD: usize = 4;
+
+/// Listings of `GET /nodes` served at once; another is answered 503 at
+/// once. Each holds a blocking thread, its nodes' ids (8 bytes a node) and
+/// the rows of one chunk until its client has the whole table.
+const LISTINGS: usize = 2;
+
+/// A listing whose client takes no frame for this long is given up (its
+/// client sees the body cut short), so that clients which stopped reading
+/// (`curl | less`, a hung dashboard) do not keep the listings taken.
+const STALL: Duration = Duration::from_secs(30);
+
+/// Why a listing stopped before its end.
+#[derive(Debug)]
+enum Stop {
+    /// The client went away: nobody reads the listing any more.
+    Gone,
+    /// The client took no frame for [`STALL`].
+    Stalled,
+    Failed(ListingError),
+}
+
+/// Why a listing failed: its client gets a 500 if nothing was sent yet,
+/// else a body cut short (hyper aborts the connection).
+#[derive(Debug, thiserror::Error)]
+enum ListingError {
+    #[error("cannot serialize the row of node {node_id}: {source}")]
+    Serialize {
+        node_id: u32,
+        source: serde_json::Error,
+    },
+    #[error("the node listing stopped before its end (see the monitor's log)")]
+    Cut,
+}
+
+/// The nodes a listing shows (only those in `state` if given), as (node
+/// id, slot) by node id: 8 bytes a node, read a chunk of slots per lock
+/// hold. A node that a reload moves during the scan may be found twice:
+/// it is kept once, and its row is read later from wherever it is then.
+fn listed_ids(shared: &Shared, state: Option<Status>, chunk: usize) -> Vec<(u32, u32)> {
+    let mut ids = Vec::new();
     let mut start = 0;
     loop {
         let core = shared.core();
-        let len = core.table.len();
+        let t = &core.table;
+        let len = t.node_id.len();
         if start >= len {
             break;
         }
-        let end = start.saturating_add(ROWS_CHUNK).min(len);
-        let now = monotonic_ns();
-        shared.dp.read_states(start..end, &mut |slot, st| {
-            let i = slot as usize;
-            if core.table.node_id[i] == 0 {
-                return;
-            }
-            if state.is_some_and(|s| core.table.track[i].status != s) {
-                return;
-            }
-            out.push(row(&core, slot, st, now));
-        });
+        if start == 0 && state.is_none() {
+            ids.reserve(t.nodes());
+        }
+        let end = start.saturating_add(chunk).min(len);
+        ids.extend(
+            (start..end)
+                .filter(|&i| t.node_id[i] != 0 && state.is_none_or(|s| t.track[i].status == s))
+                .map(|i| (t.node_id[i], i as u32)),
+        );
         drop(core);
         start = end;
     }
-    out.sort_unstable_by_key(|r| r.node_id);
-    out.dedup_by_key(|r| r.node_id);
-    out
+    ids.sort_unstable();
+    ids.dedup_by_key(|(id, _)| *id);
+    ids
+}
+
+/// Writes the listing, the JSON array of the rows of [`listed_ids`] by
+/// node id, to `send` in frames of about [`FRAME_BYTES`]; returns the
+/// frames sent. The rows of each chunk of `chunk` nodes are read under one
+/// hold of the core's lock, consistent with each other, each from its
+/// node's slot at that time: a node removed since the ids were taken is
+/// left out, one added since is not listed, none is listed twice. The
+/// lock is not held while serializing or sending.
+///
+/// Stops at the first frame `send` refuses. The document is complete only
+/// if this returns `Ok`: the last frame sent then ends the array.
+fn write_listing(
+    shared: &Shared,
+    state: Option<Status>,
+    chunk: usize,
+    send: &mut dyn FnMut(Bytes) -> Result<(), Stop>,
+) -> Result<usize, Stop> {
+    let ids = listed_ids(shared, state, chunk);
+    let mut rows = Vec::with_capacity(chunk.min(ids.len()));
+    let mut frame = Vec::with_capacity(FRAME_BYTES + 1024);
+    let (mut frames, mut listed) = (0, 0usize);
+    frame.push(b'[');
+    for ids in ids.chunks(chunk) {
+        let core = shared.core();
+        let (t, now) = (&core.table, monotonic_ns());
+        for &(node_id, slot) in ids {
+            let slot = if t.node_id.get(slot as usize) == Some(&node_id) {
+                slot
+            } else {
+                match t.slot_of(node_id) {
+                    Some(slot) => slot,
+                    None => continue,
+                }
+            };
+            if state.is_some_and(|s| t.track[slot as usize].status != s) {
+                continue;
+            }
+            shared.dp.read_states(slot..slot + 1, &mut |slot, st| {
+                rows.push(row(&core, slot, st, now));
+            });
+        }
+        drop(core);
+        for r in rows.drain(..) {
+            if listed > 0 {
+                frame.push(b',');
+            }
+            listed += 1;
+            serde_json::to_writer(&mut frame, &r).map_err(|source| {
+                Stop::Failed(ListingError::Serialize {
+                    node_id: r.node_id,
+                    source,
+                })
+            })?;
+            if frame.len() >= FRAME_BYTES {
+                let full = std::mem::replace(&mut frame, Vec::with_capacity(FRAME_BYTES + 1024));
+                send(full.into())?;
+                frames += 1;
+            }
+        }
+    }
+    frame.push(b']');
+    send(frame.into())?;
+    Ok(frames + 1)
 }
 
 /// The row of one node, if provisioned.
@@ -213,6 +333,118 @@ pub fn node_row(shared: &Shared, node_id: u32) -> Option<NodeRow> {
     });
     // Provisioned but not in the state array yet: a blank state.
     out.or_else(|| Some(row(&core, slot, &NodeState::default(), now)))
+}
+
+/// A piece of a listing on its way from its producer to its client.
+enum Piece {
+    Data(Bytes),
+    /// The document is complete.
+    End,
+}
+
+/// A listing's producer, on a blocking thread: [`write_listing`] into
+/// `tx`, then [`Piece::End`] if it got to the end. Returns the frames it
+/// offered (the last one refused if it stopped) and why it stopped, if it
+/// did; logs that.
+fn produce(
+    shared: &Shared,
+    state: Option<Status>,
+    chunk: usize,
+    tx: &mpsc::Sender<Piece>,
+    rt: &Handle,
+) -> (usize, Result<(), Stop>) {
+    let send = |piece| match rt.block_on(tokio::time::timeout(STALL, tx.send(piece))) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Stop::Gone),
+        Err(_) => Err(Stop::Stalled),
+    };
+    let mut frames = 0;
+    let end = write_listing(shared, state, chunk, &mut |b| {
+        frames += 1;
+        send(Piece::Data(b))
+    })
+    .and_then(|_| send(Piece::End));
+    match &end {
+        Ok(()) => {}
+        Err(Stop::Gone) => tracing::debug!(frames, "node listing: the client went away"),
+        Err(Stop::Stalled) => tracing::warn!(
+            frames,
+            stall_s = STALL.as_secs(),
+            "node listing given up: its client stopped reading"
+        ),
+        Err(Stop::Failed(e)) => tracing::error!(
+            frames,
+            error = %e,
+            "node listing failed: its client gets the body cut short"
+        ),
+    }
+    (frames, end)
+}
+
+/// The body of a listing: its producer's frames; the end of the body only
+/// after [`Piece::End`], an error if the producer stopped without it (it
+/// failed, or panicked), so that hyper aborts the connection instead of
+/// ending the body and no client takes a listing cut short for a complete
+/// one.
+struct ListingBody {
+    rx: mpsc::Receiver<Piece>,
+    first: Option<Bytes>,
+    ended: bool,
+}
+
+impl hyper::body::Body for ListingBody {
+    type Data = Bytes;
+    type Error = ListingError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ListingError>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        if let Some(b) = self.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        let piece = ready!(self.rx.poll_recv(cx));
+        Poll::Ready(match piece {
+            Some(Piece::Data(b)) => Some(Ok(Frame::data(b))),
+            Some(Piece::End) => {
+                self.ended = true;
+                None
+            }
+            None => {
+                self.ended = true;
+                Some(Err(ListingError::Cut))
+            }
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+}
+
+/// The router's state: the core, and the permits for listings.
+#[derive(Clone)]
+struct Api {
+    shared: Arc<Shared>,
+    listings: Arc<Semaphore>,
+}
+
+impl Api {
+    fn new(shared: Arc<Shared>) -> Api {
+        Api {
+            shared,
+            listings: Arc::new(Semaphore::new(LISTINGS)),
+        }
+    }
+}
+
+impl FromRef<Api> for Arc<Shared> {
+    fn from_ref(api: &Api) -> Arc<Shared> {
+        api.shared.clone()
+    }
 }
 
 #[derive(Deserialize)]
@@ -231,7 +463,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         .into_response()
 }
 
-async fn nodes(State(s): State<Arc<Shared>>, Query(q): Query<NodesQuery>) -> Response {
+async fn nodes(State(api): State<Api>, Query(q): Query<NodesQuery>) -> Response {
     let filter = match q.state.as_deref() {
         None | Some("") => None,
         Some(name) => match Status::from_name(name) {
@@ -245,10 +477,38 @@ async fn nodes(State(s): State<Arc<Shared>>, Query(q): Query<NodesQuery>) -> Res
             }
         },
     };
-    let s2 = s.clone();
-    match tokio::task::spawn_blocking(move || rows(&s2, filter)).await {
-        Ok(r) => Json(r).into_response(),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    let Ok(permit) = api.listings.clone().try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            Json(serde_json::json!({
+                "error": format!("{LISTINGS} node listings are being served: retry in a second"),
+            })),
+        )
+            .into_response();
+    };
+    // The producer runs on a blocking thread, not a runtime worker: it
+    // waits for the core's lock (a tick, ~10 ms at a million nodes) and for
+    // its client, and the userspace gate's sockets share the workers.
+    let (tx, mut rx) = mpsc::channel(FRAMES_AHEAD);
+    let (shared, rt) = (api.shared.clone(), Handle::current());
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        produce(&shared, filter, ROWS_CHUNK, &tx, &rt)
+    });
+    // The status waits for the first frame: a listing that fails before
+    // it is a 500, not a 200 cut short.
+    match rx.recv().await {
+        Some(Piece::Data(first)) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            Body::new(ListingBody {
+                rx,
+                first: Some(first),
+                ended: false,
+            }),
+        )
+            .into_response(),
+        Some(Piece::End) | None => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
 
@@ -312,12 +572,15 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/nodes/{id}", get(node))
         .route("/healthz", get(healthz))
         .route("/controller", get(controller))
-        .with_state(shared)
+        .with_state(Api::new(shared))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+
     use hb_common::{NodeKey, maps::NodeKeys};
+    use http_body_util::BodyExt as _;
 
     use super::*;
     use crate::{
@@ -326,37 +589,213 @@ mod tests {
         monitor::{policy::FixedPolicy, state::Thresholds, tick::Detector},
     };
 
-    #[test]
-    fn listing_spans_chunks_and_filters() {
+    /// Nodes `1..=n` but 7, their ids in reverse slot order (a listing
+    /// sorts by id).
+    fn fleet(n: u32) -> Arc<Shared> {
         let dp = Arc::new(MemDataplane::new());
         let mut core = Core::new(
             Detector::new(Thresholds::default(), PhiParams::default()),
             Box::new(FixedPolicy::none()),
             1000,
         );
-        let n = 2 * ROWS_CHUNK + 5;
-        // Ids in reverse slot order: the listing sorts by id.
         for id in (1..=n).rev() {
             let slot = core.table.insert(id, Origin::Configured, 0).unwrap();
             let keys = NodeKeys::single(slot, 1, NodeKey::default());
             dp.upsert_node(id, &keys).unwrap();
         }
         core.table.remove(7);
-        let shared = Shared {
+        Arc::new(Shared {
             core: Mutex::new(core),
             dp,
             metrics: Arc::new(Metrics::new()),
             last_tick_ns: AtomicU64::new(0),
             dataplane_ok: AtomicBool::new(false),
             tick: Duration::from_millis(100),
-        };
-        let all = rows(&shared, None);
-        assert_eq!(all.len() as u32, n - 1);
-        assert!(all.windows(2).all(|w| w[0].node_id < w[1].node_id));
-        assert!(all.iter().all(|r| r.node_id != 7 && r.state == "unknown"));
-        assert!(rows(&shared, Some(Status::Alive)).is_empty());
+        })
+    }
+
+    /// The listing as the monitor built it before it was streamed: every
+    /// row in memory, then one JSON document.
+    fn listing_in_memory(shared: &Shared, state: Option<Status>) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        loop {
+            let core = shared.core();
+            let len = core.table.len();
+            if start >= len {
+                break;
+            }
+            let end = start.saturating_add(ROWS_CHUNK as u32).min(len);
+            let now = monotonic_ns();
+            shared.dp.read_states(start..end, &mut |slot, st| {
+                let i = slot as usize;
+                if core.table.node_id[i] == 0 {
+                    return;
+                }
+                if state.is_some_and(|s| core.table.track[i].status != s) {
+                    return;
+                }
+                out.push(row(&core, slot, st, now));
+            });
+            drop(core);
+            start = end;
+        }
+        out.sort_unstable_by_key(|r| r.node_id);
+        out.dedup_by_key(|r| r.node_id);
+        serde_json::to_vec(&out).unwrap()
+    }
+
+    /// A listing's rows without what changes with the clock.
+    fn timeless(doc: &[u8]) -> Vec<serde_json::Value> {
+        let mut rows: Vec<serde_json::Value> = serde_json::from_slice(doc).unwrap();
+        for r in &mut rows {
+            for field in ["phi", "last_seen_ms", "state_for_ms"] {
+                r[field] = serde_json::Value::Null;
+            }
+        }
+        rows
+    }
+
+    async fn serve(app: Router) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        addr
+    }
+
+    async fn list(api: &Api) -> Response {
+        nodes(State(api.clone()), Query(NodesQuery { state: None })).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn listing_streams_the_document_it_built_in_memory() {
+        let n = 2 * ROWS_CHUNK as u32 + 5;
+        let shared = fleet(n);
+        let addr = serve(router(shared.clone())).await;
+        for (query, state, rows) in [
+            ("", None, n - 1),
+            ("?state=unknown", Some(Status::Unknown), n - 1),
+            ("?state=alive", Some(Status::Alive), 0),
+        ] {
+            let body = crate::nodes::get(addr, &format!("/nodes{query}"))
+                .await
+                .unwrap();
+            assert_eq!(
+                timeless(&body),
+                timeless(&listing_in_memory(&shared, state)),
+                "{query}"
+            );
+            let got: Vec<NodeRow> = serde_json::from_slice(&body).unwrap();
+            assert_eq!(got.len() as u32, rows, "{query}");
+            assert!(got.windows(2).all(|w| w[0].node_id < w[1].node_id));
+            assert!(got.iter().all(|r| r.node_id != 7 && r.state == "unknown"));
+        }
+        // Chunks of a few nodes, frames of many: the same document.
+        let shared = fleet(1000);
+        let mut doc = Vec::new();
+        let frames = write_listing(&shared, None, 3, &mut |b| {
+            doc.extend_from_slice(&b);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(timeless(&doc), timeless(&listing_in_memory(&shared, None)));
+        assert!(frames > 1, "{frames} frames");
         assert!(node_row(&shared, 7).is_none());
         assert_eq!(node_row(&shared, 8).unwrap().node_id, 8);
         assert_eq!(unhealthy(&shared).as_deref(), Some("no tick completed yet"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn listings_beyond_the_permits_are_told_to_retry() {
+        let api = Api::new(fleet(100));
+        let held: Vec<_> = (0..LISTINGS)
+            .map(|_| api.listings.clone().try_acquire_owned().unwrap())
+            .collect();
+        let resp = list(&api).await;
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let err: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(err["error"].is_string(), "{err}");
+        // One node needs no permit.
+        let resp = node(State(api.shared.clone()), Path("8".into())).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        drop(held);
+        let resp = list(&api).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            serde_json::from_slice::<Vec<NodeRow>>(&body).unwrap().len(),
+            99
+        );
+        assert_eq!(api.listings.available_permits(), LISTINGS);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_listing_stops_when_its_client_goes_away() {
+        let shared = fleet(20_000);
+        // The producer: ~120 frames in all, but no more than its client
+        // took and the channel holds.
+        let (tx, mut rx) = mpsc::channel(FRAMES_AHEAD);
+        let (s, rt) = (shared.clone(), Handle::current());
+        let producer = tokio::task::spawn_blocking(move || produce(&s, None, 256, &tx, &rt));
+        assert!(matches!(rx.recv().await, Some(Piece::Data(_))));
+        drop(rx);
+        let (frames, end) = tokio::time::timeout(Duration::from_secs(5), producer)
+            .await
+            .expect("the producer stops")
+            .unwrap();
+        assert!(matches!(end, Err(Stop::Gone)), "{end:?}");
+        assert!(frames <= 1 + FRAMES_AHEAD + 1, "{frames} frames");
+        // Through the handler: the permit comes back once the body is
+        // dropped after its first frame.
+        let api = Api::new(shared);
+        let mut body = list(&api).await.into_body();
+        assert!(body.frame().await.unwrap().unwrap().is_data());
+        assert!(api.listings.available_permits() < LISTINGS);
+        drop(body);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while api.listings.available_permits() < LISTINGS {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the listing's permit comes back");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_listing_cut_short_never_reads_as_complete() {
+        // Frames the producer sends, whether it then says the end, and the
+        // body `hb nodes` gets (none: the request fails).
+        let cases: [(&[&str], bool, Option<&str>); 4] = [
+            (&["[1,", "2]"], true, Some("[1,2]")),
+            (&["[1,"], false, None),
+            (&["[1,", "2]"], false, None),
+            (&["[]"], false, None),
+        ];
+        for (frames, end, want) in cases {
+            let frames: Vec<Bytes> = frames.iter().map(|f| Bytes::from(*f)).collect();
+            let app = Router::new().route(
+                "/",
+                get(move || async move {
+                    let (tx, rx) = mpsc::channel(FRAMES_AHEAD);
+                    tokio::spawn(async move {
+                        for f in frames {
+                            tx.send(Piece::Data(f)).await.unwrap();
+                        }
+                        if end {
+                            tx.send(Piece::End).await.unwrap();
+                        }
+                    });
+                    Body::new(ListingBody {
+                        rx,
+                        first: None,
+                        ended: false,
+                    })
+                }),
+            );
+            let got = crate::nodes::get(serve(app).await, "/").await;
+            assert_eq!(got.ok().as_deref(), want.map(str::as_bytes), "{want:?}");
+        }
     }
 }
