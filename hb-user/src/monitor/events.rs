@@ -8,20 +8,34 @@
 //! be written (disk full, EIO, a `-` reader that stopped reading) are
 //! kept and written again, from the byte where the write stopped, on a
 //! backoff: no event is lost to a failed write, and no line is left torn
-//! with the next one appended to it. What that holds is bounded
+//! with the next one appended to it. What is held is bounded
 //! ([`BACKLOG_BYTES`], a line per node of the largest fleet: what a
 //! partition of the whole fleet announces at once). Past it the newest
 //! events are dropped whole, as the hooks' queue drops them, counted in
-//! `hb_events_dropped_total` and logged: the file stays in order
-//! with a gap that `seq` shows. Hooks are different (each is a process):
-//! they have their own bounded queue and concurrency, and what does not
-//! fit is counted and logged, never waited for (see `hooks`).
+//! `hb_events_dropped_total` and logged (a run of drops in two lines, see
+//! `Dropped`): the file stays in order with a gap that `seq` shows.
+//!
+//! Lines stay whole across reopens (SIGHUP) and rotation too. A reopen
+//! that finds the same file (no rotation) goes on with a line in progress
+//! where it stopped; a new file, or one truncated under that line
+//! (copytruncate, with or without a reopen), gets the line whole. A file
+//! that ends in the middle of a line not ours (a crash, or a full disk,
+//! before a restart) gets a `\n` before the first line written to it:
+//! only that fragment stays torn.
+//!
+//! Hooks are different (each is a process): they have their own bounded
+//! queue and concurrency, and what does not fit is counted and logged,
+//! never waited for (see `hooks`).
 
 use std::{
     collections::VecDeque,
-    io::Write,
-    os::fd::AsFd as _,
-    path::PathBuf,
+    fs::File,
+    io::{Seek as _, Write},
+    os::{
+        fd::AsFd as _,
+        unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _},
+    },
+    path::{Path, PathBuf},
     sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
@@ -245,14 +259,25 @@ struct Backlog {
 // The thread is never joined, so a write hung on a dead filesystem cannot
 // hold exit either (dropping the runtime waits for its blocking pool).
 
-/// Where lines are written: the events file or stdout, as a `File`
+/// Where lines are written: the events file or stdout, a `File`
 /// (unbuffered: a write's count is what reached the file or pipe).
-type Out = Box<dyn Write + Send>;
+trait Output: Write + Send {
+    /// The file written to, to find where it ends.
+    fn file(&self) -> &File;
+}
+
+impl Output for File {
+    fn file(&self) -> &File {
+        self
+    }
+}
+
+type Out = Box<dyn Output>;
 
 fn open(dest: &Destination) -> anyhow::Result<Option<Out>> {
     Ok(match dest {
         Destination::None => None,
-        Destination::Stdout => Some(Box::new(std::fs::File::from(
+        Destination::Stdout => Some(Box::new(File::from(
             std::io::stdout()
                 .as_fd()
                 .try_clone_to_owned()
@@ -267,6 +292,51 @@ fn open(dest: &Destination) -> anyhow::Result<Option<Out>> {
                 .with_context(|| format!("cannot open events file {}", p.display()))?,
         )),
     })
+}
+
+/// Whether `a` and `b` are the same file (device and inode): a reopen
+/// with no rotation.
+fn same_file(a: &File, b: &File) -> bool {
+    match (a.metadata(), b.metadata()) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
+/// Whether the regular file `out` writes to (at `path`) has bytes and its
+/// last is not `\n`: the next line must start on a line of its own. `out`
+/// only appends, so that byte is read through `path`, if it is still the
+/// same file; if it cannot be read, no.
+fn ends_mid_line(out: &File, path: &Path) -> bool {
+    let Ok(meta) = out.metadata() else {
+        return false;
+    };
+    if !meta.is_file() || meta.len() == 0 {
+        return false;
+    }
+    // Non-blocking: whatever `path` is now, the open must not wait.
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+    else {
+        return false;
+    };
+    let Ok(now) = file.metadata() else {
+        return false;
+    };
+    let mut last = [0];
+    (now.dev(), now.ino()) == (meta.dev(), meta.ino())
+        && now.len() > 0
+        && matches!(file.read_at(&mut last, now.len() - 1), Ok(1))
+        && last[0] != b'\n'
+}
+
+/// Whether the file `out` writes to was truncated below `line_end` (the
+/// end of the line in progress, as far as it was written): copytruncate
+/// took the start of that line.
+fn truncated(out: &File, line_end: Option<u64>) -> bool {
+    line_end.is_some_and(|end| out.metadata().is_ok_and(|m| m.len() < end))
 }
 
 /// The task: logs events, counts them, serializes them into the backlog
@@ -310,7 +380,7 @@ async fn queue_lines(
                 shared.wake.notify_one();
             }
             Msg::Flush(ack) => {
-                staged.dropped.report();
+                report_dropped(&mut staged.dropped);
                 let queued = {
                     let mut b = shared.lock();
                     b.retry_now = true;
@@ -360,10 +430,17 @@ impl Staged {
                 b.bytes.extend(&self.lines[at..at + len]);
                 b.lines.push_back(len);
                 b.queued += 1;
-                self.dropped.report();
+                report_dropped(&mut self.dropped);
             } else {
                 metrics.event_dropped();
-                self.dropped.add(seq, budget);
+                if self.dropped.add(seq) {
+                    tracing::error!(
+                        seq,
+                        budget_bytes = budget,
+                        "events cannot be written fast enough and the backlog is full: \
+                         dropping events until it has room"
+                    );
+                }
             }
             at += len;
         }
@@ -374,40 +451,46 @@ impl Staged {
     }
 }
 
-/// A run of events dropped because the backlog was full: logged when it
-/// starts and, with how many, when it ends.
+/// Ends the run of events dropped on a full backlog, if any, in its
+/// summary line.
+fn report_dropped(dropped: &mut Dropped) {
+    if let Some(run) = dropped.end() {
+        tracing::warn!(
+            dropped = run.count,
+            first_seq = run.first_seq,
+            last_seq = run.last_seq,
+            "events dropped (backlog full)"
+        );
+    }
+}
+
+/// A run of events dropped (here the backlog was full; in `hooks`, the
+/// hooks' queue), for its user to log in two lines, when it starts and,
+/// with how many, when it ends: not a line per event, as a partition of a
+/// large fleet drops thousands at once, and as many lines would have
+/// journald's rate limit hide the other lines with them.
 #[derive(Default)]
-struct Dropped {
-    first_seq: u64,
-    last_seq: u64,
-    count: u64,
+pub(super) struct Dropped {
+    pub(super) first_seq: u64,
+    pub(super) last_seq: u64,
+    pub(super) count: u64,
 }
 
 impl Dropped {
-    fn add(&mut self, seq: u64, budget: usize) {
-        if self.count == 0 {
+    /// Counts event `seq` dropped; true when it starts a run.
+    pub(super) fn add(&mut self, seq: u64) -> bool {
+        let starts = self.count == 0;
+        if starts {
             self.first_seq = seq;
-            tracing::error!(
-                seq,
-                budget_bytes = budget,
-                "events cannot be written fast enough and the backlog is full: \
-                 dropping events until it has room"
-            );
         }
         self.last_seq = seq;
         self.count += 1;
+        starts
     }
 
-    fn report(&mut self) {
-        if self.count > 0 {
-            tracing::warn!(
-                dropped = self.count,
-                first_seq = self.first_seq,
-                last_seq = self.last_seq,
-                "events dropped (backlog full)"
-            );
-            self.count = 0;
-        }
+    /// Ends the run, if one is going on, and returns it.
+    pub(super) fn end(&mut self) -> Option<Dropped> {
+        (self.count > 0).then(|| std::mem::take(self))
     }
 }
 
@@ -427,6 +510,16 @@ fn write_lines(shared: &Shared, dest: &Destination, mut out: Out, metrics: &Metr
         _ => "stdout".to_string(),
     };
     let to = to.as_str();
+    let path = match dest {
+        Destination::File(p) => Some(p.as_path()),
+        _ => None,
+    };
+    // Nothing written to this file yet: if it ends in the middle of a
+    // line, a `\n` goes before ours.
+    let mut fresh = true;
+    // While a line is in progress (`head` > 0): the file's offset just
+    // past the part of it written.
+    let mut line_end: Option<u64> = None;
     loop {
         let mut b = shared.lock();
         loop {
@@ -460,12 +553,19 @@ fn write_lines(shared: &Shared, dest: &Destination, mut out: Out, metrics: &Metr
             if let Destination::File(p) = dest {
                 match open(dest) {
                     Ok(Some(o)) => {
+                        // The same file (no rotation): a line in progress
+                        // goes on where it stopped, unless the file was
+                        // truncated under it (checked before each write).
+                        let rotated = !same_file(out.file(), o.file());
                         out = o;
-                        // A line the old file got part of goes whole to
-                        // the new one.
-                        shared.lock().head = 0;
+                        if rotated {
+                            // A line the old file got part of goes whole
+                            // to the new one.
+                            shared.lock().head = 0;
+                            (fresh, line_end) = (true, None);
+                        }
                         (retry_at, delay) = (None, RETRY_FIRST);
-                        tracing::info!(path = %p.display(), "events file reopened");
+                        tracing::info!(path = %p.display(), rotated, "events file reopened");
                     }
                     Ok(None) => {}
                     Err(e) => {
@@ -482,16 +582,40 @@ fn write_lines(shared: &Shared, dest: &Destination, mut out: Out, metrics: &Metr
             }
             end += len;
         }
+        let head = b.head;
         chunk.clear();
-        chunk.extend(b.bytes.range(b.head..end));
+        chunk.extend(b.bytes.range(head..end));
         drop(b);
 
+        if head > 0 && truncated(out.file(), line_end) {
+            // The line starts again, whole, where the file now ends.
+            shared.lock().head = 0;
+            (fresh, line_end) = (true, None);
+            tracing::info!(
+                to,
+                "events file truncated under a line in progress: writing the line again, whole"
+            );
+            continue;
+        }
+        let newline = fresh && path.is_some_and(|p| ends_mid_line(out.file(), p));
+        if newline {
+            chunk.insert(0, b'\n');
+        }
         let res = match out.write(&chunk) {
             Ok(0) => Err(std::io::ErrorKind::WriteZero.into()),
             r => r,
         };
         match res {
             Ok(n) => {
+                fresh = false;
+                if newline {
+                    tracing::info!(
+                        to,
+                        "events file ended in the middle of a line: \
+                         a newline written before the next event"
+                    );
+                }
+                let n = n - usize::from(newline);
                 let mut b = shared.lock();
                 b.head += n;
                 let mut done = 0;
@@ -510,7 +634,12 @@ fn write_lines(shared: &Shared, dest: &Destination, mut out: Out, metrics: &Metr
                     b.bytes.shrink_to(CHUNK);
                     b.lines.shrink_to(CHUNK / 256);
                 }
+                let partial = b.head > 0;
                 drop(b);
+                // An O_APPEND file's offset is where the write ended.
+                line_end = (partial && path.is_some())
+                    .then(|| out.file().stream_position().ok())
+                    .flatten();
                 shared.written.send_replace(written);
                 // Write on at once: what follows a short write then fails
                 // (and backs off) or goes out.
@@ -600,7 +729,7 @@ mod tests {
     /// The file on a disk that fills up: it takes `room` more bytes (the
     /// write that reaches that is short), then fails with ENOSPC.
     struct FullDisk {
-        file: std::fs::File,
+        file: File,
         room: Arc<AtomicUsize>,
     }
 
@@ -621,6 +750,12 @@ mod tests {
 
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
+        }
+    }
+
+    impl Output for FullDisk {
+        fn file(&self) -> &File {
+            &self.file
         }
     }
 
@@ -748,6 +883,73 @@ mod tests {
         std::fs::write(&old, whole).unwrap();
         assert_eq!(seqs(&old), [1, 2]);
         assert_eq!(part.len(), 10, "{part:?}");
+    }
+
+    /// Reopen (SIGHUP) with no rotation: the same file, so the line the
+    /// disk took only part of goes on where it stopped. (Written again from
+    /// its start, it was appended to its own first bytes.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reopen_of_the_same_file_finishes_the_line_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("events.jsonl");
+        let (sink, _room, _m) = sink_on(&p, 2 * line_len(&ev(1)) + 10, BACKLOG_BYTES);
+        sink.publish(vec![ev(1), ev(2), ev(3)]);
+        assert_eq!(sink.flush_for(A_WHILE).await, 1, "3 waits for room");
+        // The file reopened is a plain one, with room.
+        sink.reopen();
+        sink.publish(vec![ev(4)]);
+        assert_eq!(sink.flush_for(LONG).await, 0);
+        assert_eq!(seqs(&p), [1, 2, 3, 4]);
+    }
+
+    /// A file that ends in the middle of a line (the monitor died, or its
+    /// disk filled, before a restart): the first line written goes on a
+    /// line of its own, and only the old fragment is torn.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_ending_mid_line_gets_a_newline_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("events.jsonl");
+        std::fs::write(&p, r#"{"seq":9,"ts"#).unwrap();
+        let m = Arc::new(Metrics::new());
+        let sink = EventSink::start(Destination::File(p.clone()), None, m)
+            .await
+            .unwrap();
+        sink.publish(vec![ev(1)]);
+        assert_eq!(sink.flush_for(LONG).await, 0);
+        let text = std::fs::read_to_string(&p).unwrap();
+        let (fragment, rest) = text.split_once('\n').unwrap();
+        assert_eq!(fragment, r#"{"seq":9,"ts"#);
+        std::fs::write(&p, rest).unwrap();
+        assert_eq!(seqs(&p), [1]);
+    }
+
+    /// copytruncate while a line is half written (its disk was full): the
+    /// line starts again, whole, at the start of the file, whether or not
+    /// a reopen follows. (Without one, the rest of the line was written
+    /// there alone.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn copytruncate_mid_line_writes_the_line_whole() {
+        for reopen in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("events.jsonl");
+            let (sink, room, _m) = sink_on(&p, 2 * line_len(&ev(1)) + 10, BACKLOG_BYTES);
+            sink.publish(vec![ev(1), ev(2), ev(3)]);
+            assert_eq!(sink.flush_for(A_WHILE).await, 1, "3 waits for room");
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_len(0)
+                .unwrap();
+            if reopen {
+                sink.reopen();
+            } else {
+                room.store(usize::MAX, Ordering::SeqCst);
+            }
+            sink.publish(vec![ev(4)]);
+            assert_eq!(sink.flush_for(LONG).await, 0, "reopen {reopen}");
+            assert_eq!(seqs(&p), [3, 4], "reopen {reopen}");
+        }
     }
 
     /// copytruncate: the file is opened to append, so after it is

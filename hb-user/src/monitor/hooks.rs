@@ -5,10 +5,18 @@
 //! `HB_GENERATION`, `HB_LAST_SEEN_MS`, `HB_TS`, `HB_SEQ`) and as one JSON
 //! line on its stdin, in a process group of its own. At most
 //! `concurrency` hooks run at once; each is killed, with its whole process
-//! group, when it outlives `timeout`. At most `queue` events wait for a
-//! free slot: an event that finds them all taken is dropped (counted in
-//! `hb_hook_failures_total{reason="dropped"}` and logged), so a storm of
-//! events never piles up processes or memory. Hooks may finish out of
+//! group, when it outlives `timeout`. A hook ends when its shell exits,
+//! and so does what it started: whatever is left in its process group
+//! (`cmd &`) is killed then, so that the bounds hold for all of it. A hook
+//! that wants something to outlive it must take that out of its process
+//! group itself before its shell exits (`setsid -f cmd`, `systemd-run`;
+//! not `setsid cmd &`, which may be killed before it has left), at the
+//! operator's own risk: nothing then bounds it, in number or time, nor
+//! stops it at shutdown. At most `queue` events wait
+//! for a free slot: an event that finds them all taken is dropped (counted
+//! in `hb_hook_failures_total{reason="dropped"}`; a run of them is logged
+//! when it starts and, with how many, when it ends), so a storm of events
+//! never piles up processes, memory or log lines. Hooks may finish out of
 //! order; `HB_SEQ` orders them.
 //!
 //! At shutdown ([`Hooks::shutdown`]) the hooks running and the events
@@ -19,25 +27,32 @@
 //! under it, its process group is killed ([`Group`]).
 
 use std::{
+    os::fd::{FromRawFd as _, OwnedFd},
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
 use tokio::{
-    io::AsyncWriteExt,
+    io::{AsyncWriteExt, Interest, unix::AsyncFd},
     process::Command,
     sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
     task::{JoinHandle, JoinSet},
 };
 
-use super::{events::Event, metrics::Metrics};
+use super::{
+    events::{Dropped, Event},
+    metrics::Metrics,
+};
 
 /// `hb_hook_failures_total` reason of the hooks killed and the events
 /// never run at shutdown.
 const SHUTDOWN: &str = "shutdown";
+/// How often a hook's shell is checked for its exit when the kernel gives
+/// no pidfd to wait on (before 5.3, or no file descriptor left).
+const EXIT_POLL: Duration = Duration::from_millis(20);
 
 /// Settings of the hook runner.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +68,8 @@ pub struct HookOptions {
 pub struct Hooks {
     tx: mpsc::Sender<Event>,
     metrics: Arc<Metrics>,
+    /// The run of events dropped on a full queue going on, if any.
+    dropped: Arc<Mutex<Dropped>>,
     /// Shared by every clone; the first `shutdown` takes it.
     runner: Arc<Mutex<Option<Runner>>>,
 }
@@ -72,22 +89,29 @@ impl Hooks {
         Hooks {
             tx,
             metrics,
+            dropped: Arc::default(),
             runner: Arc::new(Mutex::new(Some(Runner { stop, task }))),
         }
     }
 
     /// Queues a hook run for `ev`; drops it (counted) when the queue is
-    /// full or the runner is shutting down.
+    /// full or the runner is shutting down. A run of events dropped on a
+    /// full queue is logged when it starts and when it ends (the next
+    /// event queued, or shutdown).
     pub fn submit(&self, ev: &Event) {
         match self.tx.try_send(ev.clone()) {
-            Ok(()) => {}
+            Ok(()) => self.report_dropped(),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.metrics.hook_failed("dropped");
-                tracing::warn!(
-                    node_id = ev.node_id,
-                    event = %ev.event,
-                    "hook queue full, event not passed to --on-event"
-                );
+                if self.dropped().add(ev.seq) {
+                    tracing::warn!(
+                        seq = ev.seq,
+                        node_id = ev.node_id,
+                        event = %ev.event,
+                        queue = self.tx.max_capacity(),
+                        "hook queue full: events not passed to --on-event until it has room"
+                    );
+                }
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 self.metrics.hook_failed(SHUTDOWN);
@@ -104,9 +128,12 @@ impl Hooks {
     /// queued `grace` to finish (queued ones start as slots free up). Then
     /// kills every hook still running, with its process group, and drops
     /// the events still queued: both are counted (`reason="shutdown"`) and
-    /// logged, each hook killed and the sum in one line. Returns once nothing of the runner is left. Any
-    /// clone may call it; a later call returns at once.
+    /// logged, each hook killed and the sum in one line; a run of events
+    /// dropped on a full queue ends in its summary line. Returns once
+    /// nothing of the runner is left. Any clone may call it; a later call
+    /// returns at once.
     pub async fn shutdown(self, grace: Duration) {
+        self.report_dropped();
         let runner = self
             .runner
             .lock()
@@ -117,6 +144,23 @@ impl Hooks {
         };
         stop.send_replace(Some(grace));
         let _ = task.await;
+    }
+
+    fn dropped(&self) -> MutexGuard<'_, Dropped> {
+        // Nothing in it is left half-changed by a panic.
+        self.dropped.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Ends the run of events dropped, if any, in its summary line.
+    fn report_dropped(&self) {
+        if let Some(run) = self.dropped().end() {
+            tracing::warn!(
+                dropped = run.count,
+                first_seq = run.first_seq,
+                last_seq = run.last_seq,
+                "events not passed to --on-event (hook queue full)"
+            );
+        }
     }
 }
 
@@ -239,14 +283,16 @@ impl Runs {
 }
 
 /// A running hook's process group, led by its shell (`process_group(0)`,
-/// so the group's id is the shell's), killed whole when the hook is cut
-/// short: at its timeout, or when its task is dropped mid-run (the
-/// shutdown grace ran out, or the runtime is going away). The shell's own
-/// `kill_on_drop` reaches only the shell: what it started would live on,
-/// orphaned, and finish its work (or half of it) with no one watching.
+/// so the group's id is the shell's), killed whole when the hook ends:
+/// when its shell exits (what it left running in the background), at its
+/// timeout, or when its task is dropped mid-run (the shutdown grace ran
+/// out, or the runtime is going away). The shell's own `kill_on_drop`
+/// reaches only the shell: what it started would live on, orphaned, and
+/// finish its work (or half of it) with no one watching.
 struct Group<'a> {
     pgid: i32,
-    /// Until the shell is reaped; after, its id may be reused.
+    /// Until the shell is reaped (an exited shell is reaped only after
+    /// the kill, see [`exited`]); after, its id may be reused.
     live: bool,
     ev: &'a Event,
     m: &'a Metrics,
@@ -340,12 +386,25 @@ async fn run_one(opts: &HookOptions, ev: &Event, m: &Metrics, killed: &AtomicUsi
             // A hook that ignores its stdin closes the pipe: not an error.
             let _ = stdin.write_all(&json).await;
         }
-        child.wait().await
+        exited(group.pgid).await
     };
     match tokio::time::timeout(opts.timeout, run).await {
-        Ok(waited) => {
-            // Reaped (or not waitable): the group is left alone.
-            group.live = false;
+        Ok(ended) => {
+            let waited = match ended {
+                Ok(()) => {
+                    // What the shell left in its group (`cmd &`) ends
+                    // with it. Whether anything was left is not known:
+                    // the shell, unreaped, is in the group still.
+                    group.kill();
+                    child.wait().await
+                }
+                Err(e) => {
+                    // Not waitable, so maybe reaped: the group is left
+                    // alone.
+                    group.live = false;
+                    Err(e)
+                }
+            };
             match waited {
                 Ok(status) if status.success() => m.hook_ok(),
                 Ok(status) => {
@@ -368,6 +427,75 @@ async fn run_one(opts: &HookOptions, ev: &Event, m: &Metrics, killed: &AtomicUsi
                 "hook timed out, killed with its process group"
             );
             let _ = child.wait().await;
+        }
+    }
+}
+
+/// Waits until the hook's shell `pid` has exited, without reaping it: the
+/// zombie keeps its id, and so its process group's, from being reused
+/// until `Child::wait` reaps it. A pidfd says when (it is readable once
+/// the process has exited); without one (a kernel before 5.3, no file
+/// descriptor left), a check every [`EXIT_POLL`].
+async fn exited(pid: i32) -> std::io::Result<()> {
+    if pid <= 0 {
+        return Err(std::io::Error::other("hook's process id unknown"));
+    }
+    exited_via(pid, pidfd(pid)).await
+}
+
+/// A pidfd of our child `pid`, registered to be waited on; `None` if the
+/// kernel gives none.
+fn pidfd(pid: i32) -> Option<AsyncFd<OwnedFd>> {
+    // SAFETY: pidfd_open(2) takes a pid and flags, and returns a new file
+    // descriptor or -1. `pid` is our child, not reaped: still the shell.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    (fd >= 0)
+        // SAFETY: a new descriptor, owned by nothing else. It stays open
+        // while `AsyncFd` owns it.
+        .then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+        .and_then(|fd| unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.ok())
+}
+
+/// `exited`, waiting on `pidfd` if there is one. Fails only if the
+/// shell cannot be waited for (reaped by someone else: its id, and its
+/// group's, may be another's already).
+async fn exited_via(pid: i32, mut pidfd: Option<AsyncFd<OwnedFd>>) -> std::io::Result<()> {
+    // Registered first, so that an exit after the check below wakes it.
+    while !has_exited(pid)? {
+        let woken = match &pidfd {
+            Some(fd) => fd.readable().await.map(|mut r| r.clear_ready()).is_ok(),
+            None => false,
+        };
+        if !woken {
+            // No pidfd, or it cannot be waited on.
+            pidfd = None;
+            tokio::time::sleep(EXIT_POLL).await;
+        }
+    }
+    Ok(())
+}
+
+/// Whether our child `pid` has exited, leaving it unreaped (`WNOWAIT`).
+fn has_exited(pid: i32) -> std::io::Result<bool> {
+    loop {
+        // SAFETY: a zeroed siginfo_t is valid, and waitid(2) only writes
+        // it; with WNOHANG its pid stays 0 while no child has exited.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        if r == 0 {
+            // SAFETY: as above; set by waitid for a child that exited.
+            return Ok(unsafe { info.si_pid() } != 0);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }
@@ -407,6 +535,14 @@ mod tests {
             "sleep 30 & echo $! > {0}.tmp; mv {0}.tmp {0}; wait",
             pid_file.display()
         )
+    }
+
+    /// A zombie: exited, not reaped.
+    fn zombie(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
     }
 
     /// Dead: no such process, or a zombie (killed, and not reaped yet by
@@ -682,6 +818,151 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(gone(pid), "the hook's child outlived the runtime");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A hook ends when its shell exits: what it left running in the
+    /// background is killed then, not left to run unbounded (here 30 s,
+    /// far past the hook's timeout). The hook itself succeeded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn background_processes_are_killed_when_the_hook_exits() {
+        let dir = test_dir("background");
+        let pid_file = dir.join("pid");
+        let m = Arc::new(Metrics::new());
+        let h = Hooks::start(
+            hook(
+                format!(
+                    "sleep 30 & echo $! > {0}.tmp; mv {0}.tmp {0}",
+                    pid_file.display()
+                ),
+                1,
+                Duration::from_secs(1),
+                4,
+            ),
+            m.clone(),
+        );
+        h.submit(&ev(1));
+        wait_for(&m, |m| m.hooks_ok() == 1).await;
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        until("the hook's background sleep killed", || gone(pid)).await;
+        assert_eq!(m.hook_failures("timeout"), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A shell's exit is seen, through its pidfd or by polling, and the
+    /// shell is left a zombie, so that its process group's id is not
+    /// reused until it is reaped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_exit_is_seen_with_the_shell_left_unreaped() {
+        for with_pidfd in [true, false] {
+            let mut child = Command::new("/bin/sh")
+                .args(["-c", "sleep 0.1"])
+                .spawn()
+                .unwrap();
+            let pid = child.id().unwrap() as i32;
+            let fd = if with_pidfd { pidfd(pid) } else { None };
+            assert_eq!(fd.is_some(), with_pidfd, "no pidfd (a kernel before 5.3?)");
+            tokio::time::timeout(Duration::from_secs(10), exited_via(pid, fd))
+                .await
+                .expect("exit not seen")
+                .unwrap();
+            assert!(zombie(pid), "pidfd {with_pidfd}");
+            assert!(child.wait().await.unwrap().success());
+        }
+    }
+
+    /// A line the hooks module logged at WARN or above.
+    #[derive(Clone, Debug, Default)]
+    struct Warning {
+        message: String,
+        /// Its `dropped` field, if any.
+        dropped: Option<u64>,
+    }
+
+    /// What the hooks module logs at WARN and above.
+    #[derive(Clone, Default)]
+    struct Warnings(Arc<Mutex<Vec<Warning>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            let meta = event.metadata();
+            if meta.target() != "hb::monitor::hooks" || *meta.level() > tracing::Level::WARN {
+                return;
+            }
+            let mut line = Warning::default();
+            event.record(
+                &mut |f: &tracing::field::Field, v: &dyn std::fmt::Debug| match f.name() {
+                    "message" => line.message = format!("{v:?}"),
+                    "dropped" => line.dropped = format!("{v:?}").parse().ok(),
+                    _ => {}
+                },
+            );
+            self.0.lock().unwrap().push(line);
+        }
+    }
+
+    /// A run of events dropped on a full queue is logged in two lines,
+    /// when it starts and (with how many) when it ends, not one line per
+    /// event: a partition of a large fleet drops thousands, and journald
+    /// would then hide every line, the events' too. The counter still
+    /// counts every event dropped.
+    // One thread: the runner does nothing while the test submits, and
+    // every line is logged on it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_run_of_dropped_events_is_logged_in_two_lines() {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let warnings = Warnings::default();
+        let _log =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
+        let dir = test_dir("drop-log");
+        let go = dir.join("go");
+        let m = Arc::new(Metrics::new());
+        // Each hook runs until `go` exists.
+        let h = Hooks::start(
+            hook(
+                format!("while [ ! -e {} ]; do sleep 0.01; done", go.display()),
+                1,
+                Duration::from_secs(30),
+                1,
+            ),
+            m.clone(),
+        );
+        let mut seq = 1;
+        h.submit(&ev(seq));
+        settle().await; // running
+        let mut dropped = Vec::new();
+        for (run, burst) in [(1, 50), (2, 20)] {
+            // The first waits for the slot, the rest are dropped.
+            for _ in 0..burst {
+                seq += 1;
+                h.submit(&ev(seq));
+            }
+            dropped.push(burst - 1);
+            assert_eq!(warnings.0.lock().unwrap().len(), 2 * run - 1);
+            let ok = m.hooks_ok();
+            std::fs::write(&go, "").unwrap();
+            wait_for(&m, |m| m.hooks_ok() == ok + 2).await;
+            std::fs::remove_file(&go).unwrap();
+            // Taken: the run of drops is over.
+            seq += 1;
+            h.submit(&ev(seq));
+            settle().await; // running
+        }
+        std::fs::write(&go, "").unwrap();
+        h.shutdown(Duration::from_secs(10)).await;
+        assert_eq!(m.hook_failures("dropped"), dropped.iter().sum::<u64>());
+        let lines = warnings.0.lock().unwrap().clone();
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        let counts: Vec<u64> = lines.iter().filter_map(|l| l.dropped).collect();
+        assert_eq!(counts, dropped, "{lines:#?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
