@@ -564,6 +564,89 @@ async fn healthz(State(s): State<Arc<Shared>>) -> Response {
     }
 }
 
+/// Connections the API serves at once; more are closed as they come (each
+/// holds a task and a file descriptor, which the monitor's hooks and
+/// sockets need too).
+pub const CONNECTIONS: usize = 64;
+
+/// How long a client has to send a request's headers, and how long an
+/// idle kept-alive connection is kept: a client that connects and sends
+/// nothing holds no connection for longer.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a shutdown waits for requests in progress.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Serves `app` on `listener` until `stop` changes: HTTP/1.1, at most
+/// [`CONNECTIONS`] at once, [`HEADER_TIMEOUT`] for a request's headers;
+/// then requests in progress get [`SHUTDOWN_GRACE`] to finish. (axum's
+/// own `serve` has neither bound: a client that opened connections and
+/// sent nothing held them for ever.)
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    serve_within(listener, app, stop, CONNECTIONS, HEADER_TIMEOUT).await
+}
+
+/// [`serve`] with other bounds (tests).
+async fn serve_within(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    connections: usize,
+    header_timeout: Duration,
+) {
+    use hyper_util::{
+        rt::{TokioIo, TokioTimer},
+        server::graceful::GracefulShutdown,
+        service::TowerToHyperService,
+    };
+    let permits = Arc::new(Semaphore::new(connections));
+    let graceful = GracefulShutdown::new();
+    let mut refused = 0u64;
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors, say: not fatal, but not a
+                    // reason to spin either.
+                    tracing::warn!(error = %e, "API: cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(%peer, refused, limit = connections, "API: too many connections, closing new ones");
+            }
+            continue;
+        };
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "API connection");
+            }
+            drop(permit);
+        });
+    }
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("API: requests still in progress at shutdown were cut off");
+    }
+}
+
 /// The API's routes.
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
@@ -656,11 +739,79 @@ mod tests {
         rows
     }
 
+    /// Serves `app` as the monitor does, until the test ends.
     async fn serve(app: Router) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            super::serve(listener, app, rx).await;
+            drop(stop);
+        });
         addr
+    }
+
+    /// A client that connects and sends nothing holds its connection no
+    /// longer than the header timeout, and connections past the bound are
+    /// closed as they come, so neither starves the API for good.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_and_excess_connections_are_closed() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(serve_within(
+            listener,
+            router(fleet(3)),
+            rx,
+            2,
+            Duration::from_millis(300),
+        ));
+        // Closed by the server: a read ends (0 bytes or a reset) in time.
+        let closed_within = |mut c: tokio::net::TcpStream, t: Duration| async move {
+            let mut b = [0u8; 64];
+            matches!(
+                tokio::time::timeout(t, c.read(&mut b)).await,
+                Ok(Ok(0) | Err(_))
+            )
+        };
+        let mut idle_conns = Vec::new();
+        for _ in 0..2 {
+            idle_conns.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // Both taken (accepted in order): a third is closed at once.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(
+            closed_within(third, Duration::from_secs(2)).await,
+            "over the bound"
+        );
+        for c in idle_conns {
+            assert!(
+                closed_within(c, Duration::from_secs(5)).await,
+                "idle past the header timeout"
+            );
+        }
+        // And the API answers again.
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            answer.starts_with(b"HTTP/1.1 "),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     async fn list(api: &Api) -> Response {

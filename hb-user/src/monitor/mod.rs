@@ -395,18 +395,11 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
         ));
     }
     {
-        let mut stop = stop_rx.clone();
-        let app = api::router(shared.clone());
-        tasks.spawn(async move {
-            let r = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.changed().await;
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
+        tasks.spawn(api::serve(
+            listener,
+            api::router(shared.clone()),
+            stop_rx.clone(),
+        ));
     }
     // Saves the learned table every minute, if the policy has one (a
     // reload may switch the controller to one that has).
