@@ -564,6 +564,9 @@ struct NodeMemory {
     level: Option<usize>,
     /// State and action of the last decision, to credit with the reward.
     last: Option<(usize, Action)>,
+    /// The level the last decision left (where a node still is while
+    /// the request is on its way).
+    from: Option<usize>,
     /// The gate state at the last decision (for [`QController::observe`]).
     prev: Option<NodeState>,
     /// Refuted suspicions reported since the last decision.
@@ -990,14 +993,22 @@ impl QController {
         );
 
         // The experience this period ends: the previous decision's, or
-        // the settling step's once the detector has settled.
+        // the settling step's once the detector has settled; but only if
+        // the node runs at the level the table thinks it does (or, right
+        // after a step, at the one it left). A sender
+        // clamps a request to its own bounds, and with several monitors
+        // runs at the most demanding one's: crediting the step with a
+        // period at another interval taught the table, which every node
+        // shares, the consequences of one level under another (a node
+        // that never followed, or lied about its interval, could teach
+        // it that slow levels cost as much as fast ones).
+        let adopted = obs.interval_ms == self.grid.ms(current);
         let m = self.nodes.entry(node).or_default();
         let credit = match m.settling.as_mut() {
             Some(st) => {
                 st.reward += st.discount * reward;
                 st.discount *= discount;
                 st.periods += 1;
-                let adopted = obs.interval_ms == self.grid.ms(current);
                 let settled = adopted && obs.settled_samples >= SETTLE_SAMPLES;
                 if !settled && st.periods < MAX_SETTLE_PERIODS {
                     let interval_ms = self.grid.ms(current);
@@ -1023,10 +1034,28 @@ impl QController {
                 }
                 let st = *st;
                 m.settling = None;
-                st.credit.map(|sa| (sa, st.reward, st.discount))
+                st.credit
+                    .filter(|_| adopted)
+                    .map(|sa| (sa, st.reward, st.discount))
             }
-            None => m.last.map(|sa| (sa, reward, discount)),
+            // The request may still be on its way (a slow node had no
+            // heartbeat to answer yet): the node is then where the step
+            // left from, and the period is the step's as before.
+            None => {
+                let on_its_way = m.from.is_some_and(|l| obs.interval_ms == self.grid.ms(l));
+                m.last
+                    .filter(|_| adopted || on_its_way)
+                    .map(|sa| (sa, reward, discount))
+            }
         };
+        if !adopted {
+            tracing::debug!(
+                node,
+                reported_ms = obs.interval_ms,
+                requested_ms = self.grid.ms(current),
+                "node not at the requested interval: its period is not learned from"
+            );
+        }
         if let Some(((ps, pa), r, disc)) = credit {
             let (_, next_best) = self.greedy(s, current, cap_level);
             let i = ps * 3 + pa as usize;
@@ -1073,6 +1102,7 @@ impl QController {
         );
         let m = self.nodes.entry(node).or_default();
         m.level = Some(level);
+        m.from = Some(current);
         if level > current {
             // A step slower re-seeds the detector's deviation at 1/8 of
             // the new interval: judge the step once it has settled.

@@ -675,6 +675,44 @@ fn a_step_slower_is_judged_once_the_detector_has_settled() {
     assert!(longest < MAX_SETTLE_PERIODS as usize, "{longest}");
 }
 
+/// The table, which every node shares, learns only from periods in which
+/// the node ran at the level it was asked for: a sender whose own bounds
+/// exclude the request (or one that lies about its interval) teaches it
+/// nothing, while it goes on deciding for the node.
+#[test]
+fn a_node_that_does_not_follow_teaches_the_table_nothing() {
+    let learned = |c: &QController| {
+        c.rows()
+            .iter()
+            .map(|r| r.updates.iter().sum::<u64>())
+            .sum::<u64>()
+    };
+    for follows in [true, false] {
+        let mut c = controller(5);
+        c.set_epsilon(Some(1.0));
+        // 1200 ms is on no level of the grid: the node is never at the
+        // level asked for unless it follows.
+        let mut n = SynthNode::new(1200, 0.02, 0.0, 50);
+        let mut decided = 0;
+        for _ in 0..300 {
+            n.period(5000);
+            let d = c.observe(1, &n.state, 0);
+            decided += u32::from(matches!(d.reason, Reason::Greedy | Reason::Explore));
+            if follows {
+                n.adopt(&d);
+            } else {
+                n.state.requested_interval_ms = d.interval_ms;
+            }
+        }
+        assert!(decided > 20, "it decides either way ({decided})");
+        if follows {
+            assert!(learned(&c) > 50, "{}", learned(&c));
+        } else {
+            assert_eq!(learned(&c), 0);
+        }
+    }
+}
+
 #[test]
 fn a_restart_keeps_the_level_and_waits_to_settle() {
     let mut c = controller(2);
