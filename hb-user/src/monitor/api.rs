@@ -323,16 +323,33 @@ fn write_listing(
 }
 
 /// The row of one node, if provisioned.
-pub fn node_row(shared: &Shared, node_id: u32) -> Option<NodeRow> {
+pub fn node_row(shared: &Shared, node_id: u32) -> Result<NodeRow, NoRow> {
     let core = shared.core();
-    let slot = core.table.slot_of(node_id)?;
+    let slot = core.table.slot_of(node_id).ok_or(NoRow::Unknown)?;
     let now = monotonic_ns();
     let mut out = None;
+    let stuck = shared.dp.stuck_reads();
     shared.dp.read_states(slot..slot + 1, &mut |slot, st| {
         out = Some(row(&core, slot, st, now));
     });
-    // Provisioned but not in the state array yet: a blank state.
-    out.or_else(|| Some(row(&core, slot, &NodeState::default(), now)))
+    match out {
+        Some(r) => Ok(r),
+        // Held by a writer that died (see `hb_dataplane_stuck_reads_total`):
+        // a blank state would read as a node never heard from.
+        None if shared.dp.stuck_reads() != stuck => Err(NoRow::Unreadable),
+        // Provisioned but not in the state array yet: a blank state.
+        None => Ok(row(&core, slot, &NodeState::default(), now)),
+    }
+}
+
+/// Why [`node_row`] has no row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoRow {
+    /// Not provisioned.
+    Unknown,
+    /// Its state could not be read (held for writing by a monitor that
+    /// was killed mid-write; released at the next start).
+    Unreadable,
 }
 
 /// A piece of a listing on its way from its producer to its client.
@@ -519,10 +536,18 @@ async fn node(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response 
     // The core's lock waits for a tick (~10 ms at a million nodes): not on
     // a runtime worker, which the userspace gate's sockets share.
     match tokio::task::spawn_blocking(move || node_row(&s, id)).await {
-        Ok(Some(r)) => Json(r).into_response(),
-        Ok(None) => (
+        Ok(Ok(r)) => Json(r).into_response(),
+        Ok(Err(NoRow::Unknown)) => (
             StatusCode::NOT_FOUND,
             format!("node {id} is not provisioned\n"),
+        )
+            .into_response(),
+        Ok(Err(NoRow::Unreadable)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "node {id}'s state cannot be read: it is held for writing (by a monitor killed \
+                 mid-write; the next start releases it; see hb_dataplane_stuck_reads_total)\n"
+            ),
         )
             .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
@@ -851,9 +876,88 @@ mod tests {
         .unwrap();
         assert_eq!(timeless(&doc), timeless(&listing_in_memory(&shared, None)));
         assert!(frames > 1, "{frames} frames");
-        assert!(node_row(&shared, 7).is_none());
+        assert_eq!(node_row(&shared, 7).unwrap_err(), NoRow::Unknown);
         assert_eq!(node_row(&shared, 8).unwrap().node_id, 8);
         assert_eq!(unhealthy(&shared).as_deref(), Some("no tick completed yet"));
+    }
+
+    /// A node whose state cannot be read (held by a writer that died) is
+    /// answered 503, not as a blank node never heard from.
+    #[test]
+    fn an_unreadable_node_is_no_blank_node() {
+        struct Stuck {
+            mem: MemDataplane,
+            slot: u32,
+            skipped: AtomicU64,
+        }
+        impl Dataplane for Stuck {
+            fn upsert_node(&self, node_id: u32, keys: &NodeKeys) -> anyhow::Result<()> {
+                self.mem.upsert_node(node_id, keys)
+            }
+            fn remove_node(&self, node_id: u32) -> anyhow::Result<()> {
+                self.mem.remove_node(node_id)
+            }
+            fn provisioned(&self) -> anyhow::Result<Vec<(u32, NodeKeys)>> {
+                self.mem.provisioned()
+            }
+            fn read_states(&self, slots: std::ops::Range<u32>, f: &mut dyn FnMut(u32, &NodeState)) {
+                self.mem.read_states(slots, &mut |slot, st| {
+                    if slot == self.slot {
+                        self.skipped.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        f(slot, st)
+                    }
+                })
+            }
+            fn read_live(&self, slots: std::ops::Range<u32>, f: &mut crate::dataplane::LiveFn) {
+                self.mem.read_live(slots, f)
+            }
+            fn set_requested_interval(&self, slot: u32, interval_ms: u32) {
+                self.mem.set_requested_interval(slot, interval_ms)
+            }
+            fn counters(&self) -> anyhow::Result<crate::dataplane::Counters> {
+                self.mem.counters()
+            }
+            fn set_config(&self, cfg: &hb_common::maps::Config) -> anyhow::Result<()> {
+                self.mem.set_config(cfg)
+            }
+            fn take_reports(
+                &mut self,
+            ) -> Option<tokio::sync::mpsc::Receiver<hb_common::maps::Report>> {
+                None
+            }
+            fn stuck_reads(&self) -> u64 {
+                self.skipped.load(Ordering::Relaxed)
+            }
+        }
+        let f = fleet(3);
+        let mut core = Core::new(
+            Detector::new(Thresholds::default(), PhiParams::default()),
+            Box::new(FixedPolicy::none()),
+            1000,
+        );
+        let mem = MemDataplane::new();
+        for id in 1..=3 {
+            let slot = core.table.insert(id, Origin::Configured, 0).unwrap();
+            mem.upsert_node(id, &NodeKeys::single(slot, 1, NodeKey::default()))
+                .unwrap();
+        }
+        let slot = core.table.slot_of(2).unwrap();
+        let shared = Shared {
+            core: Mutex::new(core),
+            dp: Arc::new(Stuck {
+                mem,
+                slot,
+                skipped: AtomicU64::new(0),
+            }),
+            metrics: f.metrics.clone(),
+            last_tick_ns: AtomicU64::new(0),
+            dataplane_ok: AtomicBool::new(false),
+            tick: Duration::from_millis(100),
+        };
+        assert_eq!(node_row(&shared, 2).unwrap_err(), NoRow::Unreadable);
+        assert_eq!(node_row(&shared, 1).unwrap().node_id, 1);
+        assert_eq!(node_row(&shared, 9).unwrap_err(), NoRow::Unknown);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

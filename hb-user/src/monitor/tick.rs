@@ -421,9 +421,25 @@ impl Core {
         let mut ts: Option<String> = None;
         let len = node_id.len() as u32;
 
+        // A node whose line could not be read (held by a writer that died:
+        // `stuck_reads`) keeps its status, and is counted under it: the
+        // slots the scan skips, between the ones it visits.
+        let mut next_slot = 0u32;
+        let skipped = |from: u32, to: u32, counts: &mut [u64; 5], track: &[Track]| {
+            for i in from as usize..to as usize {
+                if node_id[i] != 0 {
+                    counts[track[i].status as usize] += 1;
+                }
+            }
+        };
+
         // One line per node (`NodeLive`); the whole state only for the
         // few that change state or are due for a decision (`full`).
         dp.read_live(0..len, &mut |slot, st, full| {
+            if slot != next_slot {
+                skipped(next_slot, slot, &mut next_counts, track);
+            }
+            next_slot = slot + 1;
             let i = slot as usize;
             // A free slot's dataplane state is cleared (accepted == 0), so
             // the owner check is needed only for nodes never heard from:
@@ -493,6 +509,7 @@ impl Core {
             }
         });
 
+        skipped(next_slot, len, &mut next_counts, track);
         *counts = next_counts;
         self.next_seq = seq;
         for &(slot, ms) in self.pending.iter() {
@@ -750,6 +767,77 @@ mod tests {
             let r = out.iter().map(|e| (e.node_id, e.event)).collect();
             self.events.extend(out);
             r
+        }
+    }
+
+    /// The gate as it is, but the line of one slot cannot be read (held
+    /// by a writer that died).
+    struct Stuck<'a> {
+        mem: &'a MemDataplane,
+        slot: u32,
+    }
+
+    impl Dataplane for Stuck<'_> {
+        fn upsert_node(&self, node_id: u32, keys: &NodeKeys) -> anyhow::Result<()> {
+            self.mem.upsert_node(node_id, keys)
+        }
+        fn remove_node(&self, node_id: u32) -> anyhow::Result<()> {
+            self.mem.remove_node(node_id)
+        }
+        fn provisioned(&self) -> anyhow::Result<Vec<(u32, NodeKeys)>> {
+            self.mem.provisioned()
+        }
+        fn read_states(&self, slots: std::ops::Range<u32>, f: &mut dyn FnMut(u32, &NodeState)) {
+            self.mem.read_states(slots, &mut |slot, st| {
+                if slot != self.slot {
+                    f(slot, st)
+                }
+            })
+        }
+        fn read_live(&self, slots: std::ops::Range<u32>, f: &mut crate::dataplane::LiveFn) {
+            self.mem.read_live(slots, &mut |slot, st, full| {
+                if slot != self.slot {
+                    f(slot, st, full)
+                }
+            })
+        }
+        fn set_requested_interval(&self, slot: u32, interval_ms: u32) {
+            self.mem.set_requested_interval(slot, interval_ms)
+        }
+        fn counters(&self) -> anyhow::Result<crate::dataplane::Counters> {
+            self.mem.counters()
+        }
+        fn set_config(&self, cfg: &hb_common::maps::Config) -> anyhow::Result<()> {
+            self.mem.set_config(cfg)
+        }
+        fn take_reports(&mut self) -> Option<tokio::sync::mpsc::Receiver<hb_common::maps::Report>> {
+            None
+        }
+    }
+
+    /// A node whose line the scan cannot read keeps its status and is
+    /// still counted under it (`hb_nodes`), wherever it sits: between
+    /// nodes or last.
+    #[test]
+    fn a_node_the_scan_cannot_read_is_still_counted() {
+        for stuck_id in [2, 3] {
+            let mut r = Rig::new(&[1, 2, 3], Box::new(FixedPolicy::none()));
+            for id in [1, 2, 3] {
+                r.beat(id, 1, 100, 0);
+            }
+            r.tick(0);
+            let alive = r.core.table.counts[Status::Alive as usize];
+            assert_eq!(alive, 3);
+            let slot = r.core.table.slot_of(stuck_id).unwrap();
+            let dp = Stuck { mem: &r.dp, slot };
+            let mut out = Vec::new();
+            r.core.tick(&dp, 50 * MS, &mut || "ts".into(), &mut out);
+            assert_eq!(
+                r.core.table.counts[Status::Alive as usize],
+                3,
+                "node {stuck_id} stuck"
+            );
+            assert_eq!(r.core.table.counts.iter().sum::<u64>(), 3);
         }
     }
 
