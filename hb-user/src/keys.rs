@@ -70,6 +70,8 @@ pub enum KeyringError {
         "keyring {path} has mode {mode:04o}: users other than its owner may get at the master secrets; run `chmod 600 {path}`"
     )]
     NotPrivate { path: PathBuf, mode: u32 },
+    #[error("keyring {path} holds more than {max} bytes: it is no keyring")]
+    TooLarge { path: PathBuf, max: u64 },
     #[error("keyring {path} is not valid TOML{at}: {message}")]
     Toml {
         path: PathBuf,
@@ -315,26 +317,71 @@ impl fmt::Debug for Keyring {
     }
 }
 
+/// The most a keyring may hold: 256 epochs of a 64-digit secret take
+/// about 30 KB.
+pub const KEYRING_MAX: u64 = 1 << 20;
+
+/// Why [`read_private`] refused or failed.
+#[derive(Debug)]
+pub enum PrivateFileError {
+    Io(std::io::Error),
+    /// A regular file whose group or others have some access (its mode).
+    NotPrivate {
+        mode: u32,
+    },
+    /// More than the given bytes.
+    TooLarge {
+        max: u64,
+    },
+}
+
+/// Reads a file that holds secrets (a keyring, a node key): refused if it
+/// is a regular file whose mode grants its group or others any access,
+/// before anything is read, and if it holds more than `max` bytes (so
+/// that `/dev/zero` is an error, not a process that eats the host's
+/// memory). The mode checked is that of what was opened, not of whatever
+/// the path names by now; pipes and devices (`/dev/stdin`) are not files
+/// at rest, and their modes say nothing about who can read the secrets.
+pub fn read_private(path: &Path, max: u64) -> Result<Vec<u8>, PrivateFileError> {
+    let file = std::fs::File::open(path).map_err(PrivateFileError::Io)?;
+    let meta = file.metadata().map_err(PrivateFileError::Io)?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if meta.is_file() && mode & 0o077 != 0 {
+        return Err(PrivateFileError::NotPrivate { mode });
+    }
+    let mut bytes = Vec::new();
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(PrivateFileError::Io)?;
+    if bytes.len() as u64 > max {
+        return Err(PrivateFileError::TooLarge { max });
+    }
+    Ok(bytes)
+}
+
 impl Keyring {
     /// Reads and checks a keyring file. A regular file whose mode grants
     /// its group or others any access is refused before it is read.
     pub fn load(path: impl AsRef<Path>) -> Result<Keyring, KeyringError> {
         let path = path.as_ref().to_path_buf();
-        let unreadable = |io| KeyringError::Unreadable {
+        let bytes = read_private(&path, KEYRING_MAX).map_err(|e| match e {
+            PrivateFileError::Io(io) => KeyringError::Unreadable {
+                path: path.clone(),
+                io,
+            },
+            PrivateFileError::NotPrivate { mode } => KeyringError::NotPrivate {
+                path: path.clone(),
+                mode,
+            },
+            PrivateFileError::TooLarge { max } => KeyringError::TooLarge {
+                path: path.clone(),
+                max,
+            },
+        })?;
+        let text = String::from_utf8(bytes).map_err(|_| KeyringError::Unreadable {
             path: path.clone(),
-            io,
-        };
-        let mut file = std::fs::File::open(&path).map_err(unreadable)?;
-        // The mode of what was opened, not of whatever the path names by
-        // now. Pipes and devices (`--keyring /dev/stdin`) are not files at
-        // rest: their modes say nothing about who can read the secrets.
-        let meta = file.metadata().map_err(unreadable)?;
-        let mode = meta.permissions().mode() & 0o7777;
-        if meta.is_file() && mode & 0o077 != 0 {
-            return Err(KeyringError::NotPrivate { path, mode });
-        }
-        let mut text = String::new();
-        file.read_to_string(&mut text).map_err(unreadable)?;
+            io: std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"),
+        })?;
         Keyring::parse(&path, &text)
     }
 
@@ -881,6 +928,23 @@ mod tests {
         );
         let ring = Keyring::parse(Path::new("k"), &text).unwrap();
         assert_eq!((ring.newest(), ring.held_epochs()), (0, vec![0, 255]));
+    }
+
+    /// A keyring is read up to a bound: `--keyring /dev/zero` is an error,
+    /// not a monitor that eats the host's memory.
+    #[test]
+    fn an_endless_keyring_is_refused() {
+        let err = Keyring::load("/dev/zero").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KeyringError::TooLarge {
+                    max: KEYRING_MAX,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     /// A keyring its group or others may read is refused before it is

@@ -9,14 +9,24 @@
 //! (temporary file, fsync, rename, fsync of the directory) *before* the
 //! first heartbeat leaves, so a crash right after start cannot reuse it.
 //!
-//! A corrupt state file (e.g. truncated by a power loss) must not keep a
-//! node from sending heartbeats: that would make a healthy node look dead.
-//! It is reported with a warning that names the file, and the generation
-//! falls back to Unix seconds (`max(previous + 1, ...)` without a
-//! previous), then the file is rewritten.
+//! A problem with the state must not keep a node from sending heartbeats:
+//! that would make a healthy node look dead. A state file that is corrupt
+//! (e.g. truncated by a power loss) or cannot be read (an I/O error, a
+//! file the sender may not read) is reported with a warning that names
+//! it, and the generation is Unix seconds + 1: the start that wrote the
+//! file may have been earlier in this very second (a restart loop), and
+//! its generation was then Unix seconds, which + 1 still beats (a burst of
+//! restarts within one second, or a clock that stepped back, can still
+//! have gone higher: only a readable file covers those). A generation that
+//! cannot be written is reported too, and used all the same (it is larger
+//! than anything read); the next start then cannot know it, and within
+//! the same second picks it again. A directory that cannot be created or
+//! opened, or that another sender holds ([`lock`]), is a startup error: a
+//! wrong `--state-dir` or a second instance, not a passing fault.
 
 use std::{
     io::Write as _,
+    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
 };
 
@@ -31,8 +41,11 @@ pub struct Next {
     pub generation: u32,
     /// The generation read from the state file, if it was readable.
     pub previous: Option<u32>,
-    /// Why the state file was ignored, if it was corrupt.
-    pub corrupt: Option<String>,
+    /// Why the state file's value was not used (corrupt or unreadable),
+    /// naming the file.
+    pub ignored: Option<String>,
+    /// Why the new generation could not be stored, naming the file.
+    pub unsaved: Option<String>,
 }
 
 /// Unix time in seconds, as a generation.
@@ -49,12 +62,63 @@ pub fn ephemeral() -> anyhow::Result<u32> {
     unix_seconds()
 }
 
+/// Takes `dir` for this process (an exclusive `flock` on the directory,
+/// as the monitor does on its pin directory), creating it (mode 0700) if
+/// needed: one sender per state directory. Two at once (the unit and a
+/// manual debugging run) could take the same generation, or trip over
+/// each other's temporary file. Hold the returned file as long as the
+/// sender runs; the kernel drops the lock however the process ends, so it
+/// never needs cleaning up (and the file is close-on-exec).
+pub fn lock(dir: &Path) -> anyhow::Result<std::fs::File> {
+    create_dir(dir)?;
+    let f = std::fs::File::open(dir)
+        .with_context(|| format!("cannot open state directory {}", dir.display()))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!(
+                "another hb send is using the state directory {}: stop it first, or give this one its own --state-dir",
+                dir.display()
+            );
+        }
+        return Err(e).with_context(|| format!("cannot lock state directory {}", dir.display()));
+    }
+    Ok(f)
+}
+
 /// Picks the next generation for `dir` given the current Unix time, and
 /// persists it. Creates `dir` (mode 0700) if needed.
 pub fn next(dir: &Path, now_secs: u32) -> anyhow::Result<Next> {
     create_dir(dir)?;
     let path = dir.join(FILE);
-    let (previous, corrupt) = match std::fs::read_to_string(&path) {
+    let (previous, ignored) = read(&path);
+    let generation = match previous {
+        Some(u32::MAX) => bail!(
+            "state file {} holds generation {}, the largest possible; remove it to start over",
+            path.display(),
+            u32::MAX
+        ),
+        Some(p) => (p + 1).max(now_secs),
+        // A file that was there but told nothing: see the module docs.
+        None if ignored.is_some() => now_secs.saturating_add(1),
+        None => now_secs,
+    };
+    let unsaved = write_atomically(&path, generation)
+        .err()
+        .map(|e| format!("{e:#}"));
+    Ok(Next {
+        generation,
+        previous,
+        ignored,
+        unsaved,
+    })
+}
+
+/// The generation stored at `path`: `(Some(g), None)`, `(None, None)`
+/// without a file, `(None, Some(why))` when it is corrupt or unreadable.
+fn read(path: &Path) -> (Option<u32>, Option<String>) {
+    match std::fs::read_to_string(path) {
         Ok(text) => match text.trim().parse::<u32>() {
             Ok(g) => (Some(g), None),
             Err(_) => (
@@ -74,25 +138,11 @@ pub fn next(dir: &Path, now_secs: u32) -> anyhow::Result<Next> {
                 path.display()
             )),
         ),
-        Err(e) => {
-            return Err(e).with_context(|| format!("cannot read state file {}", path.display()));
-        }
-    };
-    let generation = match previous {
-        Some(u32::MAX) => bail!(
-            "state file {} holds generation {}, the largest possible; remove it to start over",
-            path.display(),
-            u32::MAX
+        Err(e) => (
+            None,
+            Some(format!("cannot read state file {}: {e}", path.display())),
         ),
-        Some(p) => (p + 1).max(now_secs),
-        None => now_secs,
-    };
-    write_atomically(&path, generation)?;
-    Ok(Next {
-        generation,
-        previous,
-        corrupt,
-    })
+    }
 }
 
 fn create_dir(dir: &Path) -> anyhow::Result<()> {
@@ -137,7 +187,8 @@ mod tests {
             Next {
                 generation: NOW,
                 previous: None,
-                corrupt: None
+                ignored: None,
+                unsaved: None,
             }
         );
         assert_eq!(
@@ -177,15 +228,16 @@ mod tests {
             let d = tempfile::tempdir().unwrap();
             std::fs::write(d.path().join(FILE), junk).unwrap();
             let n = next(d.path(), NOW).unwrap();
-            assert_eq!(n.generation, NOW);
-            let why = n.corrupt.expect("reported");
+            // Its writer may have started within this second.
+            assert_eq!(n.generation, NOW + 1);
+            let why = n.ignored.expect("reported");
             assert!(why.contains("is corrupt"), "{why}");
             assert!(
                 why.contains(&d.path().join(FILE).display().to_string()),
                 "{why}"
             );
             // Repaired: the next start reads it.
-            assert_eq!(next(d.path(), NOW).unwrap().previous, Some(NOW));
+            assert_eq!(next(d.path(), NOW).unwrap().previous, Some(NOW + 1));
         }
     }
 
@@ -195,6 +247,69 @@ mod tests {
         std::fs::write(d.path().join(FILE), format!("{}\n", u32::MAX)).unwrap();
         let e = next(d.path(), NOW).unwrap_err().to_string();
         assert!(e.contains("largest possible"), "{e}");
+    }
+
+    /// The new generation cannot be stored (its temporary file's name is
+    /// taken by a directory): reported, and the sender starts anyway with
+    /// a generation above the stored one.
+    #[test]
+    fn an_unwritable_state_file_is_reported_not_fatal() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(FILE), format!("{}\n", NOW + 10)).unwrap();
+        std::fs::create_dir(d.path().join("generation.tmp")).unwrap();
+        let n = next(d.path(), NOW).unwrap();
+        assert_eq!((n.generation, n.previous), (NOW + 11, Some(NOW + 10)));
+        assert_eq!(n.ignored, None);
+        let why = n.unsaved.expect("reported");
+        assert!(
+            why.contains(&format!(
+                "cannot write state file {}",
+                d.path().join(FILE).display()
+            )),
+            "{why}"
+        );
+        // Later: Unix seconds win as always.
+        assert_eq!(next(d.path(), NOW + 100).unwrap().generation, NOW + 100);
+    }
+
+    /// The state file cannot be read (here: it is a directory, which is
+    /// neither missing nor corrupt): reported, and the generation is above
+    /// Unix seconds, which a start earlier in the same second took.
+    #[test]
+    fn an_unreadable_state_file_is_reported_not_fatal() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join(FILE)).unwrap();
+        let n = next(d.path(), NOW).unwrap();
+        assert_eq!((n.generation, n.previous), (NOW + 1, None));
+        let why = n.ignored.expect("reported");
+        assert!(
+            why.contains(&format!(
+                "cannot read state file {}",
+                d.path().join(FILE).display()
+            )),
+            "{why}"
+        );
+        assert!(
+            n.unsaved.is_some(),
+            "a directory is in the way of the rename"
+        );
+    }
+
+    #[test]
+    fn a_second_sender_on_the_same_state_dir_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("state");
+        let held = lock(&dir).unwrap();
+        let e = format!("{:#}", lock(&dir).unwrap_err());
+        assert_eq!(
+            e,
+            format!(
+                "another hb send is using the state directory {}: stop it first, or give this one its own --state-dir",
+                dir.display()
+            )
+        );
+        drop(held);
+        lock(&dir).expect("free again once the first one ends");
     }
 
     #[test]

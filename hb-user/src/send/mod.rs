@@ -4,28 +4,41 @@
 //! address family sends each heartbeat to every monitor and receives their
 //! ACKs. A dead or unreachable monitor never slows the others down: sends
 //! use `try_send_to` and a failure is counted, not retried or waited on.
+//! Nor does a monitor whose name does not resolve (DNS down at boot, a
+//! record removed): it is warned about and resolved again in the
+//! background, 1 s after the failure and then at doubling delays up to a
+//! minute, while the others get their heartbeats; with none resolved the
+//! sender waits for one rather than exiting, which would make the node
+//! look dead to every monitor. An address that cannot be one (no port,
+//! port 0, unspecified, multicast or broadcast, a malformed name) is an
+//! error at start: waiting would not fix it.
 //!
 //! The rules (what a heartbeat contains, which ACKs count, RTT, interval
 //! adoption) live in [`sender`], without I/O; this module is the thin loop
-//! around it: a timer, two sockets, and the signals that end it. On
-//! SIGTERM/SIGINT the sender says goodbye with one LEAVING heartbeat to
-//! every monitor, so the monitor records the node as `left`, not `dead`.
+//! around it: a timer, two sockets, the names still being resolved, and
+//! the signals that end it. On SIGTERM/SIGINT the sender says goodbye with
+//! one LEAVING heartbeat to every monitor, so the monitor records the node
+//! as `left`, not `dead`; a monitor it could not be sent to is named in
+//! the log, as it will find the node dead. (Once, not twice for safety: a
+//! second LEAVING right after the first is taken as an inter-arrival time
+//! of a few ms, which the monitor's statistics keep across the restart
+//! that usually follows.)
 
 pub mod generation;
 pub mod resume;
 pub mod sender;
 
 use std::{
-    net::{SocketAddr, ToSocketAddrs as _},
-    path::PathBuf,
+    net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs as _},
+    path::{Path, PathBuf},
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 use hb_common::{NodeKey, proto};
-use tokio::{net::UdpSocket, signal::unix::SignalKind, time::Instant};
+use tokio::{net::UdpSocket, signal::unix::SignalKind, sync::mpsc, time::Instant};
 
-use crate::keys::{self, Keyring};
+use crate::keys::{self, Keyring, PrivateFileError};
 use sender::{Config, Sender};
 
 /// `hb send`.
@@ -33,7 +46,9 @@ use sender::{Config, Sender};
 #[command(group(clap::ArgGroup::new("key_source").args(["key", "key_file", "keyring"])))]
 pub struct Args {
     /// A monitor to send to, `ADDR:PORT` (`[v6addr]:port` for IPv6; a host
-    /// name is resolved once at start). Repeat for several monitors.
+    /// name is resolved at start, and one that does not resolve is retried
+    /// in the background while the others get their heartbeats). Repeat
+    /// for several monitors.
     #[arg(long = "monitor", value_name = "ADDR:PORT", required = true)]
     pub monitors: Vec<String>,
     /// This node's id (1 to 4294967295), as provisioned on the monitors.
@@ -48,7 +63,8 @@ pub struct Args {
     // `--key-file` and `--keyring` fail as conflicting with it.
     #[arg(long, value_name = "HEX")]
     pub key: Option<String>,
-    /// File holding this node's key (32 hex digits).
+    /// File holding this node's key (32 hex digits), private to its owner
+    /// (mode 0600 or 0400).
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
     /// The epoch of `--key`/`--key-file` (the `--epoch` it was derived
@@ -77,9 +93,11 @@ pub struct Args {
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     pub max_interval_ms: u32,
     /// Directory that keeps the generation across restarts (created if
-    /// missing), and the interval a monitor last asked for, which a
-    /// restart resumes at. Without it the generation is Unix seconds: two
-    /// starts within one second would collide.
+    /// missing; one sender at a time), and the interval a monitor last
+    /// asked for, which a restart resumes at. Without it the generation is
+    /// Unix seconds: two starts within one second would collide, and a
+    /// clock stepped back between two starts gives a smaller one, which
+    /// the monitors drop as stale.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 }
@@ -93,72 +111,233 @@ pub const FLOOR_INTERVAL_MS: u32 = 10;
 /// The largest interval accepted: one hour.
 pub const CEILING_INTERVAL_MS: u32 = 3_600_000;
 
-/// Resolves `ADDR:PORT` (IPv4, `[IPv6]`, or a host name) to one address;
-/// an IPv4-mapped IPv6 address is the IPv4 address it maps (so that one
-/// monitor written both ways is one monitor, not two that each get every
-/// heartbeat).
-pub fn resolve_monitor(s: &str) -> anyhow::Result<SocketAddr> {
-    resolve(s).map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+/// The most a `--key-file` may hold: a node key is 32 hex digits (and a
+/// newline). Reading stops here, so `--key-file /dev/zero` is an error,
+/// not a process that eats the host's memory.
+pub const KEY_FILE_MAX: u64 = 4096;
+
+/// How long the start waits for the monitors' names to resolve before the
+/// first heartbeat: a name server slower than this (or unreachable) holds
+/// up no heartbeat to the monitors already known; its names join when
+/// they resolve.
+pub const RESOLVE_WAIT: Duration = Duration::from_secs(1);
+
+/// A `--monitor` as given: an address, or a name to resolve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Addr(SocketAddr),
+    /// `host:port`, as given.
+    Name(String),
 }
 
-fn resolve(s: &str) -> anyhow::Result<SocketAddr> {
+/// Checks a `--monitor`: `ADDR:PORT` (IPv4, `[IPv6]`) is taken as it is,
+/// `host:port` with a well-formed host name is to be resolved. An
+/// IPv4-mapped IPv6 address is the IPv4 address it maps (so that one
+/// monitor written both ways is one monitor, not two that each get every
+/// heartbeat).
+pub fn parse_monitor(s: &str) -> anyhow::Result<Target> {
     if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(a);
+        let a = canonical(a);
+        return match unusable(a) {
+            None => Ok(Target::Addr(a)),
+            Some(why) => bail!("monitor `{s}`: {why}"),
+        };
     }
-    let has_port = match s.rsplit_once(':') {
-        Some((host, port)) => {
-            !host.is_empty()
-                && port.parse::<u16>().is_ok()
-                && (!host.contains(':') || host.ends_with(']'))
-        }
-        None => false,
-    };
-    if !has_port {
+    let Some((host, port)) = s
+        .rsplit_once(':')
+        .filter(|(host, _)| !host.is_empty() && (!host.contains(':') || host.ends_with(']')))
+        .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
+    else {
         bail!(
             "monitor `{s}` needs a port: ADDR:PORT, e.g. 198.51.100.7:{} or [2001:db8::7]:{}",
             proto::DEFAULT_PORT,
             proto::DEFAULT_PORT
         );
+    };
+    if port == 0 {
+        bail!("monitor `{s}`: {PORT_0}");
     }
-    let mut addrs = s
+    if host.starts_with('[') {
+        bail!("monitor `{s}`: `{host}` is not an IPv6 address");
+    }
+    if !is_host_name(host) {
+        bail!("monitor `{s}`: `{host}` is neither an IP address nor a host name");
+    }
+    Ok(Target::Name(s.to_owned()))
+}
+
+const PORT_0: &str = "port 0 is no monitor's port";
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+/// Why `a` cannot be a monitor's address, if it cannot: every heartbeat to
+/// it would fail, or go to this host, or to a whole group of hosts.
+fn unusable(a: SocketAddr) -> Option<String> {
+    let ip = a.ip();
+    if a.port() == 0 {
+        Some(PORT_0.to_owned())
+    } else if ip.is_unspecified() {
+        Some(format!(
+            "{ip} is the unspecified address: it names no host (the kernel would send to this one)"
+        ))
+    } else if ip.is_multicast() {
+        Some(format!(
+            "{ip} is a multicast address: a monitor is one host"
+        ))
+    } else if ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
+        Some(format!(
+            "{ip} is the broadcast address: a monitor is one host"
+        ))
+    } else {
+        None
+    }
+}
+
+/// Whether `host` is a well-formed DNS name (RFC 1123 labels; `_` allowed,
+/// as resolvers do; a trailing dot for a fully qualified name), and not
+/// only digits and dots: that is a malformed IPv4 address (`256.1.1.1`),
+/// which the C resolver would even read as another one (`1.2.3` as
+/// 1.2.0.3).
+fn is_host_name(host: &str) -> bool {
+    let name = host.strip_suffix('.').unwrap_or(host);
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    name.len() <= 253
+        && name.split('.').all(label_ok)
+        && !name.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+}
+
+/// Resolves a monitor's `host:port` (from [`parse_monitor`]) to the first
+/// address that can be a monitor's.
+pub fn resolve_name(s: &str) -> anyhow::Result<SocketAddr> {
+    let addrs: Vec<SocketAddr> = s
         .to_socket_addrs()
-        .with_context(|| format!("cannot resolve monitor address `{s}`"))?;
-    addrs
-        .next()
-        .with_context(|| format!("monitor address `{s}` resolves to nothing"))
+        .with_context(|| format!("cannot resolve monitor address `{s}`"))?
+        .map(canonical)
+        .collect();
+    if let Some(a) = addrs.iter().find(|a| unusable(**a).is_none()) {
+        return Ok(*a);
+    }
+    match addrs.first() {
+        None => bail!("monitor address `{s}` resolves to nothing"),
+        Some(a) => bail!(
+            "monitor address `{s}` resolves to no address a monitor can have: {}",
+            unusable(*a).unwrap_or_default()
+        ),
+    }
+}
+
+/// [`parse_monitor`], and a name resolved at once ([`resolve_name`]).
+pub fn resolve_monitor(s: &str) -> anyhow::Result<SocketAddr> {
+    match parse_monitor(s)? {
+        Target::Addr(a) => Ok(a),
+        Target::Name(n) => resolve_name(&n),
+    }
+}
+
+/// The delay before the next attempt to resolve a monitor's name after
+/// `attempt` failed ones (0 after the first): 1 s, doubling up to a
+/// minute. Bounded both ways: a name that comes back (DNS up after boot)
+/// is found within a minute, and one that never does costs one lookup
+/// and one warning a minute.
+pub fn retry_delay(attempt: u32) -> Duration {
+    Duration::from_secs(1u64.checked_shl(attempt).unwrap_or(u64::MAX).min(60))
+}
+
+/// Resolves each of `names` on a thread of its own (the resolver blocks,
+/// and one slow name must not hold up another), again after
+/// `delay(attempt)` while it fails, warning each time. Reports each
+/// attempt as `found(index, Some(address))` (the thread then ends) or
+/// `found(index, None)`; a `false` from `found` (nobody listens any more)
+/// ends the thread too.
+fn spawn_resolvers<R, F>(
+    names: &[String],
+    resolve: R,
+    delay: fn(u32) -> Duration,
+    found: F,
+) -> anyhow::Result<()>
+where
+    R: Fn(&str) -> anyhow::Result<SocketAddr> + Send + Clone + 'static,
+    F: Fn(usize, Option<SocketAddr>) -> bool + Send + Clone + 'static,
+{
+    for (i, name) in names.iter().enumerate() {
+        let (name, resolve, found) = (name.clone(), resolve.clone(), found.clone());
+        std::thread::Builder::new()
+            .name("hb-resolve".into())
+            .spawn(move || {
+                let mut attempt = 0u32;
+                loop {
+                    match resolve(&name) {
+                        Ok(a) => {
+                            found(i, Some(a));
+                            return;
+                        }
+                        Err(e) => {
+                            let retry_in = delay(attempt);
+                            tracing::warn!(
+                                monitor = %name,
+                                error = %format!("{e:#}"),
+                                retry_in = ?retry_in,
+                                "cannot resolve monitor, will try again (the monitors that resolved get their heartbeats)"
+                            );
+                            if !found(i, None) {
+                                return;
+                            }
+                            std::thread::sleep(retry_in);
+                            attempt = attempt.saturating_add(1);
+                        }
+                    }
+                }
+            })
+            .context("cannot start a thread that resolves monitor names")?;
+    }
+    Ok(())
+}
+
+/// Reads a `--key-file`: private to its owner and small, as the monitor
+/// asks of its keyring (`keys::read_private`).
+fn read_key_file(path: &Path) -> anyhow::Result<NodeKey> {
+    let shown = path.display();
+    let bytes = keys::read_private(path, KEY_FILE_MAX).map_err(|e| match e {
+        PrivateFileError::Io(io) => anyhow!("cannot read key file {shown}: {io}"),
+        PrivateFileError::NotPrivate { mode } => anyhow!(
+            "key file {shown} has mode {mode:04o}: users other than its owner may get at the node key; run `chmod 600 {shown}`"
+        ),
+        PrivateFileError::TooLarge { max } => anyhow!(
+            "key file {shown} holds more than {max} bytes: it is not a node key (32 hex digits)"
+        ),
+    })?;
+    let text = String::from_utf8(bytes).map_err(|_| anyhow!("bad key in {shown}: not text"))?;
+    parse_key(text.trim()).with_context(|| format!("bad key in {shown}"))
 }
 
 impl Args {
     /// Checks the options and turns them into the sender's configuration
-    /// (everything but the generation, which needs the state directory).
-    fn config(&self) -> anyhow::Result<(Config, Option<u8>)> {
+    /// (everything but the generation, which needs the state directory),
+    /// with the monitors given as addresses; those given by name are
+    /// returned to be resolved.
+    fn config(&self) -> anyhow::Result<(Config, Vec<String>)> {
         // The environment only when no option names a key.
         let env = match (&self.key, &self.key_file, &self.keyring) {
             (None, None, None) => std::env::var(KEY_ENV).ok(),
             _ => None,
         };
-        let (key, key_epoch, newest) = match (&self.key, &self.key_file, &self.keyring) {
-            (Some(hex), _, _) => (
-                parse_key(hex.trim()).context("bad --key")?,
-                self.key_epoch,
-                None,
-            ),
+        let (key, key_epoch) = match (&self.key, &self.key_file, &self.keyring) {
+            (Some(hex), _, _) => (parse_key(hex.trim()).context("bad --key")?, self.key_epoch),
             (None, None, None) if let Some(hex) = &env => (
                 parse_key(hex.trim()).with_context(|| format!("bad {KEY_ENV}"))?,
                 self.key_epoch,
-                None,
             ),
-            (_, Some(file), _) => {
-                let text = std::fs::read_to_string(file)
-                    .with_context(|| format!("cannot read key file {}", file.display()))?;
-                let k = parse_key(text.trim())
-                    .with_context(|| format!("bad key in {}", file.display()))?;
-                (k, self.key_epoch, None)
-            }
+            (_, Some(file), _) => (read_key_file(file)?, self.key_epoch),
             (_, _, Some(path)) => {
                 let ring = Keyring::load(path)?;
                 let epoch = self.epoch.unwrap_or_else(|| ring.newest());
-                (ring.node_key(self.node_id, epoch)?, epoch, Some(epoch))
+                (ring.node_key(self.node_id, epoch)?, epoch)
             }
             (None, None, None) => {
                 bail!("one of --key, --key-file or --keyring (or {KEY_ENV}) is required")
@@ -182,11 +361,12 @@ impl Args {
                 self.monitors.len()
             );
         }
-        let mut monitors = Vec::with_capacity(self.monitors.len());
+        let (mut monitors, mut names) = (Vec::new(), Vec::new());
         for m in &self.monitors {
-            let a = resolve_monitor(m)?;
-            if !monitors.contains(&a) {
-                monitors.push(a);
+            match parse_monitor(m)? {
+                Target::Addr(a) if !monitors.contains(&a) => monitors.push(a),
+                Target::Name(n) if !names.contains(&n) => names.push(n),
+                _ => {}
             }
         }
         Ok((
@@ -200,7 +380,7 @@ impl Args {
                 max_interval_ms: max,
                 monitors,
             },
-            newest,
+            names,
         ))
     }
 }
@@ -222,10 +402,21 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The 1-minute load average per CPU in permille, capped at 1000, from
-/// `/proc/loadavg`; 0 if unreadable (the field is advisory).
-pub fn load_permille() -> u16 {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+/// The CPUs online: what the host-wide load average is spread over. Not
+/// `available_parallelism`, which is this process's share (its CPU
+/// affinity, its cgroup's quota): a container limited to one CPU of 32
+/// reported 1000 permille for good. Read once, at the start (std warns
+/// against calling that one from hot code, too).
+pub fn online_cpus() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(1)
+}
+
+/// The 1-minute load average per CPU (of `cpus`, [`online_cpus`]) in
+/// permille, capped at 1000, from `/proc/loadavg`; 0 if unreadable (the
+/// field is advisory).
+pub fn load_permille(cpus: usize) -> u16 {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| load_from(&s, cpus))
@@ -245,12 +436,21 @@ fn load_from(loadavg: &str, cpus: usize) -> Option<u16> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let (mut cfg, _) = args.config()?;
+    let (mut cfg, names) = args.config()?;
+    // One sender per state directory, for as long as this one runs.
+    let _lock = args
+        .state_dir
+        .as_deref()
+        .map(generation::lock)
+        .transpose()?;
     cfg.generation = match &args.state_dir {
         Some(dir) => {
             let n = generation::next(dir, generation::unix_seconds()?)?;
-            if let Some(why) = &n.corrupt {
-                tracing::warn!(problem = %why, generation = n.generation, "ignoring corrupt state, using Unix seconds");
+            if let Some(why) = &n.ignored {
+                tracing::warn!(problem = %why, generation = n.generation, "ignoring the stored generation, using Unix seconds + 1");
+            }
+            if let Some(why) = &n.unsaved {
+                tracing::warn!(problem = %why, generation = n.generation, "cannot store the generation: a restart within this second may take it again");
             }
             n.generation
         }
@@ -285,36 +485,33 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(send_loop(Sender::new(cfg), saver.as_ref()))
+        .block_on(send_loop(Sender::new(cfg), names, saver.as_ref()))
 }
 
 /// The sockets: one per address family in use.
+#[derive(Default)]
 struct Sockets {
     v4: Option<UdpSocket>,
     v6: Option<UdpSocket>,
 }
 
 impl Sockets {
-    async fn bind(monitors: &[SocketAddr]) -> anyhow::Result<Sockets> {
-        let v4 = if monitors.iter().any(SocketAddr::is_ipv4) {
-            Some(
-                UdpSocket::bind("0.0.0.0:0")
-                    .await
-                    .context("cannot open an IPv4 UDP socket")?,
-            )
-        } else {
-            None
+    /// Opens the socket for `to`'s family, unless it is open.
+    fn open_for(&mut self, to: SocketAddr) -> anyhow::Result<()> {
+        let (slot, any, family) = match to {
+            SocketAddr::V4(_) => (&mut self.v4, "0.0.0.0:0", "IPv4"),
+            SocketAddr::V6(_) => (&mut self.v6, "[::]:0", "IPv6"),
         };
-        let v6 = if monitors.iter().any(SocketAddr::is_ipv6) {
-            Some(
-                UdpSocket::bind("[::]:0")
-                    .await
-                    .context("cannot open an IPv6 UDP socket")?,
-            )
-        } else {
-            None
-        };
-        Ok(Sockets { v4, v6 })
+        if slot.is_none() {
+            let s = std::net::UdpSocket::bind(any)
+                .and_then(|s| {
+                    s.set_nonblocking(true)?;
+                    UdpSocket::from_std(s)
+                })
+                .with_context(|| format!("cannot open an {family} UDP socket"))?;
+            *slot = Some(s);
+        }
+        Ok(())
     }
 
     /// Sends without waiting; `false` if the datagram did not leave.
@@ -335,68 +532,207 @@ async fn recv(s: &Option<UdpSocket>, buf: &mut [u8]) -> std::io::Result<(usize, 
     }
 }
 
-fn send_all(sender: &mut Sender, sockets: &Sockets, leaving: bool) {
-    let out = sender.heartbeat(monotonic_ns(), load_permille(), leaving);
+/// Sends the next heartbeat to every monitor; returns to how many it went.
+fn send_all(sender: &mut Sender, sockets: &Sockets, cpus: usize, leaving: bool) -> usize {
+    let out = sender.heartbeat(monotonic_ns(), load_permille(cpus), leaving);
+    let mut sent = 0;
     for (i, (to, b)) in out.iter().enumerate() {
         if let Err(e) = sockets.try_send(*to, b) {
             sender.send_failed(i);
             let errors = sender.monitors()[i].send_errors;
-            // The first failure and then every 100th: a dead monitor must
-            // not flood the log either.
-            if errors == 1 || errors.is_multiple_of(100) {
+            if leaving {
+                // The last word, said once: every monitor that misses it
+                // is named.
+                tracing::warn!(monitor = %to, error = %e, "cannot send the LEAVING heartbeat: this monitor will find the node dead, not left");
+            } else if errors == 1 || errors.is_multiple_of(100) {
+                // The first failure and then every 100th: a dead monitor
+                // must not flood the log either.
                 tracing::warn!(monitor = %to, error = %e, errors, "cannot send heartbeat");
+            }
+        } else {
+            sent += 1;
+        }
+    }
+    sent
+}
+
+/// Tells `sender` how late its loop woke, `due` being when the next
+/// heartbeat was due (see [`sender`] on stalls).
+fn woke(sender: &mut Sender, due: Instant) {
+    let late = Instant::now().saturating_duration_since(due);
+    sender.woke_late(
+        u64::try_from(late.as_nanos()).unwrap_or(u64::MAX),
+        monotonic_ns(),
+    );
+}
+
+/// The names of monitors still being resolved (see [`spawn_resolvers`]).
+struct Names {
+    names: Vec<String>,
+    resolved: Vec<bool>,
+    rx: mpsc::UnboundedReceiver<(usize, Option<SocketAddr>)>,
+}
+
+impl Names {
+    fn start(names: Vec<String>) -> anyhow::Result<Names> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        spawn_resolvers(&names, resolve_name, retry_delay, move |i, a| {
+            tx.send((i, a)).is_ok()
+        })?;
+        let resolved = vec![false; names.len()];
+        Ok(Names {
+            names,
+            resolved,
+            rx,
+        })
+    }
+
+    /// The next report of a resolver thread (never, once all ended).
+    async fn next(&mut self) -> (usize, Option<SocketAddr>) {
+        match self.rx.recv().await {
+            Some(r) => r,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn unresolved(&self) -> Vec<&str> {
+        self.names
+            .iter()
+            .zip(&self.resolved)
+            .filter(|(_, r)| !**r)
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+
+    /// Waits until every name resolved or failed once, or [`RESOLVE_WAIT`]
+    /// passed, adding the monitors found.
+    async fn first_answers(&mut self, sender: &mut Sender, sockets: &mut Sockets) {
+        let deadline = Instant::now() + RESOLVE_WAIT;
+        let mut answered = vec![false; self.names.len()];
+        while answered.contains(&false) {
+            let Ok((i, found)) = tokio::time::timeout_at(deadline, self.next()).await else {
+                break;
+            };
+            answered[i] = true;
+            if let Some(a) = found {
+                self.add(i, a, sender, sockets);
+            }
+        }
+    }
+
+    /// Starts sending to name `i`, which resolved to `a`.
+    fn add(&mut self, i: usize, a: SocketAddr, sender: &mut Sender, sockets: &mut Sockets) {
+        self.resolved[i] = true;
+        let name = &self.names[i];
+        if let Err(e) = sockets.open_for(a) {
+            tracing::warn!(monitor = %name, address = %a, error = %format!("{e:#}"), "monitor resolved, but gets no heartbeats");
+            return;
+        }
+        match sender.add_monitor(a) {
+            Ok(_) => tracing::info!(monitor = %name, address = %a, "monitor resolved"),
+            Err(e) => {
+                tracing::warn!(monitor = %name, address = %a, problem = %e, "monitor resolved to an address that already gets heartbeats")
             }
         }
     }
 }
 
-async fn send_loop(mut sender: Sender, saver: Option<&resume::Saver>) -> anyhow::Result<()> {
+async fn send_loop(
+    mut sender: Sender,
+    names: Vec<String>,
+    saver: Option<&resume::Saver>,
+) -> anyhow::Result<()> {
     let cfg = sender.config().clone();
-    let sockets = Sockets::bind(&cfg.monitors).await?;
+    let mut sockets = Sockets::default();
+    for &m in &cfg.monitors {
+        sockets.open_for(m)?;
+    }
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())
         .context("cannot install the SIGINT handler")?;
+    let mut names = Names::start(names)?;
+    names.first_answers(&mut sender, &mut sockets).await;
+    let cpus = online_cpus();
     tracing::info!(
         node_id = cfg.node_id,
         generation = cfg.generation,
         key_epoch = cfg.key_epoch,
         interval_ms = sender.interval_ms(),
-        monitors = ?cfg.monitors,
+        monitors = ?sender.monitors().iter().map(|m| m.addr).collect::<Vec<_>>(),
+        unresolved = ?names.unresolved(),
         "sending heartbeats"
     );
+    if sender.monitors().is_empty() {
+        tracing::warn!(unresolved = ?names.unresolved(), "no monitor resolved yet: heartbeats go nowhere until one does");
+    }
     let (mut buf4, mut buf6) = ([0u8; 64], [0u8; 64]);
     let mut next = Instant::now();
     let mut recv_errors = 0u64;
     let signal = loop {
         tokio::select! {
             _ = tokio::time::sleep_until(next) => {
-                send_all(&mut sender, &sockets, false);
+                woke(&mut sender, next);
+                send_all(&mut sender, &sockets, cpus, false);
                 let iv = Duration::from_millis(sender.interval_ms() as u64);
                 next = next_due(next, iv, Instant::now());
             }
-            r = recv(&sockets.v4, &mut buf4) => on_datagram(&mut sender, r, &buf4, &mut recv_errors, &mut next, saver),
-            r = recv(&sockets.v6, &mut buf6) => on_datagram(&mut sender, r, &buf6, &mut recv_errors, &mut next, saver),
+            r = recv(&sockets.v4, &mut buf4) => {
+                woke(&mut sender, next);
+                on_datagram(&mut sender, r, &buf4, &mut recv_errors, &mut next, saver);
+            }
+            r = recv(&sockets.v6, &mut buf6) => {
+                woke(&mut sender, next);
+                on_datagram(&mut sender, r, &buf6, &mut recv_errors, &mut next, saver);
+            }
+            (i, found) = names.next() => {
+                if let Some(a) = found {
+                    names.add(i, a, &mut sender, &mut sockets);
+                }
+            }
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
         }
     };
-    send_all(&mut sender, &sockets, true);
+    let reached = send_all(&mut sender, &sockets, cpus, true);
     let rejected: Vec<String> = sender
         .rejected()
         .filter(|(_, n)| *n > 0)
         .map(|(r, n)| format!("{}={n}", r.name()))
         .collect();
-    tracing::info!(
-        signal,
-        sent = sender.sent,
-        last_seq = sender.seq(),
-        acks = sender.monitors().iter().map(|m| m.acks).sum::<u64>(),
-        send_errors = sender.monitors().iter().map(|m| m.send_errors).sum::<u64>(),
-        recv_errors,
-        acks_rejected = %rejected.join(","),
-        "sent LEAVING heartbeat, exiting"
-    );
+    let acks = sender.monitors().iter().map(|m| m.acks).sum::<u64>();
+    let send_errors = sender.monitors().iter().map(|m| m.send_errors).sum::<u64>();
+    let monitors = sender.monitors().len();
+    let unresolved = names.unresolved();
+    if reached > 0 {
+        tracing::info!(
+            signal,
+            leaving_sent_to = reached,
+            monitors,
+            unresolved = ?unresolved,
+            sent = sender.sent,
+            last_seq = sender.seq(),
+            acks,
+            send_errors,
+            recv_errors,
+            acks_rejected = %rejected.join(","),
+            "sent LEAVING heartbeat, exiting"
+        );
+    } else {
+        tracing::warn!(
+            signal,
+            leaving_sent_to = reached,
+            monitors,
+            unresolved = ?unresolved,
+            sent = sender.sent,
+            last_seq = sender.seq(),
+            acks,
+            send_errors,
+            recv_errors,
+            acks_rejected = %rejected.join(","),
+            "sent the LEAVING heartbeat to no monitor, exiting"
+        );
+    }
     Ok(())
 }
 
@@ -494,11 +830,189 @@ mod tests {
         // A name the resolver refuses before any lookup (a NUL byte cannot
         // go to getaddrinfo): the error path without asking the host's DNS
         // (tests/cli.rs resolves a real name, in an empty namespace).
-        let e = format!("{:#}", resolve_monitor("no-such\0host:7420").unwrap_err());
+        let e = format!("{:#}", resolve_name("no-such\0host:7420").unwrap_err());
         assert!(
             e.contains("cannot resolve monitor address `no-such\0host:7420`"),
             "{e}"
         );
+    }
+
+    /// What `--monitor` accepts, and what it refuses at start: anything
+    /// waiting would not fix. A well-formed name is accepted unresolved.
+    #[test]
+    fn monitor_targets_and_addresses_that_cannot_be_monitors() {
+        let name = |s: &str| Target::Name(s.to_owned());
+        let addr = |s: &str| Target::Addr(s.parse().unwrap());
+        for (arg, want) in [
+            ("198.18.0.1:7420", addr("198.18.0.1:7420")),
+            ("[::ffff:198.18.0.1]:7420", addr("198.18.0.1:7420")),
+            ("[fd00::1]:9", addr("[fd00::1]:9")),
+            (
+                "monitor1.example.net:7420",
+                name("monitor1.example.net:7420"),
+            ),
+            (
+                "monitor1.example.net.:7420",
+                name("monitor1.example.net.:7420"),
+            ),
+            ("mon_1:1", name("mon_1:1")),
+            (
+                "no-such-host.invalid:7420",
+                name("no-such-host.invalid:7420"),
+            ),
+        ] {
+            assert_eq!(parse_monitor(arg).unwrap(), want, "{arg}");
+        }
+        for (arg, want) in [
+            (
+                "198.18.0.1:0",
+                "monitor `198.18.0.1:0`: port 0 is no monitor's port",
+            ),
+            ("[fd00::1]:0", ": port 0 is no monitor's port"),
+            (
+                "monitor1.example.net:0",
+                "monitor `monitor1.example.net:0`: port 0",
+            ),
+            (
+                "0.0.0.0:7420",
+                "`0.0.0.0:7420`: 0.0.0.0 is the unspecified address",
+            ),
+            ("[::]:7420", ": :: is the unspecified address"),
+            (
+                "[::ffff:0.0.0.0]:7420",
+                ": 0.0.0.0 is the unspecified address",
+            ),
+            ("224.0.0.1:7420", ": 224.0.0.1 is a multicast address"),
+            ("[ff02::1]:7420", ": ff02::1 is a multicast address"),
+            (
+                "255.255.255.255:7420",
+                "255.255.255.255 is the broadcast address",
+            ),
+            (
+                "256.1.1.1:7420",
+                "`256.1.1.1` is neither an IP address nor a host name",
+            ),
+            ("1.2.3:7420", "is neither an IP address nor a host name"),
+            (
+                "no such host:7420",
+                "is neither an IP address nor a host name",
+            ),
+            ("a..b:7420", "is neither an IP address nor a host name"),
+            (
+                "no-such\0host:7420",
+                "is neither an IP address nor a host name",
+            ),
+            ("[fd00::zz]:7420", "`[fd00::zz]` is not an IPv6 address"),
+        ] {
+            let e = format!("{:#}", parse_monitor(arg).unwrap_err());
+            assert!(e.contains(want), "{arg}: {e}");
+        }
+        let long = format!("{}.example:7420", "a".repeat(64));
+        assert!(parse_monitor(&long).is_err());
+        // A name that resolves only to an address no monitor can have is
+        // not resolved (it is retried).
+        assert!(unusable("0.0.0.0:7420".parse().unwrap()).is_some());
+        assert_eq!(unusable("198.18.0.1:7420".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn name_retries_back_off_from_one_second_to_a_minute() {
+        let secs: Vec<u64> = (0..10).map(|a| retry_delay(a).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]);
+        assert_eq!(retry_delay(u32::MAX), Duration::from_secs(60));
+    }
+
+    /// Each name on its own thread: one that fails is retried until it
+    /// resolves, one that never does holds up no other, and each attempt
+    /// is reported.
+    #[test]
+    fn names_are_retried_until_they_resolve() {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicU32, Ordering},
+        };
+        let tries = Arc::new(AtomicU32::new(0));
+        let t = tries.clone();
+        let resolve = move |name: &str| -> anyhow::Result<SocketAddr> {
+            match name {
+                "late:1" if t.fetch_add(1, Ordering::SeqCst) >= 2 => Ok("198.18.0.2:1".parse()?),
+                "ok:1" => Ok("198.18.0.1:1".parse()?),
+                _ => bail!("no such name"),
+            }
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let names = ["never:1", "late:1", "ok:1"].map(String::from);
+        spawn_resolvers(
+            &names,
+            resolve,
+            |_| Duration::from_millis(1),
+            move |i, a| tx.send((i, a)).is_ok(),
+        )
+        .unwrap();
+        let (mut found, mut failed) = (Vec::new(), [0; 3]);
+        while found.len() < 2 {
+            match rx.recv_timeout(Duration::from_secs(10)).expect("a report") {
+                (i, Some(a)) => found.push((i, a)),
+                (i, None) => failed[i] += 1,
+            }
+        }
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                (1, "198.18.0.2:1".parse().unwrap()),
+                (2, "198.18.0.1:1".parse().unwrap())
+            ]
+        );
+        assert_eq!((failed[1], failed[2]), (2, 0));
+        assert_eq!(tries.load(Ordering::SeqCst), 3);
+        // The one that never resolves keeps being tried.
+        while failed[0] < 5 {
+            let (i, a) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            assert_eq!((i, a), (0, None));
+            failed[0] += 1;
+        }
+        // Dropping the receiver ends its thread at its next report.
+    }
+
+    #[test]
+    fn a_key_file_must_be_private_and_small() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("node.key");
+        std::fs::write(&path, "6df25b19dd0205345e893133518757d6\n").unwrap();
+        let chmod = |mode: u32| {
+            std::fs::set_permissions(
+                &path,
+                <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(mode),
+            )
+            .unwrap()
+        };
+        for mode in [0o644, 0o640, 0o604, 0o660] {
+            chmod(mode);
+            let e = format!("{:#}", read_key_file(&path).unwrap_err());
+            let p = path.display();
+            assert_eq!(
+                e,
+                format!(
+                    "key file {p} has mode {mode:04o}: users other than its owner may get at the node key; run `chmod 600 {p}`"
+                )
+            );
+        }
+        for mode in [0o600, 0o400] {
+            chmod(mode);
+            let k = read_key_file(&path).unwrap();
+            assert_eq!(k, parse_key("6df25b19dd0205345e893133518757d6").unwrap());
+        }
+        // Too big, a file or not: refused after KEY_FILE_MAX bytes.
+        chmod(0o600);
+        std::fs::write(&path, " ".repeat(KEY_FILE_MAX as usize + 1)).unwrap();
+        for p in [&path, Path::new("/dev/zero")] {
+            let e = format!("{:#}", read_key_file(p).unwrap_err());
+            assert!(e.contains("holds more than 4096 bytes"), "{e}");
+        }
+        std::fs::write(&path, b"\xff\xfe").unwrap();
+        let e = format!("{:#}", read_key_file(&path).unwrap_err());
+        assert!(e.contains("bad key in") && e.contains("not text"), "{e}");
     }
 
     #[test]
@@ -508,7 +1022,45 @@ mod tests {
         assert_eq!(load_from("0.00 0 0 1/1 1", 4), Some(0));
         assert_eq!(load_from("garbage", 1), None);
         assert_eq!(load_from("", 1), None);
-        assert!(load_permille() <= 1000);
+        assert!(load_permille(online_cpus()) <= 1000);
+    }
+
+    /// The load average is the host's: it is spread over the host's CPUs,
+    /// not over this process's share of them. Pinned to one CPU (as a
+    /// container limited to one is), the count stays the host's.
+    #[test]
+    fn load_is_spread_over_the_online_cpus_not_this_process_share() {
+        let online = online_from_sysfs();
+        // SAFETY: plain cpu_set_t values; sched_{get,set}affinity(0, ..)
+        // act on this test's thread only.
+        unsafe {
+            let size = std::mem::size_of::<libc::cpu_set_t>();
+            let mut was: libc::cpu_set_t = std::mem::zeroed();
+            assert_eq!(libc::sched_getaffinity(0, size, &mut was), 0);
+            let first = (0..libc::CPU_SETSIZE as usize)
+                .find(|&c| libc::CPU_ISSET(c, &was))
+                .expect("some CPU allowed");
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(first, &mut one);
+            assert_eq!(libc::sched_setaffinity(0, size, &one), 0);
+            let share = std::thread::available_parallelism().unwrap().get();
+            let got = online_cpus();
+            assert_eq!(libc::sched_setaffinity(0, size, &was), 0);
+            assert_eq!(share, 1, "pinned");
+            assert_eq!(got, online);
+        }
+    }
+
+    /// The CPUs `/sys/devices/system/cpu/online` lists (`0-3,8`).
+    fn online_from_sysfs() -> usize {
+        let text = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+        text.trim()
+            .split(',')
+            .map(|r| match r.split_once('-') {
+                Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+                None => 1,
+            })
+            .sum()
     }
 
     #[test]

@@ -24,6 +24,32 @@
 //! controller pin the sender at whatever another monitor had asked for
 //! last (it could speed a node up, never slow it down again). A monitor
 //! that wants the interval the sender already uses loses nothing by it.
+//!
+//! A monitor whose name resolved only after the start ([`Sender::add_monitor`])
+//! is sent every heartbeat from then on; an ACK from it for an earlier seq
+//! answers a heartbeat it was never sent (a replay of another monitor's
+//! ACK: every monitor holds the node key) and is rejected.
+//!
+//! RTT samples exclude the sender's own stalls. A stopped process (SIGSTOP,
+//! a frozen cgroup, a paused VM) finds the ACK of the heartbeat it sent
+//! just before waiting in its socket buffer; `now - sent_ns` is then the
+//! stall, not the network: a 60 s freeze put 7.5 s into the smoothed RTT,
+//! which took some 40 ACKs to decay and was reported to every monitor
+//! meanwhile. The loop cannot see a stall directly, but it knows when it
+//! meant to run next (the next heartbeat's due time): woken more than
+//! [`STALL_NS`] after that, it was not running in between, and it says so
+//! ([`Sender::woke_late`]) on every wakeup, a datagram's too (after a
+//! stall the waiting ACK may be handled before the overdue timer). The
+//! lateness is measured against the due time, not between heartbeats, so
+//! the threshold need not grow with the interval: it only has to stand
+//! clear of timer and scheduling noise. An ACK of a heartbeat sent before
+//! such a late wakeup still counts (it is genuine, its interval request
+//! stands) but gives no RTT sample: its round trip may contain the stall.
+//! Heartbeats sent afterwards measure the network again. A stall that
+//! ends before the next heartbeat is due is invisible this way (at a 10 s
+//! interval, a freeze of a few seconds right after a heartbeat); only the
+//! kernel's receive timestamps (`SO_TIMESTAMPNS`, in CLOCK_REALTIME)
+//! could tell.
 
 use std::net::SocketAddr;
 
@@ -37,6 +63,12 @@ use hb_common::{
 pub const RECENT: usize = 64;
 /// At most this many monitors (one acknowledgement bit each per seq).
 pub const MAX_MONITORS: usize = 64;
+/// How late a wakeup of the sender's loop must be to count as a stall of
+/// the sender (see the module docs): far above timer resolution (1 ms)
+/// and the scheduling delays of a busy host (a few ms), so that only a
+/// process that was not running is taken for one; a sample inflated by
+/// less moves the smoothed RTT by under 13 ms.
+pub const STALL_NS: u64 = 100_000_000;
 
 /// What the sender is configured with.
 #[derive(Clone, Debug)]
@@ -98,6 +130,22 @@ pub struct Monitor {
     pub requested: Option<(u32, u64)>,
     /// Send errors (unreachable, buffer full): counted, never waited on.
     pub send_errors: u64,
+    /// The first seq this monitor was sent (1 for one known from the
+    /// start): an ACK of an older one is not its own.
+    pub since_seq: u64,
+}
+
+impl Monitor {
+    fn new(addr: SocketAddr, since_seq: u64) -> Monitor {
+        Monitor {
+            addr,
+            rtt: Rtt::default(),
+            acks: 0,
+            requested: None,
+            send_errors: 0,
+            since_seq,
+        }
+    }
 }
 
 /// One remembered heartbeat.
@@ -175,11 +223,22 @@ impl AckReject {
 /// An accepted ACK's effect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Accepted {
-    /// Index of the monitor in [`Config::monitors`].
+    /// Index of the monitor in [`Sender::monitors`].
     pub monitor: usize,
-    pub rtt_sample_ns: u64,
+    /// The round trip measured, or `None` when the heartbeat was sent
+    /// before a stall of the sender (see the module docs).
+    pub rtt_sample_ns: Option<u64>,
     /// `Some((old, new))` when the interval in use changed.
     pub interval_change: Option<(u32, u32)>,
+}
+
+/// Why [`Sender::add_monitor`] did not add a monitor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AddMonitorError {
+    #[error("already a monitor (number {})", .0 + 1)]
+    Duplicate(usize),
+    #[error("at most {MAX_MONITORS} monitors")]
+    Full,
 }
 
 /// The heartbeat sender's state.
@@ -189,6 +248,9 @@ pub struct Sender {
     monitors: Vec<Monitor>,
     /// Last seq sent (0: none yet; the first heartbeat is 1).
     seq: u64,
+    /// When the last stall of the sender ended (CLOCK_MONOTONIC ns, 0:
+    /// none seen): heartbeats sent before give no RTT sample.
+    stalled_until_ns: u64,
     interval_ms: u32,
     recent: [Sent; RECENT],
     pub sent: u64,
@@ -203,13 +265,7 @@ impl Sender {
             .monitors
             .iter()
             .take(MAX_MONITORS)
-            .map(|&addr| Monitor {
-                addr,
-                rtt: Rtt::default(),
-                acks: 0,
-                requested: None,
-                send_errors: 0,
-            })
+            .map(|&addr| Monitor::new(addr, 1))
             .collect();
         let interval_ms = cfg
             .interval_ms
@@ -218,6 +274,7 @@ impl Sender {
             cfg,
             monitors,
             seq: 0,
+            stalled_until_ns: 0,
             interval_ms,
             recent: [Sent::default(); RECENT],
             sent: 0,
@@ -231,6 +288,29 @@ impl Sender {
 
     pub fn monitors(&self) -> &[Monitor] {
         &self.monitors
+    }
+
+    /// Adds a monitor (one whose name resolved after the start); it is
+    /// sent every heartbeat from the next one on. Returns its index.
+    pub fn add_monitor(&mut self, addr: SocketAddr) -> Result<usize, AddMonitorError> {
+        if let Some(i) = self.monitors.iter().position(|m| m.addr == addr) {
+            return Err(AddMonitorError::Duplicate(i));
+        }
+        if self.monitors.len() >= MAX_MONITORS {
+            return Err(AddMonitorError::Full);
+        }
+        self.monitors.push(Monitor::new(addr, self.seq + 1));
+        Ok(self.monitors.len() - 1)
+    }
+
+    /// Tells the sender its loop woke at `now_ns`, `late_ns` after it
+    /// meant to (after its next heartbeat was due; 0 when it was not
+    /// due yet). Later than [`STALL_NS`] is a stall: ACKs of heartbeats
+    /// sent before `now_ns` give no RTT sample (see the module docs).
+    pub fn woke_late(&mut self, late_ns: u64, now_ns: u64) {
+        if late_ns > STALL_NS {
+            self.stalled_until_ns = self.stalled_until_ns.max(now_ns);
+        }
     }
 
     /// Counts a failed send to monitor `i`.
@@ -341,6 +421,11 @@ impl Sender {
         if ack.seq == 0 || slot.seq != ack.seq || slot.sent_ns != ack.sent_ns {
             return Err(AckReject::UnknownSeq);
         }
+        // A heartbeat sent before this monitor was added was not sent to
+        // it.
+        if ack.seq < self.monitors[mi].since_seq {
+            return Err(AckReject::UnknownSeq);
+        }
         let bit = 1u64 << mi;
         if slot.acked & bit != 0 {
             return Err(AckReject::Duplicate);
@@ -352,9 +437,13 @@ impl Sender {
         };
         slot.acked |= bit;
         let echo = ack.interval_ms == slot.interval_ms;
+        // Its round trip may hold a stall of ours (see the module docs).
+        let rtt = (slot.sent_ns >= self.stalled_until_ns).then_some(rtt);
         let m = &mut self.monitors[mi];
         m.acks += 1;
-        m.rtt.sample(rtt);
+        if let Some(r) = rtt {
+            m.rtt.sample(r);
+        }
         // `interval_ms` 0 is no request, nor is an echo (see the module
         // docs); a request from an ACK older than the one we last adopted
         // from this monitor is out of date.
@@ -458,7 +547,7 @@ mod tests {
             a,
             Accepted {
                 monitor: 0,
-                rtt_sample_ns: 3 * MS,
+                rtt_sample_ns: Some(3 * MS),
                 interval_change: Some((1000, 500)),
             }
         );
@@ -773,6 +862,86 @@ mod tests {
             accepted > 1000 && rejected > 1000,
             "{accepted} / {rejected}"
         );
+    }
+
+    /// The sender was frozen for a minute right after a heartbeat whose
+    /// ACK came back within 1 ms: the ACK waited in the socket buffer and
+    /// must not enter the RTT as a minute.
+    #[test]
+    fn an_ack_held_up_by_a_stall_of_the_sender_gives_no_rtt_sample() {
+        let mut s = sender(1);
+        let (from, hb) = s.heartbeat(10 * MS, 0, false)[0];
+        s.on_ack(&ack_of(&hb, &KEY, 0), from, 11 * MS).unwrap();
+        assert_eq!(s.monitors()[0].rtt.rtt_us(), 1000);
+        let (_, hb) = s.heartbeat(1010 * MS, 0, false)[0];
+        // Frozen from 1011 ms to 61 s: the loop wakes 60 s after the next
+        // heartbeat was due (2010 ms), and finds the ACK.
+        let thaw = 61_000 * MS;
+        s.woke_late(thaw - 2010 * MS, thaw);
+        let a = s
+            .on_ack(&ack_of(&hb, &KEY, 500), from, thaw + 1000)
+            .unwrap();
+        assert_eq!(a.rtt_sample_ns, None);
+        assert_eq!(a.interval_change, Some((1000, 500)), "still a genuine ACK");
+        assert_eq!(s.monitors()[0].rtt.rtt_us(), 1000, "not 7.5 s");
+        assert_eq!(s.monitors()[0].acks, 2);
+        // The heartbeat sent at the thaw measures the network again.
+        let (_, hb) = s.heartbeat(thaw + 2000, 0, false)[0];
+        let a = s.on_ack(&ack_of(&hb, &KEY, 500), from, thaw + 2000 + 3 * MS);
+        assert_eq!(a.unwrap().rtt_sample_ns, Some(3 * MS));
+        assert_eq!(s.monitors()[0].rtt.samples, 2);
+    }
+
+    /// A wakeup late by timer or scheduling noise is no stall.
+    #[test]
+    fn a_slightly_late_wakeup_keeps_rtt_samples() {
+        for late in [0, MS, 20 * MS, STALL_NS] {
+            let mut s = sender(1);
+            let (from, hb) = s.heartbeat(10 * MS, 0, false)[0];
+            s.woke_late(late, 12 * MS);
+            let a = s.on_ack(&ack_of(&hb, &KEY, 0), from, 12 * MS).unwrap();
+            assert_eq!(a.rtt_sample_ns, Some(2 * MS), "late by {late} ns");
+        }
+        let mut s = sender(1);
+        let (from, hb) = s.heartbeat(10 * MS, 0, false)[0];
+        s.woke_late(STALL_NS + 1, 12 * MS);
+        let a = s.on_ack(&ack_of(&hb, &KEY, 0), from, 12 * MS).unwrap();
+        assert_eq!(a.rtt_sample_ns, None);
+    }
+
+    #[test]
+    fn a_monitor_added_later_gets_the_next_heartbeat_and_only_acks_of_it() {
+        let mut s = sender(1);
+        let (_, before) = s.heartbeat(10 * MS, 0, false)[0];
+        assert_eq!(s.add_monitor(mon(2)), Ok(1));
+        assert_eq!(s.add_monitor(mon(2)), Err(AddMonitorError::Duplicate(1)));
+        assert_eq!(s.add_monitor(mon(1)), Err(AddMonitorError::Duplicate(0)));
+        let hbs = s.heartbeat(20 * MS, 0, false);
+        assert_eq!(
+            hbs.iter().map(|h| h.0).collect::<Vec<_>>(),
+            [mon(1), mon(2)]
+        );
+        let d = proto::parse(&hbs[1].1, Kind::Heartbeat).unwrap();
+        assert_eq!(d.seq, 2);
+        // Monitor 1's ACK of seq 1 "from" monitor 2: never sent it seq 1.
+        assert_eq!(
+            s.on_ack(&ack_of(&before, &KEY, 500), mon(2), 21 * MS),
+            Err(AckReject::UnknownSeq)
+        );
+        let a = s.on_ack(&ack_of(&hbs[1].1, &KEY, 500), mon(2), 22 * MS);
+        assert_eq!(a.unwrap().monitor, 1);
+        assert_eq!(s.interval_ms(), 500);
+        // Up to MAX_MONITORS.
+        for i in 3..=MAX_MONITORS as u8 {
+            s.add_monitor(mon(i)).unwrap();
+        }
+        assert_eq!(s.add_monitor(mon(200)), Err(AddMonitorError::Full));
+        // None at all to start with: heartbeats go nowhere, seqs still count.
+        let mut s = sender(0);
+        assert!(s.heartbeat(MS, 0, false).is_empty());
+        s.add_monitor(mon(1)).unwrap();
+        let (_, hb) = s.heartbeat(2 * MS, 0, false)[0];
+        assert_eq!(proto::parse(&hb, Kind::Heartbeat).unwrap().seq, 2);
     }
 
     #[test]
