@@ -135,9 +135,35 @@ pub fn http_get(ns: &NetNs, listen: &str, path: &str) -> std::io::Result<(u16, S
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    let chunked = head
+        .lines()
+        .any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"));
+    let body = if chunked {
+        unchunk(body)?
+    } else {
+        body.to_owned()
+    };
     Ok((status, body))
+}
+
+/// The body of a `Transfer-Encoding: chunked` answer (RFC 9112, 7.1): an
+/// error unless it ends with the last chunk, so a listing cut short is
+/// never taken for a whole one.
+fn unchunk(mut rest: &str) -> std::io::Result<String> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").ok_or_else(|| bad("chunk size"))?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| bad("chunk size"))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = after.get(..size).ok_or_else(|| bad("chunk cut short"))?;
+        out.push_str(chunk);
+        rest = after[size..]
+            .strip_prefix("\r\n")
+            .ok_or_else(|| bad("chunk end"))?;
+    }
 }
