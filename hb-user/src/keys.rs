@@ -317,6 +317,61 @@ impl fmt::Debug for Keyring {
     }
 }
 
+/// Whether `file` (of `mode`, whose group or other bits are set) has a
+/// POSIX ACL that grants nothing to others, nothing to its group or any
+/// named group, and to named users only this process's effective user:
+/// the group bits of `mode` are then the ACL's mask, not access for a
+/// group. No ACL, or one that cannot be read or parsed: not private.
+fn acl_is_ours_alone(file: &std::fs::File, mode: u32) -> bool {
+    use std::os::fd::AsRawFd as _;
+    if mode & 0o007 != 0 {
+        return false;
+    }
+    let mut buf = [0u8; 4 + 8 * 32];
+    // SAFETY: a valid fd, a NUL-terminated name, and a buffer of its
+    // length; the kernel writes at most that many bytes.
+    let n = unsafe {
+        libc::fgetxattr(
+            file.as_raw_fd(),
+            c"system.posix_acl_access".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let Ok(n) = usize::try_from(n) else {
+        return false;
+    };
+    // SAFETY: geteuid(2) cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    acl_grants_only(&buf[..n], uid)
+}
+
+/// [`acl_is_ours_alone`] on the xattr's bytes (`posix_acl_xattr_header`
+/// version 2, then entries of tag, permissions, id, little-endian).
+fn acl_grants_only(acl: &[u8], uid: u32) -> bool {
+    const USER: u16 = 0x02;
+    const GROUP_OBJ: u16 = 0x04;
+    const GROUP: u16 = 0x08;
+    const OTHER: u16 = 0x20;
+    let Some((version, entries)) = acl.split_first_chunk::<4>() else {
+        return false;
+    };
+    if u32::from_le_bytes(*version) != 2 || entries.len() % 8 != 0 || entries.is_empty() {
+        return false;
+    }
+    entries.chunks_exact(8).all(|e| {
+        let tag = u16::from_le_bytes([e[0], e[1]]);
+        let perm = u16::from_le_bytes([e[2], e[3]]);
+        let id = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
+        match tag {
+            USER => perm == 0 || id == uid,
+            GROUP_OBJ | GROUP | OTHER => perm == 0,
+            // The owner, and the mask (which grants nothing by itself).
+            _ => true,
+        }
+    })
+}
+
 /// The most a keyring may hold: 256 epochs of a 64-digit secret take
 /// about 30 KB.
 pub const KEYRING_MAX: u64 = 1 << 20;
@@ -342,11 +397,16 @@ pub enum PrivateFileError {
 /// memory). The mode checked is that of what was opened, not of whatever
 /// the path names by now; pipes and devices (`/dev/stdin`) are not files
 /// at rest, and their modes say nothing about who can read the secrets.
+///
+/// A POSIX ACL that grants access to this process's own user alone is
+/// private too: systemd's `LoadCredential=` makes a credential 0400 and
+/// gives the service's (dynamic) user read access by an ACL entry, which
+/// `stat` shows as group bits (0440).
 pub fn read_private(path: &Path, max: u64) -> Result<Vec<u8>, PrivateFileError> {
     let file = std::fs::File::open(path).map_err(PrivateFileError::Io)?;
     let meta = file.metadata().map_err(PrivateFileError::Io)?;
     let mode = meta.permissions().mode() & 0o7777;
-    if meta.is_file() && mode & 0o077 != 0 {
+    if meta.is_file() && mode & 0o077 != 0 && !acl_is_ours_alone(&file, mode) {
         return Err(PrivateFileError::NotPrivate { mode });
     }
     let mut bytes = Vec::new();
@@ -928,6 +988,77 @@ mod tests {
         );
         let ring = Keyring::parse(Path::new("k"), &text).unwrap();
         assert_eq!((ring.newest(), ring.held_epochs()), (0, vec![0, 255]));
+    }
+
+    /// An ACL `r` entry for this process's own user (systemd's
+    /// `LoadCredential=`: mode 0400, then 0440 with the entry) keeps a
+    /// file private; one for another user, or group access, does not.
+    #[test]
+    fn an_acl_for_our_own_user_alone_is_private() {
+        let acl = |user: u32, group_perm: u16| {
+            let mut b = 2u32.to_le_bytes().to_vec();
+            for (tag, perm, id) in [
+                (0x01u16, 4u16, u32::MAX),
+                (0x02, 4, user),
+                (0x04, group_perm, u32::MAX),
+                (0x10, 4, u32::MAX),
+                (0x20, 0, u32::MAX),
+            ] {
+                b.extend(tag.to_le_bytes());
+                b.extend(perm.to_le_bytes());
+                b.extend(id.to_le_bytes());
+            }
+            b
+        };
+        // SAFETY: geteuid(2) cannot fail.
+        let me = unsafe { libc::geteuid() };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring.toml");
+        let text = format!("[[epoch]]\nid = 1\nsecret = \"{}\"\n", "ab".repeat(32));
+        for (what, blob, private) in [
+            ("our user", acl(me, 0), true),
+            ("another user", acl(me.wrapping_add(1), 0), false),
+            ("our user and the group", acl(me, 4), false),
+        ] {
+            std::fs::write(&path, &text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+            let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: valid NUL-terminated strings and a buffer of its length.
+            let r = unsafe {
+                libc::setxattr(
+                    c.as_ptr(),
+                    c"system.posix_acl_access".as_ptr(),
+                    blob.as_ptr().cast(),
+                    blob.len(),
+                    0,
+                )
+            };
+            assert_eq!(
+                r,
+                0,
+                "{what}: setxattr: {}",
+                std::io::Error::last_os_error()
+            );
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_ne!(
+                mode & 0o070,
+                0,
+                "{what}: the ACL shows as group bits ({mode:o})"
+            );
+            let r = Keyring::load(&path);
+            assert_eq!(
+                r.is_ok(),
+                private,
+                "{what}: {:?}",
+                r.err().map(|e| e.to_string())
+            );
+            std::fs::remove_file(&path).unwrap();
+        }
+        assert!(!acl_grants_only(&[2, 0, 0, 0], me), "no entries");
+        assert!(
+            !acl_grants_only(&[1, 0, 0, 0, 1, 0, 4, 0, 0, 0, 0, 0], me),
+            "version 1"
+        );
     }
 
     /// A keyring is read up to a bound: `--keyring /dev/zero` is an error,
