@@ -1055,9 +1055,10 @@ impl NodeState {
     }
 }
 
-/// Addresses of each family [`LocalAddrs`] holds. A host with more (a
-/// Kubernetes node whose service addresses are local, say) is not
-/// checked at all: the gate then takes heartbeats to any address.
+/// Addresses of each family [`LocalAddrs`] holds. A host with more of a
+/// family (a Kubernetes node whose service addresses are local, say) is
+/// not checked for that family: the gate then takes heartbeats to any
+/// address of it.
 pub const LOCAL_ADDRS_MAX: usize = 16;
 
 /// The addresses the gate takes heartbeats at: the monitor host's own, in
@@ -1076,9 +1077,11 @@ pub const LOCAL_ADDRS_MAX: usize = 16;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LocalAddrs {
-    /// 0: take heartbeats to any address (nothing written yet, or more
-    /// addresses than fit).
-    pub known: u32,
+    /// 0: take heartbeats to any IPv4 address (nothing written yet, or
+    /// more addresses than fit); 1: only to `v4`.
+    pub known_v4: u16,
+    /// The same for IPv6 and `v6`.
+    pub known_v6: u16,
     pub v4_len: u32,
     pub v6_len: u32,
     pub _pad: u32,
@@ -1095,7 +1098,8 @@ impl Default for LocalAddrs {
 impl LocalAddrs {
     /// Any address: no check.
     pub const ANY: LocalAddrs = LocalAddrs {
-        known: 0,
+        known_v4: 0,
+        known_v6: 0,
         v4_len: 0,
         v6_len: 0,
         _pad: 0,
@@ -1103,26 +1107,32 @@ impl LocalAddrs {
         v6: [[0; 16]; LOCAL_ADDRS_MAX],
     };
 
-    /// Exactly these addresses, or [`Self::ANY`] if they do not fit.
+    /// Exactly these addresses; any address of a family whose addresses
+    /// do not fit.
     pub fn of(v4: &[[u8; 4]], v6: &[[u8; 16]]) -> LocalAddrs {
-        if v4.len() > LOCAL_ADDRS_MAX || v6.len() > LOCAL_ADDRS_MAX {
-            return LocalAddrs::ANY;
+        let mut a = LocalAddrs::ANY;
+        if v4.len() <= LOCAL_ADDRS_MAX {
+            a.known_v4 = 1;
+            a.v4_len = v4.len() as u32;
+            a.v4[..v4.len()].copy_from_slice(v4);
         }
-        let mut a = LocalAddrs {
-            known: 1,
-            v4_len: v4.len() as u32,
-            v6_len: v6.len() as u32,
-            ..LocalAddrs::ANY
-        };
-        a.v4[..v4.len()].copy_from_slice(v4);
-        a.v6[..v6.len()].copy_from_slice(v6);
+        if v6.len() <= LOCAL_ADDRS_MAX {
+            a.known_v6 = 1;
+            a.v6_len = v6.len() as u32;
+            a.v6[..v6.len()].copy_from_slice(v6);
+        }
         a
+    }
+
+    /// Whether heartbeats of each family (IPv4, IPv6) are checked.
+    pub const fn checks(&self) -> (bool, bool) {
+        (self.known_v4 != 0, self.known_v6 != 0)
     }
 
     /// Whether the gate takes a heartbeat to the IPv4 address `dst`.
     #[inline(always)]
     pub fn takes_v4(&self, dst: [u8; 4]) -> bool {
-        if self.known == 0 {
+        if self.known_v4 == 0 {
             return true;
         }
         let dst = u32::from_ne_bytes(dst);
@@ -1139,7 +1149,7 @@ impl LocalAddrs {
     /// Whether the gate takes a heartbeat to the IPv6 address `dst`.
     #[inline(always)]
     pub fn takes_v6(&self, dst: &[u8; 16]) -> bool {
-        if self.known == 0 {
+        if self.known_v6 == 0 {
             return true;
         }
         let halves = |a: &[u8; 16]| {
@@ -1845,11 +1855,9 @@ mod tests {
             "none of a family"
         );
         let many = [[10, 0, 0, 1]; LOCAL_ADDRS_MAX + 1];
-        assert_eq!(
-            LocalAddrs::of(&many, &[]),
-            LocalAddrs::ANY,
-            "too many: no check"
-        );
+        let a = LocalAddrs::of(&many, &[[0xfd; 16]]);
+        assert_eq!(a.checks(), (false, true), "too many IPv4: no IPv4 check");
+        assert!(a.takes_v4([1, 2, 3, 4]) && !a.takes_v6(&other));
         assert_eq!(size_of::<LocalAddrs>(), 16 + 4 * 16 + 16 * 16);
     }
 }

@@ -146,3 +146,20 @@ pub fn test_run_frames(
         stats_runs: i1.run_count() - i0.run_count(),
     })
 }
+
+/// The gate's local-address table as on a typical monitor host (loopback,
+/// a docker bridge, a management address, then the monitor's own, which
+/// the benchmarks' frames are sent to: the scan's longest match), so that
+/// the gate benchmarks pay for the destination check every monitor runs.
+pub fn typical_local_addrs() -> hb_common::maps::LocalAddrs {
+    let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().expect("literal").octets();
+    hb_common::maps::LocalAddrs::of(
+        &[
+            [127, 0, 0, 1],
+            [172, 17, 0, 1],
+            [10, 0, 0, 5],
+            [198, 18, 0, 1],
+        ],
+        &[v6("::1"), v6("fe80::248:42ff:fe00:1"), v6("fd00:4842::1")],
+    )
+}

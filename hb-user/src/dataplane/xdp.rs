@@ -138,6 +138,9 @@ pub struct XdpOptions {
     /// An eBPF object to load instead of the one embedded in `hb` (A/B
     /// benchmarks of gate variants); it must use this build's map layouts.
     pub object: Option<&'static [u8]>,
+    /// The addresses the gate takes heartbeats at, written before the
+    /// program is attached (default: any; see `LocalAddrs`).
+    pub local_addrs: Option<LocalAddrs>,
 }
 
 /// Expected value sizes, to refuse pinned maps of another layout.
@@ -909,7 +912,15 @@ impl XdpDataplane {
         let config = Array::try_from(take_map(&mut ebpf, names::CONFIG)?)?;
         // Not pinned: the host's addresses are read afresh at every start;
         // until then (as created) the gate takes any address.
-        let local_addrs = Array::try_from(take_map(&mut ebpf, names::LOCAL_ADDRS)?)?;
+        let mut local_addrs = Array::try_from(take_map(&mut ebpf, names::LOCAL_ADDRS)?)?;
+        if let Some(a) = &opts.local_addrs {
+            // Before attaching: with pinned maps the gate's port is
+            // configured already, and it must not take any address for a
+            // moment.
+            local_addrs
+                .set(0, a, 0)
+                .with_context(|| format!("cannot write {}", names::LOCAL_ADDRS))?;
+        }
         let live_map = take_map(&mut ebpf, names::NODE_LIVE)?;
         let Map::Array(live_data) = &live_map else {
             bail!("map {} is not an array", names::NODE_LIVE);

@@ -22,20 +22,32 @@ use crate::dataplane::Dataplane;
 /// How often the addresses are read again.
 pub const EVERY: Duration = Duration::from_secs(1);
 
-/// The addresses of every interface in this network namespace.
-pub fn host() -> anyhow::Result<BTreeSet<IpAddr>> {
+/// The addresses of every interface in this network namespace, but IPv6
+/// link-local ones only from `attached` (the interfaces the gate is on): a
+/// link-local address is reachable on its own link alone, so another
+/// interface's never comes through the gate, and a host with dozens of
+/// veths or taps (each with its own) would overflow the table.
+pub fn host(attached: &[String]) -> anyhow::Result<BTreeSet<IpAddr>> {
     Ok(nix::ifaddrs::getifaddrs()
         .context("cannot list the host's addresses")?
         .filter_map(|ifa| {
             let a = ifa.address?;
-            a.as_sockaddr_in()
-                .map(|v4| IpAddr::V4(v4.ip()))
-                .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+            match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+                (Some(v4), _) => Some(IpAddr::V4(v4.ip())),
+                (_, Some(v6))
+                    if !v6.ip().is_unicast_link_local()
+                        || attached.contains(&ifa.interface_name) =>
+                {
+                    Some(IpAddr::V6(v6.ip()))
+                }
+                _ => None,
+            }
         })
         .collect())
 }
 
-/// The gate's table for `addrs`; [`LocalAddrs::ANY`] when they do not fit.
+/// The gate's table for `addrs` (a family with more than fit is not
+/// checked).
 pub fn table(addrs: &BTreeSet<IpAddr>) -> LocalAddrs {
     let v4: Vec<[u8; 4]> = addrs
         .iter()
@@ -56,22 +68,30 @@ pub fn table(addrs: &BTreeSet<IpAddr>) -> LocalAddrs {
 
 /// Keeps the gate's table in step with the host's addresses.
 pub struct Tracker {
+    attached: Vec<String>,
     last: Option<BTreeSet<IpAddr>>,
     warned_full: bool,
 }
 
-impl Default for Tracker {
-    fn default() -> Self {
-        Tracker::new()
-    }
-}
-
 impl Tracker {
-    pub fn new() -> Tracker {
+    /// For a gate on the interfaces `attached`.
+    pub fn new(attached: &[String]) -> Tracker {
         Tracker {
+            attached: attached.to_vec(),
             last: None,
             warned_full: false,
         }
+    }
+
+    /// The host's addresses now, for this gate ([`host`]).
+    pub fn read(&self) -> anyhow::Result<BTreeSet<IpAddr>> {
+        host(&self.attached)
+    }
+
+    /// Takes `addrs` as written to the gate already (at its start).
+    pub fn written(&mut self, addrs: BTreeSet<IpAddr>) {
+        self.warn_if_full(&addrs);
+        self.last = Some(addrs);
     }
 
     /// Writes `addrs` to the gate if they changed since the last write;
@@ -80,28 +100,42 @@ impl Tracker {
         if self.last.as_ref() == Some(&addrs) {
             return Ok(false);
         }
-        let t = table(&addrs);
-        if t == LocalAddrs::ANY && !self.warned_full {
+        dp.set_local_addrs(&table(&addrs))?;
+        tracing::debug!(addresses = ?addrs, "the gate takes heartbeats at these addresses");
+        self.written(addrs);
+        Ok(true)
+    }
+
+    fn warn_if_full(&mut self, addrs: &BTreeSet<IpAddr>) {
+        let (v4, v6) = table(addrs).checks();
+        if (!v4 || !v6) && !self.warned_full {
             self.warned_full = true;
             tracing::warn!(
                 addresses = addrs.len(),
                 max_per_family = LOCAL_ADDRS_MAX,
-                "more local addresses than the gate holds: it takes heartbeats to any address \
-                 (including ones this host forwards to a monitor behind it)"
+                unchecked = if !v4 && !v6 {
+                    "IPv4 and IPv6"
+                } else if !v4 {
+                    "IPv4"
+                } else {
+                    "IPv6"
+                },
+                "more local addresses than the gate holds: it takes heartbeats to any address of \
+                 that family (including ones this host forwards to a monitor behind it)"
             );
         }
-        dp.set_local_addrs(&t)?;
-        tracing::debug!(addresses = ?addrs, "the gate takes heartbeats at these addresses");
-        self.last = Some(addrs);
-        Ok(true)
     }
 
-    /// How many addresses the gate takes heartbeats at (0: any).
+    /// How many addresses the gate checks heartbeats against (0: none
+    /// written, or neither family checked).
     pub fn held(&self) -> usize {
-        match &self.last {
-            Some(a) if table(a) != LocalAddrs::ANY => a.len(),
-            _ => 0,
-        }
+        let Some(a) = &self.last else {
+            return 0;
+        };
+        let (v4, v6) = table(a).checks();
+        a.iter()
+            .filter(|ip| if ip.is_ipv4() { v4 } else { v6 })
+            .count()
     }
 }
 
@@ -123,7 +157,7 @@ pub async fn watch(
             _ = every.tick() => {}
             _ = stop.changed() => break,
         }
-        match host().and_then(|a| tracker.update(&*dp, a)) {
+        match tracker.read().and_then(|a| tracker.update(&*dp, a)) {
             Err(e) if !failing => {
                 failing = true;
                 tracing::warn!("cannot update the gate's local addresses: {e:#}");
@@ -155,22 +189,30 @@ mod tests {
         assert!(!t.takes_v4([198, 18, 0, 2]));
         assert!(t.takes_v6(&Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1).octets()));
         assert!(!t.takes_v6(&Ipv6Addr::LOCALHOST.octets()));
-        let many: BTreeSet<IpAddr> = (0..=LOCAL_ADDRS_MAX as u8)
-            .map(|i| IpAddr::V4(Ipv4Addr::new(10, 0, 0, i)))
-            .collect();
-        assert_eq!(table(&many), LocalAddrs::ANY);
+        // Twenty link-locals (a host's veths) would switch the IPv6 check
+        // off, and only that one.
+        let mut many = a.clone();
+        many.extend((0..20).map(|i| IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, i))));
+        let t = table(&many);
+        assert_eq!(t.checks(), (true, false));
+        assert!(!t.takes_v4([198, 18, 0, 2]) && t.takes_v6(&Ipv6Addr::LOCALHOST.octets()));
     }
 
     #[test]
     fn this_hosts_addresses_include_loopback() {
-        let a = host().unwrap();
+        let a = host(&[]).unwrap();
         assert!(a.contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)), "{a:?}");
+        assert!(
+            !a.iter()
+                .any(|ip| matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local())),
+            "no link-local address of an interface the gate is not on: {a:?}"
+        );
     }
 
     #[test]
     fn the_tracker_writes_only_changes() {
         let dp = MemDataplane::new();
-        let mut t = Tracker::new();
+        let mut t = Tracker::new(&[]);
         assert_eq!(t.held(), 0, "nothing written: any address");
         let a: BTreeSet<IpAddr> = [IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1))].into();
         assert!(t.update(&dp, a.clone()).unwrap());
@@ -184,6 +226,6 @@ mod tests {
             .map(|i| IpAddr::V4(Ipv4Addr::new(10, 0, 0, i)))
             .collect();
         assert!(t.update(&dp, many).unwrap());
-        assert_eq!(t.held(), 0, "too many: any address");
+        assert_eq!(t.held(), 0, "too many IPv4, and no IPv6: nothing checked");
     }
 }

@@ -146,7 +146,7 @@ impl Metrics {
         let local_addresses = Gauge::default();
         registry.register(
             "gate_local_addresses",
-            "Addresses the XDP gate takes heartbeats at (the host's own); 0: any address (not read yet, more than the gate holds, or userspace mode, whose socket sees only local ones)",
+            "Addresses the XDP gate checks heartbeats' destinations against (the host's own); a family with more than the gate holds is not checked and not counted; 0 in userspace mode, whose socket sees only local ones",
             local_addresses.clone(),
         );
         let packets_by_result = GateResult::ALL

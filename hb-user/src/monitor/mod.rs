@@ -34,6 +34,8 @@ pub mod tick;
 pub mod userspace;
 
 use std::{
+    collections::BTreeSet,
+    net::IpAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -118,7 +120,7 @@ struct Opened {
 /// under `--pin-dir` so a restart re-adopts node state, and delivers the
 /// gate's reports. Its errors are one line each: unknown interface,
 /// missing privileges, another XDP program on the interface, bpffs.
-fn open_xdp(s: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
+fn open_xdp(s: &Settings, local: &BTreeSet<IpAddr>) -> anyhow::Result<Box<dyn Dataplane>> {
     use crate::dataplane::xdp::{AttachMode, XdpDataplane, XdpOptions};
     if s.ifaces.is_empty() {
         bail!("--mode native|skb needs at least one --iface");
@@ -134,14 +136,15 @@ fn open_xdp(s: &Settings) -> anyhow::Result<Box<dyn Dataplane>> {
         keep_attached: s.keep_attached,
         max_nodes: Some(s.capacity),
         object: None,
+        local_addrs: Some(addrs::table(local)),
     })?;
     Ok(Box::new(dp))
 }
 
-fn open_dataplane(s: &Settings) -> anyhow::Result<Opened> {
+fn open_dataplane(s: &Settings, local: &BTreeSet<IpAddr>) -> anyhow::Result<Opened> {
     match s.mode {
         Mode::Native | Mode::Skb => {
-            let mut dp = open_xdp(s)?;
+            let mut dp = open_xdp(s, local)?;
             let reports = dp.take_reports();
             Ok(Opened {
                 dp: Arc::from(dp),
@@ -260,16 +263,16 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
     // Handled now (`run` blocked it until here; this is its thread).
     set_sighup_blocked(false);
 
-    let Opened { dp, reports, mem } = open_dataplane(&settings)?;
+    // The host's addresses, written to the gate before it is attached.
+    let mut local = addrs::Tracker::new(&settings.ifaces);
+    let host = local.read()?;
+    let Opened { dp, reports, mem } = open_dataplane(&settings, &host)?;
     let (mem, sockets) = match mem {
         Some((m, s)) => (Some(m), s),
         None => (None, Vec::new()),
     };
-    // The host's addresses before the port: from the first heartbeat on,
-    // the gate takes only those to this host.
-    let mut local = addrs::Tracker::new();
     if matches!(settings.mode, Mode::Native | Mode::Skb) {
-        local.update(&*dp, addrs::host()?)?;
+        local.written(host);
     }
     dp.set_config(&gate_config(&settings))
         .context("cannot configure the dataplane")?;

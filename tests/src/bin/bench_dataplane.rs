@@ -316,7 +316,11 @@ fn main() -> anyhow::Result<()> {
         .transpose()
         .context("HB_BENCH_ROUNDS: a number")?
         .unwrap_or(ROUNDS);
-    let dp = XdpDataplane::open(&XdpOptions::default()).context("load (run as root)")?;
+    let dp = XdpDataplane::open(&XdpOptions {
+        local_addrs: Some(hb_tests::bench::typical_local_addrs()),
+        ..XdpOptions::default()
+    })
+    .context("load (run as root)")?;
     let keys = NodeKeys::single(0, 0, KEY);
     dp.upsert_node(42, &keys)?;
     let cfg = Config {
@@ -395,7 +399,15 @@ fn main() -> anyhow::Result<()> {
             push(&mut pass, names::PROGRAM, &other, REPEAT)?;
             push(&mut pass_vlan, names::PROGRAM, &other_vlan, REPEAT)?;
             push(&mut floor_d, names::FLOOR, &first, 1)?;
+            let accepted = dp.counters()?[hb_common::GateResult::Accepted.index() as usize];
             push(&mut acc, names::PROGRAM, &first, 1)?;
+            // The frames go to an address in the gate's table: gated and
+            // accepted, not passed as another host's.
+            anyhow::ensure!(
+                dp.counters()?[hb_common::GateResult::Accepted.index() as usize]
+                    == accepted + DISTINCT,
+                "the accepted-heartbeat row's frames were not all accepted"
+            );
             push(&mut rd, names::PROGRAM, &first, 1)?;
             dp.set_config(&Config {
                 ack_every: 1,

@@ -65,6 +65,7 @@ impl Obj {
         let dp = XdpDataplane::open(&XdpOptions {
             max_nodes: Some(NODES),
             object: Some(bytes),
+            local_addrs: Some(hb_tests::bench::typical_local_addrs()),
             ..XdpOptions::default()
         })
         .with_context(|| format!("load {label}"))?;
