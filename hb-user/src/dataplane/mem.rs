@@ -91,26 +91,27 @@ impl MemDataplane {
     /// Gates one UDP payload that arrived at `now_ns` (CLOCK_MONOTONIC)
     /// from `src`. Counts the result, and the ACK as sent if there is one.
     pub fn gate(&self, payload: &[u8], src: SocketAddr, now_ns: u64) -> Verdict {
-        self.gate_and_reply(payload, src, now_ns, |_| true)
+        let v = self.gate_unsent(payload, src, now_ns);
+        if v.ack.is_some() {
+            self.ack_sent();
+        }
+        v
     }
 
-    /// [`Self::gate`] for a gate that sends its ACKs: `send` sends one and
-    /// says whether it went out, and only then is it counted as sent (as
-    /// the kernel counts an ACK once its frame is rewritten).
-    pub fn gate_and_reply(
-        &self,
-        payload: &[u8],
-        src: SocketAddr,
-        now_ns: u64,
-        send: impl FnOnce(&[u8; proto::LEN]) -> bool,
-    ) -> Verdict {
+    /// [`Self::gate`] for a gate that sends its ACKs itself: the ACK is
+    /// not counted as sent; [`Self::ack_sent`] once it went out (as the
+    /// kernel counts an ACK once its frame is rewritten). The send happens
+    /// outside the gate's lock, which the tick's scan takes too.
+    pub fn gate_unsent(&self, payload: &[u8], src: SocketAddr, now_ns: u64) -> Verdict {
         let mut g = self.lock();
         let v = g.gate(payload, src, now_ns, &self.reports_tx);
         g.counters[v.result.index() as usize] += 1;
-        if v.ack.as_ref().is_some_and(send) {
-            g.counters[hb_common::maps::counter::ACK_SENT as usize] += 1;
-        }
         v
+    }
+
+    /// Counts an ACK that went out.
+    pub fn ack_sent(&self) {
+        self.lock().counters[hb_common::maps::counter::ACK_SENT as usize] += 1;
     }
 
     /// Counts a result decided before the gate: a datagram the kernel
@@ -427,8 +428,11 @@ mod tests {
         })
         .unwrap();
         let sent = |seq, ok| {
-            let v = dp.gate_and_reply(&hb(seq).seal(&key()), SRC, seq, |_| ok);
+            let v = dp.gate_unsent(&hb(seq).seal(&key()), SRC, seq);
             assert!(v.ack.is_some());
+            if ok {
+                dp.ack_sent();
+            }
             dp.counters().unwrap()[hb_common::maps::counter::ACK_SENT as usize]
         };
         assert_eq!(sent(1, false), 0, "the send failed");

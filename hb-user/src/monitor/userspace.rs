@@ -349,16 +349,16 @@ pub async fn serve(
         }
         let now = monotonic_ns();
         let src = SocketAddr::new(got.src.ip().to_canonical(), got.src.port());
-        dp.gate_and_reply(&buf[..got.len], src, now, |ack| {
-            match sock.try_io(Interest::WRITABLE, || send_reply(fd, ack, &got)) {
-                Ok(()) => true,
+        let v = dp.gate_unsent(&buf[..got.len], src, now);
+        if let Some(ack) = v.ack {
+            match sock.try_io(Interest::WRITABLE, || send_reply(fd, &ack, &got)) {
+                Ok(()) => dp.ack_sent(),
                 Err(e) => {
                     metrics.ack_send_error();
                     tracing::debug!(error = %e, %src, "cannot send ACK");
-                    false
                 }
             }
-        });
+        }
     }
 }
 
