@@ -608,6 +608,13 @@ impl Settling {
 /// counts as settled: the re-seeded deviation (1/8 of the interval)
 /// decays by 15/16 per sample and is under the 10% floor after 7.
 pub const SETTLE_SAMPLES: u32 = 8;
+/// How far a node's measured mean inter-arrival time may be from the
+/// interval it reports, as a ratio, for its period to be learned from:
+/// losses and pauses are no samples (see `NodeState::record`), so an
+/// honest node's is within a few percent of it, and a tenth of a
+/// period's jitter moves it little.
+const ARRIVALS_AGREE: (f64, f64) = (0.67, 1.5);
+
 /// Decisions after which settling ends anyway (a sender that never
 /// adopts the interval, e.g. one whose own bounds exclude it).
 pub const MAX_SETTLE_PERIODS: u32 = 12;
@@ -1002,7 +1009,19 @@ impl QController {
         // shares, the consequences of one level under another (a node
         // that never followed, or lied about its interval, could teach
         // it that slow levels cost as much as fast ones).
-        let adopted = obs.interval_ms == self.grid.ms(current);
+        // And its arrivals must agree with what it reports (once the
+        // gate's average has had samples since the node announced its
+        // interval, which re-seeds it): a node that echoes the request
+        // while sending at another rate is not at the level either.
+        let runs_at = |level: usize| {
+            let ms = self.grid.ms(level);
+            obs.interval_ms == ms
+                && (obs.settled_samples < SETTLE_SAMPLES
+                    || obs.arrival_mean_ms <= 0.0
+                    || (ARRIVALS_AGREE.0..=ARRIVALS_AGREE.1)
+                        .contains(&(obs.arrival_mean_ms / ms as f64)))
+        };
+        let adopted = runs_at(current);
         let m = self.nodes.entry(node).or_default();
         let credit = match m.settling.as_mut() {
             Some(st) => {
@@ -1042,7 +1061,7 @@ impl QController {
             // heartbeat to answer yet): the node is then where the step
             // left from, and the period is the step's as before.
             None => {
-                let on_its_way = m.from.is_some_and(|l| obs.interval_ms == self.grid.ms(l));
+                let on_its_way = m.from.is_some_and(runs_at);
                 m.last
                     .filter(|_| adopted || on_its_way)
                     .map(|sa| (sa, reward, discount))

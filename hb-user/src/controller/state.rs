@@ -186,6 +186,10 @@ pub struct Observation {
     pub jitter: f64,
     /// The detector's expected inter-arrival time, ms (with pause).
     pub mean_ms: f64,
+    /// The node's measured mean inter-arrival time, ms (the gate's
+    /// average of consecutive arrivals; 0: none yet): what it really
+    /// sends at, whatever it reports.
+    pub arrival_mean_ms: f64,
     /// The detector's floored standard deviation, ms.
     pub sigma_ms: f64,
     /// The node's stall allowance: the silence before which the monitor
@@ -252,6 +256,7 @@ impl Observation {
             loss_rate,
             jitter,
             mean_ms,
+            arrival_mean_ms: now.ia_mean_ns as f64 / 1e6,
             sigma_ms,
             stall_floor_ms,
             load_permille: now.load.min(hb_common::proto::LOAD_MAX),

@@ -112,6 +112,11 @@ fn decisions_stay_in_bounds_and_move_one_step() {
                 rng.random::<f64>() * 100.0
             },
             mean_ms: rng.random::<f64>() * 1e7,
+            arrival_mean_ms: if rng.random::<bool>() {
+                f64::NAN
+            } else {
+                rng.random::<f64>() * 1e7
+            },
             sigma_ms: rng.random::<f64>() * 1e7,
             stall_floor_ms: if rng.random::<bool>() {
                 f64::NAN
@@ -709,6 +714,38 @@ fn a_node_that_does_not_follow_teaches_the_table_nothing() {
             assert!(learned(&c) > 50, "{}", learned(&c));
         } else {
             assert_eq!(learned(&c), 0);
+        }
+    }
+}
+
+/// A node that echoes whatever interval it is asked for while its
+/// heartbeats arrive ten times as often teaches the table nothing either.
+#[test]
+fn a_node_lying_about_its_interval_teaches_the_table_nothing() {
+    let learned = |c: &QController| {
+        c.rows()
+            .iter()
+            .map(|r| r.updates.iter().sum::<u64>())
+            .sum::<u64>()
+    };
+    for lies in [false, true] {
+        let mut c = controller(5);
+        c.set_epsilon(Some(1.0));
+        let mut n = SynthNode::new(1000, 0.02, 0.0, 50);
+        for _ in 0..300 {
+            n.period(5000);
+            if lies {
+                // Ten times the heartbeats: ten times the samples.
+                n.state.ia_mean_ns /= 10;
+                n.state.ia_samples = n.state.ia_samples.saturating_mul(10);
+            }
+            let d = c.observe(1, &n.state, 0);
+            n.adopt(&d);
+        }
+        if lies {
+            assert_eq!(learned(&c), 0);
+        } else {
+            assert!(learned(&c) > 50, "{}", learned(&c));
         }
     }
 }
