@@ -175,11 +175,27 @@ impl CriticalNodes {
 pub struct Critical<P> {
     inner: P,
     critical: CriticalNodes,
+    /// Slots whose request the cap set, for [`IntervalPolicy::reason`].
+    capped: std::collections::HashSet<u32>,
 }
 
 impl<P: IntervalPolicy> Critical<P> {
     pub fn new(inner: P, critical: CriticalNodes) -> Critical<P> {
-        Critical { inner, critical }
+        Critical {
+            inner,
+            critical,
+            capped: Default::default(),
+        }
+    }
+
+    /// The answer for `slot`, noting whether the cap set it.
+    fn answer(&mut self, slot: u32, by_cap: bool, want: Option<u32>) -> Option<u32> {
+        if by_cap {
+            self.capped.insert(slot);
+        } else {
+            self.capped.remove(&slot);
+        }
+        want
     }
 }
 
@@ -197,11 +213,12 @@ impl<P: IntervalPolicy> IntervalPolicy for Critical<P> {
                 Some(cap) if state.interval_ms >= cap => cap,
                 _ => 0,
             };
-            return (want != node.requested_interval_ms).then_some(want);
+            let change = (want != node.requested_interval_ms).then_some(want);
+            return self.answer(slot, want != 0, change);
         }
         let want = self.inner.decide(slot, node, state);
         let Some(cap) = self.critical.cap(node.node_id) else {
-            return want;
+            return self.answer(slot, false, want);
         };
         // What the node will use without a new request.
         let current = match want.unwrap_or(node.requested_interval_ms) {
@@ -209,10 +226,11 @@ impl<P: IntervalPolicy> IntervalPolicy for Critical<P> {
             ms => ms,
         };
         if current == 0 {
-            return want;
+            return self.answer(slot, false, want);
         }
         let capped = current.min(cap);
-        (capped != node.requested_interval_ms).then_some(capped)
+        let change = (capped != node.requested_interval_ms).then_some(capped);
+        self.answer(slot, capped < current, change)
     }
 
     fn active(&self) -> bool {
@@ -220,10 +238,17 @@ impl<P: IntervalPolicy> IntervalPolicy for Critical<P> {
     }
 
     fn reason(&self, slot: u32) -> Option<String> {
+        if self.capped.contains(&slot) {
+            return Some(format!(
+                "critical node: capped at {} ms",
+                self.critical.cap_ms
+            ));
+        }
         self.inner.reason(slot)
     }
 
     fn forget(&mut self, slot: u32) {
+        self.capped.remove(&slot);
         self.inner.forget(slot)
     }
 
@@ -847,6 +872,17 @@ mod tests {
             assert_eq!(r.interval(1), 300, "{kind:?}");
             assert_eq!(r.requested(2), fixed.unwrap_or(0), "{kind:?}");
             assert_eq!(r.interval(2), 1000, "{kind:?}");
+            // `/nodes` says why node 1 is asked for 300 ms.
+            let d = node_row(&r.shared, 1).unwrap().last_decision.unwrap();
+            assert_eq!(
+                (d.interval_ms, d.reason.as_deref()),
+                (300, Some("critical node: capped at 300 ms")),
+                "{kind:?}"
+            );
+            if let Some(ms) = fixed {
+                let d = node_row(&r.shared, 2).unwrap().last_decision.unwrap();
+                assert_eq!(d.reason, Some(format!("fixed interval {ms} ms")));
+            }
         }
     }
 
@@ -917,17 +953,27 @@ mod tests {
         r.shared.core().policy = Box::new(rec.clone());
         r.run(10_000, &[], |_| {});
         let (decided, _) = rec.0.lock().unwrap().clone();
-        // The first tick decides for everyone; from then on every node
-        // once per period, and no tick for more than a fair share.
-        let first = decided[0].0;
-        let later: Vec<&(u64, u32)> = decided.iter().filter(|d| d.0 > first).collect();
+        // Every node once per period from the first tick on (the first
+        // decision within the first period), and no tick for more than a
+        // fair share.
         let mut per_slot = vec![0u32; 300];
+        let mut last = vec![None::<u64>; 300];
         let mut per_tick = std::collections::HashMap::<u64, u32>::new();
-        for (t, slot) in &later {
-            per_slot[*slot as usize] += 1;
+        for (t, slot) in &decided {
+            let i = *slot as usize;
+            per_slot[i] += 1;
             *per_tick.entry(*t).or_default() += 1;
+            if let Some(prev) = last[i] {
+                // One tick (100 ms) of slack in a 1 s period.
+                assert!(
+                    *t - prev >= 900 * MS,
+                    "slot {slot} decided {} ms apart",
+                    (*t - prev) / MS
+                );
+            }
+            last[i] = Some(*t);
         }
-        // 9.9 s after the first tick: 9 or 10 periods.
+        // 10 s of ticks: 9 or 10 periods.
         assert!(
             per_slot.iter().all(|n| (9..=10).contains(n)),
             "{per_slot:?}"

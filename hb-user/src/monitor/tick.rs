@@ -548,7 +548,13 @@ impl Core {
         if self.policy.staggered() {
             let prev = std::mem::replace(&mut self.last_tick_ns, now_ns);
             if prev == 0 || now_ns.saturating_sub(prev) >= p {
-                Due::All
+                // The first tick of a policy (start, reload), or the first
+                // after a gap of a period or more: the windows start from
+                // here, so every node is decided within a period and then
+                // once per period. (Deciding for every node here, as this
+                // did, decided each again within the period, at its phase:
+                // two steps in as little as a tick.)
+                Due::None
             } else {
                 Due::Window {
                     from: prev % p,
