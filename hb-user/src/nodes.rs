@@ -46,7 +46,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let timeout = Duration::from_millis(args.timeout_ms);
     let body = rt
-        .block_on(async { tokio::time::timeout(timeout, get(args.monitor, &path)).await })
+        .block_on(async { tokio::time::timeout(timeout, get_patiently(args.monitor, &path)).await })
         .map_err(|_| {
             anyhow::anyhow!(
                 "the monitor at {} did not answer within {} ms (see --timeout-ms)",
@@ -65,6 +65,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return crate::output::stdout(&format!("{}\n", String::from_utf8_lossy(&body).trim_end()));
     }
     crate::output::stdout(&table(&rows))
+}
+
+/// The monitor is serving as many node listings as it will at once
+/// (503 with `Retry-After`).
+#[derive(Debug, thiserror::Error)]
+#[error("monitor answered 503 Service Unavailable: {message}")]
+pub struct Busy {
+    pub retry_after: Duration,
+    pub message: String,
+}
+
+/// [`get`], asking again after the pause a busy monitor names ([`Busy`])
+/// for as long as it is busy: the caller bounds the whole (`--timeout-ms`).
+pub async fn get_patiently(addr: SocketAddr, path: &str) -> anyhow::Result<Bytes> {
+    loop {
+        match get(addr, path).await {
+            Err(e) => match e.downcast_ref::<Busy>() {
+                Some(b) => {
+                    tracing::debug!(retry_after = ?b.retry_after, "{b}");
+                    tokio::time::sleep(b.retry_after).await;
+                }
+                None => return Err(e),
+            },
+            ok => return ok,
+        }
+    }
 }
 
 /// `GET path` from the monitor at `addr`; the body of a 200 answer.
@@ -87,12 +113,25 @@ pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Bytes> {
         .await
         .with_context(|| format!("GET {path} from {addr}"))?;
     let status = resp.status();
+    // Seconds, bounded: a monitor cannot park its client for long.
+    let retry_after = resp
+        .headers()
+        .get(hyper::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s.clamp(1, 10)));
     let body = resp
         .into_body()
         .collect()
         .await
         .with_context(|| format!("reading the answer to GET {path}"))?
         .to_bytes();
+    if let (hyper::StatusCode::SERVICE_UNAVAILABLE, Some(retry_after)) = (status, retry_after) {
+        return Err(Busy {
+            retry_after,
+            message: String::from_utf8_lossy(&body).trim().to_owned(),
+        }
+        .into());
+    }
     if !status.is_success() {
         bail!(
             "monitor answered {status}: {}",

@@ -674,13 +674,17 @@ async fn serve_within(
 
 /// The API's routes.
 pub fn router(shared: Arc<Shared>) -> Router {
+    routes(Api::new(shared))
+}
+
+fn routes(api: Api) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/nodes", get(nodes))
         .route("/nodes/{id}", get(node))
         .route("/healthz", get(healthz))
         .route("/controller", get(controller))
-        .with_state(Api::new(shared))
+        .with_state(api)
 }
 
 #[cfg(test)]
@@ -984,6 +988,33 @@ mod tests {
             99
         );
         assert_eq!(api.listings.available_permits(), LISTINGS);
+    }
+
+    /// `hb nodes` waits out a busy monitor (within its own timeout).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hb_nodes_asks_a_busy_monitor_again() {
+        let api = Api::new(fleet(100));
+        let held: Vec<_> = (0..LISTINGS)
+            .map(|_| api.listings.clone().try_acquire_owned().unwrap())
+            .collect();
+        let addr = serve(routes(api.clone())).await;
+        let e = crate::nodes::get(addr, "/nodes").await.unwrap_err();
+        assert!(e.downcast_ref::<crate::nodes::Busy>().is_some(), "{e:#}");
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            drop(held);
+        });
+        let body = tokio::time::timeout(
+            Duration::from_secs(10),
+            crate::nodes::get_patiently(addr, "/nodes"),
+        )
+        .await
+        .expect("within 10 s")
+        .unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Vec<NodeRow>>(&body).unwrap().len(),
+            99
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
