@@ -231,11 +231,15 @@ const HOOK_GRACE: Duration = Duration::from_secs(5);
 
 /// Saves the policy's learned table, if it has one: taken under the
 /// core's lock, written (atomically) without it.
-fn save_table(shared: &Shared, last: bool) {
-    let Some((path, table)) = shared.core().policy.table() else {
+pub(crate) fn save_table(shared: &Shared, last: bool) {
+    let Some((path, table)) = shared.core().policy.table_to_save() else {
         return;
     };
-    match table.save(&path) {
+    let saved = table.save(&path);
+    if saved.is_ok() {
+        shared.core().policy.table_saved();
+    }
+    match saved {
         Ok(()) if last => tracing::info!(
             path = %path.display(),
             states = table.rows.len(),

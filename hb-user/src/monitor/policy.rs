@@ -81,11 +81,20 @@ pub trait IntervalPolicy: Send {
         serde_json::json!({ "controller": self.name() })
     }
 
-    /// What to persist, and where: the learned table (taken under the
-    /// core's lock, written without it).
+    /// The learned table and the file it goes to, if the policy has one
+    /// (a reload carries it to the new policy).
     fn table(&self) -> Option<(PathBuf, TableFile)> {
         None
     }
+
+    /// [`Self::table`], if it is to be saved now (taken under the core's
+    /// lock, written without it).
+    fn table_to_save(&self) -> Option<(PathBuf, TableFile)> {
+        self.table()
+    }
+
+    /// The table from [`Self::table_to_save`] was written to its file.
+    fn table_saved(&self) {}
 }
 
 /// A decision as `/nodes` shows it.
@@ -282,6 +291,14 @@ impl<P: IntervalPolicy> IntervalPolicy for Critical<P> {
     fn table(&self) -> Option<(PathBuf, TableFile)> {
         self.inner.table()
     }
+
+    fn table_to_save(&self) -> Option<(PathBuf, TableFile)> {
+        self.inner.table_to_save()
+    }
+
+    fn table_saved(&self) {
+        self.inner.table_saved()
+    }
 }
 
 /// What the Q-learning policy keeps per slot.
@@ -305,6 +322,11 @@ pub struct QLearnPolicy {
     table_path: Option<PathBuf>,
     critical: Option<CriticalNodes>,
     slots: Vec<SlotMemory>,
+    /// Whether the table file has existed while this policy ran (loaded,
+    /// or written by a save): once it has, its removal is the operator's
+    /// "learn afresh" (README), which no later save may undo.
+    file_seen: std::sync::atomic::AtomicBool,
+    gone_logged: std::sync::atomic::AtomicBool,
 }
 
 impl QLearnPolicy {
@@ -316,8 +338,9 @@ impl QLearnPolicy {
         table_path: Option<PathBuf>,
         critical: Option<CriticalNodes>,
     ) -> anyhow::Result<QLearnPolicy> {
+        let loaded = table_path.as_ref().is_some_and(|p| p.exists());
         if let Some(p) = &table_path
-            && p.exists()
+            && loaded
         {
             ctrl.load(p)?;
             tracing::info!(
@@ -327,7 +350,10 @@ impl QLearnPolicy {
                 "controller table loaded"
             );
         }
-        Ok(QLearnPolicy::wrap(ctrl, table_path, critical))
+        let p = QLearnPolicy::wrap(ctrl, table_path, critical);
+        p.file_seen
+            .store(loaded, std::sync::atomic::Ordering::Relaxed);
+        Ok(p)
     }
 
     /// Wraps `ctrl` as it is (a reload hands it the running controller's
@@ -342,6 +368,8 @@ impl QLearnPolicy {
             table_path,
             critical,
             slots: Vec::new(),
+            file_seen: Default::default(),
+            gone_logged: Default::default(),
         }
     }
 
@@ -452,6 +480,32 @@ impl IntervalPolicy for QLearnPolicy {
 
     fn table(&self) -> Option<(PathBuf, TableFile)> {
         Some((self.table_path.clone()?, self.ctrl.table_file()))
+    }
+
+    /// `None` once the file this policy loaded or saved was removed: the
+    /// minute save wrote it back before the reload the operator removed it
+    /// for (a new target, new bounds: README), which was then refused
+    /// again, and the save at exit before a restart.
+    fn table_to_save(&self) -> Option<(PathBuf, TableFile)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let path = self.table_path.clone()?;
+        if path.exists() {
+            self.file_seen.store(true, Relaxed);
+        } else if self.file_seen.load(Relaxed) {
+            if !self.gone_logged.swap(true, Relaxed) {
+                tracing::warn!(
+                    path = %path.display(),
+                    "the controller table's file was removed: not saved again; a reload or restart learns afresh"
+                );
+            }
+            return None;
+        }
+        Some((path, self.ctrl.table_file()))
+    }
+
+    fn table_saved(&self) {
+        self.file_seen
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -796,6 +850,10 @@ mod tests {
         // target is taken with a fresh table: the reload no longer saves
         // the running table first, which put the file back every time.
         std::fs::remove_file(&table).unwrap();
+        // The running policy's minute save, between the removal and the
+        // reload, does not put it back.
+        crate::monitor::save_table(&r.shared, false);
+        assert!(!table.exists(), "the removed table was written back");
         let p = crate::monitor::rebuild_policy(&r.shared, &retarget).unwrap();
         assert_eq!(p.snapshot()["decisions"], 0);
         assert!(!table.exists());
@@ -814,8 +872,11 @@ mod tests {
         let p = crate::monitor::rebuild_policy(&r.shared, &unwritable).unwrap();
         assert_eq!(p.snapshot()["decisions"], now);
         save_table(&r.shared, true);
+        assert!(!table.exists(), "not even at exit");
 
         // A table that does not fit is refused in one clear line.
+        let (_, running) = r.shared.core().policy.table().unwrap();
+        running.save(&table).unwrap();
         let other = settings(|o| {
             o.controller = Some(ControllerKind::Qlearn);
             o.controller_table = Some(table.clone());
