@@ -46,8 +46,11 @@ enum Cmd {
     Demo(demo::Args),
 }
 
-/// Builds `hb` and returns the binary's path.
+/// Builds `hb` and returns the binary's path. Setup first (a no-op once
+/// done): the build needs the nightly's rust-src and bpf-linker, and on a
+/// fresh machine it failed deep in the eBPF build script instead.
 pub fn build(release: bool) -> anyhow::Result<PathBuf> {
+    setup::run()?;
     let mut cmd = util::cargo();
     cmd.args(["build", "-p", "hb-user", "--bin", "hb"]);
     if release {

@@ -252,7 +252,9 @@ pub fn sweep_pins(prefix: &str) -> anyhow::Result<Vec<String>> {
 /// Sweeps everything test runs create: `hbt-*` namespaces and
 /// `/sys/fs/bpf/hb-test-*` pins. `when` goes into the log line.
 pub fn sweep_test_leftovers(when: &str) {
-    match sweep_netns(&["hbt-"]) {
+    // `hbd-`: the demo's, which its unit test builds too (the pid in
+    // the name keeps a running demo's).
+    match sweep_netns(&["hbt-", "hbd-"]) {
         Ok(v) if !v.is_empty() => {
             eprintln!(
                 "xtask: {when}: deleted {} leftover namespace(s): {}",
@@ -292,5 +294,21 @@ mod tests {
         if std::env::var_os("CI").is_none() {
             assert!(!is_leftover("hb-test-x-new", Some(SystemTime::now())));
         }
+    }
+
+    /// A namespace the demo's unit test left (its binary killed without
+    /// unwinding) is swept with the tests' own.
+    #[test]
+    fn the_sweep_takes_the_demos_leftovers_too() {
+        let me = std::process::id();
+        let dead = format!("hbd-99999999-sweep{me}");
+        output(Command::new("ip").args(["netns", "add", &dead])).unwrap();
+        sweep_test_leftovers("test");
+        let list = output(Command::new("ip").args(["netns", "list"])).unwrap();
+        let left = list.lines().any(|l| l.split_whitespace().next() == Some(&dead));
+        if left {
+            let _ = output(Command::new("ip").args(["netns", "delete", &dead]));
+        }
+        assert!(!left, "{dead} was not swept");
     }
 }
