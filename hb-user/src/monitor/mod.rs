@@ -513,14 +513,21 @@ fn carry(
 }
 
 /// The policy `new` asks for. A learning controller goes on from the
-/// running one's table (see [`carry`]); a policy without a table replaces
-/// one that had: that table is saved first, for a later switch back.
+/// running one's table (see [`carry`]), unless `new` names another table
+/// file that exists: that one is loaded, as at a start (carrying the
+/// running table there instead ignored it, and the next save overwrote
+/// it). A policy without a table replaces one that had: that table is
+/// saved first, for a later switch back.
 fn rebuild_policy(shared: &Shared, new: &Settings) -> anyhow::Result<Box<dyn IntervalPolicy>> {
-    let running = shared.core().policy.table().map(|(_, t)| t);
+    let running = shared.core().policy.table();
     if running.is_some() && new.controller.kind != ControllerKind::Qlearn {
         save_table(shared, false);
     }
-    make_policy_carrying(new, running.as_ref())
+    let carried = match running {
+        Some((path, _)) if path != new.controller.table && new.controller.table.exists() => None,
+        r => r.map(|(_, t)| t),
+    };
+    make_policy_carrying(new, carried.as_ref())
 }
 
 /// Applies what a reload changes besides the fleet and the gate's ACK

@@ -889,6 +889,36 @@ mod tests {
         assert!(e.contains("not valid JSON"), "{e}");
     }
 
+    /// A reload that points the controller at another table file which
+    /// exists loads it (a table trained elsewhere, say), rather than
+    /// carrying the running table there and overwriting it at the next
+    /// save; one that points at a file not there yet carries the running
+    /// table.
+    #[test]
+    fn a_reload_to_another_existing_table_file_loads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str| {
+            let path = dir.path().join(name);
+            settings(move |o| {
+                o.controller = Some(ControllerKind::Qlearn);
+                o.controller_table = Some(path.clone());
+                o.decision_ms = Some(1000);
+            })
+        };
+        let s = at("a.json");
+        let mut r = Rig::new(&s, &[1, 2, 3], 1000);
+        r.run(10 * 60_000, &[], |_| {});
+        let (_, mut trained) = r.shared.core().policy.table().unwrap();
+        let running = trained.decisions;
+        assert!(running > 7, "{running}");
+        trained.decisions = 7;
+        trained.save(&dir.path().join("b.json")).unwrap();
+        let p = crate::monitor::rebuild_policy(&r.shared, &at("b.json")).unwrap();
+        assert_eq!(p.snapshot()["decisions"], 7);
+        let p = crate::monitor::rebuild_policy(&r.shared, &at("c.json")).unwrap();
+        assert_eq!(p.snapshot()["decisions"], running);
+    }
+
     #[test]
     fn critical_nodes_never_exceed_their_cap() {
         let dir = tempfile::tempdir().unwrap();
