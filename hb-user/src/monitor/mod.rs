@@ -495,7 +495,7 @@ fn carry(
     // A table that does not fit is refused before anything is loaded: on
     // an error `ctrl` still has its fresh table.
     match ctrl.load_table(running) {
-        Ok(()) => Ok(wrap(ctrl)),
+        Ok(()) => Ok(wrap(ctrl).carried()),
         Err(why) if path.exists() => anyhow::bail!(
             "the learned controller table {why}: remove {} (after saving it elsewhere if it \
              is worth keeping) to learn afresh, or set the options back",
@@ -548,11 +548,12 @@ fn apply_options(
             core.detector = Detector::new(new.thresholds, new.phi);
             changed.push("detector");
         }
-        if let Some(p) = policy {
+        if let Some(mut p) = policy {
+            p.catch_up(&*core.policy);
             tracing::info!(
                 from = core.policy.name(),
                 to = p.name(),
-                "interval policy replaced: it takes over the requests in force (withdrawn if it makes none) and decides for every node on the next tick"
+                "interval policy replaced: it takes over the requests in force (withdrawn if it makes none)"
             );
             core.set_policy(p, new.decision_ms, &*shared.dp);
             changed.push("controller");

@@ -95,6 +95,10 @@ pub trait IntervalPolicy: Send {
 
     /// The table from [`Self::table_to_save`] was written to its file.
     fn table_saved(&self) {}
+
+    /// About to replace `running` (a reload, under the core's lock): a
+    /// policy built from `running`'s table takes what it learned since.
+    fn catch_up(&mut self, _running: &dyn IntervalPolicy) {}
 }
 
 /// A decision as `/nodes` shows it.
@@ -299,6 +303,10 @@ impl<P: IntervalPolicy> IntervalPolicy for Critical<P> {
     fn table_saved(&self) {
         self.inner.table_saved()
     }
+
+    fn catch_up(&mut self, running: &dyn IntervalPolicy) {
+        self.inner.catch_up(running)
+    }
 }
 
 /// What the Q-learning policy keeps per slot.
@@ -327,6 +335,9 @@ pub struct QLearnPolicy {
     /// "learn afresh" (README), which no later save may undo.
     file_seen: std::sync::atomic::AtomicBool,
     gone_logged: std::sync::atomic::AtomicBool,
+    /// Built at a reload from the running controller's table (see
+    /// [`IntervalPolicy::catch_up`]).
+    carried: bool,
 }
 
 impl QLearnPolicy {
@@ -370,7 +381,14 @@ impl QLearnPolicy {
             slots: Vec::new(),
             file_seen: Default::default(),
             gone_logged: Default::default(),
+            carried: false,
         }
+    }
+
+    /// Marks a policy built from the running one's table at a reload.
+    pub fn carried(mut self) -> QLearnPolicy {
+        self.carried = true;
+        self
     }
 
     pub fn controller(&self) -> &QController {
@@ -506,6 +524,25 @@ impl IntervalPolicy for QLearnPolicy {
     fn table_saved(&self) {
         self.file_seen
             .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A reload builds this policy from a snapshot of the running table
+    /// before the fleet's part, which runs without the core's lock
+    /// (seconds at a million nodes) while the running controller goes on
+    /// learning: the table is taken again here, under the lock, so that
+    /// nothing learned meanwhile is lost. It fitted then; levels and
+    /// target cannot have changed since.
+    fn catch_up(&mut self, running: &dyn IntervalPolicy) {
+        if !self.carried {
+            return;
+        }
+        if let Some((_, t)) = running.table()
+            && let Err(why) = self.ctrl.load_table(&t)
+        {
+            tracing::warn!(
+                "the running controller table {why}: the reload goes on from its snapshot"
+            );
+        }
     }
 }
 
@@ -917,6 +954,43 @@ mod tests {
         assert_eq!(p.snapshot()["decisions"], 7);
         let p = crate::monitor::rebuild_policy(&r.shared, &at("c.json")).unwrap();
         assert_eq!(p.snapshot()["decisions"], running);
+    }
+
+    /// What the running controller learns while a reload derives keys
+    /// (its fleet part, without the core's lock) is not lost when the
+    /// rebuilt policy is installed.
+    #[test]
+    fn a_reload_keeps_what_was_learned_while_it_ran() {
+        use crate::monitor::{apply_options, rebuild_policy};
+        let dir = tempfile::tempdir().unwrap();
+        let with = |critical: bool| {
+            let path = dir.path().join("t.json");
+            settings(move |o| {
+                o.controller = Some(ControllerKind::Qlearn);
+                o.controller_table = Some(path.clone());
+                o.decision_ms = Some(1000);
+                if critical {
+                    o.critical = Some("3".into());
+                    o.controller_max_interval_ms = Some(700);
+                }
+            })
+        };
+        let mut running = with(false);
+        let mut r = Rig::new(&running, &[1, 2, 3], 1000);
+        r.run(5 * 60_000, &[], |_| {});
+        let new = with(true);
+        let p = rebuild_policy(&r.shared, &new).unwrap();
+        let built = p.snapshot()["decisions"].as_u64().unwrap();
+        // The fleet's part of the reload, meanwhile.
+        r.run(60_000, &[], |_| {});
+        let meanwhile = r.shared.core().policy.snapshot()["decisions"]
+            .as_u64()
+            .unwrap();
+        assert!(meanwhile > built, "{meanwhile} > {built}");
+        apply_options(&r.shared, &mut running, &new, Some(p), false);
+        let snap = r.shared.core().policy.snapshot();
+        assert_eq!(snap["decisions"].as_u64().unwrap(), meanwhile);
+        assert_eq!(snap["critical_cap_ms"], 700);
     }
 
     #[test]
