@@ -305,7 +305,9 @@ mod tests {
         output(Command::new("ip").args(["netns", "add", &dead])).unwrap();
         sweep_test_leftovers("test");
         let list = output(Command::new("ip").args(["netns", "list"])).unwrap();
-        let left = list.lines().any(|l| l.split_whitespace().next() == Some(&dead));
+        let left = list
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(&dead));
         if left {
             let _ = output(Command::new("ip").args(["netns", "delete", &dead]));
         }
