@@ -4,6 +4,7 @@
 pub mod controller;
 pub mod dataplane;
 pub mod detector;
+pub mod dirlock;
 pub mod eval;
 pub mod keys;
 pub mod logging;

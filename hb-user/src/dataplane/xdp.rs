@@ -729,28 +729,20 @@ fn ensure_pin_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create pin directory {}", dir.display()))
 }
 
-/// Takes the pin directory for this process (an `flock` on it): one
+/// Takes the pin directory for this process ([`crate::dirlock`]): one
 /// monitor per pin directory. What a start repairs in adopted maps (node
 /// counters left held, [`NodeMaps::release_dead_writers`]; an index left
 /// mid-move, [`NodeIndex`]) it takes for a dead writer's, which is only
-/// right if no other monitor is writing the same maps. The kernel drops
-/// the lock however its holder ends, SIGKILL included, so it never needs
-/// cleaning up; the file is opened close-on-exec, so hooks never hold it.
+/// right if no other monitor is writing the same maps.
 fn lock_pin_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
-    let f = std::fs::File::open(dir)
-        .with_context(|| format!("cannot open pin directory {}", dir.display()))?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            bail!(
-                "another hb monitor is using the pin directory {}: stop it first, or give this one its own --pin-dir",
-                dir.display()
-            );
-        }
-        return Err(e).with_context(|| format!("cannot lock pin directory {}", dir.display()));
-    }
-    Ok(f)
+    crate::dirlock::lock(
+        dir,
+        "pin directory",
+        &format!(
+            "another hb monitor is using the pin directory {}: stop it first, or give this one its own --pin-dir",
+            dir.display()
+        ),
+    )
 }
 
 /// Node maps pinned by hb versions before the node index (a hash map of

@@ -26,7 +26,6 @@
 
 use std::{
     io::Write as _,
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
 };
 
@@ -62,29 +61,21 @@ pub fn ephemeral() -> anyhow::Result<u32> {
     unix_seconds()
 }
 
-/// Takes `dir` for this process (an exclusive `flock` on the directory,
-/// as the monitor does on its pin directory), creating it (mode 0700) if
-/// needed: one sender per state directory. Two at once (the unit and a
-/// manual debugging run) could take the same generation, or trip over
-/// each other's temporary file. Hold the returned file as long as the
-/// sender runs; the kernel drops the lock however the process ends, so it
-/// never needs cleaning up (and the file is close-on-exec).
+/// Takes `dir` for this process ([`crate::dirlock`], as the monitor does
+/// its pin directory), creating it (mode 0700) if needed: one sender per
+/// state directory. Two at once (the unit and a manual debugging run)
+/// could take the same generation, or trip over each other's temporary
+/// file. Hold the returned file as long as the sender runs.
 pub fn lock(dir: &Path) -> anyhow::Result<std::fs::File> {
     create_dir(dir)?;
-    let f = std::fs::File::open(dir)
-        .with_context(|| format!("cannot open state directory {}", dir.display()))?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            bail!(
-                "another hb send is using the state directory {}: stop it first, or give this one its own --state-dir",
-                dir.display()
-            );
-        }
-        return Err(e).with_context(|| format!("cannot lock state directory {}", dir.display()));
-    }
-    Ok(f)
+    crate::dirlock::lock(
+        dir,
+        "state directory",
+        &format!(
+            "another hb send is using the state directory {}: stop it first, or give this one its own --state-dir",
+            dir.display()
+        ),
+    )
 }
 
 /// Picks the next generation for `dir` given the current Unix time, and
