@@ -704,34 +704,28 @@ async fn send_loop(
     let send_errors = sender.monitors().iter().map(|m| m.send_errors).sum::<u64>();
     let monitors = sender.monitors().len();
     let unresolved = names.unresolved();
+    // One line either way, a warning if the goodbye reached no monitor.
+    macro_rules! exit_line {
+        ($level:ident, $message:literal) => {
+            tracing::$level!(
+                signal,
+                leaving_sent_to = reached,
+                monitors,
+                unresolved = ?unresolved,
+                sent = sender.sent,
+                last_seq = sender.seq(),
+                acks,
+                send_errors,
+                recv_errors,
+                acks_rejected = %rejected.join(","),
+                $message
+            )
+        };
+    }
     if reached > 0 {
-        tracing::info!(
-            signal,
-            leaving_sent_to = reached,
-            monitors,
-            unresolved = ?unresolved,
-            sent = sender.sent,
-            last_seq = sender.seq(),
-            acks,
-            send_errors,
-            recv_errors,
-            acks_rejected = %rejected.join(","),
-            "sent LEAVING heartbeat, exiting"
-        );
+        exit_line!(info, "sent LEAVING heartbeat, exiting");
     } else {
-        tracing::warn!(
-            signal,
-            leaving_sent_to = reached,
-            monitors,
-            unresolved = ?unresolved,
-            sent = sender.sent,
-            last_seq = sender.seq(),
-            acks,
-            send_errors,
-            recv_errors,
-            acks_rejected = %rejected.join(","),
-            "sent the LEAVING heartbeat to no monitor, exiting"
-        );
+        exit_line!(warn, "sent the LEAVING heartbeat to no monitor, exiting");
     }
     Ok(())
 }
