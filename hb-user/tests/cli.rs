@@ -56,55 +56,78 @@ fn hb(args: &[&str]) -> Output {
     output(&mut command(args))
 }
 
+/// A started `hb`: its stdout and stderr drained on threads, so a chatty
+/// child never blocks on a full pipe; collected with a bound, in case it
+/// left a grandchild holding one.
+struct Running {
+    child: std::process::Child,
+    out: mpsc::Receiver<Vec<u8>>,
+    err: mpsc::Receiver<Vec<u8>>,
+}
+
+fn drain(pipe: Option<impl Read + Send + 'static>) -> mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = mpsc::channel();
+    if let Some(mut pipe) = pipe {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            let _ = tx.send(buf);
+        });
+    }
+    rx
+}
+
+fn collect(rx: &mpsc::Receiver<Vec<u8>>) -> Vec<u8> {
+    rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default()
+}
+
+impl Running {
+    fn start(cmd: &mut Command) -> Running {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {cmd:?}: {e} (`hb send` runs in a network namespace \
+                     of its own: that needs root)"
+                )
+            });
+        let (out, err) = (drain(child.stdout.take()), drain(child.stderr.take()));
+        Running { child, out, err }
+    }
+
+    /// Its output once it ended; kills it and fails the test (`what` says
+    /// what it was waiting for) if it has not within [`TIMEOUT`].
+    fn finish(mut self, cmd: &Command, what: &str) -> Output {
+        let deadline = Instant::now() + TIMEOUT;
+        let status = loop {
+            if let Some(st) = self.child.try_wait().expect("wait for hb") {
+                break st;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "{cmd:?} still running {TIMEOUT:?} {what}, killed; stderr: {}",
+                    String::from_utf8_lossy(&collect(&self.err))
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        Output {
+            status,
+            stdout: collect(&self.out),
+            stderr: collect(&self.err),
+        }
+    }
+}
+
 /// Runs `cmd` like [`Command::output`], but kills it and fails the test if
 /// it is still running after [`TIMEOUT`].
 fn output(cmd: &mut Command) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot start {cmd:?}: {e} (`hb send` runs in a network namespace \
-                 of its own: that needs root)"
-            )
-        });
-    fn drain(pipe: Option<impl Read + Send + 'static>) -> mpsc::Receiver<Vec<u8>> {
-        let (tx, rx) = mpsc::channel();
-        if let Some(mut pipe) = pipe {
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let _ = pipe.read_to_end(&mut buf);
-                let _ = tx.send(buf);
-            });
-        }
-        rx
-    }
-    let out = drain(child.stdout.take());
-    let err = drain(child.stderr.take());
-    let collect =
-        |rx: mpsc::Receiver<Vec<u8>>| rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
-    let deadline = Instant::now() + TIMEOUT;
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait for hb") {
-            break st;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{cmd:?} still running after {TIMEOUT:?}, killed; stderr: {}",
-                String::from_utf8_lossy(&collect(err))
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: collect(out),
-        stderr: collect(err),
-    }
+    Running::start(cmd).finish(cmd, "after its start")
 }
 
 fn stdout(o: &Output) -> String {
@@ -495,56 +518,20 @@ fn isolate_with_loopback(cmd: &mut Command) {
 /// its output once it ended; fails the test if it does not within
 /// [`TIMEOUT`].
 fn output_after_sigterm(cmd: &mut Command, run: Duration) -> Output {
-    fn drain(pipe: Option<impl Read + Send + 'static>) -> mpsc::Receiver<Vec<u8>> {
-        let (tx, rx) = mpsc::channel();
-        if let Some(mut pipe) = pipe {
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let _ = pipe.read_to_end(&mut buf);
-                let _ = tx.send(buf);
-            });
-        }
-        rx
-    }
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e} (needs root)"));
-    let out = drain(child.stdout.take());
-    let err = drain(child.stderr.take());
-    let collect =
-        |rx: mpsc::Receiver<Vec<u8>>| rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+    let mut hb = Running::start(cmd);
     std::thread::sleep(run);
-    if let Some(st) = child.try_wait().expect("wait for hb") {
+    if let Some(st) = hb.child.try_wait().expect("wait for hb") {
         panic!(
             "{cmd:?} ended by itself ({st}) within {run:?}; stderr: {}",
-            String::from_utf8_lossy(&collect(err))
+            String::from_utf8_lossy(&collect(&hb.err))
         );
     }
     // SAFETY: kill(2) on our own child, which has not been reaped.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let deadline = Instant::now() + TIMEOUT;
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait for hb") {
-            break st;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{cmd:?} still running {TIMEOUT:?} after SIGTERM, killed; stderr: {}",
-                String::from_utf8_lossy(&collect(err))
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: collect(out),
-        stderr: collect(err),
-    }
+    assert_eq!(
+        unsafe { libc::kill(hb.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    hb.finish(cmd, "after SIGTERM")
 }
 
 /// The stderr lines of `o` that contain every one of `all`.
