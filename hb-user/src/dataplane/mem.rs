@@ -340,6 +340,89 @@ impl Dataplane for MemDataplane {
     }
 }
 
+/// Test doubles built on the in-memory gate.
+#[cfg(test)]
+pub mod testing {
+    use std::{
+        borrow::Borrow,
+        ops::Range,
+        sync::atomic::{AtomicU64, Ordering},
+    };
+
+    use hb_common::maps::{Config, NodeKeys, NodeState, Report};
+
+    use super::MemDataplane;
+    use crate::dataplane::{Counters, Dataplane, LiveFn};
+
+    /// The in-memory gate, but the state of one slot cannot be read (held
+    /// by a writer that died): reads skip it and count it, as the XDP
+    /// dataplane's do ([`Dataplane::stuck_reads`]).
+    pub struct Unreadable<M> {
+        pub mem: M,
+        pub slot: u32,
+        skipped: AtomicU64,
+    }
+
+    impl<M: Borrow<MemDataplane>> Unreadable<M> {
+        pub fn new(mem: M, slot: u32) -> Unreadable<M> {
+            Unreadable {
+                mem,
+                slot,
+                skipped: AtomicU64::new(0),
+            }
+        }
+
+        fn mem(&self) -> &MemDataplane {
+            self.mem.borrow()
+        }
+    }
+
+    impl<M: Borrow<MemDataplane> + Send + Sync> Dataplane for Unreadable<M> {
+        fn upsert_node(&self, node_id: u32, keys: &NodeKeys) -> anyhow::Result<()> {
+            self.mem().upsert_node(node_id, keys)
+        }
+        fn remove_node(&self, node_id: u32) -> anyhow::Result<()> {
+            self.mem().remove_node(node_id)
+        }
+        fn provisioned(&self) -> anyhow::Result<Vec<(u32, NodeKeys)>> {
+            self.mem().provisioned()
+        }
+        fn read_states(&self, slots: Range<u32>, f: &mut dyn FnMut(u32, &NodeState)) {
+            self.mem().read_states(slots, &mut |slot, st| {
+                if slot == self.slot {
+                    self.skipped.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    f(slot, st)
+                }
+            })
+        }
+        fn read_live(&self, slots: Range<u32>, f: &mut LiveFn) {
+            self.mem().read_live(slots, &mut |slot, st, full| {
+                if slot == self.slot {
+                    self.skipped.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    f(slot, st, full)
+                }
+            })
+        }
+        fn set_requested_interval(&self, slot: u32, interval_ms: u32) {
+            self.mem().set_requested_interval(slot, interval_ms)
+        }
+        fn counters(&self) -> anyhow::Result<Counters> {
+            self.mem().counters()
+        }
+        fn set_config(&self, cfg: &Config) -> anyhow::Result<()> {
+            self.mem().set_config(cfg)
+        }
+        fn take_reports(&mut self) -> Option<tokio::sync::mpsc::Receiver<Report>> {
+            None
+        }
+        fn stuck_reads(&self) -> u64 {
+            self.skipped.load(Ordering::Relaxed)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use hb_common::{Datagram, NodeKey};

@@ -889,51 +889,6 @@ mod tests {
     /// answered 503, not as a blank node never heard from.
     #[test]
     fn an_unreadable_node_is_no_blank_node() {
-        struct Stuck {
-            mem: MemDataplane,
-            slot: u32,
-            skipped: AtomicU64,
-        }
-        impl Dataplane for Stuck {
-            fn upsert_node(&self, node_id: u32, keys: &NodeKeys) -> anyhow::Result<()> {
-                self.mem.upsert_node(node_id, keys)
-            }
-            fn remove_node(&self, node_id: u32) -> anyhow::Result<()> {
-                self.mem.remove_node(node_id)
-            }
-            fn provisioned(&self) -> anyhow::Result<Vec<(u32, NodeKeys)>> {
-                self.mem.provisioned()
-            }
-            fn read_states(&self, slots: std::ops::Range<u32>, f: &mut dyn FnMut(u32, &NodeState)) {
-                self.mem.read_states(slots, &mut |slot, st| {
-                    if slot == self.slot {
-                        self.skipped.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        f(slot, st)
-                    }
-                })
-            }
-            fn read_live(&self, slots: std::ops::Range<u32>, f: &mut crate::dataplane::LiveFn) {
-                self.mem.read_live(slots, f)
-            }
-            fn set_requested_interval(&self, slot: u32, interval_ms: u32) {
-                self.mem.set_requested_interval(slot, interval_ms)
-            }
-            fn counters(&self) -> anyhow::Result<crate::dataplane::Counters> {
-                self.mem.counters()
-            }
-            fn set_config(&self, cfg: &hb_common::maps::Config) -> anyhow::Result<()> {
-                self.mem.set_config(cfg)
-            }
-            fn take_reports(
-                &mut self,
-            ) -> Option<tokio::sync::mpsc::Receiver<hb_common::maps::Report>> {
-                None
-            }
-            fn stuck_reads(&self) -> u64 {
-                self.skipped.load(Ordering::Relaxed)
-            }
-        }
         let f = fleet(3);
         let mut core = Core::new(
             Detector::new(Thresholds::default(), PhiParams::default()),
@@ -949,11 +904,7 @@ mod tests {
         let slot = core.table.slot_of(2).unwrap();
         let shared = Shared {
             core: Mutex::new(core),
-            dp: Arc::new(Stuck {
-                mem,
-                slot,
-                skipped: AtomicU64::new(0),
-            }),
+            dp: Arc::new(crate::dataplane::mem::testing::Unreadable::new(mem, slot)),
             metrics: f.metrics.clone(),
             last_tick_ns: AtomicU64::new(0),
             dataplane_ok: AtomicBool::new(false),

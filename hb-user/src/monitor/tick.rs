@@ -776,51 +776,6 @@ mod tests {
         }
     }
 
-    /// The gate as it is, but the line of one slot cannot be read (held
-    /// by a writer that died).
-    struct Stuck<'a> {
-        mem: &'a MemDataplane,
-        slot: u32,
-    }
-
-    impl Dataplane for Stuck<'_> {
-        fn upsert_node(&self, node_id: u32, keys: &NodeKeys) -> anyhow::Result<()> {
-            self.mem.upsert_node(node_id, keys)
-        }
-        fn remove_node(&self, node_id: u32) -> anyhow::Result<()> {
-            self.mem.remove_node(node_id)
-        }
-        fn provisioned(&self) -> anyhow::Result<Vec<(u32, NodeKeys)>> {
-            self.mem.provisioned()
-        }
-        fn read_states(&self, slots: std::ops::Range<u32>, f: &mut dyn FnMut(u32, &NodeState)) {
-            self.mem.read_states(slots, &mut |slot, st| {
-                if slot != self.slot {
-                    f(slot, st)
-                }
-            })
-        }
-        fn read_live(&self, slots: std::ops::Range<u32>, f: &mut crate::dataplane::LiveFn) {
-            self.mem.read_live(slots, &mut |slot, st, full| {
-                if slot != self.slot {
-                    f(slot, st, full)
-                }
-            })
-        }
-        fn set_requested_interval(&self, slot: u32, interval_ms: u32) {
-            self.mem.set_requested_interval(slot, interval_ms)
-        }
-        fn counters(&self) -> anyhow::Result<crate::dataplane::Counters> {
-            self.mem.counters()
-        }
-        fn set_config(&self, cfg: &hb_common::maps::Config) -> anyhow::Result<()> {
-            self.mem.set_config(cfg)
-        }
-        fn take_reports(&mut self) -> Option<tokio::sync::mpsc::Receiver<hb_common::maps::Report>> {
-            None
-        }
-    }
-
     /// A node whose line the scan cannot read keeps its status and is
     /// still counted under it (`hb_nodes`), wherever it sits: between
     /// nodes or last.
@@ -835,7 +790,7 @@ mod tests {
             let alive = r.core.table.counts[Status::Alive as usize];
             assert_eq!(alive, 3);
             let slot = r.core.table.slot_of(stuck_id).unwrap();
-            let dp = Stuck { mem: &r.dp, slot };
+            let dp = crate::dataplane::mem::testing::Unreadable::new(&r.dp, slot);
             let mut out = Vec::new();
             r.core.tick(&dp, 50 * MS, &mut || "ts".into(), &mut out);
             assert_eq!(
