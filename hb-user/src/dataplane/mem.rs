@@ -91,11 +91,7 @@ impl MemDataplane {
     /// Gates one UDP payload that arrived at `now_ns` (CLOCK_MONOTONIC)
     /// from `src`. Counts the result, and the ACK as sent if there is one.
     pub fn gate(&self, payload: &[u8], src: SocketAddr, now_ns: u64) -> Verdict {
-        let v = self.gate_unsent(payload, src, now_ns);
-        if v.ack.is_some() {
-            self.ack_sent();
-        }
-        v
+        self.gate_counting(payload, src, now_ns, true)
     }
 
     /// [`Self::gate`] for a gate that sends its ACKs itself: the ACK is
@@ -103,9 +99,23 @@ impl MemDataplane {
     /// kernel counts an ACK once its frame is rewritten). The send happens
     /// outside the gate's lock, which the tick's scan takes too.
     pub fn gate_unsent(&self, payload: &[u8], src: SocketAddr, now_ns: u64) -> Verdict {
+        self.gate_counting(payload, src, now_ns, false)
+    }
+
+    /// One hold of the lock per datagram (the simulator gates millions).
+    fn gate_counting(
+        &self,
+        payload: &[u8],
+        src: SocketAddr,
+        now_ns: u64,
+        ack_sent: bool,
+    ) -> Verdict {
         let mut g = self.lock();
         let v = g.gate(payload, src, now_ns, &self.reports_tx);
         g.counters[v.result.index() as usize] += 1;
+        if ack_sent && v.ack.is_some() {
+            g.counters[hb_common::maps::counter::ACK_SENT as usize] += 1;
+        }
         v
     }
 
