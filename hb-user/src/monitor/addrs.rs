@@ -49,27 +49,22 @@ pub fn host(attached: &[String]) -> anyhow::Result<BTreeSet<IpAddr>> {
 /// The gate's table for `addrs` (a family with more than fit is not
 /// checked).
 pub fn table(addrs: &BTreeSet<IpAddr>) -> LocalAddrs {
-    let v4: Vec<[u8; 4]> = addrs
-        .iter()
-        .filter_map(|a| match a {
-            IpAddr::V4(a) => Some(a.octets()),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
-    let v6: Vec<[u8; 16]> = addrs
-        .iter()
-        .filter_map(|a| match a {
-            IpAddr::V6(a) => Some(a.octets()),
-            IpAddr::V4(_) => None,
-        })
-        .collect();
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for a in addrs {
+        match a {
+            IpAddr::V4(a) => v4.push(a.octets()),
+            IpAddr::V6(a) => v6.push(a.octets()),
+        }
+    }
     LocalAddrs::of(&v4, &v6)
 }
 
 /// Keeps the gate's table in step with the host's addresses.
 pub struct Tracker {
     attached: Vec<String>,
-    last: Option<BTreeSet<IpAddr>>,
+    /// The addresses last written, and how many of them the gate checks
+    /// (those of the families that fit).
+    last: Option<(BTreeSet<IpAddr>, usize)>,
     warned_full: bool,
 }
 
@@ -90,24 +85,7 @@ impl Tracker {
 
     /// Takes `addrs` as written to the gate already (at its start).
     pub fn written(&mut self, addrs: BTreeSet<IpAddr>) {
-        self.warn_if_full(&addrs);
-        self.last = Some(addrs);
-    }
-
-    /// Writes `addrs` to the gate if they changed since the last write;
-    /// whether it wrote.
-    pub fn update(&mut self, dp: &dyn Dataplane, addrs: BTreeSet<IpAddr>) -> anyhow::Result<bool> {
-        if self.last.as_ref() == Some(&addrs) {
-            return Ok(false);
-        }
-        dp.set_local_addrs(&table(&addrs))?;
-        tracing::debug!(addresses = ?addrs, "the gate takes heartbeats at these addresses");
-        self.written(addrs);
-        Ok(true)
-    }
-
-    fn warn_if_full(&mut self, addrs: &BTreeSet<IpAddr>) {
-        let (v4, v6) = table(addrs).checks();
+        let (v4, v6) = table(&addrs).checks();
         if (!v4 || !v6) && !self.warned_full {
             self.warned_full = true;
             tracing::warn!(
@@ -124,18 +102,29 @@ impl Tracker {
                  that family (including ones this host forwards to a monitor behind it)"
             );
         }
+        let held = addrs
+            .iter()
+            .filter(|ip| if ip.is_ipv4() { v4 } else { v6 })
+            .count();
+        self.last = Some((addrs, held));
+    }
+
+    /// Writes `addrs` to the gate if they changed since the last write;
+    /// whether it wrote.
+    pub fn update(&mut self, dp: &dyn Dataplane, addrs: BTreeSet<IpAddr>) -> anyhow::Result<bool> {
+        if self.last.as_ref().is_some_and(|(last, _)| *last == addrs) {
+            return Ok(false);
+        }
+        dp.set_local_addrs(&table(&addrs))?;
+        tracing::debug!(addresses = ?addrs, "the gate takes heartbeats at these addresses");
+        self.written(addrs);
+        Ok(true)
     }
 
     /// How many addresses the gate checks heartbeats against (0: none
     /// written, or neither family checked).
     pub fn held(&self) -> usize {
-        let Some(a) = &self.last else {
-            return 0;
-        };
-        let (v4, v6) = table(a).checks();
-        a.iter()
-            .filter(|ip| if ip.is_ipv4() { v4 } else { v6 })
-            .count()
+        self.last.as_ref().map_or(0, |(_, held)| *held)
     }
 }
 
