@@ -201,7 +201,8 @@ impl<P: IntervalPolicy> Critical<P> {
         }
     }
 
-    /// The answer for `slot`, noting whether the cap set it.
+    /// The answer for the critical node at `slot`, noting whether the cap
+    /// set it.
     fn answer(&mut self, slot: u32, by_cap: bool, want: Option<u32>) -> Option<u32> {
         if by_cap {
             self.capped.insert(slot);
@@ -222,16 +223,23 @@ impl<P: IntervalPolicy> IntervalPolicy for Critical<P> {
             // the interval the node reports: judged from our own request,
             // a node stayed at whatever it ran at when first seen, even
             // after it restarted slower than its cap or left the list.
-            let want = match self.critical.cap(node.node_id) {
+            let cap = self.critical.cap(node.node_id);
+            let want = match cap {
                 Some(cap) if state.interval_ms >= cap => cap,
                 _ => 0,
             };
             let change = (want != node.requested_interval_ms).then_some(want);
+            if cap.is_none() {
+                return change;
+            }
             return self.answer(slot, want != 0, change);
         }
         let want = self.inner.decide(slot, node, state);
+        // A node not on the list is never capped (a slot the list's node
+        // left is forgotten): the tick asks this of every node, so no
+        // bookkeeping for it.
         let Some(cap) = self.critical.cap(node.node_id) else {
-            return self.answer(slot, false, want);
+            return want;
         };
         // What the node will use without a new request.
         let current = match want.unwrap_or(node.requested_interval_ms) {
