@@ -680,18 +680,17 @@ fn a_step_slower_is_judged_once_the_detector_has_settled() {
     assert!(longest < MAX_SETTLE_PERIODS as usize, "{longest}");
 }
 
+/// How many experiences the table has learned from, over all its rows.
+fn learned(c: &QController) -> u64 {
+    c.rows().iter().map(|r| r.updates.iter().sum::<u64>()).sum()
+}
+
 /// The table, which every node shares, learns only from periods in which
 /// the node ran at the level it was asked for: a sender whose own bounds
 /// exclude the request (or one that lies about its interval) teaches it
 /// nothing, while it goes on deciding for the node.
 #[test]
 fn a_node_that_does_not_follow_teaches_the_table_nothing() {
-    let learned = |c: &QController| {
-        c.rows()
-            .iter()
-            .map(|r| r.updates.iter().sum::<u64>())
-            .sum::<u64>()
-    };
     for follows in [true, false] {
         let mut c = controller(5);
         c.set_epsilon(Some(1.0));
@@ -722,12 +721,6 @@ fn a_node_that_does_not_follow_teaches_the_table_nothing() {
 /// heartbeats arrive ten times as often teaches the table nothing either.
 #[test]
 fn a_node_lying_about_its_interval_teaches_the_table_nothing() {
-    let learned = |c: &QController| {
-        c.rows()
-            .iter()
-            .map(|r| r.updates.iter().sum::<u64>())
-            .sum::<u64>()
-    };
     for lies in [false, true] {
         let mut c = controller(5);
         c.set_epsilon(Some(1.0));
