@@ -4,7 +4,9 @@
 //! Namespace and BPF tests need root and leave kernel objects behind when a
 //! run is killed; this command deletes leftover `hbt-*` namespaces and
 //! `/sys/fs/bpf/hb-test-*` pins before and after the run, also when tests
-//! fail or the run is interrupted. It parses every `test result:` line:
+//! fail or the run is interrupted, and kills `hb` processes the tests
+//! left orphaned. Anything left after a run whose tests all passed fails
+//! the run: a test's cleanup is broken. It parses every `test result:` line:
 //! any ignored test fails the run (CI must never pass with kernel tests
 //! silently skipped), and the last line sums all test binaries.
 //!
@@ -79,13 +81,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         crate::setup::run()?;
     }
     util::sweep_test_leftovers("before the tests");
+    let hb_before = util::hb_processes();
     // clap drops a `--` that comes first (`cargo xtask test --
     // --nocapture` gave `--nocapture` to cargo, which refused it): split
     // the command line as typed.
     let typed: Vec<String> = std::env::args().collect();
     let (cargo_args, test_args) = split_args(&typed).unwrap_or((args.args, Vec::new()));
     let result = run_tests(&cargo_args, &test_args);
-    util::sweep_test_leftovers("after the tests");
+    let leaked = util::kill_new_hb_processes(&hb_before);
+    if !leaked.is_empty() {
+        eprintln!(
+            "xtask: after the tests: killed {} hb process(es) the tests left running: {}",
+            leaked.len(),
+            leaked.join("; ")
+        );
+    }
+    let swept = util::sweep_test_leftovers("after the tests");
     if util::interrupted() {
         bail!("interrupted");
     }
@@ -111,6 +122,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if totals.binaries == 0 || totals.passed == 0 {
         bail!("no tests ran");
+    }
+    // Every test cleans up after itself, also when it fails: what is left
+    // after a passing run is a broken cleanup, which would pile up on a
+    // developer's machine (namespaces, pins holding maps, monitors
+    // attached to veths). It was removed above; the run still fails.
+    if swept > 0 || !leaked.is_empty() {
+        bail!(
+            "the tests passed but left {} namespace(s) or pin(s) and {} process(es) behind \
+             (listed above): a test's cleanup is broken",
+            swept,
+            leaked.len()
+        );
     }
     Ok(())
 }

@@ -249,9 +249,22 @@ pub fn sweep_pins(prefix: &str) -> anyhow::Result<Vec<String>> {
     Ok(deleted)
 }
 
-/// Sweeps everything test runs create: `hbt-*` namespaces and
-/// `/sys/fs/bpf/hb-test-*` pins. `when` goes into the log line.
-pub fn sweep_test_leftovers(when: &str) {
+/// The parent pid of `pid` (`PPid:` in /proc/PID/status).
+fn parent_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Sweeps everything test runs create: `hbt-*` and `hbd-*` namespaces
+/// and `/sys/fs/bpf/hb-test-*` pins. `when` goes into the log line.
+/// Returns how many objects it removed (0 also when it could not look).
+pub fn sweep_test_leftovers(when: &str) -> usize {
+    let mut swept = 0;
     // `hbd-`: the demo's, which its unit test builds too (the pid in
     // the name keeps a running demo's).
     match sweep_netns(&["hbt-", "hbd-"]) {
@@ -260,7 +273,8 @@ pub fn sweep_test_leftovers(when: &str) {
                 "xtask: {when}: deleted {} leftover namespace(s): {}",
                 v.len(),
                 v.join(" ")
-            )
+            );
+            swept += v.len();
         }
         Ok(_) => {}
         Err(e) => eprintln!("xtask: {when}: cannot sweep namespaces: {e:#}"),
@@ -271,11 +285,66 @@ pub fn sweep_test_leftovers(when: &str) {
                 "xtask: {when}: removed {} leftover pin(s) under /sys/fs/bpf: {}",
                 v.len(),
                 v.join(" ")
-            )
+            );
+            swept += v.len();
         }
         Ok(_) => {}
         Err(e) => eprintln!("xtask: {when}: cannot sweep bpffs pins: {e:#}"),
     }
+    swept
+}
+
+/// The processes running one of this workspace's `hb` binaries (under
+/// [`target_dir`]), as pids. Zombies and processes that end while being
+/// looked at are not listed.
+pub fn hb_processes() -> Vec<u32> {
+    hb_processes_of(&target_dir())
+}
+
+fn hb_processes_of(target: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
+                exe.starts_with(target) && exe.file_name().is_some_and(|n| n == "hb")
+            })
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// Kills the orphaned `hb` processes that run now but did not run when
+/// `before` was taken ([`hb_processes`]): what the tests started and left
+/// running once their test binary ended (init adopted them). A demo
+/// someone started meanwhile has a live parent and is left alone.
+/// Returns their pids and command lines.
+pub fn kill_new_hb_processes(before: &[u32]) -> Vec<String> {
+    kill_new_hb_processes_of(&target_dir(), before)
+}
+
+fn kill_new_hb_processes_of(target: &Path, before: &[u32]) -> Vec<String> {
+    let mut killed = Vec::new();
+    for pid in hb_processes_of(target) {
+        if before.contains(&pid) || parent_of(pid) != Some(1) {
+            continue;
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| {
+                String::from_utf8_lossy(&b)
+                    .trim_end_matches('\0')
+                    .replace('\0', " ")
+            })
+            .unwrap_or_default();
+        // SAFETY: kill(2) with a pid and a signal number.
+        if unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } == 0 {
+            killed.push(format!("{pid} ({cmdline})"));
+        }
+    }
+    killed
 }
 
 #[cfg(test)]
@@ -294,6 +363,50 @@ mod tests {
         if std::env::var_os("CI").is_none() {
             assert!(!is_leftover("hb-test-x-new", Some(SystemTime::now())));
         }
+    }
+
+    /// An `hb` of the workspace that a test left running after it ended
+    /// (adopted by init) is found and killed; one whose parent lives (a
+    /// demo someone runs) and one that ran before are left alone.
+    #[test]
+    fn orphaned_hb_processes_are_killed_and_others_left() {
+        let dir = std::env::temp_dir().join(format!("xtask-hb-procs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let hb = dir.join("hb");
+        std::fs::copy(on_path("sleep").expect("sleep on PATH"), &hb).unwrap();
+        let spawn_orphan = || -> u32 {
+            let out = output(Command::new("sh").arg("-c").arg(format!(
+                "{} 30 </dev/null >/dev/null 2>&1 & echo $!",
+                hb.display()
+            )))
+            .unwrap();
+            let pid: u32 = out.trim().parse().unwrap();
+            // The shell's child may not have run exec yet.
+            let t = std::time::Instant::now();
+            while !hb_processes_of(&dir).contains(&pid) && t.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            pid
+        };
+        let old = spawn_orphan();
+        let before = hb_processes_of(&dir);
+        let mut child = Command::new(&hb).arg("30").spawn().unwrap();
+        let orphan = spawn_orphan();
+        let seen = hb_processes_of(&dir);
+        let killed = kill_new_hb_processes_of(&dir, &before);
+        let _ = child.kill();
+        let _ = child.wait();
+        // SAFETY: kill(2) with a pid and a signal number.
+        unsafe { libc::kill(old as libc::pid_t, libc::SIGKILL) };
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(before, [old]);
+        assert!(
+            seen.contains(&old) && seen.contains(&orphan) && seen.contains(&child.id()),
+            "{seen:?}"
+        );
+        assert_eq!(killed.len(), 1, "{killed:?}");
+        assert!(killed[0].starts_with(&format!("{orphan} (")), "{killed:?}");
+        assert!(killed[0].ends_with(" 30)"), "the command line: {killed:?}");
     }
 
     /// A namespace the demo's unit test left (its binary killed without
