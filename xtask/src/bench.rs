@@ -87,8 +87,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // What is measured: the tree as built here. The benchmarks then run the
     // binaries built now (not `cargo run`, which would rebuild a tree
     // edited meanwhile), and the report says if the tree moved anyway.
-    let tree = tree_state();
-    let dirty = tree.1 != 0;
+    let tree = Tree::now();
     let mut build = util::cargo();
     build.args([
         "build",
@@ -113,10 +112,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     eprintln!("xtask bench: build {built_s:.0} s, total {total_s:.0} s");
     if write_file {
         let path = util::root().join("BENCHMARKS.md");
-        let moved = tree_state() != tree;
+        let moved = Tree::now() != tree;
         let run = Run {
-            commit: tree.0.chars().take(7).collect(),
-            dirty,
+            commit: tree.commit.chars().take(7).collect(),
+            changes: tree.describe(),
             moved,
             load: load
                 .split_whitespace()
@@ -135,10 +134,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// Facts of this run of `cargo xtask bench` for the report.
 struct Run {
-    /// HEAD when the run started, and whether tracked files differed from
-    /// it then.
+    /// HEAD when the run started, and what differed from it then
+    /// ([`Tree::describe`]).
     commit: String,
-    dirty: bool,
+    changes: String,
     /// The tree (HEAD and its uncommitted changes) changed during the run:
     /// the binaries measured are those built at its start.
     moved: bool,
@@ -191,27 +190,87 @@ fn run_all(names: &[Bench]) -> anyhow::Result<Vec<(Bench, String, f64)>> {
     Ok(sections)
 }
 
-/// HEAD and a digest of the uncommitted changes to tracked files (0:
-/// none).
-fn tree_state() -> (String, u64) {
-    use std::hash::{Hash as _, Hasher as _};
-    let git = |args: &[&str]| {
-        output(
-            std::process::Command::new("git")
-                .args(args)
-                .current_dir(util::root()),
-        )
-        .unwrap_or_default()
-    };
-    let diff = git(&["diff", "HEAD"]);
-    let digest = if diff.is_empty() {
-        0
-    } else {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        diff.hash(&mut h);
-        h.finish() | 1
-    };
-    (git(&["rev-parse", "HEAD"]).trim().to_owned(), digest)
+/// What was measured: HEAD and what differed from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Tree {
+    commit: String,
+    /// The git blob id of [`DIFF_CMD`]'s output (`git hash-object`, so
+    /// anyone can recompute it on their tree), if it is not empty.
+    diff: Option<String>,
+    /// Files git does not track nor ignore (a new module not yet added).
+    untracked: Vec<String>,
+}
+
+/// The uncommitted changes a run's digest covers, as a shell command:
+/// tracked files against HEAD, but for the report this command rewrites.
+const DIFF_CMD: &str = "git diff HEAD -- . ':!BENCHMARKS.md'";
+
+impl Tree {
+    fn now() -> Tree {
+        let git = |args: &[&str]| {
+            output(
+                std::process::Command::new("git")
+                    .args(args)
+                    .current_dir(util::root()),
+            )
+            .unwrap_or_default()
+        };
+        let diff = git(&["diff", "HEAD", "--", ".", ":!BENCHMARKS.md"]);
+        let diff = (!diff.is_empty()).then(|| blob_id(&diff));
+        let untracked = git(&["ls-files", "--others", "--exclude-standard"])
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        Tree {
+            commit: git(&["rev-parse", "HEAD"]).trim().to_owned(),
+            diff,
+            untracked,
+        }
+    }
+
+    /// What the report says after the commit: nothing for a clean tree.
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(d) = &self.diff {
+            parts.push(format!("`{DIFF_CMD} | git hash-object --stdin` = {d}"));
+        }
+        if !self.untracked.is_empty() {
+            parts.push(format!("untracked: {}", self.untracked.join(", ")));
+        }
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!(" (with uncommitted changes: {})", parts.join("; "))
+        }
+    }
+}
+
+/// The id git gives `text` as a blob (`git hash-object --stdin`), short
+/// as git shows ids; "unknown" if git cannot say.
+fn blob_id(text: &str) -> String {
+    let id = (|| -> anyhow::Result<String> {
+        let mut child = std::process::Command::new("git")
+            .args(["hash-object", "--stdin"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut stdin = child.stdin.take().context("no stdin pipe")?;
+        let text = text.to_owned();
+        // Written from another thread: git may answer before reading all.
+        let writer =
+            std::thread::spawn(move || std::io::Write::write_all(&mut stdin, text.as_bytes()));
+        let out = child.wait_with_output()?;
+        writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        anyhow::ensure!(out.status.success(), "git hash-object: {}", out.status);
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .chars()
+            .take(12)
+            .collect())
+    })();
+    id.unwrap_or_else(|e| format!("unknown ({e:#})"))
 }
 
 /// The first line of `cmd`'s output, or why there is none.
@@ -249,7 +308,6 @@ fn report(sections: &[(Bench, String, f64)], run: &Run) -> anyhow::Result<String
     let nightly = version(std::process::Command::new("rustc").args(["+nightly", "--version"]));
     let linker = version(std::process::Command::new("bpf-linker").arg("--version"));
     let date = version(std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));
-    let (commit, dirty) = (&run.commit, run.dirty);
     let mut s = String::new();
     s.push_str("# hb benchmarks\n\n");
     s.push_str("Generated by `cargo xtask bench` (as root). Every number below was measured\n");
@@ -264,11 +322,14 @@ fn report(sections: &[(Bench, String, f64)], run: &Run) -> anyhow::Result<String
     ));
     s.push_str(&format!(
         "- commit: {}{}\n- load average before the run: {}\n\n",
-        commit.trim(),
-        match (dirty, run.moved) {
-            (_, true) => " (the tree changed during the run: measured as built at its start)",
-            (true, false) => " (with uncommitted changes)",
-            (false, false) => "",
+        run.commit.trim(),
+        if run.moved {
+            format!(
+                "{} (the tree changed during the run: measured as built at its start)",
+                run.changes
+            )
+        } else {
+            run.changes.clone()
         },
         run.load
     ));
@@ -295,4 +356,32 @@ fn report(sections: &[(Bench, String, f64)], run: &Run) -> anyhow::Result<String
         s.push_str("\n\n");
     }
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The digest of uncommitted changes is git's own blob id, which
+    /// anyone can recompute with the command the report prints.
+    #[test]
+    fn uncommitted_changes_are_named_by_a_digest_git_recomputes() {
+        assert_eq!(blob_id("hello"), "b6fc4c620b67");
+        let clean = Tree {
+            commit: "abc".into(),
+            diff: None,
+            untracked: vec![],
+        };
+        assert_eq!(clean.describe(), "");
+        let dirty = Tree {
+            diff: Some(blob_id("hello")),
+            untracked: vec!["hb-user/src/new.rs".into()],
+            ..clean
+        };
+        assert_eq!(
+            dirty.describe(),
+            " (with uncommitted changes: `git diff HEAD -- . ':!BENCHMARKS.md' | git hash-object --stdin` \
+             = b6fc4c620b67; untracked: hb-user/src/new.rs)"
+        );
+    }
 }
