@@ -523,18 +523,25 @@ impl Core {
 }
 
 impl Core {
-    /// Whether the gate stamped an arrival of any node between `from_ns`
-    /// and a tick before `to_ns` (arrivals just before `to_ns` may be the
-    /// backlog of a pause it was in too): read only after a long gap
-    /// between ticks, so the extra scan is rare. Only each node's latest
-    /// arrival is known, so a fleet of fast nodes that all beat since
-    /// leaves no trace of a gate that ran: hence also the once-a-minute
-    /// bound on excuses.
+    /// Whether the gate stamped an arrival of any node well inside the
+    /// gap between the scan at `from_ns` and the tick at `to_ns`: read
+    /// only after a long gap between ticks, so the extra scan is rare.
+    ///
+    /// Not in the tick after `from_ns` (two, with the scheduler's slack):
+    /// the monitor slept then, waiting for its next tick, and the gate
+    /// stamped heartbeats as usual until the host was paused; in a fleet
+    /// of any size some always land there. Nor in the tick before `to_ns`:
+    /// arrivals just before it may be the backlog of a pause the gate was
+    /// in too. Only each node's latest arrival is known, so a fleet of
+    /// fast nodes that all beat since leaves no trace of a gate that ran:
+    /// hence also the once-a-minute bound on excuses.
     fn gate_ran_between(&self, dp: &dyn Dataplane, from_ns: u64, to_ns: u64) -> bool {
-        let before = to_ns.saturating_sub(self.local_pause_ns / LOCAL_PAUSE_TICKS);
+        let tick_ns = self.local_pause_ns / LOCAL_PAUSE_TICKS;
+        let after = from_ns.saturating_add(2 * tick_ns);
+        let before = to_ns.saturating_sub(tick_ns);
         let mut ran = false;
         dp.read_live(0..self.table.len(), &mut |_, st, _| {
-            ran |= st.last_arrival_ns > from_ns && st.last_arrival_ns < before;
+            ran |= st.last_arrival_ns > after && st.last_arrival_ns < before;
         });
         ran
     }
@@ -1084,6 +1091,20 @@ mod tests {
             r.beat(4, seq as u64 + 1, 1000, t);
         }
         assert!(r.tick(5000).contains(&(3, EventKind::Dead)));
+
+        // The gate stamps heartbeats while the monitor sleeps until its
+        // next tick, and the host may be paused at any moment of that
+        // sleep: a heartbeat stamped just after the last scan does not
+        // show that the gate ran through the gap.
+        let mut r = Rig::new(&[3], Box::new(FixedPolicy::none()));
+        let mut seq = 0;
+        for t in (100..=2000).step_by(100) {
+            seq += 1;
+            r.beat(3, seq, 100, t - 50);
+            r.tick(t);
+        }
+        r.beat(3, seq + 1, 100, 2050);
+        assert_eq!(r.tick(5000), vec![], "a pause 50 ms after the last scan");
 
         // Nor is one that stalls again and again: once a minute at most.
         let mut r = Rig::new(&[3], Box::new(FixedPolicy::none()));
