@@ -443,8 +443,22 @@ mod tests {
             }
         }
         let Some((n, src)) = answered else {
+            // Where a lost datagram would be counted: the namespace's UDP
+            // counters (receive buffer, no port) and the CPUs' backlog
+            // drops (second column, shared by every namespace).
+            let udp: Vec<String> = ["snmp", "snmp6"]
+                .iter()
+                .filter_map(|f| std::fs::read_to_string(format!("/proc/thread-self/net/{f}")).ok())
+                .flat_map(|t| {
+                    t.lines()
+                        .filter(|l| l.starts_with("Udp"))
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
             panic!(
-                "no ACK to 5 heartbeats sent to {to} from {} (netns {:?}): gate counters {:?}, {}",
+                "no ACK to 5 heartbeats sent to {to} from {} (netns {:?}): gate counters {:?}, {}; \
+                 UDP: {}; softnet_stat: {:?}",
                 client.local_addr().unwrap(),
                 std::fs::read_link("/proc/thread-self/ns/net"),
                 dp.counters().unwrap(),
@@ -453,7 +467,9 @@ mod tests {
                     .lines()
                     .filter(|l| l.contains("ack"))
                     .collect::<Vec<_>>()
-                    .join("; ")
+                    .join("; "),
+                udp.join("; "),
+                std::fs::read_to_string("/proc/net/softnet_stat")
             )
         };
         let ack = proto::parse(&buf[..n], Kind::Ack).expect("an ACK");
