@@ -364,20 +364,36 @@ pub mod testing {
     use super::MemDataplane;
     use crate::dataplane::{Counters, Dataplane, LiveFn};
 
-    /// The in-memory gate, but the state of one slot cannot be read (held
-    /// by a writer that died): reads skip it and count it, as the XDP
-    /// dataplane's do ([`Dataplane::stuck_reads`]).
-    pub struct Unreadable<M> {
+    /// The in-memory gate with a fault of the XDP dataplane's that it
+    /// cannot have itself.
+    pub struct Faulty<M> {
         pub mem: M,
-        pub slot: u32,
+        /// A slot whose state cannot be read (held by a writer that died):
+        /// reads skip it and count it, as the XDP dataplane's do
+        /// ([`Dataplane::stuck_reads`]).
+        unreadable: Option<u32>,
+        /// Applied to what `read_live`'s second read returns: the kernel
+        /// wrote the node between the two reads.
+        later: Option<fn(&mut NodeState)>,
         skipped: AtomicU64,
     }
 
-    impl<M: Borrow<MemDataplane>> Unreadable<M> {
-        pub fn new(mem: M, slot: u32) -> Unreadable<M> {
-            Unreadable {
+    impl<M: Borrow<MemDataplane>> Faulty<M> {
+        pub fn unreadable(mem: M, slot: u32) -> Faulty<M> {
+            Faulty {
                 mem,
-                slot,
+                unreadable: Some(slot),
+                later: None,
+                skipped: AtomicU64::new(0),
+            }
+        }
+
+        /// `read_live`'s full read of every node sees `later` done to it.
+        pub fn written_between_reads(mem: M, later: fn(&mut NodeState)) -> Faulty<M> {
+            Faulty {
+                mem,
+                unreadable: None,
+                later: Some(later),
                 skipped: AtomicU64::new(0),
             }
         }
@@ -387,7 +403,7 @@ pub mod testing {
         }
     }
 
-    impl<M: Borrow<MemDataplane> + Send + Sync> Dataplane for Unreadable<M> {
+    impl<M: Borrow<MemDataplane> + Send + Sync> Dataplane for Faulty<M> {
         fn upsert_node(&self, node_id: u32, keys: &NodeKeys) -> anyhow::Result<()> {
             self.mem().upsert_node(node_id, keys)
         }
@@ -399,7 +415,7 @@ pub mod testing {
         }
         fn read_states(&self, slots: Range<u32>, f: &mut dyn FnMut(u32, &NodeState)) {
             self.mem().read_states(slots, &mut |slot, st| {
-                if slot == self.slot {
+                if Some(slot) == self.unreadable {
                     self.skipped.fetch_add(1, Ordering::Relaxed);
                 } else {
                     f(slot, st)
@@ -408,8 +424,14 @@ pub mod testing {
         }
         fn read_live(&self, slots: Range<u32>, f: &mut LiveFn) {
             self.mem().read_live(slots, &mut |slot, st, full| {
-                if slot == self.slot {
+                if Some(slot) == self.unreadable {
                     self.skipped.fetch_add(1, Ordering::Relaxed);
+                } else if let Some(later) = self.later {
+                    f(slot, st, &|| {
+                        let mut s = full();
+                        later(&mut s);
+                        s
+                    })
                 } else {
                     f(slot, st, full)
                 }

@@ -904,7 +904,9 @@ mod tests {
         let slot = core.table.slot_of(2).unwrap();
         let shared = Shared {
             core: Mutex::new(core),
-            dp: Arc::new(crate::dataplane::mem::testing::Unreadable::new(mem, slot)),
+            dp: Arc::new(crate::dataplane::mem::testing::Faulty::unreadable(
+                mem, slot,
+            )),
             metrics: f.metrics.clone(),
             last_tick_ns: AtomicU64::new(0),
             dataplane_ok: AtomicBool::new(false),

@@ -478,7 +478,11 @@ impl Core {
                     policy.suspicion_refuted(slot);
                 }
                 let ts = ts.get_or_insert_with(&mut *wall_ts).clone();
-                let st = full();
+                // The live line the transition was decided on, with the
+                // rest read now (losses, restarts): a heartbeat or a
+                // restart stamped in between must not show in the event
+                // (a `dead` with `last_seen_ms` 0, or the new generation).
+                let st = NodeState::from_parts(st, full().rest());
                 events.push(event(
                     seq,
                     ts,
@@ -797,7 +801,7 @@ mod tests {
             let alive = r.core.table.counts[Status::Alive as usize];
             assert_eq!(alive, 3);
             let slot = r.core.table.slot_of(stuck_id).unwrap();
-            let dp = crate::dataplane::mem::testing::Unreadable::new(&r.dp, slot);
+            let dp = crate::dataplane::mem::testing::Faulty::unreadable(&r.dp, slot);
             let mut out = Vec::new();
             r.core.tick(&dp, 50 * MS, &mut || "ts".into(), &mut out);
             assert_eq!(
@@ -807,6 +811,28 @@ mod tests {
             );
             assert_eq!(r.core.table.counts.iter().sum::<u64>(), 3);
         }
+    }
+
+    /// An event shows the state its transition was decided on: a
+    /// heartbeat of a restarted sender that the kernel stamped between the
+    /// scan's two reads of the node is the next tick's news.
+    #[test]
+    fn an_event_shows_the_state_it_was_decided_on() {
+        let mut r = Rig::new(&[3], Box::new(FixedPolicy::none()));
+        r.steady(3, 100, 100, 2000);
+        let dp = crate::dataplane::mem::testing::Faulty::written_between_reads(&r.dp, |s| {
+            let l = s.live_mut();
+            l.generation += 1;
+            l.last_arrival_ns += 1000 * MS;
+        });
+        let mut out = Vec::new();
+        r.core.tick(&dp, 2900 * MS, &mut || "ts".into(), &mut out);
+        assert_eq!(out.len(), 1, "{out:?}");
+        let ev = &out[0];
+        assert_eq!(ev.event, EventKind::Dead);
+        assert_eq!(ev.generation, 1);
+        assert_eq!(ev.last_seen_ms, Some(900), "silent since 2000 ms");
+        assert!(ev.phi > 12.0, "{}", ev.phi);
     }
 
     #[test]
