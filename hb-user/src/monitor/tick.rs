@@ -58,6 +58,15 @@ impl Detector {
         }
     }
 
+    /// Whether the backstop (`max_silence_ms`) is shorter than the
+    /// silence `dead` otherwise needs of a node announcing `interval_ms`
+    /// (`dead_min_intervals` of them): it then declares such a node dead
+    /// after fewer losses than the thresholds tolerate.
+    pub fn backstop_binds(&self, st: &impl AsRef<NodeLive>) -> bool {
+        let k = self.thresholds.dead_min_intervals.max(1.0);
+        st.as_ref().interval_ms as f64 * 1e6 * k > self.max_silence_ns
+    }
+
     /// Phi of `state` now (for events, the API, the policy).
     pub fn phi(&self, state: &impl AsRef<NodeLive>, now_ns: u64) -> f64 {
         detector::phi(state, now_ns, &self.phi)
@@ -237,6 +246,9 @@ pub struct Core {
     local_pause_ns: u64,
     /// When a gap was last excused (0: never).
     last_excuse_ns: u64,
+    /// A node was declared dead by the backstop before it could miss the
+    /// intervals `dead` tolerates, and the operator was told (once).
+    backstop_warned: bool,
 }
 
 /// A gap is excused at most this often: a monitor whose ticks stall again
@@ -268,6 +280,7 @@ impl Core {
             listening_since_ns: 0,
             last_scan_ns: 0,
             last_excuse_ns: 0,
+            backstop_warned: false,
             local_pause_ns: LOCAL_PAUSE_MIN_NS.max(LOCAL_PAUSE_TICKS * 100_000_000),
         }
     }
@@ -403,6 +416,7 @@ impl Core {
         let due = self.due(now_ns);
         let det = self.detector;
         let listening_since_ns = self.listening_since_ns;
+        let backstop_warned = &mut self.backstop_warned;
         let policy = &mut *self.policy;
         let pending = &mut self.pending;
         pending.clear();
@@ -483,6 +497,21 @@ impl Core {
                 // restart stamped in between must not show in the event
                 // (a `dead` with `last_seen_ms` 0, or the new generation).
                 let st = NodeState::from_parts(st, full().rest());
+                if tr.event == super::state::EventKind::Dead
+                    && !*backstop_warned
+                    && det.backstop_binds(&st)
+                {
+                    *backstop_warned = true;
+                    tracing::warn!(
+                        node_id = id,
+                        interval_ms = st.interval_ms,
+                        max_silence_ms = det.thresholds.max_silence_ms,
+                        "node declared dead by --max-silence-ms before it could miss the intervals \
+                         --dead-min-intervals tolerates: nodes this slow go dead at every lost \
+                         heartbeat (and between heartbeats, if they beat less often than that); \
+                         raise --max-silence-ms above a few of their intervals (logged once)"
+                    );
+                }
                 events.push(event(
                     seq,
                     ts,
@@ -811,6 +840,48 @@ mod tests {
             );
             assert_eq!(r.core.table.counts.iter().sum::<u64>(), 3);
         }
+    }
+
+    /// The backstop declares a 30 s node dead after one lost heartbeat,
+    /// where the thresholds tolerate two: the operator is told once, with
+    /// what to change; a 10 s node (the senders' default bound) is not
+    /// such a node.
+    #[test]
+    fn a_node_too_slow_for_the_backstop_is_warned_about_once() {
+        let mut r = Rig::new(&[1, 2], Box::new(FixedPolicy::none()));
+        r.beat(1, 1, 10_000, 0);
+        r.beat(2, 1, 30_000, 0);
+        r.beat(1, 2, 10_000, 10_000);
+        r.beat(2, 2, 30_000, 30_000);
+        for t in (30_000..=95_000).step_by(100) {
+            if t % 10_000 == 0 && t <= 40_000 {
+                r.beat(1, t / 10_000 + 1, 10_000, t);
+            }
+            r.tick(t);
+        }
+        let at = |interval_ms| NodeLive {
+            interval_ms,
+            ..NodeLive::default()
+        };
+        assert!(!r.core.detector.backstop_binds(&at(10_000)));
+        assert!(r.core.detector.backstop_binds(&at(30_000)));
+        let dead: Vec<_> = r
+            .events
+            .iter()
+            .filter(|e| e.event == EventKind::Dead)
+            .collect();
+        assert_eq!(dead.len(), 2, "{dead:?}");
+        assert!(r.core.backstop_warned);
+        let mut quiet = Rig::new(&[1], Box::new(FixedPolicy::none()));
+        quiet.steady(1, 10_000, 0, 30_000);
+        for t in (30_000..=95_000).step_by(100) {
+            quiet.tick(t);
+        }
+        assert_eq!(quiet.events.last().map(|e| e.event), Some(EventKind::Dead));
+        assert!(
+            !quiet.core.backstop_warned,
+            "dead by phi, not by the backstop"
+        );
     }
 
     /// An event shows the state its transition was decided on: a
