@@ -15,7 +15,7 @@ use std::{
 use aya::programs::{Xdp, XdpMode};
 use hb::dataplane::{
     Dataplane,
-    xdp::{AttachMode, XdpDataplane, XdpOptions},
+    xdp::{AttachMode, XdpDataplane, XdpOptions, release_kept_links},
 };
 use hb_common::{
     Datagram, GateResult, Kind, NodeKey,
@@ -421,7 +421,10 @@ fn a_link_pinned_on_an_interface_since_recreated_is_replaced() {
         ..XdpOptions::default()
     };
     let open = || ns.run(|| XdpDataplane::open(&opts)).unwrap();
-    drop(open().unwrap());
+    let dp = open().unwrap();
+    // A gate with a node to gate: one without is not kept.
+    dp.upsert_node(3, &keys(1)).unwrap();
+    drop(dp);
     assert!(attached(), "kept attached");
     let pin = pins.0.join(format!("link_{dummy}"));
     assert!(pin.exists(), "link pinned");
@@ -597,4 +600,316 @@ fn node_maps_of_an_earlier_layout_are_retired() {
     }
     dp.upsert_node(3, &keys(1)).unwrap();
     assert_eq!(dp.provisioned().unwrap(), vec![(3, keys(1))]);
+}
+
+/// A namespace with a veth pair inside it, `{tag}0` and `{tag}1`, both
+/// up: names of its own, as pins name interfaces by name only.
+fn ns_with_veth(tag: &str) -> (NetNs, [String; 2]) {
+    let ns = NetNs::new(tag).unwrap();
+    let names = [format!("{tag}0"), format!("{tag}1")];
+    ns.ip(&[
+        "link", "add", &names[0], "type", "veth", "peer", "name", &names[1],
+    ])
+    .unwrap();
+    for i in &names {
+        ns.ip(&["link", "set", i, "up"]).unwrap();
+    }
+    (ns, names)
+}
+
+fn has_xdp(ns: &NetNs, ifname: &str) -> bool {
+    let out = ns.ip(&["link", "show", ifname]).unwrap().stdout;
+    String::from_utf8_lossy(&out).contains("xdp")
+}
+
+/// Options that keep the gate attached on `interfaces`, pinned in `pins`.
+fn kept(interfaces: &[&String], pins: &PinDir) -> XdpOptions {
+    XdpOptions {
+        interfaces: interfaces.iter().map(|i| i.to_string()).collect(),
+        pin_dir: Some(pins.0.clone()),
+        keep_attached: true,
+        max_nodes: Some(64),
+        ..XdpOptions::default()
+    }
+}
+
+/// Maps pinned by an older hb (an index beside `HB_NODE_STATE`, its
+/// single-array node state): the index must go with that array. Adopted
+/// alone, its entries led to slots of fresh arrays, and moving a node the
+/// index put elsewhere cleared whatever node the monitor had since put
+/// at the old slot: node A, provisioned at B's old slot 1 after B took
+/// A's old slot 0, wiped B.
+#[test]
+fn an_index_pinned_with_an_earlier_layout_wipes_no_node() {
+    let pins = PinDir::new("oldindex");
+    let opts = XdpOptions {
+        pin_dir: Some(pins.0.clone()),
+        max_nodes: Some(16),
+        ..XdpOptions::default()
+    };
+    let (a, b) = (101, 202);
+    {
+        let dp = XdpDataplane::open(&opts).unwrap();
+        dp.upsert_node(a, &keys(0)).unwrap();
+        dp.upsert_node(b, &keys(1)).unwrap();
+        // Stand-in for the old layout's array: any BPF map.
+        let mut ebpf = dp.ebpf();
+        let aya::maps::Map::PerCpuArray(data) = ebpf.map_mut(names::LIMITS).unwrap() else {
+            panic!("{} is a per-CPU array", names::LIMITS);
+        };
+        data.pin(pins.0.join("HB_NODE_STATE")).unwrap();
+    }
+    for new in [names::NODE_LIVE, names::NODE_REST] {
+        std::fs::remove_file(pins.0.join(new)).unwrap();
+    }
+    let dp = XdpDataplane::open(&opts).unwrap();
+    assert!(!pins.0.join("HB_NODE_STATE").exists(), "old array retired");
+    assert_eq!(dp.provisioned().unwrap(), vec![], "everything afresh");
+    dp.upsert_node(b, &keys(0)).unwrap();
+    dp.upsert_node(a, &keys(1)).unwrap();
+    assert_eq!(dp.state(0).unwrap().node_id, b, "B at slot 0");
+    assert_eq!(dp.state(1).unwrap().node_id, a, "A at slot 1");
+    let mut p = dp.provisioned().unwrap();
+    p.sort_by_key(|n| n.0);
+    assert_eq!(p, vec![(a, keys(1)), (b, keys(0))]);
+}
+
+/// The pinned node state keeps its nodes when its index is gone or too
+/// small for it (pins removed or mixed by hand): the index is rebuilt from
+/// the state, sized for its capacity. Both used to lose every node (an
+/// empty index adopted or created), and a too small one to refuse nodes
+/// long before the capacity.
+#[test]
+fn an_index_missing_or_too_small_is_rebuilt_from_the_node_state() {
+    let pins = PinDir::new("rebuild");
+    let opts = XdpOptions {
+        pin_dir: Some(pins.0.clone()),
+        max_nodes: Some(64),
+        ..XdpOptions::default()
+    };
+    let nodes: Vec<(u32, NodeKeys)> = (0..5).map(|i| (10 + i, keys(3 * i))).collect();
+    {
+        let dp = XdpDataplane::open(&opts).unwrap();
+        dp.set_config(&Config {
+            port: PORT,
+            ..Config::default()
+        })
+        .unwrap();
+        for (id, k) in &nodes {
+            dp.upsert_node(*id, k).unwrap();
+        }
+        assert_eq!(gate(&dp, &hb(12, 1)), XDP_DROP);
+    }
+    let index = pins.0.join(names::NODE_INDEX);
+    let sorted = |dp: &XdpDataplane| {
+        let mut p = dp.provisioned().unwrap();
+        p.sort_by_key(|n| n.0);
+        p
+    };
+
+    // Gone.
+    std::fs::remove_file(&index).unwrap();
+    {
+        let dp = XdpDataplane::open(&opts).unwrap();
+        assert_eq!(sorted(&dp), nodes, "every node adopted");
+        assert_eq!(dp.state(6).unwrap().accepted, 1, "with its state");
+        assert_eq!(gate(&dp, &hb(12, 2)), XDP_DROP, "and gated");
+    }
+
+    // Too small: an index pinned for 4 nodes, beside state for 64.
+    let small = PinDir::new("rebuild-small");
+    drop(
+        XdpDataplane::open(&XdpOptions {
+            pin_dir: Some(small.0.clone()),
+            max_nodes: Some(4),
+            ..XdpOptions::default()
+        })
+        .unwrap(),
+    );
+    std::fs::remove_file(&index).unwrap();
+    std::fs::rename(small.0.join(names::NODE_INDEX), &index).unwrap();
+    let dp = XdpDataplane::open(&opts).unwrap();
+    assert_eq!(sorted(&dp), nodes, "every node adopted");
+    assert_eq!(dp.state(6).unwrap().accepted, 2);
+    assert!(dp.index_buckets() >= 16, "room for 64 nodes");
+    for i in 0..64 {
+        dp.upsert_node(100 + i, &keys(i)).unwrap();
+    }
+}
+
+/// A start detaches the links an earlier `--keep-attached` run kept on
+/// interfaces it is no longer given: they used to stay attached for good
+/// (no later exit detaches what it did not attach). An interface given
+/// twice is refused.
+#[test]
+fn links_kept_on_interfaces_no_longer_given_are_detached() {
+    let (ns, [i0, i1]) = ns_with_veth("hbunl");
+    let pins = PinDir::new("unlisted");
+    let open = |ifs: &[&String]| ns.run(|| XdpDataplane::open(&kept(ifs, &pins))).unwrap();
+    let pin = |i: &str| pins.0.join(format!("link_{i}"));
+    let dp = open(&[&i0, &i1]).unwrap();
+    dp.upsert_node(3, &keys(1)).unwrap();
+    drop(dp);
+    assert!(has_xdp(&ns, &i0) && has_xdp(&ns, &i1), "both kept");
+
+    let mut dp = open(&[&i0]).unwrap();
+    assert!(!has_xdp(&ns, &i1), "{i1} detached");
+    assert!(!pin(&i1).exists(), "and unpinned");
+    assert!(has_xdp(&ns, &i0) && pin(&i0).exists(), "{i0} re-adopted");
+    dp.detach().unwrap();
+    drop(dp);
+    assert!(!has_xdp(&ns, &i0));
+
+    // One kept on an interface deleted since (the kernel released its
+    // link): its pin goes too, and the start goes on.
+    let gone = "hbunlx0".to_string();
+    ns.ip(&[
+        "link", "add", &gone, "type", "veth", "peer", "name", "hbunlx1",
+    ])
+    .unwrap();
+    ns.ip(&["link", "set", &gone, "up"]).unwrap();
+    let dp = open(&[&gone]).unwrap();
+    dp.upsert_node(3, &keys(1)).unwrap();
+    drop(dp);
+    assert!(has_xdp(&ns, &gone) && pin(&gone).exists());
+    ns.ip(&["link", "del", &gone]).unwrap();
+    let mut dp = open(&[&i0]).expect("a start over a released link's pin");
+    assert!(!pin(&gone).exists(), "its pin removed");
+    dp.detach().unwrap();
+    drop(dp);
+
+    let e = open(&[&i0, &i1, &i0]).err().expect("refused");
+    assert!(
+        format!("{e:#}").contains(&format!("interface {i0} is given twice")),
+        "{e:#}"
+    );
+    assert!(!has_xdp(&ns, &i0) && !has_xdp(&ns, &i1));
+}
+
+/// An hb gate kept attached with another pin directory: the kernel
+/// refuses `ip link set dev IF xdp off` for a program attached through a
+/// bpf_link (what the error used to advise), so the error names the pin
+/// whose removal detaches it, and that works.
+#[test]
+fn a_gate_kept_with_another_pin_dir_is_named_and_its_pin_detaches_it() {
+    let (ns, [i0, _]) = ns_with_veth("hbother");
+    let (first, second) = (PinDir::new("first"), PinDir::new("second"));
+    let dp = ns
+        .run(|| XdpDataplane::open(&kept(&[&i0], &first)))
+        .unwrap()
+        .unwrap();
+    dp.upsert_node(3, &keys(1)).unwrap();
+    drop(dp);
+    assert!(has_xdp(&ns, &i0));
+
+    for off in ["xdp", "xdpdrv", "xdpgeneric"] {
+        let out = ns
+            .command("ip")
+            .args(["link", "set", "dev", &i0, off, "off"])
+            .output()
+            .unwrap();
+        log(format!(
+            "`ip link set dev {i0} {off} off`: {} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+        assert!(has_xdp(&ns, &i0), "`{off} off` left the link's program");
+    }
+
+    let open_second = || {
+        ns.run(|| XdpDataplane::open(&kept(&[&i0], &second)))
+            .unwrap()
+    };
+    let e = format!("{:#}", open_second().err().expect("refused"));
+    let pin = first.0.join(format!("link_{i0}"));
+    assert!(
+        e.contains("already has another XDP program attached"),
+        "{e}"
+    );
+    assert!(e.contains(&format!("here `rm {}`", pin.display())), "{e}");
+    log(format!("busy: {e}"));
+
+    std::fs::remove_file(&pin).unwrap();
+    let t = Instant::now();
+    while has_xdp(&ns, &i0) {
+        assert!(t.elapsed() < Duration::from_secs(5), "still attached");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut dp = open_second().expect("attached once the pin is gone");
+    dp.detach().unwrap();
+}
+
+/// `--keep-attached` keeps a gate only if it has nodes: a start that
+/// failed before it provisioned any (the listen address in use, say) used
+/// to leave a pinned gate refusing every heartbeat to the port, with no
+/// monitor.
+#[test]
+fn a_kept_gate_without_nodes_is_detached() {
+    let (ns, [i0, _]) = ns_with_veth("hbempty");
+    let pins = PinDir::new("empty");
+    let open = || {
+        ns.run(|| XdpDataplane::open(&kept(&[&i0], &pins)))
+            .unwrap()
+            .unwrap()
+    };
+    drop(open());
+    assert!(!has_xdp(&ns, &i0), "detached");
+    assert!(!pins.0.join(format!("link_{i0}")).exists(), "unpinned");
+
+    let dp = open();
+    dp.upsert_node(3, &keys(1)).unwrap();
+    drop(dp);
+    assert!(has_xdp(&ns, &i0), "a gate with nodes is kept");
+    let mut dp = open();
+    dp.detach().unwrap();
+    assert!(!has_xdp(&ns, &i0));
+}
+
+/// A monitor in userspace mode detaches the gates an earlier XDP run kept
+/// in its pin directory (they took the heartbeats before its socket),
+/// keeps the node maps, and leaves alone those of a monitor running on it.
+#[test]
+fn userspace_mode_releases_kept_links() {
+    let (ns, ifs) = ns_with_veth("hbuser");
+    let pins = PinDir::new("user");
+    let dp = ns
+        .run(|| XdpDataplane::open(&kept(&[&ifs[0], &ifs[1]], &pins)))
+        .unwrap()
+        .unwrap();
+    dp.upsert_node(3, &keys(1)).unwrap();
+    // Running: its links are its own.
+    release_kept_links(&pins.0).unwrap();
+    assert!(
+        ifs.iter().all(|i| has_xdp(&ns, i)),
+        "left to the running monitor"
+    );
+    drop(dp);
+    assert!(ifs.iter().all(|i| has_xdp(&ns, i)), "kept");
+
+    release_kept_links(&pins.0).unwrap();
+    for i in &ifs {
+        assert!(!has_xdp(&ns, i), "{i} detached");
+        assert!(!pins.0.join(format!("link_{i}")).exists(), "{i} unpinned");
+    }
+    assert!(pins.0.join(names::NODE_REST).exists(), "node maps kept");
+    release_kept_links(&pins.0).unwrap();
+    release_kept_links(std::path::Path::new("/sys/fs/bpf/hb-test-no-such-dir")).unwrap();
+}
+
+/// A pin directory off bpffs: refused with what is wrong, not an EPERM
+/// at the first pin that reads as missing privileges.
+#[test]
+fn a_pin_dir_off_bpffs_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = XdpDataplane::open(&XdpOptions {
+        pin_dir: Some(dir.path().join("hb")),
+        max_nodes: Some(16),
+        ..XdpOptions::default()
+    })
+    .err()
+    .expect("refused");
+    assert!(
+        format!("{e:#}").contains("is not on a bpf filesystem"),
+        "{e:#}"
+    );
 }

@@ -7,7 +7,16 @@
 //!   instead of starting blind. The links can be pinned too
 //!   (`keep_attached`): the program then keeps gating while the monitor is
 //!   down, and a restarted monitor swaps its fresh program into the pinned
-//!   link atomically.
+//!   link atomically. A start detaches the links kept for interfaces no
+//!   longer listed, a monitor in userspace mode every link kept in its pin
+//!   directory ([`release_kept_links`]), and a dataplane dropped without
+//!   a node provisioned (a start that failed before it provisioned its
+//!   nodes) keeps no link: such a gate would only refuse heartbeats.
+//! - The node maps pinned are one unit (the index leads to slots of the
+//!   two state arrays): a start adopts them whole, rebuilds the index from
+//!   the state arrays when it is missing or too small for them, and starts
+//!   them afresh when the state arrays are not both there (an earlier
+//!   layout's, or removed by hand).
 //! - Node state is read straight from the mmap'ed `HB_NODE_LIVE` and
 //!   `HB_NODE_REST` arrays under each node's seqcount (see [`XdpDataplane::read_states`]); node
 //!   ids and keys are written into it under the same protocol, and the
@@ -384,6 +393,150 @@ impl NodeMaps {
         }
         (released, reset)
     }
+
+    /// Provisions `node_id` at `keys.slot` (see [`Dataplane::upsert_node`]),
+    /// with `ix` the node index these maps go with.
+    fn upsert(&self, ix: &mut NodeIndex, node_id: u32, keys: &NodeKeys) -> anyhow::Result<()> {
+        anyhow::ensure!(node_id != 0, "node id 0 is reserved");
+        let Some(to) = self.entry(keys.slot) else {
+            bail!(
+                "slot {} is beyond the capacity of {} nodes",
+                keys.slot,
+                self.len()
+            );
+        };
+        let take = |e: Entry, slot: u32| {
+            e.lock().map_err(|s| {
+                stuck_error(slot, s).context(format!("cannot provision node {node_id}"))
+            })
+        };
+        match ix.get(node_id) {
+            // Key rotation: the state stays.
+            Some(slot) if slot == keys.slot => take(to, slot)?.rekey(node_id, keys),
+            Some(old) => {
+                // Moved: the state goes along, the index follows, the old
+                // slot is freed. Both slots are held before either is
+                // written (all or nothing), and the old one throughout, so
+                // the state that moves is the last one. Only if the old
+                // slot holds this node: an index entry that leads to
+                // another node's slot (adopted from maps pinned apart)
+                // must not move or free that node.
+                let from = match self.entry(old) {
+                    Some(e) => Some(take(e, old)?).filter(|h| h.state().node_id == node_id),
+                    None => None,
+                };
+                match from {
+                    Some(from) => {
+                        let s = from.state();
+                        take(to, keys.slot)?.replace(|_| {
+                            let mut t = s;
+                            t.set_keys(node_id, keys);
+                            t
+                        });
+                        ix.set(node_id, keys.slot)
+                            .expect("an indexed node is updated in place");
+                        from.clear();
+                    }
+                    None => {
+                        take(to, keys.slot)?.install(node_id, keys);
+                        ix.set(node_id, keys.slot)
+                            .expect("an indexed node is updated in place");
+                    }
+                }
+            }
+            None => {
+                // The state first: the kernel never finds the node before
+                // its keys are there.
+                take(to, keys.slot)?.install(node_id, keys);
+                if let Err(e) = ix.set(node_id, keys.slot) {
+                    let e = anyhow!(e).context(format!(
+                        "cannot provision node {node_id} in {}",
+                        names::NODE_INDEX
+                    ));
+                    // Unindexed, so only the kernel's brief holds compete.
+                    return Err(match to.lock() {
+                        Ok(h) => {
+                            h.clear();
+                            e
+                        }
+                        Err(s) => e.context(format!("and slot {} keeps its keys: {s}", keys.slot)),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The nodes `ix` leads to, with their keys (see
+    /// [`Dataplane::provisioned`]). An entry that leads beyond these maps
+    /// or to a slot that holds another node (maps pinned apart, or by
+    /// other versions) is removed, with one warning for all: its node is
+    /// not here, and left in the index it would have a later move of that
+    /// node take the other node's state.
+    fn adopt(&self, ix: &mut NodeIndex) -> anyhow::Result<Vec<(u32, NodeKeys)>> {
+        let mut out = Vec::new();
+        let mut stray = Vec::new();
+        for (id, slot) in ix.entries() {
+            let Some(e) = self.entry(slot) else {
+                stray.push(id);
+                continue;
+            };
+            let s = e.read().map_err(|stuck| {
+                stuck_error(slot, stuck).context(format!("cannot adopt pinned node {id}"))
+            })?;
+            if s.node_id == id {
+                out.push((id, s.keys(slot)));
+            } else {
+                stray.push(id);
+            }
+        }
+        if !stray.is_empty() {
+            for id in &stray {
+                ix.remove(*id);
+            }
+            tracing::warn!(
+                removed = stray.len(),
+                kept = out.len(),
+                "removed node index entries that led to no node of theirs (a slot beyond the node state, or one holding another node): those nodes start afresh"
+            );
+        }
+        Ok(out)
+    }
+
+    /// Indexes every node these maps hold into the fresh index `ix`: the
+    /// index rebuilt from the node state it leads to (each slot names its
+    /// node). A node found at a second slot (no writer of ours leaves
+    /// that) is cleared there. Returns how many nodes were indexed and
+    /// how many slots cleared.
+    fn reindex(&self, ix: &mut NodeIndex) -> anyhow::Result<(u32, u32)> {
+        let (mut indexed, mut cleared) = (0, 0);
+        for slot in 0..self.len() {
+            let Some(e) = self.entry(slot) else { break };
+            let id = e
+                .read()
+                .map_err(|stuck| stuck_error(slot, stuck).context("cannot rebuild the node index"))?
+                .node_id;
+            if id == 0 {
+                continue;
+            }
+            if ix.get(id).is_some() {
+                e.lock().map_err(|stuck| stuck_error(slot, stuck))?.clear();
+                cleared += 1;
+                continue;
+            }
+            ix.set(id, slot).map_err(|full| {
+                anyhow!(full).context(format!("cannot rebuild {}", names::NODE_INDEX))
+            })?;
+            indexed += 1;
+        }
+        Ok((indexed, cleared))
+    }
+}
+
+/// The error of an access to `slot` that found the node held.
+#[cold]
+fn stuck_error(slot: u32, s: Stuck) -> anyhow::Error {
+    anyhow!(s).context(format!("node slot {slot}"))
 }
 
 impl Entry {
@@ -701,17 +854,28 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Xdp
         .map_err(|e| anyhow!("program {name} is not an XDP program: {e}"))
 }
 
-/// Mounts bpffs on /sys/fs/bpf if it is not mounted, and creates `dir`.
-fn ensure_pin_dir(dir: &Path) -> anyhow::Result<()> {
+/// Whether `path` is on a bpf filesystem (bpffs), the only place BPF
+/// objects can be pinned.
+fn on_bpffs(path: &Path) -> bool {
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    let root = Path::new("/sys/fs/bpf");
-    // SAFETY: statfs on a NUL-terminated path into a zeroed struct.
-    let mounted = unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        let c = std::ffi::CString::new("/sys/fs/bpf").expect("no NUL");
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
     };
-    if dir.starts_with(root) && !mounted {
+    // SAFETY: statfs on a NUL-terminated path into a zeroed struct.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+/// Mounts bpffs on /sys/fs/bpf if it is not mounted, and creates `dir`,
+/// which must be on a bpf filesystem: elsewhere every pin fails (with
+/// EPERM, which reads as missing privileges). Refused before anything is
+/// created, as far as `dir` exists.
+fn ensure_pin_dir(dir: &Path) -> anyhow::Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    if dir.starts_with(root) && !on_bpffs(root) {
         std::fs::create_dir_all(root)
             .with_context(|| format!("cannot create {}", root.display()))?;
         let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
@@ -724,6 +888,19 @@ fn ensure_pin_dir(dir: &Path) -> anyhow::Result<()> {
                 .context("bpffs is not mounted on /sys/fs/bpf and mounting it failed (run as root, or `mount -t bpf bpf /sys/fs/bpf`)");
         }
         tracing::info!(path = "/sys/fs/bpf", "mounted bpffs");
+    }
+    // The deepest part of `dir` that exists decides: what is created
+    // under it is on its filesystem.
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if !on_bpffs(existing) {
+        bail!(
+            "pin directory {} is not on a bpf filesystem ({} is not): BPF maps and links can be pinned only there; give a --pin-dir under /sys/fs/bpf, or mount one first (`mount -t bpf bpf DIR`)",
+            dir.display(),
+            existing.display()
+        );
     }
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create pin directory {}", dir.display()))
@@ -745,24 +922,272 @@ fn lock_pin_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
     )
 }
 
-/// Node maps pinned by hb versions before the node index (a hash map of
-/// keys, one array of 128-byte states): this version cannot read them.
+/// Node maps pinned by hb versions before the split of the node state
+/// (`HB_NODE_STATE`, one array of 192-byte states, with the node index)
+/// or before the node index (`HB_NODE_KEYS`, a hash map of keys, with
+/// `HB_NODE_STATE` of 128-byte states): this version cannot read them.
 const OLD_PINS: [&str; 2] = ["HB_NODE_KEYS", "HB_NODE_STATE"];
 
-/// Removes the node maps an earlier hb version pinned in `dir`, saying so:
-/// their nodes start afresh here (each rejoins on its next heartbeat), and
-/// left in place they would only hold kernel memory.
-fn retire_old_pins(dir: &Path) -> anyhow::Result<()> {
-    for name in OLD_PINS {
-        let path = dir.join(name);
-        if path.exists() {
+/// The node maps: the index, and the two state arrays it leads to. One
+/// unit: pinned apart they mean nothing.
+const NODE_MAPS: [&str; 3] = [names::NODE_INDEX, names::NODE_LIVE, names::NODE_REST];
+
+/// What [`reconcile_node_pins`] left of the node maps pinned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NodePins {
+    /// Nothing to do: none pinned (created afresh), or all three, which
+    /// fit one another (adopted).
+    AsTheyAre,
+    /// The state arrays are adopted (`capacity` slots each), and the
+    /// index, not pinned any more, is created afresh and rebuilt from the
+    /// nodes they hold ([`NodeMaps::reindex`]).
+    RebuildIndex { capacity: u32 },
+}
+
+/// `max_entries` of the map pinned at `path`.
+fn pinned_max_entries(path: &Path) -> anyhow::Result<u32> {
+    let map = aya::maps::MapData::from_pin(path)
+        .with_context(|| format!("cannot open the pinned map {}", path.display()))?;
+    Ok(map
+        .info()
+        .with_context(|| format!("cannot read the pinned map {}", path.display()))?
+        .max_entries())
+}
+
+/// Makes the node maps pinned in `dir` one unit again, before they are
+/// loaded:
+/// - maps of an earlier layout ([`OLD_PINS`]) are removed, and the node
+///   maps pinned with them too (an index pinned beside `HB_NODE_STATE`
+///   leads into that array, not into this version's): node state starts
+///   afresh;
+/// - so it does when the state arrays are not both pinned (the index
+///   would lead into empty arrays, or one array would be adopted with
+///   the other empty);
+/// - the state arrays pinned without an index, or with an index too small
+///   for them (it could not take as many nodes as they have slots), keep
+///   their nodes: the index is created afresh and rebuilt from them.
+///
+/// One warning says what was removed and why.
+fn reconcile_node_pins(dir: &Path) -> anyhow::Result<NodePins> {
+    let pinned = |name: &&str| dir.join(name).exists();
+    let old = OLD_PINS.iter().any(pinned);
+    let [index, live, rest] = NODE_MAPS.map(|n| pinned(&n));
+    let remove = |why: &str| -> anyhow::Result<NodePins> {
+        let gone: Vec<&str> = OLD_PINS
+            .iter()
+            .chain(&NODE_MAPS)
+            .copied()
+            .filter(|n| pinned(n))
+            .collect();
+        for name in &gone {
+            let path = dir.join(name);
             std::fs::remove_file(&path)
                 .with_context(|| format!("cannot remove {}", path.display()))?;
-            tracing::warn!(
-                pin = %path.display(),
-                "removed a node map pinned by an earlier hb version (another layout): node state starts afresh, every node rejoins on its next heartbeat"
-            );
         }
+        tracing::warn!(
+            pin_dir = %dir.display(),
+            removed = %gone.join(","),
+            reason = why,
+            "removed pinned node maps: node state starts afresh, every node rejoins on its next heartbeat"
+        );
+        Ok(NodePins::AsTheyAre)
+    };
+    if old {
+        return remove("maps of an earlier hb version (another layout)");
+    }
+    if !(live && rest) {
+        return if index || live || rest {
+            remove("not all there (the node index goes with both state arrays)")
+        } else {
+            Ok(NodePins::AsTheyAre)
+        };
+    }
+    let capacity = pinned_max_entries(&dir.join(names::NODE_LIVE))?;
+    let want = index::buckets_for(capacity);
+    if index {
+        let path = dir.join(names::NODE_INDEX);
+        let room = pinned_max_entries(&path)?.saturating_sub(1);
+        if room.is_power_of_two() && room >= want {
+            return Ok(NodePins::AsTheyAre);
+        }
+        std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+        tracing::warn!(
+            pin = %path.display(),
+            buckets = room,
+            needed = want,
+            capacity,
+            "the pinned node index does not fit the pinned node state (too small for its capacity): rebuilding it from the node state"
+        );
+    } else {
+        tracing::warn!(
+            pin_dir = %dir.display(),
+            capacity,
+            "the pinned node state has no pinned node index beside it: rebuilding the index from the node state"
+        );
+    }
+    Ok(NodePins::RebuildIndex { capacity })
+}
+
+/// The XDP links kept in `dir` (`link_IF`), with the interface each was
+/// kept on, by name.
+fn kept_links(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
+    let mut links = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if let Some(ifname) = name.to_str().and_then(|n| n.strip_prefix("link_")) {
+            links.push((ifname.to_owned(), entry.path()));
+        }
+    }
+    links.sort();
+    Ok(links)
+}
+
+/// A `bpf(2)` call with `attr` (the command's part of `union bpf_attr`);
+/// its result, or the error.
+///
+/// # Safety
+/// `T` is `repr(C)` and lays out the leading fields of `union bpf_attr`
+/// for `cmd`; any pointer in it is valid for what `cmd` does with it.
+unsafe fn bpf_call<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
+    // SAFETY: the caller's; the size is given, so the kernel reads no more
+    // than `attr`.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            (attr as *const T).cast::<libc::c_void>(),
+            size_of::<T>() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Detaches the XDP link pinned at `pin` and removes the pin. The link is
+/// detached first (`BPF_LINK_DETACH`), so the program is off the
+/// interface when this returns, even if a descriptor of the link is still
+/// open somewhere (removing the pin alone frees the link only with its
+/// last reference, and then a moment later). A link the kernel released
+/// already (its interface went away) detaches as a no-op.
+fn unpin_link(pin: &Path) -> anyhow::Result<()> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())
+        .with_context(|| format!("{} contains NUL", pin.display()))?;
+    // SAFETY: `bpf_attr`'s layout for BPF_OBJ_GET; `path` outlives the
+    // call.
+    let fd = unsafe {
+        bpf_call(
+            BPF_OBJ_GET,
+            &ObjGet {
+                pathname: path.as_ptr() as u64,
+                bpf_fd: 0,
+                file_flags: 0,
+            },
+        )
+    }
+    .with_context(|| format!("cannot open the pinned XDP link {}", pin.display()))?;
+    // SAFETY: a descriptor the kernel just gave us, owned from here.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: `bpf_attr`'s layout for BPF_LINK_DETACH.
+    unsafe {
+        bpf_call(
+            BPF_LINK_DETACH,
+            &LinkDetach {
+                link_fd: fd.as_raw_fd() as u32,
+            },
+        )
+    }
+    .with_context(|| format!("cannot detach the XDP link pinned at {}", pin.display()))?;
+    drop(fd);
+    std::fs::remove_file(pin).with_context(|| format!("cannot remove the pin {}", pin.display()))
+}
+
+/// Detaches the links an earlier `--keep-attached` run pinned in `dir`
+/// for interfaces other than `keep`, naming each in a warning: nothing
+/// else would ever detach them (a start re-adopts the links of the
+/// interfaces it is given, and only those go at its exit).
+fn detach_unlisted_links(dir: &Path, keep: &[String]) -> anyhow::Result<()> {
+    let links = kept_links(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    for (ifname, pin) in links {
+        if keep.contains(&ifname) {
+            continue;
+        }
+        unpin_link(&pin)?;
+        tracing::warn!(
+            interface = ifname,
+            pin = %pin.display(),
+            "detached the XDP gate an earlier --keep-attached run left on an interface no longer given (--iface)"
+        );
+    }
+    Ok(())
+}
+
+/// For a monitor in userspace mode: detaches the XDP links an earlier
+/// `--keep-attached` run in an XDP mode left in `dir` (its pin directory,
+/// default or given), each named in a warning. Left attached, such a gate
+/// takes the heartbeats to its port before the socket sees them (counted
+/// or refused under a configuration nobody updates any more), and every
+/// node would be dead while the monitor looks healthy. Detached rather
+/// than refused: the operator chose userspace mode, removing the pin is
+/// what an error would ask for, and the pinned node maps stay for a later
+/// start in an XDP mode.
+///
+/// Links of a monitor that runs (it holds the pin directory) are left to
+/// it, with a warning. A directory that does not exist or cannot be read
+/// (a monitor not run as root) has nothing this monitor can see; links it
+/// finds and cannot detach are an error that names them.
+pub fn release_kept_links(dir: &Path) -> anyhow::Result<()> {
+    let links = match kept_links(dir) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::debug!(pin_dir = %dir.display(), error = %e, "no kept XDP links to look for");
+            return Ok(());
+        }
+    };
+    if links.is_empty() {
+        return Ok(());
+    }
+    let pins = links
+        .iter()
+        .map(|(_, p)| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let Ok(_lock) = lock_pin_dir(dir) else {
+        tracing::warn!(
+            pin_dir = %dir.display(),
+            links = %pins,
+            "an XDP monitor is running on this pin directory; its gate, if on this port, takes heartbeats before this monitor's socket sees them"
+        );
+        return Ok(());
+    };
+    for (ifname, pin) in links {
+        unpin_link(&pin).with_context(|| {
+            format!(
+                "the XDP gate an earlier --keep-attached run left on {ifname} would take the heartbeats before this socket: remove it as root (`rm {}`)",
+                pin.display()
+            )
+        })?;
+        tracing::warn!(
+            interface = ifname,
+            pin = %pin.display(),
+            "userspace mode: detached the XDP gate an earlier --keep-attached run left (it took the heartbeats before the socket); the pinned node maps stay for a later XDP start"
+        );
     }
     Ok(())
 }
@@ -827,15 +1252,20 @@ impl XdpDataplane {
         if opts.keep_attached && opts.pin_dir.is_none() {
             bail!("keep_attached needs a pin directory (the link is pinned there)");
         }
+        for (i, ifname) in opts.interfaces.iter().enumerate() {
+            if opts.interfaces[..i].contains(ifname) {
+                bail!("interface {ifname} is given twice");
+            }
+        }
         check_privileges()?;
-        let pin_lock = match &opts.pin_dir {
+        let (pin_lock, node_pins) = match &opts.pin_dir {
             Some(dir) => {
                 ensure_pin_dir(dir)?;
                 let lock = lock_pin_dir(dir)?;
-                retire_old_pins(dir)?;
-                Some(lock)
+                let node_pins = reconcile_node_pins(dir)?;
+                (Some(lock), node_pins)
             }
-            None => None,
+            None => (None, NodePins::AsTheyAre),
         };
         // Resolve interfaces first: a typo should not cost a load.
         let mut ifindex = Vec::new();
@@ -872,6 +1302,10 @@ impl XdpDataplane {
             loader.map_max_entries(names::NODE_INDEX, 1 + index::buckets_for(n));
             loader.map_max_entries(names::NODE_LIVE, n);
             loader.map_max_entries(names::NODE_REST, n);
+        }
+        if let NodePins::RebuildIndex { capacity } = node_pins {
+            // For the state arrays adopted, whatever `max_nodes` says.
+            loader.map_max_entries(names::NODE_INDEX, 1 + index::buckets_for(capacity));
         }
         let mut ebpf = loader
             .load(opts.object.unwrap_or(crate::EBPF_OBJECT))
@@ -959,12 +1393,20 @@ impl XdpDataplane {
                 index_map.len as usize * index::ENTRIES,
             )
         };
-        let index = NodeIndex::new(Words::Mapped(words)).map_err(|e| {
+        let mut index = NodeIndex::new(Words::Mapped(words)).map_err(|e| {
             anyhow!(e).context(format!(
                 "remove {} (losing node state) or run the matching hb version",
                 opts.pin_dir.as_deref().unwrap_or(Path::new("?")).display()
             ))
         })?;
+        if let NodePins::RebuildIndex { .. } = node_pins {
+            let (indexed, cleared) = nodes.reindex(&mut index)?;
+            tracing::warn!(
+                indexed,
+                cleared,
+                "rebuilt the node index from the pinned node state"
+            );
+        }
         let events = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)?;
 
         let mut dp = XdpDataplane {
@@ -985,6 +1427,9 @@ impl XdpDataplane {
             stuck_reads: AtomicU64::new(0),
             _pin_lock: pin_lock,
         };
+        if let Some(dir) = &opts.pin_dir {
+            detach_unlisted_links(dir, &opts.interfaces)?;
+        }
         for (ifname, idx) in opts.interfaces.iter().zip(ifindex) {
             dp.attach(ifname, idx, opts)?;
         }
@@ -1142,12 +1587,6 @@ impl XdpDataplane {
         }
     }
 
-    /// The error of a write to `slot` that found the node held.
-    #[cold]
-    fn stuck_error(&self, slot: u32, s: Stuck) -> anyhow::Error {
-        anyhow!(s).context(format!("node slot {slot}"))
-    }
-
     /// The live line at `slot` through one `BPF_MAP_LOOKUP_ELEM` syscall:
     /// the alternative design [`READ_DESIGN`] measures against. Not
     /// consistent with respect to the seqcount (the kernel copies without
@@ -1262,10 +1701,53 @@ fn is_busy(e: &ProgramError) -> bool {
     t.contains("EBUSY") || t.contains("Device or resource busy") || t.contains("File exists")
 }
 
+/// Pins under /sys/fs/bpf (and the directories in it) that could hold the
+/// XDP link on `ifname`: an hb gate kept by `--keep-attached` with another
+/// pin directory is pinned as `DIR/link_IF`.
+fn link_pins_of(ifname: &str) -> Vec<PathBuf> {
+    let root = Path::new("/sys/fs/bpf");
+    let name = format!("link_{ifname}");
+    let mut dirs = vec![root.to_path_buf()];
+    if let Ok(entries) = std::fs::read_dir(root) {
+        dirs.extend(
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
+    }
+    let mut pins: Vec<PathBuf> = dirs
+        .into_iter()
+        .map(|d| d.join(&name))
+        .filter(|p| p.exists())
+        .collect();
+    pins.sort();
+    pins
+}
+
+/// Another program is on `ifname`. What detaches it depends on how it was
+/// attached: `ip link set ... xdp off` for one attached through netlink;
+/// one attached through a bpf_link (an hb gate is) makes the kernel refuse
+/// that ("Can't replace active BPF XDP link") and goes with its link only.
+/// Pins that may hold that link are named (a pin does not say which
+/// network namespace its interface is in).
 fn busy(ifname: &str, e: ProgramError) -> anyhow::Error {
+    let found = link_pins_of(ifname)
+        .iter()
+        .map(|p| format!("`rm {}`", p.display()))
+        .collect::<Vec<_>>();
+    let found = match found.len() {
+        0 => String::new(),
+        1 => format!("; here {}", found[0]),
+        _ => format!("; here one of {}", found.join(", ")),
+    };
     anyhow!(e).context(format!(
         "interface {ifname} already has another XDP program attached; hb will not replace it. \
-         Check `ip link show {ifname}`, stop its owner or detach it (`ip link set dev {ifname} xdp off`)"
+         Check `ip link show {ifname}` and stop its owner, or detach it: \
+         `ip link set dev {ifname} xdp off` (`xdpgeneric off` in skb mode) detaches a program attached through netlink; \
+         one attached through a bpf_link refuses that and goes only with its link: remove the link's pin \
+         (an hb gate kept by --keep-attached is pinned as PIN_DIR/link_{ifname}{found}), \
+         or `bpftool link detach id ID` (`bpftool link show` lists them)"
     ))
 }
 
@@ -1275,8 +1757,19 @@ impl Drop for XdpDataplane {
             t.abort();
         }
         if self.keep_attached {
-            // Pinned links stay attached; dropping our fds is all.
-            return;
+            if !self.index().is_empty() {
+                // Pinned links stay attached; dropping our fds is all.
+                return;
+            }
+            // No node to gate (a start that failed before it provisioned
+            // its nodes, say, with the listen address in use): kept, the
+            // gate would only refuse every heartbeat to the port, with no
+            // monitor to tell.
+            if self.attached.iter().any(|a| a.pin.is_some()) {
+                tracing::warn!(
+                    "no node is provisioned: the XDP gate is detached rather than kept attached (--keep-attached keeps a gate with nodes)"
+                );
+            }
         }
         if let Err(e) = self.detach() {
             tracing::warn!(error = %format!("{e:#}"), "XDP detach on drop failed");
@@ -1323,70 +1816,7 @@ async fn pump_reports(ring: RingBuf<MapData>, tx: mpsc::Sender<Report>) {
 
 impl Dataplane for XdpDataplane {
     fn upsert_node(&self, node_id: u32, keys: &NodeKeys) -> anyhow::Result<()> {
-        anyhow::ensure!(node_id != 0, "node id 0 is reserved");
-        let Some(to) = self.nodes.entry(keys.slot) else {
-            bail!(
-                "slot {} is beyond the capacity of {} nodes",
-                keys.slot,
-                self.capacity()
-            );
-        };
-        let mut ix = self.index();
-        let take = |e: Entry, slot: u32| {
-            e.lock().map_err(|s| {
-                self.stuck_error(slot, s)
-                    .context(format!("cannot provision node {node_id}"))
-            })
-        };
-        match ix.get(node_id) {
-            // Key rotation: the state stays.
-            Some(slot) if slot == keys.slot => take(to, slot)?.rekey(node_id, keys),
-            Some(old) => {
-                // Moved: the state goes along, the index follows, the old
-                // slot is freed. Both slots are held before either is
-                // written (all or nothing), and the old one throughout, so
-                // the state that moves is the last one.
-                match self.nodes.entry(old) {
-                    Some(from) => {
-                        let from = take(from, old)?;
-                        let s = from.state();
-                        take(to, keys.slot)?.replace(|_| {
-                            let mut t = s;
-                            t.set_keys(node_id, keys);
-                            t
-                        });
-                        ix.set(node_id, keys.slot)
-                            .expect("an indexed node is updated in place");
-                        from.clear();
-                    }
-                    None => {
-                        take(to, keys.slot)?.install(node_id, keys);
-                        ix.set(node_id, keys.slot)
-                            .expect("an indexed node is updated in place");
-                    }
-                }
-            }
-            None => {
-                // The state first: the kernel never finds the node before
-                // its keys are there.
-                take(to, keys.slot)?.install(node_id, keys);
-                if let Err(e) = ix.set(node_id, keys.slot) {
-                    let e = anyhow!(e).context(format!(
-                        "cannot provision node {node_id} in {}",
-                        names::NODE_INDEX
-                    ));
-                    // Unindexed, so only the kernel's brief holds compete.
-                    return Err(match to.lock() {
-                        Ok(h) => {
-                            h.clear();
-                            e
-                        }
-                        Err(s) => e.context(format!("and slot {} keeps its keys: {s}", keys.slot)),
-                    });
-                }
-            }
-        }
-        Ok(())
+        self.nodes.upsert(&mut self.index(), node_id, keys)
     }
 
     fn remove_node(&self, node_id: u32) -> anyhow::Result<()> {
@@ -1400,8 +1830,7 @@ impl Dataplane for XdpDataplane {
         // (or none) there once it is cleared.
         let held = match self.nodes.entry(slot) {
             Some(e) => Some(e.lock().map_err(|s| {
-                self.stuck_error(slot, s)
-                    .context(format!("cannot remove node {node_id}"))
+                stuck_error(slot, s).context(format!("cannot remove node {node_id}"))
             })?),
             None => None,
         };
@@ -1413,29 +1842,7 @@ impl Dataplane for XdpDataplane {
     }
 
     fn provisioned(&self) -> anyhow::Result<Vec<(u32, NodeKeys)>> {
-        let ix = self.index();
-        let mut out = Vec::new();
-        for (id, slot) in ix.entries() {
-            let Some(e) = self.nodes.entry(slot) else {
-                tracing::warn!(node_id = id, slot, "indexed beyond the node state; ignored");
-                continue;
-            };
-            let s = e.read().map_err(|stuck| {
-                self.stuck_error(slot, stuck)
-                    .context(format!("cannot adopt pinned node {id}"))
-            })?;
-            if s.node_id != id {
-                tracing::warn!(
-                    node_id = id,
-                    slot,
-                    holder = s.node_id,
-                    "indexed at a slot that holds another node; ignored"
-                );
-                continue;
-            }
-            out.push((id, s.keys(slot)));
-        }
-        Ok(out)
+        self.nodes.adopt(&mut self.index())
     }
 
     fn read_states(&self, slots: Range<u32>, f: &mut dyn FnMut(u32, &NodeState)) {
@@ -1593,7 +2000,11 @@ mod tests {
         maps::{NodeKeys, NodeState},
     };
 
-    use super::{Entry, Mapping, NodeMaps, PATIENCE, Stuck, lock_pin_dir, missing_capabilities};
+    use super::{
+        Entry, Mapping, NodeMaps, PATIENCE, Stuck, ensure_pin_dir, lock_pin_dir,
+        missing_capabilities,
+    };
+    use crate::dataplane::index::NodeIndex;
 
     /// The node maps of `n` slots, in memory: what the kernel maps hold,
     /// without a kernel.
@@ -1775,6 +2186,98 @@ mod tests {
             }
         );
         assert_eq!(after.keys_seq & 1, 0);
+    }
+
+    /// Node `id` installed at `slot` with `accepted` heartbeats, in the
+    /// maps only (as maps pinned apart from their index hold it).
+    fn put(m: &NodeMaps, slot: u32, id: u32, accepted: u64) {
+        m.entry(slot).unwrap().lock().unwrap().replace(|_| {
+            let mut s = NodeState {
+                accepted,
+                ..NodeState::default()
+            };
+            s.set_keys(id, &keys(slot, 1));
+            s
+        });
+    }
+
+    fn at(m: &NodeMaps, slot: u32) -> (u32, u64) {
+        let s = m.entry(slot).unwrap().read().unwrap();
+        (s.node_id, s.accepted)
+    }
+
+    #[test]
+    fn a_move_takes_along_only_the_nodes_own_state() {
+        let m = maps(4);
+        let mut ix = NodeIndex::owned(8);
+        // Node 7 at slot 0, moved to slot 2: its state goes along.
+        m.upsert(&mut ix, 7, &keys(0, 1)).unwrap();
+        put(&m, 0, 7, 5);
+        m.upsert(&mut ix, 7, &keys(2, 1)).unwrap();
+        assert_eq!((at(&m, 0), at(&m, 2)), ((0, 0), (7, 5)), "moved");
+        assert_eq!(ix.get(7), Some(2));
+        // An index entry that leads to another node's slot (node 8 at slot
+        // 1, as maps pinned apart from their index leave it): provisioning
+        // node 9 elsewhere neither takes nor frees node 8's state.
+        put(&m, 1, 8, 3);
+        ix.set(8, 1).unwrap();
+        ix.set(9, 1).unwrap();
+        m.upsert(&mut ix, 9, &keys(3, 1)).unwrap();
+        assert_eq!(at(&m, 1), (8, 3), "node 8 untouched");
+        assert_eq!(at(&m, 3), (9, 0), "node 9 fresh");
+        assert_eq!((ix.get(8), ix.get(9)), (Some(1), Some(3)));
+    }
+
+    #[test]
+    fn adoption_drops_index_entries_that_lead_to_no_node_of_theirs() {
+        let m = maps(4);
+        let mut ix = NodeIndex::owned(8);
+        put(&m, 0, 7, 5);
+        put(&m, 1, 8, 3);
+        ix.set(7, 0).unwrap();
+        // Another node's slot, an empty one, one beyond the maps.
+        ix.set(9, 1).unwrap();
+        ix.set(10, 2).unwrap();
+        ix.set(11, 40).unwrap();
+        let adopted = m.adopt(&mut ix).unwrap();
+        assert_eq!(adopted, vec![(7, keys(0, 1))]);
+        let mut left = ix.entries();
+        left.sort();
+        assert_eq!(left, [(7, 0)], "the stray entries are gone");
+        // Node 9, provisioned afresh, leaves node 8's slot alone.
+        m.upsert(&mut ix, 9, &keys(2, 1)).unwrap();
+        assert_eq!((at(&m, 1), at(&m, 2)), ((8, 3), (9, 0)));
+    }
+
+    #[test]
+    fn the_index_is_rebuilt_from_the_node_state() {
+        let m = maps(8);
+        put(&m, 1, 7, 5);
+        put(&m, 4, 8, 3);
+        // Node 7 at a second slot: not indexed there, cleared.
+        put(&m, 6, 7, 1);
+        let mut ix = NodeIndex::owned(4);
+        assert_eq!(m.reindex(&mut ix).unwrap(), (2, 1));
+        assert_eq!((ix.get(7), ix.get(8)), (Some(1), Some(4)));
+        assert_eq!(at(&m, 6), (0, 0));
+        assert_eq!(
+            m.adopt(&mut ix).unwrap().len(),
+            2,
+            "every node adopted as it was"
+        );
+    }
+
+    #[test]
+    fn a_pin_dir_off_bpffs_is_refused_before_anything_is_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = dir.path().join("hb").join("pins");
+        let e = ensure_pin_dir(&pins).unwrap_err();
+        let text = format!("{e:#}");
+        assert!(
+            text.contains("is not on a bpf filesystem") && text.contains("mount -t bpf"),
+            "{text}"
+        );
+        assert!(!dir.path().join("hb").exists(), "nothing created");
     }
 
     #[test]

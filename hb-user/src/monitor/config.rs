@@ -357,11 +357,15 @@ impl Settings {
 
     fn merge(a: &Args, f: FileConfig) -> anyhow::Result<Settings> {
         let controller = controller_settings(a, &f, a.fixed_interval_ms.or(f.fixed_interval_ms))?;
-        let ifaces = if a.iface.is_empty() {
+        let mut ifaces = if a.iface.is_empty() {
             f.iface.unwrap_or_default()
         } else {
             a.iface.clone()
         };
+        // An interface given twice is one interface: attached (or bound)
+        // once, in the order first given.
+        let mut seen = std::collections::HashSet::new();
+        ifaces.retain(|i| seen.insert(i.clone()));
         let keyring = a
             .keyring
             .clone()
@@ -863,6 +867,21 @@ mod tests {
         assert_eq!((s.ack_every, s.ack_on_change), (0, false));
         assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(s.thresholds, Thresholds::default());
+    }
+
+    #[test]
+    fn an_interface_given_twice_is_one_interface() {
+        let a = Opts {
+            iface: ["eth1", "eth0", "eth1", "eth2", "eth0"]
+                .map(String::from)
+                .to_vec(),
+            ..args()
+        };
+        let s = Settings::merge(&a.into(), FileConfig::default()).unwrap();
+        assert_eq!(s.ifaces, ["eth1", "eth0", "eth2"], "deduplicated, in order");
+        let file: FileConfig = toml::from_str("iface = [\"eth9\", \"eth9\"]\n").unwrap();
+        let s = Settings::merge(&args().into(), file).unwrap();
+        assert_eq!(s.ifaces, ["eth9"]);
     }
 
     #[test]

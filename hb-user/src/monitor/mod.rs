@@ -158,6 +158,9 @@ fn open_dataplane(s: &Settings, local: &BTreeSet<IpAddr>) -> anyhow::Result<Open
                     "--keep-attached and --pin-dir apply to XDP modes only; userspace mode keeps no state across restarts"
                 );
             }
+            // A gate an earlier XDP run kept attached would take the
+            // heartbeats before the socket sees them.
+            crate::dataplane::xdp::release_kept_links(&s.pin_dir)?;
             let addrs = userspace::bind_addrs(&s.ifaces, s.port)?;
             let sockets = userspace::bind(&addrs)?;
             let mut mem = MemDataplane::new();
