@@ -1383,6 +1383,28 @@ fn bad_input(mode: &str) {
     }
     drop(other);
 
+    // A time namespace whose monotonic clock is offset from the kernel's,
+    // with which the XDP gate stamps arrivals.
+    let mut cmd = pair.a.command("unshare");
+    cmd.args(["--time", "--monotonic", "3600", "--fork", "--"])
+        .arg(hb_bin())
+        .args([
+            "monitor",
+            "--mode",
+            mode,
+            "--iface",
+            IF_A,
+            "--pin-dir",
+            &pins,
+        ])
+        .args(["--keyring", &keyring, "--nodes", "1"]);
+    fails_with_one_line(
+        "a time namespace with a monotonic offset",
+        &mut cmd,
+        "time namespace whose CLOCK_MONOTONIC is offset by 3600 s",
+    );
+    assert_eq!(xdp_prog_id(&pair.a, IF_A), None, "nothing attached");
+
     // Missing privileges: an unprivileged user, and root without
     // capabilities (as in a too-strict systemd unit).
     for (who, ids, keyring) in [

@@ -144,6 +144,7 @@ fn open_xdp(s: &Settings, local: &BTreeSet<IpAddr>) -> anyhow::Result<Box<dyn Da
 fn open_dataplane(s: &Settings, local: &BTreeSet<IpAddr>) -> anyhow::Result<Opened> {
     match s.mode {
         Mode::Native | Mode::Skb => {
+            check_clock_shared_with_the_kernel()?;
             let mut dp = open_xdp(s, local)?;
             let reports = dp.take_reports();
             Ok(Opened {
@@ -173,6 +174,37 @@ fn open_dataplane(s: &Settings, local: &BTreeSet<IpAddr>) -> anyhow::Result<Open
             })
         }
     }
+}
+
+/// The XDP gate stamps arrivals with the kernel's CLOCK_MONOTONIC
+/// (`bpf_ktime_get_ns`), which time namespaces do not shift, and the tick
+/// compares them with this process's, which they do: in a time namespace
+/// with a monotonic offset (a container restored by CRIU, `unshare
+/// --time`) every node would look silent by the offset, or never silent.
+fn check_clock_shared_with_the_kernel() -> anyhow::Result<()> {
+    match std::fs::read_to_string("/proc/self/timens_offsets") {
+        Ok(text) => match monotonic_offset(&text) {
+            Some((0, 0)) | None => Ok(()),
+            Some((s, ns)) => bail!(
+                "this process runs in a time namespace whose CLOCK_MONOTONIC is offset by {s} s {ns} ns \
+                 from the kernel's, with which the XDP gate stamps heartbeats: run `hb monitor` in the \
+                 host's time namespace, or use --mode userspace"
+            ),
+        },
+        // No time namespaces in this kernel: one clock.
+        Err(_) => Ok(()),
+    }
+}
+
+/// The `monotonic` line of /proc/PID/timens_offsets: seconds and ns.
+fn monotonic_offset(text: &str) -> Option<(i64, i64)> {
+    text.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        if f.next()? != "monotonic" {
+            return None;
+        }
+        Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+    })
 }
 
 /// The interval policy of `--controller`: off, one fixed interval, or the
@@ -753,5 +785,22 @@ async fn reload(
             shared.metrics.reload(false);
             tracing::error!(error = %e, "reload task failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_monotonic_offset_is_read_from_timens_offsets() {
+        let host = "monotonic           0         0\nboottime            0         0\n";
+        assert_eq!(monotonic_offset(host), Some((0, 0)));
+        let restored = "monotonic      -3600   5000\nboottime  7 0\n";
+        assert_eq!(monotonic_offset(restored), Some((-3600, 5000)));
+        assert_eq!(monotonic_offset("boottime 1 0\n"), None);
+        assert_eq!(monotonic_offset(""), None);
+        // The test runs in the host's time namespace, as CI does.
+        check_clock_shared_with_the_kernel().unwrap();
     }
 }
