@@ -13,9 +13,22 @@
 //! port 0, unspecified, multicast or broadcast, a malformed name) is an
 //! error at start: waiting would not fix it.
 //!
+//! A name that resolved is resolved again every [`RESOLVE_PERIOD`], so a
+//! monitor that moves (a failover to another host, a rebuild with a new
+//! address, a DNS-based virtual address) gets the heartbeats of every node
+//! within a minute, without restarting any of them. A changed address
+//! replaces the old one, which is forgotten with its RTT and its interval
+//! request (see [`sender`]); a failed lookup keeps the last address (DNS
+//! being down says nothing about the monitor), warned about once, not at
+//! every attempt. Of several addresses the first the resolver gives is
+//! taken (glibc sorts them by RFC 6724), and kept while it is among the
+//! answers, so a round-robin record's rotation moves no heartbeat.
+//! Each distinct address gets one heartbeat, however many `--monitor`s
+//! lead to it.
+//!
 //! The rules (what a heartbeat contains, which ACKs count, RTT, interval
 //! adoption) live in [`sender`], without I/O; this module is the thin loop
-//! around it: a timer, two sockets, the names still being resolved, and
+//! around it: a timer, two sockets, the names being resolved, and
 //! the signals that end it. On SIGTERM/SIGINT the sender says goodbye with
 //! one LEAVING heartbeat to every monitor, so the monitor records the node
 //! as `left`, not `dead`; a monitor it could not be sent to is named in
@@ -46,9 +59,10 @@ use sender::{Config, Sender};
 #[command(group(clap::ArgGroup::new("key_source").args(["key", "key_file", "keyring"])))]
 pub struct Args {
     /// A monitor to send to, `ADDR:PORT` (`[v6addr]:port` for IPv6; a host
-    /// name is resolved at start, and one that does not resolve is retried
-    /// in the background while the others get their heartbeats). Repeat
-    /// for several monitors.
+    /// name is resolved at start and again every minute, so a monitor that
+    /// moves is followed; one that does not resolve is retried in the
+    /// background while the others get their heartbeats). Repeat for
+    /// several monitors.
     #[arg(long = "monitor", value_name = "ADDR:PORT", required = true)]
     pub monitors: Vec<String>,
     /// This node's id (1 to 4294967295), as provisioned on the monitors.
@@ -121,6 +135,12 @@ pub const KEY_FILE_MAX: u64 = 4096;
 /// up no heartbeat to the monitors already known; its names join when
 /// they resolve.
 pub const RESOLVE_WAIT: Duration = Duration::from_secs(1);
+
+/// How often a name that resolved is resolved again, to follow a monitor
+/// that moves. Fixed: glibc's `getaddrinfo` gives no TTL. A minute bounds
+/// how long a moved monitor goes without this node's heartbeats, at one
+/// lookup a minute per name (which the local cache, if any, answers).
+pub const RESOLVE_PERIOD: Duration = Duration::from_secs(60);
 
 /// A `--monitor` as given: an address, or a name to resolve.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -197,9 +217,9 @@ fn unusable(a: SocketAddr) -> Option<String> {
 
 /// Whether `host` is a well-formed DNS name (RFC 1123 labels; `_` allowed,
 /// as resolvers do; a trailing dot for a fully qualified name), and not
-/// only digits and dots: that is a malformed IPv4 address (`256.1.1.1`),
-/// which the C resolver would even read as another one (`1.2.3` as
-/// 1.2.0.3).
+/// dotted numbers: that is a malformed IPv4 address (`256.1.1.1`), or one
+/// in a form the C resolver reads as another (`inet_aton`: `1.2.3` as
+/// 1.2.0.3, `0x7f.1` as 127.0.0.1, `017700000001` in octal).
 fn is_host_name(host: &str) -> bool {
     let name = host.strip_suffix('.').unwrap_or(host);
     let label_ok = |l: &str| {
@@ -207,21 +227,44 @@ fn is_host_name(host: &str) -> bool {
             && l.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     };
-    name.len() <= 253
-        && name.split('.').all(label_ok)
-        && !name.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+    name.len() <= 253 && name.split('.').all(label_ok) && !name.split('.').all(is_c_number)
+}
+
+/// Whether `label` is a number as `inet_aton` reads a part of an IPv4
+/// address: decimal or octal digits, or hex digits after `0x`/`0X`.
+fn is_c_number(label: &str) -> bool {
+    match label
+        .strip_prefix("0x")
+        .or_else(|| label.strip_prefix("0X"))
+    {
+        Some(hex) => !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+        None => !label.is_empty() && label.bytes().all(|b| b.is_ascii_digit()),
+    }
 }
 
 /// Resolves a monitor's `host:port` (from [`parse_monitor`]) to the first
-/// address that can be a monitor's.
+/// address that can be a monitor's (see [`resolve_all`]).
 pub fn resolve_name(s: &str) -> anyhow::Result<SocketAddr> {
+    Ok(resolve_all(s)?[0])
+}
+
+/// Resolves a monitor's `host:port` (from [`parse_monitor`]) to the
+/// addresses that can be a monitor's, in the resolver's order and without
+/// repeats; never none.
+pub fn resolve_all(s: &str) -> anyhow::Result<Vec<SocketAddr>> {
     let addrs: Vec<SocketAddr> = s
         .to_socket_addrs()
         .with_context(|| format!("cannot resolve monitor address `{s}`"))?
         .map(canonical)
         .collect();
-    if let Some(a) = addrs.iter().find(|a| unusable(**a).is_none()) {
-        return Ok(*a);
+    let mut usable = Vec::new();
+    for &a in &addrs {
+        if unusable(a).is_none() && !usable.contains(&a) {
+            usable.push(a);
+        }
+    }
+    if !usable.is_empty() {
+        return Ok(usable);
     }
     match addrs.first() {
         None => bail!("monitor address `{s}` resolves to nothing"),
@@ -249,54 +292,92 @@ pub fn retry_delay(attempt: u32) -> Duration {
     Duration::from_secs(1u64.checked_shl(attempt).unwrap_or(u64::MAX).min(60))
 }
 
+/// Which address of `answers` (a name's, in the resolver's order) gets
+/// the heartbeats, `current` getting them now: the first, as at the start,
+/// unless `current` is still among them (a round-robin record rotates its
+/// answers; the monitor did not move).
+fn pick(current: Option<SocketAddr>, answers: &[SocketAddr]) -> Option<SocketAddr> {
+    current
+        .filter(|c| answers.contains(c))
+        .or_else(|| answers.first().copied())
+}
+
+/// What a resolver thread reports after each attempt.
+#[derive(Debug)]
+struct Report {
+    /// Which name (its index in the `names` given to [`spawn_resolvers`]).
+    index: usize,
+    /// The addresses it resolved to ([`resolve_all`]), or why none.
+    answer: anyhow::Result<Vec<SocketAddr>>,
+    /// When the thread tries again.
+    retry_in: Duration,
+}
+
+/// The resolver threads. Dropping this ends them: at once while they
+/// wait, after the lookup under way otherwise (`getaddrinfo` cannot be
+/// interrupted, and is not waited for).
+struct Resolvers {
+    /// One per thread, never sent on: dropped, it wakes the thread.
+    _stop: Vec<std::sync::mpsc::Sender<()>>,
+    #[cfg_attr(not(test), allow(dead_code))]
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
 /// Resolves each of `names` on a thread of its own (the resolver blocks,
-/// and one slow name must not hold up another), again after
-/// `delay(attempt)` while it fails, warning each time. Reports each
-/// attempt as `found(index, Some(address))` (the thread then ends) or
-/// `found(index, None)`; a `false` from `found` (nobody listens any more)
-/// ends the thread too.
+/// and one slow name must not hold up another), reporting every attempt
+/// to `report`: after a failure again `retry(failures before)` later,
+/// after a success again `period` later, for as long as the sender runs.
+/// A `false` from `report` (nobody listens any more) ends the thread too.
 fn spawn_resolvers<R, F>(
     names: &[String],
     resolve: R,
-    delay: fn(u32) -> Duration,
-    found: F,
-) -> anyhow::Result<()>
+    retry: fn(u32) -> Duration,
+    period: Duration,
+    report: F,
+) -> anyhow::Result<Resolvers>
 where
-    R: Fn(&str) -> anyhow::Result<SocketAddr> + Send + Clone + 'static,
-    F: Fn(usize, Option<SocketAddr>) -> bool + Send + Clone + 'static,
+    R: Fn(&str) -> anyhow::Result<Vec<SocketAddr>> + Send + Clone + 'static,
+    F: Fn(Report) -> bool + Send + Clone + 'static,
 {
-    for (i, name) in names.iter().enumerate() {
-        let (name, resolve, found) = (name.clone(), resolve.clone(), found.clone());
-        std::thread::Builder::new()
+    let mut resolvers = Resolvers {
+        _stop: Vec::new(),
+        threads: Vec::new(),
+    };
+    for (index, name) in names.iter().enumerate() {
+        let (name, resolve, report) = (name.clone(), resolve.clone(), report.clone());
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
             .name("hb-resolve".into())
             .spawn(move || {
-                let mut attempt = 0u32;
+                let mut failures = 0u32;
                 loop {
-                    match resolve(&name) {
-                        Ok(a) => {
-                            found(i, Some(a));
-                            return;
-                        }
-                        Err(e) => {
-                            let retry_in = delay(attempt);
-                            tracing::warn!(
-                                monitor = %name,
-                                error = %format!("{e:#}"),
-                                retry_in = ?retry_in,
-                                "cannot resolve monitor, will try again (the monitors that resolved get their heartbeats)"
-                            );
-                            if !found(i, None) {
-                                return;
-                            }
-                            std::thread::sleep(retry_in);
-                            attempt = attempt.saturating_add(1);
-                        }
+                    let answer = resolve(&name);
+                    let retry_in = if answer.is_ok() {
+                        failures = 0;
+                        period
+                    } else {
+                        failures = failures.saturating_add(1);
+                        retry(failures - 1)
+                    };
+                    if !report(Report {
+                        index,
+                        answer,
+                        retry_in,
+                    }) {
+                        return;
+                    }
+                    match stopped.recv_timeout(retry_in) {
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        _ => return,
                     }
                 }
             })
+            // On an error the threads started so far end with `resolvers`.
             .context("cannot start a thread that resolves monitor names")?;
+        resolvers._stop.push(stop);
+        resolvers.threads.push(thread);
     }
-    Ok(())
+    Ok(resolvers)
 }
 
 /// Reads a `--key-file`: private to its owner and small, as the monitor
@@ -566,29 +647,58 @@ fn woke(sender: &mut Sender, due: Instant) {
     );
 }
 
-/// The names of monitors still being resolved (see [`spawn_resolvers`]).
+/// The monitors given by name, and the address each resolved to last
+/// (see [`spawn_resolvers`]).
 struct Names {
-    names: Vec<String>,
-    resolved: Vec<bool>,
-    rx: mpsc::UnboundedReceiver<(usize, Option<SocketAddr>)>,
+    names: Vec<Name>,
+    rx: mpsc::UnboundedReceiver<Report>,
+    _resolvers: Resolvers,
+}
+
+struct Name {
+    /// `host:port`, as given.
+    name: String,
+    /// The address it gets its heartbeats at; `None` until it resolves.
+    addr: Option<SocketAddr>,
+    /// Failed lookups in a row.
+    failures: u32,
 }
 
 impl Names {
     fn start(names: Vec<String>) -> anyhow::Result<Names> {
+        Names::with(names, resolve_all, retry_delay, RESOLVE_PERIOD)
+    }
+
+    /// [`Names::start`] with another resolver and timing (the tests').
+    fn with<R>(
+        names: Vec<String>,
+        resolve: R,
+        retry: fn(u32) -> Duration,
+        period: Duration,
+    ) -> anyhow::Result<Names>
+    where
+        R: Fn(&str) -> anyhow::Result<Vec<SocketAddr>> + Send + Clone + 'static,
+    {
         let (tx, rx) = mpsc::unbounded_channel();
-        spawn_resolvers(&names, resolve_name, retry_delay, move |i, a| {
-            tx.send((i, a)).is_ok()
-        })?;
-        let resolved = vec![false; names.len()];
+        let resolvers =
+            spawn_resolvers(&names, resolve, retry, period, move |r| tx.send(r).is_ok())?;
+        let names = names
+            .into_iter()
+            .map(|name| Name {
+                name,
+                addr: None,
+                failures: 0,
+            })
+            .collect();
         Ok(Names {
             names,
-            resolved,
             rx,
+            _resolvers: resolvers,
         })
     }
 
-    /// The next report of a resolver thread (never, once all ended).
-    async fn next(&mut self) -> (usize, Option<SocketAddr>) {
+    /// The next report of a resolver thread (never, with no names).
+    async fn next(&mut self) -> Report {
         match self.rx.recv().await {
             Some(r) => r,
             None => std::future::pending().await,
@@ -598,9 +708,8 @@ impl Names {
     fn unresolved(&self) -> Vec<&str> {
         self.names
             .iter()
-            .zip(&self.resolved)
-            .filter(|(_, r)| !**r)
-            .map(|(n, _)| n.as_str())
+            .filter(|n| n.addr.is_none())
+            .map(|n| n.name.as_str())
             .collect()
     }
 
@@ -610,30 +719,100 @@ impl Names {
         let deadline = Instant::now() + RESOLVE_WAIT;
         let mut answered = vec![false; self.names.len()];
         while answered.contains(&false) {
-            let Ok((i, found)) = tokio::time::timeout_at(deadline, self.next()).await else {
+            let Ok(r) = tokio::time::timeout_at(deadline, self.next()).await else {
                 break;
             };
-            answered[i] = true;
-            if let Some(a) = found {
-                self.add(i, a, sender, sockets);
-            }
+            answered[r.index] = true;
+            // A name answers once in this short wait (the next lookup is
+            // a period away): none can have moved, no request gone.
+            self.apply(r, sender, sockets);
         }
     }
 
-    /// Starts sending to name `i`, which resolved to `a`.
-    fn add(&mut self, i: usize, a: SocketAddr, sender: &mut Sender, sockets: &mut Sockets) {
-        self.resolved[i] = true;
-        let name = &self.names[i];
-        if let Err(e) = sockets.open_for(a) {
-            tracing::warn!(monitor = %name, address = %a, error = %format!("{e:#}"), "monitor resolved, but gets no heartbeats");
-            return;
-        }
-        match sender.add_monitor(a) {
-            Ok(_) => tracing::info!(monitor = %name, address = %a, "monitor resolved"),
+    /// Whether `a` gets heartbeats for some `--monitor`: given as an
+    /// address, or the address of a name.
+    fn wanted(&self, a: SocketAddr, sender: &Sender) -> bool {
+        sender.config().monitors.contains(&a) || self.names.iter().any(|n| n.addr == Some(a))
+    }
+
+    /// Takes a resolver thread's report: a name's first address starts
+    /// its heartbeats, another address replaces the old one (which goes
+    /// unless another `--monitor` leads to it too), a failure keeps the
+    /// address. Returns the change of the interval in use when the old
+    /// address's request was the one that decided it.
+    fn apply(
+        &mut self,
+        r: Report,
+        sender: &mut Sender,
+        sockets: &mut Sockets,
+    ) -> Option<(u32, u32)> {
+        let n = &mut self.names[r.index];
+        let answers = match r.answer {
+            Ok(answers) => answers,
             Err(e) => {
-                tracing::warn!(monitor = %name, address = %a, problem = %e, "monitor resolved to an address that already gets heartbeats")
+                let error = format!("{e:#}");
+                match n.addr {
+                    None => tracing::warn!(
+                        monitor = %n.name,
+                        error = %error,
+                        retry_in = ?r.retry_in,
+                        "cannot resolve monitor, will try again (the monitors that resolved get their heartbeats)"
+                    ),
+                    // Once per outage: DNS down says nothing of the
+                    // monitor, and a fleet's worth of warnings a minute
+                    // would bury what does.
+                    Some(a) if n.failures == 0 => tracing::warn!(
+                        monitor = %n.name,
+                        address = %a,
+                        error = %error,
+                        retry_in = ?r.retry_in,
+                        "cannot resolve monitor again, it keeps getting heartbeats at its last address (warned once, until it resolves)"
+                    ),
+                    Some(a) => {
+                        tracing::debug!(monitor = %n.name, address = %a, error = %error, retry_in = ?r.retry_in, "cannot resolve monitor again")
+                    }
+                }
+                n.failures = n.failures.saturating_add(1);
+                return None;
+            }
+        };
+        let (failures, old) = (std::mem::take(&mut n.failures), n.addr);
+        let new = pick(old, &answers)?;
+        if old == Some(new) {
+            if failures > 0 {
+                tracing::info!(monitor = %n.name, address = %new, failures, "monitor resolves again");
+            }
+            return None;
+        }
+        if let Err(e) = sockets.open_for(new) {
+            // Tried again at the next lookup.
+            tracing::warn!(monitor = %n.name, address = %new, old = ?old, error = %format!("{e:#}"), "monitor resolved, but gets no heartbeats at this address");
+            return None;
+        }
+        n.addr = Some(new);
+        let shared = sender.monitors().iter().any(|m| m.addr == new);
+        let name = &self.names[r.index].name;
+        let mut change = None;
+        if let Some(old) = old
+            && !self.wanted(old, sender)
+            && let Some(gone) = sender.remove_monitor(old)
+        {
+            change = gone.interval_change;
+        }
+        if !shared && let Err(e) = sender.add_monitor(new) {
+            // Cannot be: there are no more addresses than `--monitor`s.
+            tracing::warn!(monitor = %name, address = %new, problem = %e, "monitor resolved, but gets no heartbeats");
+        }
+        match old {
+            None if shared => {
+                tracing::warn!(monitor = %name, address = %new, "monitor resolved to an address that already gets heartbeats")
+            }
+            None => tracing::info!(monitor = %name, address = %new, "monitor resolved"),
+            Some(old) => {
+                tracing::info!(monitor = %name, old = %old, new = %new, already_sent_to = shared, "monitor moved: its name resolves to another address, which gets its heartbeats from now on")
             }
         }
+        change
     }
 }
 
@@ -685,9 +864,10 @@ async fn send_loop(
                 woke(&mut sender, next);
                 on_datagram(&mut sender, r, &buf6, &mut recv_errors, &mut next, saver);
             }
-            (i, found) = names.next() => {
-                if let Some(a) = found {
-                    names.add(i, a, &mut sender, &mut sockets);
+            r = names.next() => {
+                if let Some((old, new)) = names.apply(r, &mut sender, &mut sockets) {
+                    tracing::info!(old_ms = old, new_ms = new, "the interval a moved monitor asked for no longer stands");
+                    interval_changed(new, &mut next, saver);
                 }
             }
             _ = sigterm.recv() => break "SIGTERM",
@@ -700,8 +880,7 @@ async fn send_loop(
         .filter(|(_, n)| *n > 0)
         .map(|(r, n)| format!("{}={n}", r.name()))
         .collect();
-    let acks = sender.monitors().iter().map(|m| m.acks).sum::<u64>();
-    let send_errors = sender.monitors().iter().map(|m| m.send_errors).sum::<u64>();
+    let (acks, send_errors) = (sender.acks, sender.send_errors);
     let monitors = sender.monitors().len();
     let unresolved = names.unresolved();
     // One line either way, a warning if the goodbye reached no monitor.
@@ -751,18 +930,21 @@ fn on_datagram(
         Ok(a) => {
             if let Some((old, new)) = a.interval_change {
                 tracing::info!(monitor = %from, old_ms = old, new_ms = new, "monitor asked for a new heartbeat interval");
-                // Apply it from now, not after the old (maybe 10 s) wait.
-                let now = Instant::now();
-                *next = (*next).min(now + Duration::from_millis(new as u64));
-                // A restart resumes at it (see `resume`).
-                if let Some(s) = saver {
-                    s.save(new);
-                }
+                interval_changed(new, next, saver);
             }
         }
         Err(reason) => {
             tracing::debug!(from = %from, reason = %reason, "ignored datagram");
         }
+    }
+}
+
+/// Takes a change of the interval in use to `new` ms: from now, not after
+/// the old (maybe 10 s) wait; and a restart resumes at it (see `resume`).
+fn interval_changed(new: u32, next: &mut Instant, saver: Option<&resume::Saver>) {
+    *next = (*next).min(Instant::now() + Duration::from_millis(new as u64));
+    if let Some(s) = saver {
+        s.save(new);
     }
 }
 
@@ -850,6 +1032,10 @@ mod tests {
                 name("monitor1.example.net.:7420"),
             ),
             ("mon_1:1", name("mon_1:1")),
+            // Names that only start like numbers.
+            ("0xcafe.example:7420", name("0xcafe.example:7420")),
+            ("0x7g.1:7420", name("0x7g.1:7420")),
+            ("1.2.3.4a:7420", name("1.2.3.4a:7420")),
             (
                 "no-such-host.invalid:7420",
                 name("no-such-host.invalid:7420"),
@@ -897,6 +1083,29 @@ mod tests {
                 "is neither an IP address nor a host name",
             ),
             ("[fd00::zz]:7420", "`[fd00::zz]` is not an IPv6 address"),
+            // Numbers as the C resolver reads an IPv4 address in them
+            // (127.0.0.1, each): no name.
+            (
+                "0x7f.1:7420",
+                "`0x7f.1` is neither an IP address nor a host name",
+            ),
+            (
+                "0X7F.0.0.1:7420",
+                "is neither an IP address nor a host name",
+            ),
+            (
+                "0x7f000001:7420",
+                "is neither an IP address nor a host name",
+            ),
+            (
+                "0177.0x0.1:7420",
+                "is neither an IP address nor a host name",
+            ),
+            (
+                "017700000001:7420",
+                "is neither an IP address nor a host name",
+            ),
+            ("127.1.:7420", "is neither an IP address nor a host name"),
         ] {
             let e = format!("{:#}", parse_monitor(arg).unwrap_err());
             assert!(e.contains(want), "{arg}: {e}");
@@ -916,57 +1125,279 @@ mod tests {
         assert_eq!(retry_delay(u32::MAX), Duration::from_secs(60));
     }
 
-    /// Each name on its own thread: one that fails is retried until it
-    /// resolves, one that never does holds up no other, and each attempt
-    /// is reported.
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// Each name on its own thread: one that fails is retried at the retry
+    /// delays until it resolves, one that never does holds up no other,
+    /// one that resolved is resolved again every period; each attempt is
+    /// reported.
     #[test]
-    fn names_are_retried_until_they_resolve() {
+    fn names_are_retried_until_they_resolve_and_then_every_period() {
         use std::sync::{
             Arc,
             atomic::{AtomicU32, Ordering},
         };
         let tries = Arc::new(AtomicU32::new(0));
         let t = tries.clone();
-        let resolve = move |name: &str| -> anyhow::Result<SocketAddr> {
+        let resolve = move |name: &str| -> anyhow::Result<Vec<SocketAddr>> {
             match name {
-                "late:1" if t.fetch_add(1, Ordering::SeqCst) >= 2 => Ok("198.18.0.2:1".parse()?),
-                "ok:1" => Ok("198.18.0.1:1".parse()?),
+                "late:1" if t.fetch_add(1, Ordering::SeqCst) >= 2 => Ok(vec![sa("198.18.0.2:1")]),
+                "late:1" => bail!("not yet"),
+                "ok:1" => Ok(vec![sa("198.18.0.1:1")]),
                 _ => bail!("no such name"),
             }
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let names = ["never:1", "late:1", "ok:1"].map(String::from);
-        spawn_resolvers(
+        let period = Duration::from_millis(3);
+        let _resolvers = spawn_resolvers(
             &names,
             resolve,
-            |_| Duration::from_millis(1),
-            move |i, a| tx.send((i, a)).is_ok(),
+            |failed| Duration::from_micros(100 + failed as u64),
+            period,
+            move |r| tx.send(r).is_ok(),
         )
         .unwrap();
-        let (mut found, mut failed) = (Vec::new(), [0; 3]);
-        while found.len() < 2 {
-            match rx.recv_timeout(Duration::from_secs(10)).expect("a report") {
-                (i, Some(a)) => found.push((i, a)),
-                (i, None) => failed[i] += 1,
-            }
+        let mut seen: [Vec<(Option<Vec<SocketAddr>>, Duration)>; 3] = Default::default();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while seen.iter().any(|s| s.len() < 5) {
+            // "never" reports all the time: a bound on the whole wait.
+            assert!(std::time::Instant::now() < deadline, "{seen:?}");
+            let r = rx.recv_timeout(Duration::from_secs(10)).expect("a report");
+            seen[r.index].push((r.answer.ok(), r.retry_in));
         }
-        found.sort();
+        let us = Duration::from_micros;
+        let failed = |n: u64| (None, us(100 + n));
+        let found = |a: &str| (Some(vec![sa(a)]), period);
         assert_eq!(
-            found,
-            [
-                (1, "198.18.0.2:1".parse().unwrap()),
-                (2, "198.18.0.1:1".parse().unwrap())
-            ]
+            seen[0][..5],
+            [failed(0), failed(1), failed(2), failed(3), failed(4)]
         );
-        assert_eq!((failed[1], failed[2]), (2, 0));
-        assert_eq!(tries.load(Ordering::SeqCst), 3);
-        // The one that never resolves keeps being tried.
-        while failed[0] < 5 {
-            let (i, a) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-            assert_eq!((i, a), (0, None));
-            failed[0] += 1;
+        let late = found("198.18.0.2:1");
+        assert_eq!(
+            seen[1][..5],
+            [failed(0), failed(1), late.clone(), late.clone(), late]
+        );
+        assert_eq!(seen[2][..5], vec![found("198.18.0.1:1"); 5]);
+    }
+
+    /// The threads end when the sender does (its `Resolvers` dropped),
+    /// even in the middle of an hour's wait.
+    #[test]
+    fn resolver_threads_end_with_the_sender() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        const HOUR: Duration = Duration::from_secs(3600);
+        let resolve = |name: &str| match name {
+            "ok:1" => Ok(vec![sa("198.18.0.1:1")]),
+            _ => bail!("no such name"),
+        };
+        let names = ["ok:1", "never:1"].map(String::from);
+        let resolvers =
+            spawn_resolvers(&names, resolve, |_| HOUR, HOUR, move |r| tx.send(r).is_ok()).unwrap();
+        for _ in 0..2 {
+            rx.recv_timeout(Duration::from_secs(10)).expect("a report");
         }
-        // Dropping the receiver ends its thread at its next report.
+        let Resolvers { _stop, threads } = resolvers;
+        assert_eq!(threads.len(), 2);
+        assert!(threads.iter().all(|t| !t.is_finished()), "waiting");
+        drop(_stop);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !threads.iter().all(|t| t.is_finished()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "threads still running"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    const KEY: NodeKey = NodeKey { k0: 7, k1: 9 };
+
+    fn test_sender(monitors: &[&str]) -> Sender {
+        Sender::new(Config {
+            node_id: 42,
+            key: KEY,
+            key_epoch: 1,
+            generation: 1_700_000_000,
+            interval_ms: 1000,
+            min_interval_ms: 100,
+            max_interval_ms: 10_000,
+            monitors: monitors.iter().map(|m| sa(m)).collect(),
+        })
+    }
+
+    fn addrs(sender: &Sender) -> Vec<SocketAddr> {
+        sender.monitors().iter().map(|m| m.addr).collect()
+    }
+
+    /// A monitor's name is resolved again every period: a changed address
+    /// (to another family too) replaces the old one at the next lookup, a
+    /// rotated round-robin answer moves nothing, and failed lookups (DNS
+    /// down) keep the address.
+    #[tokio::test]
+    async fn a_moved_monitor_is_followed_and_a_failed_lookup_keeps_its_address() {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        };
+        const X: &str = "198.18.0.1:7420";
+        const Z: &str = "198.18.0.9:7420";
+        const Y6: &str = "[fd00::7]:7420";
+        const SCRIPT: [&[&str]; 6] = [&[X], &[Z, X], &[], &[], &[X], &[Y6]];
+        let (script, x, y6) = (SCRIPT, X, Y6);
+        let attempt = Arc::new(AtomicUsize::new(0));
+        let a = attempt.clone();
+        let resolve = move |_: &str| -> anyhow::Result<Vec<SocketAddr>> {
+            let answer = script[a.fetch_add(1, Ordering::SeqCst).min(script.len() - 1)];
+            if answer.is_empty() {
+                bail!("temporary failure in name resolution");
+            }
+            Ok(answer.iter().map(|s| sa(s)).collect())
+        };
+        let period = Duration::from_millis(20);
+        let retry = |_| Duration::from_millis(1);
+        let start = std::time::Instant::now();
+        let mut names =
+            Names::with(vec!["mon.example:7420".into()], resolve, retry, period).unwrap();
+        let (mut sender, mut sockets) = (test_sender(&[]), Sockets::default());
+        let mut step = async || {
+            let r = tokio::time::timeout(Duration::from_secs(10), names.next())
+                .await
+                .expect("a report");
+            let retry_in = r.retry_in;
+            assert_eq!(names.apply(r, &mut sender, &mut sockets), None);
+            (addrs(&sender), names.names[0].failures, retry_in)
+        };
+        // Resolved, then resolved again a period later: the same address
+        // first in the answer or not.
+        assert_eq!(step().await, (vec![sa(x)], 0, period));
+        assert_eq!(step().await, (vec![sa(x)], 0, period));
+        // DNS down: the monitor keeps its address, retried sooner.
+        assert_eq!(step().await, (vec![sa(x)], 1, retry(0)));
+        assert_eq!(step().await, (vec![sa(x)], 2, retry(1)));
+        assert_eq!(step().await, (vec![sa(x)], 0, period));
+        // The monitor moved: followed at the next lookup, a period later.
+        assert_eq!(step().await, (vec![sa(y6)], 0, period));
+        // Two waits of a period in all: no lookup came sooner.
+        assert!(start.elapsed() >= 2 * period);
+        assert!(sockets.v6.is_some(), "a socket for the new family");
+        assert!(names.unresolved().is_empty());
+    }
+
+    /// Names without resolver threads: the tests hand `apply` the reports.
+    fn quiet(names: &[&str]) -> Names {
+        let (_, rx) = mpsc::unbounded_channel();
+        Names {
+            names: names
+                .iter()
+                .map(|n| Name {
+                    name: n.to_string(),
+                    addr: None,
+                    failures: 0,
+                })
+                .collect(),
+            rx,
+            _resolvers: Resolvers {
+                _stop: Vec::new(),
+                threads: Vec::new(),
+            },
+        }
+    }
+
+    fn found(index: usize, answer: &[&str]) -> Report {
+        Report {
+            index,
+            answer: Ok(answer.iter().map(|s| sa(s)).collect()),
+            retry_in: RESOLVE_PERIOD,
+        }
+    }
+
+    /// When a name moves, the request its old address made no longer
+    /// decides the interval, and ACKs from the old address, or of
+    /// heartbeats it was sent, are not the new one's.
+    #[tokio::test]
+    async fn a_moved_monitor_s_interval_request_and_acks_stay_behind() {
+        let (x, w, y) = ("198.18.0.1:7420", "198.18.0.2:7420", "198.18.0.3:7420");
+        let mut names = quiet(&["a.example:7420", "b.example:7420"]);
+        let (mut sender, mut sockets) = (test_sender(&[]), Sockets::default());
+        assert_eq!(names.apply(found(0, &[x]), &mut sender, &mut sockets), None);
+        assert_eq!(names.apply(found(1, &[w]), &mut sender, &mut sockets), None);
+        let ack = |hb: &[u8; proto::LEN], iv| {
+            let mut a = *hb;
+            proto::make_ack(&mut a, &KEY, iv);
+            a
+        };
+        let hbs = sender.heartbeat(10_000_000, 0, false);
+        sender
+            .on_ack(&ack(&hbs[0].1, 200), sa(x), 11_000_000)
+            .unwrap();
+        sender
+            .on_ack(&ack(&hbs[1].1, 2000), sa(w), 11_000_000)
+            .unwrap();
+        assert_eq!(sender.interval_ms(), 200);
+        let before = sender.heartbeat(20_000_000, 0, false);
+        assert_eq!(
+            names.apply(found(0, &[y]), &mut sender, &mut sockets),
+            Some((200, 2000))
+        );
+        assert_eq!(addrs(&sender), [sa(w), sa(y)]);
+        let old = ack(&before[0].1, 100);
+        assert_eq!(
+            sender.on_ack(&old, sa(x), 21_000_000),
+            Err(sender::AckReject::UnknownSource)
+        );
+        assert_eq!(
+            sender.on_ack(&old, sa(y), 21_000_000),
+            Err(sender::AckReject::UnknownSeq)
+        );
+        assert_eq!(sender.interval_ms(), 2000);
+    }
+
+    /// Each address gets one heartbeat, however many `--monitor`s lead to
+    /// it, and keeps getting it while one still does.
+    #[tokio::test]
+    async fn an_address_several_monitors_lead_to_gets_one_heartbeat() {
+        let (l, p, q, r) = (
+            "198.18.0.1:7420",
+            "198.18.0.2:7420",
+            "198.18.0.3:7420",
+            "198.18.0.4:7420",
+        );
+        // `--monitor 198.18.0.1:7420 --monitor a:7420 --monitor b:7420
+        // --monitor c:7420`.
+        let mut names = quiet(&["a:7420", "b:7420", "c:7420"]);
+        let (mut sender, mut sockets) = (test_sender(&[l]), Sockets::default());
+        for (report, want) in [
+            // a leads to the address given, b and c to one address.
+            (found(0, &[l]), vec![l]),
+            (found(1, &[p]), vec![l, p]),
+            (found(2, &[p]), vec![l, p]),
+            // b moves; c still leads to p.
+            (found(1, &[q]), vec![l, p, q]),
+            // c moves to where b is: p goes, q is sent one heartbeat.
+            (found(2, &[q, r]), vec![l, q]),
+            // a moves; the address given stays.
+            (found(0, &[r]), vec![l, q, r]),
+            // b and c move back to p in turn: q stays until both left.
+            (found(1, &[p]), vec![l, q, r, p]),
+            (found(2, &[p]), vec![l, r, p]),
+        ] {
+            names.apply(report, &mut sender, &mut sockets);
+            let want: Vec<SocketAddr> = want.iter().map(|s| sa(s)).collect();
+            assert_eq!(addrs(&sender), want);
+            assert_eq!(sender.heartbeat(1, 0, false).len(), want.len());
+        }
+    }
+
+    #[test]
+    fn the_address_in_use_is_kept_while_it_is_among_the_answers() {
+        let (a, b, c) = (sa("198.18.0.1:1"), sa("198.18.0.2:1"), sa("[fd00::1]:1"));
+        assert_eq!(pick(None, &[a, b]), Some(a));
+        assert_eq!(pick(Some(b), &[a, b]), Some(b));
+        assert_eq!(pick(Some(c), &[a, b]), Some(a));
+        assert_eq!(pick(Some(a), &[]), None);
     }
 
     #[test]

@@ -30,6 +30,15 @@
 //! answers a heartbeat it was never sent (a replay of another monitor's
 //! ACK: every monitor holds the node key) and is rejected.
 //!
+//! A monitor whose name now resolves to another address is another host:
+//! the old address is removed ([`Sender::remove_monitor`]) and the new one
+//! added, with nothing carried over. The old host's RTT is not the new
+//! one's; its interval request goes with it (the sender takes the fastest
+//! of the requests left standing, or, with none left, the interval it
+//! started at: a request must not outlive the monitor that made it); an
+//! ACK from the old address is from no monitor of ours, and one for a
+//! heartbeat sent before the change is no ACK of the new address's.
+//!
 //! RTT samples exclude the sender's own stalls. A stopped process (SIGSTOP,
 //! a frozen cgroup, a paused VM) finds the ACK of the heartbeat it sent
 //! just before waiting in its socket buffer; `now - sent_ns` is then the
@@ -232,6 +241,16 @@ pub struct Accepted {
     pub interval_change: Option<(u32, u32)>,
 }
 
+/// What [`Sender::remove_monitor`] removed.
+#[derive(Clone, Debug)]
+pub struct Removed {
+    /// What the sender knew of the monitor.
+    pub monitor: Monitor,
+    /// `Some((old, new))` when the interval in use changed: the monitor's
+    /// request was the one that decided it.
+    pub interval_change: Option<(u32, u32)>,
+}
+
 /// Why [`Sender::add_monitor`] did not add a monitor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AddMonitorError {
@@ -254,6 +273,10 @@ pub struct Sender {
     interval_ms: u32,
     recent: [Sent; RECENT],
     pub sent: u64,
+    /// ACKs accepted and failed sends, of every monitor ever (removed ones
+    /// too).
+    pub acks: u64,
+    pub send_errors: u64,
     rejected: [u64; AckReject::ALL.len()],
 }
 
@@ -278,6 +301,8 @@ impl Sender {
             interval_ms,
             recent: [Sent::default(); RECENT],
             sent: 0,
+            acks: 0,
+            send_errors: 0,
             rejected: [0; AckReject::ALL.len()],
         }
     }
@@ -303,6 +328,42 @@ impl Sender {
         Ok(self.monitors.len() - 1)
     }
 
+    /// Stops sending to the monitor at `addr` (its name resolves to
+    /// another address now) and forgets it: its ACKs are no longer
+    /// accepted and its interval request no longer counts. `None` if it
+    /// is no monitor of ours.
+    pub fn remove_monitor(&mut self, addr: SocketAddr) -> Option<Removed> {
+        let i = self.monitors.iter().position(|m| m.addr == addr)?;
+        let monitor = self.monitors.remove(i);
+        // Bit `j` of `acked` is monitor `j`: the bits of those after `i`
+        // move down with them.
+        let below = (1u64 << i) - 1;
+        for s in &mut self.recent {
+            s.acked = (s.acked & below) | (s.acked.checked_shr(i as u32 + 1).unwrap_or(0) << i);
+        }
+        Some(Removed {
+            monitor,
+            interval_change: self.settle_interval(),
+        })
+    }
+
+    /// Sets the interval in use to the fastest request standing or, with
+    /// none, to the one the sender started at; returns the change.
+    fn settle_interval(&mut self) -> Option<(u32, u32)> {
+        let old = self.interval_ms;
+        self.interval_ms = self
+            .monitors
+            .iter()
+            .filter_map(|m| m.requested.map(|(iv, _)| iv))
+            .min()
+            .unwrap_or_else(|| {
+                self.cfg
+                    .interval_ms
+                    .clamp(self.cfg.min_interval_ms, self.cfg.max_interval_ms)
+            });
+        (old != self.interval_ms).then_some((old, self.interval_ms))
+    }
+
     /// Tells the sender its loop woke at `now_ns`, `late_ns` after it
     /// meant to (after its next heartbeat was due; 0 when it was not
     /// due yet). Later than [`STALL_NS`] is a stall: ACKs of heartbeats
@@ -317,6 +378,7 @@ impl Sender {
     pub fn send_failed(&mut self, i: usize) {
         if let Some(m) = self.monitors.get_mut(i) {
             m.send_errors += 1;
+            self.send_errors += 1;
         }
     }
 
@@ -441,6 +503,7 @@ impl Sender {
         let rtt = (slot.sent_ns >= self.stalled_until_ns).then_some(rtt);
         let m = &mut self.monitors[mi];
         m.acks += 1;
+        self.acks += 1;
         if let Some(r) = rtt {
             m.rtt.sample(r);
         }
@@ -453,17 +516,10 @@ impl Sender {
                 .clamp(self.cfg.min_interval_ms, self.cfg.max_interval_ms);
             m.requested = Some((clamped, ack.seq));
         }
-        let old = self.interval_ms;
-        self.interval_ms = self
-            .monitors
-            .iter()
-            .filter_map(|m| m.requested.map(|(iv, _)| iv))
-            .min()
-            .unwrap_or(old);
         Ok(Accepted {
             monitor: mi,
             rtt_sample_ns: rtt,
-            interval_change: (old != self.interval_ms).then_some((old, self.interval_ms)),
+            interval_change: self.settle_interval(),
         })
     }
 }
@@ -942,6 +998,112 @@ mod tests {
         s.add_monitor(mon(1)).unwrap();
         let (_, hb) = s.heartbeat(2 * MS, 0, false)[0];
         assert_eq!(proto::parse(&hb, Kind::Heartbeat).unwrap().seq, 2);
+    }
+
+    /// Monitor 1's name now resolves to another host (monitor 3): its
+    /// request, which decided the interval, goes with it, and nothing from
+    /// its old address, or of a heartbeat sent before the change, counts
+    /// as the new host's ACK.
+    #[test]
+    fn a_moved_monitor_s_request_and_acks_stay_with_the_old_address() {
+        let mut s = sender(2);
+        let hbs = s.heartbeat(10 * MS, 0, false);
+        s.on_ack(&ack_of(&hbs[0].1, &KEY, 200), mon(1), 11 * MS)
+            .unwrap();
+        s.on_ack(&ack_of(&hbs[1].1, &KEY, 2000), mon(2), 12 * MS)
+            .unwrap();
+        assert_eq!(s.interval_ms(), 200);
+        // Sent to the old address just before the change; answered after.
+        let late = s.heartbeat(20 * MS, 0, false);
+        let gone = s.remove_monitor(mon(1)).unwrap();
+        assert_eq!(gone.monitor.addr, mon(1));
+        assert_eq!(gone.interval_change, Some((200, 2000)));
+        assert_eq!(s.interval_ms(), 2000);
+        assert!(s.remove_monitor(mon(1)).is_none());
+        assert_eq!(s.add_monitor(mon(3)), Ok(1));
+        // The old host's ACK, from its address or replayed from the new
+        // one: neither is accepted, nor moves the interval.
+        let old_ack = ack_of(&late[0].1, &KEY, 100);
+        assert_eq!(
+            s.on_ack(&old_ack, mon(1), 21 * MS),
+            Err(AckReject::UnknownSource)
+        );
+        assert_eq!(
+            s.on_ack(&old_ack, mon(3), 21 * MS),
+            Err(AckReject::UnknownSeq)
+        );
+        assert_eq!(s.interval_ms(), 2000);
+        // Monitor 2 moved down a place, its acknowledgements with it.
+        assert_eq!(
+            s.on_ack(&ack_of(&hbs[1].1, &KEY, 2000), mon(2), 22 * MS),
+            Err(AckReject::Duplicate)
+        );
+        let a = s.on_ack(&ack_of(&late[1].1, &KEY, 2000), mon(2), 22 * MS);
+        assert_eq!(a.unwrap().monitor, 0);
+        // The new host starts afresh: no RTT, and its own requests count.
+        let hbs = s.heartbeat(30 * MS, 0, false);
+        assert_eq!(
+            hbs.iter().map(|h| h.0).collect::<Vec<_>>(),
+            [mon(2), mon(3)]
+        );
+        let d = proto::parse(&hbs[1].1, Kind::Heartbeat).unwrap();
+        assert_eq!(d.rtt_us, 0);
+        let a = s.on_ack(&ack_of(&hbs[1].1, &KEY, 300), mon(3), 31 * MS);
+        assert_eq!(a.unwrap().interval_change, Some((2000, 300)));
+        assert_eq!(s.monitors()[1].acks, 1);
+        // The totals keep what the old address counted.
+        assert_eq!(s.acks, 4);
+    }
+
+    /// With no request left standing the sender goes back to the interval
+    /// it started at, not the one the gone monitor asked for.
+    #[test]
+    fn with_the_only_request_gone_the_sender_goes_back_to_its_start() {
+        let mut s = sender(2);
+        let hbs = s.heartbeat(10 * MS, 0, false);
+        s.on_ack(&ack_of(&hbs[0].1, &KEY, 200), mon(1), 11 * MS)
+            .unwrap();
+        s.send_failed(0);
+        assert_eq!(s.interval_ms(), 200);
+        // Monitor 2 only ever echoes.
+        s.on_ack(&ack_of(&hbs[1].1, &KEY, 1000), mon(2), 11 * MS)
+            .unwrap();
+        assert_eq!(s.interval_ms(), 200);
+        let gone = s.remove_monitor(mon(1)).unwrap();
+        assert_eq!(gone.interval_change, Some((200, 1000)));
+        assert_eq!((gone.monitor.acks, gone.monitor.send_errors), (1, 1));
+        assert_eq!((s.acks, s.send_errors), (2, 1));
+        // Removing one that asked for nothing changes nothing.
+        assert_eq!(s.remove_monitor(mon(2)).unwrap().interval_change, None);
+        assert!(s.monitors().is_empty());
+    }
+
+    /// The acknowledgement bits of the monitors after a removed one move
+    /// down with them, wherever it was (the 64th too).
+    #[test]
+    fn removing_any_monitor_keeps_the_others_acknowledgements() {
+        for gone in [0, 1, 31, MAX_MONITORS - 1] {
+            let mut s = sender(0);
+            for i in 1..=MAX_MONITORS as u8 {
+                s.add_monitor(mon(i)).unwrap();
+            }
+            let hbs = s.heartbeat(10 * MS, 0, false);
+            for (i, (to, hb)) in hbs.iter().enumerate() {
+                if i % 2 == 0 {
+                    s.on_ack(&ack_of(hb, &KEY, 0), *to, 11 * MS).unwrap();
+                }
+            }
+            s.remove_monitor(mon(gone as u8 + 1)).unwrap();
+            for (i, (to, hb)) in hbs.iter().enumerate().filter(|(i, _)| *i != gone) {
+                let r = s.on_ack(&ack_of(hb, &KEY, 0), *to, 12 * MS);
+                if i % 2 == 0 {
+                    assert_eq!(r, Err(AckReject::Duplicate), "gone {gone}, {i}");
+                } else {
+                    let want = if i > gone { i - 1 } else { i };
+                    assert_eq!(r.unwrap().monitor, want, "gone {gone}, {i}");
+                }
+            }
+        }
     }
 
     #[test]
