@@ -26,7 +26,8 @@
 //! mappings without a syscall per node. Userspace writes the id and keys
 //! (provisioning, rotation) under the same protocol and also moves
 //! `keys_seq`, which the kernel checks around its lock-free read of a key;
-//! it writes `requested_interval_ms` with a plain atomic store. The kernel
+//! it writes `requested_interval_ms`, `monitor_status` and
+//! `monitor_status_since_ns` with plain atomic stores. The kernel
 //! adds to `bad_tag` atomically without the lock, so a flood of forged
 //! datagrams never contends with a node's real heartbeats.
 //!
@@ -419,7 +420,19 @@ pub struct NodeState {
     pub change_requested_ms: u32,
     pub change_reported_ms: u32,
     pub change_heartbeats: u32,
-    pub _reserved: [u32; 3],
+    /// The status the monitor last gave the node, and since when
+    /// (CLOCK_MONOTONIC ns), so that a monitor restarted over the pinned
+    /// maps goes on from it (`hb::monitor::state::adopt`) instead of
+    /// believing every node alive. The values are those of
+    /// `hb::monitor::state::Status` (1 alive, 2 suspect, 3 dead, 4 left),
+    /// never renumbered; 0 is "not recorded": never heard from, or a state
+    /// pinned by an hb that had these fields reserved (zero). Written by
+    /// userspace only, with plain atomic stores, on every change of
+    /// status; the kernel never reads or writes them ([`record`] and
+    /// [`ack_interval`] leave them alone). Both clocks end with a reboot,
+    /// as the pins do.
+    pub monitor_status: u32,
+    pub monitor_status_since_ns: u64,
 }
 
 /// Line 0 of a [`NodeState`], byte for byte: a value of
@@ -467,7 +480,8 @@ pub struct NodeRest {
     pub change_requested_ms: u32,
     pub change_reported_ms: u32,
     pub change_heartbeats: u32,
-    pub _reserved: [u32; 3],
+    pub monitor_status: u32,
+    pub monitor_status_since_ns: u64,
 }
 
 /// Byte offset of [`NodeRest`] in a [`NodeState`] ([`NodeLive`] is at 0).
@@ -521,7 +535,8 @@ same_offset!(
     change_requested_ms,
     change_reported_ms,
     change_heartbeats,
-    _reserved
+    monitor_status,
+    monitor_status_since_ns
 );
 const _: () = assert!(size_of::<NodeLive>() == 64 && align_of::<NodeLive>() == 64);
 const _: () = assert!(size_of::<NodeRest>() == 128 && align_of::<NodeRest>() == 64);
@@ -612,6 +627,8 @@ impl core::fmt::Debug for NodeState {
             .field("stale", &self.stale)
             .field("restarts", &self.restarts)
             .field("acks_sent", &self.acks_sent)
+            .field("monitor_status", &self.monitor_status)
+            .field("monitor_status_since_ns", &self.monitor_status_since_ns)
             .finish_non_exhaustive()
     }
 }
@@ -680,9 +697,10 @@ pub fn admit_at(
 
 /// Gate step 11: folds an admitted datagram that arrived at `now_ns` into
 /// the node's state. Does not touch `seqcount` (the caller owns the write
-/// protocol) nor `requested_interval_ms`. A steady heartbeat writes line 0
-/// and the window in line 1; line 2 only on a loss, a late arrival, a new
-/// generation or the node's first datagram.
+/// protocol) nor what userspace writes outside it: `requested_interval_ms`,
+/// `monitor_status` and `monitor_status_since_ns`. A steady heartbeat
+/// writes line 0 and the window in line 1; line 2 only on a loss, a late
+/// arrival, a new generation or the node's first datagram.
 #[inline(always)]
 pub fn record(
     live: &mut NodeLive,
@@ -1484,6 +1502,46 @@ mod tests {
         let mut long = s;
         long.observe_interarrival(u64::MAX / 2);
         assert_eq!(long.stall[0], u32::MAX);
+    }
+
+    #[test]
+    fn the_gate_leaves_what_userspace_writes_alone() {
+        // The monitor's record of the node and its interval request
+        // survive every kind of datagram the gate folds in and every ACK
+        // it answers: a restart of the monitor reads them back.
+        let mut s = NodeState {
+            requested_interval_ms: 500,
+            monitor_status: 3,
+            monitor_status_since_ns: 0x1234_5678_9abc,
+            ..NodeState::default()
+        };
+        let cfg = Config {
+            ack_every: 1,
+            ack_on_change: 1,
+            ..Config::default()
+        };
+        let mut leaving = hb(2, 1);
+        leaving.flags = FLAG_LEAVING;
+        for (d, at) in [
+            (hb(1, 1), 1),
+            (hb(1, 2), 1_000_000_001),
+            (hb(1, 5), 2_000_000_001),
+            (hb(1, 4), 2_000_000_002),
+            (leaving, 3_000_000_001),
+        ] {
+            feed(&mut s, &d, at).unwrap();
+            let (live, rest) = s.split_mut();
+            assert_eq!(ack_interval(&cfg, live, rest), Some(500));
+        }
+        assert_eq!(s.accepted, 5);
+        assert_eq!(
+            (
+                s.requested_interval_ms,
+                s.monitor_status,
+                s.monitor_status_since_ns
+            ),
+            (500, 3, 0x1234_5678_9abc)
+        );
     }
 
     #[test]

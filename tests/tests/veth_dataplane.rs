@@ -356,6 +356,9 @@ fn a_restarted_monitor_readopts_pinned_maps_and_link() {
     .unwrap();
     send(1);
     wait_accepted(&dp, 1);
+    // The monitor's record of the node (dead since 123456789 ns), which
+    // the next monitor goes on from.
+    dp.set_monitor_status(4, 3, 123_456_789);
     drop(dp);
     assert!(
         xdp_attached(&pair),
@@ -378,6 +381,11 @@ fn a_restarted_monitor_readopts_pinned_maps_and_link() {
         (s.max_seq, s.generation),
         (3, 7),
         "state survived the restart"
+    );
+    assert_eq!(
+        (s.monitor_status, s.monitor_status_since_ns),
+        (3, 123_456_789),
+        "the monitor's record survived the restart, untouched by the gate"
     );
     log("restart: keys, state and the attached link re-adopted from pins".into());
 

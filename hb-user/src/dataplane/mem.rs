@@ -335,6 +335,13 @@ impl Dataplane for MemDataplane {
         }
     }
 
+    fn set_monitor_status(&self, slot: u32, status: u32, since_ns: u64) {
+        if let Some(r) = self.lock().rest.get_mut(slot as usize) {
+            r.monitor_status = status;
+            r.monitor_status_since_ns = since_ns;
+        }
+    }
+
     fn counters(&self) -> anyhow::Result<Counters> {
         Ok(self.lock().counters)
     }
@@ -439,6 +446,9 @@ pub mod testing {
         }
         fn set_requested_interval(&self, slot: u32, interval_ms: u32) {
             self.mem().set_requested_interval(slot, interval_ms)
+        }
+        fn set_monitor_status(&self, slot: u32, status: u32, since_ns: u64) {
+            self.mem().set_monitor_status(slot, status, since_ns)
         }
         fn counters(&self) -> anyhow::Result<Counters> {
             self.mem().counters()
@@ -567,22 +577,31 @@ mod tests {
             out
         };
         dp.gate(&hb(1).seal(&key()), SRC, 1);
+        dp.set_monitor_status(0, 3, 77);
+        let record = |s: NodeState| (s.monitor_status, s.monitor_status_since_ns);
         // Rotation: a second key, the state stays.
         let mut keys = NodeKeys::single(0, 1, key());
         keys.epoch[1] = 2;
         keys.valid = 3;
         dp.upsert_node(42, &keys).unwrap();
         assert_eq!((state(0).accepted, state(0).key_valid), (1, 3));
+        assert_eq!(record(state(0)), (3, 77));
         // Moved: the state goes along, the old slot is freed.
         keys.slot = 5;
         dp.upsert_node(42, &keys).unwrap();
         assert_eq!((state(5).accepted, state(5).node_id), (1, 42));
+        assert_eq!(record(state(5)), (3, 77));
         assert_eq!(state(0), NodeState::default());
         // A new node on a slot something was written to starts clean.
         dp.set_requested_interval(0, 250);
+        dp.set_monitor_status(0, 3, 77);
         dp.upsert_node(7, &NodeKeys::single(0, 1, key())).unwrap();
         let s = state(0);
         assert_eq!((s.node_id, s.requested_interval_ms, s.accepted), (7, 0, 0));
+        assert_eq!(record(s), (0, 0));
+        // Removed: cleared.
+        dp.remove_node(42).unwrap();
+        assert_eq!(state(5), NodeState::default());
     }
 
     #[test]

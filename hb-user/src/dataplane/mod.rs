@@ -72,6 +72,13 @@ pub trait Dataplane: Send + Sync {
     /// opinion); the gate puts it into ACKs.
     fn set_requested_interval(&self, slot: u32, interval_ms: u32);
 
+    /// Records in the node's state at `slot` the status the monitor gave
+    /// it (`monitor::state::Status as u32`, 0: none) and since when
+    /// (CLOCK_MONOTONIC ns), for the next monitor over the same state
+    /// (pinned maps) to go on from. Userspace's alone: the gate neither
+    /// reads nor writes it. A free slot ignores it.
+    fn set_monitor_status(&self, slot: u32, status: u32, since_ns: u64);
+
     /// Counters summed over CPUs.
     fn counters(&self) -> anyhow::Result<Counters>;
 

@@ -635,6 +635,26 @@ impl Entry {
         self.seqcount().fetch_add(1, Ordering::Release);
     }
 
+    /// [`Dataplane::set_monitor_status`]: only userspace reads and writes
+    /// these fields (the kernel never does), so plain atomic stores
+    /// outside the seqcount protocol, as `requested_interval_ms`. A
+    /// monitor killed between the two leaves the time of the other
+    /// status: only `state_for_ms` after the next start would show it.
+    /// Whole writes of the node keep the record where the node goes
+    /// (`rekey`, a move) and zero it where a node starts afresh
+    /// (`install`, `clear`, a reset by `release_dead_writer`).
+    fn set_monitor_status(self, status: u32, since_ns: u64) {
+        // SAFETY: an aligned u64 and u32 in a live shared mapping.
+        let (since, st) = unsafe {
+            (
+                AtomicU64::from_ptr(std::ptr::addr_of_mut!((*self.rest).monitor_status_since_ns)),
+                AtomicU32::from_ptr(std::ptr::addr_of_mut!((*self.rest).monitor_status)),
+            )
+        };
+        since.store(since_ns, Ordering::Relaxed);
+        st.store(status, Ordering::Relaxed);
+    }
+
     /// Releases the node if a writer that died holding it left it so:
     /// `seen` (its `seqcount` and `keys_seq`, one of them odd) was read
     /// [`SETTLE`] ago and neither has moved since. Only right when no
@@ -657,7 +677,9 @@ impl Entry {
     ///   slot matching the node index ([`XdpDataplane::provisioned`]
     ///   adopts the node). The node is then refused (`bad_epoch`) until
     ///   the monitor installs its keys again, which it does on start for
-    ///   every adopted node.
+    ///   every adopted node. The monitor's record of its status goes too
+    ///   (`monitor_status`, 0): nothing heard from the fresh state, the
+    ///   node is adopted `unknown` and joins again on its next heartbeat.
     ///
     /// Both counters end on the next even value, so a reader that saw the
     /// old one retries.
@@ -1899,6 +1921,12 @@ impl Dataplane for XdpDataplane {
         }
     }
 
+    fn set_monitor_status(&self, slot: u32, status: u32, since_ns: u64) {
+        if let Some(e) = self.nodes.entry(slot) {
+            e.set_monitor_status(status, since_ns);
+        }
+    }
+
     fn counters(&self) -> anyhow::Result<Counters> {
         let mut out = [0u64; counter::LEN as usize];
         for (i, o) in out.iter_mut().enumerate() {
@@ -2226,6 +2254,38 @@ mod tests {
         assert_eq!(at(&m, 1), (8, 3), "node 8 untouched");
         assert_eq!(at(&m, 3), (9, 0), "node 9 fresh");
         assert_eq!((ix.get(8), ix.get(9)), (Some(1), Some(3)));
+    }
+
+    #[test]
+    fn the_monitors_record_of_a_node_goes_where_the_node_goes() {
+        let m = maps(4);
+        let mut ix = NodeIndex::owned(8);
+        let rec = |slot| {
+            let s = m.entry(slot).unwrap().read().unwrap();
+            (s.monitor_status, s.monitor_status_since_ns)
+        };
+        m.upsert(&mut ix, 7, &keys(0, 1)).unwrap();
+        assert_eq!(rec(0), (0, 0), "a new node: none recorded");
+        m.entry(0).unwrap().set_monitor_status(3, 99);
+        // Rotation keeps it, a move takes it along, a removal clears it.
+        m.upsert(&mut ix, 7, &keys(0, 2)).unwrap();
+        assert_eq!(rec(0), (3, 99));
+        m.upsert(&mut ix, 7, &keys(2, 2)).unwrap();
+        assert_eq!((rec(0), rec(2)), ((0, 0), (3, 99)));
+        m.entry(2).unwrap().lock().unwrap().clear();
+        assert_eq!(rec(2), (0, 0));
+        // A node provisioned where one was recorded starts without.
+        m.entry(1).unwrap().set_monitor_status(2, 5);
+        m.upsert(&mut ix, 8, &keys(1, 1)).unwrap();
+        assert_eq!(rec(1), (0, 0));
+        // A node reset after a writer died mid-rotation: no longer heard
+        // from, none recorded.
+        let e = m.entry(1).unwrap();
+        e.set_monitor_status(3, 5);
+        killed_holding(e);
+        e.keys_seq().fetch_add(1, Ordering::AcqRel);
+        assert_eq!(m.release_dead_writers(Duration::from_millis(1)), (1, 1));
+        assert_eq!(rec(1), (0, 0));
     }
 
     #[test]

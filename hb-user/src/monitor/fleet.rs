@@ -815,6 +815,9 @@ mod tests {
         fn set_requested_interval(&self, slot: u32, interval_ms: u32) {
             self.mem.set_requested_interval(slot, interval_ms)
         }
+        fn set_monitor_status(&self, slot: u32, status: u32, since_ns: u64) {
+            self.mem.set_monitor_status(slot, status, since_ns)
+        }
         fn counters(&self) -> anyhow::Result<Counters> {
             self.mem.counters()
         }
@@ -1148,6 +1151,47 @@ mod tests {
         let mut ev = Vec::new();
         c2.tick(&dp, monotonic_ns(), &mut || "ts".into(), &mut ev);
         assert!(ev.is_empty(), "no false joined: {ev:?}");
+    }
+
+    /// A node declared dead stays dead across a restart over the pinned
+    /// state: not shown alive for a few of its intervals, then announced
+    /// dead again (hooks paged again at every upgrade); it comes back
+    /// with `alive` on its next heartbeat.
+    #[test]
+    fn restart_over_pinned_state_keeps_a_dead_node_dead() {
+        use crate::monitor::state::{EventKind, Status};
+        const S: u64 = 1_000_000_000;
+        let dp = MemDataplane::new();
+        let tick = |c: &mut Core, at: u64| {
+            // Ticks seconds apart are not a pause of the monitor.
+            c.set_tick(Duration::from_secs(60));
+            let mut ev = Vec::new();
+            c.tick(&dp, at, &mut || "ts".into(), &mut ev);
+            ev.iter()
+                .map(|e| (e.node_id, e.event, e.previous))
+                .collect::<Vec<_>>()
+        };
+        let mut c = core();
+        let (_f, _) = Fleet::start(&mut c, &dp, keyring(&[1]), spec("1-2"), false).unwrap();
+        let t0 = monotonic_ns();
+        dp.gate(&hb(2, 1, 1), SRC, t0);
+        assert_eq!(tick(&mut c, t0), [(2, EventKind::Joined, Status::Unknown)]);
+        // Silent past the backstop (60 s).
+        assert_eq!(
+            tick(&mut c, t0 + 61 * S),
+            [(2, EventKind::Dead, Status::Alive)]
+        );
+        let mut c2 = core();
+        let (_f, _) = Fleet::start(&mut c2, &dp, keyring(&[1]), spec("1-2"), false).unwrap();
+        let slot = c2.table.slot_of(2).unwrap();
+        assert_eq!(c2.table.track(slot).status, Status::Dead);
+        assert_eq!(c2.table.count(Status::Dead), 1);
+        assert_eq!(tick(&mut c2, t0 + 62 * S), [], "not announced again");
+        dp.gate(&hb(2, 1, 2), SRC, t0 + 63 * S);
+        assert_eq!(
+            tick(&mut c2, t0 + 63 * S + 1),
+            [(2, EventKind::Alive, Status::Dead)]
+        );
     }
 
     #[test]

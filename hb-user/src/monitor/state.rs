@@ -77,6 +77,25 @@ impl Status {
     pub fn from_name(s: &str) -> Option<Status> {
         Status::ALL.into_iter().find(|st| st.name() == s)
     }
+
+    /// The status as the pinned node state records it
+    /// (`NodeRest::monitor_status`): its discriminant, never renumbered
+    /// (0: none recorded).
+    pub const fn code(self) -> u32 {
+        self as u32
+    }
+
+    /// A recorded status; a value this version does not know (a newer
+    /// hb's) is none recorded.
+    pub const fn from_code(code: u32) -> Status {
+        match code {
+            1 => Status::Alive,
+            2 => Status::Suspect,
+            3 => Status::Dead,
+            4 => Status::Left,
+            _ => Status::Unknown,
+        }
+    }
 }
 
 impl std::fmt::Display for Status {
@@ -313,24 +332,57 @@ pub fn step(t: &mut Track, o: &Observation) -> Option<Transition> {
     }
 }
 
-/// The status a node is adopted in when the monitor starts over state that
-/// survived it (pinned maps): no event is announced. A node heard from is
-/// `alive` (or `left` if its last word was LEAVING), and its silence is
-/// judged from the start at the earliest (`tick::Core::listening_since`:
-/// without `--keep-attached` no gate ran in between): a node that died
-/// meanwhile is announced dead a few of its intervals after the start,
-/// once (the monitor cannot know whether its predecessor already announced
-/// it: at-least-once for `dead`, never a false `joined`).
-pub fn adopt(o: &Observation) -> Track {
-    let status = match (o.accepted, o.leaving) {
+/// What the previous monitor recorded of a node in the state that
+/// survived it (`NodeRest::monitor_status`, written by the tick on every
+/// transition), as [`adopt`] reads it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// The node's status then (`Unknown`: none recorded, as in a state
+    /// pinned by an older hb).
+    pub status: Status,
+    /// The gate accepted heartbeats of the node after that status was
+    /// recorded (its last arrival is later): with `--keep-attached` the
+    /// gate goes on while no monitor runs.
+    pub heard_since: bool,
+}
+
+/// The belief a monitor that starts over state that survived its
+/// predecessor (pinned maps) adopts a node with, announcing nothing.
+///
+/// The status the predecessor recorded is kept: a node declared dead
+/// hours ago stays `dead` (a restart or an upgrade does not show it
+/// alive, then announce it dead again), `suspect` stays suspect, `left`
+/// stays left, and each is announced `alive` on its next fresh heartbeat
+/// as usual. Heartbeats accepted while no monitor ran count as that
+/// return only if they show the node alive now (`o.level`, judged by the
+/// node's real silence, is healthy): one that came back and went silent
+/// again meanwhile stays as recorded, with no event. A node recorded
+/// `alive` that died meanwhile is judged from the start
+/// (`tick::Core::listening_since`) and announced dead a few of its
+/// intervals after it, once; one that left meanwhile is announced `left`
+/// on the first tick.
+///
+/// A node with no recorded status (a state pinned by an older hb) is
+/// adopted `alive`, or `left` if its last word was LEAVING: one of those
+/// that had been declared dead is then announced dead again, as before
+/// the record existed. Never a false `joined`: only a node never heard
+/// from is `unknown`.
+pub fn adopt(o: &Observation, recorded: Recorded) -> Track {
+    let status = match (o.accepted, recorded.status) {
         (0, _) => Status::Unknown,
-        (_, true) => Status::Left,
-        (_, false) => Status::Alive,
+        (_, Status::Unknown) if o.leaving => Status::Left,
+        (_, Status::Unknown) => Status::Alive,
+        (_, s) => s,
     };
+    let returned = matches!(status, Status::Suspect | Status::Dead | Status::Left)
+        && recorded.heard_since
+        && !o.leaving
+        && o.level == Level::Healthy;
     Track {
         status,
         generation: o.generation,
-        mark: o.accepted,
+        // The last heartbeat fresh (`step`) if it is a return.
+        mark: o.accepted - u64::from(returned),
     }
 }
 
@@ -508,15 +560,79 @@ mod tests {
 
     #[test]
     fn adoption_announces_nothing() {
-        assert_eq!(adopt(&obs(0, 0, L::Healthy)).status, S::Unknown);
-        let mut t = adopt(&obs(9, 3, L::Healthy));
+        let none = Recorded::default();
+        assert_eq!(adopt(&obs(0, 0, L::Healthy), none).status, S::Unknown);
+        let mut t = adopt(&obs(9, 3, L::Healthy), none);
         assert_eq!((t.status, t.generation, t.mark), (S::Alive, 3, 9));
         assert_eq!(step(&mut t, &obs(10, 3, L::Healthy)), None);
-        assert_eq!(adopt(&leaving(9, 3)).status, S::Left);
+        assert_eq!(adopt(&leaving(9, 3), none).status, S::Left);
         // A node that died while no monitor ran is announced once.
-        let mut t = adopt(&obs(9, 3, L::Dead));
+        let mut t = adopt(&obs(9, 3, L::Dead), none);
         assert_eq!(step(&mut t, &obs(9, 3, L::Dead)).unwrap().event, E::Dead);
         assert_eq!(step(&mut t, &obs(9, 3, L::Dead)), None);
+    }
+
+    fn recorded(status: Status, heard_since: bool) -> Recorded {
+        Recorded {
+            status,
+            heard_since,
+        }
+    }
+
+    #[test]
+    fn adoption_keeps_the_recorded_status() {
+        for st in [S::Suspect, S::Dead, S::Left] {
+            // Kept, and nothing announced while nothing new is heard (a
+            // suspect node may still go dead).
+            for level in [L::Healthy, L::Normal, L::Suspect, L::Dead] {
+                if (st, level) == (S::Suspect, L::Dead) {
+                    continue;
+                }
+                let mut t = adopt(&obs(9, 3, level), recorded(st, false));
+                assert_eq!((t.status, t.generation, t.mark), (st, 3, 9));
+                assert_eq!(step(&mut t, &obs(9, 3, level)), None, "{st} {level:?}");
+            }
+            // Its next heartbeat brings it back.
+            let mut t = adopt(&obs(9, 3, L::Dead), recorded(st, false));
+            let tr = step(&mut t, &obs(10, 3, L::Healthy)).unwrap();
+            assert_eq!((tr.event, tr.previous), (E::Alive, st));
+            // Heartbeats accepted after the record, while no monitor
+            // ran, are that return if the node is alive now ...
+            let mut t = adopt(&obs(9, 3, L::Healthy), recorded(st, true));
+            let tr = step(&mut t, &obs(9, 3, L::Healthy)).unwrap();
+            assert_eq!((tr.event, tr.previous), (E::Alive, st));
+            // ... and not if it went silent again.
+            let mut t = adopt(&obs(9, 3, L::Dead), recorded(st, true));
+            assert_eq!(step(&mut t, &obs(9, 3, L::Healthy)), None);
+            assert_eq!(t.status, st);
+        }
+        // A node recorded alive is adopted as one that had no record,
+        // except that leaving meanwhile is news.
+        let mut t = adopt(&obs(9, 3, L::Healthy), recorded(S::Alive, true));
+        assert_eq!((t.status, t.mark), (S::Alive, 9));
+        assert_eq!(step(&mut t, &obs(9, 3, L::Healthy)), None);
+        let mut t = adopt(&leaving(9, 3), recorded(S::Alive, false));
+        assert_eq!(step(&mut t, &leaving(9, 3)).unwrap().event, E::Left);
+        // A left node still leaving stays left, heard since or not.
+        let mut t = adopt(&leaving(9, 3), recorded(S::Left, true));
+        assert_eq!((t.status, t.mark), (S::Left, 9));
+        assert_eq!(step(&mut t, &leaving(9, 3)), None);
+        // Never heard from: unknown, whatever the record says.
+        assert_eq!(
+            adopt(&obs(0, 0, L::Healthy), recorded(S::Dead, false)).status,
+            S::Unknown
+        );
+    }
+
+    #[test]
+    fn recorded_codes_are_the_discriminants_and_never_change() {
+        // Pinned node state holds them across versions.
+        let codes = Status::ALL.map(|s| s.code());
+        assert_eq!(codes, [0, 1, 2, 3, 4]);
+        for s in Status::ALL {
+            assert_eq!(Status::from_code(s.code()), s);
+        }
+        assert_eq!(Status::from_code(5), S::Unknown, "a newer hb's: none");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use hb_common::maps::{NodeLive, NodeState};
 use super::{
     events::Event,
     policy::{IntervalPolicy, NodeView},
-    state::{self, Level, Observation, Status, Thresholds, Track, Transition},
+    state::{self, Level, Observation, Recorded, Status, Thresholds, Track, Transition},
     table::NodeTable,
 };
 use crate::{
@@ -237,6 +237,9 @@ pub struct Core {
     /// Decisions of the current scan, applied after it (the dataplane is
     /// being read while they are made). Kept to reuse its allocation.
     pending: Vec<(u32, u32)>,
+    /// The statuses the current scan changed, recorded in the dataplane
+    /// after it (`Dataplane::set_monitor_status`), as `pending`.
+    changed: Vec<(u32, Status)>,
     /// Silence before this is not held against any node
     /// ([`Core::listening_since`]).
     listening_since_ns: u64,
@@ -277,6 +280,7 @@ impl Core {
             last_tick_ns: 0,
             next_seq: 1,
             pending: Vec::new(),
+            changed: Vec::new(),
             listening_since_ns: 0,
             last_scan_ns: 0,
             last_excuse_ns: 0,
@@ -310,11 +314,17 @@ impl Core {
 
     /// Adopts the dataplane's current state of every occupied slot without
     /// announcing anything (`state::adopt`): used once at start over pinned
-    /// state. Silence before `now_ns` is not held against the nodes
+    /// state. Each node goes on in the status its previous monitor recorded
+    /// in that state, since when it was recorded (`state_for_ms` goes on:
+    /// both the record and the pins end with a reboot, CLOCK_MONOTONIC's
+    /// epoch); a node with none recorded (pinned by an older hb) is
+    /// adopted as before, since now, and its adopted status recorded.
+    /// Silence before `now_ns` is not held against the nodes
     /// ([`Core::listening_since`]): without `--keep-attached` no gate ran
     /// between the monitors, and with it the silence the kernel saw
-    /// meanwhile is judged only from now (a node that died while no
-    /// monitor ran is announced a few of its intervals after the start).
+    /// meanwhile is judged only from now (a node recorded alive that died
+    /// while no monitor ran is announced a few of its intervals after the
+    /// start).
     pub fn adopt(&mut self, dp: &dyn Dataplane, now_ns: u64) {
         self.listening_since(now_ns);
         let det = self.detector;
@@ -322,17 +332,41 @@ impl Core {
         let len = table.len();
         let mut adopted = Vec::new();
         dp.read_states(0..len, &mut |slot, st| {
-            if table.node_id[slot as usize] != 0 {
-                adopted.push((slot, state::adopt(&det.observe(st, now_ns))));
+            if table.node_id[slot as usize] == 0 {
+                return;
             }
+            // Judged by the node's real silence (no `listening_since`):
+            // whether heartbeats heard while no monitor ran still show it
+            // alive.
+            let obs = det.observe(st, now_ns);
+            let since = st.monitor_status_since_ns;
+            let recorded = Recorded {
+                status: Status::from_code(st.monitor_status),
+                heard_since: since != 0 && st.last_arrival_ns > since,
+            };
+            let track = state::adopt(&obs, recorded);
+            adopted.push((slot, track, recorded.status, since));
         });
-        for (slot, track) in adopted {
+        for (slot, track, recorded, recorded_since) in adopted {
             let i = slot as usize;
             let old = table.track[i].status;
             table.counts[old as usize] = table.counts[old as usize].saturating_sub(1);
             table.counts[track.status as usize] += 1;
             table.track[i] = track;
-            table.since_ns[i] = now_ns;
+            table.since_ns[i] =
+                if track.status == recorded && recorded_since != 0 && recorded_since <= now_ns {
+                    recorded_since
+                } else {
+                    now_ns
+                };
+            if track.status != recorded {
+                let since = if track.status == Status::Unknown {
+                    0
+                } else {
+                    now_ns
+                };
+                dp.set_monitor_status(slot, track.status.code(), since);
+            }
         }
     }
 
@@ -420,6 +454,8 @@ impl Core {
         let policy = &mut *self.policy;
         let pending = &mut self.pending;
         pending.clear();
+        let changed = &mut self.changed;
+        changed.clear();
         let NodeTable {
             node_id,
             track,
@@ -487,6 +523,7 @@ impl Core {
                     return;
                 }
                 since_ns[i] = now_ns;
+                changed.push((slot, t.status));
                 if tr.refutes_suspicion() {
                     // Back without a restart: the suspicion was false.
                     policy.suspicion_refuted(slot);
@@ -545,6 +582,12 @@ impl Core {
         skipped(next_slot, len, &mut next_counts, track);
         *counts = next_counts;
         self.next_seq = seq;
+        // Before the events go out: a monitor that stops after announcing
+        // a node's change has recorded it, and the next one does not
+        // announce it again.
+        for &(slot, status) in self.changed.iter() {
+            dp.set_monitor_status(slot, status.code(), now_ns);
+        }
         for &(slot, ms) in self.pending.iter() {
             dp.set_requested_interval(slot, ms);
             self.table.requested_ms[slot as usize] = ms;
@@ -804,6 +847,83 @@ mod tests {
                 t += 100;
             }
             seq
+        }
+
+        /// A LEAVING heartbeat of generation 1.
+        fn leave(&mut self, id: u32, seq: u64, at_ms: u64) {
+            let d = Datagram {
+                kind: Kind::Heartbeat,
+                node_id: id,
+                generation: 1,
+                key_epoch: 1,
+                flags: hb_common::proto::FLAG_LEAVING,
+                load: 0,
+                seq,
+                sent_ns: 0,
+                interval_ms: 100,
+                rtt_us: 0,
+            };
+            let v = self.dp.gate(&d.seal(&key(id)), SRC, at_ms * MS);
+            assert_eq!(v.result, hb_common::GateResult::Accepted);
+        }
+
+        /// A new monitor over the same dataplane at `at_ms`, as after a
+        /// restart over pinned maps (`Fleet::start`): every node at its
+        /// slot, adopted.
+        fn restart(&mut self, at_ms: u64) {
+            let nodes: Vec<(u32, u32)> = self.core.table.ids().collect();
+            self.core = Core::new(
+                Detector::new(Thresholds::default(), PhiParams::default()),
+                Box::new(FixedPolicy::none()),
+                1000,
+            );
+            for (id, slot) in nodes {
+                self.core
+                    .table
+                    .insert_at(id, slot, Origin::Adopted, Track::default(), at_ms * MS)
+                    .unwrap();
+            }
+            self.core.adopt(&self.dp, at_ms * MS);
+        }
+
+        fn status(&self, id: u32) -> Status {
+            self.core
+                .table
+                .track(self.core.table.slot_of(id).unwrap())
+                .status
+        }
+
+        /// Nodes 1 to 4 beat every 100 ms from 100 ms, ticked every 50 ms,
+        /// until node 1 is dead and node 2 suspect: node 1 stops after
+        /// 2000 ms, node 2 after 2200 ms, node 3 says goodbye at 2000 ms,
+        /// node 4 goes on. Returns the time and each node's next seq.
+        fn in_every_status() -> (Rig, u64, [u64; 5]) {
+            let mut r = Rig::new(&[1, 2, 3, 4], Box::new(FixedPolicy::none()));
+            let mut seq = [1u64; 5];
+            let mut t = 100;
+            loop {
+                if t % 100 == 0 {
+                    for id in 1..=4u32 {
+                        let i = id as usize;
+                        match id {
+                            1 | 3 if t > 2000 => continue,
+                            2 if t > 2200 => continue,
+                            3 if t == 2000 => r.leave(3, seq[i], t),
+                            _ => r.beat(id, seq[i], 100, t),
+                        }
+                        seq[i] += 1;
+                    }
+                }
+                r.tick(t);
+                if r.status(1) == Status::Dead && r.status(2) == Status::Suspect {
+                    break;
+                }
+                assert!(t < 5000, "node 1 dead while node 2 is suspect");
+                t += 50;
+            }
+            assert_eq!(r.status(3), Status::Left);
+            assert_eq!(r.status(4), Status::Alive);
+            (r, t, seq)
         }
 
         fn tick(&mut self, at_ms: u64) -> Vec<(u32, EventKind)> {
@@ -1121,6 +1241,110 @@ mod tests {
         assert_eq!(r.core.table.track(0).status, Status::Alive);
         assert_eq!(r.core.table.track(1).status, Status::Left);
         assert_eq!(r.core.table.track(2).status, Status::Unknown);
+    }
+
+    /// A restart over pinned maps keeps each node's status and how long
+    /// it has been in it: a dead node is not shown alive and announced
+    /// dead again (hooks paged again for every dead node at every
+    /// upgrade), a suspect one stays suspect, a left one left. Each comes
+    /// back with an event on its next heartbeat.
+    #[test]
+    fn a_restart_keeps_each_nodes_status() {
+        let (mut r, t, seq) = Rig::in_every_status();
+        let since = |r: &Rig, id| r.core.table.since_ns(r.core.table.slot_of(id).unwrap());
+        let dead_since = since(&r, 1);
+        let start = t + 300;
+        r.restart(start);
+        assert_eq!(r.tick(start), vec![], "nothing announced at the start");
+        let counts = |r: &Rig| Status::ALL.map(|s| r.core.table.count(s));
+        assert_eq!(
+            counts(&r),
+            [0, 1, 1, 1, 1],
+            "unknown alive suspect dead left"
+        );
+        assert_eq!(since(&r, 1), dead_since, "state_for_ms survives");
+        // The suspect node, silent on, goes dead (judged from the start);
+        // the dead one is not announced again; the others beat.
+        let mut seen = Vec::new();
+        let mut s4 = seq[4];
+        for t in (start + 50..start + 1500).step_by(50) {
+            if t % 100 == 0 {
+                r.beat(4, s4, 100, t);
+                s4 += 1;
+            }
+            seen.extend(r.tick(t));
+        }
+        assert_eq!(seen, vec![(2, EventKind::Dead)]);
+        assert_eq!(r.events.last().unwrap().previous, Status::Suspect);
+        assert_eq!(since(&r, 1), dead_since);
+        // They come back.
+        let t = start + 1500;
+        r.beat(1, seq[1], 100, t);
+        r.beat(2, seq[2], 100, t);
+        r.beat(3, seq[3], 100, t);
+        r.beat(4, s4, 100, t);
+        let back = r.events.len()..r.events.len() + 3;
+        assert_eq!(
+            r.tick(t),
+            vec![
+                (1, EventKind::Alive),
+                (2, EventKind::Alive),
+                (3, EventKind::Alive)
+            ]
+        );
+        let previous: Vec<_> = r.events[back].iter().map(|e| e.previous).collect();
+        assert_eq!(previous, [Status::Dead, Status::Dead, Status::Left]);
+    }
+
+    /// With `--keep-attached` the gate goes on while no monitor runs: a
+    /// dead node whose heartbeats came back meanwhile, and still come, is
+    /// announced alive at the start; one that beat meanwhile and is silent
+    /// again stays dead without an event; one that left meanwhile is
+    /// announced left.
+    #[test]
+    fn what_happened_while_no_monitor_ran_is_announced_at_the_start() {
+        let (mut r, t, mut seq) = Rig::in_every_status();
+        // Node 2 dies too.
+        let mut t = t;
+        while r.status(2) != Status::Dead {
+            t += 50;
+            r.tick(t);
+            assert!(t < 5000);
+        }
+        let stop = t;
+        // No monitor from `stop` to `start`; the gate takes node 1's
+        // heartbeats from 2 s on, node 2's once, and node 4's LEAVING.
+        let start = stop + 5000;
+        for t in (stop + 100..start).step_by(100) {
+            if t >= stop + 2000 {
+                r.beat(1, seq[1], 100, t);
+                seq[1] += 1;
+            }
+            if t == stop + 1000 {
+                r.beat(2, seq[2], 100, t);
+            }
+            if t < stop + 3000 {
+                r.beat(4, seq[4], 100, t);
+                seq[4] += 1;
+            } else if t == stop + 3000 {
+                r.leave(4, seq[4], t);
+            }
+        }
+        r.restart(start);
+        assert_eq!(
+            r.tick(start),
+            vec![(1, EventKind::Alive), (4, EventKind::Left)]
+        );
+        let mut seen = Vec::new();
+        for t in (start + 50..start + 2000).step_by(50) {
+            if t % 100 == 0 {
+                r.beat(1, seq[1], 100, t);
+                seq[1] += 1;
+            }
+            seen.extend(r.tick(t));
+        }
+        assert_eq!(seen, vec![], "node 2 is not announced dead again");
+        assert_eq!(r.status(2), Status::Dead);
     }
 
     #[test]
