@@ -30,7 +30,7 @@ use std::{
     os::fd::{FromRawFd as _, OwnedFd},
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -70,6 +70,9 @@ pub struct Hooks {
     metrics: Arc<Metrics>,
     /// The run of events dropped on a full queue going on, if any.
     dropped: Arc<Mutex<Dropped>>,
+    /// An event came after shutdown and was said to be dropped (once:
+    /// the last tick of a large fleet can bring thousands).
+    closed_warned: Arc<AtomicBool>,
     /// Shared by every clone; the first `shutdown` takes it.
     runner: Arc<Mutex<Option<Runner>>>,
 }
@@ -90,6 +93,7 @@ impl Hooks {
             tx,
             metrics,
             dropped: Arc::default(),
+            closed_warned: Arc::default(),
             runner: Arc::new(Mutex::new(Some(Runner { stop, task }))),
         }
     }
@@ -115,11 +119,15 @@ impl Hooks {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 self.metrics.hook_failed(SHUTDOWN);
-                tracing::warn!(
-                    node_id = ev.node_id,
-                    event = %ev.event,
-                    "shutting down, event not passed to --on-event"
-                );
+                if self.closed_warned.swap(true, Ordering::Relaxed) {
+                    tracing::debug!(node_id = ev.node_id, event = %ev.event, "shutting down, event not passed to --on-event");
+                } else {
+                    tracing::warn!(
+                        node_id = ev.node_id,
+                        event = %ev.event,
+                        "shutting down, event not passed to --on-event (nor any later one: counted in hb_hook_failures_total{{reason=\"shutdown\"}})"
+                    );
+                }
             }
         }
     }
@@ -776,9 +784,19 @@ mod tests {
         assert_eq!(text.lines().collect::<Vec<_>>(), ["1", "2", "3"]);
         assert_eq!(m.hooks_ok(), 3);
         assert_eq!(m.hook_failures(SHUTDOWN), 0);
-        // Shut down: events are no longer taken, from any handle.
-        clone.submit(&ev(4));
-        assert_eq!(m.hook_failures(SHUTDOWN), 1);
+        // Shut down: events are no longer taken, from any handle, and
+        // that is said once, however many come.
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let warnings = Warnings::default();
+        let _log =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
+        for i in 4..=100 {
+            clone.submit(&ev(i));
+        }
+        assert_eq!(m.hook_failures(SHUTDOWN), 97);
+        let lines = warnings.0.lock().unwrap().clone();
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert!(lines[0].message.contains("nor any later one"), "{lines:#?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
