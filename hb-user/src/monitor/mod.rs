@@ -248,7 +248,7 @@ fn make_policy_carrying(
 }
 
 /// The gate's configuration from the monitor's settings.
-fn gate_config(s: &Settings) -> Config {
+pub(crate) fn gate_config(s: &Settings) -> Config {
     Config {
         port: s.port,
         pass_accepted: 0,

@@ -4,14 +4,24 @@
 //! Time is simulated (nanoseconds, a `BinaryHeap` of events), so an hour
 //! of a fleet runs in a fraction of a second and a run is a pure function
 //! of its configuration and seed. What runs is the production code:
-//! heartbeats are real sealed datagrams gated by
+//! every node's sender is `hb send`'s own [`Sender`] (it builds and seals
+//! the heartbeats, judges the ACKs, smooths the RTT and adopts the
+//! monitor's interval by its rules), driven the way `hb send`'s loop
+//! drives it (`send/mod.rs`: the next heartbeat one interval after the one
+//! that was due, rescheduled at once by an ACK that changes the interval,
+//! every wakeup reported with how late it is, the interval a restart
+//! resumes at kept as `--state-dir` keeps it); heartbeats are gated by
 //! [`MemDataplane::gate`](crate::dataplane::mem::MemDataplane) (SipHash,
-//! anti-replay, `NodeState::admit/record`, the ACK policy), suspicion is
-//! the monitor's tick at every monitor tick (its [`Detector`], with phi's
-//! thresholds, the stall allowance and the max-silence backstop, and its
-//! state machine, [`state::step`]), decisions are
-//! [`QController::observe`] once per decision period per node, and the
-//! requested interval reaches the sender in a real ACK that it verifies.
+//! anti-replay, `NodeState::admit/record`, the ACK policy, configured as
+//! `hb monitor` configures it for the policy); suspicion is the monitor's
+//! tick at every monitor tick (its [`Detector`], with phi's thresholds,
+//! the stall allowance and the max-silence backstop, and its state
+//! machine, [`state::step`]); decisions are [`QController::observe`] once
+//! per decision period per node.
+//!
+//! A stalled sender (a pause of the scenario) runs nothing: its heartbeat
+//! timer fires and the ACKs that reach it are read when the stall ends, as
+//! a stopped process finds them in its socket buffer.
 //!
 //! The monitor side is the tick without its events, table and API
 //! (`monitor_step`): a node is suspected while the monitor's state
@@ -19,8 +29,10 @@
 //! node is up is a false one (the `suspect` or `dead` event the monitor
 //! would announce about a live node); one that the node's own heartbeats
 //! end within its generation is refuted, and is reported to the controller
-//! as the tick reports it; the first tick at or after a crash with the
-//! node suspected is its detection.
+//! as the tick reports it. A crash is detected at the first tick of the
+//! suspicion that stands (Chen, Toueg and Aguilera's detection time, as
+//! `hb eval` measures it): a heartbeat sent before the crash that arrives
+//! late refutes an earlier suspicion, which then does not count.
 //!
 //! Every crash is accounted for, detected or missed: a crash whose node
 //! would restart after the end of the run is followed past the end
@@ -33,8 +45,9 @@ use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
 };
 
+use anyhow::Context as _;
 use hb_common::{
-    Datagram, GateResult, Kind, NodeKey,
+    GateResult, NodeKey,
     maps::{Config as GateConfig, NodeKeys, NodeState},
     proto,
 };
@@ -42,14 +55,19 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use super::scenario::{Profile, Scenario};
+use super::scenario::{GilbertElliott, Profile, Scenario};
 use crate::{
     controller::QController,
     dataplane::{Dataplane, mem::MemDataplane},
     detector::PhiParams,
     monitor::{
+        config::{ControllerKind, Opts, Settings},
         state::{self, Thresholds, Track, Transition},
         tick::Detector,
+    },
+    send::{
+        resume,
+        sender::{Config as SenderConfig, Sender},
     },
 };
 
@@ -98,8 +116,6 @@ pub struct SimConfig {
     pub tick_ms: u64,
     /// Each node gets one controller decision per this period, ms.
     pub decision_period_ms: u64,
-    /// The gate ACKs every N-th heartbeat too (RTT samples for senders).
-    pub ack_every: u32,
     /// The senders' own bounds (`hb send --min/--max-interval-ms`).
     pub sender_min_ms: u32,
     pub sender_max_ms: u32,
@@ -122,7 +138,6 @@ impl SimConfig {
             phi: PhiParams::default(),
             tick_ms: 100,
             decision_period_ms: 5000,
-            ack_every: 10,
             sender_min_ms: 100,
             sender_max_ms: 10_000,
             initial_interval_ms: 1000,
@@ -198,6 +213,8 @@ pub struct ProfileReport {
     /// Every detection time, ms (not in the JSON report).
     #[serde(skip)]
     pub detections_ms: Vec<f64>,
+    /// Crashes of these nodes never detected (see [`SimReport::missed`]).
+    pub missed: u64,
     pub false_suspicions: u64,
     /// Per hour of these nodes' up-time (`alive_node_hours`).
     pub false_suspicions_per_node_hour: f64,
@@ -220,16 +237,20 @@ pub struct SimReport {
     /// Crashes during the run; each is either detected (counted in
     /// `detection_ms`) or `missed`.
     pub crashes: u64,
-    /// Crashes not suspected before the node restarted. A crash whose node
-    /// would restart after the end of the run is followed past the end
-    /// until it is detected or its node would have restarted (at most
-    /// an hour past the end).
+    /// Crashes whose node was not suspected when it restarted. A crash
+    /// whose node would restart after the end of the run is followed past
+    /// the end until its suspicion stands (no heartbeat sent before the
+    /// crash is still on its way) or its node would have restarted (at
+    /// most an hour past the end).
     pub missed: u64,
-    /// Crash to first suspicion, ms (detections past the end of the run
-    /// included).
+    /// Crash to the first tick of the suspicion that stands (a suspicion
+    /// that a late heartbeat sent before the crash refutes does not
+    /// count), ms, of the crashes detected (detections past the end of the
+    /// run included; the missed ones are not in it).
     pub detection_ms: Summary,
-    /// Every detection time, ms, in the order of detection (for pooling
-    /// runs and for percentiles of mixtures; not in the JSON report).
+    /// Every detection time, ms, in the order the crashes ended (for
+    /// pooling runs and for percentiles of mixtures; not in the JSON
+    /// report).
     #[serde(skip)]
     pub detections_ms: Vec<f64>,
     /// Suspicions that started while the node was up (each suspicion
@@ -254,10 +275,11 @@ pub struct SimReport {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
-    /// The sender's heartbeat timer; stale after a crash (`epoch`).
+    /// The sender's heartbeat timer; stale once the node crashed or its
+    /// next heartbeat was rescheduled (`timer`).
     Send {
         node: u32,
-        epoch: u32,
+        timer: u32,
     },
     /// A heartbeat reaches the monitor (its datagram is in
     /// [`Payloads`] under `payload`).
@@ -265,7 +287,8 @@ enum Event {
         node: u32,
         payload: u32,
     },
-    /// An ACK reaches the sender.
+    /// An ACK reaches the sender (or its stall ends with the ACK in its
+    /// socket buffer).
     Ack {
         node: u32,
         payload: u32,
@@ -351,10 +374,95 @@ fn exp(rng: &mut ChaCha8Rng, mean: f64) -> f64 {
     -mean * (1.0 - rng.random::<f64>()).ln()
 }
 
+/// A path's loss state over time ([`GilbertElliott`]): the Good and Bad
+/// periods are drawn from the path's own random stream as time advances,
+/// so they are the same whatever the path carries and whenever it is
+/// asked (every policy compared on a seed faces the same bursts), and
+/// advancing them costs nothing between state changes.
+struct LossChain {
+    ge: GilbertElliott,
+    bad: bool,
+    /// When the current period ends.
+    until: u64,
+    rng: ChaCha8Rng,
+}
+
+impl LossChain {
+    /// The chain from `start` on, in its long-run state distribution.
+    fn new(ge: GilbertElliott, seed: u64, start: u64) -> LossChain {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let (bad, changes) = if ge.mean_bad_s <= 0.0 {
+            (false, false)
+        } else if ge.mean_good_s <= 0.0 {
+            (true, false)
+        } else {
+            (rng.random::<f64>() < ge.bad_share(), true)
+        };
+        let mut c = LossChain {
+            ge,
+            bad,
+            until: u64::MAX,
+            rng,
+        };
+        if changes {
+            // Memoryless: what is left of the current period is as long
+            // as a whole one.
+            c.until = start.saturating_add(c.period());
+        }
+        c
+    }
+
+    /// The length of a period in the current state, ns (at least 1).
+    fn period(&mut self) -> u64 {
+        let mean = if self.bad {
+            self.ge.mean_bad_s
+        } else {
+            self.ge.mean_good_s
+        };
+        ((exp(&mut self.rng, mean) * S as f64) as u64).max(1)
+    }
+
+    /// Whether the path is Bad at `t` (asked at times that do not go
+    /// back).
+    fn bad_at(&mut self, t: u64) -> bool {
+        while t >= self.until {
+            self.bad = !self.bad;
+            self.until = self.until.saturating_add(self.period());
+        }
+        self.bad
+    }
+
+    /// The probability that a packet sent at `t` is lost.
+    fn loss_at(&mut self, t: u64) -> f64 {
+        if self.bad_at(t) {
+            self.ge.loss_bad
+        } else {
+            self.ge.loss_good
+        }
+    }
+}
+
 /// One direction of a node's path.
 struct Path {
     base_ms: f64,
-    bad: bool,
+    loss: LossChain,
+}
+
+/// What a crash is waiting for: the suspicion that stands.
+#[derive(Clone, Copy, Debug)]
+struct Outage {
+    crashed_at: u64,
+    /// The first tick of the current suspicion of the crashed node, if it
+    /// is suspected.
+    suspected_at: Option<u64>,
+}
+
+impl Outage {
+    /// Crash to detection, ms, if the node is suspected.
+    fn detection_ms(&self) -> Option<f64> {
+        self.suspected_at
+            .map(|s| (s - self.crashed_at) as f64 / MS as f64)
+    }
 }
 
 struct Node {
@@ -370,32 +478,29 @@ struct Node {
     spikes: Spans,
     pauses: Spans,
     base_load: u16,
-    // Sender.
+    // Sender: `hb send`'s state and its loop's.
     alive: bool,
-    epoch: u32,
-    generation: u32,
-    seq: u64,
-    interval_ms: u32,
-    pending_ms: Option<u32>,
-    srtt_us: Option<f64>,
+    sender: Sender,
+    /// When the loop's next heartbeat is due (its `next`).
+    due: u64,
+    /// Which heartbeat timer is current: a `Send` event of another is
+    /// stale (the node crashed, or an ACK rescheduled the heartbeat).
+    timer: u32,
+    /// The interval `--state-dir` holds: the last one an ACK changed the
+    /// sender to, which a restart resumes at.
+    saved_ms: Option<u32>,
+    /// When the last heartbeat the sender sent arrives at the monitor (or
+    /// would have, lost): until then, a crashed node may still be heard
+    /// from.
+    in_flight_until: u64,
     // Ground truth and the monitor's view.
-    crashed_at: Option<u64>,
+    outage: Option<Outage>,
     /// Time spent crashed within the run, ns (up to the last restart).
     down_ns: u64,
-    detected: bool,
     /// The monitor's state machine's memory of the node.
     track: Track,
     /// Refuted suspicions since the node's last decision.
     refuted: u32,
-}
-
-/// What one tick of the monitor made of a node.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-struct Judged {
-    /// A suspicion of a node that is up started.
-    false_suspicion: bool,
-    /// The crash's detection, ms after it.
-    detection_ms: Option<f64>,
 }
 
 impl Node {
@@ -404,13 +509,7 @@ impl Node {
         let p = &self.profile;
         let congested = self.congestion.at(t).is_some();
         let path = if up { &mut self.up } else { &mut self.down };
-        let ge = p.loss;
-        path.bad = if path.bad {
-            self.rng.random::<f64>() >= ge.p_bad_good
-        } else {
-            self.rng.random::<f64>() < ge.p_good_bad
-        };
-        let mut loss = if path.bad { ge.loss_bad } else { ge.loss_good };
+        let mut loss = path.loss.loss_at(t);
         let mut delay = path.base_ms + exp(&mut self.rng, p.jitter_ms);
         if p.tail_prob > 0.0 && self.rng.random::<f64>() < p.tail_prob {
             let u = 1.0 - self.rng.random::<f64>();
@@ -436,32 +535,81 @@ impl Node {
     }
 
     /// One monitor tick's judgement of the node from its dataplane state
-    /// `st` at `t` ([`monitor_step`]), held against the ground truth.
-    fn judge(&mut self, det: &Detector, st: &NodeState, t: u64) -> Judged {
+    /// `st` at `t` ([`monitor_step`]), held against the ground truth:
+    /// whether a suspicion of the node, up, started (a false one). Of a
+    /// crashed node, it follows the suspicion that may be its detection.
+    fn judge(&mut self, det: &Detector, st: &NodeState, t: u64) -> bool {
         let was = self.track.status.suspected();
         let (tr, now) = monitor_step(det, &mut self.track, st, t);
         if tr.as_ref().is_some_and(Transition::refutes_suspicion) {
             self.refuted += 1;
         }
-        let mut j = Judged {
-            false_suspicion: now && !was && self.alive,
-            detection_ms: None,
-        };
-        if now
-            && !self.detected
-            && let Some(c) = self.crashed_at
-        {
-            self.detected = true;
-            j.detection_ms = Some((t - c) as f64 / MS as f64);
+        if let Some(o) = &mut self.outage {
+            o.suspected_at = if now {
+                o.suspected_at.or(Some(t))
+            } else {
+                None
+            };
         }
-        j
+        now && !was && self.alive
     }
 
     /// Time spent crashed within the run, ns, counting a crash still
     /// running at `end` up to `end`.
     fn down_until(&self, end: u64) -> u64 {
-        self.down_ns + self.crashed_at.map_or(0, |c| end.saturating_sub(c))
+        self.down_ns + self.outage.map_or(0, |o| end.saturating_sub(o.crashed_at))
     }
+}
+
+/// `hb send`'s loop scheduling the heartbeat after one due at `due` and
+/// sent at `now` (`send/mod.rs`, `next_due`): one interval later, keeping
+/// the rhythm; after a stall of the sender past that, one interval after
+/// `now`.
+fn next_due(due: u64, iv: u64, now: u64) -> u64 {
+    let next = due + iv;
+    if next > now { next } else { now + iv }
+}
+
+/// How late a sender's timer wakes it: up to 0.5 ms.
+fn slack(rng: &mut ChaCha8Rng) -> u64 {
+    rng.random_range(0..MS / 2)
+}
+
+/// The monitor's address, where the ACKs come from.
+const MONITOR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 1), 7420));
+
+/// A sender as `hb send --node-id ID --interval-ms MS` starts it, for
+/// generation `generation`.
+fn new_sender(cfg: &SimConfig, id: u32, key: NodeKey, generation: u32, interval_ms: u32) -> Sender {
+    Sender::new(SenderConfig {
+        node_id: id,
+        key,
+        key_epoch: 0,
+        generation,
+        interval_ms,
+        min_interval_ms: cfg.sender_min_ms,
+        max_interval_ms: cfg.sender_max_ms,
+        monitors: vec![MONITOR],
+    })
+}
+
+/// The gate's configuration `hb monitor` runs `policy` with (`--fixed-
+/// interval-ms MS` or `--controller qlearn`, no `--ack`/`--ack-every`):
+/// its own settings code decides which heartbeats are ACKed.
+fn monitor_gate_config(policy: &Policy<'_>) -> anyhow::Result<GateConfig> {
+    let mut o = Opts {
+        keyring: Some("keyring.toml".into()),
+        nodes: Some("1".into()),
+        ..Opts::default()
+    };
+    match policy {
+        // Within the range the monitor accepts; the ACKs do not depend on
+        // the interval.
+        Policy::Fixed(ms) => o.fixed_interval_ms = Some((*ms).clamp(100, 10_000)),
+        Policy::QLearn(_) => o.controller = Some(ControllerKind::Qlearn),
+    }
+    let s = Settings::load(&o.into()).context("the monitor's settings for the policy")?;
+    Ok(crate::monitor::gate_config(&s))
 }
 
 /// The monitor's tick for one node, without its events: the detector's
@@ -505,7 +653,7 @@ fn sub_seed(seed: u64, purpose: u64, node: u32) -> u64 {
     z ^ (z >> 31)
 }
 
-struct Sim<'a, 'p> {
+pub(super) struct Sim<'a, 'p> {
     cfg: &'a SimConfig,
     /// The monitor's detector (`cfg.detector()`).
     det: Detector,
@@ -523,154 +671,193 @@ struct Sim<'a, 'p> {
     detections: Vec<f64>,
     false_suspicions: u64,
     trajectory: Vec<TrajectoryPoint>,
-    /// Per profile: heartbeats sent, detections, false suspicions.
-    by_kind: Vec<(u64, Vec<f64>, u64)>,
+    /// Per profile.
+    by_kind: Vec<Tally>,
+    /// The interval senders are started with (`hb send --interval-ms`).
+    initial_ms: u32,
+    clock: Clock,
+}
+
+/// What the nodes of one profile did.
+#[derive(Clone, Debug, Default)]
+struct Tally {
+    sent: u64,
+    detections: Vec<f64>,
+    missed: u64,
+    false_suspicions: u64,
+}
+
+/// Where the run's ticks are, and what they sampled.
+#[derive(Default)]
+struct Clock {
+    /// The next tick.
+    t: u64,
+    tick_no: u64,
+    next_sample: u64,
+    interval_area: f64,
+    samples: u64,
+    /// Node-seconds the senders that are up spent at each interval.
+    at_interval: std::collections::BTreeMap<u32, u64>,
 }
 
 /// Runs one simulation.
 pub fn run(cfg: &SimConfig, policy: &mut Policy<'_>) -> anyhow::Result<SimReport> {
-    anyhow::ensure!(cfg.nodes > 0, "the fleet needs at least one node");
-    anyhow::ensure!(
-        cfg.duration_s > 0.0 && cfg.duration_s <= 30.0 * 86400.0,
-        "duration must be positive and at most 30 days"
-    );
-    anyhow::ensure!(
-        !cfg.scenario.profiles.is_empty(),
-        "scenario has no node profile"
-    );
-    anyhow::ensure!(
-        cfg.tick_ms > 0 && cfg.decision_period_ms >= cfg.tick_ms,
-        "the decision period must be at least one tick"
-    );
-    cfg.thresholds
-        .validate()
-        .map_err(|e| anyhow::anyhow!("the monitor's thresholds: {e}"))?;
-    let end = T0 + (cfg.duration_s * S as f64) as u64;
-    let dp = MemDataplane::new();
-    dp.set_config(&GateConfig {
-        ack_on_change: 1,
-        ack_every: cfg.ack_every,
-        ..GateConfig::default()
-    })?;
-    let initial = match policy {
-        Policy::Fixed(ms) => *ms,
-        Policy::QLearn(_) => cfg.initial_interval_ms,
-    }
-    .clamp(cfg.sender_min_ms, cfg.sender_max_ms);
+    let mut sim = Sim::new(cfg, policy)?;
+    sim.run_until(sim.end);
+    sim.finish()
+}
 
-    let mut sim = Sim {
-        cfg,
-        det: cfg.detector(),
-        policy,
-        dp,
-        nodes: Vec::with_capacity(cfg.nodes as usize),
-        heap: BinaryHeap::new(),
-        payloads: Payloads::default(),
-        order: 0,
-        end,
-        sent: 0,
-        lost: 0,
-        crashes: 0,
-        missed: 0,
-        detections: Vec::new(),
-        false_suspicions: 0,
-        trajectory: Vec::new(),
-        by_kind: vec![(0, Vec::new(), 0); cfg.scenario.profiles.len()],
-    };
-    for i in 0..cfg.nodes {
-        let id = i + 1;
-        let kind = i as usize % cfg.scenario.profiles.len();
-        let profile = cfg.scenario.profiles[kind].clone();
-        let key = NodeKey {
-            k0: sub_seed(cfg.seed, 1, id),
-            k1: sub_seed(cfg.seed, 2, id),
+impl<'a, 'p> Sim<'a, 'p> {
+    /// The fleet, its schedule and the monitor at the start of a run.
+    pub(super) fn new(
+        cfg: &'a SimConfig,
+        policy: &'a mut Policy<'p>,
+    ) -> anyhow::Result<Sim<'a, 'p>> {
+        anyhow::ensure!(cfg.nodes > 0, "the fleet needs at least one node");
+        anyhow::ensure!(
+            cfg.duration_s > 0.0 && cfg.duration_s <= 30.0 * 86400.0,
+            "duration must be positive and at most 30 days"
+        );
+        anyhow::ensure!(
+            !cfg.scenario.profiles.is_empty(),
+            "scenario has no node profile"
+        );
+        anyhow::ensure!(
+            cfg.tick_ms > 0 && cfg.decision_period_ms >= cfg.tick_ms,
+            "the decision period must be at least one tick"
+        );
+        cfg.thresholds
+            .validate()
+            .map_err(|e| anyhow::anyhow!("the monitor's thresholds: {e}"))?;
+        let end = T0 + (cfg.duration_s * S as f64) as u64;
+        let dp = MemDataplane::new();
+        dp.set_config(&monitor_gate_config(policy)?)?;
+        let initial = match policy {
+            Policy::Fixed(ms) => *ms,
+            Policy::QLearn(_) => cfg.initial_interval_ms,
+        }
+        .clamp(cfg.sender_min_ms, cfg.sender_max_ms);
+
+        let mut sim = Sim {
+            cfg,
+            det: cfg.detector(),
+            policy,
+            dp,
+            nodes: Vec::with_capacity(cfg.nodes as usize),
+            heap: BinaryHeap::new(),
+            payloads: Payloads::default(),
+            order: 0,
+            end,
+            sent: 0,
+            lost: 0,
+            crashes: 0,
+            missed: 0,
+            detections: Vec::new(),
+            false_suspicions: 0,
+            trajectory: Vec::new(),
+            by_kind: vec![Tally::default(); cfg.scenario.profiles.len()],
+            initial_ms: initial,
+            clock: Clock {
+                t: T0,
+                next_sample: T0,
+                ..Clock::default()
+            },
         };
-        sim.dp.upsert_node(id, &NodeKeys::single(i, 0, key))?;
-        if let Policy::Fixed(ms) = sim.policy {
-            sim.dp.set_requested_interval(i, *ms);
-        }
-        // The schedule (paths, episodes, crashes) comes from its own
-        // stream, so every policy faces the same run on a seed.
-        let mut srng = ChaCha8Rng::seed_from_u64(sub_seed(cfg.seed, 3, id));
-        let p = &profile;
-        let (lo, hi) = p.base_delay_ms;
-        let base = lo + (hi - lo) * srng.random::<f64>();
-        let c = p.congestion;
-        let congestion = Spans::poisson(
-            &mut srng,
-            c.per_hour,
-            |r| exp(r, c.mean_duration_s),
-            T0,
-            end,
-        );
-        let sm = p.spike_mean_s;
-        let spikes = Spans::poisson(&mut srng, p.spikes_per_hour, |r| exp(r, sm), T0, end);
-        let (plo, phi) = p.pause_s;
-        let pauses = Spans::poisson(
-            &mut srng,
-            p.pauses_per_hour,
-            |r| plo + (phi - plo) * r.random::<f64>(),
-            T0,
-            end,
-        );
-        let base_load = p.load.0 + ((p.load.1 - p.load.0) as f64 * srng.random::<f64>()) as u16;
-        // Crashes: Poisson, none in the first two minutes, each followed
-        // by the downtime.
-        let mut t = T0 + 120 * S;
-        let down = (cfg.scenario.downtime_s * S as f64) as u64;
-        loop {
-            if cfg.scenario.crashes_per_node_hour <= 0.0 {
-                break;
+        for i in 0..cfg.nodes {
+            let id = i + 1;
+            let kind = i as usize % cfg.scenario.profiles.len();
+            let profile = cfg.scenario.profiles[kind].clone();
+            let key = NodeKey {
+                k0: sub_seed(cfg.seed, 1, id),
+                k1: sub_seed(cfg.seed, 2, id),
+            };
+            sim.dp.upsert_node(id, &NodeKeys::single(i, 0, key))?;
+            if let Policy::Fixed(ms) = sim.policy {
+                sim.dp.set_requested_interval(i, *ms);
             }
-            t += (exp(&mut srng, 3600.0 / cfg.scenario.crashes_per_node_hour) * S as f64) as u64;
-            if t >= end {
-                break;
+            // The schedule (paths, episodes, crashes) comes from its own
+            // stream, so every policy faces the same run on a seed.
+            let mut srng = ChaCha8Rng::seed_from_u64(sub_seed(cfg.seed, 3, id));
+            let p = &profile;
+            let (lo, hi) = p.base_delay_ms;
+            let base = lo + (hi - lo) * srng.random::<f64>();
+            let c = p.congestion;
+            let congestion = Spans::poisson(
+                &mut srng,
+                c.per_hour,
+                |r| exp(r, c.mean_duration_s),
+                T0,
+                end,
+            );
+            let sm = p.spike_mean_s;
+            let spikes = Spans::poisson(&mut srng, p.spikes_per_hour, |r| exp(r, sm), T0, end);
+            let (plo, phi) = p.pause_s;
+            let pauses = Spans::poisson(
+                &mut srng,
+                p.pauses_per_hour,
+                |r| plo + (phi - plo) * r.random::<f64>(),
+                T0,
+                end,
+            );
+            let base_load = p.load.0 + ((p.load.1 - p.load.0) as f64 * srng.random::<f64>()) as u16;
+            // Crashes: Poisson, none in the first two minutes, each followed
+            // by the downtime.
+            let mut t = T0 + 120 * S;
+            let down = (cfg.scenario.downtime_s * S as f64) as u64;
+            loop {
+                if cfg.scenario.crashes_per_node_hour <= 0.0 {
+                    break;
+                }
+                t +=
+                    (exp(&mut srng, 3600.0 / cfg.scenario.crashes_per_node_hour) * S as f64) as u64;
+                if t >= end {
+                    break;
+                }
+                sim.push(t, Event::Crash { node: i });
+                t += down;
+                if t < end {
+                    sim.push(t, Event::Restart { node: i });
+                }
             }
-            sim.push(t, Event::Crash { node: i });
-            t += down;
-            if t < end {
-                sim.push(t, Event::Restart { node: i });
-            }
-        }
-        // Senders start spread over their first interval.
-        let start = T0 + (srng.random::<f64>() * initial as f64 * MS as f64) as u64;
-        sim.nodes.push(Node {
-            id,
-            kind,
-            key,
-            rng: ChaCha8Rng::seed_from_u64(sub_seed(cfg.seed, 4, id)),
-            up: Path {
+            // Senders start spread over their first interval.
+            let start = T0 + (srng.random::<f64>() * initial as f64 * MS as f64) as u64;
+            // Each direction's loss bursts come from a stream of their
+            // own: the same periods whatever the path carries.
+            let path = |purpose| Path {
                 base_ms: base,
-                bad: false,
-            },
-            down: Path {
-                base_ms: base,
-                bad: false,
-            },
-            congestion,
-            spikes,
-            pauses,
-            base_load,
-            profile,
-            alive: true,
-            epoch: 0,
-            generation: 1_700_000_000,
-            seq: 0,
-            interval_ms: initial,
-            pending_ms: None,
-            srtt_us: None,
-            crashed_at: None,
-            down_ns: 0,
-            detected: false,
-            track: Track::default(),
-            refuted: 0,
-        });
-        sim.push(start, Event::Send { node: i, epoch: 0 });
+                loss: LossChain::new(p.loss, sub_seed(cfg.seed, purpose, id), T0),
+            };
+            let (up, down) = (path(5), path(6));
+            sim.nodes.push(Node {
+                id,
+                kind,
+                key,
+                rng: ChaCha8Rng::seed_from_u64(sub_seed(cfg.seed, 4, id)),
+                up,
+                down,
+                congestion,
+                spikes,
+                pauses,
+                base_load,
+                profile,
+                alive: true,
+                sender: new_sender(cfg, id, key, 1_700_000_000, initial),
+                due: start,
+                timer: 0,
+                saved_ms: None,
+                in_flight_until: 0,
+                outage: None,
+                down_ns: 0,
+                track: Track::default(),
+                refuted: 0,
+            });
+            sim.push(start, Event::Send { node: i, timer: 0 });
+        }
+        if let Policy::QLearn(c) = sim.policy {
+            c.reset_nodes();
+        }
+        Ok(sim)
     }
-    if let Policy::QLearn(c) = sim.policy {
-        c.reset_nodes();
-    }
-    sim.run()
 }
 
 impl Sim<'_, '_> {
@@ -679,44 +866,55 @@ impl Sim<'_, '_> {
         self.heap.push(Reverse((t, self.order, e)));
     }
 
-    fn run(mut self) -> anyhow::Result<SimReport> {
+    /// Runs the events and the monitor's ticks up to `until` (at most the
+    /// end of the run).
+    pub(super) fn run_until(&mut self, until: u64) {
+        let until = until.min(self.end);
         let tick = self.cfg.tick_ms * MS;
         let period_ticks = (self.cfg.decision_period_ms / self.cfg.tick_ms).max(1);
         let sample_every = ((self.cfg.sample_every_s * S as f64) as u64).max(tick);
-        let mut next_sample = T0;
-        let mut interval_area = 0.0;
-        let mut samples = 0u64;
-        let mut t = T0;
-        let mut tick_no = 0u64;
         // Once a second: how long the senders that are up spend at each
         // interval.
         let second_ticks = (1000 / self.cfg.tick_ms).max(1);
-        let mut at_interval: std::collections::BTreeMap<u32, u64> = Default::default();
-        while t <= self.end {
+        while self.clock.t <= until {
+            let t = self.clock.t;
             while let Some((et, e)) = self.pop_until(t) {
                 self.handle(et, e);
             }
+            let tick_no = self.clock.tick_no;
             self.tick(t, tick_no % period_ticks, period_ticks);
             if tick_no.is_multiple_of(second_ticks) {
                 for n in self.nodes.iter().filter(|n| n.alive) {
-                    *at_interval.entry(n.interval_ms).or_default() += 1;
+                    *self
+                        .clock
+                        .at_interval
+                        .entry(n.sender.interval_ms())
+                        .or_default() += 1;
                 }
             }
-            if t >= next_sample {
+            if t >= self.clock.next_sample {
                 let p = self.sample(t);
-                interval_area += p.mean_ms;
-                samples += 1;
+                self.clock.interval_area += p.mean_ms;
+                self.clock.samples += 1;
                 self.trajectory.push(p);
-                next_sample += sample_every;
+                self.clock.next_sample += sample_every;
             }
-            t += tick;
-            tick_no += 1;
+            self.clock.t += tick;
+            self.clock.tick_no += 1;
         }
-        // What happens between the last tick and the end is the run's too
-        // (its first tick is the next one, past the end).
-        while let Some((et, e)) = self.pop_until(self.end) {
+        // What happens between the last tick and `until` (at the end, the
+        // run's too: its first tick is the next one, past the end).
+        while let Some((et, e)) = self.pop_until(until) {
             self.handle(et, e);
         }
+    }
+
+    /// The report, once the run has reached its end ([`Sim::run_until`]).
+    pub(super) fn finish(mut self) -> anyhow::Result<SimReport> {
+        let tick = self.cfg.tick_ms * MS;
+        let t = self.clock.t;
+        let (interval_area, samples) = (self.clock.interval_area, self.clock.samples);
+        let at_interval = std::mem::take(&mut self.clock.at_interval);
         let duration_s = self.cfg.duration_s;
         let nodes = self.cfg.nodes;
         let acks = self.dp.counters()?[hb_common::maps::counter::ACK_SENT as usize];
@@ -747,16 +945,18 @@ impl Sim<'_, '_> {
             .iter()
             .zip(std::mem::take(&mut self.by_kind))
             .enumerate()
-            .map(|(k, (p, (sent, det, fs)))| {
+            .map(|(k, (p, tally))| {
                 let n = self.nodes.iter().filter(|n| n.kind == k).count() as u32;
                 let node_s = (n.max(1) as f64) * duration_s;
                 let alive_node_hours = node_hours(alive_ns[k]);
+                let fs = tally.false_suspicions;
                 ProfileReport {
                     profile: p.name.to_string(),
                     nodes: n,
-                    heartbeats_per_node_s: sent as f64 / node_s,
-                    detection_ms: Summary::of(det.clone()),
-                    detections_ms: det,
+                    heartbeats_per_node_s: tally.sent as f64 / node_s,
+                    detection_ms: Summary::of(tally.detections.clone()),
+                    detections_ms: tally.detections,
+                    missed: tally.missed,
                     false_suspicions: fs,
                     false_suspicions_per_node_hour: per_hour(fs, alive_node_hours),
                     alive_node_hours,
@@ -807,13 +1007,36 @@ impl Sim<'_, '_> {
         }
     }
 
+    /// Ends node slot `node`'s outage, if any: its crash is detected at
+    /// the suspicion that stands, or missed.
+    fn settle(&mut self, node: u32) {
+        let n = &mut self.nodes[node as usize];
+        let Some(o) = n.outage.take() else {
+            return;
+        };
+        let tally = &mut self.by_kind[n.kind];
+        match o.detection_ms() {
+            Some(ms) => {
+                self.detections.push(ms);
+                tally.detections.push(ms);
+            }
+            None => {
+                self.missed += 1;
+                tally.missed += 1;
+            }
+        }
+    }
+
     /// After the end (`t` is the first tick past it): the crashes still
-    /// undetected are followed until each is detected or its node would
-    /// have restarted, the window a longer run would have given it, and
-    /// at most [`FOLLOW_CAP`] past the end; one not detected by then is
-    /// missed. Censoring them instead would drop the slowest detections
-    /// (a crash near the end is detected only if it is detected fast) and
-    /// bias the percentiles low. Only the crashed nodes are simulated: the
+    /// running are followed until the suspicion of each stands or its
+    /// node would have restarted, the window a longer run would have
+    /// given it, and at most [`FOLLOW_CAP`] past the end; one not
+    /// suspected by then is missed. A suspicion stands once every
+    /// heartbeat the node sent before it crashed has arrived (or been
+    /// lost): only a fresh heartbeat ends one ([`state::step`]). Censoring
+    /// them instead would drop the slowest detections (a crash near the
+    /// end is detected only if it is detected fast) and bias the
+    /// percentiles low. Only the crashed nodes are simulated: the
     /// heartbeats they sent before crashing still arrive and the tick
     /// still judges them; nothing else happens or is counted (no sends,
     /// no controller, no false suspicions).
@@ -822,8 +1045,7 @@ impl Sim<'_, '_> {
         let cap = self.end.saturating_add(FOLLOW_CAP);
         let det = self.det;
         let mut pending: Vec<u32> = (0..self.cfg.nodes)
-            .filter(|&i| self.nodes[i as usize].crashed_at.is_some())
-            .filter(|&i| !self.nodes[i as usize].detected)
+            .filter(|&i| self.nodes[i as usize].outage.is_some())
             .collect();
         while !pending.is_empty() {
             while let Some((et, e)) = self.pop_until(t) {
@@ -837,9 +1059,9 @@ impl Sim<'_, '_> {
             let mut judged = Vec::with_capacity(pending.len());
             for &node in &pending {
                 let n = &self.nodes[node as usize];
-                let c = n.crashed_at.unwrap_or(t);
+                let c = n.outage.map_or(t, |o| o.crashed_at);
                 if c.saturating_add(down) <= t || t > cap {
-                    // The node would have restarted undetected.
+                    // The node would have restarted.
                     judged.push((node, None));
                     continue;
                 }
@@ -851,17 +1073,16 @@ impl Sim<'_, '_> {
             pending.clear();
             for (node, st) in judged {
                 let n = &mut self.nodes[node as usize];
-                let Some(st) = st else {
-                    self.missed += 1;
-                    continue;
-                };
-                match n.judge(&det, &st, t).detection_ms {
-                    Some(ms) => {
-                        self.detections.push(ms);
-                        self.by_kind[n.kind].1.push(ms);
+                if let Some(st) = st {
+                    n.judge(&det, &st, t);
+                    let stands = t >= n.in_flight_until
+                        && n.outage.is_some_and(|o| o.suspected_at.is_some());
+                    if !stands {
+                        pending.push(node);
+                        continue;
                     }
-                    None => pending.push(node),
                 }
+                self.settle(node);
             }
             t += tick;
         }
@@ -869,7 +1090,7 @@ impl Sim<'_, '_> {
 
     fn handle(&mut self, t: u64, e: Event) {
         match e {
-            Event::Send { node, epoch } => self.send(t, node, epoch),
+            Event::Send { node, timer } => self.send(t, node, timer),
             Event::Arrive { node, payload } => {
                 let payload = self.payloads.take(payload);
                 let v = self.dp.gate(&payload, source(node), t);
@@ -881,104 +1102,112 @@ impl Sim<'_, '_> {
                 }
             }
             Event::Ack { node, payload } => {
+                let n = &self.nodes[node as usize];
+                if n.alive
+                    && let Some((_, resume)) = n.pauses.at(t)
+                {
+                    // The sender is stalled: the ACK waits in its socket
+                    // buffer until it runs again.
+                    self.push(resume, Event::Ack { node, payload });
+                    return;
+                }
                 let payload = self.payloads.take(payload);
                 self.ack(t, node, &payload)
             }
             Event::Crash { node } => {
                 let n = &mut self.nodes[node as usize];
                 n.alive = false;
-                n.epoch += 1;
-                n.crashed_at = Some(t);
-                n.detected = false;
+                n.timer += 1;
+                n.outage = Some(Outage {
+                    crashed_at: t,
+                    suspected_at: None,
+                });
                 self.crashes += 1;
             }
             Event::Restart { node } => {
                 let n = &mut self.nodes[node as usize];
-                if !n.detected {
-                    self.missed += 1;
-                }
+                n.down_ns += n.outage.map_or(0, |o| t - o.crashed_at);
+                self.settle(node);
+                let n = &mut self.nodes[node as usize];
                 n.alive = true;
-                n.down_ns += n.crashed_at.map_or(0, |c| t - c);
-                n.crashed_at = None;
-                n.generation += 1;
-                n.seq = 0;
-                // `hb send --state-dir` resumes at the interval a monitor
-                // last asked for (`send::resume`); under a fixed interval
-                // that is the fixed interval.
-                n.interval_ms = n.pending_ms.take().unwrap_or(n.interval_ms);
-                n.srtt_us = None;
-                let epoch = n.epoch;
-                self.push(t, Event::Send { node, epoch });
+                // A new process: a new generation, and with `--state-dir`
+                // the interval a monitor last asked for
+                // (`send::resume`); under a fixed interval, that one.
+                let generation = n.sender.config().generation + 1;
+                let iv = resume::start_interval(
+                    self.initial_ms,
+                    n.saved_ms,
+                    self.cfg.sender_min_ms,
+                    self.cfg.sender_max_ms,
+                );
+                n.sender = new_sender(self.cfg, n.id, n.key, generation, iv);
+                // Its first heartbeat goes out at once.
+                n.due = t;
+                n.timer += 1;
+                let timer = n.timer;
+                self.push(t, Event::Send { node, timer });
             }
         }
     }
 
-    fn send(&mut self, t: u64, node: u32, epoch: u32) {
+    /// A wakeup of the sender's timer at `t` (when it meant to wake at
+    /// `due`, plus the timer's slack): one heartbeat, and the next
+    /// scheduled as `hb send`'s loop schedules it.
+    fn send(&mut self, t: u64, node: u32, timer: u32) {
         let n = &mut self.nodes[node as usize];
-        if !n.alive || n.epoch != epoch {
+        if !n.alive || n.timer != timer {
             return;
         }
         if let Some((_, resume)) = n.pauses.at(t) {
-            // A stalled sender sends nothing and catches up at once.
-            self.push(resume, Event::Send { node, epoch });
+            // A stalled sender runs nothing; its overdue timer fires when
+            // the stall ends.
+            self.push(resume, Event::Send { node, timer });
             return;
         }
-        // An adopted interval applies from this heartbeat on, which
-        // announces it, so the gate re-seeds before the new gap starts.
-        if let Some(ms) = n.pending_ms.take() {
-            n.interval_ms = ms;
-        }
-        n.seq += 1;
-        let d = Datagram {
-            kind: Kind::Heartbeat,
-            node_id: n.id,
-            generation: n.generation,
-            key_epoch: 0,
-            flags: 0,
-            load: n.load(t),
-            seq: n.seq,
-            sent_ns: t,
-            interval_ms: n.interval_ms,
-            rtt_us: n.srtt_us.map_or(0, |r| r.max(1.0) as u32),
-        };
-        let payload = d.seal(&n.key);
-        // Timer slack: a sender wakes up to 0.5 ms late.
-        let next = t + n.interval_ms as u64 * MS + n.rng.random_range(0..MS / 2);
+        n.sender.woke_late(t.saturating_sub(n.due), t);
+        let load = n.load(t);
+        let payload = n.sender.heartbeat(t, load, false)[0].1;
+        n.due = next_due(n.due, n.sender.interval_ms() as u64 * MS, t);
+        let wake = n.due + slack(&mut n.rng);
         let transit = n.transit(true, t);
         self.sent += 1;
-        self.by_kind[n.kind].0 += 1;
+        self.by_kind[n.kind].sent += 1;
         match transit {
             Some(delay) => {
+                n.in_flight_until = n.in_flight_until.max(t + delay);
                 let payload = self.payloads.put(payload);
                 self.push(t + delay, Event::Arrive { node, payload })
             }
             None => self.lost += 1,
         }
-        self.push(next, Event::Send { node, epoch });
+        self.push(wake, Event::Send { node, timer });
     }
 
-    /// The sender's side of an ACK (as `hb send` does it): verify, match a
-    /// recent heartbeat, update the RTT, adopt the interval within bounds.
+    /// An ACK read by the sender at `t`: `hb send`'s own judgement of it
+    /// ([`Sender::on_ack`]: genuine, recent, not replayed, not older than
+    /// the request it adopted last), and its loop's answer to a changed
+    /// interval (`send/mod.rs`, `interval_changed`): the next heartbeat at
+    /// most one new interval from now, and the interval stored for a
+    /// restart.
     fn ack(&mut self, t: u64, node: u32, payload: &[u8; proto::LEN]) {
-        let (min, max) = (self.cfg.sender_min_ms, self.cfg.sender_max_ms);
         let n = &mut self.nodes[node as usize];
-        if !n.alive || !proto::verify(&n.key, payload) {
+        if !n.alive {
             return;
         }
-        let Ok(a) = proto::parse(payload, Kind::Ack) else {
+        n.sender.woke_late(t.saturating_sub(n.due), t);
+        let Ok(a) = n.sender.on_ack(payload, MONITOR, t) else {
             return;
         };
-        if a.generation != n.generation || a.seq > n.seq || a.seq + 64 <= n.seq {
+        let Some((_, new)) = a.interval_change else {
             return;
-        }
-        let sample = t.saturating_sub(a.sent_ns) as f64 / 1e3;
-        n.srtt_us = Some(match n.srtt_us {
-            None => sample,
-            Some(s) => s + (sample - s) / 8.0,
-        });
-        let want = a.interval_ms.clamp(min, max);
-        if want != n.interval_ms {
-            n.pending_ms = Some(want);
+        };
+        n.saved_ms = Some(new);
+        let due = t + new as u64 * MS;
+        if due < n.due {
+            n.due = due;
+            n.timer += 1;
+            let (wake, timer) = (due + slack(&mut n.rng), n.timer);
+            self.push(wake, Event::Send { node, timer });
         }
     }
 
@@ -991,25 +1220,19 @@ impl Sim<'_, '_> {
         let qlearn = matches!(self.policy, Policy::QLearn(_));
         let nodes = &mut self.nodes;
         let by_kind = &mut self.by_kind;
-        let (mut fs, mut detections) = (0u64, Vec::new());
+        let mut fs = 0u64;
         self.dp
             .read_states(0..self.cfg.nodes, &mut |slot, st: &NodeState| {
                 let n = &mut nodes[slot as usize];
-                let j = n.judge(&det, st, t);
-                if j.false_suspicion {
+                if n.judge(&det, st, t) {
                     fs += 1;
-                    by_kind[n.kind].2 += 1;
-                }
-                if let Some(ms) = j.detection_ms {
-                    detections.push(ms);
-                    by_kind[n.kind].1.push(ms);
+                    by_kind[n.kind].false_suspicions += 1;
                 }
                 if qlearn && slot as u64 % period_ticks == phase {
                     decide.push((n.id, *st, std::mem::take(&mut n.refuted)));
                 }
             });
         self.false_suspicions += fs;
-        self.detections.extend(detections);
         if let Policy::QLearn(c) = self.policy {
             for (id, st, refuted) in decide {
                 let d = c.observe(id, &st, refuted);
@@ -1025,7 +1248,7 @@ impl Sim<'_, '_> {
             .nodes
             .iter()
             .filter(|n| n.alive)
-            .map(|n| n.interval_ms)
+            .map(|n| n.sender.interval_ms())
             .collect();
         v.sort_unstable();
         let mean = if v.is_empty() {
@@ -1039,7 +1262,111 @@ impl Sim<'_, '_> {
             min_ms: v.first().copied().unwrap_or(0),
             p50_ms: v.get(v.len() / 2).copied().unwrap_or(0),
             max_ms: v.last().copied().unwrap_or(0),
-            node1_ms: self.nodes[0].interval_ms,
+            node1_ms: self.nodes[0].sender.interval_ms(),
         }
     }
+}
+
+/// What the tests drive a run with, event by event.
+#[cfg(test)]
+impl Sim<'_, '_> {
+    /// Runs up to the next event's time and returns it (`None` past the
+    /// end of the run).
+    pub(super) fn step(&mut self) -> Option<u64> {
+        let Reverse((t, _, _)) = *self.heap.peek()?;
+        if t > self.end {
+            return None;
+        }
+        self.run_until(t);
+        Some(t)
+    }
+
+    /// Heartbeats sent so far.
+    pub(super) fn sent(&self) -> u64 {
+        self.sent
+    }
+
+    pub(super) fn gate_config(&self) -> GateConfig {
+        self.dp.config()
+    }
+
+    /// The monitor asks node slot `node` for `ms`.
+    pub(super) fn request(&mut self, node: u32, ms: u32) {
+        self.dp.set_requested_interval(node, ms);
+    }
+
+    /// The interval node slot `node`'s sender has taken from the
+    /// monitor's ACKs.
+    pub(super) fn adopted_ms(&self, node: u32) -> u32 {
+        self.nodes[node as usize].sender.interval_ms()
+    }
+
+    /// Crashes node slot `node` at `at`; it restarts after the scenario's
+    /// downtime.
+    pub(super) fn crash(&mut self, node: u32, at: u64) {
+        let down = (self.cfg.scenario.downtime_s * S as f64) as u64;
+        self.push(at, Event::Crash { node });
+        self.push(at + down, Event::Restart { node });
+    }
+
+    /// The stalls of node slot `node` (`[start, end)`, ns).
+    pub(super) fn stalls(&self, node: u32) -> Vec<(u64, u64)> {
+        self.nodes[node as usize].pauses.0.clone()
+    }
+
+    /// How many ACKs are on their way to node slot `node`.
+    pub(super) fn acks_in_flight(&self, node: u32) -> usize {
+        let to = |e: &Event| matches!(e, Event::Ack { node: n, .. } if *n == node);
+        self.heap.iter().filter(|Reverse((_, _, e))| to(e)).count()
+    }
+
+    /// Makes the ACKs on their way to node slot `node` arrive at `at`.
+    pub(super) fn hold_acks_until(&mut self, node: u32, at: u64) {
+        let mut v = std::mem::take(&mut self.heap).into_vec();
+        for Reverse((t, _, e)) in &mut v {
+            if matches!(e, Event::Ack { node: n, .. } if *n == node) {
+                *t = at;
+            }
+        }
+        self.heap = v.into();
+    }
+
+    /// Holds up node slot `node`'s heartbeats in flight by `by` ns.
+    pub(super) fn delay_in_flight(&mut self, node: u32, by: u64) {
+        let mut v = std::mem::take(&mut self.heap).into_vec();
+        for Reverse((t, _, e)) in &mut v {
+            if matches!(e, Event::Arrive { node: n, .. } if *n == node) {
+                *t += by;
+            }
+        }
+        self.heap = v.into();
+        self.nodes[node as usize].in_flight_until += by;
+    }
+}
+
+/// The start of every run, ns (simulated time).
+#[cfg(test)]
+pub(super) const START: u64 = T0;
+
+/// Node slot `node`'s upward path as a run on `cfg` draws it, sampled at
+/// `times` (ns after the start, increasing): at each, whether the path is
+/// in its Bad state and whether the packet is lost.
+#[cfg(test)]
+pub(super) fn sample_path(
+    cfg: &SimConfig,
+    node: u32,
+    times: impl IntoIterator<Item = u64>,
+) -> Vec<(bool, bool)> {
+    let mut c = cfg.clone();
+    c.nodes = node + 1;
+    let mut policy = Policy::Fixed(1000);
+    let mut sim = Sim::new(&c, &mut policy).unwrap();
+    let n = &mut sim.nodes[node as usize];
+    times
+        .into_iter()
+        .map(|t| {
+            let lost = n.transit(true, T0 + t).is_none();
+            (n.up.loss.bad, lost)
+        })
+        .collect()
 }

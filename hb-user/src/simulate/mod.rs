@@ -2,10 +2,13 @@
 //! fleet of senders, a network and the monitor's detector and controller,
 //! to see what a controller does before it runs on real nodes.
 //!
-//! The same seed gives the same run, byte for byte; every policy compared
-//! on a seed faces the same paths, crash times, stalls and load spikes.
-//! The code under test is the production code (see [`engine`]): the gate,
-//! the detector, the state machine and the controller are the monitor's.
+//! The same seed gives the same run, byte for byte (stdout; the wall time
+//! goes to stderr); every policy compared on a seed faces the same paths,
+//! loss bursts, congestion, crash times, stalls and load spikes, all of
+//! them functions of time, not of how often a node sends. The code under
+//! test is the production code (see [`engine`]): the sender is `hb
+//! send`'s, the gate, the detector, the state machine and the controller
+//! are the monitor's.
 //!
 //! `qlearn` runs first train (by default for two simulated hours, on a
 //! different seed of the same scenario, exploring), then the reported run
@@ -19,7 +22,7 @@
 pub mod engine;
 pub mod scenario;
 
-use std::{fmt::Write as _, path::PathBuf, time::Duration};
+use std::{fmt::Write as _, io::Write as _, path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
 
@@ -188,12 +191,27 @@ pub fn run_qlearn(
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let text = output(&a)?;
+    crate::output::stdout(&text)?;
+    // On stderr: stdout is the same for the same seed, byte for byte.
+    if !a.list {
+        let _ = writeln!(
+            std::io::stderr(),
+            "(simulated in {:.1} s)",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// What `hb simulate` prints on stdout: a pure function of the arguments.
+fn output(a: &Args) -> anyhow::Result<String> {
     if a.list {
-        let list: String = Scenario::all()
+        return Ok(Scenario::all()
             .iter()
             .map(|s| format!("{:<12} {}\n", s.name, s.about))
-            .collect();
-        return crate::output::stdout(&list);
+            .collect());
     }
     let scenario = Scenario::named(&a.scenario).with_context(|| {
         format!(
@@ -207,7 +225,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     cfg.thresholds = thresholds(a.threshold)?;
     cfg.tick_ms = a.tick_ms;
     cfg.decision_period_ms = a.decision_period.as_millis() as u64;
-    let started = std::time::Instant::now();
     let (train, report, ctrl) = match choice {
         ControllerChoice::Fixed(ms) => (None, run_policy(&cfg, &mut Policy::Fixed(ms))?, None),
         ControllerChoice::QLearn => {
@@ -243,7 +260,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "training": train,
             "scenario": cfg.scenario,
             "controller_config": ctrl.as_ref().map(|c| c.config().clone()),
-            "wall_ms": started.elapsed().as_millis() as u64,
         });
         text = serde_json::to_string_pretty(&doc)?;
         text.push('\n');
@@ -254,13 +270,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             text.push('\n');
         }
         text.push_str(&render(&report, true));
-        let _ = writeln!(
-            text,
-            "(simulated in {:.1} s)",
-            started.elapsed().as_secs_f64()
-        );
     }
-    crate::output::stdout(&text)
+    Ok(text)
 }
 
 /// The report as text; the trajectory summarised.

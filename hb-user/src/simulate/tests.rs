@@ -3,8 +3,14 @@
 //! controller learning through real ACKs. Small fleets and short runs keep
 //! them fast in debug builds.
 
-use super::{engine::monitor_step, *};
+use super::{
+    engine::{START, Sim, monitor_step, sample_path},
+    *,
+};
 use crate::controller::Config;
+
+const MS: u64 = 1_000_000;
+const S: u64 = 1_000_000_000;
 
 fn cfg(scenario: &str, nodes: u32, minutes: f64, seed: u64) -> SimConfig {
     SimConfig::new(
@@ -272,4 +278,210 @@ fn false_suspicions_are_counted_per_hour_of_up_time() {
         p.false_suspicions_per_node_hour,
         r.false_suspicions_per_node_hour
     );
+}
+
+/// Over the first `paths` nodes' upward paths, each sampled `samples`
+/// times `period_ms` apart: the loss rate and the share of losses right
+/// after a loss.
+fn loss_after_loss(c: &SimConfig, paths: u32, period_ms: u64, samples: u64) -> (f64, f64) {
+    let (mut n, mut lost, mut after_lost, mut both) = (0u64, 0u64, 0u64, 0u64);
+    for node in 0..paths {
+        let v = sample_path(c, node, (0..samples).map(|i| i * period_ms * MS));
+        for w in v.windows(2) {
+            n += 1;
+            lost += w[1].1 as u64;
+            if w[0].1 {
+                after_lost += 1;
+                both += w[1].1 as u64;
+            }
+        }
+    }
+    (
+        lost as f64 / n as f64,
+        both as f64 / after_lost.max(1) as f64,
+    )
+}
+
+#[test]
+fn loss_bursts_last_a_time_not_a_number_of_packets() {
+    // About 2% of packets lost in bursts of about 0.4 s: a path sampled
+    // every 100 ms loses several heartbeats in a row, one sampled every
+    // 10 s hardly ever two (a packet-stepped chain gave both the same
+    // ~0.68, and bursts of 40 s at 10 s).
+    let c = cfg("bursty-loss", 40, 60.0, 1);
+    let (rate, after) = loss_after_loss(&c, 40, 100, 20_000);
+    assert!((0.012..0.024).contains(&rate), "{rate}");
+    assert!((0.6..0.8).contains(&after), "bursty at 100 ms: {after}");
+    let (rate, after) = loss_after_loss(&c, 40, 10_000, 20_000);
+    assert!((0.012..0.024).contains(&rate), "{rate}");
+    assert!(
+        (after - rate).abs() < 0.01,
+        "at 10 s a loss says nothing of the next: {after} against {rate}"
+    );
+}
+
+#[test]
+fn every_policy_sees_the_same_loss_bursts_in_time() {
+    // One path, sampled as a 100 ms and a 1 s sender would send: in its
+    // Bad state at the same instants.
+    let c = cfg("bursty-loss", 4, 60.0, 7);
+    for node in 0..4 {
+        let fast = sample_path(&c, node, (0..36_000).map(|i| i * 100 * MS));
+        let slow = sample_path(&c, node, (0..3_600).map(|i| i * 1000 * MS));
+        for (i, s) in slow.iter().enumerate() {
+            assert_eq!(fast[i * 10].0, s.0, "node {node} at {i} s");
+        }
+        let bad = slow.iter().filter(|s| s.0).count();
+        assert!((10..300).contains(&bad), "node {node}: {bad}");
+    }
+}
+
+#[test]
+fn a_sender_takes_a_new_request_at_once_as_hb_send_does() {
+    // One LAN node under a fixed 5 s; after its third heartbeat the
+    // monitor asks for 1 s. `hb send` reschedules on the ACK that changes
+    // its interval (`next = min(next, now + new)`), so the next heartbeat
+    // leaves within 1 s of that ACK, not 5 s after the last one.
+    let mut c = cfg("lan", 1, 10.0, 1);
+    c.scenario.crashes_per_node_hour = 0.0;
+    let mut policy = Policy::Fixed(5000);
+    let mut sim = Sim::new(&c, &mut policy).unwrap();
+    let mut h = 0;
+    while sim.sent() < 3 {
+        h = sim.step().unwrap();
+    }
+    sim.request(0, 1000);
+    let ack = loop {
+        let t = sim.step().unwrap();
+        if sim.adopted_ms(0) == 1000 {
+            break t;
+        }
+    };
+    assert!(
+        ack < h + 5 * MS,
+        "the ACK of heartbeat 3 comes back at once"
+    );
+    let next = loop {
+        let t = sim.step().unwrap();
+        if sim.sent() > 3 {
+            break t;
+        }
+    };
+    assert!(
+        next <= ack + 1000 * MS + MS / 2,
+        "heartbeat 4 {} ms after the ACK",
+        (next - ack) / MS
+    );
+}
+
+#[test]
+fn a_stalled_sender_reads_the_acks_that_reached_it_when_the_stall_ends() {
+    // A stopped process finds the ACKs that came meanwhile in its socket
+    // buffer when it runs again: the interval one asks for is taken then,
+    // not while the sender is stalled.
+    let mut c = cfg("pauses", 1, 60.0, 3);
+    c.scenario.crashes_per_node_hour = 0.0;
+    let mut policy = Policy::Fixed(1000);
+    let mut sim = Sim::new(&c, &mut policy).unwrap();
+    let (from, until) = sim
+        .stalls(0)
+        .into_iter()
+        .find(|s| s.0 > START + 10 * S)
+        .unwrap();
+    // The last heartbeat before the stall; its ACK, asking for 500 ms,
+    // reaches the sender 10 ms into the stall.
+    sim.run_until(from - 1100 * MS);
+    loop {
+        let sent = sim.sent();
+        let mut h = 0;
+        while sim.sent() == sent {
+            h = sim.step().unwrap();
+        }
+        if h + 1000 * MS > from {
+            break;
+        }
+    }
+    sim.request(0, 500);
+    while sim.acks_in_flight(0) == 0 {
+        sim.step().unwrap();
+    }
+    sim.hold_acks_until(0, from + 10 * MS);
+    sim.run_until(until - MS);
+    assert_eq!(sim.adopted_ms(0), 1000, "stalled until {until}");
+    sim.run_until(until + MS);
+    assert_eq!(sim.adopted_ms(0), 500);
+}
+
+#[test]
+fn each_policy_gets_the_monitor_s_ack_configuration() {
+    // `hb monitor --fixed-interval-ms` ACKs only to carry a changed
+    // request; `--controller qlearn` every 10th heartbeat too, for RTT
+    // samples (monitor/config.rs).
+    let c = cfg("lan", 1, 1.0, 1);
+    let g = Sim::new(&c, &mut Policy::Fixed(5000))
+        .unwrap()
+        .gate_config();
+    assert_eq!((g.ack_every, g.ack_on_change), (0, 1));
+    let mut ctrl = QController::new(Config::default()).unwrap();
+    let g = Sim::new(&c, &mut Policy::QLearn(&mut ctrl))
+        .unwrap()
+        .gate_config();
+    assert_eq!((g.ack_every, g.ack_on_change), (10, 1));
+}
+
+#[test]
+fn detection_is_the_final_suspicion_after_a_crash() {
+    // A LAN node at 1 s crashes right after a heartbeat that is held up
+    // 4 s on the way. The monitor suspects it about a second later, the
+    // late heartbeat refutes that, and the suspicion that follows is the
+    // one that stands: the crash is detected then (Chen et al.'s T_D, as
+    // `hb eval` measures it), not at the refuted suspicion.
+    let mut c = cfg("lan", 1, 5.0, 1);
+    c.scenario.crashes_per_node_hour = 0.0;
+    let mut policy = Policy::Fixed(1000);
+    let mut sim = Sim::new(&c, &mut policy).unwrap();
+    sim.run_until(START + 60 * S);
+    let sent = sim.sent();
+    let mut h = 0;
+    while sim.sent() == sent {
+        h = sim.step().unwrap();
+    }
+    sim.delay_in_flight(0, 4 * S);
+    sim.crash(0, h + MS);
+    sim.run_until(u64::MAX);
+    let r = sim.finish().unwrap();
+    assert_eq!((r.crashes, r.missed, r.detection_ms.count), (1, 0, 1));
+    let d = r.detection_ms.max;
+    assert!(
+        (3_999.0..7_000.0).contains(&d),
+        "detected {d} ms after the crash"
+    );
+    assert_eq!(r.false_suspicions, 0);
+}
+
+#[test]
+fn json_report_is_the_same_byte_for_byte() {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: Args,
+    }
+    let args = || {
+        <Cli as clap::Parser>::parse_from([
+            "hb",
+            "--scenario",
+            "mixed",
+            "--nodes",
+            "6",
+            "--duration",
+            "3m",
+            "--train",
+            "3m",
+            "--json",
+        ])
+        .a
+    };
+    let a = output(&args()).unwrap();
+    assert!(!a.contains("wall"), "no wall-clock time in the report");
+    assert_eq!(a, output(&args()).unwrap());
 }
