@@ -203,7 +203,11 @@ struct Tree {
 
 /// The uncommitted changes a run's digest covers, as a shell command:
 /// tracked files against HEAD, but for the report this command rewrites.
-const DIFF_CMD: &str = "git diff HEAD -- . ':!BENCHMARKS.md'";
+/// Options pinned so that the user's git configuration (an external diff,
+/// textconv, other path prefixes) cannot change the bytes; run from the
+/// repository's root.
+const DIFF_CMD: &str = "git diff --no-ext-diff --no-textconv --no-color --src-prefix=a/ \
+                        --dst-prefix=b/ HEAD -- . ':!BENCHMARKS.md'";
 
 impl Tree {
     fn now() -> Tree {
@@ -215,8 +219,7 @@ impl Tree {
             )
             .unwrap_or_default()
         };
-        let diff = git(&["diff", "HEAD", "--", ".", ":!BENCHMARKS.md"]);
-        let diff = (!diff.is_empty()).then(|| blob_id(&diff));
+        let diff = diff_digest();
         let untracked = git(&["ls-files", "--others", "--exclude-standard"])
             .lines()
             .map(str::to_owned)
@@ -232,7 +235,9 @@ impl Tree {
     fn describe(&self) -> String {
         let mut parts = Vec::new();
         if let Some(d) = &self.diff {
-            parts.push(format!("`{DIFF_CMD} | git hash-object --stdin` = {d}"));
+            parts.push(format!(
+                "`{DIFF_CMD} | git hash-object --stdin` (from the repository's root) = {d}"
+            ));
         }
         if !self.untracked.is_empty() {
             parts.push(format!("untracked: {}", self.untracked.join(", ")));
@@ -245,32 +250,38 @@ impl Tree {
     }
 }
 
-/// The id git gives `text` as a blob (`git hash-object --stdin`), short
-/// as git shows ids; "unknown" if git cannot say.
-fn blob_id(text: &str) -> String {
-    let id = (|| -> anyhow::Result<String> {
-        let mut child = std::process::Command::new("git")
-            .args(["hash-object", "--stdin"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let mut stdin = child.stdin.take().context("no stdin pipe")?;
-        let text = text.to_owned();
-        // Written from another thread: git may answer before reading all.
-        let writer =
-            std::thread::spawn(move || std::io::Write::write_all(&mut stdin, text.as_bytes()));
-        let out = child.wait_with_output()?;
-        writer
-            .join()
-            .map_err(|_| anyhow::anyhow!("writer panicked"))??;
-        anyhow::ensure!(out.status.success(), "git hash-object: {}", out.status);
-        Ok(String::from_utf8_lossy(&out.stdout)
+/// The git blob id of [`DIFF_CMD`]'s output, short as git shows ids,
+/// computed by the very pipeline the report prints (raw bytes: a diff of
+/// a file that is not UTF-8 hashes as git hashes it); `None` for no
+/// change, "unknown" if git cannot say.
+fn diff_digest() -> Option<String> {
+    diff_digest_in(&util::root())
+}
+
+fn diff_digest_in(dir: &std::path::Path) -> Option<String> {
+    let sh = |script: String| {
+        std::process::Command::new("sh")
+            .args(["-c", &script])
+            .current_dir(dir)
+            .stderr(Stdio::null())
+            .output()
+    };
+    // `--quiet` before the pathspec, which takes every word after `--`.
+    match sh(DIFF_CMD.replacen("git diff", "git diff --quiet", 1)) {
+        Ok(o) if o.status.success() => return None,
+        Ok(o) if o.status.code() == Some(1) => {}
+        Ok(o) => return Some(format!("unknown (git diff: {})", o.status)),
+        Err(e) => return Some(format!("unknown ({e})")),
+    }
+    Some(match sh(format!("{DIFF_CMD} | git hash-object --stdin")) {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
             .trim()
             .chars()
             .take(12)
-            .collect())
-    })();
-    id.unwrap_or_else(|e| format!("unknown ({e:#})"))
+            .collect(),
+        Ok(o) => format!("unknown (git hash-object: {})", o.status),
+        Err(e) => format!("unknown ({e})"),
+    })
 }
 
 /// The first line of `cmd`'s output, or why there is none.
@@ -362,26 +373,62 @@ fn report(sections: &[(Bench, String, f64)], run: &Run) -> anyhow::Result<String
 mod tests {
     use super::*;
 
-    /// The digest of uncommitted changes is git's own blob id, which
-    /// anyone can recompute with the command the report prints.
+    /// The digest of uncommitted changes is git's own blob id of the
+    /// diff's raw bytes (a file that is not UTF-8 included), and the
+    /// report prints the command that recomputes it.
     #[test]
     fn uncommitted_changes_are_named_by_a_digest_git_recomputes() {
-        assert_eq!(blob_id("hello"), "b6fc4c620b67");
-        let clean = Tree {
-            commit: "abc".into(),
-            diff: None,
-            untracked: vec![],
+        let dir = std::env::temp_dir().join(format!("xtask-digest-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let git = |args: &[&str]| {
+            let o = std::process::Command::new("git")
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "git {args:?}: {o:?}");
+            o.stdout
         };
-        assert_eq!(clean.describe(), "");
+        git(&["init", "-q"]);
+        std::fs::write(dir.join("latin1.txt"), b"caf\xe9\n").unwrap();
+        std::fs::write(dir.join("BENCHMARKS.md"), "old\n").unwrap();
+        git(&["add", "."]);
+        git(&["commit", "-qm", "x"]);
+        assert_eq!(diff_digest_in(&dir), None, "clean");
+        std::fs::write(dir.join("BENCHMARKS.md"), "new\n").unwrap();
+        assert_eq!(diff_digest_in(&dir), None, "the report itself left out");
+        std::fs::write(dir.join("latin1.txt"), b"na\xefve\n").unwrap();
+        let raw = git(&[
+            "diff",
+            "--no-ext-diff",
+            "--no-textconv",
+            "--no-color",
+            "HEAD",
+            "--",
+            "latin1.txt",
+        ]);
+        std::fs::write(dir.join("raw.diff"), &raw).unwrap();
+        let want = String::from_utf8(git(&["hash-object", "raw.diff"])).unwrap();
+        let got = diff_digest_in(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(got, want.trim()[..12], "raw bytes hashed");
+
         let dirty = Tree {
-            diff: Some(blob_id("hello")),
+            commit: "abc".into(),
+            diff: Some(got.clone()),
             untracked: vec!["hb-user/src/new.rs".into()],
-            ..clean
         };
         assert_eq!(
             dirty.describe(),
-            " (with uncommitted changes: `git diff HEAD -- . ':!BENCHMARKS.md' | git hash-object --stdin` \
-             = b6fc4c620b67; untracked: hb-user/src/new.rs)"
+            format!(
+                " (with uncommitted changes: `{DIFF_CMD} | git hash-object --stdin` (from the \
+                 repository's root) = {got}; untracked: hb-user/src/new.rs)"
+            )
         );
+        assert!(DIFF_CMD.contains(
+            "--no-ext-diff --no-textconv --no-color --src-prefix=a/ --dst-prefix=b/ HEAD"
+        ));
     }
 }

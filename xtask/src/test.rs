@@ -4,8 +4,8 @@
 //! Namespace and BPF tests need root and leave kernel objects behind when a
 //! run is killed; this command deletes leftover `hbt-*` namespaces and
 //! `/sys/fs/bpf/hb-test-*` pins before and after the run, also when tests
-//! fail or the run is interrupted, and kills `hb` processes the tests
-//! left orphaned. Anything left after a run whose tests all passed fails
+//! fail or the run is interrupted, and kills the `hb` processes the tests
+//! left running (found by a mark in their environment). Anything left after a run whose tests all passed fails
 //! the run: a test's cleanup is broken. It parses every `test result:` line:
 //! any ignored test fails the run (CI must never pass with kernel tests
 //! silently skipped), and the last line sums all test binaries.
@@ -81,14 +81,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         crate::setup::run()?;
     }
     util::sweep_test_leftovers("before the tests");
-    let hb_before = util::hb_processes();
+    // Marks every process the tests start, to find those they leave.
+    let run = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
     // clap drops a `--` that comes first (`cargo xtask test --
     // --nocapture` gave `--nocapture` to cargo, which refused it): split
     // the command line as typed.
     let typed: Vec<String> = std::env::args().collect();
     let (cargo_args, test_args) = split_args(&typed).unwrap_or((args.args, Vec::new()));
-    let result = run_tests(&cargo_args, &test_args);
-    let leaked = util::kill_new_hb_processes(&hb_before);
+    let result = run_tests(&cargo_args, &test_args, &run);
+    let leaked = util::kill_marked_hb_processes(&run);
     if !leaked.is_empty() {
         eprintln!(
             "xtask: after the tests: killed {} hb process(es) the tests left running: {}",
@@ -193,7 +200,7 @@ fn build_hb(cargo_args: &[String]) -> anyhow::Result<()> {
     util::run(&mut cmd).context("cannot build the hb binary the tests run")
 }
 
-fn run_tests(cargo_args: &[String], test_args: &[String]) -> anyhow::Result<Totals> {
+fn run_tests(cargo_args: &[String], test_args: &[String], run: &str) -> anyhow::Result<Totals> {
     build_hb(cargo_args)?;
     let mut cmd = util::cargo();
     cmd.args(["test", "--no-fail-fast"]);
@@ -206,6 +213,7 @@ fn run_tests(cargo_args: &[String], test_args: &[String]) -> anyhow::Result<Tota
         cmd.args(["--workspace", "--exclude", "hb-ebpf"]);
     }
     cmd.args(cargo_args).arg("--").args(test_args);
+    cmd.env(util::RUN_MARK, run);
     if !test_args.iter().any(|a| a.starts_with("--test-threads")) {
         let n = std::env::var("HB_TEST_THREADS").unwrap_or_else(|_| DEFAULT_TEST_THREADS.into());
         cmd.arg(format!("--test-threads={n}"));

@@ -249,17 +249,6 @@ pub fn sweep_pins(prefix: &str) -> anyhow::Result<Vec<String>> {
     Ok(deleted)
 }
 
-/// The parent pid of `pid` (`PPid:` in /proc/PID/status).
-fn parent_of(pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("PPid:"))?
-        .trim()
-        .parse()
-        .ok()
-}
-
 /// Sweeps everything test runs create: `hbt-*` and `hbd-*` namespaces
 /// and `/sys/fs/bpf/hb-test-*` pins. `when` goes into the log line.
 /// Returns how many objects it removed (0 also when it could not look).
@@ -295,12 +284,8 @@ pub fn sweep_test_leftovers(when: &str) -> usize {
 }
 
 /// The processes running one of this workspace's `hb` binaries (under
-/// [`target_dir`]), as pids. Zombies and processes that end while being
-/// looked at are not listed.
-pub fn hb_processes() -> Vec<u32> {
-    hb_processes_of(&target_dir())
-}
-
+/// `target`), as pids. Zombies and processes that end while being looked
+/// at are not listed.
 fn hb_processes_of(target: &Path) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -317,19 +302,26 @@ fn hb_processes_of(target: &Path) -> Vec<u32> {
     pids
 }
 
-/// Kills the orphaned `hb` processes that run now but did not run when
-/// `before` was taken ([`hb_processes`]): what the tests started and left
-/// running once their test binary ended (init adopted them). A demo
-/// someone started meanwhile has a live parent and is left alone.
-/// Returns their pids and command lines.
-pub fn kill_new_hb_processes(before: &[u32]) -> Vec<String> {
-    kill_new_hb_processes_of(&target_dir(), before)
+/// The environment variable `cargo xtask test` marks its test run with:
+/// every process the tests start inherits it.
+pub const RUN_MARK: &str = "HB_XTASK_TEST_RUN";
+
+/// Kills the `hb` processes of this workspace that carry `RUN_MARK=run`
+/// in their environment: what the tests of that run started and left
+/// running once they ended (whoever adopted them: init or a subreaper
+/// such as `systemd --user`). A monitor or demo started by hand carries
+/// no mark and is left alone. Returns their pids and command lines.
+pub fn kill_marked_hb_processes(run: &str) -> Vec<String> {
+    kill_marked_hb_processes_of(&target_dir(), run)
 }
 
-fn kill_new_hb_processes_of(target: &Path, before: &[u32]) -> Vec<String> {
+fn kill_marked_hb_processes_of(target: &Path, run: &str) -> Vec<String> {
+    let mark = format!("{RUN_MARK}={run}");
     let mut killed = Vec::new();
     for pid in hb_processes_of(target) {
-        if before.contains(&pid) || parent_of(pid) != Some(1) {
+        let marked = std::fs::read(format!("/proc/{pid}/environ"))
+            .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == mark.as_bytes()));
+        if !marked {
             continue;
         }
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
@@ -365,20 +357,26 @@ mod tests {
         }
     }
 
-    /// An `hb` of the workspace that a test left running after it ended
-    /// (adopted by init) is found and killed; one whose parent lives (a
-    /// demo someone runs) and one that ran before are left alone.
+    /// The `hb` processes a test run left running are found by the mark
+    /// it gave them, whoever adopted them; one without the mark (a
+    /// monitor started by hand) is left alone.
     #[test]
-    fn orphaned_hb_processes_are_killed_and_others_left() {
+    fn hb_processes_a_test_run_left_are_killed_and_others_left() {
         let dir = std::env::temp_dir().join(format!("xtask-hb-procs-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let hb = dir.join("hb");
         std::fs::copy(on_path("sleep").expect("sleep on PATH"), &hb).unwrap();
-        let spawn_orphan = || -> u32 {
-            let out = output(Command::new("sh").arg("-c").arg(format!(
-                "{} 30 </dev/null >/dev/null 2>&1 & echo $!",
-                hb.display()
-            )))
+        let run = format!("t{}", std::process::id());
+        let spawn_orphan = |mark: &str| -> u32 {
+            let out = output(
+                Command::new("sh")
+                    .arg("-c")
+                    .arg(format!(
+                        "{} 30 </dev/null >/dev/null 2>&1 & echo $!",
+                        hb.display()
+                    ))
+                    .env(RUN_MARK, mark),
+            )
             .unwrap();
             let pid: u32 = out.trim().parse().unwrap();
             // The shell's child may not have run exec yet.
@@ -388,25 +386,41 @@ mod tests {
             }
             pid
         };
-        let old = spawn_orphan();
-        let before = hb_processes_of(&dir);
-        let mut child = Command::new(&hb).arg("30").spawn().unwrap();
-        let orphan = spawn_orphan();
+        let other_run = spawn_orphan("another-run");
+        let mut by_hand = Command::new(&hb)
+            .arg("30")
+            .env_remove(RUN_MARK)
+            .spawn()
+            .unwrap();
+        let mut child = Command::new(&hb)
+            .arg("30")
+            .env(RUN_MARK, &run)
+            .spawn()
+            .unwrap();
+        let orphan = spawn_orphan(&run);
         let seen = hb_processes_of(&dir);
-        let killed = kill_new_hb_processes_of(&dir, &before);
-        let _ = child.kill();
+        let killed = kill_marked_hb_processes_of(&dir, &run);
         let _ = child.wait();
+        let _ = by_hand.kill();
+        let _ = by_hand.wait();
         // SAFETY: kill(2) with a pid and a signal number.
-        unsafe { libc::kill(old as libc::pid_t, libc::SIGKILL) };
+        unsafe { libc::kill(other_run as libc::pid_t, libc::SIGKILL) };
         let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(before, [old]);
+        for p in [other_run, orphan, child.id(), by_hand.id()] {
+            assert!(seen.contains(&p), "{p} in {seen:?}");
+        }
+        let mut pids: Vec<u32> = killed
+            .iter()
+            .map(|k| k.split(' ').next().unwrap().parse().unwrap())
+            .collect();
+        pids.sort_unstable();
+        let mut want = vec![orphan, child.id()];
+        want.sort_unstable();
+        assert_eq!(pids, want, "{killed:?}");
         assert!(
-            seen.contains(&old) && seen.contains(&orphan) && seen.contains(&child.id()),
-            "{seen:?}"
+            killed.iter().all(|k| k.ends_with(" 30)")),
+            "the command lines: {killed:?}"
         );
-        assert_eq!(killed.len(), 1, "{killed:?}");
-        assert!(killed[0].starts_with(&format!("{orphan} (")), "{killed:?}");
-        assert!(killed[0].ends_with(" 30)"), "the command line: {killed:?}");
     }
 
     /// A namespace the demo's unit test left (its binary killed without
