@@ -220,9 +220,10 @@ impl Locked {
         // SAFETY: we hold the node's seqlock, which userspace also takes
         // to write the id and keys; outside it userspace writes only
         // `requested_interval_ms` (which `record` never touches and which
-        // `ack_interval` reads once, volatile) and we add to `bad_tag`
-        // atomically (which `record` does not touch either). Two distinct
-        // map values.
+        // `ack_interval` reads once, volatile) and its record of the node
+        // (`monitor_status`, `monitor_status_since_ns`, which nothing here
+        // reads or writes), and we add to `bad_tag` atomically (which
+        // `record` does not touch either). Two distinct map values.
         unsafe { (&mut *self.live, &mut *self.rest) }
     }
 

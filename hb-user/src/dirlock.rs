@@ -7,7 +7,14 @@
 
 use std::{os::fd::AsRawFd as _, path::Path};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
+
+/// The error of [`lock`] when another process holds the directory (its
+/// message is the caller's `busy`), told apart from I/O errors by
+/// `anyhow::Error::is`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Busy(pub String);
 
 /// Locks `dir` (`what` names it in errors, e.g. "pin directory") for as
 /// long as the returned file is held. If another process holds it, the
@@ -19,9 +26,30 @@ pub fn lock(dir: &Path, what: &str, busy: &str) -> anyhow::Result<std::fs::File>
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            bail!("{busy}");
+            return Err(Busy(busy.to_owned()).into());
         }
         return Err(e).with_context(|| format!("cannot lock {what} {}", dir.display()));
     }
     Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory another holder has is `Busy`, with the caller's words;
+    /// one that cannot be opened is an I/O error, not `Busy`.
+    #[test]
+    fn a_held_directory_is_busy_and_a_missing_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock(dir.path(), "test directory", "held elsewhere").unwrap();
+        let e = lock(dir.path(), "test directory", "held elsewhere").unwrap_err();
+        assert!(e.is::<Busy>(), "{e:#}");
+        assert_eq!(e.to_string(), "held elsewhere");
+        drop(held);
+        lock(dir.path(), "test directory", "held elsewhere").unwrap();
+        let e = lock(&dir.path().join("nope"), "test directory", "held elsewhere").unwrap_err();
+        assert!(!e.is::<Busy>(), "{e:#}");
+        assert!(e.to_string().contains("cannot open test directory"), "{e:#}");
+    }
 }

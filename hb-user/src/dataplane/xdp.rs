@@ -879,16 +879,8 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Xdp
 /// Whether `path` is on a bpf filesystem (bpffs), the only place BPF
 /// objects can be pinned.
 fn on_bpffs(path: &Path) -> bool {
-    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    use std::os::unix::ffi::OsStrExt as _;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs on a NUL-terminated path into a zeroed struct.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
-    }
+    use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
+    statfs(path).is_ok_and(|st| st.filesystem_type() == BPF_FS_MAGIC)
 }
 
 /// Mounts bpffs on /sys/fs/bpf if it is not mounted, and creates `dir`,
@@ -1190,13 +1182,17 @@ pub fn release_kept_links(dir: &Path) -> anyhow::Result<()> {
         .map(|(_, p)| p.display().to_string())
         .collect::<Vec<_>>()
         .join(", ");
-    let Ok(_lock) = lock_pin_dir(dir) else {
-        tracing::warn!(
-            pin_dir = %dir.display(),
-            links = %pins,
-            "an XDP monitor is running on this pin directory; its gate, if on this port, takes heartbeats before this monitor's socket sees them"
-        );
-        return Ok(());
+    let _lock = match lock_pin_dir(dir) {
+        Ok(l) => l,
+        Err(e) if e.is::<crate::dirlock::Busy>() => {
+            tracing::warn!(
+                pin_dir = %dir.display(),
+                links = %pins,
+                "an XDP monitor is running on this pin directory; its gate, if on this port, takes heartbeats before this monitor's socket sees them"
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e),
     };
     for (ifname, pin) in links {
         unpin_link(&pin).with_context(|| {

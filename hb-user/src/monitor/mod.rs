@@ -154,16 +154,17 @@ fn open_dataplane(s: &Settings, local: &BTreeSet<IpAddr>) -> anyhow::Result<Open
             })
         }
         Mode::Userspace => {
-            if s.keep_attached || s.pin_dir != std::path::Path::new(config::DEFAULT_PIN_DIR) {
+            if s.keep_attached {
                 tracing::info!(
-                    "--keep-attached and --pin-dir apply to XDP modes only; userspace mode keeps no state across restarts"
+                    "--keep-attached applies to XDP modes only; userspace mode keeps no state across restarts"
                 );
             }
-            // A gate an earlier XDP run kept attached would take the
-            // heartbeats before the socket sees them.
-            crate::dataplane::xdp::release_kept_links(&s.pin_dir)?;
             let addrs = userspace::bind_addrs(&s.ifaces, s.port)?;
             let sockets = userspace::bind(&addrs)?;
+            // A gate an earlier XDP run kept attached (in --pin-dir) would
+            // take the heartbeats before the socket sees them. Once the
+            // sockets are bound: a start that fails leaves it as it was.
+            crate::dataplane::xdp::release_kept_links(&s.pin_dir)?;
             let mut mem = MemDataplane::new();
             let reports = mem.take_reports();
             let mem = Arc::new(mem);
