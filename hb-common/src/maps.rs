@@ -423,14 +423,20 @@ pub struct NodeState {
     /// The status the monitor last gave the node, and since when
     /// (CLOCK_MONOTONIC ns), so that a monitor restarted over the pinned
     /// maps goes on from it (`hb::monitor::state::adopt`) instead of
-    /// believing every node alive. The values are those of
-    /// `hb::monitor::state::Status` (1 alive, 2 suspect, 3 dead, 4 left),
-    /// never renumbered; 0 is "not recorded": never heard from, or a state
-    /// pinned by an hb that had these fields reserved (zero). Written by
-    /// userspace only, with plain atomic stores, on every change of
-    /// status; the kernel never reads or writes them ([`record`] and
-    /// [`ack_interval`] leave them alone). Both clocks end with a reboot,
-    /// as the pins do.
+    /// believing every node alive. The low byte is the status, as
+    /// `hb::monitor::state::Status` numbers it (1 alive, 2 suspect, 3
+    /// dead, 4 left), never renumbered; 0 is "not recorded": never heard
+    /// from, or a state pinned by an hb that had these fields reserved
+    /// (zero). Bit 8 (`hb::monitor::state::UNCONFIRMED`) marks a status
+    /// whose event may not have been delivered: the tick records every
+    /// change with it, and takes it off once the event's line is written
+    /// (or dropped for good); a record with it counts as none recorded, so
+    /// that a `dead` the previous monitor died holding is announced again.
+    /// Bits 9 to 31 are zero; a value with any set (a newer hb's) counts
+    /// as none recorded too. Written by userspace only, with plain atomic
+    /// stores, on every change of status and its confirmation; the kernel
+    /// never reads or writes them ([`record`] and [`ack_interval`] leave
+    /// them alone). Both clocks end with a reboot, as the pins do.
     pub monitor_status: u32,
     pub monitor_status_since_ns: u64,
 }

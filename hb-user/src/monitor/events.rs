@@ -26,6 +26,16 @@
 //! Hooks are different (each is a process): they have their own bounded
 //! queue and concurrency, and what does not fit is counted and logged,
 //! never waited for (see `hooks`).
+//!
+//! How far delivery has got is told by two positions, counted in events
+//! from the sink's start ([`EventSink::publish`], [`EventSink::settled`]):
+//! an event is settled once its line is written whole, or dropped for good
+//! (the backlog was full), or, with no events destination, once handed to
+//! the hooks; and the settled position never passes an event that is not,
+//! so every event up to it is settled. The tick confirms the status it
+//! recorded for a node (`tick::Core::confirm`) only once the event that
+//! announced it is settled: a monitor that dies with the event still held
+//! has the next one announce it again.
 
 use std::{
     collections::VecDeque,
@@ -36,7 +46,10 @@ use std::{
         unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _},
     },
     path::{Path, PathBuf},
-    sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError},
+    sync::{
+        Arc, Condvar, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -121,6 +134,9 @@ enum Msg {
 }
 
 /// The tick's handle to the event writer.
+///
+/// Positions ([`EventSink::publish`], [`EventSink::settled`]) number the
+/// events in the order they were published, from 1.
 #[derive(Clone)]
 pub struct EventSink {
     tx: mpsc::UnboundedSender<Msg>,
@@ -151,6 +167,8 @@ impl EventSink {
             backlog: Mutex::new(Backlog::default()),
             wake: Condvar::new(),
             written: watch::Sender::new(0),
+            published: Mutex::new(0),
+            settled: AtomicU64::new(0),
         });
         let has_out = out.is_some();
         if let Some(out) = out {
@@ -172,11 +190,31 @@ impl EventSink {
         Ok(EventSink { tx, shared })
     }
 
-    /// Queues a batch of events; never blocks.
-    pub fn publish(&self, events: Vec<Event>) {
+    /// Queues a batch of events; never blocks (but for a lock only
+    /// publishers take). Returns the position of the last event published
+    /// before them: the batch's `i`-th (from 0) is at that plus `i + 1`.
+    pub fn publish(&self, events: Vec<Event>) -> u64 {
+        // Positions are given in the order the task receives the batches.
+        let mut published = self
+            .shared
+            .published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let base = *published;
         if !events.is_empty() {
+            *published += events.len() as u64;
             let _ = self.tx.send(Msg::Events(events));
         }
+        base
+    }
+
+    /// The position up to which every event published is settled: its
+    /// line written whole, or dropped for good (the backlog was full), or,
+    /// with no events destination, handed to the hooks. Never passes an
+    /// event that is not, even where a later one is (dropped while earlier
+    /// lines wait to be written).
+    pub fn settled(&self) -> u64 {
+        self.shared.settled.load(Ordering::Acquire)
     }
 
     /// Reopens the events file (after log rotation).
@@ -222,12 +260,22 @@ struct Shared {
     wake: Condvar,
     /// Lines written so far (whole), for `flush` to wait on.
     written: watch::Sender<u64>,
+    /// Events published so far ([`EventSink::publish`]).
+    published: Mutex<u64>,
+    /// [`EventSink::settled`]: [`Backlog::settled`] each time the backlog
+    /// changes, or, with no destination, the events handed to the hooks.
+    settled: AtomicU64,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Backlog> {
         // Nothing in it is left half-changed by a panic.
         self.backlog.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Publishes the backlog's settled position (`b`, locked).
+    fn settle(&self, b: &Backlog) {
+        self.settled.fetch_max(b.settled(), Ordering::Release);
     }
 }
 
@@ -238,17 +286,29 @@ struct Backlog {
     /// written already. Kept whole so that a line half written to a file
     /// that is then rotated goes to the new file whole.
     bytes: VecDeque<u8>,
-    /// Their lengths.
-    lines: VecDeque<usize>,
+    /// Their lengths and positions (`EventSink::publish`).
+    lines: VecDeque<(usize, u64)>,
     head: usize,
     /// Lines queued so far, for `flush`.
     queued: u64,
+    /// The position of the last event that came to the backlog, queued
+    /// or dropped.
+    passed: u64,
     reopen: bool,
     /// Try again now rather than at the end of the backoff (`flush`).
     retry_now: bool,
     /// The task stopped (every sink dropped): the thread stops once the
     /// backlog is written.
     closed: bool,
+}
+
+impl Backlog {
+    /// The position up to which every event is settled: all before the
+    /// first line still held (lines are held in order, and events dropped
+    /// never are), or all that came if none is.
+    fn settled(&self) -> u64 {
+        self.lines.front().map_or(self.passed, |&(_, pos)| pos - 1)
+    }
 }
 
 // Why a thread and std's `File`, and not tokio's: tokio's `File` (and
@@ -350,10 +410,13 @@ async fn queue_lines(
     metrics: Arc<Metrics>,
 ) {
     let mut staged = Staged::default();
+    // The position of the last event received (`EventSink::publish`).
+    let mut pos = 0u64;
     while let Some(msg) = rx.recv().await {
         match msg {
             Msg::Events(batch) => {
                 for ev in &batch {
+                    pos += 1;
                     metrics.event(ev.event);
                     if !has_out || tracing::enabled!(tracing::Level::DEBUG) {
                         tracing::info!(
@@ -366,7 +429,7 @@ async fn queue_lines(
                             "node event"
                         );
                     }
-                    if has_out && staged.add(ev) >= CHUNK {
+                    if has_out && staged.add(ev, pos) >= CHUNK {
                         staged.queue(&shared, budget, &metrics);
                     }
                     if let Some(h) = hooks.as_ref() {
@@ -374,6 +437,10 @@ async fn queue_lines(
                     }
                 }
                 staged.queue(&shared, budget, &metrics);
+                if !has_out {
+                    // Logged and with the hooks: as far as they go.
+                    shared.settled.store(pos, Ordering::Release);
+                }
             }
             Msg::Reopen => {
                 shared.lock().reopen = true;
@@ -395,25 +462,26 @@ async fn queue_lines(
     shared.wake.notify_one();
 }
 
-/// Lines serialized and not yet queued, with their lengths and seqs:
-/// queued every `CHUNK` bytes, not one by one, so a fleet's worth of
-/// events takes few locks and wake-ups.
+/// Lines serialized and not yet queued, with their lengths, seqs and
+/// positions: queued every `CHUNK` bytes, not one by one, so a fleet's
+/// worth of events takes few locks and wake-ups.
 #[derive(Default)]
 struct Staged {
     lines: Vec<u8>,
-    lens: Vec<(usize, u64)>,
+    lens: Vec<(usize, u64, u64)>,
     /// Events dropped since the last one queued (the backlog was full).
     dropped: Dropped,
 }
 
 impl Staged {
-    /// Serializes `ev` as one line; returns the bytes staged.
-    fn add(&mut self, ev: &Event) -> usize {
+    /// Serializes `ev`, at position `pos`, as one line; returns the
+    /// bytes staged.
+    fn add(&mut self, ev: &Event, pos: u64) -> usize {
         let at = self.lines.len();
         // Serializing plain fields cannot fail.
         let _ = serde_json::to_writer(&mut self.lines, ev);
         self.lines.push(b'\n');
-        self.lens.push((self.lines.len() - at, ev.seq));
+        self.lens.push((self.lines.len() - at, ev.seq, pos));
         self.lines.len()
     }
 
@@ -425,10 +493,13 @@ impl Staged {
         }
         let mut b = shared.lock();
         let mut at = 0;
-        for &(len, seq) in &self.lens {
+        for &(len, seq, pos) in &self.lens {
+            // Queued or dropped, settled only once every line before it is
+            // written (`Backlog::settled`).
+            b.passed = pos;
             if b.bytes.len() + len <= budget {
                 b.bytes.extend(&self.lines[at..at + len]);
-                b.lines.push_back(len);
+                b.lines.push_back((len, pos));
                 b.queued += 1;
                 report_dropped(&mut self.dropped);
             } else {
@@ -444,6 +515,7 @@ impl Staged {
             }
             at += len;
         }
+        shared.settle(&b);
         drop(b);
         shared.wake.notify_one();
         self.lines.clear();
@@ -576,7 +648,7 @@ fn write_lines(shared: &Shared, dest: &Destination, mut out: Out, metrics: &Metr
             continue;
         }
         let mut end = 0;
-        for &len in &b.lines {
+        for &(len, _) in &b.lines {
             if end > 0 && end + len > CHUNK {
                 break;
             }
@@ -619,7 +691,7 @@ fn write_lines(shared: &Shared, dest: &Destination, mut out: Out, metrics: &Metr
                 let mut b = shared.lock();
                 b.head += n;
                 let mut done = 0;
-                while let Some(&len) = b.lines.front()
+                while let Some(&(len, _)) = b.lines.front()
                     && b.head >= len
                 {
                     b.lines.pop_front();
@@ -628,6 +700,7 @@ fn write_lines(shared: &Shared, dest: &Destination, mut out: Out, metrics: &Metr
                     written += 1;
                 }
                 b.bytes.drain(..done);
+                shared.settle(&b);
                 let empty = b.lines.is_empty();
                 if empty && b.bytes.capacity() > CHUNK {
                     // An outage's backlog is not kept for the next one.
@@ -859,6 +932,42 @@ mod tests {
         sink.publish(vec![ev(11)]);
         assert_eq!(sink.flush_for(LONG).await, 0);
         assert_eq!(seqs(&p), [1, 2, 3, 11]);
+    }
+
+    /// The settled position passes no event that is not written: not the
+    /// line a full disk took part of, nor the ones after it, even where
+    /// later events are dropped for good (the backlog was full). It counts
+    /// them all once the lines held are written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_settled_position_passes_no_event_unwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("events.jsonl");
+        let line = line_len(&ev(10));
+        // Room for two lines and the start of a third; a backlog of three.
+        let (sink, room, m) = sink_on(&p, 2 * line + 10, 3 * line + line / 2);
+        assert_eq!(sink.publish(vec![ev(1), ev(2)]), 0);
+        assert_eq!(sink.flush_for(LONG).await, 0);
+        assert_eq!(sink.settled(), 2);
+        assert_eq!(sink.publish(Vec::new()), 2, "nothing published");
+        assert_eq!(sink.publish((3..=10).map(ev).collect()), 2);
+        assert_eq!(sink.flush_for(A_WHILE).await, 3, "3 to 5 held");
+        assert_eq!(counter(&m, "hb_events_dropped_total"), 5);
+        assert_eq!(sink.settled(), 2, "3 is half written, 6 to 10 dropped");
+        room.store(usize::MAX, Ordering::SeqCst);
+        assert_eq!(sink.flush_for(LONG).await, 0);
+        assert_eq!(seqs(&p), [1, 2, 3, 4, 5]);
+        assert_eq!(sink.settled(), 10);
+    }
+
+    /// With no events destination an event is settled once the hooks
+    /// have it (here, none: once logged).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_a_destination_events_settle_when_handed_on() {
+        let m = Arc::new(Metrics::new());
+        let sink = EventSink::start_with(Destination::None, None, 0, None, m).unwrap();
+        assert_eq!(sink.publish((1..=3).map(ev).collect()), 0);
+        assert_eq!(sink.flush_for(LONG).await, 0);
+        assert_eq!(sink.settled(), 3);
     }
 
     /// Rename rotation, then reopen (SIGHUP): the events after it go to

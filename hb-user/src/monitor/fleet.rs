@@ -1167,6 +1167,10 @@ mod tests {
             c.set_tick(Duration::from_secs(60));
             let mut ev = Vec::new();
             c.tick(&dp, at, &mut || "ts".into(), &mut ev);
+            // Published and written at once (positions from 0 each time:
+            // a tick confirms only its own).
+            c.published(0);
+            c.confirm(&dp, ev.len() as u64);
             ev.iter()
                 .map(|e| (e.node_id, e.event, e.previous))
                 .collect::<Vec<_>>()

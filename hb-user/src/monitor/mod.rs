@@ -498,6 +498,27 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
     if let (Some(hooks), Some(opts)) = (hooks, &settings.hook) {
         hooks.shutdown(opts.timeout.min(HOOK_GRACE)).await;
     }
+    // Confirms the status recorded for each node whose event is written
+    // now: a clean restart announces nothing again. What the flush gave
+    // up on stays unconfirmed, and the next monitor announces those
+    // `dead` nodes again.
+    {
+        let s = shared.clone();
+        let settled = sink.settled();
+        let _ = tokio::task::spawn_blocking(move || {
+            let mut core = s.core();
+            core.confirm(&*s.dp, settled);
+            let left = core.unconfirmed();
+            if left > 0 {
+                tracing::warn!(
+                    nodes = left,
+                    "events not written: the next monitor takes these nodes as having no \
+                     recorded status (a dead one is announced dead again)"
+                );
+            }
+        })
+        .await;
+    }
     // The tick has stopped: the table is final.
     {
         let s = shared.clone();
@@ -633,6 +654,12 @@ fn tick_loop(shared: &Shared, sink: &EventSink, running: &AtomicBool) {
             // a tick that ran late.
             let now = monotonic_ns();
             let stats = core.tick(&*shared.dp, now, &mut events::now_rfc3339, &mut events);
+            // Under the lock, so that the records the tick wrote are
+            // confirmed ([`Core::confirm`]) only while the table says
+            // which node holds each slot, and in what status.
+            let base = sink.publish(std::mem::take(&mut events));
+            core.published(base);
+            core.confirm(&*shared.dp, sink.settled());
             (stats, core.table.counts, now)
         };
         match shared.dp.counters() {
@@ -653,7 +680,6 @@ fn tick_loop(shared: &Shared, sink: &EventSink, running: &AtomicBool) {
             .metrics
             .tick(took.as_secs_f64(), took > period, stats.decisions);
         shared.last_tick_ns.store(now, Ordering::Relaxed);
-        sink.publish(std::mem::take(&mut events));
 
         next += period;
         let now = Instant::now();

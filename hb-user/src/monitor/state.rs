@@ -85,8 +85,17 @@ impl Status {
         self as u32
     }
 
+    /// The status as the tick records it on a transition: [`code`]
+    /// marked [`UNCONFIRMED`] until the event that announces it is
+    /// settled (`tick::Core::confirm` writes it without the mark).
+    ///
+    /// [`code`]: Status::code
+    pub const fn unconfirmed_code(self) -> u32 {
+        self.code() | UNCONFIRMED
+    }
+
     /// A recorded status; a value this version does not know (a newer
-    /// hb's) is none recorded.
+    /// hb's) is none recorded, and so is one marked [`UNCONFIRMED`].
     pub const fn from_code(code: u32) -> Status {
         match code {
             1 => Status::Alive,
@@ -97,6 +106,13 @@ impl Status {
         }
     }
 }
+
+/// Bit 8 of a recorded status (`NodeRest::monitor_status`; the low byte
+/// is [`Status::code`]): the event that announced it may not be delivered
+/// yet (its line not written; the monitor may have died first). A
+/// record with the mark counts as none ([`adopt`]), so that the next
+/// monitor announces a dead node again rather than lose the page.
+pub const UNCONFIRMED: u32 = 1 << 8;
 
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -334,11 +350,12 @@ pub fn step(t: &mut Track, o: &Observation) -> Option<Transition> {
 
 /// What the previous monitor recorded of a node in the state that
 /// survived it (`NodeRest::monitor_status`, written by the tick on every
-/// transition), as [`adopt`] reads it.
+/// transition, confirmed once its event is settled), as [`adopt`] reads
+/// it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Recorded {
     /// The node's status then (`Unknown`: none recorded, as in a state
-    /// pinned by an older hb).
+    /// pinned by an older hb, or not confirmed: [`UNCONFIRMED`]).
     pub status: Status,
     /// The gate accepted heartbeats of the node after that status was
     /// recorded (its last arrival is later): with `--keep-attached` the
@@ -362,11 +379,18 @@ pub struct Recorded {
 /// intervals after it, once; one that left meanwhile is announced `left`
 /// on the first tick.
 ///
-/// A node with no recorded status (a state pinned by an older hb) is
-/// adopted `alive`, or `left` if its last word was LEAVING: one of those
-/// that had been declared dead is then announced dead again, as before
-/// the record existed. Never a false `joined`: only a node never heard
-/// from is `unknown`.
+/// A node with no recorded status is adopted `alive`, or `left` if its
+/// last word was LEAVING: one of those that had been declared dead is
+/// then announced dead again, as before the record existed. That is a
+/// state pinned by an older hb, and a record still marked
+/// [`UNCONFIRMED`]: its event was in flight when the predecessor stopped
+/// (not yet written when it crashed, or left behind by a shutdown whose
+/// flush gave up), so it may never have been delivered. Hence `dead` is
+/// announced at least once: a clean restart repeats nothing (every event
+/// was written and its record confirmed), a crash or an unflushed
+/// shutdown may repeat the `dead` events in flight. (An `alive` or
+/// `left` in flight is not repeated: the node is adopted as it is now.)
+/// Never a false `joined`: only a node never heard from is `unknown`.
 pub fn adopt(o: &Observation, recorded: Recorded) -> Track {
     let status = match (o.accepted, recorded.status) {
         (0, _) => Status::Unknown,
@@ -633,6 +657,10 @@ mod tests {
             assert_eq!(Status::from_code(s.code()), s);
         }
         assert_eq!(Status::from_code(5), S::Unknown, "a newer hb's: none");
+        for s in Status::ALL {
+            assert_eq!(s.unconfirmed_code(), 0x100 | s.code());
+            assert_eq!(Status::from_code(s.unconfirmed_code()), S::Unknown);
+        }
     }
 
     #[test]

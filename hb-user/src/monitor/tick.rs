@@ -14,6 +14,8 @@
 //! are compared in terms of the standardized lateness `y`, which phi
 //! increases with strictly (`detector::y_for_phi`).
 
+use std::collections::{HashMap, VecDeque, hash_map};
+
 use hb_common::maps::{NodeLive, NodeState};
 
 use super::{
@@ -238,8 +240,13 @@ pub struct Core {
     /// being read while they are made). Kept to reuse its allocation.
     pending: Vec<(u32, u32)>,
     /// The statuses the current scan changed, recorded in the dataplane
-    /// after it (`Dataplane::set_monitor_status`), as `pending`.
-    changed: Vec<(u32, Status)>,
+    /// after it (`Dataplane::set_monitor_status`), as `pending`, marked
+    /// unconfirmed; kept until their events are published
+    /// ([`Core::published`]).
+    changed: Vec<Change>,
+    /// Records written unconfirmed whose events are published, until the
+    /// events are settled ([`Core::confirm`]).
+    unconfirmed: Unconfirmed,
     /// Silence before this is not held against any node
     /// ([`Core::listening_since`]).
     listening_since_ns: u64,
@@ -281,6 +288,7 @@ impl Core {
             next_seq: 1,
             pending: Vec::new(),
             changed: Vec::new(),
+            unconfirmed: Unconfirmed::default(),
             listening_since_ns: 0,
             last_scan_ns: 0,
             last_excuse_ns: 0,
@@ -317,8 +325,10 @@ impl Core {
     /// state. Each node goes on in the status its previous monitor recorded
     /// in that state, since when it was recorded (`state_for_ms` goes on:
     /// both the record and the pins end with a reboot, CLOCK_MONOTONIC's
-    /// epoch); a node with none recorded (pinned by an older hb) is
-    /// adopted as before, since now, and its adopted status recorded.
+    /// epoch); a node with none recorded (pinned by an older hb, or a
+    /// record still marked [`state::UNCONFIRMED`]: its event may not have
+    /// been delivered) is adopted as before, since now, and its adopted
+    /// status recorded: a `dead` in flight is announced again.
     /// Silence before `now_ns` is not held against the nodes
     /// ([`Core::listening_since`]): without `--keep-attached` no gate ran
     /// between the monitors, and with it the silence the kernel saw
@@ -454,6 +464,8 @@ impl Core {
         let policy = &mut *self.policy;
         let pending = &mut self.pending;
         pending.clear();
+        // Changes of a tick whose events were never published stay
+        // unconfirmed.
         let changed = &mut self.changed;
         changed.clear();
         let NodeTable {
@@ -523,7 +535,12 @@ impl Core {
                     return;
                 }
                 since_ns[i] = now_ns;
-                changed.push((slot, t.status));
+                changed.push(Change {
+                    slot,
+                    node_id: id,
+                    status: t.status,
+                    event: events.len(),
+                });
                 if tr.refutes_suspicion() {
                     // Back without a restart: the suspicion was false.
                     policy.suspicion_refuted(slot);
@@ -582,11 +599,11 @@ impl Core {
         skipped(next_slot, len, &mut next_counts, track);
         *counts = next_counts;
         self.next_seq = seq;
-        // Before the events go out: a monitor that stops after announcing
-        // a node's change has recorded it, and the next one does not
-        // announce it again.
-        for &(slot, status) in self.changed.iter() {
-            dp.set_monitor_status(slot, status.code(), now_ns);
+        // Before the events go out, but marked: the next monitor adopts
+        // the status only once [`Core::confirm`] has seen its event
+        // settled (written); until then it announces it again.
+        for c in self.changed.iter() {
+            dp.set_monitor_status(c.slot, c.status.unconfirmed_code(), now_ns);
         }
         for &(slot, ms) in self.pending.iter() {
             dp.set_requested_interval(slot, ms);
@@ -595,6 +612,100 @@ impl Core {
             stats.decisions += 1;
         }
         stats
+    }
+}
+
+/// A status the tick changed, and its event: the `event`-th of the
+/// tick's `events`.
+#[derive(Clone, Copy, Debug)]
+struct Change {
+    slot: u32,
+    node_id: u32,
+    status: Status,
+    event: usize,
+}
+
+/// Records written unconfirmed whose events are published: the newest of
+/// each slot (a later change replaces it), and their positions in the
+/// order they were published, for [`Core::confirm`] to take those settled
+/// from the front. Superseded positions stay in `order` until then, or
+/// until it is compacted, so it stays within twice the slots held.
+#[derive(Default)]
+struct Unconfirmed {
+    by_slot: HashMap<u32, Published>,
+    order: VecDeque<(u64, u32)>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Published {
+    node_id: u32,
+    status: Status,
+    /// The event's position (`EventSink::publish`).
+    pos: u64,
+}
+
+impl Core {
+    /// The events of the last [`Core::tick`] were published, the first at
+    /// position `base + 1` (`EventSink::publish`): each record that tick
+    /// wrote is confirmed once its event is settled ([`Core::confirm`]).
+    /// Called once per tick, under the same lock, with the whole `events`
+    /// the tick appended to; a tick whose events are not published leaves
+    /// its records unconfirmed for good.
+    pub fn published(&mut self, base: u64) {
+        let u = &mut self.unconfirmed;
+        for c in self.changed.drain(..) {
+            let pos = base + c.event as u64 + 1;
+            let p = Published {
+                node_id: c.node_id,
+                status: c.status,
+                pos,
+            };
+            u.by_slot.insert(c.slot, p);
+            u.order.push_back((pos, c.slot));
+        }
+        if u.order.len() > 2 * u.by_slot.len() + 64 {
+            let by_slot = &u.by_slot;
+            u.order
+                .retain(|&(pos, slot)| by_slot.get(&slot).is_some_and(|p| p.pos == pos));
+        }
+    }
+
+    /// Confirms the records whose events are settled up to position
+    /// `settled` (`EventSink::settled`): writes each status without the
+    /// [`state::UNCONFIRMED`] mark, if the slot still holds that node in
+    /// that status (under the core's lock the table says so: no later
+    /// change, removal or new node). Returns how many it wrote.
+    pub fn confirm(&mut self, dp: &dyn Dataplane, settled: u64) -> usize {
+        let (u, table) = (&mut self.unconfirmed, &self.table);
+        let mut confirmed = 0;
+        while let Some(&(pos, slot)) = u.order.front()
+            && pos <= settled
+        {
+            u.order.pop_front();
+            let hash_map::Entry::Occupied(e) = u.by_slot.entry(slot) else {
+                continue;
+            };
+            if e.get().pos != pos {
+                continue; // superseded by a later change of the slot
+            }
+            let p = e.remove();
+            let i = slot as usize;
+            if table.node_id.get(i) == Some(&p.node_id) && table.track[i].status == p.status {
+                dp.set_monitor_status(slot, p.status.code(), table.since_ns[i]);
+                confirmed += 1;
+            }
+        }
+        if u.by_slot.is_empty() && u.order.capacity() > 1024 {
+            // A partition's worth is not kept for the next one.
+            u.order.shrink_to(1024);
+            u.by_slot.shrink_to(1024);
+        }
+        confirmed
+    }
+
+    /// Records written and not yet confirmed whose events are published.
+    pub fn unconfirmed(&self) -> usize {
+        self.unconfirmed.by_slot.len()
     }
 }
 
@@ -775,6 +886,21 @@ mod tests {
         core: Core,
         seq: u64,
         events: Vec<Event>,
+        /// Events published, and settled (`EventSink`'s positions).
+        published: u64,
+        settled: u64,
+    }
+
+    /// What becomes of a tick's events.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Fate {
+        /// The monitor dies before it publishes them.
+        Lost,
+        /// Published, never written (the monitor dies, or its shutdown
+        /// flush gives up, with them held).
+        Held,
+        /// Published and written at once.
+        Written,
     }
 
     impl Rig {
@@ -794,6 +920,8 @@ mod tests {
                 core,
                 seq: 0,
                 events: Vec::new(),
+                published: 0,
+                settled: 0,
             }
         }
 
@@ -926,13 +1054,37 @@ mod tests {
             (r, t, seq)
         }
 
+        /// A tick whose events are written at once, as the tick loop
+        /// runs it: published, then what is settled confirmed.
         fn tick(&mut self, at_ms: u64) -> Vec<(u32, EventKind)> {
+            self.tick_to(at_ms, Fate::Written)
+        }
+
+        fn tick_to(&mut self, at_ms: u64, fate: Fate) -> Vec<(u32, EventKind)> {
             let mut out = Vec::new();
             self.core
                 .tick(&self.dp, at_ms * MS, &mut || "ts".into(), &mut out);
+            if fate != Fate::Lost {
+                self.core.published(self.published);
+                self.published += out.len() as u64;
+            }
+            if fate == Fate::Written {
+                self.settled = self.published;
+            }
+            self.core.confirm(&self.dp, self.settled);
             let r = out.iter().map(|e| (e.node_id, e.event)).collect();
             self.events.extend(out);
             r
+        }
+
+        /// The status recorded for node `id` in the dataplane, as
+        /// `NodeRest::monitor_status` holds it.
+        fn recorded(&self, id: u32) -> u32 {
+            let slot = self.core.table.slot_of(id).unwrap();
+            let mut code = None;
+            self.dp
+                .read_states(slot..slot + 1, &mut |_, st| code = Some(st.monitor_status));
+            code.unwrap()
         }
     }
 
@@ -1294,6 +1446,105 @@ mod tests {
         );
         let previous: Vec<_> = r.events[back].iter().map(|e| e.previous).collect();
         assert_eq!(previous, [Status::Dead, Status::Dead, Status::Left]);
+    }
+
+    /// The reviewer's case: the monitor dies after the tick that declares
+    /// a node dead and before its event is written (a crash, SIGKILL,
+    /// OOM, or a shutdown whose flush gave up): the next monitor announces
+    /// the node dead again, at least once, where it adopted the recorded
+    /// status in silence and the page was lost for good. An event that
+    /// was written is not announced again.
+    #[test]
+    fn a_dead_event_not_written_before_a_restart_is_announced_again() {
+        for fate in [Fate::Lost, Fate::Held, Fate::Written] {
+            let (mut r, mut t, seq) = Rig::in_every_status();
+            // Node 2 dies; what becomes of that tick's events is `fate`.
+            loop {
+                t += 50;
+                if r.tick_to(t, fate) == [(2, EventKind::Dead)] {
+                    break;
+                }
+                assert!(t < 5000, "{fate:?}");
+            }
+            let dead = Status::Dead.code();
+            let expect = match fate {
+                Fate::Written => dead,
+                _ => Status::Dead.unconfirmed_code(),
+            };
+            assert_eq!(r.recorded(2), expect, "{fate:?}");
+            let start = t + 300;
+            r.restart(start);
+            let mut dead_again = Vec::new();
+            let mut s4 = seq[4];
+            for t in (start..start + 3000).step_by(50) {
+                if t % 100 == 0 {
+                    r.beat(4, s4, 100, t);
+                    s4 += 1;
+                }
+                let ev = r.tick(t);
+                dead_again.extend(ev.into_iter().filter(|e| e.1 == EventKind::Dead));
+            }
+            // Node 1's `dead` was written (in `in_every_status`): never
+            // again.
+            let expect = match fate {
+                Fate::Written => vec![],
+                _ => vec![(2, EventKind::Dead)],
+            };
+            assert_eq!(dead_again, expect, "{fate:?}");
+            assert_eq!((r.status(1), r.status(2)), (Status::Dead, Status::Dead));
+            assert_eq!((r.recorded(1), r.recorded(2)), (dead, dead), "{fate:?}");
+            // Written now: a clean restart repeats nothing.
+            let start = start + 3000;
+            r.restart(start);
+            for t in (start..start + 3000).step_by(50) {
+                if t % 100 == 0 {
+                    r.beat(4, s4, 100, t);
+                    s4 += 1;
+                }
+                assert_eq!(r.tick(t), vec![], "{fate:?}");
+            }
+        }
+    }
+
+    /// A settled event confirms its record only as its tick left it: not
+    /// over a later change of the node (whose event is not written yet),
+    /// not for a node removed since; and a record is confirmed as soon as
+    /// its event is written, whatever came after it.
+    #[test]
+    fn only_a_record_still_in_force_is_confirmed() {
+        let (mut r, mut t, seq) = Rig::in_every_status();
+        let held = r.published;
+        // Node 2 dies, then comes back; node 4 says goodbye: none written.
+        loop {
+            t += 50;
+            if r.tick_to(t, Fate::Held) == [(2, EventKind::Dead)] {
+                break;
+            }
+            assert!(t < 5000);
+        }
+        t += 50;
+        r.beat(2, seq[2], 100, t);
+        r.leave(4, seq[4], t);
+        assert_eq!(
+            r.tick_to(t, Fate::Held),
+            [(2, EventKind::Alive), (4, EventKind::Left)]
+        );
+        assert_eq!(r.core.unconfirmed(), 2, "one record a node");
+        // The `dead` is written: the record is `alive` now, and stays
+        // unconfirmed.
+        assert_eq!(r.core.confirm(&r.dp, held + 1), 0);
+        assert_eq!(r.recorded(2), Status::Alive.unconfirmed_code());
+        // Node 4 is removed before its `left` is written.
+        let slot4 = r.core.table.remove(4).unwrap();
+        r.dp.remove_node(4).unwrap();
+        assert_eq!(r.core.confirm(&r.dp, held + 3), 1);
+        assert_eq!(r.recorded(2), Status::Alive.code());
+        assert_eq!(r.core.unconfirmed(), 0);
+        let mut rec4 = None;
+        r.dp.read_states(slot4..slot4 + 1, &mut |_, st| {
+            rec4 = Some((st.monitor_status, st.monitor_status_since_ns));
+        });
+        assert_eq!(rec4, Some((0, 0)), "nothing written for a node removed");
     }
 
     /// With `--keep-attached` the gate goes on while no monitor runs: a
