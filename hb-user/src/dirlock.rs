@@ -50,6 +50,9 @@ mod tests {
         lock(dir.path(), "test directory", "held elsewhere").unwrap();
         let e = lock(&dir.path().join("nope"), "test directory", "held elsewhere").unwrap_err();
         assert!(!e.is::<Busy>(), "{e:#}");
-        assert!(e.to_string().contains("cannot open test directory"), "{e:#}");
+        assert!(
+            e.to_string().contains("cannot open test directory"),
+            "{e:#}"
+        );
     }
 }

@@ -13,6 +13,8 @@ pub mod nodes;
 pub mod output;
 pub mod send;
 pub mod simulate;
+#[cfg(test)]
+mod test_log;
 
 /// The eBPF object built by `build.rs` from `hb-ebpf`, embedded in the
 /// binary.

@@ -786,15 +786,13 @@ mod tests {
         assert_eq!(m.hook_failures(SHUTDOWN), 0);
         // Shut down: events are no longer taken, from any handle, and
         // that is said once, however many come.
-        use tracing_subscriber::layer::SubscriberExt as _;
-        let warnings = Warnings::default();
-        let _log =
-            tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
+        let warnings = Warnings::of("hb::monitor::hooks");
+        let _log = warnings.capture();
         for i in 4..=100 {
             clone.submit(&ev(i));
         }
         assert_eq!(m.hook_failures(SHUTDOWN), 97);
-        let lines = warnings.0.lock().unwrap().clone();
+        let lines = warnings.taken();
         assert_eq!(lines.len(), 1, "{lines:#?}");
         assert!(lines[0].message.contains("nor any later one"), "{lines:#?}");
         std::fs::remove_dir_all(&dir).unwrap();
@@ -893,39 +891,7 @@ mod tests {
         }
     }
 
-    /// A line the hooks module logged at WARN or above.
-    #[derive(Clone, Debug, Default)]
-    struct Warning {
-        message: String,
-        /// Its `dropped` field, if any.
-        dropped: Option<u64>,
-    }
-
-    /// What the hooks module logs at WARN and above.
-    #[derive(Clone, Default)]
-    struct Warnings(Arc<Mutex<Vec<Warning>>>);
-
-    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
-        fn on_event(
-            &self,
-            event: &tracing::Event<'_>,
-            _: tracing_subscriber::layer::Context<'_, S>,
-        ) {
-            let meta = event.metadata();
-            if meta.target() != "hb::monitor::hooks" || *meta.level() > tracing::Level::WARN {
-                return;
-            }
-            let mut line = Warning::default();
-            event.record(
-                &mut |f: &tracing::field::Field, v: &dyn std::fmt::Debug| match f.name() {
-                    "message" => line.message = format!("{v:?}"),
-                    "dropped" => line.dropped = format!("{v:?}").parse().ok(),
-                    _ => {}
-                },
-            );
-            self.0.lock().unwrap().push(line);
-        }
-    }
+    use crate::test_log::Warnings;
 
     /// A run of events dropped on a full queue is logged in two lines,
     /// when it starts and (with how many) when it ends, not one line per
@@ -936,10 +902,8 @@ mod tests {
     // every line is logged on it.
     #[tokio::test(flavor = "current_thread")]
     async fn a_run_of_dropped_events_is_logged_in_two_lines() {
-        use tracing_subscriber::layer::SubscriberExt as _;
-        let warnings = Warnings::default();
-        let _log =
-            tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
+        let warnings = Warnings::of("hb::monitor::hooks");
+        let _log = warnings.capture();
         let dir = test_dir("drop-log");
         let go = dir.join("go");
         let m = Arc::new(Metrics::new());
@@ -964,7 +928,7 @@ mod tests {
                 h.submit(&ev(seq));
             }
             dropped.push(burst - 1);
-            assert_eq!(warnings.0.lock().unwrap().len(), 2 * run - 1);
+            assert_eq!(warnings.taken().len(), 2 * run - 1);
             let ok = m.hooks_ok();
             std::fs::write(&go, "").unwrap();
             wait_for(&m, |m| m.hooks_ok() == ok + 2).await;
@@ -977,9 +941,12 @@ mod tests {
         std::fs::write(&go, "").unwrap();
         h.shutdown(Duration::from_secs(10)).await;
         assert_eq!(m.hook_failures("dropped"), dropped.iter().sum::<u64>());
-        let lines = warnings.0.lock().unwrap().clone();
+        let lines = warnings.taken();
         assert_eq!(lines.len(), 4, "{lines:#?}");
-        let counts: Vec<u64> = lines.iter().filter_map(|l| l.dropped).collect();
+        let counts: Vec<u64> = lines
+            .iter()
+            .filter_map(|l| l.field("dropped")?.parse().ok())
+            .collect();
         assert_eq!(counts, dropped, "{lines:#?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -561,9 +561,10 @@ impl Core {
                         interval_ms = st.interval_ms,
                         max_silence_ms = det.thresholds.max_silence_ms,
                         "node declared dead by --max-silence-ms before it could miss the intervals \
-                         --dead-min-intervals tolerates: nodes this slow go dead at every lost \
-                         heartbeat (and between heartbeats, if they beat less often than that); \
-                         raise --max-silence-ms above a few of their intervals (logged once)"
+                         --dead-min-intervals tolerates: nodes this slow go dead after fewer lost \
+                         heartbeats than that (after one, if slower than half of it; between \
+                         heartbeats, if slower than all of it); raise --max-silence-ms above a few \
+                         of their intervals (logged once)"
                     );
                 }
                 events.push(event(
@@ -714,12 +715,12 @@ impl Core {
     /// gap between the scan at `from_ns` and the tick at `to_ns`: read
     /// only after a long gap between ticks, so the extra scan is rare.
     ///
-    /// Not in the tick after `from_ns` (two, with the scheduler's slack):
-    /// the monitor slept then, waiting for its next tick, and the gate
-    /// stamped heartbeats as usual until the host was paused; in a fleet
-    /// of any size some always land there. Nor in the tick before `to_ns`:
-    /// arrivals just before it may be the backlog of a pause the gate was
-    /// in too. Only each node's latest arrival is known, so a fleet of
+    /// Not in the tick after `from_ns` (twice the tick, at least 400 ms,
+    /// for the scheduler's slack): the monitor slept then, waiting for its
+    /// next tick, and the gate stamped heartbeats as usual until the host
+    /// was paused; in a fleet of any size some always land there. Nor in
+    /// the tick (at least 200 ms) before `to_ns`: arrivals just before it
+    /// may be the backlog of a pause the gate was in too. Only each node's latest arrival is known, so a fleet of
     /// fast nodes that all beat since leaves no trace of a gate that ran:
     /// hence also the once-a-minute bound on excuses.
     fn gate_ran_between(&self, dp: &dyn Dataplane, from_ns: u64, to_ns: u64) -> bool {
@@ -1120,11 +1121,15 @@ mod tests {
     /// such a node.
     #[test]
     fn a_node_too_slow_for_the_backstop_is_warned_about_once() {
-        let mut r = Rig::new(&[1, 2], Box::new(FixedPolicy::none()));
+        let warnings = crate::test_log::Warnings::of("hb::monitor::tick");
+        let _log = warnings.capture();
+        let mut r = Rig::new(&[1, 2, 3], Box::new(FixedPolicy::none()));
         r.beat(1, 1, 10_000, 0);
         r.beat(2, 1, 30_000, 0);
+        r.beat(3, 1, 25_000, 5_000);
         r.beat(1, 2, 10_000, 10_000);
         r.beat(2, 2, 30_000, 30_000);
+        r.beat(3, 2, 25_000, 30_000);
         for t in (30_000..=95_000).step_by(100) {
             if t % 10_000 == 0 && t <= 40_000 {
                 r.beat(1, t / 10_000 + 1, 10_000, t);
@@ -1142,14 +1147,18 @@ mod tests {
             .iter()
             .filter(|e| e.event == EventKind::Dead)
             .collect();
-        assert_eq!(dead.len(), 2, "{dead:?}");
+        assert_eq!(dead.len(), 3, "{dead:?}");
         assert!(r.core.backstop_warned);
+        let lines = warnings.taken();
+        assert_eq!(lines.len(), 1, "two slow nodes dead, one line: {lines:#?}");
+        assert_eq!(lines[0].field("node_id"), Some("2"), "{lines:#?}");
         let mut quiet = Rig::new(&[1], Box::new(FixedPolicy::none()));
         quiet.steady(1, 10_000, 0, 30_000);
         for t in (30_000..=95_000).step_by(100) {
             quiet.tick(t);
         }
         assert_eq!(quiet.events.last().map(|e| e.event), Some(EventKind::Dead));
+        assert_eq!(warnings.taken().len(), 1, "nothing more");
         assert!(
             !quiet.core.backstop_warned,
             "dead by phi, not by the backstop"
