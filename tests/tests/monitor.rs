@@ -1118,6 +1118,25 @@ fn monitor_restart(mode: &str) {
             xdp_prog_id(&pair.a, IF_A).is_some(),
             "--keep-attached: the gate stays attached without a monitor"
         );
+        // A userspace start over the kept gate that fails (here on its
+        // events file) leaves the gate as it was: it is released only
+        // once nothing of the start can fail.
+        let keyring = dir.path("keyring.toml");
+        let mut cmd = pair.a.command(hb_bin().to_str().unwrap());
+        cmd.args(["monitor", "--mode", "userspace", "--iface", IF_A])
+            .args(["--port", &PORT.to_string(), "--listen", LISTEN])
+            .args(["--pin-dir", &pins, "--nodes", "31-32", "--keyring"])
+            .arg(&keyring)
+            .args(["--events", "/nonexistent-hb-dir/events.jsonl"]);
+        fails_with_one_line(
+            "a userspace start that fails over a kept gate",
+            &mut cmd,
+            "cannot open events file",
+        );
+        assert!(
+            xdp_prog_id(&pair.a, IF_A).is_some(),
+            "a failed userspace start removed the kept gate"
+        );
     }
     // Longer than the dead threshold (about 4 intervals) without a monitor.
     std::thread::sleep(Duration::from_millis(10 * INTERVAL_MS));

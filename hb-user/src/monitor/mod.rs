@@ -161,10 +161,6 @@ fn open_dataplane(s: &Settings, local: &BTreeSet<IpAddr>) -> anyhow::Result<Open
             }
             let addrs = userspace::bind_addrs(&s.ifaces, s.port)?;
             let sockets = userspace::bind(&addrs)?;
-            // A gate an earlier XDP run kept attached (in --pin-dir) would
-            // take the heartbeats before the socket sees them. Once the
-            // sockets are bound: a start that fails leaves it as it was.
-            crate::dataplane::xdp::release_kept_links(&s.pin_dir)?;
             let mut mem = MemDataplane::new();
             let reports = mem.take_reports();
             let mem = Arc::new(mem);
@@ -377,6 +373,13 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
     // Requests left in pinned state by an earlier run: the policy takes
     // them over, or withdraws them if it makes none.
     core.reconcile_requests(&*dp);
+    if settings.mode == Mode::Userspace {
+        // A gate an earlier XDP run kept attached (in --pin-dir) would
+        // take the heartbeats before the sockets see them. Released last,
+        // once nothing of the start can fail: a start that fails leaves
+        // it gating as it was.
+        crate::dataplane::xdp::release_kept_links(&settings.pin_dir)?;
+    }
     tracing::info!(
         mode = ?settings.mode,
         port = settings.port,
