@@ -502,6 +502,14 @@ fn run_job(job: Job, scenarios: &[Scenario], o: &Opts) -> anyhow::Result<Done> {
 /// and the false suspicions of each profile are held to the same rules.
 fn verdict(f: &Outcome, q: &Outcome) -> String {
     let (fp, qp) = (f.p99, q.p99);
+    // A fixed interval whose p99 is a crash it missed leaves nothing to
+    // match: any p99 would be "within 5%" of it.
+    if !fp.is_finite() {
+        return format!(
+            "FAIL (not comparable: the fixed interval's p99 is a crash it missed, {} missed)",
+            f.missed
+        );
+    }
     let (fr, qr) = (f.rate, q.rate);
     // In a fleet of several profiles, "the same p99" holds for each of
     // them, not only for the pooled tail (set by the slowest profile).
@@ -509,8 +517,11 @@ fn verdict(f: &Outcome, q: &Outcome) -> String {
         .profiles
         .iter()
         .zip(&q.profiles)
-        .filter(|(fp, qp)| qp.p99 > fp.p99 * 1.05)
-        .map(|(fp, qp)| format!("{} p99 {}", fp.name, pct(qp.p99, fp.p99)))
+        .filter(|(fp, qp)| !fp.p99.is_finite() || qp.p99 > fp.p99 * 1.05)
+        .map(|(fp, qp)| match fp.p99.is_finite() {
+            true => format!("{} p99 {}", fp.name, pct(qp.p99, fp.p99)),
+            false => format!("{} p99 not comparable (fixed missed its crashes)", fp.name),
+        })
         .collect();
     let noisier_profiles: Vec<String> = f
         .profiles
@@ -1037,6 +1048,15 @@ mod tests {
         det.push(900.0);
         let v = verdict_of(fixed(), run(180_000, &[("lan", det, 0, 0)]));
         assert!(v.starts_with("PASS"), "{v}");
+        // A fixed interval that itself misses 3 of 200: its p99 is a
+        // missed crash, and no p99 is "the same" as that, even one that
+        // misses as many at 50 s.
+        let missing = || run(360_000, &[("lan", vec![1000.0; 197], 3, 0)]);
+        let v = verdict_of(
+            missing(),
+            run(180_000, &[("lan", vec![50_000.0; 197], 3, 0)]),
+        );
+        assert!(v.starts_with("FAIL") && v.contains("not comparable"), "{v}");
     }
 
     #[test]
