@@ -204,10 +204,13 @@ struct Tree {
 /// The uncommitted changes a run's digest covers, as a shell command:
 /// tracked files against HEAD, but for the report this command rewrites.
 /// Options pinned so that the user's git configuration (an external diff,
-/// textconv, other path prefixes) cannot change the bytes; run from the
+/// textconv, other path prefixes, the diff algorithm, context, renames, an
+/// order file, `diff.relative`) cannot change the bytes; run from the
 /// repository's root.
 const DIFF_CMD: &str = "git diff --no-ext-diff --no-textconv --no-color --src-prefix=a/ \
-                        --dst-prefix=b/ HEAD -- . ':!BENCHMARKS.md'";
+                        --dst-prefix=b/ --diff-algorithm=myers --unified=3 \
+                        --inter-hunk-context=0 --no-renames --no-relative -O/dev/null \
+                        HEAD -- . ':!BENCHMARKS.md'";
 
 impl Tree {
     fn now() -> Tree {
@@ -259,9 +262,11 @@ fn diff_digest() -> Option<String> {
 }
 
 fn diff_digest_in(dir: &std::path::Path) -> Option<String> {
+    // bash for `pipefail`: a `git diff` that fails must not hash its
+    // partial output as the digest.
     let sh = |script: String| {
-        std::process::Command::new("sh")
-            .args(["-c", &script])
+        std::process::Command::new("bash")
+            .args(["-o", "pipefail", "-c", &script])
             .current_dir(dir)
             .stderr(Stdio::null())
             .output()
@@ -392,19 +397,35 @@ mod tests {
             o.stdout
         };
         git(&["init", "-q"]);
-        std::fs::write(dir.join("latin1.txt"), b"caf\xe9\n").unwrap();
+        // Twenty lines, the middle one changed below: the context git shows
+        // around it is a setting.
+        let lines = |middle: &[u8]| -> Vec<u8> {
+            let mut v = Vec::new();
+            for i in 0..20 {
+                if i == 10 {
+                    v.extend_from_slice(middle);
+                } else {
+                    v.extend_from_slice(format!("line {i}").as_bytes());
+                }
+                v.push(b'\n');
+            }
+            v
+        };
+        std::fs::write(dir.join("latin1.txt"), lines(b"caf\xe9")).unwrap();
         std::fs::write(dir.join("BENCHMARKS.md"), "old\n").unwrap();
         git(&["add", "."]);
         git(&["commit", "-qm", "x"]);
         assert_eq!(diff_digest_in(&dir), None, "clean");
         std::fs::write(dir.join("BENCHMARKS.md"), "new\n").unwrap();
         assert_eq!(diff_digest_in(&dir), None, "the report itself left out");
-        std::fs::write(dir.join("latin1.txt"), b"na\xefve\n").unwrap();
+        std::fs::write(dir.join("latin1.txt"), lines(b"na\xefve")).unwrap();
         let raw = git(&[
             "diff",
             "--no-ext-diff",
             "--no-textconv",
             "--no-color",
+            "--src-prefix=a/",
+            "--dst-prefix=b/",
             "HEAD",
             "--",
             "latin1.txt",
@@ -412,6 +433,16 @@ mod tests {
         std::fs::write(dir.join("raw.diff"), &raw).unwrap();
         let want = String::from_utf8(git(&["hash-object", "raw.diff"])).unwrap();
         let got = diff_digest_in(&dir).unwrap();
+        // The user's diff settings change nothing.
+        for (k, v) in [
+            ("diff.algorithm", "patience"),
+            ("diff.context", "10"),
+            ("diff.noprefix", "true"),
+            ("diff.renames", "copies"),
+        ] {
+            git(&["config", k, v]);
+        }
+        assert_eq!(diff_digest_in(&dir).as_deref(), Some(got.as_str()));
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(got, want.trim()[..12], "raw bytes hashed");
 
@@ -427,8 +458,9 @@ mod tests {
                  repository's root) = {got}; untracked: hb-user/src/new.rs)"
             )
         );
-        assert!(DIFF_CMD.contains(
-            "--no-ext-diff --no-textconv --no-color --src-prefix=a/ --dst-prefix=b/ HEAD"
-        ));
+        assert!(
+            DIFF_CMD
+                .contains("--no-ext-diff --no-textconv --no-color --src-prefix=a/ --dst-prefix=b/")
+        );
     }
 }
