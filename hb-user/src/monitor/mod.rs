@@ -650,11 +650,12 @@ fn tick_loop(shared: &Shared, sink: &EventSink, running: &AtomicBool) {
     let mut next = Instant::now();
     let mut events = Vec::new();
     while running.load(Ordering::Relaxed) {
-        let t0 = Instant::now();
-        let (stats, counts, now) = {
+        let (stats, counts, now, t0) = {
             let mut core = shared.core();
-            // After the lock: a tick that waited for it (a reload) is not
-            // a tick that ran late.
+            // After the lock: a tick that waited for it (a reload, a
+            // `/nodes` chunk) is not a tick that ran late, nor a slow scan
+            // (`hb_tick_duration_seconds` is the scan's time).
+            let t0 = Instant::now();
             let now = monotonic_ns();
             let stats = core.tick(&*shared.dp, now, &mut events::now_rfc3339, &mut events);
             // Under the lock, so that the records the tick wrote are
@@ -663,7 +664,7 @@ fn tick_loop(shared: &Shared, sink: &EventSink, running: &AtomicBool) {
             let base = sink.publish(std::mem::take(&mut events));
             core.published(base);
             core.confirm(&*shared.dp, sink.settled());
-            (stats, core.table.counts, now)
+            (stats, core.table.counts, now, t0)
         };
         match shared.dp.counters() {
             Ok(c) => {
@@ -821,6 +822,61 @@ async fn reload(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `hb_tick_duration_seconds` is the scan's time: a tick that waited
+    /// for the core's lock (a reload, a `/nodes` chunk) is neither a slow
+    /// tick nor an overrun.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tick_that_waited_for_the_lock_is_not_a_slow_tick() {
+        let metrics = Arc::new(Metrics::new());
+        let core = Core::new(
+            Detector::new(
+                crate::monitor::state::Thresholds::default(),
+                crate::detector::PhiParams::default(),
+            ),
+            Box::new(FixedPolicy::none()),
+            1000,
+        );
+        let shared = Arc::new(Shared {
+            core: Mutex::new(core),
+            dp: Arc::new(MemDataplane::new()),
+            metrics: metrics.clone(),
+            last_tick_ns: AtomicU64::new(0),
+            dataplane_ok: AtomicBool::new(false),
+            tick: Duration::from_millis(20),
+        });
+        let sink = EventSink::start(Destination::None, None, metrics.clone())
+            .await
+            .unwrap();
+        let running = Arc::new(AtomicBool::new(true));
+        let held = shared.core();
+        let ticker = std::thread::spawn({
+            let (shared, sink, running) = (shared.clone(), sink.clone(), running.clone());
+            move || tick_loop(&shared, &sink, &running)
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        drop(held);
+        let t = Instant::now();
+        while shared.last_tick_ns.load(Ordering::Relaxed) == 0 {
+            assert!(t.elapsed() < Duration::from_secs(10), "no tick");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        running.store(false, Ordering::Relaxed);
+        ticker.thread().unpark();
+        ticker.join().unwrap();
+        let text = metrics.render();
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{name} in {text}"))
+        };
+        assert!(value("hb_tick_duration_seconds_count") >= 1.0);
+        assert!(
+            value("hb_tick_duration_seconds_sum") < 0.2,
+            "the 300 ms wait for the lock is not the scan's: {text}"
+        );
+        assert_eq!(value("hb_ticks_overrun_total"), 0.0, "{text}");
+    }
 
     #[test]
     fn a_monotonic_offset_is_read_from_timens_offsets() {
