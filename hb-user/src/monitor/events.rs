@@ -27,29 +27,28 @@
 //! queue and concurrency, and what does not fit is counted and logged,
 //! never waited for (see `hooks`).
 //!
-//! How far delivery has got is told by two positions, counted in events
-//! from the sink's start ([`EventSink::publish`], [`EventSink::settled`]):
-//! an event is settled once its line is written whole, or dropped for good
-//! (the backlog was full), or, with no events destination, once handed to
-//! the hooks; and the settled position never passes an event that is not,
-//! so every event up to it is settled. The tick confirms the status it
-//! recorded for a node (`tick::Core::confirm`) only once the event that
-//! announced it is settled: a monitor that dies with the event still held
-//! has the next one announce it again.
+//! How far delivery has got is told by positions, counted in events from
+//! the sink's start ([`EventSink::publish`], [`EventSink::settled`]): an
+//! event is settled once its fate is known, its line written whole or
+//! never to be (dropped because the backlog was full, or no events
+//! destination at all: hooks are best-effort and the log is no record),
+//! and [`Settled`] tells the tick which of those settled were not written.
+//! The tick confirms the status it recorded for a node
+//! (`tick::Core::confirm`) only once the line of the event that announced
+//! it is written: a monitor that dies with the line still held, or that
+//! dropped it, has the next one announce a `dead` again.
 
 use std::{
     collections::VecDeque,
     fs::File,
     io::{Seek as _, Write},
+    ops::Range,
     os::{
         fd::AsFd as _,
         unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _},
     },
     path::{Path, PathBuf},
-    sync::{
-        Arc, Condvar, Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -168,7 +167,6 @@ impl EventSink {
             wake: Condvar::new(),
             written: watch::Sender::new(0),
             published: Mutex::new(0),
-            settled: AtomicU64::new(0),
         });
         let has_out = out.is_some();
         if let Some(out) = out {
@@ -208,13 +206,12 @@ impl EventSink {
         base
     }
 
-    /// The position up to which every event published is settled: its
-    /// line written whole, or dropped for good (the backlog was full), or,
-    /// with no events destination, handed to the hooks. Never passes an
-    /// event that is not, even where a later one is (dropped while earlier
-    /// lines wait to be written).
-    pub fn settled(&self) -> u64 {
-        self.shared.settled.load(Ordering::Acquire)
+    /// How far delivery has settled, and which events settled since the
+    /// last call are not written ([`Settled`]). Takes those from the sink:
+    /// each is told once, so one caller (the tick) calls this and hands
+    /// the answer on (`tick::Core::confirm`).
+    pub fn settled(&self) -> Settled {
+        self.shared.lock().take_settled()
     }
 
     /// Reopens the events file (after log rotation).
@@ -253,6 +250,29 @@ impl EventSink {
     }
 }
 
+/// How far delivery has got ([`EventSink::settled`]): every event up to
+/// position `upto` is settled, its line written whole unless its position
+/// is in `not_written` (dropped: the backlog was full, or there is no
+/// events destination). The positions taken from the sink before it were
+/// told by an earlier `Settled`.
+#[must_use = "the events not written are told only once"]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    pub upto: u64,
+    /// Ascending, apart, none past `upto`.
+    pub not_written: Vec<Range<u64>>,
+}
+
+impl From<u64> for Settled {
+    /// Every event up to `upto` written.
+    fn from(upto: u64) -> Settled {
+        Settled {
+            upto,
+            not_written: Vec::new(),
+        }
+    }
+}
+
 /// What the writer task and thread share.
 struct Shared {
     backlog: Mutex<Backlog>,
@@ -262,20 +282,12 @@ struct Shared {
     written: watch::Sender<u64>,
     /// Events published so far ([`EventSink::publish`]).
     published: Mutex<u64>,
-    /// [`EventSink::settled`]: [`Backlog::settled`] each time the backlog
-    /// changes, or, with no destination, the events handed to the hooks.
-    settled: AtomicU64,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Backlog> {
         // Nothing in it is left half-changed by a panic.
         self.backlog.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Publishes the backlog's settled position (`b`, locked).
-    fn settle(&self, b: &Backlog) {
-        self.settled.fetch_max(b.settled(), Ordering::Release);
     }
 }
 
@@ -294,6 +306,9 @@ struct Backlog {
     /// The position of the last event that came to the backlog, queued
     /// or dropped.
     passed: u64,
+    /// Positions of the events dropped (never to be written) that
+    /// [`EventSink::settled`] has not told yet: ascending, apart.
+    not_written: Vec<Range<u64>>,
     reopen: bool,
     /// Try again now rather than at the end of the backoff (`flush`).
     retry_now: bool,
@@ -308,6 +323,31 @@ impl Backlog {
     /// never are), or all that came if none is.
     fn settled(&self) -> u64 {
         self.lines.front().map_or(self.passed, |&(_, pos)| pos - 1)
+    }
+
+    /// The event at `pos`, the next to come, is dropped: never written.
+    fn drop_event(&mut self, pos: u64) {
+        self.passed = pos;
+        match self.not_written.last_mut() {
+            Some(r) if r.end == pos => r.end += 1,
+            _ => self.not_written.push(pos..pos + 1),
+        }
+    }
+
+    /// [`EventSink::settled`]: the settled position, and the events up to
+    /// it dropped and not told yet.
+    fn take_settled(&mut self) -> Settled {
+        let upto = self.settled();
+        let n = self.not_written.partition_point(|r| r.start <= upto);
+        let mut not_written: Vec<_> = self.not_written.drain(..n).collect();
+        if let Some(r) = not_written.last_mut()
+            && r.end > upto + 1
+        {
+            // Not while lines are held in order; kept right anyway.
+            self.not_written.insert(0, upto + 1..r.end);
+            r.end = upto + 1;
+        }
+        Settled { upto, not_written }
     }
 }
 
@@ -437,9 +477,13 @@ async fn queue_lines(
                     }
                 }
                 staged.queue(&shared, budget, &metrics);
-                if !has_out {
-                    // Logged and with the hooks: as far as they go.
-                    shared.settled.store(pos, Ordering::Release);
+                if !has_out && !batch.is_empty() {
+                    // Logged and handed to the hooks, which may drop it
+                    // (a full queue, a kill at shutdown): never written.
+                    let mut b = shared.lock();
+                    for p in pos + 1 - batch.len() as u64..=pos {
+                        b.drop_event(p);
+                    }
                 }
             }
             Msg::Reopen => {
@@ -495,14 +539,15 @@ impl Staged {
         let mut at = 0;
         for &(len, seq, pos) in &self.lens {
             // Queued or dropped, settled only once every line before it is
-            // written (`Backlog::settled`).
-            b.passed = pos;
+            // written (`Backlog::settled`); dropped, told as not written.
             if b.bytes.len() + len <= budget {
+                b.passed = pos;
                 b.bytes.extend(&self.lines[at..at + len]);
                 b.lines.push_back((len, pos));
                 b.queued += 1;
                 report_dropped(&mut self.dropped);
             } else {
+                b.drop_event(pos);
                 metrics.event_dropped();
                 if self.dropped.add(seq) {
                     tracing::error!(
@@ -515,7 +560,6 @@ impl Staged {
             }
             at += len;
         }
-        shared.settle(&b);
         drop(b);
         shared.wake.notify_one();
         self.lines.clear();
@@ -700,7 +744,6 @@ fn write_lines(shared: &Shared, dest: &Destination, mut out: Out, metrics: &Metr
                     written += 1;
                 }
                 b.bytes.drain(..done);
-                shared.settle(&b);
                 let empty = b.lines.is_empty();
                 if empty && b.bytes.capacity() > CHUNK {
                     // An outage's backlog is not kept for the next one.
@@ -934,10 +977,18 @@ mod tests {
         assert_eq!(seqs(&p), [1, 2, 3, 11]);
     }
 
+    /// Settled up to `upto`, the events `from..to` of each pair not
+    /// written.
+    fn settled(upto: u64, not_written: &[(u64, u64)]) -> Settled {
+        let not_written = not_written.iter().map(|&(from, to)| from..to).collect();
+        Settled { upto, not_written }
+    }
+
     /// The settled position passes no event that is not written: not the
     /// line a full disk took part of, nor the ones after it, even where
     /// later events are dropped for good (the backlog was full). It counts
-    /// them all once the lines held are written.
+    /// them all once the lines held are written, and tells the dropped
+    /// ones as not written (once), so that their records stay unconfirmed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_settled_position_passes_no_event_unwritten() {
         let dir = tempfile::tempdir().unwrap();
@@ -947,27 +998,61 @@ mod tests {
         let (sink, room, m) = sink_on(&p, 2 * line + 10, 3 * line + line / 2);
         assert_eq!(sink.publish(vec![ev(1), ev(2)]), 0);
         assert_eq!(sink.flush_for(LONG).await, 0);
-        assert_eq!(sink.settled(), 2);
+        assert_eq!(sink.settled(), Settled::from(2));
         assert_eq!(sink.publish(Vec::new()), 2, "nothing published");
         assert_eq!(sink.publish((3..=10).map(ev).collect()), 2);
         assert_eq!(sink.flush_for(A_WHILE).await, 3, "3 to 5 held");
         assert_eq!(counter(&m, "hb_events_dropped_total"), 5);
-        assert_eq!(sink.settled(), 2, "3 is half written, 6 to 10 dropped");
+        assert_eq!(
+            sink.settled(),
+            Settled::from(2),
+            "3 is half written, 6 to 10 dropped"
+        );
         room.store(usize::MAX, Ordering::SeqCst);
         assert_eq!(sink.flush_for(LONG).await, 0);
         assert_eq!(seqs(&p), [1, 2, 3, 4, 5]);
-        assert_eq!(sink.settled(), 10);
+        assert_eq!(sink.settled(), settled(10, &[(6, 11)]));
+        assert_eq!(sink.settled(), Settled::from(10), "told once");
+        // Dropped between written ones: each run its range.
+        room.store(0, Ordering::SeqCst);
+        assert_eq!(sink.publish((11..=16).map(ev).collect()), 10);
+        assert_eq!(sink.flush_for(A_WHILE).await, 3, "11 to 13 held");
+        room.store(usize::MAX, Ordering::SeqCst);
+        assert_eq!(sink.flush_for(LONG).await, 0);
+        assert_eq!(sink.publish(vec![ev(17)]), 16);
+        assert_eq!(sink.flush_for(LONG).await, 0);
+        room.store(0, Ordering::SeqCst);
+        assert_eq!(sink.publish((18..=21).map(ev).collect()), 17);
+        assert_eq!(sink.flush_for(A_WHILE).await, 3, "18 to 20 held");
+        room.store(usize::MAX, Ordering::SeqCst);
+        assert_eq!(sink.flush_for(LONG).await, 0);
+        assert_eq!(sink.settled(), settled(21, &[(14, 17), (21, 22)]));
+        assert_eq!(seqs(&p), [1, 2, 3, 4, 5, 11, 12, 13, 17, 18, 19, 20]);
     }
 
-    /// With no events destination an event is settled once the hooks
-    /// have it (here, none: once logged).
+    /// With no events destination no event is written: every one settles
+    /// as not written, whether or not a hook ran for it (a hook's run may
+    /// be dropped on a full queue or killed at shutdown), so no record is
+    /// ever confirmed and a restart announces a `dead` again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn without_a_destination_events_settle_when_handed_on() {
+    async fn without_a_destination_no_event_is_written() {
         let m = Arc::new(Metrics::new());
-        let sink = EventSink::start_with(Destination::None, None, 0, None, m).unwrap();
+        let opts = super::super::hooks::HookOptions {
+            command: "true".into(),
+            concurrency: 1,
+            timeout: LONG,
+            queue: 1,
+        };
+        let hooks = Hooks::start(opts, m.clone());
+        let sink =
+            EventSink::start_with(Destination::None, None, 0, Some(hooks.clone()), m).unwrap();
         assert_eq!(sink.publish((1..=3).map(ev).collect()), 0);
         assert_eq!(sink.flush_for(LONG).await, 0);
-        assert_eq!(sink.settled(), 3);
+        assert_eq!(sink.publish((4..=5).map(ev).collect()), 3);
+        assert_eq!(sink.flush_for(LONG).await, 0);
+        assert_eq!(sink.settled(), settled(5, &[(1, 6)]));
+        assert_eq!(sink.settled(), Settled::from(5), "told once");
+        hooks.shutdown(LONG).await;
     }
 
     /// Rename rotation, then reopen (SIGHUP): the events after it go to

@@ -86,8 +86,9 @@ impl Status {
     }
 
     /// The status as the tick records it on a transition: [`code`]
-    /// marked [`UNCONFIRMED`] until the event that announces it is
-    /// settled (`tick::Core::confirm` writes it without the mark).
+    /// marked [`UNCONFIRMED`] until the line of the event that announces
+    /// it is written to `--events` (`tick::Core::confirm` then writes it
+    /// without the mark; a line never written leaves the mark).
     ///
     /// [`code`]: Status::code
     pub const fn unconfirmed_code(self) -> u32 {
@@ -108,10 +109,11 @@ impl Status {
 }
 
 /// Bit 8 of a recorded status (`NodeRest::monitor_status`; the low byte
-/// is [`Status::code`]): the event that announced it may not be delivered
-/// yet (its line not written; the monitor may have died first). A
-/// record with the mark counts as none ([`adopt`]), so that the next
-/// monitor announces a dead node again rather than lose the page.
+/// is [`Status::code`]): the line of the event that announced it is not
+/// written to `--events`, not yet (the monitor may die first) or ever
+/// (dropped from a full backlog, or no `--events` at all). A record with
+/// the mark counts as none ([`adopt`]), so that the next monitor
+/// announces a dead node again rather than lose the page.
 pub const UNCONFIRMED: u32 = 1 << 8;
 
 impl std::fmt::Display for Status {
@@ -350,8 +352,8 @@ pub fn step(t: &mut Track, o: &Observation) -> Option<Transition> {
 
 /// What the previous monitor recorded of a node in the state that
 /// survived it (`NodeRest::monitor_status`, written by the tick on every
-/// transition, confirmed once its event is settled), as [`adopt`] reads
-/// it.
+/// transition, confirmed once its event's line is written), as [`adopt`]
+/// reads it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Recorded {
     /// The node's status then (`Unknown`: none recorded, as in a state
@@ -383,13 +385,15 @@ pub struct Recorded {
 /// last word was LEAVING: one of those that had been declared dead is
 /// then announced dead again, as before the record existed. That is a
 /// state pinned by an older hb, and a record still marked
-/// [`UNCONFIRMED`]: its event was in flight when the predecessor stopped
-/// (not yet written when it crashed, or left behind by a shutdown whose
-/// flush gave up), so it may never have been delivered. Hence `dead` is
-/// announced at least once: a clean restart repeats nothing (every event
-/// was written and its record confirmed), a crash or an unflushed
-/// shutdown may repeat the `dead` events in flight. (An `alive` or
-/// `left` in flight is not repeated: the node is adopted as it is now.)
+/// [`UNCONFIRMED`]: its event's line was never written to `--events`
+/// (still held when the predecessor crashed or its shutdown flush gave
+/// up, dropped from a full backlog, or no `--events`: hooks are
+/// best-effort and prove nothing). Hence `dead` is announced at least
+/// once: with `--events`, a clean restart repeats nothing (every line
+/// was written and its record confirmed), a crash, an unflushed shutdown
+/// or a dropped line repeats that `dead`; without it, a restart
+/// announces every dead node again. (An `alive` or `left` not written is
+/// not repeated: the node is adopted as it is now.)
 /// Never a false `joined`: only a node never heard from is `unknown`.
 pub fn adopt(o: &Observation, recorded: Recorded) -> Track {
     let status = match (o.accepted, recorded.status) {

@@ -14,12 +14,12 @@
 //! are compared in terms of the standardized lateness `y`, which phi
 //! increases with strictly (`detector::y_for_phi`).
 
-use std::collections::{HashMap, VecDeque, hash_map};
+use std::collections::VecDeque;
 
 use hb_common::maps::{NodeLive, NodeState};
 
 use super::{
-    events::Event,
+    events::{Event, Settled},
     policy::{IntervalPolicy, NodeView},
     state::{self, Level, Observation, Recorded, Status, Thresholds, Track, Transition},
     table::NodeTable,
@@ -245,7 +245,8 @@ pub struct Core {
     /// ([`Core::published`]).
     changed: Vec<Change>,
     /// Records written unconfirmed whose events are published, until the
-    /// events are settled ([`Core::confirm`]).
+    /// events are settled: written, or known never to be
+    /// ([`Core::confirm`]).
     unconfirmed: Unconfirmed,
     /// Silence before this is not held against any node
     /// ([`Core::listening_since`]).
@@ -326,9 +327,10 @@ impl Core {
     /// in that state, since when it was recorded (`state_for_ms` goes on:
     /// both the record and the pins end with a reboot, CLOCK_MONOTONIC's
     /// epoch); a node with none recorded (pinned by an older hb, or a
-    /// record still marked [`state::UNCONFIRMED`]: its event may not have
-    /// been delivered) is adopted as before, since now, and its adopted
-    /// status recorded: a `dead` in flight is announced again.
+    /// record still marked [`state::UNCONFIRMED`]: its event's line was
+    /// not written to `--events`, or there is no `--events`) is adopted
+    /// as before, since now, and its adopted status recorded: a `dead`
+    /// not written is announced again.
     /// Silence before `now_ns` is not held against the nodes
     /// ([`Core::listening_since`]): without `--keep-attached` no gate ran
     /// between the monitors, and with it the silence the kernel saw
@@ -601,8 +603,9 @@ impl Core {
         *counts = next_counts;
         self.next_seq = seq;
         // Before the events go out, but marked: the next monitor adopts
-        // the status only once [`Core::confirm`] has seen its event
-        // settled (written); until then it announces it again.
+        // the status only once [`Core::confirm`] has seen its event's
+        // line written; until then, or if it never is, it announces a
+        // `dead` again.
         for c in self.changed.iter() {
             dp.set_monitor_status(c.slot, c.status.unconfirmed_code(), now_ns);
         }
@@ -627,13 +630,17 @@ struct Change {
 }
 
 /// Records written unconfirmed whose events are published: the newest of
-/// each slot (a later change replaces it), and their positions in the
+/// each slot (a later change replaces it), indexed by slot (slots are
+/// dense: no hashing at a million nodes), and their positions in the
 /// order they were published, for [`Core::confirm`] to take those settled
 /// from the front. Superseded positions stay in `order` until then, or
 /// until it is compacted, so it stays within twice the slots held.
 #[derive(Default)]
 struct Unconfirmed {
-    by_slot: HashMap<u32, Published>,
+    /// Grown to the table's length as slots are published.
+    by_slot: Vec<Option<Published>>,
+    /// How many of `by_slot` are `Some`.
+    held: usize,
     order: VecDeque<(u64, u32)>,
 }
 
@@ -645,68 +652,96 @@ struct Published {
     pos: u64,
 }
 
+impl Unconfirmed {
+    /// Whether `slot`'s newest record is the one published at `pos`.
+    fn is_current(&self, slot: u32, pos: u64) -> bool {
+        self.by_slot
+            .get(slot as usize)
+            .is_some_and(|p| p.is_some_and(|p| p.pos == pos))
+    }
+}
+
 impl Core {
     /// The events of the last [`Core::tick`] were published, the first at
     /// position `base + 1` (`EventSink::publish`): each record that tick
-    /// wrote is confirmed once its event is settled ([`Core::confirm`]).
+    /// wrote is confirmed once its event is written ([`Core::confirm`]).
     /// Called once per tick, under the same lock, with the whole `events`
     /// the tick appended to; a tick whose events are not published leaves
     /// its records unconfirmed for good.
     pub fn published(&mut self, base: u64) {
         let u = &mut self.unconfirmed;
+        let len = self.table.len() as usize;
         for c in self.changed.drain(..) {
+            let i = c.slot as usize;
+            if i >= u.by_slot.len() {
+                u.by_slot.resize(len.max(i + 1), None);
+            }
             let pos = base + c.event as u64 + 1;
             let p = Published {
                 node_id: c.node_id,
                 status: c.status,
                 pos,
             };
-            u.by_slot.insert(c.slot, p);
+            if u.by_slot[i].replace(p).is_none() {
+                u.held += 1;
+            }
             u.order.push_back((pos, c.slot));
         }
-        if u.order.len() > 2 * u.by_slot.len() + 64 {
+        if u.order.len() > 2 * u.held + 64 {
             let by_slot = &u.by_slot;
             u.order
-                .retain(|&(pos, slot)| by_slot.get(&slot).is_some_and(|p| p.pos == pos));
+                .retain(|&(pos, slot)| by_slot[slot as usize].is_some_and(|p| p.pos == pos));
         }
     }
 
-    /// Confirms the records whose events are settled up to position
-    /// `settled` (`EventSink::settled`): writes each status without the
-    /// [`state::UNCONFIRMED`] mark, if the slot still holds that node in
-    /// that status (under the core's lock the table says so: no later
-    /// change, removal or new node). Returns how many it wrote.
-    pub fn confirm(&mut self, dp: &dyn Dataplane, settled: u64) -> usize {
+    /// Settles the records whose events are settled up to `settled.upto`
+    /// (`EventSink::settled`). One whose event's line is written is
+    /// confirmed: its status written without the [`state::UNCONFIRMED`]
+    /// mark, if the slot still holds that node in that status (under the
+    /// core's lock the table says so: no later change, removal or new
+    /// node). One whose event is in `settled.not_written` (dropped from a
+    /// full backlog, or no events destination) is forgotten, its record
+    /// left unconfirmed: the next monitor announces that `dead` again.
+    /// Returns how many it confirmed.
+    pub fn confirm(&mut self, dp: &dyn Dataplane, settled: impl Into<Settled>) -> usize {
+        let settled = settled.into();
         let (u, table) = (&mut self.unconfirmed, &self.table);
+        let mut not_written = settled.not_written.iter().peekable();
         let mut confirmed = 0;
         while let Some(&(pos, slot)) = u.order.front()
-            && pos <= settled
+            && pos <= settled.upto
         {
             u.order.pop_front();
-            let hash_map::Entry::Occupied(e) = u.by_slot.entry(slot) else {
-                continue;
-            };
-            if e.get().pos != pos {
+            if !u.is_current(slot, pos) {
                 continue; // superseded by a later change of the slot
             }
-            let p = e.remove();
             let i = slot as usize;
+            let Some(p) = u.by_slot[i].take() else {
+                continue;
+            };
+            u.held -= 1;
+            // Both ascending: the ranges before `pos` are behind.
+            while not_written.next_if(|r| r.end <= pos).is_some() {}
+            if not_written.peek().is_some_and(|r| r.contains(&pos)) {
+                continue; // never written: stays unconfirmed
+            }
             if table.node_id.get(i) == Some(&p.node_id) && table.track[i].status == p.status {
                 dp.set_monitor_status(slot, p.status.code(), table.since_ns[i]);
                 confirmed += 1;
             }
         }
-        if u.by_slot.is_empty() && u.order.capacity() > 1024 {
-            // A partition's worth is not kept for the next one.
+        if u.held == 0 && u.order.capacity() > 1024 {
+            // A partition's worth is not kept for the next one (`by_slot`
+            // is the table's length, as its other columns).
             u.order.shrink_to(1024);
-            u.by_slot.shrink_to(1024);
         }
         confirmed
     }
 
-    /// Records written and not yet confirmed whose events are published.
+    /// Records written and not yet confirmed whose events are published
+    /// and not known to be dropped.
     pub fn unconfirmed(&self) -> usize {
-        self.unconfirmed.by_slot.len()
+        self.unconfirmed.held
     }
 }
 
@@ -902,6 +937,9 @@ mod tests {
         Held,
         /// Published and written at once.
         Written,
+        /// Published and never written (dropped from a full backlog, or
+        /// no events destination), and so settled.
+        Dropped,
     }
 
     impl Rig {
@@ -1065,14 +1103,20 @@ mod tests {
             let mut out = Vec::new();
             self.core
                 .tick(&self.dp, at_ms * MS, &mut || "ts".into(), &mut out);
+            let first = self.published + 1;
             if fate != Fate::Lost {
                 self.core.published(self.published);
                 self.published += out.len() as u64;
             }
-            if fate == Fate::Written {
+            let mut settled = Settled::from(self.settled);
+            if matches!(fate, Fate::Written | Fate::Dropped) {
                 self.settled = self.published;
+                settled.upto = self.published;
             }
-            self.core.confirm(&self.dp, self.settled);
+            if fate == Fate::Dropped {
+                settled.not_written.push(first..self.published + 1);
+            }
+            self.core.confirm(&self.dp, settled);
             let r = out.iter().map(|e| (e.node_id, e.event)).collect();
             self.events.extend(out);
             r
@@ -1462,10 +1506,11 @@ mod tests {
     /// OOM, or a shutdown whose flush gave up): the next monitor announces
     /// the node dead again, at least once, where it adopted the recorded
     /// status in silence and the page was lost for good. An event that
-    /// was written is not announced again.
+    /// was written is not announced again; one dropped (the backlog was
+    /// full, or there is no events destination) is.
     #[test]
     fn a_dead_event_not_written_before_a_restart_is_announced_again() {
-        for fate in [Fate::Lost, Fate::Held, Fate::Written] {
+        for fate in [Fate::Lost, Fate::Held, Fate::Dropped, Fate::Written] {
             let (mut r, mut t, seq) = Rig::in_every_status();
             // Node 2 dies; what becomes of that tick's events is `fate`.
             loop {
@@ -1481,10 +1526,24 @@ mod tests {
                 _ => Status::Dead.unconfirmed_code(),
             };
             assert_eq!(r.recorded(2), expect, "{fate:?}");
+            let held = usize::from(fate == Fate::Held);
+            assert_eq!(r.core.unconfirmed(), held, "{fate:?}");
+            let mut s4 = seq[4];
+            if fate != Fate::Held {
+                // Later events written do not confirm it.
+                for _ in 0..4 {
+                    t += 50;
+                    if t % 100 == 0 {
+                        r.beat(4, s4, 100, t);
+                        s4 += 1;
+                    }
+                    assert_eq!(r.tick(t), vec![], "{fate:?}");
+                }
+                assert_eq!(r.recorded(2), expect, "{fate:?}");
+            }
             let start = t + 300;
             r.restart(start);
             let mut dead_again = Vec::new();
-            let mut s4 = seq[4];
             for t in (start..start + 3000).step_by(50) {
                 if t % 100 == 0 {
                     r.beat(4, s4, 100, t);
@@ -1513,6 +1572,34 @@ mod tests {
                 assert_eq!(r.tick(t), vec![], "{fate:?}");
             }
         }
+    }
+
+    /// Records are held by slot: a node added after some are gets a slot
+    /// past them, and its records are settled as any other's; one whose
+    /// event was dropped stays unconfirmed until a later one is written.
+    #[test]
+    fn records_of_a_node_added_later_are_settled() {
+        let mut r = Rig::new(&[1], Box::new(FixedPolicy::none()));
+        r.beat(1, 1, 100, 100);
+        assert_eq!(r.tick(100), [(1, EventKind::Joined)]);
+        assert_eq!(r.recorded(1), Status::Alive.code());
+        let slot = r.core.table.insert(2, Origin::Configured, 0).unwrap();
+        r.dp.upsert_node(2, &keys(2, slot)).unwrap();
+        r.beat(1, 2, 100, 200);
+        r.beat(2, 1, 100, 200);
+        assert_eq!(r.tick_to(200, Fate::Dropped), [(2, EventKind::Joined)]);
+        assert_eq!(r.recorded(2), Status::Alive.unconfirmed_code());
+        assert_eq!(r.core.unconfirmed(), 0, "forgotten");
+        // Node 2 goes silent; its `dead` is written.
+        let mut t = 200;
+        while r.status(2) != Status::Dead {
+            t += 100;
+            r.beat(1, t / 100, 100, t);
+            r.tick(t);
+            assert!(t < 5000);
+        }
+        assert_eq!(r.recorded(2), Status::Dead.code());
+        assert_eq!(r.core.unconfirmed(), 0);
     }
 
     /// A settled event confirms its record only as its tick left it: not
