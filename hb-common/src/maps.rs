@@ -428,12 +428,18 @@ pub struct NodeState {
     /// dead, 4 left), never renumbered; 0 is "not recorded": never heard
     /// from, or a state pinned by an hb that had these fields reserved
     /// (zero). Bit 8 (`hb::monitor::state::UNCONFIRMED`) marks a status
-    /// whose event may not have been delivered: the tick records every
-    /// change with it, and takes it off once the event's line is written
-    /// (or dropped for good); a record with it counts as none recorded, so
-    /// that a `dead` the previous monitor died holding is announced again.
-    /// Bits 9 to 31 are zero; a value with any set (a newer hb's) counts
-    /// as none recorded too. Written by userspace only, with plain atomic
+    /// whose event's line is not written to `--events` (not yet, or
+    /// never: dropped, or no `--events`): the tick records every change
+    /// with it, with the node's last confirmed status in bits 16 to 23 (0:
+    /// none; `hb::monitor::state::LAST_CONFIRMED_SHIFT`), carried over
+    /// from the record it replaces, and writes the status alone (mark and
+    /// bits 16 to 23 clear) once the line is written. A marked record
+    /// counts as its last confirmed status, so that the change the
+    /// previous monitor died holding (or dropped) is announced again; an
+    /// hb that kept none (bits 16 to 23 zero) left it counting as none
+    /// recorded. Bits 9 to 15 and 24 to 31 are zero, and so are 16 to 23
+    /// without the mark; a value otherwise (a newer hb's) counts as none
+    /// recorded too. Written by userspace only, with plain atomic
     /// stores, on every change of status and its confirmation; the kernel
     /// never reads or writes them ([`record`] and [`ack_interval`] leave
     /// them alone). Both clocks end with a reboot, as the pins do.

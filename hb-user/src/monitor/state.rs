@@ -88,15 +88,18 @@ impl Status {
     /// The status as the tick records it on a transition: [`code`]
     /// marked [`UNCONFIRMED`] until the line of the event that announces
     /// it is written to `--events` (`tick::Core::confirm` then writes it
-    /// without the mark; a line never written leaves the mark).
+    /// as [`code`] alone; a line never written leaves the mark), with the
+    /// node's last confirmed status (`last`, [`last_confirmed`] of the
+    /// record it replaces) in bits 16 to 23 ([`LAST_CONFIRMED_SHIFT`]).
     ///
     /// [`code`]: Status::code
-    pub const fn unconfirmed_code(self) -> u32 {
-        self.code() | UNCONFIRMED
+    pub const fn unconfirmed_code(self, last: Status) -> u32 {
+        self.code() | UNCONFIRMED | last.code() << LAST_CONFIRMED_SHIFT
     }
 
     /// A recorded status; a value this version does not know (a newer
-    /// hb's) is none recorded, and so is one marked [`UNCONFIRMED`].
+    /// hb's) is none recorded, and so is one marked [`UNCONFIRMED`]
+    /// (whose last confirmed status is [`last_confirmed`]).
     pub const fn from_code(code: u32) -> Status {
         match code {
             1 => Status::Alive,
@@ -112,9 +115,36 @@ impl Status {
 /// is [`Status::code`]): the line of the event that announced it is not
 /// written to `--events`, not yet (the monitor may die first) or ever
 /// (dropped from a full backlog, or no `--events` at all). A record with
-/// the mark counts as none ([`adopt`]), so that the next monitor
-/// announces a dead node again rather than lose the page.
+/// the mark counts as its last confirmed status, kept beside it
+/// ([`last_confirmed`]; none if there is none, or the record was written
+/// by an hb that kept none), so that the next monitor starts from what
+/// was last announced and announces again the change in flight (a dead
+/// node `dead`, one back `alive`, one gone `left`) rather than lose it.
 pub const UNCONFIRMED: u32 = 1 << 8;
+
+/// Where a record marked [`UNCONFIRMED`] keeps the code of the node's
+/// last confirmed status: bits 16 to 23 (0: none confirmed since the
+/// node was heard from, or written by an hb that kept none). A confirmed
+/// record has them clear: it is its own last confirmed status, and reads
+/// the same to an hb that knows no more than the low byte.
+pub const LAST_CONFIRMED_SHIFT: u32 = 16;
+
+/// The last status announced of a node by a line written to `--events`,
+/// as its record (`NodeRest::monitor_status`) tells it: the record's own
+/// status if confirmed, the one it keeps in bits 16 to 23
+/// ([`LAST_CONFIRMED_SHIFT`]) if marked [`UNCONFIRMED`]; `Unknown` if none
+/// (never recorded, a state pinned by an older hb) or the value is one
+/// this version does not know (a newer hb's).
+pub const fn last_confirmed(record: u32) -> Status {
+    const KNOWN: u32 = 0xff | UNCONFIRMED | 0xff << LAST_CONFIRMED_SHIFT;
+    if record & !KNOWN != 0 {
+        Status::Unknown
+    } else if record & UNCONFIRMED != 0 {
+        Status::from_code(record >> LAST_CONFIRMED_SHIFT)
+    } else {
+        Status::from_code(record)
+    }
+}
 
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -356,13 +386,35 @@ pub fn step(t: &mut Track, o: &Observation) -> Option<Transition> {
 /// reads it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Recorded {
-    /// The node's status then (`Unknown`: none recorded, as in a state
-    /// pinned by an older hb, or not confirmed: [`UNCONFIRMED`]).
+    /// The node's last confirmed status ([`last_confirmed`]; `Unknown`:
+    /// none, as in a state pinned by an older hb, or a record marked
+    /// [`UNCONFIRMED`] with none confirmed before it).
     pub status: Status,
     /// The gate accepted heartbeats of the node after that status was
     /// recorded (its last arrival is later): with `--keep-attached` the
     /// gate goes on while no monitor runs.
     pub heard_since: bool,
+}
+
+impl Recorded {
+    /// What a record tells ([`last_confirmed`]), written at `since_ns` (0:
+    /// none), of a node last heard from at `last_arrival_ns`. A record
+    /// marked [`UNCONFIRMED`] was written after its last confirmed status:
+    /// heartbeats since it are heard since that status too, and so is the
+    /// one that made the change in flight an `alive` or a `left` (only a
+    /// heartbeat does), so a node back from `dead` whose `alive` was lost
+    /// is announced again at the start if it is still beating.
+    pub const fn of(record: u32, since_ns: u64, last_arrival_ns: u64) -> Recorded {
+        let heard_change = record & UNCONFIRMED != 0
+            && matches!(
+                Status::from_code(record & 0xff),
+                Status::Alive | Status::Left
+            );
+        Recorded {
+            status: last_confirmed(record),
+            heard_since: (since_ns != 0 && last_arrival_ns > since_ns) || heard_change,
+        }
+    }
 }
 
 /// The belief a monitor that starts over state that survived its
@@ -381,19 +433,28 @@ pub struct Recorded {
 /// intervals after it, once; one that left meanwhile is announced `left`
 /// on the first tick.
 ///
+/// The status kept is the last confirmed one ([`Recorded::status`]): a
+/// record still marked [`UNCONFIRMED`] (its event's line never written
+/// to `--events`: still held when the predecessor crashed or its
+/// shutdown flush gave up, dropped from a full backlog, or no
+/// `--events`, hooks being best-effort and proving nothing) counts as the
+/// status announced before it, and [`step`] announces the change in
+/// flight again if it still holds: a node confirmed alive whose `dead`
+/// was not written is announced `dead` (a few of its intervals after the
+/// start), one confirmed dead whose `alive` was not written is announced
+/// `alive` (at the start if it still beats, see [`Recorded::of`]), one
+/// confirmed alive whose `left` was not written is announced `left`.
+///
 /// A node with no recorded status is adopted `alive`, or `left` if its
 /// last word was LEAVING: one of those that had been declared dead is
 /// then announced dead again, as before the record existed. That is a
-/// state pinned by an older hb, and a record still marked
-/// [`UNCONFIRMED`]: its event's line was never written to `--events`
-/// (still held when the predecessor crashed or its shutdown flush gave
-/// up, dropped from a full backlog, or no `--events`: hooks are
-/// best-effort and prove nothing). Hence `dead` is announced at least
-/// once: with `--events`, a clean restart repeats nothing (every line
-/// was written and its record confirmed), a crash, an unflushed shutdown
-/// or a dropped line repeats that `dead`; without it, a restart
-/// announces every dead node again. (An `alive` or `left` not written is
-/// not repeated: the node is adopted as it is now.)
+/// state pinned by an older hb, and an unconfirmed record with no status
+/// confirmed before it (or written by an hb that kept none). Hence every
+/// change is announced at least once: with `--events`, a clean restart
+/// repeats nothing (every line was written and its record confirmed), a
+/// crash, an unflushed shutdown or a dropped line repeats the changes in
+/// flight; without it, no status is ever confirmed and a restart
+/// announces every dead node again.
 /// Never a false `joined`: only a node never heard from is `unknown`.
 pub fn adopt(o: &Observation, recorded: Recorded) -> Track {
     let status = match (o.accepted, recorded.status) {
@@ -662,9 +723,65 @@ mod tests {
         }
         assert_eq!(Status::from_code(5), S::Unknown, "a newer hb's: none");
         for s in Status::ALL {
-            assert_eq!(s.unconfirmed_code(), 0x100 | s.code());
-            assert_eq!(Status::from_code(s.unconfirmed_code()), S::Unknown);
+            for last in Status::ALL {
+                let code = s.unconfirmed_code(last);
+                assert_eq!(code, last.code() << 16 | 0x100 | s.code());
+                assert_eq!(Status::from_code(code), S::Unknown);
+                assert_eq!(last_confirmed(code), last, "{s} after {last}");
+            }
+            assert_eq!(last_confirmed(s.code()), s, "confirmed");
         }
+        // Written by an hb that kept no last confirmed status.
+        assert_eq!(last_confirmed(0x100 | S::Dead.code()), S::Unknown);
+        // A newer hb's: none.
+        assert_eq!(last_confirmed(5), S::Unknown);
+        assert_eq!(last_confirmed(S::Dead.code() | 1 << 16), S::Unknown);
+        assert_eq!(last_confirmed(0x100 | 5 << 16), S::Unknown);
+        assert_eq!(last_confirmed(0x200 | S::Dead.code()), S::Unknown);
+        assert_eq!(last_confirmed(1 << 24 | S::Dead.code()), S::Unknown);
+    }
+
+    /// An unconfirmed record counts as the status confirmed before it, and
+    /// the change in flight is announced again by `step`.
+    #[test]
+    fn adoption_of_an_unconfirmed_record_announces_the_change_in_flight() {
+        let of = |now: Status, last: Status| Recorded::of(now.unconfirmed_code(last), 100, 50);
+        // Confirmed dead, `alive` in flight: announced at once if still
+        // beating, else on its next heartbeat.
+        let mut t = adopt(&obs(9, 3, L::Healthy), of(S::Alive, S::Dead));
+        assert_eq!(t.status, S::Dead);
+        let tr = step(&mut t, &obs(9, 3, L::Healthy)).unwrap();
+        assert_eq!((tr.event, tr.previous), (E::Alive, S::Dead));
+        let mut t = adopt(&obs(9, 3, L::Dead), of(S::Alive, S::Dead));
+        assert_eq!(step(&mut t, &obs(9, 3, L::Dead)), None);
+        assert_eq!(
+            step(&mut t, &obs(10, 3, L::Healthy)).unwrap().event,
+            E::Alive
+        );
+        // Confirmed alive, `left` in flight.
+        let mut t = adopt(&leaving(9, 3), of(S::Left, S::Alive));
+        assert_eq!(t.status, S::Alive);
+        assert_eq!(step(&mut t, &leaving(9, 3)).unwrap().event, E::Left);
+        // Confirmed alive, `dead` in flight.
+        let mut t = adopt(&obs(9, 3, L::Dead), of(S::Dead, S::Alive));
+        assert_eq!(t.status, S::Alive);
+        assert_eq!(step(&mut t, &obs(9, 3, L::Dead)).unwrap().event, E::Dead);
+        // Confirmed dead, `dead` in flight again: nothing new.
+        let mut t = adopt(&obs(9, 3, L::Dead), of(S::Dead, S::Dead));
+        assert_eq!(step(&mut t, &obs(9, 3, L::Dead)), None);
+        // None confirmed before it: as a state pinned by an older hb.
+        let none = Recorded::of(0x100 | S::Dead.code(), 100, 50);
+        assert_eq!(none.status, S::Unknown);
+        assert_eq!(adopt(&obs(9, 3, L::Dead), none).status, S::Alive);
+        // A confirmed record: its own status, heard since only after it.
+        assert_eq!(
+            Recorded::of(S::Dead.code(), 100, 50),
+            recorded(S::Dead, false)
+        );
+        assert_eq!(
+            Recorded::of(S::Dead.code(), 100, 150),
+            recorded(S::Dead, true)
+        );
     }
 
     #[test]

@@ -326,11 +326,15 @@ impl Core {
     /// state. Each node goes on in the status its previous monitor recorded
     /// in that state, since when it was recorded (`state_for_ms` goes on:
     /// both the record and the pins end with a reboot, CLOCK_MONOTONIC's
-    /// epoch); a node with none recorded (pinned by an older hb, or a
-    /// record still marked [`state::UNCONFIRMED`]: its event's line was
-    /// not written to `--events`, or there is no `--events`) is adopted
-    /// as before, since now, and its adopted status recorded: a `dead`
-    /// not written is announced again.
+    /// epoch). A record still marked [`state::UNCONFIRMED`] (its event's
+    /// line was not written to `--events`, or there is no `--events`)
+    /// counts as the status confirmed before it ([`state::last_confirmed`]),
+    /// since now, and is left as it is until the tick records the next
+    /// change: the change in flight is announced again (`state::adopt`),
+    /// and a monitor that stops before that still leaves it unconfirmed.
+    /// A node with none (pinned by an older hb, or no status confirmed
+    /// before the one in flight) is adopted as before, since now, and its
+    /// adopted status recorded: a `dead` not written is announced again.
     /// Silence before `now_ns` is not held against the nodes
     /// ([`Core::listening_since`]): without `--keep-attached` no gate ran
     /// between the monitors, and with it the silence the kernel saw
@@ -352,12 +356,17 @@ impl Core {
             // alive.
             let obs = det.observe(st, now_ns);
             let since = st.monitor_status_since_ns;
-            let recorded = Recorded {
-                status: Status::from_code(st.monitor_status),
-                heard_since: since != 0 && st.last_arrival_ns > since,
-            };
+            let recorded = Recorded::of(st.monitor_status, since, st.last_arrival_ns);
             let track = state::adopt(&obs, recorded);
-            adopted.push((slot, track, recorded.status, since));
+            // An unconfirmed record's time is its change's, not the last
+            // confirmed status's.
+            let confirmed = st.monitor_status & state::UNCONFIRMED == 0;
+            adopted.push((
+                slot,
+                track,
+                recorded.status,
+                if confirmed { since } else { 0 },
+            ));
         });
         for (slot, track, recorded, recorded_since) in adopted {
             let i = slot as usize;
@@ -537,12 +546,6 @@ impl Core {
                     return;
                 }
                 since_ns[i] = now_ns;
-                changed.push(Change {
-                    slot,
-                    node_id: id,
-                    status: t.status,
-                    event: events.len(),
-                });
                 if tr.refutes_suspicion() {
                     // Back without a restart: the suspicion was false.
                     policy.suspicion_refuted(slot);
@@ -553,6 +556,13 @@ impl Core {
                 // restart stamped in between must not show in the event
                 // (a `dead` with `last_seen_ms` 0, or the new generation).
                 let st = NodeState::from_parts(st, full().rest());
+                changed.push(Change {
+                    slot,
+                    node_id: id,
+                    status: t.status,
+                    last: state::last_confirmed(st.monitor_status),
+                    event: events.len(),
+                });
                 if tr.event == super::state::EventKind::Dead
                     && !*backstop_warned
                     && det.backstop_binds(&st)
@@ -602,12 +612,13 @@ impl Core {
         skipped(next_slot, len, &mut next_counts, track);
         *counts = next_counts;
         self.next_seq = seq;
-        // Before the events go out, but marked: the next monitor adopts
-        // the status only once [`Core::confirm`] has seen its event's
-        // line written; until then, or if it never is, it announces a
-        // `dead` again.
+        // Before the events go out, but marked, with the last status
+        // confirmed: the next monitor adopts the status only once
+        // [`Core::confirm`] has seen its event's line written; until then,
+        // or if it never is, it starts from the last confirmed one and
+        // announces the change again.
         for c in self.changed.iter() {
-            dp.set_monitor_status(c.slot, c.status.unconfirmed_code(), now_ns);
+            dp.set_monitor_status(c.slot, c.status.unconfirmed_code(c.last), now_ns);
         }
         for &(slot, ms) in self.pending.iter() {
             dp.set_requested_interval(slot, ms);
@@ -626,6 +637,9 @@ struct Change {
     slot: u32,
     node_id: u32,
     status: Status,
+    /// The node's last confirmed status, carried over from the record this
+    /// change replaces ([`state::last_confirmed`]).
+    last: Status,
     event: usize,
 }
 
@@ -696,13 +710,15 @@ impl Core {
 
     /// Settles the records whose events are settled up to `settled.upto`
     /// (`EventSink::settled`). One whose event's line is written is
-    /// confirmed: its status written without the [`state::UNCONFIRMED`]
-    /// mark, if the slot still holds that node in that status (under the
-    /// core's lock the table says so: no later change, removal or new
-    /// node). One whose event is in `settled.not_written` (dropped from a
-    /// full backlog, or no events destination) is forgotten, its record
-    /// left unconfirmed: the next monitor announces that `dead` again.
-    /// Returns how many it confirmed.
+    /// confirmed: its status written as [`Status::code`] alone, without
+    /// the [`state::UNCONFIRMED`] mark and the last confirmed status it
+    /// carried (bits 16 to 23 cleared: it is its own), if the slot still
+    /// holds that node in that status (under the core's lock the table
+    /// says so: no later change, removal or new node). One whose event is
+    /// in `settled.not_written` (dropped from a full backlog, or no events
+    /// destination) is forgotten, its record left unconfirmed: the next
+    /// monitor starts from the status confirmed before it and announces
+    /// that change again. Returns how many it confirmed.
     pub fn confirm(&mut self, dp: &dyn Dataplane, settled: impl Into<Settled>) -> usize {
         let settled = settled.into();
         let (u, table) = (&mut self.unconfirmed, &self.table);
@@ -1523,7 +1539,7 @@ mod tests {
             let dead = Status::Dead.code();
             let expect = match fate {
                 Fate::Written => dead,
-                _ => Status::Dead.unconfirmed_code(),
+                _ => Status::Dead.unconfirmed_code(Status::Suspect),
             };
             assert_eq!(r.recorded(2), expect, "{fate:?}");
             let held = usize::from(fate == Fate::Held);
@@ -1574,6 +1590,97 @@ mod tests {
         }
     }
 
+    /// An `alive` or a `left` not written before a restart is announced
+    /// again too: the record keeps the status last confirmed beside the
+    /// one in flight, and the next monitor starts from it, where it
+    /// adopted the node as it is now and the change was lost. Node 1,
+    /// confirmed dead, is back and still beating: `alive` at the start;
+    /// node 2, confirmed dead, beat once and is silent at the start:
+    /// `alive` on its next heartbeat; node 4, confirmed alive, said
+    /// goodbye: `left`. Written, nothing is announced again.
+    #[test]
+    fn an_alive_or_left_not_written_before_a_restart_is_announced_again() {
+        for fate in [Fate::Lost, Fate::Held, Fate::Dropped, Fate::Written] {
+            let (mut r, mut t, mut seq) = Rig::in_every_status();
+            while r.status(2) != Status::Dead {
+                t += 50;
+                if t % 100 == 0 {
+                    r.beat(4, seq[4], 100, t);
+                    seq[4] += 1;
+                }
+                r.tick(t);
+                assert!(t < 5000, "{fate:?}");
+            }
+            t += 50;
+            r.beat(1, seq[1], 100, t);
+            r.beat(2, seq[2], 100, t);
+            r.leave(4, seq[4], t);
+            seq[1] += 1;
+            seq[2] += 1;
+            assert_eq!(
+                r.tick_to(t, fate),
+                [
+                    (1, EventKind::Alive),
+                    (2, EventKind::Alive),
+                    (4, EventKind::Left)
+                ],
+                "{fate:?}"
+            );
+            let (alive, left) = (Status::Alive.code(), Status::Left.code());
+            let expect = match fate {
+                Fate::Written => (alive, alive, left),
+                _ => (
+                    Status::Alive.unconfirmed_code(Status::Dead),
+                    Status::Alive.unconfirmed_code(Status::Dead),
+                    Status::Left.unconfirmed_code(Status::Alive),
+                ),
+            };
+            assert_eq!((r.recorded(1), r.recorded(2), r.recorded(4)), expect);
+            // Node 1 beats on while no monitor runs.
+            let start = t + 300;
+            for t in [t + 100, t + 200] {
+                r.beat(1, seq[1], 100, t);
+                seq[1] += 1;
+            }
+            r.restart(start);
+            let mut again = Vec::new();
+            for t in (start..start + 2000).step_by(50) {
+                if t % 100 == 0 {
+                    r.beat(1, seq[1], 100, t);
+                    seq[1] += 1;
+                    if t >= start + 200 {
+                        r.beat(2, seq[2], 100, t);
+                        seq[2] += 1;
+                    }
+                }
+                again.extend(r.tick(t).into_iter().map(|e| (t - start, e)));
+            }
+            let expect = match fate {
+                Fate::Written => vec![],
+                _ => vec![
+                    (0, (1, EventKind::Alive)),
+                    (0, (4, EventKind::Left)),
+                    (200, (2, EventKind::Alive)),
+                ],
+            };
+            assert_eq!(again, expect, "{fate:?}");
+            let previous: Vec<_> = r.events[r.events.len() - again.len()..]
+                .iter()
+                .map(|e| e.previous)
+                .collect();
+            if fate != Fate::Written {
+                assert_eq!(previous, [Status::Dead, Status::Alive, Status::Dead]);
+            }
+            let status = (r.status(1), r.status(2), r.status(4));
+            assert_eq!(status, (Status::Alive, Status::Alive, Status::Left));
+            assert_eq!(
+                (r.recorded(1), r.recorded(2), r.recorded(4)),
+                (alive, alive, left),
+                "{fate:?}"
+            );
+        }
+    }
+
     /// Records are held by slot: a node added after some are gets a slot
     /// past them, and its records are settled as any other's; one whose
     /// event was dropped stays unconfirmed until a later one is written.
@@ -1588,7 +1695,10 @@ mod tests {
         r.beat(1, 2, 100, 200);
         r.beat(2, 1, 100, 200);
         assert_eq!(r.tick_to(200, Fate::Dropped), [(2, EventKind::Joined)]);
-        assert_eq!(r.recorded(2), Status::Alive.unconfirmed_code());
+        assert_eq!(
+            r.recorded(2),
+            Status::Alive.unconfirmed_code(Status::Unknown)
+        );
         assert_eq!(r.core.unconfirmed(), 0, "forgotten");
         // Node 2 goes silent; its `dead` is written.
         let mut t = 200;
@@ -1629,7 +1739,11 @@ mod tests {
         // The `dead` is written: the record is `alive` now, and stays
         // unconfirmed.
         assert_eq!(r.core.confirm(&r.dp, held + 1), 0);
-        assert_eq!(r.recorded(2), Status::Alive.unconfirmed_code());
+        assert_eq!(
+            r.recorded(2),
+            Status::Alive.unconfirmed_code(Status::Suspect),
+            "the last confirmed carried over"
+        );
         // Node 4 is removed before its `left` is written.
         let slot4 = r.core.table.remove(4).unwrap();
         r.dp.remove_node(4).unwrap();
