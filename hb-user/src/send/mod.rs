@@ -954,7 +954,13 @@ fn interval_changed(new: u32, next: &mut Instant, saver: Option<&resume::Saver>)
 /// `now`, a fresh rhythm. Never sooner: a heartbeat right after the late
 /// one (as `max(due + iv, now)` sent) tells the monitor nothing and
 /// enters its statistics as a near-zero inter-arrival time.
-fn next_due(due: Instant, iv: Duration, now: Instant) -> Instant {
+/// Generic over the clock so that `hb simulate`'s senders (ns as `u64`)
+/// keep the same rhythm as this loop's (`Instant`).
+pub(crate) fn next_due<T, D>(due: T, iv: D, now: T) -> T
+where
+    T: Copy + PartialOrd + std::ops::Add<D, Output = T>,
+    D: Copy,
+{
     let next = due + iv;
     if next > now { next } else { now + iv }
 }

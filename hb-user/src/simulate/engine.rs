@@ -561,15 +561,6 @@ impl Node {
     }
 }
 
-/// `hb send`'s loop scheduling the heartbeat after one due at `due` and
-/// sent at `now` (`send/mod.rs`, `next_due`): one interval later, keeping
-/// the rhythm; after a stall of the sender past that, one interval after
-/// `now`.
-fn next_due(due: u64, iv: u64, now: u64) -> u64 {
-    let next = due + iv;
-    if next > now { next } else { now + iv }
-}
-
 /// How late a sender's timer wakes it: up to 0.5 ms.
 fn slack(rng: &mut ChaCha8Rng) -> u64 {
     rng.random_range(0..MS / 2)
@@ -1167,7 +1158,8 @@ impl Sim<'_, '_> {
         n.sender.woke_late(t.saturating_sub(n.due), t);
         let load = n.load(t);
         let payload = n.sender.heartbeat(t, load, false)[0].1;
-        n.due = next_due(n.due, n.sender.interval_ms() as u64 * MS, t);
+        // `hb send`'s own rule: the rhythm kept, or restarted after a stall.
+        n.due = crate::send::next_due(n.due, n.sender.interval_ms() as u64 * MS, t);
         let wake = n.due + slack(&mut n.rng);
         let transit = n.transit(true, t);
         self.sent += 1;
