@@ -1381,14 +1381,32 @@ fn bad_input(mode: &str) {
         return;
     }
 
+    // `hb monitor` in an XDP mode on veth-a, as the cases below run it.
+    let xdp_monitor = |m: &str, keyring: &str| -> Vec<String> {
+        [
+            "monitor",
+            "--mode",
+            m,
+            "--iface",
+            IF_A,
+            "--pin-dir",
+            &pins,
+            "--keyring",
+            keyring,
+            "--nodes",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+
     // Another XDP program on the interface: refused in native and skb
     // mode alike, and left in place.
     let other = xdp_pass(&pair.a, IF_A);
     let other_id = xdp_prog_id(&pair.a, IF_A).expect("hb_pass attached to veth-a");
     for m in ["native", "skb"] {
         let mut cmd = pair.a.command(hb_bin().to_str().unwrap());
-        cmd.args(["monitor", "--mode", m, "--iface", IF_A, "--pin-dir", &pins])
-            .args(["--keyring", &keyring, "--nodes", "1"]);
+        cmd.args(xdp_monitor(m, &keyring));
         fails_with_one_line(
             &format!("another XDP program ({m})"),
             &mut cmd,
@@ -1407,16 +1425,7 @@ fn bad_input(mode: &str) {
     let mut cmd = pair.a.command("unshare");
     cmd.args(["--time", "--monotonic", "3600", "--fork", "--"])
         .arg(hb_bin())
-        .args([
-            "monitor",
-            "--mode",
-            mode,
-            "--iface",
-            IF_A,
-            "--pin-dir",
-            &pins,
-        ])
-        .args(["--keyring", &keyring, "--nodes", "1"]);
+        .args(xdp_monitor(mode, &keyring));
     fails_with_one_line(
         "a time namespace with a monotonic offset",
         &mut cmd,
@@ -1438,16 +1447,7 @@ fn bad_input(mode: &str) {
         cmd.args(ids)
             .args(["--inh-caps=-all", "--bounding-set=-all", "--"])
             .arg(hb_bin())
-            .args([
-                "monitor",
-                "--mode",
-                mode,
-                "--iface",
-                IF_A,
-                "--pin-dir",
-                &pins,
-            ])
-            .args(["--keyring", keyring.as_str(), "--nodes", "1"]);
+            .args(xdp_monitor(mode, keyring));
         fails_with_one_line(
             &format!("missing privileges: {who}"),
             &mut cmd,
