@@ -28,6 +28,10 @@
 //! counted `malformed`. (XDP passes IPv6 fragments to the stack, a
 //! fragment header being an extension header; reassembled, they are not
 //! heartbeats here either.)
+//!
+//! Each datagram is stamped with the kernel's receive time
+//! (`SO_TIMESTAMPNS`), not with the moment this task reads it: see
+//! `stamp`.
 
 use std::{
     io::{IoSlice, IoSliceMut},
@@ -38,8 +42,15 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use hb_common::GateResult;
-use nix::sys::socket::{
-    ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, sendmsg,
+use nix::{
+    sys::{
+        socket::{
+            ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, sendmsg,
+            setsockopt, sockopt,
+        },
+        time::TimeSpec,
+    },
+    time::{ClockId, clock_gettime},
 };
 use tokio::{io::Interest, net::UdpSocket};
 
@@ -134,10 +145,11 @@ fn bind_error(a: &SocketAddr, e: std::io::Error) -> anyhow::Error {
     }
 }
 
-/// Asks the kernel for `IP_RECVFRAGSIZE` (and, on an IPv6 socket, which
-/// may also receive IPv4 as mapped addresses, `IPV6_RECVFRAGSIZE` too);
-/// on a wildcard socket, for the address each datagram was sent to as
-/// well (`IP_PKTINFO`, and `IPV6_RECVPKTINFO` on an IPv6 socket).
+/// Asks the kernel for each datagram's receive time (`SO_TIMESTAMPNS`,
+/// see [`stamp`]) and `IP_RECVFRAGSIZE` (and, on an IPv6 socket,
+/// which may also receive IPv4 as mapped addresses, `IPV6_RECVFRAGSIZE`
+/// too); on a wildcard socket, for the address each datagram was sent to
+/// as well (`IP_PKTINFO`, and `IPV6_RECVPKTINFO` on an IPv6 socket).
 ///
 /// The family is the socket's own, not the one asked for: `bind` falls
 /// back to the IPv4 wildcard where there is no IPv6.
@@ -161,6 +173,7 @@ fn ask_control_messages(s: &std::net::UdpSocket) -> std::io::Result<()> {
         }
     };
     let local = s.local_addr()?;
+    setsockopt(s, sockopt::ReceiveTimestampns, &true)?;
     on(libc::IPPROTO_IP, libc::IP_RECVFRAGSIZE)?;
     if local.is_ipv6() {
         on(libc::IPPROTO_IPV6, libc::IPV6_RECVFRAGSIZE)?;
@@ -176,11 +189,13 @@ fn ask_control_messages(s: &std::net::UdpSocket) -> std::io::Result<()> {
 
 /// Room for every control message a socket asks for at once: an IPv4
 /// datagram reassembled on a dual-stack wildcard socket carries both
-/// packet infos and a fragment size. A smaller buffer would be truncated,
-/// and a truncated one reads as "reassembled" (see `recv_datagram`).
+/// packet infos, a fragment size (room for both) and its receive time. A
+/// smaller buffer would be truncated, and a truncated one reads as
+/// "reassembled" (see `recv_datagram`).
 const CMSG_ROOM: usize = cmsg_space(size_of::<libc::in6_pktinfo>())
     + cmsg_space(size_of::<libc::in_pktinfo>())
-    + 2 * cmsg_space(size_of::<libc::c_int>());
+    + 2 * cmsg_space(size_of::<libc::c_int>())
+    + cmsg_space(size_of::<libc::timespec>());
 
 const fn cmsg_space(len: usize) -> usize {
     // SAFETY: CMSG_SPACE is arithmetic on its argument.
@@ -203,6 +218,8 @@ struct Received {
     dst: Option<IpAddr>,
     /// The kernel reassembled it from fragments.
     reassembled: bool,
+    /// When the kernel received it (CLOCK_REALTIME), if it said.
+    rx_realtime: Option<TimeSpec>,
 }
 
 /// One datagram read from `fd` into `buf`.
@@ -223,6 +240,7 @@ fn recv_datagram(fd: RawFd, buf: &mut [u8]) -> std::io::Result<Received> {
         src,
         dst: None,
         reassembled: false,
+        rx_realtime: None,
     };
     let (mut dst_v4, mut dst_v6) = (None, None);
     match msg.cmsgs() {
@@ -240,6 +258,7 @@ fn recv_datagram(fd: RawFd, buf: &mut [u8]) -> std::io::Result<Received> {
                         dst_v6 =
                             Some(Ipv6Addr::from(i.ipi6_addr.s6_addr)).filter(|a| !a.is_multicast());
                     }
+                    ControlMessageOwned::ScmTimestampns(t) => got.rx_realtime = Some(t),
                     ControlMessageOwned::Unknown(u) => {
                         let h = u.cmsg_header;
                         got.reassembled |= (h.cmsg_level, h.cmsg_type)
@@ -307,6 +326,54 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
+/// The arrival of a datagram the kernel received at `rx_realtime`, on the
+/// gate's clock (CLOCK_MONOTONIC), given the stamp `prev_ns` of the
+/// socket's previous datagram (or when it started serving); reads both
+/// clocks once.
+///
+/// The moment this task reads a datagram is not its arrival: a monitor
+/// frozen or starved (SIGSTOP, a busy CPU, a stalled runtime) finds the
+/// heartbeats queued in the socket, and stamping them "now" would teach
+/// the gate (inter-arrival means, stall memory) a phantom stall as long as
+/// the freeze for every node, and the runtime's scheduling latency as
+/// every node's jitter. The kernel stamps each datagram as it receives
+/// it, but only on CLOCK_REALTIME, so the stamp is converted by its age:
+/// `now_mono - (now_real - rx_real)`. Realtime may step (NTP, an
+/// operator) while a datagram waits: the age is at least 0 and the
+/// arrival lies between the previous one and now, so a step can neither
+/// reorder arrivals nor put one in the future; at worst a step back makes
+/// a datagram arrive now (as all did before the kernel's stamps were
+/// used), a step forward (a host without a real-time clock setting it
+/// at boot: decades) makes it arrive with the previous one, or when the
+/// socket started serving. A datagram without a receive time arrives now.
+fn stamp(rx_realtime: Option<TimeSpec>, prev_ns: u64) -> u64 {
+    let Some(rx) = rx_realtime else {
+        return monotonic_ns();
+    };
+    let now_real =
+        clock_gettime(ClockId::CLOCK_REALTIME).expect("CLOCK_REALTIME is always available");
+    arrival_ns(
+        monotonic_ns(),
+        timespec_ns(now_real),
+        timespec_ns(rx),
+        prev_ns,
+    )
+}
+
+/// `now_mono_ns` less the age `now_real_ns - rx_real_ns` (at least 0),
+/// within `[prev_ns, now_mono_ns]` (see [`stamp`]).
+fn arrival_ns(now_mono_ns: u64, now_real_ns: i128, rx_real_ns: i128, prev_ns: u64) -> u64 {
+    let age_ns = (now_real_ns - rx_real_ns).clamp(0, i128::from(u64::MAX)) as u64;
+    now_mono_ns
+        .saturating_sub(age_ns)
+        .max(prev_ns)
+        .min(now_mono_ns)
+}
+
+fn timespec_ns(t: TimeSpec) -> i128 {
+    i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec())
+}
+
 /// Receives, gates and answers datagrams on `sock` until `shutdown` fires.
 pub async fn serve(
     sock: std::net::UdpSocket,
@@ -325,6 +392,8 @@ pub async fn serve(
     // (malformed) rather than truncated into 48 plausible bytes.
     let mut buf = [0u8; 2048];
     let fd = sock.as_raw_fd();
+    // Nothing arrives before the monitor listens (see `stamp`).
+    let mut last_arrival_ns = monotonic_ns();
     loop {
         let recv = sock.async_io(Interest::READABLE, || recv_datagram(fd, &mut buf));
         let got = tokio::select! {
@@ -347,7 +416,8 @@ pub async fn serve(
             dp.count(GateResult::Malformed);
             continue;
         }
-        let now = monotonic_ns();
+        let now = stamp(got.rx_realtime, last_arrival_ns);
+        last_arrival_ns = now;
         let src = SocketAddr::new(got.src.ip().to_canonical(), got.src.port());
         let v = dp.gate_unsent(&buf[..got.len], src, now);
         if let Some(ack) = v.ack {
@@ -577,11 +647,79 @@ mod tests {
             assert_eq!(got.len, 5);
             assert_eq!(got.dst, Some(ip), "{got:?}");
             assert!(!got.reassembled, "{got:?}");
+            assert!(got.rx_realtime.is_some(), "{got:?}");
             let client_addr = client.local_addr().unwrap();
             assert_eq!(
                 SocketAddr::new(got.src.ip().to_canonical(), got.src.port()),
                 client_addr
             );
         }
+    }
+
+    /// A datagram that waited in the socket arrived when the kernel
+    /// received it, not when it was read: a monitor that was frozen or
+    /// starved learns no phantom stall of its nodes.
+    #[test]
+    fn a_queued_datagram_arrives_when_the_kernel_received_it() {
+        let lo = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+        let serving_ns = monotonic_ns();
+        let sock = bind(&[lo]).unwrap().remove(0);
+        sock.set_nonblocking(false).unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        // The first socket to ask for receive times turns the kernel's
+        // stamping on from a work queue; a datagram received before it
+        // runs is stamped when read.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let client = std::net::UdpSocket::bind(lo).unwrap();
+        let sent_ns = monotonic_ns();
+        client
+            .send_to(b"hello", sock.local_addr().unwrap())
+            .unwrap();
+        let sent_by_ns = monotonic_ns();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let mut buf = [0u8; 64];
+        let got = recv_datagram(sock.as_raw_fd(), &mut buf).unwrap();
+        let at = stamp(got.rx_realtime, serving_ns);
+        let read_ns = monotonic_ns();
+        let ms = 1_000_000;
+        // Slack for a loaded machine; it reads 300 ms later.
+        assert!(
+            at + 100 * ms >= sent_ns && at <= sent_by_ns + 100 * ms,
+            "stamped {} ms after the send",
+            (at as i128 - sent_ns as i128) / ms as i128
+        );
+        assert!(
+            read_ns - at >= 200 * ms,
+            "stamped {} ms before the read",
+            (read_ns - at) / ms
+        );
+    }
+
+    #[test]
+    fn arrival_is_the_kernels_receive_time_between_the_previous_and_now() {
+        let s = 1_000_000_000_i128;
+        let real = 1_700_000_000 * s;
+        let (now, prev) = (500_000_000_000_u64, 499_000_000_000_u64);
+        // Received 300 ms ago.
+        assert_eq!(
+            arrival_ns(now, real, real - 3 * s / 10, prev),
+            now - 300_000_000
+        );
+        assert_eq!(arrival_ns(now, real, real, prev), now);
+        // Received "in the future": realtime stepped back meanwhile.
+        assert_eq!(arrival_ns(now, real, real + 5 * s, prev), now);
+        // Received before the previous datagram: realtime stepped
+        // forward meanwhile.
+        assert_eq!(arrival_ns(now, real, real - 3600 * s, prev), prev);
+        assert_eq!(arrival_ns(now, real, 0, prev), prev);
+        // Realtime set at boot, decades forward, with nothing received
+        // before: when the socket started serving.
+        let serving = 100_000_000_000;
+        assert_eq!(arrival_ns(now, real, 0, serving), serving);
+        assert_eq!(
+            arrival_ns(now, i128::from(i64::MAX) * s, i128::from(i64::MIN) * s, 7),
+            7
+        );
     }
 }
