@@ -886,8 +886,13 @@ fn on_bpffs(path: &Path) -> bool {
 /// Mounts bpffs on /sys/fs/bpf if it is not mounted, and creates `dir`,
 /// which must be on a bpf filesystem: elsewhere every pin fails (with
 /// EPERM, which reads as missing privileges). Refused before anything is
-/// created, as far as `dir` exists.
+/// created, as far as `dir` exists. A relative `dir` is the current
+/// directory's.
 fn ensure_pin_dir(dir: &Path) -> anyhow::Result<()> {
+    // Its ancestors must end at `/`, not at an empty path that exists
+    // nowhere (a relative directory under bpffs was refused).
+    let dir = &std::path::absolute(dir)
+        .with_context(|| format!("cannot resolve pin directory {}", dir.display()))?;
     let root = Path::new("/sys/fs/bpf");
     if dir.starts_with(root) && !on_bpffs(root) {
         std::fs::create_dir_all(root)
@@ -2334,6 +2339,28 @@ mod tests {
             "{text}"
         );
         assert!(!dir.path().join("hb").exists(), "nothing created");
+    }
+
+    /// A relative pin directory is checked as the current directory's.
+    /// (The monitor passes none since its settings resolve it; the case
+    /// that failed, a current directory on bpffs and a path under it not
+    /// created yet, climbed to an empty path and then `/`: tested at the
+    /// settings, as changing this process' directory would race the other
+    /// tests.)
+    #[test]
+    fn a_relative_pin_dir_on_bpffs_is_accepted() {
+        let name = format!("hb-test-rel-{}", std::process::id());
+        let up = std::env::current_dir().unwrap().components().count() - 1;
+        let rel: std::path::PathBuf = std::iter::repeat_n("..", up)
+            .chain(["sys", "fs", "bpf", &name, "pins"])
+            .collect();
+        assert!(rel.is_relative());
+        let made = std::path::Path::new("/sys/fs/bpf").join(&name);
+        let r = ensure_pin_dir(&rel);
+        let created = made.join("pins").is_dir();
+        let _ = std::fs::remove_dir_all(&made);
+        r.unwrap();
+        assert!(created);
     }
 
     #[test]

@@ -512,11 +512,14 @@ impl Settings {
             controller,
             keep_attached: a.keep_attached || f.keep_attached.unwrap_or(false),
             enroll: a.enroll || f.enroll.unwrap_or(false),
-            pin_dir: a
-                .pin_dir
-                .clone()
-                .or(f.pin_dir)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
+            // Absolute, as logged and compared by a reload.
+            pin_dir: std::path::absolute(
+                a.pin_dir
+                    .clone()
+                    .or(f.pin_dir)
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR)),
+            )
+            .context("cannot resolve pin_dir")?,
             capacity,
         })
     }
@@ -882,6 +885,15 @@ mod tests {
         let file: FileConfig = toml::from_str("iface = [\"eth9\", \"eth9\"]\n").unwrap();
         let s = Settings::merge(&args().into(), file).unwrap();
         assert_eq!(s.ifaces, ["eth9"]);
+    }
+
+    #[test]
+    fn a_relative_pin_dir_is_the_current_directorys() {
+        let file: FileConfig = toml::from_str("pin_dir = \"pins/hb\"\n").unwrap();
+        let s = Settings::merge(&args().into(), file).unwrap();
+        assert_eq!(s.pin_dir, std::env::current_dir().unwrap().join("pins/hb"));
+        let s = Settings::merge(&args().into(), FileConfig::default()).unwrap();
+        assert_eq!(s.pin_dir, Path::new(DEFAULT_PIN_DIR));
     }
 
     #[test]
