@@ -829,9 +829,12 @@ impl Core {
     /// next tick, and the gate stamped heartbeats as usual until the host
     /// was paused; in a fleet of any size some always land there. Nor in
     /// the tick (at least 200 ms) before `to_ns`: arrivals just before it
-    /// may be the backlog of a pause the gate was in too. Only each node's latest arrival is known, so a fleet of
-    /// fast nodes that all beat since leaves no trace of a gate that ran:
-    /// hence also the once-a-minute bound on excuses.
+    /// may be the backlog of a pause the gate was in too. (In userspace
+    /// mode the stamps are the kernel's receive times, so a monitor
+    /// process stopped or starved alone is not excused: its socket went
+    /// on receiving.) Only each node's latest arrival is known, so a
+    /// fleet of fast nodes that all beat since leaves no trace of a gate
+    /// that ran: hence also the once-a-minute bound on excuses.
     fn gate_ran_between(&self, dp: &dyn Dataplane, from_ns: u64, to_ns: u64) -> bool {
         let tick_ns = self.local_pause_ns / LOCAL_PAUSE_TICKS;
         let after = from_ns.saturating_add(2 * tick_ns);
