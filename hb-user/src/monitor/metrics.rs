@@ -41,6 +41,7 @@ pub struct Metrics {
     enrolled: Family<Labels, Counter>,
     reloads: Family<Labels, Counter>,
     ack_send_errors: Counter,
+    socket_drops: Counter,
     local_addresses: Gauge,
     /// Handles into `packets`, `dataplane` and `nodes` for what every
     /// tick sets: (counter index, series), so a tick neither hashes
@@ -143,6 +144,12 @@ impl Metrics {
             "ACKs the userspace gate could not send",
             ack_send_errors.clone(),
         );
+        let socket_drops = Counter::default();
+        registry.register(
+            "userspace_socket_drops",
+            "Heartbeats the kernel dropped because the userspace gate's socket buffer was full (the gate fell behind); counted when the socket's next datagram arrives",
+            socket_drops.clone(),
+        );
         let local_addresses = Gauge::default();
         registry.register(
             "gate_local_addresses",
@@ -187,6 +194,7 @@ impl Metrics {
             enrolled,
             reloads,
             ack_send_errors,
+            socket_drops,
             local_addresses,
             packets_by_result,
             dataplane_by_counter,
@@ -288,6 +296,17 @@ impl Metrics {
         self.ack_send_errors.inc();
     }
 
+    /// `n` more datagrams the kernel dropped from a userspace gate's full
+    /// socket.
+    pub fn socket_drops(&self, n: u64) {
+        self.socket_drops.inc_by(n);
+    }
+
+    /// Datagrams dropped from userspace gates' full sockets (tests).
+    pub fn socket_drops_total(&self) -> u64 {
+        self.socket_drops.get()
+    }
+
     /// Successful hook runs (tests).
     pub fn hooks_ok(&self) -> u64 {
         self.hook_runs.get()
@@ -345,6 +364,7 @@ mod tests {
         assert!(text.contains("hb_hook_failures_total{reason=\"timeout\"} 0"));
         assert!(text.contains("hb_hook_failures_total{reason=\"shutdown\"} 0"));
         assert!(text.contains("hb_dataplane_stuck_reads_total 0"), "{text}");
+        assert!(text.contains("hb_userspace_socket_drops_total 0"), "{text}");
         m.set_stuck_reads(3);
         assert!(m.render().contains("hb_dataplane_stuck_reads_total 3"));
     }

@@ -32,6 +32,13 @@
 //! Each datagram is stamped with the kernel's receive time
 //! (`SO_TIMESTAMPNS`), not with the moment this task reads it: see
 //! `stamp`.
+//!
+//! Heartbeats wait in the socket while this task is held up (a busy
+//! runtime, a slow tick), and a full socket drops the rest silently: each
+//! socket's receive buffer is made large (see [`RCVBUF_BYTES`]), and what
+//! the kernel drops all the same is counted, from the drop count it adds
+//! to every later datagram (`SO_RXQ_OVFL`), in
+//! `hb_userspace_socket_drops_total`.
 
 use std::{
     io::{IoSlice, IoSliceMut},
@@ -43,10 +50,11 @@ use std::{
 use anyhow::{Context as _, bail};
 use hb_common::GateResult;
 use nix::{
+    errno::Errno,
     sys::{
         socket::{
-            ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, sendmsg,
-            setsockopt, sockopt,
+            ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, getsockopt, recvmsg,
+            sendmsg, setsockopt, sockopt,
         },
         time::TimeSpec,
     },
@@ -121,6 +129,9 @@ pub fn bind(addrs: &[SocketAddr]) -> anyhow::Result<Vec<std::net::UdpSocket>> {
             Err(e) => return Err(bind_error(a, e)),
         };
         s.set_nonblocking(true)?;
+        let granted = size_receive_buffer(&s)
+            .with_context(|| format!("cannot size the receive buffer of the socket on {a}"))?;
+        tracing::debug!(socket = %s.local_addr()?, bytes = granted, "receive buffer");
         ask_control_messages(&s).with_context(|| {
             format!("cannot ask the kernel for the control messages the gate needs on {a}")
         })?;
@@ -145,8 +156,32 @@ fn bind_error(a: &SocketAddr, e: std::io::Error) -> anyhow::Error {
     }
 }
 
+/// The receive buffer each socket asks for, in bytes. It is memory used
+/// only while this task falls behind, and it then holds what the fleet
+/// sends meanwhile: the kernel doubles the request (for its bookkeeping)
+/// and charges each queued datagram its truesize, about 1 KiB for a
+/// 48-byte heartbeat (832 bytes on loopback, 2-4 KiB from some NIC
+/// drivers), so 64 MiB hold about 64k heartbeats, over half a second of
+/// a 10k-node fleet at 10 Hz. The default (`net.core.rmem_default`,
+/// often 212992 bytes: about 200 heartbeats) overflows in a 2 ms stall
+/// at that rate.
+const RCVBUF_BYTES: usize = 32 << 20;
+
+/// Sizes `s`'s receive buffer to [`RCVBUF_BYTES`] and returns what the
+/// kernel granted (twice the request). `SO_RCVBUFFORCE` needs root or
+/// CAP_NET_ADMIN; without, `SO_RCVBUF` gets at most twice
+/// `net.core.rmem_max`.
+fn size_receive_buffer(s: &std::net::UdpSocket) -> std::io::Result<usize> {
+    match setsockopt(s, sockopt::RcvBufForce, &RCVBUF_BYTES) {
+        Err(Errno::EPERM) => setsockopt(s, sockopt::RcvBuf, &RCVBUF_BYTES)?,
+        r => r?,
+    }
+    Ok(getsockopt(s, sockopt::RcvBuf)?)
+}
+
 /// Asks the kernel for each datagram's receive time (`SO_TIMESTAMPNS`,
-/// see [`stamp`]) and `IP_RECVFRAGSIZE` (and, on an IPv6 socket,
+/// see [`stamp`]), the socket's drop count (`SO_RXQ_OVFL`, see
+/// [`Received::drops`]) and `IP_RECVFRAGSIZE` (and, on an IPv6 socket,
 /// which may also receive IPv4 as mapped addresses, `IPV6_RECVFRAGSIZE`
 /// too); on a wildcard socket, for the address each datagram was sent to
 /// as well (`IP_PKTINFO`, and `IPV6_RECVPKTINFO` on an IPv6 socket).
@@ -174,6 +209,7 @@ fn ask_control_messages(s: &std::net::UdpSocket) -> std::io::Result<()> {
     };
     let local = s.local_addr()?;
     setsockopt(s, sockopt::ReceiveTimestampns, &true)?;
+    setsockopt(s, sockopt::RxqOvfl, &1)?;
     on(libc::IPPROTO_IP, libc::IP_RECVFRAGSIZE)?;
     if local.is_ipv6() {
         on(libc::IPPROTO_IPV6, libc::IPV6_RECVFRAGSIZE)?;
@@ -189,13 +225,15 @@ fn ask_control_messages(s: &std::net::UdpSocket) -> std::io::Result<()> {
 
 /// Room for every control message a socket asks for at once: an IPv4
 /// datagram reassembled on a dual-stack wildcard socket carries both
-/// packet infos, a fragment size (room for both) and its receive time. A
-/// smaller buffer would be truncated, and a truncated one reads as
-/// "reassembled" (see `recv_datagram`).
+/// packet infos, a fragment size (room for both), its receive time and,
+/// once the kernel has dropped any, the socket's drop count. A smaller
+/// buffer would be truncated, and a truncated one reads as "reassembled"
+/// (see `recv_datagram`).
 const CMSG_ROOM: usize = cmsg_space(size_of::<libc::in6_pktinfo>())
     + cmsg_space(size_of::<libc::in_pktinfo>())
     + 2 * cmsg_space(size_of::<libc::c_int>())
-    + cmsg_space(size_of::<libc::timespec>());
+    + cmsg_space(size_of::<libc::timespec>())
+    + cmsg_space(size_of::<u32>());
 
 const fn cmsg_space(len: usize) -> usize {
     // SAFETY: CMSG_SPACE is arithmetic on its argument.
@@ -220,6 +258,10 @@ struct Received {
     reassembled: bool,
     /// When the kernel received it (CLOCK_REALTIME), if it said.
     rx_realtime: Option<TimeSpec>,
+    /// How many datagrams the kernel dropped from the socket (its buffer
+    /// full) before it queued this one, since the socket was made
+    /// (wrapping); 0 while none were (the kernel then says nothing).
+    drops: u32,
 }
 
 /// One datagram read from `fd` into `buf`.
@@ -241,6 +283,7 @@ fn recv_datagram(fd: RawFd, buf: &mut [u8]) -> std::io::Result<Received> {
         dst: None,
         reassembled: false,
         rx_realtime: None,
+        drops: 0,
     };
     let (mut dst_v4, mut dst_v6) = (None, None);
     match msg.cmsgs() {
@@ -259,6 +302,7 @@ fn recv_datagram(fd: RawFd, buf: &mut [u8]) -> std::io::Result<Received> {
                             Some(Ipv6Addr::from(i.ipi6_addr.s6_addr)).filter(|a| !a.is_multicast());
                     }
                     ControlMessageOwned::ScmTimestampns(t) => got.rx_realtime = Some(t),
+                    ControlMessageOwned::RxqOvfl(n) => got.drops = n,
                     ControlMessageOwned::Unknown(u) => {
                         let h = u.cmsg_header;
                         got.reassembled |= (h.cmsg_level, h.cmsg_type)
@@ -394,6 +438,9 @@ pub async fn serve(
     let fd = sock.as_raw_fd();
     // Nothing arrives before the monitor listens (see `stamp`).
     let mut last_arrival_ns = monotonic_ns();
+    // The socket's drop count as of its last datagram.
+    let mut drops = 0u32;
+    let local = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
     loop {
         let recv = sock.async_io(Interest::READABLE, || recv_datagram(fd, &mut buf));
         let got = tokio::select! {
@@ -412,6 +459,20 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
+        let dropped = got.drops.wrapping_sub(drops);
+        if dropped > 0 {
+            metrics.socket_drops(dropped.into());
+            if drops == 0 {
+                tracing::warn!(
+                    socket = %local,
+                    dropped,
+                    "the kernel dropped heartbeats to this socket, its receive buffer full: \
+                     the monitor fell behind, and nodes may be suspected for heartbeats they sent; \
+                     counted in hb_userspace_socket_drops_total, logged once per socket"
+                );
+            }
+            drops = got.drops;
+        }
         if got.reassembled {
             dp.count(GateResult::Malformed);
             continue;
@@ -693,6 +754,124 @@ mod tests {
             read_ns - at >= 200 * ms,
             "stamped {} ms before the read",
             (read_ns - at) / ms
+        );
+    }
+
+    /// A socket holds what the fleet sends while its task is held up, not
+    /// the default's few hundred datagrams: root's `SO_RCVBUFFORCE` is not
+    /// capped by `net.core.rmem_max`.
+    #[test]
+    fn a_bound_socket_has_a_large_receive_buffer() {
+        let lo = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+        let sock = bind(&[lo]).unwrap().remove(0);
+        let granted = getsockopt(&sock, sockopt::RcvBuf).unwrap();
+        let default: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_default")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            granted >= RCVBUF_BYTES && granted > default,
+            "granted {granted} bytes (default {default})"
+        );
+    }
+
+    /// Datagrams flooding a socket whose buffer holds a few, to 127.0.0.1.
+    const FLOOD: u32 = 64;
+
+    /// Shrinks `sock`'s buffer to a few datagrams (the kernel doubles the
+    /// 4096), and sends `FLOOD` 1-byte datagrams to it: most are dropped.
+    /// Returns the client and the address it sent to.
+    fn flood(sock: &std::net::UdpSocket) -> (std::net::UdpSocket, SocketAddr) {
+        setsockopt(sock, sockopt::RcvBuf, &4096).unwrap();
+        let to = SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            sock.local_addr().unwrap().port(),
+        );
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..FLOOD {
+            client.send_to(&[0], to).unwrap();
+        }
+        (client, to)
+    }
+
+    /// Each datagram carries how many the kernel dropped before it was
+    /// queued: after a flood, the next datagram tells every drop (on a
+    /// dual-stack wildcard socket, with both packet infos and the receive
+    /// time, none truncated).
+    #[test]
+    fn a_datagram_carries_how_many_the_full_socket_dropped() {
+        let sock = bind(&bind_addrs(&[], 0).unwrap()).unwrap().remove(0);
+        let (client, to) = flood(&sock);
+        let mut buf = [0u8; 64];
+        let mut received = 0;
+        // What was queued (`bind`'s socket does not block)...
+        loop {
+            match recv_datagram(sock.as_raw_fd(), &mut buf) {
+                Ok(got) => {
+                    assert!(!got.reassembled, "{got:?}");
+                    received += 1;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("recv: {e}"),
+            }
+        }
+        // ...then one more, which brings the count.
+        client.send_to(b"last", to).unwrap();
+        sock.set_nonblocking(false).unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let last = loop {
+            let got = recv_datagram(sock.as_raw_fd(), &mut buf).unwrap();
+            assert!(!got.reassembled, "{got:?}");
+            received += 1;
+            if got.len == 4 {
+                break got;
+            }
+            assert!(received <= FLOOD, "more datagrams than were sent");
+        };
+        assert!(last.drops > 0, "{received} of {FLOOD} + 1 read, {last:?}");
+        assert_eq!(last.drops, FLOOD + 1 - received, "{last:?}");
+    }
+
+    /// `serve` adds the drops each datagram tells to
+    /// `hb_userspace_socket_drops_total`: every datagram sent is gated or
+    /// counted dropped.
+    #[tokio::test]
+    async fn serve_counts_the_datagrams_the_kernel_dropped() {
+        let lo = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+        let sock = bind(&[lo]).unwrap().remove(0);
+        // Sent before the socket is served, so most are dropped.
+        let (client, to) = flood(&sock);
+        let dp = Arc::new(MemDataplane::new());
+        let metrics = Arc::new(Metrics::new());
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(serve(sock, dp.clone(), metrics.clone(), shutdown));
+        // Drops are told by a later datagram, and one sent while the
+        // flood still fills the socket may be dropped too: one more every
+        // 20 ms until the count covers everything sent.
+        let mut sent = u64::from(FLOOD);
+        let (mut gated, mut dropped) = (0, 0);
+        for _ in 0..250 {
+            client.send_to(&[0], to).unwrap();
+            sent += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            gated = dp.counters().unwrap()[GateResult::Malformed.index() as usize];
+            dropped = metrics.socket_drops_total();
+            if dropped > 0 && gated + dropped == sent {
+                break;
+            }
+        }
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        assert!(dropped > 0, "{gated} gated, {dropped} dropped of {sent}");
+        assert_eq!(gated + dropped, sent, "{gated} gated, {dropped} dropped");
+        assert!(
+            metrics
+                .render()
+                .contains(&format!("hb_userspace_socket_drops_total {dropped}")),
+            "{}",
+            metrics.render()
         );
     }
 
