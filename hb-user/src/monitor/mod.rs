@@ -503,20 +503,27 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
     }
     // Confirms the status recorded for each node whose event is written
     // now: a clean restart announces nothing again. What the flush gave
-    // up on stays unconfirmed, and the next monitor announces those
-    // `dead` nodes again.
+    // up on, or was dropped before, stays unconfirmed, and the next
+    // monitor announces those changes again. (Without --events none is
+    // ever confirmed, hooks being best-effort: nothing to warn about.)
     {
         let s = shared.clone();
         let settled = sink.settled();
+        let to_events = !settings.events.is_empty();
         let _ = tokio::task::spawn_blocking(move || {
             let mut core = s.core();
             core.confirm(&*s.dp, settled);
-            let left = core.unconfirmed();
+            let left = if to_events {
+                core.unconfirmed_records(&*s.dp)
+            } else {
+                0
+            };
             if left > 0 {
                 tracing::warn!(
                     nodes = left,
-                    "events not written: the next monitor takes these nodes as having no \
-                     recorded status (a dead one is announced dead again)"
+                    "status changes whose events were not written (dropped, or not flushed): \
+                     the next monitor goes on from each node's last status written, and \
+                     announces the change again if it still holds"
                 );
             }
         })

@@ -817,6 +817,23 @@ impl Core {
     pub fn unconfirmed(&self) -> usize {
         self.unconfirmed.held
     }
+
+    /// The table's nodes whose record in the dataplane is unconfirmed:
+    /// those waiting for their line ([`Core::unconfirmed`]), and those
+    /// whose line was never written (dropped, or no events destination).
+    /// The next monitor goes on from their last confirmed status and
+    /// announces the change again. Reads every node's whole state: for a
+    /// shutdown.
+    pub fn unconfirmed_records(&self, dp: &dyn Dataplane) -> usize {
+        let mut n = 0;
+        dp.read_states(0..self.table.len(), &mut |slot, st| {
+            n += usize::from(
+                self.table.node_id[slot as usize] != 0
+                    && st.monitor_status & state::UNCONFIRMED != 0,
+            );
+        });
+        n
+    }
 }
 
 impl Core {
@@ -1636,6 +1653,8 @@ mod tests {
             assert_eq!(r.recorded(2), expect, "{fate:?}");
             let held = usize::from(fate == Fate::Held);
             assert_eq!(r.core.unconfirmed(), held, "{fate:?}");
+            let left = usize::from(fate != Fate::Written);
+            assert_eq!(r.core.unconfirmed_records(&r.dp), left, "{fate:?}");
             let mut s4 = seq[4];
             if fate != Fate::Held {
                 // Later events written do not confirm it.
