@@ -465,21 +465,30 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
         });
     }
     let ticking = Arc::new(AtomicBool::new(true));
+    // Why the gate is gone, once the tick finds it so.
+    let (gate_lost, mut gate_lost_rx) = tokio::sync::watch::channel(None::<String>);
     let tick_thread = {
         let (shared, sink, ticking) = (shared.clone(), sink.clone(), ticking.clone());
         std::thread::Builder::new()
             .name("hb-tick".into())
-            .spawn(move || tick_loop(&shared, &sink, &ticking))
+            .spawn(move || tick_loop(&shared, &sink, &ticking, &gate_lost))
             .context("cannot start the tick thread")?
     };
 
     // Signals. `running`: the settings in force, which reloads change.
     let mut running = settings.clone();
+    let mut lost = None;
     loop {
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = sighup.recv() => reload(&args, &shared, &fleet, &sink, &mut running).await,
+            Ok(()) = gate_lost_rx.changed() => {
+                lost = gate_lost_rx.borrow_and_update().clone();
+                if lost.is_some() {
+                    break;
+                }
+            }
         }
     }
 
@@ -540,7 +549,12 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
     drop(dp);
     drop(mem);
     tracing::info!(keep_attached = settings.keep_attached, "monitor stopped");
-    Ok(())
+    match lost {
+        Some(why) => Err(anyhow::anyhow!(
+            "{why}: stopped without judging any node (a supervisor starting it again attaches the gate afresh)"
+        )),
+        None => Ok(()),
+    }
 }
 
 /// A learning controller rebuilt at a reload from the table the running
@@ -652,11 +666,36 @@ fn apply_acks(shared: &Shared, running: &Settings, new: &Settings) -> anyhow::Re
 
 /// The tick thread: a fixed-rate loop that skips (and counts) ticks it
 /// cannot keep up with rather than bunching them.
-fn tick_loop(shared: &Shared, sink: &EventSink, running: &AtomicBool) {
+///
+/// Each tick first checks that the XDP gate still sits on every interface
+/// it was attached to (`Dataplane::check_attached`). The kernel detaches
+/// it from an interface that goes away (deleted, or deleted and created
+/// again: a driver reload, a bond rebuilt), and from then on every node
+/// behind it falls silent: judged, the whole fleet would be declared dead
+/// at once, a page per node, for the monitor's own loss. The tick stops
+/// instead, before judging anyone, says why in `gate_lost`, and the
+/// monitor shuts down with an error: a supervisor (the README's unit
+/// restarts it) starts it again, attaching the gate afresh, and the
+/// silence meanwhile is not held against any node (`Core::adopt`).
+fn tick_loop(
+    shared: &Shared,
+    sink: &EventSink,
+    running: &AtomicBool,
+    gate_lost: &tokio::sync::watch::Sender<Option<String>>,
+) {
     let period = shared.tick;
     let mut next = Instant::now();
     let mut events = Vec::new();
     while running.load(Ordering::Relaxed) {
+        if let Err(why) = shared.dp.check_attached() {
+            tracing::error!(
+                reason = %why,
+                "the XDP gate is gone: no node is judged without it; the monitor stops, for its \
+                 supervisor to start it again"
+            );
+            gate_lost.send_replace(Some(why));
+            return;
+        }
         let (stats, counts, now, t0) = {
             let mut core = shared.core();
             // After the lock: a tick that waited for it (a reload, a
@@ -859,7 +898,14 @@ mod tests {
         let held = shared.core();
         let ticker = std::thread::spawn({
             let (shared, sink, running) = (shared.clone(), sink.clone(), running.clone());
-            move || tick_loop(&shared, &sink, &running)
+            move || {
+                tick_loop(
+                    &shared,
+                    &sink,
+                    &running,
+                    &tokio::sync::watch::channel(None).0,
+                )
+            }
         });
         std::thread::sleep(Duration::from_millis(300));
         drop(held);
