@@ -450,9 +450,12 @@ fn a_link_pinned_on_an_interface_since_recreated_is_replaced() {
 
 #[test]
 fn errors_name_the_problem() {
+    // Refused before its pin directory is made (one was left behind).
+    let pins = PinDir::new("typo");
     let e = XdpDataplane::open(&XdpOptions {
         interfaces: vec!["hb-no-such-if0".into()],
         max_nodes: Some(16),
+        pin_dir: Some(pins.0.clone()),
         ..XdpOptions::default()
     })
     .err()
@@ -461,6 +464,7 @@ fn errors_name_the_problem() {
         format!("{e:#}").contains("unknown interface hb-no-such-if0"),
         "{e:#}"
     );
+    assert!(!pins.0.exists(), "{} left behind", pins.0.display());
 
     // Another XDP program already on the interface: refused, not replaced.
     let pair = VethPair::new("gbusy").unwrap();

@@ -1281,6 +1281,16 @@ impl XdpDataplane {
             }
         }
         check_privileges()?;
+        // Resolve interfaces first: a typo should cost neither a load nor
+        // a pin directory left behind.
+        let mut ifindex = Vec::new();
+        for ifname in &opts.interfaces {
+            let idx = if_index(ifname).context("unknown interface")?;
+            if idx == 0 {
+                bail!("unknown interface {ifname} (see `ip link`)");
+            }
+            ifindex.push(idx);
+        }
         let (pin_lock, node_pins) = match &opts.pin_dir {
             Some(dir) => {
                 ensure_pin_dir(dir)?;
@@ -1290,15 +1300,6 @@ impl XdpDataplane {
             }
             None => (None, NodePins::AsTheyAre),
         };
-        // Resolve interfaces first: a typo should not cost a load.
-        let mut ifindex = Vec::new();
-        for ifname in &opts.interfaces {
-            let idx = if_index(ifname).context("unknown interface")?;
-            if idx == 0 {
-                bail!("unknown interface {ifname} (see `ip link`)");
-            }
-            ifindex.push(idx);
-        }
 
         let mut loader = EbpfLoader::new();
         let pin_paths: Vec<(&str, PathBuf)> = match &opts.pin_dir {
@@ -1537,6 +1538,7 @@ impl XdpDataplane {
                     .with_context(|| format!("cannot pin the XDP link at {}", path.display()))?;
                 let pinned = PinnedLink::from_pin(&path)?;
                 let id = prog.attach_to_link(XdpLink::try_from(FdLink::from(pinned))?)?;
+                tracing::info!(interface = ifname, pin = %path.display(), "XDP gate attached, kept attached");
                 self.attached.push(Attached {
                     ifname: ifname.to_owned(),
                     ifindex,
