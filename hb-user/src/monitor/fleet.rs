@@ -72,7 +72,10 @@ use std::{
 };
 
 use anyhow::bail;
-use hb_common::maps::{NodeKeys, REPORT_RESTART, REPORT_UNKNOWN_NODE, Report};
+use hb_common::{
+    GateResult,
+    maps::{NodeKeys, REPORT_RESTART, REPORT_UNKNOWN_NODE, Report},
+};
 
 use super::{
     api::Shared,
@@ -580,12 +583,14 @@ struct UnknownLog {
     count: u64,
     ids: HashSet<u32>,
     sample: Option<(u32, IpAddr)>,
+    /// `--enroll`: unknown ids are enrolled, not a mistake in `--nodes`.
+    enroll: bool,
 }
 
 const UNKNOWN_LOG_WINDOW_NS: u64 = 10_000_000_000;
 
 impl UnknownLog {
-    fn note(&mut self, r: &Report, now: u64) {
+    fn note(&mut self, r: &Report, now: u64, provisioned: impl Fn(u32) -> bool) {
         self.count += 1;
         if self.ids.len() < 10_000 {
             self.ids.insert(r.node_id);
@@ -593,10 +598,14 @@ impl UnknownLog {
         if self.sample.is_none() {
             self.sample = Some((r.node_id, report_addr(r)));
         }
-        self.flush(now, false);
+        self.flush(now, false, provisioned);
     }
 
-    fn flush(&mut self, now: u64, force: bool) {
+    /// Logs the window's summary once it is over (or at once with
+    /// `force`). Ids provisioned since their reports (a reload listed
+    /// them, or they were enrolled) are no longer news: left out, and
+    /// nothing is logged if none is left.
+    fn flush(&mut self, now: u64, force: bool, provisioned: impl Fn(u32) -> bool) {
         if self.count == 0 {
             self.window_start = now;
             return;
@@ -604,19 +613,75 @@ impl UnknownLog {
         if !force && now.saturating_sub(self.window_start) < UNKNOWN_LOG_WINDOW_NS {
             return;
         }
-        if let Some((id, addr)) = self.sample {
-            tracing::warn!(
-                reports = self.count,
-                node_ids = self.ids.len(),
-                example_node_id = id,
-                example_source = %addr,
-                "heartbeats from unprovisioned node ids (list them in --nodes, or --enroll)"
-            );
+        self.ids.retain(|&id| !provisioned(id));
+        let sample = match self.sample {
+            Some((id, _)) if !self.ids.contains(&id) => {
+                self.ids.iter().next().map(|&id| (id, None))
+            }
+            Some((id, addr)) => Some((id, Some(addr))),
+            None => None,
+        };
+        if let Some((id, addr)) = sample {
+            let addr = addr.map(|a| a.to_string()).unwrap_or_default();
+            if self.enroll {
+                tracing::warn!(
+                    reports = self.count,
+                    node_ids = self.ids.len(),
+                    example_node_id = id,
+                    example_source = addr,
+                    "heartbeats from node ids still not provisioned (--enroll: never enrolled, \
+                     their heartbeats not authenticated with the keyring's keys; see \
+                     hb_enrollments_total)"
+                );
+            } else {
+                tracing::warn!(
+                    reports = self.count,
+                    node_ids = self.ids.len(),
+                    example_node_id = id,
+                    example_source = addr,
+                    "heartbeats from unprovisioned node ids (list them in --nodes, or --enroll)"
+                );
+            }
         }
         self.count = 0;
         self.ids.clear();
         self.sample = None;
         self.window_start = now;
+    }
+}
+
+/// Heartbeats of provisioned nodes that failed authentication (the gate's
+/// `bad_tag` and `bad_epoch`), summarized like the unknown nodes: a sender
+/// given the wrong key, or a `--key-epoch` the keyring does not hold, is
+/// otherwise silent on both sides (the node just never joins).
+struct AuthLog {
+    window_start: u64,
+    /// The counters at the window's start.
+    last: Option<[u64; 2]>,
+}
+
+impl AuthLog {
+    /// Every window, the counters read (`None`: unreadable).
+    fn check(&mut self, now: u64, counters: Option<[u64; 2]>) {
+        if now.saturating_sub(self.window_start) < UNKNOWN_LOG_WINDOW_NS {
+            return;
+        }
+        self.window_start = now;
+        let Some(c) = counters else { return };
+        if let Some(last) = self.last.replace(c) {
+            let (bad_tag, bad_epoch) = (c[0].saturating_sub(last[0]), c[1].saturating_sub(last[1]));
+            if bad_tag + bad_epoch > 0 {
+                tracing::warn!(
+                    bad_tag,
+                    bad_epoch,
+                    window_s = UNKNOWN_LOG_WINDOW_NS / 1_000_000_000,
+                    "heartbeats of provisioned node ids failed authentication: bad_tag, a key \
+                     other than the node's (hb send --key-file) or a forgery (each node's count \
+                     is its bad_tag in /nodes); bad_epoch, a key epoch the keyring does not hold \
+                     (hb send --key-epoch)"
+                );
+            }
+        }
     }
 }
 
@@ -642,6 +707,20 @@ pub async fn reports(
         count: 0,
         ids: HashSet::new(),
         sample: None,
+        enroll,
+    };
+    let mut auth = AuthLog {
+        window_start: 0,
+        last: None,
+    };
+    let provisioned = |id| shared.core().table.slot_of(id).is_some();
+    let auth_counters = || {
+        shared.dp.counters().ok().map(|c| {
+            [
+                c[GateResult::BadTag.index() as usize],
+                c[GateResult::BadEpoch.index() as usize],
+            ]
+        })
     };
     let mut every_second = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -651,7 +730,7 @@ pub async fn reports(
                 match r.kind {
                     REPORT_UNKNOWN_NODE => {
                         shared.metrics.unknown_report();
-                        log.note(&r, monotonic_ns());
+                        log.note(&r, monotonic_ns(), provisioned);
                         if enroll {
                             let mut f = fleet.lock().unwrap_or_else(|e| e.into_inner());
                             let outcome = f.enroll(&mut shared.core(), &*shared.dp, r.node_id);
@@ -674,7 +753,9 @@ pub async fn reports(
                 }
             }
             _ = every_second.tick() => {
-                log.flush(monotonic_ns(), false);
+                let now = monotonic_ns();
+                log.flush(now, false, provisioned);
+                auth.check(now, auth_counters());
                 if enroll {
                     let mut f = fleet.lock().unwrap_or_else(|e| e.into_inner());
                     let (ok, expired) = f.check_pending(&mut shared.core(), &*shared.dp);
@@ -691,7 +772,7 @@ pub async fn reports(
             _ = shutdown.changed() => break,
         }
     }
-    log.flush(monotonic_ns(), true);
+    log.flush(monotonic_ns(), true, provisioned);
 }
 
 #[cfg(test)]
@@ -850,6 +931,71 @@ mod tests {
             );
             assert_eq!(gate(id, 2), GateResult::BadEpoch, "node {id}: no new epoch");
         }
+    }
+
+    fn unknown_report(node_id: u32) -> Report {
+        Report {
+            kind: REPORT_UNKNOWN_NODE,
+            node_id,
+            family: 4,
+            src_addr: [198, 18, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ..Report::default()
+        }
+    }
+
+    /// The unknown-node summary names no id provisioned since its report
+    /// (a reload, an enrolment), and says nothing if none is left; with
+    /// --enroll it does not advise --enroll.
+    #[test]
+    fn the_unknown_node_summary_names_only_ids_still_unknown() {
+        let warnings = crate::test_log::Warnings::of("hb::monitor::fleet");
+        let _log = warnings.capture();
+        const S: u64 = 1_000_000_000;
+        for enroll in [false, true] {
+            let mut log = UnknownLog {
+                window_start: 0,
+                count: 0,
+                ids: HashSet::new(),
+                sample: None,
+                enroll,
+            };
+            log.note(&unknown_report(6), S, |_| false);
+            log.note(&unknown_report(7), 2 * S, |_| false);
+            // Node 6 was provisioned meanwhile: 7 is the example.
+            log.flush(11 * S, false, |id| id == 6);
+            // All of them were: nothing to say.
+            log.note(&unknown_report(8), 12 * S, |_| false);
+            log.flush(22 * S, false, |_| true);
+        }
+        let lines = warnings.taken();
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        for (line, enroll) in lines.iter().zip([false, true]) {
+            assert_eq!(line.field("example_node_id"), Some("7"), "{line:?}");
+            assert_eq!(line.field("node_ids"), Some("1"), "{line:?}");
+            assert_eq!(line.message.contains("or --enroll"), !enroll, "{line:?}");
+        }
+    }
+
+    /// Heartbeats failing authentication are summarized once a window,
+    /// only when the counters moved.
+    #[test]
+    fn authentication_failures_are_summarized_per_window() {
+        let warnings = crate::test_log::Warnings::of("hb::monitor::fleet");
+        let _log = warnings.capture();
+        const S: u64 = 1_000_000_000;
+        let mut auth = AuthLog {
+            window_start: 0,
+            last: None,
+        };
+        auth.check(10 * S, Some([5, 1])); // the baseline
+        auth.check(15 * S, Some([9, 9])); // within the window: not read
+        auth.check(20 * S, Some([5, 1])); // nothing new
+        auth.check(30 * S, None); // unreadable
+        auth.check(40 * S, Some([26, 4]));
+        let lines = warnings.taken();
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert_eq!(lines[0].field("bad_tag"), Some("21"));
+        assert_eq!(lines[0].field("bad_epoch"), Some("3"));
     }
 
     #[test]
