@@ -9,6 +9,7 @@
 //! any seen state --LEAVING heartbeat (left)-----> left   (never dead)
 //! left    --fresh heartbeat without LEAVING (alive)--> alive
 //! any seen state --larger generation (restarted)--> alive
+//! any seen state --generation started while no monitor ran (restarted)--> alive
 //! ```
 //!
 //! Hysteresis: a node enters `suspect` at `suspect_phi` but returns to
@@ -34,6 +35,10 @@
 //! the unit tests below feed it tables of them.
 
 use serde::Serialize;
+
+/// The bits of a recorded status this version reads: the status, the
+/// [`UNCONFIRMED`] mark and the last confirmed status.
+const KNOWN: u32 = 0xff | UNCONFIRMED | 0xff << LAST_CONFIRMED_SHIFT;
 
 /// What the monitor believes about a node.
 #[repr(u8)]
@@ -136,7 +141,6 @@ pub const LAST_CONFIRMED_SHIFT: u32 = 16;
 /// (never recorded, a state pinned by an older hb) or the value is one
 /// this version does not know (a newer hb's).
 pub const fn last_confirmed(record: u32) -> Status {
-    const KNOWN: u32 = 0xff | UNCONFIRMED | 0xff << LAST_CONFIRMED_SHIFT;
     if record & !KNOWN != 0 {
         Status::Unknown
     } else if record & UNCONFIRMED != 0 {
@@ -294,8 +298,25 @@ pub struct Track {
     /// Generation the monitor last saw.
     pub generation: u32,
     /// `accepted` when the node entered its current status: heartbeats
-    /// accepted since are "fresh".
+    /// accepted since are "fresh". [`Track::RESTARTED_UNSEEN`]: the node
+    /// restarted while no monitor ran, and [`step`] announces it.
     pub mark: u64,
+}
+
+impl Track {
+    /// The `mark` of a node adopted in a generation that started while no
+    /// monitor ran ([`adopt`], [`Recorded::restarted_since`]): [`step`]
+    /// announces it `restarted`, with no previous generation (none is
+    /// known: the monitor that saw the one before recorded only its
+    /// status). No count of accepted heartbeats reaches it, and the
+    /// generation itself has no value to spare (0 is a sender's to use).
+    pub const RESTARTED_UNSEEN: u64 = u64::MAX;
+
+    /// Whether the node restarted while no monitor ran, not announced yet
+    /// ([`Track::RESTARTED_UNSEEN`]).
+    pub const fn restarted_unseen(&self) -> bool {
+        self.mark == Track::RESTARTED_UNSEEN
+    }
 }
 
 /// A change of belief, with what it was before.
@@ -303,8 +324,10 @@ pub struct Track {
 pub struct Transition {
     pub event: EventKind,
     pub previous: Status,
-    /// For `restarted`: the generation before.
-    pub prev_generation: u32,
+    /// For `restarted`: the generation before, if known (not for a
+    /// restart no monitor saw, [`Track::RESTARTED_UNSEEN`]). None for the
+    /// other events.
+    pub prev_generation: Option<u32>,
 }
 
 impl Transition {
@@ -331,7 +354,7 @@ pub fn step(t: &mut Track, o: &Observation) -> Option<Transition> {
         Some(Transition {
             event,
             previous,
-            prev_generation: 0,
+            prev_generation: None,
         })
     };
     if o.accepted == 0 {
@@ -342,8 +365,11 @@ pub fn step(t: &mut Track, o: &Observation) -> Option<Transition> {
         t.generation = o.generation;
         return go(t, Status::Alive, EventKind::Joined);
     }
-    if o.generation > t.generation {
-        let prev_generation = t.generation;
+    if o.generation > t.generation || t.restarted_unseen() {
+        // One that restarted while no monitor ran: the generation before
+        // the one adopted is not known (nor, if it restarted again since,
+        // the one announced before).
+        let prev_generation = (!t.restarted_unseen()).then_some(t.generation);
         t.generation = o.generation;
         t.status = Status::Alive;
         t.mark = o.accepted;
@@ -398,6 +424,14 @@ pub struct Recorded {
     /// recorded (its last arrival is later): with `--keep-attached` the
     /// gate goes on while no monitor runs.
     pub heard_since: bool,
+    /// The node's current generation started after the record was written
+    /// (its first arrival is later): the node restarted while no monitor
+    /// ran. A monitor records a transition of the node in the tick that
+    /// sees its generation (`restarted`, or `joined` for its first), at
+    /// that tick's time or the last arrival it read if later
+    /// (`tick::Announcer::transition`), so a record written since a
+    /// generation started is no earlier than its start.
+    pub restarted_since: bool,
 }
 
 impl Recorded {
@@ -408,7 +442,19 @@ impl Recorded {
     /// one that made the change in flight an `alive` or a `left` (only a
     /// heartbeat does), so a node back from `dead` whose `alive` was lost
     /// is announced again at the start if it is still beating.
-    pub const fn of(record: u32, since_ns: u64, last_arrival_ns: u64) -> Recorded {
+    ///
+    /// The node's current generation started at `gen_start_ns`
+    /// (`NodeRest::gen_start_ns`): later than a record this version reads
+    /// (any status, confirmed or not; not a newer hb's), it started while
+    /// no monitor ran ([`Recorded::restarted_since`]).
+    pub const fn of(
+        record: u32,
+        since_ns: u64,
+        last_arrival_ns: u64,
+        gen_start_ns: u64,
+    ) -> Recorded {
+        let read =
+            record & !KNOWN == 0 && !matches!(Status::from_code(record & 0xff), Status::Unknown);
         let heard_change = record & UNCONFIRMED != 0
             && matches!(
                 Status::from_code(record & 0xff),
@@ -417,6 +463,7 @@ impl Recorded {
         Recorded {
             status: last_confirmed(record),
             heard_since: (since_ns != 0 && last_arrival_ns > since_ns) || heard_change,
+            restarted_since: read && since_ns != 0 && gen_start_ns > since_ns,
         }
     }
 }
@@ -460,6 +507,13 @@ impl Recorded {
 /// flight; without it, no status is ever confirmed and a restart
 /// announces every dead node again.
 /// Never a false `joined`: only a node never heard from is `unknown`.
+///
+/// A node whose current generation started after its record was written
+/// ([`Recorded::restarted_since`]: it restarted while no monitor ran,
+/// with `--keep-attached`) is adopted as above and announced `restarted`
+/// on the first tick ([`Track::RESTARTED_UNSEEN`]), from the status
+/// adopted and with no previous generation: the record carries none.
+/// A restart the previous monitor saw is not: it recorded it.
 pub fn adopt(o: &Observation, recorded: Recorded) -> Track {
     let status = match (o.accepted, recorded.status) {
         (0, _) => Status::Unknown,
@@ -471,11 +525,16 @@ pub fn adopt(o: &Observation, recorded: Recorded) -> Track {
         && recorded.heard_since
         && !o.leaving
         && o.level == Level::Healthy;
+    let restarted = recorded.restarted_since && status != Status::Unknown;
     Track {
         status,
         generation: o.generation,
         // The last heartbeat fresh (`step`) if it is a return.
-        mark: o.accepted - u64::from(returned),
+        mark: if restarted {
+            Track::RESTARTED_UNSEEN
+        } else {
+            o.accepted - u64::from(returned)
+        },
     }
 }
 
@@ -632,7 +691,7 @@ mod tests {
         ]);
         let tr = step(&mut t, &obs(6, 101, L::Healthy)).unwrap();
         assert_eq!(tr.event, E::Restarted);
-        assert_eq!((tr.previous, tr.prev_generation), (S::Dead, 100));
+        assert_eq!((tr.previous, tr.prev_generation), (S::Dead, Some(100)));
         assert_eq!((t.status, t.generation), (S::Alive, 101));
         // And from left: a node that left and comes back restarted.
         let mut t = run(&[
@@ -669,6 +728,7 @@ mod tests {
         Recorded {
             status,
             heard_since,
+            restarted_since: false,
         }
     }
 
@@ -749,7 +809,7 @@ mod tests {
     /// the change in flight is announced again by `step`.
     #[test]
     fn adoption_of_an_unconfirmed_record_announces_the_change_in_flight() {
-        let of = |now: Status, last: Status| Recorded::of(now.unconfirmed_code(last), 100, 50);
+        let of = |now: Status, last: Status| Recorded::of(now.unconfirmed_code(last), 100, 50, 50);
         // Confirmed dead, `alive` in flight: announced at once if still
         // beating, else on its next heartbeat.
         let mut t = adopt(&obs(9, 3, L::Healthy), of(S::Alive, S::Dead));
@@ -774,18 +834,107 @@ mod tests {
         let mut t = adopt(&obs(9, 3, L::Dead), of(S::Dead, S::Dead));
         assert_eq!(step(&mut t, &obs(9, 3, L::Dead)), None);
         // None confirmed before it: as a state pinned by an older hb.
-        let none = Recorded::of(0x100 | S::Dead.code(), 100, 50);
+        let none = Recorded::of(0x100 | S::Dead.code(), 100, 50, 50);
         assert_eq!(none.status, S::Unknown);
         assert_eq!(adopt(&obs(9, 3, L::Dead), none).status, S::Alive);
         // A confirmed record: its own status, heard since only after it.
         assert_eq!(
-            Recorded::of(S::Dead.code(), 100, 50),
+            Recorded::of(S::Dead.code(), 100, 50, 50),
             recorded(S::Dead, false)
         );
         assert_eq!(
-            Recorded::of(S::Dead.code(), 100, 150),
+            Recorded::of(S::Dead.code(), 100, 150, 50),
             recorded(S::Dead, true)
         );
+    }
+
+    /// A node whose generation started after its record was written
+    /// restarted while no monitor ran (with `--keep-attached` the gate
+    /// goes on): announced `restarted` at the first step, from the status
+    /// adopted, with no previous generation (none is known); whatever it
+    /// did since (went silent, said goodbye) follows as usual. One whose
+    /// generation started before the record (the monitor that wrote it saw
+    /// it) is adopted as before.
+    #[test]
+    fn a_restart_while_no_monitor_ran_is_announced_at_adoption() {
+        // Records written at 100; the generation started at `gen_start`.
+        let of = |record: u32, gen_start: u64| Recorded::of(record, 100, 150, gen_start);
+        let restarted = |t: &mut Track, o: &Observation, previous: Status| {
+            let tr = step(t, o).unwrap();
+            assert_eq!(
+                (tr.event, tr.previous, tr.prev_generation),
+                (E::Restarted, previous, None),
+                "{previous} {o:?}"
+            );
+            assert_eq!(
+                (t.status, t.generation, t.mark),
+                (S::Alive, o.generation, o.accepted)
+            );
+        };
+        for st in [S::Alive, S::Suspect, S::Dead, S::Left] {
+            let recorded = of(st.code(), 150);
+            assert!(recorded.restarted_since);
+            // Beating: `restarted`, then nothing.
+            let now = obs(9, 4, L::Healthy);
+            let mut t = adopt(&now, recorded);
+            assert_eq!((t.status, t.generation), (st, 4));
+            assert!(t.restarted_unseen());
+            restarted(&mut t, &now, st);
+            assert_eq!(step(&mut t, &now), None, "{st}");
+            // Silent again: `restarted`, then `dead`.
+            let mut t = adopt(&obs(9, 4, L::Dead), recorded);
+            restarted(&mut t, &obs(9, 4, L::Dead), st);
+            assert_eq!(step(&mut t, &obs(9, 4, L::Dead)).unwrap().event, E::Dead);
+            // Said goodbye: `restarted`, then `left`.
+            let mut t = adopt(&leaving(9, 4), recorded);
+            restarted(&mut t, &leaving(9, 4), st);
+            assert_eq!(step(&mut t, &leaving(9, 4)).unwrap().event, E::Left);
+            // Restarted again before the first tick: one `restarted`.
+            let mut t = adopt(&now, recorded);
+            restarted(&mut t, &obs(10, 5, L::Healthy), st);
+            // Generation 0 is a generation like any other.
+            let mut t = adopt(&obs(9, 0, L::Healthy), recorded);
+            restarted(&mut t, &obs(9, 0, L::Healthy), st);
+
+            // Started before the record, or in the tick that wrote it: the
+            // monitor that wrote it saw it. Adopted as before.
+            for gen_start in [50, 100] {
+                let recorded = of(st.code(), gen_start);
+                assert!(!recorded.restarted_since);
+                assert_eq!(
+                    adopt(&now, recorded),
+                    adopt(&now, Recorded::of(st.code(), 100, 150, 0)),
+                    "{st}"
+                );
+                let mut t = adopt(&obs(9, 4, L::Normal), recorded);
+                assert_eq!((t.status, t.mark), (st, 9));
+                assert_eq!(step(&mut t, &obs(9, 4, L::Normal)), None, "{st}");
+            }
+        }
+        // An unconfirmed record: from the status confirmed before it.
+        let mut t = adopt(
+            &obs(9, 4, L::Healthy),
+            of(S::Alive.unconfirmed_code(S::Dead), 150),
+        );
+        restarted(&mut t, &obs(9, 4, L::Healthy), S::Dead);
+        // With none confirmed before it (no `--events`): from `alive`, as
+        // such a node is adopted.
+        let none = of(S::Dead.unconfirmed_code(S::Unknown), 150);
+        assert_eq!((none.status, none.restarted_since), (S::Unknown, true));
+        let mut t = adopt(&obs(9, 4, L::Healthy), none);
+        restarted(&mut t, &obs(9, 4, L::Healthy), S::Alive);
+        // No record (pinned by an older hb), or a newer hb's: as before.
+        for record in [0, 5, S::Dead.code() | 1 << 24] {
+            let recorded = of(record, 150);
+            assert!(!recorded.restarted_since, "{record:#x}");
+            let mut t = adopt(&obs(9, 4, L::Healthy), recorded);
+            assert_eq!(step(&mut t, &obs(9, 4, L::Healthy)), None);
+        }
+        assert!(!Recorded::of(S::Dead.code(), 0, 150, 150).restarted_since);
+        // Never heard from: unknown, nothing to announce.
+        let mut t = adopt(&obs(0, 0, L::Healthy), of(S::Dead.code(), 150));
+        assert_eq!(t, Track::default());
+        assert_eq!(step(&mut t, &obs(0, 0, L::Healthy)), None);
     }
 
     #[test]

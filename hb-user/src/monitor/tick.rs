@@ -341,6 +341,13 @@ impl Core {
     /// meanwhile is judged only from now (a node recorded alive that died
     /// while no monitor ran is announced a few of its intervals after the
     /// start).
+    ///
+    /// A node whose current generation started after its record was
+    /// written restarted while no monitor ran (`--keep-attached`): it is
+    /// announced `restarted` on the first tick, with no previous
+    /// generation ([`state::Recorded::restarted_since`]). Its record is
+    /// left as it is until then, whatever it holds, so that a monitor that
+    /// stops before that tick leaves the restart to the next one.
     pub fn adopt(&mut self, dp: &dyn Dataplane, now_ns: u64) {
         self.listening_since(now_ns);
         let det = self.detector;
@@ -356,7 +363,12 @@ impl Core {
             // alive.
             let obs = det.observe(st, now_ns);
             let since = st.monitor_status_since_ns;
-            let recorded = Recorded::of(st.monitor_status, since, st.last_arrival_ns);
+            let recorded = Recorded::of(
+                st.monitor_status,
+                since,
+                st.last_arrival_ns,
+                st.gen_start_ns,
+            );
             let track = state::adopt(&obs, recorded);
             // An unconfirmed record's time is its change's, not the last
             // confirmed status's.
@@ -380,7 +392,7 @@ impl Core {
                 } else {
                     now_ns
                 };
-            if track.status != recorded {
+            if track.status != recorded && !track.restarted_unseen() {
                 let since = if track.status == Status::Unknown {
                     0
                 } else {
@@ -579,9 +591,11 @@ impl Core {
         // confirmed: the next monitor adopts the status only once
         // [`Core::confirm`] has seen its event's line written; until then,
         // or if it never is, it starts from the last confirmed one and
-        // announces the change again.
+        // announces the change again. Since the change's time
+        // (`Announcer::transition`).
         for c in self.changed.iter() {
-            dp.set_monitor_status(c.slot, c.status.unconfirmed_code(c.last), now_ns);
+            let since = self.table.since_ns[c.slot as usize];
+            dp.set_monitor_status(c.slot, c.status.unconfirmed_code(c.last), since);
         }
         for &(slot, ms) in self.pending.iter() {
             dp.set_requested_interval(slot, ms);
@@ -639,7 +653,12 @@ impl Announcer<'_> {
             return false;
         }
         let (det, now_ns) = (self.det, self.now_ns);
-        self.since_ns[i] = now_ns;
+        // The tick's time, or the last arrival it read if later (stamped
+        // while it scanned): a record is no earlier than anything its
+        // tick saw, so the next monitor takes only a generation that
+        // started after it for a restart nobody saw
+        // (`state::Recorded::restarted_since`).
+        self.since_ns[i] = now_ns.max(st.last_arrival_ns);
         if tr.refutes_suspicion() {
             // Back without a restart: the suspicion was false.
             self.policy.suspicion_refuted(slot);
@@ -964,8 +983,7 @@ fn event(
         state: t.status,
         phi: if phi.is_finite() { phi } else { f64::MAX },
         generation: st.generation,
-        prev_generation: (tr.event == super::state::EventKind::Restarted)
-            .then_some(tr.prev_generation),
+        prev_generation: tr.prev_generation,
         last_seen_ms: (st.last_arrival_ns != 0)
             .then(|| now_ns.saturating_sub(st.last_arrival_ns) / 1_000_000),
         interval_ms: st.interval_ms,
@@ -1088,6 +1106,24 @@ mod tests {
                 seq,
                 sent_ns: 0,
                 interval_ms,
+                rtt_us: 0,
+            };
+            let v = self.dp.gate(&d.seal(&key(id)), SRC, at_ms * MS);
+            assert_eq!(v.result, hb_common::GateResult::Accepted);
+        }
+
+        /// One heartbeat of `generation` with its own `seq`, at 100 ms.
+        fn beat_gen(&mut self, id: u32, generation: u32, seq: u64, at_ms: u64) {
+            let d = Datagram {
+                kind: Kind::Heartbeat,
+                node_id: id,
+                generation,
+                key_epoch: 1,
+                flags: 0,
+                load: 0,
+                seq,
+                sent_ns: 0,
+                interval_ms: 100,
                 rtt_us: 0,
             };
             let v = self.dp.gate(&d.seal(&key(id)), SRC, at_ms * MS);
@@ -1917,6 +1953,174 @@ mod tests {
         }
         assert_eq!(seen, vec![], "node 2 is not announced dead again");
         assert_eq!(r.status(2), Status::Dead);
+    }
+
+    /// With `--keep-attached` a node may restart while no monitor runs:
+    /// the next monitor announces it `restarted` at the start, once, from
+    /// the status it adopted (the dead node is not announced `alive`, nor
+    /// the others not at all), with no previous generation (none is
+    /// known). Node 2, silent on, goes dead as usual; a clean restart
+    /// after that repeats nothing.
+    #[test]
+    fn a_restart_while_no_monitor_ran_is_announced_at_the_start() {
+        let (mut r, stop, _) = Rig::in_every_status();
+        // No monitor from `stop` to `start`: nodes 1 (dead), 3 (left) and
+        // 4 (alive) restart in generation 2 and beat on.
+        let start = stop + 3000;
+        let mut seq2 = 1;
+        let mut beat2 = |r: &mut Rig, t: u64| {
+            for id in [1, 3, 4] {
+                r.beat_gen(id, 2, seq2, t);
+            }
+            seq2 += 1;
+        };
+        for t in (stop + 1000..start).step_by(100) {
+            beat2(&mut r, t);
+        }
+        r.restart(start);
+        let at_start = r.events.len();
+        assert_eq!(
+            r.tick(start),
+            vec![
+                (1, EventKind::Restarted),
+                (3, EventKind::Restarted),
+                (4, EventKind::Restarted)
+            ]
+        );
+        let got: Vec<_> = r.events[at_start..]
+            .iter()
+            .map(|e| (e.previous, e.state, e.generation, e.prev_generation))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Status::Dead, Status::Alive, 2, None),
+                (Status::Left, Status::Alive, 2, None),
+                (Status::Alive, Status::Alive, 2, None)
+            ]
+        );
+        let mut seen = Vec::new();
+        let mut t = start;
+        while t < start + 1500 {
+            t += 50;
+            if t % 100 == 0 {
+                beat2(&mut r, t);
+            }
+            seen.extend(r.tick(t));
+        }
+        assert_eq!(seen, vec![(2, EventKind::Dead)]);
+        // Each restart's record is later than its start: nothing again.
+        let start = t + 300;
+        r.restart(start);
+        let mut t = start;
+        while t < start + 1500 {
+            if t % 100 == 0 {
+                beat2(&mut r, t);
+            }
+            assert_eq!(r.tick(t), vec![]);
+            t += 50;
+        }
+        let counts = Status::ALL.map(|s| r.core.table.count(s));
+        assert_eq!(counts, [0, 3, 0, 1, 0], "unknown alive suspect dead left");
+    }
+
+    /// Without `--events` no record is ever confirmed: a restart no
+    /// monitor saw is announced all the same (from `alive`, as such a node
+    /// is adopted), also when the monitor that adopted it stopped before
+    /// its first tick, and not again after it.
+    #[test]
+    fn a_restart_while_no_monitor_ran_is_announced_without_events_too() {
+        let mut r = Rig::new(&[1], Box::new(FixedPolicy::none()));
+        r.beat(1, 1, 100, 100);
+        assert_eq!(r.tick_to(100, Fate::Dropped), [(1, EventKind::Joined)]);
+        for t in (200..=1000).step_by(100) {
+            r.beat(1, t / 100, 100, t);
+            assert_eq!(r.tick_to(t, Fate::Dropped), []);
+        }
+        // Restarted in generation 2 at 1500; a monitor adopts it at 2000
+        // and stops before its first tick.
+        for (seq, t) in (1500..=2500).step_by(100).enumerate() {
+            r.beat_gen(1, 2, seq as u64 + 1, t);
+        }
+        r.restart(2000);
+        r.restart(2500);
+        assert_eq!(r.tick_to(2500, Fate::Dropped), [(1, EventKind::Restarted)]);
+        let e = r.events.last().unwrap();
+        assert_eq!((e.previous, e.prev_generation), (Status::Alive, None));
+        for t in (2600..=3000).step_by(100) {
+            r.beat_gen(1, 2, t / 100 - 14, t);
+            assert_eq!(r.tick_to(t, Fate::Dropped), []);
+        }
+        r.restart(3100);
+        assert_eq!(r.tick_to(3100, Fate::Dropped), []);
+    }
+
+    /// A restart the monitor saw and announced is recorded no earlier than
+    /// its generation's start, whether its first heartbeat came with the
+    /// tick, between two, or while the tick scanned (stamped after the
+    /// tick's time, read by its scan): the next monitor does not announce
+    /// it again. Nor a `restarted` for a node that joined so.
+    #[test]
+    fn a_restart_announced_before_a_restart_of_the_monitor_is_not_announced_again() {
+        let mut r = Rig::new(&[1, 2, 3, 4], Box::new(FixedPolicy::none()));
+        let mut t = 0;
+        while t <= 1000 {
+            if t % 100 == 0 {
+                for id in [1, 2, 3] {
+                    r.beat(id, t / 100 + 1, 100, t);
+                }
+            }
+            r.tick(t);
+            t += 50;
+        }
+        // Node 1's first heartbeat in generation 2 comes at a tick's time,
+        // node 2's between two ticks, node 3's while the tick scans; node
+        // 4's first ever while the tick scans.
+        let restarts = r.events.len();
+        let mut seq2 = 1;
+        let mut beat2 = |r: &mut Rig, t: u64, late: u64| {
+            r.beat_gen(1, 2, seq2, t);
+            r.beat_gen(2, 2, seq2, t - 30);
+            r.beat_gen(3, 2, seq2, t + late);
+            r.beat_gen(4, 2, seq2, t + late);
+            seq2 += 1;
+        };
+        while t <= 2000 {
+            if t % 100 == 0 {
+                beat2(&mut r, t, 20);
+            }
+            r.tick(t);
+            t += 50;
+        }
+        let got: Vec<_> = r.events[restarts..]
+            .iter()
+            .map(|e| (e.node_id, e.event, e.previous, e.prev_generation))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (1, EventKind::Restarted, Status::Alive, Some(1)),
+                (2, EventKind::Restarted, Status::Alive, Some(1)),
+                (3, EventKind::Restarted, Status::Alive, Some(1)),
+                (4, EventKind::Joined, Status::Unknown, None)
+            ]
+        );
+        // The monitor stops; the nodes beat on in generation 2.
+        let start = t + 2000;
+        while t < start {
+            if t % 100 == 0 {
+                beat2(&mut r, t, 0);
+            }
+            t += 50;
+        }
+        r.restart(start);
+        while t < start + 2000 {
+            if t % 100 == 0 {
+                beat2(&mut r, t, 0);
+            }
+            assert_eq!(r.tick(t), vec![], "at {t}");
+            t += 50;
+        }
     }
 
     #[test]
