@@ -79,6 +79,15 @@ pub enum KeyringError {
         at: String,
         message: String,
     },
+    /// Valid TOML that is no keyring: an unknown or missing field, a
+    /// value of the wrong type or out of range.
+    #[error("keyring {path}{at}: {message}")]
+    Content {
+        path: PathBuf,
+        /// ` at line L, column C`, or empty.
+        at: String,
+        message: String,
+    },
     #[error("keyring {path}: epoch {epoch}: secret {problem}")]
     BadSecret {
         path: PathBuf,
@@ -279,8 +288,30 @@ struct KeyringFile {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EpochEntry {
+    #[serde(deserialize_with = "epoch_id")]
     id: u8,
     secret: String,
+}
+
+/// An epoch id, 0 to 255, with an error that says so (serde's says
+/// `expected u8`).
+fn epoch_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
+    struct Id;
+    impl serde::de::Visitor<'_> for Id {
+        type Value = u8;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an epoch id (0 to 255)")
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u8, E> {
+            u8::try_from(v)
+                .map_err(|_| E::custom(format!("epoch id {v} is out of range: ids are 0 to 255")))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u8, E> {
+            u8::try_from(v)
+                .map_err(|_| E::custom(format!("epoch id {v} is out of range: ids are 0 to 255")))
+        }
+    }
+    d.deserialize_u8(Id)
 }
 
 /// The master secrets of every epoch, from a keyring file: what `hb keys
@@ -459,12 +490,16 @@ impl Keyring {
                     format!(" at line {line}, column {col}")
                 })
                 .unwrap_or_default();
-            KeyringError::Toml {
-                path: path.to_path_buf(),
-                at,
-                // Nor the message as it is: serde's quotes the offending
-                // value (`invalid type: string "…", expected u8`).
-                message: redact(e.message()),
+            // Nor the message as it is: serde's quotes the offending
+            // value (`invalid type: string "…", expected a string`).
+            let message = redact(e.message());
+            let path = path.to_path_buf();
+            // Only TOML that does not parse is invalid TOML: the rest
+            // is valid TOML that is no keyring (an id of 300, say).
+            if text.parse::<toml::Table>().is_err() {
+                KeyringError::Toml { path, at, message }
+            } else {
+                KeyringError::Content { path, at, message }
             }
         })?;
         let mut epochs: Vec<(u8, Secret)> = Vec::with_capacity(file.epoch.len());
@@ -734,7 +769,14 @@ mod tests {
             (
                 "epoch out of range",
                 format!("[[epoch]]\nid = 256\nsecret = \"{secret}\"\n"),
-                "is not valid TOML at line 2",
+                "keyring /etc/hb/keyring.toml at line 2, column 6: epoch id 256 is out of range: ids are 0 to 255",
+            ),
+            (
+                "negative epoch",
+                format!(
+                    "[[epoch]]\nid = 1\nsecret = \"{secret}\"\n[[epoch]]\nid = -1\nsecret = \"{secret}\"\n"
+                ),
+                "keyring /etc/hb/keyring.toml at line 5, column 6: epoch id -1 is out of range: ids are 0 to 255",
             ),
             (
                 "unknown field",
@@ -759,7 +801,7 @@ mod tests {
             (
                 "secret as the epoch id",
                 format!("[[epoch]]\nid = \"{secret}\"\nsecret = \"{secret}\"\n"),
-                "at line 2, column 6: invalid type: string (not shown), expected u8",
+                "keyring /etc/hb/keyring.toml at line 2, column 6: invalid type: string (not shown), expected an epoch id (0 to 255)",
             ),
             (
                 "secret as an integer",

@@ -1,7 +1,10 @@
 //! `hb nodes`: the running monitor's node table, from its HTTP API
 //! (`GET /nodes`, or `GET /nodes/{id}`), as a table or as JSON.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::{SocketAddr, ToSocketAddrs as _},
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
 use http_body_util::{BodyExt as _, Empty};
@@ -12,9 +15,10 @@ use crate::monitor::api::NodeRow;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The monitor's --listen address.
-    #[arg(long, default_value = crate::monitor::config::DEFAULT_LISTEN)]
-    pub monitor: SocketAddr,
+    /// The monitor's --listen address: ADDR:PORT, [IPv6]:PORT or
+    /// host:port (every address the name resolves to is tried in turn).
+    #[arg(long, value_name = "HOST:PORT", default_value = crate::monitor::config::DEFAULT_LISTEN)]
+    pub monitor: String,
     /// Print the JSON as the monitor returns it.
     #[arg(long)]
     pub json: bool,
@@ -44,9 +48,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(s)) => format!("/nodes?state={s}"),
         (None, None) => "/nodes".to_owned(),
     };
+    let addrs = resolve(&args.monitor)?;
     let timeout = Duration::from_millis(args.timeout_ms);
     let body = rt
-        .block_on(async { tokio::time::timeout(timeout, get_patiently(args.monitor, &path)).await })
+        .block_on(async { tokio::time::timeout(timeout, get_patiently_any(&addrs, &path)).await })
         .map_err(|_| {
             anyhow::anyhow!(
                 "the monitor at {} did not answer within {} ms (see --timeout-ms)",
@@ -76,11 +81,31 @@ pub struct Busy {
     pub message: String,
 }
 
+/// `--monitor`'s addresses: a host name resolved (by the system's
+/// resolver), or an address as it is.
+fn resolve(monitor: &str) -> anyhow::Result<Vec<SocketAddr>> {
+    let addrs: Vec<SocketAddr> = monitor
+        .to_socket_addrs()
+        .with_context(|| {
+            format!("cannot resolve --monitor {monitor} (ADDR:PORT, [IPv6]:PORT or host:port)")
+        })?
+        .collect();
+    if addrs.is_empty() {
+        bail!("cannot resolve --monitor {monitor}: the name has no address");
+    }
+    Ok(addrs)
+}
+
 /// [`get`], asking again after the pause a busy monitor names ([`Busy`])
 /// for as long as it is busy: the caller bounds the whole (`--timeout-ms`).
 pub async fn get_patiently(addr: SocketAddr, path: &str) -> anyhow::Result<Bytes> {
+    get_patiently_any(&[addr], path).await
+}
+
+/// [`get_patiently`] from the first of `addrs` that takes the connection.
+async fn get_patiently_any(addrs: &[SocketAddr], path: &str) -> anyhow::Result<Bytes> {
     loop {
-        match get(addr, path).await {
+        match get_any(addrs, path).await {
             Err(e) => match e.downcast_ref::<Busy>() {
                 Some(b) => {
                     tracing::debug!(retry_after = ?b.retry_after, "{b}");
@@ -95,11 +120,23 @@ pub async fn get_patiently(addr: SocketAddr, path: &str) -> anyhow::Result<Bytes
 
 /// `GET path` from the monitor at `addr`; the body of a 200 answer.
 pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Bytes> {
-    let stream = tokio::net::TcpStream::connect(addr)
+    get_any(&[addr], path).await
+}
+
+/// [`get`] from the first of `addrs` that takes the connection (a name
+/// such as `localhost` resolves to `::1` and `127.0.0.1`, and the monitor
+/// listens on one of them).
+async fn get_any(addrs: &[SocketAddr], path: &str) -> anyhow::Result<Bytes> {
+    let stream = tokio::net::TcpStream::connect(addrs)
         .await
         .with_context(|| {
-            format!("cannot reach the monitor at {addr} (is it running? see --monitor)")
+            let tried = addrs.iter().map(SocketAddr::to_string).collect::<Vec<_>>();
+            format!(
+                "cannot reach the monitor at {} (is it running? see --monitor)",
+                tried.join(", ")
+            )
         })?;
+    let addr = stream.peer_addr().unwrap_or(addrs[0]);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .with_context(|| format!("HTTP handshake with {addr}"))?;
@@ -170,7 +207,7 @@ pub fn table(rows: &[NodeRow]) -> String {
             r.generation.to_string(),
             r.accepted.to_string(),
             r.last_seen_ms
-                .map(|ms| format!("{ms}ms"))
+                .map(human_ms)
                 .unwrap_or_else(|| "never".into()),
             format!("{}ms", r.interval_ms),
             if r.requested_interval_ms == 0 {
@@ -204,4 +241,74 @@ pub fn table(rows: &[NodeRow]) -> String {
         line(&mut c.iter().map(String::as_str));
     }
     out
+}
+
+/// A duration of `ms` in its two largest units, in humantime's spelling
+/// without spaces (`850ms`, `4s200ms`, `3m46s`, `2h5m`, `3d4h`; a zero
+/// second unit is left out: `1m`): short enough for a column, and one
+/// word for `awk`.
+fn human_ms(ms: u64) -> String {
+    const UNITS: [(u64, &str); 5] = [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1000, "s"),
+        (1, "ms"),
+    ];
+    let Some(first) = UNITS.iter().position(|(u, _)| ms >= *u) else {
+        return "0ms".into();
+    };
+    let (unit, name) = UNITS[first];
+    let mut out = format!("{}{name}", ms / unit);
+    if let Some(&(next, next_name)) = UNITS.get(first + 1) {
+        let n = ms % unit / next;
+        if n > 0 {
+            out.push_str(&format!("{n}{next_name}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_seen_is_shown_in_its_two_largest_units() {
+        let cases = [
+            (0, "0ms"),
+            (850, "850ms"),
+            (1000, "1s"),
+            (4200, "4s200ms"),
+            (59_999, "59s999ms"),
+            (60_000, "1m"),
+            (226_462, "3m46s"),
+            (7_500_000, "2h5m"),
+            (273_600_000, "3d4h"),
+        ];
+        for (ms, want) in cases {
+            let got = human_ms(ms);
+            assert_eq!(got, want, "{ms} ms");
+            // humantime reads it back, to within the unit left out.
+            let back = humantime::parse_duration(&got).unwrap().as_millis() as u64;
+            assert!(back <= ms && ms - back < 60_000, "{ms}: {got}");
+        }
+    }
+
+    #[test]
+    fn monitor_names_are_resolved() {
+        let addrs = resolve("localhost:9420").unwrap();
+        assert!(
+            addrs
+                .iter()
+                .all(|a| a.ip().is_loopback() && a.port() == 9420),
+            "{addrs:?}"
+        );
+        assert_eq!(resolve("[::1]:80").unwrap(), ["[::1]:80".parse().unwrap()]);
+        let e = resolve("localhost").unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with("cannot resolve --monitor localhost"),
+            "{e:#}"
+        );
+    }
 }

@@ -234,6 +234,11 @@ fn bad_keyrings_fail_with_one_line() {
             "epoch 1 appears more than once",
         ),
         ("# nothing\n".to_owned(), "has no [[epoch]] table"),
+        // Valid TOML: not said to be invalid TOML.
+        (
+            format!("[[epoch]]\nid = 300\nsecret = \"{secret}\"\n"),
+            "at line 2, column 6: epoch id 300 is out of range: ids are 0 to 255",
+        ),
     ];
     for (text, want) in cases {
         let (_d, ring) = keyring(&text);
@@ -368,6 +373,21 @@ fn bad_sender_options_fail_with_one_line() {
                 "1",
                 "--key",
                 key,
+                "--min-interval-ms",
+                "5000",
+                "--max-interval-ms",
+                "100",
+            ],
+            "hb: --min-interval-ms 5000 exceeds --max-interval-ms 100",
+        ),
+        (
+            vec![
+                "--monitor",
+                m,
+                "--node-id",
+                "1",
+                "--key",
+                key,
                 "--state-dir",
                 &under_file,
             ],
@@ -474,6 +494,74 @@ fn hb_nodes_gives_up_on_a_monitor_that_does_not_answer() {
         String::from_utf8_lossy(&out.stderr).contains("cannot be used with"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `hb nodes --monitor` takes a host name, as `hb send --monitor` does (it
+/// was refused: `invalid socket address syntax`), and shows LAST_SEEN in
+/// units, not as raw ms. The monitor is a stand-in on this host's
+/// loopback that answers one `GET /nodes` with one row.
+#[test]
+fn hb_nodes_takes_a_host_name_and_shows_last_seen_in_units() {
+    use std::io::Write as _;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let rows = r#"[{"node_id":7,"state":"alive","phi":0.5,"generation":3,"accepted":10,"last_seen_ms":226462,"interval_ms":1000,"requested_interval_ms":0,"mean_interarrival_ms":1000.0,"lost":0,"restarts":0,"rtt_us":0,"load":0,"bad_tag":0,"replay":0,"stale":0,"acks_sent":0,"leaving":false,"state_for_ms":5000,"origin":"configured","slot":0,"last_decision":null}]"#;
+    let monitor = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf).unwrap() {
+                0 => break,
+                n => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        write!(
+            conn,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{rows}",
+            rows.len()
+        )
+        .unwrap();
+        String::from_utf8_lossy(&head).into_owned()
+    });
+    let out = hb(&[
+        "nodes",
+        "--monitor",
+        &format!("localhost:{port}"),
+        "--timeout-ms",
+        "5000",
+    ]);
+    // Checked before waiting for the stand-in, which a refused address
+    // never reaches.
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(monitor.join().unwrap().starts_with("GET /nodes HTTP/1.1"));
+    let table = stdout(&out);
+    let row = table.lines().nth(1).unwrap_or_default();
+    assert!(row.starts_with("7 ") && row.contains(" 3m46s "), "{table}");
+    // A name that does not resolve: one line naming it (in a network
+    // namespace of its own: no resolver to wait for).
+    let mut cmd = command(&["nodes", "--monitor", "no-such-host.invalid:9420"]);
+    isolate(&mut cmd);
+    assert_fails(
+        &output(&mut cmd),
+        "hb: cannot resolve --monitor no-such-host.invalid:9420",
+    );
+}
+
+/// `--listen`'s help names what the API serves (`monitor::api::routes`):
+/// it left out `/nodes/{id}` and `/controller`.
+#[test]
+fn monitor_help_names_every_api_route() {
+    let out = hb(&["monitor", "--help"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let help = stdout(&out)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        help.contains("--listen <ADDR> HTTP address of the API (GET /metrics, /nodes, /nodes/{id}, /healthz, /controller)"),
+        "{help}"
     );
 }
 
@@ -661,6 +749,8 @@ fn a_sender_with_no_resolvable_monitor_keeps_running() {
     let exit = lines_with(&err, &["WARN", "sent the LEAVING heartbeat to no monitor"]);
     assert_eq!(exit.len(), 1, "{err}");
     assert!(exit[0].contains("leaving_sent_to=0 monitors=0"), "{err}");
+    // No ACK rejected: 0, not an empty field.
+    assert!(exit[0].trim_end().ends_with(" acks_rejected=0"), "{err}");
 }
 
 /// Input that cannot work is refused at start with one line, not accepted

@@ -34,6 +34,11 @@ pub const MAX_HOOK_QUEUE: usize = 1 << 20;
 /// The longest decision period, ms: an hour (one decision per node per
 /// hour is already no control at all).
 pub const MAX_DECISION_MS: u64 = 3_600_000;
+/// The shortest `max_silence_ms` but 0 (off), ms. The backstop declares a
+/// node dead whatever phi says: shorter than a sender's default interval
+/// (1 s), it would declare such nodes dead between two heartbeats on time,
+/// every one of them, at every beat.
+pub const MIN_MAX_SILENCE_MS: u64 = 1000;
 
 /// Where heartbeats are gated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -110,7 +115,8 @@ pub struct Opts {
     /// Node ids and inclusive ranges, e.g. `1-1000,4242`.
     #[arg(long, value_name = "SPEC")]
     pub nodes: Option<String>,
-    /// HTTP address of /metrics, /nodes, /healthz [default: 127.0.0.1:9420].
+    /// HTTP address of the API (GET /metrics, /nodes, /nodes/{id},
+    /// /healthz, /controller) [default: 127.0.0.1:9420].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
     /// Where to gate heartbeats [default: native].
@@ -120,7 +126,8 @@ pub struct Opts {
     /// whenever the requested interval differs from the node's).
     #[arg(long)]
     pub ack: bool,
-    /// ACK every N-th accepted heartbeat of a node (implies --ack) [default: 1].
+    /// ACK every N-th accepted heartbeat of a node, N >= 1 (implies --ack)
+    /// [default: 1].
     #[arg(long, value_name = "N")]
     pub ack_every: Option<u32>,
     /// Events as JSON lines: a file (appended; reopened on SIGHUP) or `-`
@@ -131,7 +138,7 @@ pub struct Opts {
     /// environment (HB_EVENT, HB_NODE_ID, ...) and on its stdin.
     #[arg(long, value_name = "CMD")]
     pub on_event: Option<String>,
-    /// Hooks running at once [default: 4].
+    /// Hooks running at once, 1 to 1024 [default: 4].
     #[arg(long, value_name = "N")]
     pub hook_concurrency: Option<usize>,
     /// A hook still running after this is killed [default: 10000].
@@ -156,7 +163,8 @@ pub struct Opts {
     /// Minimum silence for dead, in expected intervals [default: 3].
     #[arg(long, value_name = "N")]
     pub dead_min_intervals: Option<f64>,
-    /// Dead after this silence whatever phi says; 0 = off [default: 60000].
+    /// Dead after this silence whatever phi says; 0 = off, else at least
+    /// 1000 [default: 60000].
     #[arg(long, value_name = "MS")]
     pub max_silence_ms: Option<u64>,
     /// Floor of the inter-arrival standard deviation [default: 20].
@@ -378,6 +386,10 @@ impl Settings {
             .context("no nodes: give --nodes SPEC, e.g. --nodes 1-1000,4242")?;
         let nodes = NodeSpec::parse(&spec)?;
         let ack_every_opt = a.ack_every.or(f.ack_every);
+        if ack_every_opt == Some(0) {
+            // It turns ACKs on, and would have the gate ACK no heartbeat.
+            bail!("ack_every must be at least 1 (ACK every N-th heartbeat), got 0");
+        }
         let ack = a.ack || f.ack.unwrap_or(false) || ack_every_opt.is_some();
         let ack_every = if ack { ack_every_opt.unwrap_or(1) } else { 0 };
         let tick_ms = a.tick_ms.or(f.tick_ms).unwrap_or(100);
@@ -399,6 +411,12 @@ impl Settings {
                 .unwrap_or(d.max_silence_ms),
         };
         thresholds.validate().map_err(anyhow::Error::msg)?;
+        if (1..MIN_MAX_SILENCE_MS).contains(&thresholds.max_silence_ms) {
+            bail!(
+                "max_silence_ms must be 0 (off) or at least {MIN_MAX_SILENCE_MS}, got {}",
+                thresholds.max_silence_ms
+            );
+        }
         let p = PhiParams::default();
         let phi = PhiParams {
             min_std_dev_ms: a
@@ -422,13 +440,12 @@ impl Settings {
             );
         }
         let on_event = a.on_event.clone().or(f.on_event).filter(|s| !s.is_empty());
+        if a.hook_concurrency.or(f.hook_concurrency) == Some(0) {
+            bail!("hook_concurrency must be at least 1 (hooks running at once), got 0");
+        }
         let hook = on_event.map(|command| HookOptions {
             command,
-            concurrency: a
-                .hook_concurrency
-                .or(f.hook_concurrency)
-                .unwrap_or(4)
-                .max(1),
+            concurrency: a.hook_concurrency.or(f.hook_concurrency).unwrap_or(4),
             timeout: Duration::from_millis(
                 a.hook_timeout_ms
                     .or(f.hook_timeout_ms)
@@ -967,5 +984,65 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    /// Values once taken silently: `ack_every = 0` turned ACKs on for none
+    /// to be sent, `hook_concurrency = 0` ran one hook at a time, and a
+    /// backstop of a few ms declared every node dead between heartbeats.
+    /// Refused in one line, from the file and from flags alike.
+    #[test]
+    fn values_that_cannot_work_are_refused() {
+        let cases = [
+            (
+                "ack_every = 0\n",
+                "ack_every must be at least 1 (ACK every N-th heartbeat), got 0",
+            ),
+            (
+                "on_event = \"true\"\nhook_concurrency = 0\n",
+                "hook_concurrency must be at least 1 (hooks running at once), got 0",
+            ),
+            (
+                "max_silence_ms = 10\n",
+                "max_silence_ms must be 0 (off) or at least 1000, got 10",
+            ),
+            (
+                "max_silence_ms = 999\n",
+                "max_silence_ms must be 0 (off) or at least 1000, got 999",
+            ),
+        ];
+        for (text, want) in cases {
+            let f: FileConfig = toml::from_str(text).unwrap();
+            let e = Settings::merge(&args().into(), f).unwrap_err().to_string();
+            assert_eq!(e, want, "{text:?}");
+        }
+        let flags = [
+            Opts {
+                ack_every: Some(0),
+                ..args()
+            },
+            Opts {
+                on_event: Some("true".into()),
+                hook_concurrency: Some(0),
+                ..args()
+            },
+            Opts {
+                max_silence_ms: Some(10),
+                ..args()
+            },
+        ];
+        for (a, (_, want)) in flags.into_iter().zip(cases) {
+            let e = Settings::merge(&a.into(), FileConfig::default()).unwrap_err();
+            assert_eq!(e.to_string(), want);
+        }
+        // The bounds themselves, and 0 for no backstop, are taken.
+        let text =
+            "ack_every = 1\non_event = \"true\"\nhook_concurrency = 1\nmax_silence_ms = 1000\n";
+        let s = Settings::merge(&args().into(), toml::from_str(text).unwrap()).unwrap();
+        assert_eq!(s.ack_every, 1);
+        assert_eq!(s.hook.unwrap().concurrency, 1);
+        assert_eq!(s.thresholds.max_silence_ms, 1000);
+        let f: FileConfig = toml::from_str("max_silence_ms = 0\n").unwrap();
+        let s = Settings::merge(&args().into(), f).unwrap();
+        assert_eq!(s.thresholds.max_silence_ms, 0);
     }
 }

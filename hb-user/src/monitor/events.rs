@@ -78,10 +78,11 @@ const FLUSH_WAIT: Duration = Duration::from_secs(5);
 /// One announcement. Serialized as one JSON line.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Event {
-    /// Increasing per monitor process: orders events that hooks may see
-    /// out of order.
+    /// Increasing per monitor process, from 1 (again after a restart):
+    /// orders events that hooks may see out of order.
     pub seq: u64,
-    /// Wall-clock time of the tick that decided, RFC 3339 (UTC).
+    /// Wall-clock time of the tick that decided, RFC 3339 (UTC, three
+    /// fractional digits: [`rfc3339_ms`]).
     pub ts: String,
     pub node_id: u32,
     pub event: EventKind,
@@ -91,7 +92,8 @@ pub struct Event {
     pub state: Status,
     pub phi: f64,
     pub generation: u32,
-    /// For `restarted`: the generation before.
+    /// For `restarted`: the generation before, if a monitor saw it (not
+    /// for a restart while no monitor ran, announced at the start).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prev_generation: Option<u32>,
     /// Time since the last accepted heartbeat, ms.
@@ -790,21 +792,31 @@ fn write_lines(shared: &Shared, dest: &Destination, mut out: Out, metrics: &Metr
     }
 }
 
-/// RFC 3339 UTC timestamp of the wall clock now, millisecond precision.
+/// RFC 3339 UTC timestamp of the wall clock now ([`rfc3339_ms`]).
 pub fn now_rfc3339() -> String {
-    use time::format_description::well_known::Rfc3339;
-    let now = time::OffsetDateTime::now_utc();
-    let now = now
-        .replace_nanosecond(now.nanosecond() / 1_000_000 * 1_000_000)
-        .unwrap_or(now);
-    now.format(&Rfc3339)
-        .unwrap_or_else(|_| now.unix_timestamp().to_string())
+    rfc3339_ms(time::OffsetDateTime::now_utc())
+}
+
+/// `t` in RFC 3339, UTC, with exactly three fractional digits
+/// (`2026-11-24T10:09:18.550Z`): every stamp has the same width, so they
+/// sort as text in time order. (The `time` crate's `Rfc3339` drops
+/// trailing zeros: `.55Z` sorted after `.251Z`.)
+pub fn rfc3339_ms(t: time::OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
 }
 
 /// A `dead` event of node `seq`, numbered `seq` (tests here and in
-/// `hooks`). A fixed time stamp: the tests size files in lines, and the
-/// clock's varies in length (RFC 3339 drops the trailing zeros of its
-/// milliseconds).
+/// `hooks`). A fixed time stamp: the tests size files in lines.
 #[cfg(test)]
 pub(crate) fn test_event(seq: u64) -> Event {
     Event {
@@ -1169,6 +1181,39 @@ mod tests {
         sink.publish(vec![ev(3)]);
         assert_eq!(sink.flush_for(LONG).await, 0);
         assert_eq!(seqs(&p), [3]);
+    }
+
+    /// Every stamp has three fractional digits, so stamps sort as text in
+    /// time order (`.55Z` once sorted after `.251Z`), and reads back as
+    /// the instant it stamps, to the millisecond.
+    #[test]
+    fn timestamps_have_exactly_three_fractional_digits() {
+        use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+        let at = |ms: i128| OffsetDateTime::from_unix_timestamp_nanos(ms * 1_000_000).unwrap();
+        // Within one second 2026-11-24T10:09:18 UTC, in time order (text
+        // sorted `18.551Z` before `18.55Z`, and `18Z` after both).
+        let base = 1_795_514_958_000;
+        let cases = [
+            (base, "2026-11-24T10:09:18.000Z"),
+            (base + 251, "2026-11-24T10:09:18.251Z"),
+            (base + 550, "2026-11-24T10:09:18.550Z"),
+            (base + 551, "2026-11-24T10:09:18.551Z"),
+        ];
+        for (ms, want) in cases {
+            let ts = rfc3339_ms(at(ms));
+            assert_eq!(ts, want);
+            assert_eq!(OffsetDateTime::parse(&ts, &Rfc3339).unwrap(), at(ms));
+        }
+        // Sub-millisecond digits are cut, not rounded up into the next
+        // second; another offset is given in UTC.
+        let t = at(base + 999) + time::Duration::nanoseconds(999_999);
+        assert_eq!(rfc3339_ms(t), "2026-11-24T10:09:18.999Z");
+        let t = at(base + 550).to_offset(time::UtcOffset::from_hms(2, 0, 0).unwrap());
+        assert_eq!(rfc3339_ms(t), "2026-11-24T10:09:18.550Z");
+        let mut sorted: Vec<String> = cases.iter().rev().map(|(_, s)| s.to_string()).collect();
+        sorted.sort();
+        assert_eq!(sorted, cases.map(|(_, s)| s.to_string()));
+        assert_eq!(now_rfc3339().len(), "2026-11-24T10:09:18.550Z".len());
     }
 
     #[test]

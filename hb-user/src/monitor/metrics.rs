@@ -63,7 +63,7 @@ impl Metrics {
         let packets = Family::<Labels, Counter>::default();
         registry.register(
             "packets",
-            "Datagrams to the heartbeat port by gate result (PROTOCOL.md, \"The gate\")",
+            "Datagrams to the heartbeat port by gate result: accepted, or the check that refused it (README, \"Operating the monitor\")",
             packets.clone(),
         );
         let dataplane = Family::<Labels, Counter>::default();

@@ -840,7 +840,9 @@ async fn reload(
                 removed = s.removed,
                 kept = s.kept,
                 epochs = ?epochs,
-                changed = %changed.join(","),
+                // The options the reload changed besides those: `none`,
+                // not an empty field.
+                changed = if changed.is_empty() { "none".to_owned() } else { changed.join(",") },
                 controller = running.controller.kind.name(),
                 "reloaded keyring and node list"
             );

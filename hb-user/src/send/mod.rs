@@ -430,6 +430,9 @@ impl Args {
                 "intervals must lie within {FLOOR_INTERVAL_MS} to {CEILING_INTERVAL_MS} ms (got --min-interval-ms {min}, --max-interval-ms {max})"
             );
         }
+        if min > max {
+            bail!("--min-interval-ms {min} exceeds --max-interval-ms {max}");
+        }
         if !(min <= iv && iv <= max) {
             bail!(
                 "--interval-ms {iv} must lie within --min-interval-ms {min} and --max-interval-ms {max}"
@@ -880,6 +883,12 @@ async fn send_loop(
         .filter(|(_, n)| *n > 0)
         .map(|(r, n)| format!("{}={n}", r.name()))
         .collect();
+    // `reason=count,...`, or 0: not an empty field.
+    let acks_rejected = if rejected.is_empty() {
+        "0".to_owned()
+    } else {
+        rejected.join(",")
+    };
     let (acks, send_errors) = (sender.acks, sender.send_errors);
     let monitors = sender.monitors().len();
     let unresolved = names.unresolved();
@@ -896,7 +905,7 @@ async fn send_loop(
                 acks,
                 send_errors,
                 recv_errors,
-                acks_rejected = %rejected.join(","),
+                acks_rejected = %acks_rejected,
                 $message
             )
         };
