@@ -7,10 +7,13 @@
 //! datagram at a time anyway, and the tick takes the lock once per scan.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     net::SocketAddr,
     ops::Range,
-    sync::{Mutex, MutexGuard},
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use hb_common::{
@@ -47,11 +50,34 @@ pub struct Verdict {
     pub ack: Option<[u8; proto::LEN]>,
 }
 
+/// When the userspace gate's socket tasks read datagrams
+/// ([`MemDataplane::note_read`]): the monitor's paused-host excuse asks
+/// whether they did in a window ([`Dataplane::gate_ran_between`]). The
+/// arrivals they stamp cannot say: those are the kernel's receive times,
+/// which go on while the monitor process is stopped, and a backlog read
+/// before the excuse is asked (it may be, or not) would then refuse it.
+#[derive(Default)]
+struct Reads {
+    /// The latest read (CLOCK_MONOTONIC ns); 0: none yet.
+    last_ns: AtomicU64,
+    /// The latest gaps between reads longer than [`READ_GAP_NS`], oldest
+    /// first, at most [`READ_GAPS`].
+    gaps: Mutex<VecDeque<(u64, u64)>>,
+}
+
+/// A gap between two reads worth remembering: shorter than any window the
+/// excuse asks about (at least 400 ms).
+const READ_GAP_NS: u64 = 50_000_000;
+/// Enough for the gap of a pause and the few a sparse fleet makes before
+/// the tick asks, right after the pause.
+const READ_GAPS: usize = 8;
+
 /// The in-memory gate.
 pub struct MemDataplane {
     inner: Mutex<Inner>,
     reports_tx: mpsc::Sender<Report>,
     reports_rx: Option<mpsc::Receiver<Report>>,
+    reads: Reads,
 }
 
 impl Default for MemDataplane {
@@ -74,6 +100,7 @@ impl MemDataplane {
             }),
             reports_tx,
             reports_rx: Some(reports_rx),
+            reads: Reads::default(),
         }
     }
 
@@ -128,6 +155,19 @@ impl MemDataplane {
     /// reassembled from fragments (`malformed`, see `monitor::userspace`).
     pub fn count(&self, result: GateResult) {
         self.lock().counters[result.index() as usize] += 1;
+    }
+
+    /// A socket task read a datagram at `now_ns` (CLOCK_MONOTONIC): the
+    /// gate ran then (see [`Reads`]). Several tasks may call it at once.
+    pub fn note_read(&self, now_ns: u64) {
+        let prev = self.reads.last_ns.fetch_max(now_ns, Ordering::AcqRel);
+        if prev != 0 && now_ns > prev.saturating_add(READ_GAP_NS) {
+            let mut gaps = self.reads.gaps.lock().unwrap_or_else(|e| e.into_inner());
+            if gaps.len() == READ_GAPS {
+                gaps.pop_front();
+            }
+            gaps.push_back((prev, now_ns));
+        }
     }
 }
 
@@ -344,6 +384,21 @@ impl Dataplane for MemDataplane {
 
     fn counters(&self) -> anyhow::Result<Counters> {
         Ok(self.lock().counters)
+    }
+
+    /// By the socket tasks' reads ([`MemDataplane::note_read`]), once
+    /// there are any: a monitor process stopped did not read in the
+    /// window, whenever it drains its backlog; one starved still did.
+    fn gate_ran_between(&self, from_ns: u64, to_ns: u64) -> Option<bool> {
+        let last = self.reads.last_ns.load(Ordering::Acquire);
+        if last == 0 {
+            return None; // read by no socket task (tests, the simulator)
+        }
+        if last <= from_ns {
+            return Some(false); // idle since before the window
+        }
+        let gaps = self.reads.gaps.lock().unwrap_or_else(|e| e.into_inner());
+        Some(!gaps.iter().any(|&(s, e)| s <= from_ns && e >= to_ns))
     }
 
     fn set_config(&self, cfg: &Config) -> anyhow::Result<()> {

@@ -108,6 +108,14 @@ pub trait Dataplane: Send + Sync {
         Ok(())
     }
 
+    /// Whether the gate ran at some time in `(from_ns, to_ns)`
+    /// (CLOCK_MONOTONIC), if this dataplane can tell better than the
+    /// arrivals it stamped: the monitor's paused-host excuse asks it after
+    /// a long gap between ticks. `None`: judge by the stamps.
+    fn gate_ran_between(&self, _from_ns: u64, _to_ns: u64) -> Option<bool> {
+        None
+    }
+
     /// Reads of a node's state given up on so far because the node stayed
     /// held for writing (a writer that died holding it: released at the
     /// next start); such a node keeps its status meanwhile.

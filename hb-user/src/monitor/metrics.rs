@@ -147,7 +147,7 @@ impl Metrics {
         let socket_drops = Counter::default();
         registry.register(
             "userspace_socket_drops",
-            "Heartbeats the kernel dropped because the userspace gate's socket buffer was full (the gate fell behind); counted when the socket's next datagram arrives",
+            "Datagrams the kernel dropped at a userspace gate's socket: its receive buffer full (the gate fell behind), the host's UDP memory limit (net.ipv4.udp_mem) or bad checksums; counted when the socket's next datagram arrives",
             socket_drops.clone(),
         );
         let local_addresses = Gauge::default();

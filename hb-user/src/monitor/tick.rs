@@ -865,16 +865,23 @@ impl Core {
     /// next tick, and the gate stamped heartbeats as usual until the host
     /// was paused; in a fleet of any size some always land there. Nor in
     /// the tick (at least 200 ms) before `to_ns`: arrivals just before it
-    /// may be the backlog of a pause the gate was in too. (In userspace
-    /// mode the stamps are the kernel's receive times, so a monitor
-    /// process stopped or starved alone is not excused: its socket went
-    /// on receiving.) Only each node's latest arrival is known, so a
-    /// fleet of fast nodes that all beat since leaves no trace of a gate
-    /// that ran: hence also the once-a-minute bound on excuses.
+    /// may be the backlog of a pause the gate was in too. Only each node's
+    /// latest arrival is known, so a fleet of fast nodes that all beat
+    /// since leaves no trace of a gate that ran: hence also the
+    /// once-a-minute bound on excuses.
+    ///
+    /// A dataplane that knows better says (`Dataplane::gate_ran_between`):
+    /// in userspace mode the stamps are the kernel's receive times, which
+    /// go on while the monitor process is stopped, so the socket tasks'
+    /// reads tell instead (a process stopped alone is excused, whether it
+    /// drains its backlog before this asks or after; one starved is not).
     fn gate_ran_between(&self, dp: &dyn Dataplane, from_ns: u64, to_ns: u64) -> bool {
         let tick_ns = self.local_pause_ns / LOCAL_PAUSE_TICKS;
         let after = from_ns.saturating_add(2 * tick_ns);
         let before = to_ns.saturating_sub(tick_ns);
+        if let Some(ran) = dp.gate_ran_between(after, before) {
+            return ran;
+        }
         let mut ran = false;
         dp.read_live(0..self.table.len(), &mut |_, st, _| {
             ran |= st.last_arrival_ns > after && st.last_arrival_ns < before;
@@ -2208,6 +2215,58 @@ mod tests {
         r.steady(3, 100, 100, 2000);
         assert_eq!(r.tick(3500), vec![], "excused");
         assert_eq!(r.tick(5000), vec![(3, EventKind::Dead)], "not again");
+    }
+
+    /// Userspace mode: the stamps are the kernel's receive times, which go
+    /// on while the monitor process is stopped, and a full socket keeps
+    /// the oldest of them. Whether the socket task drains its backlog
+    /// before the first tick after the stop or after it, the stop is the
+    /// monitor's own: no node is blamed (drained first, the stamps inside
+    /// the gap refused the excuse, and node 3, whose later heartbeats the
+    /// full socket dropped, was dead). A monitor only starved, whose
+    /// socket task went on reading, is not excused.
+    #[test]
+    fn a_stopped_userspace_monitor_is_excused_whenever_it_drains() {
+        const MS: u64 = 1_000_000;
+        // Node 3 at 100 ms; the process is stopped from 2000 to 6000 ms;
+        // the socket filled at 3000 ms and dropped the rest.
+        let stopped = |drain_first: bool, starved: bool| {
+            let mut r = Rig::new(&[3], Box::new(FixedPolicy::none()));
+            let mut seq = 0;
+            for t in (100..=2000).step_by(100) {
+                seq += 1;
+                r.beat(3, seq, 100, t);
+                r.dp.note_read(t * MS);
+                r.tick(t);
+            }
+            if starved {
+                for t in (2100..=5900).step_by(100) {
+                    r.dp.note_read(t * MS);
+                }
+            }
+            let drain = |r: &mut Rig, seq: &mut u64| {
+                for t in (2100..=3000).step_by(100) {
+                    *seq += 1;
+                    r.beat(3, *seq, 100, t);
+                }
+                r.dp.note_read(6000 * MS);
+            };
+            if drain_first {
+                drain(&mut r, &mut seq);
+            }
+            let mut seen = r.tick(6000);
+            if !drain_first {
+                drain(&mut r, &mut seq);
+            }
+            seen.extend(r.tick(6020));
+            seen
+        };
+        assert_eq!(stopped(true, false), vec![], "drained first");
+        assert_eq!(stopped(false, false), vec![], "ticked first");
+        assert!(
+            stopped(true, true).contains(&(3, EventKind::Dead)),
+            "only starved"
+        );
     }
 
     #[test]
