@@ -479,22 +479,42 @@ fn errors_name_the_problem() {
         })
         .unwrap()
         .unwrap();
-    let e = pair
-        .a
-        .run(|| {
-            XdpDataplane::open(&XdpOptions {
-                interfaces: vec![IF_A.into()],
-                max_nodes: Some(16),
-                ..XdpOptions::default()
+    // Its maps are not left pinned for the next start to adopt (with
+    // their capacity): in a directory it made, nor in one that was there,
+    // whose entries stay.
+    for made in [true, false] {
+        let pins = PinDir::new(if made { "busy-made" } else { "busy-there" });
+        if !made {
+            std::fs::create_dir_all(pins.0.join("other")).unwrap();
+        }
+        let dir = pins.0.clone();
+        let e = pair
+            .a
+            .run(move || {
+                XdpDataplane::open(&XdpOptions {
+                    interfaces: vec![IF_A.into()],
+                    max_nodes: Some(16),
+                    pin_dir: Some(dir),
+                    ..XdpOptions::default()
+                })
             })
-        })
-        .unwrap()
-        .err()
-        .expect("second attach refused");
-    assert!(
-        format!("{e:#}").contains("already has another XDP program"),
-        "{e:#}"
-    );
+            .unwrap()
+            .err()
+            .expect("second attach refused");
+        assert!(
+            format!("{e:#}").contains("already has another XDP program"),
+            "{e:#}"
+        );
+        if made {
+            assert!(!pins.0.exists(), "{} left behind", pins.0.display());
+        } else {
+            let left: Vec<_> = std::fs::read_dir(&pins.0)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(left, ["other"], "pins left behind");
+        }
+    }
     drop(first);
 }
 

@@ -925,6 +925,65 @@ fn ensure_pin_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create pin directory {}", dir.display()))
 }
 
+/// The pins a start makes in its pin directory, removed again if it
+/// fails (on drop, unless [`UndoPins::keep`]): the maps of a start that
+/// never ran (another XDP program on an interface, say) would otherwise be
+/// adopted by the next start, with the capacity they were made with, and
+/// a link kept for one interface would stay attached. Drop it after the
+/// dataplane (declared before it), whose own drop detaches its links.
+struct UndoPins {
+    dir: PathBuf,
+    /// The directory did not exist before this start.
+    made: bool,
+    before: std::collections::HashSet<std::ffi::OsString>,
+    armed: bool,
+}
+
+impl UndoPins {
+    fn new(dir: &Path, made: bool) -> anyhow::Result<UndoPins> {
+        let before = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read pin directory {}", dir.display()))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<std::io::Result<_>>()
+            .with_context(|| format!("cannot read pin directory {}", dir.display()))?;
+        Ok(UndoPins {
+            dir: dir.to_owned(),
+            made,
+            before,
+            armed: true,
+        })
+    }
+
+    /// The start succeeded: its pins stay.
+    fn keep(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for UndoPins {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut removed = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if !self.before.contains(&name) && std::fs::remove_file(e.path()).is_ok() {
+                removed.push(name.to_string_lossy().into_owned());
+            }
+        }
+        if self.made {
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+        if !removed.is_empty() {
+            tracing::debug!(pin_dir = %self.dir.display(), removed = %removed.join(","), "the start failed: removed the pins it made");
+        }
+    }
+}
+
 /// Takes the pin directory for this process ([`crate::dirlock`]): one
 /// monitor per pin directory. What a start repairs in adopted maps (node
 /// counters left held, [`NodeMaps::release_dead_writers`]; an index left
@@ -1291,10 +1350,15 @@ impl XdpDataplane {
             }
             ifindex.push(idx);
         }
+        // What this start pins is removed again if it fails: a later start
+        // would adopt those maps (and their capacity) as a monitor's.
+        let mut undo = None;
         let (pin_lock, node_pins) = match &opts.pin_dir {
             Some(dir) => {
+                let made = !dir.exists();
                 ensure_pin_dir(dir)?;
                 let lock = lock_pin_dir(dir)?;
+                undo = Some(UndoPins::new(dir, made)?);
                 let node_pins = reconcile_node_pins(dir)?;
                 (Some(lock), node_pins)
             }
@@ -1456,6 +1520,9 @@ impl XdpDataplane {
         }
         for (ifname, idx) in opts.interfaces.iter().zip(ifindex) {
             dp.attach(ifname, idx, opts)?;
+        }
+        if let Some(u) = undo.as_mut() {
+            u.keep();
         }
         Ok(dp)
     }
