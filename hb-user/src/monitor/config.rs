@@ -443,16 +443,19 @@ impl Settings {
         if a.hook_concurrency.or(f.hook_concurrency) == Some(0) {
             bail!("hook_concurrency must be at least 1 (hooks running at once), got 0");
         }
+        if a.hook_queue.or(f.hook_queue) == Some(0) {
+            bail!("hook_queue must be at least 1 (hook runs waiting), got 0");
+        }
+        if a.hook_timeout_ms.or(f.hook_timeout_ms) == Some(0) {
+            bail!("hook_timeout_ms must be at least 1, got 0");
+        }
         let hook = on_event.map(|command| HookOptions {
             command,
             concurrency: a.hook_concurrency.or(f.hook_concurrency).unwrap_or(4),
             timeout: Duration::from_millis(
-                a.hook_timeout_ms
-                    .or(f.hook_timeout_ms)
-                    .unwrap_or(10_000)
-                    .max(1),
+                a.hook_timeout_ms.or(f.hook_timeout_ms).unwrap_or(10_000),
             ),
-            queue: a.hook_queue.or(f.hook_queue).unwrap_or(1024).max(1),
+            queue: a.hook_queue.or(f.hook_queue).unwrap_or(1024),
         });
         if let Some(h) = &hook
             && (h.concurrency > MAX_HOOK_CONCURRENCY || h.queue > MAX_HOOK_QUEUE)
@@ -1004,6 +1007,14 @@ mod tests {
             (
                 "max_silence_ms = 10\n",
                 "max_silence_ms must be 0 (off) or at least 1000, got 10",
+            ),
+            (
+                "hook_queue = 0\n",
+                "hook_queue must be at least 1 (hook runs waiting), got 0",
+            ),
+            (
+                "hook_timeout_ms = 0\n",
+                "hook_timeout_ms must be at least 1, got 0",
             ),
             (
                 "max_silence_ms = 999\n",
