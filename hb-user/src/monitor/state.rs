@@ -430,9 +430,20 @@ pub struct Recorded {
     /// sees its generation (`restarted`, or `joined` for its first), at
     /// that tick's time or the last arrival it read if later
     /// (`tick::Announcer::transition`), so a record written since a
-    /// generation started is no earlier than its start.
+    /// generation started is no earlier than its start. Earlier hb
+    /// versions stamped it with the tick's time, taken before the scan,
+    /// and a first heartbeat stamped during the scan was read by it: the
+    /// generation must start over [`RESTART_SLACK_NS`] after the record,
+    /// or every node that joined during a scan (5% at a million nodes)
+    /// would be announced `restarted` at an upgrade. A restart that no
+    /// monitor saw, within that of the node's last transition, is missed.
     pub restarted_since: bool,
 }
+
+/// How much later than a record its node's generation must start to have
+/// started while no monitor ran ([`Recorded::restarted_since`]): far over
+/// a tick's scan, and far under a node's restart.
+pub const RESTART_SLACK_NS: u64 = 1_000_000_000;
 
 impl Recorded {
     /// What a record tells ([`last_confirmed`]), written at `since_ns` (0:
@@ -463,7 +474,9 @@ impl Recorded {
         Recorded {
             status: last_confirmed(record),
             heard_since: (since_ns != 0 && last_arrival_ns > since_ns) || heard_change,
-            restarted_since: read && since_ns != 0 && gen_start_ns > since_ns,
+            restarted_since: read
+                && since_ns != 0
+                && gen_start_ns > since_ns.saturating_add(RESTART_SLACK_NS),
         }
     }
 }
@@ -857,8 +870,11 @@ mod tests {
     /// it) is adopted as before.
     #[test]
     fn a_restart_while_no_monitor_ran_is_announced_at_adoption() {
-        // Records written at 100; the generation started at `gen_start`.
-        let of = |record: u32, gen_start: u64| Recorded::of(record, 100, 150, gen_start);
+        // Records written at 100; the generation started at `gen_start`
+        // (`LATER`: while no monitor ran).
+        let of =
+            |record: u32, gen_start: u64| Recorded::of(record, 100, gen_start.max(150), gen_start);
+        const LATER: u64 = 100 + RESTART_SLACK_NS + 50;
         let restarted = |t: &mut Track, o: &Observation, previous: Status| {
             let tr = step(t, o).unwrap();
             assert_eq!(
@@ -872,7 +888,7 @@ mod tests {
             );
         };
         for st in [S::Alive, S::Suspect, S::Dead, S::Left] {
-            let recorded = of(st.code(), 150);
+            let recorded = of(st.code(), LATER);
             assert!(recorded.restarted_since);
             // Beating: `restarted`, then nothing.
             let now = obs(9, 4, L::Healthy);
@@ -896,9 +912,11 @@ mod tests {
             let mut t = adopt(&obs(9, 0, L::Healthy), recorded);
             restarted(&mut t, &obs(9, 0, L::Healthy), st);
 
-            // Started before the record, or in the tick that wrote it: the
-            // monitor that wrote it saw it. Adopted as before.
-            for gen_start in [50, 100] {
+            // Started before the record, or in the tick that wrote it (at
+            // 120: during its scan, stamped by an earlier hb with the
+            // tick's time, 100): the monitor that wrote it saw it.
+            // Adopted as before.
+            for gen_start in [50, 100, 120, 100 + RESTART_SLACK_NS] {
                 let recorded = of(st.code(), gen_start);
                 assert!(!recorded.restarted_since);
                 assert_eq!(
@@ -914,12 +932,12 @@ mod tests {
         // An unconfirmed record: from the status confirmed before it.
         let mut t = adopt(
             &obs(9, 4, L::Healthy),
-            of(S::Alive.unconfirmed_code(S::Dead), 150),
+            of(S::Alive.unconfirmed_code(S::Dead), LATER),
         );
         restarted(&mut t, &obs(9, 4, L::Healthy), S::Dead);
         // With none confirmed before it (no `--events`): from `alive`, as
         // such a node is adopted.
-        let none = of(S::Dead.unconfirmed_code(S::Unknown), 150);
+        let none = of(S::Dead.unconfirmed_code(S::Unknown), LATER);
         assert_eq!((none.status, none.restarted_since), (S::Unknown, true));
         let mut t = adopt(&obs(9, 4, L::Healthy), none);
         restarted(&mut t, &obs(9, 4, L::Healthy), S::Alive);
