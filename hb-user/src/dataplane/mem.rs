@@ -160,9 +160,19 @@ impl MemDataplane {
     /// A socket task read a datagram at `now_ns` (CLOCK_MONOTONIC): the
     /// gate ran then (see [`Reads`]). Several tasks may call it at once.
     pub fn note_read(&self, now_ns: u64) {
-        let prev = self.reads.last_ns.fetch_max(now_ns, Ordering::AcqRel);
+        let last = &self.reads.last_ns;
+        let seen = last.load(Ordering::Acquire);
+        if seen != 0 && now_ns <= seen.saturating_add(READ_GAP_NS) {
+            // No gap: lock-free, as nearly every read.
+            last.fetch_max(now_ns, Ordering::AcqRel);
+            return;
+        }
+        // A gap ends (or the first read): the read and its gap are
+        // published together, under the lock `gate_ran_between` reads
+        // them under, or it could see the read without the gap.
+        let mut gaps = self.reads.gaps.lock().unwrap_or_else(|e| e.into_inner());
+        let prev = last.fetch_max(now_ns, Ordering::AcqRel);
         if prev != 0 && now_ns > prev.saturating_add(READ_GAP_NS) {
-            let mut gaps = self.reads.gaps.lock().unwrap_or_else(|e| e.into_inner());
             if gaps.len() == READ_GAPS {
                 gaps.pop_front();
             }
@@ -390,6 +400,7 @@ impl Dataplane for MemDataplane {
     /// there are any: a monitor process stopped did not read in the
     /// window, whenever it drains its backlog; one starved still did.
     fn gate_ran_between(&self, from_ns: u64, to_ns: u64) -> Option<bool> {
+        let gaps = self.reads.gaps.lock().unwrap_or_else(|e| e.into_inner());
         let last = self.reads.last_ns.load(Ordering::Acquire);
         if last == 0 {
             return None; // read by no socket task (tests, the simulator)
@@ -397,7 +408,6 @@ impl Dataplane for MemDataplane {
         if last <= from_ns {
             return Some(false); // idle since before the window
         }
-        let gaps = self.reads.gaps.lock().unwrap_or_else(|e| e.into_inner());
         Some(!gaps.iter().any(|&(s, e)| s <= from_ns && e >= to_ns))
     }
 

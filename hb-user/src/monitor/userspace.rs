@@ -384,9 +384,10 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// The arrival of a datagram the kernel received at `rx_realtime`, on the
-/// gate's clock (CLOCK_MONOTONIC), read at `now_ns` on that clock, given
-/// the stamp `prev_ns` of the socket's previous datagram (or when it
-/// started serving); reads the real-time clock once.
+/// gate's clock (CLOCK_MONOTONIC), given the kernel's stamp `prev_ns` of
+/// the socket's previous datagram (or when it started serving); reads both
+/// clocks once, side by side. Also whether it is the kernel's (see
+/// below): only those become the next `prev_ns`.
 ///
 /// The moment this task reads a datagram is not its arrival: a monitor
 /// frozen or starved (SIGSTOP, a busy CPU, a stalled runtime) finds the
@@ -397,28 +398,37 @@ pub fn monotonic_ns() -> u64 {
 /// it, but only on CLOCK_REALTIME, so the stamp is converted by its age:
 /// `now_mono - (now_real - rx_real)`. Realtime may step (NTP, an
 /// operator) while a datagram waits. The kernel receives in order, so an
-/// arrival before the previous one, or after now, can only be a step's:
-/// it arrives now, as all did before the kernel's stamps were used (never
-/// older than it is, so no node looks later than it is), and arrivals
-/// never go back. A datagram without a receive time arrives now.
-fn stamp(rx_realtime: Option<TimeSpec>, prev_ns: u64, now_ns: u64) -> u64 {
+/// arrival before the previous one, or after now, is a step's: it
+/// arrives now, as all did before the kernel's stamps were used (never
+/// older than it is, so no node looks later than it is), and is not the
+/// next datagram's `prev_ns` (the rest of a backlog would arrive now too).
+/// One a little before the previous one (under [`STAMP_SLACK_NS`]: the
+/// two clocks are read a moment apart) arrives with it. A datagram
+/// without a receive time arrives now.
+fn stamp(rx_realtime: Option<TimeSpec>, prev_ns: u64) -> (u64, bool) {
+    let now_ns = monotonic_ns();
     let Some(rx) = rx_realtime else {
-        return now_ns;
+        return (now_ns, false);
     };
     let now_real =
         clock_gettime(ClockId::CLOCK_REALTIME).expect("CLOCK_REALTIME is always available");
     arrival_ns(now_ns, timespec_ns(now_real), timespec_ns(rx), prev_ns)
 }
 
-/// `now_mono_ns` less the age `now_real_ns - rx_real_ns`, if that lies
-/// within `[prev_ns, now_mono_ns]`; `now_mono_ns` otherwise (see
-/// [`stamp`]).
-fn arrival_ns(now_mono_ns: u64, now_real_ns: i128, rx_real_ns: i128, prev_ns: u64) -> u64 {
+/// How far before the previous arrival a stamp may convert and still be
+/// taken for it (see [`stamp`]).
+const STAMP_SLACK_NS: i128 = 1_000_000;
+
+/// `now_mono_ns` less the age `now_real_ns - rx_real_ns`, and true, if
+/// that lies within `[prev_ns, now_mono_ns]` (`prev_ns` if a little
+/// before it); `now_mono_ns` and false otherwise (see [`stamp`]).
+fn arrival_ns(now_mono_ns: u64, now_real_ns: i128, rx_real_ns: i128, prev_ns: u64) -> (u64, bool) {
     let at = i128::from(now_mono_ns) - (now_real_ns - rx_real_ns);
-    if (i128::from(prev_ns)..=i128::from(now_mono_ns)).contains(&at) {
-        at as u64
+    let (prev, now) = (i128::from(prev_ns), i128::from(now_mono_ns));
+    if (prev - STAMP_SLACK_NS..=now).contains(&at) {
+        (at.max(prev) as u64, true)
     } else {
-        now_mono_ns
+        (now_mono_ns, false)
     }
 }
 
@@ -469,8 +479,7 @@ pub async fn serve(
         };
         // The gate ran now, whatever the datagram (the paused-host excuse
         // asks: `MemDataplane::note_read`).
-        let read_ns = monotonic_ns();
-        dp.note_read(read_ns);
+        dp.note_read(monotonic_ns());
         // Only from a datagram that told it: one without (truncated
         // control messages) must not read as the count going back to 0.
         let dropped = got.drops.map_or(0, |n| n.wrapping_sub(drops));
@@ -491,8 +500,10 @@ pub async fn serve(
             dp.count(GateResult::Malformed);
             continue;
         }
-        let now = stamp(got.rx_realtime, last_arrival_ns, read_ns);
-        last_arrival_ns = now;
+        let (now, kernels) = stamp(got.rx_realtime, last_arrival_ns);
+        if kernels {
+            last_arrival_ns = now;
+        }
         let src = SocketAddr::new(got.src.ip().to_canonical(), got.src.port());
         let v = dp.gate_unsent(&buf[..got.len], src, now);
         if let Some(ack) = v.ack {
@@ -758,8 +769,8 @@ mod tests {
                 .unwrap();
             std::thread::sleep(std::time::Duration::from_millis(20));
             let got = recv_datagram(sock.as_raw_fd(), &mut buf).unwrap();
-            let read_ns = monotonic_ns();
-            if read_ns - stamp(got.rx_realtime, serving_ns, read_ns) >= 15_000_000 {
+            let (at, _) = stamp(got.rx_realtime, serving_ns);
+            if monotonic_ns() - at >= 15_000_000 {
                 break;
             }
         }
@@ -770,8 +781,9 @@ mod tests {
         let sent_by_ns = monotonic_ns();
         std::thread::sleep(std::time::Duration::from_millis(300));
         let got = recv_datagram(sock.as_raw_fd(), &mut buf).unwrap();
+        let (at, kernels) = stamp(got.rx_realtime, serving_ns);
         let read_ns = monotonic_ns();
-        let at = stamp(got.rx_realtime, serving_ns, read_ns);
+        assert!(kernels, "{got:?}");
         let ms = 1_000_000;
         // Slack for a loaded machine; it reads 300 ms later.
         assert!(
@@ -915,21 +927,52 @@ mod tests {
         // Received 300 ms ago.
         assert_eq!(
             arrival_ns(now, real, real - 3 * s / 10, prev),
-            now - 300_000_000
+            (now - 300_000_000, true)
         );
-        assert_eq!(arrival_ns(now, real, real, prev), now);
+        assert_eq!(arrival_ns(now, real, real, prev), (now, true));
+        // Exactly the previous one, or a little before it (the clocks are
+        // read a moment apart): with it.
+        assert_eq!(arrival_ns(now, real, real - s, prev), (prev, true));
+        assert_eq!(
+            arrival_ns(now, real, real - s - s / 2000, prev),
+            (prev, true)
+        );
         // Received "in the future": realtime stepped back meanwhile.
-        assert_eq!(arrival_ns(now, real, real + 5 * s, prev), now);
-        // Received before the previous datagram: realtime stepped
+        assert_eq!(arrival_ns(now, real, real + 5 * s, prev), (now, false));
+        // Received well before the previous datagram: realtime stepped
         // forward meanwhile (by decades: a host without a real-time clock
-        // setting it at boot). Now, not older than it is.
-        assert_eq!(arrival_ns(now, real, real - 3600 * s, prev), now);
-        assert_eq!(arrival_ns(now, real, 0, prev), now);
-        // Exactly the previous one: kept.
-        assert_eq!(arrival_ns(now, real, real - s, prev), prev);
+        // setting it at boot). Now, not older than it is, and not the
+        // next one's previous.
+        assert_eq!(arrival_ns(now, real, real - 3600 * s, prev), (now, false));
+        assert_eq!(arrival_ns(now, real, 0, prev), (now, false));
         assert_eq!(
             arrival_ns(now, i128::from(i64::MAX) * s, i128::from(i64::MIN) * s, 7),
-            now
+            (now, false)
         );
+    }
+
+    /// A backlog read late, one datagram of which converts out of range
+    /// (its clocks read 2 ms apart: the task preempted between them): the
+    /// others still arrive when the kernel received them (the fallback
+    /// became the next one's previous, and the rest of the backlog arrived
+    /// at the read).
+    #[test]
+    fn one_stamp_out_of_range_leaves_the_rest_of_a_backlog_alone() {
+        let us = 1_000_i128;
+        let real = 1_700_000_000_000_000_000_i128;
+        let read = 500_000_000_000_u64; // 2 s after the backlog
+        let mut prev = read - 3_000_000_000;
+        let mut late = 0;
+        for i in 0..20_i128 {
+            let rx = real - 2_000_000 * 1000 + i * 10 * us;
+            // Datagram 5 is read with its clocks 2 ms apart.
+            let skew = if i == 5 { 2_000 * us } else { 0 };
+            let (at, kernels) = arrival_ns(read, real + skew, rx, prev);
+            if kernels {
+                prev = at;
+            }
+            late += usize::from(at == read);
+        }
+        assert_eq!(late, 1, "only the skewed one arrives at the read");
     }
 }
