@@ -2046,7 +2046,7 @@ impl Dataplane for XdpDataplane {
             }
             if now != a.ifindex {
                 return Err(format!(
-                    "interface {} was created again (index {} -> {}) without the gate: restart the monitor",
+                    "interface {} was created again (index {} -> {}) without the gate",
                     a.ifname, a.ifindex, now
                 ));
             }

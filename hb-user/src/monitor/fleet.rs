@@ -590,7 +590,7 @@ struct UnknownLog {
 const UNKNOWN_LOG_WINDOW_NS: u64 = 10_000_000_000;
 
 impl UnknownLog {
-    fn note(&mut self, r: &Report, now: u64, provisioned: impl Fn(u32) -> bool) {
+    fn note(&mut self, r: &Report, now: u64, forget_provisioned: impl FnOnce(&mut HashSet<u32>)) {
         self.count += 1;
         if self.ids.len() < 10_000 {
             self.ids.insert(r.node_id);
@@ -598,14 +598,14 @@ impl UnknownLog {
         if self.sample.is_none() {
             self.sample = Some((r.node_id, report_addr(r)));
         }
-        self.flush(now, false, provisioned);
+        self.flush(now, false, forget_provisioned);
     }
 
     /// Logs the window's summary once it is over (or at once with
     /// `force`). Ids provisioned since their reports (a reload listed
     /// them, or they were enrolled) are no longer news: left out, and
     /// nothing is logged if none is left.
-    fn flush(&mut self, now: u64, force: bool, provisioned: impl Fn(u32) -> bool) {
+    fn flush(&mut self, now: u64, force: bool, forget_provisioned: impl FnOnce(&mut HashSet<u32>)) {
         if self.count == 0 {
             self.window_start = now;
             return;
@@ -613,7 +613,7 @@ impl UnknownLog {
         if !force && now.saturating_sub(self.window_start) < UNKNOWN_LOG_WINDOW_NS {
             return;
         }
-        self.ids.retain(|&id| !provisioned(id));
+        forget_provisioned(&mut self.ids);
         let sample = match self.sample {
             Some((id, _)) if !self.ids.contains(&id) => {
                 self.ids.iter().next().map(|&id| (id, None))
@@ -661,13 +661,14 @@ struct AuthLog {
 }
 
 impl AuthLog {
-    /// Every window, the counters read (`None`: unreadable).
-    fn check(&mut self, now: u64, counters: Option<[u64; 2]>) {
+    /// Every window, the counters read (`None`: unreadable), read only
+    /// then.
+    fn check(&mut self, now: u64, counters: impl FnOnce() -> Option<[u64; 2]>) {
         if now.saturating_sub(self.window_start) < UNKNOWN_LOG_WINDOW_NS {
             return;
         }
         self.window_start = now;
-        let Some(c) = counters else { return };
+        let Some(c) = counters() else { return };
         if let Some(last) = self.last.replace(c) {
             let (bad_tag, bad_epoch) = (c[0].saturating_sub(last[0]), c[1].saturating_sub(last[1]));
             if bad_tag + bad_epoch > 0 {
@@ -678,7 +679,8 @@ impl AuthLog {
                     "heartbeats of provisioned node ids failed authentication: bad_tag, a key \
                      other than the node's (hb send --key-file) or a forgery (each node's count \
                      is its bad_tag in /nodes); bad_epoch, a key epoch the keyring does not hold \
-                     (hb send --key-epoch)"
+                     (hb send --key-epoch), or a node left held by a monitor killed while writing \
+                     it (hb_dataplane_stuck_reads_total; released at the next start)"
                 );
             }
         }
@@ -713,7 +715,11 @@ pub async fn reports(
         window_start: 0,
         last: None,
     };
-    let provisioned = |id| shared.core().table.slot_of(id).is_some();
+    // One hold of the core's lock per summary, whatever its ids.
+    let provisioned = |ids: &mut HashSet<u32>| {
+        let core = shared.core();
+        ids.retain(|&id| core.table.slot_of(id).is_none());
+    };
     let auth_counters = || {
         shared.dp.counters().ok().map(|c| {
             [
@@ -755,7 +761,7 @@ pub async fn reports(
             _ = every_second.tick() => {
                 let now = monotonic_ns();
                 log.flush(now, false, provisioned);
-                auth.check(now, auth_counters());
+                auth.check(now, auth_counters);
                 if enroll {
                     let mut f = fleet.lock().unwrap_or_else(|e| e.into_inner());
                     let (ok, expired) = f.check_pending(&mut shared.core(), &*shared.dp);
@@ -959,13 +965,15 @@ mod tests {
                 sample: None,
                 enroll,
             };
-            log.note(&unknown_report(6), S, |_| false);
-            log.note(&unknown_report(7), 2 * S, |_| false);
+            log.note(&unknown_report(6), S, |_| {});
+            log.note(&unknown_report(7), 2 * S, |_| {});
             // Node 6 was provisioned meanwhile: 7 is the example.
-            log.flush(11 * S, false, |id| id == 6);
+            log.flush(11 * S, false, |ids| {
+                ids.remove(&6);
+            });
             // All of them were: nothing to say.
-            log.note(&unknown_report(8), 12 * S, |_| false);
-            log.flush(22 * S, false, |_| true);
+            log.note(&unknown_report(8), 12 * S, |_| {});
+            log.flush(22 * S, false, |ids| ids.clear());
         }
         let lines = warnings.taken();
         assert_eq!(lines.len(), 2, "{lines:#?}");
@@ -987,11 +995,11 @@ mod tests {
             window_start: 0,
             last: None,
         };
-        auth.check(10 * S, Some([5, 1])); // the baseline
-        auth.check(15 * S, Some([9, 9])); // within the window: not read
-        auth.check(20 * S, Some([5, 1])); // nothing new
-        auth.check(30 * S, None); // unreadable
-        auth.check(40 * S, Some([26, 4]));
+        auth.check(10 * S, || Some([5, 1])); // the baseline
+        auth.check(15 * S, || unreachable!("within the window: not read"));
+        auth.check(20 * S, || Some([5, 1])); // nothing new
+        auth.check(30 * S, || None); // unreadable
+        auth.check(40 * S, || Some([26, 4]));
         let lines = warnings.taken();
         assert_eq!(lines.len(), 1, "{lines:#?}");
         assert_eq!(lines[0].field("bad_tag"), Some("21"));

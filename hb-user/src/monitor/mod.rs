@@ -551,7 +551,7 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
     tracing::info!(keep_attached = settings.keep_attached, "monitor stopped");
     match lost {
         Some(why) => Err(anyhow::anyhow!(
-            "{why}: stopped without judging any node (a supervisor starting it again attaches the gate afresh)"
+            "{why}; stopped without judging any node (started again, the monitor attaches afresh to the interface if it is there, and refuses to start while it is not)"
         )),
         None => Ok(()),
     }
@@ -687,17 +687,19 @@ fn tick_loop(
     let mut next = Instant::now();
     let mut events = Vec::new();
     while running.load(Ordering::Relaxed) {
-        if let Err(why) = shared.dp.check_attached() {
-            tracing::error!(
-                reason = %why,
-                "the XDP gate is gone: no node is judged without it; the monitor stops, for its \
-                 supervisor to start it again"
-            );
-            gate_lost.send_replace(Some(why));
-            return;
-        }
         let (stats, counts, now, t0) = {
             let mut core = shared.core();
+            // Under the lock, right before the scan: an interface deleted
+            // while the tick waited for it is not judged.
+            if let Err(why) = shared.dp.check_attached() {
+                tracing::error!(
+                    reason = %why,
+                    "the XDP gate is gone: no node is judged without it; the monitor stops, for \
+                     its supervisor to start it again"
+                );
+                gate_lost.send_replace(Some(why));
+                return;
+            }
             // After the lock: a tick that waited for it (a reload, a
             // `/nodes` chunk) is not a tick that ran late, nor a slow scan
             // (`hb_tick_duration_seconds` is the scan's time).
