@@ -1363,6 +1363,13 @@ fn bad_input(mode: &str) {
             cmd.args(["--pin-dir", &pins]);
         }
         fails_with_one_line(what, &mut cmd, want);
+        // Not even one that failed after its gate was up (the API
+        // address): a later start would adopt its maps, and their
+        // capacity.
+        assert!(
+            !std::path::Path::new(&pins).exists(),
+            "{what}: a failed start left its pins in {pins}"
+        );
     }
     drop((held_udp, held_tcp));
     if mode == "userspace" {

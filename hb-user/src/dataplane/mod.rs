@@ -116,6 +116,10 @@ pub trait Dataplane: Send + Sync {
         None
     }
 
+    /// The caller's start succeeded: what the dataplane's open made (pins)
+    /// stays when it is dropped (see `XdpOptions::undo_until_started`).
+    fn started(&self) {}
+
     /// Reads of a node's state given up on so far because the node stayed
     /// held for writing (a writer that died holding it: released at the
     /// next start); such a node keeps its status meanwhile.

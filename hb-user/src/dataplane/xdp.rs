@@ -150,6 +150,11 @@ pub struct XdpOptions {
     /// The addresses the gate takes heartbeats at, written before the
     /// program is attached (default: any; see `LocalAddrs`).
     pub local_addrs: Option<LocalAddrs>,
+    /// The pins this open makes are removed again when the dataplane is
+    /// dropped before [`Dataplane::started`] (a caller whose start can
+    /// still fail after the open: the monitor). Otherwise (default) they
+    /// are kept once the open succeeds.
+    pub undo_until_started: bool,
 }
 
 /// Expected value sizes, to refuse pinned maps of another layout.
@@ -854,6 +859,9 @@ pub struct XdpDataplane {
     keep_attached: bool,
     /// Reads skipped because a node stayed held ([`Stuck`]).
     stuck_reads: AtomicU64,
+    /// What this start pinned, removed if it fails ([`UndoPins`]): before
+    /// `_pin_lock` (fields drop in order), after `Drop::drop` detached.
+    undo: Mutex<Option<UndoPins>>,
     /// The pin directory, locked for this process ([`lock_pin_dir`]).
     _pin_lock: Option<std::fs::File>,
 }
@@ -937,10 +945,14 @@ struct UndoPins {
     made: bool,
     before: std::collections::HashSet<std::ffi::OsString>,
     armed: bool,
+    /// The pin directory's lock ([`lock_pin_dir`]), held until the pins
+    /// are undone: another monitor starting meanwhile would take them for
+    /// pins that were there.
+    lock: Option<std::fs::File>,
 }
 
 impl UndoPins {
-    fn new(dir: &Path, made: bool) -> anyhow::Result<UndoPins> {
+    fn new(dir: &Path, made: bool, lock: &std::fs::File) -> anyhow::Result<UndoPins> {
         let before = std::fs::read_dir(dir)
             .with_context(|| format!("cannot read pin directory {}", dir.display()))?
             .map(|e| e.map(|e| e.file_name()))
@@ -951,12 +963,18 @@ impl UndoPins {
             made,
             before,
             armed: true,
+            // The same open file: its flock.
+            lock: Some(
+                lock.try_clone()
+                    .context("cannot hold the pin directory's lock")?,
+            ),
         })
     }
 
     /// The start succeeded: its pins stay.
     fn keep(&mut self) {
         self.armed = false;
+        self.lock = None;
     }
 }
 
@@ -965,21 +983,33 @@ impl Drop for UndoPins {
         if !self.armed {
             return;
         }
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return;
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!(pin_dir = %self.dir.display(), error = %e, "the start failed, and the pins it made could not be listed to remove them");
+                return;
+            }
         };
-        let mut removed = Vec::new();
+        let (mut removed, mut left) = (Vec::new(), Vec::new());
         for e in entries.flatten() {
             let name = e.file_name();
-            if !self.before.contains(&name) && std::fs::remove_file(e.path()).is_ok() {
-                removed.push(name.to_string_lossy().into_owned());
+            if self.before.contains(&name) {
+                continue;
+            }
+            let name = name.to_string_lossy().into_owned();
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => removed.push(name),
+                Err(_) => left.push(name),
             }
         }
         if self.made {
             let _ = std::fs::remove_dir(&self.dir);
         }
+        if !left.is_empty() {
+            tracing::warn!(pin_dir = %self.dir.display(), left = %left.join(","), "the start failed, and some pins it made could not be removed: the next start adopts them");
+        }
         if !removed.is_empty() {
-            tracing::debug!(pin_dir = %self.dir.display(), removed = %removed.join(","), "the start failed: removed the pins it made");
+            tracing::info!(pin_dir = %self.dir.display(), removed = %removed.join(","), "the start failed: removed the pins it made");
         }
     }
 }
@@ -1352,17 +1382,18 @@ impl XdpDataplane {
         }
         // What this start pins is removed again if it fails: a later start
         // would adopt those maps (and their capacity) as a monitor's.
-        let mut undo = None;
-        let (pin_lock, node_pins) = match &opts.pin_dir {
+        // Bound after the lock, so dropped before it: the pins are undone
+        // while the directory is still this process'.
+        let (pin_lock, node_pins, mut undo) = match &opts.pin_dir {
             Some(dir) => {
                 let made = !dir.exists();
                 ensure_pin_dir(dir)?;
                 let lock = lock_pin_dir(dir)?;
-                undo = Some(UndoPins::new(dir, made)?);
+                let undo = UndoPins::new(dir, made, &lock)?;
                 let node_pins = reconcile_node_pins(dir)?;
-                (Some(lock), node_pins)
+                (Some(lock), node_pins, Some(undo))
             }
-            None => (None, NodePins::AsTheyAre),
+            None => (None, NodePins::AsTheyAre, None),
         };
 
         let mut loader = EbpfLoader::new();
@@ -1513,6 +1544,7 @@ impl XdpDataplane {
             attached: Vec::new(),
             keep_attached: opts.keep_attached,
             stuck_reads: AtomicU64::new(0),
+            undo: Mutex::new(undo.take()),
             _pin_lock: pin_lock,
         };
         if let Some(dir) = &opts.pin_dir {
@@ -1521,7 +1553,13 @@ impl XdpDataplane {
         for (ifname, idx) in opts.interfaces.iter().zip(ifindex) {
             dp.attach(ifname, idx, opts)?;
         }
-        if let Some(u) = undo.as_mut() {
+        if !opts.undo_until_started
+            && let Some(u) = dp
+                .undo
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+        {
             u.keep();
         }
         Ok(dp)
@@ -2035,9 +2073,25 @@ impl Dataplane for XdpDataplane {
         self.stuck_reads.load(Ordering::Relaxed)
     }
 
+    fn started(&self) {
+        if let Some(u) = self.undo.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            u.keep();
+        }
+    }
+
     fn check_attached(&self) -> Result<(), String> {
         for a in &self.attached {
-            let now = if_index(&a.ifname).unwrap_or(0);
+            // Only "no such device" says it is gone: a lookup that failed
+            // otherwise (no descriptor left: hooks by the hundred) says
+            // nothing, and the next tick asks again.
+            let now = match nix::net::if_::if_nametoindex(a.ifname.as_str()) {
+                Ok(i) => i,
+                Err(nix::errno::Errno::ENODEV) => 0,
+                Err(e) => {
+                    tracing::debug!(interface = %a.ifname, error = %e, "cannot look the interface up");
+                    continue;
+                }
+            };
             if now == 0 {
                 return Err(format!(
                     "interface {} is gone, and the gate with it",

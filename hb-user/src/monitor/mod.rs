@@ -137,6 +137,9 @@ fn open_xdp(s: &Settings, local: &BTreeSet<IpAddr>) -> anyhow::Result<Box<dyn Da
         max_nodes: Some(s.capacity),
         object: None,
         local_addrs: Some(addrs::table(local)),
+        // The start can still fail (`serve`): until it has not, what the
+        // open pinned goes with it.
+        undo_until_started: true,
     })?;
     Ok(Box::new(dp))
 }
@@ -380,6 +383,8 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
         // it gating as it was.
         crate::dataplane::xdp::release_kept_links(&settings.pin_dir)?;
     }
+    // Nothing of the start can fail any more: the pins it made stay.
+    dp.started();
     tracing::info!(
         mode = ?settings.mode,
         port = settings.port,

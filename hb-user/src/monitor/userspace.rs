@@ -406,13 +406,19 @@ pub fn monotonic_ns() -> u64 {
 /// two clocks are read a moment apart) arrives with it. A datagram
 /// without a receive time arrives now.
 fn stamp(rx_realtime: Option<TimeSpec>, prev_ns: u64) -> (u64, bool) {
-    let now_ns = monotonic_ns();
     let Some(rx) = rx_realtime else {
-        return (now_ns, false);
+        return (monotonic_ns(), false);
     };
+    // Real time first: a delay between the two reads makes the age
+    // shorter, so the arrival later, never earlier, than it was.
     let now_real =
         clock_gettime(ClockId::CLOCK_REALTIME).expect("CLOCK_REALTIME is always available");
-    arrival_ns(now_ns, timespec_ns(now_real), timespec_ns(rx), prev_ns)
+    arrival_ns(
+        monotonic_ns(),
+        timespec_ns(now_real),
+        timespec_ns(rx),
+        prev_ns,
+    )
 }
 
 /// How far before the previous arrival a stamp may convert and still be
