@@ -457,14 +457,16 @@ impl Settings {
             ),
             queue: a.hook_queue.or(f.hook_queue).unwrap_or(1024),
         });
-        if let Some(h) = &hook
-            && (h.concurrency > MAX_HOOK_CONCURRENCY || h.queue > MAX_HOOK_QUEUE)
-        {
+        // Checked with or without a hook, as the zeros above: a setting
+        // that a later reload adding `on_event` would refuse is refused now.
+        let (concurrency, queue) = (
+            a.hook_concurrency.or(f.hook_concurrency).unwrap_or(4),
+            a.hook_queue.or(f.hook_queue).unwrap_or(1024),
+        );
+        if concurrency > MAX_HOOK_CONCURRENCY || queue > MAX_HOOK_QUEUE {
             // Past tokio's own limits these panicked at start.
             bail!(
-                "hook_concurrency must be at most {MAX_HOOK_CONCURRENCY} and hook_queue at most {MAX_HOOK_QUEUE}, got {} and {}",
-                h.concurrency,
-                h.queue
+                "hook_concurrency must be at most {MAX_HOOK_CONCURRENCY} and hook_queue at most {MAX_HOOK_QUEUE}, got {concurrency} and {queue}"
             );
         }
         let fixed_interval_ms = a.fixed_interval_ms.or(f.fixed_interval_ms);
@@ -965,6 +967,14 @@ mod tests {
             ..args()
         };
         let e = Settings::merge(&a.into(), FileConfig::default()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("hook_concurrency must be at most 1024"),
+            "{e}"
+        );
+        // Without a hook too (a reload adding one would refuse it).
+        let f: FileConfig = toml::from_str("hook_concurrency = 5000\n").unwrap();
+        let e = Settings::merge(&args().into(), f).unwrap_err();
         assert!(
             e.to_string()
                 .contains("hook_concurrency must be at most 1024"),

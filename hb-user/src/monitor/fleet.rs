@@ -581,7 +581,8 @@ fn remove(core: &mut Core, dp: &dyn Dataplane, id: u32) -> anyhow::Result<()> {
 struct UnknownLog {
     window_start: u64,
     count: u64,
-    ids: HashSet<u32>,
+    /// Reports per id (at most 10,000 ids).
+    ids: HashMap<u32, u64>,
     sample: Option<(u32, IpAddr)>,
     /// `--enroll`: unknown ids are enrolled, not a mistake in `--nodes`.
     enroll: bool,
@@ -590,10 +591,15 @@ struct UnknownLog {
 const UNKNOWN_LOG_WINDOW_NS: u64 = 10_000_000_000;
 
 impl UnknownLog {
-    fn note(&mut self, r: &Report, now: u64, forget_provisioned: impl FnOnce(&mut HashSet<u32>)) {
+    fn note(
+        &mut self,
+        r: &Report,
+        now: u64,
+        forget_provisioned: impl FnOnce(&mut HashMap<u32, u64>),
+    ) {
         self.count += 1;
-        if self.ids.len() < 10_000 {
-            self.ids.insert(r.node_id);
+        if self.ids.len() < 10_000 || self.ids.contains_key(&r.node_id) {
+            *self.ids.entry(r.node_id).or_default() += 1;
         }
         if self.sample.is_none() {
             self.sample = Some((r.node_id, report_addr(r)));
@@ -605,7 +611,12 @@ impl UnknownLog {
     /// `force`). Ids provisioned since their reports (a reload listed
     /// them, or they were enrolled) are no longer news: left out, and
     /// nothing is logged if none is left.
-    fn flush(&mut self, now: u64, force: bool, forget_provisioned: impl FnOnce(&mut HashSet<u32>)) {
+    fn flush(
+        &mut self,
+        now: u64,
+        force: bool,
+        forget_provisioned: impl FnOnce(&mut HashMap<u32, u64>),
+    ) {
         if self.count == 0 {
             self.window_start = now;
             return;
@@ -613,10 +624,13 @@ impl UnknownLog {
         if !force && now.saturating_sub(self.window_start) < UNKNOWN_LOG_WINDOW_NS {
             return;
         }
+        let listed: u64 = self.ids.values().sum();
         forget_provisioned(&mut self.ids);
+        // The reports of ids provisioned since are no news either.
+        let reports = self.count - (listed - self.ids.values().sum::<u64>());
         let sample = match self.sample {
-            Some((id, _)) if !self.ids.contains(&id) => {
-                self.ids.iter().next().map(|&id| (id, None))
+            Some((id, _)) if !self.ids.contains_key(&id) => {
+                self.ids.keys().next().map(|&id| (id, None))
             }
             Some((id, addr)) => Some((id, Some(addr))),
             None => None,
@@ -625,7 +639,7 @@ impl UnknownLog {
             let addr = addr.map(|a| a.to_string()).unwrap_or_default();
             if self.enroll {
                 tracing::warn!(
-                    reports = self.count,
+                    reports,
                     node_ids = self.ids.len(),
                     example_node_id = id,
                     example_source = addr,
@@ -635,7 +649,7 @@ impl UnknownLog {
                 );
             } else {
                 tracing::warn!(
-                    reports = self.count,
+                    reports,
                     node_ids = self.ids.len(),
                     example_node_id = id,
                     example_source = addr,
@@ -707,7 +721,7 @@ pub async fn reports(
     let mut log = UnknownLog {
         window_start: monotonic_ns(),
         count: 0,
-        ids: HashSet::new(),
+        ids: HashMap::new(),
         sample: None,
         enroll,
     };
@@ -716,9 +730,9 @@ pub async fn reports(
         last: None,
     };
     // One hold of the core's lock per summary, whatever its ids.
-    let provisioned = |ids: &mut HashSet<u32>| {
+    let provisioned = |ids: &mut HashMap<u32, u64>| {
         let core = shared.core();
-        ids.retain(|&id| core.table.slot_of(id).is_none());
+        ids.retain(|&id, _| core.table.slot_of(id).is_none());
     };
     let auth_counters = || {
         shared.dp.counters().ok().map(|c| {
@@ -961,7 +975,7 @@ mod tests {
             let mut log = UnknownLog {
                 window_start: 0,
                 count: 0,
-                ids: HashSet::new(),
+                ids: HashMap::new(),
                 sample: None,
                 enroll,
             };
@@ -980,6 +994,11 @@ mod tests {
         for (line, enroll) in lines.iter().zip([false, true]) {
             assert_eq!(line.field("example_node_id"), Some("7"), "{line:?}");
             assert_eq!(line.field("node_ids"), Some("1"), "{line:?}");
+            assert_eq!(
+                line.field("reports"),
+                Some("1"),
+                "node 6's left out: {line:?}"
+            );
             assert_eq!(line.message.contains("or --enroll"), !enroll, "{line:?}");
         }
     }
