@@ -1083,58 +1083,41 @@ mod tests {
             }
         }
 
-        fn send(&mut self, id: u32, generation: u32, flags: u8, at_ms: u64) {
-            self.seq += 1;
-            let d = Datagram {
+        /// One heartbeat through the real gate at `at_ms`, accepted.
+        fn gate_one(&self, d: Datagram, at_ms: u64) {
+            let v = self.dp.gate(&d.seal(&key(d.node_id)), SRC, at_ms * MS);
+            assert_eq!(v.result, hb_common::GateResult::Accepted);
+        }
+
+        /// A heartbeat at 100 ms, epoch 1, load 0.
+        fn heartbeat(id: u32, generation: u32, flags: u8, seq: u64, interval_ms: u32) -> Datagram {
+            Datagram {
                 kind: Kind::Heartbeat,
                 node_id: id,
                 generation,
                 key_epoch: 1,
                 flags,
                 load: 0,
-                seq: self.seq,
-                sent_ns: 0,
-                interval_ms: 100,
-                rtt_us: 0,
-            };
-            let v = self.dp.gate(&d.seal(&key(id)), SRC, at_ms * MS);
-            assert_eq!(v.result, hb_common::GateResult::Accepted);
-        }
-
-        /// One heartbeat of generation 1 with its own `seq` and interval.
-        fn beat(&mut self, id: u32, seq: u64, interval_ms: u32, at_ms: u64) {
-            let d = Datagram {
-                kind: Kind::Heartbeat,
-                node_id: id,
-                generation: 1,
-                key_epoch: 1,
-                flags: 0,
-                load: 0,
                 seq,
                 sent_ns: 0,
                 interval_ms,
                 rtt_us: 0,
-            };
-            let v = self.dp.gate(&d.seal(&key(id)), SRC, at_ms * MS);
-            assert_eq!(v.result, hb_common::GateResult::Accepted);
+            }
+        }
+
+        fn send(&mut self, id: u32, generation: u32, flags: u8, at_ms: u64) {
+            self.seq += 1;
+            self.gate_one(Rig::heartbeat(id, generation, flags, self.seq, 100), at_ms);
+        }
+
+        /// One heartbeat of generation 1 with its own `seq` and interval.
+        fn beat(&mut self, id: u32, seq: u64, interval_ms: u32, at_ms: u64) {
+            self.gate_one(Rig::heartbeat(id, 1, 0, seq, interval_ms), at_ms);
         }
 
         /// One heartbeat of `generation` with its own `seq`, at 100 ms.
         fn beat_gen(&mut self, id: u32, generation: u32, seq: u64, at_ms: u64) {
-            let d = Datagram {
-                kind: Kind::Heartbeat,
-                node_id: id,
-                generation,
-                key_epoch: 1,
-                flags: 0,
-                load: 0,
-                seq,
-                sent_ns: 0,
-                interval_ms: 100,
-                rtt_us: 0,
-            };
-            let v = self.dp.gate(&d.seal(&key(id)), SRC, at_ms * MS);
-            assert_eq!(v.result, hb_common::GateResult::Accepted);
+            self.gate_one(Rig::heartbeat(id, generation, 0, seq, 100), at_ms);
         }
 
         /// A node beating every `interval_ms` from `from_ms` to `to_ms`
@@ -1155,20 +1138,8 @@ mod tests {
 
         /// A LEAVING heartbeat of generation 1.
         fn leave(&mut self, id: u32, seq: u64, at_ms: u64) {
-            let d = Datagram {
-                kind: Kind::Heartbeat,
-                node_id: id,
-                generation: 1,
-                key_epoch: 1,
-                flags: hb_common::proto::FLAG_LEAVING,
-                load: 0,
-                seq,
-                sent_ns: 0,
-                interval_ms: 100,
-                rtt_us: 0,
-            };
-            let v = self.dp.gate(&d.seal(&key(id)), SRC, at_ms * MS);
-            assert_eq!(v.result, hb_common::GateResult::Accepted);
+            let d = Rig::heartbeat(id, 1, hb_common::proto::FLAG_LEAVING, seq, 100);
+            self.gate_one(d, at_ms);
         }
 
         /// A new monitor over the same dataplane at `at_ms`, as after a
