@@ -1602,6 +1602,73 @@ fn the_monitor_stops_when_its_interface_goes_away() {
     assert_eq!(m.node_events(1), ["joined"], "judged without its gate");
 }
 
+/// A renamed interface keeps its gate (the kernel detaches it only from
+/// one that goes away): the monitor goes on judging its nodes, says the
+/// next start needs the new name, and detaches from it at the end. It
+/// looked the interface up by name, and stopped for a rename as for a
+/// deletion.
+#[test]
+fn a_renamed_interface_keeps_its_gate() {
+    const RENAMED: &str = "hbrenamed0";
+    let (pair, dir) = setup("mrename", &[1]);
+    let mut m = Monitor::start(&pair, &dir, "native", &["--nodes", "1"]);
+    let mut node = Node::new(&pair, 1, 1);
+    let beat = |node: &mut Node, n: usize| {
+        for _ in 0..n {
+            node.send(0);
+            std::thread::sleep(Duration::from_millis(INTERVAL_MS));
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while m.node_events(1).is_empty() {
+        assert!(Instant::now() < deadline, "node 1 never joined");
+        beat(&mut node, 1);
+    }
+    let gate = xdp_prog_id(&pair.a, IF_A).expect("gate attached");
+    // Only a down interface can be renamed.
+    for args in [
+        &["link", "set", IF_A, "down"][..],
+        &["link", "set", IF_A, "name", RENAMED],
+        &["link", "set", RENAMED, "up"],
+    ] {
+        pair.a.ip(args).expect("rename the interface");
+    }
+    assert_eq!(xdp_prog_id(&pair.a, RENAMED), Some(gate), "the gate stays");
+    m.wait_stderr("interface renamed", Duration::from_secs(5));
+    let accepted = || {
+        let (code, body) = http(&pair.a, "/nodes/1");
+        assert_eq!(code, 200, "{body}");
+        let row: Value = serde_json::from_str(&body).expect("JSON");
+        row["accepted"].as_u64().expect("accepted")
+    };
+    let before = accepted();
+    // Ten times what suspicion of node 1 takes, once heard no more.
+    beat(&mut node, 40);
+    assert!(
+        m.child.try_wait().expect("wait").is_none(),
+        "{}",
+        m.stderr()
+    );
+    assert!(accepted() >= before + 30, "gated after the rename");
+    let err = m.plain_stderr();
+    assert!(
+        err.contains(&format!("now={RENAMED}")) && err.contains(&format!("--iface {RENAMED}")),
+        "{err}"
+    );
+    assert!(
+        !m.node_events(1).iter().any(|e| e == "dead"),
+        "{:?}",
+        m.node_events(1)
+    );
+    assert_eq!(
+        http(&pair.a, "/healthz"),
+        (200, "ok\n".into()),
+        "the gate is where it was"
+    );
+    m.stop_with(libc::SIGINT);
+    assert_eq!(xdp_prog_id(&pair.a, RENAMED), None, "detached");
+}
+
 // ---- userspace mode against native mode, on the same datagrams ----
 
 /// The fields of a `/nodes` row that cannot depend on where the gate runs:

@@ -824,6 +824,22 @@ fn page_size() -> usize {
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
 }
 
+/// The name of the interface at `index`. Not nix's: it takes the null
+/// that says "no such interface" for a name, an empty one.
+fn if_indextoname(index: u32) -> Result<String, nix::errno::Errno> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` holds the IF_NAMESIZE bytes if_indextoname(3) writes
+    // at most, a name and its terminating null.
+    let name = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return Err(nix::errno::Errno::last());
+    }
+    // SAFETY: on success, `buf` holds a null-terminated name.
+    Ok(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned())
+}
+
 /// An interface the program is attached to.
 struct Attached {
     ifname: String,
@@ -831,6 +847,8 @@ struct Attached {
     /// name is another interface (deleted and created again), without the
     /// program.
     ifindex: u32,
+    /// Its name at the last check: it may be renamed since.
+    name_now: Mutex<String>,
     link: XdpLinkId,
     pin: Option<PathBuf>,
 }
@@ -1588,6 +1606,7 @@ impl XdpDataplane {
                     self.attached.push(Attached {
                         ifname: ifname.to_owned(),
                         ifindex,
+                        name_now: Mutex::new(ifname.to_owned()),
                         link: id,
                         pin: Some(path.clone()),
                     });
@@ -1647,6 +1666,7 @@ impl XdpDataplane {
                 self.attached.push(Attached {
                     ifname: ifname.to_owned(),
                     ifindex,
+                    name_now: Mutex::new(ifname.to_owned()),
                     link: id,
                     pin: Some(path),
                 });
@@ -1658,6 +1678,7 @@ impl XdpDataplane {
         self.attached.push(Attached {
             ifname: ifname.to_owned(),
             ifindex,
+            name_now: Mutex::new(ifname.to_owned()),
             link: id,
             pin,
         });
@@ -2081,28 +2102,39 @@ impl Dataplane for XdpDataplane {
 
     fn check_attached(&self) -> Result<(), String> {
         for a in &self.attached {
-            // Only "no such device" says it is gone: a lookup that failed
-            // otherwise (no descriptor left: hooks by the hundred) says
-            // nothing, and the next tick asks again.
-            let now = match nix::net::if_::if_nametoindex(a.ifname.as_str()) {
-                Ok(i) => i,
-                Err(nix::errno::Errno::ENODEV) => 0,
+            // By the index it was attached at, not by name: the kernel
+            // keeps the gate on an interface that is renamed, and
+            // detaches it from one that goes away, index and all (one
+            // created again under the name has another index).
+            match if_indextoname(a.ifindex) {
+                Ok(name) => {
+                    let mut known = a.name_now.lock().unwrap_or_else(|e| e.into_inner());
+                    if *known != name {
+                        tracing::warn!(
+                            interface = %a.ifname,
+                            now = %name,
+                            "interface renamed; the gate stays on it, but the next start needs \
+                             --iface {name}"
+                        );
+                        *known = name;
+                    }
+                }
+                // glibc says ENXIO for an index no interface has; the
+                // ioctl under it, ENODEV. Anything else (no descriptor
+                // left: hooks by the hundred) says nothing, and the next
+                // tick asks again.
+                Err(nix::errno::Errno::ENXIO | nix::errno::Errno::ENODEV) => {
+                    return Err(match nix::net::if_::if_nametoindex(a.ifname.as_str()) {
+                        Ok(i) if i != a.ifindex => format!(
+                            "interface {} was created again (index {} -> {}) without the gate",
+                            a.ifname, a.ifindex, i
+                        ),
+                        _ => format!("interface {} is gone, and the gate with it", a.ifname),
+                    });
+                }
                 Err(e) => {
                     tracing::debug!(interface = %a.ifname, error = %e, "cannot look the interface up");
-                    continue;
                 }
-            };
-            if now == 0 {
-                return Err(format!(
-                    "interface {} is gone, and the gate with it",
-                    a.ifname
-                ));
-            }
-            if now != a.ifindex {
-                return Err(format!(
-                    "interface {} was created again (index {} -> {}) without the gate",
-                    a.ifname, a.ifindex, now
-                ));
             }
         }
         Ok(())
