@@ -1602,6 +1602,46 @@ fn the_monitor_stops_when_its_interface_goes_away() {
     assert_eq!(m.node_events(1), ["joined"], "judged without its gate");
 }
 
+/// With several interfaces, losing one stops the monitor for all (README:
+/// nodes are judged again once it runs whole): node 1, heard on the
+/// interface that stays, is not judged either.
+#[test]
+fn losing_one_of_several_interfaces_stops_the_monitor() {
+    const BRIDGE: &str = "hbbr1";
+    let (pair, dir) = setup("mgone2", &[1]);
+    pair.a
+        .ip(&["link", "add", BRIDGE, "type", "bridge"])
+        .expect("bridge interface");
+    pair.a.ip(&["link", "set", BRIDGE, "up"]).expect("up");
+    let mut m = Monitor::start(&pair, &dir, "skb", &["--nodes", "1", "--iface", BRIDGE]);
+    let mut node = Node::new(&pair, 1, 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while m.node_events(1).is_empty() {
+        assert!(Instant::now() < deadline, "node 1 never joined");
+        node.send(0);
+        std::thread::sleep(Duration::from_millis(INTERVAL_MS));
+    }
+    pair.a.ip(&["link", "del", BRIDGE]).expect("delete the bridge");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = m.child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the monitor went on: {}", m.stderr());
+        node.send(0);
+        std::thread::sleep(Duration::from_millis(INTERVAL_MS));
+    };
+    assert!(!status.success(), "exit {status}");
+    let err = m.plain_stderr();
+    assert!(
+        err.contains(&format!("interface {BRIDGE} is gone, and the gate with it")),
+        "{err}"
+    );
+    assert_eq!(m.node_events(1), ["joined"]);
+    // The gate on the interface that stays goes with the monitor.
+    assert_eq!(xdp_prog_id(&pair.a, IF_A), None, "detached");
+}
+
 /// A renamed interface keeps its gate (the kernel detaches it only from
 /// one that goes away): the monitor goes on judging its nodes, says the
 /// next start needs the new name, and detaches from it at the end. It
