@@ -1621,13 +1621,19 @@ fn losing_one_of_several_interfaces_stops_the_monitor() {
         node.send(0);
         std::thread::sleep(Duration::from_millis(INTERVAL_MS));
     }
-    pair.a.ip(&["link", "del", BRIDGE]).expect("delete the bridge");
+    pair.a
+        .ip(&["link", "del", BRIDGE])
+        .expect("delete the bridge");
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(st) = m.child.try_wait().expect("wait") {
             break st;
         }
-        assert!(Instant::now() < deadline, "the monitor went on: {}", m.stderr());
+        assert!(
+            Instant::now() < deadline,
+            "the monitor went on: {}",
+            m.stderr()
+        );
         node.send(0);
         std::thread::sleep(Duration::from_millis(INTERVAL_MS));
     };

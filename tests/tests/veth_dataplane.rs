@@ -397,6 +397,79 @@ fn a_restarted_monitor_readopts_pinned_maps_and_link() {
     );
 }
 
+/// A link kept attached (`--keep-attached`) keeps the mode it was
+/// attached in; a start that asks for the other (`--mode native` after
+/// `skb`, or back) detaches it and attaches anew in that mode, kept again,
+/// and the gate goes on with the pinned state. It re-adopted the link as
+/// it was, in the old mode, saying nothing.
+#[test]
+fn a_kept_link_changes_mode_when_asked() {
+    let pair = VethPair::new("gmode").unwrap();
+    let pins = PinDir::new("mode");
+    let mode_of = || {
+        let out = pair.a.ip(&["-j", "link", "show", IF_A]).unwrap().stdout;
+        let links: serde_json::Value = serde_json::from_slice(&out).expect("ip -j JSON");
+        // XDP_ATTACHED_DRV = 1, XDP_ATTACHED_SKB = 2.
+        links[0]["xdp"]["mode"].as_u64()
+    };
+    let open = |mode: AttachMode| {
+        let opts = XdpOptions {
+            interfaces: vec![IF_A.into()],
+            pin_dir: Some(pins.0.clone()),
+            keep_attached: true,
+            max_nodes: Some(1024),
+            mode,
+            ..XdpOptions::default()
+        };
+        pair.a.run(|| XdpDataplane::open(&opts)).unwrap().unwrap()
+    };
+    let sock = pair
+        .b
+        .run(|| UdpSocket::bind((pair.addrs.v4[1], 0)))
+        .unwrap()
+        .unwrap();
+    let beat = |dp: &XdpDataplane, seq: u64| {
+        sock.send_to(&hb(9, seq), (pair.addrs.v4[0], PORT)).unwrap();
+        let t = Instant::now();
+        while dp.state(4).unwrap().accepted < seq {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "heartbeat {seq} not accepted"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+
+    let dp = open(AttachMode::Skb);
+    dp.upsert_node(9, &keys(4)).unwrap();
+    dp.set_config(&Config {
+        port: PORT,
+        ..Config::default()
+    })
+    .unwrap();
+    beat(&dp, 1);
+    drop(dp);
+    assert_eq!(mode_of(), Some(2), "kept in skb mode");
+    for (seq, mode, code) in [
+        (2, AttachMode::Skb, 2),
+        (3, AttachMode::Native, 1),
+        (4, AttachMode::Native, 1),
+        (5, AttachMode::Skb, 2),
+    ] {
+        let dp = open(mode);
+        assert_eq!(mode_of(), Some(code), "{mode:?}");
+        beat(&dp, seq);
+        drop(dp);
+        assert_eq!(mode_of(), Some(code), "{mode:?}: kept");
+        assert!(pins.0.join(format!("link_{IF_A}")).exists(), "pinned");
+    }
+    let mut dp = open(AttachMode::Native);
+    assert_eq!(dp.state(4).unwrap().accepted, 5, "the state went on");
+    dp.detach().unwrap();
+    assert_eq!(mode_of(), None, "detached");
+    log("keep-attached: a kept link follows --mode (skb -> native -> skb)".into());
+}
+
 /// With `--keep-attached`, an interface deleted and created again while no
 /// monitor ran: the kernel released the pinned link with the old
 /// interface, and the next start removes the stale pin and attaches afresh

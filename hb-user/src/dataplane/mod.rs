@@ -11,6 +11,7 @@
 
 pub mod index;
 pub mod mem;
+mod netlink;
 pub mod xdp;
 
 use std::ops::Range;

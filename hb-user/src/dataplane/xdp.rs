@@ -106,6 +106,7 @@ use tokio::{io::unix::AsyncFd, sync::mpsc};
 use super::{
     Counters, Dataplane, LiveFn, PREFETCH_AHEAD,
     index::{NodeIndex, Words},
+    netlink::XdpAttach,
     prefetch,
 };
 
@@ -1591,6 +1592,36 @@ impl XdpDataplane {
             .map(|d| d.join(format!("link_{ifname}")));
         let ebpf = self.ebpf.get_mut().unwrap_or_else(|e| e.into_inner());
         let prog = xdp_program(ebpf, names::PROGRAM)?;
+
+        // A link pinned by an earlier run (`--keep-attached`) in the other
+        // mode than this run's `--mode` asks for: a link cannot change
+        // mode, nor can the interface have both at once. Detach it and
+        // attach anew (heartbeats in between, a few microseconds' worth,
+        // go to the stack, and count as lost).
+        if let Some(path) = link_path.as_ref().filter(|p| p.exists()) {
+            let want = match opts.mode {
+                AttachMode::Native => XdpAttach::Driver,
+                AttachMode::Skb => XdpAttach::Skb,
+            };
+            match super::netlink::xdp_attach(ifindex) {
+                Ok(have @ (XdpAttach::Driver | XdpAttach::Skb)) if have != want => {
+                    tracing::info!(
+                        interface = ifname,
+                        pin = %path.display(),
+                        "the XDP link an earlier run kept is attached in {have} mode, --mode asks for \
+                         {want}: detaching it to attach anew"
+                    );
+                    unpin_link(path)?;
+                }
+                Ok(_) => {}
+                // Not knowing it keeps the link as it is: re-adopted below.
+                Err(e) => tracing::warn!(
+                    interface = ifname,
+                    error = %format!("{e:#}"),
+                    "cannot tell the kept XDP link's mode; re-adopting it in whichever it has"
+                ),
+            }
+        }
 
         // A link pinned by an earlier run (`--keep-attached`): swap our
         // program into it, whether or not this run keeps it attached in

@@ -1,0 +1,102 @@
+//! What rtnetlink says about an interface's XDP: the mode a program is
+//! attached in. A bpf_link's own info names only the interface, and a
+//! link kept attached by an earlier run (`--keep-attached`) keeps the
+//! mode it was attached in, whatever `--mode` the next start asks for.
+
+use anyhow::{Context as _, anyhow, bail};
+use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    link::{LinkAttribute, LinkMessage, LinkXdp, XdpAttached},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+/// How XDP is attached to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpAttach {
+    None,
+    /// Native (driver) mode.
+    Driver,
+    /// skb (generic) mode.
+    Skb,
+    /// Offloaded, or several at once: not a mode `hb` attaches in.
+    Other,
+}
+
+impl std::fmt::Display for XdpAttach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            XdpAttach::None => "none",
+            XdpAttach::Driver => "native",
+            XdpAttach::Skb => "skb",
+            XdpAttach::Other => "offloaded or mixed",
+        })
+    }
+}
+
+/// How XDP is attached to the interface at `ifindex`, in this network
+/// namespace (`RTM_GETLINK`).
+pub fn xdp_attach(ifindex: u32) -> anyhow::Result<XdpAttach> {
+    let mut link = LinkMessage::default();
+    link.header.index = ifindex;
+    let mut req = NetlinkMessage::new(
+        NetlinkHeader::default(),
+        NetlinkPayload::from(RouteNetlinkMessage::GetLink(link)),
+    );
+    req.header.flags = NLM_F_REQUEST;
+    req.header.sequence_number = 1;
+    req.finalize();
+    let mut buf = vec![0; req.buffer_len()];
+    req.serialize(&mut buf);
+
+    let mut sock = Socket::new(NETLINK_ROUTE).context("cannot open an rtnetlink socket")?;
+    sock.bind_auto()
+        .context("cannot bind the rtnetlink socket")?;
+    sock.connect(&SocketAddr::new(0, 0))
+        .context("cannot connect the rtnetlink socket")?;
+    sock.send(&buf, 0)
+        .context("cannot ask rtnetlink about the interface")?;
+    // One reply to a request that is not a dump: the link, or an error.
+    // Without IFLA_EXT_MASK it leaves the VF list out, and fits in a few
+    // KiB; a reply cut short fails to parse.
+    let mut reply = Vec::with_capacity(64 * 1024);
+    let n = sock
+        .recv(&mut reply, 0)
+        .context("cannot read rtnetlink's answer")?;
+    let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply[..n])
+        .map_err(|e| anyhow!("cannot parse rtnetlink's answer: {e}"))?;
+    let link = match msg.payload {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => link,
+        NetlinkPayload::Error(e) => {
+            return Err(anyhow::Error::new(e.to_io())
+                .context(format!("rtnetlink has no interface of index {ifindex}")));
+        }
+        other => bail!("rtnetlink answered {other:?} about interface {ifindex}"),
+    };
+    let attached = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
+            LinkXdp::Attached(how) => Some(*how),
+            _ => None,
+        }),
+        _ => None,
+    });
+    Ok(match attached {
+        None | Some(XdpAttached::None) => XdpAttach::None,
+        Some(XdpAttached::Driver) => XdpAttach::Driver,
+        Some(XdpAttached::SocketBuffer) => XdpAttach::Skb,
+        Some(_) => XdpAttach::Other,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_has_no_xdp_and_a_missing_index_is_an_error() {
+        // Index 1 is `lo` in every network namespace.
+        assert_eq!(xdp_attach(1).unwrap(), XdpAttach::None);
+        let err = format!("{:#}", xdp_attach(u32::MAX - 7).unwrap_err());
+        assert!(err.contains("no interface of index"), "{err}");
+    }
+}
