@@ -308,27 +308,30 @@ fn sender_heartbeats_acks_and_leaving() {
     // 6. A restart with the same state directory: a strictly larger
     //    generation, seq from 1 again, at the interval last asked for
     //    (stored off the event loop, by its own thread).
-    let mut again = pair.b.command(hb_bin().to_str().unwrap());
-    again
-        .args([
-            "send",
-            "--monitor",
-            &format!("{v4}:{PORT}"),
-            "--node-id",
-            &NODE.to_string(),
-            "--key",
-            &hb::keys::to_hex(&key.to_bytes()),
-            "--key-epoch",
-            &EPOCH.to_string(),
-            "--interval-ms",
-            "100",
-            "--state-dir",
-            state.path().to_str().unwrap(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut sender = Reaper(Some(again.spawn().unwrap()));
+    let restart = || {
+        let mut again = pair.b.command(hb_bin().to_str().unwrap());
+        again
+            .args([
+                "send",
+                "--monitor",
+                &format!("{v4}:{PORT}"),
+                "--node-id",
+                &NODE.to_string(),
+                "--key",
+                &hb::keys::to_hex(&key.to_bytes()),
+                "--key-epoch",
+                &EPOCH.to_string(),
+                "--interval-ms",
+                "100",
+                "--state-dir",
+                state.path().to_str().unwrap(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        Reaper(Some(again.spawn().unwrap()))
+    };
+    let mut sender = restart();
     let d = m4.take(1)[0];
     assert!(
         d.generation > generation,
@@ -343,5 +346,18 @@ fn sender_heartbeats_acks_and_leaving() {
     m4.until(Duration::from_secs(3), |d| d.leaving());
     let status = wait_within(sender.0.as_mut().unwrap(), EXIT_TIMEOUT)
         .expect("still running after SIGINT, killed");
+    assert!(status.success(), "exit {status}");
+
+    // 7. SIGHUP (a closed terminal) leaves as SIGTERM does; it killed the
+    //    sender, without a LEAVING heartbeat.
+    let mut sender = restart();
+    let d = m4.take(1)[0];
+    assert_eq!(d.seq, 1);
+    let pid = sender.0.as_ref().unwrap().id() as i32;
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    m4.until(Duration::from_secs(3), |d| d.leaving());
+    let status = wait_within(sender.0.as_mut().unwrap(), EXIT_TIMEOUT)
+        .expect("still running after SIGHUP, killed");
     assert!(status.success(), "exit {status}");
 }

@@ -86,7 +86,9 @@ pub fn next(dir: &Path, now_secs: u32) -> anyhow::Result<Next> {
     let (previous, ignored) = read(&path);
     let generation = match previous {
         Some(u32::MAX) => bail!(
-            "state file {} holds generation {}, the largest possible; remove it to start over",
+            "state file {} holds generation {}, the largest possible; remove it to start over \
+             (a monitor that saw this generation drops any smaller one as stale until it \
+             forgets the node: take the node off its --nodes, reload, and put it back)",
             path.display(),
             u32::MAX
         ),

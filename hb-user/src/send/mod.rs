@@ -94,8 +94,9 @@ pub struct Args {
     /// production only monitors should hold the master secret).
     #[arg(long, value_name = "FILE")]
     pub keyring: Option<PathBuf>,
-    /// Epoch to use from `--keyring`; default: its newest.
-    #[arg(long, value_name = "E", requires = "keyring")]
+    /// Epoch to use from `--keyring`; default: its newest. (With
+    /// `--key`/`--key-file`, say the key's epoch with `--key-epoch`.)
+    #[arg(long, value_name = "E")]
     pub epoch: Option<u8>,
     /// Heartbeat interval until a monitor asks for another, ms.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
@@ -156,6 +157,12 @@ pub enum Target {
 /// monitor written both ways is one monitor, not two that each get every
 /// heartbeat).
 pub fn parse_monitor(s: &str) -> anyhow::Result<Target> {
+    if let Some(a) = scoped_by_name(s)? {
+        return match unusable(a) {
+            None => Ok(Target::Addr(a)),
+            Some(why) => bail!("monitor `{s}`: {why}"),
+        };
+    }
     if let Ok(a) = s.parse::<SocketAddr>() {
         let a = canonical(a);
         return match unusable(a) {
@@ -163,22 +170,26 @@ pub fn parse_monitor(s: &str) -> anyhow::Result<Target> {
             Some(why) => bail!("monitor `{s}`: {why}"),
         };
     }
-    let Some((host, port)) = s
-        .rsplit_once(':')
-        .filter(|(host, _)| !host.is_empty() && (!host.contains(':') || host.ends_with(']')))
-        .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
-    else {
+    let Some((host, port)) = s.rsplit_once(':').filter(|(host, port)| {
+        !host.is_empty()
+            && (!host.contains(':') || host.ends_with(']'))
+            && !port.is_empty()
+            && port.bytes().all(|b| b.is_ascii_digit())
+    }) else {
         bail!(
             "monitor `{s}` needs a port: ADDR:PORT, e.g. 198.51.100.7:{} or [2001:db8::7]:{}",
             proto::DEFAULT_PORT,
             proto::DEFAULT_PORT
         );
     };
+    let Ok(port) = port.parse::<u16>() else {
+        bail!("monitor `{s}`: port {port} is past 65535");
+    };
     if port == 0 {
         bail!("monitor `{s}`: {PORT_0}");
     }
     if host.starts_with('[') {
-        bail!("monitor `{s}`: `{host}` is not an IPv6 address");
+        bail!("monitor `{s}`: `{host}` is not an IPv6 address (`[v6addr]`, `[v6addr%IFNAME]`)");
     }
     if !is_host_name(host) {
         bail!("monitor `{s}`: `{host}` is neither an IP address nor a host name");
@@ -188,8 +199,48 @@ pub fn parse_monitor(s: &str) -> anyhow::Result<Target> {
 
 const PORT_0: &str = "port 0 is no monitor's port";
 
+/// The IPv4 address an IPv4-mapped IPv6 one maps; any other as it is,
+/// with its scope (a link-local monitor's interface), less its flow label.
 fn canonical(a: SocketAddr) -> SocketAddr {
-    SocketAddr::new(a.ip().to_canonical(), a.port())
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => SocketAddr::V6(std::net::SocketAddrV6::new(
+                *v6.ip(),
+                v6.port(),
+                0,
+                v6.scope_id(),
+            )),
+        },
+        SocketAddr::V4(_) => a,
+    }
+}
+
+/// `[v6addr%IFNAME]:PORT`, a link-local monitor's address with its
+/// interface named (as `ping` and `ip` take it), as the address with that
+/// interface's index for its scope. `None` if `s` has no such name (a
+/// numeric scope, `%2`, is the standard form `SocketAddr` parses).
+fn scoped_by_name(s: &str) -> anyhow::Result<Option<SocketAddr>> {
+    let Some((addr, port)) = s.strip_prefix('[').and_then(|r| r.split_once("]:")) else {
+        return Ok(None);
+    };
+    let Some((ip, zone)) = addr.split_once('%') else {
+        return Ok(None);
+    };
+    if zone.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(None);
+    }
+    let ip: std::net::Ipv6Addr = ip
+        .parse()
+        .map_err(|_| anyhow!("monitor `{s}`: `{ip}` is not an IPv6 address"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| anyhow!("monitor `{s}`: `{port}` is not a port (1 to 65535)"))?;
+    let index = nix::net::if_::if_nametoindex(zone)
+        .map_err(|e| anyhow!("monitor `{s}`: no interface `{zone}` on this host ({e})"))?;
+    Ok(Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+        ip, port, 0, index,
+    ))))
 }
 
 /// Why `a` cannot be a monitor's address, if it cannot: every heartbeat to
@@ -387,7 +438,7 @@ fn read_key_file(path: &Path) -> anyhow::Result<NodeKey> {
     let bytes = keys::read_private(path, KEY_FILE_MAX).map_err(|e| match e {
         PrivateFileError::Io(io) => anyhow!("cannot read key file {shown}: {io}"),
         PrivateFileError::NotPrivate { mode } => anyhow!(
-            "key file {shown} has mode {mode:04o}: users other than its owner may get at the node key; run `chmod 600 {shown}`"
+            "key file {shown} has mode {mode:04o}: users other than its owner may get at the node key; run `chmod 600 {shown}` (and, if the sender runs as another user, `chown` it to that user)"
         ),
         PrivateFileError::TooLarge { max } => anyhow!(
             "key file {shown} holds more than {max} bytes: it is not a node key (32 hex digits)"
@@ -408,6 +459,15 @@ impl Args {
             (None, None, None) => std::env::var(KEY_ENV).ok(),
             _ => None,
         };
+        // Checked here, not by clap: its `requires` gave way to the key
+        // source group, and `--epoch 1` with a key file ran at epoch 0,
+        // every heartbeat refused as `bad_epoch`.
+        if let (Some(e), None) = (self.epoch, &self.keyring) {
+            bail!(
+                "--epoch picks an epoch of --keyring; the epoch of a --key, --key-file or \
+                 {KEY_ENV} key is --key-epoch {e}"
+            );
+        }
         let (key, key_epoch) = match (&self.key, &self.key_file, &self.keyring) {
             (Some(hex), _, _) => (parse_key(hex.trim()).context("bad --key")?, self.key_epoch),
             (None, None, None) if let Some(hex) = &env => (
@@ -833,6 +893,11 @@ async fn send_loop(
         .context("cannot install the SIGTERM handler")?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())
         .context("cannot install the SIGINT handler")?;
+    // A closed terminal's hangup, or a reload by habit (the sender has
+    // nothing to reload): leave as on SIGTERM. Unhandled, it killed the
+    // sender without a word, and its node was found dead.
+    let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
     let mut names = Names::start(names)?;
     names.first_answers(&mut sender, &mut sockets).await;
     let cpus = online_cpus();
@@ -875,6 +940,7 @@ async fn send_loop(
             }
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
+            _ = sighup.recv() => break "SIGHUP",
         }
     };
     let reached = send_all(&mut sender, &sockets, cpus, true);
@@ -938,7 +1004,9 @@ fn on_datagram(
     match sender.on_ack(&buf[..n], from, monotonic_ns()) {
         Ok(a) => {
             if let Some((old, new)) = a.interval_change {
-                tracing::info!(monitor = %from, old_ms = old, new_ms = new, "monitor asked for a new heartbeat interval");
+                // `asked_ms` past this sender's bounds is clamped: say
+                // both, or `new_ms` reads as what the monitor asked.
+                tracing::info!(monitor = %from, asked_ms = a.asked_ms, old_ms = old, new_ms = new, "monitor asked for a new heartbeat interval");
                 interval_changed(new, next, saver);
             }
         }
@@ -1007,16 +1075,13 @@ mod tests {
             "198.18.0.1:7420".parse::<SocketAddr>().unwrap()
         );
         assert_eq!(resolve_monitor("localhost:7420").unwrap().port(), 7420);
-        for bad in [
-            "198.18.0.1",
-            "fd00::1",
-            "[fd00::1]",
-            "host:",
-            ":7420",
-            "198.18.0.1:99999",
-        ] {
+        for bad in ["198.18.0.1", "fd00::1", "[fd00::1]", "host:", ":7420"] {
             let e = format!("{:#}", resolve_monitor(bad).unwrap_err());
             assert!(e.contains("needs a port"), "{bad}: {e}");
+        }
+        for bad in ["198.18.0.1:99999", "host:70000"] {
+            let e = format!("{:#}", resolve_monitor(bad).unwrap_err());
+            assert!(e.contains("is past 65535"), "{bad}: {e}");
         }
         // A name the resolver refuses before any lookup (a NUL byte cannot
         // go to getaddrinfo): the error path without asking the host's DNS
@@ -1228,6 +1293,63 @@ mod tests {
         }
     }
 
+    /// A link-local monitor keeps its scope, given as a number or as the
+    /// interface's name: dropped, heartbeats left by whichever interface
+    /// the first `fe80::/64` route names, reported sent.
+    #[test]
+    fn a_link_local_monitor_keeps_its_interface() {
+        let scoped = |s: &str| match parse_monitor(s).unwrap() {
+            Target::Addr(SocketAddr::V6(a)) => (a.ip().to_string(), a.port(), a.scope_id()),
+            other => panic!("{s}: {other:?}"),
+        };
+        assert_eq!(scoped("[fe80::1%7]:7420"), ("fe80::1".into(), 7420, 7));
+        // `lo` is index 1 in every network namespace.
+        assert_eq!(scoped("[fe80::1%lo]:7420"), ("fe80::1".into(), 7420, 1));
+        assert_eq!(scoped("[fd00::1]:7420"), ("fd00::1".into(), 7420, 0));
+        for (bad, want) in [
+            (
+                "[fe80::1%hbnosuch0]:7420",
+                "no interface `hbnosuch0` on this host",
+            ),
+            ("[fe80::x%lo]:7420", "`fe80::x` is not an IPv6 address"),
+            ("[fe80::1%lo]:99999", "`99999` is not a port"),
+            ("[fe80::1%lo]:0", "port 0 is no monitor's port"),
+        ] {
+            let e = format!("{:#}", parse_monitor(bad).unwrap_err());
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+    }
+
+    /// `--epoch` names an epoch of `--keyring`: with a key of its own, the
+    /// sender ran at `--key-epoch`'s default, 0, saying nothing, and every
+    /// heartbeat was refused as `bad_epoch`.
+    #[test]
+    fn epoch_without_a_keyring_is_refused() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        let key = "00112233445566778899aabbccddeeff";
+        let base = ["hb", "--monitor", "198.18.0.1:7420", "--node-id", "1"];
+        let parse = |extra: &[&str]| {
+            <Cli as clap::Parser>::try_parse_from(base.iter().chain(extra)).map(|c| c.args)
+        };
+        let e = format!(
+            "{:#}",
+            parse(&["--key", key, "--epoch", "2"])
+                .unwrap()
+                .config()
+                .unwrap_err()
+        );
+        assert!(e.contains("--key-epoch 2"), "{e}");
+        let (cfg, _) = parse(&["--key", key, "--key-epoch", "2"])
+            .unwrap()
+            .config()
+            .unwrap();
+        assert_eq!(cfg.key_epoch, 2);
+    }
+
     const KEY: NodeKey = NodeKey { k0: 7, k1: 9 };
 
     fn test_sender(monitors: &[&str]) -> Sender {
@@ -1434,7 +1556,7 @@ mod tests {
             assert_eq!(
                 e,
                 format!(
-                    "key file {p} has mode {mode:04o}: users other than its owner may get at the node key; run `chmod 600 {p}`"
+                    "key file {p} has mode {mode:04o}: users other than its owner may get at the node key; run `chmod 600 {p}` (and, if the sender runs as another user, `chown` it to that user)"
                 )
             );
         }

@@ -239,6 +239,9 @@ pub struct Accepted {
     pub rtt_sample_ns: Option<u64>,
     /// `Some((old, new))` when the interval in use changed.
     pub interval_change: Option<(u32, u32)>,
+    /// The interval the ACK asked for, before this sender's bounds
+    /// (0: no request).
+    pub asked_ms: u32,
 }
 
 /// What [`Sender::remove_monitor`] removed.
@@ -520,6 +523,7 @@ impl Sender {
             monitor: mi,
             rtt_sample_ns: rtt,
             interval_change: self.settle_interval(),
+            asked_ms: ack.interval_ms,
         })
     }
 }
@@ -605,6 +609,7 @@ mod tests {
                 monitor: 0,
                 rtt_sample_ns: Some(3 * MS),
                 interval_change: Some((1000, 500)),
+                asked_ms: 500,
             }
         );
         assert_eq!(s.interval_ms(), 500);
