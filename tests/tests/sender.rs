@@ -307,14 +307,16 @@ fn sender_heartbeats_acks_and_leaving() {
 
     // 6. A restart with the same state directory: a strictly larger
     //    generation, seq from 1 again, at the interval last asked for
-    //    (stored off the event loop, by its own thread).
-    let restart = || {
+    //    (stored off the event loop, by its own thread), under the same
+    //    monitors and --interval-ms.
+    let restart = |monitors: &[String]| {
         let mut again = pair.b.command(hb_bin().to_str().unwrap());
+        again.arg("send");
+        for m in monitors {
+            again.args(["--monitor", m]);
+        }
         again
             .args([
-                "send",
-                "--monitor",
-                &format!("{v4}:{PORT}"),
                 "--node-id",
                 &NODE.to_string(),
                 "--key",
@@ -331,7 +333,12 @@ fn sender_heartbeats_acks_and_leaving() {
             .stderr(Stdio::null());
         Reaper(Some(again.spawn().unwrap()))
     };
-    let mut sender = restart();
+    let all = [
+        format!("{v4}:{PORT}"),
+        format!("[{v6}]:{PORT}"),
+        format!("198.18.0.99:{PORT}"),
+    ];
+    let mut sender = restart(&all);
     let d = m4.take(1)[0];
     assert!(
         d.generation > generation,
@@ -348,11 +355,13 @@ fn sender_heartbeats_acks_and_leaving() {
         .expect("still running after SIGINT, killed");
     assert!(status.success(), "exit {status}");
 
-    // 7. SIGHUP (a closed terminal) leaves as SIGTERM does; it killed the
+    // 7. Without the monitors that may have asked (the v6 one, the dead
+    //    one), the stored interval no longer stands: `--interval-ms`.
+    //    SIGHUP (a closed terminal) leaves as SIGTERM does; it killed the
     //    sender, without a LEAVING heartbeat.
-    let mut sender = restart();
+    let mut sender = restart(&all[..1]);
     let d = m4.take(1)[0];
-    assert_eq!(d.seq, 1);
+    assert_eq!((d.seq, d.interval_ms), (1, 100));
     let pid = sender.0.as_ref().unwrap().id() as i32;
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGHUP) };

@@ -149,7 +149,7 @@ fn create_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// Writes `value` as one decimal line to `path`: temporary file, fsync,
 /// rename, fsync of the directory.
-pub(super) fn write_atomically(path: &Path, value: u32) -> anyhow::Result<()> {
+pub(super) fn write_atomically(path: &Path, value: impl std::fmt::Display) -> anyhow::Result<()> {
     let tmp: PathBuf = path.with_extension("tmp");
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;

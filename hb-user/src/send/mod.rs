@@ -600,30 +600,41 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         None => generation::ephemeral()?,
     };
+    // What an interval stored from here on is asked for under.
+    let under = resume::Under::new(&args.monitors, cfg.interval_ms);
     if let Some(dir) = &args.state_dir {
         let stored = resume::load(dir).unwrap_or_else(|why| {
             tracing::warn!(problem = %why, "ignoring the stored interval");
             None
         });
-        let iv = resume::start_interval(
-            cfg.interval_ms,
-            stored,
+        let start = resume::start_interval(
+            &under,
+            stored.as_ref(),
             cfg.min_interval_ms,
             cfg.max_interval_ms,
         );
-        if iv != cfg.interval_ms {
-            tracing::info!(
-                interval_ms = iv,
+        match (start, &stored) {
+            (resume::Start::Resumed(iv), _) if iv != cfg.interval_ms => {
+                tracing::info!(
+                    interval_ms = iv,
+                    configured_ms = cfg.interval_ms,
+                    "resuming at the interval a monitor last asked for"
+                );
+                cfg.interval_ms = iv;
+            }
+            (resume::Start::Outdated, Some(s)) => tracing::info!(
+                stored_ms = s.ms,
                 configured_ms = cfg.interval_ms,
-                "resuming at the interval a monitor last asked for"
-            );
-            cfg.interval_ms = iv;
+                "not resuming at the interval a monitor last asked for: asked under another \
+                 --monitor list or --interval-ms (a monitor that still wants it asks again)"
+            ),
+            _ => {}
         }
     }
     let saver = args
         .state_dir
         .clone()
-        .map(resume::Saver::start)
+        .map(|dir| resume::Saver::start(dir, under))
         .transpose()?;
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

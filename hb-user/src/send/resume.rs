@@ -15,11 +15,21 @@
 //! at that interval never had the problem; this gives every controller's
 //! nodes the same start.
 //!
-//! The file holds one decimal number of milliseconds. A missing file means
-//! "no monitor asked yet"; a corrupt one is reported and ignored (the
-//! configured interval is used), never a reason not to send heartbeats. A
-//! stored interval outside the sender's bounds (changed since) is clamped
-//! into them.
+//! A request must not outlive what it was made under: the file also
+//! holds the `--monitor` list (as given, sorted) and the `--interval-ms`
+//! of the sender that stored it, and a start with a monitor taken off
+//! that list (the one that asked, perhaps) or another `--interval-ms`
+//! starts at its `--interval-ms` (a monitor that still wants another
+//! interval asks again with its next ACK). Without that, an interval one monitor asked
+//! for held the node there for good, across restarts, after the monitor
+//! was taken off the list and the interval reconfigured.
+//!
+//! The file holds a decimal number of milliseconds, then `monitors=` and
+//! `interval_ms=` lines. A missing file means "no monitor asked yet"; a
+//! corrupt one is reported and ignored (the configured interval is used),
+//! never a reason not to send heartbeats. A file of the number alone
+//! (written by an earlier hb) resumes as it did. A stored interval outside
+//! the sender's bounds (changed since) is clamped into them.
 
 use std::{
     path::{Path, PathBuf},
@@ -33,26 +43,92 @@ use super::generation;
 /// Name of the state file inside `--state-dir`.
 pub const FILE: &str = "interval";
 
-/// The interval stored in `dir`: `Ok(None)` without one, `Err` (the
-/// reason, naming the file) when it is unreadable or not a number.
-pub fn load(dir: &Path) -> Result<Option<u32>, String> {
-    let path = dir.join(FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => match text.trim().parse::<u32>() {
-            Ok(ms) if ms > 0 => Ok(Some(ms)),
-            _ => Err(format!(
-                "state file {} is corrupt (expected a decimal interval in ms)",
-                path.display()
-            )),
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("cannot read state file {}: {e}", path.display())),
+/// What the sender's configuration a stored interval was asked for
+/// under: the `--monitor` list as given (sorted, without repeats) and the
+/// configured `--interval-ms`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Under {
+    pub monitors: Vec<String>,
+    pub interval_ms: u32,
+}
+
+impl Under {
+    pub fn new(monitors: &[String], interval_ms: u32) -> Under {
+        let mut monitors = monitors.to_vec();
+        monitors.sort();
+        monitors.dedup();
+        Under {
+            monitors,
+            interval_ms,
+        }
     }
 }
 
-/// Stores `ms` in `dir` (atomically, like the generation).
-pub fn save(dir: &Path, ms: u32) -> anyhow::Result<()> {
-    generation::write_atomically(&dir.join(FILE), ms)
+/// A stored interval, and what it was asked for under (`None`: a file of
+/// an earlier hb, which did not say).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stored {
+    pub ms: u32,
+    pub under: Option<Under>,
+}
+
+/// The interval stored in `dir`: `Ok(None)` without one, `Err` (the
+/// reason, naming the file) when it is unreadable or malformed.
+pub fn load(dir: &Path) -> Result<Option<Stored>, String> {
+    let path = dir.join(FILE);
+    let corrupt = || {
+        format!(
+            "state file {} is corrupt (expected a decimal interval in ms, then monitors= and \
+             interval_ms= lines)",
+            path.display()
+        )
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => return Err(corrupt()),
+        Err(e) => return Err(format!("cannot read state file {}: {e}", path.display())),
+    };
+    let mut lines = text.lines();
+    let ms = match lines.next().map(|l| l.trim().parse::<u32>()) {
+        Some(Ok(ms)) if ms > 0 => ms,
+        _ => return Err(corrupt()),
+    };
+    let (mut monitors, mut interval_ms) = (None, None);
+    for line in lines.filter(|l| !l.trim().is_empty()) {
+        match line.split_once('=') {
+            Some(("monitors", list)) if monitors.is_none() => {
+                monitors = Some(
+                    list.split_whitespace()
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>(),
+                );
+            }
+            Some(("interval_ms", v)) if interval_ms.is_none() => {
+                interval_ms = Some(v.trim().parse::<u32>().map_err(|_| corrupt())?);
+            }
+            _ => return Err(corrupt()),
+        }
+    }
+    let under = match (monitors, interval_ms) {
+        (None, None) => None,
+        (Some(m), Some(i)) => Some(Under::new(&m, i)),
+        _ => return Err(corrupt()),
+    };
+    Ok(Some(Stored { ms, under }))
+}
+
+/// Stores `ms`, asked for under `under`, in `dir` (atomically, like the
+/// generation).
+pub fn save(dir: &Path, ms: u32, under: &Under) -> anyhow::Result<()> {
+    generation::write_atomically(
+        &dir.join(FILE),
+        format_args!(
+            "{ms}\nmonitors={}\ninterval_ms={}",
+            under.monitors.join(" "),
+            under.interval_ms
+        ),
+    )
 }
 
 /// Stores the intervals monitors ask for from a thread of its own: a save
@@ -67,7 +143,7 @@ pub struct Saver {
 }
 
 impl Saver {
-    pub fn start(dir: PathBuf) -> anyhow::Result<Saver> {
+    pub fn start(dir: PathBuf, under: Under) -> anyhow::Result<Saver> {
         let (tx, rx) = mpsc::channel::<u32>();
         std::thread::Builder::new()
             .name("hb-resume".into())
@@ -76,7 +152,7 @@ impl Saver {
                     while let Ok(newer) = rx.try_recv() {
                         ms = newer;
                     }
-                    if let Err(e) = save(&dir, ms) {
+                    if let Err(e) = save(&dir, ms, &under) {
                         tracing::warn!(error = %format!("{e:#}"), "cannot store the interval");
                     }
                 }
@@ -91,26 +167,61 @@ impl Saver {
     }
 }
 
-/// The interval to start with: the stored one, clamped into the sender's
-/// bounds, or the configured one without a stored value.
-pub fn start_interval(configured: u32, stored: Option<u32>, min: u32, max: u32) -> u32 {
-    stored.map_or(configured, |ms| ms.clamp(min, max))
+/// Where a start resumes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// At the configured interval: nothing stored.
+    Configured,
+    /// At the stored interval, clamped into the sender's bounds.
+    Resumed(u32),
+    /// At the configured interval: the stored one was asked for under
+    /// another `--monitor` list or `--interval-ms`.
+    Outdated,
+}
+
+/// Where a sender configured `now` starts, given what is `stored`.
+pub fn start_interval(now: &Under, stored: Option<&Stored>, min: u32, max: u32) -> Start {
+    match stored {
+        None => Start::Configured,
+        // Monitors added since leave the one that asked on the list.
+        Some(s)
+            if s.under.as_ref().is_some_and(|u| {
+                u.interval_ms != now.interval_ms
+                    || !u.monitors.iter().all(|m| now.monitors.contains(m))
+            }) =>
+        {
+            Start::Outdated
+        }
+        Some(s) => Start::Resumed(s.ms.clamp(min, max)),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn under(monitors: &[&str], interval_ms: u32) -> Under {
+        Under::new(
+            &monitors.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+            interval_ms,
+        )
+    }
+
     #[test]
     fn the_saver_stores_the_newest_interval() {
         let d = tempfile::tempdir().unwrap();
-        let s = Saver::start(d.path().to_path_buf()).unwrap();
+        let u = under(&["198.18.0.1:7420"], 1000);
+        let s = Saver::start(d.path().to_path_buf(), u.clone()).unwrap();
         for ms in 1..=100 {
             s.save(ms);
         }
         drop(s);
+        let want = Ok(Some(Stored {
+            ms: 100,
+            under: Some(u),
+        }));
         let t = std::time::Instant::now();
-        while load(d.path()) != Ok(Some(100)) {
+        while load(d.path()) != want {
             assert!(t.elapsed().as_secs() < 10, "{:?}", load(d.path()));
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
@@ -119,22 +230,78 @@ mod tests {
     #[test]
     fn round_trip_and_start() {
         let d = tempfile::tempdir().unwrap();
+        let u = under(&["b:1", "a:2", "b:1"], 1000);
+        assert_eq!(u.monitors, ["a:2", "b:1"], "sorted, once each");
         assert_eq!(load(d.path()), Ok(None));
-        assert_eq!(start_interval(1000, None, 100, 10_000), 1000);
-        save(d.path(), 4642).unwrap();
-        assert_eq!(load(d.path()), Ok(Some(4642)));
-        assert_eq!(start_interval(1000, Some(4642), 100, 10_000), 4642);
+        assert_eq!(start_interval(&u, None, 100, 10_000), Start::Configured);
+        save(d.path(), 4642, &u).unwrap();
+        let stored = load(d.path()).unwrap().unwrap();
+        assert_eq!(
+            stored,
+            Stored {
+                ms: 4642,
+                under: Some(u.clone())
+            }
+        );
+        let start = |now: &Under, min, max| start_interval(now, Some(&stored), min, max);
+        assert_eq!(start(&u, 100, 10_000), Start::Resumed(4642));
+        // The same list, given in another order.
+        assert_eq!(
+            start(&under(&["b:1", "a:2"], 1000), 100, 10_000),
+            Start::Resumed(4642)
+        );
         // Bounds changed since: clamped into the new ones.
-        assert_eq!(start_interval(1000, Some(4642), 100, 2000), 2000);
-        assert_eq!(start_interval(1000, Some(50), 100, 2000), 100);
+        assert_eq!(start(&u, 100, 2000), Start::Resumed(2000));
+        // A monitor added since: the one that asked is still listed.
+        assert_eq!(
+            start(&under(&["a:2", "b:1", "c:3"], 1000), 100, 10_000),
+            Start::Resumed(4642)
+        );
+        // Asked for under another configuration: a monitor taken off the
+        // list, another --interval-ms.
+        for other in [
+            under(&["a:2"], 1000),
+            under(&["a:2", "c:3"], 1000),
+            under(&["a:2", "b:1"], 5000),
+        ] {
+            assert_eq!(start(&other, 100, 10_000), Start::Outdated, "{other:?}");
+        }
         // Overwritten by the next request.
-        save(d.path(), 500).unwrap();
-        assert_eq!(load(d.path()), Ok(Some(500)));
+        save(d.path(), 500, &u).unwrap();
+        assert_eq!(load(d.path()).unwrap().unwrap().ms, 500);
+    }
+
+    /// A file an earlier hb wrote (the number alone) resumes as it did.
+    #[test]
+    fn an_earlier_file_resumes() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(FILE), "4642\n").unwrap();
+        let stored = load(d.path()).unwrap().unwrap();
+        assert_eq!(
+            stored,
+            Stored {
+                ms: 4642,
+                under: None
+            }
+        );
+        assert_eq!(
+            start_interval(&under(&["x:1"], 1000), Some(&stored), 100, 10_000),
+            Start::Resumed(4642)
+        );
     }
 
     #[test]
     fn corrupt_state_is_reported_by_name() {
-        for junk in [&b""[..], b"abc\n", b"0\n", b"\xff\xfe"] {
+        for junk in [
+            &b""[..],
+            b"abc\n",
+            b"0\n",
+            b"\xff\xfe",
+            b"500\nmonitors=a:1\n",
+            b"500\ninterval_ms=1000\n",
+            b"500\nmonitors=a:1\ninterval_ms=x\n",
+            b"500\nmonitors=a:1\ninterval_ms=1000\nextra=1\n",
+        ] {
             let d = tempfile::tempdir().unwrap();
             std::fs::write(d.path().join(FILE), junk).unwrap();
             let why = load(d.path()).unwrap_err();

@@ -1125,12 +1125,22 @@ impl Sim<'_, '_> {
                 // the interval a monitor last asked for
                 // (`send::resume`); under a fixed interval, that one.
                 let generation = n.sender.config().generation + 1;
-                let iv = resume::start_interval(
-                    self.initial_ms,
-                    n.saved_ms,
+                // (Its configuration never changes here: the stored
+                // interval is never outdated.)
+                let under = resume::Under::new(&[], self.initial_ms);
+                let stored = n.saved_ms.map(|ms| resume::Stored {
+                    ms,
+                    under: Some(under.clone()),
+                });
+                let iv = match resume::start_interval(
+                    &under,
+                    stored.as_ref(),
                     self.cfg.sender_min_ms,
                     self.cfg.sender_max_ms,
-                );
+                ) {
+                    resume::Start::Resumed(ms) => ms,
+                    resume::Start::Configured | resume::Start::Outdated => self.initial_ms,
+                };
                 n.sender = new_sender(self.cfg, n.id, n.key, generation, iv);
                 // Its first heartbeat goes out at once.
                 n.due = t;
