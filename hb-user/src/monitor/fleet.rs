@@ -670,21 +670,21 @@ impl UnknownLog {
 /// otherwise silent on both sides (the node just never joins).
 struct AuthLog {
     window_start: u64,
-    /// The counters at the window's start.
-    last: Option<[u64; 2]>,
+    /// The counters at the window's start: bad_tag, bad_epoch, stale.
+    last: Option<[u64; 3]>,
 }
 
 impl AuthLog {
     /// Every window, the counters read (`None`: unreadable), read only
     /// then.
-    fn check(&mut self, now: u64, counters: impl FnOnce() -> Option<[u64; 2]>) {
+    fn check(&mut self, now: u64, counters: impl FnOnce() -> Option<[u64; 3]>) {
         if now.saturating_sub(self.window_start) < UNKNOWN_LOG_WINDOW_NS {
             return;
         }
         self.window_start = now;
         let Some(c) = counters() else { return };
         if let Some(last) = self.last.replace(c) {
-            let (bad_tag, bad_epoch) = (c[0].saturating_sub(last[0]), c[1].saturating_sub(last[1]));
+            let [bad_tag, bad_epoch, stale] = [0, 1, 2].map(|i| c[i].saturating_sub(last[i]));
             if bad_tag + bad_epoch > 0 {
                 tracing::warn!(
                     bad_tag,
@@ -695,6 +695,20 @@ impl AuthLog {
                      is its bad_tag in /nodes); bad_epoch, a key epoch the keyring does not hold \
                      (hb send --key-epoch), or a node left held by a monitor killed while writing \
                      it (hb_dataplane_stuck_reads_total; released at the next start)"
+                );
+            }
+            if stale > 0 {
+                // Authenticated, so the node's own key: its sender, or
+                // another with its id and key. Said nowhere else, and
+                // the node's state then flaps (`restarted`, `left` while
+                // one of them still runs).
+                tracing::warn!(
+                    stale,
+                    window_s = UNKNOWN_LOG_WINDOW_NS / 1_000_000_000,
+                    "heartbeats of provisioned nodes dropped as stale (of a generation older than \
+                     the node's latest): two senders with one node id (a cloned host, a manual \
+                     run beside the unit; each node's count is its stale in /nodes), or a sender \
+                     whose --state-dir was reset while the monitor remembers a later generation"
                 );
             }
         }
@@ -736,10 +750,8 @@ pub async fn reports(
     };
     let auth_counters = || {
         shared.dp.counters().ok().map(|c| {
-            [
-                c[GateResult::BadTag.index() as usize],
-                c[GateResult::BadEpoch.index() as usize],
-            ]
+            [GateResult::BadTag, GateResult::BadEpoch, GateResult::Stale]
+                .map(|r| c[r.index() as usize])
         })
     };
     let mut every_second = tokio::time::interval(Duration::from_secs(1));
@@ -1014,15 +1026,23 @@ mod tests {
             window_start: 0,
             last: None,
         };
-        auth.check(10 * S, || Some([5, 1])); // the baseline
+        auth.check(10 * S, || Some([5, 1, 7])); // the baseline
         auth.check(15 * S, || unreachable!("within the window: not read"));
-        auth.check(20 * S, || Some([5, 1])); // nothing new
+        auth.check(20 * S, || Some([5, 1, 7])); // nothing new
         auth.check(30 * S, || None); // unreadable
-        auth.check(40 * S, || Some([26, 4]));
+        auth.check(40 * S, || Some([26, 4, 7]));
         let lines = warnings.taken();
         assert_eq!(lines.len(), 1, "{lines:#?}");
         assert_eq!(lines[0].field("bad_tag"), Some("21"));
         assert_eq!(lines[0].field("bad_epoch"), Some("3"));
+        // Stale heartbeats, a line of their own (authenticated: another
+        // cause).
+        auth.check(50 * S, || Some([26, 4, 19]));
+        let lines = warnings.taken();
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert_eq!(lines[1].field("stale"), Some("12"));
+        assert_eq!(lines[1].field("bad_tag"), None);
+        assert!(lines[1].message.contains("two senders with one node id"));
     }
 
     #[test]
