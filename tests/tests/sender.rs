@@ -304,6 +304,12 @@ fn sender_heartbeats_acks_and_leaving() {
         "{log}"
     );
     assert!(log.contains("sent LEAVING heartbeat, exiting"), "{log}");
+    // Which monitor answered, and which never did.
+    assert!(
+        log.contains(&format!("acks_by_monitor={v4}:{PORT}="))
+            && log.contains(&format!("198.18.0.99:{PORT}=0")),
+        "{log}"
+    );
 
     // 6. A restart with the same state directory: a strictly larger
     //    generation, seq from 1 again, at the interval last asked for

@@ -968,6 +968,19 @@ async fn send_loop(
     };
     let (acks, send_errors) = (sender.acks, sender.send_errors);
     let monitors = sender.monitors().len();
+    // Which monitor answered: `addr=acks,...` (a total alone hid a
+    // monitor that never did beside one that did).
+    let acks_by_monitor = sender
+        .monitors()
+        .iter()
+        .map(|m| format!("{}={}", m.addr, m.acks))
+        .collect::<Vec<_>>()
+        .join(",");
+    let acks_by_monitor = if acks_by_monitor.is_empty() {
+        "none".to_owned()
+    } else {
+        acks_by_monitor
+    };
     let unresolved = names.unresolved();
     // One line either way, a warning if the goodbye reached no monitor.
     macro_rules! exit_line {
@@ -980,6 +993,7 @@ async fn send_loop(
                 sent = sender.sent,
                 last_seq = sender.seq(),
                 acks,
+                acks_by_monitor = %acks_by_monitor,
                 send_errors,
                 recv_errors,
                 acks_rejected = %acks_rejected,
