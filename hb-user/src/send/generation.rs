@@ -161,7 +161,12 @@ pub(super) fn write_atomically(path: &Path, value: impl std::fmt::Display) -> an
         }
         Ok(())
     };
-    write().with_context(|| format!("cannot write state file {}", path.display()))
+    write().map_err(|e| {
+        // Not left behind half-written (a full disk): the next write
+        // makes it again.
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::Error::new(e).context(format!("cannot write state file {}", path.display()))
+    })
 }
 
 #[cfg(test)]
@@ -303,6 +308,19 @@ mod tests {
         );
         drop(held);
         lock(&dir).expect("free again once the first one ends");
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_temporary_file() {
+        let d = tempfile::tempdir().unwrap();
+        // A non-empty directory where the file goes: the rename fails,
+        // after the temporary file was written.
+        let path = d.path().join(FILE);
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("x"), "x").unwrap();
+        let e = format!("{:#}", write_atomically(&path, 7).unwrap_err());
+        assert!(e.contains("cannot write state file"), "{e}");
+        assert!(!path.with_extension("tmp").exists());
     }
 
     #[test]
