@@ -375,4 +375,17 @@ fn sender_heartbeats_acks_and_leaving() {
     let status = wait_within(sender.0.as_mut().unwrap(), EXIT_TIMEOUT)
         .expect("still running after SIGHUP, killed");
     assert!(status.success(), "exit {status}");
+
+    // 8. Under the first configuration again: the outdated interval was
+    //    forgotten, not kept for this start (nobody asked for it since).
+    let mut sender = restart(&all);
+    let d = m4.take(1)[0];
+    assert_eq!((d.seq, d.interval_ms), (1, 100));
+    let pid = sender.0.as_ref().unwrap().id() as i32;
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    m4.until(Duration::from_secs(3), |d| d.leaving());
+    let status = wait_within(sender.0.as_mut().unwrap(), EXIT_TIMEOUT)
+        .expect("still running after SIGTERM, killed");
+    assert!(status.success(), "exit {status}");
 }

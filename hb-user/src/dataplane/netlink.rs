@@ -23,17 +23,6 @@ pub enum XdpAttach {
     Other,
 }
 
-impl std::fmt::Display for XdpAttach {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            XdpAttach::None => "none",
-            XdpAttach::Driver => "native",
-            XdpAttach::Skb => "skb",
-            XdpAttach::Other => "offloaded or mixed",
-        })
-    }
-}
-
 /// How XDP is attached to the interface at `ifindex`, in this network
 /// namespace (`RTM_GETLINK`).
 pub fn xdp_attach(ifindex: u32) -> anyhow::Result<XdpAttach> {

@@ -1593,29 +1593,37 @@ impl XdpDataplane {
         let ebpf = self.ebpf.get_mut().unwrap_or_else(|e| e.into_inner());
         let prog = xdp_program(ebpf, names::PROGRAM)?;
 
-        // A link pinned by an earlier run (`--keep-attached`) in the other
+        // A link pinned by an earlier run (`--keep-attached`) in another
         // mode than this run's `--mode` asks for: a link cannot change
-        // mode, nor can the interface have both at once. Detach it and
-        // attach anew (heartbeats in between, a few microseconds' worth,
-        // go to the stack, and count as lost).
+        // mode, nor can the interface have both at once.
+        // - Native, `--mode skb`: skb works on every interface, so detach
+        //   it and attach anew (heartbeats in between go to the stack and
+        //   count as lost; on some NICs attaching or detaching native XDP
+        //   resets the rings, a short break for all their traffic).
+        // - skb, `--mode native`: most often the fallback of a driver
+        //   without native XDP, which a new attach would only take again,
+        //   leaving the gate at every restart: kept, and said.
         if let Some(path) = link_path.as_ref().filter(|p| p.exists()) {
-            let want = match opts.mode {
-                AttachMode::Native => XdpAttach::Driver,
-                AttachMode::Skb => XdpAttach::Skb,
-            };
-            match super::netlink::xdp_attach(ifindex) {
-                Ok(have @ (XdpAttach::Driver | XdpAttach::Skb)) if have != want => {
+            match (super::netlink::xdp_attach(ifindex), opts.mode) {
+                (Ok(XdpAttach::Driver), AttachMode::Skb) => {
                     tracing::info!(
                         interface = ifname,
                         pin = %path.display(),
-                        "the XDP link an earlier run kept is attached in {have} mode, --mode asks for \
-                         {want}: detaching it to attach anew"
+                        "the XDP link an earlier run kept is attached in native mode, --mode asks \
+                         for skb: detaching it to attach anew"
                     );
                     unpin_link(path)?;
                 }
-                Ok(_) => {}
+                (Ok(XdpAttach::Skb), AttachMode::Native) => tracing::info!(
+                    interface = ifname,
+                    pin = %path.display(),
+                    "the XDP link an earlier run kept is attached in skb mode (the fallback of a \
+                     driver without native XDP, or an earlier --mode skb): kept so; to try native \
+                     mode, remove the pin and start again"
+                ),
+                (Ok(_), _) => {}
                 // Not knowing it keeps the link as it is: re-adopted below.
-                Err(e) => tracing::warn!(
+                (Err(e), _) => tracing::warn!(
                     interface = ifname,
                     error = %format!("{e:#}"),
                     "cannot tell the kept XDP link's mode; re-adopting it in whichever it has"
@@ -2155,12 +2163,20 @@ impl Dataplane for XdpDataplane {
                 // left: hooks by the hundred) says nothing, and the next
                 // tick asks again.
                 Err(nix::errno::Errno::ENXIO | nix::errno::Errno::ENODEV) => {
-                    return Err(match nix::net::if_::if_nametoindex(a.ifname.as_str()) {
+                    // Under its last name: renamed, then deleted, it is
+                    // that name another interface may have taken since.
+                    let name = a.name_now.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    let shown = if name == a.ifname {
+                        name.clone()
+                    } else {
+                        format!("{name} (--iface {})", a.ifname)
+                    };
+                    return Err(match nix::net::if_::if_nametoindex(name.as_str()) {
                         Ok(i) if i != a.ifindex => format!(
-                            "interface {} was created again (index {} -> {}) without the gate",
-                            a.ifname, a.ifindex, i
+                            "interface {shown} was created again (index {} -> {i}) without the gate",
+                            a.ifindex
                         ),
-                        _ => format!("interface {} is gone, and the gate with it", a.ifname),
+                        _ => format!("interface {shown} is gone, and the gate with it"),
                     });
                 }
                 Err(e) => {

@@ -706,9 +706,10 @@ impl AuthLog {
                     stale,
                     window_s = UNKNOWN_LOG_WINDOW_NS / 1_000_000_000,
                     "heartbeats of provisioned nodes dropped as stale (of a generation older than \
-                     the node's latest): two senders with one node id (a cloned host, a manual \
-                     run beside the unit; each node's count is its stale in /nodes), or a sender \
-                     whose --state-dir was reset while the monitor remembers a later generation"
+                     the node's latest; each node's count is its stale in /nodes): two senders \
+                     with one node id (a cloned host, a manual run beside the unit), a sender \
+                     without --state-dir whose clock was stepped back, or one whose state \
+                     directory was reset after its generation ran ahead of the clock"
                 );
             }
         }

@@ -147,7 +147,7 @@ fn create_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create state directory {}", dir.display()))
 }
 
-/// Writes `value` as one decimal line to `path`: temporary file, fsync,
+/// Writes `value` and a newline to `path`: temporary file, fsync,
 /// rename, fsync of the directory.
 pub(super) fn write_atomically(path: &Path, value: impl std::fmt::Display) -> anyhow::Result<()> {
     let tmp: PathBuf = path.with_extension("tmp");

@@ -158,6 +158,7 @@ pub enum Target {
 /// heartbeat).
 pub fn parse_monitor(s: &str) -> anyhow::Result<Target> {
     if let Some(a) = scoped_by_name(s)? {
+        let a = canonical(a);
         return match unusable(a) {
             None => Ok(Target::Addr(a)),
             Some(why) => bail!("monitor `{s}`: {why}"),
@@ -200,17 +201,22 @@ pub fn parse_monitor(s: &str) -> anyhow::Result<Target> {
 const PORT_0: &str = "port 0 is no monitor's port";
 
 /// The IPv4 address an IPv4-mapped IPv6 one maps; any other as it is,
-/// with its scope (a link-local monitor's interface), less its flow label.
+/// less its flow label, and less its scope unless it is link-local (the
+/// interface a link-local monitor is on). ACKs are matched to monitors by
+/// address, and the kernel gives a received datagram a scope only where
+/// one is needed: `[2001:db8::7%eth0]`, kept so, rejected every ACK.
 fn canonical(a: SocketAddr) -> SocketAddr {
     match a {
         SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
             Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => SocketAddr::V6(std::net::SocketAddrV6::new(
-                *v6.ip(),
-                v6.port(),
-                0,
-                v6.scope_id(),
-            )),
+            None => {
+                let scope = if v6.ip().is_unicast_link_local() {
+                    v6.scope_id()
+                } else {
+                    0
+                };
+                SocketAddr::V6(std::net::SocketAddrV6::new(*v6.ip(), v6.port(), 0, scope))
+            }
         },
         SocketAddr::V4(_) => a,
     }
@@ -622,12 +628,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 );
                 cfg.interval_ms = iv;
             }
-            (resume::Start::Outdated, Some(s)) => tracing::info!(
-                stored_ms = s.ms,
-                configured_ms = cfg.interval_ms,
-                "not resuming at the interval a monitor last asked for: asked under another \
-                 --monitor list or --interval-ms (a monitor that still wants it asks again)"
-            ),
+            (resume::Start::Outdated, Some(s)) => {
+                tracing::info!(
+                    stored_ms = s.ms,
+                    configured_ms = cfg.interval_ms,
+                    "not resuming at the interval a monitor last asked for: asked under another \
+                     --monitor list or --interval-ms (a monitor that still wants it asks again)"
+                );
+                // Nothing was asked under this configuration: a later
+                // start under the old one must not find it either.
+                if let Err(e) = resume::forget(dir) {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot remove the outdated interval");
+                }
+            }
             _ => {}
         }
     }
@@ -1029,8 +1042,9 @@ fn on_datagram(
     match sender.on_ack(&buf[..n], from, monotonic_ns()) {
         Ok(a) => {
             if let Some((old, new)) = a.interval_change {
-                // `asked_ms` past this sender's bounds is clamped: say
-                // both, or `new_ms` reads as what the monitor asked.
+                // `new_ms` is the fastest request of every monitor,
+                // clamped into this sender's bounds: not necessarily what
+                // this ACK asked (`asked_ms`, 0 for nothing).
                 tracing::info!(monitor = %from, asked_ms = a.asked_ms, old_ms = old, new_ms = new, "monitor asked for a new heartbeat interval");
                 interval_changed(new, next, saver);
             }
@@ -1331,6 +1345,10 @@ mod tests {
         // `lo` is index 1 in every network namespace.
         assert_eq!(scoped("[fe80::1%lo]:7420"), ("fe80::1".into(), 7420, 1));
         assert_eq!(scoped("[fd00::1]:7420"), ("fd00::1".into(), 7420, 0));
+        // Only a link-local address keeps it: ACKs from any other come
+        // without one, and would match no monitor.
+        assert_eq!(scoped("[fd00::1%7]:7420"), ("fd00::1".into(), 7420, 0));
+        assert_eq!(scoped("[fd00::1%lo]:7420"), ("fd00::1".into(), 7420, 0));
         for (bad, want) in [
             (
                 "[fe80::1%hbnosuch0]:7420",

@@ -70,6 +70,9 @@ impl Under {
 pub struct Stored {
     pub ms: u32,
     pub under: Option<Under>,
+    /// The file says more than this hb knows of (a later one wrote it):
+    /// what the request depends on is not all known, so it is outdated.
+    pub unknown: bool,
 }
 
 /// The interval stored in `dir`: `Ok(None)` without one, `Err` (the
@@ -94,7 +97,7 @@ pub fn load(dir: &Path) -> Result<Option<Stored>, String> {
         Some(Ok(ms)) if ms > 0 => ms,
         _ => return Err(corrupt()),
     };
-    let (mut monitors, mut interval_ms) = (None, None);
+    let (mut monitors, mut interval_ms, mut unknown) = (None, None, false);
     for line in lines.filter(|l| !l.trim().is_empty()) {
         match line.split_once('=') {
             Some(("monitors", list)) if monitors.is_none() => {
@@ -107,6 +110,12 @@ pub fn load(dir: &Path) -> Result<Option<Stored>, String> {
             Some(("interval_ms", v)) if interval_ms.is_none() => {
                 interval_ms = Some(v.trim().parse::<u32>().map_err(|_| corrupt())?);
             }
+            Some(("monitors" | "interval_ms", _)) => return Err(corrupt()),
+            Some((key, _))
+                if !key.is_empty() && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') =>
+            {
+                unknown = true;
+            }
             _ => return Err(corrupt()),
         }
     }
@@ -115,7 +124,18 @@ pub fn load(dir: &Path) -> Result<Option<Stored>, String> {
         (Some(m), Some(i)) => Some(Under::new(&m, i)),
         _ => return Err(corrupt()),
     };
-    Ok(Some(Stored { ms, under }))
+    Ok(Some(Stored { ms, under, unknown }))
+}
+
+/// Removes the interval stored in `dir`, if any.
+pub fn forget(dir: &Path) -> anyhow::Result<()> {
+    let path = dir.join(FILE);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("cannot remove state file {}", path.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Stores `ms`, asked for under `under`, in `dir` (atomically, like the
@@ -185,10 +205,11 @@ pub fn start_interval(now: &Under, stored: Option<&Stored>, min: u32, max: u32) 
         None => Start::Configured,
         // Monitors added since leave the one that asked on the list.
         Some(s)
-            if s.under.as_ref().is_some_and(|u| {
-                u.interval_ms != now.interval_ms
-                    || !u.monitors.iter().all(|m| now.monitors.contains(m))
-            }) =>
+            if s.unknown
+                || s.under.as_ref().is_some_and(|u| {
+                    u.interval_ms != now.interval_ms
+                        || !u.monitors.iter().all(|m| now.monitors.contains(m))
+                }) =>
         {
             Start::Outdated
         }
@@ -219,6 +240,7 @@ mod tests {
         let want = Ok(Some(Stored {
             ms: 100,
             under: Some(u),
+            unknown: false,
         }));
         let t = std::time::Instant::now();
         while load(d.path()) != want {
@@ -240,7 +262,8 @@ mod tests {
             stored,
             Stored {
                 ms: 4642,
-                under: Some(u.clone())
+                under: Some(u.clone()),
+                unknown: false,
             }
         );
         let start = |now: &Under, min, max| start_interval(now, Some(&stored), min, max);
@@ -269,6 +292,29 @@ mod tests {
         // Overwritten by the next request.
         save(d.path(), 500, &u).unwrap();
         assert_eq!(load(d.path()).unwrap().unwrap().ms, 500);
+        // Forgotten (an outdated start): nothing stored, for any start.
+        forget(d.path()).unwrap();
+        forget(d.path()).unwrap();
+        assert_eq!(load(d.path()), Ok(None));
+    }
+
+    /// A file a later hb wrote, with more than this one knows of: what
+    /// the request depends on is not all known, so it is outdated.
+    #[test]
+    fn a_later_file_is_outdated() {
+        let d = tempfile::tempdir().unwrap();
+        let u = under(&["a:1"], 1000);
+        std::fs::write(
+            d.path().join(FILE),
+            "4642\nmonitors=a:1\ninterval_ms=1000\nbounds_ms=100-5000\n",
+        )
+        .unwrap();
+        let stored = load(d.path()).unwrap().unwrap();
+        assert!(stored.unknown);
+        assert_eq!(
+            start_interval(&u, Some(&stored), 100, 10_000),
+            Start::Outdated
+        );
     }
 
     /// A file an earlier hb wrote (the number alone) resumes as it did.
@@ -281,7 +327,8 @@ mod tests {
             stored,
             Stored {
                 ms: 4642,
-                under: None
+                under: None,
+                unknown: false,
             }
         );
         assert_eq!(
@@ -300,7 +347,8 @@ mod tests {
             b"500\nmonitors=a:1\n",
             b"500\ninterval_ms=1000\n",
             b"500\nmonitors=a:1\ninterval_ms=x\n",
-            b"500\nmonitors=a:1\ninterval_ms=1000\nextra=1\n",
+            b"500\nmonitors=a:1\nmonitors=a:1\ninterval_ms=1000\n",
+            b"500\nmonitors=a:1\ninterval_ms=1000\nNot A Key\n",
         ] {
             let d = tempfile::tempdir().unwrap();
             std::fs::write(d.path().join(FILE), junk).unwrap();

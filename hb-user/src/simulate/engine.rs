@@ -1131,6 +1131,7 @@ impl Sim<'_, '_> {
                 let stored = n.saved_ms.map(|ms| resume::Stored {
                     ms,
                     under: Some(under.clone()),
+                    unknown: false,
                 });
                 let iv = match resume::start_interval(
                     &under,
