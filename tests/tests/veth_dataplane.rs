@@ -472,6 +472,53 @@ fn a_kept_link_changes_mode_when_asked() {
     log("keep-attached: a kept native link follows --mode skb; a kept skb one stays".into());
 }
 
+/// With `--keep-attached`, the interface renamed while no monitor ran and
+/// another one created under its name: the next start attaches to the new
+/// one, and takes the kept link off the renamed one (no longer listed).
+/// It re-adopted the link there, and took the new one for gated.
+#[test]
+fn a_kept_link_on_a_renamed_interface_is_not_readopted() {
+    const RENAMED: &str = "hbkeptren0";
+    const NEW_PEER: &str = "hbkeptpeer0";
+    let pair = VethPair::new("gkren").unwrap();
+    let pins = PinDir::new("renamed");
+    let opts = XdpOptions {
+        interfaces: vec![IF_A.into()],
+        pin_dir: Some(pins.0.clone()),
+        keep_attached: true,
+        max_nodes: Some(1024),
+        ..XdpOptions::default()
+    };
+    let open = || pair.a.run(|| XdpDataplane::open(&opts)).unwrap().unwrap();
+    let dp = open();
+    dp.upsert_node(9, &keys(4)).unwrap();
+    drop(dp);
+    assert!(has_xdp(&pair.a, IF_A), "kept attached");
+    for args in [
+        &["link", "set", IF_A, "down"][..],
+        &["link", "set", IF_A, "name", RENAMED],
+        &["link", "set", RENAMED, "up"],
+        &[
+            "link", "add", IF_A, "type", "veth", "peer", "name", NEW_PEER,
+        ],
+        &["link", "set", IF_A, "up"],
+        &["link", "set", NEW_PEER, "up"],
+    ] {
+        pair.a.ip(args).unwrap();
+    }
+    assert!(has_xdp(&pair.a, RENAMED) && !has_xdp(&pair.a, IF_A));
+    let mut dp = open();
+    assert!(
+        has_xdp(&pair.a, IF_A),
+        "the interface of that name is gated"
+    );
+    assert!(!has_xdp(&pair.a, RENAMED), "the renamed one is not");
+    assert!(pins.0.join(format!("link_{IF_A}")).exists(), "kept again");
+    dp.detach().unwrap();
+    assert!(!has_xdp(&pair.a, IF_A));
+    log("keep-attached: a kept link left on a renamed interface is detached".into());
+}
+
 /// With `--keep-attached`, an interface deleted and created again while no
 /// monitor ran: the kernel released the pinned link with the old
 /// interface, and the next start removes the stale pin and attaches afresh

@@ -1194,25 +1194,15 @@ unsafe fn bpf_call<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_lo
     }
 }
 
-/// Detaches the XDP link pinned at `pin` and removes the pin. The link is
-/// detached first (`BPF_LINK_DETACH`), so the program is off the
-/// interface when this returns, even if a descriptor of the link is still
-/// open somewhere (removing the pin alone frees the link only with its
-/// last reference, and then a moment later). A link the kernel released
-/// already (its interface went away) detaches as a no-op.
-fn unpin_link(pin: &Path) -> anyhow::Result<()> {
+/// A descriptor of the BPF object pinned at `pin` (`BPF_OBJ_GET`).
+fn open_pinned(pin: &Path) -> anyhow::Result<std::os::fd::OwnedFd> {
     use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
     const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_LINK_DETACH: libc::c_long = 34;
     #[repr(C)]
     struct ObjGet {
         pathname: u64,
         bpf_fd: u32,
         file_flags: u32,
-    }
-    #[repr(C)]
-    struct LinkDetach {
-        link_fd: u32,
     }
     let path = std::ffi::CString::new(pin.as_os_str().as_bytes())
         .with_context(|| format!("{} contains NUL", pin.display()))?;
@@ -1230,7 +1220,71 @@ fn unpin_link(pin: &Path) -> anyhow::Result<()> {
     }
     .with_context(|| format!("cannot open the pinned XDP link {}", pin.display()))?;
     // SAFETY: a descriptor the kernel just gave us, owned from here.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The index of the interface the XDP link pinned at `pin` is attached
+/// to; 0 once the kernel released it (its interface went away).
+fn pinned_link_ifindex(pin: &Path) -> anyhow::Result<u32> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    /// `struct bpf_link_info` up to its `xdp.ifindex` (the union starts
+    /// 8-aligned, at 16): the kernel copies no more than it is given.
+    #[repr(C, align(8))]
+    #[derive(Default)]
+    struct LinkInfo {
+        link_type: u32,
+        id: u32,
+        prog_id: u32,
+        _pad: u32,
+        xdp_ifindex: u32,
+        _rest: u32,
+    }
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    /// `BPF_LINK_TYPE_XDP`.
+    const LINK_TYPE_XDP: u32 = 6;
+    let fd = open_pinned(pin)?;
+    let mut info = LinkInfo::default();
+    // SAFETY: `bpf_attr`'s layout for BPF_OBJ_GET_INFO_BY_FD; the kernel
+    // writes at most `info_len` bytes to `info`, which outlives the call.
+    unsafe {
+        bpf_call(
+            BPF_OBJ_GET_INFO_BY_FD,
+            &InfoByFd {
+                bpf_fd: fd.as_raw_fd() as u32,
+                info_len: size_of::<LinkInfo>() as u32,
+                info: (&raw mut info) as u64,
+            },
+        )
+    }
+    .with_context(|| format!("cannot read the pinned XDP link {}", pin.display()))?;
+    if info.link_type != LINK_TYPE_XDP {
+        bail!(
+            "{} is not an XDP link (link type {})",
+            pin.display(),
+            info.link_type
+        );
+    }
+    Ok(info.xdp_ifindex)
+}
+
+/// Detaches the XDP link pinned at `pin` and removes the pin. The link is
+/// detached first (`BPF_LINK_DETACH`), so the program is off the
+/// interface when this returns, even if a descriptor of the link is still
+/// open somewhere (removing the pin alone frees the link only with its
+/// last reference, and then a moment later). A link the kernel released
+/// already (its interface went away) detaches as a no-op.
+fn unpin_link(pin: &Path) -> anyhow::Result<()> {
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
+    let fd = open_pinned(pin)?;
     // SAFETY: `bpf_attr`'s layout for BPF_LINK_DETACH.
     unsafe {
         bpf_call(
@@ -1592,6 +1646,33 @@ impl XdpDataplane {
             .map(|d| d.join(format!("link_{ifname}")));
         let ebpf = self.ebpf.get_mut().unwrap_or_else(|e| e.into_inner());
         let prog = xdp_program(ebpf, names::PROGRAM)?;
+
+        // A link pinned by an earlier run (`--keep-attached`) for this
+        // name, on another interface: the one it was attached to was
+        // renamed since, and another took the name. Re-adopted, the gate
+        // stayed on the renamed one while the monitor took this one for
+        // gated. (No longer listed, the renamed one goes ungated.)
+        if let Some(path) = link_path.as_ref().filter(|p| p.exists()) {
+            match pinned_link_ifindex(path) {
+                Ok(on) if on != 0 && on != ifindex => {
+                    tracing::warn!(
+                        interface = ifname,
+                        pin = %path.display(),
+                        on_index = on,
+                        "the XDP link an earlier run kept for this interface is on another one \
+                         (renamed since, and this one took its name): detaching it to attach here"
+                    );
+                    unpin_link(path)?;
+                }
+                // On this interface, or released (0: handled below).
+                Ok(_) => {}
+                Err(e) => tracing::warn!(
+                    interface = ifname,
+                    error = %format!("{e:#}"),
+                    "cannot tell which interface the kept XDP link is on; re-adopting it"
+                ),
+            }
+        }
 
         // A link pinned by an earlier run (`--keep-attached`) in another
         // mode than this run's `--mode` asks for: a link cannot change
