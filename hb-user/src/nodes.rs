@@ -1,10 +1,7 @@
 //! `hb nodes`: the running monitor's node table, from its HTTP API
 //! (`GET /nodes`, or `GET /nodes/{id}`), as a table or as JSON.
 
-use std::{
-    net::{SocketAddr, ToSocketAddrs as _},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, bail};
 use http_body_util::{BodyExt as _, Empty};
@@ -48,17 +45,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(s)) => format!("/nodes?state={s}"),
         (None, None) => "/nodes".to_owned(),
     };
-    let addrs = resolve(&args.monitor)?;
     let timeout = Duration::from_millis(args.timeout_ms);
-    let body = rt
-        .block_on(async { tokio::time::timeout(timeout, get_patiently_any(&addrs, &path)).await })
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "the monitor at {} did not answer within {} ms (see --timeout-ms)",
-                args.monitor,
-                args.timeout_ms
-            )
-        })??;
+    // The name lookup too: a resolver that does not answer held the
+    // command for its own timeouts (10 s and more), whatever
+    // `--timeout-ms` said.
+    let answer = rt.block_on(async {
+        tokio::time::timeout(timeout, async {
+            let addrs = resolve(&args.monitor).await?;
+            get_patiently_any(&addrs, &path).await
+        })
+        .await
+    });
+    // A lookup still running on its thread must not hold the exit.
+    rt.shutdown_background();
+    let body = answer.map_err(|_| {
+        anyhow::anyhow!(
+            "the monitor at {} did not answer within {} ms, its name lookup included (see \
+             --timeout-ms)",
+            args.monitor,
+            args.timeout_ms
+        )
+    })??;
     // Checked even for --json: a script must not take another service's
     // answer (or a truncated one) for the node table.
     let rows: Vec<NodeRow> = if args.node_id.is_some() {
@@ -82,10 +89,10 @@ pub struct Busy {
 }
 
 /// `--monitor`'s addresses: a host name resolved (by the system's
-/// resolver), or an address as it is.
-fn resolve(monitor: &str) -> anyhow::Result<Vec<SocketAddr>> {
-    let addrs: Vec<SocketAddr> = monitor
-        .to_socket_addrs()
+/// resolver, on a thread of the runtime's), or an address as it is.
+async fn resolve(monitor: &str) -> anyhow::Result<Vec<SocketAddr>> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(monitor)
+        .await
         .with_context(|| {
             format!("cannot resolve --monitor {monitor} (ADDR:PORT, [IPv6]:PORT or host:port)")
         })?
@@ -295,17 +302,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn monitor_names_are_resolved() {
-        let addrs = resolve("localhost:9420").unwrap();
+    #[tokio::test]
+    async fn monitor_names_are_resolved() {
+        let addrs = resolve("localhost:9420").await.unwrap();
         assert!(
             addrs
                 .iter()
                 .all(|a| a.ip().is_loopback() && a.port() == 9420),
             "{addrs:?}"
         );
-        assert_eq!(resolve("[::1]:80").unwrap(), ["[::1]:80".parse().unwrap()]);
-        let e = resolve("localhost").unwrap_err();
+        assert_eq!(
+            resolve("[::1]:80").await.unwrap(),
+            ["[::1]:80".parse().unwrap()]
+        );
+        let e = resolve("localhost").await.unwrap_err();
         assert!(
             format!("{e:#}").starts_with("cannot resolve --monitor localhost"),
             "{e:#}"

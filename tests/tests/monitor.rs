@@ -597,6 +597,44 @@ fn join(mode: &str) {
     m.stop();
 }
 
+/// `hb nodes --timeout-ms` bounds the monitor's name lookup too: with a
+/// nameserver that never answers (on the namespace's subnet, where no
+/// host has its address), it gives up at the timeout. It waited for the
+/// resolver's own timeouts first (5 s per try here, two tries).
+#[test]
+fn hb_nodes_gives_up_on_a_silent_resolver_at_its_timeout() {
+    let (pair, dir) = setup("mnodesdns", &[1]);
+    let o = pair.addrs.v4[0].octets();
+    let silent = std::net::Ipv4Addr::new(o[0], o[1], o[2], 99);
+    assert!(!pair.addrs.v4.contains(&silent));
+    let resolv = dir.path("resolv.conf");
+    std::fs::write(
+        &resolv,
+        format!("nameserver {silent}\noptions timeout:5 attempts:2\n"),
+    )
+    .unwrap();
+    // Its own mount namespace, for its own resolv.conf.
+    let script = format!(
+        "mount --bind {} /etc/resolv.conf && exec {} nodes --monitor monitor.hb-test:9420 \
+         --timeout-ms 500",
+        resolv.display(),
+        hb_bin().display()
+    );
+    let t = Instant::now();
+    let out = output_within(
+        pair.a.command("unshare").args(["-m", "sh", "-c", &script]),
+        Duration::from_secs(30),
+    );
+    let took = t.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("did not answer within 500 ms, its name lookup included"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(4), "took {took:?}: {err}");
+}
+
 fn crash_is_dead(mode: &str) {
     let (pair, dir) = setup("mcrash", &[1]);
     let m = Monitor::start(&pair, &dir, mode, &["--nodes", "7"]);
