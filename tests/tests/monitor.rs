@@ -1687,10 +1687,10 @@ fn losing_one_of_several_interfaces_stops_the_monitor() {
 }
 
 /// A renamed interface keeps its gate (the kernel detaches it only from
-/// one that goes away): the monitor goes on judging its nodes, says the
-/// next start needs the new name, and detaches from it at the end. It
-/// looked the interface up by name, and stopped for a rename as for a
-/// deletion.
+/// one that goes away): the monitor goes on judging its nodes and says
+/// the next start needs the new name; deleted after, it is named by its
+/// last name. It looked the interface up by name, and stopped for a
+/// rename as for a deletion.
 #[test]
 fn a_renamed_interface_keeps_its_gate() {
     const RENAMED: &str = "hbrenamed0";
@@ -1749,8 +1749,22 @@ fn a_renamed_interface_keeps_its_gate() {
         (200, "ok\n".into()),
         "the gate is where it was"
     );
-    m.stop_with(libc::SIGINT);
-    assert_eq!(xdp_prog_id(&pair.a, RENAMED), None, "detached");
+    // Deleted after the rename: said under its last name.
+    pair.a.ip(&["link", "del", RENAMED]).expect("delete it");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = m.child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "went on: {}", m.stderr());
+        std::thread::sleep(Duration::from_millis(INTERVAL_MS));
+    };
+    assert!(!status.success(), "exit {status}");
+    let err = m.plain_stderr();
+    assert!(
+        err.contains(&format!("interface {RENAMED} (--iface {IF_A}) is gone")),
+        "{err}"
+    );
 }
 
 // ---- userspace mode against native mode, on the same datagrams ----
