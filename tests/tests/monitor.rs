@@ -1380,7 +1380,7 @@ fn bad_input(mode: &str) {
         (
             "more nodes than the capacity",
             vec!["--keyring", &keyring, "--nodes", "1-3", "--capacity", "2"],
-            "more than the capacity of 2 (raise --capacity)",
+            "more than the capacity of 2 (raise --capacity, which a start takes",
         ),
         (
             "capacity out of range",

@@ -499,7 +499,9 @@ impl Settings {
         }
         if nodes.len() > capacity as u64 {
             bail!(
-                "nodes lists {} ids, more than the capacity of {capacity} (raise --capacity)",
+                "nodes lists {} ids, more than the capacity of {capacity} (raise --capacity, \
+                 which a start takes; over pinned maps, only once their pin directory is \
+                 removed: see README, --capacity)",
                 nodes.len()
             );
         }
