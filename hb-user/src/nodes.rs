@@ -45,27 +45,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(s)) => format!("/nodes?state={s}"),
         (None, None) => "/nodes".to_owned(),
     };
-    let timeout = Duration::from_millis(args.timeout_ms);
-    // The name lookup too: a resolver that does not answer held the
-    // command for its own timeouts (10 s and more), whatever
-    // `--timeout-ms` said.
-    let answer = rt.block_on(async {
-        tokio::time::timeout(timeout, async {
-            let addrs = resolve(&args.monitor).await?;
-            get_patiently_any(&addrs, &path).await
-        })
-        .await
-    });
+    let answer = rt.block_on(fetch_within(
+        &args.monitor,
+        &path,
+        Duration::from_millis(args.timeout_ms),
+    ));
     // A lookup still running on its thread must not hold the exit.
     rt.shutdown_background();
-    let body = answer.map_err(|_| {
-        anyhow::anyhow!(
-            "the monitor at {} did not answer within {} ms, its name lookup included (see \
-             --timeout-ms)",
-            args.monitor,
-            args.timeout_ms
-        )
-    })??;
+    let body = answer?;
     // Checked even for --json: a script must not take another service's
     // answer (or a truncated one) for the node table.
     let rows: Vec<NodeRow> = if args.node_id.is_some() {
@@ -77,6 +64,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return crate::output::stdout(&format!("{}\n", String::from_utf8_lossy(&body).trim_end()));
     }
     crate::output::stdout(&table(&rows))
+}
+
+/// `GET path` from the monitor at `monitor` (`host:port`), waiting out a
+/// busy one, all within `timeout`: the name lookup too (a resolver that
+/// does not answer held the command for its own timeouts, 10 s and more,
+/// whatever `--timeout-ms` said).
+pub async fn fetch_within(monitor: &str, path: &str, timeout: Duration) -> anyhow::Result<Bytes> {
+    // The last answer was "busy": the timeout is then not silence.
+    let busy = std::cell::Cell::new(false);
+    let ms = timeout.as_millis();
+    tokio::time::timeout(timeout, async {
+        let addrs = resolve(monitor).await?;
+        get_patiently_any(&addrs, path, &busy).await
+    })
+    .await
+    .map_err(|_| {
+        if busy.get() {
+            anyhow::anyhow!(
+                "the monitor at {monitor} was busy for all of {ms} ms: it serves as many node \
+                 listings at once as it will, and answered 503 to each try (see --timeout-ms)"
+            )
+        } else {
+            anyhow::anyhow!(
+                "the monitor at {monitor} did not answer within {ms} ms, its name lookup \
+                 included (see --timeout-ms)"
+            )
+        }
+    })?
 }
 
 /// The monitor is serving as many node listings as it will at once
@@ -106,13 +121,20 @@ async fn resolve(monitor: &str) -> anyhow::Result<Vec<SocketAddr>> {
 /// [`get`], asking again after the pause a busy monitor names ([`Busy`])
 /// for as long as it is busy: the caller bounds the whole (`--timeout-ms`).
 pub async fn get_patiently(addr: SocketAddr, path: &str) -> anyhow::Result<Bytes> {
-    get_patiently_any(&[addr], path).await
+    get_patiently_any(&[addr], path, &std::cell::Cell::new(false)).await
 }
 
-/// [`get_patiently`] from the first of `addrs` that takes the connection.
-async fn get_patiently_any(addrs: &[SocketAddr], path: &str) -> anyhow::Result<Bytes> {
+/// [`get_patiently`] from the first of `addrs` that takes the connection;
+/// `busy` says whether the last answer was [`Busy`].
+async fn get_patiently_any(
+    addrs: &[SocketAddr],
+    path: &str,
+    busy: &std::cell::Cell<bool>,
+) -> anyhow::Result<Bytes> {
     loop {
-        match get_any(addrs, path).await {
+        let answer = get_any(addrs, path).await;
+        busy.set(matches!(&answer, Err(e) if e.is::<Busy>()));
+        match answer {
             Err(e) => match e.downcast_ref::<Busy>() {
                 Some(b) => {
                     tracing::debug!(retry_after = ?b.retry_after, "{b}");

@@ -976,6 +976,25 @@ mod tests {
         );
     }
 
+    /// A monitor busy for all of `hb nodes`' timeout is said to be busy,
+    /// not silent (it answered 503 to every try).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hb_nodes_says_a_monitor_busy_throughout_is_busy() {
+        let api = Api::new(fleet(100));
+        let _held: Vec<_> = (0..LISTINGS)
+            .map(|_| api.listings.clone().try_acquire_owned().unwrap())
+            .collect();
+        let addr = serve(routes(api.clone())).await;
+        let e =
+            crate::nodes::fetch_within(&addr.to_string(), "/nodes", Duration::from_millis(1500))
+                .await
+                .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("was busy for all of 1500 ms"),
+            "{e:#}"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_listing_stops_when_its_client_goes_away() {
         let shared = fleet(20_000);
