@@ -1587,6 +1587,13 @@ fn native_falls_back_to_skb_where_the_driver_cannot() {
         "{}",
         m.stderr()
     );
+    // The start says what each interface got, not only what was asked.
+    assert!(
+        m.plain_stderr()
+            .contains(&format!("attached={IF_A}=native,{BRIDGE}=skb")),
+        "{}",
+        m.stderr()
+    );
     let beat = Beat::start(vec![Node::new(&pair, 1, 1)]);
     m.wait_event(1, "joined", Duration::from_secs(5));
     drop(beat);

@@ -102,6 +102,12 @@ pub trait Dataplane: Send + Sync {
         MAX_NODES
     }
 
+    /// The interfaces the gate is attached to, and how (`native`, `skb`,
+    /// `kept`): what a start got, which `--mode` only asked for.
+    fn attached(&self) -> Vec<(String, &'static str)> {
+        Vec::new()
+    }
+
     /// Whether the gate still sits where it was attached; why not if it
     /// does not (an interface deleted, or deleted and created again: the
     /// kernel detaches a program from an interface that goes away).

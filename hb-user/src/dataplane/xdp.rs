@@ -850,6 +850,9 @@ struct Attached {
     ifindex: u32,
     /// Its name at the last check: it may be renamed since.
     name_now: Mutex<String>,
+    /// How it is attached: `native`, `skb`, or `kept` (a re-adopted link
+    /// whose mode rtnetlink did not tell).
+    mode: &'static str,
     link: XdpLinkId,
     pin: Option<PathBuf>,
 }
@@ -1674,6 +1677,8 @@ impl XdpDataplane {
             }
         }
 
+        // How a re-adopted link is attached, for the start's log.
+        let mut kept_mode = "kept";
         // A link pinned by an earlier run (`--keep-attached`) in another
         // mode than this run's `--mode` asks for: a link cannot change
         // mode, nor can the interface have both at once.
@@ -1685,7 +1690,13 @@ impl XdpDataplane {
         //   without native XDP, which a new attach would only take again,
         //   leaving the gate at every restart: kept, and said.
         if let Some(path) = link_path.as_ref().filter(|p| p.exists()) {
-            match (super::netlink::xdp_attach(ifindex), opts.mode) {
+            let kept = super::netlink::xdp_attach(ifindex);
+            kept_mode = match kept {
+                Ok(XdpAttach::Driver) => "native",
+                Ok(XdpAttach::Skb) => "skb",
+                _ => "kept",
+            };
+            match (kept, opts.mode) {
                 (Ok(XdpAttach::Driver), AttachMode::Skb) => {
                     tracing::info!(
                         interface = ifname,
@@ -1727,6 +1738,7 @@ impl XdpDataplane {
                         ifname: ifname.to_owned(),
                         ifindex,
                         name_now: Mutex::new(ifname.to_owned()),
+                        mode: kept_mode,
                         link: id,
                         pin: Some(path.clone()),
                     });
@@ -1756,10 +1768,10 @@ impl XdpDataplane {
         }
 
         let pin = link_path.filter(|_| opts.keep_attached);
-        let id = match opts.mode {
-            AttachMode::Skb => attach_mode(prog, ifname, ifindex, XdpMode::Skb)?,
+        let (id, mode) = match opts.mode {
+            AttachMode::Skb => (attach_mode(prog, ifname, ifindex, XdpMode::Skb)?, "skb"),
             AttachMode::Native => match prog.attach_to_if_index(ifindex, XdpMode::Driver) {
-                Ok(id) => id,
+                Ok(id) => (id, "native"),
                 Err(e) if is_busy(&e) => return Err(busy(ifname, e)),
                 Err(e) => {
                     tracing::warn!(
@@ -1767,7 +1779,7 @@ impl XdpDataplane {
                         error = %e,
                         "driver has no native XDP support; falling back to skb (generic) mode, which is slower"
                     );
-                    attach_mode(prog, ifname, ifindex, XdpMode::Skb)?
+                    (attach_mode(prog, ifname, ifindex, XdpMode::Skb)?, "skb")
                 }
             },
         };
@@ -1787,6 +1799,7 @@ impl XdpDataplane {
                     ifname: ifname.to_owned(),
                     ifindex,
                     name_now: Mutex::new(ifname.to_owned()),
+                    mode,
                     link: id,
                     pin: Some(path),
                 });
@@ -1799,6 +1812,7 @@ impl XdpDataplane {
             ifname: ifname.to_owned(),
             ifindex,
             name_now: Mutex::new(ifname.to_owned()),
+            mode,
             link: id,
             pin,
         });
@@ -2218,6 +2232,13 @@ impl Dataplane for XdpDataplane {
         if let Some(u) = self.undo.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             u.keep();
         }
+    }
+
+    fn attached(&self) -> Vec<(String, &'static str)> {
+        self.attached
+            .iter()
+            .map(|a| (a.ifname.clone(), a.mode))
+            .collect()
     }
 
     fn check_attached(&self) -> Result<(), String> {

@@ -385,8 +385,17 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
     }
     // Nothing of the start can fail any more: the pins it made stay.
     dp.started();
+    // What each interface got: `--mode native` falls back to skb where
+    // the driver cannot, and a kept link stays as it was attached.
+    let attached = dp
+        .attached()
+        .iter()
+        .map(|(i, m)| format!("{i}={m}"))
+        .collect::<Vec<_>>()
+        .join(",");
     tracing::info!(
         mode = ?settings.mode,
+        attached = %if attached.is_empty() { "none".to_owned() } else { attached },
         port = settings.port,
         nodes = core.table.nodes(),
         added = summary.added,
