@@ -1213,6 +1213,18 @@ fn monitor_restart(mode: &str) {
         None,
         "without --keep-attached, SIGTERM detaches"
     );
+    if mode != "userspace" {
+        // No capacity asked for: the pinned maps' is taken without a
+        // word (it warned that the default was "asked").
+        let m = Monitor::start(&pair, &dir, mode, &["--nodes", "31-32", "--pin-dir", &pins]);
+        m.wait_stderr("monitor started", Duration::from_secs(5));
+        assert!(
+            !m.plain_stderr().contains("keep their capacity"),
+            "{}",
+            m.stderr()
+        );
+        m.stop();
+    }
     let _ = std::fs::remove_dir_all(&pins);
 }
 

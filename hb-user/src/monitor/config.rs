@@ -311,6 +311,9 @@ pub struct Settings {
     pub pin_dir: PathBuf,
     /// Node slots of fresh XDP maps.
     pub capacity: u32,
+    /// Whether `capacity` was asked for (`--capacity`, the file), not the
+    /// default.
+    pub capacity_asked: bool,
 }
 
 /// How the monitor picks intervals (`--controller` and its options).
@@ -545,6 +548,7 @@ impl Settings {
             )
             .context("cannot resolve pin_dir")?,
             capacity,
+            capacity_asked: a.capacity.or(f.capacity).is_some(),
         })
     }
 }

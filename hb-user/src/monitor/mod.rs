@@ -350,7 +350,9 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
         Mode::Userspace => settings.capacity,
         Mode::Native | Mode::Skb => dp.capacity(),
     };
-    if capacity != settings.capacity {
+    // Only if one was asked for: a start without `--capacity` takes the
+    // pinned maps as they are (it warned of the default, "asked" of no one).
+    if capacity != settings.capacity && settings.capacity_asked {
         tracing::warn!(
             capacity,
             asked = settings.capacity,
