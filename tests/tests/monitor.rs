@@ -1511,6 +1511,22 @@ fn bad_input(mode: &str) {
             "needs root or the capabilities",
         );
     }
+    // Root with CAP_BPF and CAP_NET_ADMIN but not CAP_PERFMON: one line
+    // naming it (the verifier's refusal came with a hundred-line log
+    // saying "prohibited for !root").
+    let mut cmd = pair.a.command("setpriv");
+    cmd.args([
+        "--inh-caps=-all",
+        "--bounding-set=-all,+bpf,+net_admin",
+        "--",
+    ])
+    .arg(hb_bin())
+    .args(xdp_monitor(mode, &keyring));
+    fails_with_one_line(
+        "missing privileges: CAP_PERFMON",
+        &mut cmd,
+        "this process lacks CAP_PERFMON",
+    );
     assert_eq!(xdp_prog_id(&pair.a, IF_A), None, "nothing left attached");
 }
 

@@ -1382,12 +1382,16 @@ pub fn release_kept_links(dir: &Path) -> anyhow::Result<()> {
 
 /// The capabilities XDP cannot do without that an effective capability
 /// set (`CapEff` of `/proc/<pid>/status`, in `status`) lacks: CAP_BPF
-/// (or CAP_SYS_ADMIN, which covers it) to load, CAP_NET_ADMIN to attach.
+/// (or CAP_SYS_ADMIN, which covers it) to load, CAP_PERFMON (or
+/// CAP_SYS_ADMIN) for the pointer arithmetic the gate's verifier needs
+/// (without it, the load failed with a hundred-line verifier log saying
+/// "prohibited for !root"), CAP_NET_ADMIN to attach.
 /// Empty when the set is complete or cannot be read (the kernel has the
 /// last word then).
 pub fn missing_capabilities(status: &str) -> Vec<&'static str> {
     const CAP_NET_ADMIN: u32 = 12;
     const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
     const CAP_BPF: u32 = 39;
     let Some(eff) = status
         .lines()
@@ -1400,6 +1404,9 @@ pub fn missing_capabilities(status: &str) -> Vec<&'static str> {
     let mut missing = Vec::new();
     if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
         missing.push("CAP_BPF");
+    }
+    if !has(CAP_PERFMON) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_PERFMON");
     }
     if !has(CAP_NET_ADMIN) {
         missing.push("CAP_NET_ADMIN");
@@ -2675,7 +2682,7 @@ mod tests {
         // Nothing at all.
         assert_eq!(
             missing_capabilities(&status("0000000000000000")),
-            ["CAP_BPF", "CAP_NET_ADMIN"]
+            ["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"]
         );
         // CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON (the README's unit).
         let unit = (1u64 << 39) | (1 << 12) | (1 << 38);
@@ -2685,7 +2692,14 @@ mod tests {
         assert!(missing_capabilities(&status(&format!("{old:016x}"))).is_empty());
         assert_eq!(
             missing_capabilities(&status(&format!("{:016x}", 1u64 << 39))),
-            ["CAP_NET_ADMIN"]
+            ["CAP_PERFMON", "CAP_NET_ADMIN"]
+        );
+        // CAP_BPF + CAP_NET_ADMIN without CAP_PERFMON: the verifier
+        // refuses the gate's pointer arithmetic.
+        let no_perfmon = (1u64 << 39) | (1 << 12);
+        assert_eq!(
+            missing_capabilities(&status(&format!("{no_perfmon:016x}"))),
+            ["CAP_PERFMON"]
         );
         // Unreadable: no verdict, the kernel decides.
         assert!(missing_capabilities("").is_empty());
