@@ -1421,8 +1421,8 @@ fn check_privileges() -> anyhow::Result<()> {
     let missing = missing_capabilities(&status);
     if !missing.is_empty() {
         bail!(
-            "XDP needs root or the capabilities CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_SYS_RESOURCE, and this process lacks {}: run it as root or grant them (see the README's systemd unit)",
-            missing.join(" and ")
+            "XDP needs the capabilities CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_SYS_RESOURCE (root has them unless its bounding set drops them), and this process lacks {}: grant them (see the README's systemd unit)",
+            missing.join(", ")
         );
     }
     Ok(())

@@ -990,7 +990,7 @@ mod tests {
                 .await
                 .unwrap_err();
         assert!(
-            format!("{e:#}").contains("was busy for all of 1500 ms"),
+            format!("{e:#}").contains("was busy until the end of 1500 ms"),
             "{e:#}"
         );
     }
