@@ -27,7 +27,7 @@ use hb_common::{
 };
 use hb_tests::{
     drive::{EXIT_TIMEOUT, hb_bin, wait_within},
-    netns::VethPair,
+    netns::{IF_A, IF_B, VethPair},
 };
 
 const NODE: u32 = 7;
@@ -388,4 +388,59 @@ fn sender_heartbeats_acks_and_leaving() {
     let status = wait_within(sender.0.as_mut().unwrap(), EXIT_TIMEOUT)
         .expect("still running after SIGTERM, killed");
     assert!(status.success(), "exit {status}");
+}
+
+/// A link-local monitor, named with its interface (`[fe80::..%IF]:P`):
+/// heartbeats leave by that interface, and its ACKs, which come with the
+/// interface's scope, are matched to it (the scope was dropped, and with
+/// it the way out; a global address kept one and matched no ACK).
+#[test]
+fn a_link_local_monitor_gets_heartbeats_and_its_acks_count() {
+    const MONITOR_LL: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0xa, 1);
+    let pair = VethPair::new("isndll").unwrap();
+    pair.a
+        .ip(&["-6", "addr", "add", "fe80::a:1/64", "dev", IF_A, "nodad"])
+        .unwrap();
+    let ifindex_a = pair.a.ifindex(IF_A).unwrap();
+    let secret = [0x5au8; 32];
+    let key = NodeKey::from_bytes(&hb::keys::derive_node_key(&secret, NODE, EPOCH));
+    let sock = pair
+        .a
+        .run(move || {
+            UdpSocket::bind(SocketAddr::V6(std::net::SocketAddrV6::new(
+                MONITOR_LL, PORT, 0, ifindex_a,
+            )))
+        })
+        .unwrap()
+        .expect("bind the link-local monitor");
+    let mut m = FakeMonitor::new(sock, key);
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd = pair.b.command(hb_bin().to_str().unwrap());
+    cmd.args(["send", "--monitor", &format!("[fe80::a:1%{IF_B}]:{PORT}")])
+        .args(["--node-id", &NODE.to_string()])
+        .args(["--key", &hb::keys::to_hex(&key.to_bytes())])
+        .args(["--key-epoch", &EPOCH.to_string(), "--interval-ms", "100"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap());
+    let mut sender = Reaper(Some(cmd.spawn().unwrap()));
+    let dump_log = || std::fs::read_to_string(log.path()).unwrap_or_default();
+    m.take(2);
+    // The monitor asks for 300 ms: the sender adopts it from the ACK.
+    m.dp.set_requested_interval(0, 300);
+    let changed = m.until(Duration::from_secs(3), |d| d.interval_ms == 300);
+    assert!(changed.rtt_us > 0, "RTT from the ACK: {}", dump_log());
+    let pid = sender.0.as_ref().unwrap().id() as i32;
+    // SAFETY: kill(2) of our own child.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    m.until(Duration::from_secs(3), |d| d.leaving());
+    let status = wait_within(sender.0.as_mut().unwrap(), EXIT_TIMEOUT)
+        .expect("still running after SIGTERM, killed");
+    assert!(status.success(), "exit {status}");
+    let ifindex_b = pair.b.ifindex(IF_B).unwrap();
+    assert!(
+        dump_log().contains(&format!("acks_by_monitor=[fe80::a:1%{ifindex_b}]:{PORT}=")),
+        "{}",
+        dump_log()
+    );
 }
