@@ -286,6 +286,36 @@ impl Monitor {
         self.stop_with(libc::SIGTERM);
     }
 
+    /// Sends heartbeats of `node` every `INTERVAL_MS` until its first
+    /// event (`joined`), within 10 s.
+    fn wait_joined(&self, node: &mut Node) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.node_events(node.id).is_empty() {
+            assert!(Instant::now() < deadline, "node {} never joined", node.id);
+            node.send(0);
+            std::thread::sleep(Duration::from_millis(INTERVAL_MS));
+        }
+    }
+
+    /// Waits up to 10 s for the monitor to exit of itself, calling
+    /// `meanwhile` every `INTERVAL_MS`; its exit status.
+    fn exit_within_10s(&mut self, mut meanwhile: impl FnMut()) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the monitor went on: events {:?}\n{}",
+                self.events(),
+                self.stderr()
+            );
+            meanwhile();
+            std::thread::sleep(Duration::from_millis(INTERVAL_MS));
+        }
+    }
+
     /// `sig` (SIGTERM or SIGINT) and wait: a clean exit, 0.
     fn stop_with(mut self, sig: i32) {
         self.signal(sig);
@@ -1640,31 +1670,15 @@ fn the_monitor_stops_when_its_interface_goes_away() {
     let (pair, dir) = setup("mgone", &[1]);
     let mut m = Monitor::start(&pair, &dir, "native", &["--nodes", "1"]);
     let mut node = Node::new(&pair, 1, 1);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while m.node_events(1).is_empty() {
-        assert!(Instant::now() < deadline, "node 1 never joined");
-        node.send(0);
-        std::thread::sleep(Duration::from_millis(INTERVAL_MS));
-    }
+    m.wait_joined(&mut node);
     assert_eq!(http(&pair.a, "/healthz"), (200, "ok\n".into()));
     // Deleting one end of the pair deletes both: node 1 can reach the
     // monitor no more.
     pair.a
         .ip(&["link", "del", IF_A])
         .expect("delete the interface");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(st) = m.child.try_wait().expect("wait") {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the monitor went on without its gate: {:?}",
-            m.node_events(1)
-        );
-        // Long enough for node 1 to be declared dead many times over.
-        std::thread::sleep(Duration::from_millis(INTERVAL_MS));
-    };
+    // Long enough for node 1 to be declared dead many times over.
+    let status = m.exit_within_10s(|| {});
     assert!(!status.success(), "exit {status}");
     let err = m.plain_stderr();
     assert!(
@@ -1688,28 +1702,11 @@ fn losing_one_of_several_interfaces_stops_the_monitor() {
     pair.a.ip(&["link", "set", BRIDGE, "up"]).expect("up");
     let mut m = Monitor::start(&pair, &dir, "skb", &["--nodes", "1", "--iface", BRIDGE]);
     let mut node = Node::new(&pair, 1, 1);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while m.node_events(1).is_empty() {
-        assert!(Instant::now() < deadline, "node 1 never joined");
-        node.send(0);
-        std::thread::sleep(Duration::from_millis(INTERVAL_MS));
-    }
+    m.wait_joined(&mut node);
     pair.a
         .ip(&["link", "del", BRIDGE])
         .expect("delete the bridge");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(st) = m.child.try_wait().expect("wait") {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the monitor went on: {}",
-            m.stderr()
-        );
-        node.send(0);
-        std::thread::sleep(Duration::from_millis(INTERVAL_MS));
-    };
+    let status = m.exit_within_10s(|| node.send(0));
     assert!(!status.success(), "exit {status}");
     let err = m.plain_stderr();
     assert!(
@@ -1719,6 +1716,18 @@ fn losing_one_of_several_interfaces_stops_the_monitor() {
     assert_eq!(m.node_events(1), ["joined"]);
     // The gate on the interface that stays goes with the monitor.
     assert_eq!(xdp_prog_id(&pair.a, IF_A), None, "detached");
+}
+
+/// Renames interface `from` in `ns` to `to` (only a down interface can
+/// be renamed: down, renamed, up again).
+fn rename(ns: &NetNs, from: &str, to: &str) {
+    for args in [
+        &["link", "set", from, "down"][..],
+        &["link", "set", from, "name", to],
+        &["link", "set", to, "up"],
+    ] {
+        ns.ip(args).expect("rename the interface");
+    }
 }
 
 /// A renamed interface keeps its gate (the kernel detaches it only from
@@ -1738,20 +1747,9 @@ fn a_renamed_interface_keeps_its_gate() {
             std::thread::sleep(Duration::from_millis(INTERVAL_MS));
         }
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while m.node_events(1).is_empty() {
-        assert!(Instant::now() < deadline, "node 1 never joined");
-        beat(&mut node, 1);
-    }
+    m.wait_joined(&mut node);
     let gate = xdp_prog_id(&pair.a, IF_A).expect("gate attached");
-    // Only a down interface can be renamed.
-    for args in [
-        &["link", "set", IF_A, "down"][..],
-        &["link", "set", IF_A, "name", RENAMED],
-        &["link", "set", RENAMED, "up"],
-    ] {
-        pair.a.ip(args).expect("rename the interface");
-    }
+    rename(&pair.a, IF_A, RENAMED);
     assert_eq!(xdp_prog_id(&pair.a, RENAMED), Some(gate), "the gate stays");
     m.wait_stderr("interface renamed", Duration::from_secs(5));
     let accepted = || {
@@ -1786,14 +1784,7 @@ fn a_renamed_interface_keeps_its_gate() {
     );
     // Deleted after the rename: said under its last name.
     pair.a.ip(&["link", "del", RENAMED]).expect("delete it");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(st) = m.child.try_wait().expect("wait") {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "went on: {}", m.stderr());
-        std::thread::sleep(Duration::from_millis(INTERVAL_MS));
-    };
+    let status = m.exit_within_10s(|| {});
     assert!(!status.success(), "exit {status}");
     let err = m.plain_stderr();
     assert!(
@@ -1809,13 +1800,7 @@ fn a_renamed_interface_is_detached_at_the_stop() {
     const RENAMED: &str = "hbrenamed1";
     let (pair, dir) = setup("mrenstop", &[1]);
     let m = Monitor::start(&pair, &dir, "native", &["--nodes", "1"]);
-    for args in [
-        &["link", "set", IF_A, "down"][..],
-        &["link", "set", IF_A, "name", RENAMED],
-        &["link", "set", RENAMED, "up"],
-    ] {
-        pair.a.ip(args).expect("rename the interface");
-    }
+    rename(&pair.a, IF_A, RENAMED);
     assert!(xdp_prog_id(&pair.a, RENAMED).is_some(), "the gate stays");
     m.wait_stderr("interface renamed", Duration::from_secs(5));
     m.stop_with(libc::SIGINT);

@@ -142,6 +142,20 @@ impl FakeMonitor {
 /// Kills the sender if a test fails half-way.
 struct Reaper(Option<Child>);
 
+impl Reaper {
+    /// Sends `sig` to the sender: one LEAVING heartbeat reaches `m`, and
+    /// it exits 0.
+    fn leaves_on(&mut self, sig: i32, m: &mut FakeMonitor) {
+        let child = self.0.as_mut().expect("a sender");
+        // SAFETY: kill(2) of our own child.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+        m.until(Duration::from_secs(3), |d| d.leaving());
+        let status = wait_within(child, EXIT_TIMEOUT)
+            .unwrap_or_else(|| panic!("still running after signal {sig}, killed"));
+        assert!(status.success(), "exit {status}");
+    }
+}
+
 impl Drop for Reaper {
     fn drop(&mut self) {
         if let Some(c) = self.0.as_mut() {
@@ -353,13 +367,7 @@ fn sender_heartbeats_acks_and_leaving() {
     );
     assert_eq!(d.seq, 1);
     assert_eq!(d.interval_ms, 150, "resumed at the last request");
-    let pid = sender.0.as_ref().unwrap().id() as i32;
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGINT) };
-    m4.until(Duration::from_secs(3), |d| d.leaving());
-    let status = wait_within(sender.0.as_mut().unwrap(), EXIT_TIMEOUT)
-        .expect("still running after SIGINT, killed");
-    assert!(status.success(), "exit {status}");
+    sender.leaves_on(libc::SIGINT, &mut m4);
 
     // 7. Without the monitors that may have asked (the v6 one, the dead
     //    one), the stored interval no longer stands: `--interval-ms`.
@@ -368,26 +376,14 @@ fn sender_heartbeats_acks_and_leaving() {
     let mut sender = restart(&all[..1]);
     let d = m4.take(1)[0];
     assert_eq!((d.seq, d.interval_ms), (1, 100));
-    let pid = sender.0.as_ref().unwrap().id() as i32;
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGHUP) };
-    m4.until(Duration::from_secs(3), |d| d.leaving());
-    let status = wait_within(sender.0.as_mut().unwrap(), EXIT_TIMEOUT)
-        .expect("still running after SIGHUP, killed");
-    assert!(status.success(), "exit {status}");
+    sender.leaves_on(libc::SIGHUP, &mut m4);
 
     // 8. Under the first configuration again: the outdated interval was
     //    forgotten, not kept for this start (nobody asked for it since).
     let mut sender = restart(&all);
     let d = m4.take(1)[0];
     assert_eq!((d.seq, d.interval_ms), (1, 100));
-    let pid = sender.0.as_ref().unwrap().id() as i32;
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    m4.until(Duration::from_secs(3), |d| d.leaving());
-    let status = wait_within(sender.0.as_mut().unwrap(), EXIT_TIMEOUT)
-        .expect("still running after SIGTERM, killed");
-    assert!(status.success(), "exit {status}");
+    sender.leaves_on(libc::SIGTERM, &mut m4);
 }
 
 /// A link-local monitor, named with its interface (`[fe80::..%IF]:P`):
@@ -430,13 +426,7 @@ fn a_link_local_monitor_gets_heartbeats_and_its_acks_count() {
     m.dp.set_requested_interval(0, 300);
     let changed = m.until(Duration::from_secs(3), |d| d.interval_ms == 300);
     assert!(changed.rtt_us > 0, "RTT from the ACK: {}", dump_log());
-    let pid = sender.0.as_ref().unwrap().id() as i32;
-    // SAFETY: kill(2) of our own child.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    m.until(Duration::from_secs(3), |d| d.leaving());
-    let status = wait_within(sender.0.as_mut().unwrap(), EXIT_TIMEOUT)
-        .expect("still running after SIGTERM, killed");
-    assert!(status.success(), "exit {status}");
+    sender.leaves_on(libc::SIGTERM, &mut m);
     let ifindex_b = pair.b.ifindex(IF_B).unwrap();
     assert!(
         dump_log().contains(&format!("acks_by_monitor=[fe80::a:1%{ifindex_b}]:{PORT}=")),

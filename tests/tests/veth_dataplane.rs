@@ -414,14 +414,11 @@ fn a_kept_link_changes_mode_when_asked() {
         // XDP_ATTACHED_DRV = 1, XDP_ATTACHED_SKB = 2.
         links[0]["xdp"]["mode"].as_u64()
     };
+    let if_a = IF_A.to_string();
     let open = |mode: AttachMode| {
         let opts = XdpOptions {
-            interfaces: vec![IF_A.into()],
-            pin_dir: Some(pins.0.clone()),
-            keep_attached: true,
-            max_nodes: Some(1024),
             mode,
-            ..XdpOptions::default()
+            ..kept(&[&if_a], &pins)
         };
         pair.a.run(|| XdpDataplane::open(&opts)).unwrap().unwrap()
     };
@@ -482,13 +479,7 @@ fn a_kept_link_on_a_renamed_interface_is_not_readopted() {
     const NEW_PEER: &str = "hbkeptpeer0";
     let pair = VethPair::new("gkren").unwrap();
     let pins = PinDir::new("renamed");
-    let opts = XdpOptions {
-        interfaces: vec![IF_A.into()],
-        pin_dir: Some(pins.0.clone()),
-        keep_attached: true,
-        max_nodes: Some(1024),
-        ..XdpOptions::default()
-    };
+    let opts = kept(&[&IF_A.to_string()], &pins);
     let open = || pair.a.run(|| XdpDataplane::open(&opts)).unwrap().unwrap();
     let dp = open();
     dp.upsert_node(9, &keys(4)).unwrap();
