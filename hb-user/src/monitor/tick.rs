@@ -722,35 +722,38 @@ struct Change {
 
 /// Records written unconfirmed whose events are published: the newest of
 /// each slot (a later change replaces it), indexed by slot (slots are
-/// dense: no hashing at a million nodes), and their positions in the
-/// order they were published, for [`Core::confirm`] to take those settled
-/// from the front. Superseded positions stay in `order` until then, or
-/// until it is compacted, so it stays within twice the slots held.
+/// dense: no hashing at a million nodes), and every change in the order
+/// it was published, for [`Core::confirm`] to take those settled from the
+/// front. A superseded change stays in `order` until then: if its line is
+/// written, it is the node's last status announced, which the newer
+/// record must carry as its last confirmed one. `order` is compacted to
+/// the newest change of each slot held when it passes twice their number
+/// (a writer hung for long while nodes flap), and the slots whose older
+/// changes that drops are marked ([`Published::history_lost`]).
 #[derive(Default)]
 struct Unconfirmed {
     /// Grown to the table's length as slots are published.
     by_slot: Vec<Option<Published>>,
     /// How many of `by_slot` are `Some`.
     held: usize,
-    order: VecDeque<(u64, u32)>,
+    order: VecDeque<(u32, Published)>,
 }
 
+/// A change published (the slot is where it is kept). 16 bytes: `by_slot`
+/// has one per node.
 #[derive(Clone, Copy, Debug)]
 struct Published {
     node_id: u32,
     status: Status,
+    /// Changes of the slot before this one were dropped from `order`
+    /// unsettled (compaction): which of them had its line written is not
+    /// known, so neither is the node's last status announced.
+    history_lost: bool,
     /// The event's position (`EventSink::publish`).
     pos: u64,
 }
 
-impl Unconfirmed {
-    /// Whether `slot`'s newest record is the one published at `pos`.
-    fn is_current(&self, slot: u32, pos: u64) -> bool {
-        self.by_slot
-            .get(slot as usize)
-            .is_some_and(|p| p.is_some_and(|p| p.pos == pos))
-    }
-}
+const _: () = assert!(std::mem::size_of::<Option<Published>>() == 16);
 
 impl Core {
     /// The events of the last [`Core::tick`] were published, the first at
@@ -767,21 +770,37 @@ impl Core {
             if i >= u.by_slot.len() {
                 u.by_slot.resize(len.max(i + 1), None);
             }
-            let pos = base + c.event as u64 + 1;
-            let p = Published {
+            let mut p = Published {
                 node_id: c.node_id,
                 status: c.status,
-                pos,
+                pos: base + c.event as u64 + 1,
+                history_lost: false,
             };
-            if u.by_slot[i].replace(p).is_none() {
-                u.held += 1;
+            match u.by_slot[i].replace(p) {
+                None => u.held += 1,
+                // The same node's unsettled history goes on.
+                Some(old) if old.node_id == c.node_id && old.history_lost => {
+                    p.history_lost = true;
+                    u.by_slot[i] = Some(p);
+                }
+                Some(_) => {}
             }
-            u.order.push_back((pos, c.slot));
+            u.order.push_back((c.slot, p));
         }
         if u.order.len() > 2 * u.held + 64 {
-            let by_slot = &u.by_slot;
-            u.order
-                .retain(|&(pos, slot)| by_slot[slot as usize].is_some_and(|p| p.pos == pos));
+            let by_slot = &mut u.by_slot;
+            u.order.retain(|(slot, q)| {
+                let Some(Some(cur)) = by_slot.get_mut(*slot as usize) else {
+                    return false;
+                };
+                if cur.pos == q.pos {
+                    return true;
+                }
+                if cur.node_id == q.node_id {
+                    cur.history_lost = true;
+                }
+                false
+            });
         }
     }
 
@@ -795,33 +814,75 @@ impl Core {
     /// in `settled.not_written` (dropped from a full backlog, or no events
     /// destination) is forgotten, its record left unconfirmed: the next
     /// monitor starts from the status confirmed before it and announces
-    /// that change again. Returns how many it confirmed.
+    /// that change again.
+    ///
+    /// A change superseded before its line was written (the node changed
+    /// again on the next tick, or while the writer was behind) confirms
+    /// nothing of its own, but its line, once written, is the node's last
+    /// status announced: the newer record still unconfirmed is rewritten
+    /// to carry it as its last confirmed status, so that if the newer
+    /// line is then lost the next monitor starts from what the events
+    /// said last (a `dead` written, then `alive` and `dead` again with
+    /// only `alive` written: the second `dead` is announced again, where
+    /// carrying the first `dead` made it adopt `dead` silently). Where
+    /// compaction lost that history and the newest line is not written
+    /// either, the record carries no last confirmed status: the next
+    /// monitor adopts the node as it does one recorded by an hb that kept
+    /// none (alive or left, then judged afresh). Returns how many it
+    /// confirmed.
     pub fn confirm(&mut self, dp: &dyn Dataplane, settled: impl Into<Settled>) -> usize {
         let settled = settled.into();
         let (u, table) = (&mut self.unconfirmed, &self.table);
         let mut not_written = settled.not_written.iter().peekable();
         let mut confirmed = 0;
-        while let Some(&(pos, slot)) = u.order.front()
-            && pos <= settled.upto
+        while let Some(&(slot, q)) = u.order.front()
+            && q.pos <= settled.upto
         {
             u.order.pop_front();
-            if !u.is_current(slot, pos) {
-                continue; // superseded by a later change of the slot
-            }
+            // Both ascending: the ranges before `pos` are behind.
+            while not_written.next_if(|r| r.end <= q.pos).is_some() {}
+            let written = !not_written.peek().is_some_and(|r| r.contains(&q.pos));
             let i = slot as usize;
-            let Some(p) = u.by_slot[i].take() else {
+            // The record in the dataplane is the slot's newest change's
+            // while the table still holds that node in that status.
+            let in_force = |p: &Published| {
+                table.node_id.get(i) == Some(&p.node_id) && table.track[i].status == p.status
+            };
+            let Some(cur) = u.by_slot.get_mut(i).and_then(|c| c.as_mut()) else {
                 continue;
             };
-            u.held -= 1;
-            // Both ascending: the ranges before `pos` are behind.
-            while not_written.next_if(|r| r.end <= pos).is_some() {}
-            if not_written.peek().is_some_and(|r| r.contains(&pos)) {
-                continue; // never written: stays unconfirmed
+            if cur.pos != q.pos {
+                // Superseded by a later change of the slot.
+                if written && cur.node_id == q.node_id && in_force(cur) {
+                    // Every line before this one is settled: this is the
+                    // node's last status announced, exactly.
+                    cur.history_lost = false;
+                    dp.set_monitor_status(
+                        slot,
+                        cur.status.unconfirmed_code(q.status),
+                        table.since_ns[i],
+                    );
+                }
+                continue;
             }
-            if table.node_id.get(i) == Some(&p.node_id) && table.track[i].status == p.status {
+            let p = *cur;
+            u.by_slot[i] = None;
+            u.held -= 1;
+            if !in_force(&p) {
+                continue;
+            }
+            if written {
                 dp.set_monitor_status(slot, p.status.code(), table.since_ns[i]);
                 confirmed += 1;
+            } else if p.history_lost {
+                dp.set_monitor_status(
+                    slot,
+                    p.status.unconfirmed_code(Status::Unknown),
+                    table.since_ns[i],
+                );
             }
+            // Otherwise never written: the record stays unconfirmed with
+            // the last status announced before it.
         }
         if u.held == 0 && u.order.capacity() > 1024 {
             // A partition's worth is not kept for the next one (`by_slot`
@@ -1862,12 +1923,12 @@ mod tests {
         );
         assert_eq!(r.core.unconfirmed(), 2, "one record a node");
         // The `dead` is written: the record is `alive` now, and stays
-        // unconfirmed.
+        // unconfirmed, carrying the `dead` as the last status announced.
         assert_eq!(r.core.confirm(&r.dp, held + 1), 0);
         assert_eq!(
             r.recorded(2),
-            Status::Alive.unconfirmed_code(Status::Suspect),
-            "the last confirmed carried over"
+            Status::Alive.unconfirmed_code(Status::Dead),
+            "the superseded change's line is the last announced"
         );
         // Node 4 is removed before its `left` is written.
         let slot4 = r.core.table.remove(4).unwrap();
@@ -1880,6 +1941,132 @@ mod tests {
             rec4 = Some((st.monitor_status, st.monitor_status_since_ns));
         });
         assert_eq!(rec4, Some((0, 0)), "nothing written for a node removed");
+    }
+
+    /// A node dead (confirmed) that comes back and dies again while the
+    /// writer is behind: `alive`, `suspect` and `dead` are published on
+    /// later ticks, each superseding the one before. Once the `alive` and
+    /// `suspect` lines are written, `suspect` is the events' last word
+    /// for the node, and the `dead` record carries it: if the `dead` line
+    /// is then lost (dropped from a full backlog, or still held when the
+    /// monitor dies), the next monitor announces `dead` again. Carrying
+    /// the first `dead` (confirmed before them) made it adopt `dead`
+    /// silently.
+    #[test]
+    fn a_superseded_change_whose_line_is_written_is_the_last_announced() {
+        for dropped in [false, true] {
+            let mut r = Rig::new(&[1], Box::new(FixedPolicy::none()));
+            let seq = r.steady(1, 100, 100, 2000);
+            let mut t = 2000;
+            while r.status(1) != Status::Dead {
+                t += 50;
+                r.tick(t);
+                assert!(t < 6000);
+            }
+            assert_eq!(r.recorded(1), Status::Dead.code(), "dead, confirmed");
+            t += 50;
+            r.beat(1, seq, 100, t);
+            assert_eq!(r.tick_to(t, Fate::Held), [(1, EventKind::Alive)]);
+            let mut dead_at = 0;
+            while r.status(1) != Status::Dead {
+                t += 50;
+                if r.tick_to(t, Fate::Held) == [(1, EventKind::Dead)] {
+                    dead_at = r.published;
+                }
+                assert!(t < 9000);
+            }
+            let kinds: Vec<_> = r.events.iter().rev().take(3).map(|e| e.event).collect();
+            assert_eq!(
+                kinds,
+                [EventKind::Dead, EventKind::Suspect, EventKind::Alive]
+            );
+            let settled = if dropped {
+                Settled {
+                    upto: dead_at,
+                    not_written: std::iter::once(dead_at..dead_at + 1).collect(),
+                }
+            } else {
+                Settled::from(dead_at - 1)
+            };
+            assert_eq!(r.core.confirm(&r.dp, settled), 0, "dropped={dropped}");
+            assert_eq!(
+                r.recorded(1),
+                Status::Dead.unconfirmed_code(Status::Suspect),
+                "dropped={dropped}"
+            );
+            let start = t + 300;
+            r.restart(start);
+            let again: Vec<_> = (start..start + 3000)
+                .step_by(50)
+                .flat_map(|t| r.tick(t))
+                .collect();
+            assert_eq!(again, [(1, EventKind::Dead)], "dropped={dropped}");
+        }
+    }
+
+    /// A writer behind for long while a node flaps: the changes waiting
+    /// are compacted to the newest, and which of the dropped ones had its
+    /// line written is not known. If every line since is lost too, the
+    /// record carries no last status announced, and the next monitor
+    /// judges the node afresh (as one recorded by an hb that kept none):
+    /// dead, it is announced dead. Carrying the `dead` confirmed before
+    /// the flaps made it adopt `dead` silently, where the events' last
+    /// word was `left` or `alive`.
+    #[test]
+    fn a_node_flapping_while_the_writer_is_behind_is_judged_afresh() {
+        let mut r = Rig::new(&[1], Box::new(FixedPolicy::none()));
+        let mut seq = r.steady(1, 100, 100, 2000);
+        let mut t = 2000;
+        while r.status(1) != Status::Dead {
+            t += 50;
+            r.tick(t);
+            assert!(t < 6000);
+        }
+        assert_eq!(r.recorded(1), Status::Dead.code());
+        let first = r.published + 1;
+        // Back and gone (LEAVING) 40 times, then back and silent: 82
+        // changes of one node, none written.
+        for _ in 0..40 {
+            t += 100;
+            r.beat(1, seq, 100, t);
+            assert_eq!(r.tick_to(t, Fate::Held), [(1, EventKind::Alive)]);
+            t += 100;
+            r.leave(1, seq + 1, t);
+            assert_eq!(r.tick_to(t, Fate::Held), [(1, EventKind::Left)]);
+            seq += 2;
+        }
+        t += 100;
+        r.beat(1, seq, 100, t);
+        assert_eq!(r.tick_to(t, Fate::Held), [(1, EventKind::Alive)]);
+        while r.status(1) != Status::Dead {
+            t += 50;
+            r.tick_to(t, Fate::Held);
+            assert!(t < 30_000);
+        }
+        let order = &r.core.unconfirmed.order;
+        let kept_from = order.front().unwrap().1.pos;
+        assert!(
+            kept_from > first && order.len() <= 2 + 64,
+            "compacted: {} changes from {kept_from}, the first at {first}",
+            order.len()
+        );
+        // The lines before `kept_from` written, the rest dropped.
+        let settled = Settled {
+            upto: r.published,
+            not_written: std::iter::once(kept_from..r.published + 1).collect(),
+        };
+        assert_eq!(r.core.confirm(&r.dp, settled), 0);
+        assert_eq!(
+            r.recorded(1),
+            Status::Dead.unconfirmed_code(Status::Unknown)
+        );
+        let start = t + 300;
+        r.restart(start);
+        let again: Vec<_> = (start..start + 3000)
+            .step_by(50)
+            .flat_map(|t| r.tick(t))
+            .collect();
+        assert_eq!(again.last(), Some(&(1, EventKind::Dead)), "{again:?}");
     }
 
     /// With `--keep-attached` the gate goes on while no monitor runs: a
