@@ -427,7 +427,11 @@ impl Core {
     ///   them, and the policy replaces them by its own decisions. A
     ///   learning controller goes on from the interval each node runs at,
     ///   as after any restart of the monitor, instead of moving every
-    ///   node to its start level at once.
+    ///   node to its start level at once. A node that the gate's ACKs
+    ///   were just telling to slow down (its run of change ACKs for that
+    ///   request is at its first few heartbeats) keeps the allowance
+    ///   [`slowing`] gives it, from when the run began: its announcing
+    ///   heartbeat may be the one lost.
     /// - One that makes none (`off`) withdraws them (0: ACKs then echo the
     ///   sender's own interval), or the gate would keep putting an earlier
     ///   policy's request in its ACKs.
@@ -438,6 +442,9 @@ impl Core {
                 let i = slot as usize;
                 if t.node_id[i] != 0 {
                     t.requested_ms[i] = st.requested_interval_ms;
+                    if t.decided_ns[i] == 0 {
+                        t.decided_ns[i] = slowing_since(st);
+                    }
                 }
             });
             return;
@@ -982,6 +989,28 @@ impl Core {
     }
 }
 
+/// Heartbeats after a request to slow down during which [`slowing`]
+/// spares a node.
+const SLOWING_HEARTBEATS: u64 = 3;
+
+/// When the request a node is being told to slow down to was made, at
+/// the latest, as the gate's run of change ACKs tells it (for a monitor
+/// that did not make it: one restarted over the pinned maps): the arrival
+/// of the run's first heartbeat, if the run is still within
+/// [`SLOWING_HEARTBEATS`] of them. 0 if it is not in such a run.
+fn slowing_since(st: &NodeState) -> u64 {
+    let k = u64::from(st.change_heartbeats);
+    let run = st.requested_interval_ms > st.interval_ms
+        && st.change_requested_ms == st.requested_interval_ms
+        && st.change_reported_ms == st.interval_ms
+        && (1..=SLOWING_HEARTBEATS).contains(&k);
+    if !run {
+        return 0;
+    }
+    let back = (k - 1) * u64::from(st.interval_ms) * 1_000_000;
+    st.last_arrival_ns.saturating_sub(back).max(1)
+}
+
 /// Whether a node may have been told to slow down to `requested_ms` (a
 /// request written at `decided_ns`) without having announced it yet: its
 /// last heartbeat came after the request, so the gate answered it with an
@@ -990,11 +1019,10 @@ impl Core {
 /// request, e.g. its own bounds keep it, and is judged by its rhythm).
 #[inline]
 fn slowing(st: &NodeLive, requested_ms: u32, decided_ns: u64) -> bool {
-    const HEARTBEATS: u64 = 3;
     requested_ms > st.interval_ms
         && decided_ns != 0
         && st.last_arrival_ns >= decided_ns
-        && st.last_arrival_ns - decided_ns <= HEARTBEATS * st.interval_ms as u64 * 1_000_000
+        && st.last_arrival_ns - decided_ns <= SLOWING_HEARTBEATS * st.interval_ms as u64 * 1_000_000
 }
 
 /// The nodes due for a decision on one tick.
@@ -2480,6 +2508,79 @@ mod tests {
         let _ = seq;
         let dead_at = dead_at.expect("dead");
         assert!((13_000..14_000).contains(&dead_at), "{dead_at}");
+    }
+
+    /// A monitor restarted over the pinned maps right after its
+    /// predecessor asked a node to slow down, before the node announced
+    /// the new interval: the request is taken over with the allowance,
+    /// from when the gate's ACKs began to carry it, so the announcing
+    /// heartbeat may be lost there too. One whose ACK run is past its
+    /// first few heartbeats (it does not follow) gets none.
+    #[test]
+    fn a_restart_keeps_the_allowance_of_a_node_slowing_down() {
+        for follows in [true, false] {
+            let mut r = Rig::new(&[1], Box::new(FixedPolicy::none()));
+            // As the monitor configures the gate under a policy that
+            // makes requests.
+            r.dp.set_config(&hb_common::maps::Config {
+                ack_on_change: 1,
+                ..hb_common::maps::Config::default()
+            })
+            .unwrap();
+            let mut seq = r.steady(1, 1000, 1000, 5000);
+            r.core
+                .set_policy(Box::new(FixedPolicy::fixed(10_000)), 1000, &r.dp);
+            assert_eq!(r.tick(5100), vec![]);
+            // Answered with an ACK carrying the request; a node that does
+            // not follow goes on at 1 s for five more.
+            let last = if follows { 6000 } else { 10_000 };
+            for t in (6000..=last).step_by(1000) {
+                r.beat(1, seq, 1000, t);
+                seq += 1;
+                assert_eq!(r.tick(t), vec![]);
+            }
+            let restart = last + 500;
+            let nodes: Vec<(u32, u32)> = r.core.table.ids().collect();
+            r.core = Core::new(
+                Detector::new(Thresholds::default(), PhiParams::default()),
+                Box::new(FixedPolicy::fixed(10_000)),
+                1000,
+            );
+            for (id, slot) in nodes {
+                r.core
+                    .table
+                    .insert_at(id, slot, Origin::Adopted, Track::default(), restart * MS)
+                    .unwrap();
+            }
+            r.core.adopt(&r.dp, restart * MS);
+            r.core.reconcile_requests(&r.dp);
+            let (req, decided) = r.core.table.decision(0);
+            assert_eq!(req, 10_000);
+            assert_eq!(
+                decided,
+                if follows { 6000 * MS } else { 0 },
+                "follows={follows}"
+            );
+            // The heartbeat announcing 10 s (1 s after the last) is lost;
+            // the next comes 10 s after it, from a node that follows.
+            let mut seen = Vec::new();
+            let mut t = restart;
+            while t <= last + 11_000 {
+                if follows && t == last + 11_000 {
+                    r.beat(1, seq + 1, 10_000, t);
+                }
+                seen.extend(r.tick(t).into_iter().map(|e| (t, e.1)));
+                t += 100;
+            }
+            let dead = seen.iter().find(|e| e.1 == EventKind::Dead);
+            if follows {
+                assert_eq!(dead, None, "{seen:?}");
+            } else {
+                // Judged by its 1 s rhythm: dead a few seconds after it.
+                let at = dead.expect("dead").0;
+                assert!((last + 3000..last + 4000).contains(&at), "{seen:?}");
+            }
+        }
     }
 
     #[test]
