@@ -123,9 +123,10 @@ pub struct Opts {
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
     /// Answer accepted heartbeats with ACKs (every `--ack-every`-th, and
-    /// whenever the requested interval differs from the node's).
-    #[arg(long)]
-    pub ack: bool,
+    /// whenever the requested interval differs from the node's);
+    /// `--ack=false` overrides the file's `ack` and `ack_every`.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub ack: Option<bool>,
     /// ACK every N-th accepted heartbeat of a node, N >= 1 (implies --ack)
     /// [default: 1].
     #[arg(long, value_name = "N")]
@@ -225,13 +226,15 @@ pub struct Opts {
     /// The interval cap of `--critical` nodes, ms.
     #[arg(long, value_name = "MS")]
     pub controller_max_interval_ms: Option<u32>,
-    /// Leave the XDP program attached on exit (state keeps being gathered).
-    #[arg(long)]
-    pub keep_attached: bool,
+    /// Leave the XDP program attached on exit (state keeps being
+    /// gathered); `--keep-attached=false` overrides the file.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub keep_attached: Option<bool>,
     /// Provision unknown nodes whose heartbeats verify under their derived
-    /// key (README, "Enrolling nodes": the trade-off).
-    #[arg(long)]
-    pub enroll: bool,
+    /// key (README, "Enrolling nodes": the trade-off); `--enroll=false`
+    /// overrides the file.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub enroll: Option<bool>,
     /// bpffs directory of the pinned maps and link [default: /sys/fs/bpf/hb].
     #[arg(long, value_name = "DIR")]
     pub pin_dir: Option<PathBuf>,
@@ -244,7 +247,7 @@ pub struct Opts {
 }
 
 /// The config file: the same options, all optional.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     iface: Option<Vec<String>>,
@@ -367,7 +370,7 @@ impl Settings {
     }
 
     fn merge(a: &Args, f: FileConfig) -> anyhow::Result<Settings> {
-        let controller = controller_settings(a, &f, a.fixed_interval_ms.or(f.fixed_interval_ms))?;
+        let (controller, fixed_interval_ms) = controller_settings(a, &f)?;
         let mut ifaces = if a.iface.is_empty() {
             f.iface.unwrap_or_default()
         } else {
@@ -388,12 +391,26 @@ impl Settings {
             .or(f.nodes)
             .context("no nodes: give --nodes SPEC, e.g. --nodes 1-1000,4242")?;
         let nodes = NodeSpec::parse(&spec)?;
-        let ack_every_opt = a.ack_every.or(f.ack_every);
+        if nodes.len() > MAX_NODES as u64 {
+            // `--critical` is a set of ids, of any size: this is a limit
+            // of the node table alone.
+            bail!(
+                "--nodes {spec}: {} nodes, more than the monitor's largest capacity ({MAX_NODES})",
+                nodes.len()
+            );
+        }
+        // `--ack=false` sets the file's ACK settings aside, `ack_every`
+        // too (which turns ACKs on).
+        if a.ack == Some(false) && a.ack_every.is_some() {
+            bail!("--ack=false and --ack-every contradict each other (--ack-every turns ACKs on)");
+        }
+        let file_ack_every = f.ack_every.filter(|_| a.ack != Some(false));
+        let ack_every_opt = a.ack_every.or(file_ack_every);
         if ack_every_opt == Some(0) {
             // It turns ACKs on, and would have the gate ACK no heartbeat.
             bail!("ack_every must be at least 1 (ACK every N-th heartbeat), got 0");
         }
-        let ack = a.ack || f.ack.unwrap_or(false) || ack_every_opt.is_some();
+        let ack = a.ack.or(f.ack).unwrap_or(false) || ack_every_opt.is_some();
         let ack_every = if ack { ack_every_opt.unwrap_or(1) } else { 0 };
         let tick_ms = a.tick_ms.or(f.tick_ms).unwrap_or(100);
         if !(1..=60_000).contains(&tick_ms) {
@@ -472,7 +489,6 @@ impl Settings {
                 "hook_concurrency must be at most {MAX_HOOK_CONCURRENCY} and hook_queue at most {MAX_HOOK_QUEUE}, got {concurrency} and {queue}"
             );
         }
-        let fixed_interval_ms = a.fixed_interval_ms.or(f.fixed_interval_ms);
         if let Some(ms) = fixed_interval_ms
             && !(hb_common_bounds::MIN..=hb_common_bounds::MAX).contains(&ms)
         {
@@ -537,8 +553,8 @@ impl Settings {
             fixed_interval_ms,
             decision_ms,
             controller,
-            keep_attached: a.keep_attached || f.keep_attached.unwrap_or(false),
-            enroll: a.enroll || f.enroll.unwrap_or(false),
+            keep_attached: a.keep_attached.or(f.keep_attached).unwrap_or(false),
+            enroll: a.enroll.or(f.enroll).unwrap_or(false),
             // Absolute, as logged and compared by a reload.
             pin_dir: std::path::absolute(
                 a.pin_dir
@@ -614,18 +630,28 @@ impl Settings {
 }
 
 /// `--controller` and the options that go with it, checked together.
+///
+/// The kind and its interval are taken together, from the flags if they
+/// say either, else from the file: `--controller off` (or `qlearn`) on the
+/// command line sets aside the file's `fixed_interval_ms` with its
+/// `controller`, and `--fixed-interval-ms` (which implies `fixed`) the
+/// file's `controller`. Merged one by one, a flag lost to the file's other
+/// half (`--controller off` and the file's interval were refused
+/// together), and once a file gained such a pair every reload failed.
+/// Returns the settings and the fixed interval in force.
 fn controller_settings(
     a: &Args,
     f: &FileConfig,
-    fixed_interval_ms: Option<u32>,
-) -> anyhow::Result<ControllerSettings> {
-    let kind = a
-        .controller
-        .or(f.controller)
-        .unwrap_or(match fixed_interval_ms {
-            Some(_) => ControllerKind::Fixed,
-            None => ControllerKind::Off,
-        });
+) -> anyhow::Result<(ControllerSettings, Option<u32>)> {
+    let (kind, fixed_interval_ms) = match (a.controller, a.fixed_interval_ms) {
+        (None, None) => (f.controller, f.fixed_interval_ms),
+        (Some(ControllerKind::Fixed), None) => (Some(ControllerKind::Fixed), f.fixed_interval_ms),
+        (kind, ms) => (kind, ms),
+    };
+    let kind = kind.unwrap_or(match fixed_interval_ms {
+        Some(_) => ControllerKind::Fixed,
+        None => ControllerKind::Off,
+    });
     match (kind, fixed_interval_ms) {
         (ControllerKind::Fixed, None) => {
             bail!("--controller fixed needs --fixed-interval-ms MS (the interval to ask for)")
@@ -682,7 +708,7 @@ fn controller_settings(
             Some((spec, cap))
         }
     };
-    Ok(ControllerSettings {
+    let settings = ControllerSettings {
         kind,
         min_interval_ms,
         max_interval_ms,
@@ -694,7 +720,8 @@ fn controller_settings(
             .or(f.controller_table.clone())
             .unwrap_or_else(|| PathBuf::from(crate::controller::cli::DEFAULT_TABLE)),
         critical,
-    })
+    };
+    Ok((settings, fixed_interval_ms))
 }
 
 /// `MIN-MAX` interval bounds, ms, within the protocol's.
@@ -800,14 +827,7 @@ impl NodeSpec {
                 _ => merged.push((lo, hi)),
             }
         }
-        let s = NodeSpec { ranges: merged };
-        if s.len() > MAX_NODES as u64 {
-            return Err(bad(
-                spec,
-                "more nodes than the monitor's capacity (1048576)",
-            ));
-        }
-        Ok(s)
+        Ok(NodeSpec { ranges: merged })
     }
 
     /// Number of ids.
@@ -860,7 +880,6 @@ mod tests {
             ("", "``", "no node ids"),
             ("1-2-3", "`1-2-3`", "not a node id"),
             ("99999999999", "`99999999999`", "not a node id"),
-            ("1-4294967295", "`1-4294967295`", "capacity"),
         ];
         for (spec, part, why) in cases {
             let e = NodeSpec::parse(spec).unwrap_err().to_string();
@@ -898,6 +917,122 @@ mod tests {
         assert_eq!((s.ack_every, s.ack_on_change), (0, false));
         assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(s.thresholds, Thresholds::default());
+    }
+
+    /// The controller and its fixed interval come together, from the
+    /// flags if they say either: a flag is not refused for the file's
+    /// other half (which made every reload fail once the file gained it).
+    #[test]
+    fn controller_flags_win_over_the_files_controller_as_a_whole() {
+        let fixed: FileConfig =
+            toml::from_str("controller = \"fixed\"\nfixed_interval_ms = 500\n").unwrap();
+        for kind in [ControllerKind::Off, ControllerKind::Qlearn] {
+            let a = Opts {
+                controller: Some(kind),
+                ..args()
+            };
+            let s = Settings::merge(&a.into(), fixed.clone()).unwrap();
+            assert_eq!((s.controller.kind, s.fixed_interval_ms), (kind, None));
+        }
+        // `--controller fixed` takes the file's interval.
+        let a = Opts {
+            controller: Some(ControllerKind::Fixed),
+            ..args()
+        };
+        let s = Settings::merge(&a.into(), fixed.clone()).unwrap();
+        assert_eq!(s.fixed_interval_ms, Some(500));
+        // `--fixed-interval-ms` (which implies fixed) over `controller =
+        // "off"` or another interval.
+        for text in ["controller = \"off\"\n", "fixed_interval_ms = 500\n"] {
+            let f: FileConfig = toml::from_str(text).unwrap();
+            let a = Opts {
+                fixed_interval_ms: Some(2000),
+                ..args()
+            };
+            let s = Settings::merge(&a.into(), f).unwrap();
+            assert_eq!(
+                (s.controller.kind, s.fixed_interval_ms),
+                (ControllerKind::Fixed, Some(2000)),
+                "{text}"
+            );
+        }
+        // The file alone, and contradictions within one source, as before.
+        let s = Settings::merge(&args().into(), fixed).unwrap();
+        assert_eq!(
+            (s.controller.kind, s.fixed_interval_ms),
+            (ControllerKind::Fixed, Some(500))
+        );
+        let f: FileConfig =
+            toml::from_str("controller = \"qlearn\"\nfixed_interval_ms = 500\n").unwrap();
+        let e = Settings::merge(&args().into(), f).unwrap_err();
+        assert!(e.to_string().contains("not qlearn"), "{e}");
+        let a = Opts {
+            controller: Some(ControllerKind::Off),
+            fixed_interval_ms: Some(500),
+            ..args()
+        };
+        let e = Settings::merge(&a.into(), FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("not off"), "{e}");
+    }
+
+    /// `--ack`, `--keep-attached` and `--enroll` can be turned off on the
+    /// command line when the file turns them on (`--ack=false` sets the
+    /// file's `ack_every` aside too); given bare, they turn them on.
+    #[test]
+    fn switches_set_in_the_file_can_be_turned_off_by_a_flag() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            opts: Opts,
+        }
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["hb", "--keyring", "k.toml", "--nodes", "1-3"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|c| c.opts)
+        };
+        let file: FileConfig =
+            toml::from_str("ack = true\nack_every = 5\nkeep_attached = true\nenroll = true\n")
+                .unwrap();
+        let s = Settings::merge(&parse(&[]).unwrap().into(), file.clone()).unwrap();
+        assert_eq!((s.ack_every, s.keep_attached, s.enroll), (5, true, true));
+        let off = parse(&["--ack=false", "--keep-attached=false", "--enroll=false"]).unwrap();
+        let s = Settings::merge(&off.into(), file).unwrap();
+        assert_eq!(
+            (s.ack_every, s.ack_on_change, s.keep_attached, s.enroll),
+            (0, false, false, false)
+        );
+        let on = parse(&["--ack", "--keep-attached", "--enroll", "--ack-every", "3"]).unwrap();
+        let s = Settings::merge(&on.into(), FileConfig::default()).unwrap();
+        assert_eq!((s.ack_every, s.keep_attached, s.enroll), (3, true, true));
+        let both = parse(&["--ack=false", "--ack-every", "3"]).unwrap();
+        let e = Settings::merge(&both.into(), FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("contradict"), "{e}");
+        assert!(parse(&["--enroll=maybe"]).is_err());
+    }
+
+    /// `--critical` is a set of ids to cap, of any size; `--nodes` is
+    /// bounded by the node table.
+    #[test]
+    fn only_the_node_list_is_bounded_by_the_capacity() {
+        let a = Opts {
+            critical: Some("1-2000000".into()),
+            controller_max_interval_ms: Some(500),
+            ..args()
+        };
+        let s = Settings::merge(&a.into(), FileConfig::default()).unwrap();
+        let (spec, cap) = s.controller.critical.unwrap();
+        assert_eq!((spec.len(), cap), (2_000_000, 500));
+        let a = Opts {
+            nodes: Some("1-4294967295".into()),
+            ..args()
+        };
+        let e = Settings::merge(&a.into(), FileConfig::default()).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("4294967295 nodes, more than the monitor's largest capacity (1048576)"),
+            "{e}"
+        );
     }
 
     #[test]
