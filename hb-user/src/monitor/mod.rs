@@ -482,12 +482,12 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
     }
     let ticking = Arc::new(AtomicBool::new(true));
     // Why the gate is gone, once the tick finds it so.
-    let (gate_lost, mut gate_lost_rx) = tokio::sync::watch::channel(None::<String>);
+    let (gate_lost, mut gate_lost_rx) = tokio::sync::watch::channel(None::<Fatal>);
     let tick_thread = {
         let (shared, sink, ticking) = (shared.clone(), sink.clone(), ticking.clone());
         std::thread::Builder::new()
             .name("hb-tick".into())
-            .spawn(move || tick_loop(&shared, &sink, &ticking, &gate_lost))
+            .spawn(move || tick_thread(&shared, &sink, &ticking, &gate_lost))
             .context("cannot start the tick thread")?
     };
 
@@ -499,8 +499,13 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
             _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = sighup.recv() => reload(&args, &shared, &fleet, &sink, &mut running).await,
-            Ok(()) = gate_lost_rx.changed() => {
-                lost = gate_lost_rx.borrow_and_update().clone();
+            changed = gate_lost_rx.changed() => {
+                lost = match changed {
+                    Ok(()) => gate_lost_rx.borrow_and_update().clone(),
+                    // The thread ended without saying why (it says why
+                    // whenever it can: `tick_thread`).
+                    Err(_) => Some(Fatal::TickPanicked("the tick thread ended".into())),
+                };
                 if lost.is_some() {
                     break;
                 }
@@ -566,10 +571,51 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
     drop(mem);
     tracing::info!(keep_attached = settings.keep_attached, "monitor stopped");
     match lost {
-        Some(why) => Err(anyhow::anyhow!(
+        Some(Fatal::GateLost(why)) => Err(anyhow::anyhow!(
             "{why}; stopped without judging any node (started again, the monitor attaches afresh to the interface if it is there, and refuses to start while it is not)"
         )),
+        Some(Fatal::TickPanicked(what)) => Err(anyhow::anyhow!(
+            "the tick thread stopped on a bug ({what}): no node was judged from then on, so the \
+             monitor stopped, for its supervisor to start it again; please report it with the log"
+        )),
         None => Ok(()),
+    }
+}
+
+/// Why the monitor stops on its own: the tick cannot go on.
+#[derive(Clone, Debug)]
+enum Fatal {
+    /// The XDP gate is gone (its interface deleted): why.
+    GateLost(String),
+    /// The tick thread panicked (a bug): the panic's message.
+    TickPanicked(String),
+}
+
+/// The tick thread: [`tick_loop`], and a panic in it (a bug, anywhere in
+/// the detector, the policy or the controller) said in `fatal`. Unsaid,
+/// the monitor went on serving its API with no tick, no node ever judged
+/// again, and no exit for its supervisor to restart it.
+fn tick_thread(
+    shared: &Shared,
+    sink: &EventSink,
+    running: &AtomicBool,
+    fatal: &tokio::sync::watch::Sender<Option<Fatal>>,
+) {
+    let ticked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        tick_loop(shared, sink, running, fatal)
+    }));
+    if let Err(panic) = ticked {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        tracing::error!(
+            panic = %what,
+            "the tick thread stopped on a bug: no node is judged without it; the monitor stops, \
+             for its supervisor to start it again"
+        );
+        fatal.send_replace(Some(Fatal::TickPanicked(what)));
     }
 }
 
@@ -697,7 +743,7 @@ fn tick_loop(
     shared: &Shared,
     sink: &EventSink,
     running: &AtomicBool,
-    gate_lost: &tokio::sync::watch::Sender<Option<String>>,
+    gate_lost: &tokio::sync::watch::Sender<Option<Fatal>>,
 ) {
     let period = shared.tick;
     let mut next = Instant::now();
@@ -713,7 +759,7 @@ fn tick_loop(
                     "the XDP gate is gone: no node is judged without it; the monitor stops, for \
                      its supervisor to start it again"
                 );
-                gate_lost.send_replace(Some(why));
+                gate_lost.send_replace(Some(Fatal::GateLost(why)));
                 return;
             }
             // After the lock: a tick that waited for it (a reload, a
@@ -949,6 +995,91 @@ mod tests {
             "the 300 ms wait for the lock is not the scan's: {text}"
         );
         assert_eq!(value("hb_ticks_overrun_total"), 0.0, "{text}");
+    }
+
+    /// A dataplane whose counters cannot be read without a panic: any bug
+    /// in the tick thread.
+    struct PanicsInTick(MemDataplane);
+
+    impl crate::dataplane::Dataplane for PanicsInTick {
+        fn upsert_node(&self, id: u32, k: &hb_common::maps::NodeKeys) -> anyhow::Result<()> {
+            self.0.upsert_node(id, k)
+        }
+        fn remove_node(&self, id: u32) -> anyhow::Result<()> {
+            self.0.remove_node(id)
+        }
+        fn provisioned(&self) -> anyhow::Result<Vec<(u32, hb_common::maps::NodeKeys)>> {
+            self.0.provisioned()
+        }
+        fn read_states(
+            &self,
+            s: std::ops::Range<u32>,
+            f: &mut dyn FnMut(u32, &hb_common::maps::NodeState),
+        ) {
+            self.0.read_states(s, f)
+        }
+        fn read_live(&self, s: std::ops::Range<u32>, f: &mut crate::dataplane::LiveFn) {
+            self.0.read_live(s, f)
+        }
+        fn set_requested_interval(&self, s: u32, ms: u32) {
+            self.0.set_requested_interval(s, ms)
+        }
+        fn set_monitor_status(&self, s: u32, st: u32, ns: u64) {
+            self.0.set_monitor_status(s, st, ns)
+        }
+        fn counters(&self) -> anyhow::Result<crate::dataplane::Counters> {
+            panic!("a bug in the tick")
+        }
+        fn set_config(&self, c: &Config) -> anyhow::Result<()> {
+            self.0.set_config(c)
+        }
+        fn take_reports(&mut self) -> Option<tokio::sync::mpsc::Receiver<hb_common::maps::Report>> {
+            None
+        }
+    }
+
+    /// A panic in the tick thread is said to the signal loop, which stops
+    /// the monitor with an error: a monitor that went on serving its API
+    /// with no tick judged no node again and never exited for its
+    /// supervisor to restart it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tick_thread_that_panics_stops_the_monitor() {
+        let metrics = Arc::new(Metrics::new());
+        let core = Core::new(
+            Detector::new(
+                crate::monitor::state::Thresholds::default(),
+                crate::detector::PhiParams::default(),
+            ),
+            Box::new(FixedPolicy::none()),
+            1000,
+        );
+        let shared = Arc::new(Shared {
+            core: Mutex::new(core),
+            dp: Arc::new(PanicsInTick(MemDataplane::new())),
+            metrics: metrics.clone(),
+            last_tick_ns: AtomicU64::new(0),
+            dataplane_ok: AtomicBool::new(false),
+            tick: Duration::from_millis(20),
+        });
+        let sink = EventSink::start(Destination::None, None, metrics.clone())
+            .await
+            .unwrap();
+        let running = Arc::new(AtomicBool::new(true));
+        let (fatal, mut fatal_rx) = tokio::sync::watch::channel(None);
+        let ticker = std::thread::spawn({
+            let (shared, sink, running) = (shared.clone(), sink.clone(), running.clone());
+            move || tick_thread(&shared, &sink, &running, &fatal)
+        });
+        tokio::time::timeout(Duration::from_secs(10), fatal_rx.changed())
+            .await
+            .expect("said within 10 s")
+            .expect("said before the thread ended");
+        let said = fatal_rx.borrow_and_update().clone();
+        assert!(
+            matches!(&said, Some(Fatal::TickPanicked(what)) if what == "a bug in the tick"),
+            "{said:?}"
+        );
+        ticker.join().expect("the panic does not escape the thread");
     }
 
     #[test]
