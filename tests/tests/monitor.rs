@@ -2118,6 +2118,39 @@ fn same_traffic_same_states_native_and_userspace() {
     user.stop();
 }
 
+/// A reload whose config file became a FIFO that nothing writes does not
+/// hold off SIGTERM: the read blocks on a thread of its own while the
+/// signal loop stops the monitor, cleanly. (Read on the signal loop, the
+/// monitor stopped handling signals until something wrote the FIFO.)
+#[test]
+fn a_reload_blocked_on_its_config_file_does_not_hold_off_sigterm() {
+    let (pair, dir) = setup("mfifo", &[1]);
+    let conf = dir.path("monitor.toml");
+    std::fs::write(&conf, "tick_ms = 20\n").expect("write the config file");
+    let conf_arg = conf.to_str().expect("utf-8 path").to_owned();
+    let mut m = Monitor::start(
+        &pair,
+        &dir,
+        "userspace",
+        &["--nodes", "31", "--config", &conf_arg],
+    );
+    std::fs::remove_file(&conf).expect("remove the config file");
+    let c = std::ffi::CString::new(conf_arg).expect("no NUL");
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    m.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    m.signal(libc::SIGTERM);
+    let st = m.exit_within_10s(|| {});
+    assert!(st.success(), "{st}\n{}", m.stderr());
+    assert!(
+        m.plain_stderr()
+            .contains("SIGTERM while a reload read its files: shutting down"),
+        "{}",
+        m.stderr()
+    );
+}
+
 /// Instantiates each behaviour for each mode the build supports.
 macro_rules! modes {
     ($($mode:ident => [$($test:ident),* $(,)?]),* $(,)?) => {

@@ -748,9 +748,24 @@ mod hb_common_bounds {
     pub const MAX: u32 = 10_000;
 }
 
+/// The most a config file may hold (every option takes a line or two).
+pub const CONFIG_MAX: u64 = 1 << 20;
+
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config {}", path.display()))?;
+    use std::io::Read as _;
+    let cannot = || format!("cannot read config {}", path.display());
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(CONFIG_MAX + 1).read_to_end(&mut bytes))
+        .with_context(cannot)?;
+    if bytes.len() as u64 > CONFIG_MAX {
+        bail!(
+            "config {}: more than {CONFIG_MAX} bytes, not a config file",
+            path.display()
+        );
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|_| anyhow::anyhow!("config {}: not UTF-8 text", path.display()))?;
     toml::from_str(&text)
         .map_err(|e| anyhow::anyhow!("config {}: {}", path.display(), toml_error(&text, &e)))
 }
@@ -1033,6 +1048,21 @@ mod tests {
                 .contains("4294967295 nodes, more than the monitor's largest capacity (1048576)"),
             "{e}"
         );
+    }
+
+    /// A config file is read bounded: `/dev/zero` is an error, not a
+    /// monitor that eats the host's memory.
+    #[test]
+    fn a_config_file_is_read_bounded() {
+        let e = read_file(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(e.contains("more than 1048576 bytes"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.toml");
+        std::fs::write(&p, b"tick_ms = 50\n\xff\n").unwrap();
+        let e = read_file(&p).unwrap_err().to_string();
+        assert!(e.contains("not UTF-8"), "{e}");
+        std::fs::write(&p, b"tick_ms = 50\n").unwrap();
+        assert_eq!(read_file(&p).unwrap().tick_ms, Some(50));
     }
 
     #[test]

@@ -82,7 +82,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .thread_name("hb-monitor")
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(serve(args, settings, keyring))
+    let served = rt.block_on(serve(args, settings, keyring));
+    // `serve` has waited for everything it started (the tick, the tasks,
+    // the events' flush, the table's save). A blocking read still going
+    // (a reload's, of a config path that is a FIFO nothing writes) is left
+    // to the process' exit: dropped, the runtime would wait for it.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    served
 }
 
 /// Blocks or unblocks SIGHUP for the calling thread, and says whether it
@@ -498,7 +504,25 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
-            _ = sighup.recv() => reload(&args, &shared, &fleet, &sink, &mut running).await,
+            _ = sighup.recv() => {
+                sink.reopen();
+                // The files are read first, while SIGTERM and SIGINT still
+                // stop the monitor (nothing is applied yet): a path that
+                // is a FIFO blocks its read.
+                tokio::select! {
+                    loaded = read_for_reload(&args) => {
+                        reload(loaded, &shared, &fleet, &mut running).await;
+                    }
+                    _ = sigterm.recv() => {
+                        tracing::info!("SIGTERM while a reload read its files: shutting down");
+                        break;
+                    }
+                    _ = sigint.recv() => {
+                        tracing::info!("SIGINT while a reload read its files: shutting down");
+                        break;
+                    }
+                }
+            }
             changed = gate_lost_rx.changed() => {
                 lost = match changed {
                     Ok(()) => gate_lost_rx.borrow_and_update().clone(),
@@ -659,15 +683,20 @@ fn carry(
 /// running one's table (see [`carry`]), unless `new` names another table
 /// file that exists: that one is loaded, as at a start (carrying the
 /// running table there instead ignored it, and the next save overwrote
-/// it). A policy without a table replaces one that had: that table is
-/// saved first, for a later switch back.
+/// it). Whenever the running table is not carried over (a policy without
+/// a table, or another table file loaded), it is saved to its own file
+/// first, for a later switch back: what it learned since the last
+/// minute's save was lost when the new file was loaded.
 fn rebuild_policy(shared: &Shared, new: &Settings) -> anyhow::Result<Box<dyn IntervalPolicy>> {
     let running = shared.core().policy.table();
-    if running.is_some() && new.controller.kind != ControllerKind::Qlearn {
-        save_table(shared, false);
-    }
     let carried = match running {
-        Some((path, _)) if path != new.controller.table && new.controller.table.exists() => None,
+        Some((path, _))
+            if new.controller.kind != ControllerKind::Qlearn
+                || (path != new.controller.table && new.controller.table.exists()) =>
+        {
+            save_table(shared, false);
+            None
+        }
         r => r.map(|(_, t)| t),
     };
     make_policy_carrying(new, carried.as_ref())
@@ -814,21 +843,44 @@ fn tick_loop(
     }
 }
 
+/// How long a reload waits for its config file and keyring to be read.
+const RELOAD_READ_WAIT: Duration = Duration::from_secs(10);
+
+/// A reload's first step: the config file merged under `args`, and the
+/// keyring it names, read on a blocking thread and for at most
+/// [`RELOAD_READ_WAIT`] (a path that is a FIFO, or a file on a hung
+/// filesystem, blocks its read; the thread is left to it).
+async fn read_for_reload(args: &Args) -> anyhow::Result<(Settings, Keyring)> {
+    let read = {
+        let args = args.clone();
+        tokio::task::spawn_blocking(move || {
+            Settings::load(&args).and_then(|s| {
+                let k = Keyring::load(&s.keyring)?;
+                Ok((s, k))
+            })
+        })
+    };
+    match tokio::time::timeout(RELOAD_READ_WAIT, read).await {
+        Ok(Ok(loaded)) => loaded,
+        Ok(Err(e)) => Err(anyhow::anyhow!("the reload's reading task failed: {e}")),
+        Err(_) => Err(anyhow::anyhow!(
+            "reading the config file and the keyring took more than {} s (a FIFO, a hung \
+             filesystem?)",
+            RELOAD_READ_WAIT.as_secs()
+        )),
+    }
+}
+
 /// SIGHUP: reload the keyring, the node list, the detector's and the
-/// controller's options; on any error keep running with the old ones and
-/// say why in one line. Options that need a restart are named in a warning.
+/// controller's options, from what [`read_for_reload`] read; on any error
+/// keep running with the old ones and say why in one line. Options that
+/// need a restart are named in a warning.
 async fn reload(
-    args: &Args,
+    loaded: anyhow::Result<(Settings, Keyring)>,
     shared: &Arc<Shared>,
     fleet: &Arc<Mutex<Fleet>>,
-    sink: &EventSink,
     running: &mut Settings,
 ) {
-    sink.reopen();
-    let loaded = Settings::load(args).and_then(|s| {
-        let k = Keyring::load(&s.keyring)?;
-        Ok((s, k))
-    });
     let (settings, keyring) = match loaded {
         Ok(v) => v,
         Err(e) => {
@@ -1080,6 +1132,52 @@ mod tests {
             "{said:?}"
         );
         ticker.join().expect("the panic does not escape the thread");
+    }
+
+    /// A reload that names another table file, which exists, loads that
+    /// one, and saves the running table to its own file first: what it
+    /// learned since the last minute's save was lost.
+    #[test]
+    fn a_reload_to_another_table_saves_the_running_one_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+        let settings = |table: &std::path::Path| {
+            Settings::load(
+                &config::Opts {
+                    keyring: Some("k.toml".into()),
+                    nodes: Some("1-3".into()),
+                    controller: Some(ControllerKind::Qlearn),
+                    controller_table: Some(table.to_path_buf()),
+                    ..config::Opts::default()
+                }
+                .into(),
+            )
+            .unwrap()
+        };
+        let shared = |table: &std::path::Path| {
+            let s = settings(table);
+            Shared {
+                core: Mutex::new(Core::new(
+                    Detector::new(s.thresholds, s.phi),
+                    make_policy_carrying(&s, None).unwrap(),
+                    s.decision_ms,
+                )),
+                dp: Arc::new(MemDataplane::new()),
+                metrics: Arc::new(Metrics::new()),
+                last_tick_ns: AtomicU64::new(0),
+                dataplane_ok: AtomicBool::new(false),
+                tick: Duration::from_millis(100),
+            }
+        };
+        save_table(&shared(&b), true);
+        assert!(b.exists());
+        let running = shared(&a);
+        let p = rebuild_policy(&running, &settings(&b)).unwrap();
+        assert_eq!(p.table().map(|(path, _)| path), Some(b.clone()));
+        assert!(
+            a.exists(),
+            "the running table saved before another was loaded"
+        );
     }
 
     #[test]
