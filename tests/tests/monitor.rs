@@ -2151,6 +2151,85 @@ fn a_reload_blocked_on_its_config_file_does_not_hold_off_sigterm() {
     );
 }
 
+/// Userspace mode without `--iface` hears IPv4 on a host whose
+/// `net.ipv6.bindv6only` is 1 (a hardening setting): its wildcard socket
+/// clears `IPV6_V6ONLY` itself. Bound under the host's default, it was
+/// IPv6-only there, and every IPv4 node went dead without a word.
+#[test]
+fn the_userspace_wildcard_hears_ipv4_whatever_bindv6only_says() {
+    let ns = NetNs::new("mv6o").expect("namespace");
+    let set = ns
+        .command("sh")
+        .args(["-c", "echo 1 > /proc/sys/net/ipv6/bindv6only"])
+        .status()
+        .expect("sh");
+    assert!(set.success());
+    let heard = ns
+        .run(|| {
+            use hb::monitor::userspace::{bind, bind_addrs};
+            let v6only = std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").unwrap();
+            assert_eq!(v6only.trim(), "1", "the namespace's setting");
+            let socks = bind(&bind_addrs(&[], 0).unwrap()).unwrap();
+            assert_eq!(socks.len(), 1);
+            let s = &socks[0];
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let port = s.local_addr().unwrap().port();
+            let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            c.send_to(b"over IPv4", ("127.0.0.1", port)).unwrap();
+            let mut buf = [0u8; 32];
+            let (n, _) = s.recv_from(&mut buf).expect("the IPv4 datagram");
+            buf[..n].to_vec()
+        })
+        .expect("in the namespace");
+    assert_eq!(heard, b"over IPv4");
+}
+
+/// Userspace mode binds an IPv6 address still tentative at its start
+/// (added a moment before: duplicate address detection runs) once it is
+/// usable, and leaves out with a warning one that failed detection
+/// (another host on the link has it), serving the interface's other
+/// addresses. Both failed the start ("Cannot assign requested address"),
+/// the second at every start for as long as the address stayed.
+#[test]
+fn userspace_mode_waits_out_a_tentative_address_and_skips_a_duplicate() {
+    let pair = VethPair::new("mdad").expect("veth pair");
+    let ip = |ns: &NetNs, args: &[&str]| ns.ip(args).expect("ip");
+    ip(
+        &pair.a,
+        &["addr", "add", "fd00:4842:d::1/64", "dev", IF_A, "nodad"],
+    );
+    ip(&pair.b, &["addr", "add", "fd00:4842:d::1/64", "dev", IF_B]);
+    ip(&pair.b, &["addr", "add", "fd00:4842:e::2/64", "dev", IF_B]);
+    let bound = pair
+        .b
+        .run(|| {
+            use hb::monitor::userspace::{bind, bind_addrs};
+            let socks = bind(&bind_addrs(&[IF_B.to_string()], 0).unwrap()).unwrap();
+            socks
+                .iter()
+                .map(|s| s.local_addr().unwrap().ip())
+                .collect::<Vec<_>>()
+        })
+        .expect("in the namespace");
+    let has = |a: &str| bound.contains(&a.parse::<std::net::IpAddr>().unwrap());
+    assert!(
+        has("fd00:4842:e::2"),
+        "the tentative one, once usable: {bound:?}"
+    );
+    assert!(!has("fd00:4842:d::1"), "the duplicate left out: {bound:?}");
+    assert!(
+        bound.contains(&std::net::IpAddr::from(pair.addrs.v4[1])),
+        "the others served: {bound:?}"
+    );
+    let flags = pair
+        .b
+        .ip(&["-6", "addr", "show", "dev", IF_B])
+        .expect("ip addr");
+    let flags = String::from_utf8_lossy(&flags.stdout);
+    assert!(flags.contains("dadfailed"), "{flags}");
+}
+
 /// Instantiates each behaviour for each mode the build supports.
 macro_rules! modes {
     ($($mode:ident => [$($test:ident),* $(,)?]),* $(,)?) => {

@@ -111,22 +111,56 @@ pub fn bind_addrs(ifaces: &[String], port: u16) -> anyhow::Result<Vec<SocketAddr
     Ok(out)
 }
 
+/// How long a start waits for an IPv6 address that cannot be bound yet:
+/// one still in duplicate address detection (tentative, about a second
+/// after it was added) becomes bindable within it.
+const TENTATIVE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The dual-stack wildcard: `[::]` with `IPV6_V6ONLY` cleared, so that
+/// IPv4 arrives too (as v4-mapped addresses) whatever the host's
+/// `net.ipv6.bindv6only` says; bound to the kernel's default there, a
+/// hardened host's monitor heard no IPv4 node. The IPv4 wildcard where
+/// the kernel has no IPv6 (`ipv6.disable=1`: no such socket) or the
+/// namespace no IPv6 address.
+fn bind_wildcard(port: u16) -> anyhow::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
+    let dual = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).and_then(|s| {
+        s.set_only_v6(false)?;
+        s.bind(&v6.into())?;
+        Ok(s)
+    });
+    match dual {
+        Ok(s) => Ok(s.into()),
+        Err(e)
+            if e.raw_os_error() == Some(libc::EAFNOSUPPORT)
+                || e.kind() == std::io::ErrorKind::AddrNotAvailable =>
+        {
+            let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
+            std::net::UdpSocket::bind(v4).map_err(|e| bind_error(&v4, e))
+        }
+        Err(e) => Err(bind_error(&v6, e)),
+    }
+}
+
 /// Binds one socket per address; a busy port or a missing address is an
-/// error naming the address.
+/// error naming the address. An IPv6 address that cannot be bound
+/// (`EADDRNOTAVAIL`) is tried again for [`TENTATIVE_WAIT`] (a tentative
+/// one, at boot); then, if another address could be bound, it is left
+/// out with a warning (one that failed duplicate address detection:
+/// another host has it), else the start fails.
 pub fn bind(addrs: &[SocketAddr]) -> anyhow::Result<Vec<std::net::UdpSocket>> {
     let mut out = Vec::with_capacity(addrs.len());
+    let mut left_out = Vec::new();
     for a in addrs {
-        let s = match std::net::UdpSocket::bind(a) {
-            Ok(s) => s,
-            // No IPv6 in this namespace: the IPv4 wildcard then.
-            Err(e)
-                if a.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-                    && e.kind() == std::io::ErrorKind::AddrNotAvailable =>
-            {
-                let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), a.port());
-                std::net::UdpSocket::bind(v4).map_err(|e| bind_error(&v4, e))?
-            }
-            Err(e) => return Err(bind_error(a, e)),
+        let bound = if a.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
+            Some(bind_wildcard(a.port())?)
+        } else {
+            bind_waiting(a)?
+        };
+        let Some(s) = bound else {
+            left_out.push(a.to_string());
+            continue;
         };
         s.set_nonblocking(true)?;
         let granted = size_receive_buffer(&s)
@@ -150,7 +184,41 @@ pub fn bind(addrs: &[SocketAddr]) -> anyhow::Result<Vec<std::net::UdpSocket>> {
         })?;
         out.push(s);
     }
+    if out.is_empty() && !left_out.is_empty() {
+        bail!(
+            "cannot bind UDP {}: no such address (an IPv6 address still tentative after {} s, \
+             or one that failed duplicate address detection: `ip -6 addr` says `dadfailed`)",
+            left_out.join(", "),
+            TENTATIVE_WAIT.as_secs()
+        );
+    }
     Ok(out)
+}
+
+/// `a` bound, waiting out an IPv6 address that is not bindable yet (see
+/// [`bind`]); `None` for one still not bindable after [`TENTATIVE_WAIT`].
+fn bind_waiting(a: &SocketAddr) -> anyhow::Result<Option<std::net::UdpSocket>> {
+    let deadline = std::time::Instant::now() + TENTATIVE_WAIT;
+    loop {
+        match std::net::UdpSocket::bind(a) {
+            Ok(s) => return Ok(Some(s)),
+            Err(e) if a.is_ipv6() && e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                if std::time::Instant::now() >= deadline {
+                    tracing::warn!(
+                        address = %a,
+                        "IPv6 address not bindable after {} s (it failed duplicate address \
+                         detection: another host on the link has it, `ip -6 addr` says \
+                         `dadfailed`); not served: heartbeats sent to it are not heard until a \
+                         start binds it",
+                        TENTATIVE_WAIT.as_secs()
+                    );
+                    return Ok(None);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => return Err(bind_error(a, e)),
+        }
+    }
 }
 
 fn bind_error(a: &SocketAddr, e: std::io::Error) -> anyhow::Error {
