@@ -599,20 +599,35 @@ pub const CONNECTIONS: usize = 64;
 /// nothing holds no connection for longer.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a write to a client may make no progress before its
+/// connection is closed: a client that stops reading (pipelined requests
+/// whose answers it never takes, say) would otherwise hold it, and with
+/// [`CONNECTIONS`] of them every endpoint, `/healthz` included.
+pub const WRITE_STALL: Duration = Duration::from_secs(30);
+
 /// How long a shutdown waits for requests in progress.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Serves `app` on `listener` until `stop` changes: HTTP/1.1, at most
-/// [`CONNECTIONS`] at once, [`HEADER_TIMEOUT`] for a request's headers;
-/// then requests in progress get [`SHUTDOWN_GRACE`] to finish. (axum's
-/// own `serve` has neither bound: a client that opened connections and
-/// sent nothing held them for ever.)
+/// [`CONNECTIONS`] at once, [`HEADER_TIMEOUT`] for a request's headers,
+/// [`WRITE_STALL`] for a write to make progress; then requests in
+/// progress get [`SHUTDOWN_GRACE`] to finish. (axum's own `serve` has
+/// none of these bounds: a client that opened connections and sent
+/// nothing, or read nothing, held them for ever.)
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    serve_within(listener, app, stop, CONNECTIONS, HEADER_TIMEOUT).await
+    serve_within(
+        listener,
+        app,
+        stop,
+        CONNECTIONS,
+        HEADER_TIMEOUT,
+        WRITE_STALL,
+    )
+    .await
 }
 
 /// [`serve`] with other bounds (tests).
@@ -622,6 +637,7 @@ async fn serve_within(
     mut stop: tokio::sync::watch::Receiver<bool>,
     connections: usize,
     header_timeout: Duration,
+    write_stall: Duration,
 ) {
     use hyper_util::{
         rt::{TokioIo, TokioTimer},
@@ -652,10 +668,15 @@ async fn serve_within(
             }
             continue;
         };
+        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(write_stall));
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(header_timeout)
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+            .serve_connection(
+                TokioIo::new(Box::pin(stream)),
+                TowerToHyperService::new(app.clone()),
+            );
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -795,6 +816,7 @@ mod tests {
             rx,
             2,
             Duration::from_millis(300),
+            WRITE_STALL,
         ));
         // Closed by the server: a read ends (0 bytes or a reset) in time.
         let closed_within = |mut c: tokio::net::TcpStream, t: Duration| async move {
@@ -836,6 +858,64 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&answer)
         );
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    /// A client that pipelines requests and never reads the answers holds
+    /// its connection no longer than the write stall allows: hyper has no
+    /// write timeout, and the connection (with its permit) stayed while
+    /// the client did.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_stops_reading_frees_its_connection() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(serve_within(
+            listener,
+            router(fleet(3)),
+            rx,
+            1,
+            Duration::from_secs(10),
+            Duration::from_millis(500),
+        ));
+        let hog = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (_r, mut w) = hog.into_split();
+        // Pipelined scrapes, never read: the answers fill the socket
+        // buffers, then the server's writes make no progress.
+        let req = b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n".repeat(1000);
+        for _ in 0..100 {
+            match tokio::time::timeout(Duration::from_secs(1), w.write_all(&req)).await {
+                Ok(Ok(())) => {}
+                // The server stopped reading, or closed the connection.
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        let t = std::time::Instant::now();
+        let answered = loop {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let _ = c
+                .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .await;
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(2), c.read_to_end(&mut answer)).await;
+            if answer.starts_with(b"HTTP/1.1 ") {
+                break true;
+            }
+            if t.elapsed() > Duration::from_secs(8) {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(
+            answered,
+            "the API refused every connection for 8 s after a client stopped reading"
+        );
+        drop(w);
         stop.send(true).unwrap();
         tokio::time::timeout(Duration::from_secs(10), server)
             .await
