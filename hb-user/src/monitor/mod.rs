@@ -436,6 +436,10 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(mem) = &mem {
         for s in sockets {
+            let addr = s.local_addr().ok();
+            let s = tokio::net::UdpSocket::from_std(s).with_context(|| {
+                format!("cannot register the socket on {addr:?} with the async runtime")
+            })?;
             tasks.spawn(userspace::serve(
                 s,
                 mem.clone(),

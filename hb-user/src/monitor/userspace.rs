@@ -511,19 +511,15 @@ fn timespec_ns(t: TimeSpec) -> i128 {
 }
 
 /// Receives, gates and answers datagrams on `sock` until `shutdown` fires.
+/// (Registered with the runtime by the caller, so that a failure there
+/// fails the start: here it ended this task alone, the address never
+/// served again, and nothing said so but one line.)
 pub async fn serve(
-    sock: std::net::UdpSocket,
+    sock: UdpSocket,
     dp: Arc<MemDataplane>,
     metrics: Arc<Metrics>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let sock = match UdpSocket::from_std(sock) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot register the socket with tokio");
-            return;
-        }
-    };
     // Larger than a v1 datagram, so an oversized one is seen as such
     // (malformed) rather than truncated into 48 plausible bytes.
     let mut buf = [0u8; 2048];
@@ -640,6 +636,7 @@ mod tests {
         dp.upsert_node(NODE, &NodeKeys::single(0, 1, KEY)).unwrap();
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let metrics = Arc::new(Metrics::new());
+        let sock = UdpSocket::from_std(sock).unwrap();
         let task = tokio::spawn(serve(sock, dp.clone(), metrics.clone(), shutdown));
 
         let client = tokio::net::UdpSocket::bind(SocketAddr::new(from, 0))
@@ -964,6 +961,7 @@ mod tests {
         let dp = Arc::new(MemDataplane::new());
         let metrics = Arc::new(Metrics::new());
         let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let sock = UdpSocket::from_std(sock).unwrap();
         let task = tokio::spawn(serve(sock, dp.clone(), metrics.clone(), shutdown));
         // Drops are told by a later datagram, and one sent while the
         // flood still fills the socket may be dropped too: one more every
