@@ -764,7 +764,11 @@ pub fn record(
             rest.replay_bitmap = w.bitmap;
             match f {
                 Fresh::Advance { gap } => {
-                    if gap != 0 {
+                    // A node's very first datagram (of generation 0,
+                    // which needs no generation increase to start) is
+                    // the first seen, not the first sent: as for a new
+                    // generation, the ones before it are not lost here.
+                    if gap != 0 && live.accepted != 0 {
                         rest.lost = rest.lost.wrapping_add(gap);
                     }
                     // Only the gap between consecutive sequence numbers is
@@ -855,9 +859,20 @@ pub const CHANGE_ACKS_EVERY: u32 = 64;
 /// request whose ACKs were all lost still arrives. A change of either
 /// the request or the node's interval starts a new run.
 ///
+/// With no request, the ACK echoes `heard_ms`, the interval the answered
+/// heartbeat carried: after a late (reordered) heartbeat `live` holds the
+/// newest one's, and a sender takes an ACK whose interval differs from
+/// what that heartbeat said for a request (a monitor with no opinion then
+/// pinned it to the newer interval, the fastest request winning).
+///
 /// Counts `acks_sent` when it answers.
 #[inline(always)]
-pub fn ack_interval(cfg: &Config, live: &NodeLive, rest: &mut NodeRest) -> Option<u32> {
+pub fn ack_interval(
+    cfg: &Config,
+    live: &NodeLive,
+    rest: &mut NodeRest,
+    heard_ms: u32,
+) -> Option<u32> {
     // 1 (every heartbeat) skips the 64-bit division (tens of cycles).
     let periodic = cfg.ack_every == 1
         || (cfg.ack_every != 0 && live.accepted.is_multiple_of(cfg.ack_every as u64));
@@ -887,7 +902,7 @@ pub fn ack_interval(cfg: &Config, live: &NodeLive, rest: &mut NodeRest) -> Optio
         return None;
     }
     rest.acks_sent = rest.acks_sent.wrapping_add(1);
-    Some(if requested != 0 { requested } else { reported })
+    Some(if requested != 0 { requested } else { heard_ms })
 }
 
 impl NodeLive {
@@ -1543,7 +1558,7 @@ mod tests {
         ] {
             feed(&mut s, &d, at).unwrap();
             let (live, rest) = s.split_mut();
-            assert_eq!(ack_interval(&cfg, live, rest), Some(500));
+            assert_eq!(ack_interval(&cfg, live, rest, d.interval_ms), Some(500));
         }
         assert_eq!(s.accepted, 5);
         assert_eq!(
@@ -1844,7 +1859,7 @@ mod tests {
         for i in 0..beats {
             st.accepted += 1;
             let (live, rest) = st.split_mut();
-            if let Some(iv) = ack_interval(cfg, live, rest) {
+            if let Some(iv) = ack_interval(cfg, live, rest, reported) {
                 if n < out.len() {
                     out[n] = i;
                 }
@@ -1929,5 +1944,45 @@ mod tests {
         assert_eq!(a.checks(), (false, true), "too many IPv4: no IPv4 check");
         assert!(a.takes_v4([1, 2, 3, 4]) && !a.takes_v6(&other));
         assert_eq!(size_of::<LocalAddrs>(), 16 + 4 * 16 + 16 * 16);
+    }
+    /// PROTOCOL.md "ACK": with no opinion the ACK carries the sender's own
+    /// value, the interval the answered heartbeat carried; the sender
+    /// takes any other for a standing request. A late (reordered)
+    /// heartbeat was answered with the newest heartbeat's interval.
+    #[test]
+    fn the_ack_of_a_late_heartbeat_echoes_its_own_interval() {
+        let cfg = Config {
+            ack_every: 1,
+            ..Config::default()
+        };
+        let mut s = NodeState::default();
+        let ms = 1_000_000u64;
+        let at = |seq: u64, iv: u32| Datagram {
+            interval_ms: iv,
+            ..hb(1, seq)
+        };
+        feed(&mut s, &at(1, 1000), 1000 * ms).unwrap();
+        // seq 3 (the sender already switched to 500) overtakes seq 2.
+        feed(&mut s, &at(3, 500), 2000 * ms).unwrap();
+        let late = at(2, 1000);
+        let a = s.admit(&late).unwrap();
+        assert_eq!(a, Admit::Fresh(Fresh::Late));
+        s.record(&late, a, 2001 * ms);
+        let (live, rest) = s.split_mut();
+        let iv = ack_interval(&cfg, live, rest, late.interval_ms).unwrap();
+        assert_eq!(
+            iv, late.interval_ms,
+            "no opinion: the ACK of seq 2 must echo the 1000 ms seq 2 carried"
+        );
+    }
+
+    /// A node's very first datagram, of generation 0 (no generation
+    /// increase marks its start), counts no losses for the seqs before
+    /// it, as a new generation's first does not: they were counted lost.
+    #[test]
+    fn the_first_datagram_of_generation_zero_counts_no_losses() {
+        let mut s = NodeState::default();
+        feed(&mut s, &hb(0, 1_000), 1_000).unwrap();
+        assert_eq!(s.lost, 0, "joined mid-stream: nothing lost here");
     }
 }

@@ -56,6 +56,39 @@ fn fold(mut s: u64) -> u16 {
     s as u16
 }
 
+/// Whether the heartbeat came to unicast addresses, so that its ACK can
+/// leave from them: one in a frame to a group MAC (broadcast, multicast)
+/// or to a broadcast or multicast IP address is taken but not answered;
+/// answered, its ACK left with that group address as its source.
+#[inline(always)]
+pub fn answerable(ctx: &XdpContext, f: &Frame) -> bool {
+    // Whole fields: a 1-byte bound check compiles to a 32-bit `>=` the
+    // verifier cannot use for packet bounds.
+    let Some(mac) = at::<6>(ctx, 0) else {
+        return false;
+    };
+    // SAFETY: in bounds (checked by `at`).
+    if unsafe { (*mac)[0] } & 1 != 0 {
+        return false;
+    }
+    if f.v6 {
+        let Some(dst) = at::<16>(ctx, f.l3 + 24) else {
+            return false;
+        };
+        // SAFETY: in bounds (checked by `at`). ff00::/8 is multicast.
+        unsafe { (*dst)[0] != 0xff }
+    } else {
+        let Some(dst) = at::<4>(ctx, f.l3 + 16) else {
+            return false;
+        };
+        // SAFETY: in bounds (checked by `at`).
+        let dst = unsafe { *dst };
+        // 224.0.0.0/4 is multicast; a subnet's own broadcast address
+        // takes the prefix, which the gate does not know.
+        dst != [255; 4] && dst[0] & 0xf0 != 0xe0
+    }
+}
+
 /// Rewrites the frame into the ACK whose payload is `ack`. `None` if a
 /// bounds check fails (it cannot after parsing; the caller then drops).
 #[inline(always)]

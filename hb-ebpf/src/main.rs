@@ -173,11 +173,11 @@ fn gate(ctx: &XdpContext) -> (u32, GateResult) {
     // sees one discriminant.
     let admit = core::hint::black_box(admit);
     let rec = hb_common::maps::record(live, rest, &d, admit, now_ns);
-    let ack_interval = if cfg.pass_accepted != 0 {
+    let ack_interval = if cfg.pass_accepted != 0 || !ack::answerable(ctx, &f) {
         None
     } else {
         let (live, rest) = l.get();
-        hb_common::maps::ack_interval(cfg, live, rest)
+        hb_common::maps::ack_interval(cfg, live, rest, d.interval_ms)
     };
     l.release();
 

@@ -1363,3 +1363,58 @@ fn kernel_and_userspace_gates_agree_on_random_traffic() {
         kernel_and_userspace_gates_agree(seed);
     }
 }
+
+/// A heartbeat in an Ethernet broadcast frame (to the host's unicast IP),
+/// or, with no address table (or more than 16 addresses), to
+/// 255.255.255.255 is taken but not answered: its ACK left with the
+/// group address as its source MAC, or from 255.255.255.255.
+#[test]
+fn no_ack_leaves_from_a_group_address() {
+    let g = Gate::new(Config {
+        port: PORT,
+        ack_every: 1,
+        ..Config::default()
+    });
+    let mut u = Udp::v4(PORT, &sealed(hb(1)));
+    u.dst_mac = [0xff; 6];
+    let f = u.build();
+    let (action, out) = g.run(&f).unwrap();
+    let mut u = Udp::v4(PORT, &sealed(hb(2)));
+    u.dst_mac = [0xff; 6];
+    u.dst = "255.255.255.255".parse().unwrap();
+    let (action2, out2) = g.run(&u.build()).unwrap();
+    assert_ne!(action, XDP_TX, "ACK source MAC {:02x?}", &out[6..12]);
+    assert_ne!(action2, XDP_TX, "ACK source IP {:?}", &out2[26..30]);
+    // Both taken.
+    let c = g.dp.counters().unwrap();
+    assert_eq!(c[GateResult::Accepted.index() as usize], 2, "{c:?}");
+    assert_eq!(c[counter::ACK_SENT as usize], 0, "{c:?}");
+}
+
+/// PROTOCOL.md "ACK": with no opinion the ACK carries the sender's own
+/// interval, the one the answered heartbeat carried; a reordered
+/// heartbeat was answered with the newest one's.
+#[test]
+fn the_ack_of_a_late_heartbeat_echoes_its_own_interval() {
+    let g = Gate::new(Config {
+        port: PORT,
+        ack_every: 1,
+        ..Config::default()
+    });
+    let at = |seq, iv| {
+        v4(&sealed(Datagram {
+            interval_ms: iv,
+            ..hb(seq)
+        }))
+    };
+    assert_eq!(g.run(&at(1, 1000)).unwrap().0, XDP_TX);
+    assert_eq!(g.run(&at(3, 500)).unwrap().0, XDP_TX);
+    let late = at(2, 1000);
+    let (action, out) = g.run(&late).unwrap();
+    assert_eq!(action, XDP_TX);
+    let (_, udp, _) = frames::offsets(&out);
+    let p: &[u8; 48] = out[udp + 8..].try_into().unwrap();
+    let a = hb_common::proto::parse(p, Kind::Ack).unwrap();
+    assert_eq!(a.seq, 2);
+    assert_eq!(a.interval_ms, 1000, "echo of seq 2's own interval");
+}

@@ -227,7 +227,7 @@ impl Inner {
             }
         };
         let rec = maps::record(live, rest, &d, admit, now_ns);
-        let ack = self.ack_for(keys.slot, buf, key);
+        let ack = self.ack_for(keys.slot, buf, key, d.interval_ms);
         if rec.restarted {
             self.report(
                 REPORT_RESTART,
@@ -249,13 +249,14 @@ impl Inner {
         slot: u32,
         buf: &[u8; proto::LEN],
         key: &hb_common::NodeKey,
+        heard_ms: u32,
     ) -> Option<[u8; proto::LEN]> {
         let cfg = self.config;
         if cfg.pass_accepted != 0 {
             return None;
         }
         let (live, rest) = (&self.live[slot as usize], &mut self.rest[slot as usize]);
-        let interval = maps::ack_interval(&cfg, live, rest)?;
+        let interval = maps::ack_interval(&cfg, live, rest, heard_ms)?;
         let mut ack = *buf;
         proto::make_ack(&mut ack, key, interval);
         Some(ack)

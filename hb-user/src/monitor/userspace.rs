@@ -576,7 +576,13 @@ pub async fn serve(
         }
         let src = SocketAddr::new(got.src.ip().to_canonical(), got.src.port());
         let v = dp.gate_unsent(&buf[..got.len], src, now);
-        if let Some(ack) = v.ack {
+        // As the XDP gate: a heartbeat to a broadcast or multicast
+        // address (the wildcard socket gets those) is not answered from it.
+        let unicast = |ip: &IpAddr| match ip.to_canonical() {
+            IpAddr::V4(a) => !(a.is_broadcast() || a.is_multicast()),
+            IpAddr::V6(a) => !a.is_multicast(),
+        };
+        if let Some(ack) = v.ack.filter(|_| got.dst.as_ref().is_none_or(unicast)) {
             match sock.try_io(Interest::WRITABLE, || send_reply(fd, &ack, &got)) {
                 Ok(()) => dp.ack_sent(),
                 Err(e) => {

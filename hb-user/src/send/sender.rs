@@ -1141,4 +1141,45 @@ mod tests {
         r.sample(300);
         assert_eq!(r.rtt_us(), 1);
     }
+
+    /// With the gate's own logic (`hb_common::maps`): monitor 2 has no
+    /// opinion (periodic ACKs, no request), and a reordered heartbeat's
+    /// ACK echoes that heartbeat's interval. It carried the newest one's,
+    /// which the sender took for a standing request of monitor 2: the
+    /// fastest request winning, the node stayed at 500 ms for good.
+    #[test]
+    fn a_reordered_heartbeat_does_not_make_a_monitor_without_opinion_pin_the_interval() {
+        use hb_common::maps::{self, NodeState};
+        let gate_cfg = maps::Config {
+            ack_every: 1,
+            ..maps::Config::default()
+        };
+        let mut st = NodeState::default();
+        let mut gate = |b: &[u8; proto::LEN], now: u64| {
+            let d = proto::parse(b, Kind::Heartbeat).unwrap();
+            let a = st.admit(&d).unwrap();
+            st.record(&d, a, now);
+            let (live, rest) = st.split_mut();
+            let iv = maps::ack_interval(&gate_cfg, live, rest, d.interval_ms).unwrap();
+            ack_of(b, &KEY, iv)
+        };
+        let mut s = sender(2);
+        // seq 1 (1000 ms): monitor 1 asks for 500.
+        let h1 = s.heartbeat(10 * MS, 0, false);
+        s.on_ack(&ack_of(&h1[0].1, &KEY, 500), mon(1), 11 * MS)
+            .unwrap();
+        assert_eq!(s.interval_ms(), 500);
+        // seq 2 (500 ms) reaches monitor 2 before seq 1 does.
+        let h2 = s.heartbeat(12 * MS, 0, false);
+        let a2 = gate(&h2[1].1, 13 * MS);
+        let a1 = gate(&h1[1].1, 14 * MS);
+        s.on_ack(&a2, mon(2), 15 * MS).unwrap();
+        s.on_ack(&a1, mon(2), 15 * MS).unwrap();
+        // Monitor 1 now wants 2000; monitor 2 never asked for anything.
+        let h3 = s.heartbeat(16 * MS, 0, false);
+        s.on_ack(&ack_of(&h3[0].1, &KEY, 2000), mon(1), 17 * MS)
+            .unwrap();
+        assert_eq!(s.monitors()[1].requested, None, "monitor 2 has no opinion");
+        assert_eq!(s.interval_ms(), 2000);
+    }
 }
