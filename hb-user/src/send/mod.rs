@@ -600,7 +600,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 tracing::warn!(problem = %why, generation = n.generation, "ignoring the stored generation, using Unix seconds + 1");
             }
             if let Some(why) = &n.unsaved {
-                tracing::warn!(problem = %why, generation = n.generation, "cannot store the generation: a restart within this second may take it again");
+                tracing::warn!(problem = %why, generation = n.generation, "cannot store the generation: a later start may take it again (one within this second; every one, while the stored generation is ahead of the clock), and monitors then take its heartbeats for replays until its seq passes this run's: make the state directory writable");
             }
             n.generation
         }
@@ -682,12 +682,16 @@ impl Sockets {
         Ok(())
     }
 
-    /// Sends without waiting; `false` if the datagram did not leave.
+    /// Sends without waiting; an error if the datagram did not leave (one
+    /// of its own for a family whose socket could not be opened).
     fn try_send(&self, to: SocketAddr, b: &[u8]) -> Result<(), std::io::Error> {
         let s = if to.is_ipv4() { &self.v4 } else { &self.v6 };
-        let s = s
-            .as_ref()
-            .expect("a socket exists for every monitor's family");
+        let Some(s) = s.as_ref() else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "no UDP socket of this address family could be opened",
+            ));
+        };
         s.try_send_to(b, to).map(drop)
     }
 }
@@ -910,8 +914,22 @@ async fn send_loop(
 ) -> anyhow::Result<()> {
     let cfg = sender.config().clone();
     let mut sockets = Sockets::default();
+    // A family that cannot be opened (a kernel booted with
+    // `ipv6.disable=1`, a unit's `RestrictAddressFamilies`) costs its
+    // monitors their heartbeats, not the others theirs: a fleet-wide
+    // config with one `[v6]:P` monitor made every such node exit, dead to
+    // every monitor. (A name is tried again at its next lookup.)
+    let mut unreachable = 0;
     for &m in &cfg.monitors {
-        sockets.open_for(m)?;
+        if let Err(e) = sockets.open_for(m) {
+            unreachable += 1;
+            tracing::warn!(monitor = %m, error = %format!("{e:#}"), "this monitor gets no heartbeats");
+        }
+    }
+    if unreachable > 0 && unreachable == cfg.monitors.len() && names.is_empty() {
+        bail!(
+            "no monitor can get heartbeats: no UDP socket of their address families could be opened"
+        );
     }
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
@@ -1083,6 +1101,18 @@ where
 
 #[cfg(test)]
 mod tests {
+    /// A family whose socket could not be opened is an error for its
+    /// monitors' sends, not a panic of the whole sender.
+    #[tokio::test]
+    async fn a_send_to_a_family_without_a_socket_is_an_error() {
+        let mut sockets = super::Sockets::default();
+        sockets.open_for("127.0.0.1:9".parse().unwrap()).unwrap();
+        let e = sockets
+            .try_send("[fd00::1]:7420".parse().unwrap(), b"x")
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::Unsupported);
+    }
+
     use super::*;
 
     #[test]
