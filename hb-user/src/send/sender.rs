@@ -166,6 +166,9 @@ struct Sent {
     interval_ms: u32,
     /// Bit `i`: monitor `i` acknowledged it already.
     acked: u64,
+    /// Bit `i`: it did not leave for monitor `i` (a send error): an ACK of
+    /// it "from" that monitor can only be another monitor's replayed.
+    unsent: u64,
 }
 
 /// Why an ACK was not accepted.
@@ -341,8 +344,11 @@ impl Sender {
         // Bit `j` of `acked` is monitor `j`: the bits of those after `i`
         // move down with them.
         let below = (1u64 << i) - 1;
+        let drop_bit =
+            |bits: u64| (bits & below) | (bits.checked_shr(i as u32 + 1).unwrap_or(0) << i);
         for s in &mut self.recent {
-            s.acked = (s.acked & below) | (s.acked.checked_shr(i as u32 + 1).unwrap_or(0) << i);
+            s.acked = drop_bit(s.acked);
+            s.unsent = drop_bit(s.unsent);
         }
         Some(Removed {
             monitor,
@@ -377,11 +383,16 @@ impl Sender {
         }
     }
 
-    /// Counts a failed send to monitor `i`.
+    /// Counts a failed send of the last heartbeat to monitor `i`, which
+    /// then accepts no ACK of it.
     pub fn send_failed(&mut self, i: usize) {
         if let Some(m) = self.monitors.get_mut(i) {
             m.send_errors += 1;
             self.send_errors += 1;
+            let slot = &mut self.recent[(self.seq % RECENT as u64) as usize];
+            if slot.seq == self.seq && i < 64 {
+                slot.unsent |= 1 << i;
+            }
         }
     }
 
@@ -418,6 +429,7 @@ impl Sender {
             sent_ns: now_ns,
             interval_ms: self.interval_ms,
             acked: 0,
+            unsent: 0,
         };
         let mut d = Datagram {
             kind: Kind::Heartbeat,
@@ -486,12 +498,12 @@ impl Sender {
         if ack.seq == 0 || slot.seq != ack.seq || slot.sent_ns != ack.sent_ns {
             return Err(AckReject::UnknownSeq);
         }
-        // A heartbeat sent before this monitor was added was not sent to
-        // it.
-        if ack.seq < self.monitors[mi].since_seq {
+        // A heartbeat sent before this monitor was added, or whose send to
+        // it failed, was not sent to it.
+        let bit = 1u64 << mi;
+        if ack.seq < self.monitors[mi].since_seq || slot.unsent & bit != 0 {
             return Err(AckReject::UnknownSeq);
         }
-        let bit = 1u64 << mi;
         if slot.acked & bit != 0 {
             return Err(AckReject::Duplicate);
         }
@@ -1181,5 +1193,23 @@ mod tests {
             .unwrap();
         assert_eq!(s.monitors()[1].requested, None, "monitor 2 has no opinion");
         assert_eq!(s.interval_ms(), 2000);
+    }
+
+    /// A heartbeat whose send to a monitor failed was never sent to it:
+    /// an ACK of it "from" that monitor can only be another monitor's
+    /// replayed (every monitor signs with the node's key), and is refused;
+    /// it set that monitor's RTT and interval request.
+    #[test]
+    fn an_ack_of_a_heartbeat_that_never_left_for_that_monitor_is_refused() {
+        let mut s = sender(2);
+        let hbs = s.heartbeat(10 * MS, 0, false);
+        s.send_failed(1);
+        let replay = ack_of(&hbs[0].1, &KEY, 100);
+        assert_eq!(
+            s.on_ack(&replay, mon(2), 12 * MS),
+            Err(AckReject::UnknownSeq)
+        );
+        // Monitor 1's own is taken.
+        assert!(s.on_ack(&replay, mon(1), 12 * MS).is_ok());
     }
 }
