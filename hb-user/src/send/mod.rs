@@ -657,27 +657,37 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// The sockets: one per address family in use.
+/// One UDP socket per address family, opened when a monitor needs it:
+/// received from through tokio, sent on directly (a clone of it).
+/// tokio's `try_send_to` does not even try the syscall until its driver
+/// has seen the socket writable, and a socket opened in the loop (a name
+/// that resolved to the first address of its family) whose heartbeat was
+/// already due lost it, warned as "cannot send".
 #[derive(Default)]
 struct Sockets {
     v4: Option<UdpSocket>,
     v6: Option<UdpSocket>,
+    v4_send: Option<std::net::UdpSocket>,
+    v6_send: Option<std::net::UdpSocket>,
 }
 
 impl Sockets {
     /// Opens the socket for `to`'s family, unless it is open.
     fn open_for(&mut self, to: SocketAddr) -> anyhow::Result<()> {
-        let (slot, any, family) = match to {
-            SocketAddr::V4(_) => (&mut self.v4, "0.0.0.0:0", "IPv4"),
-            SocketAddr::V6(_) => (&mut self.v6, "[::]:0", "IPv6"),
+        let (slot, send, any, family) = match to {
+            SocketAddr::V4(_) => (&mut self.v4, &mut self.v4_send, "0.0.0.0:0", "IPv4"),
+            SocketAddr::V6(_) => (&mut self.v6, &mut self.v6_send, "[::]:0", "IPv6"),
         };
         if slot.is_none() {
-            let s = std::net::UdpSocket::bind(any)
+            let (s, clone) = std::net::UdpSocket::bind(any)
                 .and_then(|s| {
                     s.set_nonblocking(true)?;
-                    UdpSocket::from_std(s)
+                    let clone = s.try_clone()?;
+                    Ok((UdpSocket::from_std(s)?, clone))
                 })
                 .with_context(|| format!("cannot open an {family} UDP socket"))?;
             *slot = Some(s);
+            *send = Some(clone);
         }
         Ok(())
     }
@@ -685,14 +695,19 @@ impl Sockets {
     /// Sends without waiting; an error if the datagram did not leave (one
     /// of its own for a family whose socket could not be opened).
     fn try_send(&self, to: SocketAddr, b: &[u8]) -> Result<(), std::io::Error> {
-        let s = if to.is_ipv4() { &self.v4 } else { &self.v6 };
+        let s = if to.is_ipv4() {
+            &self.v4_send
+        } else {
+            &self.v6_send
+        };
         let Some(s) = s.as_ref() else {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::Unsupported,
                 "no UDP socket of this address family could be opened",
             ));
         };
-        s.try_send_to(b, to).map(drop)
+        // Non-blocking: `WouldBlock` only if the socket's buffer is full.
+        s.send_to(b, to).map(drop)
     }
 }
 
@@ -1101,6 +1116,29 @@ where
 
 #[cfg(test)]
 mod tests {
+    /// A socket opened in the loop sends at once: through tokio it did not
+    /// even try until the runtime's driver had seen it writable, and the
+    /// heartbeat already due when a name first resolved to its family was
+    /// lost ("cannot send heartbeat").
+    #[test]
+    fn a_socket_opened_in_the_loop_sends_at_once() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let to = rx.local_addr().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut s = super::Sockets::default();
+            s.open_for(to).unwrap();
+            s.try_send(to, &[7u8; 48])
+                .expect("sent without a driver turn");
+        });
+        let mut buf = [0u8; 64];
+        assert_eq!(rx.recv(&mut buf).unwrap(), 48);
+    }
+
     /// A family whose socket could not be opened is an error for its
     /// monitors' sends, not a panic of the whole sender.
     #[tokio::test]
