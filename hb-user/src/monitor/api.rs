@@ -13,7 +13,8 @@
 //! node): it is streamed, one chunk of nodes at a time, so a listing holds
 //! about one chunk in memory however large the fleet, and at most
 //! [`LISTINGS`] run at once (another is told to retry). A listing stops as
-//! soon as its client goes away or stops reading for [`STALL`]; one that
+//! soon as its client goes away, stops reading for [`STALL`] or has taken
+//! [`LISTING_MAX`] over it; one that
 //! fails midway aborts the connection, so no client can take the part it
 //! got for the whole table.
 
@@ -204,6 +205,13 @@ const LISTINGS: usize = 2;
 /// (`curl | less`, a hung dashboard) do not keep the listings taken.
 const STALL: Duration = Duration::from_secs(30);
 
+/// The longest a listing may take, however steadily its client reads: one
+/// that takes a frame every 29 s (never stalled) held a listing for days
+/// at a million nodes, and two of them every listing. A million nodes,
+/// about 400 MB of JSON, take seconds on a host's own link and under
+/// 10 minutes over 10 Mbit/s.
+const LISTING_MAX: Duration = Duration::from_secs(600);
+
 /// Why a listing stopped before its end.
 #[derive(Debug)]
 enum Stop {
@@ -211,6 +219,8 @@ enum Stop {
     Gone,
     /// The client took no frame for [`STALL`].
     Stalled,
+    /// The listing took longer than [`LISTING_MAX`].
+    Overran,
     Failed(ListingError),
 }
 
@@ -370,10 +380,28 @@ fn produce(
     tx: &mpsc::Sender<Piece>,
     rt: &Handle,
 ) -> (usize, Result<(), Stop>) {
-    let send = |piece| match rt.block_on(tokio::time::timeout(STALL, tx.send(piece))) {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(Stop::Gone),
-        Err(_) => Err(Stop::Stalled),
+    produce_within(shared, state, chunk, tx, rt, STALL, LISTING_MAX)
+}
+
+/// [`produce`] with other bounds (tests).
+fn produce_within(
+    shared: &Shared,
+    state: Option<Status>,
+    chunk: usize,
+    tx: &mpsc::Sender<Piece>,
+    rt: &Handle,
+    stall: Duration,
+    max: Duration,
+) -> (usize, Result<(), Stop>) {
+    let deadline = std::time::Instant::now() + max;
+    let send = |piece| {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rt.block_on(tokio::time::timeout(stall.min(left), tx.send(piece))) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Stop::Gone),
+            Err(_) if left <= stall => Err(Stop::Overran),
+            Err(_) => Err(Stop::Stalled),
+        }
     };
     let mut frames = 0;
     let end = write_listing(shared, state, chunk, &mut |b| {
@@ -386,8 +414,13 @@ fn produce(
         Err(Stop::Gone) => tracing::debug!(frames, "node listing: the client went away"),
         Err(Stop::Stalled) => tracing::warn!(
             frames,
-            stall_s = STALL.as_secs(),
+            stall_s = stall.as_secs(),
             "node listing given up: its client stopped reading"
+        ),
+        Err(Stop::Overran) => tracing::warn!(
+            frames,
+            max_s = max.as_secs(),
+            "node listing given up: its client read it too slowly"
         ),
         Err(Stop::Failed(e)) => tracing::error!(
             frames,
@@ -1096,6 +1129,37 @@ mod tests {
         })
         .await
         .expect("the listing's permit comes back");
+    }
+
+    /// A client that reads a listing in trickles, never stalled, holds it
+    /// no longer than the listing's time limit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_listing_read_in_trickles_is_given_up_at_its_time_limit() {
+        let shared = fleet(20_000);
+        let (tx, mut rx) = mpsc::channel(1);
+        let (s, rt) = (shared.clone(), Handle::current());
+        let producer = tokio::task::spawn_blocking(move || {
+            produce_within(
+                &s,
+                None,
+                256,
+                &tx,
+                &rt,
+                Duration::from_secs(5),
+                Duration::from_millis(500),
+            )
+        });
+        let reader = tokio::spawn(async move {
+            while rx.recv().await.is_some() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let (_, end) = tokio::time::timeout(Duration::from_secs(5), producer)
+            .await
+            .expect("given up within 5 s")
+            .unwrap();
+        assert!(matches!(end, Err(Stop::Overran)), "{end:?}");
+        reader.await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
