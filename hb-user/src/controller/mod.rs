@@ -90,7 +90,8 @@
 //! computed from the configuration alone (nothing a node reports moves
 //! it). It then settles there like after a step slower. A node whose
 //! request outlived the controller's memory of it (a monitor restarted
-//! over pinned maps) goes on from the interval it runs at. Before stop 12
+//! over pinned maps, a reload) goes on from that request, the last
+//! decision for it, not from the interval it reports. Before stop 12
 //! every node started at its sender's own interval (1 s by default) and
 //! climbed one settled step at a time: about 90 s from 1 s to 5 s, 5% of
 //! the heartbeats of a one-hour run at a 7.6 s target.
@@ -870,18 +871,7 @@ impl QController {
 
     /// The best allowed action in row `s` (ties go to hold, then slower).
     fn greedy(&self, s: usize, level: usize, cap_level: usize) -> (Action, f64) {
-        let q = self.row(s);
-        let mut best: Option<(Action, f64)> = None;
-        for a in [Action::Hold, Action::Slower, Action::Faster] {
-            if !Self::allowed(level, cap_level).any(|x| x == a) {
-                continue;
-            }
-            let v = q[a as usize];
-            if best.is_none_or(|(_, b)| v > b) {
-                best = Some((a, v));
-            }
-        }
-        best.unwrap_or((Action::Hold, q[Action::Hold as usize]))
+        greedy_of(self.row(s), level, cap_level)
     }
 
     /// Decides for `node` from the gate state `now` (a consistent copy of
@@ -951,9 +941,18 @@ impl QController {
             m.decision = Some(d.clone());
             return d;
         }
-        let current = m
-            .level
-            .unwrap_or_else(|| self.grid.level_of(obs.interval_ms));
+        // Without memory of the node (a monitor restarted over pinned
+        // maps, a reload, a switch from another policy), the standing
+        // request is the last decision: the next is one step from it. From
+        // the interval the node reports, a node could move its own request
+        // anywhere on the grid (reporting u32::MAX: 1 s to 10 s at once),
+        // and an honest node whose request was on its way stepped back.
+        let current = m.level.unwrap_or_else(|| {
+            self.grid.level_of(match obs.requested_interval_ms {
+                0 => obs.interval_ms,
+                ms => ms,
+            })
+        });
         if current > cap_level {
             // Safety before learning: a newly capped node goes to its cap.
             m.level = Some(cap_level);
@@ -1217,6 +1216,23 @@ pub struct Snapshot {
     pub nodes: usize,
     pub rewards: RewardStats,
     pub table: Vec<table::Row>,
+}
+
+/// The best action of a row's values `q` allowed at `level` under
+/// `cap_level` (ties go to hold, then slower): the greedy policy, and what
+/// a table file's `greedy` field says.
+pub(crate) fn greedy_of(q: [f64; 3], level: usize, cap_level: usize) -> (Action, f64) {
+    let mut best: Option<(Action, f64)> = None;
+    for a in [Action::Hold, Action::Slower, Action::Faster] {
+        if !QController::allowed(level, cap_level).any(|x| x == a) {
+            continue;
+        }
+        let v = q[a as usize];
+        if best.is_none_or(|(_, b)| v > b) {
+            best = Some((a, v));
+        }
+    }
+    best.unwrap_or((Action::Hold, q[Action::Hold as usize]))
 }
 
 #[cfg(test)]

@@ -120,7 +120,7 @@ pub fn read(path: &Path) -> Result<TableFile, TableError> {
             h.version
         )));
     }
-    let t: TableFile = serde_json::from_slice(&bytes).map_err(parse)?;
+    let mut t: TableFile = serde_json::from_slice(&bytes).map_err(parse)?;
     if t.format != FORMAT {
         return Err(invalid(format!(
             "format is {:?}, expected {FORMAT:?}",
@@ -148,8 +148,21 @@ pub fn read(path: &Path) -> Result<TableFile, TableError> {
     let grid = super::Grid {
         levels_ms: t.levels_ms.clone(),
     };
+    let rewards = &t.rewards;
+    let stats = [
+        rewards.mean,
+        rewards.min,
+        rewards.max,
+        rewards.last,
+        rewards.mean_detection_ms,
+    ];
+    if stats.iter().any(|v| !v.is_finite() || v.abs() > Q_MAX)
+        || !(0.0..=1.0).contains(&rewards.mean_late_share)
+    {
+        return Err(invalid("the reward statistics are out of range".into()));
+    }
     let mut seen = std::collections::HashSet::with_capacity(t.rows.len());
-    for r in &t.rows {
+    for r in &mut t.rows {
         if r.index as usize >= StateKey::rows(levels) {
             return Err(invalid(format!("row index {} is out of range", r.index)));
         }
@@ -157,10 +170,18 @@ pub fn read(path: &Path) -> Result<TableFile, TableError> {
             // Loading would keep one of them silently.
             return Err(invalid(format!("row {} appears twice", r.index)));
         }
-        if r.q.iter().any(|v| !v.is_finite()) {
-            return Err(invalid(format!("row {} has a non-finite Q value", r.index)));
+        if r.q.iter().any(|v| !v.is_finite() || v.abs() > Q_MAX) {
+            // Finite but huge (hand-edited), the next update overflowed to
+            // infinity, and the next save wrote a file no start could read.
+            return Err(invalid(format!(
+                "row {} has a Q value that is not a finite number within +-{Q_MAX:e}",
+                r.index
+            )));
         }
-        let expect = StateKey::from_index(r.index as usize, levels).describe(&grid);
+        let key = StateKey::from_index(r.index as usize, levels);
+        // Informative in the file: what the values say, not what it says.
+        r.greedy = super::greedy_of(r.q, key.interval as usize, levels - 1).0;
+        let expect = key.describe(&grid);
         if expect != r.state {
             return Err(invalid(format!(
                 "row {} describes {:?} but this build's buckets give {:?}: the table \
@@ -172,10 +193,23 @@ pub fn read(path: &Path) -> Result<TableFile, TableError> {
     Ok(t)
 }
 
+/// The largest Q value a table may hold. The worst reward of a decision
+/// is about -8e6 (every term at its bound, over eight periods), so values
+/// stay within about 2e9 of zero at gamma 0.995.
+pub const Q_MAX: f64 = 1e12;
+
 impl TableFile {
     /// Writes the document to `path` atomically (creating its directory
-    /// if needed): a crash leaves the old table or the new one.
+    /// if needed): a crash leaves the old table or the new one. A value
+    /// that is not finite (JSON would say `null`, which no start reads)
+    /// is refused.
     pub fn save(&self, path: &Path) -> Result<(), TableError> {
+        if self.rows.iter().any(|r| r.q.iter().any(|v| !v.is_finite())) {
+            return Err(TableError::Invalid {
+                path: path.to_path_buf(),
+                what: "a Q value is not a finite number: not saved over the last good table".into(),
+            });
+        }
         let json = serde_json::to_vec_pretty(self).map_err(|source| TableError::Parse {
             path: path.to_path_buf(),
             source,

@@ -765,3 +765,70 @@ fn a_restart_keeps_the_level_and_waits_to_settle() {
     let d = c.observe(1, &n.state, 0);
     assert_eq!((d.reason, d.interval_ms), (Reason::Settling, 500));
 }
+
+/// Without memory of a node (a monitor restarted over pinned maps, a
+/// reload, a switch from another policy) the standing request is the last
+/// decision: the next is at most one level from it, whatever interval the
+/// node reports. From the reported one, a node reporting u32::MAX moved
+/// its request from 1 s to 10 s at once.
+#[test]
+fn without_memory_of_a_node_its_standing_request_is_where_it_steps_from() {
+    let grid = controller(1).grid().clone();
+    for reported in [u32::MAX, 10_000, 0, 1] {
+        let mut c = controller(1);
+        c.set_epsilon(Some(0.0));
+        let obs = Observation {
+            generation: 1,
+            interval_ms: reported,
+            requested_interval_ms: 1000,
+            mean_ms: 1000.0,
+            sigma_ms: 100.0,
+            new_samples: 1,
+            ..Observation::default()
+        };
+        let d = c.decide(7, &obs);
+        let (prev, now) = (grid.level_of(1000), grid.level_of(d.interval_ms));
+        assert!(
+            now.abs_diff(prev) <= 1,
+            "reported {reported}: standing request 1000 ms -> decision {} ms ({:?})",
+            d.interval_ms,
+            d.reason
+        );
+    }
+}
+
+/// A hand-edited table whose Q values are finite but huge is refused at
+/// load (loaded, the next update overflowed to infinity, and the next
+/// save wrote `null`s no start could read); a non-finite value is never
+/// saved; the `greedy` a file states is recomputed from its values.
+#[test]
+fn table_values_out_of_range_are_refused_and_greedy_is_recomputed() {
+    let mut c = controller(1);
+    let mut node = SynthNode::new(1000, 0.02, 0.0, 100);
+    for _ in 0..50 {
+        node.period(5000);
+        let d = c.observe(1, &node.state, 0);
+        node.adopt(&d);
+    }
+    let good = c.table_file();
+    let p = temp_path("huge-q.json");
+    let mut t = good.clone();
+    t.rows[0].q = [f64::MAX, -f64::MAX, f64::MAX];
+    t.save(&p).unwrap();
+    let e = table::read(&p).unwrap_err().to_string();
+    assert!(e.contains("not a finite number within"), "{e}");
+    let mut t = good.clone();
+    t.rows[0].q[1] = f64::NAN;
+    assert!(t.save(&p).is_err(), "a NaN is not saved");
+    let mut t = good.clone();
+    t.rows[0].q = [-1.0, -5.0, -9.0];
+    t.rows[0].greedy = Action::Faster;
+    t.save(&p).unwrap();
+    let r = table::read(&p).unwrap();
+    let _ = std::fs::remove_file(&p);
+    assert_ne!(
+        r.rows[0].greedy,
+        Action::Faster,
+        "recomputed from the values"
+    );
+}

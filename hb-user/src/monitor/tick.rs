@@ -425,7 +425,7 @@ impl Core {
     /// policy) and when a reload replaces the policy.
     /// - A policy that makes requests takes them over: the table learns
     ///   them, and the policy replaces them by its own decisions. A
-    ///   learning controller goes on from the interval each node runs at,
+    ///   learning controller goes on from each node's standing request,
     ///   as after any restart of the monitor, instead of moving every
     ///   node to its start level at once. A node that the gate's ACKs
     ///   were just telling to slow down (its run of change ACKs for that
