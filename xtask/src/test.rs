@@ -94,8 +94,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // the command line as typed.
     let typed: Vec<String> = std::env::args().collect();
     let (cargo_args, test_args) = split_args(&typed).unwrap_or((args.args, Vec::new()));
-    let result = run_tests(&cargo_args, &test_args, &run);
-    let leaked = util::kill_marked_hb_processes(&run);
+    let mut leaked = Vec::new();
+    let result = run_tests(&cargo_args, &test_args, &run, &mut leaked);
+    leaked.extend(util::kill_marked_hb_processes(&run));
     if !leaked.is_empty() {
         eprintln!(
             "xtask: after the tests: killed {} hb process(es) the tests left running: {}",
@@ -200,7 +201,13 @@ fn build_hb(cargo_args: &[String]) -> anyhow::Result<()> {
     util::run(&mut cmd).context("cannot build the hb binary the tests run")
 }
 
-fn run_tests(cargo_args: &[String], test_args: &[String], run: &str) -> anyhow::Result<Totals> {
+/// Runs the tests; the `hb` processes they left running go to `leaked`.
+fn run_tests(
+    cargo_args: &[String],
+    test_args: &[String],
+    run: &str,
+    leaked: &mut Vec<String>,
+) -> anyhow::Result<Totals> {
     build_hb(cargo_args)?;
     let mut cmd = util::cargo();
     cmd.args(["test", "--no-fail-fast"]);
@@ -230,6 +237,11 @@ fn run_tests(cargo_args: &[String], test_args: &[String], run: &str) -> anyhow::
         let _ = writeln!(out, "{line}");
     }
     drop(out);
+    // Before `wait_fg`, which kills the group the tests' processes are in.
+    leaked.extend(util::left_marked_hb_processes(
+        run,
+        std::time::Duration::from_secs(5),
+    ));
     let status = util::wait_fg(&mut child)?;
     if !status.success() && totals.failed == 0 {
         // A build failure or a crashed test binary: no result line says so.

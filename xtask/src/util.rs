@@ -252,11 +252,14 @@ pub fn sweep_pins(prefix: &str) -> anyhow::Result<Vec<String>> {
 /// Sweeps everything test runs create: `hbt-*` and `hbd-*` namespaces
 /// and `/sys/fs/bpf/hb-test-*` pins. `when` goes into the log line.
 /// Returns how many objects it removed (0 also when it could not look).
+/// The namespaces tests make: `hbt-` (hb-tests), `hbd-` (the demo's,
+/// which its unit test builds too; the pid in the name keeps a running
+/// demo's).
+const TEST_NETNS_PREFIXES: [&str; 2] = ["hbt-", "hbd-"];
+
 pub fn sweep_test_leftovers(when: &str) -> usize {
     let mut swept = 0;
-    // `hbd-`: the demo's, which its unit test builds too (the pid in
-    // the name keeps a running demo's).
-    match sweep_netns(&["hbt-", "hbd-"]) {
+    match sweep_netns(&TEST_NETNS_PREFIXES) {
         Ok(v) if !v.is_empty() => {
             eprintln!(
                 "xtask: {when}: deleted {} leftover namespace(s): {}",
@@ -315,15 +318,35 @@ pub fn kill_marked_hb_processes(run: &str) -> Vec<String> {
     kill_marked_hb_processes_of(&target_dir(), run)
 }
 
-fn kill_marked_hb_processes_of(target: &Path, run: &str) -> Vec<String> {
+/// [`kill_marked_hb_processes`] once the tests have ended, before their
+/// process group is killed ([`wait_fg`] kills what outlives cargo by 5 s,
+/// and an `hb` a test left running is in it: killed there, it was never
+/// seen, and the run passed). The marked processes get `grace` to go (a
+/// test's drop may be killing one) before they count as left running.
+pub fn left_marked_hb_processes(run: &str, grace: Duration) -> Vec<String> {
+    let target = target_dir();
+    let deadline = std::time::Instant::now() + grace;
+    while !marked_hb_processes_of(&target, run).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    kill_marked_hb_processes_of(&target, run)
+}
+
+/// The `hb` processes of `target` marked with `run` (see [`RUN_MARK`]).
+fn marked_hb_processes_of(target: &Path, run: &str) -> Vec<u32> {
     let mark = format!("{RUN_MARK}={run}");
+    hb_processes_of(target)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == mark.as_bytes()))
+        })
+        .collect()
+}
+
+fn kill_marked_hb_processes_of(target: &Path, run: &str) -> Vec<String> {
     let mut killed = Vec::new();
-    for pid in hb_processes_of(target) {
-        let marked = std::fs::read(format!("/proc/{pid}/environ"))
-            .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == mark.as_bytes()));
-        if !marked {
-            continue;
-        }
+    for pid in marked_hb_processes_of(target, run) {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
             .map(|b| {
                 String::from_utf8_lossy(&b)
@@ -399,6 +422,7 @@ mod tests {
             .unwrap();
         let orphan = spawn_orphan(&run);
         let seen = hb_processes_of(&dir);
+        let mut marked = marked_hb_processes_of(&dir, &run);
         let killed = kill_marked_hb_processes_of(&dir, &run);
         let _ = child.wait();
         let _ = by_hand.kill();
@@ -417,6 +441,8 @@ mod tests {
         let mut want = vec![orphan, child.id()];
         want.sort_unstable();
         assert_eq!(pids, want, "{killed:?}");
+        marked.sort_unstable();
+        assert_eq!(marked, want, "seen as left running before the kill");
         assert!(
             killed.iter().all(|k| k.ends_with(" 30)")),
             "the command lines: {killed:?}"
@@ -424,13 +450,19 @@ mod tests {
     }
 
     /// A namespace the demo's unit test left (its binary killed without
-    /// unwinding) is swept with the tests' own.
+    /// unwinding) is swept with the tests' own. Only this one is swept
+    /// here: this binary runs after the others, and the whole sweep it
+    /// made removed what they had left, which the run then never counted.
     #[test]
     fn the_sweep_takes_the_demos_leftovers_too() {
         let me = std::process::id();
         let dead = format!("hbd-99999999-sweep{me}");
+        assert!(
+            TEST_NETNS_PREFIXES.iter().any(|p| dead.starts_with(p)),
+            "{TEST_NETNS_PREFIXES:?}"
+        );
         output(Command::new("ip").args(["netns", "add", &dead])).unwrap();
-        sweep_test_leftovers("test");
+        let swept = sweep_netns(&[&dead]);
         let list = output(Command::new("ip").args(["netns", "list"])).unwrap();
         let left = list
             .lines()
@@ -439,5 +471,6 @@ mod tests {
             let _ = output(Command::new("ip").args(["netns", "delete", &dead]));
         }
         assert!(!left, "{dead} was not swept");
+        assert_eq!(swept.unwrap(), [dead]);
     }
 }
