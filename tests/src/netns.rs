@@ -136,21 +136,6 @@ impl Drop for NetNs {
     }
 }
 
-/// Deletes every namespace whose name starts with [`PREFIX`]: what a killed
-/// test run may have left behind. Returns how many were deleted.
-pub fn sweep() -> anyhow::Result<usize> {
-    let out = ip(&["netns", "list"])?;
-    let mut n = 0;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        if name.starts_with(PREFIX) {
-            ip(&["netns", "delete", name])?;
-            n += 1;
-        }
-    }
-    Ok(n)
-}
-
 /// Addresses of the two ends of a test link: IPv4 in 198.18.0.0/15 and IPv6
 /// in fd00::/8, never anything routable.
 #[derive(Clone, Copy, Debug)]

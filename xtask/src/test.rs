@@ -231,10 +231,27 @@ fn run_tests(
     let stdout = child.stdout.take().context("no stdout pipe")?;
     let mut totals = Totals::default();
     let mut out = std::io::stdout().lock();
-    for line in BufReader::new(stdout).lines() {
-        let line = line.context("reading cargo test output")?;
-        totals.add_line(&line);
-        let _ = writeln!(out, "{line}");
+    // Lossily: a test's captured output may hold any bytes, and an error
+    // here returned before cargo was waited for (the sweep then ran while
+    // test binaries still lived, and the real failure was hidden).
+    let mut reader = BufReader::new(stdout);
+    let mut raw = Vec::new();
+    let mut read_error = None;
+    loop {
+        raw.clear();
+        match reader.read_until(b'\n', &mut raw) {
+            Ok(0) => break,
+            Ok(_) => {
+                let line = String::from_utf8_lossy(&raw);
+                let line = line.trim_end_matches(['\n', '\r']);
+                totals.add_line(line);
+                let _ = writeln!(out, "{line}");
+            }
+            Err(e) => {
+                read_error = Some(e);
+                break;
+            }
+        }
     }
     drop(out);
     // Before `wait_fg`, which kills the group the tests' processes are in.
@@ -243,6 +260,9 @@ fn run_tests(
         std::time::Duration::from_secs(5),
     ));
     let status = util::wait_fg(&mut child)?;
+    if let Some(e) = read_error {
+        bail!("cannot read cargo test's output ({e}): its results are unknown");
+    }
     if !status.success() && totals.failed == 0 {
         // A build failure or a crashed test binary: no result line says so.
         bail!("`cargo test` failed ({status}) before reporting failed tests");

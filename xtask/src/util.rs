@@ -213,7 +213,11 @@ pub fn sweep_netns(prefixes: &[&str]) -> anyhow::Result<Vec<String>> {
         if !is_leftover(name, mtime) {
             continue;
         }
-        output(Command::new("ip").args(["netns", "delete", name]))?;
+        // On past one that cannot be deleted: it is still counted (a
+        // leftover either way), and the others still go.
+        if let Err(e) = output(Command::new("ip").args(["netns", "delete", name])) {
+            eprintln!("xtask: cannot delete namespace {name}: {e:#}");
+        }
         deleted.push(name.to_owned());
     }
     Ok(deleted)
@@ -238,12 +242,15 @@ pub fn sweep_pins(prefix: &str) -> anyhow::Result<Vec<String>> {
             continue;
         }
         let path = e.path();
-        if meta.is_dir() {
+        let removed = if meta.is_dir() {
             std::fs::remove_dir_all(&path)
         } else {
             std::fs::remove_file(&path)
+        };
+        // On past one that cannot be removed: counted all the same.
+        if let Err(e) = removed {
+            eprintln!("xtask: cannot remove {}: {e}", path.display());
         }
-        .with_context(|| format!("cannot remove {}", path.display()))?;
         deleted.push(name);
     }
     Ok(deleted)
