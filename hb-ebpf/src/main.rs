@@ -144,6 +144,9 @@ fn gate(ctx: &XdpContext) -> (u32, GateResult) {
         state::count_rejected(rest, r);
         return drop(r);
     }
+    // Whether an ACK may leave from the addresses the heartbeat came to,
+    // read before the lock: the locked section stays the node's update.
+    let answerable = cfg.pass_accepted == 0 && ack::answerable(ctx, &f);
     // Steps 9-11 under the node's seqlock.
     let Some(mut l) = Locked::take(live, rest) else {
         count(counter::CONTENDED);
@@ -173,11 +176,11 @@ fn gate(ctx: &XdpContext) -> (u32, GateResult) {
     // sees one discriminant.
     let admit = core::hint::black_box(admit);
     let rec = hb_common::maps::record(live, rest, &d, admit, now_ns);
-    let ack_interval = if cfg.pass_accepted != 0 || !ack::answerable(ctx, &f) {
-        None
-    } else {
+    let ack_interval = if answerable {
         let (live, rest) = l.get();
         hb_common::maps::ack_interval(cfg, live, rest, d.interval_ms)
+    } else {
+        None
     };
     l.release();
 
