@@ -834,12 +834,17 @@ mod tests {
         addr
     }
 
-    /// A client that connects and sends nothing holds its connection no
-    /// longer than the header timeout, and connections past the bound are
-    /// closed as they come, so neither starves the API for good.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn idle_and_excess_connections_are_closed() {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    /// A three-node fleet's API on a local port with these bounds (see
+    /// `serve_within`): its address, its stop switch and its task.
+    async fn serve_bounded(
+        connections: usize,
+        header_timeout: Duration,
+        write_stall: Duration,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::sync::watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, rx) = tokio::sync::watch::channel(false);
@@ -847,10 +852,20 @@ mod tests {
             listener,
             router(fleet(3)),
             rx,
-            2,
-            Duration::from_millis(300),
-            WRITE_STALL,
+            connections,
+            header_timeout,
+            write_stall,
         ));
+        (addr, stop, server)
+    }
+
+    /// A client that connects and sends nothing holds its connection no
+    /// longer than the header timeout, and connections past the bound are
+    /// closed as they come, so neither starves the API for good.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_and_excess_connections_are_closed() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (addr, stop, server) = serve_bounded(2, Duration::from_millis(300), WRITE_STALL).await;
         // Closed by the server: a read ends (0 bytes or a reset) in time.
         let closed_within = |mut c: tokio::net::TcpStream, t: Duration| async move {
             let mut b = [0u8; 64];
@@ -905,17 +920,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_client_that_stops_reading_frees_its_connection() {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, rx) = tokio::sync::watch::channel(false);
-        let server = tokio::spawn(serve_within(
-            listener,
-            router(fleet(3)),
-            rx,
-            1,
-            Duration::from_secs(10),
-            Duration::from_millis(500),
-        ));
+        let (addr, stop, server) =
+            serve_bounded(1, Duration::from_secs(10), Duration::from_millis(500)).await;
         let hog = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (_r, mut w) = hog.into_split();
         // Pipelined scrapes, never read: the answers fill the socket

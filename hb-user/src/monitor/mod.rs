@@ -991,11 +991,9 @@ async fn reload(
 mod tests {
     use super::*;
 
-    /// `hb_tick_duration_seconds` is the scan's time: a tick that waited
-    /// for the core's lock (a reload, a `/nodes` chunk) is neither a slow
-    /// tick nor an overrun.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_tick_that_waited_for_the_lock_is_not_a_slow_tick() {
+    /// What the tick thread runs with: no nodes, no policy, a 20 ms tick
+    /// over `dp`, events nowhere.
+    async fn ticking_on(dp: Arc<dyn Dataplane>) -> (Arc<Shared>, EventSink) {
         let metrics = Arc::new(Metrics::new());
         let core = Core::new(
             Detector::new(
@@ -1005,17 +1003,27 @@ mod tests {
             Box::new(FixedPolicy::none()),
             1000,
         );
+        let sink = EventSink::start(Destination::None, None, metrics.clone())
+            .await
+            .unwrap();
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
-            dp: Arc::new(MemDataplane::new()),
-            metrics: metrics.clone(),
+            dp,
+            metrics,
             last_tick_ns: AtomicU64::new(0),
             dataplane_ok: AtomicBool::new(false),
             tick: Duration::from_millis(20),
         });
-        let sink = EventSink::start(Destination::None, None, metrics.clone())
-            .await
-            .unwrap();
+        (shared, sink)
+    }
+
+    /// `hb_tick_duration_seconds` is the scan's time: a tick that waited
+    /// for the core's lock (a reload, a `/nodes` chunk) is neither a slow
+    /// tick nor an overrun.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tick_that_waited_for_the_lock_is_not_a_slow_tick() {
+        let (shared, sink) = ticking_on(Arc::new(MemDataplane::new())).await;
+        let metrics = shared.metrics.clone();
         let running = Arc::new(AtomicBool::new(true));
         let held = shared.core();
         let ticker = std::thread::spawn({
@@ -1100,26 +1108,7 @@ mod tests {
     /// supervisor to restart it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_tick_thread_that_panics_stops_the_monitor() {
-        let metrics = Arc::new(Metrics::new());
-        let core = Core::new(
-            Detector::new(
-                crate::monitor::state::Thresholds::default(),
-                crate::detector::PhiParams::default(),
-            ),
-            Box::new(FixedPolicy::none()),
-            1000,
-        );
-        let shared = Arc::new(Shared {
-            core: Mutex::new(core),
-            dp: Arc::new(PanicsInTick(MemDataplane::new())),
-            metrics: metrics.clone(),
-            last_tick_ns: AtomicU64::new(0),
-            dataplane_ok: AtomicBool::new(false),
-            tick: Duration::from_millis(20),
-        });
-        let sink = EventSink::start(Destination::None, None, metrics.clone())
-            .await
-            .unwrap();
+        let (shared, sink) = ticking_on(Arc::new(PanicsInTick(MemDataplane::new()))).await;
         let running = Arc::new(AtomicBool::new(true));
         let (fatal, mut fatal_rx) = tokio::sync::watch::channel(None);
         let ticker = std::thread::spawn({

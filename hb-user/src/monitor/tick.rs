@@ -1235,10 +1235,16 @@ mod tests {
         /// restart over pinned maps (`Fleet::start`): every node at its
         /// slot, adopted.
         fn restart(&mut self, at_ms: u64) {
+            self.restart_with(at_ms, Box::new(FixedPolicy::none()));
+        }
+
+        /// [`Rig::restart`] with `policy` (not yet reconciled with the
+        /// requests in the dataplane: `Core::reconcile_requests`).
+        fn restart_with(&mut self, at_ms: u64, policy: Box<dyn IntervalPolicy>) {
             let nodes: Vec<(u32, u32)> = self.core.table.ids().collect();
             self.core = Core::new(
                 Detector::new(Thresholds::default(), PhiParams::default()),
-                Box::new(FixedPolicy::none()),
+                policy,
                 1000,
             );
             for (id, slot) in nodes {
@@ -2540,19 +2546,7 @@ mod tests {
                 assert_eq!(r.tick(t), vec![]);
             }
             let restart = last + 500;
-            let nodes: Vec<(u32, u32)> = r.core.table.ids().collect();
-            r.core = Core::new(
-                Detector::new(Thresholds::default(), PhiParams::default()),
-                Box::new(FixedPolicy::fixed(10_000)),
-                1000,
-            );
-            for (id, slot) in nodes {
-                r.core
-                    .table
-                    .insert_at(id, slot, Origin::Adopted, Track::default(), restart * MS)
-                    .unwrap();
-            }
-            r.core.adopt(&r.dp, restart * MS);
+            r.restart_with(restart, Box::new(FixedPolicy::fixed(10_000)));
             r.core.reconcile_requests(&r.dp);
             let (req, decided) = r.core.table.decision(0);
             assert_eq!(req, 10_000);
