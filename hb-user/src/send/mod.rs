@@ -658,36 +658,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// The sockets: one per address family in use.
 /// One UDP socket per address family, opened when a monitor needs it:
-/// received from through tokio, sent on directly (a clone of it).
-/// tokio's `try_send_to` does not even try the syscall until its driver
-/// has seen the socket writable, and a socket opened in the loop (a name
-/// that resolved to the first address of its family) whose heartbeat was
-/// already due lost it, warned as "cannot send".
+/// received from through tokio, sent on directly (`sendto` on its
+/// descriptor). tokio's `try_send_to` does not even try the syscall until
+/// its driver has seen the socket writable, and a socket opened in the
+/// loop (a name that resolved to the first address of its family) whose
+/// heartbeat was already due lost it, warned as "cannot send".
 #[derive(Default)]
 struct Sockets {
     v4: Option<UdpSocket>,
     v6: Option<UdpSocket>,
-    v4_send: Option<std::net::UdpSocket>,
-    v6_send: Option<std::net::UdpSocket>,
 }
 
 impl Sockets {
     /// Opens the socket for `to`'s family, unless it is open.
     fn open_for(&mut self, to: SocketAddr) -> anyhow::Result<()> {
-        let (slot, send, any, family) = match to {
-            SocketAddr::V4(_) => (&mut self.v4, &mut self.v4_send, "0.0.0.0:0", "IPv4"),
-            SocketAddr::V6(_) => (&mut self.v6, &mut self.v6_send, "[::]:0", "IPv6"),
+        let (slot, any, family) = match to {
+            SocketAddr::V4(_) => (&mut self.v4, "0.0.0.0:0", "IPv4"),
+            SocketAddr::V6(_) => (&mut self.v6, "[::]:0", "IPv6"),
         };
         if slot.is_none() {
-            let (s, clone) = std::net::UdpSocket::bind(any)
+            let s = std::net::UdpSocket::bind(any)
                 .and_then(|s| {
                     s.set_nonblocking(true)?;
-                    let clone = s.try_clone()?;
-                    Ok((UdpSocket::from_std(s)?, clone))
+                    UdpSocket::from_std(s)
                 })
                 .with_context(|| format!("cannot open an {family} UDP socket"))?;
             *slot = Some(s);
-            *send = Some(clone);
         }
         Ok(())
     }
@@ -695,11 +691,7 @@ impl Sockets {
     /// Sends without waiting; an error if the datagram did not leave (one
     /// of its own for a family whose socket could not be opened).
     fn try_send(&self, to: SocketAddr, b: &[u8]) -> Result<(), std::io::Error> {
-        let s = if to.is_ipv4() {
-            &self.v4_send
-        } else {
-            &self.v6_send
-        };
+        let s = if to.is_ipv4() { &self.v4 } else { &self.v6 };
         let Some(s) = s.as_ref() else {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::Unsupported,
@@ -707,7 +699,7 @@ impl Sockets {
             ));
         };
         // Non-blocking: `WouldBlock` only if the socket's buffer is full.
-        s.send_to(b, to).map(drop)
+        socket2::SockRef::from(s).send_to(b, &to.into()).map(drop)
     }
 }
 
