@@ -36,6 +36,9 @@ const APT: &[(&str, &str)] = &[
     ("cc", "build-essential"),
 ];
 
+/// How long apt-get waits for the dpkg lock (seconds).
+const APT_LOCK_TIMEOUT: &str = "DPkg::Lock::Timeout=300";
+
 /// One setup step: checks, and installs only if the check fails.
 type Step = fn() -> anyhow::Result<Outcome>;
 
@@ -85,12 +88,21 @@ fn apt_packages() -> anyhow::Result<Outcome> {
             missing.join(" ")
         );
     }
-    util::run(Command::new("apt-get").args(["update", "-q"]))?;
+    // Never a prompt (CI has no stdin), and a bounded wait for a dpkg lock
+    // that another apt (unattended-upgrades at boot) holds, instead of
+    // failing at once.
+    let apt = || {
+        let mut c = Command::new("apt-get");
+        c.args(["-o", APT_LOCK_TIMEOUT, "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(std::process::Stdio::null());
+        c
+    };
+    util::run(apt().arg("update"))?;
     util::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
+        apt()
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing),
     )?;
     Ok(Outcome::Done(format!("installed {}", missing.join(" "))))
 }
@@ -258,25 +270,41 @@ fn bpf_linker() -> anyhow::Result<Outcome> {
     let (soname, llvm) = nightly_llvm()?;
     let major = llvm_major(&soname)?;
     supported_llvm(major, &soname)?;
-    // The binary the build will run is the one on PATH; the one in the
-    // install directory is what `cargo install` would replace.
-    let installed = install_bin_dir().map(|d| d.join("bpf-linker"));
-    let candidate = installed
-        .clone()
-        .filter(|p| p.exists())
-        .or_else(|| on_path("bpf-linker"));
-    let problem = match &candidate {
-        Some(bin) => bpf_linker_problem(bin, &soname, &llvm),
-        None => Some("not installed".into()),
+    let dir =
+        install_bin_dir().context("neither CARGO_INSTALL_ROOT, CARGO_HOME nor HOME is set")?;
+    let installed = dir.join("bpf-linker");
+    // The binary the build runs is the first `bpf-linker` on PATH
+    // (hb-ebpf/bpf-linker-v3 execs it): that one is checked, and the one
+    // in the install directory is what `cargo install` would replace.
+    let running = on_path("bpf-linker");
+    let problem = match &running {
+        Some(bin) => match bpf_linker_problem(bin, &soname, &llvm) {
+            None => {
+                return Ok(Outcome::Skipped(format!(
+                    "{} is {BPF_LINKER_VERSION} linked against {soname}",
+                    bin.display()
+                )));
+            }
+            Some(problem) => problem,
+        },
+        None => "not on PATH".into(),
     };
-    let Some(problem) = problem else {
-        let bin = candidate.expect("checked above");
-        warn_if_shadowed(&bin);
-        return Ok(Outcome::Skipped(format!(
-            "{} is {BPF_LINKER_VERSION} linked against {soname}",
-            bin.display()
-        )));
-    };
+    if let Some(bin) = running.as_ref().filter(|b| !same_file(b, &installed)) {
+        // Installing would not change what the build runs.
+        bail!(
+            "the build runs {} (the first bpf-linker on PATH), which is not usable: {problem}; \
+             remove it, or put {} before it on PATH",
+            bin.display(),
+            dir.display()
+        );
+    }
+    if running.is_none() && bpf_linker_problem(&installed, &soname, &llvm).is_none() {
+        bail!(
+            "{} is usable but not on PATH, and the build runs `bpf-linker` from PATH: add {} to PATH",
+            installed.display(),
+            dir.display()
+        );
+    }
     eprintln!("xtask setup: bpf-linker: {problem}; building it (about 2 minutes)");
 
     let home = std::env::var_os("HOME").context("HOME is not set")?;
@@ -305,40 +333,37 @@ fn bpf_linker() -> anyhow::Result<Outcome> {
             ])
             .env("LLVM_PREFIX", &prefix),
     )?;
-    let bin = installed
-        .filter(|p| p.exists())
-        .or_else(|| on_path("bpf-linker"))
-        .context("cargo install finished but no bpf-linker binary was found")?;
-    if let Some(problem) = bpf_linker_problem(&bin, &soname, &llvm) {
+    if let Some(problem) = bpf_linker_problem(&installed, &soname, &llvm) {
         bail!("bpf-linker was built but is not usable: {problem}");
     }
-    warn_if_shadowed(&bin);
+    match on_path("bpf-linker") {
+        Some(p) if same_file(&p, &installed) => {}
+        Some(p) => bail!(
+            "installed {}, but PATH runs {} first: put {} before it on PATH",
+            installed.display(),
+            p.display(),
+            dir.display()
+        ),
+        None => bail!(
+            "installed {}, which is not on PATH: add {} to PATH",
+            installed.display(),
+            dir.display()
+        ),
+    }
     Ok(Outcome::Done(format!(
         "installed {} {BPF_LINKER_VERSION} against {} (prefix {})",
-        bin.display(),
+        installed.display(),
         llvm.display(),
         prefix.display()
     )))
 }
 
-/// The build runs the first `bpf-linker` on PATH: say so if that is not the
-/// one we checked.
-fn warn_if_shadowed(bin: &Path) {
-    match on_path("bpf-linker") {
-        Some(p) if std::fs::canonicalize(&p).ok() == std::fs::canonicalize(bin).ok() => {}
-        Some(p) => eprintln!(
-            "xtask setup: warning: PATH runs {} first, not {}",
-            p.display(),
-            bin.display()
-        ),
-        None => eprintln!(
-            "xtask setup: warning: {} is not on PATH; add {} to PATH",
-            bin.display(),
-            bin.parent()
-                .map(|d| d.display().to_string())
-                .unwrap_or_default()
-        ),
-    }
+/// Whether `a` and `b` name one existing file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    std::fs::canonicalize(a)
+        .ok()
+        .zip(std::fs::canonicalize(b).ok())
+        .is_some_and(|(a, b)| a == b)
 }
 
 #[cfg(test)]

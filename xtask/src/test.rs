@@ -30,6 +30,13 @@ use crate::util;
 /// a CI machine. Override with `HB_TEST_THREADS`.
 const DEFAULT_TEST_THREADS: &str = "2";
 
+/// How long `cargo test` may take, build included, before its process
+/// group is killed and the run fails (minutes; `HB_TEST_DEADLINE_MIN`).
+/// A fresh CI run takes under 5 minutes of a 90-minute budget: a hung test
+/// must fail the run with its name and its leftovers swept, not time the
+/// whole job out.
+const DEFAULT_DEADLINE_MIN: u64 = 45;
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Skip `cargo xtask setup` (for quick reruns on a prepared machine).
@@ -227,8 +234,10 @@ fn run_tests(
     }
     eprintln!("xtask: {}", util::show(&cmd));
     cmd.stdout(Stdio::piped()).stdin(Stdio::null());
+    let deadline = deadline()?;
     let mut child = util::spawn_fg(&mut cmd)?;
     let stdout = child.stdout.take().context("no stdout pipe")?;
+    let watchdog = util::Watchdog::start(child.id(), deadline);
     let mut totals = Totals::default();
     let mut out = std::io::stdout().lock();
     // Lossily: a test's captured output may hold any bytes, and an error
@@ -260,6 +269,13 @@ fn run_tests(
         std::time::Duration::from_secs(5),
     ));
     let status = util::wait_fg(&mut child)?;
+    if watchdog.fired() {
+        bail!(
+            "`cargo test` ran past its deadline of {} min and was killed \
+             (the last test binary started is named above; HB_TEST_DEADLINE_MIN sets the deadline)",
+            deadline.as_secs() / 60
+        );
+    }
     if let Some(e) = read_error {
         bail!("cannot read cargo test's output ({e}): its results are unknown");
     }
@@ -268,6 +284,22 @@ fn run_tests(
         bail!("`cargo test` failed ({status}) before reporting failed tests");
     }
     Ok(totals)
+}
+
+/// The deadline of `cargo test`: `HB_TEST_DEADLINE_MIN` or the default.
+fn deadline() -> anyhow::Result<std::time::Duration> {
+    let min = match std::env::var("HB_TEST_DEADLINE_MIN") {
+        Ok(v) => v
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|&m| m > 0)
+            .with_context(|| {
+                format!("HB_TEST_DEADLINE_MIN={v:?}: want a whole number of minutes > 0")
+            })?,
+        Err(_) => DEFAULT_DEADLINE_MIN,
+    };
+    Ok(std::time::Duration::from_secs(min.saturating_mul(60)))
 }
 
 #[cfg(test)]

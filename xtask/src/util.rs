@@ -122,6 +122,65 @@ pub fn wait_fg(child: &mut Child) -> anyhow::Result<ExitStatus> {
     Ok(st)
 }
 
+/// Kills a process group started with [`spawn_fg`] that is still running
+/// at a deadline: SIGTERM, then SIGKILL 10 s later. Dropping it disarms it.
+pub struct Watchdog {
+    disarm: Option<std::sync::mpsc::Sender<()>>,
+    fired: std::sync::Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    pub fn start(pgid: u32, deadline: Duration) -> Watchdog {
+        let (disarm, armed) = std::sync::mpsc::channel::<()>();
+        let fired = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = fired.clone();
+        let thread = std::thread::spawn(move || {
+            // A message or a dropped sender: disarmed.
+            if armed.recv_timeout(deadline) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                return;
+            }
+            flag.store(true, Ordering::SeqCst);
+            let pgid = pgid as i32;
+            eprintln!(
+                "xtask: deadline of {}s passed: stopping process group {pgid}",
+                deadline.as_secs()
+            );
+            // SAFETY: kill(2) on the group we started; signal 0 only checks
+            // for existence.
+            unsafe { libc::kill(-pgid, libc::SIGTERM) };
+            let grace = std::time::Instant::now() + Duration::from_secs(10);
+            while unsafe { libc::kill(-pgid, 0) } == 0 && std::time::Instant::now() < grace {
+                if armed.recv_timeout(Duration::from_millis(50))
+                    != Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                {
+                    return;
+                }
+            }
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        });
+        Watchdog {
+            disarm: Some(disarm),
+            fired,
+            thread: Some(thread),
+        }
+    }
+
+    /// Whether the deadline passed (the group was signalled).
+    pub fn fired(&self) -> bool {
+        self.fired.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.disarm.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Runs `cmd` in the foreground (signals forwarded) and fails if it fails.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let mut child = spawn_fg(cmd)?;
@@ -454,6 +513,33 @@ mod tests {
             killed.iter().all(|k| k.ends_with(" 30)")),
             "the command lines: {killed:?}"
         );
+    }
+
+    #[test]
+    fn the_watchdog_stops_a_group_past_its_deadline_and_only_then() {
+        let mut late = Command::new("sleep");
+        late.arg("30");
+        let mut child = spawn_fg(&mut late).unwrap();
+        let dog = Watchdog::start(child.id(), Duration::from_millis(300));
+        let t = std::time::Instant::now();
+        let st = wait_fg(&mut child).unwrap();
+        assert!(dog.fired());
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&st),
+            Some(libc::SIGTERM),
+            "{st}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        drop(dog);
+
+        let mut quick = Command::new("true");
+        let mut child = spawn_fg(&mut quick).unwrap();
+        let dog = Watchdog::start(child.id(), Duration::from_secs(3600));
+        assert!(wait_fg(&mut child).unwrap().success());
+        assert!(!dog.fired());
+        let t = std::time::Instant::now();
+        drop(dog);
+        assert!(t.elapsed() < Duration::from_secs(1), "disarming waited");
     }
 
     /// A namespace the demo's unit test left (its binary killed without
