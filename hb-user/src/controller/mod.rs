@@ -734,6 +734,12 @@ impl QController {
         self.decisions
     }
 
+    /// The running statistics of the rewards (a copy; `snapshot` clones
+    /// the table too).
+    pub fn reward_stats(&self) -> RewardStats {
+        self.rewards
+    }
+
     /// The current exploration rate.
     pub fn epsilon(&self) -> f64 {
         if let Some(e) = self.epsilon_override {

@@ -743,7 +743,7 @@ fn parse_bounds(s: &str) -> anyhow::Result<(u32, u32)> {
 }
 
 /// Heartbeat interval bounds of the protocol's design (0.1 to 10 Hz).
-mod hb_common_bounds {
+pub(crate) mod hb_common_bounds {
     pub const MIN: u32 = 100;
     pub const MAX: u32 = 10_000;
 }

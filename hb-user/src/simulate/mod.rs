@@ -116,8 +116,12 @@ impl std::str::FromStr for ControllerChoice {
             let ms: u32 = ms
                 .parse()
                 .with_context(|| format!("--controller {s}: MS must be a number of ms"))?;
-            if ms == 0 {
-                bail!("--controller {s}: the interval must be positive");
+            // The monitor's `--fixed-interval-ms` range: outside it, the
+            // senders clamped the interval and the run was labelled with
+            // one that no node ran.
+            use crate::monitor::config::hb_common_bounds::{MAX, MIN};
+            if !(MIN..=MAX).contains(&ms) {
+                bail!("--controller {s}: the interval must be between {MIN} and {MAX} ms");
             }
             return Ok(ControllerChoice::Fixed(ms));
         }

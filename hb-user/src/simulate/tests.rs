@@ -101,6 +101,18 @@ fn qlearn_under_bursty_loss_keeps_to_its_target() {
 fn bad_arguments_are_refused() {
     assert!("fixed:0".parse::<ControllerChoice>().is_err());
     assert!("fixed:abc".parse::<ControllerChoice>().is_err());
+    // The monitor's --fixed-interval-ms range: senders would clamp
+    // anything else, and the run would be labelled with what none ran.
+    for out in ["fixed:50", "fixed:99", "fixed:10001", "fixed:20000"] {
+        let err = out.parse::<ControllerChoice>().unwrap_err().to_string();
+        assert!(err.contains("between 100 and 10000 ms"), "{out}: {err}");
+    }
+    for edge in [100, 10_000] {
+        assert_eq!(
+            format!("fixed:{edge}").parse::<ControllerChoice>().unwrap(),
+            ControllerChoice::Fixed(edge)
+        );
+    }
     assert!("pid".parse::<ControllerChoice>().is_err());
     assert_eq!(
         "fixed:250".parse::<ControllerChoice>().unwrap(),
@@ -457,6 +469,59 @@ fn detection_is_the_final_suspicion_after_a_crash() {
         "detected {d} ms after the crash"
     );
     assert_eq!(r.false_suspicions, 0);
+}
+
+#[test]
+fn a_crash_during_a_standing_suspicion_is_detected_at_once() {
+    // Every heartbeat from 60 s on is held up past the end of the run: the
+    // monitor suspects the node (falsely: it is up) a couple of seconds
+    // later, and it crashes while that suspicion stands. Nothing refutes
+    // the suspicion, so the crash is detected when it happens (Chen et
+    // al.'s T_D is 0, as `hb eval` counts it), not a tick later.
+    let mut c = cfg("lan", 1, 5.0, 1);
+    c.scenario.crashes_per_node_hour = 0.0;
+    let mut policy = Policy::Fixed(1000);
+    let mut sim = Sim::new(&c, &mut policy).unwrap();
+    sim.run_until(START + 60 * S);
+    while sim.step().unwrap() < START + 70 * S {
+        sim.delay_in_flight(0, 3600 * S);
+    }
+    sim.delay_in_flight(0, 3600 * S);
+    sim.crash(0, START + 70 * S + 50 * MS);
+    sim.run_until(START + 5 * 60 * S);
+    let r = sim.finish().unwrap();
+    assert_eq!((r.crashes, r.missed, r.detection_ms.count), (1, 0, 1));
+    assert_eq!(r.false_suspicions, 1);
+    assert_eq!(r.detection_ms.max, 0.0);
+}
+
+#[test]
+fn a_run_reports_its_own_decisions_and_rewards_not_the_training_s() {
+    let c = cfg("wan", 10, 10.0, 1);
+    let mut ctrl = QController::new(Config::default()).unwrap();
+    let first = run_policy(&c, &mut Policy::QLearn(&mut ctrl)).unwrap();
+    let (d1, r1) = (ctrl.decisions(), ctrl.reward_stats());
+    let second = run_policy(&c, &mut Policy::QLearn(&mut ctrl)).unwrap();
+    let (d2, r2) = (ctrl.decisions(), ctrl.reward_stats());
+    let (first, second) = (
+        first.controller_state.unwrap(),
+        second.controller_state.unwrap(),
+    );
+    assert_eq!(first.decisions, d1);
+    assert_eq!(second.decisions, d2 - d1);
+    assert!(second.decisions > 0);
+    assert!((first.reward_mean - r1.mean).abs() < 1e-9);
+    let own =
+        (r2.mean * r2.count as f64 - r1.mean * r1.count as f64) / (r2.count - r1.count) as f64;
+    assert!(
+        (second.reward_mean - own).abs() < 1e-9,
+        "{} against {own}",
+        second.reward_mean
+    );
+    assert!(
+        (second.reward_mean - r2.mean).abs() > 1e-6,
+        "the lifetime mean"
+    );
 }
 
 #[test]
