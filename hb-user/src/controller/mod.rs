@@ -848,7 +848,9 @@ impl QController {
             0 => obs.mean_ms,
             ms => ms as f64,
         };
-        let t = (obs.new_samples + obs.new_lost) as f64 * interval / self.cfg.decision_period_ms;
+        // In f64: `new_lost` can be near 2^64 (a node's own seq jump).
+        let t =
+            (obs.new_samples as f64 + obs.new_lost as f64) * interval / self.cfg.decision_period_ms;
         if t.is_finite() {
             t.clamp(0.25, 8.0)
         } else {
@@ -980,7 +982,7 @@ impl QController {
         let detection = a.detection_ms;
         let m = self.nodes.entry(node).or_default();
         m.lost_sum = m.lost_sum * LOSS_MEMORY + obs.new_lost as f64;
-        m.seen_sum = m.seen_sum * LOSS_MEMORY + (obs.new_lost + obs.new_samples) as f64;
+        m.seen_sum = m.seen_sum * LOSS_MEMORY + (obs.new_lost as f64 + obs.new_samples as f64);
         let features = Features {
             loss_rate: if m.seen_sum > 0.0 {
                 m.lost_sum / m.seen_sum

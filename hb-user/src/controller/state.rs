@@ -234,10 +234,12 @@ impl Observation {
             Some(p) => (now.accepted - p.accepted, now.lost.saturating_sub(p.lost)),
             None => (now.accepted.min(1), 0),
         };
-        let loss_rate = if accepted + lost == 0 {
+        // In f64: a node's own seq jump can make `lost` nearly 2^64 (the
+        // gate counts every skipped number), and the sum overflowed.
+        let loss_rate = if accepted == 0 && lost == 0 {
             0.0
         } else {
-            lost as f64 / (accepted + lost) as f64
+            lost as f64 / (accepted as f64 + lost as f64)
         };
         let model = detector::Model::new(phi);
         let (mean_ns, sigma_ns) = model.moments_ns(now);
@@ -569,5 +571,34 @@ mod tests {
         // lifetime totals are no period; one heartbeat, no loss.
         let o = Observation::from_states(None, &now, 0, &PhiParams::default());
         assert_eq!((o.new_samples, o.new_lost, o.loss_rate), (1, 0, 0.0));
+    }
+
+    #[test]
+    fn a_seq_jump_to_the_top_is_a_loss_rate_not_an_overflow() {
+        // An authenticated node that jumps its seq to u64::MAX makes the
+        // gate count nearly 2^64 lost; `accepted + lost` overflowed (a
+        // panic that stops the monitor in a debug build, a loss rate of
+        // 2.6e18 in a release one).
+        let prev = NodeState {
+            accepted: 2,
+            lost: 0,
+            interval_ms: 1000,
+            ia_mean_ns: 1_000_000_000,
+            ia_dev_ns: 100_000_000,
+            last_arrival_ns: 1,
+            ..NodeState::default()
+        };
+        let mut now = prev;
+        now.accepted = 13;
+        now.lost = u64::MAX - 3;
+        let o = Observation::from_states(Some(&prev), &now, 0, &PhiParams::default());
+        assert!((0.0..=1.0).contains(&o.loss_rate), "{}", o.loss_rate);
+        assert!(o.loss_rate > 0.999);
+        let mut c =
+            crate::controller::QController::new(crate::controller::Config::default()).unwrap();
+        assert!(c.periods(&o).is_finite());
+        c.observe(1, &prev, 0);
+        let d = c.observe(1, &now, 0);
+        assert!(d.interval_ms >= 100 && d.interval_ms <= 10_000, "{d:?}");
     }
 }
