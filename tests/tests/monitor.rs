@@ -17,6 +17,7 @@
 
 use std::{
     net::{SocketAddr, UdpSocket},
+    os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Child, Stdio},
     sync::{
@@ -155,6 +156,22 @@ impl Monitor {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).expect("stderr file"));
+        // As a careless parent may leave them: SIGCHLD ignored (which
+        // survives exec: the kernel would reap the hooks' shells before the
+        // monitor could wait for them), and systemd's default soft limit of
+        // 1024 open files. The monitor puts both right (`join` checks).
+        // SAFETY: signal and setrlimit are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::signal(libc::SIGCHLD, libc::SIG_IGN);
+                let mut r: libc::rlimit = std::mem::zeroed();
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+                    r.rlim_cur = r.rlim_max.min(1024);
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+                }
+                Ok(())
+            });
+        }
         let child = cmd.spawn().expect("start hb monitor");
         let mut m = Monitor {
             child,
@@ -550,7 +567,7 @@ fn join(mode: &str) {
     let (pair, dir) = setup("mjoin", &[1]);
     let hook_out = dir.path("hook.out");
     let hook = format!(
-        "echo \"$HB_EVENT $HB_NODE_ID $HB_PREVIOUS\" >> {}",
+        "echo \"$HB_EVENT $HB_NODE_ID $HB_PREVIOUS nofile=$(ulimit -n)\" >> {}",
         hook_out.display()
     );
     let m = Monitor::start(
@@ -588,6 +605,33 @@ fn join(mode: &str) {
         assert!(Instant::now() < deadline, "hook output: {text:?}");
         std::thread::sleep(Duration::from_millis(10));
     }
+    // Started with SIGCHLD ignored, the monitor still waited for each hook
+    // (none failed as "wait"); the hooks got the inherited soft limit of
+    // open files back, and the monitor runs with its hard limit.
+    wait_metrics(&pair.a, |t| {
+        try_metric(t, "hb_hook_runs_total").unwrap_or(0) >= 3
+    });
+    let (_, text) = http(&pair.a, "/metrics");
+    assert_eq!(
+        try_metric(&text, "hb_hook_failures_total{reason=\"wait\"}").unwrap_or(0),
+        0,
+        "{text}"
+    );
+    let text = std::fs::read_to_string(&hook_out).unwrap();
+    assert!(
+        text.lines().all(|l| l.ends_with(" nofile=1024")),
+        "{text:?}"
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", m.pid())).unwrap();
+    let files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let (soft, hard) = {
+        let v: Vec<&str> = files.split_whitespace().collect();
+        (v[3], v[4])
+    };
+    assert_eq!(soft, hard, "{files}");
     // `hb nodes` prints the table.
     let out = output_within(
         pair.a

@@ -358,14 +358,24 @@ async fn run_one(opts: &HookOptions, ev: &Event, m: &Metrics, killed: &AtomicUsi
         .kill_on_drop(true);
     // The monitor's threads block SIGHUP (`set_sighup_blocked`), and a
     // child inherits its spawning thread's mask: a hook gets none blocked.
-    // SAFETY: sigemptyset and sigprocmask are async-signal-safe, and the
-    // closure touches nothing else.
+    // It gets the soft limit of open files the monitor inherited back (see
+    // `prepare_process`).
+    let nofile = super::inherited_nofile();
+    // SAFETY: sigemptyset, sigprocmask, getrlimit and setrlimit are
+    // async-signal-safe, and the closure touches nothing else.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             let mut none: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut none);
             if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(soft) = nofile {
+                let mut r: libc::rlimit = std::mem::zeroed();
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+                    r.rlim_cur = soft.min(r.rlim_max);
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+                }
             }
             Ok(())
         });

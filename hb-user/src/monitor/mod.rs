@@ -74,6 +74,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // inherit the mask; `serve` unblocks it on this thread once handled,
     // and one that came meanwhile is delivered then, as a reload.
     set_sighup_blocked(true);
+    prepare_process();
     let settings = Settings::load(&args)?;
     let keyring = Keyring::load(&settings.keyring)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -89,6 +90,51 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // to the process' exit: dropped, the runtime would wait for it.
     rt.shutdown_timeout(Duration::from_secs(1));
     served
+}
+
+/// The soft limit of open files the monitor inherited, when it raised it
+/// (0: left as it was): hooks get it back.
+static INHERITED_NOFILE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The most open files the monitor raises its soft limit to (the kernel's
+/// default `fs.nr_open`; a hard limit of "unlimited" cannot be the soft).
+const NOFILE_MAX: libc::rlim_t = 1 << 20;
+
+/// What the monitor needs of its process, whatever its parent left:
+/// - SIGCHLD at its default. An ignored SIGCHLD survives exec, and the
+///   kernel then reaps every hook's shell itself: no hook could be waited
+///   for (every one counted as failed, `reason="wait"`), and what a hook
+///   left running in the background was never killed.
+/// - The soft limit of open files at the hard one. Each running hook holds
+///   two descriptors (pidfds), and systemd's default soft limit of 1024
+///   made about half of 1024 concurrent hooks fail to start, with the API
+///   and the events file short of descriptors meanwhile. Hooks get the
+///   inherited soft limit back (programs using select(2) need it).
+fn prepare_process() {
+    // SAFETY: plain libc calls, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            let want = r.rlim_max.min(NOFILE_MAX);
+            if r.rlim_cur < want {
+                let soft = r.rlim_cur;
+                r.rlim_cur = want;
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &r) == 0 {
+                    INHERITED_NOFILE.store(soft, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// The soft limit of open files to give children back, if the monitor
+/// raised its own.
+pub(crate) fn inherited_nofile() -> Option<libc::rlim_t> {
+    match INHERITED_NOFILE.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => None,
+        soft => Some(soft),
+    }
 }
 
 /// Blocks or unblocks SIGHUP for the calling thread, and says whether it
