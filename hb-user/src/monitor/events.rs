@@ -44,7 +44,7 @@ use std::{
     io::{Seek as _, Write},
     ops::Range,
     os::{
-        fd::AsFd as _,
+        fd::{AsFd as _, AsRawFd as _},
         unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _},
     },
     path::{Path, PathBuf},
@@ -628,9 +628,16 @@ fn write_lines(shared: &Shared, dest: &Destination, mut out: Out, metrics: &Metr
         _ => "stdout".to_string(),
     };
     let to = to.as_str();
+    // Stdout is a file too when it is redirected to one (`>> events.jsonl`,
+    // systemd's `StandardOutput=append:`): looked at through its descriptor,
+    // so that a file a crash left mid-line, or truncated under a line, is
+    // mended as `--events FILE` is (`ends_mid_line` and `line_end` leave
+    // pipes and terminals alone).
+    let own_fd = PathBuf::from(format!("/proc/self/fd/{}", out.file().as_raw_fd()));
     let path = match dest {
         Destination::File(p) => Some(p.as_path()),
-        _ => None,
+        Destination::Stdout => Some(own_fd.as_path()),
+        Destination::None => None,
     };
     // Nothing written to this file yet: if it ends in the middle of a
     // line, a `\n` goes before ours.
@@ -1245,5 +1252,35 @@ mod tests {
             "{ts}"
         );
         assert!(ts.ends_with('Z'), "{ts}");
+    }
+
+    /// `--events -` with stdout redirected to a file (`>> events.jsonl`,
+    /// systemd's `StandardOutput=append:`) that a crash left mid-line: the
+    /// first event goes on a line of its own, as with `--events FILE`
+    /// (found by review: it was glued onto the fragment).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stdout_to_a_file_ending_mid_line_gets_a_newline_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("events.jsonl");
+        std::fs::write(&p, r#"{"seq":9,"ts"#).unwrap();
+        let file = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        let m = Arc::new(Metrics::new());
+        let sink = EventSink::start_with(
+            Destination::Stdout,
+            Some(Box::new(file)),
+            BACKLOG_BYTES,
+            None,
+            m,
+        )
+        .unwrap();
+        sink.publish(vec![ev(1)]);
+        assert_eq!(sink.flush_for(LONG).await, 0);
+        let text = std::fs::read_to_string(&p).unwrap();
+        let (fragment, rest) = text
+            .split_once('\n')
+            .unwrap_or_else(|| panic!("no line break at all: {text:?}"));
+        assert_eq!(fragment, r#"{"seq":9,"ts"#, "{text:?}");
+        std::fs::write(&p, rest).unwrap();
+        assert_eq!(seqs(&p), [1]);
     }
 }
