@@ -2162,6 +2162,7 @@ fn same_traffic_same_states_native_and_userspace() {
 /// hold off SIGTERM: the read blocks on a thread of its own while the
 /// signal loop stops the monitor, cleanly. (Read on the signal loop, the
 /// monitor stopped handling signals until something wrote the FIFO.)
+/// SIGTERM comes once the reload has the FIFO open, so while it reads.
 #[test]
 fn a_reload_blocked_on_its_config_file_does_not_hold_off_sigterm() {
     let (pair, dir) = setup("mfifo", &[1]);
@@ -2179,9 +2180,34 @@ fn a_reload_blocked_on_its_config_file_does_not_hold_off_sigterm() {
     // SAFETY: a valid C string.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
     m.signal(libc::SIGHUP);
-    std::thread::sleep(Duration::from_millis(300));
+    // The reload has begun once it opened the FIFO: a non-blocking open
+    // for writing fails (ENXIO) while no reader has it open. Held open
+    // and never written, it leaves the reload blocked in its read.
+    let writer = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let deadline = Instant::now() + CATCH_UP;
+        loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&conf)
+            {
+                Ok(f) => break f,
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the reload did not open its config file within {CATCH_UP:?}:\n{}",
+                        m.stderr()
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("open the FIFO for writing: {e}"),
+            }
+        }
+    };
     m.signal(libc::SIGTERM);
     let st = m.exit_within_10s(|| {});
+    drop(writer);
     assert!(st.success(), "{st}\n{}", m.stderr());
     assert!(
         m.plain_stderr()
