@@ -63,22 +63,42 @@ struct Running {
     child: std::process::Child,
     out: mpsc::Receiver<Vec<u8>>,
     err: mpsc::Receiver<Vec<u8>>,
+    /// What [`Running::wait_stderr`] took of `err` so far.
+    err_seen: Vec<u8>,
 }
 
+/// The pipe's bytes as they come, a chunk a message; the channel closes
+/// at end of file.
 fn drain(pipe: Option<impl Read + Send + 'static>) -> mpsc::Receiver<Vec<u8>> {
     let (tx, rx) = mpsc::channel();
     if let Some(mut pipe) = pipe {
         std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = pipe.read_to_end(&mut buf);
-            let _ = tx.send(buf);
+            let mut buf = [0u8; 4096];
+            loop {
+                match pipe.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        if tx.send(buf[..n].to_vec()).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => return,
+                }
+            }
         });
     }
     rx
 }
 
+/// The rest of `rx` up to end of file, waiting at most 5 s for it.
 fn collect(rx: &mpsc::Receiver<Vec<u8>>) -> Vec<u8> {
-    rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default()
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut all = Vec::new();
+    while let Ok(chunk) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        all.extend(chunk);
+    }
+    all
 }
 
 impl Running {
@@ -95,7 +115,54 @@ impl Running {
                 )
             });
         let (out, err) = (drain(child.stdout.take()), drain(child.stderr.take()));
-        Running { child, out, err }
+        Running {
+            child,
+            out,
+            err,
+            err_seen: Vec::new(),
+        }
+    }
+
+    /// Waits until `ready` holds for its stderr so far; fails the test if
+    /// it does not within [`TIMEOUT`] (`what` says what was awaited), or if
+    /// `hb` closed its stderr (ended) first.
+    fn wait_stderr(&mut self, cmd: &Command, what: &str, ready: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + TIMEOUT;
+        while !ready(&String::from_utf8_lossy(&self.err_seen)) {
+            match self
+                .err
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(chunk) => self.err_seen.extend(chunk),
+                Err(e) => panic!(
+                    "{cmd:?}: no {what} ({}); stderr: {}",
+                    match e {
+                        mpsc::RecvTimeoutError::Timeout => format!("within {TIMEOUT:?}"),
+                        mpsc::RecvTimeoutError::Disconnected => "it ended".into(),
+                    },
+                    String::from_utf8_lossy(&self.err_seen)
+                ),
+            }
+        }
+    }
+
+    /// SIGTERM, as systemd stops it, and its output once it ended; fails
+    /// the test if it had ended by itself already (`run` says after what).
+    fn sigterm(mut self, cmd: &Command, run: &str) -> Output {
+        if let Some(st) = self.child.try_wait().expect("wait for hb") {
+            let mut err = std::mem::take(&mut self.err_seen);
+            err.extend(collect(&self.err));
+            panic!(
+                "{cmd:?} ended by itself ({st}) {run}; stderr: {}",
+                String::from_utf8_lossy(&err)
+            );
+        }
+        // SAFETY: kill(2) on our own child, which has not been reaped.
+        assert_eq!(
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) },
+            0
+        );
+        self.finish(cmd, "after SIGTERM")
     }
 
     /// Its output once it ended; kills it and fails the test (`what` says
@@ -109,17 +176,21 @@ impl Running {
             if Instant::now() >= deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
+                let mut err = std::mem::take(&mut self.err_seen);
+                err.extend(collect(&self.err));
                 panic!(
                     "{cmd:?} still running {TIMEOUT:?} {what}, killed; stderr: {}",
-                    String::from_utf8_lossy(&collect(&self.err))
+                    String::from_utf8_lossy(&err)
                 );
             }
             std::thread::sleep(Duration::from_millis(10));
         };
+        let mut stderr = std::mem::take(&mut self.err_seen);
+        stderr.extend(collect(&self.err));
         Output {
             status,
             stdout: collect(&self.out),
-            stderr: collect(&self.err),
+            stderr,
         }
     }
 }
@@ -606,20 +677,9 @@ fn isolate_with_loopback(cmd: &mut Command) {
 /// its output once it ended; fails the test if it does not within
 /// [`TIMEOUT`].
 fn output_after_sigterm(cmd: &mut Command, run: Duration) -> Output {
-    let mut hb = Running::start(cmd);
+    let hb = Running::start(cmd);
     std::thread::sleep(run);
-    if let Some(st) = hb.child.try_wait().expect("wait for hb") {
-        panic!(
-            "{cmd:?} ended by itself ({st}) within {run:?}; stderr: {}",
-            String::from_utf8_lossy(&collect(&hb.err))
-        );
-    }
-    // SAFETY: kill(2) on our own child, which has not been reaped.
-    assert_eq!(
-        unsafe { libc::kill(hb.child.id() as i32, libc::SIGTERM) },
-        0
-    );
-    hb.finish(cmd, "after SIGTERM")
+    hb.sigterm(cmd, &format!("within {run:?}"))
 }
 
 /// The stderr lines of `o` that contain every one of `all`.
@@ -634,8 +694,9 @@ const NODE_KEY: &str = "6df25b19dd0205345e893133518757d6";
 /// A monitor whose name does not resolve (`.invalid` fails at once here:
 /// no resolver is reachable from the namespace) stops no heartbeat to the
 /// other monitor: the sender warns, keeps sending, tries the name again
-/// (1 s later), and on SIGTERM names the monitor its LEAVING heartbeat did
-/// not reach and says to how many it went. (It used to exit at start.)
+/// (1 s later), and on SIGTERM (once it warned the second time, however
+/// long that took) names the monitor its LEAVING heartbeat did not reach
+/// and says to how many it went. (It used to exit at start.)
 #[test]
 fn a_monitor_name_that_does_not_resolve_stops_no_heartbeat_to_the_others() {
     let mut cmd = Command::new(HB);
@@ -657,18 +718,20 @@ fn a_monitor_name_that_does_not_resolve_stops_no_heartbeat_to_the_others() {
     .env_remove("HB_NODE_KEY")
     .env("HB_LOG", "info");
     isolate_with_loopback(&mut cmd);
-    let o = output_after_sigterm(&mut cmd, Duration::from_millis(1800));
+    let unresolved = [
+        "WARN",
+        "cannot resolve monitor",
+        "monitor=no-such-host.invalid:7420",
+    ];
+    let mut hb = Running::start(&mut cmd);
+    hb.wait_stderr(&cmd, "second warning of the unresolved monitor", |err| {
+        lines_with(err, &unresolved).len() >= 2
+    });
+    let o = hb.sigterm(&cmd, "after its second warning");
     let err = stderr(&o);
     assert!(o.status.success(), "{}: {err}", o.status);
     assert!(!err.contains("panicked"), "{err}");
-    let unresolved = lines_with(
-        &err,
-        &[
-            "WARN",
-            "cannot resolve monitor",
-            "monitor=no-such-host.invalid:7420",
-        ],
-    );
+    let unresolved = lines_with(&err, &unresolved);
     assert!(unresolved.len() >= 2, "tried again: {err}");
     assert!(unresolved[0].contains("retry_in=1s"), "{err}");
     assert!(unresolved[1].contains("retry_in=2s"), "{err}");

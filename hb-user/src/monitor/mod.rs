@@ -1065,25 +1065,52 @@ mod tests {
 
     /// `hb_tick_duration_seconds` is the scan's time: a tick that waited
     /// for the core's lock (a reload, a `/nodes` chunk) is neither a slow
-    /// tick nor an overrun.
+    /// tick nor an overrun. The tick is seen waiting before the lock is
+    /// held 300 ms more and released: its thread asleep in `futex` with no
+    /// tick done yet (before its first tick, only the lock puts it there;
+    /// after, its park between ticks does too).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_tick_that_waited_for_the_lock_is_not_a_slow_tick() {
         let (shared, sink) = ticking_on(Arc::new(MemDataplane::new())).await;
         let metrics = shared.metrics.clone();
         let running = Arc::new(AtomicBool::new(true));
         let held = shared.core();
+        let tid = Arc::new(std::sync::atomic::AtomicI32::new(0));
         let ticker = std::thread::spawn({
-            let (shared, sink, running) = (shared.clone(), sink.clone(), running.clone());
+            let (shared, sink, running, tid) =
+                (shared.clone(), sink.clone(), running.clone(), tid.clone());
             move || {
-                tick_loop(
-                    &shared,
-                    &sink,
-                    &running,
-                    &tokio::sync::watch::channel(None).0,
-                )
+                let gate_lost = tokio::sync::watch::channel(None).0;
+                // SAFETY: gettid(2) has no preconditions.
+                tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
+                tick_loop(&shared, &sink, &running, &gate_lost)
             }
         });
+        // Asleep in futex (and, checked below, no tick done): waiting for
+        // the lock.
+        let t = Instant::now();
+        loop {
+            let tid = tid.load(Ordering::Relaxed);
+            if tid != 0 {
+                let syscall = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall"))
+                    .expect("the tick thread's system call");
+                if syscall.split(' ').next() == Some(&libc::SYS_futex.to_string()) {
+                    break;
+                }
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the tick thread did not wait for the lock"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The wait the scan's time must not count.
         std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            shared.last_tick_ns.load(Ordering::Relaxed),
+            0,
+            "a tick done while the lock was held: what slept in futex was not the wait for it"
+        );
         drop(held);
         let t = Instant::now();
         while shared.last_tick_ns.load(Ordering::Relaxed) == 0 {
