@@ -14,9 +14,10 @@
 //!   nodes) keeps no link: such a gate would only refuse heartbeats.
 //! - The node maps pinned are one unit (the index leads to slots of the
 //!   two state arrays): a start adopts them whole, rebuilds the index from
-//!   the state arrays when it is missing or too small for them, and starts
-//!   them afresh when the state arrays are not both there (an earlier
-//!   layout's, or removed by hand).
+//!   the state arrays when it is missing or too small for them (and adds
+//!   to an adopted one the nodes it lacks: a start killed mid-rebuild
+//!   leaves it pinned part-filled), and starts them afresh when the state
+//!   arrays are not both there (an earlier layout's, or removed by hand).
 //! - Node state is read straight from the mmap'ed `HB_NODE_LIVE` and
 //!   `HB_NODE_REST` arrays under each node's seqcount (see [`XdpDataplane::read_states`]); node
 //!   ids and keys are written into it under the same protocol, and the
@@ -509,23 +510,39 @@ impl NodeMaps {
         Ok(out)
     }
 
-    /// Indexes every node these maps hold into the fresh index `ix`: the
-    /// index rebuilt from the node state it leads to (each slot names its
-    /// node). A node found at a second slot (no writer of ours leaves
-    /// that) is cleared there. Returns how many nodes were indexed and
-    /// how many slots cleared.
+    /// Makes `ix` lead to every node these maps hold (each slot names its
+    /// node): into a fresh index, the index rebuilt from the node state;
+    /// into an adopted one, the nodes it lacks added. A start killed while
+    /// it rebuilt the index left it pinned with some of the nodes or none
+    /// (the loader pins a fresh map before anything fills it), and adopted
+    /// as it was, every node it lacked would start afresh, its anti-replay
+    /// window and counters lost. A node indexed at this slot is left as it
+    /// is; one whose entry leads to a slot that does not hold it has its
+    /// entry pointed here; one found at a second slot besides the one its
+    /// entry leads to (no writer of ours leaves that) is cleared there.
+    /// Returns how many nodes were indexed and how many slots cleared: both
+    /// 0 for an index that was whole.
     fn reindex(&self, ix: &mut NodeIndex) -> anyhow::Result<(u32, u32)> {
         let (mut indexed, mut cleared) = (0, 0);
+        let id_at = |slot: u32, e: Entry| {
+            e.node_id()
+                .map_err(|stuck| stuck_error(slot, stuck).context("cannot rebuild the node index"))
+        };
         for slot in 0..self.len() {
             let Some(e) = self.entry(slot) else { break };
-            let id = e
-                .read()
-                .map_err(|stuck| stuck_error(slot, stuck).context("cannot rebuild the node index"))?
-                .node_id;
+            let id = id_at(slot, e)?;
             if id == 0 {
                 continue;
             }
-            if ix.get(id).is_some() {
+            let elsewhere = match ix.get(id) {
+                Some(at) if at == slot => continue,
+                Some(at) => match self.entry(at) {
+                    Some(o) => id_at(at, o)? == id,
+                    None => false,
+                },
+                None => false,
+            };
+            if elsewhere {
                 e.lock().map_err(|stuck| stuck_error(slot, stuck))?.clear();
                 cleared += 1;
                 continue;
@@ -595,6 +612,15 @@ impl Entry {
     fn read_live(self) -> Result<NodeLive, Stuck> {
         // SAFETY: a live, aligned map value of plain integers.
         self.consistent(|| unsafe { copy_words(self.live) })
+    }
+
+    /// The node's id, read consistently: without copying the rest of it
+    /// (a start reads every slot's, [`NodeMaps::reindex`]).
+    fn node_id(self) -> Result<u32, Stuck> {
+        // SAFETY: as `keys_seq`; a relaxed atomic load, as `copy_words`
+        // reads.
+        let id = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*self.rest).node_id)) };
+        self.consistent(|| id.load(Ordering::Relaxed))
     }
 
     /// A consistent copy of the whole node.
@@ -1472,8 +1498,13 @@ impl XdpDataplane {
                 let made = !dir.exists();
                 ensure_pin_dir(dir)?;
                 let lock = lock_pin_dir(dir)?;
-                let undo = UndoPins::new(dir, made, &lock)?;
+                // Listed after the reconciliation: a node map it removed
+                // (an index too small, maps of an earlier layout) and this
+                // start pins anew under the same name is this start's, and
+                // goes if it fails. Listed before, it counted as there
+                // before and stayed.
                 let node_pins = reconcile_node_pins(dir)?;
+                let undo = UndoPins::new(dir, made, &lock)?;
                 (Some(lock), node_pins, Some(undo))
             }
             None => (None, NodePins::AsTheyAre, None),
@@ -1601,13 +1632,24 @@ impl XdpDataplane {
                 opts.pin_dir.as_deref().unwrap_or(Path::new("?")).display()
             ))
         })?;
-        if let NodePins::RebuildIndex { .. } = node_pins {
+        if opts.pin_dir.is_some() {
+            // An index adopted as it is may lack nodes too: one a start
+            // killed mid-rebuild left pinned (empty, or partly filled) fits
+            // the state arrays, and is adopted. Whole, it is only read.
             let (indexed, cleared) = nodes.reindex(&mut index)?;
-            tracing::warn!(
-                indexed,
-                cleared,
-                "rebuilt the node index from the pinned node state"
-            );
+            if let NodePins::RebuildIndex { .. } = node_pins {
+                tracing::warn!(
+                    indexed,
+                    cleared,
+                    "rebuilt the node index from the pinned node state"
+                );
+            } else if indexed != 0 || cleared != 0 {
+                tracing::warn!(
+                    indexed,
+                    cleared,
+                    "the pinned node index lacked nodes the pinned node state holds (a start killed while it rebuilt the index, or pins mixed by hand): indexed them from the node state"
+                );
+            }
         }
         let events = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)?;
 
