@@ -1124,6 +1124,77 @@ fn a_kept_gate_without_nodes_is_detached() {
     assert!(!has_xdp(&ns, &i0));
 }
 
+/// Detaches the XDP link pinned at `pin` as `bpftool link detach` does
+/// (`BPF_LINK_DETACH`), leaving the pin and every descriptor of it: what
+/// a running monitor holds goes on existing, with no program attached.
+fn detach_link_underneath(pin: &std::path::Path) {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let bpf = |cmd: libc::c_long, attr: *const libc::c_void, size: usize| {
+        // SAFETY: `attr` is the command's `union bpf_attr` part, `size`
+        // bytes, alive for the call.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size as libc::c_uint) }
+    };
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let path = std::ffi::CString::new(pin.to_str().unwrap()).unwrap();
+    let get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = bpf(7, (&raw const get).cast(), size_of::<ObjGet>());
+    assert!(fd >= 0, "BPF_OBJ_GET: {}", std::io::Error::last_os_error());
+    // SAFETY: a descriptor the kernel just gave us.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let detach = fd.as_raw_fd() as u32;
+    let r = bpf(34, (&raw const detach).cast(), size_of::<u32>());
+    assert_eq!(r, 0, "BPF_LINK_DETACH: {}", std::io::Error::last_os_error());
+}
+
+/// A gate detached under a running monitor (its link detached with
+/// `bpftool link detach`, pin and descriptors left) is noticed: the tick
+/// and /healthz ask `check_attached`, which used to ask only whether the
+/// interface was still there, so heartbeats went past the gate, every
+/// node went dead and /healthz said 200.
+#[test]
+fn a_gate_detached_under_the_monitor_is_noticed() {
+    let (ns, [i0, i1]) = ns_with_veth("hbdet");
+    let pins = PinDir::new("detached");
+    let dp = ns
+        .run(|| XdpDataplane::open(&kept(&[&i0, &i1], &pins)))
+        .unwrap()
+        .unwrap();
+    dp.upsert_node(3, &keys(1)).unwrap();
+    assert_eq!(ns.run(|| dp.check_attached()).unwrap(), Ok(()));
+
+    detach_link_underneath(&pins.0.join(format!("link_{i1}")));
+    assert!(!has_xdp(&ns, &i1) && has_xdp(&ns, &i0));
+    let why = ns
+        .run(|| dp.check_attached())
+        .unwrap()
+        .expect_err("the gate is gone from one interface");
+    assert!(
+        why.contains(&format!("detached from interface {i1}")),
+        "{why}"
+    );
+    log(format!("detached: {why}"));
+
+    // The next start attaches afresh over the pin of the detached link.
+    drop(dp);
+    let mut dp = ns
+        .run(|| XdpDataplane::open(&kept(&[&i0, &i1], &pins)))
+        .unwrap()
+        .unwrap();
+    assert!(has_xdp(&ns, &i0) && has_xdp(&ns, &i1));
+    assert_eq!(ns.run(|| dp.check_attached()).unwrap(), Ok(()));
+    dp.detach().unwrap();
+    assert!(!has_xdp(&ns, &i0) && !has_xdp(&ns, &i1));
+}
+
 /// A monitor in userspace mode detaches the gates an earlier XDP run kept
 /// in its pin directory (they took the heartbeats before its socket),
 /// keeps the node maps, and leaves alone those of a monitor running on it.

@@ -904,6 +904,9 @@ pub struct XdpDataplane {
     events: Option<RingBuf<MapData>>,
     reports_task: Option<tokio::task::JoinHandle<()>>,
     attached: Vec<Attached>,
+    /// The kernel's id of `hb_xdp`: what an interface it is attached to
+    /// reports ([`Dataplane::check_attached`]).
+    prog_id: u32,
     keep_attached: bool,
     /// Reads skipped because a node stayed held ([`Stuck`]).
     stuck_reads: AtomicU64,
@@ -1567,6 +1570,10 @@ impl XdpDataplane {
                 .with_context(|| format!("the kernel verifier rejected {name}"))?;
         }
 
+        let prog_id = xdp_program(&mut ebpf, names::PROGRAM)?
+            .info()
+            .with_context(|| format!("cannot read the loaded {}'s id", names::PROGRAM))?
+            .id();
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::COUNTERS)?)?;
         let config = Array::try_from(take_map(&mut ebpf, names::CONFIG)?)?;
         // Not pinned: the host's addresses are read afresh at every start;
@@ -1667,6 +1674,7 @@ impl XdpDataplane {
             events: Some(events),
             reports_task: None,
             attached: Vec::new(),
+            prog_id,
             keep_attached: opts.keep_attached,
             stuck_reads: AtomicU64::new(0),
             undo: Mutex::new(undo.take()),
@@ -2064,7 +2072,9 @@ fn link_pins_of(ifname: &str) -> Vec<PathBuf> {
 /// one attached through a bpf_link (an hb gate is) makes the kernel refuse
 /// that ("Can't replace active BPF XDP link") and goes with its link only.
 /// Pins that may hold that link are named (a pin does not say which
-/// network namespace its interface is in).
+/// network namespace its interface is in). It may be a running monitor's
+/// gate, which is stopped, not detached under it: the error says so
+/// before it says how to detach one.
 fn busy(ifname: &str, e: ProgramError) -> anyhow::Error {
     let found = link_pins_of(ifname)
         .iter()
@@ -2077,10 +2087,12 @@ fn busy(ifname: &str, e: ProgramError) -> anyhow::Error {
     };
     anyhow!(e).context(format!(
         "interface {ifname} already has another XDP program attached; hb will not replace it. \
-         Check `ip link show {ifname}` and stop its owner, or detach it: \
-         `ip link set dev {ifname} xdp off` (`xdpgeneric off` in skb mode) detaches a program attached through netlink; \
+         Check `ip link show {ifname}` and stop its owner: if it is another hb monitor's gate, stop that \
+         monitor (or give this one another interface); detached under a running monitor, its gate is lost \
+         and that monitor stops. A program nothing runs any more can be detached: \
+         `ip link set dev {ifname} xdp off` (`xdpgeneric off` in skb mode) detaches one attached through netlink; \
          one attached through a bpf_link refuses that and goes only with its link: remove the link's pin \
-         (an hb gate kept by --keep-attached is pinned as PIN_DIR/link_{ifname}{found}), \
+         (an hb gate kept by --keep-attached after its monitor stopped is pinned as PIN_DIR/link_{ifname}{found}), \
          or `bpftool link detach id ID` (`bpftool link show` lists them)"
     ))
 }
@@ -2292,6 +2304,15 @@ impl Dataplane for XdpDataplane {
 
     fn check_attached(&self) -> Result<(), String> {
         for a in &self.attached {
+            // How the interface is named in what is said: under its last
+            // name, with the one it was given if renamed since.
+            let shown = |name: &str| {
+                if name == a.ifname {
+                    name.to_owned()
+                } else {
+                    format!("{name} (--iface {})", a.ifname)
+                }
+            };
             // By the index it was attached at, not by name: the kernel
             // keeps the gate on an interface that is renamed, and
             // detaches it from one that goes away, index and all (one
@@ -2317,11 +2338,7 @@ impl Dataplane for XdpDataplane {
                     // Under its last name: renamed, then deleted, it is
                     // that name another interface may have taken since.
                     let name = a.name_now.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    let shown = if name == a.ifname {
-                        name.clone()
-                    } else {
-                        format!("{name} (--iface {})", a.ifname)
-                    };
+                    let shown = shown(&name);
                     return Err(match nix::net::if_::if_nametoindex(name.as_str()) {
                         Ok(i) if i != a.ifindex => format!(
                             "interface {shown} was created again (index {} -> {i}) without the gate",
@@ -2332,6 +2349,40 @@ impl Dataplane for XdpDataplane {
                 }
                 Err(e) => {
                     tracing::debug!(interface = %a.ifname, error = %e, "cannot look the interface up");
+                    continue;
+                }
+            }
+            // The interface is there; is the gate? Its link can be
+            // detached under the monitor (`bpftool link detach`, or
+            // BPF_LINK_DETACH by whoever holds it; `ip link set ... xdp
+            // off` for a program attached through netlink), or another
+            // program put in its place: heartbeats then go past it, and
+            // every node would be judged dead for the monitor's loss.
+            // Asked of the interface (rtnetlink), as it covers both ways
+            // of attaching: aya keeps the link's descriptor to itself.
+            match super::netlink::xdp_prog_ids(a.ifindex) {
+                Ok(ids) if ids.contains(&self.prog_id) => {}
+                Ok(ids) => {
+                    let name = a.name_now.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    let shown = shown(&name);
+                    return Err(if ids.is_empty() {
+                        format!(
+                            "the gate was detached from interface {shown} under the monitor \
+                             (its XDP link detached, or its program taken off)"
+                        )
+                    } else {
+                        let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+                        format!(
+                            "interface {shown} runs another XDP program (id {}) in place of \
+                             the gate",
+                            ids.join(", ")
+                        )
+                    });
+                }
+                // Gone since the look-up above (the next tick says so), or
+                // no answer: nothing said.
+                Err(e) => {
+                    tracing::debug!(interface = %a.ifname, error = %format!("{e:#}"), "cannot ask rtnetlink about the interface's XDP");
                 }
             }
         }
