@@ -882,6 +882,120 @@ fn an_index_missing_or_too_small_is_rebuilt_from_the_node_state() {
     }
 }
 
+/// Every bucket of the node index pinned in `pins` from `first` on
+/// zeroed: from 0, the map as the loader pins it when it creates it; from
+/// 1, the index as `NodeIndex::new` leaves it (header and seed, no
+/// entry). A start killed while it rebuilt the index left either pinned.
+fn empty_pinned_index(pins: &PinDir, first: u32) {
+    let map = aya::maps::MapData::from_pin(pins.0.join(names::NODE_INDEX)).unwrap();
+    let mut arr: aya::maps::Array<_, [u64; 8]> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(map)).unwrap();
+    for i in first..arr.len() {
+        arr.set(i, [0; 8], 0).unwrap();
+    }
+}
+
+/// A pinned node index that lacks the nodes the pinned node state holds
+/// (left empty, all-zero or with only its header, by a start killed
+/// after the loader pinned it and before the index was rebuilt) is
+/// completed from the state. It fits the state arrays, so it used to be
+/// adopted as it was: no node provisioned, every node installed afresh by
+/// the monitor, its anti-replay window and counters lost.
+#[test]
+fn an_index_left_empty_by_a_killed_rebuild_is_completed_from_the_node_state() {
+    let pins = PinDir::new("emptyindex");
+    let opts = XdpOptions {
+        pin_dir: Some(pins.0.clone()),
+        max_nodes: Some(64),
+        ..XdpOptions::default()
+    };
+    let nodes: Vec<(u32, NodeKeys)> = (0..5).map(|i| (10 + i, keys(3 * i))).collect();
+    {
+        let dp = XdpDataplane::open(&opts).unwrap();
+        dp.set_config(&Config {
+            port: PORT,
+            ..Config::default()
+        })
+        .unwrap();
+        for (id, k) in &nodes {
+            dp.upsert_node(*id, k).unwrap();
+        }
+        assert_eq!(gate(&dp, &hb(12, 1)), XDP_DROP);
+    }
+    // The last heartbeat the gate took from node 12.
+    let mut last = 1;
+    for (first, what) in [(0, "all-zero"), (1, "header only")] {
+        empty_pinned_index(&pins, first);
+        let dp = XdpDataplane::open(&opts).unwrap();
+        let mut adopted = dp.provisioned().unwrap();
+        adopted.sort_by_key(|n| n.0);
+        assert_eq!(adopted, nodes, "{what}: every node adopted");
+        let before = dp.state(6).unwrap();
+        assert_eq!(
+            (before.node_id, before.max_seq),
+            (12, last),
+            "{what}: with its state"
+        );
+        // The anti-replay window survived: heartbeat 1 again is refused,
+        // a new one taken.
+        gate(&dp, &hb(12, 1));
+        let s = dp.state(6).unwrap();
+        assert_eq!(
+            (s.accepted, s.replay),
+            (before.accepted, before.replay + 1),
+            "{what}: a replayed heartbeat refused"
+        );
+        last += 1;
+        assert_eq!(gate(&dp, &hb(12, last)), XDP_DROP);
+        assert_eq!(dp.state(6).unwrap().accepted, before.accepted + 1);
+        // Rebuilt once, the next start finds the index whole.
+        drop(dp);
+        let dp = XdpDataplane::open(&opts).unwrap();
+        assert_eq!(dp.provisioned().unwrap().len(), nodes.len(), "{what}");
+    }
+}
+
+/// A start that rebuilt an index too small for the node state and then
+/// failed (dropped before it started) removes the index it pinned, as it
+/// removes every pin it made: the old index, removed by the start, was
+/// listed as there before, and the new one under its name stayed.
+#[test]
+fn a_failed_start_removes_the_index_it_rebuilt() {
+    let pins = PinDir::new("undoindex");
+    let opts = XdpOptions {
+        pin_dir: Some(pins.0.clone()),
+        max_nodes: Some(64),
+        undo_until_started: true,
+        ..XdpOptions::default()
+    };
+    {
+        let dp = XdpDataplane::open(&opts).unwrap();
+        dp.upsert_node(10, &keys(3)).unwrap();
+        dp.started();
+    }
+    let small = PinDir::new("undoindex-small");
+    XdpDataplane::open(&XdpOptions {
+        pin_dir: Some(small.0.clone()),
+        max_nodes: Some(4),
+        ..XdpOptions::default()
+    })
+    .unwrap();
+    let index = pins.0.join(names::NODE_INDEX);
+    std::fs::remove_file(&index).unwrap();
+    std::fs::rename(small.0.join(names::NODE_INDEX), &index).unwrap();
+    let dp = XdpDataplane::open(&opts).unwrap();
+    assert_eq!(dp.provisioned().unwrap(), vec![(10, keys(3))]);
+    drop(dp);
+    assert!(!index.exists(), "the index the failed start pinned is gone");
+    assert!(
+        pins.0.join(names::NODE_REST).exists(),
+        "the node state stays"
+    );
+    let dp = XdpDataplane::open(&opts).unwrap();
+    assert_eq!(dp.provisioned().unwrap(), vec![(10, keys(3))], "rebuilt");
+    dp.started();
+}
+
 /// A start detaches the links an earlier `--keep-attached` run kept on
 /// interfaces it is no longer given: they used to stay attached for good
 /// (no later exit detaches what it did not attach). An interface given
@@ -1008,6 +1122,77 @@ fn a_kept_gate_without_nodes_is_detached() {
     let mut dp = open();
     dp.detach().unwrap();
     assert!(!has_xdp(&ns, &i0));
+}
+
+/// Detaches the XDP link pinned at `pin` as `bpftool link detach` does
+/// (`BPF_LINK_DETACH`), leaving the pin and every descriptor of it: what
+/// a running monitor holds goes on existing, with no program attached.
+fn detach_link_underneath(pin: &std::path::Path) {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let bpf = |cmd: libc::c_long, attr: *const libc::c_void, size: usize| {
+        // SAFETY: `attr` is the command's `union bpf_attr` part, `size`
+        // bytes, alive for the call.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size as libc::c_uint) }
+    };
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let path = std::ffi::CString::new(pin.to_str().unwrap()).unwrap();
+    let get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = bpf(7, (&raw const get).cast(), size_of::<ObjGet>());
+    assert!(fd >= 0, "BPF_OBJ_GET: {}", std::io::Error::last_os_error());
+    // SAFETY: a descriptor the kernel just gave us.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let detach = fd.as_raw_fd() as u32;
+    let r = bpf(34, (&raw const detach).cast(), size_of::<u32>());
+    assert_eq!(r, 0, "BPF_LINK_DETACH: {}", std::io::Error::last_os_error());
+}
+
+/// A gate detached under a running monitor (its link detached with
+/// `bpftool link detach`, pin and descriptors left) is noticed: the tick
+/// and /healthz ask `check_attached`, which used to ask only whether the
+/// interface was still there, so heartbeats went past the gate, every
+/// node went dead and /healthz said 200.
+#[test]
+fn a_gate_detached_under_the_monitor_is_noticed() {
+    let (ns, [i0, i1]) = ns_with_veth("hbdet");
+    let pins = PinDir::new("detached");
+    let dp = ns
+        .run(|| XdpDataplane::open(&kept(&[&i0, &i1], &pins)))
+        .unwrap()
+        .unwrap();
+    dp.upsert_node(3, &keys(1)).unwrap();
+    assert_eq!(ns.run(|| dp.check_attached()).unwrap(), Ok(()));
+
+    detach_link_underneath(&pins.0.join(format!("link_{i1}")));
+    assert!(!has_xdp(&ns, &i1) && has_xdp(&ns, &i0));
+    let why = ns
+        .run(|| dp.check_attached())
+        .unwrap()
+        .expect_err("the gate is gone from one interface");
+    assert!(
+        why.contains(&format!("detached from interface {i1}")),
+        "{why}"
+    );
+    log(format!("detached: {why}"));
+
+    // The next start attaches afresh over the pin of the detached link.
+    drop(dp);
+    let mut dp = ns
+        .run(|| XdpDataplane::open(&kept(&[&i0, &i1], &pins)))
+        .unwrap()
+        .unwrap();
+    assert!(has_xdp(&ns, &i0) && has_xdp(&ns, &i1));
+    assert_eq!(ns.run(|| dp.check_attached()).unwrap(), Ok(()));
+    dp.detach().unwrap();
+    assert!(!has_xdp(&ns, &i0) && !has_xdp(&ns, &i1));
 }
 
 /// A monitor in userspace mode detaches the gates an earlier XDP run kept

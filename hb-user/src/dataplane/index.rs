@@ -158,7 +158,9 @@ impl<'a> NodeIndex<'a> {
     /// The index in `words` (bucket 0, the header, first; then `room`
     /// buckets, a power of two). An all-zero index (a fresh map) gets its
     /// header and a fresh seed; one with a header (pinned, adopted) must
-    /// fit, and keeps its seed.
+    /// fit, and keeps its seed. Either may lack nodes the node state holds
+    /// (a pinned one left all-zero or part-filled by a start killed while
+    /// it rebuilt it): the node maps' owner completes it from the state.
     pub fn new(words: Words<'a>) -> Result<NodeIndex<'a>, IndexMismatch> {
         let w = words.get();
         let room = (w.len() / ENTRIES).saturating_sub(1) as u64;

@@ -110,7 +110,8 @@ pub trait Dataplane: Send + Sync {
 
     /// Whether the gate still sits where it was attached; why not if it
     /// does not (an interface deleted, or deleted and created again: the
-    /// kernel detaches a program from an interface that goes away).
+    /// kernel detaches a program from an interface that goes away; or the
+    /// gate detached from it, or replaced, under the monitor).
     fn check_attached(&self) -> Result<(), String> {
         Ok(())
     }

@@ -1,7 +1,8 @@
 //! What rtnetlink says about an interface's XDP: the mode a program is
-//! attached in. A bpf_link's own info names only the interface, and a
-//! link kept attached by an earlier run (`--keep-attached`) keeps the
-//! mode it was attached in, whatever `--mode` the next start asks for.
+//! attached in, and which programs. A bpf_link's own info names only the
+//! interface, and a link kept attached by an earlier run
+//! (`--keep-attached`) keeps the mode it was attached in, whatever
+//! `--mode` the next start asks for.
 
 use anyhow::{Context as _, anyhow, bail};
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
@@ -26,6 +27,41 @@ pub enum XdpAttach {
 /// How XDP is attached to the interface at `ifindex`, in this network
 /// namespace (`RTM_GETLINK`).
 pub fn xdp_attach(ifindex: u32) -> anyhow::Result<XdpAttach> {
+    let attached = xdp_attrs(ifindex)?.into_iter().find_map(|x| match x {
+        LinkXdp::Attached(how) => Some(how),
+        _ => None,
+    });
+    Ok(match attached {
+        None | Some(XdpAttached::None) => XdpAttach::None,
+        Some(XdpAttached::Driver) => XdpAttach::Driver,
+        Some(XdpAttached::SocketBuffer) => XdpAttach::Skb,
+        Some(_) => XdpAttach::Other,
+    })
+}
+
+/// The ids of the XDP programs attached to the interface at `ifindex`, in
+/// this network namespace, whether through netlink or a bpf_link: one in
+/// the mode it is attached in, or one a mode when several are (empty when
+/// none is).
+pub fn xdp_prog_ids(ifindex: u32) -> anyhow::Result<Vec<u32>> {
+    let mut ids: Vec<u32> = xdp_attrs(ifindex)?
+        .into_iter()
+        .filter_map(|x| match x {
+            LinkXdp::ProgId(id)
+            | LinkXdp::DrvProgId(id)
+            | LinkXdp::SkbProgId(id)
+            | LinkXdp::HwProgId(id) => Some(id),
+            _ => None,
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// The `IFLA_XDP` attributes of the interface at `ifindex`, in this
+/// network namespace (`RTM_GETLINK`).
+fn xdp_attrs(ifindex: u32) -> anyhow::Result<Vec<LinkXdp>> {
     let mut link = LinkMessage::default();
     link.header.index = ifindex;
     let mut req = NetlinkMessage::new(
@@ -62,19 +98,14 @@ pub fn xdp_attach(ifindex: u32) -> anyhow::Result<XdpAttach> {
         }
         other => bail!("rtnetlink answered {other:?} about interface {ifindex}"),
     };
-    let attached = link.attributes.iter().find_map(|a| match a {
-        LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
-            LinkXdp::Attached(how) => Some(*how),
+    Ok(link
+        .attributes
+        .into_iter()
+        .find_map(|a| match a {
+            LinkAttribute::Xdp(xdp) => Some(xdp),
             _ => None,
-        }),
-        _ => None,
-    });
-    Ok(match attached {
-        None | Some(XdpAttached::None) => XdpAttach::None,
-        Some(XdpAttached::Driver) => XdpAttach::Driver,
-        Some(XdpAttached::SocketBuffer) => XdpAttach::Skb,
-        Some(_) => XdpAttach::Other,
-    })
+        })
+        .unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -85,6 +116,7 @@ mod tests {
     fn loopback_has_no_xdp_and_a_missing_index_is_an_error() {
         // Index 1 is `lo` in every network namespace.
         assert_eq!(xdp_attach(1).unwrap(), XdpAttach::None);
+        assert_eq!(xdp_prog_ids(1).unwrap(), Vec::<u32>::new());
         let err = format!("{:#}", xdp_attach(u32::MAX - 7).unwrap_err());
         assert!(err.contains("no interface of index"), "{err}");
     }

@@ -14,9 +14,10 @@
 //!   nodes) keeps no link: such a gate would only refuse heartbeats.
 //! - The node maps pinned are one unit (the index leads to slots of the
 //!   two state arrays): a start adopts them whole, rebuilds the index from
-//!   the state arrays when it is missing or too small for them, and starts
-//!   them afresh when the state arrays are not both there (an earlier
-//!   layout's, or removed by hand).
+//!   the state arrays when it is missing or too small for them (and adds
+//!   to an adopted one the nodes it lacks: a start killed mid-rebuild
+//!   leaves it pinned part-filled), and starts them afresh when the state
+//!   arrays are not both there (an earlier layout's, or removed by hand).
 //! - Node state is read straight from the mmap'ed `HB_NODE_LIVE` and
 //!   `HB_NODE_REST` arrays under each node's seqcount (see [`XdpDataplane::read_states`]); node
 //!   ids and keys are written into it under the same protocol, and the
@@ -509,23 +510,39 @@ impl NodeMaps {
         Ok(out)
     }
 
-    /// Indexes every node these maps hold into the fresh index `ix`: the
-    /// index rebuilt from the node state it leads to (each slot names its
-    /// node). A node found at a second slot (no writer of ours leaves
-    /// that) is cleared there. Returns how many nodes were indexed and
-    /// how many slots cleared.
+    /// Makes `ix` lead to every node these maps hold (each slot names its
+    /// node): into a fresh index, the index rebuilt from the node state;
+    /// into an adopted one, the nodes it lacks added. A start killed while
+    /// it rebuilt the index left it pinned with some of the nodes or none
+    /// (the loader pins a fresh map before anything fills it), and adopted
+    /// as it was, every node it lacked would start afresh, its anti-replay
+    /// window and counters lost. A node indexed at this slot is left as it
+    /// is; one whose entry leads to a slot that does not hold it has its
+    /// entry pointed here; one found at a second slot besides the one its
+    /// entry leads to (no writer of ours leaves that) is cleared there.
+    /// Returns how many nodes were indexed and how many slots cleared: both
+    /// 0 for an index that was whole.
     fn reindex(&self, ix: &mut NodeIndex) -> anyhow::Result<(u32, u32)> {
         let (mut indexed, mut cleared) = (0, 0);
+        let id_at = |slot: u32, e: Entry| {
+            e.node_id()
+                .map_err(|stuck| stuck_error(slot, stuck).context("cannot rebuild the node index"))
+        };
         for slot in 0..self.len() {
             let Some(e) = self.entry(slot) else { break };
-            let id = e
-                .read()
-                .map_err(|stuck| stuck_error(slot, stuck).context("cannot rebuild the node index"))?
-                .node_id;
+            let id = id_at(slot, e)?;
             if id == 0 {
                 continue;
             }
-            if ix.get(id).is_some() {
+            let elsewhere = match ix.get(id) {
+                Some(at) if at == slot => continue,
+                Some(at) => match self.entry(at) {
+                    Some(o) => id_at(at, o)? == id,
+                    None => false,
+                },
+                None => false,
+            };
+            if elsewhere {
                 e.lock().map_err(|stuck| stuck_error(slot, stuck))?.clear();
                 cleared += 1;
                 continue;
@@ -595,6 +612,15 @@ impl Entry {
     fn read_live(self) -> Result<NodeLive, Stuck> {
         // SAFETY: a live, aligned map value of plain integers.
         self.consistent(|| unsafe { copy_words(self.live) })
+    }
+
+    /// The node's id, read consistently: without copying the rest of it
+    /// (a start reads every slot's, [`NodeMaps::reindex`]).
+    fn node_id(self) -> Result<u32, Stuck> {
+        // SAFETY: as `keys_seq`; a relaxed atomic load, as `copy_words`
+        // reads.
+        let id = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*self.rest).node_id)) };
+        self.consistent(|| id.load(Ordering::Relaxed))
     }
 
     /// A consistent copy of the whole node.
@@ -878,6 +904,9 @@ pub struct XdpDataplane {
     events: Option<RingBuf<MapData>>,
     reports_task: Option<tokio::task::JoinHandle<()>>,
     attached: Vec<Attached>,
+    /// The kernel's id of `hb_xdp`: what an interface it is attached to
+    /// reports ([`Dataplane::check_attached`]).
+    prog_id: u32,
     keep_attached: bool,
     /// Reads skipped because a node stayed held ([`Stuck`]).
     stuck_reads: AtomicU64,
@@ -1472,8 +1501,13 @@ impl XdpDataplane {
                 let made = !dir.exists();
                 ensure_pin_dir(dir)?;
                 let lock = lock_pin_dir(dir)?;
-                let undo = UndoPins::new(dir, made, &lock)?;
+                // Listed after the reconciliation: a node map it removed
+                // (an index too small, maps of an earlier layout) and this
+                // start pins anew under the same name is this start's, and
+                // goes if it fails. Listed before, it counted as there
+                // before and stayed.
                 let node_pins = reconcile_node_pins(dir)?;
+                let undo = UndoPins::new(dir, made, &lock)?;
                 (Some(lock), node_pins, Some(undo))
             }
             None => (None, NodePins::AsTheyAre, None),
@@ -1536,6 +1570,10 @@ impl XdpDataplane {
                 .with_context(|| format!("the kernel verifier rejected {name}"))?;
         }
 
+        let prog_id = xdp_program(&mut ebpf, names::PROGRAM)?
+            .info()
+            .with_context(|| format!("cannot read the loaded {}'s id", names::PROGRAM))?
+            .id();
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::COUNTERS)?)?;
         let config = Array::try_from(take_map(&mut ebpf, names::CONFIG)?)?;
         // Not pinned: the host's addresses are read afresh at every start;
@@ -1601,13 +1639,24 @@ impl XdpDataplane {
                 opts.pin_dir.as_deref().unwrap_or(Path::new("?")).display()
             ))
         })?;
-        if let NodePins::RebuildIndex { .. } = node_pins {
+        if opts.pin_dir.is_some() {
+            // An index adopted as it is may lack nodes too: one a start
+            // killed mid-rebuild left pinned (empty, or partly filled) fits
+            // the state arrays, and is adopted. Whole, it is only read.
             let (indexed, cleared) = nodes.reindex(&mut index)?;
-            tracing::warn!(
-                indexed,
-                cleared,
-                "rebuilt the node index from the pinned node state"
-            );
+            if let NodePins::RebuildIndex { .. } = node_pins {
+                tracing::warn!(
+                    indexed,
+                    cleared,
+                    "rebuilt the node index from the pinned node state"
+                );
+            } else if indexed != 0 || cleared != 0 {
+                tracing::warn!(
+                    indexed,
+                    cleared,
+                    "the pinned node index lacked nodes the pinned node state holds (a start killed while it rebuilt the index, or pins mixed by hand): indexed them from the node state"
+                );
+            }
         }
         let events = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)?;
 
@@ -1625,6 +1674,7 @@ impl XdpDataplane {
             events: Some(events),
             reports_task: None,
             attached: Vec::new(),
+            prog_id,
             keep_attached: opts.keep_attached,
             stuck_reads: AtomicU64::new(0),
             undo: Mutex::new(undo.take()),
@@ -2022,7 +2072,9 @@ fn link_pins_of(ifname: &str) -> Vec<PathBuf> {
 /// one attached through a bpf_link (an hb gate is) makes the kernel refuse
 /// that ("Can't replace active BPF XDP link") and goes with its link only.
 /// Pins that may hold that link are named (a pin does not say which
-/// network namespace its interface is in).
+/// network namespace its interface is in). It may be a running monitor's
+/// gate, which is stopped, not detached under it: the error says so
+/// before it says how to detach one.
 fn busy(ifname: &str, e: ProgramError) -> anyhow::Error {
     let found = link_pins_of(ifname)
         .iter()
@@ -2035,10 +2087,12 @@ fn busy(ifname: &str, e: ProgramError) -> anyhow::Error {
     };
     anyhow!(e).context(format!(
         "interface {ifname} already has another XDP program attached; hb will not replace it. \
-         Check `ip link show {ifname}` and stop its owner, or detach it: \
-         `ip link set dev {ifname} xdp off` (`xdpgeneric off` in skb mode) detaches a program attached through netlink; \
+         Check `ip link show {ifname}` and stop its owner: if it is another hb monitor's gate, stop that \
+         monitor (or give this one another interface); detached under a running monitor, its gate is lost \
+         and that monitor stops. A program nothing runs any more can be detached: \
+         `ip link set dev {ifname} xdp off` (`xdpgeneric off` in skb mode) detaches one attached through netlink; \
          one attached through a bpf_link refuses that and goes only with its link: remove the link's pin \
-         (an hb gate kept by --keep-attached is pinned as PIN_DIR/link_{ifname}{found}), \
+         (an hb gate kept by --keep-attached after its monitor stopped is pinned as PIN_DIR/link_{ifname}{found}), \
          or `bpftool link detach id ID` (`bpftool link show` lists them)"
     ))
 }
@@ -2250,6 +2304,15 @@ impl Dataplane for XdpDataplane {
 
     fn check_attached(&self) -> Result<(), String> {
         for a in &self.attached {
+            // How the interface is named in what is said: under its last
+            // name, with the one it was given if renamed since.
+            let shown = |name: &str| {
+                if name == a.ifname {
+                    name.to_owned()
+                } else {
+                    format!("{name} (--iface {})", a.ifname)
+                }
+            };
             // By the index it was attached at, not by name: the kernel
             // keeps the gate on an interface that is renamed, and
             // detaches it from one that goes away, index and all (one
@@ -2275,11 +2338,7 @@ impl Dataplane for XdpDataplane {
                     // Under its last name: renamed, then deleted, it is
                     // that name another interface may have taken since.
                     let name = a.name_now.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    let shown = if name == a.ifname {
-                        name.clone()
-                    } else {
-                        format!("{name} (--iface {})", a.ifname)
-                    };
+                    let shown = shown(&name);
                     return Err(match nix::net::if_::if_nametoindex(name.as_str()) {
                         Ok(i) if i != a.ifindex => format!(
                             "interface {shown} was created again (index {} -> {i}) without the gate",
@@ -2290,6 +2349,40 @@ impl Dataplane for XdpDataplane {
                 }
                 Err(e) => {
                     tracing::debug!(interface = %a.ifname, error = %e, "cannot look the interface up");
+                    continue;
+                }
+            }
+            // The interface is there; is the gate? Its link can be
+            // detached under the monitor (`bpftool link detach`, or
+            // BPF_LINK_DETACH by whoever holds it; `ip link set ... xdp
+            // off` for a program attached through netlink), or another
+            // program put in its place: heartbeats then go past it, and
+            // every node would be judged dead for the monitor's loss.
+            // Asked of the interface (rtnetlink), as it covers both ways
+            // of attaching: aya keeps the link's descriptor to itself.
+            match super::netlink::xdp_prog_ids(a.ifindex) {
+                Ok(ids) if ids.contains(&self.prog_id) => {}
+                Ok(ids) => {
+                    let name = a.name_now.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    let shown = shown(&name);
+                    return Err(if ids.is_empty() {
+                        format!(
+                            "the gate was detached from interface {shown} under the monitor \
+                             (its XDP link detached, or its program taken off)"
+                        )
+                    } else {
+                        let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+                        format!(
+                            "interface {shown} runs another XDP program (id {}) in place of \
+                             the gate",
+                            ids.join(", ")
+                        )
+                    });
+                }
+                // Gone since the look-up above (the next tick says so), or
+                // no answer: nothing said.
+                Err(e) => {
+                    tracing::debug!(interface = %a.ifname, error = %format!("{e:#}"), "cannot ask rtnetlink about the interface's XDP");
                 }
             }
         }
