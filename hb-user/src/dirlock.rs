@@ -16,21 +16,34 @@ use anyhow::Context as _;
 #[error("{0}")]
 pub struct Busy(pub String);
 
+/// How long a held lock is tried again before it is `Busy`.
+const BUSY_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Locks `dir` (`what` names it in errors, e.g. "pin directory") for as
 /// long as the returned file is held. If another process holds it, the
 /// error is `busy`.
 pub fn lock(dir: &Path, what: &str, busy: &str) -> anyhow::Result<std::fs::File> {
     let f = std::fs::File::open(dir)
         .with_context(|| format!("cannot open {what} {}", dir.display()))?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    // A holder's child between fork and exec (a hook, or any command, just
+    // starting) has the descriptor too, for a moment: a lock its holder
+    // has just dropped (a restart, a test reopening) can still be held by
+    // it. So `Busy` only after it stayed held for `BUSY_AFTER`.
+    let deadline = std::time::Instant::now() + BUSY_AFTER;
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(f);
+        }
         let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e).with_context(|| format!("cannot lock {what} {}", dir.display()));
+        }
+        if std::time::Instant::now() >= deadline {
             return Err(Busy(busy.to_owned()).into());
         }
-        return Err(e).with_context(|| format!("cannot lock {what} {}", dir.display()));
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    Ok(f)
 }
 
 #[cfg(test)]
@@ -48,6 +61,14 @@ mod tests {
         assert_eq!(e.to_string(), "held elsewhere");
         drop(held);
         lock(dir.path(), "test directory", "held elsewhere").unwrap();
+        // Held a moment longer (a child between fork and exec): waited for.
+        let held = lock(dir.path(), "test directory", "held elsewhere").unwrap();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            drop(held);
+        });
+        lock(dir.path(), "test directory", "held elsewhere").unwrap();
+        t.join().unwrap();
         let e = lock(&dir.path().join("nope"), "test directory", "held elsewhere").unwrap_err();
         assert!(!e.is::<Busy>(), "{e:#}");
         assert!(
