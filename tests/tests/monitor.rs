@@ -927,6 +927,7 @@ fn replayed_and_forged_never_refresh(mode: &str) {
         rtt_us: 0,
     }
     .seal(&NodeKey { k0: 1, k1: 2 });
+    let before = m.node_events(11).len();
     let t0 = Instant::now();
     let mut saw_dead = false;
     while t0.elapsed() < Duration::from_secs(5) {
@@ -947,8 +948,16 @@ fn replayed_and_forged_never_refresh(mode: &str) {
         "replays kept node 11 alive: {:?}",
         m.node_events(11)
     );
+    // From the replay on, only the way down: `suspect` then `dead`, or
+    // `dead` at once for a node whose stall allowance (a hiccup of the
+    // sending thread under load teaches one) is past both thresholds
+    // (README, "How nodes are judged"); never `alive` again.
     let evs = m.node_events(11);
-    assert!(evs.ends_with(&["suspect".into(), "dead".into()]), "{evs:?}");
+    let since: Vec<&str> = evs[before..].iter().map(String::as_str).collect();
+    assert!(
+        since == ["suspect", "dead"] || since == ["dead"],
+        "{evs:?} (from the replay on: {since:?})"
+    );
     let n = node_json(&pair, 11);
     assert_eq!(
         n["accepted"].as_u64(),
