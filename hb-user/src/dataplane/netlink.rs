@@ -39,12 +39,49 @@ pub fn xdp_attach(ifindex: u32) -> anyhow::Result<XdpAttach> {
     })
 }
 
-/// The ids of the XDP programs attached to the interface at `ifindex`, in
-/// this network namespace, whether through netlink or a bpf_link: one in
-/// the mode it is attached in, or one a mode when several are (empty when
-/// none is).
-pub fn xdp_prog_ids(ifindex: u32) -> anyhow::Result<Vec<u32>> {
-    let mut ids: Vec<u32> = xdp_attrs(ifindex)?
+/// What an interface is now: its name, and the ids of the XDP programs
+/// attached to it (whether through netlink or a bpf_link: one in the mode
+/// it is attached in, or one a mode when several are; empty when none is).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkNow {
+    pub name: String,
+    pub xdp_prog_ids: Vec<u32>,
+}
+
+/// The interface at `ifindex` in this network namespace, `None` when no
+/// interface has that index (one `RTM_GETLINK`: the monitor's tick asks it
+/// of every interface it gates).
+pub fn link_now(ifindex: u32) -> anyhow::Result<Option<LinkNow>> {
+    let link = match get_link(ifindex) {
+        Ok(link) => link,
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::raw_os_error)
+                == Some(libc::ENODEV) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let mut name = None;
+    let mut xdp = Vec::new();
+    for a in link.attributes {
+        match a {
+            LinkAttribute::IfName(n) => name = Some(n),
+            LinkAttribute::Xdp(x) => xdp = x,
+            _ => {}
+        }
+    }
+    let name = name.with_context(|| format!("rtnetlink named no interface of index {ifindex}"))?;
+    Ok(Some(LinkNow {
+        name,
+        xdp_prog_ids: prog_ids(xdp),
+    }))
+}
+
+/// The program ids in `IFLA_XDP` attributes, sorted, once each.
+fn prog_ids(xdp: Vec<LinkXdp>) -> Vec<u32> {
+    let mut ids: Vec<u32> = xdp
         .into_iter()
         .filter_map(|x| match x {
             LinkXdp::ProgId(id)
@@ -56,12 +93,26 @@ pub fn xdp_prog_ids(ifindex: u32) -> anyhow::Result<Vec<u32>> {
         .collect();
     ids.sort_unstable();
     ids.dedup();
-    Ok(ids)
+    ids
 }
 
 /// The `IFLA_XDP` attributes of the interface at `ifindex`, in this
-/// network namespace (`RTM_GETLINK`).
+/// network namespace.
 fn xdp_attrs(ifindex: u32) -> anyhow::Result<Vec<LinkXdp>> {
+    Ok(get_link(ifindex)?
+        .attributes
+        .into_iter()
+        .find_map(|a| match a {
+            LinkAttribute::Xdp(xdp) => Some(xdp),
+            _ => None,
+        })
+        .unwrap_or_default())
+}
+
+/// The interface at `ifindex`, in this network namespace (`RTM_GETLINK`);
+/// an interface that is not there is an error whose source is the
+/// kernel's `io::Error` (ENODEV).
+fn get_link(ifindex: u32) -> anyhow::Result<LinkMessage> {
     let mut link = LinkMessage::default();
     link.header.index = ifindex;
     let mut req = NetlinkMessage::new(
@@ -98,14 +149,7 @@ fn xdp_attrs(ifindex: u32) -> anyhow::Result<Vec<LinkXdp>> {
         }
         other => bail!("rtnetlink answered {other:?} about interface {ifindex}"),
     };
-    Ok(link
-        .attributes
-        .into_iter()
-        .find_map(|a| match a {
-            LinkAttribute::Xdp(xdp) => Some(xdp),
-            _ => None,
-        })
-        .unwrap_or_default())
+    Ok(link)
 }
 
 #[cfg(test)]
@@ -113,11 +157,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn loopback_has_no_xdp_and_a_missing_index_is_an_error() {
+    fn loopback_has_no_xdp_and_a_missing_index_is_an_error_or_none() {
         // Index 1 is `lo` in every network namespace.
         assert_eq!(xdp_attach(1).unwrap(), XdpAttach::None);
-        assert_eq!(xdp_prog_ids(1).unwrap(), Vec::<u32>::new());
+        assert_eq!(
+            link_now(1).unwrap(),
+            Some(LinkNow {
+                name: "lo".into(),
+                xdp_prog_ids: Vec::new()
+            })
+        );
         let err = format!("{:#}", xdp_attach(u32::MAX - 7).unwrap_err());
         assert!(err.contains("no interface of index"), "{err}");
+        // An index no interface has (a deleted one's): none.
+        assert_eq!(link_now(999_999).unwrap(), None);
     }
 }

@@ -851,22 +851,6 @@ fn page_size() -> usize {
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
 }
 
-/// The name of the interface at `index`. Not nix's: it takes the null
-/// that says "no such interface" for a name, an empty one.
-fn if_indextoname(index: u32) -> Result<String, nix::errno::Errno> {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: `buf` holds the IF_NAMESIZE bytes if_indextoname(3) writes
-    // at most, a name and its terminating null.
-    let name = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
-    if name.is_null() {
-        return Err(nix::errno::Errno::last());
-    }
-    // SAFETY: on success, `buf` holds a null-terminated name.
-    Ok(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
-        .to_string_lossy()
-        .into_owned())
-}
-
 /// An interface the program is attached to.
 struct Attached {
     ifname: String,
@@ -2316,25 +2300,12 @@ impl Dataplane for XdpDataplane {
             // By the index it was attached at, not by name: the kernel
             // keeps the gate on an interface that is renamed, and
             // detaches it from one that goes away, index and all (one
-            // created again under the name has another index).
-            match if_indextoname(a.ifindex) {
-                Ok(name) => {
-                    let mut known = a.name_now.lock().unwrap_or_else(|e| e.into_inner());
-                    if *known != name {
-                        tracing::warn!(
-                            interface = %a.ifname,
-                            now = %name,
-                            "interface renamed; the gate stays on it, but the next start needs \
-                             --iface {name}"
-                        );
-                        *known = name;
-                    }
-                }
-                // glibc says ENXIO for an index no interface has; the
-                // ioctl under it, ENODEV. Anything else (no descriptor
-                // left: hooks by the hundred) says nothing, and the next
-                // tick asks again.
-                Err(nix::errno::Errno::ENXIO | nix::errno::Errno::ENODEV) => {
+            // created again under the name has another index). One
+            // rtnetlink question answers both what the interface is called
+            // now and which XDP programs it runs.
+            let link = match super::netlink::link_now(a.ifindex) {
+                Ok(Some(link)) => link,
+                Ok(None) => {
                     // Under its last name: renamed, then deleted, it is
                     // that name another interface may have taken since.
                     let name = a.name_now.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -2347,9 +2318,24 @@ impl Dataplane for XdpDataplane {
                         _ => format!("interface {shown} is gone, and the gate with it"),
                     });
                 }
+                // No answer (no descriptor left: hooks by the hundred):
+                // nothing said, and the next tick asks again.
                 Err(e) => {
-                    tracing::debug!(interface = %a.ifname, error = %e, "cannot look the interface up");
+                    tracing::debug!(interface = %a.ifname, error = %format!("{e:#}"), "cannot ask rtnetlink about the interface");
                     continue;
+                }
+            };
+            {
+                let mut known = a.name_now.lock().unwrap_or_else(|e| e.into_inner());
+                if *known != link.name {
+                    tracing::warn!(
+                        interface = %a.ifname,
+                        now = %link.name,
+                        "interface renamed; the gate stays on it, but the next start needs \
+                         --iface {}",
+                        link.name
+                    );
+                    *known = link.name.clone();
                 }
             }
             // The interface is there; is the gate? Its link can be
@@ -2358,32 +2344,23 @@ impl Dataplane for XdpDataplane {
             // off` for a program attached through netlink), or another
             // program put in its place: heartbeats then go past it, and
             // every node would be judged dead for the monitor's loss.
-            // Asked of the interface (rtnetlink), as it covers both ways
-            // of attaching: aya keeps the link's descriptor to itself.
-            match super::netlink::xdp_prog_ids(a.ifindex) {
-                Ok(ids) if ids.contains(&self.prog_id) => {}
-                Ok(ids) => {
-                    let name = a.name_now.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    let shown = shown(&name);
-                    return Err(if ids.is_empty() {
-                        format!(
-                            "the gate was detached from interface {shown} under the monitor \
-                             (its XDP link detached, or its program taken off)"
-                        )
-                    } else {
-                        let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
-                        format!(
-                            "interface {shown} runs another XDP program (id {}) in place of \
-                             the gate",
-                            ids.join(", ")
-                        )
-                    });
-                }
-                // Gone since the look-up above (the next tick says so), or
-                // no answer: nothing said.
-                Err(e) => {
-                    tracing::debug!(interface = %a.ifname, error = %format!("{e:#}"), "cannot ask rtnetlink about the interface's XDP");
-                }
+            // Asked of the interface, as it covers both ways of attaching:
+            // aya keeps the link's descriptor to itself.
+            let ids = &link.xdp_prog_ids;
+            if !ids.contains(&self.prog_id) {
+                let shown = shown(&link.name);
+                return Err(if ids.is_empty() {
+                    format!(
+                        "the gate was detached from interface {shown} under the monitor \
+                         (its XDP link detached, or its program taken off)"
+                    )
+                } else {
+                    let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+                    format!(
+                        "interface {shown} runs another XDP program (id {}) in place of the gate",
+                        ids.join(", ")
+                    )
+                });
             }
         }
         Ok(())
