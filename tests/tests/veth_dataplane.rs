@@ -819,50 +819,32 @@ fn an_index_pinned_with_an_earlier_layout_wipes_no_node() {
     assert_eq!(p, vec![(a, keys(1)), (b, keys(0))]);
 }
 
-/// The pinned node state keeps its nodes when its index is gone or too
-/// small for it (pins removed or mixed by hand): the index is rebuilt from
-/// the state, sized for its capacity. Both used to lose every node (an
-/// empty index adopted or created), and a too small one to refuse nodes
-/// long before the capacity.
-#[test]
-fn an_index_missing_or_too_small_is_rebuilt_from_the_node_state() {
-    let pins = PinDir::new("rebuild");
+/// Five nodes (ids 10-14, node 12 in slot 6 having sent heartbeat 1)
+/// pinned in `pins` for a capacity of 64, and the options that open them.
+fn pin_five_nodes(pins: &PinDir) -> (XdpOptions, Vec<(u32, NodeKeys)>) {
     let opts = XdpOptions {
         pin_dir: Some(pins.0.clone()),
         max_nodes: Some(64),
         ..XdpOptions::default()
     };
     let nodes: Vec<(u32, NodeKeys)> = (0..5).map(|i| (10 + i, keys(3 * i))).collect();
-    {
-        let dp = XdpDataplane::open(&opts).unwrap();
-        dp.set_config(&Config {
-            port: PORT,
-            ..Config::default()
-        })
-        .unwrap();
-        for (id, k) in &nodes {
-            dp.upsert_node(*id, k).unwrap();
-        }
-        assert_eq!(gate(&dp, &hb(12, 1)), XDP_DROP);
+    let dp = XdpDataplane::open(&opts).unwrap();
+    dp.set_config(&Config {
+        port: PORT,
+        ..Config::default()
+    })
+    .unwrap();
+    for (id, k) in &nodes {
+        dp.upsert_node(*id, k).unwrap();
     }
-    let index = pins.0.join(names::NODE_INDEX);
-    let sorted = |dp: &XdpDataplane| {
-        let mut p = dp.provisioned().unwrap();
-        p.sort_by_key(|n| n.0);
-        p
-    };
+    assert_eq!(gate(&dp, &hb(12, 1)), XDP_DROP);
+    (opts, nodes)
+}
 
-    // Gone.
-    std::fs::remove_file(&index).unwrap();
-    {
-        let dp = XdpDataplane::open(&opts).unwrap();
-        assert_eq!(sorted(&dp), nodes, "every node adopted");
-        assert_eq!(dp.state(6).unwrap().accepted, 1, "with its state");
-        assert_eq!(gate(&dp, &hb(12, 2)), XDP_DROP, "and gated");
-    }
-
-    // Too small: an index pinned for 4 nodes, beside state for 64.
-    let small = PinDir::new("rebuild-small");
+/// Replaces the node index pinned in `pins` with one pinned for 4 nodes
+/// (in a pin directory of its own, named after `tag`).
+fn pin_a_small_index(pins: &PinDir, tag: &str) {
+    let small = PinDir::new(&format!("{tag}-small"));
     drop(
         XdpDataplane::open(&XdpOptions {
             pin_dir: Some(small.0.clone()),
@@ -871,10 +853,42 @@ fn an_index_missing_or_too_small_is_rebuilt_from_the_node_state() {
         })
         .unwrap(),
     );
+    let index = pins.0.join(names::NODE_INDEX);
     std::fs::remove_file(&index).unwrap();
     std::fs::rename(small.0.join(names::NODE_INDEX), &index).unwrap();
+}
+
+/// The nodes `dp` has provisioned, by id.
+fn sorted_provisioned(dp: &XdpDataplane) -> Vec<(u32, NodeKeys)> {
+    let mut p = dp.provisioned().unwrap();
+    p.sort_by_key(|n| n.0);
+    p
+}
+
+/// The pinned node state keeps its nodes when its index is gone or too
+/// small for it (pins removed or mixed by hand): the index is rebuilt from
+/// the state, sized for its capacity. Both used to lose every node (an
+/// empty index adopted or created), and a too small one to refuse nodes
+/// long before the capacity.
+#[test]
+fn an_index_missing_or_too_small_is_rebuilt_from_the_node_state() {
+    let pins = PinDir::new("rebuild");
+    let (opts, nodes) = pin_five_nodes(&pins);
+    let index = pins.0.join(names::NODE_INDEX);
+
+    // Gone.
+    std::fs::remove_file(&index).unwrap();
+    {
+        let dp = XdpDataplane::open(&opts).unwrap();
+        assert_eq!(sorted_provisioned(&dp), nodes, "every node adopted");
+        assert_eq!(dp.state(6).unwrap().accepted, 1, "with its state");
+        assert_eq!(gate(&dp, &hb(12, 2)), XDP_DROP, "and gated");
+    }
+
+    // Too small: an index pinned for 4 nodes, beside state for 64.
+    pin_a_small_index(&pins, "rebuild");
     let dp = XdpDataplane::open(&opts).unwrap();
-    assert_eq!(sorted(&dp), nodes, "every node adopted");
+    assert_eq!(sorted_provisioned(&dp), nodes, "every node adopted");
     assert_eq!(dp.state(6).unwrap().accepted, 2);
     assert!(dp.index_buckets() >= 16, "room for 64 nodes");
     for i in 0..64 {
@@ -904,32 +918,13 @@ fn empty_pinned_index(pins: &PinDir, first: u32) {
 #[test]
 fn an_index_left_empty_by_a_killed_rebuild_is_completed_from_the_node_state() {
     let pins = PinDir::new("emptyindex");
-    let opts = XdpOptions {
-        pin_dir: Some(pins.0.clone()),
-        max_nodes: Some(64),
-        ..XdpOptions::default()
-    };
-    let nodes: Vec<(u32, NodeKeys)> = (0..5).map(|i| (10 + i, keys(3 * i))).collect();
-    {
-        let dp = XdpDataplane::open(&opts).unwrap();
-        dp.set_config(&Config {
-            port: PORT,
-            ..Config::default()
-        })
-        .unwrap();
-        for (id, k) in &nodes {
-            dp.upsert_node(*id, k).unwrap();
-        }
-        assert_eq!(gate(&dp, &hb(12, 1)), XDP_DROP);
-    }
+    let (opts, nodes) = pin_five_nodes(&pins);
     // The last heartbeat the gate took from node 12.
     let mut last = 1;
     for (first, what) in [(0, "all-zero"), (1, "header only")] {
         empty_pinned_index(&pins, first);
         let dp = XdpDataplane::open(&opts).unwrap();
-        let mut adopted = dp.provisioned().unwrap();
-        adopted.sort_by_key(|n| n.0);
-        assert_eq!(adopted, nodes, "{what}: every node adopted");
+        assert_eq!(sorted_provisioned(&dp), nodes, "{what}: every node adopted");
         let before = dp.state(6).unwrap();
         assert_eq!(
             (before.node_id, before.max_seq),
@@ -973,16 +968,8 @@ fn a_failed_start_removes_the_index_it_rebuilt() {
         dp.upsert_node(10, &keys(3)).unwrap();
         dp.started();
     }
-    let small = PinDir::new("undoindex-small");
-    XdpDataplane::open(&XdpOptions {
-        pin_dir: Some(small.0.clone()),
-        max_nodes: Some(4),
-        ..XdpOptions::default()
-    })
-    .unwrap();
+    pin_a_small_index(&pins, "undoindex");
     let index = pins.0.join(names::NODE_INDEX);
-    std::fs::remove_file(&index).unwrap();
-    std::fs::rename(small.0.join(names::NODE_INDEX), &index).unwrap();
     let dp = XdpDataplane::open(&opts).unwrap();
     assert_eq!(dp.provisioned().unwrap(), vec![(10, keys(3))]);
     drop(dp);
