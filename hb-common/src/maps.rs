@@ -905,6 +905,40 @@ pub fn ack_interval(
     Some(if requested != 0 { requested } else { heard_ms })
 }
 
+/// The EWMA gain exponent of a warm-up sample, `None` once warm. While a
+/// node announces no interval (`interval_ms` 0: PROTOCOL.md gives it no
+/// meaning; `hb send` never sends it, `hb eval` replays traces that carry
+/// none with it) its moments are learned from its samples alone: the
+/// `n`-th sample after the first weighs `1/2^floor(log2(n + 1))` (a
+/// running average's `1/(n + 1)`, rounded to a power of two, and at least
+/// 1/2 so the moments a restart keeps are not thrown away at once), until
+/// that reaches the EWMA gains. A node that announces its interval has its
+/// moments seeded from it ([`record`]) and needs no warm-up.
+#[inline(always)]
+pub const fn warmup_shift(samples: u16, mean_shift: u32, dev_shift: u32) -> Option<u32> {
+    let warm_at = if mean_shift > dev_shift {
+        mean_shift
+    } else {
+        dev_shift
+    };
+    let next = samples as u32 + 1;
+    if warm_at >= 16 || next >> warm_at != 0 {
+        return None;
+    }
+    // floor(log2(next)) without a count-leading-zeros (BPF has none):
+    // `next` < 2^warm_at <= 2^15.
+    let mut k = 1;
+    while k < warm_at && next >> (k + 1) != 0 {
+        k += 1;
+    }
+    Some(k)
+}
+
+#[inline(always)]
+const fn min_u32(a: u32, b: u32) -> u32 {
+    if a < b { a } else { b }
+}
+
 impl NodeLive {
     /// Jacobson/Karels EWMA update with one inter-arrival sample `x` ns,
     /// its error clipped to a quarter of the mean ([`IA_CLIP_SHIFT`]); the
@@ -920,9 +954,29 @@ impl NodeLive {
     /// built with.
     #[inline(always)]
     pub fn observe_interarrival_with(&mut self, x: u64, mean_shift: u32, dev_shift: u32) {
+        let warm = if self.interval_ms == 0 {
+            warmup_shift(self.ia_samples, mean_shift, dev_shift)
+        } else {
+            None
+        };
         if self.ia_samples == 0 && self.ia_mean_ns == 0 {
             self.ia_mean_ns = x;
             self.ia_dev_ns = x >> 1;
+        } else if let Some(k) = warm {
+            // Learning a rhythm no one announced: the moments so far are a
+            // few samples' worth, so the sample is taken whole (no clip, no
+            // stall) at about the weight a running average gives it. A
+            // first gap far off the node's rhythm (two heartbeats out of a
+            // queue at once, a slow start) is forgotten within the warm-up,
+            // where at 1/2^mean_shift and clipped to a quarter of the mean
+            // it pinned the mean for hundreds of samples (a 100 ns one for
+            // ever) and every later sample counted as a stall.
+            let mean = self.ia_mean_ns as i64;
+            let err = x as i64 - mean;
+            self.ia_mean_ns = (mean + (err >> min_u32(k, mean_shift))) as u64;
+            let dev = self.ia_dev_ns as i64;
+            let abs = if err < 0 { -err } else { err };
+            self.ia_dev_ns = (dev + ((abs - dev) >> min_u32(k, dev_shift))) as u64;
         } else {
             let mean = self.ia_mean_ns as i64;
             let lim = mean >> IA_CLIP_SHIFT;
@@ -1480,6 +1534,92 @@ mod tests {
             "the late datagram's older interval, load and RTT are not taken"
         );
         assert_eq!((s.accepted, s.lost, s.max_seq), (12, 0, 12));
+    }
+
+    /// A node announcing no interval whose first gap is `first_ms`, then
+    /// beats every second `n` times: its mean and stall memory.
+    fn unannounced(first_ns: u64, n: u64) -> NodeState {
+        let mut s = NodeState::default();
+        let ms = 1_000_000u64;
+        let silent = |seq| Datagram {
+            interval_ms: 0,
+            ..hb(1, seq)
+        };
+        let mut t = 1000 * ms;
+        feed(&mut s, &silent(1), t).unwrap();
+        t += first_ns;
+        feed(&mut s, &silent(2), t).unwrap();
+        for seq in 3..3 + n {
+            t += 1000 * ms;
+            feed(&mut s, &silent(seq), t).unwrap();
+        }
+        s
+    }
+
+    #[test]
+    fn an_unannounced_rhythm_is_learned_whatever_the_first_gap() {
+        let ms = 1_000_000u64;
+        // Two heartbeats 100 ns apart (out of one queue), then 1 s beats:
+        // the clipped EWMA could never move a 100 ns mean (a quarter of it
+        // at 1/32 rounds to 0); 10 ms took 585 samples to reach 900 ms.
+        // A long first gap (a slow start) is forgotten more slowly, but at
+        // least as fast as a running average would (30 s: 1.2 s after 40
+        // beats, where the average of 40 samples is 1.7 s).
+        for (first, n) in [(100, 40), (10 * ms, 40), (30_000 * ms, 100)] {
+            let s = unannounced(first, n);
+            assert!(
+                s.ia_mean_ns.abs_diff(1000 * ms) < 50 * ms,
+                "first gap {first} ns: mean {} ns after {n} beats",
+                s.ia_mean_ns
+            );
+            // The long gap's error also inflates the deviation (slower
+            // detection for a while, never a false suspicion).
+            let dev_bound = if first > 1000 * ms { 500 } else { 125 };
+            assert!(
+                s.ia_dev_ns < dev_bound * ms,
+                "{first}: dev {} ns",
+                s.ia_dev_ns
+            );
+            assert_eq!(s.stall, [0, 0], "{first}: steady beats are no stalls");
+        }
+        // Warm once the gains are reached: a 6 s pause is clipped and a
+        // stall, as for a node that announced its interval.
+        let mut s = unannounced(1000 * ms, 40);
+        let mean = s.ia_mean_ns;
+        let t = s.last_arrival_ns + 6000 * ms;
+        feed(
+            &mut s,
+            &Datagram {
+                interval_ms: 0,
+                ..hb(1, 43)
+            },
+            t,
+        )
+        .unwrap();
+        assert!(s.ia_mean_ns - mean <= (mean >> IA_CLIP_SHIFT) >> IA_MEAN_SHIFT);
+        assert_ne!(s.stall[0], 0);
+    }
+
+    #[test]
+    fn warmup_weighs_like_a_running_average_until_the_gains() {
+        let k: [_; 33] =
+            core::array::from_fn(|n| warmup_shift(n as u16, IA_MEAN_SHIFT, IA_DEV_SHIFT));
+        assert_eq!(&k[..4], &[Some(1), Some(1), Some(1), Some(2)]);
+        assert_eq!(
+            (k[6], k[7], k[15], k[30]),
+            (Some(2), Some(3), Some(4), Some(4))
+        );
+        assert_eq!((k[31], k[32]), (None, None));
+        assert_eq!(warmup_shift(u16::MAX, IA_MEAN_SHIFT, IA_DEV_SHIFT), None);
+        assert_eq!(warmup_shift(2, 0, 0), None);
+        assert_eq!(warmup_shift(100, 3, 9), Some(6));
+        assert_eq!(warmup_shift(0, 16, 5), None);
+        // A node that announces its interval never warms up: one sample
+        // off by a second moves its mean by the clipped 1/32 only.
+        let mut s = NodeState::default();
+        feed(&mut s, &hb(1, 1), 1_000_000_000).unwrap();
+        feed(&mut s, &hb(1, 2), 3_000_000_000).unwrap();
+        assert_eq!(s.ia_mean_ns, 1_000_000_000 + (250_000_000 >> IA_MEAN_SHIFT));
     }
 
     #[test]

@@ -519,16 +519,18 @@ impl Detector for Hb {
             && self.st.ia_samples != 0
         {
             // What-if gains for tuning: `record` took a sample with the
-            // kernel's gains; redo that one update with ours.
-            self.st.ia_mean_ns = before.ia_mean_ns;
-            self.st.ia_dev_ns = before.ia_dev_ns;
-            self.st.stall = before.stall;
-            self.st.ia_samples = before.ia_samples;
-            self.st.observe_interarrival_with(
+            // kernel's gains; redo that one update with ours, on the
+            // state it was taken from (its interval, its sample count).
+            let mut redo = before;
+            redo.observe_interarrival_with(
                 now - before.last_arrival_ns,
                 self.cfg.mean_shift,
                 self.cfg.dev_shift,
             );
+            self.st.ia_mean_ns = redo.ia_mean_ns;
+            self.st.ia_dev_ns = redo.ia_dev_ns;
+            self.st.stall = redo.stall;
+            self.st.ia_samples = redo.ia_samples;
         }
     }
 

@@ -2635,4 +2635,32 @@ mod tests {
         assert_eq!(at(&frozen, 2000), Level::Suspect);
         assert_eq!(at(&frozen, 3500), Level::Dead);
     }
+
+    /// A sender that announces no interval (`hb eval`'s traces without
+    /// one; another implementation of the protocol) and whose first two
+    /// heartbeats arrive 100 ns apart, then beats every second. The mean
+    /// stayed at 100 ns for ever and every beat was a "stall", so one lost
+    /// heartbeat made the node dead.
+    #[test]
+    fn an_unannounced_node_with_a_burst_first_tolerates_a_lost_heartbeat() {
+        let det = Detector::new(Thresholds::default(), PhiParams::default());
+        let mut st = NodeState::default();
+        let mut feed = |seq: u64, at_ns: u64| {
+            let d = Rig::heartbeat(1, 1, 0, seq, 0);
+            let a = st.admit(&d).expect("admitted");
+            st.record(&d, a, at_ns);
+        };
+        let mut t = 1000 * MS;
+        feed(1, t);
+        t += 100;
+        feed(2, t);
+        for seq in 3..100 {
+            t += 1000 * MS;
+            feed(seq, t);
+        }
+        let at = |ms: u64| det.observe(&st, t + ms * MS).level;
+        assert_eq!(at(900), Level::Healthy);
+        assert_ne!(at(1600), Level::Dead, "one lost heartbeat");
+        assert_eq!(at(10_000), Level::Dead);
+    }
 }
