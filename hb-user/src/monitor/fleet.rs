@@ -667,52 +667,144 @@ impl UnknownLog {
 /// Heartbeats of provisioned nodes that failed authentication (the gate's
 /// `bad_tag` and `bad_epoch`), summarized like the unknown nodes: a sender
 /// given the wrong key, or a `--key-epoch` the keyring does not hold, is
-/// otherwise silent on both sides (the node just never joins).
+/// otherwise silent on both sides (the node just never joins). The lines
+/// name the nodes whose own counts moved (a few, the most affected first),
+/// so that the operator need not search `/nodes` for them.
 struct AuthLog {
     window_start: u64,
     /// The counters at the window's start: bad_tag, bad_epoch, stale.
     last: Option<[u64; 3]>,
+    /// Each node's own bad_tag and stale when last read, for the nodes
+    /// with any (most have none: nothing kept for them).
+    per_node: HashMap<u32, [u32; 2]>,
 }
 
+/// Nodes named in an authentication summary, at most.
+const AUTH_EXAMPLES: usize = 5;
+
 impl AuthLog {
+    fn new() -> AuthLog {
+        AuthLog {
+            window_start: 0,
+            last: None,
+            per_node: HashMap::new(),
+        }
+    }
+
     /// Every window, the counters read (`None`: unreadable), read only
-    /// then.
-    fn check(&mut self, now: u64, counters: impl FnOnce() -> Option<[u64; 3]>) {
+    /// then; and each node's own bad_tag and stale (`nodes`: node id, and
+    /// the two), read at the first window and then only when the counters
+    /// moved.
+    fn check(
+        &mut self,
+        now: u64,
+        counters: impl FnOnce() -> Option<[u64; 3]>,
+        nodes: impl FnOnce() -> Vec<(u32, [u32; 2])>,
+    ) {
         if now.saturating_sub(self.window_start) < UNKNOWN_LOG_WINDOW_NS {
             return;
         }
         self.window_start = now;
         let Some(c) = counters() else { return };
-        if let Some(last) = self.last.replace(c) {
-            let [bad_tag, bad_epoch, stale] = [0, 1, 2].map(|i| c[i].saturating_sub(last[i]));
-            if bad_tag + bad_epoch > 0 {
-                tracing::warn!(
-                    bad_tag,
-                    bad_epoch,
-                    window_s = UNKNOWN_LOG_WINDOW_NS / 1_000_000_000,
-                    "heartbeats of provisioned node ids failed authentication: bad_tag, a key \
-                     other than the node's (hb send --key-file) or a forgery (each node's count \
-                     is its bad_tag in /nodes); bad_epoch, a key epoch the keyring does not hold \
-                     (hb send --key-epoch), or a node left held by a monitor killed while writing \
-                     it (hb_dataplane_stuck_reads_total; released at the next start)"
-                );
-            }
-            if stale > 0 {
-                // Authenticated, so the node's own key: its sender, or
-                // another with its id and key. Said nowhere else, and
-                // the node's state then flaps (`restarted`, `left` while
-                // one of them still runs).
-                tracing::warn!(
-                    stale,
-                    window_s = UNKNOWN_LOG_WINDOW_NS / 1_000_000_000,
-                    "heartbeats of provisioned nodes dropped as stale (of a generation older than \
-                     the node's latest; each node's count is its stale in /nodes): two senders \
-                     with one node id (a cloned host, a manual run beside the unit), a sender \
-                     without --state-dir whose clock was stepped back, or one whose state \
-                     directory was reset after its generation ran ahead of the clock"
-                );
-            }
+        let Some(last) = self.last.replace(c) else {
+            self.per_node = nonzero(nodes());
+            return;
+        };
+        let [bad_tag, bad_epoch, stale] = [0, 1, 2].map(|i| c[i].saturating_sub(last[i]));
+        if bad_tag + bad_epoch + stale == 0 {
+            return;
         }
+        let now_per_node = nonzero(nodes());
+        let moved = |i: usize| {
+            let mut v: Vec<(u32, u32)> = now_per_node
+                .iter()
+                .filter_map(|(&id, n)| {
+                    let was = self.per_node.get(&id).map_or(0, |b| b[i]);
+                    // A count below the last read: the node was removed
+                    // and provisioned again, its count started over.
+                    let d = if n[i] >= was { n[i] - was } else { n[i] };
+                    (d > 0).then_some((id, d))
+                })
+                .collect();
+            v.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            let examples = v
+                .iter()
+                .take(AUTH_EXAMPLES)
+                .map(|(id, d)| format!("{id} ({d})"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            (v.len(), examples)
+        };
+        let (tag_nodes, tag_examples) = moved(0);
+        let (stale_nodes, stale_examples) = moved(1);
+        self.per_node = now_per_node;
+        if bad_tag + bad_epoch > 0 {
+            tracing::warn!(
+                bad_tag,
+                bad_epoch,
+                bad_tag_nodes = tag_nodes,
+                bad_tag_examples = tag_examples,
+                window_s = UNKNOWN_LOG_WINDOW_NS / 1_000_000_000,
+                "heartbeats of provisioned node ids failed authentication: bad_tag, a key \
+                 other than the node's (hb send --key-file) or a forgery (the nodes whose \
+                 count moved most are named with it; each node's count is its bad_tag in \
+                 /nodes); bad_epoch, a key epoch the keyring does not hold (hb send \
+                 --key-epoch), or a node left held by a monitor killed while writing it \
+                 (hb_dataplane_stuck_reads_total; released at the next start)"
+            );
+        }
+        if stale > 0 {
+            // Authenticated, so the node's own key: its sender, or
+            // another with its id and key. Said nowhere else, and
+            // the node's state then flaps (`restarted`, `left` while
+            // one of them still runs).
+            tracing::warn!(
+                stale,
+                stale_nodes,
+                stale_examples,
+                window_s = UNKNOWN_LOG_WINDOW_NS / 1_000_000_000,
+                "heartbeats of provisioned nodes dropped as stale (of a generation older than \
+                 the node's latest; each node's count is its stale in /nodes): two senders \
+                 with one node id (a cloned host, a manual run beside the unit), a sender \
+                 without --state-dir whose clock was stepped back, or one whose state \
+                 directory was reset after its generation ran ahead of the clock"
+            );
+        }
+    }
+}
+
+/// The nodes with a bad_tag or stale count.
+fn nonzero(nodes: Vec<(u32, [u32; 2])>) -> HashMap<u32, [u32; 2]> {
+    nodes.into_iter().filter(|(_, n)| *n != [0, 0]).collect()
+}
+
+/// Each provisioned node's bad_tag and stale: a scan of the node map,
+/// `chunk` slots per hold of the core's lock (a node moved between chunks
+/// may be missed or read twice: for a log line).
+fn auth_failures_by_node(
+    core: &std::sync::Mutex<Core>,
+    dp: &dyn Dataplane,
+    chunk: u32,
+) -> Vec<(u32, [u32; 2])> {
+    let mut out = Vec::new();
+    let mut start = 0u32;
+    loop {
+        let core = core.lock().unwrap_or_else(|e| e.into_inner());
+        let ids = &core.table.node_id;
+        let end = (ids.len() as u64).min(start as u64 + chunk.max(1) as u64) as u32;
+        if start >= end {
+            return out;
+        }
+        dp.read_states(start..end, &mut |slot, st| {
+            if let Some(&id) = ids.get(slot as usize)
+                && id != 0
+                && (st.bad_tag, st.stale) != (0, 0)
+            {
+                out.push((id, [st.bad_tag, st.stale]));
+            }
+        });
+        drop(core);
+        start = end;
     }
 }
 
@@ -740,10 +832,7 @@ pub async fn reports(
         sample: None,
         enroll,
     };
-    let mut auth = AuthLog {
-        window_start: 0,
-        last: None,
-    };
+    let mut auth = AuthLog::new();
     // One hold of the core's lock per summary, whatever its ids.
     let provisioned = |ids: &mut HashMap<u32, u64>| {
         let core = shared.core();
@@ -788,7 +877,9 @@ pub async fn reports(
             _ = every_second.tick() => {
                 let now = monotonic_ns();
                 log.flush(now, false, provisioned);
-                auth.check(now, auth_counters);
+                auth.check(now, auth_counters, || {
+                    auth_failures_by_node(&shared.core, &*shared.dp, 16_384)
+                });
                 if enroll {
                     let mut f = fleet.lock().unwrap_or_else(|e| e.into_inner());
                     let (ok, expired) = f.check_pending(&mut shared.core(), &*shared.dp);
@@ -1017,33 +1108,75 @@ mod tests {
     }
 
     /// Heartbeats failing authentication are summarized once a window,
-    /// only when the counters moved.
+    /// only when the counters moved, naming the nodes whose counts moved.
     #[test]
     fn authentication_failures_are_summarized_per_window() {
         let warnings = crate::test_log::Warnings::of("hb::monitor::fleet");
         let _log = warnings.capture();
         const S: u64 = 1_000_000_000;
-        let mut auth = AuthLog {
-            window_start: 0,
-            last: None,
-        };
-        auth.check(10 * S, || Some([5, 1, 7])); // the baseline
-        auth.check(15 * S, || unreachable!("within the window: not read"));
-        auth.check(20 * S, || Some([5, 1, 7])); // nothing new
-        auth.check(30 * S, || None); // unreadable
-        auth.check(40 * S, || Some([26, 4, 7]));
+        let mut auth = AuthLog::new();
+        let unread = || -> Vec<(u32, [u32; 2])> { unreachable!("nothing moved: not read") };
+        // The baseline: node 3 had 5 bad tags and 7 stale before.
+        auth.check(10 * S, || Some([5, 1, 7]), || vec![(3, [5, 7])]);
+        auth.check(
+            15 * S,
+            || unreachable!("within the window: not read"),
+            unread,
+        );
+        auth.check(20 * S, || Some([5, 1, 7]), unread); // nothing new
+        auth.check(30 * S, || None, unread); // unreadable
+        // 21 more bad tags: 2 of node 3, 12 of node 9, 7 of node 4; 6 of
+        // nodes 10 to 15, one each (past the examples).
+        let mut nodes = vec![(3, [7, 7]), (9, [12, 0]), (4, [7, 0]), (8, [0, 0])];
+        nodes.extend((10..16).map(|id| (id, [1, 0])));
+        auth.check(40 * S, || Some([26, 4, 7]), || nodes.clone());
         let lines = warnings.taken();
         assert_eq!(lines.len(), 1, "{lines:#?}");
         assert_eq!(lines[0].field("bad_tag"), Some("21"));
         assert_eq!(lines[0].field("bad_epoch"), Some("3"));
+        assert_eq!(lines[0].field("bad_tag_nodes"), Some("9"));
+        assert_eq!(
+            lines[0].field("bad_tag_examples"),
+            Some(r#""9 (12), 4 (7), 3 (2), 10 (1), 11 (1)""#)
+        );
         // Stale heartbeats, a line of their own (authenticated: another
-        // cause).
-        auth.check(50 * S, || Some([26, 4, 19]));
+        // cause), of node 3 only; node 9 was removed and provisioned
+        // again since (its count started over: 2 is new).
+        nodes[0].1 = [7, 19];
+        nodes[1].1 = [2, 0];
+        auth.check(50 * S, || Some([28, 4, 19]), || nodes.clone());
         let lines = warnings.taken();
-        assert_eq!(lines.len(), 2, "{lines:#?}");
-        assert_eq!(lines[1].field("stale"), Some("12"));
-        assert_eq!(lines[1].field("bad_tag"), None);
-        assert!(lines[1].message.contains("two senders with one node id"));
+        assert_eq!(lines.len(), 3, "{lines:#?}");
+        assert_eq!(lines[1].field("bad_tag_examples"), Some(r#""9 (2)""#));
+        assert_eq!(lines[2].field("stale"), Some("12"));
+        assert_eq!(lines[2].field("stale_nodes"), Some("1"));
+        assert_eq!(lines[2].field("stale_examples"), Some(r#""3 (12)""#));
+        assert_eq!(lines[2].field("bad_tag"), None);
+        assert!(lines[2].message.contains("two senders with one node id"));
+    }
+
+    /// The scan behind those names reads every provisioned node, chunk
+    /// after chunk, and names the nodes by id.
+    #[test]
+    fn the_authentication_scan_reads_every_node_by_id() {
+        let dp = MemDataplane::new();
+        let mut c = core();
+        let (_f, _) = Fleet::start(&mut c, &dp, keyring(&[1]), spec("5-8"), false).unwrap();
+        let forged = |id, seq| {
+            let mut b = hb(id, 1, seq);
+            b[47] ^= 1;
+            assert_eq!(dp.gate(&b, SRC, seq).result, GateResult::BadTag);
+        };
+        forged(5, 1);
+        forged(8, 1);
+        forged(8, 2);
+        assert_eq!(dp.gate(&hb(6, 1, 1), SRC, 3).result, GateResult::Accepted);
+        let core = std::sync::Mutex::new(c);
+        for chunk in [1, 3, 16_384] {
+            let mut v = auth_failures_by_node(&core, &dp, chunk);
+            v.sort_unstable();
+            assert_eq!(v, vec![(5, [1, 0]), (8, [2, 0])], "chunk {chunk}");
+        }
     }
 
     #[test]
