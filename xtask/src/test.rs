@@ -1,14 +1,27 @@
 //! `cargo xtask test`: setup, then every test of the workspace, and a
-//! verdict that cannot be fooled by a skipped test.
+//! verdict that cannot be fooled by a skipped test or a test binary that
+//! ran nothing.
 //!
 //! Namespace and BPF tests need root and leave kernel objects behind when a
 //! run is killed; this command deletes leftover `hbt-*` namespaces and
 //! `/sys/fs/bpf/hb-test-*` pins before and after the run, also when tests
 //! fail or the run is interrupted, and kills the `hb` processes the tests
-//! left running (found by a mark in their environment). Anything left after a run whose tests all passed fails
-//! the run: a test's cleanup is broken. It parses every `test result:` line:
-//! any ignored test fails the run (CI must never pass with kernel tests
-//! silently skipped), and the last line sums all test binaries.
+//! left running (found by a mark in their environment). Anything left after
+//! a run whose tests all passed fails the run: a test's cleanup is broken.
+//!
+//! It does not leave running the tests to `cargo test`: cargo's `Running`
+//! lines go to stderr and the results to stdout, and no reading of the two
+//! can say which results are whose. So it builds them with `cargo test
+//! --no-run --message-format=json`, takes each test executable from cargo's
+//! `compiler-artifact` messages, and runs each itself as cargo would (in its
+//! package's directory, with its package's variables), then `cargo test
+//! --doc` for each tested library. It reads each one's `test result:` line
+//! and prints one line per binary, `xtask: hb-tests tests/gate.rs: 37
+//! passed, 0 failed` (`.ci/run` requires tests passed in each binary it
+//! names), then the sum, `xtask: N passed, 0 failed`. A binary that fails
+//! without a failed test (a crash, a signal, no result line) fails the run
+//! by name, and so does any ignored test (CI must never pass with kernel
+//! tests silently skipped).
 //!
 //! The namespace tests run the `hb` binary they find next to themselves
 //! (`hb_tests::drive::hb_bin`), and cargo builds it only for hb-user's own
@@ -18,7 +31,9 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    process::Stdio,
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -30,8 +45,9 @@ use crate::util;
 /// a CI machine. Override with `HB_TEST_THREADS`.
 const DEFAULT_TEST_THREADS: &str = "2";
 
-/// How long `cargo test` may take, build included, before its process
-/// group is killed and the run fails (minutes; `HB_TEST_DEADLINE_MIN`).
+/// How long the tests may take, build included, before the process group
+/// running then is killed and the run fails (minutes;
+/// `HB_TEST_DEADLINE_MIN`).
 /// A fresh CI run takes under 5 minutes of a 90-minute budget: a hung test
 /// must fail the run with its name and its leftovers swept, not time the
 /// whole job out.
@@ -48,7 +64,47 @@ pub struct Args {
     pub args: Vec<String>,
 }
 
-/// Totals over all `test result:` lines.
+/// The counts of one test binary's `test result:` line.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+}
+
+impl Counts {
+    /// The counts of libtest's result line, `test result: ok. 5 passed; 0
+    /// failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s`;
+    /// `None` for any other line.
+    pub fn parse(line: &str) -> Option<Counts> {
+        let rest = line.trim_start().strip_prefix("test result: ")?;
+        let rest = rest.split_once(". ").map_or(rest, |(_, r)| r);
+        let mut c = Counts::default();
+        for part in rest.split(';') {
+            let mut it = part.split_whitespace();
+            let (Some(n), Some(what)) = (it.next(), it.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => c.passed += n,
+                "failed" => c.failed += n,
+                "ignored" => c.ignored += n,
+                _ => {}
+            }
+        }
+        Some(c)
+    }
+}
+
+/// The counts of the last `test result:` line of a binary's output, given
+/// those of the lines before `line` (libtest prints its line last; a test's
+/// own output, with `--nocapture`, may hold one before).
+fn last_result(before: Option<Counts>, line: &str) -> Option<Counts> {
+    Counts::parse(line).or(before)
+}
+
+/// Totals over the test binaries that reported.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Totals {
     pub binaries: u32,
@@ -58,29 +114,275 @@ pub struct Totals {
 }
 
 impl Totals {
-    /// Folds one line of `cargo test` output in, if it is a result line:
-    /// `test result: ok. 5 passed; 0 failed; 1 ignored; 0 measured; 0
-    /// filtered out; finished in 0.01s`.
-    pub fn add_line(&mut self, line: &str) {
-        let Some(rest) = line.trim_start().strip_prefix("test result: ") else {
-            return;
-        };
+    fn add(&mut self, c: Counts) {
         self.binaries += 1;
-        let rest = rest.split_once(". ").map_or(rest, |(_, r)| r);
-        for part in rest.split(';') {
-            let mut it = part.split_whitespace();
-            let (Some(n), Some(what)) = (it.next(), it.next()) else {
-                continue;
-            };
-            let Ok(n) = n.parse::<u64>() else { continue };
-            match what {
-                "passed" => self.passed += n,
-                "failed" => self.failed += n,
-                "ignored" => self.ignored += n,
-                _ => {}
-            }
+        self.passed += c.passed;
+        self.failed += c.failed;
+        self.ignored += c.ignored;
+    }
+}
+
+/// How one test binary (or one package's doc-tests) ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    /// Its `test result:` line, with an exit status that agrees with it.
+    Reported(Counts),
+    /// It ended without a result line, or failed with no failed test (a
+    /// crash, a signal, a doc-test that did not build): how, in words.
+    Broken(String),
+}
+
+impl Outcome {
+    /// The outcome of a binary whose last `test result:` line was `result`
+    /// ([`last_result`]) and which exited with `status`.
+    fn of(result: Option<Counts>, status: ExitStatus) -> Outcome {
+        match result {
+            None => Outcome::Broken(format!("no `test result:` line ({status})")),
+            Some(c) if !status.success() && c.failed == 0 => Outcome::Broken(format!(
+                "{status} after `test result:` with no failed test ({} passed)",
+                c.passed
+            )),
+            Some(c) => Outcome::Reported(c),
         }
     }
+
+    /// The line `cargo xtask test` prints for the binary named `label`
+    /// (`.ci/run` reads these).
+    fn line(&self, label: &str) -> String {
+        match self {
+            Outcome::Reported(c) => format!(
+                "xtask: {label}: {} passed, {} failed{}",
+                c.passed,
+                c.failed,
+                if c.ignored > 0 {
+                    format!(", {} ignored", c.ignored)
+                } else {
+                    String::new()
+                }
+            ),
+            Outcome::Broken(why) => format!("xtask: {label}: FAILED: {why}"),
+        }
+    }
+}
+
+/// What the test binaries reported, summed, and those that did not.
+#[derive(Debug, Default)]
+struct Report {
+    totals: Totals,
+    /// `label: why` of each binary that ended without a clean result.
+    broken: Vec<String>,
+}
+
+impl Report {
+    fn add(&mut self, label: &str, outcome: Outcome) {
+        match outcome {
+            Outcome::Reported(c) => self.totals.add(c),
+            Outcome::Broken(why) => self.broken.push(format!("{label}: {why}")),
+        }
+    }
+}
+
+/// A test executable that `cargo test --no-run` built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TestBinary {
+    package: String,
+    version: String,
+    manifest_path: PathBuf,
+    /// The target's root source file relative to its package
+    /// (`tests/gate.rs`, `src/lib.rs`), as cargo's `Running` line names it.
+    source: String,
+    executable: PathBuf,
+}
+
+impl TestBinary {
+    /// How the run names it: `hb-tests tests/gate.rs`.
+    fn label(&self) -> String {
+        format!("{} {}", self.package, self.source)
+    }
+
+    fn manifest_dir(&self) -> &Path {
+        self.manifest_path.parent().unwrap_or(Path::new("."))
+    }
+
+    /// The command that runs it as `cargo test` does: in its package's
+    /// directory, with the variables cargo sets for a test at run time.
+    /// What hb's tests read of cargo's are compile-time (`env!`:
+    /// `CARGO_MANIFEST_DIR`, `CARGO_BIN_EXE_hb`; `CARGO_TARGET_TMPDIR` is
+    /// never set at run time); the run-time ones are set all the same, for a
+    /// test that reads them, and replace those `cargo run` gave xtask
+    /// itself, which the binary would inherit. No `LD_LIBRARY_PATH`: no
+    /// package here builds a dynamic library a test could load.
+    fn command(&self, args: &[String]) -> Command {
+        let mut cmd = Command::new(&self.executable);
+        cmd.current_dir(self.manifest_dir()).args(args);
+        for (k, _) in std::env::vars_os() {
+            if k.to_str().is_some_and(|k| k.starts_with("CARGO_PKG_")) {
+                cmd.env_remove(k);
+            }
+        }
+        let mut parts = self.version.splitn(2, '-');
+        let release = parts.next().unwrap_or("");
+        let pre = parts.next().unwrap_or("");
+        let mut numbers = release.split('.');
+        cmd.env("CARGO_MANIFEST_DIR", self.manifest_dir())
+            .env("CARGO_MANIFEST_PATH", &self.manifest_path)
+            .env("CARGO_PKG_NAME", &self.package)
+            .env("CARGO_PKG_VERSION", &self.version)
+            .env("CARGO_PKG_VERSION_MAJOR", numbers.next().unwrap_or(""))
+            .env("CARGO_PKG_VERSION_MINOR", numbers.next().unwrap_or(""))
+            .env("CARGO_PKG_VERSION_PATCH", numbers.next().unwrap_or(""))
+            .env("CARGO_PKG_VERSION_PRE", pre);
+        if let Some(cargo) = std::env::var_os("CARGO") {
+            cmd.env("CARGO", cargo);
+        }
+        cmd
+    }
+}
+
+/// What `cargo test --no-run --message-format=json` said it built.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Build {
+    /// The test executables, by package, then source file.
+    binaries: Vec<TestBinary>,
+    /// The packages whose library was built for testing and has doc-tests
+    /// (`doctest = true`, the default).
+    doc_packages: Vec<String>,
+}
+
+impl Build {
+    /// Reads cargo's messages, one JSON object a line: `compiler-artifact`
+    /// messages of the test profile give the test executables and the
+    /// tested libraries; other messages are skipped.
+    fn from_messages<'a>(lines: impl IntoIterator<Item = &'a str>) -> anyhow::Result<Build> {
+        let mut build = Build::default();
+        for line in lines {
+            let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if msg["reason"] != "compiler-artifact" || msg["profile"]["test"] != true {
+                continue;
+            }
+            build
+                .add_artifact(&msg)
+                .with_context(|| format!("cannot read cargo's artifact message {line}"))?;
+        }
+        build
+            .binaries
+            .sort_by(|a, b| (&a.package, &a.source).cmp(&(&b.package, &b.source)));
+        build.binaries.dedup_by(|a, b| a.executable == b.executable);
+        build.doc_packages.sort();
+        build.doc_packages.dedup();
+        Ok(build)
+    }
+
+    fn add_artifact(&mut self, msg: &serde_json::Value) -> anyhow::Result<()> {
+        let field = |v: &serde_json::Value, name: &str| -> anyhow::Result<String> {
+            v[name]
+                .as_str()
+                .map(String::from)
+                .with_context(|| format!("no `{name}`"))
+        };
+        let target = &msg["target"];
+        let (package, version) = package_name_version(&field(msg, "package_id")?)?;
+        let manifest_path = PathBuf::from(field(msg, "manifest_path")?);
+        let src = PathBuf::from(field(target, "src_path")?);
+        let source = manifest_path
+            .parent()
+            .and_then(|d| src.strip_prefix(d).ok())
+            .unwrap_or(&src)
+            .display()
+            .to_string();
+        let is_lib = target["kind"].as_array().is_some_and(|kinds| {
+            kinds
+                .iter()
+                .any(|k| matches!(k.as_str(), Some("lib" | "rlib" | "dylib" | "proc-macro")))
+        });
+        if is_lib && target["doctest"] == true {
+            self.doc_packages.push(package.clone());
+        }
+        if let Some(exe) = msg["executable"].as_str() {
+            self.binaries.push(TestBinary {
+                package,
+                version,
+                manifest_path,
+                source,
+                executable: PathBuf::from(exe),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A package's name and version from cargo's package id: `path+file:///w/
+/// tests#hb-tests@0.1.0`, `path+file:///w/hb-user#0.1.0` (the name is the
+/// directory's), or the older `hb-tests 0.1.0 (path+file:///w/tests)`.
+fn package_name_version(id: &str) -> anyhow::Result<(String, String)> {
+    let bad = || format!("cannot read the package id {id:?}");
+    if let Some((url, fragment)) = id.split_once('#') {
+        return Ok(match fragment.split_once('@') {
+            Some((name, version)) => (name.to_string(), version.to_string()),
+            None => {
+                let name = url
+                    .trim_end_matches('/')
+                    .rsplit('/')
+                    .next()
+                    .filter(|n| !n.is_empty() && !n.contains(':'))
+                    .with_context(bad)?;
+                (name.to_string(), fragment.to_string())
+            }
+        });
+    }
+    let mut it = id.split_whitespace();
+    match (it.next(), it.next()) {
+        (Some(name), Some(version)) => Ok((name.to_string(), version.to_string())),
+        _ => bail!("{}", bad()),
+    }
+}
+
+/// Options of `cargo test` that choose which targets it tests; with none
+/// of them it also runs the doc-tests.
+const TARGET_SELECTION: &[&str] = &[
+    "--lib",
+    "--bin",
+    "--bins",
+    "--example",
+    "--examples",
+    "--test",
+    "--tests",
+    "--bench",
+    "--benches",
+    "--all-targets",
+    "--doc",
+];
+
+/// Whether `cargo_args` choose targets (so `cargo test` would run no
+/// doc-tests unless `--doc` is one of them).
+fn selects_targets(cargo_args: &[String]) -> bool {
+    cargo_args.iter().any(|a| {
+        TARGET_SELECTION
+            .iter()
+            .any(|o| a == o || a.strip_prefix(o).is_some_and(|v| v.starts_with('=')))
+    })
+}
+
+/// `cargo_args` without the options that choose packages (`-p`,
+/// `--package`, `--workspace`, `--all`, `--exclude`) and without `--doc`:
+/// what `cargo test --doc -p PKG` for one package takes of them.
+fn without_package_selection(cargo_args: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut it = cargo_args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-p" | "--package" | "--exclude" => {
+                it.next();
+            }
+            "--workspace" | "--all" | "--doc" => {}
+            _ if a.starts_with("--package=") || a.starts_with("--exclude=") => {}
+            _ if a.starts_with("-p") && a.len() > 2 => {}
+            _ => out.push(a.clone()),
+        }
+    }
+    out
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -115,7 +417,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if util::interrupted() {
         bail!("interrupted");
     }
-    let totals = result?;
+    let Report { totals, broken } = result?;
     println!(
         "xtask: {} passed, {} failed{}",
         totals.passed,
@@ -126,8 +428,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             String::new()
         }
     );
-    if totals.failed > 0 {
-        bail!("{} test(s) failed", totals.failed);
+    if totals.failed > 0 || !broken.is_empty() {
+        let mut why = Vec::new();
+        if totals.failed > 0 {
+            why.push(format!("{} test(s) failed", totals.failed));
+        }
+        if !broken.is_empty() {
+            why.push(format!(
+                "{} test binar{} ended without a clean result: {}",
+                broken.len(),
+                if broken.len() == 1 { "y" } else { "ies" },
+                broken.join("; ")
+            ));
+        }
+        bail!("{}", why.join("; "));
     }
     if totals.ignored > 0 {
         bail!(
@@ -214,10 +528,66 @@ fn run_tests(
     test_args: &[String],
     run: &str,
     leaked: &mut Vec<String>,
-) -> anyhow::Result<Totals> {
+) -> anyhow::Result<Report> {
     build_hb(cargo_args)?;
+    let limit = deadline()?;
+    let mut session = Session {
+        run,
+        deadline: Instant::now() + limit,
+        limit,
+        leaked,
+    };
+    let doc_only = cargo_args.iter().any(|a| a == "--doc");
+    let build = build_tests(&mut session, cargo_args)?;
+    let mut test_args = test_args.to_vec();
+    if !test_args.iter().any(|a| a.starts_with("--test-threads")) {
+        let n = std::env::var("HB_TEST_THREADS").unwrap_or_else(|_| DEFAULT_TEST_THREADS.into());
+        test_args.push(format!("--test-threads={n}"));
+    }
+    let mut report = Report::default();
+    if !doc_only {
+        for bin in &build.binaries {
+            if util::interrupted() {
+                return Ok(report);
+            }
+            let label = bin.label();
+            let outcome = session.run_tests_of(&mut bin.command(&test_args), &label)?;
+            report.add(&label, outcome);
+        }
+    }
+    // As `cargo test` does: doc-tests when no targets were chosen, or only
+    // them with `--doc`; one package at a time, to know whose they are.
+    if doc_only || !selects_targets(cargo_args) {
+        for package in &build.doc_packages {
+            if util::interrupted() {
+                return Ok(report);
+            }
+            let mut cmd = util::cargo();
+            cmd.args(["test", "--doc", "-p", package])
+                .args(without_package_selection(cargo_args))
+                .arg("--")
+                .args(&test_args);
+            let label = format!("{package} doc-tests");
+            let outcome = session.run_tests_of(&mut cmd, &label)?;
+            report.add(&label, outcome);
+        }
+    }
+    Ok(report)
+}
+
+/// `cargo test --no-run --message-format=json` with the tests' packages
+/// and options: the test executables. With `--doc`, the libraries are
+/// built (`--lib`) to learn which packages have doc-tests: cargo cannot
+/// build doc-tests without running them.
+fn build_tests(session: &mut Session, cargo_args: &[String]) -> anyhow::Result<Build> {
     let mut cmd = util::cargo();
-    cmd.args(["test", "--no-fail-fast"]);
+    // Rustc's diagnostics rendered by cargo on stderr as usual; stdout
+    // carries only JSON.
+    cmd.args([
+        "test",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ]);
     if !cargo_args
         .iter()
         .any(|a| a == "-p" || a.starts_with("--package"))
@@ -226,67 +596,120 @@ fn run_tests(
         // script builds it); as a host test binary it cannot even link.
         cmd.args(["--workspace", "--exclude", "hb-ebpf"]);
     }
-    cmd.args(cargo_args).arg("--").args(test_args);
-    cmd.env(util::RUN_MARK, run);
-    if !test_args.iter().any(|a| a.starts_with("--test-threads")) {
-        let n = std::env::var("HB_TEST_THREADS").unwrap_or_else(|_| DEFAULT_TEST_THREADS.into());
-        cmd.arg(format!("--test-threads={n}"));
+    cmd.args(
+        cargo_args
+            .iter()
+            .map(|a| if a == "--doc" { "--lib" } else { a.as_str() }),
+    );
+    let mut messages = Vec::new();
+    let status = session.watch(&mut cmd, "the tests' build", |line| {
+        messages.push(line.to_string())
+    })?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", util::show(&cmd));
     }
-    eprintln!("xtask: {}", util::show(&cmd));
-    cmd.stdout(Stdio::piped()).stdin(Stdio::null());
-    let deadline = deadline()?;
-    let mut child = util::spawn_fg(&mut cmd)?;
-    let stdout = child.stdout.take().context("no stdout pipe")?;
-    let watchdog = util::Watchdog::start(child.id(), deadline);
-    let mut totals = Totals::default();
-    let mut out = std::io::stdout().lock();
-    // Lossily: a test's captured output may hold any bytes, and an error
-    // here returned before cargo was waited for (the sweep then ran while
-    // test binaries still lived, and the real failure was hidden).
-    let mut reader = BufReader::new(stdout);
-    let mut raw = Vec::new();
-    let mut read_error = None;
-    loop {
-        raw.clear();
-        match reader.read_until(b'\n', &mut raw) {
-            Ok(0) => break,
-            Ok(_) => {
-                let line = String::from_utf8_lossy(&raw);
-                let line = line.trim_end_matches(['\n', '\r']);
-                totals.add_line(line);
-                let _ = writeln!(out, "{line}");
-            }
-            Err(e) => {
-                read_error = Some(e);
-                break;
-            }
-        }
-    }
-    drop(out);
-    // Before `wait_fg`, which kills the group the tests' processes are in.
-    leaked.extend(util::left_marked_hb_processes(
-        run,
-        std::time::Duration::from_secs(5),
-    ));
-    let status = util::wait_fg(&mut child)?;
-    if watchdog.fired() {
+    let build = Build::from_messages(messages.iter().map(String::as_str))?;
+    if build.binaries.is_empty() && build.doc_packages.is_empty() {
         bail!(
-            "`cargo test` ran past its deadline of {} min and was killed \
-             (the last test binary started is named above; HB_TEST_DEADLINE_MIN sets the deadline)",
-            deadline.as_secs() / 60
+            "`{}` built no test executable: no tests to run",
+            util::show(&cmd)
         );
     }
-    if let Some(e) = read_error {
-        bail!("cannot read cargo test's output ({e}): its results are unknown");
-    }
-    if !status.success() && totals.failed == 0 {
-        // A build failure or a crashed test binary: no result line says so.
-        bail!("`cargo test` failed ({status}) before reporting failed tests");
-    }
-    Ok(totals)
+    Ok(build)
 }
 
-/// The deadline of `cargo test`: `HB_TEST_DEADLINE_MIN` or the default.
+/// One test run's processes under one deadline.
+struct Session<'a> {
+    /// The mark of the run's processes (`util::RUN_MARK`).
+    run: &'a str,
+    /// When the build and the runs, together, must have ended.
+    deadline: Instant,
+    /// The whole time allowed (for messages).
+    limit: Duration,
+    /// The `hb` processes the tests left running.
+    leaked: &'a mut Vec<String>,
+}
+
+impl Session<'_> {
+    /// Runs a test binary (or `cargo test --doc`), its stdout echoed, and
+    /// prints its line (`xtask: LABEL: N passed, 0 failed`).
+    fn run_tests_of(&mut self, cmd: &mut Command, label: &str) -> anyhow::Result<Outcome> {
+        let mut result = None;
+        let mut out = std::io::stdout();
+        let status = self.watch(cmd, label, |line| {
+            result = last_result(result, line);
+            let _ = writeln!(out, "{line}");
+        })?;
+        let outcome = Outcome::of(result, status);
+        println!("{}", outcome.line(label));
+        Ok(outcome)
+    }
+
+    /// Runs `cmd` (named `label`) in its own process group with the run's
+    /// mark, its stdout line by line to `on_line`, killed at the deadline.
+    fn watch(
+        &mut self,
+        cmd: &mut Command,
+        label: &str,
+        mut on_line: impl FnMut(&str),
+    ) -> anyhow::Result<ExitStatus> {
+        let minutes = self.limit.as_secs() / 60;
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!(
+                "the deadline of {minutes} min for the tests passed before {label} could start                  (HB_TEST_DEADLINE_MIN sets it)"
+            );
+        }
+        cmd.env(util::RUN_MARK, self.run)
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null());
+        eprintln!("xtask: running {label}: {}", util::show(cmd));
+        let mut child = util::spawn_fg(cmd)?;
+        let stdout = child.stdout.take().context("no stdout pipe")?;
+        let watchdog = util::Watchdog::start(child.id(), left);
+        // Lossily: a test's captured output may hold any bytes, and an
+        // error here returned before the child was waited for (the sweep
+        // then ran while test binaries still lived, and the real failure
+        // was hidden).
+        let mut reader = BufReader::new(stdout);
+        let mut raw = Vec::new();
+        let mut read_error = None;
+        loop {
+            raw.clear();
+            match reader.read_until(b'\n', &mut raw) {
+                Ok(0) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&raw);
+                    on_line(line.trim_end_matches(['\n', '\r']));
+                }
+                Err(e) => {
+                    read_error = Some(e);
+                    break;
+                }
+            }
+        }
+        // Before `wait_fg`, which kills the group the tests' processes are
+        // in.
+        self.leaked.extend(util::left_marked_hb_processes(
+            self.run,
+            Duration::from_secs(5),
+        ));
+        let status = util::wait_fg(&mut child)?;
+        if watchdog.fired() {
+            bail!(
+                "{label} ran past the deadline of {minutes} min for the tests (build included) \
+                 and was killed (HB_TEST_DEADLINE_MIN sets the deadline)"
+            );
+        }
+        if let Some(e) = read_error {
+            bail!("cannot read the output of {label} ({e}): its results are unknown");
+        }
+        Ok(status)
+    }
+}
+
+/// The time the tests' build and runs may take: `HB_TEST_DEADLINE_MIN` or
+/// the default.
 fn deadline() -> anyhow::Result<std::time::Duration> {
     let min = match std::env::var("HB_TEST_DEADLINE_MIN") {
         Ok(v) => v
@@ -348,27 +771,300 @@ mod tests {
         assert_eq!(opts("--test target --profiles"), "");
     }
 
+    /// Recorded libtest output, and how the binary ended.
+    fn outcome_of(lines: &[&str], status: ExitStatus) -> Outcome {
+        Outcome::of(lines.iter().fold(None, |r, l| last_result(r, l)), status)
+    }
+
+    fn exited(code: i32) -> ExitStatus {
+        std::os::unix::process::ExitStatusExt::from_raw(code << 8)
+    }
+
+    fn killed(signal: i32) -> ExitStatus {
+        std::os::unix::process::ExitStatusExt::from_raw(signal)
+    }
+
+    /// One line per binary from its own output: what it passed, or why
+    /// it has no result. Only a result line with an exit status that
+    /// agrees counts.
     #[test]
-    fn result_lines_are_summed() {
-        let mut t = Totals::default();
-        for l in [
-            "running 3 tests",
-            "test a ... ok",
-            "test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s",
-            "test result: FAILED. 4 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; finished in 1.20s",
-            "   Doc-tests hb",
-            "test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s",
-        ] {
-            t.add_line(l);
-        }
+    fn each_binary_is_judged_by_its_own_result_line_and_exit_status() {
+        let l = "hb-tests tests/gate.rs";
+        let ok = [
+            "",
+            "running 2 tests",
+            "test acks_are_rate_limited ... ok",
+            "test bad_tag_is_dropped ... ok",
+            "",
+            "test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.31s",
+            "",
+        ];
+        let o = outcome_of(&ok, exited(0));
         assert_eq!(
-            t,
+            o.line(l),
+            "xtask: hb-tests tests/gate.rs: 2 passed, 0 failed"
+        );
+
+        // A filter that matches nothing here: a clean 0, which `.ci/run`
+        // refuses for a required binary.
+        let none = [
+            "running 0 tests",
+            "test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 37 filtered out; finished in 0.00s",
+        ];
+        let o = outcome_of(&none, exited(0));
+        assert_eq!(o, Outcome::Reported(Counts::default()));
+        assert_eq!(
+            o.line(l),
+            "xtask: hb-tests tests/gate.rs: 0 passed, 0 failed"
+        );
+
+        let failed = [
+            "test a ... FAILED",
+            "test b ... ignored",
+            "test result: FAILED. 4 passed; 1 failed; 1 ignored; 0 measured; 0 filtered out; finished in 1.20s",
+        ];
+        assert_eq!(
+            outcome_of(&failed, exited(101)).line(l),
+            "xtask: hb-tests tests/gate.rs: 4 passed, 1 failed, 1 ignored"
+        );
+
+        // With --nocapture, a test's own output comes before libtest's
+        // line: the last one is the binary's.
+        let echoed = [
+            "test result: ok. 99 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s",
+            "test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s",
+        ];
+        assert_eq!(
+            outcome_of(&echoed, exited(0)),
+            Outcome::Reported(Counts {
+                passed: 1,
+                ..Counts::default()
+            })
+        );
+
+        // Killed mid-run, or a crash: no result line.
+        let crashed = ["running 37 tests", "test acks_are_rate_limited ... ok"];
+        let o = outcome_of(&crashed, killed(libc::SIGSEGV));
+        assert!(
+            matches!(&o, Outcome::Broken(w) if w.contains("SIGSEGV")),
+            "{o:?}"
+        );
+        assert!(
+            o.line(l)
+                .starts_with("xtask: hb-tests tests/gate.rs: FAILED: no `test result:` line")
+        );
+        // Exits 0 having printed nothing libtest would (a `harness =
+        // false` binary, a main that returns early).
+        let o = outcome_of(&[], exited(0));
+        assert_eq!(
+            o,
+            Outcome::Broken("no `test result:` line (exit status: 0)".into())
+        );
+        // All passed, then the process failed (a panicking drop, a
+        // guard's abort at exit).
+        let o = outcome_of(&ok, exited(1));
+        assert!(
+            matches!(&o, Outcome::Broken(w) if w.contains("exit status: 1")),
+            "{o:?}"
+        );
+        let o = outcome_of(&ok, killed(libc::SIGABRT));
+        assert!(
+            matches!(&o, Outcome::Broken(w) if w.contains("SIGABRT")),
+            "{o:?}"
+        );
+    }
+
+    #[test]
+    fn the_report_sums_binaries_that_reported_and_names_the_others() {
+        let mut r = Report::default();
+        r.add(
+            "hb-user src/lib.rs",
+            Outcome::Reported(Counts {
+                passed: 3,
+                ..Counts::default()
+            }),
+        );
+        r.add(
+            "hb-tests tests/gate.rs",
+            Outcome::Reported(Counts {
+                passed: 4,
+                failed: 2,
+                ignored: 1,
+            }),
+        );
+        r.add(
+            "hb-tests tests/sender.rs",
+            Outcome::Broken("no `test result:` line (signal: 9 (SIGKILL))".into()),
+        );
+        assert_eq!(
+            r.totals,
             Totals {
-                binaries: 3,
+                binaries: 2,
                 passed: 7,
                 failed: 2,
                 ignored: 1
             }
         );
+        assert_eq!(
+            r.broken,
+            ["hb-tests tests/sender.rs: no `test result:` line (signal: 9 (SIGKILL))"]
+        );
+    }
+
+    /// Recorded from `cargo test --no-run --message-format=json-render-
+    /// diagnostics --workspace --exclude hb-ebpf` (a few of its 271 lines).
+    const BUILD_MESSAGES: &[&str] = &[
+        r#"{"reason":"compiler-artifact","package_id":"path+file:///work/wt22-ci/hb-common#0.1.0","manifest_path":"/work/wt22-ci/hb-common/Cargo.toml","target":{"kind":["lib"],"crate_types":["lib"],"name":"hb_common","src_path":"/work/wt22-ci/hb-common/src/lib.rs","edition":"2024","doc":true,"doctest":true,"test":true},"profile":{"opt_level":"0","debuginfo":2,"debug_assertions":true,"overflow_checks":true,"test":false},"features":["default","user"],"filenames":["/work/wt22-ci/target/debug/deps/libhb_common-ce0e0b928b46b081.rlib","/work/wt22-ci/target/debug/deps/libhb_common-ce0e0b928b46b081.rmeta"],"executable":null,"fresh":false}"#,
+        r#"{"reason":"compiler-artifact","package_id":"path+file:///work/wt22-ci/hb-user#0.1.0","manifest_path":"/work/wt22-ci/hb-user/Cargo.toml","target":{"kind":["custom-build"],"crate_types":["bin"],"name":"build-script-build","src_path":"/work/wt22-ci/hb-user/build.rs","edition":"2024","doc":false,"doctest":false,"test":false},"profile":{"opt_level":"0","debuginfo":0,"debug_assertions":true,"overflow_checks":true,"test":false},"features":[],"filenames":["/work/wt22-ci/target/debug/build/hb-user-6107fcf594bac436/build-script-build"],"executable":null,"fresh":false}"#,
+        r#"{"reason":"build-script-executed","package_id":"path+file:///work/wt22-ci/hb-user#0.1.0","linked_libs":[],"linked_paths":[],"cfgs":[],"env":[],"out_dir":"/work/wt22-ci/target/debug/build/hb-user-ebdd1afb7c8fa0bc/out"}"#,
+        TESTS_GATE,
+        HB_USER_LIB,
+        r#"{"reason":"compiler-artifact","package_id":"path+file:///work/wt22-ci/hb-user#0.1.0","manifest_path":"/work/wt22-ci/hb-user/Cargo.toml","target":{"kind":["bin"],"crate_types":["bin"],"name":"hb","src_path":"/work/wt22-ci/hb-user/src/main.rs","edition":"2024","doc":true,"doctest":false,"test":true},"profile":{"opt_level":"0","debuginfo":2,"debug_assertions":true,"overflow_checks":true,"test":true},"features":[],"filenames":["/work/wt22-ci/target/debug/deps/hb-b6a95d46a42f5604"],"executable":"/work/wt22-ci/target/debug/deps/hb-b6a95d46a42f5604","fresh":false}"#,
+        // `hb` itself, built for the tests to run: not a test executable.
+        r#"{"reason":"compiler-artifact","package_id":"path+file:///work/wt22-ci/hb-user#0.1.0","manifest_path":"/work/wt22-ci/hb-user/Cargo.toml","target":{"kind":["bin"],"crate_types":["bin"],"name":"hb","src_path":"/work/wt22-ci/hb-user/src/main.rs","edition":"2024","doc":true,"doctest":false,"test":true},"profile":{"opt_level":"0","debuginfo":2,"debug_assertions":true,"overflow_checks":true,"test":false},"features":[],"filenames":["/work/wt22-ci/target/debug/hb"],"executable":"/work/wt22-ci/target/debug/hb","fresh":false}"#,
+        "not json: cargo's stdout holds only JSON, but nothing breaks on a stray line",
+        r#"{"reason":"build-finished","success":true}"#,
+    ];
+    const TESTS_GATE: &str = r#"{"reason":"compiler-artifact","package_id":"path+file:///work/wt22-ci/tests#hb-tests@0.1.0","manifest_path":"/work/wt22-ci/tests/Cargo.toml","target":{"kind":["test"],"crate_types":["bin"],"name":"gate","src_path":"/work/wt22-ci/tests/tests/gate.rs","edition":"2024","doc":false,"doctest":false,"test":true},"profile":{"opt_level":"0","debuginfo":2,"debug_assertions":true,"overflow_checks":true,"test":true},"features":[],"filenames":["/work/wt22-ci/target/debug/deps/gate-48045cc0c6237b5a"],"executable":"/work/wt22-ci/target/debug/deps/gate-48045cc0c6237b5a","fresh":false}"#;
+    const HB_USER_LIB: &str = r#"{"reason":"compiler-artifact","package_id":"path+file:///work/wt22-ci/hb-user#0.1.0","manifest_path":"/work/wt22-ci/hb-user/Cargo.toml","target":{"kind":["lib"],"crate_types":["lib"],"name":"hb","src_path":"/work/wt22-ci/hb-user/src/lib.rs","edition":"2024","doc":true,"doctest":true,"test":true},"profile":{"opt_level":"0","debuginfo":2,"debug_assertions":true,"overflow_checks":true,"test":true},"features":[],"filenames":["/work/wt22-ci/target/debug/deps/hb-9855811068448e17"],"executable":"/work/wt22-ci/target/debug/deps/hb-9855811068448e17","fresh":false}"#;
+
+    /// The test executables are the test profile's artifacts, named by
+    /// package and source file; doc-tests are those of the libraries built
+    /// for testing (hb-common's rlib here is only a dependency).
+    #[test]
+    fn artifact_messages_give_the_test_executables_and_the_doc_tested_libraries() {
+        let build = Build::from_messages(BUILD_MESSAGES.iter().copied()).unwrap();
+        let labels: Vec<String> = build.binaries.iter().map(TestBinary::label).collect();
+        assert_eq!(
+            labels,
+            [
+                "hb-tests tests/gate.rs",
+                "hb-user src/lib.rs",
+                "hb-user src/main.rs"
+            ]
+        );
+        assert_eq!(
+            build.binaries[0],
+            TestBinary {
+                package: "hb-tests".into(),
+                version: "0.1.0".into(),
+                manifest_path: "/work/wt22-ci/tests/Cargo.toml".into(),
+                source: "tests/gate.rs".into(),
+                executable: "/work/wt22-ci/target/debug/deps/gate-48045cc0c6237b5a".into(),
+            }
+        );
+        assert_eq!(build.doc_packages, ["hb-user"]);
+
+        // The same artifact twice (cargo reports a fresh one again) runs once.
+        let twice = Build::from_messages([TESTS_GATE, HB_USER_LIB, TESTS_GATE]).unwrap();
+        assert_eq!(twice.binaries.len(), 2);
+
+        // A test artifact cargo described without what names it is an
+        // error, not a binary silently left out.
+        let broken = TESTS_GATE.replace(
+            r#""package_id":"path+file:///work/wt22-ci/tests#hb-tests@0.1.0","#,
+            "",
+        );
+        let e = Build::from_messages([broken.as_str()]).unwrap_err();
+        assert!(format!("{e:#}").contains("no `package_id`"), "{e:#}");
+    }
+
+    #[test]
+    fn package_ids_give_name_and_version() {
+        let nv = |id: &str| package_name_version(id).unwrap();
+        let s = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(
+            nv("path+file:///w/tests#hb-tests@0.1.0"),
+            s("hb-tests", "0.1.0")
+        );
+        assert_eq!(nv("path+file:///w/hb-user#0.1.0"), s("hb-user", "0.1.0"));
+        assert_eq!(
+            nv("registry+https://github.com/rust-lang/crates.io-index#serde@1.0.228"),
+            s("serde", "1.0.228")
+        );
+        assert_eq!(
+            nv("hb-tests 0.1.0 (path+file:///w/tests)"),
+            s("hb-tests", "0.1.0")
+        );
+        assert!(package_name_version("garbage").is_err());
+        assert!(package_name_version("file:#0.1.0").is_err());
+    }
+
+    /// Run as cargo would: in the package's directory, with its variables
+    /// (not those `cargo run` gave xtask), the test arguments passed on.
+    #[test]
+    fn a_test_binary_runs_in_its_package_with_its_variables() {
+        let build = Build::from_messages([TESTS_GATE]).unwrap();
+        let args = ["--nocapture".to_string(), "--test-threads=2".to_string()];
+        let cmd = build.binaries[0].command(&args);
+        assert_eq!(
+            cmd.get_program(),
+            "/work/wt22-ci/target/debug/deps/gate-48045cc0c6237b5a"
+        );
+        assert_eq!(
+            cmd.get_current_dir(),
+            Some(Path::new("/work/wt22-ci/tests"))
+        );
+        assert_eq!(
+            cmd.get_args().collect::<Vec<_>>(),
+            ["--nocapture", "--test-threads=2"]
+        );
+        let env = |k: &str| {
+            cmd.get_envs()
+                .find(|(n, _)| *n == k)
+                .and_then(|(_, v)| v)
+                .map(|v| v.to_string_lossy().into_owned())
+        };
+        assert_eq!(
+            env("CARGO_MANIFEST_DIR").as_deref(),
+            Some("/work/wt22-ci/tests")
+        );
+        assert_eq!(
+            env("CARGO_MANIFEST_PATH").as_deref(),
+            Some("/work/wt22-ci/tests/Cargo.toml")
+        );
+        assert_eq!(env("CARGO_PKG_NAME").as_deref(), Some("hb-tests"));
+        assert_eq!(env("CARGO_PKG_VERSION_MINOR").as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn doc_tests_follow_cargos_target_selection() {
+        let v = |s: &str| -> Vec<String> { s.split_whitespace().map(String::from).collect() };
+        assert!(!selects_targets(&v("-p hb-user --release --features x")));
+        assert!(selects_targets(&v("-p hb-tests --test gate")));
+        assert!(selects_targets(&v("--lib")));
+        assert!(selects_targets(&v("--test=gate")));
+        assert!(selects_targets(&v("--doc")));
+        // `--testing` is no option of cargo's, and no selection.
+        assert!(!selects_targets(&v("--testing")));
+        assert_eq!(
+            without_package_selection(&v(
+                "-p hb-user --package hb-tests --package=x -phb-common --workspace --all \
+                 --exclude hb-ebpf --exclude=y --doc --release --features a,b"
+            )),
+            v("--release --features a,b")
+        );
+    }
+
+    #[test]
+    fn result_lines_are_parsed() {
+        assert_eq!(
+            Counts::parse(
+                "test result: FAILED. 4 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; finished in 1.20s"
+            ),
+            Some(Counts {
+                passed: 4,
+                failed: 2,
+                ignored: 1
+            })
+        );
+        assert_eq!(
+            Counts::parse(
+                "test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 5 filtered out; finished in 0.00s"
+            ),
+            Some(Counts::default())
+        );
+        assert_eq!(Counts::parse("test a ... ok"), None);
+        assert_eq!(Counts::parse("   Doc-tests hb"), None);
     }
 }
