@@ -657,13 +657,17 @@ impl Session<'_> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             bail!(
-                "the deadline of {minutes} min for the tests passed before {label} could start                  (HB_TEST_DEADLINE_MIN sets it)"
+                "the deadline of {minutes} min for the tests passed before {label} could start \
+                 (HB_TEST_DEADLINE_MIN sets it)"
             );
         }
         cmd.env(util::RUN_MARK, self.run)
             .stdout(Stdio::piped())
             .stdin(Stdio::null());
-        eprintln!("xtask: running {label}: {}", util::show(cmd));
+        // One write: stderr is unbuffered, and the tests' stdout (shown as
+        // it is read) must not land in the middle of the line.
+        let _ = std::io::stderr()
+            .write_all(format!("xtask: running {label}: {}\n", util::show(cmd)).as_bytes());
         let mut child = util::spawn_fg(cmd)?;
         let stdout = child.stdout.take().context("no stdout pipe")?;
         let watchdog = util::Watchdog::start(child.id(), left);
