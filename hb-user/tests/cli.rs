@@ -672,16 +672,6 @@ fn isolate_with_loopback(cmd: &mut Command) {
     }
 }
 
-/// Runs `cmd` for `run`, which it must outlast (a sender runs until it is
-/// told to stop), then stops it with SIGTERM as systemd does, and returns
-/// its output once it ended; fails the test if it does not within
-/// [`TIMEOUT`].
-fn output_after_sigterm(cmd: &mut Command, run: Duration) -> Output {
-    let hb = Running::start(cmd);
-    std::thread::sleep(run);
-    hb.sigterm(cmd, &format!("within {run:?}"))
-}
-
 /// The stderr lines of `o` that contain every one of `all`.
 fn lines_with<'a>(err: &'a str, all: &[&str]) -> Vec<&'a str> {
     err.lines()
@@ -789,7 +779,9 @@ fn a_monitor_name_that_does_not_resolve_stops_no_heartbeat_to_the_others() {
 
 /// With no monitor resolved at all the sender keeps trying, and says so,
 /// rather than exit: an exit at boot (DNS not up yet) put the unit in
-/// `failed` within a second.
+/// `failed` within a second. It is stopped once it has tried the name
+/// again (1 s after the first try), however long that took, and must
+/// still be running then.
 #[test]
 fn a_sender_with_no_resolvable_monitor_keeps_running() {
     let mut cmd = command(&[
@@ -801,9 +793,21 @@ fn a_sender_with_no_resolvable_monitor_keeps_running() {
         "--key",
         NODE_KEY,
     ]);
-    let o = output_after_sigterm(&mut cmd, Duration::from_millis(1500));
+    let unresolved = [
+        "WARN",
+        "cannot resolve monitor",
+        "monitor=no-such-host.invalid:7420",
+    ];
+    let mut hb = Running::start(&mut cmd);
+    hb.wait_stderr(&cmd, "second try of the unresolved monitor", |err| {
+        lines_with(err, &["WARN", "no monitor resolved yet"]).len() == 1
+            && lines_with(err, &unresolved).len() >= 2
+    });
+    let o = hb.sigterm(&cmd, "after trying the monitor's name again");
     let err = stderr(&o);
     assert!(o.status.success(), "{}: {err}", o.status);
+    let unresolved = lines_with(&err, &unresolved);
+    assert!(unresolved[1].contains("retry_in=2s"), "tried again: {err}");
     assert_eq!(
         lines_with(&err, &["WARN", "no monitor resolved yet"]).len(),
         1,

@@ -19,7 +19,9 @@
 //!   deadline above the node's stall allowance). The crossing time is
 //!   computed from `hb::detector::Model::moments_ns` and then checked and
 //!   adjusted to 1 us against `hb::detector::late_by`, the comparison the
-//!   monitor's tick makes (lateness against the threshold's `y`).
+//!   monitor's tick makes (lateness against the threshold's `y`). The
+//!   monitor's backstop (`--max-silence-ms`, its default unless told
+//!   otherwise) caps it: a node silent that long is dead whatever phi says.
 //! - `fixed`: a fixed timeout since the last heartbeat (threshold: ms).
 //! - `chen`: Chen, Toueg and Aguilera, "On the Quality of Service of
 //!   Failure Detectors", IEEE Trans. Computers 51(5), 2002, Sec. 6, NFD-E:
@@ -59,6 +61,7 @@ use hb_common::{
 use serde::Serialize;
 
 use super::trace::Arrival;
+use crate::monitor::state::Thresholds;
 
 use crate::detector::{Model, PhiParams, late_by, phi_normal};
 
@@ -226,14 +229,17 @@ pub fn geometric(lo: f64, hi: f64, n: usize) -> Vec<f64> {
     v
 }
 
-/// hb's detector configuration: the monitor's `PhiParams` and the kernel's
-/// EWMA gains (as shifts: gain `1/2^shift`).
+/// hb's detector configuration: the monitor's `PhiParams` and backstop,
+/// and the kernel's EWMA gains (as shifts: gain `1/2^shift`).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct HbConfig {
     #[serde(skip)]
     pub phi: PhiParams,
     pub mean_shift: u32,
     pub dev_shift: u32,
+    /// The monitor's `max_silence_ms` (`Thresholds`): suspected after this
+    /// silence whatever phi says; 0 = off.
+    pub max_silence_ms: u64,
 }
 
 impl Default for HbConfig {
@@ -243,6 +249,7 @@ impl Default for HbConfig {
             phi: PhiParams::default(),
             mean_shift: IA_MEAN_SHIFT,
             dev_shift: IA_DEV_SHIFT,
+            max_silence_ms: Thresholds::default().max_silence_ms,
         }
     }
 }
@@ -336,20 +343,21 @@ pub trait Detector {
     /// unless another heartbeat arrives first (at least the last arrival);
     /// `None`: never.
     fn deadlines(&self, out: &mut [Option<u64>]);
-    /// When the deadline after the last heartbeat is `last + max(a + b *
-    /// u, floor)` ms for every threshold, with `u =
-    /// kind.u_of_threshold(threshold)` and `b > 0`: that form; `None` when
-    /// the detector has no deadline now (never suspects) or no such form
-    /// (akka). This is what lets `qos::optimum` solve for a detector's
-    /// operating point exactly instead of on a grid.
+    /// When the deadline after the last heartbeat is
+    /// `last + min(max(a + b * u, floor), cap)` ms for every threshold,
+    /// with `u = kind.u_of_threshold(threshold)` and `b > 0`: that form;
+    /// `None` when the detector has no deadline now (never suspects) or
+    /// no such form (akka). This is what lets `qos::optimum` solve for a
+    /// detector's operating point exactly instead of on a grid.
     fn affine(&self) -> Option<Affine> {
         None
     }
 }
 
-/// A deadline affine in the threshold's parameter `u`, above a floor that
-/// does not depend on it: `last + max(a + b * u, floor)` ms (see
-/// [`Detector::affine`]).
+/// A deadline affine in the threshold's parameter `u`, above a floor and
+/// below a cap that do not depend on it: `last + min(max(a + b * u,
+/// floor), cap)` ms (see [`Detector::affine`]). `a` is infinite when only
+/// the cap makes a deadline.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Affine {
     pub last_ns: u64,
@@ -357,6 +365,9 @@ pub struct Affine {
     pub b_ms: f64,
     /// `f64::NEG_INFINITY` for the detectors without one.
     pub floor_ms: f64,
+    /// `f64::INFINITY` for the detectors without one (all but hb, whose
+    /// backstop it is).
+    pub cap_ms: f64,
 }
 
 impl Affine {
@@ -367,19 +378,27 @@ impl Affine {
             a_ms,
             b_ms,
             floor_ms: f64::NEG_INFINITY,
+            cap_ms: f64::INFINITY,
         }
     }
 
     /// The deadline at `u`, ms after `last_ns`.
     pub fn at(&self, u: f64) -> f64 {
-        (self.a_ms + self.b_ms * u).max(self.floor_ms)
+        (self.a_ms + self.b_ms * u)
+            .max(self.floor_ms)
+            .min(self.cap_ms)
     }
 
     /// The critical value of a silence of `gap_ms` after the last
     /// heartbeat: the detector suspects within it exactly when `u` is
-    /// below the value. `None` when no `u` does (the floor covers it).
+    /// below the value. `None` when no `u` does (the floor covers it, or
+    /// only the cap makes a deadline and it is not reached); infinite
+    /// when every `u` does (the cap is reached).
     pub fn critical(&self, gap_ms: f64) -> Option<f64> {
-        (self.floor_ms < gap_ms).then(|| (gap_ms - self.a_ms) / self.b_ms)
+        if self.cap_ms < gap_ms {
+            return Some(f64::INFINITY);
+        }
+        (self.floor_ms < gap_ms && self.a_ms.is_finite()).then(|| (gap_ms - self.a_ms) / self.b_ms)
     }
 }
 
@@ -432,7 +451,7 @@ fn solve_increasing(f: impl Fn(f64) -> f64, target: f64) -> f64 {
 // ---------------------------------------------------------------- hb
 
 /// hb's own detector: the gate's per-node state machine and the monitor's
-/// phi, unchanged.
+/// phi and backstop, unchanged.
 struct Hb {
     cfg: HbConfig,
     model: Model,
@@ -535,6 +554,66 @@ impl Detector for Hb {
     }
 
     fn deadlines(&self, out: &mut [Option<u64>]) {
+        self.phi_deadlines(out);
+        if let Some(b) = self
+            .backstop_ms()
+            .map(|ms| self.last_ns().saturating_add(ms.saturating_mul(1_000_000)))
+        {
+            for o in out {
+                *o = Some(o.map_or(b, |t| t.min(b)));
+            }
+        }
+    }
+
+    fn affine(&self) -> Option<Affine> {
+        let st = &self.st;
+        if st.accepted == 0 || st.last_arrival_ns == 0 {
+            return None;
+        }
+        let cap_ms = self.backstop_ms().map_or(f64::INFINITY, |ms| ms as f64);
+        let (mean, std) = self.model.moments_ns(st);
+        if !(mean > 0.0 && std > 0.0 && mean.is_finite() && std.is_finite()) {
+            // Never late by phi: only the backstop, if on.
+            return cap_ms.is_finite().then_some(Affine {
+                last_ns: self.last_ns(),
+                a_ms: f64::INFINITY,
+                b_ms: 1.0,
+                floor_ms: f64::NEG_INFINITY,
+                cap_ms,
+            });
+        }
+        let floor = self.model.stall_floor_ns(st, mean);
+        Some(Affine {
+            last_ns: self.last_ns(),
+            a_ms: mean / 1e6,
+            b_ms: std / 1e6,
+            floor_ms: if floor > 0.0 {
+                floor / 1e6
+            } else {
+                f64::NEG_INFINITY
+            },
+            cap_ms,
+        })
+    }
+}
+
+impl Hb {
+    /// The last heartbeat taken, on the trace's clock (heard from).
+    fn last_ns(&self) -> u64 {
+        self.st.last_arrival_ns - HB_CLOCK_OFFSET
+    }
+
+    /// The silence, ms, after which the monitor's backstop declares the
+    /// node dead whatever phi says (its tick's `elapsed >=
+    /// max_silence_ns`); `None` when it is off or the node was never
+    /// heard from.
+    fn backstop_ms(&self) -> Option<u64> {
+        let heard = self.st.accepted != 0 && self.st.last_arrival_ns != 0;
+        (heard && self.cfg.max_silence_ms != 0).then_some(self.cfg.max_silence_ms)
+    }
+
+    /// [`Detector::deadlines`] by phi alone.
+    fn phi_deadlines(&self, out: &mut [Option<u64>]) {
         let st = &self.st;
         if st.accepted == 0 || st.last_arrival_ns == 0 {
             out.fill(None);
@@ -575,25 +654,6 @@ impl Detector for Hb {
                 t.max(not_before) - HB_CLOCK_OFFSET
             });
         }
-    }
-
-    fn affine(&self) -> Option<Affine> {
-        let st = &self.st;
-        if st.accepted == 0 || st.last_arrival_ns == 0 {
-            return None;
-        }
-        let (mean, std) = self.model.moments_ns(st);
-        let floor = self.model.stall_floor_ns(st, mean);
-        (mean > 0.0 && std > 0.0 && mean.is_finite() && std.is_finite()).then_some(Affine {
-            last_ns: st.last_arrival_ns - HB_CLOCK_OFFSET,
-            a_ms: mean / 1e6,
-            b_ms: std / 1e6,
-            floor_ms: if floor > 0.0 {
-                floor / 1e6
-            } else {
-                f64::NEG_INFINITY
-            },
-        })
     }
 }
 

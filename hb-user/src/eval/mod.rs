@@ -4,8 +4,8 @@
 //!
 //! The point is an honest comparison: the same arrivals, the same crash
 //! times, exact step-function replay (`qos`), each detector at its own
-//! thresholds (`detectors`). hb's detector runs the monitor's code; the
-//! others follow their papers or sources, cited where they are built.
+//! thresholds (`detectors`). hb's detector runs the monitor's code, its
+//! `--max-silence-ms` backstop included; the others follow their papers or sources, cited where they are built.
 //! chitchat's detector cannot be driven by a trace through its public API
 //! and is reported as such (see `detectors`).
 
@@ -93,6 +93,11 @@ pub struct ReplayArgs {
     /// hb: EWMA gain of the deviation as a shift (gain 1/2^N).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=16))]
     pub hb_dev_shift: Option<u32>,
+    /// hb: suspected (dead) after this silence whatever phi says, as `hb
+    /// monitor --max-silence-ms` (its backstop): no crash is detected
+    /// later than this. 0 = off, else at least 1000 [default: 60000].
+    #[arg(long, value_name = "MS")]
+    pub max_silence_ms: Option<u64>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -173,6 +178,10 @@ fn hb_config(a: &ReplayArgs) -> anyhow::Result<HbConfig> {
     }
     if let Some(v) = a.hb_dev_shift {
         c.dev_shift = v;
+    }
+    if let Some(v) = a.max_silence_ms {
+        crate::monitor::config::check_max_silence_ms(v).context("--max-silence-ms")?;
+        c.max_silence_ms = v;
     }
     if !c.phi.is_valid() {
         bail!(

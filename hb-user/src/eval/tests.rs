@@ -348,12 +348,21 @@ fn feed_both(
 
 #[test]
 fn hb_without_announcements_learns_from_arrivals() {
-    // No interval column: nothing before the second arrival, then the
-    // first inter-arrival seeds mean 1000 and deviation 500 ms: sigma
-    // 626.657 ms; y = 1 crosses at 1000 + 1000 + 626.657.
+    // No interval column: no phi before the second arrival (only the
+    // monitor's backstop, 60 s), then the first inter-arrival seeds mean
+    // 1000 and deviation 500 ms: sigma 626.657 ms; y = 1 crosses at 1000 +
+    // 1000 + 626.657.
     let hb = HbConfig::default();
     let thr = phi_normal(1.0, 0.0, 1.0);
-    assert_eq!(deadlines_ms(Kind::Hb, hb, &[(0, None)], &[thr]), [None]);
+    assert_eq!(
+        deadlines_ms(Kind::Hb, hb, &[(0, None)], &[thr]),
+        [Some(60_000.0)]
+    );
+    let off = HbConfig {
+        max_silence_ms: 0,
+        ..hb
+    };
+    assert_eq!(deadlines_ms(Kind::Hb, off, &[(0, None)], &[thr]), [None]);
     let d = deadlines_ms(Kind::Hb, hb, &[(0, None), (1000, None)], &[thr])[0].unwrap();
     assert!(close(d, 2626.657, 2e-3), "{d}");
 }
@@ -894,20 +903,23 @@ fn io_errors_name_the_file_and_their_cause_once() {
     }
 }
 
-/// `hb eval` refuses the hb settings the monitor refuses, in one line.
-#[test]
-fn hb_settings_the_monitor_refuses_are_refused() {
+/// The detectors `hb eval --detector hb FLAGS` replays.
+fn hb_specs(flags: &[&str]) -> anyhow::Result<Vec<Spec>> {
     #[derive(clap::Parser)]
     struct Cli {
         #[command(flatten)]
         a: super::ReplayArgs,
     }
-    let specs = |flags: &[&str]| {
-        use clap::Parser;
-        let mut argv = vec!["hb", "--trace", "t.csv", "--detector", "hb"];
-        argv.extend(flags);
-        super::specs(&Cli::try_parse_from(argv).unwrap().a)
-    };
+    use clap::Parser;
+    let mut argv = vec!["hb", "--trace", "t.csv", "--detector", "hb"];
+    argv.extend(flags);
+    super::specs(&Cli::try_parse_from(argv).unwrap().a)
+}
+
+/// `hb eval` refuses the hb settings the monitor refuses, in one line.
+#[test]
+fn hb_settings_the_monitor_refuses_are_refused() {
+    let specs = hb_specs;
     for bad in [
         &["--hb-pause-ms", "nan"][..],
         &["--hb-pause-ms=-5000"],
@@ -931,6 +943,17 @@ fn hb_settings_the_monitor_refuses_are_refused() {
         &["--hb-max-stall-ms", "0"],
     ] {
         assert!(specs(good).is_ok(), "{good:?}");
+    }
+    // The monitor's own check and words, naming the flag.
+    for bad in ["1", "999"] {
+        let e = format!("{:#}", specs(&["--max-silence-ms", bad]).unwrap_err());
+        assert_eq!(
+            e,
+            format!("--max-silence-ms: max_silence_ms must be 0 (off) or at least 1000, got {bad}")
+        );
+    }
+    for good in ["0", "1000"] {
+        assert!(specs(&["--max-silence-ms", good]).is_ok(), "{good}");
     }
     let spec = specs(&["--hb-max-stall-ms", "5000"]).unwrap();
     assert_eq!(
@@ -959,4 +982,61 @@ fn nodes_sending_after_their_crash_are_counted() {
         let (t, c) = make(s, 3, 10, 600);
         assert_eq!(sending_after_crash(&t, &c), 0, "{}", s.name());
     }
+}
+
+/// hb's detector has the monitor's backstop, at the monitor's default
+/// (60 s): a node that announced a 50 s interval is suspected (dead) 60 s
+/// into its silence, long before phi reaches 8 (after ~86 s). With `--max-silence-ms 0` phi
+/// alone decides, as in a monitor run so.
+#[test]
+fn hb_applies_the_monitors_max_silence_backstop() {
+    // Node 1 every 50 s, crashing just after its last heartbeat at 200 s;
+    // node 2 every second, to 400 s.
+    let mut rows: Vec<(u64, u32, u64, u64)> =
+        (0..=4).map(|i| (i * 50_000, 1, 50_000, i + 1)).collect();
+    rows.extend((0..=400).map(|i| (i * 1000, 2, 1000, i + 1)));
+    rows.sort_unstable();
+    let mut text = String::from("node_id,recv_ns,interval_ms,seq\n");
+    for (t, id, interval, seq) in rows {
+        text += &format!("{id},{},{interval},{seq}\n", t * MS);
+    }
+    let t = Trace::read(text.as_bytes()).unwrap();
+    let crashes: Crashes = [(1, 200_000 * MS)].into();
+    let td = |flags: &[&str]| {
+        let spec = hb_specs(&[&["--threshold", "8"], flags].concat())
+            .unwrap()
+            .remove(0);
+        let q = evaluate(&t, &crashes, &spec).remove(0);
+        assert_eq!(q.detected, 1, "{flags:?}: {q:?}");
+        q.td_mean_ms.unwrap()
+    };
+    assert_eq!(HbConfig::default().max_silence_ms, 60_000);
+    assert_eq!(td(&[]), 60_000.0);
+    assert_eq!(td(&["--max-silence-ms", "30000"]), 30_000.0);
+    // Off: where the monitor's phi of node 1 crosses 8, to 1 us.
+    let off = td(&["--max-silence-ms", "0"]);
+    let mut st = hb_common::maps::NodeState::default();
+    for seq in 1..=5 {
+        let d = hb_common::proto::Datagram {
+            kind: hb_common::proto::Kind::Heartbeat,
+            node_id: 1,
+            generation: 1,
+            key_epoch: 0,
+            flags: 0,
+            load: 0,
+            seq,
+            sent_ns: 0,
+            interval_ms: 50_000,
+            rtt_us: 0,
+        };
+        let a = st.admit(&d).unwrap();
+        st.record(&d, a, (seq - 1) * 50_000 * MS + 1);
+    }
+    let at = 200_000 * MS + 1 + (off * 1e6) as u64;
+    let p = PhiParams::default();
+    assert!(phi(&st, at, &p) >= 8.0, "{off} ms");
+    assert!(phi(&st, at - 1_000, &p) < 8.0, "{off} ms");
+    assert!(off > 75_000.0, "{off} ms");
+    // A backstop later than phi changes nothing.
+    assert_eq!(td(&["--max-silence-ms", "100000"]), off);
 }

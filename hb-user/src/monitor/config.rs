@@ -40,6 +40,16 @@ pub const MAX_DECISION_MS: u64 = 3_600_000;
 /// every one of them, at every beat.
 pub const MIN_MAX_SILENCE_MS: u64 = 1000;
 
+/// Refuses a `max_silence_ms` that is neither 0 (off) nor at least
+/// [`MIN_MAX_SILENCE_MS`]: the monitor's, and `hb eval`'s for its hb
+/// detector (`--max-silence-ms` both).
+pub fn check_max_silence_ms(ms: u64) -> anyhow::Result<()> {
+    if (1..MIN_MAX_SILENCE_MS).contains(&ms) {
+        bail!("max_silence_ms must be 0 (off) or at least {MIN_MAX_SILENCE_MS}, got {ms}");
+    }
+    Ok(())
+}
+
 /// Where heartbeats are gated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -431,12 +441,7 @@ impl Settings {
                 .unwrap_or(d.max_silence_ms),
         };
         thresholds.validate().map_err(anyhow::Error::msg)?;
-        if (1..MIN_MAX_SILENCE_MS).contains(&thresholds.max_silence_ms) {
-            bail!(
-                "max_silence_ms must be 0 (off) or at least {MIN_MAX_SILENCE_MS}, got {}",
-                thresholds.max_silence_ms
-            );
-        }
+        check_max_silence_ms(thresholds.max_silence_ms)?;
         let p = PhiParams::default();
         let phi = PhiParams {
             min_std_dev_ms: a

@@ -25,6 +25,12 @@
 //! (`reason="shutdown"`) and logged. A hook is never left running on its
 //! own, orphaned, after the monitor: even when the runtime is dropped
 //! under it, its process group is killed ([`Group`]).
+//!
+//! A hook killed at its timeout is waited for at most [`KILL_WAIT`]: one
+//! that SIGKILL does not end (in uninterruptible sleep on a hung NFS or
+//! FUSE mount) is then given up on, counted (`reason="unkillable"`) and
+//! logged, and its slot freed; tokio reaps it whenever it does end. Else
+//! `concurrency` such hooks would stop every later one from running.
 
 use std::{
     os::fd::{FromRawFd as _, OwnedFd},
@@ -50,6 +56,13 @@ use super::{
 /// `hb_hook_failures_total` reason of the hooks killed and the events
 /// never run at shutdown.
 const SHUTDOWN: &str = "shutdown";
+/// `hb_hook_failures_total` reason of the hooks still there [`KILL_WAIT`]
+/// after their timeout's kill.
+const UNKILLABLE: &str = "unkillable";
+/// How long a hook killed at its timeout is waited for before it is given
+/// up on (its slot freed). SIGKILL ends a process at once unless it is in
+/// uninterruptible sleep; a hook still there after this may never end.
+const KILL_WAIT: Duration = Duration::from_secs(5);
 /// How often a hook's shell is checked for its exit when the kernel gives
 /// no pidfd to wait on (before 5.3, or no file descriptor left).
 const EXIT_POLL: Duration = Duration::from_millis(20);
@@ -86,9 +99,14 @@ struct Runner {
 
 impl Hooks {
     pub fn start(opts: HookOptions, metrics: Arc<Metrics>) -> Hooks {
+        Hooks::start_with(opts, metrics, KILL_WAIT)
+    }
+
+    /// `start`, waiting `kill_wait` for a hook killed at its timeout.
+    fn start_with(opts: HookOptions, metrics: Arc<Metrics>, kill_wait: Duration) -> Hooks {
         let (tx, rx) = mpsc::channel(opts.queue.max(1));
         let (stop, stop_rx) = watch::channel(None);
-        let task = tokio::spawn(dispatch(opts, rx, stop_rx, metrics.clone()));
+        let task = tokio::spawn(dispatch(opts, kill_wait, rx, stop_rx, metrics.clone()));
         Hooks {
             tx,
             metrics,
@@ -186,6 +204,7 @@ async fn stopped(stop: &mut watch::Receiver<Option<Duration>>) -> Duration {
 /// shutdown (see [`Hooks::shutdown`]) or until every handle is gone.
 async fn dispatch(
     opts: HookOptions,
+    kill_wait: Duration,
     mut rx: mpsc::Receiver<Event>,
     mut stop: watch::Receiver<Option<Duration>>,
     metrics: Arc<Metrics>,
@@ -193,6 +212,7 @@ async fn dispatch(
     let slots = Arc::new(Semaphore::new(opts.concurrency.max(1)));
     let mut runs = Runs {
         opts: Arc::new(opts),
+        kill_wait,
         metrics: metrics.clone(),
         killed: Arc::new(AtomicUsize::new(0)),
         unstarted: Arc::new(AtomicUsize::new(0)),
@@ -263,6 +283,8 @@ async fn dispatch(
 /// The hooks started, each on its own task.
 struct Runs {
     opts: Arc<HookOptions>,
+    /// [`KILL_WAIT`], shorter in tests.
+    kill_wait: Duration,
     metrics: Arc<Metrics>,
     /// Hooks killed because their task was dropped mid-run.
     killed: Arc<AtomicUsize>,
@@ -274,12 +296,12 @@ struct Runs {
 impl Runs {
     /// Runs the hook for `ev` in `slot`, which is free again once it ends.
     fn start(&mut self, ev: Event, slot: OwnedSemaphorePermit) {
-        let (opts, m) = (self.opts.clone(), self.metrics.clone());
+        let (opts, kill_wait, m) = (self.opts.clone(), self.kill_wait, self.metrics.clone());
         let (killed, unstarted) = (self.killed.clone(), self.unstarted.clone());
         unstarted.fetch_add(1, Ordering::Relaxed);
         self.set.spawn(async move {
             unstarted.fetch_sub(1, Ordering::Relaxed);
-            run_one(&opts, &ev, &m, &killed).await;
+            run_one(&opts, kill_wait, &ev, &m, &killed).await;
             drop(slot);
         });
     }
@@ -334,7 +356,13 @@ impl Drop for Group<'_> {
     }
 }
 
-async fn run_one(opts: &HookOptions, ev: &Event, m: &Metrics, killed: &AtomicUsize) {
+async fn run_one(
+    opts: &HookOptions,
+    kill_wait: Duration,
+    ev: &Event,
+    m: &Metrics,
+    killed: &AtomicUsize,
+) {
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
         .arg(&opts.command)
@@ -414,6 +442,7 @@ async fn run_one(opts: &HookOptions, ev: &Event, m: &Metrics, killed: &AtomicUsi
                     // with it. Whether anything was left is not known:
                     // the shell, unreaped, is in the group still.
                     group.kill();
+                    // At once: the shell has exited, only reaping is left.
                     child.wait().await
                 }
                 Err(e) => {
@@ -437,14 +466,30 @@ async fn run_one(opts: &HookOptions, ev: &Event, m: &Metrics, killed: &AtomicUsi
         }
         Err(_) => {
             group.kill();
-            m.hook_failed("timeout");
             tracing::warn!(
                 node_id = ev.node_id,
                 event = %ev.event,
                 timeout_ms = opts.timeout.as_millis() as u64,
                 "hook timed out, killed with its process group"
             );
-            let _ = child.wait().await;
+            if tokio::time::timeout(kill_wait, child.wait()).await.is_ok() {
+                m.hook_failed("timeout");
+                return;
+            }
+            // Given up on, so that its slot is freed. `child` is dropped
+            // here, unreaped: `kill_on_drop` sends its shell one more
+            // SIGKILL (still our child, so still its id), and tokio's
+            // orphan queue reaps it once it ends. `group` is no longer
+            // live: its id is never used again, reaped or not.
+            m.hook_failed(UNKILLABLE);
+            tracing::error!(
+                node_id = ev.node_id,
+                event = %ev.event,
+                pid = group.pgid,
+                kill_wait_ms = kill_wait.as_millis() as u64,
+                "hook still running after SIGKILL (uninterruptible sleep, such as on a hung NFS or \
+                 FUSE mount?): its slot is freed, it is reaped whenever it ends"
+            );
         }
     }
 }
@@ -594,9 +639,10 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!(
-            "condition not reached: ok {} timeout {} dropped {} exit {} spawn {} wait {} shutdown {}",
+            "condition not reached: ok {} timeout {} unkillable {} dropped {} exit {} spawn {} wait {} shutdown {}",
             m.hooks_ok(),
             m.hook_failures("timeout"),
+            m.hook_failures(UNKILLABLE),
             m.hook_failures("dropped"),
             m.hook_failures("exit"),
             m.hook_failures("spawn"),
@@ -958,6 +1004,69 @@ mod tests {
             .filter_map(|l| l.field("dropped")?.parse().ok())
             .collect();
         assert_eq!(counts, dropped, "{lines:#?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Reaped: no such process, or not our child (its id reused).
+    fn reaped(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            ppid != Some(std::process::id())
+        })
+    }
+
+    /// A hook that its timeout's kill does not end is waited for no longer
+    /// than the kill wait: then it is counted, logged with its pid, and its
+    /// slot is freed for the next hook; it is still killed and reaped in the
+    /// end. A real one is in uninterruptible sleep (a hung NFS or FUSE
+    /// mount), which a test cannot make; here the shell becomes perl, which
+    /// escapes the group kill by moving to the test's own process group
+    /// (`setpgrp`: sh has no builtin for it).
+    // One thread: the lines logged are captured on it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_hook_that_outlives_its_kill_is_given_up_on() {
+        let warnings = Warnings::of("hb::monitor::hooks");
+        let _log = warnings.capture();
+        let dir = test_dir("unkillable");
+        let pid_file = dir.join("pid");
+        let m = Arc::new(Metrics::new());
+        // Node 1's hook leaves its group, then says so, then sleeps; node
+        // 2's succeeds at once.
+        let command = format!(
+            "[ \"$HB_NODE_ID\" != 1 ] || exec perl -e 'setpgrp(0, getpgrp(getppid())) or die \"setpgrp: $!\"; \
+             open(my $f, \">\", \"{0}.tmp\") or die; print $f \"$$\\n\"; close $f; \
+             rename(\"{0}.tmp\", \"{0}\") or die; sleep 60'",
+            pid_file.display()
+        );
+        let h = Hooks::start_with(
+            hook(command, 1, Duration::from_secs(1), 4),
+            m.clone(),
+            Duration::from_millis(300),
+        );
+        h.submit(&ev(1));
+        h.submit(&ev(2)); // waits for the only slot
+        until("the hook left its process group", || pid_file.exists()).await;
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        wait_for(&m, |m| m.hook_failures(UNKILLABLE) == 1).await;
+        // Its slot is free: the next hook ran.
+        wait_for(&m, |m| m.hooks_ok() == 1).await;
+        assert_eq!(m.hook_failures("timeout"), 0);
+        let lines = warnings.taken();
+        let given_up = lines
+            .iter()
+            .find(|l| l.message.contains("after SIGKILL"))
+            .unwrap_or_else(|| panic!("not logged: {lines:#?}"));
+        assert_eq!(given_up.field("pid"), Some(pid.to_string().as_str()));
+        assert_eq!(given_up.field("node_id"), Some("1"));
+        // Killed when given up on (`kill_on_drop`), and reaped by tokio.
+        until("the hook given up on reaped", || reaped(pid)).await;
+        h.shutdown(Duration::from_secs(5)).await;
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

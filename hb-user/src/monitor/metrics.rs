@@ -85,7 +85,7 @@ impl Metrics {
         let hook_failures = Family::<Labels, Counter>::default();
         registry.register(
             "hook_failures",
-            "--on-event hooks that failed (exit, timeout, spawn, wait), were dropped (queue full), or were cut short by shutdown (killed, or never run)",
+            "--on-event hooks that failed (exit, timeout, spawn, wait), were given up on still running after their timeout's kill (unkillable), were dropped (queue full), or were cut short by shutdown (killed, or never run)",
             hook_failures.clone(),
         );
         let event_write_failures = Counter::default();
@@ -211,7 +211,15 @@ impl Metrics {
         for o in ["provisioned", "accepted", "expired", "refused", "duplicate"] {
             let _ = m.enrolled.get_or_create(&vec![("outcome", o)]);
         }
-        for r in ["exit", "timeout", "spawn", "wait", "dropped", "shutdown"] {
+        for r in [
+            "exit",
+            "timeout",
+            "unkillable",
+            "spawn",
+            "wait",
+            "dropped",
+            "shutdown",
+        ] {
             let _ = m.hook_failures.get_or_create(&vec![("reason", r)]);
         }
         m
@@ -363,6 +371,7 @@ mod tests {
         assert!(text.contains("hb_tick_duration_seconds_count 1"));
         assert!(text.contains("hb_hook_failures_total{reason=\"timeout\"} 0"));
         assert!(text.contains("hb_hook_failures_total{reason=\"shutdown\"} 0"));
+        assert!(text.contains("hb_hook_failures_total{reason=\"unkillable\"} 0"));
         assert!(text.contains("hb_dataplane_stuck_reads_total 0"), "{text}");
         assert!(text.contains("hb_userspace_socket_drops_total 0"), "{text}");
         m.set_stuck_reads(3);

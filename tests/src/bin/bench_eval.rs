@@ -456,6 +456,7 @@ fn explore_hb(fleets: &[Fleet], summaries: &[Summary]) {
                 },
                 mean_shift: ms,
                 dev_shift: ds,
+                ..HbConfig::default()
             });
         }
     }
