@@ -242,8 +242,8 @@ fn main() {
          budget: an order statistic of the per-heartbeat critical thresholds) for every detector but akka, whose \
          history depends on the threshold (a three-level log grid); each row is then replayed at its threshold. \
          `-`: no threshold qualifies. hb runs the monitor's detector with its current defaults ({:?}; kernel: EWMA \
-         gains 1/2^{} and 1/2^{}, errors clipped to 1/2^{} of the mean, stalls decaying by 1/2^{} per sample) and \
-         reads the traces' sequence numbers, as Chen's NFD-E does; the other detectors see arrival times only.\n",
+         gains 1/2^{} and 1/2^{}, errors clipped to 1/2^{} of the mean, stalls decaying by 1/2^{} per sample; \
+         dead after {} ms of silence whatever phi says, `--max-silence-ms`) and reads the traces' sequence numbers, as Chen's NFD-E does; the other detectors see arrival times only.\n",
         o.first_seed,
         o.seeds,
         o.nodes,
@@ -257,6 +257,7 @@ fn main() {
         hb_common::maps::IA_DEV_SHIFT,
         hb_common::maps::IA_CLIP_SHIFT,
         hb_common::maps::STALL_DECAY_SHIFT,
+        HbConfig::default().max_silence_ms,
     );
     println!("{}\n", hb::eval::CHITCHAT_STATUS);
     println!(
