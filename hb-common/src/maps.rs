@@ -915,12 +915,8 @@ pub fn ack_interval(
 /// that reaches the EWMA gains. A node that announces its interval has its
 /// moments seeded from it ([`record`]) and needs no warm-up.
 #[inline(always)]
-pub const fn warmup_shift(samples: u16, mean_shift: u32, dev_shift: u32) -> Option<u32> {
-    let warm_at = if mean_shift > dev_shift {
-        mean_shift
-    } else {
-        dev_shift
-    };
+pub fn warmup_shift(samples: u16, mean_shift: u32, dev_shift: u32) -> Option<u32> {
+    let warm_at = mean_shift.max(dev_shift);
     let next = samples as u32 + 1;
     if warm_at >= 16 || next >> warm_at != 0 {
         return None;
@@ -932,11 +928,6 @@ pub const fn warmup_shift(samples: u16, mean_shift: u32, dev_shift: u32) -> Opti
         k += 1;
     }
     Some(k)
-}
-
-#[inline(always)]
-const fn min_u32(a: u32, b: u32) -> u32 {
-    if a < b { a } else { b }
 }
 
 impl NodeLive {
@@ -962,39 +953,39 @@ impl NodeLive {
         if self.ia_samples == 0 && self.ia_mean_ns == 0 {
             self.ia_mean_ns = x;
             self.ia_dev_ns = x >> 1;
-        } else if let Some(k) = warm {
-            // Learning a rhythm no one announced: the moments so far are a
-            // few samples' worth, so the sample is taken whole (no clip, no
-            // stall) at about the weight a running average gives it. A
-            // first gap far off the node's rhythm (two heartbeats out of a
-            // queue at once, a slow start) is forgotten within the warm-up,
-            // where at 1/2^mean_shift and clipped to a quarter of the mean
-            // it pinned the mean for hundreds of samples (a 100 ns one for
-            // ever) and every later sample counted as a stall.
-            let mean = self.ia_mean_ns as i64;
-            let err = x as i64 - mean;
-            self.ia_mean_ns = (mean + (err >> min_u32(k, mean_shift))) as u64;
-            let dev = self.ia_dev_ns as i64;
-            let abs = if err < 0 { -err } else { err };
-            self.ia_dev_ns = (dev + ((abs - dev) >> min_u32(k, dev_shift))) as u64;
         } else {
             let mean = self.ia_mean_ns as i64;
-            let lim = mean >> IA_CLIP_SHIFT;
             let mut err = x as i64 - mean;
-            self.stall[0] -= self.stall[0] >> STALL_DECAY_SHIFT;
-            self.stall[1] -= self.stall[1] >> STALL_DECAY_SHIFT;
-            if err > lim {
-                let units = (err as u64) >> STALL_UNIT_SHIFT;
-                self.stall[1] = self.stall[0];
-                self.stall[0] = if units > u32::MAX as u64 {
-                    u32::MAX
-                } else {
-                    units as u32
-                };
-                err = lim;
-            } else if err < -lim {
-                err = -lim;
-            }
+            let (mean_shift, dev_shift) = match warm {
+                // Learning a rhythm no one announced: the moments so far
+                // are a few samples' worth, so the sample is taken whole
+                // (no clip, no stall) at about the weight a running average
+                // gives it. A first gap far off the node's rhythm (two
+                // heartbeats out of a queue at once, a slow start) is
+                // forgotten within the warm-up, where at 1/2^mean_shift and
+                // clipped to a quarter of the mean it pinned the mean for
+                // hundreds of samples (a 100 ns one for ever) and every
+                // later sample counted as a stall.
+                Some(k) => (k.min(mean_shift), k.min(dev_shift)),
+                None => {
+                    let lim = mean >> IA_CLIP_SHIFT;
+                    self.stall[0] -= self.stall[0] >> STALL_DECAY_SHIFT;
+                    self.stall[1] -= self.stall[1] >> STALL_DECAY_SHIFT;
+                    if err > lim {
+                        let units = (err as u64) >> STALL_UNIT_SHIFT;
+                        self.stall[1] = self.stall[0];
+                        self.stall[0] = if units > u32::MAX as u64 {
+                            u32::MAX
+                        } else {
+                            units as u32
+                        };
+                        err = lim;
+                    } else if err < -lim {
+                        err = -lim;
+                    }
+                    (mean_shift, dev_shift)
+                }
+            };
             self.ia_mean_ns = (mean + (err >> mean_shift)) as u64;
             let dev = self.ia_dev_ns as i64;
             let abs = if err < 0 { -err } else { err };
