@@ -330,6 +330,12 @@ fn feed_both(
         interval_ms: Some(1000),
         seq: Some(seq),
     });
+    record(st, seq, 1000, t_ms * MS + offset);
+}
+
+/// Node 1's heartbeat `seq` announcing `interval_ms`, recorded by the gate
+/// at `at_ns` on the monitor's clock.
+fn record(st: &mut hb_common::maps::NodeState, seq: u64, interval_ms: u32, at_ns: u64) {
     let d = hb_common::proto::Datagram {
         kind: hb_common::proto::Kind::Heartbeat,
         node_id: 1,
@@ -339,11 +345,11 @@ fn feed_both(
         load: 0,
         seq,
         sent_ns: 0,
-        interval_ms: 1000,
+        interval_ms,
         rtt_us: 0,
     };
     let a = st.admit(&d).unwrap();
-    st.record(&d, a, t_ms * MS + offset);
+    st.record(&d, a, at_ns);
 }
 
 #[test]
@@ -1017,20 +1023,7 @@ fn hb_applies_the_monitors_max_silence_backstop() {
     let off = td(&["--max-silence-ms", "0"]);
     let mut st = hb_common::maps::NodeState::default();
     for seq in 1..=5 {
-        let d = hb_common::proto::Datagram {
-            kind: hb_common::proto::Kind::Heartbeat,
-            node_id: 1,
-            generation: 1,
-            key_epoch: 0,
-            flags: 0,
-            load: 0,
-            seq,
-            sent_ns: 0,
-            interval_ms: 50_000,
-            rtt_us: 0,
-        };
-        let a = st.admit(&d).unwrap();
-        st.record(&d, a, (seq - 1) * 50_000 * MS + 1);
+        record(&mut st, seq, 50_000, (seq - 1) * 50_000 * MS + 1);
     }
     let at = 200_000 * MS + 1 + (off * 1e6) as u64;
     let p = PhiParams::default();
