@@ -97,6 +97,18 @@ impl Counts {
     }
 }
 
+/// `N passed, M failed[, K ignored]`, as the per-binary lines and the
+/// summary print them (`.ci/run` reads both).
+impl std::fmt::Display for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} passed, {} failed", self.passed, self.failed)?;
+        if self.ignored > 0 {
+            write!(f, ", {} ignored", self.ignored)?;
+        }
+        Ok(())
+    }
+}
+
 /// The counts of the last `test result:` line of a binary's output, given
 /// those of the lines before `line` (libtest prints its line last; a test's
 /// own output, with `--nocapture`, may hold one before).
@@ -150,16 +162,7 @@ impl Outcome {
     /// (`.ci/run` reads these).
     fn line(&self, label: &str) -> String {
         match self {
-            Outcome::Reported(c) => format!(
-                "xtask: {label}: {} passed, {} failed{}",
-                c.passed,
-                c.failed,
-                if c.ignored > 0 {
-                    format!(", {} ignored", c.ignored)
-                } else {
-                    String::new()
-                }
-            ),
+            Outcome::Reported(c) => format!("xtask: {label}: {c}"),
             Outcome::Broken(why) => format!("xtask: {label}: FAILED: {why}"),
         }
     }
@@ -418,16 +421,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("interrupted");
     }
     let Report { totals, broken } = result?;
-    println!(
-        "xtask: {} passed, {} failed{}",
-        totals.passed,
-        totals.failed,
-        if totals.ignored > 0 {
-            format!(", {} ignored", totals.ignored)
-        } else {
-            String::new()
-        }
-    );
+    let sum = Counts {
+        passed: totals.passed,
+        failed: totals.failed,
+        ignored: totals.ignored,
+    };
+    println!("xtask: {sum}");
     if totals.failed > 0 || !broken.is_empty() {
         let mut why = Vec::new();
         if totals.failed > 0 {
