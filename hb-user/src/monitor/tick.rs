@@ -1238,6 +1238,16 @@ mod tests {
             self.restart_with(at_ms, Box::new(FixedPolicy::none()));
         }
 
+        /// [`Rig::restart`] at `at_ms`, then 3 s of ticks every 50 ms:
+        /// their events.
+        fn restart_and_tick_3s(&mut self, at_ms: u64) -> Vec<(u32, EventKind)> {
+            self.restart(at_ms);
+            (at_ms..at_ms + 3000)
+                .step_by(50)
+                .flat_map(|t| self.tick(t))
+                .collect()
+        }
+
         /// [`Rig::restart`] with `policy` (not yet reconciled with the
         /// requests in the dataplane: `Core::reconcile_requests`).
         fn restart_with(&mut self, at_ms: u64, policy: Box<dyn IntervalPolicy>) {
@@ -2028,12 +2038,7 @@ mod tests {
                 Status::Dead.unconfirmed_code(Status::Suspect),
                 "dropped={dropped}"
             );
-            let start = t + 300;
-            r.restart(start);
-            let again: Vec<_> = (start..start + 3000)
-                .step_by(50)
-                .flat_map(|t| r.tick(t))
-                .collect();
+            let again = r.restart_and_tick_3s(t + 300);
             assert_eq!(again, [(1, EventKind::Dead)], "dropped={dropped}");
         }
     }
@@ -2094,12 +2099,7 @@ mod tests {
             r.recorded(1),
             Status::Dead.unconfirmed_code(Status::Unknown)
         );
-        let start = t + 300;
-        r.restart(start);
-        let again: Vec<_> = (start..start + 3000)
-            .step_by(50)
-            .flat_map(|t| r.tick(t))
-            .collect();
+        let again = r.restart_and_tick_3s(t + 300);
         assert_eq!(again.last(), Some(&(1, EventKind::Dead)), "{again:?}");
     }
 
