@@ -56,36 +56,55 @@ fn fold(mut s: u64) -> u16 {
     s as u16
 }
 
-/// Whether the heartbeat came to unicast addresses, so that its ACK can
-/// leave from them: one in a frame to a group MAC (broadcast, multicast)
-/// or to a broadcast or multicast IP address is taken but not answered;
-/// answered, its ACK left with that group address as its source.
+/// Whether the heartbeat travelled between unicast addresses, so that its
+/// ACK can go back the way it came. One sent to a group MAC (broadcast,
+/// multicast) or to a broadcast or multicast IP address is taken but not
+/// answered: its ACK would leave with that group address as its source.
+/// Nor is one sent from a group MAC or from a group or unspecified IP
+/// address (neither is a sender's; the headers are not under the tag, so
+/// a copy of a fresh heartbeat rewritten on the way would do): its ACK
+/// would go to that group, every host of the segment.
 #[inline(always)]
 pub fn answerable(ctx: &XdpContext, f: &Frame) -> bool {
     // Whole fields: a 1-byte bound check compiles to a 32-bit `>=` the
     // verifier cannot use for packet bounds.
-    let Some(mac) = at::<6>(ctx, 0) else {
+    let Some(macs) = at::<12>(ctx, 0) else {
         return false;
     };
-    // SAFETY: in bounds (checked by `at`).
-    if unsafe { (*mac)[0] } & 1 != 0 {
+    // SAFETY: in bounds (checked by `at`). Bit 0 of an address's first
+    // byte marks a group address: the destination's, then the source's.
+    if unsafe { (*macs)[0] | (*macs)[6] } & 1 != 0 {
         return false;
     }
     if f.v6 {
-        let Some(dst) = at::<16>(ctx, f.l3 + 24) else {
-            return false;
-        };
-        // SAFETY: in bounds (checked by `at`). ff00::/8 is multicast.
-        unsafe { (*dst)[0] != 0xff }
-    } else {
-        let Some(dst) = at::<4>(ctx, f.l3 + 16) else {
+        let Some(addrs) = at::<32>(ctx, f.l3 + 8) else {
             return false;
         };
         // SAFETY: in bounds (checked by `at`).
-        let dst = unsafe { *dst };
-        // 224.0.0.0/4 is multicast; a subnet's own broadcast address
-        // takes the prefix, which the gate does not know.
-        dst != [255; 4] && dst[0] & 0xf0 != 0xe0
+        let addrs = unsafe { &*addrs };
+        // ff00::/8 is multicast; `::` (unspecified) is no one's.
+        let mut any = 0;
+        let mut i = 0;
+        while i < 16 {
+            any |= addrs[i];
+            i += 1;
+        }
+        addrs[0] != 0xff && addrs[16] != 0xff && any != 0
+    } else {
+        let Some(addrs) = at::<8>(ctx, f.l3 + 12) else {
+            return false;
+        };
+        // SAFETY: in bounds (checked by `at`).
+        let addrs = unsafe { *addrs };
+        let group = |a: [u8; 4]| a == [255; 4] || a[0] & 0xf0 == 0xe0;
+        let (src, dst) = (
+            [addrs[0], addrs[1], addrs[2], addrs[3]],
+            [addrs[4], addrs[5], addrs[6], addrs[7]],
+        );
+        // 224.0.0.0/4 is multicast, 0.0.0.0 no one's; a subnet's own
+        // broadcast address takes the prefix, which the gate does not
+        // know.
+        !group(src) && !group(dst) && src != [0; 4]
     }
 }
 
