@@ -116,6 +116,12 @@ pub struct NodeKeys {
 }
 
 impl NodeKeys {
+    /// Whether a key is held for `epoch`.
+    pub const fn holds(&self, epoch: u8) -> bool {
+        (self.valid & 1 != 0 && self.epoch[0] == epoch)
+            || (self.valid & 2 != 0 && self.epoch[1] == epoch)
+    }
+
     /// A node at `slot` holding one key, `key` for `epoch`.
     pub const fn single(slot: u32, epoch: u8, key: NodeKey) -> NodeKeys {
         NodeKeys {
@@ -303,6 +309,10 @@ pub mod index {
 /// `NodeState::flags` bit: the last accepted datagram had LEAVING set.
 pub const NODE_LEAVING: u8 = 1;
 
+/// [`NodeRest::accepted_epoch`] bit: its low byte is the key epoch of the
+/// node's newest accepted datagram.
+pub const ACCEPTED_EPOCH_KNOWN: u16 = 0x100;
+
 /// EWMA gain of the inter-arrival mean: 1/2^5. Slower than RFC 6298's
 /// 1/8, so one late heartbeat moves the mean by under 1% (its error is
 /// also clipped, [`IA_CLIP_SHIFT`]). Chosen by `hb eval` (see
@@ -392,7 +402,16 @@ pub struct NodeState {
     pub key_epoch: [u8; 2],
     /// Bit `i` set: `key[i]` is held.
     pub key_valid: u8,
-    pub _pad0: [u8; 5],
+    pub _pad0: u8,
+    /// `ACCEPTED_EPOCH_KNOWN | e`: the key epoch `e` of the newest
+    /// accepted datagram, which may have moved `generation` and the
+    /// anti-replay window; 0: none recorded (a fresh node, or a state
+    /// pinned by an hb that had these bytes reserved). When a key
+    /// rotation drops that epoch, the generation and the window go with
+    /// it ([`NodeState::rekey`]): a leaked key cannot hold the node down
+    /// after it is revoked.
+    pub accepted_epoch: u16,
+    pub _pad2: [u8; 2],
     pub key: [NodeKey; 2],
     pub max_seq: u64,
     pub replay_bitmap: u64,
@@ -477,7 +496,9 @@ pub struct NodeRest {
     pub node_id: u32,
     pub key_epoch: [u8; 2],
     pub key_valid: u8,
-    pub _pad0: [u8; 5],
+    pub _pad0: u8,
+    pub accepted_epoch: u16,
+    pub _pad2: [u8; 2],
     pub key: [NodeKey; 2],
     pub max_seq: u64,
     pub replay_bitmap: u64,
@@ -533,6 +554,8 @@ same_offset!(
     key_epoch,
     key_valid,
     _pad0,
+    accepted_epoch,
+    _pad2,
     key,
     max_seq,
     replay_bitmap,
@@ -601,6 +624,7 @@ impl core::fmt::Debug for NodeRest {
             .field("node_id", &self.node_id)
             .field("key_epoch", &self.key_epoch)
             .field("key_valid", &self.key_valid)
+            .field("accepted_epoch", &self.accepted_epoch)
             .field("max_seq", &self.max_seq)
             .field("replay_bitmap", &self.replay_bitmap)
             .field("lost", &self.lost)
@@ -617,6 +641,7 @@ impl core::fmt::Debug for NodeState {
             .field("node_id", &self.node_id)
             .field("key_epoch", &self.key_epoch)
             .field("key_valid", &self.key_valid)
+            .field("accepted_epoch", &self.accepted_epoch)
             .field("max_seq", &self.max_seq)
             .field("replay_bitmap", &self.replay_bitmap)
             .field("seqcount", &self.seqcount)
@@ -729,6 +754,9 @@ pub fn record(
     // LEAVING, nor bring back the interval the node used before its last
     // change (the detector would judge the node by the old rhythm).
     let newest = !matches!(admit, Admit::Fresh(Fresh::Late));
+    // Which key let it in: a rotation that revokes it forgets what it
+    // set ([`rekey`]).
+    rest.accepted_epoch = ACCEPTED_EPOCH_KNOWN | d.key_epoch as u16;
     match admit {
         Admit::NewGeneration => {
             if live.accepted != 0 {
@@ -1016,6 +1044,50 @@ impl NodeRest {
         self.key_valid = keys.valid;
         self.key = keys.key;
     }
+
+    /// Whether `keys` no longer hold the epoch of the node's newest
+    /// accepted datagram ([`Self::accepted_epoch`]): a rotation that
+    /// revokes it. False when none is recorded.
+    pub const fn revoked_by(&self, keys: &NodeKeys) -> bool {
+        epoch_revoked(self.accepted_epoch, keys)
+    }
+}
+
+/// [`NodeRest::revoked_by`] on the field alone: whether `keys` no longer
+/// hold the epoch an [`NodeRest::accepted_epoch`] of `accepted_epoch`
+/// records.
+pub const fn epoch_revoked(accepted_epoch: u16, keys: &NodeKeys) -> bool {
+    accepted_epoch & ACCEPTED_EPOCH_KNOWN != 0 && !keys.holds(accepted_epoch as u8)
+}
+
+/// Key rotation ([`NodeState::rekey`]) on a node's two parts: installs
+/// `node_id` and `keys`, keeping the state, except where `keys` revoke the
+/// epoch of the node's newest accepted datagram. Then what the datagrams of
+/// that epoch may have set is forgotten: the generation and the
+/// anti-replay window start afresh, as for a node never heard from, and
+/// the node's next accepted datagram is a new generation (a restart, as
+/// `accepted` is kept). Whoever held a leaked key could have sent one
+/// valid heartbeat of generation `u32::MAX` (or seq `u64::MAX`), after
+/// which every genuine one is `stale` (or `replay`); kept, that would
+/// outlive the key's revocation, and the node would stay dead until it
+/// was delisted and listed again. A rotation that drops an epoch the node
+/// no longer used keeps everything. Returns whether it forgot.
+/// The caller owns the write protocol.
+pub const fn rekey(
+    live: &mut NodeLive,
+    rest: &mut NodeRest,
+    node_id: u32,
+    keys: &NodeKeys,
+) -> bool {
+    let revoked = rest.revoked_by(keys);
+    if revoked {
+        live.generation = 0;
+        rest.max_seq = 0;
+        rest.replay_bitmap = 0;
+        rest.accepted_epoch = 0;
+    }
+    rest.set_keys(node_id, keys);
+    revoked
 }
 
 impl NodeState {
@@ -1142,6 +1214,12 @@ impl NodeState {
     /// of the state is kept. The caller owns the write protocol.
     pub const fn set_keys(&mut self, node_id: u32, keys: &NodeKeys) {
         self.rest_mut().set_keys(node_id, keys);
+    }
+
+    /// Key rotation: [`rekey`] on this node's two parts.
+    pub const fn rekey(&mut self, node_id: u32, keys: &NodeKeys) -> bool {
+        let (live, rest) = self.split_mut();
+        rekey(live, rest, node_id, keys)
     }
 }
 

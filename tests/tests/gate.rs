@@ -15,8 +15,8 @@ use hb::dataplane::{
 use hb_common::{
     Datagram, GateResult, Kind, NodeKey,
     maps::{
-        Config, LocalAddrs, NodeKeys, NodeState, REPORT_RESTART, REPORT_UNKNOWN_NODE, counter,
-        names,
+        ACCEPTED_EPOCH_KNOWN, Config, LocalAddrs, NodeKeys, NodeState, REPORT_RESTART,
+        REPORT_UNKNOWN_NODE, counter, names,
     },
     proto::FLAG_LEAVING,
 };
@@ -1362,6 +1362,89 @@ fn kernel_and_userspace_gates_agree_on_random_traffic() {
     for seed in seeds {
         kernel_and_userspace_gates_agree(seed);
     }
+}
+
+/// A leaked key lets anyone send one valid heartbeat of generation
+/// `u32::MAX` (or seq `u64::MAX`): every genuine one after it is `stale`.
+/// The kernel records which epoch let each accepted heartbeat in; a
+/// rotation that revokes that epoch forgets the generation and window it
+/// set, in place and when the node moves to another slot, so the node's
+/// heartbeats under the new key are taken again (a restart). A rotation
+/// that drops an epoch the node no longer used keeps them.
+#[test]
+fn a_rotation_revoking_the_accepted_epoch_forgets_the_generation_it_set() {
+    let g = Gate::new(Config {
+        port: PORT,
+        ..Config::default()
+    });
+    let run = |d: Datagram, k: &NodeKey| g.run(&v4(&d.seal(k))).unwrap().0;
+    let k2 = NodeKey { k0: 5, k1: 6 };
+    let keys = |slot, epochs: &[(u8, NodeKey)]| {
+        let mut k = NodeKeys::single(slot, epochs[0].0, epochs[0].1);
+        if let Some(&(e, key)) = epochs.get(1) {
+            (k.epoch[1], k.key[1], k.valid) = (e, key, 3);
+        }
+        k
+    };
+    assert_eq!(run(hb(1), &key()), XDP_DROP);
+    assert_eq!(g.state().accepted_epoch, ACCEPTED_EPOCH_KNOWN | 1);
+    // The forgery, under the epoch-1 key.
+    let forged = Datagram {
+        generation: u32::MAX,
+        seq: u64::MAX,
+        ..hb(2)
+    };
+    run(forged, &key());
+    assert_eq!(g.state().generation, u32::MAX);
+    // Epoch 2 added: the node restarts on it, still held down.
+    g.dp.upsert_node(NODE, &keys(SLOT, &[(1, key()), (2, k2)]))
+        .unwrap();
+    let genuine = |seq| Datagram {
+        key_epoch: 2,
+        generation: GEN + 1000,
+        ..hb(seq)
+    };
+    let before = g.dp.counters().unwrap();
+    run(genuine(1), &k2);
+    let after = g.dp.counters().unwrap();
+    let stale = GateResult::Stale.index() as usize;
+    assert_eq!(
+        after[stale],
+        before[stale] + 1,
+        "held down while epoch 1 is held"
+    );
+    // Epoch 1 removed: the generation and window it set are gone.
+    g.dp.upsert_node(NODE, &keys(SLOT, &[(2, k2)])).unwrap();
+    let s = g.state();
+    assert_eq!((s.generation, s.max_seq, s.replay_bitmap), (0, 0, 0));
+    assert_eq!((s.accepted, s.restarts), (2, 1), "counts kept");
+    run(genuine(2), &k2);
+    let s = g.state();
+    assert_eq!((s.generation, s.accepted, s.restarts), (GEN + 1000, 3, 2));
+    assert_eq!(s.accepted_epoch, ACCEPTED_EPOCH_KNOWN | 2);
+    // Epoch 1 added back and dropped again: the node's window stays.
+    g.dp.upsert_node(NODE, &keys(SLOT, &[(2, k2), (1, key())]))
+        .unwrap();
+    g.dp.upsert_node(NODE, &keys(SLOT, &[(2, k2)])).unwrap();
+    let before = g.dp.counters().unwrap();
+    run(genuine(2), &k2);
+    let after = g.dp.counters().unwrap();
+    let replay = GateResult::Replay.index() as usize;
+    assert_eq!(after[replay], before[replay] + 1, "the window kept");
+    // Moved to another slot by a rotation that revokes epoch 2: the state
+    // moves, without what epoch 2 set.
+    let k3 = NodeKey { k0: 7, k1: 8 };
+    g.dp.upsert_node(NODE, &keys(SLOT + 1, &[(3, k3)])).unwrap();
+    let s = g.dp.state(SLOT + 1).unwrap();
+    assert_eq!((s.node_id, s.generation, s.accepted), (NODE, 0, 3));
+    let d = Datagram {
+        key_epoch: 3,
+        generation: GEN + 2000,
+        ..hb(1)
+    };
+    assert_eq!(run(d, &k3), XDP_DROP);
+    let s = g.dp.state(SLOT + 1).unwrap();
+    assert_eq!((s.generation, s.accepted, s.restarts), (GEN + 2000, 4, 3));
 }
 
 /// A heartbeat that travelled to or from a group address is taken but not

@@ -318,7 +318,7 @@ impl Dataplane for MemDataplane {
             g.live.resize(slot + 1, NodeLive::default());
             g.rest.resize(slot + 1, NodeRest::default());
         }
-        match g.keys.insert(node_id, *keys) {
+        let rotated = match g.keys.insert(node_id, *keys) {
             // Moved: the state goes along, the old slot is freed.
             Some(old) if old.slot != keys.slot => {
                 let o = old.slot as usize;
@@ -327,19 +327,25 @@ impl Dataplane for MemDataplane {
                 g.rest[o] = NodeRest::default();
                 g.live[slot] = live;
                 g.rest[slot] = rest;
+                true
             }
             // Key rotation: the state stays.
-            Some(_) => {}
+            Some(_) => true,
             // A new node starts from a clean slot, as in the kernel:
             // nothing written there before (say a requested interval)
             // carries over.
             None => {
                 g.live[slot] = NodeLive::default();
                 g.rest[slot] = NodeRest::default();
+                false
             }
+        };
+        // The id and keys at the slot, as the kernel keeps them; but for
+        // what a revoked epoch set.
+        let g = &mut *g;
+        if hb_common::maps::rekey(&mut g.live[slot], &mut g.rest[slot], node_id, keys) && rotated {
+            super::log_revoked(node_id);
         }
-        // The id and keys at the slot, as the kernel keeps them.
-        g.rest[slot].set_keys(node_id, keys);
         Ok(())
     }
 

@@ -38,6 +38,18 @@ pub(crate) fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
+/// Says that a key rotation revoked the epoch of `node_id`'s newest
+/// accepted heartbeat, so its generation and anti-replay window start
+/// afresh (`hb_common::maps::rekey`).
+pub(crate) fn log_revoked(node_id: u32) {
+    tracing::info!(
+        node = node_id,
+        "the key epoch of the node's last accepted heartbeat is no longer held: its generation \
+         and replay window start afresh, and its next heartbeat under a held key is announced \
+         restarted (a leaked key cannot hold a node stale past its revocation)"
+    );
+}
+
 /// How many nodes ahead the tick's scan prefetches live lines.
 pub(crate) const PREFETCH_AHEAD: usize = 8;
 
@@ -48,7 +60,10 @@ pub type LiveFn<'a> = dyn FnMut(u32, &NodeLive, &dyn Fn() -> NodeState) + 'a;
 /// A gate the monitor can drive.
 pub trait Dataplane: Send + Sync {
     /// Provisions `node_id` (or replaces its keys) at slot `keys.slot`.
-    /// Replacing keys keeps the node's state: that is how keys rotate.
+    /// Replacing keys keeps the node's state: that is how keys rotate; but
+    /// keys that no longer hold the epoch of the node's newest accepted
+    /// datagram start its generation and window afresh
+    /// (`hb_common::maps::rekey`).
     fn upsert_node(&self, node_id: u32, keys: &NodeKeys) -> anyhow::Result<()>;
 
     /// Unprovisions `node_id` and clears the state at its slot.

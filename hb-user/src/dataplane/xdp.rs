@@ -99,8 +99,8 @@ use aya::{
     },
 };
 use hb_common::maps::{
-    Config, LocalAddrs, MAX_NODES, NodeKeys, NodeLive, NodeRest, NodeState, Report, counter, index,
-    names,
+    self, Config, LocalAddrs, MAX_NODES, NodeKeys, NodeLive, NodeRest, NodeState, Report, counter,
+    index, names,
 };
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
@@ -419,7 +419,11 @@ impl NodeMaps {
         };
         match ix.get(node_id) {
             // Key rotation: the state stays.
-            Some(slot) if slot == keys.slot => take(to, slot)?.rekey(node_id, keys),
+            Some(slot) if slot == keys.slot => {
+                if take(to, slot)?.rekey(node_id, keys) {
+                    super::log_revoked(node_id);
+                }
+            }
             Some(old) => {
                 // Moved: the state goes along, the index follows, the old
                 // slot is freed. Both slots are held before either is
@@ -434,12 +438,12 @@ impl NodeMaps {
                 };
                 match from {
                     Some(from) => {
-                        let s = from.state();
-                        take(to, keys.slot)?.replace(|_| {
-                            let mut t = s;
-                            t.set_keys(node_id, keys);
-                            t
-                        });
+                        let mut s = from.state();
+                        let revoked = s.rekey(node_id, keys);
+                        take(to, keys.slot)?.replace(|_| s);
+                        if revoked {
+                            super::log_revoked(node_id);
+                        }
                         ix.set(node_id, keys.slot)
                             .expect("an indexed node is updated in place");
                         from.clear();
@@ -827,15 +831,30 @@ impl Held {
         self.replace(|_| NodeState::default());
     }
 
-    /// Replaces the node's id and keys (key rotation), keeping the state:
-    /// writes only those fields, so nothing the kernel counts meanwhile is
-    /// lost.
-    fn rekey(self, node_id: u32, keys: &NodeKeys) {
+    /// Replaces the node's id and keys (key rotation), keeping the state
+    /// but for what a revoked epoch set (`hb_common::maps::rekey`, whose
+    /// fields these are): writes only those fields, so nothing the kernel
+    /// counts meanwhile is lost. Returns whether the rotation revoked the
+    /// epoch of the node's newest accepted datagram.
+    fn rekey(self, node_id: u32, keys: &NodeKeys) -> bool {
         let ks = self.entry.keys_seq();
         ks.fetch_add(1, Ordering::AcqRel);
-        let r = self.entry.rest;
+        let (l, r) = (self.entry.live, self.entry.rest);
         // SAFETY: we hold the node (and `keys_seq` is odd); aligned fields
-        // of a live mapping.
+        // of a live mapping. The kernel writes these only while holding
+        // the node.
+        let revoked = unsafe {
+            let accepted = std::ptr::read_volatile(std::ptr::addr_of!((*r).accepted_epoch));
+            let revoked = maps::epoch_revoked(accepted, keys);
+            if revoked {
+                std::ptr::write_volatile(std::ptr::addr_of_mut!((*l).generation), 0);
+                std::ptr::write_volatile(std::ptr::addr_of_mut!((*r).max_seq), 0);
+                std::ptr::write_volatile(std::ptr::addr_of_mut!((*r).replay_bitmap), 0);
+                std::ptr::write_volatile(std::ptr::addr_of_mut!((*r).accepted_epoch), 0);
+            }
+            revoked
+        };
+        // SAFETY: as above.
         unsafe {
             std::ptr::write_volatile(std::ptr::addr_of_mut!((*r).node_id), node_id);
             std::ptr::write_volatile(std::ptr::addr_of_mut!((*r).key_epoch), keys.epoch);
@@ -843,6 +862,7 @@ impl Held {
             std::ptr::write_volatile(std::ptr::addr_of_mut!((*r).key), keys.key);
         }
         ks.fetch_add(1, Ordering::Release);
+        revoked
     }
 }
 

@@ -766,8 +766,9 @@ impl AuthLog {
                 "heartbeats of provisioned nodes dropped as stale (of a generation older than \
                  the node's latest; each node's count is its stale in /nodes): two senders \
                  with one node id (a cloned host, a manual run beside the unit), a sender \
-                 without --state-dir whose clock was stepped back, or one whose state \
-                 directory was reset after its generation ran ahead of the clock"
+                 without --state-dir whose clock was stepped back, one whose state \
+                 directory was reset after its generation ran ahead of the clock, or a \
+                 leaked key's forgery far ahead (rotate the key out: README, Rotating keys)"
             );
         }
     }

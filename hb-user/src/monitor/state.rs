@@ -365,7 +365,11 @@ pub fn step(t: &mut Track, o: &Observation) -> Option<Transition> {
         t.generation = o.generation;
         return go(t, Status::Alive, EventKind::Joined);
     }
-    if o.generation > t.generation || t.restarted_unseen() {
+    // Another generation: the gate takes only larger ones, but starts a
+    // node's afresh when a key rotation revokes the epoch that set it
+    // (`hb_common::maps::rekey`: one forged with a leaked key can be
+    // ahead of the node's own), and the node's next one is then smaller.
+    if o.generation != t.generation || t.restarted_unseen() {
         // One that restarted while no monitor ran: the generation before
         // the one adopted is not known (nor, if it restarted again since,
         // the one announced before).

@@ -1614,6 +1614,76 @@ mod tests {
         assert_eq!(rx.try_recv().unwrap().kind, REPORT_RESTART);
     }
 
+    /// Whoever holds a node's leaked key can send one valid heartbeat of
+    /// generation `u32::MAX`; from then on the node's own are `stale`. The
+    /// rotation that revokes that key (the node restarted on epoch 2, then
+    /// epoch 1 removed) forgets the forged generation: the node's next
+    /// heartbeat is a restart (from the forged generation, as the events
+    /// said), and the node is heard again, not dead for good.
+    #[test]
+    fn a_rotation_revoking_a_leaked_key_forgets_the_generation_it_forged() {
+        let mut r = Rig::new(&[9], Box::new(FixedPolicy::none()));
+        let slot = r.core.table.slot_of(9).unwrap();
+        r.send(9, 10, 0, 100);
+        assert_eq!(r.tick(100), vec![(9, EventKind::Joined)]);
+        // The forgery, under the node's epoch-1 key.
+        r.gate_one(Rig::heartbeat(9, u32::MAX, 0, 1, 100), 150);
+        assert_eq!(r.tick(200), vec![(9, EventKind::Restarted)]);
+        // Epoch 2 is added (both held): the node restarts on it, and is
+        // still held down.
+        let key2 = NodeKey { k0: 99, k1: 2 };
+        let both = NodeKeys {
+            slot,
+            epoch: [1, 2],
+            valid: 3,
+            _pad: 0,
+            key: [key(9), key2],
+        };
+        r.dp.upsert_node(9, &both).unwrap();
+        let genuine = |seq| {
+            let d = Datagram {
+                key_epoch: 2,
+                ..Rig::heartbeat(9, 11, 0, seq, 100)
+            };
+            d.seal(&key2)
+        };
+        let v = r.dp.gate(&genuine(1), SRC, 300 * MS);
+        assert_eq!(v.result, hb_common::GateResult::Stale);
+        // Epoch 1 is removed: the generation it set goes with it.
+        r.dp.upsert_node(9, &NodeKeys::single(slot, 2, key2))
+            .unwrap();
+        let mut t = 400;
+        let mut seq = 2;
+        let mut events = Vec::new();
+        while t <= 5000 {
+            let v = r.dp.gate(&genuine(seq), SRC, t * MS);
+            assert_eq!(v.result, hb_common::GateResult::Accepted, "at {t} ms");
+            events.extend(r.tick(t));
+            (t, seq) = (t + 100, seq + 1);
+        }
+        assert_eq!(
+            events,
+            vec![(9, EventKind::Restarted)],
+            "then alive throughout"
+        );
+        let e = r.events.last().unwrap();
+        assert_eq!((e.prev_generation, e.generation), (Some(u32::MAX), 11));
+        assert_eq!(r.status(9), Status::Alive);
+        // A rotation that drops an epoch the node no longer uses keeps
+        // its window: an old heartbeat is still a replay.
+        let key3 = NodeKey { k0: 5, k1: 3 };
+        let keys23 = NodeKeys {
+            slot,
+            epoch: [2, 3],
+            valid: 3,
+            _pad: 0,
+            key: [key2, key3],
+        };
+        r.dp.upsert_node(9, &keys23).unwrap();
+        let v = r.dp.gate(&genuine(seq - 1), SRC, t * MS);
+        assert_eq!(v.result, hb_common::GateResult::Replay);
+    }
+
     #[test]
     fn policy_decisions_are_written_once_per_change() {
         let mut r = Rig::new(&[1, 2], Box::new(FixedPolicy::fixed(500)));
