@@ -1045,6 +1045,16 @@ impl NodeRest {
         self.key = keys.key;
     }
 
+    /// The key epoch of the node's newest accepted datagram, if recorded
+    /// ([`Self::accepted_epoch`]).
+    pub const fn accepted_epoch(&self) -> Option<u8> {
+        if self.accepted_epoch & ACCEPTED_EPOCH_KNOWN != 0 {
+            Some(self.accepted_epoch as u8)
+        } else {
+            None
+        }
+    }
+
     /// Whether `keys` no longer hold the epoch of the node's newest
     /// accepted datagram ([`Self::accepted_epoch`]): a rotation that
     /// revokes it. False when none is recorded.
@@ -1135,6 +1145,12 @@ impl NodeState {
     /// Whether the last accepted datagram had LEAVING set.
     pub const fn leaving(&self) -> bool {
         self.flags & NODE_LEAVING != 0
+    }
+
+    /// [`NodeRest::accepted_epoch`]: the key epoch of the node's newest
+    /// accepted datagram, if recorded.
+    pub const fn accepted_epoch(&self) -> Option<u8> {
+        self.rest().accepted_epoch()
     }
 
     /// Line 0, the detector's view, in place.

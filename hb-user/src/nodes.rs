@@ -231,8 +231,9 @@ pub fn table(rows: &[NodeRow]) -> String {
         "RESTARTS",
         "RTT_US",
         "LOAD",
+        "EPOCH",
     ];
-    let mut cells: Vec<[String; 12]> = Vec::with_capacity(rows.len());
+    let mut cells: Vec<[String; 13]> = Vec::with_capacity(rows.len());
     for r in rows {
         cells.push([
             r.node_id.to_string(),
@@ -257,6 +258,9 @@ pub fn table(rows: &[NodeRow]) -> String {
             r.restarts.to_string(),
             r.rtt_us.to_string(),
             format!("{:.1}%", r.load as f64 / 10.0),
+            r.key_epoch
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "-".into()),
         ]);
     }
     let mut width = header.map(str::len);

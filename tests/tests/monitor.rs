@@ -845,6 +845,9 @@ fn restart_is_not_a_join(mode: &str) {
         (n["generation"].as_u64(), n["restarts"].as_u64()),
         (Some(1001), Some(1))
     );
+    // The epoch that let its heartbeats in (`Node::new`'s 1), in both
+    // modes: the kernel records it, as the userspace gate does.
+    assert_eq!(n["key_epoch"].as_u64(), Some(1));
     drop(beat);
     m.stop();
 }

@@ -115,6 +115,11 @@ pub struct NodeRow {
     pub replay: u32,
     pub stale: u32,
     pub acks_sent: u32,
+    /// Key epoch of the newest accepted heartbeat (none: nothing recorded,
+    /// as for a node last heard from by an older hb): during a rotation,
+    /// which nodes still send the old epoch.
+    #[serde(default)]
+    pub key_epoch: Option<u8>,
     pub leaving: bool,
     /// Time in the current state, ms.
     pub state_for_ms: u64,
@@ -154,6 +159,7 @@ fn row(core: &Core, slot: u32, st: &NodeState, now_ns: u64) -> NodeRow {
         replay: st.replay,
         stale: st.stale,
         acks_sent: st.acks_sent,
+        key_epoch: st.accepted_epoch(),
         leaving: st.leaving(),
         state_for_ms: now_ns.saturating_sub(t.since_ns(slot)) / 1_000_000,
         origin: origin.to_owned(),
