@@ -704,7 +704,10 @@ pub fn admit(live: &NodeLive, rest: &NodeRest, d: &Datagram) -> Result<Admit, Ga
 /// sequence numbers seen. So the kernel may reject on a consistent
 /// snapshot taken without the node's lock (a replay then never takes the
 /// lock from the node's fresh heartbeats); only an admission must be
-/// decided under it.
+/// decided under it. (The one reset, a key rotation revoking the epoch
+/// that set them, [`rekey`], is written under the node's lock: a
+/// rejection decided on a snapshot from before it is that of a datagram
+/// that came before it.)
 #[inline(always)]
 pub fn admit_at(
     generation: u32,
