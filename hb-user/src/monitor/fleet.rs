@@ -9,6 +9,11 @@
 //! keys re-derived from the current keyring), unlisted ones are removed
 //! (or kept as enrolled with `--enroll`), missing ones are added.
 //!
+//! A node removed (taken off the list, or a probation that expires) is
+//! forgotten by the core, which announces it `removed` on the next tick
+//! if it was announced at all (`Core::remove_node`): a probation that
+//! expires was never heard from, so never `joined`, and goes silently.
+//!
 //! A reload does the same diff against the running table. Keys are
 //! replaced in place (`Dataplane::upsert_node` keeps the node's state), so
 //! rotating a key is: add epoch N+1 to the keyring, SIGHUP (both epochs are
@@ -569,11 +574,16 @@ fn heard(dp: &dyn Dataplane, slot: u32) -> bool {
     heard
 }
 
+/// Removes node `id` from the dataplane, then from the core, which
+/// announces it `removed` if it was announced at all
+/// ([`Core::remove_node`]): with its state as it was, read first.
 fn remove(core: &mut Core, dp: &dyn Dataplane, id: u32) -> anyhow::Result<()> {
-    dp.remove_node(id)?;
-    if let Some(slot) = core.table.remove(id) {
-        core.policy.forget(slot);
+    let mut before = None;
+    if let Some(slot) = core.table.slot_of(id) {
+        dp.read_states(slot..slot + 1, &mut |_, st| before = Some(*st));
     }
+    dp.remove_node(id)?;
+    core.remove_node(id, before.as_ref(), monotonic_ns());
     Ok(())
 }
 
@@ -1561,5 +1571,57 @@ mod tests {
         f.reload(&mut c, &dp, keyring(&[1]), NodeSpec::parse("1").unwrap())
             .unwrap();
         assert!(c.table.contains(50));
+    }
+
+    /// A reload that takes announced nodes off the list has the next tick
+    /// announce each `removed`, from its last status; one never heard from
+    /// goes silently (nothing was announced of it), and so does a
+    /// probation that expires unheard (it never joined). Listed again, a
+    /// node starts afresh: `joined`, from `unknown`.
+    #[test]
+    fn nodes_taken_off_the_list_are_announced_removed() {
+        use crate::monitor::state::{EventKind, Status};
+        const S: u64 = 1_000_000_000;
+        let dp = MemDataplane::new();
+        let tick = |c: &mut Core, at: u64| {
+            c.set_tick(Duration::from_secs(60));
+            let mut ev = Vec::new();
+            c.tick(&dp, at, &mut || "ts".into(), &mut ev);
+            c.published(0);
+            c.confirm(&dp, ev.len() as u64);
+            ev.iter()
+                .map(|e| (e.node_id, e.event, e.previous, e.state))
+                .collect::<Vec<_>>()
+        };
+        let mut c = core();
+        let (mut f, _) = Fleet::start(&mut c, &dp, keyring(&[1]), spec("1-3"), true).unwrap();
+        let t0 = monotonic_ns();
+        dp.gate(&hb(1, 1, 1), SRC, t0);
+        dp.gate(&hb(2, 1, 1), SRC, t0);
+        let joined = |id| (id, EventKind::Joined, Status::Unknown, Status::Alive);
+        assert_eq!(tick(&mut c, t0), [joined(1), joined(2)]);
+        // Node 2 silent past the backstop (60 s): dead.
+        dp.gate(&hb(1, 1, 2), SRC, t0 + 61 * S);
+        assert_eq!(
+            tick(&mut c, t0 + 61 * S),
+            [(2, EventKind::Dead, Status::Alive, Status::Dead)]
+        );
+        // 9 on probation, never heard from.
+        assert_eq!(f.enroll(&mut c, &dp, 9), "provisioned");
+        let s = f.reload(&mut c, &dp, keyring(&[1]), spec("4")).unwrap();
+        assert_eq!((s.added, s.removed, s.kept), (1, 3, 1));
+        let removed = |id, last| (id, EventKind::Removed, last, Status::Unknown);
+        let mut ev = tick(&mut c, t0 + 62 * S);
+        ev.sort_by_key(|e| e.0);
+        assert_eq!(ev, [removed(1, Status::Alive), removed(2, Status::Dead)]);
+        assert_eq!(tick(&mut c, t0 + 63 * S), [], "announced once");
+        // The probation expires unheard: removed, silently.
+        f.pending.insert(9, 0);
+        assert_eq!(f.check_pending(&mut c, &dp), (vec![], vec![9]));
+        assert_eq!(tick(&mut c, t0 + 64 * S), []);
+        // Node 2 listed again: a new node.
+        f.reload(&mut c, &dp, keyring(&[1]), spec("2,4")).unwrap();
+        dp.gate(&hb(2, 1, 1), SRC, t0 + 65 * S);
+        assert_eq!(tick(&mut c, t0 + 65 * S), [joined(2)]);
     }
 }

@@ -3,8 +3,13 @@
 //! `CMD` runs under `/bin/sh -c`, with the event in its environment
 //! (`HB_EVENT`, `HB_NODE_ID`, `HB_PREVIOUS`, `HB_STATE`, `HB_PHI`,
 //! `HB_GENERATION`, `HB_LAST_SEEN_MS`, `HB_TS`, `HB_SEQ`) and as one JSON
-//! line on its stdin, in a process group of its own. At most
-//! `concurrency` hooks run at once; each is killed, with its whole process
+//! line on its stdin, in a process group of its own. One node's hooks run
+//! one after another, in `seq` order: its next hook starts once its
+//! previous one has ended (a pager that got `dead` then `alive` is never
+//! left with `dead` because the two ran at once and finished crosswise).
+//! Different nodes' hooks run side by side, at most `concurrency` at once;
+//! an event waiting for its node's previous hook holds no slot. Each is
+//! killed, with its whole process
 //! group, when it outlives `timeout`. A hook ends when its shell exits,
 //! and so does what it started: whatever is left in its process group
 //! (`cmd &`) is killed then, so that the bounds hold for all of it. A hook
@@ -13,11 +18,12 @@
 //! not `setsid cmd &`, which may be killed before it has left), at the
 //! operator's own risk: nothing then bounds it, in number or time, nor
 //! stops it at shutdown. At most `queue` events wait
-//! for a free slot: an event that finds them all taken is dropped (counted
+//! to start (for a free slot, or for their node's previous hook): an event
+//! that finds them all taken is dropped (counted
 //! in `hb_hook_failures_total{reason="dropped"}`; a run of them is logged
 //! when it starts and, with how many, when it ends), so a storm of events
-//! never piles up processes, memory or log lines. Hooks may finish out of
-//! order; `HB_SEQ` orders them.
+//! never piles up processes, memory or log lines. Different nodes' hooks
+//! may finish out of order; `HB_SEQ` orders them.
 //!
 //! At shutdown ([`Hooks::shutdown`]) the hooks running and the events
 //! queued get a grace to finish; then what still runs is killed with its
@@ -29,10 +35,12 @@
 //! A hook killed at its timeout is waited for at most [`KILL_WAIT`]: one
 //! that SIGKILL does not end (in uninterruptible sleep on a hung NFS or
 //! FUSE mount) is then given up on, counted (`reason="unkillable"`) and
-//! logged, and its slot freed; tokio reaps it whenever it does end. Else
-//! `concurrency` such hooks would stop every later one from running.
+//! logged, and its slot freed, and its node's next hook may start; tokio
+//! reaps it whenever it does end. Else `concurrency` such hooks would stop
+//! every later one from running, and one would stop its node's for good.
 
 use std::{
+    collections::{HashMap, VecDeque, hash_map::Entry},
     os::fd::{FromRawFd as _, OwnedFd},
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
@@ -44,7 +52,7 @@ use std::{
 use tokio::{
     io::{AsyncWriteExt, Interest, unix::AsyncFd},
     process::Command,
-    sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
+    sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, watch},
     task::{JoinHandle, JoinSet},
 };
 
@@ -79,7 +87,14 @@ pub struct HookOptions {
 /// Handle to the hook runner.
 #[derive(Clone)]
 pub struct Hooks {
-    tx: mpsc::Sender<Event>,
+    tx: mpsc::UnboundedSender<Queued>,
+    /// One per event that may wait to start (`queue`): taken by
+    /// [`Hooks::submit`], given back when its hook starts (or it is never
+    /// run). The channel is bounded by these, not by its own capacity, as
+    /// the runner holds aside the events that wait for their node.
+    places: Arc<Semaphore>,
+    /// `queue`, for the log.
+    queue: usize,
     metrics: Arc<Metrics>,
     /// The run of events dropped on a full queue going on, if any.
     dropped: Arc<Mutex<Dropped>>,
@@ -104,11 +119,22 @@ impl Hooks {
 
     /// `start`, waiting `kill_wait` for a hook killed at its timeout.
     fn start_with(opts: HookOptions, metrics: Arc<Metrics>, kill_wait: Duration) -> Hooks {
-        let (tx, rx) = mpsc::channel(opts.queue.max(1));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queue = opts.queue.max(1);
+        let places = Arc::new(Semaphore::new(queue));
         let (stop, stop_rx) = watch::channel(None);
-        let task = tokio::spawn(dispatch(opts, kill_wait, rx, stop_rx, metrics.clone()));
+        let task = tokio::spawn(dispatch(
+            opts,
+            kill_wait,
+            rx,
+            places.clone(),
+            stop_rx,
+            metrics.clone(),
+        ));
         Hooks {
             tx,
+            places,
+            queue,
             metrics,
             dropped: Arc::default(),
             closed_warned: Arc::default(),
@@ -121,37 +147,51 @@ impl Hooks {
     /// full queue is logged when it starts and when it ends (the next
     /// event queued, or shutdown).
     pub fn submit(&self, ev: &Event) {
-        match self.tx.try_send(ev.clone()) {
-            Ok(()) => self.report_dropped(),
-            Err(mpsc::error::TrySendError::Full(_)) => {
+        let place = match self.places.clone().try_acquire_owned() {
+            Ok(place) => place,
+            Err(TryAcquireError::NoPermits) => {
                 self.metrics.hook_failed("dropped");
                 if self.dropped().add(ev.seq) {
                     tracing::warn!(
                         seq = ev.seq,
                         node_id = ev.node_id,
                         event = %ev.event,
-                        queue = self.tx.max_capacity(),
+                        queue = self.queue,
                         "hook queue full: events not passed to --on-event until it has room"
                     );
                 }
+                return;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.metrics.hook_failed(SHUTDOWN);
-                if self.closed_warned.swap(true, Ordering::Relaxed) {
-                    tracing::debug!(node_id = ev.node_id, event = %ev.event, "shutting down, event not passed to --on-event");
-                } else {
-                    tracing::warn!(
-                        node_id = ev.node_id,
-                        event = %ev.event,
-                        "shutting down, event not passed to --on-event (nor any later one: counted in hb_hook_failures_total{{reason=\"shutdown\"}})"
-                    );
-                }
-            }
+            Err(TryAcquireError::Closed) => return self.closed(ev),
+        };
+        let queued = Queued {
+            ev: ev.clone(),
+            _place: place,
+        };
+        match self.tx.send(queued) {
+            Ok(()) => self.report_dropped(),
+            // Shutdown began after the place was taken.
+            Err(_) => self.closed(ev),
+        }
+    }
+
+    /// Says (once) and counts that `ev` came after shutdown began.
+    fn closed(&self, ev: &Event) {
+        self.metrics.hook_failed(SHUTDOWN);
+        if self.closed_warned.swap(true, Ordering::Relaxed) {
+            tracing::debug!(node_id = ev.node_id, event = %ev.event, "shutting down, event not passed to --on-event");
+        } else {
+            tracing::warn!(
+                node_id = ev.node_id,
+                event = %ev.event,
+                "shutting down, event not passed to --on-event (nor any later one: counted in hb_hook_failures_total{{reason=\"shutdown\"}})"
+            );
         }
     }
 
     /// Stops taking events, and gives the hooks running and the events
-    /// queued `grace` to finish (queued ones start as slots free up). Then
+    /// queued `grace` to finish (queued ones start as slots and their
+    /// nodes free up). Then
     /// kills every hook still running, with its process group, and drops
     /// the events still queued: both are counted (`reason="shutdown"`) and
     /// logged, each hook killed and the sum in one line; a run of events
@@ -200,72 +240,175 @@ async fn stopped(stop: &mut watch::Receiver<Option<Duration>>) -> Duration {
     }
 }
 
-/// Runs a hook for each event queued, `concurrency` at a time, until
-/// shutdown (see [`Hooks::shutdown`]) or until every handle is gone.
+/// An event waiting to start, with its place in the queue.
+struct Queued {
+    ev: Event,
+    _place: OwnedSemaphorePermit,
+}
+
+/// The events taken off the channel that have not started: one node's
+/// wait for its previous hook to end, in `seq` order, holding their
+/// places in the queue but no slot.
+#[derive(Default)]
+struct Waiting {
+    /// Events whose node has no hook running: each starts when a slot is
+    /// free, in the order they became ready. At most one per node.
+    ready: VecDeque<Queued>,
+    /// Every node with an event in `ready` or a hook running, and the
+    /// events of it behind that one.
+    nodes: HashMap<u32, VecDeque<Queued>>,
+}
+
+impl Waiting {
+    /// Takes `q`: ready if its node has nothing ahead of it, else behind
+    /// its node's last.
+    fn add(&mut self, q: Queued) {
+        match self.nodes.entry(q.ev.node_id) {
+            Entry::Occupied(mut behind) => behind.get_mut().push_back(q),
+            Entry::Vacant(node) => {
+                node.insert(VecDeque::new());
+                self.ready.push_back(q);
+            }
+        }
+    }
+
+    /// `node`'s hook ended: its next event, if any, is ready.
+    fn ended(&mut self, node: u32) {
+        let Entry::Occupied(mut behind) = self.nodes.entry(node) else {
+            return;
+        };
+        match behind.get_mut().pop_front() {
+            Some(next) => self.ready.push_back(next),
+            None => {
+                behind.remove();
+            }
+        }
+    }
+
+    /// Nothing waits and no hook runs.
+    fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// How many events wait.
+    fn len(&self) -> usize {
+        self.ready.len() + self.nodes.values().map(VecDeque::len).sum::<usize>()
+    }
+}
+
+/// The runner's state: the events coming, those waiting, the hooks
+/// running.
+struct Dispatch {
+    rx: mpsc::UnboundedReceiver<Queued>,
+    /// Every handle is gone, and the channel is empty.
+    rx_done: bool,
+    waiting: Waiting,
+    slots: Arc<Semaphore>,
+    /// The node of each hook that ended (sent when its task ends, however:
+    /// run to its end, given up on, aborted, or panicked).
+    ended_tx: mpsc::UnboundedSender<u32>,
+    ended_rx: mpsc::UnboundedReceiver<u32>,
+    runs: Runs,
+}
+
+impl Dispatch {
+    /// Every event taken has run, and no more can come.
+    fn finished(&self) -> bool {
+        self.rx_done && self.waiting.is_empty()
+    }
+
+    /// One step: a hook's end noted, a hook started, or an event taken.
+    /// Cancel-safe: what a step takes is handled in the same poll.
+    async fn step(&mut self) {
+        self.runs.reap();
+        let ready = !self.waiting.ready.is_empty();
+        tokio::select! {
+            node = self.ended_rx.recv() => {
+                if let Some(node) = node {
+                    self.waiting.ended(node);
+                }
+            }
+            slot = self.slots.clone().acquire_owned(), if ready => {
+                let Ok(slot) = slot else {
+                    unreachable!("the semaphore is never closed")
+                };
+                if let Some(q) = self.waiting.ready.pop_front() {
+                    // Its place in the queue is given back: it runs.
+                    self.runs.start(q.ev, slot, self.ended_tx.clone());
+                }
+            }
+            q = self.rx.recv(), if !self.rx_done => match q {
+                Some(q) => self.waiting.add(q),
+                None => self.rx_done = true,
+            },
+        }
+    }
+}
+
+/// Runs a hook for each event queued, `concurrency` at a time and one at a
+/// time per node, until shutdown (see [`Hooks::shutdown`]) or until every
+/// handle is gone.
 async fn dispatch(
     opts: HookOptions,
     kill_wait: Duration,
-    mut rx: mpsc::Receiver<Event>,
+    rx: mpsc::UnboundedReceiver<Queued>,
+    places: Arc<Semaphore>,
     mut stop: watch::Receiver<Option<Duration>>,
     metrics: Arc<Metrics>,
 ) {
-    let slots = Arc::new(Semaphore::new(opts.concurrency.max(1)));
-    let mut runs = Runs {
-        opts: Arc::new(opts),
-        kill_wait,
-        metrics: metrics.clone(),
-        killed: Arc::new(AtomicUsize::new(0)),
-        unstarted: Arc::new(AtomicUsize::new(0)),
-        set: JoinSet::new(),
+    let (ended_tx, ended_rx) = mpsc::unbounded_channel();
+    let mut d = Dispatch {
+        rx,
+        rx_done: false,
+        waiting: Waiting::default(),
+        slots: Arc::new(Semaphore::new(opts.concurrency.max(1))),
+        ended_tx,
+        ended_rx,
+        runs: Runs {
+            opts: Arc::new(opts),
+            kill_wait,
+            metrics: metrics.clone(),
+            killed: Arc::new(AtomicUsize::new(0)),
+            unstarted: Arc::new(AtomicUsize::new(0)),
+            set: JoinSet::new(),
+        },
     };
     let grace = loop {
-        runs.reap();
-        // A slot first, then an event: no event is ever held outside the
-        // channel, so `queue` is exactly how many may wait.
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => slot,
-            grace = stopped(&mut stop) => break grace,
-        };
-        let Ok(slot) = slot else {
-            unreachable!("the semaphore is never closed")
-        };
+        if d.finished() {
+            // Every handle is gone, and what they queued has run.
+            while d.runs.set.join_next().await.is_some() {}
+            return;
+        }
         tokio::select! {
-            ev = rx.recv() => match ev {
-                Some(ev) => runs.start(ev, slot),
-                // Every handle is gone, and so is what they queued.
-                None => {
-                    while runs.set.join_next().await.is_some() {}
-                    return;
-                }
-            },
+            () = d.step() => {}
             grace = stopped(&mut stop) => break grace,
         }
     };
 
-    // Shutdown: no more events; the queued ones still start, as slots free
-    // up, within the grace.
-    rx.close();
+    // Shutdown: no more events; the queued ones still start, as slots and
+    // their nodes free up, within the grace.
+    places.close();
+    d.rx.close();
     let drain = async {
-        while let Ok(slot) = slots.clone().acquire_owned().await {
-            let Some(ev) = rx.recv().await else { break };
-            runs.start(ev, slot);
+        while !d.finished() {
+            d.step().await;
         }
-        while runs.set.join_next().await.is_some() {}
+        while d.runs.set.join_next().await.is_some() {}
     };
     if tokio::time::timeout(grace, drain).await.is_ok() {
         return;
     }
-    let mut never_run = 0;
-    while rx.try_recv().is_ok() {
+    let mut never_run = d.waiting.len();
+    while d.rx.try_recv().is_ok() {
         never_run += 1;
     }
     // Aborting a hook's task drops its `Group`, which kills the group and
     // counts it in `killed`. A task aborted before it first ran had not
     // started its hook: its event never ran either.
-    runs.set.abort_all();
-    while runs.set.join_next().await.is_some() {}
-    let killed = runs.killed.load(Ordering::Relaxed);
-    never_run += runs.unstarted.load(Ordering::Relaxed);
+    d.runs.set.abort_all();
+    while d.runs.set.join_next().await.is_some() {}
+    let killed = d.runs.killed.load(Ordering::Relaxed);
+    never_run += d.runs.unstarted.load(Ordering::Relaxed);
     for _ in 0..never_run {
         metrics.hook_failed(SHUTDOWN);
     }
@@ -277,6 +420,20 @@ async fn dispatch(
             "shutdown grace over: hooks still running killed with their process groups, \
              events still queued never passed to --on-event"
         );
+    }
+}
+
+/// Says, when dropped, that a node's hook has ended (its task ended, or
+/// was dropped), so that the node's next one may start.
+struct Ended {
+    node: u32,
+    tx: mpsc::UnboundedSender<u32>,
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        // The runner is gone only when nothing waits for this any more.
+        let _ = self.tx.send(self.node);
     }
 }
 
@@ -294,15 +451,21 @@ struct Runs {
 }
 
 impl Runs {
-    /// Runs the hook for `ev` in `slot`, which is free again once it ends.
-    fn start(&mut self, ev: Event, slot: OwnedSemaphorePermit) {
+    /// Runs the hook for `ev` in `slot`, which is free again once it ends;
+    /// then its node's end is sent on `ended`.
+    fn start(&mut self, ev: Event, slot: OwnedSemaphorePermit, ended: mpsc::UnboundedSender<u32>) {
         let (opts, kill_wait, m) = (self.opts.clone(), self.kill_wait, self.metrics.clone());
         let (killed, unstarted) = (self.killed.clone(), self.unstarted.clone());
+        let ended = Ended {
+            node: ev.node_id,
+            tx: ended,
+        };
         unstarted.fetch_add(1, Ordering::Relaxed);
         self.set.spawn(async move {
             unstarted.fetch_sub(1, Ordering::Relaxed);
             run_one(&opts, kill_wait, &ev, &m, &killed).await;
             drop(slot);
+            drop(ended);
         });
     }
 
@@ -790,6 +953,38 @@ mod tests {
         assert_eq!(m.hook_failures(SHUTDOWN), taken);
     }
 
+    // The events waiting for their node's previous hook count in `queue`
+    // as those waiting for a slot do, though slots are free.
+    #[tokio::test(flavor = "current_thread")]
+    async fn events_waiting_for_their_node_count_in_the_queue() {
+        const QUEUE: usize = 2;
+        const BURST: u64 = 5;
+        let m = Arc::new(Metrics::new());
+        let h = Hooks::start(
+            hook("sleep 60".into(), 4, Duration::from_secs(60), QUEUE),
+            m.clone(),
+        );
+        settle().await;
+        let of_node_1 = |seq| Event {
+            node_id: 1,
+            ..crate::monitor::events::test_event(seq)
+        };
+        for seq in 1..=BURST {
+            h.submit(&of_node_1(seq));
+        }
+        assert_eq!(m.hook_failures("dropped"), BURST - QUEUE as u64);
+        // The first starts, which frees its place; the second waits for it.
+        settle().await;
+        for seq in BURST + 1..=2 * BURST {
+            h.submit(&of_node_1(seq));
+        }
+        let taken = 1 + QUEUE as u64;
+        assert_eq!(m.hook_failures("dropped"), 2 * BURST - taken);
+        // The hook running is killed, those waiting never run.
+        h.shutdown(Duration::from_millis(100)).await;
+        assert_eq!(m.hook_failures(SHUTDOWN), taken);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn shutdown_kills_the_whole_process_group_of_a_hook_still_running() {
         let dir = test_dir("shutdown-kill");
@@ -1019,8 +1214,8 @@ mod tests {
 
     /// A hook that its timeout's kill does not end is waited for no longer
     /// than the kill wait: then it is counted, logged with its pid, and its
-    /// slot is freed for the next hook; it is still killed and reaped in the
-    /// end. A real one is in uninterruptible sleep (a hung NFS or FUSE
+    /// slot is freed for the next hook, and its node for its own next one;
+    /// it is still killed and reaped in the end. A real one is in uninterruptible sleep (a hung NFS or FUSE
     /// mount), which a test cannot make; here the shell becomes perl, which
     /// escapes the group kill by moving to the test's own process group
     /// (`setpgrp`: sh has no builtin for it).
@@ -1032,10 +1227,10 @@ mod tests {
         let dir = test_dir("unkillable");
         let pid_file = dir.join("pid");
         let m = Arc::new(Metrics::new());
-        // Node 1's hook leaves its group, then says so, then sleeps; node
-        // 2's succeeds at once.
+        // Node 1's first hook (seq 1) leaves its group, then says so, then
+        // sleeps; the others succeed at once.
         let command = format!(
-            "[ \"$HB_NODE_ID\" != 1 ] || exec perl -e 'setpgrp(0, getpgrp(getppid())) or die \"setpgrp: $!\"; \
+            "[ \"$HB_SEQ\" != 1 ] || exec perl -e 'setpgrp(0, getpgrp(getppid())) or die \"setpgrp: $!\"; \
              open(my $f, \">\", \"{0}.tmp\") or die; print $f \"$$\\n\"; close $f; \
              rename(\"{0}.tmp\", \"{0}\") or die; sleep 60'",
             pid_file.display()
@@ -1047,6 +1242,11 @@ mod tests {
         );
         h.submit(&ev(1));
         h.submit(&ev(2)); // waits for the only slot
+        // Waits for node 1's first hook, and then for the slot.
+        h.submit(&Event {
+            node_id: 1,
+            ..ev(3)
+        });
         until("the hook left its process group", || pid_file.exists()).await;
         let pid: i32 = std::fs::read_to_string(&pid_file)
             .unwrap()
@@ -1054,8 +1254,8 @@ mod tests {
             .parse()
             .unwrap();
         wait_for(&m, |m| m.hook_failures(UNKILLABLE) == 1).await;
-        // Its slot is free: the next hook ran.
-        wait_for(&m, |m| m.hooks_ok() == 1).await;
+        // Its slot is free, and so is its node: the next hooks ran.
+        wait_for(&m, |m| m.hooks_ok() == 2).await;
         assert_eq!(m.hook_failures("timeout"), 0);
         let lines = warnings.taken();
         let given_up = lines
@@ -1066,6 +1266,60 @@ mod tests {
         assert_eq!(given_up.field("node_id"), Some("1"));
         // Killed when given up on (`kill_on_drop`), and reaped by tokio.
         until("the hook given up on reaped", || reaped(pid)).await;
+        h.shutdown(Duration::from_secs(5)).await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// One node's hooks run one after another, in `seq` order: its next
+    /// hook does not start before its previous one has ended, even with
+    /// slots free, so a pager is never left with `dead` for a node whose
+    /// `alive` came after. Another node's hook runs meanwhile, and its
+    /// waiting neighbour does not hold a slot from it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_nodes_hooks_run_in_order_and_others_run_meanwhile() {
+        let dir = test_dir("per-node");
+        let (log, go) = (dir.join("log"), dir.join("go"));
+        let m = Arc::new(Metrics::new());
+        // Seq 1 runs until `go` exists; every hook logs its start and end.
+        let h = Hooks::start(
+            hook(
+                format!(
+                    "echo start $HB_SEQ >> {0}; \
+                     while [ $HB_SEQ = 1 ] && [ ! -e {1} ]; do sleep 0.01; done; \
+                     echo end $HB_SEQ >> {0}",
+                    log.display(),
+                    go.display()
+                ),
+                2,
+                Duration::from_secs(30),
+                4,
+            ),
+            m.clone(),
+        );
+        let of_node = |seq, node_id| Event { node_id, ..ev(seq) };
+        h.submit(&of_node(1, 7));
+        h.submit(&of_node(2, 7));
+        h.submit(&of_node(3, 8));
+        let lines = || -> Vec<String> {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        };
+        // Node 8's hook ran to its end while node 7's first one runs.
+        until("node 8's hook ended", || lines().contains(&"end 3".into())).await;
+        assert_eq!(m.hooks_ok(), 1);
+        // Node 7's second waits still, with a slot free.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = lines();
+        assert!(before.contains(&"start 1".into()), "{before:?}");
+        assert!(!before.contains(&"start 2".into()), "{before:?}");
+        std::fs::write(&go, "").unwrap();
+        wait_for(&m, |m| m.hooks_ok() == 3).await;
+        let all = lines();
+        let at = |line: &str| all.iter().position(|l| l == line).unwrap();
+        assert!(at("end 1") < at("start 2"), "{all:?}");
         h.shutdown(Duration::from_secs(5)).await;
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -63,7 +63,7 @@ impl Metrics {
         let packets = Family::<Labels, Counter>::default();
         registry.register(
             "packets",
-            "Datagrams to the heartbeat port by gate result: accepted, or the check that refused it (README, \"Operating the monitor\")",
+            "Datagrams to the heartbeat port by gate result: accepted, or the check that refused it (README, section Operating the monitor)",
             packets.clone(),
         );
         let dataplane = Family::<Labels, Counter>::default();
@@ -376,5 +376,23 @@ mod tests {
         assert!(text.contains("hb_userspace_socket_drops_total 0"), "{text}");
         m.set_stuck_reads(3);
         assert!(m.render().contains("hb_dataplane_stuck_reads_total 3"));
+    }
+
+    /// The response is served as OpenMetrics text, whose grammar allows no
+    /// raw `"` or `\` in a HELP text (the encoder passes it through as
+    /// given): a strict parser refuses the whole scrape.
+    #[test]
+    fn no_help_text_has_a_quote_or_a_backslash() {
+        let m = Metrics::new();
+        for e in EventKind::ALL {
+            m.event(e);
+        }
+        m.hook_failed("exit");
+        let text = m.render();
+        let helps: Vec<&str> = text.lines().filter(|l| l.starts_with("# HELP ")).collect();
+        assert!(helps.len() >= 15, "{text}");
+        for line in helps {
+            assert!(!line.contains(['"', '\\']), "{line}");
+        }
     }
 }

@@ -805,8 +805,13 @@ fn apply_acks(shared: &Shared, running: &Settings, new: &Settings) -> anyhow::Re
     Ok(true)
 }
 
-/// The tick thread: a fixed-rate loop that skips (and counts) ticks it
-/// cannot keep up with rather than bunching them.
+/// The tick thread: a fixed-rate loop that skips ticks it cannot keep up
+/// with rather than bunching them. A tick that ends after the next one
+/// was due starts the next at once, on a schedule afresh from there. Only
+/// a scan longer than the period is counted (`hb_ticks_overrun_total`);
+/// ticks missed while waiting for the core's lock (a reload, a `/nodes`
+/// chunk) are counted nowhere, by design: that wait is not the tick's
+/// doing (see `a_tick_that_waited_for_the_lock_is_not_a_slow_tick`).
 ///
 /// Each tick first checks that the XDP gate still sits on every interface
 /// it was attached to (`Dataplane::check_attached`). The kernel detaches

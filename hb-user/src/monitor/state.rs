@@ -166,16 +166,21 @@ pub enum EventKind {
     Dead,
     Left,
     Restarted,
+    /// No longer watched: taken off the node list by a reload (or a
+    /// restart), from its last status. Not a transition of [`step`]: the
+    /// node's slot is freed (`tick::Core::remove_node`).
+    Removed,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 6] = [
+    pub const ALL: [EventKind; 7] = [
         EventKind::Joined,
         EventKind::Suspect,
         EventKind::Alive,
         EventKind::Dead,
         EventKind::Left,
         EventKind::Restarted,
+        EventKind::Removed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -186,6 +191,7 @@ impl EventKind {
             EventKind::Dead => "dead",
             EventKind::Left => "left",
             EventKind::Restarted => "restarted",
+            EventKind::Removed => "removed",
         }
     }
 }

@@ -14,14 +14,14 @@
 //! are compared in terms of the standardized lateness `y`, which phi
 //! increases with strictly (`detector::y_for_phi`).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use hb_common::maps::{NodeLive, NodeState};
 
 use super::{
     events::{Event, Settled},
     policy::{IntervalPolicy, NodeView},
-    state::{self, Level, Observation, Recorded, Status, Thresholds, Track, Transition},
+    state::{self, EventKind, Level, Observation, Recorded, Status, Thresholds, Track, Transition},
     table::NodeTable,
 };
 use crate::{
@@ -248,6 +248,10 @@ pub struct Core {
     /// events are settled: written, or known never to be
     /// ([`Core::confirm`]).
     unconfirmed: Unconfirmed,
+    /// `removed` events of the nodes removed since the last tick
+    /// ([`Core::remove_node`]), which the next tick announces first (their
+    /// `seq` and `ts` are its).
+    removals: Vec<Event>,
     /// Silence before this is not held against any node
     /// ([`Core::listening_since`]).
     listening_since_ns: u64,
@@ -290,6 +294,7 @@ impl Core {
             pending: Vec::new(),
             changed: Vec::new(),
             unconfirmed: Unconfirmed::default(),
+            removals: Vec::new(),
             listening_since_ns: 0,
             last_scan_ns: 0,
             last_excuse_ns: 0,
@@ -505,6 +510,18 @@ impl Core {
         // Changes of a tick whose events were never published stay
         // unconfirmed.
         self.changed.clear();
+        // The nodes removed since the last tick first: decided before this
+        // tick's changes. None has a record to confirm (its slot's state
+        // was cleared, and may be another node's now): no `Change`.
+        let mut ts = None;
+        let mut stats = TickStats::default();
+        for mut ev in self.removals.drain(..) {
+            ev.seq = self.next_seq;
+            self.next_seq += 1;
+            ev.ts = ts.get_or_insert_with(&mut *wall_ts).clone();
+            events.push(ev);
+            stats.events += 1;
+        }
         let mut announce = Announcer {
             det: &det,
             now_ns,
@@ -513,13 +530,12 @@ impl Core {
             since_ns,
             policy: &mut *self.policy,
             wall_ts,
-            ts: None,
+            ts,
             events,
             changed: &mut self.changed,
             backstop_warned: &mut self.backstop_warned,
             seq: self.next_seq,
         };
-        let mut stats = TickStats::default();
         let mut next_counts = [0u64; 5];
         let len = node_id.len() as u32;
 
@@ -683,10 +699,7 @@ impl Announcer<'_> {
             last: state::last_confirmed(st.monitor_status),
             event: self.events.len(),
         });
-        if tr.event == super::state::EventKind::Dead
-            && !*self.backstop_warned
-            && det.backstop_binds(&st)
-        {
+        if tr.event == EventKind::Dead && !*self.backstop_warned && det.backstop_binds(&st) {
             *self.backstop_warned = true;
             tracing::warn!(
                 node_id = id,
@@ -744,6 +757,12 @@ struct Unconfirmed {
     /// How many of `by_slot` are `Some`.
     held: usize,
     order: VecDeque<(u32, Published)>,
+    /// Slots whose node was removed with changes unsettled
+    /// ([`Core::remove_node`]): their entries in `order` up to this
+    /// position are that node's, and settle nothing (the slot's state was
+    /// cleared, and it may hold another node, or the same one again,
+    /// afresh). Dropped once `confirm` is past the position.
+    stale: HashMap<u32, u64>,
 }
 
 /// A change published (the slot is where it is kept). 16 bytes: `by_slot`
@@ -795,8 +814,12 @@ impl Core {
             u.order.push_back((c.slot, p));
         }
         if u.order.len() > 2 * u.held + 64 {
-            let by_slot = &mut u.by_slot;
+            let (by_slot, stale) = (&mut u.by_slot, &u.stale);
             u.order.retain(|(slot, q)| {
+                if stale.get(slot).is_some_and(|&upto| q.pos <= upto) {
+                    // A removed node's: not the history of the slot's.
+                    return false;
+                }
                 let Some(Some(cur)) = by_slot.get_mut(*slot as usize) else {
                     return false;
                 };
@@ -849,6 +872,10 @@ impl Core {
             // Both ascending: the ranges before `pos` are behind.
             while not_written.next_if(|r| r.end <= q.pos).is_some() {}
             let written = !not_written.peek().is_some_and(|r| r.contains(&q.pos));
+            if u.stale.get(&slot).is_some_and(|&upto| q.pos <= upto) {
+                // A removed node's: its record is gone.
+                continue;
+            }
             let i = slot as usize;
             // The record in the dataplane is the slot's newest change's
             // while the table still holds that node in that status.
@@ -891,6 +918,7 @@ impl Core {
             // Otherwise never written: the record stays unconfirmed with
             // the last status announced before it.
         }
+        u.stale.retain(|_, upto| *upto > settled.upto);
         if u.held == 0 && u.order.capacity() > 1024 {
             // A partition's worth is not kept for the next one (`by_slot`
             // is the table's length, as its other columns).
@@ -924,6 +952,48 @@ impl Core {
 }
 
 impl Core {
+    /// Forgets node `id`, removed from the dataplane (its state cleared):
+    /// its slot in the table, the policy's memory of it, and its records
+    /// waiting for confirmation (none of them may confirm anything on the
+    /// slot, which a node may take next, the same one too). A node that
+    /// was announced (any status but `unknown`: `joined` came first) is
+    /// announced `removed` by the next tick, from its last status, with
+    /// the context of `before` (its state before removal, if it could be
+    /// read) at `now_ns`. A node never heard from (a listed node, or a
+    /// probation that expires) goes as silently as it came. Returns its
+    /// slot.
+    pub fn remove_node(&mut self, id: u32, before: Option<&NodeState>, now_ns: u64) -> Option<u32> {
+        let slot = self.table.slot_of(id)?;
+        let t = self.table.track(slot);
+        self.table.remove(id);
+        self.policy.forget(slot);
+        let u = &mut self.unconfirmed;
+        if let Some(Some(p)) = u.by_slot.get(slot as usize).copied() {
+            u.by_slot[slot as usize] = None;
+            u.held -= 1;
+            u.stale.insert(slot, p.pos);
+        }
+        if t.status != Status::Unknown {
+            let st = before.copied().unwrap_or_default();
+            let tr = Transition {
+                event: EventKind::Removed,
+                previous: t.status,
+                prev_generation: None,
+            };
+            let gone = Track {
+                status: Status::Unknown,
+                ..t
+            };
+            let phi = self
+                .detector
+                .phi_since(&st, now_ns, self.listening_since_ns);
+            // `seq` and `ts` are the tick's that announces it.
+            let ev = event(0, String::new(), id, &tr, &gone, &st, phi, now_ns);
+            self.removals.push(ev);
+        }
+        Some(slot)
+    }
+
     /// Whether the gate stamped an arrival of any node well inside the
     /// gap between the scan at `from_ns` and the tick at `to_ns`: read
     /// only after a long gap between ticks, so the extra scan is rare.
@@ -2055,6 +2125,61 @@ mod tests {
             rec4 = Some((st.monitor_status, st.monitor_status_since_ns));
         });
         assert_eq!(rec4, Some((0, 0)), "nothing written for a node removed");
+    }
+
+    /// A node removed is announced `removed` by the next tick, from its
+    /// last status and with its state as it was; its changes still
+    /// unsettled then settle nothing on its slot, which the same node
+    /// takes again afresh: `joined` from `unknown`, and the old `dead`
+    /// line, written after, is not carried onto its new record as the
+    /// last status announced of it. A node never heard from is removed
+    /// silently.
+    #[test]
+    fn a_removed_node_is_announced_and_its_unsettled_changes_settle_nothing() {
+        let mut r = Rig::new(&[1, 2], Box::new(FixedPolicy::none()));
+        let seq = r.steady(1, 100, 100, 2000);
+        let mut t = 2000;
+        while r.status(1) != Status::Dead {
+            t += 50;
+            r.tick_to(t, Fate::Held);
+            assert!(t < 10_000);
+        }
+        let dead = r.events.last().unwrap().clone();
+        let slot = r.core.table.slot_of(1).unwrap();
+        let mut before = None;
+        r.dp.read_states(slot..slot + 1, &mut |_, st| before = Some(*st));
+        // Node 2 first: node 1's slot is the one freed last, taken next.
+        for id in [2, 1] {
+            r.dp.remove_node(id).unwrap();
+        }
+        assert!(r.core.remove_node(2, None, t * MS).is_some());
+        assert_eq!(r.core.remove_node(1, before.as_ref(), t * MS), Some(slot));
+        assert_eq!(r.core.unconfirmed(), 0, "nothing left to confirm");
+        t += 50;
+        assert_eq!(r.tick_to(t, Fate::Held), [(1, EventKind::Removed)]);
+        let ev = r.events.last().unwrap();
+        assert_eq!(ev.seq, dead.seq + 1);
+        assert_eq!((ev.previous, ev.state), (Status::Dead, Status::Unknown));
+        assert_eq!(
+            (ev.generation, ev.accepted, ev.last_seen_ms.is_some()),
+            (dead.generation, dead.accepted, true)
+        );
+        // Listed again: the freed slot, afresh.
+        let again = r.core.table.insert(1, Origin::Configured, t * MS).unwrap();
+        assert_eq!(again, slot);
+        r.dp.upsert_node(1, &keys(1, slot)).unwrap();
+        t += 50;
+        r.beat(1, seq, 100, t);
+        assert_eq!(r.tick_to(t, Fate::Held), [(1, EventKind::Joined)]);
+        assert_eq!(r.events.last().unwrap().previous, Status::Unknown);
+        let fresh = Status::Alive.unconfirmed_code(Status::Unknown);
+        assert_eq!(r.recorded(1), fresh);
+        // Every line but the `joined` written: nothing carried over.
+        assert_eq!(r.core.confirm(&r.dp, r.published - 1), 0);
+        assert_eq!(r.recorded(1), fresh);
+        // The `joined` written: confirmed.
+        assert_eq!(r.core.confirm(&r.dp, r.published), 1);
+        assert_eq!(r.recorded(1), Status::Alive.code());
     }
 
     /// A node dead (confirmed) that comes back and dies again while the
