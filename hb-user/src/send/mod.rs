@@ -712,24 +712,35 @@ async fn recv(s: &Option<UdpSocket>, buf: &mut [u8]) -> std::io::Result<(usize, 
 }
 
 /// Sends the next heartbeat to every monitor; returns to how many it went.
+///
+/// A monitor's failed sends are warned about when they start and at every
+/// 100th in a row (`failing`; `errors` counts them over the sender's
+/// life), so that an unreachable monitor does not flood the log, and each
+/// outage is told, not only the first; the first send that leaves again
+/// says how many had failed.
 fn send_all(sender: &mut Sender, sockets: &Sockets, cpus: usize, leaving: bool) -> usize {
     let out = sender.heartbeat(monotonic_ns(), load_permille(cpus), leaving);
     let mut sent = 0;
     for (i, (to, b)) in out.iter().enumerate() {
-        if let Err(e) = sockets.try_send(*to, b) {
-            sender.send_failed(i);
-            let errors = sender.monitors()[i].send_errors;
-            if leaving {
-                // The last word, said once: every monitor that misses it
-                // is named.
-                tracing::warn!(monitor = %to, error = %e, "cannot send the LEAVING heartbeat: this monitor will find the node dead, not left");
-            } else if errors == 1 || errors.is_multiple_of(100) {
-                // The first failure and then every 100th: a dead monitor
-                // must not flood the log either.
-                tracing::warn!(monitor = %to, error = %e, errors, "cannot send heartbeat");
+        match sockets.try_send(*to, b) {
+            Err(e) => {
+                let failing = sender.send_failed(i);
+                let errors = sender.monitors()[i].send_errors;
+                if leaving {
+                    // The last word, said once: every monitor that misses
+                    // it is named.
+                    tracing::warn!(monitor = %to, error = %e, "cannot send the LEAVING heartbeat: this monitor will find the node dead, not left");
+                } else if failing == 1 || failing.is_multiple_of(100) {
+                    tracing::warn!(monitor = %to, error = %e, failing, errors, "cannot send heartbeat");
+                }
             }
-        } else {
-            sent += 1;
+            Ok(()) => {
+                sent += 1;
+                let failed = sender.send_ok(i);
+                if failed > 0 {
+                    tracing::info!(monitor = %to, failed, "sending heartbeats to this monitor again after failed sends");
+                }
+            }
         }
     }
     sent
@@ -1144,6 +1155,78 @@ mod tests {
     }
 
     use super::*;
+
+    /// Failed sends are warned about when they start and at every 100th
+    /// in a row, in every outage, and the first send that leaves again
+    /// says so. Counted over the monitor's life, a second outage shorter
+    /// than 100 sends went untold, and no end of one was ever told.
+    #[tokio::test]
+    async fn each_outage_of_a_monitor_is_warned_about_and_its_end_told() {
+        let log = crate::test_log::Warnings::from_level("hb::send", tracing::Level::INFO);
+        let _capture = log.capture();
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = rx.local_addr().unwrap();
+        let mut sender = test_sender(&[&to.to_string()]);
+        // No IPv4 socket: every send fails; with one, it leaves.
+        let mut sockets = Sockets::default();
+        let mut send = |sockets: &Sockets, n: usize| -> usize {
+            (0..n)
+                .map(|_| send_all(&mut sender, sockets, 1, false))
+                .sum()
+        };
+        assert_eq!(send(&sockets, 3), 0);
+        sockets.open_for(to).unwrap();
+        assert_eq!(send(&sockets, 2), 2);
+        sockets.v4 = None;
+        assert_eq!(send(&sockets, 2), 0);
+        assert_eq!(send(&sockets, 198), 0);
+        sockets.open_for(to).unwrap();
+        assert_eq!(send(&sockets, 1), 1);
+        let lines: Vec<_> = log
+            .taken()
+            .into_iter()
+            .map(|l| {
+                let count = |f| l.field(f).map(str::to_owned);
+                (
+                    l.level,
+                    l.message.clone(),
+                    count("failing"),
+                    count("errors"),
+                    count("failed"),
+                )
+            })
+            .collect();
+        let warn = |failing: &str, errors: &str| {
+            (
+                tracing::Level::WARN,
+                "cannot send heartbeat".to_owned(),
+                Some(failing.to_owned()),
+                Some(errors.to_owned()),
+                None,
+            )
+        };
+        let again = |failed: &str| {
+            (
+                tracing::Level::INFO,
+                "sending heartbeats to this monitor again after failed sends".to_owned(),
+                None,
+                None,
+                Some(failed.to_owned()),
+            )
+        };
+        assert_eq!(
+            lines,
+            [
+                warn("1", "1"),
+                again("3"),
+                warn("1", "4"),
+                warn("100", "103"),
+                warn("200", "203"),
+                again("200"),
+            ]
+        );
+        assert_eq!(sender.monitors()[0].send_errors, 203);
+    }
 
     #[test]
     fn the_rhythm_survives_a_late_wakeup_and_restarts_after_a_stall() {

@@ -139,6 +139,10 @@ pub struct Monitor {
     pub requested: Option<(u32, u64)>,
     /// Send errors (unreachable, buffer full): counted, never waited on.
     pub send_errors: u64,
+    /// Failed sends in a row, up to the last one (0: the last send left).
+    /// What the log's "cannot send" warnings count: a second outage is
+    /// warned about as the first was, and its end is said.
+    pub failing: u64,
     /// The first seq this monitor was sent (1 for one known from the
     /// start): an ACK of an older one is not its own.
     pub since_seq: u64,
@@ -152,6 +156,7 @@ impl Monitor {
             acks: 0,
             requested: None,
             send_errors: 0,
+            failing: 0,
             since_seq,
         }
     }
@@ -384,16 +389,28 @@ impl Sender {
     }
 
     /// Counts a failed send of the last heartbeat to monitor `i`, which
-    /// then accepts no ACK of it.
-    pub fn send_failed(&mut self, i: usize) {
-        if let Some(m) = self.monitors.get_mut(i) {
-            m.send_errors += 1;
-            self.send_errors += 1;
-            let slot = &mut self.recent[(self.seq % RECENT as u64) as usize];
-            if slot.seq == self.seq && i < 64 {
-                slot.unsent |= 1 << i;
-            }
+    /// then accepts no ACK of it. Returns the failed sends to it in a row,
+    /// this one included.
+    pub fn send_failed(&mut self, i: usize) -> u64 {
+        let Some(m) = self.monitors.get_mut(i) else {
+            return 0;
+        };
+        m.send_errors += 1;
+        m.failing += 1;
+        self.send_errors += 1;
+        let slot = &mut self.recent[(self.seq % RECENT as u64) as usize];
+        if slot.seq == self.seq && i < 64 {
+            slot.unsent |= 1 << i;
         }
+        m.failing
+    }
+
+    /// Notes that the last heartbeat left for monitor `i`. Returns how
+    /// many sends to it had failed in a row before (0: none).
+    pub fn send_ok(&mut self, i: usize) -> u64 {
+        self.monitors
+            .get_mut(i)
+            .map_or(0, |m| std::mem::take(&mut m.failing))
     }
 
     /// The interval in use, ms.
