@@ -10,8 +10,9 @@
 //! minute, while the others get their heartbeats; with none resolved the
 //! sender waits for one rather than exiting, which would make the node
 //! look dead to every monitor. An address that cannot be one (no port,
-//! port 0, unspecified, multicast or broadcast, a malformed name) is an
-//! error at start: waiting would not fix it.
+//! port 0, unspecified, multicast or broadcast, link-local without its
+//! interface, a malformed name) is an error at start: waiting would not
+//! fix it.
 //!
 //! A name that resolved is resolved again every [`RESOLVE_PERIOD`], so a
 //! monitor that moves (a failover to another host, a rebuild with a new
@@ -58,7 +59,8 @@ use sender::{Config, Sender};
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("key_source").args(["key", "key_file", "keyring"])))]
 pub struct Args {
-    /// A monitor to send to, `ADDR:PORT` (`[v6addr]:port` for IPv6; a host
+    /// A monitor to send to, `ADDR:PORT` (`[v6addr]:port` for IPv6,
+    /// `[fe80::..%IFNAME]:port` for a link-local one; a host
     /// name is resolved at start and again every minute, so a monitor that
     /// moves is followed; one that does not resolve is retried in the
     /// background while the others get their heartbeats). Repeat for
@@ -250,11 +252,25 @@ fn scoped_by_name(s: &str) -> anyhow::Result<Option<SocketAddr>> {
 }
 
 /// Why `a` cannot be a monitor's address, if it cannot: every heartbeat to
-/// it would fail, or go to this host, or to a whole group of hosts.
+/// it would fail, or go to this host, or to a whole group of hosts, or
+/// none of its ACKs would count: a link-local IPv6 address without its
+/// interface (scope 0) is sent to by whichever interface the first
+/// `fe80::/64` route names, but its ACKs come with that interface's scope,
+/// from an address that is no monitor's (no RTT, no interval request).
 fn unusable(a: SocketAddr) -> Option<String> {
     let ip = a.ip();
     if a.port() == 0 {
         Some(PORT_0.to_owned())
+    } else if let SocketAddr::V6(v6) = a
+        && v6.ip().is_unicast_link_local()
+        && v6.scope_id() == 0
+    {
+        let (ip, port) = (v6.ip(), v6.port());
+        Some(format!(
+            "{ip} is a link-local address, which needs the interface it is on: \
+             `[{ip}%IFNAME]:{port}`, as `[{ip}%eth0]:{port}` (without it, no ACK of the \
+             monitor's would count)"
+        ))
     } else if ip.is_unspecified() {
         Some(format!(
             "{ip} is the unspecified address: it names no host (the kernel would send to this one)"
@@ -309,11 +325,17 @@ pub fn resolve_name(s: &str) -> anyhow::Result<SocketAddr> {
 /// addresses that can be a monitor's, in the resolver's order and without
 /// repeats; never none.
 pub fn resolve_all(s: &str) -> anyhow::Result<Vec<SocketAddr>> {
-    let addrs: Vec<SocketAddr> = s
+    let addrs = s
         .to_socket_addrs()
-        .with_context(|| format!("cannot resolve monitor address `{s}`"))?
-        .map(canonical)
-        .collect();
+        .with_context(|| format!("cannot resolve monitor address `{s}`"))?;
+    usable(s, addrs)
+}
+
+/// Of the addresses `s` resolved to, those that can be a monitor's (see
+/// [`unusable`]), in order and without repeats; an error naming why the
+/// first cannot be when none can.
+fn usable(s: &str, addrs: impl IntoIterator<Item = SocketAddr>) -> anyhow::Result<Vec<SocketAddr>> {
+    let addrs: Vec<SocketAddr> = addrs.into_iter().map(canonical).collect();
     let mut usable = Vec::new();
     for &a in &addrs {
         if unusable(a).is_none() && !usable.contains(&a) {
@@ -1345,6 +1367,14 @@ mod tests {
                 "is neither an IP address nor a host name",
             ),
             ("[fd00::zz]:7420", "`[fd00::zz]` is not an IPv6 address"),
+            // Link-local without the interface: its ACKs, which come with
+            // the interface's scope, matched no monitor.
+            (
+                "[fe80::1]:7420",
+                "monitor `[fe80::1]:7420`: fe80::1 is a link-local address, which needs the \
+                 interface it is on: `[fe80::1%IFNAME]:7420`, as `[fe80::1%eth0]:7420`",
+            ),
+            ("[fe80::1%0]:7420", "`[fe80::1%IFNAME]:7420`"),
             // Numbers as the C resolver reads an IPv4 address in them
             // (127.0.0.1, each): no name.
             (
@@ -1378,6 +1408,19 @@ mod tests {
         // not resolved (it is retried).
         assert!(unusable("0.0.0.0:7420".parse().unwrap()).is_some());
         assert_eq!(unusable("198.18.0.1:7420".parse().unwrap()), None);
+        assert_eq!(unusable("[fe80::1%2]:7420".parse().unwrap()), None);
+        // Nor one that resolves only to a link-local address without its
+        // interface (retried, warned about with this error); with another
+        // address too, that one is taken.
+        let zoneless: SocketAddr = "[fe80::1]:7420".parse().unwrap();
+        let e = format!("{:#}", usable("mon:7420", [zoneless]).unwrap_err());
+        assert!(
+            e.starts_with("monitor address `mon:7420` resolves to no address a monitor can have: fe80::1 is a link-local address")
+                && e.contains("`[fe80::1%IFNAME]:7420`"),
+            "{e}"
+        );
+        let global: SocketAddr = "[fd00::1]:7420".parse().unwrap();
+        assert_eq!(usable("mon:7420", [zoneless, global]).unwrap(), [global]);
     }
 
     #[test]
