@@ -594,6 +594,7 @@ impl Args {
                 key_epoch,
                 generation: 0,
                 interval_ms: iv,
+                resumed_ms: None,
                 min_interval_ms: min,
                 max_interval_ms: max,
                 monitors,
@@ -694,7 +695,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     configured_ms = cfg.interval_ms,
                     "resuming at the interval a monitor last asked for"
                 );
-                cfg.interval_ms = iv;
+                // Where it starts; `--interval-ms` stays what it goes
+                // back to once a monitor moves (see `sender`).
+                cfg.resumed_ms = Some(iv);
             }
             (resume::Start::Outdated, Some(s)) => {
                 tracing::info!(
@@ -1728,6 +1731,7 @@ mod tests {
             key_epoch: 1,
             generation: 1_700_000_000,
             interval_ms: 1000,
+            resumed_ms: None,
             min_interval_ms: 100,
             max_interval_ms: 10_000,
             monitors: monitors.iter().map(|m| sa(m)).collect(),
