@@ -1,10 +1,12 @@
-//! What a module logs at WARN and above, for tests that count lines.
+//! What a module logs at WARN and above (or from another level up), for
+//! tests that count lines.
 
 use std::sync::{Arc, Mutex};
 
-/// One line: its message and its other fields, as logged.
-#[derive(Clone, Debug, Default)]
+/// One line: its level, its message and its other fields, as logged.
+#[derive(Clone, Debug)]
 pub struct Warning {
+    pub level: tracing::Level,
     pub message: String,
     pub fields: Vec<(&'static str, String)>,
 }
@@ -18,18 +20,27 @@ impl Warning {
     }
 }
 
-/// The lines one module (`target`) logs at WARN and above on the threads
-/// where [`Warnings::capture`] is in force.
+/// The lines one module (`target`) logs at WARN and above (or at
+/// `level` and above) on the threads where [`Warnings::capture`] is in
+/// force.
 #[derive(Clone)]
 pub struct Warnings {
     target: &'static str,
+    level: tracing::Level,
     pub lines: Arc<Mutex<Vec<Warning>>>,
 }
 
 impl Warnings {
     pub fn of(target: &'static str) -> Warnings {
+        Warnings::from_level(target, tracing::Level::WARN)
+    }
+
+    /// The lines of `target` at `level` and above (INFO: also what it
+    /// says when a problem ends).
+    pub fn from_level(target: &'static str, level: tracing::Level) -> Warnings {
         Warnings {
             target,
+            level,
             lines: Arc::default(),
         }
     }
@@ -48,10 +59,14 @@ impl Warnings {
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
     fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
         let meta = event.metadata();
-        if meta.target() != self.target || *meta.level() > tracing::Level::WARN {
+        if meta.target() != self.target || *meta.level() > self.level {
             return;
         }
-        let mut line = Warning::default();
+        let mut line = Warning {
+            level: *meta.level(),
+            message: String::new(),
+            fields: Vec::new(),
+        };
         event.record(
             &mut |f: &tracing::field::Field, v: &dyn std::fmt::Debug| match f.name() {
                 "message" => line.message = format!("{v:?}"),

@@ -822,7 +822,8 @@ fn a_sender_with_no_resolvable_monitor_keeps_running() {
 
 /// Input that cannot work is refused at start with one line, not accepted
 /// to fail at every send: a key file others may read or of any size,
-/// monitors at port 0 or at addresses that are no one host, malformed names.
+/// monitors at port 0 or at addresses that are no one host, malformed names,
+/// a link-local address without its interface.
 #[test]
 fn bad_sender_input_is_refused_at_start() {
     use std::os::unix::fs::PermissionsExt as _;
@@ -866,6 +867,13 @@ fn bad_sender_input_is_refused_at_start() {
         (
             vec!["--monitor", "300.1.1.1:7420", "--key", NODE_KEY],
             "`300.1.1.1` is neither an IP address nor a host name",
+        ),
+        // Heartbeats went out, but its ACKs came with the interface's
+        // scope and counted for no monitor.
+        (
+            vec!["--monitor", "[fe80::1]:7420", "--key", NODE_KEY],
+            "hb: monitor `[fe80::1]:7420`: fe80::1 is a link-local address, which needs the \
+             interface it is on: `[fe80::1%IFNAME]:7420`, as `[fe80::1%eth0]:7420`",
         ),
     ];
     for (args, want) in cases {

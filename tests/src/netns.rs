@@ -10,7 +10,10 @@
 //!   the test process itself never changes namespace;
 //! - [`NetNs::command`]: a child process started through `nsenter
 //!   --net=...`, which (unlike `ip netns exec`) keeps the host's mounts, so
-//!   bpffs pins under /sys/fs/bpf stay visible.
+//!   bpffs pins under /sys/fs/bpf stay visible;
+//! - [`NetNs::exec`]: a child process started through `ip netns exec`,
+//!   which sees the namespace's own `/etc/hosts` ([`NetNs::hosts`]) and
+//!   not the host's bpffs: for programs that resolve names.
 //!
 //! veth pairs are created directly inside their namespaces, never in the
 //! host namespace, so concurrent tests cannot collide on interface names.
@@ -93,6 +96,28 @@ impl NetNs {
         c
     }
 
+    /// A command that will run `program` inside this namespace through
+    /// `ip netns exec`: in a mount namespace of its own, where the files
+    /// of `/etc/netns/<name>/` ([`NetNs::hosts`]) stand in for those of
+    /// `/etc` and `/sys` is this namespace's (bpffs pins are not seen).
+    pub fn exec(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Gives the programs [`NetNs::exec`] starts `text` for their
+    /// `/etc/hosts`, until the guard drops.
+    pub fn hosts(&self, text: &str) -> anyhow::Result<Hosts> {
+        let dir = std::path::Path::new("/etc/netns").join(&self.name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        // The guard first: a failed write still removes the directory.
+        let hosts = Hosts { dir };
+        let file = hosts.dir.join("hosts");
+        std::fs::write(&file, text).with_context(|| format!("write {}", file.display()))?;
+        Ok(hosts)
+    }
+
     /// Runs `f` on a thread that has entered this namespace and returns its
     /// result. The calling thread's namespace is untouched.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
@@ -132,6 +157,21 @@ impl Drop for NetNs {
         // Deleting the namespace also destroys the veth ends inside it.
         if let Err(e) = ip(&["netns", "delete", &self.name]) {
             eprintln!("warning: could not delete namespace {}: {e:#}", self.name);
+        }
+    }
+}
+
+/// A namespace's `/etc/netns/<name>/` (see [`NetNs::hosts`]), removed on
+/// drop.
+#[derive(Debug)]
+pub struct Hosts {
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            eprintln!("warning: could not remove {}: {e}", self.dir.display());
         }
     }
 }

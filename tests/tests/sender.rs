@@ -8,7 +8,9 @@
 //! and an ACK for a seq never sent change nothing; a genuine ACK changes
 //! the interval the sender reports and uses (its arrival rate follows) and
 //! gives it an RTT; a replayed older ACK does not roll the interval back;
-//! SIGTERM produces exactly one LEAVING heartbeat and exit code 0.
+//! SIGTERM produces exactly one LEAVING heartbeat and exit code 0; a
+//! monitor name whose address in use loses its route moves to its other
+//! address within seconds.
 
 use std::{
     net::{SocketAddr, UdpSocket},
@@ -433,4 +435,82 @@ fn a_link_local_monitor_gets_heartbeats_and_its_acks_count() {
         "{}",
         dump_log()
     );
+}
+
+/// A monitor's name with an IPv4 and an IPv6 address (a hosts file of the
+/// sender's namespace), and the route of the family in use goes away:
+/// within seconds the heartbeats go to the other address. The address
+/// was kept while the resolver still gave it, every send failing with
+/// ENETUNREACH, for good.
+#[test]
+fn a_monitor_name_fails_over_to_its_other_address_when_a_route_goes() {
+    let pair = VethPair::new("isndfo").unwrap();
+    let (v4, v6) = (pair.addrs.v4[0], pair.addrs.v6[0]);
+    let _hosts = pair.b.hosts(&format!("{v4} mon\n{v6} mon\n")).unwrap();
+    let secret = [0x5au8; 32];
+    let key = NodeKey::from_bytes(&hb::keys::derive_node_key(&secret, NODE, EPOCH));
+    let (s4, s6) = pair
+        .a
+        .run(move || {
+            (
+                UdpSocket::bind(SocketAddr::from((v4, PORT))),
+                UdpSocket::bind(SocketAddr::from((v6, PORT))),
+            )
+        })
+        .unwrap();
+    let mut m4 = FakeMonitor::new(s4.unwrap(), key);
+    let mut m6 = FakeMonitor::new(s6.unwrap(), key);
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd = pair.b.exec(hb_bin().to_str().unwrap());
+    cmd.args(["send", "--monitor", &format!("mon:{PORT}")])
+        .args(["--node-id", &NODE.to_string()])
+        .args(["--key", &hb::keys::to_hex(&key.to_bytes())])
+        .args(["--key-epoch", &EPOCH.to_string(), "--interval-ms", "100"])
+        .env("HB_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap());
+    let mut sender = Reaper(Some(cmd.spawn().unwrap()));
+    let dump_log = || std::fs::read_to_string(log.path()).unwrap_or_default();
+    // The address the resolver gave first gets the heartbeats, whichever
+    // family it is.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let first_v4 = loop {
+        assert!(Instant::now() < deadline, "no heartbeat: {}", dump_log());
+        if m4.next(Duration::from_millis(20)).is_some() {
+            break true;
+        }
+        if m6.next(Duration::from_millis(20)).is_some() {
+            break false;
+        }
+    };
+    let (route, used, other) = if first_v4 {
+        ("198.18.0.0/24", &mut m4, &mut m6)
+    } else {
+        ("fd00:4842::/64", &mut m6, &mut m4)
+    };
+    used.take(3);
+    assert!(
+        other.next(Duration::from_millis(300)).is_none(),
+        "one address of the name gets the heartbeats: {}",
+        dump_log()
+    );
+    pair.b.ip(&["route", "del", route, "dev", IF_B]).unwrap();
+    // Sends fail for 3 s (EARLY_RESOLVE), the name is looked up at once,
+    // the other address takes over: well within 10 s, not a minute.
+    let moved = other.next(Duration::from_secs(10));
+    assert!(
+        moved.is_some(),
+        "no heartbeat at the other address: {}",
+        dump_log()
+    );
+    other.take(3);
+    let log = dump_log();
+    assert!(
+        log.contains("cannot send heartbeat")
+            && log.contains("sends to this monitor keep failing: resolving its name again now")
+            && log.contains("sends to the monitor's address keep failing: another address of its name gets its heartbeats from now on"),
+        "{log}"
+    );
+    sender.leaves_on(libc::SIGTERM, other);
 }

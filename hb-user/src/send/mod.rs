@@ -10,8 +10,9 @@
 //! minute, while the others get their heartbeats; with none resolved the
 //! sender waits for one rather than exiting, which would make the node
 //! look dead to every monitor. An address that cannot be one (no port,
-//! port 0, unspecified, multicast or broadcast, a malformed name) is an
-//! error at start: waiting would not fix it.
+//! port 0, unspecified, multicast or broadcast, link-local without its
+//! interface, a malformed name) is an error at start: waiting would not
+//! fix it.
 //!
 //! A name that resolved is resolved again every [`RESOLVE_PERIOD`], so a
 //! monitor that moves (a failover to another host, a rebuild with a new
@@ -22,7 +23,12 @@
 //! being down says nothing about the monitor), warned about once, not at
 //! every attempt. Of several addresses the first the resolver gives is
 //! taken (glibc sorts them by RFC 6724), and kept while it is among the
-//! answers, so a round-robin record's rotation moves no heartbeat.
+//! answers, so a round-robin record's rotation moves no heartbeat; but
+//! not while its sends fail: after [`EARLY_RESOLVE`] of failed sends the
+//! name is resolved again at once (then at doubling delays up to a
+//! minute, while they still fail), and its first other answer takes over
+//! (a name with an IPv4 and an IPv6 address whose IPv4 route went away
+//! kept the IPv4 one, every send failing, for good).
 //! Each distinct address gets one heartbeat, however many `--monitor`s
 //! lead to it.
 //!
@@ -58,7 +64,8 @@ use sender::{Config, Sender};
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("key_source").args(["key", "key_file", "keyring"])))]
 pub struct Args {
-    /// A monitor to send to, `ADDR:PORT` (`[v6addr]:port` for IPv6; a host
+    /// A monitor to send to, `ADDR:PORT` (`[v6addr]:port` for IPv6,
+    /// `[fe80::..%IFNAME]:port` for a link-local one; a host
     /// name is resolved at start and again every minute, so a monitor that
     /// moves is followed; one that does not resolve is retried in the
     /// background while the others get their heartbeats). Repeat for
@@ -250,11 +257,25 @@ fn scoped_by_name(s: &str) -> anyhow::Result<Option<SocketAddr>> {
 }
 
 /// Why `a` cannot be a monitor's address, if it cannot: every heartbeat to
-/// it would fail, or go to this host, or to a whole group of hosts.
+/// it would fail, or go to this host, or to a whole group of hosts, or
+/// none of its ACKs would count: a link-local IPv6 address without its
+/// interface (scope 0) is sent to by whichever interface the first
+/// `fe80::/64` route names, but its ACKs come with that interface's scope,
+/// from an address that is no monitor's (no RTT, no interval request).
 fn unusable(a: SocketAddr) -> Option<String> {
     let ip = a.ip();
     if a.port() == 0 {
         Some(PORT_0.to_owned())
+    } else if let SocketAddr::V6(v6) = a
+        && v6.ip().is_unicast_link_local()
+        && v6.scope_id() == 0
+    {
+        let (ip, port) = (v6.ip(), v6.port());
+        Some(format!(
+            "{ip} is a link-local address, which needs the interface it is on: \
+             `[{ip}%IFNAME]:{port}`, as `[{ip}%eth0]:{port}` (without it, no ACK of the \
+             monitor's would count)"
+        ))
     } else if ip.is_unspecified() {
         Some(format!(
             "{ip} is the unspecified address: it names no host (the kernel would send to this one)"
@@ -309,11 +330,17 @@ pub fn resolve_name(s: &str) -> anyhow::Result<SocketAddr> {
 /// addresses that can be a monitor's, in the resolver's order and without
 /// repeats; never none.
 pub fn resolve_all(s: &str) -> anyhow::Result<Vec<SocketAddr>> {
-    let addrs: Vec<SocketAddr> = s
+    let addrs = s
         .to_socket_addrs()
-        .with_context(|| format!("cannot resolve monitor address `{s}`"))?
-        .map(canonical)
-        .collect();
+        .with_context(|| format!("cannot resolve monitor address `{s}`"))?;
+    usable(s, addrs)
+}
+
+/// Of the addresses `s` resolved to, those that can be a monitor's (see
+/// [`unusable`]), in order and without repeats; an error naming why the
+/// first cannot be when none can.
+fn usable(s: &str, addrs: impl IntoIterator<Item = SocketAddr>) -> anyhow::Result<Vec<SocketAddr>> {
+    let addrs: Vec<SocketAddr> = addrs.into_iter().map(canonical).collect();
     let mut usable = Vec::new();
     for &a in &addrs {
         if unusable(a).is_none() && !usable.contains(&a) {
@@ -349,14 +376,40 @@ pub fn retry_delay(attempt: u32) -> Duration {
     Duration::from_secs(1u64.checked_shl(attempt).unwrap_or(u64::MAX).min(60))
 }
 
+/// How long sends to a name's address must have failed before the name
+/// is resolved again, early, and the address given up for another of its
+/// answers (see [`Names::watch_sends`]); then again at doubling delays
+/// up to [`RESOLVE_PERIOD`] while they keep failing. Long enough that a
+/// send lost to a full buffer moves nothing, short against the minute a
+/// monitor would otherwise go without this node's heartbeats.
+pub const EARLY_RESOLVE: Duration = Duration::from_secs(3);
+
+/// The delay before the next early lookup of a name whose address's
+/// sends still fail, after `lookups` early ones in this outage:
+/// [`EARLY_RESOLVE`] doubling, up to [`RESOLVE_PERIOD`]. A total outage
+/// costs lookups 3, 9, 21, 45 and 93 s into it, then one more a minute
+/// (besides the lookups every period).
+fn early_delay(lookups: u32) -> Duration {
+    EARLY_RESOLVE
+        .checked_mul(1u32.checked_shl(lookups).unwrap_or(u32::MAX))
+        .unwrap_or(RESOLVE_PERIOD)
+        .min(RESOLVE_PERIOD)
+}
+
 /// Which address of `answers` (a name's, in the resolver's order) gets
 /// the heartbeats, `current` getting them now: the first, as at the start,
 /// unless `current` is still among them (a round-robin record rotates its
-/// answers; the monitor did not move).
-fn pick(current: Option<SocketAddr>, answers: &[SocketAddr]) -> Option<SocketAddr> {
-    current
-        .filter(|c| answers.contains(c))
-        .or_else(|| answers.first().copied())
+/// answers; the monitor did not move); but not a `failing` `current` (its
+/// sends have failed for [`EARLY_RESOLVE`] and still do: a name with an
+/// IPv4 and an IPv6 address whose IPv4 route went away): the first other
+/// answer, if there is one.
+fn pick(current: Option<SocketAddr>, failing: bool, answers: &[SocketAddr]) -> Option<SocketAddr> {
+    match current {
+        Some(c) if failing => answers.iter().copied().find(|&a| a != c),
+        Some(c) if answers.contains(&c) => Some(c),
+        _ => None,
+    }
+    .or_else(|| answers.first().copied())
 }
 
 /// What a resolver thread reports after each attempt.
@@ -374,8 +427,9 @@ struct Report {
 /// wait, after the lookup under way otherwise (`getaddrinfo` cannot be
 /// interrupted, and is not waited for).
 struct Resolvers {
-    /// One per thread, never sent on: dropped, it wakes the thread.
-    _stop: Vec<std::sync::mpsc::Sender<()>>,
+    /// One per thread: a message makes it look up its name now, and
+    /// dropped, it ends the thread.
+    wake: Vec<std::sync::mpsc::Sender<()>>,
     #[cfg_attr(not(test), allow(dead_code))]
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -383,8 +437,9 @@ struct Resolvers {
 /// Resolves each of `names` on a thread of its own (the resolver blocks,
 /// and one slow name must not hold up another), reporting every attempt
 /// to `report`: after a failure again `retry(failures before)` later,
-/// after a success again `period` later, for as long as the sender runs.
-/// A `false` from `report` (nobody listens any more) ends the thread too.
+/// after a success again `period` later, or when asked
+/// ([`Resolvers::resolve_now`]), for as long as the sender runs. A
+/// `false` from `report` (nobody listens any more) ends the thread too.
 fn spawn_resolvers<R, F>(
     names: &[String],
     resolve: R,
@@ -397,12 +452,12 @@ where
     F: Fn(Report) -> bool + Send + Clone + 'static,
 {
     let mut resolvers = Resolvers {
-        _stop: Vec::new(),
+        wake: Vec::new(),
         threads: Vec::new(),
     };
     for (index, name) in names.iter().enumerate() {
         let (name, resolve, report) = (name.clone(), resolve.clone(), report.clone());
-        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let (wake, woken) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("hb-resolve".into())
             .spawn(move || {
@@ -423,18 +478,31 @@ where
                     }) {
                         return;
                     }
-                    match stopped.recv_timeout(retry_in) {
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                        _ => return,
+                    match woken.recv_timeout(retry_in) {
+                        Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                     }
+                    // Asked more than once meanwhile: one lookup answers all.
+                    while woken.try_recv().is_ok() {}
                 }
             })
             // On an error the threads started so far end with `resolvers`.
             .context("cannot start a thread that resolves monitor names")?;
-        resolvers._stop.push(stop);
+        resolvers.wake.push(wake);
         resolvers.threads.push(thread);
     }
     Ok(resolvers)
+}
+
+impl Resolvers {
+    /// Makes the thread of name `index` look it up now, not at its next
+    /// period (sends to its address keep failing).
+    fn resolve_now(&self, index: usize) {
+        if let Some(w) = self.wake.get(index) {
+            // The thread ended only if the sender is ending.
+            let _ = w.send(());
+        }
+    }
 }
 
 /// Reads a `--key-file`: private to its owner and small, as the monitor
@@ -526,6 +594,7 @@ impl Args {
                 key_epoch,
                 generation: 0,
                 interval_ms: iv,
+                resumed_ms: None,
                 min_interval_ms: min,
                 max_interval_ms: max,
                 monitors,
@@ -626,7 +695,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     configured_ms = cfg.interval_ms,
                     "resuming at the interval a monitor last asked for"
                 );
-                cfg.interval_ms = iv;
+                // Where it starts; `--interval-ms` stays what it goes
+                // back to once a monitor moves (see `sender`).
+                cfg.resumed_ms = Some(iv);
             }
             (resume::Start::Outdated, Some(s)) => {
                 tracing::info!(
@@ -712,24 +783,35 @@ async fn recv(s: &Option<UdpSocket>, buf: &mut [u8]) -> std::io::Result<(usize, 
 }
 
 /// Sends the next heartbeat to every monitor; returns to how many it went.
+///
+/// A monitor's failed sends are warned about when they start and at every
+/// 100th in a row (`failing`; `errors` counts them over the sender's
+/// life), so that an unreachable monitor does not flood the log, and each
+/// outage is told, not only the first; the first send that leaves again
+/// says how many had failed.
 fn send_all(sender: &mut Sender, sockets: &Sockets, cpus: usize, leaving: bool) -> usize {
     let out = sender.heartbeat(monotonic_ns(), load_permille(cpus), leaving);
     let mut sent = 0;
     for (i, (to, b)) in out.iter().enumerate() {
-        if let Err(e) = sockets.try_send(*to, b) {
-            sender.send_failed(i);
-            let errors = sender.monitors()[i].send_errors;
-            if leaving {
-                // The last word, said once: every monitor that misses it
-                // is named.
-                tracing::warn!(monitor = %to, error = %e, "cannot send the LEAVING heartbeat: this monitor will find the node dead, not left");
-            } else if errors == 1 || errors.is_multiple_of(100) {
-                // The first failure and then every 100th: a dead monitor
-                // must not flood the log either.
-                tracing::warn!(monitor = %to, error = %e, errors, "cannot send heartbeat");
+        match sockets.try_send(*to, b) {
+            Err(e) => {
+                let failing = sender.send_failed(i);
+                let errors = sender.monitors()[i].send_errors;
+                if leaving {
+                    // The last word, said once: every monitor that misses
+                    // it is named.
+                    tracing::warn!(monitor = %to, error = %e, "cannot send the LEAVING heartbeat: this monitor will find the node dead, not left");
+                } else if failing == 1 || failing.is_multiple_of(100) {
+                    tracing::warn!(monitor = %to, error = %e, failing, errors, "cannot send heartbeat");
+                }
             }
-        } else {
-            sent += 1;
+            Ok(()) => {
+                sent += 1;
+                let failed = sender.send_ok(i);
+                if failed > 0 {
+                    tracing::info!(monitor = %to, failed, "sending heartbeats to this monitor again after failed sends");
+                }
+            }
         }
     }
     sent
@@ -750,7 +832,7 @@ fn woke(sender: &mut Sender, due: Instant) {
 struct Names {
     names: Vec<Name>,
     rx: mpsc::UnboundedReceiver<Report>,
-    _resolvers: Resolvers,
+    resolvers: Resolvers,
 }
 
 struct Name {
@@ -760,6 +842,20 @@ struct Name {
     addr: Option<SocketAddr>,
     /// Failed lookups in a row.
     failures: u32,
+    /// While sends to its address fail: the early lookups of the name
+    /// (see [`Names::watch_sends`]).
+    early: Option<Early>,
+}
+
+/// The early lookups of a name in one outage of its address's sends,
+/// which ends at the first send that leaves (at this address or at the
+/// one its name gave next).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Early {
+    /// When the name is to be looked up early (next).
+    at: Instant,
+    /// Early lookups asked for so far.
+    lookups: u32,
 }
 
 impl Names {
@@ -786,12 +882,13 @@ impl Names {
                 name,
                 addr: None,
                 failures: 0,
+                early: None,
             })
             .collect();
         Ok(Names {
             names,
             rx,
-            _resolvers: resolvers,
+            resolvers,
         })
     }
 
@@ -827,6 +924,39 @@ impl Names {
         }
     }
 
+    /// Looks after the names whose address's last send failed (`now`,
+    /// after a heartbeat went out): one whose sends have failed for
+    /// [`EARLY_RESOLVE`] is resolved again at once, then at doubling
+    /// delays up to [`RESOLVE_PERIOD`] while they keep failing, and its
+    /// next answer other than the failing address replaces it (see
+    /// [`Names::apply`]). A name with an IPv4 and an IPv6 address whose
+    /// IPv4 route went away kept the IPv4 one, every send failing, until
+    /// its next lookup and beyond (it was still among the answers). The
+    /// first send that leaves ends the outage. Returns the names asked to
+    /// be resolved.
+    fn watch_sends(&mut self, sender: &Sender, now: Instant) -> Vec<usize> {
+        let mut asked = Vec::new();
+        for (i, n) in self.names.iter_mut().enumerate() {
+            let Some(address) = n.addr.filter(|&a| failing(sender, a)) else {
+                n.early = None;
+                continue;
+            };
+            let early = n.early.get_or_insert(Early {
+                at: now + EARLY_RESOLVE,
+                lookups: 0,
+            });
+            if now < early.at {
+                continue;
+            }
+            early.at = now + early_delay(early.lookups + 1);
+            early.lookups += 1;
+            tracing::info!(monitor = %n.name, address = %address, early_lookups = early.lookups, "sends to this monitor keep failing: resolving its name again now, for another address");
+            self.resolvers.resolve_now(i);
+            asked.push(i);
+        }
+        asked
+    }
+
     /// Whether `a` gets heartbeats for some `--monitor`: given as an
     /// address, or the address of a name.
     fn wanted(&self, a: SocketAddr, sender: &Sender) -> bool {
@@ -835,9 +965,10 @@ impl Names {
 
     /// Takes a resolver thread's report: a name's first address starts
     /// its heartbeats, another address replaces the old one (which goes
-    /// unless another `--monitor` leads to it too), a failure keeps the
-    /// address. Returns the change of the interval in use when the old
-    /// address's request was the one that decided it.
+    /// unless another `--monitor` leads to it too), as does the next
+    /// answer when the old one's sends keep failing ([`pick`]), a failure
+    /// keeps the address. Returns the change of the interval in use when
+    /// the old address's request was the one that decided it.
     fn apply(
         &mut self,
         r: Report,
@@ -875,7 +1006,11 @@ impl Names {
             }
         };
         let (failures, old) = (std::mem::take(&mut n.failures), n.addr);
-        let new = pick(old, &answers)?;
+        // Its sends have failed for a while (an early lookup was asked
+        // for) and the last one did too.
+        let given_up =
+            n.early.is_some_and(|e| e.lookups > 0) && old.is_some_and(|a| failing(sender, a));
+        let new = pick(old, given_up, &answers)?;
         if old == Some(new) {
             if failures > 0 {
                 tracing::info!(monitor = %n.name, address = %new, failures, "monitor resolves again");
@@ -906,12 +1041,23 @@ impl Names {
                 tracing::warn!(monitor = %name, address = %new, "monitor resolved to an address that already gets heartbeats")
             }
             None => tracing::info!(monitor = %name, address = %new, "monitor resolved"),
+            Some(old) if given_up => {
+                tracing::warn!(monitor = %name, old = %old, new = %new, already_sent_to = shared, "sends to the monitor's address keep failing: another address of its name gets its heartbeats from now on")
+            }
             Some(old) => {
                 tracing::info!(monitor = %name, old = %old, new = %new, already_sent_to = shared, "monitor moved: its name resolves to another address, which gets its heartbeats from now on")
             }
         }
         change
     }
+}
+
+/// Whether the last send to the monitor at `a` failed.
+fn failing(sender: &Sender, a: SocketAddr) -> bool {
+    sender
+        .monitors()
+        .iter()
+        .any(|m| m.addr == a && m.failing > 0)
 }
 
 async fn send_loop(
@@ -970,6 +1116,7 @@ async fn send_loop(
             _ = tokio::time::sleep_until(next) => {
                 woke(&mut sender, next);
                 send_all(&mut sender, &sockets, cpus, false);
+                names.watch_sends(&sender, Instant::now());
                 let iv = Duration::from_millis(sender.interval_ms() as u64);
                 next = next_due(next, iv, Instant::now());
             }
@@ -1145,6 +1292,78 @@ mod tests {
 
     use super::*;
 
+    /// Failed sends are warned about when they start and at every 100th
+    /// in a row, in every outage, and the first send that leaves again
+    /// says so. Counted over the monitor's life, a second outage shorter
+    /// than 100 sends went untold, and no end of one was ever told.
+    #[tokio::test]
+    async fn each_outage_of_a_monitor_is_warned_about_and_its_end_told() {
+        let log = crate::test_log::Warnings::from_level("hb::send", tracing::Level::INFO);
+        let _capture = log.capture();
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = rx.local_addr().unwrap();
+        let mut sender = test_sender(&[&to.to_string()]);
+        // No IPv4 socket: every send fails; with one, it leaves.
+        let mut sockets = Sockets::default();
+        let mut send = |sockets: &Sockets, n: usize| -> usize {
+            (0..n)
+                .map(|_| send_all(&mut sender, sockets, 1, false))
+                .sum()
+        };
+        assert_eq!(send(&sockets, 3), 0);
+        sockets.open_for(to).unwrap();
+        assert_eq!(send(&sockets, 2), 2);
+        sockets.v4 = None;
+        assert_eq!(send(&sockets, 2), 0);
+        assert_eq!(send(&sockets, 198), 0);
+        sockets.open_for(to).unwrap();
+        assert_eq!(send(&sockets, 1), 1);
+        let lines: Vec<_> = log
+            .taken()
+            .into_iter()
+            .map(|l| {
+                let count = |f| l.field(f).map(str::to_owned);
+                (
+                    l.level,
+                    l.message.clone(),
+                    count("failing"),
+                    count("errors"),
+                    count("failed"),
+                )
+            })
+            .collect();
+        let warn = |failing: &str, errors: &str| {
+            (
+                tracing::Level::WARN,
+                "cannot send heartbeat".to_owned(),
+                Some(failing.to_owned()),
+                Some(errors.to_owned()),
+                None,
+            )
+        };
+        let again = |failed: &str| {
+            (
+                tracing::Level::INFO,
+                "sending heartbeats to this monitor again after failed sends".to_owned(),
+                None,
+                None,
+                Some(failed.to_owned()),
+            )
+        };
+        assert_eq!(
+            lines,
+            [
+                warn("1", "1"),
+                again("3"),
+                warn("1", "4"),
+                warn("100", "103"),
+                warn("200", "203"),
+                again("200"),
+            ]
+        );
+        assert_eq!(sender.monitors()[0].send_errors, 203);
+    }
+
     #[test]
     fn the_rhythm_survives_a_late_wakeup_and_restarts_after_a_stall() {
         let t = Instant::now();
@@ -1262,6 +1481,14 @@ mod tests {
                 "is neither an IP address nor a host name",
             ),
             ("[fd00::zz]:7420", "`[fd00::zz]` is not an IPv6 address"),
+            // Link-local without the interface: its ACKs, which come with
+            // the interface's scope, matched no monitor.
+            (
+                "[fe80::1]:7420",
+                "monitor `[fe80::1]:7420`: fe80::1 is a link-local address, which needs the \
+                 interface it is on: `[fe80::1%IFNAME]:7420`, as `[fe80::1%eth0]:7420`",
+            ),
+            ("[fe80::1%0]:7420", "`[fe80::1%IFNAME]:7420`"),
             // Numbers as the C resolver reads an IPv4 address in them
             // (127.0.0.1, each): no name.
             (
@@ -1295,6 +1522,19 @@ mod tests {
         // not resolved (it is retried).
         assert!(unusable("0.0.0.0:7420".parse().unwrap()).is_some());
         assert_eq!(unusable("198.18.0.1:7420".parse().unwrap()), None);
+        assert_eq!(unusable("[fe80::1%2]:7420".parse().unwrap()), None);
+        // Nor one that resolves only to a link-local address without its
+        // interface (retried, warned about with this error); with another
+        // address too, that one is taken.
+        let zoneless: SocketAddr = "[fe80::1]:7420".parse().unwrap();
+        let e = format!("{:#}", usable("mon:7420", [zoneless]).unwrap_err());
+        assert!(
+            e.starts_with("monitor address `mon:7420` resolves to no address a monitor can have: fe80::1 is a link-local address")
+                && e.contains("`[fe80::1%IFNAME]:7420`"),
+            "{e}"
+        );
+        let global: SocketAddr = "[fd00::1]:7420".parse().unwrap();
+        assert_eq!(usable("mon:7420", [zoneless, global]).unwrap(), [global]);
     }
 
     #[test]
@@ -1378,10 +1618,10 @@ mod tests {
         for _ in 0..2 {
             rx.recv_timeout(Duration::from_secs(10)).expect("a report");
         }
-        let Resolvers { _stop, threads } = resolvers;
+        let Resolvers { wake, threads } = resolvers;
         assert_eq!(threads.len(), 2);
         assert!(threads.iter().all(|t| !t.is_finished()), "waiting");
-        drop(_stop);
+        drop(wake);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !threads.iter().all(|t| t.is_finished()) {
             assert!(
@@ -1390,6 +1630,35 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// A thread waiting out its period looks its name up at once when
+    /// asked (the address's sends keep failing), and then waits a period
+    /// again.
+    #[test]
+    fn a_resolver_thread_looks_up_its_name_when_asked() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        const HOUR: Duration = Duration::from_secs(3600);
+        let names = ["a:1", "b:1"].map(String::from);
+        let resolvers = spawn_resolvers(
+            &names,
+            |_: &str| Ok(vec![sa("198.18.0.1:1")]),
+            |_| HOUR,
+            HOUR,
+            move |r| tx.send(r).is_ok(),
+        )
+        .unwrap();
+        let mut first = [0, 1].map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap().index);
+        first.sort();
+        assert_eq!(first, [0, 1]);
+        resolvers.resolve_now(1);
+        let r = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a lookup now");
+        assert_eq!((r.index, r.retry_in), (1, HOUR));
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "one");
+        // No such name: nothing happens.
+        resolvers.resolve_now(2);
     }
 
     /// A link-local monitor keeps its scope, given as a number or as the
@@ -1462,6 +1731,7 @@ mod tests {
             key_epoch: 1,
             generation: 1_700_000_000,
             interval_ms: 1000,
+            resumed_ms: None,
             min_interval_ms: 100,
             max_interval_ms: 10_000,
             monitors: monitors.iter().map(|m| sa(m)).collect(),
@@ -1536,11 +1806,12 @@ mod tests {
                     name: n.to_string(),
                     addr: None,
                     failures: 0,
+                    early: None,
                 })
                 .collect(),
             rx,
-            _resolvers: Resolvers {
-                _stop: Vec::new(),
+            resolvers: Resolvers {
+                wake: Vec::new(),
                 threads: Vec::new(),
             },
         }
@@ -1634,10 +1905,133 @@ mod tests {
     #[test]
     fn the_address_in_use_is_kept_while_it_is_among_the_answers() {
         let (a, b, c) = (sa("198.18.0.1:1"), sa("198.18.0.2:1"), sa("[fd00::1]:1"));
-        assert_eq!(pick(None, &[a, b]), Some(a));
-        assert_eq!(pick(Some(b), &[a, b]), Some(b));
-        assert_eq!(pick(Some(c), &[a, b]), Some(a));
-        assert_eq!(pick(Some(a), &[]), None);
+        assert_eq!(pick(None, false, &[a, b]), Some(a));
+        assert_eq!(pick(Some(b), false, &[a, b]), Some(b));
+        assert_eq!(pick(Some(c), false, &[a, b]), Some(a));
+        assert_eq!(pick(Some(a), false, &[]), None);
+    }
+
+    /// Unless its sends keep failing: then the first other answer, in
+    /// the resolver's order or not (glibc puts an address without a
+    /// route last), and the failing one only if nothing else is left.
+    #[test]
+    fn a_failing_address_is_given_up_for_another_answer() {
+        let (v4, b, v6) = (sa("198.18.0.1:1"), sa("198.18.0.2:1"), sa("[fd00::1]:1"));
+        assert_eq!(pick(Some(v4), true, &[v6, v4]), Some(v6));
+        assert_eq!(pick(Some(v4), true, &[v4, v6]), Some(v6));
+        assert_eq!(pick(Some(v4), true, &[v4, b, v6]), Some(b));
+        assert_eq!(pick(Some(v4), true, &[b]), Some(b));
+        assert_eq!(pick(Some(v4), true, &[v4]), Some(v4));
+        assert_eq!(pick(Some(v4), true, &[]), None);
+        assert_eq!(pick(None, true, &[v4, v6]), Some(v4));
+    }
+
+    #[test]
+    fn early_lookups_back_off_from_three_seconds_to_a_minute() {
+        let secs: Vec<u64> = (0..8).map(|k| early_delay(k).as_secs()).collect();
+        assert_eq!(secs, [3, 6, 12, 24, 48, 60, 60, 60]);
+        assert_eq!(early_delay(u32::MAX), RESOLVE_PERIOD);
+    }
+
+    /// `mon` has an IPv4 and an IPv6 address, IPv4 first, and the IPv4
+    /// route goes away: every send to it fails. After EARLY_RESOLVE of
+    /// failures the name is looked up at once (not a minute later), and
+    /// the IPv6 address takes over, the IPv4 one still among the answers
+    /// (it was kept, every send failing, for good). A send that fails now
+    /// and then moves nothing, nor does a rotation while sends leave.
+    #[tokio::test]
+    async fn a_name_whose_address_keeps_failing_is_resolved_early_and_moves() {
+        let (v4, v6) = (sa("198.18.0.1:7420"), sa("[fd00::1]:7420"));
+        let mut names = quiet(&["mon:7420"]);
+        let (mut sender, mut sockets) = (test_sender(&[]), Sockets::default());
+        names.apply(
+            found(0, &["198.18.0.1:7420", "[fd00::1]:7420"]),
+            &mut sender,
+            &mut sockets,
+        );
+        assert_eq!(addrs(&sender), [v4]);
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        // One heartbeat at `t`, whose send to monitor 0 fails or leaves;
+        // the early lookups then asked for.
+        let beat = |sender: &mut Sender, names: &mut Names, t: Duration, ok: bool| {
+            sender.heartbeat(1, 0, false);
+            if ok {
+                sender.send_ok(0);
+            } else {
+                sender.send_failed(0);
+            }
+            names.watch_sends(sender, t0 + t)
+        };
+        // A send that failed and the next left: no early lookup, and a
+        // rotated answer moves nothing.
+        assert!(beat(&mut sender, &mut names, s(0), false).is_empty());
+        assert!(beat(&mut sender, &mut names, s(1), true).is_empty());
+        assert!(beat(&mut sender, &mut names, s(4), true).is_empty());
+        names.apply(
+            found(0, &["[fd00::1]:7420", "198.18.0.1:7420"]),
+            &mut sender,
+            &mut sockets,
+        );
+        assert_eq!(addrs(&sender), [v4]);
+        // The route goes: sends fail from 10 s on, one a second. Not
+        // failing for long, a lookup keeps the address.
+        for t in 10..13 {
+            assert!(beat(&mut sender, &mut names, s(t), false).is_empty(), "{t}");
+        }
+        names.apply(
+            found(0, &["[fd00::1]:7420", "198.18.0.1:7420"]),
+            &mut sender,
+            &mut sockets,
+        );
+        assert_eq!(addrs(&sender), [v4]);
+        // Failing for 3 s: looked up now, once.
+        assert_eq!(beat(&mut sender, &mut names, s(13), false), [0]);
+        assert!(beat(&mut sender, &mut names, s(14), false).is_empty());
+        // The answer, the IPv4 address still in it: IPv6 takes over.
+        names.apply(
+            found(0, &["[fd00::1]:7420", "198.18.0.1:7420"]),
+            &mut sender,
+            &mut sockets,
+        );
+        assert_eq!(addrs(&sender), [v6]);
+        // A send to it leaves: the outage is over, and the IPv4 address,
+        // first again, moves nothing.
+        assert!(beat(&mut sender, &mut names, s(15), true).is_empty());
+        assert_eq!(names.names[0].early, None);
+        names.apply(
+            found(0, &["198.18.0.1:7420", "[fd00::1]:7420"]),
+            &mut sender,
+            &mut sockets,
+        );
+        assert_eq!(addrs(&sender), [v6]);
+        // Both fail (the link is down): the name is looked up 3 s into
+        // it, then 6, 12, 24, 48 s after each, then every minute; the
+        // address flips at each answer; none of it more often.
+        let mut asked = Vec::new();
+        for t in 100..400 {
+            if beat(&mut sender, &mut names, s(t), false) == [0] {
+                names.apply(
+                    found(0, &["198.18.0.1:7420", "[fd00::1]:7420"]),
+                    &mut sender,
+                    &mut sockets,
+                );
+                asked.push((t, addrs(&sender)[0]));
+            }
+        }
+        assert_eq!(
+            asked,
+            [
+                (103, v4),
+                (109, v6),
+                (121, v4),
+                (145, v6),
+                (193, v4),
+                (253, v6),
+                (313, v4),
+                (373, v6)
+            ]
+        );
     }
 
     #[test]

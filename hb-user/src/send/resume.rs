@@ -15,6 +15,11 @@
 //! at that interval never had the problem; this gives every controller's
 //! nodes the same start.
 //!
+//! The resumed interval is where the sender starts, not its configured
+//! interval: it stands in for the request that set it until a monitor
+//! moves (its name resolves elsewhere), and the sender then goes back to
+//! `--interval-ms` (see `sender`).
+//!
 //! A request must not outlive what it was made under: the file also
 //! holds the `--monitor` list (as given, sorted) and the `--interval-ms`
 //! of the sender that stored it, and a start with a monitor taken off

@@ -34,10 +34,20 @@
 //! the old address is removed ([`Sender::remove_monitor`]) and the new one
 //! added, with nothing carried over. The old host's RTT is not the new
 //! one's; its interval request goes with it (the sender takes the fastest
-//! of the requests left standing, or, with none left, the interval it
-//! started at: a request must not outlive the monitor that made it); an
+//! of the requests left standing, or, with none left, its configured
+//! interval: a request must not outlive the monitor that made it); an
 //! ACK from the old address is from no monitor of ours, and one for a
 //! heartbeat sent before the change is no ACK of the new address's.
+//!
+//! A sender restarted with `--state-dir` starts at the interval a monitor
+//! last asked for (`send::resume`, [`Config::resumed_ms`]), so that the
+//! restart announces no change. That monitor, finding it in use, echoes
+//! it and holds no request, so the resumed interval stands in for its
+//! request: the sender goes back to it, not to its configured interval,
+//! with no request standing. Which monitor asked is not known, so it
+//! stands until any monitor is removed; then the configured interval
+//! takes its place (a monitor that still wants the other asks again). It
+//! held the sender at an interval asked for by a monitor long gone.
 //!
 //! RTT samples exclude the sender's own stalls. A stopped process (SIGSTOP,
 //! a frozen cgroup, a paused VM) finds the ACK of the heartbeat it sent
@@ -86,8 +96,13 @@ pub struct Config {
     pub key: NodeKey,
     pub key_epoch: u8,
     pub generation: u32,
-    /// Interval to use until a monitor asks for another, ms.
+    /// Interval to use until a monitor asks for another, and to go back
+    /// to when no request stands, ms (`--interval-ms`).
     pub interval_ms: u32,
+    /// The interval to start at instead, ms: the one a monitor last asked
+    /// for before a restart (`send::resume`), kept until a monitor is
+    /// removed (see the module docs).
+    pub resumed_ms: Option<u32>,
     pub min_interval_ms: u32,
     pub max_interval_ms: u32,
     pub monitors: Vec<SocketAddr>,
@@ -139,6 +154,10 @@ pub struct Monitor {
     pub requested: Option<(u32, u64)>,
     /// Send errors (unreachable, buffer full): counted, never waited on.
     pub send_errors: u64,
+    /// Failed sends in a row, up to the last one (0: the last send left).
+    /// What the log's "cannot send" warnings count: a second outage is
+    /// warned about as the first was, and its end is said.
+    pub failing: u64,
     /// The first seq this monitor was sent (1 for one known from the
     /// start): an ACK of an older one is not its own.
     pub since_seq: u64,
@@ -152,6 +171,7 @@ impl Monitor {
             acks: 0,
             requested: None,
             send_errors: 0,
+            failing: 0,
             since_seq,
         }
     }
@@ -277,6 +297,10 @@ pub struct Sender {
     /// none seen): heartbeats sent before give no RTT sample.
     stalled_until_ns: u64,
     interval_ms: u32,
+    /// [`Config::resumed_ms`] until a monitor is removed: what the sender
+    /// goes back to, instead of [`Config::interval_ms`], with no request
+    /// standing.
+    resumed_ms: Option<u32>,
     recent: [Sent; RECENT],
     pub sent: u64,
     /// ACKs accepted and failed sends, of every monitor ever (removed ones
@@ -296,21 +320,22 @@ impl Sender {
             .take(MAX_MONITORS)
             .map(|&addr| Monitor::new(addr, 1))
             .collect();
-        let interval_ms = cfg
-            .interval_ms
-            .clamp(cfg.min_interval_ms, cfg.max_interval_ms);
-        Sender {
+        let resumed_ms = cfg.resumed_ms;
+        let mut sender = Sender {
             cfg,
             monitors,
             seq: 0,
             stalled_until_ns: 0,
-            interval_ms,
+            interval_ms: 0,
+            resumed_ms,
             recent: [Sent::default(); RECENT],
             sent: 0,
             acks: 0,
             send_errors: 0,
             rejected: [0; AckReject::ALL.len()],
-        }
+        };
+        sender.settle_interval();
+        sender
     }
 
     pub fn config(&self) -> &Config {
@@ -350,6 +375,8 @@ impl Sender {
             s.acked = drop_bit(s.acked);
             s.unsent = drop_bit(s.unsent);
         }
+        // The monitor that asked for a resumed interval may be this one.
+        self.resumed_ms = None;
         Some(Removed {
             monitor,
             interval_change: self.settle_interval(),
@@ -357,7 +384,8 @@ impl Sender {
     }
 
     /// Sets the interval in use to the fastest request standing or, with
-    /// none, to the one the sender started at; returns the change.
+    /// none, to the resumed interval while it stands, else to the
+    /// configured one; returns the change.
     fn settle_interval(&mut self) -> Option<(u32, u32)> {
         let old = self.interval_ms;
         self.interval_ms = self
@@ -366,8 +394,8 @@ impl Sender {
             .filter_map(|m| m.requested.map(|(iv, _)| iv))
             .min()
             .unwrap_or_else(|| {
-                self.cfg
-                    .interval_ms
+                self.resumed_ms
+                    .unwrap_or(self.cfg.interval_ms)
                     .clamp(self.cfg.min_interval_ms, self.cfg.max_interval_ms)
             });
         (old != self.interval_ms).then_some((old, self.interval_ms))
@@ -384,16 +412,28 @@ impl Sender {
     }
 
     /// Counts a failed send of the last heartbeat to monitor `i`, which
-    /// then accepts no ACK of it.
-    pub fn send_failed(&mut self, i: usize) {
-        if let Some(m) = self.monitors.get_mut(i) {
-            m.send_errors += 1;
-            self.send_errors += 1;
-            let slot = &mut self.recent[(self.seq % RECENT as u64) as usize];
-            if slot.seq == self.seq && i < 64 {
-                slot.unsent |= 1 << i;
-            }
+    /// then accepts no ACK of it. Returns the failed sends to it in a row,
+    /// this one included.
+    pub fn send_failed(&mut self, i: usize) -> u64 {
+        let Some(m) = self.monitors.get_mut(i) else {
+            return 0;
+        };
+        m.send_errors += 1;
+        m.failing += 1;
+        self.send_errors += 1;
+        let slot = &mut self.recent[(self.seq % RECENT as u64) as usize];
+        if slot.seq == self.seq && i < 64 {
+            slot.unsent |= 1 << i;
         }
+        m.failing
+    }
+
+    /// Notes that the last heartbeat left for monitor `i`. Returns how
+    /// many sends to it had failed in a row before (0: none).
+    pub fn send_ok(&mut self, i: usize) -> u64 {
+        self.monitors
+            .get_mut(i)
+            .map_or(0, |m| std::mem::take(&mut m.failing))
     }
 
     /// The interval in use, ms.
@@ -566,17 +606,22 @@ mod tests {
         SocketAddr::from(([198, 18, 0, i], 7420))
     }
 
-    fn sender(monitors: usize) -> Sender {
-        Sender::new(Config {
+    fn config(monitors: usize) -> Config {
+        Config {
             node_id: 42,
             key: KEY,
             key_epoch: 1,
             generation: GEN,
             interval_ms: 1000,
+            resumed_ms: None,
             min_interval_ms: 100,
             max_interval_ms: 10_000,
             monitors: (1..=monitors as u8).map(mon).collect(),
-        })
+        }
+    }
+
+    fn sender(monitors: usize) -> Sender {
+        Sender::new(config(monitors))
     }
 
     /// What the monitor's gate sends back for `hb` (the same helper the
@@ -1093,6 +1138,55 @@ mod tests {
         // Removing one that asked for nothing changes nothing.
         assert_eq!(s.remove_monitor(mon(2)).unwrap().interval_change, None);
         assert!(s.monitors().is_empty());
+    }
+
+    /// Monitor 1 asked for 200 ms; then its name moves to another host.
+    /// Without a restart in between the sender goes back to its
+    /// `--interval-ms`; restarted in between with `--state-dir`, it
+    /// resumed at 200 ms (which monitor 1 then echoes, holding no
+    /// request) and must go back all the same: it stayed at 200 ms, the
+    /// gone monitor's request outliving it.
+    #[test]
+    fn a_resumed_interval_does_not_outlive_a_monitor_that_moves() {
+        let mut s = sender(2);
+        let hbs = s.heartbeat(10 * MS, 0, false);
+        s.on_ack(&ack_of(&hbs[0].1, &KEY, 200), mon(1), 11 * MS)
+            .unwrap();
+        assert_eq!(s.interval_ms(), 200);
+        let gone = s.remove_monitor(mon(1)).unwrap();
+        assert_eq!(gone.interval_change, Some((200, 1000)));
+        // Restarted: resumed at 200 ms, kept while both monitors echo it.
+        let mut s = Sender::new(Config {
+            resumed_ms: Some(200),
+            ..config(2)
+        });
+        assert_eq!(s.interval_ms(), 200);
+        let hbs = s.heartbeat(10 * MS, 0, false);
+        assert_eq!(
+            proto::parse(&hbs[0].1, Kind::Heartbeat)
+                .unwrap()
+                .interval_ms,
+            200
+        );
+        for (i, (from, hb)) in hbs.iter().enumerate() {
+            let a = s.on_ack(&ack_of(hb, &KEY, 200), *from, 11 * MS).unwrap();
+            assert_eq!(a.interval_change, None);
+            assert_eq!(s.monitors()[i].requested, None, "an echo");
+        }
+        assert_eq!(s.interval_ms(), 200);
+        let gone = s.remove_monitor(mon(1)).unwrap();
+        assert_eq!(gone.interval_change, Some((200, 1000)));
+        assert_eq!(s.interval_ms(), 1000);
+        // And it stays there: an ACK with no request moves nothing.
+        let (from, hb) = s.heartbeat(20 * MS, 0, false)[0];
+        let a = s.on_ack(&ack_of(&hb, &KEY, 1000), from, 21 * MS).unwrap();
+        assert_eq!((a.interval_change, s.interval_ms()), (None, 1000));
+        // A resumed interval past the bounds is clamped into them.
+        let s = Sender::new(Config {
+            resumed_ms: Some(20),
+            ..config(1)
+        });
+        assert_eq!(s.interval_ms(), 100);
     }
 
     /// The acknowledgement bits of the monitors after a removed one move

@@ -591,14 +591,22 @@ fn slack(rng: &mut ChaCha8Rng) -> u64 {
 const MONITOR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 1), 7420));
 
 /// A sender as `hb send --node-id ID --interval-ms MS` starts it, for
-/// generation `generation`.
-fn new_sender(cfg: &SimConfig, id: u32, key: NodeKey, generation: u32, interval_ms: u32) -> Sender {
+/// generation `generation`, resumed at `resumed_ms` (`send::resume`).
+fn new_sender(
+    cfg: &SimConfig,
+    id: u32,
+    key: NodeKey,
+    generation: u32,
+    interval_ms: u32,
+    resumed_ms: Option<u32>,
+) -> Sender {
     Sender::new(SenderConfig {
         node_id: id,
         key,
         key_epoch: 0,
         generation,
         interval_ms,
+        resumed_ms,
         min_interval_ms: cfg.sender_min_ms,
         max_interval_ms: cfg.sender_max_ms,
         monitors: vec![MONITOR],
@@ -863,7 +871,7 @@ impl<'a, 'p> Sim<'a, 'p> {
                 base_load,
                 profile,
                 alive: true,
-                sender: new_sender(cfg, id, key, 1_700_000_000, initial),
+                sender: new_sender(cfg, id, key, 1_700_000_000, initial, None),
                 due: start,
                 timer: 0,
                 saved_ms: None,
@@ -1170,16 +1178,16 @@ impl Sim<'_, '_> {
                     under: Some(under.clone()),
                     unknown: false,
                 });
-                let iv = match resume::start_interval(
+                let resumed = match resume::start_interval(
                     &under,
                     stored.as_ref(),
                     self.cfg.sender_min_ms,
                     self.cfg.sender_max_ms,
                 ) {
-                    resume::Start::Resumed(ms) => ms,
-                    resume::Start::Configured | resume::Start::Outdated => self.initial_ms,
+                    resume::Start::Resumed(ms) => Some(ms),
+                    resume::Start::Configured | resume::Start::Outdated => None,
                 };
-                n.sender = new_sender(self.cfg, n.id, n.key, generation, iv);
+                n.sender = new_sender(self.cfg, n.id, n.key, generation, self.initial_ms, resumed);
                 // Its first heartbeat goes out at once.
                 n.due = t;
                 n.timer += 1;
