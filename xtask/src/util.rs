@@ -285,9 +285,16 @@ pub fn sweep_netns(prefixes: &[&str]) -> anyhow::Result<Vec<String>> {
 /// Deletes leftover bpffs pins (files or directories) under /sys/fs/bpf
 /// whose names start with `prefix`. Returns their names.
 pub fn sweep_pins(prefix: &str) -> anyhow::Result<Vec<String>> {
-    let dir = Path::new("/sys/fs/bpf");
+    // bpffs not mounted: nothing pinned.
+    sweep_entries(Path::new("/sys/fs/bpf"), prefix)
+}
+
+/// Deletes leftover files or directories in `dir` whose names start with
+/// `prefix` ([`is_leftover`]); none if `dir` cannot be read. Returns their
+/// names.
+fn sweep_entries(dir: &Path, prefix: &str) -> anyhow::Result<Vec<String>> {
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(Vec::new()); // bpffs not mounted: nothing pinned
+        return Ok(Vec::new());
     };
     let mut deleted = Vec::new();
     for e in entries {
@@ -316,7 +323,7 @@ pub fn sweep_pins(prefix: &str) -> anyhow::Result<Vec<String>> {
 }
 
 /// Sweeps everything test runs create: `hbt-*` and `hbd-*` namespaces
-/// and `/sys/fs/bpf/hb-test-*` pins. `when` goes into the log line.
+/// and their `/etc/netns/` directories, and `/sys/fs/bpf/hb-test-*` pins. `when` goes into the log line.
 /// Returns how many objects it removed (0 also when it could not look).
 /// The namespaces tests make: `hbt-` (hb-tests), `hbd-` (the demo's,
 /// which its unit test builds too; the pid in the name keeps a running
@@ -336,6 +343,22 @@ pub fn sweep_test_leftovers(when: &str) -> usize {
         }
         Ok(_) => {}
         Err(e) => eprintln!("xtask: {when}: cannot sweep namespaces: {e:#}"),
+    }
+    // A namespace's own `/etc/netns/<name>/` (`NetNs::hosts` in the
+    // tests), which `ip netns delete` leaves.
+    for prefix in TEST_NETNS_PREFIXES {
+        match sweep_entries(Path::new("/etc/netns"), prefix) {
+            Ok(v) if !v.is_empty() => {
+                eprintln!(
+                    "xtask: {when}: removed {} leftover namespace file dir(s) under /etc/netns: {}",
+                    v.len(),
+                    v.join(" ")
+                );
+                swept += v.len();
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("xtask: {when}: cannot sweep /etc/netns: {e:#}"),
+        }
     }
     match sweep_pins("hb-test-") {
         Ok(v) if !v.is_empty() => {
@@ -540,6 +563,38 @@ mod tests {
         let t = std::time::Instant::now();
         drop(dog);
         assert!(t.elapsed() < Duration::from_secs(1), "disarming waited");
+    }
+
+    /// `/etc/netns/<name>/` of a test killed before its guard dropped is
+    /// swept as its namespace is: by the pid in its name.
+    #[test]
+    fn leftover_entries_are_swept_by_the_pid_in_their_name() {
+        let me = std::process::id();
+        let dir = std::env::temp_dir().join(format!("hb-xtask-sweep-{me}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (dead, alive, other) = (
+            "hbt-s-99999999-1".to_owned(),
+            format!("hbt-s-{me}-1"),
+            "hbx-s-99999999-1".to_owned(),
+        );
+        for name in [&dead, &alive, &other] {
+            std::fs::create_dir_all(dir.join(name)).unwrap();
+            std::fs::write(dir.join(name).join("hosts"), "198.18.0.1 mon\n").unwrap();
+        }
+        let swept = sweep_entries(&dir, "hbt-").unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(swept, [dead]);
+        assert_eq!(left, [alive, other]);
+        assert_eq!(
+            sweep_entries(&dir, "hbt-").unwrap(),
+            Vec::<String>::new(),
+            "a directory that is not there"
+        );
     }
 
     /// A namespace the demo's unit test left (its binary killed without
