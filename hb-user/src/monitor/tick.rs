@@ -259,6 +259,10 @@ pub struct Core {
     /// scans past which the monitor itself was not running.
     last_scan_ns: u64,
     local_pause_ns: u64,
+    /// The tick period ([`Core::set_tick`]).
+    tick_ns: u64,
+    /// The last tick held back bad news ([`HOLD_AFTER_TICKS`]).
+    held_last: bool,
     /// When a gap was last excused (0: never).
     last_excuse_ns: u64,
     /// A node was declared dead by the backstop before it could miss the
@@ -276,6 +280,18 @@ const EXCUSE_EVERY_NS: u64 = 60_000_000_000;
 /// [`LOCAL_PAUSE_TICKS`] ticks.
 const LOCAL_PAUSE_MIN_NS: u64 = 1_000_000_000;
 const LOCAL_PAUSE_TICKS: u64 = 5;
+
+/// A tick that comes more than this many tick periods after the one
+/// before holds back bad news: it finds no node suspect or dead that was
+/// not already, and the next tick judges as usual. After a shorter pause
+/// of the monitor's host than [`LOCAL_PAUSE_MIN_NS`] (a VM frozen for
+/// 700 ms) the tick can run before the gate has stamped the heartbeats
+/// that waited out the pause, and every node whose `dead` silence is
+/// shorter than the pause (a 100 ms node's is about 330 ms) was declared
+/// dead, then alive a tick later. One tick later they have been stamped.
+/// Never two ticks in a row: a monitor whose every tick is late (starved,
+/// or slow at a million nodes) still judges every other one.
+const HOLD_AFTER_TICKS: u64 = 2;
 
 impl Core {
     pub fn new(
@@ -300,6 +316,8 @@ impl Core {
             last_excuse_ns: 0,
             backstop_warned: false,
             local_pause_ns: LOCAL_PAUSE_MIN_NS.max(LOCAL_PAUSE_TICKS * 100_000_000),
+            tick_ns: 100_000_000,
+            held_last: false,
         }
     }
 
@@ -308,6 +326,7 @@ impl Core {
     pub fn set_tick(&mut self, tick: std::time::Duration) {
         let tick_ns = u64::try_from(tick.as_nanos()).unwrap_or(u64::MAX);
         self.local_pause_ns = LOCAL_PAUSE_MIN_NS.max(tick_ns.saturating_mul(LOCAL_PAUSE_TICKS));
+        self.tick_ns = tick_ns;
     }
 
     /// Since when silence is held against the nodes (0: always).
@@ -474,6 +493,18 @@ impl Core {
         wall_ts: &mut dyn FnMut() -> String,
         events: &mut Vec<Event>,
     ) -> TickStats {
+        // Bad news waits a tick after a late one ([`HOLD_AFTER_TICKS`]).
+        let hold = self.last_scan_ns != 0
+            && now_ns.saturating_sub(self.last_scan_ns)
+                > self.tick_ns.saturating_mul(HOLD_AFTER_TICKS)
+            && !self.held_last;
+        self.held_last = hold;
+        if hold {
+            tracing::debug!(
+                gap_ms = (now_ns - self.last_scan_ns) / 1_000_000,
+                "a late tick: no node is found suspect or dead before the next one"
+            );
+        }
         if self.last_scan_ns != 0
             && now_ns.saturating_sub(self.last_scan_ns) > self.local_pause_ns
             && (self.last_excuse_ns == 0 || now_ns - self.last_excuse_ns >= EXCUSE_EVERY_NS)
@@ -583,6 +614,14 @@ impl Core {
             {
                 cx.slowing_to_ms = requested_ms[i];
                 obs = det.observe_in(st, now_ns, &cx);
+            }
+            if hold {
+                // No worse than the node's status: good news only.
+                obs.level = obs.level.min(match t.status {
+                    Status::Alive => Level::Normal,
+                    Status::Suspect => Level::Suspect,
+                    _ => Level::Dead,
+                });
             }
             if let Some(tr) = state::step(t, &obs) {
                 if !announce.transition(slot, t, &tr, st, full) {
@@ -1499,6 +1538,8 @@ mod tests {
     fn an_event_shows_the_state_it_was_decided_on() {
         let mut r = Rig::new(&[3], Box::new(FixedPolicy::none()));
         r.steady(3, 100, 100, 2000);
+        // A late tick holds bad news back; the next one is judged.
+        assert_eq!(r.tick(2800), vec![]);
         let dp = crate::dataplane::mem::testing::Faulty::written_between_reads(&r.dp, |s| {
             let l = s.live_mut();
             l.generation += 1;
@@ -2556,6 +2597,59 @@ mod tests {
         assert!(dead.is_some_and(|e| e.0 >= 2850 + 300), "{seen:?}");
     }
 
+    /// A pause of the monitor's host shorter than the 1 s it takes to be
+    /// excused, longer than a fast node's `dead` silence (about 330 ms at
+    /// 100 ms): the first tick after it may run before the gate stamps the
+    /// heartbeats that waited out the pause. It holds bad news back, so
+    /// no node is declared dead, then alive, for the monitor's pause; a
+    /// node that did die is dead one tick later. A monitor whose every
+    /// tick is late holds back every other tick, never two in a row.
+    #[test]
+    fn a_late_tick_holds_bad_news_until_the_next() {
+        let mut r = Rig::new(&[3, 4, 5], Box::new(FixedPolicy::none()));
+        let mut seq = 1;
+        for t in (100..=2000).step_by(100) {
+            for id in [3, 4, 5] {
+                r.beat(id, seq, 100, t);
+            }
+            seq += 1;
+            r.tick(t);
+        }
+        // Paused 700 ms: node 5 died in it; the others' heartbeats queued
+        // in the pause are stamped just after the first tick.
+        assert_eq!(r.tick(2700), vec![], "held back");
+        for id in [3, 4] {
+            r.beat(id, seq, 100, 2720);
+        }
+        assert_eq!(r.tick(2800), vec![(5, EventKind::Dead)]);
+        assert_eq!(r.status(3), Status::Alive);
+        assert_eq!(r.status(4), Status::Alive);
+
+        // Every tick 300 ms late, node 3 silent from 2800: dead all the
+        // same, on a tick that judges (every other one).
+        let mut t = 2800;
+        let mut seen = Vec::new();
+        while r.status(3) != Status::Dead {
+            t += 400;
+            r.beat(4, seq + t, 100, t);
+            seen.push((t, r.tick(t)));
+            assert!(t < 5000, "{seen:?}");
+        }
+        assert_eq!(seen.len(), 2, "held once, then judged: {seen:?}");
+        // Good news is not held back: a suspect node heard from again is
+        // alive at once.
+        let mut r = Rig::new(&[3], Box::new(FixedPolicy::none()));
+        let seq = r.steady(3, 1000, 1000, 10_000);
+        let mut t = 10_000;
+        while r.status(3) != Status::Suspect {
+            t += 100;
+            r.tick(t);
+            assert!(t < 20_000);
+        }
+        r.beat(3, seq, 1000, t + 50);
+        assert_eq!(r.tick(t + 1000), vec![(3, EventKind::Alive)], "a late tick");
+    }
+
     #[test]
     fn a_pause_of_the_monitor_itself_holds_no_silence_against_the_nodes() {
         let mut r = Rig::new(&[3], Box::new(FixedPolicy::none()));
@@ -2572,7 +2666,8 @@ mod tests {
 
         // A monitor that was only slow (its gate went on stamping another
         // node's heartbeats in the gap) is not excused: node 3, silent
-        // since 2000 ms, is dead at the first tick after the gap.
+        // since 2000 ms, is dead at the first tick after the gap that
+        // does not hold bad news back (`HOLD_AFTER_TICKS`).
         let mut r = Rig::new(&[3, 4], Box::new(FixedPolicy::none()));
         for (seq, t) in (100..=2000).step_by(100).enumerate() {
             r.beat(3, seq as u64 + 1, 100, t);
@@ -2581,7 +2676,9 @@ mod tests {
         for (seq, t) in (1000..=4000).step_by(1000).enumerate() {
             r.beat(4, seq as u64 + 1, 1000, t);
         }
-        assert!(r.tick(5000).contains(&(3, EventKind::Dead)));
+        let held = r.tick(5000);
+        assert_eq!(held, vec![(4, EventKind::Joined)], "good news only");
+        assert!(r.tick(5100).contains(&(3, EventKind::Dead)));
 
         // The gate stamps heartbeats while the monitor sleeps until its
         // next tick, and the host may be paused at any moment of that
