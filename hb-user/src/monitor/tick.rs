@@ -607,13 +607,18 @@ impl Core {
             let mut obs = det.observe_in(st, now_ns, &cx);
             // Only a node not dead already can be spared (the slowing
             // allowance turns Dead into Suspect, the same to a dead node):
-            // a partitioned fleet costs no extra reads per tick.
-            if obs.level == Level::Dead
-                && matches!(t.status, Status::Alive | Status::Suspect)
-                && slowing(st, requested_ms[i], decided_ns[i])
-            {
-                cx.slowing_to_ms = requested_ms[i];
-                obs = det.observe_in(st, now_ns, &cx);
+            // a partitioned fleet costs one extra read per node, once.
+            // The table's request first; else what the gate's ACKs told
+            // the node (a request withdrawn or replaced since).
+            if obs.level == Level::Dead && matches!(t.status, Status::Alive | Status::Suspect) {
+                cx.slowing_to_ms = if slowing(st, requested_ms[i], decided_ns[i]) {
+                    requested_ms[i]
+                } else {
+                    told_to_slow_of(full)
+                };
+                if cx.slowing_to_ms != 0 {
+                    obs = det.observe_in(st, now_ns, &cx);
+                }
             }
             if hold {
                 // No worse than the node's status: good news only.
@@ -1108,16 +1113,36 @@ const SLOWING_HEARTBEATS: u64 = 3;
 /// of the run's first heartbeat, if the run is still within
 /// [`SLOWING_HEARTBEATS`] of them. 0 if it is not in such a run.
 fn slowing_since(st: &NodeState) -> u64 {
-    let k = u64::from(st.change_heartbeats);
-    let run = st.requested_interval_ms > st.interval_ms
-        && st.change_requested_ms == st.requested_interval_ms
-        && st.change_reported_ms == st.interval_ms
-        && (1..=SLOWING_HEARTBEATS).contains(&k);
-    if !run {
+    let told = told_to_slow(st);
+    if told == 0 || told != st.requested_interval_ms {
         return 0;
     }
+    let k = u64::from(st.change_heartbeats);
     let back = (k - 1) * u64::from(st.interval_ms) * 1_000_000;
     st.last_arrival_ns.saturating_sub(back).max(1)
+}
+
+/// The interval the gate's ACKs were telling the node to slow down to, if
+/// its run of change ACKs is within its first [`SLOWING_HEARTBEATS`]
+/// heartbeats and the node has not announced it: so its last heartbeat
+/// was answered with it, and the one announcing it may be the one lost.
+/// 0 if not. What the gate did, whatever the table asks now: a request
+/// withdrawn since (a reload to `--controller off`) or replaced before
+/// the node announced it was still told.
+fn told_to_slow(st: &NodeState) -> u32 {
+    let k = u64::from(st.change_heartbeats);
+    let run = st.change_requested_ms > st.interval_ms
+        && st.change_reported_ms == st.interval_ms
+        && (1..=SLOWING_HEARTBEATS).contains(&k);
+    if run { st.change_requested_ms } else { 0 }
+}
+
+/// [`told_to_slow`] of the node `full` reads: the rare path of a node
+/// about to be declared dead that the table's request does not spare.
+#[cold]
+#[inline(never)]
+fn told_to_slow_of(full: &dyn Fn() -> NodeState) -> u32 {
+    told_to_slow(&full())
 }
 
 /// Whether a node may have been told to slow down to `requested_ms` (a
@@ -2806,6 +2831,53 @@ mod tests {
         let _ = seq;
         let dead_at = dead_at.expect("dead");
         assert!((13_000..14_000).contains(&dead_at), "{dead_at}");
+    }
+
+    /// The allowance of a node told to slow down is what the gate's ACKs
+    /// told it, not only what the table asks now: a request withdrawn
+    /// right after the ACK carrying it (a reload to `--controller off`),
+    /// or replaced by another before the node announced it, was still
+    /// told, and the heartbeat announcing it may be the one lost.
+    #[test]
+    fn a_request_withdrawn_or_replaced_after_its_ack_keeps_the_allowance() {
+        for replaced in [false, true] {
+            let mut r = Rig::new(&[1], Box::new(FixedPolicy::none()));
+            r.dp.set_config(&hb_common::maps::Config {
+                ack_on_change: 1,
+                ..hb_common::maps::Config::default()
+            })
+            .unwrap();
+            let seq = r.steady(1, 1000, 1000, 5000);
+            r.core
+                .set_policy(Box::new(FixedPolicy::fixed(10_000)), 1000, &r.dp);
+            assert_eq!(r.tick(5100), vec![]);
+            let mut seen = Vec::new();
+            let mut t = 5200;
+            while t <= 17_000 {
+                if t == 6000 {
+                    // Answered with an ACK carrying 10 s.
+                    r.beat(1, seq, 1000, t);
+                }
+                if t == 6500 {
+                    let next: Box<dyn IntervalPolicy> = if replaced {
+                        Box::new(FixedPolicy::fixed(5000))
+                    } else {
+                        Box::new(FixedPolicy::none())
+                    };
+                    r.core.set_policy(next, 1000, &r.dp);
+                }
+                // At 7000 the heartbeat announcing 10 s is lost.
+                if t == 17_000 {
+                    r.beat(1, seq + 2, 10_000, t);
+                }
+                seen.extend(r.tick(t).into_iter().map(|e| (t, e.1)));
+                t += 100;
+            }
+            assert!(
+                !seen.iter().any(|e| e.1 == EventKind::Dead),
+                "replaced={replaced}: {seen:?}"
+            );
+        }
     }
 
     /// A monitor restarted over the pinned maps right after its
