@@ -332,46 +332,29 @@ const TEST_NETNS_PREFIXES: [&str; 2] = ["hbt-", "hbd-"];
 
 pub fn sweep_test_leftovers(when: &str) -> usize {
     let mut swept = 0;
-    match sweep_netns(&TEST_NETNS_PREFIXES) {
+    // Says what one sweep removed, or why it could not look.
+    let mut report = |what: &str, r: anyhow::Result<Vec<String>>| match r {
         Ok(v) if !v.is_empty() => {
             eprintln!(
-                "xtask: {when}: deleted {} leftover namespace(s): {}",
+                "xtask: {when}: removed {} leftover {what}: {}",
                 v.len(),
                 v.join(" ")
             );
             swept += v.len();
         }
         Ok(_) => {}
-        Err(e) => eprintln!("xtask: {when}: cannot sweep namespaces: {e:#}"),
-    }
+        Err(e) => eprintln!("xtask: {when}: cannot sweep {what}: {e:#}"),
+    };
+    report("namespace(s)", sweep_netns(&TEST_NETNS_PREFIXES));
     // A namespace's own `/etc/netns/<name>/` (`NetNs::hosts` in the
     // tests), which `ip netns delete` leaves.
     for prefix in TEST_NETNS_PREFIXES {
-        match sweep_entries(Path::new("/etc/netns"), prefix) {
-            Ok(v) if !v.is_empty() => {
-                eprintln!(
-                    "xtask: {when}: removed {} leftover namespace file dir(s) under /etc/netns: {}",
-                    v.len(),
-                    v.join(" ")
-                );
-                swept += v.len();
-            }
-            Ok(_) => {}
-            Err(e) => eprintln!("xtask: {when}: cannot sweep /etc/netns: {e:#}"),
-        }
+        report(
+            "namespace dir(s) under /etc/netns",
+            sweep_entries(Path::new("/etc/netns"), prefix),
+        );
     }
-    match sweep_pins("hb-test-") {
-        Ok(v) if !v.is_empty() => {
-            eprintln!(
-                "xtask: {when}: removed {} leftover pin(s) under /sys/fs/bpf: {}",
-                v.len(),
-                v.join(" ")
-            );
-            swept += v.len();
-        }
-        Ok(_) => {}
-        Err(e) => eprintln!("xtask: {when}: cannot sweep bpffs pins: {e:#}"),
-    }
+    report("pin(s) under /sys/fs/bpf", sweep_pins("hb-test-"));
     swept
 }
 

@@ -1491,6 +1491,22 @@ mod tests {
         assert!(ev.is_empty(), "no false joined: {ev:?}");
     }
 
+    /// One tick of `c` over `dp` at `at` ns, its events published and
+    /// written at once (positions from 0 each time: a tick confirms only
+    /// its own). Ticks seconds apart are not a pause of the monitor.
+    fn tick_written(
+        c: &mut Core,
+        dp: &MemDataplane,
+        at: u64,
+    ) -> Vec<crate::monitor::events::Event> {
+        c.set_tick(Duration::from_secs(60));
+        let mut ev = Vec::new();
+        c.tick(dp, at, &mut || "ts".into(), &mut ev);
+        c.published(0);
+        c.confirm(dp, ev.len() as u64);
+        ev
+    }
+
     /// A node declared dead stays dead across a restart over the pinned
     /// state: not shown alive for a few of its intervals, then announced
     /// dead again (hooks paged again at every upgrade); it comes back
@@ -1501,15 +1517,8 @@ mod tests {
         const S: u64 = 1_000_000_000;
         let dp = MemDataplane::new();
         let tick = |c: &mut Core, at: u64| {
-            // Ticks seconds apart are not a pause of the monitor.
-            c.set_tick(Duration::from_secs(60));
-            let mut ev = Vec::new();
-            c.tick(&dp, at, &mut || "ts".into(), &mut ev);
-            // Published and written at once (positions from 0 each time:
-            // a tick confirms only its own).
-            c.published(0);
-            c.confirm(&dp, ev.len() as u64);
-            ev.iter()
+            tick_written(c, &dp, at)
+                .iter()
                 .map(|e| (e.node_id, e.event, e.previous))
                 .collect::<Vec<_>>()
         };
@@ -1584,12 +1593,8 @@ mod tests {
         const S: u64 = 1_000_000_000;
         let dp = MemDataplane::new();
         let tick = |c: &mut Core, at: u64| {
-            c.set_tick(Duration::from_secs(60));
-            let mut ev = Vec::new();
-            c.tick(&dp, at, &mut || "ts".into(), &mut ev);
-            c.published(0);
-            c.confirm(&dp, ev.len() as u64);
-            ev.iter()
+            tick_written(c, &dp, at)
+                .iter()
                 .map(|e| (e.node_id, e.event, e.previous, e.state))
                 .collect::<Vec<_>>()
         };
