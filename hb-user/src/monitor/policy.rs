@@ -96,6 +96,13 @@ pub trait IntervalPolicy: Send {
     /// The table from [`Self::table_to_save`] was written to its file.
     fn table_saved(&self) {}
 
+    /// Whether the table's file was loaded or saved by this policy (or
+    /// the one it carried on from): one that is gone since was removed,
+    /// and is not written back ([`QLearnPolicy`]'s `table_to_save`).
+    fn table_file_seen(&self) -> bool {
+        false
+    }
+
     /// About to replace `running` (a reload, under the core's lock): a
     /// policy built from `running`'s table takes what it learned since.
     fn catch_up(&mut self, _running: &dyn IntervalPolicy) {}
@@ -544,13 +551,24 @@ impl IntervalPolicy for QLearnPolicy {
         if !self.carried {
             return;
         }
-        if let Some((_, t)) = running.table()
-            && let Err(why) = self.ctrl.load_table(&t)
-        {
-            tracing::warn!(
-                "the running controller table {why}: the reload goes on from its snapshot"
-            );
+        if let Some((path, t)) = running.table() {
+            if let Err(why) = self.ctrl.load_table(&t) {
+                tracing::warn!(
+                    "the running controller table {why}: the reload goes on from its snapshot"
+                );
+            }
+            // The same file: one the running policy had seen and that
+            // is gone was removed to learn afresh, a reload for another
+            // reason (a keyring push) must not have it written back.
+            if self.table_path.as_deref() == Some(path.as_path()) && running.table_file_seen() {
+                self.file_seen
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
         }
+    }
+
+    fn table_file_seen(&self) -> bool {
+        self.file_seen.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -962,6 +980,62 @@ mod tests {
         assert_eq!(p.snapshot()["decisions"], 7);
         let p = crate::monitor::rebuild_policy(&r.shared, &at("c.json")).unwrap();
         assert_eq!(p.snapshot()["decisions"], running);
+    }
+
+    /// README: a table file removed to learn afresh is not written back,
+    /// neither every minute nor at exit; nor after a reload for another
+    /// reason (a keyring push, a critical list), which carries the table
+    /// on in memory: the restart with the new target the file was
+    /// removed for would be refused again.
+    #[test]
+    fn a_removed_table_file_is_not_written_back_after_a_reload() {
+        use crate::monitor::{apply_options, rebuild_policy, save_table};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.json");
+        let with = |target: Option<f64>| {
+            let path = path.clone();
+            settings(move |o| {
+                o.controller = Some(ControllerKind::Qlearn);
+                o.controller_table = Some(path);
+                o.decision_ms = Some(1000);
+                o.controller_target_ms = target;
+            })
+        };
+        let mut running = with(None);
+        let mut r = Rig::new(&running, &[1, 2, 3], 1000);
+        r.run(2 * 60_000, &[], |_| {});
+        save_table(&r.shared, false);
+        assert!(path.exists());
+        std::fs::remove_file(&path).unwrap();
+        save_table(&r.shared, false);
+        assert!(!path.exists(), "the minute save");
+        let new = with(None);
+        let p = rebuild_policy(&r.shared, &new).unwrap();
+        apply_options(&r.shared, &mut running, &new, Some(p), false);
+        r.run(10_000, &[], |_| {});
+        save_table(&r.shared, false);
+        assert!(!path.exists(), "the minute save after a reload");
+        save_table(&r.shared, true);
+        assert!(!path.exists(), "the save at exit");
+        // So the restart with the new target starts afresh.
+        make_policy(&with(Some(5000.0))).unwrap();
+        // A table never saved yet is saved after a reload all the same.
+        let path2 = dir.path().join("u.json");
+        let fresh = |path: PathBuf| {
+            settings(move |o| {
+                o.controller = Some(ControllerKind::Qlearn);
+                o.controller_table = Some(path);
+                o.decision_ms = Some(1000);
+            })
+        };
+        let mut running = fresh(path2.clone());
+        let mut r = Rig::new(&running, &[1], 1000);
+        r.run(10_000, &[], |_| {});
+        let new = fresh(path2.clone());
+        let p = rebuild_policy(&r.shared, &new).unwrap();
+        apply_options(&r.shared, &mut running, &new, Some(p), false);
+        save_table(&r.shared, false);
+        assert!(path2.exists());
     }
 
     /// What the running controller learns while a reload derives keys
