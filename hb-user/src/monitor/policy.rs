@@ -982,6 +982,30 @@ mod tests {
         assert_eq!(p.snapshot()["decisions"], running);
     }
 
+    /// `--decision-ms` no longer than `--tick-ms`: every tick is a gap of
+    /// a decision period or more, which restarts the stagger's windows,
+    /// and qlearn never decided (nor said so). Now each tick decides for
+    /// every node.
+    #[test]
+    fn qlearn_decides_when_ticks_are_no_more_often_than_decisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.json");
+        let s = settings(move |o| {
+            o.controller = Some(ControllerKind::Qlearn);
+            o.controller_table = Some(path);
+            o.decision_ms = Some(100);
+        });
+        let mut r = Rig::new(&s, &[1, 2], 1000);
+        r.run(60_000, &[], |_| {});
+        let decisions = r.shared.core().policy.snapshot()["decisions"]
+            .as_u64()
+            .unwrap();
+        // Learning decisions (a node not heard from since its last one is
+        // held, uncounted): none before.
+        assert!(decisions > 0, "{decisions}");
+        assert_ne!((r.interval(1), r.interval(2)), (1000, 1000), "steered");
+    }
+
     /// README: a table file removed to learn afresh is not written back,
     /// neither every minute nor at exit; nor after a reload for another
     /// reason (a keyring push, a critical list), which carries the table

@@ -1079,7 +1079,13 @@ impl Core {
         let p = self.decision_period_ns;
         if self.policy.staggered() {
             let prev = std::mem::replace(&mut self.last_tick_ns, now_ns);
-            if prev == 0 || now_ns.saturating_sub(prev) >= p {
+            if prev != 0 && self.tick_ns >= p {
+                // Ticks no more often than decisions (`--decision-ms` at
+                // most `--tick-ms`): every tick is a gap of a period or
+                // more, and every node is decided on each, once per tick.
+                // Else none ever was.
+                Due::All
+            } else if prev == 0 || now_ns.saturating_sub(prev) >= p {
                 // The first tick of a policy (start, reload), or the first
                 // after a gap of a period or more: the windows start from
                 // here, so every node is decided within a period and then
