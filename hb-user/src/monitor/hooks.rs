@@ -1308,8 +1308,9 @@ mod tests {
                 .collect()
         };
         // Node 8's hook ran to its end while node 7's first one runs.
+        // Its line is written before its shell exits and is counted.
         until("node 8's hook ended", || lines().contains(&"end 3".into())).await;
-        assert_eq!(m.hooks_ok(), 1);
+        wait_for(&m, |m| m.hooks_ok() == 1).await;
         // Node 7's second waits still, with a slot free.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let before = lines();
