@@ -255,11 +255,11 @@ pub struct Core {
     /// Silence before this is not held against any node
     /// ([`Core::listening_since`]).
     listening_since_ns: u64,
-    /// The previous scan's time (0: none yet), and the gap between two
-    /// scans past which the monitor itself was not running.
+    /// The previous scan's time (0: none yet).
     last_scan_ns: u64,
-    local_pause_ns: u64,
-    /// The tick period ([`Core::set_tick`]).
+    /// The tick period ([`Core::set_tick`]), which sets the gap between
+    /// two scans past which the monitor itself was not running
+    /// ([`Core::local_pause_ns`]).
     tick_ns: u64,
     /// The last tick held back bad news ([`HOLD_AFTER_TICKS`]).
     held_last: bool,
@@ -315,7 +315,6 @@ impl Core {
             last_scan_ns: 0,
             last_excuse_ns: 0,
             backstop_warned: false,
-            local_pause_ns: LOCAL_PAUSE_MIN_NS.max(LOCAL_PAUSE_TICKS * 100_000_000),
             tick_ns: 100_000_000,
             held_last: false,
         }
@@ -324,9 +323,14 @@ impl Core {
     /// The tick period, which sets the gap between two ticks the monitor
     /// takes for a pause of its own (see [`Core::tick`]).
     pub fn set_tick(&mut self, tick: std::time::Duration) {
-        let tick_ns = u64::try_from(tick.as_nanos()).unwrap_or(u64::MAX);
-        self.local_pause_ns = LOCAL_PAUSE_MIN_NS.max(tick_ns.saturating_mul(LOCAL_PAUSE_TICKS));
-        self.tick_ns = tick_ns;
+        self.tick_ns = u64::try_from(tick.as_nanos()).unwrap_or(u64::MAX);
+    }
+
+    /// The gap between two scans past which the monitor itself was not
+    /// running: [`LOCAL_PAUSE_MIN_NS`], and at least [`LOCAL_PAUSE_TICKS`]
+    /// ticks.
+    fn local_pause_ns(&self) -> u64 {
+        LOCAL_PAUSE_MIN_NS.max(self.tick_ns.saturating_mul(LOCAL_PAUSE_TICKS))
     }
 
     /// Since when silence is held against the nodes (0: always).
@@ -506,7 +510,7 @@ impl Core {
             );
         }
         if self.last_scan_ns != 0
-            && now_ns.saturating_sub(self.last_scan_ns) > self.local_pause_ns
+            && now_ns.saturating_sub(self.last_scan_ns) > self.local_pause_ns()
             && (self.last_excuse_ns == 0 || now_ns - self.last_excuse_ns >= EXCUSE_EVERY_NS)
             && !self.gate_ran_between(dp, self.last_scan_ns, now_ns)
         {
@@ -1058,7 +1062,7 @@ impl Core {
     /// reads tell instead (a process stopped alone is excused, whether it
     /// drains its backlog before this asks or after; one starved is not).
     fn gate_ran_between(&self, dp: &dyn Dataplane, from_ns: u64, to_ns: u64) -> bool {
-        let tick_ns = self.local_pause_ns / LOCAL_PAUSE_TICKS;
+        let tick_ns = self.local_pause_ns() / LOCAL_PAUSE_TICKS;
         let after = from_ns.saturating_add(2 * tick_ns);
         let before = to_ns.saturating_sub(tick_ns);
         if let Some(ran) = dp.gate_ran_between(after, before) {
