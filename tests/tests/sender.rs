@@ -53,6 +53,25 @@ struct FakeMonitor {
 }
 
 impl FakeMonitor {
+    /// One on each of `pair`'s first addresses (IPv4, IPv6) in its `a`
+    /// end, at the heartbeat port.
+    fn on_both(pair: &VethPair, key: NodeKey) -> (FakeMonitor, FakeMonitor) {
+        let (v4, v6) = (pair.addrs.v4[0], pair.addrs.v6[0]);
+        let (s4, s6) = pair
+            .a
+            .run(move || {
+                (
+                    UdpSocket::bind(SocketAddr::from((v4, PORT))),
+                    UdpSocket::bind(SocketAddr::from((v6, PORT))),
+                )
+            })
+            .unwrap();
+        (
+            FakeMonitor::new(s4.unwrap(), key),
+            FakeMonitor::new(s6.unwrap(), key),
+        )
+    }
+
     fn new(sock: UdpSocket, key: NodeKey) -> FakeMonitor {
         let dp = MemDataplane::new();
         dp.upsert_node(NODE, &NodeKeys::single(0, EPOCH, key))
@@ -173,17 +192,7 @@ fn sender_heartbeats_acks_and_leaving() {
     let secret = [0x5au8; 32];
     let key = NodeKey::from_bytes(&hb::keys::derive_node_key(&secret, NODE, EPOCH));
     let (v4, v6) = (pair.addrs.v4[0], pair.addrs.v6[0]);
-    let (s4, s6) = pair
-        .a
-        .run(move || {
-            (
-                UdpSocket::bind(SocketAddr::from((v4, PORT))),
-                UdpSocket::bind(SocketAddr::from((v6, PORT))),
-            )
-        })
-        .unwrap();
-    let mut m4 = FakeMonitor::new(s4.unwrap(), key);
-    let mut m6 = FakeMonitor::new(s6.unwrap(), key);
+    let (mut m4, mut m6) = FakeMonitor::on_both(&pair, key);
 
     let state = tempfile::tempdir().unwrap();
     let log = state.path().join("sender.log");
@@ -449,17 +458,7 @@ fn a_monitor_name_fails_over_to_its_other_address_when_a_route_goes() {
     let _hosts = pair.b.hosts(&format!("{v4} mon\n{v6} mon\n")).unwrap();
     let secret = [0x5au8; 32];
     let key = NodeKey::from_bytes(&hb::keys::derive_node_key(&secret, NODE, EPOCH));
-    let (s4, s6) = pair
-        .a
-        .run(move || {
-            (
-                UdpSocket::bind(SocketAddr::from((v4, PORT))),
-                UdpSocket::bind(SocketAddr::from((v6, PORT))),
-            )
-        })
-        .unwrap();
-    let mut m4 = FakeMonitor::new(s4.unwrap(), key);
-    let mut m6 = FakeMonitor::new(s6.unwrap(), key);
+    let (mut m4, mut m6) = FakeMonitor::on_both(&pair, key);
     let log = tempfile::NamedTempFile::new().unwrap();
     let mut cmd = pair.b.exec(hb_bin().to_str().unwrap());
     cmd.args(["send", "--monitor", &format!("mon:{PORT}")])
