@@ -150,7 +150,11 @@ impl Monitor {
             .arg(dir.path("keyring.toml"))
             .arg("--events")
             .arg(&events)
-            .args(["--tick-ms", "20"])
+            .args(if extra.contains(&"--tick-ms") {
+                &[][..]
+            } else {
+                &["--tick-ms", "20"][..]
+            })
             .args(extra)
             .env("HB_LOG", "info")
             .stdin(Stdio::null())
@@ -2271,6 +2275,46 @@ fn a_reload_blocked_on_its_config_file_does_not_hold_off_sigterm() {
         "{}",
         m.stderr()
     );
+}
+
+/// A node a reload takes off the list is announced `removed` even when
+/// SIGTERM comes before the next tick: the shutdown announces it. (It was
+/// left for that tick, and lost: removal clears the node's state, so no
+/// later monitor could announce it either.) Ticks 4 s apart leave no
+/// tick between the reload and the stop.
+#[test]
+fn a_removal_just_before_sigterm_is_still_announced() {
+    let (pair, dir) = setup("mrmstop", &[1]);
+    let conf = dir.path("monitor.toml");
+    std::fs::write(&conf, "nodes = \"31,32\"\n").expect("write the config file");
+    let conf_arg = conf.to_str().expect("utf-8 path").to_owned();
+    let m = Monitor::start(
+        &pair,
+        &dir,
+        "native",
+        &["--config", &conf_arg, "--tick-ms", "4000"],
+    );
+    let beat = Beat::start(vec![Node::new(&pair, 31, 1), Node::new(&pair, 32, 1)]);
+    m.wait_event(31, "joined", Duration::from_secs(10));
+    m.wait_event(32, "joined", Duration::from_secs(1));
+    std::fs::write(&conf, "nodes = \"31\"\n").expect("write the config file");
+    m.signal(libc::SIGHUP);
+    m.wait_reloads(&pair, true, 1);
+    let events = m.events.clone();
+    m.stop();
+    drop(beat);
+    let lines: Vec<Value> = std::fs::read_to_string(&events)
+        .expect("events file")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("event line is JSON"))
+        .collect();
+    let removed: Vec<&Value> = lines.iter().filter(|e| e["event"] == "removed").collect();
+    assert_eq!(removed.len(), 1, "{lines:?}");
+    assert_eq!(removed[0]["node_id"], 32, "{lines:?}");
+    assert_eq!(removed[0]["previous"], "alive", "{lines:?}");
+    // Numbered after everything before it.
+    let last_seq = lines.iter().filter_map(|e| e["seq"].as_u64()).max();
+    assert_eq!(removed[0]["seq"].as_u64(), last_seq, "{lines:?}");
 }
 
 /// Userspace mode without `--iface` hears IPv4 on a host whose

@@ -598,6 +598,22 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
     {
         tracing::warn!("some tasks did not stop within 5 s");
     }
+    // Nodes a reload removed after the last tick: their `removed` now, or
+    // never (their state is cleared; the next monitor knows nothing of
+    // them).
+    {
+        let (s, sink) = (shared.clone(), sink.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            let mut core = s.core();
+            let mut gone = Vec::new();
+            let (n, _) = core.announce_removals(&mut events::now_rfc3339, &mut gone);
+            if n > 0 {
+                let base = sink.publish(gone);
+                core.published(base);
+            }
+        })
+        .await;
+    }
     sink.flush().await;
     // Every event is with the hooks now: those running and queued get a
     // grace to finish; then those still running are killed with their

@@ -527,6 +527,10 @@ impl Core {
             self.last_excuse_ns = now_ns;
         }
         self.last_scan_ns = now_ns;
+        // The nodes removed since the last tick first: decided before this
+        // tick's changes. None has a record to confirm (its slot's state
+        // was cleared, and may be another node's now): no `Change`.
+        let (removed, ts) = self.announce_removals(wall_ts, events);
         let due = self.due(now_ns);
         let det = self.detector;
         let listening_since_ns = self.listening_since_ns;
@@ -545,18 +549,10 @@ impl Core {
         // Changes of a tick whose events were never published stay
         // unconfirmed.
         self.changed.clear();
-        // The nodes removed since the last tick first: decided before this
-        // tick's changes. None has a record to confirm (its slot's state
-        // was cleared, and may be another node's now): no `Change`.
-        let mut ts = None;
-        let mut stats = TickStats::default();
-        for mut ev in self.removals.drain(..) {
-            ev.seq = self.next_seq;
-            self.next_seq += 1;
-            ev.ts = ts.get_or_insert_with(&mut *wall_ts).clone();
-            events.push(ev);
-            stats.events += 1;
-        }
+        let mut stats = TickStats {
+            events: removed,
+            ..TickStats::default()
+        };
         let mut announce = Announcer {
             det: &det,
             now_ns,
@@ -1005,7 +1001,8 @@ impl Core {
     /// waiting for confirmation (none of them may confirm anything on the
     /// slot, which a node may take next, the same one too). A node that
     /// was announced (any status but `unknown`: `joined` came first) is
-    /// announced `removed` by the next tick, from its last status, with
+    /// announced `removed` by the next tick (or the shutdown, if that
+    /// comes first: [`Core::announce_removals`]), from its last status, with
     /// the context of `before` (its state before removal, if it could be
     /// read) at `now_ns`. A node never heard from (a listed node, or a
     /// probation that expires) goes as silently as it came. Returns its
@@ -1040,6 +1037,27 @@ impl Core {
             self.removals.push(ev);
         }
         Some(slot)
+    }
+
+    /// Appends the `removed` events of the nodes removed since the last
+    /// tick to `events`, numbered and stamped now (`wall_ts`, if there is
+    /// any); how many, and the stamp. The tick announces them first; the
+    /// monitor's shutdown too, after the last tick: the removed nodes'
+    /// state is cleared, so no later monitor could announce them.
+    pub fn announce_removals(
+        &mut self,
+        wall_ts: &mut dyn FnMut() -> String,
+        events: &mut Vec<Event>,
+    ) -> (u32, Option<String>) {
+        let mut ts = None;
+        let n = self.removals.len() as u32;
+        for mut ev in self.removals.drain(..) {
+            ev.seq = self.next_seq;
+            self.next_seq += 1;
+            ev.ts = ts.get_or_insert_with(&mut *wall_ts).clone();
+            events.push(ev);
+        }
+        (n, ts)
     }
 
     /// Whether the gate stamped an arrival of any node well inside the
