@@ -122,6 +122,18 @@ impl NodeKeys {
             || (self.valid & 2 != 0 && self.epoch[1] == epoch)
     }
 
+    /// The key held for `epoch`, if any, by value: [`Self::find`] for
+    /// const code.
+    pub const fn key_of(&self, epoch: u8) -> Option<NodeKey> {
+        if self.valid & 1 != 0 && self.epoch[0] == epoch {
+            Some(self.key[0])
+        } else if self.valid & 2 != 0 && self.epoch[1] == epoch {
+            Some(self.key[1])
+        } else {
+            None
+        }
+    }
+
     /// A node at `slot` holding one key, `key` for `epoch`.
     pub const fn single(slot: u32, epoch: u8, key: NodeKey) -> NodeKeys {
         NodeKeys {
@@ -408,8 +420,9 @@ pub struct NodeState {
     /// anti-replay window; 0: none recorded (a fresh node, or a state
     /// pinned by an hb that had these bytes reserved). When a key
     /// rotation drops that epoch, the generation and the window go with
-    /// it ([`NodeState::rekey`]): a leaked key cannot hold the node down
-    /// after it is revoked.
+    /// it, and so when the rotation replaces that epoch's key
+    /// ([`NodeState::rekey`]): a leaked key cannot hold the node down after
+    /// it is revoked.
     pub accepted_epoch: u16,
     pub _pad2: [u8; 2],
     pub key: [NodeKey; 2],
@@ -1058,24 +1071,48 @@ impl NodeRest {
         }
     }
 
-    /// Whether `keys` no longer hold the epoch of the node's newest
-    /// accepted datagram ([`Self::accepted_epoch`]): a rotation that
-    /// revokes it. False when none is recorded.
+    /// The node's keys as [`NodeKeys`] (at slot 0: the state does not
+    /// record its slot).
+    pub const fn keys(&self) -> NodeKeys {
+        NodeKeys {
+            slot: 0,
+            epoch: self.key_epoch,
+            valid: self.key_valid,
+            _pad: 0,
+            key: self.key,
+        }
+    }
+
+    /// Whether `keys` revoke the key that let the node's newest accepted
+    /// datagram in ([`Self::accepted_epoch`]): they hold no key for its
+    /// epoch, or another one (the epoch's secret replaced in place). False
+    /// when none is recorded.
     pub const fn revoked_by(&self, keys: &NodeKeys) -> bool {
-        epoch_revoked(self.accepted_epoch, keys)
+        epoch_revoked(self.accepted_epoch, &self.keys(), keys)
     }
 }
 
-/// [`NodeRest::revoked_by`] on the field alone: whether `keys` no longer
-/// hold the epoch an [`NodeRest::accepted_epoch`] of `accepted_epoch`
-/// records.
-pub const fn epoch_revoked(accepted_epoch: u16, keys: &NodeKeys) -> bool {
-    accepted_epoch & ACCEPTED_EPOCH_KNOWN != 0 && !keys.holds(accepted_epoch as u8)
+/// [`NodeRest::revoked_by`] on the fields alone: whether going from keys
+/// `old` to `new` revokes the key of the epoch an
+/// [`NodeRest::accepted_epoch`] of `accepted_epoch` records: `new` holds
+/// no key for it, or not `old`'s.
+pub const fn epoch_revoked(accepted_epoch: u16, old: &NodeKeys, new: &NodeKeys) -> bool {
+    if accepted_epoch & ACCEPTED_EPOCH_KNOWN == 0 {
+        return false;
+    }
+    let e = accepted_epoch as u8;
+    match (old.key_of(e), new.key_of(e)) {
+        (Some(a), Some(b)) => a.k0 != b.k0 || a.k1 != b.k1,
+        // `new` drops it; or `old` did not hold it either (a state no gate
+        // writes), so nothing vouches for what it set.
+        _ => true,
+    }
 }
 
 /// Key rotation ([`NodeState::rekey`]) on a node's two parts: installs
 /// `node_id` and `keys`, keeping the state, except where `keys` revoke the
-/// epoch of the node's newest accepted datagram. Then what the datagrams of
+/// key of the node's newest accepted datagram (drop its epoch, or replace
+/// that epoch's key: a leaked secret replaced in place). Then what the datagrams of
 /// that epoch may have set is forgotten: the generation and the
 /// anti-replay window start afresh, as for a node never heard from, and
 /// the node's next accepted datagram is a new generation (a restart, as
@@ -2069,6 +2106,45 @@ mod tests {
         };
         assert_eq!(keys.find(1), None, "slot 0 not valid");
         assert_eq!(keys.find(2), Some(&k(2)));
+        assert_eq!(keys.key_of(2), Some(k(2)));
+        assert_eq!(keys.key_of(1), None);
+    }
+
+    /// What revokes the key of a node's newest accepted datagram: its
+    /// epoch dropped, or its key replaced in place. Keeping that key, with
+    /// or without other epochs, revokes nothing; nor does anything when no
+    /// epoch is recorded.
+    #[test]
+    fn a_key_is_revoked_when_its_epoch_goes_or_its_secret_changes() {
+        let k = |n| NodeKey { k0: n, k1: n + 100 };
+        let keys = |held: &[(u8, u64)]| {
+            let mut ks = NodeKeys::single(0, held[0].0, k(held[0].1));
+            if let Some(&(e, n)) = held.get(1) {
+                (ks.epoch[1], ks.key[1], ks.valid) = (e, k(n), 3);
+            }
+            ks
+        };
+        let on_1 = ACCEPTED_EPOCH_KNOWN | 1;
+        let old = keys(&[(1, 10)]);
+        let revoked = |new: &[(u8, u64)]| epoch_revoked(on_1, &old, &keys(new));
+        assert!(!revoked(&[(1, 10)]));
+        assert!(!revoked(&[(2, 20), (1, 10)]));
+        assert!(revoked(&[(2, 20)]), "epoch dropped");
+        assert!(revoked(&[(1, 11)]), "secret replaced");
+        let mut half = old;
+        half.key[0].k1 += 1;
+        assert!(epoch_revoked(on_1, &old, &half), "k0 alike, k1 not");
+        assert!(!epoch_revoked(0, &old, &keys(&[(2, 20)])), "none recorded");
+        // Through a node's state: the reset.
+        let mut st = NodeState::default();
+        st.set_keys(7, &old);
+        st.generation = u32::MAX;
+        st.accepted_epoch = on_1;
+        assert!(!st.rekey(7, &old));
+        assert_eq!(st.generation, u32::MAX);
+        assert!(st.rekey(7, &keys(&[(1, 11)])));
+        assert_eq!((st.generation, st.accepted_epoch), (0, 0));
+        assert_eq!(st.find_key(1), Some(k(11)));
     }
 
     /// Which of a node's heartbeats `ack_interval` answers: `beats` of a

@@ -1447,6 +1447,69 @@ fn a_rotation_revoking_the_accepted_epoch_forgets_the_generation_it_set() {
     assert_eq!((s.generation, s.accepted, s.restarts), (GEN + 2000, 4, 3));
 }
 
+/// The quickest answer to a leaked key is to replace its epoch's secret in
+/// place (same epoch id): that revokes it too. The generation the leaked
+/// key forged goes with it, and the node's heartbeats under the new key
+/// are taken (a restart); the leaked key is refused. A reload that installs
+/// the same key again (another node's change, a keyring touched) keeps
+/// everything. (Only a dropped epoch revoked: the node stayed `stale`.)
+#[test]
+fn replacing_the_accepted_epochs_secret_in_place_forgets_what_it_set() {
+    let g = Gate::new(Config {
+        port: PORT,
+        ..Config::default()
+    });
+    let run = |d: Datagram, k: &NodeKey| g.run(&v4(&d.seal(k))).unwrap().0;
+    let count = |r: GateResult| g.dp.counters().unwrap()[r.index() as usize];
+    let leaked = key();
+    let fresh = NodeKey { k0: 9, k1: 10 };
+    run(hb(1), &leaked);
+    let forged = Datagram {
+        generation: u32::MAX,
+        ..hb(2)
+    };
+    run(forged, &leaked);
+    assert_eq!(g.state().generation, u32::MAX);
+    // The same key installed again: nothing is forgotten.
+    g.dp.upsert_node(NODE, &NodeKeys::single(SLOT, 1, leaked))
+        .unwrap();
+    assert_eq!(
+        g.state().generation,
+        u32::MAX,
+        "the same key revokes nothing"
+    );
+    // Epoch 1's secret replaced.
+    g.dp.upsert_node(NODE, &NodeKeys::single(SLOT, 1, fresh))
+        .unwrap();
+    let s = g.state();
+    assert_eq!((s.generation, s.max_seq, s.replay_bitmap), (0, 0, 0));
+    assert_eq!((s.accepted, s.restarts), (2, 1), "counts kept");
+    let bad_tag = count(GateResult::BadTag);
+    run(
+        Datagram {
+            generation: u32::MAX,
+            ..hb(3)
+        },
+        &leaked,
+    );
+    assert_eq!(
+        count(GateResult::BadTag),
+        bad_tag + 1,
+        "the leaked key refused"
+    );
+    let genuine = Datagram {
+        generation: GEN + 1000,
+        ..hb(1)
+    };
+    run(genuine, &fresh);
+    let s = g.state();
+    assert_eq!(
+        (s.generation, s.accepted, s.restarts),
+        (GEN + 1000, 3, 2),
+        "the node's heartbeat under the new secret is taken"
+    );
+}
+
 /// A heartbeat that travelled to or from a group address is taken but not
 /// answered. To one: in an Ethernet broadcast frame (to the host's unicast
 /// IP), or, with no address table (or more than 16 addresses), to

@@ -38,15 +38,17 @@ pub(crate) fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
-/// Says that a key rotation revoked the epoch of `node_id`'s newest
-/// accepted heartbeat, so its generation and anti-replay window start
-/// afresh (`hb_common::maps::rekey`).
+/// Says that a key rotation revoked the key of `node_id`'s newest
+/// accepted heartbeat (dropped its epoch, or replaced its secret), so its
+/// generation and anti-replay window start afresh
+/// (`hb_common::maps::rekey`).
 pub(crate) fn log_revoked(node_id: u32) {
     tracing::info!(
         node = node_id,
-        "the key epoch of the node's last accepted heartbeat is no longer held: its generation \
-         and replay window start afresh, and its next heartbeat under a held key is announced \
-         restarted (a leaked key cannot hold a node stale past its revocation)"
+        "the key of the node's last accepted heartbeat is no longer held (its epoch dropped, or \
+         its secret replaced): its generation and replay window start afresh, and its next \
+         heartbeat under a held key is announced restarted (a leaked key cannot hold a node \
+         stale past its revocation)"
     );
 }
 

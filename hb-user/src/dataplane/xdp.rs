@@ -835,7 +835,7 @@ impl Held {
     /// but for what a revoked epoch set (`hb_common::maps::rekey`, whose
     /// fields these are): writes only those fields, so nothing the kernel
     /// counts meanwhile is lost. Returns whether the rotation revoked the
-    /// epoch of the node's newest accepted datagram.
+    /// key of the node's newest accepted datagram.
     fn rekey(self, node_id: u32, keys: &NodeKeys) -> bool {
         let ks = self.entry.keys_seq();
         ks.fetch_add(1, Ordering::AcqRel);
@@ -845,7 +845,14 @@ impl Held {
         // the node.
         let revoked = unsafe {
             let accepted = std::ptr::read_volatile(std::ptr::addr_of!((*r).accepted_epoch));
-            let revoked = maps::epoch_revoked(accepted, keys);
+            let old = NodeKeys {
+                slot: 0,
+                epoch: std::ptr::read_volatile(std::ptr::addr_of!((*r).key_epoch)),
+                valid: std::ptr::read_volatile(std::ptr::addr_of!((*r).key_valid)),
+                _pad: 0,
+                key: std::ptr::read_volatile(std::ptr::addr_of!((*r).key)),
+            };
+            let revoked = maps::epoch_revoked(accepted, &old, keys);
             if revoked {
                 std::ptr::write_volatile(std::ptr::addr_of_mut!((*l).generation), 0);
                 std::ptr::write_volatile(std::ptr::addr_of_mut!((*r).max_seq), 0);
