@@ -116,7 +116,7 @@ pub struct Opts {
     /// addresses (all addresses when none is given).
     #[arg(long = "iface", value_name = "IF")]
     pub iface: Vec<String>,
-    /// Heartbeat UDP port [default: 7420].
+    /// Heartbeat UDP port, 1 to 65535 [default: 7420].
     #[arg(long)]
     pub port: Option<u16>,
     /// Keyring file (TOML `[[epoch]]` tables with `id` and `secret`).
@@ -138,7 +138,7 @@ pub struct Opts {
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub ack: Option<bool>,
     /// ACK every N-th accepted heartbeat of a node, N >= 1 (implies --ack)
-    /// [default: 1].
+    /// [default: 1; 10 under `--controller qlearn` without --ack].
     #[arg(long, value_name = "N")]
     pub ack_every: Option<u32>,
     /// Events as JSON lines: a file (appended; reopened on SIGHUP) or `-`
@@ -152,17 +152,18 @@ pub struct Opts {
     /// Hooks running at once, 1 to 1024 [default: 4].
     #[arg(long, value_name = "N")]
     pub hook_concurrency: Option<usize>,
-    /// A hook still running after this is killed [default: 10000].
+    /// A hook still running after this is killed, at least 1 [default: 10000].
     #[arg(long, value_name = "MS")]
     pub hook_timeout_ms: Option<u64>,
-    /// Most events waiting for a free hook slot; an event that finds this
-    /// many waiting is dropped [default: 1024].
+    /// Most events waiting for a free hook slot, 1 to 1048576; an event
+    /// that finds this many waiting is dropped [default: 1024].
     #[arg(long, value_name = "N")]
     pub hook_queue: Option<usize>,
-    /// Decision tick period [default: 100].
+    /// Decision tick period, 1 to 60000 [default: 100].
     #[arg(long, value_name = "MS")]
     pub tick_ms: Option<u64>,
-    /// alive -> suspect at this phi [default: 8].
+    /// alive -> suspect at this phi; the thresholds must keep
+    /// alive < suspect <= dead [default: 8].
     #[arg(long)]
     pub suspect_phi: Option<f64>,
     /// -> dead at this phi (with --dead-min-intervals of silence) [default: 12].
@@ -207,18 +208,19 @@ pub struct Opts {
     /// scenario (see the README), so it is not trusted by default.
     #[arg(long, value_enum, value_name = "KIND")]
     pub controller: Option<ControllerKind>,
-    /// Ask every node to use this interval (`--controller fixed`) [default: none].
+    /// Ask every node to use this interval (`--controller fixed`), 100 to
+    /// 10000 [default: none].
     #[arg(long, value_name = "MS")]
     pub fixed_interval_ms: Option<u32>,
     /// How often the interval policy decides for each node (qlearn spreads
-    /// the nodes over the period) [default: 1000; qlearn 5000].
+    /// the nodes over the period), 1 to 3600000 [default: 1000; qlearn 5000].
     #[arg(long, value_name = "MS")]
     pub decision_ms: Option<u64>,
-    /// qlearn: the interval bounds, ms [default: 100-10000].
+    /// qlearn: the interval bounds, ms, within 100-10000 [default: 100-10000].
     #[arg(long, value_name = "MIN-MAX")]
     pub controller_bounds_ms: Option<String>,
     /// qlearn: the 99th-percentile crash-to-suspicion time the controller
-    /// aims for, ms [default: 3000].
+    /// aims for, ms, above 0 [default: 3000].
     #[arg(long, value_name = "MS")]
     pub controller_target_ms: Option<f64>,
     /// qlearn: seed of the exploration (runs are reproducible) [default: 1].
@@ -233,7 +235,8 @@ pub struct Opts {
     /// never exceeds `--controller-max-interval-ms`.
     #[arg(long, value_name = "SPEC")]
     pub critical: Option<String>,
-    /// The interval cap of `--critical` nodes, ms.
+    /// The interval cap of `--critical` nodes, ms: at least 100, and under
+    /// qlearn at least the bounds' minimum.
     #[arg(long, value_name = "MS")]
     pub controller_max_interval_ms: Option<u32>,
     /// Leave the XDP program attached on exit (state keeps being
