@@ -666,6 +666,12 @@ pub fn run(cmd: Cmd) -> anyhow::Result<()> {
                 .node_key(node_id, epoch)
                 .with_context(|| format!("cannot derive the key of node {node_id}"))?;
             crate::output::stdout(&format!("{}\n", to_hex(&key.to_bytes())))?;
+            // The key alone does not say its epoch, which `hb send` needs.
+            tracing::info!(
+                node_id,
+                epoch,
+                "the key of node {node_id} for epoch {epoch}: hb send --key-epoch {epoch}"
+            );
         }
     }
     Ok(())

@@ -264,10 +264,17 @@ fn keys_derive_gives_the_protocol_vectors() {
     let (_d, ring) = keyring(&format!(
         "[[epoch]]\nid = 0\nsecret = \"{VECTOR_SECRET}\"\n[[epoch]]\nid = 1\nsecret = \"{VECTOR_SECRET}\"\n"
     ));
-    // Default epoch: the newest (1).
-    let o = hb(&["keys", "derive", "--keyring", &ring, "--node-id", "42"]);
+    // Default epoch: the newest (1), which the log names for `hb send`.
+    let o = output(
+        command(&["keys", "derive", "--keyring", &ring, "--node-id", "42"]).env("HB_LOG", "info"),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), "6df25b19dd0205345e893133518757d6\n");
+    assert!(
+        stderr(&o).contains("hb send --key-epoch 1"),
+        "{}",
+        stderr(&o)
+    );
     let o = hb(&[
         "keys",
         "derive",
@@ -467,10 +474,33 @@ fn bad_sender_options_fail_with_one_line() {
     ];
     for (args, want) in cases {
         let mut full = vec!["send"];
+        let keyed = args.contains(&"--key") || args.contains(&"--key-file");
         full.extend(args);
+        if keyed {
+            full.extend(["--key-epoch", "1"]);
+        }
         let o = hb(&full);
         assert_fails(&o, want);
     }
+    // A key without its epoch: no default can be right (keyrings start
+    // at 1, rotations move on), and a wrong one is silent `bad_epoch`.
+    let good_file = d.path().join("good.key");
+    std::fs::write(&good_file, format!("{key}\n")).unwrap();
+    private(&good_file);
+    let good_file = good_file.display().to_string();
+    for (args, what) in [
+        (vec!["--key", key], "--key"),
+        (vec!["--key-file", &good_file], "--key-file"),
+    ] {
+        let mut full = vec!["send", "--monitor", m, "--node-id", "1"];
+        full.extend(args);
+        assert_fails(
+            &hb(&full),
+            &format!("{what} needs --key-epoch E, the epoch the key was derived for"),
+        );
+    }
+    let o = output(command(&["send", "--monitor", m, "--node-id", "1"]).env("HB_NODE_KEY", key));
+    assert_fails(&o, "HB_NODE_KEY needs --key-epoch E");
 }
 
 /// HB_NODE_KEY is the key when no option names one, and only then: a
@@ -481,6 +511,9 @@ fn the_key_from_the_environment_yields_to_the_options() {
     let send = |env: &str, args: &[&str]| {
         let mut full = vec!["send", "--monitor", "198.18.0.1:7420", "--node-id", "1"];
         full.extend(args);
+        if !args.contains(&"--keyring") {
+            full.extend(["--key-epoch", "1"]);
+        }
         // An invalid interval stops the sender after its key is read,
         // before it sends anything.
         full.extend(["--interval-ms", "50"]);
@@ -702,6 +735,8 @@ fn a_monitor_name_that_does_not_resolve_stops_no_heartbeat_to_the_others() {
         "1",
         "--key",
         NODE_KEY,
+        "--key-epoch",
+        "1",
         "--interval-ms",
         "100",
     ])
@@ -792,6 +827,8 @@ fn a_sender_with_no_resolvable_monitor_keeps_running() {
         "1",
         "--key",
         NODE_KEY,
+        "--key-epoch",
+        "1",
     ]);
     let unresolved = [
         "WARN",
@@ -877,7 +914,7 @@ fn bad_sender_input_is_refused_at_start() {
         ),
     ];
     for (args, want) in cases {
-        let mut full = vec!["send", "--node-id", "1"];
+        let mut full = vec!["send", "--node-id", "1", "--key-epoch", "1"];
         full.extend(args);
         let o = hb(&full);
         assert_fails(&o, want);
@@ -907,6 +944,8 @@ fn a_second_sender_on_one_state_dir_is_refused() {
         "1",
         "--key",
         NODE_KEY,
+        "--key-epoch",
+        "1",
         "--state-dir",
         &dir,
     ];

@@ -88,15 +88,12 @@ pub struct Args {
     /// (mode 0600 or 0400).
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
-    /// The epoch of `--key`/`--key-file` (the `--epoch` it was derived
-    /// for). Must match the monitor's keyring.
-    #[arg(
-        long,
-        value_name = "E",
-        default_value_t = 0,
-        conflicts_with = "keyring"
-    )]
-    pub key_epoch: u8,
+    /// The epoch of `--key`/`--key-file`/HB_NODE_KEY (the `--epoch` it was
+    /// derived for; `hb keys derive` logs it), required with them: a wrong
+    /// one has every heartbeat refused as `bad_epoch`. Must be one of the
+    /// two newest epochs of the monitor's keyring.
+    #[arg(long, value_name = "E", conflicts_with = "keyring")]
+    pub key_epoch: Option<u8>,
     /// Derive the node key from a keyring instead (test setups; in
     /// production only monitors should hold the master secret).
     #[arg(long, value_name = "FILE")]
@@ -542,13 +539,28 @@ impl Args {
                  {KEY_ENV} key is --key-epoch {e}"
             );
         }
+        // A key alone does not say its epoch, and no default can be right:
+        // the README's keyrings start at 1, and one rotation on the
+        // epochs move. A wrong epoch has every heartbeat refused as
+        // `bad_epoch`, and the node is dead with no word at either end.
+        let epoch_of = |what: &str| {
+            self.key_epoch.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{what} needs --key-epoch E, the epoch the key was derived for (`hb keys \
+                     derive` logs it): a wrong one has every heartbeat refused as bad_epoch"
+                )
+            })
+        };
         let (key, key_epoch) = match (&self.key, &self.key_file, &self.keyring) {
-            (Some(hex), _, _) => (parse_key(hex.trim()).context("bad --key")?, self.key_epoch),
+            (Some(hex), _, _) => (
+                parse_key(hex.trim()).context("bad --key")?,
+                epoch_of("--key")?,
+            ),
             (None, None, None) if let Some(hex) = &env => (
                 parse_key(hex.trim()).with_context(|| format!("bad {KEY_ENV}"))?,
-                self.key_epoch,
+                epoch_of(KEY_ENV)?,
             ),
-            (_, Some(file), _) => (read_key_file(file)?, self.key_epoch),
+            (_, Some(file), _) => (read_key_file(file)?, epoch_of("--key-file")?),
             (_, _, Some(path)) => {
                 let ring = Keyring::load(path)?;
                 let epoch = self.epoch.unwrap_or_else(|| ring.newest());
