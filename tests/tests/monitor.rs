@@ -1825,6 +1825,33 @@ fn a_start_that_fails_attaches_nothing() {
     assert_eq!(xdp_prog_id(&pair.a, IF_A), None, "detached at the stop");
 }
 
+/// In native mode on a veth, the kernel sends the gate's XDP_TX frames
+/// (its ACKs) on to the peer only if the peer runs an XDP program too;
+/// without one it drops them, and nothing said so (`ack_sent` counts them
+/// as sent). The start says it once per such interface; in skb mode, whose
+/// ACKs go through the stack, it says nothing. (This test's peer has no
+/// program; the text claims no loss, only the need.)
+#[test]
+fn native_mode_on_a_veth_says_acks_need_a_program_on_the_peer() {
+    const SAID: &str = "ACKs (XDP_TX) reach the peer only if the peer veth has an XDP program";
+    let (pair, dir) = setup("mvethack", &[1]);
+    let m = Monitor::start(&pair, &dir, "native", &["--nodes", "1", "--ack"]);
+    m.wait_stderr("monitor started", Duration::from_secs(5));
+    let log = m.plain_stderr();
+    let said: Vec<&str> = log.lines().filter(|l| l.contains(SAID)).collect();
+    assert_eq!(said.len(), 1, "{log}");
+    assert!(
+        said[0].contains(&format!("interface={IF_A}")) && said[0].contains("--mode skb"),
+        "{}",
+        said[0]
+    );
+    m.stop();
+    let m = Monitor::start(&pair, &dir, "skb", &["--nodes", "1", "--ack"]);
+    m.wait_stderr("monitor started", Duration::from_secs(5));
+    assert!(!m.plain_stderr().contains(SAID), "{}", m.stderr());
+    m.stop();
+}
+
 /// `--iface` twice, one interface whose driver has no native XDP (a
 /// bridge): native mode attaches natively on the veth, says it falls back
 /// to skb mode on the bridge and does, gates heartbeats, and detaches from

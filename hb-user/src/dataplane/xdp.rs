@@ -2037,6 +2037,33 @@ impl XdpDataplane {
     }
 }
 
+/// Native XDP on a veth sends its `XDP_TX` frames (the gate's ACKs) on
+/// to the peer only if the peer veth runs an XDP program too (the kernel
+/// delivers them through the peer's XDP receive path; without a program
+/// there it drops them, counted as `xdp_tx_errors` in `ethtool -S`, and
+/// the gate's `ack_sent` counts them as sent): said once at the attach,
+/// as the monitor cannot see the peer (in another namespace, a
+/// container's). skb mode sends them through the stack.
+fn warn_if_native_on_veth(a: &Attached) {
+    if a.mode != "native" {
+        return;
+    }
+    match super::netlink::link_kind(a.ifindex) {
+        Ok(Some(kind)) if kind == "veth" => tracing::warn!(
+            interface = %a.ifname,
+            "native XDP on a veth: the gate's ACKs (XDP_TX) reach the peer only if the peer veth \
+             has an XDP program attached (a pass-through one will do): attach one there, or run \
+             with --mode skb"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::debug!(
+            interface = %a.ifname,
+            error = %format!("{e:#}"),
+            "cannot ask rtnetlink for the interface's kind"
+        ),
+    }
+}
+
 /// The index of interface `name`, 0 if there is none by that name; an
 /// error only for a name no interface can have (a NUL in it).
 fn if_index(name: &str) -> anyhow::Result<u32> {
@@ -2344,6 +2371,9 @@ impl Dataplane for XdpDataplane {
         }
         for (ifname, ifindex) in &plan.interfaces {
             self.attach_to(ifname, *ifindex, &plan)?;
+        }
+        for a in self.attached_now().iter() {
+            warn_if_native_on_veth(a);
         }
         if !self.undo_until_started {
             self.started();
