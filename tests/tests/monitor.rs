@@ -202,17 +202,7 @@ impl Monitor {
 
     /// The log without the terminal colours tracing may add.
     fn plain_stderr(&self) -> String {
-        let mut log = String::new();
-        let mut esc = false;
-        for c in self.stderr().chars() {
-            match (esc, c) {
-                (false, '\x1b') => esc = true,
-                (true, 'm') => esc = false,
-                (false, c) => log.push(c),
-                _ => {}
-            }
-        }
-        log
+        plain(&self.stderr())
     }
 
     /// Waits until the monitor has counted `n` reloads with result `ok`.
@@ -360,6 +350,21 @@ impl Drop for Monitor {
             let _ = self.child.wait();
         }
     }
+}
+
+/// `log` without the terminal colours tracing may add.
+fn plain(log: &str) -> String {
+    let mut out = String::new();
+    let mut esc = false;
+    for c in log.chars() {
+        match (esc, c) {
+            (false, '\x1b') => esc = true,
+            (true, 'm') => esc = false,
+            (false, c) => out.push(c),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// `GET path` from the monitor's API (connecting from inside `ns`).
@@ -1662,8 +1667,9 @@ fn bad_input(mode: &str) {
 
 /// Runs `cmd` (an `hb` invocation that must fail): a non-zero exit (within
 /// [`EXIT_TIMEOUT`], else it is killed and the test fails), one `hb: `
-/// line on stderr containing `want`, no panic.
-fn fails_with_one_line(what: &str, cmd: &mut std::process::Command, want: &str) {
+/// line on stderr containing `want`, no panic. Its stderr, without
+/// colours.
+fn fails_with_one_line(what: &str, cmd: &mut std::process::Command, want: &str) -> String {
     let out = output_within(cmd.env_remove("RUST_BACKTRACE"), EXIT_TIMEOUT);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{what}: exited 0");
@@ -1675,6 +1681,7 @@ fn fails_with_one_line(what: &str, cmd: &mut std::process::Command, want: &str) 
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("hb: ")).collect();
     assert_eq!(lines.len(), 1, "{what}: one error line: {err:?}");
     println!("{what}: {}", lines[0]);
+    plain(&err)
 }
 
 /// `hb_pass` (from hb's own eBPF object, loaded by the test) attached in
@@ -1716,6 +1723,133 @@ fn xdp_prog_id(ns: &NetNs, ifname: &str) -> Option<u64> {
         .expect("ip link show");
     let links: Value = serde_json::from_slice(&out.stdout).expect("ip -j JSON");
     links[0]["xdp"]["prog"]["id"].as_u64()
+}
+
+/// A start that fails attaches nothing: every step of it that can fail
+/// (the API address, the events file, the controller's table, the pinned
+/// maps' capacity, the fleet) comes before the gate is attached. It used
+/// to attach first and detach again at the failure, and on some NICs
+/// attaching or detaching native XDP resets the rings, a break for all the
+/// host's traffic that a supervisor restarting a start that keeps failing
+/// (the README's unit: every 2 s) repeated for good. Over a gate an
+/// earlier `--keep-attached` run left, such a start leaves that gate as it
+/// was, its program and all (it used to swap its own in, or detach the
+/// gate without `--keep-attached`).
+#[test]
+fn a_start_that_fails_attaches_nothing() {
+    /// What an attach, a re-adoption or a detach logs.
+    const TOUCHED: [&str; 3] = [
+        "XDP gate attached",
+        "re-adopted pinned XDP link",
+        "XDP gate detached",
+    ];
+    const OTHER_LISTEN: &str = "127.0.0.1:9422";
+    let (pair, dir) = setup("mfailattach", &[1]);
+    let pins = dir.pins();
+    let keyring = dir.path("keyring.toml");
+    let events = dir.path("failed.jsonl");
+    let fails = |what: &str, args: &[&str], want: &str| {
+        let mut cmd = pair.a.command(hb_bin().to_str().unwrap());
+        cmd.args(["monitor", "--mode", "native", "--iface", IF_A])
+            .args(["--port", &PORT.to_string(), "--pin-dir", &pins])
+            .arg("--keyring")
+            .arg(&keyring)
+            .arg("--events")
+            .arg(&events)
+            .args(args)
+            .env("HB_LOG", "info");
+        let log = fails_with_one_line(what, &mut cmd, want);
+        for line in TOUCHED {
+            assert!(!log.contains(line), "{what}: {line:?} in its log:\n{log}");
+        }
+    };
+    // The API address taken, as by a monitor already running.
+    let held = pair
+        .a
+        .run(|| std::net::TcpListener::bind(LISTEN))
+        .unwrap()
+        .unwrap();
+    fails(
+        "the --listen address in use",
+        &["--listen", LISTEN, "--nodes", "1"],
+        "cannot listen on 127.0.0.1:9420: address already in use",
+    );
+    assert_eq!(xdp_prog_id(&pair.a, IF_A), None, "nothing attached");
+
+    // A gate kept by an earlier run, over maps of 2 slots.
+    let m = Monitor::start_on(
+        &pair,
+        &dir,
+        "native",
+        PORT,
+        OTHER_LISTEN,
+        &["--nodes", "1", "--keep-attached", "--capacity", "2"],
+    );
+    m.stop();
+    let kept = xdp_prog_id(&pair.a, IF_A).expect("the gate kept attached");
+    let link = std::path::Path::new(&pins).join(format!("link_{IF_A}"));
+    let more = [
+        "--nodes",
+        "1-3",
+        "--capacity",
+        "4",
+        "--listen",
+        OTHER_LISTEN,
+    ];
+    for keep in [true, false] {
+        let keep_arg: &[&str] = if keep { &["--keep-attached"] } else { &[] };
+        fails(
+            &format!("the --listen address in use, over a kept gate (keep {keep})"),
+            &[&["--listen", LISTEN, "--nodes", "1"][..], keep_arg].concat(),
+            "cannot listen on 127.0.0.1:9420: address already in use",
+        );
+        fails(
+            &format!("more nodes than the pinned maps' slots (keep {keep})"),
+            &[&more[..], keep_arg].concat(),
+            "more than the 2 slots of the pinned maps",
+        );
+        assert_eq!(
+            xdp_prog_id(&pair.a, IF_A),
+            Some(kept),
+            "keep {keep}: the kept gate as it was"
+        );
+        assert!(link.exists(), "keep {keep}: its pin removed");
+    }
+    drop(held);
+    // The kept gate is still the next start's to take over.
+    let m = Monitor::start(&pair, &dir, "native", &["--nodes", "1"]);
+    let now = xdp_prog_id(&pair.a, IF_A).expect("gated");
+    assert_ne!(now, kept, "the new program in the kept link");
+    assert!(m.stderr().contains("re-adopted pinned XDP link"));
+    m.stop();
+    assert_eq!(xdp_prog_id(&pair.a, IF_A), None, "detached at the stop");
+}
+
+/// In native mode on a veth, the kernel sends the gate's XDP_TX frames
+/// (its ACKs) on to the peer only if the peer runs an XDP program too;
+/// without one it drops them, and nothing said so (`ack_sent` counts them
+/// as sent). The start says it once per such interface; in skb mode, whose
+/// ACKs go through the stack, it says nothing. (This test's peer has no
+/// program; the text claims no loss, only the need.)
+#[test]
+fn native_mode_on_a_veth_says_acks_need_a_program_on_the_peer() {
+    const SAID: &str = "ACKs (XDP_TX) reach the peer only if the peer veth has an XDP program";
+    let (pair, dir) = setup("mvethack", &[1]);
+    let m = Monitor::start(&pair, &dir, "native", &["--nodes", "1", "--ack"]);
+    m.wait_stderr("monitor started", Duration::from_secs(5));
+    let log = m.plain_stderr();
+    let said: Vec<&str> = log.lines().filter(|l| l.contains(SAID)).collect();
+    assert_eq!(said.len(), 1, "{log}");
+    assert!(
+        said[0].contains(&format!("interface={IF_A}")) && said[0].contains("--mode skb"),
+        "{}",
+        said[0]
+    );
+    m.stop();
+    let m = Monitor::start(&pair, &dir, "skb", &["--nodes", "1", "--ack"]);
+    m.wait_stderr("monitor started", Duration::from_secs(5));
+    assert!(!m.plain_stderr().contains(SAID), "{}", m.stderr());
+    m.stop();
 }
 
 /// `--iface` twice, one interface whose driver has no native XDP (a

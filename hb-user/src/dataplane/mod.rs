@@ -119,6 +119,14 @@ pub trait Dataplane: Send + Sync {
         MAX_NODES
     }
 
+    /// Attaches the gate where it was opened for (the XDP dataplane's
+    /// interfaces; nothing to do for a socket's): the last step of a
+    /// start, once nothing else of it can fail, so that a start that fails
+    /// leaves the interfaces as they were. Once only.
+    fn attach(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
     /// The interfaces the gate is attached to, and how (`native`, `skb`,
     /// `kept`): what a start got, which `--mode` only asked for.
     fn attached(&self) -> Vec<(String, &'static str)> {

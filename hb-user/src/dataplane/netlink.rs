@@ -2,13 +2,15 @@
 //! attached in, and which programs. A bpf_link's own info names only the
 //! interface, and a link kept attached by an earlier run
 //! (`--keep-attached`) keeps the mode it was attached in, whatever
-//! `--mode` the next start asks for.
+//! `--mode` the next start asks for. And its kind (`veth`, ...): native
+//! XDP on a veth sends its `XDP_TX` frames on only to a peer that runs an
+//! XDP program too.
 
 use anyhow::{Context as _, anyhow, bail};
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
     RouteNetlinkMessage,
-    link::{LinkAttribute, LinkMessage, LinkXdp, XdpAttached},
+    link::{LinkAttribute, LinkInfo, LinkMessage, LinkXdp, XdpAttached},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -77,6 +79,23 @@ pub fn link_now(ifindex: u32) -> anyhow::Result<Option<LinkNow>> {
         name,
         xdp_prog_ids: prog_ids(xdp),
     }))
+}
+
+/// The kind of the interface at `ifindex` in this network namespace
+/// (`IFLA_INFO_KIND`: `veth`, `bridge`, `dummy`...; what `ip -d link`
+/// shows after its flags), `None` for a device without one (`lo`, most
+/// physical NICs, whose driver sets no link kind).
+pub fn link_kind(ifindex: u32) -> anyhow::Result<Option<String>> {
+    Ok(get_link(ifindex)?
+        .attributes
+        .into_iter()
+        .find_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos.into_iter().find_map(|i| match i {
+                LinkInfo::Kind(kind) => Some(kind.to_string()),
+                _ => None,
+            }),
+            _ => None,
+        }))
 }
 
 /// The program ids in `IFLA_XDP` attributes, sorted, once each.
@@ -171,5 +190,39 @@ mod tests {
         assert!(err.contains("no interface of index"), "{err}");
         // An index no interface has (a deleted one's): none.
         assert_eq!(link_now(999_999).unwrap(), None);
+    }
+
+    /// In a network namespace of its own (this test's thread only, gone
+    /// with it, and the interfaces with it): a veth pair says `veth`, a
+    /// bridge `bridge`, `lo` nothing.
+    #[test]
+    fn a_veth_is_told_from_other_interfaces() {
+        std::thread::spawn(|| {
+            // SAFETY: unshare(2) changes only this thread's namespace.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "a network namespace for this thread (run as root)");
+            let ip = |args: &[&str]| {
+                let st = std::process::Command::new("ip")
+                    .args(args)
+                    .status()
+                    .expect("run ip");
+                assert!(st.success(), "ip {args:?}: {st}");
+            };
+            ip(&[
+                "link", "add", "hbk0", "type", "veth", "peer", "name", "hbk1",
+            ]);
+            ip(&["link", "add", "hbk2", "type", "bridge"]);
+            let kind = |name: &str| {
+                let i = nix::net::if_::if_nametoindex(name).expect("interface");
+                link_kind(i).unwrap()
+            };
+            assert_eq!(kind("hbk0").as_deref(), Some("veth"));
+            assert_eq!(kind("hbk1").as_deref(), Some("veth"));
+            assert_eq!(kind("hbk2").as_deref(), Some("bridge"));
+            assert_eq!(kind("lo"), None);
+            assert!(link_kind(999_999).is_err(), "no such interface");
+        })
+        .join()
+        .expect("the namespace thread");
     }
 }

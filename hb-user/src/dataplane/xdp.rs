@@ -10,8 +10,12 @@
 //!   link atomically. A start detaches the links kept for interfaces no
 //!   longer listed, a monitor in userspace mode every link kept in its pin
 //!   directory ([`release_kept_links`]), and a dataplane dropped without
-//!   a node provisioned (a start that failed before it provisioned its
-//!   nodes) keeps no link: such a gate would only refuse heartbeats.
+//!   a node provisioned keeps no link: such a gate would only refuse
+//!   heartbeats.
+//! - Loading and attaching are two steps ([`XdpDataplane::load`],
+//!   [`Dataplane::attach`]): the monitor attaches once nothing else of its
+//!   start can fail, so a start that fails leaves its interfaces (and a
+//!   link an earlier run kept) as they were.
 //! - The node maps pinned are one unit (the index leads to slots of the
 //!   two state arrays): a start adopts them whole, rebuilds the index from
 //!   the state arrays when it is missing or too small for them (and adds
@@ -131,7 +135,7 @@ pub enum AttachMode {
     Skb,
 }
 
-/// Options of [`XdpDataplane::open`].
+/// Options of [`XdpDataplane::open`] and [`XdpDataplane::load`].
 #[derive(Clone, Debug, Default)]
 pub struct XdpOptions {
     /// Interfaces to attach to (none: loaded only, e.g. for
@@ -155,8 +159,18 @@ pub struct XdpOptions {
     /// The pins this open makes are removed again when the dataplane is
     /// dropped before [`Dataplane::started`] (a caller whose start can
     /// still fail after the open: the monitor). Otherwise (default) they
-    /// are kept once the open succeeds.
+    /// are kept once the open (or the attach after a `load`) succeeds.
     pub undo_until_started: bool,
+}
+
+/// Where and how [`Dataplane::attach`] attaches a loaded gate: what
+/// [`XdpOptions`] said, and the interfaces' indexes as the load found
+/// them.
+struct AttachPlan {
+    interfaces: Vec<(String, u32)>,
+    mode: AttachMode,
+    pin_dir: Option<PathBuf>,
+    keep_attached: bool,
 }
 
 /// Expected value sizes, to refuse pinned maps of another layout.
@@ -914,7 +928,12 @@ pub struct XdpDataplane {
     rest_fd: MapData,
     events: Option<RingBuf<MapData>>,
     reports_task: Option<tokio::task::JoinHandle<()>>,
-    attached: Vec<Attached>,
+    attached: Mutex<Vec<Attached>>,
+    /// What [`Dataplane::attach`] is to do; taken by it (it attaches
+    /// once).
+    plan: Mutex<Option<AttachPlan>>,
+    /// [`XdpOptions::undo_until_started`].
+    undo_until_started: bool,
     /// The kernel's id of `hb_xdp`: what an interface it is attached to
     /// reports ([`Dataplane::check_attached`]).
     prog_id: u32,
@@ -1482,8 +1501,21 @@ fn load_error(e: aya::EbpfError) -> anyhow::Error {
 
 impl XdpDataplane {
     /// Loads the program (re-adopting pinned maps under `pin_dir`) and
-    /// attaches it to `opts.interfaces`.
+    /// attaches it to `opts.interfaces`: [`XdpDataplane::load`], then
+    /// [`Dataplane::attach`].
     pub fn open(opts: &XdpOptions) -> anyhow::Result<XdpDataplane> {
+        let dp = XdpDataplane::load(opts)?;
+        dp.attach()?;
+        Ok(dp)
+    }
+
+    /// Loads the program (re-adopting pinned maps under `pin_dir`), and
+    /// checks the interfaces, without attaching it: [`Dataplane::attach`]
+    /// does, once the caller has done what else can fail. A start that
+    /// fails then never touches its interfaces: on some NICs attaching or
+    /// detaching native XDP resets the rings, a break for all the host's
+    /// traffic, and a link an earlier run kept stays as it was.
+    pub fn load(opts: &XdpOptions) -> anyhow::Result<XdpDataplane> {
         if opts.keep_attached && opts.pin_dir.is_none() {
             bail!("keep_attached needs a pin directory (the link is pinned there)");
         }
@@ -1507,7 +1539,7 @@ impl XdpDataplane {
         // would adopt those maps (and their capacity) as a monitor's.
         // Bound after the lock, so dropped before it: the pins are undone
         // while the directory is still this process'.
-        let (pin_lock, node_pins, mut undo) = match &opts.pin_dir {
+        let (pin_lock, node_pins, undo) = match &opts.pin_dir {
             Some(dir) => {
                 let made = !dir.exists();
                 ensure_pin_dir(dir)?;
@@ -1671,7 +1703,7 @@ impl XdpDataplane {
         }
         let events = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)?;
 
-        let mut dp = XdpDataplane {
+        Ok(XdpDataplane {
             ebpf: Mutex::new(ebpf),
             index: Mutex::new(index),
             index_map,
@@ -1684,39 +1716,31 @@ impl XdpDataplane {
             rest_fd,
             events: Some(events),
             reports_task: None,
-            attached: Vec::new(),
+            attached: Mutex::new(Vec::new()),
+            plan: Mutex::new(Some(AttachPlan {
+                interfaces: opts.interfaces.iter().cloned().zip(ifindex).collect(),
+                mode: opts.mode,
+                pin_dir: opts.pin_dir.clone(),
+                keep_attached: opts.keep_attached,
+            })),
+            undo_until_started: opts.undo_until_started,
             prog_id,
             keep_attached: opts.keep_attached,
             stuck_reads: AtomicU64::new(0),
-            undo: Mutex::new(undo.take()),
+            undo: Mutex::new(undo),
             _pin_lock: pin_lock,
-        };
-        if let Some(dir) = &opts.pin_dir {
-            detach_unlisted_links(dir, &opts.interfaces)?;
-        }
-        for (ifname, idx) in opts.interfaces.iter().zip(ifindex) {
-            dp.attach(ifname, idx, opts)?;
-        }
-        if !opts.undo_until_started
-            && let Some(u) = dp
-                .undo
-                .get_mut()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_mut()
-        {
-            u.keep();
-        }
-        Ok(dp)
+        })
     }
 
-    fn attach(&mut self, ifname: &str, ifindex: u32, opts: &XdpOptions) -> anyhow::Result<()> {
+    /// Attaches the program to one interface of the plan.
+    fn attach_to(&self, ifname: &str, ifindex: u32, plan: &AttachPlan) -> anyhow::Result<()> {
         // Where this interface's link is pinned when kept attached.
-        let link_path = opts
+        let link_path = plan
             .pin_dir
             .as_ref()
             .map(|d| d.join(format!("link_{ifname}")));
-        let ebpf = self.ebpf.get_mut().unwrap_or_else(|e| e.into_inner());
-        let prog = xdp_program(ebpf, names::PROGRAM)?;
+        let mut ebpf = self.ebpf();
+        let prog = xdp_program(&mut ebpf, names::PROGRAM)?;
 
         // A link pinned by an earlier run (`--keep-attached`) for this
         // name, on another interface: the one it was attached to was
@@ -1764,7 +1788,7 @@ impl XdpDataplane {
                 Ok(XdpAttach::Skb) => "skb",
                 _ => "kept",
             };
-            match (kept, opts.mode) {
+            match (kept, plan.mode) {
                 (Ok(XdpAttach::Driver), AttachMode::Skb) => {
                     tracing::info!(
                         interface = ifname,
@@ -1802,7 +1826,7 @@ impl XdpDataplane {
             match prog.attach_to_link(link) {
                 Ok(id) => {
                     tracing::info!(interface = ifname, pin = %path.display(), "re-adopted pinned XDP link");
-                    self.attached.push(Attached {
+                    self.attached_now().push(Attached {
                         ifname: ifname.to_owned(),
                         ifindex,
                         name_now: Mutex::new(ifname.to_owned()),
@@ -1835,8 +1859,8 @@ impl XdpDataplane {
             }
         }
 
-        let pin = link_path.filter(|_| opts.keep_attached);
-        let (id, mode) = match opts.mode {
+        let pin = link_path.filter(|_| plan.keep_attached);
+        let (id, mode) = match plan.mode {
             AttachMode::Skb => (attach_mode(prog, ifname, ifindex, XdpMode::Skb)?, "skb"),
             AttachMode::Native => match prog.attach_to_if_index(ifindex, XdpMode::Driver) {
                 Ok(id) => (id, "native"),
@@ -1863,7 +1887,7 @@ impl XdpDataplane {
                 let pinned = PinnedLink::from_pin(&path)?;
                 let id = prog.attach_to_link(XdpLink::try_from(FdLink::from(pinned))?)?;
                 tracing::info!(interface = ifname, pin = %path.display(), "XDP gate attached, kept attached");
-                self.attached.push(Attached {
+                self.attached_now().push(Attached {
                     ifname: ifname.to_owned(),
                     ifindex,
                     name_now: Mutex::new(ifname.to_owned()),
@@ -1876,7 +1900,7 @@ impl XdpDataplane {
             None => None,
         };
         tracing::info!(interface = ifname, "XDP gate attached");
-        self.attached.push(Attached {
+        self.attached_now().push(Attached {
             ifname: ifname.to_owned(),
             ifindex,
             name_now: Mutex::new(ifname.to_owned()),
@@ -1892,7 +1916,8 @@ impl XdpDataplane {
     pub fn detach(&mut self) -> anyhow::Result<()> {
         let ebpf = self.ebpf.get_mut().unwrap_or_else(|e| e.into_inner());
         let prog = xdp_program(ebpf, names::PROGRAM)?;
-        for a in self.attached.drain(..) {
+        let attached = self.attached.get_mut().unwrap_or_else(|e| e.into_inner());
+        for a in attached.drain(..) {
             if let Some(p) = &a.pin {
                 std::fs::remove_file(p)
                     .with_context(|| format!("cannot unpin XDP link {}", p.display()))?;
@@ -2006,6 +2031,37 @@ impl XdpDataplane {
     fn index(&self) -> MutexGuard<'_, NodeIndex<'static>> {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn attached_now(&self) -> MutexGuard<'_, Vec<Attached>> {
+        self.attached.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Native XDP on a veth sends its `XDP_TX` frames (the gate's ACKs) on
+/// to the peer only if the peer veth runs an XDP program too (the kernel
+/// delivers them through the peer's XDP receive path; without a program
+/// there it drops them, counted as `xdp_tx_errors` in `ethtool -S`, and
+/// the gate's `ack_sent` counts them as sent): said once at the attach,
+/// as the monitor cannot see the peer (in another namespace, a
+/// container's). skb mode sends them through the stack.
+fn warn_if_native_on_veth(a: &Attached) {
+    if a.mode != "native" {
+        return;
+    }
+    match super::netlink::link_kind(a.ifindex) {
+        Ok(Some(kind)) if kind == "veth" => tracing::warn!(
+            interface = %a.ifname,
+            "native XDP on a veth: the gate's ACKs (XDP_TX) reach the peer only if the peer veth \
+             has an XDP program attached (a pass-through one will do): attach one there, or run \
+             with --mode skb"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::debug!(
+            interface = %a.ifname,
+            error = %format!("{e:#}"),
+            "cannot ask rtnetlink for the interface's kind"
+        ),
+    }
 }
 
 /// The index of interface `name`, 0 if there is none by that name; an
@@ -2118,11 +2174,10 @@ impl Drop for XdpDataplane {
                 // Pinned links stay attached; dropping our fds is all.
                 return;
             }
-            // No node to gate (a start that failed before it provisioned
-            // its nodes, say, with the listen address in use): kept, the
-            // gate would only refuse every heartbeat to the port, with no
-            // monitor to tell.
-            if self.attached.iter().any(|a| a.pin.is_some()) {
+            // No node to gate (a monitor that stops with none
+            // provisioned): kept, the gate would only refuse every
+            // heartbeat to the port, with no monitor to tell.
+            if self.attached_now().iter().any(|a| a.pin.is_some()) {
                 tracing::warn!(
                     "no node is provisioned: the XDP gate is detached rather than kept attached (--keep-attached keeps a gate with nodes)"
                 );
@@ -2306,15 +2361,35 @@ impl Dataplane for XdpDataplane {
         }
     }
 
+    fn attach(&self) -> anyhow::Result<()> {
+        let Some(plan) = self.plan.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            bail!("the XDP gate is attached already");
+        };
+        if let Some(dir) = &plan.pin_dir {
+            let names: Vec<String> = plan.interfaces.iter().map(|(n, _)| n.clone()).collect();
+            detach_unlisted_links(dir, &names)?;
+        }
+        for (ifname, ifindex) in &plan.interfaces {
+            self.attach_to(ifname, *ifindex, &plan)?;
+        }
+        for a in self.attached_now().iter() {
+            warn_if_native_on_veth(a);
+        }
+        if !self.undo_until_started {
+            self.started();
+        }
+        Ok(())
+    }
+
     fn attached(&self) -> Vec<(String, &'static str)> {
-        self.attached
+        self.attached_now()
             .iter()
             .map(|a| (a.ifname.clone(), a.mode))
             .collect()
     }
 
     fn check_attached(&self) -> Result<(), String> {
-        for a in &self.attached {
+        for a in self.attached_now().iter() {
             // How the interface is named in what is said: under its last
             // name, with the one it was given if renamed since.
             let shown = |name: &str| {

@@ -167,17 +167,19 @@ struct Opened {
     mem: Option<(Arc<MemDataplane>, Vec<std::net::UdpSocket>)>,
 }
 
-/// The XDP dataplane: loads and attaches the program (native with skb
-/// fallback, or skb), pins the maps (and with `--keep-attached` the link)
-/// under `--pin-dir` so a restart re-adopts node state, and delivers the
-/// gate's reports. Its errors are one line each: unknown interface,
-/// missing privileges, another XDP program on the interface, bpffs.
+/// The XDP dataplane: loads the program, pins the maps under `--pin-dir`
+/// so a restart re-adopts node state, and delivers the gate's reports.
+/// Not attached yet: `serve` attaches it (native with skb fallback, or
+/// skb; with `--keep-attached` the link pinned too) once nothing else of
+/// the start can fail. Its errors are one line each: unknown interface,
+/// missing privileges, bpffs (and the attach's: another XDP program on the
+/// interface).
 fn open_xdp(s: &Settings, local: &BTreeSet<IpAddr>) -> anyhow::Result<Box<dyn Dataplane>> {
     use crate::dataplane::xdp::{AttachMode, XdpDataplane, XdpOptions};
     if s.ifaces.is_empty() {
         bail!("--mode native|skb needs at least one --iface");
     }
-    let dp = XdpDataplane::open(&XdpOptions {
+    let dp = XdpDataplane::load(&XdpOptions {
         interfaces: s.ifaces.clone(),
         mode: if s.mode == Mode::Skb {
             AttachMode::Skb
@@ -357,6 +359,13 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
     // The host's addresses, written to the gate before it is attached.
     let mut local = addrs::Tracker::new(&settings.ifaces);
     let host = local.read()?;
+    // Loaded, not attached: every step of the start that can fail comes
+    // before the gate is attached, the last step. A start that fails
+    // (the API address taken, the events file, a controller table or a
+    // node list that does not fit) attached and detached it again, and on
+    // some NICs that resets the rings, a break for all the host's traffic
+    // at every restart of a supervisor; a link an earlier run kept had
+    // its program swapped, or was detached.
     let Opened { dp, reports, mem } = open_dataplane(&settings, &host)?;
     let (mem, sockets) = match mem {
         Some((m, s)) => (Some(m), s),
@@ -365,8 +374,6 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
     if matches!(settings.mode, Mode::Native | Mode::Skb) {
         local.written(host);
     }
-    dp.set_config(&gate_config(&settings))
-        .context("cannot configure the dataplane")?;
 
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
@@ -430,6 +437,10 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
     // Requests left in pinned state by an earlier run: the policy takes
     // them over, or withdraws them if it makes none.
     core.reconcile_requests(&*dp);
+    // Here, not before: a link an earlier run kept gates with the pinned
+    // configuration until the start is through.
+    dp.set_config(&gate_config(&settings))
+        .context("cannot configure the dataplane")?;
     if settings.mode == Mode::Userspace {
         // A gate an earlier XDP run kept attached (in --pin-dir) would
         // take the heartbeats before the sockets see them. Released last,
@@ -437,6 +448,9 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
         // it gating as it was.
         crate::dataplane::xdp::release_kept_links(&settings.pin_dir)?;
     }
+    // The XDP gate, onto its interfaces (or into the links an earlier run
+    // kept): last, for the same reason.
+    dp.attach()?;
     // Nothing of the start can fail any more: the pins it made stay.
     dp.started();
     // What each interface got: `--mode native` falls back to skb where
