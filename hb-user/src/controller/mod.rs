@@ -91,7 +91,11 @@
 //! it). It then settles there like after a step slower. A node whose
 //! request outlived the controller's memory of it (a monitor restarted
 //! over pinned maps, a reload) goes on from that request, the last
-//! decision for it, not from the interval it reports. Before stop 12
+//! decision for it, not from the interval it reports; while the node
+//! does not announce that request yet, it settles first (below): the
+//! controller does not know when the request was made, and a step from
+//! one the node has not heard would be two levels from where it runs.
+//! Before stop 12
 //! every node started at its sender's own interval (1 s by default) and
 //! climbed one settled step at a time: about 90 s from 1 s to 5 s, 5% of
 //! the heartbeats of a one-hour run at a 7.6 s target.
@@ -103,7 +107,9 @@
 //! looked like a mistake and was undone at once, and the node never
 //! reached the level where it would have saved. So after a step slower
 //! (and after a restart, whose sender announces its own interval and then
-//! ours) the controller holds, reason `settling`, until the detector has
+//! ours, and at its first decision without memory of a node that does not
+//! announce its standing request yet) the controller holds, reason
+//! `settling`, until the node runs at its level and the detector has
 //! taken [`SETTLE_SAMPLES`] samples at the node's level (at most
 //! [`MAX_SETTLE_PERIODS`] periods), and credits the step with everything
 //! that happened meanwhile: a temporally extended action of a
@@ -236,7 +242,9 @@ pub enum Reason {
     NoData,
     /// After a step slower or a restart, the detector's statistics are
     /// settling at the new interval: hold (the step is judged once they
-    /// have settled).
+    /// have settled). Also a node the controller has no memory of (a
+    /// reload, a monitor restart) while it does not announce its standing
+    /// request yet: hold until it follows.
     Settling,
     /// The node's cap is below its current level: moved down to the cap.
     Cap,
@@ -906,9 +914,11 @@ impl QController {
     /// Decides for `node` from an observation of the period since its
     /// previous decision. With fewer than `min_samples` new heartbeats the
     /// answer is "hold" (reason `no_data`) and nothing is learned. After a
-    /// step slower, and after a restart, the answer is "hold" (reason
-    /// `settling`) until the detector has settled at the node's level
-    /// (see [`SETTLE_SAMPLES`]); the step is then credited with everything
+    /// step slower, after a restart, and without memory of a node that
+    /// does not announce its standing request yet, the answer is "hold"
+    /// (reason `settling`) until the node runs at its level and the
+    /// detector has settled there (see [`SETTLE_SAMPLES`],
+    /// [`MAX_SETTLE_PERIODS`]); a step is then credited with everything
     /// that happened meanwhile.
     pub fn decide(&mut self, node: u32, obs: &Observation) -> Decision {
         let levels = self.grid.len();
@@ -970,6 +980,21 @@ impl QController {
             tracing::debug!(node, interval_ms = d.interval_ms, reason = %d.reason, "controller decision");
             m.decision = Some(d.clone());
             return d;
+        }
+        if m.level.is_none() && obs.interval_ms != obs.requested_interval_ms {
+            // Nor does it know when that request was made: one the node
+            // does not announce yet may be a step taken just before the
+            // reload (or the restart) that it has not heard, and a step
+            // from it would be a second one within the period, two
+            // levels from where the node runs. Hold, reason `settling`,
+            // as after a restart: until the node announces the request
+            // and its detector has settled there, at most
+            // [`MAX_SETTLE_PERIODS`] periods for a node that never
+            // follows it (its bounds exclude the request), as after a
+            // step slower.
+            m.level = Some(current);
+            m.last = None;
+            m.settling = Some(Settling::new(None));
         }
         if obs.new_samples < self.cfg.min_samples {
             return Decision::untabled(self.grid.ms(current), Action::Hold, Reason::NoData);
