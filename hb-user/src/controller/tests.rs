@@ -914,3 +914,64 @@ fn without_memory_of_a_node_it_waits_for_the_node_to_follow_its_standing_request
     }
     assert!(held >= 1);
 }
+
+/// A save interrupted by the death of its process (a crash between
+/// creating its temporary file and the rename) leaves `.NAME.tmp-PID-N`
+/// beside the table: the next save removes it, and nothing that is not
+/// such a leftover.
+#[test]
+fn a_save_removes_what_dead_saves_left_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("controller.json");
+    // No process has a PID above the kernel's largest (pid_max <= 2^22).
+    let dead = 4_194_304 + 7;
+    let own = std::process::id();
+    let stale = [
+        format!(".controller.json.tmp-{dead}-0"),
+        format!(".controller.json.tmp-{dead}-17"),
+    ];
+    let kept = [
+        // A live process's save in progress (init's PID, always running).
+        ".controller.json.tmp-1-3".to_string(),
+        // Our own process's: a save of ours may be running.
+        format!(".controller.json.tmp-{own}-999"),
+        // Another table's.
+        format!(".other.json.tmp-{dead}-0"),
+        // Not the pattern.
+        format!("controller.json.tmp-{dead}-0"),
+        format!(".controller.json.tmp-{dead}-0.bak"),
+        format!(".controller.json.tmp-{dead}-"),
+        format!(".controller.json.tmp-x{dead}-0"),
+        ".controller.json.tmp-0-1".to_string(),
+        ".controller.json.tmp-4294967295-1".to_string(),
+        ".controller.json.tmp--1-1".to_string(),
+        "notes.txt".to_string(),
+    ];
+    for f in stale.iter().chain(&kept) {
+        std::fs::write(dir.path().join(f), b"{").unwrap();
+    }
+    // Of the pattern, but not a regular file: not what a save leaves.
+    let not_files = [
+        format!(".controller.json.tmp-{dead}-5"),
+        format!(".controller.json.tmp-{dead}-6"),
+    ];
+    std::fs::create_dir(dir.path().join(&not_files[0])).unwrap();
+    std::os::unix::fs::symlink("notes.txt", dir.path().join(&not_files[1])).unwrap();
+
+    let c = controller(5);
+    c.save(&path).unwrap();
+    let mut left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    let mut want: Vec<String> = kept
+        .iter()
+        .chain(&not_files)
+        .cloned()
+        .chain(["controller.json".to_string()])
+        .collect();
+    want.sort();
+    assert_eq!(left, want);
+    assert_eq!(table::read(&path).unwrap(), c.table_file());
+}
