@@ -157,7 +157,10 @@
 //! `--critical` get `set_cap(--controller-max-interval-ms)`. `GET
 //! /controller` serves [`QController::snapshot`] and `/nodes` shows each
 //! node's last decision with its action, reason, reward, modelled
-//! detection time and late share.
+//! detection time and late share. A node newly marked critical (a reload,
+//! a restart) whose standing request is over its cap is capped as the
+//! policy takes the requests over ([`QController::cap_request`]), not at
+//! its first decision.
 //!
 //! # Transparency
 //! Every decision carries its action, reason, reward and state; decisions
@@ -766,7 +769,7 @@ impl QController {
 
     /// Caps the interval of `node` (e.g. a node the operator marks
     /// critical); `None` removes the cap. The cap applies from the node's
-    /// next decision.
+    /// next decision, or at once through [`QController::cap_request`].
     pub fn set_cap(&mut self, node: u32, cap_ms: Option<u32>) {
         self.nodes.entry(node).or_default().cap_ms = cap_ms;
     }
@@ -973,13 +976,7 @@ impl QController {
         });
         if current > cap_level {
             // Safety before learning: a newly capped node goes to its cap.
-            m.level = Some(cap_level);
-            m.last = None;
-            m.settling = None;
-            let d = Decision::untabled(self.grid.ms(cap_level), Action::Faster, Reason::Cap);
-            tracing::debug!(node, interval_ms = d.interval_ms, reason = %d.reason, "controller decision");
-            m.decision = Some(d.clone());
-            return d;
+            return self.move_to_cap(node, cap_level);
         }
         if m.level.is_none() && obs.interval_ms != obs.requested_interval_ms {
             // Nor does it know when that request was made: one the node
@@ -1173,6 +1170,33 @@ impl QController {
         };
         m.decision = Some(d.clone());
         d
+    }
+
+    /// Moves `node` down to its cap's level at once: a `cap` decision.
+    fn move_to_cap(&mut self, node: u32, cap_level: usize) -> Decision {
+        let m = self.nodes.entry(node).or_default();
+        m.level = Some(cap_level);
+        m.last = None;
+        m.settling = None;
+        let d = Decision::untabled(self.grid.ms(cap_level), Action::Faster, Reason::Cap);
+        tracing::debug!(node, interval_ms = d.interval_ms, reason = %d.reason, "controller decision");
+        m.decision = Some(d.clone());
+        d
+    }
+
+    /// The `cap` decision for `node`, whose standing request
+    /// `requested_ms` (one the monitor takes over at a reload or a start,
+    /// before any observation of the node) is over the cap
+    /// [`QController::set_cap`] gave it; `None` if it is within. What
+    /// [`QController::decide`] does first at the node's next decision,
+    /// taken at once: a node newly marked critical must not wait a period
+    /// at an interval over its cap.
+    pub fn cap_request(&mut self, node: u32, requested_ms: u32) -> Option<Decision> {
+        let m = self.nodes.get(&node)?;
+        let cap_level = self.grid.level_at_most(m.cap_ms?);
+        let current = m.level.unwrap_or_else(|| self.grid.level_of(requested_ms));
+        (current > cap_level || requested_ms > self.grid.ms(cap_level))
+            .then(|| self.move_to_cap(node, cap_level))
     }
 
     /// The last decision taken for `node` (not counting `no_data` holds),

@@ -429,7 +429,7 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
     )?;
     // Requests left in pinned state by an earlier run: the policy takes
     // them over, or withdraws them if it makes none.
-    core.reconcile_requests(&*dp);
+    core.reconcile_requests(&*dp, monotonic_ns());
     if settings.mode == Mode::Userspace {
         // A gate an earlier XDP run kept attached (in --pin-dir) would
         // take the heartbeats before the sockets see them. Released last,
@@ -777,7 +777,7 @@ fn apply_options(
                 to = p.name(),
                 "interval policy replaced: it takes over the requests in force (withdrawn if it makes none)"
             );
-            core.set_policy(p, new.decision_ms, &*shared.dp);
+            core.set_policy(p, new.decision_ms, &*shared.dp, monotonic_ns());
             changed.push("controller");
         }
     }

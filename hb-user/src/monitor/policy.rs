@@ -55,6 +55,23 @@ pub trait IntervalPolicy: Send {
     /// A slot was freed (node removed): forget what was learned about it.
     fn forget(&mut self, _slot: u32) {}
 
+    /// Taking over the request `requested_ms` the dataplane holds for
+    /// `node_id` at `slot` (at start, and when a reload installs this
+    /// policy: [`super::tick::Core::reconcile_requests`]), at `now_ns`:
+    /// the request to write at once instead, or `None` to leave it until
+    /// the node's first decision (up to a decision period later). What
+    /// must not wait (a critical node's cap) is decided here, and shown
+    /// like any decision.
+    fn take_over(
+        &mut self,
+        _slot: u32,
+        _node_id: u32,
+        _requested_ms: u32,
+        _now_ns: u64,
+    ) -> Option<u32> {
+        None
+    }
+
     /// Short name for logs and `/nodes`.
     fn name(&self) -> &'static str;
 
@@ -280,6 +297,18 @@ impl<P: IntervalPolicy> IntervalPolicy for Critical<P> {
         self.inner.forget(slot)
     }
 
+    // The cap under `fixed` and `off` needs no take-over: their first
+    // tick decides for every node (they are not staggered).
+    fn take_over(
+        &mut self,
+        slot: u32,
+        node_id: u32,
+        requested_ms: u32,
+        now_ns: u64,
+    ) -> Option<u32> {
+        self.inner.take_over(slot, node_id, requested_ms, now_ns)
+    }
+
     fn name(&self) -> &'static str {
         self.inner.name()
     }
@@ -421,24 +450,28 @@ impl QLearnPolicy {
         }
         &mut self.slots[i]
     }
+
+    /// Notes `node_id` at `slot`. A slot that changed hands without
+    /// `forget` (not expected): the old node's memory must not carry over.
+    fn claim(&mut self, slot: u32, node_id: u32) {
+        let m = *self.slot(slot);
+        if m.node_id != node_id {
+            if m.node_id != 0 {
+                self.ctrl.forget(m.node_id);
+            }
+            *self.slot(slot) = SlotMemory {
+                node_id,
+                refuted: m.refuted,
+                decided_ns: 0,
+            };
+        }
+    }
 }
 
 impl IntervalPolicy for QLearnPolicy {
     fn decide(&mut self, slot: u32, node: &NodeView, state: &NodeState) -> Option<u32> {
         let cap = self.critical.as_ref().and_then(|c| c.cap(node.node_id));
-        let m = *self.slot(slot);
-        if m.node_id != node.node_id {
-            // A slot that changed hands without `forget` (not expected):
-            // the old node's memory must not carry over.
-            if m.node_id != 0 {
-                self.ctrl.forget(m.node_id);
-            }
-            *self.slot(slot) = SlotMemory {
-                node_id: node.node_id,
-                refuted: m.refuted,
-                decided_ns: 0,
-            };
-        }
+        self.claim(slot, node.node_id);
         self.ctrl.set_cap(node.node_id, cap);
         let refuted = std::mem::take(&mut self.slot(slot).refuted);
         let d = self.ctrl.observe(node.node_id, state, refuted);
@@ -454,6 +487,29 @@ impl IntervalPolicy for QLearnPolicy {
 
     fn reason(&self, slot: u32) -> Option<String> {
         self.decision(slot).map(|d| d.reason)
+    }
+
+    /// A critical node's standing request over its cap (the node newly
+    /// marked critical at this reload, or since the monitor last ran) is
+    /// lowered to the cap at once, a `cap` decision as its first decision
+    /// would have made up to a period later.
+    fn take_over(
+        &mut self,
+        slot: u32,
+        node_id: u32,
+        requested_ms: u32,
+        now_ns: u64,
+    ) -> Option<u32> {
+        let cap = self.critical.as_ref().and_then(|c| c.cap(node_id))?;
+        if requested_ms <= cap {
+            return None;
+        }
+        self.claim(slot, node_id);
+        self.ctrl.set_cap(node_id, Some(cap));
+        let d = self.ctrl.cap_request(node_id, requested_ms)?;
+        self.slot(slot).decided_ns = now_ns;
+        // As `decide`: the cap itself if it is off the grid.
+        Some(d.interval_ms.min(cap))
     }
 
     fn forget(&mut self, slot: u32) {
@@ -1099,6 +1155,72 @@ mod tests {
         assert_eq!(snap["critical_cap_ms"], 700);
     }
 
+    /// A node newly marked critical at a reload under qlearn: its standing
+    /// request over the cap is lowered at the reload itself, not at its
+    /// first decision up to a period later, and `/nodes` shows it as a
+    /// decision (reason `cap`). Nodes within the cap, and the others,
+    /// keep theirs until their decisions.
+    #[test]
+    fn a_node_marked_critical_at_a_reload_is_capped_at_once() {
+        use crate::monitor::{apply_options, rebuild_policy};
+        let dir = tempfile::tempdir().unwrap();
+        let with = |critical: Option<&str>| {
+            let path = dir.path().join("t.json");
+            let critical = critical.map(str::to_owned);
+            settings(move |o| {
+                o.controller = Some(ControllerKind::Qlearn);
+                o.controller_table = Some(path.clone());
+                o.decision_ms = Some(5000);
+                if critical.is_some() {
+                    o.critical = critical;
+                    o.controller_max_interval_ms = Some(700);
+                }
+            })
+        };
+        let mut running = with(None);
+        let mut r = Rig::new(&running, &[1, 2, 3], 1000);
+        r.run(60_000, &[], |_| {});
+        let before = [1, 2, 3].map(|id| r.requested(id));
+        assert!(before[0] > 700 && before[2] > 700, "{before:?}");
+
+        let new = with(Some("1,2"));
+        let p = rebuild_policy(&r.shared, &new).unwrap();
+        apply_options(&r.shared, &mut running, &new, Some(p), false);
+        // Before any tick.
+        assert_eq!(r.requested(1), 700);
+        assert_eq!(r.requested(2), before[1].min(700));
+        assert_eq!(r.requested(3), before[2], "not critical");
+        let d = node_row(&r.shared, 1).unwrap().last_decision.unwrap();
+        assert_eq!(
+            (
+                d.interval_ms,
+                d.reason.as_deref(),
+                d.action.as_deref(),
+                d.policy.as_str()
+            ),
+            (700, Some("cap"), Some("faster"), "qlearn"),
+        );
+        // And from there on.
+        r.run(30_000, &[], |r| {
+            assert!(r.requested(1) <= 700 && r.requested(2) <= 700);
+        });
+        assert!(r.interval(1) <= 700);
+
+        // A monitor started over the pinned maps with node 3 now critical
+        // takes its request over the same way.
+        assert!(r.requested(3) > 700);
+        let now = r.now;
+        let mut core = r.shared.core();
+        core.policy = make_policy(&with(Some("1-3"))).unwrap();
+        core.reconcile_requests(&*r.shared.dp, now);
+        assert_eq!(
+            core.table.decision(core.table.slot_of(3).unwrap()),
+            (700, now)
+        );
+        drop(core);
+        assert_eq!(r.requested(3), 700);
+    }
+
     #[test]
     fn critical_nodes_never_exceed_their_cap() {
         let dir = tempfile::tempdir().unwrap();
@@ -1349,7 +1471,8 @@ mod tests {
             let slot = rig.shared.core().table.slot_of(id).unwrap();
             rig.shared.dp.set_requested_interval(slot, 700);
         }
-        rig.shared.core().reconcile_requests(&*rig.shared.dp);
+        let now = rig.now;
+        rig.shared.core().reconcile_requests(&*rig.shared.dp, now);
         assert_eq!((rig.requested(1), rig.requested(2)), (700, 700));
         let start = rig.shared.core().policy.snapshot()["start_interval_ms"].clone();
         assert_eq!(start, 1500, "the default target's start level");
