@@ -1219,9 +1219,16 @@ impl QController {
     /// The `GET /controller` document: configuration, exploration, reward
     /// statistics and every visited row of the table.
     pub fn snapshot(&self) -> Snapshot {
-        Snapshot {
+        self.snapshot_copy().build()
+    }
+
+    /// What [`QController::snapshot`] needs, copied: the numbers of the
+    /// visited rows, not yet described or sorted. The monitor takes it
+    /// under the core's lock and builds the document without it.
+    pub fn snapshot_copy(&self) -> SnapshotCopy {
+        SnapshotCopy {
             config: self.cfg.clone(),
-            levels_ms: self.grid.levels_ms.clone(),
+            grid: self.grid.clone(),
             start_interval_ms: self.start_ms(),
             sigmas_to_threshold: self.k_sigma,
             epsilon: self.epsilon(),
@@ -1229,33 +1236,97 @@ impl QController {
             explorations: self.explorations,
             nodes: self.nodes.len(),
             rewards: self.rewards,
-            table: self.rows(),
+            rows: self.visited(),
         }
     }
 
     /// Every visited row, most visited first.
     pub fn rows(&self) -> Vec<table::Row> {
-        let levels = self.grid.len();
-        let mut rows: Vec<table::Row> = (0..self.visits.len())
+        describe_rows(self.visited(), &self.grid)
+    }
+
+    /// The numbers of every visited row, by index.
+    fn visited(&self) -> Vec<VisitedRow> {
+        (0..self.visits.len())
             .filter(|&s| self.visits[s] > 0)
-            .map(|s| {
-                let key = StateKey::from_index(s, levels);
-                table::Row {
-                    index: s as u32,
-                    state: key.describe(&self.grid),
-                    visits: self.visits[s],
-                    updates: [
-                        self.updates[s * 3],
-                        self.updates[s * 3 + 1],
-                        self.updates[s * 3 + 2],
-                    ],
-                    q: self.row(s),
-                    greedy: self.greedy(s, key.interval as usize, levels - 1).0,
-                }
+            .map(|s| VisitedRow {
+                index: s as u32,
+                visits: self.visits[s],
+                updates: [
+                    self.updates[s * 3],
+                    self.updates[s * 3 + 1],
+                    self.updates[s * 3 + 2],
+                ],
+                q: self.row(s),
             })
-            .collect();
-        rows.sort_by(|a, b| b.visits.cmp(&a.visits).then(a.index.cmp(&b.index)));
-        rows
+            .collect()
+    }
+}
+
+/// A visited row's numbers, as copied from the table.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VisitedRow {
+    index: u32,
+    visits: u64,
+    updates: [u64; 3],
+    q: [f64; 3],
+}
+
+/// The rows as a table file and `GET /controller` show them: each state
+/// spelled out and its greedy action, most visited first.
+fn describe_rows(rows: Vec<VisitedRow>, grid: &Grid) -> Vec<table::Row> {
+    let levels = grid.len();
+    let mut rows: Vec<table::Row> = rows
+        .into_iter()
+        .map(|r| {
+            let key = StateKey::from_index(r.index as usize, levels);
+            table::Row {
+                index: r.index,
+                state: key.describe(grid),
+                visits: r.visits,
+                updates: r.updates,
+                q: r.q,
+                greedy: greedy_of(r.q, key.interval as usize, levels - 1).0,
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| b.visits.cmp(&a.visits).then(a.index.cmp(&b.index)));
+    rows
+}
+
+/// A copy of what [`QController::snapshot`] shows ([`QController::snapshot_copy`]):
+/// plain numbers, cheap to take; [`SnapshotCopy::build`] describes and
+/// sorts the rows (for a table of thousands of visited rows, tens of ms
+/// that the monitor's tick must not wait for).
+#[derive(Clone, Debug)]
+pub struct SnapshotCopy {
+    config: Config,
+    grid: Grid,
+    start_interval_ms: u32,
+    sigmas_to_threshold: f64,
+    epsilon: f64,
+    decisions: u64,
+    explorations: u64,
+    nodes: usize,
+    rewards: RewardStats,
+    rows: Vec<VisitedRow>,
+}
+
+impl SnapshotCopy {
+    /// The document.
+    pub fn build(self) -> Snapshot {
+        Snapshot {
+            table: describe_rows(self.rows, &self.grid),
+            config: self.config,
+            levels_ms: self.grid.levels_ms,
+            start_interval_ms: self.start_interval_ms,
+            sigmas_to_threshold: self.sigmas_to_threshold,
+            epsilon: self.epsilon,
+            decisions: self.decisions,
+            explorations: self.explorations,
+            nodes: self.nodes,
+            rewards: self.rewards,
+        }
     }
 }
 

@@ -93,9 +93,16 @@ pub trait IntervalPolicy: Send {
         None
     }
 
-    /// The `GET /controller` document.
+    /// What the `GET /controller` document needs, copied (under the
+    /// core's lock: cheap); [`PolicySnapshot::build`] makes the document
+    /// from it after the lock is released. Policies implement this one.
+    fn snapshot_copy(&self) -> PolicySnapshot {
+        PolicySnapshot::ready(serde_json::json!({ "controller": self.name() }))
+    }
+
+    /// The `GET /controller` document, at once (the copy, built).
     fn snapshot(&self) -> serde_json::Value {
-        serde_json::json!({ "controller": self.name() })
+        self.snapshot_copy().build()
     }
 
     /// The learned table and the file it goes to, if the policy has one
@@ -123,6 +130,42 @@ pub trait IntervalPolicy: Send {
     /// About to replace `running` (a reload, under the core's lock): a
     /// policy built from `running`'s table takes what it learned since.
     fn catch_up(&mut self, _running: &dyn IntervalPolicy) {}
+}
+
+/// The `GET /controller` document of a policy, taken in two steps
+/// ([`IntervalPolicy::snapshot_copy`]): what it needs, copied under the
+/// core's lock, and the work that makes the document of it (describing,
+/// sorting and serialising a table of thousands of rows took 31 ms, a
+/// tick held off that long), done by [`PolicySnapshot::build`] without
+/// the lock.
+pub struct PolicySnapshot(Box<dyn FnOnce() -> serde_json::Value + Send>);
+
+impl PolicySnapshot {
+    /// A document that is already made (a policy with little to show).
+    pub fn ready(v: serde_json::Value) -> PolicySnapshot {
+        PolicySnapshot(Box::new(move || v))
+    }
+
+    /// A document `make` builds from what it owns (the copy).
+    pub fn later(make: impl FnOnce() -> serde_json::Value + Send + 'static) -> PolicySnapshot {
+        PolicySnapshot(Box::new(make))
+    }
+
+    /// The same document with `key` set to `value` (if it is an object).
+    pub fn with(self, key: &'static str, value: serde_json::Value) -> PolicySnapshot {
+        PolicySnapshot::later(move || {
+            let mut v = self.build();
+            if let Some(o) = v.as_object_mut() {
+                o.insert(key.into(), value);
+            }
+            v
+        })
+    }
+
+    /// Makes the document.
+    pub fn build(self) -> serde_json::Value {
+        (self.0)()
+    }
 }
 
 /// A decision as `/nodes` shows it.
@@ -187,8 +230,10 @@ impl IntervalPolicy for FixedPolicy {
         }
     }
 
-    fn snapshot(&self) -> serde_json::Value {
-        serde_json::json!({ "controller": self.name(), "interval_ms": self.interval_ms })
+    fn snapshot_copy(&self) -> PolicySnapshot {
+        PolicySnapshot::ready(
+            serde_json::json!({ "controller": self.name(), "interval_ms": self.interval_ms }),
+        )
     }
 }
 
@@ -325,15 +370,10 @@ impl<P: IntervalPolicy> IntervalPolicy for Critical<P> {
         self.inner.decision(slot)
     }
 
-    fn snapshot(&self) -> serde_json::Value {
-        let mut v = self.inner.snapshot();
-        if let Some(o) = v.as_object_mut() {
-            o.insert(
-                "critical_cap_ms".into(),
-                serde_json::json!(self.critical.cap_ms),
-            );
-        }
-        v
+    fn snapshot_copy(&self) -> PolicySnapshot {
+        self.inner
+            .snapshot_copy()
+            .with("critical_cap_ms", serde_json::json!(self.critical.cap_ms))
     }
 
     fn table(&self) -> Option<(PathBuf, TableFile)> {
@@ -551,20 +591,24 @@ impl IntervalPolicy for QLearnPolicy {
         })
     }
 
-    fn snapshot(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(self.ctrl.snapshot())
-            .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }));
-        if let Some(o) = v.as_object_mut() {
-            o.insert("controller".into(), serde_json::json!("qlearn"));
-            o.insert(
-                "table_path".into(),
-                serde_json::json!(self.table_path.as_ref().map(|p| p.display().to_string())),
-            );
-            if let Some(c) = &self.critical {
-                o.insert("critical_cap_ms".into(), serde_json::json!(c.cap_ms));
+    /// The controller's numbers, copied: described and serialised by
+    /// `build`.
+    fn snapshot_copy(&self) -> PolicySnapshot {
+        let copy = self.ctrl.snapshot_copy();
+        let table_path = self.table_path.as_ref().map(|p| p.display().to_string());
+        let cap_ms = self.critical.as_ref().map(|c| c.cap_ms);
+        PolicySnapshot::later(move || {
+            let mut v = serde_json::to_value(copy.build())
+                .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }));
+            if let Some(o) = v.as_object_mut() {
+                o.insert("controller".into(), serde_json::json!("qlearn"));
+                o.insert("table_path".into(), serde_json::json!(table_path));
+                if let Some(cap_ms) = cap_ms {
+                    o.insert("critical_cap_ms".into(), serde_json::json!(cap_ms));
+                }
             }
-        }
-        v
+            v
+        })
     }
 
     fn table(&self) -> Option<(PathBuf, TableFile)> {
