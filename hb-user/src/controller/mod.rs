@@ -91,7 +91,11 @@
 //! it). It then settles there like after a step slower. A node whose
 //! request outlived the controller's memory of it (a monitor restarted
 //! over pinned maps, a reload) goes on from that request, the last
-//! decision for it, not from the interval it reports. Before stop 12
+//! decision for it, not from the interval it reports; while the node
+//! does not announce that request yet, it settles first (below): the
+//! controller does not know when the request was made, and a step from
+//! one the node has not heard would be two levels from where it runs.
+//! Before stop 12
 //! every node started at its sender's own interval (1 s by default) and
 //! climbed one settled step at a time: about 90 s from 1 s to 5 s, 5% of
 //! the heartbeats of a one-hour run at a 7.6 s target.
@@ -103,7 +107,9 @@
 //! looked like a mistake and was undone at once, and the node never
 //! reached the level where it would have saved. So after a step slower
 //! (and after a restart, whose sender announces its own interval and then
-//! ours) the controller holds, reason `settling`, until the detector has
+//! ours, and at its first decision without memory of a node that does not
+//! announce its standing request yet) the controller holds, reason
+//! `settling`, until the node runs at its level and the detector has
 //! taken [`SETTLE_SAMPLES`] samples at the node's level (at most
 //! [`MAX_SETTLE_PERIODS`] periods), and credits the step with everything
 //! that happened meanwhile: a temporally extended action of a
@@ -151,7 +157,10 @@
 //! `--critical` get `set_cap(--controller-max-interval-ms)`. `GET
 //! /controller` serves [`QController::snapshot`] and `/nodes` shows each
 //! node's last decision with its action, reason, reward, modelled
-//! detection time and late share.
+//! detection time and late share. A node newly marked critical (a reload,
+//! a restart) whose standing request is over its cap is capped as the
+//! policy takes the requests over ([`QController::cap_request`]), not at
+//! its first decision.
 //!
 //! # Transparency
 //! Every decision carries its action, reason, reward and state; decisions
@@ -236,7 +245,9 @@ pub enum Reason {
     NoData,
     /// After a step slower or a restart, the detector's statistics are
     /// settling at the new interval: hold (the step is judged once they
-    /// have settled).
+    /// have settled). Also a node the controller has no memory of (a
+    /// reload, a monitor restart) while it does not announce its standing
+    /// request yet: hold until it follows.
     Settling,
     /// The node's cap is below its current level: moved down to the cap.
     Cap,
@@ -758,7 +769,7 @@ impl QController {
 
     /// Caps the interval of `node` (e.g. a node the operator marks
     /// critical); `None` removes the cap. The cap applies from the node's
-    /// next decision.
+    /// next decision, or at once through [`QController::cap_request`].
     pub fn set_cap(&mut self, node: u32, cap_ms: Option<u32>) {
         self.nodes.entry(node).or_default().cap_ms = cap_ms;
     }
@@ -906,9 +917,11 @@ impl QController {
     /// Decides for `node` from an observation of the period since its
     /// previous decision. With fewer than `min_samples` new heartbeats the
     /// answer is "hold" (reason `no_data`) and nothing is learned. After a
-    /// step slower, and after a restart, the answer is "hold" (reason
-    /// `settling`) until the detector has settled at the node's level
-    /// (see [`SETTLE_SAMPLES`]); the step is then credited with everything
+    /// step slower, after a restart, and without memory of a node that
+    /// does not announce its standing request yet, the answer is "hold"
+    /// (reason `settling`) until the node runs at its level and the
+    /// detector has settled there (see [`SETTLE_SAMPLES`],
+    /// [`MAX_SETTLE_PERIODS`]); a step is then credited with everything
     /// that happened meanwhile.
     pub fn decide(&mut self, node: u32, obs: &Observation) -> Decision {
         let levels = self.grid.len();
@@ -963,13 +976,22 @@ impl QController {
         });
         if current > cap_level {
             // Safety before learning: a newly capped node goes to its cap.
-            m.level = Some(cap_level);
+            return self.move_to_cap(node, cap_level);
+        }
+        if m.level.is_none() && obs.interval_ms != obs.requested_interval_ms {
+            // Nor does it know when that request was made: one the node
+            // does not announce yet may be a step taken just before the
+            // reload (or the restart) that it has not heard, and a step
+            // from it would be a second one within the period, two
+            // levels from where the node runs. Hold, reason `settling`,
+            // as after a restart: until the node announces the request
+            // and its detector has settled there, at most
+            // [`MAX_SETTLE_PERIODS`] periods for a node that never
+            // follows it (its bounds exclude the request), as after a
+            // step slower.
+            m.level = Some(current);
             m.last = None;
-            m.settling = None;
-            let d = Decision::untabled(self.grid.ms(cap_level), Action::Faster, Reason::Cap);
-            tracing::debug!(node, interval_ms = d.interval_ms, reason = %d.reason, "controller decision");
-            m.decision = Some(d.clone());
-            return d;
+            m.settling = Some(Settling::new(None));
         }
         if obs.new_samples < self.cfg.min_samples {
             return Decision::untabled(self.grid.ms(current), Action::Hold, Reason::NoData);
@@ -1150,6 +1172,33 @@ impl QController {
         d
     }
 
+    /// Moves `node` down to its cap's level at once: a `cap` decision.
+    fn move_to_cap(&mut self, node: u32, cap_level: usize) -> Decision {
+        let m = self.nodes.entry(node).or_default();
+        m.level = Some(cap_level);
+        m.last = None;
+        m.settling = None;
+        let d = Decision::untabled(self.grid.ms(cap_level), Action::Faster, Reason::Cap);
+        tracing::debug!(node, interval_ms = d.interval_ms, reason = %d.reason, "controller decision");
+        m.decision = Some(d.clone());
+        d
+    }
+
+    /// The `cap` decision for `node`, whose standing request
+    /// `requested_ms` (one the monitor takes over at a reload or a start,
+    /// before any observation of the node) is over the cap
+    /// [`QController::set_cap`] gave it; `None` if it is within. What
+    /// [`QController::decide`] does first at the node's next decision,
+    /// taken at once: a node newly marked critical must not wait a period
+    /// at an interval over its cap.
+    pub fn cap_request(&mut self, node: u32, requested_ms: u32) -> Option<Decision> {
+        let m = self.nodes.get(&node)?;
+        let cap_level = self.grid.level_at_most(m.cap_ms?);
+        let current = m.level.unwrap_or_else(|| self.grid.level_of(requested_ms));
+        (current > cap_level || requested_ms > self.grid.ms(cap_level))
+            .then(|| self.move_to_cap(node, cap_level))
+    }
+
     /// The last decision taken for `node` (not counting `no_data` holds),
     /// for the monitor's `/nodes`: interval, action, reason, reward.
     pub fn last_decision(&self, node: u32) -> Option<&Decision> {
@@ -1170,9 +1219,16 @@ impl QController {
     /// The `GET /controller` document: configuration, exploration, reward
     /// statistics and every visited row of the table.
     pub fn snapshot(&self) -> Snapshot {
-        Snapshot {
+        self.snapshot_copy().build()
+    }
+
+    /// What [`QController::snapshot`] needs, copied: the numbers of the
+    /// visited rows, not yet described or sorted. The monitor takes it
+    /// under the core's lock and builds the document without it.
+    pub fn snapshot_copy(&self) -> SnapshotCopy {
+        SnapshotCopy {
             config: self.cfg.clone(),
-            levels_ms: self.grid.levels_ms.clone(),
+            grid: self.grid.clone(),
             start_interval_ms: self.start_ms(),
             sigmas_to_threshold: self.k_sigma,
             epsilon: self.epsilon(),
@@ -1180,33 +1236,97 @@ impl QController {
             explorations: self.explorations,
             nodes: self.nodes.len(),
             rewards: self.rewards,
-            table: self.rows(),
+            rows: self.visited(),
         }
     }
 
     /// Every visited row, most visited first.
     pub fn rows(&self) -> Vec<table::Row> {
-        let levels = self.grid.len();
-        let mut rows: Vec<table::Row> = (0..self.visits.len())
+        describe_rows(self.visited(), &self.grid)
+    }
+
+    /// The numbers of every visited row, by index.
+    fn visited(&self) -> Vec<VisitedRow> {
+        (0..self.visits.len())
             .filter(|&s| self.visits[s] > 0)
-            .map(|s| {
-                let key = StateKey::from_index(s, levels);
-                table::Row {
-                    index: s as u32,
-                    state: key.describe(&self.grid),
-                    visits: self.visits[s],
-                    updates: [
-                        self.updates[s * 3],
-                        self.updates[s * 3 + 1],
-                        self.updates[s * 3 + 2],
-                    ],
-                    q: self.row(s),
-                    greedy: self.greedy(s, key.interval as usize, levels - 1).0,
-                }
+            .map(|s| VisitedRow {
+                index: s as u32,
+                visits: self.visits[s],
+                updates: [
+                    self.updates[s * 3],
+                    self.updates[s * 3 + 1],
+                    self.updates[s * 3 + 2],
+                ],
+                q: self.row(s),
             })
-            .collect();
-        rows.sort_by(|a, b| b.visits.cmp(&a.visits).then(a.index.cmp(&b.index)));
-        rows
+            .collect()
+    }
+}
+
+/// A visited row's numbers, as copied from the table.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VisitedRow {
+    index: u32,
+    visits: u64,
+    updates: [u64; 3],
+    q: [f64; 3],
+}
+
+/// The rows as a table file and `GET /controller` show them: each state
+/// spelled out and its greedy action, most visited first.
+fn describe_rows(rows: Vec<VisitedRow>, grid: &Grid) -> Vec<table::Row> {
+    let levels = grid.len();
+    let mut rows: Vec<table::Row> = rows
+        .into_iter()
+        .map(|r| {
+            let key = StateKey::from_index(r.index as usize, levels);
+            table::Row {
+                index: r.index,
+                state: key.describe(grid),
+                visits: r.visits,
+                updates: r.updates,
+                q: r.q,
+                greedy: greedy_of(r.q, key.interval as usize, levels - 1).0,
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| b.visits.cmp(&a.visits).then(a.index.cmp(&b.index)));
+    rows
+}
+
+/// A copy of what [`QController::snapshot`] shows ([`QController::snapshot_copy`]):
+/// plain numbers, cheap to take; [`SnapshotCopy::build`] describes and
+/// sorts the rows (for a table of thousands of visited rows, tens of ms
+/// that the monitor's tick must not wait for).
+#[derive(Clone, Debug)]
+pub struct SnapshotCopy {
+    config: Config,
+    grid: Grid,
+    start_interval_ms: u32,
+    sigmas_to_threshold: f64,
+    epsilon: f64,
+    decisions: u64,
+    explorations: u64,
+    nodes: usize,
+    rewards: RewardStats,
+    rows: Vec<VisitedRow>,
+}
+
+impl SnapshotCopy {
+    /// The document.
+    pub fn build(self) -> Snapshot {
+        Snapshot {
+            table: describe_rows(self.rows, &self.grid),
+            config: self.config,
+            levels_ms: self.grid.levels_ms,
+            start_interval_ms: self.start_interval_ms,
+            sigmas_to_threshold: self.sigmas_to_threshold,
+            epsilon: self.epsilon,
+            decisions: self.decisions,
+            explorations: self.explorations,
+            nodes: self.nodes,
+            rewards: self.rewards,
+        }
     }
 }
 

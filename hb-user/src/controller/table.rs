@@ -1,7 +1,8 @@
 //! The learned table on disk: a JSON document, written atomically (temp
 //! file in the same directory, fsync, rename, fsync of the directory) so a
 //! crash mid-save leaves either the old table or the new one, never half of
-//! one.
+//! one. The temporary file such a crash leaves beside the table is removed
+//! by the next save (of any process) once its PID is no running process.
 //!
 //! Only visited rows are stored, each with its state spelled out for
 //! people (`hb controller show` prints the file without a running monitor)
@@ -238,6 +239,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TableError> {
     static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
+    remove_stale_temps(&dir, &name);
     let result = (|| {
         let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(bytes).map_err(io(&tmp))?;
@@ -252,6 +254,70 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TableError> {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Removes the temporary files that saves of the table `name` in `dir`
+/// left behind when their process died mid-save (a crash, a kill, a
+/// power cut before the rename): `.NAME.tmp-PID-N`, regular files whose
+/// PID is no running process. Nothing else is touched: other names,
+/// other tables' files, anything but a regular file, our own process's
+/// (a save of ours may be running now), or a live process's (another
+/// monitor's save in progress, or a PID reused since, which waits for a
+/// later save). Best effort: a failure only leaves the file.
+fn remove_stale_temps(dir: &Path, name: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!(".{name}.tmp-");
+    for e in entries.flatten() {
+        let file_name = e.file_name();
+        let Some(pid) = file_name
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(temp_pid)
+        else {
+            continue;
+        };
+        // `file_type` does not follow a symlink.
+        if pid == std::process::id()
+            || process_alive(pid)
+            || !e.file_type().is_ok_and(|t| t.is_file())
+        {
+            continue;
+        }
+        let path = e.path();
+        match fs::remove_file(&path) {
+            Ok(()) => tracing::info!(
+                path = %path.display(),
+                pid,
+                "removed the temporary file of a controller table save its process did not finish"
+            ),
+            Err(e) => tracing::warn!(
+                path = %path.display(),
+                "cannot remove the temporary file of an unfinished controller table save: {e}"
+            ),
+        }
+    }
+}
+
+/// The PID of a temporary file's `PID-N` suffix, if it is one: both
+/// decimal, the PID a positive `pid_t` (0 or a negative one would name a
+/// process group to `kill`).
+fn temp_pid(suffix: &str) -> Option<u32> {
+    let (pid, n) = suffix.split_once('-')?;
+    let decimal = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !decimal(pid) || !decimal(n) {
+        return None;
+    }
+    let pid: i32 = pid.parse().ok()?;
+    (pid > 0).then_some(pid as u32)
+}
+
+/// Whether a process `pid` exists (signal 0: nothing is sent). One that
+/// exists but is not ours to signal (`EPERM`) exists.
+fn process_alive(pid: u32) -> bool {
+    use nix::{errno::Errno, sys::signal::kill, unistd::Pid};
+    !matches!(kill(Pid::from_raw(pid as i32), None), Err(Errno::ESRCH))
 }
 
 impl QController {

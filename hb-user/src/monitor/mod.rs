@@ -436,7 +436,7 @@ async fn serve(args: Args, settings: Settings, keyring: Keyring) -> anyhow::Resu
     )?;
     // Requests left in pinned state by an earlier run: the policy takes
     // them over, or withdraws them if it makes none.
-    core.reconcile_requests(&*dp);
+    core.reconcile_requests(&*dp, monotonic_ns());
     // Here, not before: a link an earlier run kept gates with the pinned
     // configuration until the start is through.
     dp.set_config(&gate_config(&settings))
@@ -807,7 +807,7 @@ fn apply_options(
                 to = p.name(),
                 "interval policy replaced: it takes over the requests in force (withdrawn if it makes none)"
             );
-            core.set_policy(p, new.decision_ms, &*shared.dp);
+            core.set_policy(p, new.decision_ms, &*shared.dp, monotonic_ns());
             changed.push("controller");
         }
     }

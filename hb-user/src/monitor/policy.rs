@@ -55,6 +55,23 @@ pub trait IntervalPolicy: Send {
     /// A slot was freed (node removed): forget what was learned about it.
     fn forget(&mut self, _slot: u32) {}
 
+    /// Taking over the request `requested_ms` the dataplane holds for
+    /// `node_id` at `slot` (at start, and when a reload installs this
+    /// policy: [`super::tick::Core::reconcile_requests`]), at `now_ns`:
+    /// the request to write at once instead, or `None` to leave it until
+    /// the node's first decision (up to a decision period later). What
+    /// must not wait (a critical node's cap) is decided here, and shown
+    /// like any decision.
+    fn take_over(
+        &mut self,
+        _slot: u32,
+        _node_id: u32,
+        _requested_ms: u32,
+        _now_ns: u64,
+    ) -> Option<u32> {
+        None
+    }
+
     /// Short name for logs and `/nodes`.
     fn name(&self) -> &'static str;
 
@@ -76,9 +93,16 @@ pub trait IntervalPolicy: Send {
         None
     }
 
-    /// The `GET /controller` document.
+    /// What the `GET /controller` document needs, copied (under the
+    /// core's lock: cheap); [`PolicySnapshot::build`] makes the document
+    /// from it after the lock is released. Policies implement this one.
+    fn snapshot_copy(&self) -> PolicySnapshot {
+        PolicySnapshot::ready(serde_json::json!({ "controller": self.name() }))
+    }
+
+    /// The `GET /controller` document, at once (the copy, built).
     fn snapshot(&self) -> serde_json::Value {
-        serde_json::json!({ "controller": self.name() })
+        self.snapshot_copy().build()
     }
 
     /// The learned table and the file it goes to, if the policy has one
@@ -106,6 +130,42 @@ pub trait IntervalPolicy: Send {
     /// About to replace `running` (a reload, under the core's lock): a
     /// policy built from `running`'s table takes what it learned since.
     fn catch_up(&mut self, _running: &dyn IntervalPolicy) {}
+}
+
+/// The `GET /controller` document of a policy, taken in two steps
+/// ([`IntervalPolicy::snapshot_copy`]): what it needs, copied under the
+/// core's lock, and the work that makes the document of it (describing,
+/// sorting and serialising a table of thousands of rows took 31 ms, a
+/// tick held off that long), done by [`PolicySnapshot::build`] without
+/// the lock.
+pub struct PolicySnapshot(Box<dyn FnOnce() -> serde_json::Value + Send>);
+
+impl PolicySnapshot {
+    /// A document that is already made (a policy with little to show).
+    pub fn ready(v: serde_json::Value) -> PolicySnapshot {
+        PolicySnapshot(Box::new(move || v))
+    }
+
+    /// A document `make` builds from what it owns (the copy).
+    pub fn later(make: impl FnOnce() -> serde_json::Value + Send + 'static) -> PolicySnapshot {
+        PolicySnapshot(Box::new(make))
+    }
+
+    /// The same document with `key` set to `value` (if it is an object).
+    pub fn with(self, key: &'static str, value: serde_json::Value) -> PolicySnapshot {
+        PolicySnapshot::later(move || {
+            let mut v = self.build();
+            if let Some(o) = v.as_object_mut() {
+                o.insert(key.into(), value);
+            }
+            v
+        })
+    }
+
+    /// Makes the document.
+    pub fn build(self) -> serde_json::Value {
+        (self.0)()
+    }
 }
 
 /// A decision as `/nodes` shows it.
@@ -170,8 +230,10 @@ impl IntervalPolicy for FixedPolicy {
         }
     }
 
-    fn snapshot(&self) -> serde_json::Value {
-        serde_json::json!({ "controller": self.name(), "interval_ms": self.interval_ms })
+    fn snapshot_copy(&self) -> PolicySnapshot {
+        PolicySnapshot::ready(
+            serde_json::json!({ "controller": self.name(), "interval_ms": self.interval_ms }),
+        )
     }
 }
 
@@ -280,6 +342,18 @@ impl<P: IntervalPolicy> IntervalPolicy for Critical<P> {
         self.inner.forget(slot)
     }
 
+    // The cap under `fixed` and `off` needs no take-over: their first
+    // tick decides for every node (they are not staggered).
+    fn take_over(
+        &mut self,
+        slot: u32,
+        node_id: u32,
+        requested_ms: u32,
+        now_ns: u64,
+    ) -> Option<u32> {
+        self.inner.take_over(slot, node_id, requested_ms, now_ns)
+    }
+
     fn name(&self) -> &'static str {
         self.inner.name()
     }
@@ -296,15 +370,10 @@ impl<P: IntervalPolicy> IntervalPolicy for Critical<P> {
         self.inner.decision(slot)
     }
 
-    fn snapshot(&self) -> serde_json::Value {
-        let mut v = self.inner.snapshot();
-        if let Some(o) = v.as_object_mut() {
-            o.insert(
-                "critical_cap_ms".into(),
-                serde_json::json!(self.critical.cap_ms),
-            );
-        }
-        v
+    fn snapshot_copy(&self) -> PolicySnapshot {
+        self.inner
+            .snapshot_copy()
+            .with("critical_cap_ms", serde_json::json!(self.critical.cap_ms))
     }
 
     fn table(&self) -> Option<(PathBuf, TableFile)> {
@@ -421,24 +490,28 @@ impl QLearnPolicy {
         }
         &mut self.slots[i]
     }
+
+    /// Notes `node_id` at `slot`. A slot that changed hands without
+    /// `forget` (not expected): the old node's memory must not carry over.
+    fn claim(&mut self, slot: u32, node_id: u32) {
+        let m = *self.slot(slot);
+        if m.node_id != node_id {
+            if m.node_id != 0 {
+                self.ctrl.forget(m.node_id);
+            }
+            *self.slot(slot) = SlotMemory {
+                node_id,
+                refuted: m.refuted,
+                decided_ns: 0,
+            };
+        }
+    }
 }
 
 impl IntervalPolicy for QLearnPolicy {
     fn decide(&mut self, slot: u32, node: &NodeView, state: &NodeState) -> Option<u32> {
         let cap = self.critical.as_ref().and_then(|c| c.cap(node.node_id));
-        let m = *self.slot(slot);
-        if m.node_id != node.node_id {
-            // A slot that changed hands without `forget` (not expected):
-            // the old node's memory must not carry over.
-            if m.node_id != 0 {
-                self.ctrl.forget(m.node_id);
-            }
-            *self.slot(slot) = SlotMemory {
-                node_id: node.node_id,
-                refuted: m.refuted,
-                decided_ns: 0,
-            };
-        }
+        self.claim(slot, node.node_id);
         self.ctrl.set_cap(node.node_id, cap);
         let refuted = std::mem::take(&mut self.slot(slot).refuted);
         let d = self.ctrl.observe(node.node_id, state, refuted);
@@ -454,6 +527,29 @@ impl IntervalPolicy for QLearnPolicy {
 
     fn reason(&self, slot: u32) -> Option<String> {
         self.decision(slot).map(|d| d.reason)
+    }
+
+    /// A critical node's standing request over its cap (the node newly
+    /// marked critical at this reload, or since the monitor last ran) is
+    /// lowered to the cap at once, a `cap` decision as its first decision
+    /// would have made up to a period later.
+    fn take_over(
+        &mut self,
+        slot: u32,
+        node_id: u32,
+        requested_ms: u32,
+        now_ns: u64,
+    ) -> Option<u32> {
+        let cap = self.critical.as_ref().and_then(|c| c.cap(node_id))?;
+        if requested_ms <= cap {
+            return None;
+        }
+        self.claim(slot, node_id);
+        self.ctrl.set_cap(node_id, Some(cap));
+        let d = self.ctrl.cap_request(node_id, requested_ms)?;
+        self.slot(slot).decided_ns = now_ns;
+        // As `decide`: the cap itself if it is off the grid.
+        Some(d.interval_ms.min(cap))
     }
 
     fn forget(&mut self, slot: u32) {
@@ -495,20 +591,24 @@ impl IntervalPolicy for QLearnPolicy {
         })
     }
 
-    fn snapshot(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(self.ctrl.snapshot())
-            .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }));
-        if let Some(o) = v.as_object_mut() {
-            o.insert("controller".into(), serde_json::json!("qlearn"));
-            o.insert(
-                "table_path".into(),
-                serde_json::json!(self.table_path.as_ref().map(|p| p.display().to_string())),
-            );
-            if let Some(c) = &self.critical {
-                o.insert("critical_cap_ms".into(), serde_json::json!(c.cap_ms));
+    /// The controller's numbers, copied: described and serialised by
+    /// `build`.
+    fn snapshot_copy(&self) -> PolicySnapshot {
+        let copy = self.ctrl.snapshot_copy();
+        let table_path = self.table_path.as_ref().map(|p| p.display().to_string());
+        let cap_ms = self.critical.as_ref().map(|c| c.cap_ms);
+        PolicySnapshot::later(move || {
+            let mut v = serde_json::to_value(copy.build())
+                .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }));
+            if let Some(o) = v.as_object_mut() {
+                o.insert("controller".into(), serde_json::json!("qlearn"));
+                o.insert("table_path".into(), serde_json::json!(table_path));
+                if let Some(cap_ms) = cap_ms {
+                    o.insert("critical_cap_ms".into(), serde_json::json!(cap_ms));
+                }
             }
-        }
-        v
+            v
+        })
     }
 
     fn table(&self) -> Option<(PathBuf, TableFile)> {
@@ -1099,6 +1199,72 @@ mod tests {
         assert_eq!(snap["critical_cap_ms"], 700);
     }
 
+    /// A node newly marked critical at a reload under qlearn: its standing
+    /// request over the cap is lowered at the reload itself, not at its
+    /// first decision up to a period later, and `/nodes` shows it as a
+    /// decision (reason `cap`). Nodes within the cap, and the others,
+    /// keep theirs until their decisions.
+    #[test]
+    fn a_node_marked_critical_at_a_reload_is_capped_at_once() {
+        use crate::monitor::{apply_options, rebuild_policy};
+        let dir = tempfile::tempdir().unwrap();
+        let with = |critical: Option<&str>| {
+            let path = dir.path().join("t.json");
+            let critical = critical.map(str::to_owned);
+            settings(move |o| {
+                o.controller = Some(ControllerKind::Qlearn);
+                o.controller_table = Some(path.clone());
+                o.decision_ms = Some(5000);
+                if critical.is_some() {
+                    o.critical = critical;
+                    o.controller_max_interval_ms = Some(700);
+                }
+            })
+        };
+        let mut running = with(None);
+        let mut r = Rig::new(&running, &[1, 2, 3], 1000);
+        r.run(60_000, &[], |_| {});
+        let before = [1, 2, 3].map(|id| r.requested(id));
+        assert!(before[0] > 700 && before[2] > 700, "{before:?}");
+
+        let new = with(Some("1,2"));
+        let p = rebuild_policy(&r.shared, &new).unwrap();
+        apply_options(&r.shared, &mut running, &new, Some(p), false);
+        // Before any tick.
+        assert_eq!(r.requested(1), 700);
+        assert_eq!(r.requested(2), before[1].min(700));
+        assert_eq!(r.requested(3), before[2], "not critical");
+        let d = node_row(&r.shared, 1).unwrap().last_decision.unwrap();
+        assert_eq!(
+            (
+                d.interval_ms,
+                d.reason.as_deref(),
+                d.action.as_deref(),
+                d.policy.as_str()
+            ),
+            (700, Some("cap"), Some("faster"), "qlearn"),
+        );
+        // And from there on.
+        r.run(30_000, &[], |r| {
+            assert!(r.requested(1) <= 700 && r.requested(2) <= 700);
+        });
+        assert!(r.interval(1) <= 700);
+
+        // A monitor started over the pinned maps with node 3 now critical
+        // takes its request over the same way.
+        assert!(r.requested(3) > 700);
+        let now = r.now;
+        let mut core = r.shared.core();
+        core.policy = make_policy(&with(Some("1-3"))).unwrap();
+        core.reconcile_requests(&*r.shared.dp, now);
+        assert_eq!(
+            core.table.decision(core.table.slot_of(3).unwrap()),
+            (700, now)
+        );
+        drop(core);
+        assert_eq!(r.requested(3), 700);
+    }
+
     #[test]
     fn critical_nodes_never_exceed_their_cap() {
         let dir = tempfile::tempdir().unwrap();
@@ -1349,7 +1515,8 @@ mod tests {
             let slot = rig.shared.core().table.slot_of(id).unwrap();
             rig.shared.dp.set_requested_interval(slot, 700);
         }
-        rig.shared.core().reconcile_requests(&*rig.shared.dp);
+        let now = rig.now;
+        rig.shared.core().reconcile_requests(&*rig.shared.dp, now);
         assert_eq!((rig.requested(1), rig.requested(2)), (700, 700));
         let start = rig.shared.core().policy.snapshot()["start_interval_ms"].clone();
         assert_eq!(start, 1500, "the default target's start level");

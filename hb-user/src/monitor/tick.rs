@@ -431,8 +431,8 @@ impl Core {
         }
     }
 
-    /// Replaces the interval policy and its decision period (a reload):
-    /// the new policy takes over the requests in force
+    /// Replaces the interval policy and its decision period (a reload at
+    /// `now_ns`): the new policy takes over the requests in force
     /// ([`Core::reconcile_requests`]) and decides for every node on the
     /// next tick.
     pub fn set_policy(
@@ -440,12 +440,13 @@ impl Core {
         policy: Box<dyn IntervalPolicy>,
         decision_period_ms: u64,
         dp: &dyn Dataplane,
+        now_ns: u64,
     ) {
         self.policy = policy;
         self.decision_period_ns = decision_period_ms.max(1) * 1_000_000;
         self.next_decision_ns = 0;
         self.last_tick_ns = 0;
-        self.reconcile_requests(dp);
+        self.reconcile_requests(dp, now_ns);
     }
 
     /// Squares the requests the dataplane holds with the policy in force:
@@ -459,13 +460,18 @@ impl Core {
     ///   were just telling to slow down (its run of change ACKs for that
     ///   request is at its first few heartbeats) keeps the allowance
     ///   [`slowing`] gives it, from when the run began: its announcing
-    ///   heartbeat may be the one lost.
+    ///   heartbeat may be the one lost. A request the policy will not
+    ///   leave standing until the node's first decision (a critical
+    ///   node's over its cap: [`IntervalPolicy::take_over`]) is replaced
+    ///   at once, a decision at `now_ns`.
     /// - One that makes none (`off`) withdraws them (0: ACKs then echo the
     ///   sender's own interval), or the gate would keep putting an earlier
     ///   policy's request in its ACKs.
-    pub fn reconcile_requests(&mut self, dp: &dyn Dataplane) {
+    pub fn reconcile_requests(&mut self, dp: &dyn Dataplane, now_ns: u64) {
         let t = &mut self.table;
         if self.policy.active() {
+            let policy = &mut *self.policy;
+            let mut replaced = Vec::new();
             dp.read_states(0..t.len(), &mut |slot, st| {
                 let i = slot as usize;
                 if t.node_id[i] != 0 {
@@ -473,8 +479,26 @@ impl Core {
                     if t.decided_ns[i] == 0 {
                         t.decided_ns[i] = slowing_since(st);
                     }
+                    let standing = st.requested_interval_ms;
+                    if let Some(ms) = policy.take_over(slot, t.node_id[i], standing, now_ns)
+                        && ms != standing
+                    {
+                        replaced.push((slot, ms));
+                    }
                 }
             });
+            for &(slot, ms) in &replaced {
+                dp.set_requested_interval(slot, ms);
+                t.requested_ms[slot as usize] = ms;
+                t.decided_ns[slot as usize] = now_ns;
+            }
+            if !replaced.is_empty() {
+                tracing::info!(
+                    nodes = replaced.len(),
+                    policy = policy.name(),
+                    "standing requests replaced at once on taking them over (critical nodes over their cap)"
+                );
+            }
             return;
         }
         for slot in 0..t.len() {
@@ -2814,7 +2838,7 @@ mod tests {
         let mut r = Rig::new(&[1], Box::new(FixedPolicy::none()));
         let seq = r.steady(1, 1000, 1000, 5000);
         r.core
-            .set_policy(Box::new(FixedPolicy::fixed(10_000)), 1000, &r.dp);
+            .set_policy(Box::new(FixedPolicy::fixed(10_000)), 1000, &r.dp, 5000 * MS);
         assert_eq!(r.tick(5100), vec![]);
         assert_eq!(r.core.table.decision(0), (10_000, 5100 * MS), "requested");
         let mut seen = Vec::new();
@@ -2877,7 +2901,7 @@ mod tests {
             .unwrap();
             let seq = r.steady(1, 1000, 1000, 5000);
             r.core
-                .set_policy(Box::new(FixedPolicy::fixed(10_000)), 1000, &r.dp);
+                .set_policy(Box::new(FixedPolicy::fixed(10_000)), 1000, &r.dp, 5000 * MS);
             assert_eq!(r.tick(5100), vec![]);
             let mut seen = Vec::new();
             let mut t = 5200;
@@ -2892,7 +2916,7 @@ mod tests {
                     } else {
                         Box::new(FixedPolicy::none())
                     };
-                    r.core.set_policy(next, 1000, &r.dp);
+                    r.core.set_policy(next, 1000, &r.dp, t * MS);
                 }
                 // At 7000 the heartbeat announcing 10 s is lost.
                 if t == 17_000 {
@@ -2927,7 +2951,7 @@ mod tests {
             .unwrap();
             let mut seq = r.steady(1, 1000, 1000, 5000);
             r.core
-                .set_policy(Box::new(FixedPolicy::fixed(10_000)), 1000, &r.dp);
+                .set_policy(Box::new(FixedPolicy::fixed(10_000)), 1000, &r.dp, 5000 * MS);
             assert_eq!(r.tick(5100), vec![]);
             // Answered with an ACK carrying the request; a node that does
             // not follow goes on at 1 s for five more.
@@ -2939,7 +2963,7 @@ mod tests {
             }
             let restart = last + 500;
             r.restart_with(restart, Box::new(FixedPolicy::fixed(10_000)));
-            r.core.reconcile_requests(&r.dp);
+            r.core.reconcile_requests(&r.dp, restart * MS);
             let (req, decided) = r.core.table.decision(0);
             assert_eq!(req, 10_000);
             assert_eq!(
