@@ -17,7 +17,8 @@
 //! tick at every monitor tick (its [`Detector`], with phi's thresholds,
 //! the stall allowance and the max-silence backstop, and its state
 //! machine, [`state::step`]); decisions are [`QController::observe`] once
-//! per decision period per node.
+//! per decision period per node, by time, as the monitor schedules them
+//! ([`Decisions`]).
 //!
 //! A stalled sender (a pause of the scenario) runs nothing: its heartbeat
 //! timer fires and the ACKs that reach it are read when the stall ends, as
@@ -699,6 +700,11 @@ pub(super) struct Sim<'a, 'p> {
     /// The controller's decisions and reward statistics when the run
     /// started (a trained or loaded controller's lifetime counters).
     controller_at_start: Option<(u64, RewardStats)>,
+    /// Which nodes each tick decides for.
+    decisions: Decisions,
+    /// Nodes the controller was asked to decide for so far (holds
+    /// included).
+    decided: u64,
 }
 
 /// What the nodes of one profile did.
@@ -721,6 +727,50 @@ struct Clock {
     samples: u64,
     /// Node-seconds the senders that are up spent at each interval.
     at_interval: std::collections::BTreeMap<u32, u64>,
+}
+
+/// When the controller decides for each node: once per decision period, by
+/// time, as the monitor's staggered policy does (`Core::due` in
+/// `monitor::tick`): a node has a phase in the period, and is decided on
+/// the tick whose window since the previous tick holds one of its
+/// decision times, `phase + m * period` (`m >= 0`, from the first tick).
+/// A period that is not a multiple of the tick still gives each node one
+/// decision per period (cutting it to whole ticks decided every
+/// `floor(period / tick)` ticks), and a period shorter than a tick every
+/// node on every tick, as the monitor does.
+///
+/// The phases differ from the monitor's (a hash of the slot there):
+/// `k = ceil(period / tick)` of them, spread evenly over the period, node
+/// slot `i` at the `(i mod k)`-th. With a period that is a multiple of the
+/// tick, slot `i` is thus decided on the ticks `n` with `n mod k = i mod
+/// k`, which is what every published run was simulated with.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Decisions {
+    tick_ns: u64,
+    period_ns: u64,
+    phases: u64,
+}
+
+impl Decisions {
+    /// `tick_ns` and `period_ns` positive.
+    pub(super) fn new(tick_ns: u64, period_ns: u64) -> Decisions {
+        let (tick_ns, period_ns) = (tick_ns.max(1), period_ns.max(1));
+        Decisions {
+            tick_ns,
+            period_ns,
+            phases: period_ns.div_ceil(tick_ns),
+        }
+    }
+
+    /// Whether node slot `slot` is due on the tick `since_ns` after the
+    /// first tick (a multiple of the tick).
+    pub(super) fn due(&self, slot: u32, since_ns: u64) -> bool {
+        let phase = (slot as u64 % self.phases) * (self.period_ns / self.phases);
+        // How many of its decision times are at or before `t`.
+        let times = |t: u64| t.checked_sub(phase).map_or(0, |d| d / self.period_ns + 1);
+        let before = since_ns.checked_sub(self.tick_ns).map_or(0, times);
+        times(since_ns) > before
+    }
 }
 
 /// Runs one simulation.
@@ -752,6 +802,11 @@ impl<'a, 'p> Sim<'a, 'p> {
         cfg.thresholds
             .validate()
             .map_err(|e| anyhow::anyhow!("the monitor's thresholds: {e}"))?;
+        let period_ns = cfg
+            .decision_period_ms
+            .checked_mul(MS)
+            .context("the decision period is too long")?;
+        let decisions = Decisions::new(cfg.tick_ms * MS, period_ns);
         let end = T0 + (cfg.duration_s * S as f64) as u64;
         let dp = MemDataplane::new();
         dp.set_config(&monitor_gate_config(policy)?)?;
@@ -785,6 +840,8 @@ impl<'a, 'p> Sim<'a, 'p> {
             by_kind: vec![Tally::default(); cfg.scenario.profiles.len()],
             initial_ms: initial,
             controller_at_start,
+            decisions,
+            decided: 0,
             clock: Clock {
                 t: T0,
                 next_sample: T0,
@@ -901,7 +958,6 @@ impl Sim<'_, '_> {
     pub(super) fn run_until(&mut self, until: u64) {
         let until = until.min(self.end);
         let tick = self.cfg.tick_ms * MS;
-        let period_ticks = (self.cfg.decision_period_ms / self.cfg.tick_ms).max(1);
         let sample_every = ((self.cfg.sample_every_s * S as f64) as u64).max(tick);
         // Once a second: how long the senders that are up spend at each
         // interval.
@@ -912,7 +968,7 @@ impl Sim<'_, '_> {
                 self.handle(et, e);
             }
             let tick_no = self.clock.tick_no;
-            self.tick(t, tick_no % period_ticks, period_ticks);
+            self.tick(t);
             if tick_no.is_multiple_of(second_ticks) {
                 for n in self.nodes.iter().filter(|n| n.alive) {
                     *self
@@ -1262,8 +1318,9 @@ impl Sim<'_, '_> {
     /// The monitor's tick: its detector and state machine for every node
     /// ([`Node::judge`]), the suspicion bookkeeping, and the decisions of
     /// the nodes whose turn it is.
-    fn tick(&mut self, t: u64, phase: u64, period_ticks: u64) {
+    fn tick(&mut self, t: u64) {
         let det = self.det;
+        let (decisions, since) = (self.decisions, t - T0);
         let mut decide: Vec<(u32, NodeState, u32)> = Vec::new();
         let qlearn = matches!(self.policy, Policy::QLearn(_));
         let nodes = &mut self.nodes;
@@ -1276,11 +1333,12 @@ impl Sim<'_, '_> {
                     fs += 1;
                     by_kind[n.kind].false_suspicions += 1;
                 }
-                if qlearn && slot as u64 % period_ticks == phase {
+                if qlearn && decisions.due(slot, since) {
                     decide.push((n.id, *st, std::mem::take(&mut n.refuted)));
                 }
             });
         self.false_suspicions += fs;
+        self.decided += decide.len() as u64;
         if let Policy::QLearn(c) = self.policy {
             for (id, st, refuted) in decide {
                 let d = c.observe(id, &st, refuted);
@@ -1332,6 +1390,11 @@ impl Sim<'_, '_> {
     /// Heartbeats sent so far.
     pub(super) fn sent(&self) -> u64 {
         self.sent
+    }
+
+    /// Nodes the controller was asked to decide for so far.
+    pub(super) fn decided(&self) -> u64 {
+        self.decided
     }
 
     pub(super) fn gate_config(&self) -> GateConfig {
