@@ -49,7 +49,7 @@ use std::{
 use anyhow::Context as _;
 use hb_common::{
     GateResult, NodeKey,
-    maps::{Config as GateConfig, NodeKeys, NodeState},
+    maps::{Config as GateConfig, MAX_NODES, NodeKeys, NodeState},
     proto,
 };
 use rand::{RngExt, SeedableRng};
@@ -62,7 +62,7 @@ use crate::{
     dataplane::{Dataplane, mem::MemDataplane},
     detector::PhiParams,
     monitor::{
-        config::{ControllerKind, Opts, Settings},
+        config::{self, ControllerKind, Opts, Settings},
         state::{self, Thresholds, Track, Transition},
         tick::Detector,
     },
@@ -700,6 +700,8 @@ pub(super) struct Sim<'a, 'p> {
     /// The controller's decisions and reward statistics when the run
     /// started (a trained or loaded controller's lifetime counters).
     controller_at_start: Option<(u64, RewardStats)>,
+    /// The monitor's tick, ns.
+    tick_ns: u64,
     /// Which nodes each tick decides for.
     decisions: Decisions,
     /// Nodes the controller was asked to decide for so far (holds
@@ -786,7 +788,12 @@ impl<'a, 'p> Sim<'a, 'p> {
         cfg: &'a SimConfig,
         policy: &'a mut Policy<'p>,
     ) -> anyhow::Result<Sim<'a, 'p>> {
-        anyhow::ensure!(cfg.nodes > 0, "the fleet needs at least one node");
+        // Before anything is allocated for them.
+        anyhow::ensure!(
+            (1..=MAX_NODES).contains(&cfg.nodes),
+            "--nodes {}: the fleet must have 1 to {MAX_NODES} nodes (the monitor's largest capacity)",
+            cfg.nodes
+        );
         anyhow::ensure!(
             cfg.duration_s > 0.0 && cfg.duration_s <= 30.0 * 86400.0,
             "duration must be positive and at most 30 days"
@@ -795,18 +802,19 @@ impl<'a, 'p> Sim<'a, 'p> {
             !cfg.scenario.profiles.is_empty(),
             "scenario has no node profile"
         );
-        anyhow::ensure!(
-            cfg.tick_ms > 0 && cfg.decision_period_ms >= cfg.tick_ms,
-            "the decision period must be at least one tick"
-        );
+        // The monitor's ranges (a decision period shorter than the tick
+        // decides every node on every tick, as there).
+        config::check_tick_ms(cfg.tick_ms).context("--tick-ms")?;
+        config::check_decision_ms(cfg.decision_period_ms).context("--decision-period")?;
+        let tick_ns = cfg.tick_ms.checked_mul(MS).context("--tick-ms")?;
         cfg.thresholds
             .validate()
             .map_err(|e| anyhow::anyhow!("the monitor's thresholds: {e}"))?;
         let period_ns = cfg
             .decision_period_ms
             .checked_mul(MS)
-            .context("the decision period is too long")?;
-        let decisions = Decisions::new(cfg.tick_ms * MS, period_ns);
+            .context("--decision-period")?;
+        let decisions = Decisions::new(tick_ns, period_ns);
         let end = T0 + (cfg.duration_s * S as f64) as u64;
         let dp = MemDataplane::new();
         dp.set_config(&monitor_gate_config(policy)?)?;
@@ -840,6 +848,7 @@ impl<'a, 'p> Sim<'a, 'p> {
             by_kind: vec![Tally::default(); cfg.scenario.profiles.len()],
             initial_ms: initial,
             controller_at_start,
+            tick_ns,
             decisions,
             decided: 0,
             clock: Clock {
@@ -957,7 +966,7 @@ impl Sim<'_, '_> {
     /// end of the run).
     pub(super) fn run_until(&mut self, until: u64) {
         let until = until.min(self.end);
-        let tick = self.cfg.tick_ms * MS;
+        let tick = self.tick_ns;
         let sample_every = ((self.cfg.sample_every_s * S as f64) as u64).max(tick);
         // Once a second: how long the senders that are up spend at each
         // interval.
@@ -997,7 +1006,7 @@ impl Sim<'_, '_> {
 
     /// The report, once the run has reached its end ([`Sim::run_until`]).
     pub(super) fn finish(mut self) -> anyhow::Result<SimReport> {
-        let tick = self.cfg.tick_ms * MS;
+        let tick = self.tick_ns;
         let t = self.clock.t;
         let (interval_area, samples) = (self.clock.interval_area, self.clock.samples);
         let at_interval = std::mem::take(&mut self.clock.at_interval);

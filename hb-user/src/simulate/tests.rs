@@ -603,6 +603,75 @@ fn decisions_are_one_period_apart_and_unchanged_for_whole_ticks() {
     assert!((0..100).all(|slot| (0..50).all(|n| d.due(slot, n * 100 * MS))));
 }
 
+/// What the monitor refuses, `hb simulate` refuses, in one line and
+/// before it allocates a fleet: a tick beyond a minute (it ran, and
+/// `tick_ms * MS` could wrap), controller bounds outside 100-10000 ms, a
+/// decision period beyond an hour or under a millisecond, more nodes than
+/// the monitor's largest capacity (an allocation of terabytes aborted it).
+/// A decision period shorter than the tick the monitor takes (every node
+/// on every tick), and so does this now.
+#[test]
+fn settings_the_monitor_refuses_are_refused() {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: Args,
+    }
+    let run = |flags: &[&str]| {
+        let mut argv = vec!["hb", "--duration", "1m", "--train", "0s"];
+        if !flags.contains(&"--nodes") {
+            argv.extend(["--nodes", "2"]);
+        }
+        let a = <Cli as clap::Parser>::parse_from(argv.iter().chain(flags)).a;
+        output(&a).map_err(|e| format!("{e:#}"))
+    };
+    let refused = |flags: &[&str], why: &str| {
+        let e = run(flags).expect_err(&format!("{flags:?} was run"));
+        assert!(e.contains(why) && !e.contains('\n'), "{flags:?}: {e}");
+    };
+    let fixed = ["--controller", "fixed:1000"];
+    assert!(
+        run(&[
+            &fixed[..],
+            &["--tick-ms", "60000", "--decision-period", "1m"]
+        ]
+        .concat())
+        .is_ok()
+    );
+    for tick in ["60001", "18446744073709"] {
+        refused(
+            &[&fixed[..], &["--tick-ms", tick, "--decision-period", "1h"]].concat(),
+            "--tick-ms: tick_ms must be between 1 and 60000",
+        );
+    }
+    refused(&["--tick-ms", "0"], "tick_ms must be between 1 and 60000");
+    for (lo, hi) in [
+        ("50", "10000"),
+        ("100", "20000"),
+        ("20", "50000"),
+        ("900", "200"),
+    ] {
+        refused(
+            &["--min-interval-ms", lo, "--max-interval-ms", hi],
+            "expected MIN-MAX within 100-10000 ms",
+        );
+    }
+    assert!(run(&["--min-interval-ms", "200", "--max-interval-ms", "5000"]).is_ok());
+    for period in ["2h", "500us", "0s", "100000000000years"] {
+        refused(
+            &["--decision-period", period],
+            "--decision-period: decision_ms must be between 1 and 3600000",
+        );
+    }
+    assert!(run(&["--tick-ms", "1000", "--decision-period", "500ms"]).is_ok());
+    for nodes in ["1048577", "4294967295", "0"] {
+        refused(
+            &["--nodes", nodes],
+            "the fleet must have 1 to 1048576 nodes",
+        );
+    }
+}
+
 #[test]
 fn json_report_is_the_same_byte_for_byte() {
     #[derive(clap::Parser)]
