@@ -267,7 +267,9 @@ pub struct SimReport {
     pub false_suspicions_per_node_hour: f64,
     /// Time the nodes were up (not crashed) during the run, node-hours.
     pub alive_node_hours: f64,
-    /// Time-averaged mean interval of the fleet, ms.
+    /// Mean interval of the senders that are up, weighted by time, ms:
+    /// the mean of `interval_share` (not of the trajectory, whose samples
+    /// are a minute apart from the start).
     pub mean_interval_ms: f64,
     pub trajectory: Vec<TrajectoryPoint>,
     pub controller_state: Option<ControllerSummary>,
@@ -725,8 +727,6 @@ struct Clock {
     t: u64,
     tick_no: u64,
     next_sample: u64,
-    interval_area: f64,
-    samples: u64,
     /// Node-seconds the senders that are up spent at each interval.
     at_interval: std::collections::BTreeMap<u32, u64>,
 }
@@ -989,8 +989,6 @@ impl Sim<'_, '_> {
             }
             if t >= self.clock.next_sample {
                 let p = self.sample(t);
-                self.clock.interval_area += p.mean_ms;
-                self.clock.samples += 1;
                 self.trajectory.push(p);
                 self.clock.next_sample += sample_every;
             }
@@ -1008,7 +1006,6 @@ impl Sim<'_, '_> {
     pub(super) fn finish(mut self) -> anyhow::Result<SimReport> {
         let tick = self.tick_ns;
         let t = self.clock.t;
-        let (interval_area, samples) = (self.clock.interval_area, self.clock.samples);
         let at_interval = std::mem::take(&mut self.clock.at_interval);
         let duration_s = self.cfg.duration_s;
         let nodes = self.cfg.nodes;
@@ -1062,6 +1059,15 @@ impl Sim<'_, '_> {
             })
             .collect();
         let node_seconds: u64 = at_interval.values().sum();
+        let mean_interval_ms = if node_seconds == 0 {
+            0.0
+        } else {
+            at_interval
+                .iter()
+                .map(|(&ms, &n)| ms as f64 * n as f64)
+                .sum::<f64>()
+                / node_seconds as f64
+        };
         let interval_share = at_interval
             .into_iter()
             .map(|(ms, n)| (ms, n as f64 / node_seconds.max(1) as f64))
@@ -1085,11 +1091,7 @@ impl Sim<'_, '_> {
             false_suspicions: self.false_suspicions,
             false_suspicions_per_node_hour: per_hour(self.false_suspicions, alive_node_hours),
             alive_node_hours,
-            mean_interval_ms: if samples == 0 {
-                0.0
-            } else {
-                interval_area / samples as f64
-            },
+            mean_interval_ms,
             trajectory: self.trajectory,
             controller_state,
         })

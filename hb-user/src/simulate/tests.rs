@@ -672,6 +672,39 @@ fn settings_the_monitor_refuses_are_refused() {
     }
 }
 
+/// The mean interval is the senders' up-time at each interval, weighted:
+/// sampled every 60 s from the start instead, a 10 min run gave its first
+/// sample, at the senders' starting 1000 ms, a weight of one in eleven
+/// (227 ms for a fleet at 100-150 ms within seconds).
+#[test]
+fn the_mean_interval_is_the_time_weighted_one() {
+    let mut c = cfg("lan", 10, 10.0, 1);
+    c.decision_period_ms = 1000;
+    let mut ctrl = QController::new(Config {
+        min_interval_ms: 100,
+        max_interval_ms: 150,
+        decision_period_ms: 1000.0,
+        weights: parse_weights("0,0,0,0,0").unwrap(),
+        ..Config::default()
+    })
+    .unwrap();
+    let r = run_policy(&c, &mut Policy::QLearn(&mut ctrl)).unwrap();
+    let weighted: f64 = r
+        .interval_share
+        .iter()
+        .map(|&(ms, share)| ms as f64 * share)
+        .sum();
+    assert!(
+        (r.mean_interval_ms - weighted).abs() < 1e-9 * weighted,
+        "{} against {weighted}",
+        r.mean_interval_ms
+    );
+    assert!(r.mean_interval_ms < 200.0, "{}", r.mean_interval_ms);
+    // The trajectory keeps its samples, the start's included.
+    assert_eq!(r.trajectory.len(), 11);
+    assert_eq!(r.trajectory[0].mean_ms, 1000.0);
+}
+
 #[test]
 fn json_report_is_the_same_byte_for_byte() {
     #[derive(clap::Parser)]
