@@ -53,7 +53,8 @@ pub struct ReplayArgs {
     /// recv_ns.
     #[arg(long, required = true, value_name = "FILE.csv")]
     pub trace: Option<PathBuf>,
-    /// Crash times: CSV `node_id,crash_ns`.
+    /// Crash times: CSV `node_id,crash_ns`. Crashes of nodes absent from
+    /// the trace, or after its end, are ignored (with a warning).
     #[arg(long, value_name = "FILE.csv")]
     pub crashes: Option<PathBuf>,
     /// Detector to replay (repeatable): hb, fixed, chen, phi-normal, akka,
@@ -269,6 +270,14 @@ fn run_replay(a: ReplayArgs) -> anyhow::Result<()> {
         tracing::warn!(
             crashes = ignored,
             "crashes of nodes that never appear in the trace are ignored"
+        );
+    }
+    let after_end = trace::crashes_after_end(&trace, &crashes);
+    if after_end > 0 {
+        tracing::warn!(
+            crashes = after_end,
+            end_ns = trace.end_ns,
+            "crashes after the end of the trace are ignored (their nodes were up for all of it; crash times on another clock?)"
         );
     }
     let results: Vec<Qos> = specs

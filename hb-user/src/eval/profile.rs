@@ -29,7 +29,7 @@ use rand_chacha::ChaCha8Rng;
 use super::{
     detectors::{Affine, HbConfig, Kind, Spec, after, geometric},
     qos::{NodeScore, alive_window, critical_values, percentile, replay_node},
-    trace::{Crashes, Trace},
+    trace::{Crashes, Trace, crash_in},
 };
 
 /// Where a crashed node's final suspicion starts, for an affine detector.
@@ -120,7 +120,7 @@ impl Profile {
         for (trace, crashes) in cases {
             for (id, arr) in &trace.nodes {
                 if !arr.is_empty() {
-                    let (s, e) = alive_window(arr, crashes.get(id).copied(), trace.end_ns);
+                    let (s, e) = alive_window(arr, crash_in(trace, crashes, *id), trace.end_ns);
                     alive_total += (e - s) as u128;
                 }
             }
@@ -139,7 +139,7 @@ impl Profile {
                     if arr.is_empty() {
                         continue;
                     }
-                    let crash = crashes.get(id).copied();
+                    let crash = crash_in(trace, crashes, *id);
                     let end = trace.end_ns;
                     let (start, alive_end) = alive_window(arr, crash, end);
                     scratch.clear();
@@ -398,7 +398,7 @@ fn replay_grid(
             if arr.is_empty() {
                 continue;
             }
-            let crash = crashes.get(id).copied();
+            let crash = crash_in(trace, crashes, *id);
             let (start, alive_end) = alive_window(arr, crash, trace.end_ns);
             let mut s = vec![NodeScore::default(); thresholds.len()];
             replay_node(&spec, arr, crash, trace.end_ns, &mut s);

@@ -5,7 +5,8 @@
 //! - detection time T_D: from the crash to the start of the suspicion that
 //!   lasts until the end of the trace (0 if that suspicion began before
 //!   the crash); a crash with no final suspicion before the trace ends is
-//!   "undetected" and counted apart;
+//!   "undetected" and counted apart; a crash after the end of the trace
+//!   is no crash of it ([`trace::crash_in`](super::trace::crash_in));
 //! - a mistake: a transition to "suspect" while the node is alive (between
 //!   its first heartbeat and its crash, or the end of the trace);
 //! - mistake rate lambda_M: mistakes per node-hour of alive time;
@@ -26,7 +27,7 @@ use serde::Serialize;
 
 use super::{
     detectors::{Affine, HbConfig, Kind, Spec, geometric},
-    trace::{Arrival, Crashes, Trace},
+    trace::{Arrival, Crashes, Trace, crash_in},
 };
 
 /// The QoS of one detector at one threshold over one trace.
@@ -86,7 +87,9 @@ pub fn alive_window(arrivals: &[Arrival], crash: Option<u64>, end: u64) -> (u64,
 
 /// Replays one node's `arrivals` (non-empty) through `det` and scores
 /// every threshold of `spec` into `out` (one entry per threshold). `end`
-/// is the end of the trace, `crash` the node's crash time if it crashed.
+/// is the end of the trace, `crash` the node's crash time if it crashed
+/// (one after `end` is ignored, as [`crash_in`] ignores it: no detection
+/// can start before the crash).
 pub fn replay_node(
     spec: &Spec,
     arrivals: &[Arrival],
@@ -94,6 +97,7 @@ pub fn replay_node(
     end: u64,
     out: &mut [NodeScore],
 ) {
+    let crash = crash.filter(|&c| c <= end);
     let nt = spec.thresholds.len();
     debug_assert_eq!(out.len(), nt);
     out.fill(NodeScore::default());
@@ -149,7 +153,8 @@ pub fn replay_node(
 
 /// Replays every node of `trace` through a fresh instance of `spec`'s
 /// detector and scores each threshold. Crashes of nodes absent from the
-/// trace are ignored (nothing could detect them).
+/// trace, and crashes after its end, are ignored (nothing in it could
+/// detect them; [`crash_in`]).
 pub fn evaluate(trace: &Trace, crashes: &Crashes, spec: &Spec) -> Vec<Qos> {
     evaluate_fleet(&[(trace, crashes)], spec)
 }
@@ -170,7 +175,7 @@ pub fn evaluate_fleet(cases: &[(&Trace, &Crashes)], spec: &Spec) -> Vec<Qos> {
             if arrivals.is_empty() {
                 continue;
             }
-            let crash = crashes.get(id).copied();
+            let crash = crash_in(trace, crashes, *id);
             if crash.is_some() {
                 crash_count += 1;
             }
@@ -380,12 +385,11 @@ pub fn optimum(
     let mut finals: Vec<Affine> = Vec::new();
     let mut alive_ns: u128 = 0;
     for (id, arrivals) in &trace.nodes {
-        let Some(first) = arrivals.first() else {
+        if arrivals.is_empty() {
             continue;
-        };
-        let crash = crashes.get(id).copied();
-        let start = first.recv_ns;
-        let alive_end = crash.unwrap_or(end).min(end).max(start);
+        }
+        let crash = crash_in(trace, crashes, *id);
+        let (start, alive_end) = alive_window(arrivals, crash, end);
         alive_ns += (alive_end - start) as u128;
         let last = critical_values(&spec, arrivals, alive_end, end, |c| critical.push(c));
         if crash.is_some() {

@@ -427,6 +427,52 @@ fn optimum_is_the_order_statistic_of_the_critical_thresholds() {
     assert!(optimum(&trace, &crashes, Kind::Akka, hb, 1e9).is_none());
 }
 
+/// A crash after the end of the trace is no crash of it: node 2 falls
+/// silent at 50.5 s of a trace that ends at 100 s, and its crash file says
+/// 200 s. It was scored as detected in 0 ms (its suspicion began before
+/// the crash), whatever the detector; now it is ignored, as a crash of a
+/// node absent from the trace is, by the replay, the exact operating
+/// point and the profiles alike. Node 3's crash at 30.2 s is scored.
+#[test]
+fn a_crash_after_the_end_of_the_trace_is_ignored() {
+    use super::profile::Profile;
+    let every_second = |from: u64, to: u64| (from..=to).step_by(1000).collect::<Vec<u64>>();
+    let (n1, n2, n3) = (
+        every_second(0, 100_000),
+        every_second(500, 50_500),
+        every_second(0, 30_000),
+    );
+    let trace = trace_ms(&[(1, &n1), (2, &n2), (3, &n3)]);
+    let within: Crashes = [(3, 30_200 * MS)].into();
+    let late: Crashes = [(2, 200_000 * MS), (3, 30_200 * MS)].into();
+    assert_eq!(super::trace::crashes_after_end(&trace, &late), 1);
+    assert_eq!(super::trace::crashes_after_end(&trace, &within), 0);
+    let hb = HbConfig::default();
+    for kind in [Kind::Hb, Kind::Fixed] {
+        let spec = Spec::new(kind, &kind.default_thresholds(), hb).unwrap();
+        let (a, b) = (
+            evaluate(&trace, &late, &spec),
+            evaluate(&trace, &within, &spec),
+        );
+        assert_eq!(a, b, "{kind:?}");
+        assert!(a.iter().all(|q| q.crashes == 1), "{kind:?}: {a:?}");
+        // Node 2's silence is a mistake: the node was up to the end.
+        assert!(a.iter().all(|q| q.mistakes >= 1), "{kind:?}: {a:?}");
+        let budget = 100.0;
+        let (a, b) = (
+            optimum(&trace, &late, kind, hb, budget),
+            optimum(&trace, &within, kind, hb, budget),
+        );
+        assert!(a.is_some(), "{kind:?}");
+        assert_eq!(a, b, "{kind:?}");
+        let (a, b) = (
+            Profile::build(&[(&trace, &late)], kind, hb, budget),
+            Profile::build(&[(&trace, &within)], kind, hb, budget),
+        );
+        assert_eq!(a.point(&[0, 1, 2], budget), b.point(&[0, 1, 2], budget));
+    }
+}
+
 /// On a generated trace, for every detector with an affine deadline: the
 /// exact point meets the budget, a slightly lower threshold does not (it
 /// is the least), and the grid sweep can only do as well or worse.

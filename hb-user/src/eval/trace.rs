@@ -19,7 +19,10 @@
 //! crash kept sending, and its crash time is likely on another clock:
 //! `hb eval` says how many such nodes a crash file has, in one warning,
 //! and scores them as written (the crash detected late, or missed if the
-//! node sends to the end of the trace).
+//! node sends to the end of the trace). A crash after the end of the
+//! trace (its last arrival) is ignored, as are the crashes of nodes that
+//! never appear in it, and `hb eval` warns of both: the node was up for
+//! all of the trace, nothing in it could detect the crash ([`crash_in`]).
 //!
 //! There is no generation column: a trace is one sender's life per node.
 //! A sender that restarts numbers its heartbeats from 1 again, and the
@@ -251,6 +254,24 @@ pub fn sending_after_crash(trace: &Trace, crashes: &Crashes) -> usize {
                 .and_then(|a| a.last())
                 .is_some_and(|a| a.recv_ns > c.saturating_add(IN_FLIGHT_NS))
         })
+        .count()
+}
+
+/// Node `id`'s crash as `trace` can score it: its time, unless it comes
+/// after the end of the trace. Such a node was up for all of the trace:
+/// nothing in it could detect the crash, and a suspicion of its silence
+/// before the end would have started before the crash (once scored as a
+/// detection in 0 ms, the silence as a mistake too).
+pub fn crash_in(trace: &Trace, crashes: &Crashes, id: u32) -> Option<u64> {
+    crashes.get(&id).copied().filter(|&c| c <= trace.end_ns)
+}
+
+/// How many nodes of `trace` crash after its end ([`crash_in`]: their
+/// crashes are ignored).
+pub fn crashes_after_end(trace: &Trace, crashes: &Crashes) -> usize {
+    crashes
+        .iter()
+        .filter(|&(id, &c)| trace.nodes.contains_key(id) && c > trace.end_ns)
         .count()
 }
 

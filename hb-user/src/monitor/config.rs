@@ -40,6 +40,40 @@ pub const MAX_DECISION_MS: u64 = 3_600_000;
 /// every one of them, at every beat.
 pub const MIN_MAX_SILENCE_MS: u64 = 1000;
 
+/// The longest tick, ms: a minute.
+pub const MAX_TICK_MS: u64 = 60_000;
+
+/// Refuses a `tick_ms` outside 1 to [`MAX_TICK_MS`]: the monitor's, and
+/// `hb simulate`'s (`--tick-ms`).
+pub fn check_tick_ms(ms: u64) -> anyhow::Result<()> {
+    if !(1..=MAX_TICK_MS).contains(&ms) {
+        bail!("tick_ms must be between 1 and {MAX_TICK_MS}, got {ms}");
+    }
+    Ok(())
+}
+
+/// Refuses a `decision_ms` outside 1 to [`MAX_DECISION_MS`]: the
+/// monitor's, and `hb simulate`'s (`--decision-period`).
+pub fn check_decision_ms(ms: u64) -> anyhow::Result<()> {
+    if !(1..=MAX_DECISION_MS).contains(&ms) {
+        bail!("decision_ms must be between 1 and {MAX_DECISION_MS}, got {ms}");
+    }
+    Ok(())
+}
+
+/// Refuses controller bounds (`controller_bounds_ms`, `MIN-MAX`) that are
+/// empty or outside the protocol's (100 to 10000 ms): the monitor's, and
+/// `hb simulate`'s (`--min-interval-ms`, `--max-interval-ms`).
+pub fn check_controller_bounds(min_ms: u32, max_ms: u32) -> anyhow::Result<()> {
+    use hb_common_bounds::{MAX, MIN};
+    if min_ms > max_ms || min_ms < MIN || max_ms > MAX {
+        bail!(
+            "controller bounds {min_ms}-{max_ms} ms: expected MIN-MAX within {MIN}-{MAX} ms, MIN at most MAX"
+        );
+    }
+    Ok(())
+}
+
 /// Refuses a `max_silence_ms` that is neither 0 (off) nor at least
 /// [`MIN_MAX_SILENCE_MS`]: the monitor's, and `hb eval`'s for its hb
 /// detector (`--max-silence-ms` both).
@@ -426,9 +460,7 @@ impl Settings {
         let ack = a.ack.or(f.ack).unwrap_or(false) || ack_every_opt.is_some();
         let ack_every = if ack { ack_every_opt.unwrap_or(1) } else { 0 };
         let tick_ms = a.tick_ms.or(f.tick_ms).unwrap_or(100);
-        if !(1..=60_000).contains(&tick_ms) {
-            bail!("tick_ms must be between 1 and 60000, got {tick_ms}");
-        }
+        check_tick_ms(tick_ms)?;
         let d = Thresholds::default();
         let thresholds = Thresholds {
             suspect_phi: a.suspect_phi.or(f.suspect_phi).unwrap_or(d.suspect_phi),
@@ -538,9 +570,7 @@ impl Settings {
             bail!("port must be between 1 and 65535, got 0");
         }
         let decision_ms = a.decision_ms.or(f.decision_ms).unwrap_or(decision_default);
-        if !(1..=MAX_DECISION_MS).contains(&decision_ms) {
-            bail!("decision_ms must be between 1 and {MAX_DECISION_MS}, got {decision_ms}");
-        }
+        check_decision_ms(decision_ms)?;
         Ok(Settings {
             ifaces,
             port,
@@ -744,9 +774,7 @@ fn parse_bounds(s: &str) -> anyhow::Result<(u32, u32)> {
     let (lo, hi) = s.split_once('-').ok_or_else(bad)?;
     let lo: u32 = lo.trim().parse().map_err(|_| bad())?;
     let hi: u32 = hi.trim().parse().map_err(|_| bad())?;
-    if lo > hi || lo < hb_common_bounds::MIN || hi > hb_common_bounds::MAX {
-        return Err(bad());
-    }
+    check_controller_bounds(lo, hi).map_err(|_| bad())?;
     Ok((lo, hi))
 }
 

@@ -17,7 +17,8 @@
 //! tick at every monitor tick (its [`Detector`], with phi's thresholds,
 //! the stall allowance and the max-silence backstop, and its state
 //! machine, [`state::step`]); decisions are [`QController::observe`] once
-//! per decision period per node.
+//! per decision period per node, by time, as the monitor schedules them
+//! ([`Decisions`]).
 //!
 //! A stalled sender (a pause of the scenario) runs nothing: its heartbeat
 //! timer fires and the ACKs that reach it are read when the stall ends, as
@@ -48,7 +49,7 @@ use std::{
 use anyhow::Context as _;
 use hb_common::{
     GateResult, NodeKey,
-    maps::{Config as GateConfig, NodeKeys, NodeState},
+    maps::{Config as GateConfig, MAX_NODES, NodeKeys, NodeState},
     proto,
 };
 use rand::{RngExt, SeedableRng};
@@ -61,7 +62,7 @@ use crate::{
     dataplane::{Dataplane, mem::MemDataplane},
     detector::PhiParams,
     monitor::{
-        config::{ControllerKind, Opts, Settings},
+        config::{self, ControllerKind, Opts, Settings},
         state::{self, Thresholds, Track, Transition},
         tick::Detector,
     },
@@ -266,7 +267,9 @@ pub struct SimReport {
     pub false_suspicions_per_node_hour: f64,
     /// Time the nodes were up (not crashed) during the run, node-hours.
     pub alive_node_hours: f64,
-    /// Time-averaged mean interval of the fleet, ms.
+    /// Mean interval of the senders that are up, weighted by time, ms:
+    /// the mean of `interval_share` (not of the trajectory, whose samples
+    /// are a minute apart from the start).
     pub mean_interval_ms: f64,
     pub trajectory: Vec<TrajectoryPoint>,
     pub controller_state: Option<ControllerSummary>,
@@ -699,6 +702,13 @@ pub(super) struct Sim<'a, 'p> {
     /// The controller's decisions and reward statistics when the run
     /// started (a trained or loaded controller's lifetime counters).
     controller_at_start: Option<(u64, RewardStats)>,
+    /// The monitor's tick, ns.
+    tick_ns: u64,
+    /// Which nodes each tick decides for.
+    decisions: Decisions,
+    /// Nodes the controller was asked to decide for so far (holds
+    /// included).
+    decided: u64,
 }
 
 /// What the nodes of one profile did.
@@ -717,10 +727,52 @@ struct Clock {
     t: u64,
     tick_no: u64,
     next_sample: u64,
-    interval_area: f64,
-    samples: u64,
     /// Node-seconds the senders that are up spent at each interval.
     at_interval: std::collections::BTreeMap<u32, u64>,
+}
+
+/// When the controller decides for each node: once per decision period, by
+/// time, as the monitor's staggered policy does (`Core::due` in
+/// `monitor::tick`): a node has a phase in the period, and is decided on
+/// the tick whose window since the previous tick holds one of its
+/// decision times, `phase + m * period` (`m >= 0`, from the first tick).
+/// A period that is not a multiple of the tick still gives each node one
+/// decision per period (cutting it to whole ticks decided every
+/// `floor(period / tick)` ticks), and a period shorter than a tick every
+/// node on every tick, as the monitor does.
+///
+/// The phases differ from the monitor's (a hash of the slot there):
+/// `k = ceil(period / tick)` of them, spread evenly over the period, node
+/// slot `i` at the `(i mod k)`-th. With a period that is a multiple of the
+/// tick, slot `i` is thus decided on the ticks `n` with `n mod k = i mod
+/// k`, which is what every published run was simulated with.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Decisions {
+    tick_ns: u64,
+    period_ns: u64,
+    phases: u64,
+}
+
+impl Decisions {
+    /// `tick_ns` and `period_ns` positive.
+    pub(super) fn new(tick_ns: u64, period_ns: u64) -> Decisions {
+        let (tick_ns, period_ns) = (tick_ns.max(1), period_ns.max(1));
+        Decisions {
+            tick_ns,
+            period_ns,
+            phases: period_ns.div_ceil(tick_ns),
+        }
+    }
+
+    /// Whether node slot `slot` is due on the tick `since_ns` after the
+    /// first tick (a multiple of the tick).
+    pub(super) fn due(&self, slot: u32, since_ns: u64) -> bool {
+        let phase = (slot as u64 % self.phases) * (self.period_ns / self.phases);
+        // How many of its decision times are at or before `t`.
+        let times = |t: u64| t.checked_sub(phase).map_or(0, |d| d / self.period_ns + 1);
+        let before = since_ns.checked_sub(self.tick_ns).map_or(0, times);
+        times(since_ns) > before
+    }
 }
 
 /// Runs one simulation.
@@ -736,7 +788,12 @@ impl<'a, 'p> Sim<'a, 'p> {
         cfg: &'a SimConfig,
         policy: &'a mut Policy<'p>,
     ) -> anyhow::Result<Sim<'a, 'p>> {
-        anyhow::ensure!(cfg.nodes > 0, "the fleet needs at least one node");
+        // Before anything is allocated for them.
+        anyhow::ensure!(
+            (1..=MAX_NODES).contains(&cfg.nodes),
+            "--nodes {}: the fleet must have 1 to {MAX_NODES} nodes (the monitor's largest capacity)",
+            cfg.nodes
+        );
         anyhow::ensure!(
             cfg.duration_s > 0.0 && cfg.duration_s <= 30.0 * 86400.0,
             "duration must be positive and at most 30 days"
@@ -745,13 +802,19 @@ impl<'a, 'p> Sim<'a, 'p> {
             !cfg.scenario.profiles.is_empty(),
             "scenario has no node profile"
         );
-        anyhow::ensure!(
-            cfg.tick_ms > 0 && cfg.decision_period_ms >= cfg.tick_ms,
-            "the decision period must be at least one tick"
-        );
+        // The monitor's ranges (a decision period shorter than the tick
+        // decides every node on every tick, as there).
+        config::check_tick_ms(cfg.tick_ms).context("--tick-ms")?;
+        config::check_decision_ms(cfg.decision_period_ms).context("--decision-period")?;
+        let tick_ns = cfg.tick_ms.checked_mul(MS).context("--tick-ms")?;
         cfg.thresholds
             .validate()
             .map_err(|e| anyhow::anyhow!("the monitor's thresholds: {e}"))?;
+        let period_ns = cfg
+            .decision_period_ms
+            .checked_mul(MS)
+            .context("--decision-period")?;
+        let decisions = Decisions::new(tick_ns, period_ns);
         let end = T0 + (cfg.duration_s * S as f64) as u64;
         let dp = MemDataplane::new();
         dp.set_config(&monitor_gate_config(policy)?)?;
@@ -785,6 +848,9 @@ impl<'a, 'p> Sim<'a, 'p> {
             by_kind: vec![Tally::default(); cfg.scenario.profiles.len()],
             initial_ms: initial,
             controller_at_start,
+            tick_ns,
+            decisions,
+            decided: 0,
             clock: Clock {
                 t: T0,
                 next_sample: T0,
@@ -900,8 +966,7 @@ impl Sim<'_, '_> {
     /// end of the run).
     pub(super) fn run_until(&mut self, until: u64) {
         let until = until.min(self.end);
-        let tick = self.cfg.tick_ms * MS;
-        let period_ticks = (self.cfg.decision_period_ms / self.cfg.tick_ms).max(1);
+        let tick = self.tick_ns;
         let sample_every = ((self.cfg.sample_every_s * S as f64) as u64).max(tick);
         // Once a second: how long the senders that are up spend at each
         // interval.
@@ -912,7 +977,7 @@ impl Sim<'_, '_> {
                 self.handle(et, e);
             }
             let tick_no = self.clock.tick_no;
-            self.tick(t, tick_no % period_ticks, period_ticks);
+            self.tick(t);
             if tick_no.is_multiple_of(second_ticks) {
                 for n in self.nodes.iter().filter(|n| n.alive) {
                     *self
@@ -924,8 +989,6 @@ impl Sim<'_, '_> {
             }
             if t >= self.clock.next_sample {
                 let p = self.sample(t);
-                self.clock.interval_area += p.mean_ms;
-                self.clock.samples += 1;
                 self.trajectory.push(p);
                 self.clock.next_sample += sample_every;
             }
@@ -941,9 +1004,8 @@ impl Sim<'_, '_> {
 
     /// The report, once the run has reached its end ([`Sim::run_until`]).
     pub(super) fn finish(mut self) -> anyhow::Result<SimReport> {
-        let tick = self.cfg.tick_ms * MS;
+        let tick = self.tick_ns;
         let t = self.clock.t;
-        let (interval_area, samples) = (self.clock.interval_area, self.clock.samples);
         let at_interval = std::mem::take(&mut self.clock.at_interval);
         let duration_s = self.cfg.duration_s;
         let nodes = self.cfg.nodes;
@@ -997,6 +1059,15 @@ impl Sim<'_, '_> {
             })
             .collect();
         let node_seconds: u64 = at_interval.values().sum();
+        let mean_interval_ms = if node_seconds == 0 {
+            0.0
+        } else {
+            at_interval
+                .iter()
+                .map(|(&ms, &n)| ms as f64 * n as f64)
+                .sum::<f64>()
+                / node_seconds as f64
+        };
         let interval_share = at_interval
             .into_iter()
             .map(|(ms, n)| (ms, n as f64 / node_seconds.max(1) as f64))
@@ -1020,11 +1091,7 @@ impl Sim<'_, '_> {
             false_suspicions: self.false_suspicions,
             false_suspicions_per_node_hour: per_hour(self.false_suspicions, alive_node_hours),
             alive_node_hours,
-            mean_interval_ms: if samples == 0 {
-                0.0
-            } else {
-                interval_area / samples as f64
-            },
+            mean_interval_ms,
             trajectory: self.trajectory,
             controller_state,
         })
@@ -1262,8 +1329,9 @@ impl Sim<'_, '_> {
     /// The monitor's tick: its detector and state machine for every node
     /// ([`Node::judge`]), the suspicion bookkeeping, and the decisions of
     /// the nodes whose turn it is.
-    fn tick(&mut self, t: u64, phase: u64, period_ticks: u64) {
+    fn tick(&mut self, t: u64) {
         let det = self.det;
+        let (decisions, since) = (self.decisions, t - T0);
         let mut decide: Vec<(u32, NodeState, u32)> = Vec::new();
         let qlearn = matches!(self.policy, Policy::QLearn(_));
         let nodes = &mut self.nodes;
@@ -1276,11 +1344,12 @@ impl Sim<'_, '_> {
                     fs += 1;
                     by_kind[n.kind].false_suspicions += 1;
                 }
-                if qlearn && slot as u64 % period_ticks == phase {
+                if qlearn && decisions.due(slot, since) {
                     decide.push((n.id, *st, std::mem::take(&mut n.refuted)));
                 }
             });
         self.false_suspicions += fs;
+        self.decided += decide.len() as u64;
         if let Policy::QLearn(c) = self.policy {
             for (id, st, refuted) in decide {
                 let d = c.observe(id, &st, refuted);
@@ -1332,6 +1401,11 @@ impl Sim<'_, '_> {
     /// Heartbeats sent so far.
     pub(super) fn sent(&self) -> u64 {
         self.sent
+    }
+
+    /// Nodes the controller was asked to decide for so far.
+    pub(super) fn decided(&self) -> u64 {
+        self.decided
     }
 
     pub(super) fn gate_config(&self) -> GateConfig {

@@ -31,7 +31,7 @@ pub use scenario::Scenario;
 
 use crate::{
     controller::{self, QController},
-    monitor::state::Thresholds,
+    monitor::{config, state::Thresholds},
 };
 
 /// Salt of the training run's seed: training never sees the evaluated run.
@@ -51,7 +51,7 @@ pub struct Args {
     /// Simulated time of the reported run, e.g. `1h`, `30m`.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub duration: Duration,
-    /// Fleet size.
+    /// Fleet size (at most the monitor's largest capacity, 2^20 nodes).
     #[arg(long, default_value_t = 100)]
     pub nodes: u32,
     /// qlearn: simulated training time before the reported run (0s = none).
@@ -73,13 +73,16 @@ pub struct Args {
     /// thresholds keep their defaults, the max-silence backstop among them.
     #[arg(long, default_value_t = 8.0)]
     pub threshold: f64,
-    /// The monitor's tick, ms.
+    /// The monitor's tick, ms (1 to 60000, as the monitor's --tick-ms).
     #[arg(long, default_value_t = 100)]
     pub tick_ms: u64,
-    /// One controller decision per node per this period.
+    /// One controller decision per node per this period (1 ms to 1 h, as
+    /// the monitor's --decision-ms; shorter than the tick: every node on
+    /// every tick).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub decision_period: Duration,
-    /// Controller bounds, ms.
+    /// Controller bounds, ms (within 100-10000, as the monitor's
+    /// --controller-bounds-ms).
     #[arg(long, default_value_t = 100)]
     pub min_interval_ms: u32,
     #[arg(long, default_value_t = 10_000)]
@@ -225,10 +228,17 @@ fn output(a: &Args) -> anyhow::Result<String> {
         )
     })?;
     let choice: ControllerChoice = a.controller.parse()?;
+    // The monitor's ranges, before the controller is built on them (a
+    // run checks its own configuration too, `--nodes` among it).
+    let decision_ms = u64::try_from(a.decision_period.as_millis()).unwrap_or(u64::MAX);
+    config::check_tick_ms(a.tick_ms).context("--tick-ms")?;
+    config::check_decision_ms(decision_ms).context("--decision-period")?;
+    config::check_controller_bounds(a.min_interval_ms, a.max_interval_ms)
+        .context("--min-interval-ms, --max-interval-ms")?;
     let mut cfg = SimConfig::new(scenario, a.nodes, a.duration.as_secs_f64(), a.seed);
     cfg.thresholds = thresholds(a.threshold)?;
     cfg.tick_ms = a.tick_ms;
-    cfg.decision_period_ms = a.decision_period.as_millis() as u64;
+    cfg.decision_period_ms = decision_ms;
     let (train, report, ctrl) = match choice {
         ControllerChoice::Fixed(ms) => (None, run_policy(&cfg, &mut Policy::Fixed(ms))?, None),
         ControllerChoice::QLearn => {

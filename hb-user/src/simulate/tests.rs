@@ -4,7 +4,7 @@
 //! them fast in debug builds.
 
 use super::{
-    engine::{START, Sim, monitor_step, sample_path},
+    engine::{Decisions, START, Sim, monitor_step, sample_path},
     *,
 };
 use crate::controller::Config;
@@ -522,6 +522,187 @@ fn a_run_reports_its_own_decisions_and_rewards_not_the_training_s() {
         (second.reward_mean - r2.mean).abs() > 1e-6,
         "the lifetime mean"
     );
+}
+
+/// Each node is decided for once per decision period, by time, as the
+/// monitor's staggered policy decides (`Core::due`), whatever the tick: a
+/// period that is not a multiple of the tick was cut to whole ticks (1 s
+/// at a 300 ms tick gave a decision every 900 ms, at 400 ms every 800 ms).
+#[test]
+fn each_node_is_decided_once_per_period_whatever_the_tick() {
+    let mut c = cfg("lan", 10, 1.0, 1);
+    c.scenario.crashes_per_node_hour = 0.0;
+    c.decision_period_ms = 1000;
+    for tick_ms in [100, 300, 400, 700, 1000] {
+        c.tick_ms = tick_ms;
+        let mut ctrl = QController::new(Config::default()).unwrap();
+        let mut policy = Policy::QLearn(&mut ctrl);
+        let mut sim = Sim::new(&c, &mut policy).unwrap();
+        sim.run_until(START + 60 * S);
+        // 60 s of ticks from the start: 60 or 61 decision times per node
+        // (the start's included), whatever the node's phase.
+        let decided = sim.decided();
+        assert!(
+            (600..=610).contains(&decided),
+            "tick {tick_ms} ms: {decided} decisions"
+        );
+    }
+}
+
+/// The schedule itself: with a period that is a multiple of the tick,
+/// slot `i` is decided on the ticks `n` with `n mod k = i mod k` (`k`
+/// ticks a period), as every published run was; with any period, each
+/// slot's decisions are one period apart, to the tick; with a period
+/// shorter than the tick, every slot on every tick.
+#[test]
+fn decisions_are_one_period_apart_and_unchanged_for_whole_ticks() {
+    for (tick_ms, period_ms) in [(100, 5000), (100, 1000), (250, 1000), (1000, 1000)] {
+        let d = Decisions::new(tick_ms * MS, period_ms * MS);
+        let k = period_ms / tick_ms;
+        for slot in 0..200u32 {
+            for n in 0..500u64 {
+                assert_eq!(
+                    d.due(slot, n * tick_ms * MS),
+                    n % k == slot as u64 % k,
+                    "tick {tick_ms} period {period_ms} slot {slot} tick {n}"
+                );
+            }
+        }
+    }
+    for (tick_ms, period_ms) in [
+        (300, 1000),
+        (400, 1000),
+        (700, 1000),
+        (300, 5000),
+        (7, 5000),
+    ] {
+        let d = Decisions::new(tick_ms * MS, period_ms * MS);
+        for slot in 0..50u32 {
+            let ticks: Vec<u64> = (0..20_000 / tick_ms)
+                .filter(|&n| d.due(slot, n * tick_ms * MS))
+                .map(|n| n * tick_ms)
+                .collect();
+            assert!(
+                ticks[0] < period_ms,
+                "{tick_ms} {period_ms} {slot}: {ticks:?}"
+            );
+            for w in ticks.windows(2) {
+                let gap = w[1] - w[0];
+                assert!(
+                    gap + tick_ms > period_ms && gap < period_ms + tick_ms,
+                    "tick {tick_ms} period {period_ms} slot {slot}: {ticks:?}"
+                );
+            }
+            // And they average one period: no drift.
+            let (first, last) = (ticks[0], *ticks.last().unwrap());
+            let periods = (ticks.len() as u64 - 1) * period_ms;
+            assert!((last - first).abs_diff(periods) < tick_ms);
+        }
+    }
+    let d = Decisions::new(100 * MS, 30 * MS);
+    assert!((0..100).all(|slot| (0..50).all(|n| d.due(slot, n * 100 * MS))));
+}
+
+/// What the monitor refuses, `hb simulate` refuses, in one line and
+/// before it allocates a fleet: a tick beyond a minute (it ran, and
+/// `tick_ms * MS` could wrap), controller bounds outside 100-10000 ms, a
+/// decision period beyond an hour or under a millisecond, more nodes than
+/// the monitor's largest capacity (an allocation of terabytes aborted it).
+/// A decision period shorter than the tick the monitor takes (every node
+/// on every tick), and so does this now.
+#[test]
+fn settings_the_monitor_refuses_are_refused() {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: Args,
+    }
+    let run = |flags: &[&str]| {
+        let mut argv = vec!["hb", "--duration", "1m", "--train", "0s"];
+        if !flags.contains(&"--nodes") {
+            argv.extend(["--nodes", "2"]);
+        }
+        let a = <Cli as clap::Parser>::parse_from(argv.iter().chain(flags)).a;
+        output(&a).map_err(|e| format!("{e:#}"))
+    };
+    let refused = |flags: &[&str], why: &str| {
+        let e = run(flags).expect_err(&format!("{flags:?} was run"));
+        assert!(e.contains(why) && !e.contains('\n'), "{flags:?}: {e}");
+    };
+    let fixed = ["--controller", "fixed:1000"];
+    assert!(
+        run(&[
+            &fixed[..],
+            &["--tick-ms", "60000", "--decision-period", "1m"]
+        ]
+        .concat())
+        .is_ok()
+    );
+    for tick in ["60001", "18446744073709"] {
+        refused(
+            &[&fixed[..], &["--tick-ms", tick, "--decision-period", "1h"]].concat(),
+            "--tick-ms: tick_ms must be between 1 and 60000",
+        );
+    }
+    refused(&["--tick-ms", "0"], "tick_ms must be between 1 and 60000");
+    for (lo, hi) in [
+        ("50", "10000"),
+        ("100", "20000"),
+        ("20", "50000"),
+        ("900", "200"),
+    ] {
+        refused(
+            &["--min-interval-ms", lo, "--max-interval-ms", hi],
+            "expected MIN-MAX within 100-10000 ms",
+        );
+    }
+    assert!(run(&["--min-interval-ms", "200", "--max-interval-ms", "5000"]).is_ok());
+    for period in ["2h", "500us", "0s", "100000000000years"] {
+        refused(
+            &["--decision-period", period],
+            "--decision-period: decision_ms must be between 1 and 3600000",
+        );
+    }
+    assert!(run(&["--tick-ms", "1000", "--decision-period", "500ms"]).is_ok());
+    for nodes in ["1048577", "4294967295", "0"] {
+        refused(
+            &["--nodes", nodes],
+            "the fleet must have 1 to 1048576 nodes",
+        );
+    }
+}
+
+/// The mean interval is the senders' up-time at each interval, weighted:
+/// sampled every 60 s from the start instead, a 10 min run gave its first
+/// sample, at the senders' starting 1000 ms, a weight of one in eleven
+/// (227 ms for a fleet at 100-150 ms within seconds).
+#[test]
+fn the_mean_interval_is_the_time_weighted_one() {
+    let mut c = cfg("lan", 10, 10.0, 1);
+    c.decision_period_ms = 1000;
+    let mut ctrl = QController::new(Config {
+        min_interval_ms: 100,
+        max_interval_ms: 150,
+        decision_period_ms: 1000.0,
+        weights: parse_weights("0,0,0,0,0").unwrap(),
+        ..Config::default()
+    })
+    .unwrap();
+    let r = run_policy(&c, &mut Policy::QLearn(&mut ctrl)).unwrap();
+    let weighted: f64 = r
+        .interval_share
+        .iter()
+        .map(|&(ms, share)| ms as f64 * share)
+        .sum();
+    assert!(
+        (r.mean_interval_ms - weighted).abs() < 1e-9 * weighted,
+        "{} against {weighted}",
+        r.mean_interval_ms
+    );
+    assert!(r.mean_interval_ms < 200.0, "{}", r.mean_interval_ms);
+    // The trajectory keeps its samples, the start's included.
+    assert_eq!(r.trajectory.len(), 11);
+    assert_eq!(r.trajectory[0].mean_ms, 1000.0);
 }
 
 #[test]
