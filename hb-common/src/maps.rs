@@ -122,18 +122,6 @@ impl NodeKeys {
             || (self.valid & 2 != 0 && self.epoch[1] == epoch)
     }
 
-    /// The key held for `epoch`, if any, by value: [`Self::find`] for
-    /// const code.
-    pub const fn key_of(&self, epoch: u8) -> Option<NodeKey> {
-        if self.valid & 1 != 0 && self.epoch[0] == epoch {
-            Some(self.key[0])
-        } else if self.valid & 2 != 0 && self.epoch[1] == epoch {
-            Some(self.key[1])
-        } else {
-            None
-        }
-    }
-
     /// A node at `slot` holding one key, `key` for `epoch`.
     pub const fn single(slot: u32, epoch: u8, key: NodeKey) -> NodeKeys {
         NodeKeys {
@@ -147,7 +135,7 @@ impl NodeKeys {
 
     /// The key held for `epoch`, if any (gate step 7).
     #[inline(always)]
-    pub fn find(&self, epoch: u8) -> Option<&NodeKey> {
+    pub const fn find(&self, epoch: u8) -> Option<&NodeKey> {
         if self.valid & 1 != 0 && self.epoch[0] == epoch {
             Some(&self.key[0])
         } else if self.valid & 2 != 0 && self.epoch[1] == epoch {
@@ -1071,11 +1059,11 @@ impl NodeRest {
         }
     }
 
-    /// The node's keys as [`NodeKeys`] (at slot 0: the state does not
-    /// record its slot).
-    pub const fn keys(&self) -> NodeKeys {
+    /// The node's keys as userspace provisions them (`keys.slot` is not
+    /// stored here and comes back as `slot`).
+    pub const fn keys(&self, slot: u32) -> NodeKeys {
         NodeKeys {
-            slot: 0,
+            slot,
             epoch: self.key_epoch,
             valid: self.key_valid,
             _pad: 0,
@@ -1088,7 +1076,7 @@ impl NodeRest {
     /// epoch, or another one (the epoch's secret replaced in place). False
     /// when none is recorded.
     pub const fn revoked_by(&self, keys: &NodeKeys) -> bool {
-        epoch_revoked(self.accepted_epoch, &self.keys(), keys)
+        epoch_revoked(self.accepted_epoch, &self.keys(keys.slot), keys)
     }
 }
 
@@ -1101,7 +1089,7 @@ pub const fn epoch_revoked(accepted_epoch: u16, old: &NodeKeys, new: &NodeKeys) 
         return false;
     }
     let e = accepted_epoch as u8;
-    match (old.key_of(e), new.key_of(e)) {
+    match (old.find(e), new.find(e)) {
         (Some(a), Some(b)) => a.k0 != b.k0 || a.k1 != b.k1,
         // `new` drops it; or `old` did not hold it either (a state no gate
         // writes), so nothing vouches for what it set.
@@ -1257,13 +1245,7 @@ impl NodeState {
     /// The node's keys as userspace provisions them (`keys.slot` is not
     /// stored here and comes back as `slot`).
     pub const fn keys(&self, slot: u32) -> NodeKeys {
-        NodeKeys {
-            slot,
-            epoch: self.key_epoch,
-            valid: self.key_valid,
-            _pad: 0,
-            key: self.key,
-        }
+        self.rest().keys(slot)
     }
 
     /// Installs `node_id` and its keys (provisioning, rotation); the rest
@@ -2106,8 +2088,6 @@ mod tests {
         };
         assert_eq!(keys.find(1), None, "slot 0 not valid");
         assert_eq!(keys.find(2), Some(&k(2)));
-        assert_eq!(keys.key_of(2), Some(k(2)));
-        assert_eq!(keys.key_of(1), None);
     }
 
     /// What revokes the key of a node's newest accepted datagram: its
