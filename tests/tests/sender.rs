@@ -384,6 +384,10 @@ fn sender_heartbeats_acks_and_leaving() {
     //    one), the stored interval no longer stands: `--interval-ms`.
     //    SIGHUP (a closed terminal) leaves as SIGTERM does; it killed the
     //    sender, without a LEAVING heartbeat.
+    //    The monitor left stops asking for 150 ms first: its ACK asking
+    //    again would be a fresh request, stored under this list, which
+    //    stands in step 8 (whether it came before SIGHUP was a race).
+    m4.dp.set_requested_interval(0, 100);
     let mut sender = restart(&all[..1]);
     let d = m4.take(1)[0];
     assert_eq!((d.seq, d.interval_ms), (1, 100));
