@@ -1459,6 +1459,11 @@ impl RateLimit {
 pub const REPORT_UNKNOWN_NODE: u32 = 1;
 /// `Report::kind`: an authenticated datagram raised a node's generation.
 pub const REPORT_RESTART: u32 = 2;
+/// `Report::kind`: a datagram named a provisioned node and a key epoch
+/// held for it by no key (gate step 7, `bad_epoch`): a sender left on an
+/// epoch a rotation dropped, or given the wrong `--key-epoch`. Not sent
+/// when the keys were being rewritten (contention, also `bad_epoch`).
+pub const REPORT_BAD_EPOCH: u32 = 3;
 
 /// A record of the [`names::EVENTS`] ring buffer. 48 bytes.
 #[repr(C)]

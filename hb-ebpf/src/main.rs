@@ -36,14 +36,16 @@ use aya_ebpf::{
 };
 use hb_common::{
     GateResult,
-    maps::{LocalAddrs, REPORT_RESTART, REPORT_UNKNOWN_NODE, counter, index::Lookup},
+    maps::{
+        LocalAddrs, REPORT_BAD_EPOCH, REPORT_RESTART, REPORT_UNKNOWN_NODE, counter, index::Lookup,
+    },
     proto::{self, Kind},
 };
 
 use crate::{
     maps::{
-        HB_CONFIG, HB_LOCAL_ADDRS, HB_NODE_LIVE, HB_NODE_REST, LIMIT_RESTART, LIMIT_UNKNOWN, count,
-        slot_of,
+        HB_CONFIG, HB_LOCAL_ADDRS, HB_NODE_LIVE, HB_NODE_REST, LIMIT_PROVISIONED, LIMIT_UNKNOWN,
+        count, slot_of,
     },
     parse::{Frame, Parsed},
     payload::Payload,
@@ -127,7 +129,13 @@ fn gate(ctx: &XdpContext) -> (u32, GateResult) {
     let key = match state::read_key(rest, d.node_id, d.key_epoch) {
         KeyRead::Key(k) => k,
         KeyRead::NotHere => return drop(GateResult::UnknownNode),
-        KeyRead::NoEpoch => return drop(GateResult::BadEpoch),
+        KeyRead::NoEpoch => {
+            // Reported (rate-limited), so the log can name the node: it
+            // would otherwise just look dead.
+            let mut r = report::about(REPORT_BAD_EPOCH, &d, 0, 0);
+            report::send(ctx, &f, cfg, LIMIT_PROVISIONED, &mut r);
+            return drop(GateResult::BadEpoch);
+        }
         KeyRead::Busy => {
             count(counter::CONTENDED);
             return drop(GateResult::BadEpoch);
@@ -186,7 +194,7 @@ fn gate(ctx: &XdpContext) -> (u32, GateResult) {
 
     if rec.restarted {
         let mut r = report::about(REPORT_RESTART, &d, rec.prev_generation, now_ns);
-        report::send(ctx, &f, cfg, LIMIT_RESTART, &mut r);
+        report::send(ctx, &f, cfg, LIMIT_PROVISIONED, &mut r);
     }
     if cfg.pass_accepted != 0 {
         return (XDP_PASS, GateResult::Accepted);

@@ -52,10 +52,13 @@ pub static HB_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 #[map]
 pub static HB_LIMITS: PerCpuArray<RateLimit> = PerCpuArray::with_max_entries(2, 0);
 
-/// `HB_LIMITS` index of the unknown-node bucket.
+/// `HB_LIMITS` index of the unknown-node bucket (its reports drive
+/// enrollment: nothing else may spend it).
 pub const LIMIT_UNKNOWN: u32 = 0;
-/// `HB_LIMITS` index of the restart bucket.
-pub const LIMIT_RESTART: u32 = 1;
+/// `HB_LIMITS` index of the bucket of reports about provisioned nodes:
+/// restarts, bad epochs (a bad-epoch flood, which anyone can send, only
+/// limits restart reports, which are logged at debug level).
+pub const LIMIT_PROVISIONED: u32 = 1;
 
 const fn same(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());

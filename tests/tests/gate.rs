@@ -15,8 +15,8 @@ use hb::dataplane::{
 use hb_common::{
     Datagram, GateResult, Kind, NodeKey,
     maps::{
-        ACCEPTED_EPOCH_KNOWN, Config, LocalAddrs, NodeKeys, NodeState, REPORT_RESTART,
-        REPORT_UNKNOWN_NODE, counter, names,
+        ACCEPTED_EPOCH_KNOWN, Config, LocalAddrs, NodeKeys, NodeState, REPORT_BAD_EPOCH,
+        REPORT_RESTART, REPORT_UNKNOWN_NODE, counter, names,
     },
     proto::FLAG_LEAVING,
 };
@@ -575,7 +575,7 @@ fn change_acks_back_off_for_a_node_that_does_not_follow() {
 }
 
 #[tokio::test]
-async fn reports_unknown_nodes_at_a_bounded_rate_and_restarts() {
+async fn reports_unknown_nodes_at_a_bounded_rate_restarts_and_bad_epochs() {
     let mut g = Gate::new(Config {
         port: PORT,
         report_rate: 1,
@@ -637,6 +637,30 @@ async fn reports_unknown_nodes_at_a_bounded_rate_and_restarts() {
     );
     let src: IpAddr = r.src_addr.into();
     assert_eq!(src, "fd00:4842::2".parse::<IpAddr>().unwrap());
+    // Bad epochs: a provisioned node at an epoch it has no key for, named
+    // with that epoch, from the restarts' bucket (2 tokens left).
+    for epoch in [7u8, 8, 9] {
+        let f = v4(&sealed(Datagram {
+            key_epoch: epoch,
+            ..hb(2)
+        }));
+        assert_eq!(g.run(&f).unwrap().0, XDP_DROP);
+    }
+    let c = g.dp.counters().unwrap();
+    assert_eq!(c[GateResult::BadEpoch.index() as usize], 3);
+    assert_eq!(c[counter::REPORT_LIMITED as usize], 8, "the third limited");
+    for want in [7u8, 8] {
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .expect("bad-epoch report in time")
+            .expect("report");
+        assert_eq!(
+            (r.kind, r.node_id, r.key_epoch, r.family),
+            (REPORT_BAD_EPOCH, NODE, want, 4)
+        );
+        assert_eq!(r.src_addr[..4], [198, 18, 0, 2]);
+    }
+    assert!(rx.try_recv().is_err(), "no more reports");
 }
 
 fn pin_to_cpu0() {

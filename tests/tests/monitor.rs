@@ -1047,6 +1047,12 @@ fn sighup_rotates_keys_without_loss(mode: &str) {
         assert!(Instant::now() < deadline, "epoch 1 still accepted");
         std::thread::sleep(Duration::from_millis(10));
     }
+    // The log names the node left on the dropped epoch, and that epoch
+    // (at the end of the 10 s window of the authentication summary).
+    m.wait_stderr(
+        r#"bad_epoch_examples="21 at epoch 1 (1)""#,
+        Duration::from_secs(15),
+    );
     m.stop();
 }
 

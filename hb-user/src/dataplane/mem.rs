@@ -19,8 +19,8 @@ use std::{
 use hb_common::{
     GateResult,
     maps::{
-        self, Config, MAX_NODES, NodeKeys, NodeLive, NodeRest, NodeState, REPORT_RESTART,
-        REPORT_UNKNOWN_NODE, RateLimit, Report,
+        self, Config, MAX_NODES, NodeKeys, NodeLive, NodeRest, NodeState, REPORT_BAD_EPOCH,
+        REPORT_RESTART, REPORT_UNKNOWN_NODE, RateLimit, Report,
     },
     proto::{self, Kind},
 };
@@ -202,6 +202,7 @@ impl Inner {
             return reject(GateResult::UnknownNode);
         };
         let Some(key) = keys.find(d.key_epoch) else {
+            self.report(REPORT_BAD_EPOCH, &d, 0, src, now_ns, reports);
             return reject(GateResult::BadEpoch);
         };
         let (Some(live), Some(rest)) = (
@@ -718,5 +719,18 @@ mod tests {
         assert_eq!(n, 5, "burst only");
         let c = dp.counters().unwrap();
         assert_eq!(c[hb_common::maps::counter::REPORT_LIMITED as usize], 95);
+        // A provisioned node at an epoch it has no key for: reported with
+        // that epoch, from the other bucket (the unknown one is empty).
+        let mut d = hb(1);
+        d.key_epoch = 9;
+        assert_eq!(
+            dp.gate(&d.seal(&key()), SRC, 2_000).result,
+            GateResult::BadEpoch
+        );
+        let r = rx.try_recv().expect("a bad-epoch report");
+        assert_eq!(
+            (r.kind, r.node_id, r.key_epoch),
+            (REPORT_BAD_EPOCH, d.node_id, 9)
+        );
     }
 }

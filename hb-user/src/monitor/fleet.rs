@@ -79,7 +79,7 @@ use std::{
 use anyhow::bail;
 use hb_common::{
     GateResult,
-    maps::{NodeKeys, REPORT_RESTART, REPORT_UNKNOWN_NODE, Report},
+    maps::{NodeKeys, REPORT_BAD_EPOCH, REPORT_RESTART, REPORT_UNKNOWN_NODE, Report},
 };
 
 use super::{
@@ -679,7 +679,9 @@ impl UnknownLog {
 /// given the wrong key, or a `--key-epoch` the keyring does not hold, is
 /// otherwise silent on both sides (the node just never joins). The lines
 /// name the nodes whose own counts moved (a few, the most affected first),
-/// so that the operator need not search `/nodes` for them.
+/// so that the operator need not search `/nodes` for them; a node has no
+/// bad_epoch count of its own, so those are named from the gate's
+/// (rate-limited) reports of them, with the epoch they used.
 struct AuthLog {
     window_start: u64,
     /// The counters at the window's start: bad_tag, bad_epoch, stale.
@@ -687,10 +689,17 @@ struct AuthLog {
     /// Each node's own bad_tag and stale when last read, for the nodes
     /// with any (most have none: nothing kept for them).
     per_node: HashMap<u32, [u32; 2]>,
+    /// The bad_epoch reports of this window: node id, and its reports and
+    /// the key epoch of the latest (at most [`AUTH_REPORTED_MAX`] nodes).
+    bad_epochs: HashMap<u32, (u64, u8)>,
 }
 
 /// Nodes named in an authentication summary, at most.
 const AUTH_EXAMPLES: usize = 5;
+/// Nodes whose bad_epoch reports a window keeps, at most (the gate's rate
+/// limit sends far fewer on a small machine; past this, the line's
+/// `bad_epoch_nodes` is a lower bound).
+const AUTH_REPORTED_MAX: usize = 4096;
 
 impl AuthLog {
     fn new() -> AuthLog {
@@ -698,6 +707,23 @@ impl AuthLog {
             window_start: 0,
             last: None,
             per_node: HashMap::new(),
+            bad_epochs: HashMap::new(),
+        }
+    }
+
+    /// A bad_epoch report of the gate: `node_id` used `key_epoch`.
+    fn note_bad_epoch(&mut self, node_id: u32, key_epoch: u8) {
+        let n = self.bad_epochs.len();
+        match self.bad_epochs.entry(node_id) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                let (count, epoch) = e.get_mut();
+                *count += 1;
+                *epoch = key_epoch;
+            }
+            std::collections::hash_map::Entry::Vacant(e) if n < AUTH_REPORTED_MAX => {
+                e.insert((1, key_epoch));
+            }
+            std::collections::hash_map::Entry::Vacant(_) => {}
         }
     }
 
@@ -715,6 +741,7 @@ impl AuthLog {
             return;
         }
         self.window_start = now;
+        let reported = std::mem::take(&mut self.bad_epochs);
         let Some(c) = counters() else { return };
         let Some(last) = self.last.replace(c) else {
             self.per_node = nonzero(nodes());
@@ -749,18 +776,30 @@ impl AuthLog {
         let (stale_nodes, stale_examples) = moved(1);
         self.per_node = now_per_node;
         if bad_tag + bad_epoch > 0 {
+            let mut epochs: Vec<(u32, (u64, u8))> = reported.into_iter().collect();
+            epochs.sort_unstable_by(|a, b| b.1.0.cmp(&a.1.0).then(a.0.cmp(&b.0)));
+            let epoch_examples = epochs
+                .iter()
+                .take(AUTH_EXAMPLES)
+                .map(|(id, (n, epoch))| format!("{id} at epoch {epoch} ({n})"))
+                .collect::<Vec<_>>()
+                .join(", ");
             tracing::warn!(
                 bad_tag,
                 bad_epoch,
                 bad_tag_nodes = tag_nodes,
                 bad_tag_examples = tag_examples,
+                bad_epoch_nodes = epochs.len(),
+                bad_epoch_examples = epoch_examples,
                 window_s = UNKNOWN_LOG_WINDOW_NS / 1_000_000_000,
                 "heartbeats of provisioned node ids failed authentication: bad_tag, a key \
                  other than the node's (hb send --key-file) or a forgery (the nodes whose \
                  count moved most are named with it; each node's count is its bad_tag in \
                  /nodes); bad_epoch, a key epoch the keyring does not hold (hb send \
-                 --key-epoch), or a node left held by a monitor killed while writing it \
-                 (hb_dataplane_stuck_reads_total; released at the next start)"
+                 --key-epoch; the nodes and the epochs they used are named from the \
+                 gate's rate-limited reports), or a node left held by a monitor killed \
+                 while writing it (hb_dataplane_stuck_reads_total; released at the next \
+                 start)"
             );
         }
         if stale > 0 {
@@ -827,8 +866,8 @@ fn report_addr(r: &Report) -> IpAddr {
     }
 }
 
-/// Handles the gate's reports (unknown nodes, restarts) and probations
-/// until `shutdown`.
+/// Handles the gate's reports (unknown nodes, restarts, bad epochs) and
+/// probations until `shutdown`.
 pub async fn reports(
     mut rx: tokio::sync::mpsc::Receiver<Report>,
     shared: Arc<Shared>,
@@ -876,6 +915,7 @@ pub async fn reports(
                             }
                         }
                     }
+                    REPORT_BAD_EPOCH => auth.note_bad_epoch(r.node_id, r.key_epoch),
                     REPORT_RESTART => tracing::debug!(
                         node_id = r.node_id,
                         generation = r.generation,
@@ -1134,12 +1174,18 @@ mod tests {
             || unreachable!("within the window: not read"),
             unread,
         );
+        // A report of an earlier window is not carried into a later one.
+        auth.note_bad_epoch(30, 9);
         auth.check(20 * S, || Some([5, 1, 7]), unread); // nothing new
         auth.check(30 * S, || None, unread); // unreadable
         // 21 more bad tags: 2 of node 3, 12 of node 9, 7 of node 4; 6 of
-        // nodes 10 to 15, one each (past the examples).
+        // nodes 10 to 15, one each (past the examples). 3 more bad
+        // epochs: node 21 at epoch 1 then 2, node 22 at epoch 5.
         let mut nodes = vec![(3, [7, 7]), (9, [12, 0]), (4, [7, 0]), (8, [0, 0])];
         nodes.extend((10..16).map(|id| (id, [1, 0])));
+        auth.note_bad_epoch(22, 5);
+        auth.note_bad_epoch(21, 1);
+        auth.note_bad_epoch(21, 2);
         auth.check(40 * S, || Some([26, 4, 7]), || nodes.clone());
         let lines = warnings.taken();
         assert_eq!(lines.len(), 1, "{lines:#?}");
@@ -1150,6 +1196,11 @@ mod tests {
             lines[0].field("bad_tag_examples"),
             Some(r#""9 (12), 4 (7), 3 (2), 10 (1), 11 (1)""#)
         );
+        assert_eq!(lines[0].field("bad_epoch_nodes"), Some("2"));
+        assert_eq!(
+            lines[0].field("bad_epoch_examples"),
+            Some(r#""21 at epoch 2 (2), 22 at epoch 5 (1)""#)
+        );
         // Stale heartbeats, a line of their own (authenticated: another
         // cause), of node 3 only; node 9 was removed and provisioned
         // again since (its count started over: 2 is new).
@@ -1159,11 +1210,25 @@ mod tests {
         let lines = warnings.taken();
         assert_eq!(lines.len(), 3, "{lines:#?}");
         assert_eq!(lines[1].field("bad_tag_examples"), Some(r#""9 (2)""#));
+        assert_eq!(lines[1].field("bad_epoch_nodes"), Some("0"));
         assert_eq!(lines[2].field("stale"), Some("12"));
         assert_eq!(lines[2].field("stale_nodes"), Some("1"));
         assert_eq!(lines[2].field("stale_examples"), Some(r#""3 (12)""#));
         assert_eq!(lines[2].field("bad_tag"), None);
         assert!(lines[2].message.contains("two senders with one node id"));
+    }
+
+    /// A flood of bad-epoch reports of ever new node ids keeps a bounded
+    /// number of them.
+    #[test]
+    fn bad_epoch_reports_are_kept_for_a_bounded_number_of_nodes() {
+        let mut auth = AuthLog::new();
+        for id in 1..=(AUTH_REPORTED_MAX as u32 + 100) {
+            auth.note_bad_epoch(id, 1);
+        }
+        auth.note_bad_epoch(1, 3);
+        assert_eq!(auth.bad_epochs.len(), AUTH_REPORTED_MAX);
+        assert_eq!(auth.bad_epochs[&1], (2, 3));
     }
 
     /// The scan behind those names reads every provisioned node, chunk
