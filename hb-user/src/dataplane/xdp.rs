@@ -2002,6 +2002,16 @@ impl XdpDataplane {
                     .as_raw_fd(),
             ),
             (names::LIMITS, limits),
+            (
+                names::LOCAL_ADDRS,
+                self.local_addrs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .map()
+                    .fd()
+                    .as_fd()
+                    .as_raw_fd(),
+            ),
         ];
         fds.iter()
             .map(|(name, fd)| {

@@ -502,11 +502,15 @@ fn main() -> anyhow::Result<()> {
     let rpt = rp.test_run().0;
     let steady = |r: &Row| rpt + p(r) - p(&rd);
     let cold = |r: &Row| fr + p(r) - p(&floor_d);
+    // test_run truncates each run's time per packet to whole ns: the
+    // floor's true cost lies in [whole, whole + 1).
+    let whole = fr.floor();
     writeln!(
         out,
         "\n**accepted heartbeat, steady state: {:.1} ns/packet ({:.2}x floor)**, one node, its state in cache \
-         (test_run's whole nanoseconds put the floor anywhere in [5, 6) ns, and the ratio with it; a fleet's \
-         state misses the cache: see the e2e section's program times); accepted + ACK: {:.1} ns \
+         (test_run's whole nanoseconds put the floor anywhere in [{whole:.0}, {:.0}) ns, and the ratio in \
+         ({:.2}, {:.2}]; a fleet's state misses the cache: see the e2e section's program times); \
+         accepted + ACK: {:.1} ns \
          = replay (repeat) + [program(accepted) - program(replay)] over the same distinct frames \
          = {rpt:.1} + {:.1} - {:.1}.\n\
          Upper bound (cold caches): floor (repeat) + [program(accepted) - program(floor)] over the distinct frames \
@@ -514,6 +518,9 @@ fn main() -> anyhow::Result<()> {
          where replay's repeat measurement is {rpt:.1} ns: the cold penalty.",
         steady(&acc),
         steady(&acc) / fr,
+        whole + 1.0,
+        steady(&acc) / (whole + 1.0),
+        steady(&acc) / whole.max(1.0),
         steady(&ack),
         p(&acc),
         p(&rd),

@@ -1214,7 +1214,7 @@ fn main() -> anyhow::Result<()> {
     let modes = [Mode::Floor, Mode::Native, Mode::SkbFloor, Mode::Userspace];
     // samples[rate][mode] = one per round.
     let mut samples = vec![vec![Vec::<Sample>::new(); modes.len()]; o.rates.len()];
-    let mut disturbed = Vec::new();
+    let mut disturbed = Disturbed::default();
     for round in 0..o.rounds {
         for (ri, &rate) in o.rates.iter().enumerate() {
             // Rotate the order of the modes from round to round.
@@ -1239,8 +1239,19 @@ fn main() -> anyhow::Result<()> {
                         s.napi_ns as f64 / s.received().max(1) as f64
                     );
                     eprintln!("bench_e2e: {what}: disturbed, repeated");
-                    disturbed.push(what);
+                    disturbed.repeated.push(what);
                     s = run(&mut b)?;
+                }
+                if rate.is_some() && s.ring_drops > 0 {
+                    let what = format!(
+                        "{} {} round {}: {} ring drops",
+                        rate_name(rate),
+                        modes[mi].name(),
+                        round + 1,
+                        s.ring_drops
+                    );
+                    eprintln!("bench_e2e: {what}: still disturbed, kept");
+                    disturbed.kept.push(what);
                 }
                 eprintln!(
                     "bench_e2e: round {} {} {}: sent {} in {:.2} s, accepted {}, NAPI {:.0} ms in {} runs, monitor {:.0} ms",
@@ -1289,6 +1300,15 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The disturbed runs (see [`MAX_REPEATS`]).
+#[derive(Default)]
+struct Disturbed {
+    /// Repeated, and left out.
+    repeated: Vec<String>,
+    /// Still disturbed after the repeats: kept (the medians include them).
+    kept: Vec<String>,
+}
+
 struct Cleanup(PathBuf);
 
 impl Drop for Cleanup {
@@ -1313,7 +1333,7 @@ fn report(
     o: &Opts,
     samples: &[Vec<Vec<Sample>>],
     modes: &[Mode],
-    disturbed: &[String],
+    disturbed: &Disturbed,
     load0: &str,
     load1: &str,
     wall: f64,
@@ -1517,7 +1537,7 @@ fn report(
         met(|r| r.1),
         met(|r| r.3)
     );
-    if disturbed.is_empty() {
+    if disturbed.repeated.is_empty() {
         println!(
             "Disturbed runs (frames dropped at the monitor end's ring at a fixed rate): none.\n"
         );
@@ -1525,7 +1545,15 @@ fn report(
         println!(
             "Disturbed runs, repeated and left out (frames dropped at the monitor end's ring at a fixed rate; \
              at most {MAX_REPEATS} repeats per run): {}.\n",
-            disturbed.join("; ")
+            disturbed.repeated.join("; ")
+        );
+        println!(
+            "Still disturbed after {MAX_REPEATS} repeats, and kept in the medians: {}.\n",
+            if disturbed.kept.is_empty() {
+                "none".to_owned()
+            } else {
+                disturbed.kept.join("; ")
+            }
         );
     }
     println!("Details (medians over the rounds):\n");
