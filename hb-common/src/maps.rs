@@ -64,6 +64,12 @@ pub mod names {
     pub const LOCAL_ADDRS: &str = "HB_LOCAL_ADDRS";
 }
 
+/// Entries of [`names::CONFIG`] (one [`Config`]).
+pub const CONFIG_LEN: u32 = 1;
+/// Entries of [`names::LIMITS`]: the report buckets (unknown nodes; reports
+/// about provisioned nodes).
+pub const LIMITS_LEN: u32 = 2;
+
 /// Largest capacity of the node maps (provisioned nodes, state slots),
 /// and the capacity the eBPF object declares; userspace loads the maps with
 /// the capacity it needs (`hb monitor --capacity`).

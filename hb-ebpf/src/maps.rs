@@ -9,8 +9,8 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray, RingBuf},
 };
 use hb_common::maps::{
-    Config, EVENTS_BYTES, LocalAddrs, MAX_NODES, NodeLive, NodeRest, RateLimit, counter, index,
-    names,
+    CONFIG_LEN, Config, EVENTS_BYTES, LIMITS_LEN, LocalAddrs, MAX_NODES, NodeLive, NodeRest,
+    RateLimit, counter, index, names,
 };
 
 /// The node index: node id -> slot (`hb_common::maps::index`). Written by
@@ -37,7 +37,7 @@ pub static HB_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter
 
 /// One `Config`; missing or port 0 means "pass everything".
 #[map]
-pub static HB_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+pub static HB_CONFIG: Array<Config> = Array::with_max_entries(CONFIG_LEN, 0);
 
 /// The host's addresses: heartbeats to others are not ours (one value;
 /// all zero, as created, takes any address).
@@ -50,7 +50,7 @@ pub static HB_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 /// Per-CPU token buckets of the report rate limit.
 #[map]
-pub static HB_LIMITS: PerCpuArray<RateLimit> = PerCpuArray::with_max_entries(2, 0);
+pub static HB_LIMITS: PerCpuArray<RateLimit> = PerCpuArray::with_max_entries(LIMITS_LEN, 0);
 
 /// `HB_LIMITS` index of the unknown-node bucket (its reports drive
 /// enrollment: nothing else may spend it).
@@ -59,6 +59,7 @@ pub const LIMIT_UNKNOWN: u32 = 0;
 /// restarts, bad epochs (a bad-epoch flood, which anyone can send, only
 /// limits restart reports, which are logged at debug level).
 pub const LIMIT_PROVISIONED: u32 = 1;
+const _: () = assert!(LIMIT_UNKNOWN < LIMITS_LEN && LIMIT_PROVISIONED < LIMITS_LEN);
 
 const fn same(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());

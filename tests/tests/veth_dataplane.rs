@@ -19,7 +19,7 @@ use hb::dataplane::{
 };
 use hb_common::{
     Datagram, GateResult, Kind, NodeKey,
-    maps::{Config, MAX_NODES, NodeKeys, names},
+    maps::{self, Config, MAX_NODES, NodeKeys, counter, names},
     proto,
 };
 use hb_tests::netns::{IF_A, IF_B, NetNs, VethPair, sh};
@@ -574,6 +574,61 @@ fn a_link_pinned_on_an_interface_since_recreated_is_replaced() {
     dp.detach().unwrap();
     assert!(!attached() && !pin.exists(), "detached and unpinned");
     log("a link released with its interface is replaced at the next start".into());
+}
+
+/// Pinned maps without node state that are not of this hb's shape
+/// (another version's) are created afresh, not adopted: a rate limit of
+/// fewer buckets adopted as it was suppressed every report of the
+/// missing one. Node state is kept.
+#[test]
+fn stateless_pins_of_another_shape_are_created_afresh() {
+    let first = PinDir::new("shape-a");
+    let pins = PinDir::new("shape-b");
+    let opts = |dir: &PinDir| XdpOptions {
+        pin_dir: Some(dir.0.clone()),
+        max_nodes: Some(64),
+        ..XdpOptions::default()
+    };
+    // Maps of the wrong shape under the right names, in `pins`: the
+    // configuration array as the rate limit, the rate limit as the
+    // counters (bpffs renames pins).
+    drop(XdpDataplane::open(&opts(&first)).unwrap());
+    let dp = XdpDataplane::open(&opts(&pins)).unwrap();
+    dp.upsert_node(7, &keys(1)).unwrap();
+    drop(dp);
+    let id = |name: &str| {
+        aya::maps::MapInfo::from_pin(pins.0.join(name))
+            .unwrap()
+            .id()
+    };
+    // Left in place: of this hb's shape.
+    let config = id(names::CONFIG);
+    for (from, to) in [
+        (names::CONFIG, names::LIMITS),
+        (names::LIMITS, names::COUNTERS),
+    ] {
+        std::fs::rename(first.0.join(from), pins.0.join(to)).unwrap();
+    }
+    let dp = XdpDataplane::open(&opts(&pins)).expect("a start over maps of another shape");
+    let shape = |name: &str| {
+        let info = aya::maps::MapInfo::from_pin(pins.0.join(name)).unwrap();
+        (info.value_size(), info.max_entries())
+    };
+    assert_eq!(
+        shape(names::LIMITS),
+        (
+            size_of::<hb_common::maps::RateLimit>() as u32,
+            maps::LIMITS_LEN
+        )
+    );
+    assert_eq!(shape(names::COUNTERS), (8, counter::LEN));
+    assert!(dp.counters().is_ok());
+    assert_eq!(
+        id(names::CONFIG),
+        config,
+        "a map of the right shape adopted"
+    );
+    assert_eq!(dp.state(1).unwrap().node_id, 7, "node state adopted");
 }
 
 #[test]

@@ -22,6 +22,8 @@
 //!   to an adopted one the nodes it lacks: a start killed mid-rebuild
 //!   leaves it pinned part-filled), and starts them afresh when the state
 //!   arrays are not both there (an earlier layout's, or removed by hand).
+//!   The pinned maps without node state are created afresh when they are
+//!   not of this hb's shape ([`reconcile_stateless_pins`]).
 //! - Node state is read straight from the mmap'ed `HB_NODE_LIVE` and
 //!   `HB_NODE_REST` arrays under each node's seqcount (see [`XdpDataplane::read_states`]); node
 //!   ids and keys are written into it under the same protocol, and the
@@ -95,7 +97,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, IterableMap as _, Map, MapData, PerCpuArray, RingBuf},
+    maps::{Array, IterableMap as _, Map, MapData, MapType, PerCpuArray, RingBuf},
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -1117,6 +1119,60 @@ fn lock_pin_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
 /// `HB_NODE_STATE` of 128-byte states): this version cannot read them.
 const OLD_PINS: [&str; 2] = ["HB_NODE_KEYS", "HB_NODE_STATE"];
 
+/// The pinned maps that hold no node state, and what this hb creates them
+/// as: name, type, value size, entries (keys are u32 indexes; no flags).
+const STATELESS_MAPS: [(&str, MapType, u32, u32); 3] = [
+    (names::COUNTERS, MapType::PerCpuArray, 8, counter::LEN),
+    (
+        names::CONFIG,
+        MapType::Array,
+        size_of::<Config>() as u32,
+        maps::CONFIG_LEN,
+    ),
+    (
+        names::LIMITS,
+        MapType::PerCpuArray,
+        size_of::<maps::RateLimit>() as u32,
+        maps::LIMITS_LEN,
+    ),
+];
+
+/// Removes the pins in `dir` of maps that hold no node state (the gate's
+/// counters, its configuration, the report rate limit) when they are not
+/// what this hb creates (another hb version's): they are created afresh
+/// (the counters start over, the configuration is written at every
+/// start). Adopted as they were, a map of another shape was used by the
+/// new gate as if it fitted: a rate limit with fewer buckets suppressed
+/// every report of the missing one.
+fn reconcile_stateless_pins(dir: &Path) -> anyhow::Result<()> {
+    for (name, map_type, value_size, entries) in STATELESS_MAPS {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path)
+            .with_context(|| format!("cannot read the pinned map {}", path.display()))?;
+        let found = (
+            info.map_type().ok(),
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+            info.map_flags(),
+        );
+        if found == (Some(map_type), 4, value_size, entries, 0) {
+            continue;
+        }
+        std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+        tracing::warn!(
+            pin = %path.display(),
+            found = ?found,
+            expected = ?(map_type, 4, value_size, entries, 0),
+            "a pinned map of another shape (another hb version's; it holds no node state) was removed and is created afresh"
+        );
+    }
+    Ok(())
+}
+
 /// The node maps: the index, and the two state arrays it leads to. One
 /// unit: pinned apart they mean nothing.
 const NODE_MAPS: [&str; 3] = [names::NODE_INDEX, names::NODE_LIVE, names::NODE_REST];
@@ -1550,6 +1606,7 @@ impl XdpDataplane {
                 // goes if it fails. Listed before, it counted as there
                 // before and stayed.
                 let node_pins = reconcile_node_pins(dir)?;
+                reconcile_stateless_pins(dir)?;
                 let undo = UndoPins::new(dir, made, &lock)?;
                 (Some(lock), node_pins, Some(undo))
             }
