@@ -6,8 +6,10 @@
 //! run is killed; this command deletes leftover `hbt-*` namespaces and
 //! `/sys/fs/bpf/hb-test-*` pins before and after the run, also when tests
 //! fail or the run is interrupted, and kills the `hb` processes the tests
-//! left running (found by a mark in their environment). Anything left after
-//! a run whose tests all passed fails the run: a test's cleanup is broken.
+//! left running (found by a mark in their environment) and any process left
+//! holding a test binary's stdout once it exited (which kept the run
+//! waiting). Anything left after a run whose tests all passed fails the
+//! run: a test's cleanup is broken.
 //!
 //! It does not leave running the tests to `cargo test`: cargo's `Running`
 //! lines go to stderr and the results to stdout, and no reading of the two
@@ -30,7 +32,7 @@
 //! options given for the tests.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::Write as _,
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
     time::{Duration, Instant},
@@ -411,7 +413,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     leaked.extend(util::kill_marked_hb_processes(&run));
     if !leaked.is_empty() {
         eprintln!(
-            "xtask: after the tests: killed {} hb process(es) the tests left running: {}",
+            "xtask: after the tests: killed {} process(es) the tests left running: {}",
             leaked.len(),
             leaked.join("; ")
         );
@@ -521,7 +523,7 @@ fn build_hb(cargo_args: &[String]) -> anyhow::Result<()> {
     util::run(&mut cmd).context("cannot build the hb binary the tests run")
 }
 
-/// Runs the tests; the `hb` processes they left running go to `leaked`.
+/// Runs the tests; the processes they left running go to `leaked`.
 fn run_tests(
     cargo_args: &[String],
     test_args: &[String],
@@ -625,7 +627,8 @@ struct Session<'a> {
     deadline: Instant,
     /// The whole time allowed (for messages).
     limit: Duration,
-    /// The `hb` processes the tests left running.
+    /// The processes the tests left running: `hb`s, and whatever held a
+    /// test binary's stdout after it exited.
     leaked: &'a mut Vec<String>,
 }
 
@@ -668,28 +671,37 @@ impl Session<'_> {
         let _ = std::io::stderr()
             .write_all(format!("xtask: running {label}: {}\n", util::show(cmd)).as_bytes());
         let mut child = util::spawn_fg(cmd)?;
-        let stdout = child.stdout.take().context("no stdout pipe")?;
         let watchdog = util::Watchdog::start(child.id(), left);
-        // Lossily: a test's captured output may hold any bytes, and an
-        // error here returned before the child was waited for (the sweep
-        // then ran while test binaries still lived, and the real failure
-        // was hidden).
-        let mut reader = BufReader::new(stdout);
-        let mut raw = Vec::new();
-        let mut read_error = None;
-        loop {
-            raw.clear();
-            match reader.read_until(b'\n', &mut raw) {
-                Ok(0) => break,
-                Ok(_) => {
-                    let line = String::from_utf8_lossy(&raw);
-                    on_line(line.trim_end_matches(['\n', '\r']));
-                }
-                Err(e) => {
-                    read_error = Some(e);
-                    break;
-                }
+        // An error here returned before the child was waited for (the
+        // sweep then ran while test binaries still lived, and the real
+        // failure was hidden).
+        let read = util::read_stdout(&mut child, &mut on_line);
+        let read = match read {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = util::wait_fg(&mut child);
+                return Err(e);
             }
+        };
+        // A process left holding the binary's stdout is left running: the
+        // run fails, naming it.
+        if !read.holders.is_empty() {
+            eprintln!(
+                "xtask: {label}: killed {} process(es) it left running and holding its stdout: {}",
+                read.holders.len(),
+                read.holders.join("; ")
+            );
+        }
+        self.leaked.extend(
+            read.holders
+                .iter()
+                .map(|h| format!("{h}, holding the stdout of {label}")),
+        );
+        if read.abandoned {
+            self.leaked.push(format!(
+                "a process that could not be killed, holding the stdout of {label} (its output \
+                 after that is lost)"
+            ));
         }
         // Before `wait_fg`, which kills the group the tests' processes are
         // in.
@@ -704,7 +716,7 @@ impl Session<'_> {
                  and was killed (HB_TEST_DEADLINE_MIN sets the deadline)"
             );
         }
-        if let Some(e) = read_error {
+        if let Some(e) = read.error {
             bail!("cannot read the output of {label} ({e}): its results are unknown");
         }
         Ok(status)
@@ -1047,6 +1059,72 @@ mod tests {
             )),
             v("--release --features a,b")
         );
+    }
+
+    /// A test binary that prints its result and exits, leaving processes
+    /// that inherited its stdout: one in its process group, one in a
+    /// session of its own (no group signal reaches it). Its result counts
+    /// within seconds, and the holders are killed and named as left
+    /// behind, which fails the run.
+    #[test]
+    fn processes_left_holding_a_binarys_stdout_are_killed_and_named() {
+        let run = format!("hold-{}", std::process::id());
+        let mut leaked = Vec::new();
+        let mut session = Session {
+            run: &run,
+            deadline: Instant::now() + Duration::from_secs(600),
+            limit: Duration::from_secs(600),
+            leaked: &mut leaked,
+        };
+        let mut fake = Command::new("sh");
+        fake.arg("-c").arg(
+            "echo 'test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; \
+             finished in 0.00s'; sleep 41 & setsid sleep 42 & exit 0",
+        );
+        let t = Instant::now();
+        // As `run_tests_of` does, but not echoed: libtest would not capture
+        // it, and this binary's own result line is read after it.
+        let mut result = None;
+        let status = session
+            .watch(&mut fake, "fake tests/hold.rs", |l| {
+                result = last_result(result, l)
+            })
+            .unwrap();
+        let outcome = Outcome::of(result, status);
+        let took = t.elapsed();
+        let pids: Vec<u32> = leaked
+            .iter()
+            .filter_map(|l| l.split(' ').next()?.parse().ok())
+            .collect();
+        let gone = |pid: &u32| {
+            let t = Instant::now();
+            // Killed, and reaped by whoever adopted it.
+            while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| !s.contains(") Z "))
+                && t.elapsed() < Duration::from_secs(5)
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map_or(true, |s| s.contains(") Z "))
+        };
+        assert_eq!(
+            outcome,
+            Outcome::Reported(Counts {
+                passed: 1,
+                ..Counts::default()
+            })
+        );
+        assert!(took < Duration::from_secs(20), "took {took:?}");
+        assert_eq!(leaked.len(), 2, "{leaked:?}");
+        for sleep in ["sleep 41", "sleep 42"] {
+            assert!(
+                leaked.iter().any(|l| l.contains(&format!("({sleep})"))
+                    && l.contains("stdout of fake tests/hold.rs")),
+                "{sleep} in {leaked:?}"
+            );
+        }
+        assert!(pids.iter().all(gone), "{leaked:?} still running");
     }
 
     #[test]

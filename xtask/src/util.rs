@@ -181,6 +181,162 @@ impl Drop for Watchdog {
     }
 }
 
+/// How long a child's stdout may stay open after the child exited before
+/// the processes holding it are killed ([`read_stdout`]).
+const STDOUT_GRACE: Duration = Duration::from_secs(5);
+
+/// How reading a child's stdout ended ([`read_stdout`]).
+#[derive(Debug, Default)]
+pub struct StdoutEnd {
+    /// The read failed: what was read before counts, the rest is lost.
+    pub error: Option<std::io::Error>,
+    /// The processes that still held the pipe [`STDOUT_GRACE`] after the
+    /// child exited and were killed, as `pid (command line)`.
+    pub holders: Vec<String>,
+    /// The pipe stayed open even then (a holder that cannot be seen or
+    /// killed): the reading was abandoned.
+    pub abandoned: bool,
+}
+
+/// One read of the reading thread.
+enum Read {
+    Line(String),
+    End(Option<std::io::Error>),
+}
+
+/// Reads the stdout `child` was started with (`Stdio::piped()`) line by
+/// line, lossily (a test's output may hold any bytes), into `on_line`,
+/// until the pipe's end, and returns how it ended.
+///
+/// The pipe ends when every process holding it closed it, not when the
+/// child exits: a process the child started with an inherited stdout and
+/// left running (in its own session, where no group signal reaches it)
+/// kept the reading, and the whole run, waiting long after the child's
+/// result. So the pipe is read on a thread while the child is waited for
+/// here; once the child exited, the pipe gets [`STDOUT_GRACE`] to close,
+/// then whoever still holds it is killed (SIGKILL) and named in
+/// [`StdoutEnd::holders`]. The child is reaped here ([`Child::try_wait`]);
+/// [`wait_fg`] still returns its status.
+pub fn read_stdout(child: &mut Child, mut on_line: impl FnMut(&str)) -> anyhow::Result<StdoutEnd> {
+    use std::{io::BufRead as _, os::fd::AsRawFd as _, sync::mpsc};
+    let stdout = child.stdout.take().context("no stdout pipe")?;
+    // `pipe:[inode]`, as every holder's /proc/PID/fd/N reads.
+    let pipe = std::fs::read_link(format!("/proc/self/fd/{}", stdout.as_raw_fd()))
+        .context("cannot name the child's stdout pipe")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            let read = match reader.read_until(b'\n', &mut raw) {
+                Ok(0) => Read::End(None),
+                Ok(_) => Read::Line(
+                    String::from_utf8_lossy(&raw)
+                        .trim_end_matches(['\n', '\r'])
+                        .to_owned(),
+                ),
+                Err(e) => Read::End(Some(e)),
+            };
+            let end = matches!(read, Read::End(_));
+            // The receiver gone: the reading was abandoned.
+            if tx.send(read).is_err() || end {
+                return;
+            }
+        }
+    });
+    let mut end = StdoutEnd::default();
+    // Lines until the pipe's end (`Some(..)`) or `until`; `None` at
+    // `until`.
+    let mut pump = |until: Option<std::time::Instant>| -> Option<Option<std::io::Error>> {
+        let wait = until.map_or(Duration::from_millis(50), |u| {
+            u.saturating_duration_since(std::time::Instant::now())
+        });
+        match rx.recv_timeout(wait) {
+            Ok(Read::Line(l)) => {
+                on_line(&l);
+                None
+            }
+            Ok(Read::End(e)) => Some(e),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => Some(None),
+        }
+    };
+    let mut exited: Option<std::time::Instant> = None;
+    loop {
+        if let Some(e) = pump(None) {
+            end.error = e;
+            return Ok(end);
+        }
+        match exited {
+            None => {
+                if child
+                    .try_wait()
+                    .context("waiting for a child process")?
+                    .is_some()
+                {
+                    exited = Some(std::time::Instant::now());
+                }
+            }
+            Some(t) if t.elapsed() >= STDOUT_GRACE => break,
+            Some(_) => {}
+        }
+    }
+    // The child is gone and its stdout still open: kill whoever holds it,
+    // in a few rounds (a holder may have started another meanwhile).
+    for _ in 0..3 {
+        for pid in holders_of(&pipe) {
+            let cmdline = cmdline(pid);
+            // SAFETY: kill(2) with a pid and a signal number.
+            if unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } == 0 {
+                end.holders.push(format!("{pid} ({cmdline})"));
+            }
+        }
+        let until = std::time::Instant::now() + Duration::from_secs(1);
+        while std::time::Instant::now() < until {
+            if let Some(e) = pump(Some(until)) {
+                end.error = e;
+                return Ok(end);
+            }
+        }
+    }
+    end.abandoned = true;
+    Ok(end)
+}
+
+/// The processes other than this one with an open file descriptor on
+/// `link` (what `/proc/PID/fd/N` reads, `pipe:[123]`).
+fn holders_of(link: &Path) -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                fds.filter_map(Result::ok)
+                    .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == link))
+            })
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// The command line of process `pid`, arguments separated by spaces
+/// (empty if it cannot be read).
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .trim_end_matches('\0')
+                .replace('\0', " ")
+        })
+        .unwrap_or_default()
+}
+
 /// Runs `cmd` in the foreground (signals forwarded) and fails if it fails.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let mut child = spawn_fg(cmd)?;
@@ -419,13 +575,7 @@ fn marked_hb_processes_of(target: &Path, run: &str) -> Vec<u32> {
 fn kill_marked_hb_processes_of(target: &Path, run: &str) -> Vec<String> {
     let mut killed = Vec::new();
     for pid in marked_hb_processes_of(target, run) {
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|b| {
-                String::from_utf8_lossy(&b)
-                    .trim_end_matches('\0')
-                    .replace('\0', " ")
-            })
-            .unwrap_or_default();
+        let cmdline = cmdline(pid);
         // SAFETY: kill(2) with a pid and a signal number.
         if unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } == 0 {
             killed.push(format!("{pid} ({cmdline})"));
