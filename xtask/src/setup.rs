@@ -5,9 +5,10 @@
 //! needs its `rust-src`) and links with `bpf-linker`. bpf-linker must use
 //! the very LLVM that the nightly rustc emitted bitcode with, so it is built
 //! against the nightly's own `libLLVM.so.<ver>-rust-<ver>-nightly` (found in
-//! the nightly sysroot) through a prefix directory whose `lib/` links to
-//! it, and checked afterwards with `ldd`: the check, not the install step,
-//! decides whether anything needs doing.
+//! the nightly sysroot) through a prefix directory (one per libLLVM file
+//! name) whose `lib/` links to it, in a fresh target directory, and
+//! checked afterwards with `ldd`: the check, not the install step, decides
+//! whether anything needs doing.
 
 use std::{
     path::{Path, PathBuf},
@@ -308,31 +309,22 @@ fn bpf_linker() -> anyhow::Result<Outcome> {
     eprintln!("xtask setup: bpf-linker: {problem}; building it (about 2 minutes)");
 
     let home = std::env::var_os("HOME").context("HOME is not set")?;
-    let prefix = PathBuf::from(home).join(".cache/hb/llvm-prefix");
+    let prefix = llvm_prefix(Path::new(&home), &soname);
     let lib = prefix.join("lib");
     std::fs::create_dir_all(&lib).with_context(|| format!("cannot create {}", lib.display()))?;
     for name in ["libLLVM.so", soname.as_str()] {
         let link = lib.join(name);
-        // Replace whatever was there (a link to an older nightly's LLVM).
+        // Replace whatever was there (a link to a removed nightly's file).
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&llvm, &link)
             .with_context(|| format!("cannot link {} -> {}", link.display(), llvm.display()))?;
     }
-    util::run(
-        util::cargo()
-            .args([
-                "install",
-                "bpf-linker",
-                "--locked",
-                "--force",
-                "--version",
-                BPF_LINKER_VERSION,
-                "--no-default-features",
-                "--features",
-                &format!("llvm-{major}"),
-            ])
-            .env("LLVM_PREFIX", &prefix),
-    )?;
+    let target = std::env::temp_dir().join(format!("hb-bpf-linker-build-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&target);
+    let built = util::run(&mut bpf_linker_install(&prefix, major, &target));
+    // A gigabyte of build products nobody reuses (on purpose).
+    let _ = std::fs::remove_dir_all(&target);
+    built?;
     if let Some(problem) = bpf_linker_problem(&installed, &soname, &llvm) {
         bail!("bpf-linker was built but is not usable: {problem}");
     }
@@ -358,6 +350,44 @@ fn bpf_linker() -> anyhow::Result<Outcome> {
     )))
 }
 
+/// The prefix directory bpf-linker is built against for the nightly's
+/// libLLVM `soname`: its `lib/` links to that file, and the binary built
+/// keeps the directory as its RUNPATH. One per soname, so that a nightly
+/// with another libLLVM changes `LLVM_PREFIX`, which the build scripts of
+/// bpf-linker and llvm-sys rerun on.
+fn llvm_prefix(home: &Path, soname: &str) -> PathBuf {
+    home.join(".cache/hb/llvm").join(soname)
+}
+
+/// `cargo install bpf-linker` against the LLVM of `prefix` (major
+/// `major`), built in `target_dir`, a fresh directory: with the developer's
+/// shared target directory (`CARGO_TARGET_DIR`, `build.target-dir`), which
+/// `cargo install` uses when set, cargo found the bpf-linker built against
+/// the previous nightly's libLLVM fresh (nothing it fingerprints names the
+/// file the prefix links to) and installed it again, and setup failed on
+/// every run after a nightly update within one LLVM major.
+fn bpf_linker_install(prefix: &Path, major: u32, target_dir: &Path) -> Command {
+    let mut c = util::cargo();
+    c.args([
+        "install",
+        "bpf-linker",
+        "--locked",
+        "--force",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--no-default-features",
+        "--features",
+        &format!("llvm-{major}"),
+        "--target-dir",
+    ])
+    .arg(target_dir)
+    .env("LLVM_PREFIX", prefix)
+    // `--target-dir` overrides them; gone all the same, for a reader.
+    .env_remove("CARGO_TARGET_DIR")
+    .env_remove("CARGO_BUILD_TARGET_DIR");
+    c
+}
+
 /// Whether `a` and `b` name one existing file.
 fn same_file(a: &Path, b: &Path) -> bool {
     std::fs::canonicalize(a)
@@ -378,6 +408,38 @@ mod tests {
         );
         assert_eq!(llvm_major("libLLVM.so.21-rust-1.90.0-nightly").unwrap(), 21);
         assert!(llvm_major("libfoo.so").is_err());
+    }
+
+    /// bpf-linker is built in the directory given, never the developer's
+    /// target directory, against a prefix of the nightly's very libLLVM.
+    #[test]
+    fn bpf_linker_builds_afresh_against_a_prefix_per_libllvm() {
+        let home = Path::new("/home/dev");
+        let old = llvm_prefix(home, "libLLVM.so.22.1-rust-1.97.0-nightly");
+        let new = llvm_prefix(home, "libLLVM.so.22.1-rust-1.98.0-nightly");
+        assert_ne!(old, new, "a new libLLVM changes LLVM_PREFIX");
+        assert!(new.starts_with("/home/dev/.cache/hb"), "{}", new.display());
+        let cmd = bpf_linker_install(&new, 22, Path::new("/tmp/fresh"));
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy()).collect();
+        let after = |opt: &str| {
+            let i = args
+                .iter()
+                .position(|a| a == opt)
+                .unwrap_or_else(|| panic!("{opt} in {args:?}"));
+            args.get(i + 1).map(|v| v.to_string())
+        };
+        assert_eq!(args[0], "install");
+        assert_eq!(after("--target-dir").as_deref(), Some("/tmp/fresh"));
+        assert_eq!(after("--version").as_deref(), Some(BPF_LINKER_VERSION));
+        assert_eq!(after("--features").as_deref(), Some("llvm-22"));
+        let env = |k: &str| {
+            cmd.get_envs()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.map(|v| v.to_string_lossy().into_owned()))
+        };
+        assert_eq!(env("LLVM_PREFIX"), Some(Some(new.display().to_string())));
+        assert_eq!(env("CARGO_TARGET_DIR"), Some(None));
+        assert_eq!(env("CARGO_BUILD_TARGET_DIR"), Some(None));
     }
 
     #[test]
