@@ -70,23 +70,56 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn apt_packages() -> anyhow::Result<Outcome> {
-    let mut missing: Vec<&str> = APT
+/// Where a command is looked for after PATH: Debian installs some (ethtool)
+/// in /usr/sbin only, which a non-root PATH lacks; judged by PATH alone,
+/// ethtool was missing at every run, and setup ran apt-get every time.
+const SBIN: [&str; 2] = ["/usr/sbin", "/sbin"];
+
+/// The commands of [`APT`] found neither on `path` (a PATH value) nor in
+/// `sbin`, with their packages.
+fn missing_commands(
+    path: Option<&std::ffi::OsStr>,
+    sbin: &[&Path],
+) -> Vec<(&'static str, &'static str)> {
+    APT.iter()
+        .filter(|(cmd, _)| util::find_in(cmd, path, sbin).is_none())
+        .copied()
+        .collect()
+}
+
+/// `ethtool (package ethtool), ping (package iputils-ping)`.
+fn describe_missing(missing: &[(&str, &str)]) -> String {
+    missing
         .iter()
-        .filter(|(cmd, _)| on_path(cmd).is_none())
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    missing.dedup();
+        .map(|(cmd, pkg)| format!("{cmd} (package {pkg})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn apt_packages() -> anyhow::Result<Outcome> {
+    let sbin = SBIN.map(Path::new);
+    let missing = missing_commands(std::env::var_os("PATH").as_deref(), &sbin);
     if missing.is_empty() {
         return Ok(Outcome::Skipped(format!(
             "{} present",
             APT.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", ")
         )));
     }
+    let mut packages: Vec<&str> = missing.iter().map(|(_, pkg)| *pkg).collect();
+    packages.dedup();
+    let missing = describe_missing(&missing);
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "missing {missing}: install them as root (`apt-get install {}`) or run \
+             `cargo xtask setup` as root",
+            packages.join(" ")
+        );
+    }
     if on_path("apt-get").is_none() {
         bail!(
-            "missing packages {} and no apt-get to install them",
-            missing.join(" ")
+            "missing {missing}, and no apt-get to install {}",
+            packages.join(" ")
         );
     }
     // Never a prompt (CI has no stdin), and a bounded wait for a dpkg lock
@@ -103,9 +136,9 @@ fn apt_packages() -> anyhow::Result<Outcome> {
     util::run(
         apt()
             .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing),
+            .args(&packages),
     )?;
-    Ok(Outcome::Done(format!("installed {}", missing.join(" "))))
+    Ok(Outcome::Done(format!("installed {}", packages.join(" "))))
 }
 
 fn rustup() -> Command {
@@ -440,6 +473,36 @@ mod tests {
         assert_eq!(env("LLVM_PREFIX"), Some(Some(new.display().to_string())));
         assert_eq!(env("CARGO_TARGET_DIR"), Some(None));
         assert_eq!(env("CARGO_BUILD_TARGET_DIR"), Some(None));
+    }
+
+    /// A command Debian installs in /usr/sbin (ethtool) is present though
+    /// a non-root PATH lacks /usr/sbin; one found nowhere is named with
+    /// its package.
+    #[test]
+    fn system_commands_are_found_outside_path_too() {
+        let dir = std::env::temp_dir().join(format!("hb-xtask-apt-{}", std::process::id()));
+        let (bin, sbin) = (dir.join("bin"), dir.join("sbin"));
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(&sbin).unwrap();
+        let exe = |d: &Path, name: &str| {
+            use std::os::unix::fs::PermissionsExt as _;
+            let p = d.join(name);
+            std::fs::write(&p, "#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        for (cmd, _) in APT {
+            exe(if *cmd == "ethtool" { &sbin } else { &bin }, cmd);
+        }
+        let path = std::env::join_paths([&bin]).unwrap();
+        let all = missing_commands(Some(&path), &[&sbin]);
+        std::fs::remove_file(bin.join("ping")).unwrap();
+        let no_ping = missing_commands(Some(&path), &[&sbin]);
+        let no_path = missing_commands(None, &[&sbin]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(all, [], "ethtool in sbin, the others on PATH");
+        assert_eq!(no_ping, [("ping", "iputils-ping")]);
+        assert_eq!(describe_missing(&no_ping), "ping (package iputils-ping)");
+        assert_eq!(no_path.len(), APT.len() - 1, "{no_path:?}");
     }
 
     #[test]

@@ -366,8 +366,15 @@ pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
 
 /// Whether `prog` is an executable on PATH.
 pub fn on_path(prog: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
+    find_in(prog, std::env::var_os("PATH").as_deref(), &[])
+}
+
+/// `prog` in the directories of `path` (a PATH value), then in `extra`.
+pub fn find_in(prog: &str, path: Option<&std::ffi::OsStr>, extra: &[&Path]) -> Option<PathBuf> {
+    path.map(|p| std::env::split_paths(p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(extra.iter().map(|d| d.to_path_buf()))
         .map(|d| d.join(prog))
         .find(|p| is_executable(p))
 }
