@@ -220,11 +220,7 @@ impl TestBinary {
     fn command(&self, args: &[String]) -> Command {
         let mut cmd = Command::new(&self.executable);
         cmd.current_dir(self.manifest_dir()).args(args);
-        for (k, _) in std::env::vars_os() {
-            if k.to_str().is_some_and(|k| k.starts_with("CARGO_PKG_")) {
-                cmd.env_remove(k);
-            }
-        }
+        util::without_run_env(&mut cmd);
         let mut parts = self.version.splitn(2, '-');
         let release = parts.next().unwrap_or("");
         let pre = parts.next().unwrap_or("");

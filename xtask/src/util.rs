@@ -59,11 +59,40 @@ pub fn target_dir() -> PathBuf {
     }
 }
 
-/// The `cargo` that runs us (so `cargo +toolchain xtask` stays consistent).
+/// The `cargo` that runs us (so `cargo +toolchain xtask` stays consistent),
+/// without the variables `cargo run` gave xtask ([`without_run_env`]).
 pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(root());
+    without_run_env(&mut c);
     c
+}
+
+/// Variables `cargo run -p xtask` (and `cargo test`) set for the program
+/// they run, besides `CARGO_PKG_*`: xtask's, not its children's.
+const RUN_ENV: &[&str] = &[
+    "CARGO_MANIFEST_DIR",
+    "CARGO_MANIFEST_PATH",
+    "CARGO_CRATE_NAME",
+    "CARGO_BIN_NAME",
+    "CARGO_PRIMARY_PACKAGE",
+];
+
+/// Removes from `cmd` the variables `cargo run` set for xtask itself
+/// ([`RUN_ENV`], `CARGO_PKG_*`). A nested cargo passes them on to build
+/// scripts, and one that reruns when they change (ring's, on
+/// `CARGO_MANIFEST_DIR`) did: hb-user and hb-tests were rebuilt at every
+/// switch between `cargo build` and `cargo xtask test|bench`.
+pub fn without_run_env(cmd: &mut Command) -> &mut Command {
+    for k in RUN_ENV {
+        cmd.env_remove(k);
+    }
+    for (k, _) in std::env::vars_os() {
+        if k.to_str().is_some_and(|k| k.starts_with("CARGO_PKG_")) {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
 }
 
 /// Renders a command for the log.
@@ -676,6 +705,32 @@ mod tests {
             killed.iter().all(|k| k.ends_with(" 30)")),
             "the command lines: {killed:?}"
         );
+    }
+
+    /// A nested cargo (or anything else xtask runs) does not see the
+    /// package variables `cargo run` gave xtask.
+    #[test]
+    fn nested_cargo_gets_no_variables_of_xtasks_package() {
+        // `cargo test` sets them for this test as `cargo run` does for
+        // xtask.
+        assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+        assert!(std::env::var_os("CARGO_PKG_NAME").is_some());
+        let cargo = cargo();
+        for k in ["CARGO_MANIFEST_DIR", "CARGO_PKG_NAME", "CARGO_BIN_NAME"] {
+            assert!(
+                cargo.get_envs().any(|(n, v)| n == k && v.is_none()),
+                "{k} not removed"
+            );
+        }
+        let env = output(without_run_env(&mut Command::new("env"))).unwrap();
+        let seen: Vec<&str> = env
+            .lines()
+            .filter(|l| {
+                l.starts_with("CARGO_PKG_")
+                    || RUN_ENV.iter().any(|k| l.starts_with(&format!("{k}=")))
+            })
+            .collect();
+        assert_eq!(seen, Vec::<&str>::new());
     }
 
     #[test]
