@@ -1123,6 +1123,48 @@ mod tests {
         assert!(pids.iter().all(gone), "{leaked:?} still running");
     }
 
+    /// `.ci/run` requires every integration test file of the workspace
+    /// (each one runs the kernel or namespaces) and xtask's own unit
+    /// tests (the demo's network, the sweep), by the labels this runner
+    /// prints: one dropped would go unnoticed.
+    #[test]
+    fn ci_requires_every_kernel_and_namespace_test_binary() {
+        let root = util::root();
+        let ci = std::fs::read_to_string(root.join(".ci/run")).unwrap();
+        let list = ci
+            .split_once("REQUIRED_TEST_BINARIES=(")
+            .and_then(|(_, rest)| rest.split_once("\n)"))
+            .expect("REQUIRED_TEST_BINARIES=( ... ) in .ci/run")
+            .0;
+        let required: Vec<&str> = list
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix('"')?.split_once('"'))
+            .map(|(label, _)| label)
+            .collect();
+        let mut want = vec!["xtask src/main.rs".to_string()];
+        for member in ["hb-common", "hb-user", "tests", "xtask"] {
+            let manifest = std::fs::read_to_string(root.join(member).join("Cargo.toml")).unwrap();
+            let package = manifest
+                .lines()
+                .find_map(|l| l.strip_prefix("name = \""))
+                .and_then(|n| n.strip_suffix('"'))
+                .unwrap();
+            let Ok(files) = std::fs::read_dir(root.join(member).join("tests")) else {
+                continue;
+            };
+            for f in files {
+                let name = f.unwrap().file_name().to_string_lossy().into_owned();
+                if name.ends_with(".rs") {
+                    want.push(format!("{package} tests/{name}"));
+                }
+            }
+        }
+        assert!(want.len() > 5, "{want:?}");
+        for w in &want {
+            assert!(required.contains(&w.as_str()), "{w} not in {required:?}");
+        }
+    }
+
     #[test]
     fn result_lines_are_parsed() {
         assert_eq!(
