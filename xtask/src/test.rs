@@ -47,7 +47,8 @@ use crate::util;
 /// a CI machine. Override with `HB_TEST_THREADS`.
 const DEFAULT_TEST_THREADS: &str = "2";
 
-/// How long the tests may take, build included, before the process group
+/// How long the tests may take, from the start of the build of `hb` (the
+/// tests' build and the doc-tests included), before the process group
 /// running then is killed and the run fails (minutes;
 /// `HB_TEST_DEADLINE_MIN`).
 /// A fresh CI run takes under 5 minutes of a 90-minute budget: a hung test
@@ -510,13 +511,23 @@ fn build_options(cargo_args: &[String]) -> Vec<String> {
     out
 }
 
-/// `cargo build -p hb-user --bin hb` with the tests' build options.
-fn build_hb(cargo_args: &[String]) -> anyhow::Result<()> {
+/// `cargo build -p hb-user --bin hb` with the tests' build options, under
+/// the session's deadline.
+fn build_hb(session: &mut Session, cargo_args: &[String]) -> anyhow::Result<()> {
     let mut cmd = util::cargo();
     cmd.args(["build", "-p", "hb-user", "--bin", "hb"])
         .args(build_options(cargo_args));
-    eprintln!("xtask: {}", util::show(&cmd));
-    util::run(&mut cmd).context("cannot build the hb binary the tests run")
+    let mut out = std::io::stdout();
+    let status = session.watch(&mut cmd, "the hb build", |line| {
+        let _ = writeln!(out, "{line}");
+    })?;
+    if !status.success() {
+        bail!(
+            "`{}` failed ({status}): cannot build the hb binary the tests run",
+            util::show(&cmd)
+        );
+    }
+    Ok(())
 }
 
 /// Runs the tests; the processes they left running go to `leaked`.
@@ -526,7 +537,8 @@ fn run_tests(
     run: &str,
     leaked: &mut Vec<String>,
 ) -> anyhow::Result<Report> {
-    build_hb(cargo_args)?;
+    // The deadline covers the builds too (a build that hangs, on a lock
+    // say, is stopped as a hung test is).
     let limit = deadline()?;
     let mut session = Session {
         run,
@@ -534,6 +546,7 @@ fn run_tests(
         limit,
         leaked,
     };
+    build_hb(&mut session, cargo_args)?;
     let doc_only = cargo_args.iter().any(|a| a == "--doc");
     let build = build_tests(&mut session, cargo_args)?;
     let mut test_args = test_args.to_vec();
@@ -619,7 +632,7 @@ fn build_tests(session: &mut Session, cargo_args: &[String]) -> anyhow::Result<B
 struct Session<'a> {
     /// The mark of the run's processes (`util::RUN_MARK`).
     run: &'a str,
-    /// When the build and the runs, together, must have ended.
+    /// When the builds and the runs, together, must have ended.
     deadline: Instant,
     /// The whole time allowed (for messages).
     limit: Duration,
@@ -708,7 +721,7 @@ impl Session<'_> {
         let status = util::wait_fg(&mut child)?;
         if watchdog.fired() {
             bail!(
-                "{label} ran past the deadline of {minutes} min for the tests (build included) \
+                "{label} ran past the deadline of {minutes} min for the tests (builds included) \
                  and was killed (HB_TEST_DEADLINE_MIN sets the deadline)"
             );
         }
@@ -1163,6 +1176,24 @@ mod tests {
         for w in &want {
             assert!(required.contains(&w.as_str()), "{w} not in {required:?}");
         }
+    }
+
+    /// The build of `hb` is under the tests' deadline: past it, the build
+    /// does not even start.
+    #[test]
+    fn the_hb_build_is_under_the_deadline() {
+        let mut leaked = Vec::new();
+        let mut session = Session {
+            run: "past",
+            deadline: Instant::now(),
+            limit: Duration::from_secs(60),
+            leaked: &mut leaked,
+        };
+        let e = build_hb(&mut session, &[]).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("passed before the hb build could start"),
+            "{e:#}"
+        );
     }
 
     #[test]
