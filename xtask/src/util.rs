@@ -3,9 +3,10 @@
 //!
 //! Signals: `xtask` installs one handler for SIGINT/SIGTERM/SIGHUP. Every
 //! long-running child is started in its own process group and registered
-//! here, so the handler can forward the signal to that whole group (cargo
-//! *and* the test binary it runs), after which the caller waits for the
-//! child and cleans up. The handler itself only sets a flag and calls
+//! here, so the handler can forward the signal it received to that whole
+//! group (cargo *and* the test binary it runs; `hb` under `cargo xtask
+//! run`, where a SIGHUP is a reload), after which the caller waits for the
+//! child and cleans up. The handler itself only stores atomics and calls
 //! `kill(2)`, which is async-signal-safe territory.
 
 use std::{
@@ -22,17 +23,57 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 /// none).
 static FOREGROUND_PGID: AtomicI32 = AtomicI32::new(0);
 
+/// The last of SIGINT/SIGTERM/SIGHUP that arrived (0: none).
+static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// The signals xtask handles, and forwards.
+const HANDLED: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+/// Notes `sig` and forwards it, the very signal (a SIGHUP meant as a
+/// reload for `hb monitor` under `cargo xtask run` stopped it when it was
+/// forwarded as SIGINT), to the foreground group.
+extern "C" fn on_signal(sig: libc::c_int) {
+    // SAFETY: errno of this thread, saved and restored around kill(2).
+    let errno = unsafe { *libc::__errno_location() };
+    INTERRUPTED.store(true, Ordering::SeqCst);
+    LAST_SIGNAL.store(sig, Ordering::SeqCst);
+    let pgid = FOREGROUND_PGID.load(Ordering::SeqCst);
+    if pgid > 0 {
+        // SAFETY: kill(2) with a process group we started.
+        unsafe { libc::kill(-pgid, sig) };
+    }
+    unsafe { *libc::__errno_location() = errno };
+}
+
 /// Installs the signal handler. Call once, first thing.
 pub fn install_signal_handler() -> anyhow::Result<()> {
-    ctrlc::set_handler(|| {
-        INTERRUPTED.store(true, Ordering::SeqCst);
-        let pgid = FOREGROUND_PGID.load(Ordering::SeqCst);
-        if pgid > 0 {
-            // SAFETY: kill(2) with a process group we started.
-            unsafe { libc::kill(-pgid, libc::SIGINT) };
+    for sig in HANDLED {
+        // SAFETY: a zeroed sigaction is a valid one to fill in; the handler
+        // is async-signal-safe (atomics and kill(2)). SA_RESTART: a read or
+        // a wait in progress goes on.
+        let failed = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0
+        };
+        if failed {
+            bail!(
+                "cannot install the handler of signal {sig}: {}",
+                std::io::Error::last_os_error()
+            );
         }
-    })
-    .context("cannot install the SIGINT handler")
+    }
+    Ok(())
+}
+
+/// The signal to forward to a group started after one arrived.
+fn last_signal() -> libc::c_int {
+    match LAST_SIGNAL.load(Ordering::SeqCst) {
+        0 => libc::SIGINT,
+        sig => sig,
+    }
 }
 
 /// Whether SIGINT/SIGTERM/SIGHUP arrived.
@@ -118,7 +159,7 @@ pub fn spawn_fg(cmd: &mut Command) -> anyhow::Result<Child> {
     // now.
     if interrupted() {
         // SAFETY: kill(2) on the group we just started.
-        unsafe { libc::kill(-(child.id() as i32), libc::SIGINT) };
+        unsafe { libc::kill(-(child.id() as i32), last_signal()) };
     }
     Ok(child)
 }
@@ -731,6 +772,68 @@ mod tests {
             })
             .collect();
         assert_eq!(seen, Vec::<&str>::new());
+    }
+
+    /// SIGHUP, SIGTERM and SIGINT sent to xtask reach the foreground
+    /// group as themselves. Run in a process of its own (this test binary
+    /// again, this test only): the handler is process-wide.
+    #[test]
+    fn the_signal_received_is_the_signal_forwarded() {
+        const CHILD: &str = "HB_XTASK_SIGNAL_TEST_CHILD";
+        if std::env::var_os(CHILD).is_none() {
+            let out = Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "util::tests::the_signal_received_is_the_signal_forwarded",
+                    "--nocapture",
+                ])
+                .env(CHILD, "1")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let all = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "{all}");
+            assert!(all.contains("1 passed"), "{all}");
+            return;
+        }
+        install_signal_handler().unwrap();
+        for (sig, name) in [
+            (libc::SIGHUP, "HUP"),
+            (libc::SIGTERM, "TERM"),
+            (libc::SIGINT, "INT"),
+        ] {
+            // After a signal, every group started gets it at once
+            // (`spawn_fg`): each signal here is a first one.
+            INTERRUPTED.store(false, Ordering::SeqCst);
+            LAST_SIGNAL.store(0, Ordering::SeqCst);
+            // Says which signal reached it; bounded at 10 s.
+            let mut sh = Command::new("sh");
+            sh.arg("-c")
+                .arg(
+                    "trap 'echo HUP; exit 0' HUP; trap 'echo TERM; exit 0' TERM; \
+                     trap 'echo INT; exit 0' INT; echo ready; \
+                     i=0; while [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; echo none",
+                )
+                .stdout(Stdio::piped())
+                .stdin(Stdio::null());
+            let mut child = spawn_fg(&mut sh).unwrap();
+            let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+            assert_eq!(line, "ready\n");
+            // SAFETY: kill(2) to ourselves with a handled signal.
+            unsafe { libc::kill(std::process::id() as libc::pid_t, sig) };
+            let mut rest = String::new();
+            std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+            let _ = wait_fg(&mut child).unwrap();
+            assert_eq!(rest.trim(), name, "sent SIG{name}");
+            assert_eq!(last_signal(), sig);
+        }
+        assert!(interrupted());
     }
 
     #[test]
