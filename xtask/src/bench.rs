@@ -169,11 +169,40 @@ fn run_all(names: &[Bench]) -> anyhow::Result<Vec<(Bench, String, f64)>> {
             .stdin(Stdio::null());
         let mut child = util::spawn_fg(&mut cmd)?;
         let mut md = String::new();
-        std::io::Read::read_to_string(child.stdout.as_mut().context("no stdout pipe")?, &mut md)
-            .context("reading the benchmark's output")?;
+        // On a thread, while the benchmark is waited for: a process it
+        // left holding its stdout is killed, not waited for.
+        let read = util::read_stdout(&mut child, |line| {
+            md.push_str(line);
+            md.push('\n');
+        });
         let status = util::wait_fg(&mut child)?;
+        let read = read?;
         if util::interrupted() {
             bail!("interrupted");
+        }
+        if let Some(e) = read.error {
+            bail!(
+                "cannot read the output of benchmark {} ({e}); BENCHMARKS.md not written",
+                b.name()
+            );
+        }
+        if !read.holders.is_empty() || read.abandoned {
+            bail!(
+                "benchmark {} exited ({status}) but left process(es) running and holding its \
+                 stdout{}{}; BENCHMARKS.md not written. Rerun: {}",
+                b.name(),
+                if read.holders.is_empty() {
+                    String::new()
+                } else {
+                    format!(", killed: {}", read.holders.join("; "))
+                },
+                if read.abandoned {
+                    ", one that could not be killed"
+                } else {
+                    ""
+                },
+                b.command()
+            );
         }
         if !status.success() {
             bail!(

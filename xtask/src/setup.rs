@@ -5,9 +5,10 @@
 //! needs its `rust-src`) and links with `bpf-linker`. bpf-linker must use
 //! the very LLVM that the nightly rustc emitted bitcode with, so it is built
 //! against the nightly's own `libLLVM.so.<ver>-rust-<ver>-nightly` (found in
-//! the nightly sysroot) through a prefix directory whose `lib/` links to
-//! it, and checked afterwards with `ldd`: the check, not the install step,
-//! decides whether anything needs doing.
+//! the nightly sysroot) through a prefix directory (one per libLLVM file
+//! name) whose `lib/` links to it, in a fresh target directory, and
+//! checked afterwards with `ldd`: the check, not the install step, decides
+//! whether anything needs doing.
 
 use std::{
     path::{Path, PathBuf},
@@ -69,23 +70,56 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn apt_packages() -> anyhow::Result<Outcome> {
-    let mut missing: Vec<&str> = APT
+/// Where a command is looked for after PATH: Debian installs some (ethtool)
+/// in /usr/sbin only, which a non-root PATH lacks; judged by PATH alone,
+/// ethtool was missing at every run, and setup ran apt-get every time.
+const SBIN: [&str; 2] = ["/usr/sbin", "/sbin"];
+
+/// The commands of [`APT`] found neither on `path` (a PATH value) nor in
+/// `sbin`, with their packages.
+fn missing_commands(
+    path: Option<&std::ffi::OsStr>,
+    sbin: &[&Path],
+) -> Vec<(&'static str, &'static str)> {
+    APT.iter()
+        .filter(|(cmd, _)| util::find_in(cmd, path, sbin).is_none())
+        .copied()
+        .collect()
+}
+
+/// `ethtool (package ethtool), ping (package iputils-ping)`.
+fn describe_missing(missing: &[(&str, &str)]) -> String {
+    missing
         .iter()
-        .filter(|(cmd, _)| on_path(cmd).is_none())
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    missing.dedup();
+        .map(|(cmd, pkg)| format!("{cmd} (package {pkg})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn apt_packages() -> anyhow::Result<Outcome> {
+    let sbin = SBIN.map(Path::new);
+    let missing = missing_commands(std::env::var_os("PATH").as_deref(), &sbin);
     if missing.is_empty() {
         return Ok(Outcome::Skipped(format!(
             "{} present",
             APT.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", ")
         )));
     }
+    let mut packages: Vec<&str> = missing.iter().map(|(_, pkg)| *pkg).collect();
+    packages.dedup();
+    let missing = describe_missing(&missing);
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "missing {missing}: install them as root (`apt-get install {}`) or run \
+             `cargo xtask setup` as root",
+            packages.join(" ")
+        );
+    }
     if on_path("apt-get").is_none() {
         bail!(
-            "missing packages {} and no apt-get to install them",
-            missing.join(" ")
+            "missing {missing}, and no apt-get to install {}",
+            packages.join(" ")
         );
     }
     // Never a prompt (CI has no stdin), and a bounded wait for a dpkg lock
@@ -102,9 +136,9 @@ fn apt_packages() -> anyhow::Result<Outcome> {
     util::run(
         apt()
             .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing),
+            .args(&packages),
     )?;
-    Ok(Outcome::Done(format!("installed {}", missing.join(" "))))
+    Ok(Outcome::Done(format!("installed {}", packages.join(" "))))
 }
 
 fn rustup() -> Command {
@@ -308,31 +342,22 @@ fn bpf_linker() -> anyhow::Result<Outcome> {
     eprintln!("xtask setup: bpf-linker: {problem}; building it (about 2 minutes)");
 
     let home = std::env::var_os("HOME").context("HOME is not set")?;
-    let prefix = PathBuf::from(home).join(".cache/hb/llvm-prefix");
+    let prefix = llvm_prefix(Path::new(&home), &soname);
     let lib = prefix.join("lib");
     std::fs::create_dir_all(&lib).with_context(|| format!("cannot create {}", lib.display()))?;
     for name in ["libLLVM.so", soname.as_str()] {
         let link = lib.join(name);
-        // Replace whatever was there (a link to an older nightly's LLVM).
+        // Replace whatever was there (a link to a removed nightly's file).
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&llvm, &link)
             .with_context(|| format!("cannot link {} -> {}", link.display(), llvm.display()))?;
     }
-    util::run(
-        util::cargo()
-            .args([
-                "install",
-                "bpf-linker",
-                "--locked",
-                "--force",
-                "--version",
-                BPF_LINKER_VERSION,
-                "--no-default-features",
-                "--features",
-                &format!("llvm-{major}"),
-            ])
-            .env("LLVM_PREFIX", &prefix),
-    )?;
+    let target = std::env::temp_dir().join(format!("hb-bpf-linker-build-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&target);
+    let built = util::run(&mut bpf_linker_install(&prefix, major, &target));
+    // A gigabyte of build products nobody reuses (on purpose).
+    let _ = std::fs::remove_dir_all(&target);
+    built?;
     if let Some(problem) = bpf_linker_problem(&installed, &soname, &llvm) {
         bail!("bpf-linker was built but is not usable: {problem}");
     }
@@ -358,6 +383,44 @@ fn bpf_linker() -> anyhow::Result<Outcome> {
     )))
 }
 
+/// The prefix directory bpf-linker is built against for the nightly's
+/// libLLVM `soname`: its `lib/` links to that file, and the binary built
+/// keeps the directory as its RUNPATH. One per soname, so that a nightly
+/// with another libLLVM changes `LLVM_PREFIX`, which the build scripts of
+/// bpf-linker and llvm-sys rerun on.
+fn llvm_prefix(home: &Path, soname: &str) -> PathBuf {
+    home.join(".cache/hb/llvm").join(soname)
+}
+
+/// `cargo install bpf-linker` against the LLVM of `prefix` (major
+/// `major`), built in `target_dir`, a fresh directory: with the developer's
+/// shared target directory (`CARGO_TARGET_DIR`, `build.target-dir`), which
+/// `cargo install` uses when set, cargo found the bpf-linker built against
+/// the previous nightly's libLLVM fresh (nothing it fingerprints names the
+/// file the prefix links to) and installed it again, and setup failed on
+/// every run after a nightly update within one LLVM major.
+fn bpf_linker_install(prefix: &Path, major: u32, target_dir: &Path) -> Command {
+    let mut c = util::cargo();
+    c.args([
+        "install",
+        "bpf-linker",
+        "--locked",
+        "--force",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--no-default-features",
+        "--features",
+        &format!("llvm-{major}"),
+        "--target-dir",
+    ])
+    .arg(target_dir)
+    .env("LLVM_PREFIX", prefix)
+    // `--target-dir` overrides them; gone all the same, for a reader.
+    .env_remove("CARGO_TARGET_DIR")
+    .env_remove("CARGO_BUILD_TARGET_DIR");
+    c
+}
+
 /// Whether `a` and `b` name one existing file.
 fn same_file(a: &Path, b: &Path) -> bool {
     std::fs::canonicalize(a)
@@ -378,6 +441,68 @@ mod tests {
         );
         assert_eq!(llvm_major("libLLVM.so.21-rust-1.90.0-nightly").unwrap(), 21);
         assert!(llvm_major("libfoo.so").is_err());
+    }
+
+    /// bpf-linker is built in the directory given, never the developer's
+    /// target directory, against a prefix of the nightly's very libLLVM.
+    #[test]
+    fn bpf_linker_builds_afresh_against_a_prefix_per_libllvm() {
+        let home = Path::new("/home/dev");
+        let old = llvm_prefix(home, "libLLVM.so.22.1-rust-1.97.0-nightly");
+        let new = llvm_prefix(home, "libLLVM.so.22.1-rust-1.98.0-nightly");
+        assert_ne!(old, new, "a new libLLVM changes LLVM_PREFIX");
+        assert!(new.starts_with("/home/dev/.cache/hb"), "{}", new.display());
+        let cmd = bpf_linker_install(&new, 22, Path::new("/tmp/fresh"));
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy()).collect();
+        let after = |opt: &str| {
+            let i = args
+                .iter()
+                .position(|a| a == opt)
+                .unwrap_or_else(|| panic!("{opt} in {args:?}"));
+            args.get(i + 1).map(|v| v.to_string())
+        };
+        assert_eq!(args[0], "install");
+        assert_eq!(after("--target-dir").as_deref(), Some("/tmp/fresh"));
+        assert_eq!(after("--version").as_deref(), Some(BPF_LINKER_VERSION));
+        assert_eq!(after("--features").as_deref(), Some("llvm-22"));
+        let env = |k: &str| {
+            cmd.get_envs()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.map(|v| v.to_string_lossy().into_owned()))
+        };
+        assert_eq!(env("LLVM_PREFIX"), Some(Some(new.display().to_string())));
+        assert_eq!(env("CARGO_TARGET_DIR"), Some(None));
+        assert_eq!(env("CARGO_BUILD_TARGET_DIR"), Some(None));
+    }
+
+    /// A command Debian installs in /usr/sbin (ethtool) is present though
+    /// a non-root PATH lacks /usr/sbin; one found nowhere is named with
+    /// its package.
+    #[test]
+    fn system_commands_are_found_outside_path_too() {
+        let dir = std::env::temp_dir().join(format!("hb-xtask-apt-{}", std::process::id()));
+        let (bin, sbin) = (dir.join("bin"), dir.join("sbin"));
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(&sbin).unwrap();
+        let exe = |d: &Path, name: &str| {
+            use std::os::unix::fs::PermissionsExt as _;
+            let p = d.join(name);
+            std::fs::write(&p, "#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        for (cmd, _) in APT {
+            exe(if *cmd == "ethtool" { &sbin } else { &bin }, cmd);
+        }
+        let path = std::env::join_paths([&bin]).unwrap();
+        let all = missing_commands(Some(&path), &[&sbin]);
+        std::fs::remove_file(bin.join("ping")).unwrap();
+        let no_ping = missing_commands(Some(&path), &[&sbin]);
+        let no_path = missing_commands(None, &[&sbin]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(all, [], "ethtool in sbin, the others on PATH");
+        assert_eq!(no_ping, [("ping", "iputils-ping")]);
+        assert_eq!(describe_missing(&no_ping), "ping (package iputils-ping)");
+        assert_eq!(no_path.len(), APT.len() - 1, "{no_path:?}");
     }
 
     #[test]

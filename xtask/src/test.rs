@@ -6,8 +6,10 @@
 //! run is killed; this command deletes leftover `hbt-*` namespaces and
 //! `/sys/fs/bpf/hb-test-*` pins before and after the run, also when tests
 //! fail or the run is interrupted, and kills the `hb` processes the tests
-//! left running (found by a mark in their environment). Anything left after
-//! a run whose tests all passed fails the run: a test's cleanup is broken.
+//! left running (found by a mark in their environment) and any process left
+//! holding a test binary's stdout once it exited (which kept the run
+//! waiting). Anything left after a run whose tests all passed fails the
+//! run: a test's cleanup is broken.
 //!
 //! It does not leave running the tests to `cargo test`: cargo's `Running`
 //! lines go to stderr and the results to stdout, and no reading of the two
@@ -30,7 +32,7 @@
 //! options given for the tests.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::Write as _,
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
     time::{Duration, Instant},
@@ -45,7 +47,8 @@ use crate::util;
 /// a CI machine. Override with `HB_TEST_THREADS`.
 const DEFAULT_TEST_THREADS: &str = "2";
 
-/// How long the tests may take, build included, before the process group
+/// How long the tests may take, from the start of the build of `hb` (the
+/// tests' build and the doc-tests included), before the process group
 /// running then is killed and the run fails (minutes;
 /// `HB_TEST_DEADLINE_MIN`).
 /// A fresh CI run takes under 5 minutes of a 90-minute budget: a hung test
@@ -218,11 +221,7 @@ impl TestBinary {
     fn command(&self, args: &[String]) -> Command {
         let mut cmd = Command::new(&self.executable);
         cmd.current_dir(self.manifest_dir()).args(args);
-        for (k, _) in std::env::vars_os() {
-            if k.to_str().is_some_and(|k| k.starts_with("CARGO_PKG_")) {
-                cmd.env_remove(k);
-            }
-        }
+        util::without_run_env(&mut cmd);
         let mut parts = self.version.splitn(2, '-');
         let release = parts.next().unwrap_or("");
         let pre = parts.next().unwrap_or("");
@@ -411,7 +410,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     leaked.extend(util::kill_marked_hb_processes(&run));
     if !leaked.is_empty() {
         eprintln!(
-            "xtask: after the tests: killed {} hb process(es) the tests left running: {}",
+            "xtask: after the tests: killed {} process(es) the tests left running: {}",
             leaked.len(),
             leaked.join("; ")
         );
@@ -512,23 +511,34 @@ fn build_options(cargo_args: &[String]) -> Vec<String> {
     out
 }
 
-/// `cargo build -p hb-user --bin hb` with the tests' build options.
-fn build_hb(cargo_args: &[String]) -> anyhow::Result<()> {
+/// `cargo build -p hb-user --bin hb` with the tests' build options, under
+/// the session's deadline.
+fn build_hb(session: &mut Session, cargo_args: &[String]) -> anyhow::Result<()> {
     let mut cmd = util::cargo();
     cmd.args(["build", "-p", "hb-user", "--bin", "hb"])
         .args(build_options(cargo_args));
-    eprintln!("xtask: {}", util::show(&cmd));
-    util::run(&mut cmd).context("cannot build the hb binary the tests run")
+    let mut out = std::io::stdout();
+    let status = session.watch(&mut cmd, "the hb build", |line| {
+        let _ = writeln!(out, "{line}");
+    })?;
+    if !status.success() {
+        bail!(
+            "`{}` failed ({status}): cannot build the hb binary the tests run",
+            util::show(&cmd)
+        );
+    }
+    Ok(())
 }
 
-/// Runs the tests; the `hb` processes they left running go to `leaked`.
+/// Runs the tests; the processes they left running go to `leaked`.
 fn run_tests(
     cargo_args: &[String],
     test_args: &[String],
     run: &str,
     leaked: &mut Vec<String>,
 ) -> anyhow::Result<Report> {
-    build_hb(cargo_args)?;
+    // The deadline covers the builds too (a build that hangs, on a lock
+    // say, is stopped as a hung test is).
     let limit = deadline()?;
     let mut session = Session {
         run,
@@ -536,6 +546,7 @@ fn run_tests(
         limit,
         leaked,
     };
+    build_hb(&mut session, cargo_args)?;
     let doc_only = cargo_args.iter().any(|a| a == "--doc");
     let build = build_tests(&mut session, cargo_args)?;
     let mut test_args = test_args.to_vec();
@@ -621,11 +632,12 @@ fn build_tests(session: &mut Session, cargo_args: &[String]) -> anyhow::Result<B
 struct Session<'a> {
     /// The mark of the run's processes (`util::RUN_MARK`).
     run: &'a str,
-    /// When the build and the runs, together, must have ended.
+    /// When the builds and the runs, together, must have ended.
     deadline: Instant,
     /// The whole time allowed (for messages).
     limit: Duration,
-    /// The `hb` processes the tests left running.
+    /// The processes the tests left running: `hb`s, and whatever held a
+    /// test binary's stdout after it exited.
     leaked: &'a mut Vec<String>,
 }
 
@@ -668,28 +680,37 @@ impl Session<'_> {
         let _ = std::io::stderr()
             .write_all(format!("xtask: running {label}: {}\n", util::show(cmd)).as_bytes());
         let mut child = util::spawn_fg(cmd)?;
-        let stdout = child.stdout.take().context("no stdout pipe")?;
         let watchdog = util::Watchdog::start(child.id(), left);
-        // Lossily: a test's captured output may hold any bytes, and an
-        // error here returned before the child was waited for (the sweep
-        // then ran while test binaries still lived, and the real failure
-        // was hidden).
-        let mut reader = BufReader::new(stdout);
-        let mut raw = Vec::new();
-        let mut read_error = None;
-        loop {
-            raw.clear();
-            match reader.read_until(b'\n', &mut raw) {
-                Ok(0) => break,
-                Ok(_) => {
-                    let line = String::from_utf8_lossy(&raw);
-                    on_line(line.trim_end_matches(['\n', '\r']));
-                }
-                Err(e) => {
-                    read_error = Some(e);
-                    break;
-                }
+        // An error here returned before the child was waited for (the
+        // sweep then ran while test binaries still lived, and the real
+        // failure was hidden).
+        let read = util::read_stdout(&mut child, &mut on_line);
+        let read = match read {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = util::wait_fg(&mut child);
+                return Err(e);
             }
+        };
+        // A process left holding the binary's stdout is left running: the
+        // run fails, naming it.
+        if !read.holders.is_empty() {
+            eprintln!(
+                "xtask: {label}: killed {} process(es) it left running and holding its stdout: {}",
+                read.holders.len(),
+                read.holders.join("; ")
+            );
+        }
+        self.leaked.extend(
+            read.holders
+                .iter()
+                .map(|h| format!("{h}, holding the stdout of {label}")),
+        );
+        if read.abandoned {
+            self.leaked.push(format!(
+                "a process that could not be killed, holding the stdout of {label} (its output \
+                 after that is lost)"
+            ));
         }
         // Before `wait_fg`, which kills the group the tests' processes are
         // in.
@@ -700,11 +721,11 @@ impl Session<'_> {
         let status = util::wait_fg(&mut child)?;
         if watchdog.fired() {
             bail!(
-                "{label} ran past the deadline of {minutes} min for the tests (build included) \
+                "{label} ran past the deadline of {minutes} min for the tests (builds included) \
                  and was killed (HB_TEST_DEADLINE_MIN sets the deadline)"
             );
         }
-        if let Some(e) = read_error {
+        if let Some(e) = read.error {
             bail!("cannot read the output of {label} ({e}): its results are unknown");
         }
         Ok(status)
@@ -1046,6 +1067,132 @@ mod tests {
                  --exclude hb-ebpf --exclude=y --doc --release --features a,b"
             )),
             v("--release --features a,b")
+        );
+    }
+
+    /// A test binary that prints its result and exits, leaving processes
+    /// that inherited its stdout: one in its process group, one in a
+    /// session of its own (no group signal reaches it). Its result counts
+    /// within seconds, and the holders are killed and named as left
+    /// behind, which fails the run.
+    #[test]
+    fn processes_left_holding_a_binarys_stdout_are_killed_and_named() {
+        let run = format!("hold-{}", std::process::id());
+        let mut leaked = Vec::new();
+        let mut session = Session {
+            run: &run,
+            deadline: Instant::now() + Duration::from_secs(600),
+            limit: Duration::from_secs(600),
+            leaked: &mut leaked,
+        };
+        let mut fake = Command::new("sh");
+        fake.arg("-c").arg(
+            "echo 'test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; \
+             finished in 0.00s'; sleep 41 & setsid sleep 42 & exit 0",
+        );
+        let t = Instant::now();
+        // As `run_tests_of` does, but not echoed: libtest would not capture
+        // it, and this binary's own result line is read after it.
+        let mut result = None;
+        let status = session
+            .watch(&mut fake, "fake tests/hold.rs", |l| {
+                result = last_result(result, l)
+            })
+            .unwrap();
+        let outcome = Outcome::of(result, status);
+        let took = t.elapsed();
+        let pids: Vec<u32> = leaked
+            .iter()
+            .filter_map(|l| l.split(' ').next()?.parse().ok())
+            .collect();
+        let gone = |pid: &u32| {
+            let t = Instant::now();
+            // Killed, and reaped by whoever adopted it.
+            while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| !s.contains(") Z "))
+                && t.elapsed() < Duration::from_secs(5)
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map_or(true, |s| s.contains(") Z "))
+        };
+        assert_eq!(
+            outcome,
+            Outcome::Reported(Counts {
+                passed: 1,
+                ..Counts::default()
+            })
+        );
+        assert!(took < Duration::from_secs(20), "took {took:?}");
+        assert_eq!(leaked.len(), 2, "{leaked:?}");
+        for sleep in ["sleep 41", "sleep 42"] {
+            assert!(
+                leaked.iter().any(|l| l.contains(&format!("({sleep})"))
+                    && l.contains("stdout of fake tests/hold.rs")),
+                "{sleep} in {leaked:?}"
+            );
+        }
+        assert!(pids.iter().all(gone), "{leaked:?} still running");
+    }
+
+    /// `.ci/run` requires every integration test file of the workspace
+    /// (each one runs the kernel or namespaces) and xtask's own unit
+    /// tests (the demo's network, the sweep), by the labels this runner
+    /// prints: one dropped would go unnoticed.
+    #[test]
+    fn ci_requires_every_kernel_and_namespace_test_binary() {
+        let root = util::root();
+        let ci = std::fs::read_to_string(root.join(".ci/run")).unwrap();
+        let list = ci
+            .split_once("REQUIRED_TEST_BINARIES=(")
+            .and_then(|(_, rest)| rest.split_once("\n)"))
+            .expect("REQUIRED_TEST_BINARIES=( ... ) in .ci/run")
+            .0;
+        let required: Vec<&str> = list
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix('"')?.split_once('"'))
+            .map(|(label, _)| label)
+            .collect();
+        let mut want = vec!["xtask src/main.rs".to_string()];
+        for member in ["hb-common", "hb-user", "tests", "xtask"] {
+            let manifest = std::fs::read_to_string(root.join(member).join("Cargo.toml")).unwrap();
+            let package = manifest
+                .lines()
+                .find_map(|l| l.strip_prefix("name = \""))
+                .and_then(|n| n.strip_suffix('"'))
+                .unwrap();
+            let Ok(files) = std::fs::read_dir(root.join(member).join("tests")) else {
+                continue;
+            };
+            for f in files {
+                let name = f.unwrap().file_name().to_string_lossy().into_owned();
+                if name.ends_with(".rs") {
+                    want.push(format!("{package} tests/{name}"));
+                }
+            }
+        }
+        assert!(want.len() > 5, "{want:?}");
+        for w in &want {
+            assert!(required.contains(&w.as_str()), "{w} not in {required:?}");
+        }
+    }
+
+    /// The build of `hb` is under the tests' deadline: past it, the build
+    /// does not even start.
+    #[test]
+    fn the_hb_build_is_under_the_deadline() {
+        let mut leaked = Vec::new();
+        let mut session = Session {
+            run: "past",
+            deadline: Instant::now(),
+            limit: Duration::from_secs(60),
+            leaked: &mut leaked,
+        };
+        let e = build_hb(&mut session, &[]).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("passed before the hb build could start"),
+            "{e:#}"
         );
     }
 

@@ -3,9 +3,10 @@
 //!
 //! Signals: `xtask` installs one handler for SIGINT/SIGTERM/SIGHUP. Every
 //! long-running child is started in its own process group and registered
-//! here, so the handler can forward the signal to that whole group (cargo
-//! *and* the test binary it runs), after which the caller waits for the
-//! child and cleans up. The handler itself only sets a flag and calls
+//! here, so the handler can forward the signal it received to that whole
+//! group (cargo *and* the test binary it runs; `hb` under `cargo xtask
+//! run`, where a SIGHUP is a reload), after which the caller waits for the
+//! child and cleans up. The handler itself only stores atomics and calls
 //! `kill(2)`, which is async-signal-safe territory.
 
 use std::{
@@ -22,17 +23,57 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 /// none).
 static FOREGROUND_PGID: AtomicI32 = AtomicI32::new(0);
 
+/// The last of SIGINT/SIGTERM/SIGHUP that arrived (0: none).
+static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// The signals xtask handles, and forwards.
+const HANDLED: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+/// Notes `sig` and forwards it, the very signal (a SIGHUP meant as a
+/// reload for `hb monitor` under `cargo xtask run` stopped it when it was
+/// forwarded as SIGINT), to the foreground group.
+extern "C" fn on_signal(sig: libc::c_int) {
+    // SAFETY: errno of this thread, saved and restored around kill(2).
+    let errno = unsafe { *libc::__errno_location() };
+    INTERRUPTED.store(true, Ordering::SeqCst);
+    LAST_SIGNAL.store(sig, Ordering::SeqCst);
+    let pgid = FOREGROUND_PGID.load(Ordering::SeqCst);
+    if pgid > 0 {
+        // SAFETY: kill(2) with a process group we started.
+        unsafe { libc::kill(-pgid, sig) };
+    }
+    unsafe { *libc::__errno_location() = errno };
+}
+
 /// Installs the signal handler. Call once, first thing.
 pub fn install_signal_handler() -> anyhow::Result<()> {
-    ctrlc::set_handler(|| {
-        INTERRUPTED.store(true, Ordering::SeqCst);
-        let pgid = FOREGROUND_PGID.load(Ordering::SeqCst);
-        if pgid > 0 {
-            // SAFETY: kill(2) with a process group we started.
-            unsafe { libc::kill(-pgid, libc::SIGINT) };
+    for sig in HANDLED {
+        // SAFETY: a zeroed sigaction is a valid one to fill in; the handler
+        // is async-signal-safe (atomics and kill(2)). SA_RESTART: a read or
+        // a wait in progress goes on.
+        let failed = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0
+        };
+        if failed {
+            bail!(
+                "cannot install the handler of signal {sig}: {}",
+                std::io::Error::last_os_error()
+            );
         }
-    })
-    .context("cannot install the SIGINT handler")
+    }
+    Ok(())
+}
+
+/// The signal to forward to a group started after one arrived.
+fn last_signal() -> libc::c_int {
+    match LAST_SIGNAL.load(Ordering::SeqCst) {
+        0 => libc::SIGINT,
+        sig => sig,
+    }
 }
 
 /// Whether SIGINT/SIGTERM/SIGHUP arrived.
@@ -59,11 +100,40 @@ pub fn target_dir() -> PathBuf {
     }
 }
 
-/// The `cargo` that runs us (so `cargo +toolchain xtask` stays consistent).
+/// The `cargo` that runs us (so `cargo +toolchain xtask` stays consistent),
+/// without the variables `cargo run` gave xtask ([`without_run_env`]).
 pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(root());
+    without_run_env(&mut c);
     c
+}
+
+/// Variables `cargo run -p xtask` (and `cargo test`) set for the program
+/// they run, besides `CARGO_PKG_*`: xtask's, not its children's.
+const RUN_ENV: &[&str] = &[
+    "CARGO_MANIFEST_DIR",
+    "CARGO_MANIFEST_PATH",
+    "CARGO_CRATE_NAME",
+    "CARGO_BIN_NAME",
+    "CARGO_PRIMARY_PACKAGE",
+];
+
+/// Removes from `cmd` the variables `cargo run` set for xtask itself
+/// ([`RUN_ENV`], `CARGO_PKG_*`). A nested cargo passes them on to build
+/// scripts, and one that reruns when they change (ring's, on
+/// `CARGO_MANIFEST_DIR`) did: hb-user and hb-tests were rebuilt at every
+/// switch between `cargo build` and `cargo xtask test|bench`.
+pub fn without_run_env(cmd: &mut Command) -> &mut Command {
+    for k in RUN_ENV {
+        cmd.env_remove(k);
+    }
+    for (k, _) in std::env::vars_os() {
+        if k.to_str().is_some_and(|k| k.starts_with("CARGO_PKG_")) {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
 }
 
 /// Renders a command for the log.
@@ -89,7 +159,7 @@ pub fn spawn_fg(cmd: &mut Command) -> anyhow::Result<Child> {
     // now.
     if interrupted() {
         // SAFETY: kill(2) on the group we just started.
-        unsafe { libc::kill(-(child.id() as i32), libc::SIGINT) };
+        unsafe { libc::kill(-(child.id() as i32), last_signal()) };
     }
     Ok(child)
 }
@@ -181,6 +251,162 @@ impl Drop for Watchdog {
     }
 }
 
+/// How long a child's stdout may stay open after the child exited before
+/// the processes holding it are killed ([`read_stdout`]).
+const STDOUT_GRACE: Duration = Duration::from_secs(5);
+
+/// How reading a child's stdout ended ([`read_stdout`]).
+#[derive(Debug, Default)]
+pub struct StdoutEnd {
+    /// The read failed: what was read before counts, the rest is lost.
+    pub error: Option<std::io::Error>,
+    /// The processes that still held the pipe [`STDOUT_GRACE`] after the
+    /// child exited and were killed, as `pid (command line)`.
+    pub holders: Vec<String>,
+    /// The pipe stayed open even then (a holder that cannot be seen or
+    /// killed): the reading was abandoned.
+    pub abandoned: bool,
+}
+
+/// One read of the reading thread.
+enum Read {
+    Line(String),
+    End(Option<std::io::Error>),
+}
+
+/// Reads the stdout `child` was started with (`Stdio::piped()`) line by
+/// line, lossily (a test's output may hold any bytes), into `on_line`,
+/// until the pipe's end, and returns how it ended.
+///
+/// The pipe ends when every process holding it closed it, not when the
+/// child exits: a process the child started with an inherited stdout and
+/// left running (in its own session, where no group signal reaches it)
+/// kept the reading, and the whole run, waiting long after the child's
+/// result. So the pipe is read on a thread while the child is waited for
+/// here; once the child exited, the pipe gets [`STDOUT_GRACE`] to close,
+/// then whoever still holds it is killed (SIGKILL) and named in
+/// [`StdoutEnd::holders`]. The child is reaped here ([`Child::try_wait`]);
+/// [`wait_fg`] still returns its status.
+pub fn read_stdout(child: &mut Child, mut on_line: impl FnMut(&str)) -> anyhow::Result<StdoutEnd> {
+    use std::{io::BufRead as _, os::fd::AsRawFd as _, sync::mpsc};
+    let stdout = child.stdout.take().context("no stdout pipe")?;
+    // `pipe:[inode]`, as every holder's /proc/PID/fd/N reads.
+    let pipe = std::fs::read_link(format!("/proc/self/fd/{}", stdout.as_raw_fd()))
+        .context("cannot name the child's stdout pipe")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            let read = match reader.read_until(b'\n', &mut raw) {
+                Ok(0) => Read::End(None),
+                Ok(_) => Read::Line(
+                    String::from_utf8_lossy(&raw)
+                        .trim_end_matches(['\n', '\r'])
+                        .to_owned(),
+                ),
+                Err(e) => Read::End(Some(e)),
+            };
+            let end = matches!(read, Read::End(_));
+            // The receiver gone: the reading was abandoned.
+            if tx.send(read).is_err() || end {
+                return;
+            }
+        }
+    });
+    let mut end = StdoutEnd::default();
+    // Lines until the pipe's end (`Some(..)`) or `until`; `None` at
+    // `until`.
+    let mut pump = |until: Option<std::time::Instant>| -> Option<Option<std::io::Error>> {
+        let wait = until.map_or(Duration::from_millis(50), |u| {
+            u.saturating_duration_since(std::time::Instant::now())
+        });
+        match rx.recv_timeout(wait) {
+            Ok(Read::Line(l)) => {
+                on_line(&l);
+                None
+            }
+            Ok(Read::End(e)) => Some(e),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => Some(None),
+        }
+    };
+    let mut exited: Option<std::time::Instant> = None;
+    loop {
+        if let Some(e) = pump(None) {
+            end.error = e;
+            return Ok(end);
+        }
+        match exited {
+            None => {
+                if child
+                    .try_wait()
+                    .context("waiting for a child process")?
+                    .is_some()
+                {
+                    exited = Some(std::time::Instant::now());
+                }
+            }
+            Some(t) if t.elapsed() >= STDOUT_GRACE => break,
+            Some(_) => {}
+        }
+    }
+    // The child is gone and its stdout still open: kill whoever holds it,
+    // in a few rounds (a holder may have started another meanwhile).
+    for _ in 0..3 {
+        for pid in holders_of(&pipe) {
+            let cmdline = cmdline(pid);
+            // SAFETY: kill(2) with a pid and a signal number.
+            if unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } == 0 {
+                end.holders.push(format!("{pid} ({cmdline})"));
+            }
+        }
+        let until = std::time::Instant::now() + Duration::from_secs(1);
+        while std::time::Instant::now() < until {
+            if let Some(e) = pump(Some(until)) {
+                end.error = e;
+                return Ok(end);
+            }
+        }
+    }
+    end.abandoned = true;
+    Ok(end)
+}
+
+/// The processes other than this one with an open file descriptor on
+/// `link` (what `/proc/PID/fd/N` reads, `pipe:[123]`).
+fn holders_of(link: &Path) -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                fds.filter_map(Result::ok)
+                    .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == link))
+            })
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// The command line of process `pid`, arguments separated by spaces
+/// (empty if it cannot be read).
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .trim_end_matches('\0')
+                .replace('\0', " ")
+        })
+        .unwrap_or_default()
+}
+
 /// Runs `cmd` in the foreground (signals forwarded) and fails if it fails.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let mut child = spawn_fg(cmd)?;
@@ -210,8 +436,15 @@ pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
 
 /// Whether `prog` is an executable on PATH.
 pub fn on_path(prog: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
+    find_in(prog, std::env::var_os("PATH").as_deref(), &[])
+}
+
+/// `prog` in the directories of `path` (a PATH value), then in `extra`.
+pub fn find_in(prog: &str, path: Option<&std::ffi::OsStr>, extra: &[&Path]) -> Option<PathBuf> {
+    path.map(|p| std::env::split_paths(p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(extra.iter().map(|d| d.to_path_buf()))
         .map(|d| d.join(prog))
         .find(|p| is_executable(p))
 }
@@ -419,13 +652,7 @@ fn marked_hb_processes_of(target: &Path, run: &str) -> Vec<u32> {
 fn kill_marked_hb_processes_of(target: &Path, run: &str) -> Vec<String> {
     let mut killed = Vec::new();
     for pid in marked_hb_processes_of(target, run) {
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|b| {
-                String::from_utf8_lossy(&b)
-                    .trim_end_matches('\0')
-                    .replace('\0', " ")
-            })
-            .unwrap_or_default();
+        let cmdline = cmdline(pid);
         // SAFETY: kill(2) with a pid and a signal number.
         if unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) } == 0 {
             killed.push(format!("{pid} ({cmdline})"));
@@ -519,6 +746,94 @@ mod tests {
             killed.iter().all(|k| k.ends_with(" 30)")),
             "the command lines: {killed:?}"
         );
+    }
+
+    /// A nested cargo (or anything else xtask runs) does not see the
+    /// package variables `cargo run` gave xtask.
+    #[test]
+    fn nested_cargo_gets_no_variables_of_xtasks_package() {
+        // `cargo test` sets them for this test as `cargo run` does for
+        // xtask.
+        assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+        assert!(std::env::var_os("CARGO_PKG_NAME").is_some());
+        let cargo = cargo();
+        for k in ["CARGO_MANIFEST_DIR", "CARGO_PKG_NAME", "CARGO_BIN_NAME"] {
+            assert!(
+                cargo.get_envs().any(|(n, v)| n == k && v.is_none()),
+                "{k} not removed"
+            );
+        }
+        let env = output(without_run_env(&mut Command::new("env"))).unwrap();
+        let seen: Vec<&str> = env
+            .lines()
+            .filter(|l| {
+                l.starts_with("CARGO_PKG_")
+                    || RUN_ENV.iter().any(|k| l.starts_with(&format!("{k}=")))
+            })
+            .collect();
+        assert_eq!(seen, Vec::<&str>::new());
+    }
+
+    /// SIGHUP, SIGTERM and SIGINT sent to xtask reach the foreground
+    /// group as themselves. Run in a process of its own (this test binary
+    /// again, this test only): the handler is process-wide.
+    #[test]
+    fn the_signal_received_is_the_signal_forwarded() {
+        const CHILD: &str = "HB_XTASK_SIGNAL_TEST_CHILD";
+        if std::env::var_os(CHILD).is_none() {
+            let out = Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "util::tests::the_signal_received_is_the_signal_forwarded",
+                    "--nocapture",
+                ])
+                .env(CHILD, "1")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let all = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "{all}");
+            assert!(all.contains("1 passed"), "{all}");
+            return;
+        }
+        install_signal_handler().unwrap();
+        for (sig, name) in [
+            (libc::SIGHUP, "HUP"),
+            (libc::SIGTERM, "TERM"),
+            (libc::SIGINT, "INT"),
+        ] {
+            // After a signal, every group started gets it at once
+            // (`spawn_fg`): each signal here is a first one.
+            INTERRUPTED.store(false, Ordering::SeqCst);
+            LAST_SIGNAL.store(0, Ordering::SeqCst);
+            // Says which signal reached it; bounded at 10 s.
+            let mut sh = Command::new("sh");
+            sh.arg("-c")
+                .arg(
+                    "trap 'echo HUP; exit 0' HUP; trap 'echo TERM; exit 0' TERM; \
+                     trap 'echo INT; exit 0' INT; echo ready; \
+                     i=0; while [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; echo none",
+                )
+                .stdout(Stdio::piped())
+                .stdin(Stdio::null());
+            let mut child = spawn_fg(&mut sh).unwrap();
+            let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+            assert_eq!(line, "ready\n");
+            // SAFETY: kill(2) to ourselves with a handled signal.
+            unsafe { libc::kill(std::process::id() as libc::pid_t, sig) };
+            let mut rest = String::new();
+            std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+            let _ = wait_fg(&mut child).unwrap();
+            assert_eq!(rest.trim(), name, "sent SIG{name}");
+            assert_eq!(last_signal(), sig);
+        }
+        assert!(interrupted());
     }
 
     #[test]
