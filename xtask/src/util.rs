@@ -32,9 +32,7 @@ const HANDLED: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 /// Notes `sig` and forwards it, the very signal (a SIGHUP meant as a
 /// reload for `hb monitor` under `cargo xtask run` stopped it when it was
 /// forwarded as SIGINT), to the foreground group.
-extern "C" fn on_signal(sig: libc::c_int) {
-    // SAFETY: errno of this thread, saved and restored around kill(2).
-    let errno = unsafe { *libc::__errno_location() };
+fn on_signal(sig: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
     LAST_SIGNAL.store(sig, Ordering::SeqCst);
     let pgid = FOREGROUND_PGID.load(Ordering::SeqCst);
@@ -42,28 +40,16 @@ extern "C" fn on_signal(sig: libc::c_int) {
         // SAFETY: kill(2) with a process group we started.
         unsafe { libc::kill(-pgid, sig) };
     }
-    unsafe { *libc::__errno_location() = errno };
 }
 
 /// Installs the signal handler. Call once, first thing.
 pub fn install_signal_handler() -> anyhow::Result<()> {
     for sig in HANDLED {
-        // SAFETY: a zeroed sigaction is a valid one to fill in; the handler
-        // is async-signal-safe (atomics and kill(2)). SA_RESTART: a read or
-        // a wait in progress goes on.
-        let failed = unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0
-        };
-        if failed {
-            bail!(
-                "cannot install the handler of signal {sig}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+        // SAFETY: the action is async-signal-safe: atomics and kill(2)
+        // (signal-hook-registry keeps errno and installs with SA_RESTART,
+        // so a read or a wait in progress goes on).
+        unsafe { signal_hook_registry::register(sig, move || on_signal(sig)) }
+            .with_context(|| format!("cannot install the handler of signal {sig}"))?;
     }
     Ok(())
 }
