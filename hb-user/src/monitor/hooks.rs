@@ -38,9 +38,14 @@
 //! logged, and its slot freed, and its node's next hook may start; tokio
 //! reaps it whenever it does end. Else `concurrency` such hooks would stop
 //! every later one from running, and one would stop its node's for good.
+//!
+//! As PID 1 of its PID namespace (a container's entrypoint with no init),
+//! the monitor adopts whatever a hook leaves behind when its shell dies,
+//! and reaps it ([`reap_orphans`]): nothing else would, and the zombies
+//! would pile up to the pid limit.
 
 use std::{
-    collections::{HashMap, VecDeque, hash_map::Entry},
+    collections::{BTreeSet, HashMap, VecDeque, hash_map::Entry},
     os::fd::{FromRawFd as _, OwnedFd},
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
@@ -51,7 +56,8 @@ use std::{
 
 use tokio::{
     io::{AsyncWriteExt, Interest, unix::AsyncFd},
-    process::Command,
+    process::{Child, Command},
+    signal::unix::{SignalKind, signal},
     sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, watch},
     task::{JoinHandle, JoinSet},
 };
@@ -74,6 +80,11 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 /// How often a hook's shell is checked for its exit when the kernel gives
 /// no pidfd to wait on (before 5.3, or no file descriptor left).
 const EXIT_POLL: Duration = Duration::from_millis(20);
+/// How often, besides at each SIGCHLD, the monitor as PID 1 looks for
+/// orphans to reap ([`reap_orphans`]).
+const REAP_EVERY: Duration = Duration::from_secs(1);
+/// The most orphans reaped at one look; the rest wait for the next.
+const REAP_MOST: usize = 4096;
 
 /// Settings of the hook runner.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -119,6 +130,13 @@ impl Hooks {
 
     /// `start`, waiting `kill_wait` for a hook killed at its timeout.
     fn start_with(opts: HookOptions, metrics: Arc<Metrics>, kill_wait: Duration) -> Hooks {
+        if std::process::id() == 1 && !REAPING.swap(true, Ordering::Relaxed) {
+            tracing::info!(
+                "running as PID 1 (a container with no init?): reaping the processes orphaned in \
+                 this PID namespace, such as what hooks leave behind"
+            );
+            tokio::spawn(reap_orphans());
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let queue = opts.queue.max(1);
         let places = Arc::new(Semaphore::new(queue));
@@ -571,14 +589,18 @@ async fn run_one(
             Ok(())
         });
     }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
+    let spawned = match spawn_shell(&mut cmd) {
+        Ok(spawned) => spawned,
         Err(e) => {
             m.hook_failed("spawn");
             tracing::error!(error = %e, command = %opts.command, "cannot start hook");
             return;
         }
     };
+    // Before `child`, so dropped after it: the shell is reaped (or handed
+    // to tokio's reaping) before the orphan reaper may take it.
+    let _shell = spawned.0;
+    let mut child = spawned.1;
     // After `child`, so dropped first: the group is killed while the
     // shell, its leader, is still unreaped.
     let mut group = Group {
@@ -655,6 +677,110 @@ async fn run_one(
             );
         }
     }
+}
+
+/// The hook shells started and not yet reaped by their tasks (nor handed
+/// to tokio's own reaping, by a task that let go of its shell unreaped):
+/// the orphan reaper leaves these alone. Held across a spawn and the
+/// noting of its pid ([`spawn_shell`]), and across the reaper's look at a
+/// child and its reaping, so that a shell that exits at once is never
+/// taken for an orphan: its task gets its status.
+static SHELLS: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+
+/// The orphan reaper runs (once per process).
+static REAPING: AtomicBool = AtomicBool::new(false);
+
+fn shells() -> MutexGuard<'static, BTreeSet<i32>> {
+    // A set of pids: nothing in it is left half-changed by a panic.
+    SHELLS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A hook's shell, in [`SHELLS`] until this is dropped, after its
+/// `Child`: reaped by then, or handed to tokio's orphan queue. Then the
+/// orphan reaper may reap it first, which tokio takes as reaped.
+struct Shell(i32);
+
+impl Drop for Shell {
+    fn drop(&mut self) {
+        shells().remove(&self.0);
+    }
+}
+
+/// Starts a hook's shell, and notes it in [`SHELLS`] before the orphan
+/// reaper can see it exit.
+fn spawn_shell(cmd: &mut Command) -> std::io::Result<(Shell, Child)> {
+    let mut shells = shells();
+    let child = cmd.spawn()?;
+    // Known until the child is reaped, which it cannot be yet.
+    let pid = child.id().map_or(0, |pid| pid as i32);
+    shells.insert(pid);
+    Ok((Shell(pid), child))
+}
+
+/// Reaps the monitor's children that are not hook shells, at each SIGCHLD
+/// and every [`REAP_EVERY`]; runs only when the monitor is PID 1. Then it
+/// adopts every process orphaned in its PID namespace: a hook's `cmd &`
+/// killed when its shell exits, a hook's `curl` killed with its shell at
+/// the timeout, whatever `setsid -f` started, once it ends. No init is
+/// there to reap them: their zombies would pile up until the pid limit,
+/// and hooks, and the monitor's own threads, could not start.
+async fn reap_orphans() {
+    let mut sigchld = signal(SignalKind::child())
+        .inspect_err(|e| {
+            tracing::warn!(error = %e, "no SIGCHLD handler: orphans reaped every second only");
+        })
+        .ok();
+    loop {
+        match &mut sigchld {
+            Some(sigchld) => {
+                let _ = tokio::time::timeout(REAP_EVERY, sigchld.recv()).await;
+            }
+            None => tokio::time::sleep(REAP_EVERY).await,
+        }
+        reap_orphans_now();
+    }
+}
+
+/// Reaps the children that have exited and are not hook shells, up to
+/// [`REAP_MOST`], and says how many. A hook shell that has exited and is
+/// not reaped yet by its task ends the look when the kernel finds it
+/// first (its task reaps it within moments; the next look, at the next
+/// SIGCHLD or within [`REAP_EVERY`], goes on past it).
+fn reap_orphans_now() -> usize {
+    let shells = shells();
+    let mut reaped = 0;
+    for _ in 0..REAP_MOST {
+        // SAFETY: a zeroed siginfo_t is valid, and waitid(2) only writes
+        // it; with WNOHANG its pid stays 0 while no child has exited, and
+        // WNOWAIT leaves the child unreaped.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::waitid(
+                libc::P_ALL,
+                0,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        if r != 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            break; // ECHILD: no child at all.
+        }
+        // SAFETY: as above.
+        let pid = unsafe { info.si_pid() };
+        if pid == 0 || shells.contains(&pid) {
+            break;
+        }
+        // SAFETY: waitpid(2) of a child that has exited, not a hook shell;
+        // under the lock, so no shell can have taken its id since.
+        if unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) } != pid {
+            break;
+        }
+        reaped += 1;
+    }
+    reaped
 }
 
 /// Waits until the hook's shell `pid` has exited, without reaping it: the
@@ -1323,6 +1449,104 @@ mod tests {
         assert!(at("end 1") < at("start 2"), "{all:?}");
         h.shutdown(Duration::from_secs(5)).await;
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Runs `test` (an ignored test of this module) in a process of its
+    /// own: the test binary again, with `HB_TEST_CHILD` set, started by
+    /// `cmd` (`args` first). Its output, once it has passed.
+    fn run_child_test(cmd: &str, args: &[&str], test: &str) -> String {
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(cmd)
+            .args(args)
+            .arg(&exe)
+            .args(["--exact", &format!("monitor::hooks::tests::{test}")])
+            .args(["--ignored", "--test-threads=1", "--nocapture"])
+            .env("HB_TEST_CHILD", "1")
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+        let text = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "{cmd} {args:?}: {}\n{text}",
+            out.status
+        );
+        assert!(text.contains("1 passed"), "{text}");
+        text
+    }
+
+    /// The zombies among `parent`'s children, as `pid comm`.
+    fn zombies_of(parent: u32) -> Vec<String> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let Some((head, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            let mut fields = rest.split_whitespace();
+            let (state, ppid) = (fields.next(), fields.next());
+            if state == Some("Z") && ppid == Some(parent.to_string().as_str()) {
+                found.push(head.replace(" (", " "));
+            }
+        }
+        found
+    }
+
+    /// As PID 1 of a PID namespace (a container's entrypoint with no
+    /// init), the monitor adopts what its hooks leave behind when their
+    /// shells die, and reaps it: a background `sleep` killed when its
+    /// hook's shell exits, or one killed with its shell at the timeout.
+    /// Hooks that end at once, meanwhile, are still waited for by their
+    /// own tasks (none counted as `reason="wait"`).
+    #[test]
+    fn orphans_are_reaped_when_the_monitor_is_pid_1() {
+        run_child_test(
+            "unshare",
+            &["--pid", "--fork", "--mount-proc", "--kill-child"],
+            "as_pid_1_orphans_are_reaped",
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "run as PID 1 by orphans_are_reaped_when_the_monitor_is_pid_1"]
+    async fn as_pid_1_orphans_are_reaped() {
+        assert!(std::env::var_os("HB_TEST_CHILD").is_some());
+        assert_eq!(std::process::id(), 1, "not in a PID namespace of its own");
+        const EVENTS: u64 = 30;
+        let m = Arc::new(Metrics::new());
+        // Of every three: one leaves a `sleep` in the background, one
+        // times out in a `sleep`, one ends at once.
+        let h = Hooks::start(
+            hook(
+                "case $((HB_SEQ % 3)) in 0) sleep 30 & ;; 1) sleep 30 ;; esac; true".into(),
+                4,
+                Duration::from_millis(300),
+                EVENTS as usize,
+            ),
+            m.clone(),
+        );
+        for seq in 1..=EVENTS {
+            h.submit(&Event {
+                node_id: seq as u32,
+                ..crate::monitor::events::test_event(seq)
+            });
+        }
+        wait_for(&m, |m| m.hooks_ok() + m.hook_failures("timeout") == EVENTS).await;
+        assert_eq!(m.hook_failures("timeout"), EVENTS / 3);
+        assert_eq!(m.hook_failures("wait"), 0);
+        for _ in 0..250 {
+            if zombies_of(1).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(zombies_of(1), Vec::<String>::new(), "orphans left unreaped");
+        h.shutdown(Duration::from_secs(5)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
