@@ -28,9 +28,18 @@
 //! At shutdown ([`Hooks::shutdown`]) the hooks running and the events
 //! queued get a grace to finish; then what still runs is killed with its
 //! process group and what still waits is never run, both counted
-//! (`reason="shutdown"`) and logged. A hook is never left running on its
-//! own, orphaned, after the monitor: even when the runtime is dropped
-//! under it, its process group is killed ([`Group`]).
+//! (`reason="shutdown"`) and logged. Even when the runtime is dropped
+//! under a hook (an error return, a panic), its process group is killed
+//! ([`Group`]). A monitor killed outright (SIGKILL, the OOM killer) kills
+//! nothing itself: the kernel then kills each hook's shell (its
+//! parent-death signal), but not what the shell started, which runs on to
+//! its end. Under systemd, the unit's control group is the backstop
+//! (stopping or restarting the unit kills what is left in it); as PID 1 of
+//! a PID namespace, the kernel kills the whole namespace with the monitor.
+//! Every shell is started from one thread that lives as long as the
+//! process ([`spawn_hook`]): the parent-death signal comes when the
+//! thread that forked exits, not the process, and the runtime's threads
+//! may come and go.
 //!
 //! A hook killed at its timeout is waited for at most [`KILL_WAIT`]: one
 //! that SIGKILL does not end (in uninterruptible sleep on a hung NFS or
@@ -58,7 +67,7 @@ use tokio::{
     io::{AsyncWriteExt, Interest, unix::AsyncFd},
     process::{Child, Command},
     signal::unix::{SignalKind, signal},
-    sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, watch},
+    sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot, watch},
     task::{JoinHandle, JoinSet},
 };
 
@@ -421,8 +430,9 @@ async fn dispatch(
         never_run += 1;
     }
     // Aborting a hook's task drops its `Group`, which kills the group and
-    // counts it in `killed`. A task aborted before it first ran had not
-    // started its hook: its event never ran either.
+    // counts it in `killed`. A task aborted before its hook's shell was
+    // started (before it first ran, or while the spawner thread was at
+    // it): its event never ran either.
     d.runs.set.abort_all();
     while d.runs.set.join_next().await.is_some() {}
     let killed = d.runs.killed.load(Ordering::Relaxed);
@@ -463,7 +473,7 @@ struct Runs {
     metrics: Arc<Metrics>,
     /// Hooks killed because their task was dropped mid-run.
     killed: Arc<AtomicUsize>,
-    /// Tasks spawned that have not run yet.
+    /// Tasks spawned that have not started their hook's shell yet.
     unstarted: Arc<AtomicUsize>,
     set: JoinSet<()>,
 }
@@ -480,8 +490,7 @@ impl Runs {
         };
         unstarted.fetch_add(1, Ordering::Relaxed);
         self.set.spawn(async move {
-            unstarted.fetch_sub(1, Ordering::Relaxed);
-            run_one(&opts, kill_wait, &ev, &m, &killed).await;
+            run_one(&opts, kill_wait, &ev, &m, &killed, &unstarted).await;
             drop(slot);
             drop(ended);
         });
@@ -543,6 +552,7 @@ async fn run_one(
     ev: &Event,
     m: &Metrics,
     killed: &AtomicUsize,
+    unstarted: &AtomicUsize,
 ) {
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
@@ -568,12 +578,30 @@ async fn run_one(
     // The monitor's threads block SIGHUP (`set_sighup_blocked`), and a
     // child inherits its spawning thread's mask: a hook gets none blocked.
     // It gets the soft limit of open files the monitor inherited back (see
-    // `prepare_process`).
+    // `prepare_process`). Its shell gets SIGKILL when the monitor dies
+    // (from the thread that forks it, which lives as long as the process:
+    // `spawn_hook`); if the monitor is already gone, it exits at once.
     let nofile = super::inherited_nofile();
-    // SAFETY: sigemptyset, sigprocmask, getrlimit and setrlimit are
-    // async-signal-safe, and the closure touches nothing else.
+    let monitor = std::process::id() as libc::pid_t;
+    // SAFETY: sigemptyset, sigprocmask, getrlimit, setrlimit, prctl,
+    // getppid and _exit are async-signal-safe, and the closure touches
+    // nothing else.
     unsafe {
         cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The monitor died before the prctl: nothing would kill this.
+            if libc::getppid() != monitor {
+                libc::_exit(1);
+            }
             let mut none: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut none);
             if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
@@ -589,7 +617,11 @@ async fn run_one(
             Ok(())
         });
     }
-    let spawned = match spawn_shell(&mut cmd) {
+    let spawned = spawn_hook(cmd).await;
+    // Aborted before this (shutdown), it counts as never started: if the
+    // spawner thread started the shell meanwhile, it killed it.
+    unstarted.fetch_sub(1, Ordering::Relaxed);
+    let spawned = match spawned {
         Ok(spawned) => spawned,
         Err(e) => {
             m.hook_failed("spawn");
@@ -704,6 +736,69 @@ impl Drop for Shell {
     fn drop(&mut self) {
         shells().remove(&self.0);
     }
+}
+
+/// A hook's shell to start on the spawner thread, and where to say how
+/// it went.
+struct Spawn {
+    cmd: Command,
+    /// The runtime the shell's pipes and exit are watched on.
+    runtime: tokio::runtime::Handle,
+    reply: oneshot::Sender<std::io::Result<(Shell, Child)>>,
+}
+
+/// The spawner thread's queue, once it is started; never dropped, so the
+/// thread lives as long as the process.
+static SPAWNER: Mutex<Option<std::sync::mpsc::Sender<Spawn>>> = Mutex::new(None);
+
+/// Starts a hook's shell from the spawner thread. Its parent-death signal
+/// (see `run_one`) comes when the thread that forked it exits: a runtime
+/// worker may end before the process does (one given up by
+/// `block_in_place`, a blocking-pool thread idle 10 s), which would kill a
+/// hook running then.
+async fn spawn_hook(cmd: Command) -> std::io::Result<(Shell, Child)> {
+    let gone = || std::io::Error::other("the hook spawner thread is gone");
+    let (reply, answer) = oneshot::channel();
+    let spawn = Spawn {
+        cmd,
+        runtime: tokio::runtime::Handle::current(),
+        reply,
+    };
+    spawner()?.send(spawn).map_err(|_| gone())?;
+    answer.await.map_err(|_| gone())?
+}
+
+/// The spawner thread's queue, started first if need be.
+fn spawner() -> std::io::Result<std::sync::mpsc::Sender<Spawn>> {
+    let mut spawner = SPAWNER.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(tx) = &*spawner {
+        return Ok(tx.clone());
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<Spawn>();
+    std::thread::Builder::new()
+        .name("hb-hook-spawn".into())
+        .spawn(move || {
+            for Spawn {
+                mut cmd,
+                runtime,
+                reply,
+            } in rx
+            {
+                let _runtime = runtime.enter();
+                if let Err(Ok((shell, child))) = reply.send(spawn_shell(&mut cmd)) {
+                    // Its task is gone (shutdown): so is the hook.
+                    if shell.0 > 0 {
+                        // SAFETY: kill(2) of the group our unreaped child
+                        // leads.
+                        unsafe { libc::kill(-shell.0, libc::SIGKILL) };
+                    }
+                    drop(child);
+                    drop(shell);
+                }
+            }
+        })?;
+    *spawner = Some(tx.clone());
+    Ok(tx)
 }
 
 /// Starts a hook's shell, and notes it in [`SHELLS`] before the orphan
@@ -1547,6 +1642,70 @@ mod tests {
         }
         assert_eq!(zombies_of(1), Vec::<String>::new(), "orphans left unreaped");
         h.shutdown(Duration::from_secs(5)).await;
+    }
+
+    /// A monitor killed outright (SIGKILL, the OOM killer) runs no
+    /// shutdown: the kernel kills each hook's shell then (a parent-death
+    /// signal), not leaving it to run on its own. Here the "monitor" is
+    /// the test binary again, running a hook that sleeps.
+    #[test]
+    fn a_hooks_shell_dies_with_a_monitor_killed_outright() {
+        let dir = test_dir("pdeathsig");
+        let pid_file = dir.join("pid");
+        let exe = std::env::current_exe().unwrap();
+        let mut monitor = std::process::Command::new(exe)
+            .args(["--exact", "monitor::hooks::tests::a_monitor_to_kill"])
+            .args(["--ignored", "--test-threads=1"])
+            .env("HB_TEST_CHILD", "1")
+            .env("HB_TEST_PID_FILE", &pid_file)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut shell = None;
+        for _ in 0..500 {
+            if let Ok(text) = std::fs::read_to_string(&pid_file) {
+                shell = text.trim().parse::<i32>().ok();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        monitor.kill().unwrap();
+        monitor.wait().unwrap();
+        let shell = shell.expect("the hook did not start");
+        let mut dead = false;
+        for _ in 0..100 {
+            dead = gone(shell);
+            if dead {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The rest of its process group (its `sleep`) lives on: killed
+        // here. The group outlives its leader, so its id is still its.
+        // SAFETY: plain kill(2) of the group the hook's shell led.
+        unsafe { libc::kill(-shell, libc::SIGKILL) };
+        assert!(dead, "the hook's shell {shell} outlived the monitor by 2 s");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "run, and killed, by a_hooks_shell_dies_with_a_monitor_killed_outright"]
+    async fn a_monitor_to_kill() {
+        assert!(std::env::var_os("HB_TEST_CHILD").is_some());
+        let pid_file = std::env::var("HB_TEST_PID_FILE").unwrap();
+        let m = Arc::new(Metrics::new());
+        let h = Hooks::start(
+            hook(
+                format!("echo $$ > {pid_file}.tmp; mv {pid_file}.tmp {pid_file}; sleep 60; true"),
+                1,
+                Duration::from_secs(60),
+                1,
+            ),
+            m.clone(),
+        );
+        h.submit(&ev(1));
+        // Killed long before this.
+        tokio::time::sleep(Duration::from_secs(30)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
