@@ -25,6 +25,15 @@
 //! never piles up processes, memory or log lines. Different nodes' hooks
 //! may finish out of order; `HB_SEQ` orders them.
 //!
+//! A hook that fails (its exit status, its timeout, its shell not
+//! started) is counted in `hb_hook_failures_total` by reason, and logged
+//! with its node and status when it is the first of a run of failures;
+//! the later ones are summed up in a line (how many, by reason, first and
+//! last `seq`) at most every [`FAILURES_EVERY`] while they go on, once
+//! hooks succeed again, and at shutdown ([`Failures`]): a broken hook (a
+//! pager down) in a storm of events would log a line per event, until
+//! journald's rate limit hid the monitor's other lines.
+//!
 //! At shutdown ([`Hooks::shutdown`]) the hooks running and the events
 //! queued get a grace to finish; then what still runs is killed with its
 //! process group and what still waits is never run, both counted
@@ -63,6 +72,8 @@ use std::{
     time::Duration,
 };
 
+use tokio::time::Instant;
+
 use tokio::{
     io::{AsyncWriteExt, Interest, unix::AsyncFd},
     process::{Child, Command},
@@ -89,6 +100,9 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 /// How often a hook's shell is checked for its exit when the kernel gives
 /// no pidfd to wait on (before 5.3, or no file descriptor left).
 const EXIT_POLL: Duration = Duration::from_millis(20);
+/// At most how often a line sums up the hooks that failed since the last
+/// line about failures ([`Failures`]).
+const FAILURES_EVERY: Duration = Duration::from_secs(60);
 /// How often, besides at each SIGCHLD, the monitor as PID 1 looks for
 /// orphans to reap ([`reap_orphans`]).
 const REAP_EVERY: Duration = Duration::from_secs(1);
@@ -134,11 +148,17 @@ struct Runner {
 
 impl Hooks {
     pub fn start(opts: HookOptions, metrics: Arc<Metrics>) -> Hooks {
-        Hooks::start_with(opts, metrics, KILL_WAIT)
+        Hooks::start_with(opts, metrics, KILL_WAIT, FAILURES_EVERY)
     }
 
-    /// `start`, waiting `kill_wait` for a hook killed at its timeout.
-    fn start_with(opts: HookOptions, metrics: Arc<Metrics>, kill_wait: Duration) -> Hooks {
+    /// `start`, waiting `kill_wait` for a hook killed at its timeout, and
+    /// summing up failures at most every `failures_every`.
+    fn start_with(
+        opts: HookOptions,
+        metrics: Arc<Metrics>,
+        kill_wait: Duration,
+        failures_every: Duration,
+    ) -> Hooks {
         if std::process::id() == 1 && !REAPING.swap(true, Ordering::Relaxed) {
             tracing::info!(
                 "running as PID 1 (a container with no init?): reaping the processes orphaned in \
@@ -153,6 +173,7 @@ impl Hooks {
         let task = tokio::spawn(dispatch(
             opts,
             kill_wait,
+            Failures::every(failures_every),
             rx,
             places.clone(),
             stop_rx,
@@ -349,7 +370,11 @@ impl Dispatch {
     async fn step(&mut self) {
         self.runs.reap();
         let ready = !self.waiting.ready.is_empty();
+        let due = self.runs.failures().due();
         tokio::select! {
+            () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                self.runs.failures().flush(Instant::now());
+            }
             node = self.ended_rx.recv() => {
                 if let Some(node) = node {
                     self.waiting.ended(node);
@@ -378,6 +403,7 @@ impl Dispatch {
 async fn dispatch(
     opts: HookOptions,
     kill_wait: Duration,
+    failures: Failures,
     rx: mpsc::UnboundedReceiver<Queued>,
     places: Arc<Semaphore>,
     mut stop: watch::Receiver<Option<Duration>>,
@@ -397,6 +423,7 @@ async fn dispatch(
             metrics: metrics.clone(),
             killed: Arc::new(AtomicUsize::new(0)),
             unstarted: Arc::new(AtomicUsize::new(0)),
+            failures: Arc::new(Mutex::new(failures)),
             set: JoinSet::new(),
         },
     };
@@ -404,6 +431,7 @@ async fn dispatch(
         if d.finished() {
             // Every handle is gone, and what they queued has run.
             while d.runs.set.join_next().await.is_some() {}
+            d.runs.failures().say();
             return;
         }
         tokio::select! {
@@ -422,7 +450,10 @@ async fn dispatch(
         }
         while d.runs.set.join_next().await.is_some() {}
     };
-    if tokio::time::timeout(grace, drain).await.is_ok() {
+    let drained = tokio::time::timeout(grace, drain).await.is_ok();
+    // The failures not said yet, before the hooks killed now.
+    d.runs.failures().say();
+    if drained {
         return;
     }
     let mut never_run = d.waiting.len();
@@ -475,6 +506,7 @@ struct Runs {
     killed: Arc<AtomicUsize>,
     /// Tasks spawned that have not started their hook's shell yet.
     unstarted: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Failures>>,
     set: JoinSet<()>,
 }
 
@@ -484,13 +516,20 @@ impl Runs {
     fn start(&mut self, ev: Event, slot: OwnedSemaphorePermit, ended: mpsc::UnboundedSender<u32>) {
         let (opts, kill_wait, m) = (self.opts.clone(), self.kill_wait, self.metrics.clone());
         let (killed, unstarted) = (self.killed.clone(), self.unstarted.clone());
+        let failures = self.failures.clone();
         let ended = Ended {
             node: ev.node_id,
             tx: ended,
         };
         unstarted.fetch_add(1, Ordering::Relaxed);
         self.set.spawn(async move {
-            run_one(&opts, kill_wait, &ev, &m, &killed, &unstarted).await;
+            let counts = Counts {
+                m: &m,
+                killed: &killed,
+                unstarted: &unstarted,
+                failures: &failures,
+            };
+            run_one(&opts, kill_wait, &ev, counts).await;
             drop(slot);
             drop(ended);
         });
@@ -499,6 +538,213 @@ impl Runs {
     /// Forgets the hooks that have ended.
     fn reap(&mut self) {
         while self.set.try_join_next().is_some() {}
+    }
+
+    fn failures(&self) -> MutexGuard<'_, Failures> {
+        lock_failures(&self.failures)
+    }
+}
+
+fn lock_failures(failures: &Mutex<Failures>) -> MutexGuard<'_, Failures> {
+    // Counters: nothing in them is left half-changed by a panic.
+    failures.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Why a hook failed, of the reasons summed up by [`Failures`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    /// Its shell could not be started.
+    Spawn,
+    /// It exited with a status other than 0.
+    Exit,
+    /// It was killed at its timeout.
+    Timeout,
+    /// It could not be waited for.
+    Wait,
+}
+
+impl Failure {
+    /// Its `hb_hook_failures_total` reason.
+    fn reason(self) -> &'static str {
+        match self {
+            Failure::Spawn => "spawn",
+            Failure::Exit => "exit",
+            Failure::Timeout => "timeout",
+            Failure::Wait => "wait",
+        }
+    }
+}
+
+/// The hooks that failed and were not logged one by one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Failed {
+    count: u64,
+    spawn: u64,
+    exit: u64,
+    timeout: u64,
+    wait: u64,
+    first_seq: u64,
+    last_seq: u64,
+}
+
+impl Failed {
+    fn add(&mut self, why: Failure, seq: u64) {
+        if self.count == 0 {
+            self.first_seq = seq;
+        }
+        self.last_seq = seq;
+        self.count += 1;
+        *match why {
+            Failure::Spawn => &mut self.spawn,
+            Failure::Exit => &mut self.exit,
+            Failure::Timeout => &mut self.timeout,
+            Failure::Wait => &mut self.wait,
+        } += 1;
+    }
+}
+
+/// The lines about hooks failing: at most one every `every`. The first
+/// failure after `every` with no such line is logged in full, by its
+/// caller ([`Failures::failed`]); those after it are counted, and summed
+/// up in one line when `every` has passed since the last line: while
+/// they go on (at the next failure, or when it is due, see
+/// [`Failures::due`]), once a hook succeeds again (which ends the run),
+/// and at shutdown. So a broken hook logs a line a minute, however many
+/// events come, and so does one that fails for every other event.
+#[derive(Debug)]
+struct Failures {
+    every: Duration,
+    /// When the last line about failures was logged.
+    last_line: Option<Instant>,
+    /// A run of failures going on: those not logged yet, and whether a
+    /// hook has succeeded since the last of them.
+    run: Option<(Failed, bool)>,
+}
+
+impl Failures {
+    fn every(every: Duration) -> Failures {
+        Failures {
+            every,
+            last_line: None,
+            run: None,
+        }
+    }
+
+    /// A line about failures was logged less than `every` ago.
+    fn quiet(&self, now: Instant) -> bool {
+        self.last_line
+            .is_some_and(|at| now.saturating_duration_since(at) < self.every)
+    }
+
+    /// Counts the failure of event `seq`'s hook; true when the caller is
+    /// to log it in full (the first of a run, with no line about failures
+    /// for `every`).
+    fn failed(&mut self, why: Failure, seq: u64, now: Instant) -> bool {
+        if self.run.is_none() && !self.quiet(now) {
+            self.run = Some((Failed::default(), false));
+            self.last_line = Some(now);
+            return true;
+        }
+        let (failed, recovered) = self.run.get_or_insert_default();
+        failed.add(why, seq);
+        *recovered = false;
+        self.flush(now);
+        false
+    }
+
+    /// A hook succeeded: the run of failures ends, once what it has not
+    /// said is said.
+    fn succeeded(&mut self, now: Instant) {
+        match &mut self.run {
+            None => {}
+            Some((failed, _)) if failed.count == 0 => self.run = None,
+            Some((_, recovered)) => {
+                *recovered = true;
+                self.flush(now);
+            }
+        }
+    }
+
+    /// When the failures not said yet are to be said, if any are.
+    fn due(&self) -> Option<Instant> {
+        match &self.run {
+            Some((failed, _)) if failed.count > 0 => Some(
+                self.last_line
+                    .map_or_else(Instant::now, |at| at + self.every),
+            ),
+            _ => None,
+        }
+    }
+
+    /// Says the failures not said yet, unless a line about failures was
+    /// logged less than `every` ago.
+    fn flush(&mut self, now: Instant) {
+        if !self.quiet(now) && self.say() {
+            self.last_line = Some(now);
+        }
+    }
+
+    /// Says the failures not said yet, if any (at once: at shutdown too),
+    /// and ends the run if hooks have succeeded since; true if it said
+    /// something.
+    fn say(&mut self) -> bool {
+        let Some((failed, recovered)) = &mut self.run else {
+            return false;
+        };
+        if failed.count == 0 {
+            return false;
+        }
+        let f = std::mem::take(failed);
+        if *recovered {
+            self.run = None;
+            tracing::warn!(
+                failed = f.count,
+                exit = f.exit,
+                timeout = f.timeout,
+                spawn = f.spawn,
+                wait = f.wait,
+                first_seq = f.first_seq,
+                last_seq = f.last_seq,
+                "hooks succeed again, after more failures than the one logged"
+            );
+        } else {
+            tracing::warn!(
+                failed = f.count,
+                exit = f.exit,
+                timeout = f.timeout,
+                spawn = f.spawn,
+                wait = f.wait,
+                first_seq = f.first_seq,
+                last_seq = f.last_seq,
+                "hooks failed since the last line about them (not logged one by one)"
+            );
+        }
+        true
+    }
+}
+
+/// What a hook's task counts, and where.
+struct Counts<'a> {
+    m: &'a Metrics,
+    /// Hooks killed because their task was dropped mid-run.
+    killed: &'a AtomicUsize,
+    /// Tasks spawned that have not started their hook's shell yet.
+    unstarted: &'a AtomicUsize,
+    failures: &'a Mutex<Failures>,
+}
+
+impl Counts<'_> {
+    /// Counts a hook ended well.
+    fn ok(&self) {
+        self.m.hook_ok();
+        lock_failures(self.failures).succeeded(Instant::now());
+    }
+
+    /// Counts a hook failed; true when it is to be logged in full (see
+    /// [`Failures`]).
+    fn failed(&self, why: Failure, ev: &Event) -> bool {
+        self.m.hook_failed(why.reason());
+        lock_failures(self.failures).failed(why, ev.seq, Instant::now())
     }
 }
 
@@ -546,14 +792,13 @@ impl Drop for Group<'_> {
     }
 }
 
-async fn run_one(
-    opts: &HookOptions,
-    kill_wait: Duration,
-    ev: &Event,
-    m: &Metrics,
-    killed: &AtomicUsize,
-    unstarted: &AtomicUsize,
-) {
+async fn run_one(opts: &HookOptions, kill_wait: Duration, ev: &Event, counts: Counts<'_>) {
+    let Counts {
+        m,
+        killed,
+        unstarted,
+        ..
+    } = counts;
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
         .arg(&opts.command)
@@ -624,8 +869,15 @@ async fn run_one(
     let spawned = match spawned {
         Ok(spawned) => spawned,
         Err(e) => {
-            m.hook_failed("spawn");
-            tracing::error!(error = %e, command = %opts.command, "cannot start hook");
+            if counts.failed(Failure::Spawn, ev) {
+                tracing::error!(
+                    error = %e,
+                    command = %opts.command,
+                    node_id = ev.node_id,
+                    seq = ev.seq,
+                    "cannot start hook (later failures counted, and summed up at most once a minute)"
+                );
+            }
             return;
         }
     };
@@ -670,27 +922,43 @@ async fn run_one(
                 }
             };
             match waited {
-                Ok(status) if status.success() => m.hook_ok(),
+                Ok(status) if status.success() => counts.ok(),
                 Ok(status) => {
-                    m.hook_failed("exit");
-                    tracing::warn!(node_id = ev.node_id, event = %ev.event, %status, "hook failed");
+                    if counts.failed(Failure::Exit, ev) {
+                        tracing::warn!(
+                            node_id = ev.node_id,
+                            event = %ev.event,
+                            seq = ev.seq,
+                            %status,
+                            "hook failed (later failures counted, and summed up at most once a minute)"
+                        );
+                    }
                 }
                 Err(e) => {
-                    m.hook_failed("wait");
-                    tracing::error!(error = %e, "cannot wait for hook");
+                    if counts.failed(Failure::Wait, ev) {
+                        tracing::error!(
+                            error = %e,
+                            node_id = ev.node_id,
+                            seq = ev.seq,
+                            "cannot wait for hook (later failures counted, and summed up at most once a minute)"
+                        );
+                    }
                 }
             }
         }
         Err(_) => {
             group.kill();
-            tracing::warn!(
-                node_id = ev.node_id,
-                event = %ev.event,
-                timeout_ms = opts.timeout.as_millis() as u64,
-                "hook timed out, killed with its process group"
-            );
             if tokio::time::timeout(kill_wait, child.wait()).await.is_ok() {
-                m.hook_failed("timeout");
+                if counts.failed(Failure::Timeout, ev) {
+                    tracing::warn!(
+                        node_id = ev.node_id,
+                        event = %ev.event,
+                        seq = ev.seq,
+                        timeout_ms = opts.timeout.as_millis() as u64,
+                        "hook timed out, killed with its process group (later failures counted, \
+                         and summed up at most once a minute)"
+                    );
+                }
                 return;
             }
             // Given up on, so that its slot is freed. `child` is dropped
@@ -698,13 +966,17 @@ async fn run_one(
             // SIGKILL (still our child, so still its id), and tokio's
             // orphan queue reaps it once it ends. `group` is no longer
             // live: its id is never used again, reaped or not.
+            // Each logged: a process that may never end, which someone
+            // will have to look for (these are few: each holds its slot
+            // for its timeout and the kill wait).
             m.hook_failed(UNKILLABLE);
             tracing::error!(
                 node_id = ev.node_id,
                 event = %ev.event,
                 pid = group.pgid,
+                timeout_ms = opts.timeout.as_millis() as u64,
                 kill_wait_ms = kill_wait.as_millis() as u64,
-                "hook still running after SIGKILL (uninterruptible sleep, such as on a hung NFS or \
+                "hook timed out and still running after SIGKILL (uninterruptible sleep, such as on a hung NFS or \
                  FUSE mount?): its slot is freed, it is reaped whenever it ends"
             );
         }
@@ -1460,6 +1732,7 @@ mod tests {
             hook(command, 1, Duration::from_secs(1), 4),
             m.clone(),
             Duration::from_millis(300),
+            FAILURES_EVERY,
         );
         h.submit(&ev(1));
         h.submit(&ev(2)); // waits for the only slot
@@ -1706,6 +1979,119 @@ mod tests {
         h.submit(&ev(1));
         // Killed long before this.
         tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+
+    /// A hook failing for every event logs its first failure in full, and
+    /// the later ones in one line (here at shutdown, less than a minute
+    /// on), not a line each: a pager down in a partition of a large fleet
+    /// would log one per event, and journald would then hide every line.
+    /// The counter still counts every failure.
+    // One thread: every line is logged on it, where it is captured.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_run_of_failing_hooks_is_logged_in_two_lines() {
+        const FAILING: u64 = 20;
+        let warnings = Warnings::of("hb::monitor::hooks");
+        let _log = warnings.capture();
+        let m = Arc::new(Metrics::new());
+        let h = Hooks::start(
+            hook(
+                format!("[ $HB_SEQ -gt {FAILING} ] || exit 3"),
+                4,
+                Duration::from_secs(30),
+                64,
+            ),
+            m.clone(),
+        );
+        for seq in 1..=FAILING {
+            h.submit(&Event {
+                node_id: seq as u32,
+                ..crate::monitor::events::test_event(seq)
+            });
+        }
+        wait_for(&m, |m| m.hook_failures("exit") == FAILING).await;
+        h.submit(&ev(FAILING as u32 + 1));
+        wait_for(&m, |m| m.hooks_ok() == 1).await;
+        h.shutdown(Duration::from_secs(10)).await;
+        let lines = warnings.taken();
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(lines[0].message.starts_with("hook failed"), "{lines:#?}");
+        assert!(lines[0].field("status").is_some(), "{lines:#?}");
+        assert!(lines[0].field("node_id").is_some(), "{lines:#?}");
+        let summary = &lines[1];
+        assert!(summary.message.contains("succeed again"), "{lines:#?}");
+        assert_eq!(summary.field("failed"), Some("19"), "{lines:#?}");
+        assert_eq!(summary.field("exit"), Some("19"), "{lines:#?}");
+        assert_eq!(summary.field("timeout"), Some("0"), "{lines:#?}");
+    }
+
+    /// What `Failures` says, and when, on a clock of its own: a line at
+    /// most every `every`, the first failure of a run in full, the others
+    /// summed up while they go on, once hooks succeed again, and at
+    /// shutdown; failing for every other event logs no more.
+    #[test]
+    fn failures_are_summed_up_at_most_once_per_period() {
+        const EVERY: Duration = Duration::from_secs(60);
+        let warnings = Warnings::of("hb::monitor::hooks");
+        let _log = warnings.capture();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let said = || warnings.taken().len();
+        let mut f = Failures::every(EVERY);
+        // The first failure: its caller logs it.
+        assert!(f.failed(Failure::Exit, 1, at(0)));
+        assert_eq!(f.due(), None);
+        for seq in 2..=100 {
+            assert!(!f.failed(Failure::Timeout, seq, at(1)));
+        }
+        assert_eq!(said(), 0);
+        assert_eq!(f.due(), Some(at(60)));
+        // Due: still failing.
+        f.flush(at(60));
+        let lines = warnings.taken();
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert!(
+            lines[0].message.contains("since the last line"),
+            "{lines:#?}"
+        );
+        assert_eq!(lines[0].field("failed"), Some("99"));
+        assert_eq!(lines[0].field("timeout"), Some("99"));
+        assert_eq!(lines[0].field("first_seq"), Some("2"));
+        assert_eq!(lines[0].field("last_seq"), Some("100"));
+        assert_eq!(f.due(), None);
+        // Failing and succeeding in turn, for ten minutes: a line a
+        // minute, no more, never the first failure in full again.
+        for i in 0..600 {
+            assert!(!f.failed(Failure::Spawn, 101 + i, at(61 + i)));
+            f.succeeded(at(61 + i));
+        }
+        assert_eq!(said(), 1 + 10, "{:#?}", warnings.taken());
+        // One more, then hooks succeed: said when due, as such.
+        assert!(!f.failed(Failure::Spawn, 701, at(661)));
+        f.succeeded(at(661));
+        assert_eq!(f.due(), Some(at(720)));
+        f.flush(at(720));
+        let last = warnings.taken().pop().unwrap();
+        assert!(last.message.contains("succeed again"), "{last:#?}");
+        assert_eq!(last.field("failed"), Some("1"));
+        assert_eq!(f.due(), None);
+        assert!(!f.say());
+        // At shutdown, what is left is said at once.
+        assert!(!f.failed(Failure::Exit, 702, at(721)));
+        assert!(f.say());
+        // Hooks succeed, and a minute with no line later a failure is
+        // logged in full again.
+        f.succeeded(at(790));
+        assert!(f.failed(Failure::Wait, 1000, at(800)));
+        f.succeeded(at(800));
+        assert_eq!(f.due(), None);
+        assert!(!f.say());
+        let counted: u64 = warnings
+            .taken()
+            .iter()
+            .filter_map(|l| l.field("failed")?.parse::<u64>().ok())
+            .sum();
+        // Every failure but the two logged in full is counted in a line.
+        assert_eq!(counted, 99 + 600 + 1 + 1, "{:#?}", warnings.taken());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
