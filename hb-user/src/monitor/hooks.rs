@@ -1819,16 +1819,33 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// Runs `test` (an ignored test of this module) in a process of its
-    /// own: the test binary again, with `HB_TEST_CHILD` set, started by
-    /// `cmd` (`args` first). Its output, once it has passed.
+    /// Whether this process is a test's child ([`run_child_test`]): the
+    /// test then runs its child's part (not an ignored test: the test
+    /// runner fails a run with any).
+    fn test_child() -> bool {
+        std::env::var_os("HB_TEST_CHILD").is_some()
+    }
+
+    /// A runtime for a child's part.
+    fn child_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// Runs `test` of this module in a process of its own, where it runs
+    /// its child's part ([`test_child`]): the test binary again, with
+    /// `HB_TEST_CHILD` set, started by `cmd` (`args` first). Its output,
+    /// once it has passed.
     fn run_child_test(cmd: &str, args: &[&str], test: &str) -> String {
         let exe = std::env::current_exe().unwrap();
         let out = std::process::Command::new(cmd)
             .args(args)
             .arg(&exe)
             .args(["--exact", &format!("monitor::hooks::tests::{test}")])
-            .args(["--ignored", "--test-threads=1", "--nocapture"])
+            .args(["--test-threads=1", "--nocapture"])
             .env("HB_TEST_CHILD", "1")
             .output()
             .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
@@ -1873,17 +1890,19 @@ mod tests {
     /// own tasks (none counted as `reason="wait"`).
     #[test]
     fn orphans_are_reaped_when_the_monitor_is_pid_1() {
+        if test_child() {
+            return child_runtime().block_on(as_pid_1_orphans_are_reaped());
+        }
         run_child_test(
             "unshare",
             &["--pid", "--fork", "--mount-proc", "--kill-child"],
-            "as_pid_1_orphans_are_reaped",
+            "orphans_are_reaped_when_the_monitor_is_pid_1",
         );
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "run as PID 1 by orphans_are_reaped_when_the_monitor_is_pid_1"]
+    /// The child's part of [`orphans_are_reaped_when_the_monitor_is_pid_1`],
+    /// as PID 1.
     async fn as_pid_1_orphans_are_reaped() {
-        assert!(std::env::var_os("HB_TEST_CHILD").is_some());
         assert_eq!(std::process::id(), 1, "not in a PID namespace of its own");
         const EVENTS: u64 = 30;
         let m = Arc::new(Metrics::new());
@@ -1923,12 +1942,18 @@ mod tests {
     /// the test binary again, running a hook that sleeps.
     #[test]
     fn a_hooks_shell_dies_with_a_monitor_killed_outright() {
+        if test_child() {
+            return child_runtime().block_on(a_monitor_to_kill());
+        }
         let dir = test_dir("pdeathsig");
         let pid_file = dir.join("pid");
         let exe = std::env::current_exe().unwrap();
         let mut monitor = std::process::Command::new(exe)
-            .args(["--exact", "monitor::hooks::tests::a_monitor_to_kill"])
-            .args(["--ignored", "--test-threads=1"])
+            .args([
+                "--exact",
+                "monitor::hooks::tests::a_hooks_shell_dies_with_a_monitor_killed_outright",
+            ])
+            .args(["--test-threads=1"])
             .env("HB_TEST_CHILD", "1")
             .env("HB_TEST_PID_FILE", &pid_file)
             .stdout(std::process::Stdio::null())
@@ -1961,10 +1986,9 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "run, and killed, by a_hooks_shell_dies_with_a_monitor_killed_outright"]
+    /// The child's part of [`a_hooks_shell_dies_with_a_monitor_killed_outright`]:
+    /// the monitor, killed.
     async fn a_monitor_to_kill() {
-        assert!(std::env::var_os("HB_TEST_CHILD").is_some());
         let pid_file = std::env::var("HB_TEST_PID_FILE").unwrap();
         let m = Arc::new(Metrics::new());
         let h = Hooks::start(
