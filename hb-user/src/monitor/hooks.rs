@@ -25,12 +25,30 @@
 //! never piles up processes, memory or log lines. Different nodes' hooks
 //! may finish out of order; `HB_SEQ` orders them.
 //!
+//! A hook that fails (its exit status, its timeout, its shell not
+//! started) is counted in `hb_hook_failures_total` by reason, and logged
+//! with its node and status when it is the first of a run of failures;
+//! the later ones are summed up in a line (how many, by reason, first and
+//! last `seq`) at most every [`FAILURES_EVERY`] while they go on, once
+//! hooks succeed again, and at shutdown ([`Failures`]): a broken hook (a
+//! pager down) in a storm of events would log a line per event, until
+//! journald's rate limit hid the monitor's other lines.
+//!
 //! At shutdown ([`Hooks::shutdown`]) the hooks running and the events
 //! queued get a grace to finish; then what still runs is killed with its
 //! process group and what still waits is never run, both counted
-//! (`reason="shutdown"`) and logged. A hook is never left running on its
-//! own, orphaned, after the monitor: even when the runtime is dropped
-//! under it, its process group is killed ([`Group`]).
+//! (`reason="shutdown"`) and logged. Even when the runtime is dropped
+//! under a hook (an error return, a panic), its process group is killed
+//! ([`Group`]). A monitor killed outright (SIGKILL, the OOM killer) kills
+//! nothing itself: the kernel then kills each hook's shell (its
+//! parent-death signal), but not what the shell started, which runs on to
+//! its end. Under systemd, the unit's control group is the backstop
+//! (stopping or restarting the unit kills what is left in it); as PID 1 of
+//! a PID namespace, the kernel kills the whole namespace with the monitor.
+//! Every shell is started from one thread that lives as long as the
+//! process ([`spawn_hook`]): the parent-death signal comes when the
+//! thread that forked exits, not the process, and the runtime's threads
+//! may come and go.
 //!
 //! A hook killed at its timeout is waited for at most [`KILL_WAIT`]: one
 //! that SIGKILL does not end (in uninterruptible sleep on a hung NFS or
@@ -38,9 +56,14 @@
 //! logged, and its slot freed, and its node's next hook may start; tokio
 //! reaps it whenever it does end. Else `concurrency` such hooks would stop
 //! every later one from running, and one would stop its node's for good.
+//!
+//! As PID 1 of its PID namespace (a container's entrypoint with no init),
+//! the monitor adopts whatever a hook leaves behind when its shell dies,
+//! and reaps it ([`reap_orphans`]): nothing else would, and the zombies
+//! would pile up to the pid limit.
 
 use std::{
-    collections::{HashMap, VecDeque, hash_map::Entry},
+    collections::{BTreeSet, HashMap, VecDeque, hash_map::Entry},
     os::fd::{FromRawFd as _, OwnedFd},
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
@@ -49,10 +72,13 @@ use std::{
     time::Duration,
 };
 
+use tokio::time::Instant;
+
 use tokio::{
     io::{AsyncWriteExt, Interest, unix::AsyncFd},
-    process::Command,
-    sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, watch},
+    process::{Child, Command},
+    signal::unix::{SignalKind, signal},
+    sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot, watch},
     task::{JoinHandle, JoinSet},
 };
 
@@ -74,6 +100,14 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 /// How often a hook's shell is checked for its exit when the kernel gives
 /// no pidfd to wait on (before 5.3, or no file descriptor left).
 const EXIT_POLL: Duration = Duration::from_millis(20);
+/// At most how often a line sums up the hooks that failed since the last
+/// line about failures ([`Failures`]).
+const FAILURES_EVERY: Duration = Duration::from_secs(60);
+/// How often, besides at each SIGCHLD, the monitor as PID 1 looks for
+/// orphans to reap ([`reap_orphans`]).
+const REAP_EVERY: Duration = Duration::from_secs(1);
+/// The most orphans reaped at one look; the rest wait for the next.
+const REAP_MOST: usize = 4096;
 
 /// Settings of the hook runner.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -114,11 +148,24 @@ struct Runner {
 
 impl Hooks {
     pub fn start(opts: HookOptions, metrics: Arc<Metrics>) -> Hooks {
-        Hooks::start_with(opts, metrics, KILL_WAIT)
+        Hooks::start_with(opts, metrics, KILL_WAIT, FAILURES_EVERY)
     }
 
-    /// `start`, waiting `kill_wait` for a hook killed at its timeout.
-    fn start_with(opts: HookOptions, metrics: Arc<Metrics>, kill_wait: Duration) -> Hooks {
+    /// `start`, waiting `kill_wait` for a hook killed at its timeout, and
+    /// summing up failures at most every `failures_every`.
+    fn start_with(
+        opts: HookOptions,
+        metrics: Arc<Metrics>,
+        kill_wait: Duration,
+        failures_every: Duration,
+    ) -> Hooks {
+        if std::process::id() == 1 && !REAPING.swap(true, Ordering::Relaxed) {
+            tracing::info!(
+                "running as PID 1 (a container with no init?): reaping the processes orphaned in \
+                 this PID namespace, such as what hooks leave behind"
+            );
+            tokio::spawn(reap_orphans());
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let queue = opts.queue.max(1);
         let places = Arc::new(Semaphore::new(queue));
@@ -126,6 +173,7 @@ impl Hooks {
         let task = tokio::spawn(dispatch(
             opts,
             kill_wait,
+            Failures::every(failures_every),
             rx,
             places.clone(),
             stop_rx,
@@ -322,7 +370,11 @@ impl Dispatch {
     async fn step(&mut self) {
         self.runs.reap();
         let ready = !self.waiting.ready.is_empty();
+        let due = self.runs.failures().due();
         tokio::select! {
+            () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                self.runs.failures().flush(Instant::now());
+            }
             node = self.ended_rx.recv() => {
                 if let Some(node) = node {
                     self.waiting.ended(node);
@@ -351,6 +403,7 @@ impl Dispatch {
 async fn dispatch(
     opts: HookOptions,
     kill_wait: Duration,
+    failures: Failures,
     rx: mpsc::UnboundedReceiver<Queued>,
     places: Arc<Semaphore>,
     mut stop: watch::Receiver<Option<Duration>>,
@@ -370,6 +423,7 @@ async fn dispatch(
             metrics: metrics.clone(),
             killed: Arc::new(AtomicUsize::new(0)),
             unstarted: Arc::new(AtomicUsize::new(0)),
+            failures: Arc::new(Mutex::new(failures)),
             set: JoinSet::new(),
         },
     };
@@ -377,6 +431,7 @@ async fn dispatch(
         if d.finished() {
             // Every handle is gone, and what they queued has run.
             while d.runs.set.join_next().await.is_some() {}
+            d.runs.failures().say();
             return;
         }
         tokio::select! {
@@ -395,7 +450,10 @@ async fn dispatch(
         }
         while d.runs.set.join_next().await.is_some() {}
     };
-    if tokio::time::timeout(grace, drain).await.is_ok() {
+    let drained = tokio::time::timeout(grace, drain).await.is_ok();
+    // The failures not said yet, before the hooks killed now.
+    d.runs.failures().say();
+    if drained {
         return;
     }
     let mut never_run = d.waiting.len();
@@ -403,8 +461,9 @@ async fn dispatch(
         never_run += 1;
     }
     // Aborting a hook's task drops its `Group`, which kills the group and
-    // counts it in `killed`. A task aborted before it first ran had not
-    // started its hook: its event never ran either.
+    // counts it in `killed`. A task aborted before its hook's shell was
+    // started (before it first ran, or while the spawner thread was at
+    // it): its event never ran either.
     d.runs.set.abort_all();
     while d.runs.set.join_next().await.is_some() {}
     let killed = d.runs.killed.load(Ordering::Relaxed);
@@ -445,8 +504,9 @@ struct Runs {
     metrics: Arc<Metrics>,
     /// Hooks killed because their task was dropped mid-run.
     killed: Arc<AtomicUsize>,
-    /// Tasks spawned that have not run yet.
+    /// Tasks spawned that have not started their hook's shell yet.
     unstarted: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Failures>>,
     set: JoinSet<()>,
 }
 
@@ -456,14 +516,20 @@ impl Runs {
     fn start(&mut self, ev: Event, slot: OwnedSemaphorePermit, ended: mpsc::UnboundedSender<u32>) {
         let (opts, kill_wait, m) = (self.opts.clone(), self.kill_wait, self.metrics.clone());
         let (killed, unstarted) = (self.killed.clone(), self.unstarted.clone());
+        let failures = self.failures.clone();
         let ended = Ended {
             node: ev.node_id,
             tx: ended,
         };
         unstarted.fetch_add(1, Ordering::Relaxed);
         self.set.spawn(async move {
-            unstarted.fetch_sub(1, Ordering::Relaxed);
-            run_one(&opts, kill_wait, &ev, &m, &killed).await;
+            let counts = Counts {
+                m: &m,
+                killed: &killed,
+                unstarted: &unstarted,
+                failures: &failures,
+            };
+            run_one(&opts, kill_wait, &ev, counts).await;
             drop(slot);
             drop(ended);
         });
@@ -472,6 +538,213 @@ impl Runs {
     /// Forgets the hooks that have ended.
     fn reap(&mut self) {
         while self.set.try_join_next().is_some() {}
+    }
+
+    fn failures(&self) -> MutexGuard<'_, Failures> {
+        lock_failures(&self.failures)
+    }
+}
+
+fn lock_failures(failures: &Mutex<Failures>) -> MutexGuard<'_, Failures> {
+    // Counters: nothing in them is left half-changed by a panic.
+    failures.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Why a hook failed, of the reasons summed up by [`Failures`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    /// Its shell could not be started.
+    Spawn,
+    /// It exited with a status other than 0.
+    Exit,
+    /// It was killed at its timeout.
+    Timeout,
+    /// It could not be waited for.
+    Wait,
+}
+
+impl Failure {
+    /// Its `hb_hook_failures_total` reason.
+    fn reason(self) -> &'static str {
+        match self {
+            Failure::Spawn => "spawn",
+            Failure::Exit => "exit",
+            Failure::Timeout => "timeout",
+            Failure::Wait => "wait",
+        }
+    }
+}
+
+/// The hooks that failed and were not logged one by one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Failed {
+    count: u64,
+    spawn: u64,
+    exit: u64,
+    timeout: u64,
+    wait: u64,
+    first_seq: u64,
+    last_seq: u64,
+}
+
+impl Failed {
+    fn add(&mut self, why: Failure, seq: u64) {
+        if self.count == 0 {
+            self.first_seq = seq;
+        }
+        self.last_seq = seq;
+        self.count += 1;
+        *match why {
+            Failure::Spawn => &mut self.spawn,
+            Failure::Exit => &mut self.exit,
+            Failure::Timeout => &mut self.timeout,
+            Failure::Wait => &mut self.wait,
+        } += 1;
+    }
+}
+
+/// The lines about hooks failing: at most one every `every`. The first
+/// failure after `every` with no such line is logged in full, by its
+/// caller ([`Failures::failed`]); those after it are counted, and summed
+/// up in one line when `every` has passed since the last line: while
+/// they go on (at the next failure, or when it is due, see
+/// [`Failures::due`]), once a hook succeeds again (which ends the run),
+/// and at shutdown. So a broken hook logs a line a minute, however many
+/// events come, and so does one that fails for every other event.
+#[derive(Debug)]
+struct Failures {
+    every: Duration,
+    /// When the last line about failures was logged.
+    last_line: Option<Instant>,
+    /// A run of failures going on: those not logged yet, and whether a
+    /// hook has succeeded since the last of them.
+    run: Option<(Failed, bool)>,
+}
+
+impl Failures {
+    fn every(every: Duration) -> Failures {
+        Failures {
+            every,
+            last_line: None,
+            run: None,
+        }
+    }
+
+    /// A line about failures was logged less than `every` ago.
+    fn quiet(&self, now: Instant) -> bool {
+        self.last_line
+            .is_some_and(|at| now.saturating_duration_since(at) < self.every)
+    }
+
+    /// Counts the failure of event `seq`'s hook; true when the caller is
+    /// to log it in full (the first of a run, with no line about failures
+    /// for `every`).
+    fn failed(&mut self, why: Failure, seq: u64, now: Instant) -> bool {
+        if self.run.is_none() && !self.quiet(now) {
+            self.run = Some((Failed::default(), false));
+            self.last_line = Some(now);
+            return true;
+        }
+        let (failed, recovered) = self.run.get_or_insert_default();
+        failed.add(why, seq);
+        *recovered = false;
+        self.flush(now);
+        false
+    }
+
+    /// A hook succeeded: the run of failures ends, once what it has not
+    /// said is said.
+    fn succeeded(&mut self, now: Instant) {
+        match &mut self.run {
+            None => {}
+            Some((failed, _)) if failed.count == 0 => self.run = None,
+            Some((_, recovered)) => {
+                *recovered = true;
+                self.flush(now);
+            }
+        }
+    }
+
+    /// When the failures not said yet are to be said, if any are.
+    fn due(&self) -> Option<Instant> {
+        match &self.run {
+            Some((failed, _)) if failed.count > 0 => Some(
+                self.last_line
+                    .map_or_else(Instant::now, |at| at + self.every),
+            ),
+            _ => None,
+        }
+    }
+
+    /// Says the failures not said yet, unless a line about failures was
+    /// logged less than `every` ago.
+    fn flush(&mut self, now: Instant) {
+        if !self.quiet(now) && self.say() {
+            self.last_line = Some(now);
+        }
+    }
+
+    /// Says the failures not said yet, if any (at once: at shutdown too),
+    /// and ends the run if hooks have succeeded since; true if it said
+    /// something.
+    fn say(&mut self) -> bool {
+        let Some((failed, recovered)) = &mut self.run else {
+            return false;
+        };
+        if failed.count == 0 {
+            return false;
+        }
+        let f = std::mem::take(failed);
+        if *recovered {
+            self.run = None;
+            tracing::warn!(
+                failed = f.count,
+                exit = f.exit,
+                timeout = f.timeout,
+                spawn = f.spawn,
+                wait = f.wait,
+                first_seq = f.first_seq,
+                last_seq = f.last_seq,
+                "hooks succeed again, after more failures than the one logged"
+            );
+        } else {
+            tracing::warn!(
+                failed = f.count,
+                exit = f.exit,
+                timeout = f.timeout,
+                spawn = f.spawn,
+                wait = f.wait,
+                first_seq = f.first_seq,
+                last_seq = f.last_seq,
+                "hooks failed since the last line about them (not logged one by one)"
+            );
+        }
+        true
+    }
+}
+
+/// What a hook's task counts, and where.
+struct Counts<'a> {
+    m: &'a Metrics,
+    /// Hooks killed because their task was dropped mid-run.
+    killed: &'a AtomicUsize,
+    /// Tasks spawned that have not started their hook's shell yet.
+    unstarted: &'a AtomicUsize,
+    failures: &'a Mutex<Failures>,
+}
+
+impl Counts<'_> {
+    /// Counts a hook ended well.
+    fn ok(&self) {
+        self.m.hook_ok();
+        lock_failures(self.failures).succeeded(Instant::now());
+    }
+
+    /// Counts a hook failed; true when it is to be logged in full (see
+    /// [`Failures`]).
+    fn failed(&self, why: Failure, ev: &Event) -> bool {
+        self.m.hook_failed(why.reason());
+        lock_failures(self.failures).failed(why, ev.seq, Instant::now())
     }
 }
 
@@ -519,13 +792,13 @@ impl Drop for Group<'_> {
     }
 }
 
-async fn run_one(
-    opts: &HookOptions,
-    kill_wait: Duration,
-    ev: &Event,
-    m: &Metrics,
-    killed: &AtomicUsize,
-) {
+async fn run_one(opts: &HookOptions, kill_wait: Duration, ev: &Event, counts: Counts<'_>) {
+    let Counts {
+        m,
+        killed,
+        unstarted,
+        ..
+    } = counts;
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
         .arg(&opts.command)
@@ -550,12 +823,30 @@ async fn run_one(
     // The monitor's threads block SIGHUP (`set_sighup_blocked`), and a
     // child inherits its spawning thread's mask: a hook gets none blocked.
     // It gets the soft limit of open files the monitor inherited back (see
-    // `prepare_process`).
+    // `prepare_process`). Its shell gets SIGKILL when the monitor dies
+    // (from the thread that forks it, which lives as long as the process:
+    // `spawn_hook`); if the monitor is already gone, it exits at once.
     let nofile = super::inherited_nofile();
-    // SAFETY: sigemptyset, sigprocmask, getrlimit and setrlimit are
-    // async-signal-safe, and the closure touches nothing else.
+    let monitor = std::process::id() as libc::pid_t;
+    // SAFETY: sigemptyset, sigprocmask, getrlimit, setrlimit, prctl,
+    // getppid and _exit are async-signal-safe, and the closure touches
+    // nothing else.
     unsafe {
         cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The monitor died before the prctl: nothing would kill this.
+            if libc::getppid() != monitor {
+                libc::_exit(1);
+            }
             let mut none: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut none);
             if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
@@ -571,14 +862,29 @@ async fn run_one(
             Ok(())
         });
     }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
+    let spawned = spawn_hook(cmd).await;
+    // Aborted before this (shutdown), it counts as never started: if the
+    // spawner thread started the shell meanwhile, it killed it.
+    unstarted.fetch_sub(1, Ordering::Relaxed);
+    let spawned = match spawned {
+        Ok(spawned) => spawned,
         Err(e) => {
-            m.hook_failed("spawn");
-            tracing::error!(error = %e, command = %opts.command, "cannot start hook");
+            if counts.failed(Failure::Spawn, ev) {
+                tracing::error!(
+                    error = %e,
+                    command = %opts.command,
+                    node_id = ev.node_id,
+                    seq = ev.seq,
+                    "cannot start hook (later failures counted, and summed up at most once a minute)"
+                );
+            }
             return;
         }
     };
+    // Before `child`, so dropped after it: the shell is reaped (or handed
+    // to tokio's reaping) before the orphan reaper may take it.
+    let _shell = spawned.0;
+    let mut child = spawned.1;
     // After `child`, so dropped first: the group is killed while the
     // shell, its leader, is still unreaped.
     let mut group = Group {
@@ -616,27 +922,43 @@ async fn run_one(
                 }
             };
             match waited {
-                Ok(status) if status.success() => m.hook_ok(),
+                Ok(status) if status.success() => counts.ok(),
                 Ok(status) => {
-                    m.hook_failed("exit");
-                    tracing::warn!(node_id = ev.node_id, event = %ev.event, %status, "hook failed");
+                    if counts.failed(Failure::Exit, ev) {
+                        tracing::warn!(
+                            node_id = ev.node_id,
+                            event = %ev.event,
+                            seq = ev.seq,
+                            %status,
+                            "hook failed (later failures counted, and summed up at most once a minute)"
+                        );
+                    }
                 }
                 Err(e) => {
-                    m.hook_failed("wait");
-                    tracing::error!(error = %e, "cannot wait for hook");
+                    if counts.failed(Failure::Wait, ev) {
+                        tracing::error!(
+                            error = %e,
+                            node_id = ev.node_id,
+                            seq = ev.seq,
+                            "cannot wait for hook (later failures counted, and summed up at most once a minute)"
+                        );
+                    }
                 }
             }
         }
         Err(_) => {
             group.kill();
-            tracing::warn!(
-                node_id = ev.node_id,
-                event = %ev.event,
-                timeout_ms = opts.timeout.as_millis() as u64,
-                "hook timed out, killed with its process group"
-            );
             if tokio::time::timeout(kill_wait, child.wait()).await.is_ok() {
-                m.hook_failed("timeout");
+                if counts.failed(Failure::Timeout, ev) {
+                    tracing::warn!(
+                        node_id = ev.node_id,
+                        event = %ev.event,
+                        seq = ev.seq,
+                        timeout_ms = opts.timeout.as_millis() as u64,
+                        "hook timed out, killed with its process group (later failures counted, \
+                         and summed up at most once a minute)"
+                    );
+                }
                 return;
             }
             // Given up on, so that its slot is freed. `child` is dropped
@@ -644,17 +966,188 @@ async fn run_one(
             // SIGKILL (still our child, so still its id), and tokio's
             // orphan queue reaps it once it ends. `group` is no longer
             // live: its id is never used again, reaped or not.
+            // Each logged: a process that may never end, which someone
+            // will have to look for (these are few: each holds its slot
+            // for its timeout and the kill wait).
             m.hook_failed(UNKILLABLE);
             tracing::error!(
                 node_id = ev.node_id,
                 event = %ev.event,
                 pid = group.pgid,
+                timeout_ms = opts.timeout.as_millis() as u64,
                 kill_wait_ms = kill_wait.as_millis() as u64,
-                "hook still running after SIGKILL (uninterruptible sleep, such as on a hung NFS or \
+                "hook timed out and still running after SIGKILL (uninterruptible sleep, such as on a hung NFS or \
                  FUSE mount?): its slot is freed, it is reaped whenever it ends"
             );
         }
     }
+}
+
+/// The hook shells started and not yet reaped by their tasks (nor handed
+/// to tokio's own reaping, by a task that let go of its shell unreaped):
+/// the orphan reaper leaves these alone. Held across a spawn and the
+/// noting of its pid ([`spawn_shell`]), and across the reaper's look at a
+/// child and its reaping, so that a shell that exits at once is never
+/// taken for an orphan: its task gets its status.
+static SHELLS: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+
+/// The orphan reaper runs (once per process).
+static REAPING: AtomicBool = AtomicBool::new(false);
+
+fn shells() -> MutexGuard<'static, BTreeSet<i32>> {
+    // A set of pids: nothing in it is left half-changed by a panic.
+    SHELLS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A hook's shell, in [`SHELLS`] until this is dropped, after its
+/// `Child`: reaped by then, or handed to tokio's orphan queue. Then the
+/// orphan reaper may reap it first, which tokio takes as reaped.
+struct Shell(i32);
+
+impl Drop for Shell {
+    fn drop(&mut self) {
+        shells().remove(&self.0);
+    }
+}
+
+/// A hook's shell to start on the spawner thread, and where to say how
+/// it went.
+struct Spawn {
+    cmd: Command,
+    /// The runtime the shell's pipes and exit are watched on.
+    runtime: tokio::runtime::Handle,
+    reply: oneshot::Sender<std::io::Result<(Shell, Child)>>,
+}
+
+/// The spawner thread's queue, once it is started; never dropped, so the
+/// thread lives as long as the process.
+static SPAWNER: Mutex<Option<std::sync::mpsc::Sender<Spawn>>> = Mutex::new(None);
+
+/// Starts a hook's shell from the spawner thread. Its parent-death signal
+/// (see `run_one`) comes when the thread that forked it exits: a runtime
+/// worker may end before the process does (one given up by
+/// `block_in_place`, a blocking-pool thread idle 10 s), which would kill a
+/// hook running then.
+async fn spawn_hook(cmd: Command) -> std::io::Result<(Shell, Child)> {
+    let gone = || std::io::Error::other("the hook spawner thread is gone");
+    let (reply, answer) = oneshot::channel();
+    let spawn = Spawn {
+        cmd,
+        runtime: tokio::runtime::Handle::current(),
+        reply,
+    };
+    spawner()?.send(spawn).map_err(|_| gone())?;
+    answer.await.map_err(|_| gone())?
+}
+
+/// The spawner thread's queue, started first if need be.
+fn spawner() -> std::io::Result<std::sync::mpsc::Sender<Spawn>> {
+    let mut spawner = SPAWNER.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(tx) = &*spawner {
+        return Ok(tx.clone());
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<Spawn>();
+    std::thread::Builder::new()
+        .name("hb-hook-spawn".into())
+        .spawn(move || {
+            for Spawn {
+                mut cmd,
+                runtime,
+                reply,
+            } in rx
+            {
+                let _runtime = runtime.enter();
+                if let Err(Ok((shell, child))) = reply.send(spawn_shell(&mut cmd)) {
+                    // Its task is gone (shutdown): so is the hook.
+                    if shell.0 > 0 {
+                        // SAFETY: kill(2) of the group our unreaped child
+                        // leads.
+                        unsafe { libc::kill(-shell.0, libc::SIGKILL) };
+                    }
+                    drop(child);
+                    drop(shell);
+                }
+            }
+        })?;
+    *spawner = Some(tx.clone());
+    Ok(tx)
+}
+
+/// Starts a hook's shell, and notes it in [`SHELLS`] before the orphan
+/// reaper can see it exit.
+fn spawn_shell(cmd: &mut Command) -> std::io::Result<(Shell, Child)> {
+    let mut shells = shells();
+    let child = cmd.spawn()?;
+    // Known until the child is reaped, which it cannot be yet.
+    let pid = child.id().map_or(0, |pid| pid as i32);
+    shells.insert(pid);
+    Ok((Shell(pid), child))
+}
+
+/// Reaps the monitor's children that are not hook shells, at each SIGCHLD
+/// and every [`REAP_EVERY`]; runs only when the monitor is PID 1. Then it
+/// adopts every process orphaned in its PID namespace: a hook's `cmd &`
+/// killed when its shell exits, a hook's `curl` killed with its shell at
+/// the timeout, whatever `setsid -f` started, once it ends. No init is
+/// there to reap them: their zombies would pile up until the pid limit,
+/// and hooks, and the monitor's own threads, could not start.
+async fn reap_orphans() {
+    let mut sigchld = signal(SignalKind::child())
+        .inspect_err(|e| {
+            tracing::warn!(error = %e, "no SIGCHLD handler: orphans reaped every second only");
+        })
+        .ok();
+    loop {
+        match &mut sigchld {
+            Some(sigchld) => {
+                let _ = tokio::time::timeout(REAP_EVERY, sigchld.recv()).await;
+            }
+            None => tokio::time::sleep(REAP_EVERY).await,
+        }
+        reap_orphans_now();
+    }
+}
+
+/// Reaps the children that have exited and are not hook shells, up to
+/// [`REAP_MOST`], and says how many. A hook shell that has exited and is
+/// not reaped yet by its task ends the look when the kernel finds it
+/// first (its task reaps it within moments; the next look, at the next
+/// SIGCHLD or within [`REAP_EVERY`], goes on past it).
+fn reap_orphans_now() -> usize {
+    let shells = shells();
+    let mut reaped = 0;
+    for _ in 0..REAP_MOST {
+        // SAFETY: a zeroed siginfo_t is valid, and waitid(2) only writes
+        // it; with WNOHANG its pid stays 0 while no child has exited, and
+        // WNOWAIT leaves the child unreaped.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::waitid(
+                libc::P_ALL,
+                0,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        if r != 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            break; // ECHILD: no child at all.
+        }
+        // SAFETY: as above.
+        let pid = unsafe { info.si_pid() };
+        if pid == 0 || shells.contains(&pid) {
+            break;
+        }
+        // SAFETY: waitpid(2) of a child that has exited, not a hook shell;
+        // under the lock, so no shell can have taken its id since.
+        if unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) } != pid {
+            break;
+        }
+        reaped += 1;
+    }
+    reaped
 }
 
 /// Waits until the hook's shell `pid` has exited, without reaping it: the
@@ -1239,6 +1732,7 @@ mod tests {
             hook(command, 1, Duration::from_secs(1), 4),
             m.clone(),
             Duration::from_millis(300),
+            FAILURES_EVERY,
         );
         h.submit(&ev(1));
         h.submit(&ev(2)); // waits for the only slot
@@ -1323,6 +1817,305 @@ mod tests {
         assert!(at("end 1") < at("start 2"), "{all:?}");
         h.shutdown(Duration::from_secs(5)).await;
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Whether this process is a test's child ([`run_child_test`]): the
+    /// test then runs its child's part (not an ignored test: the test
+    /// runner fails a run with any).
+    fn test_child() -> bool {
+        std::env::var_os("HB_TEST_CHILD").is_some()
+    }
+
+    /// A runtime for a child's part.
+    fn child_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// Runs `test` of this module in a process of its own, where it runs
+    /// its child's part ([`test_child`]): the test binary again, with
+    /// `HB_TEST_CHILD` set, started by `cmd` (`args` first). Its output,
+    /// once it has passed.
+    fn run_child_test(cmd: &str, args: &[&str], test: &str) -> String {
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(cmd)
+            .args(args)
+            .arg(&exe)
+            .args(["--exact", &format!("monitor::hooks::tests::{test}")])
+            .args(["--test-threads=1", "--nocapture"])
+            .env("HB_TEST_CHILD", "1")
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+        let text = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "{cmd} {args:?}: {}\n{text}",
+            out.status
+        );
+        assert!(text.contains("1 passed"), "{text}");
+        text
+    }
+
+    /// The zombies among `parent`'s children, as `pid comm`.
+    fn zombies_of(parent: u32) -> Vec<String> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let Some((head, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            let mut fields = rest.split_whitespace();
+            let (state, ppid) = (fields.next(), fields.next());
+            if state == Some("Z") && ppid == Some(parent.to_string().as_str()) {
+                found.push(head.replace(" (", " "));
+            }
+        }
+        found
+    }
+
+    /// As PID 1 of a PID namespace (a container's entrypoint with no
+    /// init), the monitor adopts what its hooks leave behind when their
+    /// shells die, and reaps it: a background `sleep` killed when its
+    /// hook's shell exits, or one killed with its shell at the timeout.
+    /// Hooks that end at once, meanwhile, are still waited for by their
+    /// own tasks (none counted as `reason="wait"`).
+    #[test]
+    fn orphans_are_reaped_when_the_monitor_is_pid_1() {
+        if test_child() {
+            return child_runtime().block_on(as_pid_1_orphans_are_reaped());
+        }
+        run_child_test(
+            "unshare",
+            &["--pid", "--fork", "--mount-proc", "--kill-child"],
+            "orphans_are_reaped_when_the_monitor_is_pid_1",
+        );
+    }
+
+    /// The child's part of [`orphans_are_reaped_when_the_monitor_is_pid_1`],
+    /// as PID 1.
+    async fn as_pid_1_orphans_are_reaped() {
+        assert_eq!(std::process::id(), 1, "not in a PID namespace of its own");
+        const EVENTS: u64 = 30;
+        let m = Arc::new(Metrics::new());
+        // Of every three: one leaves a `sleep` in the background, one
+        // times out in a `sleep`, one ends at once.
+        let h = Hooks::start(
+            hook(
+                "case $((HB_SEQ % 3)) in 0) sleep 30 & ;; 1) sleep 30 ;; esac; true".into(),
+                4,
+                Duration::from_millis(300),
+                EVENTS as usize,
+            ),
+            m.clone(),
+        );
+        for seq in 1..=EVENTS {
+            h.submit(&Event {
+                node_id: seq as u32,
+                ..crate::monitor::events::test_event(seq)
+            });
+        }
+        wait_for(&m, |m| m.hooks_ok() + m.hook_failures("timeout") == EVENTS).await;
+        assert_eq!(m.hook_failures("timeout"), EVENTS / 3);
+        assert_eq!(m.hook_failures("wait"), 0);
+        for _ in 0..250 {
+            if zombies_of(1).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(zombies_of(1), Vec::<String>::new(), "orphans left unreaped");
+        h.shutdown(Duration::from_secs(5)).await;
+    }
+
+    /// A monitor killed outright (SIGKILL, the OOM killer) runs no
+    /// shutdown: the kernel kills each hook's shell then (a parent-death
+    /// signal), not leaving it to run on its own. Here the "monitor" is
+    /// the test binary again, running a hook that sleeps.
+    #[test]
+    fn a_hooks_shell_dies_with_a_monitor_killed_outright() {
+        if test_child() {
+            return child_runtime().block_on(a_monitor_to_kill());
+        }
+        let dir = test_dir("pdeathsig");
+        let pid_file = dir.join("pid");
+        let exe = std::env::current_exe().unwrap();
+        let mut monitor = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                "monitor::hooks::tests::a_hooks_shell_dies_with_a_monitor_killed_outright",
+            ])
+            .args(["--test-threads=1"])
+            .env("HB_TEST_CHILD", "1")
+            .env("HB_TEST_PID_FILE", &pid_file)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut shell = None;
+        for _ in 0..500 {
+            if let Ok(text) = std::fs::read_to_string(&pid_file) {
+                shell = text.trim().parse::<i32>().ok();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        monitor.kill().unwrap();
+        monitor.wait().unwrap();
+        let shell = shell.expect("the hook did not start");
+        let mut dead = false;
+        for _ in 0..100 {
+            dead = gone(shell);
+            if dead {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The rest of its process group (its `sleep`) lives on: killed
+        // here. The group outlives its leader, so its id is still its.
+        // SAFETY: plain kill(2) of the group the hook's shell led.
+        unsafe { libc::kill(-shell, libc::SIGKILL) };
+        assert!(dead, "the hook's shell {shell} outlived the monitor by 2 s");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The child's part of [`a_hooks_shell_dies_with_a_monitor_killed_outright`]:
+    /// the monitor, killed.
+    async fn a_monitor_to_kill() {
+        let pid_file = std::env::var("HB_TEST_PID_FILE").unwrap();
+        let m = Arc::new(Metrics::new());
+        let h = Hooks::start(
+            hook(
+                format!("echo $$ > {pid_file}.tmp; mv {pid_file}.tmp {pid_file}; sleep 60; true"),
+                1,
+                Duration::from_secs(60),
+                1,
+            ),
+            m.clone(),
+        );
+        h.submit(&ev(1));
+        // Killed long before this.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+
+    /// A hook failing for every event logs its first failure in full, and
+    /// the later ones in one line (here at shutdown, less than a minute
+    /// on), not a line each: a pager down in a partition of a large fleet
+    /// would log one per event, and journald would then hide every line.
+    /// The counter still counts every failure.
+    // One thread: every line is logged on it, where it is captured.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_run_of_failing_hooks_is_logged_in_two_lines() {
+        const FAILING: u64 = 20;
+        let warnings = Warnings::of("hb::monitor::hooks");
+        let _log = warnings.capture();
+        let m = Arc::new(Metrics::new());
+        let h = Hooks::start(
+            hook(
+                format!("[ $HB_SEQ -gt {FAILING} ] || exit 3"),
+                4,
+                Duration::from_secs(30),
+                64,
+            ),
+            m.clone(),
+        );
+        for seq in 1..=FAILING {
+            h.submit(&Event {
+                node_id: seq as u32,
+                ..crate::monitor::events::test_event(seq)
+            });
+        }
+        wait_for(&m, |m| m.hook_failures("exit") == FAILING).await;
+        h.submit(&ev(FAILING as u32 + 1));
+        wait_for(&m, |m| m.hooks_ok() == 1).await;
+        h.shutdown(Duration::from_secs(10)).await;
+        let lines = warnings.taken();
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(lines[0].message.starts_with("hook failed"), "{lines:#?}");
+        assert!(lines[0].field("status").is_some(), "{lines:#?}");
+        assert!(lines[0].field("node_id").is_some(), "{lines:#?}");
+        let summary = &lines[1];
+        assert!(summary.message.contains("succeed again"), "{lines:#?}");
+        assert_eq!(summary.field("failed"), Some("19"), "{lines:#?}");
+        assert_eq!(summary.field("exit"), Some("19"), "{lines:#?}");
+        assert_eq!(summary.field("timeout"), Some("0"), "{lines:#?}");
+    }
+
+    /// What `Failures` says, and when, on a clock of its own: a line at
+    /// most every `every`, the first failure of a run in full, the others
+    /// summed up while they go on, once hooks succeed again, and at
+    /// shutdown; failing for every other event logs no more.
+    #[test]
+    fn failures_are_summed_up_at_most_once_per_period() {
+        const EVERY: Duration = Duration::from_secs(60);
+        let warnings = Warnings::of("hb::monitor::hooks");
+        let _log = warnings.capture();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let said = || warnings.taken().len();
+        let mut f = Failures::every(EVERY);
+        // The first failure: its caller logs it.
+        assert!(f.failed(Failure::Exit, 1, at(0)));
+        assert_eq!(f.due(), None);
+        for seq in 2..=100 {
+            assert!(!f.failed(Failure::Timeout, seq, at(1)));
+        }
+        assert_eq!(said(), 0);
+        assert_eq!(f.due(), Some(at(60)));
+        // Due: still failing.
+        f.flush(at(60));
+        let lines = warnings.taken();
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert!(
+            lines[0].message.contains("since the last line"),
+            "{lines:#?}"
+        );
+        assert_eq!(lines[0].field("failed"), Some("99"));
+        assert_eq!(lines[0].field("timeout"), Some("99"));
+        assert_eq!(lines[0].field("first_seq"), Some("2"));
+        assert_eq!(lines[0].field("last_seq"), Some("100"));
+        assert_eq!(f.due(), None);
+        // Failing and succeeding in turn, for ten minutes: a line a
+        // minute, no more, never the first failure in full again.
+        for i in 0..600 {
+            assert!(!f.failed(Failure::Spawn, 101 + i, at(61 + i)));
+            f.succeeded(at(61 + i));
+        }
+        assert_eq!(said(), 1 + 10, "{:#?}", warnings.taken());
+        // One more, then hooks succeed: said when due, as such.
+        assert!(!f.failed(Failure::Spawn, 701, at(661)));
+        f.succeeded(at(661));
+        assert_eq!(f.due(), Some(at(720)));
+        f.flush(at(720));
+        let last = warnings.taken().pop().unwrap();
+        assert!(last.message.contains("succeed again"), "{last:#?}");
+        assert_eq!(last.field("failed"), Some("1"));
+        assert_eq!(f.due(), None);
+        assert!(!f.say());
+        // At shutdown, what is left is said at once.
+        assert!(!f.failed(Failure::Exit, 702, at(721)));
+        assert!(f.say());
+        // Hooks succeed, and a minute with no line later a failure is
+        // logged in full again.
+        f.succeeded(at(790));
+        assert!(f.failed(Failure::Wait, 1000, at(800)));
+        f.succeeded(at(800));
+        assert_eq!(f.due(), None);
+        assert!(!f.say());
+        let counted: u64 = warnings
+            .taken()
+            .iter()
+            .filter_map(|l| l.field("failed")?.parse::<u64>().ok())
+            .sum();
+        // Every failure but the two logged in full is counted in a line.
+        assert_eq!(counted, 99 + 600 + 1 + 1, "{:#?}", warnings.taken());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
