@@ -2195,8 +2195,23 @@ fn same_traffic_same_states_native_and_userspace() {
     write_private(&dir_us.path("keyring.toml"), &keyring_text(&[1]));
     // A pause on top of the 50 ms rhythm, so that a scheduling hiccup of
     // the loaded test host does not make one monitor alone see a
-    // suspect/alive pair (the two ticks run at different phases).
-    let args = ["--nodes", "1-6", "--acceptable-pause-ms", "300"];
+    // suspect/alive pair (the two ticks run at different phases). `dead`
+    // after 6 intervals of silence, not 3: at 50 ms phi went from 8 to 12
+    // (and past 3 intervals) in 21 ms, one 20 ms tick, which a monitor
+    // whose tick came a few ms late on a loaded host missed: `dead` with
+    // no `suspect` in one mode only. Now some 8 ticks see the crashed
+    // nodes suspect first. No stall allowance: what the loaded host's
+    // hiccups taught each gate would put off suspicion towards `dead`.
+    let args = [
+        "--nodes",
+        "1-6",
+        "--acceptable-pause-ms",
+        "300",
+        "--dead-min-intervals",
+        "6",
+        "--stall-factor",
+        "0",
+    ];
     let native = Monitor::start_on(&pair, &dir, "native", PORT, LISTEN, &args);
     let user = Monitor::start_on(&pair, &dir_us, "userspace", US_PORT, US_LISTEN, &args);
     let both = [&native, &user];
