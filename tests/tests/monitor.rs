@@ -922,7 +922,16 @@ fn fragments_are_malformed(mode: &str) {
 
 fn replayed_and_forged_never_refresh(mode: &str) {
     let (pair, dir) = setup("mreplay", &[1]);
-    let m = Monitor::start(&pair, &dir, mode, &["--nodes", "11"]);
+    // A 1 s pause: the node must not be suspected, let alone declared
+    // dead, before the replays start, which is after the wait below for
+    // its last heartbeats and a read of its events: on a loaded host that
+    // can take longer than the ~180 ms of silence `dead` needs at 50 ms.
+    let m = Monitor::start(
+        &pair,
+        &dir,
+        mode,
+        &["--nodes", "11", "--acceptable-pause-ms", "1000"],
+    );
     let beat = Beat::start(vec![Node::new(&pair, 11, 1)]);
     m.wait_event(11, "joined", Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(5 * INTERVAL_MS));
