@@ -1172,12 +1172,16 @@ fn http_api(mode: &str) {
     stranger.raw(&[0u8; 10]);
     let mut s2 = Node::new(&pair, 77, 1);
     s2.send(0);
-    // Until both are counted (and the unknown node reported), ACKs sent.
+    // Until both are counted (and the unknown node reported), ACKs sent,
+    // and the heartbeats they answered counted: the tick reads the gate's
+    // counters one at a time, so `ack_sent`, read after `accepted`, can
+    // count a heartbeat that `accepted` does not yet.
     let text = wait_metrics(&pair.a, |t| {
         try_metric(t, "hb_packets_total{result=\"malformed\"}") >= Some(1)
             && try_metric(t, "hb_packets_total{result=\"unknown_node\"}") >= Some(1)
             && try_metric(t, "hb_unknown_node_reports_total") >= Some(1)
             && try_metric(t, "hb_dataplane_total{counter=\"ack_sent\"}") >= Some(2)
+            && try_metric(t, "hb_packets_total{result=\"accepted\"}") >= Some(2)
     });
 
     let (code, body) = http(&pair.a, "/healthz");
