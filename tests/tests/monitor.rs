@@ -1951,7 +1951,17 @@ fn native_falls_back_to_skb_where_the_driver_cannot() {
 #[test]
 fn the_monitor_stops_when_its_interface_goes_away() {
     let (pair, dir) = setup("mgone", &[1]);
-    let mut m = Monitor::start(&pair, &dir, "native", &["--nodes", "1"]);
+    // A 1 s pause: node 1 is silent from its join on, and must not be
+    // judged while the test goes on to delete the interface (on a loaded
+    // host that can take longer than the ~155 ms of silence `suspect`
+    // needs at 50 ms). A monitor that went on without its gate would
+    // still declare it dead long before the 10 s below.
+    let mut m = Monitor::start(
+        &pair,
+        &dir,
+        "native",
+        &["--nodes", "1", "--acceptable-pause-ms", "1000"],
+    );
     let mut node = Node::new(&pair, 1, 1);
     m.wait_joined(&mut node);
     assert_eq!(http(&pair.a, "/healthz"), (200, "ok\n".into()));
@@ -1983,7 +1993,21 @@ fn losing_one_of_several_interfaces_stops_the_monitor() {
         .ip(&["link", "add", BRIDGE, "type", "bridge"])
         .expect("bridge interface");
     pair.a.ip(&["link", "set", BRIDGE, "up"]).expect("up");
-    let mut m = Monitor::start(&pair, &dir, "skb", &["--nodes", "1", "--iface", BRIDGE]);
+    // A 1 s pause, as above: node 1 is silent from its join until the
+    // bridge is gone.
+    let mut m = Monitor::start(
+        &pair,
+        &dir,
+        "skb",
+        &[
+            "--nodes",
+            "1",
+            "--iface",
+            BRIDGE,
+            "--acceptable-pause-ms",
+            "1000",
+        ],
+    );
     let mut node = Node::new(&pair, 1, 1);
     m.wait_joined(&mut node);
     pair.a
