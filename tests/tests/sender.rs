@@ -298,6 +298,22 @@ fn sender_heartbeats_acks_and_leaving() {
             dump_log()
         );
     }
+    // Step 6 resumes at what the saver thread stored, and the sender does
+    // not wait for that thread at exit: on a loaded disk its fsync can
+    // take longer than the heartbeats above, and SIGTERM then left 300 in
+    // the file. Wait until 150 is stored.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match hb::send::resume::load(state.path()) {
+            Ok(Some(s)) if s.ms == 150 => break,
+            stored => assert!(
+                Instant::now() < deadline,
+                "150 ms not stored within 10 s: {stored:?}\n{}",
+                dump_log()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 
     // 5. SIGTERM: one LEAVING heartbeat to every monitor, exit 0.
     let pid = sender.0.as_ref().unwrap().id() as i32;
