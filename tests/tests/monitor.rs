@@ -254,9 +254,12 @@ impl Monitor {
         }
     }
 
+    /// The events written so far: whole lines only (a read racing the
+    /// monitor's write may end in the middle of one).
     fn events(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.events)
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(&self.events).unwrap_or_default();
+        let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+        whole
             .lines()
             .map(|l| serde_json::from_str(l).expect("event line is JSON"))
             .collect()
