@@ -466,6 +466,9 @@ async fn dispatch(
     // it): its event never ran either.
     d.runs.set.abort_all();
     while d.runs.set.join_next().await.is_some() {}
+    // A hook that failed on another worker between the line above and the
+    // abort: said too (nothing, if none did).
+    d.runs.failures().say();
     let killed = d.runs.killed.load(Ordering::Relaxed);
     never_run += d.runs.unstarted.load(Ordering::Relaxed);
     for _ in 0..never_run {
