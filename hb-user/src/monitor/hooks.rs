@@ -867,10 +867,11 @@ async fn run_one(opts: &HookOptions, kill_wait: Duration, ev: &Event, counts: Co
     }
     let spawned = spawn_hook(cmd).await;
     // Aborted before this (shutdown), it counts as never started: if the
-    // spawner thread started the shell meanwhile, it killed it.
+    // spawner thread started the shell meanwhile, it is killed with its
+    // process group (`Started`).
     unstarted.fetch_sub(1, Ordering::Relaxed);
     let spawned = match spawned {
-        Ok(spawned) => spawned,
+        Ok(spawned) => spawned.take(),
         Err(e) => {
             if counts.failed(Failure::Spawn, ev) {
                 tracing::error!(
@@ -986,6 +987,36 @@ async fn run_one(opts: &HookOptions, kill_wait: Duration, ev: &Event, counts: Co
     }
 }
 
+/// A hook's shell just started, on its way from the spawner thread to its
+/// task: until the task takes it (and watches it in a [`Group`]), it is
+/// killed here with its whole process group if dropped, not only the
+/// shell (`kill_on_drop`): its task is gone (the shutdown grace ran out,
+/// or the runtime is going away), whether before the spawner's answer or
+/// after it was sent and before it was received.
+struct Started(Option<(Shell, Child)>);
+
+impl Started {
+    /// The shell, for its task to watch: no longer killed here.
+    fn take(mut self) -> (Shell, Child) {
+        self.0.take().expect("taken once, by value")
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if let Some((shell, child)) = self.0.take() {
+            if shell.0 > 0 {
+                // SAFETY: kill(2) of the group our unreaped child leads.
+                unsafe { libc::kill(-shell.0, libc::SIGKILL) };
+            }
+            // Reaped by tokio's orphan queue, before `shell` lets the
+            // orphan reaper take it.
+            drop(child);
+            drop(shell);
+        }
+    }
+}
+
 /// The hook shells started and not yet reaped by their tasks (nor handed
 /// to tokio's own reaping, by a task that let go of its shell unreaped):
 /// the orphan reaper leaves these alone. Held across a spawn and the
@@ -1019,7 +1050,7 @@ struct Spawn {
     cmd: Command,
     /// The runtime the shell's pipes and exit are watched on.
     runtime: tokio::runtime::Handle,
-    reply: oneshot::Sender<std::io::Result<(Shell, Child)>>,
+    reply: oneshot::Sender<std::io::Result<Started>>,
 }
 
 /// The spawner thread's queue, once it is started; never dropped, so the
@@ -1031,7 +1062,7 @@ static SPAWNER: Mutex<Option<std::sync::mpsc::Sender<Spawn>>> = Mutex::new(None)
 /// worker may end before the process does (one given up by
 /// `block_in_place`, a blocking-pool thread idle 10 s), which would kill a
 /// hook running then.
-async fn spawn_hook(cmd: Command) -> std::io::Result<(Shell, Child)> {
+async fn spawn_hook(cmd: Command) -> std::io::Result<Started> {
     let gone = || std::io::Error::other("the hook spawner thread is gone");
     let (reply, answer) = oneshot::channel();
     let spawn = Spawn {
@@ -1060,16 +1091,9 @@ fn spawner() -> std::io::Result<std::sync::mpsc::Sender<Spawn>> {
             } in rx
             {
                 let _runtime = runtime.enter();
-                if let Err(Ok((shell, child))) = reply.send(spawn_shell(&mut cmd)) {
-                    // Its task is gone (shutdown): so is the hook.
-                    if shell.0 > 0 {
-                        // SAFETY: kill(2) of the group our unreaped child
-                        // leads.
-                        unsafe { libc::kill(-shell.0, libc::SIGKILL) };
-                    }
-                    drop(child);
-                    drop(shell);
-                }
+                // Its task gone (shutdown), the hook is killed (`Started`),
+                // here or wherever its answer is dropped unreceived.
+                drop(reply.send(spawn_shell(&mut cmd)));
             }
         })?;
     *spawner = Some(tx.clone());
@@ -1078,13 +1102,13 @@ fn spawner() -> std::io::Result<std::sync::mpsc::Sender<Spawn>> {
 
 /// Starts a hook's shell, and notes it in [`SHELLS`] before the orphan
 /// reaper can see it exit.
-fn spawn_shell(cmd: &mut Command) -> std::io::Result<(Shell, Child)> {
+fn spawn_shell(cmd: &mut Command) -> std::io::Result<Started> {
     let mut shells = shells();
     let child = cmd.spawn()?;
     // Known until the child is reaped, which it cannot be yet.
     let pid = child.id().map_or(0, |pid| pid as i32);
     shells.insert(pid);
-    Ok((Shell(pid), child))
+    Ok(Started(Some((Shell(pid), child))))
 }
 
 /// Reaps the monitor's children that are not hook shells, at each SIGCHLD
@@ -1581,6 +1605,47 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(gone(pid), "the hook's child outlived the runtime");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A shell the spawner thread started and handed over, but whose task
+    /// was dropped before it took it (the shutdown grace ran out, or the
+    /// runtime went away, in between): its whole process group is killed,
+    /// not only the shell. The spawner is held (by `SHELLS`) so that the
+    /// first shell is started only once its task waits; a second one,
+    /// started after it on the same thread, is answered only once the
+    /// first's answer was sent.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_shell_started_for_a_task_gone_meanwhile_is_killed_with_its_group() {
+        let dir = test_dir("unreceived");
+        let pid_file = dir.join("pid");
+        let shell = |command: String| {
+            let mut cmd = Command::new("/bin/sh");
+            cmd.arg("-c")
+                .arg(command)
+                .process_group(0)
+                .kill_on_drop(true);
+            cmd
+        };
+        let mut first = Box::pin(spawn_hook(shell(grandchild_sleep(&pid_file))));
+        {
+            let _spawner_held = shells();
+            // Never polled again: dropped below.
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            assert!(first.as_mut().poll(&mut cx).is_pending());
+        }
+        let second = spawn_hook(shell("true".into())).await.unwrap();
+        until("the first hook started its child", || pid_file.exists()).await;
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(!gone(pid));
+        // Its answer is sent and never received.
+        drop(first);
+        until("the unreceived hook's child killed", || gone(pid)).await;
+        drop(second);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
