@@ -753,7 +753,7 @@ impl AuthLog {
         }
         let now_per_node = nonzero(nodes());
         let moved = |i: usize| {
-            let mut v: Vec<(u32, u32)> = now_per_node
+            let v: Vec<(u32, u32)> = now_per_node
                 .iter()
                 .filter_map(|(&id, n)| {
                     let was = self.per_node.get(&id).map_or(0, |b| b[i]);
@@ -763,33 +763,23 @@ impl AuthLog {
                     (d > 0).then_some((id, d))
                 })
                 .collect();
-            v.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-            let examples = v
-                .iter()
-                .take(AUTH_EXAMPLES)
-                .map(|(id, d)| format!("{id} ({d})"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            (v.len(), examples)
+            examples(v, |&d| d.into(), |id, d| format!("{id} ({d})"))
         };
         let (tag_nodes, tag_examples) = moved(0);
         let (stale_nodes, stale_examples) = moved(1);
         self.per_node = now_per_node;
         if bad_tag + bad_epoch > 0 {
-            let mut epochs: Vec<(u32, (u64, u8))> = reported.into_iter().collect();
-            epochs.sort_unstable_by(|a, b| b.1.0.cmp(&a.1.0).then(a.0.cmp(&b.0)));
-            let epoch_examples = epochs
-                .iter()
-                .take(AUTH_EXAMPLES)
-                .map(|(id, (n, epoch))| format!("{id} at epoch {epoch} ({n})"))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let (epoch_nodes, epoch_examples) = examples(
+                reported.into_iter().collect(),
+                |&(n, _)| n,
+                |id, (n, epoch)| format!("{id} at epoch {epoch} ({n})"),
+            );
             tracing::warn!(
                 bad_tag,
                 bad_epoch,
                 bad_tag_nodes = tag_nodes,
                 bad_tag_examples = tag_examples,
-                bad_epoch_nodes = epochs.len(),
+                bad_epoch_nodes = epoch_nodes,
                 bad_epoch_examples = epoch_examples,
                 window_s = UNKNOWN_LOG_WINDOW_NS / 1_000_000_000,
                 "heartbeats of provisioned node ids failed authentication: bad_tag, a key \
@@ -821,6 +811,23 @@ impl AuthLog {
             );
         }
     }
+}
+
+/// How many nodes `v` holds, and the [`AUTH_EXAMPLES`] with the largest
+/// `count` (then the lowest ids) as `show` spells them, comma-separated.
+fn examples<T>(
+    mut v: Vec<(u32, T)>,
+    count: impl Fn(&T) -> u64,
+    show: impl Fn(u32, &T) -> String,
+) -> (usize, String) {
+    v.sort_unstable_by(|a, b| count(&b.1).cmp(&count(&a.1)).then(a.0.cmp(&b.0)));
+    let shown = v
+        .iter()
+        .take(AUTH_EXAMPLES)
+        .map(|(id, t)| show(*id, t))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (v.len(), shown)
 }
 
 /// The nodes with a bad_tag or stale count.
