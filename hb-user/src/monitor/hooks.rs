@@ -698,30 +698,22 @@ impl Failures {
             return false;
         }
         let f = std::mem::take(failed);
-        if *recovered {
+        let what = if *recovered {
             self.run = None;
-            tracing::warn!(
-                failed = f.count,
-                exit = f.exit,
-                timeout = f.timeout,
-                spawn = f.spawn,
-                wait = f.wait,
-                first_seq = f.first_seq,
-                last_seq = f.last_seq,
-                "hooks succeed again, after more failures than the one logged"
-            );
+            "hooks succeed again, after more failures than the one logged"
         } else {
-            tracing::warn!(
-                failed = f.count,
-                exit = f.exit,
-                timeout = f.timeout,
-                spawn = f.spawn,
-                wait = f.wait,
-                first_seq = f.first_seq,
-                last_seq = f.last_seq,
-                "hooks failed since the last line about them (not logged one by one)"
-            );
-        }
+            "hooks failed since the last line about them (not logged one by one)"
+        };
+        tracing::warn!(
+            failed = f.count,
+            exit = f.exit,
+            timeout = f.timeout,
+            spawn = f.spawn,
+            wait = f.wait,
+            first_seq = f.first_seq,
+            last_seq = f.last_seq,
+            "{what}"
+        );
         true
     }
 }
