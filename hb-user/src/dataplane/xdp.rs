@@ -175,13 +175,13 @@ struct AttachPlan {
     keep_attached: bool,
 }
 
-/// Expected value sizes, to refuse pinned maps of another layout.
-const VALUE_SIZES: [(&str, u32); 5] = [
+/// Expected value sizes of the node maps, to refuse pinned ones of
+/// another layout (the maps without node state are checked, and created
+/// afresh, before the load: [`STATELESS_MAPS`]).
+const VALUE_SIZES: [(&str, u32); 3] = [
     (names::NODE_INDEX, size_of::<index::Bucket>() as u32),
     (names::NODE_LIVE, size_of::<NodeLive>() as u32),
     (names::NODE_REST, size_of::<NodeRest>() as u32),
-    (names::COUNTERS, 8),
-    (names::CONFIG, size_of::<Config>() as u32),
 ];
 
 /// How long a wait on a node's sequence counter lasts before it gives up
@@ -1122,7 +1122,12 @@ const OLD_PINS: [&str; 2] = ["HB_NODE_KEYS", "HB_NODE_STATE"];
 /// The pinned maps that hold no node state, and what this hb creates them
 /// as: name, type, value size, entries (keys are u32 indexes; no flags).
 const STATELESS_MAPS: [(&str, MapType, u32, u32); 3] = [
-    (names::COUNTERS, MapType::PerCpuArray, 8, counter::LEN),
+    (
+        names::COUNTERS,
+        MapType::PerCpuArray,
+        size_of::<u64>() as u32,
+        counter::LEN,
+    ),
     (
         names::CONFIG,
         MapType::Array,
