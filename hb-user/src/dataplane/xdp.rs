@@ -175,6 +175,16 @@ struct AttachPlan {
     keep_attached: bool,
 }
 
+/// The file descriptor of an array map kept behind a lock (for `memlock`).
+fn locked_fd<T: aya::Pod>(m: &Mutex<Array<MapData, T>>) -> std::os::fd::RawFd {
+    m.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .map()
+        .fd()
+        .as_fd()
+        .as_raw_fd()
+}
+
 /// Expected value sizes of the node maps, to refuse pinned ones of
 /// another layout (the maps without node state are checked, and created
 /// afresh, before the load: [`STATELESS_MAPS`]).
@@ -2053,27 +2063,9 @@ impl XdpDataplane {
                 names::COUNTERS,
                 self.counters.map().fd().as_fd().as_raw_fd(),
             ),
-            (
-                names::CONFIG,
-                self.config
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .map()
-                    .fd()
-                    .as_fd()
-                    .as_raw_fd(),
-            ),
+            (names::CONFIG, locked_fd(&self.config)),
             (names::LIMITS, limits),
-            (
-                names::LOCAL_ADDRS,
-                self.local_addrs
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .map()
-                    .fd()
-                    .as_fd()
-                    .as_raw_fd(),
-            ),
+            (names::LOCAL_ADDRS, locked_fd(&self.local_addrs)),
         ];
         fds.iter()
             .map(|(name, fd)| {
