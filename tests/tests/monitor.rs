@@ -595,11 +595,22 @@ fn join(mode: &str) {
         "echo \"$HB_EVENT $HB_NODE_ID $HB_PREVIOUS nofile=$(ulimit -n)\" >> {}",
         hook_out.display()
     );
+    // A pause on top of the 50 ms rhythm: node 42 must be alive from its
+    // join through the `hb nodes` runs below, and a hiccup of the loaded
+    // test host's beat thread (~155 ms of silence) would make it suspect.
+    // Nothing here is about silence.
     let m = Monitor::start(
         &pair,
         &dir,
         mode,
-        &["--nodes", "1-3,42", "--on-event", &hook],
+        &[
+            "--nodes",
+            "1-3,42",
+            "--on-event",
+            &hook,
+            "--acceptable-pause-ms",
+            "1000",
+        ],
     );
     let beat = Beat::start(vec![
         Node::new(&pair, 1, 100),
@@ -1480,7 +1491,14 @@ fn monitor_restart(mode: &str) {
 /// key joins; one that cannot sign stays out.
 fn enroll(mode: &str) {
     let (pair, dir) = setup("menroll", &[1]);
-    let m = Monitor::start(&pair, &dir, mode, &["--nodes", "1", "--enroll"]);
+    // A pause on top of the 50 ms rhythm, as in `join`: node 500 must be
+    // alive after its join.
+    let m = Monitor::start(
+        &pair,
+        &dir,
+        mode,
+        &["--nodes", "1", "--enroll", "--acceptable-pause-ms", "1000"],
+    );
     let beat = Beat::start(vec![Node::new(&pair, 500, 3)]);
     let (e, _) = m.wait_event(500, "joined", Duration::from_secs(5));
     assert_eq!(e["generation"], 3);
