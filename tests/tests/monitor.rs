@@ -2610,7 +2610,9 @@ fn a_removal_just_before_sigterm_is_still_announced() {
     );
     let beat = Beat::start(vec![Node::new(&pair, 31, 1), Node::new(&pair, 32, 1)]);
     m.wait_event(31, "joined", Duration::from_secs(10));
-    m.wait_event(32, "joined", Duration::from_secs(1));
+    // A tick can fall between the two nodes' first heartbeats (sent one
+    // after the other): node 32 then joins a tick, 4 s, after node 31.
+    m.wait_event(32, "joined", Duration::from_secs(10));
     std::fs::write(&conf, "nodes = \"31\"\n").expect("write the config file");
     m.signal(libc::SIGHUP);
     m.wait_reloads(&pair, true, 1);
