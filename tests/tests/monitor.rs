@@ -455,6 +455,9 @@ struct Node {
     interval_ms: u32,
     sent: Vec<[u8; 48]>,
     last_sent: Option<Instant>,
+    /// Datagrams sent to `dst` (and each to `mirror` too), heartbeats or
+    /// not.
+    datagrams: std::cell::Cell<u64>,
 }
 
 impl Node {
@@ -476,6 +479,7 @@ impl Node {
             interval_ms: INTERVAL_MS as u32,
             sent: Vec::new(),
             last_sent: None,
+            datagrams: std::cell::Cell::new(0),
         }
     }
 
@@ -510,6 +514,7 @@ impl Node {
     }
 
     fn raw(&self, payload: &[u8]) {
+        self.datagrams.set(self.datagrams.get() + 1);
         self.sock.send_to(payload, self.dst).expect("send");
         if let Some(m) = self.mirror {
             self.sock.send_to(payload, m).expect("send mirrored");
@@ -2373,12 +2378,12 @@ fn same_traffic_same_states_native_and_userspace() {
     };
 
     // Everybody joins.
+    let mut stranger = node(77, 1);
     for r in 0..20 {
         for n in nodes.iter_mut() {
             n.send(0);
         }
         if r == 5 {
-            let mut stranger = node(77, 1);
             stranger.send(0);
             stranger.raw(&[0u8; 10]);
         }
@@ -2438,15 +2443,36 @@ fn same_traffic_same_states_native_and_userspace() {
             user.node_events(5)
         );
     }
-    // Let the last datagrams land, well within the 300 ms pause.
-    std::thread::sleep(Duration::from_millis(2 * INTERVAL_MS));
+    // Until each gate has a result for every datagram sent to it (its
+    // counters, which `/metrics` has from a tick): the tables, read live,
+    // then have every datagram too. A fixed 100 ms was too short for a
+    // monitor starved that long on a loaded host. Nodes 1 and 4 are silent
+    // from here on: this is soon over, well within the 300 ms pause.
+    let datagrams: u64 = nodes
+        .iter()
+        .chain([&old4, &stranger])
+        .map(|n| n.datagrams.get())
+        .sum();
+    let total = |p: &[(String, u64)]| p.iter().map(|(_, v)| v).sum::<u64>();
+    let deadline = Instant::now() + CATCH_UP;
+    let packets = loop {
+        let p = [packet_results(&pair, &native), packet_results(&pair, &user)];
+        if p.iter().all(|p| total(p) >= datagrams) || Instant::now() > deadline {
+            break p;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(
+        [total(&packets[0]), total(&packets[1])],
+        [datagrams; 2],
+        "one result per datagram: native, then userspace {packets:?}"
+    );
 
     let tables = [
         mode_free_table(&pair, &native),
         mode_free_table(&pair, &user),
     ];
     let events = [mode_free_events(&native), mode_free_events(&user)];
-    let packets = [packet_results(&pair, &native), packet_results(&pair, &user)];
     println!(
         "same traffic, both modes: {} heartbeat datagrams each ({:?}); nodes: {}",
         packets[0].iter().map(|(_, v)| v).sum::<u64>(),
