@@ -755,15 +755,19 @@ fn hb_nodes_gives_up_on_a_silent_resolver_at_its_timeout() {
 }
 
 fn crash_is_dead(mode: &str) {
-    // 100 ms heartbeats: there the 3 intervals of silence decide `dead`
-    // (at about 325 ms), well after phi reaches 8 (about 205 ms), and the
-    // 20 ms tick sees the node suspect some 6 times first. At 50 ms phi 12
-    // decided (about 176 ms, 21 ms after phi 8): one tick's chance, which a
-    // tick a few ms late on a loaded host missed, and the node went from
-    // alive to dead. No stall allowance either: this thread's hiccups on a
-    // loaded host taught one, which puts suspicion off towards `dead`, and
-    // past about 3 intervals skips it (README, "How nodes are judged").
-    const EVERY_MS: u64 = 100;
+    // 200 ms heartbeats: there the 3 intervals of silence decide `dead`
+    // (at about 625 ms), well after phi reaches 8 (about 305 ms), and the
+    // 20 ms tick sees the node suspect some 15 times first. At 50 ms phi
+    // 12 decided (about 176 ms, 21 ms after phi 8): one tick's chance,
+    // which a tick a few ms late on a loaded host missed, and the node
+    // went from alive to dead. At 100 ms (suspect at about 205 ms, dead at
+    // 325) a monitor starved for those 120 ms did the same: the first tick
+    // after such a gap announces only good news, the next one found the
+    // node past both thresholds. No stall allowance either: this thread's
+    // hiccups on a loaded host taught one, which puts suspicion off
+    // towards `dead`, and past about 3 intervals skips it (README, "How
+    // nodes are judged").
+    const EVERY_MS: u64 = 200;
     let (pair, dir) = setup("mcrash", &[1]);
     let m = Monitor::start(&pair, &dir, mode, &["--nodes", "7", "--stall-factor", "0"]);
     let beat = Beat::every(EVERY_MS, vec![Node::new(&pair, 7, 1)]);
