@@ -2348,19 +2348,23 @@ fn same_traffic_same_states_native_and_userspace() {
     // A pause on top of the 50 ms rhythm, so that a scheduling hiccup of
     // the loaded test host does not make one monitor alone see a
     // suspect/alive pair (the two ticks run at different phases). `dead`
-    // after 6 intervals of silence, not 3: at 50 ms phi went from 8 to 12
+    // after 10 intervals of silence, not 3: at 50 ms phi went from 8 to 12
     // (and past 3 intervals) in 21 ms, one 20 ms tick, which a monitor
     // whose tick came a few ms late on a loaded host missed: `dead` with
-    // no `suspect` in one mode only. Now some 8 ticks see the crashed
-    // nodes suspect first. No stall allowance: what the loaded host's
-    // hiccups taught each gate would put off suspicion towards `dead`.
+    // no `suspect` in one mode only. At 6 intervals (suspect at about
+    // 455 ms, dead at 635) a monitor starved for those 180 ms did the
+    // same: the first tick after such a gap announces only good news, the
+    // next one found the node past both thresholds. Now the crashed nodes
+    // are suspect for some 380 ms (dead at about 835 ms) first. No stall
+    // allowance: what the loaded host's hiccups taught each gate would put
+    // off suspicion towards `dead`.
     let args = [
         "--nodes",
         "1-6",
         "--acceptable-pause-ms",
         "300",
         "--dead-min-intervals",
-        "6",
+        "10",
         "--stall-factor",
         "0",
     ];
