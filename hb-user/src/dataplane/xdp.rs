@@ -186,8 +186,8 @@ fn locked_fd<T: aya::Pod>(m: &Mutex<Array<MapData, T>>) -> std::os::fd::RawFd {
 }
 
 /// Expected value sizes of the node maps, to refuse pinned ones of
-/// another layout (the maps without node state are checked, and created
-/// afresh, before the load: [`STATELESS_MAPS`]).
+/// another layout ([`check_node_pin`]; the maps without node state are
+/// checked, and created afresh, by [`reconcile_stateless_pins`]).
 const VALUE_SIZES: [(&str, u32); 3] = [
     (names::NODE_INDEX, size_of::<index::Bucket>() as u32),
     (names::NODE_LIVE, size_of::<NodeLive>() as u32),
@@ -1262,6 +1262,11 @@ fn reconcile_node_pins(dir: &Path) -> anyhow::Result<NodePins> {
             Ok(NodePins::AsTheyAre)
         };
     }
+    for (name, value_size) in VALUE_SIZES {
+        if pinned(&name) {
+            check_node_pin(dir, name, value_size)?;
+        }
+    }
     let capacity = pinned_max_entries(&dir.join(names::NODE_LIVE))?;
     let want = index::buckets_for(capacity);
     if index {
@@ -1286,6 +1291,52 @@ fn reconcile_node_pins(dir: &Path) -> anyhow::Result<NodePins> {
         );
     }
     Ok(NodePins::RebuildIndex { capacity })
+}
+
+/// `BPF_F_MMAPABLE` (uapi `linux/bpf.h`): the node maps are created with
+/// it, and read and written through their mappings.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Refuses the node map `name` pinned in `dir` unless it is what this hb
+/// creates: an array (keys of 4 bytes) of `value_size`-byte values,
+/// mappable. Adopted as it was, one of another type or flags failed later
+/// and obscurely (the mapping of a map without `BPF_F_MMAPABLE` fails),
+/// or was read as if it fitted. It holds node state: not removed, but
+/// named, with what differs and what to do.
+fn check_node_pin(dir: &Path, name: &str, value_size: u32) -> anyhow::Result<()> {
+    let path = dir.join(name);
+    let info = aya::maps::MapInfo::from_pin(&path)
+        .with_context(|| format!("cannot read the pinned map {}", path.display()))?;
+    let mut differs = Vec::new();
+    match info.map_type() {
+        Ok(MapType::Array) => {}
+        Ok(t) => differs.push(format!("type {t:?}, expected Array")),
+        Err(_) => differs.push("a type this hb does not know, expected Array".to_owned()),
+    }
+    if info.key_size() != 4 {
+        differs.push(format!("keys of {} bytes, expected 4", info.key_size()));
+    }
+    if info.value_size() != value_size {
+        differs.push(format!(
+            "values of {} bytes, expected {value_size}",
+            info.value_size()
+        ));
+    }
+    if info.map_flags() != BPF_F_MMAPABLE {
+        differs.push(format!(
+            "flags {:#x}, expected {BPF_F_MMAPABLE:#x} (BPF_F_MMAPABLE)",
+            info.map_flags()
+        ));
+    }
+    if differs.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "pinned map {name} is not what this hb creates ({}): it was left by another hb version \
+         or made by hand; remove {} (losing node state) or run the matching version",
+        differs.join("; "),
+        dir.display()
+    )
 }
 
 /// The XDP links kept in `dir` (`link_IF`), with the interface each was
@@ -1661,23 +1712,6 @@ impl XdpDataplane {
         let mut ebpf = loader
             .load(opts.object.unwrap_or(crate::EBPF_OBJECT))
             .map_err(load_error)?;
-
-        for (name, size) in VALUE_SIZES {
-            let map = ebpf
-                .map(name)
-                .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))?;
-            let info = match map {
-                Map::Array(m) | Map::HashMap(m) | Map::PerCpuArray(m) => m.info()?,
-                _ => bail!("map {name} has an unexpected type"),
-            };
-            if info.value_size() != size {
-                bail!(
-                    "pinned map {name} holds values of {} bytes, this hb expects {size}: it was left by another hb version; remove {} (losing node state) or run the matching version",
-                    info.value_size(),
-                    opts.pin_dir.as_deref().unwrap_or(Path::new("?")).display()
-                );
-            }
-        }
 
         for name in [names::PROGRAM, names::PASS, names::FLOOR] {
             xdp_program(&mut ebpf, name)?
