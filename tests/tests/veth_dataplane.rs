@@ -1290,6 +1290,64 @@ fn a_kept_gate_without_nodes_is_detached() {
     assert!(!has_xdp(&ns, &i0));
 }
 
+/// The id of the XDP program on `ifname`, if any.
+fn xdp_prog_id(ns: &NetNs, ifname: &str) -> Option<u32> {
+    let out = ns.ip(&["-d", "link", "show", ifname]).unwrap().stdout;
+    let out = String::from_utf8_lossy(&out);
+    let at = out.find("prog/xdp id ")? + "prog/xdp id ".len();
+    out[at..].split_whitespace().next()?.parse().ok()
+}
+
+/// A start whose attach fails on a later `--iface` (another XDP program
+/// there) puts the program an earlier run kept back into the links it had
+/// re-adopted: they kept the failed start's program, a monitor that never
+/// ran (after a failed upgrade, the new gate on some interfaces and the
+/// old on others).
+#[test]
+fn a_failed_attach_puts_the_kept_links_program_back() {
+    let (ns, [i0, i1]) = ns_with_veth("hbback");
+    let pins = PinDir::new("back");
+    let dp = ns
+        .run(|| XdpDataplane::open(&kept(&[&i0], &pins)))
+        .unwrap()
+        .unwrap();
+    dp.upsert_node(3, &keys(1)).unwrap();
+    drop(dp);
+    let kept_prog = xdp_prog_id(&ns, &i0).expect("kept attached");
+    let other = ns
+        .run(|| {
+            XdpDataplane::open(&XdpOptions {
+                interfaces: vec![i1.clone()],
+                max_nodes: Some(16),
+                ..XdpOptions::default()
+            })
+        })
+        .unwrap()
+        .unwrap();
+    let e = ns
+        .run(|| XdpDataplane::open(&kept(&[&i0, &i1], &pins)))
+        .unwrap()
+        .err()
+        .expect("refused: another XDP program on the second interface");
+    assert!(
+        format!("{e:#}").contains("already has another XDP program"),
+        "{e:#}"
+    );
+    assert_eq!(
+        xdp_prog_id(&ns, &i0),
+        Some(kept_prog),
+        "the kept link runs the earlier run's program again"
+    );
+    assert!(pins.0.join(format!("link_{i0}")).exists(), "still kept");
+    drop(other);
+    let mut dp = ns
+        .run(|| XdpDataplane::open(&kept(&[&i0], &pins)))
+        .unwrap()
+        .unwrap();
+    dp.detach().unwrap();
+    assert!(!has_xdp(&ns, &i0));
+}
+
 /// Detaches the XDP link pinned at `pin` as `bpftool link detach` does
 /// (`BPF_LINK_DETACH`), leaving the pin and every descriptor of it: what
 /// a running monitor holds goes on existing, with no program attached.

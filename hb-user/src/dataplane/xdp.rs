@@ -918,6 +918,10 @@ struct Attached {
     mode: &'static str,
     link: XdpLinkId,
     pin: Option<PathBuf>,
+    /// A re-adopted link's program of the earlier run, held until the
+    /// attach is through: one that fails on a later interface puts it
+    /// back (swapped out and not held, the kernel frees it).
+    previous: Option<std::os::fd::OwnedFd>,
 }
 
 /// The XDP gate.
@@ -1410,6 +1414,66 @@ fn open_pinned(pin: &Path) -> anyhow::Result<std::os::fd::OwnedFd> {
 /// The index of the interface the XDP link pinned at `pin` is attached
 /// to; 0 once the kernel released it (its interface went away).
 fn pinned_link_ifindex(pin: &Path) -> anyhow::Result<u32> {
+    pinned_link_info(pin).map(|(ifindex, _)| ifindex)
+}
+
+/// A descriptor of the program the XDP link pinned at `pin` runs.
+fn pinned_link_program(pin: &Path) -> anyhow::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    #[repr(C)]
+    struct GetFdById {
+        prog_id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let (_, prog_id) = pinned_link_info(pin)?;
+    // SAFETY: `bpf_attr`'s layout for BPF_PROG_GET_FD_BY_ID.
+    let fd = unsafe {
+        bpf_call(
+            BPF_PROG_GET_FD_BY_ID,
+            &GetFdById {
+                prog_id,
+                next_id: 0,
+                open_flags: 0,
+            },
+        )
+    }
+    .with_context(|| format!("cannot open program {prog_id} of {}", pin.display()))?;
+    // SAFETY: a descriptor the kernel just gave us.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Puts `prog` into the XDP link pinned at `pin` (`BPF_LINK_UPDATE`).
+fn update_pinned_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> anyhow::Result<()> {
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let fd = open_pinned(pin)?;
+    // SAFETY: `bpf_attr`'s layout for BPF_LINK_UPDATE.
+    unsafe {
+        bpf_call(
+            BPF_LINK_UPDATE,
+            &LinkUpdate {
+                link_fd: fd.as_raw_fd() as u32,
+                new_prog_fd: prog.as_raw_fd() as u32,
+                flags: 0,
+                old_prog_fd: 0,
+            },
+        )
+    }
+    .with_context(|| format!("cannot update the XDP link {}", pin.display()))?;
+    Ok(())
+}
+
+/// The index of the interface the XDP link pinned at `pin` is attached
+/// to (0 once the kernel released it), and the id of the program it runs.
+fn pinned_link_info(pin: &Path) -> anyhow::Result<(u32, u32)> {
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     /// `struct bpf_link_info` up to its `xdp.ifindex` (the union starts
     /// 8-aligned, at 16): the kernel copies no more than it is given.
@@ -1453,7 +1517,7 @@ fn pinned_link_ifindex(pin: &Path) -> anyhow::Result<u32> {
             info.link_type
         );
     }
-    Ok(info.xdp_ifindex)
+    Ok((info.xdp_ifindex, info.prog_id))
 }
 
 /// Detaches the XDP link pinned at `pin` and removes the pin. The link is
@@ -1929,6 +1993,16 @@ impl XdpDataplane {
                 .with_context(|| format!("cannot open pinned XDP link {}", path.display()))?;
             let link = XdpLink::try_from(FdLink::from(pinned))
                 .with_context(|| format!("{} is not a pinned XDP link", path.display()))?;
+            let previous = pinned_link_program(path)
+                .inspect_err(|e| {
+                    tracing::warn!(
+                        interface = ifname,
+                        error = %format!("{e:#}"),
+                        "cannot hold the kept XDP link's program: a start that fails after this \
+                         leaves the link with this run's"
+                    )
+                })
+                .ok();
             match prog.attach_to_link(link) {
                 Ok(id) => {
                     tracing::info!(interface = ifname, pin = %path.display(), "re-adopted pinned XDP link");
@@ -1939,6 +2013,7 @@ impl XdpDataplane {
                         mode: kept_mode,
                         link: id,
                         pin: Some(path.clone()),
+                        previous,
                     });
                     return Ok(());
                 }
@@ -2000,6 +2075,7 @@ impl XdpDataplane {
                     mode,
                     link: id,
                     pin: Some(path),
+                    previous: None,
                 });
                 return Ok(());
             }
@@ -2013,8 +2089,41 @@ impl XdpDataplane {
             mode,
             link: id,
             pin,
+            previous: None,
         });
         Ok(())
+    }
+
+    /// The attach failed on a later interface: the links an earlier run
+    /// kept and this one re-adopted run that run's program again, and are
+    /// left as they were (not this run's to detach). Kept with this run's
+    /// program, they gated with a monitor's program that never ran: after
+    /// a failed upgrade, the new gate on some interfaces, the old on the
+    /// others.
+    fn put_back_kept_links(&self) {
+        self.attached_now().retain(|a| {
+            let (Some(pin), Some(previous)) = (&a.pin, &a.previous) else {
+                return true;
+            };
+            match update_pinned_link(pin, previous.as_fd()) {
+                Ok(()) => {
+                    tracing::info!(
+                        interface = a.ifname,
+                        pin = %pin.display(),
+                        "the start failed: the XDP link an earlier run kept runs that run's program again"
+                    );
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        interface = a.ifname,
+                        error = %format!("{e:#}"),
+                        "the start failed, and the XDP link an earlier run kept could not be given its program back: it gates with this run's until the next start"
+                    );
+                    true
+                }
+            }
+        });
     }
 
     /// Detaches from every interface, also unpinning kept links. Called by
@@ -2468,9 +2577,13 @@ impl Dataplane for XdpDataplane {
             detach_unlisted_links(dir, &names)?;
         }
         for (ifname, ifindex) in &plan.interfaces {
-            self.attach_to(ifname, *ifindex, &plan)?;
+            if let Err(e) = self.attach_to(ifname, *ifindex, &plan) {
+                self.put_back_kept_links();
+                return Err(e);
+            }
         }
-        for a in self.attached_now().iter() {
+        for a in self.attached_now().iter_mut() {
+            a.previous = None;
             warn_if_native_on_veth(a);
         }
         if !self.undo_until_started {
