@@ -298,10 +298,10 @@ fn sender_heartbeats_acks_and_leaving() {
             dump_log()
         );
     }
-    // Step 6 resumes at what the saver thread stored, and the sender does
-    // not wait for that thread at exit: on a loaded disk its fsync can
-    // take longer than the heartbeats above, and SIGTERM then left 300 in
-    // the file. Wait until 150 is stored.
+    // Step 6 resumes at what the saver thread stored. The sender waits
+    // for that thread at exit, but 1 s at most (a hung disk must not hold
+    // up the exit): on a loaded disk its fsync can take longer, and
+    // SIGTERM then left 300 in the file. Wait until 150 is stored.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match hb::send::resume::load(state.path()) {

@@ -631,6 +631,115 @@ fn stateless_pins_of_another_shape_are_created_afresh() {
     assert_eq!(dp.state(1).unwrap().node_id, 7, "node state adopted");
 }
 
+/// Creates a map through the bpf syscall (`BPF_MAP_CREATE`) and pins it
+/// at `pin`, as another hb version or a hand might have.
+fn pin_a_map(pin: &std::path::Path, map_type: u32, key: u32, value: u32, entries: u32, flags: u32) {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    // union bpf_attr: map_type, key_size, value_size, max_entries,
+    // map_flags; the rest zero.
+    let mut attr = [0u8; 64];
+    for (i, v) in [map_type, key, value, entries, flags]
+        .into_iter()
+        .enumerate()
+    {
+        attr[4 * i..4 * i + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    // SAFETY: BPF_MAP_CREATE (0) with its attr, no pointers.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_ptr(), attr.len()) };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a descriptor the kernel just gave us.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let path = std::ffi::CString::new(pin.to_str().unwrap()).unwrap();
+    let mut attr = [0u8; 16];
+    attr[0..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+    // SAFETY: BPF_OBJ_PIN (6) with a path that outlives the call.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, 6, attr.as_ptr(), attr.len()) };
+    assert_eq!(r, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+}
+
+/// Pinned node maps that are not what this hb creates (another type, key
+/// size or flags: another version's, or made by hand) refuse the start,
+/// naming the map, what differs and what to do, and are left as they
+/// are: they hold node state. Only the value size was checked: a state
+/// array without BPF_F_MMAPABLE was adopted and its mapping failed, with
+/// no word of the pin; a hash map was adopted as an array.
+#[test]
+fn node_pins_of_another_shape_are_refused() {
+    const ARRAY: u32 = 2;
+    const HASH: u32 = 1;
+    const MMAPABLE: u32 = 1 << 10;
+    let live = size_of::<maps::NodeLive>() as u32;
+    let rest = size_of::<maps::NodeRest>() as u32;
+    for (tag, name, map_type, key, value, flags, differs) in [
+        (
+            "shape-flags",
+            names::NODE_LIVE,
+            ARRAY,
+            4,
+            live,
+            0,
+            &["flags 0x0, expected 0x400 (BPF_F_MMAPABLE)"][..],
+        ),
+        (
+            "shape-type",
+            names::NODE_REST,
+            HASH,
+            8,
+            rest,
+            0,
+            &["type Hash, expected Array", "keys of 8 bytes, expected 4"][..],
+        ),
+        (
+            "shape-value",
+            names::NODE_LIVE,
+            ARRAY,
+            4,
+            2 * live,
+            MMAPABLE,
+            &["values of 128 bytes, expected 64"][..],
+        ),
+    ] {
+        let pins = PinDir::new(tag);
+        let opts = XdpOptions {
+            pin_dir: Some(pins.0.clone()),
+            max_nodes: Some(64),
+            ..XdpOptions::default()
+        };
+        let dp = XdpDataplane::open(&opts).unwrap();
+        dp.upsert_node(7, &keys(1)).unwrap();
+        drop(dp);
+        let pin = pins.0.join(name);
+        std::fs::remove_file(&pin).unwrap();
+        pin_a_map(&pin, map_type, key, value, 64, flags);
+        let ids = || {
+            [names::NODE_INDEX, names::NODE_LIVE, names::NODE_REST]
+                .map(|n| aya::maps::MapInfo::from_pin(pins.0.join(n)).unwrap().id())
+        };
+        let before = ids();
+        let e = XdpDataplane::open(&opts)
+            .err()
+            .unwrap_or_else(|| panic!("{tag}: a start over {name} of another shape"));
+        let e = format!("{e:#}");
+        assert!(
+            e.contains(&format!("pinned map {name} is not what this hb creates")),
+            "{tag}: {e}"
+        );
+        for d in differs {
+            assert!(e.contains(d), "{tag}: {d} not in {e}");
+        }
+        assert!(
+            e.contains(&format!("remove {} (losing node state)", pins.0.display())),
+            "{tag}: {e}"
+        );
+        assert_eq!(ids(), before, "{tag}: the node maps left as they were");
+    }
+}
+
 #[test]
 fn errors_name_the_problem() {
     // Refused before its pin directory is made (one was left behind).
@@ -1177,6 +1286,64 @@ fn a_kept_gate_without_nodes_is_detached() {
     drop(dp);
     assert!(has_xdp(&ns, &i0), "a gate with nodes is kept");
     let mut dp = open();
+    dp.detach().unwrap();
+    assert!(!has_xdp(&ns, &i0));
+}
+
+/// The id of the XDP program on `ifname`, if any.
+fn xdp_prog_id(ns: &NetNs, ifname: &str) -> Option<u32> {
+    let out = ns.ip(&["-d", "link", "show", ifname]).unwrap().stdout;
+    let out = String::from_utf8_lossy(&out);
+    let at = out.find("prog/xdp id ")? + "prog/xdp id ".len();
+    out[at..].split_whitespace().next()?.parse().ok()
+}
+
+/// A start whose attach fails on a later `--iface` (another XDP program
+/// there) puts the program an earlier run kept back into the links it had
+/// re-adopted: they kept the failed start's program, a monitor that never
+/// ran (after a failed upgrade, the new gate on some interfaces and the
+/// old on others).
+#[test]
+fn a_failed_attach_puts_the_kept_links_program_back() {
+    let (ns, [i0, i1]) = ns_with_veth("hbback");
+    let pins = PinDir::new("back");
+    let dp = ns
+        .run(|| XdpDataplane::open(&kept(&[&i0], &pins)))
+        .unwrap()
+        .unwrap();
+    dp.upsert_node(3, &keys(1)).unwrap();
+    drop(dp);
+    let kept_prog = xdp_prog_id(&ns, &i0).expect("kept attached");
+    let other = ns
+        .run(|| {
+            XdpDataplane::open(&XdpOptions {
+                interfaces: vec![i1.clone()],
+                max_nodes: Some(16),
+                ..XdpOptions::default()
+            })
+        })
+        .unwrap()
+        .unwrap();
+    let e = ns
+        .run(|| XdpDataplane::open(&kept(&[&i0, &i1], &pins)))
+        .unwrap()
+        .err()
+        .expect("refused: another XDP program on the second interface");
+    assert!(
+        format!("{e:#}").contains("already has another XDP program"),
+        "{e:#}"
+    );
+    assert_eq!(
+        xdp_prog_id(&ns, &i0),
+        Some(kept_prog),
+        "the kept link runs the earlier run's program again"
+    );
+    assert!(pins.0.join(format!("link_{i0}")).exists(), "still kept");
+    drop(other);
+    let mut dp = ns
+        .run(|| XdpDataplane::open(&kept(&[&i0], &pins)))
+        .unwrap()
+        .unwrap();
     dp.detach().unwrap();
     assert!(!has_xdp(&ns, &i0));
 }

@@ -186,8 +186,8 @@ fn locked_fd<T: aya::Pod>(m: &Mutex<Array<MapData, T>>) -> std::os::fd::RawFd {
 }
 
 /// Expected value sizes of the node maps, to refuse pinned ones of
-/// another layout (the maps without node state are checked, and created
-/// afresh, before the load: [`STATELESS_MAPS`]).
+/// another layout ([`check_node_pin`]; the maps without node state are
+/// checked, and created afresh, by [`reconcile_stateless_pins`]).
 const VALUE_SIZES: [(&str, u32); 3] = [
     (names::NODE_INDEX, size_of::<index::Bucket>() as u32),
     (names::NODE_LIVE, size_of::<NodeLive>() as u32),
@@ -918,6 +918,10 @@ struct Attached {
     mode: &'static str,
     link: XdpLinkId,
     pin: Option<PathBuf>,
+    /// A re-adopted link's program of the earlier run, held until the
+    /// attach is through: one that fails on a later interface puts it
+    /// back (swapped out and not held, the kernel frees it).
+    previous: Option<std::os::fd::OwnedFd>,
 }
 
 /// The XDP gate.
@@ -1262,6 +1266,11 @@ fn reconcile_node_pins(dir: &Path) -> anyhow::Result<NodePins> {
             Ok(NodePins::AsTheyAre)
         };
     }
+    for (name, value_size) in VALUE_SIZES {
+        if pinned(&name) {
+            check_node_pin(dir, name, value_size)?;
+        }
+    }
     let capacity = pinned_max_entries(&dir.join(names::NODE_LIVE))?;
     let want = index::buckets_for(capacity);
     if index {
@@ -1286,6 +1295,52 @@ fn reconcile_node_pins(dir: &Path) -> anyhow::Result<NodePins> {
         );
     }
     Ok(NodePins::RebuildIndex { capacity })
+}
+
+/// `BPF_F_MMAPABLE` (uapi `linux/bpf.h`): the node maps are created with
+/// it, and read and written through their mappings.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Refuses the node map `name` pinned in `dir` unless it is what this hb
+/// creates: an array (keys of 4 bytes) of `value_size`-byte values,
+/// mappable. Adopted as it was, one of another type or flags failed later
+/// and obscurely (the mapping of a map without `BPF_F_MMAPABLE` fails),
+/// or was read as if it fitted. It holds node state: not removed, but
+/// named, with what differs and what to do.
+fn check_node_pin(dir: &Path, name: &str, value_size: u32) -> anyhow::Result<()> {
+    let path = dir.join(name);
+    let info = aya::maps::MapInfo::from_pin(&path)
+        .with_context(|| format!("cannot read the pinned map {}", path.display()))?;
+    let mut differs = Vec::new();
+    match info.map_type() {
+        Ok(MapType::Array) => {}
+        Ok(t) => differs.push(format!("type {t:?}, expected Array")),
+        Err(_) => differs.push("a type this hb does not know, expected Array".to_owned()),
+    }
+    if info.key_size() != 4 {
+        differs.push(format!("keys of {} bytes, expected 4", info.key_size()));
+    }
+    if info.value_size() != value_size {
+        differs.push(format!(
+            "values of {} bytes, expected {value_size}",
+            info.value_size()
+        ));
+    }
+    if info.map_flags() != BPF_F_MMAPABLE {
+        differs.push(format!(
+            "flags {:#x}, expected {BPF_F_MMAPABLE:#x} (BPF_F_MMAPABLE)",
+            info.map_flags()
+        ));
+    }
+    if differs.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "pinned map {name} is not what this hb creates ({}): it was left by another hb version \
+         or made by hand; remove {} (losing node state) or run the matching version",
+        differs.join("; "),
+        dir.display()
+    )
 }
 
 /// The XDP links kept in `dir` (`link_IF`), with the interface each was
@@ -1359,6 +1414,66 @@ fn open_pinned(pin: &Path) -> anyhow::Result<std::os::fd::OwnedFd> {
 /// The index of the interface the XDP link pinned at `pin` is attached
 /// to; 0 once the kernel released it (its interface went away).
 fn pinned_link_ifindex(pin: &Path) -> anyhow::Result<u32> {
+    pinned_link_info(pin).map(|(ifindex, _)| ifindex)
+}
+
+/// A descriptor of the program the XDP link pinned at `pin` runs.
+fn pinned_link_program(pin: &Path) -> anyhow::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    #[repr(C)]
+    struct GetFdById {
+        prog_id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let (_, prog_id) = pinned_link_info(pin)?;
+    // SAFETY: `bpf_attr`'s layout for BPF_PROG_GET_FD_BY_ID.
+    let fd = unsafe {
+        bpf_call(
+            BPF_PROG_GET_FD_BY_ID,
+            &GetFdById {
+                prog_id,
+                next_id: 0,
+                open_flags: 0,
+            },
+        )
+    }
+    .with_context(|| format!("cannot open program {prog_id} of {}", pin.display()))?;
+    // SAFETY: a descriptor the kernel just gave us.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Puts `prog` into the XDP link pinned at `pin` (`BPF_LINK_UPDATE`).
+fn update_pinned_link(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> anyhow::Result<()> {
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let fd = open_pinned(pin)?;
+    // SAFETY: `bpf_attr`'s layout for BPF_LINK_UPDATE.
+    unsafe {
+        bpf_call(
+            BPF_LINK_UPDATE,
+            &LinkUpdate {
+                link_fd: fd.as_raw_fd() as u32,
+                new_prog_fd: prog.as_raw_fd() as u32,
+                flags: 0,
+                old_prog_fd: 0,
+            },
+        )
+    }
+    .with_context(|| format!("cannot update the XDP link {}", pin.display()))?;
+    Ok(())
+}
+
+/// The index of the interface the XDP link pinned at `pin` is attached
+/// to (0 once the kernel released it), and the id of the program it runs.
+fn pinned_link_info(pin: &Path) -> anyhow::Result<(u32, u32)> {
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     /// `struct bpf_link_info` up to its `xdp.ifindex` (the union starts
     /// 8-aligned, at 16): the kernel copies no more than it is given.
@@ -1402,7 +1517,7 @@ fn pinned_link_ifindex(pin: &Path) -> anyhow::Result<u32> {
             info.link_type
         );
     }
-    Ok(info.xdp_ifindex)
+    Ok((info.xdp_ifindex, info.prog_id))
 }
 
 /// Detaches the XDP link pinned at `pin` and removes the pin. The link is
@@ -1662,23 +1777,6 @@ impl XdpDataplane {
             .load(opts.object.unwrap_or(crate::EBPF_OBJECT))
             .map_err(load_error)?;
 
-        for (name, size) in VALUE_SIZES {
-            let map = ebpf
-                .map(name)
-                .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))?;
-            let info = match map {
-                Map::Array(m) | Map::HashMap(m) | Map::PerCpuArray(m) => m.info()?,
-                _ => bail!("map {name} has an unexpected type"),
-            };
-            if info.value_size() != size {
-                bail!(
-                    "pinned map {name} holds values of {} bytes, this hb expects {size}: it was left by another hb version; remove {} (losing node state) or run the matching version",
-                    info.value_size(),
-                    opts.pin_dir.as_deref().unwrap_or(Path::new("?")).display()
-                );
-            }
-        }
-
         for name in [names::PROGRAM, names::PASS, names::FLOOR] {
             xdp_program(&mut ebpf, name)?
                 .load()
@@ -1895,6 +1993,16 @@ impl XdpDataplane {
                 .with_context(|| format!("cannot open pinned XDP link {}", path.display()))?;
             let link = XdpLink::try_from(FdLink::from(pinned))
                 .with_context(|| format!("{} is not a pinned XDP link", path.display()))?;
+            let previous = pinned_link_program(path)
+                .inspect_err(|e| {
+                    tracing::warn!(
+                        interface = ifname,
+                        error = %format!("{e:#}"),
+                        "cannot hold the kept XDP link's program: a start that fails after this \
+                         leaves the link with this run's"
+                    )
+                })
+                .ok();
             match prog.attach_to_link(link) {
                 Ok(id) => {
                     tracing::info!(interface = ifname, pin = %path.display(), "re-adopted pinned XDP link");
@@ -1905,6 +2013,7 @@ impl XdpDataplane {
                         mode: kept_mode,
                         link: id,
                         pin: Some(path.clone()),
+                        previous,
                     });
                     return Ok(());
                 }
@@ -1966,6 +2075,7 @@ impl XdpDataplane {
                     mode,
                     link: id,
                     pin: Some(path),
+                    previous: None,
                 });
                 return Ok(());
             }
@@ -1979,8 +2089,41 @@ impl XdpDataplane {
             mode,
             link: id,
             pin,
+            previous: None,
         });
         Ok(())
+    }
+
+    /// The attach failed on a later interface: the links an earlier run
+    /// kept and this one re-adopted run that run's program again, and are
+    /// left as they were (not this run's to detach). Kept with this run's
+    /// program, they gated with a monitor's program that never ran: after
+    /// a failed upgrade, the new gate on some interfaces, the old on the
+    /// others.
+    fn put_back_kept_links(&self) {
+        self.attached_now().retain(|a| {
+            let (Some(pin), Some(previous)) = (&a.pin, &a.previous) else {
+                return true;
+            };
+            match update_pinned_link(pin, previous.as_fd()) {
+                Ok(()) => {
+                    tracing::info!(
+                        interface = a.ifname,
+                        pin = %pin.display(),
+                        "the start failed: the XDP link an earlier run kept runs that run's program again"
+                    );
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        interface = a.ifname,
+                        error = %format!("{e:#}"),
+                        "the start failed, and the XDP link an earlier run kept could not be given its program back: it gates with this run's until the next start"
+                    );
+                    true
+                }
+            }
+        });
     }
 
     /// Detaches from every interface, also unpinning kept links. Called by
@@ -2434,9 +2577,13 @@ impl Dataplane for XdpDataplane {
             detach_unlisted_links(dir, &names)?;
         }
         for (ifname, ifindex) in &plan.interfaces {
-            self.attach_to(ifname, *ifindex, &plan)?;
+            if let Err(e) = self.attach_to(ifname, *ifindex, &plan) {
+                self.put_back_kept_links();
+                return Err(e);
+            }
         }
-        for a in self.attached_now().iter() {
+        for a in self.attached_now().iter_mut() {
+            a.previous = None;
             warn_if_native_on_veth(a);
         }
         if !self.undo_until_started {

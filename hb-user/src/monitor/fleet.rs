@@ -748,27 +748,36 @@ impl AuthLog {
             return;
         };
         let [bad_tag, bad_epoch, stale] = [0, 1, 2].map(|i| c[i].saturating_sub(last[i]));
-        if bad_tag + bad_epoch + stale == 0 {
+        // Reports in a window whose counters did not move are of
+        // heartbeats counted before the last read (a report reaches the
+        // monitor after the count): the warning that gave their count went
+        // out without them, and they are named now, or never.
+        let counted = bad_tag + bad_epoch + stale > 0;
+        if !counted && reported.is_empty() {
             return;
         }
-        let now_per_node = nonzero(nodes());
-        let moved = |i: usize| {
-            let v: Vec<(u32, u32)> = now_per_node
-                .iter()
-                .filter_map(|(&id, n)| {
-                    let was = self.per_node.get(&id).map_or(0, |b| b[i]);
-                    // A count below the last read: the node was removed
-                    // and provisioned again, its count started over.
-                    let d = if n[i] >= was { n[i] - was } else { n[i] };
-                    (d > 0).then_some((id, d))
-                })
-                .collect();
-            examples(v, |&d| d.into(), |id, d| format!("{id} ({d})"))
+        let ((tag_nodes, tag_examples), (stale_nodes, stale_examples)) = if counted {
+            let now_per_node = nonzero(nodes());
+            let moved = |i: usize| {
+                let v: Vec<(u32, u32)> = now_per_node
+                    .iter()
+                    .filter_map(|(&id, n)| {
+                        let was = self.per_node.get(&id).map_or(0, |b| b[i]);
+                        // A count below the last read: the node was removed
+                        // and provisioned again, its count started over.
+                        let d = if n[i] >= was { n[i] - was } else { n[i] };
+                        (d > 0).then_some((id, d))
+                    })
+                    .collect();
+                examples(v, |&d| d.into(), |id, d| format!("{id} ({d})"))
+            };
+            let found = (moved(0), moved(1));
+            self.per_node = now_per_node;
+            found
+        } else {
+            ((0, String::new()), (0, String::new()))
         };
-        let (tag_nodes, tag_examples) = moved(0);
-        let (stale_nodes, stale_examples) = moved(1);
-        self.per_node = now_per_node;
-        if bad_tag + bad_epoch > 0 {
+        if bad_tag + bad_epoch > 0 || !reported.is_empty() {
             let (epoch_nodes, epoch_examples) = examples(
                 reported.into_iter().collect(),
                 |&(n, _)| n,
@@ -1181,9 +1190,21 @@ mod tests {
             || unreachable!("within the window: not read"),
             unread,
         );
-        // A report of an earlier window is not carried into a later one.
+        // A report in a window whose counters did not move: of a
+        // heartbeat counted before the last read (the baseline's here;
+        // the report comes after the count), named at once, with this
+        // window's counts (none). It is not carried into a later window.
         auth.note_bad_epoch(30, 9);
-        auth.check(20 * S, || Some([5, 1, 7]), unread); // nothing new
+        auth.check(20 * S, || Some([5, 1, 7]), unread);
+        let late = warnings.taken();
+        assert_eq!(late.len(), 1, "{late:#?}");
+        assert_eq!(late[0].field("bad_epoch"), Some("0"));
+        assert_eq!(late[0].field("bad_epoch_nodes"), Some("1"));
+        assert_eq!(
+            late[0].field("bad_epoch_examples"),
+            Some(r#""30 at epoch 9 (1)""#)
+        );
+        assert_eq!(late[0].field("bad_tag_nodes"), Some("0"));
         auth.check(30 * S, || None, unread); // unreadable
         // 21 more bad tags: 2 of node 3, 12 of node 9, 7 of node 4; 6 of
         // nodes 10 to 15, one each (past the examples). 3 more bad
@@ -1194,7 +1215,7 @@ mod tests {
         auth.note_bad_epoch(21, 1);
         auth.note_bad_epoch(21, 2);
         auth.check(40 * S, || Some([26, 4, 7]), || nodes.clone());
-        let lines = warnings.taken();
+        let lines = warnings.taken()[1..].to_vec();
         assert_eq!(lines.len(), 1, "{lines:#?}");
         assert_eq!(lines[0].field("bad_tag"), Some("21"));
         assert_eq!(lines[0].field("bad_epoch"), Some("3"));
@@ -1214,7 +1235,7 @@ mod tests {
         nodes[0].1 = [7, 19];
         nodes[1].1 = [2, 0];
         auth.check(50 * S, || Some([28, 4, 19]), || nodes.clone());
-        let lines = warnings.taken();
+        let lines = warnings.taken()[1..].to_vec();
         assert_eq!(lines.len(), 3, "{lines:#?}");
         assert_eq!(lines[1].field("bad_tag_examples"), Some(r#""9 (2)""#));
         assert_eq!(lines[1].field("bad_epoch_nodes"), Some("0"));
@@ -1223,6 +1244,36 @@ mod tests {
         assert_eq!(lines[2].field("stale_examples"), Some(r#""3 (12)""#));
         assert_eq!(lines[2].field("bad_tag"), None);
         assert!(lines[2].message.contains("two senders with one node id"));
+    }
+
+    /// A bad-epoch report that reaches the monitor just after the window
+    /// closed on its count (the warning named nobody) is named in the
+    /// next window, though nothing else moved: it was dropped there, and
+    /// the node never named.
+    #[test]
+    fn a_bad_epoch_report_after_its_window_closed_is_named_in_the_next() {
+        let warnings = crate::test_log::Warnings::of("hb::monitor::fleet");
+        let _log = warnings.capture();
+        const S: u64 = 1_000_000_000;
+        let mut auth = AuthLog::new();
+        auth.check(10 * S, || Some([0, 0, 0]), Vec::new);
+        // Node 21's heartbeat is counted, its report not in yet.
+        auth.check(20 * S, || Some([0, 1, 0]), Vec::new);
+        auth.note_bad_epoch(21, 1);
+        let unread = || -> Vec<(u32, [u32; 2])> { unreachable!("nothing counted: not read") };
+        auth.check(30 * S, || Some([0, 1, 0]), unread);
+        let lines = warnings.taken();
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert_eq!(lines[0].field("bad_epoch"), Some("1"));
+        assert_eq!(lines[0].field("bad_epoch_nodes"), Some("0"));
+        assert_eq!(lines[1].field("bad_epoch"), Some("0"));
+        assert_eq!(
+            lines[1].field("bad_epoch_examples"),
+            Some(r#""21 at epoch 1 (1)""#)
+        );
+        // Named once.
+        auth.check(40 * S, || Some([0, 1, 0]), unread);
+        assert_eq!(warnings.taken().len(), 2);
     }
 
     /// A flood of bad-epoch reports of ever new node ids keeps a bounded

@@ -318,12 +318,13 @@ const SAVE_EVERY: Duration = Duration::from_secs(60);
 /// The longest a shutdown waits for hooks (at most their timeout).
 const HOOK_GRACE: Duration = Duration::from_secs(5);
 
-/// Saves the policy's learned table, if it has one: taken under the
-/// core's lock, written (atomically) without it.
+/// Saves the policy's learned table, if it has one: copied under the
+/// core's lock, built and written (atomically) without it.
 pub(crate) fn save_table(shared: &Shared, last: bool) {
-    let Some((path, table)) = shared.core().policy.table_to_save() else {
+    let Some((path, copy)) = shared.core().policy.table_to_save() else {
         return;
     };
+    let table = copy.build();
     let saved = table.save(&path);
     if saved.is_ok() {
         shared.core().policy.table_saved();
@@ -768,7 +769,8 @@ fn carry(
 /// first, for a later switch back: what it learned since the last
 /// minute's save was lost when the new file was loaded.
 fn rebuild_policy(shared: &Shared, new: &Settings) -> anyhow::Result<Box<dyn IntervalPolicy>> {
-    let running = shared.core().policy.table();
+    // Copied under the core's lock, built without it.
+    let running = shared.core().policy.table_copy();
     let carried = match running {
         Some((path, _))
             if new.controller.kind != ControllerKind::Qlearn
@@ -777,7 +779,7 @@ fn rebuild_policy(shared: &Shared, new: &Settings) -> anyhow::Result<Box<dyn Int
             save_table(shared, false);
             None
         }
-        r => r.map(|(_, t)| t),
+        r => r.map(|(_, t)| t.build()),
     };
     make_policy_carrying(new, carried.as_ref())
 }

@@ -18,7 +18,10 @@ use hb_common::maps::NodeState;
 use serde::Serialize;
 
 use super::{config::NodeSpec, state::Status};
-use crate::controller::{QController, Reason, table::TableFile};
+use crate::controller::{
+    QController, Reason,
+    table::{TableCopy, TableFile},
+};
 
 /// What the monitor knows of a node at decision time, beyond the
 /// dataplane's state.
@@ -105,16 +108,23 @@ pub trait IntervalPolicy: Send {
         self.snapshot_copy().build()
     }
 
-    /// The learned table and the file it goes to, if the policy has one
-    /// (a reload carries it to the new policy).
-    fn table(&self) -> Option<(PathBuf, TableFile)> {
+    /// The learned table, copied, and the file it goes to, if the policy
+    /// has one (a reload carries it to the new policy). Taken under the
+    /// core's lock; [`TableCopy::build`] makes the file's rows of it
+    /// without the lock.
+    fn table_copy(&self) -> Option<(PathBuf, TableCopy)> {
         None
     }
 
-    /// [`Self::table`], if it is to be saved now (taken under the core's
-    /// lock, written without it).
-    fn table_to_save(&self) -> Option<(PathBuf, TableFile)> {
-        self.table()
+    /// [`Self::table_copy`], built.
+    fn table(&self) -> Option<(PathBuf, TableFile)> {
+        self.table_copy().map(|(path, t)| (path, t.build()))
+    }
+
+    /// [`Self::table_copy`], if it is to be saved now (taken under the
+    /// core's lock, built and written without it).
+    fn table_to_save(&self) -> Option<(PathBuf, TableCopy)> {
+        self.table_copy()
     }
 
     /// The table from [`Self::table_to_save`] was written to its file.
@@ -376,11 +386,11 @@ impl<P: IntervalPolicy> IntervalPolicy for Critical<P> {
             .with("critical_cap_ms", serde_json::json!(self.critical.cap_ms))
     }
 
-    fn table(&self) -> Option<(PathBuf, TableFile)> {
-        self.inner.table()
+    fn table_copy(&self) -> Option<(PathBuf, TableCopy)> {
+        self.inner.table_copy()
     }
 
-    fn table_to_save(&self) -> Option<(PathBuf, TableFile)> {
+    fn table_to_save(&self) -> Option<(PathBuf, TableCopy)> {
         self.inner.table_to_save()
     }
 
@@ -611,15 +621,15 @@ impl IntervalPolicy for QLearnPolicy {
         })
     }
 
-    fn table(&self) -> Option<(PathBuf, TableFile)> {
-        Some((self.table_path.clone()?, self.ctrl.table_file()))
+    fn table_copy(&self) -> Option<(PathBuf, TableCopy)> {
+        Some((self.table_path.clone()?, self.ctrl.table_copy()))
     }
 
     /// `None` once the file this policy loaded or saved was removed: the
     /// minute save wrote it back before the reload the operator removed it
     /// for (a new target, new bounds: README), which was then refused
     /// again, and the save at exit before a restart.
-    fn table_to_save(&self) -> Option<(PathBuf, TableFile)> {
+    fn table_to_save(&self) -> Option<(PathBuf, TableCopy)> {
         use std::sync::atomic::Ordering::Relaxed;
         let path = self.table_path.clone()?;
         if path.exists() {
@@ -633,7 +643,7 @@ impl IntervalPolicy for QLearnPolicy {
             }
             return None;
         }
-        Some((path, self.ctrl.table_file()))
+        Some((path, self.ctrl.table_copy()))
     }
 
     fn table_saved(&self) {
@@ -651,8 +661,8 @@ impl IntervalPolicy for QLearnPolicy {
         if !self.carried {
             return;
         }
-        if let Some((path, t)) = running.table() {
-            if let Err(why) = self.ctrl.load_table(&t) {
+        if let Some((path, t)) = running.table_copy() {
+            if let Err(why) = self.ctrl.load_copy(&t) {
                 tracing::warn!(
                     "the running controller table {why}: the reload goes on from its snapshot"
                 );
@@ -1050,6 +1060,61 @@ mod tests {
         std::fs::write(&table, "{").unwrap();
         let e = format!("{:#}", make_policy(&s).err().unwrap());
         assert!(e.contains("not valid JSON"), "{e}");
+    }
+
+    /// What the minute save and a reload take under the core's lock is a
+    /// copy of the table's numbers; describing and sorting its rows (the
+    /// table file) comes after, without the lock. Built under it, a full
+    /// table (every one of its 8,424 rows visited) held the tick off for
+    /// 7 ms (35 ms on a loaded machine); the copy takes 0.1 ms. Timed
+    /// against building the file, so that the build profile and the
+    /// machine's load count alike.
+    #[test]
+    fn the_table_is_copied_under_the_lock_and_built_without_it() {
+        use crate::controller::{Action, Config, StateKey, table};
+        let mut ctrl = QController::new(Config::default()).unwrap();
+        let levels = ctrl.grid().len();
+        let full = table::TableFile {
+            format: table::FORMAT.into(),
+            version: table::VERSION,
+            levels_ms: ctrl.grid().levels_ms.clone(),
+            target_detection_ms: ctrl.config().target_detection_ms,
+            decisions: 1,
+            explorations: 0,
+            rewards: Default::default(),
+            rows: (0..StateKey::rows(levels))
+                .map(|i| table::Row {
+                    index: i as u32,
+                    state: StateKey::from_index(i, levels).describe(ctrl.grid()),
+                    visits: 1 + i as u64,
+                    updates: [1, 0, 0],
+                    q: [0.5, -(i as f64), 0.25],
+                    greedy: Action::Slower,
+                })
+                .collect(),
+        };
+        assert_eq!(full.rows.len(), 8424);
+        ctrl.load_table(&full).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = QLearnPolicy::wrap(ctrl, Some(dir.path().join("t.json")), None);
+        let fastest = |f: &dyn Fn()| {
+            (0..10)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    f();
+                    t.elapsed()
+                })
+                .min()
+                .unwrap()
+        };
+        let locked = fastest(&|| drop(std::hint::black_box(p.table_to_save())));
+        let built = fastest(&|| drop(std::hint::black_box(p.table())));
+        assert!(
+            locked * 5 < built,
+            "the copy taken under the lock took {locked:?}, the file built of it {built:?}"
+        );
+        // The file built of the copy holds the whole table.
+        assert_eq!(p.table().unwrap().1.rows.len(), full.rows.len());
     }
 
     /// A reload that points the controller at another table file which

@@ -732,11 +732,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .clone()
         .map(|dir| resume::Saver::start(dir, under))
         .transpose()?;
-    tokio::runtime::Builder::new_current_thread()
+    let sent = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(send_loop(Sender::new(cfg), names, saver.as_ref()))
+        .block_on(send_loop(Sender::new(cfg), names, saver.as_ref()));
+    // The interval a monitor asked for just before the stop is stored
+    // before the process ends, or the restart resumes at the one before.
+    if let Some(saver) = saver
+        && !saver.finish(resume::FINISH_WITHIN)
+    {
+        tracing::warn!(
+            waited_ms = resume::FINISH_WITHIN.as_millis() as u64,
+            "exiting before the interval last asked for is stored (a slow disk?): a restart may \
+             resume at the one before"
+        );
+    }
+    sent
 }
 
 /// The sockets: one per address family in use.

@@ -39,6 +39,7 @@
 use std::{
     path::{Path, PathBuf},
     sync::mpsc,
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -156,39 +157,69 @@ pub fn save(dir: &Path, ms: u32, under: &Under) -> anyhow::Result<()> {
     )
 }
 
+/// How long an exiting sender waits for the interval still being stored:
+/// enough for an fsync on a busy disk, short enough that a hung one does
+/// not hold up the exit (its LEAVING heartbeat is already sent).
+pub const FINISH_WITHIN: Duration = Duration::from_secs(1);
+
 /// Stores the intervals monitors ask for from a thread of its own: a save
 /// fsyncs the file and its directory, and on a slow disk that held up the
 /// sender's event loop, and with it the next heartbeat. One thread, so
 /// saves never overtake each other; of values queued meanwhile only the
-/// newest is written. Dropping it lets the thread finish what is queued;
-/// the process does not wait for it (a write is atomic: a restart finds
-/// the old value or the new one).
+/// newest is written. An exiting sender waits for what is queued
+/// ([`Saver::finish`], bounded): without that, a stop just after a monitor
+/// asked for a new interval ended the process before the thread stored
+/// it, and the restart resumed at the one before. (A write is atomic: a
+/// restart finds the old value or the new one, also after a wait cut
+/// short.)
 pub struct Saver {
     tx: mpsc::Sender<u32>,
+    /// Disconnected when the thread ends (it holds the sender).
+    done: mpsc::Receiver<()>,
 }
 
 impl Saver {
     pub fn start(dir: PathBuf, under: Under) -> anyhow::Result<Saver> {
+        Saver::start_with(move |ms| save(&dir, ms, &under))
+    }
+
+    /// The thread, storing with `store` (tests stand in a slow disk).
+    fn start_with(
+        mut store: impl FnMut(u32) -> anyhow::Result<()> + Send + 'static,
+    ) -> anyhow::Result<Saver> {
         let (tx, rx) = mpsc::channel::<u32>();
+        let (done_tx, done) = mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("hb-resume".into())
             .spawn(move || {
+                let _done = done_tx;
                 while let Ok(mut ms) = rx.recv() {
                     while let Ok(newer) = rx.try_recv() {
                         ms = newer;
                     }
-                    if let Err(e) = save(&dir, ms, &under) {
+                    if let Err(e) = store(ms) {
                         tracing::warn!(error = %format!("{e:#}"), "cannot store the interval");
                     }
                 }
             })
             .context("cannot start the thread that stores the interval")?;
-        Ok(Saver { tx })
+        Ok(Saver { tx, done })
     }
 
     /// Queues `ms` to be stored; never blocks.
     pub fn save(&self, ms: u32) {
         let _ = self.tx.send(ms);
+    }
+
+    /// Lets the thread store what is queued and waits for it, at most
+    /// `within`. Whether it is stored (`false`: still being written).
+    pub fn finish(self, within: Duration) -> bool {
+        let Saver { tx, done } = self;
+        drop(tx);
+        matches!(
+            done.recv_timeout(within),
+            Err(mpsc::RecvTimeoutError::Disconnected)
+        )
     }
 }
 
@@ -252,6 +283,49 @@ mod tests {
             assert!(t.elapsed().as_secs() < 10, "{:?}", load(d.path()));
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+    }
+
+    /// A sender stopped just after a monitor asked for a new interval
+    /// exits with it stored: the restart resumes at it, not at the one
+    /// before.
+    #[test]
+    fn finish_waits_for_the_queued_interval() {
+        let d = tempfile::tempdir().unwrap();
+        let u = under(&["198.18.0.1:7420"], 1000);
+        save(d.path(), 300, &u).unwrap();
+        let dir = d.path().to_path_buf();
+        let s = Saver::start_with({
+            let u = u.clone();
+            move |ms| {
+                // A busy disk's fsync.
+                std::thread::sleep(Duration::from_millis(200));
+                save(&dir, ms, &u)
+            }
+        })
+        .unwrap();
+        s.save(150);
+        assert!(s.finish(Duration::from_secs(10)));
+        assert_eq!(load(d.path()).unwrap().unwrap().ms, 150);
+    }
+
+    /// A hung disk does not hold up the exit: the wait ends at its bound.
+    #[test]
+    fn finish_gives_up_on_a_hung_disk() {
+        let (hang, hung) = mpsc::channel::<()>();
+        let s = Saver::start_with(move |_| {
+            let _ = hung.recv();
+            Ok(())
+        })
+        .unwrap();
+        s.save(150);
+        let t = std::time::Instant::now();
+        assert!(!s.finish(Duration::from_millis(100)));
+        let waited = t.elapsed();
+        assert!(
+            (Duration::from_millis(100)..Duration::from_secs(5)).contains(&waited),
+            "{waited:?}"
+        );
+        drop(hang);
     }
 
     #[test]
