@@ -1098,9 +1098,11 @@ mod props {
         (
             1..=4u32,
             prop_oneof![
-                4 => 0..2_000 * MS,
-                1 => 0..u64::MAX / 4,
-                1 => Just(0u64),
+                8 => 0..2_000 * MS,
+                2 => 0..u64::MAX / 4,
+                2 => Just(0u64),
+                1 => Just(1u64 << 63),
+                1 => u64::MAX / 2..=u64::MAX,
             ],
             prop::option::of(prop_oneof![
                 Just(0u32),
