@@ -744,7 +744,7 @@ mod tests {
         use super::*;
 
         proptest! {
-            #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+            #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
             #[test]
             fn any_datagrams_get_one_counted_contract_result(
