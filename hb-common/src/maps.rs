@@ -983,6 +983,14 @@ impl NodeLive {
     /// built with.
     #[inline(always)]
     pub fn observe_interarrival_with(&mut self, x: u64, mean_shift: u32, dev_shift: u32) {
+        // The moments are signed arithmetic: a sample past `i64::MAX` ns
+        // (292 years; only a replayed trace's clock can say so) counts as
+        // that long, not as a negative one (and no overflow).
+        let x = if x > i64::MAX as u64 {
+            i64::MAX as u64
+        } else {
+            x
+        };
         let warm = if self.interval_ms == 0 {
             warmup_shift(self.ia_samples, mean_shift, dev_shift)
         } else {
@@ -1787,6 +1795,24 @@ mod tests {
         let mut long = s;
         long.observe_interarrival(u64::MAX / 2);
         assert_eq!(long.stall[0], u32::MAX);
+        // Samples past i64::MAX ns count as that long: the mean grows by
+        // the clipped error, never wraps negative (nor overflows).
+        for x in [1 << 63, u64::MAX] {
+            let mut far = s;
+            far.observe_interarrival(x);
+            let lim = (s.ia_mean_ns >> IA_CLIP_SHIFT) as i64;
+            assert_eq!(
+                far.ia_mean_ns,
+                (s.ia_mean_ns as i64 + (lim >> IA_MEAN_SHIFT)) as u64
+            );
+            assert_eq!(far.stall[0], u32::MAX);
+            // As the first sample of a node whose rhythm no one announced.
+            let mut first = NodeState::default();
+            first.observe_interarrival(x);
+            assert_eq!(first.ia_mean_ns, i64::MAX as u64);
+            first.observe_interarrival(1_000_000);
+            assert!(first.ia_mean_ns <= i64::MAX as u64 && first.ia_mean_ns > 0);
+        }
     }
 
     #[test]

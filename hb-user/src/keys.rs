@@ -1216,4 +1216,79 @@ mod tests {
         assert!(parse_node_id("-1").is_err());
         assert!(parse_node_id("4294967296").is_err());
     }
+
+    /// Property tests of the keyring file, which operators write by hand:
+    /// any text is a keyring or an error that names the file, never a
+    /// panic, and never shows a secret (any 16 hex digits of one).
+    mod props {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const SECRET: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+        /// TOML-ish text built from a keyring's own pieces (so the parser
+        /// gets past its first character), with stray bytes between.
+        fn keyringish() -> impl Strategy<Value = String> {
+            let piece = prop_oneof![
+                Just("[[epoch]]\n".to_owned()),
+                Just("[epoch]\n".to_owned()),
+                Just("id = ".to_owned()),
+                Just("secret = ".to_owned()),
+                Just(format!("\"{SECRET}\"")),
+                Just(format!("'{SECRET}'")),
+                Just(format!("\"\"\"{SECRET}")),
+                Just(SECRET[..40].to_owned()),
+                Just("\n".to_owned()),
+                Just("\"".to_owned()),
+                "-?[0-9]{1,22}",
+                "[ -~]{0,6}",
+                "[\u{80}-\u{10ffff}]{1,3}",
+                any::<char>().prop_map(String::from),
+            ];
+            prop::collection::vec(piece, 0..24).prop_map(|v| v.concat())
+        }
+
+        fn check(text: &str) -> Result<(), TestCaseError> {
+            match Keyring::parse(Path::new("k.toml"), text) {
+                Ok(ring) => {
+                    let epochs = ring.epochs();
+                    prop_assert!(!epochs.is_empty() && ring.held_epochs().len() <= 2);
+                    prop_assert_eq!(ring.newest(), *epochs.last().unwrap());
+                }
+                Err(e) => {
+                    let msg = format!("{e:#} {e:?}").to_ascii_lowercase();
+                    prop_assert!(msg.contains("k.toml"), "{}", msg);
+                    for w in SECRET.as_bytes().windows(16) {
+                        let w = std::str::from_utf8(w).unwrap();
+                        prop_assert!(!msg.contains(w), "secret shown: {}", msg);
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_text_is_a_keyring_or_a_named_error_without_the_secret(
+                text in prop_oneof![keyringish(), any::<String>()],
+            ) {
+                check(&text)?;
+            }
+        }
+
+        /// A keyring cut short anywhere (a copy interrupted, a full disk).
+        #[test]
+        fn every_truncation_of_a_keyring_parses_or_is_refused() {
+            let text = format!(
+                "[[epoch]]\nid = 7\nsecret = \"{SECRET}\"\n\n[[epoch]]\nid = 8\nsecret = \"{}\"\n",
+                SECRET.to_uppercase()
+            );
+            for (i, _) in text.char_indices() {
+                check(&text[..i]).unwrap();
+            }
+        }
+    }
 }

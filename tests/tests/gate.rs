@@ -1666,3 +1666,139 @@ fn the_ack_of_a_late_heartbeat_echoes_its_own_interval() {
     assert_eq!(a.seq, 2);
     assert_eq!(a.interval_ms, 1000, "echo of seq 2's own interval");
 }
+
+/// Property: any frame, of any shape (IPv4 with options, fragments,
+/// IPv6 with or without an extension header, a VLAN tag, any port, any
+/// payload, then bits flipped, cut short or padded; or bytes alone) gets
+/// exactly one gate result: `pass` hands it to the kernel untouched and
+/// counts nothing, anything else is dropped and moves its result's counter
+/// once; no frame but a genuine heartbeat is accepted. Where the headers
+/// were left whole, the result is the userspace gate's on the payload.
+#[test]
+fn any_frame_gets_one_result_and_pass_leaves_it_untouched() {
+    use proptest::{prelude::*, test_runner::TestRunner};
+
+    #[derive(Clone, Debug)]
+    enum Payload {
+        Heartbeat(u64),
+        Flipped(u64, usize),
+        Bytes(Vec<u8>),
+    }
+
+    #[derive(Clone, Debug)]
+    enum Damage {
+        None,
+        Flip(Vec<usize>),
+        Cut(usize),
+        Pad(Vec<u8>),
+    }
+
+    let payload = prop_oneof![
+        (1..200u64).prop_map(Payload::Heartbeat),
+        (1..200u64, 0..48 * 8usize).prop_map(|(s, b)| Payload::Flipped(s, b)),
+        prop::collection::vec(any::<u8>(), 0..120).prop_map(Payload::Bytes),
+    ];
+    let shape = (
+        any::<bool>(),
+        prop::option::of(any::<u16>()),
+        prop_oneof![Just(Vec::new()), prop::collection::vec(any::<u8>(), 0..=10)],
+        prop_oneof![4 => Just(0u16), 1 => any::<u16>()],
+        any::<bool>(),
+        prop_oneof![4 => Just(PORT), 1 => any::<u16>()],
+    );
+    let damage = prop_oneof![
+        3 => Just(Damage::None),
+        1 => prop::collection::vec(0..2000usize, 1..4).prop_map(Damage::Flip),
+        1 => (14..200usize).prop_map(Damage::Cut),
+        1 => prop::collection::vec(any::<u8>(), 1..64).prop_map(Damage::Pad),
+    ];
+    let frame = prop_oneof![
+        4 => (payload, shape, damage).prop_map(|(p, (v6, vlan, opts, frag, ext, dport), d)| {
+            let bytes = match &p {
+                Payload::Heartbeat(s) => sealed(hb(*s)),
+                Payload::Flipped(s, bit) => {
+                    let mut b = sealed(hb(*s));
+                    b[bit / 8] ^= 1 << (bit % 8);
+                    b
+                }
+                Payload::Bytes(b) => b.clone(),
+            };
+            let mut u = if v6 { Udp::v6(dport, &bytes) } else { Udp::v4(dport, &bytes) };
+            u.vlan = vlan;
+            if !v6 {
+                // Options in whole words, as a header can only hold them.
+                u.ip_options = opts[..opts.len() / 4 * 4].to_vec();
+                u.frag = frag;
+            }
+            u.v6_ext_header = v6 && ext;
+            let mut f = u.build();
+            let whole = matches!(d, Damage::None);
+            match d {
+                Damage::None => {}
+                Damage::Flip(bits) => {
+                    for b in bits {
+                        let n = f.len() * 8;
+                        f[b % n / 8] ^= 1 << (b % 8);
+                    }
+                }
+                Damage::Cut(len) => f.truncate(len.max(14)),
+                Damage::Pad(tail) => f.extend(tail),
+            }
+            let clean = whole && u.frag == 0 && !u.v6_ext_header && dport == PORT;
+            (f, bytes, clean)
+        }),
+        1 => prop::collection::vec(any::<u8>(), 14..300).prop_map(|f| (f, Vec::new(), false)),
+    ];
+
+    let g = Gate::new(Config {
+        port: PORT,
+        ..Config::default()
+    });
+    let mem = hb::dataplane::mem::MemDataplane::new();
+    mem.set_config(&Config {
+        port: PORT,
+        ..Config::default()
+    })
+    .unwrap();
+    mem.upsert_node(NODE, &NodeKeys::single(SLOT, 1, key()))
+        .unwrap();
+    let src = "198.18.0.2:40000".parse().unwrap();
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(&frame, |(f, payload, clean)| {
+            let before = g.dp.counters().unwrap();
+            let (action, out) = g.run(&f).unwrap();
+            let after = g.dp.counters().unwrap();
+            let moved: Vec<GateResult> = GateResult::ALL
+                .into_iter()
+                .filter(|r| after[r.index() as usize] != before[r.index() as usize])
+                .collect();
+            match action {
+                XDP_PASS => {
+                    prop_assert!(moved.is_empty(), "pass counted {:?}", moved);
+                    prop_assert_eq!(&out, &f, "pass changed the frame");
+                }
+                XDP_DROP => {
+                    prop_assert_eq!(moved.len(), 1, "counters {:?}", moved);
+                    let r = moved[0];
+                    prop_assert_eq!(after[r.index() as usize] - before[r.index() as usize], 1);
+                    prop_assert!(r != GateResult::Pass);
+                }
+                other => prop_assert!(false, "action {} (no ACKs configured)", other),
+            }
+            let got = moved.first().copied().unwrap_or(GateResult::Pass);
+            if clean || got == GateResult::Accepted {
+                // Only a genuine heartbeat gets in, whatever else of its
+                // frame was damaged (no IP or UDP checksum is checked):
+                // the userspace gate sees its payload too, and agrees.
+                let want = mem.gate(&payload, src, 1).result;
+                prop_assert_eq!(got, want, "kernel and userspace gates differ");
+            }
+            Ok(())
+        })
+        .unwrap();
+}

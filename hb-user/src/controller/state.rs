@@ -102,7 +102,8 @@ impl Grid {
         while levels_ms.len() < 63 && tries < 4096 {
             tries += 1;
             let x = step.powi(k);
-            k += 1;
+            // (A step barely above 1 starts `k` at `i32::MAX`.)
+            k = k.saturating_add(1);
             if !x.is_finite() || x >= max_ms as f64 {
                 break;
             }
@@ -446,6 +447,19 @@ pub struct StateDescription {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A step barely above 1 (`hb simulate --step 1.0000000000000002`)
+    /// puts the first power of it at the lower bound past `i32::MAX`: the
+    /// grid is the bounds alone, without an overflow.
+    #[test]
+    fn a_step_barely_above_one_gives_the_bounds() {
+        for (min, max) in [(100, 10_000), (1, 1), (1, u32::MAX), (1000, 1001)] {
+            let g = Grid::new(min, max, 1.0 + f64::EPSILON);
+            assert_eq!(g.ms(0), min);
+            assert_eq!(*g.levels_ms.last().unwrap(), max);
+            assert!(g.levels_ms.windows(2).all(|w| w[0] < w[1]), "{g:?}");
+        }
+    }
 
     #[test]
     fn grid_spans_the_bounds_in_steps() {

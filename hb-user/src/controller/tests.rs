@@ -975,3 +975,201 @@ fn a_save_removes_what_dead_saves_left_and_nothing_else() {
     assert_eq!(left, want);
     assert_eq!(table::read(&path).unwrap(), c.table_file());
 }
+
+/// Property tests of the saved table, which a crash, a full disk or a
+/// hand edit can corrupt: a table cut short anywhere, or with any of its
+/// values replaced by another (extremes, wrong types, arrays emptied), is
+/// refused with a message or loaded; a loaded one drives decisions and
+/// saves a table the next start reads. Never a panic, never an index out
+/// of range.
+mod props {
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn trained() -> (QController, Vec<u8>) {
+        let mut c = controller(5);
+        let mut nodes: Vec<SynthNode> =
+            (0..4).map(|_| SynthNode::new(100, 0.02, 0.0, 50)).collect();
+        train(&mut c, &mut nodes, 60);
+        let path = temp_path("props-trained");
+        c.save(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        (c, bytes)
+    }
+
+    /// Loads `bytes` as the table of a fresh controller; if it loads, the
+    /// controller decides and saves a table that reads back.
+    fn load_and_use(bytes: &[u8], name: &str) -> Result<bool, TestCaseError> {
+        let path = temp_path(name);
+        std::fs::write(&path, bytes).unwrap();
+        let mut d = controller(6);
+        let loaded = match d.load(&path) {
+            Ok(()) => true,
+            Err(e) => {
+                let m = e.to_string();
+                prop_assert!(m.contains("controller table"), "{}", m);
+                false
+            }
+        };
+        if loaded {
+            let _ = cli::render(&table::read(&path).unwrap(), 0);
+        }
+        let mut nodes: Vec<SynthNode> = (0..3)
+            .map(|_| SynthNode::new(500, 0.1, 0.05, 900))
+            .collect();
+        train(&mut d, &mut nodes, 3);
+        if loaded {
+            // (A save syncs to disk: only where a table was loaded.)
+            d.save(&path).unwrap();
+            table::read(&path).unwrap();
+        }
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+        Ok(loaded)
+    }
+
+    /// Every leaf of `v` (numbers, strings, bools, nulls, empty
+    /// containers) as a JSON pointer.
+    fn leaves(v: &Value, at: String, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) if !m.is_empty() => {
+                for (k, x) in m {
+                    leaves(x, format!("{at}/{k}"), out);
+                }
+            }
+            Value::Array(a) if !a.is_empty() => {
+                out.push(at.clone());
+                for (i, x) in a.iter().enumerate() {
+                    leaves(x, format!("{at}/{i}"), out);
+                }
+            }
+            _ => out.push(at),
+        }
+    }
+
+    fn replacement() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(json!(0)),
+            Just(json!(-1)),
+            Just(json!(u64::MAX)),
+            Just(json!(u32::MAX)),
+            Just(json!(u32::MAX as u64 + 1)),
+            Just(json!(1e308)),
+            Just(json!(-1e308)),
+            Just(json!(0.5)),
+            Just(json!(null)),
+            Just(json!("")),
+            Just(json!([])),
+            Just(json!({})),
+            Just(json!([0, 0, 0])),
+            Just(json!(7)),
+            any::<i64>().prop_map(|v| json!(v)),
+            any::<f64>()
+                .prop_filter("JSON numbers are finite", |v| v.is_finite())
+                .prop_map(|v| json!(v)),
+        ]
+    }
+
+    #[test]
+    fn every_truncation_of_a_table_is_refused() {
+        let (_, bytes) = trained();
+        let end = bytes.trim_ascii_end().len();
+        // Every length would take seconds (a table is tens of kB): a
+        // few hundred, and the last byte.
+        for len in (0..end).step_by(end / 300 + 1).chain([end - 1]) {
+            let loaded = load_and_use(&bytes[..len], "props-cut").unwrap();
+            assert!(
+                !loaded,
+                "a table cut at {len} of {} bytes loaded",
+                bytes.len()
+            );
+        }
+        assert!(load_and_use(&bytes, "props-whole").unwrap());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        #[test]
+        fn a_table_with_any_values_replaced_is_refused_or_works(
+            edits in prop::collection::vec((any::<prop::sample::Index>(), replacement()), 1..4),
+        ) {
+            static TRAINED: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+            let bytes = TRAINED.get_or_init(|| trained().1);
+            let mut v: Value = serde_json::from_slice(bytes).unwrap();
+            for (i, new) in edits {
+                let mut at = Vec::new();
+                leaves(&v, String::new(), &mut at);
+                let p = i.get(&at).clone();
+                *v.pointer_mut(&p).unwrap() = new;
+            }
+            load_and_use(&serde_json::to_vec(&v).unwrap(), "props-edit")?;
+        }
+
+        /// Any configuration the flags can make (`hb simulate`'s, the
+        /// monitor's qlearn options): refused with a message, or a
+        /// controller that decides within its bounds. (Whether the table
+        /// it saves reads back is not asserted: with extreme targets or
+        /// thresholds its reward statistics leave the range `table::read`
+        /// takes; a known defect, see the fuzz report.)
+        #[test]
+        fn any_configuration_is_refused_or_decides_within_its_bounds(
+            bounds in (1..=u32::MAX, 1..=u32::MAX),
+            step in prop_oneof![Just(1.0 + f64::EPSILON), 1.0f64..=10.0, any::<f64>()],
+            target in prop_oneof![Just(5e-324), 1.0f64..1e6, Just(1e300), any::<f64>()],
+            threshold in prop_oneof![Just(5e-324), 0.1f64..100.0, Just(1e300), any::<f64>()],
+            tick_ms in 1..=60_000u64,
+            decision_ms in prop_oneof![1..=3_600_000u64, Just(1)],
+            weights in prop::array::uniform5(prop_oneof![Just(0.0f64), 0.0f64..100.0, Just(1e300)]),
+            load in any::<u16>(),
+            rtt_us in any::<u32>(),
+        ) {
+            let (min, max) = (bounds.0.min(bounds.1), bounds.0.max(bounds.1));
+            let cfg = Config {
+                min_interval_ms: min,
+                max_interval_ms: max,
+                step,
+                target_detection_ms: target,
+                threshold,
+                tick_ms: tick_ms as f64,
+                decision_period_ms: decision_ms as f64,
+                weights: crate::controller::Weights {
+                    late: weights[0],
+                    over: weights[1],
+                    cost: weights[2],
+                    load: weights[3],
+                    false_suspicion: weights[4],
+                },
+                ..Config::default()
+            };
+            let Ok(mut c) = QController::new(cfg) else {
+                return Ok(());
+            };
+            let mut nodes: Vec<SynthNode> = [(min, 0.0, 0.0), (max, 0.5, 0.3), (min.max(1000).min(max), 0.05, 0.01)]
+                .into_iter()
+                .map(|(iv, j, l)| {
+                    let mut n = SynthNode::new(iv, j, l, load);
+                    n.state.rtt_us = rtt_us;
+                    n
+                })
+                .collect();
+            for _ in 0..4 {
+                for (i, n) in nodes.iter_mut().enumerate() {
+                    n.period(decision_ms.max(1000));
+                    let d = c.observe(i as u32 + 1, &n.state, 0);
+                    prop_assert!((min..=max).contains(&d.interval_ms), "{} outside {}-{}", d.interval_ms, min, max);
+                    n.adopt(&d);
+                }
+            }
+        }
+
+        #[test]
+        fn any_bytes_as_a_table_are_refused(
+            bytes in prop::collection::vec(any::<u8>(), 0..400),
+        ) {
+            prop_assert!(!load_and_use(&bytes, "props-bytes")?);
+        }
+    }
+}

@@ -733,4 +733,57 @@ mod tests {
             (REPORT_BAD_EPOCH, d.node_id, 9)
         );
     }
+
+    /// Property: whatever the network delivers to the userspace gate,
+    /// every datagram gets one result named in PROTOCOL.md and is counted
+    /// once; random bytes never reach `accepted`, and a heartbeat with
+    /// one bit flipped never does either.
+    mod props {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_datagrams_get_one_counted_contract_result(
+                payloads in prop::collection::vec(
+                    prop_oneof![
+                        prop::collection::vec(any::<u8>(), 0..2048),
+                        prop::collection::vec(any::<u8>(), 48..=48),
+                        // A good header, so the later gate steps are reached.
+                        prop::collection::vec(any::<u8>(), 44..=44).prop_map(|t| {
+                            let mut b = vec![0x48, 0x42, 1, 1];
+                            b.extend(t);
+                            b
+                        }),
+                    ],
+                    1..32,
+                ),
+                flip in prop::collection::vec(0..proto::LEN * 8, 1..8),
+            ) {
+                let dp = dp();
+                let mut now = 1_000;
+                for p in &payloads {
+                    now += 1_000_000;
+                    let v = dp.gate(p, SRC, now);
+                    prop_assert!(GateResult::ALL.contains(&v.result));
+                    prop_assert_ne!(v.result, GateResult::Pass);
+                    prop_assert_ne!(v.result, GateResult::Accepted);
+                    prop_assert_eq!(v.result == GateResult::Malformed, p.len() != proto::LEN);
+                    prop_assert!(v.ack.is_none());
+                }
+                for (i, bit) in flip.iter().enumerate() {
+                    let mut b = hb(i as u64 + 1).seal(&key());
+                    b[bit / 8] ^= 1 << (bit % 8);
+                    now += 1_000_000;
+                    prop_assert_ne!(dp.gate(&b, SRC, now).result, GateResult::Accepted);
+                }
+                let c = dp.counters().unwrap();
+                let counted: u64 = GateResult::ALL.iter().map(|r| c[r.index() as usize]).sum();
+                prop_assert_eq!(counted, (payloads.len() + flip.len()) as u64);
+            }
+        }
+    }
 }

@@ -203,7 +203,8 @@ impl Trace {
     }
 
     /// Writes the trace as CSV, merged across nodes in time order (ties by
-    /// node id), with the `interval_ms` column when any arrival has an
+    /// node id; a node's arrivals at the same time in their order, which
+    /// is what its sequence numbers are replayed in), with the `interval_ms` column when any arrival has an
     /// interval or a sequence number, and the `seq` column when any has
     /// a sequence number.
     pub fn write(&self, w: impl Write) -> std::io::Result<()> {
@@ -214,7 +215,7 @@ impl Trace {
         for (&id, arr) in &self.nodes {
             rows.extend(arr.iter().map(|a| (a.recv_ns, id, a)));
         }
-        rows.sort_unstable_by_key(|r| (r.0, r.1));
+        rows.sort_by_key(|r| (r.0, r.1));
         let mut w = std::io::BufWriter::new(w);
         let cell = |v: Option<u64>| v.map_or(String::new(), |v| v.to_string());
         match (with_interval, with_seq) {
@@ -444,6 +445,20 @@ mod tests {
             t.write(&mut out).unwrap();
             assert_eq!(String::from_utf8(out).unwrap(), text);
         }
+        // A node's arrivals at one time keep their order (their sequence
+        // numbers are replayed in it: one going back is a restart).
+        let mut text = String::from("node_id,recv_ns,interval_ms,seq\n");
+        for t in 0..6u64 {
+            for id in 1..=2 {
+                for k in (0..3).filter(|k| 3 * t + k < 17) {
+                    text += &format!("{id},{t},,{}\n", 100 - 3 * t - k);
+                }
+            }
+        }
+        let t = Trace::read(text.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        t.write(&mut out).unwrap();
+        assert_eq!(Trace::read(out.as_slice()).unwrap(), t);
     }
 
     #[test]

@@ -1300,4 +1300,96 @@ mod tests {
             assert_eq!(got.ok().as_deref(), want.map(str::as_bytes), "{want:?}");
         }
     }
+
+    /// Property tests of the HTTP API's paths and query strings, which
+    /// any local client may send: every request gets an answer (200, or a
+    /// 4xx that says why), never a 500 or a dropped connection, and the
+    /// API keeps answering.
+    mod props {
+        use std::io::{Read as _, Write as _};
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// One API of a three-node fleet for all cases, on its own runtime.
+        fn api() -> SocketAddr {
+            static API: std::sync::OnceLock<(tokio::runtime::Runtime, SocketAddr)> =
+                std::sync::OnceLock::new();
+            API.get_or_init(|| {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let addr = rt.block_on(serve(router(fleet(3))));
+                (rt, addr)
+            })
+            .1
+        }
+
+        /// The status code of `GET target`.
+        fn get(target: &str) -> u16 {
+            let mut s = std::net::TcpStream::connect(api()).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            write!(
+                s,
+                "GET {target} HTTP/1.1\r\nHost: hb\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).unwrap();
+            let head = String::from_utf8_lossy(&out);
+            assert!(head.starts_with("HTTP/1.1 "), "{target:?}: {head:?}");
+            head[9..12].parse().unwrap()
+        }
+
+        /// Text of the shapes a request line may hold: printable ASCII
+        /// (no space), percent escapes good and bad, UTF-8.
+        fn text() -> impl Strategy<Value = String> {
+            prop::collection::vec(
+                prop_oneof![
+                    "[!-~]{1,4}",
+                    "%[0-9a-fA-F]{2}",
+                    Just("%".to_owned()),
+                    Just("%zz".to_owned()),
+                    Just("%00".to_owned()),
+                    Just("%ff".to_owned()),
+                    Just("&".to_owned()),
+                    Just("=".to_owned()),
+                    Just("state".to_owned()),
+                    Just("alive".to_owned()),
+                    Just("4294967296".to_owned()),
+                    Just("-1".to_owned()),
+                    "[\u{80}-\u{10ffff}]",
+                ],
+                0..8,
+            )
+            .prop_map(|v| v.concat())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_path_and_query_get_an_answer(
+                which in 0..5u8,
+                t in text(),
+            ) {
+                let target = match which {
+                    0 => format!("/nodes?state={t}"),
+                    1 => format!("/nodes?{t}"),
+                    2 => format!("/nodes/{t}"),
+                    3 => format!("/{t}"),
+                    _ => format!("/controller?{t}"),
+                };
+                let code = get(&target);
+                prop_assert!(
+                    code == 200 || (400..500).contains(&code),
+                    "{:?}: {}", target, code
+                );
+                prop_assert_eq!(get("/nodes/1"), 200);
+            }
+        }
+    }
 }

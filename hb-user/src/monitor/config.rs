@@ -1273,4 +1273,144 @@ mod tests {
         let s = Settings::merge(&args().into(), f).unwrap();
         assert_eq!(s.thresholds.max_silence_ms, 0);
     }
+
+    /// Property tests of the config file: any text is a config or a
+    /// one-line error naming its line, never a panic; and any values of
+    /// the right TOML types (0, negatives, the types' extremes, nan, inf)
+    /// merge into settings or are refused with a message, and what is
+    /// accepted is within the documented ranges.
+    mod props {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const KEYS: &[&str] = &[
+            "port",
+            "ack",
+            "ack_every",
+            "hook_concurrency",
+            "hook_timeout_ms",
+            "hook_queue",
+            "tick_ms",
+            "suspect_phi",
+            "dead_phi",
+            "alive_phi",
+            "dead_min_intervals",
+            "max_silence_ms",
+            "min_std_dev_ms",
+            "min_std_dev_ratio",
+            "acceptable_pause_ms",
+            "stall_factor",
+            "max_stall_ms",
+            "controller",
+            "fixed_interval_ms",
+            "decision_ms",
+            "controller_bounds_ms",
+            "controller_target_ms",
+            "controller_seed",
+            "critical",
+            "controller_max_interval_ms",
+            "capacity",
+            "nodes",
+            "mode",
+            "listen",
+            "on_event",
+        ];
+
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<i64>().prop_map(|v| v.to_string()),
+                prop_oneof![
+                    Just(0i128),
+                    Just(1),
+                    Just(-1),
+                    Just(u16::MAX as i128 + 1),
+                    Just(u32::MAX as i128),
+                    Just(u32::MAX as i128 + 1),
+                    Just(i64::MAX as i128),
+                ]
+                .prop_map(|v| v.to_string()),
+                prop_oneof![
+                    Just("nan"),
+                    Just("inf"),
+                    Just("-inf"),
+                    Just("-0.0"),
+                    Just("1e308"),
+                    Just("5e-324"),
+                    Just("0.5"),
+                    Just("true"),
+                    Just("false"),
+                    Just("\"qlearn\""),
+                    Just("\"fixed\""),
+                    Just("\"off\""),
+                    Just("\"userspace\""),
+                    Just("\"100-10000\""),
+                    Just("\"10000-100\""),
+                    Just("\"0-4294967295\""),
+                    Just("\"1-4294967295\""),
+                    Just("\"4294967295\""),
+                    Just("\"1-1048577\""),
+                    Just("\"[::1]:0\""),
+                    Just("\"\""),
+                ]
+                .prop_map(str::to_owned),
+                any::<f64>().prop_map(|v| format!("{v:?}")),
+            ]
+        }
+
+        fn config_text() -> impl Strategy<Value = String> {
+            prop::collection::vec((prop::sample::select(KEYS), value()), 0..8).prop_map(|kv| {
+                let mut seen = std::collections::HashSet::new();
+                kv.into_iter()
+                    .filter(|(k, _)| seen.insert(*k))
+                    .map(|(k, v)| format!("{k} = {v}\n"))
+                    .collect()
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_text_is_a_config_or_a_one_line_error(text in prop_oneof![
+                any::<String>(),
+                config_text(),
+                config_text().prop_map(|t| t.replace(" = ", " = [")),
+            ]) {
+                if let Err(e) = toml::from_str::<FileConfig>(&text) {
+                    let m = toml_error(&text, &e);
+                    prop_assert!(!m.contains('\n') && !m.is_empty(), "{}", m);
+                }
+            }
+
+            #[test]
+            fn any_values_merge_into_checked_settings_or_are_refused(text in config_text()) {
+                let Ok(file) = toml::from_str::<FileConfig>(&text) else {
+                    return Ok(());
+                };
+                let Ok(s) = Settings::merge(&args().into(), file) else {
+                    return Ok(());
+                };
+                let ms = s.tick.as_millis() as u64;
+                prop_assert!((1..=MAX_TICK_MS).contains(&ms));
+                prop_assert!(s.port != 0);
+                prop_assert!((1..=MAX_NODES).contains(&s.capacity));
+                prop_assert!(s.nodes.len() <= s.capacity as u64);
+                prop_assert!(s.thresholds.validate().is_ok() && s.phi.is_valid());
+                prop_assert!((1..=MAX_DECISION_MS).contains(&s.decision_ms));
+                let c = &s.controller;
+                prop_assert!(c.min_interval_ms <= c.max_interval_ms);
+                prop_assert!(c.target_ms.is_finite() && c.target_ms > 0.0);
+                if let Some(h) = &s.hook {
+                    prop_assert!(h.concurrency >= 1 && h.queue >= 1 && !h.timeout.is_zero());
+                }
+                if c.kind == ControllerKind::Qlearn {
+                    // What the monitor builds from them.
+                    let cfg = c.qlearn_config(&s.thresholds, s.phi, s.tick, s.decision_ms);
+                    let _ = crate::controller::QController::new(cfg);
+                }
+                let _ = crate::monitor::tick::Detector::new(s.thresholds, s.phi);
+            }
+        }
+    }
 }

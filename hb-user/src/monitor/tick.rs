@@ -3079,4 +3079,118 @@ mod tests {
         assert_ne!(at(1600), Level::Dead, "one lost heartbeat");
         assert_eq!(at(10_000), Level::Dead);
     }
+
+    /// Property: a sender holding its node key (a buggy one, or a
+    /// compromised host) may put anything in the fields the tag covers:
+    /// any generation, sequence number, interval, RTT, load and send time,
+    /// at any pace. The gate, the tick's detector and the interval policy
+    /// (none, and the Q-learning controller, which reads RTT, load and
+    /// interval) must take it without a panic or an arithmetic overflow
+    /// (run in a debug build), every node counted under one status.
+    mod props {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::monitor::policy::QLearnPolicy;
+
+        #[derive(Clone, Debug)]
+        struct Beat {
+            after_ms: u64,
+            id: u32,
+            generation: u32,
+            flags: u8,
+            load: u16,
+            seq: u64,
+            sent_ns: u64,
+            interval_ms: u32,
+            rtt_us: u32,
+            tick: bool,
+        }
+
+        fn beat() -> impl Strategy<Value = Beat> {
+            (
+                (prop_oneof![0..300u64, 0..120_000u64], 1..=3u32),
+                prop_oneof![Just(1u32), Just(2), any::<u32>()],
+                0..=1u8,
+                any::<u16>(),
+                prop_oneof![1..100u64, any::<u64>(), Just(u64::MAX)],
+                any::<u64>(),
+                prop_oneof![Just(0u32), 1..20_000u32, any::<u32>()],
+                any::<u32>(),
+                any::<bool>(),
+            )
+                .prop_map(
+                    |(
+                        (after_ms, id),
+                        generation,
+                        flags,
+                        load,
+                        seq,
+                        sent_ns,
+                        interval_ms,
+                        rtt_us,
+                        tick,
+                    )| Beat {
+                        after_ms,
+                        id,
+                        generation,
+                        flags,
+                        load,
+                        seq,
+                        sent_ns,
+                        interval_ms,
+                        rtt_us,
+                        tick,
+                    },
+                )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+            #[test]
+            fn an_authenticated_sender_saying_anything_panics_nothing(
+                beats in prop::collection::vec(beat(), 1..120),
+                qlearn in any::<bool>(),
+            ) {
+                let policy: Box<dyn IntervalPolicy> = if qlearn {
+                    let ctrl = crate::controller::QController::new(
+                        crate::controller::Config::default(),
+                    )
+                    .unwrap();
+                    Box::new(QLearnPolicy::new(ctrl, None, None).unwrap())
+                } else {
+                    Box::new(FixedPolicy::none())
+                };
+                let mut r = Rig::new(&[1, 2, 3], policy);
+                let mut now_ms = 1000;
+                for b in &beats {
+                    now_ms += b.after_ms;
+                    let d = Datagram {
+                        kind: Kind::Heartbeat,
+                        node_id: b.id,
+                        generation: b.generation,
+                        key_epoch: 1,
+                        flags: b.flags,
+                        load: b.load,
+                        seq: b.seq,
+                        sent_ns: b.sent_ns,
+                        interval_ms: b.interval_ms,
+                        rtt_us: b.rtt_us,
+                    };
+                    let v = r.dp.gate(&d.seal(&key(b.id)), SRC, now_ms * MS);
+                    prop_assert!(hb_common::GateResult::ALL.contains(&v.result));
+                    if b.tick {
+                        r.tick(now_ms);
+                        prop_assert_eq!(r.core.table.counts.iter().sum::<u64>(), 3);
+                    }
+                }
+                // Long after: every node judged by what it said last.
+                for t in [1, 10, 100, 1000, 100_000] {
+                    r.tick(now_ms + t * 1000);
+                    prop_assert_eq!(r.core.table.counts.iter().sum::<u64>(), 3);
+                }
+            }
+        }
+    }
 }

@@ -30,10 +30,13 @@
 //! was taken off the list and the interval reconfigured.
 //!
 //! The file holds a decimal number of milliseconds, then `monitors=` and
-//! `interval_ms=` lines. A missing file means "no monitor asked yet"; a
-//! corrupt one is reported and ignored (the configured interval is used),
-//! never a reason not to send heartbeats. A file of the number alone
-//! (written by an earlier hb) resumes as it did. A stored interval outside
+//! `interval_ms=` lines, each ending in a newline. A missing file means
+//! "no monitor asked yet"; a corrupt one is reported and ignored (the
+//! configured interval is used), never a reason not to send heartbeats.
+//! A file of the number alone (written by an earlier hb) resumes as it
+//! did. A file whose last line has no newline was cut short (every hb
+//! wrote one): it is corrupt, or a `1500` cut to `1` would resume at the
+//! sender's fastest interval as an earlier hb's file. A stored interval outside
 //! the sender's bounds (changed since) is clamped into them.
 
 use std::{
@@ -98,6 +101,10 @@ pub fn load(dir: &Path) -> Result<Option<Stored>, String> {
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => return Err(corrupt()),
         Err(e) => return Err(format!("cannot read state file {}: {e}", path.display())),
     };
+    // Cut short (see the module docs).
+    if !text.ends_with('\n') {
+        return Err(corrupt());
+    }
     let mut lines = text.lines();
     let ms = match lines.next().map(|l| l.trim().parse::<u32>()) {
         Some(Ok(ms)) if ms > 0 => ms,
@@ -147,13 +154,15 @@ pub fn forget(dir: &Path) -> anyhow::Result<()> {
 /// Stores `ms`, asked for under `under`, in `dir` (atomically, like the
 /// generation).
 pub fn save(dir: &Path, ms: u32, under: &Under) -> anyhow::Result<()> {
-    generation::write_atomically(
-        &dir.join(FILE),
-        format_args!(
-            "{ms}\nmonitors={}\ninterval_ms={}",
-            under.monitors.join(" "),
-            under.interval_ms
-        ),
+    generation::write_atomically(&dir.join(FILE), contents(ms, under))
+}
+
+/// The file's text without its last newline (`write_atomically` ends it).
+fn contents(ms: u32, under: &Under) -> String {
+    format!(
+        "{ms}\nmonitors={}\ninterval_ms={}",
+        under.monitors.join(" "),
+        under.interval_ms
     )
 }
 
@@ -336,6 +345,8 @@ mod tests {
         assert_eq!(load(d.path()), Ok(None));
         assert_eq!(start_interval(&u, None, 100, 10_000), Start::Configured);
         save(d.path(), 4642, &u).unwrap();
+        let text = std::fs::read_to_string(d.path().join(FILE)).unwrap();
+        assert_eq!(text, contents(4642, &u) + "\n");
         let stored = load(d.path()).unwrap().unwrap();
         assert_eq!(
             stored,
@@ -428,12 +439,89 @@ mod tests {
             b"500\nmonitors=a:1\ninterval_ms=x\n",
             b"500\nmonitors=a:1\nmonitors=a:1\ninterval_ms=1000\n",
             b"500\nmonitors=a:1\ninterval_ms=1000\nNot A Key\n",
+            // Cut short: the first line of 1500, or before the last newline.
+            b"1",
+            b"150",
+            b"1500",
+            b"1500\nmonitors=a:1\ninterval_ms=1000",
         ] {
             let d = tempfile::tempdir().unwrap();
             std::fs::write(d.path().join(FILE), junk).unwrap();
             let why = load(d.path()).unwrap_err();
             assert!(why.contains("interval"), "{why}");
             assert!(why.contains(&d.path().display().to_string()), "{why}");
+        }
+    }
+
+    /// Property tests of the state file, which a crash or an operator can
+    /// corrupt: any bytes are an interval or a named error, never a panic;
+    /// and a file cut short anywhere never resumes another interval than
+    /// the one stored.
+    mod props {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn check_cut(whole: &[u8], stored_ms: u32, now: &Under) -> Result<(), TestCaseError> {
+            let d = tempfile::tempdir().unwrap();
+            for len in 0..=whole.len() {
+                // A new file each time: ext4 may flush a file truncated
+                // and written again as it is closed (`auto_da_alloc`),
+                // which made this take seconds.
+                let _ = std::fs::remove_file(d.path().join(FILE));
+                std::fs::write(d.path().join(FILE), &whole[..len]).unwrap();
+                match load(d.path()) {
+                    Ok(s) => {
+                        prop_assert!(s.is_some());
+                        if let Start::Resumed(ms) = start_interval(now, s.as_ref(), 1, u32::MAX) {
+                            prop_assert_eq!(ms, stored_ms, "cut at {} of {:?}", len, whole);
+                        }
+                    }
+                    Err(why) => prop_assert!(why.contains(&d.path().display().to_string())),
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_bytes_are_an_interval_or_a_named_error(
+                bytes in prop_oneof![
+                    prop::collection::vec(any::<u8>(), 0..64),
+                    "[0-9]{0,12}(\n(monitors|interval_ms|[a-z_]{1,4})=[ -~]{0,12}){0,4}\n?"
+                        .prop_map(String::into_bytes),
+                ],
+            ) {
+                let d = tempfile::tempdir().unwrap();
+                std::fs::write(d.path().join(FILE), &bytes).unwrap();
+                if let Ok(Some(s)) = load(d.path()) {
+                    prop_assert!(s.ms > 0);
+                }
+            }
+
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+            #[test]
+            fn a_file_cut_short_never_resumes_another_interval(
+                ms in prop_oneof![1..=20_000u32, any::<u32>().prop_filter("not 0", |v| *v != 0)],
+                monitors in prop::collection::vec("[a-z0-9.:\\[\\]]{1,20}", 0..4),
+                interval_ms in any::<u32>(),
+                earlier in any::<bool>(),
+            ) {
+                let u = Under::new(&monitors, interval_ms);
+                // What `save` writes (as an earlier hb did: the number
+                // alone), without a save's syncs.
+                let whole = match earlier {
+                    true => format!("{ms}\n"),
+                    false => contents(ms, &u) + "\n",
+                };
+                check_cut(whole.as_bytes(), ms, &u)?;
+            }
         }
     }
 }

@@ -1306,4 +1306,127 @@ mod tests {
         // Monitor 1's own is taken.
         assert!(s.on_ack(&replay, mon(1), 12 * MS).is_ok());
     }
+
+    /// Property tests of the sender's ACK handling: whatever arrives on
+    /// its socket (any bytes of any length, ACKs of any interval, from
+    /// its monitors, their IPv4-mapped forms or anyone else, at any pace,
+    /// with up to 64 monitors and any bounds the flags allow) is judged
+    /// without a panic or an overflow; a rejected datagram moves nothing;
+    /// the interval stays within the bounds.
+    mod props {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        #[derive(Clone, Debug)]
+        enum Input {
+            Heartbeat {
+                after_ns: u64,
+            },
+            /// The ACK of pending heartbeat `which`, asking `interval_ms`,
+            /// from `from` (a monitor's index, or a stranger's), one bit
+            /// flipped or not.
+            Ack {
+                which: prop::sample::Index,
+                interval_ms: u32,
+                from: u8,
+                flip: Option<usize>,
+            },
+            Bytes {
+                bytes: Vec<u8>,
+                from: u8,
+            },
+        }
+
+        fn input() -> impl Strategy<Value = Input> {
+            prop_oneof![
+                prop_oneof![0..100 * MS, 0..u64::MAX / 1024, Just(0u64)]
+                    .prop_map(|after_ns| Input::Heartbeat { after_ns }),
+                (
+                    any::<prop::sample::Index>(),
+                    prop_oneof![Just(0u32), 1..20_000u32, any::<u32>()],
+                    any::<u8>(),
+                    prop::option::of(0..proto::LEN * 8),
+                )
+                    .prop_map(|(which, interval_ms, from, flip)| Input::Ack {
+                        which,
+                        interval_ms,
+                        from,
+                        flip,
+                    }),
+                (
+                    prop_oneof![
+                        4 => prop::collection::vec(any::<u8>(), 0..100),
+                        1 => prop::collection::vec(any::<u8>(), 0..2100),
+                    ],
+                    any::<u8>()
+                )
+                    .prop_map(|(bytes, from)| Input::Bytes { bytes, from }),
+            ]
+        }
+
+        /// Monitor `i` (1-based) as it may answer: its address, or the
+        /// same as an IPv4-mapped IPv6 address; 0 and past the monitors:
+        /// a stranger.
+        fn source(from: u8, monitors: usize) -> SocketAddr {
+            let i = from % (monitors as u8 + 2);
+            if from & 0x80 != 0 {
+                let v6 = match mon(i) {
+                    SocketAddr::V4(a) => a.ip().to_ipv6_mapped(),
+                    SocketAddr::V6(a) => *a.ip(),
+                };
+                SocketAddr::from((v6, 7420))
+            } else {
+                mon(i)
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+            #[test]
+            fn anything_on_the_socket_is_judged_and_bounds_hold(
+                monitors in prop_oneof![1..=3usize, Just(MAX_MONITORS)],
+                bounds in (
+                    crate::send::FLOOR_INTERVAL_MS..=crate::send::CEILING_INTERVAL_MS,
+                    crate::send::FLOOR_INTERVAL_MS..=crate::send::CEILING_INTERVAL_MS,
+                ),
+                inputs in prop::collection::vec(input(), 1..100),
+            ) {
+                let (min, max) = (bounds.0.min(bounds.1), bounds.0.max(bounds.1));
+                let mut cfg = config(monitors);
+                (cfg.min_interval_ms, cfg.max_interval_ms, cfg.interval_ms) = (min, max, min);
+                let mut s = Sender::new(cfg);
+                let mut now = MS;
+                let mut pending: Vec<(SocketAddr, [u8; proto::LEN])> = Vec::new();
+                for inp in inputs {
+                    let before = (s.interval_ms(), s.monitors().iter().map(|m| m.rtt).collect::<Vec<_>>());
+                    let r = match inp {
+                        Input::Heartbeat { after_ns } => {
+                            now = now.saturating_add(after_ns);
+                            pending = s.heartbeat(now, u16::MAX, false);
+                            continue;
+                        }
+                        Input::Ack { .. } | Input::Bytes { .. } if pending.is_empty() => continue,
+                        Input::Ack { which, interval_ms, from, flip } => {
+                            let (to, hb) = *which.get(&pending);
+                            let mut ack = ack_of(&hb, &KEY, interval_ms);
+                            if let Some(bit) = flip {
+                                ack[bit / 8] ^= 1 << (bit % 8);
+                            }
+                            let src = if from < 128 { to } else { source(from, monitors) };
+                            s.on_ack(&ack, src, now)
+                        }
+                        Input::Bytes { bytes, from } => s.on_ack(&bytes, source(from, monitors), now),
+                    };
+                    if r.is_err() {
+                        let after = (s.interval_ms(), s.monitors().iter().map(|m| m.rtt).collect::<Vec<_>>());
+                        prop_assert_eq!(after, before);
+                    }
+                    let iv = s.interval_ms();
+                    prop_assert!((min..=max).contains(&iv), "{} outside {}-{}", iv, min, max);
+                }
+            }
+        }
+    }
 }
