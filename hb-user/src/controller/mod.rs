@@ -480,6 +480,14 @@ fn serialize_phi<S: serde::Serializer>(p: &PhiParams, s: S) -> Result<S::Ok, S::
     st.end()
 }
 
+/// The detection targets a controller takes: from 1 ms to an hour (the
+/// slowest interval is 10 s by default).
+pub const TARGET_MS: std::ops::RangeInclusive<f64> = 1.0..=3_600_000.0;
+
+/// The highest phi threshold a controller takes (phi 1000 is a chance of
+/// 10^-1000 that the node is alive; the monitor's default is 8).
+pub const MAX_THRESHOLD: f64 = 1000.0;
+
 impl Config {
     /// Rejects configurations the controller cannot honour.
     pub fn validate(&self) -> Result<(), String> {
@@ -495,6 +503,24 @@ impl Config {
         let finite_pos = |v: f64| v.is_finite() && v > 0.0;
         if !finite_pos(self.target_detection_ms) || !finite_pos(self.threshold) {
             return Err("target detection time and threshold must be positive".into());
+        }
+        // Rewards scale with the target (a period's heartbeat cost is
+        // target / interval) and detection times with the threshold:
+        // past these, learned values left the range a saved table is read
+        // back in, and the next start refused the table it had saved.
+        if !(TARGET_MS.contains(&self.target_detection_ms)) {
+            return Err(format!(
+                "target detection time {} ms must be in [{}, {}] ms",
+                self.target_detection_ms,
+                TARGET_MS.start(),
+                TARGET_MS.end()
+            ));
+        }
+        if self.threshold > MAX_THRESHOLD {
+            return Err(format!(
+                "phi threshold {} must be at most {MAX_THRESHOLD}",
+                self.threshold
+            ));
         }
         if !finite_pos(self.decision_period_ms) {
             return Err("the decision period must be positive".into());

@@ -254,7 +254,7 @@ pub struct Opts {
     #[arg(long, value_name = "MIN-MAX")]
     pub controller_bounds_ms: Option<String>,
     /// qlearn: the 99th-percentile crash-to-suspicion time the controller
-    /// aims for, ms, above 0 [default: 3000].
+    /// aims for, ms, 1 to 3600000 [default: 3000].
     #[arg(long, value_name = "MS")]
     pub controller_target_ms: Option<f64>,
     /// qlearn: seed of the exploration (runs are reproducible) [default: 1].
@@ -712,8 +712,12 @@ fn controller_settings(
         .controller_target_ms
         .or(f.controller_target_ms)
         .unwrap_or(crate::controller::Config::default().target_detection_ms);
-    if !(target_ms.is_finite() && target_ms > 0.0) {
-        bail!("controller_target_ms must be a positive number of ms, got {target_ms}");
+    if !crate::controller::TARGET_MS.contains(&target_ms) {
+        bail!(
+            "controller_target_ms must be in [{}, {}] ms, got {target_ms}",
+            crate::controller::TARGET_MS.start(),
+            crate::controller::TARGET_MS.end()
+        );
     }
     let critical_spec = a.critical.clone().or(f.critical.clone());
     let cap = a
