@@ -920,8 +920,10 @@ struct Attached {
     pin: Option<PathBuf>,
     /// A re-adopted link's program of the earlier run, held until the
     /// attach is through: one that fails on a later interface puts it
-    /// back (swapped out and not held, the kernel frees it).
-    previous: Option<std::os::fd::OwnedFd>,
+    /// back (swapped out and not held, the kernel frees it). `Err`: why it
+    /// could not be held (reopening a program by id needs CAP_SYS_ADMIN,
+    /// which the README's unit does not give). `None`: not re-adopted.
+    previous: Option<Result<std::os::fd::OwnedFd, String>>,
 }
 
 /// The XDP gate.
@@ -1993,16 +1995,10 @@ impl XdpDataplane {
                 .with_context(|| format!("cannot open pinned XDP link {}", path.display()))?;
             let link = XdpLink::try_from(FdLink::from(pinned))
                 .with_context(|| format!("{} is not a pinned XDP link", path.display()))?;
-            let previous = pinned_link_program(path)
-                .inspect_err(|e| {
-                    tracing::warn!(
-                        interface = ifname,
-                        error = %format!("{e:#}"),
-                        "cannot hold the kept XDP link's program: a start that fails after this \
-                         leaves the link with this run's"
-                    )
-                })
-                .ok();
+            // Said only if it is needed ([`Self::put_back_kept_links`]):
+            // kept links are taken over last, after every interface that
+            // can refuse a new program (another one there) was attached.
+            let previous = Some(pinned_link_program(path).map_err(|e| format!("{e:#}")));
             match prog.attach_to_link(link) {
                 Ok(id) => {
                     tracing::info!(interface = ifname, pin = %path.display(), "re-adopted pinned XDP link");
@@ -2104,6 +2100,19 @@ impl XdpDataplane {
         self.attached_now().retain(|a| {
             let (Some(pin), Some(previous)) = (&a.pin, &a.previous) else {
                 return true;
+            };
+            let previous = match previous {
+                Ok(fd) => fd,
+                Err(why) => {
+                    tracing::warn!(
+                        interface = a.ifname,
+                        error = why,
+                        "the start failed, and the XDP link an earlier run kept could not be given \
+                         its program back (it was not held): it gates with this run's until the \
+                         next start"
+                    );
+                    return true;
+                }
             };
             match update_pinned_link(pin, previous.as_fd()) {
                 Ok(()) => {
@@ -2576,7 +2585,15 @@ impl Dataplane for XdpDataplane {
             let names: Vec<String> = plan.interfaces.iter().map(|(n, _)| n.clone()).collect();
             detach_unlisted_links(dir, &names)?;
         }
-        for (ifname, ifindex) in &plan.interfaces {
+        // Interfaces with a link an earlier run kept come last: an
+        // attach that fails (another XDP program on an interface, say)
+        // then fails before any kept link runs this run's program. (One
+        // failing after that is put back if its program could be held.)
+        let mut order: Vec<&(String, u32)> = plan.interfaces.iter().collect();
+        if let Some(dir) = &plan.pin_dir {
+            order.sort_by_key(|(ifname, _)| dir.join(format!("link_{ifname}")).exists());
+        }
+        for (ifname, ifindex) in order {
             if let Err(e) = self.attach_to(ifname, *ifindex, &plan) {
                 self.put_back_kept_links();
                 return Err(e);
