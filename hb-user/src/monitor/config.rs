@@ -197,7 +197,8 @@ pub struct Opts {
     #[arg(long, value_name = "MS")]
     pub tick_ms: Option<u64>,
     /// alive -> suspect at this phi; the thresholds must keep
-    /// alive < suspect <= dead [default: 8].
+    /// alive < suspect <= dead; at most 1000 with `--controller qlearn`
+    /// [default: 8].
     #[arg(long)]
     pub suspect_phi: Option<f64>,
     /// -> dead at this phi (with --dead-min-intervals of silence) [default: 12].
@@ -477,6 +478,16 @@ impl Settings {
         };
         thresholds.validate().map_err(anyhow::Error::msg)?;
         check_max_silence_ms(thresholds.max_silence_ms)?;
+        // The controller models detection at the suspect threshold.
+        if controller.kind == ControllerKind::Qlearn
+            && thresholds.suspect_phi > crate::controller::MAX_THRESHOLD
+        {
+            bail!(
+                "suspect_phi {} must be at most {} with the qlearn controller",
+                thresholds.suspect_phi,
+                crate::controller::MAX_THRESHOLD
+            );
+        }
         let p = PhiParams::default();
         let phi = PhiParams {
             min_std_dev_ms: a
@@ -972,6 +983,46 @@ mod tests {
         assert_eq!((s.ack_every, s.ack_on_change), (0, false));
         assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(s.thresholds, Thresholds::default());
+    }
+
+    /// A qlearn monitor's thresholds and target are checked at load, by
+    /// their names: out of the controller's range, they made tables the
+    /// next start refused.
+    #[test]
+    fn qlearn_refuses_a_threshold_or_target_past_its_range() {
+        let qlearn = |suspect: f64, dead: f64, target: f64| Opts {
+            controller: Some(ControllerKind::Qlearn),
+            suspect_phi: Some(suspect),
+            dead_phi: Some(dead),
+            controller_target_ms: Some(target),
+            ..args()
+        };
+        let e = Settings::merge(
+            &qlearn(1500.0, 2000.0, 3000.0).into(),
+            FileConfig::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("suspect_phi 1500 must be at most 1000"), "{e}");
+        for target in [0.5, 1e300] {
+            let e = Settings::merge(&qlearn(8.0, 12.0, target).into(), FileConfig::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("controller_target_ms must be in [1, 3600000]"),
+                "{e}"
+            );
+        }
+        for ok in [
+            qlearn(1000.0, 2000.0, 3_600_000.0),
+            qlearn(8.0, 12.0, 1.0),
+            Opts {
+                controller: Some(ControllerKind::Off),
+                ..qlearn(1500.0, 2000.0, 3000.0)
+            },
+        ] {
+            Settings::merge(&ok.into(), FileConfig::default()).unwrap();
+        }
     }
 
     /// The controller and its fixed interval come together, from the
