@@ -1275,23 +1275,30 @@ mod tests {
         )
     }
 
+    /// The pid `grandchild_sleep` wrote to `pid_file`.
+    fn read_pid(pid_file: &Path) -> i32 {
+        std::fs::read_to_string(pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Whether `/proc/PID/stat` says zombie (the state after the name).
+    fn zombie_stat(stat: &str) -> bool {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    }
+
     /// A zombie: exited, not reaped.
     fn zombie(pid: i32) -> bool {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-            stat.rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| zombie_stat(&s))
     }
 
     /// Dead: no such process, or a zombie (killed, and not reaped yet by
     /// whoever adopted it).
     fn gone(pid: i32) -> bool {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Err(_) => true,
-            Ok(stat) => stat
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        }
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| zombie_stat(&s))
     }
 
     /// Polls `f` for up to 10 s (generous: a loaded machine is slow to
@@ -1508,11 +1515,7 @@ mod tests {
         );
         h.submit(&ev(1));
         until("the hook started its child", || pid_file.exists()).await;
-        let pid: i32 = std::fs::read_to_string(&pid_file)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let pid = read_pid(&pid_file);
         assert!(!gone(pid));
         h.submit(&ev(2)); // waits for the slot, never gets it
         h.shutdown(Duration::from_millis(200)).await;
@@ -1580,11 +1583,7 @@ mod tests {
             );
             h.submit(&ev(1));
             until("the hook started its child", || pid_file.exists()).await;
-            let pid: i32 = std::fs::read_to_string(&pid_file)
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap();
+            let pid = read_pid(&pid_file);
             (h, pid)
         });
         assert!(!gone(pid));
@@ -1628,11 +1627,7 @@ mod tests {
         }
         let second = spawn_hook(shell("true".into())).await.unwrap();
         until("the first hook started its child", || pid_file.exists()).await;
-        let pid: i32 = std::fs::read_to_string(&pid_file)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let pid = read_pid(&pid_file);
         assert!(!gone(pid));
         // Its answer is sent and never received.
         drop(first);
@@ -1663,11 +1658,7 @@ mod tests {
         );
         h.submit(&ev(1));
         wait_for(&m, |m| m.hooks_ok() == 1).await;
-        let pid: i32 = std::fs::read_to_string(&pid_file)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let pid = read_pid(&pid_file);
         until("the hook's background sleep killed", || gone(pid)).await;
         assert_eq!(m.hook_failures("timeout"), 0);
         std::fs::remove_dir_all(&dir).unwrap();
@@ -1802,11 +1793,7 @@ mod tests {
             ..ev(3)
         });
         until("the hook left its process group", || pid_file.exists()).await;
-        let pid: i32 = std::fs::read_to_string(&pid_file)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let pid = read_pid(&pid_file);
         wait_for(&m, |m| m.hook_failures(UNKILLABLE) == 1).await;
         // Its slot is free, and so is its node: the next hooks ran.
         wait_for(&m, |m| m.hooks_ok() == 2).await;
