@@ -1171,8 +1171,7 @@ fn reconcile_stateless_pins(dir: &Path) -> anyhow::Result<()> {
         if !path.exists() {
             continue;
         }
-        let info = aya::maps::MapInfo::from_pin(&path)
-            .with_context(|| format!("cannot read the pinned map {}", path.display()))?;
+        let info = pinned_map_info(&path)?;
         let found = (
             info.map_type().ok(),
             info.key_size(),
@@ -1210,14 +1209,15 @@ enum NodePins {
     RebuildIndex { capacity: u32 },
 }
 
+/// What the kernel says of the map pinned at `path`.
+fn pinned_map_info(path: &Path) -> anyhow::Result<aya::maps::MapInfo> {
+    aya::maps::MapInfo::from_pin(path)
+        .with_context(|| format!("cannot read the pinned map {}", path.display()))
+}
+
 /// `max_entries` of the map pinned at `path`.
 fn pinned_max_entries(path: &Path) -> anyhow::Result<u32> {
-    let map = aya::maps::MapData::from_pin(path)
-        .with_context(|| format!("cannot open the pinned map {}", path.display()))?;
-    Ok(map
-        .info()
-        .with_context(|| format!("cannot read the pinned map {}", path.display()))?
-        .max_entries())
+    Ok(pinned_map_info(path)?.max_entries())
 }
 
 /// Makes the node maps pinned in `dir` one unit again, before they are
@@ -1311,8 +1311,7 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// named, with what differs and what to do.
 fn check_node_pin(dir: &Path, name: &str, value_size: u32) -> anyhow::Result<()> {
     let path = dir.join(name);
-    let info = aya::maps::MapInfo::from_pin(&path)
-        .with_context(|| format!("cannot read the pinned map {}", path.display()))?;
+    let info = pinned_map_info(&path)?;
     let mut differs = Vec::new();
     match info.map_type() {
         Ok(MapType::Array) => {}
