@@ -17,15 +17,17 @@ pub enum Bench {
     Controller,
     Eval,
     E2e,
+    Sender,
 }
 
 impl Bench {
-    const ALL: [Bench; 5] = [
+    const ALL: [Bench; 6] = [
         Bench::Dataplane,
         Bench::Monitor,
         Bench::Controller,
         Bench::Eval,
         Bench::E2e,
+        Bench::Sender,
     ];
 
     fn name(self) -> &'static str {
@@ -35,6 +37,7 @@ impl Bench {
             Bench::Controller => "controller",
             Bench::Eval => "eval",
             Bench::E2e => "e2e",
+            Bench::Sender => "sender",
         }
     }
 
@@ -45,8 +48,8 @@ impl Bench {
     fn command(self) -> String {
         let run = format!("cargo run --release -p hb-tests --bin {}", self.bin());
         match self {
-            // It runs the `hb` binary itself.
-            Bench::E2e => format!("cargo build --release -p hb-user && {run}"),
+            // They run the `hb` binary itself.
+            Bench::E2e | Bench::Sender => format!("cargo build --release -p hb-user && {run}"),
             _ => run,
         }
     }
@@ -406,6 +409,41 @@ fn report(sections: &[(Bench, String, f64)], run: &Run) -> anyhow::Result<String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every benchmark `cargo xtask bench NAME` accepts is one the full run
+    /// writes into BENCHMARKS.md, has its binary, and, if that binary runs
+    /// `hb`, has a command that builds `hb` first (the binary measures
+    /// whatever `hb` is there).
+    #[test]
+    fn every_benchmark_runs_in_the_full_run_with_what_it_needs() {
+        use clap::ValueEnum as _;
+        for &b in Bench::value_variants() {
+            assert!(Bench::ALL.contains(&b), "{b:?} left out of the full run");
+            assert!(b.exists(), "{b:?}: no tests/src/bin/{}.rs", b.bin());
+            assert_eq!(
+                Bench::from_str(b.name(), false),
+                Ok(b),
+                "`cargo xtask bench {}`",
+                b.name()
+            );
+            let src =
+                std::fs::read_to_string(util::root().join(format!("tests/src/bin/{}.rs", b.bin())))
+                    .unwrap();
+            let runs_hb = src.contains("try_hb_bin") || src.contains("hb_bin()");
+            assert_eq!(
+                b.command()
+                    .starts_with("cargo build --release -p hb-user && "),
+                runs_hb,
+                "{b:?}: {}",
+                b.command()
+            );
+        }
+        assert_eq!(
+            Bench::Sender.command(),
+            "cargo build --release -p hb-user && cargo run --release -p hb-tests --bin \
+             bench_sender"
+        );
+    }
 
     /// The digest of uncommitted changes is git's own blob id of the
     /// diff's raw bytes (a file that is not UTF-8 included), and the
