@@ -30,7 +30,13 @@
 //! (a name with an IPv4 and an IPv6 address whose IPv4 route went away
 //! kept the IPv4 one, every send failing, for good).
 //! Each distinct address gets one heartbeat, however many `--monitor`s
-//! lead to it.
+//! lead to it. Two addresses of one monitor (its IPv4 and its IPv6 one,
+//! as two `--monitor`s) are two monitors here: nothing in an ACK names
+//! the monitor that sent it, and each monitor ACKs only the copy it
+//! takes, so no ACK pattern tells one monitor at two addresses from two
+//! monitors ACKing every Nth heartbeat out of phase. That monitor gets
+//! every heartbeat twice and counts the second copy as `replay`; the
+//! README says so where `--monitor` and the `replay` count are described.
 //!
 //! The rules (what a heartbeat contains, which ACKs count, RTT, interval
 //! adoption) live in [`sender`], without I/O; this module is the thin loop
