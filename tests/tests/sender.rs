@@ -305,7 +305,12 @@ fn sender_heartbeats_acks_and_leaving() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match hb::send::resume::load(state.path()) {
-            Ok(Some(s)) if s.ms == 150 => break,
+            Ok(Some(s)) if s.ms == 150 => {
+                // Stored with the monitor that asked: the restart knows
+                // whose request it stands for.
+                assert_eq!(s.asked_by, Some(SocketAddr::from((v4, PORT))));
+                break;
+            }
             stored => assert!(
                 Instant::now() < deadline,
                 "150 ms not stored within 10 s: {stored:?}\n{}",

@@ -30,7 +30,13 @@
 //! (a name with an IPv4 and an IPv6 address whose IPv4 route went away
 //! kept the IPv4 one, every send failing, for good).
 //! Each distinct address gets one heartbeat, however many `--monitor`s
-//! lead to it.
+//! lead to it. Two addresses of one monitor (its IPv4 and its IPv6 one,
+//! as two `--monitor`s) are two monitors here: nothing in an ACK names
+//! the monitor that sent it, and each monitor ACKs only the copy it
+//! takes, so no ACK pattern tells one monitor at two addresses from two
+//! monitors ACKing every Nth heartbeat out of phase. That monitor gets
+//! every heartbeat twice and counts the second copy as `replay`; the
+//! README says so where `--monitor` and the `replay` count are described.
 //!
 //! The rules (what a heartbeat contains, which ACKs count, RTT, interval
 //! adoption) live in [`sender`], without I/O; this module is the thin loop
@@ -607,6 +613,7 @@ impl Args {
                 generation: 0,
                 interval_ms: iv,
                 resumed_ms: None,
+                resumed_by: None,
                 min_interval_ms: min,
                 max_interval_ms: max,
                 monitors,
@@ -708,8 +715,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     "resuming at the interval a monitor last asked for"
                 );
                 // Where it starts; `--interval-ms` stays what it goes
-                // back to once a monitor moves (see `sender`).
+                // back to once the monitor that asked moves (see
+                // `sender`).
                 cfg.resumed_ms = Some(iv);
+                cfg.resumed_by = stored.as_ref().and_then(|s| s.asked_by);
             }
             (resume::Start::Outdated, Some(s)) => {
                 tracing::info!(
@@ -1155,7 +1164,7 @@ async fn send_loop(
             r = names.next() => {
                 if let Some((old, new)) = names.apply(r, &mut sender, &mut sockets) {
                     tracing::info!(old_ms = old, new_ms = new, "the interval a moved monitor asked for no longer stands");
-                    interval_changed(new, &mut next, saver);
+                    interval_changed(&sender, &mut next, saver);
                 }
             }
             _ = sigterm.recv() => break "SIGTERM",
@@ -1242,7 +1251,7 @@ fn on_datagram(
                 // clamped into this sender's bounds: not necessarily what
                 // this ACK asked (`asked_ms`, 0 for nothing).
                 tracing::info!(monitor = %from, asked_ms = a.asked_ms, old_ms = old, new_ms = new, "monitor asked for a new heartbeat interval");
-                interval_changed(new, next, saver);
+                interval_changed(sender, next, saver);
             }
         }
         Err(reason) => {
@@ -1251,12 +1260,14 @@ fn on_datagram(
     }
 }
 
-/// Takes a change of the interval in use to `new` ms: from now, not after
-/// the old (maybe 10 s) wait; and a restart resumes at it (see `resume`).
-fn interval_changed(new: u32, next: &mut Instant, saver: Option<&resume::Saver>) {
+/// Takes a change of the interval in use (`sender`'s now): from now, not
+/// after the old (maybe 10 s) wait; and a restart resumes at it, knowing
+/// which monitor asked (see `resume`).
+fn interval_changed(sender: &Sender, next: &mut Instant, saver: Option<&resume::Saver>) {
+    let new = sender.interval_ms();
     *next = (*next).min(Instant::now() + Duration::from_millis(new as u64));
     if let Some(s) = saver {
-        s.save(new);
+        s.save(new, sender.decided_by());
     }
 }
 
@@ -1756,6 +1767,7 @@ mod tests {
             generation: 1_700_000_000,
             interval_ms: 1000,
             resumed_ms: None,
+            resumed_by: None,
             min_interval_ms: 100,
             max_interval_ms: 10_000,
             monitors: monitors.iter().map(|m| sa(m)).collect(),

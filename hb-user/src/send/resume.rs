@@ -16,9 +16,12 @@
 //! nodes the same start.
 //!
 //! The resumed interval is where the sender starts, not its configured
-//! interval: it stands in for the request that set it until a monitor
-//! moves (its name resolves elsewhere), and the sender then goes back to
-//! `--interval-ms` (see `sender`).
+//! interval: it stands in for the request that set it until the monitor
+//! that made it moves (its name resolves elsewhere), and the sender then
+//! goes back to `--interval-ms` (see `sender`). Which monitor that is,
+//! its address, is stored with it (`asked_by=`); without it (an earlier
+//! hb's file, or the configured interval stored) any monitor's move
+//! ends it.
 //!
 //! A request must not outlive what it was made under: the file also
 //! holds the `--monitor` list (as given, sorted) and the `--interval-ms`
@@ -30,7 +33,10 @@
 //! was taken off the list and the interval reconfigured.
 //!
 //! The file holds a decimal number of milliseconds, then `monitors=` and
-//! `interval_ms=` lines, each ending in a newline. A missing file means
+//! `interval_ms=` lines and, when known, an `asked_by=` line (the
+//! address of the monitor whose request it was), each ending in a
+//! newline. (An hb that knows no `asked_by=` takes it for a later hb's
+//! file: outdated, forgotten; it starts at its `--interval-ms`.) A missing file means
 //! "no monitor asked yet"; a corrupt one is reported and ignored (the
 //! configured interval is used), never a reason not to send heartbeats.
 //! A file of the number alone (written by an earlier hb) resumes as it
@@ -40,6 +46,7 @@
 //! the sender's bounds (changed since) is clamped into them.
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::mpsc,
     time::Duration,
@@ -79,6 +86,8 @@ impl Under {
 pub struct Stored {
     pub ms: u32,
     pub under: Option<Under>,
+    /// The address of the monitor that asked for it, if known.
+    pub asked_by: Option<SocketAddr>,
     /// The file says more than this hb knows of (a later one wrote it):
     /// what the request depends on is not all known, so it is outdated.
     pub unknown: bool,
@@ -110,7 +119,7 @@ pub fn load(dir: &Path) -> Result<Option<Stored>, String> {
         Some(Ok(ms)) if ms > 0 => ms,
         _ => return Err(corrupt()),
     };
-    let (mut monitors, mut interval_ms, mut unknown) = (None, None, false);
+    let (mut monitors, mut interval_ms, mut asked_by, mut unknown) = (None, None, None, false);
     for line in lines.filter(|l| !l.trim().is_empty()) {
         match line.split_once('=') {
             Some(("monitors", list)) if monitors.is_none() => {
@@ -123,7 +132,10 @@ pub fn load(dir: &Path) -> Result<Option<Stored>, String> {
             Some(("interval_ms", v)) if interval_ms.is_none() => {
                 interval_ms = Some(v.trim().parse::<u32>().map_err(|_| corrupt())?);
             }
-            Some(("monitors" | "interval_ms", _)) => return Err(corrupt()),
+            Some(("asked_by", a)) if asked_by.is_none() => {
+                asked_by = Some(a.trim().parse::<SocketAddr>().map_err(|_| corrupt())?);
+            }
+            Some(("monitors" | "interval_ms" | "asked_by", _)) => return Err(corrupt()),
             Some((key, _))
                 if !key.is_empty() && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') =>
             {
@@ -137,7 +149,12 @@ pub fn load(dir: &Path) -> Result<Option<Stored>, String> {
         (Some(m), Some(i)) => Some(Under::new(&m, i)),
         _ => return Err(corrupt()),
     };
-    Ok(Some(Stored { ms, under, unknown }))
+    Ok(Some(Stored {
+        ms,
+        under,
+        asked_by,
+        unknown,
+    }))
 }
 
 /// Removes the interval stored in `dir`, if any.
@@ -151,19 +168,23 @@ pub fn forget(dir: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// Stores `ms`, asked for under `under`, in `dir` (atomically, like the
-/// generation).
-pub fn save(dir: &Path, ms: u32, under: &Under) -> anyhow::Result<()> {
-    generation::write_atomically(&dir.join(FILE), contents(ms, under))
+/// Stores `ms`, asked for by the monitor at `by` (if known) under
+/// `under`, in `dir` (atomically, like the generation).
+pub fn save(dir: &Path, ms: u32, by: Option<SocketAddr>, under: &Under) -> anyhow::Result<()> {
+    generation::write_atomically(&dir.join(FILE), contents(ms, by, under))
 }
 
 /// The file's text without its last newline (`write_atomically` ends it).
-fn contents(ms: u32, under: &Under) -> String {
-    format!(
+fn contents(ms: u32, by: Option<SocketAddr>, under: &Under) -> String {
+    let mut text = format!(
         "{ms}\nmonitors={}\ninterval_ms={}",
         under.monitors.join(" "),
         under.interval_ms
-    )
+    );
+    if let Some(a) = by {
+        text += &format!("\nasked_by={a}");
+    }
+    text
 }
 
 /// How long an exiting sender waits for the interval still being stored:
@@ -182,21 +203,21 @@ pub const FINISH_WITHIN: Duration = Duration::from_secs(1);
 /// restart finds the old value or the new one, also after a wait cut
 /// short.)
 pub struct Saver {
-    tx: mpsc::Sender<u32>,
+    tx: mpsc::Sender<(u32, Option<SocketAddr>)>,
     /// Disconnected when the thread ends (it holds the sender).
     done: mpsc::Receiver<()>,
 }
 
 impl Saver {
     pub fn start(dir: PathBuf, under: Under) -> anyhow::Result<Saver> {
-        Saver::start_with(move |ms| save(&dir, ms, &under))
+        Saver::start_with(move |(ms, by)| save(&dir, ms, by, &under))
     }
 
     /// The thread, storing with `store` (tests stand in a slow disk).
     fn start_with(
-        mut store: impl FnMut(u32) -> anyhow::Result<()> + Send + 'static,
+        mut store: impl FnMut((u32, Option<SocketAddr>)) -> anyhow::Result<()> + Send + 'static,
     ) -> anyhow::Result<Saver> {
-        let (tx, rx) = mpsc::channel::<u32>();
+        let (tx, rx) = mpsc::channel::<(u32, Option<SocketAddr>)>();
         let (done_tx, done) = mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("hb-resume".into())
@@ -215,9 +236,10 @@ impl Saver {
         Ok(Saver { tx, done })
     }
 
-    /// Queues `ms` to be stored; never blocks.
-    pub fn save(&self, ms: u32) {
-        let _ = self.tx.send(ms);
+    /// Queues `ms`, asked for by the monitor at `by` (if known), to be
+    /// stored; never blocks.
+    pub fn save(&self, ms: u32, by: Option<SocketAddr>) {
+        let _ = self.tx.send((ms, by));
     }
 
     /// Lets the thread store what is queued and waits for it, at most
@@ -278,13 +300,15 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let u = under(&["198.18.0.1:7420"], 1000);
         let s = Saver::start(d.path().to_path_buf(), u.clone()).unwrap();
+        let by: SocketAddr = "198.18.0.1:7420".parse().unwrap();
         for ms in 1..=100 {
-            s.save(ms);
+            s.save(ms, (ms % 2 == 0).then_some(by));
         }
         drop(s);
         let want = Ok(Some(Stored {
             ms: 100,
             under: Some(u),
+            asked_by: Some(by),
             unknown: false,
         }));
         let t = std::time::Instant::now();
@@ -301,18 +325,18 @@ mod tests {
     fn finish_waits_for_the_queued_interval() {
         let d = tempfile::tempdir().unwrap();
         let u = under(&["198.18.0.1:7420"], 1000);
-        save(d.path(), 300, &u).unwrap();
+        save(d.path(), 300, None, &u).unwrap();
         let dir = d.path().to_path_buf();
         let s = Saver::start_with({
             let u = u.clone();
-            move |ms| {
+            move |(ms, by)| {
                 // A busy disk's fsync.
                 std::thread::sleep(Duration::from_millis(200));
-                save(&dir, ms, &u)
+                save(&dir, ms, by, &u)
             }
         })
         .unwrap();
-        s.save(150);
+        s.save(150, None);
         assert!(s.finish(Duration::from_secs(10)));
         assert_eq!(load(d.path()).unwrap().unwrap().ms, 150);
     }
@@ -326,7 +350,7 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        s.save(150);
+        s.save(150, None);
         let t = std::time::Instant::now();
         assert!(!s.finish(Duration::from_millis(100)));
         let waited = t.elapsed();
@@ -344,18 +368,28 @@ mod tests {
         assert_eq!(u.monitors, ["a:2", "b:1"], "sorted, once each");
         assert_eq!(load(d.path()), Ok(None));
         assert_eq!(start_interval(&u, None, 100, 10_000), Start::Configured);
-        save(d.path(), 4642, &u).unwrap();
+        save(d.path(), 4642, None, &u).unwrap();
         let text = std::fs::read_to_string(d.path().join(FILE)).unwrap();
-        assert_eq!(text, contents(4642, &u) + "\n");
+        assert_eq!(text, contents(4642, None, &u) + "\n");
         let stored = load(d.path()).unwrap().unwrap();
         assert_eq!(
             stored,
             Stored {
                 ms: 4642,
                 under: Some(u.clone()),
+                asked_by: None,
                 unknown: false,
             }
         );
+        // With the monitor that asked, IPv4 or IPv6 (link-local with its
+        // scope).
+        for by in ["198.18.0.1:7420", "[fd00::1]:7420", "[fe80::1%3]:7420"] {
+            let by: SocketAddr = by.parse().unwrap();
+            save(d.path(), 4642, Some(by), &u).unwrap();
+            let text = std::fs::read_to_string(d.path().join(FILE)).unwrap();
+            assert!(text.ends_with(&format!("\nasked_by={by}\n")), "{text}");
+            assert_eq!(load(d.path()).unwrap().unwrap().asked_by, Some(by));
+        }
         let start = |now: &Under, min, max| start_interval(now, Some(&stored), min, max);
         assert_eq!(start(&u, 100, 10_000), Start::Resumed(4642));
         // The same list, given in another order.
@@ -380,7 +414,7 @@ mod tests {
             assert_eq!(start(&other, 100, 10_000), Start::Outdated, "{other:?}");
         }
         // Overwritten by the next request.
-        save(d.path(), 500, &u).unwrap();
+        save(d.path(), 500, None, &u).unwrap();
         assert_eq!(load(d.path()).unwrap().unwrap().ms, 500);
         // Forgotten (an outdated start): nothing stored, for any start.
         forget(d.path()).unwrap();
@@ -418,6 +452,7 @@ mod tests {
             Stored {
                 ms: 4642,
                 under: None,
+                asked_by: None,
                 unknown: false,
             }
         );
@@ -438,6 +473,8 @@ mod tests {
             b"500\ninterval_ms=1000\n",
             b"500\nmonitors=a:1\ninterval_ms=x\n",
             b"500\nmonitors=a:1\nmonitors=a:1\ninterval_ms=1000\n",
+            b"500\nmonitors=a:1\ninterval_ms=1000\nasked_by=a:1\n",
+            b"500\nmonitors=a:1\ninterval_ms=1000\nasked_by=198.18.0.1:7420\nasked_by=198.18.0.1:7420\n",
             b"500\nmonitors=a:1\ninterval_ms=1000\nNot A Key\n",
             // Cut short: the first line of 1500, or before the last newline.
             b"1",
@@ -490,7 +527,7 @@ mod tests {
             fn any_bytes_are_an_interval_or_a_named_error(
                 bytes in prop_oneof![
                     prop::collection::vec(any::<u8>(), 0..64),
-                    "[0-9]{0,12}(\n(monitors|interval_ms|[a-z_]{1,4})=[ -~]{0,12}){0,4}\n?"
+                    "[0-9]{0,12}(\n(monitors|interval_ms|asked_by|[a-z_]{1,4})=[ -~]{0,12}){0,4}\n?"
                         .prop_map(String::into_bytes),
                 ],
             ) {
@@ -512,13 +549,14 @@ mod tests {
                 monitors in prop::collection::vec("[a-z0-9.:\\[\\]]{1,20}", 0..4),
                 interval_ms in any::<u32>(),
                 earlier in any::<bool>(),
+                by in prop::option::of(any::<SocketAddr>()),
             ) {
                 let u = Under::new(&monitors, interval_ms);
                 // What `save` writes (as an earlier hb did: the number
                 // alone), without a save's syncs.
                 let whole = match earlier {
                     true => format!("{ms}\n"),
-                    false => contents(ms, &u) + "\n",
+                    false => contents(ms, by, &u) + "\n",
                 };
                 check_cut(whole.as_bytes(), ms, &u)?;
             }

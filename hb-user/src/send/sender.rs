@@ -35,7 +35,8 @@
 //! added, with nothing carried over. The old host's RTT is not the new
 //! one's; its interval request goes with it (the sender takes the fastest
 //! of the requests left standing, or, with none left, its configured
-//! interval: a request must not outlive the monitor that made it); an
+//! interval, or a resumed one standing in for another monitor's request:
+//! a request must not outlive the monitor that made it); an
 //! ACK from the old address is from no monitor of ours, and one for a
 //! heartbeat sent before the change is no ACK of the new address's.
 //!
@@ -44,10 +45,16 @@
 //! restart announces no change. That monitor, finding it in use, echoes
 //! it and holds no request, so the resumed interval stands in for its
 //! request: the sender goes back to it, not to its configured interval,
-//! with no request standing. Which monitor asked is not known, so it
-//! stands until any monitor is removed; then the configured interval
-//! takes its place (a monitor that still wants the other asks again). It
-//! held the sender at an interval asked for by a monitor long gone.
+//! with no request standing. It stands as long as the monitor that asked
+//! ([`Config::resumed_by`], stored with it): that monitor's removal puts
+//! the configured interval in its place (it held the sender at an
+//! interval asked for by a monitor long gone), another's does not. When
+//! it is not known which monitor asked (a file of an earlier hb), or that
+//! monitor is none of ours (its name not resolved yet, or resolving
+//! elsewhere since), any removal does (a monitor that still wants the
+//! other interval asks again): a move of one monitor sent every resumed
+//! node of a fleet to its configured interval and back, two announced
+//! changes each, whose statistics every monitor seeded again.
 //!
 //! RTT samples exclude the sender's own stalls. A stopped process (SIGSTOP,
 //! a frozen cgroup, a paused VM) finds the ACK of the heartbeat it sent
@@ -100,9 +107,12 @@ pub struct Config {
     /// to when no request stands, ms (`--interval-ms`).
     pub interval_ms: u32,
     /// The interval to start at instead, ms: the one a monitor last asked
-    /// for before a restart (`send::resume`), kept until a monitor is
-    /// removed (see the module docs).
+    /// for before a restart (`send::resume`), kept until the monitor
+    /// that asked is removed (see the module docs).
     pub resumed_ms: Option<u32>,
+    /// The address of the monitor that asked for `resumed_ms`, if known
+    /// (stored with it, [`Sender::decided_by`]).
+    pub resumed_by: Option<SocketAddr>,
     pub min_interval_ms: u32,
     pub max_interval_ms: u32,
     pub monitors: Vec<SocketAddr>,
@@ -297,9 +307,9 @@ pub struct Sender {
     /// none seen): heartbeats sent before give no RTT sample.
     stalled_until_ns: u64,
     interval_ms: u32,
-    /// [`Config::resumed_ms`] until a monitor is removed: what the sender
-    /// goes back to, instead of [`Config::interval_ms`], with no request
-    /// standing.
+    /// [`Config::resumed_ms`] until the monitor that asked is removed:
+    /// what the sender goes back to, instead of [`Config::interval_ms`],
+    /// with no request standing.
     resumed_ms: Option<u32>,
     recent: [Sent; RECENT],
     pub sent: u64,
@@ -375,8 +385,15 @@ impl Sender {
             s.acked = drop_bit(s.acked);
             s.unsent = drop_bit(s.unsent);
         }
-        // The monitor that asked for a resumed interval may be this one.
-        self.resumed_ms = None;
+        // The monitor that asked for a resumed interval may be this one:
+        // unless it is known to be another, still ours.
+        let asker_stays = self
+            .cfg
+            .resumed_by
+            .is_some_and(|a| a != addr && self.monitors.iter().any(|m| m.addr == a));
+        if !asker_stays {
+            self.resumed_ms = None;
+        }
         Some(Removed {
             monitor,
             interval_change: self.settle_interval(),
@@ -439,6 +456,25 @@ impl Sender {
     /// The interval in use, ms.
     pub fn interval_ms(&self) -> u32 {
         self.interval_ms
+    }
+
+    /// The address of the monitor whose request decides the interval in
+    /// use (the fastest; the first of several asking for it), or of the
+    /// one that asked for the resumed interval standing in for its
+    /// request; `None` with neither (the configured interval, or a
+    /// resumed one whose asker is not known). Stored with the interval
+    /// (`send::resume`), so that a restart knows which monitor it stands
+    /// for.
+    pub fn decided_by(&self) -> Option<SocketAddr> {
+        let fastest = self
+            .monitors
+            .iter()
+            .filter_map(|m| m.requested.map(|(iv, _)| (iv, m.addr)))
+            .min_by_key(|&(iv, _)| iv);
+        match fastest {
+            Some((_, addr)) => Some(addr),
+            None => self.resumed_ms.and(self.cfg.resumed_by),
+        }
     }
 
     /// The last seq sent.
@@ -614,6 +650,7 @@ mod tests {
             generation: GEN,
             interval_ms: 1000,
             resumed_ms: None,
+            resumed_by: None,
             min_interval_ms: 100,
             max_interval_ms: 10_000,
             monitors: (1..=monitors as u8).map(mon).collect(),
@@ -1187,6 +1224,47 @@ mod tests {
             ..config(1)
         });
         assert_eq!(s.interval_ms(), 100);
+    }
+
+    /// Resumed at 200 ms, which monitor 1 asked for before the restart:
+    /// monitor 2 moving leaves it standing (it went back to 1000 ms, and
+    /// to 200 ms again at monitor 1's next ACK, two announced changes);
+    /// monitor 1 moving does not. Not knowing who asked, or the one who
+    /// did being none of ours, any move does.
+    #[test]
+    fn a_resumed_interval_stands_while_the_monitor_that_asked_does() {
+        let resumed = |by: Option<SocketAddr>| {
+            let mut s = Sender::new(Config {
+                resumed_ms: Some(200),
+                resumed_by: by,
+                ..config(3)
+            });
+            let hbs = s.heartbeat(10 * MS, 0, false);
+            for (from, hb) in &hbs {
+                s.on_ack(&ack_of(hb, &KEY, 200), *from, 11 * MS).unwrap();
+            }
+            assert_eq!((s.interval_ms(), s.decided_by()), (200, by));
+            s
+        };
+        let mut s = resumed(Some(mon(1)));
+        assert_eq!(s.remove_monitor(mon(2)).unwrap().interval_change, None);
+        assert_eq!((s.interval_ms(), s.decided_by()), (200, Some(mon(1))));
+        // Monitor 3 asks for faster, then moves: back to monitor 1's.
+        let (from, hb) = s.heartbeat(20 * MS, 0, false)[1];
+        s.on_ack(&ack_of(&hb, &KEY, 150), from, 21 * MS).unwrap();
+        assert_eq!((s.interval_ms(), s.decided_by()), (150, Some(mon(3))));
+        let gone = s.remove_monitor(mon(3)).unwrap();
+        assert_eq!(gone.interval_change, Some((150, 200)));
+        assert_eq!(s.decided_by(), Some(mon(1)));
+        // The one that asked goes: so does its request.
+        let gone = s.remove_monitor(mon(1)).unwrap();
+        assert_eq!(gone.interval_change, Some((200, 1000)));
+        assert_eq!((s.interval_ms(), s.decided_by()), (1000, None));
+        for by in [None, Some(mon(9))] {
+            let mut s = resumed(by);
+            let gone = s.remove_monitor(mon(2)).unwrap();
+            assert_eq!(gone.interval_change, Some((200, 1000)), "{by:?}");
+        }
     }
 
     /// The acknowledgement bits of the monitors after a removed one move

@@ -610,6 +610,8 @@ fn new_sender(
         generation,
         interval_ms,
         resumed_ms,
+        // Its one monitor never moves.
+        resumed_by: None,
         min_interval_ms: cfg.sender_min_ms,
         max_interval_ms: cfg.sender_max_ms,
         monitors: vec![MONITOR],
@@ -1243,6 +1245,7 @@ impl Sim<'_, '_> {
                 let stored = n.saved_ms.map(|ms| resume::Stored {
                     ms,
                     under: Some(under.clone()),
+                    asked_by: None,
                     unknown: false,
                 });
                 let resumed = match resume::start_interval(
