@@ -501,7 +501,10 @@ impl Recorded {
 /// as usual. Heartbeats accepted while no monitor ran count as that
 /// return only if they show the node alive now (`o.level`, judged by the
 /// node's real silence, is healthy): one that came back and went silent
-/// again meanwhile stays as recorded, with no event. A node recorded
+/// again meanwhile stays as recorded, with no event, except a `left` one:
+/// its last word is no goodbye any more, and `left` is never dead, so it
+/// is announced `alive` all the same, and dead a few of its intervals
+/// after the start if it stays silent. A node recorded
 /// `alive` that died meanwhile is judged from the start
 /// (`tick::Core::listening_since`) and announced dead a few of its
 /// intervals after it, once; one that left meanwhile is announced `left`
@@ -544,10 +547,16 @@ pub fn adopt(o: &Observation, recorded: Recorded) -> Track {
         (_, Status::Unknown) => Status::Alive,
         (_, s) => s,
     };
-    let returned = matches!(status, Status::Suspect | Status::Dead | Status::Left)
-        && recorded.heard_since
+    // A node recorded `left` whose last word since is not LEAVING came
+    // back, beating or not: kept `left`, which is never dead, one silent
+    // now would never be announced dead.
+    let returned = recorded.heard_since
         && !o.leaving
-        && o.level == Level::Healthy;
+        && match status {
+            Status::Suspect | Status::Dead => o.level == Level::Healthy,
+            Status::Left => true,
+            _ => false,
+        };
     let restarted = recorded.restarted_since && status != Status::Unknown;
     Track {
         status,
@@ -777,10 +786,13 @@ mod tests {
             let mut t = adopt(&obs(9, 3, L::Healthy), recorded(st, true));
             let tr = step(&mut t, &obs(9, 3, L::Healthy)).unwrap();
             assert_eq!((tr.event, tr.previous), (E::Alive, st));
-            // ... and not if it went silent again.
-            let mut t = adopt(&obs(9, 3, L::Dead), recorded(st, true));
-            assert_eq!(step(&mut t, &obs(9, 3, L::Healthy)), None);
-            assert_eq!(t.status, st);
+            // ... and not if it went silent again (but a left one, whose
+            // last word is no goodbye any more: below).
+            if st != S::Left {
+                let mut t = adopt(&obs(9, 3, L::Dead), recorded(st, true));
+                assert_eq!(step(&mut t, &obs(9, 3, L::Healthy)), None);
+                assert_eq!(t.status, st);
+            }
         }
         // A node recorded alive is adopted as one that had no record,
         // except that leaving meanwhile is news.
@@ -798,6 +810,45 @@ mod tests {
             adopt(&obs(0, 0, L::Healthy), recorded(S::Dead, false)).status,
             S::Unknown
         );
+    }
+
+    /// A node recorded `left` that came back while no monitor ran (a
+    /// heartbeat without LEAVING since the record: `--keep-attached`, an
+    /// older hb that recorded nothing, or an `alive` in flight) is no
+    /// longer leaving even if it went silent again: announced `alive`,
+    /// then `dead` as any silent node. Kept `left` (never dead), it was
+    /// never announced dead.
+    #[test]
+    fn a_left_node_that_came_back_is_not_left_even_if_silent_again() {
+        let back_from_left = [
+            recorded(S::Left, true),
+            Recorded::of(S::Alive.unconfirmed_code(S::Left), 100, 50, 50),
+        ];
+        for rec in back_from_left {
+            for level in [L::Healthy, L::Normal, L::Suspect, L::Dead] {
+                let mut t = adopt(&obs(9, 3, level), rec);
+                assert_eq!(t.status, S::Left, "{rec:?} {level:?}");
+                let tr = step(&mut t, &obs(9, 3, level)).unwrap();
+                assert_eq!((tr.event, tr.previous), (E::Alive, S::Left));
+                let dead = step(&mut t, &obs(9, 3, L::Dead)).map(|tr| tr.event);
+                assert_eq!(dead, Some(E::Dead), "{rec:?} {level:?}");
+            }
+        }
+        // Still saying goodbye: left, silent or not.
+        for level in [L::Healthy, L::Dead] {
+            let mut t = adopt(&leaving(9, 3), recorded(S::Left, true));
+            assert_eq!(
+                step(
+                    &mut t,
+                    &Observation {
+                        level,
+                        ..leaving(9, 3)
+                    }
+                ),
+                None
+            );
+            assert_eq!(t.status, S::Left);
+        }
     }
 
     #[test]
@@ -934,9 +985,15 @@ mod tests {
                     adopt(&now, Recorded::of(st.code(), 100, 150, 0)),
                     "{st}"
                 );
-                let mut t = adopt(&obs(9, 4, L::Normal), recorded);
+                // (A left node still saying goodbye: one that beat again
+                // since is back, `a_left_node_that_came_back_...`.)
+                let o = Observation {
+                    leaving: st == S::Left,
+                    ..obs(9, 4, L::Normal)
+                };
+                let mut t = adopt(&o, recorded);
                 assert_eq!((t.status, t.mark), (st, 9));
-                assert_eq!(step(&mut t, &obs(9, 4, L::Normal)), None, "{st}");
+                assert_eq!(step(&mut t, &o), None, "{st}");
             }
         }
         // An unconfirmed record: from the status confirmed before it.

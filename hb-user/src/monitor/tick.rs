@@ -2467,6 +2467,31 @@ mod tests {
         assert_eq!(r.status(2), Status::Dead);
     }
 
+    /// A node recorded `left` that came back while no monitor ran
+    /// (`--keep-attached`) and went silent again is no longer leaving:
+    /// announced `alive` at the start, then `suspect` and `dead` as any
+    /// silent node, not kept `left` (which is never dead) for good.
+    #[test]
+    fn a_left_node_back_and_silent_while_no_monitor_ran_is_announced_dead() {
+        let (mut r, stop, mut seq) = Rig::in_every_status();
+        // No monitor from `stop` to `start`: node 3 (left) beats again
+        // for a second, then falls silent.
+        let start = stop + 5000;
+        for t in (stop + 1000..stop + 2000).step_by(100) {
+            r.beat(3, seq[3], 100, t);
+            seq[3] += 1;
+        }
+        r.restart(start);
+        let seen: Vec<_> = (start..start + 3000)
+            .step_by(50)
+            .flat_map(|t| r.tick(t))
+            .filter(|&(id, _)| id == 3)
+            .collect();
+        let judged = [EventKind::Alive, EventKind::Suspect, EventKind::Dead];
+        assert_eq!(seen, judged.map(|e| (3, e)));
+        assert_eq!(r.status(3), Status::Dead);
+    }
+
     /// With `--keep-attached` a node may restart while no monitor runs:
     /// the next monitor announces it `restarted` at the start, once, from
     /// the status it adopted (the dead node is not announced `alive`, nor
