@@ -9,6 +9,7 @@
 //! any seen state --LEAVING heartbeat (left)-----> left   (never dead)
 //! left    --fresh heartbeat without LEAVING (alive)--> alive
 //! any seen state --larger generation (restarted)--> alive
+//!   (after a goodbye not yet announced: left first, restarted next tick)
 //! any seen state --generation started while no monitor ran (restarted)--> alive
 //! ```
 //!
@@ -294,6 +295,9 @@ pub struct Observation {
     pub generation: u32,
     /// The last accepted datagram had LEAVING set.
     pub leaving: bool,
+    /// The generation before the current one ended with LEAVING
+    /// (`hb_common::maps::NODE_LEFT_BEFORE`).
+    pub left_before: bool,
     pub level: Level,
 }
 
@@ -347,7 +351,8 @@ impl Transition {
 
 /// Advances `t` by one observation; returns the event to announce, if any.
 /// At most one event per node per tick: a node whose first heartbeat is
-/// already LEAVING is announced `joined`, then `left` on the next tick.
+/// already LEAVING is announced `joined`, then `left` on the next tick; one
+/// whose goodbye and restart came within a tick, `left`, then `restarted`.
 ///
 /// Inlined always: it is on the tick's per-node path, and called out of
 /// line it costs the scan a call, an indirect branch and spills per node.
@@ -376,6 +381,23 @@ pub fn step(t: &mut Track, o: &Observation) -> Option<Transition> {
     // (`hb_common::maps::rekey`: one forged with a leaked key can be
     // ahead of the node's own), and the node's next one is then smaller.
     if o.generation != t.generation || t.restarted_unseen() {
+        if o.left_before && t.status != Status::Left {
+            // The generation before said goodbye, not announced yet: its
+            // LEAVING and the new generation's first heartbeat came
+            // within one tick (a planned restart: SIGTERM, then a new
+            // process at once). `left` now; the generation is left as
+            // it was, so the next step announces `restarted`, from
+            // `left`, as when the two came in different ticks.
+            t.status = Status::Left;
+            if !t.restarted_unseen() {
+                t.mark = o.accepted;
+            }
+            return Some(Transition {
+                event: EventKind::Left,
+                previous,
+                prev_generation: None,
+            });
+        }
         // One that restarted while no monitor ran: the generation before
         // the one adopted is not known (nor, if it restarted again since,
         // the one announced before).
@@ -579,6 +601,7 @@ mod tests {
             accepted,
             generation,
             leaving: false,
+            left_before: false,
             level,
         }
     }
@@ -680,6 +703,43 @@ mod tests {
         assert_eq!(Level::classify(11.9, 5000.0, 3000.0, &th), Level::Suspect);
         assert_eq!(Level::classify(0.99, 0.0, 3000.0, &th), Level::Healthy);
         assert_eq!(Level::classify(1.0, 0.0, 3000.0, &th), Level::Normal);
+    }
+
+    /// A restart whose generation before said goodbye, not announced
+    /// yet (both within one tick): `left`, then `restarted` from `left`,
+    /// as when they come in different ticks; from any status but `left`,
+    /// whose goodbye was announced. Also for a restart no monitor saw.
+    #[test]
+    fn a_goodbye_not_announced_before_a_restart_is_announced_first() {
+        let after_goodbye = |accepted, generation| Observation {
+            left_before: true,
+            ..obs(accepted, generation, L::Healthy)
+        };
+        for st in [S::Alive, S::Suspect, S::Dead, S::Left] {
+            for unseen in [false, true] {
+                let mut t = Track {
+                    status: st,
+                    generation: 7,
+                    mark: if unseen { Track::RESTARTED_UNSEEN } else { 5 },
+                };
+                let o = after_goodbye(6, if unseen { 7 } else { 8 });
+                if st != S::Left {
+                    let tr = step(&mut t, &o).unwrap();
+                    assert_eq!((tr.event, tr.previous), (E::Left, st), "{st} {unseen}");
+                    assert_eq!(t.status, S::Left);
+                }
+                let tr = step(&mut t, &o).unwrap();
+                let prev_generation = (!unseen).then_some(7);
+                assert_eq!(
+                    (tr.event, tr.previous, tr.prev_generation),
+                    (E::Restarted, S::Left, prev_generation),
+                    "{st} {unseen}"
+                );
+                assert_eq!((t.status, t.generation), (S::Alive, o.generation));
+                // The bit stays through the generation: nothing more.
+                assert_eq!(step(&mut t, &after_goodbye(7, o.generation)), None);
+            }
+        }
     }
 
     #[test]
