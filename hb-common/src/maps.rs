@@ -315,6 +315,14 @@ pub mod index {
 /// `NodeState::flags` bit: the last accepted datagram had LEAVING set.
 pub const NODE_LEAVING: u8 = 1;
 
+/// `NodeState::flags` bit: the generation before the current one ended
+/// with LEAVING (its last accepted datagram had it set): the node said
+/// goodbye before it restarted. Set or cleared by each new generation's
+/// first datagram, kept through the generation. A planned restart (SIGTERM,
+/// then a new process within a tick) otherwise leaves no trace of the
+/// goodbye once the new generation's first heartbeat has come.
+pub const NODE_LEFT_BEFORE: u8 = 2;
+
 /// [`NodeRest::accepted_epoch`] bit: its low byte is the key epoch of the
 /// node's newest accepted datagram.
 pub const ACCEPTED_EPOCH_KNOWN: u16 = 0x100;
@@ -394,7 +402,7 @@ pub struct NodeState {
     /// Inter-arrival samples since the generation or interval changed
     /// (saturating).
     pub ia_samples: u16,
-    /// `NODE_LEAVING`.
+    /// `NODE_LEAVING`, `NODE_LEFT_BEFORE`.
     pub flags: u8,
     pub _pad1: [u8; 3],
     // ---- line 1: the gate (`NodeRest`) ----
@@ -621,6 +629,12 @@ impl NodeLive {
     pub const fn leaving(&self) -> bool {
         self.flags & NODE_LEAVING != 0
     }
+
+    /// Whether the generation before the current one ended with LEAVING
+    /// ([`NODE_LEFT_BEFORE`]).
+    pub const fn left_before(&self) -> bool {
+        self.flags & NODE_LEFT_BEFORE != 0
+    }
 }
 
 /// Key material stays out of logs and panic messages.
@@ -779,6 +793,13 @@ pub fn record(
                 // down at start) sent them to no one here; counting them
                 // fed the controller a burst of phantom losses.
             }
+            // Whether the generation that ends here said goodbye
+            // (`NODE_LEFT_BEFORE`); the new one's own LEAVING is set below.
+            live.flags = if live.flags & NODE_LEAVING != 0 {
+                NODE_LEFT_BEFORE
+            } else {
+                0
+            };
             // A restarted sender starts at its own interval: whatever
             // run of change ACKs was under way, start another
             // (`ack_interval`).
@@ -854,11 +875,12 @@ pub fn record(
         live.interval_ms = d.interval_ms;
         live.rtt_us = d.rtt_us;
         live.load = d.load;
-        live.flags = if d.flags & FLAG_LEAVING != 0 {
-            NODE_LEAVING
-        } else {
-            0
-        };
+        live.flags = (live.flags & NODE_LEFT_BEFORE)
+            | if d.flags & FLAG_LEAVING != 0 {
+                NODE_LEAVING
+            } else {
+                0
+            };
     }
     // A late datagram was sent before the newest one: it says nothing of
     // whether the node is alive now, and the next inter-arrival sample
@@ -1866,6 +1888,40 @@ mod tests {
         assert_eq!(s.ia_mean_ns, 5_000_000_000);
         assert_eq!(s.ia_samples, 0);
         assert!(s.leaving());
+    }
+
+    /// Whether the generation before said goodbye outlives its LEAVING
+    /// flag, which the new generation's first heartbeat clears: a planned
+    /// restart within one tick of the monitor is still told as one.
+    #[test]
+    fn a_goodbye_before_a_restart_is_kept_through_the_next_generation() {
+        let mut s = NodeState::default();
+        let leaving = |generation, seq| Datagram {
+            flags: FLAG_LEAVING,
+            ..hb(generation, seq)
+        };
+        let mut at = 0;
+        let mut step = |s: &mut NodeState, d: &Datagram| {
+            at += 1_000_000_000;
+            feed(s, d, at).unwrap();
+            (s.live().leaving(), s.live().left_before())
+        };
+        assert_eq!(step(&mut s, &hb(1, 1)), (false, false));
+        assert_eq!(step(&mut s, &leaving(1, 2)), (true, false));
+        // Generation 2 after the goodbye: through all its heartbeats,
+        // its own goodbye too.
+        assert_eq!(step(&mut s, &hb(2, 1)), (false, true));
+        assert_eq!(step(&mut s, &hb(2, 2)), (false, true));
+        assert_eq!(step(&mut s, &leaving(2, 3)), (true, true));
+        assert_eq!(step(&mut s, &hb(2, 4)), (false, true));
+        // Generation 3 after no goodbye (a crash): cleared.
+        assert_eq!(step(&mut s, &hb(3, 1)), (false, false));
+        // Generation 4 after generation 3 said goodbye as its first word.
+        assert_eq!(step(&mut s, &leaving(3, 2)), (true, false));
+        assert_eq!(step(&mut s, &leaving(4, 1)), (true, true));
+        // A late datagram changes neither.
+        assert_eq!(step(&mut s, &hb(4, 3)), (false, true));
+        assert_eq!(step(&mut s, &leaving(4, 2)), (false, true));
     }
 
     #[test]

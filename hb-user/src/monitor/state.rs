@@ -9,6 +9,7 @@
 //! any seen state --LEAVING heartbeat (left)-----> left   (never dead)
 //! left    --fresh heartbeat without LEAVING (alive)--> alive
 //! any seen state --larger generation (restarted)--> alive
+//!   (after a goodbye not yet announced: left first, restarted next tick)
 //! any seen state --generation started while no monitor ran (restarted)--> alive
 //! ```
 //!
@@ -294,6 +295,9 @@ pub struct Observation {
     pub generation: u32,
     /// The last accepted datagram had LEAVING set.
     pub leaving: bool,
+    /// The generation before the current one ended with LEAVING
+    /// (`hb_common::maps::NODE_LEFT_BEFORE`).
+    pub left_before: bool,
     pub level: Level,
 }
 
@@ -347,7 +351,8 @@ impl Transition {
 
 /// Advances `t` by one observation; returns the event to announce, if any.
 /// At most one event per node per tick: a node whose first heartbeat is
-/// already LEAVING is announced `joined`, then `left` on the next tick.
+/// already LEAVING is announced `joined`, then `left` on the next tick; one
+/// whose goodbye and restart came within a tick, `left`, then `restarted`.
 ///
 /// Inlined always: it is on the tick's per-node path, and called out of
 /// line it costs the scan a call, an indirect branch and spills per node.
@@ -376,6 +381,23 @@ pub fn step(t: &mut Track, o: &Observation) -> Option<Transition> {
     // (`hb_common::maps::rekey`: one forged with a leaked key can be
     // ahead of the node's own), and the node's next one is then smaller.
     if o.generation != t.generation || t.restarted_unseen() {
+        if o.left_before && t.status != Status::Left {
+            // The generation before said goodbye, not announced yet: its
+            // LEAVING and the new generation's first heartbeat came
+            // within one tick (a planned restart: SIGTERM, then a new
+            // process at once). `left` now; the generation is left as
+            // it was, so the next step announces `restarted`, from
+            // `left`, as when the two came in different ticks.
+            t.status = Status::Left;
+            if !t.restarted_unseen() {
+                t.mark = o.accepted;
+            }
+            return Some(Transition {
+                event: EventKind::Left,
+                previous,
+                prev_generation: None,
+            });
+        }
         // One that restarted while no monitor ran: the generation before
         // the one adopted is not known (nor, if it restarted again since,
         // the one announced before).
@@ -501,7 +523,10 @@ impl Recorded {
 /// as usual. Heartbeats accepted while no monitor ran count as that
 /// return only if they show the node alive now (`o.level`, judged by the
 /// node's real silence, is healthy): one that came back and went silent
-/// again meanwhile stays as recorded, with no event. A node recorded
+/// again meanwhile stays as recorded, with no event, except a `left` one:
+/// its last word is no goodbye any more, and `left` is never dead, so it
+/// is announced `alive` all the same, and dead a few of its intervals
+/// after the start if it stays silent. A node recorded
 /// `alive` that died meanwhile is judged from the start
 /// (`tick::Core::listening_since`) and announced dead a few of its
 /// intervals after it, once; one that left meanwhile is announced `left`
@@ -544,10 +569,16 @@ pub fn adopt(o: &Observation, recorded: Recorded) -> Track {
         (_, Status::Unknown) => Status::Alive,
         (_, s) => s,
     };
-    let returned = matches!(status, Status::Suspect | Status::Dead | Status::Left)
-        && recorded.heard_since
+    // A node recorded `left` whose last word since is not LEAVING came
+    // back, beating or not: kept `left`, which is never dead, one silent
+    // now would never be announced dead.
+    let returned = recorded.heard_since
         && !o.leaving
-        && o.level == Level::Healthy;
+        && match status {
+            Status::Suspect | Status::Dead => o.level == Level::Healthy,
+            Status::Left => true,
+            _ => false,
+        };
     let restarted = recorded.restarted_since && status != Status::Unknown;
     Track {
         status,
@@ -570,6 +601,7 @@ mod tests {
             accepted,
             generation,
             leaving: false,
+            left_before: false,
             level,
         }
     }
@@ -671,6 +703,43 @@ mod tests {
         assert_eq!(Level::classify(11.9, 5000.0, 3000.0, &th), Level::Suspect);
         assert_eq!(Level::classify(0.99, 0.0, 3000.0, &th), Level::Healthy);
         assert_eq!(Level::classify(1.0, 0.0, 3000.0, &th), Level::Normal);
+    }
+
+    /// A restart whose generation before said goodbye, not announced
+    /// yet (both within one tick): `left`, then `restarted` from `left`,
+    /// as when they come in different ticks; from any status but `left`,
+    /// whose goodbye was announced. Also for a restart no monitor saw.
+    #[test]
+    fn a_goodbye_not_announced_before_a_restart_is_announced_first() {
+        let after_goodbye = |accepted, generation| Observation {
+            left_before: true,
+            ..obs(accepted, generation, L::Healthy)
+        };
+        for st in [S::Alive, S::Suspect, S::Dead, S::Left] {
+            for unseen in [false, true] {
+                let mut t = Track {
+                    status: st,
+                    generation: 7,
+                    mark: if unseen { Track::RESTARTED_UNSEEN } else { 5 },
+                };
+                let o = after_goodbye(6, if unseen { 7 } else { 8 });
+                if st != S::Left {
+                    let tr = step(&mut t, &o).unwrap();
+                    assert_eq!((tr.event, tr.previous), (E::Left, st), "{st} {unseen}");
+                    assert_eq!(t.status, S::Left);
+                }
+                let tr = step(&mut t, &o).unwrap();
+                let prev_generation = (!unseen).then_some(7);
+                assert_eq!(
+                    (tr.event, tr.previous, tr.prev_generation),
+                    (E::Restarted, S::Left, prev_generation),
+                    "{st} {unseen}"
+                );
+                assert_eq!((t.status, t.generation), (S::Alive, o.generation));
+                // The bit stays through the generation: nothing more.
+                assert_eq!(step(&mut t, &after_goodbye(7, o.generation)), None);
+            }
+        }
     }
 
     #[test]
@@ -777,10 +846,13 @@ mod tests {
             let mut t = adopt(&obs(9, 3, L::Healthy), recorded(st, true));
             let tr = step(&mut t, &obs(9, 3, L::Healthy)).unwrap();
             assert_eq!((tr.event, tr.previous), (E::Alive, st));
-            // ... and not if it went silent again.
-            let mut t = adopt(&obs(9, 3, L::Dead), recorded(st, true));
-            assert_eq!(step(&mut t, &obs(9, 3, L::Healthy)), None);
-            assert_eq!(t.status, st);
+            // ... and not if it went silent again (but a left one, whose
+            // last word is no goodbye any more: below).
+            if st != S::Left {
+                let mut t = adopt(&obs(9, 3, L::Dead), recorded(st, true));
+                assert_eq!(step(&mut t, &obs(9, 3, L::Healthy)), None);
+                assert_eq!(t.status, st);
+            }
         }
         // A node recorded alive is adopted as one that had no record,
         // except that leaving meanwhile is news.
@@ -798,6 +870,45 @@ mod tests {
             adopt(&obs(0, 0, L::Healthy), recorded(S::Dead, false)).status,
             S::Unknown
         );
+    }
+
+    /// A node recorded `left` that came back while no monitor ran (a
+    /// heartbeat without LEAVING since the record: `--keep-attached`, an
+    /// older hb that recorded nothing, or an `alive` in flight) is no
+    /// longer leaving even if it went silent again: announced `alive`,
+    /// then `dead` as any silent node. Kept `left` (never dead), it was
+    /// never announced dead.
+    #[test]
+    fn a_left_node_that_came_back_is_not_left_even_if_silent_again() {
+        let back_from_left = [
+            recorded(S::Left, true),
+            Recorded::of(S::Alive.unconfirmed_code(S::Left), 100, 50, 50),
+        ];
+        for rec in back_from_left {
+            for level in [L::Healthy, L::Normal, L::Suspect, L::Dead] {
+                let mut t = adopt(&obs(9, 3, level), rec);
+                assert_eq!(t.status, S::Left, "{rec:?} {level:?}");
+                let tr = step(&mut t, &obs(9, 3, level)).unwrap();
+                assert_eq!((tr.event, tr.previous), (E::Alive, S::Left));
+                let dead = step(&mut t, &obs(9, 3, L::Dead)).map(|tr| tr.event);
+                assert_eq!(dead, Some(E::Dead), "{rec:?} {level:?}");
+            }
+        }
+        // Still saying goodbye: left, silent or not.
+        for level in [L::Healthy, L::Dead] {
+            let mut t = adopt(&leaving(9, 3), recorded(S::Left, true));
+            assert_eq!(
+                step(
+                    &mut t,
+                    &Observation {
+                        level,
+                        ..leaving(9, 3)
+                    }
+                ),
+                None
+            );
+            assert_eq!(t.status, S::Left);
+        }
     }
 
     #[test]
@@ -934,9 +1045,15 @@ mod tests {
                     adopt(&now, Recorded::of(st.code(), 100, 150, 0)),
                     "{st}"
                 );
-                let mut t = adopt(&obs(9, 4, L::Normal), recorded);
+                // (A left node still saying goodbye: one that beat again
+                // since is back, `a_left_node_that_came_back_...`.)
+                let o = Observation {
+                    leaving: st == S::Left,
+                    ..obs(9, 4, L::Normal)
+                };
+                let mut t = adopt(&o, recorded);
                 assert_eq!((t.status, t.mark), (st, 9));
-                assert_eq!(step(&mut t, &obs(9, 4, L::Normal)), None, "{st}");
+                assert_eq!(step(&mut t, &o), None, "{st}");
             }
         }
         // An unconfirmed record: from the status confirmed before it.

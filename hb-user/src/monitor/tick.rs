@@ -156,6 +156,7 @@ impl Detector {
             accepted: st.accepted,
             generation: st.generation,
             leaving: st.leaving(),
+            left_before: st.left_before(),
             level: self.level_of(st, now_ns, cx),
         }
     }
@@ -1264,7 +1265,14 @@ fn event(
         previous: tr.previous,
         state: t.status,
         phi: if phi.is_finite() { phi } else { f64::MAX },
-        generation: st.generation,
+        // A `left` announced after its node restarted (`state::step`):
+        // of the generation that said goodbye, the one the track holds
+        // (the state's otherwise).
+        generation: if tr.event == EventKind::Left {
+            t.generation
+        } else {
+            st.generation
+        },
         prev_generation: tr.prev_generation,
         last_seen_ms: (st.last_arrival_ns != 0)
             .then(|| now_ns.saturating_sub(st.last_arrival_ns) / 1_000_000),
@@ -1800,6 +1808,40 @@ mod tests {
         let e = r.events.last().unwrap();
         assert_eq!((e.prev_generation, e.generation), (Some(10), 11));
         assert_eq!(rx.try_recv().unwrap().kind, REPORT_RESTART);
+    }
+
+    /// A planned restart faster than a tick (`systemctl restart`: the
+    /// LEAVING heartbeat, then the new process's first heartbeat ~100 ms
+    /// later) is told as one slower than a tick: `left` (of the generation
+    /// that said goodbye), then `restarted` from `left` on the next tick,
+    /// not a bare `restarted` from `alive` that reads as a crash. A
+    /// restart after no goodbye is `restarted` from `alive` at once.
+    #[test]
+    fn a_goodbye_and_a_restart_within_one_tick_are_both_announced() {
+        let mut r = Rig::new(&[9], Box::new(FixedPolicy::none()));
+        r.send(9, 10, 0, 100);
+        assert_eq!(r.tick(100), vec![(9, EventKind::Joined)]);
+        r.send(9, 10, hb_common::proto::FLAG_LEAVING, 150);
+        r.seq = 0;
+        r.send(9, 11, 0, 180);
+        assert_eq!(r.tick(200), vec![(9, EventKind::Left)]);
+        let e = r.events.last().unwrap();
+        assert_eq!(
+            (e.previous, e.state, e.generation),
+            (Status::Alive, Status::Left, 10)
+        );
+        r.send(9, 11, 0, 280);
+        assert_eq!(r.tick(300), vec![(9, EventKind::Restarted)]);
+        let e = r.events.last().unwrap();
+        assert_eq!((e.previous, e.state), (Status::Left, Status::Alive));
+        assert_eq!((e.prev_generation, e.generation), (Some(10), 11));
+        assert_eq!(r.tick(400), vec![]);
+        // A crash (no goodbye) and a restart within one tick.
+        r.seq = 0;
+        r.send(9, 12, 0, 450);
+        assert_eq!(r.tick(500), vec![(9, EventKind::Restarted)]);
+        let e = r.events.last().unwrap();
+        assert_eq!((e.previous, e.prev_generation), (Status::Alive, Some(11)));
     }
 
     /// Whoever holds a node's leaked key can send one valid heartbeat of
@@ -2465,6 +2507,31 @@ mod tests {
         }
         assert_eq!(seen, vec![], "node 2 is not announced dead again");
         assert_eq!(r.status(2), Status::Dead);
+    }
+
+    /// A node recorded `left` that came back while no monitor ran
+    /// (`--keep-attached`) and went silent again is no longer leaving:
+    /// announced `alive` at the start, then `suspect` and `dead` as any
+    /// silent node, not kept `left` (which is never dead) for good.
+    #[test]
+    fn a_left_node_back_and_silent_while_no_monitor_ran_is_announced_dead() {
+        let (mut r, stop, mut seq) = Rig::in_every_status();
+        // No monitor from `stop` to `start`: node 3 (left) beats again
+        // for a second, then falls silent.
+        let start = stop + 5000;
+        for t in (stop + 1000..stop + 2000).step_by(100) {
+            r.beat(3, seq[3], 100, t);
+            seq[3] += 1;
+        }
+        r.restart(start);
+        let seen: Vec<_> = (start..start + 3000)
+            .step_by(50)
+            .flat_map(|t| r.tick(t))
+            .filter(|&(id, _)| id == 3)
+            .collect();
+        let judged = [EventKind::Alive, EventKind::Suspect, EventKind::Dead];
+        assert_eq!(seen, judged.map(|e| (3, e)));
+        assert_eq!(r.status(3), Status::Dead);
     }
 
     /// With `--keep-attached` a node may restart while no monitor runs:
