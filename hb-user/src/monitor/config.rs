@@ -189,8 +189,9 @@ pub struct Opts {
     /// A hook still running after this is killed, at least 1 [default: 10000].
     #[arg(long, value_name = "MS")]
     pub hook_timeout_ms: Option<u64>,
-    /// Most events waiting for a free hook slot, 1 to 1048576; an event
-    /// that finds this many waiting is dropped [default: 1024].
+    /// Events waiting for a hook, 1 to 1048576: with this many waiting, a
+    /// node's newer event replaces its own still waiting (its hooks end
+    /// with its latest) [default: 1024].
     #[arg(long, value_name = "N")]
     pub hook_queue: Option<usize>,
     /// Decision tick period, 1 to 60000 [default: 100].

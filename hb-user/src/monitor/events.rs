@@ -480,8 +480,9 @@ async fn queue_lines(
                 }
                 staged.queue(&shared, budget, &metrics);
                 if !has_out && !batch.is_empty() {
-                    // Logged and handed to the hooks, which may drop it
-                    // (a full queue, a kill at shutdown): never written.
+                    // Logged and handed to the hooks, which may not run it
+                    // (replaced by a newer event of its node in a backlog,
+                    // cut short at shutdown): never written.
                     let mut b = shared.lock();
                     for p in pos + 1 - batch.len() as u64..=pos {
                         b.drop_event(p);
@@ -1050,9 +1051,10 @@ mod tests {
     }
 
     /// With no events destination no event is written: every one settles
-    /// as not written, whether or not a hook ran for it (a hook's run may
-    /// be dropped on a full queue or killed at shutdown), so no record is
-    /// ever confirmed and a restart announces a `dead` again.
+    /// as not written, whether or not a hook ran for it (its run may be
+    /// replaced by a newer event of its node, or cut short at shutdown),
+    /// so no record is ever confirmed and a restart announces a `dead`
+    /// again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn without_a_destination_no_event_is_written() {
         let m = Arc::new(Metrics::new());

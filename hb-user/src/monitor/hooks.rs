@@ -17,13 +17,28 @@
 //! group itself before its shell exits (`setsid -f cmd`, `systemd-run`;
 //! not `setsid cmd &`, which may be killed before it has left), at the
 //! operator's own risk: nothing then bounds it, in number or time, nor
-//! stops it at shutdown. At most `queue` events wait
-//! to start (for a free slot, or for their node's previous hook): an event
-//! that finds them all taken is dropped (counted
-//! in `hb_hook_failures_total{reason="dropped"}`; a run of them is logged
-//! when it starts and, with how many, when it ends), so a storm of events
-//! never piles up processes, memory or log lines. Different nodes' hooks
-//! may finish out of order; `HB_SEQ` orders them.
+//! stops it at shutdown. Different nodes' hooks may finish out of order;
+//! `HB_SEQ` orders them.
+//!
+//! A node's hooks always end with its latest event ([`Queue`]). While
+//! fewer than `queue` events wait to start (for a free slot, or for their
+//! node's previous hook), every event is queued. At `queue` (a backlog: a
+//! rack failure brings a `suspect` per node, then a `dead` per node a
+//! second later, faster than hooks run), an event replaces its node's
+//! newest event still waiting, which never runs (counted in
+//! `hb_hook_failures_total{reason="superseded"}`), and is queued if its
+//! node has none waiting: past `queue` a node has one event waiting at
+//! most, so the backlog is bounded by the number of nodes (past
+//! [`PAST_BOUND_MOST`], more than the largest maps hold, an event of a
+//! node with none waiting is dropped, `reason="dropped"`). The event run
+//! is the newest one, unchanged: its line in the events file, so its
+//! `previous` may not be the last event its node's hook got. Dropping
+//! events at the bound instead, as hb did, lost most `dead` verdicts of
+//! a rack failure, and ran the `alive` of nodes whose `dead` never ran.
+//! A backlog is logged when it starts, at most every [`BACKLOG_EVERY`]
+//! while events go on being merged, and in a summary when it is over
+//! ([`Backlog`]), so a storm of events never piles up processes or log
+//! lines.
 //!
 //! A hook that fails (its exit status, its timeout, its shell not
 //! started) is counted in `hb_hook_failures_total` by reason, and logged
@@ -78,14 +93,11 @@ use tokio::{
     io::{AsyncWriteExt, Interest, unix::AsyncFd},
     process::{Child, Command},
     signal::unix::{SignalKind, signal},
-    sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot, watch},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch},
     task::{JoinHandle, JoinSet},
 };
 
-use super::{
-    events::{Dropped, Event},
-    metrics::Metrics,
-};
+use super::{events::Event, metrics::Metrics};
 
 /// `hb_hook_failures_total` reason of the hooks killed and the events
 /// never run at shutdown.
@@ -108,6 +120,22 @@ const FAILURES_EVERY: Duration = Duration::from_secs(60);
 const REAP_EVERY: Duration = Duration::from_secs(1);
 /// The most orphans reaped at one look; the rest wait for the next.
 const REAP_MOST: usize = 4096;
+/// `hb_hook_failures_total` reason of the events replaced, before their
+/// hook started, by a newer one of their node ([`Queue::add`]).
+const SUPERSEDED: &str = "superseded";
+/// `hb_hook_failures_total` reason of the events dropped past
+/// [`PAST_BOUND_MOST`].
+const DROPPED: &str = "dropped";
+/// At most how often a line says how a hook backlog goes on ([`Backlog`]).
+const BACKLOG_EVERY: Duration = Duration::from_secs(5);
+/// The most events queued past `--hook-queue`, one a node at most: as
+/// many as the largest maps hold nodes. Only a fleet that churns through
+/// more node ids than that during one backlog reaches it; past it, an
+/// event of a node with none waiting is dropped (`reason="dropped"`).
+const PAST_BOUND_MOST: usize = hb_common::maps::MAX_NODES as usize;
+/// The queue's memory is given back once it holds a quarter of what it
+/// has room for, above this many.
+const SHRINK_ABOVE: usize = 1024;
 
 /// Settings of the hook runner.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,20 +146,40 @@ pub struct HookOptions {
     pub queue: usize,
 }
 
+/// What tests shorten or shrink; [`Tuning::default`] in the monitor.
+#[derive(Clone, Copy, Debug)]
+struct Tuning {
+    /// [`KILL_WAIT`].
+    kill_wait: Duration,
+    /// [`FAILURES_EVERY`].
+    failures_every: Duration,
+    /// [`BACKLOG_EVERY`].
+    backlog_every: Duration,
+    /// [`PAST_BOUND_MOST`].
+    past_bound_most: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Tuning {
+        Tuning {
+            kill_wait: KILL_WAIT,
+            failures_every: FAILURES_EVERY,
+            backlog_every: BACKLOG_EVERY,
+            past_bound_most: PAST_BOUND_MOST,
+        }
+    }
+}
+
 /// Handle to the hook runner.
 #[derive(Clone)]
 pub struct Hooks {
-    tx: mpsc::UnboundedSender<Queued>,
-    /// One per event that may wait to start (`queue`): taken by
-    /// [`Hooks::submit`], given back when its hook starts (or it is never
-    /// run). The channel is bounded by these, not by its own capacity, as
-    /// the runner holds aside the events that wait for their node.
-    places: Arc<Semaphore>,
-    /// `queue`, for the log.
-    queue: usize,
+    /// The events waiting to start, shared with the runner.
+    queue: Arc<Mutex<Queue>>,
+    /// Wakes the runner when an event is queued (one wake-up waiting
+    /// covers every event queued before the runner looks); closed, for
+    /// the runner, once every handle is gone.
+    wake: mpsc::Sender<()>,
     metrics: Arc<Metrics>,
-    /// The run of events dropped on a full queue going on, if any.
-    dropped: Arc<Mutex<Dropped>>,
     /// An event came after shutdown and was said to be dropped (once:
     /// the last tick of a large fleet can bring thousands).
     closed_warned: Arc<AtomicBool>,
@@ -148,17 +196,11 @@ struct Runner {
 
 impl Hooks {
     pub fn start(opts: HookOptions, metrics: Arc<Metrics>) -> Hooks {
-        Hooks::start_with(opts, metrics, KILL_WAIT, FAILURES_EVERY)
+        Hooks::start_with(opts, metrics, Tuning::default())
     }
 
-    /// `start`, waiting `kill_wait` for a hook killed at its timeout, and
-    /// summing up failures at most every `failures_every`.
-    fn start_with(
-        opts: HookOptions,
-        metrics: Arc<Metrics>,
-        kill_wait: Duration,
-        failures_every: Duration,
-    ) -> Hooks {
+    /// `start`, with the waits, periods and bounds of `tuning`.
+    fn start_with(opts: HookOptions, metrics: Arc<Metrics>, tuning: Tuning) -> Hooks {
         if std::process::id() == 1 && !REAPING.swap(true, Ordering::Relaxed) {
             tracing::info!(
                 "running as PID 1 (a container with no init?): reaping the processes orphaned in \
@@ -166,60 +208,85 @@ impl Hooks {
             );
             tokio::spawn(reap_orphans());
         }
-        let (tx, rx) = mpsc::unbounded_channel();
-        let queue = opts.queue.max(1);
-        let places = Arc::new(Semaphore::new(queue));
+        let (wake, woken) = mpsc::channel(1);
+        let queue = Arc::new(Mutex::new(Queue::new(
+            opts.queue.max(1),
+            tuning.past_bound_most,
+            tuning.backlog_every,
+        )));
         let (stop, stop_rx) = watch::channel(None);
         let task = tokio::spawn(dispatch(
             opts,
-            kill_wait,
-            Failures::every(failures_every),
-            rx,
-            places.clone(),
+            tuning.kill_wait,
+            Failures::every(tuning.failures_every),
+            queue.clone(),
+            woken,
             stop_rx,
             metrics.clone(),
         ));
         Hooks {
-            tx,
-            places,
             queue,
+            wake,
             metrics,
-            dropped: Arc::default(),
             closed_warned: Arc::default(),
             runner: Arc::new(Mutex::new(Some(Runner { stop, task }))),
         }
     }
 
-    /// Queues a hook run for `ev`; drops it (counted) when the queue is
-    /// full or the runner is shutting down. A run of events dropped on a
-    /// full queue is logged when it starts and when it ends (the next
-    /// event queued, or shutdown).
+    /// Queues a hook run for `ev` (never blocks). While fewer than
+    /// `queue` events wait, every one is queued; at `queue`, `ev` replaces
+    /// its node's newest event still waiting, if it has one (counted in
+    /// `reason="superseded"`), and is queued otherwise, so that every
+    /// node's hooks end with its latest event. Dropped (counted) only at
+    /// shutdown, and past `queue` + [`PAST_BOUND_MOST`] (more nodes than
+    /// the largest maps hold). A backlog is logged when it starts, at
+    /// most every [`BACKLOG_EVERY`] while it goes on, and when it ends
+    /// ([`Backlog`]).
     pub fn submit(&self, ev: &Event) {
-        let place = match self.places.clone().try_acquire_owned() {
-            Ok(place) => place,
-            Err(TryAcquireError::NoPermits) => {
-                self.metrics.hook_failed("dropped");
-                if self.dropped().add(ev.seq) {
-                    tracing::warn!(
-                        seq = ev.seq,
-                        node_id = ev.node_id,
-                        event = %ev.event,
-                        queue = self.queue,
-                        "hook queue full: events not passed to --on-event until it has room"
-                    );
-                }
+        // Cloned before the lock, which the runner takes too.
+        let queued = ev.clone();
+        let mut q = self.queue();
+        if q.closed {
+            drop(q);
+            return self.closed(ev);
+        }
+        let (reason, seq) = match q.add(queued) {
+            Taken::Queued => {
+                drop(q);
+                // Full: a wake-up is already waiting.
+                let _ = self.wake.try_send(());
                 return;
             }
-            Err(TryAcquireError::Closed) => return self.closed(ev),
+            Taken::Superseded(seq) => (SUPERSEDED, seq),
+            Taken::Dropped => (DROPPED, ev.seq),
         };
-        let queued = Queued {
-            ev: ev.clone(),
-            _place: place,
-        };
-        match self.tx.send(queued) {
-            Ok(()) => self.report_dropped(),
-            // Shutdown began after the place was taken.
-            Err(_) => self.closed(ev),
+        let (first, waiting) = (q.backlog.note(reason, seq, Instant::now()), q.waiting);
+        drop(q);
+        self.metrics.hook_failed(reason);
+        // The runner looks at the backlog on its timer from now on.
+        let _ = self.wake.try_send(());
+        if !first {
+            return;
+        }
+        if reason == SUPERSEDED {
+            tracing::warn!(
+                seq = ev.seq,
+                node_id = ev.node_id,
+                event = %ev.event,
+                queue = waiting,
+                "hook backlog: --hook-queue events wait; a node's newer event now replaces its own \
+                 still waiting, so its hooks end with its latest (counted in \
+                 hb_hook_failures_total{{reason=\"superseded\"}})"
+            );
+        } else {
+            tracing::warn!(
+                seq = ev.seq,
+                node_id = ev.node_id,
+                event = %ev.event,
+                waiting,
+                "hook backlog: more nodes' events wait than the largest maps hold nodes; events \
+                 of nodes with none waiting not passed to --on-event until it shrinks"
+            );
         }
     }
 
@@ -242,12 +309,11 @@ impl Hooks {
     /// nodes free up). Then
     /// kills every hook still running, with its process group, and drops
     /// the events still queued: both are counted (`reason="shutdown"`) and
-    /// logged, each hook killed and the sum in one line; a run of events
-    /// dropped on a full queue ends in its summary line. Returns once
+    /// logged, each hook killed and the sum in one line; a backlog going
+    /// on ends in its summary line. Returns once
     /// nothing of the runner is left. Any clone may call it; a later call
     /// returns at once.
     pub async fn shutdown(self, grace: Duration) {
-        self.report_dropped();
         let runner = self
             .runner
             .lock()
@@ -260,22 +326,14 @@ impl Hooks {
         let _ = task.await;
     }
 
-    fn dropped(&self) -> MutexGuard<'_, Dropped> {
-        // Nothing in it is left half-changed by a panic.
-        self.dropped.lock().unwrap_or_else(PoisonError::into_inner)
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        lock_queue(&self.queue)
     }
+}
 
-    /// Ends the run of events dropped, if any, in its summary line.
-    fn report_dropped(&self) {
-        if let Some(run) = self.dropped().end() {
-            tracing::warn!(
-                dropped = run.count,
-                first_seq = run.first_seq,
-                last_seq = run.last_seq,
-                "events not passed to --on-event (hook queue full)"
-            );
-        }
-    }
+fn lock_queue(queue: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
+    // Every change to it is made whole before anything that may panic.
+    queue.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The grace once shutdown has begun; never, when every handle is gone
@@ -288,48 +346,122 @@ async fn stopped(stop: &mut watch::Receiver<Option<Duration>>) -> Duration {
     }
 }
 
-/// An event waiting to start, with its place in the queue.
-struct Queued {
-    ev: Event,
-    _place: OwnedSemaphorePermit,
+/// What [`Queue::add`] did with an event.
+#[derive(Debug, PartialEq, Eq)]
+enum Taken {
+    Queued,
+    /// It replaced its node's newest event waiting, this `seq`'s.
+    Superseded(u64),
+    /// Past `bound` + `past_bound_most`, for a node with none waiting.
+    Dropped,
 }
 
-/// The events taken off the channel that have not started: one node's
-/// wait for its previous hook to end, in `seq` order, holding their
-/// places in the queue but no slot.
+/// One node's events that have not started, in `seq` order, and whether
+/// its hook runs.
 #[derive(Default)]
-struct Waiting {
-    /// Events whose node has no hook running: each starts when a slot is
-    /// free, in the order they became ready. At most one per node.
-    ready: VecDeque<Queued>,
-    /// Every node with an event in `ready` or a hook running, and the
-    /// events of it behind that one.
-    nodes: HashMap<u32, VecDeque<Queued>>,
+struct Node {
+    running: bool,
+    events: VecDeque<Event>,
 }
 
-impl Waiting {
-    /// Takes `q`: ready if its node has nothing ahead of it, else behind
-    /// its node's last.
-    fn add(&mut self, q: Queued) {
-        match self.nodes.entry(q.ev.node_id) {
-            Entry::Occupied(mut behind) => behind.get_mut().push_back(q),
-            Entry::Vacant(node) => {
-                node.insert(VecDeque::new());
-                self.ready.push_back(q);
-            }
+/// The events that have not started: one node's wait for its previous
+/// hook to end, in `seq` order; those of a node with no hook running wait
+/// for a slot. None holds a slot. Shared by the handles, which add, and
+/// the runner, which starts.
+struct Queue {
+    /// `--hook-queue`: while fewer wait, every event is queued; at it, a
+    /// node's newer event replaces its newest waiting.
+    bound: usize,
+    /// The most events queued past `bound`: one a node at most, so no more
+    /// than there are nodes ([`PAST_BOUND_MOST`]).
+    past_bound_most: usize,
+    /// Shutdown began: no more events are taken.
+    closed: bool,
+    /// Every node with an event waiting or a hook running.
+    nodes: HashMap<u32, Node>,
+    /// The nodes with no hook running and an event waiting, each once:
+    /// their first events start as slots free up, in the order they
+    /// became ready.
+    ready: VecDeque<u32>,
+    /// How many events wait, in `nodes`.
+    waiting: usize,
+    backlog: Backlog,
+}
+
+impl Queue {
+    fn new(bound: usize, past_bound_most: usize, backlog_every: Duration) -> Queue {
+        Queue {
+            bound,
+            past_bound_most,
+            closed: false,
+            nodes: HashMap::new(),
+            ready: VecDeque::new(),
+            waiting: 0,
+            backlog: Backlog::every(backlog_every),
         }
     }
 
-    /// `node`'s hook ended: its next event, if any, is ready.
-    fn ended(&mut self, node: u32) {
-        let Entry::Occupied(mut behind) = self.nodes.entry(node) else {
+    /// Takes `ev`: behind its node's events waiting and its hook running,
+    /// if any; at `bound`, in place of its node's newest event waiting.
+    fn add(&mut self, ev: Event) -> Taken {
+        let id = ev.node_id;
+        if self.waiting >= self.bound {
+            if let Some(newest) = self.nodes.get_mut(&id).and_then(|n| n.events.back_mut()) {
+                // Later in `seq` than every event of its node: the order
+                // holds.
+                return Taken::Superseded(std::mem::replace(newest, ev).seq);
+            }
+            if self.waiting - self.bound >= self.past_bound_most {
+                return Taken::Dropped;
+            }
+        }
+        let node = self.nodes.entry(id).or_default();
+        if node.events.is_empty() && !node.running {
+            self.ready.push_back(id);
+        }
+        if node.events.capacity() == 0 {
+            // Room for one, not four: past `bound`, a node has one.
+            node.events.reserve_exact(1);
+        }
+        node.events.push_back(ev);
+        self.waiting += 1;
+        Taken::Queued
+    }
+
+    /// The next event to start, its node's hook now running.
+    fn start(&mut self) -> Option<Event> {
+        let id = self.ready.pop_front()?;
+        let node = self.nodes.get_mut(&id)?;
+        let ev = node.events.pop_front()?;
+        node.running = true;
+        self.waiting -= 1;
+        self.shrink();
+        Some(ev)
+    }
+
+    /// `id`'s hook ended: its next event, if any, is ready.
+    fn ended(&mut self, id: u32) {
+        let Entry::Occupied(mut node) = self.nodes.entry(id) else {
             return;
         };
-        match behind.get_mut().pop_front() {
-            Some(next) => self.ready.push_back(next),
-            None => {
-                behind.remove();
-            }
+        node.get_mut().running = false;
+        if node.get().events.is_empty() {
+            node.remove();
+            self.shrink();
+        } else {
+            self.ready.push_back(id);
+        }
+    }
+
+    /// Gives back most of the memory a backlog took (a million nodes' in
+    /// a storm) once it has shrunk to a quarter; halving each time, so
+    /// the rehashing costs little per event.
+    fn shrink(&mut self) {
+        if self.nodes.capacity() > SHRINK_ABOVE && self.nodes.len() * 4 < self.nodes.capacity() {
+            self.nodes.shrink_to(self.nodes.len() * 2);
+        }
+        if self.ready.capacity() > SHRINK_ABOVE && self.ready.len() * 4 < self.ready.capacity() {
+            self.ready.shrink_to(self.ready.len() * 2);
         }
     }
 
@@ -338,19 +470,149 @@ impl Waiting {
         self.nodes.is_empty()
     }
 
-    /// How many events wait.
-    fn len(&self) -> usize {
-        self.ready.len() + self.nodes.values().map(VecDeque::len).sum::<usize>()
+    /// Says what the backlog did since its last line, if it is due.
+    fn look(&mut self, now: Instant) {
+        let below = self.waiting < self.bound;
+        self.backlog.look(now, self.waiting, below);
     }
 }
 
-/// The runner's state: the events coming, those waiting, the hooks
-/// running.
+/// The events not passed to hooks at the bound (superseded, dropped)
+/// in a backlog going on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Merged {
+    superseded: u64,
+    dropped: u64,
+    first_seq: u64,
+    last_seq: u64,
+}
+
+impl Merged {
+    fn add(&mut self, reason: &str, seq: u64) {
+        if self.superseded + self.dropped == 0 {
+            self.first_seq = seq;
+        }
+        self.last_seq = self.last_seq.max(seq);
+        self.first_seq = self.first_seq.min(seq);
+        if reason == SUPERSEDED {
+            self.superseded += 1;
+        } else {
+            self.dropped += 1;
+        }
+    }
+}
+
+/// The lines about a hook backlog: the events that reached `--hook-queue`
+/// merged into their node's newer ones (or dropped, past
+/// [`PAST_BOUND_MOST`]). The first of a backlog is logged at once, by
+/// [`Hooks::submit`], unless a line about one was logged less than
+/// `every` ago; then, from the runner's timer ([`Backlog::due`]), a line
+/// at most every `every` while events go on being merged, and a summary
+/// (the whole backlog's counts, and how long it lasted) at the first look
+/// that finds fewer than `--hook-queue` events waiting, or at shutdown.
+/// So a rack failure of 10,000 nodes logs a line per few seconds, not a
+/// pair per tick, and its last count is said without waiting for another
+/// event.
+#[derive(Debug)]
+struct Backlog {
+    every: Duration,
+    /// When a line was last logged, or the backlog last looked at.
+    last: Option<Instant>,
+    /// The backlog going on: since when, its counts in all, and those
+    /// not said yet.
+    run: Option<(Instant, Merged, Merged)>,
+}
+
+impl Backlog {
+    fn every(every: Duration) -> Backlog {
+        Backlog {
+            every,
+            last: None,
+            run: None,
+        }
+    }
+
+    /// Counts event `seq` not passed to hooks for `reason`; true when the
+    /// caller is to log it as the start of a backlog.
+    fn note(&mut self, reason: &str, seq: u64, now: Instant) -> bool {
+        let starts = self.run.is_none();
+        let (_, all, unsaid) = self
+            .run
+            .get_or_insert_with(|| (now, Merged::default(), Merged::default()));
+        all.add(reason, seq);
+        let quiet = self
+            .last
+            .is_some_and(|at| now.saturating_duration_since(at) < self.every);
+        if starts && !quiet {
+            self.last = Some(now);
+            return true;
+        }
+        unsaid.add(reason, seq);
+        false
+    }
+
+    /// When the backlog is to be looked at next, if one goes on.
+    fn due(&self) -> Option<Instant> {
+        self.run.as_ref()?;
+        Some(self.last.map_or_else(Instant::now, |at| at + self.every))
+    }
+
+    /// Looks at the backlog (when [`Backlog::due`]): says its summary if
+    /// it is over (`below`: fewer than `--hook-queue` events wait), else
+    /// what it merged since the last line, if anything.
+    fn look(&mut self, now: Instant, waiting: usize, below: bool) {
+        if self.run.is_none() || self.last.is_some_and(|at| now < at + self.every) {
+            return;
+        }
+        self.last = Some(now);
+        if below {
+            self.end(now, waiting);
+            return;
+        }
+        let Some((since, _, unsaid)) = &mut self.run else {
+            return;
+        };
+        if *unsaid == Merged::default() {
+            return;
+        }
+        let m = std::mem::take(unsaid);
+        tracing::warn!(
+            superseded = m.superseded,
+            dropped = m.dropped,
+            first_seq = m.first_seq,
+            last_seq = m.last_seq,
+            waiting,
+            for_ms = now.saturating_duration_since(*since).as_millis() as u64,
+            "hook backlog goes on: events replaced by a newer one of their node before their \
+             hook started, since the last line"
+        );
+    }
+
+    /// Ends the backlog going on, if any, in its summary line.
+    fn end(&mut self, now: Instant, waiting: usize) {
+        let Some((since, all, _)) = self.run.take() else {
+            return;
+        };
+        tracing::warn!(
+            superseded = all.superseded,
+            dropped = all.dropped,
+            first_seq = all.first_seq,
+            last_seq = all.last_seq,
+            waiting,
+            for_ms = now.saturating_duration_since(since).as_millis() as u64,
+            "hook backlog over: events not passed to --on-event in all, each replaced by a newer \
+             one of its node (superseded) or dropped"
+        );
+    }
+}
+
+/// The runner's state: the events coming and waiting, the hooks running.
 struct Dispatch {
-    rx: mpsc::UnboundedReceiver<Queued>,
-    /// Every handle is gone, and the channel is empty.
-    rx_done: bool,
-    waiting: Waiting,
+    queue: Arc<Mutex<Queue>>,
+    /// A wake-up for each event queued; `None` once every handle is gone.
+    woken: mpsc::Receiver<()>,
+    /// Every handle is gone.
+    handles_gone: bool,
     slots: Arc<Semaphore>,
     /// The node of each hook that ended (sent when its task ends, however:
     /// run to its end, given up on, aborted, or panicked).
@@ -360,39 +622,53 @@ struct Dispatch {
 }
 
 impl Dispatch {
-    /// Every event taken has run, and no more can come.
-    fn finished(&self) -> bool {
-        self.rx_done && self.waiting.is_empty()
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        lock_queue(&self.queue)
     }
 
-    /// One step: a hook's end noted, a hook started, or an event taken.
-    /// Cancel-safe: what a step takes is handled in the same poll.
+    /// Every event taken has run, and no more can come.
+    fn finished(&self) -> bool {
+        let q = self.queue();
+        (self.handles_gone || q.closed) && q.is_empty()
+    }
+
+    /// One step: a hook's end noted, a hook started, an event taken, or
+    /// a line said. Cancel-safe: what a step takes is handled in the same
+    /// poll.
     async fn step(&mut self) {
         self.runs.reap();
-        let ready = !self.waiting.ready.is_empty();
+        let (ready, backlog) = {
+            let q = self.queue();
+            (!q.ready.is_empty(), q.backlog.due())
+        };
         let due = self.runs.failures().due();
         tokio::select! {
             () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
                 self.runs.failures().flush(Instant::now());
             }
+            () = tokio::time::sleep_until(backlog.unwrap_or_else(Instant::now)), if backlog.is_some() => {
+                self.queue().look(Instant::now());
+            }
             node = self.ended_rx.recv() => {
                 if let Some(node) = node {
-                    self.waiting.ended(node);
+                    self.queue().ended(node);
                 }
             }
             slot = self.slots.clone().acquire_owned(), if ready => {
                 let Ok(slot) = slot else {
                     unreachable!("the semaphore is never closed")
                 };
-                if let Some(q) = self.waiting.ready.pop_front() {
-                    // Its place in the queue is given back: it runs.
-                    self.runs.start(q.ev, slot, self.ended_tx.clone());
+                // Only the runner takes events: still there.
+                let next = self.queue().start();
+                if let Some(ev) = next {
+                    self.runs.start(ev, slot, self.ended_tx.clone());
                 }
             }
-            q = self.rx.recv(), if !self.rx_done => match q {
-                Some(q) => self.waiting.add(q),
-                None => self.rx_done = true,
-            },
+            woken = self.woken.recv(), if !self.handles_gone => {
+                // An event queued, or a backlog to look at: seen at the
+                // next step.
+                self.handles_gone = woken.is_none();
+            }
         }
     }
 }
@@ -404,16 +680,16 @@ async fn dispatch(
     opts: HookOptions,
     kill_wait: Duration,
     failures: Failures,
-    rx: mpsc::UnboundedReceiver<Queued>,
-    places: Arc<Semaphore>,
+    queue: Arc<Mutex<Queue>>,
+    woken: mpsc::Receiver<()>,
     mut stop: watch::Receiver<Option<Duration>>,
     metrics: Arc<Metrics>,
 ) {
     let (ended_tx, ended_rx) = mpsc::unbounded_channel();
     let mut d = Dispatch {
-        rx,
-        rx_done: false,
-        waiting: Waiting::default(),
+        queue,
+        woken,
+        handles_gone: false,
         slots: Arc::new(Semaphore::new(opts.concurrency.max(1))),
         ended_tx,
         ended_rx,
@@ -432,6 +708,7 @@ async fn dispatch(
             // Every handle is gone, and what they queued has run.
             while d.runs.set.join_next().await.is_some() {}
             d.runs.failures().say();
+            d.queue().backlog.end(Instant::now(), 0);
             return;
         }
         tokio::select! {
@@ -442,8 +719,7 @@ async fn dispatch(
 
     // Shutdown: no more events; the queued ones still start, as slots and
     // their nodes free up, within the grace.
-    places.close();
-    d.rx.close();
+    d.queue().closed = true;
     let drain = async {
         while !d.finished() {
             d.step().await;
@@ -451,15 +727,18 @@ async fn dispatch(
         while d.runs.set.join_next().await.is_some() {}
     };
     let drained = tokio::time::timeout(grace, drain).await.is_ok();
-    // The failures not said yet, before the hooks killed now.
+    // The failures not said yet, before the hooks killed now; and the
+    // backlog's summary, if one goes on.
     d.runs.failures().say();
+    {
+        let mut q = d.queue();
+        let waiting = q.waiting;
+        q.backlog.end(Instant::now(), waiting);
+    }
     if drained {
         return;
     }
-    let mut never_run = d.waiting.len();
-    while d.rx.try_recv().is_ok() {
-        never_run += 1;
-    }
+    let mut never_run = d.queue().waiting;
     // Aborting a hook's task drops its `Group`, which kills the group and
     // counts it in `killed`. A task aborted before its hook's shell was
     // started (before it first ran, or while the spawner thread was at
@@ -1243,6 +1522,7 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     use super::*;
+    use crate::monitor::state::{EventKind, Status};
 
     fn ev(node_id: u32) -> Event {
         crate::monitor::events::test_event(node_id.into())
@@ -1409,15 +1689,25 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// No more than `queue` + [`PAST_BOUND_MOST`] events wait.
+    fn no_node_past_the_bound() -> Tuning {
+        Tuning {
+            past_bound_most: 0,
+            ..Tuning::default()
+        }
+    }
+
     // One thread: the runner does nothing while the test submits, so what
-    // gets through is exact, however loaded the machine.
+    // gets through is exact, however loaded the machine. The excess past
+    // the queue's last bound (here `queue` itself: no node's event may
+    // wait past it) is dropped.
     #[tokio::test(flavor = "current_thread")]
     async fn slow_hooks_are_killed_and_excess_is_dropped() {
         const CONCURRENCY: usize = 2;
         const QUEUE: usize = 3;
         const EVENTS: u32 = 10;
         let m = Arc::new(Metrics::new());
-        let h = Hooks::start(
+        let h = Hooks::start_with(
             hook(
                 "sleep 30".into(),
                 CONCURRENCY,
@@ -1425,6 +1715,7 @@ mod tests {
                 QUEUE,
             ),
             m.clone(),
+            no_node_past_the_bound(),
         );
         settle().await;
         for i in 0..EVENTS {
@@ -1438,15 +1729,15 @@ mod tests {
         assert_eq!(m.hooks_ok(), 0);
     }
 
-    // `queue` counts every event waiting: none is held aside by the runner
-    // while it waits for a slot.
+    // `queue` (with no node's event past it) counts every event waiting:
+    // none is held aside by the runner while it waits for a slot.
     #[tokio::test(flavor = "current_thread")]
     async fn queue_bounds_the_events_waiting_exactly() {
         const CONCURRENCY: usize = 1;
         const QUEUE: usize = 2;
         const BURST: u32 = 5;
         let m = Arc::new(Metrics::new());
-        let h = Hooks::start(
+        let h = Hooks::start_with(
             hook(
                 "sleep 60".into(),
                 CONCURRENCY,
@@ -1454,6 +1745,7 @@ mod tests {
                 QUEUE,
             ),
             m.clone(),
+            no_node_past_the_bound(),
         );
         settle().await;
         for i in 0..BURST {
@@ -1473,7 +1765,8 @@ mod tests {
     }
 
     // The events waiting for their node's previous hook count in `queue`
-    // as those waiting for a slot do, though slots are free.
+    // as those waiting for a slot do, though slots are free: at it, the
+    // node's newer events replace its newest waiting.
     #[tokio::test(flavor = "current_thread")]
     async fn events_waiting_for_their_node_count_in_the_queue() {
         const QUEUE: usize = 2;
@@ -1491,14 +1784,15 @@ mod tests {
         for seq in 1..=BURST {
             h.submit(&of_node_1(seq));
         }
-        assert_eq!(m.hook_failures("dropped"), BURST - QUEUE as u64);
+        assert_eq!(m.hook_failures(SUPERSEDED), BURST - QUEUE as u64);
         // The first starts, which frees its place; the second waits for it.
         settle().await;
         for seq in BURST + 1..=2 * BURST {
             h.submit(&of_node_1(seq));
         }
         let taken = 1 + QUEUE as u64;
-        assert_eq!(m.hook_failures("dropped"), 2 * BURST - taken);
+        assert_eq!(m.hook_failures(SUPERSEDED), 2 * BURST - taken);
+        assert_eq!(m.hook_failures(DROPPED), 0);
         // The hook running is killed, those waiting never run.
         h.shutdown(Duration::from_millis(100)).await;
         assert_eq!(m.hook_failures(SHUTDOWN), taken);
@@ -1688,61 +1982,93 @@ mod tests {
 
     use crate::test_log::Warnings;
 
-    /// A run of events dropped on a full queue is logged in two lines,
-    /// when it starts and (with how many) when it ends, not one line per
-    /// event: a partition of a large fleet drops thousands, and journald
-    /// would then hide every line, the events' too. The counter still
-    /// counts every event dropped.
+    /// A hook backlog is logged in a few lines, not a pair per tick: when
+    /// it starts (at once), at most every `backlog_every` while events
+    /// go on being merged (what was merged since the last line), and when
+    /// it is over (the whole backlog's count), from the runner's timer,
+    /// with no later event to bring it. The counter counts every event
+    /// merged, and the node's hook gets its newest one.
     // One thread: the runner does nothing while the test submits, and
     // every line is logged on it.
     #[tokio::test(flavor = "current_thread")]
-    async fn a_run_of_dropped_events_is_logged_in_two_lines() {
+    async fn a_backlog_is_logged_in_a_few_lines() {
+        const EVERY: Duration = Duration::from_millis(300);
         let warnings = Warnings::of("hb::monitor::hooks");
         let _log = warnings.capture();
-        let dir = test_dir("drop-log");
-        let go = dir.join("go");
+        let dir = test_dir("backlog-log");
+        let (go, out) = (dir.join("go"), dir.join("out"));
         let m = Arc::new(Metrics::new());
-        // Each hook runs until `go` exists.
-        let h = Hooks::start(
+        // Each hook runs until `go` exists, then says its event.
+        let h = Hooks::start_with(
             hook(
-                format!("while [ ! -e {} ]; do sleep 0.01; done", go.display()),
+                format!(
+                    "while [ ! -e {} ]; do sleep 0.01; done; echo $HB_NODE_ID $HB_SEQ >> {}",
+                    go.display(),
+                    out.display()
+                ),
                 1,
                 Duration::from_secs(30),
                 1,
             ),
             m.clone(),
+            Tuning {
+                backlog_every: EVERY,
+                ..Tuning::default()
+            },
         );
-        let mut seq = 1;
-        h.submit(&ev(seq));
+        let of_node_2 = |seq| Event {
+            node_id: 2,
+            ..crate::monitor::events::test_event(seq)
+        };
+        h.submit(&ev(1));
         settle().await; // running
-        let mut dropped = Vec::new();
-        for (run, burst) in [(1, 50), (2, 20)] {
-            // The first waits for the slot, the rest are dropped.
-            for _ in 0..burst {
-                seq += 1;
-                h.submit(&ev(seq));
-            }
-            dropped.push(burst - 1);
-            assert_eq!(warnings.taken().len(), 2 * run - 1);
-            let ok = m.hooks_ok();
-            std::fs::write(&go, "").unwrap();
-            wait_for(&m, |m| m.hooks_ok() == ok + 2).await;
-            std::fs::remove_file(&go).unwrap();
-            // Taken: the run of drops is over.
-            seq += 1;
-            h.submit(&ev(seq));
-            settle().await; // running
+        // Node 2's first waits; each later one replaces the one waiting.
+        for seq in 2..=51 {
+            h.submit(&of_node_2(seq));
         }
-        std::fs::write(&go, "").unwrap();
-        h.shutdown(Duration::from_secs(10)).await;
-        assert_eq!(m.hook_failures("dropped"), dropped.iter().sum::<u64>());
         let lines = warnings.taken();
-        assert_eq!(lines.len(), 4, "{lines:#?}");
-        let counts: Vec<u64> = lines
-            .iter()
-            .filter_map(|l| l.field("dropped")?.parse().ok())
-            .collect();
-        assert_eq!(counts, dropped, "{lines:#?}");
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert!(lines[0].message.starts_with("hook backlog:"), "{lines:#?}");
+        assert_eq!(lines[0].field("node_id"), Some("2"), "{lines:#?}");
+        let said = |n: usize| {
+            let warnings = warnings.clone();
+            move || warnings.taken().len() == n
+        };
+        // Still going on: what it merged since, once; nothing more while
+        // nothing is merged.
+        until("the backlog's second line", said(2)).await;
+        tokio::time::sleep(3 * EVERY).await;
+        let lines = warnings.taken();
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(lines[1].message.contains("goes on"), "{lines:#?}");
+        assert_eq!(lines[1].field("superseded"), Some("48"), "{lines:#?}");
+        assert_eq!(lines[1].field("first_seq"), Some("3"), "{lines:#?}");
+        assert_eq!(lines[1].field("last_seq"), Some("50"), "{lines:#?}");
+        for seq in 52..=71 {
+            h.submit(&of_node_2(seq));
+        }
+        until("the backlog's third line", said(3)).await;
+        let lines = warnings.taken();
+        assert!(lines[2].message.contains("goes on"), "{lines:#?}");
+        assert_eq!(lines[2].field("superseded"), Some("20"), "{lines:#?}");
+        assert_eq!(lines[2].field("first_seq"), Some("51"), "{lines:#?}");
+        assert_eq!(lines[2].field("last_seq"), Some("70"), "{lines:#?}");
+        // Over: said from the timer, no event comes after.
+        std::fs::write(&go, "").unwrap();
+        wait_for(&m, |m| m.hooks_ok() == 2).await;
+        until("the backlog's summary", said(4)).await;
+        let lines = warnings.taken();
+        assert!(lines[3].message.contains("over"), "{lines:#?}");
+        assert_eq!(lines[3].field("superseded"), Some("69"), "{lines:#?}");
+        assert_eq!(lines[3].field("dropped"), Some("0"), "{lines:#?}");
+        assert_eq!(lines[3].field("first_seq"), Some("2"), "{lines:#?}");
+        assert_eq!(lines[3].field("last_seq"), Some("70"), "{lines:#?}");
+        h.shutdown(Duration::from_secs(10)).await;
+        assert_eq!(warnings.taken().len(), 4, "{:#?}", warnings.taken());
+        assert_eq!(m.hook_failures(SUPERSEDED), 69);
+        assert_eq!(m.hook_failures(DROPPED), 0);
+        let ran = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(ran.lines().collect::<Vec<_>>(), ["1 1", "2 71"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1782,8 +2108,10 @@ mod tests {
         let h = Hooks::start_with(
             hook(command, 1, Duration::from_secs(1), 4),
             m.clone(),
-            Duration::from_millis(300),
-            FAILURES_EVERY,
+            Tuning {
+                kill_wait: Duration::from_millis(300),
+                ..Tuning::default()
+            },
         );
         h.submit(&ev(1));
         h.submit(&ev(2)); // waits for the only slot
@@ -1863,6 +2191,182 @@ mod tests {
         let at = |line: &str| all.iter().position(|l| l == line).unwrap();
         assert!(at("end 1") < at("start 2"), "{all:?}");
         h.shutdown(Duration::from_secs(5)).await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `node`'s event `seq` of `kind`, from `previous` to `state`.
+    fn node_event(node_id: u32, seq: u64, kind: EventKind, previous: Status) -> Event {
+        let state = match kind {
+            EventKind::Suspect => Status::Suspect,
+            EventKind::Dead => Status::Dead,
+            _ => Status::Alive,
+        };
+        Event {
+            node_id,
+            event: kind,
+            previous,
+            state,
+            ..crate::monitor::events::test_event(seq)
+        }
+    }
+
+    /// What `Queue::add` does: below the bound every event waits, a
+    /// node's in `seq` order; at it, a node's newer event replaces its
+    /// newest waiting one, and a node with none waiting gets one (no more
+    /// than `past_bound_most` such).
+    #[test]
+    fn at_the_bound_a_nodes_newer_event_replaces_its_newest_waiting() {
+        let mut q = Queue::new(3, 2, BACKLOG_EVERY);
+        let of = |node, seq| node_event(node, seq, EventKind::Dead, Status::Suspect);
+        assert_eq!(q.add(of(1, 1)), Taken::Queued);
+        assert_eq!(q.add(of(1, 2)), Taken::Queued);
+        assert_eq!(q.add(of(2, 3)), Taken::Queued);
+        // At the bound: node 1's newest (2) replaced, then again.
+        assert_eq!(q.add(of(1, 4)), Taken::Superseded(2));
+        assert_eq!(q.add(of(1, 5)), Taken::Superseded(4));
+        assert_eq!(q.add(of(2, 6)), Taken::Superseded(3));
+        // Nodes with none waiting: queued past the bound, two at most.
+        assert_eq!(q.add(of(3, 7)), Taken::Queued);
+        assert_eq!(q.add(of(4, 8)), Taken::Queued);
+        assert_eq!(q.add(of(5, 9)), Taken::Dropped);
+        assert_eq!(q.add(of(4, 10)), Taken::Superseded(8));
+        assert_eq!(q.waiting, 5);
+        // Started in the order the nodes became ready, one per node.
+        let seq = |ev: Option<Event>| ev.map(|ev| ev.seq);
+        assert_eq!(seq(q.start()), Some(1));
+        assert_eq!(seq(q.start()), Some(6));
+        assert_eq!(seq(q.start()), Some(7));
+        assert_eq!(seq(q.start()), Some(10));
+        // Node 1's next waits for its hook to end.
+        assert_eq!(seq(q.start()), None);
+        assert_eq!(q.add(of(5, 11)), Taken::Queued);
+        q.ended(1);
+        assert_eq!(seq(q.start()), Some(11));
+        assert_eq!(seq(q.start()), Some(5));
+        assert_eq!(q.waiting, 0);
+        for node in 1..=5 {
+            assert!(!q.is_empty());
+            q.ended(node);
+        }
+        assert!(q.is_empty());
+    }
+
+    /// A rack failure with hooks slower than events: every node goes
+    /// `suspect` then `dead`, with more nodes than `--hook-queue`, and its
+    /// hooks end with `dead` (the `suspect`s still waiting are merged into
+    /// their `dead`s, counted); then, all at once again, the rack comes
+    /// back and flaps, and every node's hooks end with `alive`. A node's
+    /// hooks run in `seq` order, and each gets its event as the events
+    /// file has it (its JSON line, and `HB_SEQ`, `HB_EVENT` to match).
+    // One thread: the runner does nothing while the test submits (a
+    // tick), so what is merged is exact, however loaded the machine.
+    #[tokio::test(flavor = "current_thread")]
+    async fn every_nodes_hooks_end_with_its_latest_event_in_a_rack_failure() {
+        const NODES: u32 = 12;
+        const CONCURRENCY: usize = 2;
+        const QUEUE: usize = 4;
+        let dir = test_dir("rack");
+        let (log, go) = (dir.join("log"), dir.join("go"));
+        let m = Arc::new(Metrics::new());
+        // Each hook runs until `go` exists, then logs its event, in one
+        // write.
+        let h = Hooks::start(
+            hook(
+                format!(
+                    "line=\"$HB_SEQ $HB_EVENT $(cat)\"; \
+                     while [ ! -e {1} ]; do sleep 0.01; done; echo \"$line\" >> {0}",
+                    log.display(),
+                    go.display()
+                ),
+                CONCURRENCY,
+                Duration::from_secs(30),
+                QUEUE,
+            ),
+            m.clone(),
+        );
+        let mut seq = 0;
+        let mut sent: Vec<Event> = Vec::new();
+        let mut tick = |h: &Hooks, kind: EventKind, previous: Status| {
+            for node in 1..=NODES {
+                seq += 1;
+                let ev = node_event(node, seq, kind, previous);
+                h.submit(&ev);
+                sent.push(ev);
+            }
+        };
+        // The rack fails: the first CONCURRENCY nodes' `suspect` hooks
+        // start; every other `suspect` is still waiting at the `dead`s.
+        tick(&h, EventKind::Suspect, Status::Alive);
+        settle().await;
+        tick(&h, EventKind::Dead, Status::Suspect);
+        let merged = u64::from(NODES) - CONCURRENCY as u64;
+        assert_eq!(m.hook_failures(SUPERSEDED), merged);
+        std::fs::write(&go, "").unwrap();
+        let ran = CONCURRENCY as u64 + u64::from(NODES);
+        wait_for(&m, |m| m.hooks_ok() == ran).await;
+        // It comes back, flaps and comes back again, all before hooks
+        // start: `alive` waits, `suspect` replaces it (or, for the nodes
+        // whose `alive` runs, waits behind), `alive` replaces that.
+        std::fs::remove_file(&go).unwrap();
+        tick(&h, EventKind::Alive, Status::Dead);
+        settle().await;
+        tick(&h, EventKind::Suspect, Status::Alive);
+        tick(&h, EventKind::Alive, Status::Suspect);
+        let merged = merged + u64::from(NODES) - CONCURRENCY as u64 + u64::from(NODES);
+        std::fs::write(&go, "").unwrap();
+        let ran = ran + CONCURRENCY as u64 + u64::from(NODES);
+        wait_for(&m, |m| m.hooks_ok() == ran).await;
+        h.shutdown(Duration::from_secs(5)).await;
+        assert_eq!(m.hook_failures(SUPERSEDED), merged);
+        assert_eq!(m.hook_failures(DROPPED), 0);
+        assert_eq!(m.hooks_ok(), ran);
+        // Each node's hooks, in the order they ran.
+        let text = std::fs::read_to_string(&log).unwrap();
+        let mut hooks: HashMap<u32, Vec<Event>> = HashMap::new();
+        for line in text.lines() {
+            let mut fields = line.splitn(3, ' ');
+            let (env_seq, env_event, json) = (
+                fields.next().unwrap(),
+                fields.next().unwrap(),
+                fields.next().unwrap(),
+            );
+            let seq: u64 = env_seq.parse().unwrap();
+            let ev = &sent[seq as usize - 1];
+            // Unchanged: its line in the events file, its environment.
+            assert_eq!(json, serde_json::to_string(ev).unwrap(), "{line}");
+            assert_eq!(env_event, ev.event.name(), "{line}");
+            hooks.entry(ev.node_id).or_default().push(ev.clone());
+        }
+        assert_eq!(hooks.len(), NODES as usize, "{text}");
+        let kinds = |evs: &[Event]| evs.iter().map(|ev| ev.event).collect::<Vec<_>>();
+        let last_sent = |node: u32| sent.iter().rfind(|ev| ev.node_id == node).unwrap().seq;
+        let mut recovered = 0;
+        for (&node, evs) in &hooks {
+            assert!(
+                evs.windows(2).all(|w| w[0].seq < w[1].seq),
+                "node {node} out of order: {text}"
+            );
+            // In the failure, `dead` ran for every node, last; the first
+            // nodes' `suspect` had started before.
+            let failure = evs.iter().filter(|ev| ev.seq <= 2 * u64::from(NODES));
+            let failure: Vec<_> = failure.map(|ev| ev.event).collect();
+            let expected = if node as usize <= CONCURRENCY {
+                vec![EventKind::Suspect, EventKind::Dead]
+            } else {
+                vec![EventKind::Dead]
+            };
+            assert_eq!(failure, expected, "node {node}: {:?}", kinds(evs));
+            // Since: `alive` only, and last the node's latest event.
+            let recovery = &evs[failure.len()..];
+            assert!(
+                recovery.iter().all(|ev| ev.event == EventKind::Alive),
+                "node {node}: {:?}",
+                kinds(evs)
+            );
+            assert_eq!(recovery.last().map(|ev| ev.seq), Some(last_sent(node)));
+            recovered += recovery.len();
+        }
+        assert_eq!(recovered, NODES as usize + CONCURRENCY, "{text}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -85,7 +85,7 @@ impl Metrics {
         let hook_failures = Family::<Labels, Counter>::default();
         registry.register(
             "hook_failures",
-            "--on-event hooks that failed (exit, timeout, spawn, wait), were given up on still running after their timeout's kill (unkillable), were dropped (queue full), or were cut short by shutdown (killed, or never run)",
+            "--on-event hooks that failed (exit, timeout, spawn, wait), were given up on still running after their timeout's kill (unkillable), or were cut short by shutdown (killed, or never run), and events whose hook never ran: replaced while waiting by a newer event of their node (superseded: --hook-queue reached), or dropped (more nodes waiting than the largest maps hold)",
             hook_failures.clone(),
         );
         let event_write_failures = Counter::default();
@@ -218,6 +218,7 @@ impl Metrics {
             "spawn",
             "wait",
             "dropped",
+            "superseded",
             "shutdown",
         ] {
             let _ = m.hook_failures.get_or_create(&vec![("reason", r)]);
@@ -372,6 +373,7 @@ mod tests {
         assert!(text.contains("hb_hook_failures_total{reason=\"timeout\"} 0"));
         assert!(text.contains("hb_hook_failures_total{reason=\"shutdown\"} 0"));
         assert!(text.contains("hb_hook_failures_total{reason=\"unkillable\"} 0"));
+        assert!(text.contains("hb_hook_failures_total{reason=\"superseded\"} 0"));
         assert!(text.contains("hb_dataplane_stuck_reads_total 0"), "{text}");
         assert!(text.contains("hb_userspace_socket_drops_total 0"), "{text}");
         m.set_stuck_reads(3);
