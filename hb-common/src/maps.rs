@@ -1156,6 +1156,9 @@ pub const fn rekey(
     let revoked = rest.revoked_by(keys);
     if revoked {
         live.generation = 0;
+        // Of the generation before the one forgotten: no goodbye of the
+        // node's next one (its LEAVING, kept, still marks the next).
+        live.flags &= !NODE_LEFT_BEFORE;
         rest.max_seq = 0;
         rest.replay_bitmap = 0;
         rest.accepted_epoch = 0;
@@ -2218,6 +2221,20 @@ mod tests {
         assert!(st.rekey(7, &keys(&[(1, 11)])));
         assert_eq!((st.generation, st.accepted_epoch), (0, 0));
         assert_eq!(st.find_key(1), Some(k(11)));
+        // A goodbye before the generation forgotten is forgotten with it
+        // (the next one would otherwise read as a planned restart); a
+        // goodbye of the one forgotten is kept for the next.
+        st.flags = NODE_LEFT_BEFORE;
+        st.accepted_epoch = on_1;
+        assert!(st.rekey(7, &keys(&[(1, 12)])));
+        assert_eq!(st.flags, 0);
+        st.flags = NODE_LEFT_BEFORE | NODE_LEAVING;
+        st.accepted_epoch = on_1;
+        assert!(st.rekey(7, &keys(&[(1, 13)])));
+        assert_eq!(st.flags, NODE_LEAVING);
+        st.flags = NODE_LEFT_BEFORE;
+        assert!(!st.rekey(7, &keys(&[(1, 13)])), "nothing revoked");
+        assert_eq!(st.flags, NODE_LEFT_BEFORE);
     }
 
     /// Which of a node's heartbeats `ack_interval` answers: `beats` of a

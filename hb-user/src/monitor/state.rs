@@ -381,17 +381,17 @@ pub fn step(t: &mut Track, o: &Observation) -> Option<Transition> {
     // (`hb_common::maps::rekey`: one forged with a leaked key can be
     // ahead of the node's own), and the node's next one is then smaller.
     if o.generation != t.generation || t.restarted_unseen() {
-        if o.left_before && t.status != Status::Left {
+        if o.left_before && t.status != Status::Left && !t.restarted_unseen() {
             // The generation before said goodbye, not announced yet: its
             // LEAVING and the new generation's first heartbeat came
             // within one tick (a planned restart: SIGTERM, then a new
             // process at once). `left` now; the generation is left as
             // it was, so the next step announces `restarted`, from
-            // `left`, as when the two came in different ticks.
+            // `left`, as when the two came in different ticks. (Not for
+            // a restart no monitor saw: the generation that said goodbye
+            // is not known, and `restarted` says the node went away.)
             t.status = Status::Left;
-            if !t.restarted_unseen() {
-                t.mark = o.accepted;
-            }
+            t.mark = o.accepted;
             return Some(Transition {
                 event: EventKind::Left,
                 previous,
@@ -579,7 +579,13 @@ pub fn adopt(o: &Observation, recorded: Recorded) -> Track {
             Status::Left => true,
             _ => false,
         };
-    let restarted = recorded.restarted_since && status != Status::Unknown;
+    // A node recorded `left` whose generation now began after a goodbye
+    // (`left_before`) and says none itself restarted after the goodbye
+    // recorded (hb send never takes a LEAVING back): the previous monitor
+    // stopped between announcing the `left` and the `restarted` a tick
+    // later, or the restart came while no monitor ran.
+    let restarted_after_left = status == Status::Left && o.left_before && !o.leaving;
+    let restarted = (recorded.restarted_since || restarted_after_left) && status != Status::Unknown;
     Track {
         status,
         generation: o.generation,
@@ -708,7 +714,9 @@ mod tests {
     /// A restart whose generation before said goodbye, not announced
     /// yet (both within one tick): `left`, then `restarted` from `left`,
     /// as when they come in different ticks; from any status but `left`,
-    /// whose goodbye was announced. Also for a restart no monitor saw.
+    /// whose goodbye was announced. A restart no monitor saw is
+    /// `restarted` from the status adopted, at once: which generation
+    /// said goodbye is not known.
     #[test]
     fn a_goodbye_not_announced_before_a_restart_is_announced_first() {
         let after_goodbye = |accepted, generation| Observation {
@@ -723,16 +731,19 @@ mod tests {
                     mark: if unseen { Track::RESTARTED_UNSEEN } else { 5 },
                 };
                 let o = after_goodbye(6, if unseen { 7 } else { 8 });
-                if st != S::Left {
+                if st != S::Left && !unseen {
                     let tr = step(&mut t, &o).unwrap();
-                    assert_eq!((tr.event, tr.previous), (E::Left, st), "{st} {unseen}");
-                    assert_eq!(t.status, S::Left);
+                    assert_eq!((tr.event, tr.previous), (E::Left, st), "{st}");
+                    assert_eq!((t.status, t.generation), (S::Left, 7));
                 }
                 let tr = step(&mut t, &o).unwrap();
-                let prev_generation = (!unseen).then_some(7);
+                let (previous, prev_generation) = match unseen {
+                    false => (S::Left, Some(7)),
+                    true => (st, None),
+                };
                 assert_eq!(
                     (tr.event, tr.previous, tr.prev_generation),
-                    (E::Restarted, S::Left, prev_generation),
+                    (E::Restarted, previous, prev_generation),
                     "{st} {unseen}"
                 );
                 assert_eq!((t.status, t.generation), (S::Alive, o.generation));
@@ -870,6 +881,40 @@ mod tests {
             adopt(&obs(0, 0, L::Healthy), recorded(S::Dead, false)).status,
             S::Unknown
         );
+    }
+
+    /// A node recorded `left` whose current generation began after a
+    /// goodbye and says none itself restarted after that goodbye, even
+    /// if it started before the record was written (the previous monitor
+    /// announced the `left` and stopped before the `restarted` a tick
+    /// later): announced `restarted` from `left` at the start, not a bare
+    /// `alive`. Still saying goodbye, or no goodbye before: as before.
+    #[test]
+    fn a_left_record_of_a_goodbye_before_a_restart_is_followed_by_restarted() {
+        let after_goodbye = Observation {
+            left_before: true,
+            ..obs(9, 8, L::Healthy)
+        };
+        for heard_since in [false, true] {
+            let mut t = adopt(&after_goodbye, recorded(S::Left, heard_since));
+            assert_eq!(t.status, S::Left);
+            let tr = step(&mut t, &after_goodbye).unwrap();
+            assert_eq!(
+                (tr.event, tr.previous, tr.prev_generation),
+                (E::Restarted, S::Left, None),
+                "{heard_since}"
+            );
+            assert_eq!((t.status, t.generation), (S::Alive, 8));
+            assert_eq!(step(&mut t, &after_goodbye), None);
+        }
+        // Its new generation says goodbye too: left, nothing to announce.
+        let leaving_again = Observation {
+            left_before: true,
+            ..leaving(9, 8)
+        };
+        let mut t = adopt(&leaving_again, recorded(S::Left, true));
+        assert_eq!(step(&mut t, &leaving_again), None);
+        assert_eq!(t.status, S::Left);
     }
 
     /// A node recorded `left` that came back while no monitor ran (a
