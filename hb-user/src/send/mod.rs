@@ -652,25 +652,51 @@ pub fn online_cpus() -> usize {
 }
 
 /// The 1-minute load average per CPU (of `cpus`, [`online_cpus`]) in
-/// permille, capped at 1000, from `/proc/loadavg`; 0 if unreadable (the
-/// field is advisory).
+/// permille, capped at 1000; 0 if unknown (the field is advisory). One
+/// `sysinfo(2)` at every heartbeat: reading `/proc/loadavg` took five
+/// system calls (open, stat, two reads, close). The value is the one that
+/// file gives, to its two decimals ([`load_from_fixed`]).
 pub fn load_permille(cpus: usize) -> u16 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| load_from(&s, cpus))
-        .unwrap_or(0)
+    // SAFETY: a plain C struct, which sysinfo fills in.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to one.
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return 0;
+    }
+    load_from_fixed(info.loads[0] as u64, cpus)
 }
 
+/// [`load_permille`] of `sysinfo(2)`'s 1-minute load (fixed point with
+/// `SI_LOAD_SHIFT`, 16, bits of fraction), first rounded to hundredths as
+/// the kernel prints it in `/proc/loadavg` (`fs/proc/loadavg.c`: its own
+/// 11-bit fixed point plus 1/200, `%lu.%02lu`), so that a sender sends
+/// what one reading that file sent, to the permille.
+fn load_from_fixed(si_load: u64, cpus: usize) -> u16 {
+    /// The kernel's `FSHIFT`: bits of fraction of its load averages.
+    const FSHIFT: u32 = 11;
+    const SI_LOAD_SHIFT: u32 = 16;
+    let avenrun = si_load >> (SI_LOAD_SHIFT - FSHIFT);
+    let x = avenrun.saturating_add((1 << FSHIFT) / 200);
+    let hundredths = (x >> FSHIFT) * 100 + (((x & ((1 << FSHIFT) - 1)) * 100) >> FSHIFT);
+    per_cpu_permille(hundredths as f64 / 100.0, cpus)
+}
+
+/// The load average in `/proc/loadavg`'s text, as [`load_permille`]: what
+/// a sender sent before it took `sysinfo(2)`, the reference its value is
+/// tested against.
+#[cfg(test)]
 fn load_from(loadavg: &str, cpus: usize) -> Option<u16> {
     let one: f64 = loadavg.split_whitespace().next()?.parse().ok()?;
     if !one.is_finite() || one < 0.0 {
         return None;
     }
-    Some(
-        (one / cpus.max(1) as f64 * 1000.0)
-            .round()
-            .min(proto::LOAD_MAX as f64) as u16,
-    )
+    Some(per_cpu_permille(one, cpus))
+}
+
+fn per_cpu_permille(load: f64, cpus: usize) -> u16 {
+    (load / cpus.max(1) as f64 * 1000.0)
+        .round()
+        .min(proto::LOAD_MAX as f64) as u16
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -2118,6 +2144,87 @@ mod tests {
         assert_eq!(load_from("garbage", 1), None);
         assert_eq!(load_from("", 1), None);
         assert!(load_permille(online_cpus()) <= 1000);
+    }
+
+    /// `/proc/loadavg` as the kernel writes it (`fs/proc/loadavg.c`) for
+    /// a 1-minute average of `avenrun` (11-bit fixed point).
+    fn proc_loadavg(avenrun: u64) -> String {
+        let x = avenrun + (1 << 11) / 200;
+        format!(
+            "{}.{:02} 0.00 0.00 1/100 42\n",
+            x >> 11,
+            ((x & 2047) * 100) >> 11
+        )
+    }
+
+    /// sysinfo(2) gives the load the file prints, in another fixed point
+    /// and not rounded: the value sent is the file's, to the permille, at
+    /// every load from 0 to 256 and at the extremes, over any CPU count.
+    #[test]
+    fn the_load_from_sysinfo_is_the_load_proc_loadavg_gave() {
+        let extremes = [u64::MAX >> 5, (1 << 40) + 12_345];
+        for avenrun in (0..=256u64 << 11).chain(extremes) {
+            let (text, si) = (proc_loadavg(avenrun), avenrun << 5);
+            for cpus in [1, 2, 3, 4, 7, 12, 64, 0] {
+                assert_eq!(
+                    load_from_fixed(si, cpus),
+                    load_from(&text, cpus).unwrap(),
+                    "{text:?} over {cpus} CPUs"
+                );
+            }
+        }
+    }
+
+    /// The same against this host's kernel: `/proc/loadavg` read before
+    /// and after `sysinfo(2)` (the average moves every 5 s), the same
+    /// text and value.
+    #[test]
+    fn this_kernel_s_sysinfo_load_prints_as_its_proc_loadavg() {
+        for _ in 0..20 {
+            let before = std::fs::read_to_string("/proc/loadavg").unwrap();
+            // SAFETY: as in `load_permille`.
+            let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+            assert_eq!(unsafe { libc::sysinfo(&mut info) }, 0);
+            let after = std::fs::read_to_string("/proc/loadavg").unwrap();
+            let one = |t: &str| t.split_whitespace().next().unwrap().to_owned();
+            if one(&before) != one(&after) {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            let avenrun = info.loads[0] as u64 >> 5;
+            assert_eq!(one(&proc_loadavg(avenrun)), one(&before));
+            for cpus in [1, 2, online_cpus()] {
+                assert_eq!(
+                    load_from_fixed(info.loads[0] as u64, cpus),
+                    load_from(&before, cpus).unwrap()
+                );
+            }
+            return;
+        }
+        panic!("/proc/loadavg changed at every one of 20 reads");
+    }
+
+    /// This thread's read calls so far (`/proc/thread-self/io`; reading
+    /// it costs a read or two of its own).
+    fn reads_so_far() -> u64 {
+        let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
+        io.lines()
+            .find_map(|l| l.strip_prefix("syscr: "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// The load is sent with every heartbeat: it reads no file (five
+    /// system calls a heartbeat, two of them reads, for /proc/loadavg).
+    #[test]
+    fn the_load_costs_a_heartbeat_no_file_read() {
+        let before = reads_so_far();
+        for _ in 0..100 {
+            assert!(load_permille(2) <= 1000);
+        }
+        let reads = reads_so_far() - before;
+        assert!(reads < 10, "{reads} reads for 100 loads");
     }
 
     /// The load average is the host's: it is spread over the host's CPUs,
