@@ -49,6 +49,7 @@
 //! of a few ms, which the monitor's statistics keep across the restart
 //! that usually follows.)
 
+mod beat;
 pub mod generation;
 pub mod resume;
 pub mod sender;
@@ -877,13 +878,15 @@ fn send_all(sender: &mut Sender, sockets: &Sockets, cpus: usize, leaving: bool) 
 }
 
 /// Tells `sender` how late its loop woke, `due` being when the next
-/// heartbeat was due (see [`sender`] on stalls).
-fn woke(sender: &mut Sender, due: Instant) {
-    let late = Instant::now().saturating_duration_since(due);
-    sender.woke_late(
-        u64::try_from(late.as_nanos()).unwrap_or(u64::MAX),
-        monotonic_ns(),
-    );
+/// heartbeat was due (CLOCK_MONOTONIC ns; see [`sender`] on stalls).
+fn woke(sender: &mut Sender, due: u64) {
+    let now = monotonic_ns();
+    sender.woke_late(now.saturating_sub(due), now);
+}
+
+/// The interval in use, ns.
+fn interval_ns(sender: &Sender) -> u64 {
+    u64::from(sender.interval_ms()) * 1_000_000
 }
 
 /// The monitors given by name, and the address each resolved to last
@@ -1168,16 +1171,21 @@ async fn send_loop(
         tracing::warn!(unresolved = ?names.unresolved(), "no monitor resolved yet: heartbeats go nowhere until one does");
     }
     let (mut buf4, mut buf6) = ([0u8; 64], [0u8; 64]);
-    let mut next = Instant::now();
+    // When the next heartbeat is due, CLOCK_MONOTONIC ns (see `beat`).
+    let mut timer = beat::Timer::new().context("cannot create the heartbeat timer")?;
+    let mut next = monotonic_ns();
     let mut recv_errors = 0u64;
     let signal = loop {
+        // A system call when `next` moved: after a heartbeat, or when a
+        // new interval brought it forward.
+        timer.arm(next).context("cannot arm the heartbeat timer")?;
         tokio::select! {
-            _ = tokio::time::sleep_until(next) => {
+            r = timer.wait() => {
+                r.context("the heartbeat timer failed")?;
                 woke(&mut sender, next);
                 send_all(&mut sender, &sockets, cpus, false);
                 names.watch_sends(&sender, Instant::now());
-                let iv = Duration::from_millis(sender.interval_ms() as u64);
-                next = next_due(next, iv, Instant::now());
+                next = next_due(next, interval_ns(&sender), monotonic_ns());
             }
             r = recv(&sockets.v4, &mut buf4) => {
                 woke(&mut sender, next);
@@ -1258,7 +1266,7 @@ fn on_datagram(
     r: std::io::Result<(usize, SocketAddr)>,
     buf: &[u8],
     recv_errors: &mut u64,
-    next: &mut Instant,
+    next: &mut u64,
     saver: Option<&resume::Saver>,
 ) {
     let (n, from) = match r {
@@ -1289,9 +1297,9 @@ fn on_datagram(
 /// Takes a change of the interval in use (`sender`'s now): from now, not
 /// after the old (maybe 10 s) wait; and a restart resumes at it, knowing
 /// which monitor asked (see `resume`).
-fn interval_changed(sender: &Sender, next: &mut Instant, saver: Option<&resume::Saver>) {
+fn interval_changed(sender: &Sender, next: &mut u64, saver: Option<&resume::Saver>) {
     let new = sender.interval_ms();
-    *next = (*next).min(Instant::now() + Duration::from_millis(new as u64));
+    *next = (*next).min(monotonic_ns() + interval_ns(sender));
     if let Some(s) = saver {
         s.save(new, sender.decided_by());
     }
@@ -1303,8 +1311,8 @@ fn interval_changed(sender: &Sender, next: &mut Instant, saver: Option<&resume::
 /// `now`, a fresh rhythm. Never sooner: a heartbeat right after the late
 /// one (as `max(due + iv, now)` sent) tells the monitor nothing and
 /// enters its statistics as a near-zero inter-arrival time.
-/// Generic over the clock so that `hb simulate`'s senders (ns as `u64`)
-/// keep the same rhythm as this loop's (`Instant`).
+/// Generic over the clock: this loop's (CLOCK_MONOTONIC ns, as `u64`)
+/// and `hb simulate`'s senders' keep the same rhythm.
 pub(crate) fn next_due<T, D>(due: T, iv: D, now: T) -> T
 where
     T: Copy + PartialOrd + std::ops::Add<D, Output = T>,
