@@ -62,7 +62,12 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 use hb_common::{NodeKey, proto};
-use tokio::{net::UdpSocket, signal::unix::SignalKind, sync::mpsc, time::Instant};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::SignalKind,
+    sync::mpsc,
+    time::Instant,
+};
 
 use crate::keys::{self, Keyring, PrivateFileError};
 use sender::{Config, Sender};
@@ -793,11 +798,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// descriptor). tokio's `try_send_to` does not even try the syscall until
 /// its driver has seen the socket writable, and a socket opened in the
 /// loop (a name that resolved to the first address of its family) whose
-/// heartbeat was already due lost it, warned as "cannot send".
+/// heartbeat was already due lost it, warned as "cannot send". Nor is the
+/// socket's writability watched (an `AsyncFd` readable only, not a
+/// `tokio::net::UdpSocket`, which watches both): the kernel freeing each
+/// heartbeat's buffer made it writable again, an event that woke the loop
+/// for nothing once a heartbeat (one wake-up in three at 10 Hz).
 #[derive(Default)]
 struct Sockets {
-    v4: Option<UdpSocket>,
-    v6: Option<UdpSocket>,
+    v4: Option<AsyncFd<std::net::UdpSocket>>,
+    v6: Option<AsyncFd<std::net::UdpSocket>>,
 }
 
 impl Sockets {
@@ -811,7 +820,10 @@ impl Sockets {
             let s = std::net::UdpSocket::bind(any)
                 .and_then(|s| {
                     s.set_nonblocking(true)?;
-                    UdpSocket::from_std(s)
+                    // SAFETY: the socket keeps its descriptor, the same
+                    // one, for as long as the `AsyncFd` that owns it.
+                    unsafe { AsyncFd::register_with_interest(s, Interest::READABLE) }
+                        .map_err(std::io::Error::from)
                 })
                 .with_context(|| format!("cannot open an {family} UDP socket"))?;
             *slot = Some(s);
@@ -830,14 +842,19 @@ impl Sockets {
             ));
         };
         // Non-blocking: `WouldBlock` only if the socket's buffer is full.
-        socket2::SockRef::from(s).send_to(b, &to.into()).map(drop)
+        socket2::SockRef::from(s.get_ref())
+            .send_to(b, &to.into())
+            .map(drop)
     }
 }
 
 /// Receives one datagram from `s`, or never if there is no such socket.
-async fn recv(s: &Option<UdpSocket>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+async fn recv(
+    s: &Option<AsyncFd<std::net::UdpSocket>>,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr)> {
     match s {
-        Some(s) => s.recv_from(buf).await,
+        Some(s) => s.async_io(Interest::READABLE, |s| s.recv_from(buf)).await,
         None => std::future::pending().await,
     }
 }
@@ -1345,6 +1362,35 @@ mod tests {
         });
         let mut buf = [0u8; 64];
         assert_eq!(rx.recv(&mut buf).unwrap(), 48);
+    }
+
+    /// The sockets are watched for datagrams only: watched for room to
+    /// send too (as a `tokio::net::UdpSocket` is), the kernel freeing
+    /// each heartbeat's buffer woke the loop for nothing. Read from the
+    /// epoll registration the kernel shows in `/proc/self/fdinfo`.
+    #[tokio::test]
+    async fn a_socket_is_watched_for_datagrams_not_for_room_to_send() {
+        use std::os::fd::AsRawFd as _;
+        let mut sockets = super::Sockets::default();
+        sockets.open_for("127.0.0.1:9".parse().unwrap()).unwrap();
+        let fd = sockets.v4.as_ref().unwrap().as_raw_fd();
+        let tfd = format!("tfd: {fd:>8} ");
+        let mut masks = Vec::new();
+        for entry in std::fs::read_dir("/proc/self/fdinfo").unwrap() {
+            // Descriptors of other tests come and go meanwhile.
+            let Ok(info) = std::fs::read_to_string(entry.unwrap().path()) else {
+                continue;
+            };
+            for line in info.lines().filter(|l| l.starts_with(&tfd)) {
+                let events = line.split_whitespace().nth(3).unwrap();
+                masks.push(u32::from_str_radix(events, 16).unwrap());
+            }
+        }
+        assert!(!masks.is_empty(), "registered with the runtime's epoll");
+        for events in masks {
+            assert_ne!(events & libc::EPOLLIN as u32, 0, "{events:#x}");
+            assert_eq!(events & libc::EPOLLOUT as u32, 0, "{events:#x}");
+        }
     }
 
     /// A family whose socket could not be opened is an error for its
