@@ -49,6 +49,7 @@
 //! of a few ms, which the monitor's statistics keep across the restart
 //! that usually follows.)
 
+mod beat;
 pub mod generation;
 pub mod resume;
 pub mod sender;
@@ -61,7 +62,12 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 use hb_common::{NodeKey, proto};
-use tokio::{net::UdpSocket, signal::unix::SignalKind, sync::mpsc, time::Instant};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::SignalKind,
+    sync::mpsc,
+    time::Instant,
+};
 
 use crate::keys::{self, Keyring, PrivateFileError};
 use sender::{Config, Sender};
@@ -652,25 +658,51 @@ pub fn online_cpus() -> usize {
 }
 
 /// The 1-minute load average per CPU (of `cpus`, [`online_cpus`]) in
-/// permille, capped at 1000, from `/proc/loadavg`; 0 if unreadable (the
-/// field is advisory).
+/// permille, capped at 1000; 0 if unknown (the field is advisory). One
+/// `sysinfo(2)` at every heartbeat: reading `/proc/loadavg` took five
+/// system calls (open, stat, two reads, close). The value is the one that
+/// file gives, to its two decimals ([`load_from_fixed`]).
 pub fn load_permille(cpus: usize) -> u16 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| load_from(&s, cpus))
-        .unwrap_or(0)
+    // SAFETY: a plain C struct, which sysinfo fills in.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to one.
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return 0;
+    }
+    load_from_fixed(info.loads[0] as u64, cpus)
 }
 
+/// [`load_permille`] of `sysinfo(2)`'s 1-minute load (fixed point with
+/// `SI_LOAD_SHIFT`, 16, bits of fraction), first rounded to hundredths as
+/// the kernel prints it in `/proc/loadavg` (`fs/proc/loadavg.c`: its own
+/// 11-bit fixed point plus 1/200, `%lu.%02lu`), so that a sender sends
+/// what one reading that file sent, to the permille.
+fn load_from_fixed(si_load: u64, cpus: usize) -> u16 {
+    /// The kernel's `FSHIFT`: bits of fraction of its load averages.
+    const FSHIFT: u32 = 11;
+    const SI_LOAD_SHIFT: u32 = 16;
+    let avenrun = si_load >> (SI_LOAD_SHIFT - FSHIFT);
+    let x = avenrun.saturating_add((1 << FSHIFT) / 200);
+    let hundredths = (x >> FSHIFT) * 100 + (((x & ((1 << FSHIFT) - 1)) * 100) >> FSHIFT);
+    per_cpu_permille(hundredths as f64 / 100.0, cpus)
+}
+
+/// The load average in `/proc/loadavg`'s text, as [`load_permille`]: what
+/// a sender sent before it took `sysinfo(2)`, the reference its value is
+/// tested against.
+#[cfg(test)]
 fn load_from(loadavg: &str, cpus: usize) -> Option<u16> {
     let one: f64 = loadavg.split_whitespace().next()?.parse().ok()?;
     if !one.is_finite() || one < 0.0 {
         return None;
     }
-    Some(
-        (one / cpus.max(1) as f64 * 1000.0)
-            .round()
-            .min(proto::LOAD_MAX as f64) as u16,
-    )
+    Some(per_cpu_permille(one, cpus))
+}
+
+fn per_cpu_permille(load: f64, cpus: usize) -> u16 {
+    (load / cpus.max(1) as f64 * 1000.0)
+        .round()
+        .min(proto::LOAD_MAX as f64) as u16
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -766,11 +798,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// descriptor). tokio's `try_send_to` does not even try the syscall until
 /// its driver has seen the socket writable, and a socket opened in the
 /// loop (a name that resolved to the first address of its family) whose
-/// heartbeat was already due lost it, warned as "cannot send".
+/// heartbeat was already due lost it, warned as "cannot send". Nor is the
+/// socket's writability watched (an `AsyncFd` readable only, not a
+/// `tokio::net::UdpSocket`, which watches both): the kernel freeing each
+/// heartbeat's buffer made it writable again, an event that woke the loop
+/// for nothing once a heartbeat (one wake-up in three at 10 Hz).
 #[derive(Default)]
 struct Sockets {
-    v4: Option<UdpSocket>,
-    v6: Option<UdpSocket>,
+    v4: Option<AsyncFd<std::net::UdpSocket>>,
+    v6: Option<AsyncFd<std::net::UdpSocket>>,
 }
 
 impl Sockets {
@@ -784,7 +820,10 @@ impl Sockets {
             let s = std::net::UdpSocket::bind(any)
                 .and_then(|s| {
                     s.set_nonblocking(true)?;
-                    UdpSocket::from_std(s)
+                    // SAFETY: the socket keeps its descriptor, the same
+                    // one, for as long as the `AsyncFd` that owns it.
+                    unsafe { AsyncFd::register_with_interest(s, Interest::READABLE) }
+                        .map_err(std::io::Error::from)
                 })
                 .with_context(|| format!("cannot open an {family} UDP socket"))?;
             *slot = Some(s);
@@ -803,14 +842,19 @@ impl Sockets {
             ));
         };
         // Non-blocking: `WouldBlock` only if the socket's buffer is full.
-        socket2::SockRef::from(s).send_to(b, &to.into()).map(drop)
+        socket2::SockRef::from(s.get_ref())
+            .send_to(b, &to.into())
+            .map(drop)
     }
 }
 
 /// Receives one datagram from `s`, or never if there is no such socket.
-async fn recv(s: &Option<UdpSocket>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+async fn recv(
+    s: &Option<AsyncFd<std::net::UdpSocket>>,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr)> {
     match s {
-        Some(s) => s.recv_from(buf).await,
+        Some(s) => s.async_io(Interest::READABLE, |s| s.recv_from(buf)).await,
         None => std::future::pending().await,
     }
 }
@@ -851,13 +895,15 @@ fn send_all(sender: &mut Sender, sockets: &Sockets, cpus: usize, leaving: bool) 
 }
 
 /// Tells `sender` how late its loop woke, `due` being when the next
-/// heartbeat was due (see [`sender`] on stalls).
-fn woke(sender: &mut Sender, due: Instant) {
-    let late = Instant::now().saturating_duration_since(due);
-    sender.woke_late(
-        u64::try_from(late.as_nanos()).unwrap_or(u64::MAX),
-        monotonic_ns(),
-    );
+/// heartbeat was due (CLOCK_MONOTONIC ns; see [`sender`] on stalls).
+fn woke(sender: &mut Sender, due: u64) {
+    let now = monotonic_ns();
+    sender.woke_late(now.saturating_sub(due), now);
+}
+
+/// The interval in use, ns.
+fn interval_ns(sender: &Sender) -> u64 {
+    u64::from(sender.interval_ms()) * 1_000_000
 }
 
 /// The monitors given by name, and the address each resolved to last
@@ -1142,16 +1188,21 @@ async fn send_loop(
         tracing::warn!(unresolved = ?names.unresolved(), "no monitor resolved yet: heartbeats go nowhere until one does");
     }
     let (mut buf4, mut buf6) = ([0u8; 64], [0u8; 64]);
-    let mut next = Instant::now();
+    // When the next heartbeat is due, CLOCK_MONOTONIC ns (see `beat`).
+    let mut timer = beat::Timer::new().context("cannot create the heartbeat timer")?;
+    let mut next = monotonic_ns();
     let mut recv_errors = 0u64;
     let signal = loop {
+        // A system call when `next` moved: after a heartbeat, or when a
+        // new interval brought it forward.
+        timer.arm(next).context("cannot arm the heartbeat timer")?;
         tokio::select! {
-            _ = tokio::time::sleep_until(next) => {
+            r = timer.wait() => {
+                r.context("the heartbeat timer failed")?;
                 woke(&mut sender, next);
                 send_all(&mut sender, &sockets, cpus, false);
                 names.watch_sends(&sender, Instant::now());
-                let iv = Duration::from_millis(sender.interval_ms() as u64);
-                next = next_due(next, iv, Instant::now());
+                next = next_due(next, interval_ns(&sender), monotonic_ns());
             }
             r = recv(&sockets.v4, &mut buf4) => {
                 woke(&mut sender, next);
@@ -1232,7 +1283,7 @@ fn on_datagram(
     r: std::io::Result<(usize, SocketAddr)>,
     buf: &[u8],
     recv_errors: &mut u64,
-    next: &mut Instant,
+    next: &mut u64,
     saver: Option<&resume::Saver>,
 ) {
     let (n, from) = match r {
@@ -1263,9 +1314,9 @@ fn on_datagram(
 /// Takes a change of the interval in use (`sender`'s now): from now, not
 /// after the old (maybe 10 s) wait; and a restart resumes at it, knowing
 /// which monitor asked (see `resume`).
-fn interval_changed(sender: &Sender, next: &mut Instant, saver: Option<&resume::Saver>) {
+fn interval_changed(sender: &Sender, next: &mut u64, saver: Option<&resume::Saver>) {
     let new = sender.interval_ms();
-    *next = (*next).min(Instant::now() + Duration::from_millis(new as u64));
+    *next = (*next).min(monotonic_ns() + interval_ns(sender));
     if let Some(s) = saver {
         s.save(new, sender.decided_by());
     }
@@ -1277,8 +1328,8 @@ fn interval_changed(sender: &Sender, next: &mut Instant, saver: Option<&resume::
 /// `now`, a fresh rhythm. Never sooner: a heartbeat right after the late
 /// one (as `max(due + iv, now)` sent) tells the monitor nothing and
 /// enters its statistics as a near-zero inter-arrival time.
-/// Generic over the clock so that `hb simulate`'s senders (ns as `u64`)
-/// keep the same rhythm as this loop's (`Instant`).
+/// Generic over the clock: this loop's (CLOCK_MONOTONIC ns, as `u64`)
+/// and `hb simulate`'s senders' keep the same rhythm.
 pub(crate) fn next_due<T, D>(due: T, iv: D, now: T) -> T
 where
     T: Copy + PartialOrd + std::ops::Add<D, Output = T>,
@@ -1311,6 +1362,35 @@ mod tests {
         });
         let mut buf = [0u8; 64];
         assert_eq!(rx.recv(&mut buf).unwrap(), 48);
+    }
+
+    /// The sockets are watched for datagrams only: watched for room to
+    /// send too (as a `tokio::net::UdpSocket` is), the kernel freeing
+    /// each heartbeat's buffer woke the loop for nothing. Read from the
+    /// epoll registration the kernel shows in `/proc/self/fdinfo`.
+    #[tokio::test]
+    async fn a_socket_is_watched_for_datagrams_not_for_room_to_send() {
+        use std::os::fd::AsRawFd as _;
+        let mut sockets = super::Sockets::default();
+        sockets.open_for("127.0.0.1:9".parse().unwrap()).unwrap();
+        let fd = sockets.v4.as_ref().unwrap().as_raw_fd();
+        let tfd = format!("tfd: {fd:>8} ");
+        let mut masks = Vec::new();
+        for entry in std::fs::read_dir("/proc/self/fdinfo").unwrap() {
+            // Descriptors of other tests come and go meanwhile.
+            let Ok(info) = std::fs::read_to_string(entry.unwrap().path()) else {
+                continue;
+            };
+            for line in info.lines().filter(|l| l.starts_with(&tfd)) {
+                let events = line.split_whitespace().nth(3).unwrap();
+                masks.push(u32::from_str_radix(events, 16).unwrap());
+            }
+        }
+        assert!(!masks.is_empty(), "registered with the runtime's epoll");
+        for events in masks {
+            assert_ne!(events & libc::EPOLLIN as u32, 0, "{events:#x}");
+            assert_eq!(events & libc::EPOLLOUT as u32, 0, "{events:#x}");
+        }
     }
 
     /// A family whose socket could not be opened is an error for its
@@ -2118,6 +2198,87 @@ mod tests {
         assert_eq!(load_from("garbage", 1), None);
         assert_eq!(load_from("", 1), None);
         assert!(load_permille(online_cpus()) <= 1000);
+    }
+
+    /// `/proc/loadavg` as the kernel writes it (`fs/proc/loadavg.c`) for
+    /// a 1-minute average of `avenrun` (11-bit fixed point).
+    fn proc_loadavg(avenrun: u64) -> String {
+        let x = avenrun + (1 << 11) / 200;
+        format!(
+            "{}.{:02} 0.00 0.00 1/100 42\n",
+            x >> 11,
+            ((x & 2047) * 100) >> 11
+        )
+    }
+
+    /// sysinfo(2) gives the load the file prints, in another fixed point
+    /// and not rounded: the value sent is the file's, to the permille, at
+    /// every load from 0 to 256 and at the extremes, over any CPU count.
+    #[test]
+    fn the_load_from_sysinfo_is_the_load_proc_loadavg_gave() {
+        let extremes = [u64::MAX >> 5, (1 << 40) + 12_345];
+        for avenrun in (0..=256u64 << 11).chain(extremes) {
+            let (text, si) = (proc_loadavg(avenrun), avenrun << 5);
+            for cpus in [1, 2, 3, 4, 7, 12, 64, 0] {
+                assert_eq!(
+                    load_from_fixed(si, cpus),
+                    load_from(&text, cpus).unwrap(),
+                    "{text:?} over {cpus} CPUs"
+                );
+            }
+        }
+    }
+
+    /// The same against this host's kernel: `/proc/loadavg` read before
+    /// and after `sysinfo(2)` (the average moves every 5 s), the same
+    /// text and value.
+    #[test]
+    fn this_kernel_s_sysinfo_load_prints_as_its_proc_loadavg() {
+        for _ in 0..20 {
+            let before = std::fs::read_to_string("/proc/loadavg").unwrap();
+            // SAFETY: as in `load_permille`.
+            let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+            assert_eq!(unsafe { libc::sysinfo(&mut info) }, 0);
+            let after = std::fs::read_to_string("/proc/loadavg").unwrap();
+            let one = |t: &str| t.split_whitespace().next().unwrap().to_owned();
+            if one(&before) != one(&after) {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            let avenrun = info.loads[0] as u64 >> 5;
+            assert_eq!(one(&proc_loadavg(avenrun)), one(&before));
+            for cpus in [1, 2, online_cpus()] {
+                assert_eq!(
+                    load_from_fixed(info.loads[0] as u64, cpus),
+                    load_from(&before, cpus).unwrap()
+                );
+            }
+            return;
+        }
+        panic!("/proc/loadavg changed at every one of 20 reads");
+    }
+
+    /// This thread's read calls so far (`/proc/thread-self/io`; reading
+    /// it costs a read or two of its own).
+    fn reads_so_far() -> u64 {
+        let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
+        io.lines()
+            .find_map(|l| l.strip_prefix("syscr: "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// The load is sent with every heartbeat: it reads no file (five
+    /// system calls a heartbeat, two of them reads, for /proc/loadavg).
+    #[test]
+    fn the_load_costs_a_heartbeat_no_file_read() {
+        let before = reads_so_far();
+        for _ in 0..100 {
+            assert!(load_permille(2) <= 1000);
+        }
+        let reads = reads_so_far() - before;
+        assert!(reads < 10, "{reads} reads for 100 loads");
     }
 
     /// The load average is the host's: it is spread over the host's CPUs,
