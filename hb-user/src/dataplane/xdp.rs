@@ -881,6 +881,11 @@ impl Held {
             let revoked = maps::epoch_revoked(accepted, &old, keys);
             if revoked {
                 std::ptr::write_volatile(std::ptr::addr_of_mut!((*l).generation), 0);
+                let flags = std::ptr::read_volatile(std::ptr::addr_of!((*l).flags));
+                std::ptr::write_volatile(
+                    std::ptr::addr_of_mut!((*l).flags),
+                    flags & !maps::NODE_LEFT_BEFORE,
+                );
                 std::ptr::write_volatile(std::ptr::addr_of_mut!((*r).max_seq), 0);
                 std::ptr::write_volatile(std::ptr::addr_of_mut!((*r).replay_bitmap), 0);
                 std::ptr::write_volatile(std::ptr::addr_of_mut!((*r).accepted_epoch), 0);
