@@ -6,12 +6,21 @@
 //! fleet: the monitor streams it, and the command runs on the monitor's
 //! host, where a million nodes' table whole took ~2 GB. What is printed
 //! before the whole answer has come is [`HELD_ROWS`]'s matter.
+//!
+//! The answer is received on a thread of its own ([`receive`]), apart
+//! from the printing: a reader of the output that stops (`hb nodes |
+//! less`, the pager left open) must not stop the reading of the answer,
+//! or the monitor gives the listing up ([`Received`] says how).
 
 use std::{
+    collections::VecDeque,
     fmt::Write as _,
     io::{Read, Write},
     net::SocketAddr,
-    sync::atomic::{AtomicU8, Ordering},
+    sync::{
+        Arc, Condvar, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU8, AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -60,61 +69,76 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let timeout = Duration::from_millis(args.timeout_ms);
     let started = Instant::now();
-    let answer = rt.block_on(open_within(&args.monitor, &path, timeout));
-    let printed = answer.and_then(|body| {
-        let mut body = BodyReader {
-            rt: &rt,
-            body,
-            chunk: Bytes::new(),
-            left: timeout.saturating_sub(started.elapsed()),
-            timeout_ms: args.timeout_ms,
-            monitor: &args.monitor,
-            path: &path,
-            failed: None,
-        };
-        let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
-        let printed = if args.node_id.is_some() {
-            print_node(
-                std::io::Read::take(&mut body, NODE_MAX),
-                args.json,
-                &mut out,
-            )
-        } else {
-            print_listing(&mut body, args.json, &mut out)
-        };
-        match printed {
-            Ok(()) => Ok(()),
-            // The body's own failure (cut short, timed out) first: the
-            // parser saw it only as the end of its input.
-            Err(_) if body.failed.is_some() => Err(body
-                .failed
-                .take()
-                .unwrap_or_else(|| anyhow::anyhow!("reading the answer to GET {path}"))),
-            // Checked even for --json: a script must not take another
-            // service's answer (or a truncated one) for the node table.
-            Err(Halt::Answer(e)) => {
-                Err(anyhow::Error::new(e).context("unexpected answer from the monitor"))
-            }
-            // A reader that went away (`| head`) ends the output quietly,
-            // as it does for any Unix filter.
-            Err(Halt::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-            Err(Halt::Output(e)) => Err(anyhow::Error::new(e).context("cannot write to stdout")),
+    let body = match rt.block_on(open_within(&args.monitor, &path, timeout)) {
+        Ok(body) => body,
+        Err(e) => {
+            // A lookup still running on its thread must not hold the exit.
+            rt.shutdown_background();
+            return Err(e);
         }
-    });
-    // A lookup still running on its thread must not hold the exit.
-    rt.shutdown_background();
-    printed
+    };
+    let received = Arc::new(Received::new());
+    {
+        let (received, monitor, path) = (received.clone(), args.monitor.clone(), path.clone());
+        let left = timeout.saturating_sub(started.elapsed());
+        std::thread::Builder::new()
+            .name("hb-nodes-receive".into())
+            .spawn(move || receive(rt, body, &received, left, &monitor, timeout, &path))
+            .context("cannot start the thread that receives the answer")?;
+    }
+    let mut answer = Answer {
+        received: &received,
+        block: Vec::new(),
+        at: 0,
+        failed: None,
+    };
+    let stdout = Watched {
+        out: std::io::stdout().lock(),
+        received: &received,
+    };
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout);
+    let printed = if args.node_id.is_some() {
+        print_node(
+            std::io::Read::take(&mut answer, NODE_MAX),
+            args.json,
+            &mut out,
+        )
+    } else {
+        print_listing(&mut answer, args.json, &mut out)
+    };
+    // The receiving thread, if not done, stops at its next frame (the
+    // process may end before).
+    received.printer_gone();
+    match printed {
+        Ok(()) => Ok(()),
+        // The body's own failure (cut short, timed out) first: the
+        // parser saw it only as the end of its input.
+        Err(_) if answer.failed.is_some() => Err(answer
+            .failed
+            .take()
+            .unwrap_or_else(|| anyhow::anyhow!("reading the answer to GET {path}"))),
+        // Checked even for --json: a script must not take another
+        // service's answer (or a truncated one) for the node table.
+        Err(Halt::Answer(e)) => {
+            Err(anyhow::Error::new(e).context("unexpected answer from the monitor"))
+        }
+        // A reader that went away (`| head`) ends the output quietly,
+        // as it does for any Unix filter.
+        Err(Halt::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(Halt::Output(e)) => Err(anyhow::Error::new(e).context("cannot write to stdout")),
+    }
 }
 
 /// Rows held back before anything is printed. A listing of up to this
 /// many nodes is printed once the whole answer has come and checked out,
 /// as one piece: nothing of a truncated or foreign answer is printed, and
 /// the table's columns are as wide as its widest values. A longer one is
-/// printed as it comes, a row at a time (in memory that does not grow
-/// with the fleet: ~2 MB at most, the held rows): the table's columns as
-/// wide as those of the held rows (NODE and STATE as wide as any id and
-/// state can be, the listing being by node id), a column widening from
-/// the row that needs it; and a listing cut short after the held rows
+/// printed as it comes, a row at a time (holding ~2 MB at most, the held
+/// rows, whatever the fleet; what is received while the output stalls is
+/// [`Received`]'s matter): the table's columns as wide as those of the
+/// held rows (NODE and STATE as wide as any id and state can be, the
+/// listing being by node id), a column widening from the row that needs
+/// it; and a listing cut short after the held rows
 /// has the rows printed before, then the error (`--json`: an array never
 /// closed, which no JSON parser accepts; the exit status is 1 either way).
 pub const HELD_ROWS: usize = 4096;
@@ -268,57 +292,290 @@ impl Json {
     }
 }
 
-/// A body read as it comes, within what is left of `--timeout-ms` (the
-/// time spent waiting for the monitor counts, not the time hb waits for
-/// its own output's reader). Its failure is kept in `failed`: the reader
-/// of the body sees only an error.
-struct BodyReader<'a> {
-    rt: &'a tokio::runtime::Runtime,
-    body: Incoming,
-    chunk: Bytes,
-    left: Duration,
-    timeout_ms: u64,
-    monitor: &'a str,
-    path: &'a str,
+/// What of the answer a reader of stdout that takes nothing (a pager left
+/// open) lets pile up at most: a monitor's largest listing, a million
+/// nodes at ~1 KB a row (its rows are 400-600 bytes). Past it the answer
+/// is read no further until the printer takes some, as when it was not
+/// received apart.
+const RECEIVED_MAX: usize = hb_common::maps::MAX_NODES as usize * 1024;
+
+/// What of the answer is received ahead of a printer busy parsing and
+/// printing (not waiting for its output): past it the receiving waits
+/// for the printer, so that with a reader of the output that keeps up,
+/// the command's memory stays that of a few rows whatever the fleet.
+const RECEIVED_AHEAD: usize = 1 << 20;
+
+/// A write to stdout that has not returned after this waits for the
+/// output's reader (a pipe's reader that keeps up, a file, a terminal
+/// take a write in well under this): [`RECEIVED_AHEAD`] no longer holds
+/// the receiving back.
+const OUTPUT_STALL: Duration = Duration::from_millis(20);
+
+/// The received blocks of the answer: at most this much each, filled
+/// whole (a monitor's frames are 64 KiB; another server's may be a few
+/// bytes each), so that what is held is about the answer's own size.
+const BLOCK: usize = 64 * 1024;
+
+/// The answer as received ([`receive`]) and not yet taken by the printer
+/// ([`Answer`]). The receiving never waits for the output: while the
+/// printer waits on a write to stdout for longer than [`OUTPUT_STALL`]
+/// (a pager left open), the rest of the answer is received into memory
+/// (its raw JSON, up to [`RECEIVED_MAX`]), so that the monitor, which
+/// gives up a client that takes nothing for 30 s, never waits on hb's
+/// reader, and the listing is whole when that reader reads on. While
+/// the printer is busy, the receiving keeps at most [`RECEIVED_AHEAD`]
+/// ahead of it.
+struct Received {
+    queue: Mutex<Queue>,
+    /// Rung when data or the end is received (the printer waits on it).
+    came: Condvar,
+    /// Rung when the printer takes a block or stops (the receiving waits
+    /// on it).
+    taken: Condvar,
+    /// When the printer's write to stdout now under way began (ns after
+    /// `epoch`, plus one), 0 when none is.
+    writing_since: AtomicU64,
+    epoch: Instant,
+}
+
+struct Queue {
+    blocks: VecDeque<Vec<u8>>,
+    bytes: usize,
+    /// How the answer ended, once it has: whole, or why not.
+    end: Option<anyhow::Result<()>>,
+    /// The printer stopped: the rest of the answer is not wanted.
+    gone: bool,
+}
+
+/// What the printer gets of [`Received`].
+enum Taken {
+    Block(Vec<u8>),
+    /// The whole answer has been taken.
+    End,
+    /// The answer failed after what was taken.
+    Failed(anyhow::Error),
+}
+
+impl Received {
+    fn new() -> Received {
+        Received {
+            queue: Mutex::new(Queue {
+                blocks: VecDeque::new(),
+                bytes: 0,
+                end: None,
+                gone: false,
+            }),
+            came: Condvar::new(),
+            taken: Condvar::new(),
+            writing_since: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until there is room for more of the answer: `false` if the
+    /// printer is gone (nothing more is wanted).
+    fn room(&self) -> bool {
+        let mut q = self.queue();
+        loop {
+            if q.gone {
+                return false;
+            }
+            if self.has_room(&q) {
+                return true;
+            }
+            // Not rung when a write begins: looked at again in a while.
+            q = self
+                .taken
+                .wait_timeout(q, OUTPUT_STALL)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    fn has_room(&self, q: &Queue) -> bool {
+        q.bytes < RECEIVED_AHEAD || (q.bytes < RECEIVED_MAX && self.output_stalled())
+    }
+
+    /// Whether the printer has been waiting on a write to stdout for
+    /// [`OUTPUT_STALL`] or more.
+    fn output_stalled(&self) -> bool {
+        match self.writing_since.load(Ordering::Relaxed) {
+            0 => false,
+            since => {
+                let now = self.epoch.elapsed().as_nanos() as u64 + 1;
+                now.saturating_sub(since) >= OUTPUT_STALL.as_nanos() as u64
+            }
+        }
+    }
+
+    fn push(&self, mut data: &[u8]) {
+        let mut q = self.queue();
+        q.bytes += data.len();
+        while !data.is_empty() {
+            let block = match q.blocks.back_mut() {
+                Some(b) if b.len() < b.capacity() => b,
+                _ => {
+                    q.blocks.push_back(Vec::with_capacity(BLOCK));
+                    q.blocks.back_mut().expect("just pushed")
+                }
+            };
+            let n = data.len().min(block.capacity() - block.len());
+            block.extend_from_slice(&data[..n]);
+            data = &data[n..];
+        }
+        drop(q);
+        self.came.notify_one();
+    }
+
+    fn end(&self, end: anyhow::Result<()>) {
+        self.queue().end = Some(end);
+        self.came.notify_one();
+    }
+
+    /// The next block of the answer, waiting for it to come.
+    fn take(&self) -> Taken {
+        let mut q = self.queue();
+        loop {
+            if let Some(block) = q.blocks.pop_front() {
+                q.bytes -= block.len();
+                drop(q);
+                self.taken.notify_one();
+                return Taken::Block(block);
+            }
+            match q.end.take() {
+                Some(Err(e)) => return Taken::Failed(e),
+                Some(Ok(())) => {
+                    q.end = Some(Ok(()));
+                    return Taken::End;
+                }
+                None => q = self.came.wait(q).unwrap_or_else(PoisonError::into_inner),
+            }
+        }
+    }
+
+    fn printer_gone(&self) {
+        self.queue().gone = true;
+        self.taken.notify_one();
+    }
+}
+
+/// Receives the answer's `body` into `received` as fast as it comes (as
+/// [`Received`] says), within `left` of `--timeout-ms` (`timeout`): the
+/// time spent waiting for the monitor counts, never the time the printer
+/// waits for its output's reader. Runs on a thread of its own, which
+/// takes the runtime the connection lives on (and which is given up at
+/// the end: a lookup still running on its thread must not hold it).
+fn receive(
+    rt: tokio::runtime::Runtime,
+    mut body: Incoming,
+    received: &Received,
+    mut left: Duration,
+    monitor: &str,
+    timeout: Duration,
+    path: &str,
+) {
+    /// Whatever stops the receiving, the printer is not left waiting.
+    struct Ends<'a>(&'a Received, &'a str);
+    impl Drop for Ends<'_> {
+        fn drop(&mut self) {
+            if self.0.queue().end.is_none() {
+                let path = self.1;
+                self.0.end(Err(anyhow::anyhow!(
+                    "receiving the answer to GET {path} stopped"
+                )));
+            }
+        }
+    }
+    let _ends = Ends(received, path);
+    let end = loop {
+        if !received.room() {
+            break None;
+        }
+        let asked = Instant::now();
+        // The timer is made inside the runtime, which it needs.
+        let frame = rt.block_on(async { tokio::time::timeout(left, body.frame()).await });
+        left = left.saturating_sub(asked.elapsed());
+        match frame {
+            Ok(None) => break Some(Ok(())),
+            Ok(Some(Ok(frame))) => {
+                // Trailers, if any, say nothing hb reads.
+                if let Ok(data) = frame.into_data() {
+                    received.push(&data);
+                }
+            }
+            Ok(Some(Err(e))) => {
+                break Some(Err(
+                    anyhow::Error::new(e).context(format!("reading the answer to GET {path}"))
+                ));
+            }
+            Err(_) => break Some(Err(did_not_answer(monitor, timeout))),
+        }
+    };
+    if let Some(end) = end {
+        received.end(end);
+    }
+    rt.shutdown_background();
+}
+
+/// The answer as the printer reads it, from [`Received`]. Its failure is
+/// kept in `failed`: the reader of the answer sees only an error.
+struct Answer<'a> {
+    received: &'a Received,
+    block: Vec<u8>,
+    /// What of `block` was read.
+    at: usize,
     failed: Option<anyhow::Error>,
 }
 
-impl Read for BodyReader<'_> {
+impl Read for Answer<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.chunk.is_empty() {
+        while self.at == self.block.len() {
             if self.failed.is_some() {
                 return Err(std::io::Error::other("the answer failed"));
             }
-            let asked = Instant::now();
-            // The timer is made inside the runtime, which it needs.
-            let (left, body) = (self.left, &mut self.body);
-            let frame = self
-                .rt
-                .block_on(async { tokio::time::timeout(left, body.frame()).await });
-            self.left = self.left.saturating_sub(asked.elapsed());
-            let e = match frame {
-                Ok(None) => return Ok(0),
-                Ok(Some(Ok(frame))) => {
-                    // Trailers, if any, say nothing hb reads.
-                    if let Ok(data) = frame.into_data() {
-                        self.chunk = data;
-                    }
-                    continue;
-                }
-                Ok(Some(Err(e))) => anyhow::Error::new(e)
-                    .context(format!("reading the answer to GET {}", self.path)),
-                Err(_) => anyhow::anyhow!(
-                    "the monitor at {} did not answer within {} ms (see --timeout-ms)",
-                    self.monitor,
-                    self.timeout_ms
-                ),
-            };
-            self.failed = Some(e);
+            match self.received.take() {
+                Taken::Block(block) => (self.block, self.at) = (block, 0),
+                Taken::End => return Ok(0),
+                Taken::Failed(e) => self.failed = Some(e),
+            }
         }
-        let n = buf.len().min(self.chunk.len());
-        buf[..n].copy_from_slice(&self.chunk[..n]);
-        self.chunk = self.chunk.slice(n..);
+        let n = buf.len().min(self.block.len() - self.at);
+        buf[..n].copy_from_slice(&self.block[self.at..self.at + n]);
+        self.at += n;
         Ok(n)
+    }
+}
+
+/// Stdout, its writes timed for [`Received::output_stalled`].
+struct Watched<'a, W> {
+    out: W,
+    received: &'a Received,
+}
+
+impl<W: Write> Watched<'_, W> {
+    fn timed<T>(&mut self, write: impl FnOnce(&mut W) -> T) -> T {
+        let since = &self.received.writing_since;
+        since.store(
+            self.received.epoch.elapsed().as_nanos() as u64 + 1,
+            Ordering::Relaxed,
+        );
+        let written = write(&mut self.out);
+        since.store(0, Ordering::Relaxed);
+        written
+    }
+}
+
+impl<W: Write> Write for Watched<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.timed(|out| out.write(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.timed(|out| out.flush())
     }
 }
 
@@ -801,6 +1058,60 @@ mod tests {
             "{e:?}"
         );
         assert!(!read.is_empty(), "read on after the output closed");
+    }
+
+    /// The answer is received ahead of the printer up to
+    /// [`RECEIVED_AHEAD`] while the printer is busy, and on while it
+    /// waits on its output; what the printer takes is the answer as
+    /// received, then its end.
+    #[test]
+    fn the_answer_is_received_ahead_while_the_output_stalls() {
+        let received = Received::new();
+        let mut sent = Vec::new();
+        for i in 0..RECEIVED_AHEAD / 1000 + 1 {
+            let frame = vec![i as u8; 1000];
+            received.push(&frame);
+            sent.extend(frame);
+        }
+        assert!(!received.has_room(&received.queue()), "a busy printer");
+        let mut out = Watched {
+            out: Vec::new(),
+            received: &received,
+        };
+        out.timed(|_| {
+            assert!(!received.has_room(&received.queue()), "a write just begun");
+            std::thread::sleep(OUTPUT_STALL + Duration::from_millis(5));
+            assert!(received.has_room(&received.queue()), "a write waiting");
+        });
+        assert!(!received.has_room(&received.queue()), "the write done");
+        assert_eq!(received.queue().blocks.len(), sent.len().div_ceil(BLOCK));
+        received.push(b"]");
+        sent.push(b']');
+        received.end(Ok(()));
+        let mut answer = Answer {
+            received: &received,
+            block: Vec::new(),
+            at: 0,
+            failed: None,
+        };
+        let mut got = Vec::new();
+        answer.read_to_end(&mut got).unwrap();
+        assert_eq!(got, sent);
+        assert!(received.has_room(&received.queue()), "all taken");
+        // A failure comes after what was received before it.
+        let received = Received::new();
+        received.push(b"[1,");
+        received.end(Err(anyhow::anyhow!("cut short")));
+        let mut answer = Answer {
+            received: &received,
+            block: Vec::new(),
+            at: 0,
+            failed: None,
+        };
+        let mut got = [0u8; 8];
+        assert_eq!(answer.read(&mut got).unwrap(), 3);
+        assert!(answer.read(&mut got).is_err());
+        assert_eq!(format!("{}", answer.failed.unwrap()), "cut short");
     }
 
     /// The API's own tests spawn it: the flag it keeps across its awaits

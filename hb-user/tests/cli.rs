@@ -945,6 +945,155 @@ fn hb_nodes_memory_does_not_grow_with_the_fleet() {
     }
 }
 
+/// `hb nodes | less` over a large fleet, the pager left open: hb keeps
+/// reading the answer while its own reader takes nothing, so that the
+/// monitor, which gives up a client that takes nothing for 30 s, is never
+/// left waiting, and the listing is whole once the pager reads on. It
+/// stopped reading with its output: the monitor gave it up, and the pager
+/// showed a table cut short. The stand-in monitor here will not wait: it
+/// writes the answer with a 1 s write timeout and gives up at the first
+/// that times out; the test reads nothing of hb's stdout until it is done.
+/// The answer (55 MB) is more than the kernel's buffers hold.
+#[test]
+fn hb_nodes_reads_the_whole_answer_while_its_output_stalls() {
+    use std::io::Write as _;
+    const NODES: u32 = 100_000;
+    const PATIENCE: Duration = Duration::from_secs(1);
+    for json in [false, true] {
+        let (addr, monitor) = stand_in(|conn| {
+            conn.set_write_timeout(Some(PATIENCE)).unwrap();
+            let (mut sent, mut longest) = (Fnv::new(), Duration::ZERO);
+            let mut send = |bytes: &[u8]| {
+                let asked = Instant::now();
+                let written = conn.write_all(bytes);
+                longest = longest.max(asked.elapsed());
+                written
+            };
+            let mut written = send(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n",
+            );
+            // 64 KiB frames, as the monitor sends them.
+            let mut chunk = String::from("[");
+            for id in 1..=NODES {
+                if written.is_err() {
+                    break;
+                }
+                if id > 1 {
+                    chunk.push(',');
+                }
+                chunk.push_str(&synthetic_row(id));
+                if id == NODES {
+                    chunk.push(']');
+                }
+                if chunk.len() >= 64 * 1024 || id == NODES {
+                    sent.add(chunk.as_bytes());
+                    written = send(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes());
+                    chunk.clear();
+                }
+            }
+            let written = written.and_then(|()| send(b"0\r\n\r\n"));
+            (sent, longest, written)
+        });
+        let mut cmd = command(&["nodes", "--monitor", &addr, "--timeout-ms", "60000"]);
+        if json {
+            cmd.arg("--json");
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        /// Kills and reaps the child if the test fails before it ends.
+        struct Reaped(Option<std::process::Child>);
+        impl Drop for Reaped {
+            fn drop(&mut self) {
+                if let Some(child) = &mut self.0 {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+        }
+        let (stdout, err) = (child.stdout.take(), drain(child.stderr.take()));
+        let pid = child.id() as i32;
+        let mut child = Reaped(Some(child));
+        // Nothing of stdout is read until the stand-in is done.
+        let (done, answered) = mpsc::channel();
+        std::thread::spawn(move || done.send(monitor.join()));
+        let (_, (sent, longest, written)) = answered
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the stand-in done within 60 s")
+            .unwrap();
+        let mode = if json { "hb nodes --json" } else { "hb nodes" };
+        assert!(
+            written.is_ok(),
+            "{mode}: the stand-in gave the answer up after {} bytes, its client \
+             having taken nothing for {PATIENCE:?}: {written:?}",
+            sent.1
+        );
+        assert!(
+            longest < PATIENCE,
+            "{mode}: a write of the stand-in's waited {longest:?}"
+        );
+        // The pager reads on.
+        let out = drain(stdout);
+        let (mut got, mut lines, mut last) = (Fnv::new(), 0usize, Vec::new());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Ok(chunk) = out.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            got.add(&chunk);
+            lines += chunk.iter().filter(|&&b| b == b'\n').count();
+            last = chunk;
+        }
+        // Its own rusage, as wait4 gives it when reaping it.
+        let (status, usage) = loop {
+            let mut status = 0;
+            // SAFETY: a plain syscall on our own child, with valid
+            // pointers to locals.
+            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+            let reaped = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+            if reaped == pid {
+                // Reaped: not to be killed.
+                child.0 = None;
+                break (status, usage);
+            }
+            assert_eq!(reaped, 0, "wait4: {}", std::io::Error::last_os_error());
+            assert!(Instant::now() < deadline, "{mode} still running");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let errors = String::from_utf8_lossy(&collect(&err)).into_owned();
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "{mode}: {status}: {errors}"
+        );
+        if json {
+            let mut want = sent;
+            want.add(b"\n");
+            assert_eq!(got, want, "--json as served");
+        } else {
+            assert_eq!(lines, NODES as usize + 1, "header and every row");
+            let last = String::from_utf8_lossy(&last);
+            assert!(
+                last.lines()
+                    .last()
+                    .unwrap()
+                    .starts_with(&format!("{NODES} ")),
+                "{last}"
+            );
+        }
+        // What it held meanwhile: the answer as received, not its rows.
+        let max_rss_kb = usage.ru_maxrss;
+        eprintln!(
+            "{mode}: the stand-in's longest write {longest:?}, {} bytes sent, max RSS {max_rss_kb} KB",
+            sent.1
+        );
+        assert!(
+            max_rss_kb < (sent.1 as i64 >> 10) + 24 * 1024,
+            "{mode}: {max_rss_kb} KB at most for an answer of {} KB",
+            sent.1 >> 10
+        );
+    }
+}
+
 /// `--listen`'s help names what the API serves (`monitor::api::routes`):
 /// it left out `/nodes/{id}` and `/controller`.
 #[test]
