@@ -653,6 +653,447 @@ fn hb_nodes_takes_a_host_name_and_shows_last_seen_in_units() {
     );
 }
 
+/// A stand-in monitor on this host's loopback: takes one connection, reads
+/// the request's head, lets `answer` write the answer; its thread gives
+/// back the head and what `answer` returned. (Joined only once `hb` has
+/// connected.)
+fn stand_in<T: Send + 'static>(
+    answer: impl FnOnce(&mut std::net::TcpStream) -> T + Send + 'static,
+) -> (String, std::thread::JoinHandle<(String, T)>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let answered = answer(&mut conn);
+        (String::from_utf8_lossy(&head).into_owned(), answered)
+    });
+    (addr, server)
+}
+
+/// A 200 answer of `body` (its length given: `cut` bytes of it left out
+/// make it an answer cut short).
+fn answer_with(body: String, cut: usize) -> impl FnOnce(&mut std::net::TcpStream) + Send {
+    use std::io::Write as _;
+    move |conn| {
+        let _ = write!(
+            conn,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = conn.write_all(&body.as_bytes()[..body.len() - cut]);
+    }
+}
+
+/// Rows with every kind of cell: a node never heard from (LAST_SEEN
+/// never, PHI inf, no EPOCH), the widest id and state, a load of 100%.
+const NODES_FIXTURE: &str = r#"[{"node_id":7,"state":"alive","phi":0.5,"generation":3,"accepted":10,"last_seen_ms":226462,"interval_ms":1000,"requested_interval_ms":0,"mean_interarrival_ms":1000.0,"lost":0,"restarts":0,"rtt_us":0,"load":0,"bad_tag":0,"replay":0,"stale":0,"acks_sent":0,"key_epoch":1,"leaving":false,"state_for_ms":5000,"origin":"configured","slot":0,"last_decision":null},{"node_id":4294967295,"state":"suspect","phi":12.5,"generation":1795578333,"accepted":123456789,"last_seen_ms":4200,"interval_ms":250,"requested_interval_ms":1500,"mean_interarrival_ms":250.25,"lost":17,"restarts":2,"rtt_us":180,"load":1000,"bad_tag":0,"replay":0,"stale":0,"acks_sent":9,"key_epoch":null,"leaving":false,"state_for_ms":75,"origin":"enrolled","slot":1,"last_decision":{"interval_ms":1500,"ago_ms":12,"policy":"qlearn","reason":"greedy","action":"slower"}},{"node_id":12,"state":"dead","phi":1.7976931348623157e308,"generation":0,"accepted":0,"last_seen_ms":null,"interval_ms":1000,"requested_interval_ms":0,"mean_interarrival_ms":0.0,"lost":0,"restarts":0,"rtt_us":0,"load":5,"bad_tag":0,"replay":0,"stale":0,"acks_sent":0,"leaving":false,"state_for_ms":90061001,"origin":"adopted","slot":2,"last_decision":null}]"#;
+
+/// `hb nodes` prints the table as it did when it held the whole answer
+/// (the columns as wide as their widest cells), and `--json` prints the
+/// answer as the monitor wrote it; one node too.
+#[test]
+fn hb_nodes_prints_the_table_and_the_json_as_the_monitor_sent_them() {
+    let want = "\
+NODE        STATE    PHI    GEN         ACCEPTED   LAST_SEEN  INTERVAL  REQUESTED  LOST  RESTARTS  RTT_US  LOAD    EPOCH
+7           alive    0.50   3           10         3m46s      1000ms    -          0     0         0       0.0%    1
+4294967295  suspect  12.50  1795578333  123456789  4s200ms    250ms     1500ms     17    2         180     100.0%  -
+12          dead     inf    0           0          never      1000ms    -          0     0         0       0.5%    -
+";
+    for (json, want) in [
+        (false, want.to_owned()),
+        (true, format!("{NODES_FIXTURE}\n")),
+    ] {
+        let (addr, monitor) = stand_in(answer_with(NODES_FIXTURE.to_owned(), 0));
+        let mut args = vec!["nodes", "--monitor", &addr, "--timeout-ms", "5000"];
+        if json {
+            args.push("--json");
+        }
+        let out = hb(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(stdout(&out), want);
+        assert!(monitor.join().unwrap().0.starts_with("GET /nodes HTTP/1.1"));
+    }
+    let one = NODES_FIXTURE[1..NODES_FIXTURE.find("},{").unwrap() + 1].to_owned();
+    for (json, want) in [
+        (
+            false,
+            format!("{}\n", want.lines().take(2).collect::<Vec<_>>().join("\n")),
+        ),
+        (true, format!("{one}\n")),
+    ] {
+        let (addr, monitor) = stand_in(answer_with(one.clone(), 0));
+        let mut args = vec!["nodes", "--monitor", &addr, "--timeout-ms", "5000", "7"];
+        if json {
+            args.push("--json");
+        }
+        let out = hb(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let got = stdout(&out);
+        if json {
+            assert_eq!(got, want);
+        } else {
+            // One row: its own widths.
+            let words = |t: &str| t.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+            assert_eq!(words(&got), words(&want), "{got}");
+            assert!(got.starts_with("NODE  STATE  PHI   GEN"), "{got}");
+        }
+        assert!(
+            monitor
+                .join()
+                .unwrap()
+                .0
+                .starts_with("GET /nodes/7 HTTP/1.1")
+        );
+    }
+}
+
+/// An answer that is not the node table (another service's JSON, or
+/// rows of the wrong shape), or one cut short, is an error, and nothing
+/// is printed of it, the JSON neither: a script must not take it for
+/// the node table.
+#[test]
+fn hb_nodes_prints_nothing_of_a_foreign_or_truncated_answer() {
+    let foreign = [
+        (r#"{"error":"no such route"}"#.to_owned(), 0),
+        (r#"[{"node_id":7,"state":"alive"}]"#.to_owned(), 0),
+        (format!("{NODES_FIXTURE} trailing"), 0),
+        (NODES_FIXTURE.to_owned(), 1),
+        (NODES_FIXTURE.to_owned(), 200),
+    ];
+    for (body, cut) in foreign {
+        for json in [false, true] {
+            let (addr, _monitor) = stand_in(answer_with(body.clone(), cut));
+            let mut args = vec!["nodes", "--monitor", &addr, "--timeout-ms", "5000"];
+            if json {
+                args.push("--json");
+            }
+            let out = hb(&args);
+            let err = stderr(&out);
+            assert!(!out.status.success(), "{body} cut by {cut}");
+            assert!(
+                err.contains("unexpected answer from the monitor")
+                    || err.contains("reading the answer to GET /nodes"),
+                "{err}"
+            );
+            assert!(!err.contains("panicked"), "{err}");
+            assert!(
+                out.stdout.is_empty(),
+                "{body} cut by {cut}: {}",
+                stdout(&out)
+            );
+        }
+    }
+}
+
+/// A row of a synthetic fleet, ~550 bytes like the monitor's rows under
+/// qlearn.
+fn synthetic_row(id: u32) -> String {
+    format!(
+        r#"{{"node_id":{id},"state":"alive","phi":0.12,"generation":1795578333,"accepted":{},"last_seen_ms":{},"interval_ms":1000,"requested_interval_ms":1500,"mean_interarrival_ms":1000.1234567,"lost":0,"restarts":0,"rtt_us":0,"load":100,"bad_tag":0,"replay":0,"stale":0,"acks_sent":264,"key_epoch":1,"leaving":false,"state_for_ms":264000,"origin":"configured","slot":{},"last_decision":{{"interval_ms":1500,"ago_ms":12345,"policy":"qlearn","reason":"greedy","action":"slower","reward":-0.0123456789,"detection_ms":4567.891234,"late_share":0.00123456789}}}}"#,
+        264 + id % 1000,
+        294 + id % 700,
+        id - 1
+    )
+}
+
+/// FNV-1a over bytes as they come, whatever their pieces.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Fnv(u64, u64);
+
+impl Fnv {
+    fn new() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325, 0)
+    }
+    fn add(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+        self.1 += bytes.len() as u64;
+    }
+}
+
+/// `hb nodes` of a large fleet holds the listing a row at a time, not
+/// whole: its peak memory (the child's max RSS) does not grow with the
+/// fleet. It held the whole body, every row parsed and every table cell
+/// (~2 KB a node): at 200,000 nodes ~400 MB, at the most nodes a monitor
+/// takes ~2 GB. The output is whole: every row of the table, and the JSON
+/// byte for byte as served.
+#[test]
+fn hb_nodes_memory_does_not_grow_with_the_fleet() {
+    use std::io::Write as _;
+    const NODES: u32 = 200_000;
+    const MAX_RSS_KB: i64 = 40 * 1024;
+    for json in [false, true] {
+        let (addr, monitor) = stand_in(|conn| {
+            let mut sent = Fnv::new();
+            let mut conn = std::io::BufWriter::new(conn);
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+            );
+            let mut chunk = String::from("[");
+            for id in 1..=NODES {
+                if id > 1 {
+                    chunk.push(',');
+                }
+                chunk.push_str(&synthetic_row(id));
+                if id == NODES {
+                    chunk.push(']');
+                }
+                if chunk.len() >= 64 * 1024 || id == NODES {
+                    sent.add(chunk.as_bytes());
+                    if write!(conn, "{:x}\r\n{chunk}\r\n", chunk.len()).is_err() {
+                        break;
+                    }
+                    chunk.clear();
+                }
+            }
+            let _ = write!(conn, "0\r\n\r\n");
+            let _ = conn.flush();
+            sent
+        });
+        let mut cmd = command(&["nodes", "--monitor", &addr, "--timeout-ms", "60000"]);
+        if json {
+            cmd.arg("--json");
+        }
+        #[expect(
+            clippy::zombie_processes,
+            reason = "reaped by wait4 below, which gives its rusage"
+        )]
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let (mut got, mut lines, mut buf) = (Fnv::new(), 0usize, vec![0u8; 64 * 1024]);
+            let mut last = Vec::new();
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.add(&buf[..n]);
+                lines += buf[..n].iter().filter(|&&b| b == b'\n').count();
+                last = buf[..n].to_vec();
+            }
+            (got, lines, last)
+        });
+        let mut err = child.stderr.take().unwrap();
+        let errors = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        // The child's own rusage, as wait4 gives it when reaping it.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let (status, usage) = loop {
+            let mut status = 0;
+            // SAFETY: a plain syscall on our own child, with valid
+            // pointers to locals.
+            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+            let pid =
+                unsafe { libc::wait4(child.id() as i32, &mut status, libc::WNOHANG, &mut usage) };
+            if pid == child.id() as i32 {
+                break (status, usage);
+            }
+            assert_eq!(pid, 0, "wait4: {}", std::io::Error::last_os_error());
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("hb nodes of {NODES} nodes still running");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let errors = errors.join().unwrap();
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "{status}: {errors}"
+        );
+        let (got, lines, last) = reader.join().unwrap();
+        let (_, sent) = monitor.join().unwrap();
+        if json {
+            // The answer and a newline.
+            let mut want = sent;
+            want.add(b"\n");
+            assert_eq!(got, want, "--json as served");
+        } else {
+            assert_eq!(lines, NODES as usize + 1, "header and every row");
+            let last = String::from_utf8_lossy(&last);
+            assert!(
+                last.lines().last().unwrap().starts_with("200000 "),
+                "{last}"
+            );
+        }
+        let max_rss_kb = usage.ru_maxrss;
+        eprintln!(
+            "hb nodes{} of {NODES} nodes: max RSS {max_rss_kb} KB",
+            if json { " --json" } else { "" }
+        );
+        assert!(
+            max_rss_kb < MAX_RSS_KB,
+            "hb nodes{} of {NODES} nodes took {max_rss_kb} KB at most (bound {MAX_RSS_KB} KB)",
+            if json { " --json" } else { "" }
+        );
+    }
+}
+
+/// `hb nodes | less` over a large fleet, the pager left open: hb keeps
+/// reading the answer while its own reader takes nothing, so that the
+/// monitor, which gives up a client that takes nothing for 30 s, is never
+/// left waiting, and the listing is whole once the pager reads on. It
+/// stopped reading with its output: the monitor gave it up, and the pager
+/// showed a table cut short. The stand-in monitor here will not wait: it
+/// writes the answer with a 1 s write timeout and gives up at the first
+/// that times out; the test reads nothing of hb's stdout until it is done.
+/// The answer (55 MB) is more than the kernel's buffers hold.
+#[test]
+fn hb_nodes_reads_the_whole_answer_while_its_output_stalls() {
+    use std::io::Write as _;
+    const NODES: u32 = 100_000;
+    const PATIENCE: Duration = Duration::from_secs(1);
+    for json in [false, true] {
+        let (addr, monitor) = stand_in(|conn| {
+            conn.set_write_timeout(Some(PATIENCE)).unwrap();
+            let (mut sent, mut longest) = (Fnv::new(), Duration::ZERO);
+            let mut send = |bytes: &[u8]| {
+                let asked = Instant::now();
+                let written = conn.write_all(bytes);
+                longest = longest.max(asked.elapsed());
+                written
+            };
+            let mut written = send(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n",
+            );
+            // 64 KiB frames, as the monitor sends them.
+            let mut chunk = String::from("[");
+            for id in 1..=NODES {
+                if written.is_err() {
+                    break;
+                }
+                if id > 1 {
+                    chunk.push(',');
+                }
+                chunk.push_str(&synthetic_row(id));
+                if id == NODES {
+                    chunk.push(']');
+                }
+                if chunk.len() >= 64 * 1024 || id == NODES {
+                    sent.add(chunk.as_bytes());
+                    written = send(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes());
+                    chunk.clear();
+                }
+            }
+            let written = written.and_then(|()| send(b"0\r\n\r\n"));
+            (sent, longest, written)
+        });
+        let mut cmd = command(&["nodes", "--monitor", &addr, "--timeout-ms", "60000"]);
+        if json {
+            cmd.arg("--json");
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        /// Kills and reaps the child if the test fails before it ends.
+        struct Reaped(Option<std::process::Child>);
+        impl Drop for Reaped {
+            fn drop(&mut self) {
+                if let Some(child) = &mut self.0 {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+        }
+        let (stdout, err) = (child.stdout.take(), drain(child.stderr.take()));
+        let pid = child.id() as i32;
+        let mut child = Reaped(Some(child));
+        // Nothing of stdout is read until the stand-in is done.
+        let (done, answered) = mpsc::channel();
+        std::thread::spawn(move || done.send(monitor.join()));
+        let (_, (sent, longest, written)) = answered
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the stand-in done within 60 s")
+            .unwrap();
+        let mode = if json { "hb nodes --json" } else { "hb nodes" };
+        assert!(
+            written.is_ok(),
+            "{mode}: the stand-in gave the answer up after {} bytes, its client \
+             having taken nothing for {PATIENCE:?}: {written:?}",
+            sent.1
+        );
+        assert!(
+            longest < PATIENCE,
+            "{mode}: a write of the stand-in's waited {longest:?}"
+        );
+        // The pager reads on.
+        let out = drain(stdout);
+        let (mut got, mut lines, mut last) = (Fnv::new(), 0usize, Vec::new());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Ok(chunk) = out.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            got.add(&chunk);
+            lines += chunk.iter().filter(|&&b| b == b'\n').count();
+            last = chunk;
+        }
+        // Its own rusage, as wait4 gives it when reaping it.
+        let (status, usage) = loop {
+            let mut status = 0;
+            // SAFETY: a plain syscall on our own child, with valid
+            // pointers to locals.
+            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+            let reaped = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+            if reaped == pid {
+                // Reaped: not to be killed.
+                child.0 = None;
+                break (status, usage);
+            }
+            assert_eq!(reaped, 0, "wait4: {}", std::io::Error::last_os_error());
+            assert!(Instant::now() < deadline, "{mode} still running");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let errors = String::from_utf8_lossy(&collect(&err)).into_owned();
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "{mode}: {status}: {errors}"
+        );
+        if json {
+            let mut want = sent;
+            want.add(b"\n");
+            assert_eq!(got, want, "--json as served");
+        } else {
+            assert_eq!(lines, NODES as usize + 1, "header and every row");
+            let last = String::from_utf8_lossy(&last);
+            assert!(
+                last.lines()
+                    .last()
+                    .unwrap()
+                    .starts_with(&format!("{NODES} ")),
+                "{last}"
+            );
+        }
+        // What it held meanwhile: the answer as received, not its rows.
+        let max_rss_kb = usage.ru_maxrss;
+        eprintln!(
+            "{mode}: the stand-in's longest write {longest:?}, {} bytes sent, max RSS {max_rss_kb} KB",
+            sent.1
+        );
+        assert!(
+            max_rss_kb < (sent.1 as i64 >> 10) + 24 * 1024,
+            "{mode}: {max_rss_kb} KB at most for an answer of {} KB",
+            sent.1 >> 10
+        );
+    }
+}
+
 /// `--listen`'s help names what the API serves (`monitor::api::routes`):
 /// it left out `/nodes/{id}` and `/controller`.
 #[test]

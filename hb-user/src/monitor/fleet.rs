@@ -591,11 +591,19 @@ fn remove(core: &mut Core, dp: &dyn Dataplane, id: u32) -> anyhow::Result<()> {
 struct UnknownLog {
     window_start: u64,
     count: u64,
-    /// Reports per id (at most 10,000 ids).
-    ids: HashMap<u32, u64>,
-    sample: Option<(u32, IpAddr)>,
+    /// Each id's reports and the source of its latest (at most 10,000
+    /// ids): whichever id is the example, its address is at hand.
+    ids: HashMap<u32, Unknown>,
+    /// The window's first id, the example unless provisioned since.
+    sample: Option<u32>,
     /// `--enroll`: unknown ids are enrolled, not a mistake in `--nodes`.
     enroll: bool,
+}
+
+/// What [`UnknownLog`] keeps of one unknown id.
+struct Unknown {
+    reports: u64,
+    source: IpAddr,
 }
 
 const UNKNOWN_LOG_WINDOW_NS: u64 = 10_000_000_000;
@@ -605,14 +613,18 @@ impl UnknownLog {
         &mut self,
         r: &Report,
         now: u64,
-        forget_provisioned: impl FnOnce(&mut HashMap<u32, u64>),
+        forget_provisioned: impl FnOnce(&mut HashMap<u32, Unknown>),
     ) {
         self.count += 1;
-        if self.ids.len() < 10_000 || self.ids.contains_key(&r.node_id) {
-            *self.ids.entry(r.node_id).or_default() += 1;
+        let source = report_addr(r);
+        if let Some(known) = self.ids.get_mut(&r.node_id) {
+            known.reports += 1;
+            known.source = source;
+        } else if self.ids.len() < 10_000 {
+            self.ids.insert(r.node_id, Unknown { reports: 1, source });
         }
         if self.sample.is_none() {
-            self.sample = Some((r.node_id, report_addr(r)));
+            self.sample = Some(r.node_id);
         }
         self.flush(now, false, forget_provisioned);
     }
@@ -625,7 +637,7 @@ impl UnknownLog {
         &mut self,
         now: u64,
         force: bool,
-        forget_provisioned: impl FnOnce(&mut HashMap<u32, u64>),
+        forget_provisioned: impl FnOnce(&mut HashMap<u32, Unknown>),
     ) {
         if self.count == 0 {
             self.window_start = now;
@@ -634,19 +646,19 @@ impl UnknownLog {
         if !force && now.saturating_sub(self.window_start) < UNKNOWN_LOG_WINDOW_NS {
             return;
         }
-        let listed: u64 = self.ids.values().sum();
+        let sum = |ids: &HashMap<u32, Unknown>| ids.values().map(|u| u.reports).sum::<u64>();
+        let listed = sum(&self.ids);
         forget_provisioned(&mut self.ids);
         // The reports of ids provisioned since are no news either.
-        let reports = self.count - (listed - self.ids.values().sum::<u64>());
-        let sample = match self.sample {
-            Some((id, _)) if !self.ids.contains_key(&id) => {
-                self.ids.keys().next().map(|&id| (id, None))
-            }
-            Some((id, addr)) => Some((id, Some(addr))),
-            None => None,
-        };
-        if let Some((id, addr)) = sample {
-            let addr = addr.map(|a| a.to_string()).unwrap_or_default();
+        let reports = self.count - (listed - sum(&self.ids));
+        // The first id heard, or if provisioned since another still
+        // unknown: with the source it was heard from, whichever.
+        let sample = self
+            .sample
+            .and_then(|id| self.ids.get_key_value(&id))
+            .or_else(|| self.ids.iter().next());
+        if let Some((&id, unknown)) = sample {
+            let addr = unknown.source.to_string();
             if self.enroll {
                 tracing::warn!(
                     reports,
@@ -900,7 +912,7 @@ pub async fn reports(
     };
     let mut auth = AuthLog::new();
     // One hold of the core's lock per summary, whatever its ids.
-    let provisioned = |ids: &mut HashMap<u32, u64>| {
+    let provisioned = |ids: &mut HashMap<u32, Unknown>| {
         let core = shared.core();
         ids.retain(|&id, _| core.table.slot_of(id).is_none());
     };
@@ -1172,6 +1184,59 @@ mod tests {
             );
             assert_eq!(line.message.contains("or --enroll"), !enroll, "{line:?}");
         }
+    }
+
+    /// Whichever id the unknown-node summary names, it names the address
+    /// that id was heard from: also when the first id heard (the usual
+    /// example) was provisioned since and another stands in for it.
+    #[test]
+    fn the_unknown_node_example_keeps_its_source() {
+        let warnings = crate::test_log::Warnings::of("hb::monitor::fleet");
+        let _log = warnings.capture();
+        const S: u64 = 1_000_000_000;
+        let mut log = UnknownLog {
+            window_start: 0,
+            count: 0,
+            ids: HashMap::new(),
+            sample: None,
+            enroll: false,
+        };
+        let from = |id, last: u8| Report {
+            src_addr: [198, 18, 0, last, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ..unknown_report(id)
+        };
+        let v6 = Report {
+            family: 6,
+            src_addr: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9],
+            ..unknown_report(9)
+        };
+        log.note(&from(6, 6), S, |_| {});
+        log.note(&from(7, 7), 2 * S, |_| {});
+        log.note(&from(7, 8), 3 * S, |_| {}); // 7 moved: its latest source
+        // Node 6, the first heard, was provisioned meanwhile.
+        log.flush(11 * S, false, |ids| {
+            ids.remove(&6);
+        });
+        // The first id heard is the example while still unknown.
+        log.note(&v6, 12 * S, |_| {});
+        log.note(&from(7, 7), 13 * S, |_| {});
+        log.flush(22 * S, false, |_| {});
+        let lines = warnings.taken();
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert_eq!(lines[0].field("example_node_id"), Some("7"), "{lines:?}");
+        assert_eq!(
+            lines[0].field("example_source"),
+            Some(r#""198.18.0.8""#),
+            "{lines:?}"
+        );
+        assert_eq!(lines[0].field("reports"), Some("2"), "{lines:?}");
+        assert_eq!(lines[1].field("example_node_id"), Some("9"), "{lines:?}");
+        assert_eq!(
+            lines[1].field("example_source"),
+            Some(r#""fd00::9""#),
+            "{lines:?}"
+        );
+        assert_eq!(lines[1].field("node_ids"), Some("2"), "{lines:?}");
     }
 
     /// Heartbeats failing authentication are summarized once a window,
