@@ -380,6 +380,16 @@ pub fn step(t: &mut Track, o: &Observation) -> Option<Transition> {
     // node's afresh when a key rotation revokes the epoch that set it
     // (`hb_common::maps::rekey`: one forged with a leaked key can be
     // ahead of the node's own), and the node's next one is then smaller.
+    // That reset (generation 0, which no heartbeat since has set) is no
+    // restart: nothing is announced, and the generation known stays
+    // until the node's next heartbeat, whose generation says whether it
+    // restarted (against the one a forgery set, if so). Announced, it
+    // took every dead or left node whose last heartbeat used a removed
+    // epoch to `restarted`, then `dead` or `left` again, at the routine
+    // rotation's last step.
+    if o.generation == 0 && t.generation != 0 && !t.restarted_unseen() {
+        return None;
+    }
     if o.generation != t.generation || t.restarted_unseen() {
         if o.left_before && t.status != Status::Left && !t.restarted_unseen() {
             // The generation before said goodbye, not announced yet: its

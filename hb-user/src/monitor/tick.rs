@@ -1851,6 +1851,91 @@ mod tests {
     /// heartbeat is a restart (from the forged generation, as the events
     /// said), and the node is heard again, not dead for good.
     #[test]
+    fn a_revoking_rotation_announces_nothing_for_dead_and_left_nodes() {
+        let mut r = Rig::new(&[8, 9], Box::new(FixedPolicy::none()));
+        let epoch1 = |r: &Rig, id| NodeKeys::single(r.core.table.slot_of(id).unwrap(), 1, key(id));
+        let both = |r: &Rig, id| NodeKeys {
+            epoch: [1, 2],
+            valid: 3,
+            key: [
+                key(id),
+                NodeKey {
+                    k0: 99,
+                    k1: id as u64,
+                },
+            ],
+            ..epoch1(r, id)
+        };
+        let epoch2 = |r: &Rig, id| {
+            NodeKeys::single(
+                r.core.table.slot_of(id).unwrap(),
+                2,
+                NodeKey {
+                    k0: 99,
+                    k1: id as u64,
+                },
+            )
+        };
+        r.send(8, 10, 0, 100);
+        r.send(9, 10, 0, 100);
+        assert_eq!(r.tick(100).len(), 2);
+        // Node 8 leaves, node 9 falls silent until dead.
+        r.send(8, 10, hb_common::proto::FLAG_LEAVING, 150);
+        let events: Vec<_> = (2..=60).flat_map(|i| r.tick(i * 100)).collect();
+        assert_eq!(
+            events,
+            vec![
+                (8, EventKind::Left),
+                (9, EventKind::Suspect),
+                (9, EventKind::Dead)
+            ]
+        );
+        // The routine rotation: epoch 2 added, then epoch 1, which the
+        // last heartbeats of both used, removed.
+        for id in [8, 9] {
+            let k = both(&r, id);
+            r.dp.upsert_node(id, &k).unwrap();
+        }
+        assert_eq!(r.tick(6100), vec![]);
+        for id in [8, 9] {
+            let k = epoch2(&r, id);
+            r.dp.upsert_node(id, &k).unwrap();
+        }
+        let events: Vec<_> = (62..=100).flat_map(|i| r.tick(i * 100)).collect();
+        assert_eq!(events, vec![], "nothing happened to either node");
+        assert_eq!((r.status(8), r.status(9)), (Status::Left, Status::Dead));
+        // Node 9 comes back, the same process (generation 10), on epoch 2:
+        // alive, not restarted; node 8 restarted (generation 11).
+        for (id, generation) in [(9, 10), (8, 11)] {
+            r.seq += 1;
+            let d = Datagram {
+                key_epoch: 2,
+                ..Rig::heartbeat(id, generation, 0, r.seq, 100)
+            };
+            let v = r.dp.gate(
+                &d.seal(&NodeKey {
+                    k0: 99,
+                    k1: id as u64,
+                }),
+                SRC,
+                10_050 * MS,
+            );
+            assert_eq!(v.result, hb_common::GateResult::Accepted);
+        }
+        let mut events = r.tick(10_100);
+        events.sort_by_key(|&(id, _)| id);
+        assert_eq!(
+            events,
+            vec![(8, EventKind::Restarted), (9, EventKind::Alive)]
+        );
+        let e = r.events.iter().rev().find(|e| e.node_id == 8).unwrap();
+        assert_eq!(
+            (e.previous, e.prev_generation, e.generation),
+            (Status::Left, Some(10), 11)
+        );
+    }
+
+    #[test]
     fn a_rotation_revoking_a_leaked_key_forgets_the_generation_it_forged() {
         let mut r = Rig::new(&[9], Box::new(FixedPolicy::none()));
         let slot = r.core.table.slot_of(9).unwrap();
@@ -1882,6 +1967,8 @@ mod tests {
         // Epoch 1 is removed: the generation it set goes with it.
         r.dp.upsert_node(9, &NodeKeys::single(slot, 2, key2))
             .unwrap();
+        // Ticks before the node's next heartbeat see the reset: no event.
+        assert_eq!(r.tick(350), vec![]);
         let mut t = 400;
         let mut seq = 2;
         let mut events = Vec::new();
