@@ -38,7 +38,10 @@
 //! The nodes ready to start wait in two lanes ([`Lane`]): those whose next
 //! event is a state change start before those whose next is only
 //! `joined`, so that a `dead` is not held behind a fresh start's `joined`
-//! of every node (minutes at 50,000 nodes, an hour at a million).
+//! of every node (minutes at 50,000 nodes, an hour at a million). Once
+//! nothing waits any more, the memory a backlog took past `queue` is
+//! handed back to the system ([`Queue::drained`]): glibc keeps it
+//! otherwise.
 //! A backlog is logged when it starts (queued past `queue`, or merged),
 //! at most every [`BACKLOG_EVERY`] while events go on being merged, and
 //! in a summary when it is over ([`Backlog`]), so a storm of events never
@@ -447,6 +450,9 @@ struct Queue {
     waiting: usize,
     /// `hb_hook_queue_waiting`: `waiting`, for the metrics.
     gauge: Gauge,
+    /// A backlog went past `bound`: once nothing waits, the memory it
+    /// took is handed back to the system ([`Queue::drained`]).
+    trim: bool,
     backlog: Backlog,
 }
 
@@ -463,6 +469,7 @@ impl Queue {
             tickets: 0,
             waiting: 0,
             gauge,
+            trim: false,
             backlog: Backlog::every(backlog_every),
         }
     }
@@ -496,6 +503,7 @@ impl Queue {
             if self.waiting - self.bound >= self.past_bound_most {
                 return Taken::Dropped;
             }
+            self.trim = true;
         }
         let node = self.nodes.entry(id).or_default();
         if node.events.capacity() == 0 {
@@ -590,6 +598,20 @@ impl Queue {
         }
     }
 
+    /// True once, when nothing waits any more after a backlog went past
+    /// `bound`: the caller then hands the freed memory back to the system
+    /// ([`trim_heap`]), once per backlog, not per event.
+    fn drained(&mut self) -> bool {
+        if !self.trim || self.waiting > 0 {
+            return false;
+        }
+        self.trim = false;
+        self.nodes.shrink_to_fit();
+        self.changes.shrink_to_fit();
+        self.joins.shrink_to_fit();
+        true
+    }
+
     /// Nothing waits and no hook runs.
     fn is_empty(&self) -> bool {
         self.nodes.is_empty()
@@ -599,6 +621,16 @@ impl Queue {
     fn look(&mut self, now: Instant) {
         let below = self.waiting < self.bound;
         self.backlog.look(now, self.waiting, below);
+    }
+}
+
+/// Hands the heap's free memory back to the system (glibc keeps what a
+/// drained backlog freed: 20 MB after 50,000 nodes' `joined`, for good).
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: no arguments to check; glibc takes its own locks.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -762,6 +794,14 @@ impl Dispatch {
         lock_queue(&self.queue)
     }
 
+    /// Hands a drained backlog's memory back to the system, outside the
+    /// queue's lock (the handles take it at every event).
+    fn drained(&self) {
+        if self.queue().drained() {
+            trim_heap();
+        }
+    }
+
     /// Every event taken has run, and no more can come.
     fn finished(&self) -> bool {
         let q = self.queue();
@@ -789,6 +829,7 @@ impl Dispatch {
                 if let Some(node) = node {
                     self.queue().ended(node);
                 }
+                self.drained();
             }
             slot = self.slots.clone().acquire_owned(), if ready => {
                 let Ok(slot) = slot else {
@@ -799,6 +840,7 @@ impl Dispatch {
                 if let Some(ev) = next {
                     self.runs.start(ev, slot, self.ended_tx.clone());
                 }
+                self.drained();
             }
             woken = self.woken.recv(), if !self.handles_gone => {
                 // An event queued, or a backlog to look at: seen at the
@@ -2395,7 +2437,8 @@ mod tests {
     /// starts before every node whose first is only `joined` (a fresh
     /// start's); each node's own events keep their order, and a node whose
     /// `joined` waiting is replaced by a change moves up; the gauge follows
-    /// the events waiting.
+    /// the events waiting; the memory is handed back once, when they have
+    /// all started.
     #[test]
     fn past_the_bound_a_change_starts_before_the_joins_waiting() {
         let gauge = Gauge::default();
@@ -2430,6 +2473,8 @@ mod tests {
         assert_eq!(q.waiting, 0);
         assert_eq!(gauge.get(), 0);
         assert!(!q.has_ready());
+        assert!(q.drained());
+        assert!(!q.drained());
     }
 
     /// A fresh start's `joined` of every node, past `--hook-queue`, with
