@@ -191,7 +191,8 @@ pub struct Opts {
     pub hook_timeout_ms: Option<u64>,
     /// Events waiting for a hook, 1 to 1048576: with this many waiting, a
     /// node's newer event replaces its own still waiting (its hooks end
-    /// with its latest) [default: 1024].
+    /// with its latest), and state changes start before `joined`
+    /// [default: 1024].
     #[arg(long, value_name = "N")]
     pub hook_queue: Option<usize>,
     /// Decision tick period, 1 to 60000 [default: 100].

@@ -35,10 +35,17 @@
 //! `previous` may not be the last event its node's hook got. Dropping
 //! events at the bound instead, as hb did, lost most `dead` verdicts of
 //! a rack failure, and ran the `alive` of nodes whose `dead` never ran.
-//! A backlog is logged when it starts, at most every [`BACKLOG_EVERY`]
-//! while events go on being merged, and in a summary when it is over
-//! ([`Backlog`]), so a storm of events never piles up processes or log
-//! lines.
+//! The nodes ready to start wait in two lanes ([`Lane`]): those whose next
+//! event is a state change start before those whose next is only
+//! `joined`, so that a `dead` is not held behind a fresh start's `joined`
+//! of every node (minutes at 50,000 nodes, an hour at a million). Once
+//! nothing waits any more, the memory a backlog took past `queue` is
+//! handed back to the system ([`Queue::drained`]): glibc keeps it
+//! otherwise.
+//! A backlog is logged when it starts (queued past `queue`, or merged),
+//! at most every [`BACKLOG_EVERY`] while events go on being merged, and
+//! in a summary when it is over ([`Backlog`]), so a storm of events never
+//! piles up processes or log lines.
 //!
 //! A hook that fails (its exit status, its timeout, its shell not
 //! started) is counted in `hb_hook_failures_total` by reason, and logged
@@ -97,7 +104,9 @@ use tokio::{
     task::{JoinHandle, JoinSet},
 };
 
-use super::{events::Event, metrics::Metrics};
+use prometheus_client::metrics::gauge::Gauge;
+
+use super::{events::Event, metrics::Metrics, state::EventKind};
 
 /// `hb_hook_failures_total` reason of the hooks killed and the events
 /// never run at shutdown.
@@ -213,6 +222,7 @@ impl Hooks {
             opts.queue.max(1),
             tuning.past_bound_most,
             tuning.backlog_every,
+            metrics.hook_queue_waiting(),
         )));
         let (stop, stop_rx) = watch::channel(None);
         let task = tokio::spawn(dispatch(
@@ -257,36 +267,51 @@ impl Hooks {
                 let _ = self.wake.try_send(());
                 return;
             }
-            Taken::Superseded(seq) => (SUPERSEDED, seq),
-            Taken::Dropped => (DROPPED, ev.seq),
+            Taken::Past => (None, ev.seq),
+            Taken::Superseded(seq) => (Some(SUPERSEDED), seq),
+            Taken::Dropped => (Some(DROPPED), ev.seq),
         };
         let (first, waiting) = (q.backlog.note(reason, seq, Instant::now()), q.waiting);
         drop(q);
-        self.metrics.hook_failed(reason);
+        if let Some(reason) = reason {
+            self.metrics.hook_failed(reason);
+        }
         // The runner looks at the backlog on its timer from now on.
         let _ = self.wake.try_send(());
         if !first {
             return;
         }
-        if reason == SUPERSEDED {
-            tracing::warn!(
-                seq = ev.seq,
+        // `seq`: the event not passed to --on-event, as in the later
+        // lines' first_seq and last_seq; the one queued past the bound
+        // when none is.
+        match reason {
+            None => tracing::warn!(
+                seq,
                 node_id = ev.node_id,
                 event = %ev.event,
-                queue = waiting,
+                waiting,
+                "hook backlog: more than --hook-queue events wait (a start's `joined` of every \
+                 node, a failure of many); state changes start before `joined`, and from now on \
+                 a node's newer event replaces its own still waiting (hb_hook_queue_waiting)"
+            ),
+            Some(SUPERSEDED) => tracing::warn!(
+                seq,
+                by_seq = ev.seq,
+                node_id = ev.node_id,
+                event = %ev.event,
+                waiting,
                 "hook backlog: --hook-queue events wait; a node's newer event now replaces its own \
                  still waiting, so its hooks end with its latest (counted in \
                  hb_hook_failures_total{{reason=\"superseded\"}})"
-            );
-        } else {
-            tracing::warn!(
-                seq = ev.seq,
+            ),
+            Some(_) => tracing::warn!(
+                seq,
                 node_id = ev.node_id,
                 event = %ev.event,
                 waiting,
                 "hook backlog: more nodes' events wait than the largest maps hold nodes; events \
                  of nodes with none waiting not passed to --on-event until it shrinks"
-            );
+            ),
         }
     }
 
@@ -350,10 +375,33 @@ async fn stopped(stop: &mut watch::Receiver<Option<Duration>>) -> Duration {
 #[derive(Debug, PartialEq, Eq)]
 enum Taken {
     Queued,
+    /// Queued past `bound`: its node had none waiting.
+    Past,
     /// It replaced its node's newest event waiting, this `seq`'s.
     Superseded(u64),
     /// Past `bound` + `past_bound_most`, for a node with none waiting.
     Dropped,
+}
+
+/// Which of the two lines of ready nodes a node waits in: by its first
+/// event waiting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lane {
+    /// A state change (`suspect`, `dead`, `alive`, `left`, `restarted`,
+    /// `removed`): starts before any node of [`Lane::Joins`].
+    Changes,
+    /// Only `joined`: a fresh start brings one per node, all at once.
+    Joins,
+}
+
+impl Lane {
+    fn of(ev: &Event) -> Lane {
+        if ev.event == EventKind::Joined {
+            Lane::Joins
+        } else {
+            Lane::Changes
+        }
+    }
 }
 
 /// One node's events that have not started, in `seq` order, and whether
@@ -361,13 +409,20 @@ enum Taken {
 #[derive(Default)]
 struct Node {
     running: bool,
+    /// Its place in a lane, while it is ready (no hook running, an event
+    /// waiting): the ticket of its one entry there that counts, and
+    /// which lane. `None` while it is not ready.
+    ticket: Option<(u64, Lane)>,
     events: VecDeque<Event>,
 }
 
 /// The events that have not started: one node's wait for its previous
 /// hook to end, in `seq` order; those of a node with no hook running wait
-/// for a slot. None holds a slot. Shared by the handles, which add, and
-/// the runner, which starts.
+/// for a slot, in one of two lanes by their first event ([`Lane`]): a
+/// node whose next hook is for a state change starts before every node
+/// whose next is only `joined`, so a `dead` is never stuck behind a fresh
+/// start's `joined` of every node. None holds a slot. Shared by the
+/// handles, which add, and the runner, which starts.
 struct Queue {
     /// `--hook-queue`: while fewer wait, every event is queued; at it, a
     /// node's newer event replaces its newest waiting.
@@ -379,24 +434,42 @@ struct Queue {
     closed: bool,
     /// Every node with an event waiting or a hook running.
     nodes: HashMap<u32, Node>,
-    /// The nodes with no hook running and an event waiting, each once:
-    /// their first events start as slots free up, in the order they
-    /// became ready.
-    ready: VecDeque<u32>,
+    /// The nodes with no hook running and a state change first waiting:
+    /// they start first, in the order they became ready (or their first
+    /// event became a change). An entry counts only if its ticket is its
+    /// node's ([`Node::ticket`]); the others are skipped when reached.
+    changes: VecDeque<(u32, u64)>,
+    /// The nodes with no hook running and `joined` first waiting: they
+    /// start when no change waits, in the order they became ready.
+    joins: VecDeque<(u32, u64)>,
+    /// How many entries of `changes` and `joins` count: the nodes ready.
+    ready: usize,
+    /// The next lane ticket.
+    tickets: u64,
     /// How many events wait, in `nodes`.
     waiting: usize,
+    /// `hb_hook_queue_waiting`: `waiting`, for the metrics.
+    gauge: Gauge,
+    /// A backlog went past `bound`: once nothing waits, the memory it
+    /// took is handed back to the system ([`Queue::drained`]).
+    trim: bool,
     backlog: Backlog,
 }
 
 impl Queue {
-    fn new(bound: usize, past_bound_most: usize, backlog_every: Duration) -> Queue {
+    fn new(bound: usize, past_bound_most: usize, backlog_every: Duration, gauge: Gauge) -> Queue {
         Queue {
             bound,
             past_bound_most,
             closed: false,
             nodes: HashMap::new(),
-            ready: VecDeque::new(),
+            changes: VecDeque::new(),
+            joins: VecDeque::new(),
+            ready: 0,
+            tickets: 0,
             waiting: 0,
+            gauge,
+            trim: false,
             backlog: Backlog::every(backlog_every),
         }
     }
@@ -405,38 +478,96 @@ impl Queue {
     /// if any; at `bound`, in place of its node's newest event waiting.
     fn add(&mut self, ev: Event) -> Taken {
         let id = ev.node_id;
-        if self.waiting >= self.bound {
-            if let Some(newest) = self.nodes.get_mut(&id).and_then(|n| n.events.back_mut()) {
+        let past = self.waiting >= self.bound;
+        if past {
+            if let Some(node) = self.nodes.get_mut(&id)
+                && let Some(newest) = node.events.back_mut()
+            {
                 // Later in `seq` than every event of its node: the order
                 // holds.
-                return Taken::Superseded(std::mem::replace(newest, ev).seq);
+                let seq = std::mem::replace(newest, ev).seq;
+                // Its first event waiting may now be a change: it moves
+                // up to that lane (never down: a `joined` in place of a
+                // change starts early, harmlessly, and a node flapping
+                // while it waits adds one entry at most).
+                if let Some((_, Lane::Joins)) = node.ticket
+                    && node.events.len() == 1
+                    && Lane::of(&node.events[0]) == Lane::Changes
+                {
+                    self.tickets += 1;
+                    node.ticket = Some((self.tickets, Lane::Changes));
+                    self.changes.push_back((id, self.tickets));
+                }
+                return Taken::Superseded(seq);
             }
             if self.waiting - self.bound >= self.past_bound_most {
                 return Taken::Dropped;
             }
+            self.trim = true;
         }
         let node = self.nodes.entry(id).or_default();
-        if node.events.is_empty() && !node.running {
-            self.ready.push_back(id);
-        }
         if node.events.capacity() == 0 {
             // Room for one, not four: past `bound`, a node has one.
             node.events.reserve_exact(1);
         }
+        let ready = node.events.is_empty() && !node.running;
         node.events.push_back(ev);
         self.waiting += 1;
-        Taken::Queued
+        self.gauge.set(self.waiting as i64);
+        if ready {
+            self.enter(id);
+        }
+        if past { Taken::Past } else { Taken::Queued }
     }
 
-    /// The next event to start, its node's hook now running.
+    /// `id`, with no hook running and an event waiting, gets in the lane
+    /// of its first event.
+    fn enter(&mut self, id: u32) {
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        let Some(first) = node.events.front() else {
+            return;
+        };
+        let lane = Lane::of(first);
+        self.tickets += 1;
+        node.ticket = Some((self.tickets, lane));
+        self.ready += 1;
+        match lane {
+            Lane::Changes => self.changes.push_back((id, self.tickets)),
+            Lane::Joins => self.joins.push_back((id, self.tickets)),
+        }
+    }
+
+    /// Some node is ready to start.
+    fn has_ready(&self) -> bool {
+        self.ready > 0
+    }
+
+    /// The next event to start, its node's hook now running: the first
+    /// ready node's with a change first waiting, else the first's with
+    /// `joined`.
     fn start(&mut self) -> Option<Event> {
-        let id = self.ready.pop_front()?;
-        let node = self.nodes.get_mut(&id)?;
-        let ev = node.events.pop_front()?;
-        node.running = true;
-        self.waiting -= 1;
-        self.shrink();
-        Some(ev)
+        while let Some((id, ticket)) = self.changes.pop_front().or_else(|| self.joins.pop_front()) {
+            let Some(node) = self.nodes.get_mut(&id) else {
+                continue;
+            };
+            if node.ticket.is_none_or(|(t, _)| t != ticket) {
+                // Left behind when its node moved up to `changes`.
+                continue;
+            }
+            let Some(ev) = node.events.pop_front() else {
+                continue;
+            };
+            node.ticket = None;
+            node.running = true;
+            self.ready -= 1;
+            self.waiting -= 1;
+            self.gauge.set(self.waiting as i64);
+            self.shrink();
+            return Some(ev);
+        }
+        None
     }
 
     /// `id`'s hook ended: its next event, if any, is ready.
@@ -449,7 +580,7 @@ impl Queue {
             node.remove();
             self.shrink();
         } else {
-            self.ready.push_back(id);
+            self.enter(id);
         }
     }
 
@@ -460,9 +591,25 @@ impl Queue {
         if self.nodes.capacity() > SHRINK_ABOVE && self.nodes.len() * 4 < self.nodes.capacity() {
             self.nodes.shrink_to(self.nodes.len() * 2);
         }
-        if self.ready.capacity() > SHRINK_ABOVE && self.ready.len() * 4 < self.ready.capacity() {
-            self.ready.shrink_to(self.ready.len() * 2);
+        for lane in [&mut self.changes, &mut self.joins] {
+            if lane.capacity() > SHRINK_ABOVE && lane.len() * 4 < lane.capacity() {
+                lane.shrink_to(lane.len() * 2);
+            }
         }
+    }
+
+    /// True once, when nothing waits any more after a backlog went past
+    /// `bound`: the caller then hands the freed memory back to the system
+    /// ([`trim_heap`]), once per backlog, not per event.
+    fn drained(&mut self) -> bool {
+        if !self.trim || self.waiting > 0 {
+            return false;
+        }
+        self.trim = false;
+        self.nodes.shrink_to_fit();
+        self.changes.shrink_to_fit();
+        self.joins.shrink_to_fit();
+        true
     }
 
     /// Nothing waits and no hook runs.
@@ -474,6 +621,16 @@ impl Queue {
     fn look(&mut self, now: Instant) {
         let below = self.waiting < self.bound;
         self.backlog.look(now, self.waiting, below);
+    }
+}
+
+/// Hands the heap's free memory back to the system (glibc keeps what a
+/// drained backlog freed: 20 MB after 50,000 nodes' `joined`, for good).
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: no arguments to check; glibc takes its own locks.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -504,9 +661,9 @@ impl Merged {
 
 /// The lines about a hook backlog: the events that reached `--hook-queue`
 /// merged into their node's newer ones (or dropped, past
-/// [`PAST_BOUND_MOST`]). The first of a backlog is logged at once, by
-/// [`Hooks::submit`], unless a line about one was logged less than
-/// `every` ago; then, from the runner's timer ([`Backlog::due`]), a line
+/// [`PAST_BOUND_MOST`]), or queued past it. The first of a backlog is
+/// logged at once, by [`Hooks::submit`], unless a line about one was
+/// logged less than `every` ago; then, from the runner's timer ([`Backlog::due`]), a line
 /// at most every `every` while events go on being merged, and a summary
 /// (the whole backlog's counts, and how long it lasted) at the first look
 /// that finds fewer than `--hook-queue` events waiting, or at shutdown.
@@ -532,23 +689,34 @@ impl Backlog {
         }
     }
 
-    /// Counts event `seq` not passed to hooks for `reason`; true when the
+    /// Counts event `seq` not passed to hooks for `reason` (`None`: it
+    /// was queued past `--hook-queue`, nothing merged); true when the
     /// caller is to log it as the start of a backlog.
-    fn note(&mut self, reason: &str, seq: u64, now: Instant) -> bool {
+    fn note(&mut self, reason: Option<&str>, seq: u64, now: Instant) -> bool {
         let starts = self.run.is_none();
+        let said = starts && self.start(now);
         let (_, all, unsaid) = self
             .run
             .get_or_insert_with(|| (now, Merged::default(), Merged::default()));
-        all.add(reason, seq);
+        if let Some(reason) = reason {
+            all.add(reason, seq);
+            if !said {
+                unsaid.add(reason, seq);
+            }
+        }
+        said
+    }
+
+    /// A backlog starts: true when it is to be logged (no line about one
+    /// less than `every` ago).
+    fn start(&mut self, now: Instant) -> bool {
         let quiet = self
             .last
             .is_some_and(|at| now.saturating_duration_since(at) < self.every);
-        if starts && !quiet {
+        if !quiet {
             self.last = Some(now);
-            return true;
         }
-        unsaid.add(reason, seq);
-        false
+        !quiet
     }
 
     /// When the backlog is to be looked at next, if one goes on.
@@ -626,6 +794,14 @@ impl Dispatch {
         lock_queue(&self.queue)
     }
 
+    /// Hands a drained backlog's memory back to the system, outside the
+    /// queue's lock (the handles take it at every event).
+    fn drained(&self) {
+        if self.queue().drained() {
+            trim_heap();
+        }
+    }
+
     /// Every event taken has run, and no more can come.
     fn finished(&self) -> bool {
         let q = self.queue();
@@ -639,7 +815,7 @@ impl Dispatch {
         self.runs.reap();
         let (ready, backlog) = {
             let q = self.queue();
-            (!q.ready.is_empty(), q.backlog.due())
+            (q.has_ready(), q.backlog.due())
         };
         let due = self.runs.failures().due();
         tokio::select! {
@@ -653,6 +829,7 @@ impl Dispatch {
                 if let Some(node) = node {
                     self.queue().ended(node);
                 }
+                self.drained();
             }
             slot = self.slots.clone().acquire_owned(), if ready => {
                 let Ok(slot) = slot else {
@@ -663,6 +840,7 @@ impl Dispatch {
                 if let Some(ev) = next {
                     self.runs.start(ev, slot, self.ended_tx.clone());
                 }
+                self.drained();
             }
             woken = self.woken.recv(), if !self.handles_gone => {
                 // An event queued, or a backlog to look at: seen at the
@@ -2030,6 +2208,10 @@ mod tests {
         assert_eq!(lines.len(), 1, "{lines:#?}");
         assert!(lines[0].message.starts_with("hook backlog:"), "{lines:#?}");
         assert_eq!(lines[0].field("node_id"), Some("2"), "{lines:#?}");
+        // The event replaced, as in the later lines' first_seq.
+        assert_eq!(lines[0].field("seq"), Some("2"), "{lines:#?}");
+        assert_eq!(lines[0].field("by_seq"), Some("3"), "{lines:#?}");
+        assert_eq!(lines[0].field("waiting"), Some("1"), "{lines:#?}");
         let said = |n: usize| {
             let warnings = warnings.clone();
             move || warnings.taken().len() == n
@@ -2216,7 +2398,7 @@ mod tests {
     /// than `past_bound_most` such).
     #[test]
     fn at_the_bound_a_nodes_newer_event_replaces_its_newest_waiting() {
-        let mut q = Queue::new(3, 2, BACKLOG_EVERY);
+        let mut q = Queue::new(3, 2, BACKLOG_EVERY, Gauge::default());
         let of = |node, seq| node_event(node, seq, EventKind::Dead, Status::Suspect);
         assert_eq!(q.add(of(1, 1)), Taken::Queued);
         assert_eq!(q.add(of(1, 2)), Taken::Queued);
@@ -2226,8 +2408,8 @@ mod tests {
         assert_eq!(q.add(of(1, 5)), Taken::Superseded(4));
         assert_eq!(q.add(of(2, 6)), Taken::Superseded(3));
         // Nodes with none waiting: queued past the bound, two at most.
-        assert_eq!(q.add(of(3, 7)), Taken::Queued);
-        assert_eq!(q.add(of(4, 8)), Taken::Queued);
+        assert_eq!(q.add(of(3, 7)), Taken::Past);
+        assert_eq!(q.add(of(4, 8)), Taken::Past);
         assert_eq!(q.add(of(5, 9)), Taken::Dropped);
         assert_eq!(q.add(of(4, 10)), Taken::Superseded(8));
         assert_eq!(q.waiting, 5);
@@ -2249,6 +2431,133 @@ mod tests {
             q.ended(node);
         }
         assert!(q.is_empty());
+    }
+
+    /// Past the bound, a node whose first event waiting is a state change
+    /// starts before every node whose first is only `joined` (a fresh
+    /// start's); each node's own events keep their order, and a node whose
+    /// `joined` waiting is replaced by a change moves up; the gauge follows
+    /// the events waiting; the memory is handed back once, when they have
+    /// all started.
+    #[test]
+    fn past_the_bound_a_change_starts_before_the_joins_waiting() {
+        let gauge = Gauge::default();
+        let mut q = Queue::new(3, 100, BACKLOG_EVERY, gauge.clone());
+        let joined = |node, seq| node_event(node, seq, EventKind::Joined, Status::Unknown);
+        let of = |node, seq, kind| node_event(node, seq, kind, Status::Alive);
+        assert_eq!(q.add(joined(1, 1)), Taken::Queued);
+        assert_eq!(q.add(joined(2, 2)), Taken::Queued);
+        assert_eq!(q.add(of(1, 3, EventKind::Suspect)), Taken::Queued);
+        for node in 3..=10 {
+            assert_eq!(q.add(joined(node, u64::from(node) + 1)), Taken::Past);
+        }
+        // A verdict for a node with none waiting, past the bound.
+        assert_eq!(q.add(of(11, 12, EventKind::Dead)), Taken::Past);
+        // Node 1's newest (its suspect) replaced: its joined stays first.
+        assert_eq!(q.add(of(1, 13, EventKind::Dead)), Taken::Superseded(3));
+        // Node 5's joined replaced by a change: it moves up.
+        assert_eq!(q.add(of(5, 14, EventKind::Suspect)), Taken::Superseded(6));
+        assert_eq!(q.waiting, 12);
+        assert_eq!(gauge.get(), 12);
+        let seq = |ev: Option<Event>| ev.map(|ev| ev.seq);
+        assert_eq!(seq(q.start()), Some(12));
+        assert_eq!(seq(q.start()), Some(14));
+        // Then the joins, in the order their nodes became ready; node 1's
+        // dead waits for its joined's hook, then goes first.
+        assert_eq!(seq(q.start()), Some(1));
+        assert_eq!(gauge.get(), 9);
+        q.ended(1);
+        assert_eq!(seq(q.start()), Some(13));
+        let rest: Vec<_> = std::iter::from_fn(|| q.start().map(|ev| ev.seq)).collect();
+        assert_eq!(rest, [2, 4, 5, 7, 8, 9, 10, 11]);
+        assert_eq!(q.waiting, 0);
+        assert_eq!(gauge.get(), 0);
+        assert!(!q.has_ready());
+        assert!(q.drained());
+        assert!(!q.drained());
+    }
+
+    /// A fresh start's `joined` of every node, past `--hook-queue`, with
+    /// hooks slower than events: a node's `dead` (and another's `suspect`
+    /// in place of its `joined`) starts before the joins still waiting;
+    /// the backlog is logged when it goes past the bound, though nothing
+    /// is replaced; hb_hook_queue_waiting says how many wait.
+    // One thread: the runner does nothing while the test submits.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_verdict_starts_before_a_starts_joins_waiting() {
+        const NODES: u32 = 50;
+        const QUEUE: usize = 4;
+        let warnings = Warnings::of("hb::monitor::hooks");
+        let _log = warnings.capture();
+        let dir = test_dir("verdict-first");
+        let (log, go) = (dir.join("log"), dir.join("go"));
+        let m = Arc::new(Metrics::new());
+        let gauge = |m: &Metrics| {
+            let text = m.render();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("hb_hook_queue_waiting "));
+            line.and_then(|l| l.split(' ').nth(1)?.parse::<u64>().ok())
+        };
+        assert_eq!(gauge(&m), Some(0));
+        let h = Hooks::start(
+            hook(
+                format!(
+                    "while [ ! -e {1} ]; do sleep 0.01; done; echo \"$HB_SEQ $HB_EVENT\" >> {0}",
+                    log.display(),
+                    go.display()
+                ),
+                1,
+                Duration::from_secs(30),
+                QUEUE,
+            ),
+            m.clone(),
+        );
+        for node in 1..=NODES {
+            h.submit(&node_event(
+                node,
+                node.into(),
+                EventKind::Joined,
+                Status::Unknown,
+            ));
+        }
+        let lines = warnings.taken();
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert!(
+            lines[0].message.starts_with("hook backlog: more than"),
+            "{lines:#?}"
+        );
+        assert_eq!(lines[0].field("seq"), Some("5"), "{lines:#?}");
+        assert_eq!(lines[0].field("waiting"), Some("5"), "{lines:#?}");
+        settle().await; // node 1's joined runs
+        let dead = u64::from(NODES) + 1;
+        h.submit(&node_event(
+            NODES + 1,
+            dead,
+            EventKind::Dead,
+            Status::Suspect,
+        ));
+        h.submit(&node_event(30, dead + 1, EventKind::Suspect, Status::Alive));
+        assert_eq!(gauge(&m), Some(u64::from(NODES)));
+        assert_eq!(m.hook_failures(SUPERSEDED), 1);
+        std::fs::write(&go, "").unwrap();
+        wait_for(&m, |m| m.hooks_ok() == u64::from(NODES) + 1).await;
+        assert_eq!(gauge(&m), Some(0));
+        let text = std::fs::read_to_string(&log).unwrap();
+        let ran: Vec<_> = text.lines().collect();
+        assert_eq!(ran.len(), NODES as usize + 1, "{text}");
+        assert_eq!(
+            ran[..3],
+            [
+                "1 joined",
+                &format!("{dead} dead"),
+                &format!("{} suspect", dead + 1)
+            ],
+            "{text}"
+        );
+        assert!(ran[3..].iter().all(|l| l.ends_with(" joined")), "{text}");
+        h.shutdown(Duration::from_secs(5)).await;
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A rack failure with hooks slower than events: every node goes

@@ -31,6 +31,7 @@ pub struct Metrics {
     events: Family<Labels, Counter>,
     hook_runs: Counter,
     hook_failures: Family<Labels, Counter>,
+    hook_queue_waiting: Gauge,
     event_write_failures: Counter,
     events_dropped: Counter,
     tick_seconds: Histogram,
@@ -87,6 +88,12 @@ impl Metrics {
             "hook_failures",
             "--on-event hooks that failed (exit, timeout, spawn, wait), were given up on still running after their timeout's kill (unkillable), or were cut short by shutdown (killed, or never run), and events whose hook never ran: replaced while waiting by a newer event of their node (superseded: --hook-queue reached), or dropped (more nodes waiting than the largest maps hold)",
             hook_failures.clone(),
+        );
+        let hook_queue_waiting = Gauge::default();
+        registry.register(
+            "hook_queue_waiting",
+            "--on-event events waiting to start (for a free slot, or for their node's previous hook); past --hook-queue a backlog (a start's joined of every node, a failure of many), state changes starting first",
+            hook_queue_waiting.clone(),
         );
         let event_write_failures = Counter::default();
         registry.register(
@@ -184,6 +191,7 @@ impl Metrics {
             events,
             hook_runs,
             hook_failures,
+            hook_queue_waiting,
             event_write_failures,
             events_dropped,
             tick_seconds,
@@ -284,6 +292,11 @@ impl Metrics {
         self.hook_failures
             .get_or_create(&vec![("reason", reason)])
             .inc();
+    }
+
+    /// `hb_hook_queue_waiting`, for the hook queue to set.
+    pub fn hook_queue_waiting(&self) -> Gauge {
+        self.hook_queue_waiting.clone()
     }
 
     pub fn unknown_report(&self) {
