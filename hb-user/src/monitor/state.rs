@@ -386,11 +386,12 @@ pub fn step(t: &mut Track, o: &Observation) -> Option<Transition> {
     // restarted (against the one a forgery set, if so). Announced, it
     // took every dead or left node whose last heartbeat used a removed
     // epoch to `restarted`, then `dead` or `left` again, at the routine
-    // rotation's last step.
-    if o.generation == 0 && t.generation != 0 && !t.restarted_unseen() {
-        return None;
-    }
+    // rotation's last step. (Inside the branch: off the per-node path of
+    // a node whose generation did not change.)
     if o.generation != t.generation || t.restarted_unseen() {
+        if o.generation == 0 && !t.restarted_unseen() {
+            return None;
+        }
         if o.left_before && t.status != Status::Left && !t.restarted_unseen() {
             // The generation before said goodbye, not announced yet: its
             // LEAVING and the new generation's first heartbeat came
