@@ -11,6 +11,25 @@ use hb_common::{Datagram, Kind, NodeKey};
 
 use crate::{frames::Udp, netns::NetNs};
 
+/// The first three fields of `/proc/loadavg` (empty if unreadable): the
+/// load averages a benchmark prints beside its figures.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `aa:bb:...` of a MAC address, as `ip link` takes it.
+pub fn mac(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// The IPv4 frame of heartbeat `seq` from `node_id` to UDP port `port`,
 /// sealed with `key` (of `key_epoch`): generation 1, a 1 s interval, no
 /// load or RTT, `sent_ns` = `seq`. The heartbeat every gate benchmark

@@ -74,7 +74,7 @@ use hb::{
 };
 use hb_common::{NodeKey, maps::names};
 use hb_tests::{
-    bench::{heartbeat_frame, kthreads, packet_socket, pin, summary},
+    bench::{heartbeat_frame, kthreads, mac, packet_socket, pin, summary},
     drive::{http_get, try_hb_bin},
     frames::{MAC_MONITOR, MAC_NODE},
     netns::{NetNs, sh},
@@ -172,13 +172,6 @@ fn opts() -> anyhow::Result<Opts> {
     }
     ensure!(o.nodes > 0 && o.rounds > 0 && o.secs > 0.0, "{usage}");
     Ok(o)
-}
-
-fn mac(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// The link: namespace `a` holds the monitor end `if_a` (198.18.0.1) of a

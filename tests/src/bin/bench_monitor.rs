@@ -375,12 +375,7 @@ fn main() {
         // Online CPUs (available_parallelism would say 1: this thread is pinned).
         // SAFETY: sysconf has no preconditions.
         unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) },
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
+        hb_tests::bench::loadavg()
     );
     println!();
     // Under 100 ticks the 99th percentile is the slowest tick: say so.

@@ -63,7 +63,7 @@ use aya::programs::{Xdp, XdpMode};
 use hb::dataplane::xdp::{XdpDataplane, XdpOptions};
 use hb_common::{Datagram, Kind, NodeKey, maps::names};
 use hb_tests::{
-    bench::{kthreads, summary},
+    bench::{kthreads, loadavg, mac, summary},
     drive::{http_get, try_hb_bin},
     frames::{MAC_MONITOR, MAC_NODE},
     netns::{NetNs, sh},
@@ -281,16 +281,6 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The first three fields of `/proc/loadavg`.
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// A scratch directory (keyring, key files, state directories, logs),
 /// removed on drop.
 struct Scratch(PathBuf);
@@ -314,14 +304,6 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::write(path, text).with_context(|| format!("write {}", path.display()))?;
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     Ok(())
-}
-
-/// `aa:bb:...` of a MAC address.
-fn mac(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// The link: namespace `a` holds the monitor end `if_a` (198.18.0.1) of a
