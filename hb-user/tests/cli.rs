@@ -820,6 +820,40 @@ impl Fnv {
     }
 }
 
+/// Answers `GET /nodes` with `nodes` synthetic rows through `send`, in
+/// chunks of 64 KiB as the monitor sends them: the hash of the body sent,
+/// and the first write that failed (nothing is sent after it).
+fn serve_listing(
+    nodes: u32,
+    mut send: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> (Fnv, std::io::Result<()>) {
+    let mut sent = Fnv::new();
+    let head =
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+    if let Err(e) = send(head.as_bytes()) {
+        return (sent, Err(e));
+    }
+    let mut chunk = String::from("[");
+    for id in 1..=nodes {
+        if id > 1 {
+            chunk.push(',');
+        }
+        chunk.push_str(&synthetic_row(id));
+        if id == nodes {
+            chunk.push(']');
+        }
+        if chunk.len() >= 64 * 1024 || id == nodes {
+            sent.add(chunk.as_bytes());
+            if let Err(e) = send(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes()) {
+                return (sent, Err(e));
+            }
+            chunk.clear();
+        }
+    }
+    let written = send(b"0\r\n\r\n");
+    (sent, written)
+}
+
 /// `hb nodes` of a large fleet holds the listing a row at a time, not
 /// whole: its peak memory (the child's max RSS) does not grow with the
 /// fleet. It held the whole body, every row parsed and every table cell
@@ -833,30 +867,8 @@ fn hb_nodes_memory_does_not_grow_with_the_fleet() {
     const MAX_RSS_KB: i64 = 40 * 1024;
     for json in [false, true] {
         let (addr, monitor) = stand_in(|conn| {
-            let mut sent = Fnv::new();
             let mut conn = std::io::BufWriter::new(conn);
-            let _ = write!(
-                conn,
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
-            );
-            let mut chunk = String::from("[");
-            for id in 1..=NODES {
-                if id > 1 {
-                    chunk.push(',');
-                }
-                chunk.push_str(&synthetic_row(id));
-                if id == NODES {
-                    chunk.push(']');
-                }
-                if chunk.len() >= 64 * 1024 || id == NODES {
-                    sent.add(chunk.as_bytes());
-                    if write!(conn, "{:x}\r\n{chunk}\r\n", chunk.len()).is_err() {
-                        break;
-                    }
-                    chunk.clear();
-                }
-            }
-            let _ = write!(conn, "0\r\n\r\n");
+            let (sent, _) = serve_listing(NODES, |bytes| conn.write_all(bytes));
             let _ = conn.flush();
             sent
         });
@@ -962,36 +974,14 @@ fn hb_nodes_reads_the_whole_answer_while_its_output_stalls() {
     for json in [false, true] {
         let (addr, monitor) = stand_in(|conn| {
             conn.set_write_timeout(Some(PATIENCE)).unwrap();
-            let (mut sent, mut longest) = (Fnv::new(), Duration::ZERO);
+            let mut longest = Duration::ZERO;
             let mut send = |bytes: &[u8]| {
                 let asked = Instant::now();
                 let written = conn.write_all(bytes);
                 longest = longest.max(asked.elapsed());
                 written
             };
-            let mut written = send(
-                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n",
-            );
-            // 64 KiB frames, as the monitor sends them.
-            let mut chunk = String::from("[");
-            for id in 1..=NODES {
-                if written.is_err() {
-                    break;
-                }
-                if id > 1 {
-                    chunk.push(',');
-                }
-                chunk.push_str(&synthetic_row(id));
-                if id == NODES {
-                    chunk.push(']');
-                }
-                if chunk.len() >= 64 * 1024 || id == NODES {
-                    sent.add(chunk.as_bytes());
-                    written = send(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes());
-                    chunk.clear();
-                }
-            }
-            let written = written.and_then(|()| send(b"0\r\n\r\n"));
+            let (sent, written) = serve_listing(NODES, &mut send);
             (sent, longest, written)
         });
         let mut cmd = command(&["nodes", "--monitor", &addr, "--timeout-ms", "60000"]);
